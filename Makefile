@@ -1,0 +1,26 @@
+# Entry points of the README's Quickstart. Every target installs what it needs first, so each
+# works on a fresh machine: torch is pinned before anything that depends on it, or pip would
+# pull a CUDA build of several GB.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup run test bench clean
+
+setup:
+	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.24"
+	$(PIP) install -q --no-build-isolation -e ".[test,data]"
+
+run: setup
+	$(PYTHON) -m fasttl info
+	$(PYTHON) examples/distill_step.py
+
+test: setup
+	$(PYTHON) -m pytest tests -q
+
+bench: setup
+	$(PYTHON) benchmarks/run_all.py --quick
+
+clean:
+	rm -rf build *.egg-info .pytest_cache

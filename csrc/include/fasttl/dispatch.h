@@ -1,0 +1,30 @@
+// Maps the dtype codes Python passes to the C++ storage types of a templated kernel.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+#include "fasttl/numeric.h"
+
+namespace fasttl {
+
+template <typename F>
+void dispatch_float(int dtype, const char* what, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); return;
+    case kFloat16: f(half_t{}); return;
+    case kBFloat16: f(bf16_t{}); return;
+    default:
+      throw std::invalid_argument(std::string(what) + ": unsupported dtype code " +
+                                  std::to_string(dtype));
+  }
+}
+
+template <typename F>
+void dispatch_float2(int dtype_a, int dtype_b, const char* what, F&& f) {
+  dispatch_float(dtype_a, what, [&](auto a) {
+    dispatch_float(dtype_b, what, [&](auto b) { f(a, b); });
+  });
+}
+
+}  // namespace fasttl

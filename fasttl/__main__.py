@@ -1,0 +1,5 @@
+import sys
+
+from fasttl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Throughput benchmarks: fasttl beside the ways users do the same thing today."""

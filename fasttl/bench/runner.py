@@ -1,0 +1,61 @@
+"""`fasttl bench`: runs the named benchmarks, prints their tables, writes JSON and a plot."""
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, Optional
+
+from fasttl.bench.common import header, machine, save_json
+
+# name -> module in fasttl.bench with run(device, quick) and table(result)
+BENCHMARKS = {
+    "distill": "fasttl.bench.distill",
+}
+
+
+def run(names: List[str], device: str = "cpu", quick: bool = False, json_path: Optional[str] = None,
+        plot_path: Optional[str] = None) -> Dict[str, object]:
+    if names == ["all"]:
+        names = list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"benchmark: unknown {unknown}; choose from {sorted(BENCHMARKS)} or 'all'")
+    info = machine()
+    print(header(info, device), flush=True)
+    results = []
+    for name in names:
+        module = importlib.import_module(BENCHMARKS[name])
+        result = module.run(device=device, quick=quick)
+        result["table"] = module.table(result)
+        print(f"\n## {name}\n\n{result['table']}", flush=True)
+        results.append(result)
+    payload = {"machine": info, "device": device, "quick": quick, "results": results}
+    save_json(json_path, payload)
+    if plot_path:
+        plot(payload, plot_path)
+    return payload
+
+
+def plot(payload: Dict[str, object], path: str) -> None:
+    """Bar chart of each benchmark's speedup of fasttl over the alternatives."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = payload["results"]
+    fig, axes = plt.subplots(len(results), 1, figsize=(8, 3 * len(results)), squeeze=False)
+    for ax, result in zip(axes[:, 0], results):
+        labels, ratios = [], []
+        for row in result["rows"]:
+            for key, value in row.items():
+                if key.endswith("_ms") and not key.startswith("fasttl") and row.get("fasttl_ms"):
+                    labels.append(f"{row.get('shape', row.get('case', ''))}\nvs {key[:-3]}")
+                    ratios.append(value / row["fasttl_ms"])
+        ax.bar(range(len(ratios)), ratios, color="tab:blue")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(ratios)), labels, fontsize=7)
+        ax.set_ylabel("speedup of fasttl (x)")
+        ax.set_title(f"{result['name']} on {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,108 @@
+"""Fused distillation loss: the public function and its argument checks."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fasttl import _ops
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_logits(name: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"{name}: expected float32, bfloat16 or float16 logits, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected shape (batch, classes), got {tuple(x.shape)}")
+
+
+def _check_arguments(student_logits, teacher_logits, target, temperature, alpha, reduction) -> None:
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"teacher_logits: shape {tuple(teacher_logits.shape)} does not match "
+            f"student_logits {tuple(student_logits.shape)}"
+        )
+    if student_logits.size(1) < 1:
+        raise ValueError("student_logits: needs at least one class (dimension 1 is 0)")
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(
+            f"teacher_logits: on {teacher_logits.device}, but student_logits is on {student_logits.device}"
+        )
+    if target is not None:
+        if not isinstance(target, Tensor):
+            raise TypeError(f"target: expected a torch.Tensor of class indices, got {type(target).__name__}")
+        if target.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"target: expected int64 (or int32) class indices, got {target.dtype}")
+        if target.shape != (student_logits.size(0),):
+            raise ValueError(
+                f"target: expected shape ({student_logits.size(0)},), got {tuple(target.shape)}"
+            )
+        if target.device != student_logits.device:
+            raise ValueError(f"target: on {target.device}, but student_logits is on {student_logits.device}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: expected a number in [0, 1], got {alpha!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None, *,
+                      temperature: float = 1.0, alpha: float = 0.5, reduction: str = "mean",
+                      ignore_index: int = -100) -> Tensor:
+    r"""Knowledge-distillation loss (Hinton et al. 2015), fused into one native pass per row.
+
+    For row :math:`i` with student logits :math:`s_i`, teacher logits :math:`t_i`, target
+    :math:`y_i` and temperature :math:`T`::
+
+        loss_i = alpha * T^2 * KL(softmax(t_i / T) || softmax(s_i / T))
+                 + (1 - alpha) * CE(s_i, y_i)
+
+    where ``CE(s, y) = -log softmax(s)_y``. Without ``target`` the loss is the soft term alone
+    (``alpha`` taken as 1). Rows whose target equals ``ignore_index`` count in neither term.
+    ``reduction="mean"`` divides the sum by the number of counted rows (0 when none count),
+    ``"sum"`` adds them, ``"none"`` returns the (B,) per-row losses.
+
+    The forward pass also computes the gradient with respect to ``student_logits`` (online in
+    fp32, with the row maxima subtracted); backward only scales it. **No gradient flows to the
+    teacher**: ``teacher_logits`` is treated as a constant, as it is in distillation.
+
+    Args:
+        student_logits: (B, C) float32, bfloat16 or float16; rows may be strided.
+        teacher_logits: (B, C), same device; any of the same dtypes.
+        target: optional (B,) int64/int32 class indices in [0, C) or ``ignore_index``.
+        temperature: softening temperature T > 0.
+        alpha: weight of the soft term, in [0, 1].
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        ignore_index: target value of rows to leave out.
+
+    Returns:
+        A scalar (or (B,) for ``"none"``) in the student's dtype. NaN or Inf in the logits
+        propagate into the loss, as in PyTorch.
+
+    Example::
+
+        >>> student = torch.randn(8, 10, requires_grad=True)
+        >>> teacher = torch.randn(8, 10)
+        >>> y = torch.randint(0, 10, (8,))
+        >>> fasttl.distillation_loss(student, teacher, y, temperature=4.0, alpha=0.9).backward()
+    """
+    _check_arguments(student_logits, teacher_logits, target, temperature, alpha, reduction)
+    loss_rows, _ = _ops.distill_rows(student_logits, teacher_logits.detach(), target,
+                                     float(temperature), float(alpha), int(ignore_index))
+    if reduction == "none":
+        return loss_rows.to(student_logits.dtype)
+    total = loss_rows.sum()
+    if reduction == "mean":
+        counted = student_logits.size(0) if target is None else (target != ignore_index).sum()
+        # An all-ignored batch has loss 0 (not 0/0) and gradient 0.
+        total = total / (counted.clamp(min=1) if isinstance(counted, Tensor) else max(counted, 1))
+    return total.to(student_logits.dtype)

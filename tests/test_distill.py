@@ -1,0 +1,244 @@
+"""The fused distillation loss against the float64 PyTorch reference."""
+import math
+
+import pytest
+import torch
+
+import fasttl
+from fasttl import _reference
+from conftest import devices
+
+# (dtype, atol, rtol) of the loss and of the gradient against float64.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+SHAPES = [(0, 10), (1, 1), (41, 1271), (4096, 10), (64, 131072), (3, 262144)]
+
+
+def make_inputs(shape, dtype, device, scale=3.0):
+    student = (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).to(device)
+    teacher = (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).to(device)
+    target = torch.randint(0, max(shape[1], 1), (shape[0],), device=device)
+    return student, teacher, target
+
+
+def reference(student, teacher, target, **kw):
+    s64 = student.detach().double().requires_grad_()
+    loss = _reference.distillation_loss(s64, teacher.double(), target, **kw)
+    if loss.numel():
+        loss.sum().backward()
+    grad = s64.grad if s64.grad is not None else torch.zeros_like(s64)
+    return loss.detach(), grad
+
+
+def fused(student, teacher, target, **kw):
+    s = student.detach().clone().requires_grad_()
+    loss = fasttl.distillation_loss(s, teacher, target, **kw)
+    assert loss.dtype == student.dtype
+    if loss.numel():
+        loss.sum().backward()
+    grad = s.grad if s.grad is not None else torch.zeros_like(s)
+    return loss.detach(), grad
+
+
+def assert_close(actual, expected, dtype, what):
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol,
+                               msg=lambda m: f"{what} ({dtype}): {m}")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_matches_reference_over_shapes(device, dtype, shape, temperature):
+    if shape[0] * shape[1] > 1_000_000 and dtype != torch.float32 and temperature == 4.0:
+        pytest.skip("large shapes are covered for every dtype at T=1; T=4 there only in float32 (time)")
+    student, teacher, target = make_inputs(shape, dtype, device)
+    kw = dict(temperature=temperature, alpha=0.5, reduction="none")
+    loss, grad = fused(student, teacher, target, **kw)
+    ref_loss, ref_grad = reference(student, teacher, target, **kw)
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert_close(grad, ref_grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_target", [True, False])
+def test_alpha_reduction_and_target(device, alpha, reduction, with_target):
+    student, teacher, target = make_inputs((37, 53), torch.float32, device)
+    target = target if with_target else None
+    kw = dict(temperature=2.5, alpha=alpha, reduction=reduction)
+    loss, grad = fused(student, teacher, target, **kw)
+    ref_loss, ref_grad = reference(student, teacher, target, **kw)
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(grad, ref_grad, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ignored_rows_count_in_neither_term(device, reduction):
+    student, teacher, target = make_inputs((50, 17), torch.float32, device)
+    target[::3] = -7
+    kw = dict(temperature=3.0, alpha=0.3, reduction=reduction, ignore_index=-7)
+    loss, grad = fused(student, teacher, target, **kw)
+    ref_loss, ref_grad = reference(student, teacher, target, **kw)
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(grad, ref_grad, torch.float32, "grad")
+    assert torch.all(grad[::3] == 0)
+    if reduction == "none":
+        assert torch.all(loss[::3] == 0)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_all_ignored_batch_gives_zero_loss_and_grad(device):
+    student, teacher, _ = make_inputs((9, 5), torch.float32, device)
+    target = torch.full((9,), -100, device=device)
+    loss, grad = fused(student, teacher, target, reduction="mean")
+    assert loss.item() == 0.0
+    assert torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_non_contiguous_inputs(device, dtype):
+    base_s, base_t, _ = make_inputs((40, 90), dtype, device)
+    student = base_s[::2, 5:70]           # strided rows, unit column stride
+    teacher = base_t.t().contiguous().t()[::2, 5:70]  # column-major: a real copy is needed
+    assert not student.is_contiguous() and teacher.stride(1) != 1
+    target = torch.randint(0, 65, (20,), device=device)
+    kw = dict(temperature=2.0, alpha=0.7, reduction="none")
+    loss, grad = fused(student, teacher, target, **kw)
+    ref_loss, ref_grad = reference(student, teacher, target, **kw)
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert_close(grad, ref_grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_mixed_student_and_teacher_dtypes(device):
+    student, _, target = make_inputs((33, 70), torch.bfloat16, device)
+    teacher = torch.randn(33, 70, device=device) * 3
+    kw = dict(temperature=2.0, alpha=0.5, reduction="none")
+    loss, grad = fused(student, teacher, target, **kw)
+    ref_loss, ref_grad = reference(student, teacher, target, **kw)
+    assert_close(loss, ref_loss, torch.bfloat16, "loss")
+    assert_close(grad, ref_grad, torch.bfloat16, "grad")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("with_ignored", [False, True])
+def test_kernel_writes_every_output_element(device, dtype, with_ignored):
+    # Outputs start as NaN, so an element the kernel forgets to write fails the test.
+    student, teacher, target = make_inputs((64, 301), dtype, device)
+    if with_ignored:
+        target[::4] = -100
+    loss_rows = torch.full((64,), float("nan"), device=device)
+    grad = torch.full((64, 301), float("nan"), dtype=dtype, device=device)
+    fasttl._ops.run_distill_rows(student, teacher, target, 2.0, 0.5, -100, loss_rows, grad)
+    assert torch.isfinite(loss_rows).all() and torch.isfinite(grad).all()
+    ref_loss, ref_grad = reference(student, teacher, target, temperature=2.0, alpha=0.5, reduction="none")
+    assert_close(loss_rows, ref_loss, dtype, "loss")
+    assert_close(grad, ref_grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_no_gradient_reaches_the_teacher(device):
+    student, teacher, target = make_inputs((8, 6), torch.float32, device)
+    student.requires_grad_()
+    teacher.requires_grad_()
+    fasttl.distillation_loss(student, teacher, target, temperature=2.0).backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+@pytest.mark.parametrize("device", devices())
+def test_nan_and_inf_propagate_without_crashing(device):
+    student, teacher, target = make_inputs((4, 8), torch.float32, device)
+    student[1, 3] = float("nan")
+    teacher[2, 0] = float("inf")
+    loss = fasttl.distillation_loss(student, teacher, target, reduction="none")
+    ref = _reference.distillation_loss(student.double(), teacher.double(), target, reduction="none")
+    assert math.isnan(loss[1].item()) and math.isnan(ref[1].item())
+    assert not torch.isfinite(loss[2]) and not torch.isfinite(ref[2])
+    torch.testing.assert_close(loss[[0, 3]].double(), ref[[0, 3]], atol=1e-5, rtol=1e-5)
+
+
+def test_module_matches_function():
+    student, teacher, target = make_inputs((12, 7), torch.float32, "cpu")
+    module = fasttl.nn.DistillationLoss(temperature=3.0, alpha=0.25, reduction="sum")
+    expected = fasttl.distillation_loss(student, teacher, target, temperature=3.0, alpha=0.25, reduction="sum")
+    assert torch.equal(module(student, teacher, target), expected)
+    assert "temperature=3.0" in repr(module)
+
+
+def test_opcheck_on_cpu():
+    student, teacher, target = make_inputs((6, 11), torch.float32, "cpu")
+    student.requires_grad_()
+    for args in [(student, teacher, target, 2.0, 0.5, -100), (student, teacher, None, 1.0, 1.0, -100)]:
+        torch.library.opcheck(torch.ops.fasttl.distill_rows.default, args)
+
+
+def test_works_under_torch_compile():
+    student, teacher, target = make_inputs((16, 10), torch.float32, "cpu")
+
+    def step(s, t, y):
+        return fasttl.distillation_loss(s * 2.0, t, y, temperature=2.0, alpha=0.5)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    s1 = student.clone().requires_grad_()
+    s2 = student.clone().requires_grad_()
+    compiled(s1, teacher, target).backward()
+    step(s2, teacher, target).backward()
+    torch.testing.assert_close(s1.grad, s2.grad)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda s, t, y: fasttl.distillation_loss(s, t[:, :3], y), ValueError, "teacher_logits"),
+        (lambda s, t, y: fasttl.distillation_loss(s, t, y[:2]), ValueError, "target"),
+        (lambda s, t, y: fasttl.distillation_loss(s, t, y.float()), TypeError, "target"),
+        (lambda s, t, y: fasttl.distillation_loss(s, t, y + 100), ValueError, "target"),
+        (lambda s, t, y: fasttl.distillation_loss(s, t, y, temperature=0.0), ValueError, "temperature"),
+        (lambda s, t, y: fasttl.distillation_loss(s, t, y, temperature=float("inf")), ValueError, "temperature"),
+        (lambda s, t, y: fasttl.distillation_loss(s, t, y, alpha=1.5), ValueError, "alpha"),
+        (lambda s, t, y: fasttl.distillation_loss(s, t, y, alpha=-0.1), ValueError, "alpha"),
+        (lambda s, t, y: fasttl.distillation_loss(s.long(), t, y), TypeError, "student_logits"),
+        (lambda s, t, y: fasttl.distillation_loss(s, t.int(), y), TypeError, "teacher_logits"),
+        (lambda s, t, y: fasttl.distillation_loss(s, t, y, reduction="avg"), ValueError, "reduction"),
+        (lambda s, t, y: fasttl.distillation_loss(s[0], t[0], y), ValueError, "student_logits"),
+        (lambda s, t, y: fasttl.distillation_loss(s, t.to("meta"), y), ValueError, "teacher_logits"),
+    ],
+)
+def test_bad_input_names_the_argument(call, error, match):
+    student, teacher, target = make_inputs((4, 5), torch.float32, "cpu")
+    with pytest.raises(error, match=match):
+        call(student, teacher, target)
+
+
+def test_second_backward_through_a_retained_graph_is_refused_not_wrong():
+    student, teacher, target = make_inputs((6, 9), torch.float32, "cpu")
+    student.requires_grad_()
+    loss = fasttl.distillation_loss(student, teacher, target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_masked_logits_spanning_whole_stretches(device):
+    # The CPU kernel sums rows in 512-class stretches against a growing max; whole stretches of
+    # masked classes (-1e4) come first, so the sums must move across a jump of 1e4 in the max.
+    student, teacher, target = make_inputs((5, 1300), torch.float32, device)
+    student[:, :700] = -1e4
+    teacher[:, :700] = -1e4
+    target = torch.randint(700, 1300, (5,), device=device)
+    kw = dict(temperature=2.0, alpha=0.5, reduction="none")
+    loss, grad = fused(student, teacher, target, **kw)
+    ref_loss, ref_grad = reference(student, teacher, target, **kw)
+    assert torch.isfinite(loss).all()
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(grad, ref_grad, torch.float32, "grad")
