@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <vector>
 
 #include "fasttl/kernels.h"
 
@@ -32,11 +33,64 @@ DistillArgs make_distill_args(std::uintptr_t student, int64_t student_row_stride
                      classes};
 }
 
+using Pointers = std::vector<std::uintptr_t>;
+
+// Builds the per-tensor table of a multi-tensor Adam step from parallel lists of addresses
+// (0 for an absent master or max_exp_avg_sq).
+std::vector<AdamTensor> adam_tensors(const Pointers& params, const Pointers& grads, const Pointers& masters,
+                                     const Pointers& exp_avgs, const Pointers& exp_avg_sqs,
+                                     const Pointers& max_exp_avg_sqs, const std::vector<int64_t>& numels,
+                                     const Pointers& steps) {
+  const size_t n = params.size();
+  for (const auto* list : {&grads, &masters, &exp_avgs, &exp_avg_sqs, &max_exp_avg_sqs, &steps}) {
+    if (list->size() != n) throw std::invalid_argument("adam_step: tensor lists differ in length");
+  }
+  if (numels.size() != n) throw std::invalid_argument("adam_step: numels differ in length from params");
+  std::vector<AdamTensor> tensors(n);
+  for (size_t i = 0; i < n; ++i) {
+    tensors[i] = AdamTensor{as_ptr<void>(params[i]), as_ptr<const void>(grads[i]), as_ptr<float>(masters[i]),
+                            as_ptr<float>(exp_avgs[i]), as_ptr<float>(exp_avg_sqs[i]),
+                            as_ptr<float>(max_exp_avg_sqs[i]), numels[i], as_ptr<const float>(steps[i])};
+  }
+  return tensors;
+}
+
+void adam_step(bool cuda, const Pointers& params, const Pointers& grads, const Pointers& masters,
+               const Pointers& exp_avgs, const Pointers& exp_avg_sqs, const Pointers& max_exp_avg_sqs,
+               const std::vector<int64_t>& numels, const Pointers& steps, int param_dtype, int grad_dtype,
+               bool has_master, double lr, double beta1, double beta2, double eps, double weight_decay,
+               bool decoupled_weight_decay, bool amsgrad, bool maximize, std::uintptr_t grad_scale,
+               std::uintptr_t found_inf, std::uintptr_t stream);
+
 [[noreturn]] void no_cuda(const char* what) {
   throw std::runtime_error(std::string(what) +
                            ": this fasttl build has no CUDA kernels (nvcc was not found when it was "
                            "built). Reinstall with the CUDA toolkit on PATH, or FASTTL_CUDA=ON to "
                            "make a missing nvcc an error.");
+}
+
+void adam_step(bool cuda, const Pointers& params, const Pointers& grads, const Pointers& masters,
+               const Pointers& exp_avgs, const Pointers& exp_avg_sqs, const Pointers& max_exp_avg_sqs,
+               const std::vector<int64_t>& numels, const Pointers& steps, int param_dtype, int grad_dtype,
+               bool has_master, double lr, double beta1, double beta2, double eps, double weight_decay,
+               bool decoupled_weight_decay, bool amsgrad, bool maximize, std::uintptr_t grad_scale,
+               std::uintptr_t found_inf, std::uintptr_t stream) {
+  const std::vector<AdamTensor> tensors =
+      adam_tensors(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, numels, steps);
+  const AdamArgs args{tensors.data(), static_cast<int64_t>(tensors.size()), param_dtype, grad_dtype, has_master,
+                      static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
+                      static_cast<float>(eps), static_cast<float>(weight_decay), decoupled_weight_decay, amsgrad,
+                      maximize, as_ptr<const float>(grad_scale), as_ptr<const float>(found_inf)};
+  if (!cuda) {
+    adam_step_cpu(args);
+    return;
+  }
+#ifdef FASTTL_WITH_CUDA
+  adam_step_cuda(args, reinterpret_cast<void*>(stream));
+#else
+  (void)stream;
+  no_cuda("adam_step_cuda");
+#endif
 }
 
 py::dict build_info() {
@@ -94,4 +148,12 @@ PYBIND11_MODULE(_C, m) {
       },
       "CUDA variant of distill_rows_cpu; the last argument is the cudaStream_t to launch on.",
       py::call_guard<py::gil_scoped_release>());
+
+  m.def("adam_step", &adam_step,
+        "One fused Adam/AdamW step over a list of tensors of one device and dtype group: "
+        "cuda, params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs (addresses, 0 for "
+        "none), numels, step addresses (fp32, already incremented), param_dtype, grad_dtype, "
+        "has_master, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, "
+        "maximize, grad_scale and found_inf addresses (0 for none), stream.",
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -3,7 +3,9 @@ fasttl op, so each works under torch.compile and passes torch.library.opcheck. T
 functions validate user arguments; these check only what depends on data."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -89,3 +91,37 @@ def _distill_rows_backward(ctx, grad_loss_rows, _grad_of_grad):
 
 
 distill_rows.register_autograd(_distill_rows_backward, setup_context=_distill_rows_setup)
+
+
+def _no_context():
+    return contextlib.nullcontext()
+
+
+def _address(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def adam_step(*, params: Sequence[Tensor], grads: Sequence[Tensor], masters: Sequence[Optional[Tensor]],
+              exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
+              max_exp_avg_sqs: Sequence[Optional[Tensor]], steps: Sequence[Tensor], lr: float, beta1: float,
+              beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool,
+              maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    """One fused Adam/AdamW step, in place, over params of one device and dtype (one native
+    call). The optimizer (fasttl/optim.py) has checked dtypes, shapes and contiguity; steps are
+    fp32 0-dim tensors on the params' device, already incremented."""
+    if not params:
+        return
+    device = params[0].device
+    if device.type == "cuda":
+        require_cuda_kernels("adam_step")
+    with torch.cuda.device(device) if device.type == "cuda" else _no_context():
+        native.adam_step(
+            device.type == "cuda",
+            [_address(t) for t in params], [_address(t) for t in grads], [_address(t) for t in masters],
+            [_address(t) for t in exp_avgs], [_address(t) for t in exp_avg_sqs],
+            [_address(t) if amsgrad else 0 for t in max_exp_avg_sqs], [t.numel() for t in params],
+            [_address(t) for t in steps], dtype_code(params[0]), dtype_code(grads[0]),
+            masters[0] is not None, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            bool(decoupled_weight_decay), bool(amsgrad), bool(maximize), _address(grad_scale), _address(found_inf),
+            stream_handle(device),
+        )

@@ -1,1 +1,209 @@
-"""Optimizers (filled in by the optimizer kernels)."""
+"""Mixed-precision fused Adam and AdamW: bf16/fp16 params with fp32 master weights and fp32
+moments, updated in one fused pass per (device, dtype) group."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fasttl import _ops
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FP32_STATE = ("master_param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr: a tensor lr must hold one value (0-dim), got shape {tuple(lr.shape)}")
+        lr_value = float(lr)
+    elif isinstance(lr, (int, float)):
+        lr_value = float(lr)
+    else:
+        raise TypeError(f"lr: expected a float or a 0-dim tensor, got {type(lr).__name__}")
+    if not lr_value >= 0.0:
+        raise ValueError(f"lr: expected >= 0, got {lr_value}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"betas[{i}]: expected a number in [0, 1), got {beta!r}")
+    if not isinstance(eps, (int, float)) or not eps >= 0.0:
+        raise ValueError(f"eps: expected >= 0, got {eps!r}")
+    if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0 or math.isinf(weight_decay):
+        raise ValueError(f"weight_decay: expected a finite number >= 0, got {weight_decay!r}")
+
+
+class _FusedAdamBase(torch.optim.Optimizer):
+    """Shared machinery of :class:`Adam` and :class:`AdamW`; see AdamW for the details."""
+
+    _decoupled_weight_decay = True
+    # torch.amp.GradScaler then hands this optimizer `grad_scale` and `found_inf`, and the kernel
+    # unscales the grads and skips an inf/nan step itself (no separate unscale pass).
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
+                 amsgrad: bool = False, maximize: bool = False, master_weights: Optional[bool] = None):
+        _check_hyperparameters(lr, betas, eps, weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
+                        maximize=bool(maximize), master_weights=master_weights)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        for index, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise TypeError(f"params[{index}]: complex parameters are not supported (dtype {p.dtype})")
+            if p.dtype not in _PARAM_DTYPES:
+                raise TypeError(f"params[{index}]: expected float32, bfloat16 or float16, got {p.dtype}")
+            if not p.is_contiguous():
+                raise ValueError(f"params[{index}]: expected a contiguous parameter (call .contiguous() on it)")
+
+    @staticmethod
+    def _uses_master(group: dict, p: Tensor) -> bool:
+        # fp32 params are their own master; None means on for bf16/fp16.
+        return p.dtype != torch.float32 and group["master_weights"] is not False
+
+    def _init_state(self, group: dict, p: Tensor) -> Dict[str, Tensor]:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        if self._uses_master(group, p) and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, copy=True)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimization step over every param that has a grad."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
+        found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            buckets: Dict[Tuple, List[Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("fasttl.optim: sparse gradients are not supported; use torch.optim.SparseAdam")
+                if p.grad.dtype not in (p.dtype, torch.float32):
+                    raise TypeError(f"grad of a {p.dtype} param: expected {p.dtype} or float32, got {p.grad.dtype}")
+                self._init_state(group, p)
+                buckets[(p.device, p.dtype, p.grad.dtype, self._uses_master(group, p))].append(p)
+            for (device, _, _, has_master), params in buckets.items():
+                self._step_bucket(group, device, params, has_master, grad_scale, found_inf)
+        return loss
+
+    def _step_bucket(self, group: dict, device: torch.device, params: List[Tensor], has_master: bool,
+                     grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        scale = None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32).to(device)
+        inf = None if found_inf is None else found_inf.to(device=device, dtype=torch.float32)
+        if inf is not None and device.type != "cuda" and float(inf) != 0.0:
+            return  # skipped step: nothing moves, not even the step count
+        states = [self.state[p] for p in params]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        beta1, beta2 = group["betas"]
+        _ops.adam_step(
+            params=params,
+            grads=[p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params],
+            masters=[s.get("master_param") for s in states] if has_master else [None] * len(params),
+            exp_avgs=[s["exp_avg"] for s in states],
+            exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+            max_exp_avg_sqs=[s.get("max_exp_avg_sq") for s in states],
+            steps=steps,
+            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], decoupled_weight_decay=self._decoupled_weight_decay,
+            amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=scale, found_inf=inf,
+        )
+        if inf is not None:
+            # On CUDA the kernel skipped the step on the device; take the step count back there
+            # too, without a host sync.
+            torch._foreach_sub_(steps, [inf] * len(steps))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a state dict of this optimizer, or of torch.optim.Adam/AdamW for fp32 params.
+
+        torch.optim.Optimizer.load_state_dict casts floating state to each param's dtype, which
+        would round fp32 master weights and moments to bf16; they are restored exactly here, so a
+        reloaded run continues bit for bit."""
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(saved_ids) != len(params):
+            raise ValueError(f"state_dict: holds {len(saved_ids)} params, this optimizer has {len(params)}")
+        exact = {
+            i: {k: v.detach().clone() for k, v in saved_state[i].items() if isinstance(v, Tensor)}
+            for i in saved_ids if i in saved_state
+        }
+        super().load_state_dict(state_dict)
+        groups_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for saved_id, p in zip(saved_ids, params):
+            if saved_id not in exact:
+                continue
+            state = self.state[p]
+            for key, value in exact[saved_id].items():
+                if key in _FP32_STATE:
+                    state[key] = value.to(device=p.device, dtype=torch.float32)
+                elif key == "step":
+                    state[key] = value.to(device=p.device, dtype=torch.float32).reshape(())
+            self._init_state(groups_of[id(p)], p)
+
+
+class AdamW(_FusedAdamBase):
+    r"""AdamW (Loshchilov and Hutter 2019) with fp32 master weights, fused on CPU and CUDA.
+
+    For each param with grad ``g`` (divided by the GradScaler's scale, negated when
+    ``maximize``), fp32 master weight ``w`` and fp32 moments ``m``, ``v``, at step ``t``::
+
+        w = w - lr * weight_decay * w
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g^2            (amsgrad: v_max = max(v_max, v), used below)
+        w = w - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+        param = round_to_nearest_even(w)             (bf16/fp16 params)
+
+    * fp32 params: the same results as ``torch.optim.AdamW`` within fp32 rounding.
+    * bf16/fp16 params: an fp32 master copy per param (``master_weights=None`` turns it on for
+      them; ``False`` updates the low-precision param directly), fp32 moments. One pass reads the
+      grad (param dtype or fp32), master, m, v and writes master, m, v and the rounded param, so
+      small updates are not lost to bf16 rounding.
+    * One native call per (device, dtype) group and step: OpenMP over chunks of all tensors on
+      the CPU, a multi-tensor-apply launch on CUDA.
+    * ``torch.amp.GradScaler`` works with it: the kernel unscales the grads and skips the whole
+      step when an inf/nan was found (on CUDA without a host sync).
+
+    Example::
+
+        model = MyNet().to(torch.bfloat16)
+        opt = fasttl.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        scaler = torch.amp.GradScaler("cuda")
+        scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+    """
+
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
+                 amsgrad: bool = False, maximize: bool = False, master_weights: Optional[bool] = None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
+                         master_weights=master_weights)
+
+
+class Adam(_FusedAdamBase):
+    """Adam with L2 weight decay (added to the gradient, as ``torch.optim.Adam``), otherwise
+    exactly :class:`AdamW`: fp32 master weights for bf16/fp16 params, fused, GradScaler aware."""
+
+    _decoupled_weight_decay = False
+
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 amsgrad: bool = False, maximize: bool = False, master_weights: Optional[bool] = None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
+                         master_weights=master_weights)

@@ -21,9 +21,9 @@ constexpr int64_t kChunk = 512;
 
 template <typename S, typename T>
 FASTTL_CPU_CLONES void distill_rows_loop(const DistillArgs& a) {
-  const S* student = static_cast<const S*>(a.student);
-  const T* teacher = static_cast<const T*>(a.teacher);
-  S* grad = static_cast<S*>(a.grad);
+  const storage_t<S>* student = static_cast<const storage_t<S>*>(a.student);
+  const storage_t<T>* teacher = static_cast<const storage_t<T>*>(a.teacher);
+  storage_t<S>* grad = static_cast<storage_t<S>*>(a.grad);
   const int64_t classes = a.classes;
   const int64_t chunks = (classes + kChunk - 1) / kChunk;
   const float inv_t = 1.0f / a.temperature;
@@ -40,13 +40,13 @@ FASTTL_CPU_CLONES void distill_rows_loop(const DistillArgs& a) {
 
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < a.rows; ++i) {
-      const S* s = student + i * a.student_row_stride;
-      const T* t = teacher + i * a.teacher_row_stride;
-      S* g = grad + i * classes;
+      const storage_t<S>* s = student + i * a.student_row_stride;
+      const storage_t<T>* t = teacher + i * a.teacher_row_stride;
+      storage_t<S>* g = grad + i * classes;
       const int64_t y = a.target ? a.target[i] : -1;
       if (a.target && y == a.ignore_index) {
         a.loss_rows[i] = 0.0f;
-        for (int64_t j = 0; j < classes; ++j) g[j] = from_float<S>(0.0f);
+        for (int64_t j = 0; j < classes; ++j) g[j] = store<S>(0.0f);
         continue;
       }
       const DistillParams p{inv_t, a.temperature, a.alpha, a.target != nullptr};
@@ -59,8 +59,8 @@ FASTTL_CPU_CLONES void distill_rows_loop(const DistillArgs& a) {
         float cms = ms, cmt = mt;
 #pragma omp simd reduction(max : cms, cmt)
         for (int64_t j = start; j < stop; ++j) {
-          cms = std::max(cms, to_float(s[j]));
-          cmt = std::max(cmt, to_float(t[j]));
+          cms = std::max(cms, load<S>(s[j]));
+          cmt = std::max(cmt, load<T>(t[j]));
         }
         if (cms != ms) {
           const float f_soft = rescale(ms, cms, inv_t);
@@ -80,7 +80,7 @@ FASTTL_CPU_CLONES void distill_rows_loop(const DistillArgs& a) {
         float zs = 0.0f, zt = 0.0f, gap = 0.0f, zh = 0.0f;
 #pragma omp simd reduction(+ : zs, zt, gap, zh)
         for (int64_t j = start; j < stop; ++j) {
-          const DistillTerms e = distill_terms(to_float(s[j]), to_float(t[j]), rs, rt, inv_t);
+          const DistillTerms e = distill_terms(load<S>(s[j]), load<T>(t[j]), rs, rt, inv_t);
           es[j] = e.soft_student;
           et[j] = e.soft_teacher;
           eh[j] = e.hard_student;
@@ -96,7 +96,7 @@ FASTTL_CPU_CLONES void distill_rows_loop(const DistillArgs& a) {
       }
 
       DistillGradCoef coef;
-      const float s_target = p.hard ? to_float(s[y]) : 0.0f;
+      const float s_target = p.hard ? load<S>(s[y]) : 0.0f;
       a.loss_rows[i] = distill_row_loss(sums, ms, mt, s_target, p, &coef);
 
       for (int64_t c = 0; c < chunks; ++c) {
@@ -109,11 +109,11 @@ FASTTL_CPU_CLONES void distill_rows_loop(const DistillArgs& a) {
         k.inv_z_teacher *= rescale(ref_t[c], mt, inv_t);
 #pragma omp simd
         for (int64_t j = start; j < stop; ++j) {
-          g[j] = from_float<S>(distill_grad_from_terms(es[j], et[j], eh[j], k, false));
+          g[j] = store<S>(distill_grad_from_terms(es[j], et[j], eh[j], k, false));
         }
         // The target column is redone apart so that the loop above has no per-element test.
         if (p.hard && y >= start && y < stop) {
-          g[y] = from_float<S>(distill_grad_from_terms(es[y], et[y], eh[y], k, true));
+          g[y] = store<S>(distill_grad_from_terms(es[y], et[y], eh[y], k, true));
         }
       }
     }

@@ -15,19 +15,19 @@ namespace {
 template <typename S, typename T, int kThreads>
 __global__ void distill_rows_kernel(DistillArgs a) {
   __shared__ float scratch[4][kThreads > 32 ? kThreads / 32 : 1];
-  const S* student_base = static_cast<const S*>(a.student);
-  const T* teacher_base = static_cast<const T*>(a.teacher);
-  S* grad_base = static_cast<S*>(a.grad);
+  const storage_t<S>* student_base = static_cast<const storage_t<S>*>(a.student);
+  const storage_t<T>* teacher_base = static_cast<const storage_t<T>*>(a.teacher);
+  storage_t<S>* grad_base = static_cast<storage_t<S>*>(a.grad);
   const float inv_t = 1.0f / a.temperature;
   const int64_t row_step = static_cast<int64_t>(gridDim.x) * blockDim.y;
 
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < a.rows; i += row_step) {
-    const S* s = student_base + i * a.student_row_stride;
-    const T* t = teacher_base + i * a.teacher_row_stride;
-    S* g = grad_base + i * a.classes;
+    const storage_t<S>* s = student_base + i * a.student_row_stride;
+    const storage_t<T>* t = teacher_base + i * a.teacher_row_stride;
+    storage_t<S>* g = grad_base + i * a.classes;
     const int64_t y = a.target ? a.target[i] : -1;
     if (a.target && y == a.ignore_index) {
-      for (int64_t j = threadIdx.x; j < a.classes; j += kThreads) g[j] = from_float<S>(0.0f);
+      for (int64_t j = threadIdx.x; j < a.classes; j += kThreads) g[j] = store<S>(0.0f);
       if (threadIdx.x == 0) a.loss_rows[i] = 0.0f;
       continue;  // uniform across the row's threads, so no reduction is left waiting
     }
@@ -35,15 +35,15 @@ __global__ void distill_rows_kernel(DistillArgs a) {
 
     float ms = -INFINITY, mt = -INFINITY;
     for (int64_t j = threadIdx.x; j < a.classes; j += kThreads) {
-      ms = fmaxf(ms, to_float(s[j]));
-      mt = fmaxf(mt, to_float(t[j]));
+      ms = fmaxf(ms, load<S>(s[j]));
+      mt = fmaxf(mt, load<T>(t[j]));
     }
     ms = row_reduce<kThreads>(ms, MaxOp{}, scratch[0]);
     mt = row_reduce<kThreads>(mt, MaxOp{}, scratch[1]);
 
     DistillTerms sums{0.0f, 0.0f, 0.0f, 0.0f};
     for (int64_t j = threadIdx.x; j < a.classes; j += kThreads) {
-      const DistillTerms e = distill_terms(to_float(s[j]), to_float(t[j]), ms, mt, inv_t);
+      const DistillTerms e = distill_terms(load<S>(s[j]), load<T>(t[j]), ms, mt, inv_t);
       sums.soft_student += e.soft_student;
       sums.soft_teacher += e.soft_teacher;
       sums.teacher_gap += e.teacher_gap;
@@ -55,11 +55,11 @@ __global__ void distill_rows_kernel(DistillArgs a) {
     sums.hard_student = row_reduce<kThreads>(sums.hard_student, SumOp{}, scratch[3]);
 
     DistillGradCoef coef;
-    const float s_target = p.hard ? to_float(s[y]) : 0.0f;
+    const float s_target = p.hard ? load<S>(s[y]) : 0.0f;
     const float loss = distill_row_loss(sums, ms, mt, s_target, p, &coef);
     if (threadIdx.x == 0) a.loss_rows[i] = loss;
     for (int64_t j = threadIdx.x; j < a.classes; j += kThreads) {
-      g[j] = from_float<S>(distill_grad(to_float(s[j]), to_float(t[j]), ms, mt, inv_t, coef, j == y));
+      g[j] = store<S>(distill_grad(load<S>(s[j]), load<T>(t[j]), ms, mt, inv_t, coef, j == y));
     }
   }
 }

@@ -41,6 +41,15 @@ def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, repeats: int = 
     return 2 * nbytes / seconds / 1e9
 
 
+def inplace_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, repeats: int = 10) -> float:
+    """Measured bandwidth of an in-place stream (x += 1) in GB/s, bytes read plus written. The
+    yardstick for kernels that update buffers in place: a copy into another buffer also pays
+    for reading each destination line before writing it (about 1.5x the traffic on this CPU)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    seconds = median_seconds(lambda: x.add_(1.0), device, repeats=repeats)
+    return 2 * nbytes / seconds / 1e9
+
+
 def machine() -> Dict[str, object]:
     cpu = platform.processor() or platform.machine()
     try:

@@ -9,6 +9,7 @@ from fasttl.bench.common import header, machine, save_json
 # name -> module in fasttl.bench with run(device, quick) and table(result)
 BENCHMARKS = {
     "distill": "fasttl.bench.distill",
+    "adam": "fasttl.bench.adam",
 }
 
 

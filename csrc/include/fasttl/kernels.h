@@ -27,4 +27,36 @@ struct DistillArgs {
 void distill_rows_cpu(const DistillArgs& args);
 void distill_rows_cuda(const DistillArgs& args, void* stream);
 
+// ---- fused Adam / AdamW with fp32 master weights -------------------------------------------
+// One tensor of a multi-tensor step. `param` is in the param dtype; `grad` in the grad dtype;
+// `master` (fp32 copy of param, or nullptr: param is its own master), `exp_avg`, `exp_avg_sq`
+// and `max_exp_avg_sq` (amsgrad only, else nullptr) are fp32.
+struct AdamTensor {
+  void* param;
+  const void* grad;
+  float* master;
+  float* exp_avg;
+  float* exp_avg_sq;
+  float* max_exp_avg_sq;
+  int64_t numel;
+  const float* step;  // this tensor's step count, already incremented for this step
+};
+
+struct AdamArgs {
+  const AdamTensor* tensors;   // host array
+  int64_t num_tensors;
+  int param_dtype;
+  int grad_dtype;
+  bool has_master;
+  float lr, beta1, beta2, eps, weight_decay;
+  bool decoupled_weight_decay, amsgrad, maximize;
+  const float* grad_scale;     // grads are divided by *grad_scale; nullptr for none
+  const float* found_inf;      // step skipped when *found_inf != 0; nullptr for none
+};
+
+// On the CPU every pointer, steps and grad_scale/found_inf included, is host memory; on CUDA all
+// of them are device memory (the AdamTensor array itself stays on the host).
+void adam_step_cpu(const AdamArgs& args);
+void adam_step_cuda(const AdamArgs& args, void* stream);
+
 }  // namespace fasttl

@@ -42,17 +42,26 @@ FASTTL_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
-FASTTL_HD float to_float(float x) { return x; }
+// Kernels are templated on the tag types (float, half_t, bf16_t) but read and write memory as
+// Storage<T>::type (float or uint16_t): GCC does not vectorize loads and stores of the one-member
+// structs, while it does of plain uint16_t.
+template <typename T>
+struct Storage { using type = T; };
+template <>
+struct Storage<half_t> { using type = uint16_t; };
+template <>
+struct Storage<bf16_t> { using type = uint16_t; };
 
-FASTTL_HD float to_float(bf16_t x) { return bits_to_float(static_cast<uint32_t>(x.bits) << 16); }
+template <typename T>
+using storage_t = typename Storage<T>::type;
 
-FASTTL_HD float to_float(half_t x) {
+FASTTL_HD float half_bits_to_float(uint16_t bits) {
 #if defined(__CUDA_ARCH__)
-  return __half2float(__ushort_as_half(x.bits));
+  return __half2float(__ushort_as_half(bits));
 #else
   // Exponent rebias with the denormal and Inf/NaN cases fixed up (F. Giesen's half_to_float).
   const uint32_t shifted_exp = 0x7c00u << 13;
-  uint32_t o = (static_cast<uint32_t>(x.bits) & 0x7fffu) << 13;
+  uint32_t o = (static_cast<uint32_t>(bits) & 0x7fffu) << 13;
   const uint32_t exp = shifted_exp & o;
   o += (127u - 15u) << 23;
   if (exp == shifted_exp) {
@@ -61,29 +70,14 @@ FASTTL_HD float to_float(half_t x) {
     o += 1u << 23;
     o = float_to_bits(bits_to_float(o) - bits_to_float(113u << 23));
   }
-  o |= (static_cast<uint32_t>(x.bits) & 0x8000u) << 16;
+  o |= (static_cast<uint32_t>(bits) & 0x8000u) << 16;
   return bits_to_float(o);
 #endif
 }
 
-template <typename T>
-FASTTL_HD T from_float(float x);
-
-template <>
-FASTTL_HD float from_float<float>(float x) { return x; }
-
-template <>
-FASTTL_HD bf16_t from_float<bf16_t>(float x) {
-  uint32_t u = float_to_bits(x);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{static_cast<uint16_t>((u >> 16) | 0x40u)};
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even (as c10::BFloat16)
-  return bf16_t{static_cast<uint16_t>(u >> 16)};
-}
-
-template <>
-FASTTL_HD half_t from_float<half_t>(float x) {
+FASTTL_HD uint16_t float_to_half_bits(float x) {
 #if defined(__CUDA_ARCH__)
-  return half_t{__half_as_ushort(__float2half_rn(x))};
+  return __half_as_ushort(__float2half_rn(x));
 #else
   // Round to nearest even, with overflow to Inf and gradual underflow (Giesen's
   // float_to_half_fast3_rtne).
@@ -104,9 +98,39 @@ FASTTL_HD half_t from_float<half_t>(float x) {
     f += mant_odd;
     o = f >> 13;
   }
-  return half_t{static_cast<uint16_t>(o | (sign >> 16))};
+  return static_cast<uint16_t>(o | (sign >> 16));
 #endif
 }
+
+FASTTL_HD float bf16_bits_to_float(uint16_t bits) { return bits_to_float(static_cast<uint32_t>(bits) << 16); }
+
+FASTTL_HD uint16_t float_to_bf16_bits(float x) {
+  // Round to nearest, ties to even, NaN kept quiet (as c10::BFloat16); written as a select so
+  // that loops around it vectorize.
+  const uint32_t u = float_to_bits(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
+// load<T>(stored value) -> float and store<T>(float) -> stored value, T a tag type.
+template <typename T>
+FASTTL_HD float load(storage_t<T> x);
+template <>
+FASTTL_HD float load<float>(float x) { return x; }
+template <>
+FASTTL_HD float load<half_t>(uint16_t x) { return half_bits_to_float(x); }
+template <>
+FASTTL_HD float load<bf16_t>(uint16_t x) { return bf16_bits_to_float(x); }
+
+template <typename T>
+FASTTL_HD storage_t<T> store(float x);
+template <>
+FASTTL_HD float store<float>(float x) { return x; }
+template <>
+FASTTL_HD uint16_t store<half_t>(float x) { return float_to_half_bits(x); }
+template <>
+FASTTL_HD uint16_t store<bf16_t>(float x) { return float_to_bf16_bits(x); }
 
 // exp(x) in float. On the device the hardware exp; on the host a Cephes-style polynomial
 // (about 2 ulp) written without branches so that loops around it vectorize. NaN stays NaN,

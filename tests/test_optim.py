@@ -1,0 +1,299 @@
+"""fasttl.optim.Adam/AdamW against torch.optim.Adam/AdamW run in float64."""
+import copy
+
+import pytest
+import torch
+
+import fasttl
+from conftest import devices
+
+SIZES = [1, 300, 4097, 65537, 1_000_003]
+PAIRS = {"AdamW": (fasttl.optim.AdamW, torch.optim.AdamW), "Adam": (fasttl.optim.Adam, torch.optim.Adam)}
+
+
+def run_pair(name, sizes, steps, device, **options):
+    """Runs fasttl (fp32) and torch (float64) on the same random grads; returns both param lists."""
+    ours_cls, ref_cls = PAIRS[name]
+    init = [torch.randn(n, dtype=torch.float64) for n in sizes]
+    ours = [p.float().to(device).requires_grad_() for p in init]
+    ref = [p.clone().requires_grad_() for p in init]
+    opt = ours_cls(ours, **options)
+    ref_opt = ref_cls(ref, **options)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=7, gamma=0.5)
+    for _ in range(steps):
+        for a, b in zip(ours, ref):
+            g = torch.randn(b.shape, dtype=torch.float64)
+            a.grad = g.float().to(device)
+            b.grad = g
+        opt.step()
+        ref_opt.step()
+        sched.step()
+        ref_sched.step()
+    return ours, ref
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("options", [
+    dict(lr=1e-2, weight_decay=0.0),
+    dict(lr=1e-2, weight_decay=0.1),
+    dict(lr=3e-3, weight_decay=0.05, amsgrad=True),
+    dict(lr=1e-2, weight_decay=0.01, maximize=True),
+    dict(lr=1e-2, betas=(0.5, 0.9), eps=1e-6),
+], ids=["plain", "decay", "amsgrad", "maximize", "betas-eps"])
+def test_fp32_matches_torch_float64(device, name, options):
+    ours, ref = run_pair(name, SIZES, 22, device, **options)
+    for a, b in zip(ours, ref):
+        # 22 steps of lr <= 1e-2: fp32 rounding of the state stays far below 1e-5.
+        torch.testing.assert_close(a.detach().cpu().double(), b.detach(), atol=2e-5, rtol=1e-5)
+        assert not torch.equal(a.detach().cpu().double(), torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_small_mlp_trains_like_torch(name):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 33), torch.nn.GELU(), torch.nn.Linear(33, 5))
+    ref_model = copy.deepcopy(model).double()
+    ours_cls, ref_cls = PAIRS[name]
+    opt = ours_cls(model.parameters(), lr=5e-3, weight_decay=0.02)
+    ref_opt = ref_cls(ref_model.parameters(), lr=5e-3, weight_decay=0.02)
+    x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
+    for _ in range(25):
+        for m, o, inp in ((model, opt, x), (ref_model, ref_opt, x.double())):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(inp), y).backward()
+            o.step()
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a.detach().double(), b.detach(), atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad_dtype", ["param", "fp32"])
+def test_low_precision_params_track_an_fp32_master(device, dtype, grad_dtype):
+    sizes = [1, 300, 4097, 65537]
+    init = [torch.randn(n) for n in sizes]
+    params = [p.to(dtype).to(device).requires_grad_() for p in init]
+    if grad_dtype == "fp32" and hasattr(params[0], "grad_dtype"):
+        for p in params:
+            p.grad_dtype = None  # torch >= 2.10 otherwise insists that grads match the param dtype
+    ref = [p.to(dtype).float().clone().requires_grad_() for p in init]  # same start as the master
+    opt = fasttl.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
+    ref_opt = torch.optim.AdamW(ref, lr=3e-4, weight_decay=0.01)
+    start = [p.detach().clone() for p in params]
+    direction = [torch.randn(n).sign() for n in sizes]
+    for _ in range(21):
+        for a, b, d in zip(params, ref, direction):
+            # A steady direction plus noise, in the dtype a bf16/fp16 backward would give.
+            g = (d * (1 + 0.3 * torch.randn(b.shape))).to(dtype)
+            a.grad = g.to(device) if grad_dtype == "param" else g.float().to(device)
+            b.grad = g.float()
+        opt.step()
+        ref_opt.step()
+    for a, b, s in zip(params, ref, start):
+        master = opt.state[a]["master_param"]
+        assert master.dtype == torch.float32
+        torch.testing.assert_close(master.cpu(), b.detach(), atol=1e-6, rtol=1e-5)
+        # The param is the master rounded to nearest even, bit for bit.
+        assert torch.equal(a.detach(), master.to(dtype))
+        assert opt.state[a]["exp_avg"].dtype == torch.float32
+        # Each 3e-4 step is below half a bf16 ulp for weights above 0.08 in size: a bf16-only
+        # update would lose it; the master accumulates 21 of them and the param moves.
+        if a.numel() >= 300:
+            assert (a.detach() != s).float().mean() > 0.5
+
+
+def test_bf16_without_master_loses_updates_that_the_master_keeps():
+    init = torch.randn(4097).to(torch.bfloat16)
+    with_master = init.clone().requires_grad_()
+    without = init.clone().requires_grad_()
+    opts = [fasttl.optim.AdamW([with_master], lr=1e-5), fasttl.optim.AdamW([without], lr=1e-5, master_weights=False)]
+    for _ in range(30):
+        g = torch.randn(4097).to(torch.bfloat16)
+        with_master.grad, without.grad = g.clone(), g.clone()
+        for o in opts:
+            o.step()
+    assert "master_param" not in opts[1].state[without]
+    moved_with = (with_master.detach() != init).float().mean()
+    moved_without = (without.detach() != init).float().mean()
+    assert moved_with > moved_without
+
+
+def test_grad_scaler_inf_step_is_skipped_and_scale_backs_off():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    opt = fasttl.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(16, 8).to(torch.bfloat16)
+
+    def step(poison):
+        opt.zero_grad()
+        scaler.scale(model(x).float().pow(2).mean()).backward()
+        if poison:
+            model.weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+
+    step(poison=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    scale_before = scaler.get_scale()
+    step(poison=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in opt.state[model.weight].items():
+        assert torch.equal(v, state_before[k]), k
+    assert scaler.get_scale() == scale_before * 0.5
+    step(poison=False)
+    assert not torch.equal(model.weight, before["weight"])
+
+
+def test_grad_scaler_unscales_inside_the_kernel():
+    torch.manual_seed(1)
+    init = torch.randn(300)
+    a = init.clone().requires_grad_()
+    b = init.clone().requires_grad_()
+    opt_a = fasttl.optim.AdamW([a], lr=1e-2, weight_decay=0.1)
+    opt_b = fasttl.optim.AdamW([b], lr=1e-2, weight_decay=0.1)
+    g = torch.randn(300)
+    a.grad = g * 1024.0
+    opt_a.grad_scale, opt_a.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+    opt_a.step()
+    b.grad = g
+    opt_b.step()
+    torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_state_dict_round_trip_continues_bit_exactly(dtype, amsgrad):
+    torch.manual_seed(2)
+    init = [torch.randn(n).to(dtype) for n in (300, 4097)]
+    grads = [[torch.randn(p.shape).to(dtype) for p in init] for _ in range(10)]
+
+    def make(params):
+        return fasttl.optim.AdamW(params, lr=1e-3, weight_decay=0.01, amsgrad=amsgrad)
+
+    straight = [p.clone().requires_grad_() for p in init]
+    opt = make(straight)
+    for gs in grads:
+        for p, g in zip(straight, gs):
+            p.grad = g.clone()
+        opt.step()
+
+    first = [p.clone().requires_grad_() for p in init]
+    opt1 = make(first)
+    for gs in grads[:5]:
+        for p, g in zip(first, gs):
+            p.grad = g.clone()
+        opt1.step()
+    saved = copy.deepcopy(opt1.state_dict())
+    resumed = [p.detach().clone().requires_grad_() for p in first]
+    opt2 = make(resumed)
+    opt2.load_state_dict(saved)
+    if dtype != torch.float32:
+        assert opt2.state[resumed[0]]["master_param"].dtype == torch.float32
+        assert opt2.state[resumed[0]]["exp_avg"].dtype == torch.float32
+    for gs in grads[5:]:
+        for p, g in zip(resumed, gs):
+            p.grad = g.clone()
+        opt2.step()
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+    for a, b in zip(straight, resumed):
+        for key in opt.state[a]:
+            assert torch.equal(opt.state[a][key], opt2.state[b][key]), key
+
+
+def test_torch_adamw_state_dict_loads_for_fp32_params():
+    torch.manual_seed(3)
+    init = torch.randn(4097)
+    grads = [torch.randn(4097) for _ in range(10)]
+    ref = init.clone().requires_grad_()
+    ref_opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1)
+    for g in grads[:5]:
+        ref.grad = g.clone()
+        ref_opt.step()
+    ours = ref.detach().clone().requires_grad_()
+    opt = fasttl.optim.AdamW([ours], lr=1e-2, weight_decay=0.1)
+    opt.load_state_dict(ref_opt.state_dict())
+    for g in grads[5:]:
+        ref.grad = g.clone()
+        ours.grad = g.clone()
+        ref_opt.step()
+        opt.step()
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_param_groups_tensor_lr_hooks_zero_grad_and_params_without_grad():
+    a = torch.randn(10, requires_grad=True)
+    b = torch.randn(20, requires_grad=True)
+    frozen = torch.randn(5, requires_grad=True)
+    opt = fasttl.optim.AdamW([{"params": [a], "lr": torch.tensor(0.1)}, {"params": [b, frozen], "lr": 0.0}])
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    a0, b0, f0 = a.detach().clone(), b.detach().clone(), frozen.detach().clone()
+    a.grad, b.grad = torch.randn(10), torch.randn(20)
+    opt.step()
+    assert calls == ["pre", "post"]
+    assert not torch.equal(a, a0)
+    assert torch.equal(b, b0 * (1 - 0.0))  # lr 0: no move
+    assert torch.equal(frozen, f0) and frozen not in opt.state
+    opt.zero_grad()
+    assert a.grad is None and b.grad is None
+
+
+def test_closure_is_called_and_its_loss_returned():
+    w = torch.randn(3, requires_grad=True)
+    opt = fasttl.optim.Adam([w], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() > 0 and opt.state[w]["step"].item() == 1
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda p: fasttl.optim.AdamW([p], lr=-1.0), ValueError, "lr"),
+    (lambda p: fasttl.optim.AdamW([p], lr=torch.ones(2)), ValueError, "lr"),
+    (lambda p: fasttl.optim.AdamW([p], betas=(1.0, 0.999)), ValueError, r"betas\[0\]"),
+    (lambda p: fasttl.optim.AdamW([p], betas=(0.9, -0.1)), ValueError, r"betas\[1\]"),
+    (lambda p: fasttl.optim.AdamW([p], eps=-1e-8), ValueError, "eps"),
+    (lambda p: fasttl.optim.AdamW([p], weight_decay=-1), ValueError, "weight_decay"),
+    (lambda p: fasttl.optim.AdamW([torch.zeros(3, dtype=torch.complex64, requires_grad=True)]), TypeError, "complex"),
+    (lambda p: fasttl.optim.AdamW([torch.zeros(3, dtype=torch.float64, requires_grad=True)]), TypeError, "float64"),
+])
+def test_bad_arguments_name_what_is_wrong(make, error, match):
+    with pytest.raises(error, match=match):
+        make(torch.zeros(3, requires_grad=True))
+
+
+def test_sparse_grad_is_refused():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = fasttl.optim.AdamW(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible (needs params on two devices)")
+def test_params_on_two_devices_are_grouped_per_device():
+    a = torch.randn(100, requires_grad=True)
+    b = torch.randn(100, device="cuda", requires_grad=True)
+    ref = [a.detach().clone().requires_grad_(), b.detach().cpu().clone().requires_grad_()]
+    opt = fasttl.optim.AdamW([a, b], lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2)
+    for _ in range(5):
+        g1, g2 = torch.randn(100), torch.randn(100)
+        a.grad, b.grad = g1, g2.cuda()
+        ref[0].grad, ref[1].grad = g1, g2
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(a, ref[0])
+    torch.testing.assert_close(b.cpu(), ref[1], atol=1e-6, rtol=1e-6)
