@@ -21,12 +21,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fasttl.predict import format_predictions, predict
+
+    print(format_predictions(args.images, predict(args.images, args.backbone, args.weights, args.top)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fasttl", description="Fast transfer learning from pretrained backbones.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="show versions, native build, CUDA architectures, GPU, OpenMP and DALI")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("predict", help="top-5 ImageNet classes of images (checks that a backbone's weights loaded)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="backbone name (default efficientnet_lite0)")
+    p.add_argument("--weights", metavar="FILE", help="state dict file, for backbones whose weights no package ships")
+    p.add_argument("--top", type=int, default=5, help="how many classes to show (default 5)")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("bench", help="time fasttl beside the PyTorch ways of doing the same")
     p.add_argument("names", nargs="+", metavar="NAME", help="distill, or all")

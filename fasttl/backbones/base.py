@@ -1,0 +1,121 @@
+"""What every fasttl backbone offers: feature map, pooled features, its ImageNet classifier and
+its preprocessing."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for a backbone: RGB, scaled to [0, 1], resized so the shorter
+    side is input_size / crop_fraction, center-cropped to input_size (eval), then normalized as
+    (x - mean) / std per channel."""
+
+    input_size: int
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    crop_fraction: float = 1.0
+    min_input_size: int = 32
+
+    def with_size(self, size: int) -> "Preprocessing":
+        if size < self.min_input_size:
+            raise ValueError(f"image_size: {size} px is below this backbone's minimum of {self.min_input_size} px")
+        return dataclasses.replace(self, input_size=int(size))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Backbone(nn.Module):
+    """A pretrained image network split into a feature extractor and its original classifier.
+
+    * ``forward_features(x)`` -> feature map (N, C, H, W)
+    * ``pool(feature_map)`` -> pooled features (N, feature_dim) (global average pooling)
+    * ``forward_pooled(x)`` -> both in one call
+    * ``classify(pooled)`` -> the original ImageNet logits (N, 1000), ``forward(x)`` the same from images
+    * ``feature_dim``, ``preprocessing`` (:class:`Preprocessing`), ``stages()`` (feature blocks from
+      input to output, for partial unfreezing and per-stage learning rates)
+    """
+
+    name: str = "backbone"
+    feature_dim: int = 0
+    preprocessing: Preprocessing
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define forward_features")
+
+    def classifier(self) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must define classifier")
+
+    def stages(self) -> List[nn.Module]:
+        raise NotImplementedError(f"{type(self).__name__} must define stages")
+
+    @staticmethod
+    def pool(feature_map: Tensor) -> Tensor:
+        return feature_map.mean(dim=(2, 3)) if feature_map.dim() == 4 else feature_map
+
+    def forward_pooled(self, x: Tensor) -> Tensor:
+        return self.pool(self.forward_features(x))
+
+    def classify(self, pooled: Tensor) -> Tensor:
+        return self.classifier()(pooled)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classify(self.forward_pooled(x))
+
+    def freeze(self) -> "Backbone":
+        """Eval mode and no gradients: the frozen feature extractor of feature transfer."""
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def weights_hash(self) -> str:
+        """SHA-256 over the state dict (names, shapes, dtypes and values): identifies the weights."""
+        digest = hashlib.sha256()
+        for key, value in sorted(self.state_dict().items()):
+            digest.update(key.encode())
+            tensor = value.detach().cpu().contiguous()
+            digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        return digest.hexdigest()
+
+
+class CustomBackbone(Backbone):
+    """Any user ``nn.Module`` as a backbone: ``features`` maps images to a feature map (N, C, H, W)
+    or to features (N, C); ``head`` (optional) maps pooled features to class logits."""
+
+    def __init__(self, features: nn.Module, feature_dim: int, preprocessing: Preprocessing,
+                 head: nn.Module = None, name: str = "custom"):
+        super().__init__()
+        self.features = features
+        self.head = head if head is not None else nn.Identity()
+        self.feature_dim = int(feature_dim)
+        self.preprocessing = preprocessing
+        self.name = name
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+    def classifier(self) -> nn.Module:
+        return self.head
+
+    def stages(self) -> List[nn.Module]:
+        children = list(self.features.children())
+        return children if children else [self.features]
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict, source: str) -> None:
+    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights: {source} does not fit {type(module).__name__}: "
+                         f"missing keys {list(missing)[:5]}, unexpected keys {list(unexpected)[:5]}")
+
+
+def imagenet_mean_std() -> Tuple[Sequence[float], Sequence[float]]:
+    return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

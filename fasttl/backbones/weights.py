@@ -1,0 +1,28 @@
+"""Reading weight files, with an error that says where the file must be when it is missing."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def read_state_dict(path: str) -> dict:
+    """A state dict from a .pth/.pt (torch.save) or .safetensors file; nothing is downloaded."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"weights: no file at {os.path.abspath(path)}. fasttl never downloads weights: put the state dict "
+            "file there (a torch.save'd .pth/.pt or a .safetensors file), or pass weights=PATH / --weights PATH "
+            "pointing to where it is."
+        )
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"weights: {path} does not hold a state dict (got {type(state).__name__})")
+    return state

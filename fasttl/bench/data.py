@@ -1,0 +1,69 @@
+"""Input pipeline throughput on the CIFAR-10 JPEGs: DALI beside the PyTorch fallback, next to the
+backbone's own forward throughput at the same size (the pipeline must never be the bottleneck)."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict
+
+import torch
+
+from fasttl import backbones
+from fasttl.bench.common import format_table
+from fasttl.data import ImageLoader, TransformSpec, class_folder_splits, dali_available
+
+DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "cifar10")
+
+
+def _images_per_second(loader: ImageLoader) -> float:
+    for _ in loader:  # a first epoch builds the pipeline and warms the caches
+        pass
+    start, count = time.perf_counter(), 0
+    for images, _ in loader:
+        count += images.shape[0]
+    return count / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def _forward_images_per_second(model, size: int, device: str, batch: int = 64, repeats: int = 3) -> float:
+    x = torch.randn(batch, 3, size, size, device=device)
+    model(x)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model(x)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return batch * repeats / (time.perf_counter() - start)
+
+
+def run(device: str = "cpu", quick: bool = False, data: str = None) -> Dict[str, object]:
+    root = os.path.abspath(data or os.environ.get("FASTTL_BENCH_DATA", DEFAULT_DATA))
+    _, test = class_folder_splits(root)
+    count = 512 if quick else 4000
+    source = test.subset(range(0, len(test), max(1, len(test) // count)))
+    model = backbones.create("efficientnet_lite0").freeze().to(device)
+    rows = []
+    for size in ([128] if quick else [128, 224]):
+        spec = TransformSpec.for_backbone(model.preprocessing, size=size)
+        row = {"size": size, "images": len(source)}
+        if dali_available():
+            row["dali_ips"] = _images_per_second(ImageLoader(source, spec, 64, backend="dali", device=device,
+                                                             num_threads=2))
+        row["torch_ips"] = _images_per_second(ImageLoader(source, spec, 64, backend="torch", num_threads=2))
+        row["forward_ips"] = _forward_images_per_second(model, size, device, repeats=1 if quick else 3)
+        rows.append(row)
+    return {"name": "data", "device": device, "rows": rows, "notes": [
+        f"{len(source)} CIFAR-10 test JPEGs (32x32) from {os.path.relpath(root)}, decoded, resized to the size, "
+        "normalized; 2 threads (DALI) / 2 worker processes (PyTorch fallback); batch 64.",
+        "forward: EfficientNet-Lite0 (frozen, eval, fp32) images/s at the same size on the same device."]}
+
+
+def table(result: Dict[str, object]) -> str:
+    rows = []
+    for r in result["rows"]:
+        dali = r.get("dali_ips")
+        rows.append([f"{r['size']} px", f"{dali:.0f}" if dali else "n/a (no DALI)", f"{r['torch_ips']:.0f}",
+                     f"{r['forward_ips']:.0f}", f"{dali / r['forward_ips']:.1f}x" if dali else "n/a",
+                     f"{dali / r['torch_ips']:.1f}x" if dali else "n/a"])
+    return format_table(["size", "DALI img/s", "PyTorch fallback img/s", "backbone forward img/s",
+                         "DALI / forward", "DALI / fallback"], rows)

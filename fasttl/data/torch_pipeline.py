@@ -1,0 +1,95 @@
+"""The PyTorch fallback pipeline: PIL decode, then the same resize, crop, flip and normalize as the
+DALI pipeline, so either backend feeds a backbone the same images (within interpolation error)."""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fasttl.data.sources import ArraySource, DataError, FileSource
+from fasttl.data.spec import TransformSpec
+
+
+def decode(path: str) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) from a JPEG/PNG; an unreadable file is an error naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
+    except Exception as exc:
+        raise DataError(f"{path}: cannot be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def _resize(chw: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return F.interpolate(chw[None], size=(height, width), mode="bilinear", align_corners=False,
+                         antialias=True)[0]
+
+
+def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
+                            scale: Tuple[float, float] = (0.08, 1.0),
+                            ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
+    """(top, left, h, w) of a crop covering `scale` of the area at an aspect ratio in `ratio`
+    (log-uniform), as torchvision's RandomResizedCrop; falls back to the center crop."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def transform(hwc_uint8: torch.Tensor, spec: TransformSpec, rng: np.random.Generator = None) -> torch.Tensor:
+    """uint8 (H, W, 3) -> normalized float32 (3, size, size)."""
+    chw = hwc_uint8.permute(2, 0, 1).float()
+    h, w = chw.shape[1:]
+    size = spec.size
+    if spec.train:
+        top, left, ch, cw = random_resized_crop_box(h, w, rng)
+        out = _resize(chw[:, top:top + ch, left:left + cw], size, size)
+        if rng.random() < 0.5:
+            out = out.flip(-1)
+    else:
+        shorter = spec.resize_shorter
+        if h <= w:
+            nh, nw = shorter, max(shorter, int(round(w * shorter / h)))
+        else:
+            nh, nw = max(shorter, int(round(h * shorter / w))), shorter
+        out = _resize(chw, nh, nw)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        out = out[:, top:top + size, left:left + size]
+    mean = torch.tensor(spec.mean_255).view(3, 1, 1)
+    std = torch.tensor(spec.std_255).view(3, 1, 1)
+    return (out - mean) / std
+
+
+class TorchImageDataset(torch.utils.data.Dataset):
+    """Samples of a FileSource or ArraySource, transformed; train randomness seeded per
+    (seed, epoch, index) so a run repeats exactly."""
+
+    def __init__(self, source, spec: TransformSpec):
+        self.source = source
+        self.spec = spec
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        if isinstance(self.source, FileSource):
+            image = decode(self.source.files[index])
+            label = self.source.labels[index]
+        elif isinstance(self.source, ArraySource):
+            image = torch.from_numpy(np.ascontiguousarray(self.source.images[index]))
+            label = int(self.source.labels[index])
+        else:
+            raise TypeError(f"source: expected FileSource or ArraySource, got {type(self.source).__name__}")
+        rng = np.random.default_rng([self.spec.seed, self.epoch, index]) if self.spec.train else None
+        return transform(image, self.spec, rng), label
