@@ -7,6 +7,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 GOALS = {
     "distill": "Goal (issue 2): at least 5x faster than eager PyTorch at 8192 x 1000, forward + backward, on the 2-core CPU.",
     "data": "Goal (issue 4): the pipeline is never the bottleneck: DALI delivers at least 3x the backbone's forward throughput at the same size.",
+    "cache": "Goals (issue 5): a cached epoch at least 50x faster than a recompute epoch; gather at least 50% of copy bandwidth.",
     "adam": "Goals (issue 3): fp32 no slower than 1.1x torch fused AdamW; bf16 + master weights at least 1.3x faster than the PyTorch two-step way.",
 }
 

@@ -93,6 +93,33 @@ void adam_step(bool cuda, const Pointers& params, const Pointers& grads, const P
 #endif
 }
 
+void pool_store(bool cuda, std::uintptr_t src, int src_dtype, int64_t n, int64_t channels, int64_t hw,
+                std::uintptr_t cache, int cache_dtype, std::uintptr_t scales, std::uintptr_t rows,
+                std::uintptr_t stream) {
+  const PoolStoreArgs args{as_ptr<const void>(src), src_dtype, n, channels, hw, as_ptr<void>(cache), cache_dtype,
+                           as_ptr<float>(scales), as_ptr<const int64_t>(rows)};
+  if (!cuda) return pool_store_cpu(args);
+#ifdef FASTTL_WITH_CUDA
+  pool_store_cuda(args, reinterpret_cast<void*>(stream));
+#else
+  (void)stream;
+  no_cuda("pool_store_cuda");
+#endif
+}
+
+void gather(bool cuda, std::uintptr_t cache, int cache_dtype, std::uintptr_t scales, std::uintptr_t indices,
+            int64_t n, int64_t channels, std::uintptr_t out, int out_dtype, std::uintptr_t stream) {
+  const GatherArgs args{as_ptr<const void>(cache), cache_dtype, as_ptr<const float>(scales),
+                        as_ptr<const int64_t>(indices), n, channels, as_ptr<void>(out), out_dtype};
+  if (!cuda) return gather_cpu(args);
+#ifdef FASTTL_WITH_CUDA
+  gather_cuda(args, reinterpret_cast<void*>(stream));
+#else
+  (void)stream;
+  no_cuda("gather_cuda");
+#endif
+}
+
 py::dict build_info() {
   py::dict info;
   info["version"] = FASTTL_VERSION;
@@ -149,6 +176,15 @@ PYBIND11_MODULE(_C, m) {
       "CUDA variant of distill_rows_cpu; the last argument is the cudaStream_t to launch on.",
       py::call_guard<py::gil_scoped_release>());
 
+  m.def("pool_store", &pool_store,
+        "Feature cache write: average-pool rows of src (n, channels, hw), convert to the cache dtype "
+        "(int8 with a per-row fp32 scale) and store them at cache rows `rows`: cuda, src, src_dtype, n, "
+        "channels, hw, cache, cache_dtype, scales (0 unless int8), rows, stream.",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("gather", &gather,
+        "Feature cache read: out[i] = dequantized cache[indices[i]] as fp32 or bf16: cuda, cache, "
+        "cache_dtype, scales, indices, n, channels, out, out_dtype, stream.",
+        py::call_guard<py::gil_scoped_release>());
   m.def("adam_step", &adam_step,
         "One fused Adam/AdamW step over a list of tensors of one device and dtype group: "
         "cuda, params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs (addresses, 0 for "

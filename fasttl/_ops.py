@@ -125,3 +125,43 @@ def adam_step(*, params: Sequence[Tensor], grads: Sequence[Tensor], masters: Seq
             bool(decoupled_weight_decay), bool(amsgrad), bool(maximize), _address(grad_scale), _address(found_inf),
             stream_handle(device),
         )
+
+
+def _native_call(device: torch.device, name: str, *args) -> None:
+    """Calls a native entry point that takes (cuda, ..., stream), on the tensors' device."""
+    if device.type == "cuda":
+        require_cuda_kernels(name)
+        with torch.cuda.device(device):
+            getattr(native, name)(True, *args, stream_handle(device))
+    else:
+        getattr(native, name)(False, *args, 0)
+
+
+@torch.library.custom_op("fasttl::pool_store", mutates_args=("cache", "scales"))
+def pool_store(src: Tensor, cache: Tensor, scales: Optional[Tensor], rows: Tensor) -> None:
+    """Average-pools src (N, C, H, W) or (N, C) over H*W, converts to cache's dtype (int8: with a
+    per-row scale into `scales`) and writes cache[rows[i]] for each i."""
+    src = src.contiguous()
+    n, channels = src.shape[0], src.shape[1]
+    hw = src[0, 0].numel() if n and channels else 1
+    _native_call(src.device, "pool_store", src.data_ptr(), dtype_code(src), n, channels, hw, cache.data_ptr(),
+                 dtype_code(cache), _address(scales), rows.data_ptr())
+
+
+@pool_store.register_fake
+def _pool_store_fake(src, cache, scales, rows):
+    return None
+
+
+@torch.library.custom_op("fasttl::gather", mutates_args=())
+def gather(cache: Tensor, scales: Optional[Tensor], indices: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """out[i] = cache[indices[i]] dequantized to out_dtype (float32 or bfloat16), contiguous."""
+    out = torch.empty((indices.numel(), cache.shape[1]), dtype=out_dtype, device=cache.device)
+    _native_call(cache.device, "gather", cache.data_ptr(), dtype_code(cache), _address(scales), indices.data_ptr(),
+                 indices.numel(), cache.shape[1], out.data_ptr(), dtype_code(out))
+    return out
+
+
+@gather.register_fake
+def _gather_fake(cache, scales, indices, out_dtype):
+    return cache.new_empty((indices.shape[0], cache.shape[1]), dtype=out_dtype)

@@ -26,3 +26,21 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
     if reduction == "sum":
         return rows.sum()
     return rows.sum() / counted.sum().clamp(min=1)
+
+
+def pool_store(features, cache_dtype, scales_out=None):
+    """Float64 reference of the pool-and-store kernel: pooled rows and, for int8, the quantized
+    rows and scales (round half to even, as the kernels)."""
+    pooled = features.double().mean(dim=(2, 3)) if features.dim() == 4 else features.double()
+    if cache_dtype != torch.int8:
+        return pooled, None
+    absmax = pooled.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    q = torch.round(pooled / scale[:, None]).clamp(-127, 127)
+    return q, scale
+
+
+def gather(cache, indices, scales=None):
+    """Float64 reference of the gather kernel."""
+    rows = cache[indices].double()
+    return rows * scales[indices].double()[:, None] if cache.dtype == torch.int8 else rows

@@ -11,6 +11,7 @@ BENCHMARKS = {
     "distill": "fasttl.bench.distill",
     "adam": "fasttl.bench.adam",
     "data": "fasttl.bench.data",
+    "cache": "fasttl.bench.cache",
 }
 
 

@@ -59,4 +59,34 @@ struct AdamArgs {
 void adam_step_cpu(const AdamArgs& args);
 void adam_step_cuda(const AdamArgs& args, void* stream);
 
+// ---- feature cache ------------------------------------------------------------------------
+// pool_store: rows of `src` (N, C, HW) contiguous (HW = 1 for pooled features) are averaged over
+// HW, converted to the cache dtype and written to cache rows rows[i] (row stride C). For int8
+// caches `scales` (fp32, one per cache row) receives each row's scale.
+struct PoolStoreArgs {
+  const void* src;
+  int src_dtype;
+  int64_t n, channels, hw;
+  void* cache;
+  int cache_dtype;   // kFloat32, kFloat16, kBFloat16 or kInt8
+  float* scales;     // int8 only
+  const int64_t* rows;
+};
+
+// gather: out[i, :] = dequantized cache[indices[i], :], out contiguous (n, channels) in fp32 or bf16.
+struct GatherArgs {
+  const void* cache;
+  int cache_dtype;
+  const float* scales;  // int8 only
+  const int64_t* indices;
+  int64_t n, channels;
+  void* out;
+  int out_dtype;        // kFloat32 or kBFloat16
+};
+
+void pool_store_cpu(const PoolStoreArgs& args);
+void gather_cpu(const GatherArgs& args);
+void pool_store_cuda(const PoolStoreArgs& args, void* stream);
+void gather_cuda(const GatherArgs& args, void* stream);
+
 }  // namespace fasttl

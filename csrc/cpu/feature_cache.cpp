@@ -1,0 +1,101 @@
+// CPU loops of the feature cache kernels: OpenMP over rows; each row pooled into a per-thread fp32
+// buffer, then converted (int8: scaled by the row's max) and written in one go.
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "fasttl/dispatch.h"
+#include "fasttl/feature_cache.h"
+#include "fasttl/kernels.h"
+
+namespace fasttl {
+namespace {
+
+template <typename S, typename D>
+FASTTL_CPU_CLONES void pool_store_rows(const PoolStoreArgs& a) {
+  const storage_t<S>* src = static_cast<const storage_t<S>*>(a.src);
+  const int64_t c = a.channels, hw = a.hw;
+  const float inv_hw = 1.0f / static_cast<float>(hw);
+#pragma omp parallel
+  {
+    std::vector<float> pooled(c);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < a.n; ++i) {
+      const storage_t<S>* row = src + i * c * hw;
+      if (hw == 1) {
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) pooled[ch] = load<S>(row[ch]);
+      } else {
+        for (int64_t ch = 0; ch < c; ++ch) pooled[ch] = plane_sum<S>(row + ch * hw, hw) * inv_hw;
+      }
+      const int64_t r = a.rows[i];
+      if constexpr (std::is_same_v<D, int8_t>) {
+        float absmax = 0.0f;
+#pragma omp simd reduction(max : absmax)
+        for (int64_t ch = 0; ch < c; ++ch) absmax = std::max(absmax, std::fabs(pooled[ch]));
+        const float scale = int8_scale(absmax);
+        const float inv_scale = 1.0f / scale;
+        int8_t* out = static_cast<int8_t*>(a.cache) + r * c;
+        for (int64_t ch = 0; ch < c; ++ch) out[ch] = quantize_int8(pooled[ch], inv_scale);
+        a.scales[r] = scale;
+      } else {
+        storage_t<D>* out = static_cast<storage_t<D>*>(a.cache) + r * c;
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) out[ch] = store<D>(pooled[ch]);
+      }
+    }
+  }
+}
+
+template <typename D, typename O>
+FASTTL_CPU_CLONES void gather_rows(const GatherArgs& a) {
+  const int64_t c = a.channels;
+  storage_t<O>* out = static_cast<storage_t<O>*>(a.out);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < a.n; ++i) {
+    const int64_t r = a.indices[i];
+    storage_t<O>* dst = out + i * c;
+    if constexpr (std::is_same_v<D, int8_t>) {
+      const int8_t* row = static_cast<const int8_t*>(a.cache) + r * c;
+      const float scale = a.scales[r];
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) dst[ch] = store<O>(dequantize_int8(row[ch], scale));
+    } else {
+      const storage_t<D>* row = static_cast<const storage_t<D>*>(a.cache) + r * c;
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) dst[ch] = store<O>(load<D>(row[ch]));
+    }
+  }
+}
+
+template <typename F>
+void dispatch_cache(int dtype, const char* what, F&& f) {
+  if (dtype == kInt8) {
+    f(int8_t{});
+  } else {
+    dispatch_float(dtype, what, f);
+  }
+}
+
+}  // namespace
+
+void pool_store_cpu(const PoolStoreArgs& a) {
+  dispatch_float(a.src_dtype, "pool_store_cpu", [&](auto s) {
+    dispatch_cache(a.cache_dtype, "pool_store_cpu", [&](auto d) { pool_store_rows<decltype(s), decltype(d)>(a); });
+  });
+}
+
+void gather_cpu(const GatherArgs& a) {
+  dispatch_cache(a.cache_dtype, "gather_cpu", [&](auto d) {
+    if (a.out_dtype == kFloat32) {
+      gather_rows<decltype(d), float>(a);
+    } else if (a.out_dtype == kBFloat16) {
+      gather_rows<decltype(d), bf16_t>(a);
+    } else {
+      throw std::invalid_argument("gather_cpu: out dtype must be float32 or bfloat16");
+    }
+  });
+}
+
+}  // namespace fasttl

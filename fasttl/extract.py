@@ -1,0 +1,54 @@
+"""`fasttl extract`: the feature precomputation job, on one process or many (torchrun)."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from fasttl import backbones
+from fasttl.cache.build import build_cache
+from fasttl.data import class_folder_splits
+
+
+def init_distributed(device: str) -> torch.device:
+    """Joins the torchrun process group when launched by torchrun (gloo on CPU, nccl on GPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+    if device.startswith("cuda") and world > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(device)
+
+
+def extract(backbone_name: str, data: str, out: str, *, weights: str = None, image_size: int = None,
+            dtype: str = "fp16", batch_size: int = 64, device: str = "cpu", overwrite: bool = False,
+            shard_rows: int = 4096, backend: str = "auto", progress: bool = True) -> Dict[str, dict]:
+    """Builds one cache per split: OUT/train and OUT/test when DATA has train/ and test/, else OUT/all."""
+    torch_device = init_distributed(device)
+    model = backbones.create(backbone_name, weights=weights)
+    train, test = class_folder_splits(data)
+    splits = {"train": train, "test": test} if test is not None else {"all": train}
+    summaries = {}
+    for name, source in splits.items():
+        cache = build_cache(model, source, os.path.join(out, name), dtype=dtype, batch_size=batch_size,
+                            device=torch_device, image_size=image_size, shard_rows=shard_rows, overwrite=overwrite,
+                            backend=backend, progress=progress)
+        summaries[name] = dict(getattr(cache, "last_build", {}), rows=len(cache), directory=cache.directory)
+    return summaries
+
+
+def format_summary(summaries: Dict[str, dict]) -> List[str]:
+    lines = []
+    for name, s in summaries.items():
+        if s.get("images", 0) == 0 and s.get("shards_built", 0) == 0:
+            lines.append(f"{name}: {s['rows']} rows already cached in {s['directory']} (fingerprint matches)")
+            continue
+        lines.append(f"{name}: {s['images']} images in {s['seconds']:.1f} s ({s['images_per_second']:.0f} images/s), "
+                     f"{s['bytes_written'] / 2**20:.1f} MiB written, {s['shards_built']} shards built, "
+                     f"{s['shards_reused']} reused -> {s['directory']}")
+    return lines
