@@ -43,12 +43,72 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fasttl.transfer.job import run
+
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "no_progress")}
+    options["progress"] = not args.no_progress
+    try:
+        run(**options)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the finished epochs are saved; run the same command with --resume to continue",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fasttl.transfer.evaluate import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, args.data, progress=not args.no_progress)
+    print(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
+          f"({metrics['samples']} images of {metrics['data']}); written to {args.run_dir}/eval_metrics.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fasttl", description="Fast transfer learning from pretrained backbones.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="show versions, native build, CUDA architectures, GPU, OpenMP and DALI")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_info)
+
+    from fasttl.transfer.config import STRATEGIES
+
+    p = sub.add_parser("run", help="transfer an ImageNet backbone to a target task (the main job)",
+                       description="With no arguments: the embedded default (scikit-learn digits, linear, beside "
+                                   "a from-scratch CNN), offline, in about a minute on 2 CPU cores.")
+    p.add_argument("--data", help="'digits' (embedded default), 'cifar10' ($FASTTL_DATA), or a class-folder DIR")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--weights", metavar="FILE", help="backbone state dict file")
+    p.add_argument("--strategy", default="linear", choices=STRATEGIES)
+    p.add_argument("--image-size", type=int, metavar="N", help="backbone input size (default 64 for digits, else 128)")
+    p.add_argument("--epochs", type=int, metavar="N")
+    p.add_argument("--batch-size", type=int, metavar="N")
+    p.add_argument("--lr", type=float, metavar="X")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<data>-<strategy>)")
+    p.add_argument("--compare", choices=["scratch"], help="train the from-scratch baseline beside")
+    p.add_argument("--teacher", metavar="RUN_DIR", help="distill: the teacher run (linear, mlp or finetune)")
+    p.add_argument("--target-data", metavar="DIR", help="dann: the unlabeled target domain (class folders)")
+    p.add_argument("--train-per-class", type=int, metavar="N", help="use N training images per class (seeded)")
+    p.add_argument("--test-per-class", type=int, metavar="N", help="use N test images per class (seeded)")
+    p.add_argument("--finetune-stages", type=int, metavar="K", help="finetune: unfreeze the top K stages (default all)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="finetune: bf16 params with fp32 master weights (auto: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--temperature", type=float, default=4.0, help="distill: softening temperature")
+    p.add_argument("--alpha", type=float, default=0.9, help="distill: weight of the soft term")
+    p.add_argument("--cache-dtype", default="fp16", choices=["fp16", "bf16", "fp32", "int8"])
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished epoch")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("eval", help="re-evaluate a saved run on data")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data", help="data to evaluate on (default: the run's own)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("extract", help="precompute a frozen backbone's features into a cache (torchrun-aware)")
     p.add_argument("--backbone", default="efficientnet_lite0", help="backbone name (default efficientnet_lite0)")

@@ -9,6 +9,6 @@ from fasttl.cache.kernels import gather, pool_store
 from fasttl.cache.store import CacheLockedError
 
 __all__ = ["CacheError", "CacheLoader", "CacheLockedError", "FeatureCache", "gather", "pool_store"]
-from fasttl.cache.heads import make_head, predict_cache, train_head  # noqa: E402
+from fasttl.cache.heads import evaluate_head, make_head, predict_cache, train_head  # noqa: E402
 
-__all__ += ["make_head", "predict_cache", "train_head"]
+__all__ += ["evaluate_head", "make_head", "predict_cache", "train_head"]

@@ -1,8 +1,7 @@
 """Training a linear or MLP head on cached features: the feature-transfer step."""
 from __future__ import annotations
 
-import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,13 +57,39 @@ def predict_cache(head: nn.Module, cache: FeatureCache, device="cpu", batch_size
     return torch.cat(logits), torch.cat(labels)
 
 
+def head_epoch(head: nn.Module, loader, optimizer, scheduler=None) -> Dict[str, float]:
+    """One epoch of cross-entropy training over (features, labels) batches."""
+    total_loss, correct, seen = 0.0, 0, 0
+    for features, labels in loader:
+        logits = head(features)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += float(loss.detach()) * labels.numel()
+        correct += int((logits.argmax(1) == labels).sum())
+        seen += labels.numel()
+    return {"train_loss": total_loss / max(1, seen), "train_accuracy": correct / max(1, seen), "images": seen}
+
+
+def evaluate_head(head: nn.Module, cache: FeatureCache, device="cpu") -> Dict[str, float]:
+    logits, labels = predict_cache(head, cache, device)
+    return {"eval_loss": float(F.cross_entropy(logits, labels)),
+            "eval_accuracy": float((logits.argmax(1) == labels).float().mean())}
+
+
 def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, batch_size: int = 256,
                lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0, device="cpu",
-               eval_cache: Optional[FeatureCache] = None, progress: bool = True,
-               on_epoch: Optional[Callable[[Dict[str, float]], None]] = None) -> Tuple[nn.Module, List[Dict[str, float]]]:
-    """Trains a ``"linear"`` or ``"mlp"`` head on a feature cache with fasttl's AdamW and a cosine
-    schedule; returns the head and one record per epoch (train loss/accuracy, eval loss/accuracy
-    when ``eval_cache`` is given, seconds)."""
+               eval_cache: Optional[FeatureCache] = None, progress: bool = True, checkpoint=None,
+               resume: bool = False) -> Tuple[nn.Module, List[Dict[str, float]]]:
+    """Trains a ``"linear"`` or ``"mlp"`` head on a feature cache with fasttl's AdamW and a
+    one-cycle schedule; returns the head and one record per epoch (train loss/accuracy, eval
+    loss/accuracy when ``eval_cache`` is given, seconds). With ``checkpoint`` and ``resume`` an
+    interrupted training continues where it stopped."""
+    from fasttl.training import fit
+
     torch.manual_seed(seed)
     device = torch.device(device)
     mean, std = feature_statistics(train)
@@ -73,37 +98,12 @@ def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, b
     loader = train.loader(batch_size, shuffle=True, seed=seed, device=device)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(1, epochs * len(loader)),
                                                     pct_start=0.1)
-    history: List[Dict[str, float]] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=epochs, unit="epoch", desc=f"train {kind} head", dynamic_ncols=True)
-    for epoch in range(epochs):
-        head.train()
-        started, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
-        for features, labels in loader:
-            logits = head(features)
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += float(loss.detach()) * labels.numel()
-            correct += int((logits.argmax(1) == labels).sum())
-            seen += labels.numel()
-        record = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
-                  "seconds": time.perf_counter() - started}
-        if eval_cache is not None:
-            logits, labels = predict_cache(head, eval_cache, device)
-            record["eval_loss"] = float(F.cross_entropy(logits, labels))
-            record["eval_accuracy"] = float((logits.argmax(1) == labels).float().mean())
-        history.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-        if bar is not None:
-            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.endswith(("loss", "accuracy"))})
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    def train_epoch(epoch: int) -> Dict[str, float]:
+        loader.set_epoch(epoch)
+        return head_epoch(head, loader, optimizer, scheduler)
+
+    evaluate = (lambda: evaluate_head(head, eval_cache, device)) if eval_cache is not None else None
+    history = fit(head, optimizer, scheduler, epochs, train_epoch, evaluate, seed=seed, checkpoint=checkpoint,
+                  resume=resume, progress=progress, description=f"train {kind} head")
     return head, history

@@ -1,0 +1,73 @@
+"""The epoch loop every trainer in fasttl shares: seeded epochs, per-epoch evaluation, progress
+bar, and a checkpoint after each epoch so an interrupted run resumes where it stopped."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+Record = Dict[str, float]
+
+
+def fit(model: nn.Module, optimizer, scheduler, epochs: int, train_epoch: Callable[[int], Record],
+        evaluate: Optional[Callable[[], Record]] = None, *, seed: int = 0, checkpoint=None, resume: bool = False,
+        progress: bool = True, description: str = "train", extra_state: Optional[nn.Module] = None) -> List[Record]:
+    """Runs epochs [start, epochs): `train_epoch(epoch)` returns the epoch's train loss/accuracy
+    (and "images"), `evaluate()` the eval loss/accuracy. Each epoch starts from a seed derived
+    from (seed, epoch), so a resumed run repeats an uninterrupted one. `checkpoint` (an object
+    with save/load) receives model, optimizer, scheduler and history after every epoch."""
+    history: List[Record] = []
+    start = 0
+    if resume and checkpoint is not None:
+        state = checkpoint.load()
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler") is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            if extra_state is not None and state.get("extra") is not None:
+                extra_state.load_state_dict(state["extra"])
+            history, start = list(state["history"]), int(state["epoch"])
+    bar = None
+    if progress and start < epochs:
+        from tqdm import tqdm
+
+        bar = tqdm(total=epochs, initial=start, unit="epoch", desc=description, dynamic_ncols=True)
+    for epoch in range(start, epochs):
+        torch.manual_seed(seed * 1_000_003 + epoch)
+        model.train()
+        started = time.perf_counter()
+        record: Record = {"epoch": epoch + 1}
+        record.update(train_epoch(epoch))
+        record["seconds"] = time.perf_counter() - started
+        if evaluate is not None:
+            model.eval()
+            record.update(evaluate())
+        history.append(record)
+        if checkpoint is not None:
+            checkpoint.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": None if scheduler is None else scheduler.state_dict(),
+                             "extra": None if extra_state is None else extra_state.state_dict(),
+                             "history": history})
+        if bar is not None:
+            bar.set_postfix({k.replace("_accuracy", "_acc"): f"{v:.3f}" for k, v in record.items()
+                             if k.endswith(("loss", "accuracy"))})
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return history
+
+
+def warmup_cosine(optimizer, total_steps: int, warmup_steps: int):
+    """Linear warmup to each group's lr, then cosine decay to 0."""
+    import math
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

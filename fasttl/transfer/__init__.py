@@ -1,0 +1,1 @@
+"""The transfer job: strategies, metrics, reports and the run directory."""

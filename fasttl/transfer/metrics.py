@@ -1,0 +1,37 @@
+"""Classification metrics: accuracy, per-class recall and precision, macro F1, confusion matrix."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def confusion_matrix(predictions: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """(true class, predicted class) counts."""
+    index = labels.long() * num_classes + predictions.long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def classification_metrics(logits: Tensor, labels: Tensor, classes: List[str]) -> Dict[str, object]:
+    logits, labels = logits.float().cpu(), labels.long().cpu()
+    n = len(classes)
+    predictions = logits.argmax(1)
+    cm = confusion_matrix(predictions, labels, n).double()
+    true_counts, predicted_counts, hits = cm.sum(1), cm.sum(0), cm.diag()
+    recall = torch.where(true_counts > 0, hits / true_counts.clamp(min=1), torch.zeros_like(hits))
+    precision = torch.where(predicted_counts > 0, hits / predicted_counts.clamp(min=1), torch.zeros_like(hits))
+    f1 = torch.where(recall + precision > 0, 2 * recall * precision / (recall + precision).clamp(min=1e-12),
+                     torch.zeros_like(hits))
+    present = true_counts > 0
+    return {
+        "accuracy": float(hits.sum() / max(1, len(labels))),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "loss": float(F.cross_entropy(logits, labels)) if len(labels) else 0.0,
+        "per_class_recall": {c: float(r) for c, r in zip(classes, recall)},
+        "per_class_precision": {c: float(p) for c, p in zip(classes, precision)},
+        "confusion_matrix": cm.long().tolist(),
+        "classes": list(classes),
+        "samples": int(len(labels)),
+    }

@@ -1,0 +1,82 @@
+"""The models the strategies train: heads on a backbone, the small from-scratch CNN (the student
+and the baseline), and the domain-adversarial pieces."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class SmallCNN(nn.Module):
+    """A compact CNN for images at their native resolution (8 to 64 px): the distillation
+    student and the from-scratch baseline."""
+
+    def __init__(self, num_classes: int, width: int = 32):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.features = nn.Sequential(block(3, width), block(width, width), nn.MaxPool2d(2),
+                                      block(width, 2 * width), block(2 * width, 2 * width), nn.MaxPool2d(2),
+                                      block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Dropout(0.1), nn.Linear(4 * width, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+class BackboneWithHead(nn.Module):
+    """A backbone's pooled features into a new head: the fine-tuned (or feature-transfer) model."""
+
+    def __init__(self, backbone, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone.forward_pooled(x))
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, strength):
+        ctx.strength = strength
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.strength * grad, None
+
+
+class GradientReversal(nn.Module):
+    """Identity forward, gradient times -strength backward (Ganin and Lempitsky 2015)."""
+
+    def __init__(self, strength: float = 1.0):
+        super().__init__()
+        self.strength = strength
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _ReverseGradient.apply(x, self.strength)
+
+
+class DANN(nn.Module):
+    """Domain-adversarial network on cached features: a trainable bottleneck shared by a label
+    classifier and, through gradient reversal, a domain classifier."""
+
+    def __init__(self, feature_dim: int, num_classes: int, bottleneck: int = 256, mean=None, std=None):
+        super().__init__()
+        from fasttl.cache.heads import Standardize
+
+        mean = torch.zeros(feature_dim) if mean is None else mean
+        std = torch.ones(feature_dim) if std is None else std
+        self.bottleneck = nn.Sequential(Standardize(mean, std), nn.Linear(feature_dim, bottleneck), nn.ReLU(),
+                                        nn.Dropout(0.2))
+        self.classifier = nn.Linear(bottleneck, num_classes)
+        self.reverse = GradientReversal(0.0)
+        self.domain = nn.Sequential(nn.Linear(bottleneck, 256), nn.ReLU(), nn.Linear(256, 1))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.classifier(self.bottleneck(features))
+
+    def domain_logits(self, features: Tensor) -> Tensor:
+        return self.domain(self.reverse(self.bottleneck(features))).squeeze(1)

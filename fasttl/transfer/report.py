@@ -1,0 +1,100 @@
+"""What a person reads: report.md (transfer beside scratch), confusion_matrix.png, curves.png."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+from fasttl.cache.store import write_atomic
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion_matrix(metrics: Dict[str, object], path: str, title: str) -> None:
+    plt = _plt()
+    import numpy as np
+
+    cm = np.asarray(metrics["confusion_matrix"], dtype=float)
+    classes = metrics["classes"]
+    normalized = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = max(4.5, 0.55 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(normalized, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title}: accuracy {metrics['accuracy']:.3f}")
+    if len(classes) <= 20:
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if normalized[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of true class")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_curves(histories: Dict[str, List[Dict[str, float]]], path: str) -> None:
+    plt = _plt()
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, history in histories.items():
+        if not history:
+            continue
+        epochs = [h["epoch"] for h in history]
+        for key, style in (("train", "-"), ("eval", "--")):
+            if f"{key}_loss" in history[0]:
+                loss_ax.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=f"{name} {key}")
+            if f"{key}_accuracy" in history[0]:
+                acc_ax.plot(epochs, [h[f"{key}_accuracy"] for h in history], style, label=f"{name} {key}")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss per epoch")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy per epoch", ylim=(0, 1))
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _plt().close(fig)
+    write_atomic(path, buffer.getvalue())
+
+
+def write_report(run_dir: str, config: Dict[str, object], results: Dict[str, Dict[str, object]],
+                 dataset_line: str, main: str) -> None:
+    """report.md: the run's configuration, a table of each trained model beside the others
+    (transfer beside scratch), per-class recall, timings and the plots."""
+    names = list(results)
+    lines = [f"# fasttl run: {main}", "", dataset_line, "",
+             f"Backbone `{config.get('backbone')}`, image size {config.get('image_size')} px, "
+             f"{config.get('epochs')} epochs, batch {config.get('batch_size')}, lr {config.get('lr')}, "
+             f"seed {config.get('seed')}, device {config.get('device')}.", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key, label in (("accuracy", "top-1 accuracy"), ("macro_f1", "macro F1"), ("loss", "test loss")):
+        lines.append(f"| {label} | " + " | ".join(f"{results[n]['metrics'][key]:.4f}" for n in names) + " |")
+    for key, label in (("train_s", "train time (s)"), ("extract_s", "feature extraction (s)"),
+                       ("eval_s", "evaluation (s)"), ("train_images_per_s", "train images/s")):
+        if any(key in results[n]["timings"] for n in names):
+            lines.append(f"| {label} | " + " | ".join(
+                f"{results[n]['timings'][key]:.1f}" if key in results[n]["timings"] else "-" for n in names) + " |")
+    if len(names) > 1:
+        gap = results[names[0]]["metrics"]["accuracy"] - results[names[1]]["metrics"]["accuracy"]
+        lines += ["", f"**{names[0]} vs {names[1]}: {gap:+.1%} accuracy.**"]
+    classes = results[names[0]]["metrics"]["classes"]
+    lines += ["", "## Per-class recall", "", "| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for c in classes:
+        lines.append(f"| {c} | " + " | ".join(f"{results[n]['metrics']['per_class_recall'][c]:.3f}" for n in names)
+                     + " |")
+    lines += ["", "![confusion matrix](confusion_matrix.png)", "", "![curves](curves.png)", ""]
+    write_atomic(os.path.join(run_dir, "report.md"), "\n".join(lines).encode())
