@@ -49,7 +49,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "no_progress")}
     options["progress"] = not args.no_progress
     try:
-        run(**options)
+        run(print_summary=True, **options)
     except KeyboardInterrupt:
         print("\ninterrupted: the finished epochs are saved; run the same command with --resume to continue",
               file=sys.stderr)

@@ -34,9 +34,10 @@ def _init_distributed(cfg: RunConfig) -> None:
             cfg.device = f"cuda:{local_rank}"
 
 
-def run(**options) -> Dict[str, object]:
+def run(print_summary: bool = None, **options) -> Dict[str, object]:
     """Runs a transfer job; the same options as the `fasttl run` command (see RunConfig).
-    Returns the metrics written to RUN_DIR/metrics.json."""
+    Returns the metrics written to RUN_DIR/metrics.json. Prints a closing summary when
+    `print_summary` (default: when progress bars are on)."""
     started = time.perf_counter()
     cfg = RunConfig(**options)
     if cfg.data in (None, EMBEDDED) and cfg.compare is None and "compare" not in options:
@@ -89,7 +90,7 @@ def run(**options) -> Dict[str, object]:
             f"{len(dataset.classes)} classes" + (f"; evaluated on the target domain {cfg.target_data}"
                                                  if cfg.strategy == "dann" else "") + ".")
     report.write_report(run_dir, config, {DISPLAY.get(n, n): r for n, r in results.items()}, line, DISPLAY[main])
-    if cfg.progress:
+    if cfg.progress if print_summary is None else print_summary:
         print(summary(run_dir, results, main, dataset.name))
     return payload
 

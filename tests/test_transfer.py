@@ -1,0 +1,198 @@
+"""The transfer job end to end on small real data (CIFAR-10 JPEG subsets, scikit-learn digits)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fasttl
+from fasttl.transfer.job import run
+from fasttl.transfer.rundir import Checkpoint
+
+CLASSES = ["airplane", "automobile", "frog", "ship"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "feature-cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory, cifar10_root):
+    """train/ (16 per class) and test/ (6 per class) class folders of real CIFAR-10 JPEGs."""
+    root = tmp_path_factory.mktemp("tiny") / "cifar4"
+    for split, count in (("train", 16), ("test", 6)):
+        for name in CLASSES:
+            os.makedirs(root / split / name)
+            for i in range(count):
+                shutil.copy(os.path.join(cifar10_root, split, name, f"{i:04d}.jpg"), root / split / name / f"{i}.jpg")
+    return root
+
+
+def common(**kw):
+    base = dict(image_size=32, progress=False, seed=0)
+    base.update(kw)
+    return base
+
+
+def check_run_dir(run_dir, weights):
+    for name in ("config.json", "metrics.json", "report.md", "confusion_matrix.png", "curves.png", *weights):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "per_class_recall", "confusion_matrix", "timings"):
+        assert key in metrics
+    cm = metrics["confusion_matrix"]
+    assert sum(map(sum, cm)) == metrics["samples"]
+    assert abs(metrics["accuracy"] - sum(cm[i][i] for i in range(len(cm))) / metrics["samples"]) < 1e-9
+    assert (run_dir / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return metrics
+
+
+def test_linear_with_scratch_baseline_writes_everything(tiny_cifar, tmp_path):
+    out = tmp_path / "linear"
+    metrics = run(data=str(tiny_cifar), strategy="linear", epochs=8, out=str(out), compare="scratch", **common())
+    saved = check_run_dir(out, ["head.safetensors", "scratch.safetensors"])
+    assert saved["accuracy"] == metrics["accuracy"] and metrics["samples"] == 24
+    assert set(metrics["per_class_recall"]) == set(CLASSES)
+    assert "scratch" in metrics["compare"] and "accuracy" in metrics["compare"]["scratch"]
+    assert metrics["accuracy"] > 0.4  # 4 classes; transfer from ImageNet on 64 images
+    assert {"extract_s", "train_s", "eval_s", "train_images_per_s"} <= set(metrics["timings"])
+    report = (out / "report.md").read_text()
+    assert "scratch (from random init)" in report and "linear (feature transfer)" in report
+    config = json.loads((out / "config.json").read_text())
+    assert config["classes"] == CLASSES and config["strategy"] == "linear" and config["image_size"] == 32
+    # eval re-computes the same accuracy from the saved weights
+    from fasttl.transfer.evaluate import evaluate_run
+
+    assert evaluate_run(str(out), str(tiny_cifar), progress=False)["accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+def test_same_seed_same_metrics_and_the_cache_is_reused(tiny_cifar, tmp_path):
+    first = run(data=str(tiny_cifar), strategy="mlp", epochs=4, out=str(tmp_path / "a"), **common())
+    second = run(data=str(tiny_cifar), strategy="mlp", epochs=4, out=str(tmp_path / "b"), **common())
+    assert first["accuracy"] == second["accuracy"] and first["loss"] == second["loss"]
+    assert first["timings"]["extracted_images"] == 88 and second["timings"]["extracted_images"] == 0
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_cifar, tmp_path, monkeypatch):
+    reference = run(data=str(tiny_cifar), strategy="scratch", epochs=4, out=str(tmp_path / "ref"), **common())
+    saves = {"n": 0}
+    original = Checkpoint.save
+
+    def save_then_interrupt(self, state):
+        original(self, state)
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoint, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(data=str(tiny_cifar), strategy="scratch", epochs=4, out=str(tmp_path / "cut"), **common())
+    monkeypatch.setattr(Checkpoint, "save", original)
+    resumed = run(data=str(tiny_cifar), strategy="scratch", epochs=4, out=str(tmp_path / "cut"), resume=True,
+                  **common())
+    assert len(resumed["history"]) == 4
+    assert resumed["accuracy"] == reference["accuracy"] and resumed["loss"] == pytest.approx(reference["loss"],
+                                                                                             rel=1e-6)
+
+
+def test_finetune_top_stages_bf16_master_weights(tiny_cifar, tmp_path):
+    out = tmp_path / "ft"
+    metrics = run(data=str(tiny_cifar), strategy="finetune", epochs=1, batch_size=16, finetune_stages=2,
+                  precision="bf16", out=str(out), **common())
+    check_run_dir(out, ["model.safetensors"])
+    assert metrics["notes"]["trainable_stages"] == 2 and metrics["notes"]["precision"] == "bf16"
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and len(metrics["history"]) == 1
+
+
+def test_distill_from_a_linear_teacher_and_teacher_checks(tiny_cifar, tmp_path):
+    teacher = tmp_path / "teacher"
+    run(data=str(tiny_cifar), strategy="linear", epochs=8, out=str(teacher), **common())
+    out = tmp_path / "student"
+    metrics = run(data=str(tiny_cifar), strategy="distill", teacher=str(teacher), epochs=3, out=str(out),
+                  compare="scratch", **common())
+    check_run_dir(out, ["distill.safetensors", "scratch.safetensors", "teacher_logits.pt"])
+    assert metrics["notes"]["teacher_train_accuracy"] > 0.5
+    assert "scratch" in metrics["compare"]
+    other = tmp_path / "other"
+    shutil.copytree(tiny_cifar, other)
+    shutil.rmtree(other / "train" / "ship")
+    shutil.rmtree(other / "test" / "ship")
+    with pytest.raises(ValueError, match="trained for classes"):
+        run(data=str(other), strategy="distill", teacher=str(teacher), epochs=1, out=str(tmp_path / "x"), **common())
+
+
+def test_dann_on_a_shifted_target(tiny_cifar, tmp_path):
+    shifted = tmp_path / "shifted"
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                                                 "make_shifted_cifar.py"), "--src", str(tiny_cifar / "test"), "--out",
+                    str(shifted)], check=True, capture_output=True)
+    out = tmp_path / "dann"
+    metrics = run(data=str(tiny_cifar), strategy="dann", target_data=str(shifted), epochs=3, out=str(out), **common())
+    check_run_dir(out, ["dann.safetensors", "source_only.safetensors"])
+    assert "source_only" in metrics["compare"] and metrics["notes"]["evaluated_on"] == "target"
+    assert metrics["samples"] == 24
+
+
+def test_embedded_default_runs_offline_with_its_baseline(tmp_path):
+    metrics = run(out=str(tmp_path / "default"), epochs=2, progress=False)
+    assert metrics["samples"] == 450 and "scratch" in metrics["compare"]
+    assert metrics["accuracy"] > 0.5
+
+
+def test_cli_run_and_eval(tiny_cifar, tmp_path):
+    out = tmp_path / "cli"
+    env = dict(os.environ)
+    result = subprocess.run([sys.executable, "-m", "fasttl", "run", "--data", str(tiny_cifar), "--epochs", "3",
+                             "--image-size", "32", "--out", str(out), "--no-progress"], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "run directory" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "fasttl", "eval", str(out), "--data", str(tiny_cifar),
+                             "--no-progress"], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "accuracy" in result.stdout and (out / "eval_metrics.json").is_file()
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(strategy="transfer"), ValueError, "strategy"),
+    (dict(backbone="vgg16"), ValueError, "backbone"),
+    (dict(image_size=16), ValueError, "minimum"),
+    (dict(strategy="distill"), ValueError, "teacher"),
+    (dict(strategy="dann"), ValueError, "target_data"),
+    (dict(epochs=0), ValueError, "epochs"),
+])
+def test_bad_options_are_clear_errors(tiny_cifar, tmp_path, options, error, match):
+    with pytest.raises(error, match=match):
+        run(data=str(tiny_cifar), out=str(tmp_path / "bad"), **dict(common(), **options))
+
+
+def test_train_and_test_classes_must_match(tiny_cifar, tmp_path):
+    other = tmp_path / "mismatch"
+    shutil.copytree(tiny_cifar, other)
+    shutil.rmtree(other / "test" / "frog")
+    with pytest.raises(fasttl.data.DataError, match="expected"):
+        run(data=str(other), out=str(tmp_path / "bad"), **common())
+
+
+def test_cifar10_missing_says_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "nothing"))
+    with pytest.raises(fasttl.data.DataError, match="FASTTL_DATA"):
+        run(data="cifar10", out=str(tmp_path / "bad"), **common())
+
+
+@pytest.mark.slow
+def test_finetune_under_torchrun_two_processes_gloo(tiny_cifar, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29544", "-m",
+               "fasttl", "run", "--data", str(tiny_cifar), "--strategy", "finetune", "--epochs", "1", "--image-size",
+               "32", "--batch-size", "8", "--finetune-stages", "1", "--out", str(out), "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["notes"]["world_size"] == 2
+    assert metrics["history"][0]["images"] == 32  # each rank trained its half of the 64 images
