@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test bench clean
+.PHONY: setup run demo test bench bench-smoke clean
 
 setup:
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
@@ -13,14 +13,21 @@ setup:
 	$(PIP) install -q --no-build-isolation -e ".[test,data]"
 
 run: setup
+	$(PYTHON) -m fasttl run
+
+demo: setup
 	$(PYTHON) -m fasttl info
 	$(PYTHON) examples/distill_step.py
 
 test: setup
 	$(PYTHON) -m pytest tests -q
 
+bench-smoke: setup
+	$(PYTHON) -m pytest benchmarks --benchmark-only --quick -q
+	$(PYTHON) -m fasttl bench distill adam --quick
+
 bench: setup
-	$(PYTHON) benchmarks/run_all.py --quick
+	$(PYTHON) -m fasttl bench all --json benchmarks/results/all-cpu.json --plot benchmarks/results/all-cpu.png
 
 clean:
 	rm -rf build *.egg-info .pytest_cache

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("bench", help="time fasttl beside the PyTorch ways of doing the same")
-    p.add_argument("names", nargs="+", metavar="NAME", help="distill, or all")
+    p.add_argument("names", nargs="+", metavar="NAME", choices=["distill", "adam", "cache", "data", "e2e", "all"],
+                   help="distill, adam, cache, data, e2e, or all")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     p.add_argument("--json", metavar="FILE", help="write machine-readable results here")

@@ -12,6 +12,7 @@ BENCHMARKS = {
     "adam": "fasttl.bench.adam",
     "data": "fasttl.bench.data",
     "cache": "fasttl.bench.cache",
+    "e2e": "fasttl.bench.e2e",
 }
 
 

@@ -21,10 +21,17 @@ from fasttl.data import ImageLoader, TransformSpec
 from fasttl.data.sources import ArraySource, FileSource
 
 
+def compute_settings(device: torch.device) -> dict:
+    """How the backbone runs during extraction; part of the fingerprint, since it changes the bits."""
+    return {"device": device.type, "autocast": "bf16" if device.type == "cuda" else None,
+            "memory_format": "channels_last"}
+
+
 def fingerprint(backbone, source: Union[FileSource, ArraySource], spec: TransformSpec, dtype: str, backend: str,
-                shard_rows: int) -> dict:
+                shard_rows: int, device: torch.device = torch.device("cpu")) -> dict:
     """Everything the cache's content depends on; a cache only serves a request with an equal one."""
     return {
+        "compute": compute_settings(device),
         "backbone": {"name": backbone.name, "weights_sha256": backbone.weights_hash()},
         "preprocessing": dict(spec.as_dict(), backend=backend),
         "dataset": {"identity": source.identity(), "count": len(source), "classes": list(source.classes)},
@@ -74,7 +81,7 @@ def _extract_shard(backbone, source, spec, shard: int, shard_rows: int, dtype: t
     written = 0
     for images, _ in loader:
         with autocast:
-            feature_map = backbone.forward_features(images)
+            feature_map = backbone.forward_features(images.contiguous(memory_format=torch.channels_last))
         n = images.shape[0]
         pool_store(feature_map, features, torch.arange(written, written + n, device=device), scales)
         written += n
@@ -110,8 +117,9 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     os.makedirs(out_dir, exist_ok=True)
     spec = TransformSpec.for_backbone(backbone.preprocessing, size=image_size)
     resolved_backend = ImageLoader(data, spec, batch_size, backend=backend).backend
-    wanted = fingerprint(backbone, data, spec, dtype, resolved_backend, shard_rows)
-    backbone = backbone.freeze().to(device)
+    wanted = fingerprint(backbone, data, spec, dtype, resolved_backend, shard_rows, device)
+    # channels_last: oneDNN's convolutions run about 2x faster on NHWC on this class of CPU.
+    backbone = backbone.freeze().to(device, memory_format=torch.channels_last)
 
     lock = store.WriterLock(out_dir) if rank == 0 else contextlib.nullcontext()
     try:

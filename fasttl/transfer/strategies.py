@@ -273,7 +273,8 @@ def finetune(cfg: RunConfig, ds: Dataset, run_dir: str) -> List[Outcome]:
             p.requires_grad_(True)
     model = FineTuneModel(backbone, finetune_head(backbone.feature_dim, len(ds.classes)), frozen)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    model = model.to(device=device, dtype=dtype)
+    # channels_last: oneDNN (and cuDNN) convolutions are faster on NHWC.
+    model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     # bf16 params: fasttl AdamW keeps fp32 master weights and moments, so small updates survive.
     optimizer = AdamW(parameter_groups(model, stages, trainable, cfg.lr), lr=cfg.lr, weight_decay=0.05)
     spec = TransformSpec.for_backbone(backbone.preprocessing, size=cfg.image_size)
@@ -289,7 +290,7 @@ def finetune(cfg: RunConfig, ds: Dataset, run_dir: str) -> List[Outcome]:
                              cfg.batch_size, shard_id=rank, num_shards=world, device=device, dtype=dtype)
         total, correct, seen = 0.0, 0, 0
         for images, labels in loader:
-            logits = trained(images).float()
+            logits = trained(images.contiguous(memory_format=torch.channels_last)).float()
             loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -304,7 +305,7 @@ def finetune(cfg: RunConfig, ds: Dataset, run_dir: str) -> List[Outcome]:
     def test_logits():
         model.eval()
         loader = ImageLoader(ds.test, spec, 128, device=device, dtype=dtype)
-        outputs = [(model(x).float().cpu(), y.cpu()) for x, y in loader]
+        outputs = [(model(x.contiguous(memory_format=torch.channels_last)).float().cpu(), y.cpu()) for x, y in loader]
         return torch.cat([o for o, _ in outputs]), torch.cat([y for _, y in outputs])
 
     def evaluate():
