@@ -34,6 +34,25 @@ def main() -> None:
                 parts += [f"- {note}"]
             if result.get("notes"):
                 parts.append("")
+    runs = sorted((HERE / "results" / "runs").glob("*.json"))
+    if runs:
+        parts += ["## Transfer results (`fasttl run`)", "",
+                  "Each row is one run, recorded with `benchmarks/record_run.py` from its run directory. Times in "
+                  "seconds (extract: building the feature cache; 0 when an earlier run's cache was reused).", ""]
+        for path in runs:
+            r = json.loads(path.read_text())
+            parts += [f"### {r['name']}", "",
+                      f"`{r['command']}`  ", f"{r['dataset']}: {r['train_samples']} train / {r['test_samples']} test "
+                      f"images; {r['backbone']} at {r['image_size']} px; {r['epochs']} epochs; {r['device']}; "
+                      f"{r['machine']}; {r['date']}.", ""]
+            if r.get("goal"):
+                parts += [r["goal"], ""]
+            parts += ["| model | accuracy | macro F1 | extract s | train s | eval s |", "|---|---|---|---|---|---|"]
+            for name, m in r["models"].items():
+                t = m["timings"]
+                cells = [f"{t[k]:.1f}" if k in t else "-" for k in ("extract_s", "train_s", "eval_s")]
+                parts.append(f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | " + " | ".join(cells) + " |")
+            parts.append("")
     out = HERE / "RESULTS.md"
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text("\n".join(parts))

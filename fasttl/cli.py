@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=4.0, help="distill: softening temperature")
     p.add_argument("--alpha", type=float, default=0.9, help="distill: weight of the soft term")
     p.add_argument("--cache-dtype", default="fp16", choices=["fp16", "bf16", "fp32", "int8"])
+    p.add_argument("--mirror-views", action="store_true",
+                   help="linear/mlp: also cache the mirrored images; train on both views, average them at test")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished epoch")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_run)

@@ -11,6 +11,31 @@ from torch import nn
 Record = Dict[str, float]
 
 
+class EpochStats:
+    """Running loss and accuracy of one training epoch."""
+
+    def __init__(self):
+        self.loss, self.correct, self.seen = 0.0, 0, 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss += float(loss.detach()) * labels.numel()
+        self.correct += int((logits.argmax(1) == labels).sum())
+        self.seen += labels.numel()
+
+    def record(self) -> Record:
+        return {"train_loss": self.loss / max(1, self.seen), "train_accuracy": self.correct / max(1, self.seen),
+                "images": self.seen}
+
+
+def step(loss: torch.Tensor, optimizer, scheduler=None) -> None:
+    """Backward and one optimizer (and scheduler) step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
 def fit(model: nn.Module, optimizer, scheduler, epochs: int, train_epoch: Callable[[int], Record],
         evaluate: Optional[Callable[[], Record]] = None, *, seed: int = 0, checkpoint=None, resume: bool = False,
         progress: bool = True, description: str = "train", extra_state: Optional[nn.Module] = None) -> List[Record]:

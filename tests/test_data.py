@@ -194,3 +194,11 @@ def test_loader_argument_errors(small_image_folder, kwargs, match):
     batch_size = kwargs.pop("batch_size", 4)
     with pytest.raises(ValueError, match=match):
         D.ImageLoader(source, spec, batch_size, **kwargs)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_mirror_view_is_the_flipped_eval_image(small_image_folder, backend):
+    source = D.scan_class_folder(str(small_image_folder))
+    plain, _ = collect(D.ImageLoader(source, D.TransformSpec.for_backbone(PRE), 6, backend=backend))
+    mirrored, _ = collect(D.ImageLoader(source, D.TransformSpec.for_backbone(PRE, mirror=True), 6, backend=backend))
+    torch.testing.assert_close(mirrored, plain.flip(-1))

@@ -196,3 +196,12 @@ def test_finetune_under_torchrun_two_processes_gloo(tiny_cifar, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["notes"]["world_size"] == 2
     assert metrics["history"][0]["images"] == 32  # each rank trained its half of the 64 images
+
+
+def test_mirror_views_train_on_both_and_average_at_test(tiny_cifar, tmp_path):
+    out = tmp_path / "views"
+    metrics = run(data=str(tiny_cifar), strategy="linear", epochs=4, mirror_views=True, out=str(out), **common())
+    assert metrics["notes"]["views"] == 2 and metrics["timings"]["extracted_images"] == 2 * 88
+    from fasttl.transfer.evaluate import evaluate_run
+
+    assert evaluate_run(str(out), str(tiny_cifar), progress=False)["accuracy"] == pytest.approx(metrics["accuracy"])

@@ -69,15 +69,6 @@ FASTTL_CPU_CLONES void gather_rows(const GatherArgs& a) {
   }
 }
 
-template <typename F>
-void dispatch_cache(int dtype, const char* what, F&& f) {
-  if (dtype == kInt8) {
-    f(int8_t{});
-  } else {
-    dispatch_float(dtype, what, f);
-  }
-}
-
 }  // namespace
 
 void pool_store_cpu(const PoolStoreArgs& a) {

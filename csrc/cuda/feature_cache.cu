@@ -61,15 +61,6 @@ __global__ void gather_kernel(GatherArgs a) {
   }
 }
 
-template <typename F>
-void dispatch_cache(int dtype, const char* what, F&& f) {
-  if (dtype == kInt8) {
-    f(int8_t{});
-  } else {
-    dispatch_float(dtype, what, f);
-  }
-}
-
 }  // namespace
 
 void pool_store_cuda(const PoolStoreArgs& a, void* stream_ptr) {

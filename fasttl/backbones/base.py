@@ -2,6 +2,7 @@
 its preprocessing."""
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
 from typing import List, Sequence, Tuple
@@ -31,7 +32,7 @@ class Preprocessing:
         return dataclasses.asdict(self)
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, abc.ABC):
     """A pretrained image network split into a feature extractor and its original classifier.
 
     * ``forward_features(x)`` -> feature map (N, C, H, W)
@@ -46,14 +47,17 @@ class Backbone(nn.Module):
     feature_dim: int = 0
     preprocessing: Preprocessing
 
+    @abc.abstractmethod
     def forward_features(self, x: Tensor) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must define forward_features")
+        """Images (N, 3, H, W) -> feature map (N, C, H', W')."""
 
+    @abc.abstractmethod
     def classifier(self) -> nn.Module:
-        raise NotImplementedError(f"{type(self).__name__} must define classifier")
+        """The original classifier: pooled features -> logits."""
 
+    @abc.abstractmethod
     def stages(self) -> List[nn.Module]:
-        raise NotImplementedError(f"{type(self).__name__} must define stages")
+        """Feature blocks from input to output."""
 
     @staticmethod
     def pool(feature_map: Tensor) -> Tensor:

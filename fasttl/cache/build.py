@@ -93,11 +93,12 @@ def _extract_shard(backbone, source, spec, shard: int, shard_rows: int, dtype: t
 def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *, dtype: str = "fp16",
                 batch_size: int = 64, device: Union[str, torch.device] = "cpu", image_size: Optional[int] = None,
                 shard_rows: int = 4096, overwrite: bool = False, backend: str = "auto",
-                progress: bool = True) -> FeatureCache:
+                progress: bool = True, mirror: bool = False) -> FeatureCache:
     """Runs the frozen ``backbone`` (eval, no grad, bf16 autocast on GPU) over ``data`` and stores
     its pooled features, labels and sample ids in ``out_dir``.
 
     * ``dtype``: cache dtype, ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"int8"`` (per-row fp32 scale).
+    * ``mirror``: features of the horizontally mirrored images (a second view of each sample).
     * Shards of ``shard_rows`` rows are written to a temporary name, fsynced and renamed; the
       manifest (with each shard's SHA-256 and the fingerprint) comes last.
     * Running the same build again after an interruption (Ctrl-C, kill -9) keeps the finished
@@ -115,7 +116,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     rank, world = _rank_and_world()
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     os.makedirs(out_dir, exist_ok=True)
-    spec = TransformSpec.for_backbone(backbone.preprocessing, size=image_size)
+    spec = TransformSpec.for_backbone(backbone.preprocessing, size=image_size, mirror=mirror)
     resolved_backend = ImageLoader(data, spec, batch_size, backend=backend).backend
     wanted = fingerprint(backbone, data, spec, dtype, resolved_backend, shard_rows, device)
     # channels_last: oneDNN's convolutions run about 2x faster on NHWC on this class of CPU.

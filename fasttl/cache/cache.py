@@ -97,6 +97,19 @@ class FeatureCache:
                              f"the manifest says {manifest['count']} x {feature_dim}")
         return cls(directory, manifest, features, scales, labels, samples)
 
+    @classmethod
+    def concat(cls, caches: List["FeatureCache"]) -> "FeatureCache":
+        """The rows of several caches (e.g. two views of one split) as one in-memory cache."""
+        first = caches[0]
+        for other in caches[1:]:
+            if (other.feature_dim, other.features.dtype, other.classes) != (first.feature_dim, first.features.dtype,
+                                                                            first.classes):
+                raise CacheError("concat: caches differ in feature dim, dtype or classes")
+        manifest = dict(first.manifest, count=sum(len(c) for c in caches))
+        scales = None if first.scales is None else torch.cat([c.scales for c in caches])
+        return cls(first.directory, manifest, torch.cat([c.features for c in caches]), scales,
+                   torch.cat([c.labels for c in caches]), [s for c in caches for s in c.samples])
+
     # -- what it holds ----------------------------------------------------------------------
     def __len__(self) -> int:
         return self.features.shape[0]

@@ -26,7 +26,7 @@ def _augment(fn, types, images, spec: TransformSpec, on_gpu: bool):
     else:
         images = fn.resize(images, resize_shorter=spec.resize_shorter, interp_type=types.INTERP_LINEAR,
                            antialias=True)
-        mirror = 0
+        mirror = 1 if spec.mirror else 0
     return fn.crop_mirror_normalize(images, crop=(spec.size, spec.size), crop_pos_x=0.5, crop_pos_y=0.5,
                                     mean=spec.mean_255, std=spec.std_255, mirror=mirror, dtype=types.FLOAT,
                                     output_layout="CHW")

@@ -83,7 +83,7 @@ class ImageLoader:
     def _build_dali(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        device_id = self.device.index or 0 if self.device.type == "cuda" else None
+        device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         if isinstance(self.source, FileSource):
             pipe = dali_pipeline.file_pipeline(self.source, self.spec, self.batch_size, self.shard_id,
                                                self.num_shards, device_id, self.num_threads)

@@ -13,6 +13,7 @@ class TransformSpec:
     crop_fraction: float = 1.0         # eval: resize shorter side to size / crop_fraction, center crop
     train: bool = False                # random resized crop + horizontal flip instead
     seed: int = 0
+    mirror: bool = False               # eval: the horizontally mirrored view (a second view for feature caches)
 
     @property
     def resize_shorter(self) -> int:
@@ -27,10 +28,11 @@ class TransformSpec:
         return [255.0 * s for s in self.std]
 
     @classmethod
-    def for_backbone(cls, preprocessing, train: bool = False, seed: int = 0, size: int = None) -> "TransformSpec":
+    def for_backbone(cls, preprocessing, train: bool = False, seed: int = 0, size: int = None,
+                     mirror: bool = False) -> "TransformSpec":
         p = preprocessing if size is None else preprocessing.with_size(size)
-        return cls(p.input_size, tuple(p.mean), tuple(p.std), p.crop_fraction, train, seed)
+        return cls(p.input_size, tuple(p.mean), tuple(p.std), p.crop_fraction, train, seed, mirror)
 
     def as_dict(self) -> dict:
         return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "crop_fraction": self.crop_fraction,
-                "train": self.train}
+                "train": self.train, "mirror": self.mirror}

@@ -65,6 +65,8 @@ def transform(hwc_uint8: torch.Tensor, spec: TransformSpec, rng: np.random.Gener
         out = _resize(chw, nh, nw)
         top, left = (nh - size) // 2, (nw - size) // 2
         out = out[:, top:top + size, left:left + size]
+        if spec.mirror:
+            out = out.flip(-1)
     mean = torch.tensor(spec.mean_255).view(3, 1, 1)
     std = torch.tensor(spec.std_255).view(3, 1, 1)
     return (out - mean) / std

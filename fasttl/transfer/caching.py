@@ -22,8 +22,10 @@ def cache_dir(backbone, source, split: str, image_size: int, dtype: str, device=
 
 
 def cached_features(backbone, source, split: str, image_size: int, *, dtype: str = "fp16", batch_size: int = 64,
-                    device="cpu", progress: bool = True) -> FeatureCache:
-    """The cache of one split, built on first use (resuming an interrupted build) and reused after."""
+                    device="cpu", progress: bool = True, mirror: bool = False) -> FeatureCache:
+    """The cache of one split, built on first use (resuming an interrupted build) and reused after.
+    `mirror`: the cache of the horizontally mirrored view, kept beside the plain one."""
+    split = f"{split}-mirror" if mirror else split
     directory = cache_dir(backbone, source, split, image_size, dtype, device)
     return FeatureCache.build(backbone, source, directory, dtype=dtype, batch_size=batch_size,
-                              device=torch.device(device), image_size=image_size, progress=progress)
+                              device=torch.device(device), image_size=image_size, progress=progress, mirror=mirror)

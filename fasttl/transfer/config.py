@@ -34,6 +34,7 @@ class RunConfig:
     finetune_stages: Optional[int] = None  # finetune: unfreeze the top k stages (default all)
     precision: str = "auto"             # finetune: bf16 params + fp32 masters on cuda, fp32 on cpu
     cache_dtype: str = "fp16"
+    mirror_views: bool = False          # linear/mlp: also cache mirrored images; train on both views, average at test
     temperature: float = 4.0
     alpha: float = 0.9
     resume: bool = False

@@ -7,7 +7,7 @@ from typing import Dict
 import torch
 
 from fasttl import backbones
-from fasttl.cache import make_head, predict_cache
+from fasttl.cache import make_head
 from fasttl.cache.store import write_json_atomic
 from fasttl.data import DataError, ImageLoader, TransformSpec
 from fasttl.transfer.caching import cached_features
@@ -15,7 +15,7 @@ from fasttl.transfer.datasets import load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.transfer.models import DANN, SmallCNN
 from fasttl.transfer.rundir import load_weights, read_config
-from fasttl.transfer.strategies import FineTuneModel, finetune_head, native_images
+from fasttl.transfer.strategies import FineTuneModel, _view_logits, finetune_head, native_images
 
 
 @torch.no_grad()
@@ -39,13 +39,14 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True) -> Dict[
         logits = torch.cat([model(x) for x, _ in ImageLoader(source, spec, 128)])
     else:
         backbone = backbones.create(cfg["backbone"], weights=cfg.get("weights"))
-        cache = cached_features(backbone, source, "eval", cfg["image_size"], dtype=cfg.get("cache_dtype", "fp16"),
-                                progress=progress)
+        views = [False, True] if cfg.get("mirror_views") and strategy != "dann" else [False]
+        caches = [cached_features(backbone, source, "eval", cfg["image_size"], dtype=cfg.get("cache_dtype", "fp16"),
+                                  progress=progress, mirror=view) for view in views]
         if strategy == "dann":
             head = load_weights(run_dir, "dann", DANN(backbone.feature_dim, len(classes)))
         else:
             head = load_weights(run_dir, "head", make_head(strategy, backbone.feature_dim, len(classes)))
-        logits, labels = predict_cache(head, cache)
+        logits, labels = _view_logits(head, caches)
     metrics = classification_metrics(logits, labels, classes)
     metrics["data"] = data if data is not None else cfg["data"]
     write_json_atomic(os.path.join(run_dir, "eval_metrics.json"), metrics)

@@ -23,7 +23,8 @@ DISPLAY = {"linear": "linear (feature transfer)", "mlp": "mlp (feature transfer)
            "source_only": "source only (no adaptation)"}
 
 
-def _init_distributed(cfg: RunConfig) -> None:
+def _init_distributed(cfg: RunConfig) -> bool:
+    """Joins the torchrun process group (finetune only); True when this call created it."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if cfg.strategy != "finetune":
             raise ValueError(f"strategy: {cfg.strategy!r} runs in one process; only finetune runs under torchrun (DDP)")
@@ -32,6 +33,8 @@ def _init_distributed(cfg: RunConfig) -> None:
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local_rank)
             cfg.device = f"cuda:{local_rank}"
+        return True
+    return False
 
 
 def run(print_summary: bool = None, **options) -> Dict[str, object]:
@@ -42,7 +45,7 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
     cfg = RunConfig(**options)
     if cfg.data in (None, EMBEDDED) and cfg.compare is None and "compare" not in options:
         cfg.compare = "scratch"  # the embedded default shows transfer beside its from-scratch baseline
-    _init_distributed(cfg)
+    owns_process_group = _init_distributed(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
     dataset = load_dataset(cfg.data, cfg.seed, cfg.train_per_class, cfg.test_per_class)
     cfg = cfg.resolved(dataset.native_size)
@@ -64,6 +67,9 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
     outcomes: List[Outcome] = RUNNERS[cfg.strategy](cfg, dataset, run_dir)
     if cfg.compare == "scratch" and cfg.strategy != "scratch":
         outcomes += scratch(cfg, dataset, run_dir)
+    if owns_process_group:
+        dist.barrier()
+        dist.destroy_process_group()
     if rank != 0:
         return {}
     results = {}

@@ -19,7 +19,7 @@ from fasttl.cache import FeatureCache, make_head, predict_cache
 from fasttl.cache.heads import evaluate_head, feature_statistics, head_epoch
 from fasttl.data import DataError, ImageLoader, TransformSpec, class_folder_splits
 from fasttl.optim import AdamW
-from fasttl.training import fit, warmup_cosine
+from fasttl.training import EpochStats, fit, step, warmup_cosine
 from fasttl.transfer.caching import cached_features
 from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import Dataset
@@ -48,20 +48,28 @@ def _rank() -> int:
 
 
 # ---- feature transfer: linear / mlp heads on cached features -------------------------------
-def _caches(cfg: RunConfig, backbone, ds: Dataset) -> Dict[str, object]:
+def _caches(cfg: RunConfig, backbone, ds: Dataset, mirror: bool = False) -> Dict[str, object]:
     started = time.perf_counter()
-    train = cached_features(backbone, ds.train, "train", cfg.image_size, dtype=cfg.cache_dtype, device=cfg.device,
-                            progress=cfg.progress)
-    test = cached_features(backbone, ds.test, "test", cfg.image_size, dtype=cfg.cache_dtype, device=cfg.device,
-                           progress=cfg.progress)
-    built = sum(getattr(c, "last_build", {}).get("images", 0) for c in (train, test))
-    return {"train": train, "test": test, "extract_s": time.perf_counter() - started, "extracted_images": built}
+    views = [False, True] if mirror else [False]
+    caches = {split: [cached_features(backbone, source, split, cfg.image_size, dtype=cfg.cache_dtype,
+                                      device=cfg.device, progress=cfg.progress, mirror=view) for view in views]
+              for split, source in (("train", ds.train), ("test", ds.test))}
+    built = sum(getattr(c, "last_build", {}).get("images", 0) for views_ in caches.values() for c in views_)
+    return {"train": caches["train"][0], "test": caches["test"][0], "train_views": caches["train"],
+            "test_views": caches["test"], "extract_s": time.perf_counter() - started, "extracted_images": built}
+
+
+@torch.no_grad()
+def _view_logits(head: nn.Module, views: List[FeatureCache]):
+    """Logits averaged over the views of the test split (the plain and, if cached, mirrored images)."""
+    outputs = [predict_cache(head, view) for view in views]
+    return torch.stack([logits for logits, _ in outputs]).mean(0), outputs[0][1]
 
 
 def feature_head(cfg: RunConfig, ds: Dataset, run_dir: str) -> List[Outcome]:
     backbone = backbones.create(cfg.backbone, weights=cfg.weights)
-    caches = _caches(cfg, backbone, ds)
-    train, test = caches["train"], caches["test"]
+    caches = _caches(cfg, backbone, ds, mirror=cfg.mirror_views)
+    train = FeatureCache.concat(caches["train_views"]) if cfg.mirror_views else caches["train"]
     torch.manual_seed(cfg.seed)
     mean, std = feature_statistics(train)
     head = make_head(cfg.strategy, train.feature_dim, len(ds.classes), mean, std)
@@ -74,21 +82,26 @@ def feature_head(cfg: RunConfig, ds: Dataset, run_dir: str) -> List[Outcome]:
         loader.set_epoch(epoch)
         return head_epoch(head, loader, optimizer, scheduler)
 
+    def evaluate():
+        logits, labels = _view_logits(head, caches["test_views"])
+        return {"eval_loss": float(F.cross_entropy(logits, labels)),
+                "eval_accuracy": float((logits.argmax(1) == labels).float().mean())}
+
     started = time.perf_counter()
-    history = fit(head, optimizer, scheduler, cfg.epochs, train_epoch, lambda: evaluate_head(head, test), seed=cfg.seed,
+    history = fit(head, optimizer, scheduler, cfg.epochs, train_epoch, evaluate, seed=cfg.seed,
                   checkpoint=Checkpoint(run_dir, "head"), resume=cfg.resume, progress=cfg.progress,
                   description=f"{cfg.strategy} head")
     train_s = time.perf_counter() - started
     started = time.perf_counter()
-    logits, labels = predict_cache(head, test)
+    logits, labels = _view_logits(head, caches["test_views"])
     eval_s = time.perf_counter() - started
     timings = {"extract_s": caches["extract_s"], "extracted_images": caches["extracted_images"], "train_s": train_s,
                "eval_s": eval_s, "train_images_per_s": len(train) * len(history) / max(train_s, 1e-9),
-               "eval_images_per_s": len(test) / max(eval_s, 1e-9)}
+               "eval_images_per_s": len(labels) / max(eval_s, 1e-9)}
     if caches["extracted_images"]:
         timings["extract_images_per_s"] = caches["extracted_images"] / max(caches["extract_s"], 1e-9)
     return [Outcome(cfg.strategy, logits, labels, history, timings, save_weights(run_dir, "head", head),
-                    {"cache": os.path.dirname(train.directory)})]
+                    {"cache": os.path.dirname(caches["train"].directory), "views": len(caches["test_views"])})]
 
 
 # ---- images at native resolution in memory: scratch and distill -----------------------------
@@ -106,20 +119,16 @@ def _cnn_epoch(model, images: Tensor, labels: Tensor, batch_size: int, optimizer
     generator = torch.Generator().manual_seed(seed * 7919 + epoch)
     order = torch.randperm(len(labels), generator=generator)
     flips = torch.rand(len(labels), generator=generator) < 0.5
-    total, correct = 0.0, 0
+    stats = EpochStats()
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         x = images[idx]
         x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(-1), x)  # horizontal flip augmentation
         logits = model(x)
         loss = loss_fn(logits, idx)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total += float(loss.detach()) * len(idx)
-        correct += int((logits.argmax(1) == labels[idx]).sum())
-    return {"train_loss": total / len(order), "train_accuracy": correct / len(order), "images": len(order)}
+        step(loss, optimizer, scheduler)
+        stats.add(loss, logits, labels[idx])
+    return stats.record()
 
 
 @torch.no_grad()
@@ -288,18 +297,13 @@ def finetune(cfg: RunConfig, ds: Dataset, run_dir: str) -> List[Outcome]:
     def train_epoch(epoch):
         loader = ImageLoader(ds.train, TransformSpec(**{**train_spec.__dict__, "seed": cfg.seed * 1000 + epoch}),
                              cfg.batch_size, shard_id=rank, num_shards=world, device=device, dtype=dtype)
-        total, correct, seen = 0.0, 0, 0
+        stats = EpochStats()
         for images, labels in loader:
             logits = trained(images.contiguous(memory_format=torch.channels_last)).float()
             loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
-            seen += len(labels)
-        return {"train_loss": total / max(1, seen), "train_accuracy": correct / max(1, seen), "images": seen}
+            step(loss, optimizer, scheduler)
+            stats.add(loss, logits, labels)
+        return stats.record()
 
     @torch.no_grad()
     def test_logits():
@@ -365,7 +369,6 @@ def _train_dann(cfg: RunConfig, source: FeatureCache, source_test: FeatureCache,
     total_steps = cfg.epochs * len(source_loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(1, total_steps),
                                                     pct_start=0.1)
-    step_counter = {"step": 0}
 
     def target_batches(epoch):
         target_loader.set_epoch(epoch)
@@ -376,9 +379,9 @@ def _train_dann(cfg: RunConfig, source: FeatureCache, source_test: FeatureCache,
     def train_epoch(epoch):
         source_loader.set_epoch(epoch)
         targets = target_batches(epoch)
-        total, correct, seen = 0.0, 0, 0
-        for step, (features, labels) in enumerate(source_loader):
-            progress = (epoch * len(source_loader) + step) / max(1, total_steps)
+        stats = EpochStats()
+        for index, (features, labels) in enumerate(source_loader):
+            progress = (epoch * len(source_loader) + index) / max(1, total_steps)
             # Ganin and Lempitsky's schedule: the reversal strength rises from 0 to 1.
             model.reverse.strength = 2.0 / (1.0 + math.exp(-10 * progress)) - 1.0 if adversarial else 0.0
             logits = model(features)
@@ -388,14 +391,9 @@ def _train_dann(cfg: RunConfig, source: FeatureCache, source_test: FeatureCache,
                 domain = torch.cat([model.domain_logits(features), model.domain_logits(target_features)])
                 is_target = torch.cat([torch.zeros(len(features)), torch.ones(len(target_features))])
                 loss = loss + F.binary_cross_entropy_with_logits(domain, is_target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
-            seen += len(labels)
-        return {"train_loss": total / max(1, seen), "train_accuracy": correct / max(1, seen), "images": seen}
+            step(loss, optimizer, scheduler)
+            stats.add(loss, logits, labels)
+        return stats.record()
 
     def evaluate():
         record = evaluate_head(model, target)

@@ -27,4 +27,14 @@ void dispatch_float2(int dtype_a, int dtype_b, const char* what, F&& f) {
   });
 }
 
+// Feature-cache dtypes: the float types plus int8.
+template <typename F>
+void dispatch_cache(int dtype, const char* what, F&& f) {
+  if (dtype == kInt8) {
+    f(int8_t{});
+  } else {
+    dispatch_float(dtype, what, f);
+  }
+}
+
 }  // namespace fasttl
