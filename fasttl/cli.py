@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="transfer an ImageNet backbone to a target task (the main job)",
                        description="With no arguments: the embedded default (scikit-learn digits, linear, beside "
-                                   "a from-scratch CNN), offline, in about a minute on 2 CPU cores.")
+                                   "a from-scratch CNN), offline, in under two minutes on 2 CPU cores.")
     p.add_argument("--data", help="'digits' (embedded default), 'cifar10' ($FASTTL_DATA), or a class-folder DIR")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--weights", metavar="FILE", help="backbone state dict file")

@@ -37,6 +37,14 @@ def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"weight_decay: expected a finite number >= 0, got {weight_decay!r}")
 
 
+def _is_dense(t: Tensor) -> bool:
+    """Contiguous in some memory format: the kernel then walks it as one flat array."""
+    if t.is_contiguous():
+        return True
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return t.dim() in formats and t.is_contiguous(memory_format=formats[t.dim()])
+
+
 class _FusedAdamBase(torch.optim.Optimizer):
     """Shared machinery of :class:`Adam` and :class:`AdamW`; see AdamW for the details."""
 
@@ -61,8 +69,9 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 raise TypeError(f"params[{index}]: complex parameters are not supported (dtype {p.dtype})")
             if p.dtype not in _PARAM_DTYPES:
                 raise TypeError(f"params[{index}]: expected float32, bfloat16 or float16, got {p.dtype}")
-            if not p.is_contiguous():
-                raise ValueError(f"params[{index}]: expected a contiguous parameter (call .contiguous() on it)")
+            if not _is_dense(p):
+                raise ValueError(f"params[{index}]: expected a contiguous or channels_last parameter "
+                                 "(call .contiguous() on it)")
 
     @staticmethod
     def _uses_master(group: dict, p: Tensor) -> bool:
@@ -73,12 +82,13 @@ class _FusedAdamBase(torch.optim.Optimizer):
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            # State, masters and grads share the param's memory layout, so one flat index fits them all.
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         if self._uses_master(group, p) and "master_param" not in state:
-            state["master_param"] = p.detach().to(torch.float32, copy=True)
+            state["master_param"] = p.detach().to(torch.float32, copy=True, memory_format=torch.preserve_format)
         return state
 
     @torch.no_grad()
@@ -117,7 +127,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         _ops.adam_step(
             params=params,
-            grads=[p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params],
+            grads=[_like_param(p.grad, p) for p in params],
             masters=[s.get("master_param") for s in states] if has_master else [None] * len(params),
             exp_avgs=[s["exp_avg"] for s in states],
             exp_avg_sqs=[s["exp_avg_sq"] for s in states],
@@ -131,6 +141,11 @@ class _FusedAdamBase(torch.optim.Optimizer):
             # On CUDA the kernel skipped the step on the device; take the step count back there
             # too, without a host sync.
             torch._foreach_sub_(steps, [inf] * len(steps))
+
+    def _restore_layout(self, state: Dict[str, Tensor], p: Tensor) -> None:
+        for key in _FP32_STATE:
+            if key in state:
+                state[key] = _like_param(state[key], p)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state dict of this optimizer, or of torch.optim.Adam/AdamW for fp32 params.
@@ -158,7 +173,16 @@ class _FusedAdamBase(torch.optim.Optimizer):
                     state[key] = value.to(device=p.device, dtype=torch.float32)
                 elif key == "step":
                     state[key] = value.to(device=p.device, dtype=torch.float32).reshape(())
+            self._restore_layout(state, p)
             self._init_state(groups_of[id(p)], p)
+
+
+def _like_param(t: Tensor, p: Tensor) -> Tensor:
+    """`t` with the param's strides (a copy only when they differ)."""
+    if t.stride() == p.stride():
+        return t
+    out = torch.empty_like(p, dtype=t.dtype, memory_format=torch.preserve_format)
+    return out.copy_(t)
 
 
 class AdamW(_FusedAdamBase):

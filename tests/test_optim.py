@@ -297,3 +297,21 @@ def test_params_on_two_devices_are_grouped_per_device():
         ref_opt.step()
     torch.testing.assert_close(a, ref[0])
     torch.testing.assert_close(b.cpu(), ref[1], atol=1e-6, rtol=1e-6)
+
+
+def test_channels_last_params_match_torch():
+    torch.manual_seed(4)
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    ref = torch.nn.Conv2d(3, 8, 3)
+    ref.load_state_dict(conv.state_dict())
+    assert not conv.weight.is_contiguous()
+    opt = fasttl.optim.AdamW(conv.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    x = torch.randn(4, 3, 9, 9)
+    for _ in range(5):
+        for model, o, inp in ((conv, opt, x.contiguous(memory_format=torch.channels_last)), (ref, ref_opt, x)):
+            o.zero_grad()
+            model(inp).square().mean().backward()
+            o.step()
+    torch.testing.assert_close(conv.weight, ref.weight, atol=1e-6, rtol=1e-5)
+    assert opt.state[conv.weight]["exp_avg"].stride() == conv.weight.stride()

@@ -101,10 +101,10 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_cifar, tmp_path, monkey
 
 def test_finetune_top_stages_bf16_master_weights(tiny_cifar, tmp_path):
     out = tmp_path / "ft"
-    metrics = run(data=str(tiny_cifar), strategy="finetune", epochs=1, batch_size=16, finetune_stages=2,
+    metrics = run(data=str(tiny_cifar), strategy="finetune", epochs=1, batch_size=16, finetune_stages=9,
                   precision="bf16", out=str(out), **common())
     check_run_dir(out, ["model.safetensors"])
-    assert metrics["notes"]["trainable_stages"] == 2 and metrics["notes"]["precision"] == "bf16"
+    assert metrics["notes"]["trainable_stages"] == 9 and metrics["notes"]["precision"] == "bf16"
     assert 0.0 <= metrics["accuracy"] <= 1.0 and len(metrics["history"]) == 1
 
 
