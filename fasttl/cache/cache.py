@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fasttl import _ops
 from fasttl.cache import store
 from fasttl.cache.kernels import CACHE_DTYPES, gather
 
@@ -147,7 +148,13 @@ class FeatureCache:
                             self.samples)
 
     def gather(self, indices: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
+        """Rows `indices` dequantized to out_dtype (indices checked against the cache's size)."""
         return gather(self.features, indices.to(self.device), self.scales, out_dtype)
+
+    def _gather_in_range(self, indices: Tensor, out_dtype: torch.dtype) -> Tensor:
+        # The loader's indices come from a permutation of range(len(self)): skipping the bounds
+        # check saves two host syncs per batch on the GPU.
+        return _ops.gather(self.features, self.scales, indices, out_dtype)
 
     def all_features(self, out_dtype: torch.dtype = torch.float32) -> Tensor:
         return self.gather(torch.arange(len(self), device=self.device), out_dtype)
@@ -185,7 +192,7 @@ class CacheLoader:
         self.epoch += 1
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             indices = order[start:start + self.batch_size]
-            features = self.cache.gather(indices, self.out_dtype)
+            features = self.cache._gather_in_range(indices, self.out_dtype)
             labels = self.cache.labels[indices]
             yield features.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
