@@ -71,13 +71,9 @@ void adam_step_cpu(const AdamArgs& a) {
   dispatch_float2(a.param_dtype, a.grad_dtype, "adam_step_cpu", [&](auto p_tag, auto g_tag) {
     using P = decltype(p_tag);
     using G = decltype(g_tag);
-    if (a.has_master) {
-      if (a.amsgrad) adam_step_typed<P, G, true, true>(a, h, inv_scale);
-      else adam_step_typed<P, G, true, false>(a, h, inv_scale);
-    } else {
-      if (a.amsgrad) adam_step_typed<P, G, false, true>(a, h, inv_scale);
-      else adam_step_typed<P, G, false, false>(a, h, inv_scale);
-    }
+    dispatch_flags(a.has_master, a.amsgrad, [&](auto master, auto amsgrad) {
+      adam_step_typed<P, G, decltype(master)::value, decltype(amsgrad)::value>(a, h, inv_scale);
+    });
   });
 }
 

@@ -88,13 +88,9 @@ void adam_step_cuda(const AdamArgs& a, void* stream_ptr) {
   dispatch_float2(a.param_dtype, a.grad_dtype, "adam_step_cuda", [&](auto p_tag, auto g_tag) {
     using P = decltype(p_tag);
     using G = decltype(g_tag);
-    if (a.has_master) {
-      if (a.amsgrad) adam_launch_all<P, G, true, true>(a, h, stream);
-      else adam_launch_all<P, G, true, false>(a, h, stream);
-    } else {
-      if (a.amsgrad) adam_launch_all<P, G, false, true>(a, h, stream);
-      else adam_launch_all<P, G, false, false>(a, h, stream);
-    }
+    dispatch_flags(a.has_master, a.amsgrad, [&](auto master, auto amsgrad) {
+      adam_launch_all<P, G, decltype(master)::value, decltype(amsgrad)::value>(a, h, stream);
+    });
   });
 }
 

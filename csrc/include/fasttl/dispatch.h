@@ -3,6 +3,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "fasttl/numeric.h"
 
@@ -25,6 +26,18 @@ void dispatch_float2(int dtype_a, int dtype_b, const char* what, F&& f) {
   dispatch_float(dtype_a, what, [&](auto a) {
     dispatch_float(dtype_b, what, [&](auto b) { f(a, b); });
   });
+}
+
+// Two runtime flags as compile-time constants: f(std::bool_constant<a>{}, std::bool_constant<b>{}).
+template <typename F>
+void dispatch_flags(bool a, bool b, F&& f) {
+  if (a) {
+    if (b) f(std::true_type{}, std::true_type{});
+    else f(std::true_type{}, std::false_type{});
+  } else {
+    if (b) f(std::false_type{}, std::true_type{});
+    else f(std::false_type{}, std::false_type{});
+  }
 }
 
 // Feature-cache dtypes: the float types plus int8.
