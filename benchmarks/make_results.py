@@ -22,7 +22,13 @@ def main() -> None:
         for result in payload["results"]:
             name = result["name"]
             quick = " --quick" if payload.get("quick") else ""
-            parts += [f"## {name} ({payload['device']})", "",
+            subset = result.get("subset")
+            if subset and not payload.get("quick"):
+                quick += f" --e2e-subset {subset['train_per_class']},{subset['test_per_class']}"
+            title = f"## {name} ({payload['device']})"
+            if subset:
+                title += f", {subset['train_per_class']} training images per class"
+            parts += [title, "",
                       f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads"
                       + (f", GPU {m['gpu']}" if m.get("gpu") else "")
                       + f"; torch {m['torch']}, fasttl {m['fasttl']}; date {m['date']}.", "",

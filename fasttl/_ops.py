@@ -1,6 +1,10 @@
-"""torch.library custom ops: schema, fake (shape-only) implementation and autograd of every
-fasttl op, so each works under torch.compile and passes torch.library.opcheck. The public
-functions validate user arguments; these check only what depends on data."""
+"""torch.library ops: schema, CPU/CUDA kernels, fake (shape-only) implementation and autograd of
+every fasttl op, so each works under torch.compile and passes torch.library.opcheck. The public
+functions validate user arguments; these check only what depends on data.
+
+The ops are defined with the low-level torch.library.Library API, not @custom_op: custom_op
+wraps each kernel so that its first call imports torch._dynamo (1.3 s on a 2-core CPU), a
+pause every script would pay at its first fasttl call."""
 from __future__ import annotations
 
 import contextlib
@@ -18,9 +22,32 @@ def _unit_column_stride(x: Tensor) -> Tensor:
     return x if x.dim() == 2 and (x.stride(1) == 1 or x.size(1) <= 1) else x.contiguous()
 
 
-@torch.library.custom_op("fasttl::distill_rows", mutates_args=())
-def distill_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], temperature: float,
-                 alpha: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
+_LIB = torch.library.Library("fasttl", "DEF")
+_LIB.define("distill_rows(Tensor student, Tensor teacher, Tensor? target, float temperature, float alpha, "
+            "int ignore_index) -> (Tensor, Tensor)")
+_LIB.define("pool_store(Tensor src, Tensor(a!) cache, Tensor(b!)? scales, Tensor rows) -> ()")
+_LIB.define("gather(Tensor cache, Tensor? scales, Tensor indices, ScalarType out_dtype) -> Tensor")
+
+
+def _kernel(name: str):
+    """Registers the decorated function as the CPU and CUDA kernel of fasttl::name."""
+    def register(fn):
+        for key in ("CPU", "CUDA"):
+            _LIB.impl(name, fn, key)
+        return fn
+    return register
+
+
+def _fake(name: str):
+    def register(fn):
+        torch.library.register_fake(f"fasttl::{name}", fn, lib=_LIB)
+        return fn
+    return register
+
+
+@_kernel("distill_rows")
+def _distill_rows_kernel(student: Tensor, teacher: Tensor, target: Optional[Tensor], temperature: float,
+                         alpha: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
     """Per-row distillation loss (fp32, shape (B,)) and its gradient w.r.t. the student logits
     (student dtype, shape (B, C)), computed in one native call."""
     student = _unit_column_stride(student)
@@ -60,7 +87,7 @@ def run_distill_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor],
         native.distill_rows_cpu(*args)
 
 
-@distill_rows.register_fake
+@_fake("distill_rows")
 def _distill_rows_fake(student, teacher, target, temperature, alpha, ignore_index):
     rows, classes = student.shape
     return student.new_empty((rows,), dtype=torch.float32), student.new_empty((rows, classes))
@@ -90,7 +117,9 @@ def _distill_rows_backward(ctx, grad_loss_rows, _grad_of_grad):
     return grad, None, None, None, None, None
 
 
-distill_rows.register_autograd(_distill_rows_backward, setup_context=_distill_rows_setup)
+torch.library.register_autograd("fasttl::distill_rows", _distill_rows_backward, setup_context=_distill_rows_setup,
+                                lib=_LIB)
+distill_rows = torch.ops.fasttl.distill_rows.default
 
 
 def _no_context():
@@ -137,8 +166,8 @@ def _native_call(device: torch.device, name: str, *args) -> None:
         getattr(native, name)(False, *args, 0)
 
 
-@torch.library.custom_op("fasttl::pool_store", mutates_args=("cache", "scales"))
-def pool_store(src: Tensor, cache: Tensor, scales: Optional[Tensor], rows: Tensor) -> None:
+@_kernel("pool_store")
+def _pool_store_kernel(src: Tensor, cache: Tensor, scales: Optional[Tensor], rows: Tensor) -> None:
     """Average-pools src (N, C, H, W) or (N, C) over H*W, converts to cache's dtype (int8: with a
     per-row scale into `scales`) and writes cache[rows[i]] for each i."""
     src = src.contiguous()
@@ -148,13 +177,16 @@ def pool_store(src: Tensor, cache: Tensor, scales: Optional[Tensor], rows: Tenso
                  dtype_code(cache), _address(scales), rows.data_ptr())
 
 
-@pool_store.register_fake
+@_fake("pool_store")
 def _pool_store_fake(src, cache, scales, rows):
     return None
 
 
-@torch.library.custom_op("fasttl::gather", mutates_args=())
-def gather(cache: Tensor, scales: Optional[Tensor], indices: Tensor, out_dtype: torch.dtype) -> Tensor:
+pool_store = torch.ops.fasttl.pool_store.default
+
+
+@_kernel("gather")
+def _gather_kernel(cache: Tensor, scales: Optional[Tensor], indices: Tensor, out_dtype: torch.dtype) -> Tensor:
     """out[i] = cache[indices[i]] dequantized to out_dtype (float32 or bfloat16), contiguous."""
     out = torch.empty((indices.numel(), cache.shape[1]), dtype=out_dtype, device=cache.device)
     _native_call(cache.device, "gather", cache.data_ptr(), dtype_code(cache), _address(scales), indices.data_ptr(),
@@ -162,6 +194,9 @@ def gather(cache: Tensor, scales: Optional[Tensor], indices: Tensor, out_dtype: 
     return out
 
 
-@gather.register_fake
+@_fake("gather")
 def _gather_fake(cache, scales, indices, out_dtype):
     return cache.new_empty((indices.shape[0], cache.shape[1]), dtype=out_dtype)
+
+
+gather = torch.ops.fasttl.gather.default

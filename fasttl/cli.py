@@ -14,10 +14,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _per_class_pair(text: str):
+    try:
+        train, test = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TRAIN,TEST images per class (two integers), got {text!r}")
+    if train < 1 or test < 1:
+        raise argparse.ArgumentTypeError(f"expected positive counts, got {text!r}")
+    return train, test
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from fasttl.bench import runner
 
-    runner.run(args.names, device=args.device, quick=args.quick, json_path=args.json, plot_path=args.plot)
+    runner.run(args.names, device=args.device, quick=args.quick, json_path=args.json, plot_path=args.plot,
+               e2e_subset=args.e2e_subset)
     return 0
 
 
@@ -119,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="cache directory (one sub-folder per split)")
     p.add_argument("--image-size", type=int, metavar="N", help="input size in pixels (default: the backbone's)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32", "int8"], help="cache dtype")
-    p.add_argument("--batch-size", type=int, default=64, metavar="N")
+    p.add_argument("--batch-size", type=int, metavar="N", help="images per backbone call (default 32 on CPU, 128 on GPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--shard-rows", type=int, default=4096, metavar="N", help="rows per shard file (default 4096)")
     p.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"], help="input pipeline")
@@ -141,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     p.add_argument("--json", metavar="FILE", help="write machine-readable results here")
     p.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the speedups here")
+    p.add_argument("--e2e-subset", type=_per_class_pair, metavar="TRAIN,TEST",
+                   help="e2e: CIFAR-10 images per class for training and test (default 500,100)")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,7 @@ def init_distributed(device: str) -> torch.device:
 
 
 def extract(backbone_name: str, data: str, out: str, *, weights: str = None, image_size: int = None,
-            dtype: str = "fp16", batch_size: int = 64, device: str = "cpu", overwrite: bool = False,
+            dtype: str = "fp16", batch_size: Optional[int] = None, device: str = "cpu", overwrite: bool = False,
             shard_rows: int = 4096, backend: str = "auto", progress: bool = True) -> Dict[str, dict]:
     """Builds one cache per split: OUT/train and OUT/test when DATA has train/ and test/, else OUT/all."""
     torch_device = init_distributed(device)

@@ -117,3 +117,68 @@ def test_unknown_backbone_and_custom_module():
 def test_imagenet_class_names():
     names = B.imagenet_classes()
     assert len(names) == 1000 and names[281] == "tabby" and names[285] == "Egyptian cat"
+
+
+def _randomize_batch_norms(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.1)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("name, size", [("efficientnet_lite0", 33), ("efficientnet_lite0", 64), ("resnet18", 45),
+                                        ("resnet50", 32)])
+def test_extraction_copy_folds_batch_norms_into_the_same_function(name, size):
+    model = B.create(name, pretrained=name.startswith("efficientnet")).eval()
+    if not name.startswith("efficientnet"):
+        _randomize_batch_norms(model, seed=size)
+    model = model.double()  # fold in float64 too: the check is of the folding, not of fp32 rounding
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = model.for_extraction()
+    batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert batch_norms == len(model.conv_bn_pairs()) > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert not folded.training and not any(p.requires_grad for p in folded.parameters())
+    # The backbone itself is untouched.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        reference = model.forward_features(x)
+        got = folded.forward_features(x)
+    torch.testing.assert_close(got, reference, rtol=1e-9, atol=1e-9)
+
+
+def test_custom_backbone_extraction_copy_is_a_frozen_copy():
+    features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+    custom = B.CustomBackbone(features, 8, B.Preprocessing(32, (0.5,) * 3, (0.5,) * 3)).train()
+    frozen = custom.for_extraction()
+    assert frozen is not custom and custom.training and not frozen.training
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen.forward_pooled(x), custom.eval().forward_pooled(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 8, 31, 32])
+@pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 1), (3, 2), (5, 1), (5, 2)])
+def test_same_padding_matches_tensorflow(size, kernel, stride):
+    """TF "same": output ceil(in / stride); an odd total padding puts the extra row/column at the
+    bottom/right. The conv pads symmetric totals itself; compare with explicit padding."""
+    import math
+
+    import torch.nn.functional as F
+    from fasttl.backbones.efficientnet_lite import Conv2dSame
+
+    torch.manual_seed(size * 10 + kernel + stride)
+    conv = Conv2dSame(4, 6, kernel, stride=stride, bias=True).double()
+    x = torch.randn(2, 4, size, size + 1, dtype=torch.float64)
+    pads = [max((math.ceil(n / stride) - 1) * stride + kernel - n, 0) for n in x.shape[-2:]]
+    padded = F.pad(x, [pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2])
+    expected = F.conv2d(padded, conv.weight, conv.bias, stride)
+    with torch.no_grad():
+        got = conv(x)
+    assert got.shape[-2:] == (math.ceil(size / stride), math.ceil((size + 1) / stride))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -65,3 +65,22 @@ def test_cuda_call_on_a_build_without_cuda_kernels_is_a_clear_error(monkeypatch)
         assert "no CUDA kernels" in str(e) and "distill_rows_cuda" in str(e)
     else:
         raise AssertionError("expected a RuntimeError")
+
+
+def test_first_calls_of_the_ops_do_not_import_torch_dynamo():
+    """@custom_op kernels import torch._dynamo (over a second) at their first call; fasttl's ops
+    are registered without that wrapper, and stay so."""
+    code = (
+        "import sys, torch, fasttl\n"
+        "from fasttl.cache.kernels import gather, pool_store\n"
+        "student = torch.randn(4, 10, requires_grad=True)\n"
+        "fasttl.distillation_loss(student, torch.randn(4, 10), torch.tensor([1, 2, 3, 4])).backward()\n"
+        "cache = torch.empty(4, 8, dtype=torch.float16)\n"
+        "pool_store(torch.randn(4, 8, 2, 2), cache, torch.arange(4))\n"
+        "assert gather(cache, torch.tensor([0, 3])).shape == (2, 8)\n"
+        "assert student.grad is not None and torch.isfinite(student.grad).all()\n"
+        "print('dynamo imported:', 'torch._dynamo' in sys.modules)\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "dynamo imported: False" in result.stdout

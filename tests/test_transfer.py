@@ -48,7 +48,24 @@ def check_run_dir(run_dir, weights):
     assert sum(map(sum, cm)) == metrics["samples"]
     assert abs(metrics["accuracy"] - sum(cm[i][i] for i in range(len(cm))) / metrics["samples"]) < 1e-9
     assert (run_dir / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    check_predictions(run_dir, metrics)
     return metrics
+
+
+def check_predictions(run_dir, metrics):
+    """predictions.csv: one row per evaluated image, names unique, agreeing with the metrics."""
+    import csv
+
+    with open(run_dir / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == metrics["samples"] and len({r["sample"] for r in rows}) == len(rows)
+    classes = list(metrics["per_class_recall"])
+    assert all(r["label"] in classes and r["predicted"] in classes and 0 < float(r["confidence"]) <= 1 for r in rows)
+    right = sum(r["label"] == r["predicted"] for r in rows)
+    assert right / len(rows) == pytest.approx(metrics["accuracy"], abs=1e-12)
+    for i, name in enumerate(classes):  # each confusion-matrix row from the file
+        counts = [sum(r["label"] == name and r["predicted"] == other for r in rows) for other in classes]
+        assert counts == metrics["confusion_matrix"][i]
 
 
 def test_linear_with_scratch_baseline_writes_everything(tiny_cifar, tmp_path):

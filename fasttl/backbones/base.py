@@ -3,6 +3,7 @@ its preprocessing."""
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import hashlib
 from typing import List, Sequence, Tuple
@@ -78,6 +79,27 @@ class Backbone(nn.Module, abc.ABC):
         for p in self.parameters():
             p.requires_grad_(False)
         return self
+
+    def conv_bn_pairs(self) -> List[Tuple[nn.Module, str, str]]:
+        """(parent, conv attribute, batch-norm attribute) of each convolution whose output feeds a
+        BatchNorm2d and nothing else; what :meth:`for_extraction` folds. None by default."""
+        return []
+
+    def for_extraction(self) -> "Backbone":
+        """A frozen copy for feature extraction, each batch norm folded into the convolution
+        before it (one pass over the activations less per layer; the same function up to float
+        rounding). The backbone itself is left as it is."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        frozen = copy.deepcopy(self).freeze()
+        for parent, conv_name, bn_name in frozen.conv_bn_pairs():
+            conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+            if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+                raise TypeError(f"conv_bn_pairs: {conv_name}/{bn_name} of {type(parent).__name__} are "
+                                f"{type(conv).__name__}/{type(bn).__name__}, expected Conv2d/BatchNorm2d")
+            setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+            setattr(parent, bn_name, nn.Identity())
+        return frozen.freeze()
 
     def weights_hash(self) -> str:
         """SHA-256 over the state dict (names, shapes, dtypes and values): identifies the weights."""

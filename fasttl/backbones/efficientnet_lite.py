@@ -31,8 +31,10 @@ class Conv2dSame(nn.Conv2d):
         sh, sw = self.stride
         pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
         pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
-        if pad_h or pad_w:
-            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        if pad_h % 2 == 0 and pad_w % 2 == 0:  # symmetric: the convolution pads, no padded copy
+            return F.conv2d(x, self.weight, self.bias, self.stride, (pad_h // 2, pad_w // 2), self.dilation,
+                            self.groups)
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
@@ -53,10 +55,13 @@ class MBConvBlock(nn.Module):
         self.skip = stride == 1 and in_channels == out_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu6(self._bn0(self._expand_conv(x))) if self.has_expand else x
-        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+        # In-place activations on fresh outputs: an out-of-place one allocates a new activation
+        # per layer, and at extraction batch sizes those allocations (page faults) cost 5x the
+        # activation itself on CPU. Autograd allows it: batch norm's backward needs its input.
+        out = F.relu6(self._bn0(self._expand_conv(x)), inplace=True) if self.has_expand else x
+        out = F.relu6(self._bn1(self._depthwise_conv(out)), inplace=True)
         out = self._bn2(self._project_conv(out))
-        return out + x if self.skip else out
+        return out.add_(x) if self.skip else out
 
 
 def _round_filters(channels: int, width: float, divisor: int = 8) -> int:
@@ -98,13 +103,21 @@ class EfficientNetLite(Backbone):
                                            crop_fraction=1.0, min_input_size=32)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
         for block in self._blocks:
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)))
+        return F.relu6(self._bn1(self._conv_head(x)), inplace=True)
 
     def classifier(self) -> nn.Module:
         return nn.Sequential(self._dropout, self._fc)
+
+    def conv_bn_pairs(self):
+        pairs = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
+        for block in self._blocks:
+            if block.has_expand:
+                pairs.append((block, "_expand_conv", "_bn0"))
+            pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+        return pairs
 
     def stages(self) -> List[nn.Module]:
         """Stem, the seven block stages, head: nine groups from input to output."""

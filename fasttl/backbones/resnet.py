@@ -92,6 +92,16 @@ class ResNet(Backbone):
     def classifier(self) -> nn.Module:
         return self.fc
 
+    def conv_bn_pairs(self):
+        pairs = [(self, "conv1", "bn1")]
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                count = 3 if isinstance(block, Bottleneck) else 2
+                pairs += [(block, f"conv{i}", f"bn{i}") for i in range(1, count + 1)]
+                if block.downsample is not None:
+                    pairs.append((block.downsample, "0", "1"))
+        return pairs
+
     def stages(self) -> List[nn.Module]:
         return [nn.ModuleList([self.conv1, self.bn1]), self.layer1, self.layer2, self.layer3, self.layer4]
 

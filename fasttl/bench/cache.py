@@ -59,8 +59,7 @@ def run(device: str = "cpu", quick: bool = False, data: str = None) -> Dict[str,
     model = backbones.create("efficientnet_lite0").freeze()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        cache = FeatureCache.build(model, source, tmp, dtype="fp16", image_size=size, device=device, progress=False,
-                                   batch_size=64)
+        cache = FeatureCache.build(model, source, tmp, dtype="fp16", image_size=size, device=device, progress=False)
         extract_seconds = time.perf_counter() - started
     cached = _cached_epoch(cache, batch_size)
     recompute = _recompute_epoch(model, source, batch_size, size)

@@ -24,7 +24,7 @@ from fasttl.data.sources import ArraySource, FileSource
 def compute_settings(device: torch.device) -> dict:
     """How the backbone runs during extraction; part of the fingerprint, since it changes the bits."""
     return {"device": device.type, "autocast": "bf16" if device.type == "cuda" else None,
-            "memory_format": "channels_last"}
+            "memory_format": "channels_last", "batchnorm": "folded"}
 
 
 def fingerprint(backbone, source: Union[FileSource, ArraySource], spec: TransformSpec, dtype: str, backend: str,
@@ -41,6 +41,10 @@ def fingerprint(backbone, source: Union[FileSource, ArraySource], spec: Transfor
         "fasttl_version": fasttl.__version__,
         "format": store.FORMAT_VERSION,
     }
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 128 if device.type == "cuda" else 32
 
 
 def _rank_and_world():
@@ -62,7 +66,8 @@ def _all_ranks_agree(ok: bool, message: str, world: int, error=CacheError) -> No
             raise error(rank_message)
 
 
-def _sample_ids(source) -> list:
+def sample_ids(source) -> list:
+    """A name per sample: the file path relative to the source's root, or SOURCE:INDEX."""
     if isinstance(source, FileSource):
         return [os.path.relpath(f, source.root) if source.root else f for f in source.files]
     return [f"{source.name}:{i}" for i in range(len(source))]
@@ -91,13 +96,16 @@ def _extract_shard(backbone, source, spec, shard: int, shard_rows: int, dtype: t
 
 
 def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *, dtype: str = "fp16",
-                batch_size: int = 64, device: Union[str, torch.device] = "cpu", image_size: Optional[int] = None,
+                batch_size: Optional[int] = None, device: Union[str, torch.device] = "cpu",
+                image_size: Optional[int] = None,
                 shard_rows: int = 4096, overwrite: bool = False, backend: str = "auto",
                 progress: bool = True, mirror: bool = False) -> FeatureCache:
     """Runs the frozen ``backbone`` (eval, no grad, bf16 autocast on GPU) over ``data`` and stores
     its pooled features, labels and sample ids in ``out_dir``.
 
     * ``dtype``: cache dtype, ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"int8"`` (per-row fp32 scale).
+    * ``batch_size``: images per backbone call; default 32 on CPU (larger batches ran slower
+      there: their activations outgrow the allocator's reuse), 128 on GPU.
     * ``mirror``: features of the horizontally mirrored images (a second view of each sample).
     * Shards of ``shard_rows`` rows are written to a temporary name, fsynced and renamed; the
       manifest (with each shard's SHA-256 and the fingerprint) comes last.
@@ -113,14 +121,16 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     if not isinstance(shard_rows, int) or shard_rows < 1:
         raise ValueError(f"shard_rows: expected a positive integer, got {shard_rows!r}")
     device = torch.device(device)
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
     rank, world = _rank_and_world()
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     os.makedirs(out_dir, exist_ok=True)
     spec = TransformSpec.for_backbone(backbone.preprocessing, size=image_size, mirror=mirror)
     resolved_backend = ImageLoader(data, spec, batch_size, backend=backend).backend
     wanted = fingerprint(backbone, data, spec, dtype, resolved_backend, shard_rows, device)
-    # channels_last: oneDNN's convolutions run about 2x faster on NHWC on this class of CPU.
-    backbone = backbone.freeze().to(device, memory_format=torch.channels_last)
+    # A frozen copy with batch norms folded into the convolutions, channels_last: oneDNN's
+    # convolutions run about 1.5x faster on NHWC on this class of CPU, the folding 1.25x more.
+    backbone = backbone.for_extraction().to(device, memory_format=torch.channels_last)
 
     lock = store.WriterLock(out_dir) if rank == 0 else contextlib.nullcontext()
     try:
@@ -193,7 +203,7 @@ def _write_manifest(out_dir: str, data, wanted: dict, shards: int) -> int:
     labels = np.asarray(data.labels, dtype=np.int64)
     label_bytes = store.npy_bytes(labels)
     store.write_atomic(os.path.join(out_dir, store.LABELS), label_bytes)
-    samples = _sample_ids(data)
+    samples = sample_ids(data)
     store.write_json_atomic(os.path.join(out_dir, store.SAMPLES), samples)
     entries = []
     for s in range(shards):

@@ -15,8 +15,9 @@ from fasttl.transfer import report
 from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
-from fasttl.transfer.rundir import write_config, write_metrics
-from fasttl.transfer.strategies import RUNNERS, Outcome, scratch
+from fasttl.cache.build import sample_ids
+from fasttl.transfer.rundir import write_config, write_metrics, write_predictions
+from fasttl.transfer.strategies import RUNNERS, Outcome, scratch, target_source
 
 DISPLAY = {"linear": "linear (feature transfer)", "mlp": "mlp (feature transfer)", "finetune": "finetune",
            "distill": "distill (student with teacher)", "dann": "dann", "scratch": "scratch (from random init)",
@@ -88,6 +89,8 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
                                    "history": r["history"], "notes": r["notes"]}
                             for name, r in results.items() if name != main})
     write_metrics(run_dir, payload)
+    evaluated = target_source(cfg.target_data, dataset.classes) if cfg.strategy == "dann" else dataset.test
+    write_predictions(run_dir, outcomes[0].logits, outcomes[0].labels, dataset.classes, sample_ids(evaluated))
     report.plot_confusion_matrix(results[main]["metrics"], os.path.join(run_dir, "confusion_matrix.png"),
                                  DISPLAY.get(main, main))
     report.plot_curves({DISPLAY.get(n, n): r["history"] for n, r in results.items()},
@@ -106,7 +109,8 @@ def summary(run_dir: str, results: Dict[str, dict], main: str, dataset: str) -> 
     for name, r in results.items():
         lines.append(f"{DISPLAY.get(name, name):<34} {r['metrics']['accuracy']:>9.4f} {r['metrics']['macro_f1']:>9.4f} "
                      f"{r['timings'].get('train_s', 0):>8.1f}")
-    lines += ["", f"run directory: {run_dir}  (report.md, metrics.json, confusion_matrix.png, curves.png, weights)"]
+    lines += ["", f"run directory: {run_dir}  (report.md, metrics.json, confusion_matrix.png, curves.png, "
+                      "predictions.csv, weights)"]
     if dataset == EMBEDDED:
         lines += ["", "That was the embedded default: scikit-learn's 8x8 digits through an ImageNet EfficientNet-Lite0.",
                   "Next:",

@@ -13,7 +13,25 @@ from fasttl.cache.store import read_json, write_atomic, write_json_atomic
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
+PREDICTIONS = "predictions.csv"
 CHECKPOINT = "checkpoint.pt"
+
+
+def write_predictions(run_dir: str, logits: torch.Tensor, labels: torch.Tensor, classes, samples) -> str:
+    """predictions.csv: per evaluated image its name, true class, predicted class and the
+    predicted class's probability, for error analysis beside the confusion matrix."""
+    import csv
+
+    probabilities = torch.softmax(logits.float(), dim=1)
+    confidence, predicted = probabilities.max(1)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["sample", "label", "predicted", "confidence"])
+    for sample, label, guess, p in zip(samples, labels.tolist(), predicted.tolist(), confidence.tolist()):
+        writer.writerow([sample, classes[label], classes[guess], f"{p:.4f}"])
+    path = os.path.join(run_dir, PREDICTIONS)
+    write_atomic(path, buffer.getvalue().encode())
+    return path
 
 
 def weights_file(name: str) -> str:

@@ -1,0 +1,56 @@
+"""`fasttl bench`: every benchmark runs in its smoke mode and writes its table, JSON and plot;
+the e2e accuracy comparison is paired on the same images."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fasttl.bench.e2e import paired_difference
+
+
+def test_bench_all_quick_writes_tables_json_and_plot(tmp_path, cifar10_root):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    env = {"FASTTL_BENCH_DATA": cifar10_root, "FASTTL_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "fasttl", "bench", "all", "--quick", "--json", str(out_json),
+                             "--plot", str(out_png)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr
+    for name in ("distill", "adam", "data", "cache", "e2e"):
+        assert f"## {name}" in result.stdout
+    payload = json.loads(out_json.read_text())
+    assert payload["quick"] is True and payload["machine"]["cores"] >= 1
+    results = {r["name"]: r for r in payload["results"]}
+    assert set(results) == {"distill", "adam", "data", "cache", "e2e"}
+    for r in results.values():
+        assert r["rows"] and r["table"].count("\n") >= 2
+    e2e = results["e2e"]
+    recipe, ours = e2e["rows"]
+    assert recipe["seconds"] > 0 and ours["seconds"] > 0
+    assert e2e["speedup"] == pytest.approx(recipe["seconds"] / ours["seconds"])
+    test_images = 10 * e2e["subset"]["test_per_class"]
+    paired = e2e["paired"]
+    # The paired counts agree with the two accuracies.
+    assert paired["difference"] == pytest.approx(ours["accuracy"] - recipe["accuracy"], abs=1e-6)  # fp32 metrics
+    assert paired["only_fasttl_right"] + paired["only_recipe_right"] <= test_images
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_difference_counts_disagreements():
+    ours = [True, True, False, True, False, True]
+    recipe = [True, False, False, False, True, True]
+    paired = paired_difference(ours, recipe)
+    assert paired["only_fasttl_right"] == 2 and paired["only_recipe_right"] == 1
+    assert paired["difference"] == pytest.approx(1 / 6)
+    # Variance of the mean of per-image differences (+1, -1, 0): (3 - 1/6) / 36.
+    assert paired["standard_error"] == pytest.approx(((2 + 1) - 1 / 6) ** 0.5 / 6)
+    same = paired_difference([True, False], [True, False])
+    assert same == {"difference": 0.0, "standard_error": 0.0, "only_fasttl_right": 0, "only_recipe_right": 0}
+
+
+@pytest.mark.parametrize("value", ["100", "a,b", "0,10", "10,-1"])
+def test_bench_e2e_subset_option_rejects_bad_values(value):
+    result = subprocess.run([sys.executable, "-m", "fasttl", "bench", "e2e", "--e2e-subset", value],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--e2e-subset" in result.stderr
