@@ -57,7 +57,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from fasttl.transfer.job import run
 
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "no_progress")}
+    # Options left unset stay out, so the job's own defaults apply (the embedded default's
+    # from-scratch baseline among them).
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "no_progress") and v is not None}
     options["progress"] = not args.no_progress
     try:
         run(print_summary=True, **options)

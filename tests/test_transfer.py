@@ -155,9 +155,15 @@ def test_dann_on_a_shifted_target(tiny_cifar, tmp_path):
 
 
 def test_embedded_default_runs_offline_with_its_baseline(tmp_path):
-    metrics = run(out=str(tmp_path / "default"), epochs=2, progress=False)
+    """`fasttl run` with no data: the digits, feature transfer beside the from-scratch baseline."""
+    out = tmp_path / "default"
+    result = subprocess.run([sys.executable, "-m", "fasttl", "run", "--epochs", "2", "--out", str(out),
+                             "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["samples"] == 450 and "scratch" in metrics["compare"]
     assert metrics["accuracy"] > 0.5
+    assert "scratch (from random init)" in result.stdout
 
 
 def test_cli_run_and_eval(tiny_cifar, tmp_path):
