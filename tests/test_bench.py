@@ -1,12 +1,15 @@
 """`fasttl bench`: every benchmark runs in its smoke mode and writes its table, JSON and plot;
 the e2e accuracy comparison is paired on the same images."""
+import importlib
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
+from fasttl.bench import runner
 from fasttl.bench.e2e import paired_difference
 
 
@@ -25,6 +28,8 @@ def test_bench_all_quick_writes_tables_json_and_plot(tmp_path, cifar10_root):
     assert set(results) == {"distill", "adam", "data", "cache", "e2e"}
     for r in results.values():
         assert r["rows"] and r["table"].count("\n") >= 2
+        bars = importlib.import_module(runner.BENCHMARKS[r["name"]]).speedups(r)  # each plot panel has bars
+        assert bars and all(math.isfinite(ratio) and ratio > 0 for _, ratio in bars), r["name"]
     e2e = results["e2e"]
     recipe, ours = e2e["rows"]
     assert recipe["seconds"] > 0 and ours["seconds"] > 0

@@ -12,25 +12,36 @@ PAIRS = {"AdamW": (fasttl.optim.AdamW, torch.optim.AdamW), "Adam": (fasttl.optim
 
 
 def run_pair(name, sizes, steps, device, **options):
-    """Runs fasttl (fp32) and torch (float64) on the same random grads; returns both param lists."""
+    """Runs fasttl (fp32) and torch (float64) on the same random inputs, rounded to fp32 once so
+    both start from the same numbers; returns both param lists and a per-element allowance for
+    the one ill-conditioned spot (see below)."""
     ours_cls, ref_cls = PAIRS[name]
-    init = [torch.randn(n, dtype=torch.float64) for n in sizes]
+    init = [torch.randn(n, dtype=torch.float64).float().double() for n in sizes]
     ours = [p.float().to(device).requires_grad_() for p in init]
     ref = [p.clone().requires_grad_() for p in init]
     opt = ours_cls(ours, **options)
     ref_opt = ref_cls(ref, **options)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
     ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=7, gamma=0.5)
-    for _ in range(steps):
-        for a, b in zip(ours, ref):
-            g = torch.randn(b.shape, dtype=torch.float64)
+    slack = [torch.zeros_like(p) for p in init]
+    for step in range(steps):
+        for a, b, extra in zip(ours, ref, slack):
+            g = torch.randn(b.shape, dtype=torch.float64).float().double()
+            if step == 0 and name == "Adam" and options.get("weight_decay"):
+                # Adam's first update is lr * g' / (|g'| + eps) with g' = +-g + wd * p: where g'
+                # nearly cancels, the fp32 rounding of that sum (a few ulps of |g| + wd |p|) moves
+                # the update by up to lr. torch's own fp32 Adam does the same; allow it there.
+                wd, eps = options["weight_decay"], options.get("eps", 1e-8)
+                rounding = 4 * 2.0 ** -24 * (g.abs() + wd * b.detach().abs())
+                effective = (-g if options.get("maximize") else g) + wd * b.detach()
+                extra += 4 * options["lr"] * torch.clamp(rounding / (effective.abs() + eps), max=2.0)
             a.grad = g.float().to(device)
             b.grad = g
         opt.step()
         ref_opt.step()
         sched.step()
         ref_sched.step()
-    return ours, ref
+    return ours, ref, slack
 
 
 @pytest.mark.parametrize("device", devices())
@@ -43,10 +54,15 @@ def run_pair(name, sizes, steps, device, **options):
     dict(lr=1e-2, betas=(0.5, 0.9), eps=1e-6),
 ], ids=["plain", "decay", "amsgrad", "maximize", "betas-eps"])
 def test_fp32_matches_torch_float64(device, name, options):
-    ours, ref = run_pair(name, SIZES, 22, device, **options)
-    for a, b in zip(ours, ref):
+    ours, ref, slack = run_pair(name, SIZES, 22, device, **options)
+    for a, b, extra in zip(ours, ref, slack):
         # 22 steps of lr <= 1e-2: fp32 rounding of the state stays far below 1e-5.
-        torch.testing.assert_close(a.detach().cpu().double(), b.detach(), atol=2e-5, rtol=1e-5)
+        error = (a.detach().cpu().double() - b.detach()).abs()
+        allowed = 2e-5 + 1e-5 * b.detach().abs() + extra
+        worst = int((error - allowed).argmax())
+        assert bool((error <= allowed).all()), (f"element {worst}: fasttl {float(a.detach().cpu()[worst])}, "
+                                                f"float64 {float(b.detach()[worst])}, allowed {float(allowed[worst])}")
+        assert float(extra.mean()) < 1e-6  # the allowance stays confined to the rare cancelling spots
         assert not torch.equal(a.detach().cpu().double(), torch.zeros_like(b))
 
 
@@ -75,7 +91,9 @@ def test_low_precision_params_track_an_fp32_master(device, dtype, grad_dtype):
     sizes = [1, 300, 4097, 65537]
     init = [torch.randn(n) for n in sizes]
     params = [p.to(dtype).to(device).requires_grad_() for p in init]
-    if grad_dtype == "fp32" and hasattr(params[0], "grad_dtype"):
+    if grad_dtype == "fp32":
+        if not hasattr(params[0], "grad_dtype"):
+            pytest.skip("this torch refuses an fp32 .grad on a low-precision param (grad_dtype came in torch 2.10)")
         for p in params:
             p.grad_dtype = None  # torch >= 2.10 otherwise insists that grads match the param dtype
     ref = [p.to(dtype).float().clone().requires_grad_() for p in init]  # same start as the master

@@ -3,7 +3,7 @@ torch.optim.AdamW (foreach, fused), and bf16 + fp32 master weights beside the Py
 way of getting the same result (fused fp32 AdamW on fp32 masters, then a copy into the model)."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -87,6 +87,11 @@ def run(device: str = "cpu", quick: bool = False) -> Dict[str, object]:
                       f"place); copy into another buffer: {copy:.1f} GB/s.",
                       "GB/s counts the bytes each way must move: 28 per param for a fused pass, 40 for the two-step way.",
                       "vs fasttl: time of that row / time of fasttl's row in the same precision (>1: fasttl faster)."]}
+
+
+def speedups(result: Dict[str, object]) -> List[Tuple[str, float]]:
+    """(label, alternative's time / fasttl's) for the bar chart."""
+    return [(r["case"], r["vs_fasttl"]) for r in result["rows"] if "fasttl" not in r["case"]]
 
 
 def table(result: Dict[str, object]) -> str:

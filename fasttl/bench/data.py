@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Dict
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -66,6 +66,19 @@ def run(device: str = "cpu", quick: bool = False, data: str = None) -> Dict[str,
         "forward: EfficientNet-Lite0 images/s at the same size on the same device, as feature extraction runs it "
         "(frozen, batch norms folded, channels_last, fp32 on CPU / bf16 autocast on GPU, batch 32 on CPU / 128 on "
         "GPU)."]}
+
+
+def speedups(result: Dict[str, object]) -> List[Tuple[str, float]]:
+    """(label, ratio) for the bar chart: the pipeline over the backbone's forward (DALI, or the
+    fallback where DALI is missing), and DALI over the fallback."""
+    bars = []
+    for r in result["rows"]:
+        if r.get("dali_ips"):
+            bars += [(f"{r['size']} px\nDALI / fallback", r["dali_ips"] / r["torch_ips"]),
+                     (f"{r['size']} px\nDALI / forward", r["dali_ips"] / r["forward_ips"])]
+        else:
+            bars.append((f"{r['size']} px\nfallback / forward (no DALI)", r["torch_ips"] / r["forward_ips"]))
+    return bars
 
 
 def table(result: Dict[str, object]) -> str:
