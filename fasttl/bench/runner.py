@@ -63,7 +63,9 @@ def plot(payload: Dict[str, object], path: str) -> None:
             ax.set_yscale("log")  # a 300x bar beside a 1.3x one
         ax.set_xticks(range(len(ratios)), labels, fontsize=7)
         ax.set_ylabel("ratio (x), > 1: fasttl ahead")
-        ax.set_title(f"{result['name']} on {result['device']}")
+        subset = result.get("subset")
+        ax.set_title(f"{result['name']} on {result['device']}"
+                     + (f", {subset['train_per_class']} training images per class" if subset else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
