@@ -4,8 +4,7 @@
 #include <vector>
 
 #include "fasttl/adam.h"
-#include "fasttl/dispatch.h"
-#include "fasttl/kernels.h"
+#include "fasttl/adam_dispatch.h"
 
 namespace fasttl {
 namespace {
@@ -67,13 +66,9 @@ void adam_step_typed(const AdamArgs& a, const AdamHyper& h, float inv_scale) {
 void adam_step_cpu(const AdamArgs& a) {
   if (a.found_inf && *a.found_inf != 0.0f) return;
   const float inv_scale = a.grad_scale ? 1.0f / *a.grad_scale : 1.0f;
-  const AdamHyper h{a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.decoupled_weight_decay, a.amsgrad, a.maximize};
-  dispatch_float2(a.param_dtype, a.grad_dtype, "adam_step_cpu", [&](auto p_tag, auto g_tag) {
-    using P = decltype(p_tag);
-    using G = decltype(g_tag);
-    dispatch_flags(a.has_master, a.amsgrad, [&](auto master, auto amsgrad) {
-      adam_step_typed<P, G, decltype(master)::value, decltype(amsgrad)::value>(a, h, inv_scale);
-    });
+  dispatch_adam(a, "adam_step_cpu", [&](auto p_tag, auto g_tag, auto master, auto amsgrad) {
+    adam_step_typed<decltype(p_tag), decltype(g_tag), decltype(master)::value, decltype(amsgrad)::value>(
+        a, adam_hyper(a), inv_scale);
   });
 }
 

@@ -5,9 +5,8 @@
 #include <vector>
 
 #include "fasttl/adam.h"
+#include "fasttl/adam_dispatch.h"
 #include "fasttl/cuda_utils.cuh"
-#include "fasttl/dispatch.h"
-#include "fasttl/kernels.h"
 
 namespace fasttl {
 namespace {
@@ -84,13 +83,9 @@ void adam_launch_all(const AdamArgs& a, const AdamHyper& h, cudaStream_t stream)
 
 void adam_step_cuda(const AdamArgs& a, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
-  const AdamHyper h{a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.decoupled_weight_decay, a.amsgrad, a.maximize};
-  dispatch_float2(a.param_dtype, a.grad_dtype, "adam_step_cuda", [&](auto p_tag, auto g_tag) {
-    using P = decltype(p_tag);
-    using G = decltype(g_tag);
-    dispatch_flags(a.has_master, a.amsgrad, [&](auto master, auto amsgrad) {
-      adam_launch_all<P, G, decltype(master)::value, decltype(amsgrad)::value>(a, h, stream);
-    });
+  dispatch_adam(a, "adam_step_cuda", [&](auto p_tag, auto g_tag, auto master, auto amsgrad) {
+    adam_launch_all<decltype(p_tag), decltype(g_tag), decltype(master)::value, decltype(amsgrad)::value>(
+        a, adam_hyper(a), stream);
   });
 }
 

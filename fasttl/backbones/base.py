@@ -99,7 +99,7 @@ class Backbone(nn.Module, abc.ABC):
                                 f"{type(conv).__name__}/{type(bn).__name__}, expected Conv2d/BatchNorm2d")
             setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
             setattr(parent, bn_name, nn.Identity())
-        return frozen.freeze()
+        return frozen
 
     def weights_hash(self) -> str:
         """SHA-256 over the state dict (names, shapes, dtypes and values): identifies the weights."""

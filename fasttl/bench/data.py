@@ -2,7 +2,6 @@
 backbone's own forward throughput at the same size (the pipeline must never be the bottleneck)."""
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from typing import Dict, List, Tuple
@@ -10,7 +9,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from fasttl import backbones
-from fasttl.cache.build import default_batch_size
+from fasttl.cache.build import default_batch_size, extraction_autocast, extraction_model
 from fasttl.bench.common import format_table
 from fasttl.data import ImageLoader, TransformSpec, class_folder_splits, dali_available
 
@@ -33,8 +32,7 @@ def _forward_images_per_second(model, size: int, device: str, repeats: int = 3) 
     device = torch.device(device)
     batch = default_batch_size(device)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with autocast:
+    with extraction_autocast(device):
         model.forward_pooled(x)
         start = time.perf_counter()
         for _ in range(repeats):
@@ -49,7 +47,7 @@ def run(device: str = "cpu", quick: bool = False, data: str = None) -> Dict[str,
     _, test = class_folder_splits(root)
     count = 512 if quick else 4000
     source = test.subset(range(0, len(test), max(1, len(test) // count)))
-    model = backbones.create("efficientnet_lite0").for_extraction().to(device, memory_format=torch.channels_last)
+    model = extraction_model(backbones.create("efficientnet_lite0"), torch.device(device))
     rows = []
     for size in ([128] if quick else [128, 224]):
         spec = TransformSpec.for_backbone(model.preprocessing, size=size)

@@ -43,6 +43,18 @@ def fingerprint(backbone, source: Union[FileSource, ArraySource], spec: Transfor
     }
 
 
+def extraction_model(backbone, device: torch.device):
+    """The copy of `backbone` extraction runs: frozen, batch norms folded into the convolutions,
+    channels_last (oneDNN's convolutions run about 1.5x faster on NHWC on this class of CPU,
+    the folding 1.25x more)."""
+    return backbone.for_extraction().to(device, memory_format=torch.channels_last)
+
+
+def extraction_autocast(device: torch.device):
+    """bf16 autocast on GPU (as compute_settings records), none on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def default_batch_size(device: torch.device) -> int:
     return 128 if device.type == "cuda" else 32
 
@@ -82,10 +94,9 @@ def _extract_shard(backbone, source, spec, shard: int, shard_rows: int, dtype: t
     features = torch.empty((rows, backbone.feature_dim), dtype=dtype, device=device)
     scales = torch.empty(rows, dtype=torch.float32, device=device) if dtype == torch.int8 else None
     loader = ImageLoader(source.subset(range(start, stop)), spec, batch_size, backend=backend, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     written = 0
     for images, _ in loader:
-        with autocast:
+        with extraction_autocast(device):
             feature_map = backbone.forward_features(images.contiguous(memory_format=torch.channels_last))
         n = images.shape[0]
         pool_store(feature_map, features, torch.arange(written, written + n, device=device), scales)
@@ -128,9 +139,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     spec = TransformSpec.for_backbone(backbone.preprocessing, size=image_size, mirror=mirror)
     resolved_backend = ImageLoader(data, spec, batch_size, backend=backend).backend
     wanted = fingerprint(backbone, data, spec, dtype, resolved_backend, shard_rows, device)
-    # A frozen copy with batch norms folded into the convolutions, channels_last: oneDNN's
-    # convolutions run about 1.5x faster on NHWC on this class of CPU, the folding 1.25x more.
-    backbone = backbone.for_extraction().to(device, memory_format=torch.channels_last)
+    backbone = extraction_model(backbone, device)
 
     lock = store.WriterLock(out_dir) if rank == 0 else contextlib.nullcontext()
     try:

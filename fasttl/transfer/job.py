@@ -17,7 +17,7 @@ from fasttl.transfer.datasets import EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.cache.build import sample_ids
 from fasttl.transfer.rundir import write_config, write_metrics, write_predictions
-from fasttl.transfer.strategies import RUNNERS, Outcome, scratch, target_source
+from fasttl.transfer.strategies import RUNNERS, Outcome, scratch
 
 DISPLAY = {"linear": "linear (feature transfer)", "mlp": "mlp (feature transfer)", "finetune": "finetune",
            "distill": "distill (student with teacher)", "dann": "dann", "scratch": "scratch (from random init)",
@@ -89,8 +89,8 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
                                    "history": r["history"], "notes": r["notes"]}
                             for name, r in results.items() if name != main})
     write_metrics(run_dir, payload)
-    evaluated = target_source(cfg.target_data, dataset.classes) if cfg.strategy == "dann" else dataset.test
-    write_predictions(run_dir, outcomes[0].logits, outcomes[0].labels, dataset.classes, sample_ids(evaluated))
+    write_predictions(run_dir, outcomes[0].logits, outcomes[0].labels, dataset.classes,
+                      outcomes[0].samples or sample_ids(dataset.test))
     report.plot_confusion_matrix(results[main]["metrics"], os.path.join(run_dir, "confusion_matrix.png"),
                                  DISPLAY.get(main, main))
     report.plot_curves({DISPLAY.get(n, n): r["history"] for n, r in results.items()},

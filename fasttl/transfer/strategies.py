@@ -16,6 +16,7 @@ from torch import Tensor, nn
 import fasttl
 from fasttl import backbones
 from fasttl.cache import FeatureCache, make_head, predict_cache
+from fasttl.cache.build import sample_ids
 from fasttl.cache.heads import evaluate_head, feature_statistics, head_epoch
 from fasttl.data import DataError, ImageLoader, TransformSpec, class_folder_splits
 from fasttl.optim import AdamW
@@ -41,6 +42,7 @@ class Outcome:
     timings: Dict[str, float] = field(default_factory=dict)
     weights: str = ""
     notes: Dict[str, object] = field(default_factory=dict)
+    samples: Optional[List[str]] = None  # names of the evaluated images when not the test split's
 
 
 def _rank() -> int:
@@ -355,6 +357,7 @@ def dann(cfg: RunConfig, ds: Dataset, run_dir: str) -> List[Outcome]:
     for name, adversarial in (("dann", True), ("source_only", False)):
         outcomes.append(_train_dann(cfg, caches["train"], caches["test"], target_cache, run_dir, name, adversarial))
         outcomes[-1].timings["extract_s"] = extract_s
+        outcomes[-1].samples = sample_ids(target)
     return outcomes
 
 
