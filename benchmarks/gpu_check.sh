@@ -2,7 +2,13 @@
 # One prepared check for a lent GPU machine (CUDA toolkit, PyTorch preinstalled, no DALI, no
 # network): build fasttl for the GPU present, run the CUDA tests, run compute-sanitizer memcheck
 # over each kernel's CUDA tests, run the GPU benchmarks, and print a short table last.
+# Then the transfer job itself: `fasttl run --device cuda` for every strategy on a small CIFAR-10
+# subset, and fine-tuning throughput at 224 px (benchmarks/gpu_job_check.py).
 # Logs and JSON go to $OUT (or ./gpu_check_out). Budget: under 8 minutes on an H100.
+#
+# Before the device call, here: python benchmarks/make_gpu_subset.py   (gpu_data/, git-ignored, ~7 MB)
+# The device call (one, prepared; leaves time to rerun once in a 15-minute budget):
+#   run(command="bash benchmarks/gpu_check.sh", carry=["gpu_data"], timeout_s=540)
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
 set -uo pipefail
@@ -55,9 +61,19 @@ step "GPU benchmarks"
 python3 -m fasttl bench distill adam --device cuda --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1 || status=1
 python3 -m fasttl bench cache --device cuda --quick --json "$OUT/bench_gpu_cache.json" >> "$OUT/bench_gpu.log" 2>&1 || status=1
 
+step "the transfer job on CUDA (every strategy) and finetune throughput"
+if [ -d "$REPO/gpu_data/cifar10-small" ]; then
+  timeout 300 python3 "$REPO/benchmarks/gpu_job_check.py" --data "$REPO/gpu_data/cifar10-small" --out "$OUT/job" \
+    > "$OUT/job_check.log" 2>&1 || status=1
+else
+  echo "gpu_data/cifar10-small missing: run python benchmarks/make_gpu_subset.py and carry gpu_data" \
+    | tee "$OUT/job_check.log"; status=1
+fi
+
 step "summary"
 cat "$OUT/info.txt"
 grep -E "passed|failed" "$OUT/cuda_tests.log" | tail -1
 cat "$OUT/memcheck_summary.txt"
 cat "$OUT/bench_gpu.log"
+tail -20 "$OUT/job_check.log"
 exit $status

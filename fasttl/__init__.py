@@ -1,8 +1,18 @@
 """fasttl: fast transfer learning with fused native kernels (CPU always, CUDA when built)."""
+import importlib
+
 from fasttl import nn, optim
 from fasttl._native import build_info
+from fasttl._version import __version__
 from fasttl.cache import FeatureCache
 from fasttl.losses import distillation_loss
 
-__version__ = "0.1.0"
-__all__ = ["FeatureCache", "distillation_loss", "nn", "optim", "build_info", "__version__"]
+
+_SUBPACKAGES = ("backbones", "cache", "data", "transfer")  # imported on first use (DALI, matplotlib stay unloaded)
+__all__ = ["FeatureCache", "distillation_loss", "nn", "optim", "build_info", "__version__", *_SUBPACKAGES]
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"fasttl.{name}")
+    raise AttributeError(f"module 'fasttl' has no attribute {name!r}")

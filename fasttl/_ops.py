@@ -1,6 +1,12 @@
 """torch.library ops: schema, CPU/CUDA kernels, fake (shape-only) implementation and autograd of
-every fasttl op, so each works under torch.compile and passes torch.library.opcheck. The public
-functions validate user arguments; these check only what depends on data.
+every fasttl op, so each works under torch.compile and passes torch.library.opcheck.
+
+The native kernels take raw pointers, so every op implementation here validates all it passes
+on: dtypes, devices, dims, sizes, strides and index ranges (``torch.ops.fasttl.*`` called
+directly raises ValueError/TypeError, never reads or writes out of bounds). The fake
+implementations run the same metadata checks, so torch.compile refuses what eager refuses. Index
+ranges depend on data: checked on the host for CPU tensors; on CUDA by a device-side assert (no
+host sync in the training loop), the way PyTorch's own indexing ops check them.
 
 The ops are defined with the low-level torch.library.Library API, not @custom_op: custom_op
 wraps each kernel so that its first call imports torch._dynamo (1.3 s on a 2-core CPU), a
@@ -8,8 +14,9 @@ pause every script would pay at its first fasttl call."""
 from __future__ import annotations
 
 import contextlib
+import math
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -20,6 +27,144 @@ from fasttl._native import dtype_code, native, require_cuda_kernels, stream_hand
 def _unit_column_stride(x: Tensor) -> Tensor:
     """Rows may be strided (a slice of a larger batch); columns must be contiguous."""
     return x if x.dim() == 2 and (x.stride(1) == 1 or x.size(1) <= 1) else x.contiguous()
+
+
+# ---- argument checks shared by the kernels and the fake implementations --------------------------
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CACHE_DTYPES = _FLOAT_DTYPES + (torch.int8,)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+_GATHER_OUT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def _check_tensor(name: str, x, dtypes: Sequence[torch.dtype], dims: Sequence[int]) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: got {type(x).__name__} (expected a torch.Tensor)")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name}: layout {x.layout} is not supported (expected a dense, strided tensor)")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name}: dtype {x.dtype} is not supported (expected one of {_names(dtypes)})")
+    if x.dim() not in dims:
+        expected = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{name}: has shape {tuple(x.shape)} (expected a {expected} tensor)")
+
+
+def _check_device(name: str, x: Tensor, device: torch.device, owner: str) -> None:
+    if x.device != device:
+        raise ValueError(f"{name}: is on {x.device} (expected {owner}'s device, {device})")
+
+
+def _check_index(name: str, index, length: int, device: torch.device, owner: str) -> None:
+    """A 1-D int32/int64 index tensor of `length` entries on `device` (values checked apart)."""
+    _check_tensor(name, index, _INDEX_DTYPES, (1,))
+    if index.numel() != length:
+        raise ValueError(f"{name}: has {index.numel()} entries (expected {length}, one per row)")
+    _check_device(name, index, device, owner)
+
+
+def _as_int64(index: Tensor) -> Tensor:
+    # The kernels walk a contiguous int64 array: a strided or int32 index would be misread.
+    return index.to(torch.int64).contiguous()
+
+
+def _check_range(name: str, index: Tensor, limit: int, ignore_index: Optional[int] = None) -> Tensor:
+    """Values in [0, limit) (or equal to ignore_index). Returns the index safe to hand to a kernel."""
+    if index.numel() == 0:
+        return index
+    bad = (index < 0) | (index >= limit)
+    if ignore_index is not None:
+        bad &= index != ignore_index
+    if index.device.type == "cuda":
+        # No host sync in the hot path: a device-side assert stops the stream before the kernel
+        # runs, and bad entries are redirected to a valid one so nothing is ever read out of bounds.
+        torch._assert_async(~bad.any(), f"{name}: index out of range [0, {limit})")
+        safe = 0 if ignore_index is None else ignore_index
+        return torch.where(bad, torch.full_like(index, safe), index)
+    if bool(bad.any()):
+        allowed = f"[0, {limit})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+        raise ValueError(f"{name}: index {index[bad][:5].tolist()} out of range (expected values in {allowed})")
+    return index
+
+
+def _check_unique(name: str, index: Tensor) -> None:
+    """Distinct values: two writes to one row race (OpenMP threads, CUDA blocks) and may mix."""
+    if index.numel() < 2:
+        return
+    ordered = index.sort().values
+    repeated = ordered[1:] == ordered[:-1]
+    if index.device.type == "cuda":
+        torch._assert_async(~repeated.any(), f"{name}: repeated row index")
+    elif bool(repeated.any()):
+        raise ValueError(f"{name}: row {ordered[1:][repeated][:5].tolist()} repeated (expected distinct rows)")
+
+
+def _shares_memory(a: Tensor, b: Optional[Tensor]) -> bool:
+    if b is None or a.numel() == 0 or b.numel() == 0 or a.device.type == "meta":
+        return False  # meta storages all sit at address 0
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _check_distill_rows(student, teacher, target, temperature: float, alpha: float) -> None:
+    _check_tensor("student", student, _FLOAT_DTYPES, (2,))
+    _check_tensor("teacher", teacher, _FLOAT_DTYPES, (2,))
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher: has shape {tuple(teacher.shape)} (expected the student's, {tuple(student.shape)})")
+    if student.shape[1] < 1:
+        raise ValueError(f"student: has shape {tuple(student.shape)} (expected at least one class)")
+    _check_device("teacher", teacher, student.device, "student")
+    if target is not None:
+        _check_index("target", target, student.shape[0], student.device, "student")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: is {temperature} (expected a finite number > 0)")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: is {alpha} (expected a number in [0, 1])")
+
+
+def _check_pool_store(src, cache, scales, rows) -> None:
+    _check_tensor("src", src, _FLOAT_DTYPES, (2, 4))
+    if src.dim() == 4 and src.shape[2] * src.shape[3] == 0:
+        raise ValueError(f"src: has shape {tuple(src.shape)} (expected H * W >= 1 to average over)")
+    _check_tensor("cache", cache, _CACHE_DTYPES, (2,))
+    _check_device("cache", cache, src.device, "src")
+    if cache.shape[1] != src.shape[1]:
+        raise ValueError(f"cache: has {cache.shape[1]} columns (expected src's {src.shape[1]} channels)")
+    if not cache.is_contiguous():
+        raise ValueError("cache: is not contiguous (expected a contiguous tensor: rows are written in place)")
+    _check_scales(scales, cache, written=True)
+    _check_index("rows", rows, src.shape[0], src.device, "src")
+
+
+def _check_scales(scales, cache: Tensor, written: bool) -> None:
+    """int8 caches: float32 (rows,) scales on the cache's device; other caches: none."""
+    if cache.dtype != torch.int8:
+        if scales is not None:
+            raise ValueError(f"scales: given for a {cache.dtype} cache (expected None: only int8 caches have scales)")
+        return
+    if scales is None:
+        raise ValueError(f"scales: missing (an int8 cache needs float32 scales of shape ({cache.shape[0]},))")
+    _check_tensor("scales", scales, (torch.float32,), (1,))
+    if scales.shape[0] != cache.shape[0]:
+        raise ValueError(f"scales: has shape {tuple(scales.shape)} (expected ({cache.shape[0]},), one per cache row)")
+    _check_device("scales", scales, cache.device, "cache")
+    if written and not scales.is_contiguous():
+        raise ValueError("scales: is not contiguous (expected a contiguous tensor: it is written in place)")
+    if written and _shares_memory(scales, cache):
+        raise ValueError("scales: shares memory with cache (expected separate tensors)")
+
+
+def _check_gather(cache, scales, indices, out_dtype) -> None:
+    _check_tensor("cache", cache, _CACHE_DTYPES, (2,))
+    if not cache.is_contiguous():
+        raise ValueError("cache: is not contiguous (expected a contiguous tensor)")
+    _check_scales(scales, cache, written=False)
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"indices: got {type(indices).__name__} (expected a torch.Tensor)")
+    _check_index("indices", indices, indices.numel(), cache.device, "cache")
+    if out_dtype not in _GATHER_OUT_DTYPES:
+        raise ValueError(f"out_dtype: {out_dtype} is not supported (expected one of {_names(_GATHER_OUT_DTYPES)})")
 
 
 _LIB = torch.library.Library("fasttl", "DEF")
@@ -50,19 +195,14 @@ def _distill_rows_kernel(student: Tensor, teacher: Tensor, target: Optional[Tens
                          alpha: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
     """Per-row distillation loss (fp32, shape (B,)) and its gradient w.r.t. the student logits
     (student dtype, shape (B, C)), computed in one native call."""
+    _check_distill_rows(student, teacher, target, temperature, alpha)
     student = _unit_column_stride(student)
     teacher = _unit_column_stride(teacher)
     rows, classes = student.shape
     loss_rows = torch.empty(rows, dtype=torch.float32, device=student.device)
     grad = torch.empty((rows, classes), dtype=student.dtype, device=student.device)
     if target is not None:
-        target = target.to(torch.int64).contiguous()
-        bad = (target != ignore_index) & ((target < 0) | (target >= classes))
-        if bool(bad.any()):
-            raise ValueError(
-                f"target: class indices must be in [0, {classes}) or equal ignore_index={ignore_index}; "
-                f"got {target[bad][:5].tolist()}"
-            )
+        target = _check_range("target", _as_int64(target), classes, ignore_index=int(ignore_index))
     run_distill_rows(student, teacher, target, temperature, alpha, ignore_index, loss_rows, grad)
     return loss_rows, grad
 
@@ -89,6 +229,7 @@ def run_distill_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor],
 
 @_fake("distill_rows")
 def _distill_rows_fake(student, teacher, target, temperature, alpha, ignore_index):
+    _check_distill_rows(student, teacher, target, temperature, alpha)
     rows, classes = student.shape
     return student.new_empty((rows,), dtype=torch.float32), student.new_empty((rows, classes))
 
@@ -170,15 +311,26 @@ def _native_call(device: torch.device, name: str, *args) -> None:
 def _pool_store_kernel(src: Tensor, cache: Tensor, scales: Optional[Tensor], rows: Tensor) -> None:
     """Average-pools src (N, C, H, W) or (N, C) over H*W, converts to cache's dtype (int8: with a
     per-row scale into `scales`) and writes cache[rows[i]] for each i."""
+    _check_pool_store(src, cache, scales, rows)
+    rows = _check_range("rows", _as_int64(rows), cache.shape[0])
+    _check_unique("rows", rows)
+    # An input that is a view of an output would be read while it is written.
+    if _shares_memory(src, cache) or _shares_memory(src, scales):
+        src = src.clone()
+    if _shares_memory(rows, cache) or _shares_memory(rows, scales):
+        rows = rows.clone()
     src = src.contiguous()
     n, channels = src.shape[0], src.shape[1]
-    hw = src[0, 0].numel() if n and channels else 1
+    if n == 0 or (channels == 0 and scales is None):
+        return  # nothing to write (an int8 cache still gets the scales of its empty rows)
+    hw = src[0, 0].numel() if channels else 1
     _native_call(src.device, "pool_store", src.data_ptr(), dtype_code(src), n, channels, hw, cache.data_ptr(),
                  dtype_code(cache), _address(scales), rows.data_ptr())
 
 
 @_fake("pool_store")
 def _pool_store_fake(src, cache, scales, rows):
+    _check_pool_store(src, cache, scales, rows)
     return None
 
 
@@ -188,7 +340,14 @@ pool_store = torch.ops.fasttl.pool_store.default
 @_kernel("gather")
 def _gather_kernel(cache: Tensor, scales: Optional[Tensor], indices: Tensor, out_dtype: torch.dtype) -> Tensor:
     """out[i] = cache[indices[i]] dequantized to out_dtype (float32 or bfloat16), contiguous."""
+    _check_gather(cache, scales, indices, out_dtype)
+    if cache.shape[0] == 0 and indices.numel():
+        raise ValueError(f"indices: {indices.numel()} entries index an empty cache (expected none)")
+    indices = _check_range("indices", _as_int64(indices), cache.shape[0])
+    scales = None if scales is None else scales.contiguous()
     out = torch.empty((indices.numel(), cache.shape[1]), dtype=out_dtype, device=cache.device)
+    if out.numel() == 0:
+        return out  # also spares CUDA a launch of zero blocks
     _native_call(cache.device, "gather", cache.data_ptr(), dtype_code(cache), _address(scales), indices.data_ptr(),
                  indices.numel(), cache.shape[1], out.data_ptr(), dtype_code(out))
     return out
@@ -196,6 +355,7 @@ def _gather_kernel(cache: Tensor, scales: Optional[Tensor], indices: Tensor, out
 
 @_fake("gather")
 def _gather_fake(cache, scales, indices, out_dtype):
+    _check_gather(cache, scales, indices, out_dtype)
     return cache.new_empty((indices.shape[0], cache.shape[1]), dtype=out_dtype)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -46,7 +47,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     summaries = extract(args.backbone, args.data, args.out, weights=args.weights, image_size=args.image_size,
                         dtype=args.dtype, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
-                        shard_rows=args.shard_rows, backend=args.backend, progress=not args.no_progress)
+                        shard_rows=args.shard_rows, backend=args.backend, progress=not args.no_progress,
+                        on_error=args.on_error)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print("\n".join(format_summary(summaries)))
     if dist.is_initialized():
@@ -70,58 +72,79 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_error_types() -> tuple:
+    """Errors that come from what the user asked for or handed fasttl, not from a bug."""
+    from fasttl.cache.cache import CacheError
+    from fasttl.cache.store import CacheLockedError
+    from fasttl.data import DataError
+    from fasttl.errors import UserError
+
+    return (UserError, DataError, CacheError, CacheLockedError, FileNotFoundError, PermissionError,
+            IsADirectoryError, NotADirectoryError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if text else type(exc).__name__
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from fasttl.transfer.evaluate import evaluate_run
 
-    metrics = evaluate_run(args.run_dir, args.data, progress=not args.no_progress)
+    metrics = evaluate_run(args.run_dir, args.data, progress=not args.no_progress, device=args.device)
     print(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
           f"({metrics['samples']} images of {metrics['data']}); written to {args.run_dir}/eval_metrics.json")
     return 0
 
 
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field. Every default is None, so options left unset stay out and
+    RunConfig's own defaults (and the strategy's) apply; --help shows them."""
+    from fasttl.transfer.config import options
+
+    for name, default, meta in options():
+        if not meta["cli"]:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if meta["kind"] is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=meta["help"])
+            continue
+        choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+        shown = "" if default is None else f" (default {default})"
+        parser.add_argument(flag, type=meta["kind"], choices=choices, metavar=meta["metavar"], default=None,
+                            help=meta["help"] + shown)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with git's one-line errors: `fasttl: error: ...`, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"fasttl: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fasttl", description="Fast transfer learning from pretrained backbones.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="fasttl", description="Fast transfer learning from pretrained backbones.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     p = sub.add_parser("info", help="show versions, native build, CUDA architectures, GPU, OpenMP and DALI")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_info)
 
-    from fasttl.transfer.config import STRATEGIES
+    from fasttl.transfer import registry
 
+    strategies = "\n".join(f"  {name:<10} {registry.get(name).help}" for name in registry.names())
     p = sub.add_parser("run", help="transfer an ImageNet backbone to a target task (the main job)",
-                       description="With no arguments: the embedded default (scikit-learn digits, linear, beside "
-                                   "a from-scratch CNN), offline, in under two minutes on 2 CPU cores.")
-    p.add_argument("--data", help="'digits' (embedded default), 'cifar10' ($FASTTL_DATA), or a class-folder DIR")
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--weights", metavar="FILE", help="backbone state dict file")
-    p.add_argument("--strategy", default="linear", choices=STRATEGIES)
-    p.add_argument("--image-size", type=int, metavar="N", help="backbone input size (default 64 for digits, else 128)")
-    p.add_argument("--epochs", type=int, metavar="N")
-    p.add_argument("--batch-size", type=int, metavar="N")
-    p.add_argument("--lr", type=float, metavar="X")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<data>-<strategy>)")
-    p.add_argument("--compare", choices=["scratch"], help="train the from-scratch baseline beside")
-    p.add_argument("--teacher", metavar="RUN_DIR", help="distill: the teacher run (linear, mlp or finetune)")
-    p.add_argument("--target-data", metavar="DIR", help="dann: the unlabeled target domain (class folders)")
-    p.add_argument("--train-per-class", type=int, metavar="N", help="use N training images per class (seeded)")
-    p.add_argument("--test-per-class", type=int, metavar="N", help="use N test images per class (seeded)")
-    p.add_argument("--finetune-stages", type=int, metavar="K", help="finetune: unfreeze the top K stages (default all)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="finetune: bf16 params with fp32 master weights (auto: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--temperature", type=float, default=4.0, help="distill: softening temperature")
-    p.add_argument("--alpha", type=float, default=0.9, help="distill: weight of the soft term")
-    p.add_argument("--cache-dtype", default="fp16", choices=["fp16", "bf16", "fp32", "int8"])
-    p.add_argument("--mirror-views", action="store_true",
-                   help="linear/mlp: also cache the mirrored images; train on both views, average them at test")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished epoch")
-    p.add_argument("--no-progress", action="store_true")
+                       description="With no arguments: the embedded default (ImageNet EfficientNet-Lite0 to "
+                                   "CIFAR-10 mini by feature transfer, beside a from-scratch CNN), offline, in about "
+                                   "a minute on 2 CPU cores.",
+                       epilog=f"strategies:\n{strategies}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_options(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("eval", help="re-evaluate a saved run on data")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data", help="data to evaluate on (default: the run's own)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
@@ -137,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-rows", type=int, default=4096, metavar="N", help="rows per shard file (default 4096)")
     p.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"], help="input pipeline")
     p.add_argument("--overwrite", action="store_true", help="rebuild a cache built for something else")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="an unreadable image: fail (default, names it) or skip (left out, listed in the manifest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
 
@@ -166,8 +191,11 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        return args.func(args)
+    except Exception as exc:
+        # A user's mistake is one line naming the culprit and the fix; a bug keeps its traceback.
+        if os.environ.get("FASTTL_DEBUG") == "1" or not isinstance(exc, _user_error_types()):
+            raise
+        print(f"fasttl: error: {_one_line(exc)}", file=sys.stderr)
+        return 2

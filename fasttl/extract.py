@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from fasttl import backbones
-from fasttl.cache.build import build_cache
+from fasttl.cache import FeatureCache
 from fasttl.data import class_folder_splits
 
 
@@ -27,17 +27,20 @@ def init_distributed(device: str) -> torch.device:
 
 def extract(backbone_name: str, data: str, out: str, *, weights: str = None, image_size: int = None,
             dtype: str = "fp16", batch_size: Optional[int] = None, device: str = "cpu", overwrite: bool = False,
-            shard_rows: int = 4096, backend: str = "auto", progress: bool = True) -> Dict[str, dict]:
-    """Builds one cache per split: OUT/train and OUT/test when DATA has train/ and test/, else OUT/all."""
+            shard_rows: int = 4096, backend: str = "auto", progress: bool = True,
+            on_error: str = "fail") -> Dict[str, dict]:
+    """Builds one cache per split: OUT/train and OUT/test when DATA has train/ and test/, else OUT/all.
+    ``on_error="skip"`` leaves out images that do not decode (listed in each manifest's "skipped"
+    and counted in the summary); ``"fail"`` (default) stops at the first, naming it."""
     torch_device = init_distributed(device)
     model = backbones.create(backbone_name, weights=weights)
     train, test = class_folder_splits(data)
     splits = {"train": train, "test": test} if test is not None else {"all": train}
     summaries = {}
     for name, source in splits.items():
-        cache = build_cache(model, source, os.path.join(out, name), dtype=dtype, batch_size=batch_size,
+        cache = FeatureCache.build(model, source, os.path.join(out, name), dtype=dtype, batch_size=batch_size,
                             device=torch_device, image_size=image_size, shard_rows=shard_rows, overwrite=overwrite,
-                            backend=backend, progress=progress)
+                            backend=backend, progress=progress, on_error=on_error)
         summaries[name] = dict(getattr(cache, "last_build", {}), rows=len(cache), directory=cache.directory)
     return summaries
 
@@ -45,10 +48,12 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
 def format_summary(summaries: Dict[str, dict]) -> List[str]:
     lines = []
     for name, s in summaries.items():
-        if s.get("images", 0) == 0 and s.get("shards_built", 0) == 0:
-            lines.append(f"{name}: {s['rows']} rows already cached in {s['directory']} (fingerprint matches)")
+        skipped = s.get("skipped", 0)
+        note = f", {skipped} skipped (unreadable, listed in its manifest.json)" if skipped else ""
+        if s.get("images", 0) == 0 and s.get("shards_built", 0) == 0 and s.get("bytes_written", 0) == 0:
+            lines.append(f"{name}: {s['rows']} rows already cached in {s['directory']} (fingerprint matches{note})")
             continue
         lines.append(f"{name}: {s['images']} images in {s['seconds']:.1f} s ({s['images_per_second']:.0f} images/s), "
                      f"{s['bytes_written'] / 2**20:.1f} MiB written, {s['shards_built']} shards built, "
-                     f"{s['shards_reused']} reused -> {s['directory']}")
+                     f"{s['shards_reused']} reused{note} -> {s['directory']}")
     return lines

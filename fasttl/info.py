@@ -1,12 +1,12 @@
 """`fasttl info`: what this installation can do."""
 from __future__ import annotations
 
-import importlib.util
 import platform
 
 import torch
 
 from fasttl._native import build_info
+from fasttl.data.dali_pipeline import dali_available
 
 
 def collect() -> dict:
@@ -24,7 +24,7 @@ def collect() -> dict:
         "gpus": gpus,
         "openmp_threads": native.get("openmp_threads", 0),
         "torch_threads": torch.get_num_threads(),
-        "dali": importlib.util.find_spec("nvidia.dali") is not None,
+        "dali": dali_available(),
     }
 
 

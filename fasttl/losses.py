@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -15,44 +16,43 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 def _check_logits(name: str, x) -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name}: got {type(x).__name__} (expected a torch.Tensor)")
     if x.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"{name}: expected float32, bfloat16 or float16 logits, got {x.dtype}")
+        raise TypeError(f"{name}: dtype {x.dtype} is not supported (expected float32, bfloat16 or float16 logits)")
     if x.dim() != 2:
-        raise ValueError(f"{name}: expected shape (batch, classes), got {tuple(x.shape)}")
+        raise ValueError(f"{name}: has shape {tuple(x.shape)} (expected (batch, classes))")
 
 
-def _check_arguments(student_logits, teacher_logits, target, temperature, alpha, reduction) -> None:
+def _check_arguments(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index) -> None:
     _check_logits("student_logits", student_logits)
     _check_logits("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"teacher_logits: shape {tuple(teacher_logits.shape)} does not match "
-            f"student_logits {tuple(student_logits.shape)}"
-        )
+        raise ValueError(f"teacher_logits: has shape {tuple(teacher_logits.shape)} "
+                         f"(expected student_logits' shape {tuple(student_logits.shape)})")
     if student_logits.size(1) < 1:
-        raise ValueError("student_logits: needs at least one class (dimension 1 is 0)")
+        raise ValueError(f"student_logits: has shape {tuple(student_logits.shape)} (expected at least one class)")
     if teacher_logits.device != student_logits.device:
-        raise ValueError(
-            f"teacher_logits: on {teacher_logits.device}, but student_logits is on {student_logits.device}"
-        )
+        raise ValueError(f"teacher_logits: is on {teacher_logits.device} "
+                         f"(expected student_logits' device, {student_logits.device})")
     if target is not None:
         if not isinstance(target, Tensor):
-            raise TypeError(f"target: expected a torch.Tensor of class indices, got {type(target).__name__}")
+            raise TypeError(f"target: got {type(target).__name__} (expected a torch.Tensor of class indices)")
         if target.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"target: expected int64 (or int32) class indices, got {target.dtype}")
+            raise TypeError(f"target: dtype {target.dtype} is not supported (expected int64 or int32 indices)")
         if target.shape != (student_logits.size(0),):
-            raise ValueError(
-                f"target: expected shape ({student_logits.size(0)},), got {tuple(target.shape)}"
-            )
+            raise ValueError(f"target: has shape {tuple(target.shape)} (expected ({student_logits.size(0)},))")
         if target.device != student_logits.device:
-            raise ValueError(f"target: on {target.device}, but student_logits is on {student_logits.device}")
+            raise ValueError(f"target: is on {target.device} "
+                             f"(expected student_logits' device, {student_logits.device})")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+        raise ValueError(f"temperature: is {temperature!r} (expected a finite number > 0)")
     if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha: expected a number in [0, 1], got {alpha!r}")
+        raise ValueError(f"alpha: is {alpha!r} (expected a number in [0, 1])")
+    if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__") or \
+            not -2**63 <= operator.index(ignore_index) < 2**63:
+        raise TypeError(f"ignore_index: is {ignore_index!r} (expected an int64 class index)")
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+        raise ValueError(f"reduction: is {reduction!r} (expected one of {_REDUCTIONS})")
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None, *,
@@ -78,7 +78,9 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     Args:
         student_logits: (B, C) float32, bfloat16 or float16; rows may be strided.
         teacher_logits: (B, C), same device; any of the same dtypes.
-        target: optional (B,) int64/int32 class indices in [0, C) or ``ignore_index``.
+        target: optional (B,) int64/int32 class indices in [0, C) or ``ignore_index`` (any
+            stride). One out of range raises ValueError on the CPU; on CUDA it stops the stream
+            with a device-side assert, so the training loop needs no host sync for the check.
         temperature: softening temperature T > 0.
         alpha: weight of the soft term, in [0, 1].
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
@@ -95,7 +97,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
         >>> y = torch.randint(0, 10, (8,))
         >>> fasttl.distillation_loss(student, teacher, y, temperature=4.0, alpha=0.9).backward()
     """
-    _check_arguments(student_logits, teacher_logits, target, temperature, alpha, reduction)
+    _check_arguments(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index)
     loss_rows, _ = _ops.distill_rows(student_logits, teacher_logits.detach(), target,
                                      float(temperature), float(alpha), int(ignore_index))
     if reduction == "none":

@@ -3,6 +3,7 @@ moments, updated in one fused pass per (device, dtype) group."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -150,31 +151,94 @@ class _FusedAdamBase(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state dict of this optimizer, or of torch.optim.Adam/AdamW for fp32 params.
 
-        torch.optim.Optimizer.load_state_dict casts floating state to each param's dtype, which
-        would round fp32 master weights and moments to bf16; they are restored exactly here, so a
-        reloaded run continues bit for bit."""
+        The state is checked against these params before anything is loaded (a mismatch raises
+        ValueError/TypeError and leaves the optimizer as it was). torch.optim.Optimizer.load_state_dict
+        casts floating state to each param's dtype, which would round fp32 master weights and
+        moments to bf16; they are restored exactly here, so a reloaded run continues bit for bit."""
+        self._check_loadable(state_dict)
         saved_state = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        if len(saved_ids) != len(params):
-            raise ValueError(f"state_dict: holds {len(saved_ids)} params, this optimizer has {len(params)}")
         exact = {
-            i: {k: v.detach().clone() for k, v in saved_state[i].items() if isinstance(v, Tensor)}
+            i: {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in saved_state[i].items()
+                if k in _FP32_STATE or k == "step"}
             for i in saved_ids if i in saved_state
         }
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)  # a torch.optim dict has no master_weights
         groups_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for saved_id, p in zip(saved_ids, params):
-            if saved_id not in exact:
+            if not exact.get(saved_id):
                 continue
             state = self.state[p]
             for key, value in exact[saved_id].items():
                 if key in _FP32_STATE:
                     state[key] = value.to(device=p.device, dtype=torch.float32)
-                elif key == "step":
-                    state[key] = value.to(device=p.device, dtype=torch.float32).reshape(())
+                else:  # step: a 0-dim fp32 tensor on the param's device, also when saved as a number
+                    state[key] = torch.as_tensor(value).to(device=p.device, dtype=torch.float32).reshape(())
             self._restore_layout(state, p)
             self._init_state(groups_of[id(p)], p)
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        """Refuses a state that does not fit these params. The kernel walks every state tensor as
+        p.numel() fp32 values, so one of another size would be read and written out of bounds."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("state_dict: lacks 'state' or 'param_groups' (expected an optimizer state dict)")
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_state, dict) or not isinstance(saved_groups, (list, tuple)) or \
+                not all(isinstance(g, dict) and "params" in g for g in saved_groups):
+            raise ValueError("state_dict: malformed 'state' or 'param_groups' (expected a dict and a list of "
+                             "groups with 'params')")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict: has {len(saved_groups)} param groups (expected {len(self.param_groups)})")
+        for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param_groups[{g}]: has {len(saved['params'])} params "
+                                 f"(expected {len(group['params'])})")
+            merged = {**self.defaults, **saved}
+            try:
+                _check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"param_groups[{g}].{error}") from None
+            for i, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
+                _check_param_state(f"param_groups[{g}].params[{i}]", saved_state.get(saved_id, {}), p)
+
+
+def _check_param_state(where: str, state, p: Tensor) -> None:
+    """One param's saved state: step, exp_avg, exp_avg_sq (and optional max_exp_avg_sq,
+    master_param) as real floating tensors of the param's shape, step one finite count >= 0."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{where}: state is a {type(state).__name__} (expected a dict)")
+    if not state:
+        return  # never stepped: initialized at the first step
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        if key not in state:
+            raise ValueError(f"{where}: state lacks '{key}' (expected step, exp_avg and exp_avg_sq)")
+    _check_step(f"{where}['step']", state["step"])
+    for key in _FP32_STATE:
+        if key not in state:
+            continue
+        value = state[key]
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise TypeError(f"{where}['{key}']: got {getattr(value, 'dtype', type(value).__name__)} "
+                            "(expected a floating-point tensor)")
+        if value.shape != p.shape:
+            raise ValueError(f"{where}['{key}']: has shape {tuple(value.shape)} "
+                             f"(expected the param's shape {tuple(p.shape)})")
+        if value.device.type == "meta":
+            raise ValueError(f"{where}['{key}']: is on the meta device (expected a tensor with data)")
+
+
+def _check_step(where: str, step) -> None:
+    if isinstance(step, Tensor):
+        if step.numel() != 1 or step.dtype == torch.bool or step.is_complex() or step.device.type == "meta":
+            raise ValueError(f"{where}: got a {step.dtype} tensor of shape {tuple(step.shape)} on {step.device} "
+                             "(expected one real step count)")
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, numbers.Real) or not (math.isfinite(step) and step >= 0):
+        raise ValueError(f"{where}: is {step!r} (expected a finite step count >= 0)")
 
 
 def _like_param(t: Tensor, p: Tensor) -> Tensor:

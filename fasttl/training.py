@@ -2,13 +2,20 @@
 bar, and a checkpoint after each epoch so an interrupted run resumes where it stopped."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
+from fasttl.errors import UserError
+
 Record = Dict[str, float]
+
+
+class DivergedError(UserError, ValueError):
+    """Training produced a non-finite loss: the weights are no longer usable."""
 
 
 class EpochStats:
@@ -25,6 +32,15 @@ class EpochStats:
     def record(self) -> Record:
         return {"train_loss": self.loss / max(1, self.seen), "train_accuracy": self.correct / max(1, self.seen),
                 "images": self.seen}
+
+
+def eval_record(logits: torch.Tensor, labels: torch.Tensor) -> Record:
+    """The per-epoch evaluation every trainer reports: loss and accuracy on the held-out split."""
+    import torch.nn.functional as F
+
+    logits, labels = logits.float().cpu(), labels.cpu()
+    return {"eval_loss": float(F.cross_entropy(logits, labels)),
+            "eval_accuracy": float((logits.argmax(1) == labels).float().mean())}
 
 
 def step(loss: torch.Tensor, optimizer, scheduler=None) -> None:
@@ -67,9 +83,11 @@ def fit(model: nn.Module, optimizer, scheduler, epochs: int, train_epoch: Callab
         record: Record = {"epoch": epoch + 1}
         record.update(train_epoch(epoch))
         record["seconds"] = time.perf_counter() - started
+        _check_finite(record, "train_loss", epoch, description, optimizer)
         if evaluate is not None:
             model.eval()
             record.update(evaluate())
+            _check_finite(record, "eval_loss", epoch, description, optimizer)
         history.append(record)
         if checkpoint is not None:
             checkpoint.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -85,9 +103,32 @@ def fit(model: nn.Module, optimizer, scheduler, epochs: int, train_epoch: Callab
     return history
 
 
+def _check_finite(record: Record, key: str, epoch: int, description: str, optimizer) -> None:
+    """Stops a diverged run before its NaN weights are checkpointed or reported."""
+    value = record.get(key)
+    if value is not None and not math.isfinite(value):
+        lr = max(float(g["lr"]) for g in optimizer.param_groups)
+        raise DivergedError(f"{description}: training diverged in epoch {epoch + 1} ({key} is {value}, lr {lr:g}); "
+                            "run again with a smaller --lr")
+
+
+def one_cycle(optimizer, max_lr: float, total_steps: int, pct_start: float):
+    """torch's OneCycleLR (warmup, then cosine annealing) for any number of steps. OneCycleLR
+    divides by zero when a phase has no length (10 steps at pct_start 0.1: a 200-image dataset
+    at batch 256 for 10 epochs), so each phase gets at least two steps; under four steps in all
+    the learning rate stays at max_lr."""
+    total_steps = max(1, int(total_steps))
+    if total_steps < 4:
+        for group in optimizer.param_groups:
+            group["lr"] = max_lr
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    warmup = min(max(pct_start * total_steps, 2.0), total_steps - 2.0)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+                                               pct_start=warmup / total_steps)
+
+
 def warmup_cosine(optimizer, total_steps: int, warmup_steps: int):
     """Linear warmup to each group's lr, then cosine decay to 0."""
-    import math
 
     def factor(step: int) -> float:
         if step < warmup_steps:

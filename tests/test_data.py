@@ -161,10 +161,16 @@ def test_corrupt_image_under_dali_is_named(small_image_folder):
         collect(D.make_loader(source, PRE, 4, backend="dali"))
 
 
-def test_not_an_image_empty_class_and_no_class_folders_are_errors(tmp_path, small_image_folder):
+@pytest.mark.parametrize("backend", backends())
+def test_not_an_image_empty_class_and_no_class_folders_are_errors(tmp_path, small_image_folder, backend):
+    # A scan lists files without reading them (so screen(on_error="skip") can leave a bad one out);
+    # the loaders and screen name it.
     (small_image_folder / "cat" / "notes.jpg").write_text("not an image")
+    source = D.scan_class_folder(str(small_image_folder))
     with pytest.raises(D.DataError, match="notes.jpg"):
-        D.scan_class_folder(str(small_image_folder))
+        collect(D.make_loader(source, PRE, 4, backend=backend))
+    with pytest.raises(D.DataError, match="notes.jpg"):
+        D.screen(source)
     (small_image_folder / "cat" / "notes.jpg").unlink()
     (small_image_folder / "dog").mkdir()
     with pytest.raises(D.DataError, match="dog"):

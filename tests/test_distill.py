@@ -1,12 +1,14 @@
 """The fused distillation loss against the float64 PyTorch reference."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import fasttl
 from fasttl import _reference
-from conftest import devices
+from conftest import CUDA_REASON, devices
 
 # (dtype, atol, rtol) of the loss and of the gradient against float64.
 TOLERANCES = {
@@ -242,3 +244,101 @@ def test_masked_logits_spanning_whole_stretches(device):
     assert torch.isfinite(loss).all()
     assert_close(loss, ref_loss, torch.float32, "loss")
     assert_close(grad, ref_grad, torch.float32, "grad")
+
+
+# ---- the raw op, torch.ops.fasttl.distill_rows, validates all it passes to the kernel -------------
+def _raw(student, teacher, target, temperature=2.0, alpha=0.5, ignore_index=-100):
+    return torch.ops.fasttl.distill_rows(student, teacher, target, temperature, alpha, ignore_index)
+
+
+def _with(target, index, value):
+    target = target.clone()
+    target[index] = value
+    return target
+
+
+# Each case: the call on (student, teacher, target) of shape (4096, 10), the error, and the argument
+# its message must start with. The first ones read or wrote out of bounds before the op checked.
+RAW_BAD_CASES = {
+    "teacher_one_row": (lambda s, t, y: _raw(s, t[:1], y), ValueError, "teacher"),
+    "teacher_fewer_classes": (lambda s, t, y: _raw(s, t[:, :3], y), ValueError, "teacher"),
+    "target_shorter": (lambda s, t, y: _raw(s, t, y[:1]), ValueError, "target"),
+    "target_2d": (lambda s, t, y: _raw(s, t, y[:, None]), ValueError, "target"),
+    "target_out_of_range": (lambda s, t, y: _raw(s, t, _with(y, 7, 2**40)), ValueError, "target"),
+    "target_negative": (lambda s, t, y: _raw(s, t, _with(y, 7, -5)), ValueError, "target"),
+    "target_float": (lambda s, t, y: _raw(s, t, y.float()), TypeError, "target"),
+    "target_bool": (lambda s, t, y: _raw(s, t, y > 3), TypeError, "target"),
+    "target_on_meta": (lambda s, t, y: _raw(s, t, y.to("meta")), ValueError, "target"),
+    "teacher_on_meta": (lambda s, t, y: _raw(s, t.to("meta"), y), ValueError, "teacher"),
+    "student_float64": (lambda s, t, y: _raw(s.double(), t, y), TypeError, "student"),
+    "teacher_int32": (lambda s, t, y: _raw(s, t.int(), y), TypeError, "teacher"),
+    "student_1d": (lambda s, t, y: _raw(s[0], t[0], y), ValueError, "student"),
+    "student_3d": (lambda s, t, y: _raw(s[None], t[None], y), ValueError, "student"),
+    "no_classes": (lambda s, t, y: _raw(s[:, :0], t[:, :0], None), ValueError, "student"),
+    "temperature_zero": (lambda s, t, y: _raw(s, t, y, temperature=0.0), ValueError, "temperature"),
+    "temperature_negative": (lambda s, t, y: _raw(s, t, y, temperature=-1.0), ValueError, "temperature"),
+    "temperature_nan": (lambda s, t, y: _raw(s, t, y, temperature=float("nan")), ValueError, "temperature"),
+    "alpha_nan": (lambda s, t, y: _raw(s, t, y, alpha=float("nan")), ValueError, "alpha"),
+    "alpha_above_one": (lambda s, t, y: _raw(s, t, y, alpha=1.5), ValueError, "alpha"),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_BAD_CASES))
+def test_raw_op_refuses_bad_arguments_naming_them(case):
+    call, error, name = RAW_BAD_CASES[case]
+    student, teacher, target = make_inputs((4096, 10), torch.float32, "cpu")
+    with pytest.raises(error, match=f"^{name}: "):
+        call(student, teacher, target)
+
+
+@pytest.mark.parametrize("case", [c for c in RAW_BAD_CASES if c not in ("target_out_of_range", "target_negative")])
+def test_fake_refuses_what_the_kernel_refuses(case):
+    # On meta tensors the fake implementation runs (as under torch.compile); it makes the same
+    # metadata checks. Values (index ranges) are not there to check.
+    call, error, name = RAW_BAD_CASES[case]
+    student, teacher, target = (x.to("meta") for x in make_inputs((4096, 10), torch.float32, "cpu"))
+    if "on_meta" in case:  # all on meta would be valid here: keep the student on the CPU instead
+        student = torch.randn(4096, 10)
+        teacher = teacher if case == "teacher_on_meta" else torch.randn(4096, 10)
+        target = target if case == "target_on_meta" else torch.zeros(4096, dtype=torch.long)
+    with pytest.raises(error, match=f"^{name}: "):
+        call(student, teacher, target)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_raw_op_takes_int32_and_strided_targets(device):
+    student, teacher, target = make_inputs((40, 13), torch.float32, device)
+    expected = _raw(student, teacher, target)
+    interleaved = torch.stack([target, torch.full_like(target, 99)], 1)[:, 0]
+    assert not interleaved.is_contiguous()
+    for variant in (target.int(), interleaved, interleaved.int()):
+        loss, grad = _raw(student, teacher, variant)
+        assert torch.equal(loss, expected[0]) and torch.equal(grad, expected[1])
+
+
+def test_raw_op_on_meta_gives_shapes():
+    student, teacher, target = (x.to("meta") for x in make_inputs((6, 11), torch.bfloat16, "cpu"))
+    loss, grad = _raw(student, teacher, target.int())
+    assert loss.shape == (6,) and loss.dtype == torch.float32
+    assert grad.shape == (6, 11) and grad.dtype == torch.bfloat16 and grad.device.type == "meta"
+
+
+@pytest.mark.parametrize("ignore_index", [1.5, True, "-100", 2**63])
+def test_public_refuses_an_ignore_index_that_is_no_int64(ignore_index):
+    student, teacher, target = make_inputs((4, 5), torch.float32, "cpu")
+    with pytest.raises(TypeError, match="^ignore_index: "):
+        fasttl.distillation_loss(student, teacher, target, ignore_index=ignore_index)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+def test_cuda_out_of_range_target_stops_on_the_device_before_the_kernel():
+    # On CUDA the range check is a device-side assert (no host sync in the training loop): the
+    # process's CUDA context is lost, so this runs in a subprocess.
+    code = ("import torch, fasttl\n"
+            "s = torch.randn(8, 10, device='cuda'); y = torch.randint(0, 10, (8,), device='cuda'); y[3] = 2**40\n"
+            "try:\n"
+            "    torch.ops.fasttl.distill_rows(s, s, y, 2.0, 0.5, -100); torch.cuda.synchronize()\n"
+            "except RuntimeError as e:\n"
+            "    print('CAUGHT', 'device-side assert' in str(e))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert "CAUGHT True" in proc.stdout, proc.stdout + proc.stderr

@@ -333,3 +333,120 @@ def test_channels_last_params_match_torch():
             o.step()
     torch.testing.assert_close(conv.weight, ref.weight, atol=1e-6, rtol=1e-5)
     assert opt.state[conv.weight]["exp_avg"].stride() == conv.weight.stride()
+
+
+# ---- load_state_dict checks a state against the params before any of it is loaded ------------------
+def _stepped(make, params, steps=2):
+    opt = make(params)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return opt
+
+
+def _fasttl_dict(shapes, dtype=torch.float32, **options):
+    params = [torch.randn(s).to(dtype).requires_grad_() for s in shapes]
+    return _stepped(lambda ps: fasttl.optim.AdamW(ps, lr=1e-2, **options), params).state_dict()
+
+
+def _torch_dict(shapes):
+    params = [torch.randn(s, requires_grad=True) for s in shapes]
+    return _stepped(lambda ps: torch.optim.AdamW(ps, lr=1e-2), params).state_dict()
+
+
+def _edited(state_dict, key, value):
+    state_dict = copy.deepcopy(state_dict)
+    if value is None:
+        del state_dict["state"][0][key]
+    else:
+        state_dict["state"][0][key] = value
+    return state_dict
+
+
+# Each case: (the saved state dict, the shapes and dtype of the params it is loaded into), the
+# error, and what the message must name. Those with larger params overran the state before.
+LOAD_BAD = {
+    "fasttl_dict_smaller_params": (lambda: _fasttl_dict([(4,), (3,)]), [(100_000,), (300_000,)], torch.float32,
+                                   ValueError, (r"param_groups\[0\]\.params\[0\]\['exp_avg'\]: has shape \(4,\) "
+                                                r"\(expected the param's shape \(100000,\)\)")),
+    "torch_dict_smaller_params": (lambda: _torch_dict([(5,), (3,)]), [(5,), (300_000,)], torch.float32,
+                                  ValueError, r"params\[1\]\['exp_avg'\]: has shape \(3,\) .*\(300000,\)"),
+    "bf16_master_smaller": (lambda: _fasttl_dict([(4,)], torch.bfloat16), [(200_000,)], torch.bfloat16,
+                            ValueError, r"params\[0\]\['master_param'\]: has shape \(4,\)"),
+    "same_numel_other_shape": (lambda: _fasttl_dict([(4, 6)]), [(6, 4)], torch.float32,
+                               ValueError, r"\['exp_avg'\]: has shape \(4, 6\) .*\(6, 4\)"),
+    "exp_avg_int64": (lambda: _edited(_fasttl_dict([(5,)]), "exp_avg", torch.zeros(5, dtype=torch.long)), [(5,)],
+                      torch.float32, TypeError, r"params\[0\]\['exp_avg'\]: got torch.int64"),
+    "exp_avg_sq_missing": (lambda: _edited(_fasttl_dict([(5,)]), "exp_avg_sq", None), [(5,)], torch.float32,
+                           ValueError, r"params\[0\]: state lacks 'exp_avg_sq'"),
+    "exp_avg_on_meta": (lambda: _edited(_fasttl_dict([(5,)]), "exp_avg", torch.zeros(5, device="meta")), [(5,)],
+                        torch.float32, ValueError, r"\['exp_avg'\]: is on the meta device"),
+    "step_negative": (lambda: _edited(_fasttl_dict([(5,)]), "step", torch.tensor(-1.0)), [(5,)], torch.float32,
+                      ValueError, r"\['step'\]: is -1.0"),
+    "step_nan": (lambda: _edited(_fasttl_dict([(5,)]), "step", float("nan")), [(5,)], torch.float32,
+                 ValueError, r"\['step'\]: is nan"),
+    "step_a_vector": (lambda: _edited(_fasttl_dict([(5,)]), "step", torch.ones(2)), [(5,)], torch.float32,
+                      ValueError, r"\['step'\]: got a torch.float32 tensor of shape \(2,\)"),
+    "fewer_params": (lambda: _fasttl_dict([(5,)]), [(5,), (5,)], torch.float32,
+                     ValueError, r"param_groups\[0\]: has 1 params \(expected 2\)"),
+    "bad_saved_lr": (lambda: {**_fasttl_dict([(5,)]), "param_groups": [{**_fasttl_dict([(5,)])["param_groups"][0],
+                                                                        "lr": -1.0}]},
+                     [(5,)], torch.float32, ValueError, r"param_groups\[0\]\.lr: "),
+}
+
+
+@pytest.mark.parametrize("case", list(LOAD_BAD))
+def test_load_state_dict_refuses_a_state_that_does_not_fit_and_changes_nothing(case):
+    make_dict, shapes, dtype, error, match = LOAD_BAD[case]
+    saved = make_dict()
+    params = [torch.randn(s).to(dtype).requires_grad_() for s in shapes]
+    opt = _stepped(lambda ps: fasttl.optim.AdamW(ps, lr=3e-3), params, steps=1)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for index, state in before["state"].items():
+        assert all(torch.equal(value, after["state"][index][key]) for key, value in state.items())
+
+
+def test_load_state_dict_checks_each_group_not_only_the_total():
+    saved_params = [torch.randn(5, requires_grad=True) for _ in range(3)]
+    saved = _stepped(lambda ps: fasttl.optim.AdamW([{"params": ps[:1]}, {"params": ps[1:]}]), saved_params)
+    params = [torch.randn(5, requires_grad=True) for _ in range(3)]
+    opt = fasttl.optim.AdamW([{"params": params[:2]}, {"params": params[2:]}])
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: has 1 params \(expected 2\)"):
+        opt.load_state_dict(saved.state_dict())
+    assert not opt.state
+
+
+def test_load_state_dict_takes_a_step_saved_as_a_number():
+    saved = _fasttl_dict([(5,)])
+    init = torch.randn(5)
+    as_tensor = fasttl.optim.AdamW([init.clone().requires_grad_()])
+    as_number = fasttl.optim.AdamW([init.clone().requires_grad_()])
+    as_tensor.load_state_dict(copy.deepcopy(saved))
+    as_number.load_state_dict(_edited(saved, "step", int(saved["state"][0]["step"])))
+    grad = torch.randn(5)
+    for opt in (as_tensor, as_number):
+        opt.param_groups[0]["params"][0].grad = grad.clone()
+        opt.step()
+    assert torch.equal(as_tensor.param_groups[0]["params"][0], as_number.param_groups[0]["params"][0])
+    assert as_number.state[as_number.param_groups[0]["params"][0]]["step"].dtype == torch.float32
+
+
+def test_torch_adamw_state_dict_loads_for_bf16_params():
+    # A torch.optim dict has no master_weights: the group takes this optimizer's default.
+    saved = _torch_dict([(300,)])
+    param = torch.randn(300).bfloat16().requires_grad_()
+    opt = fasttl.optim.AdamW([param], lr=1e-2)
+    opt.load_state_dict(saved)
+    param.grad = torch.randn_like(param)
+    opt.step()
+    state = opt.state[param]
+    assert opt.param_groups[0]["master_weights"] is None and state["master_param"].dtype == torch.float32
+    # The loaded fp32 moment carried on: m = beta1 * m_saved + (1 - beta1) * g.
+    expected = 0.9 * saved["state"][0]["exp_avg"] + 0.1 * param.grad.float()
+    torch.testing.assert_close(state["exp_avg"], expected, rtol=1e-6, atol=1e-7)
+    assert float(state["step"]) == 3.0

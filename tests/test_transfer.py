@@ -1,4 +1,4 @@
-"""The transfer job end to end on small real data (CIFAR-10 JPEG subsets, scikit-learn digits)."""
+"""The transfer job end to end on small real data (CIFAR-10 JPEG subsets, CIFAR-10 mini, scikit-learn digits)."""
 import json
 import os
 import shutil
@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import fasttl
 from fasttl.transfer.job import run
@@ -121,7 +120,7 @@ def test_finetune_top_stages_bf16_master_weights(tiny_cifar, tmp_path):
     metrics = run(data=str(tiny_cifar), strategy="finetune", epochs=1, batch_size=16, finetune_stages=9,
                   precision="bf16", out=str(out), **common())
     check_run_dir(out, ["model.safetensors"])
-    assert metrics["notes"]["trainable_stages"] == 9 and metrics["notes"]["precision"] == "bf16"
+    assert metrics["notes"]["trainable_stages"] == 9 and metrics["precision"] == "bf16"
     assert 0.0 <= metrics["accuracy"] <= 1.0 and len(metrics["history"]) == 1
 
 
@@ -131,7 +130,7 @@ def test_distill_from_a_linear_teacher_and_teacher_checks(tiny_cifar, tmp_path):
     out = tmp_path / "student"
     metrics = run(data=str(tiny_cifar), strategy="distill", teacher=str(teacher), epochs=3, out=str(out),
                   compare="scratch", **common())
-    check_run_dir(out, ["distill.safetensors", "scratch.safetensors", "teacher_logits.pt"])
+    check_run_dir(out, ["distill.safetensors", "scratch.safetensors", "teacher_logits.safetensors"])
     assert metrics["notes"]["teacher_train_accuracy"] > 0.5
     assert "scratch" in metrics["compare"]
     other = tmp_path / "other"
@@ -154,16 +153,26 @@ def test_dann_on_a_shifted_target(tiny_cifar, tmp_path):
     assert metrics["samples"] == 24
 
 
-def test_embedded_default_runs_offline_with_its_baseline(tmp_path):
-    """`fasttl run` with no data: the digits, feature transfer beside the from-scratch baseline."""
+def test_embedded_default_shows_transfer_beating_scratch_offline(tmp_path):
+    """`fasttl run` with no options: ImageNet EfficientNet-Lite0 to the CIFAR-10 mini set shipped
+    in the package, feature transfer beside the from-scratch baseline, at the job's defaults."""
     out = tmp_path / "default"
-    result = subprocess.run([sys.executable, "-m", "fasttl", "run", "--epochs", "2", "--out", str(out),
-                             "--no-progress"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "fasttl", "run", "--out", str(out), "--no-progress"],
+                            capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, FASTTL_DATA=str(tmp_path / "no-data-here")))
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples"] == 500 and set(metrics["compare"]) == {"scratch"}
+    # the README's claim: transfer wins on these photographs by far (measured 0.73 vs 0.41)
+    assert metrics["accuracy"] > metrics["compare"]["scratch"]["accuracy"] + 0.15
+    assert "scratch (from random init)" in result.stdout and "CIFAR-10 mini" in result.stdout
+
+
+def test_digits_stay_available_with_their_baseline(tmp_path):
+    out = tmp_path / "digits"
+    metrics = run(data="digits", epochs=2, out=str(out), progress=False)
     assert metrics["samples"] == 450 and "scratch" in metrics["compare"]
     assert metrics["accuracy"] > 0.5
-    assert "scratch (from random init)" in result.stdout
 
 
 def test_cli_run_and_eval(tiny_cifar, tmp_path):

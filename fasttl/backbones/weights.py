@@ -2,8 +2,15 @@
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
+
+from fasttl.errors import UserError
+
+
+class WeightsError(UserError, ValueError):
+    """A weights file that is not a state dict fasttl can load (or that would run code on load)."""
 
 
 def read_state_dict(path: str) -> dict:
@@ -15,14 +22,20 @@ def read_state_dict(path: str) -> dict:
             "file there (a torch.save'd .pth/.pt or a .safetensors file), or pass weights=PATH / --weights PATH "
             "pointing to where it is."
         )
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(path)
+        else:
+            # weights_only: a pickled object that would run code on load is refused, never executed
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise WeightsError(f"weights: {path} is not a state dict file fasttl can load ({type(exc).__name__}: "
+                           f"{reason}); pass a torch.save'd state dict or a .safetensors file") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"weights: {path} does not hold a state dict (got {type(state).__name__})")
+        raise WeightsError(f"weights: {path} does not hold a state dict (got {type(state).__name__})")
     return state

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
-import shutil
 import time
 from typing import Optional, Union
 
@@ -13,11 +13,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import fasttl
+from fasttl import files
+from fasttl._version import __version__
 from fasttl.cache import store
-from fasttl.cache.cache import CacheError, FeatureCache, _to_numpy_storage, mismatch_message
+from fasttl.cache.format import mismatch_message, npy_header, storage_dtypes, to_numpy_storage, validate_manifest
+from fasttl.cache.store import CacheError
 from fasttl.cache.kernels import CACHE_DTYPES, pool_store
 from fasttl.data import ImageLoader, TransformSpec
+from fasttl.data import screen as screen_source
 from fasttl.data.sources import ArraySource, FileSource
 
 
@@ -38,7 +41,7 @@ def fingerprint(backbone, source: Union[FileSource, ArraySource], spec: Transfor
         "dtype": dtype,
         "feature_dim": int(backbone.feature_dim),
         "shard_rows": int(shard_rows),
-        "fasttl_version": fasttl.__version__,
+        "fasttl_version": __version__,
         "format": store.FORMAT_VERSION,
     }
 
@@ -78,13 +81,6 @@ def _all_ranks_agree(ok: bool, message: str, world: int, error=CacheError) -> No
             raise error(rank_message)
 
 
-def sample_ids(source) -> list:
-    """A name per sample: the file path relative to the source's root, or SOURCE:INDEX."""
-    if isinstance(source, FileSource):
-        return [os.path.relpath(f, source.root) if source.root else f for f in source.files]
-    return [f"{source.name}:{i}" for i in range(len(source))]
-
-
 @torch.no_grad()
 def _extract_shard(backbone, source, spec, shard: int, shard_rows: int, dtype: torch.dtype, batch_size: int,
                    device: torch.device, backend: str, progress) -> dict:
@@ -103,14 +99,117 @@ def _extract_shard(backbone, source, spec, shard: int, shard_rows: int, dtype: t
         written += n
         if progress is not None:
             progress.update(n)
-    return {"features": _to_numpy_storage(features), "scales": None if scales is None else scales.cpu().numpy()}
+    return {"features": to_numpy_storage(features), "scales": None if scales is None else scales.cpu().numpy()}
+
+
+ON_ERROR = ("fail", "skip")
+
+
+def screen(source, on_error: str):
+    """The source to extract and the (path, reason) of each sample left out (fasttl.data.screen:
+    with "skip", every file is decoded once before extraction and those that do not are left out;
+    with "fail" the source is used as it is and a bad file stops the build, named)."""
+    if on_error == "skip":
+        source = screen_source(source, "skip")
+    return source, list(getattr(source, "skipped", None) or [])
+
+
+def _screen_as_recorded(data, manifest: Optional[dict]):
+    """The screened source a finished cache recorded for the same raw source, without decoding
+    every file again; None when the manifest does not record a screening of `data`."""
+    screening = (manifest or {}).get("screening")
+    if not isinstance(screening, dict) or not isinstance(data, FileSource):
+        return None
+    if screening.get("on_error") != "skip" or screening.get("source") != data.identity():
+        return None
+    reasons = {s["path"]: s["reason"] for s in manifest.get("skipped", [])}
+    ids = data.sample_ids()
+    keep = [i for i, sample in enumerate(ids) if sample not in reasons]
+    source = data.subset(keep)
+    source.skipped = list(data.skipped) + [(data.files[i], reasons[ids[i]]) for i in range(len(ids))
+                                           if ids[i] in reasons]
+    return source
+
+
+def _skipped_records(source, skipped) -> list:
+    root = getattr(source, "root", "")
+    return [{"path": os.path.relpath(path, root) if root and os.path.isabs(path) else str(path), "reason": str(reason)}
+            for path, reason in skipped]
+
+
+def _read_state(out_dir: str, wanted: dict, overwrite: bool) -> Optional[dict]:
+    """The finished manifest when it matches `wanted` (and overwrite is off), else None. A
+    manifest or build record that is unreadable, malformed or for other settings is a CacheError
+    naming it, unless `overwrite` (the build then replaces it). Reads only."""
+    records = {}
+    for name in (store.MANIFEST, store.BUILD):
+        path = os.path.join(out_dir, name)
+        try:
+            record = store.read_record(path)
+            if record is not None and name == store.MANIFEST:
+                validate_manifest(record, path)
+            elif record is not None and (not isinstance(record, dict) or not isinstance(record.get("fingerprint"),
+                                                                                          dict)):
+                raise CacheError(f"{path}: not a build record (no fingerprint object); {store.REBUILD_HINT}")
+        except CacheError:
+            if overwrite:
+                continue
+            raise
+        records[name] = record
+    if overwrite:
+        return None
+    # An unfinished build for other settings is replaced: its shards carry their fingerprint's key
+    # in their names, so they stay on disk (and serve again if those settings come back).
+    manifest = records.get(store.MANIFEST)
+    if manifest is not None and manifest["fingerprint"] != wanted:
+        raise CacheError(mismatch_message(out_dir, manifest["fingerprint"], wanted))
+    return manifest
+
+
+def _check_labels(source) -> np.ndarray:
+    labels = np.asarray(source.labels)
+    if labels.ndim != 1 or len(labels) != len(source) or (labels.size and labels.dtype.kind not in "iu"):
+        raise ValueError(f"data: labels of shape {labels.shape} and dtype {labels.dtype} (expected {len(source)} "
+                         "integers)")
+    labels = labels.astype(np.int64)
+    classes = len(source.classes)
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        bad = int(np.flatnonzero((labels < 0) | (labels >= classes))[0])
+        raise ValueError(f"data: sample {bad} has label {labels[bad]}, outside the {classes} classes [0, {classes})")
+    return labels
+
+
+def _shard_ready(out_dir: str, s: int, key: str, rows: int, dtype: str, feature_dim: int) -> bool:
+    """Whether shard `s` of this fingerprint is already on disk, whole: plain files whose .npy
+    headers hold the expected dtype and shape and whose sizes hold exactly that data."""
+    files = [(store.features_file(s, key), storage_dtypes(CACHE_DTYPES[dtype]), (rows, feature_dim))]
+    if dtype == "int8":
+        files.append((store.scales_file(s, key), (np.dtype(np.float32),), (rows,)))
+    for name, dtypes, shape in files:
+        path = os.path.join(out_dir, name)
+        try:
+            info = store.regular_file(path)
+            if info is None:
+                return False
+            with store.open_regular(path) as f:
+                npy_header(f, path, info.st_size, dtypes, shape)
+        except CacheError:
+            return False
+    return True
+
+
+def _all_ranks(flag: bool, world: int) -> bool:
+    if world == 1:
+        return flag
+    results = [None] * world
+    dist.all_gather_object(results, flag)
+    return all(results)
 
 
 def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *, dtype: str = "fp16",
                 batch_size: Optional[int] = None, device: Union[str, torch.device] = "cpu",
-                image_size: Optional[int] = None,
-                shard_rows: int = 4096, overwrite: bool = False, backend: str = "auto",
-                progress: bool = True, mirror: bool = False) -> FeatureCache:
+                image_size: Optional[int] = None, shard_rows: int = 4096, overwrite: bool = False,
+                backend: str = "auto", progress: bool = True, mirror: bool = False, on_error: str = "fail") -> dict:
     """Runs the frozen ``backbone`` (eval, no grad, bf16 autocast on GPU) over ``data`` and stores
     its pooled features, labels and sample ids in ``out_dir``.
 
@@ -118,128 +217,191 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     * ``batch_size``: images per backbone call; default 32 on CPU (larger batches ran slower
       there: their activations outgrow the allocator's reuse), 128 on GPU.
     * ``mirror``: features of the horizontally mirrored images (a second view of each sample).
+    * ``on_error``: ``"fail"`` (default): an image that does not decode stops the build with an
+      error naming it. ``"skip"``: every file is decoded once before extraction and those that do
+      not decode are left out; they are listed (path, reason) under ``"skipped"`` in the manifest
+      and counted in ``cache.last_build["skipped"]``.
     * Shards of ``shard_rows`` rows are written to a temporary name, fsynced and renamed; the
-      manifest (with each shard's SHA-256 and the fingerprint) comes last.
+      manifest (with the SHA-256 and size of every file: shards, labels, sample ids; and the
+      fingerprint) comes last. Shard names carry a hash of the fingerprint, so shards left by a
+      build for other settings are never taken for this one's.
     * Running the same build again after an interruption (Ctrl-C, kill -9) keeps the finished
       shards; the result is byte-identical to an uninterrupted build. A finished cache with the
-      same fingerprint is returned as it is; another fingerprint is an error unless ``overwrite``.
-    * A second writer on the same directory fails at once (lock file).
+      same fingerprint is opened read-only as it is (no lock, nothing written: it works on
+      read-only storage); another fingerprint is an error unless ``overwrite``.
+    * A second writer on the same directory fails at once (lock file ``.lock``).
+    * ``overwrite`` removes only the cache's own files (records, labels, sample ids, shards,
+      fasttl's temporaries); any other file in the folder is left alone.
     * Under torchrun (an initialized process group) rank r builds shards r, r + world, ...;
       rank 0 writes labels, sample ids and the manifest after a barrier.
+
+    Returns what it did (``directory``, ``reused``, ``images``, ``seconds``, ``images_per_second``,
+    ``bytes_written``, ``shards_built``, ``shards_reused``, ``skipped``); ``FeatureCache.build``
+    calls it and opens the result.
     """
-    if dtype not in CACHE_DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
-    if not isinstance(shard_rows, int) or shard_rows < 1:
-        raise ValueError(f"shard_rows: expected a positive integer, got {shard_rows!r}")
+    _check_options(dtype, shard_rows, on_error)
     device = torch.device(device)
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     rank, world = _rank_and_world()
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
-    os.makedirs(out_dir, exist_ok=True)
     spec = TransformSpec.for_backbone(backbone.preprocessing, size=image_size, mirror=mirror)
-    resolved_backend = ImageLoader(data, spec, batch_size, backend=backend).backend
-    wanted = fingerprint(backbone, data, spec, dtype, resolved_backend, shard_rows, device)
-    backbone = extraction_model(backbone, device)
-
-    lock = store.WriterLock(out_dir) if rank == 0 else contextlib.nullcontext()
-    try:
-        lock.__enter__()
-        ok, message = True, ""
-    except store.CacheLockedError as exc:
-        ok, message = False, str(exc)
-    _all_ranks_agree(ok, message, world, store.CacheLockedError)
-    try:
-        existing = store.read_json(os.path.join(out_dir, store.MANIFEST))
-        pending = store.read_json(os.path.join(out_dir, store.BUILD))
-        for found in (existing, pending):
-            if found is not None and found.get("fingerprint", found) != wanted and not overwrite:
-                _all_ranks_agree(False, mismatch_message(out_dir, found.get("fingerprint", found), wanted), world)
-        if existing is not None and existing["fingerprint"] == wanted and not overwrite:
-            if world > 1:
-                dist.barrier()
-            return FeatureCache.open(out_dir)
+    source, skipped = _screened(data, out_dir, on_error)
+    resolved_backend = ImageLoader(source, spec, batch_size, backend=backend).backend
+    wanted = fingerprint(backbone, source, spec, dtype, resolved_backend, shard_rows, device)
+    labels = _check_labels(source)
+    finished = _finished(out_dir, wanted, overwrite, world)  # read-only, without the lock
+    if finished is not None:
+        return _reused(out_dir, finished)
+    os.makedirs(out_dir, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        _take_lock(stack, out_dir, rank, world)
+        finished = _finished(out_dir, wanted, overwrite, world)  # what another writer finished meanwhile
+        if finished is not None:
+            return _reused(out_dir, finished)
         if rank == 0:
-            if overwrite and (existing is not None or pending is not None):
-                _clear(out_dir)
+            if overwrite:
+                store.remove_cache_files(out_dir)
             store.remove_stale_temporaries(out_dir)
-            store.write_json_atomic(os.path.join(out_dir, store.BUILD), {"fingerprint": wanted})
+            files.write_json_atomic(os.path.join(out_dir, store.BUILD), {"fingerprint": wanted})
         if world > 1:
             dist.barrier()
+        key = store.fingerprint_key(wanted)
+        result = _extract_missing(backbone, source, spec, out_dir, key, dtype, shard_rows, batch_size, device,
+                                  resolved_backend, progress, rank, world)
+        if rank == 0:
+            screened = on_error == "skip" and isinstance(data, FileSource)
+            screening = {"on_error": on_error, "source": data.identity()} if screened else None
+            shards = math.ceil(len(source) / shard_rows)
+            result["bytes_written"] += _write_manifest(out_dir, source, labels, wanted, key, shards, skipped,
+                                                       screening)
+        if world > 1:
+            dist.barrier()
+        return dict(result, directory=out_dir, reused=False, skipped=len(skipped))
 
-        shards = math.ceil(len(data) / shard_rows)
-        mine = [s for s in range(shards) if s % world == rank]
-        todo = [s for s in mine if not os.path.isfile(os.path.join(out_dir, store.features_file(s)))]
-        images = sum(min(len(data), (s + 1) * shard_rows) - s * shard_rows for s in todo)
-        bar = _progress_bar(images, rank, world) if progress and images else None
-        started, written_bytes = time.perf_counter(), 0
-        try:
-            for s in todo:
-                arrays = _extract_shard(backbone, data, spec, s, shard_rows, CACHE_DTYPES[dtype], batch_size, device,
-                                        resolved_backend, bar)
-                if arrays["scales"] is not None:
-                    scale_bytes = store.npy_bytes(arrays["scales"])
-                    store.write_atomic(os.path.join(out_dir, store.scales_file(s)), scale_bytes)
-                    written_bytes += len(scale_bytes)
-                # The features file goes last: its presence marks the shard finished.
-                feature_bytes = store.npy_bytes(arrays["features"])
-                store.write_atomic(os.path.join(out_dir, store.features_file(s)), feature_bytes)
-                written_bytes += len(feature_bytes)
-        finally:
-            if bar is not None:
-                bar.close()
-        seconds = time.perf_counter() - started
-        counts = [images, written_bytes, len(todo), len(mine) - len(todo)]
-        if world > 1:
-            # nccl reduces only GPU tensors, gloo CPU ones.
-            totals = torch.tensor(counts, dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(totals)
-            counts = [int(v) for v in totals.tolist()]
-            dist.barrier()
-        manifest_bytes = _write_manifest(out_dir, data, wanted, shards) if rank == 0 else 0
-        if world > 1:
-            dist.barrier()
-        cache = FeatureCache.open(out_dir, verify=False)
-        cache.last_build = {"images": counts[0], "seconds": seconds,
-                            "images_per_second": counts[0] / seconds if seconds > 0 else 0.0,
-                            "bytes_written": counts[1] + (manifest_bytes if rank == 0 else 0),
-                            "shards_built": counts[2], "shards_reused": counts[3]}
-        return cache
+
+def _check_options(dtype: str, shard_rows: int, on_error: str) -> None:
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
+    if not isinstance(shard_rows, int) or shard_rows < 1:
+        raise ValueError(f"shard_rows: expected a positive integer, got {shard_rows!r}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error: expected one of {ON_ERROR}, got {on_error!r}")
+
+
+def _screened(data, out_dir: str, on_error: str):
+    """(source, skipped): with "skip", a finished cache that recorded its screening of this very
+    source spares the decode of every file."""
+    if on_error == "skip" and os.path.isdir(out_dir):
+        with contextlib.suppress(CacheError):
+            path = os.path.join(out_dir, store.MANIFEST)
+            source = _screen_as_recorded(data, validate_manifest(store.read_record(path), path))
+            if source is not None:
+                return source, source.skipped
+    return screen(data, on_error)
+
+
+def _finished(out_dir: str, wanted: dict, overwrite: bool, world: int) -> Optional[dict]:
+    """The finished manifest of `wanted` when every rank sees it (and overwrite is off), else None;
+    a record for other settings is a CacheError on every rank."""
+    ok, message, finished = True, "", None
+    try:
+        finished = _read_state(out_dir, wanted, overwrite) if os.path.isdir(out_dir) else None
+    except CacheError as exc:
+        ok, message = False, str(exc)
+    _all_ranks_agree(ok, message, world)
+    return finished if _all_ranks(finished is not None, world) else None
+
+
+def _take_lock(stack: contextlib.ExitStack, out_dir: str, rank: int, world: int) -> None:
+    """Rank 0 holds the writer lock until `stack` closes; any rank's failure stops every rank."""
+    ok, message, error = True, "", store.CacheLockedError
+    try:
+        if rank == 0:
+            stack.enter_context(store.WriterLock(out_dir))
+    except (store.CacheLockedError, CacheError) as exc:
+        ok, message, error = False, str(exc), type(exc)
+    _all_ranks_agree(ok, message, world, error)
+
+
+def _extract_missing(backbone, source, spec, out_dir: str, key: str, dtype: str, shard_rows: int, batch_size: int,
+                     device: torch.device, backend: str, progress: bool, rank: int, world: int) -> dict:
+    """Extracts this rank's shards (r, r + world, ...) that are not on disk yet; returns the
+    counts summed over ranks."""
+    shards = math.ceil(len(source) / shard_rows)
+    rows = [min(len(source), (s + 1) * shard_rows) - s * shard_rows for s in range(shards)]
+    mine = [s for s in range(shards) if s % world == rank]
+    todo = [s for s in mine if not _shard_ready(out_dir, s, key, rows[s], dtype, int(backbone.feature_dim))]
+    images = sum(rows[s] for s in todo)
+    bar = _progress_bar(images, rank, world) if progress and images else None
+    model = extraction_model(backbone, device) if todo else None
+    started, written_bytes = time.perf_counter(), 0
+    try:
+        for s in todo:
+            arrays = _extract_shard(model, source, spec, s, shard_rows, CACHE_DTYPES[dtype], batch_size, device,
+                                    backend, bar)
+            if arrays["scales"] is not None:
+                scale_bytes = store.npy_bytes(arrays["scales"])
+                files.write_atomic(os.path.join(out_dir, store.scales_file(s, key)), scale_bytes)
+                written_bytes += len(scale_bytes)
+            # The features file goes last: its presence marks the shard finished.
+            feature_bytes = store.npy_bytes(arrays["features"])
+            files.write_atomic(os.path.join(out_dir, store.features_file(s, key)), feature_bytes)
+            written_bytes += len(feature_bytes)
     finally:
-        lock.__exit__(None, None, None)
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - started
+    counts = [images, written_bytes, len(todo), len(mine) - len(todo)]
+    if world > 1:
+        # nccl reduces only GPU tensors, gloo CPU ones.
+        totals = torch.tensor(counts, dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(totals)
+        counts = [int(v) for v in totals.tolist()]
+        dist.barrier()
+    return {"images": counts[0], "seconds": seconds, "images_per_second": counts[0] / seconds if seconds > 0 else 0.0,
+            "bytes_written": counts[1], "shards_built": counts[2], "shards_reused": counts[3]}
 
 
-def _write_manifest(out_dir: str, data, wanted: dict, shards: int) -> int:
-    labels = np.asarray(data.labels, dtype=np.int64)
+def _reused(out_dir: str, manifest: dict) -> dict:
+    """What a build that found its cache finished did: nothing."""
+    return {"directory": out_dir, "reused": True, "images": 0, "seconds": 0.0, "images_per_second": 0.0,
+            "bytes_written": 0, "shards_built": 0, "shards_reused": len(manifest["shards"]),
+            "skipped": len(manifest.get("skipped", []))}
+
+
+def _file_entry(out_dir: str, name: str, data: Optional[bytes] = None) -> dict:
+    path = os.path.join(out_dir, name)
+    if data is None:
+        info = store.regular_file(path)
+        if info is None:
+            raise CacheError(f"{path}: shard missing after every rank finished")
+        return {"file": name, "bytes": info.st_size, "sha256": store.sha256_file(path)}
+    return {"file": name, "bytes": len(data), "sha256": store.sha256_bytes(data)}
+
+
+def _write_manifest(out_dir: str, source, labels: np.ndarray, wanted: dict, key: str, shards: int, skipped,
+                    screening: Optional[dict]) -> int:
     label_bytes = store.npy_bytes(labels)
-    store.write_atomic(os.path.join(out_dir, store.LABELS), label_bytes)
-    samples = sample_ids(data)
-    store.write_json_atomic(os.path.join(out_dir, store.SAMPLES), samples)
+    files.write_atomic(os.path.join(out_dir, store.LABELS), label_bytes)
+    sample_bytes = (json.dumps(source.sample_ids(), indent=2, sort_keys=True) + "\n").encode()
+    files.write_atomic(os.path.join(out_dir, store.SAMPLES), sample_bytes)
     entries = []
     for s in range(shards):
-        entry = {"rows": [s * wanted["shard_rows"], min(len(data), (s + 1) * wanted["shard_rows"])]}
-        names = [("features", store.features_file(s))]
+        entry = {"rows": [s * wanted["shard_rows"], min(len(source), (s + 1) * wanted["shard_rows"])],
+                 "features": _file_entry(out_dir, store.features_file(s, key))}
         if wanted["dtype"] == "int8":
-            names.append(("scales", store.scales_file(s)))
-        for key, name in names:
-            path = os.path.join(out_dir, name)
-            if not os.path.isfile(path):
-                raise CacheError(f"{path}: shard missing after every rank finished")
-            entry[key] = {"file": name, "bytes": os.path.getsize(path), "sha256": store.sha256_file(path)}
+            entry["scales"] = _file_entry(out_dir, store.scales_file(s, key))
         entries.append(entry)
-    manifest = {"fingerprint": wanted, "count": len(data), "shards": entries}
-    store.write_json_atomic(os.path.join(out_dir, store.MANIFEST), manifest)
-    os.remove(os.path.join(out_dir, store.BUILD))
-    return len(label_bytes)
-
-
-def _clear(out_dir: str) -> None:
-    for name in os.listdir(out_dir):
-        if name == store.LOCK:
-            continue
-        path = os.path.join(out_dir, name)
-        if name.startswith(("features-", "scales-")) or name in (store.MANIFEST, store.BUILD, store.LABELS,
-                                                                 store.SAMPLES) or ".tmp." in name:
-            os.remove(path) if os.path.isfile(path) else shutil.rmtree(path)
+    manifest = {"fingerprint": wanted, "count": len(source), "shards": entries,
+                "files": {"labels": _file_entry(out_dir, store.LABELS, label_bytes),
+                          "samples": _file_entry(out_dir, store.SAMPLES, sample_bytes)},
+                "skipped": _skipped_records(source, skipped)}
+    if screening is not None:
+        manifest["screening"] = screening
+    files.write_json_atomic(os.path.join(out_dir, store.MANIFEST), manifest)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out_dir, store.BUILD))
+    return len(label_bytes) + len(sample_bytes)
 
 
 def _progress_bar(total: int, rank: int, world: int):

@@ -1,33 +1,17 @@
 """FeatureCache: features of a frozen backbone, computed once, served at memory speed."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterator, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from fasttl import _ops
-from fasttl.cache import store
-from fasttl.cache.kernels import CACHE_DTYPES, gather
-
-
-class CacheError(ValueError):
-    """A cache directory that is missing, corrupt, or built for something else."""
-
-
-def _to_numpy_storage(tensor: Tensor) -> np.ndarray:
-    """bf16 has no numpy dtype: it is stored as its uint16 bits."""
-    tensor = tensor.detach().cpu().contiguous()
-    return tensor.view(torch.uint16 if hasattr(torch, "uint16") else torch.int16).numpy() \
-        if tensor.dtype == torch.bfloat16 else tensor.numpy()
-
-
-def _from_numpy_storage(array: np.ndarray, dtype: torch.dtype) -> Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+from fasttl.cache import build, format
+from fasttl.cache.format import mismatch_message  # noqa: F401  (part of this module's API)
+from fasttl.cache.kernels import gather
+from fasttl.cache.store import CacheError
 
 
 class FeatureCache:
@@ -53,50 +37,24 @@ class FeatureCache:
     # -- building and opening ------------------------------------------------------------
     @classmethod
     def build(cls, backbone, data, out_dir: str, **kwargs) -> "FeatureCache":
-        """See :func:`fasttl.cache.build.build_cache` for the arguments."""
-        from fasttl.cache.build import build_cache
-
-        return build_cache(backbone, data, out_dir, **kwargs)
+        """Runs the frozen backbone over `data` into `out_dir` (or finds that it already did) and
+        opens the result; ``cache.last_build`` holds what the build did. See
+        :func:`fasttl.cache.build.build_cache` for the arguments."""
+        result = build.build_cache(backbone, data, out_dir, **kwargs)
+        # A cache this call wrote was checked as it was written; one found finished is verified.
+        cache = cls.open(result.pop("directory"), verify=result.pop("reused"))
+        cache.last_build = result
+        return cache
 
     @classmethod
     def open(cls, directory: str, verify: bool = True, expect_fingerprint: Optional[dict] = None) -> "FeatureCache":
-        """Maps a finished cache. Each shard's size and (with verify) SHA-256 are checked against
-        the manifest, so a truncated or corrupt shard is an error naming it."""
+        """Maps a finished cache. Reads nothing but the files its manifest lists and writes nothing.
+        Every listed file must be a plain file (not a link) of the recorded size; labels.npy and
+        samples.json are always checked against their SHA-256, shards with ``verify``; each array's
+        dtype and shape and each label's range are checked too. Any problem is a CacheError naming
+        the file."""
         directory = os.path.abspath(os.path.expanduser(directory))
-        manifest = store.read_json(os.path.join(directory, store.MANIFEST))
-        if manifest is None:
-            raise CacheError(f"{directory}: no {store.MANIFEST} (not a feature cache, or its build did not finish: "
-                             "run the same build again to resume it)")
-        if expect_fingerprint is not None and manifest["fingerprint"] != expect_fingerprint:
-            raise CacheError(mismatch_message(directory, manifest["fingerprint"], expect_fingerprint))
-        dtype = CACHE_DTYPES[manifest["fingerprint"]["dtype"]]
-        parts, scale_parts = [], []
-        for shard in manifest["shards"]:
-            for key, target in (("features", parts), ("scales", scale_parts)):
-                if key not in shard:
-                    continue
-                path = os.path.join(directory, shard[key]["file"])
-                if not os.path.isfile(path):
-                    raise CacheError(f"{path}: shard file missing")
-                if os.path.getsize(path) != shard[key]["bytes"]:
-                    raise CacheError(f"{path}: truncated or changed ({os.path.getsize(path)} bytes, manifest says "
-                                     f"{shard[key]['bytes']}); rebuild with overwrite")
-                if verify and store.sha256_file(path) != shard[key]["sha256"]:
-                    raise CacheError(f"{path}: checksum mismatch (corrupt shard); rebuild with overwrite")
-                try:
-                    target.append(np.load(path, mmap_mode="r"))
-                except ValueError as exc:
-                    raise CacheError(f"{path}: unreadable shard ({exc})") from exc
-        feature_dim = manifest["fingerprint"]["feature_dim"]
-        features = _from_numpy_storage(np.concatenate(parts) if parts else np.zeros((0, feature_dim)), dtype)
-        scales = torch.from_numpy(np.concatenate(scale_parts)) if scale_parts else None
-        labels = torch.from_numpy(np.load(os.path.join(directory, store.LABELS)))
-        with open(os.path.join(directory, store.SAMPLES)) as f:
-            samples = json.load(f)
-        if features.shape != (manifest["count"], feature_dim) or labels.shape != (manifest["count"],):
-            raise CacheError(f"{directory}: shards hold {tuple(features.shape)} features and {len(labels)} labels, "
-                             f"the manifest says {manifest['count']} x {feature_dim}")
-        return cls(directory, manifest, features, scales, labels, samples)
+        return cls(directory, *format.read_cache(directory, verify, expect_fingerprint))
 
     @classmethod
     def concat(cls, caches: List["FeatureCache"]) -> "FeatureCache":
@@ -197,8 +155,3 @@ class CacheLoader:
             yield features.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
-def mismatch_message(directory: str, found: dict, wanted: dict) -> str:
-    differing = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-    details = "; ".join(f"{k}: cache has {found.get(k)!r}, asked for {wanted.get(k)!r}" for k in differing)
-    return (f"{directory}: holds a cache built for something else ({details[:600]}). Use another directory, "
-            "or overwrite=True / --overwrite to rebuild it.")

@@ -52,13 +52,21 @@ def feature_statistics(cache: FeatureCache) -> Tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def predict_cache(head: nn.Module, cache: FeatureCache, device="cpu", batch_size: int = 4096) -> Tuple[Tensor, Tensor]:
-    """(logits, labels) of a head over a whole cache, in order."""
+    """(logits, labels) of a head over a whole cache, in order, on the CPU."""
     head.eval()
+    dtype = next(head.parameters()).dtype
     logits, labels = [], []
-    for features, y in cache.loader(batch_size, shuffle=False, device=device):
+    for features, y in cache.loader(batch_size, shuffle=False, device=device, out_dtype=dtype):
         logits.append(head(features).float().cpu())
         labels.append(y.cpu())
     return torch.cat(logits), torch.cat(labels)
+
+
+@torch.no_grad()
+def predict_views(head: nn.Module, views: List[FeatureCache], device="cpu") -> Tuple[Tensor, Tensor]:
+    """Logits averaged over views of one split (the plain and, if cached, the mirrored images)."""
+    outputs = [predict_cache(head, view, device) for view in views]
+    return torch.stack([logits for logits, _ in outputs]).mean(0), outputs[0][1]
 
 
 def head_epoch(head: nn.Module, loader, optimizer, scheduler=None) -> Dict[str, float]:
@@ -67,7 +75,7 @@ def head_epoch(head: nn.Module, loader, optimizer, scheduler=None) -> Dict[str, 
 
     stats = EpochStats()
     for features, labels in loader:
-        logits = head(features)
+        logits = head(features).float()
         loss = F.cross_entropy(logits, labels)
         step(loss, optimizer, scheduler)
         stats.add(loss, logits, labels)
@@ -75,35 +83,48 @@ def head_epoch(head: nn.Module, loader, optimizer, scheduler=None) -> Dict[str, 
 
 
 def evaluate_head(head: nn.Module, cache: FeatureCache, device="cpu") -> Dict[str, float]:
-    logits, labels = predict_cache(head, cache, device)
-    return {"eval_loss": float(F.cross_entropy(logits, labels)),
-            "eval_accuracy": float((logits.argmax(1) == labels).float().mean())}
+    from fasttl.training import eval_record
+
+    return eval_record(*predict_cache(head, cache, device))
+
+
+def on_device(cache: FeatureCache, device: torch.device) -> FeatureCache:
+    """The whole cache on a GPU when it fits there (gathers then run at GPU memory speed); else
+    the cache stays in host memory and each batch is copied."""
+    if device.type == "cuda" and cache.device != device:
+        try:
+            return cache.to(device)
+        except RuntimeError:
+            return cache
+    return cache
 
 
 def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, batch_size: int = 256,
                lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0, device="cpu",
-               eval_cache: Optional[FeatureCache] = None, progress: bool = True, checkpoint=None,
-               resume: bool = False) -> Tuple[nn.Module, List[Dict[str, float]]]:
+               eval_cache=None, progress: bool = True, checkpoint=None, resume: bool = False,
+               dtype: torch.dtype = torch.float32) -> Tuple[nn.Module, List[Dict[str, float]]]:
     """Trains a ``"linear"`` or ``"mlp"`` head on a feature cache with fasttl's AdamW and a
-    one-cycle schedule; returns the head and one record per epoch (train loss/accuracy, eval
-    loss/accuracy when ``eval_cache`` is given, seconds). With ``checkpoint`` and ``resume`` an
-    interrupted training continues where it stopped."""
-    from fasttl.training import fit
+    one-cycle schedule on ``device`` (params in ``dtype``: bf16 gets fp32 master weights); returns
+    the head and one record per epoch (train loss/accuracy, eval loss/accuracy when ``eval_cache``
+    is given, a cache or a list of views of one split whose logits are averaged, seconds). With
+    ``checkpoint`` and ``resume`` an interrupted training continues where it stopped."""
+    from fasttl.training import eval_record, fit, one_cycle
 
     torch.manual_seed(seed)
     device = torch.device(device)
     mean, std = feature_statistics(train)
-    head = make_head(kind, train.feature_dim, len(train.classes), mean, std).to(device)
+    head = make_head(kind, train.feature_dim, len(train.classes), mean, std).to(device, dtype)
     optimizer = AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    loader = train.loader(batch_size, shuffle=True, seed=seed, device=device)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(1, epochs * len(loader)),
-                                                    pct_start=0.1)
+    loader = on_device(train, device).loader(batch_size, shuffle=True, seed=seed, device=device, out_dtype=dtype)
+    scheduler = one_cycle(optimizer, lr, epochs * len(loader), pct_start=0.1)
+    views = [] if eval_cache is None else list(eval_cache) if isinstance(eval_cache, (list, tuple)) else [eval_cache]
+    views = [on_device(view, device) for view in views]
 
     def train_epoch(epoch: int) -> Dict[str, float]:
         loader.set_epoch(epoch)
         return head_epoch(head, loader, optimizer, scheduler)
 
-    evaluate = (lambda: evaluate_head(head, eval_cache, device)) if eval_cache is not None else None
+    evaluate = (lambda: eval_record(*predict_views(head, views, device))) if views else None
     history = fit(head, optimizer, scheduler, epochs, train_epoch, evaluate, seed=seed, checkpoint=checkpoint,
-                  resume=resume, progress=progress, description=f"train {kind} head")
+                  resume=resume, progress=progress, description=f"{kind} head")
     return head, history

@@ -12,58 +12,61 @@ CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 _SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _check_cache(cache) -> None:
+    if not isinstance(cache, Tensor) or cache.dtype not in CACHE_DTYPES.values() or cache.dim() != 2:
+        raise TypeError(f"cache: got {getattr(cache, 'dtype', type(cache).__name__)} of shape "
+                        f"{tuple(getattr(cache, 'shape', ()))} (expected a 2-D float32, float16, bfloat16 or int8 "
+                        "tensor)")
+    if not cache.is_contiguous():
+        raise ValueError("cache: is not contiguous (expected a contiguous tensor)")
+
+
 def _check_rows(name: str, rows: Tensor, count: int, limit: int, device: torch.device) -> None:
-    if not isinstance(rows, Tensor) or rows.dtype != torch.int64:
-        raise TypeError(f"{name}: expected an int64 tensor of row indices")
+    """Friendlier messages than the op's, and the range checked on the host on every device, so
+    a bad index raises ValueError here also on CUDA (one host sync; the op itself checks on the
+    device)."""
+    if not isinstance(rows, Tensor) or rows.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: got {getattr(rows, 'dtype', type(rows).__name__)} (expected an int64 or int32 "
+                        "tensor of row indices)")
     if rows.dim() != 1 or rows.numel() != count:
-        raise ValueError(f"{name}: expected shape ({count},), got {tuple(rows.shape)}")
+        raise ValueError(f"{name}: has shape {tuple(rows.shape)} (expected ({count},))")
     if rows.device != device:
-        raise ValueError(f"{name}: on {rows.device}, expected {device}")
-    if count and (int(rows.min()) < 0 or int(rows.max()) >= limit):
-        raise ValueError(f"{name}: indices must be in [0, {limit}), got [{int(rows.min())}, {int(rows.max())}]")
+        raise ValueError(f"{name}: is on {rows.device} (expected the cache's device, {device})")
+    if count and rows.device.type != "meta":  # meta tensors hold no values to check
+        low, high = (int(v) for v in torch.stack(torch.aminmax(rows)).tolist())
+        if low < 0 or high >= limit:
+            raise ValueError(f"{name}: values span [{low}, {high}] (expected indices in [0, {limit}))")
 
 
 def pool_store(features: Tensor, cache: Tensor, rows: Tensor, scales: Optional[Tensor] = None) -> None:
     """Writes ``features`` (N, C, H, W) global-average-pooled, or (N, C) as they are, into
     ``cache[rows]``, converted to the cache's dtype (float32, float16, bfloat16, or int8 with
-    the per-row fp32 scale written to ``scales[rows]``), in one pass. Pooling accumulates in fp32."""
+    the per-row fp32 scale written to ``scales[rows]``), in one pass. Pooling accumulates in fp32.
+    ``rows``: (N,) distinct int64 or int32 indices (any stride); ``cache`` and ``scales`` contiguous."""
     if not isinstance(features, Tensor) or features.dtype not in _SOURCE_DTYPES:
-        raise TypeError(f"features: expected a float32/float16/bfloat16 tensor, got "
-                        f"{getattr(features, 'dtype', type(features).__name__)}")
-    if features.dim() not in (2, 4):
-        raise ValueError(f"features: expected (N, C, H, W) or (N, C), got {tuple(features.shape)}")
-    if not isinstance(cache, Tensor) or cache.dtype not in CACHE_DTYPES.values() or cache.dim() != 2:
-        raise TypeError("cache: expected a 2-D float32/float16/bfloat16/int8 tensor")
-    if not cache.is_contiguous():
-        raise ValueError("cache: expected a contiguous tensor")
+        raise TypeError(f"features: got {getattr(features, 'dtype', type(features).__name__)} "
+                        "(expected a float32, float16 or bfloat16 tensor)")
+    if features.dim() not in (2, 4) or features.dim() == 4 and features.shape[2] * features.shape[3] == 0:
+        raise ValueError(f"features: has shape {tuple(features.shape)} (expected (N, C, H, W) with H * W >= 1, "
+                         "or (N, C))")
+    _check_cache(cache)
     if cache.shape[1] != features.shape[1]:
-        raise ValueError(f"cache: has {cache.shape[1]} columns, features have {features.shape[1]} channels")
+        raise ValueError(f"cache: has {cache.shape[1]} columns (expected features' {features.shape[1]} channels)")
     if cache.device != features.device:
-        raise ValueError(f"cache: on {cache.device}, features on {features.device}")
-    if cache.dtype == torch.int8:
-        if scales is None or scales.dtype != torch.float32 or scales.shape != (cache.shape[0],) or \
-                scales.device != cache.device or not scales.is_contiguous():
-            raise ValueError(f"scales: an int8 cache needs a contiguous float32 tensor of shape ({cache.shape[0]},) "
-                             "on the cache's device")
-    elif scales is not None:
-        raise ValueError("scales: only int8 caches have scales")
+        raise ValueError(f"cache: is on {cache.device} (expected features' device, {features.device})")
     _check_rows("rows", rows, features.shape[0], cache.shape[0], cache.device)
-    if features.shape[0]:
-        _ops.pool_store(features, cache, scales, rows)
+    # The op checks the rest (scales, repeated rows) under the same argument names.
+    _ops.pool_store(features, cache, scales, rows)
 
 
 def gather(cache: Tensor, indices: Tensor, scales: Optional[Tensor] = None,
            out_dtype: torch.dtype = torch.float32) -> Tensor:
     """Returns ``cache[indices]`` dequantized to ``out_dtype`` (float32 or bfloat16) as one
-    contiguous (len(indices), C) batch, in one pass."""
-    if not isinstance(cache, Tensor) or cache.dtype not in CACHE_DTYPES.values() or cache.dim() != 2:
-        raise TypeError("cache: expected a 2-D float32/float16/bfloat16/int8 tensor")
-    if not cache.is_contiguous():
-        raise ValueError("cache: expected a contiguous tensor")
+    contiguous (len(indices), C) batch, in one pass. ``indices``: 1-D int64 or int32 (any stride),
+    checked against the cache's size (one host sync on CUDA; the op alone checks on the device)."""
+    _check_cache(cache)
     if out_dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"out_dtype: expected torch.float32 or torch.bfloat16, got {out_dtype}")
-    if cache.dtype == torch.int8 and (scales is None or scales.shape != (cache.shape[0],)):
-        raise ValueError(f"scales: an int8 cache needs its float32 scales of shape ({cache.shape[0]},)")
+        raise ValueError(f"out_dtype: {out_dtype} is not supported (expected torch.float32 or torch.bfloat16)")
     _check_rows("indices", indices, indices.numel() if isinstance(indices, Tensor) else -1, cache.shape[0],
                 cache.device)
     return _ops.gather(cache, scales if cache.dtype == torch.int8 else None, indices, out_dtype)

@@ -1,50 +1,75 @@
 """The on-disk layer of a feature cache: atomic writes, checksums, the writer lock and the file
 names. Nothing is ever left half-written: each file goes to a temporary name, is fsynced and
-renamed; the manifest is written last."""
+renamed; the manifest is written last.
+
+fasttl writes and deletes only files it named itself: temporaries start with TEMP_PREFIX and are
+created with O_EXCL | O_NOFOLLOW; the lock file is opened with O_NOFOLLOW and written only when it
+is a plain file holding nothing but a lock record; no file in a cache folder is read through a
+symbolic link."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import io
 import json
 import os
+import re
+import stat
 from typing import Optional
 
 import numpy as np
+
+from fasttl.errors import UserError
+from fasttl.files import TEMP_PREFIX
 
 MANIFEST = "manifest.json"
 BUILD = "build.json"        # the fingerprint of a build in progress (what a resume must match)
 LOCK = ".lock"
 LABELS = "labels.npy"
 SAMPLES = "samples.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: labels and samples listed with their checksums, shard names carry the fingerprint
+# Shard files: features-<fingerprint key>-<shard>.npy (format 2) or features-<shard>.npy (format 1).
+SHARD_FILE = re.compile(r"(features|scales)-(?:[0-9a-f]{16}-)?[0-9]{5}\.npy")
+_LOCK_RECORD = re.compile(rb"(pid [0-9]+)?\s*")
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+REBUILD_HINT = ("rebuild the cache with overwrite=True (FeatureCache.build in Python) "
+                "or --overwrite (`fasttl extract`, `fasttl run`)")
 
 
-def features_file(shard: int) -> str:
-    return f"features-{shard:05d}.npy"
+class CacheError(UserError, ValueError):
+    """A cache directory that is missing, corrupt, or built for something else."""
 
 
-def scales_file(shard: int) -> str:
-    return f"scales-{shard:05d}.npy"
+class CacheLockedError(RuntimeError):
+    pass
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def fingerprint_key(fingerprint: dict) -> str:
+    """16 hex digits of the fingerprint's SHA-256: in every shard's name, so a shard is only ever
+    adopted by a build of the same fingerprint, even when the manifest and build.json are gone."""
+    text = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+def features_file(shard: int, key: str) -> str:
+    return f"features-{key}-{shard:05d}.npy"
+
+
+def scales_file(shard: int, key: str) -> str:
+    return f"scales-{key}-{shard:05d}.npy"
+
+
+def is_plain_name(name) -> bool:
+    """A file name a manifest may list: one path component inside the cache folder, not hidden
+    (fasttl's lock and temporaries) and not the manifest or build record."""
+    return (isinstance(name, str) and name not in ("", ".", "..", MANIFEST, BUILD) and not name.startswith(".")
+            and "/" not in name and "\\" not in name and "\0" not in name and os.path.basename(name) == name)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -53,51 +78,132 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def save_npy_atomic(path: str, array: np.ndarray) -> None:
-    write_atomic(path, npy_bytes(array))
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    write_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: str) -> Optional[dict]:
-    if not os.path.isfile(path):
+def regular_file(path: str) -> Optional[os.stat_result]:
+    """lstat of `path`: None when nothing is there; a CacheError naming it when it is a symbolic
+    link or not a regular file (a cache folder holds only fasttl's own plain files)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
         return None
-    with open(path) as f:
-        return json.load(f)
+    if stat.S_ISLNK(info.st_mode):
+        raise CacheError(f"{path}: is a symbolic link; fasttl does not follow links in a cache folder "
+                         f"({REBUILD_HINT})")
+    if not stat.S_ISREG(info.st_mode):
+        raise CacheError(f"{path}: not a regular file (move it out of the cache folder, then {REBUILD_HINT})")
+    return info
+
+
+def open_regular(path: str) -> io.BufferedReader:
+    """A plain file of a cache folder opened for reading, without following a link (O_NOFOLLOW)
+    and without blocking on a FIFO; anything else is a CacheError naming it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            regular_file(path)  # raises the CacheError naming the link
+        raise
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise CacheError(f"{path}: not a regular file (move it out of the cache folder, then {REBUILD_HINT})")
+    return f
+
+
+def read_bytes(path: str) -> bytes:
+    """The bytes of a plain file in a cache folder, read without following a link."""
+    with open_regular(path) as f:
+        return f.read()
+
+
+def read_record(path: str):
+    """A JSON record of a cache folder (manifest.json, build.json): None when absent; a CacheError
+    naming it when it is a link, not a plain file, or not valid JSON."""
+    if regular_file(path) is None:
+        return None
+    data = read_bytes(path)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CacheError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]}); {REBUILD_HINT}") from None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
+def _plain_files(directory: str):
+    """(name, path) of the plain files and symbolic links in `directory` (never folders)."""
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+            yield name, path
+
+
 def remove_stale_temporaries(directory: str) -> None:
-    """Temporary files of an interrupted writer (their content was never renamed into place)."""
-    for name in os.listdir(directory):
-        if ".tmp." in name:
-            os.remove(os.path.join(directory, name))
+    """fasttl's temporaries of an interrupted writer (their content was never renamed into place).
+    Only names starting with TEMP_PREFIX: a user file with ".tmp." in its name is not fasttl's."""
+    for name, path in _plain_files(directory):
+        if name.startswith(TEMP_PREFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
-class CacheLockedError(RuntimeError):
-    pass
+def remove_cache_files(directory: str) -> None:
+    """Removes a cache's own files from `directory`: its records, labels and sample ids, the files
+    named as fasttl names shards, and fasttl's temporaries. Links are removed, never followed;
+    folders and every other file are left alone."""
+    own = (MANIFEST, BUILD, LABELS, SAMPLES)
+    for name, path in _plain_files(directory):
+        if name in own or SHARD_FILE.fullmatch(name) or name.startswith(TEMP_PREFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 class WriterLock:
     """An exclusive, non-blocking lock on a cache directory: a second writer fails at once
-    instead of interleaving. The OS releases it when the holder exits, even on kill -9."""
+    instead of interleaving. The OS releases it when the holder exits, even on kill -9.
+
+    The lock file is opened with O_NOFOLLOW and written only when it is a plain file with one name
+    that holds nothing but a lock record ("pid N"): a link, a folder, a hard link to another file
+    or a user's file named .lock is a CacheError, and left as it is."""
 
     def __init__(self, directory: str):
         self.path = os.path.join(directory, LOCK)
         self.fd: Optional[int] = None
 
+    def _refuse(self, why: str) -> CacheError:
+        return CacheError(f"{self.path}: {why}; fasttl will not write to it (move it away: it is not fasttl's lock "
+                          "file, which fasttl creates itself)")
+
     def __enter__(self) -> "WriterLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC | _NONBLOCK, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._refuse("is a symbolic link") from None
+            if exc.errno == errno.EISDIR:
+                raise self._refuse("is a folder") from None
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise self._refuse("is not a regular file")
+            if info.st_nlink != 1:
+                raise self._refuse(f"is a hard link shared with {info.st_nlink - 1} other name(s)")
+            if info.st_size > 64 or not _LOCK_RECORD.fullmatch(os.pread(fd, 65, 0)):
+                raise self._refuse("holds something other than a lock record")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
@@ -106,6 +212,9 @@ class WriterLock:
                 raise CacheLockedError(
                     f"{os.path.dirname(self.path)} is being written by {holder}; wait for it to finish "
                     "(a second writer would interleave shards)") from None
+            raise
+        except BaseException:
+            os.close(fd)
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)

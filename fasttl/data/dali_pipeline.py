@@ -13,7 +13,10 @@ from fasttl.data.spec import TransformSpec
 
 
 def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia.dali") is not None
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no `nvidia` namespace package at all
+        return False
 
 
 def _augment(fn, types, images, spec: TransformSpec, on_gpu: bool):
@@ -34,17 +37,22 @@ def _augment(fn, types, images, spec: TransformSpec, on_gpu: bool):
 
 def file_pipeline(source: FileSource, spec: TransformSpec, batch_size: int, shard_id: int, num_shards: int,
                   device_id: Optional[int], num_threads: int):
+    """Outputs (images, sample indices): the reader's "labels" are indices into source.files, kept
+    on the CPU, so the loader maps them to labels and knows which files a batch held. Every file
+    must have passed sources.header_problem: DALI's parser crashes on the files it rejects."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=spec.seed,
                   prefetch_queue_depth=2)
     def pipeline():
-        jpegs, labels = fn.readers.file(files=list(source.files), labels=list(source.labels), shard_id=shard_id,
-                                        num_shards=num_shards, random_shuffle=spec.train, seed=spec.seed,
-                                        pad_last_batch=True, stick_to_shard=True, name="Reader")
+        jpegs, indices = fn.readers.file(files=list(source.files), labels=list(range(len(source.files))),
+                                         shard_id=shard_id, num_shards=num_shards, random_shuffle=spec.train,
+                                         seed=spec.seed, pad_last_batch=True, stick_to_shard=True, name="Reader")
         on_gpu = device_id is not None
-        images = fn.decoders.image(jpegs, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
-        return _augment(fn, types, images, spec, on_gpu), labels.gpu() if on_gpu else labels
+        # EXIF orientation honoured (DALI's default, said explicitly: torch_pipeline.decode matches it).
+        images = fn.decoders.image(jpegs, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
+                                   adjust_orientation=True)
+        return _augment(fn, types, images, spec, on_gpu), indices
 
     return pipeline()
 

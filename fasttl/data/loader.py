@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Iterator, Optional, Tuple, Union
 
 import torch
 
 from fasttl.data import dali_pipeline
-from fasttl.data.sources import ArraySource, DataError, FileSource, check_image
+from fasttl.data.sources import (ArraySource, DataError, FileSource, check_image, ensure_headers, first_bad_image,
+                                 skip_hint)
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import TorchImageDataset
 
@@ -55,19 +57,19 @@ class ImageLoader:
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
-
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         batches = self._iter_dali() if self.backend == "dali" else self._iter_torch()
         for images, labels in batches:
             yield images.to(self.device, self.dtype, non_blocking=True), labels.to(self.device, torch.int64)
         self._epoch += 1
 
+    def _shard_range(self) -> Tuple[int, int]:
+        n = len(self.source)
+        return n * self.shard_id // self.num_shards, n * (self.shard_id + 1) // self.num_shards
+
     # -- PyTorch fallback ------------------------------------------------------------------
     def _iter_torch(self):
-        n = len(self.source)
-        indices = list(range(n * self.shard_id // self.num_shards, n * (self.shard_id + 1) // self.num_shards))
+        indices = list(range(*self._shard_range()))
         if self.spec.train:
             generator = torch.Generator().manual_seed(self.spec.seed * 100_003 + self._epoch)
             indices = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
@@ -77,7 +79,14 @@ class ImageLoader:
         workers = self.num_threads if len(indices) >= 8 * self.batch_size and self.num_threads > 1 else 0
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=self.batch_size,
                                              shuffle=False, num_workers=workers)
-        yield from loader
+        try:
+            yield from loader
+        except DataError as exc:
+            # A worker's error comes back wrapped in its traceback text: keep the one-line message.
+            lines = [line for line in str(exc).splitlines() if "DataError: " in line]
+            if not lines:
+                raise
+            raise DataError(lines[-1].split("DataError: ", 1)[1]) from None
 
     # -- DALI ------------------------------------------------------------------------------
     def _build_dali(self):
@@ -98,24 +107,49 @@ class ImageLoader:
                                    auto_reset=True, **kwargs)
 
     def _iter_dali(self):
+        files = isinstance(self.source, FileSource)
+        if files:
+            # DALI's decoder crashes the process when its parser rejects a file: none may reach it.
+            ensure_headers(self.source, *self._shard_range())
+            label_of = torch.as_tensor(self.source.labels, dtype=torch.int64)
+        delivered = []  # sample indices handed out this epoch (the file pipeline's "labels")
         try:
             if self._dali_iterator is None:
                 self._dali_iterator = self._build_dali()
             for batch in self._dali_iterator:
-                yield batch[0]["images"], batch[0]["labels"].reshape(-1)
+                labels = batch[0]["labels"].reshape(-1)
+                if files:
+                    delivered.append(labels)
+                    labels = label_of[labels]
+                yield batch[0]["images"], labels
         except RuntimeError as exc:
+            # The pipeline is invalid after an error: drop it, touch none of its outputs again.
             self._dali_iterator = None
-            raise self._explain_dali_error(exc) from exc
+            raise self._explain_dali_error(exc, delivered) from exc
 
-    def _explain_dali_error(self, exc: Exception) -> Exception:
-        """DALI's decode errors do not always name the file: find it, so the user can."""
-        if isinstance(self.source, FileSource):
-            for path in self.source.files:
-                problem = check_image(path)
-                if problem is not None:
-                    return DataError(f"{path}: cannot be decoded ({problem}); remove it, or build the source "
-                                     "with .verify(skip_corrupt=True) to leave such files out")
-        return RuntimeError(f"DALI pipeline failed: {exc}")
+    def _explain_dali_error(self, exc: Exception, delivered) -> Exception:
+        """A DataError naming the file DALI could not decode: from DALI's message when it names a
+        file of the source, else the first file not yet delivered this epoch that PIL cannot
+        decode either (from the failed batch on in eval order; the shard is not read twice)."""
+        text = str(exc)
+        first_line = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+        if not isinstance(self.source, FileSource) or "decod" not in text:
+            return RuntimeError(f"DALI pipeline failed: {first_line.strip()} (FASTTL_DEBUG=1 shows DALI's message; "
+                                "backend='torch' avoids DALI)")
+        named = set(re.findall(r"Failed to decode sample\s*#?\d*\s*:\s*(\S.*?)\s*$", text, re.MULTILINE))
+        for path in self.source.files:
+            if path in named:
+                problem = check_image(path) or "DALI cannot decode it; PIL can"
+                return DataError(f"{path}: cannot be decoded ({problem}); {skip_hint()}")
+        done = set(torch.cat(delivered).tolist()) if delivered else set()
+        begin, end = self._shard_range()
+        pending = [i for i in range(begin, end) if i not in done]
+        bad = first_bad_image([self.source.files[i] for i in pending], num_threads=self.num_threads)
+        if bad is not None:
+            return DataError(f"{bad[0]}: cannot be decoded ({bad[1]}); {skip_hint()}")
+        where = self.source.root or "the source"
+        return DataError(f"data: DALI could not decode one of {len(pending)} images of {where} "
+                         f"that PIL decodes ({' '.join(text.split())[-300:]}); use backend='torch'")
 
 
 def make_loader(source: Source, preprocessing, batch_size: int = 64, *, train: bool = False, seed: int = 0,

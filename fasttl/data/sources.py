@@ -1,55 +1,221 @@
 """Where images come from: class folders, CIFAR python pickles, or an explicit (path, label) list.
-Each source knows its samples, class names and a content identity (for cache fingerprints)."""
+Each source knows its samples, class names and a content identity (for cache fingerprints).
+
+Files from users are data, never code: CIFAR pickles go through a restricted unpickler, and every
+image file is checked before NVIDIA DALI sees it (`header_problem`), because DALI 2.x crashes the
+process (SIGSEGV in its decoder's worker threads) when its parser rejects one sample of a batch."""
 from __future__ import annotations
 
 import hashlib
 import os
 import pickle
+import stat
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-_MAGIC = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png"}
+ON_ERROR = ("fail", "skip")
+# PIL's default decompression-bomb threshold (about 9459 x 9459 pixels). A larger image is refused
+# before any decoder allocates it: neither backend needs hundreds of MB per sample to make a
+# 224-pixel input, and a forged header must not make either one try.
+MAX_IMAGE_PIXELS = 89_478_485
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PNG bit depths per color type (PNG spec table 11.1), as DALI's (nvImageCodec's) parser checks them.
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 
 
 class DataError(ValueError):
-    """A dataset problem, naming the file or folder at fault."""
+    """A dataset problem, naming the file or folder at fault and how to fix it (one line)."""
 
 
-def _looks_like_image(path: str) -> bool:
+# -- checking image files ------------------------------------------------------------------------
+
+class _Bytes:
+    """The head of a file, read in blocks as a parse needs more of it (one read for most headers)."""
+
+    def __init__(self, f, size: int):
+        self.f, self.size, self.data = f, size, b""
+
+    def get(self, offset: int, count: int) -> bytes:
+        while len(self.data) < offset + count and len(self.data) < self.size:
+            block = self.f.read(max(offset + count - len(self.data), 1 << 16))
+            if not block:
+                break
+            self.data += block
+        return self.data[offset:offset + count]
+
+
+def _jpeg_problem(f, size: int) -> Optional[str]:
+    """Walks the JPEG markers from SOI to SOS as DALI's parser does: every segment complete, a
+    frame header (SOF) with a size and 1, 3 or 4 components before the scan."""
+    data = _Bytes(f, size)
+    pos, frame = 2, None
+    truncated = "JPEG ends before its image data (truncated header)"
+    while True:
+        head = data.get(pos, 2)
+        if len(head) < 2:
+            return truncated
+        if head[0] != 0xFF:
+            return "invalid JPEG marker (garbled header)"
+        pos += 1
+        marker = 0xFF
+        while marker == 0xFF:  # fill bytes may precede a marker
+            byte = data.get(pos, 1)
+            if not byte:
+                return truncated
+            marker, pos = byte[0], pos + 1
+        if marker == 0x00 or 0xD0 <= marker <= 0xD9 or marker == 0x01:
+            return f"invalid JPEG marker 0xFF{marker:02X} before the image data (garbled header)"
+        raw = data.get(pos, 2)
+        if len(raw) < 2:
+            return truncated
+        length = struct.unpack(">H", raw)[0]
+        if length < 2 or pos + length > size:
+            return f"JPEG segment 0xFF{marker:02X} runs past the end of the file (truncated or garbled)"
+        if marker == 0xDA:  # SOS: the entropy-coded data follows
+            break
+        body = data.get(pos + 2, min(length - 2, 8))
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if len(body) < 6:
+                return "JPEG frame header is too short (garbled header)"
+            frame = (body[0], *struct.unpack(">HH", body[1:5]), body[5])
+        elif marker == 0xE1 and body[:6] == b"Exif\0\0" and length < 8:
+            return "JPEG EXIF segment is too short (garbled header)"  # DALI's parser underflows on it
+        pos += length
+    if frame is None:
+        return "JPEG has no frame header (SOF) before its image data (garbled header)"
+    precision, height, width, components = frame
+    if precision != 8:
+        return f"{precision}-bit JPEG (only 8-bit JPEGs are supported)"
+    if components not in (1, 3, 4):
+        return f"JPEG with {components} color components (expected 1, 3 or 4)"
+    if height == 0 or width == 0:
+        return f"JPEG declares a {width}x{height} image"
+    if width * height > MAX_IMAGE_PIXELS:
+        return f"JPEG declares {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} (downscale it)"
+    return None
+
+
+def _png_problem(f, size: int) -> Optional[str]:
+    """Every chunk complete with a matching CRC, through IEND (DALI's parser walks them all),
+    and an IHDR with a size and a bit depth / color type pair PNG allows."""
+    data = f.read()  # the CRCs cover every byte
+    head = data[8:33]
+    if len(head) < 25 or head[4:8] != b"IHDR" or struct.unpack(">I", head[:4])[0] != 13:
+        return "PNG has no complete IHDR header (truncated or garbled)"
+    width, height, depth, color = struct.unpack(">IIBB", head[8:18])
+    if color not in _PNG_DEPTHS or depth not in _PNG_DEPTHS[color]:
+        return f"PNG with bit depth {depth} and color type {color} is not a valid combination"
+    if width == 0 or height == 0 or width > 2**31 - 1 or height > 2**31 - 1:
+        return f"PNG declares a {width}x{height} image"
+    if width * height > MAX_IMAGE_PIXELS:
+        return f"PNG declares {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} (downscale it)"
+    pos, has_data = 8, False
+    while True:
+        if pos + 8 > len(data):
+            return "PNG ends before its IEND chunk (truncated file)"
+        length, kind = struct.unpack(">I", data[pos:pos + 4])[0], data[pos + 4:pos + 8]
+        name = kind.decode("latin1")
+        if length > 2**31 - 1 or pos + 12 + length > len(data):
+            return f"PNG chunk {name!r} runs past the end of the file (truncated or garbled)"
+        end = pos + 8 + length
+        if zlib.crc32(data[pos + 4:end]) != struct.unpack(">I", data[end:end + 4])[0]:
+            return f"PNG chunk {name!r} has a bad CRC (corrupt file)"
+        has_data = has_data or kind == b"IDAT"
+        if kind == b"IEND":
+            return None if has_data else "PNG has no image data (IDAT chunk)"
+        pos += 12 + length
+
+
+def header_problem(path: str) -> Optional[str]:
+    """None when `path` is a regular JPEG or PNG file whose structure DALI's parser accepts, else
+    why not. Cheap: reads JPEG headers up to the image data and walks the PNG chunks (with their
+    CRCs); it does not decode the pixels (`check_image` does)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError:
-        return False
-    return any(head.startswith(magic) for magic in _MAGIC)
+        # O_NONBLOCK: opening a FIFO (or a file swapped for one) must not wait for a writer.
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return "not a regular file"
+            if info.st_size == 0:
+                return "empty file (0 bytes)"
+            magic = f.read(8)
+            f.seek(0)
+            if magic.startswith(b"\xff\xd8\xff"):
+                return _jpeg_problem(f, info.st_size)
+            if magic == _PNG_SIGNATURE:
+                return _png_problem(f, info.st_size)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return "not a JPEG or PNG file (bad or missing header)"
 
 
 def check_image(path: str) -> Optional[str]:
-    """None if `path` decodes as an image, else why not (full decode with PIL)."""
-    if not _looks_like_image(path):
-        return "not a JPEG or PNG file (bad or missing header)"
+    """None if `path` passes `header_problem` and decodes in full with PIL, else why not."""
+    problem = header_problem(path)
+    if problem is not None:
+        return problem
     try:
         from PIL import Image
 
         with Image.open(path) as img:
             img.load()
     except Exception as exc:  # PIL raises many types for corrupt data
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
     return None
 
 
+def _check_all(paths: Sequence[str], check, num_threads: Optional[int], stop_at_first: bool):
+    """[(index, problem)] of the paths `check` finds a problem in, in path order; decodes on
+    threads (PIL and file reads release the GIL). With stop_at_first, the first in order only."""
+    threads = max(1, min(num_threads or (os.cpu_count() or 1), 32, len(paths)))
+    found = []
+    if threads == 1:
+        for i, path in enumerate(paths):
+            problem = check(path)
+            if problem is not None:
+                found.append((i, problem))
+                if stop_at_first:
+                    break
+        return found
+    chunk = 4 * threads  # bounded look-ahead, so a first bad file stops the work soon after
+    with ThreadPoolExecutor(threads) as pool:
+        for begin in range(0, len(paths), chunk):
+            problems = pool.map(check, paths[begin:begin + chunk])
+            for offset, problem in enumerate(problems):
+                if problem is not None:
+                    found.append((begin + offset, problem))
+                    if stop_at_first:
+                        return found
+    return found
+
+
+def skip_hint() -> str:
+    return "remove it, or leave unreadable files out with fasttl.data.screen(source, on_error='skip')"
+
+
+# -- sources ---------------------------------------------------------------------------------------
+
 @dataclass
 class FileSource:
-    """Image files with integer labels and the class names they index."""
+    """Image files with integer labels and the class names they index.
+
+    `skipped`: (path, reason) of images left out by `screen(..., on_error="skip")`.
+    `ignored`: (path, reason) of what a folder scan passed over without reading it: hidden
+    (dot) folders and files, files that are not .jpg/.jpeg/.png, files outside class folders,
+    broken links and special files. Print them; nothing else reports them."""
 
     files: List[str]
     labels: List[int]
     classes: List[str]
     root: str = ""
-    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason) left out on request
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+    ignored: List[Tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -62,74 +228,17 @@ class FileSource:
             digest.update(f"{rel}\0{os.path.getsize(path)}\0{label}\n".encode())
         return digest.hexdigest()
 
+    def sample_ids(self) -> List[str]:
+        """A name per sample: the file path relative to the source's root (or as given)."""
+        return [os.path.relpath(f, self.root) if self.root else f for f in self.files]
+
     def subset(self, indices: Sequence[int]) -> "FileSource":
         return FileSource([self.files[i] for i in indices], [self.labels[i] for i in indices], list(self.classes),
-                          self.root, list(self.skipped))
+                          self.root, list(self.skipped), list(self.ignored))
 
     def verify(self, skip_corrupt: bool = False) -> "FileSource":
-        """Decodes every file once. A bad file is an error naming it, or with skip_corrupt it is
-        left out and listed in `skipped`."""
-        keep, skipped = [], list(self.skipped)
-        for i, path in enumerate(self.files):
-            problem = check_image(path)
-            if problem is None:
-                keep.append(i)
-            elif skip_corrupt:
-                skipped.append((path, problem))
-            else:
-                raise DataError(f"{path}: cannot be read as an image ({problem}); remove it or pass skip_corrupt=True")
-        source = self.subset(keep)
-        source.skipped = skipped
-        return source
-
-
-def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> FileSource:
-    """root/<class>/*.jpg|png (Keras' flow_from_directory layout). Labels index the sorted class
-    names. An empty class folder, a folder with no images or a file that is not an image by its
-    header is an error naming it."""
-    root = os.path.abspath(os.path.expanduser(root))
-    if not os.path.isdir(root):
-        raise DataError(f"data: {root} is not a folder")
-    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    if not found:
-        raise DataError(f"data: {root} has no class folders (expected {root}/<class>/<image>.jpg)")
-    if classes is not None and list(classes) != found:
-        raise DataError(f"data: {root} has classes {found}, expected {list(classes)} (as in the training split)")
-    files, labels = [], []
-    for label, name in enumerate(found):
-        folder = os.path.join(root, name)
-        images = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not images:
-            raise DataError(f"data: class folder {folder} holds no .jpg/.jpeg/.png images")
-        for image in images:
-            path = os.path.join(folder, image)
-            if not _looks_like_image(path):
-                raise DataError(f"{path}: not a JPEG or PNG file (bad or missing header)")
-            files.append(path)
-            labels.append(label)
-    return FileSource(files, labels, found, root)
-
-
-def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
-    """(train, test) from root/train and root/test when both exist, else (root, None)."""
-    root = os.path.abspath(os.path.expanduser(root))
-    train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
-    if os.path.isdir(train_dir) and os.path.isdir(test_dir):
-        train = scan_class_folder(train_dir)
-        return train, scan_class_folder(test_dir, classes=train.classes)
-    return scan_class_folder(root), None
-
-
-def file_list(pairs: Sequence[Tuple[str, int]], classes: Optional[Sequence[str]] = None) -> FileSource:
-    """An explicit list of (path, label)."""
-    files, labels = [], []
-    for path, label in pairs:
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: no such file")
-        files.append(os.path.abspath(path))
-        labels.append(int(label))
-    n_classes = max(labels) + 1 if labels else 0
-    return FileSource(files, labels, list(classes) if classes is not None else [str(i) for i in range(n_classes)])
+        """`screen(self, "skip" if skip_corrupt else "fail")`."""
+        return screen(self, "skip" if skip_corrupt else "fail")
 
 
 @dataclass
@@ -150,32 +259,288 @@ class ArraySource:
         digest.update(np.asarray(self.labels, dtype=np.int64).tobytes())
         return digest.hexdigest()
 
+    def sample_ids(self) -> List[str]:
+        """A name per sample: NAME:INDEX."""
+        return [f"{self.name}:{i}" for i in range(len(self))]
+
     def subset(self, indices: Sequence[int]) -> "ArraySource":
         idx = np.asarray(indices, dtype=np.int64)
         return ArraySource(self.images[idx], self.labels[idx], list(self.classes), self.name)
 
 
+Source = Union[FileSource, ArraySource]
+
+
+def screen(source: Source, on_error: str = "fail", *, num_threads: Optional[int] = None) -> Source:
+    """Decodes every image of `source` once (with PIL, on `num_threads` threads, default the CPU
+    count) and checks its structure as `header_problem` does.
+
+    * ``on_error="fail"`` (default): the first unreadable file in order raises a one-line
+      DataError naming it; otherwise the source comes back unchanged.
+    * ``on_error="skip"``: a new source without the unreadable files; each one is appended to its
+      ``skipped`` list as (path, reason). A DataError if nothing is left, or if a class loses
+      every image.
+
+    An ArraySource (already decoded) comes back as it is."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error: expected one of {ON_ERROR}, got {on_error!r}")
+    if not isinstance(source, FileSource):
+        return source
+    found = _check_all(source.files, check_image, num_threads, stop_at_first=on_error == "fail")
+    if not found:
+        source.__dict__.setdefault("_clean_header_ranges", set()).add((0, len(source.files)))
+        return source
+    if on_error == "fail":
+        index, problem = found[0]
+        raise DataError(f"{source.files[index]}: cannot be read as an image ({problem}); {skip_hint()}")
+    bad = {index for index, _ in found}
+    kept = source.subset([i for i in range(len(source)) if i not in bad])
+    kept.skipped = list(source.skipped) + [(source.files[i], problem) for i, problem in found]
+    if not kept.files:
+        raise DataError(f"data: none of the {len(source)} images of {source.root or 'the file list'} can be read "
+                        f"(first: {source.files[found[0][0]]}: {found[0][1]})")
+    lost = sorted(set(source.labels) - set(kept.labels))
+    if lost:
+        names = ", ".join(source.classes[i] if 0 <= i < len(source.classes) else str(i) for i in lost)
+        raise DataError(f"data: every image of class {names} is unreadable "
+                        f"(first: {source.files[found[0][0]]}: {found[0][1]}); fix or remove that class")
+    kept.__dict__["_clean_header_ranges"] = {(0, len(kept.files))}
+    return kept
+
+
+def first_bad_image(files: Sequence[str], num_threads: Optional[int] = None) -> Optional[Tuple[str, str]]:
+    """(path, problem) of the first file in order that `check_image` rejects, or None."""
+    found = _check_all(files, check_image, num_threads, stop_at_first=True)
+    return (files[found[0][0]], found[0][1]) if found else None
+
+
+def ensure_headers(source: FileSource, begin: int = 0, end: Optional[int] = None) -> None:
+    """A DataError naming the first of source.files[begin:end] that `header_problem` rejects
+    (about 70 us a file; one thread, as the parse holds the GIL). A range found clean is
+    remembered on the source, so a loader per epoch checks it once."""
+    end = len(source) if end is None else end
+    checked = source.__dict__.setdefault("_clean_header_ranges", set())
+    if (0, len(source.files)) in checked or (begin, end) in checked:
+        return
+    found = _check_all(source.files[begin:end], header_problem, 1, stop_at_first=True)
+    if found:
+        index, problem = found[0]
+        raise DataError(f"{source.files[begin + index]}: cannot be read as an image ({problem}); {skip_hint()}")
+    checked.add((begin, end))
+
+
+# -- class folders and file lists -------------------------------------------------------------------
+
+def _missing(root: str, what: str) -> DataError:
+    if os.path.lexists(root) and not os.path.exists(root):
+        return DataError(f"data: {root} is a broken symbolic link (fix the link or give the folder itself)")
+    if os.path.exists(root):
+        return DataError(f"data: {root} is a file, not a folder (give {what})")
+    return DataError(f"data: {root} does not exist (give {what})")
+
+
+def _list_folder(folder: str) -> List[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except OSError as exc:
+        raise DataError(f"data: cannot list {folder} ({exc.strerror or exc}); check its permissions") from None
+
+
+def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> FileSource:
+    """root/<class>/*.jpg|jpeg|png (Keras' flow_from_directory layout). Labels index the sorted
+    class names. Symbolic links to files and folders are followed.
+
+    Refused with a DataError naming the folder: a missing root, fewer than 2 class folders,
+    other classes than `classes`, a class folder without images. Passed over and listed in the
+    result's ``ignored`` as (path, reason): hidden (dot) folders and files, files without an image
+    extension (.txt, Thumbs.db, ...), files directly in root, broken links and special files.
+    File contents are not read here: `screen` and the loaders check them."""
+    root = os.path.abspath(os.path.expanduser(root))
+    expected = f"a folder with one sub-folder of images per class, {root}/<class>/<image>.jpg"
+    if not os.path.isdir(root):
+        raise _missing(root, expected)
+    found, ignored = [], []
+    for name in _list_folder(root):
+        path = os.path.join(root, name)
+        if name.startswith("."):
+            ignored.append((path, "hidden"))
+        elif os.path.isdir(path):
+            found.append(name)
+        elif not os.path.exists(path):
+            ignored.append((path, "broken symbolic link"))
+        else:
+            ignored.append((path, "not in a class folder"))
+    if not found:
+        raise DataError(f"data: {root} has no class folders (expected {root}/<class>/<image>.jpg)")
+    if classes is not None and list(classes) != found:
+        raise DataError(f"data: {root} has classes {found}, expected {list(classes)} (as in the training split)")
+    if len(found) < 2:
+        raise DataError(f"data: {root} has only 1 class folder ({found[0]}); a classifier needs at least 2 "
+                        f"(add {root}/<other class>/)")
+    files, labels = [], []
+    for label, name in enumerate(found):
+        folder = os.path.join(root, name)
+        images = []
+        for entry in _list_folder(folder):
+            path = os.path.join(folder, entry)
+            if entry.startswith("."):
+                ignored.append((path, "hidden"))
+            elif os.path.isdir(path):
+                ignored.append((path, "a folder inside a class folder (not scanned)"))
+            elif not entry.lower().endswith(IMAGE_EXTENSIONS):
+                ignored.append((path, "not a .jpg/.jpeg/.png file"))
+            elif not os.path.exists(path):
+                ignored.append((path, "broken symbolic link"))
+            elif not os.path.isfile(path):
+                ignored.append((path, "not a regular file"))
+            else:
+                images.append(path)
+        if not images:
+            raise DataError(f"data: class folder {folder} holds no .jpg/.jpeg/.png images (add images or remove it)")
+        files.extend(images)
+        labels.extend([label] * len(images))
+    return FileSource(files, labels, found, root, ignored=ignored)
+
+
+def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
+    """(train, test) from root/train and root/test when both exist, else (root, None). With
+    splits, what root holds besides train/ and test/ is listed in train.ignored. Only one of
+    train/ and test/ is a DataError (it would otherwise be read as a class)."""
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+        raise _missing(root, f"class folders {root}/<class>/*.jpg, or {root}/train/<class> and {root}/test/<class>")
+    train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
+    if os.path.isdir(train_dir) and os.path.isdir(test_dir):
+        train = scan_class_folder(train_dir)
+        test = scan_class_folder(test_dir, classes=train.classes)
+        # What else root holds (a val/ split, notes, hidden folders) is not used: say so.
+        train.ignored[:0] = [(os.path.join(root, name), "hidden" if name.startswith(".") else "not train/ or test/")
+                             for name in _list_folder(root) if name not in ("train", "test")]
+        return train, test
+    for have, lack in ((train_dir, test_dir), (test_dir, train_dir)):
+        if os.path.isdir(have):  # a half split would otherwise be scanned as a class called "train"
+            raise DataError(f"data: {root} has {os.path.basename(have)}/ but no {os.path.basename(lack)}/ "
+                            f"(add {lack}/<class>/, or put the class folders directly in {root})")
+    return scan_class_folder(root), None
+
+
+def file_list(pairs: Iterable[Tuple[str, int]], classes: Optional[Sequence[str]] = None) -> FileSource:
+    """An explicit list of (path, label). Each path must be a JPEG or PNG file (checked by its
+    header) and each label an integer in [0, len(classes)); else a DataError naming it."""
+    files, labels = [], []
+    for path, label in pairs:
+        path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        if not os.path.exists(path):
+            raise DataError(f"{path}: no such file (fix the path in the file list)")
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: not a regular file (the file list must name image files)")
+        if not path.lower().endswith(IMAGE_EXTENSIONS):
+            raise DataError(f"{path}: not a .jpg/.jpeg/.png file (remove it from the file list)")
+        problem = header_problem(path)
+        if problem is not None:
+            raise DataError(f"{path}: cannot be read as an image ({problem}); remove it from the file list")
+        if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)) or label < 0:
+            raise DataError(f"{path}: label {label!r} is not a non-negative integer (labels index the classes)")
+        if classes is not None and label >= len(classes):
+            raise DataError(f"{path}: label {label} is out of range for {len(classes)} classes {list(classes)}")
+        files.append(path)
+        labels.append(int(label))
+    if not files:
+        raise DataError("data: the file list is empty (give at least one (path, label) pair)")
+    n_classes = max(labels) + 1
+    return FileSource(files, labels, list(classes) if classes is not None else [str(i) for i in range(n_classes)])
+
+
+# -- CIFAR python pickles ------------------------------------------------------------------------------
+
+def _latin1_encode(text, encoding="latin1", errors="strict"):
+    """`_codecs.encode` as protocol-2 pickles of bytes use it, for the latin1 codec only."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str) or errors != "strict":
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r} is not allowed")
+    return text.encode("latin1")
+
+
+def _numpy_globals() -> dict:
+    """The only globals a CIFAR batch may name: numpy's array and dtype reconstructors, under
+    numpy 1 (numpy.core) and numpy 2 (numpy._core) module names, and latin1 bytes."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray, numeric
+    table = {("_codecs", "encode"): _latin1_encode, ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for module in ("numpy.core", "numpy._core"):
+        for owner, name in ((multiarray, "_reconstruct"), (multiarray, "scalar"), (numeric, "_frombuffer")):
+            if hasattr(owner, name):
+                table[(f"{module}.{owner.__name__.rsplit('.', 1)[1]}", name)] = getattr(owner, name)
+    return table
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    _allowed = None
+
+    def find_class(self, module, name):
+        if _CifarUnpickler._allowed is None:
+            _CifarUnpickler._allowed = _numpy_globals()
+        try:
+            return _CifarUnpickler._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never does") from None
+
+
+def _load_pickle(path: str):
+    """A pickle that may hold only dicts, lists, str, bytes, numbers and numpy arrays."""
+    try:
+        with open(path, "rb") as f:
+            return _CifarUnpickler(f, encoding="bytes").load()
+    except Exception as exc:  # UnpicklingError, EOFError, MemoryError, ...: all a bad file
+        raise DataError(f"{path}: not a CIFAR python batch ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                        "download the batches again (https://www.cs.toronto.edu/~kriz/cifar.html)") from None
+
+
+def _as_str_keys(obj, path: str) -> dict:
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: not a CIFAR python batch (holds a {type(obj).__name__}, not a dict)")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
 def load_cifar_pickles(root: str, train: bool) -> ArraySource:
-    """CIFAR-10 (`cifar-10-batches-py`) or CIFAR-100 (`cifar-100-python`) python pickle batches."""
+    """CIFAR-10 (`cifar-10-batches-py`) or CIFAR-100 (`cifar-100-python`) python pickle batches.
+    Read with a restricted unpickler (numpy arrays and plain containers only, never code) and
+    checked: uint8 (N, 3072) images, N labels within the class list."""
     root = os.path.abspath(os.path.expanduser(root))
     if os.path.isfile(os.path.join(root, "batches.meta")):
         names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        meta, label_key, class_key = "batches.meta", b"labels", b"label_names"
+        meta, label_key, class_key = "batches.meta", "labels", "label_names"
     elif os.path.isfile(os.path.join(root, "meta")):
         names = ["train"] if train else ["test"]
-        meta, label_key, class_key = "meta", b"fine_labels", b"fine_label_names"
+        meta, label_key, class_key = "meta", "fine_labels", "fine_label_names"
     else:
         raise DataError(f"data: {root} holds neither cifar-10-batches-py (batches.meta) nor cifar-100-python (meta)")
+    meta_path = os.path.join(root, meta)
+    names_found = _as_str_keys(_load_pickle(meta_path), meta_path).get(class_key)
+    if not isinstance(names_found, list) or not names_found or not all(isinstance(c, (bytes, str))
+                                                                       for c in names_found):
+        raise DataError(f"{meta_path}: not a CIFAR meta file (no '{class_key}' list of names)")
+    classes = [c.decode("latin1") if isinstance(c, bytes) else c for c in names_found]
     images, labels = [], []
     for name in names:
         path = os.path.join(root, name)
         if not os.path.isfile(path):
             raise DataError(f"data: missing CIFAR batch {path}")
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
-    with open(os.path.join(root, meta), "rb") as f:
-        classes = [c.decode() for c in pickle.load(f, encoding="bytes")[class_key]]
+        batch = _as_str_keys(_load_pickle(path), path)
+        data, batch_labels = batch.get("data"), batch.get(label_key)
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise DataError(f"{path}: not a CIFAR python batch ('data' must be a uint8 array of shape (N, 3072), "
+                            f"got {getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')})")
+        try:
+            batch_labels = np.asarray(batch_labels)
+        except Exception:
+            batch_labels = np.asarray([])
+        if batch_labels.shape != (len(data),) or batch_labels.dtype.kind not in "iu":
+            raise DataError(f"{path}: not a CIFAR python batch ('{label_key}' must be {len(data)} integers)")
+        if len(batch_labels) and (batch_labels.min() < 0 or batch_labels.max() >= len(classes)):
+            raise DataError(f"{path}: a label is outside 0..{len(classes) - 1} ({len(classes)} classes in {meta_path})")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(batch_labels.astype(np.int64))
     return ArraySource(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), classes,
                        name=f"cifar:{os.path.basename(root)}:{'train' if train else 'test'}")

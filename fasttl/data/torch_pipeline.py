@@ -9,19 +9,64 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fasttl.data.sources import ArraySource, DataError, FileSource
+from fasttl.data.sources import ArraySource, DataError, FileSource, header_problem, skip_hint
 from fasttl.data.spec import TransformSpec
 
 
+# EXIF orientation tag values 2..8 and the PIL transpose that makes the pixels upright.
+_ORIENTATION = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+                7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def _orientation(img) -> int:
+    """The EXIF orientation of a JPEG (APP1) or PNG (eXIf chunk), 1 when absent or unreadable, as
+    DALI's decoder reads it (a malformed EXIF block is ignored, not an error)."""
+    raw = img.info.get("exif")
+    if not raw:
+        return 1
+    try:
+        from PIL import Image
+
+        exif = Image.Exif()
+        exif.load(raw)
+        value = exif.get(0x0112, 1)
+        return value if value in _ORIENTATION else 1
+    except Exception:
+        return 1
+
+
+def to_rgb_uint8(img) -> np.ndarray:
+    """RGB uint8 (H, W, 3) from a loaded PIL image of any JPEG/PNG mode, as DALI decodes it:
+    16-bit samples scaled by 255/65535 and rounded, alpha dropped (not composited), palette
+    looked up, grayscale repeated, CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        gray = np.rint(np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL warns on a direct P -> RGB with transparency; same RGB
+    if img.mode != "RGB":
+        img = img.convert("RGBA" if img.mode in ("RGBA", "LA", "PA") else "RGB")
+    return np.array(np.asarray(img, dtype=np.uint8)[:, :, :3], order="C")  # a writable copy
+
+
 def decode(path: str) -> torch.Tensor:
-    """RGB uint8 (H, W, 3) from a JPEG/PNG; an unreadable file is an error naming it."""
+    """RGB uint8 (H, W, 3) from a JPEG/PNG, turned upright by its EXIF orientation (as DALI does);
+    an unreadable file is an error naming it."""
     from PIL import Image
 
+    problem = header_problem(path)  # the same refusals as before DALI
+    if problem is not None:
+        raise DataError(f"{path}: cannot be read as an image ({problem}); {skip_hint()}")
     try:
         with Image.open(path) as img:
-            return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
+            img.load()
+            orientation = _orientation(img)
+            if orientation != 1:
+                img = img.transpose(getattr(Image.Transpose, _ORIENTATION[orientation]))
+            return torch.from_numpy(to_rgb_uint8(img))
     except Exception as exc:
-        raise DataError(f"{path}: cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"{path}: cannot be decoded ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                        f"{skip_hint()}") from None
 
 
 def _resize(chw: torch.Tensor, height: int, width: int) -> torch.Tensor:

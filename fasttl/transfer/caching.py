@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from fasttl.cache import FeatureCache
+from fasttl.cache.cache import CacheError
 from fasttl.cache.build import compute_settings
 
 
@@ -29,10 +30,19 @@ def cache_dir(backbone, source, split: str, image_size: int, dtype: str, device=
 
 
 def cached_features(backbone, source, split: str, image_size: int, *, dtype: str = "fp16", batch_size: Optional[int] = None,
-                    device="cpu", progress: bool = True, mirror: bool = False) -> FeatureCache:
+                    device="cpu", progress: bool = True, mirror: bool = False,
+                    rebuild_broken: bool = False) -> FeatureCache:
     """The cache of one split, built on first use (resuming an interrupted build) and reused after.
-    `mirror`: the cache of the horizontally mirrored view, kept beside the plain one."""
+    `mirror`: the cache of the horizontally mirrored view, kept beside the plain one.
+    `rebuild_broken` (`fasttl run --overwrite`): a cache found corrupt or built for something else
+    is rebuilt instead of refused."""
     split = f"{split}-mirror" if mirror else split
     directory = cache_dir(backbone, source, split, image_size, dtype, device)
-    return FeatureCache.build(backbone, source, directory, dtype=dtype, batch_size=batch_size,
-                              device=torch.device(device), image_size=image_size, progress=progress, mirror=mirror)
+    options = dict(dtype=dtype, batch_size=batch_size, device=torch.device(device), image_size=image_size,
+                   progress=progress, mirror=mirror)
+    try:
+        return FeatureCache.build(backbone, source, directory, **options)
+    except CacheError:
+        if not rebuild_broken:
+            raise
+        return FeatureCache.build(backbone, source, directory, overwrite=True, **options)

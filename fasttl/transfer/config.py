@@ -1,73 +1,135 @@
-"""The options of a transfer run, their defaults per strategy, and their checks."""
+"""The options of a transfer run: the one place each option, its default, its choices and its
+help are written. The `fasttl run` parser is generated from these fields, and per-strategy
+defaults (epochs, lr, batch size) come from the strategy registry."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 from fasttl import backbones
+from fasttl.errors import OptionError
+from fasttl.transfer.datasets import BUILTIN
 
-STRATEGIES = ("linear", "mlp", "finetune", "distill", "dann", "scratch")
-_EPOCHS = {"linear": 10, "mlp": 10, "finetune": 3, "distill": 15, "dann": 15, "scratch": 15}
-_LR = {"linear": 3e-3, "mlp": 1e-3, "finetune": 1e-3, "distill": 3e-3, "dann": 1e-3, "scratch": 3e-3}
-_BATCH = {"linear": 256, "mlp": 256, "finetune": 32, "distill": 64, "dann": 256, "scratch": 64}
+MAX_IMAGE_SIZE = 1024
+
+
+def option(default, help: str, *, kind=None, choices=None, metavar: Optional[str] = None, cli: bool = True):
+    """A RunConfig field: `kind` is the value's type on the command line (str, int, float, bool
+    for a flag), `choices` a tuple or a callable returning one (looked up when asked)."""
+    kind = kind or type(default)
+    return field(default=default, metadata=dict(help=help, kind=kind, choices=choices, metavar=metavar, cli=cli))
+
+
+def _strategies():
+    from fasttl.transfer import registry
+
+    return registry.names()
+
+
+def _comparisons():
+    return ("auto", "none") + _strategies()
 
 
 @dataclass
 class RunConfig:
-    data: Optional[str] = None          # None or "digits": the embedded default; "cifar10"; or a folder
-    backbone: str = backbones.DEFAULT
-    weights: Optional[str] = None
-    strategy: str = "linear"
-    image_size: Optional[int] = None    # backbone input size; default 64 for digits, else 128
-    epochs: Optional[int] = None
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    device: str = "cpu"
-    seed: int = 0
-    out: Optional[str] = None
-    compare: Optional[str] = None       # "scratch": train the from-scratch baseline beside
-    teacher: Optional[str] = None       # distill: the teacher's run directory
-    target_data: Optional[str] = None   # dann: the unlabeled target domain (class folders; labels only for eval)
-    train_per_class: Optional[int] = None
-    test_per_class: Optional[int] = None
-    finetune_stages: Optional[int] = None  # finetune: unfreeze the top k stages (default all)
-    precision: str = "auto"             # finetune: bf16 params + fp32 masters on cuda, fp32 on cpu
-    cache_dtype: str = "fp16"
-    mirror_views: bool = False          # linear/mlp: also cache mirrored images; train on both views, average at test
-    temperature: float = 4.0
-    alpha: float = 0.9
-    resume: bool = False
-    progress: bool = True
+    data: Optional[str] = option(None, "'cifar10-mini' (the embedded default: 1,500 real CIFAR-10 images), "
+                                 "'digits' (scikit-learn's 8x8 digits), 'cifar10' ($FASTTL_DATA) or a "
+                                 "class-folder DIR", kind=str, metavar="DATA")
+    backbone: str = option(backbones.DEFAULT, "backbone name", choices=backbones.available)
+    weights: Optional[str] = option(None, "backbone state dict file", kind=str, metavar="FILE")
+    strategy: str = option("linear", "how to transfer (see the table in the README)", choices=_strategies)
+    image_size: Optional[int] = option(None, "backbone input size (default 64 for digits, else 128)", kind=int,
+                                       metavar="N")
+    epochs: Optional[int] = option(None, "epochs (default: the strategy's)", kind=int, metavar="N")
+    batch_size: Optional[int] = option(None, "batch size (default: the strategy's)", kind=int, metavar="N")
+    lr: Optional[float] = option(None, "peak learning rate (default: the strategy's)", kind=float, metavar="X")
+    device: str = option("cpu", "where models, features and images live: cpu, cuda or cuda:N", metavar="DEVICE")
+    seed: int = option(0, "seed of every random choice", metavar="N")
+    out: Optional[str] = option(None, "run directory (default runs/<data>-<strategy>, -2, -3, ... when taken)",
+                                kind=str, metavar="RUN_DIR")
+    compare: str = option("auto", "train another strategy beside, on the same data (auto: the from-scratch "
+                          "baseline for the data sets fasttl ships, none otherwise)", choices=_comparisons)
+    teacher: Optional[str] = option(None, "distill: the teacher run", kind=str, metavar="RUN_DIR")
+    target_data: Optional[str] = option(None, "dann: the unlabeled target domain (class folders; labels only "
+                                        "for evaluation)", kind=str, metavar="DIR")
+    train_per_class: Optional[int] = option(None, "use N training images per class (seeded)", kind=int, metavar="N")
+    test_per_class: Optional[int] = option(None, "use N test images per class (seeded)", kind=int, metavar="N")
+    finetune_stages: Optional[int] = option(None, "finetune: unfreeze the top K stages (default all)", kind=int,
+                                            metavar="K")
+    precision: str = option("auto", "bf16 params with fp32 master weights, or fp32 (auto: bf16 on cuda, fp32 on "
+                            "cpu)", choices=("auto", "fp32", "bf16"))
+    cache_dtype: str = option("fp16", "feature cache dtype", choices=("fp16", "bf16", "fp32", "int8"))
+    mirror_views: bool = option(False, "linear/mlp: also cache the mirrored images; train on both views, average "
+                                "them at test")
+    temperature: float = option(4.0, "distill: softening temperature", metavar="T")
+    alpha: float = option(0.9, "distill: weight of the soft term", metavar="A")
+    resume: bool = option(False, "continue an interrupted run from its last finished epoch")
+    overwrite: bool = option(False, "replace the run in --out (and rebuild a feature cache that fails its checks)")
+    on_error: str = option("fail", "an unreadable image: fail (names it) or skip (left out, listed in skipped.csv)",
+                           choices=("fail", "skip"))
+    progress: bool = option(True, "progress bars", cli=False)
 
     def resolved(self, native_size: int) -> "RunConfig":
         """Fills the per-strategy defaults and checks every option."""
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy: unknown {self.strategy!r}; choose from {STRATEGIES}")
-        if self.backbone not in backbones.available():
-            raise ValueError(f"backbone: unknown {self.backbone!r}; choose from {backbones.available()}")
-        if self.compare not in (None, "scratch"):
-            raise ValueError(f"compare: only 'scratch' is supported, got {self.compare!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision: expected auto, fp32 or bf16, got {self.precision!r}")
-        if self.strategy == "distill" and not self.teacher:
-            raise ValueError("teacher: --strategy distill needs --teacher RUN_DIR (a linear, mlp or finetune run)")
-        if self.strategy == "dann" and not self.target_data:
-            raise ValueError("target_data: --strategy dann needs --target-data DIR (the unlabeled target domain)")
+        from fasttl.transfer import registry
+
+        self._check_choices()
+        strategy = registry.get(self.strategy)
+        for name in strategy.requires:
+            if not getattr(self, name):
+                raise OptionError(f"{name}: --strategy {self.strategy} needs --{name.replace('_', '-')} "
+                                  f"{_metadata(name)['metavar']} ({_metadata(name)['help']})")
         out = dataclasses.replace(self)
-        out.epochs = self.epochs if self.epochs is not None else _EPOCHS[self.strategy]
-        out.lr = self.lr if self.lr is not None else _LR[self.strategy]
-        out.batch_size = self.batch_size if self.batch_size is not None else _BATCH[self.strategy]
+        out.epochs = strategy.epochs if self.epochs is None else self.epochs
+        out.lr = strategy.lr if self.lr is None else self.lr
+        out.batch_size = strategy.batch_size if self.batch_size is None else self.batch_size
         out.image_size = self.image_size if self.image_size is not None else (64 if native_size <= 16 else 128)
-        for name in ("epochs", "batch_size", "image_size"):
-            value = getattr(out, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if not out.lr > 0:
-            raise ValueError(f"lr: expected > 0, got {out.lr!r}")
+        if out.compare == "auto":
+            out.compare = registry.baseline().name if self.data in (None, *BUILTIN) else "none"
         if out.precision == "auto":
             out.precision = "bf16" if str(out.device).startswith("cuda") else "fp32"
+        out._check_values()
         return out
+
+    def _check_choices(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata["choices"]
+            choices = choices() if callable(choices) else choices
+            if choices and getattr(self, f.name) not in choices:
+                raise OptionError(f"{f.name}: unknown {getattr(self, f.name)!r}; choose from {', '.join(choices)}")
+
+    def _check_values(self) -> None:
+        for name in ("epochs", "batch_size", "image_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise OptionError(f"{name}: expected a positive integer, got {value!r}")
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise OptionError(f"image_size: {self.image_size} px is more than fasttl handles ({MAX_IMAGE_SIZE})")
+        for name in ("train_per_class", "test_per_class", "finetune_stages"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise OptionError(f"{name}: expected a positive integer, got {value!r}")
+        for name in ("lr", "temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise OptionError(f"{name}: expected a finite number > 0, got {value!r}")
+        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise OptionError(f"alpha: expected a number in [0, 1], got {self.alpha!r}")
+        if self.resume and self.overwrite:
+            raise OptionError("resume: --resume continues a run and --overwrite replaces it; pass one of them")
+        if not (self.device == "cpu" or str(self.device).startswith("cuda")):
+            raise OptionError(f"device: expected cpu, cuda or cuda:N, got {self.device!r}")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _metadata(name: str) -> dict:
+    return {f.name: f.metadata for f in dataclasses.fields(RunConfig)}[name]
+
+
+def options():
+    """(name, default, metadata) of every option, in order: what the CLI parser is built from."""
+    return [(f.name, f.default, f.metadata) for f in dataclasses.fields(RunConfig)]

@@ -1,17 +1,20 @@
-"""Resolving the job's `--data`: the embedded default (scikit-learn's digits), CIFAR-10, or a
+"""Resolving the job's `--data`: the embedded default (CIFAR-10 mini, shipped in the package),
+scikit-learn's 8x8 digits (a far-from-ImageNet example), full CIFAR-10, or a
 folder of class folders; subsets and stratified splits, all seeded."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
-from fasttl.data import ArraySource, DataError, FileSource, class_folder_splits, load_cifar_pickles
+from fasttl.data import ArraySource, DataError, FileSource, class_folder_splits, load_cifar_pickles, screen
 
 Source = Union[FileSource, ArraySource]
-EMBEDDED = "digits"
+EMBEDDED = "cifar10-mini"
+DIGITS = "digits"
+BUILTIN = (EMBEDDED, DIGITS)  # shipped with fasttl: their runs compare against scratch by default
 
 
 @dataclass
@@ -20,6 +23,8 @@ class Dataset:
     train: Source
     test: Source
     native_size: int   # the images' own resolution (the from-scratch student's input size)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (file, reason) left out by on_error="skip"
+    ignored: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason) a folder scan passed over
 
     @property
     def classes(self):
@@ -36,7 +41,15 @@ def _digits() -> Dataset:
     images = np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
     source = ArraySource(images, digits.target.astype(np.int64), [str(d) for d in range(10)], name="sklearn-digits")
     train_idx, test_idx = stratified_split(source.labels, test_fraction=0.25, seed=0)
-    return Dataset(EMBEDDED, source.subset(train_idx), source.subset(test_idx), native_size=8)
+    return Dataset(DIGITS, source.subset(train_idx), source.subset(test_idx), native_size=8)
+
+
+def _cifar10_mini() -> Dataset:
+    """100 training and 50 test images per class of real CIFAR-10, from inside the package."""
+    from fasttl.data import cifar10_mini
+
+    train, test = cifar10_mini()
+    return Dataset(EMBEDDED, train, test, native_size=32)
 
 
 def cifar10_location() -> str:
@@ -63,8 +76,13 @@ def _native_size(source: Source) -> int:
         return int(source.images.shape[1])
     from PIL import Image
 
-    with Image.open(source.files[0]) as img:
-        return int(min(img.size))
+    for path in source.files[:64]:  # the first file that opens (a corrupt one is reported later, named)
+        try:
+            with Image.open(path) as img:
+                return int(min(img.size))
+        except Exception:
+            continue
+    raise DataError(f"data: none of the first images under {source.root} opens as an image")
 
 
 def stratified_split(labels, test_fraction: float, seed: int):
@@ -89,9 +107,21 @@ def per_class_subset(source: Source, per_class: int, seed: int) -> Source:
     return source.subset(sorted(keep))
 
 
+def _check_usable(dataset: Dataset, data: str) -> None:
+    if len(dataset.classes) < 2:
+        raise DataError(f"data: {data} has {len(dataset.classes)} class ({dataset.classes}); a classifier needs at "
+                        "least 2 class folders")
+    for split in ("train", "test"):
+        if len(getattr(dataset, split)) == 0:
+            raise DataError(f"data: {data} leaves no {split} images; add images, or give DIR/train and DIR/test "
+                            "class folders")
+
+
 def load_dataset(data: Optional[str], seed: int = 0, train_per_class: Optional[int] = None,
-                 test_per_class: Optional[int] = None) -> Dataset:
+                 test_per_class: Optional[int] = None, on_error: str = "fail") -> Dataset:
     if data in (None, EMBEDDED):
+        dataset = _cifar10_mini()
+    elif data == DIGITS:
         dataset = _digits()
     elif data == "cifar10":
         dataset = _cifar10()
@@ -106,8 +136,9 @@ def load_dataset(data: Optional[str], seed: int = 0, train_per_class: Optional[i
         dataset.train = per_class_subset(dataset.train, train_per_class, seed)
     if test_per_class:
         dataset.test = per_class_subset(dataset.test, test_per_class, seed)
+    if on_error == "skip":  # with "fail", the loaders name the first unreadable image and stop
+        dataset.train, dataset.test = screen(dataset.train, on_error), screen(dataset.test, on_error)
+    dataset.skipped = list(getattr(dataset.train, "skipped", [])) + list(getattr(dataset.test, "skipped", []))
+    dataset.ignored = list(getattr(dataset.train, "ignored", [])) + list(getattr(dataset.test, "ignored", []))
+    _check_usable(dataset, data or EMBEDDED)
     return dataset
-
-
-def describe(dataset: Dataset) -> Tuple[int, int, int]:
-    return len(dataset.train), len(dataset.test), len(dataset.classes)

@@ -2,7 +2,11 @@
 measure, and write the run directory."""
 from __future__ import annotations
 
-import glob
+import csv
+import hashlib
+import io
+import itertools
+import json
 import os
 import sys
 import time
@@ -12,23 +16,23 @@ import torch
 import torch.distributed as dist
 
 from fasttl.transfer import report
+from fasttl.errors import OptionError
 from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
-from fasttl.cache.build import sample_ids
-from fasttl.transfer.rundir import write_config, write_metrics, write_predictions
-from fasttl.transfer.strategies import RUNNERS, Outcome, scratch
-
-DISPLAY = {"linear": "linear (feature transfer)", "mlp": "mlp (feature transfer)", "finetune": "finetune",
-           "distill": "distill (student with teacher)", "dann": "dann", "scratch": "scratch (from random init)",
-           "source_only": "source only (no adaptation)"}
+from fasttl.files import write_atomic
+from fasttl.transfer.rundir import (RunError, clear_results, holds_run, is_finished, read_config, write_config,
+                                    write_metrics, write_predictions)
+from fasttl.transfer import registry
+from fasttl.transfer.registry import Outcome
 
 
 def _init_distributed(cfg: RunConfig) -> bool:
     """Joins the torchrun process group (finetune only); True when this call created it."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if cfg.strategy != "finetune":
-            raise ValueError(f"strategy: {cfg.strategy!r} runs in one process; only finetune runs under torchrun (DDP)")
+        if not registry.get(cfg.strategy).distributed:
+            ready = ", ".join(n for n in registry.names() if registry.get(n).distributed)
+            raise OptionError(f"strategy: {cfg.strategy!r} runs in one process; under torchrun (DDP) only {ready}")
         dist.init_process_group("nccl" if str(cfg.device).startswith("cuda") else "gloo")
         if str(cfg.device).startswith("cuda"):
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -38,85 +42,175 @@ def _init_distributed(cfg: RunConfig) -> bool:
     return False
 
 
+# Options that don't change what a run computes: a resumed run may differ in these.
+_NOT_COMPARED = ("resume", "overwrite", "progress", "out", "device", "on_error")
+
+
+def run_identity(cfg: RunConfig, dataset) -> Dict[str, object]:
+    """What a run's checkpoints depend on: its options and the content of its data."""
+    options = {k: v for k, v in cfg.as_dict().items() if k not in _NOT_COMPARED}
+    return dict(options, data_identity=hashlib.sha256(
+        f"{dataset.train.identity()}:{dataset.test.identity()}".encode()).hexdigest())
+
+
+def _default_run_dir(base: str, reuse: bool) -> str:
+    """runs/<data>-<strategy>, or -2, -3, ... when it already holds a run: a default folder is
+    never replaced; --resume and --overwrite take the latest of the series."""
+    series = [base] + [f"{base}-{i}" for i in range(2, 10_000)]
+    taken = [d for d in itertools.takewhile(holds_run, series)]
+    if reuse:
+        return taken[-1] if taken else base
+    return series[len(taken)]
+
+
+def choose_run_dir(cfg: RunConfig, dataset_name: str) -> str:
+    if cfg.out:
+        return os.path.abspath(os.path.expanduser(cfg.out))
+    return _default_run_dir(os.path.abspath(os.path.join("runs", f"{dataset_name}-{cfg.strategy}")),
+                            cfg.resume or cfg.overwrite)
+
+
+def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -> None:
+    """Refuses to mix two runs in one folder: a finished run needs --overwrite, an unfinished one
+    --resume (with the same options and data) or --overwrite; a folder of other files is left alone."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunError(f"out: {run_dir} is a file, not a folder; pass another --out")
+    if holds_run(run_dir):
+        if cfg.resume:
+            earlier = read_config(run_dir)
+            differing = sorted(k for k in set(identity) | set(earlier.get("identity", {}))
+                               if identity.get(k) != earlier.get("identity", {}).get(k))
+            if differing:
+                details = "; ".join(f"{k}: was {earlier.get('identity', {}).get(k)!r}, now {identity.get(k)!r}"
+                                    for k in differing)
+                raise RunError(f"resume: {run_dir} was run with other options or data ({details[:500]}); run with "
+                               "the same options, or pass --overwrite to start over")
+        elif cfg.overwrite:
+            clear_results(run_dir)
+        elif is_finished(run_dir):
+            raise RunError(f"out: {run_dir} holds a finished run; pass --overwrite to replace it, or another --out")
+        else:
+            raise RunError(f"out: {run_dir} holds an unfinished run; pass --resume to continue it, or --overwrite "
+                           "to start over")
+    elif os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise RunError(f"out: {run_dir} is not empty and holds no fasttl run; pass an empty or new folder as --out")
+    os.makedirs(run_dir, exist_ok=True)
+
+
+def write_skipped(run_dir: str, skipped) -> None:
+    """skipped.csv: each image left out by --on-error skip, with the reason."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["file", "reason"])
+    writer.writerows(skipped)
+    write_atomic(os.path.join(run_dir, "skipped.csv"), buffer.getvalue().encode())
+
+
 def run(print_summary: bool = None, **options) -> Dict[str, object]:
     """Runs a transfer job; the same options as the `fasttl run` command (see RunConfig).
     Returns the metrics written to RUN_DIR/metrics.json. Prints a closing summary when
     `print_summary` (default: when progress bars are on)."""
     started = time.perf_counter()
     cfg = RunConfig(**options)
-    if cfg.data in (None, EMBEDDED) and cfg.compare is None and "compare" not in options:
-        cfg.compare = "scratch"  # the embedded default shows transfer beside its from-scratch baseline
     owns_process_group = _init_distributed(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    dataset = load_dataset(cfg.data, cfg.seed, cfg.train_per_class, cfg.test_per_class)
+    cfg.resolved(0)  # option errors first, before any data is read
+    dataset = load_dataset(cfg.data, cfg.seed, cfg.train_per_class, cfg.test_per_class, on_error=cfg.on_error)
     cfg = cfg.resolved(dataset.native_size)
     torch.manual_seed(cfg.seed)
-    run_dir = os.path.abspath(os.path.expanduser(cfg.out or os.path.join("runs", f"{dataset.name}-{cfg.strategy}")))
-    os.makedirs(run_dir, exist_ok=True)
-    if not cfg.resume and rank == 0:
-        for stale in glob.glob(os.path.join(run_dir, "*.checkpoint.pt")):
-            os.remove(stale)
+    run_dir = choose_run_dir(cfg, dataset.name)
+    identity = run_identity(cfg, dataset)
     config = dict(cfg.as_dict(), data=cfg.data or EMBEDDED, dataset=dataset.name, classes=dataset.classes,
                   train_samples=len(dataset.train), test_samples=len(dataset.test), native_size=dataset.native_size,
-                  run_dir=run_dir, command=" ".join(sys.argv) if sys.argv and "fasttl" in sys.argv[0] else None)
+                  skipped=len(dataset.skipped), run_dir=run_dir, identity=identity,
+                  run_key=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
+                  command=" ".join(sys.argv) if sys.argv and "fasttl" in sys.argv[0] else None)
     if rank == 0:
+        prepare_run_dir(run_dir, cfg, identity)
         write_config(run_dir, config)
+        if dataset.skipped:
+            write_skipped(run_dir, dataset.skipped)
+    if world_size() > 1:
+        dist.barrier()
     if cfg.progress and rank == 0:
         print(f"fasttl run: {cfg.strategy} on {dataset.name} ({len(dataset.train)} train / {len(dataset.test)} test "
-              f"images, {len(dataset.classes)} classes), backbone {cfg.backbone} at {cfg.image_size} px -> {run_dir}",
+              f"images, {len(dataset.classes)} classes), backbone {cfg.backbone} at {cfg.image_size} px -> {run_dir}"
+              + (f"; {len(dataset.skipped)} unreadable images skipped (skipped.csv)" if dataset.skipped else ""),
               flush=True)
-    outcomes: List[Outcome] = RUNNERS[cfg.strategy](cfg, dataset, run_dir)
-    if cfg.compare == "scratch" and cfg.strategy != "scratch":
-        outcomes += scratch(cfg, dataset, run_dir)
+        if dataset.ignored:
+            shown = ", ".join(f"{os.path.basename(p)} ({why})" for p, why in dataset.ignored[:3])
+            more = f" and {len(dataset.ignored) - 3} more" if len(dataset.ignored) > 3 else ""
+            print(f"passed over {len(dataset.ignored)} entries of the data folder: {shown}{more} (listed in "
+                  "metrics.json under \"ignored\")", flush=True)
+    device = torch.device(cfg.device)
+    outcomes: List[Outcome] = registry.get(cfg.strategy).train(cfg, dataset, run_dir, device)
+    if cfg.compare != "none" and cfg.compare != cfg.strategy:
+        outcomes += registry.get(cfg.compare).train(cfg, dataset, run_dir, device)
     if owns_process_group:
         dist.barrier()
         dist.destroy_process_group()
     if rank != 0:
         return {}
-    results = {}
-    for outcome in outcomes:
-        metrics = classification_metrics(outcome.logits, outcome.labels, dataset.classes)
-        results[outcome.name] = {"metrics": metrics, "timings": outcome.timings, "history": outcome.history,
-                                 "weights": os.path.basename(outcome.weights), "notes": outcome.notes}
-    main = outcomes[0].name
-    payload = dict(results[main]["metrics"], timings=dict(results[main]["timings"],
-                                                          total_s=time.perf_counter() - started),
-                   strategy=cfg.strategy, history=results[main]["history"], notes=results[main]["notes"],
-                   compare={name: {"accuracy": r["metrics"]["accuracy"], "macro_f1": r["metrics"]["macro_f1"],
-                                   "loss": r["metrics"]["loss"], "per_class_recall": r["metrics"]["per_class_recall"],
-                                   "per_class_precision": r["metrics"]["per_class_precision"],
-                                   "confusion_matrix": r["metrics"]["confusion_matrix"], "timings": r["timings"],
-                                   "history": r["history"], "notes": r["notes"]}
-                            for name, r in results.items() if name != main})
-    write_metrics(run_dir, payload)
-    write_predictions(run_dir, outcomes[0].logits, outcomes[0].labels, dataset.classes,
-                      outcomes[0].samples or sample_ids(dataset.test))
-    report.plot_confusion_matrix(results[main]["metrics"], os.path.join(run_dir, "confusion_matrix.png"),
-                                 DISPLAY.get(main, main))
-    report.plot_curves({DISPLAY.get(n, n): r["history"] for n, r in results.items()},
-                       os.path.join(run_dir, "curves.png"))
-    line = (f"Data: {dataset.name}, {len(dataset.train)} training and {len(dataset.test)} test images, "
-            f"{len(dataset.classes)} classes" + (f"; evaluated on the target domain {cfg.target_data}"
-                                                 if cfg.strategy == "dann" else "") + ".")
-    report.write_report(run_dir, config, {DISPLAY.get(n, n): r for n, r in results.items()}, line, DISPLAY[main])
+    results = {outcome.name: _result(outcome, dataset.classes) for outcome in outcomes}
+    payload = _write_results(run_dir, cfg, config, dataset, outcomes, results, time.perf_counter() - started)
     if cfg.progress if print_summary is None else print_summary:
-        print(summary(run_dir, results, main, dataset.name))
+        print(summary(run_dir, results, outcomes[0].name, dataset))
     return payload
 
 
-def summary(run_dir: str, results: Dict[str, dict], main: str, dataset: str) -> str:
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _result(outcome: Outcome, classes) -> Dict[str, object]:
+    return {"metrics": classification_metrics(outcome.logits, outcome.labels, classes), "timings": outcome.timings,
+            "history": outcome.history, "weights": os.path.basename(outcome.weights), "notes": outcome.notes,
+            "display": outcome.display, "device": outcome.device, "precision": outcome.precision}
+
+
+def _write_results(run_dir: str, cfg: RunConfig, config: dict, dataset, outcomes: List[Outcome],
+                   results: Dict[str, dict], total_s: float) -> Dict[str, object]:
+    """metrics.json (written last: its presence marks the run finished), predictions, plots, report."""
+    main = outcomes[0].name
+    compared = ("accuracy", "macro_f1", "loss", "per_class_recall", "per_class_precision", "confusion_matrix")
+    per_model = ("timings", "history", "notes", "device", "precision")
+    payload = dict(results[main]["metrics"], timings=dict(results[main]["timings"], total_s=total_s),
+                   strategy=cfg.strategy, history=results[main]["history"], notes=results[main]["notes"],
+                   device=results[main]["device"], precision=results[main]["precision"],
+                   skipped=[{"file": f, "reason": r} for f, r in dataset.skipped],
+                   ignored=[{"path": p, "reason": r} for p, r in dataset.ignored],
+                   compare={name: dict({k: r["metrics"][k] for k in compared}, **{k: r[k] for k in per_model})
+                            for name, r in results.items() if name != main})
+    write_predictions(run_dir, outcomes[0].logits, outcomes[0].labels, dataset.classes,
+                      outcomes[0].samples or dataset.test.sample_ids())
+    report.plot_confusion_matrix(results[main]["metrics"], os.path.join(run_dir, "confusion_matrix.png"),
+                                 results[main]["display"])
+    report.plot_curves({r["display"]: r["history"] for r in results.values()}, os.path.join(run_dir, "curves.png"))
+    line = (f"Data: {dataset.name}, {len(dataset.train)} training and {len(dataset.test)} test images, "
+            f"{len(dataset.classes)} classes" + (f"; evaluated on the target domain {cfg.target_data}"
+                                                 if cfg.strategy == "dann" else "") + ".")
+    report.write_report(run_dir, config, {r["display"]: r for r in results.values()}, line, results[main]["display"])
+    write_metrics(run_dir, payload)
+    return payload
+
+
+def summary(run_dir: str, results: Dict[str, dict], main: str, data) -> str:
+    dataset = data.name
     lines = ["", f"{'model':<34} {'accuracy':>9} {'macro F1':>9} {'train s':>8}"]
     for name, r in results.items():
-        lines.append(f"{DISPLAY.get(name, name):<34} {r['metrics']['accuracy']:>9.4f} {r['metrics']['macro_f1']:>9.4f} "
+        lines.append(f"{r['display']:<34} {r['metrics']['accuracy']:>9.4f} {r['metrics']['macro_f1']:>9.4f} "
                      f"{r['timings'].get('train_s', 0):>8.1f}")
     lines += ["", f"run directory: {run_dir}  (report.md, metrics.json, confusion_matrix.png, curves.png, "
                       "predictions.csv, weights)"]
+    if data.skipped:
+        lines.append(f"skipped {len(data.skipped)} unreadable images: listed with the reason in {run_dir}/skipped.csv")
     if dataset == EMBEDDED:
-        lines += ["", "That was the embedded default: scikit-learn's 8x8 digits through an ImageNet EfficientNet-Lite0.",
+        lines += ["", "That was the embedded default: an ImageNet EfficientNet-Lite0 carried to CIFAR-10 mini (100 "
+                      "training images per class) beside the same budget from scratch.",
                   "Next:",
-                  "  fasttl run --data cifar10 --compare scratch          # CIFAR-10 from $FASTTL_DATA (~/.cache/fasttl/data)",
-                  "  fasttl run --data path/to/folder --strategy finetune # your own class folders (train/ and test/ used "
-                  "when present)",
-                  "  fasttl run --help                                    # strategies: linear mlp finetune distill dann "
-                  "scratch"]
+                  "  fasttl run --data cifar10 --compare scratch          # all of CIFAR-10, from $FASTTL_DATA "
+                  "(~/.cache/fasttl/data)",
+                  "  fasttl run --data path/to/folder --strategy finetune # your own class folders (train/ and test/ "
+                  "used when present)",
+                  "  fasttl run --help                                    # strategies: " + " ".join(registry.names())]
     return "\n".join(lines)

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-from fasttl.cache.store import write_atomic
+from fasttl.files import write_atomic
 
 
 def _plt():

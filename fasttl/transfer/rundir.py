@@ -2,19 +2,29 @@
 from __future__ import annotations
 
 import io
-import json
+import math
 import os
-from typing import Dict, Optional
+import pickle
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-from fasttl.cache.store import read_json, write_atomic, write_json_atomic
+from fasttl.errors import UserError
+from fasttl.files import read_json, write_atomic, write_json_atomic
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.csv"
 CHECKPOINT = "checkpoint.pt"
+# What a run writes besides its config: the files an --overwrite removes, and nothing else.
+RESULT_FILES = (METRICS, PREDICTIONS, "report.md", "confusion_matrix.png", "curves.png", "eval_metrics.json",
+                "skipped.csv", "teacher_logits.safetensors")
+RESULT_SUFFIXES = (".safetensors", f".{CHECKPOINT}")
+
+
+class RunError(UserError, ValueError):
+    """A run directory that can't be used as asked: finished, mismatched, or not a fasttl run."""
 
 
 def write_predictions(run_dir: str, logits: torch.Tensor, labels: torch.Tensor, classes, samples) -> str:
@@ -52,43 +62,102 @@ def load_weights(run_dir: str, name: str, module: nn.Module) -> nn.Module:
 
     path = os.path.join(run_dir, weights_file(name))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no trained weights in this run directory")
-    module.load_state_dict(load_file(path))
+        raise RunError(f"{path}: no trained weights in this run directory (an unfinished or failed run?)")
+    try:
+        state = load_file(path)
+        module.load_state_dict(state)
+    except Exception as exc:  # safetensors raises its own types for a damaged file
+        raise RunError(f"{path}: not weights for this run's model ({_first_line(exc)}); train the run again "
+                       "with --overwrite") from exc
     return module
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def load_tensors(path: str) -> Dict[str, object]:
+    """torch.load restricted to tensors and plain containers: a file that holds anything else (a
+    pickled object that would run code on load) is refused, never executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as exc:
+        raise RunError(f"{path}: not a fasttl checkpoint, or it holds objects other than tensors "
+                       f"({_first_line(exc)}); delete it, or run again with --overwrite") from exc
 
 
 class Checkpoint:
     """Per-epoch training state of one model of a run, saved atomically, so Ctrl-C (or a kill)
-    leaves a run that `--resume` continues."""
+    leaves a run that `--resume` continues. It holds only tensors and plain containers (loaded
+    with weights_only=True) and the run's key, so a checkpoint of another run is refused."""
 
     def __init__(self, run_dir: str, name: str):
         self.path = os.path.join(run_dir, f"{name}.{CHECKPOINT}")
+        self.run_key = (read_json(os.path.join(run_dir, CONFIG)) or {}).get("run_key")
 
     def save(self, state: Dict[str, object]) -> None:
         buffer = io.BytesIO()
-        torch.save(state, buffer)
+        torch.save(dict(state, run_key=self.run_key), buffer)
         write_atomic(self.path, buffer.getvalue())
 
     def load(self) -> Optional[Dict[str, object]]:
         if not os.path.isfile(self.path):
             return None
-        return torch.load(self.path, map_location="cpu", weights_only=False)
+        state = load_tensors(self.path)
+        if not isinstance(state, dict) or state.get("run_key") != self.run_key:
+            raise RunError(f"{self.path}: a checkpoint of another run (other data or options); delete it, or run "
+                           "again with --overwrite")
+        return state
 
-    def remove(self) -> None:
-        if os.path.isfile(self.path):
-            os.remove(self.path)
+
+def strict_json(value):
+    """NaN and infinities become null: metrics.json stays strict JSON for every reader."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def write_config(run_dir: str, config: Dict[str, object]) -> None:
-    write_json_atomic(os.path.join(run_dir, CONFIG), config)
+    write_json_atomic(os.path.join(run_dir, CONFIG), strict_json(config))
 
 
 def read_config(run_dir: str) -> Dict[str, object]:
-    config = read_json(os.path.join(run_dir, CONFIG))
+    path = os.path.join(run_dir, CONFIG)
+    try:
+        config = read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: not valid JSON ({_first_line(exc)}); not a fasttl run directory") from exc
     if config is None:
-        raise FileNotFoundError(f"{run_dir}: no {CONFIG}; not a fasttl run directory")
+        raise RunError(f"{run_dir}: no {CONFIG}; not a fasttl run directory")
+    if not isinstance(config, dict) or not isinstance(config.get("strategy"), str):
+        raise RunError(f"{path}: not a fasttl run configuration")
     return config
 
 
 def write_metrics(run_dir: str, metrics: Dict[str, object]) -> None:
-    write_json_atomic(os.path.join(run_dir, METRICS), metrics)
+    write_json_atomic(os.path.join(run_dir, METRICS), strict_json(metrics))
+
+
+def is_finished(run_dir: str) -> bool:
+    return os.path.isfile(os.path.join(run_dir, METRICS))
+
+
+def holds_run(run_dir: str) -> bool:
+    return os.path.isfile(os.path.join(run_dir, CONFIG))
+
+
+def clear_results(run_dir: str) -> List[str]:
+    """Removes what an earlier run wrote here (fasttl's own file names only; anything else stays)."""
+    removed = []
+    for name in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
+        ours = name in RESULT_FILES or name.endswith(RESULT_SUFFIXES) or name == CONFIG
+        if ours and os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+            removed.append(name)
+    return removed

@@ -1,0 +1,81 @@
+"""Writing and reading fasttl's own small files (run folders, cache records) safely: every write
+goes to a temporary named `.fasttl-tmp-*` (created with O_EXCL | O_NOFOLLOW: never an existing
+file, never through a link), is fsynced and renamed over its target; JSON is strict (no NaN or
+Infinity); a read never follows a link or blocks on a FIFO."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import stat
+from typing import Optional
+
+TEMP_PREFIX = ".fasttl-tmp-"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Writes `data` to a fasttl temporary beside `path`, fsyncs it and renames it over `path`. A
+    symbolic link at `path` is replaced, its target left alone. On failure the temporary is removed."""
+    directory, name = os.path.split(os.path.abspath(path))
+    short = name.encode()[:150].decode(errors="ignore")  # the temporary's name stays within NAME_MAX
+    tmp = os.path.join(directory, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{short}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def json_bytes(payload) -> bytes:
+    """Strict JSON: a NaN or infinity is an error here rather than a file other readers reject."""
+    return (json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def write_json_atomic(path: str, payload) -> None:
+    write_atomic(path, json_bytes(payload))
+
+
+def read_json(path: str):
+    """The JSON value in `path`, None when there is no file; ValueError when it is not valid JSON,
+    or not a plain file (a link or a FIFO is never followed or read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read as a plain file ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path}: not a plain file")
+        data = f.read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{path}: not valid JSON ({type(exc).__name__})") from None
+
+
+def is_plain_file(path: str) -> Optional[bool]:
+    """None when nothing is at `path`, else whether it is a regular file (not a link)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,105 @@
+"""The strategy registry, after timm's model registry: each strategy is one class in its own
+module under fasttl/transfer/strategies/, registered with @register, holding its defaults, help
+text, display name, `train` and `load`. Nothing else in fasttl names a strategy."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from fasttl.errors import OptionError
+
+
+@dataclass
+class Outcome:
+    """One trained model's results on the evaluated split."""
+
+    name: str
+    display: str
+    logits: Tensor
+    labels: Tensor
+    history: List[Dict[str, float]]
+    timings: Dict[str, float] = field(default_factory=dict)
+    weights: str = ""
+    notes: Dict[str, object] = field(default_factory=dict)
+    samples: Optional[List[str]] = None  # names of the evaluated images when not the test split's
+    device: str = "cpu"
+    precision: str = "fp32"
+
+
+class TrainedModel:
+    """A run's trained model, rebuilt on a device: `module` maps images preprocessed with `spec`
+    (a fasttl.data.TransformSpec) to logits over `classes`."""
+
+    def __init__(self, module: nn.Module, spec, classes: List[str], device: torch.device):
+        self.module, self.spec, self.classes, self.device = module.eval(), spec, list(classes), device
+
+    @torch.no_grad()
+    def logits(self, source, progress: bool = False, split: str = "eval", batch_size: int = 128) -> Tuple[Tensor, Tensor]:
+        """(logits, labels) on every sample of `source`, in order, on the CPU. `split` names the
+        source for models that cache features ("train" reuses a training run's cache)."""
+        from fasttl.data import ImageLoader
+
+        dtype = next(self.module.parameters()).dtype
+        outputs, labels = [], []
+        for images, y in ImageLoader(source, self.spec, batch_size, device=self.device, dtype=dtype):
+            outputs.append(self.module(images).float().cpu())
+            labels.append(y.cpu())
+        return torch.cat(outputs), torch.cat(labels)
+
+
+class Strategy:
+    """One way of carrying a backbone's knowledge to the target task. Subclasses set the class
+    attributes and implement `train` and `load`, then register with @register."""
+
+    name: str = ""
+    display: str = ""
+    help: str = ""
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 64
+    distributed: bool = False   # runs under torchrun (DDP)
+    can_teach: bool = False     # its run can be distill's teacher
+    requires: Tuple[str, ...] = ()  # RunConfig options it can't run without
+    baseline: bool = False      # the from-scratch model every transfer is judged beside
+
+    def train(self, cfg, dataset, run_dir: str, device: torch.device) -> List[Outcome]:
+        raise NotImplementedError
+
+    def load(self, run_dir: str, device: torch.device) -> TrainedModel:
+        raise NotImplementedError
+
+
+_REGISTRY: Dict[str, Strategy] = {}
+
+
+def register(cls):
+    """Class decorator: makes the strategy available under cls.name."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"strategy {cls.__name__}: needs a name of its own, got {cls.name!r}")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def _load_all() -> None:
+    importlib.import_module("fasttl.transfer.strategies")
+
+
+def names() -> Tuple[str, ...]:
+    _load_all()
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> Strategy:
+    _load_all()
+    if name not in _REGISTRY:
+        raise OptionError(f"strategy: unknown {name!r}; choose from {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def baseline() -> Strategy:
+    _load_all()
+    return next(s for s in _REGISTRY.values() if s.baseline)

@@ -1,0 +1,27 @@
+"""What several strategies share: the device and dtype a run trains in, and timing records."""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+
+
+def param_dtype(cfg) -> torch.dtype:
+    """bf16 params (fasttl AdamW then keeps fp32 master weights and moments) or fp32."""
+    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+
+
+def rank_and_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def throughput(images: int, seconds: float) -> float:
+    return images / max(seconds, 1e-9)
+
+
+def eval_timings(train_s: float, eval_s: float, trained_images: int, evaluated_images: int) -> Dict[str, float]:
+    return {"train_s": train_s, "eval_s": eval_s, "train_images_per_s": throughput(trained_images, train_s),
+            "eval_images_per_s": throughput(evaluated_images, eval_s)}

@@ -1,0 +1,298 @@
+"""`fasttl run` / `fasttl eval` on hostile input: run folders that hold another run, resumes that
+don't match, diverging options, tiny and single-class datasets, crafted checkpoints; every case
+checks the exit code or exception, that the message names the culprit, and what files changed."""
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fasttl.errors import OptionError
+from fasttl.training import DivergedError
+from fasttl.data import DataError
+from fasttl.transfer.job import run
+from fasttl.transfer.rundir import RunError
+
+CLASSES = ["cat", "ship"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "feature-cache"))
+
+
+@pytest.fixture(scope="module")
+def two_classes(tmp_path_factory, cifar10_root):
+    """train/ (8 per class) and test/ (3 per class) of real CIFAR-10 JPEGs: a small target task."""
+    root = tmp_path_factory.mktemp("bad-run") / "two"
+    for split, count in (("train", 8), ("test", 3)):
+        for name in CLASSES:
+            os.makedirs(root / split / name)
+            for i in range(count):
+                shutil.copy(os.path.join(cifar10_root, split, name, f"{i:04d}.jpg"), root / split / name / f"{i}.jpg")
+    return root
+
+
+def quick(data, out, **kw):
+    options = dict(data=str(data), out=None if out is None else str(out), strategy="scratch", epochs=2, image_size=32, progress=False, seed=0)
+    options.update(kw)
+    return options
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file below folder."""
+    files = {}
+    for base, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder)] = f.read()
+    return files
+
+
+def cli(*args, cwd=None, env=None):
+    environment = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "fasttl", *args], capture_output=True, text=True, cwd=cwd,
+                          env=environment, timeout=300)
+
+
+def assert_one_line_error(result, *names):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fasttl: error: "), result.stderr
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+
+
+# ---- run folders ------------------------------------------------------------------------------
+def test_a_finished_run_is_never_replaced_without_overwrite(two_classes, tmp_path):
+    out = tmp_path / "run"
+    run(**quick(two_classes, out))
+    before = snapshot(out)
+    with pytest.raises(RunError, match="finished run.*--overwrite"):
+        run(**quick(two_classes, out, lr=1e-3))
+    assert snapshot(out) == before
+    (out / "my-notes.txt").write_text("mine")
+    run(**quick(two_classes, out, lr=1e-3, overwrite=True))
+    assert (out / "my-notes.txt").read_text() == "mine"  # only fasttl's own files are replaced
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-3
+
+
+def test_an_unfinished_run_needs_resume_or_overwrite(two_classes, tmp_path):
+    out = tmp_path / "run"
+    run(**quick(two_classes, out))
+    os.remove(out / "metrics.json")  # as a run killed before its end leaves it
+    with pytest.raises(RunError, match="unfinished run.*--resume.*--overwrite"):
+        run(**quick(two_classes, out))
+    run(**quick(two_classes, out, resume=True))
+    assert (out / "metrics.json").is_file()
+
+
+def test_a_folder_of_other_files_is_not_used_as_a_run_folder(two_classes, tmp_path):
+    out = tmp_path / "documents"
+    out.mkdir()
+    (out / "report.md").write_text("my own report")
+    with pytest.raises(RunError, match="not empty and holds no fasttl run"):
+        run(**quick(two_classes, out))
+    assert snapshot(out) == {"report.md": b"my own report"}
+
+
+def test_the_default_folder_takes_the_next_free_name(two_classes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run(**quick(two_classes, None))
+    run(**quick(two_classes, None))
+    assert (tmp_path / "runs" / "two-scratch" / "metrics.json").is_file()
+    assert (tmp_path / "runs" / "two-scratch-2" / "metrics.json").is_file()
+
+
+def test_resume_refuses_other_options_and_names_them(two_classes, tmp_path):
+    out = tmp_path / "run"
+    run(**quick(two_classes, out))
+    os.remove(out / "metrics.json")
+    before = snapshot(out)
+    with pytest.raises(RunError, match=r"resume: .*lr: was 0\.003, now 0\.01"):
+        run(**quick(two_classes, out, lr=0.01, resume=True))
+    assert snapshot(out) == before
+
+
+def test_resume_refuses_other_data(two_classes, tmp_path):
+    out = tmp_path / "run"
+    run(**quick(two_classes, out))
+    os.remove(out / "metrics.json")
+    other = tmp_path / "other"
+    shutil.copytree(two_classes, other)
+    shutil.copy(other / "train" / "cat" / "1.jpg", other / "train" / "cat" / "0.jpg")  # one image replaced
+    with pytest.raises(RunError, match="data_identity"):
+        run(**quick(other, out, resume=True))
+
+
+def test_a_checkpoint_of_another_run_is_refused(two_classes, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    run(**quick(two_classes, first))
+    run(**quick(two_classes, second, lr=0.01))
+    os.remove(second / "metrics.json")
+    shutil.copy(first / "scratch.checkpoint.pt", second / "scratch.checkpoint.pt")
+    with pytest.raises(RunError, match="scratch.checkpoint.pt: a checkpoint of another run"):
+        run(**quick(two_classes, second, lr=0.01, resume=True))
+
+
+class _Payload:
+    """Pickles to a call that would create the marker file on load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_crafted_checkpoint_never_runs_code(two_classes, tmp_path):
+    out = tmp_path / "run"
+    run(**quick(two_classes, out))
+    os.remove(out / "metrics.json")
+    marker = tmp_path / "pwned"
+    for payload in (_Payload(str(marker)), {"epoch": 1, "model": _Payload(str(marker))}):
+        with open(out / "scratch.checkpoint.pt", "wb") as f:
+            pickle.dump(payload, f)
+        with pytest.raises(RunError, match="scratch.checkpoint.pt: not a fasttl checkpoint"):
+            run(**quick(two_classes, out, resume=True))
+        assert not marker.exists()
+    # torch.save's zip format with a pickled object inside is refused the same way
+    torch.save({"epoch": 1, "model": _Payload(str(marker))}, out / "scratch.checkpoint.pt")
+    with pytest.raises(RunError, match="not a fasttl checkpoint"):
+        run(**quick(two_classes, out, resume=True))
+    assert not marker.exists()
+
+
+def test_a_damaged_teacher_logits_file_is_recomputed(two_classes, tmp_path):
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    run(**quick(two_classes, teacher, strategy="linear"))
+    first = run(**quick(two_classes, student, strategy="distill", teacher=str(teacher)))
+    logits = student / "teacher_logits.safetensors"
+    logits.write_bytes(b"\x00" * 64)
+    again = run(**quick(two_classes, student, strategy="distill", teacher=str(teacher), overwrite=True))
+    assert again["notes"]["teacher_train_accuracy"] == first["notes"]["teacher_train_accuracy"]
+
+
+# ---- options and training that go wrong -------------------------------------------------------
+@pytest.mark.parametrize("options, match", [
+    ({"lr": float("inf")}, "lr: expected a finite number"),
+    ({"lr": float("nan")}, "lr: expected a finite number"),
+    ({"lr": -1.0}, "lr: expected a finite number"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"alpha": 1.5}, "alpha"),
+    ({"epochs": 0}, "epochs"),
+    ({"image_size": 100000}, "image_size"),
+    ({"train_per_class": 0}, "train_per_class"),
+    ({"on_error": "ignore"}, "on_error"),
+    ({"resume": True, "overwrite": True}, "resume"),
+])
+def test_bad_options_are_refused_before_any_work(two_classes, tmp_path, options, match):
+    with pytest.raises(OptionError, match=match):
+        run(**quick(two_classes, tmp_path / "run", **options))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_stops_with_an_error_and_writes_no_metrics(two_classes, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DivergedError, match="diverged in epoch 1.*smaller --lr"):
+        run(**quick(two_classes, out, lr=1e8))
+    assert not (out / "metrics.json").exists()
+    assert not (out / "scratch.checkpoint.pt").exists()  # NaN weights are never checkpointed
+
+
+def test_metrics_json_is_strict_json(two_classes, tmp_path):
+    out = tmp_path / "run"
+    run(**quick(two_classes, out, strategy="linear"))
+
+    def refuse(constant):
+        raise AssertionError(f"metrics.json holds {constant}")
+
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)
+    assert metrics["samples"] == 6
+
+
+# ---- data sizes -------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["linear", "mlp", "scratch"])
+def test_tiny_datasets_train_at_the_default_batch_sizes_and_schedules(two_classes, tmp_path, strategy):
+    # 8 training images per class at batch 256 / 64: one step per epoch, the case that divided by zero
+    metrics = run(data=str(two_classes), out=str(tmp_path / "run"), strategy=strategy, image_size=32, progress=False)
+    assert metrics["samples"] == 6 and len(metrics["history"]) >= 1
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in metrics["history"])
+
+
+def test_one_image_per_class_trains(two_classes, tmp_path):
+    metrics = run(**quick(two_classes, tmp_path / "run", strategy="linear", train_per_class=1, test_per_class=1))
+    assert metrics["samples"] == 2
+
+
+def test_a_single_class_dataset_is_refused(tmp_path, two_classes):
+    data = tmp_path / "one"
+    shutil.copytree(two_classes / "train" / "cat", data / "cat")
+    with pytest.raises(DataError, match=r"1 class.*at least 2"):
+        run(**quick(data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_skip_policy_leaves_bad_images_out_and_lists_them(two_classes, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(two_classes, data)
+    bad = data / "train" / "cat" / "3.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match="3.jpg"):
+        run(**quick(data, out))
+    metrics = run(**quick(data, tmp_path / "run-skip", on_error="skip"))
+    assert [entry["file"] for entry in metrics["skipped"]] == [str(bad)]
+    listed = (tmp_path / "run-skip" / "skipped.csv").read_text()
+    assert str(bad) in listed
+
+
+def test_what_a_folder_scan_passes_over_is_reported(two_classes, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(two_classes, data)
+    (data / "train" / ".thumbnails").mkdir()
+    (data / "train" / "cat" / "notes.txt").write_text("not an image")
+    metrics = run(**dict(quick(data, tmp_path / "run"), progress=True, epochs=1))
+    reported = {(os.path.basename(entry["path"]), entry["reason"]) for entry in metrics["ignored"]}
+    assert ("notes.txt", "not a .jpg/.jpeg/.png file") in reported and (".thumbnails", "hidden") in reported
+    assert "passed over 2 entries of the data folder" in capsys.readouterr().out
+    assert metrics["samples"] == 6
+
+
+# ---- the command line speaks to people ----------------------------------------------------------
+def test_cli_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    result = cli("run", "--data", str(missing), "--out", str(tmp_path / "run"))
+    assert_one_line_error(result, str(missing))
+    debug = cli("run", "--data", str(missing), "--out", str(tmp_path / "run"), env={"FASTTL_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, names", [
+    (["run", "--lr", "inf"], ["lr"]),
+    (["run", "--epochs", "many"], ["--epochs", "many"]),
+    (["run", "--strategy", "magic"], ["--strategy", "magic"]),
+    (["run", "--on-error", "ignore"], ["--on-error"]),
+    (["eval", "RUN_DIR_PLACEHOLDER"], ["RUN_DIR_PLACEHOLDER", "config.json"]),
+])
+def test_cli_option_errors_are_one_line(tmp_path, args, names):
+    args = [str(tmp_path / a) if a == "RUN_DIR_PLACEHOLDER" else a for a in args]
+    names = [str(tmp_path / n) if n == "RUN_DIR_PLACEHOLDER" else n for n in names]
+    assert_one_line_error(cli(*args, cwd=tmp_path), *names)
+
+
+def test_cli_finished_run_error_names_an_option_that_exists(two_classes, tmp_path):
+    out = tmp_path / "run"
+    args = ["run", "--data", str(two_classes), "--out", str(out), "--strategy", "scratch", "--epochs", "1",
+            "--no-progress"]
+    assert cli(*args).returncode == 0
+    again = cli(*args)
+    assert_one_line_error(again, str(out), "--overwrite")
+    assert cli(*args, "--overwrite").returncode == 0

@@ -1,0 +1,119 @@
+"""The strategy registry: every strategy runs on the device asked for and records it, and its
+`load` rebuilds a model that predicts what the run itself predicted."""
+import csv
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from fasttl.errors import OptionError
+from fasttl.transfer import registry
+from fasttl.transfer.config import RunConfig
+from fasttl.transfer.job import run
+
+CLASSES = ["cat", "ship", "truck"]
+
+
+@pytest.fixture(scope="module")
+def three_classes(tmp_path_factory, cifar10_root):
+    root = tmp_path_factory.mktemp("strategies") / "three"
+    for split, count in (("train", 10), ("test", 4)):
+        for name in CLASSES:
+            os.makedirs(root / split / name)
+            for i in range(count):
+                shutil.copy(os.path.join(cifar10_root, split, name, f"{i:04d}.jpg"), root / split / name / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("strategy-cache"))
+
+
+@pytest.fixture(scope="module")
+def teacher(three_classes, tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTTL_CACHE_DIR", cache_dir)
+        run(data=str(three_classes), strategy="linear", epochs=3, image_size=32, out=str(out), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_strategy_trains_where_asked_records_it_and_loads_back(name, three_classes, teacher, tmp_path,
+                                                                     cache_dir, monkeypatch):
+    monkeypatch.setenv("FASTTL_CACHE_DIR", cache_dir)
+    strategy = registry.get(name)
+    given = {"teacher": str(teacher), "target_data": str(three_classes)}  # what a strategy may require
+    extra = {option: given[option] for option in strategy.requires}
+    out = tmp_path / "run"
+    metrics = run(data=str(three_classes), strategy=name, epochs=1, image_size=32, out=str(out), device="cpu",
+                  compare="scratch" if name != "scratch" else "none", progress=False, **extra)
+    assert metrics["device"] == "cpu" and metrics["precision"] == "fp32"
+    for other in metrics["compare"].values():
+        assert other["device"] == "cpu" and other["precision"] == "fp32"
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["device"] == "cpu"
+
+    # load() rebuilds the model: its predictions on the evaluated images are the run's own
+    model = strategy.load(str(out), torch.device("cpu"))
+    assert model.classes == CLASSES
+    with open(out / "predictions.csv") as f:
+        saved = [row["predicted"] for row in csv.DictReader(f)]
+    if name == "dann":
+        from fasttl.transfer.strategies.dann import target_source
+
+        source = target_source(str(three_classes), CLASSES)
+    else:
+        from fasttl.transfer.datasets import load_dataset
+
+        source = load_dataset(str(three_classes)).test
+    logits, labels = model.logits(source)
+    assert [CLASSES[i] for i in logits.argmax(1).tolist()] == saved
+    # and its image-level module agrees with the cached path up to the cache's fp16 rounding
+    images = next(iter(__import__("fasttl").data.ImageLoader(source, model.spec, 4)))[0]
+    direct = model.module(images).float()
+    assert direct.shape == (4, len(CLASSES))
+    assert torch.allclose(direct, logits[:4], atol=0.05 * float(logits.abs().max()) + 1e-3)
+
+
+def test_unknown_strategies_and_missing_requirements_are_option_errors():
+    with pytest.raises(OptionError, match="strategy: unknown 'magic'; choose from linear"):
+        registry.get("magic")
+    with pytest.raises(OptionError, match="teacher: --strategy distill needs --teacher RUN_DIR"):
+        RunConfig(strategy="distill").resolved(32)
+    with pytest.raises(OptionError, match="target_data: --strategy dann needs --target-data DIR"):
+        RunConfig(strategy="dann").resolved(32)
+
+
+def test_per_strategy_defaults_come_from_the_registry():
+    for name in registry.names():
+        strategy = registry.get(name)
+        cfg = RunConfig(strategy=name, teacher="t", target_data="d").resolved(32)
+        assert (cfg.epochs, cfg.lr, cfg.batch_size) == (strategy.epochs, strategy.lr, strategy.batch_size)
+    assert RunConfig(epochs=3, lr=0.5).resolved(32).epochs == 3
+
+
+def test_a_new_strategy_is_one_registered_class(monkeypatch):
+    from fasttl.cli import build_parser
+
+    @registry.register
+    class Probe(registry.Strategy):
+        name = "probe-for-test"
+        help = "a strategy defined by this test"
+
+    try:
+        assert "probe-for-test" in registry.names()
+        args = build_parser().parse_args(["run", "--strategy", "probe-for-test"])
+        assert args.strategy == "probe-for-test"
+        assert RunConfig(strategy="probe-for-test").resolved(32).epochs == registry.Strategy.epochs
+    finally:
+        registry._REGISTRY.pop("probe-for-test")
+
+
+def test_compare_auto_is_the_baseline_for_the_embedded_default_only():
+    assert RunConfig().resolved(8).compare == registry.baseline().name
+    assert RunConfig(data="some/folder").resolved(32).compare == "none"
+    assert RunConfig(data="some/folder", compare="scratch").resolved(32).compare == "scratch"
