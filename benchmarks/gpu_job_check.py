@@ -14,7 +14,7 @@ import time
 import torch
 
 
-def run_strategies(data: str, out: str, epochs: int) -> bool:
+def run_strategies(data: str, out: str, epochs: int, device: str = "cuda", image_size: int = 128) -> bool:
     from fasttl.transfer import registry, run
 
     ok, rows, teacher = True, [], None
@@ -25,15 +25,17 @@ def run_strategies(data: str, out: str, epochs: int) -> bool:
         if any(v is None for v in extra.values()):
             print(f"{name}: skipped, needs {extra}")
             continue
-        torch.cuda.reset_peak_memory_stats()
+        on_gpu = device.startswith("cuda")
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        metrics = run(data=data, strategy=name, device="cuda", epochs=epochs, out=os.path.join(out, name),
-                      overwrite=True, compare="none", progress=False)
+        metrics = run(data=data, strategy=name, device=device, epochs=epochs, out=os.path.join(out, name),
+                      overwrite=True, compare="none", progress=False, image_size=image_size, **extra)
         seconds = time.perf_counter() - started
-        on_cuda = str(metrics["device"]).startswith("cuda")
-        ok &= on_cuda
-        rows.append((name, metrics["accuracy"], seconds, torch.cuda.max_memory_allocated() / 2**20, metrics["device"],
-                     metrics["precision"]))
+        trained_there = [metrics["device"]] + [m["device"] for m in metrics["compare"].values()]
+        ok &= all(d.split(":")[0] == device.split(":")[0] for d in trained_there)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else float("nan")
+        rows.append((name, metrics["accuracy"], seconds, peak, metrics["device"], metrics["precision"]))
         if strategy.can_teach and teacher is None:
             teacher = os.path.join(out, name)
     print(f"\n{'strategy':<10} {'accuracy':>9} {'wall s':>8} {'peak MiB':>9}  device   precision")
@@ -80,15 +82,19 @@ def main() -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--device", default="cuda", help="cuda; cpu runs the job part alone, as a smoke test")
+    parser.add_argument("--image-size", type=int, default=128)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA GPU visible")
         return 2
-    ok = run_strategies(os.path.abspath(args.data), os.path.abspath(args.out), args.epochs)
-    rates = finetune_throughput()
+    os.makedirs(args.out, exist_ok=True)
+    ok = run_strategies(os.path.abspath(args.data), os.path.abspath(args.out), args.epochs, args.device,
+                        args.image_size)
+    rates = finetune_throughput() if args.device.startswith("cuda") else {}
     with open(os.path.join(args.out, "job_check.json"), "w") as f:
         json.dump({"all_on_cuda": ok, "finetune_images_per_s": rates}, f, indent=2)
-    print("every model trained on CUDA" if ok else "SOME MODEL DID NOT TRAIN ON CUDA")
+    print(f"every model trained on {args.device}" if ok else f"SOME MODEL DID NOT TRAIN ON {args.device}")
     return 0 if ok else 1
 
 
