@@ -91,7 +91,8 @@ def _one_line(exc: BaseException) -> str:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from fasttl.transfer.evaluate import evaluate_run
 
-    metrics = evaluate_run(args.run_dir, args.data, progress=not args.no_progress, device=args.device)
+    metrics = evaluate_run(args.run_dir, args.data, progress=not args.no_progress, device=args.device,
+                           on_error=args.on_error)
     print(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
           f"({metrics['samples']} images of {metrics['data']}); written to {args.run_dir}/eval_metrics.json")
     return 0
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data", help="data to evaluate on (default: the run's own)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="an unreadable image: fail (default, names it) or skip (left out, listed in eval_metrics.json)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
 

@@ -79,3 +79,26 @@ def is_plain_file(path: str) -> Optional[bool]:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except FileNotFoundError:
         return None
+
+
+def load_tensors(path: str):
+    """torch.load restricted to tensors and plain containers (weights_only=True): a file holding
+    any other Python object, which could run code as it loads, is refused, never executed.
+    Raises ValueError with a one-line reason (never torch's advice to load it unsafely)."""
+    import pickle
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. the pickle protocol note of a foreign file
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+            raise ValueError("it holds Python objects other than tensors, refused: loading them could run code") \
+                from None
+        raise ValueError(f"not a torch.save file ({' '.join(str(exc).split())[:120]})") from None
+    except (RuntimeError, EOFError, ValueError, AttributeError, ImportError, OSError) as exc:
+        raise ValueError(f"not a torch.save file ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") \
+            from None

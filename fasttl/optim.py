@@ -229,6 +229,11 @@ def _check_param_state(where: str, state, p: Tensor) -> None:
                              f"(expected the param's shape {tuple(p.shape)})")
         if value.device.type == "meta":
             raise ValueError(f"{where}['{key}']: is on the meta device (expected a tensor with data)")
+        # One pass over the state at load time: a NaN here would turn every param NaN at the next step.
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where}['{key}']: holds NaN or infinite values (expected finite optimizer state)")
+        if key in ("exp_avg_sq", "max_exp_avg_sq") and bool((value < 0).any()):
+            raise ValueError(f"{where}['{key}']: holds negative values (a second moment is >= 0)")
 
 
 def _check_step(where: str, step) -> None:

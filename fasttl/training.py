@@ -109,7 +109,8 @@ def _check_finite(record: Record, key: str, epoch: int, description: str, optimi
     if value is not None and not math.isfinite(value):
         lr = max(float(g["lr"]) for g in optimizer.param_groups)
         raise DivergedError(f"{description}: training diverged in epoch {epoch + 1} ({key} is {value}, lr {lr:g}); "
-                            "run again with a smaller --lr")
+                            "run again with a smaller --lr (or, if it diverged at once, look for NaN or "
+                            "infinite values in the inputs)")
 
 
 def one_cycle(optimizer, max_lr: float, total_steps: int, pct_start: float):

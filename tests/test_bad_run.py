@@ -76,9 +76,12 @@ def test_a_finished_run_is_never_replaced_without_overwrite(two_classes, tmp_pat
     with pytest.raises(RunError, match="finished run.*--overwrite"):
         run(**quick(two_classes, out, lr=1e-3))
     assert snapshot(out) == before
-    (out / "my-notes.txt").write_text("mine")
+    mine = {"my-notes.txt": b"mine", "my_backbone.checkpoint.pt": b"not fasttl's", "extra.safetensors": b"mine too"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
     run(**quick(two_classes, out, lr=1e-3, overwrite=True))
-    assert (out / "my-notes.txt").read_text() == "mine"  # only fasttl's own files are replaced
+    for name, data in mine.items():  # only fasttl's own files are replaced, whatever the others' names
+        assert (out / name).read_bytes() == data, name
     assert json.loads((out / "config.json").read_text())["lr"] == 1e-3
 
 
@@ -90,6 +93,27 @@ def test_an_unfinished_run_needs_resume_or_overwrite(two_classes, tmp_path):
         run(**quick(two_classes, out))
     run(**quick(two_classes, out, resume=True))
     assert (out / "metrics.json").is_file()
+
+
+def test_a_run_stopped_before_its_first_epoch_does_not_block_the_next(two_classes, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DivergedError):
+        run(**quick(two_classes, out, lr=1e8))  # stops in epoch 1: config.json, no checkpoint
+    assert (out / "config.json").is_file() and not list(out.glob("*.checkpoint.pt"))
+    run(**quick(two_classes, out))  # nothing to resume or lose: the plain command runs
+    assert (out / "metrics.json").is_file()
+
+
+def test_option_mistakes_found_before_any_folder_is_made(two_classes, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(OptionError, match=r"weights: no file at .*nowhere\.pth"):
+        run(**quick(two_classes, out, strategy="linear", weights=str(tmp_path / "nowhere.pth")))
+    with pytest.raises(OptionError, match="teacher: .* is not a folder"):
+        run(**quick(two_classes, out, strategy="distill", teacher=str(tmp_path / "no-run")))
+    if not torch.cuda.is_available():
+        with pytest.raises(OptionError, match="device: cuda asked for, but torch sees no CUDA GPU.*--device cpu"):
+            run(**quick(two_classes, out, device="cuda"))
+    assert not out.exists()
 
 
 def test_a_folder_of_other_files_is_not_used_as_a_run_folder(two_classes, tmp_path):
@@ -191,6 +215,14 @@ def test_a_damaged_teacher_logits_file_is_recomputed(two_classes, tmp_path):
     ({"train_per_class": 0}, "train_per_class"),
     ({"on_error": "ignore"}, "on_error"),
     ({"resume": True, "overwrite": True}, "resume"),
+    ({"seed": 10**20}, "seed: expected an integer"),
+    ({"seed": 1.5}, "seed: expected an integer"),
+    ({"epochs": True}, "epochs: expected a positive integer"),
+    ({"weights": 7}, "weights: expected a path"),
+    ({"compare": "distill"}, "teacher: --compare distill needs --teacher"),
+    ({"compare": "scratch"}, "compare: --compare scratch is the --strategy itself"),
+    ({"teacher": "some/run"}, "teacher: --teacher is read only by --strategy distill"),
+    ({"finetune_stages": 2}, "finetune_stages: --finetune-stages is read only by --strategy finetune"),
 ])
 def test_bad_options_are_refused_before_any_work(two_classes, tmp_path, options, match):
     with pytest.raises(OptionError, match=match):
@@ -245,12 +277,21 @@ def test_skip_policy_leaves_bad_images_out_and_lists_them(two_classes, tmp_path)
     bad = data / "train" / "cat" / "3.jpg"
     bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
     out = tmp_path / "run"
-    with pytest.raises(DataError, match="3.jpg"):
+    with pytest.raises(DataError, match="3.jpg.*--on-error skip"):
         run(**quick(data, out))
     metrics = run(**quick(data, tmp_path / "run-skip", on_error="skip"))
     assert [entry["file"] for entry in metrics["skipped"]] == [str(bad)]
     listed = (tmp_path / "run-skip" / "skipped.csv").read_text()
     assert str(bad) in listed
+    # fasttl eval takes the same policy: a bad test image stops it, named, or is left out
+    bad_test = data / "test" / "ship" / "1.jpg"
+    bad_test.write_bytes(b"not an image")
+    assert_one_line_error(cli("eval", str(tmp_path / "run-skip"), "--data", str(data), "--no-progress"),
+                          str(bad_test), "--on-error skip")
+    result = cli("eval", str(tmp_path / "run-skip"), "--data", str(data), "--on-error", "skip", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads((tmp_path / "run-skip" / "eval_metrics.json").read_text())
+    assert evaluated["samples"] == 5 and [s["file"] for s in evaluated["skipped"]] == [str(bad_test)]
 
 
 def test_what_a_folder_scan_passes_over_is_reported(two_classes, tmp_path, capsys):

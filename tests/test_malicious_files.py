@@ -47,6 +47,7 @@ def assert_refused(result, marker, *names):
     assert message.startswith("refused:"), result.stdout
     for name in names:
         assert name in message, (name, message)
+    assert "weights_only set to False" not in result.stdout + result.stderr  # never advice to load it unsafely
 
 
 @pytest.mark.parametrize("kind", ["pickle", "torch"])

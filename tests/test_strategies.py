@@ -91,7 +91,7 @@ def test_unknown_strategies_and_missing_requirements_are_option_errors():
 def test_per_strategy_defaults_come_from_the_registry():
     for name in registry.names():
         strategy = registry.get(name)
-        cfg = RunConfig(strategy=name, teacher="t", target_data="d").resolved(32)
+        cfg = RunConfig(strategy=name, **{option: "given" for option in strategy.requires}).resolved(32)
         assert (cfg.epochs, cfg.lr, cfg.batch_size) == (strategy.epochs, strategy.lr, strategy.batch_size)
     assert RunConfig(epochs=3, lr=0.5).resolved(32).epochs == 3
 

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import os
-import pickle
 
-import torch
 
 from fasttl.errors import UserError
 
@@ -28,12 +26,13 @@ def read_state_dict(path: str) -> dict:
 
             state = load_file(path)
         else:
-            # weights_only: a pickled object that would run code on load is refused, never executed
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError, OSError) as exc:
+            from fasttl.files import load_tensors
+
+            state = load_tensors(path)
+    except Exception as exc:  # safetensors and torch raise many types for a damaged file
         reason = " ".join(str(exc).split())[:200]
-        raise WeightsError(f"weights: {path} is not a state dict file fasttl can load ({type(exc).__name__}: "
-                           f"{reason}); pass a torch.save'd state dict or a .safetensors file") from exc
+        raise WeightsError(f"weights: {path} is not a state dict file fasttl can load ({reason}); pass a "
+                           "torch.save'd state dict or a .safetensors file") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

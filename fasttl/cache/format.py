@@ -30,9 +30,16 @@ def _from_numpy_storage(array: np.ndarray, dtype: torch.dtype) -> Tensor:
     return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
 
 
+def _differences(found, wanted, prefix: str = "") -> list:
+    """(dotted key, found, wanted) of each leaf where two fingerprints differ."""
+    if isinstance(found, dict) and isinstance(wanted, dict):
+        return [d for k in sorted(set(found) | set(wanted))
+                for d in _differences(found.get(k), wanted.get(k), f"{prefix}{k}.")]
+    return [] if found == wanted else [(prefix.rstrip("."), found, wanted)]
+
+
 def mismatch_message(directory: str, found: dict, wanted: dict) -> str:
-    differing = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-    details = "; ".join(f"{k}: cache has {found.get(k)!r}, asked for {wanted.get(k)!r}" for k in differing)
+    details = "; ".join(f"{k}: cache has {f!r}, asked for {w!r}" for k, f, w in _differences(found, wanted))
     return (f"{directory}: holds a cache built for something else ({details[:600]}). Use another directory, "
             f"or {REBUILD_HINT}.")
 
@@ -214,6 +221,8 @@ def _load_samples(directory: str, entry: dict, count: int) -> List[str]:
 def read_cache(directory: str, verify: bool, expect_fingerprint=None):
     """(manifest, features, scales, labels, samples) of the finished cache in `directory`, every
     file checked against the manifest (shards' SHA-256 with `verify`)."""
+    if not os.path.isdir(directory):
+        raise CacheError(f"{directory}: not a folder, so not a feature cache")
     manifest_path = os.path.join(directory, store.MANIFEST)
     manifest = store.read_record(manifest_path)
     if manifest is None:

@@ -77,10 +77,17 @@ class RunConfig:
 
         self._check_choices()
         strategy = registry.get(self.strategy)
-        for name in strategy.requires:
-            if not getattr(self, name):
-                raise OptionError(f"{name}: --strategy {self.strategy} needs --{name.replace('_', '-')} "
-                                  f"{_metadata(name)['metavar']} ({_metadata(name)['help']})")
+        trained = [strategy] + ([registry.get(self.compare)] if self.compare not in ("auto", "none") else [])
+        for each in trained:
+            for name in each.requires:
+                if not getattr(self, name):
+                    raise OptionError(f"{name}: --{'strategy' if each is strategy else 'compare'} {each.name} needs "
+                                      f"--{name.replace('_', '-')} {_metadata(name)['metavar']} "
+                                      f"({_metadata(name)['help']})")
+        if self.compare == self.strategy:
+            raise OptionError(f"compare: --compare {self.compare} is the --strategy itself; compare with another "
+                              "strategy, or pass --compare none")
+        _check_unused(self, trained)
         out = dataclasses.replace(self)
         out.epochs = strategy.epochs if self.epochs is None else self.epochs
         out.lr = strategy.lr if self.lr is None else self.lr
@@ -101,15 +108,21 @@ class RunConfig:
                 raise OptionError(f"{f.name}: unknown {getattr(self, f.name)!r}; choose from {', '.join(choices)}")
 
     def _check_values(self) -> None:
+        for name in ("data", "out", "weights", "teacher", "target_data"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise OptionError(f"{name}: expected a path (a string), got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise OptionError(f"seed: expected an integer in [0, 2**63), got {self.seed!r}")
         for name in ("epochs", "batch_size", "image_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"{name}: expected a positive integer, got {value!r}")
         if self.image_size > MAX_IMAGE_SIZE:
             raise OptionError(f"image_size: {self.image_size} px is more than fasttl handles ({MAX_IMAGE_SIZE})")
         for name in ("train_per_class", "test_per_class", "finetune_stages"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise OptionError(f"{name}: expected a positive integer, got {value!r}")
         for name in ("lr", "temperature"):
             value = getattr(self, name)
@@ -124,6 +137,18 @@ class RunConfig:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_unused(cfg: "RunConfig", trained) -> None:
+    """An option that only another strategy reads is a mistake to point out, not to ignore."""
+    from fasttl.transfer import registry
+
+    for name in ("teacher", "target_data", "finetune_stages"):
+        if getattr(cfg, name) is None or any(name in s.requires + s.uses for s in trained):
+            continue
+        readers = [n for n in registry.names() if name in registry.get(n).requires + registry.get(n).uses]
+        raise OptionError(f"{name}: --{name.replace('_', '-')} is read only by --strategy {' or '.join(readers)}; "
+                          f"drop it for --strategy {cfg.strategy}")
 
 
 def _metadata(name: str) -> dict:

@@ -7,7 +7,7 @@ from typing import Dict
 import torch
 
 from fasttl.files import write_json_atomic
-from fasttl.data import DataError
+from fasttl.data import DataError, screen
 from fasttl.transfer import registry
 from fasttl.transfer.datasets import load_dataset
 from fasttl.transfer.metrics import classification_metrics
@@ -15,16 +15,20 @@ from fasttl.transfer.rundir import read_config, strict_json
 
 
 @torch.no_grad()
-def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: str = "cpu") -> Dict[str, object]:
+def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: str = "cpu",
+                 on_error: str = "fail") -> Dict[str, object]:
     """Metrics of the run's main model on the test split of `data` (default: the run's own data);
-    written to RUN_DIR/eval_metrics.json. The model is rebuilt by its strategy's `load`."""
+    written to RUN_DIR/eval_metrics.json. The model is rebuilt by its strategy's `load`. With
+    on_error="skip", images that do not decode are left out and listed under "skipped"."""
     cfg = read_config(run_dir)
     dataset = load_dataset(data if data is not None else cfg["data"], cfg["seed"])
+    test = screen(dataset.test, on_error) if on_error == "skip" else dataset.test  # the train split goes unread
     if dataset.classes != cfg["classes"]:
         raise DataError(f"data: has classes {dataset.classes}, the run was trained for {cfg['classes']}")
     model = registry.get(cfg["strategy"]).load(run_dir, torch.device(device))
-    logits, labels = model.logits(dataset.test, progress=progress)
+    logits, labels = model.logits(test, progress=progress)
     metrics = classification_metrics(logits, labels, cfg["classes"])
     metrics["data"] = data if data is not None else cfg["data"]
+    metrics["skipped"] = [{"file": f, "reason": r} for f, r in getattr(test, "skipped", [])]
     write_json_atomic(os.path.join(run_dir, "eval_metrics.json"), strict_json(metrics))
     return metrics

@@ -21,8 +21,8 @@ from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.files import write_atomic
-from fasttl.transfer.rundir import (RunError, clear_results, holds_run, is_finished, read_config, write_config,
-                                    write_metrics, write_predictions)
+from fasttl.transfer.rundir import (RunError, clear_results, has_checkpoints, holds_run, is_finished, read_config,
+                                    write_config, write_metrics, write_predictions)
 from fasttl.transfer import registry
 from fasttl.transfer.registry import Outcome
 
@@ -89,12 +89,33 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
             clear_results(run_dir)
         elif is_finished(run_dir):
             raise RunError(f"out: {run_dir} holds a finished run; pass --overwrite to replace it, or another --out")
-        else:
+        elif has_checkpoints(run_dir):
             raise RunError(f"out: {run_dir} holds an unfinished run; pass --resume to continue it, or --overwrite "
                            "to start over")
+        else:
+            clear_results(run_dir)  # a run that stopped before its first epoch: nothing to resume or lose
     elif os.path.isdir(run_dir) and os.listdir(run_dir):
         raise RunError(f"out: {run_dir} is not empty and holds no fasttl run; pass an empty or new folder as --out")
     os.makedirs(run_dir, exist_ok=True)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """What can be checked before any work: the device exists, the files named exist."""
+    if str(cfg.device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise OptionError(f"device: {cfg.device} asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
+                              "pass --device cpu")
+        index = torch.device(cfg.device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise OptionError(f"device: {cfg.device} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+    for name in ("weights",):
+        path = getattr(cfg, name)
+        if path is not None and not os.path.isfile(os.path.expanduser(path)):
+            raise OptionError(f"{name}: no file at {os.path.abspath(os.path.expanduser(path))}")
+    for name in ("teacher", "target_data"):
+        path = getattr(cfg, name)
+        if path is not None and not os.path.isdir(os.path.expanduser(path)):
+            raise OptionError(f"{name}: {os.path.abspath(os.path.expanduser(path))} is not a folder")
 
 
 def write_skipped(run_dir: str, skipped) -> None:
@@ -114,7 +135,7 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
     cfg = RunConfig(**options)
     owns_process_group = _init_distributed(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    cfg.resolved(0)  # option errors first, before any data is read
+    preflight(cfg.resolved(0))  # option errors first, before any data is read or any folder made
     dataset = load_dataset(cfg.data, cfg.seed, cfg.train_per_class, cfg.test_per_class, on_error=cfg.on_error)
     cfg = cfg.resolved(dataset.native_size)
     torch.manual_seed(cfg.seed)

@@ -65,6 +65,8 @@ class Strategy:
     can_teach: bool = False     # its run can be distill's teacher
     requires: Tuple[str, ...] = ()  # RunConfig options it can't run without
     baseline: bool = False      # the from-scratch model every transfer is judged beside
+    outputs: Tuple[str, ...] = ()   # the names of the models it saves: NAME.safetensors, NAME.checkpoint.pt
+    uses: Tuple[str, ...] = ()  # options (default None) that only this strategy reads, beside `requires`
 
     def train(self, cfg, dataset, run_dir: str, device: torch.device) -> List[Outcome]:
         raise NotImplementedError
@@ -103,3 +105,9 @@ def get(name: str) -> Strategy:
 def baseline() -> Strategy:
     _load_all()
     return next(s for s in _REGISTRY.values() if s.baseline)
+
+
+def output_names() -> Tuple[str, ...]:
+    """Every model name a registered strategy saves: what `--overwrite` may remove from a run folder."""
+    _load_all()
+    return tuple(sorted({name for s in _REGISTRY.values() for name in s.outputs}))

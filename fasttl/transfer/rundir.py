@@ -4,13 +4,13 @@ from __future__ import annotations
 import io
 import math
 import os
-import pickle
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from fasttl.errors import UserError
+from fasttl import files
 from fasttl.files import read_json, write_atomic, write_json_atomic
 
 CONFIG = "config.json"
@@ -20,7 +20,6 @@ CHECKPOINT = "checkpoint.pt"
 # What a run writes besides its config: the files an --overwrite removes, and nothing else.
 RESULT_FILES = (METRICS, PREDICTIONS, "report.md", "confusion_matrix.png", "curves.png", "eval_metrics.json",
                 "skipped.csv", "teacher_logits.safetensors")
-RESULT_SUFFIXES = (".safetensors", f".{CHECKPOINT}")
 
 
 class RunError(UserError, ValueError):
@@ -78,13 +77,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_tensors(path: str) -> Dict[str, object]:
-    """torch.load restricted to tensors and plain containers: a file that holds anything else (a
-    pickled object that would run code on load) is refused, never executed."""
+    """A checkpoint: tensors and plain containers only (fasttl.files.load_tensors)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as exc:
-        raise RunError(f"{path}: not a fasttl checkpoint, or it holds objects other than tensors "
-                       f"({_first_line(exc)}); delete it, or run again with --overwrite") from exc
+        return files.load_tensors(path)
+    except ValueError as exc:
+        raise RunError(f"{path}: not a fasttl checkpoint: {exc}; delete it, or run again with --overwrite") from None
 
 
 class Checkpoint:
@@ -127,15 +124,18 @@ def write_config(run_dir: str, config: Dict[str, object]) -> None:
 
 
 def read_config(run_dir: str) -> Dict[str, object]:
+    if not os.path.isdir(run_dir):
+        raise RunError(f"{run_dir}: not a folder, so not a fasttl run folder")
     path = os.path.join(run_dir, CONFIG)
     try:
         config = read_json(path)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RunError(f"{path}: not valid JSON ({_first_line(exc)}); not a fasttl run directory") from exc
+    except ValueError as exc:
+        raise RunError(f"{exc}; not a fasttl run folder (a run of yours there? start it over with --overwrite)") \
+            from None
     if config is None:
-        raise RunError(f"{run_dir}: no {CONFIG}; not a fasttl run directory")
+        raise RunError(f"{run_dir}: no {CONFIG}; not a fasttl run folder")
     if not isinstance(config, dict) or not isinstance(config.get("strategy"), str):
-        raise RunError(f"{path}: not a fasttl run configuration")
+        raise RunError(f"{path}: not a fasttl run configuration (start it over with --overwrite)")
     return config
 
 
@@ -151,13 +151,25 @@ def holds_run(run_dir: str) -> bool:
     return os.path.isfile(os.path.join(run_dir, CONFIG))
 
 
+def run_files() -> List[str]:
+    """The names of every file a run writes: its config, results, and each strategy's models."""
+    from fasttl.transfer import registry
+
+    models = registry.output_names()
+    return [CONFIG, *RESULT_FILES, *(weights_file(m) for m in models), *(f"{m}.{CHECKPOINT}" for m in models)]
+
+
 def clear_results(run_dir: str) -> List[str]:
-    """Removes what an earlier run wrote here (fasttl's own file names only; anything else stays)."""
+    """Removes what an earlier run wrote here: fasttl's own file names only (a file of yours, even
+    one named *.safetensors, stays), and never through a link."""
     removed = []
-    for name in sorted(os.listdir(run_dir)):
+    for name in run_files():
         path = os.path.join(run_dir, name)
-        ours = name in RESULT_FILES or name.endswith(RESULT_SUFFIXES) or name == CONFIG
-        if ours and os.path.isfile(path) and not os.path.islink(path):
+        if os.path.isfile(path) and not os.path.islink(path):
             os.remove(path)
             removed.append(name)
     return removed
+
+
+def has_checkpoints(run_dir: str) -> bool:
+    return any(os.path.isfile(os.path.join(run_dir, name)) for name in run_files() if name.endswith(CHECKPOINT))

@@ -105,6 +105,7 @@ class Dann(Strategy):
     help = "domain-adversarial adaptation on cached features to an unlabeled target domain (--target-data DIR)"
     requires = ("target_data",)
     epochs, lr, batch_size = 15, 1e-3, 256
+    outputs = ("dann", "source_only")
 
     def train(self, cfg, ds, run_dir, device) -> List[Outcome]:
         backbone = backbones.create(cfg.backbone, weights=cfg.weights)

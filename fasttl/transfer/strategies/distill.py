@@ -72,6 +72,7 @@ class Distill(Strategy):
     help = "the small CNN at native resolution from a teacher run's softened outputs (--teacher RUN_DIR)"
     requires = ("teacher",)
     epochs, lr, batch_size = 15, 3e-3, 64
+    outputs = ("distill",)
 
     def train(self, cfg, ds, run_dir, device) -> List[Outcome]:
         started = time.perf_counter()

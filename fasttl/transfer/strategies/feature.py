@@ -52,6 +52,7 @@ class FeatureModel(TrainedModel):
 
 class FeatureTransfer(Strategy):
     epochs, batch_size = 10, 256
+    outputs = ("head",)
     can_teach = True
 
     def train(self, cfg, ds, run_dir, device) -> List[Outcome]:

@@ -81,6 +81,8 @@ class Finetune(Strategy):
     display = "finetune"
     help = "the backbone unfrozen (all or the top --finetune-stages K) with per-stage learning rates; torchrun-aware"
     epochs, lr, batch_size = 3, 1e-3, 32
+    outputs = ("model",)
+    uses = ("finetune_stages",)
     distributed = True
     can_teach = True
 

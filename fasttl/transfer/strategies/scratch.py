@@ -110,6 +110,7 @@ class Scratch(Strategy):
     display = "scratch (from random init)"
     help = "the small CNN from random initialization, same budget: the baseline"
     epochs, lr, batch_size = 15, 3e-3, 64
+    outputs = ("scratch",)
     baseline = True
 
     def train(self, cfg, dataset, run_dir, device) -> List[Outcome]:
