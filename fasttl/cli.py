@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     strategies = "\n".join(f"  {name:<10} {registry.get(name).help}" for name in registry.names())
     p = sub.add_parser("run", help="transfer an ImageNet backbone to a target task (the main job)",
                        description="With no arguments: the embedded default (ImageNet EfficientNet-Lite0 to "
-                                   "CIFAR-10 mini by feature transfer, beside a from-scratch CNN), offline, in about "
+                                   "CIFAR-10 mini by feature transfer, beside a from-scratch CNN), offline, in under "
                                    "a minute on 2 CPU cores.",
                        epilog=f"strategies:\n{strategies}", formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(p)

@@ -119,7 +119,9 @@ class _FusedAdamBase(torch.optim.Optimizer):
     def _step_bucket(self, group: dict, device: torch.device, params: List[Tensor], has_master: bool,
                      grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         scale = None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32).to(device)
-        inf = None if found_inf is None else found_inf.to(device=device, dtype=torch.float32)
+        # GradScaler sums the per-device flags for optimizers that take found_inf: any nonzero
+        # means "skip", and the step count goes back by exactly one (a device op, no host sync).
+        inf = None if found_inf is None else (found_inf.to(device=device) != 0).to(torch.float32)
         if inf is not None and device.type != "cuda" and float(inf) != 0.0:
             return  # skipped step: nothing moves, not even the step count
         states = [self.state[p] for p in params]

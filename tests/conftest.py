@@ -45,6 +45,18 @@ def cifar10_root(tmp_path_factory):
     return extract_cifar10_mini(str(tmp_path_factory.mktemp("cifar10-mini")))
 
 
+def cifar_subset(cifar10_root: str, root, classes, train: int, test: int):
+    """root/{train,test}/<class>/<i>.jpg: the first `train` and `test` real CIFAR-10 JPEGs of each class."""
+    import shutil
+
+    for split, count in (("train", train), ("test", test)):
+        for name in classes:
+            os.makedirs(root / split / name)
+            for i in range(count):
+                shutil.copy(os.path.join(cifar10_root, split, name, f"{i:04d}.jpg"), root / split / name / f"{i}.jpg")
+    return root
+
+
 @pytest.fixture
 def small_image_folder(tmp_path, cifar10_root):
     """root/<class>/*.jpg with 6 real CIFAR-10 test images in each of 3 classes."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import cifar_subset
 import torch
 
 from fasttl.errors import OptionError
@@ -28,13 +29,7 @@ def private_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def two_classes(tmp_path_factory, cifar10_root):
     """train/ (8 per class) and test/ (3 per class) of real CIFAR-10 JPEGs: a small target task."""
-    root = tmp_path_factory.mktemp("bad-run") / "two"
-    for split, count in (("train", 8), ("test", 3)):
-        for name in CLASSES:
-            os.makedirs(root / split / name)
-            for i in range(count):
-                shutil.copy(os.path.join(cifar10_root, split, name, f"{i:04d}.jpg"), root / split / name / f"{i}.jpg")
-    return root
+    return cifar_subset(cifar10_root, tmp_path_factory.mktemp("bad-run") / "two", CLASSES, 8, 3)
 
 
 def quick(data, out, **kw):
@@ -321,7 +316,7 @@ def test_cli_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     (["run", "--epochs", "many"], ["--epochs", "many"]),
     (["run", "--strategy", "magic"], ["--strategy", "magic"]),
     (["run", "--on-error", "ignore"], ["--on-error"]),
-    (["eval", "RUN_DIR_PLACEHOLDER"], ["RUN_DIR_PLACEHOLDER", "config.json"]),
+    (["eval", "RUN_DIR_PLACEHOLDER"], ["RUN_DIR_PLACEHOLDER", "not a fasttl run folder"]),
 ])
 def test_cli_option_errors_are_one_line(tmp_path, args, names):
     args = [str(tmp_path / a) if a == "RUN_DIR_PLACEHOLDER" else a for a in args]

@@ -2,10 +2,9 @@
 `load` rebuilds a model that predicts what the run itself predicted."""
 import csv
 import json
-import os
-import shutil
 
 import pytest
+from conftest import cifar_subset
 import torch
 
 from fasttl.errors import OptionError
@@ -18,13 +17,7 @@ CLASSES = ["cat", "ship", "truck"]
 
 @pytest.fixture(scope="module")
 def three_classes(tmp_path_factory, cifar10_root):
-    root = tmp_path_factory.mktemp("strategies") / "three"
-    for split, count in (("train", 10), ("test", 4)):
-        for name in CLASSES:
-            os.makedirs(root / split / name)
-            for i in range(count):
-                shutil.copy(os.path.join(cifar10_root, split, name, f"{i:04d}.jpg"), root / split / name / f"{i}.jpg")
-    return root
+    return cifar_subset(cifar10_root, tmp_path_factory.mktemp("strategies") / "three", CLASSES, 10, 4)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import cifar_subset
 
 import fasttl
 from fasttl.transfer.job import run
@@ -22,13 +23,7 @@ def private_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_cifar(tmp_path_factory, cifar10_root):
     """train/ (16 per class) and test/ (6 per class) class folders of real CIFAR-10 JPEGs."""
-    root = tmp_path_factory.mktemp("tiny") / "cifar4"
-    for split, count in (("train", 16), ("test", 6)):
-        for name in CLASSES:
-            os.makedirs(root / split / name)
-            for i in range(count):
-                shutil.copy(os.path.join(cifar10_root, split, name, f"{i:04d}.jpg"), root / split / name / f"{i}.jpg")
-    return root
+    return cifar_subset(cifar10_root, tmp_path_factory.mktemp("tiny") / "cifar4", CLASSES, 16, 6)
 
 
 def common(**kw):

@@ -66,6 +66,9 @@ __global__ void distill_rows_kernel(DistillArgs a) {
 
 template <typename S, typename T, int kThreads, int kRowsPerBlock>
 void launch(const DistillArgs& a, cudaStream_t stream) {
+  // row_reduce's block-wide barriers and per-warp scratch hold for one row per block only; rows of
+  // at most a warp reduce with shuffles alone and may share a block.
+  static_assert(kThreads <= 32 || kRowsPerBlock == 1, "rows wider than a warp need one block per row");
   const int64_t blocks_needed = (a.rows + kRowsPerBlock - 1) / kRowsPerBlock;
   const int64_t max_blocks = static_cast<int64_t>(cuda_sm_count()) * 32;
   const int blocks = static_cast<int>(blocks_needed < max_blocks ? blocks_needed : max_blocks);

@@ -82,7 +82,7 @@ void pool_store_cuda(const PoolStoreArgs& a, void* stream_ptr) {
 }
 
 void gather_cuda(const GatherArgs& a, void* stream_ptr) {
-  if (a.n == 0) return;
+  if (a.n == 0 || a.channels == 0) return;  // an empty (n, 0) result: a <<<0, ...>>> launch is invalid
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t total = a.n * a.channels;
   const int blocks = static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, cuda_sm_count() * 16));
