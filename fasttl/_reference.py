@@ -13,7 +13,11 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
     T = float(temperature)
     log_q = F.log_softmax(student_logits / T, dim=-1)
     log_p = F.log_softmax(teacher_logits.detach() / T, dim=-1)
-    soft = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1) * (T * T)
+    p = log_p.exp()
+    # 0 log 0 = 0: a class the teacher rules out (logit -inf) adds nothing, as kl_div's xlogy does
+    # for probability targets; also where the student rules it out too (log q = -inf).
+    pointwise = torch.where(p == 0, torch.zeros_like(log_q), p * (log_p - log_q))  # NaN still propagates
+    soft = pointwise.sum(-1) * (T * T)
     if target is None:
         rows = soft
         counted = torch.ones_like(rows, dtype=torch.bool)

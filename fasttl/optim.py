@@ -55,7 +55,17 @@ class _FusedAdamBase(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 amsgrad: bool = False, maximize: bool = False, master_weights: Optional[bool] = None):
+                 amsgrad: bool = False, maximize: bool = False, master_weights: Optional[bool] = None,
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, capturable: bool = False,
+                 differentiable: bool = False):
+        # torch.optim's keywords, so switching is a one-word change: fasttl is always one fused pass
+        # (foreach and fused change nothing); the other two ask for what it does not do.
+        if differentiable:
+            raise ValueError("differentiable: fasttl's fused step is not differentiable; use torch.optim.AdamW "
+                             "for higher-order optimization")
+        if capturable:
+            raise ValueError("capturable: CUDA-graph capture of the step is not supported yet; pass "
+                             "capturable=False (the step needs no host sync unless lr is a CUDA tensor)")
         _check_hyperparameters(lr, betas, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
                         maximize=bool(maximize), master_weights=master_weights)
@@ -277,6 +287,8 @@ class AdamW(_FusedAdamBase):
       the CPU, a multi-tensor-apply launch on CUDA.
     * ``torch.amp.GradScaler`` works with it: the kernel unscales the grads and skips the whole
       step when an inf/nan was found (on CUDA without a host sync).
+    * torch.optim's ``foreach`` and ``fused`` keywords are accepted and change nothing (the step
+      is always one fused pass); ``differentiable=True`` and ``capturable=True`` are refused.
 
     Example::
 
@@ -287,9 +299,10 @@ class AdamW(_FusedAdamBase):
     """
 
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 amsgrad: bool = False, maximize: bool = False, master_weights: Optional[bool] = None):
+                 amsgrad: bool = False, maximize: bool = False, master_weights: Optional[bool] = None,
+                 **torch_options):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
-                         master_weights=master_weights)
+                         master_weights=master_weights, **torch_options)
 
 
 class Adam(_FusedAdamBase):
@@ -299,6 +312,7 @@ class Adam(_FusedAdamBase):
     _decoupled_weight_decay = False
 
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 amsgrad: bool = False, maximize: bool = False, master_weights: Optional[bool] = None):
+                 amsgrad: bool = False, maximize: bool = False, master_weights: Optional[bool] = None,
+                 **torch_options):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
-                         master_weights=master_weights)
+                         master_weights=master_weights, **torch_options)

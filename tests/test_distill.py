@@ -246,6 +246,32 @@ def test_masked_logits_spanning_whole_stretches(device):
     assert_close(grad, ref_grad, torch.float32, "grad")
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("classes", [7, 1300])
+def test_classes_the_teacher_rules_out_add_nothing(device, classes):
+    # -inf teacher logits (p = 0): 0 log 0 = 0, as torch's kl_div with probability targets; also
+    # where the student's logit is -inf too. The loss and gradient stay finite and match torch.
+    student, teacher, target = make_inputs((6, classes), torch.float32, device)
+    masked = torch.rand(6, classes, device=device) < 0.3
+    masked[:, 0] = False  # every row keeps a class the teacher allows
+    teacher = teacher.masked_fill(masked, float("-inf"))
+    student[1] = student[1].masked_fill(masked[1], float("-inf"))
+    target = torch.zeros(6, dtype=torch.int64, device=device)
+    kw = dict(temperature=2.0, alpha=0.7, reduction="none")
+    loss, grad = fused(student, teacher, target, **kw)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    ref_loss, ref_grad = reference(student, teacher, target, **kw)
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(grad, ref_grad, torch.float32, "grad")
+    # torch's own kl_div on probability targets, on the rows without a -inf student logit
+    rows = [0, 2, 3, 4, 5]
+    s64, t64 = student[rows].double().cpu(), teacher[rows].double().cpu()
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s64 / 2.0, -1), torch.softmax(t64 / 2.0, -1),
+                                    reduction="none").sum(-1) * 4.0
+    expected = 0.7 * kl + 0.3 * torch.nn.functional.cross_entropy(s64, target[rows].cpu(), reduction="none")
+    assert_close(loss[rows], expected, torch.float32, "loss against torch's kl_div")
+
+
 # ---- the raw op, torch.ops.fasttl.distill_rows, validates all it passes to the kernel -------------
 def _raw(student, teacher, target, temperature=2.0, alpha=0.5, ignore_index=-100):
     return torch.ops.fasttl.distill_rows(student, teacher, target, temperature, alpha, ignore_index)

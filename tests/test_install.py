@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -36,7 +37,15 @@ def test_plain_pip_install_runs_the_job(tmp_path):
 
     # torch first, pinned to this interpreter's version: a bare requirement would pull a CUDA build
     pip(f"torch=={torch.__version__.split('+')[0]}")
-    pip(str(source))
+    wheels = tmp_path / "wheels"
+    built = subprocess.run([python, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],
+                           capture_output=True, text=True, env=dict(os.environ, FASTTL_CUDA="OFF"), timeout=1500)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = wheels.glob("fasttl-*.whl")
+    with zipfile.ZipFile(wheel) as archive:  # the wheel stays small apart from the native module
+        others = sum(i.compress_size for i in archive.infolist() if not i.filename.endswith(".so"))
+    assert others < 10 * 2**20, f"{wheel.name}: {others / 2**20:.1f} MiB besides the native module"
+    pip(str(wheel))
     out = tmp_path / "run"
     result = subprocess.run([str(venv / "bin" / "fasttl"), "run", "--epochs", "1", "--out", str(out), "--no-progress"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=900,

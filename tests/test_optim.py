@@ -454,3 +454,30 @@ def test_torch_adamw_state_dict_loads_for_bf16_params():
     expected = 0.9 * saved["state"][0]["exp_avg"] + 0.1 * param.grad.float()
     torch.testing.assert_close(state["exp_avg"], expected, rtol=1e-6, atol=1e-7)
     assert float(state["step"]) == 3.0
+
+
+def test_torch_optim_keywords_switch_with_one_word():
+    params = [torch.nn.Parameter(torch.randn(5))]
+    for options in ({"foreach": True}, {"fused": True}, {"foreach": False, "fused": None}, {"capturable": False}):
+        fasttl.optim.AdamW(params, lr=1e-3, **options)
+        fasttl.optim.Adam(params, lr=1e-3, **options)
+    with pytest.raises(ValueError, match="differentiable: "):
+        fasttl.optim.AdamW(params, differentiable=True)
+    with pytest.raises(ValueError, match="capturable: "):
+        fasttl.optim.Adam(params, capturable=True)
+    with pytest.raises(TypeError):
+        fasttl.optim.AdamW(params, momentum=0.9)  # not an Adam keyword at all
+
+
+def test_found_inf_above_one_skips_exactly_one_step():
+    # GradScaler sums found_inf over devices; any nonzero count is one skipped step, never two.
+    p = torch.nn.Parameter(torch.randn(8))
+    opt = fasttl.optim.AdamW([p], lr=1e-2)
+    p.grad = torch.randn(8)
+    opt.step()
+    before = p.detach().clone()
+    step = float(opt.state[p]["step"])
+    opt.found_inf, opt.grad_scale = torch.tensor(2.0), torch.tensor(1.0)
+    p.grad = torch.randn(8)
+    opt.step()
+    assert torch.equal(p.detach(), before) and float(opt.state[p]["step"]) == step

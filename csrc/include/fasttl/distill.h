@@ -29,9 +29,13 @@ struct DistillTerms {
   float hard_student;   // sum exp(s - ms)
 };
 
+// A class the teacher rules out (t = -inf, p = 0) adds nothing to the KL: 0 log 0 = 0, as in
+// PyTorch's kl_div (xlogy). Without the select, 0 * (t - s) would be 0 * -inf = NaN; the same
+// holds where the student rules the class out too (s = -inf).
 FASTTL_HD DistillTerms distill_terms(float s, float t, float ms, float mt, float inv_t) {
   const float et = fast_exp((t - mt) * inv_t);
-  return DistillTerms{fast_exp((s - ms) * inv_t), et, et * (t - s), fast_exp(s - ms)};
+  const float gap = et == 0.0f ? 0.0f : et * (t - s);  // a NaN still propagates
+  return DistillTerms{fast_exp((s - ms) * inv_t), et, gap, fast_exp(s - ms)};
 }
 
 // A running max that is still -inf (nothing finite seen yet) is taken as 0 for the exps, so an
