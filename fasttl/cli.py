@@ -73,14 +73,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _user_error_types() -> tuple:
-    """Errors that come from what the user asked for or handed fasttl, not from a bug."""
-    from fasttl.cache.cache import CacheError
-    from fasttl.cache.store import CacheLockedError
-    from fasttl.data import DataError
+    """Errors that come from what the user asked for or handed fasttl, not from a bug: fasttl's
+    own derive from UserError; a missing or unreadable path is the OS's."""
     from fasttl.errors import UserError
 
-    return (UserError, DataError, CacheError, CacheLockedError, FileNotFoundError, PermissionError,
-            IsADirectoryError, NotADirectoryError)
+    return (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -45,6 +45,12 @@ def cifar10_root(tmp_path_factory):
     return extract_cifar10_mini(str(tmp_path_factory.mktemp("cifar10-mini")))
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """Feature caches of this test in its own temporary folder (no reuse across tests)."""
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "feature-cache"))
+
+
 def cifar_subset(cifar10_root: str, root, classes, train: int, test: int):
     """root/{train,test}/<class>/<i>.jpg: the first `train` and `test` real CIFAR-10 JPEGs of each class."""
     import shutil

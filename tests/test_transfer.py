@@ -15,9 +15,7 @@ from fasttl.transfer.rundir import Checkpoint
 CLASSES = ["airplane", "automobile", "frog", "ship"]
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "feature-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,8 @@ def default_batch_size(device: torch.device) -> int:
     return 128 if device.type == "cuda" else 32
 
 
-def _rank_and_world():
+def rank_and_world():
+    """(rank, world size) of the torchrun process group, (0, 1) outside one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -242,7 +243,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     _check_options(dtype, shard_rows, on_error)
     device = torch.device(device)
     batch_size = default_batch_size(device) if batch_size is None else batch_size
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     spec = TransformSpec.for_backbone(backbone.preprocessing, size=image_size, mirror=mirror)
     source, skipped = _screened(data, out_dir, on_error)

@@ -46,8 +46,8 @@ class CacheError(UserError, ValueError):
     """A cache directory that is missing, corrupt, or built for something else."""
 
 
-class CacheLockedError(RuntimeError):
-    pass
+class CacheLockedError(UserError, RuntimeError):
+    """Another process is writing this cache."""
 
 
 def fingerprint_key(fingerprint: dict) -> str:

@@ -18,6 +18,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from fasttl.errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 ON_ERROR = ("fail", "skip")
 # PIL's default decompression-bomb threshold (about 9459 x 9459 pixels). A larger image is refused
@@ -29,7 +31,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset problem, naming the file or folder at fault and how to fix it (one line)."""
 
 

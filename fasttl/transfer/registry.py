@@ -69,10 +69,10 @@ class Strategy:
     uses: Tuple[str, ...] = ()  # options (default None) that only this strategy reads, beside `requires`
 
     def train(self, cfg, dataset, run_dir: str, device: torch.device) -> List[Outcome]:
-        raise NotImplementedError
+        raise NotImplementedError(f"strategy {self.name!r} ({type(self).__name__}) defines no train()")
 
     def load(self, run_dir: str, device: torch.device) -> TrainedModel:
-        raise NotImplementedError
+        raise NotImplementedError(f"strategy {self.name!r} ({type(self).__name__}) defines no load()")
 
 
 _REGISTRY: Dict[str, Strategy] = {}

@@ -4,18 +4,11 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-import torch.distributed as dist
 
 
 def param_dtype(cfg) -> torch.dtype:
     """bf16 params (fasttl AdamW then keeps fp32 master weights and moments) or fp32."""
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-
-
-def rank_and_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def throughput(images: int, seconds: float) -> float:

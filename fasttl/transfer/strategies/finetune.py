@@ -19,7 +19,8 @@ from fasttl.training import EpochStats, eval_record, fit, step, warmup_cosine
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
-from fasttl.transfer.strategies.common import eval_timings, param_dtype, rank_and_world
+from fasttl.cache.build import rank_and_world
+from fasttl.transfer.strategies.common import eval_timings, param_dtype
 
 
 def finetune_head(feature_dim: int, num_classes: int) -> nn.Module:
