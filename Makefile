@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 setup:
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.24"
-	$(PIP) install -q --no-build-isolation -e ".[test,dali,weights]"
+	$(PIP) install -q --no-build-isolation -e ".[test,dali,weights,export,tensorboard]"
 
 run: setup
 	$(PYTHON) -m fasttl run

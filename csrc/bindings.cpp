@@ -11,6 +11,10 @@
 
 #include "fasttl/kernels.h"
 
+#ifdef FASTTL_WITH_CUDA
+#include <cuda_runtime_api.h>  // CUDART_VERSION and the version queries of `cuda_versions`
+#endif
+
 namespace py = pybind11;
 
 namespace fasttl {
@@ -60,7 +64,7 @@ void adam_step(bool cuda, const Pointers& params, const Pointers& grads, const P
                const std::vector<int64_t>& numels, const Pointers& steps, int param_dtype, int grad_dtype,
                bool has_master, double lr, double beta1, double beta2, double eps, double weight_decay,
                bool decoupled_weight_decay, bool amsgrad, bool maximize, std::uintptr_t grad_scale,
-               std::uintptr_t found_inf, std::uintptr_t stream);
+               std::uintptr_t found_inf, std::uintptr_t lr_tensor, std::uintptr_t stream);
 
 [[noreturn]] void no_cuda(const char* what) {
   throw std::runtime_error(std::string(what) +
@@ -74,13 +78,14 @@ void adam_step(bool cuda, const Pointers& params, const Pointers& grads, const P
                const std::vector<int64_t>& numels, const Pointers& steps, int param_dtype, int grad_dtype,
                bool has_master, double lr, double beta1, double beta2, double eps, double weight_decay,
                bool decoupled_weight_decay, bool amsgrad, bool maximize, std::uintptr_t grad_scale,
-               std::uintptr_t found_inf, std::uintptr_t stream) {
+               std::uintptr_t found_inf, std::uintptr_t lr_tensor, std::uintptr_t stream) {
   const std::vector<AdamTensor> tensors =
       adam_tensors(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, numels, steps);
   const AdamArgs args{tensors.data(), static_cast<int64_t>(tensors.size()), param_dtype, grad_dtype, has_master,
                       static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
                       static_cast<float>(eps), static_cast<float>(weight_decay), decoupled_weight_decay, amsgrad,
-                      maximize, as_ptr<const float>(grad_scale), as_ptr<const float>(found_inf)};
+                      maximize, as_ptr<const float>(grad_scale), as_ptr<const float>(found_inf),
+                      as_ptr<const float>(lr_tensor)};
   if (!cuda) {
     adam_step_cpu(args);
     return;
@@ -94,10 +99,11 @@ void adam_step(bool cuda, const Pointers& params, const Pointers& grads, const P
 }
 
 void pool_store(bool cuda, std::uintptr_t src, int src_dtype, int64_t n, int64_t channels, int64_t hw,
-                std::uintptr_t cache, int cache_dtype, std::uintptr_t scales, std::uintptr_t rows,
-                std::uintptr_t stream) {
-  const PoolStoreArgs args{as_ptr<const void>(src), src_dtype, n, channels, hw, as_ptr<void>(cache), cache_dtype,
-                           as_ptr<float>(scales), as_ptr<const int64_t>(rows)};
+                int64_t image_stride, int64_t channel_stride, int64_t hw_stride, std::uintptr_t cache,
+                int cache_dtype, std::uintptr_t scales, std::uintptr_t rows, std::uintptr_t stream) {
+  const PoolStoreArgs args{as_ptr<const void>(src), src_dtype, n, channels, hw, image_stride, channel_stride,
+                           hw_stride, as_ptr<void>(cache), cache_dtype, as_ptr<float>(scales),
+                           as_ptr<const int64_t>(rows)};
   if (!cuda) return pool_store_cpu(args);
 #ifdef FASTTL_WITH_CUDA
   pool_store_cuda(args, reinterpret_cast<void*>(stream));
@@ -126,12 +132,32 @@ py::dict build_info() {
 #ifdef FASTTL_WITH_CUDA
   info["cuda"] = true;
   info["cuda_archs"] = FASTTL_CUDA_ARCHS;
+  info["cuda_runtime_built"] = CUDART_VERSION;  // e.g. 12040 for 12.4: the headers compiled against
+  info["cuda_runtime_linking"] = FASTTL_CUDART_LINKING;  // "shared" (torch's libcudart) or "static"
+  info["torch_cuda_built"] = FASTTL_TORCH_CUDA;  // torch.version.cuda at build time ("" for none)
 #else
   info["cuda"] = false;
   info["cuda_archs"] = "";
+  info["cuda_runtime_built"] = 0;
+  info["cuda_runtime_linking"] = "";
+  info["torch_cuda_built"] = "";
 #endif
   info["openmp_threads"] = omp_get_max_threads();
   return info;
+}
+
+// The CUDA runtime the kernels call into and the newest CUDA the driver supports (0 where there is
+// none); neither call creates a context, so this is safe on a machine without a GPU.
+py::dict cuda_versions() {
+  py::dict out;
+  int runtime = 0, driver = 0;
+#ifdef FASTTL_WITH_CUDA
+  if (cudaRuntimeGetVersion(&runtime) != cudaSuccess) runtime = 0;
+  if (cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;
+#endif
+  out["runtime"] = runtime;
+  out["driver"] = driver;
+  return out;
 }
 
 }  // namespace
@@ -141,6 +167,8 @@ PYBIND11_MODULE(_C, m) {
   using namespace fasttl;
   m.doc() = "fasttl native kernels (CPU always, CUDA when built with nvcc)";
 
+  m.def("cuda_versions", &cuda_versions,
+        "CUDA runtime version in use and the driver's supported CUDA version (ints like 12040; 0 for none).");
   m.def("build_info", &build_info,
         "Version, whether CUDA kernels were compiled and for which architectures, OpenMP threads.");
 
@@ -179,7 +207,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("pool_store", &pool_store,
         "Feature cache write: average-pool rows of src (n, channels, hw), convert to the cache dtype "
         "(int8 with a per-row fp32 scale) and store them at cache rows `rows`: cuda, src, src_dtype, n, "
-        "channels, hw, cache, cache_dtype, scales (0 unless int8), rows, stream.",
+        "channels, hw, image_stride, channel_stride, hw_stride (elements: NCHW or channels_last), cache, "
+        "cache_dtype, scales (0 unless int8), rows, stream.",
         py::call_guard<py::gil_scoped_release>());
   m.def("gather", &gather,
         "Feature cache read: out[i] = dequantized cache[indices[i]] as fp32 or bf16: cuda, cache, "
@@ -190,6 +219,7 @@ PYBIND11_MODULE(_C, m) {
         "cuda, params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs (addresses, 0 for "
         "none), numels, step addresses (fp32, already incremented), param_dtype, grad_dtype, "
         "has_master, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, "
-        "maximize, grad_scale and found_inf addresses (0 for none), stream.",
+        "maximize, grad_scale, found_inf and lr tensor addresses (0 for none; a set lr tensor "
+        "overrides lr), stream.",
         py::call_guard<py::gil_scoped_release>());
 }

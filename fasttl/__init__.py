@@ -9,10 +9,13 @@ from fasttl.losses import distillation_loss
 
 
 _SUBPACKAGES = ("backbones", "cache", "data", "transfer")  # imported on first use (DALI, matplotlib stay unloaded)
-__all__ = ["FeatureCache", "distillation_loss", "nn", "optim", "build_info", "__version__", *_SUBPACKAGES]
+__all__ = ["FeatureCache", "distillation_loss", "load_run", "nn", "optim", "build_info", "__version__",
+           *_SUBPACKAGES]
 
 
 def __getattr__(name: str):
     if name in _SUBPACKAGES:
         return importlib.import_module(f"fasttl.{name}")
+    if name == "load_run":  # a finished run's model, ready to predict (fasttl.predict.load_run)
+        return importlib.import_module("fasttl.predict").load_run
     raise AttributeError(f"module 'fasttl' has no attribute {name!r}")

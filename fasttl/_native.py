@@ -40,6 +40,14 @@ def build_info() -> dict:
     return info
 
 
+def cuda_versions() -> dict:
+    """{"runtime": the CUDA runtime the kernels call (e.g. 12040), "driver": the newest CUDA the
+    driver supports}; 0 where there is none (no CUDA kernels, no driver). Creates no CUDA context."""
+    if load_error is not None or not hasattr(native, "cuda_versions"):
+        return {"runtime": 0, "driver": 0}
+    return dict(native.cuda_versions())
+
+
 def cuda_kernels_available() -> bool:
     return load_error is None and bool(native.build_info()["cuda"])
 

@@ -5,8 +5,9 @@ The native kernels take raw pointers, so every op implementation here validates 
 on: dtypes, devices, dims, sizes, strides and index ranges (``torch.ops.fasttl.*`` called
 directly raises ValueError/TypeError, never reads or writes out of bounds). The fake
 implementations run the same metadata checks, so torch.compile refuses what eager refuses. Index
-ranges depend on data: checked on the host for CPU tensors; on CUDA by a device-side assert (no
-host sync in the training loop), the way PyTorch's own indexing ops check them.
+ranges depend on data: checked on the host for CPU tensors; on CUDA without a host sync (see
+raise_device_errors): a bad index is replaced on the device by a harmless one and reported, by
+name, as a ValueError at the next fasttl call after the GPU has run the call that received it.
 
 The ops are defined with the low-level torch.library.Library API, not @custom_op: custom_op
 wraps each kernel so that its first call imports torch._dynamo (1.3 s on a 2-core CPU), a
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import deque
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -70,33 +72,110 @@ def _as_int64(index: Tensor) -> Tensor:
     return index.to(torch.int64).contiguous()
 
 
-def _check_range(name: str, index: Tensor, limit: int, ignore_index: Optional[int] = None) -> Tensor:
-    """Values in [0, limit) (or equal to ignore_index). Returns the index safe to hand to a kernel."""
+# ---- index checks on CUDA without a host sync ----------------------------------------------------
+# A CUDA call must not wait for the GPU to learn whether an index was bad. So on these devices
+# the bad entries are replaced on the device (nothing out of bounds is ever touched), and whether
+# there were any is copied behind the kernel into pinned host memory. The next fasttl op call that
+# finds such a copy done raises its named ValueError; raise_device_errors() waits for them.
+_SYNC_FREE_DEVICE_TYPES = ("cuda",)  # the tests add "cpu" to run these paths without a GPU
+_MAX_PENDING = 1024
+_pending: deque = deque()  # (host flag, cuda event or None, message), oldest first
+
+
+def _checks_on_device(t: Tensor) -> bool:
+    return t.device.type in _SYNC_FREE_DEVICE_TYPES
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _defer_error(bad_any: Tensor, message: str) -> None:
+    """Reports `message` later if the 0-dim bool `bad_any` turns out true; no host sync now."""
+    if _capturing(bad_any.device):
+        # Inside a CUDA graph nothing can be waited on: a device-side assert stops the replay.
+        torch._assert_async(~bad_any, message)
+        return
+    if bad_any.device.type == "cuda":
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(bad_any, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(bad_any.device))  # the stream the copy went on
+    else:  # the CPU stand-in of the tests: the value is there already
+        flag, done = bad_any, None
+    _pending.append((flag, done, message))
+    if len(_pending) > _MAX_PENDING and _pending[0][1] is not None:
+        _pending[0][1].synchronize()  # the GPU is far behind: wait for the oldest check (rare)
+
+
+def _raise_ready(wait: bool) -> None:
+    """Raises the first reported bad index among the finished checks (all of them when `wait`)."""
+    kept = deque()
+    error = None
+    while _pending:
+        flag, done, message = _pending.popleft()
+        if done is not None and not wait and not done.query():
+            kept.append((flag, done, message))
+            continue
+        if done is not None and wait:
+            done.synchronize()
+        # Host memory (pinned): numpy() cannot read a device tensor, so this never syncs.
+        if error is None and bool(flag.numpy()):
+            error = message
+    _pending.extend(kept)
+    if error is not None:
+        _pending.clear()  # one bad batch, one error
+        raise ValueError(error)
+
+
+def raise_device_errors() -> None:
+    """Waits for every pending CUDA index check of fasttl's ops and raises the first bad index
+    found as a ValueError naming the argument (a host sync: call it where one costs nothing, e.g.
+    at the end of an epoch). Without this, such an error surfaces at the next fasttl op call once
+    the GPU has run the call that received the index."""
+    if _pending and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        _raise_ready(wait=True)
+
+
+def _raise_reported(device: torch.device) -> None:
+    """At the start of an op on a sync-free device: the errors of earlier calls that are known."""
+    if _pending and not _capturing(device):
+        _raise_ready(wait=False)
+
+
+def _check_range(name: str, index: Tensor, limit: int, ignore_index: Optional[int] = None,
+                 replacement: Optional[int] = None) -> Tensor:
+    """Values in [0, limit) (or equal to ignore_index). Returns the index safe to hand to a kernel:
+    on a sync-free device, bad entries are replaced by `replacement` (default: ignore_index, else 0)."""
     if index.numel() == 0:
         return index
     bad = (index < 0) | (index >= limit)
     if ignore_index is not None:
         bad &= index != ignore_index
-    if index.device.type == "cuda":
-        # No host sync in the hot path: a device-side assert stops the stream before the kernel
-        # runs, and bad entries are redirected to a valid one so nothing is ever read out of bounds.
-        torch._assert_async(~bad.any(), f"{name}: index out of range [0, {limit})")
-        safe = 0 if ignore_index is None else ignore_index
-        return torch.where(bad, torch.full_like(index, safe), index)
+    allowed = f"[0, {limit})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+    if _checks_on_device(index):
+        _defer_error(bad.any(), f"{name}: an index out of range (expected values in {allowed}) reached a "
+                                f"{index.device.type} call, which used a valid one in its place (its result is "
+                                "wrong; nothing outside the tensors was touched)")
+        if replacement is None:
+            replacement = 0 if ignore_index is None else ignore_index
+        return torch.where(bad, torch.full_like(index, replacement), index)
     if bool(bad.any()):
-        allowed = f"[0, {limit})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
         raise ValueError(f"{name}: index {index[bad][:5].tolist()} out of range (expected values in {allowed})")
     return index
 
 
 def _check_unique(name: str, index: Tensor) -> None:
-    """Distinct values: two writes to one row race (OpenMP threads, CUDA blocks) and may mix."""
+    """Distinct values: two writes to one row race (OpenMP threads, CUDA blocks) and may mix.
+    Negative entries are rows the kernel skips (bad rows replaced by _check_range)."""
     if index.numel() < 2:
         return
     ordered = index.sort().values
     repeated = ordered[1:] == ordered[:-1]
-    if index.device.type == "cuda":
-        torch._assert_async(~repeated.any(), f"{name}: repeated row index")
+    if _checks_on_device(index):
+        _defer_error((repeated & (ordered[1:] >= 0)).any(),
+                     f"{name}: a row index repeated (expected distinct rows) in a {index.device.type} call; "
+                     "its rows may hold a mix of the repeated writes")
     elif bool(repeated.any()):
         raise ValueError(f"{name}: row {ordered[1:][repeated][:5].tolist()} repeated (expected distinct rows)")
 
@@ -196,6 +275,7 @@ def _distill_rows_kernel(student: Tensor, teacher: Tensor, target: Optional[Tens
     """Per-row distillation loss (fp32, shape (B,)) and its gradient w.r.t. the student logits
     (student dtype, shape (B, C)), computed in one native call."""
     _check_distill_rows(student, teacher, target, temperature, alpha)
+    _raise_reported(student.device)
     student = _unit_column_stride(student)
     teacher = _unit_column_stride(teacher)
     rows, classes = student.shape
@@ -273,12 +353,13 @@ def _address(t: Optional[Tensor]) -> int:
 
 def adam_step(*, params: Sequence[Tensor], grads: Sequence[Tensor], masters: Sequence[Optional[Tensor]],
               exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
-              max_exp_avg_sqs: Sequence[Optional[Tensor]], steps: Sequence[Tensor], lr: float, beta1: float,
-              beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool,
-              maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+              max_exp_avg_sqs: Sequence[Optional[Tensor]], steps: Sequence[Tensor], lr: Union[float, Tensor],
+              beta1: float, beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool,
+              amsgrad: bool, maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
     """One fused Adam/AdamW step, in place, over params of one device and dtype (one native
     call). The optimizer (fasttl/optim.py) has checked dtypes, shapes and contiguity; steps are
-    fp32 0-dim tensors on the params' device, already incremented."""
+    fp32 0-dim tensors on the params' device, already incremented. `lr` is a float, or a 0-dim
+    fp32 tensor on the params' device that the kernel reads itself (no host sync)."""
     if not params:
         return
     device = params[0].device
@@ -291,8 +372,9 @@ def adam_step(*, params: Sequence[Tensor], grads: Sequence[Tensor], masters: Seq
             [_address(t) for t in exp_avgs], [_address(t) for t in exp_avg_sqs],
             [_address(t) if amsgrad else 0 for t in max_exp_avg_sqs], [t.numel() for t in params],
             [_address(t) for t in steps], dtype_code(params[0]), dtype_code(grads[0]),
-            masters[0] is not None, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-            bool(decoupled_weight_decay), bool(amsgrad), bool(maximize), _address(grad_scale), _address(found_inf),
+            masters[0] is not None, 0.0 if isinstance(lr, Tensor) else float(lr), float(beta1), float(beta2),
+            float(eps), float(weight_decay), bool(decoupled_weight_decay), bool(amsgrad), bool(maximize),
+            _address(grad_scale), _address(found_inf), _address(lr) if isinstance(lr, Tensor) else 0,
             stream_handle(device),
         )
 
@@ -312,20 +394,38 @@ def _pool_store_kernel(src: Tensor, cache: Tensor, scales: Optional[Tensor], row
     """Average-pools src (N, C, H, W) or (N, C) over H*W, converts to cache's dtype (int8: with a
     per-row scale into `scales`) and writes cache[rows[i]] for each i."""
     _check_pool_store(src, cache, scales, rows)
-    rows = _check_range("rows", _as_int64(rows), cache.shape[0])
+    _raise_reported(src.device)
+    # A bad row becomes -1 on a sync-free device, which the kernels skip: no valid row is overwritten.
+    rows = _check_range("rows", _as_int64(rows), cache.shape[0], replacement=-1)
     _check_unique("rows", rows)
     # An input that is a view of an output would be read while it is written.
     if _shares_memory(src, cache) or _shares_memory(src, scales):
         src = src.clone()
     if _shares_memory(rows, cache) or _shares_memory(rows, scales):
         rows = rows.clone()
-    src = src.contiguous()
     n, channels = src.shape[0], src.shape[1]
     if n == 0 or (channels == 0 and scales is None):
         return  # nothing to write (an int8 cache still gets the scales of its empty rows)
+    src, strides = _pool_layout(src)
     hw = src[0, 0].numel() if channels else 1
-    _native_call(src.device, "pool_store", src.data_ptr(), dtype_code(src), n, channels, hw, cache.data_ptr(),
-                 dtype_code(cache), _address(scales), rows.data_ptr())
+    _native_call(src.device, "pool_store", src.data_ptr(), dtype_code(src), n, channels, hw, *strides,
+                 cache.data_ptr(), dtype_code(cache), _address(scales), rows.data_ptr())
+
+
+def _pool_layout(src: Tensor) -> Tuple[Tensor, Tuple[int, int, int]]:
+    """src and its (image, channel, pixel) element strides as the kernels read it. NCHW and
+    channels_last (what a backbone under channels_last returns) are read as they are; anything
+    else is copied to NCHW first. The strides are each format's canonical ones, which address the
+    same elements whatever strides torch reports for dims of size 1."""
+    channels = src.shape[1]
+    if src.dim() == 2:
+        src = src.contiguous()
+        return src, (channels, 1, 1)
+    hw = src.shape[2] * src.shape[3]
+    if not src.is_contiguous() and src.is_contiguous(memory_format=torch.channels_last):
+        return src, (hw * channels, 1, channels)
+    src = src.contiguous()
+    return src, (channels * hw, hw, 1)
 
 
 @_fake("pool_store")
@@ -341,6 +441,7 @@ pool_store = torch.ops.fasttl.pool_store.default
 def _gather_kernel(cache: Tensor, scales: Optional[Tensor], indices: Tensor, out_dtype: torch.dtype) -> Tensor:
     """out[i] = cache[indices[i]] dequantized to out_dtype (float32 or bfloat16), contiguous."""
     _check_gather(cache, scales, indices, out_dtype)
+    _raise_reported(cache.device)
     if cache.shape[0] == 0 and indices.numel():
         raise ValueError(f"indices: {indices.numel()} entries index an empty cache (expected none)")
     indices = _check_range("indices", _as_int64(indices), cache.shape[0])

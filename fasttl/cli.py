@@ -34,9 +34,59 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from fasttl.predict import format_predictions, predict
+    from fasttl.errors import OptionError
+    from fasttl.predict import format_predictions, predict, predict_run
 
-    print(format_predictions(args.images, predict(args.images, args.backbone, args.weights, args.top)))
+    if args.run is None:  # the backbone's ImageNet classes
+        unused = [flag for flag, value in (("--out", args.out), ("--batch-size", args.batch_size),
+                                           ("--overwrite", args.overwrite or None)) if value is not None]
+        if unused:
+            raise OptionError(f"run: {unused[0]} needs --run RUN (a trained run); without it predict shows the "
+                              "backbone's ImageNet classes")
+        from fasttl.backbones import DEFAULT
+
+        if args.top_k is not None and not 1 <= args.top_k <= 1000:
+            raise OptionError(f"top_k: expected 1..1000 ImageNet classes, got {args.top_k}")
+        print(format_predictions(args.images, predict(args.images, args.backbone or DEFAULT, args.weights,
+                                                      args.top_k or 5)))
+        return 0
+    if args.weights is not None or args.backbone is not None:
+        raise OptionError("run: --run predicts with the run's own model; drop --backbone and --weights")
+    result = predict_run(args.run, args.images, out=args.out, top_k=args.top_k or 1, device=args.device,
+                         batch_size=args.batch_size, on_error=args.on_error, overwrite=args.overwrite,
+                         progress=not args.no_progress)
+    if result["out"] is None:
+        sys.stdout.write(result["csv"])
+    else:
+        print(f"{result['rows']} predictions written to {result['out']}", file=sys.stderr)
+    if result["skipped"]:
+        shown = "; ".join(f"{path} ({why})" for path, why in result["skipped"][:5])
+        more = f" and {len(result['skipped']) - 5} more" if len(result["skipped"]) > 5 else ""
+        print(f"skipped {len(result['skipped'])} unreadable images: {shown}{more}", file=sys.stderr)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fasttl.export import VerificationError, export_onnx, run_instructions
+
+    try:
+        result = export_onnx(args.run_dir, args.out, image_size=args.image_size, opset=args.opset,
+                             overwrite=args.overwrite)
+    except VerificationError as exc:
+        print(f"fasttl: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    print(f"wrote {result['out']} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, {len(result['classes'])} "
+          f"classes, input {result['image_size']} x {result['image_size']})")
+    print(f"verified with ONNX Runtime on {result['images']} real images: max abs logit difference from torch "
+          f"{result['max_abs_diff']:.2e}")
+    print("\n".join(run_instructions(result)))
+    return 0
+
+
+def _cmd_data_fetch(args: argparse.Namespace) -> int:
+    from fasttl.data.fetch import fetch
+
+    fetch(args.name, url=args.url, sha256=args.sha256, dest=args.dest, progress=not args.no_progress)
     return 0
 
 
@@ -48,12 +98,25 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     summaries = extract(args.backbone, args.data, args.out, weights=args.weights, image_size=args.image_size,
                         dtype=args.dtype, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
                         shard_rows=args.shard_rows, backend=args.backend, progress=not args.no_progress,
-                        on_error=args.on_error)
+                        on_error=args.on_error, features=args.features, engine=args.engine,
+                        precision=args.extract_precision)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print("\n".join(format_summary(summaries)))
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def _add_extraction_options(parser: argparse.ArgumentParser) -> None:
+    """--features, --engine, --extract-precision of `fasttl extract`: the choices and help of the
+    run options of the same names (the default features here: the backbone's own, head)."""
+    from fasttl.transfer.config import option_metadata
+
+    for name, default in (("features", "head"), ("engine", "auto"), ("extract_precision", "auto")):
+        metadata = option_metadata(name)
+        choices = metadata["choices"]() if callable(metadata["choices"]) else metadata["choices"]
+        parser.add_argument("--" + name.replace("_", "-"), default=default, choices=choices,
+                            help=f"{metadata['help']} (default {default})")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -109,8 +172,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
             continue
         choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
         shown = "" if default is None else f" (default {default})"
+        optional = {"nargs": "?", "const": meta["const"]} if meta.get("const") is not None else {}
         parser.add_argument(flag, type=meta["kind"], choices=choices, metavar=meta["metavar"], default=None,
-                            help=meta["help"] + shown)
+                            help=meta["help"] + shown, **optional)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -162,15 +226,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="rebuild a cache built for something else")
     p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
                    help="an unreadable image: fail (default, names it) or skip (left out, listed in the manifest)")
+    _add_extraction_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
 
-    p = sub.add_parser("predict", help="top-5 ImageNet classes of images (checks that a backbone's weights loaded)")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="backbone name (default efficientnet_lite0)")
-    p.add_argument("--weights", metavar="FILE", help="state dict file, for backbones whose weights no package ships")
-    p.add_argument("--top", type=int, default=5, help="how many classes to show (default 5)")
+    p = sub.add_parser("predict", help="predict images with a trained run (--run), or show a backbone's ImageNet "
+                                       "top-5", description="With --run RUN: a CSV (path,predicted,confidence) of "
+                                       "the run's predictions for image files and folders (walked recursively). "
+                                       "Without: each image's top-5 ImageNet classes under --backbone.")
+    p.add_argument("images", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--run", metavar="RUN", help="a finished run folder (any strategy)")
+    p.add_argument("--out", metavar="FILE.csv", help="--run: write the CSV here (default: standard output)")
+    p.add_argument("--top-k", "--top", dest="top_k", type=int, metavar="K",
+                   help="--run: add the top2..topK classes and their confidences (default 1); without --run: how "
+                        "many ImageNet classes to show (default 5)")
+    p.add_argument("--device", default="cpu", help="--run: cpu or cuda (default cpu)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="--run: images per batch")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="--run: an unreadable image: fail (default, names it) or skip (left out, listed)")
+    p.add_argument("--overwrite", action="store_true", help="--run: replace an existing --out file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--backbone", help="without --run: backbone name (default efficientnet_lite0)")
+    p.add_argument("--weights", metavar="FILE", help="without --run: state dict file, for backbones whose weights no "
+                                                     "package ships")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a run's model to ONNX (images in [0, 1] to logits), verified with "
+                                      "ONNX Runtime")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    p.add_argument("--image-size", type=int, metavar="N", help="input height and width (default: the run's)")
+    p.add_argument("--opset", type=int, default=17, metavar="K", help="ONNX opset (default 17)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=_cmd_export)
+
+    from fasttl.data.fetch import REMOTES
+
+    p = sub.add_parser("data", help="data sets: fetch CIFAR-10 into $FASTTL_DATA")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    p.set_defaults(func=lambda args, parser=p: (parser.print_help(), 2)[1])
+    q = data_sub.add_parser("fetch", help="download, verify (SHA-256) and extract a data set (resumable)",
+                            description="Downloads the official archive with a progress bar, resumes a partial "
+                                        "download, checks the SHA-256, and extracts it safely into DEST/<folder> "
+                                        "(DEST: --dest, else $FASTTL_DATA, default ~/.cache/fasttl/data).",
+                            epilog="data sets: " + "; ".join(f"{r.name} ({r.url}, {r.size / 1e6:.0f} MB)"
+                                                            for r in REMOTES.values()))
+    q.add_argument("name", choices=list(REMOTES), metavar="NAME", help=" or ".join(REMOTES))
+    q.add_argument("--url", help="download from here instead (a mirror; needs --sha256)")
+    q.add_argument("--sha256", metavar="HEX", help="the SHA-256 the file must have (default: the official archive's)")
+    q.add_argument("--dest", metavar="DIR", help="where the data set's folder goes (default $FASTTL_DATA)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(func=_cmd_data_fetch)
 
     p = sub.add_parser("bench", help="time fasttl beside the PyTorch ways of doing the same")
     p.add_argument("names", nargs="+", metavar="NAME", choices=["distill", "adam", "cache", "data", "e2e", "all"],

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from fasttl import backbones
 from fasttl.cache import FeatureCache
 from fasttl.data import class_folder_splits
+from fasttl.errors import OptionError
 
 
 def init_distributed(device: str) -> torch.device:
@@ -28,10 +29,17 @@ def init_distributed(device: str) -> torch.device:
 def extract(backbone_name: str, data: str, out: str, *, weights: str = None, image_size: int = None,
             dtype: str = "fp16", batch_size: Optional[int] = None, device: str = "cpu", overwrite: bool = False,
             shard_rows: int = 4096, backend: str = "auto", progress: bool = True,
-            on_error: str = "fail") -> Dict[str, dict]:
+            on_error: str = "fail", features: str = "head", engine: str = "auto",
+            precision: str = "auto") -> Dict[str, dict]:
     """Builds one cache per split: OUT/train and OUT/test when DATA has train/ and test/, else OUT/all.
     ``on_error="skip"`` leaves out images that do not decode (listed in each manifest's "skipped"
-    and counted in the summary); ``"fail"`` (default) stops at the first, naming it."""
+    and counted in the summary); ``"fail"`` (default) stops at the first, naming it.
+    ``features``: "head" or "multi" (see `fasttl run --features`); ``engine`` and ``precision``:
+    see fasttl.cache.engines.resolve (an exported ONNX graph is kept in OUT for later builds)."""
+    from fasttl.transfer.caching import FEATURE_TAPS
+
+    if features not in FEATURE_TAPS:
+        raise OptionError(f"features: unknown {features!r}; choose from {', '.join(FEATURE_TAPS)}")
     torch_device = init_distributed(device)
     model = backbones.create(backbone_name, weights=weights)
     train, test = class_folder_splits(data)
@@ -40,7 +48,8 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     for name, source in splits.items():
         cache = FeatureCache.build(model, source, os.path.join(out, name), dtype=dtype, batch_size=batch_size,
                             device=torch_device, image_size=image_size, shard_rows=shard_rows, overwrite=overwrite,
-                            backend=backend, progress=progress, on_error=on_error)
+                            backend=backend, progress=progress, on_error=on_error, taps=FEATURE_TAPS[features],
+                            engine=engine, precision=precision, engine_dir=out)
         summaries[name] = dict(getattr(cache, "last_build", {}), rows=len(cache), directory=cache.directory)
     return summaries
 

@@ -79,8 +79,9 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
         student_logits: (B, C) float32, bfloat16 or float16; rows may be strided.
         teacher_logits: (B, C), same device; any of the same dtypes.
         target: optional (B,) int64/int32 class indices in [0, C) or ``ignore_index`` (any
-            stride). One out of range raises ValueError on the CPU; on CUDA it stops the stream
-            with a device-side assert, so the training loop needs no host sync for the check.
+            stride). One out of range raises ValueError on the CPU. On CUDA the check needs no
+            host sync: the row is left out on the device and the ValueError comes at the next
+            fasttl call once the GPU has run this one (or at fasttl._ops.raise_device_errors()).
         temperature: softening temperature T > 0.
         alpha: weight of the soft term, in [0, 1].
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.

@@ -59,16 +59,15 @@ class _FusedAdamBase(torch.optim.Optimizer):
                  foreach: Optional[bool] = None, fused: Optional[bool] = None, capturable: bool = False,
                  differentiable: bool = False):
         # torch.optim's keywords, so switching is a one-word change: fasttl is always one fused pass
-        # (foreach and fused change nothing); the other two ask for what it does not do.
+        # (foreach and fused change nothing); differentiable asks for what it does not do. A CUDA
+        # step never syncs with the host (step counts, a tensor lr and GradScaler's flags stay on
+        # the device), so capturable=True only adds torch's rule that the params be on CUDA.
         if differentiable:
             raise ValueError("differentiable: fasttl's fused step is not differentiable; use torch.optim.AdamW "
                              "for higher-order optimization")
-        if capturable:
-            raise ValueError("capturable: CUDA-graph capture of the step is not supported yet; pass "
-                             "capturable=False (the step needs no host sync unless lr is a CUDA tensor)")
         _check_hyperparameters(lr, betas, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
-                        maximize=bool(maximize), master_weights=master_weights)
+                        maximize=bool(maximize), master_weights=master_weights, capturable=bool(capturable))
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -83,6 +82,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
             if not _is_dense(p):
                 raise ValueError(f"params[{index}]: expected a contiguous or channels_last parameter "
                                  "(call .contiguous() on it)")
+            if group.get("capturable"):
+                _check_capturable(p.device, f"params[{index}]")
 
     @staticmethod
     def _uses_master(group: dict, p: Tensor) -> bool:
@@ -128,12 +129,14 @@ class _FusedAdamBase(torch.optim.Optimizer):
 
     def _step_bucket(self, group: dict, device: torch.device, params: List[Tensor], has_master: bool,
                      grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        if group.get("capturable"):
+            _check_capturable(device, "params")
         scale = None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32).to(device)
         # GradScaler sums the per-device flags for optimizers that take found_inf: any nonzero
         # means "skip", and the step count goes back by exactly one (a device op, no host sync).
         inf = None if found_inf is None else (found_inf.to(device=device) != 0).to(torch.float32)
-        if inf is not None and device.type != "cuda" and float(inf) != 0.0:
-            return  # skipped step: nothing moves, not even the step count
+        if inf is not None and not _ops._checks_on_device(inf) and float(inf) != 0.0:
+            return  # skipped step (host memory, read without a sync): nothing moves, not even the step count
         states = [self.state[p] for p in params]
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
@@ -146,7 +149,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
             exp_avg_sqs=[s["exp_avg_sq"] for s in states],
             max_exp_avg_sqs=[s.get("max_exp_avg_sq") for s in states],
             steps=steps,
-            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+            lr=_lr_for_kernel(group["lr"], device), beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled_weight_decay=self._decoupled_weight_decay,
             amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=scale, found_inf=inf,
         )
@@ -258,6 +261,22 @@ def _check_step(where: str, step) -> None:
         raise ValueError(f"{where}: is {step!r} (expected a finite step count >= 0)")
 
 
+def _check_capturable(device: torch.device, where: str) -> None:
+    # torch.optim refuses the same (an assertion in its step): a CUDA graph captures CUDA work only.
+    if device.type != "cuda":
+        raise ValueError(f"capturable: {where} on {device} (CUDA-graph capture needs CUDA params, as in "
+                         "torch.optim; pass capturable=False)")
+
+
+def _lr_for_kernel(lr, device: torch.device):
+    """A float, or for an lr tensor on the GPU a 0-dim fp32 tensor on the params' device that the
+    kernel reads itself: float() of it would wait for the GPU at every step, and could not be
+    captured in a CUDA graph. An lr tensor in host memory is read here (no sync)."""
+    if isinstance(lr, Tensor) and _ops._checks_on_device(lr):
+        return lr.detach().to(device=device, dtype=torch.float32).reshape(())
+    return float(lr)
+
+
 def _like_param(t: Tensor, p: Tensor) -> Tensor:
     """`t` with the param's strides (a copy only when they differ)."""
     if t.stride() == p.stride():
@@ -288,7 +307,11 @@ class AdamW(_FusedAdamBase):
     * ``torch.amp.GradScaler`` works with it: the kernel unscales the grads and skips the whole
       step when an inf/nan was found (on CUDA without a host sync).
     * torch.optim's ``foreach`` and ``fused`` keywords are accepted and change nothing (the step
-      is always one fused pass); ``differentiable=True`` and ``capturable=True`` are refused.
+      is always one fused pass); ``differentiable=True`` is refused.
+    * No host sync on CUDA: step counts stay on the device, a tensor ``lr`` on the GPU is read by
+      the kernel, and GradScaler's skip is decided on the device. ``capturable=True`` (CUDA params
+      only, as in torch.optim) lets the step be captured in a CUDA graph; give ``lr`` as a CUDA
+      tensor there if a scheduler is to change it between replays.
 
     Example::
 

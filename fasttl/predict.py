@@ -1,18 +1,298 @@
-"""`fasttl predict`: top-5 ImageNet classes of images, to check that a backbone's weights loaded."""
+"""Predicting with what fasttl trained.
+
+* `fasttl predict --run RUN PATH...` and `fasttl.load_run(RUN).predict(...)`: a finished run's
+  model on new images, rebuilt by its strategy's `load` (any strategy); it predicts the run's own
+  test images exactly as the run did (predictions.csv).
+* `fasttl predict --backbone NAME IMAGE...`: a backbone's top-5 ImageNet classes, to check that
+  its weights loaded.
+
+    model = fasttl.load_run("runs/cifar10-linear")
+    labels, probabilities = model.predict(["cat.jpg", "ship.png"])   # or a uint8 image tensor
+"""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import csv
+import io
+import os
+from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
+from torch import Tensor, nn
 
 from fasttl import backbones
+from fasttl.data.sources import IMAGE_EXTENSIONS, ON_ERROR, ArraySource, DataError, FileSource
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import decode, transform
+from fasttl.errors import OptionError
+
+
+class ImagesToLogits(nn.Module):
+    """float32 (N, 3, H, W) RGB in [0, 1] -> logits (N, classes): the backbone's normalization,
+    then the run's model. What `load_run(...).model` is and what `fasttl export` writes to ONNX."""
+
+    def __init__(self, module: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.module = module
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.module((images - self.mean) / self.std)
+
+
+def unit_range_spec(spec: TransformSpec, size: Optional[int] = None) -> TransformSpec:
+    """The same resize and center crop as `spec`, scaled to [0, 1] instead of normalized: the
+    input `ImagesToLogits` (and an exported ONNX graph) takes."""
+    size = size or spec.size
+    return TransformSpec(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), spec.crop_fraction)
+
+
+def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """(image files, [(path, why) passed over]): files as given, folders walked recursively in
+    sorted order for .jpg/.jpeg/.png files (hidden entries passed over). A path that does not
+    exist, or no image at all, is a DataError."""
+    files, ignored = [], []
+    for given in paths:
+        path = os.path.expanduser(os.fspath(given))
+        if os.path.isdir(path):
+            for folder, subfolders, names in os.walk(path):  # links to folders are not followed: no cycles
+                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+                for name in sorted(names):
+                    full = os.path.join(folder, name)
+                    if name.startswith("."):
+                        ignored.append((full, "hidden"))
+                    elif not name.lower().endswith(IMAGE_EXTENSIONS):
+                        ignored.append((full, "not a .jpg/.jpeg/.png file"))
+                    elif not os.path.isfile(full):
+                        ignored.append((full, "not a regular file (or a broken link)"))
+                    else:
+                        files.append(full)
+        elif os.path.isfile(path):
+            files.append(path)  # named explicitly: its content decides (a bad one is named when read)
+        elif os.path.lexists(path):
+            raise DataError(f"{path}: a broken link or not a regular file (give image files or folders)")
+        else:
+            raise DataError(f"{path}: no such file or folder (give image files or folders)")
+    if not files:
+        given = ", ".join(map(str, paths))[:300]
+        raise DataError(f"no .jpg/.jpeg/.png images in {given} (give image files or folders)")
+    return files, ignored
+
+
+def _as_uint8_images(images) -> np.ndarray:
+    """uint8 (N, H, W, 3) from a uint8 tensor or array (H, W, 3), (N, H, W, 3), (3, H, W) or (N, 3, H, W)."""
+    array = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+    if array.dtype != np.uint8:
+        raise OptionError(f"images: expected uint8 pixels (0..255), got {array.dtype}; for float images in [0, 1] "
+                          "call .model on them")
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or 3 not in (array.shape[3], array.shape[1]) or 0 in array.shape:
+        raise OptionError(f"images: expected shape (N, H, W, 3) or (N, 3, H, W), got {tuple(array.shape)}")
+    if array.shape[3] != 3:
+        array = array.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(array)
+
+
+class RunModel:
+    """A finished run's model, rebuilt on `device` by its strategy's `load`: what `fasttl.load_run`
+    returns.
+
+    * ``classes``: the class names, in the order of the logits.
+    * ``model``: an nn.Module from float32 (N, 3, H, W) RGB in [0, 1], resized and center-cropped
+      as ``input_spec`` says, to logits (the graph `fasttl export` writes).
+    * ``predict(images)``: (predicted class names, probabilities (N, classes)) for image files,
+      folders, or a uint8 image tensor; the same predictions as the run's predictions.csv.
+    """
+
+    def __init__(self, run_dir: str, device: Union[str, torch.device] = "cpu"):
+        from fasttl.transfer import registry
+        from fasttl.transfer.rundir import RunError, is_finished, read_config
+
+        self.run_dir = os.path.abspath(os.path.expanduser(os.fspath(run_dir)))
+        self.config = read_config(self.run_dir)
+        if not is_finished(self.run_dir):
+            raise RunError(f"{self.run_dir}: the run did not finish (no metrics.json); finish it with `fasttl run "
+                           "... --resume`, or train it again")
+        self.device = _device(device)
+        self.trained = registry.get(self.config["strategy"]).load(self.run_dir, self.device)
+        self.classes: List[str] = list(self.trained.classes)
+        self.spec: TransformSpec = self.trained.spec
+        self.input_spec = unit_range_spec(self.spec)
+        self.model = ImagesToLogits(self.trained.module, self.spec.mean, self.spec.std).to(self.device).eval()
+        self._features = None
+
+    def __repr__(self) -> str:
+        return f"RunModel({self.run_dir!r}, strategy={self.config['strategy']!r}, classes={self.classes})"
+
+    def _source(self, images) -> Union[FileSource, ArraySource]:
+        if isinstance(images, (FileSource, ArraySource)):
+            return images
+        if isinstance(images, (str, os.PathLike)):
+            images = [images]
+        if isinstance(images, (list, tuple)) and images and all(isinstance(p, (str, os.PathLike)) for p in images):
+            files, _ = image_files(images)
+            return FileSource([os.path.abspath(f) for f in files], [0] * len(files), list(self.classes))
+        array = _as_uint8_images(images)
+        return ArraySource(array, np.zeros(len(array), dtype=np.int64), list(self.classes), name="images")
+
+    @torch.no_grad()
+    def logits(self, images, batch_size: Optional[int] = None, progress: bool = False) -> Tensor:
+        """float32 logits (N, classes) on the CPU of image files, folders (recursively, sorted) or a
+        uint8 image tensor, computed as the run computed its test predictions."""
+        source = self._source(images)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise OptionError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        bar = None
+        from fasttl.transfer.strategies.feature import FeatureModel
+
+        feature_model = isinstance(self.trained, FeatureModel)
+        views = [False, True] if feature_model and self.trained.config.get("mirror_views") else [False]
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(source) * len(views), unit="img", desc="predict", dynamic_ncols=True)
+        try:
+            if feature_model:
+                return self._feature_logits(source, views, batch_size, bar)
+            return self._module_logits(source, batch_size or 64, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _feature_logits(self, source, views, batch_size, bar) -> Tensor:
+        # A feature model's run predicted from its feature cache: the same features, computed in
+        # memory (FeaturesInMemory), through the head, averaged over the views the run cached.
+        from fasttl.transfer.caching import Extraction, FeaturesInMemory
+
+        trained = self.trained
+        if self._features is None:
+            self._features = FeaturesInMemory(trained.backbone, Extraction.of(trained.config), self.device)
+        head = trained.head.eval()
+        outputs = []
+        for mirror in views:
+            features = self._features(source, mirror=mirror, batch_size=batch_size, progress=bar)
+            dtype = next(head.parameters()).dtype
+            outputs.append(torch.cat([head(features[i:i + 4096].to(dtype)).float().cpu()
+                                      for i in range(0, len(features), 4096)]))
+        return torch.stack(outputs).mean(0)
+
+    def _module_logits(self, source, batch_size: int, bar) -> Tensor:
+        from fasttl.data import ImageLoader
+
+        module = self.trained.module.eval()
+        dtype = next(module.parameters()).dtype
+        outputs = []
+        for images, _ in ImageLoader(source, self.spec, batch_size, device=self.device, dtype=dtype):
+            outputs.append(module(images).float().cpu())
+            if bar is not None:
+                bar.update(len(images))
+        return torch.cat(outputs)
+
+    def predict(self, images, batch_size: Optional[int] = None, progress: bool = False) -> Tuple[List[str], Tensor]:
+        """(predicted class name per image, probabilities float32 (N, classes)). `images`: a path,
+        a list of image files or folders (walked recursively, sorted), or a uint8 tensor
+        (H, W, 3), (N, H, W, 3), (3, H, W) or (N, 3, H, W), RGB. A file that does not decode is an
+        error naming it."""
+        probabilities = torch.softmax(self.logits(images, batch_size, progress), dim=1)
+        return [self.classes[i] for i in probabilities.argmax(1).tolist()], probabilities
+
+
+def _device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OptionError(f"device: expected cpu, cuda or cuda:N, got {device!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"device: {device} asked for, but torch sees no CUDA GPU; pass --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise OptionError(f"device: {device} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise OptionError(f"device: expected cpu, cuda or cuda:N, got {str(device)!r}")
+    return device
+
+
+def load_run(run_dir: str, device: Union[str, torch.device] = "cpu") -> RunModel:
+    """A finished run's model, ready to predict (see RunModel)."""
+    return RunModel(run_dir, device)
+
+
+def check_output_path(path: str, overwrite: bool, flag: str = "--out") -> str:
+    """An output file fasttl may write: a new file in an existing folder, or with `overwrite` a
+    plain file it replaces. A link, a folder or anything else there is refused, whatever the flag.
+    Checked before any work, so a mistake costs nothing."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    name = flag.lstrip("-").replace("-", "_")
+    if os.path.islink(path):
+        raise OptionError(f"{name}: {path} is a symbolic link; fasttl does not write through links (give another "
+                          f"{flag})")
+    if os.path.lexists(path):
+        if not os.path.isfile(path):
+            raise OptionError(f"{name}: {path} exists and is not a plain file (give another {flag})")
+        if not overwrite:
+            raise OptionError(f"{name}: {path} exists; pass --overwrite to replace it, or another {flag}")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise OptionError(f"{name}: the folder {parent} does not exist (create it, or give another {flag})")
+    return path
+
+
+def predictions_csv(paths: Sequence[str], probabilities: Tensor, classes: Sequence[str], top_k: int = 1) -> str:
+    """path,predicted,confidence[,top2,top2_confidence,...]: one row per image."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    header = ["path", "predicted", "confidence"]
+    for k in range(2, top_k + 1):
+        header += [f"top{k}", f"top{k}_confidence"]
+    writer.writerow(header)
+    values, indices = probabilities.topk(top_k, dim=1)
+    for path, vs, ids in zip(paths, values.tolist(), indices.tolist()):
+        row = [path]
+        for v, i in zip(vs, ids):
+            row += [classes[i], f"{v:.4f}"]
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None, top_k: int = 1,
+                device: str = "cpu", batch_size: Optional[int] = None, on_error: str = "fail",
+                overwrite: bool = False, progress: bool = True) -> dict:
+    """`fasttl predict --run`: predicts image files and folders, returns {"csv", "rows", "skipped",
+    "ignored", "out"}; the CSV is written to `out` when given. With on_error="skip", images that
+    do not decode are left out and returned (path, reason) in "skipped"."""
+    from fasttl.data import screen
+    from fasttl.files import write_atomic
+
+    if on_error not in ON_ERROR:
+        raise OptionError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    if out is not None:
+        out = check_output_path(out, overwrite)
+    files, ignored = image_files(paths)
+    model = load_run(run_dir, device)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= len(model.classes):
+        raise OptionError(f"top_k: expected 1..{len(model.classes)} (the run has {len(model.classes)} classes), "
+                          f"got {top_k!r}")
+    source = FileSource([os.path.abspath(f) for f in files], [0] * len(files), list(model.classes))
+    shown = dict(zip(source.files, files))  # the CSV names each image as the user's path led to it
+    if on_error == "skip":
+        try:
+            source = screen(source, on_error)
+        except DataError as exc:
+            raise DataError(f"{exc}; nothing to predict") from None
+    probabilities = torch.softmax(model.logits(source, batch_size, progress and len(source) > 64), dim=1)
+    text = predictions_csv([shown[f] for f in source.files], probabilities, model.classes, top_k)
+    if out is not None:
+        write_atomic(out, text.encode())
+    return {"csv": text, "rows": len(source), "skipped": list(source.skipped), "ignored": ignored, "out": out}
 
 
 @torch.no_grad()
 def predict(paths: Sequence[str], backbone_name: str = backbones.DEFAULT, weights: Optional[str] = None,
             top: int = 5) -> List[List[Tuple[str, float]]]:
+    """A backbone's top `top` ImageNet classes per image (`fasttl predict --backbone`)."""
     model = backbones.create(backbone_name, weights=weights).eval()
     spec = TransformSpec.for_backbone(model.preprocessing)
     batch = torch.stack([transform(decode(p), spec) for p in paths])
@@ -28,3 +308,7 @@ def format_predictions(paths: Sequence[str], predictions) -> str:
         lines.append(path)
         lines += [f"  {prob:6.1%}  {name}" for name, prob in preds]
     return "\n".join(lines)
+
+
+__all__ = ["ImagesToLogits", "RunModel", "check_output_path", "image_files", "load_run", "predict",
+           "predict_run", "predictions_csv", "unit_range_spec"]

@@ -54,11 +54,14 @@ def step(loss: torch.Tensor, optimizer, scheduler=None) -> None:
 
 def fit(model: nn.Module, optimizer, scheduler, epochs: int, train_epoch: Callable[[int], Record],
         evaluate: Optional[Callable[[], Record]] = None, *, seed: int = 0, checkpoint=None, resume: bool = False,
-        progress: bool = True, description: str = "train", extra_state: Optional[nn.Module] = None) -> List[Record]:
+        progress: bool = True, description: str = "train", extra_state: Optional[nn.Module] = None,
+        patience: Optional[int] = None) -> List[Record]:
     """Runs epochs [start, epochs): `train_epoch(epoch)` returns the epoch's train loss/accuracy
     (and "images"), `evaluate()` the eval loss/accuracy. Each epoch starts from a seed derived
     from (seed, epoch), so a resumed run repeats an uninterrupted one. `checkpoint` (an object
-    with save/load) receives model, optimizer, scheduler and history after every epoch."""
+    with save/load) receives model, optimizer, scheduler and history after every epoch.
+    `patience`: stop `patience` epochs after the best eval accuracy (early stopping on a
+    validation split; the caller keeps or retrains the best epoch)."""
     history: List[Record] = []
     start = 0
     if resume and checkpoint is not None:
@@ -83,6 +86,9 @@ def fit(model: nn.Module, optimizer, scheduler, epochs: int, train_epoch: Callab
         record: Record = {"epoch": epoch + 1}
         record.update(train_epoch(epoch))
         record["seconds"] = time.perf_counter() - started
+        record["lr"] = float(optimizer.param_groups[0]["lr"])  # where the schedule ended the epoch (first group)
+        if "images" in record:
+            record["images_per_s"] = record["images"] / max(record["seconds"], 1e-9)
         _check_finite(record, "train_loss", epoch, description, optimizer)
         if evaluate is not None:
             model.eval()
@@ -98,9 +104,16 @@ def fit(model: nn.Module, optimizer, scheduler, epochs: int, train_epoch: Callab
             bar.set_postfix({k.replace("_accuracy", "_acc"): f"{v:.3f}" for k, v in record.items()
                              if k.endswith(("loss", "accuracy"))})
             bar.update(1)
+        if patience is not None and evaluate is not None and _epochs_since_best(history) >= patience:
+            break
     if bar is not None:
         bar.close()
     return history
+
+
+def _epochs_since_best(history: List[Record]) -> int:
+    accuracies = [record["eval_accuracy"] for record in history]
+    return len(accuracies) - 1 - accuracies.index(max(accuracies))
 
 
 def _check_finite(record: Record, key: str, epoch: int, description: str, optimizer) -> None:

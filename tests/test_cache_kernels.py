@@ -274,16 +274,23 @@ def test_public_wrappers_take_strided_indices_and_refuse_repeated_rows():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
 @pytest.mark.parametrize("op", ["gather", "pool_store"])
-def test_cuda_out_of_range_index_stops_on_the_device_before_the_kernel(op):
-    # On CUDA the range check is a device-side assert (no host sync in the training loop): the
-    # process's CUDA context is lost, so this runs in a subprocess.
-    call = {"gather": "torch.ops.fasttl.gather(c, None, torch.tensor([0, 2**40], device='cuda'), torch.float32)",
-            "pool_store": "torch.ops.fasttl.pool_store(c[:2], c, None, torch.tensor([0, -1], device='cuda'))"}[op]
+def test_cuda_out_of_range_index_raises_named_without_a_host_sync(op):
+    # On CUDA the range check needs no host sync: a bad index is replaced on the device (a bad
+    # pool_store row writes nothing), and the named ValueError comes once the GPU has run the call;
+    # the CUDA context survives. A subprocess keeps this process clean.
+    call, name = {"gather": ("torch.ops.fasttl.gather(c, None, torch.tensor([0, 2**40], device='cuda'), "
+                             "torch.float32)", "indices"),
+                  "pool_store": ("torch.ops.fasttl.pool_store(c[:2].clone(), c, None, "
+                                 "torch.tensor([0, -1], device='cuda'))", "rows")}[op]
     code = ("import torch, fasttl\n"
-            "c = torch.randn(8, 4, device='cuda')\n"
+            "from fasttl import _ops\n"
+            "c = torch.randn(8, 4, device='cuda'); before = c.clone()\n"
+            f"{call}\n"
+            "torch.cuda.synchronize()\n"
             "try:\n"
-            f"    {call}; torch.cuda.synchronize()\n"
-            "except RuntimeError as e:\n"
-            "    print('CAUGHT', 'device-side assert' in str(e))\n")
+            "    _ops.raise_device_errors()\n"
+            "except ValueError as e:\n"
+            f"    print('CAUGHT', str(e).startswith('{name}: an index out of range'), "
+            "torch.equal(c[1:], before[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
-    assert "CAUGHT True" in proc.stdout, proc.stdout + proc.stderr
+    assert "CAUGHT True True" in proc.stdout, proc.stdout + proc.stderr

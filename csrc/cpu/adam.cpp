@@ -66,9 +66,11 @@ void adam_step_typed(const AdamArgs& a, const AdamHyper& h, float inv_scale) {
 void adam_step_cpu(const AdamArgs& a) {
   if (a.found_inf && *a.found_inf != 0.0f) return;
   const float inv_scale = a.grad_scale ? 1.0f / *a.grad_scale : 1.0f;
+  AdamHyper h = adam_hyper(a);
+  if (a.lr_tensor) h.lr = *a.lr_tensor;  // host memory here
   dispatch_adam(a, "adam_step_cpu", [&](auto p_tag, auto g_tag, auto master, auto amsgrad) {
     adam_step_typed<decltype(p_tag), decltype(g_tag), decltype(master)::value, decltype(amsgrad)::value>(
-        a, adam_hyper(a), inv_scale);
+        a, h, inv_scale);
   });
 }
 

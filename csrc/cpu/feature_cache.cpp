@@ -22,14 +22,28 @@ FASTTL_CPU_CLONES void pool_store_rows(const PoolStoreArgs& a) {
     std::vector<float> pooled(c);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < a.n; ++i) {
-      const storage_t<S>* row = src + i * c * hw;
-      if (hw == 1) {
-#pragma omp simd
-        for (int64_t ch = 0; ch < c; ++ch) pooled[ch] = load<S>(row[ch]);
-      } else {
-        for (int64_t ch = 0; ch < c; ++ch) pooled[ch] = plane_sum<S>(row + ch * hw, hw) * inv_hw;
-      }
       const int64_t r = a.rows[i];
+      if (r < 0) continue;  // a bad row, replaced by the sync-free range check: nothing is written
+      const storage_t<S>* row = src + i * a.image_stride;
+      if (hw == 1) {
+        for (int64_t ch = 0; ch < c; ++ch) pooled[ch] = load<S>(row[ch * a.channel_stride]);
+      } else if (a.channel_stride == 1) {
+        // channels_last: a pixel's channels are adjacent, so add whole pixels into the row's sums
+        // (vectorized over channels, the same order of adds as channel_sum).
+        std::fill(pooled.begin(), pooled.end(), 0.0f);
+        float* __restrict acc = pooled.data();
+        for (int64_t k = 0; k < hw; ++k) {
+          const storage_t<S>* __restrict pixel = row + k * a.hw_stride;
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) acc[ch] += load<S>(pixel[ch]);
+        }
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) acc[ch] *= inv_hw;
+      } else {
+        for (int64_t ch = 0; ch < c; ++ch) {
+          pooled[ch] = channel_sum<S>(row + ch * a.channel_stride, hw, a.hw_stride) * inv_hw;
+        }
+      }
       if constexpr (std::is_same_v<D, int8_t>) {
         float absmax = 0.0f;
 #pragma omp simd reduction(max : absmax)

@@ -1,5 +1,6 @@
 // CUDA launch of the fused distillation loss: one row per group of threads, the per-element
-// and per-row math from fasttl/distill.h.
+// and per-row math from fasttl/distill.h. Each row is read twice: once for the maxima and sums
+// together (online), once for the gradient.
 #include <limits>
 
 #include "fasttl/cuda_utils.cuh"
@@ -33,33 +34,49 @@ __global__ void distill_rows_kernel(DistillArgs a) {
     }
     const DistillParams p{inv_t, a.temperature, a.alpha, a.target != nullptr};
 
+    // Pass 1: each thread keeps its own running maxima and its sums relative to them, moving the
+    // sums onto a new maximum when one appears (online softmax, as the CPU loop does per stretch).
     float ms = -INFINITY, mt = -INFINITY;
+    DistillTerms part{0.0f, 0.0f, 0.0f, 0.0f};
     for (int64_t j = threadIdx.x; j < a.classes; j += kThreads) {
-      ms = fmaxf(ms, load<S>(s[j]));
-      mt = fmaxf(mt, load<T>(t[j]));
+      const float sj = load<S>(s[j]), tj = load<T>(t[j]);
+      if (sj > ms) {  // false for NaN, as fmaxf ignores it; the NaN still reaches the sums below
+        part.soft_student *= rescale(ms, sj, inv_t);
+        part.hard_student *= rescale(ms, sj, 1.0f);
+        ms = sj;
+      }
+      if (tj > mt) {
+        const float f = rescale(mt, tj, inv_t);
+        part.soft_teacher *= f;
+        part.teacher_gap *= f;
+        mt = tj;
+      }
+      const DistillTerms e = distill_terms(sj, tj, finite_ref(ms), finite_ref(mt), inv_t);
+      part.soft_student += e.soft_student;
+      part.soft_teacher += e.soft_teacher;
+      part.teacher_gap += e.teacher_gap;
+      part.hard_student += e.hard_student;
     }
-    ms = row_reduce<kThreads>(ms, MaxOp{}, scratch[0]);
-    mt = row_reduce<kThreads>(mt, MaxOp{}, scratch[1]);
-
-    DistillTerms sums{0.0f, 0.0f, 0.0f, 0.0f};
-    for (int64_t j = threadIdx.x; j < a.classes; j += kThreads) {
-      const DistillTerms e = distill_terms(load<S>(s[j]), load<T>(t[j]), ms, mt, inv_t);
-      sums.soft_student += e.soft_student;
-      sums.soft_teacher += e.soft_teacher;
-      sums.teacher_gap += e.teacher_gap;
-      sums.hard_student += e.hard_student;
-    }
-    sums.soft_student = row_reduce<kThreads>(sums.soft_student, SumOp{}, scratch[0]);
-    sums.soft_teacher = row_reduce<kThreads>(sums.soft_teacher, SumOp{}, scratch[1]);
-    sums.teacher_gap = row_reduce<kThreads>(sums.teacher_gap, SumOp{}, scratch[2]);
-    sums.hard_student = row_reduce<kThreads>(sums.hard_student, SumOp{}, scratch[3]);
+    // The row maxima, then every thread's sums moved onto them and added up.
+    const float row_ms = row_reduce<kThreads>(ms, MaxOp{}, scratch[0]);
+    const float row_mt = row_reduce<kThreads>(mt, MaxOp{}, scratch[1]);
+    const float fs = rescale(ms, row_ms, inv_t), fh = rescale(ms, row_ms, 1.0f), ft = rescale(mt, row_mt, inv_t);
+    DistillTerms sums;
+    sums.soft_student = row_reduce<kThreads>(part.soft_student * fs, SumOp{}, scratch[0]);
+    sums.soft_teacher = row_reduce<kThreads>(part.soft_teacher * ft, SumOp{}, scratch[1]);
+    sums.teacher_gap = row_reduce<kThreads>(part.teacher_gap * ft, SumOp{}, scratch[2]);
+    sums.hard_student = row_reduce<kThreads>(part.hard_student * fh, SumOp{}, scratch[3]);
+    ms = row_ms;
+    mt = row_mt;
 
     DistillGradCoef coef;
     const float s_target = p.hard ? load<S>(s[y]) : 0.0f;
     const float loss = distill_row_loss(sums, ms, mt, s_target, p, &coef);
     if (threadIdx.x == 0) a.loss_rows[i] = loss;
+    // Pass 2: the gradient, with the exps taken against the same references as the sums.
+    const float rs = finite_ref(ms), rt = finite_ref(mt);
     for (int64_t j = threadIdx.x; j < a.classes; j += kThreads) {
-      g[j] = store<S>(distill_grad(load<S>(s[j]), load<T>(t[j]), ms, mt, inv_t, coef, j == y));
+      g[j] = store<S>(distill_grad(load<S>(s[j]), load<T>(t[j]), rs, rt, inv_t, coef, j == y));
     }
   }
 }

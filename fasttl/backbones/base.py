@@ -44,6 +44,9 @@ class Backbone(nn.Module, abc.ABC):
     * ``classify(pooled)`` -> the original ImageNet logits (N, 1000), ``forward(x)`` the same from images
     * ``feature_dim``, ``preprocessing`` (:class:`Preprocessing`), ``stages()`` (feature blocks from
       input to output, for partial unfreezing and per-stage learning rates)
+    * ``forward_taps(x, taps)`` -> the feature maps of the last ``taps`` intermediate stages, then
+      the final one: what multi-stage features pool (``tap_channels()`` their channels, input to
+      output, the last being ``feature_dim``)
     """
 
     name: str = "backbone"
@@ -68,6 +71,26 @@ class Backbone(nn.Module, abc.ABC):
 
     def forward_pooled(self, x: Tensor) -> Tensor:
         return self.pool(self.forward_features(x))
+
+    def tap_channels(self) -> List[int]:
+        """Channels of each feature map `forward_taps` can return, from input to output; the last
+        is the final map's (`feature_dim`). A backbone without taps has only that one."""
+        return [self.feature_dim]
+
+    def check_taps(self, taps: int) -> None:
+        available = len(self.tap_channels()) - 1
+        if isinstance(taps, bool) or not isinstance(taps, int) or not 0 <= taps <= available:
+            raise OptionError(f"features: {self.name} has {available} intermediate stages to pool, asked for {taps!r}")
+
+    def forward_taps(self, x: Tensor, taps: int) -> List[Tensor]:
+        """The feature maps of the last `taps` intermediate stages, then the final feature map."""
+        self.check_taps(taps)
+        return [self.forward_features(x)]
+
+    def tapped_dim(self, taps: int) -> int:
+        """Width of the pooled multi-stage vector: the tapped stages' channels plus the final map's."""
+        self.check_taps(taps)
+        return sum(self.tap_channels()[-(taps + 1):])
 
     def classify(self, pooled: Tensor) -> Tensor:
         return self.classifier()(pooled)
@@ -112,6 +135,27 @@ class Backbone(nn.Module, abc.ABC):
             digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
         return digest.hexdigest()
+
+
+def pooled_taps(backbone: "Backbone", x: Tensor, taps: int = 0) -> Tensor:
+    """Images -> the pooled feature vector a feature cache stores: the global average of each
+    tapped map (the last `taps` intermediate stages, then the final map), concatenated in that
+    order. `taps=0` is the usual pooled features."""
+    maps = backbone.forward_taps(x, taps)
+    return torch.cat([backbone.pool(m) for m in maps], 1) if len(maps) > 1 else backbone.pool(maps[0])
+
+
+class PooledFeatures(nn.Module):
+    """`pooled_taps` as a module (what ONNX export traces)."""
+
+    def __init__(self, backbone: "Backbone", taps: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        self.taps = int(taps)
+        self.feature_dim = backbone.tapped_dim(self.taps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pooled_taps(self.backbone, x, self.taps)
 
 
 class CustomBackbone(Backbone):

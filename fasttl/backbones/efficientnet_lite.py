@@ -110,6 +110,22 @@ class EfficientNetLite(Backbone):
     def classifier(self) -> nn.Module:
         return nn.Sequential(self._dropout, self._fc)
 
+    def tap_channels(self) -> List[int]:
+        """The output channels of the seven block stages, then the head's 1280."""
+        return [self._blocks[end - 1]._project_conv.out_channels for end in self._stage_ends] + [self.feature_dim]
+
+    def forward_taps(self, x: Tensor, taps: int) -> List[Tensor]:
+        self.check_taps(taps)
+        tapped = set(self._stage_ends[len(self._stage_ends) - taps:])
+        maps = []
+        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
+        for i, block in enumerate(self._blocks, 1):
+            x = block(x)
+            if i in tapped:  # safe to keep: blocks write in place only into their own outputs
+                maps.append(x)
+        maps.append(F.relu6(self._bn1(self._conv_head(x)), inplace=True))
+        return maps
+
     def conv_bn_pairs(self):
         pairs = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
         for block in self._blocks:

@@ -92,6 +92,20 @@ class ResNet(Backbone):
     def classifier(self) -> nn.Module:
         return self.fc
 
+    def tap_channels(self) -> List[int]:
+        """The outputs of layer1 to layer3, then layer4's (`feature_dim`)."""
+        return [self.feature_dim // 8, self.feature_dim // 4, self.feature_dim // 2, self.feature_dim]
+
+    def forward_taps(self, x: Tensor, taps: int) -> List[Tensor]:
+        self.check_taps(taps)
+        maps = []
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i, layer in enumerate((self.layer1, self.layer2, self.layer3)):
+            x = layer(x)
+            if i >= 3 - taps:
+                maps.append(x)
+        return maps + [self.layer4(x)]
+
     def conv_bn_pairs(self):
         pairs = [(self, "conv1", "bn1")]
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):

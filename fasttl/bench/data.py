@@ -9,7 +9,8 @@ from typing import Dict, List, Tuple
 import torch
 
 from fasttl import backbones
-from fasttl.cache.build import default_batch_size, extraction_autocast, extraction_model
+from fasttl.cache import engines
+from fasttl.cache.build import default_batch_size, extraction_engine
 from fasttl.bench.common import format_table
 from fasttl.data import ImageLoader, TransformSpec, class_folder_splits, dali_available
 
@@ -26,17 +27,17 @@ def _images_per_second(loader: ImageLoader) -> float:
 
 
 @torch.no_grad()
-def _forward_images_per_second(model, size: int, device: str, repeats: int = 3) -> float:
-    """The forward feature extraction runs: batch norms folded, channels_last, its batch size,
-    bf16 autocast on GPU."""
+def _forward_images_per_second(backbone, size: int, device: str, repeats: int = 3) -> float:
+    """The forward feature extraction runs by default: its engine and precision on this device,
+    batch norms folded, its batch size."""
     device = torch.device(device)
     batch = default_batch_size(device)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    with extraction_autocast(device):
-        model.forward_pooled(x)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            model.forward_pooled(x)
+    engine = extraction_engine(backbone, device, *engines.resolve("auto", "auto", device), taps=0, image_size=size)
+    x = torch.randn(batch, 3, size, size, device=device)
+    engine(x)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        engine(x)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return batch * repeats / (time.perf_counter() - start)
@@ -47,16 +48,16 @@ def run(device: str = "cpu", quick: bool = False, data: str = None) -> Dict[str,
     _, test = class_folder_splits(root)
     count = 512 if quick else 4000
     source = test.subset(range(0, len(test), max(1, len(test) // count)))
-    model = extraction_model(backbones.create("efficientnet_lite0"), torch.device(device))
+    backbone = backbones.create("efficientnet_lite0")
     rows = []
     for size in ([128] if quick else [128, 224]):
-        spec = TransformSpec.for_backbone(model.preprocessing, size=size)
+        spec = TransformSpec.for_backbone(backbone.preprocessing, size=size)
         row = {"size": size, "images": len(source)}
         if dali_available():
             row["dali_ips"] = _images_per_second(ImageLoader(source, spec, 64, backend="dali", device=device,
                                                              num_threads=2))
         row["torch_ips"] = _images_per_second(ImageLoader(source, spec, 64, backend="torch", num_threads=2))
-        row["forward_ips"] = _forward_images_per_second(model, size, device, repeats=1 if quick else 3)
+        row["forward_ips"] = _forward_images_per_second(backbone, size, device, repeats=1 if quick else 3)
         rows.append(row)
     return {"name": "data", "device": device, "rows": rows, "notes": [
         f"{len(source)} CIFAR-10 test JPEGs (32x32) from {os.path.relpath(root)}, decoded, resized to the size, "

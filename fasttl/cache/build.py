@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from fasttl import files
 from fasttl._version import __version__
-from fasttl.cache import store
+from fasttl.cache import engines, store
 from fasttl.cache.format import mismatch_message, npy_header, storage_dtypes, to_numpy_storage, validate_manifest
 from fasttl.cache.store import CacheError
 from fasttl.cache.kernels import CACHE_DTYPES, pool_store
@@ -24,22 +24,29 @@ from fasttl.data import screen as screen_source
 from fasttl.data.sources import ArraySource, FileSource
 
 
-def compute_settings(device: torch.device) -> dict:
-    """How the backbone runs during extraction; part of the fingerprint, since it changes the bits."""
-    return {"device": device.type, "autocast": "bf16" if device.type == "cuda" else None,
-            "memory_format": "channels_last", "batchnorm": "folded"}
+def compute_settings(device: torch.device, engine: str = "auto", precision: str = "auto") -> dict:
+    """How the backbone runs during extraction (engine and precision resolved); part of the
+    fingerprint, since it changes the bits."""
+    engine, precision = engines.resolve(engine, precision, device)
+    return {"device": device.type, "engine": engine, "precision": precision, "memory_format": "channels_last",
+            "batchnorm": "folded"}
 
 
 def fingerprint(backbone, source: Union[FileSource, ArraySource], spec: TransformSpec, dtype: str, backend: str,
-                shard_rows: int, device: torch.device = torch.device("cpu")) -> dict:
-    """Everything the cache's content depends on; a cache only serves a request with an equal one."""
+                shard_rows: int, device: torch.device = torch.device("cpu"), taps: int = 0, engine: str = "auto",
+                precision: str = "auto") -> dict:
+    """Everything the cache's content depends on; a cache only serves a request with an equal one.
+    "layout" names the pooled maps each row concatenates, in order (the last `taps` stages, then
+    the backbone's final map) and their widths."""
+    channels = backbone.tap_channels()[-(taps + 1):]
     return {
-        "compute": compute_settings(device),
+        "compute": compute_settings(device, engine, precision),
         "backbone": {"name": backbone.name, "weights_sha256": backbone.weights_hash()},
+        "layout": {"taps": int(taps), "channels": [int(c) for c in channels]},
         "preprocessing": dict(spec.as_dict(), backend=backend),
         "dataset": {"identity": source.identity(), "count": len(source), "classes": list(source.classes)},
         "dtype": dtype,
-        "feature_dim": int(backbone.feature_dim),
+        "feature_dim": int(sum(channels)),
         "shard_rows": int(shard_rows),
         "fasttl_version": __version__,
         "format": store.FORMAT_VERSION,
@@ -53,9 +60,13 @@ def extraction_model(backbone, device: torch.device):
     return backbone.for_extraction().to(device, memory_format=torch.channels_last)
 
 
-def extraction_autocast(device: torch.device):
-    """bf16 autocast on GPU (as compute_settings records), none on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def extraction_engine(backbone, device: torch.device, engine: str, precision: str, taps: int, image_size: int,
+                      engine_dir: Optional[str] = None):
+    """The engine (resolved: see engines.resolve) over the extraction copy of `backbone`; an
+    exported ONNX graph is kept in `engine_dir` when given."""
+    name = engines.onnx_file_name(backbone, taps, image_size) if engine == "onnxruntime" else None
+    model = extraction_model(backbone, device)
+    return engines.create(engine, precision, model, taps, device, image_size, name, engine_dir)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -82,24 +93,50 @@ def _all_ranks_agree(ok: bool, message: str, world: int, error=CacheError) -> No
             raise error(rank_message)
 
 
+def store_maps(maps, cache: torch.Tensor, rows: torch.Tensor, scales: Optional[torch.Tensor]) -> None:
+    """Pools each map (N, C_k, H_k, W_k), or takes pooled (N, C_k) as it is, and stores their
+    concatenation in cache[rows]: one map straight into the cache; several each into an fp32
+    block of a row buffer first, so an int8 row gets one scale for the whole vector."""
+    if len(maps) == 1:
+        pool_store(maps[0], cache, rows, scales)
+        return
+    n = maps[0].shape[0]
+    pooled = torch.empty((n, sum(m.shape[1] for m in maps)), dtype=torch.float32, device=cache.device)
+    local = torch.arange(n, device=cache.device)
+    column = 0
+    for feature_map in maps:
+        block = torch.empty((n, feature_map.shape[1]), dtype=torch.float32, device=cache.device)
+        pool_store(feature_map, block, local)
+        pooled[:, column:column + block.shape[1]] = block
+        column += block.shape[1]
+    pool_store(pooled, cache, rows, scales)
+
+
 @torch.no_grad()
-def _extract_shard(backbone, source, spec, shard: int, shard_rows: int, dtype: torch.dtype, batch_size: int,
-                   device: torch.device, backend: str, progress) -> dict:
-    start = shard * shard_rows
-    stop = min(len(source), start + shard_rows)
-    rows = stop - start
-    features = torch.empty((rows, backbone.feature_dim), dtype=dtype, device=device)
+def extract_features(engine, source, spec, dtype: torch.dtype, feature_dim: int, batch_size: int,
+                     device: torch.device, backend: str = "auto", progress=None):
+    """(features (len(source), feature_dim) in the cache dtype, per-row scales for int8 or None),
+    on `device`: every image of `source` through `engine`, pooled and stored in order.
+    `progress`: a tqdm bar to advance."""
+    rows = len(source)
+    features = torch.empty((rows, feature_dim), dtype=dtype, device=device)
     scales = torch.empty(rows, dtype=torch.float32, device=device) if dtype == torch.int8 else None
-    loader = ImageLoader(source.subset(range(start, stop)), spec, batch_size, backend=backend, device=device)
     written = 0
-    for images, _ in loader:
-        with extraction_autocast(device):
-            feature_map = backbone.forward_features(images.contiguous(memory_format=torch.channels_last))
+    for images, _ in ImageLoader(source, spec, batch_size, backend=backend, device=device):
         n = images.shape[0]
-        pool_store(feature_map, features, torch.arange(written, written + n, device=device), scales)
+        store_maps(engine(images), features, torch.arange(written, written + n, device=device), scales)
         written += n
         if progress is not None:
             progress.update(n)
+    return features, scales
+
+
+def _extract_shard(engine, source, spec, shard: int, shard_rows: int, dtype: torch.dtype, feature_dim: int,
+                   batch_size: int, device: torch.device, backend: str, progress) -> dict:
+    start = shard * shard_rows
+    stop = min(len(source), start + shard_rows)
+    features, scales = extract_features(engine, source.subset(range(start, stop)), spec, dtype, feature_dim,
+                                        batch_size, device, backend, progress)
     return {"features": to_numpy_storage(features), "scales": None if scales is None else scales.cpu().numpy()}
 
 
@@ -210,9 +247,21 @@ def _all_ranks(flag: bool, world: int) -> bool:
 def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *, dtype: str = "fp16",
                 batch_size: Optional[int] = None, device: Union[str, torch.device] = "cpu",
                 image_size: Optional[int] = None, shard_rows: int = 4096, overwrite: bool = False,
-                backend: str = "auto", progress: bool = True, mirror: bool = False, on_error: str = "fail") -> dict:
-    """Runs the frozen ``backbone`` (eval, no grad, bf16 autocast on GPU) over ``data`` and stores
+                backend: str = "auto", progress: bool = True, mirror: bool = False, on_error: str = "fail",
+                taps: int = 0, engine: str = "auto", precision: str = "auto",
+                engine_dir: Optional[str] = None) -> dict:
+    """Runs the frozen ``backbone`` (eval, no grad, batch norms folded) over ``data`` and stores
     its pooled features, labels and sample ids in ``out_dir``.
+
+    * ``taps``: 0 stores the final feature map's pooled vector; K > 0 (multi-stage features)
+      stores the pooled maps of the last K intermediate stages and the final map, concatenated
+      (``backbone.tapped_dim(K)`` columns; the layout is in the fingerprint).
+    * ``engine``: ``"torch"``, ``"onnxruntime"`` (CPU: the folded backbone and its pooling
+      exported once, kept as ``.onnx`` beside the cache folder) or ``"auto"``; ``precision``
+      ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bf16 on CUDA, fp32 on the CPU): see
+      :func:`fasttl.cache.engines.resolve`. Both are in the fingerprint. ``engine_dir``: a folder
+      where the exported ONNX graph is kept for later builds (the run job's cache family folder,
+      `fasttl extract`'s --out); without one it is exported once per process (under a second).
 
     * ``dtype``: cache dtype, ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"int8"`` (per-row fp32 scale).
     * ``batch_size``: images per backbone call; default 32 on CPU (larger batches ran slower
@@ -248,7 +297,8 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     spec = TransformSpec.for_backbone(backbone.preprocessing, size=image_size, mirror=mirror)
     source, skipped = _screened(data, out_dir, on_error)
     resolved_backend = ImageLoader(source, spec, batch_size, backend=backend).backend
-    wanted = fingerprint(backbone, source, spec, dtype, resolved_backend, shard_rows, device)
+    backbone.check_taps(taps)
+    wanted = fingerprint(backbone, source, spec, dtype, resolved_backend, shard_rows, device, taps, engine, precision)
     labels = _check_labels(source)
     finished = _finished(out_dir, wanted, overwrite, world)  # read-only, without the lock
     if finished is not None:
@@ -267,8 +317,10 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
         if world > 1:
             dist.barrier()
         key = store.fingerprint_key(wanted)
+        run = dict(engine=wanted["compute"]["engine"], precision=wanted["compute"]["precision"], taps=taps,
+                   image_size=spec.size, engine_dir=engine_dir)
         result = _extract_missing(backbone, source, spec, out_dir, key, dtype, shard_rows, batch_size, device,
-                                  resolved_backend, progress, rank, world)
+                                  resolved_backend, progress, rank, world, run, wanted["feature_dim"])
         if rank == 0:
             screened = on_error == "skip" and isinstance(data, FileSource)
             screening = {"on_error": on_error, "source": data.identity()} if screened else None
@@ -325,21 +377,22 @@ def _take_lock(stack: contextlib.ExitStack, out_dir: str, rank: int, world: int)
 
 
 def _extract_missing(backbone, source, spec, out_dir: str, key: str, dtype: str, shard_rows: int, batch_size: int,
-                     device: torch.device, backend: str, progress: bool, rank: int, world: int) -> dict:
+                     device: torch.device, backend: str, progress: bool, rank: int, world: int, run: dict,
+                     feature_dim: int) -> dict:
     """Extracts this rank's shards (r, r + world, ...) that are not on disk yet; returns the
-    counts summed over ranks."""
+    counts summed over ranks. `run`: the resolved engine, precision, taps, size and .onnx path."""
     shards = math.ceil(len(source) / shard_rows)
     rows = [min(len(source), (s + 1) * shard_rows) - s * shard_rows for s in range(shards)]
     mine = [s for s in range(shards) if s % world == rank]
-    todo = [s for s in mine if not _shard_ready(out_dir, s, key, rows[s], dtype, int(backbone.feature_dim))]
+    todo = [s for s in mine if not _shard_ready(out_dir, s, key, rows[s], dtype, feature_dim)]
     images = sum(rows[s] for s in todo)
     bar = _progress_bar(images, rank, world) if progress and images else None
-    model = extraction_model(backbone, device) if todo else None
+    engine = extraction_engine(backbone, device, **run) if todo else None
     started, written_bytes = time.perf_counter(), 0
     try:
         for s in todo:
-            arrays = _extract_shard(model, source, spec, s, shard_rows, CACHE_DTYPES[dtype], batch_size, device,
-                                    backend, bar)
+            arrays = _extract_shard(engine, source, spec, s, shard_rows, CACHE_DTYPES[dtype], feature_dim, batch_size,
+                                    device, backend, bar)
             if arrays["scales"] is not None:
                 scale_bytes = store.npy_bytes(arrays["scales"])
                 files.write_atomic(os.path.join(out_dir, store.scales_file(s, key)), scale_bytes)

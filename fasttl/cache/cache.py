@@ -69,6 +69,15 @@ class FeatureCache:
         return cls(first.directory, manifest, torch.cat([c.features for c in caches]), scales,
                    torch.cat([c.labels for c in caches]), [s for c in caches for s in c.samples])
 
+    def subset(self, rows) -> "FeatureCache":
+        """The rows `rows` (indices into this cache, in that order) as an in-memory cache."""
+        rows = torch.as_tensor(rows, dtype=torch.int64)
+        index = rows.to(self.device)
+        manifest = dict(self.manifest, count=len(rows))
+        return FeatureCache(self.directory, manifest, self.features[index],
+                            None if self.scales is None else self.scales[index], self.labels[index],
+                            [self.samples[i] for i in rows.tolist()])
+
     # -- what it holds ----------------------------------------------------------------------
     def __len__(self) -> int:
         return self.features.shape[0]

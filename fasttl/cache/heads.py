@@ -102,12 +102,14 @@ def on_device(cache: FeatureCache, device: torch.device) -> FeatureCache:
 def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, batch_size: int = 256,
                lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0, device="cpu",
                eval_cache=None, progress: bool = True, checkpoint=None, resume: bool = False,
-               dtype: torch.dtype = torch.float32) -> Tuple[nn.Module, List[Dict[str, float]]]:
+               dtype: torch.dtype = torch.float32, patience: Optional[int] = None
+               ) -> Tuple[nn.Module, List[Dict[str, float]]]:
     """Trains a ``"linear"`` or ``"mlp"`` head on a feature cache with fasttl's AdamW and a
     one-cycle schedule on ``device`` (params in ``dtype``: bf16 gets fp32 master weights); returns
     the head and one record per epoch (train loss/accuracy, eval loss/accuracy when ``eval_cache``
     is given, a cache or a list of views of one split whose logits are averaged, seconds). With
-    ``checkpoint`` and ``resume`` an interrupted training continues where it stopped."""
+    ``checkpoint`` and ``resume`` an interrupted training continues where it stopped; with
+    ``patience`` it stops that many epochs after the best eval accuracy."""
     from fasttl.training import eval_record, fit, one_cycle
 
     torch.manual_seed(seed)
@@ -126,5 +128,5 @@ def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, b
 
     evaluate = (lambda: eval_record(*predict_views(head, views, device))) if views else None
     history = fit(head, optimizer, scheduler, epochs, train_epoch, evaluate, seed=seed, checkpoint=checkpoint,
-                  resume=resume, progress=progress, description=f"{kind} head")
+                  resume=resume, progress=progress, description=f"{kind} head", patience=patience)
     return head, history

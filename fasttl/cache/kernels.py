@@ -22,9 +22,10 @@ def _check_cache(cache) -> None:
 
 
 def _check_rows(name: str, rows: Tensor, count: int, limit: int, device: torch.device) -> None:
-    """Friendlier messages than the op's, and the range checked on the host on every device, so
-    a bad index raises ValueError here also on CUDA (one host sync; the op itself checks on the
-    device)."""
+    """Friendlier messages than the op's. The range is checked here on the host for CPU tensors;
+    on CUDA the op checks it without a host sync (extraction and the loader call these once per
+    batch) and reports a bad index as a ValueError under the same name, at the next fasttl call
+    after the GPU ran this one, or at fasttl._ops.raise_device_errors()."""
     if not isinstance(rows, Tensor) or rows.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name}: got {getattr(rows, 'dtype', type(rows).__name__)} (expected an int64 or int32 "
                         "tensor of row indices)")
@@ -32,7 +33,8 @@ def _check_rows(name: str, rows: Tensor, count: int, limit: int, device: torch.d
         raise ValueError(f"{name}: has shape {tuple(rows.shape)} (expected ({count},))")
     if rows.device != device:
         raise ValueError(f"{name}: is on {rows.device} (expected the cache's device, {device})")
-    if count and rows.device.type != "meta":  # meta tensors hold no values to check
+    # meta tensors hold no values to check
+    if count and rows.device.type != "meta" and not _ops._checks_on_device(rows):
         low, high = (int(v) for v in torch.stack(torch.aminmax(rows)).tolist())
         if low < 0 or high >= limit:
             raise ValueError(f"{name}: values span [{low}, {high}] (expected indices in [0, {limit}))")
@@ -63,7 +65,7 @@ def gather(cache: Tensor, indices: Tensor, scales: Optional[Tensor] = None,
            out_dtype: torch.dtype = torch.float32) -> Tensor:
     """Returns ``cache[indices]`` dequantized to ``out_dtype`` (float32 or bfloat16) as one
     contiguous (len(indices), C) batch, in one pass. ``indices``: 1-D int64 or int32 (any stride),
-    checked against the cache's size (one host sync on CUDA; the op alone checks on the device)."""
+    checked against the cache's size (on CUDA without a host sync, reported as _check_rows says)."""
     _check_cache(cache)
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"out_dtype: {out_dtype} is not supported (expected torch.float32 or torch.bfloat16)")

@@ -198,7 +198,7 @@ def _check_all(paths: Sequence[str], check, num_threads: Optional[int], stop_at_
 
 
 def skip_hint() -> str:
-    return ("remove it, or leave unreadable files out: --on-error skip (fasttl run, extract, eval), "
+    return ("remove it, or leave unreadable files out: --on-error skip (fasttl run, extract, eval, predict), "
             "fasttl.data.screen(source, on_error='skip') in Python")
 
 

@@ -4,32 +4,73 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from fasttl.cache import FeatureCache
 from fasttl.cache.cache import CacheError
+from fasttl.cache import engines
 from fasttl.cache.build import compute_settings
+from fasttl.errors import OptionError
 
 
 def cache_root() -> str:
     return os.path.expanduser(os.environ.get("FASTTL_CACHE_DIR", os.path.join("~", ".cache", "fasttl", "features")))
 
 
-def cache_dir(backbone, source, split: str, image_size: int, dtype: str, device="cpu") -> str:
-    """ROOT/<backbone>-<size>px-<dtype>-<device>-<weights>-<compute>/<split>-<dataset content hash>:
-    the splits of one dataset side by side, each keyed by its content, so any later run over the
-    same images (a subset run's test split, say) reuses it; caches made with other compute
-    settings (an older fasttl's) stay apart instead of clashing. The fingerprint in each manifest
-    still decides whether a cache found there may be used."""
+# --features: how many intermediate stages each cached vector pools beside the final map (see
+# Backbone.forward_taps). "multi" = 3 was chosen by measurement (benchmarks/RESULTS.md).
+FEATURE_TAPS = {"head": 0, "multi": 3}
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """How a run's features are extracted: what the cache's fingerprint (and folder) depend on
+    beside the backbone and the images."""
+
+    image_size: int
+    dtype: str = "fp16"
+    features: str = "head"
+    engine: str = "auto"
+    precision: str = "auto"
+
+    @classmethod
+    def of(cls, config) -> "Extraction":
+        """From a RunConfig or a run's config.json (runs from before these options: the defaults
+        of their time, head features)."""
+        get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+        return cls(get("image_size"), get("cache_dtype", "fp16"), get("features", "head"), get("engine", "auto"),
+                   get("extract_precision", "auto"))
+
+    @property
+    def taps(self) -> int:
+        if self.features not in FEATURE_TAPS:
+            raise OptionError(f"features: unknown {self.features!r}; choose from {', '.join(FEATURE_TAPS)}")
+        return FEATURE_TAPS[self.features]
+
+    def resolved(self, device) -> tuple:
+        """(engine, precision) as they run on `device`."""
+        return engines.resolve(self.engine, self.precision, torch.device(device))
+
+
+def cache_dir(backbone, source, split: str, extraction: Extraction, device="cpu") -> str:
+    """ROOT/<backbone>-<size>px-<dtype>-<features>-<device>-<weights>-<compute>/<split>-<dataset
+    content hash>: the splits of one dataset side by side, each keyed by its content, so any
+    later run over the same images (a subset run's test split, say) reuses it; caches made with
+    other compute settings (engine, precision, an older fasttl's) stay apart instead of
+    clashing. The fingerprint in each manifest still decides whether a cache found there may be
+    used."""
     device = torch.device(device)
-    compute = hashlib.sha256(json.dumps(compute_settings(device), sort_keys=True).encode()).hexdigest()[:6]
-    family = f"{backbone.name}-{image_size}px-{dtype}-{device.type}-{backbone.weights_hash()[:12]}-{compute}"
+    settings = compute_settings(device, extraction.engine, extraction.precision)
+    compute = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
+    family = (f"{backbone.name}-{extraction.image_size}px-{extraction.dtype}-{extraction.features}-{device.type}-"
+              f"{backbone.weights_hash()[:12]}-{compute}")
     return os.path.join(cache_root(), family, f"{split}-{source.identity()[:16]}")
 
 
-def cached_features(backbone, source, split: str, image_size: int, *, dtype: str = "fp16", batch_size: Optional[int] = None,
+def cached_features(backbone, source, split: str, extraction: Extraction, *, batch_size: Optional[int] = None,
                     device="cpu", progress: bool = True, mirror: bool = False,
                     rebuild_broken: bool = False) -> FeatureCache:
     """The cache of one split, built on first use (resuming an interrupted build) and reused after.
@@ -37,12 +78,44 @@ def cached_features(backbone, source, split: str, image_size: int, *, dtype: str
     `rebuild_broken` (`fasttl run --overwrite`): a cache found corrupt or built for something else
     is rebuilt instead of refused."""
     split = f"{split}-mirror" if mirror else split
-    directory = cache_dir(backbone, source, split, image_size, dtype, device)
-    options = dict(dtype=dtype, batch_size=batch_size, device=torch.device(device), image_size=image_size,
-                   progress=progress, mirror=mirror)
+    directory = cache_dir(backbone, source, split, extraction, device)
+    options = dict(dtype=extraction.dtype, batch_size=batch_size, device=torch.device(device),
+                   image_size=extraction.image_size, progress=progress, mirror=mirror, taps=extraction.taps,
+                   engine=extraction.engine, precision=extraction.precision,
+                   engine_dir=os.path.dirname(directory))
     try:
         return FeatureCache.build(backbone, source, directory, **options)
     except CacheError:
         if not rebuild_broken:
             raise
         return FeatureCache.build(backbone, source, directory, overwrite=True, **options)
+
+
+class FeaturesInMemory:
+    """The rows `cached_features` would store for a source, computed in memory and written
+    nowhere: the same engine, precision and taps, the same batches, the same rounding to the
+    cache dtype. Prediction uses it, so that a feature model predicts new images exactly as its
+    run predicted the test split through the cache, without leaving a cache behind for every
+    set of images it is shown."""
+
+    def __init__(self, backbone, extraction: Extraction, device="cpu"):
+        from fasttl.cache.build import extraction_engine
+
+        self.device = torch.device(device)
+        self.backbone, self.extraction = backbone, extraction
+        engine, precision = extraction.resolved(self.device)
+        self.engine = extraction_engine(backbone, self.device, engine, precision, extraction.taps,
+                                        extraction.image_size)
+        self.feature_dim = backbone.tapped_dim(extraction.taps)
+
+    def __call__(self, source, mirror: bool = False, batch_size: Optional[int] = None, progress=None) -> torch.Tensor:
+        """float32 (len(source), feature_dim) on the device; `progress`: a tqdm bar to advance."""
+        from fasttl.cache.build import default_batch_size, extract_features
+        from fasttl.cache.kernels import CACHE_DTYPES, gather
+        from fasttl.data import TransformSpec
+
+        spec = TransformSpec.for_backbone(self.backbone.preprocessing, size=self.extraction.image_size, mirror=mirror)
+        stored, scales = extract_features(self.engine, source, spec, CACHE_DTYPES[self.extraction.dtype],
+                                          self.feature_dim, batch_size or default_batch_size(self.device),
+                                          self.device, progress=progress)
+        return gather(stored, torch.arange(len(source), device=self.device), scales, torch.float32)

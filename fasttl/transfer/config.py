@@ -5,21 +5,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
+import torch
 from dataclasses import dataclass, field
 from typing import Optional
 
 from fasttl import backbones
 from fasttl.errors import OptionError
+from fasttl.cache import engines
+from fasttl.transfer.caching import FEATURE_TAPS
 from fasttl.transfer.datasets import BUILTIN
 
 MAX_IMAGE_SIZE = 1024
 
 
-def option(default, help: str, *, kind=None, choices=None, metavar: Optional[str] = None, cli: bool = True):
+def option(default, help: str, *, kind=None, choices=None, metavar: Optional[str] = None, cli: bool = True,
+           const=None):
     """A RunConfig field: `kind` is the value's type on the command line (str, int, float, bool
-    for a flag), `choices` a tuple or a callable returning one (looked up when asked)."""
+    for a flag), `choices` a tuple or a callable returning one (looked up when asked); `const`:
+    the value of the flag given without one (its value is then optional on the command line)."""
     kind = kind or type(default)
-    return field(default=default, metadata=dict(help=help, kind=kind, choices=choices, metavar=metavar, cli=cli))
+    return field(default=default, metadata=dict(help=help, kind=kind, choices=choices, metavar=metavar, cli=cli,
+                                                 const=const))
 
 
 def _strategies():
@@ -61,6 +68,13 @@ class RunConfig:
     precision: str = option("auto", "bf16 params with fp32 master weights, or fp32 (auto: bf16 on cuda, fp32 on "
                             "cpu)", choices=("auto", "fp32", "bf16"))
     cache_dtype: str = option("fp16", "feature cache dtype", choices=("fp16", "bf16", "fp32", "int8"))
+    features: str = option("multi", "linear/mlp/dann: what each cached vector holds: head (the backbone's final "
+                           "pooled features) or multi (beside them, the pooled outputs of its last three stages)",
+                           choices=lambda: tuple(FEATURE_TAPS))
+    engine: str = option("auto", "what runs the frozen backbone during extraction (auto: onnxruntime on the CPU "
+                         "when installed, else torch)", choices=engines.ENGINES)
+    extract_precision: str = option("auto", "extraction precision (auto: bf16 autocast on cuda, fp32 on the CPU; "
+                                    "bf16 features are about 3%% off fp32)", choices=engines.PRECISIONS)
     mirror_views: bool = option(False, "linear/mlp: also cache the mirrored images; train on both views, average "
                                 "them at test")
     temperature: float = option(4.0, "distill: softening temperature", metavar="T")
@@ -69,6 +83,11 @@ class RunConfig:
     overwrite: bool = option(False, "replace the run in --out (and rebuild a feature cache that fails its checks)")
     on_error: str = option("fail", "an unreadable image: fail (names it) or skip (left out, listed in skipped.csv)",
                            choices=("fail", "skip"))
+    download: bool = option(False, "cifar10: download it into $FASTTL_DATA when it is not there (as `fasttl data "
+                            "fetch cifar10`)")
+    tensorboard: Optional[object] = option(None, "also write TensorBoard scalars, into DIR/<run folder name> (no DIR: "
+                                           "the run folder's tensorboard/); needs pip install 'fasttl[tensorboard]'",
+                                           kind=str, metavar="DIR", const=True)
     progress: bool = option(True, "progress bars", cli=False)
 
     def resolved(self, native_size: int) -> "RunConfig":
@@ -82,8 +101,8 @@ class RunConfig:
             for name in each.requires:
                 if not getattr(self, name):
                     raise OptionError(f"{name}: --{'strategy' if each is strategy else 'compare'} {each.name} needs "
-                                      f"--{name.replace('_', '-')} {_metadata(name)['metavar']} "
-                                      f"({_metadata(name)['help']})")
+                                      f"--{name.replace('_', '-')} {option_metadata(name)['metavar']} "
+                                      f"({option_metadata(name)['help']})")
         if self.compare == self.strategy:
             raise OptionError(f"compare: --compare {self.compare} is the --strategy itself; compare with another "
                               "strategy, or pass --compare none")
@@ -108,6 +127,12 @@ class RunConfig:
                 raise OptionError(f"{f.name}: unknown {getattr(self, f.name)!r}; choose from {', '.join(choices)}")
 
     def _check_values(self) -> None:
+        if not (self.tensorboard is None or self.tensorboard is True or isinstance(self.tensorboard, str)
+                and self.tensorboard):
+            raise OptionError(f"tensorboard: expected a folder (a string) or True (the run folder), got "
+                              f"{self.tensorboard!r}")
+        if self.download and self.data != "cifar10":
+            raise OptionError("download: --download fetches only --data cifar10; drop it for other data")
         for name in ("data", "out", "weights", "teacher", "target_data"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -134,6 +159,7 @@ class RunConfig:
             raise OptionError("resume: --resume continues a run and --overwrite replaces it; pass one of them")
         if not (self.device == "cpu" or str(self.device).startswith("cuda")):
             raise OptionError(f"device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        engines.resolve(self.engine, self.extract_precision, torch.device(str(self.device).split(":")[0]))
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,7 +177,8 @@ def _check_unused(cfg: "RunConfig", trained) -> None:
                           f"drop it for --strategy {cfg.strategy}")
 
 
-def _metadata(name: str) -> dict:
+def option_metadata(name: str) -> dict:
+    """help, kind, choices, metavar of one run option (other commands reuse them)."""
     return {f.name: f.metadata for f in dataclasses.fields(RunConfig)}[name]
 
 

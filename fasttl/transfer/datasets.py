@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 
 from fasttl.data import ArraySource, DataError, FileSource, class_folder_splits, load_cifar_pickles, screen
+from fasttl.data.splits import stratified_split
 
 Source = Union[FileSource, ArraySource]
 EMBEDDED = "cifar10-mini"
@@ -56,18 +57,25 @@ def cifar10_location() -> str:
     return os.path.expanduser(os.environ.get("FASTTL_DATA", os.path.join("~", ".cache", "fasttl", "data")))
 
 
-def _cifar10() -> Dataset:
+def _cifar10(download: bool = False) -> Dataset:
     base = cifar10_location()
-    for candidate in (os.path.join(base, "cifar10"), os.path.join(base, "cifar-10-batches-py"), base):
+    candidates = (os.path.join(base, "cifar10"), os.path.join(base, "cifar-10-batches-py"), base)
+    if download and not any(os.path.isfile(os.path.join(c, "batches.meta")) or os.path.isdir(os.path.join(c, "train"))
+                            for c in candidates):
+        from fasttl.data.fetch import fetch
+
+        fetch("cifar10", dest=base)
+    for candidate in candidates:
         if os.path.isdir(os.path.join(candidate, "train")) and os.path.isdir(os.path.join(candidate, "test")):
             train, test = class_folder_splits(candidate)
             return Dataset("cifar10", train, test, native_size=32)
         if os.path.isfile(os.path.join(candidate, "batches.meta")):
             return Dataset("cifar10", load_cifar_pickles(candidate, True), load_cifar_pickles(candidate, False), 32)
     raise DataError(
-        f"data: CIFAR-10 not found under {base}. fasttl never downloads data: put CIFAR-10 there as class folders "
-        f"({base}/cifar10/train/<class>/*.jpg and .../test/...) or as the python pickles "
-        f"({base}/cifar-10-batches-py/), or set FASTTL_DATA to the folder that holds them, or pass --data DIR."
+        f"data: CIFAR-10 not found under {base}; fetch it with `fasttl data fetch cifar10` (170 MB, checksum "
+        f"verified) or add --download, or put it there yourself as class folders ({base}/cifar10/train/<class>/*.jpg "
+        f"and .../test/...) or as the python pickles ({base}/cifar-10-batches-py/), or set FASTTL_DATA to the folder "
+        "that holds them, or pass --data DIR"
     )
 
 
@@ -83,18 +91,6 @@ def _native_size(source: Source) -> int:
         except Exception:
             continue
     raise DataError(f"data: none of the first images under {source.root} opens as an image")
-
-
-def stratified_split(labels, test_fraction: float, seed: int):
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    train_idx, test_idx = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        cut = max(1, int(round(len(idx) * test_fraction))) if len(idx) > 1 else 0
-        test_idx += idx[:cut].tolist()
-        train_idx += idx[cut:].tolist()
-    return sorted(train_idx), sorted(test_idx)
 
 
 def per_class_subset(source: Source, per_class: int, seed: int) -> Source:
@@ -118,13 +114,15 @@ def _check_usable(dataset: Dataset, data: str) -> None:
 
 
 def load_dataset(data: Optional[str], seed: int = 0, train_per_class: Optional[int] = None,
-                 test_per_class: Optional[int] = None, on_error: str = "fail") -> Dataset:
+                 test_per_class: Optional[int] = None, on_error: str = "fail", download: bool = False) -> Dataset:
+    """The data set `data` names (see RunConfig.data). `download`: fetch CIFAR-10 into $FASTTL_DATA
+    when it is not there (`fasttl data fetch cifar10`); nothing else is ever downloaded."""
     if data in (None, EMBEDDED):
         dataset = _cifar10_mini()
     elif data == DIGITS:
         dataset = _digits()
     elif data == "cifar10":
-        dataset = _cifar10()
+        dataset = _cifar10(download)
     else:
         root = os.path.abspath(os.path.expanduser(data))
         train, test = class_folder_splits(root)

@@ -21,8 +21,8 @@ from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.files import write_atomic
-from fasttl.transfer.rundir import (RunError, clear_results, has_checkpoints, holds_run, is_finished, read_config,
-                                    write_config, write_metrics, write_predictions)
+from fasttl.transfer.rundir import (HISTORY, RunError, clear_results, has_checkpoints, holds_run, is_finished,
+                                    read_config, write_config, write_metrics, write_predictions)
 from fasttl.transfer import registry
 from fasttl.transfer.registry import Outcome
 
@@ -43,7 +43,7 @@ def _init_distributed(cfg: RunConfig) -> bool:
 
 
 # Options that don't change what a run computes: a resumed run may differ in these.
-_NOT_COMPARED = ("resume", "overwrite", "progress", "out", "device", "on_error")
+_NOT_COMPARED = ("resume", "overwrite", "progress", "out", "device", "on_error", "download", "tensorboard")
 
 
 def run_identity(cfg: RunConfig, dataset) -> Dict[str, object]:
@@ -116,6 +116,15 @@ def preflight(cfg: RunConfig) -> None:
         path = getattr(cfg, name)
         if path is not None and not os.path.isdir(os.path.expanduser(path)):
             raise OptionError(f"{name}: {os.path.abspath(os.path.expanduser(path))} is not a folder")
+    if cfg.tensorboard is not None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
+        except ImportError:
+            raise OptionError("tensorboard: --tensorboard needs the tensorboard package; install it with pip install "
+                              "'fasttl[tensorboard]', or drop --tensorboard") from None
+        if isinstance(cfg.tensorboard, str) and os.path.lexists(os.path.expanduser(cfg.tensorboard)) \
+                and not os.path.isdir(os.path.expanduser(cfg.tensorboard)):
+            raise OptionError(f"tensorboard: {os.path.abspath(os.path.expanduser(cfg.tensorboard))} is not a folder")
 
 
 def write_skipped(run_dir: str, skipped) -> None:
@@ -136,7 +145,8 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
     owns_process_group = _init_distributed(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
     preflight(cfg.resolved(0))  # option errors first, before any data is read or any folder made
-    dataset = load_dataset(cfg.data, cfg.seed, cfg.train_per_class, cfg.test_per_class, on_error=cfg.on_error)
+    dataset = load_dataset(cfg.data, cfg.seed, cfg.train_per_class, cfg.test_per_class, on_error=cfg.on_error,
+                           download=cfg.download)
     cfg = cfg.resolved(dataset.native_size)
     torch.manual_seed(cfg.seed)
     run_dir = choose_run_dir(cfg, dataset.name)
@@ -164,9 +174,15 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
             print(f"passed over {len(dataset.ignored)} entries of the data folder: {shown}{more} (listed in "
                   "metrics.json under \"ignored\")", flush=True)
     device = torch.device(cfg.device)
+    board = tensorboard_dir(cfg, run_dir) if rank == 0 else None
     outcomes: List[Outcome] = registry.get(cfg.strategy).train(cfg, dataset, run_dir, device)
+    if board:
+        write_tensorboard(board, outcomes, dataset.classes)  # each model's curves as soon as it has trained
     if cfg.compare != "none" and cfg.compare != cfg.strategy:
-        outcomes += registry.get(cfg.compare).train(cfg, dataset, run_dir, device)
+        compared = registry.get(cfg.compare).train(cfg, dataset, run_dir, device)
+        if board:
+            write_tensorboard(board, compared, dataset.classes)
+        outcomes += compared
     if owns_process_group:
         dist.barrier()
         dist.destroy_process_group()
@@ -177,6 +193,63 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
     if cfg.progress if print_summary is None else print_summary:
         print(summary(run_dir, results, outcomes[0].name, dataset))
     return payload
+
+
+def tensorboard_dir(cfg: RunConfig, run_dir: str):
+    """Where --tensorboard writes: DIR/<run folder name>, or RUN_DIR/tensorboard; None without it."""
+    if cfg.tensorboard is None:
+        return None
+    if cfg.tensorboard is True:
+        return os.path.join(run_dir, "tensorboard")
+    return os.path.join(os.path.abspath(os.path.expanduser(cfg.tensorboard)), os.path.basename(run_dir))
+
+
+def _scalar_tag(key: str) -> str:
+    """History keys as TensorBoard tags, grouped by what they measure: train_loss -> loss/train."""
+    for metric in ("loss", "accuracy"):
+        if key.endswith("_" + metric):
+            return f"{metric}/{key[:-len(metric) - 1]}"
+    return {"lr": "lr", "images_per_s": "throughput/images_per_s", "seconds": "time/epoch_s"}.get(key, f"other/{key}")
+
+
+def write_tensorboard(log_dir: str, outcomes: List[Outcome], classes) -> None:
+    """Scalars of each model (a sub-folder per model, so TensorBoard overlays them): per epoch the
+    history's loss, accuracy, lr, throughput and validation metrics; after the last epoch the
+    test accuracy and macro F1."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for outcome in outcomes:
+        with SummaryWriter(os.path.join(log_dir, outcome.name)) as writer:
+            epoch = 0
+            for record in outcome.history:
+                epoch = int(record.get("epoch", epoch + 1))
+                for key, value in record.items():
+                    if key not in ("epoch", "images") and isinstance(value, (int, float)):
+                        writer.add_scalar(_scalar_tag(key), float(value), epoch)
+            metrics = classification_metrics(outcome.logits, outcome.labels, classes)
+            writer.add_scalar("test/accuracy", float(metrics["accuracy"]), epoch)
+            writer.add_scalar("test/macro_f1", float(metrics["macro_f1"]), epoch)
+
+
+def history_csv(outcomes: List[Outcome]) -> bytes:
+    """history.csv: one row per epoch per model, the union of the models' history columns."""
+    columns: List[str] = []
+    for outcome in outcomes:
+        for record in outcome.history:
+            columns += [k for k in record if k not in columns and k != "epoch"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["model", "epoch", *columns])
+    for outcome in outcomes:
+        for record in outcome.history:
+            writer.writerow([outcome.name, record.get("epoch", "")] + [_csv_value(record.get(k)) for k in columns])
+    return buffer.getvalue().encode()
+
+
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    return repr(float(value)) if isinstance(value, float) else str(value)
 
 
 def world_size() -> int:
@@ -204,6 +277,7 @@ def _write_results(run_dir: str, cfg: RunConfig, config: dict, dataset, outcomes
                             for name, r in results.items() if name != main})
     write_predictions(run_dir, outcomes[0].logits, outcomes[0].labels, dataset.classes,
                       outcomes[0].samples or dataset.test.sample_ids())
+    write_atomic(os.path.join(run_dir, HISTORY), history_csv(outcomes))
     report.plot_confusion_matrix(results[main]["metrics"], os.path.join(run_dir, "confusion_matrix.png"),
                                  results[main]["display"])
     report.plot_curves({r["display"]: r["history"] for r in results.values()}, os.path.join(run_dir, "curves.png"))

@@ -26,15 +26,20 @@ class SmallCNN(nn.Module):
 
 
 class BackboneWithHead(nn.Module):
-    """A backbone's pooled features into a new head: the fine-tuned (or feature-transfer) model."""
+    """A backbone's pooled features into a new head: the fine-tuned (or feature-transfer) model.
+    `taps` > 0: multi-stage features (the pooled maps of the last `taps` stages and the final
+    map, concatenated, as the feature cache stores them)."""
 
-    def __init__(self, backbone, head: nn.Module):
+    def __init__(self, backbone, head: nn.Module, taps: int = 0):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.taps = int(taps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.backbone.forward_pooled(x))
+        from fasttl.backbones.base import pooled_taps
+
+        return self.head(pooled_taps(self.backbone, x, self.taps))
 
 
 class _ReverseGradient(torch.autograd.Function):

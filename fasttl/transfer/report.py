@@ -41,23 +41,51 @@ def plot_confusion_matrix(metrics: Dict[str, object], path: str, title: str) -> 
     _save(fig, path)
 
 
+# Which records a curve shows, and how: the validation curve is what choices are made on; a
+# strategy's per-epoch test curve (where it keeps one) is drawn, labelled as used for none.
+_CURVES = (("train", "-", "train"), ("val", "--", "validation"), ("eval", ":", "test, not used for any choice"))
+
+
+def _groups(history: List[Dict[str, float]]) -> Dict[str, List[Dict[str, float]]]:
+    """Records split by the setting they were trained with (an MLP head's weight decays)."""
+    groups: Dict[str, List[Dict[str, float]]] = {}
+    for record in history:
+        key = f" wd={record['weight_decay']:g}" if "weight_decay" in record else ""
+        groups.setdefault(key, []).append(record)
+    return groups
+
+
 def plot_curves(histories: Dict[str, List[Dict[str, float]]], path: str) -> None:
+    """Loss and accuracy per epoch; records without epochs (the linear head's regularization
+    path) in a third panel, validation accuracy against the L2 strength."""
     plt = _plt()
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    paths = {name: h for name, h in histories.items() if h and "epoch" not in h[0] and "weight_decay" in h[0]}
+    fig, axes = plt.subplots(1, 3 if paths else 2, figsize=(15 if paths else 10, 4))
+    loss_ax, acc_ax = axes[0], axes[1]
     for name, history in histories.items():
-        if not history:
+        if not history or name in paths:
             continue
-        epochs = [h["epoch"] for h in history]
-        for key, style in (("train", "-"), ("eval", "--")):
-            if f"{key}_loss" in history[0]:
-                loss_ax.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=f"{name} {key}")
-            if f"{key}_accuracy" in history[0]:
-                acc_ax.plot(epochs, [h[f"{key}_accuracy"] for h in history], style, label=f"{name} {key}")
+        for setting, records in _groups(history).items():
+            epochs = [h["epoch"] for h in records]
+            for key, style, label in _CURVES:
+                if f"{key}_loss" in records[0]:
+                    loss_ax.plot(epochs, [h[f"{key}_loss"] for h in records], style, label=f"{name}{setting} {label}")
+                if f"{key}_accuracy" in records[0]:
+                    acc_ax.plot(epochs, [h[f"{key}_accuracy"] for h in records], style,
+                                label=f"{name}{setting} {label}")
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss per epoch")
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy per epoch", ylim=(0, 1))
-    for ax in (loss_ax, acc_ax):
+    if paths:
+        path_ax = axes[2]
+        for name, history in paths.items():
+            path_ax.plot([h["weight_decay"] for h in history], [h["val_accuracy"] for h in history], "o-",
+                         label=f"{name} validation")
+        path_ax.set(xscale="log", xlabel="L2 strength (weight decay)", ylabel="validation accuracy",
+                    title="linear head: regularization path")
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
 
@@ -71,6 +99,24 @@ def _save(fig, path: str) -> None:
     write_atomic(path, buffer.getvalue())
 
 
+def _choices(results: Dict[str, Dict[str, object]]) -> List[str]:
+    """What each model chose on its validation split (never on test)."""
+    lines = []
+    for name, result in results.items():
+        choice = (result.get("notes") or {}).get("choice")
+        if not choice:
+            continue
+        validation = choice.get("validation", {})
+        settings = ", ".join(f"{key.replace('_', ' ')} {value:g}" if isinstance(value, float) else
+                             f"{key.replace('_', ' ')} {value}" for key, value in choice.items()
+                             if key in ("weight_decay", "epochs"))
+        lines += [f"- **{name}**: {settings}, chosen on {validation.get('validation_images', '?')} validation "
+                  f"images ({validation.get('fraction', 0):.0%} of each class, seed {validation.get('seed', '?')}): "
+                  f"validation accuracy {choice.get('val_accuracy', float('nan')):.4f}; then refit on "
+                  f"{choice.get('refit_on', 'train')}. The test split was evaluated once, at the end."]
+    return ["", "## Choices made on validation", ""] + lines if lines else []
+
+
 def write_report(run_dir: str, config: Dict[str, object], results: Dict[str, Dict[str, object]],
                  dataset_line: str, main: str) -> None:
     """report.md: the run's configuration, a table of each trained model beside the others
@@ -79,7 +125,8 @@ def write_report(run_dir: str, config: Dict[str, object], results: Dict[str, Dic
     lines = [f"# fasttl run: {main}", "", dataset_line, "",
              f"Backbone `{config.get('backbone')}`, image size {config.get('image_size')} px, "
              f"{config.get('epochs')} epochs, batch {config.get('batch_size')}, lr {config.get('lr')}, "
-             f"seed {config.get('seed')}, device {config.get('device')}.", "",
+             f"seed {config.get('seed')}, device {config.get('device')}, features {config.get('features', 'head')}.",
+             "",
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key, label in (("accuracy", "top-1 accuracy"), ("macro_f1", "macro F1"), ("loss", "test loss")):
         lines.append(f"| {label} | " + " | ".join(f"{results[n]['metrics'][key]:.4f}" for n in names) + " |")
@@ -96,5 +143,6 @@ def write_report(run_dir: str, config: Dict[str, object], results: Dict[str, Dic
     for c in classes:
         lines.append(f"| {c} | " + " | ".join(f"{results[n]['metrics']['per_class_recall'][c]:.3f}" for n in names)
                      + " |")
+    lines += _choices(results)
     lines += ["", "![confusion matrix](confusion_matrix.png)", "", "![curves](curves.png)", ""]
     write_atomic(os.path.join(run_dir, "report.md"), "\n".join(lines).encode())

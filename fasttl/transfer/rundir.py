@@ -16,9 +16,10 @@ from fasttl.files import read_json, write_atomic, write_json_atomic
 CONFIG = "config.json"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.csv"
+HISTORY = "history.csv"   # one row per epoch per model
 CHECKPOINT = "checkpoint.pt"
 # What a run writes besides its config: the files an --overwrite removes, and nothing else.
-RESULT_FILES = (METRICS, PREDICTIONS, "report.md", "confusion_matrix.png", "curves.png", "eval_metrics.json",
+RESULT_FILES = (METRICS, PREDICTIONS, HISTORY, "report.md", "confusion_matrix.png", "curves.png", "eval_metrics.json",
                 "skipped.csv", "teacher_logits.safetensors")
 
 

@@ -11,11 +11,13 @@
 
 namespace fasttl {
 
-// Sum of one channel's H*W plane, accumulated in fp32; the caller multiplies by 1 / (H*W).
+// Sum of one channel's H*W values, `stride` apart (1 in NCHW, C in channels_last), accumulated
+// in fp32 in pixel order; the caller multiplies by 1 / (H*W). The CPU's NHWC loop adds in the same
+// order, so both layouts give the same bits.
 template <typename T>
-FASTTL_HD float plane_sum(const storage_t<T>* plane, int64_t hw) {
+FASTTL_HD float channel_sum(const storage_t<T>* first, int64_t hw, int64_t stride) {
   float sum = 0.0f;
-  for (int64_t k = 0; k < hw; ++k) sum += load<T>(plane[k]);
+  for (int64_t k = 0; k < hw; ++k) sum += load<T>(first[k * stride]);
   return sum;
 }
 

@@ -52,6 +52,8 @@ struct AdamArgs {
   bool decoupled_weight_decay, amsgrad, maximize;
   const float* grad_scale;     // grads are divided by *grad_scale; nullptr for none
   const float* found_inf;      // step skipped when *found_inf != 0; nullptr for none
+  const float* lr_tensor;      // when set, lr is read here at run time (a tensor lr: no host read,
+                               // so a CUDA step stays sync-free and graph-capturable); else `lr`
 };
 
 // On the CPU every pointer, steps and grad_scale/found_inf included, is host memory; on CUDA all
@@ -60,13 +62,17 @@ void adam_step_cpu(const AdamArgs& args);
 void adam_step_cuda(const AdamArgs& args, void* stream);
 
 // ---- feature cache ------------------------------------------------------------------------
-// pool_store: rows of `src` (N, C, HW) contiguous (HW = 1 for pooled features) are averaged over
-// HW, converted to the cache dtype and written to cache rows rows[i] (row stride C). For int8
-// caches `scales` (fp32, one per cache row) receives each row's scale.
+// pool_store: rows of `src` (N, C, HW) (HW = 1 for pooled features) are averaged over HW,
+// converted to the cache dtype and written to cache rows rows[i] (row stride C). For int8 caches
+// `scales` (fp32, one per cache row) receives each row's scale. Element (i, ch, k) of src sits at
+// i * image_stride + ch * channel_stride + k * hw_stride: NCHW is (C*HW, HW, 1), channels_last
+// (NHWC) is (HW*C, 1, C), read as they are. A negative rows[i] skips row i: the sync-free CUDA
+// range check puts -1 in place of a bad row (fasttl/_ops.py), so that nothing is overwritten.
 struct PoolStoreArgs {
   const void* src;
   int src_dtype;
   int64_t n, channels, hw;
+  int64_t image_stride, channel_stride, hw_stride;
   void* cache;
   int cache_dtype;   // kFloat32, kFloat16, kBFloat16 or kInt8
   float* scales;     // int8 only

@@ -17,7 +17,7 @@ from fasttl.cache.heads import evaluate_head, feature_statistics, on_device
 from fasttl.data import DataError, class_folder_splits
 from fasttl.optim import AdamW
 from fasttl.training import EpochStats, fit, one_cycle, step
-from fasttl.transfer.caching import cached_features
+from fasttl.transfer.caching import Extraction, cached_features
 from fasttl.transfer.models import DANN
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
@@ -112,8 +112,8 @@ class Dann(Strategy):
         caches = feature_caches(cfg, backbone, ds)
         target = target_source(cfg.target_data, ds.classes)
         started = time.perf_counter()
-        target_cache = cached_features(backbone, target, "target", cfg.image_size, dtype=cfg.cache_dtype,
-                                       device=cfg.device, progress=cfg.progress, rebuild_broken=cfg.overwrite)
+        target_cache = cached_features(backbone, target, "target", Extraction.of(cfg), device=cfg.device,
+                                       progress=cfg.progress, rebuild_broken=cfg.overwrite)
         extract_s = caches["extract_s"] + time.perf_counter() - started
         outcomes = []
         for name, display, adversarial in (("dann", self.display, True),
@@ -128,5 +128,6 @@ class Dann(Strategy):
     def load(self, run_dir, device) -> TrainedModel:
         config = read_config(run_dir)
         backbone = backbones.create(config["backbone"], weights=config.get("weights"))
-        head = load_weights(run_dir, "dann", DANN(backbone.feature_dim, len(config["classes"])))
+        dim = backbone.tapped_dim(Extraction.of(config).taps)
+        head = load_weights(run_dir, "dann", DANN(dim, len(config["classes"])))
         return FeatureModel(backbone, head, dict(config, mirror_views=False), device)

@@ -1,0 +1,214 @@
+"""What runs the frozen backbone during extraction: PyTorch (fp32, or bf16 autocast) or ONNX
+Runtime on an exported copy. DALI (or the PyTorch fallback) still decodes; an engine only maps a
+batch of images to the feature maps (or pooled vectors) that pool_store writes into the cache."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import inspect
+import io
+import os
+import sys
+import warnings
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from fasttl import files
+from fasttl.cache.store import CacheError
+from fasttl.errors import OptionError
+
+ENGINES = ("auto", "torch", "onnxruntime")
+PRECISIONS = ("auto", "fp32", "bf16")
+# Features an engine makes must equal the fp32 PyTorch ones within this relative error (max
+# absolute difference over the largest magnitude of a verification batch). ONNX Runtime measured
+# 1e-6 to 1e-5 on EfficientNet-Lite features; bf16 is about 3% off by nature and is not held to it.
+FP32_TOLERANCE = 1e-3
+ONNX_OPSET = 17
+_EXPORTED = {}  # engine file name -> graph bytes exported (and verified) by this process
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX): read from the
+    kernel's CPU flags, never assumed."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve(engine: str, precision: str, device: torch.device) -> tuple:
+    """(engine, precision) with "auto" replaced by what runs.
+
+    * precision auto: bf16 on CUDA (autocast), fp32 on the CPU. bf16 on the CPU is opt-in: its
+      features are about 3% off, and it pays only where the CPU has native bf16.
+    * engine auto: torch on CUDA; on the CPU ONNX Runtime when installed and fp32 (1.1x to 2x the
+      folded channels_last PyTorch forward at 128 to 224 px, benchmarks/RESULTS.md), else torch.
+      Either way the first batch of each build is checked against PyTorch fp32."""
+    if engine not in ENGINES:
+        raise OptionError(f"engine: unknown {engine!r}; choose from {', '.join(ENGINES)}")
+    if precision not in PRECISIONS:
+        raise OptionError(f"extract_precision: unknown {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if engine == "auto":
+        engine = "onnxruntime" if device.type == "cpu" and precision == "fp32" and onnxruntime_available() else "torch"
+    if engine == "onnxruntime":
+        if device.type != "cpu":
+            raise OptionError(f"engine: onnxruntime extracts on the CPU only, not on {device}; use --engine torch")
+        if precision != "fp32":
+            raise OptionError("extract_precision: the onnxruntime engine runs fp32; pass --extract-precision fp32 or "
+                              "--engine torch for bf16")
+        if not onnxruntime_available():
+            raise OptionError("engine: onnxruntime is not installed; pip install onnx onnxruntime (or the "
+                              "'export' extra), or pass --engine torch")
+    return engine, precision
+
+
+class TorchEngine:
+    """The folded, channels_last copy of the backbone in PyTorch; returns the tapped feature maps."""
+
+    def __init__(self, model, taps: int, device: torch.device, precision: str):
+        self.model, self.taps, self.device, self.precision = model, taps, device, precision
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> List[Tensor]:
+        with self.autocast():
+            return self.model.forward_taps(images.contiguous(memory_format=torch.channels_last), self.taps)
+
+
+class OnnxEngine:
+    """ONNX Runtime on the exported folded backbone and its pooling: returns the pooled vector
+    (N, D) as one "map" (pool_store stores 2-D input as it is). The graph comes from this
+    process's earlier export or from `engine_dir/name` when a build left it there, else it is
+    exported (and kept there); either way it must match
+    PyTorch fp32 on a verification batch within FP32_TOLERANCE, or it is exported again, and a
+    fresh export that still does not match is an error."""
+
+    def __init__(self, model, taps: int, image_size: int, name: Optional[str], engine_dir: Optional[str]):
+        onnx_path = os.path.join(engine_dir, name) if name and engine_dir else None
+        known = _EXPORTED.get(name) or (_read_engine_file(onnx_path) if onnx_path else None)
+        for data in ([known] if known else []) + [None]:
+            fresh = data is None
+            try:
+                data = export_onnx(model, taps, image_size) if fresh else data
+                self.session = _session(data)
+                error = self.verify(model, taps, image_size)
+            except Exception as exc:  # a damaged stored file: onnxruntime raises its own types
+                if fresh:
+                    raise
+                error = type(exc).__name__
+            if error is None:
+                if name:
+                    _EXPORTED[name] = data
+                if onnx_path and (fresh or not os.path.isfile(onnx_path)):
+                    _write_engine_file(onnx_path, data)  # a rename: a link there is replaced, never followed
+                return
+            if fresh:
+                raise CacheError(f"engine: onnxruntime's features differ from PyTorch's ({error}); pass --engine "
+                                 "torch")
+
+    def verify(self, model, taps: int, image_size: int) -> Optional[str]:
+        images = torch.randn(4, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+        error = relative_error(self(images)[0], pooled_reference(model, taps, images))
+        return None if error <= FP32_TOLERANCE else f"relative error {error:.1e} > {FP32_TOLERANCE:.0e}"
+
+    def __call__(self, images: Tensor) -> List[Tensor]:
+        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        return [torch.from_numpy(self.session.run(None, {"images": array})[0])]
+
+
+def onnx_file_name(backbone, taps: int, image_size: int) -> str:
+    """engine-<key>.onnx, keyed by what the graph depends on: weights, input size, taps, opset and
+    the exporter (the cache folder's store recognizes the name as one of its own files)."""
+    key = hashlib.sha256(repr((backbone.name, backbone.weights_hash(), image_size, taps, ONNX_OPSET,
+                               torch.__version__)).encode()).hexdigest()[:16]
+    return f"engine-{key}.onnx"
+
+
+def export_onnx(model, taps: int, image_size: int) -> bytes:
+    """The ONNX graph images (N, 3, S, S) -> pooled features (N, D) of `model` (already folded)."""
+    from fasttl.backbones.base import PooledFeatures
+
+    pooled = PooledFeatures(model, taps).eval()
+    example = torch.zeros(1, 3, image_size, image_size)
+    buffer = io.BytesIO()
+    kwargs = dict(input_names=["images"], output_names=["features"], dynamic_axes={"images": {0: "batch"},
+                  "features": {0: "batch"}}, opset_version=ONNX_OPSET)
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kwargs["dynamo"] = False  # the TorchScript exporter: no onnxscript needed, same graph on torch 2.4+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(pooled, (example,), buffer, **kwargs)
+    return buffer.getvalue()
+
+
+def _read_engine_file(path: str) -> Optional[bytes]:
+    from fasttl.cache import store
+
+    try:
+        if store.regular_file(path) is None:
+            return None
+        with store.open_regular(path) as f:
+            return f.read()
+    except (OSError, store.CacheError):
+        return None
+
+
+def _write_engine_file(path: str, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache folder: export again next time
+        files.write_atomic(path, data)
+
+
+def _session(data: bytes):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def pooled_reference(model, taps: int, images: Tensor) -> Tensor:
+    """PyTorch fp32 pooled features of `images`: what every engine is checked against."""
+    from fasttl.backbones.base import PooledFeatures
+
+    with torch.no_grad():
+        return PooledFeatures(model, taps)(images.float().contiguous(memory_format=torch.channels_last)).float()
+
+
+def relative_error(got: Tensor, want: Tensor) -> float:
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    return float((got.float() - want).abs().max()) / max(scale, 1e-12) if want.numel() else 0.0
+
+
+def create(engine: str, precision: str, model, taps: int, device: torch.device, image_size: int,
+           onnx_name: Optional[str] = None, engine_dir: Optional[str] = None):
+    """An engine that has been resolved (see :func:`resolve`). For onnxruntime, `onnx_name`
+    (onnx_file_name) keys the exported graph in this process and in `engine_dir` when given."""
+    if engine == "onnxruntime":
+        return OnnxEngine(model, taps, image_size, onnx_name, engine_dir)
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        print("fasttl: warning: --extract-precision bf16 on a CPU without AVX512-BF16 or AMX runs emulated, "
+              "usually slower than fp32", file=sys.stderr)
+    return TorchEngine(model, taps, device, precision)

@@ -1,0 +1,102 @@
+"""Heads tuned on a validation split carved from the training features, then refit on train +
+validation: the exact L2 path for `linear` (fasttl.cache.solver), the weight decay and epoch
+count by early stopping for `mlp`. The test split is never seen here."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from fasttl.cache import solver
+from fasttl.cache.cache import FeatureCache
+from fasttl.cache.heads import make_head, on_device, predict_views, train_head
+from fasttl.data.splits import VALIDATION_FRACTION, validation_split
+
+# Weight decays the MLP head tries (AdamW, decoupled); each run stops early on validation.
+MLP_WEIGHT_DECAYS = (1e-4, 1e-2, 1e-1)
+MLP_PATIENCE = 3
+
+
+def split_views(views: Sequence[FeatureCache], seed: int) -> Tuple[List[FeatureCache], List[FeatureCache], dict]:
+    """The views of a training split cut into (train, validation) views by one stratified,
+    seeded split of the samples: a sample's plain and mirrored rows fall on the same side."""
+    train_rows, val_rows = validation_split(views[0].labels.cpu().numpy(), seed)
+    if not val_rows:
+        from fasttl.data import DataError
+
+        raise DataError("data: the training split has no class with two images, so no validation images can be "
+                        "held out to tune the head; add images")
+    info = {"fraction": VALIDATION_FRACTION, "train_images": len(train_rows), "validation_images": len(val_rows),
+            "seed": seed}
+    return [v.subset(train_rows) for v in views], [v.subset(val_rows) for v in views], info
+
+
+def _rows(views: Sequence[FeatureCache], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    return (torch.cat([v.all_features().to(device) for v in views]),
+            torch.cat([v.labels.to(device) for v in views]))
+
+
+def tune_linear(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu",
+                progress: bool = True) -> Tuple[nn.Module, List[Dict], Dict]:
+    """The linear head: L2 strength chosen on validation along the regularization path, then
+    solved again on all training rows from the chosen solution. Returns (head, path records,
+    choice)."""
+    device = torch.device(device)
+    train_views, val_views, info = split_views(views, seed)
+    widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
+    x, y = _rows(train_views, device)
+    mean, std = solver.block_scaling(x, widths)
+    x = (x - mean) / std
+    val = [(v.all_features().to(device) - mean) / std for v in val_views]
+    num_classes = len(views[0].classes)
+    weight_decay, path, solution = solver.fit_path(x, y, val, val_views[0].labels.to(device), num_classes,
+                                                   progress=progress)
+    del x, val
+    x, y = _rows(views, device)
+    mean, std = solver.block_scaling(x, widths)
+    weight, bias, refit = solver.solve((x - mean) / std, y, num_classes, weight_decay, init=solution)
+    head = make_head("linear", x.shape[1], num_classes, mean.cpu(), std.cpu())
+    with torch.no_grad():
+        head[-1].weight.copy_(weight)
+        head[-1].bias.copy_(bias)
+    chosen = next(p for p in path if p["weight_decay"] == weight_decay)
+    choice = dict(validation=info, weight_decay=weight_decay, val_accuracy=chosen["val_accuracy"],
+                  val_loss=chosen["val_loss"], solver="L-BFGS, full batch", refit_seconds=refit["seconds"],
+                  refit_on="train + validation")
+    return head.to(device), path, choice
+
+
+def tune_mlp(views: Sequence[FeatureCache], *, epochs: int, batch_size: int, lr: float, seed: int = 0, device="cpu",
+             dtype: torch.dtype = torch.float32, progress: bool = True, checkpoint=None,
+             resume: bool = False) -> Tuple[nn.Module, List[Dict], Dict]:
+    """The MLP head: for each weight decay, training on the train part with the validation
+    accuracy read after every epoch (stopping MLP_PATIENCE epochs after the best); the best
+    (weight decay, epoch count) is then trained again on train + validation. Returns (head, the
+    validation curves, choice)."""
+    train_views, val_views, info = split_views(views, seed)
+    train = FeatureCache.concat(train_views) if len(train_views) > 1 else train_views[0]
+    curves, best = [], None
+    for weight_decay in MLP_WEIGHT_DECAYS:
+        _, history = train_head(train, kind="mlp", epochs=epochs, batch_size=batch_size, lr=lr,
+                                weight_decay=weight_decay, seed=seed, device=device, eval_cache=val_views,
+                                progress=progress, dtype=dtype, patience=MLP_PATIENCE)
+        for record in history:
+            record = {("val_" + k[5:] if k.startswith("eval_") else k): v for k, v in record.items()}
+            curves.append(dict(record, weight_decay=weight_decay))
+            score = (record["val_accuracy"], -record["val_loss"])
+            if best is None or score > best[0]:
+                best = (score, weight_decay, record["epoch"])
+    _, weight_decay, best_epochs = best
+    everything = FeatureCache.concat(list(views)) if len(views) > 1 else views[0]
+    head, refit = train_head(everything, kind="mlp", epochs=best_epochs, batch_size=batch_size, lr=lr,
+                             weight_decay=weight_decay, seed=seed, device=device, progress=progress, dtype=dtype,
+                             checkpoint=checkpoint, resume=resume)
+    choice = dict(validation=info, weight_decay=weight_decay, epochs=best_epochs, val_accuracy=best[0][0],
+                  val_loss=-best[0][1], refit_on="train + validation")
+    return head, curves, choice
+
+
+def predict_split(head: nn.Module, views: Sequence[FeatureCache], device="cpu"):
+    """(logits averaged over the views, labels) of a split: the one evaluation on test."""
+    return predict_views(head, [on_device(v, torch.device(device)) for v in views], device)

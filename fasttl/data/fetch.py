@@ -1,0 +1,298 @@
+"""`fasttl data fetch cifar10`: downloads a data set's official archive, resumably (HTTP Range),
+checks its SHA-256, and extracts it safely into $FASTTL_DATA (or --dest).
+
+* The download goes to DEST/.fasttl-tmp-download-<archive>, opened without following links; an
+  interrupted one is continued by the next fetch (Range: bytes=N-).
+* A checksum mismatch removes that download (fasttl's own temporary) and nothing else: a data
+  folder already there stays as it was.
+* Extraction refuses, before writing anything, any member that is not a plain file or folder
+  (links, devices), has an absolute name or a `..` part, or lies outside the data set's folder;
+  tarfile's "data" filter applies as well where Python has it. The files land in a temporary
+  folder beside DEST/<folder> and are renamed into place once complete.
+
+One registry (REMOTES) lists what can be fetched; `fasttl data fetch --help` shows it."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+from fasttl.data.sources import DataError
+from fasttl.errors import OptionError, UserError
+from fasttl.files import TEMP_PREFIX
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CHUNK = 1 << 20
+MAX_DOWNLOAD_BYTES = 4 << 30   # a server that sends more than this is cut off
+MAX_EXTRACTED_BYTES = 4 << 30  # an archive that unpacks to more than this is refused
+
+
+class DownloadError(UserError, OSError):
+    """The download failed: network, server, or an interrupted transfer (run again to resume)."""
+
+
+class ChecksumError(UserError, ValueError):
+    """The downloaded file is not the one expected."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    name: str
+    url: str
+    sha256: str
+    size: int                   # bytes of the official archive (for the message before a download)
+    archive: str                # file name of the archive
+    folder: str                 # the one top-level folder of the archive, which lands in DEST
+    required: Tuple[str, ...]   # files that make the extracted folder complete
+    home: str                   # where the data set and its checksum are published
+
+
+REMOTES: Dict[str, Remote] = {
+    "cifar10": Remote(
+        name="cifar10",
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        # SHA-256 of the official archive (the home page publishes its MD5, c58f30108f718f92721af3b95e74349a;
+        # Keras and TensorFlow Datasets pin this SHA-256 for the same file of 170,498,071 bytes).
+        sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+        size=170_498_071,
+        archive="cifar-10-python.tar.gz",
+        folder="cifar-10-batches-py",
+        required=("batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                  "test_batch"),
+        home="https://www.cs.toronto.edu/~kriz/cifar.html",
+    ),
+}
+
+
+def names() -> Tuple[str, ...]:
+    return tuple(REMOTES)
+
+
+def default_dest() -> str:
+    from fasttl.transfer.datasets import cifar10_location
+
+    return cifar10_location()
+
+
+def is_complete(folder: str, remote: Remote) -> bool:
+    return os.path.isdir(folder) and all(os.path.isfile(os.path.join(folder, f)) for f in remote.required)
+
+
+def _check_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise OptionError(f"url: expected an http:// or https:// address, got {url!r}")
+    return url
+
+
+def _check_sha256(value: str) -> str:
+    text = value.strip().lower() if isinstance(value, str) else ""
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise OptionError(f"sha256: expected 64 hexadecimal digits, got {value!r}")
+    return text
+
+
+def _partial_size(path: str) -> int:
+    """Bytes of an earlier, interrupted download at `path` (0 when none); it must be a plain file."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISREG(info.st_mode):
+        raise DownloadError(f"fetch: {path} is not a plain file (a link?); remove it and fetch again")
+    return info.st_size
+
+
+def _open_partial(path: str) -> int:
+    """An fd appending to `path`: a plain file of fasttl's, never opened through a link."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+
+
+def _content_range_start(header: Optional[str]) -> Optional[int]:
+    """N of 'bytes N-M/T', else None."""
+    try:
+        unit, span = header.split(" ", 1)
+        return int(span.split("-", 1)[0]) if unit == "bytes" else None
+    except (AttributeError, ValueError):
+        return None
+
+
+def download(url: str, path: str, progress: bool = True, timeout: float = 60.0) -> int:
+    """Downloads `url` into `path`, continuing what is already there (HTTP Range); returns the
+    file's size. An interrupted transfer keeps what arrived and raises DownloadError."""
+    from fasttl import __version__
+
+    have = _partial_size(path)
+    headers = {"User-Agent": f"fasttl/{__version__}"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # nothing left to send: the file is complete
+            return have
+        raise DownloadError(f"fetch: {url} answered HTTP {exc.code} ({exc.reason}); check the address "
+                            "(--url)") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DownloadError(f"fetch: cannot reach {url} ({reason}); check the network or the address "
+                            "(--url)") from None
+    fd = _open_partial(path)
+    bar = None
+    try:
+        with response:
+            if have and (response.status != 206
+                         or _content_range_start(response.headers.get("Content-Range")) != have):
+                os.ftruncate(fd, 0)  # the server sends the whole file: start over
+                have = 0
+            length = response.headers.get("Content-Length")
+            total = have + int(length) if length and length.isdigit() else None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                           desc=os.path.basename(urllib.parse.urlsplit(url).path) or "download", dynamic_ncols=True)
+            size = have
+            while True:
+                try:
+                    block = response.read(_CHUNK)
+                except (OSError, ValueError, EOFError) as exc:  # IncompleteRead, reset, timeout
+                    of = f"{total:,}" if total is not None else "?"
+                    raise DownloadError(f"fetch: the download of {url} stopped at {size:,} of {of} bytes "
+                                        f"({type(exc).__name__}); run the same command again to resume") from None
+                if not block:
+                    break
+                os.write(fd, block)
+                size += len(block)
+                if bar is not None:
+                    bar.update(len(block))
+                if size > MAX_DOWNLOAD_BYTES:
+                    raise DownloadError(f"fetch: {url} sent more than {MAX_DOWNLOAD_BYTES:,} bytes; stopped "
+                                        "(check the address, --url)")
+            if total is not None and size < total:
+                raise DownloadError(f"fetch: the download of {url} stopped at {size:,} of {total:,} bytes; run the "
+                                    "same command again to resume")
+            os.fsync(fd)
+            return size
+    finally:
+        os.close(fd)
+        if bar is not None:
+            bar.close()
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_members(archive: tarfile.TarFile, folder: str, source: str) -> None:
+    """Refuses an archive with a member that could land outside `folder`, or is not a plain file
+    or folder, before anything is extracted."""
+    total = 0
+    for member in archive.getmembers():
+        name = member.name
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+            why = "an absolute path"
+        elif ".." in parts:
+            why = "a '..' path"
+        elif member.issym() or member.islnk():
+            why = f"a link (to {member.linkname!r})"
+        elif not (member.isfile() or member.isdir()):
+            why = "not a plain file or folder"
+        elif parts[0] != folder:
+            why = f"outside {folder}/"
+        else:
+            total += member.size
+            if total > MAX_EXTRACTED_BYTES:
+                raise DataError(f"{source}: unpacks to more than {MAX_EXTRACTED_BYTES:,} bytes; refused, nothing "
+                                "extracted")
+            continue
+        raise DataError(f"{source}: member {name!r} is {why}; refused, nothing extracted (is this the right "
+                        "archive? --url)")
+
+
+def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[str, ...] = ()) -> str:
+    """Extracts the archive's one folder into DEST/<folder> through a temporary folder beside it
+    (removed on any failure); returns DEST/<folder>."""
+    target = os.path.join(dest, remote_folder)
+    staging = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}extract-", dir=dest)
+    try:
+        try:
+            with tarfile.open(archive_path, "r:*") as archive:
+                check_members(archive, remote_folder, archive_path)
+                if hasattr(tarfile, "data_filter"):
+                    archive.extractall(staging, filter="data")
+                else:  # Python without extraction filters: the members were checked above
+                    archive.extractall(staging)
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            if isinstance(exc, DataError):
+                raise
+            raise DataError(f"{archive_path}: not a readable archive ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]}); nothing extracted") from None
+        extracted = os.path.join(staging, remote_folder)
+        missing = [f for f in required if not os.path.isfile(os.path.join(extracted, f))]
+        if missing:
+            raise DataError(f"{archive_path}: the archive lacks {remote_folder}/{missing[0]}; not the expected data "
+                            "set, nothing extracted")
+        if os.path.lexists(target):
+            raise DataError(f"fetch: {target} appeared while extracting; nothing replaced")
+        os.rename(extracted, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, dest: Optional[str] = None,
+          progress: bool = True, log=print) -> str:
+    """Downloads, verifies and extracts data set `name` into DEST/<its folder> (DEST: --dest, else
+    $FASTTL_DATA, default ~/.cache/fasttl/data); returns that folder. A complete folder already
+    there is kept and nothing is downloaded."""
+    if name not in REMOTES:
+        raise OptionError(f"name: unknown data set {name!r}; fasttl fetches {', '.join(REMOTES)}")
+    remote = REMOTES[name]
+    url = _check_url(url if url is not None else remote.url)
+    expected = _check_sha256(sha256) if sha256 is not None else remote.sha256
+    if url != remote.url and sha256 is None:
+        raise OptionError("sha256: --url gives another file than the official archive; pass its --sha256 too")
+    dest = os.path.abspath(os.path.expanduser(dest if dest is not None else default_dest()))
+    if os.path.lexists(dest) and not os.path.isdir(dest):
+        raise OptionError(f"dest: {dest} is not a folder (give a folder, or set FASTTL_DATA)")
+    target = os.path.join(dest, remote.folder)
+    if is_complete(target, remote):
+        log(f"{name}: already in {target}; nothing to download")
+        return target
+    if os.path.lexists(target):
+        raise DataError(f"fetch: {target} exists but is not a complete {name} (it lacks some of "
+                        f"{', '.join(remote.required)}); move it away and fetch again")
+    os.makedirs(dest, exist_ok=True)
+    partial = os.path.join(dest, f"{TEMP_PREFIX}download-{remote.archive}")
+    resumed = os.path.isfile(partial) and not os.path.islink(partial)
+    log(f"{name}: {'resuming' if resumed else 'downloading'} {url}"
+        + (f" ({remote.size / 1e6:.0f} MB)" if url == remote.url else "") + f" into {dest}")
+    download(url, partial, progress=progress)
+    found = sha256_of(partial)
+    if found != expected:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise ChecksumError(f"fetch: {url} gave a file with SHA-256 {found}, expected {expected}; the download was "
+                            "removed and nothing else touched (fetch again, or check --url / --sha256)")
+    try:
+        extract(partial, remote.folder, dest, remote.required)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+    log(f"{name}: SHA-256 verified, extracted to {target}")
+    return target

@@ -1,0 +1,175 @@
+"""Extraction engines (PyTorch, ONNX Runtime; fp32, bf16) and multi-stage features: each engine's
+features equal PyTorch fp32 within its tolerance, the multi-stage layout is what the manifest
+says, and an exported graph left in a cache folder is verified before it is trusted."""
+import json
+import os
+
+import pytest
+import torch
+
+import fasttl
+import fasttl.backbones as B
+import fasttl.data as D
+from fasttl.backbones.base import pooled_taps
+from fasttl.cache import engines
+from fasttl.cache.store import CacheError
+from fasttl.errors import OptionError
+
+SIZE = 64
+ORT_REASON = "onnxruntime is not installed (pip install onnx onnxruntime)"
+needs_ort = pytest.mark.skipif(not engines.onnxruntime_available(), reason=ORT_REASON)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return B.create("efficientnet_lite0")
+
+
+@pytest.fixture
+def source(small_image_folder):
+    return D.scan_class_folder(str(small_image_folder))
+
+
+def build(backbone, source, out, **kw):
+    kw.setdefault("image_size", SIZE)
+    kw.setdefault("backend", "torch")
+    kw.setdefault("dtype", "fp32")
+    return fasttl.FeatureCache.build(backbone, source, str(out), progress=False, batch_size=4, **kw)
+
+
+def reference_features(backbone, source, taps):
+    """float64 pooled maps of the plain (unfolded, NCHW) backbone, concatenated as the layout says."""
+    images = torch.cat([x for x, _ in D.make_loader(source, backbone.preprocessing, 6, image_size=SIZE,
+                                                      backend="torch")])
+    model = B.create("efficientnet_lite0").eval().double()
+    with torch.no_grad():
+        return pooled_taps(model, images.double(), taps)
+
+
+@pytest.mark.parametrize("taps", [0, 1, 3])
+@pytest.mark.parametrize("engine", ["torch", pytest.param("onnxruntime", marks=needs_ort)])
+def test_engine_features_equal_the_float64_reference(backbone, source, tmp_path, engine, taps):
+    cache = build(backbone, source, tmp_path / "c", engine=engine, precision="fp32", taps=taps)
+    expected = reference_features(backbone, source, taps)
+    assert cache.feature_dim == backbone.tapped_dim(taps) == expected.shape[1]
+    error = (cache.features.double() - expected).abs().max() / expected.abs().max()
+    assert error < engines.FP32_TOLERANCE, (engine, taps, float(error))
+    fingerprint = json.loads((tmp_path / "c" / "manifest.json").read_text())["fingerprint"]
+    assert fingerprint["compute"]["engine"] == engine and fingerprint["compute"]["precision"] == "fp32"
+    assert fingerprint["layout"] == {"taps": taps, "channels": backbone.tap_channels()[-(taps + 1):]}
+    assert fingerprint["feature_dim"] == sum(fingerprint["layout"]["channels"])
+
+
+def test_multi_stage_columns_are_each_stage_pooled_in_order(backbone, source, tmp_path):
+    """Column blocks of a taps=3 cache: stage 5, 6, 7 outputs pooled, then the head's 1280, which
+    equal a head-only cache of the same images."""
+    multi = build(backbone, source, tmp_path / "multi", engine="torch", taps=3)
+    head = build(backbone, source, tmp_path / "head", engine="torch", taps=0)
+    channels = backbone.tap_channels()[-4:]
+    assert channels == [112, 192, 320, 1280]
+    torch.testing.assert_close(multi.features[:, -1280:], head.features, atol=1e-5, rtol=1e-5)
+    images = torch.cat([x for x, _ in D.make_loader(source, backbone.preprocessing, 6, image_size=SIZE,
+                                                      backend="torch")])
+    model = B.create("efficientnet_lite0").eval()
+    with torch.no_grad():
+        maps = model.forward_taps(images, 3)
+    start = 0
+    for feature_map, width in zip(maps, channels):
+        assert feature_map.shape[1] == width
+        torch.testing.assert_close(multi.features[:, start:start + width], feature_map.mean((2, 3)), atol=1e-4,
+                                   rtol=1e-4)
+        start += width
+
+
+def test_int8_multi_stage_rows_share_one_scale(backbone, source, tmp_path):
+    fp32 = build(backbone, source, tmp_path / "fp32", engine="torch", taps=2)
+    int8 = build(backbone, source, tmp_path / "int8", engine="torch", taps=2, dtype="int8")
+    assert int8.scales.shape == (len(source),)
+    restored = int8.all_features()
+    # Symmetric per-row int8: each element within half a quantization step of the row's scale.
+    assert ((restored - fp32.features).abs() <= 0.5 * int8.scales[:, None] + 1e-6).all()
+
+
+def test_bf16_autocast_features_are_close_to_fp32(backbone, source, tmp_path):
+    fp32 = build(backbone, source, tmp_path / "fp32", engine="torch", precision="fp32", taps=3)
+    bf16 = build(backbone, source, tmp_path / "bf16", engine="torch", precision="bf16", taps=3)
+    relative = (bf16.features - fp32.features).norm() / fp32.features.norm()
+    assert 0 < relative < 0.06, float(relative)  # bf16 keeps 8 bits of mantissa: about 3% off, never equal
+    fingerprint = json.loads((tmp_path / "bf16" / "manifest.json").read_text())["fingerprint"]
+    assert fingerprint["compute"]["precision"] == "bf16"
+
+
+def test_engine_and_precision_resolve_by_device(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert engines.resolve("auto", "auto", cuda) == ("torch", "bf16")
+    assert engines.resolve("torch", "auto", cpu) == ("torch", "fp32")
+    assert engines.resolve("auto", "bf16", cpu) == ("torch", "bf16")
+    monkeypatch.setattr(engines, "onnxruntime_available", lambda: True)
+    assert engines.resolve("auto", "auto", cpu) == ("onnxruntime", "fp32")
+    monkeypatch.setattr(engines, "onnxruntime_available", lambda: False)
+    assert engines.resolve("auto", "auto", cpu) == ("torch", "fp32")
+    with pytest.raises(OptionError, match="pip install onnx onnxruntime"):
+        engines.resolve("onnxruntime", "fp32", cpu)
+    monkeypatch.setattr(engines, "onnxruntime_available", lambda: True)
+    with pytest.raises(OptionError, match="CPU only.*--engine torch"):
+        engines.resolve("onnxruntime", "auto", cuda)
+    with pytest.raises(OptionError, match="runs fp32"):
+        engines.resolve("onnxruntime", "bf16", cpu)
+    with pytest.raises(OptionError, match="engine: unknown 'tensorrt'"):
+        engines.resolve("tensorrt", "fp32", cpu)
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    engines.cpu_has_native_bf16.cache_clear()
+    assert engines.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_engine_and_layout_are_part_of_the_fingerprint(backbone, source, tmp_path):
+    build(backbone, source, tmp_path / "c", engine="torch", taps=0)
+    with pytest.raises(CacheError, match="layout.*taps"):
+        build(backbone, source, tmp_path / "c", engine="torch", taps=1)
+    with pytest.raises(CacheError, match="compute"):
+        build(backbone, source, tmp_path / "c", engine="torch", precision="bf16", taps=0)
+
+
+@needs_ort
+def test_a_tampered_engine_file_is_exported_again(backbone, source, tmp_path, monkeypatch):
+    """The .onnx kept in engine_dir is checked against PyTorch before use: a graph that computes
+    something else (here: another backbone's, under the right name) or is no graph at all is
+    exported again and replaced."""
+    engine_dir = tmp_path / "engines"
+    engine_dir.mkdir()
+    first = build(backbone, source, tmp_path / "c", engine="onnxruntime", engine_dir=str(engine_dir))
+    (name,) = os.listdir(engine_dir)
+    assert name == engines.onnx_file_name(backbone, 0, SIZE)
+    assert not [n for n in os.listdir(tmp_path / "c") if n.endswith(".onnx")]  # the cache folder holds the cache only
+    wrong = engines.export_onnx(B.create("efficientnet_lite0", pretrained=False).for_extraction(), 0, SIZE)
+    for planted in (wrong, b"not an onnx graph"):
+        (engine_dir / name).write_bytes(planted)
+        monkeypatch.setattr(engines, "_EXPORTED", {})  # as in a new process
+        again = build(backbone, source, tmp_path / "c", engine="onnxruntime", engine_dir=str(engine_dir),
+                      overwrite=True)
+        torch.testing.assert_close(again.features, first.features)
+        assert (engine_dir / name).read_bytes() != planted
+
+
+@needs_ort
+def test_an_engine_file_through_a_link_is_never_read_or_written(backbone, source, tmp_path, monkeypatch):
+    engine_dir = tmp_path / "engines"
+    engine_dir.mkdir()
+    target = tmp_path / "elsewhere.onnx"
+    target.write_bytes(b"user file")
+    os.symlink(target, engine_dir / engines.onnx_file_name(backbone, 0, SIZE))
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    cache = build(backbone, source, tmp_path / "c", engine="onnxruntime", engine_dir=str(engine_dir))
+    assert target.read_bytes() == b"user file" and len(cache) == len(source)
+
+
+def test_a_backbone_without_stages_refuses_multi_stage_features(source, tmp_path):
+    custom = B.CustomBackbone(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()), 8,
+                              B.create("efficientnet_lite0").preprocessing)
+    with pytest.raises(OptionError, match="features: custom has 0 intermediate stages to pool, asked for 3"):
+        build(custom, source, tmp_path / "c", taps=3)
+    assert not (tmp_path / "c").exists()

@@ -1,0 +1,298 @@
+"""`fasttl data fetch cifar10` against a loopback HTTP server serving a small tarball in the
+official layout: a fetch, a resume after a cut connection, a bad checksum, malicious archives,
+and `fasttl run --data cifar10` with the data absent (the fetch command) or --download."""
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+
+from fasttl.cli import main
+from fasttl.data import fetch as fetch_module
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _batch(rng, count: int) -> bytes:
+    labels = [int(i % 10) for i in range(count)]
+    data = rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
+    return pickle.dumps({b"batch_label": b"test", b"labels": labels, b"data": data,
+                         b"filenames": [f"{i}.png".encode() for i in range(count)]}, protocol=2)
+
+
+def _tar(members) -> bytes:
+    """A .tar.gz of (name, bytes | ("symlink", target) | ("dir",))."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(content, tuple) and content[0] == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, content[1]
+                archive.addfile(info)
+            elif isinstance(content, tuple) and content[0] == "dir":
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+            else:
+                info.size = len(content)
+                archive.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cifar_tarball():
+    """cifar-10-python.tar.gz in the official layout: cifar-10-batches-py/{batches.meta,
+    data_batch_1..5,test_batch,readme.html}, 20 images per training batch and 20 test images."""
+    rng = np.random.default_rng(10)
+    members = [("cifar-10-batches-py", ("dir",)),
+               ("cifar-10-batches-py/batches.meta",
+                pickle.dumps({b"label_names": [c.encode() for c in CIFAR_CLASSES], b"num_cases_per_batch": 20,
+                              b"num_vis": 3072}, protocol=2))]
+    members += [(f"cifar-10-batches-py/data_batch_{i}", _batch(rng, 20)) for i in range(1, 6)]
+    members += [("cifar-10-batches-py/test_batch", _batch(rng, 20)),
+                ("cifar-10-batches-py/readme.html", b"<html>a small stand-in</html>")]
+    return _tar(members)
+
+
+class _Server:
+    """Serves files from a dict on 127.0.0.1 with HTTP Range support; `cut_after` bytes into the
+    next full response it drops the connection (once). Records each request's Range header."""
+
+    def __init__(self):
+        self.files, self.ranges, self.cut_after = {}, [], None
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                body = server.files.get(self.path)
+                server.ranges.append(self.headers.get("Range"))
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                if self.headers.get("Range", "").startswith("bytes="):
+                    start = int(self.headers["Range"][6:].split("-")[0])
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                if server.cut_after is not None and start == 0:
+                    self.wfile.write(body[:server.cut_after])
+                    server.cut_after = None
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[start:])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    yield s
+    s.close()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fetch(capsys, *words):
+    code = main(["data", "fetch", "cifar10", "--no-progress", *[str(w) for w in words]])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line_error(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fasttl: error: "), err
+    return lines[0]
+
+
+def _tree(root):
+    """Every file and folder under root, relative."""
+    return sorted(os.path.relpath(os.path.join(folder, name), root)
+                  for folder, dirs, files in os.walk(root) for name in files + dirs)
+
+
+def test_fetch_downloads_verifies_and_extracts(server, cifar_tarball, tmp_path, capsys, monkeypatch):
+    server.files["/cifar-10-python.tar.gz"] = cifar_tarball
+    monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "data"))
+    code, out, err = _fetch(capsys, "--url", server.url("/cifar-10-python.tar.gz"), "--sha256", _sha(cifar_tarball))
+    assert code == 0, err
+    assert "SHA-256 verified" in out
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    assert sorted(os.listdir(folder)) == ["batches.meta", "data_batch_1", "data_batch_2", "data_batch_3",
+                                          "data_batch_4", "data_batch_5", "readme.html", "test_batch"]
+    assert os.listdir(tmp_path / "data") == ["cifar-10-batches-py"]  # no archive or temporary left
+    from fasttl.transfer.datasets import load_dataset
+
+    dataset = load_dataset("cifar10")
+    assert dataset.classes == CIFAR_CLASSES and len(dataset.train) == 100 and len(dataset.test) == 20
+
+    # a second fetch finds it complete and downloads nothing
+    requests = len(server.ranges)
+    code, out, _ = _fetch(capsys, "--url", server.url("/cifar-10-python.tar.gz"), "--sha256", _sha(cifar_tarball))
+    assert code == 0 and "already in" in out and len(server.ranges) == requests
+
+
+def test_fetch_resumes_after_a_cut_connection(server, cifar_tarball, tmp_path, capsys):
+    server.files["/c.tar.gz"] = cifar_tarball
+    server.cut_after = 3000
+    dest = tmp_path / "data"
+    words = ["--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest", dest]
+    code, _, err = _fetch(capsys, *words)
+    assert code == 2 and "stopped at 3,000 of" in _one_line_error(err) and "again to resume" in err
+    partial = dest / ".fasttl-tmp-download-cifar-10-python.tar.gz"
+    assert partial.read_bytes() == cifar_tarball[:3000]
+    code, out, err = _fetch(capsys, *words)
+    assert code == 0, err
+    assert server.ranges[-1] == "bytes=3000-" and "resuming" in out
+    assert (dest / "cifar-10-batches-py" / "test_batch").is_file() and not partial.exists()
+
+
+def test_fetch_restarts_when_the_server_ignores_range(server, cifar_tarball, tmp_path, capsys):
+    server.files["/c.tar.gz"] = cifar_tarball
+    dest = tmp_path / "data"
+    dest.mkdir()
+    (dest / ".fasttl-tmp-download-cifar-10-python.tar.gz").write_bytes(b"junk from elsewhere")
+    handler = server.httpd.RequestHandlerClass
+    original = handler.do_GET
+
+    def ignore_range(self):
+        del self.headers["Range"]
+        original(self)
+
+    handler.do_GET = ignore_range
+    try:
+        code, _, err = _fetch(capsys, "--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest",
+                              dest)
+    finally:
+        handler.do_GET = original
+    assert code == 0, err
+    assert (dest / "cifar-10-batches-py" / "batches.meta").is_file()
+
+
+def test_a_bad_checksum_exits_2_naming_both_sums_and_keeps_what_was_there(server, cifar_tarball, tmp_path,
+                                                                          capsys):
+    server.files["/c.tar.gz"] = cifar_tarball
+    dest = tmp_path / "data"
+    (dest / "mine").mkdir(parents=True)
+    (dest / "mine" / "notes.txt").write_text("keep")
+    before = _tree(dest)
+    wanted = "0" * 64
+    code, _, err = _fetch(capsys, "--url", server.url("/c.tar.gz"), "--sha256", wanted, "--dest", dest)
+    line = _one_line_error(err)
+    assert code == 2 and _sha(cifar_tarball) in line and wanted in line
+    assert _tree(dest) == before and (dest / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_an_existing_incomplete_folder_is_never_replaced(server, cifar_tarball, tmp_path, capsys):
+    server.files["/c.tar.gz"] = cifar_tarball
+    dest = tmp_path / "data"
+    (dest / "cifar-10-batches-py").mkdir(parents=True)
+    (dest / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"my own")
+    code, _, err = _fetch(capsys, "--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest", dest)
+    assert code == 2 and "move it away" in _one_line_error(err)
+    assert os.listdir(dest / "cifar-10-batches-py") == ["data_batch_1"] and server.ranges == []
+
+
+@pytest.mark.parametrize("member", ["../escaped.txt", "ABSOLUTE", "cifar-10-batches-py/../../up.txt", "symlink",
+                                    "hardlink", "fifo", "elsewhere/file.txt"])
+def test_a_malicious_archive_is_refused_before_anything_is_extracted(member, server, cifar_tarball, tmp_path,
+                                                                     capsys):
+    absolute = tmp_path / "absolute.txt"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(cifar_tarball)) as good, tarfile.open(fileobj=buffer, mode="w:gz") as evil:
+        for info in good.getmembers():  # the whole official layout, then one hostile member
+            evil.addfile(info, good.extractfile(info) if info.isfile() else None)
+        name = str(absolute) if member == "ABSOLUTE" else member
+        info = tarfile.TarInfo("cifar-10-batches-py/extra" if member in ("symlink", "hardlink", "fifo") else name)
+        if member == "symlink":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        elif member == "hardlink":
+            info.type, info.linkname = tarfile.LNKTYPE, "../../outside.txt"
+        elif member == "fifo":
+            info.type = tarfile.FIFOTYPE
+        else:
+            info.size = 5
+        evil.addfile(info, io.BytesIO(b"owned") if info.isfile() else None)
+    data = buffer.getvalue()
+    server.files["/evil.tar.gz"] = data
+    root = tmp_path / "root"
+    dest = root / "a" / "data"
+    dest.mkdir(parents=True)
+    code, _, err = _fetch(capsys, "--url", server.url("/evil.tar.gz"), "--sha256", _sha(data), "--dest", dest)
+    line = _one_line_error(err)
+    assert code == 2 and "refused, nothing extracted" in line
+    assert _tree(root) == ["a", os.path.join("a", "data")]  # nothing inside or outside the destination
+    assert not absolute.exists()
+
+
+@pytest.mark.parametrize("words, expected", [
+    (["--url", "file:///etc/passwd", "--sha256", "0" * 64], "url: expected an http:// or https:// address"),
+    (["--url", "http://127.0.0.1:9/x.tar.gz"], "sha256: --url gives another file"),
+    (["--sha256", "xyz"], "sha256: expected 64 hexadecimal digits"),
+])
+def test_bad_options_are_one_line_errors(words, expected, tmp_path, capsys):
+    code, _, err = _fetch(capsys, *words, "--dest", tmp_path / "data")
+    assert code == 2 and expected in _one_line_error(err)
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_unreachable_or_missing_url_is_one_line(server, tmp_path, capsys):
+    code, _, err = _fetch(capsys, "--url", server.url("/nothing.tar.gz"), "--sha256", "0" * 64, "--dest", tmp_path)
+    assert code == 2 and "answered HTTP 404" in _one_line_error(err)
+    assert os.listdir(tmp_path) == []
+    code, _, err = _fetch(capsys, "--url", "http://127.0.0.1:1/x.tar.gz", "--sha256", "0" * 64, "--dest", tmp_path)
+    assert code == 2 and "cannot reach" in _one_line_error(err) and os.listdir(tmp_path) == []
+
+
+def test_run_without_cifar10_prints_the_fetch_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "empty"))
+    code = main(["run", "--data", "cifar10", "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "fasttl data fetch cifar10" in _one_line_error(err) and "--download" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "empty").exists()
+
+
+def test_run_download_fetches_cifar10_first(server, cifar_tarball, tmp_path, capsys, monkeypatch):
+    server.files["/cifar-10-python.tar.gz"] = cifar_tarball
+    remote = fetch_module.REMOTES["cifar10"]
+    monkeypatch.setitem(fetch_module.REMOTES, "cifar10", fetch_module.Remote(
+        **dict(remote.__dict__, url=server.url("/cifar-10-python.tar.gz"), sha256=_sha(cifar_tarball))))
+    monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
+    code = main(["run", "--data", "cifar10", "--download", "--strategy", "scratch", "--epochs", "1",
+                 "--out", str(tmp_path / "run"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").is_file()
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    with pytest.raises(Exception, match="download: --download fetches only --data cifar10"):
+        from fasttl.transfer.config import RunConfig
+
+        RunConfig(data="digits", download=True).resolved(8)
