@@ -10,6 +10,7 @@
 #      strided rows, channels_last maps and batch slices, strided int32 indices, unaligned params
 #   5. each kernel's GB/s beside the device-to-device copy GB/s of the same run
 #   6. the transfer job (`fasttl run --device cuda`, every strategy) and finetune throughput
+#   7. LP-FT at 224 px beside its own probe (accuracy, training images/s; issue 18)
 # Each step has its own time limit so the whole fits in about 8 minutes on an H100/H200.
 # Logs and JSON go to $OUT (or ./gpu_check_out); send back the printed summary and $OUT.
 #
@@ -99,6 +100,13 @@ else
     | tee "$OUT/job_check.log"; status=1
 fi
 
+step "LP-FT at 224 px on the carried subset (accuracy, images/s) beside its own probe"
+if [ -d "$REPO/gpu_data/cifar10-small" ]; then
+  timeout 150 python3 "$REPO/benchmarks/gpu_job_check.py" --data "$REPO/gpu_data/cifar10-small" --out "$OUT/lpft" \
+    --lpft 224 > "$OUT/lpft.log" 2>&1 || status=1
+  tail -4 "$OUT/lpft.log"
+fi
+
 step "summary"
 cat "$OUT/machine.txt"
 cat "$OUT/info.txt"
@@ -107,5 +115,6 @@ cat "$OUT/sanitizer_summary.txt"
 cat "$OUT/bandwidth.log"
 cat "$OUT/bench_gpu.log"
 tail -20 "$OUT/job_check.log"
+tail -4 "$OUT/lpft.log" 2>/dev/null
 echo "total $((SECONDS - started)) s, status $status"
 exit $status

@@ -77,6 +77,31 @@ def finetune_throughput(steps: int = 30, batch: int = 64, size: int = 224) -> di
     return results
 
 
+def lpft(data: str, out: str, device: str = "cuda", image_size: int = 224, epochs: int = 5) -> dict:
+    """Issue 18: LP-FT at its defaults (bf16 params + fasttl AdamW masters on CUDA) beside its
+    own probe (`linear` on the same cached features) on the carried subset: accuracy, training
+    images/s (LP-FT: images trained over train_s, which includes the lr sweep and the validation
+    passes), wall time and the epoch kept."""
+    from fasttl.transfer import run
+
+    rows = {}
+    for label, options in (("linear", dict(strategy="linear")),
+                           ("LP-FT", dict(strategy="finetune", epochs=epochs))):
+        started = time.perf_counter()
+        metrics = run(data=data, device=device, image_size=image_size, out=os.path.join(out, label.split()[0]),
+                      overwrite=True, compare="none", progress=False, **options)
+        choice = metrics["notes"].get("choice", {})
+        rows[label] = {"accuracy": metrics["accuracy"], "wall_s": time.perf_counter() - started,
+                       "train_images_per_s": metrics["timings"].get("train_images_per_s"),
+                       "epoch_kept": choice.get("epoch_kept"), "lr_scale": choice.get("lr_scale"),
+                       "precision": metrics["precision"], "device": metrics["device"]}
+    print(f"\nLP-FT at {image_size} px on {data}:")
+    for label, row in rows.items():
+        print(f"  {label:<24} accuracy {row['accuracy']:.4f}  wall {row['wall_s']:6.1f} s  "
+              f"train {row['train_images_per_s'] or 0:8.0f} img/s  epoch kept {row['epoch_kept']}  {row['precision']}")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
@@ -84,11 +109,18 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--device", default="cuda", help="cuda; cpu runs the job part alone, as a smoke test")
     parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--lpft", type=int, default=0, metavar="PX",
+                        help="only LP-FT beside its probe at PX (224 in gpu_check.sh), into OUT/lpft.json")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA GPU visible")
         return 2
     os.makedirs(args.out, exist_ok=True)
+    if args.lpft:
+        rows = lpft(os.path.abspath(args.data), os.path.abspath(args.out), args.device, args.lpft)
+        with open(os.path.join(args.out, "lpft.json"), "w") as f:
+            json.dump(rows, f, indent=2)
+        return 0
     ok = run_strategies(os.path.abspath(args.data), os.path.abspath(args.out), args.epochs, args.device,
                         args.image_size)
     rates = finetune_throughput() if args.device.startswith("cuda") else {}

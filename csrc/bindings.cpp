@@ -29,12 +29,12 @@ DistillArgs make_distill_args(std::uintptr_t student, int64_t student_row_stride
                               std::uintptr_t teacher, int64_t teacher_row_stride, int teacher_dtype,
                               std::uintptr_t target, int64_t ignore_index, double temperature,
                               double alpha, std::uintptr_t loss_rows, std::uintptr_t grad,
-                              int64_t rows, int64_t classes) {
+                              int64_t rows, int64_t classes, double grad_scale) {
   return DistillArgs{as_ptr<const void>(student), student_row_stride, student_dtype,
                      as_ptr<const void>(teacher), teacher_row_stride, teacher_dtype,
                      as_ptr<const int64_t>(target), ignore_index, static_cast<float>(temperature),
                      static_cast<float>(alpha), as_ptr<float>(loss_rows), as_ptr<void>(grad), rows,
-                     classes};
+                     classes, static_cast<float>(grad_scale)};
 }
 
 using Pointers = std::vector<std::uintptr_t>;
@@ -126,6 +126,16 @@ void gather(bool cuda, std::uintptr_t cache, int cache_dtype, std::uintptr_t sca
 #endif
 }
 
+void gather_shards(std::uintptr_t shard_caches, std::uintptr_t shard_scales, int64_t shard_rows, int cache_dtype,
+                   std::uintptr_t indices, int64_t n, int64_t channels, std::uintptr_t out, int out_dtype) {
+  GatherArgs args{nullptr, cache_dtype, nullptr, as_ptr<const int64_t>(indices), n, channels, as_ptr<void>(out),
+                  out_dtype};
+  args.shard_caches = as_ptr<const void* const>(shard_caches);
+  args.shard_scales = as_ptr<const float* const>(shard_scales);
+  args.shard_rows = shard_rows;
+  gather_cpu(args);
+}
+
 py::dict build_info() {
   py::dict info;
   info["version"] = FASTTL_VERSION;
@@ -174,30 +184,32 @@ PYBIND11_MODULE(_C, m) {
 
   const char* distill_doc =
       "Fused distillation loss over rows: writes the fp32 loss of each row and the gradient of "
-      "that loss with respect to the student logits. Arguments: student, student_row_stride, "
-      "student_dtype, teacher, teacher_row_stride, teacher_dtype, target (0 for none), "
-      "ignore_index, temperature, alpha, loss_rows, grad, rows, classes.";
+      "that loss with respect to the student logits, times grad_scale. Arguments: student, "
+      "student_row_stride, student_dtype, teacher, teacher_row_stride, teacher_dtype, target (0 for "
+      "none), ignore_index, temperature, alpha, loss_rows, grad, rows, classes, grad_scale.";
   m.def(
       "distill_rows_cpu",
       [](std::uintptr_t s, int64_t ss, int sd, std::uintptr_t t, int64_t ts, int td, std::uintptr_t y,
          int64_t ignore, double temp, double alpha, std::uintptr_t loss, std::uintptr_t grad,
-         int64_t rows, int64_t classes) {
+         int64_t rows, int64_t classes, double grad_scale) {
         distill_rows_cpu(make_distill_args(s, ss, sd, t, ts, td, y, ignore, temp, alpha, loss, grad,
-                                           rows, classes));
+                                           rows, classes, grad_scale));
       },
       distill_doc, py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_kernel_clone", &cpu_kernel_clone,
+        "Which clone of the CPU kernels (x86-64-v4: AVX-512, x86-64-v3: AVX2+FMA, default) this CPU runs.");
   m.def(
       "distill_rows_cuda",
       [](std::uintptr_t s, int64_t ss, int sd, std::uintptr_t t, int64_t ts, int td, std::uintptr_t y,
          int64_t ignore, double temp, double alpha, std::uintptr_t loss, std::uintptr_t grad,
-         int64_t rows, int64_t classes, std::uintptr_t stream) {
+         int64_t rows, int64_t classes, double grad_scale, std::uintptr_t stream) {
 #ifdef FASTTL_WITH_CUDA
         distill_rows_cuda(make_distill_args(s, ss, sd, t, ts, td, y, ignore, temp, alpha, loss, grad,
-                                            rows, classes),
+                                            rows, classes, grad_scale),
                           reinterpret_cast<void*>(stream));
 #else
         (void)s, (void)ss, (void)sd, (void)t, (void)ts, (void)td, (void)y, (void)ignore, (void)temp;
-        (void)alpha, (void)loss, (void)grad, (void)rows, (void)classes, (void)stream;
+        (void)alpha, (void)loss, (void)grad, (void)rows, (void)classes, (void)grad_scale, (void)stream;
         no_cuda("distill_rows_cuda");
 #endif
       },
@@ -213,6 +225,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("gather", &gather,
         "Feature cache read: out[i] = dequantized cache[indices[i]] as fp32 or bf16: cuda, cache, "
         "cache_dtype, scales, indices, n, channels, out, out_dtype, stream.",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("gather_shards", &gather_shards,
+        "Feature cache read from a cache stored as shards (CPU): out[i] = dequantized row indices[i], found in "
+        "shard indices[i] / shard_rows: shard_caches (address of a table of shard addresses), shard_scales (int8: "
+        "a table of scale addresses, else 0), shard_rows, cache_dtype, indices, n, channels, out, out_dtype.",
         py::call_guard<py::gil_scoped_release>());
   m.def("adam_step", &adam_step,
         "One fused Adam/AdamW step over a list of tensors of one device and dtype group: "

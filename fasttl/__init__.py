@@ -3,13 +3,15 @@ import importlib
 
 from fasttl import nn, optim
 from fasttl._native import build_info
+from fasttl._ops import raise_device_errors  # a CUDA op's bad index, raised named at a sync you choose
 from fasttl._version import __version__
 from fasttl.cache import FeatureCache
 from fasttl.losses import distillation_loss
 
 
 _SUBPACKAGES = ("backbones", "cache", "data", "transfer")  # imported on first use (DALI, matplotlib stay unloaded)
-__all__ = ["FeatureCache", "distillation_loss", "load_run", "nn", "optim", "build_info", "__version__",
+__all__ = ["FeatureCache", "distillation_loss", "load_run", "nn", "optim", "build_info", "raise_device_errors",
+           "__version__",
            *_SUBPACKAGES]
 
 

@@ -249,6 +249,8 @@ def _check_gather(cache, scales, indices, out_dtype) -> None:
 _LIB = torch.library.Library("fasttl", "DEF")
 _LIB.define("distill_rows(Tensor student, Tensor teacher, Tensor? target, float temperature, float alpha, "
             "int ignore_index) -> (Tensor, Tensor)")
+_LIB.define("distill_loss(Tensor student, Tensor teacher, Tensor? target, float temperature, float alpha, "
+            "int ignore_index, float scale) -> (Tensor, Tensor)")
 _LIB.define("pool_store(Tensor src, Tensor(a!) cache, Tensor(b!)? scales, Tensor rows) -> ()")
 _LIB.define("gather(Tensor cache, Tensor? scales, Tensor indices, ScalarType out_dtype) -> Tensor")
 
@@ -288,8 +290,10 @@ def _distill_rows_kernel(student: Tensor, teacher: Tensor, target: Optional[Tens
 
 
 def run_distill_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], temperature: float,
-                     alpha: float, ignore_index: int, loss_rows: Tensor, grad: Tensor) -> None:
-    """Calls the native kernel into given outputs (unit column strides, target int64)."""
+                     alpha: float, ignore_index: int, loss_rows: Tensor, grad: Tensor,
+                     grad_scale: float = 1.0) -> None:
+    """Calls the native kernel into given outputs (unit column strides, target int64); the
+    gradient written is grad_scale * d(loss_rows[i])/d(student[i])."""
     rows, classes = student.shape
     if rows == 0:
         return
@@ -298,6 +302,7 @@ def run_distill_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor],
         teacher.data_ptr(), teacher.stride(0), dtype_code(teacher),
         0 if target is None else target.data_ptr(), int(ignore_index),
         float(temperature), float(alpha), loss_rows.data_ptr(), grad.data_ptr(), rows, classes,
+        float(grad_scale),
     )
     if student.device.type == "cuda":
         require_cuda_kernels("distill_rows_cuda")
@@ -341,6 +346,56 @@ def _distill_rows_backward(ctx, grad_loss_rows, _grad_of_grad):
 torch.library.register_autograd("fasttl::distill_rows", _distill_rows_backward, setup_context=_distill_rows_setup,
                                 lib=_LIB)
 distill_rows = torch.ops.fasttl.distill_rows.default
+
+
+# ---- distill_loss: the reduced loss, its scale folded into the forward's gradient ----------------
+# For reduction "sum" or "mean" the upstream gradient of every row is known before the kernel runs
+# (1, or 1 / counted rows), so the kernel writes the final gradient and a backward reached with an
+# upstream gradient of 1 (loss.backward() on the loss itself, the common case) returns it as it is:
+# no second pass over a (B, C) buffer.
+@_kernel("distill_loss")
+def _distill_loss_kernel(student: Tensor, teacher: Tensor, target: Optional[Tensor], temperature: float,
+                         alpha: float, ignore_index: int, scale: float) -> Tuple[Tensor, Tensor]:
+    """scale * (sum of the per-row losses), fp32 0-dim, and its gradient w.r.t. the student
+    (student dtype, (B, C)), in one native call."""
+    _check_distill_rows(student, teacher, target, temperature, alpha)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: is {scale} (expected a finite number)")
+    _raise_reported(student.device)
+    student = _unit_column_stride(student)
+    teacher = _unit_column_stride(teacher)
+    rows, classes = student.shape
+    loss_rows = torch.empty(rows, dtype=torch.float32, device=student.device)
+    grad = torch.empty((rows, classes), dtype=student.dtype, device=student.device)
+    if target is not None:
+        target = _check_range("target", _as_int64(target), classes, ignore_index=int(ignore_index))
+    run_distill_rows(student, teacher, target, temperature, alpha, ignore_index, loss_rows, grad, scale)
+    return loss_rows.sum() * scale, grad
+
+
+@_fake("distill_loss")
+def _distill_loss_fake(student, teacher, target, temperature, alpha, ignore_index, scale):
+    _check_distill_rows(student, teacher, target, temperature, alpha)
+    return student.new_empty((), dtype=torch.float32), student.new_empty(student.shape)
+
+
+def _distill_loss_backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
+    if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
+        # The forward wrote the final gradient. Autograd may hand this very buffer on as the
+        # leaf's .grad; it is never written again (a retained graph's second backward reads it
+        # unchanged, and one with another upstream gradient is refused by the version check).
+        return grad, None, None, None, None, None, None
+    with torch.no_grad():
+        grad.mul_(grad_loss.to(grad.dtype))
+    return grad, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fasttl::distill_loss", _distill_loss_backward, setup_context=_distill_rows_setup,
+                                lib=_LIB)
+distill_loss = torch.ops.fasttl.distill_loss.default
 
 
 def _no_context():

@@ -29,7 +29,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from fasttl.bench import runner
 
     runner.run(args.names, device=args.device, quick=args.quick, json_path=args.json, plot_path=args.plot,
-               e2e_subset=args.e2e_subset)
+               e2e_subset=args.e2e_subset, scale=args.scale)
     return 0
 
 
@@ -99,7 +99,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                         dtype=args.dtype, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
                         shard_rows=args.shard_rows, backend=args.backend, progress=not args.no_progress,
                         on_error=args.on_error, features=args.features, engine=args.engine,
-                        precision=args.extract_precision)
+                        precision=args.extract_precision, classes=args.classes)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print("\n".join(format_summary(summaries)))
     if dist.is_initialized():
@@ -173,6 +173,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
         shown = "" if default is None else f" (default {default})"
         optional = {"nargs": "?", "const": meta["const"]} if meta.get("const") is not None else {}
+        if meta.get("repeat"):
+            optional = {"action": "append"}
         parser.add_argument(flag, type=meta["kind"], choices=choices, metavar=meta["metavar"], default=None,
                             help=meta["help"] + shown, **optional)
 
@@ -215,7 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="precompute a frozen backbone's features into a cache (torchrun-aware)")
     p.add_argument("--backbone", default="efficientnet_lite0", help="backbone name (default efficientnet_lite0)")
     p.add_argument("--weights", metavar="FILE", help="state dict file for the backbone")
-    p.add_argument("--data", required=True, metavar="DIR", help="class folders (DIR/train and DIR/test used when present)")
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help="class folders (DIR/train and DIR/test used when present), a file list LIST.csv/.tsv/.parquet "
+                        "(path,label columns; paths relative to the list's folder) or WebDataset shards "
+                        "'train-{000000..000127}.tar' (KEY.jpg + KEY.cls per sample)")
+    p.add_argument("--classes", "--classes-file", dest="classes", metavar="FILE",
+                   help="file list or WebDataset: class names, one a line (default: the labels' names, or indices)")
     p.add_argument("--out", required=True, metavar="DIR", help="cache directory (one sub-folder per split)")
     p.add_argument("--image-size", type=int, metavar="N", help="input size in pixels (default: the backbone's)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32", "int8"], help="cache dtype")
@@ -278,13 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_data_fetch)
 
+    from fasttl.bench.runner import BENCHMARKS  # names only: the benchmark modules load when run
+
     p = sub.add_parser("bench", help="time fasttl beside the PyTorch ways of doing the same")
-    p.add_argument("names", nargs="+", metavar="NAME", choices=["distill", "adam", "cache", "data", "e2e", "all"],
-                   help="distill, adam, cache, data, e2e, or all")
+    p.add_argument("names", nargs="+", metavar="NAME", choices=list(BENCHMARKS) + ["all"],
+                   help=", ".join(BENCHMARKS) + ", or all")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     p.add_argument("--json", metavar="FILE", help="write machine-readable results here")
     p.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the speedups here")
+    p.add_argument("--scale", action="store_true",
+                   help="cache: the at-scale mode (a 2 GB cache written to /tmp, opened and read from its memory "
+                        "maps in a fresh process; open time, RssAnon, epoch GB/s; WebDataset vs class folders)")
     p.add_argument("--e2e-subset", type=_per_class_pair, metavar="TRAIN,TEST",
                    help="e2e: CIFAR-10 images per class for training and test (default 500,100)")
     p.set_defaults(func=_cmd_bench)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from fasttl import backbones
 from fasttl.cache import FeatureCache
 from fasttl.data import class_folder_splits
+from fasttl.data.sources import open_data
 from fasttl.errors import OptionError
 
 
@@ -30,8 +31,12 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
             dtype: str = "fp16", batch_size: Optional[int] = None, device: str = "cpu", overwrite: bool = False,
             shard_rows: int = 4096, backend: str = "auto", progress: bool = True,
             on_error: str = "fail", features: str = "head", engine: str = "auto",
-            precision: str = "auto") -> Dict[str, dict]:
+            precision: str = "auto", classes: Optional[str] = None) -> Dict[str, dict]:
     """Builds one cache per split: OUT/train and OUT/test when DATA has train/ and test/, else OUT/all.
+    DATA may also be a file list (.csv, .tsv, .parquet with path and label columns, paths relative
+    to the list's folder) or WebDataset shards (a .tar brace pattern; samples KEY.jpg + KEY.cls);
+    ``classes``: a file naming their classes, one a line. Either is one split, OUT/all, its rows
+    in the list's (or the shards') order, each row's source in the cache's samples.json.
     ``on_error="skip"`` leaves out images that do not decode (listed in each manifest's "skipped"
     and counted in the summary); ``"fail"`` (default) stops at the first, naming it.
     ``features``: "head" or "multi" (see `fasttl run --features`); ``engine`` and ``precision``:
@@ -42,7 +47,11 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
         raise OptionError(f"features: unknown {features!r}; choose from {', '.join(FEATURE_TAPS)}")
     torch_device = init_distributed(device)
     model = backbones.create(backbone_name, weights=weights)
-    train, test = class_folder_splits(data)
+    listed = open_data(data, classes)
+    if listed is None and classes is not None:
+        raise OptionError("classes: --classes names the classes of a file list or WebDataset shards; class folders "
+                          "are named by their folders")
+    train, test = (listed, None) if listed is not None else class_folder_splits(data)
     splits = {"train": train, "test": test} if test is not None else {"all": train}
     summaries = {}
     for name, source in splits.items():
@@ -58,7 +67,7 @@ def format_summary(summaries: Dict[str, dict]) -> List[str]:
     lines = []
     for name, s in summaries.items():
         skipped = s.get("skipped", 0)
-        note = f", {skipped} skipped (unreadable, listed in its manifest.json)" if skipped else ""
+        note = f", {skipped} skipped (listed with the reason in its manifest.json)" if skipped else ""
         if s.get("images", 0) == 0 and s.get("shards_built", 0) == 0 and s.get("bytes_written", 0) == 0:
             lines.append(f"{name}: {s['rows']} rows already cached in {s['directory']} (fingerprint matches{note})")
             continue

@@ -55,6 +55,22 @@ def _check_arguments(student_logits, teacher_logits, target, temperature, alpha,
         raise ValueError(f"reduction: is {reduction!r} (expected one of {_REDUCTIONS})")
 
 
+def _known_scale(student_logits: Tensor, target: Optional[Tensor], reduction: str, ignore_index: int):
+    """The factor of a "sum" or "mean" over the rows when it is known without waiting for a GPU
+    (None otherwise): then the kernel folds it into the gradient it writes."""
+    if reduction == "sum":
+        return 1.0
+    if reduction == "mean":
+        if target is None:
+            return 1.0 / max(student_logits.size(0), 1)
+        # Counting the rows reads the target: on the CPU and outside torch.compile (where it would
+        # break the graph) that costs nothing worth avoiding.
+        if target.device.type == "cpu" and student_logits.device.type == "cpu" and \
+                not torch.compiler.is_compiling():
+            return 1.0 / max(int((target != ignore_index).sum()), 1)
+    return None
+
+
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None, *,
                       temperature: float = 1.0, alpha: float = 0.5, reduction: str = "mean",
                       ignore_index: int = -100) -> Tensor:
@@ -72,7 +88,9 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     ``"sum"`` adds them, ``"none"`` returns the (B,) per-row losses.
 
     The forward pass also computes the gradient with respect to ``student_logits`` (online in
-    fp32, with the row maxima subtracted); backward only scales it. **No gradient flows to the
+    fp32, with the row maxima subtracted); backward only scales it, and for ``"sum"`` and
+    ``"mean"`` (the row count known on the host) the reduction's factor is already in it, so a
+    backward with upstream gradient 1 (``loss.backward()``) does no work at all. **No gradient flows to the
     teacher**: ``teacher_logits`` is treated as a constant, as it is in distillation.
 
     Args:
@@ -99,6 +117,11 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
         >>> fasttl.distillation_loss(student, teacher, y, temperature=4.0, alpha=0.9).backward()
     """
     _check_arguments(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index)
+    scale = _known_scale(student_logits, target, reduction, ignore_index)
+    if scale is not None:
+        loss, _ = _ops.distill_loss(student_logits, teacher_logits.detach(), target, float(temperature),
+                                    float(alpha), int(ignore_index), scale)
+        return loss.to(student_logits.dtype)
     loss_rows, _ = _ops.distill_rows(student_logits, teacher_logits.detach(), target,
                                      float(temperature), float(alpha), int(ignore_index))
     if reduction == "none":

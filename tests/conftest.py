@@ -21,6 +21,11 @@ def _fresh_seed(request):
     # salted per process, so a failure would not come back on the next run).
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_dir(tmp_path_factory):
+    # Caches' verification records (fasttl.cache.format.state_dir) stay inside the test session.
+    os.environ["FASTTL_STATE_DIR"] = str(tmp_path_factory.mktemp("fasttl-state"))
+
 DALI_REASON = "NVIDIA DALI is not installed (pip install nvidia-dali-cuda120)"
 
 

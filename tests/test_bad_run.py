@@ -216,6 +216,9 @@ def test_a_damaged_teacher_logits_file_is_recomputed(two_classes, tmp_path):
     ({"compare": "scratch"}, "compare: --compare scratch is the --strategy itself"),
     ({"teacher": "some/run"}, "teacher: --teacher is read only by --strategy distill"),
     ({"finetune_stages": 2}, "finetune_stages: --finetune-stages is read only by --strategy finetune"),
+    ({"regularize": "l2sp"}, "regularize: --regularize is read only by --strategy finetune"),
+    ({"finetune_from": "random"}, "finetune_from: --finetune-from is read only by --strategy finetune"),
+    ({"strategy": "finetune", "regularize": "l2"}, "regularize: unknown 'l2'"),
 ])
 def test_bad_options_are_refused_before_any_work(two_classes, tmp_path, options, match):
     with pytest.raises(OptionError, match=match):

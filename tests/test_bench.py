@@ -20,12 +20,12 @@ def test_bench_all_quick_writes_tables_json_and_plot(tmp_path, cifar10_root):
                              "--plot", str(out_png)], capture_output=True, text=True, timeout=600,
                             env={**os.environ, **env})
     assert result.returncode == 0, result.stderr
-    for name in ("distill", "adam", "data", "cache", "e2e"):
+    for name in runner.BENCHMARKS:
         assert f"## {name}" in result.stdout
     payload = json.loads(out_json.read_text())
     assert payload["quick"] is True and payload["machine"]["cores"] >= 1
     results = {r["name"]: r for r in payload["results"]}
-    assert set(results) == {"distill", "adam", "data", "cache", "e2e"}
+    assert set(results) == set(runner.BENCHMARKS)
     for r in results.values():
         assert r["rows"] and r["table"].count("\n") >= 2
         bars = importlib.import_module(runner.BENCHMARKS[r["name"]]).speedups(r)  # each plot panel has bars

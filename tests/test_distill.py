@@ -221,13 +221,88 @@ def test_bad_input_names_the_argument(call, error, match):
         call(student, teacher, target)
 
 
-def test_second_backward_through_a_retained_graph_is_refused_not_wrong():
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_backward_through_a_retained_graph_is_refused_not_wrong(reduction):
+    # An upstream gradient other than 1 scales the saved gradient in place: a second backward
+    # through the retained graph is refused by autograd's version check rather than wrong.
     student, teacher, target = make_inputs((6, 9), torch.float32, "cpu")
     student.requires_grad_()
-    loss = fasttl.distillation_loss(student, teacher, target)
+    loss = fasttl.distillation_loss(student, teacher, target, reduction=reduction).sum() * 2.0
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
         loss.backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_second_backward_with_upstream_one_accumulates_the_same_gradient(reduction):
+    # With an upstream gradient of 1 the forward's gradient is handed on untouched, so a second
+    # backward through a retained graph reads it unchanged and the leaf gets twice the gradient.
+    student, teacher, target = make_inputs((6, 9), torch.float32, "cpu")
+    student.requires_grad_()
+    loss = fasttl.distillation_loss(student, teacher, target, reduction=reduction)
+    loss.backward(retain_graph=True)
+    once = student.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(student.grad, 2 * once)
+    _, expected = reference(student, teacher, target, reduction=reduction)
+    torch.testing.assert_close(once.double(), expected, atol=1e-6, rtol=1e-5)
+
+
+def _grad_with_upstream(student, teacher, target, upstream, fn, **kw):
+    s = student.detach().clone().requires_grad_()
+    loss = fn(s, teacher, target, **kw)
+    loss.backward(upstream(loss))
+    return loss.detach(), s.grad
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("shape", [(1, 1), (41, 1271), (5, 3001)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0, 4.0, 2.5])
+def test_upstream_gradient_other_than_one_per_row(device, dtype, shape, temperature):
+    # reduction="none" with a random upstream gradient per row: a backward that ignored it, or
+    # scaled the wrong rows, fails. The integer temperatures run the kernel's es^T path.
+    student, teacher, target = make_inputs(shape, dtype, device)
+    upstream = torch.randn(shape[0], dtype=torch.float64).to(dtype).to(device)
+    kw = dict(temperature=temperature, alpha=0.6, reduction="none")
+    loss, grad = _grad_with_upstream(student, teacher, target, lambda _: upstream, fasttl.distillation_loss, **kw)
+    ref_loss, ref_grad = _grad_with_upstream(student.double(), teacher.double(), target, lambda _: upstream.double(),
+                                             _reference.distillation_loss, **kw)
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert_close(grad, ref_grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("upstream", [1.0, -2.5])
+@pytest.mark.parametrize("with_ignored", [False, True])
+def test_reduced_loss_with_upstream_gradient(device, reduction, upstream, with_ignored):
+    # "mean" and "sum" fold their factor into the forward's gradient; an upstream gradient other
+    # than 1 (loss * k) must still reach it, and ignored rows must leave the mean's divisor.
+    student, teacher, target = make_inputs((37, 203), torch.float32, device)
+    if with_ignored:
+        target[::5] = -100
+    kw = dict(temperature=4.0, alpha=0.8, reduction=reduction)
+    up = lambda loss: torch.full_like(loss, upstream)  # noqa: E731
+    loss, grad = _grad_with_upstream(student, teacher, target, up, fasttl.distillation_loss, **kw)
+    ref_loss, ref_grad = _grad_with_upstream(student.double(), teacher.double(), target, up,
+                                             _reference.distillation_loss, **kw)
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(grad, ref_grad, torch.float32, "grad")
+
+
+def test_reduced_op_passes_opcheck():
+    student, teacher, target = make_inputs((6, 11), torch.float32, "cpu")
+    student.requires_grad_()
+    for args in [(student, teacher, target, 4.0, 0.5, -100, 0.25), (student, teacher, None, 1.5, 1.0, -100, 1.0)]:
+        torch.library.opcheck(torch.ops.fasttl.distill_loss.default, args)
+
+
+def test_reports_the_cpu_kernel_clone_it_runs():
+    from fasttl._native import native
+
+    name = native.cpu_kernel_clone()
+    assert name.split(" ")[0] in ("x86-64-v4", "x86-64-v3", "default", "single")
 
 
 @pytest.mark.parametrize("device", devices())

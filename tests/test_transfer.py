@@ -220,7 +220,9 @@ def test_finetune_under_torchrun_two_processes_gloo(tiny_cifar, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["notes"]["world_size"] == 2
-    assert metrics["history"][0]["images"] == 32  # each rank trained its half of the 64 images
+    # each rank trained its half of the training part (64 images less the validation split held out by LP-FT)
+    trained = metrics["notes"]["choice"]["validation"]["train_images"]
+    assert trained % 2 == 0 and 48 <= trained < 64 and metrics["history"][0]["images"] == trained // 2
 
 
 def test_mirror_views_train_on_both_and_average_at_test(tiny_cifar, tmp_path):

@@ -32,7 +32,7 @@ __global__ void distill_rows_kernel(DistillArgs a) {
       if (threadIdx.x == 0) a.loss_rows[i] = 0.0f;
       continue;  // uniform across the row's threads, so no reduction is left waiting
     }
-    const DistillParams p{inv_t, a.temperature, a.alpha, a.target != nullptr};
+    const DistillParams p{inv_t, a.temperature, a.alpha, a.target != nullptr, a.grad_scale};
 
     // Pass 1: each thread keeps its own running maxima and its sums relative to them, moving the
     // sums onto a new maximum when one appears (online softmax, as the CPU loop does per stretch).

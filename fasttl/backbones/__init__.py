@@ -26,6 +26,15 @@ _LOADERS = {
     "resnet50": load_resnet,
 }
 DEFAULT = "efficientnet_lite0"
+# The input size `fasttl run` uses for a backbone when --image-size is not given (CIFAR-10's 32 px
+# photographs upscaled): chosen by accuracy per minute of the whole job on the 2-core CPU
+# (benchmarks/RESULTS.md, "Feature transfer: backbone, size and features").
+RUN_IMAGE_SIZES = {"efficientnet_lite0": 160, "efficientnet_lite1": 160, "efficientnet_lite2": 160}
+RUN_IMAGE_SIZE = 128  # any other backbone
+
+
+def run_image_size(name: str) -> int:
+    return RUN_IMAGE_SIZES.get(name, RUN_IMAGE_SIZE)
 
 
 def available() -> List[str]:
@@ -53,4 +62,4 @@ def imagenet_classes() -> List[str]:
 
 
 __all__ = ["Backbone", "CustomBackbone", "Preprocessing", "EfficientNetLite", "ResNet", "available", "create",
-           "imagenet_classes", "DEFAULT"]
+           "imagenet_classes", "run_image_size", "DEFAULT"]

@@ -11,14 +11,17 @@ BENCHMARKS = {
     "distill": "fasttl.bench.distill",
     "adam": "fasttl.bench.adam",
     "data": "fasttl.bench.data",
+    "extract": "fasttl.bench.extract",
     "cache": "fasttl.bench.cache",
     "e2e": "fasttl.bench.e2e",
 }
 
 
 def run(names: List[str], device: str = "cpu", quick: bool = False, json_path: Optional[str] = None,
-        plot_path: Optional[str] = None, e2e_subset: Optional[Tuple[int, int]] = None) -> Dict[str, object]:
-    """`e2e_subset`: (train, test) images per class for e2e instead of its default."""
+        plot_path: Optional[str] = None, e2e_subset: Optional[Tuple[int, int]] = None,
+        scale: bool = False) -> Dict[str, object]:
+    """`e2e_subset`: (train, test) images per class for e2e instead of its default; `scale`: the
+    cache benchmark's at-scale mode."""
     if names == ["all"]:
         names = list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -32,6 +35,8 @@ def run(names: List[str], device: str = "cpu", quick: bool = False, json_path: O
         options = {}
         if name == "e2e" and e2e_subset:
             options = {"per_class": e2e_subset[0], "test_per_class": e2e_subset[1]}
+        if name == "cache" and scale:
+            options = {"scale": True}
         result = module.run(device=device, quick=quick, **options)
         result["table"] = module.table(result)
         print(f"\n## {name}\n\n{result['table']}", flush=True)

@@ -16,12 +16,13 @@ import torch.distributed as dist
 from fasttl import files
 from fasttl._version import __version__
 from fasttl.cache import engines, store
-from fasttl.cache.format import mismatch_message, npy_header, storage_dtypes, to_numpy_storage, validate_manifest
+from fasttl.cache.format import (identities, manifest_sha256, mismatch_message, npy_header, record_verified,
+                                 storage_dtypes, to_numpy_storage, validate_manifest)
 from fasttl.cache.store import CacheError
 from fasttl.cache.kernels import CACHE_DTYPES, pool_store
 from fasttl.data import ImageLoader, TransformSpec
 from fasttl.data import screen as screen_source
-from fasttl.data.sources import ArraySource, FileSource
+from fasttl.data.sources import ArraySource, FileSource, TarSource
 
 
 def compute_settings(device: torch.device, engine: str = "auto", precision: str = "auto") -> dict:
@@ -156,7 +157,7 @@ def _screen_as_recorded(data, manifest: Optional[dict]):
     """The screened source a finished cache recorded for the same raw source, without decoding
     every file again; None when the manifest does not record a screening of `data`."""
     screening = (manifest or {}).get("screening")
-    if not isinstance(screening, dict) or not isinstance(data, FileSource):
+    if not isinstance(screening, dict) or not isinstance(data, (FileSource, TarSource)):
         return None
     if screening.get("on_error") != "skip" or screening.get("source") != data.identity():
         return None
@@ -164,7 +165,8 @@ def _screen_as_recorded(data, manifest: Optional[dict]):
     ids = data.sample_ids()
     keep = [i for i, sample in enumerate(ids) if sample not in reasons]
     source = data.subset(keep)
-    source.skipped = list(data.skipped) + [(data.files[i], reasons[ids[i]]) for i in range(len(ids))
+    names = data.files if isinstance(data, FileSource) else ids  # as screen() lists them
+    source.skipped = list(data.skipped) + [(names[i], reasons[ids[i]]) for i in range(len(ids))
                                            if ids[i] in reasons]
     return source
 
@@ -322,7 +324,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
         result = _extract_missing(backbone, source, spec, out_dir, key, dtype, shard_rows, batch_size, device,
                                   resolved_backend, progress, rank, world, run, wanted["feature_dim"])
         if rank == 0:
-            screened = on_error == "skip" and isinstance(data, FileSource)
+            screened = on_error == "skip" and isinstance(data, (FileSource, TarSource))
             screening = {"on_error": on_error, "source": data.identity()} if screened else None
             shards = math.ceil(len(source) / shard_rows)
             result["bytes_written"] += _write_manifest(out_dir, source, labels, wanted, key, shards, skipped,
@@ -452,10 +454,165 @@ def _write_manifest(out_dir: str, source, labels: np.ndarray, wanted: dict, key:
                 "skipped": _skipped_records(source, skipped)}
     if screening is not None:
         manifest["screening"] = screening
+    _finish(out_dir, manifest)
+    return len(label_bytes) + len(sample_bytes)
+
+
+def _finish(out_dir: str, manifest: dict) -> None:
+    """Writes the manifest (last: its presence marks the cache finished), drops the build record
+    and records every listed file as verified: its checksum was just taken from what was written."""
     files.write_json_atomic(os.path.join(out_dir, store.MANIFEST), manifest)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out_dir, store.BUILD))
-    return len(label_bytes) + len(sample_bytes)
+    record_verified(out_dir, manifest_sha256(out_dir), identities(out_dir, manifest))
+
+
+def _write_fingerprint(fingerprint: Optional[dict], classes, dtype: str, feature_dim: int, count: int,
+                       shard_rows: int, identity: str) -> dict:
+    return {"source": "FeatureCache.write", "user": fingerprint or {},
+            "dataset": {"identity": identity, "count": count, "classes": list(classes)},
+            "dtype": dtype, "feature_dim": int(feature_dim), "shard_rows": int(shard_rows),
+            "fasttl_version": __version__, "format": store.FORMAT_VERSION}
+
+
+def _as_rows(chunk, index: int) -> torch.Tensor:
+    """One chunk of `write` as a 2-D floating tensor on the CPU."""
+    if isinstance(chunk, np.ndarray):
+        if chunk.dtype.kind != "f":
+            raise ValueError(f"chunks: chunk {index} is a {chunk.dtype} array (expected floating point features)")
+        chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+    if not isinstance(chunk, torch.Tensor) or not chunk.dtype.is_floating_point or chunk.dim() != 2:
+        raise ValueError(f"chunks: chunk {index} is {getattr(chunk, 'dtype', type(chunk).__name__)} of shape "
+                         f"{tuple(getattr(chunk, 'shape', ()))} (expected an (n, D) float array or tensor)")
+    chunk = chunk.detach().cpu()
+    if chunk.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        chunk = chunk.float()
+    if chunk.numel() and not bool(torch.isfinite(chunk).all()):
+        raise ValueError(f"chunks: chunk {index} holds NaN or infinite values")
+    return chunk
+
+
+def write_cache(directory: str, chunks, labels, *, classes, dtype: str = "fp16", sample_ids=None,
+                fingerprint: Optional[dict] = None, shard_rows: int = 65536, overwrite: bool = False) -> dict:
+    """Streams features computed elsewhere into a cache in `directory` (``FeatureCache.write``).
+
+    * ``chunks``: any iterable of (n_i, D) float arrays or tensors (numpy, torch on any device),
+      rows in order; converted to ``dtype`` (fp32, fp16, bf16, int8 with a per-row scale) by the
+      same kernel as extraction, and written shard by shard: only one shard of ``shard_rows``
+      rows is held in memory.
+    * ``labels``: one integer per row, in [0, len(classes)); ``classes``: the class names.
+    * ``sample_ids``: one string per row (default "0", "1", ...), to trace rows to their source.
+    * ``fingerprint``: any JSON object describing what computed the features (model, data
+      version); kept under the manifest's fingerprint "user".
+    * Same discipline as ``build``: the writer lock, every file to a temporary name, fsynced and
+      renamed; the manifest (checksums of every file) last. A folder holding a cache is refused
+      unless ``overwrite`` (which removes only the cache's own files). There is no resume: the
+      chunks are consumed once; an interrupted write leaves no manifest, and writing again
+      starts over.
+
+    Returns what it did (``directory``, ``rows``, ``shards``, ``bytes_written``, ``seconds``)."""
+    started = time.perf_counter()
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
+    if not isinstance(shard_rows, int) or isinstance(shard_rows, bool) or shard_rows < 1:
+        raise ValueError(f"shard_rows: expected a positive integer, got {shard_rows!r}")
+    classes = list(classes) if not isinstance(classes, str) else None
+    if not classes or not all(isinstance(c, str) and c for c in classes):
+        raise ValueError("classes: expected a non-empty list of class names (strings)")
+    if fingerprint is not None:
+        if not isinstance(fingerprint, dict):
+            raise ValueError(f"fingerprint: expected a dict (JSON object), got {type(fingerprint).__name__}")
+        try:
+            files.json_bytes(fingerprint)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"fingerprint: not JSON-serializable ({exc})") from None
+    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
+        raise ValueError(f"labels: expected one integer per row, got {labels.dtype} of shape {labels.shape}")
+    labels = labels.astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+        bad = int(np.flatnonzero((labels < 0) | (labels >= len(classes)))[0])
+        raise ValueError(f"labels: row {bad} has label {labels[bad]}, outside the {len(classes)} classes "
+                         f"[0, {len(classes)})")
+    if sample_ids is not None:
+        sample_ids = [str(s) if not isinstance(s, str) else s for s in sample_ids]
+        if len(sample_ids) != len(labels):
+            raise ValueError(f"sample_ids: {len(sample_ids)} ids for {len(labels)} labels (expected one per row)")
+    directory = os.path.abspath(os.path.expanduser(directory))
+    cache_dtype = CACHE_DTYPES[dtype]
+    os.makedirs(directory, exist_ok=True)
+    with store.WriterLock(directory):
+        if store.regular_file(os.path.join(directory, store.MANIFEST)) is not None and not overwrite:
+            raise CacheError(f"{directory}: already holds a cache; write to another directory, or pass "
+                             "overwrite=True to replace it")
+        store.remove_cache_files(directory)  # an interrupted write's shards, or the cache replaced
+        store.remove_stale_temporaries(directory)
+        # Shard names carry a key of what is known before the first row: this write's settings.
+        header = {"write": _write_fingerprint(fingerprint, classes, dtype, 0, 0, shard_rows, ""),
+                  "started": time.time_ns(), "pid": os.getpid()}
+        key = store.fingerprint_key(header)
+        files.write_json_atomic(os.path.join(directory, store.BUILD), {"fingerprint": header})
+        entries, written, count, width = [], 0, 0, None
+        buffer = scales = None
+        filled = 0
+
+        def flush():
+            nonlocal written, filled
+            shard = len(entries)
+            entry = {"rows": [count - filled, count]}
+            if scales is not None:
+                data = store.npy_bytes(scales[:filled].numpy())
+                files.write_atomic(os.path.join(directory, store.scales_file(shard, key)), data)
+                entry["scales"] = _file_entry(directory, store.scales_file(shard, key), data)
+                written += len(data)
+            data = store.npy_bytes(to_numpy_storage(buffer[:filled]))
+            files.write_atomic(os.path.join(directory, store.features_file(shard, key)), data)
+            entry["features"] = _file_entry(directory, store.features_file(shard, key), data)
+            written += len(data)
+            entries.append(entry)
+            filled = 0
+
+        for index, chunk in enumerate(chunks):
+            chunk = _as_rows(chunk, index)
+            if width is None:
+                width = chunk.shape[1]
+                if width < 1:
+                    raise ValueError(f"chunks: chunk {index} has no columns (expected D >= 1 features per row)")
+                buffer = torch.empty((shard_rows, width), dtype=cache_dtype)
+                scales = torch.empty(shard_rows, dtype=torch.float32) if dtype == "int8" else None
+            elif chunk.shape[1] != width:
+                raise ValueError(f"chunks: chunk {index} has {chunk.shape[1]} columns, the first had {width}")
+            done = 0
+            while done < chunk.shape[0]:
+                take = min(shard_rows - filled, chunk.shape[0] - done)
+                rows = torch.arange(filled, filled + take)
+                pool_store(chunk[done:done + take], buffer, rows, scales)
+                filled, done, count = filled + take, done + take, count + take
+                if filled == shard_rows:
+                    flush()
+        if filled:
+            flush()
+        if count != len(labels):
+            raise ValueError(f"labels: {len(labels)} labels for {count} rows of features (expected one per row)")
+        if count == 0:
+            raise ValueError("chunks: no rows (expected at least one (n, D) chunk with n >= 1)")
+        ids = sample_ids if sample_ids is not None else [str(i) for i in range(count)]
+        identity = store.sha256_bytes(files.json_bytes({"labels": store.sha256_bytes(labels.tobytes()),
+                                                        "samples": ids, "shards": [e["features"]["sha256"]
+                                                                                   for e in entries]}))
+        label_bytes = store.npy_bytes(labels)
+        files.write_atomic(os.path.join(directory, store.LABELS), label_bytes)
+        sample_bytes = (json.dumps(ids, indent=2, sort_keys=True) + "\n").encode()
+        files.write_atomic(os.path.join(directory, store.SAMPLES), sample_bytes)
+        manifest = {"fingerprint": _write_fingerprint(fingerprint, classes, dtype, width, count, shard_rows, identity),
+                    "count": count, "shards": entries,
+                    "files": {"labels": _file_entry(directory, store.LABELS, label_bytes),
+                              "samples": _file_entry(directory, store.SAMPLES, sample_bytes)},
+                    "skipped": []}
+        _finish(directory, manifest)
+    written += len(label_bytes) + len(sample_bytes)
+    return {"directory": directory, "rows": count, "shards": len(entries), "bytes_written": written,
+            "seconds": time.perf_counter() - started}
 
 
 def _progress_bar(total: int, rank: int, world: int):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -10,7 +10,7 @@ from torch import Tensor
 from fasttl import _ops
 from fasttl.cache import build, format
 from fasttl.cache.format import mismatch_message  # noqa: F401  (part of this module's API)
-from fasttl.cache.kernels import gather
+from fasttl.cache.kernels import ShardTable, gather
 from fasttl.cache.store import CacheError
 
 
@@ -18,41 +18,73 @@ class FeatureCache:
     """Features of one split of a dataset under one backbone and preprocessing.
 
     ``FeatureCache.build(backbone, source, out_dir, ...)`` runs the frozen backbone once over the
-    dataset (resumable, lock-protected, torchrun-aware) and ``FeatureCache.open(out_dir)`` maps it
-    back. Then ``len(cache)``, ``cache.feature_dim``, ``cache.classes``, ``cache.labels`` and
-    ``cache.loader(batch_size, shuffle, seed, device)`` yielding ``(features, labels)`` batches
-    through the native gather kernel, every row exactly once per epoch. ``cache.to("cuda")`` keeps
-    the whole cache on the GPU.
-    """
+    dataset (resumable, lock-protected, torchrun-aware), ``FeatureCache.write(out_dir, chunks,
+    labels, classes=...)`` stores features computed elsewhere, and ``FeatureCache.open(out_dir)``
+    maps either back. Then ``len(cache)``, ``cache.feature_dim``, ``cache.classes``,
+    ``cache.labels`` and ``cache.loader(batch_size, shuffle, seed, device)`` yielding
+    ``(features, labels)`` batches through the native gather kernel, every row exactly once per
+    epoch.
 
-    def __init__(self, directory: str, manifest: dict, features: Tensor, scales: Optional[Tensor], labels: Tensor,
-                 samples: List[str]):
+    An opened cache stays on disk: each shard file is memory-mapped and the loader reads the rows
+    of each batch where they lie (the page cache holds what was read; it is not the process's
+    own memory). Copies of the whole cache are explicit: ``cache.to("cuda")`` (the GPU reads it
+    at its memory speed), ``cache.to("cpu")``, ``all_features()``, ``features``."""
+
+    def __init__(self, directory: str, manifest: dict, features: Union[Tensor, Sequence[Tensor]],
+                 scales: Union[None, Tensor, Sequence[Tensor]], labels: Tensor,
+                 samples: Union[List[str], Callable[[], List[str]]]):
         self.directory = directory
         self.manifest = manifest
-        self.features = features
-        self.scales = scales
+        self._shards = [features] if isinstance(features, Tensor) else list(features)
+        self._shard_scales = None if scales is None else [scales] if isinstance(scales, Tensor) else list(scales)
         self.labels = labels
-        self.samples = samples
+        self._samples = samples
+        self._table = None  # the ShardTable of a cache of several shards, made on first use
 
-    # -- building and opening ------------------------------------------------------------
+    # -- building, writing and opening ---------------------------------------------------------
     @classmethod
     def build(cls, backbone, data, out_dir: str, **kwargs) -> "FeatureCache":
         """Runs the frozen backbone over `data` into `out_dir` (or finds that it already did) and
         opens the result; ``cache.last_build`` holds what the build did. See
         :func:`fasttl.cache.build.build_cache` for the arguments."""
         result = build.build_cache(backbone, data, out_dir, **kwargs)
-        # A cache this call wrote was checked as it was written; one found finished is verified.
-        cache = cls.open(result.pop("directory"), verify=result.pop("reused"))
+        # A cache this call wrote was hashed as it was written, and recorded as verified.
+        cache = cls.open(result.pop("directory"), verify=True)
+        result.pop("reused")
         cache.last_build = result
         return cache
 
     @classmethod
-    def open(cls, directory: str, verify: bool = True, expect_fingerprint: Optional[dict] = None) -> "FeatureCache":
-        """Maps a finished cache. Reads nothing but the files its manifest lists and writes nothing.
-        Every listed file must be a plain file (not a link) of the recorded size; labels.npy and
-        samples.json are always checked against their SHA-256, shards with ``verify``; each array's
-        dtype and shape and each label's range are checked too. Any problem is a CacheError naming
-        the file."""
+    def write(cls, directory: str, chunks: Iterable, labels, *, classes: Sequence[str], dtype: str = "fp16",
+              sample_ids: Optional[Sequence[str]] = None, fingerprint: Optional[dict] = None,
+              shard_rows: int = 65536, overwrite: bool = False) -> "FeatureCache":
+        """Stores features computed elsewhere (your own model, another job) as a cache that opens
+        and trains like a built one. See :func:`fasttl.cache.build.write_cache`."""
+        result = build.write_cache(directory, chunks, labels, classes=classes, dtype=dtype, sample_ids=sample_ids,
+                                   fingerprint=fingerprint, shard_rows=shard_rows, overwrite=overwrite)
+        cache = cls.open(result.pop("directory"), verify=True)
+        cache.last_build = result
+        return cache
+
+    @classmethod
+    def open(cls, directory: str, verify: Union[bool, str] = True,
+             expect_fingerprint: Optional[dict] = None) -> "FeatureCache":
+        """Maps a finished cache: every shard file (and the labels) memory-mapped, nothing
+        concatenated, so opening costs the same at any row count (apart from the manifest). Reads
+        nothing but the files its manifest lists and writes nothing there. Every listed file must
+        be a plain file (not a link) of the recorded size, each array of the recorded dtype and
+        shape. Content, by ``verify``:
+
+        * ``True`` (default): each file's SHA-256 (and each label's range) is checked the first
+          time the file is opened in its present state, then recorded with the file's size,
+          mtime, ctime and inode (under $FASTTL_STATE_DIR, default ~/.cache/fasttl/state, not in
+          the cache folder): a later open reads only headers, and a file changed since is hashed
+          again. A cache written by build or write is recorded as it is written.
+        * ``"full"``: every file hashed now, whatever was recorded.
+        * ``False``: the shards' content is not checked (the labels are, as with True).
+
+        The sample ids are read, and checked against their SHA-256, when ``samples`` is first
+        used. Any problem is a CacheError naming the file."""
         directory = os.path.abspath(os.path.expanduser(directory))
         return cls(directory, *format.read_cache(directory, verify, expect_fingerprint))
 
@@ -61,30 +93,53 @@ class FeatureCache:
         """The rows of several caches (e.g. two views of one split) as one in-memory cache."""
         first = caches[0]
         for other in caches[1:]:
-            if (other.feature_dim, other.features.dtype, other.classes) != (first.feature_dim, first.features.dtype,
-                                                                            first.classes):
+            if (other.feature_dim, other.dtype, other.classes) != (first.feature_dim, first.dtype, first.classes):
                 raise CacheError("concat: caches differ in feature dim, dtype or classes")
         manifest = dict(first.manifest, count=sum(len(c) for c in caches))
-        scales = None if first.scales is None else torch.cat([c.scales for c in caches])
-        return cls(first.directory, manifest, torch.cat([c.features for c in caches]), scales,
+        scales = None if first._shard_scales is None else torch.cat([s for c in caches for s in c._shard_scales])
+        return cls(first.directory, manifest, torch.cat([s for c in caches for s in c._shards]), scales,
                    torch.cat([c.labels for c in caches]), [s for c in caches for s in c.samples])
 
     def subset(self, rows) -> "FeatureCache":
         """The rows `rows` (indices into this cache, in that order) as an in-memory cache."""
         rows = torch.as_tensor(rows, dtype=torch.int64)
-        index = rows.to(self.device)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(self)):
+            raise ValueError(f"rows: expected indices in [0, {len(self)})")
+        features, scales = self._stored_rows(rows)
         manifest = dict(self.manifest, count=len(rows))
-        return FeatureCache(self.directory, manifest, self.features[index],
-                            None if self.scales is None else self.scales[index], self.labels[index],
-                            [self.samples[i] for i in rows.tolist()])
+        samples = self.samples
+        return FeatureCache(self.directory, manifest, features, scales, self.labels[rows.to(self.labels.device)],
+                            [samples[i] for i in rows.tolist()])
+
+    def _stored_rows(self, rows: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """cache[rows] in the cache's own dtype (and the int8 scales), copied out of the shards."""
+        if len(self._shards) == 1:
+            index = rows.to(self.device)
+            return self._shards[0][index], None if self._shard_scales is None else self._shard_scales[0][index]
+        shard_rows = self._shards[0].shape[0]
+        features = torch.empty((len(rows), self.feature_dim), dtype=self.dtype)
+        scales = None if self._shard_scales is None else torch.empty(len(rows), dtype=torch.float32)
+        which = rows // shard_rows
+        for shard in torch.unique(which).tolist():
+            at = (which == shard).nonzero().flatten()
+            local = rows[at] - shard * shard_rows
+            features[at] = self._shards[shard][local]  # reads the map; writes the new tensor
+            if scales is not None:
+                scales[at] = self._shard_scales[shard][local]
+        return features, scales
 
     # -- what it holds ----------------------------------------------------------------------
     def __len__(self) -> int:
-        return self.features.shape[0]
+        return sum(s.shape[0] for s in self._shards)
 
     @property
     def feature_dim(self) -> int:
-        return self.features.shape[1]
+        return self._shards[0].shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype rows are stored in (float32, float16, bfloat16 or int8)."""
+        return self._shards[0].dtype
 
     @property
     def classes(self) -> List[str]:
@@ -95,35 +150,80 @@ class FeatureCache:
         return self.manifest["fingerprint"]
 
     @property
+    def samples(self) -> List[str]:
+        """The sample id of each row (read and checked on first use: they can be large)."""
+        if callable(self._samples):
+            self._samples = self._samples()
+        return self._samples
+
+    @property
     def device(self) -> torch.device:
-        return self.features.device
+        return self._shards[0].device
+
+    @property
+    def shards(self) -> List[Tensor]:
+        """The stored rows, one tensor per shard (memory maps of an opened cache)."""
+        return list(self._shards)
+
+    @property
+    def features(self) -> Tensor:
+        """Every row in the cache's dtype as one tensor: the shard itself for a cache of one
+        shard, else a concatenated copy in memory (as large as the cache; the loader never needs it)."""
+        return self._shards[0] if len(self._shards) == 1 else torch.cat(self._shards)
+
+    @property
+    def scales(self) -> Optional[Tensor]:
+        """int8 caches: the per-row scales as one tensor (as `features`); else None."""
+        if self._shard_scales is None:
+            return None
+        return self._shard_scales[0] if len(self._shard_scales) == 1 else torch.cat(self._shard_scales)
 
     def nbytes(self) -> int:
-        return self.features.numel() * self.features.element_size() + (0 if self.scales is None else
-                                                                        self.scales.numel() * 4)
+        return sum(s.numel() * s.element_size() for s in self._shards) + \
+            (0 if self._shard_scales is None else 4 * len(self))
 
     def to(self, device: Union[str, torch.device]) -> "FeatureCache":
-        """The whole cache on `device` (e.g. "cuda": training reads it at GPU memory speed)."""
+        """The whole cache, as one tensor, in the memory of `device`: "cuda" (training then reads
+        it at GPU memory speed; copied shard by shard, no host copy of the whole cache) or "cpu"
+        (a copy in RAM, off the maps)."""
         device = torch.device(device)
         if device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
             if self.nbytes() > free:
                 raise RuntimeError(f"cache: {self.nbytes() / 2**30:.1f} GiB does not fit in {free / 2**30:.1f} GiB "
                                    f"free on {device}; keep it in host memory")
-        return FeatureCache(self.directory, self.manifest, self.features.to(device),
-                            None if self.scales is None else self.scales.to(device), self.labels.to(device),
-                            self.samples)
+        features = torch.empty((len(self), self.feature_dim), dtype=self.dtype, device=device)
+        scales = None if self._shard_scales is None else torch.empty(len(self), dtype=torch.float32, device=device)
+        start = 0
+        for i, shard in enumerate(self._shards):
+            features[start:start + shard.shape[0]].copy_(shard)  # reads the map, writes the new tensor
+            if scales is not None:
+                scales[start:start + shard.shape[0]].copy_(self._shard_scales[i])
+            start += shard.shape[0]
+        labels = torch.empty(len(self), dtype=torch.int64, device=device)
+        labels.copy_(self.labels)
+        return FeatureCache(self.directory, self.manifest, features, scales, labels, self._samples)
+
+    def _shard_table(self) -> ShardTable:
+        if self._table is None:
+            self._table = ShardTable(self._shards, self._shard_scales)
+        return self._table
 
     def gather(self, indices: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
         """Rows `indices` dequantized to out_dtype (indices checked against the cache's size)."""
-        return gather(self.features, indices.to(self.device), self.scales, out_dtype)
+        if len(self._shards) == 1:
+            return gather(self._shards[0], indices.to(self.device), self.scales, out_dtype)
+        return self._shard_table().gather(indices.cpu(), out_dtype)
 
-    def _gather_in_range(self, indices: Tensor, out_dtype: torch.dtype) -> Tensor:
+    def _gather_in_range(self, indices: Tensor, out_dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
         # The loader's indices come from a permutation of range(len(self)): skipping the bounds
         # check saves two host syncs per batch on the GPU.
-        return _ops.gather(self.features, self.scales, indices, out_dtype)
+        if len(self._shards) == 1 and out is None:
+            return _ops.gather(self._shards[0], self.scales, indices, out_dtype)
+        return self._shard_table().gather(indices, out_dtype, out=out, checked=False)
 
     def all_features(self, out_dtype: torch.dtype = torch.float32) -> Tensor:
+        """Every row dequantized, as one tensor in memory (as large as the cache in out_dtype)."""
         return self.gather(torch.arange(len(self), device=self.device), out_dtype)
 
     def loader(self, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
@@ -133,7 +233,13 @@ class FeatureCache:
 
 
 class CacheLoader:
-    """(features, labels) batches gathered from a cache; a new seeded order each epoch when shuffling."""
+    """(features, labels) batches gathered from a cache; a new seeded order each epoch when shuffling.
+
+    A cache in host memory (its maps) feeding a CUDA device is gathered into pinned staging
+    buffers and copied per batch without blocking; a buffer is refilled only once the copy that
+    read it has finished."""
+
+    STAGING_BUFFERS = 3
 
     def __init__(self, cache: FeatureCache, batch_size: int, shuffle: bool, seed: int, device, out_dtype, drop_last):
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -149,18 +255,45 @@ class CacheLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
+    def _order(self) -> Tensor:
         n = len(self.cache)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
-        else:
-            order = torch.arange(n)
-        order = order.to(self.cache.device)
+            return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        return torch.arange(n)
+
+    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
+        order = self._order().to(self.cache.device)
         self.epoch += 1
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        starts = range(0, len(self) * self.batch_size, self.batch_size)
+        if self.cache.device.type == "cpu" and self.device.type == "cuda":
+            yield from self._staged(order, starts)
+            return
+        for start in starts:
             indices = order[start:start + self.batch_size]
             features = self.cache._gather_in_range(indices, self.out_dtype)
             labels = self.cache.labels[indices]
             yield features.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
-
+    def _staged(self, order: Tensor, starts) -> Iterator[Tuple[Tensor, Tensor]]:
+        """Host rows to the GPU through pinned buffers: the gather of batch k + 1 runs while the
+        copy of batch k is in flight."""
+        width = self.cache.feature_dim
+        buffers = [(torch.empty((self.batch_size, width), dtype=self.out_dtype, pin_memory=True),
+                    torch.empty(self.batch_size, dtype=torch.int64, pin_memory=True), None)
+                   for _ in range(self.STAGING_BUFFERS)]
+        stream = torch.cuda.current_stream(self.device)
+        for k, start in enumerate(starts):
+            slot = k % len(buffers)
+            features, labels, copied = buffers[slot]
+            if copied is not None:
+                copied.synchronize()  # the copy that read this buffer is done
+            indices = order[start:start + self.batch_size]
+            n = len(indices)
+            self.cache._gather_in_range(indices, self.out_dtype, out=features[:n])
+            torch.index_select(self.cache.labels, 0, indices, out=labels[:n])
+            on_device = (features[:n].to(self.device, non_blocking=True),
+                         labels[:n].to(self.device, non_blocking=True))
+            done = torch.cuda.Event()
+            done.record(stream)
+            buffers[slot] = (features, labels, done)
+            yield on_device

@@ -3,11 +3,11 @@ and reading every listed file against its recorded size and SHA-256. Shared by t
 (fasttl.cache.build) and the reader (fasttl.cache.cache), which import it and not each other."""
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import os
 import re
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -146,9 +146,7 @@ def _checksum_error(path: str) -> CacheError:
     return CacheError(f"{path}: checksum mismatch (the file changed since the cache was built); {REBUILD_HINT}")
 
 
-def npy_header(stream, path: str, size: int, dtypes: tuple, shape: tuple) -> int:
-    """Reads and checks a .npy header (before any data is read or mapped): one of `dtypes`, C
-    order, `shape`, and exactly the data the file size leaves. Returns the data offset."""
+def _npy_header(stream, path: str, size: int, dtypes: tuple, shape: tuple) -> Tuple[int, np.dtype]:
     try:
         version = np.lib.format.read_magic(stream)
         if version == (1, 0):
@@ -168,47 +166,157 @@ def npy_header(stream, path: str, size: int, dtypes: tuple, shape: tuple) -> int
     offset = stream.tell()
     if offset + int(np.prod(shape, dtype=np.int64)) * found_dtype.itemsize != size:
         raise CacheError(f"{path}: {size} bytes do not hold a {tuple(shape)} {found_dtype} array; {REBUILD_HINT}")
-    return offset
+    return offset, found_dtype
 
 
-def _load_shard(directory: str, entry: dict, verify: bool, dtypes: tuple, shape: tuple) -> np.ndarray:
-    path = _check_file(directory, entry)
-    if verify and store.sha256_file(path) != entry["sha256"]:
-        raise _checksum_error(path)
-    with store.open_regular(path) as f:
-        npy_header(f, path, entry["bytes"], dtypes, shape)
+def npy_header(stream, path: str, size: int, dtypes: tuple, shape: tuple) -> int:
+    """Reads and checks a .npy header (before any data is read or mapped): one of `dtypes`, C
+    order, `shape`, and exactly the data the file size leaves. Returns the data offset."""
+    return _npy_header(stream, path, size, dtypes, shape)[0]
+
+
+# -- verification records ---------------------------------------------------------------------------------
+# Hashing every shard on every open would read a 50 GB cache each time. A file's content is checked
+# against its SHA-256 once; what was checked is recorded outside the cache folder (which may be
+# read-only) with the file's identity (size, mtime, ctime, inode). A later open whose files all have
+# the recorded identity skips the hash; a file written, replaced or touched since has another
+# ctime (which no user can set back) and is hashed again.
+
+VERIFY = (True, False, "full")
+
+
+def state_dir() -> str:
+    return os.path.expanduser(os.environ.get("FASTTL_STATE_DIR", os.path.join("~", ".cache", "fasttl", "state")))
+
+
+def _identity(info: os.stat_result) -> list:
+    return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+
+
+def _record_path(directory: str, manifest_sha256: str) -> str:
+    key = store.sha256_bytes(f"{os.path.realpath(directory)}\0{manifest_sha256}".encode())[:32]
+    return os.path.join(state_dir(), "verified", f"{key}.json")
+
+
+def _read_verified(directory: str, manifest_sha256: str) -> Dict[str, list]:
+    """{file name: identity when its content was verified} for this manifest, {} when none."""
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        record = store.read_record(_record_path(directory, manifest_sha256))
+    except (CacheError, OSError):
+        return {}
+    if not isinstance(record, dict) or record.get("directory") != os.path.realpath(directory):
+        return {}
+    found = record.get("files")
+    return found if isinstance(found, dict) else {}
+
+
+def record_verified(directory: str, manifest_sha256: str, verified: Dict[str, list]) -> None:
+    """Records that the files `verified` (name: identity) hold their listed content. Best effort:
+    a state folder that cannot be written only means the next open hashes them again."""
+    from fasttl import files
+
+    path = _record_path(directory, manifest_sha256)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        files.write_json_atomic(path, {"directory": os.path.realpath(directory), "files": verified})
+    except OSError:
+        pass
+
+
+def identities(directory: str, manifest: dict) -> Dict[str, list]:
+    """The identity of every file `manifest` lists, as they are on disk now (the writers record
+    the files they wrote and hashed)."""
+    names = [e["file"] for shard in manifest["shards"] for e in (shard["features"], shard.get("scales")) if e]
+    names += [manifest["files"]["labels"]["file"], manifest["files"]["samples"]["file"]]
+    return {name: _identity(os.lstat(os.path.join(directory, name))) for name in names}
+
+
+def manifest_sha256(directory: str) -> str:
+    return store.sha256_bytes(store.read_bytes(os.path.join(directory, store.MANIFEST)))
+
+
+# -- reading a cache ------------------------------------------------------------------------------------------
+
+def _sha256_open(f) -> str:
+    digest = hashlib.sha256()
+    f.seek(0)
+    for block in iter(lambda: f.read(1 << 22), b""):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+class _Checker:
+    """Opens the listed files of one cache: each a plain file (opened without following a link)
+    of the recorded size; its content hashed unless the verification record vouches for it."""
+
+    def __init__(self, directory: str, manifest_bytes: bytes, verify):
+        self.directory, self.verify = directory, verify
+        self.manifest_sha256 = store.sha256_bytes(manifest_bytes)
+        self.recorded = _read_verified(directory, self.manifest_sha256) if verify != "full" else {}
+        self.identities: Dict[str, list] = {}
+        self.hashed = 0
+
+    def open(self, entry: dict, always_check: bool = False):
+        """(path, open file, whether its content must be checked now). The caller closes it."""
+        path = _check_file(self.directory, entry)
+        f = store.open_regular(path)
+        info = os.fstat(f.fileno())
+        if info.st_size != entry["bytes"]:
+            f.close()
+            raise CacheError(f"{path}: truncated or changed ({info.st_size} bytes, {store.MANIFEST} says "
+                             f"{entry['bytes']}); {REBUILD_HINT}")
+        identity = _identity(info)
+        self.identities[entry["file"]] = identity
+        check = self.verify == "full" or ((self.verify is True or always_check)
+                                           and self.recorded.get(entry["file"]) != identity)
+        if check:
+            self.hashed += 1
+            if _sha256_open(f) != entry["sha256"]:
+                f.close()
+                raise _checksum_error(path)
+            f.seek(0)
+        return path, f, check
+
+    def record(self) -> None:
+        if self.verify is not False and self.hashed:
+            record_verified(self.directory, self.manifest_sha256, dict(self.recorded, **self.identities))
+
+
+def _map(f, path: str, size: int, dtypes: tuple, shape: tuple) -> np.ndarray:
+    """The array of an open .npy file, memory-mapped copy-on-write: pages are read from the file
+    as they are touched and count as file-backed memory; nothing is ever written back, and a
+    write by mistake lands in a private page instead of faulting on a read-only map."""
+    offset, dtype = _npy_header(f, path, size, dtypes, shape)
+    if int(np.prod(shape, dtype=np.int64)) == 0:
+        return np.zeros(shape, dtype)
+    try:
+        return np.memmap(f, dtype=dtype, mode="c", offset=offset, shape=shape)
     except (ValueError, OSError) as exc:
-        raise CacheError(f"{path}: unreadable shard ({exc}); {REBUILD_HINT}") from exc
+        raise CacheError(f"{path}: cannot be mapped ({exc}); {REBUILD_HINT}") from exc
 
 
-def _read_listed(directory: str, entry: dict) -> Tuple[str, bytes]:
-    """A small listed file, always checked against its SHA-256."""
+def _map_listed(checker: _Checker, entry: dict, dtypes: tuple, shape: tuple, always_check: bool = False):
+    path, f, checked = checker.open(entry, always_check)
+    with f:
+        return path, _map(f, path, entry["bytes"], dtypes, shape), checked
+
+
+def _check_labels(path: str, labels: np.ndarray, classes: int) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise CacheError(f"{path}: labels span [{labels.min()}, {labels.max()}], outside the {classes} classes "
+                         f"[0, {classes}); {REBUILD_HINT}")
+
+
+def load_samples(directory: str, entry: dict, count: int) -> List[str]:
+    """The sample ids (samples.json), always checked against their SHA-256 as they are read."""
     path = _check_file(directory, entry)
     data = store.read_bytes(path)
     if len(data) != entry["bytes"] or store.sha256_bytes(data) != entry["sha256"]:
         raise _checksum_error(path)
-    return path, data
+    return _parse_samples(path, data, count)
 
 
-def _load_labels(directory: str, entry: dict, count: int, classes: int) -> np.ndarray:
-    path, data = _read_listed(directory, entry)
-    stream = io.BytesIO(data)
-    npy_header(stream, path, len(data), (np.dtype(np.int64),), (count,))
-    stream.seek(0)
-    try:
-        labels = np.array(np.load(stream, allow_pickle=False), dtype=np.int64)
-    except ValueError as exc:
-        raise CacheError(f"{path}: unreadable labels ({exc}); {REBUILD_HINT}") from exc
-    if count and (labels.min() < 0 or labels.max() >= classes):
-        raise CacheError(f"{path}: labels span [{labels.min()}, {labels.max()}], outside the {classes} classes "
-                         f"[0, {classes}); {REBUILD_HINT}")
-    return labels
-
-
-def _load_samples(directory: str, entry: dict, count: int) -> List[str]:
-    path, data = _read_listed(directory, entry)
+def _parse_samples(path: str, data: bytes, count: int) -> List[str]:
     try:
         samples = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
@@ -218,32 +326,56 @@ def _load_samples(directory: str, entry: dict, count: int) -> List[str]:
     return samples
 
 
-def read_cache(directory: str, verify: bool, expect_fingerprint=None):
-    """(manifest, features, scales, labels, samples) of the finished cache in `directory`, every
-    file checked against the manifest (shards' SHA-256 with `verify`)."""
+def read_cache(directory: str, verify, expect_fingerprint=None):
+    """(manifest, shard features, shard scales or None, labels, samples loader) of the finished
+    cache in `directory`: every shard and the labels memory-mapped (nothing concatenated, nothing
+    read beyond headers unless it must be verified), every listed file checked against the
+    manifest's size, dtype and shape. Content: see `VERIFY` and the verification records above:
+    ``True`` hashes (and range-checks the labels of) each file not recorded as verified in its
+    present state; ``"full"`` hashes every file now; ``False`` hashes only the labels (when not
+    recorded); the sample ids (samples.json) are hashed as the labels, and parsed (hashed again)
+    when first asked for."""
+    if verify not in VERIFY:
+        raise ValueError(f"verify: expected one of {VERIFY}, got {verify!r}")
     if not os.path.isdir(directory):
         raise CacheError(f"{directory}: not a folder, so not a feature cache")
     manifest_path = os.path.join(directory, store.MANIFEST)
-    manifest = store.read_record(manifest_path)
-    if manifest is None:
+    if store.regular_file(manifest_path) is None:
         raise CacheError(f"{directory}: no {store.MANIFEST} (not a feature cache, or its build did not finish: "
                          "run the same build again to resume it)")
+    manifest_bytes = store.read_bytes(manifest_path)
+    try:
+        manifest = json.loads(manifest_bytes.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise CacheError(f"{manifest_path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]}); "
+                         f"{REBUILD_HINT}") from None
     validate_manifest(manifest, manifest_path)
     fingerprint = manifest["fingerprint"]
     if expect_fingerprint is not None and fingerprint != expect_fingerprint:
         raise CacheError(mismatch_message(directory, fingerprint, expect_fingerprint))
     dtype = CACHE_DTYPES[fingerprint["dtype"]]
     feature_dim, count = fingerprint["feature_dim"], manifest["count"]
+    checker = _Checker(directory, manifest_bytes, verify)
     parts, scale_parts = [], []
     for shard in manifest["shards"]:
         rows = shard["rows"][1] - shard["rows"][0]
-        parts.append(_load_shard(directory, shard["features"], verify, storage_dtypes(dtype), (rows, feature_dim)))
+        parts.append(_from_numpy_storage(_map_listed(checker, shard["features"], storage_dtypes(dtype),
+                                                     (rows, feature_dim))[1], dtype))
         if "scales" in shard:
-            scale_parts.append(_load_shard(directory, shard["scales"], verify, (np.dtype(np.float32),), (rows,)))
-    features = _from_numpy_storage(np.concatenate(parts) if parts else
-                                   np.zeros((0, feature_dim), storage_dtypes(dtype)[0]), dtype)
-    scales = torch.from_numpy(np.concatenate(scale_parts)) if scale_parts else None
-    labels = torch.from_numpy(_load_labels(directory, manifest["files"]["labels"], count,
-                                           len(fingerprint["dataset"]["classes"])))
-    samples = _load_samples(directory, manifest["files"]["samples"], count)
-    return manifest, features, scales, labels, samples
+            scale_parts.append(torch.from_numpy(_map_listed(checker, shard["scales"], (np.dtype(np.float32),),
+                                                            (rows,))[1]))
+    if not parts:
+        parts = [torch.zeros((0, feature_dim), dtype=dtype)]
+        scale_parts = [torch.zeros(0)] if dtype == torch.int8 else []
+    path, labels, checked = _map_listed(checker, manifest["files"]["labels"], (np.dtype(np.int64),), (count,),
+                                        always_check=True)
+    if checked:
+        _check_labels(path, labels, len(fingerprint["dataset"]["classes"]))
+    entry = manifest["files"]["samples"]
+    path, samples_file, checked = checker.open(entry, always_check=True)
+    with samples_file:
+        if checked:  # its content is checked with its checksum; the ids are kept only once asked for
+            _parse_samples(path, samples_file.read(), count)
+    checker.record()
+    return (manifest, parts, scale_parts or None, torch.from_numpy(labels),
+            lambda: load_samples(directory, entry, count))

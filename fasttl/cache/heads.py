@@ -43,7 +43,28 @@ def make_head(kind: str, feature_dim: int, num_classes: int, mean: Optional[Tens
     return nn.Sequential(*layers)
 
 
+# Up to this many bytes of fp32 features, the statistics come from one in-memory copy (as they
+# always did); a larger cache is read in chunks from its maps instead (float64 sums, two passes),
+# so training a head never copies the whole cache into memory.
+STATISTICS_IN_MEMORY_BYTES = 256 << 20
+
+
+def _streamed_statistics(cache: FeatureCache, chunk: int = 65536) -> Tuple[Tensor, Tensor]:
+    n, total = len(cache), torch.zeros(cache.feature_dim, dtype=torch.float64)
+    for start in range(0, n, chunk):
+        total += cache.gather(torch.arange(start, min(n, start + chunk))).double().sum(0)
+    mean = total / n
+    squares = torch.zeros_like(mean)
+    for start in range(0, n, chunk):
+        squares += (cache.gather(torch.arange(start, min(n, start + chunk))).double() - mean).pow(2).sum(0)
+    return mean.float(), (squares / (n - 1)).sqrt().float()
+
+
 def feature_statistics(cache: FeatureCache) -> Tuple[Tensor, Tensor]:
+    if len(cache) > 1 and len(cache) * cache.feature_dim * 4 > STATISTICS_IN_MEMORY_BYTES and \
+            cache.device.type == "cpu":
+        mean, std = _streamed_statistics(cache)
+        return mean, std.clamp(min=0.1 * float(std.mean()) + 1e-6)
     features = cache.all_features().float().cpu()
     std = features.std(0) if len(features) > 1 else torch.ones(features.shape[1])
     # ReLU features that are (nearly) always 0 in training must not blow up at test time.

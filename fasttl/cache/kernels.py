@@ -72,3 +72,92 @@ def gather(cache: Tensor, indices: Tensor, scales: Optional[Tensor] = None,
     _check_rows("indices", indices, indices.numel() if isinstance(indices, Tensor) else -1, cache.shape[0],
                 cache.device)
     return _ops.gather(cache, scales if cache.dtype == torch.int8 else None, indices, out_dtype)
+
+
+class ShardTable:
+    """A cache stored as shards (the memory-mapped shard files of a cache folder) read as one:
+    row r is row r % shard_rows of shard r // shard_rows. Checked once here (every shard a 2-D
+    contiguous CPU tensor of one cache dtype and width, all but the last of shard_rows rows; int8:
+    float32 scales per shard), so each batch's gather checks only its indices.
+
+    The native gather takes a table of the shards' addresses and reads each row where it lies,
+    in one pass over the batch: no concatenated copy of the cache, and nothing is ever written to
+    a shard."""
+
+    def __init__(self, shards, scales=None):
+        shards = list(shards)
+        if not shards:
+            raise ValueError("shards: expected at least one shard")
+        first = shards[0]
+        _check_cache(first)
+        self.dtype, self.channels, self.shard_rows = first.dtype, first.shape[1], max(first.shape[0], 1)
+        for i, shard in enumerate(shards):
+            _check_cache(shard)
+            if shard.device.type != "cpu" or shard.dtype != self.dtype or shard.shape[1] != self.channels:
+                raise ValueError(f"shards: shard {i} is {shard.dtype} {tuple(shard.shape)} on {shard.device} "
+                                 f"(expected {self.dtype} with {self.channels} columns on the CPU)")
+            last = i == len(shards) - 1
+            if shard.shape[0] > self.shard_rows or (not last and shard.shape[0] != self.shard_rows):
+                raise ValueError(f"shards: shard {i} has {shard.shape[0]} rows (expected {self.shard_rows}, fewer "
+                                 "only in the last)")
+        if (scales is not None) != (self.dtype == torch.int8):
+            raise ValueError("scales: expected one float32 vector per shard for an int8 cache, none otherwise")
+        if scales is not None:
+            scales = list(scales)
+            for i, (shard, scale) in enumerate(zip(shards, scales)):
+                if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.shape != (shard.shape[0],) \
+                        or not scale.is_contiguous() or scale.device.type != "cpu":
+                    raise ValueError(f"scales: shard {i}'s scales are not a contiguous float32 CPU vector of "
+                                     f"{shard.shape[0]} entries")
+            if len(scales) != len(shards):
+                raise ValueError(f"scales: {len(scales)} vectors for {len(shards)} shards")
+        self.shards, self.scales = shards, scales
+        self.rows = sum(s.shape[0] for s in shards)
+        # The tables hold addresses: the shard tensors above keep what they point to alive.
+        self._table = torch.tensor([s.data_ptr() for s in shards], dtype=torch.int64)
+        self._scale_table = None if scales is None else torch.tensor([s.data_ptr() for s in scales],
+                                                                     dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def gather(self, indices: Tensor, out_dtype: torch.dtype = torch.float32, out: Optional[Tensor] = None,
+               checked: bool = True, method: str = "table") -> Tensor:
+        """Rows `indices` dequantized to out_dtype, into `out` when given (a contiguous
+        (len(indices), C) CPU tensor of out_dtype: a pinned staging buffer, say). `checked=False`
+        skips the range check for indices known to be in range (a permutation of the rows)."""
+        if out_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"out_dtype: {out_dtype} is not supported (expected torch.float32 or torch.bfloat16)")
+        if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32) or indices.dim() != 1 \
+                or indices.device.type != "cpu":
+            raise TypeError("indices: expected a 1-D int64 or int32 CPU tensor of row indices")
+        indices = indices.to(torch.int64).contiguous()
+        if checked and indices.numel():
+            low, high = int(indices.min()), int(indices.max())
+            if low < 0 or high >= self.rows:
+                raise ValueError(f"indices: values span [{low}, {high}] (expected indices in [0, {self.rows}))")
+        shape = (indices.numel(), self.channels)
+        if out is None:
+            out = torch.empty(shape, dtype=out_dtype)
+        elif out.dtype != out_dtype or tuple(out.shape) != shape or not out.is_contiguous() or \
+                out.device.type != "cpu":
+            raise ValueError(f"out: expected a contiguous {out_dtype} CPU tensor of shape {shape}")
+        if out.numel() and method == "grouped":
+            self._gather_grouped(indices, out)
+        elif out.numel():
+            _ops.native.gather_shards(self._table.data_ptr(), 0 if self._scale_table is None else
+                                      self._scale_table.data_ptr(), self.shard_rows, _ops.dtype_code(self.shards[0]),
+                                      indices.data_ptr(), indices.numel(), self.channels, out.data_ptr(),
+                                      _ops.dtype_code(out))
+        return out
+
+    def _gather_grouped(self, indices: Tensor, out: Tensor) -> None:
+        """The other way to read a sharded cache, kept for the measurement that chose the table
+        (fasttl bench cache --scale): the batch grouped by shard, one gather call per shard
+        touched, each shard's rows put back at their batch positions."""
+        which = torch.div(indices, self.shard_rows, rounding_mode="floor")
+        for shard in torch.unique(which).tolist():
+            at = (which == shard).nonzero().flatten()
+            local = indices[at] - shard * self.shard_rows
+            scales = None if self.scales is None else self.scales[shard]
+            out.index_copy_(0, at, _ops.gather(self.shards[shard], scales, local, out.dtype))

@@ -42,6 +42,16 @@ def tune_linear(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu",
     """The linear head: L2 strength chosen on validation along the regularization path, then
     solved again on all training rows from the chosen solution. Returns (head, path records,
     choice)."""
+    _, head, path, choice = linear_probe(views, seed=seed, device=device, progress=progress)
+    return head, path, choice
+
+
+def linear_probe(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu",
+                 progress: bool = True) -> Tuple[nn.Module, nn.Module, List[Dict], Dict]:
+    """`tune_linear`, also returning the chosen head as fit on the train part alone (its own
+    scaling; its validation accuracy is choice["val_accuracy"]): what LP-FT fine-tunes from,
+    with the validation part held out for early stopping. Returns (train-part head, refit head,
+    path records, choice)."""
     device = torch.device(device)
     train_views, val_views, info = split_views(views, seed)
     widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
@@ -53,6 +63,10 @@ def tune_linear(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu",
     weight_decay, path, solution = solver.fit_path(x, y, val, val_views[0].labels.to(device), num_classes,
                                                    progress=progress)
     del x, val
+    train_part = make_head("linear", solution[0].shape[1], num_classes, mean.cpu(), std.cpu())
+    with torch.no_grad():
+        train_part[-1].weight.copy_(solution[0])
+        train_part[-1].bias.copy_(solution[1])
     x, y = _rows(views, device)
     mean, std = solver.block_scaling(x, widths)
     weight, bias, refit = solver.solve((x - mean) / std, y, num_classes, weight_decay, init=solution)
@@ -64,7 +78,7 @@ def tune_linear(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu",
     choice = dict(validation=info, weight_decay=weight_decay, val_accuracy=chosen["val_accuracy"],
                   val_loss=chosen["val_loss"], solver="L-BFGS, full batch", refit_seconds=refit["seconds"],
                   refit_on="train + validation")
-    return head.to(device), path, choice
+    return train_part.to(device), head.to(device), path, choice
 
 
 def tune_mlp(views: Sequence[FeatureCache], *, epochs: int, batch_size: int, lr: float, seed: int = 0, device="cpu",

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from fasttl.data.sources import ArraySource, FileSource
+from fasttl.data.sources import ArraySource, DataError, FileSource, TarSource, bytes_problem, skip_hint
 from fasttl.data.spec import TransformSpec
 
 
@@ -98,5 +98,64 @@ def array_pipeline(batches: ShardBatches, spec: TransformSpec, batch_size: int, 
         if on_gpu:
             images = images.gpu()
         return _augment(fn, types, images, spec, on_gpu), labels.gpu() if on_gpu else labels
+
+    return pipeline()
+
+
+class EncodedBatches:
+    """Batches of one shard of a TarSource (WebDataset) for DALI's external_source: each image's
+    encoded bytes, read from its tar at the indexed offset, with its sample index. Every image's
+    header is checked first (DALI's decoder crashes on what its parser rejects); a bad one ends
+    the epoch and is kept in `error`, which the loader raises, naming the sample.
+
+    fasttl reads the tars itself rather than through fn.readers.webdataset: the index it made
+    decides which samples are in the source (a screened source leaves some out) and keeps each
+    row's sample id, which DALI's reader does not report."""
+
+    def __init__(self, source: TarSource, batch_size: int, shard_id: int, num_shards: int, train: bool, seed: int):
+        n = len(source)
+        begin, end = n * shard_id // num_shards, n * (shard_id + 1) // num_shards
+        self.source, self.indices = source, np.arange(begin, end)
+        self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
+        self.order, self.position, self.error = [], 0, None
+
+    def __iter__(self):
+        self.order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.indices)
+                      if self.train else self.indices)
+        self.position, self.error = 0, None
+        self.epoch += 1
+        return self
+
+    def __next__(self):
+        if self.position >= len(self.order) or self.error is not None:
+            raise StopIteration
+        idx = self.order[self.position:self.position + self.batch_size]
+        images = []
+        for i in idx:
+            data = self.source.read(int(i))
+            problem = bytes_problem(data)
+            if problem is not None:
+                name = self.source.sample_ids()[int(i)]
+                self.error = DataError(f"{name}: cannot be read as an image ({problem}); {skip_hint()}")
+                raise StopIteration
+            images.append(np.frombuffer(data, dtype=np.uint8))
+        self.position += len(idx)
+        return images, [np.asarray([i], dtype=np.int64) for i in idx]
+
+
+def encoded_pipeline(batches: EncodedBatches, spec: TransformSpec, batch_size: int, device_id: Optional[int],
+                     num_threads: int):
+    """Outputs (images, sample indices) from encoded images (EncodedBatches): decoded by DALI,
+    on the GPU ("mixed") where there is one."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=spec.seed)
+    def pipeline():
+        encoded, indices = fn.external_source(source=batches, num_outputs=2, dtype=[types.UINT8, types.INT64],
+                                              device="cpu")
+        on_gpu = device_id is not None
+        images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
+                                   adjust_orientation=True)
+        return _augment(fn, types, images, spec, on_gpu), indices
 
     return pipeline()

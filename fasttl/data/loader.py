@@ -8,12 +8,12 @@ from typing import Iterator, Optional, Tuple, Union
 import torch
 
 from fasttl.data import dali_pipeline
-from fasttl.data.sources import (ArraySource, DataError, FileSource, check_image, ensure_headers, first_bad_image,
-                                 skip_hint)
+from fasttl.data.sources import (ArraySource, DataError, FileSource, TarSource, check_image, ensure_headers,
+                                 first_bad_image, skip_hint)
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import TorchImageDataset
 
-Source = Union[FileSource, ArraySource]
+Source = Union[FileSource, ArraySource, TarSource]
 _BACKENDS = ("auto", "dali", "torch")
 
 
@@ -97,6 +97,12 @@ class ImageLoader:
             pipe = dali_pipeline.file_pipeline(self.source, self.spec, self.batch_size, self.shard_id,
                                                self.num_shards, device_id, self.num_threads)
             kwargs = dict(reader_name="Reader")
+        elif isinstance(self.source, TarSource):
+            self._encoded = dali_pipeline.EncodedBatches(self.source, self.batch_size, self.shard_id, self.num_shards,
+                                                         self.spec.train, self.spec.seed)
+            pipe = dali_pipeline.encoded_pipeline(self._encoded, self.spec, self.batch_size, device_id,
+                                                  self.num_threads)
+            kwargs = dict(size=-1)
         else:
             batches = dali_pipeline.ShardBatches(self.source, self.batch_size, self.shard_id, self.num_shards,
                                                  self.spec.train, self.spec.seed)
@@ -108,9 +114,11 @@ class ImageLoader:
 
     def _iter_dali(self):
         files = isinstance(self.source, FileSource)
+        encoded = isinstance(self.source, TarSource)
         if files:
             # DALI's decoder crashes the process when its parser rejects a file: none may reach it.
             ensure_headers(self.source, *self._shard_range())
+        if files or encoded:  # the pipeline's second output is sample indices
             label_of = torch.as_tensor(self.source.labels, dtype=torch.int64)
         delivered = []  # sample indices handed out this epoch (the file pipeline's "labels")
         try:
@@ -118,10 +126,13 @@ class ImageLoader:
                 self._dali_iterator = self._build_dali()
             for batch in self._dali_iterator:
                 labels = batch[0]["labels"].reshape(-1)
-                if files:
+                if files or encoded:
                     delivered.append(labels)
-                    labels = label_of[labels]
+                    labels = label_of[labels.cpu()]
                 yield batch[0]["images"], labels
+            if encoded and self._encoded.error is not None:
+                self._dali_iterator = None
+                raise self._encoded.error
         except RuntimeError as exc:
             # The pipeline is invalid after an error: drop it, touch none of its outputs again.
             self._dali_iterator = None

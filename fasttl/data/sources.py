@@ -6,8 +6,12 @@ image file is checked before NVIDIA DALI sees it (`header_problem`), because DAL
 process (SIGSEGV in its decoder's worker threads) when its parser rejects one sample of a batch."""
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import os
+import re
+import tarfile
 import pickle
 import stat
 import struct
@@ -157,6 +161,33 @@ def header_problem(path: str) -> Optional[str]:
     return "not a JPEG or PNG file (bad or missing header)"
 
 
+def bytes_problem(data: bytes) -> Optional[str]:
+    """`header_problem` for an image held in memory (a WebDataset member)."""
+    if not data:
+        return "empty file (0 bytes)"
+    f = io.BytesIO(data)
+    if data[:3] == b"\xff\xd8\xff":
+        return _jpeg_problem(f, len(data))
+    if data[:8] == _PNG_SIGNATURE:
+        return _png_problem(f, len(data))
+    return "not a JPEG or PNG file (bad or missing header)"
+
+
+def check_image_bytes(data: bytes) -> Optional[str]:
+    """`check_image` for an image held in memory."""
+    problem = bytes_problem(data)
+    if problem is not None:
+        return problem
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception as exc:  # PIL raises many types for corrupt data
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return None
+
+
 def check_image(path: str) -> Optional[str]:
     """None if `path` passes `header_problem` and decodes in full with PIL, else why not."""
     problem = header_problem(path)
@@ -228,7 +259,11 @@ class FileSource:
         digest = hashlib.sha256()
         for path, label in sorted(zip(self.files, self.labels)):
             rel = os.path.relpath(path, self.root) if self.root else path
-            digest.update(f"{rel}\0{os.path.getsize(path)}\0{label}\n".encode())
+            try:
+                size = os.path.getsize(path)
+            except OSError:  # a file list may name a missing file: skipped, or named when it is read
+                size = -1
+            digest.update(f"{rel}\0{size}\0{label}\n".encode())
         return digest.hexdigest()
 
     def sample_ids(self) -> List[str]:
@@ -271,7 +306,82 @@ class ArraySource:
         return ArraySource(self.images[idx], self.labels[idx], list(self.classes), self.name)
 
 
-Source = Union[FileSource, ArraySource]
+@dataclass
+class TarSource:
+    """WebDataset shards: uncompressed tar files whose samples are KEY.jpg (or .jpeg/.png) beside
+    KEY.cls (the class index as text). Indexed once (tar headers and the .cls members are read,
+    no image), then each image is read from its recorded offset: `read(i)`.
+
+    `members`: (shard index, byte offset, size) of each sample's image; `keys`: each sample's
+    KEY; `shards`: the tar paths; sample ids are "<shard path relative to root>/<KEY>".
+    `skipped`: (sample id, reason) left out by `screen(..., "skip")` or by the indexing
+    (a sample without an image or a .cls, or with an unreadable class)."""
+
+    shards: List[str]
+    members: List[Tuple[int, int, int]]
+    keys: List[str]
+    labels: List[int]
+    classes: List[str]
+    root: str = ""
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def _shard_name(self, shard: int) -> str:
+        return os.path.relpath(self.shards[shard], self.root) if self.root else self.shards[shard]
+
+    def sample_ids(self) -> List[str]:
+        return [f"{self._shard_name(m[0])}/{k}" for m, k in zip(self.members, self.keys)]
+
+    def identity(self) -> str:
+        """Hash of the shard names and sizes, the sample keys, image sizes and labels."""
+        digest = hashlib.sha256(b"webdataset\n")
+        for i, shard in enumerate(self.shards):
+            digest.update(f"{self._shard_name(i)}\0{os.path.getsize(shard)}\n".encode())
+        for (shard, _, size), key, label in zip(self.members, self.keys, self.labels):
+            digest.update(f"{shard}\0{key}\0{size}\0{label}\n".encode())
+        return digest.hexdigest()
+
+    def read(self, index: int) -> bytes:
+        shard, offset, size = self.members[index]
+        with open(self.shards[shard], "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise DataError(f"{self.sample_ids()[index]}: the tar ends inside this sample (truncated shard)")
+        return data
+
+    def subset(self, indices: Sequence[int]) -> "TarSource":
+        return TarSource(list(self.shards), [self.members[i] for i in indices], [self.keys[i] for i in indices],
+                         [self.labels[i] for i in indices], list(self.classes), self.root, list(self.skipped))
+
+
+Source = Union[FileSource, ArraySource, TarSource]
+
+
+def _screen_tar(source: TarSource, on_error: str, num_threads: Optional[int]) -> TarSource:
+    ids = source.sample_ids()
+
+    def check(index: int) -> Optional[str]:
+        try:
+            return check_image_bytes(source.read(index))
+        except (DataError, OSError) as exc:
+            return str(exc)
+
+    found = _check_all(list(range(len(source))), check, num_threads, stop_at_first=on_error == "fail")
+    if not found:
+        return source
+    if on_error == "fail":
+        index, problem = found[0]
+        raise DataError(f"{ids[index]}: cannot be read as an image ({problem}); {skip_hint()}")
+    bad = {index for index, _ in found}
+    kept = source.subset([i for i in range(len(source)) if i not in bad])
+    kept.skipped = list(source.skipped) + [(ids[i], problem) for i, problem in found]
+    if not kept.members:
+        raise DataError(f"data: none of the {len(source)} images of {source.root or 'the shards'} can be read "
+                        f"(first: {ids[found[0][0]]}: {found[0][1]})")
+    return kept
 
 
 def screen(source: Source, on_error: str = "fail", *, num_threads: Optional[int] = None) -> Source:
@@ -287,6 +397,8 @@ def screen(source: Source, on_error: str = "fail", *, num_threads: Optional[int]
     An ArraySource (already decoded) comes back as it is."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error: expected one of {ON_ERROR}, got {on_error!r}")
+    if isinstance(source, TarSource):
+        return _screen_tar(source, on_error, num_threads)
     if not isinstance(source, FileSource):
         return source
     found = _check_all(source.files, check_image, num_threads, stop_at_first=on_error == "fail")
@@ -452,6 +564,211 @@ def file_list(pairs: Iterable[Tuple[str, int]], classes: Optional[Sequence[str]]
         raise DataError("data: the file list is empty (give at least one (path, label) pair)")
     n_classes = max(labels) + 1
     return FileSource(files, labels, list(classes) if classes is not None else [str(i) for i in range(n_classes)])
+
+
+# -- file lists (CSV, TSV, Parquet) and WebDataset shards -----------------------------------------------------
+
+LIST_EXTENSIONS = (".csv", ".tsv", ".parquet")
+
+
+def is_file_list(data: str) -> bool:
+    return isinstance(data, str) and data.lower().endswith(LIST_EXTENSIONS)
+
+
+def is_webdataset(data: str) -> bool:
+    return isinstance(data, str) and data.lower().endswith(".tar")
+
+
+def read_classes_file(path: str) -> List[str]:
+    """Class names, one a line (blank lines ignored), for --classes FILE."""
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"classes: cannot read {path} ({getattr(exc, 'strerror', None) or exc}); give a text file "
+                        "with one class name a line") from None
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise DataError(f"classes: {path} must name at least 2 distinct classes, one a line (found {len(names)}, "
+                        f"{len(set(names))} distinct)")
+    return names
+
+
+def _list_rows(path: str) -> List[Tuple[str, str]]:
+    """(path, label) text of each row of a CSV, TSV or Parquet list with path and label columns."""
+    if path.lower().endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"data: reading {path} (Parquet) needs pyarrow, which is not installed: pip install "
+                            "pyarrow, or give the list as CSV or TSV") from None
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises its own types for a bad file
+            raise DataError(f"data: {path} is not a readable Parquet file ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]})") from None
+        missing = [c for c in ("path", "label") if c not in table.column_names]
+        if missing:
+            raise DataError(f"data: {path} has no {' or '.join(missing)} column (expected columns path and label; "
+                            f"found {table.column_names[:10]})")
+        return [(str(p), str(l)) for p, l in zip(table.column("path").to_pylist(), table.column("label").to_pylist())]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",")
+            fields = [name.strip() for name in reader.fieldnames or []]
+            reader.fieldnames = fields
+            missing = [c for c in ("path", "label") if c not in fields]
+            if missing:
+                raise DataError(f"data: {path} has no {' or '.join(missing)} column in its header line (expected "
+                                f"path and label; found {fields[:10]})")
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                if row.get("path") is None or row.get("label") is None:
+                    raise DataError(f"data: {path} line {line} has fewer fields than its header")
+                rows.append((row["path"].strip(), row["label"].strip()))
+            return rows
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"data: cannot read {path} as a file list ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where: str) -> Tuple[List[int], List[str]]:
+    """Labels as class indices and the class names. With `classes`: a label is a class name or an
+    index into them. Without: integer labels are their own classes "0".."K-1"; names are sorted
+    (as class folders are), so a list and the same files as class folders label alike."""
+    if classes is not None:
+        names = {name: i for i, name in enumerate(classes)}
+        out = []
+        for label in labels:
+            if label in names:
+                out.append(names[label])
+            elif label.isdigit() and int(label) < len(classes):
+                out.append(int(label))
+            else:
+                raise DataError(f"data: {where}: label {label!r} is neither one of the {len(classes)} classes nor "
+                                f"an index into them")
+        return out, list(classes)
+    if labels and all(label.isdigit() for label in labels):
+        values = [int(label) for label in labels]
+        return values, [str(i) for i in range(max(values) + 1)]
+    found = sorted(set(labels))
+    index = {name: i for i, name in enumerate(found)}
+    return [index[label] for label in labels], found
+
+
+def read_file_list(path: str, classes: Optional[Sequence[str]] = None) -> FileSource:
+    """A CSV (.csv), TSV (.tsv) or Parquet (.parquet, needs pyarrow) list with columns path and
+    label: image paths relative to the list's folder (absolute ones are kept), labels class
+    names or indices (see `_label_indices`). Rows stay in the list's order. Files are not opened
+    here: `screen` and the loaders check them (a missing one is named, or skipped with
+    --on-error skip)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(path):
+        raise _missing(path, "a CSV, TSV or Parquet file list with path and label columns") \
+            if not os.path.isdir(path) else DataError(f"data: {path} is a folder, not a file list")
+    rows = _list_rows(path)
+    if not rows:
+        raise DataError(f"data: {path} lists no images (expected a header line and one path,label row per image)")
+    root = os.path.dirname(path)
+    for line, (image, _) in enumerate(rows, start=2):
+        if not image or "\0" in image:
+            raise DataError(f"data: {path} row {line - 1} has an empty path")
+    labels, names = _label_indices([label for _, label in rows], classes, path)
+    if len(names) < 2:
+        raise DataError(f"data: {path} names only 1 class ({names[0]}); a classifier needs at least 2")
+    files = [os.path.normpath(os.path.join(root, os.path.expanduser(image))) for image, _ in rows]
+    return FileSource(files, labels, names, root)
+
+
+def expand_braces(pattern: str) -> List[str]:
+    """WebDataset's shard patterns: {000000..000127} (zero-padded numeric ranges) and {a,b,c}."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, tail, body = pattern[:match.start()], pattern[match.end():], match.group(1)
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        first, last = numeric.groups()
+        width = len(first) if first.startswith("0") else 0
+        if int(last) < int(first) or int(last) - int(first) > 10_000_000:
+            raise DataError(f"data: shard range {{{body}}} in {pattern} is empty or too large")
+        items = [str(i).zfill(width) for i in range(int(first), int(last) + 1)]
+    else:
+        items = body.split(",")
+    return [expanded for item in items for expanded in expand_braces(head + item + tail)]
+
+
+_WDS_IMAGE = (".jpg", ".jpeg", ".png")
+
+
+def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> TarSource:
+    """The samples of the WebDataset shards `pattern` names (brace pattern or one .tar path), in
+    shard order then tar order. Each sample: KEY.jpg/.jpeg/.png and KEY.cls holding the class
+    index as text. Class names: `classes` (from --classes FILE), else the indices "0".."K-1".
+    A sample without an image or a class, or with a class that is not an index, is listed in
+    `skipped` (reason given), never silently dropped; a tar that cannot be read is a DataError."""
+    pattern = os.path.expanduser(pattern)
+    shards = [os.path.abspath(p) for p in expand_braces(pattern)]
+    root = os.path.dirname(os.path.abspath(pattern.split("{", 1)[0] + "x"))
+    members, keys, labels, skipped = [], [], [], []
+    for shard_index, shard in enumerate(shards):
+        if not os.path.isfile(shard):
+            raise _missing(shard, "WebDataset .tar shards (a brace pattern like shards/train-{000000..000127}.tar)") \
+                if not os.path.isdir(shard) else DataError(f"data: {shard} is a folder, not a .tar shard")
+        name = os.path.relpath(shard, root)
+        samples = {}
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = os.path.basename(member.name)
+                    if base.startswith("."):
+                        continue
+                    folder = os.path.dirname(member.name)
+                    key, _, ext = base.partition(".")
+                    key = f"{folder}/{key}" if folder else key
+                    entry = samples.setdefault(key, {})
+                    ext = "." + ext.lower()
+                    if ext in _WDS_IMAGE:
+                        entry["image"] = (shard_index, member.offset_data, member.size)
+                    elif ext == ".cls":
+                        if member.size > 64:
+                            entry["cls"] = None
+                        else:
+                            entry["cls"] = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"data: {shard} is not a readable tar file ({' '.join(str(exc).split())[:200]})") from None
+        for key, entry in samples.items():
+            if "image" not in entry or "cls" not in entry:
+                what = "no .jpg/.jpeg/.png image" if "image" not in entry else "no .cls class"
+                if "image" in entry or "cls" in entry:
+                    skipped.append((f"{name}/{key}", f"sample has {what}"))
+                continue
+            label = entry["cls"]
+            if label is None or not label.isdigit() or (classes is not None and int(label) >= len(classes)):
+                skipped.append((f"{name}/{key}", f"class {label!r} is not an index into the "
+                                                 f"{len(classes) if classes else 'known'} classes"))
+                continue
+            members.append(entry["image"])
+            keys.append(key)
+            labels.append(int(label))
+    if not members:
+        raise DataError(f"data: {pattern} holds no samples (expected KEY.jpg with KEY.cls in each tar)")
+    names = list(classes) if classes is not None else [str(i) for i in range(max(labels) + 1)]
+    if len(names) < 2:
+        raise DataError(f"data: {pattern} has only class 0; a classifier needs at least 2 classes")
+    return TarSource(shards, members, keys, labels, names, root, skipped)
+
+
+def open_data(data: str, classes_file: Optional[str] = None):
+    """What --data names, for inputs beyond class folders: a file list (.csv/.tsv/.parquet) as a
+    FileSource, WebDataset shards (.tar pattern) as a TarSource; None for anything else."""
+    classes = read_classes_file(classes_file) if classes_file else None
+    if is_file_list(data):
+        return read_file_list(data, classes)
+    if is_webdataset(data):
+        return read_webdataset(data, classes)
+    return None
 
 
 # -- CIFAR python pickles ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fasttl.data.sources import ArraySource, DataError, FileSource, header_problem, skip_hint
+from fasttl.data.sources import ArraySource, DataError, FileSource, TarSource, bytes_problem, header_problem, skip_hint
 from fasttl.data.spec import TransformSpec
 
 
@@ -49,16 +49,19 @@ def to_rgb_uint8(img) -> np.ndarray:
     return np.array(np.asarray(img, dtype=np.uint8)[:, :, :3], order="C")  # a writable copy
 
 
-def decode(path: str) -> torch.Tensor:
+def decode(path: str, data: bytes = None) -> torch.Tensor:
     """RGB uint8 (H, W, 3) from a JPEG/PNG, turned upright by its EXIF orientation (as DALI does);
-    an unreadable file is an error naming it."""
+    an unreadable file is an error naming it. `data`: the image's bytes, when they come from
+    somewhere else than the file `path` (a WebDataset member; `path` names it)."""
+    import io
+
     from PIL import Image
 
-    problem = header_problem(path)  # the same refusals as before DALI
+    problem = header_problem(path) if data is None else bytes_problem(data)  # the same refusals as before DALI
     if problem is not None:
         raise DataError(f"{path}: cannot be read as an image ({problem}); {skip_hint()}")
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             img.load()
             orientation = _orientation(img)
             if orientation != 1:
@@ -133,10 +136,14 @@ class TorchImageDataset(torch.utils.data.Dataset):
         if isinstance(self.source, FileSource):
             image = decode(self.source.files[index])
             label = self.source.labels[index]
+        elif isinstance(self.source, TarSource):
+            image = decode(f"{self.source._shard_name(self.source.members[index][0])}/{self.source.keys[index]}",
+                           self.source.read(index))
+            label = self.source.labels[index]
         elif isinstance(self.source, ArraySource):
             image = torch.from_numpy(np.ascontiguousarray(self.source.images[index]))
             label = int(self.source.labels[index])
         else:
-            raise TypeError(f"source: expected FileSource or ArraySource, got {type(self.source).__name__}")
+            raise TypeError(f"source: expected FileSource, TarSource or ArraySource, got {type(self.source).__name__}")
         rng = np.random.default_rng([self.spec.seed, self.epoch, index]) if self.spec.train else None
         return transform(image, self.spec, rng), label

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 from dataclasses import dataclass, field
@@ -20,13 +21,14 @@ MAX_IMAGE_SIZE = 1024
 
 
 def option(default, help: str, *, kind=None, choices=None, metavar: Optional[str] = None, cli: bool = True,
-           const=None):
+           const=None, repeat: bool = False):
     """A RunConfig field: `kind` is the value's type on the command line (str, int, float, bool
     for a flag), `choices` a tuple or a callable returning one (looked up when asked); `const`:
-    the value of the flag given without one (its value is then optional on the command line)."""
+    the value of the flag given without one (its value is then optional on the command line);
+    `repeat`: the flag may be given several times, and the value is then the list of them."""
     kind = kind or type(default)
     return field(default=default, metadata=dict(help=help, kind=kind, choices=choices, metavar=metavar, cli=cli,
-                                                 const=const))
+                                                 const=const, repeat=repeat))
 
 
 def _strategies():
@@ -42,12 +44,17 @@ def _comparisons():
 @dataclass
 class RunConfig:
     data: Optional[str] = option(None, "'cifar10-mini' (the embedded default: 1,500 real CIFAR-10 images), "
-                                 "'digits' (scikit-learn's 8x8 digits), 'cifar10' ($FASTTL_DATA) or a "
-                                 "class-folder DIR", kind=str, metavar="DATA")
+                                 "'digits' (scikit-learn's 8x8 digits), 'cifar10' ($FASTTL_DATA), a "
+                                 "class-folder DIR, a file list LIST.csv/.tsv/.parquet (path,label columns) or "
+                                 "WebDataset shards 'train-{000000..000127}.tar'", kind=str, metavar="DATA")
+    classes_file: Optional[str] = option(None, "class names, one a line, for a file list or WebDataset --data "
+                                         "(default: the labels' own names, or the class indices)", kind=str,
+                                         metavar="FILE")
     backbone: str = option(backbones.DEFAULT, "backbone name", choices=backbones.available)
     weights: Optional[str] = option(None, "backbone state dict file", kind=str, metavar="FILE")
     strategy: str = option("linear", "how to transfer (see the table in the README)", choices=_strategies)
-    image_size: Optional[int] = option(None, "backbone input size (default 64 for digits, else 128)", kind=int,
+    image_size: Optional[int] = option(None, "backbone input size (default: 64 for 8x8 digits, else the backbone's "
+                                       "run size, 160 for the EfficientNet-Lites)", kind=int,
                                        metavar="N")
     epochs: Optional[int] = option(None, "epochs (default: the strategy's)", kind=int, metavar="N")
     batch_size: Optional[int] = option(None, "batch size (default: the strategy's)", kind=int, metavar="N")
@@ -58,18 +65,25 @@ class RunConfig:
                                 kind=str, metavar="RUN_DIR")
     compare: str = option("auto", "train another strategy beside, on the same data (auto: the from-scratch "
                           "baseline for the data sets fasttl ships, none otherwise)", choices=_comparisons)
-    teacher: Optional[str] = option(None, "distill: the teacher run", kind=str, metavar="RUN_DIR")
+    teacher: Optional[object] = option(None, "distill: the teacher run (linear, mlp or finetune); repeat it for an "
+                                       "ensemble whose logits are averaged", kind=str, metavar="RUN_DIR",
+                                       repeat=True)
     target_data: Optional[str] = option(None, "dann: the unlabeled target domain (class folders; labels only "
                                         "for evaluation)", kind=str, metavar="DIR")
     train_per_class: Optional[int] = option(None, "use N training images per class (seeded)", kind=int, metavar="N")
     test_per_class: Optional[int] = option(None, "use N test images per class (seeded)", kind=int, metavar="N")
     finetune_stages: Optional[int] = option(None, "finetune: unfreeze the top K stages (default all)", kind=int,
                                             metavar="K")
+    finetune_from: str = option("probe", "finetune: start from the tuned linear probe on cached features, with the "
+                                "lr scale and epoch chosen on validation (probe: LP-FT), or from a random head for "
+                                "--epochs epochs (random: plain fine-tuning)", choices=("probe", "random"))
+    regularize: str = option("none", "finetune: decay the backbone toward zero (none: AdamW weight decay) or toward "
+                             "its pretrained weights (l2sp)", choices=("none", "l2sp"))
     precision: str = option("auto", "bf16 params with fp32 master weights, or fp32 (auto: bf16 on cuda, fp32 on "
                             "cpu)", choices=("auto", "fp32", "bf16"))
     cache_dtype: str = option("fp16", "feature cache dtype", choices=("fp16", "bf16", "fp32", "int8"))
-    features: str = option("multi", "linear/mlp/dann: what each cached vector holds: head (the backbone's final "
-                           "pooled features) or multi (beside them, the pooled outputs of its last three stages)",
+    features: str = option("multi", "linear/mlp/dann/finetune: what each cached vector holds: head (the backbone's final "
+                           "pooled features) or multi (beside them, the pooled outputs of its last four stages)",
                            choices=lambda: tuple(FEATURE_TAPS))
     engine: str = option("auto", "what runs the frozen backbone during extraction (auto: onnxruntime on the CPU "
                          "when installed, else torch)", choices=engines.ENGINES)
@@ -77,8 +91,10 @@ class RunConfig:
                                     "bf16 features are about 3%% off fp32)", choices=engines.PRECISIONS)
     mirror_views: bool = option(False, "linear/mlp: also cache the mirrored images; train on both views, average "
                                 "them at test")
-    temperature: float = option(4.0, "distill: softening temperature", metavar="T")
-    alpha: float = option(0.9, "distill: weight of the soft term", metavar="A")
+    temperature: Optional[float] = option(None, "distill: softening temperature (default: chosen with alpha on the "
+                                          "validation split)", kind=float, metavar="T")
+    alpha: Optional[float] = option(None, "distill: weight of the soft term (default: chosen with T on the "
+                                    "validation split)", kind=float, metavar="A")
     resume: bool = option(False, "continue an interrupted run from its last finished epoch")
     overwrite: bool = option(False, "replace the run in --out (and rebuild a feature cache that fails its checks)")
     on_error: str = option("fail", "an unreadable image: fail (names it) or skip (left out, listed in skipped.csv)",
@@ -111,7 +127,8 @@ class RunConfig:
         out.epochs = strategy.epochs if self.epochs is None else self.epochs
         out.lr = strategy.lr if self.lr is None else self.lr
         out.batch_size = strategy.batch_size if self.batch_size is None else self.batch_size
-        out.image_size = self.image_size if self.image_size is not None else (64 if native_size <= 16 else 128)
+        out.image_size = self.image_size if self.image_size is not None else (
+            64 if native_size <= 16 else backbones.run_image_size(self.backbone))
         if out.compare == "auto":
             out.compare = registry.baseline().name if self.data in (None, *BUILTIN) else "none"
         if out.precision == "auto":
@@ -133,7 +150,13 @@ class RunConfig:
                               f"{self.tensorboard!r}")
         if self.download and self.data != "cifar10":
             raise OptionError("download: --download fetches only --data cifar10; drop it for other data")
-        for name in ("data", "out", "weights", "teacher", "target_data"):
+        teachers = [self.teacher] if isinstance(self.teacher, str) else self.teacher
+        if teachers is not None and (not isinstance(teachers, (list, tuple)) or not teachers or
+                                     not all(isinstance(t, str) and t for t in teachers)):
+            raise OptionError(f"teacher: expected a run folder or a list of them, got {self.teacher!r}")
+        if teachers is not None and len({os.path.abspath(os.path.expanduser(t)) for t in teachers}) < len(teachers):
+            raise OptionError(f"teacher: {list(teachers)} names a run twice; give each teacher once")
+        for name in ("data", "out", "weights", "target_data", "classes_file"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise OptionError(f"{name}: expected a path (a string), got {value!r}")
@@ -151,9 +174,11 @@ class RunConfig:
                 raise OptionError(f"{name}: expected a positive integer, got {value!r}")
         for name in ("lr", "temperature"):
             value = getattr(self, name)
+            if name == "temperature" and value is None:
+                continue  # chosen on validation
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise OptionError(f"{name}: expected a finite number > 0, got {value!r}")
-        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
             raise OptionError(f"alpha: expected a number in [0, 1], got {self.alpha!r}")
         if self.resume and self.overwrite:
             raise OptionError("resume: --resume continues a run and --overwrite replaces it; pass one of them")
@@ -169,8 +194,9 @@ def _check_unused(cfg: "RunConfig", trained) -> None:
     """An option that only another strategy reads is a mistake to point out, not to ignore."""
     from fasttl.transfer import registry
 
-    for name in ("teacher", "target_data", "finetune_stages"):
-        if getattr(cfg, name) is None or any(name in s.requires + s.uses for s in trained):
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name in ("teacher", "target_data", "finetune_stages", "finetune_from", "regularize"):
+        if getattr(cfg, name) in (None, defaults[name]) or any(name in s.requires + s.uses for s in trained):
             continue
         readers = [n for n in registry.names() if name in registry.get(n).requires + registry.get(n).uses]
         raise OptionError(f"{name}: --{name.replace('_', '-')} is read only by --strategy {' or '.join(readers)}; "

@@ -10,9 +10,10 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 
 from fasttl.data import ArraySource, DataError, FileSource, class_folder_splits, load_cifar_pickles, screen
+from fasttl.data.sources import TarSource, is_file_list, is_webdataset, open_data
 from fasttl.data.splits import stratified_split
 
-Source = Union[FileSource, ArraySource]
+Source = Union[FileSource, ArraySource, TarSource]
 EMBEDDED = "cifar10-mini"
 DIGITS = "digits"
 BUILTIN = (EMBEDDED, DIGITS)  # shipped with fasttl: their runs compare against scratch by default
@@ -84,6 +85,17 @@ def _native_size(source: Source) -> int:
         return int(source.images.shape[1])
     from PIL import Image
 
+    if isinstance(source, TarSource):
+        import io
+
+        for index in range(min(64, len(source))):
+            try:
+                with Image.open(io.BytesIO(source.read(index))) as img:
+                    return int(min(img.size))
+            except Exception:
+                continue
+        raise DataError(f"data: none of the first images of {source.root} opens as an image")
+
     for path in source.files[:64]:  # the first file that opens (a corrupt one is reported later, named)
         try:
             with Image.open(path) as img:
@@ -114,15 +126,26 @@ def _check_usable(dataset: Dataset, data: str) -> None:
 
 
 def load_dataset(data: Optional[str], seed: int = 0, train_per_class: Optional[int] = None,
-                 test_per_class: Optional[int] = None, on_error: str = "fail", download: bool = False) -> Dataset:
+                 test_per_class: Optional[int] = None, on_error: str = "fail", download: bool = False,
+                 classes_file: Optional[str] = None) -> Dataset:
     """The data set `data` names (see RunConfig.data). `download`: fetch CIFAR-10 into $FASTTL_DATA
-    when it is not there (`fasttl data fetch cifar10`); nothing else is ever downloaded."""
+    when it is not there (`fasttl data fetch cifar10`); nothing else is ever downloaded. A file
+    list (.csv/.tsv/.parquet) or WebDataset shards (.tar pattern) is split 80/20 (stratified,
+    seeded) as a folder without train/ and test/; `classes_file` names their classes."""
     if data in (None, EMBEDDED):
         dataset = _cifar10_mini()
     elif data == DIGITS:
         dataset = _digits()
     elif data == "cifar10":
         dataset = _cifar10(download)
+    elif is_file_list(data) or is_webdataset(data):
+        source = open_data(data, classes_file)
+        train_idx, test_idx = stratified_split(source.labels, test_fraction=0.2, seed=seed)
+        name = os.path.splitext(os.path.basename(data.split("{", 1)[0].rstrip("-_") or data))[0]
+        dataset = Dataset(name or "data", source.subset(train_idx), source.subset(test_idx),
+                          native_size=_native_size(source))
+        dataset.train.skipped = list(source.skipped)  # samples the indexing left out, reported once
+        dataset.test.skipped = []
     else:
         root = os.path.abspath(os.path.expanduser(data))
         train, test = class_folder_splits(root)

@@ -21,7 +21,8 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     written to RUN_DIR/eval_metrics.json. The model is rebuilt by its strategy's `load`. With
     on_error="skip", images that do not decode are left out and listed under "skipped"."""
     cfg = read_config(run_dir)
-    dataset = load_dataset(data if data is not None else cfg["data"], cfg["seed"])
+    dataset = load_dataset(data if data is not None else cfg["data"], cfg["seed"],
+                           classes_file=cfg.get("classes_file"))
     test = screen(dataset.test, on_error) if on_error == "skip" else dataset.test  # the train split goes unread
     if dataset.classes != cfg["classes"]:
         raise DataError(f"data: has classes {dataset.classes}, the run was trained for {cfg['classes']}")

@@ -113,9 +113,10 @@ def preflight(cfg: RunConfig) -> None:
         if path is not None and not os.path.isfile(os.path.expanduser(path)):
             raise OptionError(f"{name}: no file at {os.path.abspath(os.path.expanduser(path))}")
     for name in ("teacher", "target_data"):
-        path = getattr(cfg, name)
-        if path is not None and not os.path.isdir(os.path.expanduser(path)):
-            raise OptionError(f"{name}: {os.path.abspath(os.path.expanduser(path))} is not a folder")
+        paths = getattr(cfg, name)
+        for path in [paths] if isinstance(paths, str) else paths or []:
+            if not os.path.isdir(os.path.expanduser(path)):
+                raise OptionError(f"{name}: {os.path.abspath(os.path.expanduser(path))} is not a folder")
     if cfg.tensorboard is not None:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
@@ -146,7 +147,7 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     preflight(cfg.resolved(0))  # option errors first, before any data is read or any folder made
     dataset = load_dataset(cfg.data, cfg.seed, cfg.train_per_class, cfg.test_per_class, on_error=cfg.on_error,
-                           download=cfg.download)
+                           download=cfg.download, classes_file=cfg.classes_file)
     cfg = cfg.resolved(dataset.native_size)
     torch.manual_seed(cfg.seed)
     run_dir = choose_run_dir(cfg, dataset.name)

@@ -51,6 +51,22 @@ class TrainedModel:
         return torch.cat(outputs), torch.cat(labels)
 
 
+    @torch.no_grad()
+    def view_logits(self, source, mirror: bool, progress: bool = False, split: str = "eval",
+                    batch_size: int = 128) -> Tensor:
+        """Logits (on the CPU) of one view of every sample of `source`: the images as they are
+        (`mirror` False) or horizontally mirrored. A distillation teacher gives them per view, so
+        that the student's soft targets are those of the very image it is shown."""
+        import dataclasses
+
+        from fasttl.data import ImageLoader
+
+        spec = dataclasses.replace(self.spec, mirror=bool(mirror))
+        dtype = next(self.module.parameters()).dtype
+        return torch.cat([self.module(images).float().cpu()
+                          for images, _ in ImageLoader(source, spec, batch_size, device=self.device, dtype=dtype)])
+
+
 class Strategy:
     """One way of carrying a backbone's knowledge to the target task. Subclasses set the class
     attributes and implement `train` and `load`, then register with @register."""
@@ -66,7 +82,7 @@ class Strategy:
     requires: Tuple[str, ...] = ()  # RunConfig options it can't run without
     baseline: bool = False      # the from-scratch model every transfer is judged beside
     outputs: Tuple[str, ...] = ()   # the names of the models it saves: NAME.safetensors, NAME.checkpoint.pt
-    uses: Tuple[str, ...] = ()  # options (default None) that only this strategy reads, beside `requires`
+    uses: Tuple[str, ...] = ()  # options (left at their defaults by other strategies) that only this strategy reads, beside `requires`
 
     def train(self, cfg, dataset, run_dir: str, device: torch.device) -> List[Outcome]:
         raise NotImplementedError(f"strategy {self.name!r} ({type(self).__name__}) defines no train()")

@@ -109,11 +109,13 @@ def _choices(results: Dict[str, Dict[str, object]]) -> List[str]:
         validation = choice.get("validation", {})
         settings = ", ".join(f"{key.replace('_', ' ')} {value:g}" if isinstance(value, float) else
                              f"{key.replace('_', ' ')} {value}" for key, value in choice.items()
-                             if key in ("weight_decay", "epochs"))
+                             if key in ("weight_decay", "epochs", "lr_scale", "epoch_kept", "regularize",
+                                                                     "temperature", "alpha", "distill_features"))
         lines += [f"- **{name}**: {settings}, chosen on {validation.get('validation_images', '?')} validation "
                   f"images ({validation.get('fraction', 0):.0%} of each class, seed {validation.get('seed', '?')}): "
                   f"validation accuracy {choice.get('val_accuracy', float('nan')):.4f}; then refit on "
-                  f"{choice.get('refit_on', 'train')}. The test split was evaluated once, at the end."]
+                  f"{choice.get('refit_on', 'train')}. The test split was evaluated once, at the end."
+                  + (f" Result: {choice['outcome']}." if choice.get("outcome") else "")]
     return ["", "## Choices made on validation", ""] + lines if lines else []
 
 

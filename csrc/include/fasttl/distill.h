@@ -3,9 +3,11 @@
 //   loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)
 //   dloss/ds_j = alpha * T * (q_j - p_j) + (1 - alpha) * (softmax(s)_j - [j == y])
 //
-// A row is read three times (max, sums, gradient); all sums are in fp32 and every exp is taken
-// relative to the row max, so no intermediate overflows. The CPU keeps the sums pass's exps in a
-// per-thread scratch row for the gradient pass; the GPU, with bandwidth to spare, takes them again.
+// All sums are in fp32 and every exp is taken relative to a (running) row max, so no
+// intermediate overflows. The CPU keeps the sums pass's exps in a per-thread scratch row for the
+// gradient pass (and, for T a small integer, takes exp(s - m) as exp((s - m)/T)^T); the GPU, with
+// bandwidth to spare, takes them again. grad_scale (a known upstream gradient, such as the 1/B of a
+// mean) is folded into the gradient coefficients, so backward need not pass over the gradient.
 #pragma once
 
 #include <cmath>
@@ -19,6 +21,8 @@ struct DistillParams {
   float temperature;
   float alpha;   // weight of the soft term; 1 when there is no target
   bool hard;     // whether the row has a counted hard target
+  float grad_scale;  // the gradient written is grad_scale * dloss/ds (a known upstream gradient,
+                     // e.g. 1/rows of a mean, folded in so that backward has nothing to do)
 };
 
 // The four sums a row needs, each one exp per element relative to the row max.
@@ -32,10 +36,13 @@ struct DistillTerms {
 // A class the teacher rules out (t = -inf, p = 0) adds nothing to the KL: 0 log 0 = 0, as in
 // PyTorch's kl_div (xlogy). Without the select, 0 * (t - s) would be 0 * -inf = NaN; the same
 // holds where the student rules the class out too (s = -inf).
+FASTTL_HD float teacher_gap_term(float et, float s, float t) {
+  return et == 0.0f ? 0.0f : et * (t - s);  // a NaN still propagates
+}
+
 FASTTL_HD DistillTerms distill_terms(float s, float t, float ms, float mt, float inv_t) {
   const float et = fast_exp((t - mt) * inv_t);
-  const float gap = et == 0.0f ? 0.0f : et * (t - s);  // a NaN still propagates
-  return DistillTerms{fast_exp((s - ms) * inv_t), et, gap, fast_exp(s - ms)};
+  return DistillTerms{fast_exp((s - ms) * inv_t), et, teacher_gap_term(et, s, t), fast_exp(s - ms)};
 }
 
 // A running max that is still -inf (nothing finite seen yet) is taken as 0 for the exps, so an
@@ -50,10 +57,10 @@ FASTTL_HD float rescale(float from, float to, float scale) {
 
 // Coefficients of the gradient, fixed once the sums are known.
 struct DistillGradCoef {
-  float soft_scale;      // alpha * T
+  float soft_scale;      // alpha * T * grad_scale
   float inv_z_student;   // 1 / sum exp((s - ms) / T)
   float inv_z_teacher;   // 1 / sum exp((t - mt) / T)
-  float hard_scale;      // 1 - alpha (0 when the row has no hard target)
+  float hard_scale;      // (1 - alpha) * grad_scale (0 when the row has no hard target)
   float inv_z_hard;      // 1 / sum exp(s - ms)
 };
 
@@ -68,7 +75,7 @@ FASTTL_HD float distill_row_loss(const DistillTerms& sums, float ms, float mt, f
                    (ms - mt) * p.inv_temperature - log_zt + log_zs;
   const float alpha = p.hard ? p.alpha : 1.0f;
   float loss = alpha * p.temperature * p.temperature * kl;
-  coef->soft_scale = alpha * p.temperature;
+  coef->soft_scale = alpha * p.temperature * p.grad_scale;
   coef->inv_z_student = 1.0f / sums.soft_student;
   coef->inv_z_teacher = 1.0f / sums.soft_teacher;
   coef->hard_scale = 0.0f;
@@ -76,7 +83,7 @@ FASTTL_HD float distill_row_loss(const DistillTerms& sums, float ms, float mt, f
   if (p.hard) {
     const float ce = fast_log(sums.hard_student) + ms - s_target;
     loss += (1.0f - alpha) * ce;
-    coef->hard_scale = 1.0f - alpha;
+    coef->hard_scale = (1.0f - alpha) * p.grad_scale;
   }
   return loss;
 }

@@ -22,10 +22,13 @@ struct DistillArgs {
   void* grad;                  // (rows, classes) contiguous, student dtype
   int64_t rows;
   int64_t classes;
+  float grad_scale;            // the gradient written is grad_scale * dloss_i/ds (1: the plain gradient)
 };
 
 void distill_rows_cpu(const DistillArgs& args);
 void distill_rows_cuda(const DistillArgs& args, void* stream);
+// The clone of the multiversioned CPU kernels (FASTTL_CPU_CLONES) that this CPU runs.
+const char* cpu_kernel_clone();
 
 // ---- fused Adam / AdamW with fp32 master weights -------------------------------------------
 // One tensor of a multi-tensor step. `param` is in the param dtype; `grad` in the grad dtype;
@@ -88,6 +91,11 @@ struct GatherArgs {
   int64_t n, channels;
   void* out;
   int out_dtype;        // kFloat32 or kBFloat16
+  // A cache stored as shards (CPU only: memory-mapped shard files): row r lives in shard
+  // r / shard_rows at row r % shard_rows; `cache` and `scales` are then unused.
+  const void* const* shard_caches = nullptr;
+  const float* const* shard_scales = nullptr;  // int8 only
+  int64_t shard_rows = 0;
 };
 
 void pool_store_cpu(const PoolStoreArgs& args);

@@ -11,6 +11,7 @@
 // wheel runs everywhere and still vectorizes wide where the CPU allows.
 #if defined(__x86_64__) && !defined(__CUDACC__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTTL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FASTTL_HAS_CPU_CLONES 1
 #else
 #define FASTTL_CPU_CLONES
 #endif

@@ -3,9 +3,11 @@ outputs through fasttl's fused distillation loss. The teacher is any finished ru
 can teach, rebuilt through the registry; its logits on the training images are computed once."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -15,7 +17,10 @@ from fasttl.errors import OptionError
 from fasttl.transfer import registry
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.transfer.rundir import read_config
-from fasttl.transfer.strategies.scratch import labels_of, load_cnn, train_cnn
+from fasttl.data.splits import VALIDATION_FRACTION, validation_split
+from fasttl.transfer.strategies.common import param_dtype
+from fasttl.transfer.strategies.scratch import (cnn_epoch, cnn_logits, cnn_loss, cnn_model, labels_of, load_cnn,
+                                                native_images, train_cnn)
 
 TEACHER_LOGITS = "teacher_logits.safetensors"
 
@@ -33,43 +38,111 @@ def teacher_model(teacher_dir: str, classes: List[str], device: torch.device) ->
     return strategy.load(teacher_dir, device)
 
 
-def _saved_logits(path: str, teacher: str, rows: int):
+def teacher_dirs(teacher) -> List[str]:
+    """--teacher as a list of run folders (one, or an ensemble's)."""
+    return [teacher] if isinstance(teacher, str) else list(teacher)
+
+
+def _saved_logits(path: str, teachers: List[str], rows: int):
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as saved:
-            if (saved.metadata() or {}).get("teacher") == teacher:
-                logits = saved.get_tensor("logits")
-                if logits.dim() == 2 and logits.shape[0] == rows:
-                    return logits
+            if (saved.metadata() or {}).get("teachers") == json.dumps(teachers):
+                views = torch.stack([saved.get_tensor("logits"), saved.get_tensor("logits_mirror")])
+                if views.dim() == 3 and views.shape[1] == rows:
+                    return views
     except Exception:  # a damaged file is recomputed, never trusted
         pass
     return None
 
 
 @torch.no_grad()
-def teacher_logits_for(teacher_dir: str, ds, cfg, run_dir: str, device: torch.device) -> Tensor:
-    """The teacher's logits on every training image, kept in the run directory (safetensors:
-    tensors and a string of metadata, nothing that could run code on load)."""
+def teacher_view_logits(model: TrainedModel, source, progress: bool = False) -> Tensor:
+    """(2, N, C): the teacher's logits on each training image as it is and mirrored, each view's
+    from that view's own image (for feature teachers, from the "train" and "train-mirror" caches)."""
+    return torch.stack([model.view_logits(source, mirror=view, progress=progress, split="train")
+                        for view in (False, True)])
+
+
+@torch.no_grad()
+def teacher_logits_for(teacher, ds, cfg, run_dir: str, device: torch.device) -> Tensor:
+    """The teachers' logits per view of every training image, (2, N, C), averaged over the teachers
+    of an ensemble; kept in the run directory (safetensors: tensors and a string of metadata,
+    nothing that could run code on load)."""
     from safetensors.torch import save
 
     path = os.path.join(run_dir, TEACHER_LOGITS)
-    teacher = os.path.abspath(teacher_dir)
+    teachers = [os.path.abspath(os.path.expanduser(t)) for t in teacher_dirs(teacher)]
     if os.path.isfile(path):
-        logits = _saved_logits(path, teacher, len(ds.train))
+        logits = _saved_logits(path, teachers, len(ds.train))
         if logits is not None:
             return logits
-    logits, _ = teacher_model(teacher_dir, ds.classes, device).logits(ds.train, progress=cfg.progress,
-                                                                            split="train")
-    write_atomic(path, save({"logits": logits.float().contiguous()}, metadata={"teacher": teacher}))
+    models = [teacher_model(t, ds.classes, device) for t in teachers]  # every teacher checked before any runs
+    logits = torch.stack([teacher_view_logits(m, ds.train, cfg.progress).float() for m in models]).mean(0)
+    write_atomic(path, save({"logits": logits[0].contiguous(), "logits_mirror": logits[1].contiguous()},
+                            metadata={"teachers": json.dumps(teachers)}))
     return logits
+
+
+# The (T, alpha) pairs the validation sweep tries; a value given on the command line is kept fixed.
+TEMPERATURES, ALPHAS = (1.0, 2.0, 4.0), (0.5, 0.9)
+SWEEP = ((4.0, 0.9), (4.0, 0.5), (2.0, 0.9), (1.0, 0.5))
+
+
+def candidates(temperature: Optional[float], alpha: Optional[float]) -> List[Tuple[float, float]]:
+    if temperature is not None and alpha is not None:
+        return [(float(temperature), float(alpha))]
+    if temperature is not None:
+        return [(float(temperature), a) for a in ALPHAS]
+    if alpha is not None:
+        return [(t, float(alpha)) for t in TEMPERATURES]
+    return list(SWEEP)
+
+
+def choose_on_validation(cfg, ds, logits: Tensor, train_x: Tensor, device: torch.device) -> Dict[str, object]:
+    """T and alpha by a small sweep: a student per candidate trained on the training split less a
+    stratified validation split (fasttl.data.splits.validation_split), for a third of the epochs,
+    and scored on that validation split. The test split is never looked at."""
+    pairs = candidates(cfg.temperature, cfg.alpha)
+    if len(pairs) == 1:
+        return {"temperature": pairs[0][0], "alpha": pairs[0][1], "given": True}
+    labels = labels_of(ds.train, device)
+    train_idx, val_idx = validation_split(labels.tolist(), cfg.seed)
+    train_idx, val_idx = torch.as_tensor(train_idx, device=device), torch.as_tensor(val_idx, device=device)
+    x, y, soft = train_x[train_idx], labels[train_idx], logits.to(device)[:, train_idx]
+    epochs = max(1, math.ceil(cfg.epochs / 3))
+    sweep = []
+    for temperature, alpha in pairs:
+        model, optimizer, scheduler = cnn_model(cfg, len(ds.classes), device, train_x.dtype,
+                                                epochs * math.ceil(len(y) / cfg.batch_size))
+        loss_fn = cnn_loss(y, soft, temperature, alpha)
+        for epoch in range(epochs):
+            model.train()
+            cnn_epoch(model, x, y, cfg.batch_size, optimizer, scheduler, epoch, cfg.seed, loss_fn)
+        predicted = cnn_logits(model, train_x[val_idx]).argmax(1)
+        accuracy = float((predicted == labels[val_idx].cpu()).float().mean())
+        sweep.append({"temperature": temperature, "alpha": alpha, "val_accuracy": accuracy})
+    best = max(sweep, key=lambda r: r["val_accuracy"])  # the first of equals: the list's order
+    return {"temperature": best["temperature"], "alpha": best["alpha"], "val_accuracy": best["val_accuracy"],
+            "sweep": sweep, "sweep_epochs": epochs, "refit_on": "train (all of it, for --epochs)",
+            "validation": {"validation_images": len(val_idx), "fraction": VALIDATION_FRACTION, "seed": cfg.seed}}
+
+
+def _teacher_accuracy(teacher: str) -> Optional[float]:
+    try:
+        with open(os.path.join(teacher, "metrics.json")) as f:
+            return float(json.load(f)["accuracy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @register
 class Distill(Strategy):
     name = "distill"
     display = "distill (student with teacher)"
-    help = "the small CNN at native resolution from a teacher run's softened outputs (--teacher RUN_DIR)"
+    help = ("the small CNN at native resolution from the softened outputs of a teacher run (--teacher RUN_DIR, "
+            "repeated for an ensemble), per view of each image; T and alpha chosen on validation")
     requires = ("teacher",)
     epochs, lr, batch_size = 15, 3e-3, 64
     outputs = ("distill",)
@@ -78,11 +151,21 @@ class Distill(Strategy):
         started = time.perf_counter()
         logits = teacher_logits_for(cfg.teacher, ds, cfg, run_dir, device)
         teacher_s = time.perf_counter() - started
-        outcome = train_cnn(cfg, ds, run_dir, self.name, self.display, device, teacher_logits=logits)
-        outcome.timings["teacher_logits_s"] = teacher_s
-        teacher_accuracy = float((logits.argmax(1) == labels_of(ds.train, logits.device)).float().mean())
-        outcome.notes.update(teacher=os.path.abspath(cfg.teacher), teacher_train_accuracy=teacher_accuracy,
-                             temperature=cfg.temperature, alpha=cfg.alpha)
+        train_x = native_images(ds.train, ds.native_size, cfg.seed, device, param_dtype(cfg))
+        started = time.perf_counter()
+        choice = choose_on_validation(cfg, ds, logits, train_x, device)
+        sweep_s = time.perf_counter() - started
+        outcome = train_cnn(cfg, ds, run_dir, self.name, self.display, device, teacher_logits=logits,
+                            temperature=choice["temperature"], alpha=choice["alpha"], train_x=train_x)
+        outcome.timings.update(teacher_logits_s=teacher_s, sweep_s=sweep_s)
+        labels = labels_of(ds.train, logits.device)
+        teachers = [os.path.abspath(os.path.expanduser(t)) for t in teacher_dirs(cfg.teacher)]
+        outcome.notes.update(
+            teacher=teachers[0] if len(teachers) == 1 else teachers,
+            teacher_test_accuracy={t: _teacher_accuracy(t) for t in teachers},
+            teacher_train_accuracy=float((logits.mean(0).argmax(1) == labels).float().mean()),
+            teacher_views="per view: plain and mirrored images, each with its own logits",
+            temperature=choice["temperature"], alpha=choice["alpha"], choice=choice)
         return [outcome]
 
     def load(self, run_dir, device) -> TrainedModel:

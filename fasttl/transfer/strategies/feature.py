@@ -52,6 +52,14 @@ class FeatureModel(TrainedModel):
                                   mirror=view) for view in views]
         return predict_views(self.head, caches, self.device)
 
+    @torch.no_grad()
+    def view_logits(self, source, mirror: bool, progress: bool = False, split: str = "eval", batch_size: int = 4096):
+        """One view's logits through its feature cache ("train-mirror" for the mirrored training
+        images), not the average of both views that `logits` gives a --mirror-views run."""
+        cache = cached_features(self.backbone, source, split, self.extraction, device=self.device, progress=progress,
+                                mirror=bool(mirror))
+        return predict_views(self.head, [cache], self.device)[0]
+
 
 class FeatureTransfer(Strategy):
     """Shared by `linear` and `mlp`: extraction into the cache, the head tuned on a validation

@@ -36,8 +36,10 @@ def labels_of(source, device: torch.device) -> Tensor:
     return torch.as_tensor(list(source.labels), dtype=torch.int64, device=device)
 
 
-def _cnn_epoch(model, images: Tensor, labels: Tensor, batch_size: int, optimizer, scheduler, epoch: int, seed: int,
-               loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Dict[str, float]:
+def cnn_epoch(model, images: Tensor, labels: Tensor, batch_size: int, optimizer, scheduler, epoch: int, seed: int,
+               loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Dict[str, float]:
+    """One epoch in a seeded order, each image mirrored or not by a seeded coin; `loss_fn(logits,
+    idx, mirrored)` sees which images (rows of `images`) the batch holds and which were mirrored."""
     generator = torch.Generator().manual_seed(seed * 7919 + epoch)
     order = torch.randperm(len(labels), generator=generator).to(images.device)
     flips = (torch.rand(len(labels), generator=generator) < 0.5).to(images.device)
@@ -45,52 +47,71 @@ def _cnn_epoch(model, images: Tensor, labels: Tensor, batch_size: int, optimizer
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         x = images[idx]
-        x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(-1), x)  # horizontal flip augmentation
+        mirrored = flips[idx]
+        x = torch.where(mirrored.view(-1, 1, 1, 1), x.flip(-1), x)  # horizontal flip augmentation
         logits = model(x).float()
-        loss = loss_fn(logits, idx)
+        loss = loss_fn(logits, idx, mirrored)
         step(loss, optimizer, scheduler)
         stats.add(loss, logits, labels[idx])
     return stats.record()
 
 
 @torch.no_grad()
-def _cnn_logits(model, images: Tensor, batch_size: int = 512) -> Tensor:
+def cnn_logits(model, images: Tensor, batch_size: int = 512) -> Tensor:
     model.eval()
     return torch.cat([model(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
 
 
-def train_cnn(cfg, ds, run_dir: str, name: str, display: str, device: torch.device,
-              teacher_logits: Optional[Tensor] = None) -> Outcome:
-    """The small CNN on the training images (flip augmentation), with cross-entropy or, given the
-    teacher's logits per training image, fasttl's fused distillation loss."""
+def cnn_loss(train_y: Tensor, teacher_logits: Optional[Tensor], temperature: float = 1.0, alpha: float = 0.5):
+    """loss_fn(logits, idx, mirrored) of a CNN epoch: cross-entropy, or given the teacher's logits
+    per view, (2, N, C) (plain, mirrored), fasttl's fused distillation loss against the logits of
+    the view each image was shown in."""
     import fasttl
 
+    if teacher_logits is None:
+        return lambda logits, idx, mirrored: F.cross_entropy(logits, train_y[idx])
+    if teacher_logits.dim() == 2:
+        teacher_logits = torch.stack([teacher_logits, teacher_logits])  # one view only: the same for both
+
+    def loss(logits, idx, mirrored):
+        soft = teacher_logits[mirrored.long(), idx]
+        return fasttl.distillation_loss(logits, soft, train_y[idx], temperature=temperature, alpha=alpha)
+    return loss
+
+
+def cnn_model(cfg, classes: int, device: torch.device, dtype: torch.dtype, steps: int):
+    torch.manual_seed(cfg.seed)
+    model = SmallCNN(classes).to(device, dtype)
+    optimizer = AdamW(model.parameters(), lr=cfg.lr, weight_decay=5e-4)
+    return model, optimizer, one_cycle(optimizer, cfg.lr, steps, pct_start=0.15)
+
+
+def train_cnn(cfg, ds, run_dir: str, name: str, display: str, device: torch.device,
+              teacher_logits: Optional[Tensor] = None, temperature: float = 1.0, alpha: float = 0.5,
+              train_x: Optional[Tensor] = None) -> Outcome:
+    """The small CNN on the training images (flip augmentation), with cross-entropy or, given the
+    teacher's logits per view of each training image ((2, N, C) or (N, C)), fasttl's fused
+    distillation loss at `temperature` and `alpha`."""
     dtype = param_dtype(cfg)
     started = time.perf_counter()
-    train_x = native_images(ds.train, ds.native_size, cfg.seed, device, dtype)
+    if train_x is None:
+        train_x = native_images(ds.train, ds.native_size, cfg.seed, device, dtype)
     test_x = native_images(ds.test, ds.native_size, cfg.seed, device, dtype)
     train_y, test_y = labels_of(ds.train, device), labels_of(ds.test, device)
     load_s = time.perf_counter() - started
-    torch.manual_seed(cfg.seed)
-    model = SmallCNN(len(ds.classes)).to(device, dtype)
-    optimizer = AdamW(model.parameters(), lr=cfg.lr, weight_decay=5e-4)
-    scheduler = one_cycle(optimizer, cfg.lr, cfg.epochs * math.ceil(len(train_y) / cfg.batch_size), pct_start=0.15)
-    if teacher_logits is None:
-        loss_fn = lambda logits, idx: F.cross_entropy(logits, train_y[idx])  # noqa: E731
-    else:
-        teacher_logits = teacher_logits.to(device)
-        loss_fn = lambda logits, idx: fasttl.distillation_loss(  # noqa: E731
-            logits, teacher_logits[idx], train_y[idx], temperature=cfg.temperature, alpha=cfg.alpha)
+    model, optimizer, scheduler = cnn_model(cfg, len(ds.classes), device, dtype,
+                                            cfg.epochs * math.ceil(len(train_y) / cfg.batch_size))
+    loss_fn = cnn_loss(train_y, None if teacher_logits is None else teacher_logits.to(device), temperature, alpha)
 
     started = time.perf_counter()
     history = fit(model, optimizer, scheduler, cfg.epochs,
-                  lambda epoch: _cnn_epoch(model, train_x, train_y, cfg.batch_size, optimizer, scheduler, epoch,
+                  lambda epoch: cnn_epoch(model, train_x, train_y, cfg.batch_size, optimizer, scheduler, epoch,
                                            cfg.seed, loss_fn),
-                  lambda: eval_record(_cnn_logits(model, test_x), test_y), seed=cfg.seed,
+                  lambda: eval_record(cnn_logits(model, test_x), test_y), seed=cfg.seed,
                   checkpoint=Checkpoint(run_dir, name), resume=cfg.resume, progress=cfg.progress, description=name)
     train_s = time.perf_counter() - started
     started = time.perf_counter()
-    logits = _cnn_logits(model, test_x)
+    logits = cnn_logits(model, test_x)
     timings = dict(eval_timings(train_s, time.perf_counter() - started, len(train_y) * len(history), len(test_y)),
                    load_s=load_s)
     return Outcome(name, display, logits, test_y.cpu(), history, timings,

@@ -1,0 +1,193 @@
+"""Distillation's teacher: soft targets per view (the mirrored image's own logits for a mirrored
+batch), ensembles of teachers, T and alpha chosen on validation, and what bad teachers get."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import cifar_subset
+from torch import nn
+
+import fasttl
+from fasttl.data import ImageLoader
+from fasttl.data.sources import ArraySource
+from fasttl.errors import OptionError
+from fasttl.transfer import registry
+from fasttl.transfer.config import RunConfig
+from fasttl.transfer.job import run
+from fasttl.transfer.registry import TrainedModel
+from fasttl.transfer.strategies import distill, scratch
+
+pytestmark = pytest.mark.usefixtures("private_cache")
+CLASSES = ["airplane", "automobile", "frog", "ship"]
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory, cifar10_root):
+    return cifar_subset(cifar10_root, tmp_path_factory.mktemp("tiny") / "cifar4", CLASSES, 12, 4)
+
+
+@pytest.fixture(scope="module")
+def linear_teacher(tiny_cifar, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "linear"
+    with pytest.MonkeyPatch.context() as patch:  # a module fixture runs before each test's private cache
+        patch.setenv("FASTTL_CACHE_DIR", str(tmp_path_factory.mktemp("teacher-cache")))
+        run(data=str(tiny_cifar), strategy="linear", epochs=4, out=str(out), image_size=32, progress=False, seed=0)
+    return out
+
+
+def _arrays(n=6, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return ArraySource(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), np.arange(n) % 2, ["a", "b"])
+
+
+def _plain_images(model, source):
+    return torch.cat([x for x, _ in ImageLoader(source, model.spec, 64, device=model.device)])
+
+
+def test_a_mirrored_view_gets_the_logits_of_the_mirrored_image():
+    # A module that is not mirror-invariant (a linear map of the raw pixels): the mirrored view's
+    # logits must be the module's output on the mirrored images, not on the plain ones.
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    model = TrainedModel(module, scratch.native_spec(8), ["a", "b"], torch.device("cpu"))
+    source = _arrays()
+    plain = _plain_images(model, source)
+    views = distill.teacher_view_logits(model, source)
+    assert views.shape == (2, 6, 2)
+    torch.testing.assert_close(views[0], module(plain).detach())
+    torch.testing.assert_close(views[1], module(plain.flip(-1)).detach())
+    assert (views[0] - views[1]).abs().max() > 1e-2  # the two views do differ: the test can tell them apart
+
+
+def test_a_feature_teacher_takes_the_mirrored_view_from_the_mirrored_cache(tiny_cifar, linear_teacher):
+    from fasttl.transfer.datasets import load_dataset
+
+    model = registry.get("linear").load(str(linear_teacher), torch.device("cpu"))
+    ds = load_dataset(str(tiny_cifar))
+    views = distill.teacher_view_logits(model, ds.train)
+    plain = _plain_images(model, ds.train)  # the teacher's own preprocessing, in memory
+    with torch.no_grad():
+        expected = [model.module(plain), model.module(plain.flip(-1))]
+    for view, name in ((0, "plain"), (1, "mirrored")):
+        # The cache holds fp16 features: close, not equal.
+        torch.testing.assert_close(views[view], expected[view], atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+    assert (views[0] - views[1]).abs().max() > 5e-2
+
+
+def test_the_student_is_given_the_logits_of_the_view_it_is_shown():
+    # cnn_epoch flips a seeded half of each batch; the loss must get view 1's logits for exactly
+    # the images the model saw mirrored, view 0's for the others.
+    torch.manual_seed(0)
+    images = torch.randn(10, 3, 4, 4)
+    labels = torch.arange(10) % 3
+    seen = []
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(48, 3)
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return self.linear(x.flatten(1))
+
+    teacher = torch.randn(2, 10, 3)
+    losses = []
+
+    def loss_fn(logits, idx, mirrored):
+        for k, i in enumerate(idx.tolist()):  # what the model was shown is what the loss believes
+            expected = images[i].flip(-1) if mirrored[k] else images[i]
+            assert torch.equal(seen[-1][k], expected)
+        chosen = scratch.cnn_loss(labels, teacher, 2.0, 0.5)(logits, idx, mirrored)
+        by_hand = fasttl.distillation_loss(logits, teacher[mirrored.long(), idx], labels[idx], temperature=2.0, alpha=0.5)
+        torch.testing.assert_close(chosen, by_hand)
+        losses.append(mirrored)
+        return chosen
+
+    model = Recorder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scratch.cnn_epoch(model, images, labels, 4, optimizer, None, 0, 0, loss_fn)
+    flags = torch.cat(losses)
+    assert 0 < int(flags.sum()) < len(flags)  # both views occur
+
+
+def test_distill_records_the_choice_and_both_views(tiny_cifar, linear_teacher, tmp_path):
+    out = tmp_path / "student"
+    metrics = run(data=str(tiny_cifar), strategy="distill", teacher=str(linear_teacher), epochs=2, out=str(out),
+                  compare="none", image_size=32, progress=False, seed=0)
+    choice = metrics["notes"]["choice"]
+    assert (choice["temperature"], choice["alpha"]) in distill.SWEEP
+    assert len(choice["sweep"]) == len(distill.SWEEP) and choice["validation"]["validation_images"] >= 4
+    assert metrics["notes"]["temperature"] == choice["temperature"]
+    saved = json.loads((out / "metrics.json").read_text())["notes"]["choice"]
+    assert saved["val_accuracy"] == max(r["val_accuracy"] for r in saved["sweep"])
+    from safetensors.torch import load_file
+
+    logits = load_file(str(out / distill.TEACHER_LOGITS))
+    assert logits["logits"].shape == logits["logits_mirror"].shape == (48, len(CLASSES))
+    assert not torch.equal(logits["logits"], logits["logits_mirror"])
+    assert "Choices made on validation" in (out / "report.md").read_text()
+    # Given both, T and alpha are used as they are: no sweep.
+    given = run(data=str(tiny_cifar), strategy="distill", teacher=str(linear_teacher), epochs=1,
+                out=str(tmp_path / "given"), compare="none", image_size=32, progress=False, seed=0,
+                temperature=3.0, alpha=0.7)
+    assert given["notes"]["choice"] == {"temperature": 3.0, "alpha": 0.7, "given": True}
+
+
+def test_an_ensemble_averages_its_teachers_per_view(tiny_cifar, linear_teacher, tmp_path):
+    mlp = tmp_path / "mlp"
+    run(data=str(tiny_cifar), strategy="mlp", epochs=2, out=str(mlp), image_size=32, progress=False, seed=0)
+    out = tmp_path / "student"
+    metrics = run(data=str(tiny_cifar), strategy="distill", teacher=[str(linear_teacher), str(mlp)], epochs=1,
+                  out=str(out), compare="none", image_size=32, progress=False, seed=0, temperature=2.0, alpha=0.5)
+    assert metrics["notes"]["teacher"] == [str(linear_teacher), str(mlp)]
+    from safetensors.torch import load_file
+
+    from fasttl.transfer.datasets import load_dataset
+
+    ds = load_dataset(str(tiny_cifar))
+    each = [distill.teacher_view_logits(registry.get(name).load(str(path), torch.device("cpu")), ds.train)
+            for name, path in (("linear", linear_teacher), ("mlp", mlp))]
+    saved = load_file(str(out / distill.TEACHER_LOGITS))
+    expected = (each[0] + each[1]) / 2
+    torch.testing.assert_close(saved["logits"], expected[0])
+    torch.testing.assert_close(saved["logits_mirror"], expected[1])
+
+
+def test_repeated_teacher_flags_make_a_list():
+    from fasttl.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--strategy", "distill", "--teacher", "runs/a", "--teacher", "runs/b"])
+    assert args.teacher == ["runs/a", "runs/b"]
+
+
+@pytest.mark.parametrize("teacher, match", [
+    (["runs/a", "runs/a"], "^teacher: .* names a run twice"),
+    ([], "^teacher: --strategy distill needs --teacher"),
+    (["runs/a", 3], "^teacher: expected a run folder or a list"),
+    (["runs/a", ""], "^teacher: expected a run folder or a list"),
+])
+def test_bad_teacher_lists_are_refused_naming_the_option(teacher, match):
+    with pytest.raises(OptionError, match=match):
+        RunConfig(strategy="distill", teacher=teacher).resolved(32)
+
+
+def test_a_teacher_that_cannot_teach_or_has_other_classes_is_refused(tiny_cifar, linear_teacher, tmp_path):
+    student = run(data=str(tiny_cifar), strategy="scratch", epochs=1, out=str(tmp_path / "scratch"), compare="none",
+                  image_size=32, progress=False, seed=0)
+    assert student["strategy"] == "scratch"
+    with pytest.raises(OptionError, match="^teacher: .* is a 'scratch' run"):
+        run(data=str(tiny_cifar), strategy="distill", teacher=[str(linear_teacher), str(tmp_path / "scratch")],
+            epochs=1, out=str(tmp_path / "x"), compare="none", image_size=32, progress=False, seed=0)
+    assert not (tmp_path / "x" / distill.TEACHER_LOGITS).exists()  # refused before any teacher ran
+
+
+@pytest.mark.parametrize("temperature, alpha, expected", [
+    (None, None, list(distill.SWEEP)),
+    (3.0, None, [(3.0, a) for a in distill.ALPHAS]),
+    (None, 0.2, [(t, 0.2) for t in distill.TEMPERATURES]),
+    (2.0, 0.4, [(2.0, 0.4)]),
+])
+def test_a_value_given_is_kept_fixed_in_the_sweep(temperature, alpha, expected):
+    assert distill.candidates(temperature, alpha) == expected
