@@ -63,10 +63,11 @@ def _known_scale(student_logits: Tensor, target: Optional[Tensor], reduction: st
     if reduction == "mean":
         if target is None:
             return 1.0 / max(student_logits.size(0), 1)
-        # Counting the rows reads the target: on the CPU and outside torch.compile (where it would
-        # break the graph) that costs nothing worth avoiding.
-        if target.device.type == "cpu" and student_logits.device.type == "cpu" and \
-                not torch.compiler.is_compiling():
+        # Counting the rows reads the target: off the sync-free devices (CUDA) and outside
+        # torch.compile (where it would break the graph) that costs nothing worth avoiding.
+        host_readable = target.device.type not in _ops._SYNC_FREE_DEVICE_TYPES and \
+            student_logits.device.type not in _ops._SYNC_FREE_DEVICE_TYPES
+        if host_readable and not torch.compiler.is_compiling():
             return 1.0 / max(int((target != ignore_index).sum()), 1)
     return None
 

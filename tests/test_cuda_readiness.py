@@ -71,8 +71,10 @@ def test_distillation_loss_takes_no_host_read_on_the_sync_free_branch(monkeypatc
         expected = _distill(student, teacher, target, 1.7)
     with no_host_reads(monkeypatch):
         got = _distill(student, teacher, target, 1.7)
+    # The host branch folds the mean's 1/B into the kernel's gradient (fasttl::distill_loss), the
+    # sync-free one scales after: the same math, rounded in another order (float32: ~1 ulp).
     for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8)
     _ops.raise_device_errors()  # nothing was reported
 
 

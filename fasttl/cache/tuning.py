@@ -22,14 +22,11 @@ def split_views(views: Sequence[FeatureCache], seed: int) -> Tuple[List[FeatureC
     """The views of a training split cut into (train, validation) views by one stratified,
     seeded split of the samples: a sample's plain and mirrored rows fall on the same side."""
     train_rows, val_rows = validation_split(views[0].labels.cpu().numpy(), seed)
-    if not val_rows:
-        from fasttl.data import DataError
-
-        raise DataError("data: the training split has no class with two images, so no validation images can be "
-                        "held out to tune the head; add images")
     info = {"fraction": VALIDATION_FRACTION, "train_images": len(train_rows), "validation_images": len(val_rows),
             "seed": seed}
-    return [v.subset(train_rows) for v in views], [v.subset(val_rows) for v in views], info
+    if not val_rows:  # every class has one image: nothing can be held out, and nothing is tuned
+        info["note"] = "no class has two images: no validation split, default settings"
+    return [v.subset(train_rows) for v in views], [v.subset(val_rows) for v in views] if val_rows else [], info
 
 
 def _rows(views: Sequence[FeatureCache], device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +52,8 @@ def linear_probe(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu",
     device = torch.device(device)
     train_views, val_views, info = split_views(views, seed)
     widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
+    if not val_views:
+        return _untuned_linear(views, widths, info, device)
     x, y = _rows(train_views, device)
     mean, std = solver.block_scaling(x, widths)
     x = (x - mean) / std
@@ -81,6 +80,20 @@ def linear_probe(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu",
     return train_part.to(device), head.to(device), path, choice
 
 
+def _untuned_linear(views, widths, info, device):
+    """One image per class: the default strength on all rows (nothing to validate on)."""
+    x, y = _rows(views, device)
+    mean, std = solver.block_scaling(x, widths)
+    weight, bias, record = solver.solve((x - mean) / std, y, len(views[0].classes), solver.DEFAULT_WEIGHT_DECAY)
+    head = make_head("linear", x.shape[1], len(views[0].classes), mean.cpu(), std.cpu())
+    with torch.no_grad():
+        head[-1].weight.copy_(weight)
+        head[-1].bias.copy_(bias)
+    choice = dict(validation=info, weight_decay=solver.DEFAULT_WEIGHT_DECAY, solver="L-BFGS, full batch",
+                  refit_on="train (no validation split)")
+    return head.to(device), head.to(device), [record], choice
+
+
 def tune_mlp(views: Sequence[FeatureCache], *, epochs: int, batch_size: int, lr: float, seed: int = 0, device="cpu",
              dtype: torch.dtype = torch.float32, progress: bool = True, checkpoint=None,
              resume: bool = False) -> Tuple[nn.Module, List[Dict], Dict]:
@@ -89,6 +102,13 @@ def tune_mlp(views: Sequence[FeatureCache], *, epochs: int, batch_size: int, lr:
     (weight decay, epoch count) is then trained again on train + validation. Returns (head, the
     validation curves, choice)."""
     train_views, val_views, info = split_views(views, seed)
+    if not val_views:  # one image per class: the first weight decay for the given epochs
+        everything = FeatureCache.concat(list(views)) if len(views) > 1 else views[0]
+        head, history = train_head(everything, kind="mlp", epochs=epochs, batch_size=batch_size, lr=lr,
+                                   weight_decay=MLP_WEIGHT_DECAYS[0], seed=seed, device=device, progress=progress,
+                                   dtype=dtype, checkpoint=checkpoint, resume=resume)
+        return head, history, dict(validation=info, weight_decay=MLP_WEIGHT_DECAYS[0], epochs=epochs,
+                                   refit_on="train (no validation split)")
     train = FeatureCache.concat(train_views) if len(train_views) > 1 else train_views[0]
     curves, best = [], None
     for weight_decay in MLP_WEIGHT_DECAYS:

@@ -59,11 +59,11 @@ def plot_curves(histories: Dict[str, List[Dict[str, float]]], path: str) -> None
     """Loss and accuracy per epoch; records without epochs (the linear head's regularization
     path) in a third panel, validation accuracy against the L2 strength."""
     plt = _plt()
-    paths = {name: h for name, h in histories.items() if h and "epoch" not in h[0] and "weight_decay" in h[0]}
+    paths = {name: h for name, h in histories.items() if h and "epoch" not in h[0] and "val_accuracy" in h[0]}
     fig, axes = plt.subplots(1, 3 if paths else 2, figsize=(15 if paths else 10, 4))
     loss_ax, acc_ax = axes[0], axes[1]
     for name, history in histories.items():
-        if not history or name in paths:
+        if not history or name in paths or "epoch" not in history[0]:  # (an untuned head: nothing to draw)
             continue
         for setting, records in _groups(history).items():
             epochs = [h["epoch"] for h in records]
