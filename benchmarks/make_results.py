@@ -69,7 +69,9 @@ def _accuracy_per_minute(rows: list, extract_path: pathlib.Path) -> list:
             key = (row["backbone"], row["size"])
             rates[key] = max(rates.get(key, 0.0), row["images_per_s"])
     parts = ["", "Cost of each on full CIFAR-10 (60,000 images through the backbone once, at the fastest fp32 "
-             "engine's multi-stage rate from `fasttl bench extract`, benchmarks/results/extract-cpu.json):", "",
+             "engine's multi-stage rate from `fasttl bench extract`, benchmarks/results/extract-cpu.json). That "
+             "benchmark ran while other jobs shared the two cores: compare the rows with each other, not with "
+             "a wall clock.", "",
              "| backbone | size | images/s | extraction of 60,000 images (min) | accuracy above (4 stages) |",
              "|---|---|---|---|---|"]
     for (backbone, size), rate in sorted(rates.items()):
