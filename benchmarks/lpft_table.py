@@ -7,7 +7,8 @@ CIFAR-10 classes, N training and 100 test images per class). For each size it ru
 the other, `fasttl run` with: linear (its defaults, multi-stage features), linear on the head
 features (the probe LP-FT starts from), plain fine-tuning (`--finetune-from random --epochs 3`,
 the old default), LP-FT at its defaults (its probe is `linear`'s, on the same cached features), and
-LP-FT with `--regularize l2sp`; each run's wall time is the whole process, feature extraction
+LP-FT with `--regularize l2sp`, and LP-FT with only the top three stages unfrozen
+(`--finetune-stages 3`); each run's wall time is the whole process, feature extraction
 included (every size starts from an empty feature cache: the linear run builds it, the LP-FT runs
 reuse it). Rows are merged into
 benchmarks/results/lpft.json after every run; make_results.py renders them."""
@@ -30,6 +31,7 @@ VARIANTS = (
                                                        "--epochs", "3"]),
     ("LP-FT (default)", ["--strategy", "finetune"]),
     ("LP-FT + L2-SP", ["--strategy", "finetune", "--regularize", "l2sp"]),
+    ("LP-FT, top 3 stages", ["--strategy", "finetune", "--finetune-stages", "3"]),
 )
 
 

@@ -276,7 +276,15 @@ def _distill_rows_kernel(student: Tensor, teacher: Tensor, target: Optional[Tens
                          alpha: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
     """Per-row distillation loss (fp32, shape (B,)) and its gradient w.r.t. the student logits
     (student dtype, shape (B, C)), computed in one native call."""
+    return _distill_checked(student, teacher, target, temperature, alpha, ignore_index, 1.0)
+
+
+def _distill_checked(student: Tensor, teacher: Tensor, target: Optional[Tensor], temperature: float,
+                     alpha: float, ignore_index: int, grad_scale: float) -> Tuple[Tensor, Tensor]:
+    """Both distillation ops' eager path: checks the inputs, then (loss_rows, grad_scale * grad)."""
     _check_distill_rows(student, teacher, target, temperature, alpha)
+    if not math.isfinite(grad_scale):
+        raise ValueError(f"scale: is {grad_scale} (expected a finite number)")
     _raise_reported(student.device)
     student = _unit_column_stride(student)
     teacher = _unit_column_stride(teacher)
@@ -285,7 +293,7 @@ def _distill_rows_kernel(student: Tensor, teacher: Tensor, target: Optional[Tens
     grad = torch.empty((rows, classes), dtype=student.dtype, device=student.device)
     if target is not None:
         target = _check_range("target", _as_int64(target), classes, ignore_index=int(ignore_index))
-    run_distill_rows(student, teacher, target, temperature, alpha, ignore_index, loss_rows, grad)
+    run_distill_rows(student, teacher, target, temperature, alpha, ignore_index, loss_rows, grad, grad_scale)
     return loss_rows, grad
 
 
@@ -358,18 +366,7 @@ def _distill_loss_kernel(student: Tensor, teacher: Tensor, target: Optional[Tens
                          alpha: float, ignore_index: int, scale: float) -> Tuple[Tensor, Tensor]:
     """scale * (sum of the per-row losses), fp32 0-dim, and its gradient w.r.t. the student
     (student dtype, (B, C)), in one native call."""
-    _check_distill_rows(student, teacher, target, temperature, alpha)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale: is {scale} (expected a finite number)")
-    _raise_reported(student.device)
-    student = _unit_column_stride(student)
-    teacher = _unit_column_stride(teacher)
-    rows, classes = student.shape
-    loss_rows = torch.empty(rows, dtype=torch.float32, device=student.device)
-    grad = torch.empty((rows, classes), dtype=student.dtype, device=student.device)
-    if target is not None:
-        target = _check_range("target", _as_int64(target), classes, ignore_index=int(ignore_index))
-    run_distill_rows(student, teacher, target, temperature, alpha, ignore_index, loss_rows, grad, scale)
+    loss_rows, grad = _distill_checked(student, teacher, target, temperature, alpha, ignore_index, scale)
     return loss_rows.sum() * scale, grad
 
 

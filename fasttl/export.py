@@ -7,16 +7,15 @@ normalization is inside the graph; N is dynamic. The output `logits` is (N, clas
 names in the metadata (`classes`, a JSON list)."""
 from __future__ import annotations
 
-import io
 import json
 import os
-import warnings
 from typing import List, Optional
 
 import numpy as np
 import torch
 
 from fasttl.errors import OptionError, UserError
+from fasttl.onnx_graph import to_onnx
 
 TOLERANCE = 1e-3       # max abs logit difference between ONNX Runtime and torch that passes
 DEFAULT_OPSET = 17
@@ -63,26 +62,6 @@ def _verification_images(model, config: dict, size: int, count: int = VERIFY_IMA
     return torch.cat([x for x, _ in ImageLoader(source, spec, count, backend="torch")])
 
 
-def _to_onnx(module: torch.nn.Module, example: torch.Tensor, opset: int) -> bytes:
-    """ONNX bytes with a dynamic batch dimension. The TorchScript-based exporter takes under a
-    second for EfficientNet-Lite0 where the torch.export-based one (torch's default since 2.9)
-    takes about 18 s and needs onnxscript; the latter is the fallback for a torch without the former."""
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-            torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["images"],
-                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                              opset_version=opset, do_constant_folding=True)
-        return buffer.getvalue()
-    except (TypeError, NotImplementedError, AttributeError):
-        pass
-    batch = torch.export.Dim("batch", min=1)
-    program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
-                                dynamic_shapes={"images": {0: batch}}, opset_version=opset)
-    return program.model_proto.SerializeToString()
-
-
 def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, opset: int = DEFAULT_OPSET,
                 overwrite: bool = False, tolerance: Optional[float] = None) -> dict:
     """Exports the run's model to `out` (see the module docstring) after checking it with ONNX
@@ -107,7 +86,7 @@ def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, ops
     size = image_size or run.spec.size
     module = run.model.float().eval()
     images = _verification_images(run, run.config, size)
-    data = _to_onnx(module, images[:2], opset)
+    data = to_onnx(module, images[:2], output_name="logits", opset=opset)
 
     graph = onnx.load_from_string(data)
     meta = {"classes": json.dumps(run.classes), "strategy": run.config["strategy"],

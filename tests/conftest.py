@@ -79,3 +79,60 @@ def small_image_folder(tmp_path, cifar10_root):
         for i in range(6):
             shutil.copy(os.path.join(cifar10_root, "test", name, f"{i:04d}.jpg"), root / name / f"{i}.jpg")
     return root
+
+
+THREE_CLASSES = ["cat", "ship", "truck"]
+
+
+@pytest.fixture(scope="session")
+def three_classes(tmp_path_factory, cifar10_root):
+    """root/{train,test}/<class>/ with 10 training and 4 test CIFAR-10 JPEGs of THREE_CLASSES
+    (shared by the modules that train every strategy on it; read it, never write into it)."""
+    return cifar_subset(cifar10_root, tmp_path_factory.mktemp("three-classes") / "three", THREE_CLASSES, 10, 4)
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    """EfficientNet-Lite0 with its ImageNet weights (never trained by a test: it stays frozen)."""
+    from fasttl import backbones
+
+    return backbones.create("efficientnet_lite0")
+
+
+@pytest.fixture
+def small_source(small_image_folder):
+    """small_image_folder as a fasttl image source."""
+    from fasttl import data
+
+    return data.scan_class_folder(str(small_image_folder))
+
+
+def tiny_backbone(seed: int = 0):
+    """A one-convolution backbone (8 features at 16 px) with seeded weights: fast stand-in for a real one."""
+    from torch import nn
+
+    from fasttl.backbones.base import CustomBackbone, Preprocessing
+
+    generator = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(3, 8, 3, stride=2)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.2)
+        conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.1)
+    return CustomBackbone(nn.Sequential(conv, nn.ReLU()), 8,
+                          Preprocessing(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), min_input_size=8), name="tiny")
+
+
+def cli(capsys, *words):
+    """(exit code, stdout, stderr) of `fasttl WORDS...` run in this process."""
+    from fasttl.cli import main
+
+    code = main([str(w) for w in words])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(err: str) -> str:
+    """The only line of `err`, asserted to be one `fasttl: error: ...` line."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fasttl: error: "), err
+    return lines[0]

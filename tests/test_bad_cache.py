@@ -18,15 +18,15 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import fasttl
 import fasttl.data as D
-from fasttl.backbones.base import CustomBackbone, Preprocessing
 from fasttl.cache import CacheError, CacheLockedError
 from fasttl import files
 from fasttl.cache import store
 from fasttl.data.sources import ArraySource
+
+from conftest import tiny_backbone
 
 CLASSES = ["a", "b", "c"]
 
@@ -36,16 +36,6 @@ def rng(request):
     seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     return np.random.default_rng(seed)
-
-
-def tiny_backbone(seed: int = 0) -> CustomBackbone:
-    generator = torch.Generator().manual_seed(seed)
-    conv = nn.Conv2d(3, 8, 3, stride=2)
-    with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.2)
-        conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.1)
-    return CustomBackbone(nn.Sequential(conv, nn.ReLU()), 8,
-                          Preprocessing(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), min_input_size=8), name="tiny")
 
 
 def array_source(rng, count: int = 10) -> ArraySource:

@@ -259,6 +259,9 @@ def test_tiny_datasets_train_at_the_default_batch_sizes_and_schedules(two_classe
 def test_one_image_per_class_trains(two_classes, tmp_path):
     metrics = run(**quick(two_classes, tmp_path / "run", strategy="linear", train_per_class=1, test_per_class=1))
     assert metrics["samples"] == 2
+    # nothing could be held out: the report says the defaults were used, with no made-up validation score
+    choices = (tmp_path / "run" / "report.md").read_text().split("## Choices made on validation")[1]
+    assert "no validation split could be carved" in choices and "nan" not in choices
 
 
 def test_a_single_class_dataset_is_refused(tmp_path, two_classes):

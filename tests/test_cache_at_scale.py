@@ -17,27 +17,15 @@ import tarfile
 
 import pytest
 import torch
-from torch import nn
 
 import fasttl
 import fasttl.data as D
-from fasttl.backbones.base import CustomBackbone, Preprocessing
 from fasttl.cache import CacheError, format as cache_format
 from fasttl.cache.kernels import ShardTable, gather
 from fasttl.data.sources import DataError, read_file_list, read_webdataset
 from fasttl.extract import format_summary
 
-from conftest import CUDA_REASON, backends
-
-
-def tiny_backbone() -> CustomBackbone:
-    generator = torch.Generator().manual_seed(0)
-    conv = nn.Conv2d(3, 8, 3, stride=2)
-    with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.2)
-        conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.1)
-    return CustomBackbone(nn.Sequential(conv, nn.ReLU()), 8,
-                          Preprocessing(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), min_input_size=8), name="tiny")
+from conftest import CUDA_REASON, backends, tiny_backbone
 
 
 def build(source, out, **kw):

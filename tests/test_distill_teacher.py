@@ -191,3 +191,62 @@ def test_a_teacher_that_cannot_teach_or_has_other_classes_is_refused(tiny_cifar,
 ])
 def test_a_value_given_is_kept_fixed_in_the_sweep(temperature, alpha, expected):
     assert distill.candidates(temperature, alpha) == expected
+
+
+# ---- --distill-features ------------------------------------------------------------------------
+def test_the_feature_term_matches_the_projection_to_the_features_of_the_view_shown():
+    torch.manual_seed(0)
+    from fasttl.transfer.models import SmallCNN
+
+    student = SmallCNN(3)
+    teacher = torch.randn(2, 10, 7).half() * 3
+    hint = distill.FeatureHint(SmallCNN.FEATURE_DIM, teacher, seed=4, device=torch.device("cpu"), dtype=torch.float32)
+    rms = teacher.double().pow(2).mean().sqrt()
+    hint.attach(student)
+    images = torch.randn(10, 3, 8, 8)
+    idx, mirrored = torch.tensor([3, 0, 9, 4]), torch.tensor([True, False, False, True])
+    x = torch.where(mirrored.view(-1, 1, 1, 1), images[idx].flip(-1), images[idx])
+    student(x)
+    value = hint(idx, mirrored)
+    hidden = student.features(x)
+    expected = (hint.projection(hidden).double() - teacher[mirrored.long(), idx].double() / rms).pow(2).mean()
+    assert float(value.detach()) == pytest.approx(distill.FEATURE_WEIGHT * float(expected.detach()), rel=2e-3)
+    value.backward()
+    assert hint.projection.weight.grad.abs().sum() > 0 and student.features[0][0].weight.grad.abs().sum() > 0
+    hint.detach()
+    student(x)
+    assert hint.hidden is None  # the hook is gone: the student alone is what gets saved and run
+
+
+def test_distill_features_is_kept_only_if_it_scores_higher_on_validation(tiny_cifar, linear_teacher, tmp_path):
+    out = tmp_path / "student"
+    metrics = run(data=str(tiny_cifar), strategy="distill", teacher=str(linear_teacher), epochs=1, out=str(out),
+                  compare="none", image_size=32, progress=False, seed=0, temperature=2.0, alpha=0.5,
+                  distill_features=True)
+    choice = metrics["notes"]["choice"]
+    without = choice["sweep"][0]["val_accuracy"]
+    assert choice["distill_features"] == (choice["features_val_accuracy"] > without)
+    assert choice["val_accuracy"] == max(without, choice["features_val_accuracy"])
+    images = choice["validation"]["validation_images"]
+    assert choice["features_val_accuracy"] * images == pytest.approx(round(choice["features_val_accuracy"] * images))
+    assert f"distill features {choice['distill_features']}" in (out / "report.md").read_text()
+    # the saved student is the plain CNN (the projection is dropped) and loads like any other
+    model = registry.get("distill").load(str(out), torch.device("cpu"))
+    assert not any("projection" in key for key in model.module.state_dict())
+
+
+def test_distill_features_needs_a_teacher_with_cached_features(tiny_cifar, monkeypatch):
+    from fasttl.transfer.datasets import load_dataset
+
+    plain = TrainedModel(nn.Linear(2, 2), scratch.native_spec(8), CLASSES, torch.device("cpu"))
+    monkeypatch.setattr(distill, "teacher_model", lambda *args: plain)
+    monkeypatch.setattr(distill, "read_config", lambda path: {"strategy": "finetune"})
+    with pytest.raises(OptionError, match=r"^distill_features: the teacher .* is a 'finetune' run.*linear or mlp"):
+        distill.teacher_features_for("runs/ft", load_dataset(str(tiny_cifar)), RunConfig(progress=False))
+
+
+def test_distill_options_are_refused_for_other_strategies(tiny_cifar, tmp_path):
+    for option in ({"distill_features": True}, {"temperature": 2.0}):
+        with pytest.raises(OptionError, match=r"is read only by --strategy distill"):
+            run(data=str(tiny_cifar), strategy="linear", out=str(tmp_path / "x"), image_size=32, progress=False,
+                **option)

@@ -20,26 +20,16 @@ ORT_REASON = "onnxruntime is not installed (pip install onnx onnxruntime)"
 needs_ort = pytest.mark.skipif(not engines.onnxruntime_available(), reason=ORT_REASON)
 
 
-@pytest.fixture(scope="module")
-def backbone():
-    return B.create("efficientnet_lite0")
-
-
-@pytest.fixture
-def source(small_image_folder):
-    return D.scan_class_folder(str(small_image_folder))
-
-
-def build(backbone, source, out, **kw):
+def build(lite0, small_source, out, **kw):
     kw.setdefault("image_size", SIZE)
     kw.setdefault("backend", "torch")
     kw.setdefault("dtype", "fp32")
-    return fasttl.FeatureCache.build(backbone, source, str(out), progress=False, batch_size=4, **kw)
+    return fasttl.FeatureCache.build(lite0, small_source, str(out), progress=False, batch_size=4, **kw)
 
 
-def reference_features(backbone, source, taps):
+def reference_features(lite0, small_source, taps):
     """float64 pooled maps of the plain (unfolded, NCHW) backbone, concatenated as the layout says."""
-    images = torch.cat([x for x, _ in D.make_loader(source, backbone.preprocessing, 6, image_size=SIZE,
+    images = torch.cat([x for x, _ in D.make_loader(small_source, lite0.preprocessing, 6, image_size=SIZE,
                                                       backend="torch")])
     model = B.create("efficientnet_lite0").eval().double()
     with torch.no_grad():
@@ -48,27 +38,27 @@ def reference_features(backbone, source, taps):
 
 @pytest.mark.parametrize("taps", [0, 1, 3])
 @pytest.mark.parametrize("engine", ["torch", pytest.param("onnxruntime", marks=needs_ort)])
-def test_engine_features_equal_the_float64_reference(backbone, source, tmp_path, engine, taps):
-    cache = build(backbone, source, tmp_path / "c", engine=engine, precision="fp32", taps=taps)
-    expected = reference_features(backbone, source, taps)
-    assert cache.feature_dim == backbone.tapped_dim(taps) == expected.shape[1]
+def test_engine_features_equal_the_float64_reference(lite0, small_source, tmp_path, engine, taps):
+    cache = build(lite0, small_source, tmp_path / "c", engine=engine, precision="fp32", taps=taps)
+    expected = reference_features(lite0, small_source, taps)
+    assert cache.feature_dim == lite0.tapped_dim(taps) == expected.shape[1]
     error = (cache.features.double() - expected).abs().max() / expected.abs().max()
     assert error < engines.FP32_TOLERANCE, (engine, taps, float(error))
     fingerprint = json.loads((tmp_path / "c" / "manifest.json").read_text())["fingerprint"]
     assert fingerprint["compute"]["engine"] == engine and fingerprint["compute"]["precision"] == "fp32"
-    assert fingerprint["layout"] == {"taps": taps, "channels": backbone.tap_channels()[-(taps + 1):]}
+    assert fingerprint["layout"] == {"taps": taps, "channels": lite0.tap_channels()[-(taps + 1):]}
     assert fingerprint["feature_dim"] == sum(fingerprint["layout"]["channels"])
 
 
-def test_multi_stage_columns_are_each_stage_pooled_in_order(backbone, source, tmp_path):
+def test_multi_stage_columns_are_each_stage_pooled_in_order(lite0, small_source, tmp_path):
     """Column blocks of a taps=3 cache: stage 5, 6, 7 outputs pooled, then the head's 1280, which
     equal a head-only cache of the same images."""
-    multi = build(backbone, source, tmp_path / "multi", engine="torch", taps=3)
-    head = build(backbone, source, tmp_path / "head", engine="torch", taps=0)
-    channels = backbone.tap_channels()[-4:]
+    multi = build(lite0, small_source, tmp_path / "multi", engine="torch", taps=3)
+    head = build(lite0, small_source, tmp_path / "head", engine="torch", taps=0)
+    channels = lite0.tap_channels()[-4:]
     assert channels == [112, 192, 320, 1280]
     torch.testing.assert_close(multi.features[:, -1280:], head.features, atol=1e-5, rtol=1e-5)
-    images = torch.cat([x for x, _ in D.make_loader(source, backbone.preprocessing, 6, image_size=SIZE,
+    images = torch.cat([x for x, _ in D.make_loader(small_source, lite0.preprocessing, 6, image_size=SIZE,
                                                       backend="torch")])
     model = B.create("efficientnet_lite0").eval()
     with torch.no_grad():
@@ -81,18 +71,18 @@ def test_multi_stage_columns_are_each_stage_pooled_in_order(backbone, source, tm
         start += width
 
 
-def test_int8_multi_stage_rows_share_one_scale(backbone, source, tmp_path):
-    fp32 = build(backbone, source, tmp_path / "fp32", engine="torch", taps=2)
-    int8 = build(backbone, source, tmp_path / "int8", engine="torch", taps=2, dtype="int8")
-    assert int8.scales.shape == (len(source),)
+def test_int8_multi_stage_rows_share_one_scale(lite0, small_source, tmp_path):
+    fp32 = build(lite0, small_source, tmp_path / "fp32", engine="torch", taps=2)
+    int8 = build(lite0, small_source, tmp_path / "int8", engine="torch", taps=2, dtype="int8")
+    assert int8.scales.shape == (len(small_source),)
     restored = int8.all_features()
     # Symmetric per-row int8: each element within half a quantization step of the row's scale.
     assert ((restored - fp32.features).abs() <= 0.5 * int8.scales[:, None] + 1e-6).all()
 
 
-def test_bf16_autocast_features_are_close_to_fp32(backbone, source, tmp_path):
-    fp32 = build(backbone, source, tmp_path / "fp32", engine="torch", precision="fp32", taps=3)
-    bf16 = build(backbone, source, tmp_path / "bf16", engine="torch", precision="bf16", taps=3)
+def test_bf16_autocast_features_are_close_to_fp32(lite0, small_source, tmp_path):
+    fp32 = build(lite0, small_source, tmp_path / "fp32", engine="torch", precision="fp32", taps=3)
+    bf16 = build(lite0, small_source, tmp_path / "bf16", engine="torch", precision="bf16", taps=3)
     relative = (bf16.features - fp32.features).norm() / fp32.features.norm()
     assert 0 < relative < 0.06, float(relative)  # bf16 keeps 8 bits of mantissa: about 3% off, never equal
     fingerprint = json.loads((tmp_path / "bf16" / "manifest.json").read_text())["fingerprint"]
@@ -126,50 +116,50 @@ def test_native_bf16_is_read_from_the_cpu_flags():
     assert engines.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
-def test_engine_and_layout_are_part_of_the_fingerprint(backbone, source, tmp_path):
-    build(backbone, source, tmp_path / "c", engine="torch", taps=0)
+def test_engine_and_layout_are_part_of_the_fingerprint(lite0, small_source, tmp_path):
+    build(lite0, small_source, tmp_path / "c", engine="torch", taps=0)
     with pytest.raises(CacheError, match="layout.*taps"):
-        build(backbone, source, tmp_path / "c", engine="torch", taps=1)
+        build(lite0, small_source, tmp_path / "c", engine="torch", taps=1)
     with pytest.raises(CacheError, match="compute"):
-        build(backbone, source, tmp_path / "c", engine="torch", precision="bf16", taps=0)
+        build(lite0, small_source, tmp_path / "c", engine="torch", precision="bf16", taps=0)
 
 
 @needs_ort
-def test_a_tampered_engine_file_is_exported_again(backbone, source, tmp_path, monkeypatch):
+def test_a_tampered_engine_file_is_exported_again(lite0, small_source, tmp_path, monkeypatch):
     """The .onnx kept in engine_dir is checked against PyTorch before use: a graph that computes
-    something else (here: another backbone's, under the right name) or is no graph at all is
+    something else (here: another lite0's, under the right name) or is no graph at all is
     exported again and replaced."""
     engine_dir = tmp_path / "engines"
     engine_dir.mkdir()
-    first = build(backbone, source, tmp_path / "c", engine="onnxruntime", engine_dir=str(engine_dir))
+    first = build(lite0, small_source, tmp_path / "c", engine="onnxruntime", engine_dir=str(engine_dir))
     (name,) = os.listdir(engine_dir)
-    assert name == engines.onnx_file_name(backbone, 0, SIZE)
+    assert name == engines.onnx_file_name(lite0, 0, SIZE)
     assert not [n for n in os.listdir(tmp_path / "c") if n.endswith(".onnx")]  # the cache folder holds the cache only
     wrong = engines.export_onnx(B.create("efficientnet_lite0", pretrained=False).for_extraction(), 0, SIZE)
     for planted in (wrong, b"not an onnx graph"):
         (engine_dir / name).write_bytes(planted)
         monkeypatch.setattr(engines, "_EXPORTED", {})  # as in a new process
-        again = build(backbone, source, tmp_path / "c", engine="onnxruntime", engine_dir=str(engine_dir),
+        again = build(lite0, small_source, tmp_path / "c", engine="onnxruntime", engine_dir=str(engine_dir),
                       overwrite=True)
         torch.testing.assert_close(again.features, first.features)
         assert (engine_dir / name).read_bytes() != planted
 
 
 @needs_ort
-def test_an_engine_file_through_a_link_is_never_read_or_written(backbone, source, tmp_path, monkeypatch):
+def test_an_engine_file_through_a_link_is_never_read_or_written(lite0, small_source, tmp_path, monkeypatch):
     engine_dir = tmp_path / "engines"
     engine_dir.mkdir()
     target = tmp_path / "elsewhere.onnx"
     target.write_bytes(b"user file")
-    os.symlink(target, engine_dir / engines.onnx_file_name(backbone, 0, SIZE))
+    os.symlink(target, engine_dir / engines.onnx_file_name(lite0, 0, SIZE))
     monkeypatch.setattr(engines, "_EXPORTED", {})
-    cache = build(backbone, source, tmp_path / "c", engine="onnxruntime", engine_dir=str(engine_dir))
-    assert target.read_bytes() == b"user file" and len(cache) == len(source)
+    cache = build(lite0, small_source, tmp_path / "c", engine="onnxruntime", engine_dir=str(engine_dir))
+    assert target.read_bytes() == b"user file" and len(cache) == len(small_source)
 
 
-def test_a_backbone_without_stages_refuses_multi_stage_features(source, tmp_path):
+def test_a_backbone_without_stages_refuses_multi_stage_features(small_source, tmp_path):
     custom = B.CustomBackbone(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()), 8,
                               B.create("efficientnet_lite0").preprocessing)
     with pytest.raises(OptionError, match="features: custom has 0 intermediate stages to pool, asked for 3"):
-        build(custom, source, tmp_path / "c", taps=3)
+        build(custom, small_source, tmp_path / "c", taps=3)
     assert not (tmp_path / "c").exists()

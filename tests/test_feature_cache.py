@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import fasttl
-import fasttl.backbones as B
 import fasttl.data as D
 from fasttl.cache import CacheError, CacheLockedError, train_head
 from fasttl.cache.store import WriterLock
@@ -20,36 +19,26 @@ from fasttl.cache.store import WriterLock
 SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def backbone():
-    return B.create("efficientnet_lite0")
-
-
-@pytest.fixture
-def source(small_image_folder):
-    return D.scan_class_folder(str(small_image_folder))
-
-
-def build(backbone, source, out, **kw):
+def build(lite0, small_source, out, **kw):
     kw.setdefault("image_size", SIZE)
     kw.setdefault("shard_rows", 5)
     kw.setdefault("batch_size", 4)
     kw.setdefault("backend", "torch")
-    return fasttl.FeatureCache.build(backbone, source, str(out), progress=False, **kw)
+    return fasttl.FeatureCache.build(lite0, small_source, str(out), progress=False, **kw)
 
 
-def test_build_and_open_hold_the_backbone_features(backbone, source, tmp_path):
-    cache = build(backbone, source, tmp_path / "c", dtype="fp32")
+def test_build_and_open_hold_the_backbone_features(lite0, small_source, tmp_path):
+    cache = build(lite0, small_source, tmp_path / "c", dtype="fp32")
     reopened = fasttl.FeatureCache.open(str(tmp_path / "c"))
     assert len(reopened) == 18 and reopened.feature_dim == 1280 and reopened.classes == ["bird", "cat", "ship"]
-    assert reopened.labels.tolist() == source.labels
+    assert reopened.labels.tolist() == small_source.labels
     assert reopened.samples[0] == os.path.join("bird", "0.jpg")
     assert torch.equal(cache.features, reopened.features)
     # The same images through the backbone directly.
-    images = torch.cat([x for x, _ in D.make_loader(source, backbone.preprocessing, 6, image_size=SIZE,
+    images = torch.cat([x for x, _ in D.make_loader(small_source, lite0.preprocessing, 6, image_size=SIZE,
                                                       backend="torch")])
     with torch.no_grad():
-        expected = backbone.eval().forward_pooled(images)
+        expected = lite0.eval().forward_pooled(images)
     torch.testing.assert_close(reopened.features, expected, atol=1e-4, rtol=1e-4)
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     fp = manifest["fingerprint"]
@@ -60,9 +49,9 @@ def test_build_and_open_hold_the_backbone_features(backbone, source, tmp_path):
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("fp16", 2e-3), ("bf16", 1e-2), ("int8", None)])
-def test_cache_dtypes_against_fp32(backbone, source, tmp_path, dtype, tolerance):
-    exact = build(backbone, source, tmp_path / "fp32", dtype="fp32").features
-    cache = build(backbone, source, tmp_path / dtype, dtype=dtype)
+def test_cache_dtypes_against_fp32(lite0, small_source, tmp_path, dtype, tolerance):
+    exact = build(lite0, small_source, tmp_path / "fp32", dtype="fp32").features
+    cache = build(lite0, small_source, tmp_path / dtype, dtype=dtype)
     stored = cache.all_features()
     if dtype == "int8":
         assert cache.features.dtype == torch.int8 and cache.scales.shape == (18,)
@@ -72,8 +61,8 @@ def test_cache_dtypes_against_fp32(backbone, source, tmp_path, dtype, tolerance)
         torch.testing.assert_close(stored, exact, rtol=tolerance, atol=1e-4)
 
 
-def test_loader_covers_every_row_once_per_epoch(backbone, source, tmp_path):
-    cache = build(backbone, source, tmp_path / "c")
+def test_loader_covers_every_row_once_per_epoch(lite0, small_source, tmp_path):
+    cache = build(lite0, small_source, tmp_path / "c")
     loader = cache.loader(batch_size=4, shuffle=True, seed=3)
     assert len(loader) == 5
     orders = []
@@ -95,24 +84,24 @@ def test_loader_covers_every_row_once_per_epoch(backbone, source, tmp_path):
     assert bf16.dtype == torch.bfloat16
 
 
-def test_a_finished_cache_is_reused_and_a_different_request_refused(backbone, source, tmp_path):
-    build(backbone, source, tmp_path / "c")
+def test_a_finished_cache_is_reused_and_a_different_request_refused(lite0, small_source, tmp_path):
+    build(lite0, small_source, tmp_path / "c")
     mtime = os.path.getmtime(tmp_path / "c" / "manifest.json")
-    again = build(backbone, source, tmp_path / "c")
+    again = build(lite0, small_source, tmp_path / "c")
     assert len(again) == 18 and os.path.getmtime(tmp_path / "c" / "manifest.json") == mtime
     with pytest.raises(CacheError, match="size"):
-        build(backbone, source, tmp_path / "c", image_size=96)
+        build(lite0, small_source, tmp_path / "c", image_size=96)
     with pytest.raises(CacheError, match="dtype"):
-        build(backbone, source, tmp_path / "c", dtype="int8")
-    rebuilt = build(backbone, source, tmp_path / "c", image_size=96, overwrite=True)
+        build(lite0, small_source, tmp_path / "c", dtype="int8")
+    rebuilt = build(lite0, small_source, tmp_path / "c", image_size=96, overwrite=True)
     assert rebuilt.fingerprint["preprocessing"]["size"] == 96
     wanted = dict(rebuilt.fingerprint, dtype="bf16")
     with pytest.raises(CacheError, match="dtype"):
         fasttl.FeatureCache.open(str(tmp_path / "c"), expect_fingerprint=wanted)
 
 
-def test_truncated_or_corrupt_shard_is_detected_on_open(backbone, source, tmp_path):
-    cache = build(backbone, source, tmp_path / "c")
+def test_truncated_or_corrupt_shard_is_detected_on_open(lite0, small_source, tmp_path):
+    cache = build(lite0, small_source, tmp_path / "c")
     name = cache.manifest["shards"][1]["features"]["file"]
     assert name == f"features-{fasttl.cache.store.fingerprint_key(cache.fingerprint)}-00001.npy"
     shard = tmp_path / "c" / name
@@ -129,14 +118,14 @@ def test_truncated_or_corrupt_shard_is_detected_on_open(backbone, source, tmp_pa
         fasttl.FeatureCache.open(str(tmp_path))
 
 
-def test_a_second_writer_is_refused_at_once(backbone, source, tmp_path):
+def test_a_second_writer_is_refused_at_once(lite0, small_source, tmp_path):
     os.makedirs(tmp_path / "c")
     with WriterLock(str(tmp_path / "c")):
         started = time.perf_counter()
         with pytest.raises(CacheLockedError, match="being written by pid"):
-            build(backbone, source, tmp_path / "c")
+            build(lite0, small_source, tmp_path / "c")
         assert time.perf_counter() - started < 30
-    assert len(build(backbone, source, tmp_path / "c")) == 18  # free again afterwards
+    assert len(build(lite0, small_source, tmp_path / "c")) == 18  # free again afterwards
 
 
 def _extract_command(data, out, extra=()):

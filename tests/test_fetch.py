@@ -15,6 +15,8 @@ import pytest
 from fasttl.cli import main
 from fasttl.data import fetch as fetch_module
 
+from conftest import one_line_error
+
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -127,12 +129,6 @@ def _fetch(capsys, *words):
     return code, captured.out, captured.err
 
 
-def _one_line_error(err):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fasttl: error: "), err
-    return lines[0]
-
-
 def _tree(root):
     """Every file and folder under root, relative."""
     return sorted(os.path.relpath(os.path.join(folder, name), root)
@@ -166,7 +162,7 @@ def test_fetch_resumes_after_a_cut_connection(server, cifar_tarball, tmp_path, c
     dest = tmp_path / "data"
     words = ["--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest", dest]
     code, _, err = _fetch(capsys, *words)
-    assert code == 2 and "stopped at 3,000 of" in _one_line_error(err) and "again to resume" in err
+    assert code == 2 and "stopped at 3,000 of" in one_line_error(err) and "again to resume" in err
     partial = dest / ".fasttl-tmp-download-cifar-10-python.tar.gz"
     assert partial.read_bytes() == cifar_tarball[:3000]
     code, out, err = _fetch(capsys, *words)
@@ -206,7 +202,7 @@ def test_a_bad_checksum_exits_2_naming_both_sums_and_keeps_what_was_there(server
     before = _tree(dest)
     wanted = "0" * 64
     code, _, err = _fetch(capsys, "--url", server.url("/c.tar.gz"), "--sha256", wanted, "--dest", dest)
-    line = _one_line_error(err)
+    line = one_line_error(err)
     assert code == 2 and _sha(cifar_tarball) in line and wanted in line
     assert _tree(dest) == before and (dest / "mine" / "notes.txt").read_text() == "keep"
 
@@ -217,7 +213,7 @@ def test_an_existing_incomplete_folder_is_never_replaced(server, cifar_tarball, 
     (dest / "cifar-10-batches-py").mkdir(parents=True)
     (dest / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"my own")
     code, _, err = _fetch(capsys, "--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest", dest)
-    assert code == 2 and "move it away" in _one_line_error(err)
+    assert code == 2 and "move it away" in one_line_error(err)
     assert os.listdir(dest / "cifar-10-batches-py") == ["data_batch_1"] and server.ranges == []
 
 
@@ -247,7 +243,7 @@ def test_a_malicious_archive_is_refused_before_anything_is_extracted(member, ser
     dest = root / "a" / "data"
     dest.mkdir(parents=True)
     code, _, err = _fetch(capsys, "--url", server.url("/evil.tar.gz"), "--sha256", _sha(data), "--dest", dest)
-    line = _one_line_error(err)
+    line = one_line_error(err)
     assert code == 2 and "refused, nothing extracted" in line
     assert _tree(root) == ["a", os.path.join("a", "data")]  # nothing inside or outside the destination
     assert not absolute.exists()
@@ -260,23 +256,23 @@ def test_a_malicious_archive_is_refused_before_anything_is_extracted(member, ser
 ])
 def test_bad_options_are_one_line_errors(words, expected, tmp_path, capsys):
     code, _, err = _fetch(capsys, *words, "--dest", tmp_path / "data")
-    assert code == 2 and expected in _one_line_error(err)
+    assert code == 2 and expected in one_line_error(err)
     assert not (tmp_path / "data").exists()
 
 
 def test_an_unreachable_or_missing_url_is_one_line(server, tmp_path, capsys):
     code, _, err = _fetch(capsys, "--url", server.url("/nothing.tar.gz"), "--sha256", "0" * 64, "--dest", tmp_path)
-    assert code == 2 and "answered HTTP 404" in _one_line_error(err)
+    assert code == 2 and "answered HTTP 404" in one_line_error(err)
     assert os.listdir(tmp_path) == []
     code, _, err = _fetch(capsys, "--url", "http://127.0.0.1:1/x.tar.gz", "--sha256", "0" * 64, "--dest", tmp_path)
-    assert code == 2 and "cannot reach" in _one_line_error(err) and os.listdir(tmp_path) == []
+    assert code == 2 and "cannot reach" in one_line_error(err) and os.listdir(tmp_path) == []
 
 
 def test_run_without_cifar10_prints_the_fetch_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "empty"))
     code = main(["run", "--data", "cifar10", "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and "fasttl data fetch cifar10" in _one_line_error(err) and "--download" in err
+    assert code == 2 and "fasttl data fetch cifar10" in one_line_error(err) and "--download" in err
     assert not (tmp_path / "run").exists() and not (tmp_path / "empty").exists()
 
 

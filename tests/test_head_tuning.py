@@ -167,7 +167,11 @@ def test_a_run_records_its_choices_and_never_a_test_curve(tmp_path, cifar10_root
     choice = metrics["notes"]["choice"]
     assert choice["validation"] == {"fraction": VALIDATION_FRACTION, "train_images": 54, "validation_images": 6,
                                     "seed": 0}
-    assert choice["weight_decay"] in solver.WEIGHT_DECAYS and 0 <= choice["val_accuracy"] <= 1
+    # the choice is the path's best validation score, a whole number of the 6 validation images
+    chosen = [h for h in metrics["history"] if h["weight_decay"] == choice["weight_decay"]]
+    assert choice["weight_decay"] in solver.WEIGHT_DECAYS and len(chosen) == 1
+    assert choice["val_accuracy"] == chosen[0]["val_accuracy"] == max(h["val_accuracy"] for h in metrics["history"])
+    assert choice["val_accuracy"] * 6 == pytest.approx(round(choice["val_accuracy"] * 6), abs=1e-5)
     assert metrics["notes"]["features"]["kind"] == "multi" and metrics["notes"]["features"]["dim"] == 1984
     assert metrics["notes"]["views"] == 2  # mirror views combine with multi-stage features and the tuned head
     assert metrics["history"] and all("val_accuracy" in h and not any(k.startswith("eval_") for k in h)

@@ -4,21 +4,13 @@ import csv
 import json
 
 import pytest
-from conftest import cifar_subset
+from conftest import THREE_CLASSES
 import torch
 
 from fasttl.errors import OptionError
 from fasttl.transfer import registry
 from fasttl.transfer.config import RunConfig
 from fasttl.transfer.job import run
-
-CLASSES = ["cat", "ship", "truck"]
-
-
-@pytest.fixture(scope="module")
-def three_classes(tmp_path_factory, cifar10_root):
-    return cifar_subset(cifar10_root, tmp_path_factory.mktemp("strategies") / "three", CLASSES, 10, 4)
-
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
@@ -52,23 +44,23 @@ def test_every_strategy_trains_where_asked_records_it_and_loads_back(name, three
 
     # load() rebuilds the model: its predictions on the evaluated images are the run's own
     model = strategy.load(str(out), torch.device("cpu"))
-    assert model.classes == CLASSES
+    assert model.classes == THREE_CLASSES
     with open(out / "predictions.csv") as f:
         saved = [row["predicted"] for row in csv.DictReader(f)]
     if name == "dann":
         from fasttl.transfer.strategies.dann import target_source
 
-        source = target_source(str(three_classes), CLASSES)
+        source = target_source(str(three_classes), THREE_CLASSES)
     else:
         from fasttl.transfer.datasets import load_dataset
 
         source = load_dataset(str(three_classes)).test
     logits, labels = model.logits(source)
-    assert [CLASSES[i] for i in logits.argmax(1).tolist()] == saved
+    assert [THREE_CLASSES[i] for i in logits.argmax(1).tolist()] == saved
     # and its image-level module agrees with the cached path up to the cache's fp16 rounding
     images = next(iter(__import__("fasttl").data.ImageLoader(source, model.spec, 4)))[0]
     direct = model.module(images).float()
-    assert direct.shape == (4, len(CLASSES))
+    assert direct.shape == (4, len(THREE_CLASSES))
     assert torch.allclose(direct, logits[:4], atol=0.05 * float(logits.abs().max()) + 1e-3)
 
 

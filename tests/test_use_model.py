@@ -11,20 +11,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import cifar_subset
+from conftest import THREE_CLASSES, cli, one_line_error
 
 import fasttl
-from fasttl.cli import main
 from fasttl.transfer import registry
 from fasttl.transfer.job import run
-
-CLASSES = ["cat", "ship", "truck"]
-
-
-@pytest.fixture(scope="module")
-def three_classes(tmp_path_factory, cifar10_root):
-    return cifar_subset(cifar10_root, tmp_path_factory.mktemp("use-model") / "three", CLASSES, 10, 4)
-
 
 @pytest.fixture(scope="module")
 def module_cache(tmp_path_factory):
@@ -68,25 +59,13 @@ def _saved_predictions(run_dir):
         return {row["sample"]: row for row in csv.DictReader(f)}
 
 
-def _cli(capsys, *words):
-    code = main([str(w) for w in words])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _one_line_error(err):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fasttl: error: "), err
-    return lines[0]
-
-
 # -- predict -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", registry.names())
 def test_predict_gives_the_runs_own_predictions(name, trained, three_classes, capsys):
     run_dir = trained(name)
     folder = _evaluated_folder(name, three_classes)
-    code, out, err = _cli(capsys, "predict", "--run", run_dir, folder, "--no-progress")
+    code, out, err = cli(capsys, "predict", "--run", run_dir, folder, "--no-progress")
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
     saved = _saved_predictions(run_dir)
@@ -99,12 +78,12 @@ def test_predict_gives_the_runs_own_predictions(name, trained, three_classes, ca
 
 def test_load_run_predicts_paths_and_uint8_tensors(trained, three_classes):
     model = fasttl.load_run(str(trained("scratch")))
-    assert model.classes == CLASSES
+    assert model.classes == THREE_CLASSES
     files = sorted(str(p) for p in (three_classes / "test").rglob("*.jpg"))
     labels, probabilities = model.predict(files)
     assert probabilities.shape == (12, 3) and probabilities.dtype == torch.float32
     assert torch.allclose(probabilities.sum(1), torch.ones(12), atol=1e-5)
-    assert labels == [CLASSES[i] for i in probabilities.argmax(1).tolist()]
+    assert labels == [THREE_CLASSES[i] for i in probabilities.argmax(1).tolist()]
     saved = _saved_predictions(trained("scratch"))
     assert labels == [saved[os.path.relpath(f, three_classes / "test")]["predicted"] for f in files]
 
@@ -122,7 +101,7 @@ def test_load_run_predicts_paths_and_uint8_tensors(trained, three_classes):
     # .model takes [0, 1] images resized and cropped as input_spec says, and gives the same logits
     from fasttl.data import ImageLoader, file_list
 
-    source = file_list([(f, 0) for f in files], CLASSES)
+    source = file_list([(f, 0) for f in files], THREE_CLASSES)
     unit = torch.cat([x for x, _ in ImageLoader(source, model.input_spec, 12, backend="torch")])
     assert 0.0 <= float(unit.min()) and float(unit.max()) <= 1.0
     with torch.no_grad():
@@ -138,21 +117,21 @@ def test_load_run_predicts_paths_and_uint8_tensors(trained, three_classes):
 def test_predict_top_k_and_out_file(trained, three_classes, tmp_path, capsys):
     run_dir = trained("scratch")
     out = tmp_path / "predictions.csv"
-    code, stdout, err = _cli(capsys, "predict", "--run", run_dir, three_classes / "test" / "cat", "--top-k", "3",
+    code, stdout, err = cli(capsys, "predict", "--run", run_dir, three_classes / "test" / "cat", "--top-k", "3",
                              "--out", out, "--batch-size", "3", "--no-progress")
     assert code == 0 and stdout == "" and "4 predictions written" in err
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == ["path", "predicted", "confidence", "top2", "top2_confidence", "top3",
                              "top3_confidence"]
     for row in rows:
-        assert sorted([row["predicted"], row["top2"], row["top3"]]) == CLASSES
+        assert sorted([row["predicted"], row["top2"], row["top3"]]) == THREE_CLASSES
         confidences = [float(row["confidence"]), float(row["top2_confidence"]), float(row["top3_confidence"])]
         assert confidences == sorted(confidences, reverse=True) and abs(sum(confidences) - 1) < 1e-3
     before = out.read_bytes()
     # an existing --out is kept unless --overwrite
-    code, _, err = _cli(capsys, "predict", "--run", run_dir, three_classes / "test" / "ship", "--out", out)
-    assert code == 2 and "pass --overwrite" in _one_line_error(err) and out.read_bytes() == before
-    code, _, err = _cli(capsys, "predict", "--run", run_dir, three_classes / "test" / "ship", "--out", out,
+    code, _, err = cli(capsys, "predict", "--run", run_dir, three_classes / "test" / "ship", "--out", out)
+    assert code == 2 and "pass --overwrite" in one_line_error(err) and out.read_bytes() == before
+    code, _, err = cli(capsys, "predict", "--run", run_dir, three_classes / "test" / "ship", "--out", out,
                         "--overwrite", "--no-progress")
     assert code == 0 and "ship/0.jpg" in out.read_text() and out.read_bytes() != before
 
@@ -202,9 +181,9 @@ def test_predict_refuses_hostile_input_in_one_line(case, trained, three_classes,
         words = ["predict", images / "0.jpg", "--out", tmp_path / "p.csv"]
         expected = "--out needs --run"
     before = sorted(p.name for p in tmp_path.iterdir())
-    code, stdout, err = _cli(capsys, *words)
+    code, stdout, err = cli(capsys, *words)
     assert code == 2 and stdout == ""
-    assert expected in _one_line_error(err)
+    assert expected in one_line_error(err)
     assert victim.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written beside the inputs
 
@@ -214,7 +193,7 @@ def test_predict_on_error_skip_lists_the_unreadable_image(trained, three_classes
     shutil.copytree(three_classes / "test" / "cat", folder)
     (folder / "2.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (folder / "notes.txt").write_text("not an image")
-    code, out, err = _cli(capsys, "predict", "--run", trained("scratch"), folder, "--on-error", "skip",
+    code, out, err = cli(capsys, "predict", "--run", trained("scratch"), folder, "--on-error", "skip",
                           "--no-progress")
     assert code == 0
     paths = [row["path"] for row in csv.DictReader(io.StringIO(out))]
@@ -231,7 +210,7 @@ EXPORTED = ["linear", "mlp", "finetune", "distill", "dann"]
 def test_export_matches_torch_in_onnx_runtime(name, trained, three_classes, tmp_path, capsys):
     ort = pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
     out = tmp_path / "model.onnx"
-    code, stdout, err = _cli(capsys, "export", trained(name), "--out", out)
+    code, stdout, err = cli(capsys, "export", trained(name), "--out", out)
     assert code == 0, err
     assert "max abs logit difference from torch" in stdout and "onnxruntime" in stdout
     reported = float(stdout.split("max abs logit difference from torch ")[1].split()[0])
@@ -239,12 +218,12 @@ def test_export_matches_torch_in_onnx_runtime(name, trained, three_classes, tmp_
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
-    assert json.loads(meta["classes"]) == CLASSES and meta["strategy"] == name
+    assert json.loads(meta["classes"]) == THREE_CLASSES and meta["strategy"] == name
     model = fasttl.load_run(str(trained(name)))
     files = sorted(str(p) for p in (three_classes / "test").rglob("*.jpg"))
     from fasttl.data import ImageLoader, file_list
 
-    images = torch.cat([x for x, _ in ImageLoader(file_list([(f, 0) for f in files], CLASSES), model.input_spec, 12,
+    images = torch.cat([x for x, _ in ImageLoader(file_list([(f, 0) for f in files], THREE_CLASSES), model.input_spec, 12,
                                                   backend="torch")])
     with torch.no_grad():
         expected = model.model(images).numpy()
@@ -257,15 +236,15 @@ def test_export_matches_torch_in_onnx_runtime(name, trained, three_classes, tmp_
 def test_export_refuses_without_the_extra_and_keeps_existing_files(trained, tmp_path, capsys, monkeypatch):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"mine")
-    code, _, err = _cli(capsys, "export", trained("scratch"), "--out", out)
-    assert code == 2 and "pass --overwrite" in _one_line_error(err) and out.read_bytes() == b"mine"
+    code, _, err = cli(capsys, "export", trained("scratch"), "--out", out)
+    assert code == 2 and "pass --overwrite" in one_line_error(err) and out.read_bytes() == b"mine"
     link = tmp_path / "link.onnx"
     link.symlink_to(out)
-    code, _, err = _cli(capsys, "export", trained("scratch"), "--out", link, "--overwrite")
-    assert code == 2 and "symbolic link" in _one_line_error(err) and out.read_bytes() == b"mine"
+    code, _, err = cli(capsys, "export", trained("scratch"), "--out", link, "--overwrite")
+    assert code == 2 and "symbolic link" in one_line_error(err) and out.read_bytes() == b"mine"
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as without the export extra
-    code, _, err = _cli(capsys, "export", trained("scratch"), "--out", tmp_path / "new.onnx")
-    assert code == 2 and "pip install 'fasttl[export]'" in _one_line_error(err)
+    code, _, err = cli(capsys, "export", trained("scratch"), "--out", tmp_path / "new.onnx")
+    assert code == 2 and "pip install 'fasttl[export]'" in one_line_error(err)
     assert not (tmp_path / "new.onnx").exists()
 
 
@@ -274,8 +253,8 @@ def test_export_that_fails_verification_writes_nothing(trained, tmp_path, capsys
     import fasttl.export
 
     monkeypatch.setattr(fasttl.export, "TOLERANCE", -1.0)  # no graph can pass
-    code, _, err = _cli(capsys, "export", trained("scratch"), "--out", tmp_path / "model.onnx")
-    assert code == 1 and "differ from torch's" in _one_line_error(err)
+    code, _, err = cli(capsys, "export", trained("scratch"), "--out", tmp_path / "model.onnx")
+    assert code == 1 and "differ from torch's" in one_line_error(err)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -303,7 +282,7 @@ def _scalars(folder):
 def test_tensorboard_scalars_are_readable_with_tensorboard(three_classes, tmp_path, capsys, monkeypatch):
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
     out = tmp_path / "run"
-    code, _, err = _cli(capsys, "run", "--data", three_classes, "--strategy", "scratch", "--compare", "none",
+    code, _, err = cli(capsys, "run", "--data", three_classes, "--strategy", "scratch", "--compare", "none",
                         "--epochs", "3", "--out", out, "--no-progress", "--tensorboard")
     assert code == 0, err
     history = json.loads((out / "metrics.json").read_text())["history"]
@@ -317,7 +296,7 @@ def test_tensorboard_scalars_are_readable_with_tensorboard(three_classes, tmp_pa
 
     # --tensorboard DIR: DIR/<run folder name>/<model>
     board = tmp_path / "board"
-    code, _, err = _cli(capsys, "run", "--data", three_classes, "--strategy", "scratch", "--compare", "none",
+    code, _, err = cli(capsys, "run", "--data", three_classes, "--strategy", "scratch", "--compare", "none",
                         "--epochs", "1", "--out", tmp_path / "second", "--no-progress", "--tensorboard", board)
     assert code == 0, err
     assert [s for s, _ in _scalars(board / "second" / "scratch")["loss/train"]] == [1]
@@ -326,7 +305,7 @@ def test_tensorboard_scalars_are_readable_with_tensorboard(three_classes, tmp_pa
 def test_tensorboard_missing_is_one_line_before_any_work(three_classes, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as without the tensorboard extra
     monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
-    code, _, err = _cli(capsys, "run", "--data", three_classes, "--strategy", "scratch", "--out", tmp_path / "run",
+    code, _, err = cli(capsys, "run", "--data", three_classes, "--strategy", "scratch", "--out", tmp_path / "run",
                         "--tensorboard", "--no-progress")
-    assert code == 2 and "pip install 'fasttl[tensorboard]'" in _one_line_error(err)
+    assert code == 2 and "pip install 'fasttl[tensorboard]'" in one_line_error(err)
     assert not (tmp_path / "run").exists()

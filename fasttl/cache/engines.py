@@ -6,11 +6,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import inspect
-import io
 import os
 import sys
-import warnings
 from typing import List, Optional
 
 import torch
@@ -19,6 +16,7 @@ from torch import Tensor
 from fasttl import files
 from fasttl.cache.store import CacheError
 from fasttl.errors import OptionError
+from fasttl.onnx_graph import to_onnx
 
 ENGINES = ("auto", "torch", "onnxruntime")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -150,16 +148,7 @@ def export_onnx(model, taps: int, image_size: int) -> bytes:
     from fasttl.backbones.base import PooledFeatures
 
     pooled = PooledFeatures(model, taps).eval()
-    example = torch.zeros(1, 3, image_size, image_size)
-    buffer = io.BytesIO()
-    kwargs = dict(input_names=["images"], output_names=["features"], dynamic_axes={"images": {0: "batch"},
-                  "features": {0: "batch"}}, opset_version=ONNX_OPSET)
-    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
-        kwargs["dynamo"] = False  # the TorchScript exporter: no onnxscript needed, same graph on torch 2.4+
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(pooled, (example,), buffer, **kwargs)
-    return buffer.getvalue()
+    return to_onnx(pooled, torch.zeros(1, 3, image_size, image_size), output_name="features", opset=ONNX_OPSET)
 
 
 def _read_engine_file(path: str) -> Optional[bytes]:

@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Strongest first: the path spans what CIFAR-10 subsets of 100 to 5,000 images per class chose.
-WEIGHT_DECAYS = (3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4)
+# Strongest first, in 1-2-5 steps: the path spans what CIFAR-10 subsets of 100 to 5,000 images per
+# class chose. On full CIFAR-10 (4-stage features) half-decade steps left 0.26 points of validation
+# accuracy between two of them (0.8518 at 0.01 and 0.003, 0.8544 at 0.005).
+WEIGHT_DECAYS = (5.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4)
 # The path stops after this many strengths in a row that score below the best on validation.
-PATIENCE = 2
+PATIENCE = 3
 # Used when no validation split can be held out (one image per class): the strength CIFAR-10
 # subsets of 500 images per class chose most often.
 DEFAULT_WEIGHT_DECAY = 0.3

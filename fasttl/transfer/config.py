@@ -95,6 +95,9 @@ class RunConfig:
                                           "validation split)", kind=float, metavar="T")
     alpha: Optional[float] = option(None, "distill: weight of the soft term (default: chosen with T on the "
                                     "validation split)", kind=float, metavar="A")
+    distill_features: bool = option(False, "distill: also match a projection of the student's penultimate "
+                                    "features to the teacher's cached features (MSE), kept only if it scores "
+                                    "higher on the validation split")
     resume: bool = option(False, "continue an interrupted run from its last finished epoch")
     overwrite: bool = option(False, "replace the run in --out (and rebuild a feature cache that fails its checks)")
     on_error: str = option("fail", "an unreadable image: fail (names it) or skip (left out, listed in skipped.csv)",
@@ -195,7 +198,8 @@ def _check_unused(cfg: "RunConfig", trained) -> None:
     from fasttl.transfer import registry
 
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    for name in ("teacher", "target_data", "finetune_stages", "finetune_from", "regularize"):
+    for name in ("teacher", "target_data", "finetune_stages", "finetune_from", "regularize", "distill_features",
+                 "temperature", "alpha"):
         if getattr(cfg, name) in (None, defaults[name]) or any(name in s.requires + s.uses for s in trained):
             continue
         readers = [n for n in registry.names() if name in registry.get(n).requires + registry.get(n).uses]

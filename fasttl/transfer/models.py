@@ -10,7 +10,10 @@ class SmallCNN(nn.Module):
     """A compact CNN for images at their native resolution (8 to 64 px): the distillation
     student and the from-scratch baseline."""
 
-    def __init__(self, num_classes: int, width: int = 32):
+    WIDTH = 32
+    FEATURE_DIM = 4 * WIDTH  # the penultimate width at the default WIDTH
+
+    def __init__(self, num_classes: int, width: int = WIDTH):
         super().__init__()
 
         def block(cin, cout):
@@ -20,6 +23,7 @@ class SmallCNN(nn.Module):
                                       block(width, 2 * width), block(2 * width, 2 * width), nn.MaxPool2d(2),
                                       block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.classifier = nn.Sequential(nn.Dropout(0.1), nn.Linear(4 * width, num_classes))
+        self.feature_dim = 4 * width  # what `features` gives the classifier (and --distill-features projects)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))

@@ -67,6 +67,12 @@ class TrainedModel:
                           for images, _ in ImageLoader(source, spec, batch_size, device=self.device, dtype=dtype)])
 
 
+    def view_features(self, source, mirror: bool, progress: bool = False, split: str = "eval"):
+        """The features a --distill-features student matches, (N, D) on the CPU, one view; None
+        for a model without cached features (only feature-transfer runs have them)."""
+        return None
+
+
 class Strategy:
     """One way of carrying a backbone's knowledge to the target task. Subclasses set the class
     attributes and implement `train` and `load`, then register with @register."""

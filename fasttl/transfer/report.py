@@ -111,10 +111,14 @@ def _choices(results: Dict[str, Dict[str, object]]) -> List[str]:
                              f"{key.replace('_', ' ')} {value}" for key, value in choice.items()
                              if key in ("weight_decay", "epochs", "lr_scale", "epoch_kept", "regularize",
                                                                      "temperature", "alpha", "distill_features"))
-        lines += [f"- **{name}**: {settings}, chosen on {validation.get('validation_images', '?')} validation "
-                  f"images ({validation.get('fraction', 0):.0%} of each class, seed {validation.get('seed', '?')}): "
-                  f"validation accuracy {choice.get('val_accuracy', float('nan')):.4f}; then refit on "
-                  f"{choice.get('refit_on', 'train')}. The test split was evaluated once, at the end."
+        if not validation.get("validation_images"):  # one image per class: nothing could be held out
+            lines += [f"- **{name}**: {settings}, the defaults: no class had two training images, so no "
+                      f"validation split could be carved and nothing was tuned. The test split was evaluated once."]
+            continue
+        lines += [f"- **{name}**: {settings}, chosen on {validation['validation_images']} validation "
+                  f"images ({validation.get('fraction', 0):.0%} of each class, seed {validation.get('seed', '?')})"
+                  + (f": validation accuracy {choice['val_accuracy']:.4f}" if "val_accuracy" in choice else "")
+                  + f"; then refit on {choice.get('refit_on', 'train')}. The test split was evaluated once, at the end."
                   + (f" Result: {choice['outcome']}." if choice.get("outcome") else "")]
     return ["", "## Choices made on validation", ""] + lines if lines else []
 

@@ -10,6 +10,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fasttl.files import write_atomic
@@ -18,6 +19,7 @@ from fasttl.transfer import registry
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.transfer.rundir import read_config
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split
+from fasttl.transfer.models import SmallCNN
 from fasttl.transfer.strategies.common import param_dtype
 from fasttl.transfer.strategies.scratch import (cnn_epoch, cnn_logits, cnn_loss, cnn_model, labels_of, load_cnn,
                                                 native_images, train_cnn)
@@ -85,6 +87,55 @@ def teacher_logits_for(teacher, ds, cfg, run_dir: str, device: torch.device) -> 
     return logits
 
 
+# --distill-features: weight of the feature term beside the logit loss (the targets are scaled to
+# unit mean square, so the term starts near this value).
+FEATURE_WEIGHT = 1.0
+
+
+class FeatureHint:
+    """The --distill-features term: FEATURE_WEIGHT * MSE between a linear projection of the
+    student's penultimate features and the teacher's cached features of the same view of the
+    same image (teacher_features: (2, N, D), plain and mirrored). The projection trains with the
+    student and is dropped afterwards; the student's penultimate features are read by a hook."""
+
+    def __init__(self, student_dim: int, teacher_features: Tensor, seed: int, device: torch.device,
+                 dtype: torch.dtype):
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed + 1)  # the projection's own seeded start, not the student's
+        self.projection = torch.nn.Linear(student_dim, teacher_features.shape[-1]).to(device, dtype)
+        torch.random.set_rng_state(generator_state)
+        rms = torch.linalg.vector_norm(teacher_features, dtype=torch.float32) / math.sqrt(max(teacher_features.numel(), 1))
+        self.targets = teacher_features.to(device, torch.float16) / rms.clamp_min(1e-6).to(device, torch.float16)
+        self.hidden, self.handle = None, None
+
+    def attach(self, student: torch.nn.Module) -> None:
+        self.handle = student.features.register_forward_hook(self._keep)
+
+    def detach(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+        self.hidden = self.handle = None
+
+    def _keep(self, module, inputs, output) -> None:
+        self.hidden = output
+
+    def __call__(self, idx: Tensor, mirrored: Tensor) -> Tensor:
+        target = self.targets[mirrored.long(), idx].float()
+        return FEATURE_WEIGHT * F.mse_loss(self.projection(self.hidden).float(), target)
+
+
+def teacher_features_for(teacher, ds, cfg) -> Tensor:
+    """(2, N, D) fp16: the first teacher's cached features of each training image, per view."""
+    first = os.path.abspath(os.path.expanduser(teacher_dirs(teacher)[0]))
+    model = teacher_model(first, ds.classes, torch.device("cpu"))
+    views = [model.view_features(ds.train, mirror=view, progress=cfg.progress, split="train") for view in (False, True)]
+    if views[0] is None:
+        raise OptionError(f"distill_features: the teacher {first} is a {read_config(first)['strategy']!r} run, "
+                          "which has no cached features to match; give a linear or mlp teacher first, or drop "
+                          "--distill-features")
+    return torch.stack(views)
+
+
 # The (T, alpha) pairs the validation sweep tries; a value given on the command line is kept fixed.
 TEMPERATURES, ALPHAS = (1.0, 2.0, 4.0), (0.5, 0.9)
 SWEEP = ((4.0, 0.9), (4.0, 0.5), (2.0, 0.9), (1.0, 0.5))
@@ -100,33 +151,56 @@ def candidates(temperature: Optional[float], alpha: Optional[float]) -> List[Tup
     return list(SWEEP)
 
 
-def choose_on_validation(cfg, ds, logits: Tensor, train_x: Tensor, device: torch.device) -> Dict[str, object]:
+def choose_on_validation(cfg, ds, logits: Tensor, train_x: Tensor, device: torch.device,
+                         features: Optional[Tensor] = None) -> Dict[str, object]:
     """T and alpha by a small sweep: a student per candidate trained on the training split less a
     stratified validation split (fasttl.data.splits.validation_split), for a third of the epochs,
-    and scored on that validation split. The test split is never looked at."""
+    and scored on that validation split. Given the teacher's `features` (--distill-features), one
+    more student at the chosen T and alpha adds the feature term, which is kept only if it scores
+    higher. The test split is never looked at."""
     pairs = candidates(cfg.temperature, cfg.alpha)
-    if len(pairs) == 1:
+    if len(pairs) == 1 and features is None:
         return {"temperature": pairs[0][0], "alpha": pairs[0][1], "given": True}
     labels = labels_of(ds.train, device)
     train_idx, val_idx = validation_split(labels.tolist(), cfg.seed)
+    if not val_idx:  # one image per class: nothing to validate on
+        return {"temperature": pairs[0][0], "alpha": pairs[0][1], "distill_features": False,
+                "validation": {"validation_images": 0, "fraction": VALIDATION_FRACTION, "seed": cfg.seed},
+                "refit_on": "train (no validation split)"}
     train_idx, val_idx = torch.as_tensor(train_idx, device=device), torch.as_tensor(val_idx, device=device)
     x, y, soft = train_x[train_idx], labels[train_idx], logits.to(device)[:, train_idx]
     epochs = max(1, math.ceil(cfg.epochs / 3))
-    sweep = []
-    for temperature, alpha in pairs:
+
+    def score(temperature: float, alpha: float, with_features: bool) -> float:
+        hint = (FeatureHint(SmallCNN.FEATURE_DIM, features[:, train_idx.cpu()], cfg.seed, device,
+                            train_x.dtype) if with_features else None)
         model, optimizer, scheduler = cnn_model(cfg, len(ds.classes), device, train_x.dtype,
-                                                epochs * math.ceil(len(y) / cfg.batch_size))
-        loss_fn = cnn_loss(y, soft, temperature, alpha)
+                                                epochs * math.ceil(len(y) / cfg.batch_size),
+                                                extra=() if hint is None else (hint.projection,))
+        if hint is not None:
+            hint.attach(model)
+        loss_fn = cnn_loss(y, soft, temperature, alpha, extra=hint)
         for epoch in range(epochs):
             model.train()
             cnn_epoch(model, x, y, cfg.batch_size, optimizer, scheduler, epoch, cfg.seed, loss_fn)
+        if hint is not None:
+            hint.detach()
         predicted = cnn_logits(model, train_x[val_idx]).argmax(1)
-        accuracy = float((predicted == labels[val_idx].cpu()).float().mean())
-        sweep.append({"temperature": temperature, "alpha": alpha, "val_accuracy": accuracy})
+        return float((predicted == labels[val_idx].cpu()).float().mean())
+
+    sweep = [{"temperature": t, "alpha": a, "val_accuracy": score(t, a, False)} for t, a in pairs]
     best = max(sweep, key=lambda r: r["val_accuracy"])  # the first of equals: the list's order
-    return {"temperature": best["temperature"], "alpha": best["alpha"], "val_accuracy": best["val_accuracy"],
-            "sweep": sweep, "sweep_epochs": epochs, "refit_on": "train (all of it, for --epochs)",
-            "validation": {"validation_images": len(val_idx), "fraction": VALIDATION_FRACTION, "seed": cfg.seed}}
+    choice = {"temperature": best["temperature"], "alpha": best["alpha"], "val_accuracy": best["val_accuracy"],
+              "sweep": sweep, "sweep_epochs": epochs, "refit_on": "train (all of it, for --epochs)",
+              "validation": {"validation_images": len(val_idx), "fraction": VALIDATION_FRACTION, "seed": cfg.seed}}
+    if features is not None:
+        with_features = score(best["temperature"], best["alpha"], True)
+        kept = with_features > best["val_accuracy"]
+        choice.update(distill_features=kept, features_val_accuracy=with_features,
+                      val_accuracy=max(with_features, best["val_accuracy"]))
+    if len(pairs) == 1:
+        choice["given"] = True
+    return choice
 
 
 def _teacher_accuracy(teacher: str) -> Optional[float]:
@@ -144,6 +218,7 @@ class Distill(Strategy):
     help = ("the small CNN at native resolution from the softened outputs of a teacher run (--teacher RUN_DIR, "
             "repeated for an ensemble), per view of each image; T and alpha chosen on validation")
     requires = ("teacher",)
+    uses = ("temperature", "alpha", "distill_features")
     epochs, lr, batch_size = 15, 3e-3, 64
     outputs = ("distill",)
 
@@ -152,11 +227,14 @@ class Distill(Strategy):
         logits = teacher_logits_for(cfg.teacher, ds, cfg, run_dir, device)
         teacher_s = time.perf_counter() - started
         train_x = native_images(ds.train, ds.native_size, cfg.seed, device, param_dtype(cfg))
+        features = teacher_features_for(cfg.teacher, ds, cfg) if cfg.distill_features else None
         started = time.perf_counter()
-        choice = choose_on_validation(cfg, ds, logits, train_x, device)
+        choice = choose_on_validation(cfg, ds, logits, train_x, device, features)
         sweep_s = time.perf_counter() - started
+        hint = (FeatureHint(SmallCNN.FEATURE_DIM, features, cfg.seed, device, train_x.dtype)
+                if choice.get("distill_features") else None)
         outcome = train_cnn(cfg, ds, run_dir, self.name, self.display, device, teacher_logits=logits,
-                            temperature=choice["temperature"], alpha=choice["alpha"], train_x=train_x)
+                            temperature=choice["temperature"], alpha=choice["alpha"], train_x=train_x, hint=hint)
         outcome.timings.update(teacher_logits_s=teacher_s, sweep_s=sweep_s)
         labels = labels_of(ds.train, logits.device)
         teachers = [os.path.abspath(os.path.expanduser(t)) for t in teacher_dirs(cfg.teacher)]

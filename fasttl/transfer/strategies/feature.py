@@ -60,6 +60,15 @@ class FeatureModel(TrainedModel):
                                 mirror=bool(mirror))
         return predict_views(self.head, [cache], self.device)[0]
 
+    @torch.no_grad()
+    def view_features(self, source, mirror: bool, progress: bool = False, split: str = "eval"):
+        """One view's cached features as the head sees them (its block scaling applied), fp16."""
+        cache = cached_features(self.backbone, source, split, self.extraction, device=self.device, progress=progress,
+                                mirror=bool(mirror))
+        scale = self.head[0]
+        return torch.cat([scale(cache.gather(torch.arange(start, min(start + 8192, len(cache)))).to(self.device))
+                          .to(torch.float16).cpu() for start in range(0, len(cache), 8192)])
+
 
 class FeatureTransfer(Strategy):
     """Shared by `linear` and `mlp`: extraction into the cache, the head tuned on a validation

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from fasttl.data import ImageLoader, TransformSpec
 from fasttl.optim import AdamW
@@ -62,10 +62,11 @@ def cnn_logits(model, images: Tensor, batch_size: int = 512) -> Tensor:
     return torch.cat([model(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
 
 
-def cnn_loss(train_y: Tensor, teacher_logits: Optional[Tensor], temperature: float = 1.0, alpha: float = 0.5):
+def cnn_loss(train_y: Tensor, teacher_logits: Optional[Tensor], temperature: float = 1.0, alpha: float = 0.5,
+             extra: Optional[Callable[[Tensor, Tensor], Tensor]] = None):
     """loss_fn(logits, idx, mirrored) of a CNN epoch: cross-entropy, or given the teacher's logits
     per view, (2, N, C) (plain, mirrored), fasttl's fused distillation loss against the logits of
-    the view each image was shown in."""
+    the view each image was shown in; plus `extra(idx, mirrored)` when given (distill's feature term)."""
     import fasttl
 
     if teacher_logits is None:
@@ -75,23 +76,26 @@ def cnn_loss(train_y: Tensor, teacher_logits: Optional[Tensor], temperature: flo
 
     def loss(logits, idx, mirrored):
         soft = teacher_logits[mirrored.long(), idx]
-        return fasttl.distillation_loss(logits, soft, train_y[idx], temperature=temperature, alpha=alpha)
+        value = fasttl.distillation_loss(logits, soft, train_y[idx], temperature=temperature, alpha=alpha)
+        return value if extra is None else value + extra(idx, mirrored)
     return loss
 
 
-def cnn_model(cfg, classes: int, device: torch.device, dtype: torch.dtype, steps: int):
+def cnn_model(cfg, classes: int, device: torch.device, dtype: torch.dtype, steps: int, extra: Sequence[nn.Module] = ()):
+    """(SmallCNN, its AdamW, its one-cycle schedule); the optimizer also trains the `extra` modules."""
     torch.manual_seed(cfg.seed)
     model = SmallCNN(classes).to(device, dtype)
-    optimizer = AdamW(model.parameters(), lr=cfg.lr, weight_decay=5e-4)
+    optimizer = AdamW([*model.parameters(), *(p for m in extra for p in m.parameters())], lr=cfg.lr, weight_decay=5e-4)
     return model, optimizer, one_cycle(optimizer, cfg.lr, steps, pct_start=0.15)
 
 
 def train_cnn(cfg, ds, run_dir: str, name: str, display: str, device: torch.device,
               teacher_logits: Optional[Tensor] = None, temperature: float = 1.0, alpha: float = 0.5,
-              train_x: Optional[Tensor] = None) -> Outcome:
+              train_x: Optional[Tensor] = None, hint=None) -> Outcome:
     """The small CNN on the training images (flip augmentation), with cross-entropy or, given the
     teacher's logits per view of each training image ((2, N, C) or (N, C)), fasttl's fused
-    distillation loss at `temperature` and `alpha`."""
+    distillation loss at `temperature` and `alpha`; `hint` (distill.FeatureHint) adds its feature
+    term, its projection trained beside the CNN and not saved."""
     dtype = param_dtype(cfg)
     started = time.perf_counter()
     if train_x is None:
@@ -100,15 +104,22 @@ def train_cnn(cfg, ds, run_dir: str, name: str, display: str, device: torch.devi
     train_y, test_y = labels_of(ds.train, device), labels_of(ds.test, device)
     load_s = time.perf_counter() - started
     model, optimizer, scheduler = cnn_model(cfg, len(ds.classes), device, dtype,
-                                            cfg.epochs * math.ceil(len(train_y) / cfg.batch_size))
-    loss_fn = cnn_loss(train_y, None if teacher_logits is None else teacher_logits.to(device), temperature, alpha)
+                                            cfg.epochs * math.ceil(len(train_y) / cfg.batch_size),
+                                            extra=() if hint is None else (hint.projection,))
+    if hint is not None:
+        hint.attach(model)
+    loss_fn = cnn_loss(train_y, None if teacher_logits is None else teacher_logits.to(device), temperature, alpha,
+                       extra=hint)
 
     started = time.perf_counter()
     history = fit(model, optimizer, scheduler, cfg.epochs,
                   lambda epoch: cnn_epoch(model, train_x, train_y, cfg.batch_size, optimizer, scheduler, epoch,
                                            cfg.seed, loss_fn),
                   lambda: eval_record(cnn_logits(model, test_x), test_y), seed=cfg.seed,
-                  checkpoint=Checkpoint(run_dir, name), resume=cfg.resume, progress=cfg.progress, description=name)
+                  checkpoint=Checkpoint(run_dir, name), resume=cfg.resume, progress=cfg.progress, description=name,
+                  extra_state=None if hint is None else hint.projection)
+    if hint is not None:
+        hint.detach()
     train_s = time.perf_counter() - started
     started = time.perf_counter()
     logits = cnn_logits(model, test_x)
