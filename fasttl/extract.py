@@ -45,6 +45,8 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
 
     if features not in FEATURE_TAPS:
         raise OptionError(f"features: unknown {features!r}; choose from {', '.join(FEATURE_TAPS)}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OptionError(f"out: {out} is a file; give a folder for the cache (it is created when missing)")
     torch_device = init_distributed(device)
     model = backbones.create(backbone_name, weights=weights)
     listed = open_data(data, classes)

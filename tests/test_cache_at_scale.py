@@ -300,6 +300,9 @@ def test_file_list_and_webdataset_refusals(small_image_folder, tmp_path):
     (tmp_path / "nolabel.csv").write_text("path,class\na.jpg,1\n")
     with pytest.raises(DataError, match="no label column"):
         read_file_list(str(tmp_path / "nolabel.csv"))
+    (tmp_path / "blank.csv").write_text("path,label\na.jpg,cat\nb.jpg, \n")
+    with pytest.raises(DataError, match=r"blank\.csv row 2 \(b\.jpg\) has an empty label"):
+        read_file_list(str(tmp_path / "blank.csv"))
     (tmp_path / "one.csv").write_text("path,label\na.jpg,cat\nb.jpg,cat\n")
     with pytest.raises(DataError, match="only 1 class"):
         read_file_list(str(tmp_path / "one.csv"))
@@ -322,6 +325,90 @@ def test_file_list_and_webdataset_refusals(small_image_folder, tmp_path):
         (tmp_path / "list.parquet").write_bytes(b"PAR1")
         with pytest.raises(DataError, match="needs pyarrow"):
             read_file_list(str(tmp_path / "list.parquet"))
+
+
+def test_a_parquet_list_equals_the_csv_list_and_bad_parquet_is_named(small_image_folder, tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (pip install pyarrow; the test extra has it)")
+    import pyarrow.parquet as pq
+
+    folders = D.scan_class_folder(str(small_image_folder))
+    from_csv = read_file_list(str(write_list(small_image_folder, folders)))
+    paths = [os.path.relpath(p, small_image_folder) for p in folders.files]
+    pq.write_table(pa.table({"path": paths, "label": [folders.classes[i] for i in folders.labels],
+                             "note": ["x"] * len(paths)}), small_image_folder / "list.parquet")
+    from_parquet = read_file_list(str(small_image_folder / "list.parquet"))
+    assert from_parquet.files == from_csv.files == folders.files
+    assert from_parquet.labels == from_csv.labels and from_parquet.classes == from_csv.classes
+    assert from_parquet.sample_ids() == from_csv.sample_ids()
+    # integer labels with a classes list, as a WebDataset's .cls files hold them
+    pq.write_table(pa.table({"path": paths, "label": list(folders.labels)}), small_image_folder / "ints.parquet")
+    assert read_file_list(str(small_image_folder / "ints.parquet"), folders.classes).labels == folders.labels
+    # what bad Parquet gets: one DataError naming the file
+    (tmp_path / "cut.parquet").write_bytes((small_image_folder / "list.parquet").read_bytes()[:100])
+    with pytest.raises(DataError, match=r"cut\.parquet is not a readable Parquet file"):
+        read_file_list(str(tmp_path / "cut.parquet"))
+    pq.write_table(pa.table({"file": paths, "label": list(folders.labels)}), tmp_path / "nopath.parquet")
+    with pytest.raises(DataError, match=r"nopath\.parquet has no path column"):
+        read_file_list(str(tmp_path / "nopath.parquet"))
+    pq.write_table(pa.table({"path": paths, "label": [folders.classes[i].encode() for i in folders.labels]}),
+                   tmp_path / "binary.parquet")
+    with pytest.raises(DataError, match=r"binary\.parquet column label holds binary values; expected string or int"):
+        read_file_list(str(tmp_path / "binary.parquet"))
+    pq.write_table(pa.table({"path": paths, "label": [float(i) for i in folders.labels]}), tmp_path / "float.parquet")
+    with pytest.raises(DataError, match=r"float\.parquet column label holds double values"):
+        read_file_list(str(tmp_path / "float.parquet"))
+    pq.write_table(pa.table({"path": [paths[0], None], "label": ["bird", "cat"]}), tmp_path / "null.parquet")
+    with pytest.raises(DataError, match=r"null\.parquet row 2 has an empty path"):
+        read_file_list(str(tmp_path / "null.parquet"))
+    pq.write_table(pa.table({"path": paths[:2], "label": ["bird", None]}), tmp_path / "nolabel.parquet")
+    with pytest.raises(DataError, match=r"nolabel\.parquet row 2 \(.*\) has an empty label"):
+        read_file_list(str(tmp_path / "nolabel.parquet"))
+
+
+def test_hostile_lists_are_refused_naming_the_row_or_read_as_meant(small_image_folder, tmp_path):
+    folders = D.scan_class_folder(str(small_image_folder))
+    rows = [(os.path.relpath(p, small_image_folder), folders.classes[i]) for p, i in zip(folders.files, folders.labels)]
+
+    def write(name, lines, header="path,label", encoding="utf-8"):
+        (small_image_folder / name).write_bytes((header + "\n" + "\n".join(lines) + "\n").encode(encoding))
+        return str(small_image_folder / name)
+
+    # Excel's "CSV UTF-8" starts with a byte-order mark: read as the same list
+    bom = write("bom.csv", [f"{p},{c}" for p, c in rows], encoding="utf-8-sig")
+    assert read_file_list(bom).files == folders.files and read_file_list(bom).classes == folders.classes
+    (tmp_path / "classes.txt").write_bytes("\ufeff".encode() + "\n".join(folders.classes).encode() + b"\n")
+    assert D.sources.read_classes_file(str(tmp_path / "classes.txt")) == folders.classes
+    # a path listed twice (with any labels), a label with a newline, a huge or non-ASCII index
+    with pytest.raises(DataError, match=r"twice.*rows 1 and 3"):
+        read_file_list(write("dup.csv", [f"{rows[0][0]},cat", f"{rows[1][0]},bird", f"{rows[0][0]},ship"]))
+    with pytest.raises(DataError, match=r"row 2 .* control character"):
+        read_file_list(write("nl.csv", [f"{rows[0][0]},cat", f'{rows[1][0]},"bi\nrd"']))
+    with pytest.raises(DataError, match=r"integer label 99999999999 implies .* classes"):
+        read_file_list(write("huge.csv", [f"{rows[0][0]},0", f"{rows[1][0]},99999999999"]))
+    superscript = read_file_list(write("sup.csv", [f"{rows[0][0]},0", f"{rows[1][0]},1", f"{rows[2][0]},\u00b2"]))
+    assert superscript.classes == ["0", "1", "\u00b2"]  # not an index: every label is then a name
+    with pytest.raises(DataError, match=r"names 100,000,000 shards"):
+        D.sources.expand_braces("s-{0..9999}{0..9999}.tar")
+
+
+def test_hostile_shards_are_refused_or_skipped_with_the_reason(small_image_folder, tmp_path):
+    folders = D.scan_class_folder(str(small_image_folder))
+    image = open(folders.files[0], "rb").read()
+    pattern = write_tars(tmp_path / "wds", folders, per_shard=18,
+                         extra=[("00000.png", image), ("huge.jpg", image), ("huge.cls", b"99999999999")])
+    shards = read_webdataset(pattern, folders.classes)
+    # 00000 has two images: neither is trusted; huge's class is no index into the 3 classes
+    assert dict(shards.skipped) == {"train-000000.tar/00000": "the key names two images or two classes in this shard",
+                                    "train-000000.tar/huge": "class '99999999999' is not an index into the 3 classes"}
+    assert len(shards) == 17 and shards.labels == folders.labels[1:]
+    with pytest.raises(DataError, match=r"integer label 99999999999 implies"):
+        read_webdataset(pattern)  # without class names, the index would make the classes
+    # a shard cut between members reads without error in tarfile: fasttl names it
+    data = (tmp_path / "wds" / "train-000000.tar").read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[:512 * 20])
+    with pytest.raises(DataError, match=r"cut\.tar ends without tar's end-of-archive blocks"):
+        read_webdataset(str(cut))
 
 
 def test_extract_cli_reads_a_list_and_reports_a_bad_classes_option(small_image_folder, tmp_path):
@@ -428,3 +515,20 @@ def test_bench_cache_scale_quick_reports_every_measure(tmp_path, cifar10_root):
         assert 0 <= probe["rss_anon_after_open_mb"] <= probe["rss_anon_epoch_peak_mb"]
     assert bench["extraction_formats"]["equal"] is True
     assert not [n for n in set(os.listdir("/tmp")) - before if n.startswith(("fasttl-scale-", "fasttl-wds-"))]
+
+
+def test_run_refuses_a_classes_file_for_class_folders_and_extract_a_file_as_out(small_image_folder, tmp_path,
+                                                                                 capsys):
+    from conftest import cli, one_line_error
+
+    (tmp_path / "classes.txt").write_text("x\ny\nz\n")
+    code, _, err = cli(capsys, "run", "--data", small_image_folder, "--classes-file", tmp_path / "classes.txt",
+                       "--out", tmp_path / "run", "--image-size", "32", "--no-progress")
+    assert code == 2 and "--classes-file names the classes of a file list" in one_line_error(err)
+    assert not (tmp_path / "run").exists()
+    victim = tmp_path / "victim.csv"
+    victim.write_text("keep me\n")
+    code, _, err = cli(capsys, "extract", "--data", small_image_folder, "--out", victim, "--image-size", "32",
+                       "--no-progress")
+    assert code == 2 and "out: " in one_line_error(err) and "is a file; give a folder" in err
+    assert victim.read_text() == "keep me\n"

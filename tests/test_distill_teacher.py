@@ -250,3 +250,26 @@ def test_distill_options_are_refused_for_other_strategies(tiny_cifar, tmp_path):
         with pytest.raises(OptionError, match=r"is read only by --strategy distill"):
             run(data=str(tiny_cifar), strategy="linear", out=str(tmp_path / "x"), image_size=32, progress=False,
                 **option)
+
+
+def test_teachers_with_damaged_configs_or_given_twice_through_a_link_are_refused(tiny_cifar, linear_teacher, tmp_path):
+    import shutil
+
+    def config_with(name, **changes):
+        folder = tmp_path / name
+        shutil.copytree(linear_teacher, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config.update(changes)
+        (folder / "config.json").write_text(json.dumps(config))
+        return str(folder)
+
+    cases = [(config_with("classes-int", classes=5), r"^teacher: .*classes-int/config.json has no list of class names"),
+             (config_with("unknown", strategy="bogus"), r"^teacher: .*unknown is a 'bogus' run, a strategy this fasttl"),
+             (str(tmp_path), r"^teacher: .*no config.json; not a fasttl run folder \(give a finished fasttl run")]
+    for teacher, match in cases:
+        with pytest.raises(OptionError, match=match):
+            run(data=str(tiny_cifar), strategy="distill", teacher=teacher, epochs=1, out=str(tmp_path / "x"),
+                compare="none", image_size=32, progress=False)
+    (tmp_path / "link").symlink_to(linear_teacher)
+    with pytest.raises(OptionError, match="names a run twice"):
+        RunConfig(strategy="distill", teacher=[str(linear_teacher), str(tmp_path / "link")]).resolved(32)

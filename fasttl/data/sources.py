@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import io
 import os
 import re
@@ -255,8 +256,9 @@ class FileSource:
         return len(self.files)
 
     def identity(self) -> str:
-        """Hash of the sorted (relative path, size, label) list: changes when any file does."""
-        digest = hashlib.sha256()
+        """Hash of the class names and the sorted (relative path, size, label) list: changes when
+        any file, label or class name does."""
+        digest = hashlib.sha256(json.dumps(list(self.classes)).encode())
         for path, label in sorted(zip(self.files, self.labels)):
             rel = os.path.relpath(path, self.root) if self.root else path
             try:
@@ -335,8 +337,8 @@ class TarSource:
         return [f"{self._shard_name(m[0])}/{k}" for m, k in zip(self.members, self.keys)]
 
     def identity(self) -> str:
-        """Hash of the shard names and sizes, the sample keys, image sizes and labels."""
-        digest = hashlib.sha256(b"webdataset\n")
+        """Hash of the class names, the shard names and sizes, the sample keys, image sizes and labels."""
+        digest = hashlib.sha256(b"webdataset\n" + json.dumps(list(self.classes)).encode())
         for i, shard in enumerate(self.shards):
             digest.update(f"{self._shard_name(i)}\0{os.path.getsize(shard)}\n".encode())
         for (shard, _, size), key, label in zip(self.members, self.keys, self.labels):
@@ -569,6 +571,22 @@ def file_list(pairs: Iterable[Tuple[str, int]], classes: Optional[Sequence[str]]
 # -- file lists (CSV, TSV, Parquet) and WebDataset shards -----------------------------------------------------
 
 LIST_EXTENSIONS = (".csv", ".tsv", ".parquet")
+# Integer labels without --classes make classes "0".."K-1"; a label above this is a mistake, not a class.
+MAX_INDEX_CLASSES = 100_000
+
+
+def _is_index(label: str) -> bool:
+    """An ASCII decimal class index ("²" and "٢" are digits to str.isdigit, not to a file list)."""
+    return label.isascii() and label.isdigit()
+
+
+def _index_class_names(values: Sequence[int], where: str) -> List[str]:
+    """Class names "0".."K-1" for integer labels, K bounded (a huge label would allocate K names)."""
+    top = max(values)
+    if top >= MAX_INDEX_CLASSES:
+        raise DataError(f"data: {where}: integer label {top} implies {top + 1} classes (at most "
+                        f"{MAX_INDEX_CLASSES}); fix the label, or name the classes with --classes FILE")
+    return [str(i) for i in range(top + 1)]
 
 
 def is_file_list(data: str) -> bool:
@@ -579,15 +597,22 @@ def is_webdataset(data: str) -> bool:
     return isinstance(data, str) and data.lower().endswith(".tar")
 
 
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
 def read_classes_file(path: str) -> List[str]:
     """Class names, one a line (blank lines ignored), for --classes FILE."""
     path = os.path.abspath(os.path.expanduser(path))
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is not part of a name
             names = [line.strip() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"classes: cannot read {path} ({getattr(exc, 'strerror', None) or exc}); give a text file "
                         "with one class name a line") from None
+    bad = next((name for name in names if _has_control(name)), None)
+    if bad is not None:
+        raise DataError(f"classes: {path} names a class with a control character ({bad!r}); use plain text names")
     if len(names) < 2 or len(set(names)) != len(names):
         raise DataError(f"classes: {path} must name at least 2 distinct classes, one a line (found {len(names)}, "
                         f"{len(set(names))} distinct)")
@@ -598,6 +623,7 @@ def _list_rows(path: str) -> List[Tuple[str, str]]:
     """(path, label) text of each row of a CSV, TSV or Parquet list with path and label columns."""
     if path.lower().endswith(".parquet"):
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"data: reading {path} (Parquet) needs pyarrow, which is not installed: pip install "
@@ -611,9 +637,16 @@ def _list_rows(path: str) -> List[Tuple[str, str]]:
         if missing:
             raise DataError(f"data: {path} has no {' or '.join(missing)} column (expected columns path and label; "
                             f"found {table.column_names[:10]})")
-        return [(str(p), str(l)) for p, l in zip(table.column("path").to_pylist(), table.column("label").to_pylist())]
+        for column, allowed in (("path", "string"), ("label", "string or integer")):
+            kind = table.schema.field(column).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                    or (column == "label" and pa.types.is_integer(kind))):
+                raise DataError(f"data: {path} column {column} holds {kind} values; expected {allowed} (write the "
+                                "column as text)")
+        return [("" if p is None else str(p), "" if l is None else str(l))  # a null cell is an empty one
+                for p, l in zip(table.column("path").to_pylist(), table.column("label").to_pylist())]
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",")
             fields = [name.strip() for name in reader.fieldnames or []]
             reader.fieldnames = fields
@@ -641,15 +674,15 @@ def _label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], wher
         for label in labels:
             if label in names:
                 out.append(names[label])
-            elif label.isdigit() and int(label) < len(classes):
+            elif _is_index(label) and int(label) < len(classes):
                 out.append(int(label))
             else:
                 raise DataError(f"data: {where}: label {label!r} is neither one of the {len(classes)} classes nor "
                                 f"an index into them")
         return out, list(classes)
-    if labels and all(label.isdigit() for label in labels):
+    if labels and all(_is_index(label) for label in labels):
         values = [int(label) for label in labels]
-        return values, [str(i) for i in range(max(values) + 1)]
+        return values, _index_class_names(values, where)
     found = sorted(set(labels))
     index = {name: i for i, name in enumerate(found)}
     return [index[label] for label in labels], found
@@ -669,18 +702,44 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None) -> FileSo
     if not rows:
         raise DataError(f"data: {path} lists no images (expected a header line and one path,label row per image)")
     root = os.path.dirname(path)
-    for line, (image, _) in enumerate(rows, start=2):
+    for line, (image, label) in enumerate(rows, start=2):
         if not image or "\0" in image:
             raise DataError(f"data: {path} row {line - 1} has an empty path")
+        if not label:
+            raise DataError(f"data: {path} row {line - 1} ({image}) has an empty label")
+        if _has_control(label):
+            raise DataError(f"data: {path} row {line - 1} ({image}) has a control character in its label {label!r}")
     labels, names = _label_indices([label for _, label in rows], classes, path)
     if len(names) < 2:
         raise DataError(f"data: {path} names only 1 class ({names[0]}); a classifier needs at least 2")
     files = [os.path.normpath(os.path.join(root, os.path.expanduser(image))) for image, _ in rows]
+    first = {}
+    for row, file in enumerate(files, start=1):
+        if file in first:  # twice in one list: a label conflict, or a test image that could also train
+            raise DataError(f"data: {path} lists {rows[row - 1][0]} twice (rows {first[file]} and {row}); "
+                            "give each image once")
+        first[file] = row
     return FileSource(files, labels, names, root)
+
+
+# More shards than this in one pattern is a typo (a range too wide, or ranges multiplied), not a data set.
+MAX_SHARDS = 1_000_000
+
+
+def _shard_count(pattern: str) -> int:
+    """How many names the pattern's brace groups make together (each innermost group counted)."""
+    count = 1
+    for body in re.findall(r"\{([^{}]*)\}", pattern):
+        numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        count *= max(int(numeric.group(2)) - int(numeric.group(1)) + 1, 1) if numeric else len(body.split(","))
+    return count
 
 
 def expand_braces(pattern: str) -> List[str]:
     """WebDataset's shard patterns: {000000..000127} (zero-padded numeric ranges) and {a,b,c}."""
+    if _shard_count(pattern) > MAX_SHARDS:
+        raise DataError(f"data: {pattern} names {_shard_count(pattern):,} shards (at most {MAX_SHARDS:,}); check "
+                        "its brace ranges")
     match = re.search(r"\{([^{}]*)\}", pattern)
     if match is None:
         return [pattern]
@@ -715,7 +774,7 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
             raise _missing(shard, "WebDataset .tar shards (a brace pattern like shards/train-{000000..000127}.tar)") \
                 if not os.path.isdir(shard) else DataError(f"data: {shard} is a folder, not a .tar shard")
         name = os.path.relpath(shard, root)
-        samples = {}
+        samples, duplicates = {}, set()
         try:
             with tarfile.open(shard, "r:") as tar:
                 for member in tar:
@@ -729,6 +788,10 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
                     key = f"{folder}/{key}" if folder else key
                     entry = samples.setdefault(key, {})
                     ext = "." + ext.lower()
+                    if ext in _WDS_IMAGE or ext == ".cls":
+                        part = "image" if ext in _WDS_IMAGE else "cls"
+                        if part in entry:  # a second image (or class) for one key
+                            duplicates.add(key)
                     if ext in _WDS_IMAGE:
                         entry["image"] = (shard_index, member.offset_data, member.size)
                     elif ext == ".cls":
@@ -736,16 +799,27 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
                             entry["cls"] = None
                         else:
                             entry["cls"] = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+                end = tar.offset  # where the header after the last member is, or the end-of-archive blocks
+            with open(shard, "rb") as f:
+                f.seek(end)
+                tail = f.read(tarfile.BLOCKSIZE)
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise DataError(f"data: {shard} is not a readable tar file ({' '.join(str(exc).split())[:200]})") from None
+        if len(tail) < tarfile.BLOCKSIZE or tail.strip(b"\0"):
+            # tarfile ends quietly where a cut falls between members: the lost samples would go unnoticed
+            raise DataError(f"data: {shard} ends without tar's end-of-archive blocks: it was cut short (copy or "
+                            "write the shard again)")
         for key, entry in samples.items():
+            if key in duplicates:
+                skipped.append((f"{name}/{key}", "the key names two images or two classes in this shard"))
+                continue
             if "image" not in entry or "cls" not in entry:
                 what = "no .jpg/.jpeg/.png image" if "image" not in entry else "no .cls class"
                 if "image" in entry or "cls" in entry:
                     skipped.append((f"{name}/{key}", f"sample has {what}"))
                 continue
             label = entry["cls"]
-            if label is None or not label.isdigit() or (classes is not None and int(label) >= len(classes)):
+            if label is None or not _is_index(label) or (classes is not None and int(label) >= len(classes)):
                 skipped.append((f"{name}/{key}", f"class {label!r} is not an index into the "
                                                  f"{len(classes) if classes else 'known'} classes"))
                 continue
@@ -754,7 +828,7 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
             labels.append(int(label))
     if not members:
         raise DataError(f"data: {pattern} holds no samples (expected KEY.jpg with KEY.cls in each tar)")
-    names = list(classes) if classes is not None else [str(i) for i in range(max(labels) + 1)]
+    names = list(classes) if classes is not None else _index_class_names(labels, pattern)
     if len(names) < 2:
         raise DataError(f"data: {pattern} has only class 0; a classifier needs at least 2 classes")
     return TarSource(shards, members, keys, labels, names, root, skipped)

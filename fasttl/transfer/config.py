@@ -157,7 +157,7 @@ class RunConfig:
         if teachers is not None and (not isinstance(teachers, (list, tuple)) or not teachers or
                                      not all(isinstance(t, str) and t for t in teachers)):
             raise OptionError(f"teacher: expected a run folder or a list of them, got {self.teacher!r}")
-        if teachers is not None and len({os.path.abspath(os.path.expanduser(t)) for t in teachers}) < len(teachers):
+        if teachers is not None and len({os.path.realpath(os.path.expanduser(t)) for t in teachers}) < len(teachers):
             raise OptionError(f"teacher: {list(teachers)} names a run twice; give each teacher once")
         for name in ("data", "out", "weights", "target_data", "classes_file"):
             value = getattr(self, name)

@@ -12,6 +12,7 @@ import numpy as np
 from fasttl.data import ArraySource, DataError, FileSource, class_folder_splits, load_cifar_pickles, screen
 from fasttl.data.sources import TarSource, is_file_list, is_webdataset, open_data
 from fasttl.data.splits import stratified_split
+from fasttl.errors import OptionError
 
 Source = Union[FileSource, ArraySource, TarSource]
 EMBEDDED = "cifar10-mini"
@@ -132,6 +133,9 @@ def load_dataset(data: Optional[str], seed: int = 0, train_per_class: Optional[i
     when it is not there (`fasttl data fetch cifar10`); nothing else is ever downloaded. A file
     list (.csv/.tsv/.parquet) or WebDataset shards (.tar pattern) is split 80/20 (stratified,
     seeded) as a folder without train/ and test/; `classes_file` names their classes."""
+    if classes_file is not None and not (is_file_list(data) or is_webdataset(data)):
+        raise OptionError("classes_file: --classes-file names the classes of a file list or WebDataset shards; "
+                          f"{data or EMBEDDED} names its own classes (drop --classes-file)")
     if data in (None, EMBEDDED):
         dataset = _cifar10_mini()
     elif data == DIGITS:
@@ -140,6 +144,8 @@ def load_dataset(data: Optional[str], seed: int = 0, train_per_class: Optional[i
         dataset = _cifar10(download)
     elif is_file_list(data) or is_webdataset(data):
         source = open_data(data, classes_file)
+        if on_error == "skip":  # screened whole, so a class's unreadable images are counted before the split
+            source = screen(source, on_error)
         train_idx, test_idx = stratified_split(source.labels, test_fraction=0.2, seed=seed)
         name = os.path.splitext(os.path.basename(data.split("{", 1)[0].rstrip("-_") or data))[0]
         dataset = Dataset(name or "data", source.subset(train_idx), source.subset(test_idx),

@@ -17,7 +17,7 @@ from fasttl.files import write_atomic
 from fasttl.errors import OptionError
 from fasttl.transfer import registry
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
-from fasttl.transfer.rundir import read_config
+from fasttl.transfer.rundir import RunError, read_config
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split
 from fasttl.transfer.models import SmallCNN
 from fasttl.transfer.strategies.common import param_dtype
@@ -29,7 +29,16 @@ TEACHER_LOGITS = "teacher_logits.safetensors"
 
 def teacher_model(teacher_dir: str, classes: List[str], device: torch.device) -> TrainedModel:
     """The teacher run's model, rebuilt by its own strategy."""
-    config = read_config(teacher_dir)
+    try:
+        config = read_config(teacher_dir)
+    except RunError as exc:  # the teacher's folder is the culprit, not the run being started
+        raise OptionError(f"teacher: {str(exc).rsplit(' (', 1)[0]} (give a finished fasttl run as --teacher)") from None
+    if config["strategy"] not in registry.names():
+        raise OptionError(f"teacher: {teacher_dir} is a {config['strategy']!r} run, a strategy this fasttl does not "
+                          f"have ({', '.join(registry.names())})")
+    if not isinstance(config.get("classes"), list) or not all(isinstance(c, str) for c in config["classes"]):
+        raise OptionError(f"teacher: {teacher_dir}/config.json has no list of class names; give a finished fasttl "
+                          "run as --teacher")
     strategy = registry.get(config["strategy"])
     if not strategy.can_teach:
         teachers = ", ".join(n for n in registry.names() if registry.get(n).can_teach)
