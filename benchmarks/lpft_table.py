@@ -16,13 +16,15 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from record_run import machine_name  # noqa: E402
+
 RESULTS = os.path.join(HERE, "results", "lpft.json")
 CLASSES5 = ("airplane", "automobile", "bird", "cat", "deer")
 VARIANTS = (
@@ -44,15 +46,6 @@ def five_class_folder(data: str, root: str) -> str:
             if not os.path.islink(link):
                 os.symlink(os.path.abspath(os.path.join(data, split, name)), link)
     return root
-
-
-def machine() -> str:
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def load() -> dict:
@@ -103,7 +96,7 @@ def main() -> None:
                    "val_accuracy": choice.get("val_accuracy"),
                    "probe_val_accuracy": (choice.get("probe") or {}).get("first_val_accuracy"),
                    "sweep": choice.get("sweep"), "outcome": choice.get("outcome"),
-                   "image_size": args.image_size, "date": datetime.date.today().isoformat(), "machine": machine()}
+                   "image_size": args.image_size, "date": datetime.date.today().isoformat(), "machine": machine_name()}
             payload = load()
             payload["rows"] = [r for r in payload["rows"] if (r["size"], r["variant"], r.get("image_size")) !=
                                (size, name, args.image_size)] + [row]

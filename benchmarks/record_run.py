@@ -13,6 +13,16 @@ import platform
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def machine_name() -> str:
+    """The CPU model and core count, as every results table names the machine."""
+    cpu = platform.processor()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")
@@ -24,16 +34,11 @@ def main() -> None:
         metrics = json.load(f)
     with open(os.path.join(args.run_dir, "config.json")) as f:
         config = json.load(f)
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     models = {metrics["strategy"]: metrics} if metrics["strategy"] != "dann" else {"dann": metrics}
     models.update(metrics.get("compare", {}))
     record = {
         "name": args.name, "command": args.command, "goal": args.goal,
-        "date": datetime.date.today().isoformat(), "machine": f"{cpu}, {os.cpu_count()} cores",
+        "date": datetime.date.today().isoformat(), "machine": machine_name(),
         "dataset": config["dataset"], "train_samples": config["train_samples"], "test_samples": config["test_samples"],
         "backbone": config["backbone"], "image_size": config["image_size"], "epochs": config["epochs"],
         "device": config["device"],
