@@ -72,6 +72,19 @@ def test_l2sp_gradient_matches_autograd_of_the_float64_formula():
 
 # -- the best validation checkpoint ---------------------------------------------------------------
 
+@pytest.mark.parametrize("probe, finetuned, images, kept", [
+    (0.75, 0.80, 20, False),    # one validation image more of 20: within sqrt(.75 * .25 / 20) = 0.097
+    (0.73, 0.78, 100, True),    # 0.05 above, one standard error 0.044
+    (0.776, 0.836, 500, True),
+    (0.5, 0.5, 1000, False),    # a tie keeps the probe
+    (1.0, 1.0, 7, False),
+])
+def test_finetuning_is_kept_only_beyond_one_standard_error_of_the_probe(probe, finetuned, images, kept):
+    got, margin = finetune.keep_finetuned(probe, finetuned, images)
+    assert got == kept
+    assert margin == pytest.approx((probe * (1 - probe) / images) ** 0.5, abs=1e-12)
+
+
 def test_best_state_keeps_the_best_validation_epoch_ties_to_lower_loss():
     model = nn.Linear(3, 2)
     best = BestState()
@@ -118,11 +131,14 @@ def test_lpft_starts_from_the_probe_and_keeps_the_best_validation_checkpoint(tin
     assert choice["lr_scale"] in finetune.LR_SCALES and len(choice["sweep"]) == len(finetune.LR_SCALES)
     history = metrics["history"]
     assert all(h["lr_scale"] == choice["lr_scale"] for h in history)
-    # the kept epoch holds the best validation score of all, the probe (epoch 0) included
+    # the best validation score of all, the probe (epoch 0) included, is kept when it beats the
+    # probe by more than one standard error; else the probe is
     scores = [(probe["first_val_accuracy"], -probe["first_val_loss"])] + [
         (h["val_accuracy"], -h["val_loss"]) for h in history]
-    kept = choice["epoch_kept"]
-    assert scores[kept] == max(scores)
+    best, kept = choice["finetuned_best"]["epoch"], choice["epoch_kept"]
+    assert scores[best] == max(scores)
+    won, margin = finetune.keep_finetuned(scores[0][0], scores[best][0], choice["validation"]["validation_images"])
+    assert kept == (best if won else 0) and choice["one_standard_error"] == pytest.approx(margin)
     # early stopping: it ran all epochs, or stopped PATIENCE epochs after the best
     best_run = max(range(len(history)), key=lambda i: history[i]["val_accuracy"])
     assert len(history) == 4 or len(history) - 1 - best_run >= finetune.PATIENCE
