@@ -517,6 +517,19 @@ def test_bench_cache_scale_quick_reports_every_measure(tmp_path, cifar10_root):
     assert not [n for n in set(os.listdir("/tmp")) - before if n.startswith(("fasttl-scale-", "fasttl-wds-"))]
 
 
+def test_skipping_every_image_of_a_class_in_shards_is_refused_naming_it(small_image_folder, tmp_path):
+    import shutil
+
+    data = tmp_path / "bad-ship"
+    shutil.copytree(small_image_folder, data)
+    for path in (data / "ship").iterdir():
+        path.write_bytes(b"\xff\xd8 not a jpeg")
+    folders = D.scan_class_folder(str(data))
+    shards = read_webdataset(write_tars(tmp_path / "wds", folders), folders.classes)
+    with pytest.raises(DataError, match=r"every image of class ship is unreadable"):
+        D.screen(shards, "skip")
+
+
 def test_run_refuses_a_classes_file_for_class_folders_and_extract_a_file_as_out(small_image_folder, tmp_path,
                                                                                  capsys):
     from conftest import cli, one_line_error

@@ -363,8 +363,6 @@ Source = Union[FileSource, ArraySource, TarSource]
 
 
 def _screen_tar(source: TarSource, on_error: str, num_threads: Optional[int]) -> TarSource:
-    ids = source.sample_ids()
-
     def check(index: int) -> Optional[str]:
         try:
             return check_image_bytes(source.read(index))
@@ -372,17 +370,27 @@ def _screen_tar(source: TarSource, on_error: str, num_threads: Optional[int]) ->
             return str(exc)
 
     found = _check_all(list(range(len(source))), check, num_threads, stop_at_first=on_error == "fail")
-    if not found:
-        return source
+    return _apply_policy(source, found, source.sample_ids(), on_error, "the shards") if found else source
+
+
+def _apply_policy(source, found: List[Tuple[int, str]], ids: Sequence[str], on_error: str, where: str):
+    """What the unreadable images `found` ((index, problem), in order) make of `source`: "fail"
+    names the first; "skip" leaves them out, listed in `skipped`, unless nothing, or nothing of
+    some class, is left."""
+    first = f"{ids[found[0][0]]}: {found[0][1]}"
     if on_error == "fail":
-        index, problem = found[0]
-        raise DataError(f"{ids[index]}: cannot be read as an image ({problem}); {skip_hint()}")
+        raise DataError(f"{ids[found[0][0]]}: cannot be read as an image ({found[0][1]}); {skip_hint()}")
     bad = {index for index, _ in found}
     kept = source.subset([i for i in range(len(source)) if i not in bad])
     kept.skipped = list(source.skipped) + [(ids[i], problem) for i, problem in found]
-    if not kept.members:
-        raise DataError(f"data: none of the {len(source)} images of {source.root or 'the shards'} can be read "
-                        f"(first: {ids[found[0][0]]}: {found[0][1]})")
+    if not len(kept):
+        raise DataError(f"data: none of the {len(source)} images of {source.root or where} can be read "
+                        f"(first: {first})")
+    lost = sorted(set(source.labels) - set(kept.labels))
+    if lost:
+        names = ", ".join(source.classes[i] if 0 <= i < len(source.classes) else str(i) for i in lost)
+        raise DataError(f"data: every image of class {names} is unreadable (first: {first}); fix or remove that "
+                        "class")
     return kept
 
 
@@ -407,20 +415,7 @@ def screen(source: Source, on_error: str = "fail", *, num_threads: Optional[int]
     if not found:
         source.__dict__.setdefault("_clean_header_ranges", set()).add((0, len(source.files)))
         return source
-    if on_error == "fail":
-        index, problem = found[0]
-        raise DataError(f"{source.files[index]}: cannot be read as an image ({problem}); {skip_hint()}")
-    bad = {index for index, _ in found}
-    kept = source.subset([i for i in range(len(source)) if i not in bad])
-    kept.skipped = list(source.skipped) + [(source.files[i], problem) for i, problem in found]
-    if not kept.files:
-        raise DataError(f"data: none of the {len(source)} images of {source.root or 'the file list'} can be read "
-                        f"(first: {source.files[found[0][0]]}: {found[0][1]})")
-    lost = sorted(set(source.labels) - set(kept.labels))
-    if lost:
-        names = ", ".join(source.classes[i] if 0 <= i < len(source.classes) else str(i) for i in lost)
-        raise DataError(f"data: every image of class {names} is unreadable "
-                        f"(first: {source.files[found[0][0]]}: {found[0][1]}); fix or remove that class")
+    kept = _apply_policy(source, found, source.files, on_error, "the file list")
     kept.__dict__["_clean_header_ranges"] = {(0, len(kept.files))}
     return kept
 
@@ -737,9 +732,13 @@ def _shard_count(pattern: str) -> int:
 
 def expand_braces(pattern: str) -> List[str]:
     """WebDataset's shard patterns: {000000..000127} (zero-padded numeric ranges) and {a,b,c}."""
-    if _shard_count(pattern) > MAX_SHARDS:
-        raise DataError(f"data: {pattern} names {_shard_count(pattern):,} shards (at most {MAX_SHARDS:,}); check "
-                        "its brace ranges")
+    count = _shard_count(pattern)
+    if count > MAX_SHARDS:
+        raise DataError(f"data: {pattern} names {count:,} shards (at most {MAX_SHARDS:,}); check its brace ranges")
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> List[str]:
     match = re.search(r"\{([^{}]*)\}", pattern)
     if match is None:
         return [pattern]
@@ -753,7 +752,7 @@ def expand_braces(pattern: str) -> List[str]:
         items = [str(i).zfill(width) for i in range(int(first), int(last) + 1)]
     else:
         items = body.split(",")
-    return [expanded for item in items for expanded in expand_braces(head + item + tail)]
+    return [expanded for item in items for expanded in _expand(head + item + tail)]
 
 
 _WDS_IMAGE = (".jpg", ".jpeg", ".png")
