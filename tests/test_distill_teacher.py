@@ -273,3 +273,14 @@ def test_teachers_with_damaged_configs_or_given_twice_through_a_link_are_refused
     (tmp_path / "link").symlink_to(linear_teacher)
     with pytest.raises(OptionError, match="names a run twice"):
         RunConfig(strategy="distill", teacher=[str(linear_teacher), str(tmp_path / "link")]).resolved(32)
+
+
+def test_distill_features_with_one_image_per_class_trains_with_the_defaults(tiny_cifar, linear_teacher, tmp_path):
+    # nothing can be held out: no sweep, no feature term, and the report says the defaults were used
+    out = tmp_path / "one"
+    metrics = run(data=str(tiny_cifar), strategy="distill", teacher=str(linear_teacher), epochs=1, out=str(out),
+                  compare="none", image_size=32, progress=False, seed=0, train_per_class=1, distill_features=True)
+    choice = metrics["notes"]["choice"]
+    assert choice["distill_features"] is False and choice["validation"]["validation_images"] == 0
+    assert (choice["temperature"], choice["alpha"]) == distill.SWEEP[0]
+    assert "no validation split could be carved" in (out / "report.md").read_text()
