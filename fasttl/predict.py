@@ -146,10 +146,11 @@ class RunModel:
                                        or batch_size < 1):
             raise OptionError(f"batch_size: expected a positive integer, got {batch_size!r}")
         bar = None
+        from fasttl.transfer.caching import split_views
         from fasttl.transfer.strategies.feature import FeatureModel
 
         feature_model = isinstance(self.trained, FeatureModel)
-        views = [False, True] if feature_model and self.trained.config.get("mirror_views") else [False]
+        views = split_views(self.trained.config, "test") if feature_model else [False]
         if progress:
             from tqdm import tqdm
 

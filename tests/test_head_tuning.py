@@ -162,7 +162,7 @@ def test_a_run_records_its_choices_and_never_a_test_curve(tmp_path, cifar10_root
     data = cifar_subset(cifar10_root, tmp_path / "data", ["cat", "ship", "frog"], train=20, test=5)
     out = tmp_path / "run"
     run(data=str(data), strategy="linear", image_size=32, out=str(out), compare="none", progress=False,
-        mirror_views=True)
+        mirror_views="both")
     metrics = json.loads((out / "metrics.json").read_text())
     choice = metrics["notes"]["choice"]
     assert choice["validation"] == {"fraction": VALIDATION_FRACTION, "train_images": 54, "validation_images": 6,
@@ -173,7 +173,7 @@ def test_a_run_records_its_choices_and_never_a_test_curve(tmp_path, cifar10_root
     assert choice["val_accuracy"] == chosen[0]["val_accuracy"] == max(h["val_accuracy"] for h in metrics["history"])
     assert choice["val_accuracy"] * 6 == pytest.approx(round(choice["val_accuracy"] * 6), abs=1e-5)
     assert metrics["notes"]["features"]["kind"] == "multi" and metrics["notes"]["features"]["dim"] == 1984
-    assert metrics["notes"]["views"] == 2  # mirror views combine with multi-stage features and the tuned head
+    assert metrics["notes"]["views"] == {"train": 2, "test": 2}  # mirror views combine with multi-stage features and the tuned head
     assert metrics["history"] and all("val_accuracy" in h and not any(k.startswith("eval_") for k in h)
                                       for h in metrics["history"])
     assert "## Choices made on validation" in (out / "report.md").read_text()

@@ -225,10 +225,39 @@ def test_finetune_under_torchrun_two_processes_gloo(tiny_cifar, tmp_path):
     assert trained % 2 == 0 and 48 <= trained < 64 and metrics["history"][0]["images"] == trained // 2
 
 
-def test_mirror_views_train_on_both_and_average_at_test(tiny_cifar, tmp_path):
+@pytest.mark.parametrize("mode, train_views, test_views", [("both", 2, 2), ("test", 1, 2), ("none", 1, 1)])
+def test_mirror_views_extract_and_average_the_views_asked_for(tiny_cifar, tmp_path, mode, train_views, test_views):
     out = tmp_path / "views"
-    metrics = run(data=str(tiny_cifar), strategy="linear", epochs=4, mirror_views=True, out=str(out), **common())
-    assert metrics["notes"]["views"] == 2 and metrics["timings"]["extracted_images"] == 2 * 88
+    metrics = run(data=str(tiny_cifar), strategy="linear", mirror_views=mode, out=str(out), **common())
+    assert metrics["notes"]["views"] == {"train": train_views, "test": test_views}
+    assert metrics["timings"]["extracted_images"] == train_views * 64 + test_views * 24  # 16 and 6 per class
+    named = {1: "plain", 2: "plain and mirrored (logits averaged)"}
+    assert f"; views: train {named[train_views]}, test {named[test_views]}." in (out / "report.md").read_text()
     from fasttl.transfer.evaluate import evaluate_run
 
     assert evaluate_run(str(out), str(tiny_cifar), progress=False)["accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+def test_mirror_views_default_is_test_and_the_flag_alone_means_both(capsys):
+    from conftest import one_line_error
+    from fasttl.cli import build_parser, main
+    from fasttl.transfer.caching import split_views
+    from fasttl.transfer.config import RunConfig
+
+    assert RunConfig().mirror_views == "test"
+    assert [split_views(RunConfig(), s) for s in ("train", "test")] == [[False], [False, True]]
+    # run folders from before the modes hold a bool
+    assert split_views({"mirror_views": True}, "train") == [False, True]
+    assert split_views({"mirror_views": False}, "test") == split_views({}, "test") == [False]
+    assert RunConfig(mirror_views=True).mirror_views == "both"
+    from fasttl.errors import OptionError
+
+    with pytest.raises(OptionError, match="mirror_views: unknown 'sideways'; choose from none, test, both"):
+        split_views({"mirror_views": "sideways"}, "test")
+    parse = build_parser().parse_args
+    assert parse(["run", "--mirror-views"]).mirror_views == "both"
+    assert parse(["run", "--mirror-views", "none"]).mirror_views == "none"
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--mirror-views", "sideways"])
+    line = one_line_error(capsys.readouterr().err)
+    assert exited.value.code == 2 and "--mirror-views" in line and "sideways" in line

@@ -37,7 +37,7 @@ def trained(three_classes, module_cache, tmp_path_factory):
             if "target_data" in strategy.requires:
                 extra["target_data"] = str(three_classes)
             if name == "mlp":
-                extra["mirror_views"] = True  # the views the run averaged must be averaged by predict too
+                extra["mirror_views"] = "both"  # trained on both views (linear: the default, mirrored at test only)
             out = tmp_path_factory.mktemp(f"run-{name}") / "run"
             with pytest.MonkeyPatch.context() as patch:
                 patch.setenv("FASTTL_CACHE_DIR", module_cache)

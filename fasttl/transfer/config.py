@@ -14,7 +14,7 @@ from typing import Optional
 from fasttl import backbones
 from fasttl.errors import OptionError
 from fasttl.cache import engines
-from fasttl.transfer.caching import FEATURE_TAPS
+from fasttl.transfer.caching import FEATURE_TAPS, MIRROR_VIEWS, mirror_mode
 from fasttl.transfer.datasets import BUILTIN
 
 MAX_IMAGE_SIZE = 1024
@@ -89,8 +89,10 @@ class RunConfig:
                          "when installed, else torch)", choices=engines.ENGINES)
     extract_precision: str = option("auto", "extraction precision (auto: bf16 autocast on cuda, fp32 on the CPU; "
                                     "bf16 features are about 3%% off fp32)", choices=engines.PRECISIONS)
-    mirror_views: bool = option(False, "linear/mlp: also cache the mirrored images; train on both views, average "
-                                "them at test")
+    mirror_views: str = option("test", "linear/mlp: where the horizontally mirrored images are a second view: test "
+                               "(test and predict average both views' logits: one more pass over the test images), "
+                               "both (the head also trains on both: twice the training extraction) or none",
+                               choices=tuple(MIRROR_VIEWS), const="both", metavar="{" + ",".join(MIRROR_VIEWS) + "}")
     temperature: Optional[float] = option(None, "distill: softening temperature (default: chosen with alpha on the "
                                           "validation split)", kind=float, metavar="T")
     alpha: Optional[float] = option(None, "distill: weight of the soft term (default: chosen with T on the "
@@ -108,6 +110,9 @@ class RunConfig:
                                            "the run folder's tensorboard/); needs pip install 'fasttl[tensorboard]'",
                                            kind=str, metavar="DIR", const=True)
     progress: bool = option(True, "progress bars", cli=False)
+
+    def __post_init__(self):
+        self.mirror_views = mirror_mode(self.mirror_views)  # True/False: the flag it was before it had modes
 
     def resolved(self, native_size: int) -> "RunConfig":
         """Fills the per-strategy defaults and checks every option."""

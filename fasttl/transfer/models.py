@@ -32,18 +32,23 @@ class SmallCNN(nn.Module):
 class BackboneWithHead(nn.Module):
     """A backbone's pooled features into a new head: the fine-tuned (or feature-transfer) model.
     `taps` > 0: multi-stage features (the pooled maps of the last `taps` stages and the final
-    map, concatenated, as the feature cache stores them)."""
+    map, concatenated, as the feature cache stores them). `mirror_average`: the logits are the
+    mean of the image's and its horizontal mirror's, as a run with --mirror-views test predicts."""
 
-    def __init__(self, backbone, head: nn.Module, taps: int = 0):
+    def __init__(self, backbone, head: nn.Module, taps: int = 0, mirror_average: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.taps = int(taps)
+        self.mirror_average = bool(mirror_average)
 
     def forward(self, x: Tensor) -> Tensor:
         from fasttl.backbones.base import pooled_taps
 
-        return self.head(pooled_taps(self.backbone, x, self.taps))
+        logits = self.head(pooled_taps(self.backbone, x, self.taps))
+        if self.mirror_average:
+            logits = (logits + self.head(pooled_taps(self.backbone, x.flip(-1), self.taps))) / 2
+        return logits
 
 
 class _ReverseGradient(torch.autograd.Function):

@@ -123,6 +123,18 @@ def _choices(results: Dict[str, Dict[str, object]]) -> List[str]:
     return ["", "## Choices made on validation", ""] + lines if lines else []
 
 
+def _views_note(config: Dict[str, object]) -> str:
+    """The views a feature-transfer run trained on and averaged at test (--mirror-views)."""
+    if config.get("strategy") not in ("linear", "mlp"):
+        return ""
+    from fasttl.transfer.caching import split_views
+
+    def named(views):
+        return "plain and mirrored (logits averaged)" if len(views) == 2 else "plain"
+
+    return f"; views: train {named(split_views(config, 'train'))}, test {named(split_views(config, 'test'))}"
+
+
 def write_report(run_dir: str, config: Dict[str, object], results: Dict[str, Dict[str, object]],
                  dataset_line: str, main: str) -> None:
     """report.md: the run's configuration, a table of each trained model beside the others
@@ -131,7 +143,8 @@ def write_report(run_dir: str, config: Dict[str, object], results: Dict[str, Dic
     lines = [f"# fasttl run: {main}", "", dataset_line, "",
              f"Backbone `{config.get('backbone')}`, image size {config.get('image_size')} px, "
              f"{config.get('epochs')} epochs, batch {config.get('batch_size')}, lr {config.get('lr')}, "
-             f"seed {config.get('seed')}, device {config.get('device')}, features {config.get('features', 'head')}.",
+             f"seed {config.get('seed')}, device {config.get('device')}, features {config.get('features', 'head')}"
+             + _views_note(config) + ".",
              "",
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key, label in (("accuracy", "top-1 accuracy"), ("macro_f1", "macro F1"), ("loss", "test loss")):

@@ -130,4 +130,4 @@ class Dann(Strategy):
         backbone = backbones.create(config["backbone"], weights=config.get("weights"))
         dim = backbone.tapped_dim(Extraction.of(config).taps)
         head = load_weights(run_dir, "dann", DANN(dim, len(config["classes"])))
-        return FeatureModel(backbone, head, dict(config, mirror_views=False), device)
+        return FeatureModel(backbone, head, dict(config, mirror_views="none"), device)

@@ -13,20 +13,21 @@ from fasttl.cache import make_head
 from fasttl.cache.heads import predict_views
 from fasttl.cache.tuning import predict_split, tune_linear, tune_mlp
 from fasttl.data import TransformSpec
-from fasttl.transfer.caching import Extraction, cached_features
+from fasttl.transfer.caching import Extraction, cached_features, split_views
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
 from fasttl.transfer.strategies.common import eval_timings, param_dtype, throughput
 
 
-def feature_caches(cfg, backbone, ds, mirror: bool = False) -> Dict[str, object]:
-    """The train and test caches of a dataset (each with its mirrored view when `mirror`)."""
+def feature_caches(cfg, backbone, ds, with_mirror_views: bool = False) -> Dict[str, object]:
+    """The train and test caches of a dataset; `with_mirror_views`: each split also with its
+    mirrored view where --mirror-views asks for it (fasttl.transfer.caching.split_views)."""
     started = time.perf_counter()
     extraction = Extraction.of(cfg)
-    views = [False, True] if mirror else [False]
     caches = {split: [cached_features(backbone, source, split, extraction, device=cfg.device, progress=cfg.progress,
-                                      rebuild_broken=cfg.overwrite, mirror=view) for view in views]
+                                      rebuild_broken=cfg.overwrite, mirror=view)
+                      for view in (split_views(cfg, split) if with_mirror_views else [False])]
               for split, source in (("train", ds.train), ("test", ds.test))}
     built = sum(getattr(c, "last_build", {}).get("images", 0) for views_ in caches.values() for c in views_)
     return {"train": caches["train"][0], "test": caches["test"][0], "train_views": caches["train"],
@@ -41,21 +42,21 @@ class FeatureModel(TrainedModel):
     def __init__(self, backbone, head, config: dict, device: torch.device):
         spec = TransformSpec.for_backbone(backbone.preprocessing, size=config["image_size"])
         self.extraction = Extraction.of(config)
-        super().__init__(BackboneWithHead(backbone, head, self.extraction.taps).to(device), spec, config["classes"],
-                         device)
+        mirrored = split_views(config, "test") == [False, True]
+        super().__init__(BackboneWithHead(backbone, head, self.extraction.taps, mirror_average=mirrored).to(device),
+                         spec, config["classes"], device)
         self.backbone, self.head, self.config = backbone, head.to(device).eval(), config
 
     @torch.no_grad()
     def logits(self, source, progress: bool = False, split: str = "eval", batch_size: int = 4096):
-        views = [False, True] if self.config.get("mirror_views") else [False]
         caches = [cached_features(self.backbone, source, split, self.extraction, device=self.device, progress=progress,
-                                  mirror=view) for view in views]
+                                  mirror=view) for view in split_views(self.config, "test")]
         return predict_views(self.head, caches, self.device)
 
     @torch.no_grad()
     def view_logits(self, source, mirror: bool, progress: bool = False, split: str = "eval", batch_size: int = 4096):
         """One view's logits through its feature cache ("train-mirror" for the mirrored training
-        images), not the average of both views that `logits` gives a --mirror-views run."""
+        images), not the average of both views that `logits` gives when --mirror-views mirrors the test split."""
         cache = cached_features(self.backbone, source, split, self.extraction, device=self.device, progress=progress,
                                 mirror=bool(mirror))
         return predict_views(self.head, [cache], self.device)[0]
@@ -84,7 +85,7 @@ class FeatureTransfer(Strategy):
 
     def train(self, cfg, ds, run_dir, device) -> List[Outcome]:
         backbone = backbones.create(cfg.backbone, weights=cfg.weights)
-        caches = feature_caches(cfg, backbone, ds, mirror=cfg.mirror_views)
+        caches = feature_caches(cfg, backbone, ds, with_mirror_views=True)
         started = time.perf_counter()
         head, history, choice = self.fit(cfg, caches["train_views"], run_dir, device)
         train_s = time.perf_counter() - started
@@ -95,7 +96,7 @@ class FeatureTransfer(Strategy):
                        extract_s=caches["extract_s"], extracted_images=caches["extracted_images"])
         if caches["extracted_images"]:
             timings["extract_images_per_s"] = throughput(caches["extracted_images"], caches["extract_s"])
-        notes = {"cache": os.path.dirname(caches["train"].directory), "views": len(caches["test_views"]),
+        notes = {"cache": os.path.dirname(caches["train"].directory), "views": {"train": len(caches["train_views"]), "test": len(caches["test_views"])},
                  "features": {"kind": cfg.features, "dim": caches["train"].feature_dim,
                               "layout": caches["train"].fingerprint.get("layout")},
                  "extraction": caches["compute"], "choice": choice}
