@@ -219,6 +219,9 @@ def test_a_damaged_teacher_logits_file_is_recomputed(two_classes, tmp_path):
     ({"regularize": "l2sp"}, "regularize: --regularize is read only by --strategy finetune"),
     ({"finetune_from": "random"}, "finetune_from: --finetune-from is read only by --strategy finetune"),
     ({"strategy": "finetune", "regularize": "l2"}, "regularize: unknown 'l2'"),
+    ({"strategy": "scratch", "mirror_views": "both"},
+     "mirror_views: --mirror-views is read only by --strategy linear or mlp; drop it for --strategy scratch"),
+    ({"strategy": "linear", "mirror_views": "sideways"}, "mirror_views: unknown 'sideways'; choose from none, test, both"),
 ])
 def test_bad_options_are_refused_before_any_work(two_classes, tmp_path, options, match):
     with pytest.raises(OptionError, match=match):

@@ -77,6 +77,7 @@ class FeatureTransfer(Strategy):
 
     epochs, batch_size = 10, 256
     outputs = ("head",)
+    uses = ("mirror_views",)
     can_teach = True
 
     def fit(self, cfg, views, run_dir, device):
