@@ -1,11 +1,12 @@
 """Why `--mirror-views` defaults to `test`: on validation splits carved from the training images
-(never the test split), the tuned linear head's validation accuracy along its L2 path with the
-plain view's logits alone, and with the plain and the mirrored view's logits averaged.
+(never the test split), the tuned linear head's validation accuracy along its L2 path scored on
+the plain view's logits alone, and on the plain and the mirrored view's logits averaged (which is
+how a `--mirror-views test` run chooses its L2 strength, and how its test split is scored).
 
     python benchmarks/mirror_views.py --data ../shared/data/cifar10 [--train-per-class N] [--seeds 0 1 2]
 
 The head trains on the plain training view only (as `--mirror-views test` does); only the
-validation images are extracted a second time, mirrored. Rows are merged into
+validation images are extracted a second time, mirrored (in memory, no cache). Rows are merged into
 benchmarks/results/mirror-views.json, which make_results.py renders."""
 import argparse
 import datetime

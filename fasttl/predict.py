@@ -146,11 +146,11 @@ class RunModel:
                                        or batch_size < 1):
             raise OptionError(f"batch_size: expected a positive integer, got {batch_size!r}")
         bar = None
-        from fasttl.transfer.caching import split_views
+        from fasttl.transfer.caching import views_of
         from fasttl.transfer.strategies.feature import FeatureModel
 
         feature_model = isinstance(self.trained, FeatureModel)
-        views = split_views(self.trained.config, "test") if feature_model else [False]
+        views = views_of(self.trained.config, "test") if feature_model else [False]
         if progress:
             from tqdm import tqdm
 

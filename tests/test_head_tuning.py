@@ -139,6 +139,29 @@ def test_tuned_linear_head_is_the_refit_solution_and_predicts_the_views_average(
     assert torch.equal(got_labels, y)
 
 
+def test_a_mirrored_validation_view_is_averaged_into_every_validation_score():
+    # --mirror-views test: the head trains on the plain view alone, and each L2 strength is scored
+    # on the average of the validation images' plain and mirrored logits (as test will be).
+    x, y = separable_problem(300, 24, 3, 13, noise=4.0)
+    mirrored = x + 0.5 * torch.randn_like(x)
+    plain = fake_cache(x, y, ["a", "b", "c"], [8, 16])
+    train_rows, val_rows = tuning.validation_rows(y, 3)
+    mirrored_val = fake_cache(mirrored[val_rows], y[val_rows], ["a", "b", "c"], [8, 16])
+    _, path, choice = tuning.tune_linear([plain], seed=3, progress=False, mirrored_validation=mirrored_val)
+    assert choice["validation"]["views"] == 2 and choice["validation"]["validation_images"] == len(val_rows)
+    features = plain.all_features()
+    mean, scale = solver.block_scaling(features[train_rows], [8, 16])
+    val_views = [(features[val_rows] - mean) / scale, (mirrored_val.all_features() - mean) / scale]
+    _, expected, _ = solver.fit_path((features[train_rows] - mean) / scale, y[train_rows], val_views, y[val_rows], 3,
+                                     progress=False)
+    assert [p["val_accuracy"] for p in path] == [p["val_accuracy"] for p in expected]
+    _, plain_path, _ = tuning.tune_linear([plain], seed=3, progress=False)
+    assert [p["val_loss"] for p in plain_path] != [p["val_loss"] for p in path]  # the mirrored view did count
+    with pytest.raises(ValueError, match="mirrored validation view: 5 rows for 30 validation images"):
+        tuning.tune_linear([plain], seed=3, progress=False, mirrored_validation=fake_cache(
+            mirrored[:5], y[:5], ["a", "b", "c"], [8, 16]))
+
+
 def test_mlp_early_stopping_keeps_the_best_validation_epoch():
     x, y = separable_problem(240, 16, 3, 13, noise=2.5)
     views = [fake_cache(x, y, ["a", "b", "c"])]
@@ -166,7 +189,7 @@ def test_a_run_records_its_choices_and_never_a_test_curve(tmp_path, cifar10_root
     metrics = json.loads((out / "metrics.json").read_text())
     choice = metrics["notes"]["choice"]
     assert choice["validation"] == {"fraction": VALIDATION_FRACTION, "train_images": 54, "validation_images": 6,
-                                    "seed": 0}
+                                    "seed": 0, "views": 2}
     # the choice is the path's best validation score, a whole number of the 6 validation images
     chosen = [h for h in metrics["history"] if h["weight_decay"] == choice["weight_decay"]]
     assert choice["weight_decay"] in solver.WEIGHT_DECAYS and len(chosen) == 1

@@ -83,7 +83,8 @@ def test_same_seed_same_metrics_and_the_cache_is_reused(tiny_cifar, tmp_path):
     first = run(data=str(tiny_cifar), strategy="mlp", epochs=4, out=str(tmp_path / "a"), **common())
     second = run(data=str(tiny_cifar), strategy="mlp", epochs=4, out=str(tmp_path / "b"), **common())
     assert first["accuracy"] == second["accuracy"] and first["loss"] == second["loss"]
-    assert first["timings"]["extracted_images"] == 88 and second["timings"]["extracted_images"] == 0
+    # 64 training images, 24 test images in both views, 8 validation images mirrored (--mirror-views test)
+    assert first["timings"]["extracted_images"] == 64 + 2 * 24 + 8 and second["timings"]["extracted_images"] == 0
 
 
 def test_interrupted_run_resumes_to_the_same_result(tiny_cifar, tmp_path, monkeypatch):
@@ -230,7 +231,11 @@ def test_mirror_views_extract_and_average_the_views_asked_for(tiny_cifar, tmp_pa
     out = tmp_path / "views"
     metrics = run(data=str(tiny_cifar), strategy="linear", mirror_views=mode, out=str(out), **common())
     assert metrics["notes"]["views"] == {"train": train_views, "test": test_views}
-    assert metrics["timings"]["extracted_images"] == train_views * 64 + test_views * 24  # 16 and 6 per class
+    validation = metrics["notes"]["choice"]["validation"]
+    # test alone mirrored: so are the validation images, which choose the head on the same average
+    mirrored_validation = validation["validation_images"] if (train_views, test_views) == (1, 2) else 0
+    assert validation["views"] == test_views and validation["validation_images"] == 8  # 2 of 16 per class
+    assert metrics["timings"]["extracted_images"] == train_views * 64 + test_views * 24 + mirrored_validation
     named = {1: "plain", 2: "plain and mirrored (logits averaged)"}
     assert f"; views: train {named[train_views]}, test {named[test_views]}." in (out / "report.md").read_text()
     from fasttl.transfer.evaluate import evaluate_run
@@ -241,19 +246,19 @@ def test_mirror_views_extract_and_average_the_views_asked_for(tiny_cifar, tmp_pa
 def test_mirror_views_default_is_test_and_the_flag_alone_means_both(capsys):
     from conftest import one_line_error
     from fasttl.cli import build_parser, main
-    from fasttl.transfer.caching import split_views
+    from fasttl.transfer.caching import views_of
     from fasttl.transfer.config import RunConfig
 
     assert RunConfig().mirror_views == "test"
-    assert [split_views(RunConfig(), s) for s in ("train", "test")] == [[False], [False, True]]
+    assert [views_of(RunConfig(), s) for s in ("train", "test")] == [[False], [False, True]]
     # run folders from before the modes hold a bool
-    assert split_views({"mirror_views": True}, "train") == [False, True]
-    assert split_views({"mirror_views": False}, "test") == split_views({}, "test") == [False]
+    assert views_of({"mirror_views": True}, "train") == [False, True]
+    assert views_of({"mirror_views": False}, "test") == views_of({}, "test") == [False]
     assert RunConfig(mirror_views=True).mirror_views == "both"
     from fasttl.errors import OptionError
 
     with pytest.raises(OptionError, match="mirror_views: unknown 'sideways'; choose from none, test, both"):
-        split_views({"mirror_views": "sideways"}, "test")
+        views_of({"mirror_views": "sideways"}, "test")
     parse = build_parser().parse_args
     assert parse(["run", "--mirror-views"]).mirror_views == "both"
     assert parse(["run", "--mirror-views", "none"]).mirror_views == "none"

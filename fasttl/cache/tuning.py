@@ -3,7 +3,7 @@ validation: the exact L2 path for `linear` (fasttl.cache.solver), the weight dec
 count by early stopping for `mlp`. The test split is never seen here."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -18,15 +18,33 @@ MLP_WEIGHT_DECAYS = (1e-4, 1e-2, 1e-1)
 MLP_PATIENCE = 3
 
 
-def split_views(views: Sequence[FeatureCache], seed: int) -> Tuple[List[FeatureCache], List[FeatureCache], dict]:
+def split_views(views: Sequence[FeatureCache], seed: int, mirrored_validation: Optional[FeatureCache] = None
+                ) -> Tuple[List[FeatureCache], List[FeatureCache], dict]:
     """The views of a training split cut into (train, validation) views by one stratified,
-    seeded split of the samples: a sample's plain and mirrored rows fall on the same side."""
-    train_rows, val_rows = validation_split(views[0].labels.cpu().numpy(), seed)
+    seeded split of the samples: a sample's plain and mirrored rows fall on the same side.
+    `mirrored_validation` (--mirror-views test: only the validation images are extracted
+    mirrored, see `validation_rows`) joins the validation views, so validation scores average
+    the two views as the test split's do."""
+    train_rows, val_rows = validation_rows(views[0].labels, seed)
     info = {"fraction": VALIDATION_FRACTION, "train_images": len(train_rows), "validation_images": len(val_rows),
-            "seed": seed}
+            "seed": seed, "views": len(views)}
     if not val_rows:  # every class has one image: nothing can be held out, and nothing is tuned
         info["note"] = "no class has two images: no validation split, default settings"
-    return [v.subset(train_rows) for v in views], [v.subset(val_rows) for v in views] if val_rows else [], info
+        return [v.subset(train_rows) for v in views], [], info
+    val_views = [v.subset(val_rows) for v in views]
+    if mirrored_validation is not None and len(views) == 1:
+        if len(mirrored_validation) != len(val_rows):
+            raise ValueError(f"mirrored validation view: {len(mirrored_validation)} rows for {len(val_rows)} "
+                             "validation images")
+        val_views.append(mirrored_validation)
+        info["views"] = 2
+    return [v.subset(train_rows) for v in views], val_views, info
+
+
+def validation_rows(labels, seed: int) -> Tuple[List[int], List[int]]:
+    """(train, validation) rows of a training split's feature cache, from its labels."""
+    labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else labels
+    return validation_split(labels, seed)
 
 
 def _rows(views: Sequence[FeatureCache], device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -34,23 +52,24 @@ def _rows(views: Sequence[FeatureCache], device) -> Tuple[torch.Tensor, torch.Te
             torch.cat([v.labels.to(device) for v in views]))
 
 
-def tune_linear(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu",
-                progress: bool = True) -> Tuple[nn.Module, List[Dict], Dict]:
+def tune_linear(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu", progress: bool = True,
+                mirrored_validation: Optional[FeatureCache] = None) -> Tuple[nn.Module, List[Dict], Dict]:
     """The linear head: L2 strength chosen on validation along the regularization path, then
     solved again on all training rows from the chosen solution. Returns (head, path records,
-    choice)."""
-    _, head, path, choice = linear_probe(views, seed=seed, device=device, progress=progress)
+    choice). `mirrored_validation`: see split_views."""
+    _, head, path, choice = linear_probe(views, seed=seed, device=device, progress=progress,
+                                         mirrored_validation=mirrored_validation)
     return head, path, choice
 
 
-def linear_probe(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu",
-                 progress: bool = True) -> Tuple[nn.Module, nn.Module, List[Dict], Dict]:
+def linear_probe(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu", progress: bool = True,
+                 mirrored_validation: Optional[FeatureCache] = None) -> Tuple[nn.Module, nn.Module, List[Dict], Dict]:
     """`tune_linear`, also returning the chosen head as fit on the train part alone (its own
     scaling; its validation accuracy is choice["val_accuracy"]): what LP-FT fine-tunes from,
     with the validation part held out for early stopping. Returns (train-part head, refit head,
     path records, choice)."""
     device = torch.device(device)
-    train_views, val_views, info = split_views(views, seed)
+    train_views, val_views, info = split_views(views, seed, mirrored_validation)
     widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
     if not val_views:
         return _untuned_linear(views, widths, info, device)
@@ -96,12 +115,13 @@ def _untuned_linear(views, widths, info, device):
 
 def tune_mlp(views: Sequence[FeatureCache], *, epochs: int, batch_size: int, lr: float, seed: int = 0, device="cpu",
              dtype: torch.dtype = torch.float32, progress: bool = True, checkpoint=None,
-             resume: bool = False) -> Tuple[nn.Module, List[Dict], Dict]:
+             resume: bool = False, mirrored_validation: Optional[FeatureCache] = None
+             ) -> Tuple[nn.Module, List[Dict], Dict]:
     """The MLP head: for each weight decay, training on the train part with the validation
     accuracy read after every epoch (stopping MLP_PATIENCE epochs after the best); the best
     (weight decay, epoch count) is then trained again on train + validation. Returns (head, the
-    validation curves, choice)."""
-    train_views, val_views, info = split_views(views, seed)
+    validation curves, choice). `mirrored_validation`: see split_views."""
+    train_views, val_views, info = split_views(views, seed, mirrored_validation)
     if not val_views:  # one image per class: the first weight decay for the given epochs
         everything = FeatureCache.concat(list(views)) if len(views) > 1 else views[0]
         head, history = train_head(everything, kind="mlp", epochs=epochs, batch_size=batch_size, lr=lr,

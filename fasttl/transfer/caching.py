@@ -40,7 +40,7 @@ def mirror_mode(value) -> str:
     return value
 
 
-def split_views(config, split: str) -> list:
+def views_of(config, split: str) -> list:
     """[False] or [False, True]: the views (mirrored or not) a run's `split` ("train", or "test"
     for everything it predicts) uses, from a RunConfig or a run's config.json."""
     value = config.get("mirror_views") if isinstance(config, dict) else config.mirror_views

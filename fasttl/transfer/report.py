@@ -127,12 +127,12 @@ def _views_note(config: Dict[str, object]) -> str:
     """The views a feature-transfer run trained on and averaged at test (--mirror-views)."""
     if config.get("strategy") not in ("linear", "mlp"):
         return ""
-    from fasttl.transfer.caching import split_views
+    from fasttl.transfer.caching import views_of
 
     def named(views):
         return "plain and mirrored (logits averaged)" if len(views) == 2 else "plain"
 
-    return f"; views: train {named(split_views(config, 'train'))}, test {named(split_views(config, 'test'))}"
+    return f"; views: train {named(views_of(config, 'train'))}, test {named(views_of(config, 'test'))}"
 
 
 def write_report(run_dir: str, config: Dict[str, object], results: Dict[str, Dict[str, object]],

@@ -11,9 +11,9 @@ import torch
 from fasttl import backbones
 from fasttl.cache import make_head
 from fasttl.cache.heads import predict_views
-from fasttl.cache.tuning import predict_split, tune_linear, tune_mlp
+from fasttl.cache.tuning import predict_split, tune_linear, tune_mlp, validation_rows
 from fasttl.data import TransformSpec
-from fasttl.transfer.caching import Extraction, cached_features, split_views
+from fasttl.transfer.caching import Extraction, cached_features, views_of
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
@@ -22,17 +22,33 @@ from fasttl.transfer.strategies.common import eval_timings, param_dtype, through
 
 def feature_caches(cfg, backbone, ds, with_mirror_views: bool = False) -> Dict[str, object]:
     """The train and test caches of a dataset; `with_mirror_views`: each split also with its
-    mirrored view where --mirror-views asks for it (fasttl.transfer.caching.split_views)."""
+    mirrored view where --mirror-views asks for it (fasttl.transfer.caching.views_of)."""
     started = time.perf_counter()
     extraction = Extraction.of(cfg)
     caches = {split: [cached_features(backbone, source, split, extraction, device=cfg.device, progress=cfg.progress,
                                       rebuild_broken=cfg.overwrite, mirror=view)
-                      for view in (split_views(cfg, split) if with_mirror_views else [False])]
+                      for view in (views_of(cfg, split) if with_mirror_views else [False])]
               for split, source in (("train", ds.train), ("test", ds.test))}
-    built = sum(getattr(c, "last_build", {}).get("images", 0) for views_ in caches.values() for c in views_)
+    mirrored_validation = None
+    if with_mirror_views and len(caches["test"]) > len(caches["train"]):
+        mirrored_validation = _mirrored_validation(cfg, backbone, ds.train, caches["train"][0], extraction)
+    built = sum(getattr(c, "last_build", {}).get("images", 0)
+                for c in [*caches["train"], *caches["test"], mirrored_validation] if c is not None)
     return {"train": caches["train"][0], "test": caches["test"][0], "train_views": caches["train"],
-            "test_views": caches["test"], "extract_s": time.perf_counter() - started, "extracted_images": built,
+            "test_views": caches["test"], "mirrored_validation": mirrored_validation,
+            "extract_s": time.perf_counter() - started, "extracted_images": built,
             "compute": caches["train"][0].fingerprint["compute"]}
+
+
+def _mirrored_validation(cfg, backbone, train_source, train_cache, extraction):
+    """--mirror-views test: the validation images (tuning.validation_rows of the run's seed)
+    mirrored, so the head is chosen on the same two-view average the test split gets; None when
+    one image per class leaves no validation split."""
+    _, rows = validation_rows(train_cache.labels, cfg.seed)
+    if not rows:
+        return None
+    return cached_features(backbone, train_source.subset(rows), "validation", extraction, device=cfg.device,
+                           progress=cfg.progress, rebuild_broken=cfg.overwrite, mirror=True)
 
 
 class FeatureModel(TrainedModel):
@@ -42,7 +58,7 @@ class FeatureModel(TrainedModel):
     def __init__(self, backbone, head, config: dict, device: torch.device):
         spec = TransformSpec.for_backbone(backbone.preprocessing, size=config["image_size"])
         self.extraction = Extraction.of(config)
-        mirrored = split_views(config, "test") == [False, True]
+        mirrored = views_of(config, "test") == [False, True]
         super().__init__(BackboneWithHead(backbone, head, self.extraction.taps, mirror_average=mirrored).to(device),
                          spec, config["classes"], device)
         self.backbone, self.head, self.config = backbone, head.to(device).eval(), config
@@ -50,7 +66,7 @@ class FeatureModel(TrainedModel):
     @torch.no_grad()
     def logits(self, source, progress: bool = False, split: str = "eval", batch_size: int = 4096):
         caches = [cached_features(self.backbone, source, split, self.extraction, device=self.device, progress=progress,
-                                  mirror=view) for view in split_views(self.config, "test")]
+                                  mirror=view) for view in views_of(self.config, "test")]
         return predict_views(self.head, caches, self.device)
 
     @torch.no_grad()
@@ -80,15 +96,16 @@ class FeatureTransfer(Strategy):
     uses = ("mirror_views",)
     can_teach = True
 
-    def fit(self, cfg, views, run_dir, device):
-        """(head, validation records, choice) of this kind of head."""
+    def fit(self, cfg, views, run_dir, device, mirrored_validation=None):
+        """(head, validation records, choice) of this kind of head; `mirrored_validation`: see
+        fasttl.cache.tuning.split_views."""
         raise NotImplementedError
 
     def train(self, cfg, ds, run_dir, device) -> List[Outcome]:
         backbone = backbones.create(cfg.backbone, weights=cfg.weights)
         caches = feature_caches(cfg, backbone, ds, with_mirror_views=True)
         started = time.perf_counter()
-        head, history, choice = self.fit(cfg, caches["train_views"], run_dir, device)
+        head, history, choice = self.fit(cfg, caches["train_views"], run_dir, device, caches["mirrored_validation"])
         train_s = time.perf_counter() - started
         started = time.perf_counter()
         logits, labels = predict_split(head, caches["test_views"], device)
@@ -97,7 +114,8 @@ class FeatureTransfer(Strategy):
                        extract_s=caches["extract_s"], extracted_images=caches["extracted_images"])
         if caches["extracted_images"]:
             timings["extract_images_per_s"] = throughput(caches["extracted_images"], caches["extract_s"])
-        notes = {"cache": os.path.dirname(caches["train"].directory), "views": {"train": len(caches["train_views"]), "test": len(caches["test_views"])},
+        notes = {"cache": os.path.dirname(caches["train"].directory),
+                 "views": {"train": len(caches["train_views"]), "test": len(caches["test_views"])},
                  "features": {"kind": cfg.features, "dim": caches["train"].feature_dim,
                               "layout": caches["train"].fingerprint.get("layout")},
                  "extraction": caches["compute"], "choice": choice}
@@ -120,8 +138,9 @@ class Linear(FeatureTransfer):
     help = "a linear head on cached features of the frozen backbone, its L2 strength tuned on validation"
     lr = 3e-3
 
-    def fit(self, cfg, views, run_dir, device):
-        return tune_linear(views, seed=cfg.seed, device=device, progress=cfg.progress)
+    def fit(self, cfg, views, run_dir, device, mirrored_validation=None):
+        return tune_linear(views, seed=cfg.seed, device=device, progress=cfg.progress,
+                           mirrored_validation=mirrored_validation)
 
 
 @register
@@ -131,7 +150,7 @@ class Mlp(FeatureTransfer):
     help = "an MLP head on cached features of the frozen backbone, weight decay and epochs tuned on validation"
     lr = 1e-3
 
-    def fit(self, cfg, views, run_dir, device):
+    def fit(self, cfg, views, run_dir, device, mirrored_validation=None):
         return tune_mlp(views, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=device,
                         dtype=param_dtype(cfg), progress=cfg.progress, checkpoint=Checkpoint(run_dir, "head"),
-                        resume=cfg.resume)
+                        resume=cfg.resume, mirrored_validation=mirrored_validation)
