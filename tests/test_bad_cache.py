@@ -655,3 +655,22 @@ def test_write_atomic_leaves_nothing_behind_when_it_fails(tmp_path, outside, mon
     monkeypatch.undo()
     assert os.listdir(folder) == []
     assert files.write_atomic.__annotations__ == {"path": "str", "data": "bytes", "return": "None"}
+
+
+def test_a_cache_reused_for_the_same_files_in_another_order_is_read_in_the_sources_order(
+        small_source, private_cache):
+    # A cache is keyed by its sorted sample list, so two file lists naming the same images in other
+    # orders share it; rows must still follow each source's order (labels, validation rows,
+    # predictions.csv and teacher logits index the source).
+    from fasttl.transfer.caching import Extraction, cached_features
+
+    extraction = Extraction(16, "fp16", "head", "torch", "fp32")
+    backbone = tiny_backbone()
+    order = list(reversed(range(len(small_source))))
+    shuffled = small_source.subset(order)
+    first = cached_features(backbone, small_source, "train", extraction, progress=False)
+    second = cached_features(backbone, shuffled, "train", extraction, progress=False)
+    assert second.directory == first.directory and second.last_build.get("images", 0) == 0  # reused, not rebuilt
+    assert second.samples == shuffled.sample_ids() != first.samples
+    assert second.labels.tolist() == shuffled.labels != first.labels.tolist()
+    torch.testing.assert_close(second.all_features(), first.all_features()[order], rtol=0, atol=0)

@@ -2,6 +2,7 @@
 don't match, diverging options, tiny and single-class datasets, crafted checkpoints; every case
 checks the exit code or exception, that the message names the culprit, and what files changed."""
 import json
+import re
 import os
 import pickle
 import shutil
@@ -145,6 +146,37 @@ def test_resume_refuses_other_data(two_classes, tmp_path):
     shutil.copy(other / "train" / "cat" / "1.jpg", other / "train" / "cat" / "0.jpg")  # one image replaced
     with pytest.raises(RunError, match="data_identity"):
         run(**quick(other, out, resume=True))
+
+
+@pytest.mark.parametrize("old, mode", [(False, "none"), (True, "both")])
+def test_a_run_from_before_mirror_view_modes_resumes_with_the_matching_mode(two_classes, tmp_path, old, mode):
+    # config.json of an interrupted run from when --mirror-views was a flag holds a bool
+    out = tmp_path / "run"
+    run(**quick(two_classes, out, strategy="linear", mirror_views=mode))
+    os.remove(out / "metrics.json")
+    config = json.loads((out / "config.json").read_text())
+    config["mirror_views"] = config["identity"]["mirror_views"] = old
+    (out / "config.json").write_text(json.dumps(config))
+    other = "test" if mode == "none" else "none"
+    with pytest.raises(RunError, match=f"mirror_views: was '{mode}', now '{other}'"):
+        run(**quick(two_classes, out, strategy="linear", mirror_views=other, resume=True))
+    run(**quick(two_classes, out, strategy="linear", mirror_views=mode, resume=True))
+    assert (out / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("value", [None, "sideways", 1, "TEST"])
+def test_a_run_whose_config_holds_a_bad_mirror_views_is_named_when_loaded(two_classes, tmp_path, value):
+    from fasttl.transfer import registry
+
+    out = tmp_path / "run"
+    run(**quick(two_classes, out, strategy="linear"))
+    config = json.loads((out / "config.json").read_text())
+    config["mirror_views"] = value
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError, match=rf"{re.escape(str(out / 'config.json'))}: mirror_views: unknown "):
+        registry.get("linear").load(str(out), torch.device("cpu"))
+    with pytest.raises(OptionError, match="mirror_views: unknown None"):  # None is not "none"
+        run(**quick(two_classes, tmp_path / "other", strategy="linear", mirror_views=None))
 
 
 def test_a_checkpoint_of_another_run_is_refused(two_classes, tmp_path):

@@ -32,20 +32,21 @@ FEATURE_TAPS = {"head": 0, "multi": 4}
 MIRROR_VIEWS = {"none": (), "test": ("test",), "both": ("train", "test")}
 
 
-def mirror_mode(value) -> str:
+def mirror_mode(value):
     """--mirror-views as one of MIRROR_VIEWS; a run's config.json from before it had modes holds a
-    bool (True: both splits, False: none)."""
-    if isinstance(value, bool) or value is None:
+    bool (True: both splits, False: none). Anything else is returned as it is, to be refused."""
+    if isinstance(value, bool):
         return "both" if value else "none"
     return value
 
 
 def views_of(config, split: str) -> list:
     """[False] or [False, True]: the views (mirrored or not) a run's `split` ("train", or "test"
-    for everything it predicts) uses, from a RunConfig or a run's config.json."""
-    value = config.get("mirror_views") if isinstance(config, dict) else config.mirror_views
+    for everything it predicts) uses, from a RunConfig or a run's config.json (one from before
+    --mirror-views existed has no such key: plain views)."""
+    value = config.get("mirror_views", False) if isinstance(config, dict) else config.mirror_views
     mode = mirror_mode(value)
-    if mode not in MIRROR_VIEWS:
+    if not isinstance(mode, str) or mode not in MIRROR_VIEWS:
         raise OptionError(f"mirror_views: unknown {value!r}; choose from {', '.join(MIRROR_VIEWS)}")
     return [False, True] if split in MIRROR_VIEWS[mode] else [False]
 
@@ -109,11 +110,26 @@ def cached_features(backbone, source, split: str, extraction: Extraction, *, bat
                    engine=extraction.engine, precision=extraction.precision,
                    engine_dir=os.path.dirname(directory))
     try:
-        return FeatureCache.build(backbone, source, directory, **options)
+        cache = FeatureCache.build(backbone, source, directory, **options)
     except CacheError:
         if not rebuild_broken:
             raise
-        return FeatureCache.build(backbone, source, directory, overwrite=True, **options)
+        cache = FeatureCache.build(backbone, source, directory, overwrite=True, **options)
+    return in_source_order(cache, source)
+
+
+def in_source_order(cache: FeatureCache, source) -> FeatureCache:
+    """The cache with row i holding the source's sample i. A cache is keyed by its content (the
+    sorted sample list), so one built for the same samples listed in another order (two file
+    lists, say) is reused: its rows are then put in this source's order, in memory, so that labels,
+    sample ids, validation rows and teacher logits all line up with the source."""
+    ids, samples = source.sample_ids(), cache.samples
+    if list(samples) == list(ids) or len(samples) != len(ids) or sorted(samples) != sorted(ids):
+        return cache  # in order already, or rows left out while it was built (--on-error skip)
+    row = {sample: i for i, sample in enumerate(samples)}
+    reordered = cache.subset([row[sample] for sample in ids])
+    reordered.last_build = getattr(cache, "last_build", {})
+    return reordered
 
 
 class FeaturesInMemory:

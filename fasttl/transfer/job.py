@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from fasttl.transfer import report
 from fasttl.errors import OptionError
+from fasttl.transfer.caching import mirror_mode
 from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
@@ -78,10 +79,12 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
     if holds_run(run_dir):
         if cfg.resume:
             earlier = read_config(run_dir)
-            differing = sorted(k for k in set(identity) | set(earlier.get("identity", {}))
-                               if identity.get(k) != earlier.get("identity", {}).get(k))
+            before = dict(earlier.get("identity", {}))
+            if "mirror_views" in before:  # a bool before --mirror-views had modes
+                before["mirror_views"] = mirror_mode(before["mirror_views"])
+            differing = sorted(k for k in set(identity) | set(before) if identity.get(k) != before.get(k))
             if differing:
-                details = "; ".join(f"{k}: was {earlier.get('identity', {}).get(k)!r}, now {identity.get(k)!r}"
+                details = "; ".join(f"{k}: was {before.get(k)!r}, now {identity.get(k)!r}"
                                     for k in differing)
                 raise RunError(f"resume: {run_dir} was run with other options or data ({details[:500]}); run with "
                                "the same options, or pass --overwrite to start over")

@@ -16,7 +16,8 @@ from fasttl.data import TransformSpec
 from fasttl.transfer.caching import Extraction, cached_features, views_of
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
-from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
+from fasttl.errors import OptionError
+from fasttl.transfer.rundir import Checkpoint, RunError, load_weights, read_config, save_weights
 from fasttl.transfer.strategies.common import eval_timings, param_dtype, throughput
 
 
@@ -125,6 +126,10 @@ class FeatureTransfer(Strategy):
 
     def load(self, run_dir, device) -> TrainedModel:
         config = read_config(run_dir)
+        try:
+            views_of(config, "test")
+        except OptionError as exc:  # a hand-edited or damaged run: name its file, not an option
+            raise RunError(f"{os.path.join(run_dir, 'config.json')}: {exc} (rerun it, or fix the value there)") from None
         backbone = backbones.create(config["backbone"], weights=config.get("weights"))
         taps = Extraction.of(config).taps
         head = make_head(self.name, backbone.tapped_dim(taps), len(config["classes"]))
