@@ -1,6 +1,7 @@
 """Distillation's teacher: soft targets per view (the mirrored image's own logits for a mirrored
 batch), ensembles of teachers, T and alpha chosen on validation, and what bad teachers get."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -137,6 +138,31 @@ def test_distill_records_the_choice_and_both_views(tiny_cifar, linear_teacher, t
                 out=str(tmp_path / "given"), compare="none", image_size=32, progress=False, seed=0,
                 temperature=3.0, alpha=0.7)
     assert given["notes"]["choice"] == {"temperature": 3.0, "alpha": 0.7, "given": True}
+
+
+def test_a_resumed_distill_run_keeps_its_sweeps_choice(tiny_cifar, linear_teacher, tmp_path, monkeypatch):
+    out = tmp_path / "student"
+    options = dict(data=str(tiny_cifar), strategy="distill", teacher=str(linear_teacher), epochs=2, out=str(out),
+                   compare="none", image_size=32, progress=False, seed=0)
+    first = run(**options)
+    assert json.loads((out / distill.CHOICE).read_text()) == first["notes"]["choice"]
+    os.remove(out / "metrics.json")  # as a run killed after the sweep leaves it
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("a resumed run swept again")
+
+    monkeypatch.setattr(distill, "choose_on_validation", no_sweep)
+    resumed = run(**options, resume=True)
+    assert resumed["notes"]["choice"] == first["notes"]["choice"] and resumed["accuracy"] == first["accuracy"]
+    # A damaged or edited choice is never trusted: the sweep runs again.
+    for bad in ('{"temperature": -1, "alpha": 0.5}', '{"temperature": 2, "alpha": "0.5"}', '{"temperature": 2}',
+                '[1, 2]', '{"temperature": NaN, "alpha": 0.5}', '{"temperature": 2, "alpha": 0.5, '
+                '"distill_features": "yes"}', 'not json'):
+        (out / distill.CHOICE).write_text(bad)
+        assert distill.saved_choice(str(out)) is None, bad
+    with pytest.raises(AssertionError, match="swept again"):
+        os.remove(out / "metrics.json")
+        run(**options, resume=True)
 
 
 def test_an_ensemble_averages_its_teachers_per_view(tiny_cifar, linear_teacher, tmp_path):

@@ -20,7 +20,7 @@ HISTORY = "history.csv"   # one row per epoch per model
 CHECKPOINT = "checkpoint.pt"
 # What a run writes besides its config: the files an --overwrite removes, and nothing else.
 RESULT_FILES = (METRICS, PREDICTIONS, HISTORY, "report.md", "confusion_matrix.png", "curves.png", "eval_metrics.json",
-                "skipped.csv", "teacher_logits.safetensors")
+                "skipped.csv", "teacher_logits.safetensors", "distill_choice.json")
 
 
 class RunError(UserError, ValueError):

@@ -25,6 +25,8 @@ from fasttl.transfer.strategies.scratch import (cnn_epoch, cnn_logits, cnn_loss,
                                                 native_images, train_cnn)
 
 TEACHER_LOGITS = "teacher_logits.safetensors"
+# The validation sweep's choice, kept so that --resume continues training instead of sweeping again.
+CHOICE = "distill_choice.json"
 
 
 def teacher_model(teacher_dir: str, classes: List[str], device: torch.device) -> TrainedModel:
@@ -212,6 +214,23 @@ def choose_on_validation(cfg, ds, logits: Tensor, train_x: Tensor, device: torch
     return choice
 
 
+def saved_choice(run_dir: str) -> Optional[dict]:
+    """The choice an interrupted run's sweep made (CHOICE), or None to sweep again: a file that is
+    missing, damaged or holds values no sweep makes is never trusted."""
+    try:
+        with open(os.path.join(run_dir, CHOICE)) as f:
+            choice = json.load(f)
+        temperature, alpha = choice["temperature"], choice["alpha"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  for v in (temperature, alpha))
+    if not (numbers and temperature > 0 and 0.0 <= alpha <= 1.0
+            and choice.get("distill_features", False) in (True, False)):
+        return None
+    return choice
+
+
 def _teacher_accuracy(teacher: str) -> Optional[float]:
     try:
         with open(os.path.join(teacher, "metrics.json")) as f:
@@ -238,7 +257,10 @@ class Distill(Strategy):
         train_x = native_images(ds.train, ds.native_size, cfg.seed, device, param_dtype(cfg))
         features = teacher_features_for(cfg.teacher, ds, cfg) if cfg.distill_features else None
         started = time.perf_counter()
-        choice = choose_on_validation(cfg, ds, logits, train_x, device, features)
+        choice = saved_choice(run_dir) if cfg.resume else None
+        if choice is None:
+            choice = choose_on_validation(cfg, ds, logits, train_x, device, features)
+            write_atomic(os.path.join(run_dir, CHOICE), json.dumps(choice, indent=1).encode())
         sweep_s = time.perf_counter() - started
         hint = (FeatureHint(SmallCNN.FEATURE_DIM, features, cfg.seed, device, train_x.dtype)
                 if choice.get("distill_features") else None)
