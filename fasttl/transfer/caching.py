@@ -28,7 +28,8 @@ FEATURE_TAPS = {"head": 0, "multi": 4}
 # --mirror-views: the splits that also get the horizontally mirrored images as a second view (a
 # split's logits are then the average over its views). "test" is the default: on validation splits
 # of CIFAR-10 averaging the two views scored higher than the plain view alone (benchmarks/RESULTS.md,
-# "Mirror views at test"), for one more pass over the test images only.
+# "Mirror views at test"), for one more pass over the test and validation images only (the
+# validation images are mirrored too, so the head is chosen on the same average).
 MIRROR_VIEWS = {"none": (), "test": ("test",), "both": ("train", "test")}
 
 

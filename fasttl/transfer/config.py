@@ -90,8 +90,9 @@ class RunConfig:
     extract_precision: str = option("auto", "extraction precision (auto: bf16 autocast on cuda, fp32 on the CPU; "
                                     "bf16 features are about 3%% off fp32)", choices=engines.PRECISIONS)
     mirror_views: str = option("test", "linear/mlp: where the horizontally mirrored images are a second view: test "
-                               "(test and predict average both views' logits: one more pass over the test images), "
-                               "both (the head also trains on both: twice the training extraction) or none",
+                               "(test, validation and predict average both views' logits: one more pass over the "
+                               "test and validation images), both (the head also trains on both: twice the "
+                               "training extraction) or none",
                                choices=tuple(MIRROR_VIEWS), const="both", metavar="{" + ",".join(MIRROR_VIEWS) + "}")
     temperature: Optional[float] = option(None, "distill: softening temperature (default: chosen with alpha on the "
                                           "validation split)", kind=float, metavar="T")
