@@ -145,7 +145,7 @@ def test_a_mirrored_validation_view_is_averaged_into_every_validation_score():
     x, y = separable_problem(300, 24, 3, 13, noise=4.0)
     mirrored = x + 0.5 * torch.randn_like(x)
     plain = fake_cache(x, y, ["a", "b", "c"], [8, 16])
-    train_rows, val_rows = tuning.validation_rows(y, 3)
+    train_rows, val_rows = validation_split(y, 3)
     mirrored_val = fake_cache(mirrored[val_rows], y[val_rows], ["a", "b", "c"], [8, 16])
     _, path, choice = tuning.tune_linear([plain], seed=3, progress=False, mirrored_validation=mirrored_val)
     assert choice["validation"]["views"] == 2 and choice["validation"]["validation_images"] == len(val_rows)

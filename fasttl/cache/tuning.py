@@ -23,9 +23,9 @@ def split_views(views: Sequence[FeatureCache], seed: int, mirrored_validation: O
     """The views of a training split cut into (train, validation) views by one stratified,
     seeded split of the samples: a sample's plain and mirrored rows fall on the same side.
     `mirrored_validation` (--mirror-views test: only the validation images are extracted
-    mirrored, see `validation_rows`) joins the validation views, so validation scores average
+    mirrored, at the rows `validation_split` picks) joins the validation views, so validation scores average
     the two views as the test split's do."""
-    train_rows, val_rows = validation_rows(views[0].labels, seed)
+    train_rows, val_rows = validation_split(views[0].labels, seed)
     info = {"fraction": VALIDATION_FRACTION, "train_images": len(train_rows), "validation_images": len(val_rows),
             "seed": seed, "views": len(views)}
     if not val_rows:  # every class has one image: nothing can be held out, and nothing is tuned
@@ -39,12 +39,6 @@ def split_views(views: Sequence[FeatureCache], seed: int, mirrored_validation: O
         val_views.append(mirrored_validation)
         info["views"] = 2
     return [v.subset(train_rows) for v in views], val_views, info
-
-
-def validation_rows(labels, seed: int) -> Tuple[List[int], List[int]]:
-    """(train, validation) rows of a training split's feature cache, from its labels."""
-    labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else labels
-    return validation_split(labels, seed)
 
 
 def _rows(views: Sequence[FeatureCache], device) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -125,7 +125,7 @@ def in_source_order(cache: FeatureCache, source) -> FeatureCache:
     lists, say) is reused: its rows are then put in this source's order, in memory, so that labels,
     sample ids, validation rows and teacher logits all line up with the source."""
     ids, samples = source.sample_ids(), cache.samples
-    if list(samples) == list(ids) or len(samples) != len(ids) or sorted(samples) != sorted(ids):
+    if list(samples) == list(ids) or len(samples) != len(ids) or set(samples) != set(ids):
         return cache  # in order already, or rows left out while it was built (--on-error skip)
     row = {sample: i for i, sample in enumerate(samples)}
     reordered = cache.subset([row[sample] for sample in ids])

@@ -82,8 +82,8 @@ class RunConfig:
     precision: str = option("auto", "bf16 params with fp32 master weights, or fp32 (auto: bf16 on cuda, fp32 on "
                             "cpu)", choices=("auto", "fp32", "bf16"))
     cache_dtype: str = option("fp16", "feature cache dtype", choices=("fp16", "bf16", "fp32", "int8"))
-    features: str = option("multi", "linear/mlp/dann/finetune: what each cached vector holds: head (the backbone's final "
-                           "pooled features) or multi (beside them, the pooled outputs of its last four stages)",
+    features: str = option("multi", "linear/mlp/dann/finetune: what each cached vector holds: head (the backbone's "
+                           "final pooled features) or multi (beside them, the pooled outputs of its last four stages)",
                            choices=lambda: tuple(FEATURE_TAPS))
     engine: str = option("auto", "what runs the frozen backbone during extraction (auto: onnxruntime on the CPU "
                          "when installed, else torch)", choices=engines.ENGINES)

@@ -125,9 +125,11 @@ def _choices(results: Dict[str, Dict[str, object]]) -> List[str]:
 
 def _views_note(config: Dict[str, object]) -> str:
     """The views a feature-transfer run trained on and averaged at test (--mirror-views)."""
-    if config.get("strategy") not in ("linear", "mlp"):
-        return ""
+    from fasttl.transfer import registry
     from fasttl.transfer.caching import views_of
+
+    if config.get("strategy") not in registry.names() or "mirror_views" not in registry.get(config["strategy"]).uses:
+        return ""
 
     def named(views):
         return "plain and mirrored (logits averaged)" if len(views) == 2 else "plain"

@@ -11,7 +11,8 @@ import torch
 from fasttl import backbones
 from fasttl.cache import make_head
 from fasttl.cache.heads import predict_views
-from fasttl.cache.tuning import predict_split, tune_linear, tune_mlp, validation_rows
+from fasttl.cache.tuning import predict_split, tune_linear, tune_mlp
+from fasttl.data.splits import validation_split
 from fasttl.data import TransformSpec
 from fasttl.transfer.caching import Extraction, cached_features, views_of
 from fasttl.transfer.models import BackboneWithHead
@@ -42,10 +43,10 @@ def feature_caches(cfg, backbone, ds, with_mirror_views: bool = False) -> Dict[s
 
 
 def _mirrored_validation(cfg, backbone, train_source, train_cache, extraction):
-    """--mirror-views test: the validation images (tuning.validation_rows of the run's seed)
+    """--mirror-views test: the validation images (data.splits.validation_split of the run's seed)
     mirrored, so the head is chosen on the same two-view average the test split gets; None when
     one image per class leaves no validation split."""
-    _, rows = validation_rows(train_cache.labels, cfg.seed)
+    _, rows = validation_split(train_cache.labels, cfg.seed)
     if not rows:
         return None
     return cached_features(backbone, train_source.subset(rows), "validation", extraction, device=cfg.device,
