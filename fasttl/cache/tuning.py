@@ -23,8 +23,8 @@ def split_views(views: Sequence[FeatureCache], seed: int, mirrored_validation: O
     """The views of a training split cut into (train, validation) views by one stratified,
     seeded split of the samples: a sample's plain and mirrored rows fall on the same side.
     `mirrored_validation` (--mirror-views test: only the validation images are extracted
-    mirrored, at the rows `validation_split` picks) joins the validation views, so validation scores average
-    the two views as the test split's do."""
+    mirrored, at the rows `validation_split` picks) joins the validation views, so validation
+    scores average the two views as the test split's do."""
     train_rows, val_rows = validation_split(views[0].labels, seed)
     info = {"fraction": VALIDATION_FRACTION, "train_images": len(train_rows), "validation_images": len(val_rows),
             "seed": seed, "views": len(views)}

@@ -14,7 +14,7 @@ _VALIDATION_STREAM = 0x7A11D
 def stratified_split(labels, test_fraction: float, seed) -> Tuple[List[int], List[int]]:
     """(kept, held out) indices, sorted: per class a seeded shuffle, of which round(fraction * n)
     samples, at least one, are held out; a class with a single sample stays entirely in `kept`."""
-    labels = np.asarray(labels)
+    labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels)  # a tensor on any device, or a list
     rng = np.random.default_rng(seed)
     kept, held_out = [], []
     for c in np.unique(labels):

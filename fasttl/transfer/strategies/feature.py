@@ -12,8 +12,8 @@ from fasttl import backbones
 from fasttl.cache import make_head
 from fasttl.cache.heads import predict_views
 from fasttl.cache.tuning import predict_split, tune_linear, tune_mlp
-from fasttl.data.splits import validation_split
 from fasttl.data import TransformSpec
+from fasttl.data.splits import validation_split
 from fasttl.transfer.caching import Extraction, cached_features, views_of
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
