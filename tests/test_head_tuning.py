@@ -33,6 +33,8 @@ def test_validation_split_is_stratified_disjoint_and_seeded(counts, request):
         assert held == expected, (c, n, held)
         assert np.sum(labels[train] == c) == n - held >= 1
     assert validation_split(labels, seed) == (train, val)
+    assert validation_split(torch.from_numpy(labels), seed) == (train, val)  # a cache's labels, as a tensor
+    assert validation_split(labels.tolist(), seed) == (train, val)
     if len(labels) > 20:
         assert validation_split(labels, seed + 1)[1] != val
 
