@@ -155,11 +155,16 @@ def test_a_resumed_distill_run_keeps_its_sweeps_choice(tiny_cifar, linear_teache
     resumed = run(**options, resume=True)
     assert resumed["notes"]["choice"] == first["notes"]["choice"] and resumed["accuracy"] == first["accuracy"]
     # A damaged or edited choice is never trusted: the sweep runs again.
+    cfg = RunConfig(**options).resolved(32)
     for bad in ('{"temperature": -1, "alpha": 0.5}', '{"temperature": 2, "alpha": "0.5"}', '{"temperature": 2}',
-                '[1, 2]', '{"temperature": NaN, "alpha": 0.5}', '{"temperature": 2, "alpha": 0.5, '
-                '"distill_features": "yes"}', 'not json'):
-        (out / distill.CHOICE).write_text(bad)
-        assert distill.saved_choice(str(out)) is None, bad
+                '[1, 2]', '{"temperature": NaN, "alpha": 0.5}', '{"temperature": 4, "alpha": 0.5, '
+                '"distill_features": "yes"}', 'not json', '{"temperature": 3, "alpha": 0.5}',
+                '{"temperature": true, "alpha": 0.5}', '{"temperature": 4, "alpha": 0.5, "distill_features": true}'):
+        (out / distill.CHOICE).write_text(bad)  # the last three: values this run's sweep can't choose
+        assert distill.saved_choice(str(out), cfg) is None, bad
+    (out / distill.CHOICE).write_text('{"temperature": 4, "alpha": 0.5, "distill_features": false}')
+    assert distill.saved_choice(str(out), cfg)["temperature"] == 4
+    (out / distill.CHOICE).write_text('{"temperature": 3, "alpha": 0.5}')
     with pytest.raises(AssertionError, match="swept again"):
         os.remove(out / "metrics.json")
         run(**options, resume=True)

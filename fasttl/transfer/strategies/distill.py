@@ -214,19 +214,20 @@ def choose_on_validation(cfg, ds, logits: Tensor, train_x: Tensor, device: torch
     return choice
 
 
-def saved_choice(run_dir: str) -> Optional[dict]:
+def saved_choice(run_dir: str, cfg) -> Optional[dict]:
     """The choice an interrupted run's sweep made (CHOICE), or None to sweep again: a file that is
-    missing, damaged or holds values no sweep makes is never trusted."""
+    missing or damaged, or whose values this run's sweep could not have chosen (a (T, alpha) not
+    among its candidates, the feature term without --distill-features), is never trusted."""
     try:
         with open(os.path.join(run_dir, CHOICE)) as f:
             choice = json.load(f)
-        temperature, alpha = choice["temperature"], choice["alpha"]
+        pair = (choice["temperature"], choice["alpha"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                  for v in (temperature, alpha))
-    if not (numbers and temperature > 0 and 0.0 <= alpha <= 1.0
-            and choice.get("distill_features", False) in (True, False)):
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in pair):  # True == 1.0
+        return None
+    features = choice.get("distill_features", False)
+    if pair not in candidates(cfg.temperature, cfg.alpha) or features not in (False, bool(cfg.distill_features)):
         return None
     return choice
 
@@ -260,7 +261,7 @@ class Distill(Strategy):
         train_x = native_images(ds.train, ds.native_size, cfg.seed, device, param_dtype(cfg))
         features = teacher_features_for(cfg.teacher, ds, cfg) if cfg.distill_features else None
         started = time.perf_counter()
-        choice = saved_choice(run_dir) if cfg.resume else None
+        choice = saved_choice(run_dir, cfg) if cfg.resume else None
         if choice is None:
             choice = choose_on_validation(cfg, ds, logits, train_x, device, features)
             write_atomic(os.path.join(run_dir, CHOICE), json.dumps(choice, indent=1).encode())
