@@ -136,3 +136,24 @@ def one_line_error(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fasttl: error: "), err
     return lines[0]
+
+
+TINY_CIFAR_CLASSES = ["airplane", "automobile", "frog", "ship"]
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory, cifar10_root):
+    """4 CIFAR-10 classes, 12 training and 4 test images each: distillation's teacher and student data."""
+    return cifar_subset(cifar10_root, tmp_path_factory.mktemp("tiny") / "cifar4", TINY_CIFAR_CLASSES, 12, 4)
+
+
+@pytest.fixture(scope="module")
+def linear_teacher(tiny_cifar, tmp_path_factory):
+    """A finished `linear` run on tiny_cifar (32 px), to be distill's --teacher."""
+    from fasttl.transfer.job import run
+
+    out = tmp_path_factory.mktemp("teacher") / "linear"
+    with pytest.MonkeyPatch.context() as patch:  # a module fixture runs before each test's private cache
+        patch.setenv("FASTTL_CACHE_DIR", str(tmp_path_factory.mktemp("teacher-cache")))
+        run(data=str(tiny_cifar), strategy="linear", epochs=4, out=str(out), image_size=32, progress=False, seed=0)
+    return out

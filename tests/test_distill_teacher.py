@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import cifar_subset
+from conftest import TINY_CIFAR_CLASSES
 from torch import nn
 
 import fasttl
@@ -21,21 +21,7 @@ from fasttl.transfer.registry import TrainedModel
 from fasttl.transfer.strategies import distill, scratch
 
 pytestmark = pytest.mark.usefixtures("private_cache")
-CLASSES = ["airplane", "automobile", "frog", "ship"]
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar(tmp_path_factory, cifar10_root):
-    return cifar_subset(cifar10_root, tmp_path_factory.mktemp("tiny") / "cifar4", CLASSES, 12, 4)
-
-
-@pytest.fixture(scope="module")
-def linear_teacher(tiny_cifar, tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher") / "linear"
-    with pytest.MonkeyPatch.context() as patch:  # a module fixture runs before each test's private cache
-        patch.setenv("FASTTL_CACHE_DIR", str(tmp_path_factory.mktemp("teacher-cache")))
-        run(data=str(tiny_cifar), strategy="linear", epochs=4, out=str(out), image_size=32, progress=False, seed=0)
-    return out
+CLASSES = TINY_CIFAR_CLASSES
 
 
 def _arrays(n=6, size=8, seed=0):
@@ -175,7 +161,8 @@ def test_an_ensemble_averages_its_teachers_per_view(tiny_cifar, linear_teacher, 
     run(data=str(tiny_cifar), strategy="mlp", epochs=2, out=str(mlp), image_size=32, progress=False, seed=0)
     out = tmp_path / "student"
     metrics = run(data=str(tiny_cifar), strategy="distill", teacher=[str(linear_teacher), str(mlp)], epochs=1,
-                  out=str(out), compare="none", image_size=32, progress=False, seed=0, temperature=2.0, alpha=0.5)
+                  out=str(out), compare="none", image_size=32, progress=False, seed=0, temperature=2.0, alpha=0.5,
+                  teacher_logits="in-sample")
     assert metrics["notes"]["teacher"] == [str(linear_teacher), str(mlp)]
     from safetensors.torch import load_file
 

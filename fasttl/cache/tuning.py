@@ -66,7 +66,7 @@ def linear_probe(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu", 
     train_views, val_views, info = split_views(views, seed, mirrored_validation)
     widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
     if not val_views:
-        return _untuned_linear(views, widths, info, device)
+        return _untuned_linear(views, info, device)
     x, y = _rows(train_views, device)
     mean, std = solver.block_scaling(x, widths)
     x = (x - mean) / std
@@ -93,18 +93,27 @@ def linear_probe(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu", 
     return train_part.to(device), head.to(device), path, choice
 
 
-def _untuned_linear(views, widths, info, device):
-    """One image per class: the default strength on all rows (nothing to validate on)."""
+def fit_linear(views: Sequence[FeatureCache], weight_decay: float, device="cpu") -> Tuple[nn.Module, Dict]:
+    """(head, solver record): the linear head at a given L2 strength on every row of `views`,
+    nothing tuned (cross-fitting refits a tuned run's head this way)."""
+    device = torch.device(device)
+    widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
     x, y = _rows(views, device)
     mean, std = solver.block_scaling(x, widths)
-    weight, bias, record = solver.solve((x - mean) / std, y, len(views[0].classes), solver.DEFAULT_WEIGHT_DECAY)
+    weight, bias, record = solver.solve((x - mean) / std, y, len(views[0].classes), weight_decay)
     head = make_head("linear", x.shape[1], len(views[0].classes), mean.cpu(), std.cpu())
     with torch.no_grad():
         head[-1].weight.copy_(weight)
         head[-1].bias.copy_(bias)
+    return head.to(device), record
+
+
+def _untuned_linear(views, info, device):
+    """One image per class: the default strength on all rows (nothing to validate on)."""
+    head, record = fit_linear(views, solver.DEFAULT_WEIGHT_DECAY, device)
     choice = dict(validation=info, weight_decay=solver.DEFAULT_WEIGHT_DECAY, solver="L-BFGS, full batch",
                   refit_on="train (no validation split)")
-    return head.to(device), head.to(device), [record], choice
+    return head, head, [record], choice
 
 
 def tune_mlp(views: Sequence[FeatureCache], *, epochs: int, batch_size: int, lr: float, seed: int = 0, device="cpu",

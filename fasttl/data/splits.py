@@ -9,6 +9,8 @@ import numpy as np
 VALIDATION_FRACTION = 0.1
 # Seeds the validation split apart from any other use of the run's seed.
 _VALIDATION_STREAM = 0x7A11D
+# Seeds cross-fitting's folds apart from the validation split.
+_FOLD_STREAM = 0xF01D5
 
 
 def stratified_split(labels, test_fraction: float, seed) -> Tuple[List[int], List[int]]:
@@ -29,3 +31,20 @@ def validation_split(labels, seed: int, fraction: float = VALIDATION_FRACTION) -
     """(train, validation) indices into a training set's `labels`: stratified, seeded by the run's
     seed, `fraction` of each class (at least one image of each class with two or more)."""
     return stratified_split(labels, fraction, [int(seed), _VALIDATION_STREAM])
+
+
+def stratified_folds(labels, folds: int, seed: int) -> List[List[int]]:
+    """`folds` disjoint lists of indices, sorted, that together hold every sample: each class
+    shuffled (seeded) and dealt round-robin, continuing where the last class stopped, so every fold
+    holds about 1/folds of each class. Cross-fitting refits a model once per fold without it."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+        raise ValueError(f"folds: expected a positive integer, got {folds!r}")
+    labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels)
+    rng = np.random.default_rng([int(seed), _FOLD_STREAM])
+    dealt: List[List[int]] = [[] for _ in range(folds)]
+    position = 0
+    for c in np.unique(labels):
+        for row in rng.permutation(np.flatnonzero(labels == c)).tolist():
+            dealt[position % folds].append(row)
+            position += 1
+    return [sorted(fold) for fold in dealt]

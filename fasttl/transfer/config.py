@@ -101,6 +101,11 @@ class RunConfig:
     distill_features: bool = option(False, "distill: also match a projection of the student's penultimate "
                                     "features to the teacher's cached features (MSE), kept only if it scores "
                                     "higher on the validation split")
+    teacher_logits: str = option("cross-fitted", "distill: the teacher's soft targets on each training image: "
+                                 "cross-fitted (from a linear/mlp teacher's head refit on the other folds, so they "
+                                 "are as unsure as the teacher is on images it never saw; a finetune teacher's stay "
+                                 "in-sample) or in-sample (the teacher's own head, which trained on them)",
+                                 choices=("cross-fitted", "in-sample"))
     resume: bool = option(False, "continue an interrupted run from its last finished epoch")
     overwrite: bool = option(False, "replace the run in --out (and rebuild a feature cache that fails its checks)")
     on_error: str = option("fail", "an unreadable image: fail (names it) or skip (left out, listed in skipped.csv)",
@@ -205,7 +210,7 @@ def _check_unused(cfg: "RunConfig", trained) -> None:
 
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     for name in ("teacher", "target_data", "finetune_stages", "finetune_from", "regularize", "distill_features",
-                 "temperature", "alpha", "mirror_views"):
+                 "teacher_logits", "temperature", "alpha", "mirror_views"):
         if getattr(cfg, name) in (None, defaults[name]) or any(name in s.requires + s.uses for s in trained):
             continue
         readers = [n for n in registry.names() if name in registry.get(n).requires + registry.get(n).uses]

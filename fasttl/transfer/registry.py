@@ -67,6 +67,14 @@ class TrainedModel:
                           for images, _ in ImageLoader(source, spec, batch_size, device=self.device, dtype=dtype)])
 
 
+    def cross_fitted_view_logits(self, source, folds: int, seed: int, progress: bool = False,
+                                 split: str = "eval") -> Optional[Tensor]:
+        """(2, N, C) logits per view (plain, mirrored) of every sample of `source`, each from a
+        model refit without that sample (`folds`-fold cross-fitting), so that a student's soft
+        targets on its training images are as uncertain as the teacher is on images it never
+        saw; None for a model that can't be refit cheaply (only feature-transfer heads can)."""
+        return None
+
     def view_features(self, source, mirror: bool, progress: bool = False, split: str = "eval"):
         """The features a --distill-features student matches, (N, D) on the CPU, one view; None
         for a model without cached features (only feature-transfer runs have them)."""

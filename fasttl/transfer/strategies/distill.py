@@ -56,15 +56,24 @@ def teacher_dirs(teacher) -> List[str]:
     return [teacher] if isinstance(teacher, str) else list(teacher)
 
 
-def _saved_logits(path: str, teachers: List[str], rows: int):
+# --teacher-logits cross-fitted: each training image's soft targets come from a teacher head refit
+# on the other folds (fasttl.data.splits.stratified_folds, seeded by the run's seed).
+CROSS_FIT_FOLDS = 5
+
+
+def _saved_logits(path: str, request: str, rows: int):
+    """(logits (2, N, C), how each teacher's were made) from an earlier start of this run, or None
+    when the file is damaged or was made for other teachers, another --teacher-logits or seed."""
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as saved:
-            if (saved.metadata() or {}).get("teachers") == json.dumps(teachers):
+            metadata = saved.metadata() or {}
+            if metadata.get("request") == request:
                 views = torch.stack([saved.get_tensor("logits"), saved.get_tensor("logits_mirror")])
-                if views.dim() == 3 and views.shape[1] == rows:
-                    return views
+                kinds = json.loads(metadata["kinds"])
+                if views.dim() == 3 and views.shape[1] == rows and isinstance(kinds, dict):
+                    return views, kinds
     except Exception:  # a damaged file is recomputed, never trusted
         pass
     return None
@@ -78,24 +87,37 @@ def teacher_view_logits(model: TrainedModel, source, progress: bool = False) -> 
                         for view in (False, True)])
 
 
-@torch.no_grad()
-def teacher_logits_for(teacher, ds, cfg, run_dir: str, device: torch.device) -> Tensor:
+def one_teachers_logits(model: TrainedModel, source, cfg) -> Tuple[Tensor, str]:
+    """(2, N, C) logits per view and how they were made: cross-fitted where asked and the teacher
+    can be refit (TrainedModel.cross_fitted_view_logits), else in-sample."""
+    if cfg.teacher_logits == "cross-fitted":
+        logits = model.cross_fitted_view_logits(source, CROSS_FIT_FOLDS, cfg.seed, cfg.progress, split="train")
+        if logits is not None:
+            return logits, f"cross-fitted ({CROSS_FIT_FOLDS} folds)"
+    return teacher_view_logits(model, source, cfg.progress), "in-sample"
+
+
+def teacher_logits_for(teacher, ds, cfg, run_dir: str, device: torch.device) -> Tuple[Tensor, Dict[str, str]]:
     """The teachers' logits per view of every training image, (2, N, C), averaged over the teachers
-    of an ensemble; kept in the run directory (safetensors: tensors and a string of metadata,
-    nothing that could run code on load)."""
+    of an ensemble, and how each teacher's were made (cross-fitted or in-sample); kept in the run
+    directory (safetensors: tensors and strings of metadata, nothing that could run code on load)."""
     from safetensors.torch import save
 
     path = os.path.join(run_dir, TEACHER_LOGITS)
     teachers = [os.path.abspath(os.path.expanduser(t)) for t in teacher_dirs(teacher)]
+    request = json.dumps({"teachers": teachers, "teacher_logits": cfg.teacher_logits, "folds": CROSS_FIT_FOLDS,
+                          "seed": cfg.seed})
     if os.path.isfile(path):
-        logits = _saved_logits(path, teachers, len(ds.train))
-        if logits is not None:
-            return logits
+        saved = _saved_logits(path, request, len(ds.train))
+        if saved is not None:
+            return saved
     models = [teacher_model(t, ds.classes, device) for t in teachers]  # every teacher checked before any runs
-    logits = torch.stack([teacher_view_logits(m, ds.train, cfg.progress).float() for m in models]).mean(0)
+    made = [one_teachers_logits(m, ds.train, cfg) for m in models]
+    logits = torch.stack([views.float() for views, _ in made]).mean(0)
+    kinds = {t: kind for t, (_, kind) in zip(teachers, made)}
     write_atomic(path, save({"logits": logits[0].contiguous(), "logits_mirror": logits[1].contiguous()},
-                            metadata={"teachers": json.dumps(teachers)}))
-    return logits
+                            metadata={"request": request, "kinds": json.dumps(kinds)}))
+    return logits, kinds
 
 
 # --distill-features: weight of the feature term beside the logit loss (the targets are scaled to
@@ -247,7 +269,7 @@ class Distill(Strategy):
     help = ("the small CNN at native resolution from the softened outputs of a teacher run (--teacher RUN_DIR, "
             "repeated for an ensemble), per view of each image; T and alpha chosen on validation")
     requires = ("teacher",)
-    uses = ("temperature", "alpha", "distill_features")
+    uses = ("temperature", "alpha", "distill_features", "teacher_logits")
     # 30: on 10,000 CIFAR-10 images the student beat its twin by +2.02 and +1.44 points (two seeds)
     # at 30 epochs, +0.53 at 10 (benchmarks/RESULTS.md, "Distillation"): the teacher's help grows
     # as the twin overfits.
@@ -256,7 +278,7 @@ class Distill(Strategy):
 
     def train(self, cfg, ds, run_dir, device) -> List[Outcome]:
         started = time.perf_counter()
-        logits = teacher_logits_for(cfg.teacher, ds, cfg, run_dir, device)
+        logits, kinds = teacher_logits_for(cfg.teacher, ds, cfg, run_dir, device)
         teacher_s = time.perf_counter() - started
         train_x = native_images(ds.train, ds.native_size, cfg.seed, device, param_dtype(cfg))
         features = teacher_features_for(cfg.teacher, ds, cfg) if cfg.distill_features else None
@@ -277,6 +299,7 @@ class Distill(Strategy):
             teacher=teachers[0] if len(teachers) == 1 else teachers,
             teacher_test_accuracy={t: _teacher_accuracy(t) for t in teachers},
             teacher_train_accuracy=float((logits.mean(0).argmax(1) == labels).float().mean()),
+            teacher_logits=kinds[teachers[0]] if len(teachers) == 1 else kinds,
             teacher_views="per view: plain and mirrored images, each with its own logits",
             temperature=choice["temperature"], alpha=choice["alpha"], choice=choice)
         return [outcome]

@@ -2,18 +2,21 @@
 cache (reused by every later run with the same fingerprint), and a head trains on the cache."""
 from __future__ import annotations
 
+import functools
+import math
 import os
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from fasttl import backbones
 from fasttl.cache import make_head
-from fasttl.cache.heads import predict_views
-from fasttl.cache.tuning import predict_split, tune_linear, tune_mlp
+from fasttl.cache.cache import FeatureCache
+from fasttl.cache.heads import predict_views, train_head
+from fasttl.cache.tuning import fit_linear, predict_split, tune_linear, tune_mlp
 from fasttl.data import TransformSpec
-from fasttl.data.splits import validation_split
+from fasttl.data.splits import stratified_folds, validation_split
 from fasttl.transfer.caching import Extraction, cached_features, views_of
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
@@ -57,13 +60,14 @@ class FeatureModel(TrainedModel):
     """A head on a frozen backbone's features: `module` runs on images (predict, export), and
     `logits` goes through the feature cache, as training did."""
 
-    def __init__(self, backbone, head, config: dict, device: torch.device):
+    def __init__(self, backbone, head, config: dict, device: torch.device, refit: Optional[Callable] = None):
         spec = TransformSpec.for_backbone(backbone.preprocessing, size=config["image_size"])
         self.extraction = Extraction.of(config)
         mirrored = views_of(config, "test") == [False, True]
         super().__init__(BackboneWithHead(backbone, head, self.extraction.taps, mirror_average=mirrored).to(device),
                          spec, config["classes"], device)
         self.backbone, self.head, self.config = backbone, head.to(device).eval(), config
+        self.refit = refit  # refit(training views, seed, device) -> a head fit with this run's chosen settings
 
     @torch.no_grad()
     def logits(self, source, progress: bool = False, split: str = "eval", batch_size: int = 4096):
@@ -78,6 +82,34 @@ class FeatureModel(TrainedModel):
         cache = cached_features(self.backbone, source, split, self.extraction, device=self.device, progress=progress,
                                 mirror=bool(mirror))
         return predict_views(self.head, [cache], self.device)[0]
+
+    def cross_fitted_view_logits(self, source, folds: int, seed: int, progress: bool = False, split: str = "eval"):
+        """Per view, each sample's logits from a head fit with the settings this run chose on
+        validation on the cached features of every other fold, on the views this run trained on;
+        None without a refit or with fewer than two samples."""
+        if self.refit is None or len(source) < 2:
+            return None
+        caches = {view: cached_features(self.backbone, source, split, self.extraction, device=self.device,
+                                        progress=progress, mirror=view) for view in (False, True)}
+        trained_views = views_of(self.config, "train")
+        count = len(caches[False])
+        out = torch.empty(2, count, len(self.classes))
+        folds = [rows for rows in stratified_folds(caches[False].labels, min(folds, count), seed) if rows]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(folds), unit="fold", desc="cross-fitting the teacher", dynamic_ncols=True)
+        for held in folds:
+            kept = sorted(set(range(count)).difference(held))
+            head = self.refit([caches[view].subset(kept) for view in trained_views], seed, self.device).eval()
+            for view in (False, True):
+                out[int(view), held] = predict_views(head, [caches[view].subset(held)], self.device)[0].float().cpu()
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
+        return out
 
     @torch.no_grad()
     def view_features(self, source, mirror: bool, progress: bool = False, split: str = "eval"):
@@ -134,7 +166,36 @@ class FeatureTransfer(Strategy):
         backbone = backbones.create(config["backbone"], weights=config.get("weights"))
         taps = Extraction.of(config).taps
         head = make_head(self.name, backbone.tapped_dim(taps), len(config["classes"]))
-        return FeatureModel(backbone, load_weights(run_dir, "head", head), config, device)
+        return FeatureModel(backbone, load_weights(run_dir, "head", head), config, device,
+                            refit=functools.partial(self.refit_head, run_dir))
+
+    def refit_head(self, run_dir: str, views, seed: int, device):
+        """A head fit on `views` (a fold's training features) with the settings this run chose on
+        validation, for cross-fitting; nothing is written to the run folder."""
+        raise NotImplementedError
+
+
+def fit_setting(run_dir: str, name: str, kind: type):
+    """A positive setting a finished run's head was fit with: `lr` and `batch_size` from its
+    config.json, what its tuning chose (`weight_decay`, `epochs`) from metrics.json's notes; a
+    missing or damaged value is an error naming the file and the way out."""
+    from fasttl.files import read_json
+
+    source = "config.json" if name in ("lr", "batch_size") else "metrics.json"
+    path = os.path.join(run_dir, source)
+    try:
+        values = read_json(path)
+    except ValueError as exc:
+        raise OptionError(f"teacher: {exc}; rerun the teacher, or pass --teacher-logits in-sample") from None
+    if source == "metrics.json":
+        values = ((values or {}).get("notes") or {}).get("choice") if isinstance(values, dict) else None
+    value = values.get(name) if isinstance(values, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
+            or (kind is int and not isinstance(value, int)):
+        where = path if source == "config.json" else f"{path} (notes.choice)"
+        raise OptionError(f"teacher: {where} has {name} {value!r}, not a positive {kind.__name__}; rerun the teacher, "
+                          "or pass --teacher-logits in-sample")
+    return kind(value)
 
 
 @register
@@ -148,6 +209,9 @@ class Linear(FeatureTransfer):
         return tune_linear(views, seed=cfg.seed, device=device, progress=cfg.progress,
                            mirrored_validation=mirrored_validation)
 
+    def refit_head(self, run_dir, views, seed, device):
+        return fit_linear(views, fit_setting(run_dir, "weight_decay", float), device)[0]
+
 
 @register
 class Mlp(FeatureTransfer):
@@ -160,3 +224,9 @@ class Mlp(FeatureTransfer):
         return tune_mlp(views, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=device,
                         dtype=param_dtype(cfg), progress=cfg.progress, checkpoint=Checkpoint(run_dir, "head"),
                         resume=cfg.resume, mirrored_validation=mirrored_validation)
+
+    def refit_head(self, run_dir, views, seed, device):
+        settings = {name: fit_setting(run_dir, name, kind)
+                    for name, kind in (("epochs", int), ("batch_size", int), ("lr", float), ("weight_decay", float))}
+        everything = FeatureCache.concat(list(views)) if len(views) > 1 else views[0]
+        return train_head(everything, kind="mlp", **settings, seed=seed, device=device, progress=False)[0]
