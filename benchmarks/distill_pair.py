@@ -52,6 +52,7 @@ def main() -> None:
            "twin_accuracy": sum(twin) / len(twin), "test_images": len(student),
            "teacher_test_accuracy": notes.get("teacher_test_accuracy"),
            "teacher_train_accuracy": notes.get("teacher_train_accuracy"),
+           "teacher_logits": notes.get("teacher_logits", "in-sample"),  # before --teacher-logits: in-sample
            "choice": {k: v for k, v in notes.get("choice", {}).items() if k != "validation"},
            "train_images": config.get("train_samples"), "epochs": config.get("epochs"),
            "paired": paired_difference(student, twin), "date": datetime.date.today().isoformat(),

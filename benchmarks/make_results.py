@@ -168,13 +168,16 @@ def distill_student_section(path: pathlib.Path) -> list:
              "Command per row: `python benchmarks/distill_pair.py STUDENT_RUN [TWIN_RUN]` after the `fasttl run` "
              "shown. Difference: student minus twin on the same test images, with its standard error (from the "
              "images where the two disagree). Goal (issue 14): at least +2 points.", "",
-             "| run | train images | epochs | teacher (test) | T, alpha | feature term | student | twin | difference |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| run | train images | epochs | teacher (test) | teacher logits (accuracy on train) | T, alpha | "
+             "feature term | student | twin | difference |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         teacher = ", ".join(f"{v:.4f}" for v in (r.get("teacher_test_accuracy") or {}).values() if v is not None)
         choice, paired = r.get("choice", {}), r["paired"]
         feature = {True: "kept", False: "dropped on validation"}.get(choice.get("distill_features"), "off")
-        parts.append(f"| {r['name']} | {r['train_images']} | {r['epochs']} | {teacher} | "
+        on_train = r.get("teacher_train_accuracy")
+        logits = r.get("teacher_logits", "in-sample") + ("" if on_train is None else f" ({on_train:.4f})")
+        parts.append(f"| {r['name']} | {r['train_images']} | {r['epochs']} | {teacher} | {logits} | "
                      f"{choice.get('temperature')}, {choice.get('alpha')} | {feature} | {r['student_accuracy']:.4f} | "
                      f"{r['twin_accuracy']:.4f} | {100 * paired['difference']:+.2f} +- "
                      f"{100 * paired['standard_error']:.2f} |")
