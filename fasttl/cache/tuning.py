@@ -16,6 +16,8 @@ from fasttl.data.splits import VALIDATION_FRACTION, validation_split
 # Weight decays the MLP head tries (AdamW, decoupled); each run stops early on validation.
 MLP_WEIGHT_DECAYS = (1e-4, 1e-2, 1e-1)
 MLP_PATIENCE = 3
+# L-BFGS iterations of a linear head solved from zero (fit_linear); it stops sooner at tolerance.
+COLD_START_ITERATIONS = 1000
 
 
 def split_views(views: Sequence[FeatureCache], seed: int, mirrored_validation: Optional[FeatureCache] = None
@@ -100,7 +102,10 @@ def fit_linear(views: Sequence[FeatureCache], weight_decay: float, device="cpu")
     widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
     x, y = _rows(views, device)
     mean, std = solver.block_scaling(x, widths)
-    weight, bias, record = solver.solve((x - mean) / std, y, len(views[0].classes), weight_decay)
+    # From zero, L-BFGS needs more than the path's 100 iterations (each point of the path starts
+    # from the last): on 8,000 CIFAR-10 images 100 left the logits 0.16 from the optimum on average.
+    weight, bias, record = solver.solve((x - mean) / std, y, len(views[0].classes), weight_decay,
+                                        max_iter=COLD_START_ITERATIONS)
     head = make_head("linear", x.shape[1], len(views[0].classes), mean.cpu(), std.cpu())
     with torch.no_grad():
         head[-1].weight.copy_(weight)

@@ -14,6 +14,7 @@ from typing import Optional
 from fasttl import backbones
 from fasttl.errors import OptionError
 from fasttl.cache import engines
+from fasttl.transfer import cross_fit
 from fasttl.transfer.caching import FEATURE_TAPS, MIRROR_VIEWS, mirror_mode
 from fasttl.transfer.datasets import BUILTIN
 
@@ -101,11 +102,12 @@ class RunConfig:
     distill_features: bool = option(False, "distill: also match a projection of the student's penultimate "
                                     "features to the teacher's cached features (MSE), kept only if it scores "
                                     "higher on the validation split")
-    teacher_logits: str = option("cross-fitted", "distill: the teacher's soft targets on each training image: "
-                                 "cross-fitted (from a linear/mlp teacher's head refit on the other folds, so they "
-                                 "are as unsure as the teacher is on images it never saw; a finetune teacher's stay "
-                                 "in-sample) or in-sample (the teacher's own head, which trained on them)",
-                                 choices=("cross-fitted", "in-sample"))
+    teacher_logits: str = option(cross_fit.MODES[0], "distill: the teacher's soft targets on each training image: "
+                                 "cross-fitted (from a linear/mlp teacher's head refit on the other folds of its "
+                                 "training images, so they are as unsure as the teacher is on images it never saw; "
+                                 "in-sample where it can't be: a finetune teacher, a student on other images, too "
+                                 "few images) or in-sample (the teacher's own head, which trained on them)",
+                                 choices=cross_fit.MODES)
     resume: bool = option(False, "continue an interrupted run from its last finished epoch")
     overwrite: bool = option(False, "replace the run in --out (and rebuild a feature cache that fails its checks)")
     on_error: str = option("fail", "an unreadable image: fail (names it) or skip (left out, listed in skipped.csv)",

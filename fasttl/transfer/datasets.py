@@ -33,6 +33,13 @@ class Dataset:
     def classes(self):
         return list(self.train.classes)
 
+    def identity(self) -> str:
+        """Hash of both splits' contents (each source's identity): what a run's config.json
+        records as data_identity, so a run can tell whether another was made on the same images."""
+        import hashlib
+
+        return hashlib.sha256(f"{self.train.identity()}:{self.test.identity()}".encode()).hexdigest()
+
 
 def _digits() -> Dataset:
     """1,797 real 8x8 handwritten digits shipped with scikit-learn, as RGB uint8 images; a

@@ -24,7 +24,7 @@ from fasttl.transfer.metrics import classification_metrics
 from fasttl.files import write_atomic
 from fasttl.transfer.rundir import (HISTORY, RunError, clear_results, has_checkpoints, holds_run, is_finished,
                                     read_config, write_config, write_metrics, write_predictions)
-from fasttl.transfer import registry
+from fasttl.transfer import cross_fit, registry
 from fasttl.transfer.registry import Outcome
 
 
@@ -47,11 +47,20 @@ def _init_distributed(cfg: RunConfig) -> bool:
 _NOT_COMPARED = ("resume", "overwrite", "progress", "out", "device", "on_error", "download", "tensorboard")
 
 
+# Options added after runs were made with this fasttl: the value such a run behaved as. Its
+# --resume compares that value where its strategies read the option, and nothing where they don't.
+_ADDED_LATER = {"teacher_logits": cross_fit.IN_SAMPLE}
+
+
+def _reads(cfg: RunConfig, name: str) -> bool:
+    trained = [cfg.strategy] + ([cfg.compare] if cfg.compare in registry.names() else [])
+    return any(name in registry.get(s).uses + registry.get(s).requires for s in trained)
+
+
 def run_identity(cfg: RunConfig, dataset) -> Dict[str, object]:
     """What a run's checkpoints depend on: its options and the content of its data."""
     options = {k: v for k, v in cfg.as_dict().items() if k not in _NOT_COMPARED}
-    return dict(options, data_identity=hashlib.sha256(
-        f"{dataset.train.identity()}:{dataset.test.identity()}".encode()).hexdigest())
+    return dict(options, data_identity=dataset.identity())
 
 
 def _default_run_dir(base: str, reuse: bool) -> str:
@@ -82,6 +91,9 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
             before = dict(earlier.get("identity", {}))
             if "mirror_views" in before:  # a bool before --mirror-views had modes
                 before["mirror_views"] = mirror_mode(before["mirror_views"])
+            for name, behaved_as in _ADDED_LATER.items():  # a run made before the option existed
+                if name not in before:
+                    before[name] = behaved_as if _reads(cfg, name) else identity.get(name)
             differing = sorted(k for k in set(identity) | set(before) if identity.get(k) != before.get(k))
             if differing:
                 details = "; ".join(f"{k}: was {before.get(k)!r}, now {identity.get(k)!r}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -67,12 +67,12 @@ class TrainedModel:
                           for images, _ in ImageLoader(source, spec, batch_size, device=self.device, dtype=dtype)])
 
 
-    def cross_fitted_view_logits(self, source, folds: int, seed: int, progress: bool = False,
-                                 split: str = "eval") -> Optional[Tensor]:
-        """(2, N, C) logits per view (plain, mirrored) of every sample of `source`, each from a
-        model refit without that sample (`folds`-fold cross-fitting), so that a student's soft
-        targets on its training images are as uncertain as the teacher is on images it never
-        saw; None for a model that can't be refit cheaply (only feature-transfer heads can)."""
+    def cross_fitter(self) -> Optional[Callable[..., Tensor]]:
+        """For distill's --teacher-logits cross-fitted: fit(source, seed, progress, split) giving
+        (2, N, C) logits per view (plain, mirrored) of `source`, the teacher's training images,
+        each from a model refit without that image's fold (fasttl.transfer.cross_fit); None for a
+        model that can't be refit cheaply (only feature-transfer heads can). Making it checks the
+        settings the refits need, so every teacher is checked before any of them runs."""
         return None
 
     def view_features(self, source, mirror: bool, progress: bool = False, split: str = "eval"):

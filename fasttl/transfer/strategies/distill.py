@@ -7,7 +7,7 @@ import json
 import math
 import os
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +15,9 @@ from torch import Tensor
 
 from fasttl.files import write_atomic
 from fasttl.errors import OptionError
-from fasttl.transfer import registry
+from fasttl.transfer import cross_fit, registry
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
-from fasttl.transfer.rundir import RunError, read_config
+from fasttl.transfer.rundir import RunError, read_config, weights_file
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split
 from fasttl.transfer.models import SmallCNN
 from fasttl.transfer.strategies.common import param_dtype
@@ -56,27 +56,45 @@ def teacher_dirs(teacher) -> List[str]:
     return [teacher] if isinstance(teacher, str) else list(teacher)
 
 
-# --teacher-logits cross-fitted: each training image's soft targets come from a teacher head refit
-# on the other folds (fasttl.data.splits.stratified_folds, seeded by the run's seed).
-CROSS_FIT_FOLDS = 5
+def _weights_digest(teacher_dir: str) -> str:
+    """sha256 over a teacher run's saved models: a teacher re-run in place gives other logits."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    strategy = registry.get(read_config(teacher_dir)["strategy"])
+    for name in strategy.outputs:
+        path = os.path.join(teacher_dir, weights_file(name))
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
-def _saved_logits(path: str, request: str, rows: int):
+def _valid_kind(kind) -> bool:
+    return isinstance(kind, str) and (kind == cross_fit.CROSS_FITTED or kind.startswith(cross_fit.IN_SAMPLE))
+
+
+def _saved_logits(path: str, request: str, teachers: List[str], rows: int, classes: int):
     """(logits (2, N, C), how each teacher's were made) from an earlier start of this run, or None
-    when the file is damaged or was made for other teachers, another --teacher-logits or seed."""
+    when the file is damaged, holds values no teacher gives (another shape, a non-float dtype,
+    non-finite numbers) or was made for other teachers, teacher weights, --teacher-logits or seed."""
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as saved:
             metadata = saved.metadata() or {}
-            if metadata.get("request") == request:
-                views = torch.stack([saved.get_tensor("logits"), saved.get_tensor("logits_mirror")])
-                kinds = json.loads(metadata["kinds"])
-                if views.dim() == 3 and views.shape[1] == rows and isinstance(kinds, dict):
-                    return views, kinds
+            if metadata.get("request") != request:
+                return None
+            views = torch.stack([saved.get_tensor("logits"), saved.get_tensor("logits_mirror")])
+            kinds = json.loads(metadata["kinds"])
     except Exception:  # a damaged file is recomputed, never trusted
-        pass
-    return None
+        return None
+    if (views.shape != (2, rows, classes) or not views.dtype.is_floating_point or not torch.isfinite(views).all()
+            or not isinstance(kinds, dict) or sorted(kinds) != sorted(teachers)
+            or not all(_valid_kind(k) for k in kinds.values())):
+        return None
+    return views.float(), kinds
 
 
 @torch.no_grad()
@@ -87,34 +105,39 @@ def teacher_view_logits(model: TrainedModel, source, progress: bool = False) -> 
                         for view in (False, True)])
 
 
-def one_teachers_logits(model: TrainedModel, source, cfg) -> Tuple[Tensor, str]:
-    """(2, N, C) logits per view and how they were made: cross-fitted where asked and the teacher
-    can be refit (TrainedModel.cross_fitted_view_logits), else in-sample."""
-    if cfg.teacher_logits == "cross-fitted":
-        logits = model.cross_fitted_view_logits(source, CROSS_FIT_FOLDS, cfg.seed, cfg.progress, split="train")
-        if logits is not None:
-            return logits, f"cross-fitted ({CROSS_FIT_FOLDS} folds)"
-    return teacher_view_logits(model, source, cfg.progress), "in-sample"
+def _logit_makers(teacher_dir: str, model: TrainedModel, ds, cfg) -> Tuple[Callable[[], Tensor], str]:
+    """(a function making one teacher's (2, N, C) logits per view, how it makes them): cross-fitted
+    where asked and possible (fasttl.transfer.cross_fit), else in-sample with the reason. Making
+    it checks what cross-fitting will read, so a bad teacher is refused before any teacher runs."""
+    if cfg.teacher_logits == cross_fit.IN_SAMPLE:
+        return (lambda: teacher_view_logits(model, ds.train, cfg.progress)), cross_fit.IN_SAMPLE
+    fit = model.cross_fitter()
+    reason = (f"a {read_config(teacher_dir)['strategy']} teacher is not refit" if fit is None
+              else cross_fit.obstacle(read_config(teacher_dir), ds))
+    if reason is not None:
+        return (lambda: teacher_view_logits(model, ds.train, cfg.progress)), f"{cross_fit.IN_SAMPLE}: {reason}"
+    return (lambda: fit(ds.train, cfg.seed, cfg.progress, split="train")), cross_fit.CROSS_FITTED
 
 
 def teacher_logits_for(teacher, ds, cfg, run_dir: str, device: torch.device) -> Tuple[Tensor, Dict[str, str]]:
     """The teachers' logits per view of every training image, (2, N, C), averaged over the teachers
-    of an ensemble, and how each teacher's were made (cross-fitted or in-sample); kept in the run
-    directory (safetensors: tensors and strings of metadata, nothing that could run code on load)."""
+    of an ensemble, and how each teacher's were made (cross-fitted, or in-sample and why); kept in
+    the run directory (safetensors: tensors and strings of metadata, nothing that could run code on
+    load) and reused by --resume while the teachers' weights and these options are the same."""
     from safetensors.torch import save
 
     path = os.path.join(run_dir, TEACHER_LOGITS)
     teachers = [os.path.abspath(os.path.expanduser(t)) for t in teacher_dirs(teacher)]
-    request = json.dumps({"teachers": teachers, "teacher_logits": cfg.teacher_logits, "folds": CROSS_FIT_FOLDS,
-                          "seed": cfg.seed})
+    models = [teacher_model(t, ds.classes, device) for t in teachers]  # every teacher checked before any runs
+    request = json.dumps({"teachers": teachers, "weights": [_weights_digest(t) for t in teachers],
+                          "teacher_logits": cfg.teacher_logits, "folds": cross_fit.FOLDS, "seed": cfg.seed})
     if os.path.isfile(path):
-        saved = _saved_logits(path, request, len(ds.train))
+        saved = _saved_logits(path, request, teachers, len(ds.train), len(ds.classes))
         if saved is not None:
             return saved
-    models = [teacher_model(t, ds.classes, device) for t in teachers]  # every teacher checked before any runs
-    made = [one_teachers_logits(m, ds.train, cfg) for m in models]
-    logits = torch.stack([views.float() for views, _ in made]).mean(0)
-    kinds = {t: kind for t, (_, kind) in zip(teachers, made)}
+    makers = [_logit_makers(t, m, ds, cfg) for t, m in zip(teachers, models)]
+    logits = torch.stack([make().float() for make, _ in makers]).mean(0)
+    kinds = {t: kind for t, (_, kind) in zip(teachers, makers)}
     write_atomic(path, save({"logits": logits[0].contiguous(), "logits_mirror": logits[1].contiguous()},
                             metadata={"request": request, "kinds": json.dumps(kinds)}))
     return logits, kinds

@@ -3,7 +3,6 @@ cache (reused by every later run with the same fingerprint), and a head trains o
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from typing import Callable, Dict, List, Optional
@@ -14,10 +13,12 @@ from fasttl import backbones
 from fasttl.cache import make_head
 from fasttl.cache.cache import FeatureCache
 from fasttl.cache.heads import predict_views, train_head
-from fasttl.cache.tuning import fit_linear, predict_split, tune_linear, tune_mlp
+from fasttl.cache import solver
+from fasttl.cache.tuning import MLP_WEIGHT_DECAYS, fit_linear, predict_split, tune_linear, tune_mlp
 from fasttl.data import TransformSpec
-from fasttl.data.splits import stratified_folds, validation_split
+from fasttl.data.splits import validation_split
 from fasttl.transfer.caching import Extraction, cached_features, views_of
+from fasttl.transfer.cross_fit import cross_fitted_logits, positive, teacher_setting
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.errors import OptionError
@@ -60,14 +61,16 @@ class FeatureModel(TrainedModel):
     """A head on a frozen backbone's features: `module` runs on images (predict, export), and
     `logits` goes through the feature cache, as training did."""
 
-    def __init__(self, backbone, head, config: dict, device: torch.device, refit: Optional[Callable] = None):
+    def __init__(self, backbone, head, config: dict, device: torch.device, fit_settings: Optional[Callable] = None,
+                 refit: Optional[Callable] = None):
         spec = TransformSpec.for_backbone(backbone.preprocessing, size=config["image_size"])
         self.extraction = Extraction.of(config)
         mirrored = views_of(config, "test") == [False, True]
         super().__init__(BackboneWithHead(backbone, head, self.extraction.taps, mirror_average=mirrored).to(device),
                          spec, config["classes"], device)
         self.backbone, self.head, self.config = backbone, head.to(device).eval(), config
-        self.refit = refit  # refit(training views, seed, device) -> a head fit with this run's chosen settings
+        # fit_settings() -> the settings this run chose (checked); refit(settings, views, seed, device) -> a head
+        self.fit_settings, self.refit = fit_settings, refit
 
     @torch.no_grad()
     def logits(self, source, progress: bool = False, split: str = "eval", batch_size: int = 4096):
@@ -83,33 +86,18 @@ class FeatureModel(TrainedModel):
                                 mirror=bool(mirror))
         return predict_views(self.head, [cache], self.device)[0]
 
-    def cross_fitted_view_logits(self, source, folds: int, seed: int, progress: bool = False, split: str = "eval"):
-        """Per view, each sample's logits from a head fit with the settings this run chose on
-        validation on the cached features of every other fold, on the views this run trained on;
-        None without a refit or with fewer than two samples."""
-        if self.refit is None or len(source) < 2:
+    def cross_fitter(self):
+        if self.fit_settings is None:
             return None
-        caches = {view: cached_features(self.backbone, source, split, self.extraction, device=self.device,
-                                        progress=progress, mirror=view) for view in (False, True)}
-        trained_views = views_of(self.config, "train")
-        count = len(caches[False])
-        out = torch.empty(2, count, len(self.classes))
-        folds = [rows for rows in stratified_folds(caches[False].labels, min(folds, count), seed) if rows]
-        bar = None
-        if progress:
-            from tqdm import tqdm
+        settings = self.fit_settings()  # checked now, before any teacher runs
 
-            bar = tqdm(total=len(folds), unit="fold", desc="cross-fitting the teacher", dynamic_ncols=True)
-        for held in folds:
-            kept = sorted(set(range(count)).difference(held))
-            head = self.refit([caches[view].subset(kept) for view in trained_views], seed, self.device).eval()
-            for view in (False, True):
-                out[int(view), held] = predict_views(head, [caches[view].subset(held)], self.device)[0].float().cpu()
-            if bar is not None:
-                bar.update()
-        if bar is not None:
-            bar.close()
-        return out
+        def fit(source, seed: int, progress: bool = False, split: str = "eval"):
+            caches = {view: cached_features(self.backbone, source, split, self.extraction, device=self.device,
+                                            progress=progress, mirror=view) for view in (False, True)}
+            return cross_fitted_logits(caches, views_of(self.config, "train"),
+                                       functools.partial(self.refit, settings), seed, len(self.classes), self.device,
+                                       progress)
+        return fit
 
     @torch.no_grad()
     def view_features(self, source, mirror: bool, progress: bool = False, split: str = "eval"):
@@ -167,35 +155,17 @@ class FeatureTransfer(Strategy):
         taps = Extraction.of(config).taps
         head = make_head(self.name, backbone.tapped_dim(taps), len(config["classes"]))
         return FeatureModel(backbone, load_weights(run_dir, "head", head), config, device,
-                            refit=functools.partial(self.refit_head, run_dir))
+                            fit_settings=functools.partial(self.fit_settings, run_dir), refit=self.refit_head)
 
-    def refit_head(self, run_dir: str, views, seed: int, device):
-        """A head fit on `views` (a fold's training features) with the settings this run chose on
-        validation, for cross-fitting; nothing is written to the run folder."""
+    def fit_settings(self, run_dir: str) -> Dict[str, object]:
+        """The settings a finished run's head was fit with (what its tuning chose included), each
+        checked (fasttl.transfer.cross_fit.teacher_setting): what refit_head needs."""
         raise NotImplementedError
 
-
-def fit_setting(run_dir: str, name: str, kind: type):
-    """A positive setting a finished run's head was fit with: `lr` and `batch_size` from its
-    config.json, what its tuning chose (`weight_decay`, `epochs`) from metrics.json's notes; a
-    missing or damaged value is an error naming the file and the way out."""
-    from fasttl.files import read_json
-
-    source = "config.json" if name in ("lr", "batch_size") else "metrics.json"
-    path = os.path.join(run_dir, source)
-    try:
-        values = read_json(path)
-    except ValueError as exc:
-        raise OptionError(f"teacher: {exc}; rerun the teacher, or pass --teacher-logits in-sample") from None
-    if source == "metrics.json":
-        values = ((values or {}).get("notes") or {}).get("choice") if isinstance(values, dict) else None
-    value = values.get(name) if isinstance(values, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
-            or (kind is int and not isinstance(value, int)):
-        where = path if source == "config.json" else f"{path} (notes.choice)"
-        raise OptionError(f"teacher: {where} has {name} {value!r}, not a positive {kind.__name__}; rerun the teacher, "
-                          "or pass --teacher-logits in-sample")
-    return kind(value)
+    def refit_head(self, settings: Dict[str, object], views, seed: int, device):
+        """A head fit at `settings` on `views` (a fold's training features), for cross-fitting;
+        nothing is written to the run folder."""
+        raise NotImplementedError
 
 
 @register
@@ -209,8 +179,13 @@ class Linear(FeatureTransfer):
         return tune_linear(views, seed=cfg.seed, device=device, progress=cfg.progress,
                            mirrored_validation=mirrored_validation)
 
-    def refit_head(self, run_dir, views, seed, device):
-        return fit_linear(views, fit_setting(run_dir, "weight_decay", float), device)[0]
+    def fit_settings(self, run_dir):
+        strengths = {*solver.WEIGHT_DECAYS, solver.DEFAULT_WEIGHT_DECAY}
+        return {"weight_decay": teacher_setting(run_dir, "weight_decay", lambda v: v in strengths,
+                                                "one of the L2 strengths its tuning tries")}
+
+    def refit_head(self, settings, views, seed, device):
+        return fit_linear(views, settings["weight_decay"], device)[0]
 
 
 @register
@@ -225,8 +200,15 @@ class Mlp(FeatureTransfer):
                         dtype=param_dtype(cfg), progress=cfg.progress, checkpoint=Checkpoint(run_dir, "head"),
                         resume=cfg.resume, mirrored_validation=mirrored_validation)
 
-    def refit_head(self, run_dir, views, seed, device):
-        settings = {name: fit_setting(run_dir, name, kind)
-                    for name, kind in (("epochs", int), ("batch_size", int), ("lr", float), ("weight_decay", float))}
+    def fit_settings(self, run_dir):
+        most = teacher_setting(run_dir, "epochs", positive(int), "a positive integer", choice=False)
+        return {"weight_decay": teacher_setting(run_dir, "weight_decay", lambda v: v in MLP_WEIGHT_DECAYS,
+                                                "one of the weight decays its tuning tries"),
+                "epochs": teacher_setting(run_dir, "epochs", lambda v: positive(int)(v) and v <= most,
+                                          f"an epoch count of at most its --epochs {most}"),
+                "batch_size": teacher_setting(run_dir, "batch_size", positive(int), "a positive integer", choice=False),
+                "lr": teacher_setting(run_dir, "lr", positive(float), "a finite number > 0", choice=False)}
+
+    def refit_head(self, settings, views, seed, device):
         everything = FeatureCache.concat(list(views)) if len(views) > 1 else views[0]
         return train_head(everything, kind="mlp", **settings, seed=seed, device=device, progress=False)[0]
