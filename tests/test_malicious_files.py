@@ -85,7 +85,7 @@ def test_teacher_logits_are_never_unpickled(tmp_path):
 
     path, marker = tmp_path / "teacher_logits.safetensors", tmp_path / "marker"
     write_payload(path, marker, "pickle")
-    assert _saved_logits(str(path), "teacher", 10) is None  # a damaged file is recomputed
+    assert _saved_logits(str(path), "teacher", ["teacher"], 10, 4) is None  # a damaged file is recomputed
     assert not marker.exists()
 
 
