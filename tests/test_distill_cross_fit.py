@@ -22,7 +22,8 @@ from fasttl.transfer.strategies import distill, feature, scratch
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 CPU = torch.device("cpu")
-FIXED = dict(compare="none", image_size=32, progress=False, seed=0, epochs=1, temperature=2.0, alpha=0.5)
+FIXED = dict(compare="none", image_size=32, progress=False, seed=0, epochs=1, temperature=2.0, alpha=0.5,
+             teacher_logits="cross-fitted")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,8 @@ def test_a_refit_is_solved_at_least_as_closely_as_the_teachers_linear_head(tiny_
 
     def objective(h):
         with torch.no_grad():
-            return float(F.cross_entropy(h(features), labels) + 0.5 * settings["weight_decay"] * h[-1].weight.pow(2).sum())
+            penalty = 0.5 * settings["weight_decay"] * h[-1].weight.pow(2).sum()
+            return float(F.cross_entropy(h(features), labels) + penalty)
 
     torch.testing.assert_close(head[0].mean, model.head[0].mean)  # the same scaling of the same rows
     assert objective(head) <= objective(model.head) * (1 + 1e-3), (objective(head), objective(model.head))
@@ -162,7 +164,7 @@ def test_an_mlp_teachers_folds_train_at_its_chosen_settings(tiny_cifar, mlp_teac
 # ---- when it can't be done: in-sample, and why ---------------------------------------------------
 def test_in_sample_where_cross_fitting_cannot_be_done(tiny_cifar, linear_teacher, tmp_path, monkeypatch):
     ds = load_dataset(str(tiny_cifar))
-    cfg = RunConfig(progress=False)  # --teacher-logits cross-fitted, the default
+    cfg = RunConfig(progress=False, teacher_logits="cross-fitted")
     # a teacher that can't be refit (a finetune run's model)
     plain = TrainedModel(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4)), scratch.native_spec(32),
                          ds.classes, CPU)
@@ -181,8 +183,9 @@ def test_in_sample_where_cross_fitting_cannot_be_done(tiny_cifar, linear_teacher
         assert metrics["notes"]["teacher_train_accuracy"] > 0.5  # the teacher itself, not a refit without the class
 
 
-def test_distill_uses_cross_fitted_logits_by_default_and_keeps_them_for_resume(tiny_cifar, linear_teacher, tmp_path,
-                                                                               monkeypatch):
+def test_cross_fitted_logits_are_asked_for_recorded_and_kept_for_resume(tiny_cifar, linear_teacher, tmp_path,
+                                                                         monkeypatch):
+    assert RunConfig().teacher_logits == "in-sample"  # the default (see cross_fit.MODES)
     out = tmp_path / "student"
     before = _digest(linear_teacher)
     metrics = _student(tiny_cifar, linear_teacher, out)
@@ -317,8 +320,8 @@ def test_missing_or_broken_settings_files_and_a_diverging_refit_are_named(tiny_c
 def test_teacher_logits_is_refused_for_other_strategies_and_checked(tiny_cifar, tmp_path):
     with pytest.raises(OptionError, match=r"^teacher_logits: .*read only by --strategy distill"):
         run(data=str(tiny_cifar), strategy="linear", out=str(tmp_path / "x"), image_size=32, progress=False,
-            teacher_logits="in-sample")
-    with pytest.raises(OptionError, match=r"^teacher_logits: unknown 'oof'; choose from cross-fitted, in-sample"):
+            teacher_logits="cross-fitted")  # not the default: a mistake to point out
+    with pytest.raises(OptionError, match=r"^teacher_logits: unknown 'oof'; choose from in-sample, cross-fitted"):
         RunConfig(strategy="distill", teacher="runs/a", teacher_logits="oof").resolved(32)
 
 
@@ -326,7 +329,7 @@ def test_runs_made_before_the_option_still_resume(tiny_cifar, linear_teacher, tm
     def as_before_the_option(folder):
         config = json.loads((folder / "config.json").read_text())
         for values in (config, config["identity"]):
-            del values["teacher_logits"]
+            values.pop("teacher_logits", None)
         (folder / "config.json").write_text(json.dumps(config))
         os.remove(folder / "metrics.json")
 
@@ -344,3 +347,8 @@ def test_runs_made_before_the_option_still_resume(tiny_cifar, linear_teacher, tm
         _student(tiny_cifar, linear_teacher, student, resume=True)  # it was made with the teacher's own logits
     assert _student(tiny_cifar, linear_teacher, student, resume=True, teacher_logits="in-sample")["notes"][
         "teacher_logits"] == "in-sample"
+    # without the option, as its users started it: the default, in-sample, is what it behaved as
+    as_before_the_option(student)
+    resumed = run(**{k: v for k, v in dict(FIXED, data=str(tiny_cifar), strategy="distill", teacher=str(linear_teacher),
+                                            out=str(student), resume=True).items() if k != "teacher_logits"})
+    assert resumed["notes"]["teacher_logits"] == "in-sample"

@@ -103,10 +103,10 @@ class RunConfig:
                                     "features to the teacher's cached features (MSE), kept only if it scores "
                                     "higher on the validation split")
     teacher_logits: str = option(cross_fit.MODES[0], "distill: the teacher's soft targets on each training image: "
-                                 "cross-fitted (from a linear/mlp teacher's head refit on the other folds of its "
-                                 "training images, so they are as unsure as the teacher is on images it never saw; "
-                                 "in-sample where it can't be: a finetune teacher, a student on other images, too "
-                                 "few images) or in-sample (the teacher's own head, which trained on them)",
+                                 "in-sample (from the teacher's own head, which trained on them) or cross-fitted "
+                                 "(from a linear/mlp teacher's head refit on the other folds of its training images, "
+                                 "so they are as unsure as the teacher is on images it never saw; in-sample where "
+                                 "it can't be: a finetune teacher, a student on other images, too few images)",
                                  choices=cross_fit.MODES)
     resume: bool = option(False, "continue an interrupted run from its last finished epoch")
     overwrite: bool = option(False, "replace the run in --out (and rebuild a feature cache that fails its checks)")
