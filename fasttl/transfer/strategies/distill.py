@@ -109,13 +109,15 @@ def _logit_makers(teacher_dir: str, model: TrainedModel, ds, cfg) -> Tuple[Calla
     """(a function making one teacher's (2, N, C) logits per view, how it makes them): cross-fitted
     where asked and possible (fasttl.transfer.cross_fit), else in-sample with the reason. Making
     it checks what cross-fitting will read, so a bad teacher is refused before any teacher runs."""
+    def in_sample() -> Tensor:
+        return teacher_view_logits(model, ds.train, cfg.progress)
+
     if cfg.teacher_logits == cross_fit.IN_SAMPLE:
-        return (lambda: teacher_view_logits(model, ds.train, cfg.progress)), cross_fit.IN_SAMPLE
-    fit = model.cross_fitter()
-    reason = (f"a {read_config(teacher_dir)['strategy']} teacher is not refit" if fit is None
-              else cross_fit.obstacle(read_config(teacher_dir), ds))
+        return in_sample, cross_fit.IN_SAMPLE
+    config, fit = read_config(teacher_dir), model.cross_fitter()
+    reason = f"a {config['strategy']} teacher is not refit" if fit is None else cross_fit.obstacle(config, ds)
     if reason is not None:
-        return (lambda: teacher_view_logits(model, ds.train, cfg.progress)), f"{cross_fit.IN_SAMPLE}: {reason}"
+        return in_sample, f"{cross_fit.IN_SAMPLE}: {reason}"
     return (lambda: fit(ds.train, cfg.seed, cfg.progress, split="train")), cross_fit.CROSS_FITTED
 
 

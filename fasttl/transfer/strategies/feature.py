@@ -10,10 +10,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from fasttl import backbones
-from fasttl.cache import make_head
+from fasttl.cache import make_head, solver
 from fasttl.cache.cache import FeatureCache
 from fasttl.cache.heads import predict_views, train_head
-from fasttl.cache import solver
 from fasttl.cache.tuning import MLP_WEIGHT_DECAYS, fit_linear, predict_split, tune_linear, tune_mlp
 from fasttl.data import TransformSpec
 from fasttl.data.splits import validation_split
