@@ -126,6 +126,17 @@ def test_distill_records_the_choice_and_both_views(tiny_cifar, linear_teacher, t
     assert given["notes"]["choice"] == {"temperature": 3.0, "alpha": 0.7, "given": True}
 
 
+def test_the_sweep_is_a_third_of_the_epochs_up_to_its_cap(tiny_cifar, linear_teacher, tmp_path, monkeypatch):
+    def sweep_epochs(epochs, name):
+        metrics = run(data=str(tiny_cifar), strategy="distill", teacher=str(linear_teacher), epochs=epochs,
+                      out=str(tmp_path / name), compare="none", image_size=32, progress=False, seed=0)
+        return metrics["notes"]["choice"]["sweep_epochs"]
+
+    assert sweep_epochs(4, "third") == 2  # ceil(4 / 3)
+    monkeypatch.setattr(distill, "SWEEP_EPOCHS_MAX", 1)
+    assert sweep_epochs(4, "capped") == 1
+
+
 def test_a_resumed_distill_run_keeps_its_sweeps_choice(tiny_cifar, linear_teacher, tmp_path, monkeypatch):
     out = tmp_path / "student"
     options = dict(data=str(tiny_cifar), strategy="distill", teacher=str(linear_teacher), epochs=2, out=str(out),

@@ -197,6 +197,9 @@ def teacher_features_for(teacher, ds, cfg) -> Tensor:
 # The (T, alpha) pairs the validation sweep tries; a value given on the command line is kept fixed.
 TEMPERATURES, ALPHAS = (1.0, 2.0, 4.0), (0.5, 0.9)
 SWEEP = ((4.0, 0.9), (4.0, 0.5), (2.0, 0.9), (1.0, 0.5))
+# Each candidate trains for a third of --epochs, at most this many: enough to rank the candidates
+# (the sweep of a 30-epoch run), without the sweep outgrowing the training it is for on longer schedules.
+SWEEP_EPOCHS_MAX = 10
 
 
 def candidates(temperature: Optional[float], alpha: Optional[float]) -> List[Tuple[float, float]]:
@@ -212,8 +215,8 @@ def candidates(temperature: Optional[float], alpha: Optional[float]) -> List[Tup
 def choose_on_validation(cfg, ds, logits: Tensor, train_x: Tensor, device: torch.device,
                          features: Optional[Tensor] = None) -> Dict[str, object]:
     """T and alpha by a small sweep: a student per candidate trained on the training split less a
-    stratified validation split (fasttl.data.splits.validation_split), for a third of the epochs,
-    and scored on that validation split. Given the teacher's `features` (--distill-features), one
+    stratified validation split (fasttl.data.splits.validation_split), for a third of the epochs
+    (at most SWEEP_EPOCHS_MAX), and scored on that validation split. Given the teacher's `features` (--distill-features), one
     more student at the chosen T and alpha adds the feature term, which is kept only if it scores
     higher. The test split is never looked at."""
     pairs = candidates(cfg.temperature, cfg.alpha)
@@ -227,7 +230,7 @@ def choose_on_validation(cfg, ds, logits: Tensor, train_x: Tensor, device: torch
                 "refit_on": "train (no validation split)"}
     train_idx, val_idx = torch.as_tensor(train_idx, device=device), torch.as_tensor(val_idx, device=device)
     x, y, soft = train_x[train_idx], labels[train_idx], logits.to(device)[:, train_idx]
-    epochs = max(1, math.ceil(cfg.epochs / 3))
+    epochs = max(1, min(SWEEP_EPOCHS_MAX, math.ceil(cfg.epochs / 3)))
 
     def score(temperature: float, alpha: float, with_features: bool) -> float:
         hint = (FeatureHint(SmallCNN.FEATURE_DIM, features[:, train_idx.cpu()], cfg.seed, device,
