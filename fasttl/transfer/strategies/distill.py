@@ -216,9 +216,9 @@ def choose_on_validation(cfg, ds, logits: Tensor, train_x: Tensor, device: torch
                          features: Optional[Tensor] = None) -> Dict[str, object]:
     """T and alpha by a small sweep: a student per candidate trained on the training split less a
     stratified validation split (fasttl.data.splits.validation_split), for a third of the epochs
-    (at most SWEEP_EPOCHS_MAX), and scored on that validation split. Given the teacher's `features` (--distill-features), one
-    more student at the chosen T and alpha adds the feature term, which is kept only if it scores
-    higher. The test split is never looked at."""
+    (at most SWEEP_EPOCHS_MAX), and scored on that validation split. Given the teacher's `features`
+    (--distill-features), one more student at the chosen T and alpha adds the feature term, which is
+    kept only if it scores higher. The test split is never looked at."""
     pairs = candidates(cfg.temperature, cfg.alpha)
     if len(pairs) == 1 and features is None:
         return {"temperature": pairs[0][0], "alpha": pairs[0][1], "given": True}
