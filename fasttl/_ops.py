@@ -14,11 +14,10 @@ wraps each kernel so that its first call imports torch._dynamo (1.3 s on a 2-cor
 pause every script would pay at its first fasttl call."""
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import deque
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -395,40 +394,117 @@ torch.library.register_autograd("fasttl::distill_loss", _distill_loss_backward, 
 distill_loss = torch.ops.fasttl.distill_loss.default
 
 
-def _no_context():
-    return contextlib.nullcontext()
+# ---- adam_step: the fused Adam/AdamW update of one (device, dtype) group, in place ---------------
+# A torch.library op (with a fake implementation) so that torch.compile keeps an optimizer step
+# in one graph; the native call behind it takes raw pointers, so the op checks every tensor it
+# is handed: one device, the param's shape and memory layout for every state tensor, the dtypes.
+_LIB.define("adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] masters, Tensor(c!)[] exp_avgs, "
+            "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor[] steps, float lr, Tensor? lr_tensor, "
+            "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
+            "bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()")
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def is_dense(t: Tensor) -> bool:
+    """Contiguous in some memory format: the kernels then walk it as one flat array."""
+    if t.is_contiguous():
+        return True
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return t.dim() in formats and t.is_contiguous(memory_format=formats[t.dim()])
+
+
+def _check_like(name: str, t, p: Tensor, dtypes: Sequence[torch.dtype]) -> None:
+    """`t` is read or written as p.numel() values laid out as `p`'s."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: got {type(t).__name__} (expected a torch.Tensor)")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported (expected one of {_names(dtypes)})")
+    if t.shape != p.shape or t.stride() != p.stride() or t.device != p.device:
+        raise ValueError(f"{name}: has shape {tuple(t.shape)}, strides {t.stride()} on {t.device} (expected the "
+                         f"param's {tuple(p.shape)}, {p.stride()} on {p.device})")
+
+
+def _check_scalar(name: str, t, device: torch.device) -> None:
+    if t is None:
+        return
+    _check_tensor(name, t, (torch.float32,), (0, 1))
+    if t.numel() != 1:
+        raise ValueError(f"{name}: has shape {tuple(t.shape)} (expected one value)")
+    _check_device(name, t, device, "the params")
+
+
+def _check_adam(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, amsgrad,
+                grad_scale, found_inf) -> None:
+    n = len(params)
+    lists = dict(grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps)
+    lists.update(masters=masters) if masters else None
+    lists.update(max_exp_avg_sqs=max_exp_avg_sqs) if amsgrad else None
+    for name, values in lists.items():
+        if len(values) != n:
+            raise ValueError(f"{name}: has {len(values)} tensors (expected {n}, one per param)")
+    if not amsgrad and max_exp_avg_sqs:
+        raise ValueError("max_exp_avg_sqs: given without amsgrad (expected an empty list)")
+    if n == 0:
+        return
+    first = params[0]
+    grad_dtypes = (first.dtype, torch.float32) if isinstance(first, Tensor) else ()
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params[{i}]: got {type(p).__name__} (expected a torch.Tensor)")
+        if p.dtype not in _PARAM_DTYPES or p.dtype != first.dtype:
+            raise TypeError(f"params[{i}]: dtype {p.dtype} (expected params[0]'s, one of {_names(_PARAM_DTYPES)})")
+        _check_device(f"params[{i}]", p, first.device, "params[0]")
+        if p.layout != torch.strided or not is_dense(p):
+            raise ValueError(f"params[{i}]: is not contiguous (expected a contiguous or channels_last tensor)")
+        _check_like(f"grads[{i}]", grads[i], p, grad_dtypes if i == 0 else (grads[0].dtype,))
+        for name in ("masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
+            if name in lists:
+                _check_like(f"{name}[{i}]", lists[name][i], p, (torch.float32,))
+        _check_scalar(f"steps[{i}]", steps[i], first.device)
+    for name, value in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        _check_scalar(name, value, first.device)
 
 
 def _address(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def adam_step(*, params: Sequence[Tensor], grads: Sequence[Tensor], masters: Sequence[Optional[Tensor]],
-              exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
-              max_exp_avg_sqs: Sequence[Optional[Tensor]], steps: Sequence[Tensor], lr: Union[float, Tensor],
-              beta1: float, beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool,
-              amsgrad: bool, maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+@_kernel("adam_step")
+def _adam_step_kernel(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor, beta1,
+                      beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, grad_scale,
+                      found_inf) -> None:
     """One fused Adam/AdamW step, in place, over params of one device and dtype (one native
-    call). The optimizer (fasttl/optim.py) has checked dtypes, shapes and contiguity; steps are
-    fp32 0-dim tensors on the params' device, already incremented. `lr` is a float, or a 0-dim
-    fp32 tensor on the params' device that the kernel reads itself (no host sync)."""
+    call). `masters`: fp32 master weights, one per param, or none (the params are updated
+    themselves); `max_exp_avg_sqs`: one per param with amsgrad, else none. `steps`: each param's
+    fp32 step count, already incremented. `lr_tensor`, when given, is read by the kernel in place
+    of `lr` (no host sync); `grad_scale` divides the grads; a nonzero `found_inf` skips the step
+    (on the device)."""
+    _check_adam(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, amsgrad,
+                grad_scale, found_inf)
     if not params:
         return
-    device = params[0].device
-    if device.type == "cuda":
-        require_cuda_kernels("adam_step")
-    with torch.cuda.device(device) if device.type == "cuda" else _no_context():
-        native.adam_step(
-            device.type == "cuda",
-            [_address(t) for t in params], [_address(t) for t in grads], [_address(t) for t in masters],
-            [_address(t) for t in exp_avgs], [_address(t) for t in exp_avg_sqs],
-            [_address(t) if amsgrad else 0 for t in max_exp_avg_sqs], [t.numel() for t in params],
-            [_address(t) for t in steps], dtype_code(params[0]), dtype_code(grads[0]),
-            masters[0] is not None, 0.0 if isinstance(lr, Tensor) else float(lr), float(beta1), float(beta2),
-            float(eps), float(weight_decay), bool(decoupled_weight_decay), bool(amsgrad), bool(maximize),
-            _address(grad_scale), _address(found_inf), _address(lr) if isinstance(lr, Tensor) else 0,
-            stream_handle(device),
-        )
+    n = len(params)
+    masters = list(masters) or [None] * n
+    max_exp_avg_sqs = list(max_exp_avg_sqs) or [None] * n
+    _native_call(params[0].device, "adam_step",
+                 [_address(t) for t in params], [_address(t) for t in grads], [_address(t) for t in masters],
+                 [_address(t) for t in exp_avgs], [_address(t) for t in exp_avg_sqs],
+                 [_address(t) for t in max_exp_avg_sqs], [t.numel() for t in params],
+                 [_address(t) for t in steps], dtype_code(params[0]), dtype_code(grads[0]),
+                 masters[0] is not None, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+                 bool(decoupled_weight_decay), bool(amsgrad), bool(maximize), _address(grad_scale),
+                 _address(found_inf), _address(lr_tensor))
+
+
+@_fake("adam_step")
+def _adam_step_fake(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor, beta1,
+                    beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, grad_scale, found_inf):
+    _check_adam(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, amsgrad,
+                grad_scale, found_inf)
+    return None
+
+
+adam_step = torch.ops.fasttl.adam_step.default
 
 
 def _native_call(device: torch.device, name: str, *args) -> None:

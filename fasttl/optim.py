@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -12,7 +11,6 @@ from torch import Tensor
 
 from fasttl import _ops
 
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FP32_STATE = ("master_param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
@@ -36,14 +34,6 @@ def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"eps: expected >= 0, got {eps!r}")
     if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0 or math.isinf(weight_decay):
         raise ValueError(f"weight_decay: expected a finite number >= 0, got {weight_decay!r}")
-
-
-def _is_dense(t: Tensor) -> bool:
-    """Contiguous in some memory format: the kernel then walks it as one flat array."""
-    if t.is_contiguous():
-        return True
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    return t.dim() in formats and t.is_contiguous(memory_format=formats[t.dim()])
 
 
 class _FusedAdamBase(torch.optim.Optimizer):
@@ -77,9 +67,9 @@ class _FusedAdamBase(torch.optim.Optimizer):
         for index, p in enumerate(group["params"]):
             if p.is_complex():
                 raise TypeError(f"params[{index}]: complex parameters are not supported (dtype {p.dtype})")
-            if p.dtype not in _PARAM_DTYPES:
+            if p.dtype not in _ops._PARAM_DTYPES:
                 raise TypeError(f"params[{index}]: expected float32, bfloat16 or float16, got {p.dtype}")
-            if not _is_dense(p):
+            if not _ops.is_dense(p):
                 raise ValueError(f"params[{index}]: expected a contiguous or channels_last parameter "
                                  "(call .contiguous() on it)")
             if group.get("capturable"):
@@ -103,6 +93,31 @@ class _FusedAdamBase(torch.optim.Optimizer):
             state["master_param"] = p.detach().to(torch.float32, copy=True, memory_format=torch.preserve_format)
         return state
 
+    def _init_group(self, group: dict, params: List[Tensor], grads: List[Tensor], masters: List[Optional[Tensor]],
+                    exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], max_exp_avg_sqs: List[Tensor],
+                    steps: List[Tensor]) -> bool:
+        """Fills the lists with every param of `group` that has a grad and its state (created at
+        its first step). Named and shaped as torch.optim's: torch.compile runs this method
+        eagerly instead of tracing it, so a compiled step is one graph that does not recompile
+        as the state fills in."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("fasttl.optim: sparse gradients are not supported; use torch.optim.SparseAdam")
+            if p.grad.dtype not in (p.dtype, torch.float32):
+                raise TypeError(f"grad of a {p.dtype} param: expected {p.dtype} or float32, got {p.grad.dtype}")
+            state = self._init_state(group, p)
+            params.append(p)
+            grads.append(_like_param(p.grad, p))
+            masters.append(state.get("master_param"))
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+        return False
+
     @torch.no_grad()
     def step(self, closure=None):
         """One optimization step over every param that has a grad."""
@@ -113,49 +128,38 @@ class _FusedAdamBase(torch.optim.Optimizer):
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
         for group in self.param_groups:
-            buckets: Dict[Tuple, List[Tensor]] = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("fasttl.optim: sparse gradients are not supported; use torch.optim.SparseAdam")
-                if p.grad.dtype not in (p.dtype, torch.float32):
-                    raise TypeError(f"grad of a {p.dtype} param: expected {p.dtype} or float32, got {p.grad.dtype}")
-                self._init_state(group, p)
-                buckets[(p.device, p.dtype, p.grad.dtype, self._uses_master(group, p))].append(p)
-            for (device, _, _, has_master), params in buckets.items():
-                self._step_bucket(group, device, params, has_master, grad_scale, found_inf)
+            params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], [], []
+            self._init_group(group, params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+            buckets: Dict[Tuple, List[int]] = {}
+            for i, p in enumerate(params):
+                buckets.setdefault((p.device, p.dtype, grads[i].dtype, masters[i] is not None), []).append(i)
+            for (device, _, _, has_master), members in buckets.items():
+                pick = lambda values: [values[i] for i in members] if values else []  # noqa: E731
+                self._step_bucket(group, device, pick(params), pick(grads), pick(masters) if has_master else [],
+                                  pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs), pick(steps),
+                                  grad_scale, found_inf)
         return loss
 
-    def _step_bucket(self, group: dict, device: torch.device, params: List[Tensor], has_master: bool,
-                     grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        if group.get("capturable"):
+    def _step_bucket(self, group: dict, device: torch.device, params, grads, masters, exp_avgs, exp_avg_sqs,
+                     max_exp_avg_sqs, steps, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        if group.get("capturable") and not torch.compiler.is_compiling():
+            # torch.compile marks every group capturable while it traces (CPU ones too), and
+            # torch.optim skips this check there as well.
             _check_capturable(device, "params")
         scale = None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32).to(device)
         # GradScaler sums the per-device flags for optimizers that take found_inf: any nonzero
-        # means "skip", and the step count goes back by exactly one (a device op, no host sync).
-        inf = None if found_inf is None else (found_inf.to(device=device) != 0).to(torch.float32)
-        if inf is not None and not _ops._checks_on_device(inf) and float(inf) != 0.0:
-            return  # skipped step (host memory, read without a sync): nothing moves, not even the step count
-        states = [self.state[p] for p in params]
-        steps = [s["step"] for s in states]
+        # means "skip". The kernel reads the flag itself and the step count goes back by exactly
+        # one with a tensor op: no host read on any device, and nothing for torch.compile to break on.
+        inf = None if found_inf is None else (found_inf.to(device=device) != 0).to(torch.float32).reshape(())
         torch._foreach_add_(steps, 1)
+        lr = group["lr"]
+        lr_tensor = lr.detach().to(device=device, dtype=torch.float32).reshape(()) if isinstance(lr, Tensor) else None
         beta1, beta2 = group["betas"]
-        _ops.adam_step(
-            params=params,
-            grads=[_like_param(p.grad, p) for p in params],
-            masters=[s.get("master_param") for s in states] if has_master else [None] * len(params),
-            exp_avgs=[s["exp_avg"] for s in states],
-            exp_avg_sqs=[s["exp_avg_sq"] for s in states],
-            max_exp_avg_sqs=[s.get("max_exp_avg_sq") for s in states],
-            steps=steps,
-            lr=_lr_for_kernel(group["lr"], device), beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], decoupled_weight_decay=self._decoupled_weight_decay,
-            amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=scale, found_inf=inf,
-        )
+        _ops.adam_step(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                       0.0 if lr_tensor is not None else float(lr), lr_tensor, float(beta1), float(beta2),
+                       float(group["eps"]), float(group["weight_decay"]), self._decoupled_weight_decay,
+                       bool(group["amsgrad"]), bool(group["maximize"]), scale, inf)
         if inf is not None:
-            # On CUDA the kernel skipped the step on the device; take the step count back there
-            # too, without a host sync.
             torch._foreach_sub_(steps, [inf] * len(steps))
 
     def _restore_layout(self, state: Dict[str, Tensor], p: Tensor) -> None:
@@ -266,15 +270,6 @@ def _check_capturable(device: torch.device, where: str) -> None:
     if device.type != "cuda":
         raise ValueError(f"capturable: {where} on {device} (CUDA-graph capture needs CUDA params, as in "
                          "torch.optim; pass capturable=False)")
-
-
-def _lr_for_kernel(lr, device: torch.device):
-    """A float, or for an lr tensor on the GPU a 0-dim fp32 tensor on the params' device that the
-    kernel reads itself: float() of it would wait for the GPU at every step, and could not be
-    captured in a CUDA graph. An lr tensor in host memory is read here (no sync)."""
-    if isinstance(lr, Tensor) and _ops._checks_on_device(lr):
-        return lr.detach().to(device=device, dtype=torch.float32).reshape(())
-    return float(lr)
 
 
 def _like_param(t: Tensor, p: Tensor) -> Tensor:

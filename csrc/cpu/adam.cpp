@@ -33,7 +33,8 @@ FASTTL_CPU_CLONES void adam_chunk(const AdamTensor& t, int64_t begin, int64_t en
   float* __restrict v = t.exp_avg_sq;
   float* __restrict v_max = t.max_exp_avg_sq;
   for (int64_t j = begin; j < end; ++j) {
-    AdamElement e{kMaster ? master[j] : load<P>(param[j]), m[j], v[j], kAmsgrad ? v_max[j] : 0.0f};
+    AdamElement e{kMaster ? master_or_param<P>(master[j], param[j]) : load<P>(param[j]), m[j], v[j],
+                  kAmsgrad ? v_max[j] : 0.0f};
     e = adam_update<kAmsgrad>(e, load<G>(grad[j]) * inv_scale, c, f);
     if (kMaster) master[j] = e.w;
     param[j] = store<P>(e.w);

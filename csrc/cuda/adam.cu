@@ -51,8 +51,8 @@ __device__ __forceinline__ void adam_one(const AdamTensor& t, int64_t j, float i
                                          const AdamStepFactors& f) {
   storage_t<P>* param = static_cast<storage_t<P>*>(t.param);
   const storage_t<G>* grad = static_cast<const storage_t<G>*>(t.grad);
-  AdamElement e{kMaster ? t.master[j] : load<P>(param[j]), t.exp_avg[j], t.exp_avg_sq[j],
-                kAmsgrad ? t.max_exp_avg_sq[j] : 0.0f};
+  AdamElement e{kMaster ? master_or_param<P>(t.master[j], param[j]) : load<P>(param[j]), t.exp_avg[j],
+                t.exp_avg_sq[j], kAmsgrad ? t.max_exp_avg_sq[j] : 0.0f};
   e = adam_update<kAmsgrad>(e, load<G>(grad[j]) * inv_scale, c, f);
   if (kMaster) t.master[j] = e.w;
   param[j] = store<P>(e.w);
@@ -92,11 +92,12 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Launch launch, AdamHyper
       Pack<float, kVec> vmax{};
       if (kAmsgrad) vmax = *reinterpret_cast<const Pack<float, kVec>*>(t.max_exp_avg_sq + j);
       Pack<float, kVec> w;
-      Pack<PS, kVec> p;
+      Pack<PS, kVec> p = *reinterpret_cast<const Pack<PS, kVec>*>(param + j);
       if (kMaster) {
         w = *reinterpret_cast<const Pack<float, kVec>*>(t.master + j);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) w.v[k] = master_or_param<P>(w.v[k], p.v[k]);
       } else {
-        p = *reinterpret_cast<const Pack<PS, kVec>*>(param + j);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) w.v[k] = load<P>(p.v[k]);
       }

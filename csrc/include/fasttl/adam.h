@@ -70,6 +70,16 @@ FASTTL_HD AdamCoefficients adam_coefficients(const AdamHyper& h) {
                           h.beta1, 1.0f - h.beta1, h.beta2, 1.0f - h.beta2, h.eps};
 }
 
+// The weight a step starts from. A low-precision param holds the rounding of its fp32 master
+// after every step; when it holds anything else, code outside the optimizer changed it
+// (load_state_dict, an in-place init, a clamp, an EMA swap), and that edit wins, as it does in
+// torch.optim, which has no hidden copy: the param's value becomes the master. The test is on
+// the stored bits (exact, no tolerance), written as a select so that loops around it vectorize.
+template <typename P>
+FASTTL_HD float master_or_param(float master, storage_t<P> param) {
+  return store<P>(master) == param ? master : load<P>(param);
+}
+
 // One element, by value in and out so that loops around it vectorize. `grad` is unscaled.
 template <bool kAmsgrad>
 FASTTL_HD AdamElement adam_update(AdamElement e, float grad, const AdamCoefficients& c, const AdamStepFactors& f) {
