@@ -29,12 +29,12 @@ DistillArgs make_distill_args(std::uintptr_t student, int64_t student_row_stride
                               std::uintptr_t teacher, int64_t teacher_row_stride, int teacher_dtype,
                               std::uintptr_t target, int64_t ignore_index, double temperature,
                               double alpha, std::uintptr_t loss_rows, std::uintptr_t grad,
-                              int64_t rows, int64_t classes, double grad_scale) {
+                              int64_t rows, int64_t classes, double grad_scale, double label_smoothing) {
   return DistillArgs{as_ptr<const void>(student), student_row_stride, student_dtype,
                      as_ptr<const void>(teacher), teacher_row_stride, teacher_dtype,
                      as_ptr<const int64_t>(target), ignore_index, static_cast<float>(temperature),
                      static_cast<float>(alpha), as_ptr<float>(loss_rows), as_ptr<void>(grad), rows,
-                     classes, static_cast<float>(grad_scale)};
+                     classes, static_cast<float>(grad_scale), static_cast<float>(label_smoothing)};
 }
 
 using Pointers = std::vector<std::uintptr_t>;
@@ -186,14 +186,15 @@ PYBIND11_MODULE(_C, m) {
       "Fused distillation loss over rows: writes the fp32 loss of each row and the gradient of "
       "that loss with respect to the student logits, times grad_scale. Arguments: student, "
       "student_row_stride, student_dtype, teacher, teacher_row_stride, teacher_dtype, target (0 for "
-      "none), ignore_index, temperature, alpha, loss_rows, grad, rows, classes, grad_scale.";
+      "none), ignore_index, temperature, alpha, loss_rows, grad, rows, classes, grad_scale, "
+      "label_smoothing.";
   m.def(
       "distill_rows_cpu",
       [](std::uintptr_t s, int64_t ss, int sd, std::uintptr_t t, int64_t ts, int td, std::uintptr_t y,
          int64_t ignore, double temp, double alpha, std::uintptr_t loss, std::uintptr_t grad,
-         int64_t rows, int64_t classes, double grad_scale) {
+         int64_t rows, int64_t classes, double grad_scale, double smoothing) {
         distill_rows_cpu(make_distill_args(s, ss, sd, t, ts, td, y, ignore, temp, alpha, loss, grad,
-                                           rows, classes, grad_scale));
+                                           rows, classes, grad_scale, smoothing));
       },
       distill_doc, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_kernel_clone", &cpu_kernel_clone,
@@ -202,14 +203,15 @@ PYBIND11_MODULE(_C, m) {
       "distill_rows_cuda",
       [](std::uintptr_t s, int64_t ss, int sd, std::uintptr_t t, int64_t ts, int td, std::uintptr_t y,
          int64_t ignore, double temp, double alpha, std::uintptr_t loss, std::uintptr_t grad,
-         int64_t rows, int64_t classes, double grad_scale, std::uintptr_t stream) {
+         int64_t rows, int64_t classes, double grad_scale, double smoothing, std::uintptr_t stream) {
 #ifdef FASTTL_WITH_CUDA
         distill_rows_cuda(make_distill_args(s, ss, sd, t, ts, td, y, ignore, temp, alpha, loss, grad,
-                                            rows, classes, grad_scale),
+                                            rows, classes, grad_scale, smoothing),
                           reinterpret_cast<void*>(stream));
 #else
         (void)s, (void)ss, (void)sd, (void)t, (void)ts, (void)td, (void)y, (void)ignore, (void)temp;
-        (void)alpha, (void)loss, (void)grad, (void)rows, (void)classes, (void)grad_scale, (void)stream;
+        (void)alpha, (void)loss, (void)grad, (void)rows, (void)classes, (void)grad_scale, (void)smoothing;
+        (void)stream;
         no_cuda("distill_rows_cuda");
 #endif
       },

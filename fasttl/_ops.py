@@ -185,7 +185,29 @@ def _shares_memory(a: Tensor, b: Optional[Tensor]) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def _check_distill_rows(student, teacher, target, temperature: float, alpha: float) -> None:
+# Temperatures where the loss is within 1e-3 of the float64 formula for every finite input whose
+# loss fits in fp32 (csrc/include/fasttl/distill.h); outside, even float64 cannot tell the KL
+# from its rounding (T = 1e20: every softmax is uniform to the last bit).
+TEMPERATURE_RANGE = (1e-2, 1e3)
+
+
+def check_temperature(name: str, temperature) -> None:
+    low, high = TEMPERATURE_RANGE
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+            not low <= temperature <= high:
+        raise ValueError(f"{name}: is {temperature!r} (expected a number in [{low:g}, {high:g}]: beyond it the "
+                         "softened distributions are uniform or one-hot to the last bit of float64)")
+
+
+def check_label_smoothing(label_smoothing) -> None:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or \
+            not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing: is {label_smoothing!r} (expected a number in [0, 1], as "
+                         "torch.nn.functional.cross_entropy)")
+
+
+def _check_distill_rows(student, teacher, target, temperature: float, alpha: float,
+                        label_smoothing: float = 0.0) -> None:
     _check_tensor("student", student, _FLOAT_DTYPES, (2,))
     _check_tensor("teacher", teacher, _FLOAT_DTYPES, (2,))
     if teacher.shape != student.shape:
@@ -195,10 +217,10 @@ def _check_distill_rows(student, teacher, target, temperature: float, alpha: flo
     _check_device("teacher", teacher, student.device, "student")
     if target is not None:
         _check_index("target", target, student.shape[0], student.device, "student")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: is {temperature} (expected a finite number > 0)")
+    check_temperature("temperature", temperature)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: is {alpha} (expected a number in [0, 1])")
+    check_label_smoothing(label_smoothing)
 
 
 def _check_pool_store(src, cache, scales, rows) -> None:
@@ -247,9 +269,9 @@ def _check_gather(cache, scales, indices, out_dtype) -> None:
 
 _LIB = torch.library.Library("fasttl", "DEF")
 _LIB.define("distill_rows(Tensor student, Tensor teacher, Tensor? target, float temperature, float alpha, "
-            "int ignore_index) -> (Tensor, Tensor)")
+            "int ignore_index, float label_smoothing=0.0) -> (Tensor, Tensor)")
 _LIB.define("distill_loss(Tensor student, Tensor teacher, Tensor? target, float temperature, float alpha, "
-            "int ignore_index, float scale) -> (Tensor, Tensor)")
+            "int ignore_index, float scale, float label_smoothing=0.0) -> (Tensor, Tensor)")
 _LIB.define("pool_store(Tensor src, Tensor(a!) cache, Tensor(b!)? scales, Tensor rows) -> ()")
 _LIB.define("gather(Tensor cache, Tensor? scales, Tensor indices, ScalarType out_dtype) -> Tensor")
 
@@ -272,16 +294,17 @@ def _fake(name: str):
 
 @_kernel("distill_rows")
 def _distill_rows_kernel(student: Tensor, teacher: Tensor, target: Optional[Tensor], temperature: float,
-                         alpha: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
+                         alpha: float, ignore_index: int, label_smoothing: float = 0.0) -> Tuple[Tensor, Tensor]:
     """Per-row distillation loss (fp32, shape (B,)) and its gradient w.r.t. the student logits
     (student dtype, shape (B, C)), computed in one native call."""
-    return _distill_checked(student, teacher, target, temperature, alpha, ignore_index, 1.0)
+    return _distill_checked(student, teacher, target, temperature, alpha, ignore_index, 1.0, label_smoothing)
 
 
 def _distill_checked(student: Tensor, teacher: Tensor, target: Optional[Tensor], temperature: float,
-                     alpha: float, ignore_index: int, grad_scale: float) -> Tuple[Tensor, Tensor]:
+                     alpha: float, ignore_index: int, grad_scale: float,
+                     label_smoothing: float) -> Tuple[Tensor, Tensor]:
     """Both distillation ops' eager path: checks the inputs, then (loss_rows, grad_scale * grad)."""
-    _check_distill_rows(student, teacher, target, temperature, alpha)
+    _check_distill_rows(student, teacher, target, temperature, alpha, label_smoothing)
     if not math.isfinite(grad_scale):
         raise ValueError(f"scale: is {grad_scale} (expected a finite number)")
     _raise_reported(student.device)
@@ -292,13 +315,14 @@ def _distill_checked(student: Tensor, teacher: Tensor, target: Optional[Tensor],
     grad = torch.empty((rows, classes), dtype=student.dtype, device=student.device)
     if target is not None:
         target = _check_range("target", _as_int64(target), classes, ignore_index=int(ignore_index))
-    run_distill_rows(student, teacher, target, temperature, alpha, ignore_index, loss_rows, grad, grad_scale)
+    run_distill_rows(student, teacher, target, temperature, alpha, ignore_index, loss_rows, grad, grad_scale,
+                     label_smoothing)
     return loss_rows, grad
 
 
 def run_distill_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], temperature: float,
                      alpha: float, ignore_index: int, loss_rows: Tensor, grad: Tensor,
-                     grad_scale: float = 1.0) -> None:
+                     grad_scale: float = 1.0, label_smoothing: float = 0.0) -> None:
     """Calls the native kernel into given outputs (unit column strides, target int64); the
     gradient written is grad_scale * d(loss_rows[i])/d(student[i])."""
     rows, classes = student.shape
@@ -309,7 +333,7 @@ def run_distill_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor],
         teacher.data_ptr(), teacher.stride(0), dtype_code(teacher),
         0 if target is None else target.data_ptr(), int(ignore_index),
         float(temperature), float(alpha), loss_rows.data_ptr(), grad.data_ptr(), rows, classes,
-        float(grad_scale),
+        float(grad_scale), float(label_smoothing),
     )
     if student.device.type == "cuda":
         require_cuda_kernels("distill_rows_cuda")
@@ -320,17 +344,51 @@ def run_distill_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor],
 
 
 @_fake("distill_rows")
-def _distill_rows_fake(student, teacher, target, temperature, alpha, ignore_index):
-    _check_distill_rows(student, teacher, target, temperature, alpha)
+def _distill_rows_fake(student, teacher, target, temperature, alpha, ignore_index, label_smoothing=0.0):
+    _check_distill_rows(student, teacher, target, temperature, alpha, label_smoothing)
     rows, classes = student.shape
     return student.new_empty((rows,), dtype=torch.float32), student.new_empty((rows, classes))
 
 
-def _distill_rows_setup(ctx, inputs, output):
+def _distill_setup(ctx, inputs, output, smoothing_at: int):
     ctx.save_for_backward(output[1])
+    # Kept for a double backward only, which recomputes the gradient with differentiable torch ops
+    # (not saved_tensors: a first-order backward must not depend on them).
+    ctx.distill_inputs = tuple(inputs[:6]) + (inputs[smoothing_at] if len(inputs) > smoothing_at else 0.0,)
+    ctx.input_count = len(inputs)
+    ctx.loss_scale = inputs[6] if smoothing_at == 7 else 1.0
     # The gradient output is never differentiated; without this autograd would fill a (B, C)
     # buffer of zeros for it on every backward.
     ctx.set_materialize_grads(False)
+
+
+def _distill_rows_setup(ctx, inputs, output):
+    _distill_setup(ctx, inputs, output, smoothing_at=6)
+
+
+def _distill_loss_setup(ctx, inputs, output):
+    _distill_setup(ctx, inputs, output, smoothing_at=7)
+
+
+def _differentiable_grad(ctx) -> Tensor:
+    """d(loss_rows)/d(student) as a function of the student that autograd can differentiate:
+    what backward returns under create_graph=True, so that a second derivative (a Hessian-vector
+    product, gradient penalties) is the derivative of the same gradient."""
+    from fasttl import _reference
+
+    student, teacher, target, temperature, alpha, ignore_index, label_smoothing = ctx.distill_inputs
+    return _reference.distillation_row_grad(student, teacher, target, temperature=temperature, alpha=alpha,
+                                            ignore_index=ignore_index, label_smoothing=label_smoothing)
+
+
+def _times_upstream(grad: Tensor, upstream: Tensor) -> Tensor:
+    """grad * upstream, computed in fp32 and stored in the grad's dtype: GradScaler's 65536 times
+    a mean's 1/B fits in fp16, while 65536 itself rounded to fp16 first is inf."""
+    if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
+        # Being traced (torch.compile / AOT autograd): stay functional, the compiler plans memory.
+        return (grad * upstream).to(grad.dtype)
+    with torch.no_grad():
+        return grad.mul_(upstream)
 
 
 def _distill_rows_backward(ctx, grad_loss_rows, _grad_of_grad):
@@ -338,16 +396,14 @@ def _distill_rows_backward(ctx, grad_loss_rows, _grad_of_grad):
     # upstream gradient, in place: the buffer is ours (the public function drops that output),
     # and a second backward through a retained graph is refused by autograd's version check
     # rather than reading a scaled buffer. The teacher gets no gradient, by design.
-    (grad,) = ctx.saved_tensors
+    nones = (None,) * (ctx.input_count - 1)
     # contiguous(): after a mean/sum the upstream gradient is an expanded scalar, and a
     # stride-0 broadcast operand sends aten::mul down a slow path (15x here).
-    scale = grad_loss_rows.to(grad.dtype).contiguous().unsqueeze(1)
-    if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
-        # Being traced (torch.compile / AOT autograd): stay functional, the compiler plans memory.
-        return grad * scale, None, None, None, None, None
-    with torch.no_grad():
-        grad.mul_(scale)
-    return grad, None, None, None, None, None
+    scale = grad_loss_rows.float().contiguous().unsqueeze(1)
+    if torch.is_grad_enabled():  # create_graph=True
+        return (_differentiable_grad(ctx) * scale).to(ctx.distill_inputs[0].dtype), *nones
+    (grad,) = ctx.saved_tensors
+    return _times_upstream(grad, scale), *nones
 
 
 torch.library.register_autograd("fasttl::distill_rows", _distill_rows_backward, setup_context=_distill_rows_setup,
@@ -362,34 +418,38 @@ distill_rows = torch.ops.fasttl.distill_rows.default
 # no second pass over a (B, C) buffer.
 @_kernel("distill_loss")
 def _distill_loss_kernel(student: Tensor, teacher: Tensor, target: Optional[Tensor], temperature: float,
-                         alpha: float, ignore_index: int, scale: float) -> Tuple[Tensor, Tensor]:
+                         alpha: float, ignore_index: int, scale: float,
+                         label_smoothing: float = 0.0) -> Tuple[Tensor, Tensor]:
     """scale * (sum of the per-row losses), fp32 0-dim, and its gradient w.r.t. the student
     (student dtype, (B, C)), in one native call."""
-    loss_rows, grad = _distill_checked(student, teacher, target, temperature, alpha, ignore_index, scale)
+    loss_rows, grad = _distill_checked(student, teacher, target, temperature, alpha, ignore_index, scale,
+                                       label_smoothing)
     return loss_rows.sum() * scale, grad
 
 
 @_fake("distill_loss")
-def _distill_loss_fake(student, teacher, target, temperature, alpha, ignore_index, scale):
-    _check_distill_rows(student, teacher, target, temperature, alpha)
+def _distill_loss_fake(student, teacher, target, temperature, alpha, ignore_index, scale, label_smoothing=0.0):
+    _check_distill_rows(student, teacher, target, temperature, alpha, label_smoothing)
     return student.new_empty((), dtype=torch.float32), student.new_empty(student.shape)
 
 
 def _distill_loss_backward(ctx, grad_loss, _grad_of_grad):
+    nones = (None,) * (ctx.input_count - 1)
+    if torch.is_grad_enabled():  # create_graph=True
+        return (_differentiable_grad(ctx) * (grad_loss.float() * ctx.loss_scale)).to(ctx.distill_inputs[0].dtype), *nones
     (grad,) = ctx.saved_tensors
-    if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
-    if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
+    if type(grad) is torch.Tensor and not torch.compiler.is_compiling() and grad_loss.device.type == "cpu" and \
+            float(grad_loss) == 1.0:
         # The forward wrote the final gradient. Autograd may hand this very buffer on as the
         # leaf's .grad; it is never written again (a retained graph's second backward reads it
         # unchanged, and one with another upstream gradient is refused by the version check).
-        return grad, None, None, None, None, None, None
-    with torch.no_grad():
-        grad.mul_(grad_loss.to(grad.dtype))
-    return grad, None, None, None, None, None, None
+        return grad, *nones
+    # (1, 1): a dimensioned fp32 operand, so the product is taken in fp32 (a 0-dim one would be
+    # rounded to the grad's dtype first)
+    return _times_upstream(grad, grad_loss.float().reshape(1, 1)), *nones
 
 
-torch.library.register_autograd("fasttl::distill_loss", _distill_loss_backward, setup_context=_distill_rows_setup,
+torch.library.register_autograd("fasttl::distill_loss", _distill_loss_backward, setup_context=_distill_loss_setup,
                                 lib=_LIB)
 distill_loss = torch.ops.fasttl.distill_loss.default
 

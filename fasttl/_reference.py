@@ -7,9 +7,10 @@ import torch.nn.functional as F
 
 
 def distillation_loss(student_logits, teacher_logits, target=None, *, temperature=1.0, alpha=0.5,
-                      reduction="mean", ignore_index=-100):
+                      reduction="mean", ignore_index=-100, label_smoothing=0.0, weight=None):
     """Eager PyTorch distillation loss (Hinton et al. 2015) built from log_softmax, kl_div and
-    cross_entropy; same semantics as :func:`fasttl.distillation_loss`, in the input dtype."""
+    cross_entropy; same semantics as :func:`fasttl.distillation_loss`, in the input dtype, any
+    leading dims ((..., C) logits, (...) target)."""
     T = float(temperature)
     log_q = F.log_softmax(student_logits / T, dim=-1)
     log_p = F.log_softmax(teacher_logits.detach() / T, dim=-1)
@@ -20,16 +21,39 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
     soft = pointwise.sum(-1) * (T * T)
     if target is None:
         rows = soft
-        counted = torch.ones_like(rows, dtype=torch.bool)
+        counted = torch.ones_like(rows)
     else:
-        counted = target != ignore_index
-        hard = F.cross_entropy(student_logits, target, reduction="none", ignore_index=ignore_index)
-        rows = torch.where(counted, alpha * soft + (1.0 - alpha) * hard, torch.zeros_like(soft))
+        counted = (target != ignore_index).to(soft.dtype)
+        classes = student_logits.shape[-1]
+        hard = F.cross_entropy(student_logits.reshape(-1, classes), target.reshape(-1), reduction="none",
+                               ignore_index=ignore_index, label_smoothing=label_smoothing).reshape(target.shape)
+        rows = torch.where(counted > 0, alpha * soft + (1.0 - alpha) * hard, torch.zeros_like(soft))
+        if weight is not None:
+            counted = counted * weight[target.clamp(0, classes - 1)].to(soft.dtype)
+            rows = rows * counted
     if reduction == "none":
         return rows
     if reduction == "sum":
         return rows.sum()
-    return rows.sum() / counted.sum().clamp(min=1)
+    total = counted.sum()
+    return rows.sum() / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def distillation_row_grad(student_logits, teacher_logits, target=None, *, temperature=1.0, alpha=0.5,
+                          ignore_index=-100, label_smoothing=0.0):
+    """d(loss_i)/d(student_i) of each row of :func:`distillation_loss` ``reduction="none"``, as
+    differentiable torch ops (the double backward of the fused op):
+    alpha T (softmax(s/T) - softmax(t/T)) + (1 - alpha) (softmax(s) - (1 - eps) onehot(y) - eps / C)."""
+    T = float(temperature)
+    soft = T * (F.softmax(student_logits / T, dim=-1) - F.softmax(teacher_logits.detach() / T, dim=-1))
+    if target is None:
+        return soft
+    classes = student_logits.shape[-1]
+    counted = (target != ignore_index).unsqueeze(-1)
+    onehot = F.one_hot(torch.where(counted.squeeze(-1), target, torch.zeros_like(target)), classes)
+    smoothed = (1.0 - label_smoothing) * onehot.to(student_logits.dtype) + label_smoothing / classes
+    hard = F.softmax(student_logits, dim=-1) - smoothed
+    return torch.where(counted, alpha * soft + (1.0 - alpha) * hard, torch.zeros_like(soft))
 
 
 def pool_store(features, cache_dtype, scales_out=None):

@@ -8,51 +8,95 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fasttl import _ops
+from fasttl import _ops, _reference
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_EAGER_DTYPES = (torch.float64,)  # through the plain-PyTorch formula (fasttl._reference), as torch would
 _REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check_logits(name: str, x) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: got {type(x).__name__} (expected a torch.Tensor)")
-    if x.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"{name}: dtype {x.dtype} is not supported (expected float32, bfloat16 or float16 logits)")
-    if x.dim() != 2:
-        raise ValueError(f"{name}: has shape {tuple(x.shape)} (expected (batch, classes))")
+    if x.dtype not in _LOGIT_DTYPES + _EAGER_DTYPES:
+        raise TypeError(f"{name}: dtype {x.dtype} is not supported (expected float32, bfloat16, float16 or "
+                        "float64 logits)")
+    if x.dim() < 1:
+        raise ValueError(f"{name}: has shape {tuple(x.shape)} (expected (..., classes), e.g. (batch, classes))")
 
 
-def _check_arguments(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index) -> None:
+def _check_arguments(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index,
+                     label_smoothing, weight) -> None:
     _check_logits("student_logits", student_logits)
     _check_logits("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"teacher_logits: has shape {tuple(teacher_logits.shape)} "
                          f"(expected student_logits' shape {tuple(student_logits.shape)})")
-    if student_logits.size(1) < 1:
+    if student_logits.size(-1) < 1:
         raise ValueError(f"student_logits: has shape {tuple(student_logits.shape)} (expected at least one class)")
     if teacher_logits.device != student_logits.device:
         raise ValueError(f"teacher_logits: is on {teacher_logits.device} "
                          f"(expected student_logits' device, {student_logits.device})")
+    leading = tuple(student_logits.shape[:-1])
     if target is not None:
         if not isinstance(target, Tensor):
             raise TypeError(f"target: got {type(target).__name__} (expected a torch.Tensor of class indices)")
         if target.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"target: dtype {target.dtype} is not supported (expected int64 or int32 indices)")
-        if target.shape != (student_logits.size(0),):
-            raise ValueError(f"target: has shape {tuple(target.shape)} (expected ({student_logits.size(0)},))")
+            raise TypeError(f"target: dtype {target.dtype} is not supported (expected int64 or int32 class indices; "
+                            "probability targets are what teacher_logits is for)")
+        if tuple(target.shape) != leading:
+            raise ValueError(f"target: has shape {tuple(target.shape)} (expected {leading}, the logits' shape "
+                             "without the class dim)")
         if target.device != student_logits.device:
             raise ValueError(f"target: is on {target.device} "
                              f"(expected student_logits' device, {student_logits.device})")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature: is {temperature!r} (expected a finite number > 0)")
-    if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+    _ops.check_temperature("temperature", temperature)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: is {alpha!r} (expected a number in [0, 1])")
     if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__") or \
             not -2**63 <= operator.index(ignore_index) < 2**63:
         raise TypeError(f"ignore_index: is {ignore_index!r} (expected an int64 class index)")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: is {reduction!r} (expected one of {_REDUCTIONS})")
+    _ops.check_label_smoothing(label_smoothing)
+    if weight is not None:
+        _check_weight(weight, student_logits, target, label_smoothing)
+
+
+def _check_weight(weight, student_logits: Tensor, target, label_smoothing) -> None:
+    classes = student_logits.size(-1)
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight: got {getattr(weight, 'dtype', type(weight).__name__)} (expected a floating-point "
+                        f"tensor of {classes} class weights)")
+    if tuple(weight.shape) != (classes,):
+        raise ValueError(f"weight: has shape {tuple(weight.shape)} (expected ({classes},), one weight per class)")
+    if weight.device != student_logits.device:
+        raise ValueError(f"weight: is on {weight.device} (expected student_logits' device, {student_logits.device})")
+    if target is None:
+        raise ValueError("weight: class weights need a target (without one, a row has no class to weigh it by)")
+    if label_smoothing:
+        raise ValueError("weight: not supported together with label_smoothing (torch weighs the smoothed term per "
+                         "class, not per row); pass one of them")
+
+
+def _out_dtype(student_logits: Tensor) -> torch.dtype:
+    """As torch's losses: fp32 under autocast (cross_entropy and kl_div are on autocast's fp32
+    list), else the logits' dtype."""
+    device_type = student_logits.device.type
+    try:
+        autocast = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: one query per device type
+        autocast = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta)
+        autocast = False
+    return torch.float32 if autocast and student_logits.dtype in (torch.float16, torch.bfloat16) else \
+        student_logits.dtype
+
+
+def _eager(student_logits: Tensor) -> bool:
+    """float64 logits, and torch.func transforms (grad, vmap, jacrev), take the plain-PyTorch
+    formula: the fused op has no float64 kernel, and its autograd is not a functorch one."""
+    return student_logits.dtype in _EAGER_DTYPES or torch._C._are_functorch_transforms_active()
 
 
 def _known_scale(student_logits: Tensor, target: Optional[Tensor], reduction: str, ignore_index: int):
@@ -65,7 +109,7 @@ def _known_scale(student_logits: Tensor, target: Optional[Tensor], reduction: st
             return 1.0 / max(student_logits.size(0), 1)
         # Counting the rows reads the target: off the sync-free devices (CUDA) and outside
         # torch.compile (where it would break the graph) that costs nothing worth avoiding.
-        host_readable = target.device.type not in _ops._SYNC_FREE_DEVICE_TYPES and \
+        host_readable = target.device.type not in _ops._SYNC_FREE_DEVICE_TYPES + ("meta",) and \
             student_logits.device.type not in _ops._SYNC_FREE_DEVICE_TYPES
         if host_readable and not torch.compiler.is_compiling():
             return 1.0 / max(int((target != ignore_index).sum()), 1)
@@ -74,7 +118,8 @@ def _known_scale(student_logits: Tensor, target: Optional[Tensor], reduction: st
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None, *,
                       temperature: float = 1.0, alpha: float = 0.5, reduction: str = "mean",
-                      ignore_index: int = -100) -> Tensor:
+                      ignore_index: int = -100, label_smoothing: float = 0.0,
+                      weight: Optional[Tensor] = None) -> Tensor:
     r"""Knowledge-distillation loss (Hinton et al. 2015), fused into one native pass per row.
 
     For row :math:`i` with student logits :math:`s_i`, teacher logits :math:`t_i`, target
@@ -83,10 +128,13 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
         loss_i = alpha * T^2 * KL(softmax(t_i / T) || softmax(s_i / T))
                  + (1 - alpha) * CE(s_i, y_i)
 
-    where ``CE(s, y) = -log softmax(s)_y``. Without ``target`` the loss is the soft term alone
-    (``alpha`` taken as 1). Rows whose target equals ``ignore_index`` count in neither term.
-    ``reduction="mean"`` divides the sum by the number of counted rows (0 when none count),
-    ``"sum"`` adds them, ``"none"`` returns the (B,) per-row losses.
+    where ``CE`` is ``torch.nn.functional.cross_entropy`` of the row (with ``label_smoothing``
+    eps: ``-(1 - eps) log softmax(s)_y - eps mean_c log softmax(s)_c``). Without ``target`` the
+    loss is the soft term alone (``alpha`` taken as 1). Rows whose target equals ``ignore_index``
+    count in neither term. ``weight`` (C,) scales each row's loss by its target class's weight,
+    and ``"mean"`` then divides by the counted rows' weights, so that with ``alpha=0`` it is
+    ``cross_entropy(weight=...)``. ``reduction="mean"`` divides the sum by the number of counted
+    rows (0 when none count), ``"sum"`` adds them, ``"none"`` returns the per-row losses.
 
     The forward pass also computes the gradient with respect to ``student_logits`` (online in
     fp32, with the row maxima subtracted); backward only scales it, and for ``"sum"`` and
@@ -94,21 +142,30 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     backward with upstream gradient 1 (``loss.backward()``) does no work at all. **No gradient flows to the
     teacher**: ``teacher_logits`` is treated as a constant, as it is in distillation.
 
+    As a torch loss: fp32 under autocast; a double backward (``create_graph=True``) differentiates
+    the same gradient written with torch ops; float64 logits and ``torch.func`` transforms take the
+    plain-PyTorch formula (``fasttl._reference``). Each row's loss is within 1e-3 relative of the
+    float64 formula for any finite input (a row whose fp32 sums can't promise that is redone in
+    float64 inside the kernel); a loss beyond float32's range is inf, as in torch's fp32 formula.
+
     Args:
-        student_logits: (B, C) float32, bfloat16 or float16; rows may be strided.
-        teacher_logits: (B, C), same device; any of the same dtypes.
-        target: optional (B,) int64/int32 class indices in [0, C) or ``ignore_index`` (any
+        student_logits: (..., C) float32, bfloat16, float16 or float64; rows may be strided.
+        teacher_logits: the same shape, same device; any of the same dtypes.
+        target: optional (...) int64/int32 class indices in [0, C) or ``ignore_index`` (any
             stride). One out of range raises ValueError on the CPU. On CUDA the check needs no
             host sync: the row is left out on the device and the ValueError comes at the next
             fasttl call once the GPU has run this one (or at fasttl._ops.raise_device_errors()).
-        temperature: softening temperature T > 0.
+        temperature: softening temperature T in [0.01, 1000].
         alpha: weight of the soft term, in [0, 1].
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         ignore_index: target value of rows to leave out.
+        label_smoothing: eps in [0, 1] of the hard term, as ``cross_entropy``'s.
+        weight: optional (C,) class weights (needs ``target``; not with ``label_smoothing``).
 
     Returns:
-        A scalar (or (B,) for ``"none"``) in the student's dtype. NaN or Inf in the logits
-        propagate into the loss, as in PyTorch.
+        A scalar (or the logits' shape without the class dim, for ``"none"``): fp32 under
+        autocast, else in the student's dtype. NaN or Inf in the logits propagate into the loss,
+        as in PyTorch.
 
     Example::
 
@@ -117,19 +174,38 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
         >>> y = torch.randint(0, 10, (8,))
         >>> fasttl.distillation_loss(student, teacher, y, temperature=4.0, alpha=0.9).backward()
     """
-    _check_arguments(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index)
-    scale = _known_scale(student_logits, target, reduction, ignore_index)
+    _check_arguments(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index,
+                     label_smoothing, weight)
+    if _eager(student_logits):
+        return _reference.distillation_loss(student_logits, teacher_logits.to(student_logits.dtype),
+                                            None if target is None else target.long(), temperature=temperature,
+                                            alpha=alpha, reduction=reduction, ignore_index=ignore_index,
+                                            label_smoothing=label_smoothing, weight=weight)
+    if teacher_logits.dtype in _EAGER_DTYPES:
+        teacher_logits = teacher_logits.float()  # the kernel computes in fp32: nothing is lost
+    out_dtype = _out_dtype(student_logits)
+    leading = student_logits.shape[:-1]
+    classes = student_logits.size(-1)
+    student, teacher = student_logits.reshape(-1, classes), teacher_logits.detach().reshape(-1, classes)
+    target = None if target is None else target.reshape(-1)
+    options = (float(temperature), float(alpha), int(ignore_index))
+    scale = None if weight is not None else _known_scale(student, target, reduction, int(ignore_index))
     if scale is not None:
-        loss, _ = _ops.distill_loss(student_logits, teacher_logits.detach(), target, float(temperature),
-                                    float(alpha), int(ignore_index), scale)
-        return loss.to(student_logits.dtype)
-    loss_rows, _ = _ops.distill_rows(student_logits, teacher_logits.detach(), target,
-                                     float(temperature), float(alpha), int(ignore_index))
+        loss, _ = _ops.distill_loss(student, teacher, target, *options, scale, float(label_smoothing))
+        return loss.to(out_dtype)
+    loss_rows, _ = _ops.distill_rows(student, teacher, target, *options, float(label_smoothing))
+    if weight is not None:
+        counted = weight[target.clamp(0, classes - 1)].float() * (target != ignore_index)
+        loss_rows = loss_rows * counted
     if reduction == "none":
-        return loss_rows.to(student_logits.dtype)
+        return loss_rows.reshape(leading).to(out_dtype)
     total = loss_rows.sum()
     if reduction == "mean":
-        counted = student_logits.size(0) if target is None else (target != ignore_index).sum()
+        if weight is not None:
+            counted = counted.sum()
+        else:
+            counted = student.size(0) if target is None else (target != ignore_index).sum()
         # An all-ignored batch has loss 0 (not 0/0) and gradient 0.
-        total = total / (counted.clamp(min=1) if isinstance(counted, Tensor) else max(counted, 1))
-    return total.to(student_logits.dtype)
+        total = total / (torch.where(counted > 0, counted, torch.ones_like(counted)) if isinstance(counted, Tensor)
+                         else max(counted, 1))
+    return total.to(out_dtype)

@@ -211,7 +211,8 @@ def test_works_under_torch_compile():
         (lambda s, t, y: fasttl.distillation_loss(s.long(), t, y), TypeError, "student_logits"),
         (lambda s, t, y: fasttl.distillation_loss(s, t.int(), y), TypeError, "teacher_logits"),
         (lambda s, t, y: fasttl.distillation_loss(s, t, y, reduction="avg"), ValueError, "reduction"),
-        (lambda s, t, y: fasttl.distillation_loss(s[0], t[0], y), ValueError, "student_logits"),
+        (lambda s, t, y: fasttl.distillation_loss(s[0, 0], t[0, 0], None), ValueError, "student_logits"),
+        (lambda s, t, y: fasttl.distillation_loss(s[0], t[0], y), ValueError, "target: has shape \\(4,\\) \\(expected \\(\\)"),
         (lambda s, t, y: fasttl.distillation_loss(s, t.to("meta"), y), ValueError, "teacher_logits"),
     ],
 )

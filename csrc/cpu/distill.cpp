@@ -70,7 +70,7 @@ FASTTL_HD DistillTerms row_sums(const storage_t<S>* s, const storage_t<T>* t, in
                                 const RowScratch& w, float* ms_out, float* mt_out) {
   const int64_t chunks = (classes + kChunk - 1) / kChunk;
   float ms = -std::numeric_limits<float>::infinity(), mt = ms;
-  DistillTerms sums{0.0f, 0.0f, 0.0f, 0.0f};
+  DistillTerms sums{0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t start = c * kChunk;
     const int64_t stop = std::min(classes, start + kChunk);
@@ -80,25 +80,19 @@ FASTTL_HD DistillTerms row_sums(const storage_t<S>* s, const storage_t<T>* t, in
       cms = std::max(cms, load<S>(s[j]));
       cmt = std::max(cmt, load<T>(t[j]));
     }
-    if (cms != ms) {
-      sums.soft_student *= rescale(ms, cms, inv_t);
-      sums.hard_student *= rescale(ms, cms, 1.0f);
-    }
-    if (cmt != mt) {
-      const float f_teacher = rescale(mt, cmt, inv_t);
-      sums.soft_teacher *= f_teacher;
-      sums.teacher_gap *= f_teacher;
-    }
+    if (cms != ms || cmt != mt) move_terms(sums, ms, mt, cms, cmt, inv_t, static_cast<float>(start));
     ms = cms;
     mt = cmt;
     const float rs = finite_ref(ms), rt = finite_ref(mt);
+    const float ref_gap = rt - rs, abs_ref_gap = abs_value(ref_gap);
     w.ref_s[c] = ms;
     w.ref_t[c] = mt;
-    float zs = 0.0f, zt = 0.0f, gap = 0.0f, zh = 0.0f;
-#pragma omp simd reduction(+ : zs, zt, gap, zh)
+    float zs = 0.0f, zt = 0.0f, gap = 0.0f, bound = 0.0f, zh = 0.0f, sum_b = 0.0f;
+#pragma omp simd reduction(+ : zs, zt, gap, bound, zh, sum_b)
     for (int64_t j = start; j < stop; ++j) {
       const float sj = load<S>(s[j]), tj = load<T>(t[j]);
-      const float es = fast_exp((sj - rs) * inv_t);
+      const float b = sj - rs, gap_j = tj - sj;
+      const float es = fast_exp(b * inv_t);
       const float et = fast_exp((tj - rt) * inv_t);
       const float eh = hard_exp<kPow>(sj, rs, es);
       w.es[j] = es;
@@ -106,13 +100,13 @@ FASTTL_HD DistillTerms row_sums(const storage_t<S>* s, const storage_t<T>* t, in
       if (kPow == 0) w.eh[j] = eh;
       zs += es;
       zt += et;
-      gap += teacher_gap_term(et, sj, tj);
+      // 0 log 0 = 0 where the teacher rules a class out (distill_terms)
+      gap += et == 0.0f ? 0.0f : et * (gap_j - ref_gap);
+      bound += et == 0.0f ? 0.0f : et * (abs_value(gap_j) + abs_ref_gap);
       zh += eh;
+      sum_b += b;
     }
-    sums.soft_student += zs;
-    sums.soft_teacher += zt;
-    sums.teacher_gap += gap;
-    sums.hard_student += zh;
+    add_terms(sums, DistillTerms{zs, zt, gap, bound, zh, sum_b});
   }
   *ms_out = ms;
   *mt_out = mt;
@@ -146,6 +140,22 @@ FASTTL_HD void row_grad(storage_t<S>* g, int64_t classes, int64_t y, bool hard, 
   }
 }
 
+// A row whose fp32 loss is not known to be within the tolerance, in float64 (distill.h): its loss
+// and its gradient, two more passes over the row (rare: see kExactRowTolerance).
+template <typename S, typename T>
+float exact_row(const storage_t<S>* s, const storage_t<T>* t, storage_t<S>* g, int64_t classes, int64_t y,
+                float rs, float rt, const DistillParams& p) {
+  const double inv_t = 1.0 / static_cast<double>(p.temperature);
+  ExactSums sums{0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  for (int64_t j = 0; j < classes; ++j) exact_add(sums, load<S>(s[j]), load<T>(t[j]), rs, rt, inv_t);
+  ExactCoef coef;
+  const double loss = exact_row_loss(sums, rs, p.hard ? load<S>(s[y]) : 0.0f, p, &coef);
+  for (int64_t j = 0; j < classes; ++j) {
+    g[j] = store<S>(exact_grad(load<S>(s[j]), load<T>(t[j]), rs, rt, inv_t, coef, p.hard && j == y));
+  }
+  return static_cast<float>(loss);
+}
+
 template <typename S, typename T, int kPow>
 FASTTL_CPU_CLONES void distill_rows_loop(const DistillArgs& a) {
   const storage_t<S>* student = static_cast<const storage_t<S>*>(a.student);
@@ -172,11 +182,20 @@ FASTTL_CPU_CLONES void distill_rows_loop(const DistillArgs& a) {
         continue;
       }
       const storage_t<S>* s = student + i * a.student_row_stride;
-      const DistillParams p{inv_t, a.temperature, a.alpha, a.target != nullptr, a.grad_scale};
+      const storage_t<T>* t = teacher + i * a.teacher_row_stride;
+      const DistillParams p{inv_t, a.temperature, a.alpha, a.target != nullptr, a.grad_scale, a.label_smoothing,
+                            1.0f / static_cast<float>(classes)};
       float ms, mt;
-      const DistillTerms sums = row_sums<S, T, kPow>(s, teacher + i * a.teacher_row_stride, classes, inv_t, w, &ms, &mt);
+      const DistillTerms sums = row_sums<S, T, kPow>(s, t, classes, inv_t, w, &ms, &mt);
       DistillGradCoef coef;
-      a.loss_rows[i] = distill_row_loss(sums, ms, mt, p.hard ? load<S>(s[y]) : 0.0f, p, &coef);
+      float error_bound;
+      const float rs = finite_ref(ms);
+      const float loss = distill_row_loss(sums, rs, p.hard ? load<S>(s[y]) : 0.0f, p, &coef, &error_bound);
+      if (needs_exact_row(loss, error_bound)) {
+        a.loss_rows[i] = exact_row<S, T>(s, t, g, classes, y, rs, finite_ref(mt), p);
+        continue;
+      }
+      a.loss_rows[i] = loss;
       row_grad<S, kPow>(g, classes, y, p.hard, inv_t, ms, mt, coef, w);
     }
   }

@@ -11,11 +11,52 @@
 namespace fasttl {
 namespace {
 
+// The row sums of all kThreads threads, each thread's sums first moved onto the row maxima.
+template <int kThreads>
+__device__ DistillTerms reduce_terms(DistillTerms part, float ms, float mt, float row_ms, float row_mt, float inv_t,
+                                     float count, float (*scratch)[kThreads > 32 ? kThreads / 32 : 1]) {
+  move_terms(part, ms, mt, row_ms, row_mt, inv_t, count);
+  DistillTerms sums;
+  sums.soft_student = row_reduce<kThreads>(part.soft_student, SumOp{}, scratch[0]);
+  sums.soft_teacher = row_reduce<kThreads>(part.soft_teacher, SumOp{}, scratch[1]);
+  sums.teacher_gap = row_reduce<kThreads>(part.teacher_gap, SumOp{}, scratch[2]);
+  sums.gap_bound = row_reduce<kThreads>(part.gap_bound, SumOp{}, scratch[3]);
+  sums.hard_student = row_reduce<kThreads>(part.hard_student, SumOp{}, scratch[0]);
+  sums.student_sum = row_reduce<kThreads>(part.student_sum, SumOp{}, scratch[1]);
+  return sums;
+}
+
+// A row whose fp32 loss is not known to be within the tolerance, in float64 by all the row's
+// threads (distill.h; rare): writes its gradient, returns its loss.
+template <typename S, typename T, int kThreads>
+__device__ float exact_row(const storage_t<S>* s, const storage_t<T>* t, storage_t<S>* g, int64_t classes,
+                           int64_t y, float rs, float rt, const DistillParams& p,
+                           double (*scratch)[kThreads > 32 ? kThreads / 32 : 1]) {
+  const double inv_t = 1.0 / static_cast<double>(p.temperature);
+  ExactSums part{0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  for (int64_t j = threadIdx.x; j < classes; j += kThreads) exact_add(part, load<S>(s[j]), load<T>(t[j]), rs, rt, inv_t);
+  ExactSums sums;
+  sums.soft_student = row_reduce<kThreads>(part.soft_student, SumOp{}, scratch[0]);
+  sums.soft_teacher = row_reduce<kThreads>(part.soft_teacher, SumOp{}, scratch[1]);
+  sums.hard_rest = row_reduce<kThreads>(part.hard_rest, SumOp{}, scratch[2]);
+  sums.hard_ties = row_reduce<kThreads>(part.hard_ties, SumOp{}, scratch[0]);
+  sums.phi = row_reduce<kThreads>(part.phi, SumOp{}, scratch[1]);
+  sums.u = row_reduce<kThreads>(part.u, SumOp{}, scratch[2]);
+  sums.student = row_reduce<kThreads>(part.student, SumOp{}, scratch[0]);
+  ExactCoef coef;
+  const double loss = exact_row_loss(sums, rs, p.hard ? load<S>(s[y]) : 0.0f, p, &coef);
+  for (int64_t j = threadIdx.x; j < classes; j += kThreads) {
+    g[j] = store<S>(exact_grad(load<S>(s[j]), load<T>(t[j]), rs, rt, inv_t, coef, p.hard && j == y));
+  }
+  return static_cast<float>(loss);
+}
+
 // kThreads threads per row; small class counts use one warp per row (blockDim.y rows per
 // block), large ones a whole block per row.
 template <typename S, typename T, int kThreads>
 __global__ void distill_rows_kernel(DistillArgs a) {
   __shared__ float scratch[4][kThreads > 32 ? kThreads / 32 : 1];
+  __shared__ double exact_scratch[3][kThreads > 32 ? kThreads / 32 : 1];
   const storage_t<S>* student_base = static_cast<const storage_t<S>*>(a.student);
   const storage_t<T>* teacher_base = static_cast<const storage_t<T>*>(a.teacher);
   storage_t<S>* grad_base = static_cast<storage_t<S>*>(a.grad);
@@ -32,49 +73,38 @@ __global__ void distill_rows_kernel(DistillArgs a) {
       if (threadIdx.x == 0) a.loss_rows[i] = 0.0f;
       continue;  // uniform across the row's threads, so no reduction is left waiting
     }
-    const DistillParams p{inv_t, a.temperature, a.alpha, a.target != nullptr, a.grad_scale};
+    const DistillParams p{inv_t, a.temperature, a.alpha, a.target != nullptr, a.grad_scale, a.label_smoothing,
+                          1.0f / static_cast<float>(a.classes)};
 
     // Pass 1: each thread keeps its own running maxima and its sums relative to them, moving the
     // sums onto a new maximum when one appears (online softmax, as the CPU loop does per stretch).
-    float ms = -INFINITY, mt = -INFINITY;
-    DistillTerms part{0.0f, 0.0f, 0.0f, 0.0f};
+    float ms = -INFINITY, mt = -INFINITY, count = 0.0f;
+    DistillTerms part{0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     for (int64_t j = threadIdx.x; j < a.classes; j += kThreads) {
       const float sj = load<S>(s[j]), tj = load<T>(t[j]);
-      if (sj > ms) {  // false for NaN, as fmaxf ignores it; the NaN still reaches the sums below
-        part.soft_student *= rescale(ms, sj, inv_t);
-        part.hard_student *= rescale(ms, sj, 1.0f);
-        ms = sj;
-      }
-      if (tj > mt) {
-        const float f = rescale(mt, tj, inv_t);
-        part.soft_teacher *= f;
-        part.teacher_gap *= f;
-        mt = tj;
-      }
-      const DistillTerms e = distill_terms(sj, tj, finite_ref(ms), finite_ref(mt), inv_t);
-      part.soft_student += e.soft_student;
-      part.soft_teacher += e.soft_teacher;
-      part.teacher_gap += e.teacher_gap;
-      part.hard_student += e.hard_student;
+      // > is false for NaN, as fmaxf ignores it; the NaN still reaches the sums below
+      const float ms2 = sj > ms ? sj : ms, mt2 = tj > mt ? tj : mt;
+      if (ms2 != ms || mt2 != mt) move_terms(part, ms, mt, ms2, mt2, inv_t, count);
+      ms = ms2;
+      mt = mt2;
+      add_terms(part, distill_terms(sj, tj, finite_ref(ms), finite_ref(mt), inv_t));
+      count += 1.0f;
     }
-    // The row maxima, then every thread's sums moved onto them and added up.
     const float row_ms = row_reduce<kThreads>(ms, MaxOp{}, scratch[0]);
     const float row_mt = row_reduce<kThreads>(mt, MaxOp{}, scratch[1]);
-    const float fs = rescale(ms, row_ms, inv_t), fh = rescale(ms, row_ms, 1.0f), ft = rescale(mt, row_mt, inv_t);
-    DistillTerms sums;
-    sums.soft_student = row_reduce<kThreads>(part.soft_student * fs, SumOp{}, scratch[0]);
-    sums.soft_teacher = row_reduce<kThreads>(part.soft_teacher * ft, SumOp{}, scratch[1]);
-    sums.teacher_gap = row_reduce<kThreads>(part.teacher_gap * ft, SumOp{}, scratch[2]);
-    sums.hard_student = row_reduce<kThreads>(part.hard_student * fh, SumOp{}, scratch[3]);
-    ms = row_ms;
-    mt = row_mt;
+    const DistillTerms sums = reduce_terms<kThreads>(part, ms, mt, row_ms, row_mt, inv_t, count, scratch);
+    const float rs = finite_ref(row_ms), rt = finite_ref(row_mt);
 
     DistillGradCoef coef;
-    const float s_target = p.hard ? load<S>(s[y]) : 0.0f;
-    const float loss = distill_row_loss(sums, ms, mt, s_target, p, &coef);
+    float error_bound;
+    const float loss = distill_row_loss(sums, rs, p.hard ? load<S>(s[y]) : 0.0f, p, &coef, &error_bound);
+    if (needs_exact_row(loss, error_bound)) {  // the same for every thread of the row: uniform
+      const float exact = exact_row<S, T, kThreads>(s, t, g, a.classes, y, rs, rt, p, exact_scratch);
+      if (threadIdx.x == 0) a.loss_rows[i] = exact;
+      continue;
+    }
     if (threadIdx.x == 0) a.loss_rows[i] = loss;
     // Pass 2: the gradient, with the exps taken against the same references as the sums.
-    const float rs = finite_ref(ms), rt = finite_ref(mt);
     for (int64_t j = threadIdx.x; j < a.classes; j += kThreads) {
       g[j] = store<S>(distill_grad(load<S>(s[j]), load<T>(t[j]), rs, rt, inv_t, coef, j == y));
     }

@@ -22,7 +22,8 @@ inline int cuda_sm_count() {
 }
 
 struct SumOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+  template <typename V>
+  __device__ __forceinline__ V operator()(V a, V b) const { return a + b; }
 };
 struct MaxOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
@@ -30,9 +31,9 @@ struct MaxOp {
 
 // Reduces `value` over the kThreads threads of one row (kThreads a power of two, the row's
 // threads contiguous in threadIdx.x). `scratch` holds kThreads / 32 floats per row when
-// kThreads > 32. Every thread of the row gets the result.
-template <int kThreads, typename Op>
-__device__ __forceinline__ float row_reduce(float value, Op op, float* scratch) {
+// kThreads > 32. Every thread of the row gets the result. V: float or double.
+template <int kThreads, typename V, typename Op>
+__device__ __forceinline__ V row_reduce(V value, Op op, V* scratch) {
   constexpr int kWarp = kThreads < 32 ? kThreads : 32;
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {

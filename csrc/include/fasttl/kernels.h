@@ -23,6 +23,7 @@ struct DistillArgs {
   int64_t rows;
   int64_t classes;
   float grad_scale;            // the gradient written is grad_scale * dloss_i/ds (1: the plain gradient)
+  float label_smoothing;       // eps of the hard term (0: plain cross-entropy)
 };
 
 void distill_rows_cpu(const DistillArgs& args);
