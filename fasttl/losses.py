@@ -1,7 +1,6 @@
 """Fused distillation loss: the public function and its argument checks."""
 from __future__ import annotations
 
-import math
 import operator
 from typing import Optional
 

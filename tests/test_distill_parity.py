@@ -3,7 +3,6 @@ backward and torch.func, (B, T, C) logits, float64, label smoothing and class we
 torch's own cross_entropy, and its numerics at the edges of what it accepts (within 1e-3 of a
 50-digit evaluation of the formula)."""
 import decimal
-import math
 import zlib
 
 import pytest
