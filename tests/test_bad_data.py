@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import fasttl.data as D
+from fasttl.data import dali_pipeline
 from fasttl.data.sources import MAX_IMAGE_PIXELS
 from conftest import DALI_REASON, backends, dali_installed
 
@@ -345,9 +346,22 @@ def test_dali_error_without_a_file_name_is_traced_from_the_undelivered_files(tmp
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
     loader = D.ImageLoader(source, IDENTITY, 4, backend="torch")
-    # Samples 0..7 came out of DALI already: the culprit is among the others.
-    error = loader._explain_dali_error(RuntimeError("Error in thread 0: decoders.image failed"), [torch.arange(8)])
+    # Samples 0..7 came out of DALI already: the culprit is among those in flight.
+    in_flight = dali_pipeline.SampleBatches(source, list(range(len(source))), 4)
+    in_flight.in_flight = list(range(8, len(source)))
+    error = loader._explain_dali_error(RuntimeError("Error in thread 0: decoders.image failed"), in_flight)
     assert isinstance(error, D.DataError) and pending in str(error) and delivered not in str(error)
+
+
+def test_dali_out_of_memory_names_the_images_in_flight_and_says_memory_ran_out(tmp_path, rng):
+    make_dataset(str(tmp_path / "ds"), rng, per_class=4)
+    source = D.scan_class_folder(str(tmp_path / "ds"))
+    loader = D.ImageLoader(source, IDENTITY, 4, backend="torch")
+    in_flight = dali_pipeline.SampleBatches(source, list(range(len(source))), 4)
+    in_flight.in_flight = [5, 6, 7]
+    error = loader._explain_dali_error(RuntimeError("Critical error in pipeline:\nstd::bad_alloc"), in_flight)
+    assert isinstance(error, D.DataError)
+    assert str(error).startswith(f"{source.files[5]} or one of 2 images beside it: decoding ran out of memory")
 
 
 def test_torch_worker_errors_stay_one_line(tmp_path, rng):

@@ -1,17 +1,18 @@
 """ImageLoader: (images, labels) batches from any source through DALI or the PyTorch fallback."""
 from __future__ import annotations
 
-import math
+import dataclasses
 import re
 from typing import Iterator, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from fasttl.data import dali_pipeline
-from fasttl.data.sources import (ArraySource, DataError, FileSource, TarSource, check_image, ensure_headers,
-                                 first_bad_image, skip_hint)
+from fasttl.data.sources import ArraySource, DataError, FileSource, TarSource, check_image, first_bad_image, skip_hint
+from fasttl.data.order import epoch_order, shard_length
 from fasttl.data.spec import TransformSpec
-from fasttl.data.torch_pipeline import TorchImageDataset
+from fasttl.data.torch_pipeline import TorchImageDataset, collate, normalize
 
 Source = Union[FileSource, ArraySource, TarSource]
 _BACKENDS = ("auto", "dali", "torch")
@@ -21,66 +22,105 @@ class ImageLoader:
     """Yields ``(images, labels)``: images (N, 3, size, size) float32 or bfloat16, normalized for
     the backbone; labels int64 (N,). On the GPU when ``device`` is cuda (DALI then decodes there).
 
+    A stand-in for ``DataLoader(dataset, sampler=DistributedSampler(...))``, on either backend:
+
     * ``backend``: ``"dali"``, ``"torch"`` (PIL + torch ops) or ``"auto"`` (DALI when installed).
-    * ``train``: random resized crop + flip, shuffled each epoch (seeded); else resize + center
-      crop, in order, every sample of the shard exactly once, last partial batch kept.
-    * ``shard_id`` / ``num_shards``: contiguous shards for distributed jobs (as DALI's readers).
+      Both yield the same samples in the same order (they differ only in decoding).
+    * ``train``: random resized crop + flip (``spec.train``); else resize + center crop.
+    * ``shuffle`` (default: ``spec.train``): each epoch a permutation of the whole source seeded
+      with ``seed + epoch`` (``seed`` defaults to ``spec.seed``); ``set_epoch(k)`` selects epoch
+      k's order (and augmentation) without running the epochs before it. Each ``for`` over the
+      loader is one epoch, and the next one follows unless ``set_epoch`` says otherwise.
+    * ``shard_id`` / ``num_shards``: the shard of a distributed job, as ``DistributedSampler``
+      cuts it: every ``num_shards``-th sample of the epoch's order from ``shard_id``, so the
+      shards are disjoint and together cover every sample each epoch. ``drop_last=False`` pads
+      the order with its first samples to a multiple of ``num_shards`` and keeps the last partial
+      batch; ``drop_last=True`` cuts the order to a multiple and drops the last partial batch.
+    * ``num_workers`` (``num_threads``): decode workers; ``pin_memory``: page-locked host batches
+      on the PyTorch path before the copy to a GPU.
     """
 
     def __init__(self, source: Source, spec: TransformSpec, batch_size: int = 64, *, backend: str = "auto",
                  shard_id: int = 0, num_shards: int = 1, device: Union[str, torch.device] = "cpu",
-                 dtype: torch.dtype = torch.float32, num_threads: int = 2):
+                 dtype: torch.dtype = torch.float32, num_threads: Optional[int] = None, shuffle: Optional[bool] = None,
+                 drop_last: bool = False, seed: Optional[int] = None, num_workers: Optional[int] = None,
+                 pin_memory: bool = False):
         if backend not in _BACKENDS:
             raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-        if not 0 <= shard_id < num_shards:
+        if not isinstance(num_shards, int) or num_shards < 1 or not isinstance(shard_id, int) or \
+                not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id: expected 0 <= shard_id < num_shards={num_shards}, got {shard_id}")
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
+        if num_threads is not None and num_workers is not None and num_threads != num_workers:
+            raise ValueError(f"num_workers: {num_workers} differs from num_threads={num_threads} (the same "
+                             "setting under two names; pass one)")
+        workers = num_workers if num_workers is not None else num_threads if num_threads is not None else 2
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+            raise ValueError(f"num_workers: expected an integer >= 0, got {workers!r}")
+        for name, value in (("shuffle", shuffle), ("drop_last", drop_last), ("pin_memory", pin_memory)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{name}: expected True or False, got {value!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TypeError(f"seed: expected an integer, got {seed!r}")
         if len(source) == 0:
             raise DataError("data: the source holds no samples")
         self.source, self.spec, self.batch_size = source, spec, batch_size
         self.shard_id, self.num_shards = shard_id, num_shards
-        self.device, self.dtype, self.num_threads = torch.device(device), dtype, num_threads
+        self.device, self.dtype, self.num_threads = torch.device(device), dtype, max(workers, 1)
+        self.shuffle = spec.train if shuffle is None else shuffle
+        self.seed = spec.seed if seed is None else seed
+        self.drop_last, self.pin_memory = drop_last, pin_memory
         if backend == "auto":
             backend = "dali" if dali_pipeline.dali_available() else "torch"
         if backend == "dali" and not dali_pipeline.dali_available():
             raise RuntimeError("backend='dali' but NVIDIA DALI is not installed: pip install nvidia-dali-cuda120, "
                                "or use backend='torch'")
         self.backend = backend
-        n = len(source)
-        self.num_samples = n * (shard_id + 1) // num_shards - n * shard_id // num_shards
-        self._epoch = 0
-        self._dali_iterator = None
+        self.num_samples = shard_length(len(source), num_shards, drop_last)
+        self.epoch = 0
 
     def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
+        full, partial = divmod(self.num_samples, self.batch_size)
+        return full + (1 if partial and not self.drop_last else 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next ``for`` over the loader runs: its order and its augmentation."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"epoch: expected an integer >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    def epoch_indices(self, epoch: Optional[int] = None) -> torch.Tensor:
+        """The source indices this shard yields in `epoch` (default: the next one), in order."""
+        order = epoch_order(len(self.source), epoch=self.epoch if epoch is None else epoch, seed=self.seed,
+                            shuffle=self.shuffle, shard_id=self.shard_id, num_shards=self.num_shards,
+                            drop_last=self.drop_last)
+        return order[:len(self) * self.batch_size] if self.drop_last else order
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        batches = self._iter_dali() if self.backend == "dali" else self._iter_torch()
+        epoch = self.epoch
+        indices = self.epoch_indices(epoch).tolist()
+        # The augmentation of an epoch is its own: seeded by the epoch as the order is.
+        spec = dataclasses.replace(self.spec, seed=self.spec.seed * 1_000_003 + epoch) if self.spec.train else self.spec
+        batches = self._iter_dali(indices, spec) if self.backend == "dali" else self._iter_torch(indices, spec)
+        self.epoch = epoch + 1
         for images, labels in batches:
             yield images.to(self.device, self.dtype, non_blocking=True), labels.to(self.device, torch.int64)
-        self._epoch += 1
-
-    def _shard_range(self) -> Tuple[int, int]:
-        n = len(self.source)
-        return n * self.shard_id // self.num_shards, n * (self.shard_id + 1) // self.num_shards
 
     # -- PyTorch fallback ------------------------------------------------------------------
-    def _iter_torch(self):
-        indices = list(range(*self._shard_range()))
-        if self.spec.train:
-            generator = torch.Generator().manual_seed(self.spec.seed * 100_003 + self._epoch)
-            indices = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
-        dataset = TorchImageDataset(self.source, self.spec)
-        dataset.epoch = self._epoch
+    def _iter_torch(self, indices, spec: TransformSpec):
+        dataset = TorchImageDataset(self.source, spec)
+        batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         # Worker processes decode in parallel, as DALI's threads do; not worth starting for a few batches.
-        workers = self.num_threads if len(indices) >= 8 * self.batch_size and self.num_threads > 1 else 0
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=self.batch_size,
-                                             shuffle=False, num_workers=workers)
+        workers = self.num_threads if len(batches) >= 8 and self.num_threads > 1 else 0
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                             collate_fn=collate, pin_memory=self.pin_memory and
+                                             self.device.type == "cuda")
         try:
-            yield from loader
+            for images, labels in loader:
+                yield normalize(images, spec), labels
         except DataError as exc:
             # A worker's error comes back wrapped in its traceback text: keep the one-line message.
             lines = [line for line in str(exc).splitlines() if "DataError: " in line]
@@ -89,73 +129,48 @@ class ImageLoader:
             raise DataError(lines[-1].split("DataError: ", 1)[1]) from None
 
     # -- DALI ------------------------------------------------------------------------------
-    def _build_dali(self):
+    def _iter_dali(self, indices, spec: TransformSpec):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        if isinstance(self.source, FileSource):
-            pipe = dali_pipeline.file_pipeline(self.source, self.spec, self.batch_size, self.shard_id,
-                                               self.num_shards, device_id, self.num_threads)
-            kwargs = dict(reader_name="Reader")
-        elif isinstance(self.source, TarSource):
-            self._encoded = dali_pipeline.EncodedBatches(self.source, self.batch_size, self.shard_id, self.num_shards,
-                                                         self.spec.train, self.spec.seed)
-            pipe = dali_pipeline.encoded_pipeline(self._encoded, self.spec, self.batch_size, device_id,
-                                                  self.num_threads)
-            kwargs = dict(size=-1)
-        else:
-            batches = dali_pipeline.ShardBatches(self.source, self.batch_size, self.shard_id, self.num_shards,
-                                                 self.spec.train, self.spec.seed)
-            pipe = dali_pipeline.array_pipeline(batches, self.spec, self.batch_size, device_id, self.num_threads)
-            kwargs = dict(size=-1)
-        pipe.build()
-        return DALIGenericIterator(pipe, ["images", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL,
-                                   auto_reset=True, **kwargs)
-
-    def _iter_dali(self):
-        files = isinstance(self.source, FileSource)
-        encoded = isinstance(self.source, TarSource)
-        if files:
-            # DALI's decoder crashes the process when its parser rejects a file: none may reach it.
-            ensure_headers(self.source, *self._shard_range())
-        if files or encoded:  # the pipeline's second output is sample indices
-            label_of = torch.as_tensor(self.source.labels, dtype=torch.int64)
-        delivered = []  # sample indices handed out this epoch (the file pipeline's "labels")
+        batches = dali_pipeline.SampleBatches(self.source, indices, self.batch_size)
+        label_of = torch.as_tensor(np.asarray(self.source.labels), dtype=torch.int64)
         try:
-            if self._dali_iterator is None:
-                self._dali_iterator = self._build_dali()
-            for batch in self._dali_iterator:
-                labels = batch[0]["labels"].reshape(-1)
-                if files or encoded:
-                    delivered.append(labels)
-                    labels = label_of[labels.cpu()]
-                yield batch[0]["images"], labels
-            if encoded and self._encoded.error is not None:
-                self._dali_iterator = None
-                raise self._encoded.error
+            # A pipeline per epoch, fed in this epoch's order: DALI's own readers shard and shuffle
+            # in their own way, and a pipeline that prefetches across epochs could not honour set_epoch.
+            pipe = dali_pipeline.sample_pipeline(batches, spec, self.batch_size, device_id, self.num_threads,
+                                                 seed=spec.seed)
+            pipe.build()
+            iterator = DALIGenericIterator(pipe, ["images", "indices"], size=-1, auto_reset=False,
+                                           last_batch_policy=LastBatchPolicy.PARTIAL)
+            for batch in iterator:
+                yield batch[0]["images"], label_of[batch[0]["indices"].reshape(-1).cpu()]
         except RuntimeError as exc:
-            # The pipeline is invalid after an error: drop it, touch none of its outputs again.
-            self._dali_iterator = None
-            raise self._explain_dali_error(exc, delivered) from exc
+            raise self._explain_dali_error(exc, batches) from exc
+        if batches.error is not None:
+            raise batches.error
 
-    def _explain_dali_error(self, exc: Exception, delivered) -> Exception:
+    def _explain_dali_error(self, exc: Exception, batches) -> Exception:
         """A DataError naming the file DALI could not decode: from DALI's message when it names a
-        file of the source, else the first file not yet delivered this epoch that PIL cannot
-        decode either (from the failed batch on in eval order; the shard is not read twice)."""
+        file of the source, else the first of the images in flight that PIL cannot decode either;
+        memory that ran out is said so, with the images in flight."""
         text = str(exc)
         first_line = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+        names = self.source.sample_ids() if not isinstance(self.source, FileSource) else self.source.files
+        pending = [names[i] for i in batches.in_flight]
+        if re.search(r"out of memory|bad_alloc|Cannot allocate|OOM", text, re.IGNORECASE):
+            where = f"{pending[0]} or one of {len(pending) - 1} images beside it" if pending else "an image"
+            return DataError(f"{where}: decoding ran out of memory (an image larger than it looks, or too large a "
+                             "batch: lower --batch-size, or screen the data with --on-error skip)")
         if not isinstance(self.source, FileSource) or "decod" not in text:
             return RuntimeError(f"DALI pipeline failed: {first_line.strip()} (FASTTL_DEBUG=1 shows DALI's message; "
                                 "backend='torch' avoids DALI)")
         named = set(re.findall(r"Failed to decode sample\s*#?\d*\s*:\s*(\S.*?)\s*$", text, re.MULTILINE))
-        for path in self.source.files:
+        for path in pending:
             if path in named:
                 problem = check_image(path) or "DALI cannot decode it; PIL can"
                 return DataError(f"{path}: cannot be decoded ({problem}); {skip_hint()}")
-        done = set(torch.cat(delivered).tolist()) if delivered else set()
-        begin, end = self._shard_range()
-        pending = [i for i in range(begin, end) if i not in done]
-        bad = first_bad_image([self.source.files[i] for i in pending], num_threads=self.num_threads)
+        bad = first_bad_image(pending, num_threads=self.num_threads)
         if bad is not None:
             return DataError(f"{bad[0]}: cannot be decoded ({bad[1]}); {skip_hint()}")
         where = self.source.root or "the source"
@@ -165,6 +180,10 @@ class ImageLoader:
 
 def make_loader(source: Source, preprocessing, batch_size: int = 64, *, train: bool = False, seed: int = 0,
                 image_size: Optional[int] = None, **kwargs) -> ImageLoader:
-    """An ImageLoader with a backbone's preprocessing (fasttl.backbones.Preprocessing)."""
+    """An ImageLoader with a backbone's preprocessing (fasttl.backbones.Preprocessing); the
+    keywords are ImageLoader's (shuffle, drop_last, shard_id, num_shards, num_workers, ...); `seed`
+    seeds the order and the augmentation."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed: expected an integer, got {seed!r}")
     spec = TransformSpec.for_backbone(preprocessing, train=train, seed=seed, size=image_size)
     return ImageLoader(source, spec, batch_size, **kwargs)

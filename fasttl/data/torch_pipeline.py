@@ -73,8 +73,12 @@ def decode(path: str, data: bytes = None) -> torch.Tensor:
 
 
 def _resize(chw: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    return F.interpolate(chw[None], size=(height, width), mode="bilinear", align_corners=False,
-                         antialias=True)[0]
+    """Bilinear with antialiasing, in uint8 as DALI's resize (which rounds its output to the
+    input's type): torch's uint8 path (channels_last) is 8x its float path on the CPU."""
+    if tuple(chw.shape[1:]) == (height, width):
+        return chw
+    nhwc = chw[None].contiguous(memory_format=torch.channels_last)
+    return F.interpolate(nhwc, size=(height, width), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
 def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
@@ -94,9 +98,10 @@ def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def transform(hwc_uint8: torch.Tensor, spec: TransformSpec, rng: np.random.Generator = None) -> torch.Tensor:
-    """uint8 (H, W, 3) -> normalized float32 (3, size, size)."""
-    chw = hwc_uint8.permute(2, 0, 1).float()
+def crop_resize(hwc_uint8: torch.Tensor, spec: TransformSpec, rng: np.random.Generator = None) -> torch.Tensor:
+    """uint8 (H, W, 3) -> uint8 (3, size, size): the geometry of `spec` (random resized crop and
+    flip for training, else resize of the shorter side and center crop, mirrored if asked)."""
+    chw = hwc_uint8.permute(2, 0, 1)
     h, w = chw.shape[1:]
     size = spec.size
     if spec.train:
@@ -115,19 +120,34 @@ def transform(hwc_uint8: torch.Tensor, spec: TransformSpec, rng: np.random.Gener
         out = out[:, top:top + size, left:left + size]
         if spec.mirror:
             out = out.flip(-1)
+    return out.contiguous()
+
+
+def normalize(images_uint8: torch.Tensor, spec: TransformSpec) -> torch.Tensor:
+    """uint8 (N, 3, size, size) or (3, size, size) -> float32, normalized: one pass per batch."""
     mean = torch.tensor(spec.mean_255).view(3, 1, 1)
-    std = torch.tensor(spec.std_255).view(3, 1, 1)
-    return (out - mean) / std
+    inv_std = 1.0 / torch.tensor(spec.std_255).view(3, 1, 1)
+    return (images_uint8.float() - mean) * inv_std
+
+
+def transform(hwc_uint8: torch.Tensor, spec: TransformSpec, rng: np.random.Generator = None) -> torch.Tensor:
+    """uint8 (H, W, 3) -> normalized float32 (3, size, size): crop_resize, then normalize."""
+    return normalize(crop_resize(hwc_uint8, spec, rng), spec)
+
+
+def collate(samples):
+    """(uint8 images, labels) of a batch, stacked: the workers send uint8, 4x less than float."""
+    return torch.stack([image for image, _ in samples]), torch.tensor([label for _, label in samples])
 
 
 class TorchImageDataset(torch.utils.data.Dataset):
-    """Samples of a FileSource or ArraySource, transformed; train randomness seeded per
-    (seed, epoch, index) so a run repeats exactly."""
+    """Samples of a source as uint8 (3, size, size) after the geometry of `spec` (normalized per
+    batch by the loader); train randomness seeded per (spec.seed, index), and the loader gives each
+    epoch a spec seed of its own, so a run repeats exactly."""
 
     def __init__(self, source, spec: TransformSpec):
         self.source = source
         self.spec = spec
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.source)
@@ -145,5 +165,5 @@ class TorchImageDataset(torch.utils.data.Dataset):
             label = int(self.source.labels[index])
         else:
             raise TypeError(f"source: expected FileSource, TarSource or ArraySource, got {type(self.source).__name__}")
-        rng = np.random.default_rng([self.spec.seed, self.epoch, index]) if self.spec.train else None
-        return transform(image, self.spec, rng), label
+        rng = np.random.default_rng([self.spec.seed, index]) if self.spec.train else None
+        return crop_resize(image, self.spec, rng), label
