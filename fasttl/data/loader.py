@@ -146,6 +146,8 @@ class ImageLoader:
             for batch in iterator:
                 yield batch[0]["images"], label_of[batch[0]["indices"].reshape(-1).cpu()]
         except RuntimeError as exc:
+            if batches.error is not None:  # the first batch could not be read: DALI saw no data at all
+                raise batches.error from None
             raise self._explain_dali_error(exc, batches) from exc
         if batches.error is not None:
             raise batches.error
