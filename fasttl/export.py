@@ -70,7 +70,7 @@ def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, ops
     {"out", "max_abs_diff", "images", "image_size", "classes", "opset", "bytes"}."""
     from fasttl import __version__
     from fasttl.files import write_atomic
-    from fasttl.predict import check_output_path, load_run
+    from fasttl.predict import ImagesToLogits, check_output_path, load_run
 
     tolerance = TOLERANCE if tolerance is None else tolerance
     out = check_output_path(out, overwrite)
@@ -84,7 +84,7 @@ def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, ops
     onnx, onnxruntime = _onnx_modules()
     run = load_run(run_dir, "cpu")
     size = image_size or run.spec.size
-    module = run.model.float().eval()
+    module = ImagesToLogits(run.trained.module, run.spec.mean, run.spec.std, size).float().eval()
     images = _verification_images(run, run.config, size)
     data = to_onnx(module, images[:2], output_name="logits", opset=opset)
 

@@ -28,16 +28,26 @@ from fasttl.errors import OptionError
 
 
 class ImagesToLogits(nn.Module):
-    """float32 (N, 3, H, W) RGB in [0, 1] -> logits (N, classes): the backbone's normalization,
-    then the run's model. What `load_run(...).model` is and what `fasttl export` writes to ONNX."""
+    """float32 (N, 3, size, size) RGB in [0, 1] -> logits (N, classes): the backbone's
+    normalization, then the run's model. What `load_run(...).model` is and what `fasttl export`
+    writes to ONNX. Images of another size are refused, naming the size: a CNN with a global pool
+    would take them and answer differently from `predict` (which resizes and crops first)."""
 
-    def __init__(self, module: nn.Module, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, module: nn.Module, mean: Sequence[float], std: Sequence[float], size: int):
         super().__init__()
         self.module = module
+        self.size = int(size)
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (self.size, self.size):
+            raise ValueError(f"images: got shape {tuple(images.shape)}, expected (N, 3, {self.size}, {self.size}) RGB "
+                             f"in [0, 1], resized and center-cropped as .input_spec says (.predict does that for "
+                             "you, from files or uint8 images of any size)")
+        if not images.is_floating_point():
+            raise TypeError(f"images: dtype {images.dtype}, expected float RGB in [0, 1] (uint8 pixels go to "
+                            ".predict)")
         return self.module((images - self.mean) / self.std)
 
 
@@ -100,8 +110,9 @@ class RunModel:
     returns.
 
     * ``classes``: the class names, in the order of the logits.
-    * ``model``: an nn.Module from float32 (N, 3, H, W) RGB in [0, 1], resized and center-cropped
-      as ``input_spec`` says, to logits (the graph `fasttl export` writes).
+    * ``model``: an nn.Module from float32 (N, 3, size, size) RGB in [0, 1], resized and
+      center-cropped as ``input_spec`` says, to logits (the graph `fasttl export` writes); another
+      size is refused, naming the one it takes.
     * ``predict(images)``: (predicted class names, probabilities (N, classes)) for image files,
       folders, or a uint8 image tensor; the same predictions as the run's predictions.csv.
     """
@@ -120,7 +131,8 @@ class RunModel:
         self.classes: List[str] = list(self.trained.classes)
         self.spec: TransformSpec = self.trained.spec
         self.input_spec = unit_range_spec(self.spec)
-        self.model = ImagesToLogits(self.trained.module, self.spec.mean, self.spec.std).to(self.device).eval()
+        self.model = ImagesToLogits(self.trained.module, self.spec.mean, self.spec.std, self.spec.size)
+        self.model = self.model.to(self.device).eval()
         self._features = None
 
     def __repr__(self) -> str:

@@ -25,13 +25,18 @@ def test_the_readme_has_code_to_check():
 
 @pytest.fixture
 def my_data(tmp_path, cifar10_root):
-    """my_data/{train,test}/<class>/ with 6 and 3 real CIFAR-10 images of two classes."""
+    """my_data/{train,test}/<class>/ with 6 and 3 real CIFAR-10 images of two classes; the first
+    test cat is a 203 x 131 photo (the deployment snippet's resize is checked beyond 32 px)."""
+    from PIL import Image
+
     for split, count in (("train", 6), ("test", 3)):
         for name in ("cat", "ship"):
             folder = tmp_path / "my_data" / split / name
             folder.mkdir(parents=True)
             for i in range(count):
                 shutil.copy(os.path.join(cifar10_root, split, name, f"{i:04d}.jpg"), folder / f"{i}.jpg")
+    photo = tmp_path / "my_data" / "test" / "cat" / "0.jpg"
+    Image.open(photo).convert("RGB").resize((203, 131), Image.LANCZOS).save(photo, quality=92)
     return tmp_path
 
 

@@ -27,8 +27,13 @@ def _augment(fn, types, images, spec: TransformSpec, on_gpu: bool):
                                         antialias=True, seed=spec.seed % 2**31)
         mirror = fn.random.coin_flip(probability=0.5, seed=(spec.seed + 1) % 2**31)
     else:
+        # float out: rounding the resized pixels to uint8 (DALI's default, the input's type) moves
+        # features by ~3% (EfficientNet-Lite is that sensitive to +-1 grey level); the PyTorch
+        # path resamples as DALI does (torch_pipeline._resampling), so both give the same pixels.
+        # subpixel_scale=False: the longer side's scale is in/out of its rounded size, as the PyTorch
+        # path's (DALI would otherwise keep the shorter side's exact scale and shift the window).
         images = fn.resize(images, resize_shorter=spec.resize_shorter, interp_type=types.INTERP_LINEAR,
-                           antialias=True)
+                           antialias=True, dtype=types.FLOAT, subpixel_scale=False)
         mirror = 1 if spec.mirror else 0
     return fn.crop_mirror_normalize(images, crop=(spec.size, spec.size), crop_pos_x=0.5, crop_pos_y=0.5,
                                     mean=spec.mean_255, std=spec.std_255, mirror=mirror, dtype=types.FLOAT,
