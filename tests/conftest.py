@@ -155,5 +155,5 @@ def linear_teacher(tiny_cifar, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "linear"
     with pytest.MonkeyPatch.context() as patch:  # a module fixture runs before each test's private cache
         patch.setenv("FASTTL_CACHE_DIR", str(tmp_path_factory.mktemp("teacher-cache")))
-        run(data=str(tiny_cifar), strategy="linear", epochs=4, out=str(out), image_size=32, progress=False, seed=0)
+        run(data=str(tiny_cifar), strategy="linear", out=str(out), image_size=32, progress=False, seed=0)
     return out

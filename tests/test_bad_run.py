@@ -34,6 +34,8 @@ def two_classes(tmp_path_factory, cifar10_root):
 def quick(data, out, **kw):
     options = dict(data=str(data), out=None if out is None else str(out), strategy="scratch", epochs=2, image_size=32, progress=False, seed=0)
     options.update(kw)
+    if options["strategy"] == "linear" and options.get("compare", "none") in ("none", "auto") and "epochs" not in kw:
+        del options["epochs"]  # a linear head is solved, not trained in epochs: it refuses --epochs
     return options
 
 
@@ -254,6 +256,10 @@ def test_a_damaged_teacher_logits_file_is_recomputed(two_classes, tmp_path):
     ({"strategy": "scratch", "mirror_views": "both"},
      "mirror_views: --mirror-views is read only by --strategy linear or mlp; drop it for --strategy scratch"),
     ({"strategy": "linear", "mirror_views": "sideways"}, "mirror_views: unknown 'sideways'; choose from none, test, both"),
+    ({"strategy": "linear", "compare": "none", "epochs": 7}, r"^epochs: --epochs is not read by --strategy linear"),
+    ({"strategy": "linear", "compare": "none", "epochs": None, "lr": 0.3}, r"^lr: --lr is not read by --strategy linear"),
+    ({"strategy": "linear", "compare": "none", "epochs": None, "batch_size": 8},
+     r"^batch_size: --batch-size is not read by"),
 ])
 def test_bad_options_are_refused_before_any_work(two_classes, tmp_path, options, match):
     with pytest.raises(OptionError, match=match):
@@ -267,6 +273,15 @@ def test_a_diverging_run_stops_with_an_error_and_writes_no_metrics(two_classes, 
         run(**quick(two_classes, out, lr=1e8))
     assert not (out / "metrics.json").exists()
     assert not (out / "scratch.checkpoint.pt").exists()  # NaN weights are never checkpointed
+
+
+def test_report_states_only_the_options_a_model_read(two_classes, tmp_path):
+    run(**quick(two_classes, tmp_path / "alone", strategy="linear", compare="none"))
+    alone = (tmp_path / "alone" / "report.md").read_text()
+    assert "epochs" not in alone.split("\n\n")[2] and " lr " not in alone.split("\n\n")[2]
+    run(**quick(two_classes, tmp_path / "beside", strategy="linear", compare="scratch", epochs=1))
+    beside = (tmp_path / "beside" / "report.md").read_text()
+    assert "1 epochs, batch 256, lr 0.003 (scratch)" in beside
 
 
 def test_metrics_json_is_strict_json(two_classes, tmp_path):

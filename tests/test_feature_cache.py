@@ -206,3 +206,20 @@ def test_extract_cli_summary_and_head_training(medium_dataset, tmp_path):
     head, history = train_head(train, epochs=15, batch_size=16, lr=3e-3, eval_cache=test, progress=False)
     assert len(history) == 15 and history[-1]["train_accuracy"] > 0.9
     assert history[-1]["eval_accuracy"] > 0.4  # 4 classes: chance is 0.25
+
+
+def test_last_build_says_where_and_whether_it_was_reused(lite0, small_source, tmp_path):
+    # The docstring promises `directory` and `reused`: a second build of the same cache reuses it.
+    import numpy as np
+
+    out = tmp_path / "cache"
+    first = build(lite0, small_source, out)
+    again = build(lite0, small_source, out)
+    assert first.last_build["directory"] == str(out) and first.last_build["reused"] is False
+    assert first.last_build["images"] == 18
+    assert again.last_build["directory"] == str(out) and again.last_build["reused"] is True
+    assert again.last_build["images"] == 0
+    mine = str(tmp_path / "mine")
+    written = fasttl.FeatureCache.write(mine, [np.ones((3, 4), np.float32)], [0, 1, 0], classes=["a", "b"])
+    assert written.last_build["directory"] == mine and written.last_build["reused"] is False
+    assert fasttl.FeatureCache.open(str(out)).last_build == {}

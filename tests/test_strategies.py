@@ -22,7 +22,7 @@ def teacher(three_classes, tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("teacher") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FASTTL_CACHE_DIR", cache_dir)
-        run(data=str(three_classes), strategy="linear", epochs=3, image_size=32, out=str(out), progress=False)
+        run(data=str(three_classes), strategy="linear", image_size=32, out=str(out), progress=False)
     return out
 
 

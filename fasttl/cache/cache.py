@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -40,6 +40,8 @@ class FeatureCache:
         self.labels = labels
         self._samples = samples
         self._table = None  # the ShardTable of a cache of several shards, made on first use
+        # What FeatureCache.build or .write did to make it (build_cache's keys); {} when opened.
+        self.last_build: Dict[str, object] = {}
 
     # -- building, writing and opening ---------------------------------------------------------
     @classmethod
@@ -49,8 +51,7 @@ class FeatureCache:
         :func:`fasttl.cache.build.build_cache` for the arguments."""
         result = build.build_cache(backbone, data, out_dir, **kwargs)
         # A cache this call wrote was hashed as it was written, and recorded as verified.
-        cache = cls.open(result.pop("directory"), verify=True)
-        result.pop("reused")
+        cache = cls.open(result["directory"], verify=True)
         cache.last_build = result
         return cache
 
@@ -62,8 +63,8 @@ class FeatureCache:
         and trains like a built one. See :func:`fasttl.cache.build.write_cache`."""
         result = build.write_cache(directory, chunks, labels, classes=classes, dtype=dtype, sample_ids=sample_ids,
                                    fingerprint=fingerprint, shard_rows=shard_rows, overwrite=overwrite)
-        cache = cls.open(result.pop("directory"), verify=True)
-        cache.last_build = result
+        cache = cls.open(result["directory"], verify=True)
+        cache.last_build = dict(result, reused=False)
         return cache
 
     @classmethod

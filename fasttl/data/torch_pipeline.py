@@ -8,7 +8,6 @@ from typing import Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fasttl.data.sources import ArraySource, DataError, FileSource, TarSource, bytes_problem, header_problem, skip_hint
 from fasttl.data.spec import TransformSpec

@@ -210,6 +210,12 @@ def _check_unused(cfg: "RunConfig", trained) -> None:
     """An option that only another strategy reads is a mistake to point out, not to ignore."""
     from fasttl.transfer import registry
 
+    for name in ("epochs", "lr", "batch_size"):
+        if getattr(cfg, name) is not None and not any(name in s.training_options for s in trained):
+            raise OptionError(f"{name}: --{name.replace('_', '-')} is not read by --strategy {cfg.strategy} "
+                              f"({registry.get(cfg.strategy).help}); drop it, or --compare a strategy that trains "
+                              "in epochs")
+
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     for name in ("teacher", "target_data", "finetune_stages", "finetune_from", "regularize", "distill_features",
                  "teacher_logits", "temperature", "alpha", "mirror_views"):

@@ -97,6 +97,7 @@ class Strategy:
     baseline: bool = False      # the from-scratch model every transfer is judged beside
     outputs: Tuple[str, ...] = ()   # the names of the models it saves: NAME.safetensors, NAME.checkpoint.pt
     uses: Tuple[str, ...] = ()  # options (left at their defaults by other strategies) that only this strategy reads, beside `requires`
+    training_options: Tuple[str, ...] = ("epochs", "lr", "batch_size")  # the generic ones it reads
 
     def train(self, cfg, dataset, run_dir: str, device: torch.device) -> List[Outcome]:
         raise NotImplementedError(f"strategy {self.name!r} ({type(self).__name__}) defines no train()")

@@ -137,6 +137,18 @@ def _views_note(config: Dict[str, object]) -> str:
     return f"; views: train {named(views_of(config, 'train'))}, test {named(views_of(config, 'test'))}"
 
 
+def _training_note(config: Dict[str, object]) -> str:
+    """Epochs, batch and lr, said of the models that read them (a linear head reads none)."""
+    from fasttl.transfer import registry
+
+    trained = [name for name in (config.get("strategy"), config.get("compare")) if name in registry.names()]
+    readers = [name for name in trained if registry.get(name).training_options]
+    if not readers:
+        return ""
+    who = "" if readers == trained else f" ({' and '.join(readers)})"
+    return f"{config.get('epochs')} epochs, batch {config.get('batch_size')}, lr {config.get('lr')}{who}, "
+
+
 def write_report(run_dir: str, config: Dict[str, object], results: Dict[str, Dict[str, object]],
                  dataset_line: str, main: str) -> None:
     """report.md: the run's configuration, a table of each trained model beside the others
@@ -144,7 +156,7 @@ def write_report(run_dir: str, config: Dict[str, object], results: Dict[str, Dic
     names = list(results)
     lines = [f"# fasttl run: {main}", "", dataset_line, "",
              f"Backbone `{config.get('backbone')}`, image size {config.get('image_size')} px, "
-             f"{config.get('epochs')} epochs, batch {config.get('batch_size')}, lr {config.get('lr')}, "
+             + _training_note(config) +
              f"seed {config.get('seed')}, device {config.get('device')}, features {config.get('features', 'head')}"
              + _views_note(config) + ".",
              "",

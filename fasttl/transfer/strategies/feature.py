@@ -173,6 +173,7 @@ class Linear(FeatureTransfer):
     display = "linear (feature transfer)"
     help = "a linear head on cached features of the frozen backbone, its L2 strength tuned on validation"
     lr = 3e-3
+    training_options = ()  # solved exactly along its L2 path: no epochs, learning rate or batches
 
     def fit(self, cfg, views, run_dir, device, mirrored_validation=None):
         return tune_linear(views, seed=cfg.seed, device=device, progress=cfg.progress,
