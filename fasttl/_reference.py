@@ -39,6 +39,16 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
     return rows.sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
+def distillation_loss_kl_div(student_logits, teacher_logits, target, *, temperature=1.0, alpha=0.5):
+    """The loss as users usually write it (and the fastest eager form: kl_div with log_target
+    takes log-probabilities on both sides, no exp of the teacher's): the batch mean of
+    :func:`distillation_loss` (no ignore_index, no smoothing)."""
+    T = float(temperature)
+    soft = F.kl_div(F.log_softmax(student_logits / T, dim=-1), F.log_softmax(teacher_logits.detach() / T, dim=-1),
+                    reduction="batchmean", log_target=True) * (T * T)
+    return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, target)
+
+
 def distillation_row_grad(student_logits, teacher_logits, target=None, *, temperature=1.0, alpha=0.5,
                           ignore_index=-100, label_smoothing=0.0):
     """d(loss_i)/d(student_i) of each row of :func:`distillation_loss` ``reduction="none"``, as

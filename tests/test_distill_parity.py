@@ -25,6 +25,14 @@ def inputs(request, shape=(6, 7), dtype=torch.float32, scale=3.0):
     return student, teacher, target
 
 
+def test_the_benchmarks_kl_div_baseline_computes_the_same_loss(request):
+    # fasttl bench distill times it as "eager kl_div": it must be the same loss, or the ratio lies.
+    student, teacher, target = inputs(request, (16, 30), torch.float64)
+    ours = fasttl.distillation_loss(student.float(), teacher.float(), target, temperature=4.0, alpha=0.9)
+    theirs = _reference.distillation_loss_kl_div(student, teacher, target, temperature=4.0, alpha=0.9)
+    torch.testing.assert_close(ours.double(), theirs.detach(), rtol=1e-5, atol=1e-6)
+
+
 # ---- autocast and GradScaler ------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_loss_is_fp32_under_autocast_as_torch_losses(request, dtype):

@@ -172,7 +172,7 @@ def test_digits_stay_available_with_their_baseline(tmp_path):
 def test_cli_run_and_eval(tiny_cifar, tmp_path):
     out = tmp_path / "cli"
     env = dict(os.environ)
-    result = subprocess.run([sys.executable, "-m", "fasttl", "run", "--data", str(tiny_cifar), "--epochs", "3",
+    result = subprocess.run([sys.executable, "-m", "fasttl", "run", "--data", str(tiny_cifar), "--compare", "scratch", "--epochs", "3",
                              "--image-size", "32", "--out", str(out), "--no-progress"], capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0, result.stderr

@@ -38,10 +38,12 @@ def trained(three_classes, module_cache, tmp_path_factory):
                 extra["target_data"] = str(three_classes)
             if name == "mlp":
                 extra["mirror_views"] = "both"  # trained on both views (linear: the default, mirrored at test only)
+            if strategy.training_options:
+                extra["epochs"] = 2  # a linear head is solved, not trained in epochs
             out = tmp_path_factory.mktemp(f"run-{name}") / "run"
             with pytest.MonkeyPatch.context() as patch:
                 patch.setenv("FASTTL_CACHE_DIR", module_cache)
-                run(data=str(three_classes), strategy=name, epochs=2, image_size=32, out=str(out), compare="none",
+                run(data=str(three_classes), strategy=name, image_size=32, out=str(out), compare="none",
                     progress=False, **extra)
             runs[name] = out
         return runs[name]

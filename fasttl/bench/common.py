@@ -17,9 +17,11 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(fn: Callable[[], object], device: str = "cpu", repeats: int = 10, warmup: int = 2,
-                   min_seconds: float = 0.0) -> float:
-    """Median wall time of fn() over `repeats` runs after `warmup` runs (device synchronized)."""
+def timings(fn: Callable[[], object], device: str = "cpu", repeats: int = 10, warmup: int = 2,
+            min_seconds: float = 0.0) -> Dict[str, float]:
+    """Wall times of fn() over `repeats` runs (at least `min_seconds` in all) after `warmup`
+    runs, device synchronized: min, median, the interquartile range as a fraction of the median
+    ("spread"), and the count."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -30,7 +32,20 @@ def median_seconds(fn: Callable[[], object], device: str = "cpu", repeats: int =
         fn()
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    median = statistics.median(times)
+    return {"min": min(times), "median": median, "spread": (quartiles[2] - quartiles[0]) / median, "n": len(times)}
+
+
+def median_seconds(fn: Callable[[], object], device: str = "cpu", repeats: int = 10, warmup: int = 2,
+                   min_seconds: float = 0.0) -> float:
+    """Median wall time of fn() (see timings)."""
+    return timings(fn, device, repeats, warmup, min_seconds)["median"]
+
+
+def spread_text(t: Dict[str, float]) -> str:
+    """"12.3 (min 12.0, IQR 4%)": a median in ms with its minimum and spread."""
+    return f"{1e3 * t['median']:.3g} (min {1e3 * t['min']:.3g}, IQR {100 * t['spread']:.0f}%)"
 
 
 def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, repeats: int = 10) -> float:
@@ -50,21 +65,66 @@ def inplace_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, repeats: int
     return 2 * nbytes / seconds / 1e9
 
 
-def machine() -> Dict[str, object]:
-    cpu = platform.processor() or platform.machine()
+def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_caches() -> Dict[str, str]:
+    """{"L1d": "48K", "L2": "2048K", "L3": "32768K", ...} of cpu0, read from sysfs ({} where it
+    can't be read): what a benchmark's text says about caches comes from here, never from prose."""
+    caches = {}
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError:
+        return caches
+    for entry in entries:
+        try:
+            with open(os.path.join(root, entry, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(root, entry, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(root, entry, "size")) as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        name = f"L{level}" + {"Data": "d", "Instruction": "i"}.get(kind, "")
+        caches[name] = size
+    return caches
+
+
+def cache_bytes(level: str) -> Optional[int]:
+    """Size in bytes of a cache level of cpu0 ("L3"), or None."""
+    text = cpu_caches().get(level)
+    if not text:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average: how busy the machine was (2 on an idle 2-core box is full)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def machine() -> Dict[str, object]:
     info = {
         "date": datetime.date.today().isoformat(),
-        "cpu": cpu,
+        "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "caches": cpu_caches(),
+        "load_1m": load_average(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "fasttl": __import__("fasttl").__version__,
@@ -75,8 +135,10 @@ def machine() -> Dict[str, object]:
 
 def header(info: Dict[str, object], device: str) -> str:
     gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
-    return (f"{info['date']} | {info['cpu']} ({info['cores']} cores, {info['threads']} torch threads{gpu}) | "
-            f"device {device} | torch {info['torch']} | fasttl {info['fasttl']}")
+    caches = ", ".join(f"{k} {v}" for k, v in (info.get("caches") or {}).items() if k in ("L2", "L3"))
+    return (f"{info['date']} | {info['cpu']} ({info['cores']} cores, {info['threads']} torch threads{gpu}"
+            + (f"; {caches}" if caches else "") + f") | load {info.get('load_1m')} | device {device} | "
+            f"torch {info['torch']} | fasttl {info['fasttl']}")
 
 
 def format_table(columns: List[str], rows: List[List[object]]) -> str:

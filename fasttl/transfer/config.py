@@ -128,7 +128,10 @@ class RunConfig:
 
         self._check_choices()
         strategy = registry.get(self.strategy)
-        trained = [strategy] + ([registry.get(self.compare)] if self.compare not in ("auto", "none") else [])
+        compare = self.compare
+        if compare == "auto":
+            compare = registry.baseline().name if self.data in (None, *BUILTIN) else "none"
+        trained = [strategy] + ([registry.get(compare)] if compare not in ("none", self.strategy) else [])
         for each in trained:
             for name in each.requires:
                 if not getattr(self, name):
@@ -145,8 +148,7 @@ class RunConfig:
         out.batch_size = strategy.batch_size if self.batch_size is None else self.batch_size
         out.image_size = self.image_size if self.image_size is not None else (
             64 if native_size <= 16 else backbones.run_image_size(self.backbone))
-        if out.compare == "auto":
-            out.compare = registry.baseline().name if self.data in (None, *BUILTIN) else "none"
+        out.compare = compare
         if out.precision == "auto":
             out.precision = "bf16" if str(out.device).startswith("cuda") else "fp32"
         out._check_values()
