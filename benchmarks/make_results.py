@@ -5,11 +5,11 @@ import pathlib
 
 HERE = pathlib.Path(__file__).resolve().parent
 GOALS = {
-    "distill": "Goal (issue 14): at least 2x faster than torch.compile of the same formula and 6x eager PyTorch, at 8192 x 1000 and 256 x 32000, fp32 forward + backward, in the same run on the 2-core CPU (issue 2's was 5x eager at 8192 x 1000).",
-    "data": "Goal (issue 4): the pipeline is never the bottleneck: DALI delivers at least 3x the backbone's forward throughput at the same size.",
-    "cache": "Goals (issue 5): a cached epoch at least 50x faster than a recompute epoch; gather at least 50% of copy bandwidth.",
-    "cache-scale": "Goals (issue 16): anonymous memory (RssAnon) after open and at the epoch's peak under 300 MB above the interpreter's baseline; epoch throughput at least 20% of the memory copy's; open time flat in the row count, epoch time linear.",
-    "adam": "Goals (issue 3): fp32 no slower than 1.1x torch fused AdamW; bf16 + master weights at least 1.3x faster than the PyTorch two-step way.",
+    "distill": "Goal: at least 2x faster than torch.compile and 6x faster than the fastest eager PyTorch formula, at 8192 x 1000 and 256 x 32000, fp32 forward + backward, in the same run on the 2-core CPU.",
+    "data": "Goal: the pipeline is never the bottleneck: DALI delivers at least 3x the backbone's forward throughput at the same size.",
+    "cache": "Goals: a cached epoch at least 50x faster than a recompute epoch; gather at least 50% of copy bandwidth.",
+    "cache-scale": "Goals: anonymous memory (RssAnon) after open and at the epoch's peak under 300 MB above the interpreter's baseline; epoch throughput at least 20% of the memory copy's; open time flat in the row count, epoch time linear.",
+    "adam": "Goals: fp32 no slower than 1.1x torch fused AdamW; bf16 + master weights at least 1.3x faster than the PyTorch two-step way.",
 }
 
 
@@ -28,7 +28,7 @@ def plot_speedups(payloads):
 
 
 def robustness_section(path: pathlib.Path) -> list:
-    """The catalogue of hostile inputs (issue 11): cases per area, and what they did before and after."""
+    """The catalogue of hostile inputs: cases per area, and what they did before and after."""
     if not path.exists():
         return []
     r = json.loads(path.read_text())
@@ -135,7 +135,7 @@ def lpft_section(path: pathlib.Path) -> list:
              "process, building its feature cache included (each size starts from an empty cache, which the "
              "linear run builds and the LP-FT runs reuse: LP-FT's probe is `linear`'s, on the same features). Epochs: run / kept on "
              "validation (0 = the probe itself). Standard error of one accuracy: about 0.015 at 1,000 test images.",
-             "", "Goal (issue 18): LP-FT at its defaults at least the linear probe's accuracy at every size, and at "
+             "", "Goal: LP-FT at its defaults at least the linear probe's accuracy at every size, and at "
              "least 2 points above it at 500/class.", ""]
     for classes, per_class, size in sizes:
         group = [r for r in rows if (r["classes"], r["train_per_class"], r["image_size"]) == (classes, per_class, size)]
@@ -167,7 +167,7 @@ def distill_student_section(path: pathlib.Path) -> list:
     parts = ["## Distillation: the student against its from-scratch twin", "",
              "Command per row: `python benchmarks/distill_pair.py STUDENT_RUN [TWIN_RUN]` after the `fasttl run` "
              "shown. Difference: student minus twin on the same test images, with its standard error (from the "
-             "images where the two disagree). Goal (issue 14): at least +2 points.", "",
+             "images where the two disagree). Goal: at least +2 points.", "",
              "| run | train images | epochs | teacher (test) | teacher logits (accuracy on train) | T, alpha | "
              "feature term | student | twin | difference |",
              "|---|---|---|---|---|---|---|---|---|---|"]

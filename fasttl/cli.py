@@ -25,6 +25,24 @@ def _per_class_pair(text: str):
     return train, test
 
 
+class _BenchHelp(argparse.Action):
+    """`fasttl bench [NAME...] --help`: the usage, then what each named benchmark (or every one)
+    measures, from its module's docstring."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import importlib
+        import textwrap
+
+        from fasttl.bench.runner import BENCHMARKS
+
+        names = [n for n in (getattr(namespace, "names", None) or []) if n in BENCHMARKS] or list(BENCHMARKS)
+        parser.print_help()
+        for name in names:
+            doc = importlib.import_module(BENCHMARKS[name]).__doc__ or ""
+            print(f"\n{name}:\n" + textwrap.indent(textwrap.dedent(doc).strip(), "  "))
+        parser.exit()
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from fasttl.bench import runner
 
@@ -287,7 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fasttl.bench.runner import BENCHMARKS  # names only: the benchmark modules load when run
 
-    p = sub.add_parser("bench", help="time fasttl beside the PyTorch ways of doing the same")
+    p = sub.add_parser("bench", help="time fasttl beside the PyTorch ways of doing the same", add_help=False,
+                       description="Times fasttl beside the fastest way a PyTorch user would do the same, in the "
+                                   "same run, with each time's minimum, median and spread and the machine's load. "
+                                   "`fasttl bench NAME --help` describes that benchmark.")
+    p.add_argument("-h", "--help", action=_BenchHelp, nargs=0, help="show this help (and what each NAME given measures)")
     p.add_argument("names", nargs="+", metavar="NAME", choices=list(BENCHMARKS) + ["all"],
                    help=", ".join(BENCHMARKS) + ", or all")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
