@@ -506,6 +506,30 @@ def _check_adam(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         raise ValueError("max_exp_avg_sqs: given without amsgrad (expected an empty list)")
     if n == 0:
         return
+    if not all(isinstance(t, Tensor) for values in (params, *lists.values()) for t in values):
+        _find_adam_culprit(params, lists)
+    # Whole-list comparisons first (a step of 160 tensors checks in ~0.1 ms); the walk in
+    # _find_adam_culprit only runs to name what differs. Strides and element counts, not shapes
+    # (torch.Size is 20x slower to make): two dense tensors with both equal are walked alike.
+    layouts = [(p.stride(), p.numel(), p.device) for p in params]
+    first = params[0]
+    ok = (first.dtype in _PARAM_DTYPES and all(p.dtype == first.dtype for p in params)
+          and all(p.layout == torch.strided and is_dense(p) for p in params)
+          and grads[0].dtype in (first.dtype, torch.float32) and all(g.dtype == grads[0].dtype for g in grads)
+          and all(v.dtype == torch.float32 for name in ("masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+                  if name in lists for v in lists[name])
+          and all([(t.stride(), t.numel(), t.device) for t in lists[name]] == layouts
+                  for name in ("grads", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs") if name in lists)
+          and all(p.device == first.device for p in params)
+          and all(s.dtype == torch.float32 and s.numel() == 1 and s.device == first.device for s in steps))
+    if not ok:
+        _find_adam_culprit(params, lists)
+    for name, value in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        _check_scalar(name, value, first.device)
+
+
+def _find_adam_culprit(params, lists) -> None:
+    """Raises the error naming the first tensor _check_adam's list comparisons found wrong."""
     first = params[0]
     grad_dtypes = (first.dtype, torch.float32) if isinstance(first, Tensor) else ()
     for i, p in enumerate(params):
@@ -516,13 +540,13 @@ def _check_adam(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         _check_device(f"params[{i}]", p, first.device, "params[0]")
         if p.layout != torch.strided or not is_dense(p):
             raise ValueError(f"params[{i}]: is not contiguous (expected a contiguous or channels_last tensor)")
+        grads = lists["grads"]
         _check_like(f"grads[{i}]", grads[i], p, grad_dtypes if i == 0 else (grads[0].dtype,))
         for name in ("masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
             if name in lists:
                 _check_like(f"{name}[{i}]", lists[name][i], p, (torch.float32,))
-        _check_scalar(f"steps[{i}]", steps[i], first.device)
-    for name, value in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
-        _check_scalar(name, value, first.device)
+        _check_scalar(f"steps[{i}]", lists["steps"][i], first.device)
+    raise AssertionError("_check_adam found a fault _find_adam_culprit could not name")  # pragma: no cover
 
 
 def _address(t: Optional[Tensor]) -> int:
