@@ -12,7 +12,7 @@ from fasttl.data import dali_pipeline
 from fasttl.data.sources import ArraySource, DataError, FileSource, TarSource, check_image, first_bad_image, skip_hint
 from fasttl.data.order import epoch_order, shard_length
 from fasttl.data.spec import TransformSpec
-from fasttl.data.torch_pipeline import TorchImageDataset, collate, normalize
+from fasttl.data.torch_pipeline import Collate, TorchImageDataset
 
 Source = Union[FileSource, ArraySource, TarSource]
 _BACKENDS = ("auto", "dali", "torch")
@@ -81,6 +81,7 @@ class ImageLoader:
         self.backend = backend
         self.num_samples = shard_length(len(source), num_shards, drop_last)
         self.epoch = 0
+        self._torch_loader = None  # the PyTorch path's DataLoader, kept across epochs
 
     def __len__(self) -> int:
         full, partial = divmod(self.num_samples, self.batch_size)
@@ -111,22 +112,30 @@ class ImageLoader:
 
     # -- PyTorch fallback ------------------------------------------------------------------
     def _iter_torch(self, indices, spec: TransformSpec):
-        dataset = TorchImageDataset(self.source, spec)
-        batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        # Worker processes decode in parallel, as DALI's threads do; not worth starting for a few batches.
+        batches = [[(i, spec.seed) for i in indices[k:k + self.batch_size]]
+                   for k in range(0, len(indices), self.batch_size)]
+        # Worker processes decode in parallel, as DALI's threads do; not worth starting for a few
+        # batches. They persist across epochs (each epoch's order and seed travel with the indices).
         workers = self.num_threads if len(batches) >= 8 and self.num_threads > 1 else 0
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                             collate_fn=collate, pin_memory=self.pin_memory and
-                                             self.device.type == "cuda")
+        if self._torch_loader is None or self._torch_loader.num_workers != workers:
+            self._batches = _EpochBatches()
+            self._torch_loader = torch.utils.data.DataLoader(
+                TorchImageDataset(self.source, self.spec), batch_sampler=self._batches, num_workers=workers,
+                collate_fn=Collate(self.spec), pin_memory=self.pin_memory and self.device.type == "cuda",
+                persistent_workers=workers > 0)
+        self._batches.batches = batches
         try:
-            for images, labels in loader:
-                yield normalize(images, spec), labels
+            yield from self._torch_loader
         except DataError as exc:
+            self._torch_loader = None  # its workers may be half way through an epoch: start afresh
             # A worker's error comes back wrapped in its traceback text: keep the one-line message.
             lines = [line for line in str(exc).splitlines() if "DataError: " in line]
             if not lines:
                 raise
             raise DataError(lines[-1].split("DataError: ", 1)[1]) from None
+        except BaseException:
+            self._torch_loader = None
+            raise
 
     # -- DALI ------------------------------------------------------------------------------
     def _iter_dali(self, indices, spec: TransformSpec):
@@ -178,6 +187,19 @@ class ImageLoader:
         where = self.source.root or "the source"
         return DataError(f"data: DALI could not decode one of {len(pending)} images of {where} "
                          f"that PIL decodes ({' '.join(text.split())[-300:]}); use backend='torch'")
+
+
+class _EpochBatches:
+    """The PyTorch path's batch sampler: the current epoch's batches of (index, seed) keys."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def make_loader(source: Source, preprocessing, batch_size: int = 64, *, train: bool = False, seed: int = 0,

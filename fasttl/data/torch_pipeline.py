@@ -94,19 +94,33 @@ def _resampling(in_size: int, out_size: int) -> Tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(indices), torch.from_numpy(weights.astype(f32))
 
 
+@functools.lru_cache(maxsize=256)
+def _dense_resampling(in_size: int, out_size: int) -> torch.Tensor:
+    """_resampling as an (out_size, in_size) matrix (taps clamped to the same pixel added up)."""
+    indices, weights = _resampling(in_size, out_size)
+    return torch.zeros(out_size, in_size).scatter_add_(1, indices, weights)
+
+
 def _resample_rows(x: torch.Tensor, out_size: int) -> torch.Tensor:
-    """(in_size, K) float -> (out_size, K): each output row the weighted sum of its input rows."""
+    """(in_size, K) float -> (out_size, K): each output row the weighted sum of its input rows.
+    Small sizes (CIFAR's 32 px to a backbone's 160) as one dense matmul, 2x the gather's speed
+    there; large ones gather their few taps per row."""
+    if x.shape[0] * out_size <= 65536:
+        return _dense_resampling(x.shape[0], out_size) @ x
     indices, weights = _resampling(x.shape[0], out_size)
     gathered = x.index_select(0, indices.reshape(-1)).view(*indices.shape, x.shape[1])
     return torch.bmm(weights.unsqueeze(1), gathered).squeeze(1)
 
 
 def _resize(hwc: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(H, W, C) -> float (height, width, C): linear resize with antialiasing, float out, as the
-    DALI pipeline's (rounding the resized pixels to uint8 moves EfficientNet-Lite features by ~3%).
-    Rows first, then columns, each pass a batched matmul over contiguous rows."""
-    hwc = hwc.float()
+    """(H, W, C) -> (height, width, C): linear resize with antialiasing, float out, as the DALI
+    pipeline's (rounding the resized pixels to uint8 moves EfficientNet-Lite features by ~3%).
+    Rows first, then columns, each pass a batched matmul over contiguous rows. An image already of
+    that size is returned as it is."""
     h, w, c = hwc.shape
+    if (h, w) == (height, width):
+        return hwc
+    hwc = hwc.float()
     if h != height:
         hwc = _resample_rows(hwc.reshape(h, w * c), height).view(height, w, c)
     if w != width:
@@ -133,9 +147,10 @@ def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
 
 
 def crop_resize(hwc_uint8: torch.Tensor, spec: TransformSpec, rng: np.random.Generator = None) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, size, size) on the 0..255 scale: the geometry of `spec`
-    (random resized crop and flip for training, else resize of the shorter side and center crop,
-    mirrored if asked)."""
+    """uint8 (H, W, 3) -> (3, size, size) on the 0..255 scale: the geometry of `spec` (random
+    resized crop and flip for training, else resize of the shorter side and center crop, mirrored
+    if asked); float32 where it was resized, uint8 where no resize was needed (a quarter of the
+    bytes for the workers to send)."""
     h, w = hwc_uint8.shape[:2]
     size = spec.size
     if spec.train:
@@ -171,15 +186,25 @@ def transform(hwc_uint8: torch.Tensor, spec: TransformSpec, rng: np.random.Gener
     return normalize(crop_resize(hwc_uint8, spec, rng), spec)
 
 
-def collate(samples):
-    """(images, labels) of a batch, stacked (normalized by the loader, once per batch)."""
-    return torch.stack([image for image, _ in samples]), torch.tensor([label for _, label in samples])
+class Collate:
+    """A batch of (image, label) samples -> (normalized float32 images (N, 3, size, size), labels):
+    stacked and normalized in the worker that decoded them, so that the loading process's torch
+    threads (spinning OpenMP threads that take CPU from the workers) do nothing per batch."""
+
+    def __init__(self, spec: TransformSpec):
+        self.spec = spec
+
+    def __call__(self, samples):
+        images = [image for image, _ in samples]
+        stacked = torch.stack(images if all(i.dtype == torch.uint8 for i in images) else [i.float() for i in images])
+        return normalize(stacked, self.spec), torch.tensor([label for _, label in samples])
 
 
 class TorchImageDataset(torch.utils.data.Dataset):
-    """Samples of a source as (3, size, size) 0..255 floats after the geometry of `spec` (normalized per
-    batch by the loader); train randomness seeded per (spec.seed, index), and the loader gives each
-    epoch a spec seed of its own, so a run repeats exactly."""
+    """Samples of a source as (3, size, size) 0..255 pixels after the geometry of `spec`
+    (normalized per batch by the loader). A key is an index, or (index, seed): the augmentation of
+    a training sample is seeded per (seed, index), and the loader hands each epoch's seed with the
+    indices, so persistent workers need no new dataset per epoch and a run repeats exactly."""
 
     def __init__(self, source, spec: TransformSpec):
         self.source = source
@@ -188,7 +213,8 @@ class TorchImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, self.spec.seed)
         if isinstance(self.source, FileSource):
             image = decode(self.source.files[index])
             label = self.source.labels[index]
@@ -201,5 +227,5 @@ class TorchImageDataset(torch.utils.data.Dataset):
             label = int(self.source.labels[index])
         else:
             raise TypeError(f"source: expected FileSource, TarSource or ArraySource, got {type(self.source).__name__}")
-        rng = np.random.default_rng([self.spec.seed, index]) if self.spec.train else None
+        rng = np.random.default_rng([seed, index]) if self.spec.train else None
         return crop_resize(image, self.spec, rng), label
