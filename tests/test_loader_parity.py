@@ -109,6 +109,13 @@ def test_dataloader_keywords_are_taken_and_bad_values_refused(small_image_folder
 
 
 @pytest.mark.parametrize("backend", backends())
+def test_drop_last_with_fewer_samples_than_a_batch_is_an_empty_epoch(small_image_folder, backend):
+    source = labelled_source(small_image_folder)
+    loader = D.make_loader(source, PRE, 16, backend=backend, num_shards=2, shard_id=1, drop_last=True)
+    assert len(loader) == 0 and list(loader) == [] and loader.epoch == 1
+
+
+@pytest.mark.parametrize("backend", backends())
 def test_a_file_deleted_mid_epoch_is_named(small_image_folder, backend):
     source = labelled_source(small_image_folder)
     loader = D.make_loader(source, PRE, 3, backend=backend, num_workers=0)

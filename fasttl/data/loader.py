@@ -105,8 +105,10 @@ class ImageLoader:
         indices = self.epoch_indices(epoch).tolist()
         # The augmentation of an epoch is its own: seeded by the epoch as the order is.
         spec = dataclasses.replace(self.spec, seed=self.spec.seed * 1_000_003 + epoch) if self.spec.train else self.spec
-        batches = self._iter_dali(indices, spec) if self.backend == "dali" else self._iter_torch(indices, spec)
         self.epoch = epoch + 1
+        if not indices:  # drop_last with fewer samples than a batch: an empty epoch, as DataLoader's
+            return
+        batches = self._iter_dali(indices, spec) if self.backend == "dali" else self._iter_torch(indices, spec)
         for images, labels in batches:
             yield images.to(self.device, self.dtype, non_blocking=True), labels.to(self.device, torch.int64)
 
