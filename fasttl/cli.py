@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -104,7 +106,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
     from fasttl.data.fetch import fetch
 
-    fetch(args.name, url=args.url, sha256=args.sha256, dest=args.dest, progress=not args.no_progress)
+    fetch(args.name, url=args.url, sha256=args.sha256, dest=args.dest, progress=not args.no_progress,
+          deadline_s=args.deadline, min_rate=args.min_rate)
     return 0
 
 
@@ -117,7 +120,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                         dtype=args.dtype, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
                         shard_rows=args.shard_rows, backend=args.backend, progress=not args.no_progress,
                         on_error=args.on_error, features=args.features, engine=args.engine,
-                        precision=args.extract_precision, classes=args.classes)
+                        precision=args.extract_precision, classes=args.classes, labels=args.labels)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print("\n".join(format_summary(summaries)))
     if dist.is_initialized():
@@ -159,6 +162,34 @@ def _user_error_types() -> tuple:
     from fasttl.errors import UserError
 
     return (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+# What the machine said, and what to do about it: at the CLI these are the user's to fix.
+_OS_ERRORS = {
+    errno.ENOSPC: "no space left on the device (free some, or write elsewhere); nothing half-written was kept",
+    errno.EDQUOT: "disk quota exceeded (free some space, or write elsewhere); nothing half-written was kept",
+    errno.EACCES: "permission denied (make it accessible to you, or use another path)",
+    errno.EPERM: "operation not permitted (use another path)",
+    errno.EROFS: "read-only file system (write elsewhere)",
+    errno.EMFILE: "too many open files (raise the limit, e.g. ulimit -n 4096, or use fewer workers)",
+    errno.ENFILE: "too many open files on the system (close some programs, or use fewer workers)",
+}
+
+
+def _os_error_line(exc: OSError) -> str:
+    from fasttl.files import user_path
+
+    where = user_path(os.fsdecode(exc.filename)) if exc.filename is not None else "standard output"
+    if exc.filename is None and exc.errno in (errno.EMFILE, errno.ENFILE):
+        where = "files"
+    return f"{where}: {_OS_ERRORS[exc.errno]}"
+
+
+def _quiet_stdout() -> None:
+    """After a failed write to stdout, nothing more may go there: the interpreter's own flush at
+    exit would print a second error."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _one_line(exc: BaseException) -> str:
@@ -232,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
+    from fasttl.data.sources import LABEL_KINDS
+
     p = sub.add_parser("extract", help="precompute a frozen backbone's features into a cache (torchrun-aware)")
     p.add_argument("--backbone", default="efficientnet_lite0", help="backbone name (default efficientnet_lite0)")
     p.add_argument("--weights", metavar="FILE", help="state dict file for the backbone")
@@ -241,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'train-{000000..000127}.tar' (KEY.jpg + KEY.cls per sample)")
     p.add_argument("--classes", "--classes-file", dest="classes", metavar="FILE",
                    help="file list or WebDataset: class names, one a line (default: the labels' names, or indices)")
+    p.add_argument("--labels", default="names", choices=LABEL_KINDS,
+                   help="a file list's labels: class names (with --classes, each must be one of its names) or "
+                        "indices into --classes")
     p.add_argument("--out", required=True, metavar="DIR", help="cache directory (one sub-folder per split)")
     p.add_argument("--image-size", type=int, metavar="N", help="input size in pixels (default: the backbone's)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32", "int8"], help="cache dtype")
@@ -285,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_cmd_export)
 
-    from fasttl.data.fetch import REMOTES
+    from fasttl.data.fetch import DEADLINE_S, MIN_RATE, REMOTES
 
     p = sub.add_parser("data", help="data sets: fetch CIFAR-10 into $FASTTL_DATA")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
@@ -301,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sha256", metavar="HEX", help="the SHA-256 the file must have (default: the official archive's)")
     q.add_argument("--dest", metavar="DIR", help="where the data set's folder goes (default $FASTTL_DATA)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.add_argument("--deadline", type=float, default=DEADLINE_S, metavar="SECONDS",
+                   help=f"stop a download (resumable) that takes longer than this (default {DEADLINE_S:g})")
+    q.add_argument("--min-rate", type=float, default=MIN_RATE, metavar="BYTES_PER_S",
+                   help=f"stop a download (resumable) slower than this over 30 s (default {MIN_RATE:,})")
     q.set_defaults(func=_cmd_data_fetch)
 
     from fasttl.bench.runner import BENCHMARKS  # names only: the benchmark modules load when run
@@ -332,10 +372,22 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a full disk or a closed pipe behind stdout shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # `fasttl predict ... | head`: the reader has gone; nothing more to say, and nothing at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as exc:
         # A user's mistake is one line naming the culprit and the fix; a bug keeps its traceback.
-        if os.environ.get("FASTTL_DEBUG") == "1" or not isinstance(exc, _user_error_types()):
+        if os.environ.get("FASTTL_DEBUG") == "1":
+            raise
+        if isinstance(exc, OSError) and exc.errno in _OS_ERRORS:
+            print(f"fasttl: error: {_os_error_line(exc)}", file=sys.stderr)
+            _quiet_stdout()
+            return 2
+        if not isinstance(exc, _user_error_types()):
             raise
         print(f"fasttl: error: {_one_line(exc)}", file=sys.stderr)
         return 2

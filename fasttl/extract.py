@@ -31,11 +31,12 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
             dtype: str = "fp16", batch_size: Optional[int] = None, device: str = "cpu", overwrite: bool = False,
             shard_rows: int = 4096, backend: str = "auto", progress: bool = True,
             on_error: str = "fail", features: str = "head", engine: str = "auto",
-            precision: str = "auto", classes: Optional[str] = None) -> Dict[str, dict]:
+            precision: str = "auto", classes: Optional[str] = None, labels: str = "names") -> Dict[str, dict]:
     """Builds one cache per split: OUT/train and OUT/test when DATA has train/ and test/, else OUT/all.
     DATA may also be a file list (.csv, .tsv, .parquet with path and label columns, paths relative
     to the list's folder) or WebDataset shards (a .tar brace pattern; samples KEY.jpg + KEY.cls);
-    ``classes``: a file naming their classes, one a line. Either is one split, OUT/all, its rows
+    ``classes``: a file naming their classes, one a line; ``labels``: a file list's labels are
+    those names ("names") or indices into them ("indices"). Either is one split, OUT/all, its rows
     in the list's (or the shards') order, each row's source in the cache's samples.json.
     ``on_error="skip"`` leaves out images that do not decode (listed in each manifest's "skipped"
     and counted in the summary); ``"fail"`` (default) stops at the first, naming it.
@@ -49,7 +50,7 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
         raise OptionError(f"out: {out} is a file; give a folder for the cache (it is created when missing)")
     torch_device = init_distributed(device)
     model = backbones.create(backbone_name, weights=weights)
-    listed = open_data(data, classes)
+    listed = open_data(data, classes, labels)
     if listed is None and classes is not None:
         raise OptionError("classes: --classes names the classes of a file list or WebDataset shards; class folders "
                           "are named by their folders")

@@ -5,8 +5,11 @@ Infinity); a read never follows a link or blocks on a FIFO."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import re
 import secrets
 import stat
 from typing import Optional
@@ -38,9 +41,12 @@ def write_atomic(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, tmp):
+            # A full disk or quota fails the write itself, naming no file: the error names the user's.
+            raise OSError(exc.errno, exc.strerror, os.path.abspath(path)) from None
         raise
     _fsync_dir(directory)
 
@@ -102,3 +108,78 @@ def load_tensors(path: str):
     except (RuntimeError, EOFError, ValueError, AttributeError, ImportError, OSError) as exc:
         raise ValueError(f"not a torch.save file ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") \
             from None
+
+
+_LOCK_RECORD = re.compile(rb"(pid [0-9]+)?\s*")
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on a folder, held for a writer's whole run: a second one
+    fails at once naming the holder, instead of interleaving. The OS releases it when the holder
+    exits, even on kill -9 (flock).
+
+    The lock file is opened with O_NOFOLLOW and written only when it is a plain file with one name
+    that holds nothing but a lock record ("pid N"): a link, a folder, a hard link to another file or
+    a user's file of that name is refused, and left as it is. Subclasses choose the errors."""
+
+    def __init__(self, directory: str, name: str, purpose: str):
+        self.path = os.path.join(directory, name)
+        self.purpose = purpose
+        self.fd: Optional[int] = None
+
+    def refused(self, why: str) -> Exception:
+        from fasttl.errors import UserError
+
+        return UserError(f"{self.path}: {why}; fasttl will not write to it (move it away: it is not fasttl's lock "
+                         "file, which fasttl creates itself)")
+
+    def locked(self, holder: str) -> Exception:
+        from fasttl.errors import UserError
+
+        return UserError(f"{os.path.dirname(self.path)} is in use by {holder}; wait for it to finish ({self.purpose})")
+
+    def __enter__(self) -> "FolderLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC | _NONBLOCK, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self.refused("is a symbolic link") from None
+            if exc.errno == errno.EISDIR:
+                raise self.refused("is a folder") from None
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise self.refused("is not a regular file")
+            if info.st_nlink != 1:
+                raise self.refused(f"is a hard link shared with {info.st_nlink - 1} other name(s)")
+            if info.st_size > 64 or not _LOCK_RECORD.fullmatch(os.pread(fd, 65, 0)):
+                raise self.refused("holds something other than a lock record")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise self.locked(holder) from None
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def user_path(path: str) -> str:
+    """The file a user asked for behind one of fasttl's temporaries (`.fasttl-tmp-PID-HEX-NAME`
+    -> NAME beside it): what an error names, never the temporary."""
+    directory, name = os.path.split(path)
+    match = re.fullmatch(re.escape(TEMP_PREFIX) + r"[0-9]+-[0-9a-f]+-(.*)", name)
+    return os.path.join(directory, match.group(1)) if match else path

@@ -25,6 +25,7 @@ from fasttl.data.sources import IMAGE_EXTENSIONS, ON_ERROR, ArraySource, DataErr
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import decode, transform
 from fasttl.errors import OptionError
+from fasttl.outputs import csv_cell
 
 
 class ImagesToLogits(nn.Module):
@@ -263,9 +264,9 @@ def predictions_csv(paths: Sequence[str], probabilities: Tensor, classes: Sequen
     writer.writerow(header)
     values, indices = probabilities.topk(top_k, dim=1)
     for path, vs, ids in zip(paths, values.tolist(), indices.tolist()):
-        row = [path]
+        row = [csv_cell(path)]
         for v, i in zip(vs, ids):
-            row += [classes[i], f"{v:.4f}"]
+            row += [csv_cell(classes[i]), f"{v:.4f}"]
         writer.writerow(row)
     return buffer.getvalue()
 

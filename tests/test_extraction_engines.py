@@ -145,6 +145,49 @@ def test_a_tampered_engine_file_is_exported_again(lite0, small_source, tmp_path,
         assert (engine_dir / name).read_bytes() != planted
 
 
+class _RightOnNoiseOnly(torch.nn.Module):
+    """A doctored graph: the real pooled features when the batch looks like noise (values beyond
+    3.5, as the old seeded randn check batch has), zeros on photographs (within about 2.6)."""
+
+    def __init__(self, pooled):
+        super().__init__()
+        self.pooled = pooled
+
+    def forward(self, x):
+        real = self.pooled(x)
+        return torch.where(x.abs().amax() > 3.5, real, torch.zeros_like(real))
+
+
+@needs_ort
+def test_a_graph_right_on_noise_and_wrong_on_photographs_is_caught_on_real_images(lite0, small_source, tmp_path,
+                                                                                   monkeypatch):
+    from fasttl.backbones.base import PooledFeatures
+    from fasttl.onnx_graph import to_onnx
+
+    engine_dir = tmp_path / "engines"
+    engine_dir.mkdir()
+    first = build(lite0, small_source, tmp_path / "c", engine="onnxruntime", engine_dir=str(engine_dir))
+    (name,) = os.listdir(engine_dir)
+    good = (engine_dir / name).read_bytes()
+    doctored = to_onnx(_RightOnNoiseOnly(PooledFeatures(lite0.for_extraction(), 0)).eval(),
+                       torch.zeros(1, 3, SIZE, SIZE), output_name="features", opset=engines.ONNX_OPSET)
+    # The doctor's premise: the old check (a seeded randn batch) passes it.
+    noise = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    session = engines._session(doctored)
+    got = torch.from_numpy(session.run(None, {"images": noise.numpy()})[0])
+    assert engines.relative_error(got, engines.pooled_reference(lite0.for_extraction(), 0, noise)) < 1e-3
+    (engine_dir / name).write_bytes(doctored)
+    monkeypatch.setattr(engines, "_EXPORTED", {})  # as in a new process
+    again = build(lite0, small_source, tmp_path / "c", engine="onnxruntime", engine_dir=str(engine_dir),
+                  overwrite=True)
+    torch.testing.assert_close(again.features, first.features)  # not zeros
+    assert (engine_dir / name).read_bytes() == good
+    graph = json.loads((tmp_path / "c" / "manifest.json").read_text())["engine_graph"]
+    import hashlib
+
+    assert graph == {"file": name, "bytes": len(good), "sha256": hashlib.sha256(good).hexdigest()}
+
+
 @needs_ort
 def test_an_engine_file_through_a_link_is_never_read_or_written(lite0, small_source, tmp_path, monkeypatch):
     engine_dir = tmp_path / "engines"

@@ -8,6 +8,7 @@ import os
 import pickle
 import tarfile
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -66,6 +67,8 @@ class _Server:
 
     def __init__(self):
         self.files, self.ranges, self.cut_after = {}, [], None
+        self.trickle = None      # (bytes, seconds): send the body that many bytes at a time, pausing between
+        self.redirects = {}      # path -> Location of a 302
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -73,6 +76,11 @@ class _Server:
                 pass
 
             def do_GET(self):
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.end_headers()
+                    return
                 body = server.files.get(self.path)
                 server.ranges.append(self.headers.get("Range"))
                 if body is None:
@@ -97,6 +105,16 @@ class _Server:
                     server.cut_after = None
                     self.wfile.flush()
                     self.close_connection = True
+                    return
+                if server.trickle is not None:
+                    step, pause = server.trickle
+                    for i in range(start, len(body), step):
+                        try:
+                            self.wfile.write(body[i:i + step])
+                            self.wfile.flush()
+                        except OSError:  # the client gave up
+                            return
+                        time.sleep(pause)
                     return
                 self.wfile.write(body[start:])
 
@@ -292,3 +310,49 @@ def test_run_download_fetches_cifar10_first(server, cifar_tarball, tmp_path, cap
         from fasttl.transfer.config import RunConfig
 
         RunConfig(data="digits", download=True).resolved(8)
+
+
+def test_a_trickling_server_is_dropped_below_the_minimum_rate_keeping_what_arrived(server, cifar_tarball, tmp_path,
+                                                                                    monkeypatch):
+    from fasttl.data import fetch as fetch_module
+
+    monkeypatch.setattr(fetch_module, "RATE_WINDOW_S", 0.5)
+    server.files["/slow.tar.gz"] = cifar_tarball
+    server.trickle = (7, 0.05)  # 140 bytes/s, a byte more every few ms: no socket timeout ever trips
+    partial = tmp_path / "partial"
+    with pytest.raises(fetch_module.DownloadError, match=r"sent \d+ bytes/s over the last \d s, below 1,000 "
+                                                         r"\(--min-rate\); stopped at \d+ bytes: run the same command"):
+        fetch_module.download(server.url("/slow.tar.gz"), str(partial), progress=False, min_rate=1000)
+    kept = partial.read_bytes()
+    assert 0 < len(kept) < len(cifar_tarball) and cifar_tarball.startswith(kept)  # every block that arrived, kept
+
+
+def test_a_download_past_its_deadline_stops_resumably(server, cifar_tarball, tmp_path):
+    from fasttl.data import fetch as fetch_module
+
+    server.files["/slow.tar.gz"] = cifar_tarball
+    server.trickle = (4096, 0.05)
+    with pytest.raises(fetch_module.DownloadError, match=r"took longer than 1 s \(--deadline\)"):
+        fetch_module.download(server.url("/slow.tar.gz"), str(tmp_path / "partial"), progress=False, deadline_s=1.0,
+                              min_rate=0)
+    server.trickle = None
+    size = fetch_module.download(server.url("/slow.tar.gz"), str(tmp_path / "partial"), progress=False)
+    assert size == len(cifar_tarball) and (tmp_path / "partial").read_bytes() == cifar_tarball
+    assert server.ranges[-1].startswith("bytes=")  # the second call resumed
+
+
+def test_a_redirect_off_http_is_refused(server, tmp_path, capsys, monkeypatch):
+    server.redirects["/moved.tar.gz"] = "ftp://127.0.0.1/cifar-10-python.tar.gz"
+    monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "data"))
+    code, _, err = _fetch(capsys, "--url", server.url("/moved.tar.gz"), "--sha256", "0" * 64)
+    assert code == 2 and "redirects to 'ftp://127.0.0.1/cifar-10-python.tar.gz', not an http(s) address" in err
+    assert not any(name.endswith(".tar.gz") for name in _tree(tmp_path / "data"))
+
+
+@pytest.mark.parametrize("words, message", [(("--deadline", "0"), "deadline: expected a finite number >= 1"),
+                                            (("--min-rate", "-5"), "min_rate: expected a finite number >= 0"),
+                                            (("--deadline", "inf"), "deadline")])
+def test_bad_budgets_are_refused(tmp_path, capsys, monkeypatch, words, message):
+    monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "data"))
+    code, _, err = _fetch(capsys, *words)
+    assert code == 2 and message in err and not (tmp_path / "data").exists()

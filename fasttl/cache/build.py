@@ -62,12 +62,21 @@ def extraction_model(backbone, device: torch.device):
 
 
 def extraction_engine(backbone, device: torch.device, engine: str, precision: str, taps: int, image_size: int,
-                      engine_dir: Optional[str] = None):
+                      engine_dir: Optional[str] = None, verify_images: Optional[torch.Tensor] = None):
     """The engine (resolved: see engines.resolve) over the extraction copy of `backbone`; an
-    exported ONNX graph is kept in `engine_dir` when given."""
+    exported ONNX graph is kept in `engine_dir` when given, and checked on `verify_images`."""
     name = engines.onnx_file_name(backbone, taps, image_size) if engine == "onnxruntime" else None
     model = extraction_model(backbone, device)
-    return engines.create(engine, precision, model, taps, device, image_size, name, engine_dir)
+    return engines.create(engine, precision, model, taps, device, image_size, name, engine_dir, verify_images)
+
+
+VERIFY_IMAGES = 4  # real images of the data an ONNX graph is checked on before it extracts
+
+
+def verification_images(source, spec) -> torch.Tensor:
+    """The first few images of `source`, preprocessed as extraction will preprocess them."""
+    count = min(VERIFY_IMAGES, len(source))
+    return torch.cat([x for x, _ in ImageLoader(source.subset(range(count)), spec, count, backend="torch")])
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -138,6 +147,9 @@ def _extract_shard(engine, source, spec, shard: int, shard_rows: int, dtype: tor
     stop = min(len(source), start + shard_rows)
     features, scales = extract_features(engine, source.subset(range(start, stop)), spec, dtype, feature_dim,
                                         batch_size, device, backend, progress)
+    if dtype == torch.float16 and not bool(torch.isfinite(features).all()):
+        raise CacheError(f"features: the backbone's features of shard {shard} overflow fp16 (above 65504, or not "
+                         "finite); build with --dtype bf16 or fp32")
     return {"features": to_numpy_storage(features), "scales": None if scales is None else scales.cpu().numpy()}
 
 
@@ -328,7 +340,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
             screening = {"on_error": on_error, "source": data.identity()} if screened else None
             shards = math.ceil(len(source) / shard_rows)
             result["bytes_written"] += _write_manifest(out_dir, source, labels, wanted, key, shards, skipped,
-                                                       screening)
+                                                       screening, result.pop("engine_graph", None))
         if world > 1:
             dist.barrier()
         return dict(result, directory=out_dir, reused=False, skipped=len(skipped))
@@ -389,7 +401,8 @@ def _extract_missing(backbone, source, spec, out_dir: str, key: str, dtype: str,
     todo = [s for s in mine if not _shard_ready(out_dir, s, key, rows[s], dtype, feature_dim)]
     images = sum(rows[s] for s in todo)
     bar = _progress_bar(images, rank, world) if progress and images else None
-    engine = extraction_engine(backbone, device, **run) if todo else None
+    verify = verification_images(source, spec) if todo and run["engine"] == "onnxruntime" else None
+    engine = extraction_engine(backbone, device, **run, verify_images=verify) if todo else None
     started, written_bytes = time.perf_counter(), 0
     try:
         for s in todo:
@@ -414,8 +427,10 @@ def _extract_missing(backbone, source, spec, out_dir: str, key: str, dtype: str,
         dist.all_reduce(totals)
         counts = [int(v) for v in totals.tolist()]
         dist.barrier()
+    graph = getattr(engine, "graph_sha256", None)
     return {"images": counts[0], "seconds": seconds, "images_per_second": counts[0] / seconds if seconds > 0 else 0.0,
-            "bytes_written": counts[1], "shards_built": counts[2], "shards_reused": counts[3]}
+            "bytes_written": counts[1], "shards_built": counts[2], "shards_reused": counts[3],
+            "engine_graph": {"file": engine.name, "bytes": engine.graph_bytes, "sha256": graph} if graph else None}
 
 
 def _reused(out_dir: str, manifest: dict) -> dict:
@@ -436,7 +451,7 @@ def _file_entry(out_dir: str, name: str, data: Optional[bytes] = None) -> dict:
 
 
 def _write_manifest(out_dir: str, source, labels: np.ndarray, wanted: dict, key: str, shards: int, skipped,
-                    screening: Optional[dict]) -> int:
+                    screening: Optional[dict], engine_graph: Optional[dict] = None) -> int:
     label_bytes = store.npy_bytes(labels)
     files.write_atomic(os.path.join(out_dir, store.LABELS), label_bytes)
     sample_bytes = (json.dumps(source.sample_ids(), indent=2, sort_keys=True) + "\n").encode()
@@ -454,6 +469,8 @@ def _write_manifest(out_dir: str, source, labels: np.ndarray, wanted: dict, key:
                 "skipped": _skipped_records(source, skipped)}
     if screening is not None:
         manifest["screening"] = screening
+    if engine_graph is not None:  # the ONNX graph that extracted these shards (verified on real images)
+        manifest["engine_graph"] = engine_graph
     _finish(out_dir, manifest)
     return len(label_bytes) + len(sample_bytes)
 
@@ -473,6 +490,17 @@ def _write_fingerprint(fingerprint: Optional[dict], classes, dtype: str, feature
             "dataset": {"identity": identity, "count": count, "classes": list(classes)},
             "dtype": dtype, "feature_dim": int(feature_dim), "shard_rows": int(shard_rows),
             "fasttl_version": __version__, "format": store.FORMAT_VERSION}
+
+
+def check_fits(rows: torch.Tensor, cache_dtype: torch.dtype, what: str) -> None:
+    """A cache dtype must hold every value it is given: fp16 turns a feature above 65504 into inf,
+    which training would only report later as a diverged run blamed on its learning rate."""
+    if cache_dtype != torch.float16 or not rows.numel():
+        return
+    largest = float(rows.abs().max())
+    if largest > torch.finfo(torch.float16).max:
+        raise CacheError(f"{what}: a value of magnitude {largest:.4g} overflows fp16 (largest {torch.finfo(torch.float16).max:g}); "
+                         "store it as bf16 or fp32 (dtype='bf16', or --cache-dtype/--dtype bf16), or scale the features")
 
 
 def _as_rows(chunk, index: int) -> torch.Tensor:
@@ -582,6 +610,7 @@ def write_cache(directory: str, chunks, labels, *, classes, dtype: str = "fp16",
                 scales = torch.empty(shard_rows, dtype=torch.float32) if dtype == "int8" else None
             elif chunk.shape[1] != width:
                 raise ValueError(f"chunks: chunk {index} has {chunk.shape[1]} columns, the first had {width}")
+            check_fits(chunk, cache_dtype, f"chunks: chunk {index}")
             done = 0
             while done < chunk.shape[0]:
                 take = min(shard_rows - filled, chunk.shape[0] - done)

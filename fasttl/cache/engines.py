@@ -102,7 +102,10 @@ class OnnxEngine:
     PyTorch fp32 on a verification batch within FP32_TOLERANCE, or it is exported again, and a
     fresh export that still does not match is an error."""
 
-    def __init__(self, model, taps: int, image_size: int, name: Optional[str], engine_dir: Optional[str]):
+    def __init__(self, model, taps: int, image_size: int, name: Optional[str], engine_dir: Optional[str],
+                 verify_images: Optional[Tensor] = None):
+        self.verify_images = verify_images
+        self.name, self.graph_sha256, self.graph_bytes = name, None, 0
         onnx_path = os.path.join(engine_dir, name) if name and engine_dir else None
         known = _EXPORTED.get(name) or (_read_engine_file(onnx_path) if onnx_path else None)
         for data in ([known] if known else []) + [None]:
@@ -116,6 +119,7 @@ class OnnxEngine:
                     raise
                 error = type(exc).__name__
             if error is None:
+                self.graph_sha256, self.graph_bytes = hashlib.sha256(data).hexdigest(), len(data)
                 if name:
                     _EXPORTED[name] = data
                 if onnx_path and (fresh or not os.path.isfile(onnx_path)):
@@ -126,7 +130,12 @@ class OnnxEngine:
                                  "torch")
 
     def verify(self, model, taps: int, image_size: int) -> Optional[str]:
-        images = torch.randn(4, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+        """Why the graph's features differ from PyTorch fp32's, or None. On real images of the data
+        being extracted when the build gave them: a graph doctored to answer right on noise and
+        wrong on photographs is caught there (a seeded random batch alone would pass it)."""
+        images = self.verify_images
+        if images is None:
+            images = torch.randn(4, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         error = relative_error(self(images)[0], pooled_reference(model, taps, images))
         return None if error <= FP32_TOLERANCE else f"relative error {error:.1e} > {FP32_TOLERANCE:.0e}"
 
@@ -192,11 +201,13 @@ def relative_error(got: Tensor, want: Tensor) -> float:
 
 
 def create(engine: str, precision: str, model, taps: int, device: torch.device, image_size: int,
-           onnx_name: Optional[str] = None, engine_dir: Optional[str] = None):
+           onnx_name: Optional[str] = None, engine_dir: Optional[str] = None, verify_images: Optional[Tensor] = None):
     """An engine that has been resolved (see :func:`resolve`). For onnxruntime, `onnx_name`
-    (onnx_file_name) keys the exported graph in this process and in `engine_dir` when given."""
+    (onnx_file_name) keys the exported graph in this process and in `engine_dir` when given, and
+    the graph is checked against PyTorch on `verify_images` (real images of the data), else on a
+    seeded random batch."""
     if engine == "onnxruntime":
-        return OnnxEngine(model, taps, image_size, onnx_name, engine_dir)
+        return OnnxEngine(model, taps, image_size, onnx_name, engine_dir, verify_images)
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         print("fasttl: warning: --extract-precision bf16 on a CPU without AVX512-BF16 or AMX runs emulated, "
               "usually slower than fp32", file=sys.stderr)

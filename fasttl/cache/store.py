@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 
 from fasttl.errors import UserError
+from fasttl import files
 from fasttl.files import TEMP_PREFIX
 
 MANIFEST = "manifest.json"
@@ -171,58 +172,17 @@ def remove_cache_files(directory: str) -> None:
                 os.unlink(path)
 
 
-class WriterLock:
+class WriterLock(files.FolderLock):
     """An exclusive, non-blocking lock on a cache directory: a second writer fails at once
-    instead of interleaving. The OS releases it when the holder exits, even on kill -9.
-
-    The lock file is opened with O_NOFOLLOW and written only when it is a plain file with one name
-    that holds nothing but a lock record ("pid N"): a link, a folder, a hard link to another file
-    or a user's file named .lock is a CacheError, and left as it is."""
+    instead of interleaving (fasttl.files.FolderLock)."""
 
     def __init__(self, directory: str):
-        self.path = os.path.join(directory, LOCK)
-        self.fd: Optional[int] = None
+        super().__init__(directory, LOCK, "a second writer would interleave shards")
 
-    def _refuse(self, why: str) -> CacheError:
+    def refused(self, why: str) -> Exception:
         return CacheError(f"{self.path}: {why}; fasttl will not write to it (move it away: it is not fasttl's lock "
                           "file, which fasttl creates itself)")
 
-    def __enter__(self) -> "WriterLock":
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC | _NONBLOCK, 0o644)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise self._refuse("is a symbolic link") from None
-            if exc.errno == errno.EISDIR:
-                raise self._refuse("is a folder") from None
-            raise
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise self._refuse("is not a regular file")
-            if info.st_nlink != 1:
-                raise self._refuse(f"is a hard link shared with {info.st_nlink - 1} other name(s)")
-            if info.st_size > 64 or not _LOCK_RECORD.fullmatch(os.pread(fd, 65, 0)):
-                raise self._refuse("holds something other than a lock record")
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise CacheLockedError(
-                    f"{os.path.dirname(self.path)} is being written by {holder}; wait for it to finish "
-                    "(a second writer would interleave shards)") from None
-            raise
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+    def locked(self, holder: str) -> Exception:
+        return CacheLockedError(f"{os.path.dirname(self.path)} is being written by {holder}; wait for it to finish "
+                                f"({self.purpose})")

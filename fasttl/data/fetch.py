@@ -1,8 +1,10 @@
 """`fasttl data fetch cifar10`: downloads a data set's official archive, resumably (HTTP Range),
 checks its SHA-256, and extracts it safely into $FASTTL_DATA (or --dest).
 
-* The download goes to DEST/.fasttl-tmp-download-<archive>, opened without following links; an
-  interrupted one is continued by the next fetch (Range: bytes=N-).
+* The download goes to DEST/.fasttl-tmp-download-<archive>, opened without following links, each
+  block written as it arrives; an interrupted one is continued by the next fetch (Range:
+  bytes=N-). It stops (resumable) past a total deadline or below a minimum rate (--deadline,
+  --min-rate), and follows redirects only to http(s) addresses.
 * A checksum mismatch removes that download (fasttl's own temporary) and nothing else: a data
   folder already there stays as it was.
 * Extraction refuses, before writing anything, any member that is not a plain file or folder
@@ -20,6 +22,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -31,7 +34,12 @@ from fasttl.errors import OptionError, UserError
 from fasttl.files import TEMP_PREFIX
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CHUNK = 1 << 20
+_CHUNK = 1 << 20             # hashing
+_READ = 64 << 10             # a network read returns what has arrived, up to this: all of it is kept for a resume
+DEADLINE_S = 3600.0          # a download that takes longer stops (resumable); --deadline
+MIN_RATE = 10_000            # bytes/s over each RATE_WINDOW_S, below which it stops (resumable); --min-rate
+RATE_WINDOW_S = 30.0
+SOCKET_TIMEOUT_S = 30.0      # no byte at all for this long: the connection is taken for dead
 MAX_DOWNLOAD_BYTES = 4 << 30   # a server that sends more than this is cut off
 MAX_EXTRACTED_BYTES = 4 << 30  # an archive that unpacks to more than this is refused
 
@@ -126,17 +134,58 @@ def _content_range_start(header: Optional[str]) -> Optional[int]:
         return None
 
 
-def download(url: str, path: str, progress: bool = True, timeout: float = 60.0) -> int:
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to another http(s) address (urllib's default also follows ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urllib.parse.urlsplit(newurl).scheme
+        if scheme not in ("http", "https"):
+            raise DownloadError(f"fetch: {req.full_url} redirects to {newurl!r}, not an http(s) address; refused "
+                                "(check the address, --url)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _Budget:
+    """The time a download may take: a total deadline, and a minimum rate over each window (a
+    server that trickles a byte every few seconds never trips a socket timeout)."""
+
+    def __init__(self, deadline_s: float, min_rate: float, url: str):
+        self.deadline_s, self.min_rate, self.url = deadline_s, min_rate, url
+        self.started = self.window_start = time.monotonic()
+        self.window_bytes = 0
+
+    def add(self, count: int, size: int) -> None:
+        now = time.monotonic()
+        self.window_bytes += count
+        if now - self.started > self.deadline_s:
+            raise DownloadError(f"fetch: the download of {self.url} took longer than {self.deadline_s:g} s "
+                                f"(--deadline) and stopped at {size:,} bytes; run the same command again to resume")
+        if now - self.window_start >= RATE_WINDOW_S:
+            rate = self.window_bytes / (now - self.window_start)
+            if rate < self.min_rate:
+                raise DownloadError(f"fetch: {self.url} sent {rate:,.0f} bytes/s over the last {now - self.window_start:.0f} "
+                                    f"s, below {self.min_rate:,.0f} (--min-rate); stopped at {size:,} bytes: run the "
+                                    "same command again to resume")
+            self.window_start, self.window_bytes = now, 0
+
+
+def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET_TIMEOUT_S,
+             deadline_s: float = DEADLINE_S, min_rate: float = MIN_RATE) -> int:
     """Downloads `url` into `path`, continuing what is already there (HTTP Range); returns the
-    file's size. An interrupted transfer keeps what arrived and raises DownloadError."""
+    file's size. Every block that arrives is written at once, so an interrupted transfer keeps
+    what arrived and raises DownloadError; so does one past `deadline_s` in all, or slower than
+    `min_rate` bytes/s over a 30 s window. Redirects are followed only to http(s) addresses."""
     from fasttl import __version__
 
     have = _partial_size(path)
     headers = {"User-Agent": f"fasttl/{__version__}"}
     if have:
         headers["Range"] = f"bytes={have}-"
+    opener = urllib.request.build_opener(_HttpOnlyRedirects())
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        response = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except DownloadError:
+        raise
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # nothing left to send: the file is complete
             return have
@@ -162,9 +211,10 @@ def download(url: str, path: str, progress: bool = True, timeout: float = 60.0) 
                 bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                            desc=os.path.basename(urllib.parse.urlsplit(url).path) or "download", dynamic_ncols=True)
             size = have
+            budget = _Budget(deadline_s, min_rate, url)
             while True:
                 try:
-                    block = response.read(_CHUNK)
+                    block = response.read1(_READ)
                 except (OSError, ValueError, EOFError) as exc:  # IncompleteRead, reset, timeout
                     of = f"{total:,}" if total is not None else "?"
                     raise DownloadError(f"fetch: the download of {url} stopped at {size:,} of {of} bytes "
@@ -175,6 +225,7 @@ def download(url: str, path: str, progress: bool = True, timeout: float = 60.0) 
                 size += len(block)
                 if bar is not None:
                     bar.update(len(block))
+                budget.add(len(block), size)
                 if size > MAX_DOWNLOAD_BYTES:
                     raise DownloadError(f"fetch: {url} sent more than {MAX_DOWNLOAD_BYTES:,} bytes; stopped "
                                         "(check the address, --url)")
@@ -256,12 +307,15 @@ def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[st
 
 
 def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, dest: Optional[str] = None,
-          progress: bool = True, log=print) -> str:
+          progress: bool = True, log=print, deadline_s: float = DEADLINE_S, min_rate: float = MIN_RATE) -> str:
     """Downloads, verifies and extracts data set `name` into DEST/<its folder> (DEST: --dest, else
     $FASTTL_DATA, default ~/.cache/fasttl/data); returns that folder. A complete folder already
     there is kept and nothing is downloaded."""
     if name not in REMOTES:
         raise OptionError(f"name: unknown data set {name!r}; fasttl fetches {', '.join(REMOTES)}")
+    for option, value, low in (("deadline", deadline_s, 1.0), ("min_rate", min_rate, 0.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < float("inf"):
+            raise OptionError(f"{option}: expected a finite number >= {low:g}, got {value!r}")
     remote = REMOTES[name]
     url = _check_url(url if url is not None else remote.url)
     expected = _check_sha256(sha256) if sha256 is not None else remote.sha256
@@ -282,7 +336,7 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
     resumed = os.path.isfile(partial) and not os.path.islink(partial)
     log(f"{name}: {'resuming' if resumed else 'downloading'} {url}"
         + (f" ({remote.size / 1e6:.0f} MB)" if url == remote.url else "") + f" into {dest}")
-    download(url, partial, progress=progress)
+    download(url, partial, progress=progress, deadline_s=deadline_s, min_rate=min_rate)
     found = sha256_of(partial)
     if found != expected:
         with contextlib.suppress(OSError):

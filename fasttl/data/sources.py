@@ -30,10 +30,13 @@ ON_ERROR = ("fail", "skip")
 # PIL's default decompression-bomb threshold (about 9459 x 9459 pixels). A larger image is refused
 # before any decoder allocates it: neither backend needs hundreds of MB per sample to make a
 # 224-pixel input, and a forged header must not make either one try.
-MAX_IMAGE_PIXELS = 89_478_485
+# Images may declare up to this many pixels (PIL's own limit: 89.5 megapixels, beyond any photo a
+# data set holds); FASTTL_MAX_IMAGE_PIXELS changes it.
+MAX_IMAGE_PIXELS = int(os.environ.get("FASTTL_MAX_IMAGE_PIXELS", 89_478_485))
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG bit depths per color type (PNG spec table 11.1), as DALI's (nvImageCodec's) parser checks them.
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel of each color type
 
 
 class DataError(UserError, ValueError):
@@ -85,12 +88,14 @@ def _jpeg_problem(f, size: int) -> Optional[str]:
         if length < 2 or pos + length > size:
             return f"JPEG segment 0xFF{marker:02X} runs past the end of the file (truncated or garbled)"
         if marker == 0xDA:  # SOS: the entropy-coded data follows
+            scan_bytes = size - (pos + length)
             break
         body = data.get(pos + 2, min(length - 2, 8))
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             if len(body) < 6:
                 return "JPEG frame header is too short (garbled header)"
             frame = (body[0], *struct.unpack(">HH", body[1:5]), body[5])
+            huffman = marker <= 0xC7
         elif marker == 0xE1 and body[:6] == b"Exif\0\0" and length < 8:
             return "JPEG EXIF segment is too short (garbled header)"  # DALI's parser underflows on it
         pos += length
@@ -105,6 +110,12 @@ def _jpeg_problem(f, size: int) -> Optional[str]:
         return f"JPEG declares a {width}x{height} image"
     if width * height > MAX_IMAGE_PIXELS:
         return f"JPEG declares {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} (downscale it)"
+    # Huffman coding spends at least a bit on each 8x8 block's DC term: fewer bytes than that
+    # cannot hold the image the header declares (a cut file, or a decompression bomb). Arithmetic
+    # coding (SOF9 and up, rare) can go below, so it is not held to it.
+    if huffman and scan_bytes < width * height // 1024:
+        return (f"JPEG declares {width}x{height} pixels but holds {scan_bytes:,} bytes of image data, too few to fill "
+                "them (truncated, or made to look larger than it is)")
     return None
 
 
@@ -122,7 +133,7 @@ def _png_problem(f, size: int) -> Optional[str]:
         return f"PNG declares a {width}x{height} image"
     if width * height > MAX_IMAGE_PIXELS:
         return f"PNG declares {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} (downscale it)"
-    pos, has_data = 8, False
+    pos, has_data, compressed = 8, False, 0
     while True:
         if pos + 8 > len(data):
             return "PNG ends before its IEND chunk (truncated file)"
@@ -134,8 +145,16 @@ def _png_problem(f, size: int) -> Optional[str]:
         if zlib.crc32(data[pos + 4:end]) != struct.unpack(">I", data[end:end + 4])[0]:
             return f"PNG chunk {name!r} has a bad CRC (corrupt file)"
         has_data = has_data or kind == b"IDAT"
+        compressed += length if kind == b"IDAT" else 0
         if kind == b"IEND":
-            return None if has_data else "PNG has no image data (IDAT chunk)"
+            if not has_data:
+                return "PNG has no image data (IDAT chunk)"
+            # deflate compresses at most about 1032:1: fewer bytes cannot hold the declared rows
+            raw = height * (1 + (width * _PNG_CHANNELS[color] * depth + 7) // 8)
+            if compressed < raw // 1100:
+                return (f"PNG declares {width}x{height} pixels but holds {compressed:,} bytes of image data, too few "
+                        "to fill them (made to look larger than it is)")
+            return None
         pos += 12 + length
 
 
@@ -447,6 +466,9 @@ def _missing(root: str, what: str) -> DataError:
     if os.path.lexists(root) and not os.path.exists(root):
         return DataError(f"data: {root} is a broken symbolic link (fix the link or give the folder itself)")
     if os.path.exists(root):
+        if not os.path.isfile(root) and not os.path.isdir(root):
+            link = f" (a link to {os.path.realpath(root)})" if os.path.islink(root) else ""
+            return DataError(f"data: {root}{link} is not a regular file or folder (a device or a pipe?); give {what}")
         return DataError(f"data: {root} is a file, not a folder (give {what})")
     return DataError(f"data: {root} does not exist (give {what})")
 
@@ -659,31 +681,57 @@ def _list_rows(path: str) -> List[Tuple[str, str]]:
         raise DataError(f"data: cannot read {path} as a file list ({getattr(exc, 'strerror', None) or exc})") from None
 
 
-def _label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where: str) -> Tuple[List[int], List[str]]:
-    """Labels as class indices and the class names. With `classes`: a label is a class name or an
-    index into them. Without: integer labels are their own classes "0".."K-1"; names are sorted
-    (as class folders are), so a list and the same files as class folders label alike."""
+LABEL_KINDS = ("names", "indices")  # what a file list's labels are: class names, or indices into --classes-file
+
+
+def _numbered_classes(values: Sequence[int]) -> Tuple[List[int], List[str]]:
+    """Integer labels without class names: the classes are the distinct values found, in numeric
+    order, each named by its number, so no class is left without images (labels 1, 2, 3 are three
+    classes "1", "2", "3", not four with an empty "0")."""
+    found = sorted(set(values))
+    position = {value: i for i, value in enumerate(found)}
+    return [position[v] for v in values], [str(v) for v in found]
+
+
+def _label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where: str,
+                   kind: str = "names") -> Tuple[List[int], List[str]]:
+    """Labels as class indices and the class names.
+
+    * With `classes` (--classes-file): each label must be one of its names; with kind "indices",
+      each must be an index into them instead. A label of another kind is an error, never a guess:
+      with classes "3", "7", "9", the label "1" is a typo, not class "7".
+    * Without: class names are the labels found, sorted as class folders sort them (integer labels
+      in numeric order, each class named by its number); no class is left without images."""
+    if kind not in LABEL_KINDS:
+        raise DataError(f"labels: unknown {kind!r}; choose from {', '.join(LABEL_KINDS)}")
     if classes is not None:
         names = {name: i for i, name in enumerate(classes)}
         out = []
         for label in labels:
-            if label in names:
-                out.append(names[label])
-            elif _is_index(label) and int(label) < len(classes):
+            if kind == "indices" and _is_index(label) and int(label) < len(classes):
                 out.append(int(label))
+            elif kind == "names" and label in names:
+                out.append(names[label])
+            elif kind == "indices":
+                raise DataError(f"data: {where}: label {label!r} is not an index into the {len(classes)} classes of "
+                                "the classes file (--labels indices)")
             else:
-                raise DataError(f"data: {where}: label {label!r} is neither one of the {len(classes)} classes nor "
-                                f"an index into them")
+                hint = " (to give labels as indices into it, pass --labels indices)" if _is_index(label) else ""
+                raise DataError(f"data: {where}: label {label!r} is not one of the {len(classes)} classes of the "
+                                f"classes file{hint}")
         return out, list(classes)
+    if kind == "indices":
+        raise DataError("labels: --labels indices needs --classes-file to say which class each index is")
     if labels and all(_is_index(label) for label in labels):
         values = [int(label) for label in labels]
-        return values, _index_class_names(values, where)
+        _index_class_names(values, where)  # bounded, as before
+        return _numbered_classes(values)
     found = sorted(set(labels))
     index = {name: i for i, name in enumerate(found)}
     return [index[label] for label in labels], found
 
 
-def read_file_list(path: str, classes: Optional[Sequence[str]] = None) -> FileSource:
+def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_kind: str = "names") -> FileSource:
     """A CSV (.csv), TSV (.tsv) or Parquet (.parquet, needs pyarrow) list with columns path and
     label: image paths relative to the list's folder (absolute ones are kept), labels class
     names or indices (see `_label_indices`). Rows stay in the list's order. Files are not opened
@@ -698,13 +746,16 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None) -> FileSo
         raise DataError(f"data: {path} lists no images (expected a header line and one path,label row per image)")
     root = os.path.dirname(path)
     for line, (image, label) in enumerate(rows, start=2):
-        if not image or "\0" in image:
+        if not image:
             raise DataError(f"data: {path} row {line - 1} has an empty path")
+        if _has_control(image):
+            raise DataError(f"data: {path} row {line - 1} has a control character (such as NUL) in its path "
+                            f"{image!r}; fix the path")
         if not label:
             raise DataError(f"data: {path} row {line - 1} ({image}) has an empty label")
         if _has_control(label):
             raise DataError(f"data: {path} row {line - 1} ({image}) has a control character in its label {label!r}")
-    labels, names = _label_indices([label for _, label in rows], classes, path)
+    labels, names = _label_indices([label for _, label in rows], classes, path, labels_kind)
     if len(names) < 2:
         raise DataError(f"data: {path} names only 1 class ({names[0]}); a classifier needs at least 2")
     files = [os.path.normpath(os.path.join(root, os.path.expanduser(image))) for image, _ in rows]
@@ -761,7 +812,8 @@ _WDS_IMAGE = (".jpg", ".jpeg", ".png")
 def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> TarSource:
     """The samples of the WebDataset shards `pattern` names (brace pattern or one .tar path), in
     shard order then tar order. Each sample: KEY.jpg/.jpeg/.png and KEY.cls holding the class
-    index as text. Class names: `classes` (from --classes FILE), else the indices "0".."K-1".
+    index as text. Class names: `classes` (from --classes FILE), else the indices found (each class
+    named by its number; an index no sample has makes no class).
     A sample without an image or a class, or with a class that is not an index, is listed in
     `skipped` (reason given), never silently dropped; a tar that cannot be read is a DataError."""
     pattern = os.path.expanduser(pattern)
@@ -827,18 +879,24 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
             labels.append(int(label))
     if not members:
         raise DataError(f"data: {pattern} holds no samples (expected KEY.jpg with KEY.cls in each tar)")
-    names = list(classes) if classes is not None else _index_class_names(labels, pattern)
+    if classes is not None:
+        names = list(classes)
+    else:
+        _index_class_names(labels, pattern)  # bounded
+        labels, names = _numbered_classes(labels)
     if len(names) < 2:
-        raise DataError(f"data: {pattern} has only class 0; a classifier needs at least 2 classes")
+        raise DataError(f"data: {pattern} has only class {names[0]}; a classifier needs at least 2 classes")
     return TarSource(shards, members, keys, labels, names, root, skipped)
 
 
-def open_data(data: str, classes_file: Optional[str] = None):
+def open_data(data: str, classes_file: Optional[str] = None, labels_kind: str = "names"):
     """What --data names, for inputs beyond class folders: a file list (.csv/.tsv/.parquet) as a
-    FileSource, WebDataset shards (.tar pattern) as a TarSource; None for anything else."""
+    FileSource, WebDataset shards (.tar pattern) as a TarSource; None for anything else.
+    `labels_kind`: a file list's labels are class names, or indices into the classes file
+    (WebDataset .cls members are indices by their format)."""
     classes = read_classes_file(classes_file) if classes_file else None
     if is_file_list(data):
-        return read_file_list(data, classes)
+        return read_file_list(data, classes, labels_kind)
     if is_webdataset(data):
         return read_webdataset(data, classes)
     return None

@@ -16,6 +16,7 @@ from fasttl.errors import OptionError
 from fasttl.cache import engines
 from fasttl.transfer import cross_fit
 from fasttl.transfer.caching import FEATURE_TAPS, MIRROR_VIEWS, mirror_mode
+from fasttl.data.sources import LABEL_KINDS
 from fasttl.transfer.datasets import BUILTIN
 
 MAX_IMAGE_SIZE = 1024
@@ -51,6 +52,8 @@ class RunConfig:
     classes_file: Optional[str] = option(None, "class names, one a line, for a file list or WebDataset --data "
                                          "(default: the labels' own names, or the class indices)", kind=str,
                                          metavar="FILE")
+    labels: str = option("names", "a file list's labels: class names (with --classes-file, each must be one of its "
+                         "names) or indices into --classes-file", choices=LABEL_KINDS)
     backbone: str = option(backbones.DEFAULT, "backbone name", choices=backbones.available)
     weights: Optional[str] = option(None, "backbone state dict file", kind=str, metavar="FILE")
     strategy: str = option("linear", "how to transfer (see the table in the README)", choices=_strategies)

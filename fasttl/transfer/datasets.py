@@ -135,11 +135,12 @@ def _check_usable(dataset: Dataset, data: str) -> None:
 
 def load_dataset(data: Optional[str], seed: int = 0, train_per_class: Optional[int] = None,
                  test_per_class: Optional[int] = None, on_error: str = "fail", download: bool = False,
-                 classes_file: Optional[str] = None) -> Dataset:
+                 classes_file: Optional[str] = None, labels: str = "names") -> Dataset:
     """The data set `data` names (see RunConfig.data). `download`: fetch CIFAR-10 into $FASTTL_DATA
     when it is not there (`fasttl data fetch cifar10`); nothing else is ever downloaded. A file
     list (.csv/.tsv/.parquet) or WebDataset shards (.tar pattern) is split 80/20 (stratified,
-    seeded) as a folder without train/ and test/; `classes_file` names their classes."""
+    seeded) as a folder without train/ and test/; `classes_file` names their classes, and a file
+    list's labels are those names (`labels="names"`) or indices into them ("indices")."""
     if classes_file is not None and not (is_file_list(data) or is_webdataset(data)):
         raise OptionError("classes_file: --classes-file names the classes of a file list or WebDataset shards; "
                           f"{data or EMBEDDED} names its own classes (drop --classes-file)")
@@ -150,7 +151,7 @@ def load_dataset(data: Optional[str], seed: int = 0, train_per_class: Optional[i
     elif data == "cifar10":
         dataset = _cifar10(download)
     elif is_file_list(data) or is_webdataset(data):
-        source = open_data(data, classes_file)
+        source = open_data(data, classes_file, labels)
         if on_error == "skip":  # screened whole, so a class's unreadable images are counted before the split
             source = screen(source, on_error)
         train_idx, test_idx = stratified_split(source.labels, test_fraction=0.2, seed=seed)

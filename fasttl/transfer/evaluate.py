@@ -22,7 +22,7 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     on_error="skip", images that do not decode are left out and listed under "skipped"."""
     cfg = read_config(run_dir)
     dataset = load_dataset(data if data is not None else cfg["data"], cfg["seed"],
-                           classes_file=cfg.get("classes_file"))
+                           classes_file=cfg.get("classes_file"), labels=cfg.get("labels", "names"))
     test = screen(dataset.test, on_error) if on_error == "skip" else dataset.test  # the train split goes unread
     if dataset.classes != cfg["classes"]:
         raise DataError(f"data: has classes {dataset.classes}, the run was trained for {cfg['classes']}")

@@ -2,6 +2,7 @@
 measure, and write the run directory."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -22,9 +23,11 @@ from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.files import write_atomic
-from fasttl.transfer.rundir import (HISTORY, RunError, clear_results, has_checkpoints, holds_run, is_finished,
-                                    read_config, write_config, write_metrics, write_predictions)
+from fasttl.transfer.rundir import (HISTORY, MARKER, RunError, RunLock, clear_results, has_checkpoints, holds_run,
+                                    is_finished, mark_run, own_entries, read_config, write_config, write_metrics,
+                                    write_predictions)
 from fasttl.transfer import cross_fit, registry
+from fasttl.outputs import csv_cell, markdown_cell
 from fasttl.transfer.registry import Outcome
 
 
@@ -109,9 +112,17 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
                            "to start over")
         else:
             clear_results(run_dir)  # a run that stopped before its first epoch: nothing to resume or lose
-    elif os.path.isdir(run_dir) and os.listdir(run_dir):
-        raise RunError(f"out: {run_dir} is not empty and holds no fasttl run; pass an empty or new folder as --out")
+    else:
+        _refuse_foreign(run_dir)
     os.makedirs(run_dir, exist_ok=True)
+    mark_run(run_dir)
+
+
+def _refuse_foreign(run_dir: str) -> None:
+    """A folder of someone else's files is never written into (not even a lock file)."""
+    if os.path.isdir(run_dir) and not holds_run(run_dir) and set(os.listdir(run_dir)) - set(own_entries()):
+        raise RunError(f"out: {run_dir} is not empty and holds no fasttl run (fasttl marks its run folders with "
+                       f"{MARKER}); pass an empty or new folder as --out")
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -148,7 +159,7 @@ def write_skipped(run_dir: str, skipped) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["file", "reason"])
-    writer.writerows(skipped)
+    writer.writerows([csv_cell(path), csv_cell(reason)] for path, reason in skipped)
     write_atomic(os.path.join(run_dir, "skipped.csv"), buffer.getvalue().encode())
 
 
@@ -162,7 +173,7 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     preflight(cfg.resolved(0))  # option errors first, before any data is read or any folder made
     dataset = load_dataset(cfg.data, cfg.seed, cfg.train_per_class, cfg.test_per_class, on_error=cfg.on_error,
-                           download=cfg.download, classes_file=cfg.classes_file)
+                           download=cfg.download, classes_file=cfg.classes_file, labels=cfg.labels)
     cfg = cfg.resolved(dataset.native_size)
     torch.manual_seed(cfg.seed)
     run_dir = choose_run_dir(cfg, dataset.name)
@@ -172,11 +183,29 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
                   skipped=len(dataset.skipped), run_dir=run_dir, identity=identity,
                   run_key=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
                   command=" ".join(sys.argv) if sys.argv and "fasttl" in sys.argv[0] else None)
-    if rank == 0:
-        prepare_run_dir(run_dir, cfg, identity)
-        write_config(run_dir, config)
-        if dataset.skipped:
-            write_skipped(run_dir, dataset.skipped)
+    with contextlib.ExitStack() as held:
+        if rank == 0:
+            held.enter_context(_locked_run_dir(run_dir))
+            prepare_run_dir(run_dir, cfg, identity)
+            write_config(run_dir, config)
+            if dataset.skipped:
+                write_skipped(run_dir, dataset.skipped)
+        return _train_and_write(cfg, dataset, run_dir, config, rank, owns_process_group, started, print_summary)
+
+
+def _locked_run_dir(run_dir: str):
+    """The run folder's lock, held for the run: the folder is made first only when it is new (an
+    existing one is checked by prepare_run_dir, under the lock)."""
+    if not os.path.lexists(run_dir):
+        os.makedirs(run_dir, exist_ok=True)
+    elif not os.path.isdir(run_dir):
+        raise RunError(f"out: {run_dir} is a file, not a folder; pass another --out")
+    _refuse_foreign(run_dir)
+    return RunLock(run_dir)
+
+
+def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_process_group: bool, started: float,
+                     print_summary) -> Dict[str, object]:
     if world_size() > 1:
         dist.barrier()
     if cfg.progress and rank == 0:
@@ -297,8 +326,8 @@ def _write_results(run_dir: str, cfg: RunConfig, config: dict, dataset, outcomes
     report.plot_confusion_matrix(results[main]["metrics"], os.path.join(run_dir, "confusion_matrix.png"),
                                  results[main]["display"])
     report.plot_curves({r["display"]: r["history"] for r in results.values()}, os.path.join(run_dir, "curves.png"))
-    line = (f"Data: {dataset.name}, {len(dataset.train)} training and {len(dataset.test)} test images, "
-            f"{len(dataset.classes)} classes" + (f"; evaluated on the target domain {cfg.target_data}"
+    line = (f"Data: {markdown_cell(dataset.name)}, {len(dataset.train)} training and {len(dataset.test)} test images, "
+            f"{len(dataset.classes)} classes" + (f"; evaluated on the target domain {markdown_cell(cfg.target_data)}"
                                                  if cfg.strategy == "dann" else "") + ".")
     report.write_report(run_dir, config, {r["display"]: r for r in results.values()}, line, results[main]["display"])
     write_metrics(run_dir, payload)

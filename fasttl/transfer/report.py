@@ -5,6 +5,7 @@ import os
 from typing import Dict, List
 
 from fasttl.files import write_atomic
+from fasttl.outputs import markdown_cell, plot_label
 
 
 def _plt():
@@ -26,8 +27,9 @@ def plot_confusion_matrix(metrics: Dict[str, object], path: str, title: str) -> 
     size = max(4.5, 0.55 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     image = ax.imshow(normalized, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    labels = [plot_label(c) for c in classes]
+    ax.set_xticks(range(len(classes)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{title}: accuracy {metrics['accuracy']:.3f}")
@@ -174,8 +176,8 @@ def write_report(run_dir: str, config: Dict[str, object], results: Dict[str, Dic
     classes = results[names[0]]["metrics"]["classes"]
     lines += ["", "## Per-class recall", "", "| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for c in classes:
-        lines.append(f"| {c} | " + " | ".join(f"{results[n]['metrics']['per_class_recall'][c]:.3f}" for n in names)
-                     + " |")
+        lines.append(f"| {markdown_cell(c)} | "
+                     + " | ".join(f"{results[n]['metrics']['per_class_recall'][c]:.3f}" for n in names) + " |")
     lines += _choices(results)
     lines += ["", "![confusion matrix](confusion_matrix.png)", "", "![curves](curves.png)", ""]
     write_atomic(os.path.join(run_dir, "report.md"), "\n".join(lines).encode())

@@ -1,7 +1,9 @@
 """The run directory: config.json, metrics.json, weights (safetensors) and the resumable checkpoint."""
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import os
 from typing import Dict, List, Optional
@@ -12,8 +14,11 @@ from torch import nn
 from fasttl.errors import UserError
 from fasttl import files
 from fasttl.files import read_json, write_atomic, write_json_atomic
+from fasttl.outputs import csv_cell
 
 CONFIG = "config.json"
+MARKER = ".fasttl-run"      # written by fasttl into every run folder it makes: the proof that it is one
+LOCK = ".fasttl-run.lock"   # held for a run's whole duration (files.FolderLock)
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.csv"
 HISTORY = "history.csv"   # one row per epoch per model
@@ -38,7 +43,7 @@ def write_predictions(run_dir: str, logits: torch.Tensor, labels: torch.Tensor, 
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["sample", "label", "predicted", "confidence"])
     for sample, label, guess, p in zip(samples, labels.tolist(), predicted.tolist(), confidence.tolist()):
-        writer.writerow([sample, classes[label], classes[guess], f"{p:.4f}"])
+        writer.writerow([csv_cell(sample), csv_cell(classes[label]), csv_cell(classes[guess]), f"{p:.4f}"])
     path = os.path.join(run_dir, PREDICTIONS)
     write_atomic(path, buffer.getvalue().encode())
     return path
@@ -69,6 +74,10 @@ def load_weights(run_dir: str, name: str, module: nn.Module) -> nn.Module:
     except Exception as exc:  # safetensors raises its own types for a damaged file
         raise RunError(f"{path}: not weights for this run's model ({_first_line(exc)}); train the run again "
                        "with --overwrite") from exc
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise RunError(f"{path}: '{name}' holds NaN or infinite weights (a damaged file or a run that "
+                           "diverged); train the run again with --overwrite")
     return module
 
 
@@ -137,6 +146,9 @@ def read_config(run_dir: str) -> Dict[str, object]:
         raise RunError(f"{run_dir}: no {CONFIG}; not a fasttl run folder")
     if not isinstance(config, dict) or not isinstance(config.get("strategy"), str):
         raise RunError(f"{path}: not a fasttl run configuration (start it over with --overwrite)")
+    from fasttl.transfer.schema import check_run_config
+
+    check_run_config(path, config)
     return config
 
 
@@ -149,7 +161,43 @@ def is_finished(run_dir: str) -> bool:
 
 
 def holds_run(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, CONFIG))
+    """Whether `run_dir` is a fasttl run folder, by proof: the marker fasttl writes there (a plain
+    file, not a link), or, for folders made before the marker, a config.json whose run_key is the
+    hash of its own identity (which no config.json of a user's own carries by chance). Any other
+    config.json is a user's file, never taken for a run."""
+    if files.is_plain_file(os.path.join(run_dir, MARKER)):
+        return True
+    try:
+        config = read_json(os.path.join(run_dir, CONFIG))
+    except ValueError:
+        return False
+    if not isinstance(config, dict) or not isinstance(config.get("identity"), dict):
+        return False
+    key = hashlib.sha256(json.dumps(config["identity"], sort_keys=True).encode()).hexdigest()
+    return config.get("run_key") == key
+
+
+def mark_run(run_dir: str) -> None:
+    """Writes the marker that makes `run_dir` a fasttl run folder."""
+    from fasttl import __version__
+
+    write_json_atomic(os.path.join(run_dir, MARKER), {"fasttl": __version__, "what": "a fasttl run folder"})
+
+
+class RunLock(files.FolderLock):
+    """Held by a run for its whole duration: a second `fasttl run` into the same folder is refused
+    at once, naming the holder, instead of mixing its files with the first's."""
+
+    def __init__(self, run_dir: str):
+        super().__init__(run_dir, LOCK, "two runs in one folder would mix their files")
+
+    def refused(self, why: str) -> Exception:
+        return RunError(f"{self.path}: {why}; fasttl will not write to it (move it away: fasttl makes its own lock "
+                        "file there)")
+
+    def locked(self, holder: str) -> Exception:
+        return RunError(f"out: {os.path.dirname(self.path)} is in use by another fasttl run ({holder}); wait for it "
+                        "to finish, or pass another --out")
 
 
 def run_files() -> List[str]:
@@ -158,6 +206,11 @@ def run_files() -> List[str]:
 
     models = registry.output_names()
     return [CONFIG, *RESULT_FILES, *(weights_file(m) for m in models), *(f"{m}.{CHECKPOINT}" for m in models)]
+
+
+def own_entries() -> tuple:
+    """What fasttl keeps in a run folder besides the run's files: its marker and lock."""
+    return (MARKER, LOCK)
 
 
 def clear_results(run_dir: str) -> List[str]:

@@ -1,0 +1,27 @@
+"""Text fasttl did not make (class names, file paths, sample ids), escaped for each kind of output
+it writes: a CSV cell a spreadsheet would run as a formula, a Markdown table cell a `|` would
+split or HTML would reach into, a plot label matplotlib would read as math."""
+from __future__ import annotations
+
+import html
+
+# A spreadsheet takes a cell starting with one of these as a formula (OWASP, "CSV Injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+def csv_cell(text: object) -> str:
+    """`text` as a CSV cell no spreadsheet runs: one that starts like a formula gets a leading
+    apostrophe (OWASP's advice; the csv module quotes what else needs it)."""
+    text = str(text)
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def markdown_cell(text: object) -> str:
+    """`text` inside a Markdown table cell: HTML escaped, `|` escaped, line breaks as spaces."""
+    text = html.escape(" ".join(str(text).split()), quote=False)
+    return text.replace("|", "\\|")
+
+
+def plot_label(text: object) -> str:
+    """`text` as a matplotlib label shown as it is: `$` (mathtext) escaped."""
+    return str(text).replace("$", r"\$")
