@@ -308,7 +308,7 @@ def test_file_list_and_webdataset_refusals(small_image_folder, tmp_path):
         read_file_list(str(tmp_path / "one.csv"))
     (tmp_path / "classes.txt").write_text("cat\ndog\n")
     (tmp_path / "bad.csv").write_text("path,label\na.jpg,cat\nb.jpg,bird\n")
-    with pytest.raises(DataError, match="'bird' is neither"):
+    with pytest.raises(DataError, match="label 'bird' is not one of the 2 classes of the classes file$"):
         read_file_list(str(tmp_path / "bad.csv"), ["cat", "dog"])
     with pytest.raises(DataError, match="does not exist"):
         read_file_list(str(tmp_path / "missing.csv"))
@@ -340,9 +340,12 @@ def test_a_parquet_list_equals_the_csv_list_and_bad_parquet_is_named(small_image
     assert from_parquet.files == from_csv.files == folders.files
     assert from_parquet.labels == from_csv.labels and from_parquet.classes == from_csv.classes
     assert from_parquet.sample_ids() == from_csv.sample_ids()
-    # integer labels with a classes list, as a WebDataset's .cls files hold them
+    # integer labels with a classes list, as a WebDataset's .cls files hold them: said so (labels_kind)
     pq.write_table(pa.table({"path": paths, "label": list(folders.labels)}), small_image_folder / "ints.parquet")
-    assert read_file_list(str(small_image_folder / "ints.parquet"), folders.classes).labels == folders.labels
+    assert read_file_list(str(small_image_folder / "ints.parquet"), folders.classes, "indices").labels == folders.labels
+    with pytest.raises(DataError, match=r"label '0' is not one of the 3 classes of the classes file \(to give labels as "
+                                         r"indices into it, pass --labels indices\)"):
+        read_file_list(str(small_image_folder / "ints.parquet"), folders.classes)
     # what bad Parquet gets: one DataError naming the file
     (tmp_path / "cut.parquet").write_bytes((small_image_folder / "list.parquet").read_bytes()[:100])
     with pytest.raises(DataError, match=r"cut\.parquet is not a readable Parquet file"):

@@ -296,9 +296,11 @@ def test_teachers_with_damaged_configs_or_given_twice_through_a_link_are_refused
         (folder / "config.json").write_text(json.dumps(config))
         return str(folder)
 
-    cases = [(config_with("classes-int", classes=5), r"^teacher: .*classes-int/config.json has no list of class names"),
-             (config_with("unknown", strategy="bogus"), r"^teacher: .*unknown is a 'bogus' run, a strategy this fasttl"),
-             (str(tmp_path), r"^teacher: .*no config.json; not a fasttl run folder \(give a finished fasttl run")]
+    cases = [(config_with("classes-int", classes=5),
+              r"^teacher: .*classes-int/config.json: field 'classes' is 5 \(expected a list of at least 2"),
+             (config_with("unknown", strategy="bogus"),
+              r"^teacher: .*unknown/config.json: field 'strategy' is 'bogus' \(expected one of linear"),
+             (str(tmp_path), r"^teacher: .*no config.json; not a fasttl run folder \(--teacher takes a finished fasttl")]
     for teacher, match in cases:
         with pytest.raises(OptionError, match=match):
             run(data=str(tiny_cifar), strategy="distill", teacher=teacher, epochs=1, out=str(tmp_path / "x"),

@@ -34,7 +34,7 @@ def teacher_model(teacher_dir: str, classes: List[str], device: torch.device) ->
     try:
         config = read_config(teacher_dir)
     except RunError as exc:  # the teacher's folder is the culprit, not the run being started
-        raise OptionError(f"teacher: {str(exc).rsplit(' (', 1)[0]} (give a finished fasttl run as --teacher)") from None
+        raise OptionError(f"teacher: {exc} (--teacher takes a finished fasttl run)") from None
     if config["strategy"] not in registry.names():
         raise OptionError(f"teacher: {teacher_dir} is a {config['strategy']!r} run, a strategy this fasttl does not "
                           f"have ({', '.join(registry.names())})")
