@@ -383,19 +383,15 @@ def _differentiable_grad(ctx) -> Tensor:
 
 def _times_upstream(grad: Tensor, upstream: Tensor) -> Tensor:
     """grad * upstream, computed in fp32 and stored in the grad's dtype: GradScaler's 65536 times
-    a mean's 1/B fits in fp16, while 65536 itself rounded to fp16 first is inf."""
-    if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
-        # Being traced (torch.compile / AOT autograd): stay functional, the compiler plans memory.
-        return (grad * upstream).to(grad.dtype)
-    with torch.no_grad():
-        return grad.mul_(upstream)
+    a mean's 1/B fits in fp16, while 65536 itself rounded to fp16 first is inf. A new buffer, as
+    torch's losses give: the saved one stays as it was, so a retained graph's second backward
+    (with any upstream gradient) reads it unchanged."""
+    return (grad * upstream).to(grad.dtype)
 
 
 def _distill_rows_backward(ctx, grad_loss_rows, _grad_of_grad):
     # The forward already holds d(loss_i)/d(student_i); backward only scales it by each row's
-    # upstream gradient, in place: the buffer is ours (the public function drops that output),
-    # and a second backward through a retained graph is refused by autograd's version check
-    # rather than reading a scaled buffer. The teacher gets no gradient, by design.
+    # upstream gradient (into a new buffer). The teacher gets no gradient, by design.
     nones = (None,) * (ctx.input_count - 1)
     # contiguous(): after a mean/sum the upstream gradient is an expanded scalar, and a
     # stride-0 broadcast operand sends aten::mul down a slow path (15x here).
@@ -440,9 +436,9 @@ def _distill_loss_backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
     if type(grad) is torch.Tensor and not torch.compiler.is_compiling() and grad_loss.device.type == "cpu" and \
             float(grad_loss) == 1.0:
-        # The forward wrote the final gradient. Autograd may hand this very buffer on as the
-        # leaf's .grad; it is never written again (a retained graph's second backward reads it
-        # unchanged, and one with another upstream gradient is refused by the version check).
+        # The forward wrote the final gradient, and fasttl never writes it again. Autograd may hand
+        # this very buffer on as the leaf's .grad: changed there in place (a clip) before a retained
+        # graph's second backward, it is refused by autograd's version check, not misread.
         return grad, *nones
     # (1, 1): a dimensioned fp32 operand, so the product is taken in fp32 (a 0-dim one would be
     # rounded to the grad's dtype first)

@@ -27,7 +27,9 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
         classes = student_logits.shape[-1]
         hard = F.cross_entropy(student_logits.reshape(-1, classes), target.reshape(-1), reduction="none",
                                ignore_index=ignore_index, label_smoothing=label_smoothing).reshape(target.shape)
-        rows = torch.where(counted > 0, alpha * soft + (1.0 - alpha) * hard, torch.zeros_like(soft))
+        # A term of weight 0 is left out, not multiplied: a masked logit makes it inf, and 0 * inf is NaN.
+        mixed = (alpha * soft if alpha else torch.zeros_like(soft)) + ((1.0 - alpha) * hard if alpha != 1 else 0.0)
+        rows = torch.where(counted > 0, mixed, torch.zeros_like(soft))
         if weight is not None:
             counted = counted * weight[target.clamp(0, classes - 1)].to(soft.dtype)
             rows = rows * counted

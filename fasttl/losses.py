@@ -6,12 +6,14 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from fasttl import _ops, _reference
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _EAGER_DTYPES = (torch.float64,)  # through the plain-PyTorch formula (fasttl._reference), as torch would
 _REDUCTIONS = ("mean", "sum", "none")
+_TARGET_DTYPES = (torch.int64, torch.int32, torch.uint8)  # what cross_entropy takes, and int32
 
 
 def _check_logits(name: str, x) -> None:
@@ -40,9 +42,9 @@ def _check_arguments(student_logits, teacher_logits, target, temperature, alpha,
     if target is not None:
         if not isinstance(target, Tensor):
             raise TypeError(f"target: got {type(target).__name__} (expected a torch.Tensor of class indices)")
-        if target.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"target: dtype {target.dtype} is not supported (expected int64 or int32 class indices; "
-                            "probability targets are what teacher_logits is for)")
+        if target.dtype not in _TARGET_DTYPES:
+            raise TypeError(f"target: dtype {target.dtype} is not supported (expected int64, int32 or uint8 class "
+                            "indices; probability targets are what teacher_logits is for)")
         if tuple(target.shape) != leading:
             raise ValueError(f"target: has shape {tuple(target.shape)} (expected {leading}, the logits' shape "
                              "without the class dim)")
@@ -92,10 +94,12 @@ def _out_dtype(student_logits: Tensor) -> torch.dtype:
         student_logits.dtype
 
 
-def _eager(student_logits: Tensor) -> bool:
-    """float64 logits, and torch.func transforms (grad, vmap, jacrev), take the plain-PyTorch
-    formula: the fused op has no float64 kernel, and its autograd is not a functorch one."""
-    return student_logits.dtype in _EAGER_DTYPES or torch._C._are_functorch_transforms_active()
+def _eager(student_logits: Tensor, teacher_logits: Tensor) -> bool:
+    """float64 logits, torch.func transforms (grad, vmap, jacrev) and forward-mode AD (dual
+    tensors) take the plain-PyTorch formula: the fused op has no float64 kernel, and its autograd
+    is reverse mode only (a dual tensor through it would lose its tangent without a word)."""
+    return (student_logits.dtype in _EAGER_DTYPES or torch._C._are_functorch_transforms_active()
+            or any(forward_ad.unpack_dual(x).tangent is not None for x in (student_logits, teacher_logits)))
 
 
 def _known_scale(student_logits: Tensor, target: Optional[Tensor], reduction: str, ignore_index: int):
@@ -175,7 +179,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     """
     _check_arguments(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index,
                      label_smoothing, weight)
-    if _eager(student_logits):
+    if _eager(student_logits, teacher_logits):
         return _reference.distillation_loss(student_logits, teacher_logits.to(student_logits.dtype),
                                             None if target is None else target.long(), temperature=temperature,
                                             alpha=alpha, reduction=reduction, ignore_index=ignore_index,
@@ -187,6 +191,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     classes = student_logits.size(-1)
     student, teacher = student_logits.reshape(-1, classes), teacher_logits.detach().reshape(-1, classes)
     target = None if target is None else target.reshape(-1)
+    if target is not None and target.dtype == torch.uint8:
+        target = target.long()  # the kernel reads int64 or int32 indices
     options = (float(temperature), float(alpha), int(ignore_index))
     scale = None if weight is not None else _known_scale(student, target, reduction, int(ignore_index))
     if scale is not None:

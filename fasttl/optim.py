@@ -14,25 +14,35 @@ from fasttl import _ops
 _FP32_STATE = ("master_param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
+def _number(value):
+    """A Python or numpy real number, or a one-element tensor, as a float; None for anything else
+    (torch.optim takes all of them)."""
+    if isinstance(value, Tensor):
+        return float(value) if value.numel() == 1 and not value.is_complex() else None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"lr: a tensor lr must hold one value (0-dim), got shape {tuple(lr.shape)}")
-        lr_value = float(lr)
-    elif isinstance(lr, (int, float)):
-        lr_value = float(lr)
-    else:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"lr: a tensor lr must hold one value (0-dim), got shape {tuple(lr.shape)}")
+    lr_value = _number(lr)
+    if lr_value is None:
         raise TypeError(f"lr: expected a float or a 0-dim tensor, got {type(lr).__name__}")
     if not lr_value >= 0.0:
         raise ValueError(f"lr: expected >= 0, got {lr_value}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+        value = _number(beta)
+        if value is None or not 0.0 <= value < 1.0:
             raise ValueError(f"betas[{i}]: expected a number in [0, 1), got {beta!r}")
-    if not isinstance(eps, (int, float)) or not eps >= 0.0:
+    value = _number(eps)
+    if value is None or not value >= 0.0:
         raise ValueError(f"eps: expected >= 0, got {eps!r}")
-    if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0 or math.isinf(weight_decay):
+    value = _number(weight_decay)
+    if value is None or not value >= 0.0 or math.isinf(value):
         raise ValueError(f"weight_decay: expected a finite number >= 0, got {weight_decay!r}")
 
 
@@ -44,8 +54,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
     # unscales the grads and skips an inf/nan step itself (no separate unscale pass).
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 amsgrad: bool = False, maximize: bool = False, master_weights: Optional[bool] = None,
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, master_weights: Optional[bool] = None,
                  foreach: Optional[bool] = None, fused: Optional[bool] = None, capturable: bool = False,
                  differentiable: bool = False):
         # torch.optim's keywords, so switching is a one-word change: fasttl is always one fused pass
@@ -153,7 +163,14 @@ class _FusedAdamBase(torch.optim.Optimizer):
         inf = None if found_inf is None else (found_inf.to(device=device) != 0).to(torch.float32).reshape(())
         torch._foreach_add_(steps, 1)
         lr = group["lr"]
-        lr_tensor = lr.detach().to(device=device, dtype=torch.float32).reshape(()) if isinstance(lr, Tensor) else None
+        if isinstance(lr, Tensor):
+            lr_tensor = lr.detach().to(device=device, dtype=torch.float32).reshape(())
+        elif torch.compiler.is_compiling():
+            # A float lr that a scheduler changes becomes a symbolic input after one recompile (as in
+            # torch.optim); a float argument of a custom op would be specialized at every change.
+            lr_tensor = torch.ones((), dtype=torch.float32, device=device) * lr
+        else:
+            lr_tensor = None
         beta1, beta2 = group["betas"]
         _ops.adam_step(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                        0.0 if lr_tensor is not None else float(lr), lr_tensor, float(beta1), float(beta2),
@@ -316,8 +333,8 @@ class AdamW(_FusedAdamBase):
         scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
     """
 
-    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 amsgrad: bool = False, maximize: bool = False, master_weights: Optional[bool] = None,
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad: bool = False, *, maximize: bool = False, master_weights: Optional[bool] = None,
                  **torch_options):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
                          master_weights=master_weights, **torch_options)
@@ -329,8 +346,10 @@ class Adam(_FusedAdamBase):
 
     _decoupled_weight_decay = False
 
-    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 amsgrad: bool = False, maximize: bool = False, master_weights: Optional[bool] = None,
-                 **torch_options):
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad: bool = False, *, maximize: bool = False, master_weights: Optional[bool] = None,
+                 decoupled_weight_decay: bool = False, **torch_options):
+        # torch.optim.Adam's keyword: decoupled_weight_decay=True is AdamW
+        self._decoupled_weight_decay = bool(decoupled_weight_decay)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
                          master_weights=master_weights, **torch_options)

@@ -312,3 +312,38 @@ def test_the_exact_rows_keep_the_gradient_right(request):
     _reference.distillation_loss(ref, teacher.double(), None, temperature=1000.0, reduction="sum").backward()
     torch.testing.assert_close(student.grad.double(), ref.grad, rtol=1e-4, atol=1e-9)
     assert ref.grad.abs().max() > 1e-6
+
+
+def test_forward_mode_ad_gets_its_tangent(request):
+    import torch.autograd.forward_ad as fwAD
+
+    student, teacher, target = inputs(request, (4, 6))
+    direction = torch.randn(4, 6, generator=generator(request, "dir"))
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(student.detach(), direction)
+        ours = fwAD.unpack_dual(fasttl.distillation_loss(dual, teacher, target, alpha=0.0)).tangent
+        theirs = fwAD.unpack_dual(F.cross_entropy(dual, target)).tangent
+    assert ours is not None
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_a_masked_student_logit_at_alpha_0_is_cross_entropy_not_nan(request):
+    student, teacher, target = inputs(request, (3, 5))
+    student = student.detach().clone()
+    student[0, 2] = float("-inf")
+    target[0] = 1
+    for reduction in ("mean", "none"):
+        ours = fasttl.distillation_loss(student, teacher, target, alpha=0.0, reduction=reduction)
+        theirs = F.cross_entropy(student, target, reduction=reduction)
+        torch.testing.assert_close(ours, theirs)
+    # alpha = 1 with a target: the soft term alone, whatever the hard term would be
+    hard_inf = student.clone()
+    hard_inf[1, target[1]] = float("-inf")
+    ours = fasttl.distillation_loss(hard_inf, hard_inf, target, alpha=1.0, reduction="none")
+    assert torch.isfinite(ours[1:]).all()
+
+
+def test_uint8_targets_as_cross_entropy_takes_them(request):
+    student, teacher, target = inputs(request, (5, 7))
+    ours = fasttl.distillation_loss(student, teacher, target.to(torch.uint8), alpha=0.0)
+    torch.testing.assert_close(ours, F.cross_entropy(student, target.to(torch.uint8)))

@@ -239,3 +239,52 @@ def test_adam_op_refuses_what_the_kernel_would_misread(change, message):
         _ops.adam_step(**args)
     for p, b in zip(args["params"], before):
         assert torch.equal(p, b)
+
+
+def test_a_float_lr_changed_by_a_scheduler_compiles_once_more_as_in_torch(request):
+    # torch.optim recompiles once and then takes the float lr as a symbolic input; a custom op's
+    # float argument would be specialized at every change (the recompile limit after 8 steps).
+    from torch._dynamo.testing import CompileCounter
+
+    counts = {}
+    for cls in (torch.optim.AdamW, fasttl.optim.AdamW):
+        torch._dynamo.reset()
+        g = seeded(request)
+        model = make_model(torch.float32, g)
+        twin = make_model(torch.float32, g)
+        twin.load_state_dict(model.state_dict())
+        opt, eager = cls(model.parameters(), lr=0.01), cls(twin.parameters(), lr=0.01)
+        schedulers = [torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.9) for o in (opt, eager)]
+        counter = CompileCounter()
+        step = torch.compile(opt.step, backend=counter)
+        for i in range(10):
+            for m in (model, twin):
+                set_grads(m, torch.Generator().manual_seed(i))
+            step()
+            eager.step()
+            for s in schedulers:
+                s.step()
+        counts[cls] = counter.frame_count
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # inductor reorders fp32 math
+    assert counts[fasttl.optim.AdamW] <= counts[torch.optim.AdamW] <= 2, counts
+
+
+def test_torch_optims_arguments_are_taken():
+    params = [torch.nn.Parameter(torch.randn(5, 3))]
+    import numpy as np
+
+    fasttl.optim.AdamW(params, 1e-3, (0.9, 0.99), 1e-8, 0.01, True)  # amsgrad, positional as in torch
+    fasttl.optim.AdamW(params, lr=np.float32(1e-3), betas=(torch.tensor(0.9), torch.tensor(0.999)),
+                       weight_decay=torch.tensor(0.01))
+    # torch.optim.Adam(decoupled_weight_decay=True) is AdamW: the same steps
+    a = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    adam = fasttl.optim.Adam(a, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)
+    adamw = fasttl.optim.AdamW(b, lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        grad = torch.randn(5, 3, generator=torch.Generator().manual_seed(_))
+        a[0].grad, b[0].grad = grad.clone(), grad.clone()
+        adam.step()
+        adamw.step()
+    assert torch.equal(a[0], b[0])

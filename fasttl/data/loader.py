@@ -25,7 +25,8 @@ class ImageLoader:
     A stand-in for ``DataLoader(dataset, sampler=DistributedSampler(...))``, on either backend:
 
     * ``backend``: ``"dali"``, ``"torch"`` (PIL + torch ops) or ``"auto"`` (DALI when installed).
-      Both yield the same samples in the same order (they differ only in decoding).
+      Both yield the same samples in the same order, and in evaluation the same pixels; training's
+      random crops and flips come from each backend's own random generator.
     * ``train``: random resized crop + flip (``spec.train``); else resize + center crop.
     * ``shuffle`` (default: ``spec.train``): each epoch a permutation of the whole source seeded
       with ``seed + epoch`` (``seed`` defaults to ``spec.seed``); ``set_epoch(k)`` selects epoch
@@ -36,8 +37,8 @@ class ImageLoader:
       shards are disjoint and together cover every sample each epoch. ``drop_last=False`` pads
       the order with its first samples to a multiple of ``num_shards`` and keeps the last partial
       batch; ``drop_last=True`` cuts the order to a multiple and drops the last partial batch.
-    * ``num_workers`` (``num_threads``): decode workers; ``pin_memory``: page-locked host batches
-      on the PyTorch path before the copy to a GPU.
+    * ``num_workers`` (``num_threads``): decode workers (default 2); ``pin_memory``: page-locked
+      host batches on the PyTorch path where CUDA is available (as DataLoader's).
     """
 
     def __init__(self, source: Source, spec: TransformSpec, batch_size: int = 64, *, backend: str = "auto",
@@ -123,7 +124,7 @@ class ImageLoader:
             self._batches = _EpochBatches()
             self._torch_loader = torch.utils.data.DataLoader(
                 TorchImageDataset(self.source, self.spec), batch_sampler=self._batches, num_workers=workers,
-                collate_fn=Collate(self.spec), pin_memory=self.pin_memory and self.device.type == "cuda",
+                collate_fn=Collate(self.spec), pin_memory=self.pin_memory and torch.cuda.is_available(),
                 persistent_workers=workers > 0)
         self._batches.batches = batches
         try:

@@ -116,9 +116,12 @@ FASTTL_HD float distill_row_loss(const DistillTerms& sums, float rs, float s_tar
   const float linear = sums.teacher_gap * p.inv_temperature / sums.soft_teacher;
   const float alpha = p.hard ? p.alpha : 1.0f;
   const float soft_weight = alpha * p.temperature * p.temperature;
-  float loss = soft_weight * (linear + log_ratio);
+  // A term of weight 0 is left out, not multiplied: a class one side rules out (logit -inf) makes
+  // it inf, and 0 * inf would turn alpha = 0 (cross-entropy alone) into NaN.
+  float loss = soft_weight == 0.0f ? 0.0f : soft_weight * (linear + log_ratio);
   // Each of G, Zs, Zt, Zh is a sum of terms with a few ulps of error each (fast_exp, the sums).
-  float magnitude = soft_weight * (sums.gap_bound * p.inv_temperature / sums.soft_teacher + abs_value(log_ratio) + 1.0f);
+  float magnitude = soft_weight == 0.0f ? 0.0f :
+      soft_weight * (sums.gap_bound * p.inv_temperature / sums.soft_teacher + abs_value(log_ratio) + 1.0f);
   coef->soft_scale = alpha * p.temperature * p.grad_scale;
   coef->inv_z_student = 1.0f / sums.soft_student;
   coef->inv_z_teacher = 1.0f / sums.soft_teacher;
@@ -126,7 +129,7 @@ FASTTL_HD float distill_row_loss(const DistillTerms& sums, float rs, float s_tar
   coef->inv_z_hard = 1.0f / sums.hard_student;
   coef->target_weight = 1.0f - p.label_smoothing;
   coef->smoothing_share = p.label_smoothing * p.inv_classes;
-  if (p.hard) {
+  if (p.hard && alpha != 1.0f) {
     const float log_zh = fast_log(sums.hard_student);
     const float target_gap = s_target - rs;
     // Only with smoothing: the sum is -inf where a logit is, and 0 * -inf would be NaN.
@@ -252,7 +255,7 @@ FASTTL_HD double exact_row_loss(const ExactSums& sums, float rs, float s_target,
   kl = kl > 0.0 ? kl : 0.0;  // >= 0 in exact arithmetic; rounding may leave -1e-17
   const double alpha = p.hard ? p.alpha : 1.0;
   const double temperature = p.temperature;
-  double loss = alpha * temperature * temperature * kl;
+  double loss = alpha == 0.0 ? 0.0 : alpha * temperature * temperature * kl;  // 0 * inf left out
   coef->soft_scale = alpha * temperature * p.grad_scale;
   coef->inv_z_student = 1.0 / sums.soft_student;
   coef->inv_z_teacher = 1.0 / zt;
@@ -261,7 +264,7 @@ FASTTL_HD double exact_row_loss(const ExactSums& sums, float rs, float s_target,
   coef->inv_z_hard = 1.0 / (1.0 + hard_excess);
   coef->target_weight = 1.0 - static_cast<double>(p.label_smoothing);
   coef->smoothing_share = static_cast<double>(p.label_smoothing) * p.inv_classes;
-  if (p.hard) {
+  if (p.hard && alpha != 1.0) {
     const double smooth = p.label_smoothing > 0.0f ? p.label_smoothing * sums.student * p.inv_classes : 0.0;
     const double ce = exact_log1p(hard_excess) - coef->target_weight * (static_cast<double>(s_target) - rs) - smooth;
     loss += (1.0 - alpha) * ce;
