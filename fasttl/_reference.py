@@ -38,7 +38,7 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
     if reduction == "sum":
         return rows.sum()
     total = counted.sum()
-    return rows.sum() / torch.where(total > 0, total, torch.ones_like(total))
+    return rows.sum() / torch.where(total != 0, total, torch.ones_like(total))
 
 
 def distillation_loss_kl_div(student_logits, teacher_logits, target, *, temperature=1.0, alpha=0.5):

@@ -173,6 +173,9 @@ _OS_ERRORS = {
     errno.EROFS: "read-only file system (write elsewhere)",
     errno.EMFILE: "too many open files (raise the limit, e.g. ulimit -n 4096, or use fewer workers)",
     errno.ENFILE: "too many open files on the system (close some programs, or use fewer workers)",
+    errno.ENOENT: "no such file or folder (check the path)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder (check the path)",
+    errno.EISDIR: "is a folder where fasttl writes or reads a file (move it away, or use another path)",
 }
 
 

@@ -15,6 +15,7 @@ import stat
 from typing import Optional
 
 TEMP_PREFIX = ".fasttl-tmp-"
+MAX_JSON_BYTES = 256 << 20  # fasttl's own JSON files are far smaller; a larger one is not read
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
@@ -34,7 +35,10 @@ def write_atomic(path: str, data: bytes) -> None:
     directory, name = os.path.split(os.path.abspath(path))
     short = name.encode()[:150].decode(errors="ignore")  # the temporary's name stays within NAME_MAX
     tmp = os.path.join(directory, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{short}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666)
+    except OSError as exc:  # the error names the user's file, never the temporary
+        raise OSError(exc.errno, exc.strerror, os.path.abspath(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -70,9 +74,12 @@ def read_json(path: str):
     except OSError as exc:
         raise ValueError(f"{path}: cannot be read as a plain file ({exc.strerror})") from None
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise ValueError(f"{path}: not a plain file")
-        data = f.read()
+        if info.st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{path}: {info.st_size:,} bytes, more than fasttl ever writes to a JSON file")
+        data = f.read(MAX_JSON_BYTES + 1)
     try:
         return json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -183,3 +190,16 @@ def user_path(path: str) -> str:
     directory, name = os.path.split(path)
     match = re.fullmatch(re.escape(TEMP_PREFIX) + r"[0-9]+-[0-9a-f]+-(.*)", name)
     return os.path.join(directory, match.group(1)) if match else path
+
+
+def read_plain(path: str, limit: int) -> bytes:
+    """The bytes of `path`, a regular file of at most `limit` bytes: a pipe is never waited on and a
+    device or a larger file never read (OSError/ValueError say which)."""
+    fd = os.open(path, os.O_RDONLY | _CLOEXEC | _NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file (a pipe or a device?)")
+        if info.st_size > limit:
+            raise ValueError(f"{info.st_size:,} bytes, more than the {limit:,} read here")
+        return f.read(limit + 1)

@@ -210,7 +210,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
             counted = counted.sum()
         else:
             counted = student.size(0) if target is None else (target != ignore_index).sum()
-        # An all-ignored batch has loss 0 (not 0/0) and gradient 0.
-        total = total / (torch.where(counted > 0, counted, torch.ones_like(counted)) if isinstance(counted, Tensor)
+        # An all-ignored batch (or weights summing to 0) has loss 0, not 0/0, and gradient 0; weights
+        # of any sign divide as cross_entropy's do.
+        total = total / (torch.where(counted != 0, counted, torch.ones_like(counted)) if isinstance(counted, Tensor)
                          else max(counted, 1))
     return total.to(out_dtype)

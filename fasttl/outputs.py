@@ -16,10 +16,14 @@ def csv_cell(text: object) -> str:
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
+_MARKDOWN_SPECIAL = "\\`*_{}[]()#+!|~"
+
+
 def markdown_cell(text: object) -> str:
-    """`text` inside a Markdown table cell: HTML escaped, `|` escaped, line breaks as spaces."""
+    """`text` inside a Markdown table cell, shown as it is: HTML escaped, every character Markdown
+    gives a meaning (links, images, emphasis, `|`) backslash-escaped, line breaks as spaces."""
     text = html.escape(" ".join(str(text).split()), quote=False)
-    return text.replace("|", "\\|")
+    return "".join("\\" + c if c in _MARKDOWN_SPECIAL else c for c in text)
 
 
 def plot_label(text: object) -> str:

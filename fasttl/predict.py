@@ -119,8 +119,7 @@ class RunModel:
     """
 
     def __init__(self, run_dir: str, device: Union[str, torch.device] = "cpu"):
-        from fasttl.transfer import registry
-        from fasttl.transfer.rundir import RunError, is_finished, read_config
+        from fasttl.transfer.rundir import RunError, is_finished, load_trained, read_config
 
         self.run_dir = os.path.abspath(os.path.expanduser(os.fspath(run_dir)))
         self.config = read_config(self.run_dir)
@@ -128,7 +127,7 @@ class RunModel:
             raise RunError(f"{self.run_dir}: the run did not finish (no metrics.json); finish it with `fasttl run "
                            "... --resume`, or train it again")
         self.device = _device(device)
-        self.trained = registry.get(self.config["strategy"]).load(self.run_dir, self.device)
+        self.trained = load_trained(self.run_dir, self.device)
         self.classes: List[str] = list(self.trained.classes)
         self.spec: TransformSpec = self.trained.spec
         self.input_spec = unit_range_spec(self.spec)
@@ -250,7 +249,8 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out") -> str:
             raise OptionError(f"{name}: {path} exists; pass --overwrite to replace it, or another {flag}")
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
-        raise OptionError(f"{name}: the folder {parent} does not exist (create it, or give another {flag})")
+        what = "is a file, not a folder" if os.path.lexists(parent) else "does not exist"
+        raise OptionError(f"{name}: {parent} {what} (give another {flag} in an existing folder)")
     return path
 
 

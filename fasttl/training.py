@@ -52,6 +52,15 @@ def step(loss: torch.Tensor, optimizer, scheduler=None) -> None:
         scheduler.step()
 
 
+def nonfinite_weight(module: nn.Module) -> Optional[str]:
+    """The name of the first float weight of `module` (as loaded, in its own dtype) that holds NaN
+    or inf, else None."""
+    for name, tensor in module.state_dict().items():
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 def fit(model: nn.Module, optimizer, scheduler, epochs: int, train_epoch: Callable[[int], Record],
         evaluate: Optional[Callable[[], Record]] = None, *, seed: int = 0, checkpoint=None, resume: bool = False,
         progress: bool = True, description: str = "train", extra_state: Optional[nn.Module] = None,
@@ -68,6 +77,10 @@ def fit(model: nn.Module, optimizer, scheduler, epochs: int, train_epoch: Callab
         state = checkpoint.load()
         if state is not None:
             model.load_state_dict(state["model"])
+            bad = nonfinite_weight(model)  # a damaged checkpoint must not end as NaN weights
+            if bad is not None:
+                raise DivergedError(f"{checkpoint.path}: '{bad}' holds NaN or infinite weights (a damaged "
+                                    "checkpoint); delete it, or run again with --overwrite")
             optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None and state.get("scheduler") is not None:
                 scheduler.load_state_dict(state["scheduler"])

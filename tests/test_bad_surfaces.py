@@ -143,7 +143,7 @@ def finished(two, tmp_path_factory):
 
 
 @pytest.mark.parametrize("field, value, expected", [
-    ("classes", "abc", "a list of at least 2 distinct class names"),
+    ("classes", "abc", "a list of at least 2 distinct, printable class names"),
     ("classes", 3, "a list of at least 2"),
     ("image_size", "32", "an integer from 1 to"),
     ("image_size", 1e6, "an integer from 1 to"),

@@ -8,6 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
+
+from fasttl.transfer.rundir import write_config
 import torch
 from torch import nn
 
@@ -266,10 +268,14 @@ def test_saved_logits_with_edited_contents_are_made_again(tiny_cifar, linear_tea
 
 
 # ---- damaged teachers: one line naming the file and the way out ----------------------------------
-def _edit_choice(folder, file, name, value):
+def _edit_choice(folder, file, name, value, by_fasttl=False):
+    """A hand edit, or (by_fasttl) a run fasttl itself wrote with that value, hash recorded."""
     values = json.loads((folder / file).read_text())
     (values["notes"]["choice"] if file == "metrics.json" else values)[name] = value
-    (folder / file).write_text(json.dumps(values))
+    if by_fasttl:
+        write_config(str(folder), values)
+    else:
+        (folder / file).write_text(json.dumps(values))
 
 
 @pytest.mark.parametrize("strategy, file, name, value", [
@@ -313,7 +319,7 @@ def test_missing_or_broken_settings_files_and_a_diverging_refit_are_named(tiny_c
         _student(tiny_cifar, teacher, tmp_path / "x")
     diverging = tmp_path / "mlp"
     shutil.copytree(mlp_teacher, diverging)
-    _edit_choice(diverging, "config.json", "lr", 1e30)
+    _edit_choice(diverging, "config.json", "lr", 1e30, by_fasttl=True)
     with pytest.raises(OptionError, match=r"^teacher: refitting its head for cross-fitting failed \(.*diverged.*\); "
                                           r"rerun the teacher, or pass --teacher-logits in-sample$"):
         _student(tiny_cifar, diverging, tmp_path / "z")
@@ -337,7 +343,7 @@ def test_runs_made_before_the_option_still_resume(tiny_cifar, linear_teacher, tm
         config = json.loads((folder / "config.json").read_text())
         for values in (config, config["identity"]):
             values.pop("teacher_logits", None)
-        (folder / "config.json").write_text(json.dumps(config))
+        write_config(str(folder), config)  # as that fasttl wrote it (the marker records its hash)
         os.remove(folder / "metrics.json")
 
     probe = tmp_path / "probe"

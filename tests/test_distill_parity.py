@@ -347,3 +347,37 @@ def test_uint8_targets_as_cross_entropy_takes_them(request):
     student, teacher, target = inputs(request, (5, 7))
     ours = fasttl.distillation_loss(student, teacher, target.to(torch.uint8), alpha=0.0)
     torch.testing.assert_close(ours, F.cross_entropy(student, target.to(torch.uint8)))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 0.5])
+def test_a_teacher_sure_of_one_class_keeps_the_students_mass_in_the_kl(request, temperature):
+    # The teacher's other classes underflow to probability 0 while the student's do not: the
+    # student's mass there is part of its log-partition and must not be dropped (it was: 0.0 for
+    # a KL of 2.0 at teacher [2000, 0, 0], student [0, 1, 2]).
+    g = generator(request)
+    teacher = torch.tensor([[2000.0, 0.0, 0.0], [0.0, -900.0, 900.0], [300.0, -300.0, 0.0]])
+    teacher = torch.cat([teacher, torch.randn(3, 3, generator=g) * 1000])
+    student = torch.cat([torch.tensor([[0.0, 1.0, 2.0]]), torch.randn(5, 3, generator=g) * 3]).requires_grad_()
+    target = torch.randint(0, 3, (6,), generator=g)
+    loss = fasttl.distillation_loss(student, teacher, target, temperature=temperature, alpha=0.9, reduction="none")
+    exact = exact_rows(student.detach(), teacher, target, temperature, 0.9, 0.0)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-3, atol=0)
+    upstream = torch.randn(6, generator=generator(request, "up"))
+    (loss * upstream).sum().backward()
+    ref = student.detach().double().requires_grad_()
+    rows = _reference.distillation_loss(ref, teacher.double(), target, temperature=temperature, alpha=0.9,
+                                        reduction="none")
+    (rows * upstream.double()).sum().backward()
+    torch.testing.assert_close(student.grad.double(), ref.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_class_weights_of_either_sign_divide_as_cross_entropy(request, reduction):
+    student, teacher, target = inputs(request, (9, 4))
+    weight = torch.tensor([1.5, -2.0, 0.5, -0.25])
+    ours = fasttl.distillation_loss(student, teacher, target, alpha=0.0, weight=weight, reduction=reduction)
+    theirs = F.cross_entropy(student, target, weight=weight, reduction=reduction)
+    torch.testing.assert_close(ours, theirs)
+    ref = _reference.distillation_loss(student.double(), teacher.double(), target, alpha=0.0,
+                                       weight=weight.double(), reduction=reduction)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)

@@ -271,6 +271,9 @@ def test_a_malicious_archive_is_refused_before_anything_is_extracted(member, ser
     (["--url", "file:///etc/passwd", "--sha256", "0" * 64], "url: expected an http:// or https:// address"),
     (["--url", "http://127.0.0.1:9/x.tar.gz"], "sha256: --url gives another file"),
     (["--sha256", "xyz"], "sha256: expected 64 hexadecimal digits"),
+    (["--url", "http://127.0.0.1:port/x.tar.gz", "--sha256", "0" * 64], "url: expected an http:// or https://"),
+    (["--url", "http://127.0.0.1/a b.tar.gz", "--sha256", "0" * 64], "url: expected an http:// or https://"),
+    (["--url", "http://127.0.0.1/x\r\nHost: evil", "--sha256", "0" * 64], "url: expected an http:// or https://"),
 ])
 def test_bad_options_are_one_line_errors(words, expected, tmp_path, capsys):
     code, _, err = _fetch(capsys, *words, "--dest", tmp_path / "data")
@@ -356,3 +359,50 @@ def test_bad_budgets_are_refused(tmp_path, capsys, monkeypatch, words, message):
     monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "data"))
     code, _, err = _fetch(capsys, *words)
     assert code == 2 and message in err and not (tmp_path / "data").exists()
+
+
+def _raw_server(reply: bytes):
+    """A loopback socket that answers every connection with `reply` (not HTTP), then closes."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with conn:
+                conn.recv(4096)
+                conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+@pytest.mark.parametrize("reply", [b"HELLO THERE\r\n\r\n",
+                                   b"HTTP/1.1 200 OK\r\n" + b"X-Long: " + b"a" * 70000 + b"\r\n\r\n"],
+                         ids=["not-http", "huge-header"])
+def test_a_server_that_does_not_speak_http_is_one_line(reply, tmp_path, capsys):
+    listener = _raw_server(reply)
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.tar.gz"
+        code, _, err = _fetch(capsys, "--url", url, "--sha256", "0" * 64, "--dest", tmp_path / "data")
+    finally:
+        listener.close()
+    line = one_line_error(err)
+    assert code == 2 and f"cannot reach {url}" in line and "--url" in line
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_download_announcing_more_than_the_limit_is_refused_before_reading(server, cifar_tarball, tmp_path,
+                                                                            capsys, monkeypatch):
+    server.files["/big.tar.gz"] = cifar_tarball
+    monkeypatch.setattr(fetch_module, "MAX_DOWNLOAD_BYTES", len(cifar_tarball) - 1)
+    code, _, err = _fetch(capsys, "--url", server.url("/big.tar.gz"), "--sha256", _sha(cifar_tarball),
+                          "--dest", tmp_path / "data")
+    assert code == 2 and f"announces {len(cifar_tarball):,} bytes, more than" in one_line_error(err)
+    assert not (tmp_path / "data").exists()

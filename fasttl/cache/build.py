@@ -503,6 +503,26 @@ def check_fits(rows: torch.Tensor, cache_dtype: torch.dtype, what: str) -> None:
                          "store it as bf16 or fp32 (dtype='bf16', or --cache-dtype/--dtype bf16), or scale the features")
 
 
+def _foreign_entries(directory: str) -> list:
+    """Entries of `directory` that a fasttl cache would not hold: a file with a cache's name but not
+    its content (a manifest.json or build.json that is not fasttl's JSON with a fingerprint) counts."""
+    if not os.path.isdir(directory):
+        return []
+    foreign = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name in (store.MANIFEST, store.BUILD):
+            try:
+                record = files.read_json(path)
+            except ValueError:
+                record = None
+            if not (isinstance(record, dict) and isinstance(record.get("fingerprint"), dict)):
+                foreign.append(name)
+        elif not store.is_own_file(name):
+            foreign.append(name)
+    return foreign
+
+
 def _as_rows(chunk, index: int) -> torch.Tensor:
     """One chunk of `write` as a 2-D floating tensor on the CPU."""
     if isinstance(chunk, np.ndarray):
@@ -545,8 +565,9 @@ def write_cache(directory: str, chunks, labels, *, classes, dtype: str = "fp16",
     if not isinstance(shard_rows, int) or isinstance(shard_rows, bool) or shard_rows < 1:
         raise ValueError(f"shard_rows: expected a positive integer, got {shard_rows!r}")
     classes = list(classes) if not isinstance(classes, str) else None
-    if not classes or not all(isinstance(c, str) and c for c in classes):
-        raise ValueError("classes: expected a non-empty list of class names (strings)")
+    if not classes or not all(isinstance(c, str) and c and c.isprintable() for c in classes) \
+            or len(set(classes)) != len(classes):
+        raise ValueError("classes: expected a list of distinct, printable class names (strings)")
     if fingerprint is not None:
         if not isinstance(fingerprint, dict):
             raise ValueError(f"fingerprint: expected a dict (JSON object), got {type(fingerprint).__name__}")
@@ -563,12 +584,24 @@ def write_cache(directory: str, chunks, labels, *, classes, dtype: str = "fp16",
         raise ValueError(f"labels: row {bad} has label {labels[bad]}, outside the {len(classes)} classes "
                          f"[0, {len(classes)})")
     if sample_ids is not None:
-        sample_ids = [str(s) if not isinstance(s, str) else s for s in sample_ids]
+        sample_ids = list(sample_ids)
+        if not all(isinstance(s, str) and s for s in sample_ids):
+            bad = next(s for s in sample_ids if not (isinstance(s, str) and s))
+            raise ValueError(f"sample_ids: expected one non-empty string per row, got {bad!r}")
         if len(sample_ids) != len(labels):
             raise ValueError(f"sample_ids: {len(sample_ids)} ids for {len(labels)} labels (expected one per row)")
+        if len(set(sample_ids)) != len(sample_ids):
+            raise ValueError("sample_ids: an id names two rows (expected one id per row, each once)")
     directory = os.path.abspath(os.path.expanduser(directory))
     cache_dtype = CACHE_DTYPES[dtype]
     os.makedirs(directory, exist_ok=True)
+    foreign = _foreign_entries(directory)
+    holds_cache = os.path.isfile(os.path.join(directory, store.MANIFEST)) and store.MANIFEST not in foreign
+    if foreign and (not holds_cache or store.BUILD in foreign):
+        # A folder of someone else's files is never made a cache, with or without overwrite (beside
+        # a cache fasttl wrote, the user's own files are kept as they are).
+        raise CacheError(f"{directory}: holds files that are not a fasttl cache's ({', '.join(foreign[:3])}); write to "
+                         "an empty or new folder")
     with store.WriterLock(directory):
         if store.regular_file(os.path.join(directory, store.MANIFEST)) is not None and not overwrite:
             raise CacheError(f"{directory}: already holds a cache; write to another directory, or pass "

@@ -160,6 +160,13 @@ def remove_stale_temporaries(directory: str) -> None:
                 os.unlink(path)
 
 
+def is_own_file(name: str) -> bool:
+    """Whether `name` is one a cache folder holds: its records, labels, sample ids, shards, lock,
+    fasttl's temporaries and kept engine graphs and state."""
+    return (name in (MANIFEST, BUILD, LABELS, SAMPLES, LOCK) or bool(SHARD_FILE.fullmatch(name))
+            or name.startswith((TEMP_PREFIX, "engine-")))
+
+
 def remove_cache_files(directory: str) -> None:
     """Removes a cache's own files from `directory`: its records, labels and sample ids, the files
     named as fasttl names shards, and fasttl's temporaries. Links are removed, never followed;

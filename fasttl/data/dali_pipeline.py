@@ -8,7 +8,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from fasttl.data.sources import ArraySource, DataError, TarSource, bytes_problem, skip_hint
+from fasttl.data.sources import MAX_IMAGE_BYTES, ArraySource, DataError, TarSource, bytes_problem, skip_hint
+from fasttl.files import read_plain
 from fasttl.data.spec import TransformSpec
 
 
@@ -85,8 +86,11 @@ class SampleBatches:
 
 
 def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    """A plain file's bytes, bounded: a pipe is never waited on, a device or a huge file never read."""
+    try:
+        return read_plain(path, MAX_IMAGE_BYTES)
+    except ValueError as exc:
+        raise DataError(f"{path}: cannot be read as an image ({exc}); {skip_hint()}") from None
 
 
 def sample_pipeline(batches: SampleBatches, spec: TransformSpec, batch_size: int, device_id: Optional[int],

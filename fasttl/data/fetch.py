@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import os
 import shutil
 import stat
@@ -96,8 +97,14 @@ def is_complete(folder: str, remote: Remote) -> bool:
 
 
 def _check_url(url: str) -> str:
-    parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        if parts is not None:
+            parts.port  # a port that is not a number raises here
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
+            or any(c in url for c in " \r\n\t\0"):
         raise OptionError(f"url: expected an http:// or https:// address, got {url!r}")
     return url
 
@@ -191,8 +198,8 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
             return have
         raise DownloadError(f"fetch: {url} answered HTTP {exc.code} ({exc.reason}); check the address "
                             "(--url)") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         raise DownloadError(f"fetch: cannot reach {url} ({reason}); check the network or the address "
                             "(--url)") from None
     fd = _open_partial(path)
@@ -205,6 +212,9 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                 have = 0
             length = response.headers.get("Content-Length")
             total = have + int(length) if length and length.isdigit() else None
+            if total is not None and total > MAX_DOWNLOAD_BYTES:
+                raise DownloadError(f"fetch: {url} announces {total:,} bytes, more than {MAX_DOWNLOAD_BYTES:,}; "
+                                    "refused (check the address, --url)")
             if progress:
                 from tqdm import tqdm
 
@@ -215,7 +225,7 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
             while True:
                 try:
                     block = response.read1(_READ)
-                except (OSError, ValueError, EOFError) as exc:  # IncompleteRead, reset, timeout
+                except (OSError, ValueError, EOFError, http.client.HTTPException) as exc:  # IncompleteRead, reset
                     of = f"{total:,}" if total is not None else "?"
                     raise DownloadError(f"fetch: the download of {url} stopped at {size:,} of {of} bytes "
                                         f"({type(exc).__name__}); run the same command again to resume") from None
@@ -238,6 +248,16 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
         os.close(fd)
         if bar is not None:
             bar.close()
+
+
+def _leave_only_progress(partial: str, created: Optional[str]) -> None:
+    """After a failed download: bytes that arrived stay for the next try to resume from; an empty
+    partial file, and the folder this fetch made for it, do not."""
+    with contextlib.suppress(OSError):
+        if os.path.isfile(partial) and not os.path.islink(partial) and os.path.getsize(partial) == 0:
+            os.remove(partial)
+        if created is not None:
+            os.rmdir(created)  # only when empty
 
 
 def sha256_of(path: str) -> str:
@@ -331,12 +351,17 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
     if os.path.lexists(target):
         raise DataError(f"fetch: {target} exists but is not a complete {name} (it lacks some of "
                         f"{', '.join(remote.required)}); move it away and fetch again")
+    created = not os.path.isdir(dest)
     os.makedirs(dest, exist_ok=True)
     partial = os.path.join(dest, f"{TEMP_PREFIX}download-{remote.archive}")
     resumed = os.path.isfile(partial) and not os.path.islink(partial)
     log(f"{name}: {'resuming' if resumed else 'downloading'} {url}"
         + (f" ({remote.size / 1e6:.0f} MB)" if url == remote.url else "") + f" into {dest}")
-    download(url, partial, progress=progress, deadline_s=deadline_s, min_rate=min_rate)
+    try:
+        download(url, partial, progress=progress, deadline_s=deadline_s, min_rate=min_rate)
+    except DownloadError:
+        _leave_only_progress(partial, dest if created else None)
+        raise
     found = sha256_of(partial)
     if found != expected:
         with contextlib.suppress(OSError):

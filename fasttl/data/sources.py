@@ -24,6 +24,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from fasttl.errors import UserError
+from fasttl.files import read_plain
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 ON_ERROR = ("fail", "skip")
@@ -33,6 +34,7 @@ ON_ERROR = ("fail", "skip")
 # Images may declare up to this many pixels (PIL's own limit: 89.5 megapixels, beyond any photo a
 # data set holds); FASTTL_MAX_IMAGE_PIXELS changes it.
 MAX_IMAGE_PIXELS = int(os.environ.get("FASTTL_MAX_IMAGE_PIXELS", 89_478_485))
+MAX_IMAGE_BYTES = 1 << 30  # no photo's file is larger: a bigger one (a sparse file, a device) is not read
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG bit depths per color type (PNG spec table 11.1), as DALI's (nvImageCodec's) parser checks them.
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
@@ -133,7 +135,7 @@ def _png_problem(f, size: int) -> Optional[str]:
         return f"PNG declares a {width}x{height} image"
     if width * height > MAX_IMAGE_PIXELS:
         return f"PNG declares {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} (downscale it)"
-    pos, has_data, compressed = 8, False, 0
+    pos, has_data, has_palette, compressed = 8, False, False, 0
     while True:
         if pos + 8 > len(data):
             return "PNG ends before its IEND chunk (truncated file)"
@@ -144,6 +146,9 @@ def _png_problem(f, size: int) -> Optional[str]:
         end = pos + 8 + length
         if zlib.crc32(data[pos + 4:end]) != struct.unpack(">I", data[end:end + 4])[0]:
             return f"PNG chunk {name!r} has a bad CRC (corrupt file)"
+        if kind == b"IDAT" and color == 3 and not has_palette:
+            return "PNG palette image without a PLTE chunk before its data (corrupt file)"
+        has_palette = has_palette or kind == b"PLTE"
         has_data = has_data or kind == b"IDAT"
         compressed += length if kind == b"IDAT" else 0
         if kind == b"IEND":
@@ -170,6 +175,8 @@ def header_problem(path: str) -> Optional[str]:
                 return "not a regular file"
             if info.st_size == 0:
                 return "empty file (0 bytes)"
+            if info.st_size > MAX_IMAGE_BYTES:
+                return f"{info.st_size:,} bytes, more than the {MAX_IMAGE_BYTES:,} an image file may have"
             magic = f.read(8)
             f.seek(0)
             if magic.startswith(b"\xff\xd8\xff"):
@@ -185,6 +192,8 @@ def bytes_problem(data: bytes) -> Optional[str]:
     """`header_problem` for an image held in memory (a WebDataset member)."""
     if not data:
         return "empty file (0 bytes)"
+    if len(data) > MAX_IMAGE_BYTES:
+        return f"{len(data):,} bytes, more than the {MAX_IMAGE_BYTES:,} an image file may have"
     f = io.BytesIO(data)
     if data[:3] == b"\xff\xd8\xff":
         return _jpeg_problem(f, len(data))
@@ -506,6 +515,9 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
             ignored.append((path, "not in a class folder"))
     if not found:
         raise DataError(f"data: {root} has no class folders (expected {root}/<class>/<image>.jpg)")
+    bad = next((name for name in found if not name.isprintable()), None)
+    if bad is not None:  # a name printed raw would drive the terminal (an escape sequence) or split a line
+        raise DataError(f"data: {root} has a class folder named {bad!r}, with a control character; rename it")
     if classes is not None and list(classes) != found:
         raise DataError(f"data: {root} has classes {found}, expected {list(classes)} (as in the training split)")
     if len(found) < 2:
@@ -602,7 +614,7 @@ def _index_class_names(values: Sequence[int], where: str) -> List[str]:
     top = max(values)
     if top >= MAX_INDEX_CLASSES:
         raise DataError(f"data: {where}: integer label {top} implies {top + 1} classes (at most "
-                        f"{MAX_INDEX_CLASSES}); fix the label, or name the classes with --classes FILE")
+                        f"{MAX_INDEX_CLASSES}); fix the label, or name the classes with --classes-file FILE")
     return [str(i) for i in range(top + 1)]
 
 
@@ -622,12 +634,12 @@ def read_classes_file(path: str) -> List[str]:
     """Class names, one a line (blank lines ignored), for --classes FILE."""
     path = os.path.abspath(os.path.expanduser(path))
     try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is not part of a name
-            names = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_plain(path, 64 << 20).decode("utf-8-sig")  # -sig: a leading byte-order mark is not a name
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise DataError(f"classes: cannot read {path} ({getattr(exc, 'strerror', None) or exc}); give a text file "
                         "with one class name a line") from None
-    bad = next((name for name in names if _has_control(name)), None)
+    bad = next((name for name in names if not name.isprintable()), None)
     if bad is not None:
         raise DataError(f"classes: {path} names a class with a control character ({bad!r}); use plain text names")
     if len(names) < 2 or len(set(names)) != len(names):
@@ -973,6 +985,8 @@ def load_cifar_pickles(root: str, train: bool) -> ArraySource:
                                                                        for c in names_found):
         raise DataError(f"{meta_path}: not a CIFAR meta file (no '{class_key}' list of names)")
     classes = [c.decode("latin1") if isinstance(c, bytes) else c for c in names_found]
+    if len(set(classes)) != len(classes) or not all(c and c.isprintable() for c in classes):
+        raise DataError(f"{meta_path}: its '{class_key}' must be distinct, printable names (found {classes[:12]})")
     images, labels = [], []
     for name in names:
         path = os.path.join(root, name)

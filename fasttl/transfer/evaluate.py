@@ -8,10 +8,9 @@ import torch
 
 from fasttl.files import write_json_atomic
 from fasttl.data import DataError, screen
-from fasttl.transfer import registry
 from fasttl.transfer.datasets import load_dataset
 from fasttl.transfer.metrics import classification_metrics
-from fasttl.transfer.rundir import read_config, strict_json
+from fasttl.transfer.rundir import load_trained, read_config, strict_json
 
 
 @torch.no_grad()
@@ -21,12 +20,16 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     written to RUN_DIR/eval_metrics.json. The model is rebuilt by its strategy's `load`. With
     on_error="skip", images that do not decode are left out and listed under "skipped"."""
     cfg = read_config(run_dir)
-    dataset = load_dataset(data if data is not None else cfg["data"], cfg["seed"],
-                           classes_file=cfg.get("classes_file"), labels=cfg.get("labels", "names"))
+    # A run's own data by the absolute path it recorded (its "data" is as typed, maybe relative to
+    # the folder the run was started in).
+    own = cfg.get("data_path") or cfg["data"]
+    dataset = load_dataset(data if data is not None else own, cfg["seed"],
+                           classes_file=cfg.get("classes_file_path") or cfg.get("classes_file"),
+                           labels=cfg.get("labels", "names"))
     test = screen(dataset.test, on_error) if on_error == "skip" else dataset.test  # the train split goes unread
     if dataset.classes != cfg["classes"]:
         raise DataError(f"data: has classes {dataset.classes}, the run was trained for {cfg['classes']}")
-    model = registry.get(cfg["strategy"]).load(run_dir, torch.device(device))
+    model = load_trained(run_dir, torch.device(device))
     logits, labels = model.logits(test, progress=progress)
     metrics = classification_metrics(logits, labels, cfg["classes"])
     metrics["data"] = data if data is not None else cfg["data"]

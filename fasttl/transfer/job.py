@@ -20,12 +20,12 @@ from fasttl.transfer import report
 from fasttl.errors import OptionError
 from fasttl.transfer.caching import mirror_mode
 from fasttl.transfer.config import RunConfig
-from fasttl.transfer.datasets import EMBEDDED, load_dataset
+from fasttl.transfer.datasets import BUILTIN, EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.files import write_atomic
 from fasttl.transfer.rundir import (HISTORY, MARKER, RunError, RunLock, clear_results, has_checkpoints, holds_run,
-                                    is_finished, mark_run, own_entries, read_config, write_config, write_metrics,
-                                    write_predictions)
+                                    is_finished, mark_run, own_entries, read_config, run_files, write_config,
+                                    write_metrics, write_predictions)
 from fasttl.transfer import cross_fit, registry
 from fasttl.outputs import csv_cell, markdown_cell
 from fasttl.transfer.registry import Outcome
@@ -88,6 +88,11 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
     --resume (with the same options and data) or --overwrite; a folder of other files is left alone."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunError(f"out: {run_dir} is a file, not a folder; pass another --out")
+    for name in (*run_files(), *own_entries()):  # found now, not when the results are written after training
+        path = os.path.join(run_dir, name)
+        if os.path.lexists(path) and not os.path.isfile(path) and not os.path.islink(path):
+            raise RunError(f"out: {path} is not a plain file (a folder?); move it away: fasttl writes its own {name} "
+                           "there")
     if holds_run(run_dir):
         if cfg.resume:
             earlier = read_config(run_dir)
@@ -143,6 +148,9 @@ def preflight(cfg: RunConfig) -> None:
         for path in [paths] if isinstance(paths, str) else paths or []:
             if not os.path.isdir(os.path.expanduser(path)):
                 raise OptionError(f"{name}: {os.path.abspath(os.path.expanduser(path))} is not a folder")
+            if cfg.out and os.path.realpath(os.path.expanduser(path)) == os.path.realpath(os.path.expanduser(cfg.out)):
+                raise OptionError(f"out: --out {cfg.out} is the --{name.replace('_', '-')} folder itself; the run "
+                                  f"would replace what it learns from (give another --out)")
     if cfg.tensorboard is not None:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
@@ -178,7 +186,8 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
     torch.manual_seed(cfg.seed)
     run_dir = choose_run_dir(cfg, dataset.name)
     identity = run_identity(cfg, dataset)
-    config = dict(cfg.as_dict(), data=cfg.data or EMBEDDED, dataset=dataset.name, classes=dataset.classes,
+    config = dict(cfg.as_dict(), data=cfg.data or EMBEDDED, data_path=_data_path(cfg.data),
+                  classes_file_path=_data_path(cfg.classes_file), dataset=dataset.name, classes=dataset.classes,
                   train_samples=len(dataset.train), test_samples=len(dataset.test), native_size=dataset.native_size,
                   skipped=len(dataset.skipped), run_dir=run_dir, identity=identity,
                   run_key=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
@@ -191,6 +200,14 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
             if dataset.skipped:
                 write_skipped(run_dir, dataset.skipped)
         return _train_and_write(cfg, dataset, run_dir, config, rank, owns_process_group, started, print_summary)
+
+
+def _data_path(path):
+    """An absolute form of a path option, so that `fasttl eval RUN` from another folder reads what
+    the run read (a data set name such as cifar10, or no option, stays None)."""
+    if path is None or path in BUILTIN:
+        return None
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _locked_run_dir(run_dir: str):

@@ -74,16 +74,27 @@ def load_weights(run_dir: str, name: str, module: nn.Module) -> nn.Module:
     except Exception as exc:  # safetensors raises its own types for a damaged file
         raise RunError(f"{path}: not weights for this run's model ({_first_line(exc)}); train the run again "
                        "with --overwrite") from exc
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise RunError(f"{path}: '{name}' holds NaN or infinite weights (a damaged file or a run that "
-                           "diverged); train the run again with --overwrite")
+    check_finite(module, path)
     return module
 
 
+def check_finite(module: nn.Module, path: str) -> None:
+    """Every float weight of `module` as loaded (after any cast to its dtype: 1e300 stored as
+    float64 is inf in float32) is finite; else a RunError naming the file."""
+    from fasttl.training import nonfinite_weight
+
+    name = nonfinite_weight(module)
+    if name is not None:
+        raise RunError(f"{path}: '{name}' holds NaN or infinite weights (a damaged file or a run that "
+                       "diverged); train the run again with --overwrite")
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    """The exception in one line: its first line, and the second where the first only says that
+    errors follow (load_state_dict's "Error(s) in loading state_dict ...:")."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    shown = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {shown}"[:300]
 
 
 def load_tensors(path: str) -> Dict[str, object]:
@@ -130,7 +141,11 @@ def strict_json(value):
 
 
 def write_config(run_dir: str, config: Dict[str, object]) -> None:
-    write_json_atomic(os.path.join(run_dir, CONFIG), strict_json(config))
+    """config.json, and its SHA-256 in the run folder's marker: a later hand edit is then told
+    apart from what fasttl wrote (read_config refuses it) instead of changing predictions."""
+    data = files.json_bytes(strict_json(config))
+    write_atomic(os.path.join(run_dir, CONFIG), data)
+    mark_run(run_dir, hashlib.sha256(data).hexdigest())
 
 
 def read_config(run_dir: str) -> Dict[str, object]:
@@ -148,8 +163,23 @@ def read_config(run_dir: str) -> Dict[str, object]:
         raise RunError(f"{path}: not a fasttl run configuration (start it over with --overwrite)")
     from fasttl.transfer.schema import check_run_config
 
-    check_run_config(path, config)
+    check_run_config(path, config)  # first: a bad field is named as such
+    _check_unchanged(run_dir, path)
     return config
+
+
+def load_trained(run_dir: str, device):
+    """The run's model, rebuilt by its strategy's `load`. Its options come from config.json, so an
+    option error raised while rebuilding names that file, not the command line."""
+    from fasttl.errors import OptionError
+    from fasttl.transfer import registry
+
+    config = read_config(run_dir)
+    try:
+        return registry.get(config["strategy"]).load(run_dir, device)
+    except OptionError as exc:
+        raise RunError(f"{os.path.join(run_dir, CONFIG)}: a value there is refused ({exc}); rerun the run, or fix "
+                       "the value there") from None
 
 
 def write_metrics(run_dir: str, metrics: Dict[str, object]) -> None:
@@ -177,11 +207,28 @@ def holds_run(run_dir: str) -> bool:
     return config.get("run_key") == key
 
 
-def mark_run(run_dir: str) -> None:
-    """Writes the marker that makes `run_dir` a fasttl run folder."""
+def mark_run(run_dir: str, config_sha256: Optional[str] = None) -> None:
+    """Writes the marker that makes `run_dir` a fasttl run folder (with the SHA-256 of the
+    config.json fasttl wrote, once there is one)."""
     from fasttl import __version__
 
-    write_json_atomic(os.path.join(run_dir, MARKER), {"fasttl": __version__, "what": "a fasttl run folder"})
+    marker = {"fasttl": __version__, "what": "a fasttl run folder"}
+    if config_sha256 is not None:
+        marker["config_sha256"] = config_sha256
+    write_json_atomic(os.path.join(run_dir, MARKER), marker)
+
+
+def _check_unchanged(run_dir: str, path: str) -> None:
+    """config.json is what fasttl wrote, when the marker recorded its hash (runs made before the
+    hash was recorded are checked by the schema alone)."""
+    try:
+        recorded = (read_json(os.path.join(run_dir, MARKER)) or {}).get("config_sha256")
+        data = files.read_plain(path, files.MAX_JSON_BYTES)
+    except (OSError, ValueError, AttributeError):
+        return  # a marker that can't be read: holds_run decides about it; the schema still checks the file
+    if isinstance(recorded, str) and hashlib.sha256(data).hexdigest() != recorded:
+        raise RunError(f"{path}: changed after fasttl wrote it (its SHA-256 is not the one recorded in {MARKER}); "
+                       "restore it, or run again with --overwrite")
 
 
 class RunLock(files.FolderLock):

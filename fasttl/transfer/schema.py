@@ -33,12 +33,17 @@ def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
 
 
 def _class_names(v) -> bool:
-    return (isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) and c for c in v)
+    return (isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) and c and c.isprintable() for c in v)
             and len(set(v)) == len(v))
 
 
 def _one_of(choices: Callable[[], tuple]) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, str) and v in choices()
+
+
+def _in(choices) -> Callable[[Any], bool]:
+    """A text value among `choices` (a list or a dict's keys: a list or dict value is never looked up)."""
+    return lambda v: isinstance(v, str) and v in choices
 
 
 def _strategies() -> tuple:
@@ -65,27 +70,29 @@ def run_config_fields() -> Dict[str, Field]:
 
     return {
         "strategy": Field(_one_of(_strategies), f"one of {', '.join(_strategies())}", required=True),
-        "classes": Field(_class_names, "a list of at least 2 distinct class names", required=True),
+        "classes": Field(_class_names, "a list of at least 2 distinct, printable class names", required=True),
         "backbone": Field(_one_of(_backbones), f"one of {', '.join(_backbones())}", required=True),
         "image_size": Field(_int_in(1, MAX_IMAGE_SIZE), f"an integer from 1 to {MAX_IMAGE_SIZE}", required=True),
         "seed": Field(_int_in(0, 2**63 - 1), "an integer >= 0", required=True),
         "data": Field(_optional(_text), "a path or data set name (text)"),
         "weights": Field(_optional(_text), "a path (text) or null"),
+        "data_path": Field(_optional(_text), "a path (text) or null"),
+        "classes_file_path": Field(_optional(_text), "a path (text) or null"),
         "classes_file": Field(_optional(_text), "a path (text) or null"),
-        "labels": Field(lambda v: v in LABEL_KINDS, f"one of {', '.join(LABEL_KINDS)}"),
-        "native_size": Field(_int_in(1, 1 << 20), "a positive integer"),
+        "labels": Field(_in(LABEL_KINDS), f"one of {', '.join(LABEL_KINDS)}"),
+        "native_size": Field(_int_in(8, MAX_IMAGE_SIZE), f"an integer from 8 to {MAX_IMAGE_SIZE}"),
         "epochs": Field(_optional(_int_in(1, 1 << 31)), "a positive integer"),
         "batch_size": Field(_optional(_int_in(1, 1 << 31)), "a positive integer"),
         "lr": Field(_optional(_positive_number), "a finite number > 0"),
-        "features": Field(lambda v: v in FEATURE_TAPS, f"one of {', '.join(FEATURE_TAPS)}"),
-        "mirror_views": Field(lambda v: isinstance(v, bool) or v in MIRROR_VIEWS,
+        "features": Field(_in(FEATURE_TAPS), f"one of {', '.join(FEATURE_TAPS)}"),
+        "mirror_views": Field(lambda v: isinstance(v, bool) or _in(MIRROR_VIEWS)(v),
                               f"one of {', '.join(MIRROR_VIEWS)}"),
-        "cache_dtype": Field(lambda v: v in ("fp16", "bf16", "fp32", "int8"), "one of fp16, bf16, fp32, int8"),
-        "engine": Field(lambda v: v in engines.ENGINES, f"one of {', '.join(engines.ENGINES)}"),
-        "extract_precision": Field(lambda v: v in engines.PRECISIONS, f"one of {', '.join(engines.PRECISIONS)}"),
-        "precision": Field(lambda v: v in ("auto", "fp32", "bf16"), "one of auto, fp32, bf16"),
+        "cache_dtype": Field(_in(("fp16", "bf16", "fp32", "int8")), "one of fp16, bf16, fp32, int8"),
+        "engine": Field(_in(engines.ENGINES), f"one of {', '.join(engines.ENGINES)}"),
+        "extract_precision": Field(_in(engines.PRECISIONS), f"one of {', '.join(engines.PRECISIONS)}"),
+        "precision": Field(_in(("auto", "fp32", "bf16")), "one of auto, fp32, bf16"),
         "finetune_stages": Field(_optional(_int_in(1, 1 << 16)), "a positive integer or null"),
-        "finetune_from": Field(lambda v: v in ("probe", "random"), "one of probe, random"),
+        "finetune_from": Field(_in(("probe", "random")), "one of probe, random"),
         "teacher": Field(_teachers, "a run folder or a list of them"),
         "target_data": Field(_optional(_text), "a path (text) or null"),
         "compare": Field(_text, "a strategy name or none"),

@@ -229,17 +229,24 @@ struct ExactSums {
   double student;   // sum b
 };
 
+// Each element's share of phi and u: et phi(d) = es - et + et d and et expm1(-d) = es - et, taken
+// by the series (et times them) where d is small and they would cancel, and as written where it is
+// not. As written they also hold where et underflows to 0 (a confident teacher) while es does not:
+// there the student's mass still counts in Zs / Zt, which et e^-d alone would drop.
 FASTTL_HD void exact_add(ExactSums& sums, float s, float t, float rs, float rt, double inv_t) {
   const double a = static_cast<double>(t) - rt, b = static_cast<double>(s) - rs;
-  const double et = exact_exp(a * inv_t);
-  sums.soft_student += exact_exp(b * inv_t);
+  const double et = exact_exp(a * inv_t), es = exact_exp(b * inv_t);
+  sums.soft_student += es;
   sums.soft_teacher += et;
   sums.hard_rest += b == 0.0 ? 0.0 : exact_exp(b);
   sums.hard_ties += b == 0.0 ? 1.0 : 0.0;
-  if (et != 0.0) {  // 0 log 0 = 0, as in the fp32 path
-    const double d = (a - b) * inv_t;
+  const double d = (a - b) * inv_t;
+  if (et != 0.0 && d < 1e-2 && d > -1e-2) {
     sums.phi += et * exact_phi(d);
     sums.u += et * exact_expm1(-d);
+  } else {
+    sums.phi += es - et + (et == 0.0 ? 0.0 : et * d);  // 0 log 0 = 0 where the teacher rules a class out
+    sums.u += es - et;
   }
   sums.student += b;
 }

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fasttl.files import write_atomic
 from fasttl.errors import OptionError
+from fasttl.files import read_json, write_atomic
 from fasttl.transfer import cross_fit, registry
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
-from fasttl.transfer.rundir import RunError, read_config, weights_file
+from fasttl.transfer.rundir import RunError, load_trained, read_config, weights_file
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split
 from fasttl.transfer.models import SmallCNN
 from fasttl.transfer.strategies.common import param_dtype
@@ -48,7 +48,10 @@ def teacher_model(teacher_dir: str, classes: List[str], device: torch.device) ->
     if list(config.get("classes", [])) != list(classes):
         raise OptionError(f"teacher: {teacher_dir} was trained for classes {config.get('classes')}, "
                           f"but the data has {list(classes)}")
-    return strategy.load(teacher_dir, device)
+    try:
+        return load_trained(teacher_dir, device)
+    except RunError as exc:
+        raise OptionError(f"teacher: {exc} (--teacher takes a finished fasttl run)") from None
 
 
 def teacher_dirs(teacher) -> List[str]:
@@ -269,8 +272,7 @@ def saved_choice(run_dir: str, cfg) -> Optional[dict]:
     missing or damaged, or whose values this run's sweep could not have chosen (a (T, alpha) not
     among its candidates, the feature term without --distill-features), is never trusted."""
     try:
-        with open(os.path.join(run_dir, CHOICE)) as f:
-            choice = json.load(f)
+        choice = read_json(os.path.join(run_dir, CHOICE))  # a plain file only: a pipe or a device is never read
         pair = (choice["temperature"], choice["alpha"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -284,8 +286,7 @@ def saved_choice(run_dir: str, cfg) -> Optional[dict]:
 
 def _teacher_accuracy(teacher: str) -> Optional[float]:
     try:
-        with open(os.path.join(teacher, "metrics.json")) as f:
-            return float(json.load(f)["accuracy"])
+        return float(read_json(os.path.join(teacher, "metrics.json"))["accuracy"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

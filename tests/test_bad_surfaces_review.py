@@ -1,0 +1,281 @@
+"""What a hostile review of the second hardening round found, each case kept: pipes and sparse
+files where fasttl reads JSON, class lists or images; run files hand-edited within the schema;
+weights that overflow when cast; damaged checkpoints; folders that are not what they are named;
+Markdown and figures built from user text; evaluation from another folder."""
+import json
+import os
+import shutil
+import signal
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import fasttl
+from conftest import cifar_subset, cli, one_line_error
+from fasttl import files
+from fasttl.cache import CacheError
+from fasttl.data import DataError
+from fasttl.errors import OptionError
+from fasttl.training import DivergedError
+from fasttl.transfer.job import run
+from fasttl.transfer.rundir import RunError
+
+pytestmark = pytest.mark.usefixtures("private_cache")
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, cifar10_root):
+    return cifar_subset(cifar10_root, tmp_path_factory.mktemp("review") / "two", ["cat", "ship"], 6, 3)
+
+
+def quick(data, out, **kw):
+    return dict(dict(data=str(data), out=str(out), strategy="scratch", epochs=1, image_size=32, progress=False,
+                     compare="none"), **kw)
+
+
+@pytest.fixture(scope="module")
+def finished(two, tmp_path_factory):
+    out = tmp_path_factory.mktemp("review-run") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTTL_CACHE_DIR", str(tmp_path_factory.mktemp("review-cache")))
+        run(**quick(two, out, epochs=2))
+    return out
+
+
+@pytest.fixture
+def no_hang():
+    """Fails the test instead of hanging it where a read would wait on a pipe forever."""
+    def expired(*_):
+        raise AssertionError("blocked: a read waited on a pipe")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+# ---- pipes, devices and sparse giants where a file is read -----------------------------------------
+def test_a_pipe_where_json_or_a_class_list_is_read_is_refused_without_waiting(tmp_path, no_hang):
+    fifo = tmp_path / "metrics.json"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"metrics.json: .*not a plain file|cannot be read as a plain file"):
+        files.read_json(str(fifo))
+    with pytest.raises(DataError, match=r"^classes: cannot read .*metrics.json \(not a regular file"):
+        fasttl.data.sources.read_classes_file(str(fifo))
+
+
+def test_sparse_giant_files_are_refused_without_being_read(tmp_path):
+    from fasttl.data.sources import MAX_IMAGE_BYTES, header_problem
+
+    image = tmp_path / "huge.jpg"
+    with open(image, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0")
+    os.truncate(image, MAX_IMAGE_BYTES + 1)  # sparse: no disk used, 1 GiB declared
+    assert header_problem(str(image)) == f"{MAX_IMAGE_BYTES + 1:,} bytes, more than the {MAX_IMAGE_BYTES:,} an " \
+                                         "image file may have"
+    config = tmp_path / "config.json"
+    with open(config, "wb") as f:
+        f.write(b"{")
+    os.truncate(config, files.MAX_JSON_BYTES + 1)
+    with pytest.raises(ValueError, match=r"config.json: .* bytes, more than fasttl ever writes to a JSON file"):
+        files.read_json(str(config))
+
+
+def _palette_png_without_plte() -> bytes:
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\0" + bytes(4) for _ in range(4))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 3, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_a_palette_png_without_its_palette_is_named_corrupt(tmp_path):
+    from fasttl.data.sources import bytes_problem, header_problem
+
+    data = _palette_png_without_plte()
+    (tmp_path / "p.png").write_bytes(data)
+    expected = "PNG palette image without a PLTE chunk before its data (corrupt file)"
+    assert header_problem(str(tmp_path / "p.png")) == expected and bytes_problem(data) == expected
+
+
+def test_a_class_folder_named_with_a_control_character_is_refused(tmp_path, cifar10_root):
+    for name in ("cat", "ship\x1b[31m"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            shutil.copy(os.path.join(cifar10_root, "test", "cat", f"{i:04d}.jpg"), tmp_path / name / f"{i}.jpg")
+    with pytest.raises(DataError, match=r"has a class folder named 'ship\\x1b\[31m', with a control character"):
+        fasttl.data.sources.class_folder_splits(str(tmp_path))
+
+
+# ---- run files fasttl wrote, edited or damaged afterwards ----------------------------------------
+def test_a_config_json_edited_within_its_schema_is_refused_by_its_hash(two, finished, tmp_path, capsys):
+    run_dir = tmp_path / "edited"
+    shutil.copytree(finished, run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    config["image_size"] = 64  # a valid value: only the hash tells it from what fasttl wrote
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError, match=r"config.json: changed after fasttl wrote it \(its SHA-256 is not the one "
+                                       r"recorded in .fasttl-run\); restore it, or run again with --overwrite$"):
+        fasttl.load_run(str(run_dir))
+    code, _, err = cli(capsys, "predict", "--run", run_dir, os.path.join(two, "test"))
+    assert code == 2 and "changed after fasttl wrote it" in one_line_error(err)
+    shutil.copy(finished / "config.json", run_dir / "config.json")  # restored: loads again
+    assert fasttl.load_run(str(run_dir)).classes == ["cat", "ship"]
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("labels", ["names"], "one of names, indices"),
+    ("features", {"pooled": 1}, "one of"),
+    ("native_size", 2, "an integer from 8 to"),
+    ("classes", ["cat", "ship\n"], "a list of at least 2 distinct, printable class names"),
+])
+def test_config_values_of_the_wrong_kind_are_named_not_crashed_on(finished, tmp_path, field, value, expected):
+    run_dir = tmp_path / "edited"
+    shutil.copytree(finished, run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    config[field] = value
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError, match=rf"config.json: field '{field}' is .*\(expected {expected}"):
+        fasttl.load_run(str(run_dir))
+
+
+def test_weights_that_overflow_the_models_dtype_when_loaded_are_refused(finished, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run_dir = tmp_path / "wide"
+    shutil.copytree(finished, run_dir)
+    state = load_file(str(run_dir / "scratch.safetensors"))
+    first = next(name for name, tensor in state.items() if tensor.is_floating_point())
+    state[first] = torch.full_like(state[first], 1e300, dtype=torch.float64)  # finite here, inf in float32
+    save_file(state, str(run_dir / "scratch.safetensors"))
+    with pytest.raises(RunError, match=rf"scratch.safetensors: '{first}' holds NaN or infinite weights"):
+        fasttl.load_run(str(run_dir))
+
+
+def test_weights_of_the_wrong_shape_say_which_tensor(finished, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run_dir = tmp_path / "shape"
+    shutil.copytree(finished, run_dir)
+    state = load_file(str(run_dir / "scratch.safetensors"))
+    first = next(name for name, tensor in state.items() if tensor.dim() >= 2)
+    state[first] = torch.zeros(3, 3)
+    save_file(state, str(run_dir / "scratch.safetensors"))
+    with pytest.raises(RunError, match=rf"scratch.safetensors: not weights for this run's model \(RuntimeError: "
+                                       rf"Error\(s\) in loading state_dict.*size mismatch for {first}"):
+        fasttl.load_run(str(run_dir))
+
+
+def test_resuming_from_a_checkpoint_with_nan_weights_names_it(two, tmp_path):
+    out = tmp_path / "run"
+    run(**quick(two, out, epochs=2))
+    os.remove(out / "metrics.json")
+    checkpoint = out / "scratch.checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    first = next(name for name, tensor in state["model"].items() if tensor.is_floating_point())
+    state["model"][first].fill_(float("nan"))
+    torch.save(state, checkpoint)
+    with pytest.raises(DivergedError, match=rf"scratch.checkpoint.pt: '{first}' holds NaN or infinite weights \(a "
+                                            r"damaged checkpoint\); delete it, or run again with --overwrite"):
+        run(**quick(two, out, epochs=2, resume=True))
+    assert not (out / "metrics.json").exists()
+
+
+def test_a_folder_where_a_run_file_goes_is_found_before_training(two, tmp_path):
+    out = tmp_path / "run"
+    (out / "report.md").mkdir(parents=True)
+    (out / ".fasttl-run").write_text("{}")
+    with pytest.raises(RunError, match=r"^out: .*report.md is not a plain file \(a folder\?\); move it away"):
+        run(**quick(two, out))
+    assert sorted(os.listdir(out)) == [".fasttl-run", ".fasttl-run.lock", "report.md"]  # only the lock added
+
+
+def test_out_may_not_be_the_teacher_it_learns_from(finished, two):
+    before = {name: (finished / name).read_bytes() for name in os.listdir(finished) if (finished / name).is_file()}
+    with pytest.raises(OptionError, match=r"^out: --out .* is the --teacher folder itself"):
+        run(**quick(two, finished, strategy="distill", teacher=str(finished), overwrite=True))
+    assert before == {name: (finished / name).read_bytes() for name in before}
+
+
+def test_eval_from_another_folder_reads_the_data_the_run_read(two, tmp_path, monkeypatch):
+    from fasttl.transfer.evaluate import evaluate_run
+
+    monkeypatch.chdir(two.parent)
+    out = tmp_path / "run"
+    run(**quick("two", out))  # a relative --data
+    monkeypatch.chdir(tmp_path)
+    metrics = evaluate_run(str(out), progress=False)
+    assert metrics["data"] == "two" and sum(map(sum, metrics["confusion_matrix"])) == 6
+
+
+def test_predict_out_inside_a_file_says_so(two, finished, tmp_path, capsys):
+    (tmp_path / "notes").write_text("mine")
+    code, _, err = cli(capsys, "predict", "--run", finished, os.path.join(two, "test"),
+                       "--out", tmp_path / "notes" / "p.csv")
+    assert code == 2 and one_line_error(err).endswith(f"{tmp_path / 'notes'} is a file, not a folder (give another "
+                                                      "--out in an existing folder)")
+
+
+def test_a_write_whose_folder_is_a_file_names_the_users_path(tmp_path):
+    (tmp_path / "notes").write_text("mine")
+    target = tmp_path / "notes" / "out.json"
+    with pytest.raises(NotADirectoryError) as info:
+        files.write_atomic(str(target), b"{}")
+    assert info.value.filename == str(target)
+
+
+# ---- caches written into folders that are not caches ----------------------------------------------
+def test_feature_cache_write_refuses_a_folder_of_other_files_and_bad_ids(tmp_path):
+    rows = np.ones((4, 3), dtype=np.float32)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    (mine / "manifest.json").write_text('{"my": "own"}')
+    for overwrite in (False, True):
+        with pytest.raises(CacheError, match=r"holds files that are not a fasttl cache's "
+                                             r"\(manifest.json, thesis.tex\)"):
+            fasttl.FeatureCache.write(str(mine), [rows], [0, 1, 0, 1], classes=["a", "b"], overwrite=overwrite)
+    assert sorted(os.listdir(mine)) == ["manifest.json", "thesis.tex"]
+    cases = [(dict(classes=["a", "a"]), r"^classes: expected a list of distinct, printable"),
+             (dict(classes=["a", "b\x1b"]), r"^classes: expected a list of distinct, printable"),
+             (dict(classes=["a", "b"], sample_ids=["x", "y", "x", "z"]), r"^sample_ids: an id names two rows"),
+             (dict(classes=["a", "b"], sample_ids=["x", 2, "y", "z"]), r"^sample_ids: expected one non-empty string")]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fasttl.FeatureCache.write(str(tmp_path / "new"), [rows], [0, 1, 0, 1], **kw)
+    cache = fasttl.FeatureCache.write(str(tmp_path / "new"), [rows], [0, 1, 0, 1], classes=["a", "b"])
+    assert len(cache) == 4
+    (tmp_path / "new" / "notes.txt").write_text("beside a cache fasttl wrote: kept")
+    cache = fasttl.FeatureCache.write(str(tmp_path / "new"), [rows], [1, 1, 0, 1], classes=["a", "b"], overwrite=True)
+    assert cache.labels.tolist() == [1, 1, 0, 1] and (tmp_path / "new" / "notes.txt").read_text().endswith("kept")
+
+
+# ---- text and figures made from user data ---------------------------------------------------------
+def test_markdown_cells_show_user_text_and_never_link_or_embed(tmp_path):
+    from fasttl.outputs import markdown_cell
+
+    cell = markdown_cell("![x](http://evil.example/a.png) [y](javascript:alert) *b* `c` a|b")
+    assert "](" not in cell.replace("\\](", "") and "![" not in cell.replace("\\!\\[", "")
+    assert cell == ("\\!\\[x\\]\\(http://evil.example/a.png\\) \\[y\\]\\(javascript:alert\\) \\*b\\* \\`c\\` "
+                    "a\\|b")
+
+
+def test_a_confusion_matrix_of_hundreds_of_classes_stays_a_bounded_figure(tmp_path):
+    from PIL import Image
+
+    from fasttl.transfer.report import MAX_FIGURE_INCHES, plot_confusion_matrix
+
+    classes = [f"class-{i}" for i in range(300)]
+    rng = np.random.default_rng(zlib.crc32(b"confusion-300"))
+    cm = rng.integers(0, 5, (300, 300))
+    metrics = {"confusion_matrix": cm.tolist(), "classes": classes, "accuracy": float(np.trace(cm) / cm.sum())}
+    plot_confusion_matrix(metrics, str(tmp_path / "cm.png"), "big")
+    with Image.open(tmp_path / "cm.png") as image:
+        width, height = image.size
+    assert max(width, height) <= MAX_FIGURE_INCHES * 150 and min(width, height) > 500
+    assert (tmp_path / "cm.png").stat().st_size < 20 << 20
