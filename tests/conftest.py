@@ -157,3 +157,15 @@ def linear_teacher(tiny_cifar, tmp_path_factory):
         patch.setenv("FASTTL_CACHE_DIR", str(tmp_path_factory.mktemp("teacher-cache")))
         run(data=str(tiny_cifar), strategy="linear", out=str(out), image_size=32, progress=False, seed=0)
     return out
+
+
+@pytest.fixture(scope="module")
+def cat_ship(tmp_path_factory, cifar10_root):
+    """train/ (6 per class) and test/ (3 per class) of real CIFAR-10 cats and ships."""
+    return cifar_subset(cifar10_root, tmp_path_factory.mktemp("cat-ship") / "two", ["cat", "ship"], 6, 3)
+
+
+def one_epoch_run(data, out, **kw):
+    """`run` options for the quickest scratch run on `data` into `out`, overridden by `kw`."""
+    return dict(dict(data=str(data), out=str(out), strategy="scratch", epochs=1, image_size=32, progress=False,
+                     compare="none"), **kw)

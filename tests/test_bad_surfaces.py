@@ -15,23 +15,13 @@ import pytest
 import torch
 
 import fasttl
-from conftest import cifar_subset, cli, one_line_error
+from conftest import cli, one_epoch_run, one_line_error
 from fasttl.cache import CacheError
 from fasttl.data import DataError
 from fasttl.transfer.job import run
 from fasttl.transfer.rundir import RunError, RunLock
 
 pytestmark = pytest.mark.usefixtures("private_cache")
-
-
-@pytest.fixture(scope="module")
-def two(tmp_path_factory, cifar10_root):
-    return cifar_subset(cifar10_root, tmp_path_factory.mktemp("surfaces") / "two", ["cat", "ship"], 6, 3)
-
-
-def quick(data, out, **kw):
-    return dict(dict(data=str(data), out=str(out), strategy="scratch", epochs=1, image_size=32, progress=False,
-                     compare="none"), **kw)
 
 
 def snapshot(folder):
@@ -41,35 +31,35 @@ def snapshot(folder):
 
 # ---- run folders are fasttl's by proof ----------------------------------------------------------
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_a_folder_with_a_users_config_json_is_not_taken_for_a_run(two, tmp_path, overwrite):
+def test_a_folder_with_a_users_config_json_is_not_taken_for_a_run(cat_ship, tmp_path, overwrite):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"strategy": "my own experiment", "lr": 3}))
     (out / "report.md").write_text("my notes")
     before = snapshot(out)
     with pytest.raises(RunError, match=r"^out: .*mine is not empty and holds no fasttl run"):
-        run(**quick(two, out, overwrite=overwrite))
+        run(**one_epoch_run(cat_ship, out, overwrite=overwrite))
     assert snapshot(out) == before and sorted(os.listdir(out)) == ["config.json", "report.md"]
 
 
-def test_a_second_run_into_a_held_folder_is_refused_naming_the_holder(two, tmp_path):
+def test_a_second_run_into_a_held_folder_is_refused_naming_the_holder(cat_ship, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     with RunLock(str(out)):
         with pytest.raises(RunError, match=r"^out: .*run is in use by another fasttl run \(pid \d+\)"):
-            run(**quick(two, out))
+            run(**one_epoch_run(cat_ship, out))
     assert sorted(os.listdir(out)) == [".fasttl-run.lock"]
-    run(**quick(two, out))  # released: the run goes ahead, and marks the folder as a run
+    run(**one_epoch_run(cat_ship, out))  # released: the run goes ahead, and marks the folder as a run
     assert (out / ".fasttl-run").is_file() and (out / "metrics.json").is_file()
 
 
-def test_a_run_made_before_the_marker_is_still_a_run(two, tmp_path):
+def test_a_run_made_before_the_marker_is_still_a_run(cat_ship, tmp_path):
     out = tmp_path / "run"
-    run(**quick(two, out))
+    run(**one_epoch_run(cat_ship, out))
     os.remove(out / ".fasttl-run")  # as a folder made by an earlier fasttl
     with pytest.raises(RunError, match=r"holds a finished run; pass --overwrite"):
-        run(**quick(two, out))
-    run(**quick(two, out, overwrite=True))
+        run(**one_epoch_run(cat_ship, out))
+    run(**one_epoch_run(cat_ship, out, overwrite=True))
 
 
 # ---- labels are what the user meant ---------------------------------------------------------------
@@ -119,7 +109,7 @@ def test_class_names_and_paths_are_escaped_in_every_output(tmp_path, cifar10_roo
             for i in range(count):
                 shutil.copy(os.path.join(cifar10_root, split, ("cat", "ship")[k], f"{i:04d}.jpg"), folder / f"{i}.jpg")
     out = tmp_path / "run"
-    run(**quick(data, out))
+    run(**one_epoch_run(data, out))
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert all(not cell.startswith(("=", "+", "-", "@")) for row in rows[1:] for cell in row[:3])
@@ -134,11 +124,11 @@ def test_class_names_and_paths_are_escaped_in_every_output(tmp_path, cifar10_roo
 
 # ---- every file read back is checked: run configs and weights ------------------------------------
 @pytest.fixture(scope="module")
-def finished(two, tmp_path_factory):
+def finished(cat_ship, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FASTTL_CACHE_DIR", str(tmp_path_factory.mktemp("finished-cache")))
-        run(**quick(two, out))
+        run(**one_epoch_run(cat_ship, out))
     return out
 
 
@@ -152,7 +142,8 @@ def finished(two, tmp_path_factory):
     ("seed", -1, "an integer >= 0"),
     ("strategy", "bogus", "one of linear"),
 ])
-def test_a_hand_edited_config_json_is_named_with_its_field(two, finished, tmp_path, capsys, field, value, expected):
+def test_a_hand_edited_config_json_is_named_with_its_field(cat_ship, finished, tmp_path, capsys, field, value,
+                                                           expected):
     run_dir = tmp_path / "edited"
     shutil.copytree(finished, run_dir)
     config = json.loads((run_dir / "config.json").read_text())
@@ -160,7 +151,7 @@ def test_a_hand_edited_config_json_is_named_with_its_field(two, finished, tmp_pa
     (run_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(RunError, match=rf"config.json: field '{field}' is .* \(expected {expected}"):
         fasttl.load_run(str(run_dir))
-    code, _, err = cli(capsys, "predict", "--run", run_dir, os.path.join(two, "test"))
+    code, _, err = cli(capsys, "predict", "--run", run_dir, os.path.join(cat_ship, "test"))
     assert code == 2 and f"field '{field}'" in one_line_error(err)
 
 
@@ -238,7 +229,7 @@ def test_a_full_disk_names_the_users_file_never_a_temporary(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == []  # nothing half-written left behind
 
 
-def test_cli_os_errors_are_one_line_naming_the_path(two, finished, tmp_path, capsys, monkeypatch):
+def test_cli_os_errors_are_one_line_naming_the_path(cat_ship, finished, tmp_path, capsys, monkeypatch):
     from fasttl import files
 
     real = files.write_atomic
@@ -248,14 +239,15 @@ def test_cli_os_errors_are_one_line_naming_the_path(two, finished, tmp_path, cap
                                                                                ".fasttl-tmp-1-ab12cd-" + os.path.basename(path)))
 
     monkeypatch.setattr(files, "write_atomic", denied)
-    code, _, err = cli(capsys, "predict", "--run", finished, os.path.join(two, "test"), "--out", tmp_path / "out.csv")
+    code, _, err = cli(capsys, "predict", "--run", finished, os.path.join(cat_ship, "test"),
+                       "--out", tmp_path / "out.csv")
     line = one_line_error(err)
     assert code == 2 and line == f"fasttl: error: {tmp_path / 'out.csv'}: permission denied (make it accessible to you, " \
                                  "or use another path)"
     monkeypatch.setattr(files, "write_atomic", real)
 
 
-def test_predict_to_a_full_stdout_is_one_line(two, finished, tmp_path):
+def test_predict_to_a_full_stdout_is_one_line(cat_ship, finished, tmp_path):
     import subprocess
     import sys
 
@@ -263,7 +255,7 @@ def test_predict_to_a_full_stdout_is_one_line(two, finished, tmp_path):
         pytest.skip("needs /dev/full (Linux)")
     with open("/dev/full", "w") as full:
         result = subprocess.run([sys.executable, "-m", "fasttl", "predict", "--run", str(finished),
-                                 os.path.join(two, "test")], stdout=full, stderr=subprocess.PIPE,
+                                 os.path.join(cat_ship, "test")], stdout=full, stderr=subprocess.PIPE,
                                 text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["fasttl: error: standard output: no space left on the device (free "

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fasttl
-from conftest import cifar_subset, cli, one_line_error
+from conftest import cli, one_epoch_run, one_line_error
 from fasttl import files
 from fasttl.cache import CacheError
 from fasttl.data import DataError
@@ -27,21 +27,12 @@ pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory, cifar10_root):
-    return cifar_subset(cifar10_root, tmp_path_factory.mktemp("review") / "two", ["cat", "ship"], 6, 3)
-
-
-def quick(data, out, **kw):
-    return dict(dict(data=str(data), out=str(out), strategy="scratch", epochs=1, image_size=32, progress=False,
-                     compare="none"), **kw)
-
-
-@pytest.fixture(scope="module")
-def finished(two, tmp_path_factory):
+def finished(cat_ship, tmp_path_factory):
+    """A finished two-epoch scratch run (the other module's `finished` has one epoch)."""
     out = tmp_path_factory.mktemp("review-run") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FASTTL_CACHE_DIR", str(tmp_path_factory.mktemp("review-cache")))
-        run(**quick(two, out, epochs=2))
+        run(**one_epoch_run(cat_ship, out, epochs=2))
     return out
 
 
@@ -113,7 +104,7 @@ def test_a_class_folder_named_with_a_control_character_is_refused(tmp_path, cifa
 
 
 # ---- run files fasttl wrote, edited or damaged afterwards ----------------------------------------
-def test_a_config_json_edited_within_its_schema_is_refused_by_its_hash(two, finished, tmp_path, capsys):
+def test_a_config_json_edited_within_its_schema_is_refused_by_its_hash(cat_ship, finished, tmp_path, capsys):
     run_dir = tmp_path / "edited"
     shutil.copytree(finished, run_dir)
     config = json.loads((run_dir / "config.json").read_text())
@@ -122,7 +113,7 @@ def test_a_config_json_edited_within_its_schema_is_refused_by_its_hash(two, fini
     with pytest.raises(RunError, match=r"config.json: changed after fasttl wrote it \(its SHA-256 is not the one "
                                        r"recorded in .fasttl-run\); restore it, or run again with --overwrite$"):
         fasttl.load_run(str(run_dir))
-    code, _, err = cli(capsys, "predict", "--run", run_dir, os.path.join(two, "test"))
+    code, _, err = cli(capsys, "predict", "--run", run_dir, os.path.join(cat_ship, "test"))
     assert code == 2 and "changed after fasttl wrote it" in one_line_error(err)
     shutil.copy(finished / "config.json", run_dir / "config.json")  # restored: loads again
     assert fasttl.load_run(str(run_dir)).classes == ["cat", "ship"]
@@ -144,36 +135,41 @@ def test_config_values_of_the_wrong_kind_are_named_not_crashed_on(finished, tmp_
         fasttl.load_run(str(run_dir))
 
 
-def test_weights_that_overflow_the_models_dtype_when_loaded_are_refused(finished, tmp_path):
+def _with_weights_edited(finished, folder, edit):
+    """A copy of the finished run whose first float (or first matrix) weight is `edit`ed; its name."""
     from safetensors.torch import load_file, save_file
 
-    run_dir = tmp_path / "wide"
-    shutil.copytree(finished, run_dir)
-    state = load_file(str(run_dir / "scratch.safetensors"))
-    first = next(name for name, tensor in state.items() if tensor.is_floating_point())
-    state[first] = torch.full_like(state[first], 1e300, dtype=torch.float64)  # finite here, inf in float32
-    save_file(state, str(run_dir / "scratch.safetensors"))
+    shutil.copytree(finished, folder)
+    state = load_file(str(folder / "scratch.safetensors"))
+    name, edited = edit(state)
+    state[name] = edited
+    save_file(state, str(folder / "scratch.safetensors"))
+    return name
+
+
+def test_weights_that_overflow_the_models_dtype_when_loaded_are_refused(finished, tmp_path):
+    def widen(state):  # finite as float64, inf once cast to the model's float32
+        name = next(n for n, t in state.items() if t.is_floating_point())
+        return name, torch.full_like(state[name], 1e300, dtype=torch.float64)
+
+    first = _with_weights_edited(finished, tmp_path / "wide", widen)
     with pytest.raises(RunError, match=rf"scratch.safetensors: '{first}' holds NaN or infinite weights"):
-        fasttl.load_run(str(run_dir))
+        fasttl.load_run(str(tmp_path / "wide"))
 
 
 def test_weights_of_the_wrong_shape_say_which_tensor(finished, tmp_path):
-    from safetensors.torch import load_file, save_file
+    def reshape(state):
+        return next(n for n, t in state.items() if t.dim() >= 2), torch.zeros(3, 3)
 
-    run_dir = tmp_path / "shape"
-    shutil.copytree(finished, run_dir)
-    state = load_file(str(run_dir / "scratch.safetensors"))
-    first = next(name for name, tensor in state.items() if tensor.dim() >= 2)
-    state[first] = torch.zeros(3, 3)
-    save_file(state, str(run_dir / "scratch.safetensors"))
+    first = _with_weights_edited(finished, tmp_path / "shape", reshape)
     with pytest.raises(RunError, match=rf"scratch.safetensors: not weights for this run's model \(RuntimeError: "
                                        rf"Error\(s\) in loading state_dict.*size mismatch for {first}"):
-        fasttl.load_run(str(run_dir))
+        fasttl.load_run(str(tmp_path / "shape"))
 
 
-def test_resuming_from_a_checkpoint_with_nan_weights_names_it(two, tmp_path):
+def test_resuming_from_a_checkpoint_with_nan_weights_names_it(cat_ship, tmp_path):
     out = tmp_path / "run"
-    run(**quick(two, out, epochs=2))
+    run(**one_epoch_run(cat_ship, out, epochs=2))
     os.remove(out / "metrics.json")
     checkpoint = out / "scratch.checkpoint.pt"
     state = torch.load(checkpoint, weights_only=True)
@@ -182,40 +178,40 @@ def test_resuming_from_a_checkpoint_with_nan_weights_names_it(two, tmp_path):
     torch.save(state, checkpoint)
     with pytest.raises(DivergedError, match=rf"scratch.checkpoint.pt: '{first}' holds NaN or infinite weights \(a "
                                             r"damaged checkpoint\); delete it, or run again with --overwrite"):
-        run(**quick(two, out, epochs=2, resume=True))
+        run(**one_epoch_run(cat_ship, out, epochs=2, resume=True))
     assert not (out / "metrics.json").exists()
 
 
-def test_a_folder_where_a_run_file_goes_is_found_before_training(two, tmp_path):
+def test_a_folder_where_a_run_file_goes_is_found_before_training(cat_ship, tmp_path):
     out = tmp_path / "run"
     (out / "report.md").mkdir(parents=True)
     (out / ".fasttl-run").write_text("{}")
     with pytest.raises(RunError, match=r"^out: .*report.md is not a plain file \(a folder\?\); move it away"):
-        run(**quick(two, out))
+        run(**one_epoch_run(cat_ship, out))
     assert sorted(os.listdir(out)) == [".fasttl-run", ".fasttl-run.lock", "report.md"]  # only the lock added
 
 
-def test_out_may_not_be_the_teacher_it_learns_from(finished, two):
+def test_out_may_not_be_the_teacher_it_learns_from(finished, cat_ship):
     before = {name: (finished / name).read_bytes() for name in os.listdir(finished) if (finished / name).is_file()}
     with pytest.raises(OptionError, match=r"^out: --out .* is the --teacher folder itself"):
-        run(**quick(two, finished, strategy="distill", teacher=str(finished), overwrite=True))
+        run(**one_epoch_run(cat_ship, finished, strategy="distill", teacher=str(finished), overwrite=True))
     assert before == {name: (finished / name).read_bytes() for name in before}
 
 
-def test_eval_from_another_folder_reads_the_data_the_run_read(two, tmp_path, monkeypatch):
+def test_eval_from_another_folder_reads_the_data_the_run_read(cat_ship, tmp_path, monkeypatch):
     from fasttl.transfer.evaluate import evaluate_run
 
-    monkeypatch.chdir(two.parent)
+    monkeypatch.chdir(cat_ship.parent)
     out = tmp_path / "run"
-    run(**quick("two", out))  # a relative --data
+    run(**one_epoch_run("two", out))  # a relative --data
     monkeypatch.chdir(tmp_path)
     metrics = evaluate_run(str(out), progress=False)
     assert metrics["data"] == "two" and sum(map(sum, metrics["confusion_matrix"])) == 6
 
 
-def test_predict_out_inside_a_file_says_so(two, finished, tmp_path, capsys):
+def test_predict_out_inside_a_file_says_so(cat_ship, finished, tmp_path, capsys):
     (tmp_path / "notes").write_text("mine")
-    code, _, err = cli(capsys, "predict", "--run", finished, os.path.join(two, "test"),
+    code, _, err = cli(capsys, "predict", "--run", finished, os.path.join(cat_ship, "test"),
                        "--out", tmp_path / "notes" / "p.csv")
     assert code == 2 and one_line_error(err).endswith(f"{tmp_path / 'notes'} is a file, not a folder (give another "
                                                       "--out in an existing folder)")
