@@ -15,6 +15,7 @@ pause every script would pay at its first fasttl call."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 
 from typing import Optional, Sequence, Tuple
@@ -191,19 +192,24 @@ def _shares_memory(a: Tensor, b: Optional[Tensor]) -> bool:
 TEMPERATURE_RANGE = (1e-2, 1e3)
 
 
+def check_number(name: str, value, low: float, high: float, why: str = "") -> None:
+    """`value` is a real number (a Python or numpy one, not a bool) in [low, high]; else an error
+    that says which: the type (TypeError) or the range (ValueError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = "; float(t) if you mean its value" if isinstance(value, torch.Tensor) else ""
+        raise TypeError(f"{name}: got {type(value).__name__} (expected a Python float{hint})")
+    if not low <= value <= high:
+        raise ValueError(f"{name}: is {value!r} (expected a number in [{low:g}, {high:g}]{why})")
+
+
 def check_temperature(name: str, temperature) -> None:
     low, high = TEMPERATURE_RANGE
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-            not low <= temperature <= high:
-        raise ValueError(f"{name}: is {temperature!r} (expected a number in [{low:g}, {high:g}]: beyond it the "
-                         "softened distributions are uniform or one-hot to the last bit of float64)")
+    check_number(name, temperature, low, high, ": beyond it the softened distributions are uniform or one-hot to "
+                 "the last bit of float64")
 
 
 def check_label_smoothing(label_smoothing) -> None:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or \
-            not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing: is {label_smoothing!r} (expected a number in [0, 1], as "
-                         "torch.nn.functional.cross_entropy)")
+    check_number("label_smoothing", label_smoothing, 0.0, 1.0, ", as torch.nn.functional.cross_entropy")
 
 
 def _check_distill_rows(student, teacher, target, temperature: float, alpha: float,

@@ -38,6 +38,9 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
     if reduction == "sum":
         return rows.sum()
     total = counted.sum()
+    if weight is not None and target is not None:  # by the weights' sum, as cross_entropy (0 over rows: +-inf)
+        present = (target != ignore_index).any()
+        return rows.sum() / torch.where(present, total, torch.ones_like(total))
     return rows.sum() / torch.where(total != 0, total, torch.ones_like(total))
 
 

@@ -52,8 +52,7 @@ def _check_arguments(student_logits, teacher_logits, target, temperature, alpha,
             raise ValueError(f"target: is on {target.device} "
                              f"(expected student_logits' device, {student_logits.device})")
     _ops.check_temperature("temperature", temperature)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha: is {alpha!r} (expected a number in [0, 1])")
+    _ops.check_number("alpha", alpha, 0.0, 1.0)
     if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__") or \
             not -2**63 <= operator.index(ignore_index) < 2**63:
         raise TypeError(f"ignore_index: is {ignore_index!r} (expected an int64 class index)")
@@ -64,6 +63,17 @@ def _check_arguments(student_logits, teacher_logits, target, temperature, alpha,
         _check_weight(weight, student_logits, target, label_smoothing)
 
 
+def _mean_divisor(rows: int, target: Optional[Tensor], ignore_index: int, weights: Optional[Tensor]):
+    """What "mean" divides by: the counted rows, or with class weights their weights' sum (as
+    cross_entropy: a sum of 0 over counted rows gives +-inf). An all-ignored batch divides by 1:
+    its loss is 0 with gradient 0, where torch's losses give NaN. No host sync either way."""
+    if target is None:
+        return max(rows, 1)
+    present = target != ignore_index
+    total = weights.sum() if weights is not None else present.sum()
+    return torch.where(present.any(), total, torch.ones_like(total))
+
+
 def _check_weight(weight, student_logits: Tensor, target, label_smoothing) -> None:
     classes = student_logits.size(-1)
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
@@ -71,6 +81,9 @@ def _check_weight(weight, student_logits: Tensor, target, label_smoothing) -> No
                         f"tensor of {classes} class weights)")
     if tuple(weight.shape) != (classes,):
         raise ValueError(f"weight: has shape {tuple(weight.shape)} (expected ({classes},), one weight per class)")
+    if weight.dtype == torch.float64 and student_logits.dtype != torch.float64:
+        raise TypeError(f"weight: torch.float64 for {student_logits.dtype} logits (expected float32 or the logits' "
+                        "dtype; cross_entropy refuses a wider weight too)")
     if weight.device != student_logits.device:
         raise ValueError(f"weight: is on {weight.device} (expected student_logits' device, {student_logits.device})")
     if target is None:
@@ -179,6 +192,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     """
     _check_arguments(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index,
                      label_smoothing, weight)
+    # numpy scalars as Python floats: a numpy scalar times a tensor can become a numpy array
+    temperature, alpha, label_smoothing = float(temperature), float(alpha), float(label_smoothing)
     if _eager(student_logits, teacher_logits):
         return _reference.distillation_loss(student_logits, teacher_logits.to(student_logits.dtype),
                                             None if target is None else target.long(), temperature=temperature,
@@ -206,12 +221,5 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
         return loss_rows.reshape(leading).to(out_dtype)
     total = loss_rows.sum()
     if reduction == "mean":
-        if weight is not None:
-            counted = counted.sum()
-        else:
-            counted = student.size(0) if target is None else (target != ignore_index).sum()
-        # An all-ignored batch (or weights summing to 0) has loss 0, not 0/0, and gradient 0; weights
-        # of any sign divide as cross_entropy's do.
-        total = total / (torch.where(counted != 0, counted, torch.ones_like(counted)) if isinstance(counted, Tensor)
-                         else max(counted, 1))
+        total = total / _mean_divisor(student.size(0), target, ignore_index, None if weight is None else counted)
     return total.to(out_dtype)

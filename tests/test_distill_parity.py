@@ -381,3 +381,51 @@ def test_class_weights_of_either_sign_divide_as_cross_entropy(request, reduction
     ref = _reference.distillation_loss(student.double(), teacher.double(), target, alpha=0.0,
                                        weight=weight.double(), reduction=reduction)
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("student, teacher, target, temperature, smoothing", [
+    ([[2e38]], [[-2e38]], 0, 1.0, 0.0),
+    ([[0.0, 1e37]], [[1e37, 0.0]], 1, 0.01, 0.0),
+    ([[0.0, 1e38]], [[1e38, 0.0]], 0, 0.1, 0.0),
+    ([[2e38, -2e38]], [[2e38, -2e38]], 0, 1.0, 0.1),
+    ([[3e38, -3e38, 0.0]], [[-3e38, 3e38, 1.0]], 2, 4.0, 0.0),
+], ids=["one-class", "T0.01-1e37", "T0.1-1e38", "smoothing-2e38", "opposite-3e38"])
+def test_finite_logits_near_float32s_limit_are_right_or_inf_only_where_the_loss_is(student, teacher, target,
+                                                                                     temperature, smoothing):
+    # s / T and t - s overflow fp32 there: such rows are redone in float64 (they gave NaN or inf).
+    s, t = torch.tensor(student), torch.tensor(teacher)
+    y = torch.tensor([target])
+    for alpha in (0.0, 0.5, 1.0):
+        loss = fasttl.distillation_loss(s, t, y, temperature=temperature, alpha=alpha, label_smoothing=smoothing,
+                                        reduction="none")
+        exact = exact_rows(s, t, y, temperature, alpha, smoothing)
+        if exact.abs().item() >= 3.4e38:
+            assert torch.isinf(loss).all()
+        else:
+            torch.testing.assert_close(loss.double(), exact, rtol=1e-3, atol=1e-30)
+
+
+def test_class_weights_summing_to_zero_divide_as_cross_entropy(request):
+    student = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    target = torch.tensor([0, 1])
+    weight = torch.tensor([1.0, -1.0])
+    ours = fasttl.distillation_loss(student, torch.zeros(2, 2), target, alpha=0.0, weight=weight)
+    assert ours.item() == F.cross_entropy(student, target, weight=weight).item() == float("-inf")
+    ignored = torch.tensor([-100, -100])  # no row counted: 0 with gradient 0 (documented), not NaN
+    assert fasttl.distillation_loss(student, torch.zeros(2, 2), ignored, alpha=0.0, weight=weight).item() == 0.0
+
+
+def test_numbers_of_numpy_are_numbers_and_tensors_are_named(request):
+    import numpy as np
+
+    student, teacher, target = inputs(request)
+    ours = fasttl.distillation_loss(student, teacher, target, temperature=np.float64(2.0), alpha=np.float32(0.5),
+                                    label_smoothing=np.float32(0.1))
+    torch.testing.assert_close(ours, fasttl.distillation_loss(student, teacher, target, temperature=2.0, alpha=0.5,
+                                                              label_smoothing=float(np.float32(0.1))))
+    assert isinstance(ours, torch.Tensor)
+    with pytest.raises(TypeError, match=r"^temperature: got Tensor \(expected a Python float; float\(t\) if you "):
+        fasttl.distillation_loss(student, teacher, target, temperature=torch.tensor(2.0))
+    with pytest.raises(TypeError, match=r"^weight: torch.float64 for torch.float32 logits"):
+        fasttl.distillation_loss(student, teacher, target, weight=torch.tensor([1e300] + [1.0] * 6,
+                                                                               dtype=torch.float64))

@@ -191,7 +191,7 @@ FASTTL_CPU_CLONES void distill_rows_loop(const DistillArgs& a) {
       float error_bound;
       const float rs = finite_ref(ms);
       const float loss = distill_row_loss(sums, rs, p.hard ? load<S>(s[y]) : 0.0f, p, &coef, &error_bound);
-      if (needs_exact_row(loss, error_bound)) {
+      if (needs_exact_row(loss, error_bound, ms, mt)) {
         a.loss_rows[i] = exact_row<S, T>(s, t, g, classes, y, rs, finite_ref(mt), p);
         continue;
       }

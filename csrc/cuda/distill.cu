@@ -98,7 +98,7 @@ __global__ void distill_rows_kernel(DistillArgs a) {
     DistillGradCoef coef;
     float error_bound;
     const float loss = distill_row_loss(sums, rs, p.hard ? load<S>(s[y]) : 0.0f, p, &coef, &error_bound);
-    if (needs_exact_row(loss, error_bound)) {  // the same for every thread of the row: uniform
+    if (needs_exact_row(loss, error_bound, row_ms, row_mt)) {  // the same for every thread of the row: uniform
       const float exact = exact_row<S, T, kThreads>(s, t, g, a.classes, y, rs, rt, p, exact_scratch);
       if (threadIdx.x == 0) a.loss_rows[i] = exact;
       continue;

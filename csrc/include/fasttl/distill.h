@@ -145,10 +145,14 @@ FASTTL_HD float distill_row_loss(const DistillTerms& sums, float rs, float s_tar
   return loss;
 }
 
-// Whether the fp32 loss may miss the float64 formula by more than the tolerance (false for a
-// NaN loss: NaN in, NaN out either way).
-FASTTL_HD bool needs_exact_row(float loss, float error_bound) {
-  return error_bound > kExactRowTolerance * abs_value(loss);
+// Whether the fp32 loss may miss the float64 formula by more than the tolerance. A loss or bound
+// that is not finite is redone too: finite logits near float32's limit overflow s / T or t - s in
+// fp32 but not in float64. Not where a row max (ms, mt) is +inf: an infinite input's NaN or inf is
+// the answer either way, and the fp32 path gives the reference's.
+FASTTL_HD bool needs_exact_row(float loss, float error_bound, float ms, float mt) {
+  const float size = abs_value(loss);
+  if (size <= 3.40282347e38f && error_bound <= kExactRowTolerance * size) return false;
+  return ms <= 3.40282347e38f && mt <= 3.40282347e38f;
 }
 
 // Gradient of one element from its terms (the exps of distill_terms), so a caller that kept
