@@ -72,15 +72,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return 0
     if args.weights is not None or args.backbone is not None:
         raise OptionError("run: --run predicts with the run's own model; drop --backbone and --weights")
-    result = predict_run(args.run, args.images, out=args.out, top_k=args.top_k or 1, device=args.device,
-                         batch_size=args.batch_size, on_error=args.on_error, overwrite=args.overwrite,
-                         progress=not args.no_progress)
+    result = predict_run(args.run, args.images, out=args.out, top_k=1 if args.top_k is None else args.top_k,
+                         device=args.device, batch_size=args.batch_size, on_error=args.on_error,
+                         overwrite=args.overwrite, progress=not args.no_progress)
     if result["out"] is None:
         sys.stdout.write(result["csv"])
     else:
         print(f"{result['rows']} predictions written to {result['out']}", file=sys.stderr)
     if result["skipped"]:
-        shown = "; ".join(f"{path} ({why})" for path, why in result["skipped"][:5])
+        from fasttl.outputs import terminal_text
+
+        shown = terminal_text("; ".join(f"{path} ({why})" for path, why in result["skipped"][:5]))
         more = f" and {len(result['skipped']) - 5} more" if len(result["skipped"]) > 5 else ""
         print(f"skipped {len(result['skipped'])} unreadable images: {shown}{more}", file=sys.stderr)
     return 0
@@ -181,8 +183,9 @@ _OS_ERRORS = {
 
 def _os_error_line(exc: OSError) -> str:
     from fasttl.files import user_path
+    from fasttl.outputs import terminal_text
 
-    where = user_path(os.fsdecode(exc.filename)) if exc.filename is not None else "standard output"
+    where = terminal_text(user_path(os.fsdecode(exc.filename))) if exc.filename is not None else "standard output"
     if exc.filename is None and exc.errno in (errno.EMFILE, errno.ENFILE):
         where = "files"
     return f"{where}: {_OS_ERRORS[exc.errno]}"
@@ -196,7 +199,11 @@ def _quiet_stdout() -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    """The error as one printable line: what a file name or a server put in it can't drive the
+    terminal (escape sequences are shown escaped)."""
+    from fasttl.outputs import terminal_text
+
+    text = terminal_text(" ".join(str(exc).split()))
     return text if text else type(exc).__name__
 
 

@@ -9,10 +9,17 @@ import html
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")
 
 
+def terminal_text(text: object) -> str:
+    """`text` with every character that is not printable (an escape sequence's ESC, BEL, a line
+    break) written as its Python escape: it can't drive a terminal or split a line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
 def csv_cell(text: object) -> str:
     """`text` as a CSV cell no spreadsheet runs: one that starts like a formula gets a leading
-    apostrophe (OWASP's advice; the csv module quotes what else needs it)."""
-    text = str(text)
+    apostrophe (OWASP's advice; the csv module quotes what else needs it); characters that are
+    not printable are escaped (terminal_text), as the CSV is often printed."""
+    text = terminal_text(text)
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 

@@ -101,6 +101,9 @@ def _as_uint8_images(images) -> np.ndarray:
         array = array[None]
     if array.ndim != 4 or 3 not in (array.shape[3], array.shape[1]) or 0 in array.shape:
         raise OptionError(f"images: expected shape (N, H, W, 3) or (N, 3, H, W), got {tuple(array.shape)}")
+    if array.shape[1] == 3 and array.shape[3] == 3:  # either reading is a valid image: guessing is a silent risk
+        raise OptionError(f"images: shape {tuple(array.shape)} reads as (N, H, W, 3) with H=3 or as (N, 3, H, W) "
+                          "with W=3; give images wider and taller than 3 pixels")
     if array.shape[3] != 3:
         array = array.transpose(0, 2, 3, 1)
     return np.ascontiguousarray(array)
@@ -143,6 +146,8 @@ class RunModel:
             return images
         if isinstance(images, (str, os.PathLike)):
             images = [images]
+        if isinstance(images, (list, tuple)) and not images:
+            raise OptionError("images: no images given (give image files, folders or a uint8 image tensor)")
         if isinstance(images, (list, tuple)) and images and all(isinstance(p, (str, os.PathLike)) for p in images):
             files, _ = image_files(images)
             return FileSource([os.path.abspath(f) for f in files], [0] * len(files), list(self.classes))

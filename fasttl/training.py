@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -76,17 +76,7 @@ def fit(model: nn.Module, optimizer, scheduler, epochs: int, train_epoch: Callab
     if resume and checkpoint is not None:
         state = checkpoint.load()
         if state is not None:
-            model.load_state_dict(state["model"])
-            bad = nonfinite_weight(model)  # a damaged checkpoint must not end as NaN weights
-            if bad is not None:
-                raise DivergedError(f"{checkpoint.path}: '{bad}' holds NaN or infinite weights (a damaged "
-                                    "checkpoint); delete it, or run again with --overwrite")
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state.get("scheduler") is not None:
-                scheduler.load_state_dict(state["scheduler"])
-            if extra_state is not None and state.get("extra") is not None:
-                extra_state.load_state_dict(state["extra"])
-            history, start = list(state["history"]), int(state["epoch"])
+            history, start = _restore(state, checkpoint.path, epochs, model, optimizer, scheduler, extra_state)
     bar = None
     if progress and start < epochs:
         from tqdm import tqdm
@@ -122,6 +112,45 @@ def fit(model: nn.Module, optimizer, scheduler, epochs: int, train_epoch: Callab
     if bar is not None:
         bar.close()
     return history
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint of this run whose content is not what fasttl saves: resuming from it would
+    crash or train from damaged state."""
+
+
+def _restore(state: dict, path: str, epochs: int, model: nn.Module, optimizer, scheduler,
+             extra_state: Optional[nn.Module]) -> Tuple[List[Record], int]:
+    """Loads a checkpoint's state into the run's objects after checking it is what `fit` saved:
+    the epoch reached (1..epochs), one history record of finite numbers per epoch, state dicts
+    that load; else a CheckpointError (DivergedError for NaN weights) naming the file."""
+    def damaged(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {why} (a damaged checkpoint); delete it, or run again with --overwrite")
+
+    epoch, history = state.get("epoch"), state.get("history")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= epochs:
+        raise damaged(f"its epoch is {epoch!r}, not one of this run's 1..{epochs}")
+    if not isinstance(history, list) or len(history) != epoch:
+        raise damaged(f"its history is not one record for each of its {epoch} epochs")
+    for number, record in enumerate(history, 1):
+        if not isinstance(record, dict) or record.get("epoch") != number or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in record.values()):
+            raise damaged(f"its history record {number} is not that epoch's numbers")
+    parts = [("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("extra", extra_state)]
+    for key, target in parts:
+        if target is None or (key in ("scheduler", "extra") and state.get(key) is None):
+            continue
+        try:
+            target.load_state_dict(state[key])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+            first = " ".join(str(exc).split())[:200]
+            raise damaged(f"its {key} state does not load ({type(exc).__name__}: {first})") from None
+        if key == "model":
+            bad = nonfinite_weight(model)  # a damaged checkpoint must not end as NaN weights
+            if bad is not None:
+                raise DivergedError(f"{path}: '{bad}' holds NaN or infinite weights (a damaged checkpoint); delete "
+                                    "it, or run again with --overwrite")
+    return [dict(record) for record in history], epoch
 
 
 def _epochs_since_best(history: List[Record]) -> int:

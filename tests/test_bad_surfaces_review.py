@@ -4,6 +4,7 @@ weights that overflow when cast; damaged checkpoints; folders that are not what 
 Markdown and figures built from user text; evaluation from another folder."""
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -111,12 +112,29 @@ def test_a_config_json_edited_within_its_schema_is_refused_by_its_hash(cat_ship,
     config["image_size"] = 64  # a valid value: only the hash tells it from what fasttl wrote
     (run_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(RunError, match=r"config.json: changed after fasttl wrote it \(its SHA-256 is not the one "
-                                       r"recorded in .fasttl-run\); restore it, or run again with --overwrite$"):
+                                       r"recorded in .fasttl-run\); restore it, or train the run again with "
+                                       r"--overwrite$"):
         fasttl.load_run(str(run_dir))
     code, _, err = cli(capsys, "predict", "--run", run_dir, os.path.join(cat_ship, "test"))
     assert code == 2 and "changed after fasttl wrote it" in one_line_error(err)
     shutil.copy(finished / "config.json", run_dir / "config.json")  # restored: loads again
     assert fasttl.load_run(str(run_dir)).classes == ["cat", "ship"]
+
+
+@pytest.mark.parametrize("marker", ["", "{}", '{"config_sha256": "abc"}', None], ids=["empty", "no-hash", "short",
+                                                                                       "removed"])
+def test_a_marker_that_cannot_vouch_for_config_json_refuses_the_run(finished, tmp_path, capsys, marker):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    if marker is None:
+        os.remove(run_dir / ".fasttl-run")
+    else:
+        (run_dir / ".fasttl-run").write_text(marker)
+    config = json.loads((run_dir / "config.json").read_text())
+    config["classes"] = config["classes"][::-1]  # would name every prediction wrong
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError, match=r"\.fasttl-run: missing, damaged or without the SHA-256 of config.json"):
+        fasttl.load_run(str(run_dir))
 
 
 @pytest.mark.parametrize("field, value, expected", [
@@ -275,3 +293,76 @@ def test_a_confusion_matrix_of_hundreds_of_classes_stays_a_bounded_figure(tmp_pa
         width, height = image.size
     assert max(width, height) <= MAX_FIGURE_INCHES * 150 and min(width, height) > 500
     assert (tmp_path / "cm.png").stat().st_size < 20 << 20
+
+
+def _checkpoint_edits():
+    def drop_model(s):
+        del s["model"]
+
+    def wrong_shape(s):
+        name = next(n for n, t in s["model"].items() if t.dim() >= 2)
+        s["model"][name] = torch.zeros(3, 3)
+
+    def bad_moment(s):
+        state = next(iter(s["optimizer"]["state"].values()))
+        state["exp_avg"] = torch.zeros(2)
+
+    return {
+        "no-model": (drop_model, r"its model state does not load \(KeyError"),
+        "wrong-shape": (wrong_shape, r"its model state does not load \(RuntimeError: Error\(s\) in loading"),
+        "epoch-text": (lambda s: s.update(epoch="abc"), r"its epoch is 'abc', not one of this run's 1..2"),
+        "epoch-huge": (lambda s: s.update(epoch=10 ** 6), r"its epoch is 1000000, not one of this run's 1..2"),
+        "history-int": (lambda s: s.update(history=5), r"its history is not one record for each of its 2 epochs"),
+        "history-nan": (lambda s: s.update(history=[{"epoch": 1}, {"epoch": 2, "train_loss": float("nan")}]),
+                        r"its history record 2 is not that epoch's numbers"),
+        "history-text": (lambda s: s.update(history=[{"epoch": "x"}, {"epoch": 2}]), r"its history record 1 is not"),
+        "scheduler": (lambda s: s.update(scheduler={"foo": 1}), r"its scheduler state does not load"),
+        "moment": (bad_moment, r"its optimizer state does not load \(ValueError: param_groups"),
+    }
+
+
+@pytest.mark.parametrize("edit", list(_checkpoint_edits()))
+def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_it(cat_ship, tmp_path, capsys, edit):
+    change, message = _checkpoint_edits()[edit]
+    out = tmp_path / "run"
+    run(**one_epoch_run(cat_ship, out, epochs=2))
+    os.remove(out / "metrics.json")  # as a run killed after its last checkpoint
+    checkpoint = out / "scratch.checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    change(state)
+    torch.save(state, checkpoint)
+    code, _, err = cli(capsys, "run", "--data", cat_ship, "--out", out, "--strategy", "scratch", "--epochs", 2,
+                       "--image-size", 32, "--compare", "none", "--no-progress", "--resume")
+    line = one_line_error(err)
+    assert code == 2 and "scratch.checkpoint.pt: " in line and "(a damaged checkpoint); delete it" in line, line
+    assert re.search(message, line), line
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("classes", [["a", "a"], ["\x1b[31m", "a"], ["a", ""]], ids=["duplicate", "escape", "empty"])
+def test_feature_cache_open_takes_only_the_class_names_write_takes(tmp_path, classes):
+    cache_dir = tmp_path / "c"
+    fasttl.FeatureCache.write(str(cache_dir), [np.ones((4, 3), dtype=np.float32)], [0, 1, 0, 1], classes=["a", "b"])
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    manifest["fingerprint"]["dataset"]["classes"] = classes
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"manifest.json: fingerprint dataset classes are not distinct, printable"):
+        fasttl.FeatureCache.open(str(cache_dir))
+
+
+def test_file_names_with_escape_sequences_are_shown_escaped(finished, cat_ship, tmp_path, capsys):
+    # A file name can't drive the terminal or split a line: not in an error, the skipped list, or the CSV.
+    evil = "a\x1b[2J\x07\nb"
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(os.path.join(cat_ship, "test", "cat", "0.jpg"), images / f"{evil}.jpg")
+    (images / f"bad{evil}.jpg").write_bytes(b"not a jpeg")
+    code, stdout, err = cli(capsys, "predict", "--run", finished, images, "--on-error", "skip", "--no-progress")
+    assert code == 0 and stdout.count("\n") == 2 and "a\\x1b[2J\\x07\\nb.jpg" in stdout
+    assert "skipped 1 unreadable images: " in err and "bad" + "a\\x1b[2J\\x07\\nb.jpg" in err
+    for text in (stdout, err):
+        assert "\x1b" not in text and "\x07" not in text
+    code, stdout, err = cli(capsys, "predict", "--run", finished, str(tmp_path / f"gone{evil}.jpg"))
+    line = one_line_error(err)
+    # (the one-line error folds the line break into a space, as any whitespace in a message)
+    assert code == 2 and "gone" + "a\\x1b[2J\\x07 b.jpg: no such file or folder" in line and "\x1b" not in err

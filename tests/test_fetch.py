@@ -344,6 +344,18 @@ def test_a_download_past_its_deadline_stops_resumably(server, cifar_tarball, tmp
     assert server.ranges[-1].startswith("bytes=")  # the second call resumed
 
 
+def test_the_deadline_holds_while_a_read_waits(server, cifar_tarball, tmp_path):
+    # 100 bytes, then a pause far longer than the deadline: the wait itself is cut at the deadline.
+    server.files["/stall.tar.gz"] = cifar_tarball
+    server.trickle = (100, 20.0)
+    started = time.monotonic()
+    with pytest.raises(fetch_module.DownloadError, match=r"took longer than 1 s \(--deadline\) and stopped at 100 "):
+        fetch_module.download(server.url("/stall.tar.gz"), str(tmp_path / "partial"), progress=False, deadline_s=1.0,
+                              min_rate=0)
+    assert time.monotonic() - started < 10
+    assert (tmp_path / "partial").read_bytes() == cifar_tarball[:100]
+
+
 def test_a_redirect_off_http_is_refused(server, tmp_path, capsys, monkeypatch):
     server.redirects["/moved.tar.gz"] = "ftp://127.0.0.1/cifar-10-python.tar.gz"
     monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "data"))
@@ -406,3 +418,59 @@ def test_a_download_announcing_more_than_the_limit_is_refused_before_reading(ser
                           "--dest", tmp_path / "data")
     assert code == 2 and f"announces {len(cifar_tarball):,} bytes, more than" in one_line_error(err)
     assert not (tmp_path / "data").exists()
+
+
+def test_a_full_disk_while_downloading_names_dest_and_leaves_nothing_empty(server, cifar_tarball, tmp_path, capsys,
+                                                                           monkeypatch):
+    import errno
+
+    server.files["/c.tar.gz"] = cifar_tarball
+    real_write = os.write
+
+    def full(fd, data):
+        if fd > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    dest = tmp_path / "data"
+    code, _, err = _fetch(capsys, "--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest", dest)
+    assert code == 2 and one_line_error(err) == f"fasttl: error: fetch: {dest}: no space left on device (free some " \
+        "space, then run the same command again: the 0 bytes that arrived are kept to resume from)"
+    assert not dest.exists()  # the folder this fetch made, and its empty partial file, are gone
+
+
+def test_a_full_disk_while_extracting_keeps_the_verified_download(server, cifar_tarball, tmp_path, capsys,
+                                                                  monkeypatch):
+    import errno
+
+    server.files["/c.tar.gz"] = cifar_tarball
+    dest = tmp_path / "data"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tarfile.TarFile, "makefile", full)
+        code, _, err = _fetch(capsys, "--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest",
+                              dest)
+    assert code == 2 and one_line_error(err) == f"fasttl: error: fetch: {dest}: no space left on device while " \
+        "extracting (free some space, then run the same command again: the verified download is kept and is not " \
+        "fetched again)"
+    assert os.listdir(dest) == [".fasttl-tmp-download-cifar-10-python.tar.gz"]  # verified, kept; no staging left
+    requests = len(server.ranges)
+    code, _, err = _fetch(capsys, "--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest", dest)
+    assert code == 0, err
+    assert server.ranges[requests:] == [f"bytes={len(cifar_tarball)}-"]  # nothing downloaded again
+    assert sorted(os.listdir(dest)) == ["cifar-10-batches-py"]
+
+
+def test_a_server_reply_with_escape_sequences_is_shown_escaped(tmp_path, capsys):
+    listener = _raw_server(b"HTTP/1.1 500 \x1b[31mevil\x1b[0m\x07\r\nContent-Length: 0\r\n\r\n")
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.tar.gz"
+        code, _, err = _fetch(capsys, "--url", url, "--sha256", "0" * 64, "--dest", tmp_path / "data")
+    finally:
+        listener.close()
+    line = one_line_error(err)
+    assert code == 2 and "\x1b" not in line and "\x07" not in line and "\\x1b[31mevil" in line

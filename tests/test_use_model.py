@@ -114,6 +114,11 @@ def test_load_run_predicts_paths_and_uint8_tensors(trained, three_classes):
         model.predict(pixels.float())
     with pytest.raises(fasttl.errors.OptionError, match="images: expected shape"):
         model.predict(torch.zeros(2, 5, 5, dtype=torch.uint8)[None, None])
+    with pytest.raises(fasttl.errors.OptionError, match=r"reads as \(N, H, W, 3\) with H=3 or as \(N, 3, H, W\)"):
+        model.predict(torch.zeros(2, 3, 8, 3, dtype=torch.uint8))  # either layout: not guessed
+    for nothing in ([], ()):
+        with pytest.raises(fasttl.errors.OptionError, match="images: no images given"):
+            model.predict(nothing)
 
 
 def test_predict_top_k_and_out_file(trained, three_classes, tmp_path, capsys):
@@ -138,7 +143,7 @@ def test_predict_top_k_and_out_file(trained, three_classes, tmp_path, capsys):
     assert code == 0 and "ship/0.jpg" in out.read_text() and out.read_bytes() != before
 
 
-@pytest.mark.parametrize("case", ["symlink-out", "out-folder-missing", "top-k-too-large", "no-such-image",
+@pytest.mark.parametrize("case", ["symlink-out", "out-folder-missing", "top-k-too-large", "top-k-zero", "no-such-image",
                                   "not-a-run", "unfinished-run", "missing-weights", "corrupt-image",
                                   "backbone-with-run", "out-without-run"])
 def test_predict_refuses_hostile_input_in_one_line(case, trained, three_classes, tmp_path, capsys):
@@ -157,6 +162,9 @@ def test_predict_refuses_hostile_input_in_one_line(case, trained, three_classes,
         expected = "does not exist"
     elif case == "top-k-too-large":
         words += ["--top-k", "4"]
+        expected = "top_k: expected 1..3"
+    elif case == "top-k-zero":  # 0 is not "the default"
+        words += ["--top-k", "0"]
         expected = "top_k: expected 1..3"
     elif case == "no-such-image":
         words[3] = tmp_path / "missing.jpg"

@@ -76,6 +76,9 @@ def validate_manifest(manifest, path: str) -> dict:
     if not isinstance(dataset, dict) or not isinstance(dataset.get("classes"), list) or \
             not all(isinstance(c, str) for c in dataset["classes"]) or not dataset["classes"]:
         fail("fingerprint dataset classes is not a non-empty list of names")
+    classes = dataset["classes"]
+    if len(set(classes)) != len(classes) or not all(c and c.isprintable() for c in classes):
+        fail("fingerprint dataset classes are not distinct, printable names (as FeatureCache.write takes them)")
     count, shard_rows = manifest.get("count"), fingerprint["shard_rows"]
     if not _is_int(count) or count < 0 or dataset.get("count") != count:
         fail(f"count {count!r} is not the dataset's count {dataset.get('count')!r}")

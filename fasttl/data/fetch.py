@@ -16,6 +16,7 @@ One registry (REMOTES) lists what can be fetched; `fasttl data fetch --help` sho
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import os
@@ -33,6 +34,7 @@ from typing import Dict, Optional, Tuple
 from fasttl.data.sources import DataError
 from fasttl.errors import OptionError, UserError
 from fasttl.files import TEMP_PREFIX
+from fasttl.outputs import terminal_text
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CHUNK = 1 << 20             # hashing
@@ -161,12 +163,18 @@ class _Budget:
         self.started = self.window_start = time.monotonic()
         self.window_bytes = 0
 
+    def remaining(self) -> float:
+        return self.deadline_s - (time.monotonic() - self.started)
+
+    def past_deadline(self, size: int) -> DownloadError:
+        return DownloadError(f"fetch: the download of {self.url} took longer than {self.deadline_s:g} s "
+                             f"(--deadline) and stopped at {size:,} bytes; run the same command again to resume")
+
     def add(self, count: int, size: int) -> None:
         now = time.monotonic()
         self.window_bytes += count
         if now - self.started > self.deadline_s:
-            raise DownloadError(f"fetch: the download of {self.url} took longer than {self.deadline_s:g} s "
-                                f"(--deadline) and stopped at {size:,} bytes; run the same command again to resume")
+            raise self.past_deadline(size)
         if now - self.window_start >= RATE_WINDOW_S:
             rate = self.window_bytes / (now - self.window_start)
             if rate < self.min_rate:
@@ -196,10 +204,11 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # nothing left to send: the file is complete
             return have
-        raise DownloadError(f"fetch: {url} answered HTTP {exc.code} ({exc.reason}); check the address "
-                            "(--url)") from None
+        raise DownloadError(f"fetch: {url} answered HTTP {exc.code} ({terminal_text(exc.reason)[:120]}); check "
+                            "the address (--url)") from None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        reason = terminal_text(reason)[:120]  # a server's bytes, shown escaped and short
         raise DownloadError(f"fetch: cannot reach {url} ({reason}); check the network or the address "
                             "(--url)") from None
     fd = _open_partial(path)
@@ -222,16 +231,21 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                            desc=os.path.basename(urllib.parse.urlsplit(url).path) or "download", dynamic_ncols=True)
             size = have
             budget = _Budget(deadline_s, min_rate, url)
+            sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # to bound each wait by the deadline
             while True:
                 try:
+                    if sock is not None:
+                        sock.settimeout(max(0.05, min(timeout, budget.remaining())))
                     block = response.read1(_READ)
                 except (OSError, ValueError, EOFError, http.client.HTTPException) as exc:  # IncompleteRead, reset
+                    if budget.remaining() <= 0:
+                        raise budget.past_deadline(size) from None
                     of = f"{total:,}" if total is not None else "?"
                     raise DownloadError(f"fetch: the download of {url} stopped at {size:,} of {of} bytes "
                                         f"({type(exc).__name__}); run the same command again to resume") from None
                 if not block:
                     break
-                os.write(fd, block)
+                _write_all(fd, block, path)
                 size += len(block)
                 if bar is not None:
                     bar.update(len(block))
@@ -242,12 +256,29 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
             if total is not None and size < total:
                 raise DownloadError(f"fetch: the download of {url} stopped at {size:,} of {total:,} bytes; run the "
                                     "same command again to resume")
-            os.fsync(fd)
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, os.path.dirname(path)) from None
             return size
     finally:
         os.close(fd)
         if bar is not None:
             bar.close()
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)  # a disk that is full: free space, and the same command goes on
+
+
+def _write_all(fd: int, block: bytes, path: str) -> None:
+    """Writes `block` to the partial download; a disk error names the folder it goes to (--dest),
+    not the temporary (os.write's errors name no file at all)."""
+    try:
+        view = memoryview(block)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, os.path.dirname(path)) from None
 
 
 def _leave_only_progress(partial: str, created: Optional[str]) -> None:
@@ -295,15 +326,18 @@ def check_members(archive: tarfile.TarFile, folder: str, source: str) -> None:
                         "archive? --url)")
 
 
-def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[str, ...] = ()) -> str:
+def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[str, ...] = (),
+            source: Optional[str] = None) -> str:
     """Extracts the archive's one folder into DEST/<folder> through a temporary folder beside it
-    (removed on any failure); returns DEST/<folder>."""
+    (removed on any failure); returns DEST/<folder>. Messages name `source` (the URL it came
+    from) for the archive; a disk error (no space, read-only) is an OSError naming DEST."""
+    source = source or archive_path
     target = os.path.join(dest, remote_folder)
     staging = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}extract-", dir=dest)
     try:
         try:
             with tarfile.open(archive_path, "r:*") as archive:
-                check_members(archive, remote_folder, archive_path)
+                check_members(archive, remote_folder, source)
                 if hasattr(tarfile, "data_filter"):
                     archive.extractall(staging, filter="data")
                 else:  # Python without extraction filters: the members were checked above
@@ -311,12 +345,14 @@ def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[st
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             if isinstance(exc, DataError):
                 raise
-            raise DataError(f"{archive_path}: not a readable archive ({type(exc).__name__}: "
+            if isinstance(exc, OSError) and exc.errno is not None:  # the disk, not the archive
+                raise OSError(exc.errno, exc.strerror, dest) from None
+            raise DataError(f"{source}: not a readable archive ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:200]}); nothing extracted") from None
         extracted = os.path.join(staging, remote_folder)
         missing = [f for f in required if not os.path.isfile(os.path.join(extracted, f))]
         if missing:
-            raise DataError(f"{archive_path}: the archive lacks {remote_folder}/{missing[0]}; not the expected data "
+            raise DataError(f"{source}: the archive lacks {remote_folder}/{missing[0]}; not the expected data "
                             "set, nothing extracted")
         if os.path.lexists(target):
             raise DataError(f"fetch: {target} appeared while extracting; nothing replaced")
@@ -359,8 +395,12 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
         + (f" ({remote.size / 1e6:.0f} MB)" if url == remote.url else "") + f" into {dest}")
     try:
         download(url, partial, progress=progress, deadline_s=deadline_s, min_rate=min_rate)
-    except DownloadError:
+    except (DownloadError, OSError) as exc:
         _leave_only_progress(partial, dest if created else None)
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            kept = os.path.getsize(partial) if os.path.isfile(partial) else 0
+            raise DownloadError(f"fetch: {dest}: {exc.strerror.lower()} (free some space, then run the same command "
+                                f"again: the {kept:,} bytes that arrived are kept to resume from)") from None
         raise
     found = sha256_of(partial)
     if found != expected:
@@ -369,9 +409,18 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
         raise ChecksumError(f"fetch: {url} gave a file with SHA-256 {found}, expected {expected}; the download was "
                             "removed and nothing else touched (fetch again, or check --url / --sha256)")
     try:
-        extract(partial, remote.folder, dest, remote.required)
-    finally:
+        extract(partial, remote.folder, dest, remote.required, source=url)
+    except OSError as exc:  # the disk: the verified download stays, and the next fetch extracts it without downloading
+        if exc.errno in _FULL:
+            raise DownloadError(f"fetch: {dest}: {exc.strerror.lower()} while extracting (free some space, then run "
+                                "the same command again: the verified download is kept and is not fetched again)") \
+                from None
+        raise
+    except BaseException:
         with contextlib.suppress(OSError):
             os.remove(partial)
+        raise
+    with contextlib.suppress(OSError):
+        os.remove(partial)
     log(f"{name}: SHA-256 verified, extracted to {target}")
     return target

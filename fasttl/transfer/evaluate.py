@@ -28,7 +28,9 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
                            labels=cfg.get("labels", "names"))
     test = screen(dataset.test, on_error) if on_error == "skip" else dataset.test  # the train split goes unread
     if dataset.classes != cfg["classes"]:
-        raise DataError(f"data: has classes {dataset.classes}, the run was trained for {cfg['classes']}")
+        raise DataError(f"{data if data is not None else own}: {_class_difference(dataset.classes, cfg['classes'])}; "
+                        "evaluate on data with the run's classes (same names, same order), or train a run on this "
+                        "data")
     model = load_trained(run_dir, torch.device(device))
     logits, labels = model.logits(test, progress=progress)
     metrics = classification_metrics(logits, labels, cfg["classes"])
@@ -36,3 +38,11 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     metrics["skipped"] = [{"file": f, "reason": r} for f, r in getattr(test, "skipped", [])]
     write_json_atomic(os.path.join(run_dir, "eval_metrics.json"), strict_json(metrics))
     return metrics
+
+
+def _class_difference(found, trained) -> str:
+    """The first difference between two class lists, short enough for one line."""
+    if len(found) != len(trained):
+        return f"has {len(found)} classes, the run was trained for {len(trained)}"
+    i = next(i for i, (a, b) in enumerate(zip(found, trained)) if a != b)
+    return f"class {i} is {found[i][:60]!r}, the run was trained with {trained[i][:60]!r} there"

@@ -155,12 +155,12 @@ def read_config(run_dir: str) -> Dict[str, object]:
     try:
         config = read_json(path)
     except ValueError as exc:
-        raise RunError(f"{exc}; not a fasttl run folder (a run of yours there? start it over with --overwrite)") \
-            from None
+        raise RunError(f"{exc}; not a fasttl run folder (a run of yours there? train it again: "
+                       "fasttl run ... --overwrite)") from None
     if config is None:
         raise RunError(f"{run_dir}: no {CONFIG}; not a fasttl run folder")
     if not isinstance(config, dict) or not isinstance(config.get("strategy"), str):
-        raise RunError(f"{path}: not a fasttl run configuration (start it over with --overwrite)")
+        raise RunError(f"{path}: not a fasttl run configuration (train the run again: fasttl run ... --overwrite)")
     from fasttl.transfer.schema import check_run_config
 
     check_run_config(path, config)  # first: a bad field is named as such
@@ -219,16 +219,25 @@ def mark_run(run_dir: str, config_sha256: Optional[str] = None) -> None:
 
 
 def _check_unchanged(run_dir: str, path: str) -> None:
-    """config.json is what fasttl wrote, when the marker recorded its hash (runs made before the
-    hash was recorded are checked by the schema alone)."""
+    """config.json is the one fasttl wrote: its SHA-256 is the one the marker recorded. A marker
+    that is missing, damaged or without the hash (a folder made by an older fasttl) can't vouch for
+    it: a config.json with other classes would otherwise name every prediction wrong."""
+    marker = os.path.join(run_dir, MARKER)
     try:
-        recorded = (read_json(os.path.join(run_dir, MARKER)) or {}).get("config_sha256")
+        recorded = read_json(marker)
+    except ValueError:
+        recorded = None
+    recorded = recorded.get("config_sha256") if isinstance(recorded, dict) else None
+    if not (isinstance(recorded, str) and len(recorded) == 64):
+        raise RunError(f"{marker}: missing, damaged or without the SHA-256 of config.json (a run made by an older "
+                       "fasttl?), so its config.json can't be trusted; train the run again with --overwrite")
+    try:
         data = files.read_plain(path, files.MAX_JSON_BYTES)
-    except (OSError, ValueError, AttributeError):
-        return  # a marker that can't be read: holds_run decides about it; the schema still checks the file
-    if isinstance(recorded, str) and hashlib.sha256(data).hexdigest() != recorded:
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{path}: cannot be read as a plain file ({getattr(exc, 'strerror', None) or exc})") from None
+    if hashlib.sha256(data).hexdigest() != recorded:
         raise RunError(f"{path}: changed after fasttl wrote it (its SHA-256 is not the one recorded in {MARKER}); "
-                       "restore it, or run again with --overwrite")
+                       "restore it, or train the run again with --overwrite")
 
 
 class RunLock(files.FolderLock):

@@ -185,6 +185,10 @@ class _Start:
     def __init__(self, checkpoint: Checkpoint, state: dict, saving: bool):
         self.checkpoint, self.state, self.saving = checkpoint, state, saving
 
+    @property
+    def path(self) -> str:  # what a damaged state is named by: the run's checkpoint
+        return self.checkpoint.path
+
     def load(self):
         return self.state
 
