@@ -13,7 +13,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from fasttl import info
 
     report = info.collect()
-    print(json.dumps(report, indent=2) if args.json else info.format_report(report))
+    _say(json.dumps(report, indent=2) if args.json else info.format_report(report))
     return 0
 
 
@@ -67,7 +67,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         if args.top_k is not None and not 1 <= args.top_k <= 1000:
             raise OptionError(f"top_k: expected 1..1000 ImageNet classes, got {args.top_k}")
-        print(format_predictions(args.images, predict(args.images, args.backbone or DEFAULT, args.weights,
+        _say(format_predictions(args.images, predict(args.images, args.backbone or DEFAULT, args.weights,
                                                       args.top_k or 5)))
         return 0
     if args.weights is not None or args.backbone is not None:
@@ -78,7 +78,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if result["out"] is None:
         sys.stdout.write(result["csv"])
     else:
-        print(f"{result['rows']} predictions written to {result['out']}", file=sys.stderr)
+        _say(f"{result['rows']} predictions written to {result['out']}", file=sys.stderr)
     if result["skipped"]:
         from fasttl.outputs import terminal_text
 
@@ -97,11 +97,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except VerificationError as exc:
         print(f"fasttl: error: {_one_line(exc)}", file=sys.stderr)
         return 1
-    print(f"wrote {result['out']} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, {len(result['classes'])} "
+    _say(f"wrote {result['out']} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, {len(result['classes'])} "
           f"classes, input {result['image_size']} x {result['image_size']})")
     print(f"verified with ONNX Runtime on {result['images']} real images: max abs logit difference from torch "
           f"{result['max_abs_diff']:.2e}")
-    print("\n".join(run_instructions(result)))
+    _say("\n".join(run_instructions(result)))
     return 0
 
 
@@ -124,7 +124,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                         on_error=args.on_error, features=args.features, engine=args.engine,
                         precision=args.extract_precision, classes=args.classes, labels=args.labels)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print("\n".join(format_summary(summaries)))
+        _say("\n".join(format_summary(summaries)))
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
@@ -198,6 +198,14 @@ def _quiet_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _say(text: str, file=None) -> None:
+    """print() for lines that carry names fasttl did not make (paths, class names, URLs): escape
+    sequences in them are shown escaped, never run by the terminal."""
+    from fasttl.outputs import terminal_lines
+
+    print(terminal_lines(text), file=file)
+
+
 def _one_line(exc: BaseException) -> str:
     """The error as one printable line: what a file name or a server put in it can't drive the
     terminal (escape sequences are shown escaped)."""
@@ -212,8 +220,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run_dir, args.data, progress=not args.no_progress, device=args.device,
                            on_error=args.on_error)
-    print(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
-          f"({metrics['samples']} images of {metrics['data']}); written to {args.run_dir}/eval_metrics.json")
+    where = (f"written to {metrics['written']}" if metrics["written"] else
+             f"not saved ({metrics['not_written']}): these numbers are the result")
+    _say(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
+         f"({metrics['samples']} images of {metrics['data']}); {where}")
     return 0
 
 

@@ -26,11 +26,23 @@ def csv_cell(text: object) -> str:
 _MARKDOWN_SPECIAL = "\\`*_{}[]()#+!|~"
 
 
+# GitHub's Markdown makes links of bare addresses (www.x.y, https://..., a@b.c) in text: as
+# character references these characters render the same but never start or continue one.
+_AUTOLINK_PARTS = {".": "&#46;", ":": "&#58;", "@": "&#64;"}
+
+
 def markdown_cell(text: object) -> str:
     """`text` inside a Markdown table cell, shown as it is: HTML escaped, every character Markdown
-    gives a meaning (links, images, emphasis, `|`) backslash-escaped, line breaks as spaces."""
-    text = html.escape(" ".join(str(text).split()), quote=False)
-    return "".join("\\" + c if c in _MARKDOWN_SPECIAL else c for c in text)
+    gives a meaning (links, images, emphasis, `|`) backslash-escaped, what would make a bare
+    address a link written as a character reference, line breaks as spaces, characters that are
+    not printable escaped (terminal_text)."""
+    text = html.escape(terminal_text(" ".join(str(text).split())), quote=False)
+    return "".join("\\" + c if c in _MARKDOWN_SPECIAL else _AUTOLINK_PARTS.get(c, c) for c in text)
+
+
+def terminal_lines(text: object) -> str:
+    """Lines of text for the terminal: each line as terminal_text, the line breaks kept."""
+    return "\n".join(terminal_text(line) for line in str(text).split("\n"))
 
 
 def plot_label(text: object) -> str:

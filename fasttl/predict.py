@@ -289,6 +289,10 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
         raise OptionError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")
     if out is not None:
         out = check_output_path(out, overwrite)
+        run_folder = os.path.realpath(os.path.expanduser(os.fspath(run_dir)))
+        if os.path.commonpath([os.path.realpath(out), run_folder]) == run_folder:
+            raise OptionError(f"out: {out} is inside the run folder {run_folder}, whose files are the run's (its "
+                              "config, weights, predictions.csv); write the predictions elsewhere")
     files, ignored = image_files(paths)
     model = load_run(run_dir, device)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= len(model.classes):

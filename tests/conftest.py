@@ -4,6 +4,18 @@ import zlib
 import pytest
 import torch
 
+# Modules whose tests train, install or benchmark whole runs (about 340 of the suite's 600 s on 2
+# cores): marked slow, so `make check` (pytest -m "not slow") is the quick tier of the edit loop.
+SLOW_MODULES = ("test_install", "test_transfer", "test_distill_cross_fit", "test_distill_teacher", "test_bench",
+                "test_cache_at_scale", "test_readme")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 CUDA_REASON = "no CUDA GPU visible (the CUDA kernels are compiled, but only a GPU machine runs them)"
 
 

@@ -479,8 +479,10 @@ def test_labels_written_through_a_symlink_never_reach_its_target(rng, tmp_path, 
     with pytest.raises(CacheError, match="build.json"):
         build(array_source(rng), tmp_path / "c")
     os.remove(tmp_path / "c" / "build.json")
+    with pytest.raises(CacheError, match=r"holds files that are not a fasttl cache's \(labels.npy\)"):
+        build(array_source(rng), tmp_path / "c")  # a labels.npy of the user's (here a link) is not replaced
+    os.remove(tmp_path / "c" / "labels.npy")  # (the outside fixture checks precious.txt is unchanged)
     assert len(build(array_source(rng), tmp_path / "c")) == 10
-    assert not os.path.islink(tmp_path / "c" / "labels.npy")
 
 
 # -- 4. a finished cache is used read-only ----------------------------------------------------------------------
@@ -674,3 +676,20 @@ def test_a_cache_reused_for_the_same_files_in_another_order_is_read_in_the_sourc
     assert second.samples == shuffled.sample_ids() != first.samples
     assert second.labels.tolist() == shuffled.labels != first.labels.tolist()
     torch.testing.assert_close(second.all_features(), first.all_features()[order], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mine", [("labels.npy",), ("samples.json", "labels.npy"), ("manifest.json",)])
+def test_a_build_never_replaces_a_users_file_under_a_cache_name(rng, tmp_path, outside, mine):
+    # In a folder fasttl never made (no record, no shards of its own), labels.npy or manifest.json
+    # are the user's: refused with and without overwrite, nothing written.
+    folder = tmp_path / "c"
+    folder.mkdir()
+    for name in mine:
+        (folder / name).write_bytes(b"the user's own " + name.encode())
+    for overwrite in (False, True):
+        refused = rf"holds files that are not a fasttl cache's \({', '.join(sorted(mine))}\)"
+        with pytest.raises(CacheError, match=refused):
+            build(array_source(rng), folder, overwrite=overwrite)
+        assert sorted(os.listdir(folder)) == sorted(mine)
+        for name in mine:
+            assert (folder / name).read_bytes() == b"the user's own " + name.encode()

@@ -2,6 +2,8 @@
 files where fasttl reads JSON, class lists or images; run files hand-edited within the schema;
 weights that overflow when cast; damaged checkpoints; folders that are not what they are named;
 Markdown and figures built from user text; evaluation from another folder."""
+import csv
+import html
 import json
 import os
 import re
@@ -275,8 +277,14 @@ def test_markdown_cells_show_user_text_and_never_link_or_embed(tmp_path):
 
     cell = markdown_cell("![x](http://evil.example/a.png) [y](javascript:alert) *b* `c` a|b")
     assert "](" not in cell.replace("\\](", "") and "![" not in cell.replace("\\!\\[", "")
-    assert cell == ("\\!\\[x\\]\\(http://evil.example/a.png\\) \\[y\\]\\(javascript:alert\\) \\*b\\* \\`c\\` "
-                    "a\\|b")
+    assert cell == ("\\!\\[x\\]\\(http&#58;//evil&#46;example/a&#46;png\\) \\[y\\]\\(javascript&#58;alert\\) "
+                    "\\*b\\* \\`c\\` a\\|b")
+    # bare addresses GitHub would link, and control characters, are written so they render as text
+    for name in ("www.evil.example", "help@evil.example", "https://evil.example/x", "dx\x1b]0;PWNED\x07"):
+        cell = markdown_cell(name)
+        assert not any(part in cell for part in ("www.", "@", "://", "\x1b", "\x07")), cell
+        shown = html.unescape(re.sub(r"\\(.)", r"\1", cell))  # what a Markdown renderer shows
+        assert shown == name.replace("\x1b", "\\x1b").replace("\x07", "\\x07")
 
 
 def test_a_confusion_matrix_of_hundreds_of_classes_stays_a_bounded_figure(tmp_path):
@@ -366,3 +374,108 @@ def test_file_names_with_escape_sequences_are_shown_escaped(finished, cat_ship, 
     line = one_line_error(err)
     # (the one-line error folds the line break into a space, as any whitespace in a message)
     assert code == 2 and "gone" + "a\\x1b[2J\\x07 b.jpg: no such file or folder" in line and "\x1b" not in err
+
+
+# ---- fourth pass: content changes, splits, outputs beside a run ----------------------------------
+def test_an_image_rewritten_at_the_same_size_changes_the_data_identity(cat_ship, tmp_path):
+    # A cache or a --resume keyed by (path, size) alone took the old pixels for the new ones.
+    data = tmp_path / "data"
+    shutil.copytree(cat_ship, data)  # copytree keeps the times: the same identity as the original
+    before = fasttl.data.scan_class_folder(str(data / "train")).identity()
+    assert before == fasttl.data.scan_class_folder(os.path.join(cat_ship, "train")).identity()
+    image = data / "train" / "cat" / "0.jpg"
+    flipped = bytearray(image.read_bytes())
+    flipped[-10] ^= 0xFF  # other pixels, same size
+    stat = image.stat()
+    image.write_bytes(bytes(flipped))
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert fasttl.data.scan_class_folder(str(data / "train")).identity() != before
+
+
+def test_a_csv_list_with_two_label_columns_or_long_rows_is_refused(tmp_path):
+    (tmp_path / "two.csv").write_text("path,label,label\na.jpg,cat,ship\n")
+    with pytest.raises(DataError, match=r"two.csv has 2 'label' columns in its header line"):
+        fasttl.data.sources.open_data(str(tmp_path / "two.csv"))
+    (tmp_path / "long.csv").write_text("path,label\na.jpg,cat\nb,c.jpg,ship\n")
+    with pytest.raises(DataError, match=r"long.csv line 3 has more fields than its header \(a path or label holding "
+                                        r"a comma or tab must be quoted\)"):
+        fasttl.data.sources.open_data(str(tmp_path / "long.csv"))
+
+
+def test_eval_of_a_skip_run_on_a_file_list_scores_the_runs_own_test_split(cifar10_root, tmp_path, capsys):
+    # run screens the list before its 80/20 split; eval must split as the run did, or training
+    # images move into the test set.
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = ["path,label"]
+    for name in ("cat", "ship"):
+        for i in range(10):
+            shutil.copy(os.path.join(cifar10_root, "train", name, f"{i:04d}.jpg"), images / f"{name}{i}.jpg")
+            rows.append(f"images/{name}{i}.jpg,{name}")
+    (images / "cat0.jpg").write_bytes((images / "cat0.jpg").read_bytes()[:300])  # unreadable
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    run(**one_epoch_run(tmp_path / "list.csv", out, on_error="skip"))
+    with open(out / "predictions.csv", newline="") as f:
+        tested = sorted(row["sample"] for row in csv.DictReader(f))
+    code, _, err = cli(capsys, "eval", out, "--on-error", "skip", "--no-progress")
+    assert code == 0, err
+    evaluated = json.loads((out / "eval_metrics.json").read_text())
+    assert evaluated["samples"] == len(tested) and evaluated["accuracy"] == json.loads(
+        (out / "metrics.json").read_text())["accuracy"]
+
+
+def test_overwrite_replaces_the_runs_tensorboard_curves_and_links_are_refused(cat_ship, tmp_path, capsys):
+    pytest.importorskip("tensorboard", reason="needs the tensorboard package (fasttl[tensorboard])")
+    out = tmp_path / "run"
+    for lr in (0.01, 0.02):
+        run(**one_epoch_run(cat_ship, out, tensorboard=True, overwrite=True, lr=lr))
+    events = os.listdir(out / "tensorboard" / "scratch")
+    assert len(events) == 1 and events[0].startswith("events.out.tfevents."), events
+    boards = tmp_path / "boards"
+    boards.mkdir()
+    os.symlink(tmp_path / "elsewhere", boards / "linked")
+    with pytest.raises(OptionError, match=r"boards/linked is a symbolic link or not a folder"):
+        run(**one_epoch_run(cat_ship, tmp_path / "linked", tensorboard=str(boards)))
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "linked").exists()
+
+
+def test_names_with_escape_sequences_reach_neither_the_terminal_nor_report_md(cat_ship, tmp_path, capsys):
+    data = tmp_path / "d\x1b]0;PWNED\x07\x1b[31mred"
+    shutil.copytree(cat_ship, data)
+    out = tmp_path / "run\x1b[2J"
+    run(print_summary=True, **one_epoch_run(data, out))
+    printed = capsys.readouterr()
+    report = (out / "report.md").read_text()
+    for text in (printed.out, printed.err, report):
+        assert "\x1b" not in text and "\x07" not in text
+    assert "run\\x1b[2J" in printed.out and "PWNED" in report
+    code, stdout, err = cli(capsys, "eval", out, "--no-progress")
+    assert code == 0 and "\x1b" not in stdout + err and "\\x1b]0;PWNED" in stdout
+
+
+@pytest.mark.parametrize("name", ["config.json", "predictions.csv", "sub/new.csv"])
+def test_predict_never_writes_into_the_run_it_predicts_with(finished, cat_ship, tmp_path, capsys, name):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    (run_dir / "sub").mkdir()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    code, stdout, err = cli(capsys, "predict", "--run", run_dir, os.path.join(cat_ship, "test"), "--out",
+                            run_dir / name, "--overwrite", "--no-progress")
+    assert code == 2 and stdout == "" and "is inside the run folder" in one_line_error(err)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_eval_of_a_run_it_cannot_write_into_shows_the_metrics(finished, capsys, monkeypatch):
+    import errno
+
+    from fasttl.transfer import evaluate
+
+    def read_only(path, _data):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr(evaluate, "write_json_atomic", read_only)
+    code, stdout, err = cli(capsys, "eval", finished, "--no-progress")
+    assert code == 0, err
+    assert stdout.startswith("accuracy ") and f"not saved ({finished}/eval_metrics.json: read-only file system)" \
+        in stdout

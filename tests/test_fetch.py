@@ -1,6 +1,7 @@
 """`fasttl data fetch cifar10` against a loopback HTTP server serving a small tarball in the
 official layout: a fetch, a resume after a cut connection, a bad checksum, malicious archives,
 and `fasttl run --data cifar10` with the data absent (the fetch command) or --download."""
+import contextlib
 import hashlib
 import http.server
 import io
@@ -393,6 +394,37 @@ def _raw_server(reply: bytes):
 
     threading.Thread(target=serve, daemon=True).start()
     return listener
+
+
+def test_the_deadline_holds_while_headers_trickle_in(tmp_path, capsys):
+    # A reply whose headers arrive a byte a second never trips the socket timeout: the deadline ends it.
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def trickle():
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(60):
+                    conn.sendall(b"a")
+                    time.sleep(0.5)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    started = time.monotonic()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.tar.gz"
+        code, _, err = _fetch(capsys, "--url", url, "--sha256", "0" * 64, "--dest", tmp_path / "data",
+                              "--deadline", "1")
+    finally:
+        listener.close()
+    assert code == 2 and time.monotonic() - started < 10
+    assert f"the download of {url} took longer than 1 s (--deadline) and stopped at 0 bytes" in one_line_error(err)
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("reply", [b"HELLO THERE\r\n\r\n",

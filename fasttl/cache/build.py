@@ -314,6 +314,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     backbone.check_taps(taps)
     wanted = fingerprint(backbone, source, spec, dtype, resolved_backend, shard_rows, device, taps, engine, precision)
     labels = _check_labels(source)
+    _refuse_foreign(out_dir, beside_other_files=True)  # read-only: before a manifest there is read or anything written
     finished = _finished(out_dir, wanted, overwrite, world)  # read-only, without the lock
     if finished is not None:
         return _reused(out_dir, finished)
@@ -504,23 +505,47 @@ def check_fits(rows: torch.Tensor, cache_dtype: torch.dtype, what: str) -> None:
 
 
 def _foreign_entries(directory: str) -> list:
-    """Entries of `directory` that a fasttl cache would not hold: a file with a cache's name but not
-    its content (a manifest.json or build.json that is not fasttl's JSON with a fingerprint) counts."""
+    """Entries of `directory` that a fasttl cache would not hold. The generic names (manifest.json,
+    build.json, labels.npy, samples.json) may be the user's own: they count as fasttl's only when
+    the folder is fasttl's by proof, a record with a fingerprint or shards named as fasttl names
+    them (a damaged manifest beside fasttl's shards is fasttl's, to rebuild with overwrite)."""
     if not os.path.isdir(directory):
         return []
+    names = sorted(os.listdir(directory))
+    vouched = (any(store.SHARD_FILE.fullmatch(name) for name in names)
+               or any(_is_fasttl_record(os.path.join(directory, name)) for name in (store.MANIFEST, store.BUILD)
+                      if name in names))
     foreign = []
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if name in (store.MANIFEST, store.BUILD):
-            try:
-                record = files.read_json(path)
-            except ValueError:
-                record = None
-            if not (isinstance(record, dict) and isinstance(record.get("fingerprint"), dict)):
-                foreign.append(name)
-        elif not store.is_own_file(name):
+    for name in names:
+        if name in (store.MANIFEST, store.BUILD, store.LABELS, store.SAMPLES):
+            own = vouched
+        else:
+            own = store.is_own_file(name)
+        if not own:
             foreign.append(name)
     return foreign
+
+
+def _is_fasttl_record(path: str) -> bool:
+    try:
+        record = files.read_json(path)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and isinstance(record.get("fingerprint"), dict)
+
+
+def _refuse_foreign(directory: str, beside_other_files: bool) -> None:
+    """Never makes a folder of someone else's files a cache, with or without overwrite. A file of
+    the user's under a name the cache writes (labels.npy, manifest.json, ...) is always refused;
+    `beside_other_files`: files under other names may stay beside the cache (the build keeps
+    them), else only beside a cache fasttl already wrote there (FeatureCache.write)."""
+    foreign = _foreign_entries(directory)
+    holds_cache = os.path.isfile(os.path.join(directory, store.MANIFEST)) and store.MANIFEST not in foreign
+    clobbered = [name for name in foreign if name in (store.MANIFEST, store.BUILD, store.LABELS, store.SAMPLES)]
+    if clobbered or (foreign and not beside_other_files and not holds_cache):
+        shown = ", ".join(foreign[:3] if not beside_other_files else clobbered[:3])
+        raise CacheError(f"{directory}: holds files that are not a fasttl cache's ({shown}); write to an empty or new "
+                         "folder")
 
 
 def _as_rows(chunk, index: int) -> torch.Tensor:
@@ -595,13 +620,7 @@ def write_cache(directory: str, chunks, labels, *, classes, dtype: str = "fp16",
     directory = os.path.abspath(os.path.expanduser(directory))
     cache_dtype = CACHE_DTYPES[dtype]
     os.makedirs(directory, exist_ok=True)
-    foreign = _foreign_entries(directory)
-    holds_cache = os.path.isfile(os.path.join(directory, store.MANIFEST)) and store.MANIFEST not in foreign
-    if foreign and (not holds_cache or store.BUILD in foreign):
-        # A folder of someone else's files is never made a cache, with or without overwrite (beside
-        # a cache fasttl wrote, the user's own files are kept as they are).
-        raise CacheError(f"{directory}: holds files that are not a fasttl cache's ({', '.join(foreign[:3])}); write to "
-                         "an empty or new folder")
+    _refuse_foreign(directory, beside_other_files=False)
     with store.WriterLock(directory):
         if store.regular_file(os.path.join(directory, store.MANIFEST)) is not None and not overwrite:
             raise CacheError(f"{directory}: already holds a cache; write to another directory, or pass "

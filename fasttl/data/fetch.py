@@ -21,9 +21,11 @@ import hashlib
 import http.client
 import os
 import shutil
+import socket
 import stat
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -154,6 +156,45 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+class _TrackSockets:
+    """A handler mixin that keeps each socket it connects, so that the deadline can end a wait for
+    response headers (a server may trickle them a byte at a time, under any socket timeout)."""
+
+    def __init__(self, sockets: list, **kw):
+        super().__init__(**kw)
+        self.sockets = sockets
+
+    def do_open(self, http_class, req, **kw):
+        sockets = self.sockets
+
+        def tracked(host, **connection_kw):
+            connection = http_class(host, **connection_kw)
+            connect = connection.connect
+
+            def connect_and_keep():
+                connect()
+                sockets.append(connection.sock)
+
+            connection.connect = connect_and_keep
+            return connection
+
+        return super().do_open(tracked, req, **kw)
+
+
+class _TrackedHTTP(_TrackSockets, urllib.request.HTTPHandler):
+    pass
+
+
+class _TrackedHTTPS(_TrackSockets, urllib.request.HTTPSHandler):
+    pass
+
+
+def _close_all(sockets: list) -> None:
+    for sock in list(sockets):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 class _Budget:
     """The time a download may take: a total deadline, and a minimum rate over each window (a
     server that trickles a byte every few seconds never trips a socket timeout)."""
@@ -184,6 +225,20 @@ class _Budget:
             self.window_start, self.window_bytes = now, 0
 
 
+def _reply_error(exc: Exception, url: str, have: int) -> None:
+    """Raises the DownloadError for a failed request; returns only for HTTP 416 on a partial file
+    (nothing left to send: the file is complete)."""
+    if isinstance(exc, urllib.error.HTTPError):
+        if exc.code == 416 and have:
+            return
+        raise DownloadError(f"fetch: {url} answered HTTP {exc.code} ({terminal_text(exc.reason)[:120]}); check "
+                            "the address (--url)") from None
+    reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    reason = terminal_text(reason)[:120]  # a server's bytes, shown escaped and short
+    raise DownloadError(f"fetch: cannot reach {url} ({reason}); check the network or the address "
+                        "(--url)") from None
+
+
 def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET_TIMEOUT_S,
              deadline_s: float = DEADLINE_S, min_rate: float = MIN_RATE) -> int:
     """Downloads `url` into `path`, continuing what is already there (HTTP Range); returns the
@@ -196,21 +251,26 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
     headers = {"User-Agent": f"fasttl/{__version__}"}
     if have:
         headers["Range"] = f"bytes={have}-"
-    opener = urllib.request.build_opener(_HttpOnlyRedirects())
+    sockets: list = []
+    opener = urllib.request.build_opener(_HttpOnlyRedirects(), _TrackedHTTP(sockets), _TrackedHTTPS(sockets))
+    budget = _Budget(deadline_s, min_rate, url)  # the wait for the reply counts too
+    watchdog = threading.Timer(max(0.0, budget.remaining()), _close_all, (sockets,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         response = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except DownloadError:
         raise
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:  # nothing left to send: the file is complete
-            return have
-        raise DownloadError(f"fetch: {url} answered HTTP {exc.code} ({terminal_text(exc.reason)[:120]}); check "
-                            "the address (--url)") from None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-        reason = terminal_text(reason)[:120]  # a server's bytes, shown escaped and short
-        raise DownloadError(f"fetch: cannot reach {url} ({reason}); check the network or the address "
-                            "(--url)") from None
+        if budget.remaining() <= 0 and not isinstance(exc, urllib.error.HTTPError):
+            raise budget.past_deadline(have) from None
+        _reply_error(exc, url, have)
+        return have  # 416 on a complete file
+    finally:
+        watchdog.cancel()
+    if budget.remaining() <= 0:  # the deadline cut the reply short: what arrived is not the file
+        response.close()
+        raise budget.past_deadline(have)
     fd = _open_partial(path)
     bar = None
     try:
@@ -228,9 +288,9 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                 from tqdm import tqdm
 
                 bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                           desc=os.path.basename(urllib.parse.urlsplit(url).path) or "download", dynamic_ncols=True)
+                           desc=terminal_text(os.path.basename(urllib.parse.urlsplit(url).path) or "download"),
+                           dynamic_ncols=True)
             size = have
-            budget = _Budget(deadline_s, min_rate, url)
             sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # to bound each wait by the deadline
             while True:
                 try:
@@ -369,6 +429,10 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
     there is kept and nothing is downloaded."""
     if name not in REMOTES:
         raise OptionError(f"name: unknown data set {name!r}; fasttl fetches {', '.join(REMOTES)}")
+
+    def say(text: str) -> None:  # addresses and paths shown escaped: they can't drive the terminal
+        log(terminal_text(text))
+
     for option, value, low in (("deadline", deadline_s, 1.0), ("min_rate", min_rate, 0.0)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < float("inf"):
             raise OptionError(f"{option}: expected a finite number >= {low:g}, got {value!r}")
@@ -382,7 +446,7 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
         raise OptionError(f"dest: {dest} is not a folder (give a folder, or set FASTTL_DATA)")
     target = os.path.join(dest, remote.folder)
     if is_complete(target, remote):
-        log(f"{name}: already in {target}; nothing to download")
+        say(f"{name}: already in {target}; nothing to download")
         return target
     if os.path.lexists(target):
         raise DataError(f"fetch: {target} exists but is not a complete {name} (it lacks some of "
@@ -391,7 +455,7 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
     os.makedirs(dest, exist_ok=True)
     partial = os.path.join(dest, f"{TEMP_PREFIX}download-{remote.archive}")
     resumed = os.path.isfile(partial) and not os.path.islink(partial)
-    log(f"{name}: {'resuming' if resumed else 'downloading'} {url}"
+    say(f"{name}: {'resuming' if resumed else 'downloading'} {url}"
         + (f" ({remote.size / 1e6:.0f} MB)" if url == remote.url else "") + f" into {dest}")
     try:
         download(url, partial, progress=progress, deadline_s=deadline_s, min_rate=min_rate)
@@ -422,5 +486,5 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
         raise
     with contextlib.suppress(OSError):
         os.remove(partial)
-    log(f"{name}: SHA-256 verified, extracted to {target}")
+    say(f"{name}: SHA-256 verified, extracted to {target}")
     return target

@@ -284,16 +284,14 @@ class FileSource:
         return len(self.files)
 
     def identity(self) -> str:
-        """Hash of the class names and the sorted (relative path, size, label) list: changes when
-        any file, label or class name does."""
+        """Hash of the class names and the sorted (relative path, size, modification time, label)
+        list: changes when any file, label or class name does. The time is in it because an image
+        rewritten with other pixels often keeps its size (copies that keep times, cp -p or
+        rsync -a, keep the identity)."""
         digest = hashlib.sha256(json.dumps(list(self.classes)).encode())
         for path, label in sorted(zip(self.files, self.labels)):
             rel = os.path.relpath(path, self.root) if self.root else path
-            try:
-                size = os.path.getsize(path)
-            except OSError:  # a file list may name a missing file: skipped, or named when it is read
-                size = -1
-            digest.update(f"{rel}\0{size}\0{label}\n".encode())
+            digest.update(f"{rel}\0{_size_and_time(path)}\0{label}\n".encode())
         return digest.hexdigest()
 
     def sample_ids(self) -> List[str]:
@@ -336,6 +334,16 @@ class ArraySource:
         return ArraySource(self.images[idx], self.labels[idx], list(self.classes), self.name)
 
 
+def _size_and_time(path: str) -> str:
+    """A file's size and modification time (ns) as identities hash them: what changes when its
+    content does, without reading it."""
+    try:
+        info = os.stat(path)
+    except OSError:  # a file list may name a missing file: skipped, or named when it is read
+        return "-1"
+    return f"{info.st_size}\0{info.st_mtime_ns}"
+
+
 @dataclass
 class TarSource:
     """WebDataset shards: uncompressed tar files whose samples are KEY.jpg (or .jpeg/.png) beside
@@ -368,7 +376,7 @@ class TarSource:
         """Hash of the class names, the shard names and sizes, the sample keys, image sizes and labels."""
         digest = hashlib.sha256(b"webdataset\n" + json.dumps(list(self.classes)).encode())
         for i, shard in enumerate(self.shards):
-            digest.update(f"{self._shard_name(i)}\0{os.path.getsize(shard)}\n".encode())
+            digest.update(f"{self._shard_name(i)}\0{_size_and_time(shard)}\n".encode())
         for (shard, _, size), key, label in zip(self.members, self.keys, self.labels):
             digest.update(f"{shard}\0{key}\0{size}\0{label}\n".encode())
         return digest.hexdigest()
@@ -683,10 +691,17 @@ def _list_rows(path: str) -> List[Tuple[str, str]]:
             if missing:
                 raise DataError(f"data: {path} has no {' or '.join(missing)} column in its header line (expected "
                                 f"path and label; found {fields[:10]})")
+            twice = [c for c in ("path", "label") if fields.count(c) > 1]
+            if twice:  # which one is meant is a guess (csv takes the last, pandas the first)
+                raise DataError(f"data: {path} has {fields.count(twice[0])} '{twice[0]}' columns in its header line "
+                                "(expected one path and one label column; rename or drop the others)")
             rows = []
             for line, row in enumerate(reader, start=2):
                 if row.get("path") is None or row.get("label") is None:
                     raise DataError(f"data: {path} line {line} has fewer fields than its header")
+                if any(extra.strip() for extra in row.get(None) or ()):  # a comma in a path cuts it in two
+                    raise DataError(f"data: {path} line {line} has more fields than its header (a path or label "
+                                    "holding a comma or tab must be quoted)")
                 rows.append((row["path"].strip(), row["label"].strip()))
             return rows
     except (OSError, UnicodeDecodeError, csv.Error) as exc:

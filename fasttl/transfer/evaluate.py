@@ -1,6 +1,7 @@
 """`fasttl eval RUN_DIR --data DIR`: re-evaluates a saved run on (new) data."""
 from __future__ import annotations
 
+import errno
 import os
 from typing import Dict
 
@@ -13,6 +14,10 @@ from fasttl.transfer.metrics import classification_metrics
 from fasttl.transfer.rundir import load_trained, read_config, strict_json
 
 
+# Why eval_metrics.json may not be writable while the run is readable (a shared or read-only run).
+_CANNOT_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+
+
 @torch.no_grad()
 def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: str = "cpu",
                  on_error: str = "fail") -> Dict[str, object]:
@@ -23,7 +28,10 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     # A run's own data by the absolute path it recorded (its "data" is as typed, maybe relative to
     # the folder the run was started in).
     own = cfg.get("data_path") or cfg["data"]
+    # The run's own data is split as the run split it: a file list screened with the run's policy
+    # before its 80/20 split, or the split would move training images into the test set.
     dataset = load_dataset(data if data is not None else own, cfg["seed"],
+                           on_error=cfg.get("on_error", "fail") if data is None else "fail",
                            classes_file=cfg.get("classes_file_path") or cfg.get("classes_file"),
                            labels=cfg.get("labels", "names"))
     test = screen(dataset.test, on_error) if on_error == "skip" else dataset.test  # the train split goes unread
@@ -36,7 +44,16 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     metrics = classification_metrics(logits, labels, cfg["classes"])
     metrics["data"] = data if data is not None else cfg["data"]
     metrics["skipped"] = [{"file": f, "reason": r} for f, r in getattr(test, "skipped", [])]
-    write_json_atomic(os.path.join(run_dir, "eval_metrics.json"), strict_json(metrics))
+    path = os.path.join(run_dir, "eval_metrics.json")
+    try:
+        write_json_atomic(path, strict_json(metrics))
+        written = path
+    except OSError as exc:
+        if exc.errno not in _CANNOT_WRITE:
+            raise
+        written = None  # a run on read-only storage still evaluates: the caller shows the metrics
+        metrics["not_written"] = f"{path}: {os.strerror(exc.errno).lower()}"
+    metrics["written"] = written
     return metrics
 
 

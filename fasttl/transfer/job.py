@@ -27,7 +27,7 @@ from fasttl.transfer.rundir import (HISTORY, MARKER, RunError, RunLock, clear_re
                                     is_finished, mark_run, own_entries, read_config, run_files, write_config,
                                     write_metrics, write_predictions)
 from fasttl.transfer import cross_fit, registry
-from fasttl.outputs import csv_cell, markdown_cell
+from fasttl.outputs import csv_cell, markdown_cell, terminal_lines
 from fasttl.transfer.registry import Outcome
 
 
@@ -185,6 +185,7 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
     cfg = cfg.resolved(dataset.native_size)
     torch.manual_seed(cfg.seed)
     run_dir = choose_run_dir(cfg, dataset.name)
+    tensorboard_dir(cfg, run_dir)  # a link where its events would go is refused before the folder is made
     identity = run_identity(cfg, dataset)
     config = dict(cfg.as_dict(), data=cfg.data or EMBEDDED, data_path=_data_path(cfg.data),
                   classes_file_path=_data_path(cfg.classes_file), dataset=dataset.name, classes=dataset.classes,
@@ -226,15 +227,16 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
     if world_size() > 1:
         dist.barrier()
     if cfg.progress and rank == 0:
-        print(f"fasttl run: {cfg.strategy} on {dataset.name} ({len(dataset.train)} train / {len(dataset.test)} test "
-              f"images, {len(dataset.classes)} classes), backbone {cfg.backbone} at {cfg.image_size} px -> {run_dir}"
-              + (f"; {len(dataset.skipped)} unreadable images skipped (skipped.csv)" if dataset.skipped else ""),
-              flush=True)
+        print(terminal_lines(f"fasttl run: {cfg.strategy} on {dataset.name} ({len(dataset.train)} train / "
+                             f"{len(dataset.test)} test images, {len(dataset.classes)} classes), backbone "
+                             f"{cfg.backbone} at {cfg.image_size} px -> {run_dir}"
+                             + (f"; {len(dataset.skipped)} unreadable images skipped (skipped.csv)"
+                                if dataset.skipped else "")), flush=True)
         if dataset.ignored:
             shown = ", ".join(f"{os.path.basename(p)} ({why})" for p, why in dataset.ignored[:3])
             more = f" and {len(dataset.ignored) - 3} more" if len(dataset.ignored) > 3 else ""
-            print(f"passed over {len(dataset.ignored)} entries of the data folder: {shown}{more} (listed in "
-                  "metrics.json under \"ignored\")", flush=True)
+            print(terminal_lines(f"passed over {len(dataset.ignored)} entries of the data folder: {shown}{more} "
+                                 "(listed in metrics.json under \"ignored\")"), flush=True)
     device = torch.device(cfg.device)
     board = tensorboard_dir(cfg, run_dir) if rank == 0 else None
     outcomes: List[Outcome] = registry.get(cfg.strategy).train(cfg, dataset, run_dir, device)
@@ -253,7 +255,7 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
     results = {outcome.name: _result(outcome, dataset.classes) for outcome in outcomes}
     payload = _write_results(run_dir, cfg, config, dataset, outcomes, results, time.perf_counter() - started)
     if cfg.progress if print_summary is None else print_summary:
-        print(summary(run_dir, results, outcomes[0].name, dataset))
+        print(terminal_lines(summary(run_dir, results, outcomes[0].name, dataset)))
     return payload
 
 
@@ -262,8 +264,13 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
     if cfg.tensorboard is None:
         return None
     if cfg.tensorboard is True:
-        return os.path.join(run_dir, "tensorboard")
-    return os.path.join(os.path.abspath(os.path.expanduser(cfg.tensorboard)), os.path.basename(run_dir))
+        board = os.path.join(run_dir, "tensorboard")
+    else:
+        board = os.path.join(os.path.abspath(os.path.expanduser(cfg.tensorboard)), os.path.basename(run_dir))
+    if os.path.islink(board) or (os.path.lexists(board) and not os.path.isdir(board)):
+        raise OptionError(f"tensorboard: {board} is a symbolic link or not a folder; fasttl writes event files only "
+                          "into folders it can see (remove it, or give another --tensorboard)")
+    return board
 
 
 def _scalar_tag(key: str) -> str:
@@ -274,6 +281,9 @@ def _scalar_tag(key: str) -> str:
     return {"lr": "lr", "images_per_s": "throughput/images_per_s", "seconds": "time/epoch_s"}.get(key, f"other/{key}")
 
 
+_EVENT_FILES = "events.out.tfevents."  # what SummaryWriter writes, one file per writer
+
+
 def write_tensorboard(log_dir: str, outcomes: List[Outcome], classes) -> None:
     """Scalars of each model (a sub-folder per model, so TensorBoard overlays them): per epoch the
     history's loss, accuracy, lr, throughput and validation metrics; after the last epoch the
@@ -281,7 +291,15 @@ def write_tensorboard(log_dir: str, outcomes: List[Outcome], classes) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     for outcome in outcomes:
-        with SummaryWriter(os.path.join(log_dir, outcome.name)) as writer:
+        folder = os.path.join(log_dir, outcome.name)
+        if os.path.islink(folder):
+            raise OptionError(f"tensorboard: {folder} is a symbolic link; fasttl does not write through links")
+        # This run replaces the one of its name: that run's curves would be mixed into its own.
+        for name in (os.listdir(folder) if os.path.isdir(folder) else ()):
+            if name.startswith(_EVENT_FILES) and os.path.isfile(os.path.join(folder, name)) \
+                    and not os.path.islink(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+        with SummaryWriter(folder) as writer:
             epoch = 0
             for record in outcome.history:
                 epoch = int(record.get("epoch", epoch + 1))

@@ -64,7 +64,7 @@ def _teachers(v) -> bool:
 
 def run_config_fields() -> Dict[str, Field]:
     from fasttl.cache import engines
-    from fasttl.data.sources import LABEL_KINDS
+    from fasttl.data.sources import LABEL_KINDS, ON_ERROR
     from fasttl.transfer.caching import FEATURE_TAPS, MIRROR_VIEWS
     from fasttl.transfer.config import MAX_IMAGE_SIZE
 
@@ -80,6 +80,7 @@ def run_config_fields() -> Dict[str, Field]:
         "classes_file_path": Field(_optional(_text), "a path (text) or null"),
         "classes_file": Field(_optional(_text), "a path (text) or null"),
         "labels": Field(_in(LABEL_KINDS), f"one of {', '.join(LABEL_KINDS)}"),
+        "on_error": Field(_in(ON_ERROR), f"one of {', '.join(ON_ERROR)}"),
         "native_size": Field(_int_in(8, MAX_IMAGE_SIZE), f"an integer from 8 to {MAX_IMAGE_SIZE}"),
         "epochs": Field(_optional(_int_in(1, 1 << 31)), "a positive integer"),
         "batch_size": Field(_optional(_int_in(1, 1 << 31)), "a positive integer"),
