@@ -7,6 +7,9 @@ alternating fresh processes on the same machine, so that both see the same load.
         -t /tmp/base_site /tmp/base
     python benchmarks/ab_builds.py /tmp/base_site --rounds 5 --json benchmarks/results/adam-resync-cpu.json
 
+To isolate a check inside the kernel, build the same commit with the check compiled out instead
+(here: `master_or_param` in csrc/include/fasttl/adam.h returning the master) into the other folder.
+
 Used to measure the cost of the masters' resync (a param changed outside the optimizer becomes
 the master): kernel_ratio is the native call's time with the check over its time without it
 (the same pointers, no Python around it); step_ratio the whole opt.step(), Python included.

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fasttl
+from conftest import devices
 from fasttl import _ops
 
 
@@ -24,7 +25,7 @@ def make_model(dtype, generator):
 
 def set_grads(model, generator):
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+        p.grad = torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -39,24 +40,30 @@ def edit(kind: str, model, generator) -> None:
             other = make_model(params[0].dtype, generator)
             model.load_state_dict(other.state_dict())
         elif kind == "init":
-            torch.nn.init.normal_(model[0].weight, std=0.02, generator=generator)
+            weight = model[0].weight
+            if weight.device.type == "cpu":
+                torch.nn.init.normal_(weight, std=0.02, generator=generator)
+            else:  # (a CPU generator can't draw on the device: the same in-place init, drawn here)
+                weight.copy_(torch.nn.init.normal_(torch.empty(weight.shape), std=0.02, generator=generator))
         elif kind == "clamp":
             for p in params:
                 p.clamp_(-0.2, 0.2)  # changes only the larger elements: the others keep their master
         elif kind == "ema_swap":
-            ema = [(p.float() + 0.01 * torch.randn(p.shape, generator=generator)).to(p.dtype) for p in params]
+            ema = [(p.float() + 0.01 * torch.randn(p.shape, generator=generator).to(p.device)).to(p.dtype)
+                   for p in params]
             for p, e in zip(params, ema):
                 p.copy_(e)
         else:
             raise AssertionError(kind)
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["load_state_dict", "init", "clamp", "ema_swap"])
 @pytest.mark.parametrize("cls", [fasttl.optim.AdamW, fasttl.optim.Adam])
-def test_an_edit_outside_the_optimizer_becomes_the_master(request, dtype, kind, cls):
+def test_an_edit_outside_the_optimizer_becomes_the_master(request, dtype, kind, cls, device):
     g = seeded(request)
-    model = make_model(dtype, g)
+    model = make_model(dtype, g).to(device)
     opt = cls(model.parameters(), lr=1e-3, weight_decay=0.01)
     for _ in range(3):
         set_grads(model, g)
@@ -69,7 +76,7 @@ def test_an_edit_outside_the_optimizer_becomes_the_master(request, dtype, kind, 
 
     # The twin is the same optimizer told of the edit: its master is the edited value where the
     # param changed and the old fp32 master elsewhere. One step of each must agree bit for bit.
-    twin_model = make_model(dtype, torch.Generator().manual_seed(1))
+    twin_model = make_model(dtype, torch.Generator().manual_seed(1)).to(device)
     twin_model.load_state_dict(model.state_dict())
     twin = cls(twin_model.parameters(), lr=1e-3, weight_decay=0.01)
     twin.load_state_dict(opt.state_dict())
@@ -114,6 +121,34 @@ def test_a_hand_edit_survives_a_tiny_step_as_in_torch_optim(request):
     ref_opt.step()
     torch.testing.assert_close(ref[0].weight.detach(), torch.full_like(ref[0].weight, 0.5), atol=1e-6, rtol=0)
     assert torch.equal(model[0].weight.detach().float(), torch.full_like(ref[0].weight, 0.5))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masters_at_rounding_ties_and_edges_are_recognised_as_unchanged(request, device, dtype):
+    # The check is on stored bits: a master halfway between two low-precision values (rounded to
+    # the even one), one just inside or outside a half ulp, near the top of the range and at 0 or
+    # -0, must be seen as the master of its own rounding. With lr=0 the step changes nothing, so
+    # any mistaken resync shows as a changed master (-0 is left out: 0 - (-0) steps it to +0).
+    g = seeded(request)
+    base = (torch.rand(4096, generator=g) * 8 - 4).to(dtype).float()
+    ulp = (base.to(dtype).float().abs() * (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10)).clamp_min(1e-30)
+    offsets = torch.tensor([0.5, -0.5, 0.499, -0.499, 0.25, 0.0])
+    masters = torch.cat([base + o * ulp for o in offsets] + [torch.tensor([0.0, 1e-30, -1e-30, 6e4, -6e4])])
+    if dtype == torch.bfloat16:
+        masters = torch.cat([masters, torch.tensor([3e38, -3e38, 1.5e-38])])
+    p = torch.nn.Parameter(masters.to(dtype).to(device))
+    opt = fasttl.optim.AdamW([p], lr=0.0, weight_decay=0.0)
+    p.grad = torch.randn(p.shape, generator=g).to(device, dtype)
+    opt.step()  # makes the state; then the master and the param are set to a consistent pair
+    with torch.no_grad():
+        p.copy_(masters.to(dtype))
+    opt.state[p]["master_param"].copy_(masters.to(device))
+    assert torch.equal(bits(opt.state[p]["master_param"].to(dtype)), bits(p))
+    for _ in range(2):
+        p.grad = torch.randn(p.shape, generator=g).to(device, dtype)
+        opt.step()
+    assert torch.equal(bits(opt.state[p]["master_param"].cpu()), bits(masters))
 
 
 def test_an_unchanged_param_keeps_its_fp32_master_exactly(request):
