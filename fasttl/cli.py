@@ -223,7 +223,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     where = (f"written to {metrics['written']}" if metrics["written"] else
              f"not saved ({metrics['not_written']}): these numbers are the result")
     _say(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
-         f"({metrics['samples']} images of {metrics['data']}); {where}")
+         f"({metrics['samples']} images of {metrics['data']}"
+         f"{': its seeded 20% test split' if metrics['test_split'] == 'carved' else ''}); {where}")
     return 0
 
 

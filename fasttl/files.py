@@ -15,6 +15,7 @@ import stat
 from typing import Optional
 
 TEMP_PREFIX = ".fasttl-tmp-"
+RUN_MARKER = ".fasttl-run"  # in every run folder fasttl makes: the proof that it is one
 MAX_JSON_BYTES = 256 << 20  # fasttl's own JSON files are far smaller; a larger one is not read
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)

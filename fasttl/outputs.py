@@ -23,7 +23,7 @@ def csv_cell(text: object) -> str:
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
-_MARKDOWN_SPECIAL = "\\`*_{}[]()#+!|~"
+_MARKDOWN_SPECIAL = "\\`*_{}[]()#+!|~$"  # $: GitHub renders $...$ as math
 
 
 # GitHub's Markdown makes links of bare addresses (www.x.y, https://..., a@b.c) in text: as

@@ -99,6 +99,8 @@ def _as_uint8_images(images) -> np.ndarray:
                           "call .model on them")
     if array.ndim == 3:
         array = array[None]
+    if array.ndim == 4 and array.shape[0] == 0:
+        raise OptionError("images: no images given (a tensor of 0 images)")
     if array.ndim != 4 or 3 not in (array.shape[3], array.shape[1]) or 0 in array.shape:
         raise OptionError(f"images: expected shape (N, H, W, 3) or (N, 3, H, W), got {tuple(array.shape)}")
     if array.shape[1] == 3 and array.shape[3] == 3:  # either reading is a valid image: guessing is a silent risk

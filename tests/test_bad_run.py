@@ -146,7 +146,7 @@ def test_resume_refuses_other_data(two_classes, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(two_classes, other)
     shutil.copy(other / "train" / "cat" / "1.jpg", other / "train" / "cat" / "0.jpg")  # one image replaced
-    with pytest.raises(RunError, match="data_identity"):
+    with pytest.raises(RunError, match="the data changed since the run started"):
         run(**quick(other, out, resume=True))
 
 

@@ -115,7 +115,7 @@ def test_class_names_and_paths_are_escaped_in_every_output(tmp_path, cifar10_roo
     assert all(not cell.startswith(("=", "+", "-", "@")) for row in rows[1:] for cell in row[:3])
     assert any(cell == "'" + names[0] for row in rows[1:] for cell in row)
     report = (out / "report.md").read_text()
-    assert "<b>" not in report and "&lt;b&gt;a\\|b &lt;x&gt; $x$" in report
+    assert "<b>" not in report and "&lt;b&gt;a\\|b &lt;x&gt; \\$x\\$" in report
     for line in report.splitlines():
         if line.startswith("| &lt;b"):
             assert line.count(" | ") == 1  # the table row kept its two cells

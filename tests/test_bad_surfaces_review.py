@@ -432,6 +432,16 @@ def test_overwrite_replaces_the_runs_tensorboard_curves_and_links_are_refused(ca
         run(**one_epoch_run(cat_ship, out, tensorboard=True, overwrite=True, lr=lr))
     events = os.listdir(out / "tensorboard" / "scratch")
     assert len(events) == 1 and events[0].startswith("events.out.tfevents."), events
+    # a run of another strategy replacing it leaves none of the scratch curves behind
+    run(**one_epoch_run(cat_ship, out, tensorboard=True, overwrite=True, strategy="mlp", epochs=2))
+    assert os.listdir(out / "tensorboard" / "scratch") == [] and len(os.listdir(out / "tensorboard" / "mlp")) == 1
+    # an outside folder's curves of another run with the same folder name are neither deleted nor mixed in
+    logs = tmp_path / "logs"
+    run(**one_epoch_run(cat_ship, tmp_path / "a" / "same", tensorboard=str(logs)))
+    before = sorted(os.listdir(logs / "same" / "scratch"))
+    with pytest.raises(OptionError, match=r"logs/same already holds event files \(scratch/events.out.tfevents"):
+        run(**one_epoch_run(cat_ship, tmp_path / "b" / "same", tensorboard=str(logs)))
+    assert sorted(os.listdir(logs / "same" / "scratch")) == before and not (tmp_path / "b").exists()
     boards = tmp_path / "boards"
     boards.mkdir()
     os.symlink(tmp_path / "elsewhere", boards / "linked")
@@ -479,3 +489,100 @@ def test_eval_of_a_run_it_cannot_write_into_shows_the_metrics(finished, capsys, 
     assert code == 0, err
     assert stdout.startswith("accuracy ") and f"not saved ({finished}/eval_metrics.json: read-only file system)" \
         in stdout
+
+
+# ---- fifth pass: data that changed, runs inside data, settings, lists ----------------------------
+def test_eval_refuses_a_carved_split_of_data_that_changed(cifar10_root, tmp_path, capsys):
+    flat = tmp_path / "flat"
+    for name in ("cat", "ship"):
+        (flat / name).mkdir(parents=True)
+        for i in range(6):
+            shutil.copy2(os.path.join(cifar10_root, "train", name, f"{i:04d}.jpg"), flat / name / f"{i}.jpg")
+    out = tmp_path / "run"
+    run(**one_epoch_run(flat, out))
+    code, stdout, err = cli(capsys, "eval", out, "--no-progress")
+    assert code == 0 and ": its seeded 20% test split)" in stdout, err
+    shutil.copy2(os.path.join(cifar10_root, "train", "cat", "0010.jpg"), flat / "cat" / "10.jpg")
+    code, _, err = cli(capsys, "eval", out, "--no-progress")
+    assert code == 2 and f"{flat}: changed since the run" in one_line_error(err) and "--data" in err
+
+
+def test_a_run_folder_inside_the_data_is_passed_over(cat_ship, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(cat_ship, "train"), data)
+    run(**one_epoch_run(data, data / "runA"))
+    metrics = run(**one_epoch_run(data, tmp_path / "runB"))
+    assert json.loads((tmp_path / "runB" / "config.json").read_text())["classes"] == ["cat", "ship"]
+    assert {"path": str(data / "runA"), "reason": "a fasttl run folder"} in metrics["ignored"]
+
+
+def test_a_bad_pixel_budget_variable_is_one_line_naming_it(cat_ship, tmp_path):
+    import subprocess
+    import sys
+
+    for value in ("abc", "-5", "0"):
+        env = dict(os.environ, FASTTL_MAX_IMAGE_PIXELS=value)
+        helped = subprocess.run([sys.executable, "-m", "fasttl", "--help"], capture_output=True, text=True, env=env)
+        assert helped.returncode == 0, helped.stderr  # read when used, never at import
+        image = os.path.join(cat_ship, "test", "cat", "0.jpg")
+        result = subprocess.run([sys.executable, "-m", "fasttl", "predict", image],
+                                capture_output=True, text=True, env=env, timeout=300)
+        line = one_line_error(result.stderr)
+        assert result.returncode == 2 and f"FASTTL_MAX_IMAGE_PIXELS: expected a positive number of pixels, got " \
+            f"{value!r}" in line
+
+
+def test_a_huge_file_list_without_line_breaks_is_refused_unread(tmp_path):
+    huge = tmp_path / "s.csv"
+    with open(huge, "wb") as f:
+        f.write(b"path,label\n")
+        f.truncate(3 << 30)  # sparse: 3 GB of NULs and no line break
+    with pytest.raises(DataError, match=r"s.csv has a line of more than 1,048,576 characters; not a file list"):
+        fasttl.data.sources.open_data(str(huge))
+
+
+def test_resume_on_changed_data_says_what_changed(cat_ship, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cat_ship, data)
+    out = tmp_path / "run"
+    run(**one_epoch_run(data, out, epochs=2))
+    os.remove(out / "metrics.json")  # as a run stopped after its last checkpoint
+    os.utime(data / "train" / "cat" / "0.jpg", ns=(0, 10**18))
+    code, _, err = cli(capsys, "run", "--data", data, "--out", out, "--strategy", "scratch", "--epochs", 2,
+                       "--image-size", 32, "--compare", "none", "--no-progress", "--resume")
+    line = one_line_error(err)
+    assert code == 2 and "the data changed since the run started (an image added, removed or rewritten" in line
+    assert "data_identity" not in line
+
+
+def test_class_names_in_another_unicode_form_are_named_as_such(cat_ship, tmp_path):
+    import unicodedata
+
+    data = tmp_path / "data"
+    for split, form in (("train", "NFC"), ("test", "NFD")):
+        shutil.copytree(os.path.join(cat_ship, split, "ship"), data / split / "ship")
+        shutil.copytree(os.path.join(cat_ship, split, "cat"), data / split / unicodedata.normalize(form, "café"))
+    with pytest.raises(DataError, match=r"the names are the same but written in another Unicode form"):
+        fasttl.data.sources.class_folder_splits(str(data))
+
+
+def test_a_classes_file_class_without_images_is_refused(cat_ship, tmp_path):
+    rows = ["path,label"] + [f"{os.path.join(cat_ship, 'train', c, f'{i}.jpg')},{c}" for c in ("cat", "ship")
+                             for i in range(3)]
+    (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "classes.txt").write_text("cat\nship\nbird\n")
+    with pytest.raises(DataError, match=r"class 'bird' of the classes file has no images; drop it"):
+        fasttl.data.sources.open_data(str(tmp_path / "l.csv"), str(tmp_path / "classes.txt"))
+
+
+def test_small_refusals_name_what_is_wrong(finished, tmp_path):
+    from fasttl.outputs import markdown_cell
+
+    assert markdown_cell("$\\frac{a}{b}$") == "\\$\\\\frac\\{a\\}\\{b\\}\\$"  # no math in report.md
+    with pytest.raises(OptionError, match=r"^images: no images given \(a tensor of 0 images\)$"):
+        fasttl.load_run(str(finished)).predict(torch.zeros(0, 32, 32, 3, dtype=torch.uint8))
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(CacheError, match=r"file: is a file, not a folder; write the cache to a folder$"):
+        fasttl.FeatureCache.write(str(tmp_path / "file"), [np.ones((2, 3), dtype=np.float32)], [0, 1],
+                                  classes=["a", "b"])
+    assert (tmp_path / "file").read_text() == "mine"

@@ -619,6 +619,8 @@ def write_cache(directory: str, chunks, labels, *, classes, dtype: str = "fp16",
             raise ValueError("sample_ids: an id names two rows (expected one id per row, each once)")
     directory = os.path.abspath(os.path.expanduser(directory))
     cache_dtype = CACHE_DTYPES[dtype]
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise CacheError(f"{directory}: is a file, not a folder; write the cache to a folder")
     os.makedirs(directory, exist_ok=True)
     _refuse_foreign(directory, beside_other_files=False)
     with store.WriterLock(directory):

@@ -455,10 +455,16 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
     os.makedirs(dest, exist_ok=True)
     partial = os.path.join(dest, f"{TEMP_PREFIX}download-{remote.archive}")
     resumed = os.path.isfile(partial) and not os.path.islink(partial)
-    say(f"{name}: {'resuming' if resumed else 'downloading'} {url}"
-        + (f" ({remote.size / 1e6:.0f} MB)" if url == remote.url else "") + f" into {dest}")
+    # A download verified before (an extraction stopped by a full disk) is extracted, not fetched again.
+    verified = resumed and sha256_of(partial) == expected
+    if verified:
+        say(f"{name}: the verified download is already in {dest}; extracting it")
+    else:
+        say(f"{name}: {'resuming' if resumed else 'downloading'} {url}"
+            + (f" ({remote.size / 1e6:.0f} MB)" if url == remote.url else "") + f" into {dest}")
     try:
-        download(url, partial, progress=progress, deadline_s=deadline_s, min_rate=min_rate)
+        if not verified:
+            download(url, partial, progress=progress, deadline_s=deadline_s, min_rate=min_rate)
     except (DownloadError, OSError) as exc:
         _leave_only_progress(partial, dest if created else None)
         if isinstance(exc, OSError) and exc.errno in _FULL:
@@ -466,7 +472,7 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
             raise DownloadError(f"fetch: {dest}: {exc.strerror.lower()} (free some space, then run the same command "
                                 f"again: the {kept:,} bytes that arrived are kept to resume from)") from None
         raise
-    found = sha256_of(partial)
+    found = expected if verified else sha256_of(partial)
     if found != expected:
         with contextlib.suppress(OSError):
             os.remove(partial)

@@ -13,6 +13,7 @@ import io
 import os
 import re
 import tarfile
+import unicodedata
 import pickle
 import stat
 import struct
@@ -24,7 +25,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from fasttl.errors import UserError
-from fasttl.files import read_plain
+from fasttl.files import RUN_MARKER, read_plain
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 ON_ERROR = ("fail", "skip")
@@ -33,7 +34,20 @@ ON_ERROR = ("fail", "skip")
 # 224-pixel input, and a forged header must not make either one try.
 # Images may declare up to this many pixels (PIL's own limit: 89.5 megapixels, beyond any photo a
 # data set holds); FASTTL_MAX_IMAGE_PIXELS changes it.
-MAX_IMAGE_PIXELS = int(os.environ.get("FASTTL_MAX_IMAGE_PIXELS", 89_478_485))
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def max_image_pixels() -> int:
+    """The pixel budget in effect: FASTTL_MAX_IMAGE_PIXELS, else MAX_IMAGE_PIXELS (read when used,
+    so that a bad value is one line naming the variable, never a failure at import)."""
+    given = os.environ.get("FASTTL_MAX_IMAGE_PIXELS")
+    if given is None:
+        return MAX_IMAGE_PIXELS
+    value = given.strip().replace("_", "")
+    if not value.isdigit() or int(value) < 1:
+        raise DataError(f"FASTTL_MAX_IMAGE_PIXELS: expected a positive number of pixels, got {given!r} (unset it "
+                        f"for the default {MAX_IMAGE_PIXELS:,})")
+    return int(value)
 MAX_IMAGE_BYTES = 1 << 30  # no photo's file is larger: a bigger one (a sparse file, a device) is not read
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG bit depths per color type (PNG spec table 11.1), as DALI's (nvImageCodec's) parser checks them.
@@ -110,8 +124,8 @@ def _jpeg_problem(f, size: int) -> Optional[str]:
         return f"JPEG with {components} color components (expected 1, 3 or 4)"
     if height == 0 or width == 0:
         return f"JPEG declares a {width}x{height} image"
-    if width * height > MAX_IMAGE_PIXELS:
-        return f"JPEG declares {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} (downscale it)"
+    if width * height > max_image_pixels():
+        return f"JPEG declares {width}x{height} pixels, more than the limit of {max_image_pixels():,} (downscale it)"
     # Huffman coding spends at least a bit on each 8x8 block's DC term: fewer bytes than that
     # cannot hold the image the header declares (a cut file, or a decompression bomb). Arithmetic
     # coding (SOF9 and up, rare) can go below, so it is not held to it.
@@ -133,8 +147,8 @@ def _png_problem(f, size: int) -> Optional[str]:
         return f"PNG with bit depth {depth} and color type {color} is not a valid combination"
     if width == 0 or height == 0 or width > 2**31 - 1 or height > 2**31 - 1:
         return f"PNG declares a {width}x{height} image"
-    if width * height > MAX_IMAGE_PIXELS:
-        return f"PNG declares {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} (downscale it)"
+    if width * height > max_image_pixels():
+        return f"PNG declares {width}x{height} pixels, more than the limit of {max_image_pixels():,} (downscale it)"
     pos, has_data, has_palette, compressed = 8, False, False, 0
     while True:
         if pos + 8 > len(data):
@@ -515,6 +529,8 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
         path = os.path.join(root, name)
         if name.startswith("."):
             ignored.append((path, "hidden"))
+        elif os.path.isfile(os.path.join(path, RUN_MARKER)):  # its figures are not images of a class
+            ignored.append((path, "a fasttl run folder"))
         elif os.path.isdir(path):
             found.append(name)
         elif not os.path.exists(path):
@@ -527,7 +543,10 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
     if bad is not None:  # a name printed raw would drive the terminal (an escape sequence) or split a line
         raise DataError(f"data: {root} has a class folder named {bad!r}, with a control character; rename it")
     if classes is not None and list(classes) != found:
-        raise DataError(f"data: {root} has classes {found}, expected {list(classes)} (as in the training split)")
+        same = [unicodedata.normalize("NFC", c) for c in found] == [unicodedata.normalize("NFC", c) for c in classes]
+        hint = ("; the names are the same but written in another Unicode form (NFC vs NFD, as macOS and other "
+                "systems store them): rename the folders in one form") if same else " (as in the training split)"
+        raise DataError(f"data: {root} has classes {found!r}, expected {list(classes)!r}{hint}")
     if len(found) < 2:
         raise DataError(f"data: {root} has only 1 class folder ({found[0]}); a classifier needs at least 2 "
                         f"(add {root}/<other class>/)")
@@ -684,7 +703,7 @@ def _list_rows(path: str) -> List[Tuple[str, str]]:
                 for p, l in zip(table.column("path").to_pylist(), table.column("label").to_pylist())]
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
-            reader = csv.DictReader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",")
+            reader = csv.DictReader(_bounded_lines(f, path), delimiter="\t" if path.lower().endswith(".tsv") else ",")
             fields = [name.strip() for name in reader.fieldnames or []]
             reader.fieldnames = fields
             missing = [c for c in ("path", "label") if c not in fields]
@@ -706,6 +725,22 @@ def _list_rows(path: str) -> List[Tuple[str, str]]:
             return rows
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"data: cannot read {path} as a file list ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+MAX_LIST_LINE = 1 << 20  # characters: a path and a label, with room to spare
+
+
+def _bounded_lines(f, path: str):
+    """The lines of a file list, each read with a bound: a huge file with no line break (not a
+    list at all) is refused after a megabyte, not read whole into memory."""
+    while True:
+        line = f.readline(MAX_LIST_LINE + 1)
+        if not line:
+            return
+        if len(line) > MAX_LIST_LINE:
+            raise DataError(f"data: {path} has a line of more than {MAX_LIST_LINE:,} characters; not a file list of "
+                            "path,label rows")
+        yield line
 
 
 LABEL_KINDS = ("names", "indices")  # what a file list's labels are: class names, or indices into --classes-file
@@ -746,6 +781,11 @@ def _label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], wher
                 hint = " (to give labels as indices into it, pass --labels indices)" if _is_index(label) else ""
                 raise DataError(f"data: {where}: label {label!r} is not one of the {len(classes)} classes of the "
                                 f"classes file{hint}")
+        empty = sorted(set(range(len(classes))) - set(out))
+        if out and empty:  # as an empty class folder: a class no image teaches or tests
+            raise DataError(f"data: {where}: class {classes[empty[0]]!r} of the classes file has no images"
+                            f"{f' (nor {len(empty) - 1} more)' if len(empty) > 1 else ''}; drop it from the classes "
+                            "file, or add its images")
         return out, list(classes)
     if kind == "indices":
         raise DataError("labels: --labels indices needs --classes-file to say which class each index is")
@@ -908,6 +948,11 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
         raise DataError(f"data: {pattern} holds no samples (expected KEY.jpg with KEY.cls in each tar)")
     if classes is not None:
         names = list(classes)
+        empty = sorted(set(range(len(names))) - set(labels))
+        if empty:  # as an empty class folder: a class no image teaches or tests
+            raise DataError(f"data: {pattern}: class {names[empty[0]]!r} of the classes file has no samples"
+                            f"{f' (nor {len(empty) - 1} more)' if len(empty) > 1 else ''}; drop it from the classes "
+                            "file, or add its samples")
     else:
         _index_class_names(labels, pattern)  # bounded
         labels, names = _numbered_classes(labels)

@@ -28,6 +28,7 @@ class Dataset:
     native_size: int   # the images' own resolution (the from-scratch student's input size)
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (file, reason) left out by on_error="skip"
     ignored: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason) a folder scan passed over
+    carved: bool = False  # the test split was carved from the data here (seeded 80/20), not given as test/
 
     @property
     def classes(self):
@@ -157,16 +158,18 @@ def load_dataset(data: Optional[str], seed: int = 0, train_per_class: Optional[i
         train_idx, test_idx = stratified_split(source.labels, test_fraction=0.2, seed=seed)
         name = os.path.splitext(os.path.basename(data.split("{", 1)[0].rstrip("-_") or data))[0]
         dataset = Dataset(name or "data", source.subset(train_idx), source.subset(test_idx),
-                          native_size=_native_size(source))
+                          native_size=_native_size(source), carved=True)
         dataset.train.skipped = list(source.skipped)  # samples the indexing left out, reported once
         dataset.test.skipped = []
     else:
         root = os.path.abspath(os.path.expanduser(data))
         train, test = class_folder_splits(root)
-        if test is None:
+        carved = test is None
+        if carved:
             train_idx, test_idx = stratified_split(train.labels, test_fraction=0.2, seed=seed)
             train, test = train.subset(train_idx), train.subset(test_idx)
-        dataset = Dataset(os.path.basename(root.rstrip("/")), train, test, native_size=_native_size(train))
+        dataset = Dataset(os.path.basename(root.rstrip("/")), train, test, native_size=_native_size(train),
+                          carved=carved)
     if train_per_class:
         dataset.train = per_class_subset(dataset.train, train_per_class, seed)
     if test_per_class:

@@ -30,10 +30,16 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     own = cfg.get("data_path") or cfg["data"]
     # The run's own data is split as the run split it: a file list screened with the run's policy
     # before its 80/20 split, or the split would move training images into the test set.
-    dataset = load_dataset(data if data is not None else own, cfg["seed"],
-                           on_error=cfg.get("on_error", "fail") if data is None else "fail",
+    own_split = dict(train_per_class=cfg.get("train_per_class"), test_per_class=cfg.get("test_per_class"),
+                     on_error=cfg.get("on_error", "fail")) if data is None else dict(on_error="fail")
+    dataset = load_dataset(data if data is not None else own, cfg["seed"], **own_split,
                            classes_file=cfg.get("classes_file_path") or cfg.get("classes_file"),
                            labels=cfg.get("labels", "names"))
+    recorded = (cfg.get("identity") or {}).get("data_identity")
+    if data is None and dataset.carved and recorded is not None and dataset.identity() != recorded:
+        raise DataError(f"{own}: changed since the run (an image added, removed or rewritten), so the test split the "
+                        "run carved from it can't be rebuilt and would score training images; restore the data, or "
+                        "evaluate on a separate test set with --data")
     test = screen(dataset.test, on_error) if on_error == "skip" else dataset.test  # the train split goes unread
     if dataset.classes != cfg["classes"]:
         raise DataError(f"{data if data is not None else own}: {_class_difference(dataset.classes, cfg['classes'])}; "
@@ -43,6 +49,7 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     logits, labels = model.logits(test, progress=progress)
     metrics = classification_metrics(logits, labels, cfg["classes"])
     metrics["data"] = data if data is not None else cfg["data"]
+    metrics["test_split"] = "carved" if dataset.carved else "given"  # carved: the seeded 20% fasttl split off
     metrics["skipped"] = [{"file": f, "reason": r} for f, r in getattr(test, "skipped", [])]
     path = os.path.join(run_dir, "eval_metrics.json")
     try:

@@ -23,9 +23,9 @@ from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import BUILTIN, EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.files import write_atomic
-from fasttl.transfer.rundir import (HISTORY, MARKER, RunError, RunLock, clear_results, has_checkpoints, holds_run,
-                                    is_finished, mark_run, own_entries, read_config, run_files, write_config,
-                                    write_metrics, write_predictions)
+from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
+                                    has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
+                                    run_files, write_config, write_metrics, write_predictions)
 from fasttl.transfer import cross_fit, registry
 from fasttl.outputs import csv_cell, markdown_cell, terminal_lines
 from fasttl.transfer.registry import Outcome
@@ -83,6 +83,11 @@ def choose_run_dir(cfg: RunConfig, dataset_name: str) -> str:
                             cfg.resume or cfg.overwrite)
 
 
+# The data's identity hashes each file's path, size and modification time, so it names no file.
+_DATA_CHANGED = ("the data changed since the run started (an image added, removed or rewritten, or its "
+                 "modification time changed: a copy keeps it only with cp -p or rsync -a)")
+
+
 def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -> None:
     """Refuses to mix two runs in one folder: a finished run needs --overwrite, an unfinished one
     --resume (with the same options and data) or --overwrite; a folder of other files is left alone."""
@@ -104,8 +109,8 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
                     before[name] = behaved_as if _reads(cfg, name) else identity.get(name)
             differing = sorted(k for k in set(identity) | set(before) if identity.get(k) != before.get(k))
             if differing:
-                details = "; ".join(f"{k}: was {before.get(k)!r}, now {identity.get(k)!r}"
-                                    for k in differing)
+                details = "; ".join(_DATA_CHANGED if k == "data_identity" else
+                                    f"{k}: was {before.get(k)!r}, now {identity.get(k)!r}" for k in differing)
                 raise RunError(f"resume: {run_dir} was run with other options or data ({details[:500]}); run with "
                                "the same options, or pass --overwrite to start over")
         elif cfg.overwrite:
@@ -264,12 +269,19 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
     if cfg.tensorboard is None:
         return None
     if cfg.tensorboard is True:
-        board = os.path.join(run_dir, "tensorboard")
-    else:
-        board = os.path.join(os.path.abspath(os.path.expanduser(cfg.tensorboard)), os.path.basename(run_dir))
+        return os.path.join(run_dir, TENSORBOARD)  # the run's own: --overwrite clears it with the run
+    board = os.path.join(os.path.abspath(os.path.expanduser(cfg.tensorboard)), os.path.basename(run_dir))
     if os.path.islink(board) or (os.path.lexists(board) and not os.path.isdir(board)):
         raise OptionError(f"tensorboard: {board} is a symbolic link or not a folder; fasttl writes event files only "
                           "into folders it can see (remove it, or give another --tensorboard)")
+    # Curves already there are another run's (one of the same folder name, or this one's before
+    # --overwrite): never deleted, never mixed with this run's.
+    held = [os.path.join(model, name) for model in sorted(os.listdir(board)) if os.path.isdir(board)
+            for name in event_files(os.path.join(board, model))] if os.path.isdir(board) else []
+    if held and not cfg.resume:
+        raise OptionError(f"tensorboard: {board} already holds event files ({held[0]}{', ...' if len(held) > 1 else ''}"
+                          f") of a run named {os.path.basename(run_dir)}; give another --tensorboard folder, or move "
+                          "them away")
     return board
 
 
@@ -279,9 +291,6 @@ def _scalar_tag(key: str) -> str:
         if key.endswith("_" + metric):
             return f"{metric}/{key[:-len(metric) - 1]}"
     return {"lr": "lr", "images_per_s": "throughput/images_per_s", "seconds": "time/epoch_s"}.get(key, f"other/{key}")
-
-
-_EVENT_FILES = "events.out.tfevents."  # what SummaryWriter writes, one file per writer
 
 
 def write_tensorboard(log_dir: str, outcomes: List[Outcome], classes) -> None:
@@ -294,11 +303,6 @@ def write_tensorboard(log_dir: str, outcomes: List[Outcome], classes) -> None:
         folder = os.path.join(log_dir, outcome.name)
         if os.path.islink(folder):
             raise OptionError(f"tensorboard: {folder} is a symbolic link; fasttl does not write through links")
-        # This run replaces the one of its name: that run's curves would be mixed into its own.
-        for name in (os.listdir(folder) if os.path.isdir(folder) else ()):
-            if name.startswith(_EVENT_FILES) and os.path.isfile(os.path.join(folder, name)) \
-                    and not os.path.islink(os.path.join(folder, name)):
-                os.remove(os.path.join(folder, name))
         with SummaryWriter(folder) as writer:
             epoch = 0
             for record in outcome.history:

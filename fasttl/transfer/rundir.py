@@ -13,17 +13,19 @@ from torch import nn
 
 from fasttl.errors import UserError
 from fasttl import files
-from fasttl.files import read_json, write_atomic, write_json_atomic
+from fasttl.files import RUN_MARKER, read_json, write_atomic, write_json_atomic
 from fasttl.outputs import csv_cell
 
 CONFIG = "config.json"
-MARKER = ".fasttl-run"      # written by fasttl into every run folder it makes: the proof that it is one
+MARKER = RUN_MARKER
 LOCK = ".fasttl-run.lock"   # held for a run's whole duration (files.FolderLock)
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.csv"
 HISTORY = "history.csv"   # one row per epoch per model
 CHECKPOINT = "checkpoint.pt"
 # What a run writes besides its config: the files an --overwrite removes, and nothing else.
+TENSORBOARD = "tensorboard"  # RUN_DIR/tensorboard/<model>/: --tensorboard without a folder
+EVENT_FILES = "events.out.tfevents."  # what TensorBoard's SummaryWriter names its files
 RESULT_FILES = (METRICS, PREDICTIONS, HISTORY, "report.md", "confusion_matrix.png", "curves.png", "eval_metrics.json",
                 "skipped.csv", "teacher_logits.safetensors", "distill_choice.json")
 
@@ -278,7 +280,25 @@ def clear_results(run_dir: str) -> List[str]:
         if os.path.isfile(path) and not os.path.islink(path):
             os.remove(path)
             removed.append(name)
+    board = os.path.join(run_dir, TENSORBOARD)  # the replaced run's curves, one folder per model
+    for model in (sorted(os.listdir(board)) if os.path.isdir(board) and not os.path.islink(board) else ()):
+        removed += [os.path.join(TENSORBOARD, model, name) for name in remove_event_files(os.path.join(board, model))]
     return removed
+
+
+def event_files(folder: str) -> List[str]:
+    """The TensorBoard event files fasttl's SummaryWriter wrote in `folder` (plain files, no links)."""
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return []
+    return [name for name in sorted(os.listdir(folder)) if name.startswith(EVENT_FILES)
+            and os.path.isfile(os.path.join(folder, name)) and not os.path.islink(os.path.join(folder, name))]
+
+
+def remove_event_files(folder: str) -> List[str]:
+    names = event_files(folder)
+    for name in names:
+        os.remove(os.path.join(folder, name))
+    return names
 
 
 def has_checkpoints(run_dir: str) -> bool:

@@ -84,6 +84,8 @@ def run_config_fields() -> Dict[str, Field]:
         "native_size": Field(_int_in(8, MAX_IMAGE_SIZE), f"an integer from 8 to {MAX_IMAGE_SIZE}"),
         "epochs": Field(_optional(_int_in(1, 1 << 31)), "a positive integer"),
         "batch_size": Field(_optional(_int_in(1, 1 << 31)), "a positive integer"),
+        "train_per_class": Field(_optional(_int_in(1, 1 << 31)), "a positive integer or null"),
+        "test_per_class": Field(_optional(_int_in(1, 1 << 31)), "a positive integer or null"),
         "lr": Field(_optional(_positive_number), "a finite number > 0"),
         "features": Field(_in(FEATURE_TAPS), f"one of {', '.join(FEATURE_TAPS)}"),
         "mirror_views": Field(lambda v: isinstance(v, bool) or _in(MIRROR_VIEWS)(v),
