@@ -63,9 +63,10 @@ def resync_section(path: pathlib.Path) -> list:
             f"| the whole opt.step() (ms) | {r['step_this_median_ms']:.2f} | {r['step_base_median_ms']:.2f} | "
             f"{r['step_ratio']:.3f} |", "",
             f"Paired per process, the native call's ratio has median {statistics.median(paired):.3f} and interquartile "
-            f"range {quartiles[0]:.3f} to {quartiles[2]:.3f}: at the 3% goal within this machine's run-to-run noise, not "
-            "clearly below it (two shorter runs of 9 rounds the same day gave 1.017 and 1.049). The check reads each bf16 param before it "
-            "is written (2 more bytes per param on a step that moves 28) and compares it with the master's rounding; "
+            f"range {quartiles[0]:.3f} to {quartiles[2]:.3f}: at the 3% goal within this machine's run-to-run "
+            "noise, not clearly below it (two shorter runs of 9 rounds the same day gave 1.017 and 1.049). The check "
+            "reads each bf16 param before it is written (2 more bytes per param on a step that moves 28) and "
+            "compares it with the master's rounding; "
             "written with store<bf16>'s NaN branch the same check cost 6 to 8% (1.064 and 1.082 the same day), as "
             "that select is most of the check's arithmetic. Only a NaN master is treated differently.", ""]
 

@@ -48,6 +48,12 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
         raise OptionError(f"features: unknown {features!r}; choose from {', '.join(FEATURE_TAPS)}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise OptionError(f"out: {out} is a file; give a folder for the cache (it is created when missing)")
+    # The cache never goes among the images of a data folder: its files would mix with them, and a
+    # later scan would read its folders as classes.
+    if os.path.isdir(data) and os.path.commonpath([os.path.realpath(out), os.path.realpath(data)]) == \
+            os.path.realpath(data):
+        raise OptionError(f"out: {os.path.abspath(out)} is inside the data folder {os.path.realpath(data)}; give a "
+                          "cache folder outside the data")
     torch_device = init_distributed(device)
     model = backbones.create(backbone_name, weights=weights)
     listed = open_data(data, classes, labels)

@@ -174,10 +174,12 @@ class RunModel:
             from tqdm import tqdm
 
             bar = tqdm(total=len(source) * len(views), unit="img", desc="predict", dynamic_ncols=True)
+        from fasttl.transfer.rundir import finite_logits
+
         try:
             if feature_model:
-                return self._feature_logits(source, views, batch_size, bar)
-            return self._module_logits(source, batch_size or 64, bar)
+                return finite_logits(self.run_dir, self._feature_logits(source, views, batch_size, bar))
+            return finite_logits(self.run_dir, self._module_logits(source, batch_size or 64, bar))
         finally:
             if bar is not None:
                 bar.close()
@@ -295,6 +297,8 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
         if os.path.commonpath([os.path.realpath(out), run_folder]) == run_folder:
             raise OptionError(f"out: {out} is inside the run folder {run_folder}, whose files are the run's (its "
                               "config, weights, predictions.csv); write the predictions elsewhere")
+        if not out.lower().endswith(".csv"):  # a shell glob can put an input image last, as the --out
+            raise OptionError(f"out: {out} does not end in .csv (name the predictions file predictions.csv, say)")
     files, ignored = image_files(paths)
     model = load_run(run_dir, device)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= len(model.classes):

@@ -586,3 +586,61 @@ def test_small_refusals_name_what_is_wrong(finished, tmp_path):
         fasttl.FeatureCache.write(str(tmp_path / "file"), [np.ones((2, 3), dtype=np.float32)], [0, 1],
                                   classes=["a", "b"])
     assert (tmp_path / "file").read_text() == "mine"
+
+
+# ---- sixth pass ------------------------------------------------------------------------------------
+def test_finite_weights_that_make_nan_logits_are_refused_naming_the_run(finished, cat_ship, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    weights = load_file(str(run_dir / "scratch.safetensors"))
+    name = next(k for k in weights if k.endswith("running_var"))
+    weights[name] = -torch.ones_like(weights[name])  # finite, but sqrt(var + eps) is NaN
+    save_file(weights, str(run_dir / "scratch.safetensors"))
+    for words in (["predict", "--run", run_dir, os.path.join(cat_ship, "test")], ["eval", run_dir]):
+        code, stdout, err = cli(capsys, *words, "--no-progress")
+        line = one_line_error(err)
+        assert code == 2 and stdout == "" and f"{run_dir}: the run's weights give non-finite logits" in line
+
+
+def test_predict_out_must_be_a_csv_file(finished, cat_ship, tmp_path, capsys):
+    image = tmp_path / "0000.jpg"  # `--out photos/*.jpg` in a shell makes an input image the --out
+    shutil.copy(os.path.join(cat_ship, "test", "cat", "0.jpg"), image)
+    before = image.read_bytes()
+    code, _, err = cli(capsys, "predict", "--run", finished, os.path.join(cat_ship, "test"), "--out", image,
+                       "--overwrite", "--no-progress")
+    assert code == 2 and "0000.jpg does not end in .csv" in one_line_error(err) and image.read_bytes() == before
+
+
+def test_extract_never_writes_its_cache_among_the_images(cat_ship, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cat_ship, data)
+    before = sorted(str(p) for p in data.rglob("*"))
+    for out in (data, data / "train" / "cat", data / "cache"):
+        code, _, err = cli(capsys, "extract", "--data", data, "--out", out, "--image-size", 32, "--no-progress")
+        assert code == 2 and "is inside the data folder" in one_line_error(err)
+    assert sorted(str(p) for p in data.rglob("*")) == before
+
+
+def test_a_sparse_huge_cache_record_is_refused_unread(tmp_path):
+    cache_dir = tmp_path / "c"
+    fasttl.FeatureCache.write(str(cache_dir), [np.ones((4, 3), dtype=np.float32)], [0, 1, 0, 1], classes=["a", "b"])
+    with open(cache_dir / "manifest.json", "r+b") as f:
+        f.truncate(300 << 20)
+    with pytest.raises(CacheError, match=r"manifest.json: 314,572,800 bytes, more than fasttl ever writes"):
+        fasttl.FeatureCache.open(str(cache_dir))
+
+
+def test_labels_and_classes_files_that_would_be_guessed_are_refused(tmp_path):
+    (tmp_path / "neg.csv").write_text("path,label\na.jpg,0\nb.jpg,-1\nc.jpg,1\n")
+    with pytest.raises(DataError, match=r"label '-1' is negative \(-1 often means unlabeled\)"):
+        fasttl.data.sources.open_data(str(tmp_path / "neg.csv"))
+    (tmp_path / "blank.txt").write_text("cat\n\ndog\nship\n\n")
+    with pytest.raises(DataError, match=r"blank.txt line 2 is blank between class names"):
+        fasttl.data.sources.read_classes_file(str(tmp_path / "blank.txt"))
+    (tmp_path / "twice.txt").write_text("cat\nship\ncat\n")
+    with pytest.raises(DataError, match=r"twice.txt names 'cat' twice \(line 1 and line 3\)"):
+        fasttl.data.sources.read_classes_file(str(tmp_path / "twice.txt"))
+    (tmp_path / "ok.txt").write_text("cat\nship\n\n")  # blank lines at the end are no names
+    assert fasttl.data.sources.read_classes_file(str(tmp_path / "ok.txt")) == ["cat", "ship"]

@@ -110,8 +110,13 @@ def open_regular(path: str) -> io.BufferedReader:
 
 
 def read_bytes(path: str) -> bytes:
-    """The bytes of a plain file in a cache folder, read without following a link."""
+    """The bytes of a plain file in a cache folder (its records and sample ids), read without
+    following a link; one larger than fasttl ever writes there (a sparse or runaway file) is
+    refused unread."""
     with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > files.MAX_JSON_BYTES:
+            raise CacheError(f"{path}: {size:,} bytes, more than fasttl ever writes to a cache record; {REBUILD_HINT}")
         return f.read()
 
 

@@ -658,20 +658,30 @@ def _has_control(text: str) -> bool:
 
 
 def read_classes_file(path: str) -> List[str]:
-    """Class names, one a line (blank lines ignored), for --classes FILE."""
+    """Class names, one a line (blank lines at the end ignored), for --classes FILE. A blank line
+    between names is refused: with --labels indices it would be a guess whether it counts."""
     path = os.path.abspath(os.path.expanduser(path))
     try:
         text = read_plain(path, 64 << 20).decode("utf-8-sig")  # -sig: a leading byte-order mark is not a name
-        names = [line.strip() for line in text.splitlines() if line.strip()]
     except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise DataError(f"classes: cannot read {path} ({getattr(exc, 'strerror', None) or exc}); give a text file "
                         "with one class name a line") from None
+    lines = [line.strip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if "" in lines:
+        raise DataError(f"classes: {path} line {lines.index('') + 1} is blank between class names; remove it (an "
+                        "index counts the lines, so a blank one would shift them)")
+    names = lines
     bad = next((name for name in names if not name.isprintable()), None)
     if bad is not None:
         raise DataError(f"classes: {path} names a class with a control character ({bad!r}); use plain text names")
-    if len(names) < 2 or len(set(names)) != len(names):
-        raise DataError(f"classes: {path} must name at least 2 distinct classes, one a line (found {len(names)}, "
-                        f"{len(set(names))} distinct)")
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        raise DataError(f"classes: {path} names {twice!r} twice (line {names.index(twice) + 1} and line "
+                        f"{names.index(twice, names.index(twice) + 1) + 1}); each class once")
+    if len(names) < 2:
+        raise DataError(f"classes: {path} must name at least 2 classes, one a line (found {len(names)})")
     return names
 
 
@@ -789,6 +799,10 @@ def _label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], wher
         return out, list(classes)
     if kind == "indices":
         raise DataError("labels: --labels indices needs --classes-file to say which class each index is")
+    negative = next((label for label in labels if label[:1] == "-" and _is_index(label[1:])), None)
+    if negative is not None:  # -1 is "unlabeled" in many data sets: never a class of its own
+        raise DataError(f"data: {where}: label {negative!r} is negative (-1 often means unlabeled); drop those rows, "
+                        f"or name {negative!r} in a --classes-file to make it a class")
     if labels and all(_is_index(label) for label in labels):
         values = [int(label) for label in labels]
         _index_class_names(values, where)  # bounded, as before

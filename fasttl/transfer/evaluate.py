@@ -11,7 +11,7 @@ from fasttl.files import write_json_atomic
 from fasttl.data import DataError, screen
 from fasttl.transfer.datasets import load_dataset
 from fasttl.transfer.metrics import classification_metrics
-from fasttl.transfer.rundir import load_trained, read_config, strict_json
+from fasttl.transfer.rundir import finite_logits, load_trained, read_config, strict_json
 
 
 # Why eval_metrics.json may not be writable while the run is readable (a shared or read-only run).
@@ -37,9 +37,12 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
                            labels=cfg.get("labels", "names"))
     recorded = (cfg.get("identity") or {}).get("data_identity")
     if data is None and dataset.carved and recorded is not None and dataset.identity() != recorded:
-        raise DataError(f"{own}: changed since the run (an image added, removed or rewritten), so the test split the "
-                        "run carved from it can't be rebuilt and would score training images; restore the data, or "
-                        "evaluate on a separate test set with --data")
+        classes_file = cfg.get("classes_file_path") or cfg.get("classes_file")
+        what = f"an image added, removed or rewritten, or {classes_file} changed" if classes_file else \
+            "an image added, removed or rewritten"
+        raise DataError(f"{own}: changed since the run ({what}), so the test split the run carved from it can't be "
+                        "rebuilt and would score training images; restore the data, or evaluate on a separate test "
+                        "set with --data")
     test = screen(dataset.test, on_error) if on_error == "skip" else dataset.test  # the train split goes unread
     if dataset.classes != cfg["classes"]:
         raise DataError(f"{data if data is not None else own}: {_class_difference(dataset.classes, cfg['classes'])}; "
@@ -47,6 +50,7 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
                         "data")
     model = load_trained(run_dir, torch.device(device))
     logits, labels = model.logits(test, progress=progress)
+    finite_logits(run_dir, logits)
     metrics = classification_metrics(logits, labels, cfg["classes"])
     metrics["data"] = data if data is not None else cfg["data"]
     metrics["test_split"] = "carved" if dataset.carved else "given"  # carved: the seeded 20% fasttl split off

@@ -184,6 +184,17 @@ def load_trained(run_dir: str, device):
                        "the value there") from None
 
 
+def finite_logits(run_dir: str, logits: torch.Tensor) -> torch.Tensor:
+    """`logits` of the run's model, refused when any is not finite: weights that are finite can
+    still make NaN (a norm's zero std, a negative running variance), and a NaN confidence or a
+    teacher's NaN must not pass as a result."""
+    bad = int((~torch.isfinite(logits)).any(dim=-1).sum()) if logits.numel() else 0
+    if bad:
+        raise RunError(f"{run_dir}: the run's weights give non-finite logits on {bad} of {len(logits)} images (a "
+                       "damaged or hand-edited weights file); train the run again with --overwrite")
+    return logits
+
+
 def write_metrics(run_dir: str, metrics: Dict[str, object]) -> None:
     write_json_atomic(os.path.join(run_dir, METRICS), strict_json(metrics))
 

@@ -17,7 +17,7 @@ from fasttl.errors import OptionError
 from fasttl.files import read_json, write_atomic
 from fasttl.transfer import cross_fit, registry
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
-from fasttl.transfer.rundir import RunError, load_trained, read_config, weights_file
+from fasttl.transfer.rundir import RunError, finite_logits, load_trained, read_config, weights_file
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split
 from fasttl.transfer.models import SmallCNN
 from fasttl.transfer.strategies.common import param_dtype
@@ -112,8 +112,8 @@ def _logit_makers(teacher_dir: str, model: TrainedModel, ds, cfg) -> Tuple[Calla
     """(a function making one teacher's (2, N, C) logits per view, how it makes them): cross-fitted
     where asked and possible (fasttl.transfer.cross_fit), else in-sample with the reason. Making
     it checks what cross-fitting will read, so a bad teacher is refused before any teacher runs."""
-    def in_sample() -> Tensor:
-        return teacher_view_logits(model, ds.train, cfg.progress)
+    def in_sample() -> Tensor:  # a teacher's NaN is its weights', not the student's --lr
+        return finite_logits(teacher_dir, teacher_view_logits(model, ds.train, cfg.progress))
 
     if cfg.teacher_logits == cross_fit.IN_SAMPLE:
         return in_sample, cross_fit.IN_SAMPLE
@@ -121,7 +121,8 @@ def _logit_makers(teacher_dir: str, model: TrainedModel, ds, cfg) -> Tuple[Calla
     reason = f"a {config['strategy']} teacher is not refit" if fit is None else cross_fit.obstacle(config, ds)
     if reason is not None:
         return in_sample, f"{cross_fit.IN_SAMPLE}: {reason}"
-    return (lambda: fit(ds.train, cfg.seed, cfg.progress, split="train")), cross_fit.CROSS_FITTED
+    return (lambda: finite_logits(teacher_dir, fit(ds.train, cfg.seed, cfg.progress, split="train"))), \
+        cross_fit.CROSS_FITTED
 
 
 def teacher_logits_for(teacher, ds, cfg, run_dir: str, device: torch.device) -> Tuple[Tensor, Dict[str, str]]:
