@@ -508,3 +508,36 @@ def test_a_server_reply_with_escape_sequences_is_shown_escaped(tmp_path, capsys)
     _, code, line = _fetch_from_raw_server(b"HTTP/1.1 500 \x1b[31mevil\x1b[0m\x07\r\nContent-Length: 0\r\n\r\n",
                                            tmp_path, capsys)
     assert code == 2 and "\x1b" not in line and "\x07" not in line and "\\x1b[31mevil" in line
+
+
+def test_an_archive_made_with_a_dot_slash_prefix_extracts(server, cifar_tarball, tmp_path, capsys):
+    # `tar czf x.tgz ./cifar-10-batches-py` names the members ./cifar-10-batches-py/...: the same place
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(cifar_tarball)) as good, tarfile.open(fileobj=buffer, mode="w:gz") as dotted:
+        top = tarfile.TarInfo(".")
+        top.type = tarfile.DIRTYPE
+        dotted.addfile(top)
+        for info in good.getmembers():
+            content = good.extractfile(info) if info.isfile() else None
+            info.name = "./" + info.name
+            dotted.addfile(info, content)
+    server.files["/dotted.tar.gz"] = buffer.getvalue()
+    dest = tmp_path / "data"
+    code, _, err = _fetch(capsys, "--url", server.url("/dotted.tar.gz"), "--sha256", _sha(buffer.getvalue()),
+                          "--dest", dest)
+    assert code == 0, err
+    assert sorted(os.listdir(dest)) == ["cifar-10-batches-py"]
+    assert (dest / "cifar-10-batches-py" / "test_batch").is_file()
+    # ./.. is still a way out
+    with pytest.raises(fetch_module.DataError, match=r"member './../up.txt' is a '..' path"):
+        with tarfile.open(fileobj=io.BytesIO(_tar([("./../up.txt", b"x")]))) as archive:
+            fetch_module.check_members(archive, "cifar-10-batches-py", "x.tar.gz")
+
+
+def test_a_compressed_shard_gets_the_advice_that_fits(tmp_path):
+    from fasttl.transfer.datasets import load_dataset
+
+    (tmp_path / "train-000000.tar.gz").write_bytes(b"\x1f\x8b not really")
+    with pytest.raises(fetch_module.DataError, match=r"train-000000.tar.gz is a compressed archive; WebDataset shards "
+                                                     r"are uncompressed .tar files"):
+        load_dataset(str(tmp_path / "train-000000.tar.gz"))

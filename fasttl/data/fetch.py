@@ -366,6 +366,10 @@ def check_members(archive: tarfile.TarFile, folder: str, source: str) -> None:
     for member in archive.getmembers():
         name = member.name
         parts = name.replace("\\", "/").split("/")
+        while len(parts) > 1 and parts[0] == ".":  # tar czf x.tgz ./folder: the same place as folder/
+            parts = parts[1:]
+        if parts in (["."], [""]) and member.isdir():  # the archive's own top folder, "./"
+            continue
         if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
             why = "an absolute path"
         elif ".." in parts:

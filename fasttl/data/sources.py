@@ -500,8 +500,15 @@ def _missing(root: str, what: str) -> DataError:
         if not os.path.isfile(root) and not os.path.isdir(root):
             link = f" (a link to {os.path.realpath(root)})" if os.path.islink(root) else ""
             return DataError(f"data: {root}{link} is not a regular file or folder (a device or a pipe?); give {what}")
+        if root.lower().endswith(_COMPRESSED):
+            return DataError(f"data: {root} is a compressed archive; WebDataset shards are uncompressed .tar files "
+                             "(images are read at their offsets): decompress it (gunzip), or give class folders or a "
+                             ".csv/.tsv/.parquet file list")
         return DataError(f"data: {root} is a file, not a folder (give {what})")
     return DataError(f"data: {root} does not exist (give {what})")
+
+
+_COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".zip")
 
 
 def _list_folder(folder: str) -> List[str]:
