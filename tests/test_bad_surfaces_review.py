@@ -644,3 +644,13 @@ def test_labels_and_classes_files_that_would_be_guessed_are_refused(tmp_path):
         fasttl.data.sources.read_classes_file(str(tmp_path / "twice.txt"))
     (tmp_path / "ok.txt").write_text("cat\nship\n\n")  # blank lines at the end are no names
     assert fasttl.data.sources.read_classes_file(str(tmp_path / "ok.txt")) == ["cat", "ship"]
+
+
+def test_non_finite_logits_of_teacher_views_are_counted_per_image():
+    from fasttl.transfer.rundir import finite_logits
+
+    views = torch.zeros(2, 5, 3)  # (views, images, classes), as a teacher's logits per view
+    views[1, 2, 0] = float("nan")
+    with pytest.raises(RunError, match=r"^R: the run's weights give non-finite logits on 1 of 10 images"):
+        finite_logits("R", views)
+    assert finite_logits("R", torch.zeros(0, 3)).shape == (0, 3)

@@ -188,9 +188,10 @@ def finite_logits(run_dir: str, logits: torch.Tensor) -> torch.Tensor:
     """`logits` of the run's model, refused when any is not finite: weights that are finite can
     still make NaN (a norm's zero std, a negative running variance), and a NaN confidence or a
     teacher's NaN must not pass as a result."""
-    bad = int((~torch.isfinite(logits)).any(dim=-1).sum()) if logits.numel() else 0
+    rows = logits.reshape(-1, logits.shape[-1]) if logits.dim() else logits.reshape(1, 1)  # (views x) images
+    bad = int((~torch.isfinite(rows)).any(dim=-1).sum()) if rows.numel() else 0
     if bad:
-        raise RunError(f"{run_dir}: the run's weights give non-finite logits on {bad} of {len(logits)} images (a "
+        raise RunError(f"{run_dir}: the run's weights give non-finite logits on {bad} of {len(rows)} images (a "
                        "damaged or hand-edited weights file); train the run again with --overwrite")
     return logits
 
