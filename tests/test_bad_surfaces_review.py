@@ -654,3 +654,11 @@ def test_non_finite_logits_of_teacher_views_are_counted_per_image():
     with pytest.raises(RunError, match=r"^R: the run's weights give non-finite logits on 1 of 10 images"):
         finite_logits("R", views)
     assert finite_logits("R", torch.zeros(0, 3)).shape == (0, 3)
+
+
+def test_weights_for_a_strategy_that_builds_no_backbone_are_refused(cat_ship, tmp_path):
+    (tmp_path / "w.pt").write_bytes(b"")
+    with pytest.raises(OptionError, match=r"^weights: --weights is read only by --strategy linear or mlp or finetune "
+                                          r"or dann; drop it for --strategy scratch$"):
+        run(**one_epoch_run(cat_ship, tmp_path / "run", weights=str(tmp_path / "w.pt")))
+    assert not (tmp_path / "run").exists()

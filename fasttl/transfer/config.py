@@ -223,7 +223,7 @@ def _check_unused(cfg: "RunConfig", trained) -> None:
 
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     for name in ("teacher", "target_data", "finetune_stages", "finetune_from", "regularize", "distill_features",
-                 "teacher_logits", "temperature", "alpha", "mirror_views"):
+                 "teacher_logits", "temperature", "alpha", "mirror_views", "weights"):
         if getattr(cfg, name) in (None, defaults[name]) or any(name in s.requires + s.uses for s in trained):
             continue
         readers = [n for n in registry.names() if name in registry.get(n).requires + registry.get(n).uses]

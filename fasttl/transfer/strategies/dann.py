@@ -104,6 +104,7 @@ class Dann(Strategy):
     display = "dann"
     help = "domain-adversarial adaptation on cached features to an unlabeled target domain (--target-data DIR)"
     requires = ("target_data",)
+    uses = ("weights",)
     epochs, lr, batch_size = 15, 1e-3, 256
     outputs = ("dann", "source_only")
 

@@ -114,7 +114,7 @@ class FeatureTransfer(Strategy):
 
     epochs, batch_size = 10, 256
     outputs = ("head",)
-    uses = ("mirror_views",)
+    uses = ("mirror_views", "weights")
     can_teach = True
 
     def fit(self, cfg, views, run_dir, device, mirrored_validation=None):

@@ -210,7 +210,7 @@ class Finetune(Strategy):
             "--finetune-stages K) from it, lr scale and epoch chosen on validation; torchrun-aware")
     epochs, lr, batch_size = 5, 1e-3, 32
     outputs = ("model",)
-    uses = ("finetune_stages", "finetune_from", "regularize")
+    uses = ("finetune_stages", "finetune_from", "regularize", "weights")
     distributed = True
     can_teach = True
 
