@@ -246,7 +246,7 @@ def test_a_damaged_teacher_logits_file_is_recomputed(two_classes, tmp_path):
     ({"seed": 10**20}, "seed: expected an integer"),
     ({"seed": 1.5}, "seed: expected an integer"),
     ({"epochs": True}, "epochs: expected a positive integer"),
-    ({"weights": 7}, "weights: expected a path"),
+    ({"weights": 7, "strategy": "linear"}, "weights: expected a path"),
     ({"compare": "distill"}, "teacher: --compare distill needs --teacher"),
     ({"compare": "scratch"}, "compare: --compare scratch is the --strategy itself"),
     ({"teacher": "some/run"}, "teacher: --teacher is read only by --strategy distill"),
