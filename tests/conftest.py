@@ -181,3 +181,15 @@ def one_epoch_run(data, out, **kw):
     """`run` options for the quickest scratch run on `data` into `out`, overridden by `kw`."""
     return dict(dict(data=str(data), out=str(out), strategy="scratch", epochs=1, image_size=32, progress=False,
                      compare="none"), **kw)
+
+
+def run_with_config_edit(run_dir, dest, field, value):
+    """A copy of the run folder `run_dir` at `dest` whose config.json holds `value` at `field`."""
+    import json
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config[field] = value
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fasttl
-from conftest import cli, one_epoch_run, one_line_error
+from conftest import cli, one_epoch_run, one_line_error, run_with_config_edit
 from fasttl.cache import CacheError
 from fasttl.data import DataError
 from fasttl.transfer.job import run
@@ -144,11 +144,7 @@ def finished(cat_ship, tmp_path_factory):
 ])
 def test_a_hand_edited_config_json_is_named_with_its_field(cat_ship, finished, tmp_path, capsys, field, value,
                                                            expected):
-    run_dir = tmp_path / "edited"
-    shutil.copytree(finished, run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    config[field] = value
-    (run_dir / "config.json").write_text(json.dumps(config))
+    run_dir = run_with_config_edit(finished, tmp_path / "edited", field, value)
     with pytest.raises(RunError, match=rf"config.json: field '{field}' is .* \(expected {expected}"):
         fasttl.load_run(str(run_dir))
     code, _, err = cli(capsys, "predict", "--run", run_dir, os.path.join(cat_ship, "test"))

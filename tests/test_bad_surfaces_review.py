@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fasttl
-from conftest import cli, one_epoch_run, one_line_error
+from conftest import cli, one_epoch_run, one_line_error, run_with_config_edit
 from fasttl import files
 from fasttl.cache import CacheError
 from fasttl.data import DataError
@@ -146,11 +146,7 @@ def test_a_marker_that_cannot_vouch_for_config_json_refuses_the_run(finished, tm
     ("classes", ["cat", "ship\n"], "a list of at least 2 distinct, printable class names"),
 ])
 def test_config_values_of_the_wrong_kind_are_named_not_crashed_on(finished, tmp_path, field, value, expected):
-    run_dir = tmp_path / "edited"
-    shutil.copytree(finished, run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    config[field] = value
-    (run_dir / "config.json").write_text(json.dumps(config))
+    run_dir = run_with_config_edit(finished, tmp_path / "edited", field, value)
     with pytest.raises(RunError, match=rf"config.json: field '{field}' is .*\(expected {expected}"):
         fasttl.load_run(str(run_dir))
 

@@ -239,21 +239,16 @@ def _reply_error(exc: Exception, url: str, have: int) -> None:
                         "(--url)") from None
 
 
-def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET_TIMEOUT_S,
-             deadline_s: float = DEADLINE_S, min_rate: float = MIN_RATE) -> int:
-    """Downloads `url` into `path`, continuing what is already there (HTTP Range); returns the
-    file's size. Every block that arrives is written at once, so an interrupted transfer keeps
-    what arrived and raises DownloadError; so does one past `deadline_s` in all, or slower than
-    `min_rate` bytes/s over a 30 s window. Redirects are followed only to http(s) addresses."""
+def _open_reply(url: str, have: int, timeout: float, budget: _Budget):
+    """The response to a GET of `url` from byte `have` on, with the deadline ending a wait for its
+    headers (a watchdog closes the connection); None for HTTP 416 on a complete partial file."""
     from fasttl import __version__
 
-    have = _partial_size(path)
     headers = {"User-Agent": f"fasttl/{__version__}"}
     if have:
         headers["Range"] = f"bytes={have}-"
     sockets: list = []
     opener = urllib.request.build_opener(_HttpOnlyRedirects(), _TrackedHTTP(sockets), _TrackedHTTPS(sockets))
-    budget = _Budget(deadline_s, min_rate, url)  # the wait for the reply counts too
     watchdog = threading.Timer(max(0.0, budget.remaining()), _close_all, (sockets,))
     watchdog.daemon = True
     watchdog.start()
@@ -265,12 +260,26 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
         if budget.remaining() <= 0 and not isinstance(exc, urllib.error.HTTPError):
             raise budget.past_deadline(have) from None
         _reply_error(exc, url, have)
-        return have  # 416 on a complete file
+        return None
     finally:
         watchdog.cancel()
     if budget.remaining() <= 0:  # the deadline cut the reply short: what arrived is not the file
         response.close()
         raise budget.past_deadline(have)
+    return response
+
+
+def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET_TIMEOUT_S,
+             deadline_s: float = DEADLINE_S, min_rate: float = MIN_RATE) -> int:
+    """Downloads `url` into `path`, continuing what is already there (HTTP Range); returns the
+    file's size. Every block that arrives is written at once, so an interrupted transfer keeps
+    what arrived and raises DownloadError; so does one past `deadline_s` in all, or slower than
+    `min_rate` bytes/s over a 30 s window. Redirects are followed only to http(s) addresses."""
+    have = _partial_size(path)
+    budget = _Budget(deadline_s, min_rate, url)  # the wait for the reply counts too
+    response = _open_reply(url, have, timeout, budget)
+    if response is None:  # 416 on a complete file
+        return have
     fd = _open_partial(path)
     bar = None
     try:

@@ -165,7 +165,7 @@ def read_config(run_dir: str) -> Dict[str, object]:
         raise RunError(f"{path}: not a fasttl run configuration (train the run again: fasttl run ... --overwrite)")
     from fasttl.transfer.schema import check_run_config
 
-    check_run_config(path, config)  # first: a bad field is named as such
+    check_run_config(path, config, RunError)  # first: a bad field is named as such
     _check_unchanged(run_dir, path)
     return config
 

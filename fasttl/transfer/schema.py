@@ -104,18 +104,17 @@ def run_config_fields() -> Dict[str, Field]:
     }
 
 
-def check_run_config(path: str, config: Dict[str, Any]) -> None:
-    """Raises RunError naming `path` and the first field that is missing or not what fasttl wrote."""
-    from fasttl.transfer.rundir import RunError
-
+def check_run_config(path: str, config: Dict[str, Any], error: Callable[[str], Exception]) -> None:
+    """Raises `error` (the run folder's RunError, passed in so that this module imports nothing of
+    the run folder's) naming `path` and the first field that is missing or not what fasttl wrote."""
     for name, field in run_config_fields().items():
         if name not in config:
             if field.required:
-                raise RunError(f"{path}: no '{name}' field (not a fasttl run configuration; rerun the run, or "
-                               "restore the file)")
+                raise error(f"{path}: no '{name}' field (not a fasttl run configuration; rerun the run, or "
+                            "restore the file)")
             continue
         if not field.check(config[name]):
             shown = repr(config[name])
             shown = shown if len(shown) <= 80 else shown[:77] + "..."
-            raise RunError(f"{path}: field '{name}' is {shown} (expected {field.expected}); rerun the run, or fix the "
-                           "value there")
+            raise error(f"{path}: field '{name}' is {shown} (expected {field.expected}); rerun the run, or fix the "
+                        "value there")
