@@ -188,7 +188,23 @@ def _os_error_line(exc: OSError) -> str:
     where = terminal_text(user_path(os.fsdecode(exc.filename))) if exc.filename is not None else "standard output"
     if exc.filename is None and exc.errno in (errno.EMFILE, errno.ENFILE):
         where = "files"
-    return f"{where}: {_OS_ERRORS[exc.errno]}"
+    return f"{where}: {_OS_ERRORS[exc.errno]}{_in_feature_cache(exc.filename)}"
+
+
+def _in_feature_cache(filename) -> str:
+    """Where a failing path is in the feature cache folder, how to move that folder: the path alone
+    does not say that FASTTL_CACHE_DIR (or its default) put it there."""
+    from fasttl.outputs import terminal_text
+    from fasttl.transfer.caching import cache_root
+
+    if filename is None:
+        return ""
+    root, path = os.path.abspath(cache_root()), os.path.abspath(os.fsdecode(filename))
+    if path != root and not path.startswith(root.rstrip(os.sep) + os.sep):
+        return ""
+    chosen = "FASTTL_CACHE_DIR" in os.environ
+    return (f"; it is in the feature cache folder {'FASTTL_CACHE_DIR=' if chosen else ''}{terminal_text(root)}"
+            f"{'' if chosen else ' (the default)'}: set FASTTL_CACHE_DIR to a folder you can write")
 
 
 def _quiet_stdout() -> None:

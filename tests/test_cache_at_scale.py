@@ -399,13 +399,22 @@ def test_hostile_shards_are_refused_or_skipped_with_the_reason(small_image_folde
     image = open(folders.files[0], "rb").read()
     pattern = write_tars(tmp_path / "wds", folders, per_shard=18,
                          extra=[("00000.png", image), ("huge.jpg", image), ("huge.cls", b"99999999999")])
-    shards = read_webdataset(pattern, folders.classes)
-    # 00000 has two images: neither is trusted; huge's class is no index into the 3 classes
-    assert dict(shards.skipped) == {"train-000000.tar/00000": "the key names two images or two classes in this shard",
-                                    "train-000000.tar/huge": "class '99999999999' is not an index into the 3 classes"}
-    assert len(shards) == 17 and shards.labels == folders.labels[1:]
+    # huge's class is no index into the 3 classes: a label error, as a file list's
+    with pytest.raises(DataError, match=r"train-000000.tar/huge.cls: class '99999999999' is not an index into the 3 "
+                                        r"classes of the classes file"):
+        read_webdataset(pattern, folders.classes)
     with pytest.raises(DataError, match=r"integer label 99999999999 implies"):
         read_webdataset(pattern)  # without class names, the index would make the classes
+    pattern = write_tars(tmp_path / "wds2", folders, per_shard=18, extra=[("00000.png", image)])
+    shards = read_webdataset(pattern, folders.classes)
+    # 00000 has two images: neither is trusted
+    assert dict(shards.skipped) == {"train-000000.tar/00000": "the key names two images or two classes in this shard"}
+    assert len(shards) == 17 and shards.labels == folders.labels[1:]
+    for label in (b"cat", b"-1", b"7" * 65):
+        pattern = write_tars(tmp_path / f"wds-{len(label)}", folders, per_shard=18, extra=[("bad.jpg", image),
+                                                                                         ("bad.cls", label)])
+        with pytest.raises(DataError, match=r"train-000000.tar/bad.cls: class .* is not an index into the classes"):
+            read_webdataset(pattern)
     # a shard cut between members reads without error in tarfile: fasttl names it
     data = (tmp_path / "wds" / "train-000000.tar").read_bytes()
     cut = tmp_path / "cut.tar"

@@ -214,6 +214,11 @@ def test_a_teacher_that_cannot_teach_or_has_other_classes_is_refused(tiny_cifar,
         run(data=str(tiny_cifar), strategy="distill", teacher=[str(linear_teacher), str(tmp_path / "scratch")],
             epochs=1, out=str(tmp_path / "x"), compare="none", image_size=32, progress=False, seed=0)
     assert not (tmp_path / "x" / distill.TEACHER_LOGITS).exists()  # refused before any teacher ran
+    taught = json.loads((linear_teacher / "config.json").read_text())["classes"]
+    with pytest.raises(OptionError, match=r"same classes in another order .* in a --classes-file"):
+        distill.teacher_model(str(linear_teacher), taught[::-1], torch.device("cpu"))
+    with pytest.raises(OptionError, match=r"but the data has 'a', 'b'; give a teacher trained on the data's classes"):
+        distill.teacher_model(str(linear_teacher), ["a", "b"], torch.device("cpu"))
 
 
 @pytest.mark.parametrize("temperature, alpha, expected", [

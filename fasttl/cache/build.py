@@ -498,10 +498,20 @@ def check_fits(rows: torch.Tensor, cache_dtype: torch.dtype, what: str) -> None:
     which training would only report later as a diverged run blamed on its learning rate."""
     if cache_dtype != torch.float16 or not rows.numel():
         return
-    largest = float(rows.abs().max())
-    if largest > torch.finfo(torch.float16).max:
-        raise CacheError(f"{what}: a value of magnitude {largest:.4g} overflows fp16 (largest {torch.finfo(torch.float16).max:g}); "
+    fp16 = torch.finfo(torch.float16)
+    magnitudes = rows.reshape(len(rows), -1).abs().amax(dim=1)
+    largest = float(magnitudes.max())
+    if largest > fp16.max:
+        raise CacheError(f"{what}: a value of magnitude {largest:.4g} overflows fp16 (largest {fp16.max:g}); "
                          "store it as bf16 or fp32 (dtype='bf16', or --cache-dtype/--dtype bf16), or scale the features")
+    # A row whose every value is below fp16's smallest normal number keeps a few bits at most (and
+    # is zeros below 6e-8): a whole image's features lost without a word.
+    faint = ((magnitudes > 0) & (magnitudes < fp16.tiny)).nonzero()
+    if len(faint):
+        row = int(faint[0])
+        raise CacheError(f"{what}: row {row}'s values are all below {fp16.tiny:.3g} in magnitude (largest "
+                         f"{float(magnitudes[row]):.3g}) and would lose their precision or become zeros in fp16; "
+                         "scale the features, or store them as bf16 or fp32 (dtype='bf16')")
 
 
 def _foreign_entries(directory: str) -> list:
@@ -603,11 +613,11 @@ def write_cache(directory: str, chunks, labels, *, classes, dtype: str = "fp16",
     labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
     if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
         raise ValueError(f"labels: expected one integer per row, got {labels.dtype} of shape {labels.shape}")
-    labels = labels.astype(np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+    if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):  # before the cast: uint64 2**63 stays
         bad = int(np.flatnonzero((labels < 0) | (labels >= len(classes)))[0])
         raise ValueError(f"labels: row {bad} has label {labels[bad]}, outside the {len(classes)} classes "
                          f"[0, {len(classes)})")
+    labels = labels.astype(np.int64)
     if sample_ids is not None:
         sample_ids = list(sample_ids)
         if not all(isinstance(s, str) and s for s in sample_ids):

@@ -902,8 +902,9 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
     shard order then tar order. Each sample: KEY.jpg/.jpeg/.png and KEY.cls holding the class
     index as text. Class names: `classes` (from --classes FILE), else the indices found (each class
     named by its number; an index no sample has makes no class).
-    A sample without an image or a class, or with a class that is not an index, is listed in
-    `skipped` (reason given), never silently dropped; a tar that cannot be read is a DataError."""
+    A sample without an image or a class is listed in `skipped` (reason given), never silently
+    dropped; a class that is not an index into the classes, or a tar that cannot be read, is a
+    DataError."""
     pattern = os.path.expanduser(pattern)
     shards = [os.path.abspath(p) for p in expand_braces(pattern)]
     root = os.path.dirname(os.path.abspath(pattern.split("{", 1)[0] + "x"))
@@ -958,10 +959,12 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
                     skipped.append((f"{name}/{key}", f"sample has {what}"))
                 continue
             label = entry["cls"]
+            # A class that is no index is a label error, as a file list's: never an image left out.
             if label is None or not _is_index(label) or (classes is not None and int(label) >= len(classes)):
-                skipped.append((f"{name}/{key}", f"class {label!r} is not an index into the "
-                                                 f"{len(classes) if classes else 'known'} classes"))
-                continue
+                into = f"the {len(classes)} classes of the classes file" if classes else "the classes"
+                shown = "of more than 64 bytes" if label is None else repr(label)
+                raise DataError(f"data: {name}/{key}.cls: class {shown} is not an index into {into} (a "
+                                "WebDataset .cls holds a class index 0, 1, ...); fix or remove that sample")
             members.append(entry["image"])
             keys.append(key)
             labels.append(int(label))

@@ -235,7 +235,7 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
         print(terminal_lines(f"fasttl run: {cfg.strategy} on {dataset.name} ({len(dataset.train)} train / "
                              f"{len(dataset.test)} test images, {len(dataset.classes)} classes), backbone "
                              f"{cfg.backbone} at {cfg.image_size} px -> {run_dir}"
-                             + (f"; {len(dataset.skipped)} unreadable images skipped (skipped.csv)"
+                             + (f"; {len(dataset.skipped)} images left out (skipped.csv says why)"
                                 if dataset.skipped else "")), flush=True)
         if dataset.ignored:
             shown = ", ".join(f"{os.path.basename(p)} ({why})" for p, why in dataset.ignored[:3])
@@ -269,11 +269,17 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
     if cfg.tensorboard is None:
         return None
     if cfg.tensorboard is True:
-        return os.path.join(run_dir, TENSORBOARD)  # the run's own: --overwrite clears it with the run
-    board = os.path.join(os.path.abspath(os.path.expanduser(cfg.tensorboard)), os.path.basename(run_dir))
-    if os.path.islink(board) or (os.path.lexists(board) and not os.path.isdir(board)):
-        raise OptionError(f"tensorboard: {board} is a symbolic link or not a folder; fasttl writes event files only "
-                          "into folders it can see (remove it, or give another --tensorboard)")
+        board = os.path.join(run_dir, TENSORBOARD)  # the run's own: --overwrite clears it with the run
+    else:
+        board = os.path.join(os.path.abspath(os.path.expanduser(cfg.tensorboard)), os.path.basename(run_dir))
+    # A link anywhere events go (the folder or a model's sub-folder) is refused now, not after training.
+    for folder in [board] + ([os.path.join(board, name) for name in sorted(os.listdir(board))]
+                             if os.path.isdir(board) and not os.path.islink(board) else []):
+        if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
+            raise OptionError(f"tensorboard: {folder} is a symbolic link or not a folder; fasttl writes event files "
+                              "only into folders it can see (remove it, or give another --tensorboard)")
+    if cfg.tensorboard is True:
+        return board
     # Curves already there are another run's (one of the same folder name, or this one's before
     # --overwrite): never deleted, never mixed with this run's.
     held = [os.path.join(model, name) for model in sorted(os.listdir(board)) if os.path.isdir(board)
@@ -303,7 +309,9 @@ def write_tensorboard(log_dir: str, outcomes: List[Outcome], classes) -> None:
         folder = os.path.join(log_dir, outcome.name)
         if os.path.islink(folder):
             raise OptionError(f"tensorboard: {folder} is a symbolic link; fasttl does not write through links")
-        with SummaryWriter(folder) as writer:
+        # purge_step: TensorBoard drops what an earlier attempt of a resumed run wrote from epoch 1 on,
+        # so the curves are this run's once, not drawn twice.
+        with SummaryWriter(folder, purge_step=1) as writer:
             epoch = 0
             for record in outcome.history:
                 epoch = int(record.get("epoch", epoch + 1))
@@ -382,7 +390,7 @@ def summary(run_dir: str, results: Dict[str, dict], main: str, data) -> str:
     lines += ["", f"run directory: {run_dir}  (report.md, metrics.json, confusion_matrix.png, curves.png, "
                       "predictions.csv, weights)"]
     if data.skipped:
-        lines.append(f"skipped {len(data.skipped)} unreadable images: listed with the reason in {run_dir}/skipped.csv")
+        lines.append(f"left out {len(data.skipped)} images: listed with the reason in {run_dir}/skipped.csv")
     if dataset == EMBEDDED:
         lines += ["", "That was the embedded default: an ImageNet EfficientNet-Lite0 carried to CIFAR-10 mini (100 "
                       "training images per class) beside the same budget from scratch.",

@@ -29,6 +29,12 @@ TEACHER_LOGITS = "teacher_logits.safetensors"
 CHOICE = "distill_choice.json"
 
 
+def _first_names(classes, shown: int = 6) -> str:
+    """Class names for a one-line message: the first few, and how many more."""
+    more = f", ... ({len(classes)} in all)" if len(classes) > shown else ""
+    return ", ".join(repr(c[:40]) for c in list(classes)[:shown]) + more
+
+
 def teacher_model(teacher_dir: str, classes: List[str], device: torch.device) -> TrainedModel:
     """The teacher run's model, rebuilt by its own strategy."""
     try:
@@ -45,9 +51,14 @@ def teacher_model(teacher_dir: str, classes: List[str], device: torch.device) ->
     if not strategy.can_teach:
         teachers = ", ".join(n for n in registry.names() if registry.get(n).can_teach)
         raise OptionError(f"teacher: {teacher_dir} is a {config['strategy']!r} run; a teacher must be a {teachers} run")
-    if list(config.get("classes", [])) != list(classes):
-        raise OptionError(f"teacher: {teacher_dir} was trained for classes {config.get('classes')}, "
-                          f"but the data has {list(classes)}")
+    taught = list(config.get("classes", []))
+    if taught != list(classes):
+        if sorted(taught) == sorted(classes):  # a file list's classes sort as their labels, unless a file says
+            raise OptionError(f"teacher: {teacher_dir} was trained for the same classes in another order "
+                              f"({_first_names(taught)}; the data's: {_first_names(classes)}); list them in the "
+                              f"teacher's order, one a line, in a --classes-file (a file list or WebDataset --data)")
+        raise OptionError(f"teacher: {teacher_dir} was trained for classes {_first_names(taught)}, but the data has "
+                          f"{_first_names(classes)}; give a teacher trained on the data's classes")
     try:
         return load_trained(teacher_dir, device)
     except RunError as exc:
