@@ -18,7 +18,8 @@ import torch
 
 from fasttl import backbones
 from fasttl.bench.common import machine
-from fasttl.cache import FeatureCache, solver
+from fasttl.cache import FeatureCache
+from fasttl.heads import solver
 from fasttl.data.splits import validation_split
 from fasttl.transfer.datasets import load_dataset
 

@@ -23,7 +23,7 @@ from record_run import machine_name  # noqa: E402
 
 def validation_paths(ds, backbone, extraction, seed: int) -> dict:
     """{"plain": path, "averaged": path}: validation accuracy per L2 strength, for one split."""
-    from fasttl.cache import solver
+    from fasttl.heads import solver
     from fasttl.data.splits import validation_split
     from fasttl.transfer.caching import FeaturesInMemory, cached_features
 

@@ -9,7 +9,7 @@ from fasttl.cache import FeatureCache
 from fasttl.losses import distillation_loss
 
 
-_SUBPACKAGES = ("backbones", "cache", "data", "transfer")  # imported on first use (DALI, matplotlib stay unloaded)
+_SUBPACKAGES = ("backbones", "cache", "data", "heads", "transfer", "util")  # imported on first use (DALI, matplotlib stay unloaded)
 __all__ = ["FeatureCache", "distillation_loss", "load_run", "nn", "optim", "build_info", "raise_device_errors",
            "__version__",
            *_SUBPACKAGES]

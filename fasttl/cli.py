@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+from fasttl.util import settings
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from fasttl import info
@@ -54,7 +56,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from fasttl.errors import OptionError
+    from fasttl.util.errors import OptionError
     from fasttl.predict import format_predictions, predict, predict_run
 
     if args.run is None:  # the backbone's ImageNet classes
@@ -80,7 +82,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         _say(f"{result['rows']} predictions written to {result['out']}", file=sys.stderr)
     if result["skipped"]:
-        from fasttl.outputs import terminal_text
+        from fasttl.util.outputs import terminal_text
 
         shown = terminal_text("; ".join(f"{path} ({why})" for path, why in result["skipped"][:5]))
         more = f" and {len(result['skipped']) - 5} more" if len(result["skipped"]) > 5 else ""
@@ -161,7 +163,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _user_error_types() -> tuple:
     """Errors that come from what the user asked for or handed fasttl, not from a bug: fasttl's
     own derive from UserError; a missing or unreadable path is the OS's."""
-    from fasttl.errors import UserError
+    from fasttl.util.errors import UserError
 
     return (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
@@ -182,8 +184,8 @@ _OS_ERRORS = {
 
 
 def _os_error_line(exc: OSError) -> str:
-    from fasttl.files import user_path
-    from fasttl.outputs import terminal_text
+    from fasttl.util.files import user_path
+    from fasttl.util.outputs import terminal_text
 
     where = terminal_text(user_path(os.fsdecode(exc.filename))) if exc.filename is not None else "standard output"
     if exc.filename is None and exc.errno in (errno.EMFILE, errno.ENFILE):
@@ -194,7 +196,7 @@ def _os_error_line(exc: OSError) -> str:
 def _in_feature_cache(filename) -> str:
     """Where a failing path is in the feature cache folder, how to move that folder: the path alone
     does not say that FASTTL_CACHE_DIR (or its default) put it there."""
-    from fasttl.outputs import terminal_text
+    from fasttl.util.outputs import terminal_text
     from fasttl.transfer.caching import cache_root
 
     if filename is None:
@@ -202,7 +204,7 @@ def _in_feature_cache(filename) -> str:
     root, path = os.path.abspath(cache_root()), os.path.abspath(os.fsdecode(filename))
     if path != root and not path.startswith(root.rstrip(os.sep) + os.sep):
         return ""
-    chosen = "FASTTL_CACHE_DIR" in os.environ
+    chosen = settings.CACHE_DIR.is_set()
     return (f"; it is in the feature cache folder {'FASTTL_CACHE_DIR=' if chosen else ''}{terminal_text(root)}"
             f"{'' if chosen else ' (the default)'}: set FASTTL_CACHE_DIR to a folder you can write")
 
@@ -217,7 +219,7 @@ def _quiet_stdout() -> None:
 def _say(text: str, file=None) -> None:
     """print() for lines that carry names fasttl did not make (paths, class names, URLs): escape
     sequences in them are shown escaped, never run by the terminal."""
-    from fasttl.outputs import terminal_lines
+    from fasttl.util.outputs import terminal_lines
 
     print(terminal_lines(text), file=file)
 
@@ -225,7 +227,7 @@ def _say(text: str, file=None) -> None:
 def _one_line(exc: BaseException) -> str:
     """The error as one printable line: what a file name or a server put in it can't drive the
     terminal (escape sequences are shown escaped)."""
-    from fasttl.outputs import terminal_text
+    from fasttl.util.outputs import terminal_text
 
     text = terminal_text(" ".join(str(exc).split()))
     return text if text else type(exc).__name__
@@ -418,7 +420,7 @@ def main(argv=None) -> int:
         return 1
     except Exception as exc:
         # A user's mistake is one line naming the culprit and the fix; a bug keeps its traceback.
-        if os.environ.get("FASTTL_DEBUG") == "1":
+        if settings.DEBUG.value() == "1":
             raise
         if isinstance(exc, OSError) and exc.errno in _OS_ERRORS:
             print(f"fasttl: error: {_os_error_line(exc)}", file=sys.stderr)

@@ -14,7 +14,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from fasttl.errors import OptionError, UserError
+from fasttl.util.errors import OptionError, UserError
 from fasttl.onnx_graph import to_onnx
 
 TOLERANCE = 1e-3       # max abs logit difference between ONNX Runtime and torch that passes
@@ -68,8 +68,8 @@ def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, ops
     Runtime on real images: the file is written only when the largest absolute logit difference
     from torch is at most `tolerance` (else VerificationError, nothing written). Returns
     {"out", "max_abs_diff", "images", "image_size", "classes", "opset", "bytes"}."""
-    from fasttl import __version__
-    from fasttl.files import write_atomic
+    from fasttl._version import __version__
+    from fasttl.util.files import write_atomic
     from fasttl.predict import ImagesToLogits, check_output_path, load_run
 
     tolerance = TOLERANCE if tolerance is None else tolerance

@@ -11,7 +11,7 @@ from fasttl import backbones
 from fasttl.cache import FeatureCache
 from fasttl.data import class_folder_splits
 from fasttl.data.sources import open_data
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
 
 
 def init_distributed(device: str) -> torch.device:

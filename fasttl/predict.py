@@ -24,8 +24,8 @@ from fasttl import backbones
 from fasttl.data.sources import IMAGE_EXTENSIONS, ON_ERROR, ArraySource, DataError, FileSource
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import decode, transform
-from fasttl.errors import OptionError
-from fasttl.outputs import csv_cell
+from fasttl.util.errors import OptionError
+from fasttl.util.outputs import csv_cell
 
 
 class ImagesToLogits(nn.Module):
@@ -287,7 +287,7 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
     "ignored", "out"}; the CSV is written to `out` when given. With on_error="skip", images that
     do not decode are left out and returned (path, reason) in "skipped"."""
     from fasttl.data import screen
-    from fasttl.files import write_atomic
+    from fasttl.util.files import write_atomic
 
     if on_error not in ON_ERROR:
         raise OptionError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")

@@ -22,7 +22,7 @@ import torch
 import fasttl
 import fasttl.data as D
 from fasttl.cache import CacheError, CacheLockedError
-from fasttl import files
+from fasttl.util import files
 from fasttl.cache import store
 from fasttl.data.sources import ArraySource
 

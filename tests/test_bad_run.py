@@ -13,8 +13,8 @@ import pytest
 from conftest import cifar_subset
 import torch
 
-from fasttl.errors import OptionError
-from fasttl.training import DivergedError
+from fasttl.util.errors import OptionError
+from fasttl.heads.fit import DivergedError
 from fasttl.data import DataError
 from fasttl.transfer.job import run
 from fasttl.transfer.rundir import RunError, write_config

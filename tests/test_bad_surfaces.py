@@ -212,7 +212,7 @@ def test_an_image_whose_bytes_cannot_fill_its_declared_size_is_refused(tmp_path)
 
 # ---- full disks, unwritable places, closed pipes --------------------------------------------------
 def test_a_full_disk_names_the_users_file_never_a_temporary(tmp_path, monkeypatch):
-    from fasttl import files
+    from fasttl.util import files
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -226,7 +226,7 @@ def test_a_full_disk_names_the_users_file_never_a_temporary(tmp_path, monkeypatc
 
 
 def test_cli_os_errors_are_one_line_naming_the_path(cat_ship, finished, tmp_path, capsys, monkeypatch):
-    from fasttl import files
+    from fasttl.util import files
 
     real = files.write_atomic
 

@@ -18,11 +18,11 @@ import torch
 
 import fasttl
 from conftest import cli, one_epoch_run, one_line_error, run_with_config_edit
-from fasttl import files
+from fasttl.util import files
 from fasttl.cache import CacheError
 from fasttl.data import DataError
-from fasttl.errors import OptionError
-from fasttl.training import DivergedError
+from fasttl.util.errors import OptionError
+from fasttl.heads.fit import DivergedError
 from fasttl.transfer.job import run
 from fasttl.transfer.rundir import RunError
 
@@ -269,7 +269,7 @@ def test_feature_cache_write_refuses_a_folder_of_other_files_and_bad_ids(tmp_pat
 
 # ---- text and figures made from user data ---------------------------------------------------------
 def test_markdown_cells_show_user_text_and_never_link_or_embed(tmp_path):
-    from fasttl.outputs import markdown_cell
+    from fasttl.util.outputs import markdown_cell
 
     cell = markdown_cell("![x](http://evil.example/a.png) [y](javascript:alert) *b* `c` a|b")
     assert "](" not in cell.replace("\\](", "") and "![" not in cell.replace("\\!\\[", "")
@@ -572,7 +572,7 @@ def test_a_classes_file_class_without_images_is_refused(cat_ship, tmp_path):
 
 
 def test_small_refusals_name_what_is_wrong(finished, tmp_path):
-    from fasttl.outputs import markdown_cell
+    from fasttl.util.outputs import markdown_cell
 
     assert markdown_cell("$\\frac{a}{b}$") == "\\$\\\\frac\\{a\\}\\{b\\}\\$"  # no math in report.md
     with pytest.raises(OptionError, match=r"^images: no images given \(a tensor of 0 images\)$"):

@@ -12,7 +12,7 @@ import torch
 import fasttl
 from conftest import cli, one_epoch_run, one_line_error
 from fasttl.cache import CacheError
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
 from fasttl.transfer.job import run
 
 pytestmark = pytest.mark.usefixtures("private_cache")

@@ -207,12 +207,12 @@ def test_written_cache_trains_a_head(tmp_path):
     x = centers[labels] + torch.randn(600, 16, generator=generator)
     cache = fasttl.FeatureCache.write(str(tmp_path / "c"), x.split(97), labels, classes=["a", "b", "c"],
                                       shard_rows=128)
-    head, history = fasttl.cache.train_head(cache, epochs=5, batch_size=32, lr=1e-2, progress=False)
+    head, history = fasttl.heads.train_head(cache, epochs=5, batch_size=32, lr=1e-2, progress=False)
     assert history[-1]["train_accuracy"] > 0.9
 
 
 def test_head_statistics_of_a_large_cache_are_read_in_chunks(tmp_path, monkeypatch):
-    from fasttl.cache import heads
+    from fasttl.heads import train as heads
 
     x = torch.randn(2000, 30) * torch.rand(30) * 5 + torch.randn(30)
     cache = fasttl.FeatureCache.write(str(tmp_path / "c"), [x], torch.zeros(2000, dtype=torch.int64),

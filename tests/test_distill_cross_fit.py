@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fasttl.data.splits import stratified_folds
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
 from fasttl.transfer import cross_fit, registry
 from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import load_dataset
@@ -87,7 +87,7 @@ def test_a_bad_fold_count_is_refused(folds):
 
 # ---- the teacher's cross-fitted logits ---------------------------------------------------------------
 def test_each_image_is_scored_by_a_head_refit_without_it_on_every_view(tiny_cifar, both_views_teacher):
-    from fasttl.cache.heads import predict_views
+    from fasttl.heads.train import predict_views
     from fasttl.transfer.caching import Extraction, cached_features
 
     model = registry.get("linear").load(str(both_views_teacher), CPU)

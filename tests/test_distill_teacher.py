@@ -12,7 +12,7 @@ from torch import nn
 import fasttl
 from fasttl.data import ImageLoader
 from fasttl.data.sources import ArraySource
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
 from fasttl.transfer import registry
 from fasttl.transfer.config import RunConfig
 from fasttl.transfer.job import run

@@ -13,7 +13,7 @@ import fasttl.data as D
 from fasttl.backbones.base import pooled_taps
 from fasttl.cache import engines
 from fasttl.cache.store import CacheError
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
 
 SIZE = 64
 ORT_REASON = "onnxruntime is not installed (pip install onnx onnxruntime)"

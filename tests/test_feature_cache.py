@@ -13,7 +13,8 @@ import torch
 
 import fasttl
 import fasttl.data as D
-from fasttl.cache import CacheError, CacheLockedError, train_head
+from fasttl.cache import CacheError, CacheLockedError
+from fasttl.heads import train_head
 from fasttl.cache.store import WriterLock
 
 SIZE = 64

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fasttl.cache import solver, tuning
+from fasttl.heads import solver, tuning
 from fasttl.cache.cache import FeatureCache
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split
 

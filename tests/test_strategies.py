@@ -7,7 +7,7 @@ import pytest
 from conftest import THREE_CLASSES
 import torch
 
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
 from fasttl.transfer import registry
 from fasttl.transfer.config import RunConfig
 from fasttl.transfer.job import run

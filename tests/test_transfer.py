@@ -255,7 +255,7 @@ def test_mirror_views_default_is_test_and_the_flag_alone_means_both(capsys):
     assert views_of({"mirror_views": True}, "train") == [False, True]
     assert views_of({"mirror_views": False}, "test") == views_of({}, "test") == [False]
     assert RunConfig(mirror_views=True).mirror_views == "both"
-    from fasttl.errors import OptionError
+    from fasttl.util.errors import OptionError
 
     with pytest.raises(OptionError, match="mirror_views: unknown 'sideways'; choose from none, test, both"):
         views_of({"mirror_views": "sideways"}, "test")

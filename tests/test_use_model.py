@@ -110,14 +110,14 @@ def test_load_run_predicts_paths_and_uint8_tensors(trained, three_classes):
         logits = model.model(unit)
     assert torch.allclose(logits.softmax(1), probabilities, atol=1e-4)
 
-    with pytest.raises(fasttl.errors.OptionError, match="images: expected uint8"):
+    with pytest.raises(fasttl.util.errors.OptionError, match="images: expected uint8"):
         model.predict(pixels.float())
-    with pytest.raises(fasttl.errors.OptionError, match="images: expected shape"):
+    with pytest.raises(fasttl.util.errors.OptionError, match="images: expected shape"):
         model.predict(torch.zeros(2, 5, 5, dtype=torch.uint8)[None, None])
-    with pytest.raises(fasttl.errors.OptionError, match=r"reads as \(N, H, W, 3\) with H=3 or as \(N, 3, H, W\)"):
+    with pytest.raises(fasttl.util.errors.OptionError, match=r"reads as \(N, H, W, 3\) with H=3 or as \(N, 3, H, W\)"):
         model.predict(torch.zeros(2, 3, 8, 3, dtype=torch.uint8))  # either layout: not guessed
     for nothing in ([], ()):
-        with pytest.raises(fasttl.errors.OptionError, match="images: no images given"):
+        with pytest.raises(fasttl.util.errors.OptionError, match="images: no images given"):
             model.predict(nothing)
 
 

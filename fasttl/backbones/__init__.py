@@ -12,7 +12,7 @@ import functools
 import os
 from typing import List, Optional
 
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
 from fasttl.backbones.base import Backbone, CustomBackbone, Preprocessing
 from fasttl.backbones.efficientnet_lite import EfficientNetLite, load_efficientnet_lite
 from fasttl.backbones.resnet import ResNet, load_resnet

@@ -11,7 +11,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
 
 
 @dataclasses.dataclass(frozen=True)

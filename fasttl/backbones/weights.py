@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 
-from fasttl.errors import UserError
+from fasttl.util.errors import UserError
 
 
 class WeightsError(UserError, ValueError):
@@ -26,7 +26,7 @@ def read_state_dict(path: str) -> dict:
 
             state = load_file(path)
         else:
-            from fasttl.files import load_tensors
+            from fasttl.util.files import load_tensors
 
             state = load_tensors(path)
     except Exception as exc:  # safetensors and torch raise many types for a damaged file

@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-import fasttl
+from fasttl import optim
 from fasttl.bench.common import copy_bandwidth, format_table, inplace_bandwidth, load_average, timings
 
 
@@ -42,7 +42,7 @@ def run(device: str = "cpu", quick: bool = False) -> Dict[str, object]:
     # fp32: 28 bytes moved per param (read p, g, m, v; write p, m, v), 16 held (p, g, m, v).
     fp32 = {}
     for name, make in [
-        ("fasttl", lambda ps: fasttl.optim.AdamW(ps, **kw)),
+        ("fasttl", lambda ps: optim.AdamW(ps, **kw)),
         ("torch foreach", lambda ps: torch.optim.AdamW(ps, foreach=True, **kw)),
         ("torch fused", lambda ps: torch.optim.AdamW(ps, fused=True, **kw)),
     ]:
@@ -61,7 +61,7 @@ def run(device: str = "cpu", quick: bool = False) -> Dict[str, object]:
     # bf16 model with fp32 master weights. fasttl: one pass, 28 bytes moved (read g2 w4 m4 v4,
     # write w4 m4 v4 p2), 16 held (p2 g2 w4 m4 v4).
     params = _params(sizes, torch.bfloat16, device)
-    opt = fasttl.optim.AdamW(params, **kw)
+    opt = optim.AdamW(params, **kw)
     ours = timed(opt.step)
     del opt, params
 

@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from fasttl import backbones
 from fasttl.bench.common import cache_bytes, copy_bandwidth, format_table, median_seconds
 from fasttl.bench.data import DEFAULT_DATA
-from fasttl.cache import FeatureCache, gather, make_head
+from fasttl.cache import FeatureCache, gather
+from fasttl.heads import make_head
 from fasttl.data import class_folder_splits, make_loader
 from fasttl.optim import AdamW
+from fasttl.util import settings
 
 
 def _cached_epoch(cache: FeatureCache, batch_size: int) -> float:
@@ -55,7 +57,7 @@ def _recompute_epoch(model, source, batch_size: int, size: int) -> float:
 def run(device: str = "cpu", quick: bool = False, data: str = None, scale: bool = False) -> Dict[str, object]:
     if scale:
         return run_scale(quick, data)
-    root = os.path.abspath(data or os.environ.get("FASTTL_BENCH_DATA", DEFAULT_DATA))
+    root = os.path.abspath(data or settings.BENCH_DATA.value() or DEFAULT_DATA)
     train, _ = class_folder_splits(root)
     count = 200 if quick else 2000
     source = train.subset(range(0, len(train), len(train) // count))
@@ -272,7 +274,7 @@ def run_scale(quick: bool = False, data: str = None, root: str = None) -> Dict[s
             {"case": f"{tag}: batch gather, shard pointer table", "value": probe["batch_table_ms"], "unit": "ms"},
             {"case": f"{tag}: batch gather, grouped by shard", "value": probe["batch_grouped_ms"], "unit": "ms"},
         ]
-    formats = _extraction_formats(data or os.environ.get("FASTTL_BENCH_DATA", DEFAULT_DATA), 60 if quick else 2000)
+    formats = _extraction_formats(data or settings.BENCH_DATA.value() or DEFAULT_DATA, 60 if quick else 2000)
     rows_out += [
         {"case": f"extraction, {formats['images']} CIFAR-10 JPEGs as class folders", "value": formats["folders_ips"],
          "unit": "images/s"},

@@ -16,6 +16,7 @@ from fasttl.cache import engines
 from fasttl.cache.build import default_batch_size, extraction_engine
 from fasttl.bench.common import format_table, load_average
 from fasttl.data import ImageLoader, TransformSpec, class_folder_splits, dali_available
+from fasttl.util import settings
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "cifar10")
 
@@ -74,7 +75,7 @@ def _forward_images_per_second(backbone, size: int, device: str, repeats: int = 
 
 
 def run(device: str = "cpu", quick: bool = False, data: str = None) -> Dict[str, object]:
-    root = os.path.abspath(data or os.environ.get("FASTTL_BENCH_DATA", DEFAULT_DATA))
+    root = os.path.abspath(data or settings.BENCH_DATA.value() or DEFAULT_DATA)
     _, test = class_folder_splits(root)
     count = 512 if quick else 4000
     source = test.subset(range(0, len(test), max(1, len(test) // count)))

@@ -21,6 +21,7 @@ from fasttl.bench.common import format_table
 from fasttl.bench.data import DEFAULT_DATA
 from fasttl.data import class_folder_splits
 from fasttl.transfer.datasets import per_class_subset
+from fasttl.util import settings
 
 
 # 500 images per class: the small-data regime transfer learning is for, with enough images that the
@@ -93,8 +94,8 @@ def fasttl_linear(train, test, size: int, seed: int = 0) -> Dict[str, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         _link_folder(train, test, os.path.join(tmp, "data"))
-        previous = os.environ.get("FASTTL_CACHE_DIR")
-        os.environ["FASTTL_CACHE_DIR"] = os.path.join(tmp, "cache")  # a cold cache: extraction is timed
+        previous = settings.CACHE_DIR.raw()
+        os.environ[settings.CACHE_DIR.name] = os.path.join(tmp, "cache")  # a cold cache: extraction is timed
         try:
             started = time.perf_counter()
             metrics = run_job(data=os.path.join(tmp, "data"), strategy="linear", image_size=size, seed=seed, out=os.path.join(tmp, "run"), progress=False)
@@ -102,9 +103,9 @@ def fasttl_linear(train, test, size: int, seed: int = 0) -> Dict[str, float]:
             correct = _correct_in_order(os.path.join(tmp, "run"), test)
         finally:
             if previous is None:
-                os.environ.pop("FASTTL_CACHE_DIR", None)
+                os.environ.pop(settings.CACHE_DIR.name, None)
             else:
-                os.environ["FASTTL_CACHE_DIR"] = previous
+                os.environ[settings.CACHE_DIR.name] = previous
     return {"seconds": seconds, "accuracy": metrics["accuracy"], "extract_s": metrics["timings"]["extract_s"],
             "correct": correct}
 
@@ -133,7 +134,7 @@ def paired_difference(ours: List[bool], recipe: List[bool]) -> Dict[str, float]:
 
 def run(device: str = "cpu", quick: bool = False, data: str = None, per_class: Optional[int] = None,
         test_per_class: Optional[int] = None) -> Dict[str, object]:
-    root = os.path.abspath(data or os.environ.get("FASTTL_BENCH_DATA", DEFAULT_DATA))
+    root = os.path.abspath(data or settings.BENCH_DATA.value() or DEFAULT_DATA)
     train, test = class_folder_splits(root)
     default_train, default_test, epochs, size = (10, 5, 2, 64) if quick else (DEFAULT_PER_CLASS, DEFAULT_TEST_PER_CLASS,
                                                                                10, 128)

@@ -1,4 +1,4 @@
-"""Frozen-backbone feature caching: build once, train heads from memory.
+"""Frozen-backbone feature caching: build once, read at memory speed (heads train on it: fasttl.heads).
 
     cache = fasttl.FeatureCache.build(backbone, train_source, "runs/cache/train", dtype="fp16", image_size=128)
     cache = fasttl.FeatureCache.build(backbone, folder_source, "runs/cache/all", on_error="skip")  # leave out bad images
@@ -16,6 +16,3 @@ from fasttl.cache.kernels import gather, pool_store
 from fasttl.cache.store import CacheLockedError
 
 __all__ = ["CacheError", "CacheLoader", "CacheLockedError", "FeatureCache", "gather", "pool_store"]
-from fasttl.cache.heads import evaluate_head, make_head, predict_cache, train_head  # noqa: E402
-
-__all__ += ["evaluate_head", "make_head", "predict_cache", "train_head"]

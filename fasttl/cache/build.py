@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fasttl import files
+from fasttl.util import files
 from fasttl._version import __version__
 from fasttl.cache import engines, store
 from fasttl.cache.format import (identities, manifest_sha256, mismatch_message, npy_header, record_verified,

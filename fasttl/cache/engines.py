@@ -13,9 +13,9 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from fasttl import files
+from fasttl.util import files
 from fasttl.cache.store import CacheError
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
 from fasttl.onnx_graph import to_onnx
 
 ENGINES = ("auto", "torch", "onnxruntime")

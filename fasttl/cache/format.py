@@ -16,6 +16,7 @@ from torch import Tensor
 from fasttl.cache import store
 from fasttl.cache.kernels import CACHE_DTYPES
 from fasttl.cache.store import REBUILD_HINT, CacheError
+from fasttl.util import settings
 
 
 def to_numpy_storage(tensor: Tensor) -> np.ndarray:
@@ -189,7 +190,7 @@ VERIFY = (True, False, "full")
 
 
 def state_dir() -> str:
-    return os.path.expanduser(os.environ.get("FASTTL_STATE_DIR", os.path.join("~", ".cache", "fasttl", "state")))
+    return settings.STATE_DIR.path()
 
 
 def _identity(info: os.stat_result) -> list:
@@ -216,7 +217,7 @@ def _read_verified(directory: str, manifest_sha256: str) -> Dict[str, list]:
 def record_verified(directory: str, manifest_sha256: str, verified: Dict[str, list]) -> None:
     """Records that the files `verified` (name: identity) hold their listed content. Best effort:
     a state folder that cannot be written only means the next open hashes them again."""
-    from fasttl import files
+    from fasttl.util import files
 
     path = _record_path(directory, manifest_sha256)
     try:

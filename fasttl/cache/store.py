@@ -20,9 +20,9 @@ from typing import Optional
 
 import numpy as np
 
-from fasttl.errors import UserError
-from fasttl import files
-from fasttl.files import TEMP_PREFIX
+from fasttl.util.errors import UserError
+from fasttl.util import files
+from fasttl.util.files import TEMP_PREFIX
 
 MANIFEST = "manifest.json"
 BUILD = "build.json"        # the fingerprint of a build in progress (what a resume must match)
@@ -185,7 +185,7 @@ def remove_cache_files(directory: str) -> None:
 
 class WriterLock(files.FolderLock):
     """An exclusive, non-blocking lock on a cache directory: a second writer fails at once
-    instead of interleaving (fasttl.files.FolderLock)."""
+    instead of interleaving (fasttl.util.files.FolderLock)."""
 
     def __init__(self, directory: str):
         super().__init__(directory, LOCK, "a second writer would interleave shards")

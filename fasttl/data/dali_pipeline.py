@@ -9,7 +9,7 @@ from typing import List, Optional
 import numpy as np
 
 from fasttl.data.sources import MAX_IMAGE_BYTES, ArraySource, DataError, TarSource, bytes_problem, skip_hint
-from fasttl.files import read_plain
+from fasttl.util.files import read_plain
 from fasttl.data.spec import TransformSpec
 
 

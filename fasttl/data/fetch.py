@@ -34,9 +34,10 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from fasttl.data.sources import DataError
-from fasttl.errors import OptionError, UserError
-from fasttl.files import TEMP_PREFIX
-from fasttl.outputs import terminal_text
+from fasttl.util.errors import OptionError, UserError
+from fasttl.util.files import TEMP_PREFIX
+from fasttl.util.outputs import terminal_text
+from fasttl.util import settings
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CHUNK = 1 << 20             # hashing
@@ -91,9 +92,7 @@ def names() -> Tuple[str, ...]:
 
 
 def default_dest() -> str:
-    from fasttl.transfer.datasets import cifar10_location
-
-    return cifar10_location()
+    return settings.DATA.path()
 
 
 def is_complete(folder: str, remote: Remote) -> bool:
@@ -242,7 +241,7 @@ def _reply_error(exc: Exception, url: str, have: int) -> None:
 def _open_reply(url: str, have: int, timeout: float, budget: _Budget):
     """The response to a GET of `url` from byte `have` on, with the deadline ending a wait for its
     headers (a watchdog closes the connection); None for HTTP 416 on a complete partial file."""
-    from fasttl import __version__
+    from fasttl._version import __version__
 
     headers = {"User-Agent": f"fasttl/{__version__}"}
     if have:

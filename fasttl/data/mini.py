@@ -65,7 +65,7 @@ def extract_cifar10_mini(destination: str) -> str:
                 with open(path, "rb") as f:
                     if f.read() == jpeg:
                         continue
-            from fasttl.files import write_atomic
+            from fasttl.util.files import write_atomic
 
             write_atomic(path, jpeg)
     return destination

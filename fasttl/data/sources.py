@@ -24,23 +24,21 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from fasttl.errors import UserError
-from fasttl.files import RUN_MARKER, read_plain
+from fasttl.util.errors import UserError
+from fasttl.util.files import RUN_MARKER, read_plain
+from fasttl.util import settings
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 ON_ERROR = ("fail", "skip")
-# PIL's default decompression-bomb threshold (about 9459 x 9459 pixels). A larger image is refused
-# before any decoder allocates it: neither backend needs hundreds of MB per sample to make a
-# 224-pixel input, and a forged header must not make either one try.
-# Images may declare up to this many pixels (PIL's own limit: 89.5 megapixels, beyond any photo a
-# data set holds); FASTTL_MAX_IMAGE_PIXELS changes it.
-MAX_IMAGE_PIXELS = 89_478_485
+# A larger image is refused before any decoder allocates it: neither backend needs hundreds of MB
+# per sample to make a 224-pixel input, and a forged header must not make either one try.
+MAX_IMAGE_PIXELS = int(settings.MAX_IMAGE_PIXELS.default)
 
 
 def max_image_pixels() -> int:
     """The pixel budget in effect: FASTTL_MAX_IMAGE_PIXELS, else MAX_IMAGE_PIXELS (read when used,
     so that a bad value is one line naming the variable, never a failure at import)."""
-    given = os.environ.get("FASTTL_MAX_IMAGE_PIXELS")
+    given = settings.MAX_IMAGE_PIXELS.raw()
     if given is None:
         return MAX_IMAGE_PIXELS
     value = given.strip().replace("_", "")

@@ -13,11 +13,12 @@ from fasttl.cache import FeatureCache
 from fasttl.cache.cache import CacheError
 from fasttl.cache import engines
 from fasttl.cache.build import compute_settings
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
+from fasttl.util import settings
 
 
 def cache_root() -> str:
-    return os.path.expanduser(os.environ.get("FASTTL_CACHE_DIR", os.path.join("~", ".cache", "fasttl", "features")))
+    return settings.CACHE_DIR.path()
 
 
 # --features: how many intermediate stages each cached vector pools beside the final map (see

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from fasttl import backbones
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
 from fasttl.cache import engines
 from fasttl.transfer import cross_fit
 from fasttl.transfer.caching import FEATURE_TAPS, MIRROR_VIEWS, mirror_mode

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fasttl.data.splits import stratified_folds
-from fasttl.errors import OptionError, UserError
+from fasttl.util.errors import OptionError, UserError
 
 FOLDS = 5
 IN_SAMPLE = "in-sample"
@@ -29,7 +29,7 @@ def teacher_setting(run_dir: str, name: str, valid: Callable[[object], bool], ex
     """One setting a finished teacher run's head was fit with: from metrics.json's notes.choice
     (what its tuning chose) or, `choice` False, from its config.json. A missing or damaged value,
     or one the teacher could not have chosen, is an error naming the file and the way out."""
-    from fasttl.files import read_json
+    from fasttl.util.files import read_json
 
     path = os.path.join(run_dir, "metrics.json" if choice else "config.json")
     try:
@@ -78,7 +78,7 @@ def cross_fitted_logits(caches: Dict[bool, object], trained_views: List[bool], r
     """(2, N, C) logits per view (plain, mirrored) of the cached training features `caches`
     ({False: plain, True: mirrored}): the rows of each fold scored by `refit(views, seed, device)`
     fit on the other folds' rows of `trained_views` (the views the teacher trained on)."""
-    from fasttl.cache.heads import predict_views
+    from fasttl.heads.train import predict_views
 
     count = len(caches[False])
     out = torch.empty(2, count, num_classes)

@@ -12,7 +12,8 @@ import numpy as np
 from fasttl.data import ArraySource, DataError, FileSource, class_folder_splits, load_cifar_pickles, screen
 from fasttl.data.sources import TarSource, is_file_list, is_webdataset, open_data
 from fasttl.data.splits import stratified_split
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
+from fasttl.util import settings
 
 Source = Union[FileSource, ArraySource, TarSource]
 EMBEDDED = "cifar10-mini"
@@ -64,7 +65,7 @@ def _cifar10_mini() -> Dataset:
 
 
 def cifar10_location() -> str:
-    return os.path.expanduser(os.environ.get("FASTTL_DATA", os.path.join("~", ".cache", "fasttl", "data")))
+    return settings.DATA.path()
 
 
 def _cifar10(download: bool = False) -> Dataset:

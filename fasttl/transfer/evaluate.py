@@ -7,7 +7,7 @@ from typing import Dict
 
 import torch
 
-from fasttl.files import write_json_atomic
+from fasttl.util.files import write_json_atomic
 from fasttl.data import DataError, screen
 from fasttl.transfer.datasets import load_dataset
 from fasttl.transfer.metrics import classification_metrics

@@ -17,17 +17,17 @@ import torch
 import torch.distributed as dist
 
 from fasttl.transfer import report
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
 from fasttl.transfer.caching import mirror_mode
 from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import BUILTIN, EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
-from fasttl.files import write_atomic
+from fasttl.util.files import write_atomic
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
                                     run_files, write_config, write_metrics, write_predictions)
 from fasttl.transfer import cross_fit, registry
-from fasttl.outputs import csv_cell, markdown_cell, terminal_lines
+from fasttl.util.outputs import csv_cell, markdown_cell, terminal_lines
 from fasttl.transfer.registry import Outcome
 
 

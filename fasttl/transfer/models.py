@@ -79,7 +79,7 @@ class DANN(nn.Module):
 
     def __init__(self, feature_dim: int, num_classes: int, bottleneck: int = 256, mean=None, std=None):
         super().__init__()
-        from fasttl.cache.heads import Standardize
+        from fasttl.heads.train import Standardize
 
         mean = torch.zeros(feature_dim) if mean is None else mean
         std = torch.ones(feature_dim) if std is None else std

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
-from fasttl.files import write_atomic
-from fasttl.outputs import markdown_cell, plot_label
+from fasttl.util.files import write_atomic
+from fasttl.util.outputs import markdown_cell, plot_label
 
 
 def _plt():

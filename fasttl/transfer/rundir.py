@@ -11,10 +11,10 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from fasttl.errors import UserError
-from fasttl import files
-from fasttl.files import RUN_MARKER, read_json, write_atomic, write_json_atomic
-from fasttl.outputs import csv_cell
+from fasttl.util.errors import UserError
+from fasttl.util import files
+from fasttl.util.files import RUN_MARKER, read_json, write_atomic, write_json_atomic
+from fasttl.util.outputs import csv_cell
 
 CONFIG = "config.json"
 MARKER = RUN_MARKER
@@ -83,7 +83,7 @@ def load_weights(run_dir: str, name: str, module: nn.Module) -> nn.Module:
 def check_finite(module: nn.Module, path: str) -> None:
     """Every float weight of `module` as loaded (after any cast to its dtype: 1e300 stored as
     float64 is inf in float32) is finite; else a RunError naming the file."""
-    from fasttl.training import nonfinite_weight
+    from fasttl.heads.fit import nonfinite_weight
 
     name = nonfinite_weight(module)
     if name is not None:
@@ -100,7 +100,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_tensors(path: str) -> Dict[str, object]:
-    """A checkpoint: tensors and plain containers only (fasttl.files.load_tensors)."""
+    """A checkpoint: tensors and plain containers only (fasttl.util.files.load_tensors)."""
     try:
         return files.load_tensors(path)
     except ValueError as exc:
@@ -173,7 +173,7 @@ def read_config(run_dir: str) -> Dict[str, object]:
 def load_trained(run_dir: str, device):
     """The run's model, rebuilt by its strategy's `load`. Its options come from config.json, so an
     option error raised while rebuilding names that file, not the command line."""
-    from fasttl.errors import OptionError
+    from fasttl.util.errors import OptionError
     from fasttl.transfer import registry
 
     config = read_config(run_dir)
@@ -224,7 +224,7 @@ def holds_run(run_dir: str) -> bool:
 def mark_run(run_dir: str, config_sha256: Optional[str] = None) -> None:
     """Writes the marker that makes `run_dir` a fasttl run folder (with the SHA-256 of the
     config.json fasttl wrote, once there is one)."""
-    from fasttl import __version__
+    from fasttl._version import __version__
 
     marker = {"fasttl": __version__, "what": "a fasttl run folder"}
     if config_sha256 is not None:

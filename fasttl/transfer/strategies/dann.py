@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from fasttl import backbones
-from fasttl.cache import FeatureCache, predict_cache
-from fasttl.cache.heads import evaluate_head, feature_statistics, on_device
+from fasttl.cache import FeatureCache
+from fasttl.heads import predict_cache
+from fasttl.heads.train import evaluate_head, feature_statistics, on_device
 from fasttl.data import DataError, class_folder_splits
 from fasttl.optim import AdamW
-from fasttl.training import EpochStats, fit, one_cycle, step
+from fasttl.heads.fit import EpochStats, fit, one_cycle, step
 from fasttl.transfer.caching import Extraction, cached_features
 from fasttl.transfer.models import DANN
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fasttl.errors import OptionError
-from fasttl.files import read_json, write_atomic
+from fasttl.util.errors import OptionError
+from fasttl.util.files import read_json, write_atomic
 from fasttl.transfer import cross_fit, registry
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.transfer.rundir import RunError, finite_logits, load_trained, read_config, weights_file

@@ -10,17 +10,17 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from fasttl import backbones
-from fasttl.cache import make_head, solver
+from fasttl.heads import make_head, solver
 from fasttl.cache.cache import FeatureCache
-from fasttl.cache.heads import predict_views, train_head
-from fasttl.cache.tuning import MLP_WEIGHT_DECAYS, fit_linear, predict_split, tune_linear, tune_mlp
+from fasttl.heads.train import predict_views, train_head
+from fasttl.heads.tuning import MLP_WEIGHT_DECAYS, fit_linear, predict_split, tune_linear, tune_mlp
 from fasttl.data import TransformSpec
 from fasttl.data.splits import validation_split
 from fasttl.transfer.caching import Extraction, cached_features, views_of
 from fasttl.transfer.cross_fit import cross_fitted_logits, positive, teacher_setting
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
 from fasttl.transfer.rundir import Checkpoint, RunError, load_weights, read_config, save_weights
 from fasttl.transfer.strategies.common import eval_timings, param_dtype, throughput
 
@@ -119,7 +119,7 @@ class FeatureTransfer(Strategy):
 
     def fit(self, cfg, views, run_dir, device, mirrored_validation=None):
         """(head, validation records, choice) of this kind of head; `mirrored_validation`: see
-        fasttl.cache.tuning.split_views."""
+        fasttl.heads.tuning.split_views."""
         raise NotImplementedError
 
     def train(self, cfg, ds, run_dir, device) -> List[Outcome]:

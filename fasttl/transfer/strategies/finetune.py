@@ -26,12 +26,12 @@ from torch import Tensor, nn
 
 from fasttl import backbones
 from fasttl.cache.build import rank_and_world
-from fasttl.cache.heads import make_head
+from fasttl.heads.train import make_head
 from fasttl.data import ImageLoader, TransformSpec
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split
-from fasttl.errors import OptionError
+from fasttl.util.errors import OptionError
 from fasttl.optim import AdamW
-from fasttl.training import EpochStats, eval_record, fit, step, warmup_cosine
+from fasttl.heads.fit import EpochStats, eval_record, fit, step, warmup_cosine
 from fasttl.transfer.caching import Extraction, cached_features
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
@@ -220,7 +220,7 @@ class Finetune(Strategy):
         return self._train_lpft(cfg, ds, run_dir, device)
 
     def _train_lpft(self, cfg, ds, run_dir, device) -> List[Outcome]:
-        from fasttl.cache.tuning import linear_probe
+        from fasttl.heads.tuning import linear_probe
 
         rank, world = rank_and_world()
         torch.manual_seed(cfg.seed)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from fasttl.data import ImageLoader, TransformSpec
 from fasttl.optim import AdamW
-from fasttl.training import EpochStats, eval_record, fit, one_cycle, step
+from fasttl.heads.fit import EpochStats, eval_record, fit, one_cycle, step
 from fasttl.transfer.models import SmallCNN
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
@@ -67,7 +67,7 @@ def cnn_loss(train_y: Tensor, teacher_logits: Optional[Tensor], temperature: flo
     """loss_fn(logits, idx, mirrored) of a CNN epoch: cross-entropy, or given the teacher's logits
     per view, (2, N, C) (plain, mirrored), fasttl's fused distillation loss against the logits of
     the view each image was shown in; plus `extra(idx, mirrored)` when given (distill's feature term)."""
-    import fasttl
+    from fasttl.losses import distillation_loss
 
     if teacher_logits is None:
         return lambda logits, idx, mirrored: F.cross_entropy(logits, train_y[idx])
@@ -76,7 +76,7 @@ def cnn_loss(train_y: Tensor, teacher_logits: Optional[Tensor], temperature: flo
 
     def loss(logits, idx, mirrored):
         soft = teacher_logits[mirrored.long(), idx]
-        value = fasttl.distillation_loss(logits, soft, train_y[idx], temperature=temperature, alpha=alpha)
+        value = distillation_loss(logits, soft, train_y[idx], temperature=temperature, alpha=alpha)
         return value if extra is None else value + extra(idx, mirrored)
     return loss
 

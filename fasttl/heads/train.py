@@ -92,7 +92,7 @@ def predict_views(head: nn.Module, views: List[FeatureCache], device="cpu") -> T
 
 def head_epoch(head: nn.Module, loader, optimizer, scheduler=None) -> Dict[str, float]:
     """One epoch of cross-entropy training over (features, labels) batches."""
-    from fasttl.training import EpochStats, step
+    from fasttl.heads.fit import EpochStats, step
 
     stats = EpochStats()
     for features, labels in loader:
@@ -104,7 +104,7 @@ def head_epoch(head: nn.Module, loader, optimizer, scheduler=None) -> Dict[str, 
 
 
 def evaluate_head(head: nn.Module, cache: FeatureCache, device="cpu") -> Dict[str, float]:
-    from fasttl.training import eval_record
+    from fasttl.heads.fit import eval_record
 
     return eval_record(*predict_cache(head, cache, device))
 
@@ -131,7 +131,7 @@ def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, b
     is given, a cache or a list of views of one split whose logits are averaged, seconds). With
     ``checkpoint`` and ``resume`` an interrupted training continues where it stopped; with
     ``patience`` it stops that many epochs after the best eval accuracy."""
-    from fasttl.training import eval_record, fit, one_cycle
+    from fasttl.heads.fit import eval_record, fit, one_cycle
 
     torch.manual_seed(seed)
     device = torch.device(device)

@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from fasttl.errors import UserError
+from fasttl.util.errors import UserError
 
 Record = Dict[str, float]
 

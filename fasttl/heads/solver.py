@@ -75,7 +75,7 @@ def solve(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, init: Opt
     with torch.no_grad():
         loss = float(F.cross_entropy(torch.addmm(bias, x, weight.t()), y) + 0.5 * weight_decay * weight.pow(2).sum())
     if not math.isfinite(loss):
-        from fasttl.training import DivergedError
+        from fasttl.heads.fit import DivergedError
 
         raise DivergedError(f"linear head: the objective is {loss} at weight decay {weight_decay}; the features hold "
                             "non-finite values or are far out of scale")

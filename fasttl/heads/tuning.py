@@ -1,5 +1,5 @@
 """Heads tuned on a validation split carved from the training features, then refit on train +
-validation: the exact L2 path for `linear` (fasttl.cache.solver), the weight decay and epoch
+validation: the exact L2 path for `linear` (fasttl.heads.solver), the weight decay and epoch
 count by early stopping for `mlp`. The test split is never seen here."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from fasttl.cache import solver
+from fasttl.heads import solver
 from fasttl.cache.cache import FeatureCache
-from fasttl.cache.heads import make_head, on_device, predict_views, train_head
+from fasttl.heads.train import make_head, on_device, predict_views, train_head
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split
 
 # Weight decays the MLP head tries (AdamW, decoupled); each run stops early on validation.

@@ -136,13 +136,13 @@ class FolderLock:
         self.fd: Optional[int] = None
 
     def refused(self, why: str) -> Exception:
-        from fasttl.errors import UserError
+        from fasttl.util.errors import UserError
 
         return UserError(f"{self.path}: {why}; fasttl will not write to it (move it away: it is not fasttl's lock "
                          "file, which fasttl creates itself)")
 
     def locked(self, holder: str) -> Exception:
-        from fasttl.errors import UserError
+        from fasttl.util.errors import UserError
 
         return UserError(f"{os.path.dirname(self.path)} is in use by {holder}; wait for it to finish ({self.purpose})")
 

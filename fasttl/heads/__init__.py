@@ -1,0 +1,9 @@
+"""Heads on frozen features: a linear or MLP head trained on a feature cache (train), the
+closed-form L2 solver for linear heads (solver), their strength and epochs chosen on validation
+(tuning), and the epoch loop every trained model shares (fit).
+
+    head, history = fasttl.heads.train_head(cache, kind="linear", epochs=10)
+"""
+from fasttl.heads.train import evaluate_head, make_head, predict_cache, train_head
+
+__all__ = ["evaluate_head", "make_head", "predict_cache", "train_head"]
