@@ -134,3 +134,22 @@ def test_the_walk_sees_every_kind_of_import(tmp_path, snippet, expected):
     path = tmp_path / "probe.py"
     path.write_text(snippet)
     assert [name for _, name in imported("fasttl.util.probe", str(path))] == [expected]
+
+
+def test_every_fasttl_variable_is_read_through_settings_and_listed_in_the_readme():
+    from fasttl.util import settings
+
+    readme = open(os.path.join(os.path.dirname(PACKAGE), "README.md"), encoding="utf-8").read()
+    for setting in settings.SETTINGS:
+        default = f"`{setting.default}`" if setting.default else "-"
+        assert f"| `{setting.name}` | {default} | {setting.help} |" in readme, setting.name
+    # os.environ / os.getenv with a literal FASTTL_ name anywhere else would be a second place
+    readers = []
+    for module, path in MODULES.items():
+        if module == "fasttl.util.settings":
+            continue
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("FASTTL_") \
+                    and node.value.isidentifier():
+                readers.append(f"{module}:{node.lineno} {node.value}")
+    assert not readers, "FASTTL_ variables named outside fasttl/util/settings.py:\n" + "\n".join(readers)
