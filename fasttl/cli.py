@@ -246,6 +246,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_on_error(parser: argparse.ArgumentParser, where: str, prefix: str = "") -> None:
+    """--on-error of a command that reads images; `where`: where the skipped ones are listed."""
+    from fasttl.data.sources import ON_ERROR
+
+    parser.add_argument("--on-error", default=ON_ERROR[0], choices=ON_ERROR,
+                        help=f"{prefix}an unreadable image: fail (default, names it) or skip (left out, {where})")
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """One flag per RunConfig field. Every default is None, so options left unset stay out and
     RunConfig's own defaults (and the strategy's) apply; --help shows them."""
@@ -297,15 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data", help="data to evaluate on (default: the run's own)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
-                   help="an unreadable image: fail (default, names it) or skip (left out, listed in eval_metrics.json)")
+    _add_on_error(p, "listed in eval_metrics.json")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
+    from fasttl import backbones
+    from fasttl.cache.build import SHARD_ROWS
+    from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES
+    from fasttl.data.loader import BACKENDS
     from fasttl.data.sources import LABEL_KINDS
+    from fasttl.export import DEFAULT_OPSET
 
     p = sub.add_parser("extract", help="precompute a frozen backbone's features into a cache (torchrun-aware)")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="backbone name (default efficientnet_lite0)")
+    p.add_argument("--backbone", default=backbones.DEFAULT, help=f"backbone name (default {backbones.DEFAULT})")
     p.add_argument("--weights", metavar="FILE", help="state dict file for the backbone")
     p.add_argument("--data", required=True, metavar="DATA",
                    help="class folders (DIR/train and DIR/test used when present), a file list LIST.csv/.tsv/.parquet "
@@ -318,14 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "indices into --classes")
     p.add_argument("--out", required=True, metavar="DIR", help="cache directory (one sub-folder per split)")
     p.add_argument("--image-size", type=int, metavar="N", help="input size in pixels (default: the backbone's)")
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32", "int8"], help="cache dtype")
+    p.add_argument("--dtype", default=CACHE_DTYPE, choices=tuple(CACHE_DTYPES),
+                   help=f"cache dtype (default {CACHE_DTYPE})")
     p.add_argument("--batch-size", type=int, metavar="N", help="images per backbone call (default 32 on CPU, 128 on GPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--shard-rows", type=int, default=4096, metavar="N", help="rows per shard file (default 4096)")
-    p.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"], help="input pipeline")
+    p.add_argument("--shard-rows", type=int, default=SHARD_ROWS, metavar="N",
+                   help=f"rows per shard file (default {SHARD_ROWS})")
+    p.add_argument("--backend", default=BACKENDS[0], choices=BACKENDS, help="input pipeline")
     p.add_argument("--overwrite", action="store_true", help="rebuild a cache built for something else")
-    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
-                   help="an unreadable image: fail (default, names it) or skip (left out, listed in the manifest)")
+    _add_on_error(p, "listed in the manifest")
     _add_extraction_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
@@ -342,11 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "many ImageNet classes to show (default 5)")
     p.add_argument("--device", default="cpu", help="--run: cpu or cuda (default cpu)")
     p.add_argument("--batch-size", type=int, metavar="N", help="--run: images per batch")
-    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
-                   help="--run: an unreadable image: fail (default, names it) or skip (left out, listed)")
+    _add_on_error(p, "listed", "--run: ")
     p.add_argument("--overwrite", action="store_true", help="--run: replace an existing --out file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--backbone", help="without --run: backbone name (default efficientnet_lite0)")
+    p.add_argument("--backbone", help=f"without --run: backbone name (default {backbones.DEFAULT})")
     p.add_argument("--weights", metavar="FILE", help="without --run: state dict file, for backbones whose weights no "
                                                      "package ships")
     p.set_defaults(func=_cmd_predict)
@@ -356,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
     p.add_argument("--image-size", type=int, metavar="N", help="input height and width (default: the run's)")
-    p.add_argument("--opset", type=int, default=17, metavar="K", help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="K",
+                   help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_cmd_export)
 

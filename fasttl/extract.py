@@ -9,6 +9,8 @@ import torch.distributed as dist
 
 from fasttl import backbones
 from fasttl.cache import FeatureCache
+from fasttl.cache.build import SHARD_ROWS
+from fasttl.cache.kernels import CACHE_DTYPE
 from fasttl.data import class_folder_splits
 from fasttl.data.sources import open_data
 from fasttl.util.errors import OptionError
@@ -28,8 +30,8 @@ def init_distributed(device: str) -> torch.device:
 
 
 def extract(backbone_name: str, data: str, out: str, *, weights: str = None, image_size: int = None,
-            dtype: str = "fp16", batch_size: Optional[int] = None, device: str = "cpu", overwrite: bool = False,
-            shard_rows: int = 4096, backend: str = "auto", progress: bool = True,
+            dtype: str = CACHE_DTYPE, batch_size: Optional[int] = None, device: str = "cpu", overwrite: bool = False,
+            shard_rows: int = SHARD_ROWS, backend: str = "auto", progress: bool = True,
             on_error: str = "fail", features: str = "head", engine: str = "auto",
             precision: str = "auto", classes: Optional[str] = None, labels: str = "names") -> Dict[str, dict]:
     """Builds one cache per split: OUT/train and OUT/test when DATA has train/ and test/, else OUT/all.

@@ -19,10 +19,13 @@ from fasttl.cache import engines, store
 from fasttl.cache.format import (identities, manifest_sha256, mismatch_message, npy_header, record_verified,
                                  storage_dtypes, to_numpy_storage, validate_manifest)
 from fasttl.cache.store import CacheError
-from fasttl.cache.kernels import CACHE_DTYPES, pool_store
+from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES, pool_store
 from fasttl.data import ImageLoader, TransformSpec
 from fasttl.data import screen as screen_source
-from fasttl.data.sources import ArraySource, FileSource, TarSource
+from fasttl.data.sources import ON_ERROR, ArraySource, FileSource, TarSource
+
+
+SHARD_ROWS = 4096  # rows per shard file of a built cache: ~1-8 MB shards at typical widths
 
 
 def compute_settings(device: torch.device, engine: str = "auto", precision: str = "auto") -> dict:
@@ -153,9 +156,6 @@ def _extract_shard(engine, source, spec, shard: int, shard_rows: int, dtype: tor
     return {"features": to_numpy_storage(features), "scales": None if scales is None else scales.cpu().numpy()}
 
 
-ON_ERROR = ("fail", "skip")
-
-
 def screen(source, on_error: str):
     """The source to extract and the (path, reason) of each sample left out (fasttl.data.screen:
     with "skip", every file is decoded once before extraction and those that do not are left out;
@@ -258,9 +258,9 @@ def _all_ranks(flag: bool, world: int) -> bool:
     return all(results)
 
 
-def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *, dtype: str = "fp16",
+def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *, dtype: str = CACHE_DTYPE,
                 batch_size: Optional[int] = None, device: Union[str, torch.device] = "cpu",
-                image_size: Optional[int] = None, shard_rows: int = 4096, overwrite: bool = False,
+                image_size: Optional[int] = None, shard_rows: int = SHARD_ROWS, overwrite: bool = False,
                 backend: str = "auto", progress: bool = True, mirror: bool = False, on_error: str = "fail",
                 taps: int = 0, engine: str = "auto", precision: str = "auto",
                 engine_dir: Optional[str] = None) -> dict:
@@ -575,7 +575,7 @@ def _as_rows(chunk, index: int) -> torch.Tensor:
     return chunk
 
 
-def write_cache(directory: str, chunks, labels, *, classes, dtype: str = "fp16", sample_ids=None,
+def write_cache(directory: str, chunks, labels, *, classes, dtype: str = CACHE_DTYPE, sample_ids=None,
                 fingerprint: Optional[dict] = None, shard_rows: int = 65536, overwrite: bool = False) -> dict:
     """Streams features computed elsewhere into a cache in `directory` (``FeatureCache.write``).
 

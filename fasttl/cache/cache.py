@@ -10,7 +10,7 @@ from torch import Tensor
 from fasttl import _ops
 from fasttl.cache import build, format
 from fasttl.cache.format import mismatch_message  # noqa: F401  (part of this module's API)
-from fasttl.cache.kernels import ShardTable, gather
+from fasttl.cache.kernels import CACHE_DTYPE, ShardTable, gather
 from fasttl.cache.store import CacheError
 
 
@@ -56,7 +56,7 @@ class FeatureCache:
         return cache
 
     @classmethod
-    def write(cls, directory: str, chunks: Iterable, labels, *, classes: Sequence[str], dtype: str = "fp16",
+    def write(cls, directory: str, chunks: Iterable, labels, *, classes: Sequence[str], dtype: str = CACHE_DTYPE,
               sample_ids: Optional[Sequence[str]] = None, fingerprint: Optional[dict] = None,
               shard_rows: int = 65536, overwrite: bool = False) -> "FeatureCache":
         """Stores features computed elsewhere (your own model, another job) as a cache that opens

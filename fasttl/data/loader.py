@@ -15,7 +15,7 @@ from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import Collate, TorchImageDataset
 
 Source = Union[FileSource, ArraySource, TarSource]
-_BACKENDS = ("auto", "dali", "torch")
+BACKENDS = ("auto", "dali", "torch")
 
 
 class ImageLoader:
@@ -46,8 +46,8 @@ class ImageLoader:
                  dtype: torch.dtype = torch.float32, num_threads: Optional[int] = None, shuffle: Optional[bool] = None,
                  drop_last: bool = False, seed: Optional[int] = None, num_workers: Optional[int] = None,
                  pin_memory: bool = False):
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
         if not isinstance(num_shards, int) or num_shards < 1 or not isinstance(shard_id, int) or \

@@ -12,6 +12,7 @@ import torch
 from fasttl.cache import FeatureCache
 from fasttl.cache.cache import CacheError
 from fasttl.cache import engines
+from fasttl.cache.kernels import CACHE_DTYPE
 from fasttl.cache.build import compute_settings
 from fasttl.util.errors import OptionError
 from fasttl.util import settings
@@ -59,7 +60,7 @@ class Extraction:
     beside the backbone and the images."""
 
     image_size: int
-    dtype: str = "fp16"
+    dtype: str = CACHE_DTYPE
     features: str = "head"
     engine: str = "auto"
     precision: str = "auto"

@@ -13,7 +13,9 @@ from typing import Optional
 
 from fasttl import backbones
 from fasttl.util.errors import OptionError
+from fasttl.data.sources import ON_ERROR
 from fasttl.cache import engines
+from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES
 from fasttl.transfer import cross_fit
 from fasttl.transfer.caching import FEATURE_TAPS, MIRROR_VIEWS, mirror_mode
 from fasttl.data.sources import LABEL_KINDS
@@ -85,7 +87,7 @@ class RunConfig:
                              "its pretrained weights (l2sp)", choices=("none", "l2sp"))
     precision: str = option("auto", "bf16 params with fp32 master weights, or fp32 (auto: bf16 on cuda, fp32 on "
                             "cpu)", choices=("auto", "fp32", "bf16"))
-    cache_dtype: str = option("fp16", "feature cache dtype", choices=("fp16", "bf16", "fp32", "int8"))
+    cache_dtype: str = option(CACHE_DTYPE, "feature cache dtype", choices=tuple(CACHE_DTYPES))
     features: str = option("multi", "linear/mlp/dann/finetune: what each cached vector holds: head (the backbone's "
                            "final pooled features) or multi (beside them, the pooled outputs of its last four stages)",
                            choices=lambda: tuple(FEATURE_TAPS))
@@ -114,7 +116,7 @@ class RunConfig:
     resume: bool = option(False, "continue an interrupted run from its last finished epoch")
     overwrite: bool = option(False, "replace the run in --out (and rebuild a feature cache that fails its checks)")
     on_error: str = option("fail", "an unreadable image: fail (names it) or skip (left out, listed in skipped.csv)",
-                           choices=("fail", "skip"))
+                           choices=ON_ERROR)
     download: bool = option(False, "cifar10: download it into $FASTTL_DATA when it is not there (as `fasttl data "
                             "fetch cifar10`)")
     tensorboard: Optional[object] = option(None, "also write TensorBoard scalars, into DIR/<run folder name> (no DIR: "
