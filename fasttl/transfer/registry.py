@@ -1,9 +1,12 @@
 """The strategy registry, after timm's model registry: each strategy is one class in its own
 module under fasttl/transfer/strategies/, registered with @register, holding its defaults, help
-text, display name, `train` and `load`. Nothing else in fasttl names a strategy."""
+text, display name, `train` and `load`. Nothing else in fasttl names a strategy.
+
+The registry imports no strategy: fasttl/transfer/__init__.py imports them all (the strategies
+package) before any of its modules runs, so the lookups below always see every one, and the
+strategies import the registry, never the other way round."""
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -117,28 +120,20 @@ def register(cls):
     return cls
 
 
-def _load_all() -> None:
-    importlib.import_module("fasttl.transfer.strategies")
-
-
 def names() -> Tuple[str, ...]:
-    _load_all()
     return tuple(_REGISTRY)
 
 
 def get(name: str) -> Strategy:
-    _load_all()
     if name not in _REGISTRY:
         raise OptionError(f"strategy: unknown {name!r}; choose from {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
 
 
 def baseline() -> Strategy:
-    _load_all()
     return next(s for s in _REGISTRY.values() if s.baseline)
 
 
 def output_names() -> Tuple[str, ...]:
     """Every model name a registered strategy saves: what `--overwrite` may remove from a run folder."""
-    _load_all()
     return tuple(sorted({name for s in _REGISTRY.values() for name in s.outputs}))
