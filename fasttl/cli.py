@@ -81,6 +81,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         sys.stdout.write(result["csv"])
     else:
         _say(f"{result['rows']} predictions written to {result['out']}", file=sys.stderr)
+    passed = [(path, why) for path, why in result["ignored"] if why != "hidden"]
+    if passed:  # what the walk did not read, as `fasttl run` says it of a data folder
+        from fasttl.util.outputs import terminal_text
+
+        shown = terminal_text("; ".join(f"{path} ({why})" for path, why in passed[:5]))
+        more = f" and {len(passed) - 5} more" if len(passed) > 5 else ""
+        print(f"passed over {len(passed)} entries of the folders given: {shown}{more}", file=sys.stderr)
     if result["skipped"]:
         from fasttl.util.outputs import terminal_text
 
@@ -187,10 +194,12 @@ def _os_error_line(exc: OSError) -> str:
     from fasttl.util.files import user_path
     from fasttl.util.outputs import terminal_text
 
-    where = terminal_text(user_path(os.fsdecode(exc.filename))) if exc.filename is not None else "standard output"
+    filename = exc.filename if isinstance(exc.filename, (str, bytes, os.PathLike)) else None  # not a descriptor number
+    where = terminal_text(user_path(os.fsdecode(filename))) if filename is not None else \
+        "standard output" if exc.filename is None else "a file fasttl had open"
     if exc.filename is None and exc.errno in (errno.EMFILE, errno.ENFILE):
         where = "files"
-    return f"{where}: {_OS_ERRORS[exc.errno]}{_in_feature_cache(exc.filename)}"
+    return f"{where}: {_OS_ERRORS[exc.errno]}{_in_feature_cache(filename)}"
 
 
 def _in_feature_cache(filename) -> str:

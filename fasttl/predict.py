@@ -25,6 +25,7 @@ from fasttl.data.sources import IMAGE_EXTENSIONS, ON_ERROR, ArraySource, DataErr
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import decode, transform
 from fasttl.util.errors import OptionError
+from fasttl.util.files import RUN_MARKER
 from fasttl.util.outputs import csv_cell
 
 
@@ -68,6 +69,10 @@ def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]
         path = os.path.expanduser(os.fspath(given))
         if os.path.isdir(path):
             for folder, subfolders, names in os.walk(path):  # links to folders are not followed: no cycles
+                if folder != path and os.path.isfile(os.path.join(folder, RUN_MARKER)):
+                    ignored.append((folder, "a fasttl run folder: its figures are not photos"))
+                    subfolders[:] = []
+                    continue
                 subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
                 for name in sorted(names):
                     full = os.path.join(folder, name)
@@ -76,7 +81,7 @@ def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]
                     elif not name.lower().endswith(IMAGE_EXTENSIONS):
                         ignored.append((full, "not a .jpg/.jpeg/.png file"))
                     elif not os.path.isfile(full):
-                        ignored.append((full, "not a regular file (or a broken link)"))
+                        ignored.append((full, "not a regular file, or a broken link"))
                     else:
                         files.append(full)
         elif os.path.isfile(path):
@@ -124,13 +129,10 @@ class RunModel:
     """
 
     def __init__(self, run_dir: str, device: Union[str, torch.device] = "cpu"):
-        from fasttl.transfer.rundir import RunError, is_finished, load_trained, read_config
+        from fasttl.transfer.rundir import load_trained, read_config
 
         self.run_dir = os.path.abspath(os.path.expanduser(os.fspath(run_dir)))
         self.config = read_config(self.run_dir)
-        if not is_finished(self.run_dir):
-            raise RunError(f"{self.run_dir}: the run did not finish (no metrics.json); finish it with `fasttl run "
-                           "... --resume`, or train it again")
         self.device = _device(device)
         self.trained = load_trained(self.run_dir, self.device)
         self.classes: List[str] = list(self.trained.classes)

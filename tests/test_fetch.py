@@ -477,6 +477,27 @@ def test_a_full_disk_while_downloading_names_dest_and_leaves_nothing_empty(serve
     assert not dest.exists()  # the folder this fetch made, and its empty partial file, are gone
 
 
+def test_a_dest_fasttl_cannot_write_into_is_named_not_its_temporary(server, cifar_tarball, tmp_path, capsys,
+                                                                     monkeypatch):
+    import errno
+
+    server.files["/c.tar.gz"] = cifar_tarball
+    real_open = os.open
+
+    def refused(path, flags, *args, **kwargs):  # as a read-only --dest is to a user who is not root
+        if os.path.basename(os.fspath(path)).startswith(".fasttl-tmp-download"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refused)
+    dest = tmp_path / "data"
+    dest.mkdir()
+    code, _, err = _fetch(capsys, "--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest", dest)
+    assert code == 2 and one_line_error(err) == f"fasttl: error: {dest}: permission denied (make it accessible to " \
+        "you, or use another path)", err
+    assert "fasttl-tmp" not in err and os.listdir(dest) == []
+
+
 def test_a_full_disk_while_extracting_keeps_the_verified_download(server, cifar_tarball, tmp_path, capsys,
                                                                   monkeypatch):
     import errno

@@ -494,8 +494,12 @@ def _write_fingerprint(fingerprint: Optional[dict], classes, dtype: str, feature
 
 
 def check_fits(rows: torch.Tensor, cache_dtype: torch.dtype, what: str) -> None:
-    """A cache dtype must hold every value it is given: fp16 turns a feature above 65504 into inf,
-    which training would only report later as a diverged run blamed on its learning rate."""
+    """A cache dtype must hold every value it is given: fp16 turns a feature above 65504 into inf
+    (bf16 one above 3.39e38), which training would only report later as a diverged run blamed on
+    its learning rate."""
+    if cache_dtype == torch.bfloat16 and rows.numel() and not bool(torch.isfinite(rows.to(cache_dtype)).all()):
+        raise CacheError(f"{what}: a value of magnitude {float(rows.abs().max()):.4g} overflows bf16 (largest "
+                         f"{torch.finfo(torch.bfloat16).max:.4g}); store it as fp32 (dtype='fp32'), or scale the features")
     if cache_dtype != torch.float16 or not rows.numel():
         return
     fp16 = torch.finfo(torch.float16)
@@ -568,10 +572,14 @@ def _as_rows(chunk, index: int) -> torch.Tensor:
         raise ValueError(f"chunks: chunk {index} is {getattr(chunk, 'dtype', type(chunk).__name__)} of shape "
                          f"{tuple(getattr(chunk, 'shape', ()))} (expected an (n, D) float array or tensor)")
     chunk = chunk.detach().cpu()
-    if chunk.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        chunk = chunk.float()
     if chunk.numel() and not bool(torch.isfinite(chunk).all()):
         raise ValueError(f"chunks: chunk {index} holds NaN or infinite values")
+    if chunk.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        largest = float(chunk.abs().max()) if chunk.numel() else 0.0
+        chunk = chunk.float()
+        if not bool(torch.isfinite(chunk).all()):
+            raise ValueError(f"chunks: chunk {index} holds a value of magnitude {largest:.4g}, beyond float32's "
+                             f"{torch.finfo(torch.float32).max:.4g} (every cache dtype's range); scale the features")
     return chunk
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -92,6 +93,9 @@ class FeatureCache:
     @classmethod
     def concat(cls, caches: List["FeatureCache"]) -> "FeatureCache":
         """The rows of several caches (e.g. two views of one split) as one in-memory cache."""
+        caches = list(caches)
+        if not caches or not all(isinstance(c, FeatureCache) for c in caches):
+            raise ValueError("caches: expected a non-empty list of FeatureCache objects")
         first = caches[0]
         for other in caches[1:]:
             if (other.feature_dim, other.dtype, other.classes) != (first.feature_dim, first.dtype, first.classes):
@@ -102,8 +106,9 @@ class FeatureCache:
                    torch.cat([c.labels for c in caches]), [s for c in caches for s in c.samples])
 
     def subset(self, rows) -> "FeatureCache":
-        """The rows `rows` (indices into this cache, in that order) as an in-memory cache."""
-        rows = torch.as_tensor(rows, dtype=torch.int64)
+        """The rows `rows` (indices into this cache, in that order, or a boolean mask of one entry per
+        row, as torch and numpy index) as an in-memory cache."""
+        rows = self._row_indices(rows, "rows")
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(self)):
             raise ValueError(f"rows: expected indices in [0, {len(self)})")
         features, scales = self._stored_rows(rows)
@@ -111,6 +116,24 @@ class FeatureCache:
         samples = self.samples
         return FeatureCache(self.directory, manifest, features, scales, self.labels[rows.to(self.labels.device)],
                             [samples[i] for i in rows.tolist()])
+
+    def _row_indices(self, rows, what: str) -> Tensor:
+        """`rows` (a tensor, array or sequence) as int64 indices on the CPU: a boolean mask selects
+        where it is True; a float or other kind is refused, never truncated to an index."""
+        try:
+            rows = torch.as_tensor(np.asarray(rows.cpu() if isinstance(rows, Tensor) else rows))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{what}: expected integer row indices or a boolean mask, got {type(rows).__name__} "
+                            f"({str(exc)[:80]})") from None
+        if rows.dim() != 1 and rows.numel():
+            raise ValueError(f"{what}: expected a 1-D list of row indices, got shape {tuple(rows.shape)}")
+        if rows.dtype == torch.bool:
+            if len(rows) != len(self):
+                raise ValueError(f"{what}: a boolean mask needs one entry per row ({len(self)}), got {len(rows)}")
+            return rows.nonzero().flatten()
+        if rows.numel() and (rows.is_floating_point() or rows.is_complex()):
+            raise TypeError(f"{what}: expected integer row indices or a boolean mask, got {rows.dtype}")
+        return rows.reshape(-1).to(torch.int64)
 
     def _stored_rows(self, rows: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """cache[rows] in the cache's own dtype (and the int8 scales), copied out of the shards."""
@@ -212,6 +235,8 @@ class FeatureCache:
 
     def gather(self, indices: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
         """Rows `indices` dequantized to out_dtype (indices checked against the cache's size)."""
+        if not isinstance(indices, Tensor):  # a list or an array, as subset takes them
+            indices = self._row_indices(indices, "indices")
         if len(self._shards) == 1:
             return gather(self._shards[0], indices.to(self.device), self.scales, out_dtype)
         return self._shard_table().gather(indices.cpu(), out_dtype)

@@ -102,11 +102,8 @@ def open_regular(path: str) -> io.BufferedReader:
         if exc.errno == errno.ELOOP:
             regular_file(path)  # raises the CacheError naming the link
         raise
-    f = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
-        raise CacheError(f"{path}: not a regular file (move it out of the cache folder, then {REBUILD_HINT})")
-    return f
+    return files.plain_reader(fd, lambda info: None if stat.S_ISREG(info.st_mode) else CacheError(
+        f"{path}: not a regular file (move it out of the cache folder, then {REBUILD_HINT})"))
 
 
 def read_bytes(path: str) -> bytes:

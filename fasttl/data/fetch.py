@@ -131,8 +131,14 @@ def _partial_size(path: str) -> int:
 
 
 def _open_partial(path: str) -> int:
-    """An fd appending to `path`: a plain file of fasttl's, never opened through a link."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    """An fd appending to `path`: a plain file of fasttl's, never opened through a link. An error
+    names the folder it goes to (--dest), never the temporary's name."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DownloadError(f"fetch: {path} is a link; remove it and fetch again") from None
+        raise OSError(exc.errno, exc.strerror, os.path.dirname(path)) from None
 
 
 def _content_range_start(header: Optional[str]) -> Optional[int]:

@@ -577,7 +577,23 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
             raise DataError(f"data: class folder {folder} holds no .jpg/.jpeg/.png images (add images or remove it)")
         files.extend(images)
         labels.extend([label] * len(images))
+    _refuse_one_file_twice(files, "an image belongs to one class")
     return FileSource(files, labels, found, root, ignored=ignored)
+
+
+def _refuse_one_file_twice(paths: Sequence[str], why: str) -> None:
+    """A DataError when two paths reach one file (a linked class folder or image, a hard link), as
+    a file list naming one image twice is refused: one file under two labels, or in train and test,
+    is a label conflict or a leak, never two images."""
+    seen = {}
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue  # gone since the scan: the loaders name it
+        first = seen.setdefault((info.st_dev, info.st_ino), path)
+        if first != path:
+            raise DataError(f"data: {path} is the same file as {first} (a link?); {why}: remove one of them")
 
 
 def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
@@ -591,6 +607,7 @@ def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
     if os.path.isdir(train_dir) and os.path.isdir(test_dir):
         train = scan_class_folder(train_dir)
         test = scan_class_folder(test_dir, classes=train.classes)
+        _refuse_one_file_twice(train.files + test.files, "an image used for training is never a test image")
         # What else root holds (a val/ split, notes, hidden folders) is not used: say so.
         train.ignored[:0] = [(os.path.join(root, name), "hidden" if name.startswith(".") else "not train/ or test/")
                              for name in _list_folder(root) if name not in ("train", "test")]
@@ -839,8 +856,11 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_ki
                             f"{image!r}; fix the path")
         if not label:
             raise DataError(f"data: {path} row {line - 1} ({image}) has an empty label")
-        if _has_control(label):
-            raise DataError(f"data: {path} row {line - 1} ({image}) has a control character in its label {label!r}")
+        if not label.isprintable():  # the rule for class folders and classes files: names that look alike differ
+            bad = next(c for c in label if not c.isprintable())
+            raise DataError(f"data: {path} row {line - 1} ({image}) has a character that is not printable "
+                            f"(U+{ord(bad):04X}: a control or invisible character) in its label {ascii(label)}; "
+                            "fix the label")
     labels, names = _label_indices([label for _, label in rows], classes, path, labels_kind)
     if len(names) < 2:
         raise DataError(f"data: {path} names only 1 class ({names[0]}); a classifier needs at least 2")

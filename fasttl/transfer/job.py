@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from fasttl.transfer import report
 from fasttl.util.errors import OptionError
-from fasttl.transfer.caching import mirror_mode
+from fasttl.transfer.caching import cache_root, mirror_mode
+from fasttl.util import settings
 from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import BUILTIN, EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
@@ -156,6 +157,7 @@ def preflight(cfg: RunConfig) -> None:
             if cfg.out and os.path.realpath(os.path.expanduser(path)) == os.path.realpath(os.path.expanduser(cfg.out)):
                 raise OptionError(f"out: --out {cfg.out} is the --{name.replace('_', '-')} folder itself; the run "
                                   f"would replace what it learns from (give another --out)")
+    _refuse_cache_among_images(cfg)
     if cfg.tensorboard is not None:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
@@ -165,6 +167,19 @@ def preflight(cfg: RunConfig) -> None:
         if isinstance(cfg.tensorboard, str) and os.path.lexists(os.path.expanduser(cfg.tensorboard)) \
                 and not os.path.isdir(os.path.expanduser(cfg.tensorboard)):
             raise OptionError(f"tensorboard: {os.path.abspath(os.path.expanduser(cfg.tensorboard))} is not a folder")
+
+
+def _refuse_cache_among_images(cfg: RunConfig) -> None:
+    """The feature cache folder never goes among the images of a data folder (as `extract --out`):
+    its files would mix with them, and the next scan would read its folders as classes."""
+    cache = os.path.realpath(cache_root())
+    targets = [cfg.target_data] if isinstance(cfg.target_data, str) else list(cfg.target_data or [])
+    for name, path in [("data", cfg.data), *(("target_data", p) for p in targets)]:
+        folder = os.path.realpath(os.path.expanduser(path)) if isinstance(path, str) and path not in BUILTIN else None
+        if folder and os.path.isdir(folder) and os.path.commonpath([cache, folder]) == folder:
+            raise OptionError(f"{name}: the feature cache folder {settings.CACHE_DIR.name}={cache} is inside the "
+                              f"data folder {folder}, where it would be written among the images; set "
+                              f"{settings.CACHE_DIR.name} to a folder outside the data")
 
 
 def write_skipped(run_dir: str, skipped) -> None:

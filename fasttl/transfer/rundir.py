@@ -171,12 +171,18 @@ def read_config(run_dir: str) -> Dict[str, object]:
 
 
 def load_trained(run_dir: str, device):
-    """The run's model, rebuilt by its strategy's `load`. Its options come from config.json, so an
-    option error raised while rebuilding names that file, not the command line."""
+    """A finished run's model, rebuilt by its strategy's `load`: the one rule for predict, export,
+    eval and a distillation teacher. Its options come from config.json, so an option error raised
+    while rebuilding names that file, not the command line."""
     from fasttl.util.errors import OptionError
     from fasttl.transfer import registry
 
     config = read_config(run_dir)
+    if not is_finished(run_dir):
+        found = files.is_plain_file(os.path.join(run_dir, METRICS))
+        what = f"no {METRICS}" if found is None else f"{METRICS} there is not a plain file"
+        raise RunError(f"{run_dir}: the run did not finish ({what}); finish it with `fasttl run ... --resume`, or "
+                       "train it again")
     try:
         return registry.get(config["strategy"]).load(run_dir, device)
     except OptionError as exc:
@@ -201,7 +207,8 @@ def write_metrics(run_dir: str, metrics: Dict[str, object]) -> None:
 
 
 def is_finished(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, METRICS))
+    """Whether the run wrote its metrics.json, its last file (a plain file, not a link or a folder)."""
+    return bool(files.is_plain_file(os.path.join(run_dir, METRICS)))
 
 
 def holds_run(run_dir: str) -> bool:

@@ -12,7 +12,7 @@ import os
 import re
 import secrets
 import stat
-from typing import Optional
+from typing import Callable, Optional
 
 TEMP_PREFIX = ".fasttl-tmp-"
 RUN_MARKER = ".fasttl-run"  # in every run folder fasttl makes: the proof that it is one
@@ -65,6 +65,21 @@ def write_json_atomic(path: str, payload) -> None:
     write_atomic(path, json_bytes(payload))
 
 
+def plain_reader(fd: int, refuse: Callable[[os.stat_result], Optional[Exception]]):
+    """The file object of the descriptor `fd`, once `refuse(its fstat)` has raised nothing to say
+    (it returns the exception to raise, or None). fdopen itself refuses a folder, with an error
+    naming the descriptor's number instead of the path: the check comes first."""
+    try:
+        problem = refuse(os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    if problem is not None:
+        os.close(fd)
+        raise problem
+    return os.fdopen(fd, "rb")
+
+
 def read_json(path: str):
     """The JSON value in `path`, None when there is no file; ValueError when it is not valid JSON,
     or not a plain file (a link or a FIFO is never followed or read)."""
@@ -74,17 +89,20 @@ def read_json(path: str):
         return None
     except OSError as exc:
         raise ValueError(f"{path}: cannot be read as a plain file ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{path}: not a plain file")
-        if info.st_size > MAX_JSON_BYTES:
-            raise ValueError(f"{path}: {info.st_size:,} bytes, more than fasttl ever writes to a JSON file")
+    with plain_reader(fd, lambda info: _json_problem(path, info)) as f:
         data = f.read(MAX_JSON_BYTES + 1)
     try:
         return json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ValueError(f"{path}: not valid JSON ({type(exc).__name__})") from None
+
+
+def _json_problem(path: str, info: os.stat_result) -> Optional[Exception]:
+    if not stat.S_ISREG(info.st_mode):
+        return ValueError(f"{path}: not a plain file ({'a folder' if stat.S_ISDIR(info.st_mode) else 'a pipe or a device'})")
+    if info.st_size > MAX_JSON_BYTES:
+        return ValueError(f"{path}: {info.st_size:,} bytes, more than fasttl ever writes to a JSON file")
+    return None
 
 
 def is_plain_file(path: str) -> Optional[bool]:
@@ -196,11 +214,12 @@ def user_path(path: str) -> str:
 def read_plain(path: str, limit: int) -> bytes:
     """The bytes of `path`, a regular file of at most `limit` bytes: a pipe is never waited on and a
     device or a larger file never read (OSError/ValueError say which)."""
-    fd = os.open(path, os.O_RDONLY | _CLOEXEC | _NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
+    def problem(info: os.stat_result) -> Optional[Exception]:
         if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file (a pipe or a device?)")
+            return ValueError("not a regular file (a folder, a pipe or a device?)")
         if info.st_size > limit:
-            raise ValueError(f"{info.st_size:,} bytes, more than the {limit:,} read here")
+            return ValueError(f"{info.st_size:,} bytes, more than the {limit:,} read here")
+        return None
+
+    with plain_reader(os.open(path, os.O_RDONLY | _CLOEXEC | _NONBLOCK), problem) as f:
         return f.read(limit + 1)
