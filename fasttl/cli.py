@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fasttl.cache.build import SHARD_ROWS
     from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES
     from fasttl.data.loader import BACKENDS
-    from fasttl.data.sources import LABEL_KINDS
+    from fasttl.data.labels import LABEL_KINDS
     from fasttl.export import DEFAULT_OPSET
 
     p = sub.add_parser("extract", help="precompute a frozen backbone's features into a cache (torchrun-aware)")

@@ -12,7 +12,7 @@ from fasttl.cache import FeatureCache
 from fasttl.cache.build import SHARD_ROWS
 from fasttl.cache.kernels import CACHE_DTYPE
 from fasttl.data import class_folder_splits
-from fasttl.data.sources import open_data
+from fasttl.data.formats import open_data
 from fasttl.util.errors import OptionError
 
 

@@ -21,7 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from fasttl import backbones
-from fasttl.data.sources import IMAGE_EXTENSIONS, ON_ERROR, ArraySource, DataError, FileSource
+from fasttl.data.images import IMAGE_EXTENSIONS
+from fasttl.data.sources import ON_ERROR, ArraySource, FileSource
+from fasttl.util.errors import DataError
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import decode, transform
 from fasttl.util.errors import OptionError

@@ -19,7 +19,7 @@ import torch
 
 import fasttl.data as D
 from fasttl.data import dali_pipeline
-from fasttl.data.sources import MAX_IMAGE_PIXELS
+from fasttl.data.images import MAX_IMAGE_PIXELS
 from conftest import DALI_REASON, backends, dali_installed
 
 IDENTITY = D.TransformSpec(size=16, mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)  # output = decoded pixels

@@ -78,24 +78,24 @@ def test_with_a_classes_file_a_label_must_be_one_of_its_names(tmp_path, cifar10_
     (tmp_path / "classes.txt").write_text("3\n7\n9\n")
     with pytest.raises(DataError, match=r"label '1' is not one of the 3 classes of the classes file \(to give labels "
                                          r"as indices into it, pass --labels indices\)"):
-        fasttl.data.sources.open_data(listed, str(tmp_path / "classes.txt"))
+        fasttl.data.formats.open_data(listed, str(tmp_path / "classes.txt"))
     fixed = _file_list(tmp_path, cifar10_root, ["3", "7", "9", "7", "3", "9"])
-    source = fasttl.data.sources.open_data(fixed, str(tmp_path / "classes.txt"))
+    source = fasttl.data.formats.open_data(fixed, str(tmp_path / "classes.txt"))
     assert source.classes == ["3", "7", "9"] and source.labels == [0, 1, 2, 1, 0, 2]
     indices = _file_list(tmp_path, cifar10_root, ["0", "1", "2", "1"])
-    source = fasttl.data.sources.open_data(indices, str(tmp_path / "classes.txt"), "indices")
+    source = fasttl.data.formats.open_data(indices, str(tmp_path / "classes.txt"), "indices")
     assert [source.classes[i] for i in source.labels] == ["3", "7", "9", "7"]
     with pytest.raises(DataError, match=r"label '3' is not an index into the 3 classes"):
-        fasttl.data.sources.open_data(_file_list(tmp_path, cifar10_root, ["0", "1", "3"]),
+        fasttl.data.formats.open_data(_file_list(tmp_path, cifar10_root, ["0", "1", "3"]),
                                       str(tmp_path / "classes.txt"), "indices")
 
 
 def test_integer_labels_without_a_classes_file_make_no_empty_class(tmp_path, cifar10_root):
-    source = fasttl.data.sources.open_data(_file_list(tmp_path, cifar10_root, ["1", "2", "3", "10", "2", "1"]))
+    source = fasttl.data.formats.open_data(_file_list(tmp_path, cifar10_root, ["1", "2", "3", "10", "2", "1"]))
     assert source.classes == ["1", "2", "3", "10"]  # numeric order, one class per label found
     assert [source.classes[i] for i in source.labels] == ["1", "2", "3", "10", "2", "1"]
     with pytest.raises(DataError, match=r"^labels: --labels indices needs --classes-file"):
-        fasttl.data.sources.open_data(_file_list(tmp_path, cifar10_root, ["0", "1"]), None, "indices")
+        fasttl.data.formats.open_data(_file_list(tmp_path, cifar10_root, ["0", "1"]), None, "indices")
 
 
 # ---- outputs escape what fasttl did not make ------------------------------------------------------
@@ -198,7 +198,7 @@ def _png(width, height, idat: bytes) -> bytes:
 
 
 def test_an_image_whose_bytes_cannot_fill_its_declared_size_is_refused(tmp_path):
-    from fasttl.data.sources import bytes_problem, header_problem
+    from fasttl.data.images import bytes_problem, header_problem
 
     liar = _tiny_jpeg_claiming(9400, 9400)
     assert len(liar) < 1000
@@ -262,7 +262,7 @@ def test_predict_to_a_full_stdout_is_one_line(cat_ship, finished, tmp_path):
 def test_a_nul_in_a_file_list_path_is_named_as_such(tmp_path):
     (tmp_path / "list.csv").write_bytes(b"path,label\na\x00b.jpg,cat\nc.jpg,dog\n")
     with pytest.raises(DataError, match=r"row 1 has a control character \(such as NUL\) in its path"):
-        fasttl.data.sources.open_data(str(tmp_path / "list.csv"))
+        fasttl.data.formats.open_data(str(tmp_path / "list.csv"))
 
 
 def test_a_shard_linked_to_a_device_is_named_as_such(tmp_path):
@@ -270,7 +270,7 @@ def test_a_shard_linked_to_a_device_is_named_as_such(tmp_path):
         pytest.skip("needs /dev/zero")
     os.symlink("/dev/zero", tmp_path / "train-0.tar")
     with pytest.raises(DataError, match=r"train-0.tar \(a link to /dev/zero\) is not a regular file or folder"):
-        fasttl.data.sources.open_data(str(tmp_path / "train-0.tar"))
+        fasttl.data.formats.open_data(str(tmp_path / "train-0.tar"))
 
 
 def test_file_list_paths_may_be_absolute_or_leave_the_lists_folder(tmp_path, cifar10_root):
@@ -281,5 +281,5 @@ def test_file_list_paths_may_be_absolute_or_leave_the_lists_folder(tmp_path, cif
     for i, name in enumerate(("cat", "ship")):
         shutil.copy(os.path.join(cifar10_root, "test", name, "0000.jpg"), images / f"{name}.jpg")
     (tmp_path / "lists" / "l.csv").write_text(f"path,label\n../images/cat.jpg,cat\n{images / 'ship.jpg'},ship\n")
-    source = fasttl.data.sources.open_data(str(tmp_path / "lists" / "l.csv"))
+    source = fasttl.data.formats.open_data(str(tmp_path / "lists" / "l.csv"))
     assert source.files == [str(images / "cat.jpg"), str(images / "ship.jpg")]

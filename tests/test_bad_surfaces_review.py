@@ -59,11 +59,11 @@ def test_a_pipe_where_json_or_a_class_list_is_read_is_refused_without_waiting(tm
     with pytest.raises(ValueError, match=r"metrics.json: .*not a plain file|cannot be read as a plain file"):
         files.read_json(str(fifo))
     with pytest.raises(DataError, match=r"^classes: cannot read .*metrics.json \(not a regular file"):
-        fasttl.data.sources.read_classes_file(str(fifo))
+        fasttl.data.labels.read_classes_file(str(fifo))
 
 
 def test_sparse_giant_files_are_refused_without_being_read(tmp_path):
-    from fasttl.data.sources import MAX_IMAGE_BYTES, header_problem
+    from fasttl.data.images import MAX_IMAGE_BYTES, header_problem
 
     image = tmp_path / "huge.jpg"
     with open(image, "wb") as f:
@@ -89,7 +89,7 @@ def _palette_png_without_plte() -> bytes:
 
 
 def test_a_palette_png_without_its_palette_is_named_corrupt(tmp_path):
-    from fasttl.data.sources import bytes_problem, header_problem
+    from fasttl.data.images import bytes_problem, header_problem
 
     data = _palette_png_without_plte()
     (tmp_path / "p.png").write_bytes(data)
@@ -103,7 +103,7 @@ def test_a_class_folder_named_with_a_control_character_is_refused(tmp_path, cifa
         for i in range(3):
             shutil.copy(os.path.join(cifar10_root, "test", "cat", f"{i:04d}.jpg"), tmp_path / name / f"{i}.jpg")
     with pytest.raises(DataError, match=r"has a class folder named 'ship\\x1b\[31m', with a control character"):
-        fasttl.data.sources.class_folder_splits(str(tmp_path))
+        fasttl.data.formats.folder.class_folder_splits(str(tmp_path))
 
 
 # ---- run files fasttl wrote, edited or damaged afterwards ----------------------------------------
@@ -391,11 +391,11 @@ def test_an_image_rewritten_at_the_same_size_changes_the_data_identity(cat_ship,
 def test_a_csv_list_with_two_label_columns_or_long_rows_is_refused(tmp_path):
     (tmp_path / "two.csv").write_text("path,label,label\na.jpg,cat,ship\n")
     with pytest.raises(DataError, match=r"two.csv has 2 'label' columns in its header line"):
-        fasttl.data.sources.open_data(str(tmp_path / "two.csv"))
+        fasttl.data.formats.open_data(str(tmp_path / "two.csv"))
     (tmp_path / "long.csv").write_text("path,label\na.jpg,cat\nb,c.jpg,ship\n")
     with pytest.raises(DataError, match=r"long.csv line 3 has more fields than its header \(a path or label holding "
                                         r"a comma or tab must be quoted\)"):
-        fasttl.data.sources.open_data(str(tmp_path / "long.csv"))
+        fasttl.data.formats.open_data(str(tmp_path / "long.csv"))
 
 
 def test_eval_of_a_skip_run_on_a_file_list_scores_the_runs_own_test_split(cifar10_root, tmp_path, capsys):
@@ -534,7 +534,7 @@ def test_a_huge_file_list_without_line_breaks_is_refused_unread(tmp_path):
         f.write(b"path,label\n")
         f.truncate(3 << 30)  # sparse: 3 GB of NULs and no line break
     with pytest.raises(DataError, match=r"s.csv has a line of more than 1,048,576 characters; not a file list"):
-        fasttl.data.sources.open_data(str(huge))
+        fasttl.data.formats.open_data(str(huge))
 
 
 def test_resume_on_changed_data_says_what_changed(cat_ship, tmp_path, capsys):
@@ -559,7 +559,7 @@ def test_class_names_in_another_unicode_form_are_named_as_such(cat_ship, tmp_pat
         shutil.copytree(os.path.join(cat_ship, split, "ship"), data / split / "ship")
         shutil.copytree(os.path.join(cat_ship, split, "cat"), data / split / unicodedata.normalize(form, "café"))
     with pytest.raises(DataError, match=r"the names are the same but written in another Unicode form"):
-        fasttl.data.sources.class_folder_splits(str(data))
+        fasttl.data.formats.folder.class_folder_splits(str(data))
 
 
 def test_a_classes_file_class_without_images_is_refused(cat_ship, tmp_path):
@@ -568,7 +568,7 @@ def test_a_classes_file_class_without_images_is_refused(cat_ship, tmp_path):
     (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "classes.txt").write_text("cat\nship\nbird\n")
     with pytest.raises(DataError, match=r"class 'bird' of the classes file has no images; drop it"):
-        fasttl.data.sources.open_data(str(tmp_path / "l.csv"), str(tmp_path / "classes.txt"))
+        fasttl.data.formats.open_data(str(tmp_path / "l.csv"), str(tmp_path / "classes.txt"))
 
 
 def test_small_refusals_name_what_is_wrong(finished, tmp_path):
@@ -631,15 +631,15 @@ def test_a_sparse_huge_cache_record_is_refused_unread(tmp_path):
 def test_labels_and_classes_files_that_would_be_guessed_are_refused(tmp_path):
     (tmp_path / "neg.csv").write_text("path,label\na.jpg,0\nb.jpg,-1\nc.jpg,1\n")
     with pytest.raises(DataError, match=r"label '-1' is negative \(-1 often means unlabeled\)"):
-        fasttl.data.sources.open_data(str(tmp_path / "neg.csv"))
+        fasttl.data.formats.open_data(str(tmp_path / "neg.csv"))
     (tmp_path / "blank.txt").write_text("cat\n\ndog\nship\n\n")
     with pytest.raises(DataError, match=r"blank.txt line 2 is blank between class names"):
-        fasttl.data.sources.read_classes_file(str(tmp_path / "blank.txt"))
+        fasttl.data.labels.read_classes_file(str(tmp_path / "blank.txt"))
     (tmp_path / "twice.txt").write_text("cat\nship\ncat\n")
     with pytest.raises(DataError, match=r"twice.txt names 'cat' twice \(line 1 and line 3\)"):
-        fasttl.data.sources.read_classes_file(str(tmp_path / "twice.txt"))
+        fasttl.data.labels.read_classes_file(str(tmp_path / "twice.txt"))
     (tmp_path / "ok.txt").write_text("cat\nship\n\n")  # blank lines at the end are no names
-    assert fasttl.data.sources.read_classes_file(str(tmp_path / "ok.txt")) == ["cat", "ship"]
+    assert fasttl.data.labels.read_classes_file(str(tmp_path / "ok.txt")) == ["cat", "ship"]
 
 
 def test_non_finite_logits_of_teacher_views_are_counted_per_image():

@@ -146,7 +146,7 @@ def test_an_os_error_naming_a_descriptor_is_still_one_line():
 
 @pytest.mark.parametrize("label", ["do\u200bg", "do\u202eg", "do\x85g"])
 def test_a_list_label_with_an_invisible_character_is_refused_before_any_work(cat_ship, tmp_path, label):
-    from fasttl.data.sources import read_file_list
+    from fasttl.data.formats.filelist import read_file_list
 
     rows = [f"{os.path.join(cat_ship, 'train', c, f'{i}.jpg')},{c if i % 2 else c.replace('cat', label)}"
             for c in ("cat", "ship") for i in range(4)]

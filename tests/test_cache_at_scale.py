@@ -22,7 +22,9 @@ import fasttl
 import fasttl.data as D
 from fasttl.cache import CacheError, format as cache_format
 from fasttl.cache.kernels import ShardTable, gather
-from fasttl.data.sources import DataError, read_file_list, read_webdataset
+from fasttl.data.formats.filelist import read_file_list
+from fasttl.data.formats.webdataset import read_webdataset
+from fasttl.util.errors import DataError
 from fasttl.extract import format_summary
 
 from conftest import CUDA_REASON, backends, tiny_backbone
@@ -280,7 +282,7 @@ def test_list_webdataset_and_class_folder_caches_are_equal(small_image_folder, t
     assert listed.sample_ids() == folders.sample_ids()
     (tmp_path / "classes.txt").write_text("\n".join(folders.classes) + "\n")
     pattern = write_tars(tmp_path / "wds", folders)
-    shards = read_webdataset(pattern, D.sources.read_classes_file(str(tmp_path / "classes.txt")))
+    shards = read_webdataset(pattern, D.labels.read_classes_file(str(tmp_path / "classes.txt")))
     assert len(shards) == 18 and shards.labels == folders.labels and shards.classes == folders.classes
     assert shards.sample_ids()[:2] == ["train-000000.tar/00000", "train-000000.tar/00001"]
     caches = {name: build(source, tmp_path / name, backend=backend)
@@ -317,7 +319,7 @@ def test_file_list_and_webdataset_refusals(small_image_folder, tmp_path):
     (tmp_path / "junk.tar").write_bytes(b"not a tar" * 100)
     with pytest.raises(DataError, match="not a readable tar"):
         read_webdataset(str(tmp_path / "junk.tar"))
-    assert D.sources.expand_braces("s-{08..10}-{a,b}.tar") == ["s-08-a.tar", "s-08-b.tar", "s-09-a.tar",
+    assert D.formats.webdataset.expand_braces("s-{08..10}-{a,b}.tar") == ["s-08-a.tar", "s-08-b.tar", "s-09-a.tar",
                                                               "s-09-b.tar", "s-10-a.tar", "s-10-b.tar"]
     try:
         import pyarrow  # noqa: F401
@@ -380,7 +382,7 @@ def test_hostile_lists_are_refused_naming_the_row_or_read_as_meant(small_image_f
     bom = write("bom.csv", [f"{p},{c}" for p, c in rows], encoding="utf-8-sig")
     assert read_file_list(bom).files == folders.files and read_file_list(bom).classes == folders.classes
     (tmp_path / "classes.txt").write_bytes("\ufeff".encode() + "\n".join(folders.classes).encode() + b"\n")
-    assert D.sources.read_classes_file(str(tmp_path / "classes.txt")) == folders.classes
+    assert D.labels.read_classes_file(str(tmp_path / "classes.txt")) == folders.classes
     # a path listed twice (with any labels), a label with a newline, a huge or non-ASCII index
     with pytest.raises(DataError, match=r"twice.*rows 1 and 3"):
         read_file_list(write("dup.csv", [f"{rows[0][0]},cat", f"{rows[1][0]},bird", f"{rows[0][0]},ship"]))
@@ -391,7 +393,7 @@ def test_hostile_lists_are_refused_naming_the_row_or_read_as_meant(small_image_f
     superscript = read_file_list(write("sup.csv", [f"{rows[0][0]},0", f"{rows[1][0]},1", f"{rows[2][0]},\u00b2"]))
     assert superscript.classes == ["0", "1", "\u00b2"]  # not an index: every label is then a name
     with pytest.raises(DataError, match=r"names 100,000,000 shards"):
-        D.sources.expand_braces("s-{0..9999}{0..9999}.tar")
+        D.formats.webdataset.expand_braces("s-{0..9999}{0..9999}.tar")
 
 
 def test_hostile_shards_are_refused_or_skipped_with_the_reason(small_image_folder, tmp_path):

@@ -199,7 +199,7 @@ def _extraction_formats(data: str, count: int, size: int = 128) -> Dict[str, flo
     import importlib.util
     import shutil
 
-    from fasttl.data.sources import read_webdataset
+    from fasttl.data.formats.webdataset import read_webdataset
 
     train, _ = class_folder_splits(os.path.abspath(data))
     per_class = max(1, count // len(train.classes))

@@ -11,8 +11,11 @@ it passed over (hidden folders, non-image files) in `source.ignored`.
 """
 from fasttl.data.dali_pipeline import dali_available
 from fasttl.data.loader import ImageLoader, make_loader
-from fasttl.data.sources import (ArraySource, DataError, FileSource, check_image, class_folder_splits, file_list,
-                                 header_problem, load_cifar_pickles, scan_class_folder, screen)
+from fasttl.data.formats.cifar import load_cifar_pickles
+from fasttl.data.formats.folder import class_folder_splits, file_list, scan_class_folder
+from fasttl.data.images import check_image, header_problem
+from fasttl.data.sources import ArraySource, FileSource, screen
+from fasttl.util.errors import DataError
 from fasttl.data.mini import cifar10_mini, extract_cifar10_mini
 from fasttl.data.spec import TransformSpec
 

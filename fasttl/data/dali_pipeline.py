@@ -8,7 +8,9 @@ from typing import List, Optional
 
 import numpy as np
 
-from fasttl.data.sources import MAX_IMAGE_BYTES, ArraySource, DataError, TarSource, bytes_problem, skip_hint
+from fasttl.data.images import MAX_IMAGE_BYTES, bytes_problem, skip_hint
+from fasttl.data.sources import ArraySource, TarSource
+from fasttl.util.errors import DataError
 from fasttl.util.files import read_plain
 from fasttl.data.spec import TransformSpec
 

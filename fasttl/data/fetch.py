@@ -33,7 +33,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-from fasttl.data.sources import DataError
+from fasttl.util.errors import DataError
 from fasttl.util.errors import OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX
 from fasttl.util.outputs import terminal_text

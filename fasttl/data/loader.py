@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from fasttl.data import dali_pipeline
-from fasttl.data.sources import ArraySource, DataError, FileSource, TarSource, check_image, first_bad_image, skip_hint
+from fasttl.data.images import check_image, skip_hint
+from fasttl.data.sources import ArraySource, FileSource, TarSource, first_bad_image
+from fasttl.util.errors import DataError
 from fasttl.data.order import epoch_order, shard_length
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import Collate, TorchImageDataset

@@ -11,7 +11,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from fasttl.data.sources import ArraySource, DataError
+from fasttl.data.sources import ArraySource
+from fasttl.util.errors import DataError
 
 TAR = os.path.join(os.path.dirname(__file__), "cifar10_mini.tar")
 SHA256 = "5e06c84d3ae7001bd77eda2af738aaa018828d91f4a09d7ef1f69c69557dbfa9"

@@ -9,7 +9,9 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from fasttl.data.sources import ArraySource, DataError, FileSource, TarSource, bytes_problem, header_problem, skip_hint
+from fasttl.data.images import bytes_problem, header_problem, skip_hint
+from fasttl.data.sources import ArraySource, FileSource, TarSource
+from fasttl.util.errors import DataError
 from fasttl.data.spec import TransformSpec
 
 

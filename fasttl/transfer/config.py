@@ -18,7 +18,7 @@ from fasttl.cache import engines
 from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES
 from fasttl.transfer import cross_fit
 from fasttl.transfer.caching import FEATURE_TAPS, MIRROR_VIEWS, mirror_mode
-from fasttl.data.sources import LABEL_KINDS
+from fasttl.data.labels import LABEL_KINDS
 from fasttl.transfer.datasets import BUILTIN
 
 MAX_IMAGE_SIZE = 1024

@@ -10,7 +10,10 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 
 from fasttl.data import ArraySource, DataError, FileSource, class_folder_splits, load_cifar_pickles, screen
-from fasttl.data.sources import TarSource, is_file_list, is_webdataset, open_data
+from fasttl.data.formats import open_data
+from fasttl.data.formats.filelist import is_file_list
+from fasttl.data.formats.webdataset import is_webdataset
+from fasttl.data.sources import TarSource
 from fasttl.data.splits import stratified_split
 from fasttl.util.errors import OptionError
 from fasttl.util import settings

@@ -64,7 +64,8 @@ def _teachers(v) -> bool:
 
 def run_config_fields() -> Dict[str, Field]:
     from fasttl.cache import engines
-    from fasttl.data.sources import LABEL_KINDS, ON_ERROR
+    from fasttl.data.labels import LABEL_KINDS
+    from fasttl.data.sources import ON_ERROR
     from fasttl.transfer.caching import FEATURE_TAPS, MIRROR_VIEWS
     from fasttl.transfer.config import MAX_IMAGE_SIZE
 

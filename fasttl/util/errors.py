@@ -9,3 +9,7 @@ class UserError(Exception):
 
 class OptionError(UserError, ValueError):
     """An option value out of its range or in conflict with another option."""
+
+
+class DataError(UserError, ValueError):
+    """A dataset problem, naming the file or folder at fault and how to fix it (one line)."""

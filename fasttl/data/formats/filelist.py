@@ -1,0 +1,126 @@
+"""CSV, TSV and Parquet file lists: one row per image, columns path and label."""
+from __future__ import annotations
+
+import csv
+import os
+from typing import List, Optional, Sequence, Tuple
+
+from fasttl.util.errors import DataError
+from fasttl.data.formats.folder import missing_data
+from fasttl.data.labels import has_control, label_indices
+from fasttl.data.sources import FileSource
+
+
+LIST_EXTENSIONS = (".csv", ".tsv", ".parquet")
+
+
+def is_file_list(data: str) -> bool:
+    return isinstance(data, str) and data.lower().endswith(LIST_EXTENSIONS)
+
+
+def _list_rows(path: str) -> List[Tuple[str, str]]:
+    """(path, label) text of each row of a CSV, TSV or Parquet list with path and label columns."""
+    if path.lower().endswith(".parquet"):
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"data: reading {path} (Parquet) needs pyarrow, which is not installed: pip install "
+                            "pyarrow, or give the list as CSV or TSV") from None
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises its own types for a bad file
+            raise DataError(f"data: {path} is not a readable Parquet file ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]})") from None
+        missing = [c for c in ("path", "label") if c not in table.column_names]
+        if missing:
+            raise DataError(f"data: {path} has no {' or '.join(missing)} column (expected columns path and label; "
+                            f"found {table.column_names[:10]})")
+        for column, allowed in (("path", "string"), ("label", "string or integer")):
+            kind = table.schema.field(column).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                    or (column == "label" and pa.types.is_integer(kind))):
+                raise DataError(f"data: {path} column {column} holds {kind} values; expected {allowed} (write the "
+                                "column as text)")
+        return [("" if p is None else str(p), "" if l is None else str(l))  # a null cell is an empty one
+                for p, l in zip(table.column("path").to_pylist(), table.column("label").to_pylist())]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
+            reader = csv.DictReader(_bounded_lines(f, path), delimiter="\t" if path.lower().endswith(".tsv") else ",")
+            fields = [name.strip() for name in reader.fieldnames or []]
+            reader.fieldnames = fields
+            missing = [c for c in ("path", "label") if c not in fields]
+            if missing:
+                raise DataError(f"data: {path} has no {' or '.join(missing)} column in its header line (expected "
+                                f"path and label; found {fields[:10]})")
+            twice = [c for c in ("path", "label") if fields.count(c) > 1]
+            if twice:  # which one is meant is a guess (csv takes the last, pandas the first)
+                raise DataError(f"data: {path} has {fields.count(twice[0])} '{twice[0]}' columns in its header line "
+                                "(expected one path and one label column; rename or drop the others)")
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                if row.get("path") is None or row.get("label") is None:
+                    raise DataError(f"data: {path} line {line} has fewer fields than its header")
+                if any(extra.strip() for extra in row.get(None) or ()):  # a comma in a path cuts it in two
+                    raise DataError(f"data: {path} line {line} has more fields than its header (a path or label "
+                                    "holding a comma or tab must be quoted)")
+                rows.append((row["path"].strip(), row["label"].strip()))
+            return rows
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"data: cannot read {path} as a file list ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+MAX_LIST_LINE = 1 << 20  # characters: a path and a label, with room to spare
+
+
+def _bounded_lines(f, path: str):
+    """The lines of a file list, each read with a bound: a huge file with no line break (not a
+    list at all) is refused after a megabyte, not read whole into memory."""
+    while True:
+        line = f.readline(MAX_LIST_LINE + 1)
+        if not line:
+            return
+        if len(line) > MAX_LIST_LINE:
+            raise DataError(f"data: {path} has a line of more than {MAX_LIST_LINE:,} characters; not a file list of "
+                            "path,label rows")
+        yield line
+
+
+def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_kind: str = "names") -> FileSource:
+    """A CSV (.csv), TSV (.tsv) or Parquet (.parquet, needs pyarrow) list with columns path and
+    label: image paths relative to the list's folder (absolute ones are kept), labels class
+    names or indices (see `label_indices`). Rows stay in the list's order. Files are not opened
+    here: `screen` and the loaders check them (a missing one is named, or skipped with
+    --on-error skip)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(path):
+        raise missing_data(path, "a CSV, TSV or Parquet file list with path and label columns") \
+            if not os.path.isdir(path) else DataError(f"data: {path} is a folder, not a file list")
+    rows = _list_rows(path)
+    if not rows:
+        raise DataError(f"data: {path} lists no images (expected a header line and one path,label row per image)")
+    root = os.path.dirname(path)
+    for line, (image, label) in enumerate(rows, start=2):
+        if not image:
+            raise DataError(f"data: {path} row {line - 1} has an empty path")
+        if has_control(image):
+            raise DataError(f"data: {path} row {line - 1} has a control character (such as NUL) in its path "
+                            f"{image!r}; fix the path")
+        if not label:
+            raise DataError(f"data: {path} row {line - 1} ({image}) has an empty label")
+        if not label.isprintable():  # the rule for class folders and classes files: names that look alike differ
+            bad = next(c for c in label if not c.isprintable())
+            raise DataError(f"data: {path} row {line - 1} ({image}) has a character that is not printable "
+                            f"(U+{ord(bad):04X}: a control or invisible character) in its label {ascii(label)}; "
+                            "fix the label")
+    labels, names = label_indices([label for _, label in rows], classes, path, labels_kind)
+    if len(names) < 2:
+        raise DataError(f"data: {path} names only 1 class ({names[0]}); a classifier needs at least 2")
+    files = [os.path.normpath(os.path.join(root, os.path.expanduser(image))) for image, _ in rows]
+    first = {}
+    for row, file in enumerate(files, start=1):
+        if file in first:  # twice in one list: a label conflict, or a test image that could also train
+            raise DataError(f"data: {path} lists {rows[row - 1][0]} twice (rows {first[file]} and {row}); "
+                            "give each image once")
+        first[file] = row
+    return FileSource(files, labels, names, root)

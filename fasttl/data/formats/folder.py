@@ -1,0 +1,169 @@
+"""Class folders (root/<class>/<image>.jpg, Keras' layout), optionally split into train/ and test/,
+and an explicit (path, label) list in Python."""
+from __future__ import annotations
+
+import os
+import unicodedata
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from fasttl.util.errors import DataError
+from fasttl.util.files import RUN_MARKER
+from fasttl.data.images import IMAGE_EXTENSIONS, header_problem
+from fasttl.data.sources import FileSource
+
+
+def missing_data(root: str, what: str) -> DataError:
+    if os.path.lexists(root) and not os.path.exists(root):
+        return DataError(f"data: {root} is a broken symbolic link (fix the link or give the folder itself)")
+    if os.path.exists(root):
+        if not os.path.isfile(root) and not os.path.isdir(root):
+            link = f" (a link to {os.path.realpath(root)})" if os.path.islink(root) else ""
+            return DataError(f"data: {root}{link} is not a regular file or folder (a device or a pipe?); give {what}")
+        if root.lower().endswith(_COMPRESSED):
+            return DataError(f"data: {root} is a compressed archive; WebDataset shards are uncompressed .tar files "
+                             "(images are read at their offsets): decompress it (gunzip), or give class folders or a "
+                             ".csv/.tsv/.parquet file list")
+        return DataError(f"data: {root} is a file, not a folder (give {what})")
+    return DataError(f"data: {root} does not exist (give {what})")
+
+
+_COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".zip")
+
+
+def list_folder(folder: str) -> List[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except OSError as exc:
+        raise DataError(f"data: cannot list {folder} ({exc.strerror or exc}); check its permissions") from None
+
+
+def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> FileSource:
+    """root/<class>/*.jpg|jpeg|png (Keras' flow_from_directory layout). Labels index the sorted
+    class names. Symbolic links to files and folders are followed.
+
+    Refused with a DataError naming the folder: a missing root, fewer than 2 class folders,
+    other classes than `classes`, a class folder without images. Passed over and listed in the
+    result's ``ignored`` as (path, reason): hidden (dot) folders and files, files without an image
+    extension (.txt, Thumbs.db, ...), files directly in root, broken links and special files.
+    File contents are not read here: `screen` and the loaders check them."""
+    root = os.path.abspath(os.path.expanduser(root))
+    expected = f"a folder with one sub-folder of images per class, {root}/<class>/<image>.jpg"
+    if not os.path.isdir(root):
+        raise missing_data(root, expected)
+    found, ignored = [], []
+    for name in list_folder(root):
+        path = os.path.join(root, name)
+        if name.startswith("."):
+            ignored.append((path, "hidden"))
+        elif os.path.isfile(os.path.join(path, RUN_MARKER)):  # its figures are not images of a class
+            ignored.append((path, "a fasttl run folder"))
+        elif os.path.isdir(path):
+            found.append(name)
+        elif not os.path.exists(path):
+            ignored.append((path, "broken symbolic link"))
+        else:
+            ignored.append((path, "not in a class folder"))
+    if not found:
+        raise DataError(f"data: {root} has no class folders (expected {root}/<class>/<image>.jpg)")
+    bad = next((name for name in found if not name.isprintable()), None)
+    if bad is not None:  # a name printed raw would drive the terminal (an escape sequence) or split a line
+        raise DataError(f"data: {root} has a class folder named {bad!r}, with a control character; rename it")
+    if classes is not None and list(classes) != found:
+        same = [unicodedata.normalize("NFC", c) for c in found] == [unicodedata.normalize("NFC", c) for c in classes]
+        hint = ("; the names are the same but written in another Unicode form (NFC vs NFD, as macOS and other "
+                "systems store them): rename the folders in one form") if same else " (as in the training split)"
+        raise DataError(f"data: {root} has classes {found!r}, expected {list(classes)!r}{hint}")
+    if len(found) < 2:
+        raise DataError(f"data: {root} has only 1 class folder ({found[0]}); a classifier needs at least 2 "
+                        f"(add {root}/<other class>/)")
+    files, labels = [], []
+    for label, name in enumerate(found):
+        folder = os.path.join(root, name)
+        images = []
+        for entry in list_folder(folder):
+            path = os.path.join(folder, entry)
+            if entry.startswith("."):
+                ignored.append((path, "hidden"))
+            elif os.path.isdir(path):
+                ignored.append((path, "a folder inside a class folder (not scanned)"))
+            elif not entry.lower().endswith(IMAGE_EXTENSIONS):
+                ignored.append((path, "not a .jpg/.jpeg/.png file"))
+            elif not os.path.exists(path):
+                ignored.append((path, "broken symbolic link"))
+            elif not os.path.isfile(path):
+                ignored.append((path, "not a regular file"))
+            else:
+                images.append(path)
+        if not images:
+            raise DataError(f"data: class folder {folder} holds no .jpg/.jpeg/.png images (add images or remove it)")
+        files.extend(images)
+        labels.extend([label] * len(images))
+    _refuse_one_file_twice(files, "an image belongs to one class")
+    return FileSource(files, labels, found, root, ignored=ignored)
+
+
+def _refuse_one_file_twice(paths: Sequence[str], why: str) -> None:
+    """A DataError when two paths reach one file (a linked class folder or image, a hard link), as
+    a file list naming one image twice is refused: one file under two labels, or in train and test,
+    is a label conflict or a leak, never two images."""
+    seen = {}
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue  # gone since the scan: the loaders name it
+        first = seen.setdefault((info.st_dev, info.st_ino), path)
+        if first != path:
+            raise DataError(f"data: {path} is the same file as {first} (a link?); {why}: remove one of them")
+
+
+def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
+    """(train, test) from root/train and root/test when both exist, else (root, None). With
+    splits, what root holds besides train/ and test/ is listed in train.ignored. Only one of
+    train/ and test/ is a DataError (it would otherwise be read as a class)."""
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+        raise missing_data(root, f"class folders {root}/<class>/*.jpg, or {root}/train/<class> and {root}/test/<class>")
+    train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
+    if os.path.isdir(train_dir) and os.path.isdir(test_dir):
+        train = scan_class_folder(train_dir)
+        test = scan_class_folder(test_dir, classes=train.classes)
+        _refuse_one_file_twice(train.files + test.files, "an image used for training is never a test image")
+        # What else root holds (a val/ split, notes, hidden folders) is not used: say so.
+        train.ignored[:0] = [(os.path.join(root, name), "hidden" if name.startswith(".") else "not train/ or test/")
+                             for name in list_folder(root) if name not in ("train", "test")]
+        return train, test
+    for have, lack in ((train_dir, test_dir), (test_dir, train_dir)):
+        if os.path.isdir(have):  # a half split would otherwise be scanned as a class called "train"
+            raise DataError(f"data: {root} has {os.path.basename(have)}/ but no {os.path.basename(lack)}/ "
+                            f"(add {lack}/<class>/, or put the class folders directly in {root})")
+    return scan_class_folder(root), None
+
+
+def file_list(pairs: Iterable[Tuple[str, int]], classes: Optional[Sequence[str]] = None) -> FileSource:
+    """An explicit list of (path, label). Each path must be a JPEG or PNG file (checked by its
+    header) and each label an integer in [0, len(classes)); else a DataError naming it."""
+    files, labels = [], []
+    for path, label in pairs:
+        path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        if not os.path.exists(path):
+            raise DataError(f"{path}: no such file (fix the path in the file list)")
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: not a regular file (the file list must name image files)")
+        if not path.lower().endswith(IMAGE_EXTENSIONS):
+            raise DataError(f"{path}: not a .jpg/.jpeg/.png file (remove it from the file list)")
+        problem = header_problem(path)
+        if problem is not None:
+            raise DataError(f"{path}: cannot be read as an image ({problem}); remove it from the file list")
+        if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)) or label < 0:
+            raise DataError(f"{path}: label {label!r} is not a non-negative integer (labels index the classes)")
+        if classes is not None and label >= len(classes):
+            raise DataError(f"{path}: label {label} is out of range for {len(classes)} classes {list(classes)}")
+        files.append(path)
+        labels.append(int(label))
+    if not files:
+        raise DataError("data: the file list is empty (give at least one (path, label) pair)")
+    n_classes = max(labels) + 1
+    return FileSource(files, labels, list(classes) if classes is not None else [str(i) for i in range(n_classes)])

@@ -1,0 +1,145 @@
+"""WebDataset shards: uncompressed tars of KEY.jpg beside KEY.cls, indexed once, read at offsets."""
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from typing import List, Optional, Sequence
+
+from fasttl.util.errors import DataError
+from fasttl.data.formats.folder import missing_data
+from fasttl.data.labels import index_class_names, is_index, numbered_classes
+from fasttl.data.sources import TarSource
+
+
+def is_webdataset(data: str) -> bool:
+    return isinstance(data, str) and data.lower().endswith(".tar")
+
+
+# More shards than this in one pattern is a typo (a range too wide, or ranges multiplied), not a data set.
+MAX_SHARDS = 1_000_000
+
+
+def _shard_count(pattern: str) -> int:
+    """How many names the pattern's brace groups make together (each innermost group counted)."""
+    count = 1
+    for body in re.findall(r"\{([^{}]*)\}", pattern):
+        numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        count *= max(int(numeric.group(2)) - int(numeric.group(1)) + 1, 1) if numeric else len(body.split(","))
+    return count
+
+
+def expand_braces(pattern: str) -> List[str]:
+    """WebDataset's shard patterns: {000000..000127} (zero-padded numeric ranges) and {a,b,c}."""
+    count = _shard_count(pattern)
+    if count > MAX_SHARDS:
+        raise DataError(f"data: {pattern} names {count:,} shards (at most {MAX_SHARDS:,}); check its brace ranges")
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> List[str]:
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, tail, body = pattern[:match.start()], pattern[match.end():], match.group(1)
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        first, last = numeric.groups()
+        width = len(first) if first.startswith("0") else 0
+        if int(last) < int(first) or int(last) - int(first) > 10_000_000:
+            raise DataError(f"data: shard range {{{body}}} in {pattern} is empty or too large")
+        items = [str(i).zfill(width) for i in range(int(first), int(last) + 1)]
+    else:
+        items = body.split(",")
+    return [expanded for item in items for expanded in _expand(head + item + tail)]
+
+
+_WDS_IMAGE = (".jpg", ".jpeg", ".png")
+
+
+def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> TarSource:
+    """The samples of the WebDataset shards `pattern` names (brace pattern or one .tar path), in
+    shard order then tar order. Each sample: KEY.jpg/.jpeg/.png and KEY.cls holding the class
+    index as text. Class names: `classes` (from --classes FILE), else the indices found (each class
+    named by its number; an index no sample has makes no class).
+    A sample without an image or a class is listed in `skipped` (reason given), never silently
+    dropped; a class that is not an index into the classes, or a tar that cannot be read, is a
+    DataError."""
+    pattern = os.path.expanduser(pattern)
+    shards = [os.path.abspath(p) for p in expand_braces(pattern)]
+    root = os.path.dirname(os.path.abspath(pattern.split("{", 1)[0] + "x"))
+    members, keys, labels, skipped = [], [], [], []
+    for shard_index, shard in enumerate(shards):
+        if not os.path.isfile(shard):
+            raise missing_data(shard, "WebDataset .tar shards (a brace pattern like shards/train-{000000..000127}.tar)") \
+                if not os.path.isdir(shard) else DataError(f"data: {shard} is a folder, not a .tar shard")
+        name = os.path.relpath(shard, root)
+        samples, duplicates = {}, set()
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = os.path.basename(member.name)
+                    if base.startswith("."):
+                        continue
+                    folder = os.path.dirname(member.name)
+                    key, _, ext = base.partition(".")
+                    key = f"{folder}/{key}" if folder else key
+                    entry = samples.setdefault(key, {})
+                    ext = "." + ext.lower()
+                    if ext in _WDS_IMAGE or ext == ".cls":
+                        part = "image" if ext in _WDS_IMAGE else "cls"
+                        if part in entry:  # a second image (or class) for one key
+                            duplicates.add(key)
+                    if ext in _WDS_IMAGE:
+                        entry["image"] = (shard_index, member.offset_data, member.size)
+                    elif ext == ".cls":
+                        if member.size > 64:
+                            entry["cls"] = None
+                        else:
+                            entry["cls"] = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+                end = tar.offset  # where the header after the last member is, or the end-of-archive blocks
+            with open(shard, "rb") as f:
+                f.seek(end)
+                tail = f.read(tarfile.BLOCKSIZE)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"data: {shard} is not a readable tar file ({' '.join(str(exc).split())[:200]})") from None
+        if len(tail) < tarfile.BLOCKSIZE or tail.strip(b"\0"):
+            # tarfile ends quietly where a cut falls between members: the lost samples would go unnoticed
+            raise DataError(f"data: {shard} ends without tar's end-of-archive blocks: it was cut short (copy or "
+                            "write the shard again)")
+        for key, entry in samples.items():
+            if key in duplicates:
+                skipped.append((f"{name}/{key}", "the key names two images or two classes in this shard"))
+                continue
+            if "image" not in entry or "cls" not in entry:
+                what = "no .jpg/.jpeg/.png image" if "image" not in entry else "no .cls class"
+                if "image" in entry or "cls" in entry:
+                    skipped.append((f"{name}/{key}", f"sample has {what}"))
+                continue
+            label = entry["cls"]
+            # A class that is no index is a label error, as a file list's: never an image left out.
+            if label is None or not is_index(label) or (classes is not None and int(label) >= len(classes)):
+                into = f"the {len(classes)} classes of the classes file" if classes else "the classes"
+                shown = "of more than 64 bytes" if label is None else repr(label)
+                raise DataError(f"data: {name}/{key}.cls: class {shown} is not an index into {into} (a "
+                                "WebDataset .cls holds a class index 0, 1, ...); fix or remove that sample")
+            members.append(entry["image"])
+            keys.append(key)
+            labels.append(int(label))
+    if not members:
+        raise DataError(f"data: {pattern} holds no samples (expected KEY.jpg with KEY.cls in each tar)")
+    if classes is not None:
+        names = list(classes)
+        empty = sorted(set(range(len(names))) - set(labels))
+        if empty:  # as an empty class folder: a class no image teaches or tests
+            raise DataError(f"data: {pattern}: class {names[empty[0]]!r} of the classes file has no samples"
+                            f"{f' (nor {len(empty) - 1} more)' if len(empty) > 1 else ''}; drop it from the classes "
+                            "file, or add its samples")
+    else:
+        index_class_names(labels, pattern)  # bounded
+        labels, names = numbered_classes(labels)
+    if len(names) < 2:
+        raise DataError(f"data: {pattern} has only class {names[0]}; a classifier needs at least 2 classes")
+    return TarSource(shards, members, keys, labels, names, root, skipped)

@@ -1,0 +1,265 @@
+"""Checking image files before any decoder sees them: JPEG and PNG structure (`header_problem`),
+a full decode (`check_image`), the pixel budget. Every image file is checked before NVIDIA DALI
+sees it, because DALI 2.x crashes the process (SIGSEGV in its decoder's worker threads) when its
+parser rejects one sample of a batch."""
+from __future__ import annotations
+
+import io
+import os
+import stat
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Sequence
+
+from fasttl.util.errors import DataError
+from fasttl.util import settings
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+# A larger image is refused before any decoder allocates it: neither backend needs hundreds of MB
+# per sample to make a 224-pixel input, and a forged header must not make either one try.
+MAX_IMAGE_PIXELS = int(settings.MAX_IMAGE_PIXELS.default)
+
+
+def max_image_pixels() -> int:
+    """The pixel budget in effect: FASTTL_MAX_IMAGE_PIXELS, else MAX_IMAGE_PIXELS (read when used,
+    so that a bad value is one line naming the variable, never a failure at import)."""
+    given = settings.MAX_IMAGE_PIXELS.raw()
+    if given is None:
+        return MAX_IMAGE_PIXELS
+    value = given.strip().replace("_", "")
+    if not value.isdigit() or int(value) < 1:
+        raise DataError(f"FASTTL_MAX_IMAGE_PIXELS: expected a positive number of pixels, got {given!r} (unset it "
+                        f"for the default {MAX_IMAGE_PIXELS:,})")
+    return int(value)
+
+
+MAX_IMAGE_BYTES = 1 << 30  # no photo's file is larger: a bigger one (a sparse file, a device) is not read
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# PNG bit depths per color type (PNG spec table 11.1), as DALI's (nvImageCodec's) parser checks them.
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel of each color type
+
+
+class _Bytes:
+    """The head of a file, read in blocks as a parse needs more of it (one read for most headers)."""
+
+    def __init__(self, f, size: int):
+        self.f, self.size, self.data = f, size, b""
+
+    def get(self, offset: int, count: int) -> bytes:
+        while len(self.data) < offset + count and len(self.data) < self.size:
+            block = self.f.read(max(offset + count - len(self.data), 1 << 16))
+            if not block:
+                break
+            self.data += block
+        return self.data[offset:offset + count]
+
+
+def _jpeg_problem(f, size: int) -> Optional[str]:
+    """Walks the JPEG markers from SOI to SOS as DALI's parser does: every segment complete, a
+    frame header (SOF) with a size and 1, 3 or 4 components before the scan."""
+    data = _Bytes(f, size)
+    pos, frame = 2, None
+    truncated = "JPEG ends before its image data (truncated header)"
+    while True:
+        head = data.get(pos, 2)
+        if len(head) < 2:
+            return truncated
+        if head[0] != 0xFF:
+            return "invalid JPEG marker (garbled header)"
+        pos += 1
+        marker = 0xFF
+        while marker == 0xFF:  # fill bytes may precede a marker
+            byte = data.get(pos, 1)
+            if not byte:
+                return truncated
+            marker, pos = byte[0], pos + 1
+        if marker == 0x00 or 0xD0 <= marker <= 0xD9 or marker == 0x01:
+            return f"invalid JPEG marker 0xFF{marker:02X} before the image data (garbled header)"
+        raw = data.get(pos, 2)
+        if len(raw) < 2:
+            return truncated
+        length = struct.unpack(">H", raw)[0]
+        if length < 2 or pos + length > size:
+            return f"JPEG segment 0xFF{marker:02X} runs past the end of the file (truncated or garbled)"
+        if marker == 0xDA:  # SOS: the entropy-coded data follows
+            scan_bytes = size - (pos + length)
+            break
+        body = data.get(pos + 2, min(length - 2, 8))
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if len(body) < 6:
+                return "JPEG frame header is too short (garbled header)"
+            frame = (body[0], *struct.unpack(">HH", body[1:5]), body[5])
+            huffman = marker <= 0xC7
+        elif marker == 0xE1 and body[:6] == b"Exif\0\0" and length < 8:
+            return "JPEG EXIF segment is too short (garbled header)"  # DALI's parser underflows on it
+        pos += length
+    if frame is None:
+        return "JPEG has no frame header (SOF) before its image data (garbled header)"
+    precision, height, width, components = frame
+    if precision != 8:
+        return f"{precision}-bit JPEG (only 8-bit JPEGs are supported)"
+    if components not in (1, 3, 4):
+        return f"JPEG with {components} color components (expected 1, 3 or 4)"
+    if height == 0 or width == 0:
+        return f"JPEG declares a {width}x{height} image"
+    if width * height > max_image_pixels():
+        return f"JPEG declares {width}x{height} pixels, more than the limit of {max_image_pixels():,} (downscale it)"
+    # Huffman coding spends at least a bit on each 8x8 block's DC term: fewer bytes than that
+    # cannot hold the image the header declares (a cut file, or a decompression bomb). Arithmetic
+    # coding (SOF9 and up, rare) can go below, so it is not held to it.
+    if huffman and scan_bytes < width * height // 1024:
+        return (f"JPEG declares {width}x{height} pixels but holds {scan_bytes:,} bytes of image data, too few to fill "
+                "them (truncated, or made to look larger than it is)")
+    return None
+
+
+def _png_problem(f, size: int) -> Optional[str]:
+    """Every chunk complete with a matching CRC, through IEND (DALI's parser walks them all),
+    and an IHDR with a size and a bit depth / color type pair PNG allows."""
+    data = f.read()  # the CRCs cover every byte
+    head = data[8:33]
+    if len(head) < 25 or head[4:8] != b"IHDR" or struct.unpack(">I", head[:4])[0] != 13:
+        return "PNG has no complete IHDR header (truncated or garbled)"
+    width, height, depth, color = struct.unpack(">IIBB", head[8:18])
+    if color not in _PNG_DEPTHS or depth not in _PNG_DEPTHS[color]:
+        return f"PNG with bit depth {depth} and color type {color} is not a valid combination"
+    if width == 0 or height == 0 or width > 2**31 - 1 or height > 2**31 - 1:
+        return f"PNG declares a {width}x{height} image"
+    if width * height > max_image_pixels():
+        return f"PNG declares {width}x{height} pixels, more than the limit of {max_image_pixels():,} (downscale it)"
+    pos, has_data, has_palette, compressed = 8, False, False, 0
+    while True:
+        if pos + 8 > len(data):
+            return "PNG ends before its IEND chunk (truncated file)"
+        length, kind = struct.unpack(">I", data[pos:pos + 4])[0], data[pos + 4:pos + 8]
+        name = kind.decode("latin1")
+        if length > 2**31 - 1 or pos + 12 + length > len(data):
+            return f"PNG chunk {name!r} runs past the end of the file (truncated or garbled)"
+        end = pos + 8 + length
+        if zlib.crc32(data[pos + 4:end]) != struct.unpack(">I", data[end:end + 4])[0]:
+            return f"PNG chunk {name!r} has a bad CRC (corrupt file)"
+        if kind == b"IDAT" and color == 3 and not has_palette:
+            return "PNG palette image without a PLTE chunk before its data (corrupt file)"
+        has_palette = has_palette or kind == b"PLTE"
+        has_data = has_data or kind == b"IDAT"
+        compressed += length if kind == b"IDAT" else 0
+        if kind == b"IEND":
+            if not has_data:
+                return "PNG has no image data (IDAT chunk)"
+            # deflate compresses at most about 1032:1: fewer bytes cannot hold the declared rows
+            raw = height * (1 + (width * _PNG_CHANNELS[color] * depth + 7) // 8)
+            if compressed < raw // 1100:
+                return (f"PNG declares {width}x{height} pixels but holds {compressed:,} bytes of image data, too few "
+                        "to fill them (made to look larger than it is)")
+            return None
+        pos += 12 + length
+
+
+def header_problem(path: str) -> Optional[str]:
+    """None when `path` is a regular JPEG or PNG file whose structure DALI's parser accepts, else
+    why not. Cheap: reads JPEG headers up to the image data and walks the PNG chunks (with their
+    CRCs); it does not decode the pixels (`check_image` does)."""
+    try:
+        # O_NONBLOCK: opening a FIFO (or a file swapped for one) must not wait for a writer.
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return "not a regular file"
+            if info.st_size == 0:
+                return "empty file (0 bytes)"
+            if info.st_size > MAX_IMAGE_BYTES:
+                return f"{info.st_size:,} bytes, more than the {MAX_IMAGE_BYTES:,} an image file may have"
+            magic = f.read(8)
+            f.seek(0)
+            if magic.startswith(b"\xff\xd8\xff"):
+                return _jpeg_problem(f, info.st_size)
+            if magic == _PNG_SIGNATURE:
+                return _png_problem(f, info.st_size)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return "not a JPEG or PNG file (bad or missing header)"
+
+
+def bytes_problem(data: bytes) -> Optional[str]:
+    """`header_problem` for an image held in memory (a WebDataset member)."""
+    if not data:
+        return "empty file (0 bytes)"
+    if len(data) > MAX_IMAGE_BYTES:
+        return f"{len(data):,} bytes, more than the {MAX_IMAGE_BYTES:,} an image file may have"
+    f = io.BytesIO(data)
+    if data[:3] == b"\xff\xd8\xff":
+        return _jpeg_problem(f, len(data))
+    if data[:8] == _PNG_SIGNATURE:
+        return _png_problem(f, len(data))
+    return "not a JPEG or PNG file (bad or missing header)"
+
+
+def check_image_bytes(data: bytes) -> Optional[str]:
+    """`check_image` for an image held in memory."""
+    problem = bytes_problem(data)
+    if problem is not None:
+        return problem
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception as exc:  # PIL raises many types for corrupt data
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return None
+
+
+def check_image(path: str) -> Optional[str]:
+    """None if `path` passes `header_problem` and decodes in full with PIL, else why not."""
+    problem = header_problem(path)
+    if problem is not None:
+        return problem
+    try:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            img.load()
+    except Exception as exc:  # PIL raises many types for corrupt data
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return None
+
+
+def check_all(paths: Sequence[str], check, num_threads: Optional[int], stop_at_first: bool):
+    """[(index, problem)] of the paths `check` finds a problem in, in path order; decodes on
+    threads (PIL and file reads release the GIL). With stop_at_first, the first in order only."""
+    threads = max(1, min(num_threads or (os.cpu_count() or 1), 32, len(paths)))
+    found = []
+    if threads == 1:
+        for i, path in enumerate(paths):
+            problem = check(path)
+            if problem is not None:
+                found.append((i, problem))
+                if stop_at_first:
+                    break
+        return found
+    chunk = 4 * threads  # bounded look-ahead, so a first bad file stops the work soon after
+    with ThreadPoolExecutor(threads) as pool:
+        for begin in range(0, len(paths), chunk):
+            problems = pool.map(check, paths[begin:begin + chunk])
+            for offset, problem in enumerate(problems):
+                if problem is not None:
+                    found.append((begin + offset, problem))
+                    if stop_at_first:
+                        return found
+    return found
+
+
+def skip_hint() -> str:
+    return ("remove it, or leave unreadable files out: --on-error skip (fasttl run, extract, eval, predict), "
+            "fasttl.data.screen(source, on_error='skip') in Python")

@@ -1,0 +1,118 @@
+"""Class names and labels as users write them: classes files, integer labels, the rule that a
+label is what the user meant (a typo is an error, never another class)."""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Tuple
+
+from fasttl.util.errors import DataError
+from fasttl.util.files import read_plain
+
+
+# Integer labels without --classes make classes "0".."K-1"; a label above this is a mistake, not a class.
+MAX_INDEX_CLASSES = 100_000
+
+
+def is_index(label: str) -> bool:
+    """An ASCII decimal class index ("²" and "٢" are digits to str.isdigit, not to a file list)."""
+    return label.isascii() and label.isdigit()
+
+
+def index_class_names(values: Sequence[int], where: str) -> List[str]:
+    """Class names "0".."K-1" for integer labels, K bounded (a huge label would allocate K names)."""
+    top = max(values)
+    if top >= MAX_INDEX_CLASSES:
+        raise DataError(f"data: {where}: integer label {top} implies {top + 1} classes (at most "
+                        f"{MAX_INDEX_CLASSES}); fix the label, or name the classes with --classes-file FILE")
+    return [str(i) for i in range(top + 1)]
+
+
+def has_control(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def read_classes_file(path: str) -> List[str]:
+    """Class names, one a line (blank lines at the end ignored), for --classes FILE. A blank line
+    between names is refused: with --labels indices it would be a guess whether it counts."""
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        text = read_plain(path, 64 << 20).decode("utf-8-sig")  # -sig: a leading byte-order mark is not a name
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise DataError(f"classes: cannot read {path} ({getattr(exc, 'strerror', None) or exc}); give a text file "
+                        "with one class name a line") from None
+    lines = [line.strip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if "" in lines:
+        raise DataError(f"classes: {path} line {lines.index('') + 1} is blank between class names; remove it (an "
+                        "index counts the lines, so a blank one would shift them)")
+    names = lines
+    bad = next((name for name in names if not name.isprintable()), None)
+    if bad is not None:
+        raise DataError(f"classes: {path} names a class with a control character ({bad!r}); use plain text names")
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        raise DataError(f"classes: {path} names {twice!r} twice (line {names.index(twice) + 1} and line "
+                        f"{names.index(twice, names.index(twice) + 1) + 1}); each class once")
+    if len(names) < 2:
+        raise DataError(f"classes: {path} must name at least 2 classes, one a line (found {len(names)})")
+    return names
+
+
+LABEL_KINDS = ("names", "indices")  # what a file list's labels are: class names, or indices into --classes-file
+
+
+def numbered_classes(values: Sequence[int]) -> Tuple[List[int], List[str]]:
+    """Integer labels without class names: the classes are the distinct values found, in numeric
+    order, each named by its number, so no class is left without images (labels 1, 2, 3 are three
+    classes "1", "2", "3", not four with an empty "0")."""
+    found = sorted(set(values))
+    position = {value: i for i, value in enumerate(found)}
+    return [position[v] for v in values], [str(v) for v in found]
+
+
+def label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where: str,
+                   kind: str = "names") -> Tuple[List[int], List[str]]:
+    """Labels as class indices and the class names.
+
+    * With `classes` (--classes-file): each label must be one of its names; with kind "indices",
+      each must be an index into them instead. A label of another kind is an error, never a guess:
+      with classes "3", "7", "9", the label "1" is a typo, not class "7".
+    * Without: class names are the labels found, sorted as class folders sort them (integer labels
+      in numeric order, each class named by its number); no class is left without images."""
+    if kind not in LABEL_KINDS:
+        raise DataError(f"labels: unknown {kind!r}; choose from {', '.join(LABEL_KINDS)}")
+    if classes is not None:
+        names = {name: i for i, name in enumerate(classes)}
+        out = []
+        for label in labels:
+            if kind == "indices" and is_index(label) and int(label) < len(classes):
+                out.append(int(label))
+            elif kind == "names" and label in names:
+                out.append(names[label])
+            elif kind == "indices":
+                raise DataError(f"data: {where}: label {label!r} is not an index into the {len(classes)} classes of "
+                                "the classes file (--labels indices)")
+            else:
+                hint = " (to give labels as indices into it, pass --labels indices)" if is_index(label) else ""
+                raise DataError(f"data: {where}: label {label!r} is not one of the {len(classes)} classes of the "
+                                f"classes file{hint}")
+        empty = sorted(set(range(len(classes))) - set(out))
+        if out and empty:  # as an empty class folder: a class no image teaches or tests
+            raise DataError(f"data: {where}: class {classes[empty[0]]!r} of the classes file has no images"
+                            f"{f' (nor {len(empty) - 1} more)' if len(empty) > 1 else ''}; drop it from the classes "
+                            "file, or add its images")
+        return out, list(classes)
+    if kind == "indices":
+        raise DataError("labels: --labels indices needs --classes-file to say which class each index is")
+    negative = next((label for label in labels if label[:1] == "-" and is_index(label[1:])), None)
+    if negative is not None:  # -1 is "unlabeled" in many data sets: never a class of its own
+        raise DataError(f"data: {where}: label {negative!r} is negative (-1 often means unlabeled); drop those rows, "
+                        f"or name {negative!r} in a --classes-file to make it a class")
+    if labels and all(is_index(label) for label in labels):
+        values = [int(label) for label in labels]
+        index_class_names(values, where)  # bounded, as before
+        return numbered_classes(values)
+    found = sorted(set(labels))
+    index = {name: i for i, name in enumerate(found)}
+    return [index[label] for label in labels], found
