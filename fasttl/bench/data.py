@@ -13,7 +13,7 @@ import torch
 
 from fasttl import backbones
 from fasttl.cache import engines
-from fasttl.cache.build import default_batch_size, extraction_engine
+from fasttl.cache.extraction import default_batch_size, extraction_engine
 from fasttl.bench.common import format_table, load_average
 from fasttl.data import ImageLoader, TransformSpec, class_folder_splits, dali_available
 from fasttl.util import settings

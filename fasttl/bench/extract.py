@@ -11,7 +11,7 @@ import torch
 from fasttl import backbones
 from fasttl.bench.common import format_table
 from fasttl.cache import engines
-from fasttl.cache.build import default_batch_size, extraction_engine, store_maps
+from fasttl.cache.extraction import default_batch_size, extraction_engine, store_maps
 
 
 def _rate(step, batch: int, repeats: int) -> float:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fasttl import _ops
-from fasttl.cache import build, format
+from fasttl.cache import build, format, write
 from fasttl.cache.format import mismatch_message  # noqa: F401  (part of this module's API)
 from fasttl.cache.kernels import CACHE_DTYPE, ShardTable, gather
 from fasttl.cache.store import CacheError
@@ -61,8 +61,8 @@ class FeatureCache:
               sample_ids: Optional[Sequence[str]] = None, fingerprint: Optional[dict] = None,
               shard_rows: int = 65536, overwrite: bool = False) -> "FeatureCache":
         """Stores features computed elsewhere (your own model, another job) as a cache that opens
-        and trains like a built one. See :func:`fasttl.cache.build.write_cache`."""
-        result = build.write_cache(directory, chunks, labels, classes=classes, dtype=dtype, sample_ids=sample_ids,
+        and trains like a built one. See :func:`fasttl.cache.write.write_cache`."""
+        result = write.write_cache(directory, chunks, labels, classes=classes, dtype=dtype, sample_ids=sample_ids,
                                    fingerprint=fingerprint, shard_rows=shard_rows, overwrite=overwrite)
         cache = cls.open(result["directory"], verify=True)
         cache.last_build = dict(result, reused=False)

@@ -13,7 +13,7 @@ from fasttl.cache import FeatureCache
 from fasttl.cache.cache import CacheError
 from fasttl.cache import engines
 from fasttl.cache.kernels import CACHE_DTYPE
-from fasttl.cache.build import compute_settings
+from fasttl.cache.extraction import compute_settings
 from fasttl.util.errors import OptionError
 from fasttl.util import settings
 
@@ -143,7 +143,7 @@ class FeaturesInMemory:
     set of images it is shown."""
 
     def __init__(self, backbone, extraction: Extraction, device="cpu"):
-        from fasttl.cache.build import extraction_engine
+        from fasttl.cache.extraction import extraction_engine
 
         self.device = torch.device(device)
         self.backbone, self.extraction = backbone, extraction
@@ -154,7 +154,7 @@ class FeaturesInMemory:
 
     def __call__(self, source, mirror: bool = False, batch_size: Optional[int] = None, progress=None) -> torch.Tensor:
         """float32 (len(source), feature_dim) on the device; `progress`: a tqdm bar to advance."""
-        from fasttl.cache.build import default_batch_size, extract_features
+        from fasttl.cache.extraction import default_batch_size, extract_features
         from fasttl.cache.kernels import CACHE_DTYPES, gather
         from fasttl.data import TransformSpec
 

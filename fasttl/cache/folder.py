@@ -1,0 +1,75 @@
+"""A cache folder's own files, shared by both writers (build.py, write.py): each file's manifest
+entry (size, SHA-256), the manifest written last, and a folder of someone else's files refused."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+from fasttl.util import files
+from fasttl.cache import store
+from fasttl.cache.format import identities, manifest_sha256, record_verified
+from fasttl.cache.store import CacheError
+
+
+def file_entry(out_dir: str, name: str, data: Optional[bytes] = None) -> dict:
+    path = os.path.join(out_dir, name)
+    if data is None:
+        info = store.regular_file(path)
+        if info is None:
+            raise CacheError(f"{path}: shard missing after every rank finished")
+        return {"file": name, "bytes": info.st_size, "sha256": store.sha256_file(path)}
+    return {"file": name, "bytes": len(data), "sha256": store.sha256_bytes(data)}
+
+
+def finish(out_dir: str, manifest: dict) -> None:
+    """Writes the manifest (last: its presence marks the cache finished), drops the build record
+    and records every listed file as verified: its checksum was just taken from what was written."""
+    files.write_json_atomic(os.path.join(out_dir, store.MANIFEST), manifest)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out_dir, store.BUILD))
+    record_verified(out_dir, manifest_sha256(out_dir), identities(out_dir, manifest))
+
+
+def foreign_entries(directory: str) -> list:
+    """Entries of `directory` that a fasttl cache would not hold. The generic names (manifest.json,
+    build.json, labels.npy, samples.json) may be the user's own: they count as fasttl's only when
+    the folder is fasttl's by proof, a record with a fingerprint or shards named as fasttl names
+    them (a damaged manifest beside fasttl's shards is fasttl's, to rebuild with overwrite)."""
+    if not os.path.isdir(directory):
+        return []
+    names = sorted(os.listdir(directory))
+    vouched = (any(store.SHARD_FILE.fullmatch(name) for name in names)
+               or any(_is_fasttl_record(os.path.join(directory, name)) for name in (store.MANIFEST, store.BUILD)
+                      if name in names))
+    foreign = []
+    for name in names:
+        if name in (store.MANIFEST, store.BUILD, store.LABELS, store.SAMPLES):
+            own = vouched
+        else:
+            own = store.is_own_file(name)
+        if not own:
+            foreign.append(name)
+    return foreign
+
+
+def _is_fasttl_record(path: str) -> bool:
+    try:
+        record = files.read_json(path)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and isinstance(record.get("fingerprint"), dict)
+
+
+def refuse_foreign(directory: str, beside_other_files: bool) -> None:
+    """Never makes a folder of someone else's files a cache, with or without overwrite. A file of
+    the user's under a name the cache writes (labels.npy, manifest.json, ...) is always refused;
+    `beside_other_files`: files under other names may stay beside the cache (the build keeps
+    them), else only beside a cache fasttl already wrote there (FeatureCache.write)."""
+    foreign = foreign_entries(directory)
+    holds_cache = os.path.isfile(os.path.join(directory, store.MANIFEST)) and store.MANIFEST not in foreign
+    clobbered = [name for name in foreign if name in (store.MANIFEST, store.BUILD, store.LABELS, store.SAMPLES)]
+    if clobbered or (foreign and not beside_other_files and not holds_cache):
+        shown = ", ".join(foreign[:3] if not beside_other_files else clobbered[:3])
+        raise CacheError(f"{directory}: holds files that are not a fasttl cache's ({shown}); write to an empty or new "
+                         "folder")
