@@ -291,13 +291,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"fasttl: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fasttl", description="Fast transfer learning from pretrained backbones.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+def _add_info_command(sub) -> None:
     p = sub.add_parser("info", help="show versions, native build, CUDA architectures, GPU, OpenMP and DALI")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_info)
 
+
+def _add_run_command(sub) -> None:
     from fasttl.transfer import registry
 
     strategies = "\n".join(f"  {name:<10} {registry.get(name).help}" for name in registry.names())
@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_run)
 
+
+def _add_eval_command(sub) -> None:
     p = sub.add_parser("eval", help="re-evaluate a saved run on data")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data", help="data to evaluate on (default: the run's own)")
@@ -318,12 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_extract_command(sub) -> None:
     from fasttl import backbones
     from fasttl.cache.build import SHARD_ROWS
     from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES
     from fasttl.data.loader import BACKENDS
     from fasttl.data.labels import LABEL_KINDS
-    from fasttl.export import DEFAULT_OPSET
 
     p = sub.add_parser("extract", help="precompute a frozen backbone's features into a cache (torchrun-aware)")
     p.add_argument("--backbone", default=backbones.DEFAULT, help=f"backbone name (default {backbones.DEFAULT})")
@@ -352,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
 
+
+def _add_predict_command(sub) -> None:
+    from fasttl import backbones
+
     p = sub.add_parser("predict", help="predict images with a trained run (--run), or show a backbone's ImageNet "
                                        "top-5", description="With --run RUN: a CSV (path,predicted,confidence) of "
                                        "the run's predictions for image files and folders (walked recursively). "
@@ -372,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "package ships")
     p.set_defaults(func=_cmd_predict)
 
+
+def _add_export_command(sub) -> None:
+    from fasttl.export import DEFAULT_OPSET
+
     p = sub.add_parser("export", help="export a run's model to ONNX (images in [0, 1] to logits), verified with "
                                       "ONNX Runtime")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -382,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_cmd_export)
 
+
+def _add_data_command(sub) -> None:
     from fasttl.data.fetch import DEADLINE_S, MIN_RATE, REMOTES
 
     p = sub.add_parser("data", help="data sets: fetch CIFAR-10 into $FASTTL_DATA")
@@ -404,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"stop a download (resumable) slower than this over 30 s (default {MIN_RATE:,})")
     q.set_defaults(func=_cmd_data_fetch)
 
+
+def _add_bench_command(sub) -> None:
     from fasttl.bench.runner import BENCHMARKS  # names only: the benchmark modules load when run
 
     p = sub.add_parser("bench", help="time fasttl beside the PyTorch ways of doing the same", add_help=False,
@@ -423,6 +438,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-subset", type=_per_class_pair, metavar="TRAIN,TEST",
                    help="e2e: CIFAR-10 images per class for training and test (default 500,100)")
     p.set_defaults(func=_cmd_bench)
+
+
+# One function per command, in the order `fasttl --help` lists them.
+COMMANDS = (_add_info_command, _add_run_command, _add_eval_command, _add_extract_command, _add_predict_command,
+            _add_export_command, _add_data_command, _add_bench_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fasttl", description="Fast transfer learning from pretrained backbones.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

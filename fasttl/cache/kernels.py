@@ -8,7 +8,7 @@ from torch import Tensor
 
 from fasttl import _ops
 
-CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
 CACHE_DTYPE = "fp16"  # the default: half fp32's bytes, within 1e-3 of its features (range checked on write)
 _SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
