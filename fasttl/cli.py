@@ -126,13 +126,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from fasttl.extract import extract, format_summary
+    from fasttl.util import distributed
 
     summaries = extract(args.backbone, args.data, args.out, weights=args.weights, image_size=args.image_size,
                         dtype=args.dtype, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
                         shard_rows=args.shard_rows, backend=args.backend, progress=not args.no_progress,
                         on_error=args.on_error, features=args.features, engine=args.engine,
                         precision=args.extract_precision, classes=args.classes, labels=args.labels)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if distributed.rank_and_world()[0] == 0:
         _say("\n".join(format_summary(summaries)))
     if dist.is_initialized():
         dist.destroy_process_group()

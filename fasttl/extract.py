@@ -4,8 +4,6 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
-import torch
-import torch.distributed as dist
 
 from fasttl import backbones
 from fasttl.cache import FeatureCache
@@ -14,19 +12,7 @@ from fasttl.cache.kernels import CACHE_DTYPE
 from fasttl.data import class_folder_splits
 from fasttl.data.formats import open_data
 from fasttl.util.errors import OptionError
-
-
-def init_distributed(device: str) -> torch.device:
-    """Joins the torchrun process group when launched by torchrun (gloo on CPU, nccl on GPUs)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend)
-    if device.startswith("cuda") and world > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
+from fasttl.util import distributed
 
 
 def extract(backbone_name: str, data: str, out: str, *, weights: str = None, image_size: int = None,
@@ -56,7 +42,7 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
             os.path.realpath(data):
         raise OptionError(f"out: {os.path.abspath(out)} is inside the data folder {os.path.realpath(data)}; give a "
                           "cache folder outside the data")
-    torch_device = init_distributed(device)
+    torch_device, _ = distributed.join(device)
     model = backbones.create(backbone_name, weights=weights)
     listed = open_data(data, classes, labels)
     if listed is None and classes is not None:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from fasttl.util import files
+from fasttl.util.distributed import rank_and_world
 from fasttl._version import __version__
 from fasttl.cache import store
 from fasttl.cache.format import mismatch_message, npy_header, storage_dtypes, to_numpy_storage, validate_manifest
@@ -49,13 +50,6 @@ def fingerprint(backbone, source: Union[FileSource, ArraySource], spec: Transfor
         "fasttl_version": __version__,
         "format": store.FORMAT_VERSION,
     }
-
-
-def rank_and_world():
-    """(rank, world size) of the torchrun process group, (0, 1) outside one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _all_ranks_agree(ok: bool, message: str, world: int, error=CacheError) -> None:

@@ -20,6 +20,7 @@ from fasttl.transfer import report
 from fasttl.util.errors import OptionError
 from fasttl.transfer.caching import cache_root, mirror_mode
 from fasttl.util import settings
+from fasttl.util import distributed
 from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import BUILTIN, EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
@@ -34,17 +35,15 @@ from fasttl.transfer.registry import Outcome
 
 def _init_distributed(cfg: RunConfig) -> bool:
     """Joins the torchrun process group (finetune only); True when this call created it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if not registry.get(cfg.strategy).distributed:
-            ready = ", ".join(n for n in registry.names() if registry.get(n).distributed)
-            raise OptionError(f"strategy: {cfg.strategy!r} runs in one process; under torchrun (DDP) only {ready}")
-        dist.init_process_group("nccl" if str(cfg.device).startswith("cuda") else "gloo")
-        if str(cfg.device).startswith("cuda"):
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local_rank)
-            cfg.device = f"cuda:{local_rank}"
-        return True
-    return False
+    if not distributed.launched_by_torchrun() or dist.is_initialized():
+        return False
+    if not registry.get(cfg.strategy).distributed:
+        ready = ", ".join(n for n in registry.names() if registry.get(n).distributed)
+        raise OptionError(f"strategy: {cfg.strategy!r} runs in one process; under torchrun (DDP) only {ready}")
+    device, created = distributed.join(cfg.device)
+    if device.type == "cuda":
+        cfg.device = str(device)
+    return created
 
 
 # Options that don't change what a run computes: a resumed run may differ in these.
@@ -198,7 +197,7 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
     started = time.perf_counter()
     cfg = RunConfig(**options)
     owns_process_group = _init_distributed(cfg)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, _ = distributed.rank_and_world()
     preflight(cfg.resolved(0))  # option errors first, before any data is read or any folder made
     dataset = load_dataset(cfg.data, cfg.seed, cfg.train_per_class, cfg.test_per_class, on_error=cfg.on_error,
                            download=cfg.download, classes_file=cfg.classes_file, labels=cfg.labels)
@@ -360,7 +359,7 @@ def _csv_value(value) -> str:
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return distributed.rank_and_world()[1]
 
 
 def _result(outcome: Outcome, classes) -> Dict[str, object]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fasttl import backbones
-from fasttl.cache.build import rank_and_world
+from fasttl.util.distributed import rank_and_world
 from fasttl.heads.train import make_head
 from fasttl.data import ImageLoader, TransformSpec
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split
