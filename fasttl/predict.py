@@ -29,6 +29,7 @@ from fasttl.data.torch_pipeline import decode, transform
 from fasttl.util.errors import OptionError
 from fasttl.util.files import RUN_MARKER
 from fasttl.util.outputs import csv_cell
+from fasttl.util.checks import positive_int
 
 
 class ImagesToLogits(nn.Module):
@@ -165,9 +166,7 @@ class RunModel:
         """float32 logits (N, classes) on the CPU of image files, folders (recursively, sorted) or a
         uint8 image tensor, computed as the run computed its test predictions."""
         source = self._source(images)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
-            raise OptionError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        positive_int("batch_size", batch_size, OptionError, optional=True)
         bar = None
         from fasttl.transfer.caching import views_of
         from fasttl.transfer.strategies.feature import FeatureModel

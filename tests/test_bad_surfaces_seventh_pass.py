@@ -243,3 +243,18 @@ def test_one_file_reached_twice_in_class_folders_is_refused(cat_ship, tmp_path):
     os.link(leaked / "train" / "cat" / "1.jpg", leaked / "test" / "cat" / "x.jpg")
     with pytest.raises(DataError, match=r"test/cat/x.jpg is the same file as .*train/cat/1.jpg .*never a test image"):
         fasttl.data.class_folder_splits(str(leaked))
+
+
+def test_true_is_never_taken_for_a_count_of_one(tmp_path):
+    # one positive-integer check for every layer (fasttl.util.checks): the cache loader and a build's
+    # shard_rows took True as 1 before
+    cache = fasttl.FeatureCache.write(str(tmp_path / "c"), [np.ones((2, 3), np.float32)], [0, 1], classes=["a", "b"])
+    with pytest.raises(ValueError, match=r"batch_size: expected a positive integer, got True"):
+        cache.loader(batch_size=True)
+    from fasttl.cache.build import build_cache
+    from fasttl.data.sources import ArraySource
+
+    source = ArraySource(np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 1]), ["a", "b"])
+    with pytest.raises(ValueError, match=r"shard_rows: expected a positive integer, got True"):
+        build_cache(None, source, str(tmp_path / "b"), shard_rows=True)
+    assert not (tmp_path / "b").exists()

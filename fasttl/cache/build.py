@@ -26,6 +26,7 @@ from fasttl.data.sources import ON_ERROR, ArraySource, FileSource, TarSource
 from fasttl.cache.extraction import (compute_settings, default_batch_size, extract_features, extraction_engine,
                                      verification_images)
 from fasttl.cache.folder import file_entry, finish, refuse_foreign
+from fasttl.util.checks import positive_int
 
 
 SHARD_ROWS = 4096  # rows per shard file of a built cache: ~1-8 MB shards at typical widths
@@ -271,8 +272,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
 def _check_options(dtype: str, shard_rows: int, on_error: str) -> None:
     if dtype not in CACHE_DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
-    if not isinstance(shard_rows, int) or shard_rows < 1:
-        raise ValueError(f"shard_rows: expected a positive integer, got {shard_rows!r}")
+    positive_int("shard_rows", shard_rows)
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error: expected one of {ON_ERROR}, got {on_error!r}")
 

@@ -13,6 +13,7 @@ from fasttl.cache import build, format, write
 from fasttl.cache.format import mismatch_message  # noqa: F401  (part of this module's API)
 from fasttl.cache.kernels import CACHE_DTYPE, ShardTable, gather
 from fasttl.cache.store import CacheError
+from fasttl.util.checks import positive_int
 
 
 class FeatureCache:
@@ -268,8 +269,7 @@ class CacheLoader:
     STAGING_BUFFERS = 3
 
     def __init__(self, cache: FeatureCache, batch_size: int, shuffle: bool, seed: int, device, out_dtype, drop_last):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        positive_int("batch_size", batch_size)
         self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle, seed
         self.device = torch.device(device) if device is not None else cache.device
         self.out_dtype, self.drop_last, self.epoch = out_dtype, drop_last, 0

@@ -17,6 +17,7 @@ from fasttl.cache.format import to_numpy_storage
 from fasttl.cache.store import CacheError
 from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES, pool_store
 from fasttl.cache.folder import file_entry, finish, refuse_foreign
+from fasttl.util.checks import positive_int
 
 
 def _write_fingerprint(fingerprint: Optional[dict], classes, dtype: str, feature_dim: int, count: int,
@@ -131,8 +132,7 @@ def _checked_arguments(dtype, shard_rows, classes, fingerprint, labels, sample_i
     naming the argument, before any folder is made."""
     if dtype not in CACHE_DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
-    if not isinstance(shard_rows, int) or isinstance(shard_rows, bool) or shard_rows < 1:
-        raise ValueError(f"shard_rows: expected a positive integer, got {shard_rows!r}")
+    positive_int("shard_rows", shard_rows)
     classes = list(classes) if not isinstance(classes, str) else None
     if not classes or not all(isinstance(c, str) and c and c.isprintable() for c in classes) \
             or len(set(classes)) != len(classes):

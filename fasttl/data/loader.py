@@ -15,6 +15,7 @@ from fasttl.util.errors import DataError
 from fasttl.data.order import epoch_order, shard_length
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import Collate, TorchImageDataset
+from fasttl.util.checks import positive_int
 
 Source = Union[FileSource, ArraySource, TarSource]
 BACKENDS = ("auto", "dali", "torch")
@@ -50,8 +51,7 @@ class ImageLoader:
                  pin_memory: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        positive_int("batch_size", batch_size)
         if not isinstance(num_shards, int) or num_shards < 1 or not isinstance(shard_id, int) or \
                 not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id: expected 0 <= shard_id < num_shards={num_shards}, got {shard_id}")

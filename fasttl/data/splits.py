@@ -6,6 +6,8 @@ from typing import List, Tuple
 
 import numpy as np
 
+from fasttl.util.checks import positive_int
+
 VALIDATION_FRACTION = 0.1
 # Seeds the validation split apart from any other use of the run's seed.
 _VALIDATION_STREAM = 0x7A11D
@@ -37,8 +39,7 @@ def stratified_folds(labels, folds: int, seed: int) -> List[List[int]]:
     """`folds` disjoint lists of indices, sorted, that together hold every sample: each class
     shuffled (seeded) and dealt round-robin, continuing where the last class stopped, so every fold
     holds about 1/folds of each class. Cross-fitting refits a model once per fold without it."""
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
-        raise ValueError(f"folds: expected a positive integer, got {folds!r}")
+    positive_int("folds", folds)
     labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels)
     rng = np.random.default_rng([int(seed), _FOLD_STREAM])
     dealt: List[List[int]] = [[] for _ in range(folds)]

@@ -20,6 +20,7 @@ from fasttl.transfer import cross_fit
 from fasttl.transfer.caching import FEATURE_TAPS, MIRROR_VIEWS, mirror_mode
 from fasttl.data.labels import LABEL_KINDS
 from fasttl.transfer.datasets import BUILTIN
+from fasttl.util.checks import positive_int
 
 MAX_IMAGE_SIZE = 1024
 
@@ -186,15 +187,11 @@ class RunConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise OptionError(f"seed: expected an integer in [0, 2**63), got {self.seed!r}")
         for name in ("epochs", "batch_size", "image_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise OptionError(f"{name}: expected a positive integer, got {value!r}")
+            positive_int(name, getattr(self, name), OptionError)
         if self.image_size > MAX_IMAGE_SIZE:
             raise OptionError(f"image_size: {self.image_size} px is more than fasttl handles ({MAX_IMAGE_SIZE})")
         for name in ("train_per_class", "test_per_class", "finetune_stages"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise OptionError(f"{name}: expected a positive integer, got {value!r}")
+            positive_int(name, getattr(self, name), OptionError, optional=True)
         for name in ("lr", "temperature"):
             value = getattr(self, name)
             if name == "temperature" and value is None:
