@@ -56,7 +56,7 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
                             device=torch_device, image_size=image_size, shard_rows=shard_rows, overwrite=overwrite,
                             backend=backend, progress=progress, on_error=on_error, taps=FEATURE_TAPS[features],
                             engine=engine, precision=precision, engine_dir=out)
-        summaries[name] = dict(getattr(cache, "last_build", {}), rows=len(cache), directory=cache.directory)
+        summaries[name] = dict(cache.last_build, rows=len(cache), directory=cache.directory)
     return summaries
 
 

@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -34,6 +34,8 @@ class FileSource:
     root: str = ""
     skipped: List[Tuple[str, str]] = field(default_factory=list)
     ignored: List[Tuple[str, str]] = field(default_factory=list)
+    # (begin, end) ranges of `files` whose headers were found clean: a loader per epoch checks once.
+    clean_header_ranges: Set[Tuple[int, int]] = field(default_factory=set, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -204,10 +206,10 @@ def screen(source: Source, on_error: str = "fail", *, num_threads: Optional[int]
         return source
     found = check_all(source.files, check_image, num_threads, stop_at_first=on_error == "fail")
     if not found:
-        source.__dict__.setdefault("_clean_header_ranges", set()).add((0, len(source.files)))
+        source.clean_header_ranges.add((0, len(source.files)))
         return source
     kept = _apply_policy(source, found, source.files, on_error, "the file list")
-    kept.__dict__["_clean_header_ranges"] = {(0, len(kept.files))}
+    kept.clean_header_ranges = {(0, len(kept.files))}
     return kept
 
 
@@ -222,7 +224,7 @@ def ensure_headers(source: FileSource, begin: int = 0, end: Optional[int] = None
     (about 70 us a file; one thread, as the parse holds the GIL). A range found clean is
     remembered on the source, so a loader per epoch checks it once."""
     end = len(source) if end is None else end
-    checked = source.__dict__.setdefault("_clean_header_ranges", set())
+    checked = source.clean_header_ranges
     if (0, len(source.files)) in checked or (begin, end) in checked:
         return
     found = check_all(source.files[begin:end], header_problem, 1, stop_at_first=True)

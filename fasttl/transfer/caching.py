@@ -131,7 +131,7 @@ def in_source_order(cache: FeatureCache, source) -> FeatureCache:
         return cache  # in order already, or rows left out while it was built (--on-error skip)
     row = {sample: i for i, sample in enumerate(samples)}
     reordered = cache.subset([row[sample] for sample in ids])
-    reordered.last_build = getattr(cache, "last_build", {})
+    reordered.last_build = cache.last_build
     return reordered
 
 

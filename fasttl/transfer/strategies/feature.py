@@ -37,7 +37,7 @@ def feature_caches(cfg, backbone, ds, with_mirror_views: bool = False) -> Dict[s
     mirrored_validation = None
     if with_mirror_views and len(caches["test"]) > len(caches["train"]):
         mirrored_validation = _mirrored_validation(cfg, backbone, ds.train, caches["train"][0], extraction)
-    built = sum(getattr(c, "last_build", {}).get("images", 0)
+    built = sum(c.last_build.get("images", 0)
                 for c in [*caches["train"], *caches["test"], mirrored_validation] if c is not None)
     return {"train": caches["train"][0], "test": caches["test"][0], "train_views": caches["train"],
             "test_views": caches["test"], "mirrored_validation": mirrored_validation,

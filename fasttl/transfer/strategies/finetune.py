@@ -357,7 +357,7 @@ class Finetune(Strategy):
         logits, test_labels = _logits(model, ds.test, spec, device, dtype)
         timings = dict(eval_timings(train_s, time.perf_counter() - started,
                                     sum(h.get("images", 0) for h in history) * world, len(test_labels)),
-                       extract_s=extract_s, extracted_images=getattr(cache, "last_build", {}).get("images", 0),
+                       extract_s=extract_s, extracted_images=cache.last_build.get("images", 0),
                        probe_s=probe_s)
         if sweep:
             timings["sweep_s"] = sum(s["seconds"] for s in sweep)
