@@ -143,7 +143,6 @@ class RunModel:
         self.input_spec = unit_range_spec(self.spec)
         self.model = ImagesToLogits(self.trained.module, self.spec.mean, self.spec.std, self.spec.size)
         self.model = self.model.to(self.device).eval()
-        self._features = None
 
     def __repr__(self) -> str:
         return f"RunModel({self.run_dir!r}, strategy={self.config['strategy']!r}, classes={self.classes})"
@@ -168,53 +167,18 @@ class RunModel:
         source = self._source(images)
         positive_int("batch_size", batch_size, OptionError, optional=True)
         bar = None
-        from fasttl.transfer.caching import views_of
-        from fasttl.transfer.strategies.feature import FeatureModel
-
-        feature_model = isinstance(self.trained, FeatureModel)
-        views = views_of(self.trained.config, "test") if feature_model else [False]
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(source) * len(views), unit="img", desc="predict", dynamic_ncols=True)
+            bar = tqdm(total=len(source) * self.trained.prediction_views, unit="img", desc="predict",
+                       dynamic_ncols=True)
         from fasttl.transfer.rundir import finite_logits
 
         try:
-            if feature_model:
-                return finite_logits(self.run_dir, self._feature_logits(source, views, batch_size, bar))
-            return finite_logits(self.run_dir, self._module_logits(source, batch_size or 64, bar))
+            return finite_logits(self.run_dir, self.trained.predict_logits(source, batch_size, bar))
         finally:
             if bar is not None:
                 bar.close()
-
-    def _feature_logits(self, source, views, batch_size, bar) -> Tensor:
-        # A feature model's run predicted from its feature cache: the same features, computed in
-        # memory (FeaturesInMemory), through the head, averaged over the views the run cached.
-        from fasttl.transfer.caching import Extraction, FeaturesInMemory
-
-        trained = self.trained
-        if self._features is None:
-            self._features = FeaturesInMemory(trained.backbone, Extraction.of(trained.config), self.device)
-        head = trained.head.eval()
-        outputs = []
-        for mirror in views:
-            features = self._features(source, mirror=mirror, batch_size=batch_size, progress=bar)
-            dtype = next(head.parameters()).dtype
-            outputs.append(torch.cat([head(features[i:i + 4096].to(dtype)).float().cpu()
-                                      for i in range(0, len(features), 4096)]))
-        return torch.stack(outputs).mean(0)
-
-    def _module_logits(self, source, batch_size: int, bar) -> Tensor:
-        from fasttl.data import ImageLoader
-
-        module = self.trained.module.eval()
-        dtype = next(module.parameters()).dtype
-        outputs = []
-        for images, _ in ImageLoader(source, self.spec, batch_size, device=self.device, dtype=dtype):
-            outputs.append(module(images).float().cpu())
-            if bar is not None:
-                bar.update(len(images))
-        return torch.cat(outputs)
 
     def predict(self, images, batch_size: Optional[int] = None, progress: bool = False) -> Tuple[List[str], Tensor]:
         """(predicted class name per image, probabilities float32 (N, classes)). `images`: a path,

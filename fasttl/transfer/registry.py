@@ -53,6 +53,23 @@ class TrainedModel:
             labels.append(y.cpu())
         return torch.cat(outputs), torch.cat(labels)
 
+    prediction_views = 1  # passes over the images `predict_logits` makes (a progress bar's total)
+
+    @torch.no_grad()
+    def predict_logits(self, source, batch_size: Optional[int] = None, bar=None) -> Tensor:
+        """float32 logits (N, classes) on the CPU of new images, as the run computed its test
+        predictions, writing nothing (no feature cache): what `fasttl predict` shows. `bar`: a tqdm
+        bar advanced per image."""
+        from fasttl.data import ImageLoader
+
+        dtype = next(self.module.parameters()).dtype
+        outputs = []
+        for images, _ in ImageLoader(source, self.spec, batch_size or 64, device=self.device, dtype=dtype):
+            outputs.append(self.module(images).float().cpu())
+            if bar is not None:
+                bar.update(len(images))
+        return torch.cat(outputs)
+
 
     @torch.no_grad()
     def view_logits(self, source, mirror: bool, progress: bool = False, split: str = "eval",

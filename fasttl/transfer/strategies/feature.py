@@ -8,6 +8,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch import Tensor
 
 from fasttl import backbones
 from fasttl.heads import make_head, solver
@@ -16,7 +17,7 @@ from fasttl.heads.train import predict_views, train_head
 from fasttl.heads.tuning import MLP_WEIGHT_DECAYS, fit_linear, predict_split, tune_linear, tune_mlp
 from fasttl.data import TransformSpec
 from fasttl.data.splits import validation_split
-from fasttl.transfer.caching import Extraction, cached_features, views_of
+from fasttl.transfer.caching import Extraction, FeaturesInMemory, cached_features, views_of
 from fasttl.transfer.cross_fit import cross_fitted_logits, positive, teacher_setting
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
@@ -70,6 +71,26 @@ class FeatureModel(TrainedModel):
         self.backbone, self.head, self.config = backbone, head.to(device).eval(), config
         # fit_settings() -> the settings this run chose (checked); refit(settings, views, seed, device) -> a head
         self.fit_settings, self.refit = fit_settings, refit
+        self._in_memory = None  # FeaturesInMemory, made on the first prediction
+
+    @property
+    def prediction_views(self) -> int:
+        return len(views_of(self.config, "test"))
+
+    @torch.no_grad()
+    def predict_logits(self, source, batch_size: Optional[int] = None, bar=None) -> Tensor:
+        """As the run predicted its test split from the feature cache: the same features, computed
+        in memory (FeaturesInMemory, no cache written), through the head, averaged over the views
+        the run cached."""
+        if self._in_memory is None:
+            self._in_memory = FeaturesInMemory(self.backbone, self.extraction, self.device)
+        dtype = next(self.head.parameters()).dtype
+        outputs = []
+        for mirror in views_of(self.config, "test"):
+            features = self._in_memory(source, mirror=mirror, batch_size=batch_size, progress=bar)
+            outputs.append(torch.cat([self.head(features[i:i + 4096].to(dtype)).float().cpu()
+                                      for i in range(0, len(features), 4096)]))
+        return torch.stack(outputs).mean(0)
 
     @torch.no_grad()
     def logits(self, source, progress: bool = False, split: str = "eval", batch_size: int = 4096):
