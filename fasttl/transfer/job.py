@@ -389,7 +389,7 @@ def _write_results(run_dir: str, cfg: RunConfig, config: dict, dataset, outcomes
     report.plot_curves({r["display"]: r["history"] for r in results.values()}, os.path.join(run_dir, "curves.png"))
     line = (f"Data: {markdown_cell(dataset.name)}, {len(dataset.train)} training and {len(dataset.test)} test images, "
             f"{len(dataset.classes)} classes" + (f"; evaluated on the target domain {markdown_cell(cfg.target_data)}"
-                                                 if cfg.strategy == "dann" else "") + ".")
+                                                 if cfg.target_data else "") + ".")
     report.write_report(run_dir, config, {r["display"]: r for r in results.values()}, line, results[main]["display"])
     write_metrics(run_dir, payload)
     return payload
