@@ -145,6 +145,7 @@ def test_dann_on_a_shifted_target(tiny_cifar, tmp_path):
     check_run_dir(out, ["dann.safetensors", "source_only.safetensors"])
     assert "source_only" in metrics["compare"] and metrics["notes"]["evaluated_on"] == "target"
     assert metrics["samples"] == 24
+    assert "evaluated on the target domain" in (out / "report.md").read_text()
 
 
 def test_embedded_default_shows_transfer_beating_scratch_offline(tmp_path):
