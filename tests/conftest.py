@@ -183,6 +183,18 @@ def one_epoch_run(data, out, **kw):
                      compare="none"), **kw)
 
 
+def finished_run(data, tmp_path_factory, name: str, **kw):
+    """A finished run (one_epoch_run's, overridden by `kw`) in a folder of its own, its feature cache
+    in another: what a module-scoped fixture shares among the tests that only read it."""
+    from fasttl.transfer.job import run
+
+    out = tmp_path_factory.mktemp(name) / "run"
+    with pytest.MonkeyPatch.context() as patch:  # a module fixture runs before each test's private cache
+        patch.setenv("FASTTL_CACHE_DIR", str(tmp_path_factory.mktemp(f"{name}-cache")))
+        run(**one_epoch_run(data, out, **kw))
+    return out
+
+
 def run_with_config_edit(run_dir, dest, field, value):
     """A copy of the run folder `run_dir` at `dest` whose config.json holds `value` at `field`."""
     import json

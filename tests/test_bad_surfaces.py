@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fasttl
-from conftest import cli, one_epoch_run, one_line_error, run_with_config_edit
+from conftest import cli, finished_run, one_epoch_run, one_line_error, run_with_config_edit
 from fasttl.cache import CacheError
 from fasttl.data import DataError
 from fasttl.transfer.job import run
@@ -125,11 +125,7 @@ def test_class_names_and_paths_are_escaped_in_every_output(tmp_path, cifar10_roo
 # ---- every file read back is checked: run configs and weights ------------------------------------
 @pytest.fixture(scope="module")
 def finished(cat_ship, tmp_path_factory):
-    out = tmp_path_factory.mktemp("finished") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FASTTL_CACHE_DIR", str(tmp_path_factory.mktemp("finished-cache")))
-        run(**one_epoch_run(cat_ship, out))
-    return out
+    return finished_run(cat_ship, tmp_path_factory, "finished")
 
 
 @pytest.mark.parametrize("field, value, expected", [

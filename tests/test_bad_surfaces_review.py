@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fasttl
-from conftest import cli, one_epoch_run, one_line_error, run_with_config_edit
+from conftest import cli, finished_run, one_epoch_run, one_line_error, run_with_config_edit
 from fasttl.util import files
 from fasttl.cache import CacheError
 from fasttl.data import DataError
@@ -32,11 +32,7 @@ pytestmark = pytest.mark.usefixtures("private_cache")
 @pytest.fixture(scope="module")
 def finished(cat_ship, tmp_path_factory):
     """A finished two-epoch scratch run (the other module's `finished` has one epoch)."""
-    out = tmp_path_factory.mktemp("review-run") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FASTTL_CACHE_DIR", str(tmp_path_factory.mktemp("review-cache")))
-        run(**one_epoch_run(cat_ship, out, epochs=2))
-    return out
+    return finished_run(cat_ship, tmp_path_factory, "review", epochs=2)
 
 
 @pytest.fixture

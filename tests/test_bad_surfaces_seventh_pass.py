@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fasttl
-from conftest import cli, one_epoch_run, one_line_error
+from conftest import cli, finished_run, one_epoch_run, one_line_error
 from fasttl.cache import CacheError
 from fasttl.data import DataError
 from fasttl.util.errors import OptionError
@@ -53,11 +53,7 @@ def test_a_link_at_a_models_tensorboard_folder_is_refused_before_training(cat_sh
 @pytest.fixture(scope="module")
 def finished(cat_ship, tmp_path_factory):
     """A finished one-epoch scratch run on cats and ships."""
-    out = tmp_path_factory.mktemp("seventh-run") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FASTTL_CACHE_DIR", str(tmp_path_factory.mktemp("seventh-cache")))
-        run(**one_epoch_run(cat_ship, out))
-    return out
+    return finished_run(cat_ship, tmp_path_factory, "seventh")
 
 
 def test_a_backslash_and_n_in_a_name_never_reads_as_a_line_break_in_the_csv(finished, cat_ship, tmp_path, capsys):
