@@ -314,8 +314,8 @@ def test_missing_or_broken_settings_files_and_a_diverging_refit_are_named(tiny_c
     (teacher / "metrics.json").write_text("{not json")
     with pytest.raises(OptionError, match=r"^teacher: .*linear/metrics.json: not valid JSON.*--teacher-logits in-s"):
         _student(tiny_cifar, teacher, tmp_path / "x")
-    os.remove(teacher / "metrics.json")
-    with pytest.raises(OptionError, match=r"^teacher: .*linear/metrics.json is missing; rerun the teacher"):
+    os.remove(teacher / "metrics.json")  # an unfinished run: refused as predict, eval and export refuse it
+    with pytest.raises(OptionError, match=r"^teacher: .*linear: the run did not finish \(no metrics.json\); finish it"):
         _student(tiny_cifar, teacher, tmp_path / "x")
     diverging = tmp_path / "mlp"
     shutil.copytree(mlp_teacher, diverging)
@@ -325,7 +325,7 @@ def test_missing_or_broken_settings_files_and_a_diverging_refit_are_named(tiny_c
         _student(tiny_cifar, diverging, tmp_path / "z")
     # In an ensemble, a damaged second teacher is refused before the first one's folds are fit.
     monkeypatch.setattr(feature, "cross_fitted_logits", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
-    with pytest.raises(OptionError, match=r"linear/metrics.json is missing"):
+    with pytest.raises(OptionError, match=r"linear: the run did not finish \(no metrics.json\)"):
         _student(tiny_cifar, [str(linear_teacher), str(teacher)], tmp_path / "w")
 
 

@@ -111,8 +111,8 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_ki
         if not label.isprintable():  # the rule for class folders and classes files: names that look alike differ
             bad = next(c for c in label if not c.isprintable())
             raise DataError(f"data: {path} row {line - 1} ({image}) has a character that is not printable "
-                            f"(U+{ord(bad):04X}: a control or invisible character) in its label {ascii(label)}; "
-                            "fix the label")
+                            f"(U+{ord(bad):04X}, a control character or an invisible one) in its label "
+                            f"{ascii(label)}; fix the label")
     labels, names = label_indices([label for _, label in rows], classes, path, labels_kind)
     if len(names) < 2:
         raise DataError(f"data: {path} names only 1 class ({names[0]}); a classifier needs at least 2")
