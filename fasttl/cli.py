@@ -77,20 +77,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     result = predict_run(args.run, args.images, out=args.out, top_k=1 if args.top_k is None else args.top_k,
                          device=args.device, batch_size=args.batch_size, on_error=args.on_error,
                          overwrite=args.overwrite, progress=not args.no_progress)
+    from fasttl.util.outputs import terminal_text
+
     if result["out"] is None:
         sys.stdout.write(result["csv"])
     else:
-        _say(f"{result['rows']} predictions written to {result['out']}", file=sys.stderr)
+        _say(f"{result['rows']} predictions written to {terminal_text(result['out'])}", file=sys.stderr)
     passed = [(path, why) for path, why in result["ignored"] if why != "hidden"]
     if passed:  # what the walk did not read, as `fasttl run` says it of a data folder
-        from fasttl.util.outputs import terminal_text
-
         shown = terminal_text("; ".join(f"{path} ({why})" for path, why in passed[:5]))
         more = f" and {len(passed) - 5} more" if len(passed) > 5 else ""
         print(f"passed over {len(passed)} entries of the folders given: {shown}{more}", file=sys.stderr)
     if result["skipped"]:
-        from fasttl.util.outputs import terminal_text
-
         shown = terminal_text("; ".join(f"{path} ({why})" for path, why in result["skipped"][:5]))
         more = f" and {len(result['skipped']) - 5} more" if len(result["skipped"]) > 5 else ""
         print(f"skipped {len(result['skipped'])} unreadable images: {shown}{more}", file=sys.stderr)
@@ -248,10 +246,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run_dir, args.data, progress=not args.no_progress, device=args.device,
                            on_error=args.on_error)
-    where = (f"written to {metrics['written']}" if metrics["written"] else
-             f"not saved ({metrics['not_written']}): these numbers are the result")
+    from fasttl.util.outputs import terminal_text as shown  # a name's line break never starts a line
+
+    where = (f"written to {shown(metrics['written'])}" if metrics["written"] else
+             f"not saved ({shown(metrics['not_written'])}): these numbers are the result")
     _say(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
-         f"({metrics['samples']} images of {metrics['data']}"
+         f"({metrics['samples']} images of {shown(metrics['data'])}"
          f"{': its seeded 20% test split' if metrics['test_split'] == 'carved' else ''}); {where}")
     return 0
 

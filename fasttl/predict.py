@@ -72,7 +72,7 @@ def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]
         path = os.path.expanduser(os.fspath(given))
         if os.path.isdir(path):
             for folder, subfolders, names in os.walk(path):  # links to folders are not followed: no cycles
-                if folder != path and os.path.isfile(os.path.join(folder, RUN_MARKER)):
+                if os.path.isfile(os.path.join(folder, RUN_MARKER)):
                     ignored.append((folder, "a fasttl run folder: its figures are not photos"))
                     subfolders[:] = []
                     continue

@@ -5,6 +5,7 @@ import csv
 import os
 import re
 import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -254,3 +255,189 @@ def test_true_is_never_taken_for_a_count_of_one(tmp_path):
     with pytest.raises(ValueError, match=r"shard_rows: expected a positive integer, got True"):
         build_cache(None, source, str(tmp_path / "b"), shard_rows=True)
     assert not (tmp_path / "b").exists()
+
+
+# ---- eighth pass (a helper's fresh hostile pass, 14 findings) ---------------------------------------
+def _tar(path, members):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _shard_members(cat_ship, keys=None):
+    images = [open(os.path.join(cat_ship, "train", c, f"{i}.jpg"), "rb").read() for c in ("cat", "ship")
+              for i in range(3)]
+    keys = keys or [f"k{i}" for i in range(len(images))]
+    return [m for i, (key, image) in enumerate(zip(keys, images))
+            for m in ((f"{key}.jpg", image), (f"{key}.cls", str(i // 3).encode()))]
+
+
+def test_a_shard_named_twice_is_refused_and_dotted_keys_are_listed(cat_ship, tmp_path):
+    from fasttl.data.formats.webdataset import read_webdataset
+
+    _tar(tmp_path / "a.tar", _shard_members(cat_ship))
+    os.symlink("a.tar", tmp_path / "b.tar")
+    for pattern in ("{a,a}.tar", "{a,b}.tar"):
+        with pytest.raises(DataError, match=r"[ab]\.tar (is named twice|is the same file as .*a\.tar \(a link\?\)); "
+                                            r"its samples would be read twice"):
+            read_webdataset(str(tmp_path / pattern))
+    keys = ["k0", "k1.v2", "k2", "k3", "k4.v2", "k5"]
+    _tar(tmp_path / "dots.tar", _shard_members(cat_ship, keys))
+    shards = read_webdataset(str(tmp_path / "dots.tar"))
+    assert len(shards) == 4 and dict(shards.skipped) == {
+        f"dots.tar/{k}": f"no .jpg/.jpeg/.png image or .cls among its members {k}.v2.jpg, {k}.v2.cls (a key ends at "
+                         "the first dot of a member's name)" for k in ("k1", "k4")}
+
+
+def test_a_file_list_naming_one_image_through_a_link_or_a_hard_link_is_refused(cat_ship, tmp_path):
+    from fasttl.data.formats.filelist import read_file_list
+
+    os.symlink(cat_ship, tmp_path / "alias")
+    rows = [f"{os.path.join(cat_ship, 'train', c, f'{i}.jpg')},{c}" for c in ("cat", "ship") for i in range(3)]
+    for extra in ("alias/train/cat/0.jpg,ship", "hard.jpg,ship"):
+        if extra.startswith("hard"):
+            os.link(os.path.join(cat_ship, "train", "cat", "0.jpg"), tmp_path / "hard.jpg")
+        (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(rows + [extra]) + "\n")
+        with pytest.raises(DataError, match=r"is the same file as .*train/cat/0.jpg \(a link\?\); a list names each "
+                                            r"image once"):
+            read_file_list(str(tmp_path / "list.csv"))
+
+
+def test_one_name_in_two_unicode_forms_is_refused_everywhere_a_class_is_named(cat_ship, tmp_path):
+    import unicodedata
+
+    from fasttl.data.formats.filelist import read_file_list
+    from fasttl.data.labels import read_classes_file
+
+    nfc, nfd = unicodedata.normalize("NFC", "caf\u00e9"), unicodedata.normalize("NFD", "caf\u00e9")
+    rows = [f"{os.path.join(cat_ship, 'train', 'cat', f'{i}.jpg')},{(nfc, nfd)[i % 2]}" for i in range(4)]
+    rows += [f"{os.path.join(cat_ship, 'train', 'ship', f'{i}.jpg')},ship" for i in range(3)]
+    (tmp_path / "nf.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"two Unicode forms"):
+        read_file_list(str(tmp_path / "nf.csv"))
+    (tmp_path / "classes.txt").write_text(f"{nfc}\n{nfd}\n")
+    with pytest.raises(DataError, match=r"classes: .*classes.txt names .* two Unicode forms"):
+        read_classes_file(str(tmp_path / "classes.txt"))
+    folders = tmp_path / "folders"
+    for name in (nfc, nfd):
+        shutil.copytree(os.path.join(cat_ship, "train", "cat"), folders / name)
+    with pytest.raises(DataError, match=r"has class folders .* two Unicode forms"):
+        fasttl.data.scan_class_folder(str(folders))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU visible (the CUDA kernels are compiled, but only a GPU machine "
+                                          "runs them)"))])
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_a_nan_teacher_row_gives_a_nan_loss_as_its_gradient_does(device, alpha):
+    from fasttl import _reference
+
+    torch.manual_seed(zlib.crc32(f"nan-teacher-{device}-{alpha}".encode()))
+    student, teacher, target = torch.randn(3, 5), torch.randn(3, 5), torch.tensor([0, 1, 2])
+    teacher[1] = float("nan")
+    teacher[2, 0] = float("nan")
+    student = student.to(device).requires_grad_()
+    loss = fasttl.distillation_loss(student, teacher.to(device), target.to(device), temperature=2.0, alpha=alpha,
+                                    reduction="none")
+    expected = _reference.distillation_loss(student.detach().cpu().double(), teacher.double(), target,
+                                            temperature=2.0, alpha=alpha, reduction="none")
+    assert torch.equal(loss.isnan().cpu(), expected.isnan()) and loss[1:].isnan().all()
+    assert torch.allclose(loss[0].cpu().double(), expected[0], rtol=1e-4)
+    loss.sum().backward()
+    assert student.grad[1:].isnan().all() and student.grad[0].isfinite().all()
+
+
+@pytest.mark.parametrize("value", ["10\u2078", "\u00b2", "\u0661\u0660"])
+def test_a_pixel_budget_in_other_digits_is_one_line_naming_it(monkeypatch, value):
+    from fasttl.data.images import max_image_pixels
+
+    monkeypatch.setenv("FASTTL_MAX_IMAGE_PIXELS", value)
+    with pytest.raises(DataError, match=r"^FASTTL_MAX_IMAGE_PIXELS: expected a positive number of pixels"):
+        max_image_pixels()
+
+
+def test_empty_settings_are_unset_and_no_folder_fasttl_writes_goes_among_the_images(cat_ship, tmp_path,
+                                                                                   monkeypatch):
+    from fasttl.util import settings
+
+    monkeypatch.setenv("FASTTL_STATE_DIR", "")
+    assert settings.STATE_DIR.path() == os.path.expanduser(settings.STATE_DIR.default)
+    assert not settings.STATE_DIR.is_set()
+    data = tmp_path / "data"
+    shutil.copytree(cat_ship, data)
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
+    for variable, place, message in (("FASTTL_STATE_DIR", data / "train", "FASTTL_STATE_DIR"),
+                                     (None, data / "train", "--tensorboard")):
+        with monkeypatch.context() as patch:
+            if variable:
+                patch.setenv(variable, str(place))
+            options = {} if variable else {"tensorboard": str(place)}
+            with pytest.raises(OptionError, match=rf"^data: .*{message}=.* is inside the data folder"):
+                run(**one_epoch_run(data, tmp_path / "run", **options))
+    assert sorted(os.listdir(data / "train")) == ["cat", "ship"] and not (tmp_path / "run").exists()
+
+
+def test_eval_of_a_classes_file_run_on_class_folders_compares_the_classes(cat_ship, tmp_path, capsys):
+    rows = [f"{os.path.join(cat_ship, 'train', c, f'{i}.jpg')},{c}" for c in ("cat", "ship") for i in range(6)]
+    (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    (tmp_path / "classes.txt").write_text("cat\nship\n")
+    run(**one_epoch_run(tmp_path / "list.csv", tmp_path / "run", classes_file=str(tmp_path / "classes.txt")))
+    code, out, err = cli(capsys, "eval", tmp_path / "run", "--data", cat_ship, "--no-progress")
+    assert code == 0 and "accuracy" in out and "classes-file" not in err, err
+    (tmp_path / "classes.txt").write_text("ship\ncat\n")  # a run whose classes are in another order
+    run(**one_epoch_run(tmp_path / "list.csv", tmp_path / "other", classes_file=str(tmp_path / "classes.txt")))
+    code, _, err = cli(capsys, "eval", tmp_path / "other", "--data", cat_ship, "--no-progress")
+    assert code == 2 and "class 0 is 'cat', the run was trained with 'ship' there" in one_line_error(err)
+
+
+def test_a_line_break_in_a_name_never_starts_a_line_of_its_own(cat_ship, tmp_path, capsys):
+    data = tmp_path / "nl\nfasttl: error: spoofed"
+    shutil.copytree(cat_ship, data)
+    run(**one_epoch_run(data, tmp_path / "run", progress=True))
+    out = capsys.readouterr().out
+    assert not any(line.startswith("fasttl: error: spoofed") for line in out.splitlines()), out
+    code, out, err = cli(capsys, "eval", tmp_path / "run", "--no-progress")
+    assert code == 0 and out.count("\n") == 1 and "nl\\nfasttl: error: spoofed" in out, out
+
+
+def test_predict_on_a_run_folder_itself_passes_it_over(finished, capsys):
+    code, _, err = cli(capsys, "predict", "--run", finished, finished, "--no-progress")
+    assert code == 2 and "no .jpg/.jpeg/.png images" in one_line_error(err), err
+
+
+def test_fetch_never_writes_through_a_hard_link_at_its_partial_download(tmp_path, capsys):
+    from fasttl.data import fetch as fetch_module
+
+    mine = tmp_path / "mine.txt"
+    mine.write_bytes(b"my notes")
+    (tmp_path / "dest").mkdir()
+    os.link(mine, tmp_path / "dest" / ".fasttl-tmp-download-cifar-10-python.tar.gz")
+    with pytest.raises(fetch_module.DownloadError, match=r"has another name \(a hard link\)"):
+        fetch_module.fetch("cifar10", url="http://127.0.0.1:9/none.tar.gz", sha256="0" * 64,
+                           dest=str(tmp_path / "dest"), progress=False)
+    assert mine.read_bytes() == b"my notes"
+
+
+def test_an_archive_whose_members_clash_is_named_not_the_destination(tmp_path):
+    import io
+    import tarfile
+
+    from fasttl.data import fetch as fetch_module
+
+    archive = tmp_path / "clash.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in (("cifar-10-batches-py/data_batch_1", b"x" * 100),
+                           ("cifar-10-batches-py/data_batch_1/x", b"y")):  # a file where a folder goes
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(DataError, match=r"^mirror: cannot be extracted \(.* at .*data_batch_1.*: its members clash\); "
+                                        r"nothing extracted"):
+        fetch_module.extract(str(archive), "cifar-10-batches-py", str(tmp_path / "dest"), source="mirror")
+    assert os.listdir(tmp_path / "dest") == []

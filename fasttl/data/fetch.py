@@ -127,6 +127,9 @@ def _partial_size(path: str) -> int:
         return 0
     if not stat.S_ISREG(info.st_mode):
         raise DownloadError(f"fetch: {path} is not a plain file (a link?); remove it and fetch again")
+    if info.st_nlink != 1:  # a hard link: writing it would write the user's other name for the file
+        raise DownloadError(f"fetch: {path} has another name (a hard link), so it is not fasttl's partial download; "
+                            "remove it and fetch again")
     return info.st_size
 
 
@@ -342,6 +345,7 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)  # a disk that is full: free space, and the same command goes on
+_DISK = _FULL + (errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)  # the destination's faults, not the archive's
 
 
 def _write_all(fd: int, block: bytes, path: str) -> None:
@@ -423,8 +427,13 @@ def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[st
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             if isinstance(exc, DataError):
                 raise
-            if isinstance(exc, OSError) and exc.errno is not None:  # the disk, not the archive
+            if isinstance(exc, OSError) and exc.errno in _DISK:  # the disk, not the archive
                 raise OSError(exc.errno, exc.strerror, dest) from None
+            if isinstance(exc, OSError) and exc.errno is not None:  # members that clash (a file where a folder goes)
+                member = os.path.relpath(os.fsdecode(exc.filename), staging) if isinstance(exc.filename, (str, bytes)) \
+                    else "a member"
+                raise DataError(f"{source}: cannot be extracted ({exc.strerror.lower()} at {member}: its members "
+                                "clash); nothing extracted") from None
             raise DataError(f"{source}: not a readable archive ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:200]}); nothing extracted") from None
         extracted = os.path.join(staging, remote_folder)

@@ -31,7 +31,7 @@ def max_image_pixels() -> int:
     if given is None:
         return MAX_IMAGE_PIXELS
     value = given.strip().replace("_", "")
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise DataError(f"FASTTL_MAX_IMAGE_PIXELS: expected a positive number of pixels, got {given!r} (unset it "
                         f"for the default {MAX_IMAGE_PIXELS:,})")
     return int(value)

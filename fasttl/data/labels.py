@@ -3,6 +3,7 @@ label is what the user meant (a typo is an error, never another class)."""
 from __future__ import annotations
 
 import os
+import unicodedata
 from typing import List, Optional, Sequence, Tuple
 
 from fasttl.util.errors import DataError
@@ -50,6 +51,7 @@ def read_classes_file(path: str) -> List[str]:
     bad = next((name for name in names if not name.isprintable()), None)
     if bad is not None:
         raise DataError(f"classes: {path} names a class with a control character ({bad!r}); use plain text names")
+    refuse_lookalikes(names, f"classes: {path} names")
     twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
     if twice is not None:
         raise DataError(f"classes: {path} names {twice!r} twice (line {names.index(twice) + 1} and line "
@@ -114,5 +116,17 @@ def label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where
         index_class_names(values, where)  # bounded, as before
         return numbered_classes(values)
     found = sorted(set(labels))
+    refuse_lookalikes(found, f"data: {where}: labels")
     index = {name: i for i, name in enumerate(found)}
     return [index[label] for label in labels], found
+
+
+def refuse_lookalikes(names: Sequence[str], where: str) -> None:
+    """A DataError when two names are one name in two Unicode forms (NFC and NFD, as macOS and
+    other systems store them): two classes that look the same in every report."""
+    seen = {}
+    for name in names:
+        other = seen.setdefault(unicodedata.normalize("NFC", name), name)
+        if other != name:
+            raise DataError(f"{where} {other!r} and {name!r} are one name written in two Unicode forms (NFC vs "
+                            "NFD); write it one way")

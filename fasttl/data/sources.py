@@ -232,3 +232,21 @@ def ensure_headers(source: FileSource, begin: int = 0, end: Optional[int] = None
         index, problem = found[0]
         raise DataError(f"{source.files[begin + index]}: cannot be read as an image ({problem}); {skip_hint()}")
     checked.add((begin, end))
+
+
+def refuse_one_file_twice(paths: Sequence[str], why: str) -> None:
+    """A DataError when two paths reach one file (a linked class folder or image, a hard link), as
+    a file list naming one image twice is refused: one file under two labels, or in train and test,
+    is a label conflict or a leak, never two images."""
+    seen = {}
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue  # gone since the scan: the loaders name it
+        key = (info.st_dev, info.st_ino)
+        if key in seen:
+            first = seen[key]
+            same = "is named twice" if first == path else f"is the same file as {first} (a link?)"
+            raise DataError(f"data: {path} {same}; {why}: remove one of them")
+        seen[key] = path

@@ -9,6 +9,8 @@ import torch
 
 from fasttl.util.files import write_json_atomic
 from fasttl.data import DataError, screen
+from fasttl.data.formats.filelist import is_file_list
+from fasttl.data.formats.webdataset import is_webdataset
 from fasttl.transfer.datasets import load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.transfer.rundir import finite_logits, load_trained, read_config, strict_json
@@ -32,9 +34,12 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     # before its 80/20 split, or the split would move training images into the test set.
     own_split = dict(train_per_class=cfg.get("train_per_class"), test_per_class=cfg.get("test_per_class"),
                      on_error=cfg.get("on_error", "fail")) if data is None else dict(on_error="fail")
+    # The run's classes file names the classes of a list or shards; class folders name their own,
+    # compared with the run's below.
+    listed = data is None or is_file_list(data) or is_webdataset(data)
     dataset = load_dataset(data if data is not None else own, cfg["seed"], **own_split,
-                           classes_file=cfg.get("classes_file_path") or cfg.get("classes_file"),
-                           labels=cfg.get("labels", "names"))
+                           classes_file=(cfg.get("classes_file_path") or cfg.get("classes_file")) if listed else None,
+                           labels=cfg.get("labels", "names") if listed else "names")
     recorded = (cfg.get("identity") or {}).get("data_identity")
     if data is None and dataset.carved and recorded is not None and dataset.identity() != recorded:
         classes_file = cfg.get("classes_file_path") or cfg.get("classes_file")

@@ -29,7 +29,7 @@ from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunL
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
                                     run_files, write_config, write_metrics, write_predictions)
 from fasttl.transfer import cross_fit, registry
-from fasttl.util.outputs import csv_cell, markdown_cell, terminal_lines
+from fasttl.util.outputs import csv_cell, markdown_cell, terminal_lines, terminal_text
 from fasttl.transfer.registry import Outcome
 
 
@@ -169,16 +169,26 @@ def preflight(cfg: RunConfig) -> None:
 
 
 def _refuse_cache_among_images(cfg: RunConfig) -> None:
-    """The feature cache folder never goes among the images of a data folder (as `extract --out`):
-    its files would mix with them, and the next scan would read its folders as classes."""
-    cache = os.path.realpath(cache_root())
+    """Folders fasttl writes beside a run (the feature caches, the caches' verification records,
+    --tensorboard DIR) never go among the images of a data folder (as `extract --out`): their
+    files would mix with them, and the next scan would read their folders as classes."""
+    from fasttl.cache.format import state_dir
+
+    written = [(f"the feature cache folder {settings.CACHE_DIR.name}", cache_root(), f"set {settings.CACHE_DIR.name}"),
+               (f"the verification records' folder {settings.STATE_DIR.name}", state_dir(),
+                f"set {settings.STATE_DIR.name}")]
+    if isinstance(cfg.tensorboard, str):
+        written.append(("--tensorboard", os.path.expanduser(cfg.tensorboard), "give --tensorboard"))
     targets = [cfg.target_data] if isinstance(cfg.target_data, str) else list(cfg.target_data or [])
     for name, path in [("data", cfg.data), *(("target_data", p) for p in targets)]:
         folder = os.path.realpath(os.path.expanduser(path)) if isinstance(path, str) and path not in BUILTIN else None
-        if folder and os.path.isdir(folder) and os.path.commonpath([cache, folder]) == folder:
-            raise OptionError(f"{name}: the feature cache folder {settings.CACHE_DIR.name}={cache} is inside the "
-                              f"data folder {folder}, where it would be written among the images; set "
-                              f"{settings.CACHE_DIR.name} to a folder outside the data")
+        if not folder or not os.path.isdir(folder):
+            continue
+        for what, place, fix in written:
+            place = os.path.realpath(place)
+            if os.path.commonpath([place, folder]) == folder:
+                raise OptionError(f"{name}: {what}={place} is inside the data folder {folder}, where it would be "
+                                  f"written among the images; {fix} to a folder outside the data")
 
 
 def write_skipped(run_dir: str, skipped) -> None:
@@ -246,16 +256,16 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
     if world_size() > 1:
         dist.barrier()
     if cfg.progress and rank == 0:
-        print(terminal_lines(f"fasttl run: {cfg.strategy} on {dataset.name} ({len(dataset.train)} train / "
-                             f"{len(dataset.test)} test images, {len(dataset.classes)} classes), backbone "
-                             f"{cfg.backbone} at {cfg.image_size} px -> {run_dir}"
+        print(terminal_text(f"fasttl run: {cfg.strategy} on {dataset.name} ({len(dataset.train)} train / "
+                            f"{len(dataset.test)} test images, {len(dataset.classes)} classes), backbone "
+                            f"{cfg.backbone} at {cfg.image_size} px -> {run_dir}"
                              + (f"; {len(dataset.skipped)} images left out (skipped.csv says why)"
                                 if dataset.skipped else "")), flush=True)
         if dataset.ignored:
             shown = ", ".join(f"{os.path.basename(p)} ({why})" for p, why in dataset.ignored[:3])
             more = f" and {len(dataset.ignored) - 3} more" if len(dataset.ignored) > 3 else ""
-            print(terminal_lines(f"passed over {len(dataset.ignored)} entries of the data folder: {shown}{more} "
-                                 "(listed in metrics.json under \"ignored\")"), flush=True)
+            print(terminal_text(f"passed over {len(dataset.ignored)} entries of the data folder: {shown}{more} "
+                                "(listed in metrics.json under \"ignored\")"), flush=True)
     device = torch.device(cfg.device)
     board = tensorboard_dir(cfg, run_dir) if rank == 0 else None
     outcomes: List[Outcome] = registry.get(cfg.strategy).train(cfg, dataset, run_dir, device)
@@ -396,7 +406,7 @@ def _write_results(run_dir: str, cfg: RunConfig, config: dict, dataset, outcomes
 
 
 def summary(run_dir: str, results: Dict[str, dict], main: str, data) -> str:
-    dataset = data.name
+    dataset, run_dir = data.name, terminal_text(run_dir)  # one line each: a name's line break is shown escaped
     lines = ["", f"{'model':<34} {'accuracy':>9} {'macro F1':>9} {'train s':>8}"]
     for name, r in results.items():
         lines.append(f"{r['display']:<34} {r['metrics']['accuracy']:>9.4f} {r['metrics']['macro_f1']:>9.4f} "

@@ -16,19 +16,20 @@ class Setting:
     help: str
 
     def raw(self) -> Optional[str]:
-        """The value as set, or None when unset."""
-        return os.environ.get(self.name)
+        """The value as set, or None when unset. Empty counts as unset: `export FASTTL_X=$UNSET` in
+        a job script must not make a path of the current folder."""
+        return os.environ.get(self.name) or None
 
     def value(self) -> Optional[str]:
         """The value as set, else the default."""
-        return os.environ.get(self.name, self.default)
+        return self.raw() or self.default
 
     def path(self) -> str:
         """The value as a folder path (~ expanded)."""
         return os.path.expanduser(self.value())
 
     def is_set(self) -> bool:
-        return self.name in os.environ
+        return self.raw() is not None
 
 
 DATA = Setting("FASTTL_DATA", os.path.join("~", ".cache", "fasttl", "data"),

@@ -263,7 +263,7 @@ FASTTL_HD double exact_row_loss(const ExactSums& sums, float rs, float s_target,
                                 ExactCoef* coef) {
   const double zt = sums.soft_teacher;
   double kl = sums.phi / zt - exact_psi(sums.u / zt);
-  kl = kl > 0.0 ? kl : 0.0;  // >= 0 in exact arithmetic; rounding may leave -1e-17
+  kl = kl < 0.0 ? 0.0 : kl;  // >= 0 in exact arithmetic; rounding may leave -1e-17 (a NaN stays NaN)
   const double alpha = p.hard ? p.alpha : 1.0;
   const double temperature = p.temperature;
   double loss = alpha == 0.0 ? 0.0 : alpha * temperature * temperature * kl;  // 0 * inf left out

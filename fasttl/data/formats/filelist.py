@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 from fasttl.util.errors import DataError
 from fasttl.data.formats.folder import missing_data
 from fasttl.data.labels import has_control, label_indices
-from fasttl.data.sources import FileSource
+from fasttl.data.sources import FileSource, refuse_one_file_twice
 
 
 LIST_EXTENSIONS = (".csv", ".tsv", ".parquet")
@@ -123,4 +123,5 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_ki
             raise DataError(f"data: {path} lists {rows[row - 1][0]} twice (rows {first[file]} and {row}); "
                             "give each image once")
         first[file] = row
+    refuse_one_file_twice(files, "a list names each image once (through a linked folder or a hard link too)")
     return FileSource(files, labels, names, root)

@@ -11,7 +11,8 @@ import numpy as np
 from fasttl.util.errors import DataError
 from fasttl.util.files import RUN_MARKER
 from fasttl.data.images import IMAGE_EXTENSIONS, header_problem
-from fasttl.data.sources import FileSource
+from fasttl.data.labels import refuse_lookalikes
+from fasttl.data.sources import FileSource, refuse_one_file_twice
 
 
 def missing_data(root: str, what: str) -> DataError:
@@ -70,6 +71,7 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
     bad = next((name for name in found if not name.isprintable()), None)
     if bad is not None:  # a name printed raw would drive the terminal (an escape sequence) or split a line
         raise DataError(f"data: {root} has a class folder named {bad!r}, with a control character; rename it")
+    refuse_lookalikes(found, f"data: {root} has class folders")
     if classes is not None and list(classes) != found:
         same = [unicodedata.normalize("NFC", c) for c in found] == [unicodedata.normalize("NFC", c) for c in classes]
         hint = ("; the names are the same but written in another Unicode form (NFC vs NFD, as macOS and other "
@@ -100,23 +102,8 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
             raise DataError(f"data: class folder {folder} holds no .jpg/.jpeg/.png images (add images or remove it)")
         files.extend(images)
         labels.extend([label] * len(images))
-    _refuse_one_file_twice(files, "an image belongs to one class")
+    refuse_one_file_twice(files, "an image belongs to one class")
     return FileSource(files, labels, found, root, ignored=ignored)
-
-
-def _refuse_one_file_twice(paths: Sequence[str], why: str) -> None:
-    """A DataError when two paths reach one file (a linked class folder or image, a hard link), as
-    a file list naming one image twice is refused: one file under two labels, or in train and test,
-    is a label conflict or a leak, never two images."""
-    seen = {}
-    for path in paths:
-        try:
-            info = os.stat(path)
-        except OSError:
-            continue  # gone since the scan: the loaders name it
-        first = seen.setdefault((info.st_dev, info.st_ino), path)
-        if first != path:
-            raise DataError(f"data: {path} is the same file as {first} (a link?); {why}: remove one of them")
 
 
 def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
@@ -130,7 +117,7 @@ def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
     if os.path.isdir(train_dir) and os.path.isdir(test_dir):
         train = scan_class_folder(train_dir)
         test = scan_class_folder(test_dir, classes=train.classes)
-        _refuse_one_file_twice(train.files + test.files, "an image used for training is never a test image")
+        refuse_one_file_twice(train.files + test.files, "an image used for training is never a test image")
         # What else root holds (a val/ split, notes, hidden folders) is not used: say so.
         train.ignored[:0] = [(os.path.join(root, name), "hidden" if name.startswith(".") else "not train/ or test/")
                              for name in list_folder(root) if name not in ("train", "test")]

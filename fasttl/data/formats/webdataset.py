@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence
 from fasttl.util.errors import DataError
 from fasttl.data.formats.folder import missing_data
 from fasttl.data.labels import index_class_names, is_index, numbered_classes
-from fasttl.data.sources import TarSource
+from fasttl.data.sources import TarSource, refuse_one_file_twice
 
 
 def is_webdataset(data: str) -> bool:
@@ -67,11 +67,12 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
     DataError."""
     pattern = os.path.expanduser(pattern)
     shards = [os.path.abspath(p) for p in expand_braces(pattern)]
+    refuse_one_file_twice(shards, "its samples would be read twice, some in training and in the test split")
     root = os.path.dirname(os.path.abspath(pattern.split("{", 1)[0] + "x"))
     members, keys, labels, skipped = [], [], [], []
     for shard_index, shard in enumerate(shards):
         if not os.path.isfile(shard):
-            raise missing_data(shard, "WebDataset .tar shards (a brace pattern like shards/train-{000000..000127}.tar)") \
+            raise missing_data(shard, "WebDataset .tar shards (a brace pattern: shards/train-{000000..000127}.tar)") \
                 if not os.path.isdir(shard) else DataError(f"data: {shard} is a folder, not a .tar shard")
         name = os.path.relpath(shard, root)
         samples, duplicates = {}, set()
@@ -94,6 +95,8 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
                             duplicates.add(key)
                     if ext in _WDS_IMAGE:
                         entry["image"] = (shard_index, member.offset_data, member.size)
+                    elif ext != ".cls":
+                        entry.setdefault("other", []).append(base)  # metadata (.json), or a dotted key
                     elif ext == ".cls":
                         if member.size > 64:
                             entry["cls"] = None
@@ -117,6 +120,10 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
                 what = "no .jpg/.jpeg/.png image" if "image" not in entry else "no .cls class"
                 if "image" in entry or "cls" in entry:
                     skipped.append((f"{name}/{key}", f"sample has {what}"))
+                else:  # only other members: c1.v2.jpg is key c1 with extension .v2.jpg, as WebDataset reads it
+                    skipped.append((f"{name}/{key}", f"no .jpg/.jpeg/.png image or .cls among its members "
+                                                     f"{', '.join(entry['other'][:3])} (a key ends at the first dot "
+                                                     "of a member's name)"))
                 continue
             label = entry["cls"]
             # A class that is no index is a label error, as a file list's: never an image left out.
