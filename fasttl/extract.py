@@ -12,6 +12,7 @@ from fasttl.cache.kernels import CACHE_DTYPE
 from fasttl.data import class_folder_splits
 from fasttl.data.formats import open_data
 from fasttl.util.errors import OptionError
+from fasttl.util.files import is_inside
 from fasttl.util import distributed
 
 
@@ -38,8 +39,7 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
         raise OptionError(f"out: {out} is a file; give a folder for the cache (it is created when missing)")
     # The cache never goes among the images of a data folder: its files would mix with them, and a
     # later scan would read its folders as classes.
-    if os.path.isdir(data) and os.path.commonpath([os.path.realpath(out), os.path.realpath(data)]) == \
-            os.path.realpath(data):
+    if os.path.isdir(data) and is_inside(out, data):
         raise OptionError(f"out: {os.path.abspath(out)} is inside the data folder {os.path.realpath(data)}; give a "
                           "cache folder outside the data")
     torch_device, _ = distributed.join(device)

@@ -27,7 +27,7 @@ from fasttl.util.errors import DataError
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import decode, transform
 from fasttl.util.errors import OptionError
-from fasttl.util.files import RUN_MARKER
+from fasttl.util.files import RUN_MARKER, is_inside
 from fasttl.util.outputs import csv_cell
 from fasttl.util.checks import positive_int
 
@@ -261,7 +261,7 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
     if out is not None:
         out = check_output_path(out, overwrite)
         run_folder = os.path.realpath(os.path.expanduser(os.fspath(run_dir)))
-        if os.path.commonpath([os.path.realpath(out), run_folder]) == run_folder:
+        if is_inside(out, run_folder):
             raise OptionError(f"out: {out} is inside the run folder {run_folder}, whose files are the run's (its "
                               "config, weights, predictions.csv); write the predictions elsewhere")
         if not out.lower().endswith(".csv"):  # a shell glob can put an input image last, as the --out

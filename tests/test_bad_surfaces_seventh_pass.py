@@ -427,7 +427,7 @@ def test_an_archive_whose_members_clash_is_named_not_the_destination(tmp_path):
     import io
     import tarfile
 
-    from fasttl.data import fetch as fetch_module
+    from fasttl.data.archive import extract
 
     archive = tmp_path / "clash.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
@@ -439,5 +439,5 @@ def test_an_archive_whose_members_clash_is_named_not_the_destination(tmp_path):
     (tmp_path / "dest").mkdir()
     with pytest.raises(DataError, match=r"^mirror: cannot be extracted \(.* at .*data_batch_1.*: its members clash\); "
                                         r"nothing extracted"):
-        fetch_module.extract(str(archive), "cifar-10-batches-py", str(tmp_path / "dest"), source="mirror")
+        extract(str(archive), "cifar-10-batches-py", str(tmp_path / "dest"), source="mirror")
     assert os.listdir(tmp_path / "dest") == []

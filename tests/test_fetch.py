@@ -16,6 +16,7 @@ import pytest
 
 from fasttl.cli import main
 from fasttl.data import fetch as fetch_module
+from fasttl.data.archive import check_members
 
 from conftest import one_line_error
 
@@ -552,7 +553,7 @@ def test_an_archive_made_with_a_dot_slash_prefix_extracts(server, cifar_tarball,
     # ./.. is still a way out
     with pytest.raises(fetch_module.DataError, match=r"member './../up.txt' is a '..' path"):
         with tarfile.open(fileobj=io.BytesIO(_tar([("./../up.txt", b"x")]))) as archive:
-            fetch_module.check_members(archive, "cifar-10-batches-py", "x.tar.gz")
+            check_members(archive, "cifar-10-batches-py", "x.tar.gz")
 
 
 def test_a_compressed_shard_gets_the_advice_that_fits(tmp_path):

@@ -28,29 +28,32 @@ def _write_fingerprint(fingerprint: Optional[dict], classes, dtype: str, feature
             "fasttl_version": __version__, "format": store.FORMAT_VERSION}
 
 
+# What a value one of the narrow cache dtypes can't hold is stored as instead.
+_WIDER = {torch.float16: ("fp16", "bf16 or fp32 (dtype='bf16', or --cache-dtype/--dtype bf16)"),
+          torch.bfloat16: ("bf16", "fp32 (dtype='fp32', or --cache-dtype/--dtype fp32)")}
+
+
 def check_fits(rows: torch.Tensor, cache_dtype: torch.dtype, what: str) -> None:
     """A cache dtype must hold every value it is given: fp16 turns a feature above 65504 into inf
     (bf16 one above 3.39e38), which training would only report later as a diverged run blamed on
-    its learning rate."""
-    if cache_dtype == torch.bfloat16 and rows.numel() and not bool(torch.isfinite(rows.to(cache_dtype)).all()):
-        raise CacheError(f"{what}: a value of magnitude {float(rows.abs().max()):.4g} overflows bf16 (largest "
-                         f"{torch.finfo(torch.bfloat16).max:.4g}); store it as fp32 (dtype='fp32'), or scale the "
-                         "features")
-    if cache_dtype != torch.float16 or not rows.numel():
+    its learning rate; fp16 also turns a row of values below its smallest normal into zeros."""
+    if cache_dtype not in (torch.float16, torch.bfloat16) or not rows.numel():
         return
-    fp16 = torch.finfo(torch.float16)
+    limits = torch.finfo(cache_dtype)
+    name, instead = _WIDER[cache_dtype]
     magnitudes = rows.reshape(len(rows), -1).abs().amax(dim=1)
     largest = float(magnitudes.max())
-    if largest > fp16.max:
-        raise CacheError(f"{what}: a value of magnitude {largest:.4g} overflows fp16 (largest {fp16.max:g}); "
-                         "store it as bf16 or fp32 (dtype='bf16', or --cache-dtype/--dtype bf16), or scale the "
-                         "features")
+    if largest > limits.max:
+        raise CacheError(f"{what}: a value of magnitude {largest:.4g} overflows {name} (largest {limits.max:.4g}); "
+                         f"store it as {instead}, or scale the features")
+    if cache_dtype != torch.float16:
+        return
     # A row whose every value is below fp16's smallest normal number keeps a few bits at most (and
     # is zeros below 6e-8): a whole image's features lost without a word.
-    faint = ((magnitudes > 0) & (magnitudes < fp16.tiny)).nonzero()
+    faint = ((magnitudes > 0) & (magnitudes < limits.tiny)).nonzero()
     if len(faint):
         row = int(faint[0])
-        raise CacheError(f"{what}: row {row}'s values are all below {fp16.tiny:.3g} in magnitude (largest "
+        raise CacheError(f"{what}: row {row}'s values are all below {limits.tiny:.3g} in magnitude (largest "
                          f"{float(magnitudes[row]):.3g}) and would lose their precision or become zeros in fp16; "
                          "scale the features, or store them as bf16 or fp32 (dtype='bf16')")
 
@@ -68,11 +71,11 @@ def _as_rows(chunk, index: int) -> torch.Tensor:
     if chunk.numel() and not bool(torch.isfinite(chunk).all()):
         raise ValueError(f"chunks: chunk {index} holds NaN or infinite values")
     if chunk.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        largest = float(chunk.abs().max()) if chunk.numel() else 0.0
-        chunk = chunk.float()
+        wide, chunk = chunk, chunk.float()
         if not bool(torch.isfinite(chunk).all()):
-            raise ValueError(f"chunks: chunk {index} holds a value of magnitude {largest:.4g}, beyond float32's "
-                             f"{torch.finfo(torch.float32).max:.4g} (every cache dtype's range); scale the features")
+            raise ValueError(f"chunks: chunk {index} holds a value of magnitude {float(wide.abs().max()):.4g}, beyond "
+                             f"float32's {torch.finfo(torch.float32).max:.4g} (every cache dtype's range); scale the "
+                             "features")
     return chunk
 
 

@@ -20,11 +20,8 @@ import errno
 import hashlib
 import http.client
 import os
-import shutil
 import socket
 import stat
-import tarfile
-import tempfile
 import threading
 import time
 import urllib.error
@@ -33,6 +30,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
+from fasttl.data.archive import extract
 from fasttl.util.errors import DataError
 from fasttl.util.errors import OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX
@@ -47,7 +45,6 @@ MIN_RATE = 10_000            # bytes/s over each RATE_WINDOW_S, below which it s
 RATE_WINDOW_S = 30.0
 SOCKET_TIMEOUT_S = 30.0      # no byte at all for this long: the connection is taken for dead
 MAX_DOWNLOAD_BYTES = 4 << 30   # a server that sends more than this is cut off
-MAX_EXTRACTED_BYTES = 4 << 30  # an archive that unpacks to more than this is refused
 
 
 class DownloadError(UserError, OSError):
@@ -134,14 +131,9 @@ def _partial_size(path: str) -> int:
 
 
 def _open_partial(path: str) -> int:
-    """An fd appending to `path`: a plain file of fasttl's, never opened through a link. An error
-    names the folder it goes to (--dest), never the temporary's name."""
-    try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise DownloadError(f"fetch: {path} is a link; remove it and fetch again") from None
-        raise OSError(exc.errno, exc.strerror, os.path.dirname(path)) from None
+    """An fd appending to `path`: a plain file of fasttl's, never opened through a link (an error
+    naming it names --dest at the CLI: files.user_path)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
 
 
 def _content_range_start(header: Optional[str]) -> Optional[int]:
@@ -345,7 +337,6 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)  # a disk that is full: free space, and the same command goes on
-_DISK = _FULL + (errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)  # the destination's faults, not the archive's
 
 
 def _write_all(fd: int, block: bytes, path: str) -> None:
@@ -375,78 +366,6 @@ def sha256_of(path: str) -> str:
         for block in iter(lambda: f.read(_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def check_members(archive: tarfile.TarFile, folder: str, source: str) -> None:
-    """Refuses an archive with a member that could land outside `folder`, or is not a plain file
-    or folder, before anything is extracted."""
-    total = 0
-    for member in archive.getmembers():
-        name = member.name
-        parts = name.replace("\\", "/").split("/")
-        while len(parts) > 1 and parts[0] == ".":  # tar czf x.tgz ./folder: the same place as folder/
-            parts = parts[1:]
-        if parts in (["."], [""]) and member.isdir():  # the archive's own top folder, "./"
-            continue
-        if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-            why = "an absolute path"
-        elif ".." in parts:
-            why = "a '..' path"
-        elif member.issym() or member.islnk():
-            why = f"a link (to {member.linkname!r})"
-        elif not (member.isfile() or member.isdir()):
-            why = "not a plain file or folder"
-        elif parts[0] != folder:
-            why = f"outside {folder}/"
-        else:
-            total += member.size
-            if total > MAX_EXTRACTED_BYTES:
-                raise DataError(f"{source}: unpacks to more than {MAX_EXTRACTED_BYTES:,} bytes; refused, nothing "
-                                "extracted")
-            continue
-        raise DataError(f"{source}: member {name!r} is {why}; refused, nothing extracted (is this the right "
-                        "archive? --url)")
-
-
-def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[str, ...] = (),
-            source: Optional[str] = None) -> str:
-    """Extracts the archive's one folder into DEST/<folder> through a temporary folder beside it
-    (removed on any failure); returns DEST/<folder>. Messages name `source` (the URL it came
-    from) for the archive; a disk error (no space, read-only) is an OSError naming DEST."""
-    source = source or archive_path
-    target = os.path.join(dest, remote_folder)
-    staging = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}extract-", dir=dest)
-    try:
-        try:
-            with tarfile.open(archive_path, "r:*") as archive:
-                check_members(archive, remote_folder, source)
-                if hasattr(tarfile, "data_filter"):
-                    archive.extractall(staging, filter="data")
-                else:  # Python without extraction filters: the members were checked above
-                    archive.extractall(staging)
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            if isinstance(exc, DataError):
-                raise
-            if isinstance(exc, OSError) and exc.errno in _DISK:  # the disk, not the archive
-                raise OSError(exc.errno, exc.strerror, dest) from None
-            if isinstance(exc, OSError) and exc.errno is not None:  # members that clash (a file where a folder goes)
-                member = os.path.relpath(os.fsdecode(exc.filename), staging) if isinstance(exc.filename, (str, bytes)) \
-                    else "a member"
-                raise DataError(f"{source}: cannot be extracted ({exc.strerror.lower()} at {member}: its members "
-                                "clash); nothing extracted") from None
-            raise DataError(f"{source}: not a readable archive ({type(exc).__name__}: "
-                            f"{' '.join(str(exc).split())[:200]}); nothing extracted") from None
-        extracted = os.path.join(staging, remote_folder)
-        missing = [f for f in required if not os.path.isfile(os.path.join(extracted, f))]
-        if missing:
-            raise DataError(f"{source}: the archive lacks {remote_folder}/{missing[0]}; not the expected data "
-                            "set, nothing extracted")
-        if os.path.lexists(target):
-            raise DataError(f"fetch: {target} appeared while extracting; nothing replaced")
-        os.rename(extracted, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, dest: Optional[str] = None,

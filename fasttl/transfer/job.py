@@ -24,7 +24,7 @@ from fasttl.util import distributed
 from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import BUILTIN, EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
-from fasttl.util.files import write_atomic
+from fasttl.util.files import is_inside, write_atomic
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
                                     run_files, write_config, write_metrics, write_predictions)
@@ -156,7 +156,7 @@ def preflight(cfg: RunConfig) -> None:
             if cfg.out and os.path.realpath(os.path.expanduser(path)) == os.path.realpath(os.path.expanduser(cfg.out)):
                 raise OptionError(f"out: --out {cfg.out} is the --{name.replace('_', '-')} folder itself; the run "
                                   f"would replace what it learns from (give another --out)")
-    _refuse_cache_among_images(cfg)
+    _refuse_writes_among_images(cfg)
     if cfg.tensorboard is not None:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
@@ -168,7 +168,7 @@ def preflight(cfg: RunConfig) -> None:
             raise OptionError(f"tensorboard: {os.path.abspath(os.path.expanduser(cfg.tensorboard))} is not a folder")
 
 
-def _refuse_cache_among_images(cfg: RunConfig) -> None:
+def _refuse_writes_among_images(cfg: RunConfig) -> None:
     """Folders fasttl writes beside a run (the feature caches, the caches' verification records,
     --tensorboard DIR) never go among the images of a data folder (as `extract --out`): their
     files would mix with them, and the next scan would read their folders as classes."""
@@ -181,14 +181,13 @@ def _refuse_cache_among_images(cfg: RunConfig) -> None:
         written.append(("--tensorboard", os.path.expanduser(cfg.tensorboard), "give --tensorboard"))
     targets = [cfg.target_data] if isinstance(cfg.target_data, str) else list(cfg.target_data or [])
     for name, path in [("data", cfg.data), *(("target_data", p) for p in targets)]:
-        folder = os.path.realpath(os.path.expanduser(path)) if isinstance(path, str) and path not in BUILTIN else None
-        if not folder or not os.path.isdir(folder):
+        if not isinstance(path, str) or path in BUILTIN or not os.path.isdir(os.path.expanduser(path)):
             continue
         for what, place, fix in written:
-            place = os.path.realpath(place)
-            if os.path.commonpath([place, folder]) == folder:
-                raise OptionError(f"{name}: {what}={place} is inside the data folder {folder}, where it would be "
-                                  f"written among the images; {fix} to a folder outside the data")
+            if is_inside(place, path):
+                raise OptionError(f"{name}: {what}={os.path.realpath(place)} is inside the data folder "
+                                  f"{os.path.realpath(os.path.expanduser(path))}, where it would be written among "
+                                  f"the images; {fix} to a folder outside the data")
 
 
 def write_skipped(run_dir: str, skipped) -> None:

@@ -203,12 +203,22 @@ class FolderLock:
             self.fd = None
 
 
+def is_inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies under it, links resolved (where fasttl writes never goes
+    among a data folder's images or a run's files)."""
+    folder = os.path.realpath(os.path.expanduser(folder))
+    return os.path.commonpath([os.path.realpath(os.path.expanduser(path)), folder]) == folder
+
+
 def user_path(path: str) -> str:
-    """The file a user asked for behind one of fasttl's temporaries (`.fasttl-tmp-PID-HEX-NAME`
-    -> NAME beside it): what an error names, never the temporary."""
+    """What an error names instead of one of fasttl's temporaries: the file a user asked for
+    (`.fasttl-tmp-PID-HEX-NAME` -> NAME beside it), or the folder a download or an extraction
+    goes to (`.fasttl-tmp-download-*`, `.fasttl-tmp-extract-*` -> their folder)."""
     directory, name = os.path.split(path)
     match = re.fullmatch(re.escape(TEMP_PREFIX) + r"[0-9]+-[0-9a-f]+-(.*)", name)
-    return os.path.join(directory, match.group(1)) if match else path
+    if match:
+        return os.path.join(directory, match.group(1))
+    return directory if name.startswith((f"{TEMP_PREFIX}download-", f"{TEMP_PREFIX}extract-")) else path
 
 
 def read_plain(path: str, limit: int) -> bytes:

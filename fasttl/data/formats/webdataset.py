@@ -71,59 +71,12 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
     root = os.path.dirname(os.path.abspath(pattern.split("{", 1)[0] + "x"))
     members, keys, labels, skipped = [], [], [], []
     for shard_index, shard in enumerate(shards):
-        if not os.path.isfile(shard):
-            raise missing_data(shard, "WebDataset .tar shards (a brace pattern: shards/train-{000000..000127}.tar)") \
-                if not os.path.isdir(shard) else DataError(f"data: {shard} is a folder, not a .tar shard")
         name = os.path.relpath(shard, root)
-        samples, duplicates = {}, set()
-        try:
-            with tarfile.open(shard, "r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    base = os.path.basename(member.name)
-                    if base.startswith("."):
-                        continue
-                    folder = os.path.dirname(member.name)
-                    key, _, ext = base.partition(".")
-                    key = f"{folder}/{key}" if folder else key
-                    entry = samples.setdefault(key, {})
-                    ext = "." + ext.lower()
-                    if ext in _WDS_IMAGE or ext == ".cls":
-                        part = "image" if ext in _WDS_IMAGE else "cls"
-                        if part in entry:  # a second image (or class) for one key
-                            duplicates.add(key)
-                    if ext in _WDS_IMAGE:
-                        entry["image"] = (shard_index, member.offset_data, member.size)
-                    elif ext != ".cls":
-                        entry.setdefault("other", []).append(base)  # metadata (.json), or a dotted key
-                    elif ext == ".cls":
-                        if member.size > 64:
-                            entry["cls"] = None
-                        else:
-                            entry["cls"] = tar.extractfile(member).read().decode("utf-8", "replace").strip()
-                end = tar.offset  # where the header after the last member is, or the end-of-archive blocks
-            with open(shard, "rb") as f:
-                f.seek(end)
-                tail = f.read(tarfile.BLOCKSIZE)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise DataError(f"data: {shard} is not a readable tar file ({' '.join(str(exc).split())[:200]})") from None
-        if len(tail) < tarfile.BLOCKSIZE or tail.strip(b"\0"):
-            # tarfile ends quietly where a cut falls between members: the lost samples would go unnoticed
-            raise DataError(f"data: {shard} ends without tar's end-of-archive blocks: it was cut short (copy or "
-                            "write the shard again)")
+        samples, duplicates = _index_shard(shard, shard_index)
         for key, entry in samples.items():
-            if key in duplicates:
-                skipped.append((f"{name}/{key}", "the key names two images or two classes in this shard"))
-                continue
-            if "image" not in entry or "cls" not in entry:
-                what = "no .jpg/.jpeg/.png image" if "image" not in entry else "no .cls class"
-                if "image" in entry or "cls" in entry:
-                    skipped.append((f"{name}/{key}", f"sample has {what}"))
-                else:  # only other members: c1.v2.jpg is key c1 with extension .v2.jpg, as WebDataset reads it
-                    skipped.append((f"{name}/{key}", f"no .jpg/.jpeg/.png image or .cls among its members "
-                                                     f"{', '.join(entry['other'][:3])} (a key ends at the first dot "
-                                                     "of a member's name)"))
+            why = _left_out(entry, key in duplicates)
+            if why is not None:
+                skipped.append((f"{name}/{key}", why))
                 continue
             label = entry["cls"]
             # A class that is no index is a label error, as a file list's: never an image left out.
@@ -150,3 +103,56 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
     if len(names) < 2:
         raise DataError(f"data: {pattern} has only class {names[0]}; a classifier needs at least 2 classes")
     return TarSource(shards, members, keys, labels, names, root, skipped)
+
+
+def _index_shard(shard: str, shard_index: int):
+    """({key: {"image": (shard, offset, size), "cls": text, "other": [names]}}, keys with two images
+    or two classes) of one shard: tar headers and the .cls members read, no image."""
+    if not os.path.isfile(shard):
+        raise missing_data(shard, "WebDataset .tar shards (a brace pattern: shards/train-{000000..000127}.tar)") \
+            if not os.path.isdir(shard) else DataError(f"data: {shard} is a folder, not a .tar shard")
+    samples, duplicates = {}, set()
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                base = os.path.basename(member.name)
+                if not member.isfile() or base.startswith("."):
+                    continue
+                key, _, ext = base.partition(".")  # as WebDataset reads it: the key ends at the first dot
+                folder = os.path.dirname(member.name)
+                key = f"{folder}/{key}" if folder else key
+                entry = samples.setdefault(key, {})
+                ext = "." + ext.lower()
+                part = "image" if ext in _WDS_IMAGE else "cls" if ext == ".cls" else "other"
+                if part != "other" and part in entry:  # a second image (or class) for one key
+                    duplicates.add(key)
+                if part == "image":
+                    entry["image"] = (shard_index, member.offset_data, member.size)
+                elif part == "cls":
+                    entry["cls"] = None if member.size > 64 else \
+                        tar.extractfile(member).read().decode("utf-8", "replace").strip()
+                else:
+                    entry.setdefault("other", []).append(base)  # metadata (.json), or a dotted key
+            end = tar.offset  # where the header after the last member is, or the end-of-archive blocks
+        with open(shard, "rb") as f:
+            f.seek(end)
+            tail = f.read(tarfile.BLOCKSIZE)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"data: {shard} is not a readable tar file ({' '.join(str(exc).split())[:200]})") from None
+    if len(tail) < tarfile.BLOCKSIZE or tail.strip(b"\0"):
+        # tarfile ends quietly where a cut falls between members: the lost samples would go unnoticed
+        raise DataError(f"data: {shard} ends without tar's end-of-archive blocks: it was cut short (copy or write "
+                        "the shard again)")
+    return samples, duplicates
+
+
+def _left_out(entry: dict, twice: bool) -> Optional[str]:
+    """Why a key's sample is left out (listed in `skipped`), or None when it is one."""
+    if twice:
+        return "the key names two images or two classes in this shard"
+    if "image" in entry and "cls" in entry:
+        return None
+    if "image" in entry or "cls" in entry:
+        return f"sample has {'no .jpg/.jpeg/.png image' if 'image' not in entry else 'no .cls class'}"
+    return (f"no .jpg/.jpeg/.png image or .cls among its members {', '.join(entry['other'][:3])} (a key ends at the "
+            "first dot of a member's name)")

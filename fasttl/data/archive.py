@@ -1,0 +1,90 @@
+"""Extracting a verified archive safely: every member checked before anything is written (no
+link, device, absolute or `..` name, nothing outside the data set's folder, a bounded total size),
+the files unpacked into a temporary folder beside the target and renamed into place once complete."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tarfile
+import tempfile
+from typing import Optional, Tuple
+
+from fasttl.util.errors import DataError
+from fasttl.util.files import TEMP_PREFIX
+
+MAX_EXTRACTED_BYTES = 4 << 30  # an archive that unpacks to more than this is refused
+# The destination's faults, not the archive's: named as DEST's (a full disk keeps the download to retry).
+_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
+
+
+def check_members(archive: tarfile.TarFile, folder: str, source: str) -> None:
+    """Refuses an archive with a member that could land outside `folder`, or is not a plain file
+    or folder, before anything is extracted."""
+    total = 0
+    for member in archive.getmembers():
+        name = member.name
+        parts = name.replace("\\", "/").split("/")
+        while len(parts) > 1 and parts[0] == ".":  # tar czf x.tgz ./folder: the same place as folder/
+            parts = parts[1:]
+        if parts in (["."], [""]) and member.isdir():  # the archive's own top folder, "./"
+            continue
+        if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+            why = "an absolute path"
+        elif ".." in parts:
+            why = "a '..' path"
+        elif member.issym() or member.islnk():
+            why = f"a link (to {member.linkname!r})"
+        elif not (member.isfile() or member.isdir()):
+            why = "not a plain file or folder"
+        elif parts[0] != folder:
+            why = f"outside {folder}/"
+        else:
+            total += member.size
+            if total > MAX_EXTRACTED_BYTES:
+                raise DataError(f"{source}: unpacks to more than {MAX_EXTRACTED_BYTES:,} bytes; refused, nothing "
+                                "extracted")
+            continue
+        raise DataError(f"{source}: member {name!r} is {why}; refused, nothing extracted (is this the right "
+                        "archive? --url)")
+
+
+def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[str, ...] = (),
+            source: Optional[str] = None) -> str:
+    """Extracts the archive's one folder into DEST/<folder> through a temporary folder beside it
+    (removed on any failure); returns DEST/<folder>. Messages name `source` (the URL it came
+    from) for the archive; a disk error (no space, read-only) is an OSError naming DEST."""
+    source = source or archive_path
+    target = os.path.join(dest, remote_folder)
+    staging = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}extract-", dir=dest)
+    try:
+        try:
+            with tarfile.open(archive_path, "r:*") as archive:
+                check_members(archive, remote_folder, source)
+                if hasattr(tarfile, "data_filter"):
+                    archive.extractall(staging, filter="data")
+                else:  # Python without extraction filters: the members were checked above
+                    archive.extractall(staging)
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            if isinstance(exc, DataError):
+                raise
+            if isinstance(exc, OSError) and exc.errno in _DISK:  # the disk, not the archive
+                raise OSError(exc.errno, exc.strerror, dest) from None
+            if isinstance(exc, OSError) and exc.errno is not None:  # members that clash (a file where a folder goes)
+                member = os.path.relpath(os.fsdecode(exc.filename), staging) if isinstance(exc.filename, (str, bytes)) \
+                    else "a member"
+                raise DataError(f"{source}: cannot be extracted ({exc.strerror.lower()} at {member}: its members "
+                                "clash); nothing extracted") from None
+            raise DataError(f"{source}: not a readable archive ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]}); nothing extracted") from None
+        extracted = os.path.join(staging, remote_folder)
+        missing = [f for f in required if not os.path.isfile(os.path.join(extracted, f))]
+        if missing:
+            raise DataError(f"{source}: the archive lacks {remote_folder}/{missing[0]}; not the expected data "
+                            "set, nothing extracted")
+        if os.path.lexists(target):
+            raise DataError(f"fetch: {target} appeared while extracting; nothing replaced")
+        os.rename(extracted, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
