@@ -563,3 +563,39 @@ def test_a_compressed_shard_gets_the_advice_that_fits(tmp_path):
     with pytest.raises(fetch_module.DataError, match=r"train-000000.tar.gz is a compressed archive; WebDataset shards "
                                                      r"are uncompressed .tar files"):
         load_dataset(str(tmp_path / "train-000000.tar.gz"))
+
+
+def test_two_fetches_into_one_folder_are_one_at_a_time(server, cifar_tarball, tmp_path, capsys):
+    """A second `fasttl data fetch` into a folder another one is filling is refused in one line
+    (both used to write one partial download); the lock is the folder's own flock, so nothing is
+    left in the data folder, and a holder killed with -9 releases it."""
+    import signal
+    import subprocess
+    import sys
+
+    server.files["/c.tar.gz"] = cifar_tarball
+    server.trickle = (512, 0.05)
+    dest = tmp_path / "data"
+    words = ["--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest", str(dest)]
+    first = subprocess.Popen([sys.executable, "-m", "fasttl", "data", "fetch", "cifar10", "--no-progress", *words],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        partial = dest / ".fasttl-tmp-download-cifar-10-python.tar.gz"
+        deadline = time.monotonic() + 60
+        while not (partial.exists() and partial.stat().st_size > 0):
+            assert first.poll() is None, first.stderr.read().decode()
+            assert time.monotonic() < deadline, "the first fetch never started writing"
+            time.sleep(0.05)
+        code, _, err = _fetch(capsys, *words)
+        assert code == 2 and one_line_error(err) == f"fasttl: error: fetch: {dest} is in use by another `fasttl " \
+            "data fetch`; wait for it to finish, then run the same command again", err
+        assert first.poll() is None  # the first one goes on, its download untouched
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        first.stderr.close()
+    server.trickle = None
+    code, out, err = _fetch(capsys, *words)
+    assert code == 0, err
+    assert "resuming" in out and _tree(dest)[0] == "cifar-10-batches-py" and all(
+        not name.startswith(".") for name in os.listdir(dest))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import http.client
 import os
@@ -399,6 +400,38 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
                         f"{', '.join(remote.required)}); move it away and fetch again")
     created = not os.path.isdir(dest)
     os.makedirs(dest, exist_ok=True)
+    with _fetch_lock(dest):
+        if is_complete(target, remote):  # another fetch finished it while this one started
+            say(f"{name}: already in {target}; nothing to download")
+            return target
+        _download_and_extract(name, remote, url, expected, dest, created, say, progress, deadline_s, min_rate)
+    say(f"{name}: SHA-256 verified, extracted to {target}")
+    return target
+
+
+@contextlib.contextmanager
+def _fetch_lock(dest: str):
+    """One fetch at a time into `dest`: an flock on the folder itself, so no lock file lands among
+    the data (the OS releases it when the holder exits, even on kill -9). A second fetch fails at
+    once instead of both writing one partial download."""
+    fd = os.open(dest, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise DataError(f"fetch: {dest} is in use by another `fasttl data fetch`; wait for it to finish, "
+                                "then run the same command again") from None
+            raise
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, dest: str, created: bool, say,
+                          progress: bool, deadline_s: float, min_rate: float) -> None:
+    """Downloads (or resumes) the archive into DEST's partial file, verifies it and extracts it;
+    called under the fetch lock."""
     partial = os.path.join(dest, f"{TEMP_PREFIX}download-{remote.archive}")
     resumed = os.path.isfile(partial) and not os.path.islink(partial)
     # A download verified before (an extraction stopped by a full disk) is extracted, not fetched again.
@@ -438,5 +471,3 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
         raise
     with contextlib.suppress(OSError):
         os.remove(partial)
-    say(f"{name}: SHA-256 verified, extracted to {target}")
-    return target
