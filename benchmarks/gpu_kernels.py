@@ -243,7 +243,7 @@ def main() -> int:
             except AssertionError as error:
                 print(f"FAIL {error}")
                 failed = True
-        _ops.raise_device_errors()
+        fasttl.raise_device_errors()
     if args.bandwidth:
         results = bandwidth()
         if args.json:

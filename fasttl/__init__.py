@@ -3,7 +3,7 @@ import importlib
 
 from fasttl import nn, optim
 from fasttl._native import build_info
-from fasttl._ops import raise_device_errors  # a CUDA op's bad index, raised named at a sync you choose
+from fasttl._device_checks import raise_device_errors  # a CUDA op's bad index, raised named at a sync you choose
 from fasttl._version import __version__
 from fasttl.cache import FeatureCache
 from fasttl.losses import distillation_loss

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from fasttl import _ops, _reference
+from fasttl import _device_checks, _op_checks, _ops, _reference
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _EAGER_DTYPES = (torch.float64,)  # through the plain-PyTorch formula (fasttl._reference), as torch would
@@ -51,14 +51,14 @@ def _check_arguments(student_logits, teacher_logits, target, temperature, alpha,
         if target.device != student_logits.device:
             raise ValueError(f"target: is on {target.device} "
                              f"(expected student_logits' device, {student_logits.device})")
-    _ops.check_temperature("temperature", temperature)
-    _ops.check_number("alpha", alpha, 0.0, 1.0)
+    _op_checks.check_temperature("temperature", temperature)
+    _op_checks.check_number("alpha", alpha, 0.0, 1.0)
     if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__") or \
             not -2**63 <= operator.index(ignore_index) < 2**63:
         raise TypeError(f"ignore_index: is {ignore_index!r} (expected an int64 class index)")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: is {reduction!r} (expected one of {_REDUCTIONS})")
-    _ops.check_label_smoothing(label_smoothing)
+    _op_checks.check_label_smoothing(label_smoothing)
     if weight is not None:
         _check_weight(weight, student_logits, target, label_smoothing)
 
@@ -125,8 +125,8 @@ def _known_scale(student_logits: Tensor, target: Optional[Tensor], reduction: st
             return 1.0 / max(student_logits.size(0), 1)
         # Counting the rows reads the target: off the sync-free devices (CUDA) and outside
         # torch.compile (where it would break the graph) that costs nothing worth avoiding.
-        host_readable = target.device.type not in _ops._SYNC_FREE_DEVICE_TYPES + ("meta",) and \
-            student_logits.device.type not in _ops._SYNC_FREE_DEVICE_TYPES
+        host_readable = target.device.type not in _device_checks.SYNC_FREE_DEVICE_TYPES + ("meta",) and \
+            student_logits.device.type not in _device_checks.SYNC_FREE_DEVICE_TYPES
         if host_readable and not torch.compiler.is_compiling():
             return 1.0 / max(int((target != ignore_index).sum()), 1)
     return None
@@ -170,7 +170,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
         target: optional (...) int64/int32 class indices in [0, C) or ``ignore_index`` (any
             stride). One out of range raises ValueError on the CPU. On CUDA the check needs no
             host sync: the row is left out on the device and the ValueError comes at the next
-            fasttl call once the GPU has run this one (or at fasttl._ops.raise_device_errors()).
+            fasttl call once the GPU has run this one (or at fasttl.raise_device_errors()).
         temperature: softening temperature T in [0.01, 1000].
         alpha: weight of the soft term, in [0, 1].
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.

@@ -9,7 +9,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fasttl import _ops
+from fasttl import _op_checks, _ops
 
 _FP32_STATE = ("master_param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -77,9 +77,9 @@ class _FusedAdamBase(torch.optim.Optimizer):
         for index, p in enumerate(group["params"]):
             if p.is_complex():
                 raise TypeError(f"params[{index}]: complex parameters are not supported (dtype {p.dtype})")
-            if p.dtype not in _ops._PARAM_DTYPES:
+            if p.dtype not in _op_checks.PARAM_DTYPES:
                 raise TypeError(f"params[{index}]: expected float32, bfloat16 or float16, got {p.dtype}")
-            if not _ops.is_dense(p):
+            if not _op_checks.is_dense(p):
                 raise ValueError(f"params[{index}]: expected a contiguous or channels_last parameter "
                                  "(call .contiguous() on it)")
             if group.get("capturable"):

@@ -283,12 +283,12 @@ def test_cuda_out_of_range_index_raises_named_without_a_host_sync(op):
                   "pool_store": ("torch.ops.fasttl.pool_store(c[:2].clone(), c, None, "
                                  "torch.tensor([0, -1], device='cuda'))", "rows")}[op]
     code = ("import torch, fasttl\n"
-            "from fasttl import _ops\n"
+            "from fasttl import _device_checks\n"
             "c = torch.randn(8, 4, device='cuda'); before = c.clone()\n"
             f"{call}\n"
             "torch.cuda.synchronize()\n"
             "try:\n"
-            "    _ops.raise_device_errors()\n"
+            "    _device_checks.raise_device_errors()\n"
             "except ValueError as e:\n"
             f"    print('CAUGHT', str(e).startswith('{name}: an index out of range'), "
             "torch.equal(c[1:], before[1:]))\n")

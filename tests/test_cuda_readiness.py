@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fasttl
-from fasttl import _ops, _reference
+from fasttl import _device_checks, _ops, _reference
 from fasttl.cache.kernels import gather, pool_store
 from fasttl.info import cuda_warnings, version_text
 from conftest import CUDA_REASON
@@ -22,10 +22,10 @@ HOST_READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
 @pytest.fixture
 def sync_free_cpu(monkeypatch):
     """The branches fasttl takes for CUDA tensors, taken for CPU tensors too."""
-    monkeypatch.setattr(_ops, "_SYNC_FREE_DEVICE_TYPES", ("cpu", "cuda"))
-    _ops._pending.clear()
+    monkeypatch.setattr(_device_checks, "SYNC_FREE_DEVICE_TYPES", ("cpu", "cuda"))
+    _device_checks._pending.clear()
     yield
-    _ops._pending.clear()
+    _device_checks._pending.clear()
 
 
 @contextlib.contextmanager
@@ -67,7 +67,7 @@ def test_the_guard_catches_a_host_read(monkeypatch):
 def test_distillation_loss_takes_no_host_read_on_the_sync_free_branch(monkeypatch, sync_free_cpu):
     student, teacher, target = _distill_inputs()
     with monkeypatch.context() as m:
-        m.setattr(_ops, "_SYNC_FREE_DEVICE_TYPES", ())
+        m.setattr(_device_checks, "SYNC_FREE_DEVICE_TYPES", ())
         expected = _distill(student, teacher, target, 1.7)
     with no_host_reads(monkeypatch):
         got = _distill(student, teacher, target, 1.7)
@@ -75,7 +75,7 @@ def test_distillation_loss_takes_no_host_read_on_the_sync_free_branch(monkeypatc
     # sync-free one scales after: the same math, rounded in another order (float32: ~1 ulp).
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8)
-    _ops.raise_device_errors()  # nothing was reported
+    _device_checks.raise_device_errors()  # nothing was reported
 
 
 def test_bad_target_on_the_sync_free_branch_raises_named_at_the_next_call(monkeypatch, sync_free_cpu):
@@ -106,7 +106,7 @@ def test_pool_store_and_gather_take_no_host_read_on_the_sync_free_branch(monkeyp
         scales = torch.full((14,), float("nan")) if cache_dtype == torch.int8 else None
         with monkeypatch.context() as m:
             if not sync_free:
-                m.setattr(_ops, "_SYNC_FREE_DEVICE_TYPES", ())
+                m.setattr(_device_checks, "SYNC_FREE_DEVICE_TYPES", ())
             with no_host_reads(monkeypatch) if sync_free else contextlib.nullcontext():
                 pool_store(features, cache, rows, scales)
                 out = gather(cache, rows.flip(0)[::2], scales, torch.bfloat16)
@@ -114,7 +114,7 @@ def test_pool_store_and_gather_take_no_host_read_on_the_sync_free_branch(monkeyp
     for a, b in zip(*caches):
         if a is not None:
             assert torch.equal(a.float().nan_to_num(-1), b.float().nan_to_num(-1))
-    _ops.raise_device_errors()
+    _device_checks.raise_device_errors()
 
 
 def test_bad_rows_on_the_sync_free_branch_write_nothing_and_raise_named(monkeypatch, sync_free_cpu):
@@ -123,11 +123,11 @@ def test_bad_rows_on_the_sync_free_branch_write_nothing_and_raise_named(monkeypa
         pool_store(torch.randn(3, 4, 2, 2), cache, torch.tensor([1, 6, -2]))
     assert not torch.isnan(cache[1]).any() and torch.isnan(cache[[0, 2, 3, 4, 5]]).all()
     with pytest.raises(ValueError, match=r"^rows: an index out of range \(expected values in \[0, 6\)\)"):
-        _ops.raise_device_errors()
+        _device_checks.raise_device_errors()
     with no_host_reads(monkeypatch):
         pool_store(torch.randn(2, 4), cache, torch.tensor([3, 3]))
     with pytest.raises(ValueError, match=r"^rows: a row index repeated"):
-        _ops.raise_device_errors()
+        _device_checks.raise_device_errors()
     with no_host_reads(monkeypatch):
         out = gather(cache, torch.tensor([1, 9]))
     torch.testing.assert_close(out[0], cache[1], rtol=0, atol=0)
@@ -158,7 +158,7 @@ def test_adam_step_with_a_tensor_lr_takes_no_host_read_on_the_sync_free_branch(m
             opt.found_inf = torch.tensor(1.0 if i == 1 else 0.0)  # the middle step is skipped
             with monkeypatch.context() as m:
                 if not sync_free:
-                    m.setattr(_ops, "_SYNC_FREE_DEVICE_TYPES", ())
+                    m.setattr(_device_checks, "SYNC_FREE_DEVICE_TYPES", ())
                 with no_host_reads(monkeypatch) if sync_free else contextlib.nullcontext():
                     opt.step()
         results.append([p.detach().clone() for p in params] + [opt.state[p]["step"].clone() for p in params] +
@@ -292,7 +292,7 @@ def test_cuda_steady_state_calls_do_not_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    _ops.raise_device_errors()
+    _device_checks.raise_device_errors()
 
 
 @needs_gpu
@@ -311,7 +311,7 @@ def test_cuda_bad_index_raises_named_and_the_context_survives(op):
     call()  # no sync, no raise here
     torch.cuda.synchronize()
     with pytest.raises(ValueError, match=f"^{name}: an index out of range"):
-        _ops.raise_device_errors()
+        _device_checks.raise_device_errors()
     if op == "pool_store":
         assert not torch.isnan(c[0]).any() and torch.isnan(c[1:]).all()  # the bad row wrote nothing
     assert torch.ones(3, device=dev).sum().item() == 3.0  # the CUDA context is intact

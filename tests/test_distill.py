@@ -448,12 +448,12 @@ def test_cuda_out_of_range_target_raises_named_without_a_host_sync():
     # counts for nothing), and the named ValueError comes once the GPU has run the call, here at
     # raise_device_errors(); the CUDA context survives. A subprocess keeps this process clean.
     code = ("import torch, fasttl\n"
-            "from fasttl import _ops\n"
+            "from fasttl import _device_checks\n"
             "s = torch.randn(8, 10, device='cuda'); y = torch.randint(0, 10, (8,), device='cuda'); y[3] = 2**40\n"
             "loss, grad = torch.ops.fasttl.distill_rows(s, s, y, 2.0, 0.5, -100)\n"
             "torch.cuda.synchronize()\n"
             "try:\n"
-            "    _ops.raise_device_errors()\n"
+            "    _device_checks.raise_device_errors()\n"
             "except ValueError as e:\n"
             "    print('CAUGHT', str(e).startswith('target: an index out of range'), float(loss[3]) == 0.0)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)

@@ -12,7 +12,8 @@ PACKAGE = os.path.dirname(fasttl.__file__)
 
 # Lowest first. A module belongs to the longest prefix that names it.
 LAYERS = (
-    ("kernel", ("fasttl._native", "fasttl._C", "fasttl._ops", "fasttl._reference", "fasttl._version",
+    ("kernel", ("fasttl._native", "fasttl._C", "fasttl._ops", "fasttl._op_checks", "fasttl._device_checks",
+                "fasttl._reference", "fasttl._version",
                 "fasttl.optim", "fasttl.nn", "fasttl.losses", "fasttl.onnx_graph")),
     ("util", ("fasttl.util",)),
     ("backbones", ("fasttl.backbones",)),

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fasttl import _ops
+from fasttl import _device_checks, _ops
 
 CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
 CACHE_DTYPE = "fp16"  # the default: half fp32's bytes, within 1e-3 of its features (range checked on write)
@@ -26,7 +26,7 @@ def _check_rows(name: str, rows: Tensor, count: int, limit: int, device: torch.d
     """Friendlier messages than the op's. The range is checked here on the host for CPU tensors;
     on CUDA the op checks it without a host sync (extraction and the loader call these once per
     batch) and reports a bad index as a ValueError under the same name, at the next fasttl call
-    after the GPU ran this one, or at fasttl._ops.raise_device_errors()."""
+    after the GPU ran this one, or at fasttl.raise_device_errors()."""
     if not isinstance(rows, Tensor) or rows.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name}: got {getattr(rows, 'dtype', type(rows).__name__)} (expected an int64 or int32 "
                         "tensor of row indices)")
@@ -35,7 +35,7 @@ def _check_rows(name: str, rows: Tensor, count: int, limit: int, device: torch.d
     if rows.device != device:
         raise ValueError(f"{name}: is on {rows.device} (expected the cache's device, {device})")
     # meta tensors hold no values to check
-    if count and rows.device.type != "meta" and not _ops._checks_on_device(rows):
+    if count and rows.device.type != "meta" and not _device_checks.checks_on_device(rows):
         low, high = (int(v) for v in torch.stack(torch.aminmax(rows)).tolist())
         if low < 0 or high >= limit:
             raise ValueError(f"{name}: values span [{low}, {high}] (expected indices in [0, {limit}))")
