@@ -64,25 +64,28 @@ def nonfinite_weight(module: nn.Module) -> Optional[str]:
 def fit(model: nn.Module, optimizer, scheduler, epochs: int, train_epoch: Callable[[int], Record],
         evaluate: Optional[Callable[[], Record]] = None, *, seed: int = 0, checkpoint=None, resume: bool = False,
         progress: bool = True, description: str = "train", extra_state: Optional[nn.Module] = None,
-        patience: Optional[int] = None) -> List[Record]:
+        patience: Optional[int] = None, start: Optional[dict] = None) -> List[Record]:
     """Runs epochs [start, epochs): `train_epoch(epoch)` returns the epoch's train loss/accuracy
     (and "images"), `evaluate()` the eval loss/accuracy. Each epoch starts from a seed derived
     from (seed, epoch), so a resumed run repeats an uninterrupted one. `checkpoint` (an object
     with save/load) receives model, optimizer, scheduler and history after every epoch.
     `patience`: stop `patience` epochs after the best eval accuracy (early stopping on a
-    validation split; the caller keeps or retrains the best epoch)."""
+    validation split; the caller keeps or retrains the best epoch). `start`: a state to go on
+    from, as a checkpoint holds it (LP-FT's sweep winner after its first epoch), in place of
+    resuming from `checkpoint`."""
     history: List[Record] = []
-    start = 0
-    if resume and checkpoint is not None:
-        state = checkpoint.load()
-        if state is not None:
-            history, start = _restore(state, checkpoint.path, epochs, model, optimizer, scheduler, extra_state)
+    first = 0
+    if start is None and resume and checkpoint is not None:
+        start = checkpoint.load()
+    if start is not None:
+        path = checkpoint.path if checkpoint is not None else "the state to start from"
+        history, first = _restore(start, path, epochs, model, optimizer, scheduler, extra_state)
     bar = None
-    if progress and start < epochs:
+    if progress and first < epochs:
         from tqdm import tqdm
 
-        bar = tqdm(total=epochs, initial=start, unit="epoch", desc=description, dynamic_ncols=True)
-    for epoch in range(start, epochs):
+        bar = tqdm(total=epochs, initial=first, unit="epoch", desc=description, dynamic_ncols=True)
+    for epoch in range(first, epochs):
         torch.manual_seed(seed * 1_000_003 + epoch)
         model.train()
         started = time.perf_counter()

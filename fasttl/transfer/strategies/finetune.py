@@ -5,10 +5,10 @@ params with fp32 master weights where --precision says; runs under torchrun (DDP
 By default it is LP-FT (linear probing, then fine-tuning; Kumar et al., ICLR 2022): the tuned
 linear head is fit on the cached features of the frozen backbone (as `linear` fits it, on the
 same validation split), and the network is fine-tuned from that head, so it starts out computing
-the probe's logits. The probe reads the cached --features (by default the
-multi-stage vector `linear` uses, from the same cache), and so does the fine-tuned head. The learning-rate scale is chosen by a one-epoch sweep on the validation
-split, training stops early on it, and the run keeps the best validation checkpoint, the probe
-included: unless fine-tuning beats the probe on validation by more than one standard error
+the probe's logits. The probe reads the cached --features (by default the multi-stage vector
+`linear` uses, from the same cache), and so does the fine-tuned head. The learning-rate scale is
+chosen by a one-epoch sweep on the validation split, training stops early on it, and the run
+keeps the best validation checkpoint, the probe included: unless fine-tuning beats the probe on validation by more than one standard error
 (keep_finetuned), the result is the probe.
 `--regularize l2sp` decays the backbone toward its pretrained weights (Li et al., ICML 2018)
 instead of toward zero. `--finetune-from random` is the plain fine-tuning of earlier versions
@@ -178,28 +178,171 @@ class BestState:
         self.record, self.model = state["record"], state["model"]
 
 
-class _Start:
-    """What fit resumes from: the run's checkpoint when resuming an interrupted run, else the
-    state the sweep's winner ended its epoch in; saves go to the run's checkpoint (rank 0)."""
-
-    def __init__(self, checkpoint: Checkpoint, state: dict, saving: bool):
-        self.checkpoint, self.state, self.saving = checkpoint, state, saving
-
-    @property
-    def path(self) -> str:  # what a damaged state is named by: the run's checkpoint
-        return self.checkpoint.path
-
-    def load(self):
-        return self.state
-
-    def save(self, state):
-        if self.saving:
-            self.checkpoint.save(state)
-
-
 def _renamed(record: Dict[str, float]) -> Dict[str, float]:
     """eval_* of the LP-FT loop are validation scores: named val_* in the history."""
     return {("val_" + k[5:] if k.startswith("eval_") else k): v for k, v in record.items()}
+
+
+class _Probe:
+    """LP-FT's first half: `linear`'s tuned head on the frozen backbone's cached --features (the
+    final pooled map, or beside it the pooled outputs of the last stages, which the fine-tuned
+    model's head then reads too), fit on the train part of the validation split."""
+
+    @classmethod
+    def fit(cls, cfg, ds, backbone, device, rank: int) -> "_Probe":
+        from fasttl.heads.tuning import linear_probe
+
+        probe = cls()
+        started = time.perf_counter()
+        probe.extraction = Extraction.of(cfg)
+        cache = cached_features(backbone, ds.train, "train", probe.extraction, device=cfg.device,
+                                progress=cfg.progress and rank == 0, rebuild_broken=cfg.overwrite)
+        probe.extract_s = time.perf_counter() - started
+        probe.extracted_images = cache.last_build.get("images", 0)
+        started = time.perf_counter()
+        probe.train_part_head, probe.refit_head, probe.path, probe.choice = linear_probe(
+            [cache], seed=cfg.seed, device=device, progress=cfg.progress and rank == 0)
+        probe.probe_s = time.perf_counter() - started
+        if not np.array_equal(cache.labels.cpu().numpy(), np.asarray(ds.train.labels)):
+            raise RuntimeError("finetune: the feature cache's labels are not the training split's, in its order")
+        return probe
+
+
+class _LpftLoop:
+    """LP-FT's second half: the network started from the probe's head, its optimizer for one
+    learning-rate scale, one training epoch and the validation score; the sweep and fit drive it."""
+
+    def __init__(self, cfg, backbone, probe: _Probe, num_classes: int, train_source, val_source, device, rank: int,
+                 world: int):
+        self.cfg, self.train_source, self.val_source = cfg, train_source, val_source
+        self.device, self.rank, self.world = device, rank, world
+        self.dtype = param_dtype(cfg)
+        head = probe_head(backbone.tapped_dim(probe.extraction.taps), num_classes)
+        head.load_state_dict(probe.train_part_head.state_dict())
+        self.model, self.stages, self.trainable = build_model(cfg, num_classes, device, backbone=backbone, head=head,
+                                                              taps=probe.extraction.taps)
+        self.spec = TransformSpec.for_backbone(self.model.backbone.preprocessing, size=cfg.image_size)
+        self.l2sp = (L2SP([p for p in self.model.backbone.parameters()], L2SP_ALPHA) if cfg.regularize == "l2sp"
+                     else None)
+        self.steps_per_epoch = math.ceil(len(train_source) // world / cfg.batch_size) or 1
+        self.trained = self.model if world == 1 else nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = self.scheduler = self.scale = None
+        self.epoch = 0
+
+    def use_scale(self, scale: float):
+        """A new optimizer and schedule at --lr times `scale`; returns them."""
+        cfg = self.cfg
+        groups = parameter_groups(self.model, self.stages, self.trainable, cfg.lr * scale,
+                                  stage_weight_decay=0.0 if self.l2sp is not None else None)
+        # bf16 params: fasttl AdamW keeps fp32 master weights and moments, so small updates survive.
+        self.optimizer = AdamW(groups, lr=cfg.lr * scale, weight_decay=WEIGHT_DECAY)
+        self.scheduler = warmup_cosine(self.optimizer, cfg.epochs * self.steps_per_epoch,
+                                       warmup_steps=max(1, self.steps_per_epoch // 2))
+        self.scale = scale
+        return self.optimizer, self.scheduler
+
+    def train_epoch(self, epoch: int) -> Dict[str, float]:
+        self.epoch = epoch
+        cfg = self.cfg
+        train_spec = TransformSpec.for_backbone(self.model.backbone.preprocessing, size=cfg.image_size, train=True,
+                                                seed=cfg.seed * 1000 + epoch)
+        stats = EpochStats()
+        for images, y in ImageLoader(self.train_source, train_spec, cfg.batch_size, shard_id=self.rank,
+                                     num_shards=self.world, device=self.device, dtype=self.dtype):
+            logits = self.trained(images.contiguous(memory_format=torch.channels_last)).float()
+            loss = F.cross_entropy(logits, y)
+            stats.add(loss, logits, y)
+            if self.l2sp is not None:
+                loss = loss + self.l2sp.penalty().to(loss.device)
+            step(loss, self.optimizer, self.scheduler)
+        return dict(stats.record(), lr_scale=self.scale)
+
+    def evaluate(self) -> Dict[str, float]:
+        return eval_record(*_logits(self.model, self.val_source, self.spec, self.device, self.dtype))
+
+    def load_result(self, model_state: dict, refit_head: Optional[nn.Module]) -> None:
+        """The kept state; with `refit_head`, the probe's head refit on train + validation."""
+        self.model.load_state_dict({k: v.to(self.device) for k, v in model_state.items()})
+        if refit_head is not None:
+            self.model.head.load_state_dict({k: v.to(device=self.device, dtype=self.dtype if v.is_floating_point()
+                                                     else v.dtype) for k, v in refit_head.state_dict().items()})
+
+
+def _sweep_lr_scales(loop: _LpftLoop, seed: int, best: BestState) -> Tuple[List[Dict[str, float]], Optional[dict]]:
+    """One epoch from the probe at each of LR_SCALES; the best on validation goes on from where
+    its epoch ended. Returns the sweep's records and the winner's state as fit's checkpoint holds
+    it (None, the model back at the probe, when every scale diverged)."""
+    initial = {k: v.detach().clone() for k, v in loop.model.state_dict().items()}
+    sweep, winner = [], None
+    for scale in LR_SCALES:
+        loop.model.load_state_dict(initial)
+        optimizer, scheduler = loop.use_scale(scale)
+        torch.manual_seed(seed * 1_000_003)  # as fit seeds epoch 0
+        loop.model.train()
+        epoch_started = time.perf_counter()
+        record = {"epoch": 1, **loop.train_epoch(0)}
+        record["seconds"] = time.perf_counter() - epoch_started
+        record["lr"] = float(optimizer.param_groups[0]["lr"])
+        record["images_per_s"] = record["images"] / max(record["seconds"], 1e-9)
+        finite = math.isfinite(record["train_loss"])
+        if finite:
+            record.update(loop.evaluate())
+            finite = math.isfinite(record["eval_loss"])
+        sweep.append({"lr_scale": scale, "train_loss": record["train_loss"],
+                      "val_accuracy": record.get("eval_accuracy"), "val_loss": record.get("eval_loss"),
+                      "seconds": record["seconds"]})
+        if finite and (winner is None or _score(record) > _score(winner[0])):
+            winner = (record, {k: v.detach().clone() for k, v in loop.model.state_dict().items()},
+                      optimizer.state_dict(), scheduler.state_dict())
+    if winner is None:
+        loop.model.load_state_dict(initial)
+        return sweep, None
+    record, model_state, optimizer_state, scheduler_state = winner
+    loop.model.load_state_dict(model_state)
+    loop.use_scale(record["lr_scale"])
+    best.offer(1, record, loop.model)
+    return sweep, {"epoch": 1, "model": model_state, "optimizer": optimizer_state, "scheduler": scheduler_state,
+                   "history": [record], "extra": best.state_dict()}
+
+
+def _choice(cfg, probe: _Probe, first: Dict[str, float], best: BestState, kept: int, margin: float,
+            sweep: Optional[list], history: List[Dict[str, float]], train_images: int,
+            validation_images: int) -> dict:
+    """What LP-FT chose and why, for metrics.json and the report."""
+    kept_record = first if kept == 0 else best.record
+    within_error = best.epoch != 0 and kept == 0
+    chosen_scale = history[0]["lr_scale"] if history else None
+    finetuned, probe_score = best.record["eval_accuracy"], first["eval_accuracy"]
+    if within_error:
+        outcome = (f"the linear probe: fine-tuning's best validation accuracy {finetuned:.4f} (epoch {best.epoch}) "
+                   f"is within one standard error ({margin:.4f}, {validation_images} images) of the probe's "
+                   f"{probe_score:.4f}, so the result is the probe (refit on train + validation, on the pretrained "
+                   "backbone)")
+    elif kept == 0:
+        outcome = ("the linear probe: fine-tuning never beat it on validation, so the result is the probe (refit on "
+                   "train + validation, on the pretrained backbone)")
+    else:
+        outcome = f"fine-tuned, epoch {kept} kept: validation accuracy {finetuned:.4f} against the probe's " \
+                  f"{probe_score:.4f}"
+    choice = {
+        "validation": {"fraction": VALIDATION_FRACTION, "train_images": train_images,
+                       "validation_images": validation_images, "seed": cfg.seed},
+        "start": "linear probe (LP-FT)",
+        "probe": {"weight_decay": probe.choice["weight_decay"], "val_accuracy": probe.choice["val_accuracy"],
+                  "val_loss": probe.choice["val_loss"], "first_val_accuracy": probe_score,
+                  "first_val_loss": first["eval_loss"]},
+        "lr_scale": chosen_scale, "lr": None if chosen_scale is None else cfg.lr * chosen_scale,
+        "lr_scales_tried": list(LR_SCALES), "sweep": sweep, "epoch_kept": kept, "max_epochs": cfg.epochs,
+        "epochs_run": len(history), "patience": PATIENCE, "regularize": cfg.regularize,
+        "batch_norm": "pretrained statistics (frozen)", "val_accuracy": kept_record["eval_accuracy"],
+        "val_loss": kept_record["eval_loss"], "one_standard_error": margin,
+        "finetuned_best": {"epoch": best.epoch, "val_accuracy": finetuned},
+        "refit_on": "train + validation (the probe)" if kept == 0 else "none (fine-tuned on the train part)",
+        "outcome": outcome}
+    if cfg.regularize == "l2sp":
+        choice["l2sp_alpha"] = L2SP_ALPHA
+    return choice
 
 
 @register
@@ -220,176 +363,59 @@ class Finetune(Strategy):
         return self._train_lpft(cfg, ds, run_dir, device)
 
     def _train_lpft(self, cfg, ds, run_dir, device) -> List[Outcome]:
-        from fasttl.heads.tuning import linear_probe
-
         rank, world = rank_and_world()
         torch.manual_seed(cfg.seed)
-        dtype = param_dtype(cfg)
         backbone = backbones.create(cfg.backbone, weights=cfg.weights)
-
-        # The probe: `linear`'s tuned head on the same cached features (--features: the final
-        # pooled map, or beside it the pooled outputs of the last stages, which the fine-tuned
-        # model's head then reads too), fit on the train part of the split.
-        started = time.perf_counter()
-        extraction = Extraction.of(cfg)
-        cache = cached_features(backbone, ds.train, "train", extraction, device=cfg.device,
-                                progress=cfg.progress and rank == 0, rebuild_broken=cfg.overwrite)
-        extract_s = time.perf_counter() - started
-        started = time.perf_counter()
-        train_part_head, refit_head, path, probe_choice = linear_probe([cache], seed=cfg.seed, device=device,
-                                                                      progress=cfg.progress and rank == 0)
-        probe_s = time.perf_counter() - started
+        probe = _Probe.fit(cfg, ds, backbone, device, rank)
         labels = np.asarray(ds.train.labels)
-        if not np.array_equal(cache.labels.cpu().numpy(), labels):
-            raise RuntimeError("finetune: the feature cache's labels are not the training split's, in its order")
         train_rows, val_rows = validation_split(labels, cfg.seed)
         # Equal shards under torchrun: every rank runs the same number of steps.
         train_rows = train_rows[:len(train_rows) - len(train_rows) % world] if world > 1 else train_rows
-        train_source, val_source = ds.train.subset(train_rows), ds.train.subset(val_rows)
+        loop = _LpftLoop(cfg, backbone, probe, len(ds.classes), ds.train.subset(train_rows),
+                         ds.train.subset(val_rows), device, rank, world)
 
-        head = probe_head(backbone.tapped_dim(extraction.taps), len(ds.classes))
-        head.load_state_dict(train_part_head.state_dict())
-        model, stages, trainable = build_model(cfg, len(ds.classes), device, backbone=backbone, head=head,
-                                               taps=extraction.taps)
-        spec = TransformSpec.for_backbone(model.backbone.preprocessing, size=cfg.image_size)
-        l2sp = (L2SP([p for p in model.backbone.parameters()], L2SP_ALPHA) if cfg.regularize == "l2sp" else None)
-        steps_per_epoch = math.ceil(len(train_source) // world / cfg.batch_size) or 1
-        trained = model if world == 1 else nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-        current: Dict[str, object] = {}
-
-        def make_optimizer(scale: float):
-            groups = parameter_groups(model, stages, trainable, cfg.lr * scale,
-                                      stage_weight_decay=0.0 if l2sp is not None else None)
-            # bf16 params: fasttl AdamW keeps fp32 master weights and moments, so small updates survive.
-            optimizer = AdamW(groups, lr=cfg.lr * scale, weight_decay=WEIGHT_DECAY)
-            scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch,
-                                      warmup_steps=max(1, steps_per_epoch // 2))
-            current.update(optimizer=optimizer, scheduler=scheduler, scale=scale)
-            return optimizer, scheduler
-
-        def train_epoch(epoch):
-            current["epoch"] = epoch
-            train_spec = TransformSpec.for_backbone(model.backbone.preprocessing, size=cfg.image_size, train=True,
-                                                    seed=cfg.seed * 1000 + epoch)
-            stats = EpochStats()
-            for images, y in ImageLoader(train_source, train_spec, cfg.batch_size, shard_id=rank, num_shards=world,
-                                         device=device, dtype=dtype):
-                logits = trained(images.contiguous(memory_format=torch.channels_last)).float()
-                loss = F.cross_entropy(logits, y)
-                stats.add(loss, logits, y)
-                if l2sp is not None:
-                    loss = loss + l2sp.penalty().to(loss.device)
-                step(loss, current["optimizer"], current["scheduler"])
-            return dict(stats.record(), lr_scale=current["scale"])
-
-        def evaluate():
-            return eval_record(*_logits(model, val_source, spec, device, dtype))
-
+        started = time.perf_counter()
         best = BestState()
         checkpoint = Checkpoint(run_dir, "model")
         state = checkpoint.load() if cfg.resume else None
-        started = time.perf_counter()
-        sweep: List[Dict[str, float]] = []
-        first = evaluate()  # epoch 0: the probe, through the images as every later evaluation
-        best.offer(0, first, model)
-        probe_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        first = loop.evaluate()  # epoch 0: the probe, through the images as every later evaluation
+        best.offer(0, first, loop.model)
+        probe_state = {k: v.detach().to("cpu", copy=True) for k, v in loop.model.state_dict().items()}
+        sweep = None  # when resuming, chosen before the interruption: its records are in the history
         if state is None:
-            initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            winner = None
-            for scale in LR_SCALES:
-                model.load_state_dict(initial)
-                optimizer, scheduler = make_optimizer(scale)
-                torch.manual_seed(cfg.seed * 1_000_003)  # as fit seeds epoch 0
-                model.train()
-                epoch_started = time.perf_counter()
-                record = {"epoch": 1, **train_epoch(0)}
-                record["seconds"] = time.perf_counter() - epoch_started
-                record["lr"] = float(optimizer.param_groups[0]["lr"])
-                record["images_per_s"] = record["images"] / max(record["seconds"], 1e-9)
-                finite = math.isfinite(record["train_loss"])
-                if finite:
-                    record.update(evaluate())
-                    finite = math.isfinite(record["eval_loss"])
-                sweep.append({"lr_scale": scale, "train_loss": record["train_loss"],
-                              "val_accuracy": record.get("eval_accuracy"), "val_loss": record.get("eval_loss"),
-                              "seconds": record["seconds"]})
-                if finite and (winner is None or _score(record) > _score(winner[0])):
-                    winner = (record, {k: v.detach().clone() for k, v in model.state_dict().items()},
-                              optimizer.state_dict(), scheduler.state_dict())
-            if winner is not None:
-                record, model_state, optimizer_state, scheduler_state = winner
-                model.load_state_dict(model_state)
-                make_optimizer(record["lr_scale"])
-                best.offer(1, record, model)
-                state = {"epoch": 1, "model": model_state, "optimizer": optimizer_state,
-                         "scheduler": scheduler_state, "history": [record], "extra": best.state_dict()}
-            else:
-                model.load_state_dict(initial)
+            sweep, state = _sweep_lr_scales(loop, cfg.seed, best)
         else:
-            sweep = None  # chosen before the interruption: its records are in the history
-            make_optimizer(state["history"][0]["lr_scale"])
+            loop.use_scale(state["history"][0]["lr_scale"])
         history: List[Dict[str, float]] = []
         if state is not None:
             def evaluate_and_keep():
-                record = evaluate()
-                best.offer(current["epoch"] + 1, record, model)
+                record = loop.evaluate()
+                best.offer(loop.epoch + 1, record, loop.model)
                 return record
 
-            history = fit(model, current["optimizer"], current["scheduler"], cfg.epochs, train_epoch,
-                          evaluate_and_keep, seed=cfg.seed, checkpoint=_Start(checkpoint, state, rank == 0),
-                          resume=True, progress=cfg.progress and rank == 0, extra_state=best, patience=PATIENCE,
-                          description=f"finetune (LP-FT, top {trainable} stages)")
+            history = fit(loop.model, loop.optimizer, loop.scheduler, cfg.epochs, loop.train_epoch,
+                          evaluate_and_keep, seed=cfg.seed, checkpoint=checkpoint if rank == 0 else None,
+                          start=state, progress=cfg.progress and rank == 0, extra_state=best, patience=PATIENCE,
+                          description=f"finetune (LP-FT, top {loop.trainable} stages)")
         train_s = time.perf_counter() - started
 
         # The result: the best validation state; the probe (refit on train + validation, as
         # `linear` makes it) when fine-tuning never beat it by more than one standard error.
-        kept, kept_record = best.epoch, best.record
         finetuned_won, margin = keep_finetuned(first["eval_accuracy"], best.record["eval_accuracy"], len(val_rows))
-        within_error = kept != 0 and not finetuned_won
-        if within_error:
-            kept, kept_record = 0, first
-        model.load_state_dict({k: v.to(device) for k, v in (probe_state if kept == 0 else best.model).items()})
-        if kept == 0:
-            model.head.load_state_dict({k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-                                        for k, v in refit_head.state_dict().items()})
+        kept = best.epoch if finetuned_won or best.epoch == 0 else 0
+        loop.load_result(probe_state if kept == 0 else best.model, probe.refit_head if kept == 0 else None)
         started = time.perf_counter()
-        logits, test_labels = _logits(model, ds.test, spec, device, dtype)
+        logits, test_labels = _logits(loop.model, ds.test, loop.spec, device, loop.dtype)
         timings = dict(eval_timings(train_s, time.perf_counter() - started,
                                     sum(h.get("images", 0) for h in history) * world, len(test_labels)),
-                       extract_s=extract_s, extracted_images=cache.last_build.get("images", 0),
-                       probe_s=probe_s)
+                       extract_s=probe.extract_s, extracted_images=probe.extracted_images, probe_s=probe.probe_s)
         if sweep:
             timings["sweep_s"] = sum(s["seconds"] for s in sweep)
-        chosen_scale = history[0]["lr_scale"] if history else None
-        info = {"fraction": VALIDATION_FRACTION, "train_images": len(train_rows), "validation_images": len(val_rows),
-                "seed": cfg.seed}
-        choice = {
-            "validation": info, "start": "linear probe (LP-FT)",
-            "probe": {"weight_decay": probe_choice["weight_decay"], "val_accuracy": probe_choice["val_accuracy"],
-                      "val_loss": probe_choice["val_loss"], "first_val_accuracy": first["eval_accuracy"],
-                      "first_val_loss": first["eval_loss"]},
-            "lr_scale": chosen_scale, "lr": None if chosen_scale is None else cfg.lr * chosen_scale,
-            "lr_scales_tried": list(LR_SCALES), "sweep": sweep, "epoch_kept": kept, "max_epochs": cfg.epochs,
-            "epochs_run": len(history), "patience": PATIENCE, "regularize": cfg.regularize,
-            "batch_norm": "pretrained statistics (frozen)", "val_accuracy": kept_record["eval_accuracy"],
-            "val_loss": kept_record["eval_loss"], "one_standard_error": margin,
-            "finetuned_best": {"epoch": best.epoch, "val_accuracy": best.record["eval_accuracy"]},
-            "refit_on": "train + validation (the probe)" if kept == 0 else "none (fine-tuned on the train part)",
-            "outcome": (f"the linear probe: fine-tuning's best validation accuracy {best.record['eval_accuracy']:.4f} "
-                        f"(epoch {best.epoch}) is within one standard error ({margin:.4f}, "
-                        f"{len(val_rows)} images) of the probe's {first['eval_accuracy']:.4f}, so the result is the "
-                        "probe (refit on train + validation, on the pretrained backbone)" if within_error else
-                        "the linear probe: fine-tuning never beat it on validation, so the result is the probe "
-                        "(refit on train + validation, on the pretrained backbone)" if kept == 0 else
-                        f"fine-tuned, epoch {kept} kept: validation accuracy {best.record['eval_accuracy']:.4f} "
-                        f"against the probe's {first['eval_accuracy']:.4f}")}
-        if l2sp is not None:
-            choice["l2sp_alpha"] = L2SP_ALPHA
-        weights = save_weights(run_dir, "model", model.float()) if rank == 0 else ""
-        notes = {"trainable_stages": trainable, "stages": len(stages), "world_size": world, "init": "probe",
-                 "features": {"kind": cfg.features, "dim": backbone.tapped_dim(extraction.taps)},
-                 "choice": choice, "probe_path": path}
+        choice = _choice(cfg, probe, first, best, kept, margin, sweep, history, len(train_rows), len(val_rows))
+        weights = save_weights(run_dir, "model", loop.model.float()) if rank == 0 else ""
+        notes = {"trainable_stages": loop.trainable, "stages": len(loop.stages), "world_size": world, "init": "probe",
+                 "features": {"kind": cfg.features, "dim": backbone.tapped_dim(probe.extraction.taps)},
+                 "choice": choice, "probe_path": probe.path}
         return [Outcome(self.name, self.display, logits, test_labels, [_renamed(h) for h in history], timings,
                         weights, notes, device=str(device), precision=cfg.precision)]
 
