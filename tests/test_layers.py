@@ -148,3 +148,36 @@ def test_every_fasttl_variable_is_read_through_settings_and_listed_in_the_readme
                     and node.value.isidentifier():
                 readers.append(f"{module}:{node.lineno} {node.value}")
     assert not readers, "FASTTL_ variables named outside fasttl/util/settings.py:\n" + "\n".join(readers)
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60  # of code: a public function's docstring is its reference, not its length
+
+
+def function_lengths(path: str):
+    """(name, line, lines of code) of every function in the file, its docstring left out."""
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and \
+                    isinstance(first.value.value, str):
+                lines -= first.end_lineno - first.lineno + 1
+            yield node.name, node.lineno, lines
+
+
+def test_modules_and_functions_stay_small():
+    """A newcomer reads a module in one sitting and a function on one screen."""
+    too_long = [f"{os.path.relpath(path, PACKAGE)}: {count} lines" for path in MODULES.values()
+                if (count := sum(1 for _ in open(path, encoding="utf-8"))) > MAX_MODULE_LINES]
+    too_long += [f"{os.path.relpath(path, PACKAGE)}:{line} {name}: {lines} lines" for path in MODULES.values()
+                 for name, line, lines in function_lengths(path) if lines > MAX_FUNCTION_LINES]
+    assert not too_long, f"over {MAX_MODULE_LINES} lines a module or {MAX_FUNCTION_LINES} a function: {too_long}"
+
+
+def test_the_length_check_sees_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES + 1))
+    path = tmp_path / "m.py"
+    path.write_text(f'def long():\n    """A docstring\n    of lines."""\n{body}\n\n\ndef short():\n    return 1\n')
+    assert [(name, lines) for name, _, lines in function_lengths(str(path))] == [("long", MAX_FUNCTION_LINES + 2),
+                                                                                  ("short", 2)]

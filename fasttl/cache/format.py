@@ -62,6 +62,26 @@ def validate_manifest(manifest, path: str) -> dict:
 
     if not isinstance(manifest, dict):
         fail(f"expected a JSON object, found {type(manifest).__name__}")
+    fingerprint = _checked_fingerprint(manifest, fail)
+    names: List[str] = []
+    _check_shards(manifest, fingerprint, names, fail)
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        fail("no files object (labels and samples with their checksums)")
+    for key in ("labels", "samples"):
+        _check_entry(files.get(key), f"files {key}", names, fail)
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        fail(f"lists {duplicates} more than once")
+    skipped = manifest.get("skipped", [])
+    if not isinstance(skipped, list) or not all(isinstance(s, dict) and isinstance(s.get("path"), str)
+                                                and isinstance(s.get("reason"), str) for s in skipped):
+        fail("skipped is not a list of {path, reason} objects")
+    return manifest
+
+
+def _checked_fingerprint(manifest: dict, fail) -> dict:
+    """The manifest's fingerprint, its format, dtype, sizes, classes and count checked."""
     fingerprint = manifest.get("fingerprint")
     if not isinstance(fingerprint, dict):
         fail("no fingerprint object")
@@ -80,51 +100,44 @@ def validate_manifest(manifest, path: str) -> dict:
     classes = dataset["classes"]
     if len(set(classes)) != len(classes) or not all(c and c.isprintable() for c in classes):
         fail("fingerprint dataset classes are not distinct, printable names (as FeatureCache.write takes them)")
-    count, shard_rows = manifest.get("count"), fingerprint["shard_rows"]
+    count = manifest.get("count")
     if not _is_int(count) or count < 0 or dataset.get("count") != count:
         fail(f"count {count!r} is not the dataset's count {dataset.get('count')!r}")
+    return fingerprint
+
+
+def _check_shards(manifest: dict, fingerprint: dict, names: List[str], fail) -> None:
+    """One shard entry per `shard_rows` rows, each covering its rows, with scales for int8 only."""
+    count, shard_rows = manifest["count"], fingerprint["shard_rows"]
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         fail("shards is not a list")
     if len(shards) != -(-count // shard_rows):
         fail(f"{len(shards)} shards for {count} rows of {shard_rows} per shard")
-    names = []
-
-    def check_entry(entry, what: str):
-        if not isinstance(entry, dict):
-            fail(f"{what} is not an object")
-        if not store.is_plain_name(entry.get("file")):
-            fail(f"{what} file {entry.get('file')!r} is not a plain file name inside the cache folder")
-        if not _is_int(entry.get("bytes")) or entry["bytes"] < 0:
-            fail(f"{what} bytes {entry.get('bytes')!r} is not a non-negative integer")
-        if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
-            fail(f"{what} sha256 {entry.get('sha256')!r} is not 64 lowercase hex digits")
-        names.append(entry["file"])
-
     for i, shard in enumerate(shards):
         if not isinstance(shard, dict):
             fail(f"shard {i} is not an object")
         expected_rows = [i * shard_rows, min(count, (i + 1) * shard_rows)]
         if shard.get("rows") != expected_rows or not all(_is_int(r) for r in shard["rows"]):
             fail(f"shard {i} rows {shard.get('rows')!r}, expected {expected_rows}")
-        check_entry(shard.get("features"), f"shard {i} features")
+        _check_entry(shard.get("features"), f"shard {i} features", names, fail)
         if fingerprint["dtype"] == "int8":
-            check_entry(shard.get("scales"), f"shard {i} scales")
+            _check_entry(shard.get("scales"), f"shard {i} scales", names, fail)
         elif "scales" in shard:
             fail(f"shard {i} lists scales for a {fingerprint['dtype']} cache")
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        fail("no files object (labels and samples with their checksums)")
-    for key in ("labels", "samples"):
-        check_entry(files.get(key), f"files {key}")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        fail(f"lists {duplicates} more than once")
-    skipped = manifest.get("skipped", [])
-    if not isinstance(skipped, list) or not all(isinstance(s, dict) and isinstance(s.get("path"), str)
-                                                and isinstance(s.get("reason"), str) for s in skipped):
-        fail("skipped is not a list of {path, reason} objects")
-    return manifest
+
+
+def _check_entry(entry, what: str, names: List[str], fail) -> None:
+    """A listed file: a plain name, its size and SHA-256; its name is added to `names`."""
+    if not isinstance(entry, dict):
+        fail(f"{what} is not an object")
+    if not store.is_plain_name(entry.get("file")):
+        fail(f"{what} file {entry.get('file')!r} is not a plain file name inside the cache folder")
+    if not _is_int(entry.get("bytes")) or entry["bytes"] < 0:
+        fail(f"{what} bytes {entry.get('bytes')!r} is not a non-negative integer")
+    if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
+        fail(f"{what} sha256 {entry.get('sha256')!r} is not 64 lowercase hex digits")
+    names.append(entry["file"])
 
 
 def storage_dtypes(dtype: torch.dtype) -> tuple:

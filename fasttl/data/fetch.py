@@ -220,7 +220,8 @@ class _Budget:
         if now - self.window_start >= RATE_WINDOW_S:
             rate = self.window_bytes / (now - self.window_start)
             if rate < self.min_rate:
-                raise DownloadError(f"fetch: {self.url} sent {rate:,.0f} bytes/s over the last {now - self.window_start:.0f} "
+                window = now - self.window_start
+                raise DownloadError(f"fetch: {self.url} sent {rate:,.0f} bytes/s over the last {window:.0f} "
                                     f"s, below {self.min_rate:,.0f} (--min-rate); stopped at {size:,} bytes: run the "
                                     "same command again to resume")
             self.window_start, self.window_bytes = now, 0
@@ -294,12 +295,7 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
             if total is not None and total > MAX_DOWNLOAD_BYTES:
                 raise DownloadError(f"fetch: {url} announces {total:,} bytes, more than {MAX_DOWNLOAD_BYTES:,}; "
                                     "refused (check the address, --url)")
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                           desc=terminal_text(os.path.basename(urllib.parse.urlsplit(url).path) or "download"),
-                           dynamic_ncols=True)
+            bar = _progress_bar(url, total, have) if progress else None
             size = have
             sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # to bound each wait by the deadline
             while True:
@@ -335,6 +331,13 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
         os.close(fd)
         if bar is not None:
             bar.close()
+
+
+def _progress_bar(url: str, total: Optional[int], have: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=terminal_text(os.path.basename(urllib.parse.urlsplit(url).path) or "download"), dynamic_ncols=True)
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)  # a disk that is full: free space, and the same command goes on
