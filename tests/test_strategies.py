@@ -102,3 +102,76 @@ def test_compare_auto_is_the_baseline_for_the_embedded_default_only():
     assert RunConfig().resolved(8).compare == registry.baseline().name
     assert RunConfig(data="some/folder").resolved(32).compare == "none"
     assert RunConfig(data="some/folder", compare="scratch").resolved(32).compare == "scratch"
+
+
+def test_a_strategy_declares_its_own_options_and_the_cli_and_refusals_follow():
+    """An option a strategy declares is a RunConfig field, a `fasttl run` flag with its help, is
+    checked by its own check, and is refused with any other strategy (generated, not listed)."""
+    from fasttl.cli import build_parser
+    from fasttl.transfer import config
+    from fasttl.transfer.options import a_positive_int, option
+
+    @registry.register
+    class Probe(registry.Strategy):
+        name = "probe-for-test"
+        help = "a strategy defined by this test"
+        options = {"probe_depth": option(2, "probe-for-test: how deep it probes", metavar="N",
+                                         check=a_positive_int)}
+
+    try:
+        made = config.run_config()
+        assert made(strategy="probe-for-test").resolved(32).probe_depth == 2
+        parser = build_parser()
+        assert parser.parse_args(["run", "--strategy", "probe-for-test", "--probe-depth", "3"]).probe_depth == 3
+        run_help = next(a for a in parser._subparsers._group_actions[0].choices["run"]._actions
+                        if a.dest == "probe_depth").help
+        assert run_help == "probe-for-test: how deep it probes (default 2)"
+        with pytest.raises(OptionError, match=r"^probe_depth: expected a positive integer, got 0$"):
+            made(strategy="probe-for-test", probe_depth=0).resolved(32)
+        with pytest.raises(OptionError, match=r"^probe_depth: --probe-depth is read only by --strategy "
+                                              r"probe-for-test; drop it for --strategy linear$"):
+            made(strategy="linear", probe_depth=5).resolved(32)
+        assert made(strategy="linear", compare="probe-for-test", probe_depth=5).resolved(32).probe_depth == 5
+    finally:
+        registry._REGISTRY.pop("probe-for-test")
+
+
+def test_an_option_declared_twice_is_refused_when_the_config_is_made():
+    from fasttl.transfer import config
+    from fasttl.transfer.options import option
+
+    @registry.register
+    class Clash(registry.Strategy):
+        name = "clash-for-test"
+        options = {"seed": option(1, "a second seed")}
+
+    try:
+        with pytest.raises(ValueError, match="option 'seed': declared by strategy 'clash-for-test' and by the "
+                                             "common options; declare each option once"):
+            config.run_config()
+    finally:
+        registry._REGISTRY.pop("clash-for-test")
+
+
+@pytest.mark.parametrize("name", [n for n in registry.names() if registry.get(n).options])
+def test_each_strategys_own_options_are_flags_refused_elsewhere(name):
+    """Every option a strategy declares is in RunConfig and in `fasttl run --help`, and given to a
+    strategy that does not read it, is refused naming its readers."""
+    import dataclasses
+
+    from fasttl.cli import build_parser
+
+    strategy = registry.get(name)
+    help_text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    other = next(n for n in registry.names() if not registry.get(n).reads_option(next(iter(strategy.options), "")))
+    for option_name, declared in strategy.options.items():
+        assert fields[option_name] is declared
+        assert "--" + option_name.replace("_", "-") in help_text
+        value = {bool: True, int: 3, float: 0.5, str: "x"}[declared.metadata["kind"]]
+        choices = declared.metadata["choices"]
+        value = next(c for c in (choices() if callable(choices) else choices) if c != declared.default) \
+            if choices else value
+        with pytest.raises(OptionError, match=f"^{option_name}: --{option_name.replace('_', '-')} is read only by "
+                                              f"--strategy .*{name}.*; drop it for --strategy {other}$"):
+            RunConfig(strategy=other, compare="none", **{option_name: value}).resolved(32)

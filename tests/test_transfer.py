@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import cifar_subset
 
 import fasttl
@@ -254,7 +255,9 @@ def test_mirror_views_default_is_test_and_the_flag_alone_means_both(capsys):
     assert [views_of(RunConfig(), s) for s in ("train", "test")] == [[False], [False, True]]
     # run folders from before the modes hold a bool
     assert views_of({"mirror_views": True}, "train") == [False, True]
-    assert views_of({"mirror_views": False}, "test") == views_of({}, "test") == [False]
+    from fasttl.transfer.schema import upgraded
+
+    assert views_of({"mirror_views": False}, "test") == views_of(upgraded({}), "test") == [False]
     assert RunConfig(mirror_views=True).mirror_views == "both"
     from fasttl.util.errors import OptionError
 
@@ -267,3 +270,50 @@ def test_mirror_views_default_is_test_and_the_flag_alone_means_both(capsys):
         main(["run", "--mirror-views", "sideways"])
     line = one_line_error(capsys.readouterr().err)
     assert exited.value.code == 2 and "--mirror-views" in line and "sideways" in line
+
+
+def _as_an_older_fasttl_wrote_it(run_dir, dropped):
+    """The run's config.json (and its identity) without the keys `dropped`, the marker's hash
+    updated: a run folder from before those options existed."""
+    import hashlib
+
+    path = run_dir / "config.json"
+    config = json.loads(path.read_text())
+    for key in dropped:
+        config.pop(key)
+        config["identity"].pop(key, None)
+    data = json.dumps(config, indent=2, sort_keys=True).encode()
+    path.write_bytes(data)
+    marker = json.loads((run_dir / ".fasttl-run").read_text())
+    marker["config_sha256"] = hashlib.sha256(data).hexdigest()
+    (run_dir / ".fasttl-run").write_text(json.dumps(marker))
+
+
+def test_an_older_run_folder_loads_as_it_behaved_in_one_upgrade(three_classes, tmp_path, monkeypatch):
+    """Keys config.json gained later are filled by one function (schema.upgraded) with the value
+    such a run behaved as: a linear run from before --features/--mirror-views/--cache-dtype reads
+    head features, plain views, fp16; a finetune run from before LP-FT has a random-init head."""
+    from fasttl.transfer.job import run
+    from fasttl.transfer.rundir import load_trained, read_config
+    from fasttl.transfer.schema import added_later
+
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
+    linear = tmp_path / "linear"
+    run(data=str(three_classes), strategy="linear", image_size=32, features="head", mirror_views="none",
+        cache_dtype="fp16", compare="none", out=str(linear), progress=False)
+    finetune = tmp_path / "finetune"
+    run(data=str(three_classes), strategy="finetune", finetune_from="random", epochs=1, finetune_stages=1,
+        image_size=32, compare="none", out=str(finetune), progress=False)
+    before = {d: load_trained(str(d), "cpu") for d in (linear, finetune)}
+    dropped = {linear: ["features", "mirror_views", "cache_dtype", "engine", "extract_precision", "finetune_from",
+                        "teacher_logits"],
+               finetune: ["finetune_from", "features", "teacher_logits"]}
+    for run_dir, keys in dropped.items():
+        _as_an_older_fasttl_wrote_it(run_dir, keys)
+        config = read_config(str(run_dir))
+        assert {k: config[k] for k in keys} == {k: added_later()[k] for k in keys}
+        from fasttl.transfer.datasets import load_dataset
+
+        test = load_dataset(str(three_classes)).test
+        after = load_trained(str(run_dir), "cpu")
+        assert torch.equal(after.predict_logits(test), before[run_dir].predict_logits(test))

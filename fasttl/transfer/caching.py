@@ -1,6 +1,7 @@
 """Where feature caches of the transfer job live, so later runs with the same fingerprint reuse them."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -45,9 +46,8 @@ def mirror_mode(value):
 
 def views_of(config, split: str) -> list:
     """[False] or [False, True]: the views (mirrored or not) a run's `split` ("train", or "test"
-    for everything it predicts) uses, from a RunConfig or a run's config.json (one from before
-    --mirror-views existed has no such key: plain views)."""
-    value = config.get("mirror_views", False) if isinstance(config, dict) else config.mirror_views
+    for everything it predicts) uses, from a RunConfig or a run's config.json (read_config's)."""
+    value = config["mirror_views"] if isinstance(config, dict) else config.mirror_views
     mode = mirror_mode(value)
     if not isinstance(mode, str) or mode not in MIRROR_VIEWS:
         raise OptionError(f"mirror_views: unknown {value!r}; choose from {', '.join(MIRROR_VIEWS)}")
@@ -67,11 +67,9 @@ class Extraction:
 
     @classmethod
     def of(cls, config) -> "Extraction":
-        """From a RunConfig or a run's config.json (runs from before these options: the defaults
-        of their time, head features)."""
-        get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
-        return cls(get("image_size"), get("cache_dtype", "fp16"), get("features", "head"), get("engine", "auto"),
-                   get("extract_precision", "auto"))
+        """From a RunConfig or a run's config.json (read_config's: an older run's filled in)."""
+        get = config.__getitem__ if isinstance(config, dict) else functools.partial(getattr, config)
+        return cls(get("image_size"), get("cache_dtype"), get("features"), get("engine"), get("extract_precision"))
 
     @property
     def taps(self) -> int:

@@ -21,16 +21,17 @@ from fasttl.util.errors import OptionError
 from fasttl.transfer.caching import cache_root, mirror_mode
 from fasttl.util import settings
 from fasttl.util import distributed
-from fasttl.transfer.config import RunConfig
+from fasttl.transfer.config import RunConfig, scoped
 from fasttl.transfer.datasets import BUILTIN, EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.util.files import is_inside, write_atomic
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
                                     run_files, write_config, write_metrics, write_predictions)
-from fasttl.transfer import cross_fit, registry
+from fasttl.transfer import registry
 from fasttl.util.outputs import csv_cell, markdown_cell, terminal_lines, terminal_text
 from fasttl.transfer.registry import Outcome
+from fasttl.transfer.schema import added_later
 
 
 def _init_distributed(cfg: RunConfig) -> bool:
@@ -50,14 +51,22 @@ def _init_distributed(cfg: RunConfig) -> bool:
 _NOT_COMPARED = ("resume", "overwrite", "progress", "out", "device", "on_error", "download", "tensorboard")
 
 
-# Options added after runs were made with this fasttl: the value such a run behaved as. Its
-# --resume compares that value where its strategies read the option, and nothing where they don't.
-_ADDED_LATER = {"teacher_logits": cross_fit.IN_SAMPLE}
+def _identity_as_today(before: dict, cfg: RunConfig, identity: dict) -> dict:
+    """An earlier run's identity in today's terms, to compare with this one's: an option added
+    since compares as the value that run behaved as where the strategies read it, and not at
+    all where they don't (schema.added_later)."""
+    before = dict(before)
+    if "mirror_views" in before:  # a bool before --mirror-views had modes
+        before["mirror_views"] = mirror_mode(before["mirror_views"])
+    for name, behaved_as in added_later().items():
+        if name not in before:
+            before[name] = behaved_as if not scoped(name) or _reads(cfg, name) else identity.get(name)
+    return before
 
 
 def _reads(cfg: RunConfig, name: str) -> bool:
     trained = [cfg.strategy] + ([cfg.compare] if cfg.compare in registry.names() else [])
-    return any(name in registry.get(s).uses + registry.get(s).requires for s in trained)
+    return any(registry.get(s).reads_option(name) for s in trained)
 
 
 def run_identity(cfg: RunConfig, dataset) -> Dict[str, object]:
@@ -101,12 +110,7 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
     if holds_run(run_dir):
         if cfg.resume:
             earlier = read_config(run_dir)
-            before = dict(earlier.get("identity", {}))
-            if "mirror_views" in before:  # a bool before --mirror-views had modes
-                before["mirror_views"] = mirror_mode(before["mirror_views"])
-            for name, behaved_as in _ADDED_LATER.items():  # a run made before the option existed
-                if name not in before:
-                    before[name] = behaved_as if _reads(cfg, name) else identity.get(name)
+            before = _identity_as_today(earlier.get("identity", {}), cfg, identity)
             differing = sorted(k for k in set(identity) | set(before) if identity.get(k) != before.get(k))
             if differing:
                 details = "; ".join(_DATA_CHANGED if k == "data_identity" else

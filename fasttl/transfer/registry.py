@@ -113,11 +113,17 @@ class Strategy:
     batch_size: int = 64
     distributed: bool = False   # runs under torchrun (DDP)
     can_teach: bool = False     # its run can be distill's teacher
-    requires: Tuple[str, ...] = ()  # RunConfig options it can't run without
+    # Its own run options, {name: fasttl.transfer.options.option(...)}: RunConfig, the `fasttl run`
+    # flags and the refusal of an option no trained strategy reads are made from them.
+    options: Dict[str, object] = {}
+    reads: Tuple[str, ...] = ()     # options declared elsewhere (another strategy's, or scoped) it reads too
+    requires: Tuple[str, ...] = ()  # options it can't run without
     baseline: bool = False      # the from-scratch model every transfer is judged beside
     outputs: Tuple[str, ...] = ()   # the names of the models it saves: NAME.safetensors, NAME.checkpoint.pt
-    uses: Tuple[str, ...] = ()  # options (left at their defaults by other strategies) that only this strategy reads, beside `requires`
     training_options: Tuple[str, ...] = ("epochs", "lr", "batch_size")  # the generic ones it reads
+
+    def reads_option(self, name: str) -> bool:
+        return name in self.options or name in self.reads or name in self.requires
 
     def train(self, cfg, dataset, run_dir: str, device: torch.device) -> List[Outcome]:
         raise NotImplementedError(f"strategy {self.name!r} ({type(self).__name__}) defines no train()")

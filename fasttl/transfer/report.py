@@ -137,7 +137,8 @@ def _views_note(config: Dict[str, object]) -> str:
     from fasttl.transfer import registry
     from fasttl.transfer.caching import views_of
 
-    if config.get("strategy") not in registry.names() or "mirror_views" not in registry.get(config["strategy"]).uses:
+    strategy = config.get("strategy")
+    if strategy not in registry.names() or not registry.get(strategy).reads_option("mirror_views"):
         return ""
 
     def named(views):

@@ -163,11 +163,11 @@ def read_config(run_dir: str) -> Dict[str, object]:
         raise RunError(f"{run_dir}: no {CONFIG}; not a fasttl run folder")
     if not isinstance(config, dict) or not isinstance(config.get("strategy"), str):
         raise RunError(f"{path}: not a fasttl run configuration (train the run again: fasttl run ... --overwrite)")
-    from fasttl.transfer.schema import check_run_config
+    from fasttl.transfer.schema import check_run_config, upgraded
 
     check_run_config(path, config, RunError)  # first: a bad field is named as such
     _check_unchanged(run_dir, path)
-    return config
+    return upgraded(config)
 
 
 def load_trained(run_dir: str, device):

@@ -63,13 +63,9 @@ def _teachers(v) -> bool:
 
 
 def run_config_fields() -> Dict[str, Field]:
-    from fasttl.cache import engines
-    from fasttl.data.labels import LABEL_KINDS
-    from fasttl.data.sources import ON_ERROR
-    from fasttl.transfer.caching import FEATURE_TAPS, MIRROR_VIEWS
     from fasttl.transfer.config import MAX_IMAGE_SIZE
 
-    return {
+    fields = {
         "strategy": Field(_one_of(_strategies), f"one of {', '.join(_strategies())}", required=True),
         "classes": Field(_class_names, "a list of at least 2 distinct, printable class names", required=True),
         "backbone": Field(_one_of(_backbones), f"one of {', '.join(_backbones())}", required=True),
@@ -80,29 +76,58 @@ def run_config_fields() -> Dict[str, Field]:
         "data_path": Field(_optional(_text), "a path (text) or null"),
         "classes_file_path": Field(_optional(_text), "a path (text) or null"),
         "classes_file": Field(_optional(_text), "a path (text) or null"),
-        "labels": Field(_in(LABEL_KINDS), f"one of {', '.join(LABEL_KINDS)}"),
-        "on_error": Field(_in(ON_ERROR), f"one of {', '.join(ON_ERROR)}"),
         "native_size": Field(_int_in(8, MAX_IMAGE_SIZE), f"an integer from 8 to {MAX_IMAGE_SIZE}"),
         "epochs": Field(_optional(_int_in(1, 1 << 31)), "a positive integer"),
         "batch_size": Field(_optional(_int_in(1, 1 << 31)), "a positive integer"),
         "train_per_class": Field(_optional(_int_in(1, 1 << 31)), "a positive integer or null"),
         "test_per_class": Field(_optional(_int_in(1, 1 << 31)), "a positive integer or null"),
         "lr": Field(_optional(_positive_number), "a finite number > 0"),
-        "features": Field(_in(FEATURE_TAPS), f"one of {', '.join(FEATURE_TAPS)}"),
-        "mirror_views": Field(lambda v: isinstance(v, bool) or _in(MIRROR_VIEWS)(v),
-                              f"one of {', '.join(MIRROR_VIEWS)}"),
-        "cache_dtype": Field(_in(("fp16", "bf16", "fp32", "int8")), "one of fp16, bf16, fp32, int8"),
-        "engine": Field(_in(engines.ENGINES), f"one of {', '.join(engines.ENGINES)}"),
-        "extract_precision": Field(_in(engines.PRECISIONS), f"one of {', '.join(engines.PRECISIONS)}"),
-        "precision": Field(_in(("auto", "fp32", "bf16")), "one of auto, fp32, bf16"),
         "finetune_stages": Field(_optional(_int_in(1, 1 << 16)), "a positive integer or null"),
-        "finetune_from": Field(_in(("probe", "random")), "one of probe, random"),
         "teacher": Field(_teachers, "a run folder or a list of them"),
         "target_data": Field(_optional(_text), "a path (text) or null"),
         "compare": Field(_text, "a strategy name or none"),
         "run_key": Field(_optional(lambda v: isinstance(v, str) and len(v) == 64), "a 64-character hash"),
         "identity": Field(lambda v: isinstance(v, dict), "an object"),
     }
+    return dict(fields, **_choice_fields(fields))
+
+
+def _choice_fields(written: Dict[str, Field]) -> Dict[str, Field]:
+    """Every other run option with a list of choices (--features, --engine, --finetune-from, ...):
+    one of them, read from the option itself, after the conversion of an older form (a run from
+    before --mirror-views had modes holds a bool)."""
+    from fasttl.transfer.config import options
+    from fasttl.transfer.options import choices_of
+
+    def check(choices, convert):
+        return lambda v: _in(choices)(convert(v) if convert is not None else v)
+
+    return {name: Field(check(choices_of(meta), meta["convert"]), f"one of {', '.join(choices_of(meta))}")
+            for name, _, meta in options() if name not in written and meta["choices"] is not None}
+
+
+def added_later() -> Dict[str, Any]:
+    """Keys config.json gained after runs were made, each with the value such a run behaved as:
+    the one place older run folders are handled (read_config fills them in, and --resume compares
+    an older run's options with them)."""
+    from fasttl.transfer import cross_fit
+
+    return {"cache_dtype": "fp16",              # the only cache dtype before --cache-dtype
+            "features": "head",                 # the final pooled map, before --features
+            "engine": "auto", "extract_precision": "auto",
+            "mirror_views": "none",             # plain views only, before --mirror-views
+            "finetune_from": "random",          # plain fine-tuning, before LP-FT
+            "teacher_logits": cross_fit.IN_SAMPLE}
+
+
+def upgraded(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A checked config.json as today's fasttl writes it: the keys added since filled in, values in
+    an older form converted (mirror_views True/False: the flag it was before it had modes)."""
+    from fasttl.transfer.caching import mirror_mode
+
+    out = dict(added_later(), **config)
+    out["mirror_views"] = mirror_mode(out["mirror_views"])
+    return out
 
 
 def check_run_config(path: str, config: Dict[str, Any], error: Callable[[str], Exception]) -> None:

@@ -20,6 +20,7 @@ from fasttl.optim import AdamW
 from fasttl.heads.fit import EpochStats, fit, one_cycle, step
 from fasttl.transfer.caching import Extraction, cached_features
 from fasttl.transfer.models import DANN
+from fasttl.transfer.options import a_path, option
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
 from fasttl.transfer.strategies.common import param_dtype
@@ -104,8 +105,12 @@ class Dann(Strategy):
     name = "dann"
     display = "dann"
     help = "domain-adversarial adaptation on cached features to an unlabeled target domain (--target-data DIR)"
+    options = {
+        "target_data": option(None, "dann: the unlabeled target domain (class folders; labels only for evaluation)",
+                              kind=str, metavar="DIR", check=a_path),
+    }
     requires = ("target_data",)
-    uses = ("weights",)
+    reads = ("weights",)
     epochs, lr, batch_size = 15, 1e-3, 256
     outputs = ("dann", "source_only")
 

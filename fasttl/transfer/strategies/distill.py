@@ -20,6 +20,7 @@ from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.transfer.rundir import RunError, finite_logits, load_trained, read_config, weights_file
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split
 from fasttl.transfer.models import SmallCNN
+from fasttl.transfer.options import an_optional_fraction, an_optional_positive_number, option
 from fasttl.transfer.strategies.common import param_dtype
 from fasttl.transfer.strategies.scratch import (cnn_epoch, cnn_logits, cnn_loss, cnn_model, labels_of, load_cnn,
                                                 native_images, train_cnn)
@@ -303,6 +304,17 @@ def _teacher_accuracy(teacher: str) -> Optional[float]:
         return None
 
 
+def _teacher_runs(name: str, value) -> None:
+    """None, a run folder or a list of them, each named once."""
+    teachers = [value] if isinstance(value, str) else value
+    if teachers is None:
+        return
+    if not isinstance(teachers, (list, tuple)) or not teachers or not all(isinstance(t, str) and t for t in teachers):
+        raise OptionError(f"{name}: expected a run folder or a list of them, got {value!r}")
+    if len({os.path.realpath(os.path.expanduser(t)) for t in teachers}) < len(teachers):
+        raise OptionError(f"{name}: {list(teachers)} names a run twice; give each teacher once")
+
+
 @register
 class Distill(Strategy):
     name = "distill"
@@ -310,7 +322,23 @@ class Distill(Strategy):
     help = ("the small CNN at native resolution from the softened outputs of a teacher run (--teacher RUN_DIR, "
             "repeated for an ensemble), per view of each image; T and alpha chosen on validation")
     requires = ("teacher",)
-    uses = ("temperature", "alpha", "distill_features", "teacher_logits")
+    options = {
+        "teacher": option(None, "distill: the teacher run (linear, mlp or finetune); repeat it for an ensemble whose "
+                          "logits are averaged", kind=str, metavar="RUN_DIR", repeat=True, check=_teacher_runs),
+        "temperature": option(None, "distill: softening temperature (default: chosen with alpha on the validation "
+                              "split)", kind=float, metavar="T", check=an_optional_positive_number),
+        "alpha": option(None, "distill: weight of the soft term (default: chosen with T on the validation split)",
+                        kind=float, metavar="A", check=an_optional_fraction),
+        "distill_features": option(False, "distill: also match a projection of the student's penultimate features "
+                                   "to the teacher's cached features (MSE), kept only if it scores higher on the "
+                                   "validation split"),
+        "teacher_logits": option(cross_fit.MODES[0], "distill: the teacher's soft targets on each training image: "
+                                 "in-sample (from the teacher's own head, which trained on them) or cross-fitted "
+                                 "(from a linear/mlp teacher's head refit on the other folds of its training images, "
+                                 "so they are as unsure as the teacher is on images it never saw; in-sample where "
+                                 "it can't be: a finetune teacher, a student on other images, too few images)",
+                                 choices=cross_fit.MODES),
+    }
     # 50: on 10,000 CIFAR-10 images the student beat its twin by +2.43 and +2.47 points (two seeds)
     # at 50 epochs, +2.02 and +1.44 at 30, +0.53 at 10 (benchmarks/RESULTS.md, "Distillation"): the
     # teacher's help grows as the twin overfits.

@@ -17,8 +17,9 @@ from fasttl.heads.train import predict_views, train_head
 from fasttl.heads.tuning import MLP_WEIGHT_DECAYS, fit_linear, predict_split, tune_linear, tune_mlp
 from fasttl.data import TransformSpec
 from fasttl.data.splits import validation_split
-from fasttl.transfer.caching import Extraction, FeaturesInMemory, cached_features, views_of
+from fasttl.transfer.caching import MIRROR_VIEWS, Extraction, FeaturesInMemory, cached_features, mirror_mode, views_of
 from fasttl.transfer.cross_fit import cross_fitted_logits, positive, teacher_setting
+from fasttl.transfer.options import option
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.util.errors import OptionError
@@ -135,7 +136,15 @@ class FeatureTransfer(Strategy):
 
     epochs, batch_size = 10, 256
     outputs = ("head",)
-    uses = ("mirror_views", "weights")
+    options = {
+        "mirror_views": option("test", "linear/mlp: where the horizontally mirrored images are a second view: test "
+                               "(test, validation and predict average both views' logits: one more pass over the "
+                               "test and validation images), both (the head also trains on both: twice the "
+                               "training extraction) or none",
+                               choices=tuple(MIRROR_VIEWS), const="both", metavar="{" + ",".join(MIRROR_VIEWS) + "}",
+                               convert=mirror_mode),  # True/False: the flag it was before it had modes
+    }
+    reads = ("weights",)
     can_teach = True
 
     def fit(self, cfg, views, run_dir, device, mirrored_validation=None):

@@ -8,8 +8,8 @@ same validation split), and the network is fine-tuned from that head, so it star
 the probe's logits. The probe reads the cached --features (by default the multi-stage vector
 `linear` uses, from the same cache), and so does the fine-tuned head. The learning-rate scale is
 chosen by a one-epoch sweep on the validation split, training stops early on it, and the run
-keeps the best validation checkpoint, the probe included: unless fine-tuning beats the probe on validation by more than one standard error
-(keep_finetuned), the result is the probe.
+keeps the best validation checkpoint, the probe included: unless fine-tuning beats the probe on
+validation by more than one standard error (keep_finetuned), the result is the probe.
 `--regularize l2sp` decays the backbone toward its pretrained weights (Li et al., ICML 2018)
 instead of toward zero. `--finetune-from random` is the plain fine-tuning of earlier versions
 (a new random head, every epoch evaluated on test, no choice made)."""
@@ -34,6 +34,7 @@ from fasttl.optim import AdamW
 from fasttl.heads.fit import EpochStats, eval_record, fit, step, warmup_cosine
 from fasttl.transfer.caching import Extraction, cached_features
 from fasttl.transfer.models import BackboneWithHead
+from fasttl.transfer.options import an_optional_positive_int, option
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
 from fasttl.transfer.strategies.common import eval_timings, param_dtype
@@ -46,6 +47,8 @@ LR_SCALES = (0.1, 0.3)
 PATIENCE = 2
 # L2-SP strength (alpha in Li et al.: alpha/2 * ||w - w0||^2 beside the mean cross-entropy).
 L2SP_ALPHA = 0.01
+# Where fine-tuning starts: the tuned linear probe (LP-FT), or a random head (plain fine-tuning).
+FINETUNE_FROM = ("probe", "random")
 
 
 def finetune_head(feature_dim: int, num_classes: int) -> nn.Module:
@@ -353,7 +356,16 @@ class Finetune(Strategy):
             "--finetune-stages K) from it, lr scale and epoch chosen on validation; torchrun-aware")
     epochs, lr, batch_size = 5, 1e-3, 32
     outputs = ("model",)
-    uses = ("finetune_stages", "finetune_from", "regularize", "weights")
+    options = {
+        "finetune_stages": option(None, "finetune: unfreeze the top K stages (default all)", kind=int, metavar="K",
+                                  check=an_optional_positive_int),
+        "finetune_from": option("probe", "finetune: start from the tuned linear probe on cached features, with the "
+                                "lr scale and epoch chosen on validation (probe: LP-FT), or from a random head for "
+                                "--epochs epochs (random: plain fine-tuning)", choices=FINETUNE_FROM),
+        "regularize": option("none", "finetune: decay the backbone toward zero (none: AdamW weight decay) or toward "
+                             "its pretrained weights (l2sp)", choices=("none", "l2sp")),
+    }
+    reads = ("weights",)
     distributed = True
     can_teach = True
 
@@ -464,8 +476,7 @@ class Finetune(Strategy):
     def load(self, run_dir, device) -> TrainedModel:
         config = read_config(run_dir)
         backbone = backbones.create(config["backbone"], weights=config.get("weights"), pretrained=False)
-        # Runs from before LP-FT have no finetune_from: their head is the random-init one.
-        if config.get("finetune_from", "random") == "probe":
+        if config["finetune_from"] == "probe":
             taps = Extraction.of(config).taps
             model = FineTuneModel(backbone, probe_head(backbone.tapped_dim(taps), len(config["classes"])), [],
                                   taps=taps)
