@@ -20,7 +20,8 @@ from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import load_dataset
 from fasttl.transfer.job import run
 from fasttl.transfer.registry import TrainedModel
-from fasttl.transfer.strategies import distill, feature, scratch
+from fasttl.transfer import feature_models, small_cnn
+from fasttl.transfer.strategies import distill, feature
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 CPU = torch.device("cpu")
@@ -168,7 +169,7 @@ def test_in_sample_where_cross_fitting_cannot_be_done(tiny_cifar, linear_teacher
     ds = load_dataset(str(tiny_cifar))
     cfg = RunConfig(progress=False, teacher_logits="cross-fitted")
     # a teacher that can't be refit (a finetune run's model)
-    plain = TrainedModel(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4)), scratch.native_spec(32),
+    plain = TrainedModel(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4)), small_cnn.native_spec(32),
                          ds.classes, CPU)
     monkeypatch.setattr(distill, "read_config", lambda path: {"strategy": "finetune"})
     make, kind = distill._logit_makers("runs/ft", plain, ds, cfg)
@@ -324,7 +325,7 @@ def test_missing_or_broken_settings_files_and_a_diverging_refit_are_named(tiny_c
                                           r"rerun the teacher, or pass --teacher-logits in-sample$"):
         _student(tiny_cifar, diverging, tmp_path / "z")
     # In an ensemble, a damaged second teacher is refused before the first one's folds are fit.
-    monkeypatch.setattr(feature, "cross_fitted_logits", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    monkeypatch.setattr(feature_models, "cross_fitted_logits", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     with pytest.raises(OptionError, match=r"linear: the run did not finish \(no metrics.json\)"):
         _student(tiny_cifar, [str(linear_teacher), str(teacher)], tmp_path / "w")
 

@@ -18,7 +18,8 @@ from fasttl.transfer.config import RunConfig
 from fasttl.transfer.job import run
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.registry import TrainedModel
-from fasttl.transfer.strategies import distill, scratch
+from fasttl.transfer import small_cnn
+from fasttl.transfer.strategies import distill
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 CLASSES = TINY_CIFAR_CLASSES
@@ -38,7 +39,7 @@ def test_a_mirrored_view_gets_the_logits_of_the_mirrored_image():
     # logits must be the module's output on the mirrored images, not on the plain ones.
     torch.manual_seed(0)
     module = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
-    model = TrainedModel(module, scratch.native_spec(8), ["a", "b"], torch.device("cpu"))
+    model = TrainedModel(module, small_cnn.native_spec(8), ["a", "b"], torch.device("cpu"))
     source = _arrays()
     plain = _plain_images(model, source)
     views = distill.teacher_view_logits(model, source)
@@ -90,7 +91,7 @@ def test_the_student_is_given_the_logits_of_the_view_it_is_shown():
         for k, i in enumerate(idx.tolist()):  # what the model was shown is what the loss believes
             expected = images[i].flip(-1) if mirrored[k] else images[i]
             assert torch.equal(seen[-1][k], expected)
-        chosen = scratch.cnn_loss(labels, teacher, 2.0, 0.5)(logits, idx, mirrored)
+        chosen = small_cnn.cnn_loss(labels, teacher, 2.0, 0.5)(logits, idx, mirrored)
         by_hand = fasttl.distillation_loss(logits, teacher[mirrored.long(), idx], labels[idx], temperature=2.0, alpha=0.5)
         torch.testing.assert_close(chosen, by_hand)
         losses.append(mirrored)
@@ -98,7 +99,7 @@ def test_the_student_is_given_the_logits_of_the_view_it_is_shown():
 
     model = Recorder()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    scratch.cnn_epoch(model, images, labels, 4, optimizer, None, 0, 0, loss_fn)
+    small_cnn.cnn_epoch(model, images, labels, 4, optimizer, None, 0, 0, loss_fn)
     flags = torch.cat(losses)
     assert 0 < int(flags.sum()) < len(flags)  # both views occur
 
@@ -276,7 +277,7 @@ def test_distill_features_is_kept_only_if_it_scores_higher_on_validation(tiny_ci
 def test_distill_features_needs_a_teacher_with_cached_features(tiny_cifar, monkeypatch):
     from fasttl.transfer.datasets import load_dataset
 
-    plain = TrainedModel(nn.Linear(2, 2), scratch.native_spec(8), CLASSES, torch.device("cpu"))
+    plain = TrainedModel(nn.Linear(2, 2), small_cnn.native_spec(8), CLASSES, torch.device("cpu"))
     monkeypatch.setattr(distill, "teacher_model", lambda *args: plain)
     monkeypatch.setattr(distill, "read_config", lambda path: {"strategy": "finetune"})
     with pytest.raises(OptionError, match=r"^distill_features: the teacher .* is a 'finetune' run.*linear or mlp"):

@@ -181,3 +181,14 @@ def test_the_length_check_sees_a_long_function(tmp_path):
     path.write_text(f'def long():\n    """A docstring\n    of lines."""\n{body}\n\n\ndef short():\n    return 1\n')
     assert [(name, lines) for name, _, lines in function_lengths(str(path))] == [("long", MAX_FUNCTION_LINES + 2),
                                                                                   ("short", 2)]
+
+
+def test_no_strategy_imports_another():
+    """A strategy is read on its own: what two strategies share (the small CNN, the feature
+    caches and their model, the common timings) lives beside them in fasttl.transfer."""
+    package = "fasttl.transfer.strategies"
+    crossing = [f"{module} imports {name} (line {line})" for module, path in MODULES.items()
+                if module.startswith(package + ".") for line, name in imported(module, path)
+                if name.startswith(package + ".") and name != module]
+    assert not crossing, crossing
+    assert len([m for m in MODULES if m.startswith(package + ".")]) >= 5  # the walk saw the strategies

@@ -1,6 +1,7 @@
 """The strategy registry, after timm's model registry: each strategy is one class in its own
 module under fasttl/transfer/strategies/, registered with @register, holding its defaults, help
-text, display name, `train` and `load`. Nothing else in fasttl names a strategy.
+text, display name, own options, `train` and `load`. Nothing else in fasttl names a strategy,
+and no strategy imports another (tests/test_layers.py).
 
 The registry imports no strategy: fasttl/transfer/__init__.py imports them all (the strategies
 package) before any of its modules runs, so the lookups below always see every one, and the

@@ -23,8 +23,8 @@ from fasttl.transfer.models import DANN
 from fasttl.transfer.options import a_path, option
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
-from fasttl.transfer.strategies.common import param_dtype
-from fasttl.transfer.strategies.feature import FeatureModel, feature_caches
+from fasttl.transfer.common import param_dtype
+from fasttl.transfer.feature_models import FeatureModel, feature_caches
 
 
 def target_source(path: str, classes: List[str]):
@@ -121,11 +121,11 @@ class Dann(Strategy):
         started = time.perf_counter()
         target_cache = cached_features(backbone, target, "target", Extraction.of(cfg), device=cfg.device,
                                        progress=cfg.progress, rebuild_broken=cfg.overwrite)
-        extract_s = caches["extract_s"] + time.perf_counter() - started
+        extract_s = caches.extract_s + time.perf_counter() - started
         outcomes = []
         for name, display, adversarial in (("dann", self.display, True),
                                            ("source_only", "source only (no adaptation)", False)):
-            outcome = train_dann(cfg, caches["train"], caches["test"], target_cache, run_dir, name, display,
+            outcome = train_dann(cfg, caches.train, caches.test, target_cache, run_dir, name, display,
                                  adversarial, device)
             outcome.timings["extract_s"] = extract_s
             outcome.samples = target.sample_ids()

@@ -21,8 +21,8 @@ from fasttl.transfer.rundir import RunError, finite_logits, load_trained, read_c
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split
 from fasttl.transfer.models import SmallCNN
 from fasttl.transfer.options import an_optional_fraction, an_optional_positive_number, option
-from fasttl.transfer.strategies.common import param_dtype
-from fasttl.transfer.strategies.scratch import (cnn_epoch, cnn_logits, cnn_loss, cnn_model, labels_of, load_cnn,
+from fasttl.transfer.common import param_dtype
+from fasttl.transfer.small_cnn import (cnn_epoch, cnn_logits, cnn_loss, cnn_model, labels_of, load_cnn,
                                                 native_images, train_cnn)
 
 TEACHER_LOGITS = "teacher_logits.safetensors"

@@ -37,7 +37,7 @@ from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.options import an_optional_positive_int, option
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
-from fasttl.transfer.strategies.common import eval_timings, param_dtype
+from fasttl.transfer.common import eval_timings, param_dtype
 
 WEIGHT_DECAY = 0.05
 # LP-FT: the learning-rate scales (times --lr) tried for one epoch each; the best on validation

@@ -1,0 +1,147 @@
+"""A run's feature caches and the model that predicts from them: what the feature-transfer
+strategies (`linear`, `mlp`) and `dann` share. The frozen backbone runs once per image into a
+cache; a FeatureModel is a head on those features, predicting through the cache as training did
+(or in memory for new images)."""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor
+
+from fasttl.cache.cache import FeatureCache
+from fasttl.data import TransformSpec
+from fasttl.data.splits import validation_split
+from fasttl.heads.train import predict_views
+from fasttl.transfer.caching import Extraction, FeaturesInMemory, cached_features, views_of
+from fasttl.transfer.cross_fit import cross_fitted_logits
+from fasttl.transfer.models import BackboneWithHead
+from fasttl.transfer.registry import TrainedModel
+
+
+@dataclass
+class RunCaches:
+    """The caches of a run's splits: each split's views ([plain] or [plain, mirrored]), the
+    mirrored validation images where --mirror-views test needs them, and what building took."""
+
+    train_views: List[FeatureCache]
+    test_views: List[FeatureCache]
+    mirrored_validation: Optional[FeatureCache]
+    extract_s: float
+    extracted_images: int  # images run through the backbone now (0: every cache was there)
+
+    @property
+    def train(self) -> FeatureCache:
+        return self.train_views[0]
+
+    @property
+    def test(self) -> FeatureCache:
+        return self.test_views[0]
+
+    @property
+    def compute(self) -> dict:
+        """How the features were computed (engine, precision, versions): the cache's fingerprint."""
+        return self.train.fingerprint["compute"]
+
+
+def feature_caches(cfg, backbone, ds, with_mirror_views: bool = False) -> RunCaches:
+    """The train and test caches of a dataset; `with_mirror_views`: each split also with its
+    mirrored view where --mirror-views asks for it (fasttl.transfer.caching.views_of)."""
+    started = time.perf_counter()
+    extraction = Extraction.of(cfg)
+    caches = {split: [cached_features(backbone, source, split, extraction, device=cfg.device, progress=cfg.progress,
+                                      rebuild_broken=cfg.overwrite, mirror=view)
+                      for view in (views_of(cfg, split) if with_mirror_views else [False])]
+              for split, source in (("train", ds.train), ("test", ds.test))}
+    mirrored_validation = None
+    if with_mirror_views and len(caches["test"]) > len(caches["train"]):
+        mirrored_validation = _mirrored_validation(cfg, backbone, ds.train, caches["train"][0], extraction)
+    built = sum(c.last_build.get("images", 0)
+                for c in [*caches["train"], *caches["test"], mirrored_validation] if c is not None)
+    return RunCaches(caches["train"], caches["test"], mirrored_validation, time.perf_counter() - started, built)
+
+
+def _mirrored_validation(cfg, backbone, train_source, train_cache, extraction):
+    """--mirror-views test: the validation images (data.splits.validation_split of the run's seed)
+    mirrored, so the head is chosen on the same two-view average the test split gets; None when
+    one image per class leaves no validation split."""
+    _, rows = validation_split(train_cache.labels, cfg.seed)
+    if not rows:
+        return None
+    return cached_features(backbone, train_source.subset(rows), "validation", extraction, device=cfg.device,
+                           progress=cfg.progress, rebuild_broken=cfg.overwrite, mirror=True)
+
+
+class FeatureModel(TrainedModel):
+    """A head on a frozen backbone's features: `module` runs on images (predict, export), and
+    `logits` goes through the feature cache, as training did."""
+
+    def __init__(self, backbone, head, config: dict, device: torch.device, fit_settings: Optional[Callable] = None,
+                 refit: Optional[Callable] = None):
+        spec = TransformSpec.for_backbone(backbone.preprocessing, size=config["image_size"])
+        self.extraction = Extraction.of(config)
+        mirrored = views_of(config, "test") == [False, True]
+        super().__init__(BackboneWithHead(backbone, head, self.extraction.taps, mirror_average=mirrored).to(device),
+                         spec, config["classes"], device)
+        self.backbone, self.head, self.config = backbone, head.to(device).eval(), config
+        # fit_settings() -> the settings this run chose (checked); refit(settings, views, seed, device) -> a head
+        self.fit_settings, self.refit = fit_settings, refit
+        self._in_memory = None  # FeaturesInMemory, made on the first prediction
+
+    @property
+    def prediction_views(self) -> int:
+        return len(views_of(self.config, "test"))
+
+    @torch.no_grad()
+    def predict_logits(self, source, batch_size: Optional[int] = None, bar=None) -> Tensor:
+        """As the run predicted its test split from the feature cache: the same features, computed
+        in memory (FeaturesInMemory, no cache written), through the head, averaged over the views
+        the run cached."""
+        if self._in_memory is None:
+            self._in_memory = FeaturesInMemory(self.backbone, self.extraction, self.device)
+        dtype = next(self.head.parameters()).dtype
+        outputs = []
+        for mirror in views_of(self.config, "test"):
+            features = self._in_memory(source, mirror=mirror, batch_size=batch_size, progress=bar)
+            outputs.append(torch.cat([self.head(features[i:i + 4096].to(dtype)).float().cpu()
+                                      for i in range(0, len(features), 4096)]))
+        return torch.stack(outputs).mean(0)
+
+    @torch.no_grad()
+    def logits(self, source, progress: bool = False, split: str = "eval", batch_size: int = 4096):
+        caches = [cached_features(self.backbone, source, split, self.extraction, device=self.device, progress=progress,
+                                  mirror=view) for view in views_of(self.config, "test")]
+        return predict_views(self.head, caches, self.device)
+
+    @torch.no_grad()
+    def view_logits(self, source, mirror: bool, progress: bool = False, split: str = "eval", batch_size: int = 4096):
+        """One view's logits through its feature cache ("train-mirror" for the mirrored training
+        images), not the average of both views that `logits` gives when --mirror-views mirrors the test split."""
+        cache = cached_features(self.backbone, source, split, self.extraction, device=self.device, progress=progress,
+                                mirror=bool(mirror))
+        return predict_views(self.head, [cache], self.device)[0]
+
+    def cross_fitter(self):
+        if self.fit_settings is None:
+            return None
+        settings = self.fit_settings()  # checked now, before any teacher runs
+
+        def fit(source, seed: int, progress: bool = False, split: str = "eval"):
+            caches = {view: cached_features(self.backbone, source, split, self.extraction, device=self.device,
+                                            progress=progress, mirror=view) for view in (False, True)}
+            return cross_fitted_logits(caches, views_of(self.config, "train"),
+                                       functools.partial(self.refit, settings), seed, len(self.classes), self.device,
+                                       progress)
+        return fit
+
+    @torch.no_grad()
+    def view_features(self, source, mirror: bool, progress: bool = False, split: str = "eval"):
+        """One view's cached features as the head sees them (its block scaling applied), fp16."""
+        cache = cached_features(self.backbone, source, split, self.extraction, device=self.device, progress=progress,
+                                mirror=bool(mirror))
+        scale = self.head[0]
+        return torch.cat([scale(cache.gather(torch.arange(start, min(start + 8192, len(cache)))).to(self.device))
+                          .to(torch.float16).cpu() for start in range(0, len(cache), 8192)])
