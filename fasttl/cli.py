@@ -60,8 +60,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from fasttl.predict import format_predictions, predict, predict_run
 
     if args.run is None:  # the backbone's ImageNet classes
+        from fasttl.data.sources import ON_ERROR
+
         unused = [flag for flag, value in (("--out", args.out), ("--batch-size", args.batch_size),
-                                           ("--overwrite", args.overwrite or None)) if value is not None]
+                                           ("--overwrite", args.overwrite or None),
+                                           ("--device", None if args.device == "cpu" else args.device),
+                                           ("--on-error", None if args.on_error == ON_ERROR[0] else args.on_error))
+                  if value is not None]
         if unused:
             raise OptionError(f"run: {unused[0]} needs --run RUN (a trained run); without it predict shows the "
                               "backbone's ImageNet classes")
@@ -186,6 +191,11 @@ _OS_ERRORS = {
     errno.ENOENT: "no such file or folder (check the path)",
     errno.ENOTDIR: "a part of the path is a file, not a folder (check the path)",
     errno.EISDIR: "is a folder where fasttl writes or reads a file (move it away, or use another path)",
+    errno.ENAMETOOLONG: "a name in the path is too long for the file system (use a shorter path)",
+    errno.ELOOP: "too many levels of symbolic links (a link loop? check the path)",
+    errno.EFBIG: "file too large (a file size limit, ulimit -f, or the file system's; write elsewhere or raise it)",
+    errno.EXDEV: "the path crosses file systems where fasttl moves a file into place (use a path on one file system)",
+    errno.ENXIO: "no such device (a FIFO with no reader, or a device file? use a regular path)",
 }
 
 

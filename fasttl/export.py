@@ -48,9 +48,10 @@ def _verification_images(model, config: dict, size: int, count: int = VERIFY_IMA
 
     source = None
     try:
-        from fasttl.transfer.datasets import load_dataset
+        from fasttl.data import screen
+        from fasttl.transfer.evaluate import own_dataset
 
-        source = load_dataset(config.get("data"), config.get("seed", 0)).test
+        source = screen(own_dataset(config).test, "skip")  # the run's own test split, its unreadable images left out
     except (UserError, OSError):
         pass
     if source is None:

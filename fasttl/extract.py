@@ -11,6 +11,9 @@ from fasttl.cache.build import SHARD_ROWS
 from fasttl.cache.kernels import CACHE_DTYPE
 from fasttl.data import class_folder_splits
 from fasttl.data.formats import open_data
+from fasttl.data.formats.filelist import is_file_list
+from fasttl.transfer.rundir import MARKER
+from fasttl.util.checks import positive_int, torch_device
 from fasttl.util.errors import OptionError
 from fasttl.util.files import is_inside
 from fasttl.util import distributed
@@ -31,12 +34,15 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     and counted in the summary); ``"fail"`` (default) stops at the first, naming it.
     ``features``: "head" or "multi" (see `fasttl run --features`); ``engine`` and ``precision``:
     see fasttl.cache.engines.resolve (an exported ONNX graph is kept in OUT for later builds)."""
-    from fasttl.transfer.caching import FEATURE_TAPS
+    from fasttl.transfer.caching import FEATURE_TAPS, refuse_writes_among_images
 
-    if features not in FEATURE_TAPS:
-        raise OptionError(f"features: unknown {features!r}; choose from {', '.join(FEATURE_TAPS)}")
+    _check_options(features, image_size, batch_size, shard_rows, device)
     if os.path.exists(out) and not os.path.isdir(out):
         raise OptionError(f"out: {out} is a file; give a folder for the cache (it is created when missing)")
+    if os.path.lexists(os.path.join(out, MARKER)):
+        raise OptionError(f"out: {out} is a fasttl run folder, which only its run writes into; give a folder of its "
+                          "own for the cache")
+    refuse_writes_among_images([("data", data)])
     # The cache never goes among the images of a data folder: its files would mix with them, and a
     # later scan would read its folders as classes.
     if os.path.isdir(data) and is_inside(out, data):
@@ -48,6 +54,9 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     if listed is None and classes is not None:
         raise OptionError("classes: --classes names the classes of a file list or WebDataset shards; class folders "
                           "are named by their folders")
+    if labels != "names" and not is_file_list(data):
+        raise OptionError(f"labels: --labels {labels} reads a file list's labels; {data} is labelled by its own "
+                          "classes (drop it)")
     train, test = (listed, None) if listed is not None else class_folder_splits(data)
     splits = {"train": train, "test": test} if test is not None else {"all": train}
     summaries = {}
@@ -58,6 +67,20 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
                             engine=engine, precision=precision, engine_dir=out)
         summaries[name] = dict(cache.last_build, rows=len(cache), directory=cache.directory)
     return summaries
+
+
+def _check_options(features: str, image_size, batch_size, shard_rows, device) -> None:
+    """The options' values, before any work (as `fasttl run` checks its own)."""
+    from fasttl.transfer.caching import FEATURE_TAPS
+    from fasttl.transfer.config import MAX_IMAGE_SIZE
+
+    if features not in FEATURE_TAPS:
+        raise OptionError(f"features: unknown {features!r}; choose from {', '.join(FEATURE_TAPS)}")
+    positive_int("shard_rows", shard_rows, OptionError)
+    positive_int("batch_size", batch_size, OptionError, optional=True)
+    if positive_int("image_size", image_size, OptionError, optional=True) and image_size > MAX_IMAGE_SIZE:
+        raise OptionError(f"image_size: {image_size} px is more than fasttl handles ({MAX_IMAGE_SIZE})")
+    torch_device(device)
 
 
 def format_summary(summaries: Dict[str, dict]) -> List[str]:

@@ -30,6 +30,7 @@ from fasttl.util.errors import OptionError
 from fasttl.util.files import RUN_MARKER, is_inside
 from fasttl.util.outputs import csv_cell
 from fasttl.util.checks import positive_int
+from fasttl.util.checks import torch_device
 
 
 class ImagesToLogits(nn.Module):
@@ -190,18 +191,7 @@ class RunModel:
 
 
 def _device(device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise OptionError(f"device: expected cpu, cuda or cuda:N, got {device!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise OptionError(f"device: {device} asked for, but torch sees no CUDA GPU; pass --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise OptionError(f"device: {device} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
-    elif device.type != "cpu":
-        raise OptionError(f"device: expected cpu, cuda or cuda:N, got {str(device)!r}")
-    return device
+    return torch_device(device)
 
 
 def load_run(run_dir: str, device: Union[str, torch.device] = "cpu") -> RunModel:

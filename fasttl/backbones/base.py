@@ -80,7 +80,8 @@ class Backbone(nn.Module, abc.ABC):
     def check_taps(self, taps: int) -> None:
         available = len(self.tap_channels()) - 1
         if isinstance(taps, bool) or not isinstance(taps, int) or not 0 <= taps <= available:
-            raise OptionError(f"features: {self.name} has {available} intermediate stages to pool, asked for {taps!r}")
+            raise OptionError(f"features: {self.name} has {available} intermediate stages to pool, asked for {taps!r}; "
+                              "pass --features head (its final pooled features)")
 
     def forward_taps(self, x: Tensor, taps: int) -> List[Tensor]:
         """The feature maps of the last `taps` intermediate stages, then the final feature map."""

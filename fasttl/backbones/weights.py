@@ -14,6 +14,9 @@ class WeightsError(UserError, ValueError):
 def read_state_dict(path: str) -> dict:
     """A state dict from a .pth/.pt (torch.save) or .safetensors file; nothing is downloaded."""
     path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise WeightsError(f"weights: {os.path.abspath(path)} is not a regular file (a folder, a pipe or a device?); "
+                           "pass a torch.save'd .pth/.pt or a .safetensors file")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"weights: no file at {os.path.abspath(path)}. fasttl never downloads weights: put the state dict "
@@ -37,4 +40,22 @@ def read_state_dict(path: str) -> dict:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise WeightsError(f"weights: {path} does not hold a state dict (got {type(state).__name__})")
+    _check_finite(path, state)
     return state
+
+
+def _check_finite(path: str, state: dict) -> None:
+    """Weights that make NaN features are refused naming the file and the tensor: NaN or infinite
+    values (a float64 beyond float32's range counts: the model runs in float32), or a negative
+    batch-norm running variance (its square root is NaN)."""
+    import torch
+
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            continue
+        if not bool(torch.isfinite(tensor.float()).all()):
+            raise WeightsError(f"weights: {path}: '{key}' holds NaN or infinite values (in float32); the backbone "
+                               "would compute NaN features: pass a sound state dict")
+        if str(key).endswith("running_var") and bool((tensor < 0).any()):
+            raise WeightsError(f"weights: {path}: '{key}' holds a negative running variance; the backbone would "
+                               "compute NaN features: pass a sound state dict")

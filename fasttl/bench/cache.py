@@ -14,13 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from fasttl import backbones
-from fasttl.bench.common import cache_bytes, copy_bandwidth, format_table, median_seconds
-from fasttl.bench.data import DEFAULT_DATA
+from fasttl.bench.common import bench_splits, cache_bytes, copy_bandwidth, every_nth, format_table, median_seconds
 from fasttl.cache import FeatureCache, gather
 from fasttl.heads import make_head
-from fasttl.data import class_folder_splits, make_loader
+from fasttl.data import make_loader
 from fasttl.optim import AdamW
-from fasttl.util import settings
 
 
 def _cached_epoch(cache: FeatureCache, batch_size: int) -> float:
@@ -57,10 +55,8 @@ def _recompute_epoch(model, source, batch_size: int, size: int) -> float:
 def run(device: str = "cpu", quick: bool = False, data: str = None, scale: bool = False) -> Dict[str, object]:
     if scale:
         return run_scale(quick, data)
-    root = os.path.abspath(data or settings.BENCH_DATA.value() or DEFAULT_DATA)
-    train, _ = class_folder_splits(root)
-    count = 200 if quick else 2000
-    source = train.subset(range(0, len(train), len(train) // count))
+    root, train, _ = bench_splits(data)
+    source = every_nth(train, 200 if quick else 2000)
     size, batch_size = 128, 32
     model = backbones.create("efficientnet_lite0").freeze()
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,7 +189,7 @@ def _probe_in_fresh_process(directory: str, batch_size: int) -> Dict[str, float]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _extraction_formats(data: str, count: int, size: int = 128) -> Dict[str, float]:
+def _extraction_formats(train, count: int, size: int = 128) -> Dict[str, float]:
     """Extraction images/s from the same CIFAR-10 JPEGs as class folders and as WebDataset shards
     (benchmarks/make_webdataset.py's layout), same backbone, backend and batch; caches compared."""
     import importlib.util
@@ -201,7 +197,6 @@ def _extraction_formats(data: str, count: int, size: int = 128) -> Dict[str, flo
 
     from fasttl.data.formats.webdataset import read_webdataset
 
-    train, _ = class_folder_splits(os.path.abspath(data))
     per_class = max(1, count // len(train.classes))
     keep = [i for c in range(len(train.classes)) for i in
             [j for j, label in enumerate(train.labels) if label == c][:per_class]]
@@ -274,7 +269,7 @@ def run_scale(quick: bool = False, data: str = None, root: str = None) -> Dict[s
             {"case": f"{tag}: batch gather, shard pointer table", "value": probe["batch_table_ms"], "unit": "ms"},
             {"case": f"{tag}: batch gather, grouped by shard", "value": probe["batch_grouped_ms"], "unit": "ms"},
         ]
-    formats = _extraction_formats(data or settings.BENCH_DATA.value() or DEFAULT_DATA, 60 if quick else 2000)
+    formats = _extraction_formats(bench_splits(data)[1], 60 if quick else 2000)
     rows_out += [
         {"case": f"extraction, {formats['images']} CIFAR-10 JPEGs as class folders", "value": formats["folders_ips"],
          "unit": "images/s"},

@@ -157,11 +157,40 @@ def _fmt(v: object) -> str:
 
 
 def save_json(path: Optional[str], payload: Dict[str, object]) -> None:
+    """Written atomically through fasttl's own temporary (never a user's PATH.tmp, never through a
+    link); an error names PATH."""
     if not path:
         return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from fasttl.util.files import write_atomic
+
+    write_atomic(path, json.dumps(payload, indent=2).encode())
+
+
+# The images the data, cache and e2e benchmarks read: FASTTL_BENCH_DATA, else the shared CIFAR-10.
+DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "cifar10")
+MIN_IMAGES = 20  # fewer and a benchmark's per-class sampling or its timing means nothing
+
+
+def bench_splits(data: Optional[str] = None):
+    """(train, test) class-folder splits of the benchmarks' images, checked: train/ and test/ of
+    class folders with at least MIN_IMAGES each; else an error naming where they came from."""
+    from fasttl.data import class_folder_splits
+    from fasttl.util import settings
+    from fasttl.util.errors import OptionError
+
+    where = "--data" if data else f"{settings.BENCH_DATA.name}" if settings.BENCH_DATA.is_set() else \
+        f"the default ({os.path.normpath(DEFAULT_DATA)}; set {settings.BENCH_DATA.name})"
+    root = os.path.abspath(data or settings.BENCH_DATA.value() or DEFAULT_DATA)
+    train, test = class_folder_splits(root)
+    if test is None:
+        raise OptionError(f"data: {root} ({where}) has no train/ and test/ class folders, which the benchmarks read")
+    for name, split in (("train", train), ("test", test)):
+        if len(split) < MIN_IMAGES:
+            raise OptionError(f"data: {root}/{name} ({where}) holds {len(split)} images; the benchmarks need at "
+                              f"least {MIN_IMAGES} in each split")
+    return root, train, test
+
+
+def every_nth(source, count: int):
+    """About `count` samples of `source`, spread evenly over it (class folders are sorted)."""
+    return source.subset(range(0, len(source), max(1, len(source) // count)))

@@ -14,11 +14,9 @@ import torch
 from fasttl import backbones
 from fasttl.cache import engines
 from fasttl.cache.extraction import default_batch_size, extraction_engine
-from fasttl.bench.common import format_table, load_average
-from fasttl.data import ImageLoader, TransformSpec, class_folder_splits, dali_available
-from fasttl.util import settings
+from fasttl.bench.common import bench_splits, every_nth, format_table, load_average
+from fasttl.data import ImageLoader, TransformSpec, dali_available
 
-DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "cifar10")
 
 
 def _pil_loop_images_per_second(files, size: int, mean, std, batch_size: int = 64) -> float:
@@ -75,10 +73,8 @@ def _forward_images_per_second(backbone, size: int, device: str, repeats: int = 
 
 
 def run(device: str = "cpu", quick: bool = False, data: str = None) -> Dict[str, object]:
-    root = os.path.abspath(data or settings.BENCH_DATA.value() or DEFAULT_DATA)
-    _, test = class_folder_splits(root)
-    count = 512 if quick else 4000
-    source = test.subset(range(0, len(test), max(1, len(test) // count)))
+    root, _, test = bench_splits(data)
+    source = every_nth(test, 512 if quick else 4000)
     backbone = backbones.create("efficientnet_lite0")
     rows = []
     for size in ([32, 128] if quick else [32, 128, 224]):

@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttl import backbones
-from fasttl.bench.common import format_table
-from fasttl.bench.data import DEFAULT_DATA
-from fasttl.data import class_folder_splits
+from fasttl.bench.common import bench_splits, format_table
 from fasttl.transfer.datasets import per_class_subset
 from fasttl.util import settings
 
@@ -134,8 +132,7 @@ def paired_difference(ours: List[bool], recipe: List[bool]) -> Dict[str, float]:
 
 def run(device: str = "cpu", quick: bool = False, data: str = None, per_class: Optional[int] = None,
         test_per_class: Optional[int] = None) -> Dict[str, object]:
-    root = os.path.abspath(data or settings.BENCH_DATA.value() or DEFAULT_DATA)
-    train, test = class_folder_splits(root)
+    root, train, test = bench_splits(data)
     default_train, default_test, epochs, size = (10, 5, 2, 64) if quick else (DEFAULT_PER_CLASS, DEFAULT_TEST_PER_CLASS,
                                                                                10, 128)
     per_class = per_class or default_train

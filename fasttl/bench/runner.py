@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Dict, List, Optional, Tuple
 
 from fasttl.bench.common import header, machine, save_json
@@ -27,6 +28,7 @@ def run(names: List[str], device: str = "cpu", quick: bool = False, json_path: O
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise ValueError(f"benchmark: unknown {unknown}; choose from {sorted(BENCHMARKS)} or 'all'")
+    _check_outputs(json_path, plot_path)  # before the benchmarks, not after minutes of them
     info = machine()
     print(header(info, device), flush=True)
     results = []
@@ -46,6 +48,25 @@ def run(names: List[str], device: str = "cpu", quick: bool = False, json_path: O
     if plot_path:
         plot(payload, plot_path)
     return payload
+
+
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
+def _check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:
+    from fasttl.util.errors import OptionError
+
+    for option, path in (("json", json_path), ("plot", plot_path)):
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise OptionError(f"{option}: {folder} is not a folder; give --{option} a file in a folder that exists")
+        if os.path.isdir(path):
+            raise OptionError(f"{option}: {path} is a folder; give --{option} a file name")
+    if plot_path and os.path.splitext(plot_path)[1].lower() not in PLOT_FORMATS:
+        raise OptionError(f"plot: {plot_path} is not a {', '.join(PLOT_FORMATS)} file; name the plot with one of "
+                          "those endings")
 
 
 def plot(payload: Dict[str, object], path: str) -> None:

@@ -14,6 +14,7 @@ from fasttl.cache.format import mismatch_message  # noqa: F401  (part of this mo
 from fasttl.cache.kernels import CACHE_DTYPE, ShardTable, gather
 from fasttl.cache.store import CacheError
 from fasttl.util.checks import positive_int
+from fasttl.util.seeds import torch_seed
 
 
 class FeatureCache:
@@ -270,6 +271,9 @@ class CacheLoader:
 
     def __init__(self, cache: FeatureCache, batch_size: int, shuffle: bool, seed: int, device, out_dtype, drop_last):
         positive_int("batch_size", batch_size)
+        if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):
+            raise TypeError(f"seed: expected an integer, got {seed!r}")
+        seed = int(seed)
         self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle, seed
         self.device = torch.device(device) if device is not None else cache.device
         self.out_dtype, self.drop_last, self.epoch = out_dtype, drop_last, 0
@@ -284,7 +288,8 @@ class CacheLoader:
     def _order(self) -> Tensor:
         n = len(self.cache)
         if self.shuffle:
-            return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+            generator = torch.Generator().manual_seed(torch_seed(self.seed * 1_000_003 + self.epoch))
+            return torch.randperm(n, generator=generator)
         return torch.arange(n)
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:

@@ -3,6 +3,7 @@ and reading every listed file against its recorded size and SHA-256. Shared by t
 (fasttl.cache.build) and the reader (fasttl.cache.cache), which import it and not each other."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -309,6 +310,8 @@ def _map(f, path: str, size: int, dtypes: tuple, shape: tuple) -> np.ndarray:
     try:
         return np.memmap(f, dtype=dtype, mode="c", offset=offset, shape=shape)
     except (ValueError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            raise OSError(exc.errno, exc.strerror, path) from None  # the machine's limit, not a damaged cache
         raise CacheError(f"{path}: cannot be mapped ({exc}); {REBUILD_HINT}") from exc
 
 

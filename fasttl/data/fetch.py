@@ -42,6 +42,7 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CHUNK = 1 << 20             # hashing
 _READ = 64 << 10             # a network read returns what has arrived, up to this: all of it is kept for a resume
 DEADLINE_S = 3600.0          # a download that takes longer stops (resumable); --deadline
+MAX_DEADLINE_S = 30 * 86400  # the longest --deadline: a timer beyond it overflows time_t on some systems
 MIN_RATE = 10_000            # bytes/s over each RATE_WINDOW_S, below which it stops (resumable); --min-rate
 RATE_WINDOW_S = 30.0
 SOCKET_TIMEOUT_S = 30.0      # no byte at all for this long: the connection is taken for dead
@@ -383,9 +384,11 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
     def say(text: str) -> None:  # addresses and paths shown escaped: they can't drive the terminal
         log(terminal_text(text))
 
-    for option, value, low in (("deadline", deadline_s, 1.0), ("min_rate", min_rate, 0.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < float("inf"):
-            raise OptionError(f"{option}: expected a finite number >= {low:g}, got {value!r}")
+    for option, value, low, high in (("deadline", deadline_s, 1.0, MAX_DEADLINE_S), ("min_rate", min_rate, 0.0,
+                                                                                    float("inf"))):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+            shown = f"a number from {low:g} to {high:g}" if high < float("inf") else f"a finite number >= {low:g}"
+            raise OptionError(f"{option}: expected {shown}, got {value!r}")
     remote = REMOTES[name]
     url = _check_url(url if url is not None else remote.url)
     expected = _check_sha256(sha256) if sha256 is not None else remote.sha256

@@ -122,11 +122,16 @@ def label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where
 
 
 def refuse_lookalikes(names: Sequence[str], where: str) -> None:
-    """A DataError when two names are one name in two Unicode forms (NFC and NFD, as macOS and
-    other systems store them): two classes that look the same in every report."""
+    """A DataError when two names look the same in every report: one name in two Unicode forms
+    (NFC and NFD, as macOS and other systems store them), or two that differ only in white space
+    ('cat' and 'cat ', 'big cat' and 'big  cat')."""
     seen = {}
     for name in names:
-        other = seen.setdefault(unicodedata.normalize("NFC", name), name)
-        if other != name:
+        other = seen.setdefault(" ".join(unicodedata.normalize("NFC", name).split()), name)
+        if other == name:
+            continue
+        if unicodedata.normalize("NFC", other) == unicodedata.normalize("NFC", name):
             raise DataError(f"{where} {other!r} and {name!r} are one name written in two Unicode forms (NFC vs "
                             "NFD); write it one way")
+        raise DataError(f"{where} {other!r} and {name!r} differ only in white space, so they look the same in every "
+                        "report; rename one")

@@ -147,12 +147,14 @@ class ImageLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        batches = dali_pipeline.SampleBatches(self.source, indices, self.batch_size)
+        # A batch is never larger than the epoch (a --batch-size of 2**31 would not fit DALI's int).
+        batch_size = min(self.batch_size, max(1, len(indices)))
+        batches = dali_pipeline.SampleBatches(self.source, indices, batch_size)
         label_of = torch.as_tensor(np.asarray(self.source.labels), dtype=torch.int64)
         try:
             # A pipeline per epoch, fed in this epoch's order: DALI's own readers shard and shuffle
             # in their own way, and a pipeline that prefetches across epochs could not honour set_epoch.
-            pipe = dali_pipeline.sample_pipeline(batches, spec, self.batch_size, device_id, self.num_threads,
+            pipe = dali_pipeline.sample_pipeline(batches, spec, batch_size, device_id, self.num_threads,
                                                  seed=spec.seed)
             pipe.build()
             iterator = DALIGenericIterator(pipe, ["images", "indices"], size=-1, auto_reset=False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from fasttl.util.seeds import torch_seed
 
 
 def epoch_order(length: int, *, epoch: int, seed: int, shuffle: bool, shard_id: int = 0, num_shards: int = 1,
@@ -17,7 +18,7 @@ def epoch_order(length: int, *, epoch: int, seed: int, shuffle: bool, shard_id: 
     the padding) and together cover every sample."""
     if shuffle:
         generator = torch.Generator()
-        generator.manual_seed(seed + epoch)
+        generator.manual_seed(torch_seed(seed + epoch))
         order = torch.randperm(length, generator=generator)
     else:
         order = torch.arange(length)

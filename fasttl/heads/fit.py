@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fasttl.util.errors import UserError
+from fasttl.util.seeds import torch_seed
 
 Record = Dict[str, float]
 
@@ -86,7 +87,7 @@ def fit(model: nn.Module, optimizer, scheduler, epochs: int, train_epoch: Callab
 
         bar = tqdm(total=epochs, initial=first, unit="epoch", desc=description, dynamic_ncols=True)
     for epoch in range(first, epochs):
-        torch.manual_seed(seed * 1_000_003 + epoch)
+        torch.manual_seed(torch_seed(seed * 1_000_003 + epoch))
         model.train()
         started = time.perf_counter()
         record: Record = {"epoch": epoch + 1}

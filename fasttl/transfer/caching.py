@@ -161,3 +161,25 @@ class FeaturesInMemory:
                                           self.feature_dim, batch_size or default_batch_size(self.device),
                                           self.device, progress=progress)
         return gather(stored, torch.arange(len(source), device=self.device), scales, torch.float32)
+
+
+def refuse_writes_among_images(data_folders, also_written=()) -> None:
+    """Folders fasttl writes beside a job (the feature caches, the caches' verification records,
+    `also_written`: (what, path, fix) such as --tensorboard DIR) never go among the images of a
+    data folder: their files would mix with them, and the next scan would read their folders as
+    classes. `data_folders`: (option name, path) of each data the job reads (run, eval, extract)."""
+    from fasttl.cache.format import state_dir
+    from fasttl.transfer.datasets import NAMED
+    from fasttl.util.files import is_inside
+
+    written = [(f"the feature cache folder {settings.CACHE_DIR.name}", cache_root(), f"set {settings.CACHE_DIR.name}"),
+               (f"the verification records' folder {settings.STATE_DIR.name}", state_dir(),
+                f"set {settings.STATE_DIR.name}"), *also_written]
+    for name, path in data_folders:
+        if not isinstance(path, str) or path in NAMED or not os.path.isdir(os.path.expanduser(path)):
+            continue
+        for what, place, fix in written:
+            if is_inside(place, path):
+                raise OptionError(f"{name}: {what}={os.path.realpath(place)} is inside the data folder "
+                                  f"{os.path.realpath(os.path.expanduser(path))}, where it would be written among "
+                                  f"the images; {fix} to a folder outside the data")

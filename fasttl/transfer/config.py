@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from fasttl import backbones
+from fasttl.util.checks import torch_device
 from fasttl.util.errors import OptionError
 from fasttl.data.sources import ON_ERROR
 from fasttl.cache import engines
@@ -51,8 +52,7 @@ def _an_image_size(name: str, value) -> None:
 
 
 def _a_device(name: str, value) -> None:
-    if not (value == "cpu" or str(value).startswith("cuda")):
-        raise OptionError(f"{name}: expected cpu, cuda or cuda:N, got {value!r}")
+    torch_device(value, name)
 
 
 @dataclass

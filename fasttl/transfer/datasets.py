@@ -22,6 +22,8 @@ Source = Union[FileSource, ArraySource, TarSource]
 EMBEDDED = "cifar10-mini"
 DIGITS = "digits"
 BUILTIN = (EMBEDDED, DIGITS)  # shipped with fasttl: their runs compare against scratch by default
+CIFAR10 = "cifar10"  # fetched into $FASTTL_DATA
+NAMED = BUILTIN + (CIFAR10,)  # data sets --data names, not paths
 
 
 @dataclass
@@ -149,11 +151,17 @@ def load_dataset(data: Optional[str], seed: int = 0, train_per_class: Optional[i
     if classes_file is not None and not (is_file_list(data) or is_webdataset(data)):
         raise OptionError("classes_file: --classes-file names the classes of a file list or WebDataset shards; "
                           f"{data or EMBEDDED} names its own classes (drop --classes-file)")
+    if labels != "names" and not is_file_list(data):
+        raise OptionError(f"labels: --labels {labels} reads a file list's labels; {data or EMBEDDED} is labelled "
+                          "by its own classes (drop it)")
+    if data in NAMED and os.path.isdir(data):
+        raise OptionError(f"data: {data!r} names fasttl's built-in data set, and a folder of that name is here too; "
+                          f"pass ./{data} for the folder, or run from another folder for the data set")
     if data in (None, EMBEDDED):
         dataset = _cifar10_mini()
     elif data == DIGITS:
         dataset = _digits()
-    elif data == "cifar10":
+    elif data == CIFAR10:
         dataset = _cifar10(download)
     elif is_file_list(data) or is_webdataset(data):
         source = open_data(data, classes_file, labels)

@@ -7,11 +7,13 @@ from typing import Dict
 
 import torch
 
+from fasttl.util.checks import torch_device
 from fasttl.util.files import write_json_atomic
 from fasttl.data import DataError, screen
 from fasttl.data.formats.filelist import is_file_list
 from fasttl.data.formats.webdataset import is_webdataset
-from fasttl.transfer.datasets import load_dataset
+from fasttl.transfer.caching import refuse_writes_among_images
+from fasttl.transfer.datasets import NAMED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.transfer.rundir import finite_logits, load_trained, read_config, strict_json
 
@@ -26,34 +28,24 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     """Metrics of the run's main model on the test split of `data` (default: the run's own data);
     written to RUN_DIR/eval_metrics.json. The model is rebuilt by its strategy's `load`. With
     on_error="skip", images that do not decode are left out and listed under "skipped"."""
+    device = torch_device(device)
     cfg = read_config(run_dir)
-    # A run's own data by the absolute path it recorded (its "data" is as typed, maybe relative to
-    # the folder the run was started in).
-    own = cfg.get("data_path") or cfg["data"]
-    # The run's own data is split as the run split it: a file list screened with the run's policy
-    # before its 80/20 split, or the split would move training images into the test set.
-    own_split = dict(train_per_class=cfg.get("train_per_class"), test_per_class=cfg.get("test_per_class"),
-                     on_error=cfg.get("on_error", "fail")) if data is None else dict(on_error="fail")
-    # The run's classes file names the classes of a list or shards; class folders name their own,
-    # compared with the run's below.
-    listed = data is None or is_file_list(data) or is_webdataset(data)
-    dataset = load_dataset(data if data is not None else own, cfg["seed"], **own_split,
-                           classes_file=(cfg.get("classes_file_path") or cfg.get("classes_file")) if listed else None,
-                           labels=cfg.get("labels", "names") if listed else "names")
-    recorded = (cfg.get("identity") or {}).get("data_identity")
-    if data is None and dataset.carved and recorded is not None and dataset.identity() != recorded:
-        classes_file = cfg.get("classes_file_path") or cfg.get("classes_file")
-        what = f"an image added, removed or rewritten, or {classes_file} changed" if classes_file else \
-            "an image added, removed or rewritten"
-        raise DataError(f"{own}: changed since the run ({what}), so the test split the run carved from it can't be "
-                        "rebuilt and would score training images; restore the data, or evaluate on a separate test "
-                        "set with --data")
+    if data is not None and _is_own_data(data, cfg):
+        data = None  # the run's own data, split as the run split it (never re-carved, never changed)
+    own = own_data(cfg)
+    refuse_writes_among_images([("data", data if data is not None else own)])
+    if data is None:
+        dataset = own_dataset(cfg)
+    else:  # another data set: its classes are compared with the run's below
+        listed = is_file_list(data) or is_webdataset(data)
+        dataset = load_dataset(data, cfg["seed"], classes_file=classes_file_of(cfg) if listed else None,
+                               labels=cfg["labels"] if listed else "names")
     test = screen(dataset.test, on_error) if on_error == "skip" else dataset.test  # the train split goes unread
     if dataset.classes != cfg["classes"]:
         raise DataError(f"{data if data is not None else own}: {_class_difference(dataset.classes, cfg['classes'])}; "
                         "evaluate on data with the run's classes (same names, same order), or train a run on this "
                         "data")
-    model = load_trained(run_dir, torch.device(device))
+    model = load_trained(run_dir, device)
     logits, labels = model.logits(test, progress=progress)
     finite_logits(run_dir, logits)
     metrics = classification_metrics(logits, labels, cfg["classes"])
@@ -71,6 +63,45 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
         metrics["not_written"] = f"{path}: {os.strerror(exc.errno).lower()}"
     metrics["written"] = written
     return metrics
+
+
+def own_data(cfg: dict) -> str:
+    """What a run read, as it named it: a data set's name, else the absolute path it recorded (its
+    "data" is as typed, maybe relative to the folder the run was started in)."""
+    return cfg["data"] if cfg["data"] in NAMED else cfg.get("data_path") or cfg["data"]
+
+
+def classes_file_of(cfg: dict):
+    return cfg.get("classes_file_path") or cfg.get("classes_file")
+
+
+def own_dataset(cfg: dict):
+    """The data a run read, split as the run split it: screened with its --on-error before the
+    80/20 split of a file list (or the split would move training images into the test set), its
+    per-class subsets, its classes file. A carved split whose data changed since is refused: it
+    can't be rebuilt and would score training images."""
+    own = own_data(cfg)
+    listed = is_file_list(own) or is_webdataset(own)
+    dataset = load_dataset(own, cfg["seed"], train_per_class=cfg.get("train_per_class"),
+                           test_per_class=cfg.get("test_per_class"), on_error=cfg.get("on_error", "fail"),
+                           classes_file=classes_file_of(cfg) if listed else None,
+                           labels=cfg.get("labels", "names") if listed else "names")
+    recorded = (cfg.get("identity") or {}).get("data_identity")
+    if dataset.carved and recorded is not None and dataset.identity() != recorded:
+        what = f"an image added, removed or rewritten, or {classes_file_of(cfg)} changed" if classes_file_of(cfg) \
+            else "an image added, removed or rewritten"
+        raise DataError(f"{own}: changed since the run ({what}), so the test split the run carved from it can't be "
+                        "rebuilt and would score training images; restore the data, or evaluate on a separate test "
+                        "set with --data")
+    return dataset
+
+
+def _is_own_data(data: str, cfg: dict) -> bool:
+    """Whether --data names what the run read (the same name, or the same folder or file)."""
+    own = own_data(cfg)
+    if data in NAMED or own in NAMED:
+        return data == own
+    return os.path.realpath(os.path.expanduser(data)) == os.path.realpath(os.path.expanduser(own))
 
 
 def _class_difference(found, trained) -> str:

@@ -18,13 +18,12 @@ import torch.distributed as dist
 
 from fasttl.transfer import report
 from fasttl.util.errors import OptionError
-from fasttl.transfer.caching import cache_root, mirror_mode
-from fasttl.util import settings
+from fasttl.transfer.caching import mirror_mode, refuse_writes_among_images
 from fasttl.util import distributed
 from fasttl.transfer.config import RunConfig, scoped
-from fasttl.transfer.datasets import BUILTIN, EMBEDDED, load_dataset
+from fasttl.transfer.datasets import EMBEDDED, NAMED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
-from fasttl.util.files import is_inside, write_atomic
+from fasttl.util.files import write_atomic
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
                                     run_files, write_config, write_metrics, write_predictions)
@@ -173,25 +172,11 @@ def preflight(cfg: RunConfig) -> None:
 
 
 def _refuse_writes_among_images(cfg: RunConfig) -> None:
-    """Folders fasttl writes beside a run (the feature caches, the caches' verification records,
-    --tensorboard DIR) never go among the images of a data folder (as `extract --out`): their
-    files would mix with them, and the next scan would read their folders as classes."""
-    from fasttl.cache.format import state_dir
-
-    written = [(f"the feature cache folder {settings.CACHE_DIR.name}", cache_root(), f"set {settings.CACHE_DIR.name}"),
-               (f"the verification records' folder {settings.STATE_DIR.name}", state_dir(),
-                f"set {settings.STATE_DIR.name}")]
-    if isinstance(cfg.tensorboard, str):
-        written.append(("--tensorboard", os.path.expanduser(cfg.tensorboard), "give --tensorboard"))
+    """The run's caches, records and --tensorboard DIR never go among its data's images."""
+    also = [("--tensorboard", os.path.expanduser(cfg.tensorboard), "give --tensorboard")] \
+        if isinstance(cfg.tensorboard, str) else []
     targets = [cfg.target_data] if isinstance(cfg.target_data, str) else list(cfg.target_data or [])
-    for name, path in [("data", cfg.data), *(("target_data", p) for p in targets)]:
-        if not isinstance(path, str) or path in BUILTIN or not os.path.isdir(os.path.expanduser(path)):
-            continue
-        for what, place, fix in written:
-            if is_inside(place, path):
-                raise OptionError(f"{name}: {what}={os.path.realpath(place)} is inside the data folder "
-                                  f"{os.path.realpath(os.path.expanduser(path))}, where it would be written among "
-                                  f"the images; {fix} to a folder outside the data")
+    refuse_writes_among_images([("data", cfg.data), *(("target_data", p) for p in targets)], also)
 
 
 def write_skipped(run_dir: str, skipped) -> None:
@@ -238,7 +223,7 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
 def _data_path(path):
     """An absolute form of a path option, so that `fasttl eval RUN` from another folder reads what
     the run read (a data set name such as cifar10, or no option, stays None)."""
-    if path is None or path in BUILTIN:
+    if path is None or path in NAMED:
         return None
     return os.path.abspath(os.path.expanduser(path))
 

@@ -16,8 +16,10 @@ from fasttl.optim import AdamW
 from fasttl.heads.fit import EpochStats, eval_record, fit, one_cycle, step
 from fasttl.transfer.models import SmallCNN
 from fasttl.transfer.registry import Outcome, TrainedModel
+from fasttl.util.errors import OptionError
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
 from fasttl.transfer.common import eval_timings, param_dtype
+from fasttl.util.seeds import torch_seed
 
 # The from-scratch CNN sees images at their native resolution, normalized around mid-grey.
 NATIVE_MEAN, NATIVE_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -27,8 +29,17 @@ def native_spec(size: int, seed: int = 0) -> TransformSpec:
     return TransformSpec(size, NATIVE_MEAN, NATIVE_STD, 1.0, train=False, seed=seed)
 
 
+# The small CNN holds every image at its native size in memory: meant for small images (CIFAR's
+# 32 px, digits' 8 px); 24 photos of 1500 px would already ask for 3.4 GB.
+MAX_NATIVE_SIZE = 256
+
+
 def native_images(source, size: int, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Every image of `source` decoded once, at its native size, on `device`."""
+    if size > MAX_NATIVE_SIZE:
+        raise OptionError(f"strategy: the small CNN (scratch, distill's student, --compare scratch) trains at the "
+                          f"images' native size, {size} px here, and holds them all in memory; it takes images up "
+                          f"to {MAX_NATIVE_SIZE} px: resize the data, or use a transfer strategy (--compare none)")
     return torch.cat([x for x, _ in ImageLoader(source, native_spec(size, seed), 256, device=device, dtype=dtype)])
 
 
@@ -40,7 +51,7 @@ def cnn_epoch(model, images: Tensor, labels: Tensor, batch_size: int, optimizer,
                loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Dict[str, float]:
     """One epoch in a seeded order, each image mirrored or not by a seeded coin; `loss_fn(logits,
     idx, mirrored)` sees which images (rows of `images`) the batch holds and which were mirrored."""
-    generator = torch.Generator().manual_seed(seed * 7919 + epoch)
+    generator = torch.Generator().manual_seed(torch_seed(seed * 7919 + epoch))
     order = torch.randperm(len(labels), generator=generator).to(images.device)
     flips = (torch.rand(len(labels), generator=generator) < 0.5).to(images.device)
     stats = EpochStats()

@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 
 from fasttl.util.errors import DataError
+from fasttl.data.labels import refuse_lookalikes
 from fasttl.data.sources import ArraySource
 
 
@@ -18,6 +19,26 @@ def _latin1_encode(text, encoding="latin1", errors="strict"):
     return text.encode("latin1")
 
 
+class _PickledArray(np.ndarray):
+    """What a CIFAR batch's `numpy.ndarray` global stands for: the subtype numpy's own pickles hand
+    to `_reconstruct` (which makes an empty array, then fills it from the file's bytes). Called
+    itself, as a constructor, it would allocate any size from a few bytes of pickle: refused."""
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError("it calls numpy.ndarray(...) to make an array, which a CIFAR batch never does")
+
+
+def _reconstruct_empty(reconstruct):
+    """numpy's `_reconstruct(subtype, shape, dtype)` for the empty arrays its pickles make before
+    setting their data; any other shape would allocate memory the file does not hold."""
+    def checked(subtype, shape, dtype):
+        if tuple(shape) != (0,):
+            raise pickle.UnpicklingError(f"it asks numpy to make an array of shape {tuple(shape)} from nothing, "
+                                         "which a CIFAR batch never does")
+        return reconstruct(subtype, shape, dtype)
+    return checked
+
+
 def _numpy_globals() -> dict:
     """The only globals a CIFAR batch may name: numpy's array and dtype reconstructors, under
     numpy 1 (numpy.core) and numpy 2 (numpy._core) module names, and latin1 bytes."""
@@ -25,11 +46,14 @@ def _numpy_globals() -> dict:
         from numpy._core import multiarray, numeric
     except ImportError:  # numpy 1
         from numpy.core import multiarray, numeric
-    table = {("_codecs", "encode"): _latin1_encode, ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    table = {("_codecs", "encode"): _latin1_encode, ("numpy", "ndarray"): _PickledArray,
+             ("numpy", "dtype"): np.dtype}
     for module in ("numpy.core", "numpy._core"):
         for owner, name in ((multiarray, "_reconstruct"), (multiarray, "scalar"), (numeric, "_frombuffer")):
             if hasattr(owner, name):
-                table[(f"{module}.{owner.__name__.rsplit('.', 1)[1]}", name)] = getattr(owner, name)
+                found = getattr(owner, name)
+                table[(f"{module}.{owner.__name__.rsplit('.', 1)[1]}", name)] = \
+                    _reconstruct_empty(found) if name == "_reconstruct" else found
     return table
 
 
@@ -82,6 +106,7 @@ def load_cifar_pickles(root: str, train: bool) -> ArraySource:
     classes = [c.decode("latin1") if isinstance(c, bytes) else c for c in names_found]
     if len(set(classes)) != len(classes) or not all(c and c.isprintable() for c in classes):
         raise DataError(f"{meta_path}: its '{class_key}' must be distinct, printable names (found {classes[:12]})")
+    refuse_lookalikes(classes, f"{meta_path}: its '{class_key}'")
     images, labels = [], []
     for name in names:
         path = os.path.join(root, name)
@@ -102,5 +127,10 @@ def load_cifar_pickles(root: str, train: bool) -> ArraySource:
             raise DataError(f"{path}: a label is outside 0..{len(classes) - 1} ({len(classes)} classes in {meta_path})")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(batch_labels.astype(np.int64))
-    return ArraySource(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), classes,
+    labels = np.concatenate(labels)
+    empty = [c for i, c in enumerate(classes) if not (labels == i).any()]
+    if train and empty:  # a class nothing teaches: recall 0 by construction, a fake entry in every average
+        raise DataError(f"{meta_path}: class {empty[0]!r} (of its '{class_key}') has no image in "
+                        f"{', '.join(names)}; a class needs training images (remove it from the meta file)")
+    return ArraySource(np.ascontiguousarray(np.concatenate(images)), labels, classes,
                        name=f"cifar:{os.path.basename(root)}:{'train' if train else 'test'}")

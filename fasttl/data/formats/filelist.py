@@ -28,7 +28,14 @@ def _list_rows(path: str) -> List[Tuple[str, str]]:
             raise DataError(f"data: reading {path} (Parquet) needs pyarrow, which is not installed: pip install "
                             "pyarrow, or give the list as CSV or TSV") from None
         try:
+            columns = pq.read_schema(path).names
+            twice = [c for c in ("path", "label") if columns.count(c) > 1]
+            if twice:  # which one is meant is a guess: refused as in a CSV list
+                raise DataError(f"data: {path} has {columns.count(twice[0])} '{twice[0]}' columns (expected one path "
+                                "and one label column; rename or drop the others)")
             table = pq.read_table(path)
+        except DataError:
+            raise
         except Exception as exc:  # pyarrow raises its own types for a bad file
             raise DataError(f"data: {path} is not a readable Parquet file ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:200]})") from None

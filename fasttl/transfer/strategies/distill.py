@@ -20,10 +20,12 @@ from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.transfer.rundir import RunError, finite_logits, load_trained, read_config, weights_file
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split
 from fasttl.transfer.models import SmallCNN
-from fasttl.transfer.options import an_optional_fraction, an_optional_positive_number, option
+from fasttl._op_checks import TEMPERATURE_RANGE
+from fasttl.transfer.options import an_optional_fraction, option
 from fasttl.transfer.common import param_dtype
 from fasttl.transfer.small_cnn import (cnn_epoch, cnn_logits, cnn_loss, cnn_model, labels_of, load_cnn,
-                                                native_images, train_cnn)
+                                       native_images, train_cnn)
+from fasttl.util.seeds import torch_seed
 
 TEACHER_LOGITS = "teacher_logits.safetensors"
 # The validation sweep's choice, kept so that --resume continues training instead of sweeping again.
@@ -175,7 +177,7 @@ class FeatureHint:
     def __init__(self, student_dim: int, teacher_features: Tensor, seed: int, device: torch.device,
                  dtype: torch.dtype):
         generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed + 1)  # the projection's own seeded start, not the student's
+        torch.manual_seed(torch_seed(seed + 1))  # the projection's own seeded start, not the student's
         self.projection = torch.nn.Linear(student_dim, teacher_features.shape[-1]).to(device, dtype)
         torch.random.set_rng_state(generator_state)
         rms = torch.linalg.vector_norm(teacher_features, dtype=torch.float32) / math.sqrt(max(teacher_features.numel(), 1))
@@ -304,6 +306,16 @@ def _teacher_accuracy(teacher: str) -> Optional[float]:
         return None
 
 
+def _a_temperature(name: str, value) -> None:
+    """None (chosen on validation) or a temperature distillation_loss takes."""
+    if value is None:
+        return
+    low, high = TEMPERATURE_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise OptionError(f"{name}: expected a number in [{low:g}, {high:g}] (beyond it the softened distributions "
+                          f"are uniform or one-hot to the last bit), got {value!r}")
+
+
 def _teacher_runs(name: str, value) -> None:
     """None, a run folder or a list of them, each named once."""
     teachers = [value] if isinstance(value, str) else value
@@ -326,7 +338,7 @@ class Distill(Strategy):
         "teacher": option(None, "distill: the teacher run (linear, mlp or finetune); repeat it for an ensemble whose "
                           "logits are averaged", kind=str, metavar="RUN_DIR", repeat=True, check=_teacher_runs),
         "temperature": option(None, "distill: softening temperature (default: chosen with alpha on the validation "
-                              "split)", kind=float, metavar="T", check=an_optional_positive_number),
+                              "split)", kind=float, metavar="T", check=_a_temperature),
         "alpha": option(None, "distill: weight of the soft term (default: chosen with T on the validation split)",
                         kind=float, metavar="A", check=an_optional_fraction),
         "distill_features": option(False, "distill: also match a projection of the student's penultimate features "

@@ -38,6 +38,7 @@ from fasttl.transfer.options import an_optional_positive_int, option
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
 from fasttl.transfer.common import eval_timings, param_dtype
+from fasttl.util.seeds import torch_seed
 
 WEIGHT_DECAY = 0.05
 # LP-FT: the learning-rate scales (times --lr) tried for one epoch each; the best on validation
@@ -281,7 +282,7 @@ def _sweep_lr_scales(loop: _LpftLoop, seed: int, best: BestState) -> Tuple[List[
     for scale in LR_SCALES:
         loop.model.load_state_dict(initial)
         optimizer, scheduler = loop.use_scale(scale)
-        torch.manual_seed(seed * 1_000_003)  # as fit seeds epoch 0
+        torch.manual_seed(torch_seed(seed * 1_000_003))  # as fit seeds epoch 0
         loop.model.train()
         epoch_started = time.perf_counter()
         record = {"epoch": 1, **loop.train_epoch(0)}
