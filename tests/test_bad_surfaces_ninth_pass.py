@@ -3,6 +3,7 @@ that answers it (one line naming the culprit, or the right result)."""
 import json
 import os
 import pickle
+import re
 import shutil
 import unicodedata
 
@@ -387,3 +388,85 @@ def test_too_many_open_files_while_mapping_a_cache_is_the_machines_limit_not_a_d
     with pytest.raises(OSError) as caught:
         fasttl.FeatureCache.open(cache.directory)
     assert caught.value.errno == errno.EMFILE and not isinstance(caught.value, fasttl.cache.CacheError)
+
+
+@pytest.fixture(scope="module")
+def linear_finished(cat_ship, tmp_path_factory):
+    """A finished linear run on cats and ships: a distillation teacher."""
+    return finished_run(cat_ship, tmp_path_factory, "ninth-linear", strategy="linear", epochs=None)
+
+
+def test_a_distill_runs_choice_and_teacher_logits_edited_by_hand_are_made_anew_on_resume(cat_ship, linear_finished,
+                                                                                          tmp_path):
+    """Read back on --resume only while their SHA-256 is the one the marker recorded: a choice
+    claiming 0.99 on 50,000 images, or the teachers' logits rolled by one class, are never used."""
+    from safetensors.torch import load_file, save_file
+
+    from fasttl.transfer.strategies import distill
+
+    out = tmp_path / "student"
+    options = one_epoch_run(cat_ship, out, strategy="distill", teacher=str(linear_finished), epochs=2)
+    first = run(**options)
+    choice = json.loads((out / distill.CHOICE).read_text())
+    choice.update(val_accuracy=0.99, outcome="[trusted link](http://evil.example)")
+    (out / distill.CHOICE).write_text(json.dumps(choice))
+    tensors = load_file(str(out / distill.TEACHER_LOGITS))
+    from safetensors import safe_open
+
+    with safe_open(str(out / distill.TEACHER_LOGITS), framework="pt") as f:
+        metadata = f.metadata()
+    save_file({k: v.roll(1, 1).contiguous() for k, v in tensors.items()}, str(out / distill.TEACHER_LOGITS),
+              metadata=metadata)
+    os.remove(out / "metrics.json")
+    resumed = run(**options, resume=True)
+    assert resumed["notes"]["choice"] == first["notes"]["choice"] and resumed["accuracy"] == first["accuracy"]
+    assert "evil.example" not in (out / "report.md").read_text()
+    torch.testing.assert_close(load_file(str(out / distill.TEACHER_LOGITS))["logits"], tensors["logits"])
+
+
+def test_two_runs_of_one_name_writing_tensorboard_curves_into_one_folder_are_one_at_a_time(cat_ship, tmp_path):
+    """The check for another run's event files and the writing of this run's are made atomic by
+    a lock on DIR/<run name> held for the run (TensorBoard ignores the lock file)."""
+    pytest.importorskip("tensorboard", reason="needs the tensorboard package (fasttl[tensorboard])")
+    from fasttl.transfer.job import TENSORBOARD_LOCK
+    from fasttl.util.errors import UserError
+    from fasttl.util.files import FolderLock
+
+    logs = tmp_path / "logs"
+    (logs / "run").mkdir(parents=True)
+    with FolderLock(str(logs / "run"), TENSORBOARD_LOCK, "another run"):  # as a run started a moment before
+        with pytest.raises(UserError, match=r"logs/run is in use by pid \d+; wait for it to finish"):
+            run(**one_epoch_run(cat_ship, tmp_path / "b" / "run", tensorboard=str(logs)))
+    run(**one_epoch_run(cat_ship, tmp_path / "a" / "run", tensorboard=str(logs)))  # once it has finished
+    assert sorted(os.listdir(logs / "run")) == [TENSORBOARD_LOCK, "scratch"]
+
+
+def test_export_of_a_run_that_skipped_an_image_verifies_on_the_runs_readable_test_images(cat_ship, tmp_path,
+                                                                                       capsys):
+    pytest.importorskip("onnxruntime", reason="export verifies with ONNX Runtime (pip install onnx onnxruntime)")
+    data = tmp_path / "data"
+    shutil.copytree(cat_ship, data)
+    (data / "test" / "cat" / "0bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    run(**one_epoch_run(data, tmp_path / "run", on_error="skip"))
+    code, out, err = cli(capsys, "export", tmp_path / "run", "--out", tmp_path / "model.onnx")
+    assert code == 0, err
+    assert re.search(r"verified with ONNX Runtime on 6 real images", out) and (tmp_path / "model.onnx").exists()
+
+
+def test_dali_failing_for_want_of_file_descriptors_says_so(monkeypatch, small_source):
+    import errno
+
+    from fasttl.data import loader
+
+    images = loader.ImageLoader(small_source, fasttl.data.TransformSpec(32, (0.5,) * 3, (0.25,) * 3, 1.0), 4,
+                                backend="torch")
+
+    class NoneInFlight:
+        in_flight = []
+
+    failure = RuntimeError("Critical error in pipeline: Current pipeline object is no longer valid.")
+    explained = images._explain_dali_error(failure, NoneInFlight())
+    assert isinstance(explained, RuntimeError) and "one of 0 images" not in str(explained)
+    monkeypatch.setattr(loader, "_few_files_left", lambda margin=8: True)
+    explained = images._explain_dali_error(failure, NoneInFlight())
+    assert isinstance(explained, OSError) and explained.errno == errno.EMFILE

@@ -244,7 +244,9 @@ def test_a_teacher_rerun_in_place_gets_its_logits_made_again(tiny_cifar, linear_
 @pytest.mark.parametrize("edit", ["kinds-empty", "kinds-number", "kinds-not-json", "classes", "dtype", "nan", "rows"])
 def test_saved_logits_with_edited_contents_are_made_again(tiny_cifar, linear_teacher, tmp_path, edit):
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
+
+    from fasttl.transfer.rundir import write_recorded
 
     out = tmp_path / "student"
     first = _student(tiny_cifar, linear_teacher, out)
@@ -260,7 +262,8 @@ def test_saved_logits_with_edited_contents_are_made_again(tiny_cifar, linear_tea
         change = {"classes": lambda t: t[:, :3], "dtype": lambda t: t.long(), "nan": lambda t: t * float("nan"),
                   "rows": lambda t: t[:-1]}[edit]
         tensors = {k: change(v).contiguous() for k, v in tensors.items()}
-    save_file(tensors, path, metadata=metadata)
+    # recorded as fasttl records its own: the content checks, not the SHA-256, must catch each edit
+    write_recorded(str(out), distill.TEACHER_LOGITS, save(tensors, metadata=metadata))
     os.remove(out / "metrics.json")
     resumed = _student(tiny_cifar, linear_teacher, out, resume=True)  # neither a crash nor the edited values
     torch.testing.assert_close(load_file(path)["logits"], original["logits"])

@@ -19,6 +19,7 @@ from fasttl.transfer.job import run
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.registry import TrainedModel
 from fasttl.transfer import small_cnn
+from fasttl.transfer.rundir import write_recorded
 from fasttl.transfer.strategies import distill
 
 pytestmark = pytest.mark.usefixtures("private_cache")
@@ -158,11 +159,14 @@ def test_a_resumed_distill_run_keeps_its_sweeps_choice(tiny_cifar, linear_teache
                 '[1, 2]', '{"temperature": NaN, "alpha": 0.5}', '{"temperature": 4, "alpha": 0.5, '
                 '"distill_features": "yes"}', 'not json', '{"temperature": 3, "alpha": 0.5}',
                 '{"temperature": true, "alpha": 0.5}', '{"temperature": 4, "alpha": 0.5, "distill_features": true}'):
-        (out / distill.CHOICE).write_text(bad)  # the last three: values this run's sweep can't choose
+        # as fasttl records it (the last three: values this run's sweep can't choose) ...
+        write_recorded(str(out), distill.CHOICE, bad.encode())
         assert distill.saved_choice(str(out), cfg) is None, bad
-    (out / distill.CHOICE).write_text('{"temperature": 4, "alpha": 0.5, "distill_features": false}')
+    write_recorded(str(out), distill.CHOICE, b'{"temperature": 4, "alpha": 0.5, "distill_features": false}')
     assert distill.saved_choice(str(out), cfg)["temperature"] == 4
-    (out / distill.CHOICE).write_text('{"temperature": 3, "alpha": 0.5}')
+    # ... and a sound choice edited by hand, which its recorded SHA-256 tells apart
+    (out / distill.CHOICE).write_text('{"temperature": 4, "alpha": 0.5, "distill_features": false} ')
+    assert distill.saved_choice(str(out), cfg) is None
     with pytest.raises(AssertionError, match="swept again"):
         os.remove(out / "metrics.json")
         run(**options, resume=True)

@@ -24,7 +24,8 @@ def build(lite0, small_source, out, **kw):
     kw.setdefault("image_size", SIZE)
     kw.setdefault("backend", "torch")
     kw.setdefault("dtype", "fp32")
-    return fasttl.FeatureCache.build(lite0, small_source, str(out), progress=False, batch_size=4, **kw)
+    kw.setdefault("batch_size", 4)
+    return fasttl.FeatureCache.build(lite0, small_source, str(out), progress=False, **kw)
 
 
 def reference_features(lite0, small_source, taps):
@@ -206,3 +207,49 @@ def test_a_backbone_without_stages_refuses_multi_stage_features(small_source, tm
     with pytest.raises(OptionError, match="features: custom has 0 intermediate stages to pool, asked for 3"):
         build(custom, small_source, tmp_path / "c", taps=3)
     assert not (tmp_path / "c").exists()
+
+
+def _right_only_at_batch_of(graph: bytes, size: int) -> bytes:
+    """The graph doctored to give its features for batches of `size` images and the rows reversed
+    for any other batch (as the ninth hostile pass made one: the verification batch passes it)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load_from_string(graph)
+    g = model.graph
+    out, inp = g.output[0].name, g.input[0].name
+    for node in g.node:
+        node.output[:] = ["orig" if o == out else o for o in node.output]
+    for key, value in {"i0": [0], "size": [size], "st": [-1], "en": [np.iinfo(np.int64).min], "ax": [0],
+                       "sp": [-1]}.items():
+        g.initializer.append(numpy_helper.from_array(np.array(value, np.int64), key))
+    g.node.extend([helper.make_node("Shape", [inp], ["sh"]), helper.make_node("Gather", ["sh", "i0"], ["n"], axis=0),
+                   helper.make_node("Equal", ["n", "size"], ["same"]),
+                   helper.make_node("Slice", ["orig", "st", "en", "ax", "sp"], ["flipped"]),
+                   helper.make_node("Where", ["same", "orig", "flipped"], [out])])
+    return model.SerializeToString()
+
+
+@needs_ort
+def test_a_graph_right_only_at_the_verification_batch_size_stores_nothing(lite0, small_source, tmp_path,
+                                                                          monkeypatch):
+    """Every batch size the extraction uses is checked against PyTorch on its first batch, before
+    its rows are stored: a graph doctored for the verification batch's size alone is caught, its
+    file removed, and the next build exports a sound one."""
+    from fasttl.cache.extraction import VERIFY_IMAGES
+
+    engine_dir = tmp_path / "engines"
+    engine_dir.mkdir()
+    first = build(lite0, small_source, tmp_path / "c", engine="onnxruntime", engine_dir=str(engine_dir))
+    (name,) = os.listdir(engine_dir)
+    (engine_dir / name).write_bytes(_right_only_at_batch_of((engine_dir / name).read_bytes(), VERIFY_IMAGES))
+    monkeypatch.setattr(engines, "_EXPORTED", {})  # as in a new process
+    with pytest.raises(CacheError, match=r"^engine: onnxruntime's features differ from PyTorch's on a batch of 3 "
+                                         r"images .*its graph was removed, nothing of this batch was stored"):
+        build(lite0, small_source, tmp_path / "c", engine="onnxruntime", engine_dir=str(engine_dir), overwrite=True,
+              batch_size=3)
+    assert not (engine_dir / name).exists()
+    again = build(lite0, small_source, tmp_path / "c", engine="onnxruntime", engine_dir=str(engine_dir),
+                  overwrite=True)
+    torch.testing.assert_close(again.features, first.features)

@@ -120,7 +120,8 @@ def test_tuned_linear_head_is_the_refit_solution_and_predicts_the_views_average(
     x, y = separable_problem(300, 24, 3, 11, noise=3.0)
     mirrored = x + 0.1 * torch.randn_like(x)
     views = [fake_cache(x, y, ["a", "b", "c"], [8, 16]), fake_cache(mirrored, y, ["a", "b", "c"], [8, 16])]
-    head, path, choice = tuning.tune_linear(views, seed=5, progress=False)
+    tuned = tuning.tune_linear(views, seed=5, progress=False)
+    head, path, choice = tuned.head, tuned.records, tuned.choice
     assert choice["weight_decay"] in solver.WEIGHT_DECAYS and path
     assert choice["validation"]["validation_images"] == 30 and choice["validation"]["train_images"] == 270
     rows = torch.cat([v.all_features() for v in views])
@@ -149,7 +150,8 @@ def test_a_mirrored_validation_view_is_averaged_into_every_validation_score():
     plain = fake_cache(x, y, ["a", "b", "c"], [8, 16])
     train_rows, val_rows = validation_split(y, 3)
     mirrored_val = fake_cache(mirrored[val_rows], y[val_rows], ["a", "b", "c"], [8, 16])
-    _, path, choice = tuning.tune_linear([plain], seed=3, progress=False, mirrored_validation=mirrored_val)
+    tuned = tuning.tune_linear([plain], seed=3, progress=False, mirrored_validation=mirrored_val)
+    path, choice = tuned.records, tuned.choice
     assert choice["validation"]["views"] == 2 and choice["validation"]["validation_images"] == len(val_rows)
     features = plain.all_features()
     mean, scale = solver.block_scaling(features[train_rows], [8, 16])
@@ -157,7 +159,7 @@ def test_a_mirrored_validation_view_is_averaged_into_every_validation_score():
     _, expected, _ = solver.fit_path((features[train_rows] - mean) / scale, y[train_rows], val_views, y[val_rows], 3,
                                      progress=False)
     assert [p["val_accuracy"] for p in path] == [p["val_accuracy"] for p in expected]
-    _, plain_path, _ = tuning.tune_linear([plain], seed=3, progress=False)
+    plain_path = tuning.tune_linear([plain], seed=3, progress=False).records
     assert [p["val_loss"] for p in plain_path] != [p["val_loss"] for p in path]  # the mirrored view did count
     with pytest.raises(ValueError, match="mirrored validation view: 5 rows for 30 validation images"):
         tuning.tune_linear([plain], seed=3, progress=False, mirrored_validation=fake_cache(
@@ -167,7 +169,8 @@ def test_a_mirrored_validation_view_is_averaged_into_every_validation_score():
 def test_mlp_early_stopping_keeps_the_best_validation_epoch():
     x, y = separable_problem(240, 16, 3, 13, noise=2.5)
     views = [fake_cache(x, y, ["a", "b", "c"])]
-    head, curves, choice = tuning.tune_mlp(views, epochs=6, batch_size=64, lr=3e-3, seed=2, progress=False)
+    tuned = tuning.tune_mlp(views, epochs=6, batch_size=64, lr=3e-3, seed=2, progress=False)
+    curves, choice = tuned.records, tuned.choice
     assert {c["weight_decay"] for c in curves} == set(tuning.MLP_WEIGHT_DECAYS)
     assert all("eval_accuracy" not in c and "val_accuracy" in c for c in curves)
     best = max(curves, key=lambda c: (c["val_accuracy"], -c["val_loss"]))

@@ -106,7 +106,9 @@ class OnnxEngine:
                  verify_images: Optional[Tensor] = None):
         self.verify_images = verify_images
         self.name, self.graph_sha256, self.graph_bytes = name, None, 0
+        self.model, self.taps, self.checked_sizes = model, taps, set()
         onnx_path = os.path.join(engine_dir, name) if name and engine_dir else None
+        self.onnx_path = onnx_path
         known = _EXPORTED.get(name) or (_read_engine_file(onnx_path) if onnx_path else None)
         for data in ([known] if known else []) + [None]:
             fresh = data is None
@@ -136,12 +138,33 @@ class OnnxEngine:
         images = self.verify_images
         if images is None:
             images = torch.randn(4, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-        error = relative_error(self(images)[0], pooled_reference(model, taps, images))
-        return None if error <= FP32_TOLERANCE else f"relative error {error:.1e} > {FP32_TOLERANCE:.0e}"
+        error = relative_error(self._run(images), pooled_reference(model, taps, images))
+        if error > FP32_TOLERANCE:
+            return f"relative error {error:.1e} > {FP32_TOLERANCE:.0e}"
+        self.checked_sizes = {len(images)}
+        return None
+
+    def _run(self, images: Tensor) -> Tensor:
+        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {"images": array})[0])
 
     def __call__(self, images: Tensor) -> List[Tensor]:
-        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        return [torch.from_numpy(self.session.run(None, {"images": array})[0])]
+        """The pooled features of `images`. The first batch of each size is also checked against
+        PyTorch fp32 before it is used (one reference forward per size): a graph right only at
+        the verification batch's size is caught before any of its rows is stored."""
+        features = self._run(images)
+        if len(images) not in self.checked_sizes:
+            error = relative_error(features, pooled_reference(self.model, self.taps, images))
+            if error > FP32_TOLERANCE:
+                _EXPORTED.pop(self.name, None)
+                if self.onnx_path:
+                    with contextlib.suppress(OSError):
+                        os.remove(self.onnx_path)  # fasttl's own file: the next build exports it anew
+                raise CacheError(f"engine: onnxruntime's features differ from PyTorch's on a batch of {len(images)} "
+                                 f"images (relative error {error:.1e}); its graph was removed, nothing of this batch "
+                                 "was stored: run again (the graph is exported anew), or pass --engine torch")
+            self.checked_sizes.add(len(images))
+        return [features]
 
 
 def onnx_file_name(backbone, taps: int, image_size: int) -> str:

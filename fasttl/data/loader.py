@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import re
 from typing import Iterator, Optional, Tuple, Union
 
@@ -176,11 +178,13 @@ class ImageLoader:
         first_line = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
         names = self.source.sample_ids() if not isinstance(self.source, FileSource) else self.source.files
         pending = [names[i] for i in batches.in_flight]
+        if re.search(r"too many open files|EMFILE|ENFILE", text, re.IGNORECASE) or _few_files_left():
+            return OSError(errno.EMFILE, "Too many open files")  # the machine's limit: the CLI says raise ulimit -n
         if re.search(r"out of memory|bad_alloc|Cannot allocate|OOM", text, re.IGNORECASE):
             where = f"{pending[0]} or one of {len(pending) - 1} images beside it" if pending else "an image"
             return DataError(f"{where}: decoding ran out of memory (an image larger than it looks, or too large a "
                              "batch: lower --batch-size, or screen the data with --on-error skip)")
-        if not isinstance(self.source, FileSource) or "decod" not in text:
+        if not isinstance(self.source, FileSource) or "decod" not in text or not pending:
             return RuntimeError(f"DALI pipeline failed: {first_line.strip()} (FASTTL_DEBUG=1 shows DALI's message; "
                                 "backend='torch' avoids DALI)")
         named = set(re.findall(r"Failed to decode sample\s*#?\d*\s*:\s*(\S.*?)\s*$", text, re.MULTILINE))
@@ -194,6 +198,18 @@ class ImageLoader:
         where = self.source.root or "the source"
         return DataError(f"data: DALI could not decode one of {len(pending)} images of {where} "
                          f"that PIL decodes ({' '.join(text.split())[-300:]}); use backend='torch'")
+
+
+def _few_files_left(margin: int = 8) -> bool:
+    """Whether this process is within `margin` descriptors of its open-file limit (DALI then fails
+    to load its decoder's modules and says only that its pipeline is no longer valid)."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return soft != resource.RLIM_INFINITY and len(os.listdir("/proc/self/fd")) >= soft - margin
+    except (ImportError, OSError, ValueError):
+        return False
 
 
 class _EpochBatches:

@@ -3,6 +3,7 @@ validation: the exact L2 path for `linear` (fasttl.heads.solver), the weight dec
 count by early stopping for `mlp`. The test split is never seen here."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -18,6 +19,19 @@ MLP_WEIGHT_DECAYS = (1e-4, 1e-2, 1e-1)
 MLP_PATIENCE = 3
 # L-BFGS iterations of a linear head solved from zero (fit_linear); it stops sooner at tolerance.
 COLD_START_ITERATIONS = 1000
+
+
+@dataclass
+class TunedHead:
+    """A head and how it was made: `head` (refit on every training row), `records` (the L2 path's
+    points, the MLP's validation curves, or the solver's record of an untuned fit), `choice` (the
+    settings chosen and their validation scores); for the linear probe also `train_part`, the
+    chosen head fit on the train part alone (LP-FT fine-tunes from it)."""
+
+    head: nn.Module
+    records: List[Dict]
+    choice: Dict
+    train_part: Optional[nn.Module] = None
 
 
 def split_views(views: Sequence[FeatureCache], seed: int, mirrored_validation: Optional[FeatureCache] = None
@@ -49,21 +63,12 @@ def _rows(views: Sequence[FeatureCache], device) -> Tuple[torch.Tensor, torch.Te
 
 
 def tune_linear(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu", progress: bool = True,
-                mirrored_validation: Optional[FeatureCache] = None) -> Tuple[nn.Module, List[Dict], Dict]:
-    """The linear head: L2 strength chosen on validation along the regularization path, then
-    solved again on all training rows from the chosen solution. Returns (head, path records,
-    choice). `mirrored_validation`: see split_views."""
-    _, head, path, choice = linear_probe(views, seed=seed, device=device, progress=progress,
-                                         mirrored_validation=mirrored_validation)
-    return head, path, choice
-
-
-def linear_probe(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu", progress: bool = True,
-                 mirrored_validation: Optional[FeatureCache] = None) -> Tuple[nn.Module, nn.Module, List[Dict], Dict]:
-    """`tune_linear`, also returning the chosen head as fit on the train part alone (its own
-    scaling; its validation accuracy is choice["val_accuracy"]): what LP-FT fine-tunes from,
-    with the validation part held out for early stopping. Returns (train-part head, refit head,
-    path records, choice)."""
+                mirrored_validation: Optional[FeatureCache] = None) -> TunedHead:
+    """The linear head: L2 strength chosen on validation along the regularization path (the
+    records: its points), then solved again on all training rows from the chosen solution; its
+    `train_part`, the chosen solution on the train part alone (its own scaling; its validation
+    accuracy is choice["val_accuracy"]), is what LP-FT fine-tunes from, with the validation part
+    held out for early stopping. `mirrored_validation`: see split_views."""
     device = torch.device(device)
     train_views, val_views, info = split_views(views, seed, mirrored_validation)
     widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
@@ -92,12 +97,12 @@ def linear_probe(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu", 
     choice = dict(validation=info, weight_decay=weight_decay, val_accuracy=chosen["val_accuracy"],
                   val_loss=chosen["val_loss"], solver="L-BFGS, full batch", refit_seconds=refit["seconds"],
                   refit_on="train + validation")
-    return train_part.to(device), head.to(device), path, choice
+    return TunedHead(head.to(device), path, choice, train_part=train_part.to(device))
 
 
-def fit_linear(views: Sequence[FeatureCache], weight_decay: float, device="cpu") -> Tuple[nn.Module, Dict]:
-    """(head, solver record): the linear head at a given L2 strength on every row of `views`,
-    nothing tuned (cross-fitting refits a tuned run's head this way)."""
+def fit_linear(views: Sequence[FeatureCache], weight_decay: float, device="cpu") -> TunedHead:
+    """The linear head at a given L2 strength on every row of `views`, nothing tuned (cross-fitting
+    refits a tuned run's head this way); its one record is the solver's."""
     device = torch.device(device)
     widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
     x, y = _rows(views, device)
@@ -110,33 +115,32 @@ def fit_linear(views: Sequence[FeatureCache], weight_decay: float, device="cpu")
     with torch.no_grad():
         head[-1].weight.copy_(weight)
         head[-1].bias.copy_(bias)
-    return head.to(device), record
+    return TunedHead(head.to(device), [record], dict(weight_decay=weight_decay, solver="L-BFGS, full batch"))
 
 
-def _untuned_linear(views, info, device):
+def _untuned_linear(views, info, device) -> TunedHead:
     """One image per class: the default strength on all rows (nothing to validate on)."""
-    head, record = fit_linear(views, solver.DEFAULT_WEIGHT_DECAY, device)
+    fitted = fit_linear(views, solver.DEFAULT_WEIGHT_DECAY, device)
     choice = dict(validation=info, weight_decay=solver.DEFAULT_WEIGHT_DECAY, solver="L-BFGS, full batch",
                   refit_on="train (no validation split)")
-    return head, head, [record], choice
+    return TunedHead(fitted.head, fitted.records, choice, train_part=fitted.head)
 
 
 def tune_mlp(views: Sequence[FeatureCache], *, epochs: int, batch_size: int, lr: float, seed: int = 0, device="cpu",
              dtype: torch.dtype = torch.float32, progress: bool = True, checkpoint=None,
-             resume: bool = False, mirrored_validation: Optional[FeatureCache] = None
-             ) -> Tuple[nn.Module, List[Dict], Dict]:
+             resume: bool = False, mirrored_validation: Optional[FeatureCache] = None) -> TunedHead:
     """The MLP head: for each weight decay, training on the train part with the validation
     accuracy read after every epoch (stopping MLP_PATIENCE epochs after the best); the best
-    (weight decay, epoch count) is then trained again on train + validation. Returns (head, the
-    validation curves, choice). `mirrored_validation`: see split_views."""
+    (weight decay, epoch count) is then trained again on train + validation; the records are the
+    validation curves. `mirrored_validation`: see split_views."""
     train_views, val_views, info = split_views(views, seed, mirrored_validation)
     if not val_views:  # one image per class: the first weight decay for the given epochs
         everything = FeatureCache.concat(list(views)) if len(views) > 1 else views[0]
         head, history = train_head(everything, kind="mlp", epochs=epochs, batch_size=batch_size, lr=lr,
                                    weight_decay=MLP_WEIGHT_DECAYS[0], seed=seed, device=device, progress=progress,
                                    dtype=dtype, checkpoint=checkpoint, resume=resume)
-        return head, history, dict(validation=info, weight_decay=MLP_WEIGHT_DECAYS[0], epochs=epochs,
-                                   refit_on="train (no validation split)")
+        return TunedHead(head, history, dict(validation=info, weight_decay=MLP_WEIGHT_DECAYS[0], epochs=epochs,
+                                             refit_on="train (no validation split)"))
     train = FeatureCache.concat(train_views) if len(train_views) > 1 else train_views[0]
     curves, best = [], None
     for weight_decay in MLP_WEIGHT_DECAYS:
@@ -156,7 +160,7 @@ def tune_mlp(views: Sequence[FeatureCache], *, epochs: int, batch_size: int, lr:
                              checkpoint=checkpoint, resume=resume)
     choice = dict(validation=info, weight_decay=weight_decay, epochs=best_epochs, val_accuracy=best[0][0],
                   val_loss=-best[0][1], refit_on="train + validation")
-    return head, curves, choice
+    return TunedHead(head, curves, choice)
 
 
 def predict_split(head: nn.Module, views: Sequence[FeatureCache], device="cpu"):

@@ -82,8 +82,11 @@ def own_dataset(cfg: dict):
     can't be rebuilt and would score training images."""
     own = own_data(cfg)
     listed = is_file_list(own) or is_webdataset(own)
+    # The run's --on-error decides a list's split (screened before it is cut); the test images of
+    # folders are screened by the caller's own policy.
     dataset = load_dataset(own, cfg["seed"], train_per_class=cfg.get("train_per_class"),
-                           test_per_class=cfg.get("test_per_class"), on_error=cfg.get("on_error", "fail"),
+                           test_per_class=cfg.get("test_per_class"),
+                           on_error=cfg.get("on_error", "fail") if listed else "fail",
                            classes_file=classes_file_of(cfg) if listed else None,
                            labels=cfg.get("labels", "names") if listed else "names")
     recorded = (cfg.get("identity") or {}).get("data_identity")

@@ -23,6 +23,7 @@ from fasttl.util import distributed
 from fasttl.transfer.config import RunConfig, scoped
 from fasttl.transfer.datasets import EMBEDDED, NAMED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
+from fasttl.util import files
 from fasttl.util.files import write_atomic
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
@@ -139,14 +140,8 @@ def _refuse_foreign(run_dir: str) -> None:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """What can be checked before any work: the device exists, the files named exist."""
-    if str(cfg.device).startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise OptionError(f"device: {cfg.device} asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
-                              "pass --device cpu")
-        index = torch.device(cfg.device).index
-        if index is not None and index >= torch.cuda.device_count():
-            raise OptionError(f"device: {cfg.device} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+    """What can be checked before any work beyond each option's own check (the device's among
+    them, in the config): the files named exist."""
     for name in ("weights",):
         path = getattr(cfg, name)
         if path is not None and not os.path.isfile(os.path.expanduser(path)):
@@ -213,6 +208,11 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
     with contextlib.ExitStack() as held:
         if rank == 0:
             held.enter_context(_locked_run_dir(run_dir))
+            if isinstance(cfg.tensorboard, str):  # DIR/<run name> is shared by runs of one name: one at a time
+                board = tensorboard_dir(cfg, run_dir)
+                os.makedirs(board, exist_ok=True)
+                held.enter_context(files.FolderLock(board, TENSORBOARD_LOCK, "it writes TensorBoard curves of a run "
+                                                    "of that name"))
             prepare_run_dir(run_dir, cfg, identity)
             write_config(run_dir, config)
             if dataset.skipped:
@@ -276,6 +276,9 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
     return payload
 
 
+TENSORBOARD_LOCK = ".fasttl-tensorboard.lock"  # in DIR/<run name> while a run writes there (TensorBoard ignores it)
+
+
 def tensorboard_dir(cfg: RunConfig, run_dir: str):
     """Where --tensorboard writes: DIR/<run folder name>, or RUN_DIR/tensorboard; None without it."""
     if cfg.tensorboard is None:
@@ -285,8 +288,9 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
     else:
         board = os.path.join(os.path.abspath(os.path.expanduser(cfg.tensorboard)), os.path.basename(run_dir))
     # A link anywhere events go (the folder or a model's sub-folder) is refused now, not after training.
-    for folder in [board] + ([os.path.join(board, name) for name in sorted(os.listdir(board))]
-                             if os.path.isdir(board) and not os.path.islink(board) else []):
+    models = [name for name in sorted(os.listdir(board)) if name != TENSORBOARD_LOCK] \
+        if os.path.isdir(board) and not os.path.islink(board) else []
+    for folder in [board] + [os.path.join(board, name) for name in models]:
         if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
             raise OptionError(f"tensorboard: {folder} is a symbolic link or not a folder; fasttl writes event files "
                               "only into folders it can see (remove it, or give another --tensorboard)")
@@ -294,8 +298,7 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
         return board
     # Curves already there are another run's (one of the same folder name, or this one's before
     # --overwrite): never deleted, never mixed with this run's.
-    held = [os.path.join(model, name) for model in sorted(os.listdir(board)) if os.path.isdir(board)
-            for name in event_files(os.path.join(board, model))] if os.path.isdir(board) else []
+    held = [os.path.join(model, name) for model in models for name in event_files(os.path.join(board, model))]
     if held and not cfg.resume:
         raise OptionError(f"tensorboard: {board} already holds event files ({held[0]}{', ...' if len(held) > 1 else ''}"
                           f") of a run named {os.path.basename(run_dir)}; give another --tensorboard folder, or move "

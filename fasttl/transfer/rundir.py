@@ -236,7 +236,40 @@ def mark_run(run_dir: str, config_sha256: Optional[str] = None) -> None:
     marker = {"fasttl": __version__, "what": "a fasttl run folder"}
     if config_sha256 is not None:
         marker["config_sha256"] = config_sha256
+    recorded = _marker(run_dir).get("files")
+    if isinstance(recorded, dict):  # a resumed run keeps the records of the files it made before
+        marker["files"] = recorded
     write_json_atomic(os.path.join(run_dir, MARKER), marker)
+
+
+def _marker(run_dir: str) -> dict:
+    try:
+        marker = read_json(os.path.join(run_dir, MARKER))
+    except ValueError:
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def write_recorded(run_dir: str, name: str, data: bytes) -> None:
+    """A file a run makes and reads back on --resume (distill's choice, its teachers' logits),
+    written atomically with its SHA-256 recorded in the marker, as config.json's is."""
+    write_atomic(os.path.join(run_dir, name), data)
+    marker = _marker(run_dir)
+    marker.setdefault("files", {})[name] = hashlib.sha256(data).hexdigest()
+    write_json_atomic(os.path.join(run_dir, MARKER), marker)
+
+
+def read_recorded(run_dir: str, name: str, limit: int) -> Optional[bytes]:
+    """The bytes of a file write_recorded made, or None when it is missing, not a plain file, over
+    `limit` bytes or not what fasttl wrote (edited or damaged since): the caller makes it anew."""
+    recorded = (_marker(run_dir).get("files") or {}).get(name)
+    if not isinstance(recorded, str):
+        return None
+    try:
+        data = files.read_plain(os.path.join(run_dir, name), limit)
+    except (OSError, ValueError):
+        return None
+    return data if hashlib.sha256(data).hexdigest() == recorded else None
 
 
 def _check_unchanged(run_dir: str, path: str) -> None:

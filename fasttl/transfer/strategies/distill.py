@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fasttl.util.errors import OptionError
-from fasttl.util.files import read_json, write_atomic
+from fasttl.util import files
+from fasttl.util.files import read_json
 from fasttl.transfer import cross_fit, registry
 from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
-from fasttl.transfer.rundir import RunError, finite_logits, load_trained, read_config, weights_file
+from fasttl.transfer.rundir import (RunError, finite_logits, load_trained, read_config, read_recorded, weights_file,
+                                   write_recorded)
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split
 from fasttl.transfer.models import SmallCNN
 from fasttl._op_checks import TEMPERATURE_RANGE
@@ -28,6 +30,7 @@ from fasttl.transfer.small_cnn import (cnn_epoch, cnn_logits, cnn_loss, cnn_mode
 from fasttl.util.seeds import torch_seed
 
 TEACHER_LOGITS = "teacher_logits.safetensors"
+MAX_LOGITS_BYTES = 1 << 34  # 2 views x 50M images x 40 classes of fp32: far above any run's
 # The validation sweep's choice, kept so that --resume continues training instead of sweeping again.
 CHOICE = "distill_choice.json"
 
@@ -92,19 +95,19 @@ def _valid_kind(kind) -> bool:
     return isinstance(kind, str) and (kind == cross_fit.CROSS_FITTED or kind.startswith(cross_fit.IN_SAMPLE))
 
 
-def _saved_logits(path: str, request: str, teachers: List[str], rows: int, classes: int):
+def _saved_logits(data: bytes, request: str, teachers: List[str], rows: int, classes: int):
     """(logits (2, N, C), how each teacher's were made) from an earlier start of this run, or None
     when the file is damaged, holds values no teacher gives (another shape, a non-float dtype,
     non-finite numbers) or was made for other teachers, teacher weights, --teacher-logits or seed."""
-    from safetensors import safe_open
+    from safetensors.torch import load
 
     try:
-        with safe_open(path, framework="pt") as saved:
-            metadata = saved.metadata() or {}
-            if metadata.get("request") != request:
-                return None
-            views = torch.stack([saved.get_tensor("logits"), saved.get_tensor("logits_mirror")])
-            kinds = json.loads(metadata["kinds"])
+        metadata = _safetensors_metadata(data)
+        if metadata.get("request") != request:
+            return None
+        tensors = load(data)
+        views = torch.stack([tensors["logits"], tensors["logits_mirror"]])
+        kinds = json.loads(metadata["kinds"])
     except Exception:  # a damaged file is recomputed, never trusted
         return None
     if (views.shape != (2, rows, classes) or not views.dtype.is_floating_point or not torch.isfinite(views).all()
@@ -112,6 +115,14 @@ def _saved_logits(path: str, request: str, teachers: List[str], rows: int, class
             or not all(_valid_kind(k) for k in kinds.values())):
         return None
     return views.float(), kinds
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    """The __metadata__ of safetensors bytes (its header: an 8-byte length, then JSON)."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    metadata = header.get("__metadata__") or {}
+    return metadata if isinstance(metadata, dict) else {}
 
 
 @torch.no_grad()
@@ -146,20 +157,21 @@ def teacher_logits_for(teacher, ds, cfg, run_dir: str, device: torch.device) -> 
     load) and reused by --resume while the teachers' weights and these options are the same."""
     from safetensors.torch import save
 
-    path = os.path.join(run_dir, TEACHER_LOGITS)
     teachers = [os.path.abspath(os.path.expanduser(t)) for t in teacher_dirs(teacher)]
     models = [teacher_model(t, ds.classes, device) for t in teachers]  # every teacher checked before any runs
     request = json.dumps({"teachers": teachers, "weights": [_weights_digest(t) for t in teachers],
                           "teacher_logits": cfg.teacher_logits, "folds": cross_fit.FOLDS, "seed": cfg.seed})
-    if os.path.isfile(path):
-        saved = _saved_logits(path, request, teachers, len(ds.train), len(ds.classes))
+    data = read_recorded(run_dir, TEACHER_LOGITS, MAX_LOGITS_BYTES)  # what this run wrote, unchanged since
+    if data is not None:
+        saved = _saved_logits(data, request, teachers, len(ds.train), len(ds.classes))
         if saved is not None:
             return saved
     makers = [_logit_makers(t, m, ds, cfg) for t, m in zip(teachers, models)]
     logits = torch.stack([make().float() for make, _ in makers]).mean(0)
     kinds = {t: kind for t, (_, kind) in zip(teachers, makers)}
-    write_atomic(path, save({"logits": logits[0].contiguous(), "logits_mirror": logits[1].contiguous()},
-                            metadata={"request": request, "kinds": json.dumps(kinds)}))
+    write_recorded(run_dir, TEACHER_LOGITS, save({"logits": logits[0].contiguous(),
+                                                  "logits_mirror": logits[1].contiguous()},
+                                                 metadata={"request": request, "kinds": json.dumps(kinds)}))
     return logits, kinds
 
 
@@ -286,10 +298,11 @@ def saved_choice(run_dir: str, cfg) -> Optional[dict]:
     """The choice an interrupted run's sweep made (CHOICE), or None to sweep again: a file that is
     missing or damaged, or whose values this run's sweep could not have chosen (a (T, alpha) not
     among its candidates, the feature term without --distill-features), is never trusted."""
+    data = read_recorded(run_dir, CHOICE, files.MAX_JSON_BYTES)  # what this run wrote, unchanged since
     try:
-        choice = read_json(os.path.join(run_dir, CHOICE))  # a plain file only: a pipe or a device is never read
+        choice = json.loads(data)
         pair = (choice["temperature"], choice["alpha"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in pair):  # True == 1.0
         return None
@@ -367,7 +380,7 @@ class Distill(Strategy):
         choice = saved_choice(run_dir, cfg) if cfg.resume else None
         if choice is None:
             choice = choose_on_validation(cfg, ds, logits, train_x, device, features)
-            write_atomic(os.path.join(run_dir, CHOICE), json.dumps(choice, indent=1).encode())
+            write_recorded(run_dir, CHOICE, json.dumps(choice, indent=1).encode())
         sweep_s = time.perf_counter() - started
         hint = (FeatureHint(SmallCNN.FEATURE_DIM, features, cfg.seed, device, train_x.dtype)
                 if choice.get("distill_features") else None)

@@ -41,15 +41,16 @@ class FeatureTransfer(Strategy):
     can_teach = True
 
     def fit(self, cfg, views, run_dir, device, mirrored_validation=None):
-        """(head, validation records, choice) of this kind of head; `mirrored_validation`: see
-        fasttl.heads.tuning.split_views."""
+        """This kind of head tuned on validation (a fasttl.heads.tuning.TunedHead);
+        `mirrored_validation`: see fasttl.heads.tuning.split_views."""
         raise NotImplementedError
 
     def train(self, cfg, ds, run_dir, device) -> List[Outcome]:
         backbone = backbones.create(cfg.backbone, weights=cfg.weights)
         caches = feature_caches(cfg, backbone, ds, with_mirror_views=True)
         started = time.perf_counter()
-        head, history, choice = self.fit(cfg, caches.train_views, run_dir, device, caches.mirrored_validation)
+        tuned = self.fit(cfg, caches.train_views, run_dir, device, caches.mirrored_validation)
+        head, history, choice = tuned.head, tuned.records, tuned.choice
         train_s = time.perf_counter() - started
         started = time.perf_counter()
         logits, labels = predict_split(head, caches.test_views, device)
@@ -108,7 +109,7 @@ class Linear(FeatureTransfer):
                                                 "one of the L2 strengths its tuning tries")}
 
     def refit_head(self, settings, views, seed, device):
-        return fit_linear(views, settings["weight_decay"], device)[0]
+        return fit_linear(views, settings["weight_decay"], device).head
 
 
 @register

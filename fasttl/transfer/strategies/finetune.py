@@ -194,7 +194,7 @@ class _Probe:
 
     @classmethod
     def fit(cls, cfg, ds, backbone, device, rank: int) -> "_Probe":
-        from fasttl.heads.tuning import linear_probe
+        from fasttl.heads.tuning import tune_linear
 
         probe = cls()
         started = time.perf_counter()
@@ -204,8 +204,9 @@ class _Probe:
         probe.extract_s = time.perf_counter() - started
         probe.extracted_images = cache.last_build.get("images", 0)
         started = time.perf_counter()
-        probe.train_part_head, probe.refit_head, probe.path, probe.choice = linear_probe(
-            [cache], seed=cfg.seed, device=device, progress=cfg.progress and rank == 0)
+        tuned = tune_linear([cache], seed=cfg.seed, device=device, progress=cfg.progress and rank == 0)
+        probe.train_part_head, probe.refit_head, probe.path, probe.choice = (tuned.train_part, tuned.head,
+                                                                             tuned.records, tuned.choice)
         probe.probe_s = time.perf_counter() - started
         if not np.array_equal(cache.labels.cpu().numpy(), np.asarray(ds.train.labels)):
             raise RuntimeError("finetune: the feature cache's labels are not the training split's, in its order")
