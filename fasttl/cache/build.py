@@ -22,7 +22,7 @@ from fasttl.cache.store import CacheError
 from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES
 from fasttl.data import ImageLoader, TransformSpec
 from fasttl.data import screen as screen_source
-from fasttl.data.sources import ON_ERROR, ArraySource, FileSource, TarSource
+from fasttl.data.sources import ON_ERROR, ArraySource, FileSource
 from fasttl.cache.extraction import (compute_settings, default_batch_size, extract_features, extraction_engine,
                                      verification_images)
 from fasttl.cache.folder import file_entry, finish, refuse_foreign
@@ -91,7 +91,7 @@ def _screen_as_recorded(data, manifest: Optional[dict]):
     """The screened source a finished cache recorded for the same raw source, without decoding
     every file again; None when the manifest does not record a screening of `data`."""
     screening = (manifest or {}).get("screening")
-    if not isinstance(screening, dict) or not isinstance(data, (FileSource, TarSource)):
+    if not isinstance(screening, dict) or not data.encoded:
         return None
     if screening.get("on_error") != "skip" or screening.get("source") != data.identity():
         return None
@@ -99,9 +99,8 @@ def _screen_as_recorded(data, manifest: Optional[dict]):
     ids = data.sample_ids()
     keep = [i for i, sample in enumerate(ids) if sample not in reasons]
     source = data.subset(keep)
-    names = data.files if isinstance(data, FileSource) else ids  # as screen() lists them
-    source.skipped = list(data.skipped) + [(names[i], reasons[ids[i]]) for i in range(len(ids))
-                                           if ids[i] in reasons]
+    source.skipped = list(data.skipped) + [(data.name_of(i), reasons[ids[i]]) for i in range(len(ids))
+                                           if ids[i] in reasons]  # as screen() lists them
     return source
 
 
@@ -259,7 +258,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
         result = _extract_missing(backbone, source, spec, out_dir, key, dtype, shard_rows, batch_size, device,
                                   resolved_backend, progress, rank, world, run, wanted["feature_dim"])
         if rank == 0:
-            screened = on_error == "skip" and isinstance(data, (FileSource, TarSource))
+            screened = on_error == "skip" and data.encoded
             screening = {"on_error": on_error, "source": data.identity()} if screened else None
             shards = math.ceil(len(source) / shard_rows)
             result["bytes_written"] += _write_manifest(out_dir, source, labels, wanted, key, shards, skipped,

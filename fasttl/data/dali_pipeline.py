@@ -8,10 +8,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from fasttl.data.images import MAX_IMAGE_BYTES, bytes_problem, skip_hint
-from fasttl.data.sources import ArraySource, TarSource
+from fasttl.data.images import bytes_problem, skip_hint
 from fasttl.util.errors import DataError
-from fasttl.util.files import read_plain
 from fasttl.data.spec import TransformSpec
 
 
@@ -73,11 +71,11 @@ class SampleBatches:
         return samples, [np.asarray([i], dtype=np.int64) for i in idx]
 
     def _sample(self, i: int) -> np.ndarray:
-        if isinstance(self.source, ArraySource):
+        if not self.source.encoded:
             return np.ascontiguousarray(self.source.images[i])
-        name = self.source.sample_ids()[i] if isinstance(self.source, TarSource) else self.source.files[i]
+        name = self.source.name_of(i)
         try:
-            data = self.source.read(i) if isinstance(self.source, TarSource) else _read_file(self.source.files[i])
+            data = self.source.read(i)
         except OSError as exc:
             raise DataError(f"{name}: cannot be read ({exc.strerror or type(exc).__name__}; it was there when the "
                             f"loader started); {skip_hint()}") from None
@@ -87,21 +85,13 @@ class SampleBatches:
         return np.frombuffer(data, dtype=np.uint8)
 
 
-def _read_file(path: str) -> bytes:
-    """A plain file's bytes, bounded: a pipe is never waited on, a device or a huge file never read."""
-    try:
-        return read_plain(path, MAX_IMAGE_BYTES)
-    except ValueError as exc:
-        raise DataError(f"{path}: cannot be read as an image ({exc}); {skip_hint()}") from None
-
-
 def sample_pipeline(batches: SampleBatches, spec: TransformSpec, batch_size: int, device_id: Optional[int],
                     num_threads: int, seed: int):
     """Outputs (images, sample indices) from SampleBatches: decoded by DALI ("mixed": on the GPU
     where there is one), or pixels as they are (an ArraySource), then the spec's transform."""
     from nvidia.dali import fn, pipeline_def, types
 
-    encoded = not isinstance(batches.source, ArraySource)
+    encoded = batches.source.encoded
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed % 2**31,
                   prefetch_queue_depth=2)

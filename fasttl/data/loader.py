@@ -176,15 +176,14 @@ class ImageLoader:
         memory that ran out is said so, with the images in flight."""
         text = str(exc)
         first_line = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
-        names = self.source.sample_ids() if not isinstance(self.source, FileSource) else self.source.files
-        pending = [names[i] for i in batches.in_flight]
+        pending = [self.source.name_of(i) for i in batches.in_flight]
         if re.search(r"too many open files|EMFILE|ENFILE", text, re.IGNORECASE) or _few_files_left():
             return OSError(errno.EMFILE, "Too many open files")  # the machine's limit: the CLI says raise ulimit -n
         if re.search(r"out of memory|bad_alloc|Cannot allocate|OOM", text, re.IGNORECASE):
             where = f"{pending[0]} or one of {len(pending) - 1} images beside it" if pending else "an image"
             return DataError(f"{where}: decoding ran out of memory (an image larger than it looks, or too large a "
                              "batch: lower --batch-size, or screen the data with --on-error skip)")
-        if not isinstance(self.source, FileSource) or "decod" not in text or not pending:
+        if not isinstance(self.source, FileSource) or "decod" not in text or not pending:  # PIL re-checks files
             return RuntimeError(f"DALI pipeline failed: {first_line.strip()} (FASTTL_DEBUG=1 shows DALI's message; "
                                 "backend='torch' avoids DALI)")
         named = set(re.findall(r"Failed to decode sample\s*#?\d*\s*:\s*(\S.*?)\s*$", text, re.MULTILINE))

@@ -1,19 +1,25 @@
 """Where images come from, as one of three source types: image files with labels (FileSource),
 decoded arrays (ArraySource) and WebDataset shards (TarSource). Each knows its samples, class
 names and a content identity (for cache fingerprints); `screen` decodes every image once and
-leaves out or names the unreadable ones. The formats that make sources are in formats/."""
+leaves out or names the unreadable ones. The formats that make sources are in formats/.
+
+What a loader asks of any source: `encoded` (its samples are image bytes to decode, or decoded
+pixels already), `name_of(i)` (how errors and skip lists name sample i) and, for encoded ones,
+`read(i)` (the image's bytes)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Set, Tuple, Union
+from typing import ClassVar, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
 from fasttl.util.errors import DataError
-from fasttl.data.images import check_all, check_image, check_image_bytes, header_problem, skip_hint
+from fasttl.data.images import (MAX_IMAGE_BYTES, check_all, check_image, check_image_bytes, header_problem,
+                                skip_hint)
+from fasttl.util.files import read_plain
 
 
 ON_ERROR = ("fail", "skip")
@@ -51,9 +57,21 @@ class FileSource:
             digest.update(f"{rel}\0{size_and_time(path)}\0{label}\n".encode())
         return digest.hexdigest()
 
+    encoded: ClassVar[bool] = True  # samples are image files to decode (see the module's protocol)
+
     def sample_ids(self) -> List[str]:
         """A name per sample: the file path relative to the source's root (or as given)."""
         return [os.path.relpath(f, self.root) if self.root else f for f in self.files]
+
+    def name_of(self, index: int) -> str:
+        return self.files[index]
+
+    def read(self, index: int) -> bytes:
+        """The file's bytes, bounded: a pipe is never waited on, a device or a huge file never read."""
+        try:
+            return read_plain(self.files[index], MAX_IMAGE_BYTES)
+        except ValueError as exc:
+            raise DataError(f"{self.files[index]}: cannot be read as an image ({exc}); {skip_hint()}") from None
 
     def subset(self, indices: Sequence[int]) -> "FileSource":
         return FileSource([self.files[i] for i in indices], [self.labels[i] for i in indices], list(self.classes),
@@ -82,9 +100,14 @@ class ArraySource:
         digest.update(np.asarray(self.labels, dtype=np.int64).tobytes())
         return digest.hexdigest()
 
+    encoded: ClassVar[bool] = False  # decoded pixels already
+
     def sample_ids(self) -> List[str]:
         """A name per sample: NAME:INDEX."""
         return [f"{self.name}:{i}" for i in range(len(self))]
+
+    def name_of(self, index: int) -> str:
+        return f"{self.name}:{index}"
 
     def subset(self, indices: Sequence[int]) -> "ArraySource":
         idx = np.asarray(indices, dtype=np.int64)
@@ -126,8 +149,13 @@ class TarSource:
     def _shard_name(self, shard: int) -> str:
         return os.path.relpath(self.shards[shard], self.root) if self.root else self.shards[shard]
 
+    encoded: ClassVar[bool] = True  # samples are encoded images in the shards
+
     def sample_ids(self) -> List[str]:
         return [f"{self._shard_name(m[0])}/{k}" for m, k in zip(self.members, self.keys)]
+
+    def name_of(self, index: int) -> str:
+        return f"{self._shard_name(self.members[index][0])}/{self.keys[index]}"
 
     def identity(self) -> str:
         """Hash of the class names, the shard names and sizes, the sample keys, image sizes and labels."""
@@ -144,7 +172,7 @@ class TarSource:
             f.seek(offset)
             data = f.read(size)
         if len(data) != size:
-            raise DataError(f"{self.sample_ids()[index]}: the tar ends inside this sample (truncated shard)")
+            raise DataError(f"{self.name_of(index)}: the tar ends inside this sample (truncated shard)")
         return data
 
     def subset(self, indices: Sequence[int]) -> "TarSource":
@@ -200,10 +228,10 @@ def screen(source: Source, on_error: str = "fail", *, num_threads: Optional[int]
     An ArraySource (already decoded) comes back as it is."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error: expected one of {ON_ERROR}, got {on_error!r}")
-    if isinstance(source, TarSource):
-        return _screen_tar(source, on_error, num_threads)
-    if not isinstance(source, FileSource):
+    if not source.encoded:
         return source
+    if isinstance(source, TarSource):  # checked from bytes in the shards; files by path, in threads
+        return _screen_tar(source, on_error, num_threads)
     found = check_all(source.files, check_image, num_threads, stop_at_first=on_error == "fail")
     if not found:
         source.clean_header_ranges.add((0, len(source.files)))
