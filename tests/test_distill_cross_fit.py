@@ -19,7 +19,7 @@ from fasttl.transfer import cross_fit, registry
 from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import load_dataset
 from fasttl.transfer.job import run
-from fasttl.transfer.registry import TrainedModel
+from fasttl.transfer.trained import TrainedModel
 from fasttl.transfer import feature_models, small_cnn
 from fasttl.transfer.strategies import distill, feature
 

@@ -17,7 +17,7 @@ from fasttl.transfer import registry
 from fasttl.transfer.config import RunConfig
 from fasttl.transfer.job import run
 from fasttl.transfer.models import BackboneWithHead
-from fasttl.transfer.registry import TrainedModel
+from fasttl.transfer.trained import TrainedModel
 from fasttl.transfer import small_cnn
 from fasttl.transfer.rundir import write_recorded
 from fasttl.transfer.strategies import distill

@@ -19,7 +19,7 @@ from fasttl.heads.train import predict_views
 from fasttl.transfer.caching import Extraction, FeaturesInMemory, cached_features, views_of
 from fasttl.transfer.cross_fit import cross_fitted_logits
 from fasttl.transfer.models import BackboneWithHead
-from fasttl.transfer.registry import TrainedModel
+from fasttl.transfer.trained import TrainedModel
 
 
 @dataclass

@@ -9,12 +9,15 @@ strategies import the registry, never the other way round."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fasttl.util.errors import OptionError
+
+if TYPE_CHECKING:  # what `load` returns; nothing here uses it
+    from fasttl.transfer.trained import TrainedModel
 
 
 @dataclass
@@ -32,74 +35,6 @@ class Outcome:
     samples: Optional[List[str]] = None  # names of the evaluated images when not the test split's
     device: str = "cpu"
     precision: str = "fp32"
-
-
-class TrainedModel:
-    """A run's trained model, rebuilt on a device: `module` maps images preprocessed with `spec`
-    (a fasttl.data.TransformSpec) to logits over `classes`."""
-
-    def __init__(self, module: nn.Module, spec, classes: List[str], device: torch.device):
-        self.module, self.spec, self.classes, self.device = module.eval(), spec, list(classes), device
-
-    @torch.no_grad()
-    def logits(self, source, progress: bool = False, split: str = "eval", batch_size: int = 128) -> Tuple[Tensor, Tensor]:
-        """(logits, labels) on every sample of `source`, in order, on the CPU. `split` names the
-        source for models that cache features ("train" reuses a training run's cache)."""
-        from fasttl.data import ImageLoader
-
-        dtype = next(self.module.parameters()).dtype
-        outputs, labels = [], []
-        for images, y in ImageLoader(source, self.spec, batch_size, device=self.device, dtype=dtype):
-            outputs.append(self.module(images).float().cpu())
-            labels.append(y.cpu())
-        return torch.cat(outputs), torch.cat(labels)
-
-    prediction_views = 1  # passes over the images `predict_logits` makes (a progress bar's total)
-
-    @torch.no_grad()
-    def predict_logits(self, source, batch_size: Optional[int] = None, bar=None) -> Tensor:
-        """float32 logits (N, classes) on the CPU of new images, as the run computed its test
-        predictions, writing nothing (no feature cache): what `fasttl predict` shows. `bar`: a tqdm
-        bar advanced per image."""
-        from fasttl.data import ImageLoader
-
-        dtype = next(self.module.parameters()).dtype
-        outputs = []
-        for images, _ in ImageLoader(source, self.spec, batch_size or 64, device=self.device, dtype=dtype):
-            outputs.append(self.module(images).float().cpu())
-            if bar is not None:
-                bar.update(len(images))
-        return torch.cat(outputs)
-
-
-    @torch.no_grad()
-    def view_logits(self, source, mirror: bool, progress: bool = False, split: str = "eval",
-                    batch_size: int = 128) -> Tensor:
-        """Logits (on the CPU) of one view of every sample of `source`: the images as they are
-        (`mirror` False) or horizontally mirrored. A distillation teacher gives them per view, so
-        that the student's soft targets are those of the very image it is shown."""
-        import dataclasses
-
-        from fasttl.data import ImageLoader
-
-        spec = dataclasses.replace(self.spec, mirror=bool(mirror))
-        dtype = next(self.module.parameters()).dtype
-        return torch.cat([self.module(images).float().cpu()
-                          for images, _ in ImageLoader(source, spec, batch_size, device=self.device, dtype=dtype)])
-
-
-    def cross_fitter(self) -> Optional[Callable[..., Tensor]]:
-        """For distill's --teacher-logits cross-fitted: fit(source, seed, progress, split) giving
-        (2, N, C) logits per view (plain, mirrored) of `source`, the teacher's training images,
-        each from a model refit without that image's fold (fasttl.transfer.cross_fit); None for a
-        model that can't be refit cheaply (only feature-transfer heads can). Making it checks the
-        settings the refits need, so every teacher is checked before any of them runs."""
-        return None
-
-    def view_features(self, source, mirror: bool, progress: bool = False, split: str = "eval"):
-        """The features a --distill-features student matches, (N, D) on the CPU, one view; None
-        for a model without cached features (only feature-transfer runs have them)."""
-        return None
 
 
 class Strategy:

@@ -15,7 +15,8 @@ from fasttl.data import ImageLoader, TransformSpec
 from fasttl.optim import AdamW
 from fasttl.heads.fit import EpochStats, eval_record, fit, one_cycle, step
 from fasttl.transfer.models import SmallCNN
-from fasttl.transfer.registry import Outcome, TrainedModel
+from fasttl.transfer.registry import Outcome
+from fasttl.transfer.trained import TrainedModel
 from fasttl.util.errors import OptionError
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
 from fasttl.transfer.common import eval_timings, param_dtype

@@ -21,7 +21,8 @@ from fasttl.heads.fit import EpochStats, fit, one_cycle, step
 from fasttl.transfer.caching import Extraction, cached_features
 from fasttl.transfer.models import DANN
 from fasttl.transfer.options import a_path, option
-from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
+from fasttl.transfer.registry import Outcome, Strategy, register
+from fasttl.transfer.trained import TrainedModel
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
 from fasttl.transfer.common import param_dtype
 from fasttl.transfer.feature_models import FeatureModel, feature_caches

@@ -17,7 +17,8 @@ from fasttl.util.errors import OptionError
 from fasttl.util import files
 from fasttl.util.files import read_json
 from fasttl.transfer import cross_fit, registry
-from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
+from fasttl.transfer.registry import Outcome, Strategy, register
+from fasttl.transfer.trained import TrainedModel
 from fasttl.transfer.rundir import (RunError, finite_logits, load_trained, read_config, read_recorded, weights_file,
                                    write_recorded)
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split

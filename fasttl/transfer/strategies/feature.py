@@ -17,7 +17,8 @@ from fasttl.transfer.caching import MIRROR_VIEWS, Extraction, mirror_mode, views
 from fasttl.transfer.cross_fit import positive, teacher_setting
 from fasttl.transfer.options import option
 from fasttl.transfer.feature_models import FeatureModel, feature_caches
-from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
+from fasttl.transfer.registry import Outcome, Strategy, register
+from fasttl.transfer.trained import TrainedModel
 from fasttl.util.errors import OptionError
 from fasttl.transfer.rundir import Checkpoint, RunError, load_weights, read_config, save_weights
 from fasttl.transfer.common import eval_timings, param_dtype, throughput

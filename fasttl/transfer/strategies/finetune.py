@@ -35,7 +35,8 @@ from fasttl.heads.fit import EpochStats, eval_record, fit, step, warmup_cosine
 from fasttl.transfer.caching import Extraction, cached_features
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.options import an_optional_positive_int, option
-from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
+from fasttl.transfer.registry import Outcome, Strategy, register
+from fasttl.transfer.trained import TrainedModel
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
 from fasttl.transfer.common import eval_timings, param_dtype
 from fasttl.util.seeds import torch_seed

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import List
 
-from fasttl.transfer.registry import Outcome, Strategy, TrainedModel, register
+from fasttl.transfer.registry import Outcome, Strategy, register
+from fasttl.transfer.trained import TrainedModel
 from fasttl.transfer.small_cnn import load_cnn, train_cnn
 
 
