@@ -335,12 +335,15 @@ def test_skip_policy_leaves_bad_images_out_and_lists_them(two_classes, tmp_path)
     assert [entry["file"] for entry in metrics["skipped"]] == [str(bad)]
     listed = (tmp_path / "run-skip" / "skipped.csv").read_text()
     assert str(bad) in listed
-    # fasttl eval takes the same policy: a bad test image stops it, named, or is left out
-    bad_test = data / "test" / "ship" / "1.jpg"
+    # fasttl eval on other data takes the same policy: a bad test image stops it, named, or is left
+    # out (the run's own data is read as the run read it, with its policy)
+    other_copy = tmp_path / "copy"
+    shutil.copytree(data, other_copy)
+    bad_test = other_copy / "test" / "ship" / "1.jpg"
     bad_test.write_bytes(b"not an image")
-    assert_one_line_error(cli("eval", str(tmp_path / "run-skip"), "--data", str(data), "--no-progress"),
+    assert_one_line_error(cli("eval", str(tmp_path / "run-skip"), "--data", str(other_copy), "--no-progress"),
                           str(bad_test), "--on-error skip")
-    result = cli("eval", str(tmp_path / "run-skip"), "--data", str(data), "--on-error", "skip", "--no-progress")
+    result = cli("eval", str(tmp_path / "run-skip"), "--data", str(other_copy), "--on-error", "skip", "--no-progress")
     assert result.returncode == 0, result.stderr
     evaluated = json.loads((tmp_path / "run-skip" / "eval_metrics.json").read_text())
     assert evaluated["samples"] == 5 and [s["file"] for s in evaluated["skipped"]] == [str(bad_test)]

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import importlib
+import io
 import os
 from typing import Dict, List, Optional, Tuple
 
 from fasttl.bench.common import header, machine, save_json
+from fasttl.util.checks import torch_device
+from fasttl.util.files import write_atomic
 
 # name -> module in fasttl.bench with run(device, quick), table(result) and speedups(result)
 BENCHMARKS = {
@@ -29,6 +32,7 @@ def run(names: List[str], device: str = "cpu", quick: bool = False, json_path: O
     if unknown:
         raise ValueError(f"benchmark: unknown {unknown}; choose from {sorted(BENCHMARKS)} or 'all'")
     _check_outputs(json_path, plot_path)  # before the benchmarks, not after minutes of them
+    torch_device(device)
     info = machine()
     print(header(info, device), flush=True)
     results = []
@@ -93,5 +97,7 @@ def plot(payload: Dict[str, object], path: str) -> None:
         ax.set_title(f"{result['name']} on {result['device']}"
                      + (f", {subset['train_per_class']} training images per class" if subset else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()  # written through fasttl's own temporary: never through a link or into a pipe
+    fig.savefig(buffer, dpi=120, format=os.path.splitext(path)[1][1:].lower())
+    write_atomic(path, buffer.getvalue())
     plt.close(fig)

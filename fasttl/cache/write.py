@@ -18,6 +18,8 @@ from fasttl.cache.store import CacheError
 from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES, pool_store
 from fasttl.cache.folder import file_entry, finish, refuse_foreign
 from fasttl.util.checks import positive_int
+from fasttl.data.labels import refuse_lookalikes
+from fasttl.util.errors import DataError
 
 
 def _write_fingerprint(fingerprint: Optional[dict], classes, dtype: str, feature_dim: int, count: int,
@@ -140,6 +142,10 @@ def _checked_arguments(dtype, shard_rows, classes, fingerprint, labels, sample_i
     if not classes or not all(isinstance(c, str) and c and c.isprintable() for c in classes) \
             or len(set(classes)) != len(classes):
         raise ValueError("classes: expected a list of distinct, printable class names (strings)")
+    try:
+        refuse_lookalikes(classes, "classes:")
+    except DataError as exc:
+        raise ValueError(str(exc)) from None
     if fingerprint is not None:
         if not isinstance(fingerprint, dict):
             raise ValueError(f"fingerprint: expected a dict (JSON object), got {type(fingerprint).__name__}")

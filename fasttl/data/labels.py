@@ -121,17 +121,29 @@ def label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where
     return [index[label] for label in labels], found
 
 
+def _unseen(char: str) -> bool:
+    """A character that renders as nothing of its own: a format character (zero-width joiners,
+    direction marks) or a variation selector (U+FE0F asks for an emoji form)."""
+    code = ord(char)
+    return unicodedata.category(char) == "Cf" or 0xFE00 <= code <= 0xFE0F or 0xE0100 <= code <= 0xE01EF
+
+
 def refuse_lookalikes(names: Sequence[str], where: str) -> None:
     """A DataError when two names look the same in every report: one name in two Unicode forms
     (NFC and NFD, as macOS and other systems store them), or two that differ only in white space
-    ('cat' and 'cat ', 'big cat' and 'big  cat')."""
+    ('cat' and 'cat ', 'big cat' and 'big  cat') or in characters that show nothing ('cat' and
+    'cat' + U+FE0F)."""
     seen = {}
     for name in names:
-        other = seen.setdefault(" ".join(unicodedata.normalize("NFC", name).split()), name)
+        nfc = unicodedata.normalize("NFC", name)
+        other = seen.setdefault(" ".join("".join(c for c in nfc if not _unseen(c)).split()), name)
         if other == name:
             continue
-        if unicodedata.normalize("NFC", other) == unicodedata.normalize("NFC", name):
+        if unicodedata.normalize("NFC", other) == nfc:
             raise DataError(f"{where} {other!r} and {name!r} are one name written in two Unicode forms (NFC vs "
                             "NFD); write it one way")
-        raise DataError(f"{where} {other!r} and {name!r} differ only in white space, so they look the same in every "
-                        "report; rename one")
+        if " ".join(unicodedata.normalize("NFC", other).split()) == " ".join(nfc.split()):
+            raise DataError(f"{where} {other!r} and {name!r} differ only in white space, so they look the same in "
+                            "every report; rename one")
+        raise DataError(f"{where} {ascii(other)} and {ascii(name)} differ only in characters that show nothing (format "
+                        "characters or variation selectors), so they look the same in every report; rename one")

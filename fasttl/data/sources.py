@@ -5,7 +5,7 @@ leaves out or names the unreadable ones. The formats that make sources are in fo
 
 What a loader asks of any source: `encoded` (its samples are image bytes to decode, or decoded
 pixels already), `name_of(i)` (how errors and skip lists name sample i) and, for encoded ones,
-`read(i)` (the image's bytes)."""
+`read(i)` (the image's bytes) and `where(i)` (the file on disk and the member in it)."""
 from __future__ import annotations
 
 import hashlib
@@ -65,6 +65,10 @@ class FileSource:
 
     def name_of(self, index: int) -> str:
         return self.files[index]
+
+    def where(self, index: int) -> Tuple[str, Optional[str]]:
+        """(the file on disk, the member in it: None for an image file of its own)."""
+        return self.files[index], None
 
     def read(self, index: int) -> bytes:
         """The file's bytes, bounded: a pipe is never waited on, a device or a huge file never read."""
@@ -156,6 +160,10 @@ class TarSource:
 
     def name_of(self, index: int) -> str:
         return f"{self._shard_name(self.members[index][0])}/{self.keys[index]}"
+
+    def where(self, index: int) -> Tuple[str, Optional[str]]:
+        """(the shard on disk, the sample's key in it)."""
+        return self.shards[self.members[index][0]], self.keys[index]
 
     def identity(self) -> str:
         """Hash of the class names, the shard names and sizes, the sample keys, image sizes and labels."""

@@ -18,3 +18,8 @@ def throughput(images: int, seconds: float) -> float:
 def eval_timings(train_s: float, eval_s: float, trained_images: int, evaluated_images: int) -> Dict[str, float]:
     return {"train_s": train_s, "eval_s": eval_s, "train_images_per_s": throughput(trained_images, train_s),
             "eval_images_per_s": throughput(evaluated_images, eval_s)}
+
+
+# The common options of a strategy that runs a pretrained backbone (its `reads`): the others (the
+# small CNNs of scratch and distill) refuse them instead of ignoring them.
+BACKBONE_OPTIONS = ("weights", "backbone", "features", "cache_dtype", "engine", "extract_precision")

@@ -69,7 +69,7 @@ class RunOptions:
                                          metavar="FILE", check=a_path)
     labels: str = option("names", "a file list's labels: class names (with --classes-file, each must be one of its "
                          "names) or indices into --classes-file", choices=LABEL_KINDS)
-    backbone: str = option(backbones.DEFAULT, "backbone name", choices=backbones.available)
+    backbone: str = option(backbones.DEFAULT, "backbone name", choices=backbones.available, scoped=True)
     weights: Optional[str] = option(None, "backbone state dict file", kind=str, metavar="FILE", check=a_path,
                                      scoped=True)
     strategy: str = option("linear", "how to transfer (see the table in the README)", choices=_strategies)
@@ -95,14 +95,14 @@ class RunOptions:
                                            check=an_optional_positive_int)
     precision: str = option("auto", "bf16 params with fp32 master weights, or fp32 (auto: bf16 on cuda, fp32 on "
                             "cpu)", choices=("auto", "fp32", "bf16"))
-    cache_dtype: str = option(CACHE_DTYPE, "feature cache dtype", choices=tuple(CACHE_DTYPES))
+    cache_dtype: str = option(CACHE_DTYPE, "feature cache dtype", choices=tuple(CACHE_DTYPES), scoped=True)
     features: str = option("multi", "linear/mlp/dann/finetune: what each cached vector holds: head (the backbone's "
                            "final pooled features) or multi (beside them, the pooled outputs of its last four stages)",
-                           choices=lambda: tuple(FEATURE_TAPS))
+                           choices=lambda: tuple(FEATURE_TAPS), scoped=True)
     engine: str = option("auto", "what runs the frozen backbone during extraction (auto: onnxruntime on the CPU "
-                         "when installed, else torch)", choices=engines.ENGINES)
+                         "when installed, else torch)", choices=engines.ENGINES, scoped=True)
     extract_precision: str = option("auto", "extraction precision (auto: bf16 autocast on cuda, fp32 on the CPU; "
-                                    "bf16 features are about 3%% off fp32)", choices=engines.PRECISIONS)
+                                    "bf16 features are about 3%% off fp32)", choices=engines.PRECISIONS, scoped=True)
     resume: bool = option(False, "continue an interrupted run from its last finished epoch")
     overwrite: bool = option(False, "replace the run in --out (and rebuild a feature cache that fails its checks)")
     on_error: str = option("fail", "an unreadable image: fail (names it) or skip (left out, listed in skipped.csv)",
@@ -151,7 +151,10 @@ class RunOptions:
         return out
 
     def _check_choices(self) -> None:
+        """Choices and flags, first: `overwrite="no"` from a script is a mistake, never True."""
         for f in dataclasses.fields(self):
+            if f.metadata["kind"] is bool and not isinstance(getattr(self, f.name), bool):
+                raise OptionError(f"{f.name}: expected True or False, got {getattr(self, f.name)!r}")
             choices = choices_of(f.metadata)
             if choices and getattr(self, f.name) not in choices:
                 raise OptionError(f"{f.name}: unknown {getattr(self, f.name)!r}; choose from {', '.join(choices)}")
@@ -211,7 +214,8 @@ def _check_unused(cfg: RunOptions, trained) -> None:
 
 def scoped(name: str) -> bool:
     """Whether only some strategies read option `name`: one a strategy declares, or a common one
-    marked scoped (the backbone's --weights: the from-scratch CNNs have no backbone)."""
+    marked scoped (the backbone's: --backbone, --weights, the extraction's options; the small CNNs
+    of scratch and distill have no backbone)."""
     return any(name in registry.get(n).options for n in registry.names()) or \
         option_metadata(name)["scoped"]
 

@@ -8,6 +8,7 @@ from typing import Dict
 import torch
 
 from fasttl.util.checks import torch_device
+from fasttl.util.errors import UserError
 from fasttl.util.files import write_json_atomic
 from fasttl.data import DataError, screen
 from fasttl.data.formats.filelist import is_file_list
@@ -40,6 +41,8 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
         listed = is_file_list(data) or is_webdataset(data)
         dataset = load_dataset(data, cfg["seed"], classes_file=classes_file_of(cfg) if listed else None,
                                labels=cfg["labels"] if listed else "names")
+    if data is not None and dataset.carved:
+        _refuse_training_images(data, dataset.test, cfg)
     test = screen(dataset.test, on_error) if on_error == "skip" else dataset.test  # the train split goes unread
     if dataset.classes != cfg["classes"]:
         raise DataError(f"{data if data is not None else own}: {_class_difference(dataset.classes, cfg['classes'])}; "
@@ -82,11 +85,10 @@ def own_dataset(cfg: dict):
     can't be rebuilt and would score training images."""
     own = own_data(cfg)
     listed = is_file_list(own) or is_webdataset(own)
-    # The run's --on-error decides a list's split (screened before it is cut); the test images of
-    # folders are screened by the caller's own policy.
+    # The run's --on-error, as the run read it: a list is screened before it is cut, and the
+    # identity of a carved folder is that of its screened images.
     dataset = load_dataset(own, cfg["seed"], train_per_class=cfg.get("train_per_class"),
-                           test_per_class=cfg.get("test_per_class"),
-                           on_error=cfg.get("on_error", "fail") if listed else "fail",
+                           test_per_class=cfg.get("test_per_class"), on_error=cfg.get("on_error", "fail"),
                            classes_file=classes_file_of(cfg) if listed else None,
                            labels=cfg.get("labels", "names") if listed else "names")
     recorded = (cfg.get("identity") or {}).get("data_identity")
@@ -97,6 +99,37 @@ def own_dataset(cfg: dict):
                         "rebuilt and would score training images; restore the data, or evaluate on a separate test "
                         "set with --data")
     return dataset
+
+
+def _sample_keys(source) -> list:
+    """What each sample is on disk, whatever path or pattern named it: its file's (device, inode)
+    and its member key in that file (None for a plain image file); None when it can't be found,
+    and nothing for decoded arrays."""
+    keys = []
+    for i in range(len(source) if source.encoded else 0):
+        path, member = source.where(i)
+        try:
+            info = os.stat(path)
+        except OSError:
+            keys.append(None)
+            continue
+        keys.append((info.st_dev, info.st_ino, member))
+    return keys
+
+
+def _refuse_training_images(data: str, test, cfg: dict) -> None:
+    """A test split fasttl cut from --data never holds an image the run trained on (its own data
+    named another way: a hard link, another brace pattern of the same shards). Checked when the
+    run's own data can still be read as the run read it."""
+    try:
+        trained = {key for key in _sample_keys(own_dataset(cfg).train) if key is not None}
+    except (UserError, OSError):
+        return
+    shared = [test.name_of(i) for i, key in enumerate(_sample_keys(test)) if key in trained]
+    if shared:
+        raise DataError(f"{data}: the test split fasttl cuts from it holds {len(shared)} of the run's training images "
+                        f"({shared[0]}{', ...' if len(shared) > 1 else ''}); it is the run's own data named another "
+                        "way: evaluate without --data, or on images the run never trained on")
 
 
 def _is_own_data(data: str, cfg: dict) -> bool:

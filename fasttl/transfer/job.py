@@ -244,9 +244,9 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
     if world_size() > 1:
         dist.barrier()
     if cfg.progress and rank == 0:
+        backbone = f", backbone {cfg.backbone} at {cfg.image_size} px" if _reads(cfg, "backbone") else ""
         print(terminal_text(f"fasttl run: {cfg.strategy} on {dataset.name} ({len(dataset.train)} train / "
-                            f"{len(dataset.test)} test images, {len(dataset.classes)} classes), backbone "
-                            f"{cfg.backbone} at {cfg.image_size} px -> {run_dir}"
+                            f"{len(dataset.test)} test images, {len(dataset.classes)} classes){backbone} -> {run_dir}"
                              + (f"; {len(dataset.skipped)} images left out (skipped.csv says why)"
                                 if dataset.skipped else "")), flush=True)
         if dataset.ignored:

@@ -159,16 +159,26 @@ def _training_note(config: Dict[str, object]) -> str:
     return f"{config.get('epochs')} epochs, batch {config.get('batch_size')}, lr {config.get('lr')}{who}, "
 
 
+def _backbone_note(config: dict) -> str:
+    """The backbone and its extraction, where a trained strategy runs one (the small CNNs of
+    scratch and distill train at the images' native size: their report names none)."""
+    from fasttl.transfer import registry
+
+    trained = [name for name in (config.get("strategy"), config.get("compare")) if name in registry.names()]
+    if not any(registry.get(name).reads_option("backbone") for name in trained):
+        return f"The small CNN at the images' native size ({config.get('native_size')} px), "
+    return (f"Backbone `{config.get('backbone')}`, image size {config.get('image_size')} px, features "
+            f"{config.get('features', 'head')}, ")
+
+
 def write_report(run_dir: str, config: Dict[str, object], results: Dict[str, Dict[str, object]],
                  dataset_line: str, main: str) -> None:
     """report.md: the run's configuration, a table of each trained model beside the others
     (transfer beside scratch), per-class recall, timings and the plots."""
     names = list(results)
     lines = [f"# fasttl run: {main}", "", dataset_line, "",
-             f"Backbone `{config.get('backbone')}`, image size {config.get('image_size')} px, "
-             + _training_note(config) +
-             f"seed {config.get('seed')}, device {config.get('device')}, features {config.get('features', 'head')}"
-             + _views_note(config) + ".",
+             _backbone_note(config) + _training_note(config) + f"seed {config.get('seed')}, device "
+             f"{config.get('device')}" + _views_note(config) + ".",
              "",
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key, label in (("accuracy", "top-1 accuracy"), ("macro_f1", "macro F1"), ("loss", "test loss")):

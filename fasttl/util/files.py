@@ -90,7 +90,7 @@ def read_json(path: str):
     except OSError as exc:
         raise ValueError(f"{path}: cannot be read as a plain file ({exc.strerror})") from None
     with plain_reader(fd, lambda info: _json_problem(path, info)) as f:
-        data = f.read(MAX_JSON_BYTES + 1)
+        data = _read_sized(f, MAX_JSON_BYTES)
     try:
         return json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -232,4 +232,10 @@ def read_plain(path: str, limit: int) -> bytes:
         return None
 
     with plain_reader(os.open(path, os.O_RDONLY | _CLOEXEC | _NONBLOCK), problem) as f:
-        return f.read(limit + 1)
+        return _read_sized(f, limit)
+
+
+def _read_sized(f, limit: int) -> bytes:
+    """At most limit + 1 bytes of `f`, asking for what its size says (plus one, to see a file that
+    grew past the limit): read(limit + 1) would reserve the limit's memory for every small file."""
+    return f.read(min(limit, os.fstat(f.fileno()).st_size) + 1)

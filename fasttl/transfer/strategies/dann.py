@@ -24,7 +24,7 @@ from fasttl.transfer.options import a_path, option
 from fasttl.transfer.registry import Outcome, Strategy, register
 from fasttl.transfer.trained import TrainedModel
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
-from fasttl.transfer.common import param_dtype
+from fasttl.transfer.common import BACKBONE_OPTIONS, param_dtype
 from fasttl.transfer.feature_models import FeatureModel, feature_caches
 
 
@@ -111,7 +111,7 @@ class Dann(Strategy):
                               kind=str, metavar="DIR", check=a_path),
     }
     requires = ("target_data",)
-    reads = ("weights",)
+    reads = BACKBONE_OPTIONS
     epochs, lr, batch_size = 15, 1e-3, 256
     outputs = ("dann", "source_only")
 

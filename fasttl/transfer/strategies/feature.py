@@ -21,7 +21,7 @@ from fasttl.transfer.registry import Outcome, Strategy, register
 from fasttl.transfer.trained import TrainedModel
 from fasttl.util.errors import OptionError
 from fasttl.transfer.rundir import Checkpoint, RunError, load_weights, read_config, save_weights
-from fasttl.transfer.common import eval_timings, param_dtype, throughput
+from fasttl.transfer.common import BACKBONE_OPTIONS, eval_timings, param_dtype, throughput
 
 
 class FeatureTransfer(Strategy):
@@ -38,7 +38,7 @@ class FeatureTransfer(Strategy):
                                choices=tuple(MIRROR_VIEWS), const="both", metavar="{" + ",".join(MIRROR_VIEWS) + "}",
                                convert=mirror_mode),  # True/False: the flag it was before it had modes
     }
-    reads = ("weights",)
+    reads = BACKBONE_OPTIONS
     can_teach = True
 
     def fit(self, cfg, views, run_dir, device, mirrored_validation=None):

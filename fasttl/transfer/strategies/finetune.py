@@ -38,7 +38,7 @@ from fasttl.transfer.options import an_optional_positive_int, option
 from fasttl.transfer.registry import Outcome, Strategy, register
 from fasttl.transfer.trained import TrainedModel
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
-from fasttl.transfer.common import eval_timings, param_dtype
+from fasttl.transfer.common import BACKBONE_OPTIONS, eval_timings, param_dtype
 from fasttl.util.seeds import torch_seed
 
 WEIGHT_DECAY = 0.05
@@ -368,7 +368,7 @@ class Finetune(Strategy):
         "regularize": option("none", "finetune: decay the backbone toward zero (none: AdamW weight decay) or toward "
                              "its pretrained weights (l2sp)", choices=("none", "l2sp")),
     }
-    reads = ("weights",)
+    reads = BACKBONE_OPTIONS
     distributed = True
     can_teach = True
 

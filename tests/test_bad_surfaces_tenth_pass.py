@@ -1,0 +1,91 @@
+"""What the tenth hostile pass of the second hardening round found: each case kept with the fix
+that answers it."""
+import os
+import shutil
+
+import pytest
+
+from conftest import cli, one_epoch_run, one_line_error
+from fasttl.data import DataError
+from fasttl.util.errors import OptionError
+from fasttl.transfer.job import run
+
+pytestmark = pytest.mark.usefixtures("private_cache")
+
+
+@pytest.mark.parametrize("option", ["overwrite", "resume", "progress", "download", "distill_features"])
+def test_a_flag_given_as_text_from_python_is_refused_not_taken_as_true(option, cat_ship, tmp_path):
+    with pytest.raises(OptionError, match=rf"^{option}: expected True or False, got 'no'$"):
+        run(**one_epoch_run(cat_ship, tmp_path / "run", **{option: "no"}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_class_names_differing_only_in_characters_that_show_nothing_are_refused(cat_ship, tmp_path):
+    data = tmp_path / "data"
+    for split in ("train", "test"):
+        shutil.copytree(cat_ship / split / "cat", data / split / "cat")
+        shutil.copytree(cat_ship / split / "ship", data / split / "cat\ufe0f")
+    with pytest.raises(DataError, match=r"'cat' and 'cat\\ufe0f' differ only in characters that show nothing"):
+        run(**one_epoch_run(data, tmp_path / "run"))
+    import numpy as np
+
+    import fasttl
+
+    with pytest.raises(ValueError, match=r"differ only in characters that show nothing"):
+        fasttl.FeatureCache.write(str(tmp_path / "fc"), [np.ones((2, 2), np.float32)], [0, 1],
+                                  classes=["cat", "cat\ufe0f"])
+
+
+@pytest.mark.parametrize("option, value", [("backbone", "resnet18"), ("features", "head"), ("cache_dtype", "int8"),
+                                           ("engine", "torch"), ("extract_precision", "bf16")])
+def test_backbone_options_given_to_the_small_cnn_are_refused_not_ignored(option, value, cat_ship, tmp_path):
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(OptionError, match=rf"^{option}: {flag} is read only by --strategy .*linear.*; drop it for "
+                                          rf"--strategy scratch$"):
+        run(**one_epoch_run(cat_ship, tmp_path / "run", **{option: value}))
+
+
+def test_a_scratch_runs_report_names_no_backbone(cat_ship, tmp_path):
+    run(**one_epoch_run(cat_ship, tmp_path / "run"))
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "The small CNN at the images' native size (32 px)" in report and "Backbone" not in report
+
+
+def test_eval_of_a_skip_run_on_its_own_flat_folder_reads_it_as_the_run_did(cat_ship, tmp_path, capsys):
+    flat = tmp_path / "flat"
+    shutil.copytree(cat_ship / "train", flat)
+    for label in ("cat", "ship"):
+        (flat / label / "0bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "run"
+    run(**one_epoch_run(flat, out, on_error="skip"))
+    code, _, err = cli(capsys, "eval", out, "--no-progress")
+    assert code == 0, err  # not "changed since the run": the run's identity is of its screened images
+
+
+def test_eval_of_the_runs_own_list_named_through_a_hard_link_is_refused(cat_ship, tmp_path, capsys):
+    folder = tmp_path / "list"
+    folder.mkdir()
+    rows = ["path,label"]
+    for label in ("cat", "ship"):
+        for name in sorted(os.listdir(cat_ship / "train" / label)):
+            shutil.copy(cat_ship / "train" / label / name, folder / f"{label}-{name}")
+            rows.append(f"{label}-{name},{label}")
+    (folder / "list.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    run(**one_epoch_run(folder / "list.csv", out, seed=1))
+    (folder / "other.csv").write_text("\n".join(rows[:1] + rows[:0:-1]) + "\n")  # the same images, another order
+    code, _, err = cli(capsys, "eval", out, "--data", folder / "other.csv", "--no-progress")
+    assert code == 2 and "of the run's training images" in one_line_error(err) and "evaluate without --data" in err
+
+
+def test_bench_checks_its_device_and_writes_its_plot_through_its_own_temporary(tmp_path, monkeypatch):
+    from fasttl.bench import runner
+
+    with pytest.raises(OptionError, match=r"^device: expected cpu, cuda or cuda:N, got 'meta'$"):
+        runner.run(["distill"], device="meta", quick=True)
+    target = tmp_path / "target.txt"
+    target.write_text("user file")
+    os.symlink(target, tmp_path / "plot.png")
+    runner.plot({"results": [{"name": "adam", "device": "cpu", "rows": [{"case": "torch fused", "vs_fasttl": 0.5}]}]},
+                str(tmp_path / "plot.png"))
+    assert target.read_text() == "user file" and not os.path.islink(tmp_path / "plot.png")
