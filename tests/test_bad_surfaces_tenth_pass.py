@@ -89,3 +89,100 @@ def test_bench_checks_its_device_and_writes_its_plot_through_its_own_temporary(t
     runner.plot({"results": [{"name": "adam", "device": "cpu", "rows": [{"case": "torch fused", "vs_fasttl": 0.5}]}]},
                 str(tmp_path / "plot.png"))
     assert target.read_text() == "user file" and not os.path.islink(tmp_path / "plot.png")
+
+
+@pytest.mark.parametrize("part, edit, message", [
+    ("scheduler", {"_anneal_func_type": "linear"}, "its scheduler state holds another _anneal_func_type"),
+    ("scheduler", {"total_steps": 5}, "its scheduler state holds another total_steps"),
+    ("optimizer", {"max_lr": 1e6}, "its optimizer state holds another max_lr"),
+    ("optimizer", {"weight_decay": 0.5}, "its optimizer state holds another weight_decay"),
+])
+def test_a_checkpoint_whose_schedule_or_optimizer_settings_were_edited_is_refused(part, edit, message, cat_ship,
+                                                                                  tmp_path):
+    """Only what training changes (the step, the learning rate within its peak) may differ in a
+    checkpoint resumed: another schedule or weight decay would train another run silently."""
+    import torch
+
+    from fasttl.heads.fit import CheckpointError
+
+    out = tmp_path / "run"
+    options = one_epoch_run(cat_ship, out, epochs=2)
+    run(**options)
+    path = out / "scratch.checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    target = state[part] if part == "scheduler" else state[part]["param_groups"][0]
+    target.update(edit)
+    torch.save(state, path)
+    os.remove(out / "metrics.json")
+    with pytest.raises(CheckpointError, match=rf"scratch.checkpoint.pt: {message}, not this run's \(a damaged "
+                                              r"checkpoint\)"):
+        run(**options, resume=True)
+
+
+def test_a_runs_weights_file_changed_since_it_trained_is_refused_on_load(cat_ship, tmp_path, capsys):
+    import torch
+
+    import fasttl
+
+    weights = tmp_path / "r18.pth"
+    state = fasttl.backbones.create("resnet18", pretrained=False).state_dict()
+    torch.save(state, weights)
+    out = tmp_path / "run"
+    run(data=str(cat_ship), strategy="linear", backbone="resnet18", weights=str(weights), features="head",
+        image_size=32, compare="none", out=str(out), progress=False)
+    code, _, err = cli(capsys, "predict", "--run", out, cat_ship / "test", "--no-progress")
+    assert code == 0, err
+    state["fc.weight"] = state["fc.weight"] * 2  # other weights under the same name
+    torch.save(state, weights)
+    for words in (["predict", "--run", out, cat_ship / "test"], ["eval", out]):
+        code, _, err = cli(capsys, *words, "--no-progress")
+        assert code == 2 and one_line_error(err) == f"fasttl: error: weights: {weights} is not the file the run " \
+            "trained with (its SHA-256 changed since); restore it, or train the run again", words
+
+
+def test_what_a_scan_passed_over_is_said_without_progress_output_too(cat_ship, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cat_ship, data)
+    (data / "train" / "cat" / "nested").mkdir()
+    shutil.copy(next((data / "train" / "cat").glob("*.jpg")), data / "train" / "cat" / "nested" / "x.jpg")
+    run(**one_epoch_run(data, tmp_path / "run"))
+    assert "passed over 1 entries of the data folder: nested" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_taking_a_lock_names_the_lock_file(tmp_path, monkeypatch):
+    import errno
+
+    from fasttl.util.files import FolderLock
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError) as caught:
+        with FolderLock(str(tmp_path), ".fasttl-run.lock", "a test"):
+            pass
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / ".fasttl-run.lock")
+
+
+@pytest.fixture(scope="module")
+def scratch_run(cat_ship, tmp_path_factory):
+    from conftest import finished_run
+
+    return finished_run(cat_ship, tmp_path_factory, "tenth")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(strategy="finetune", finetune_stages=99), r"^finetune_stages: expected 1\.\.\d+ for efficientnet_lite0, "
+                                                    r"got 99$"),
+    (dict(strategy="linear", epochs=None, image_size=16), r"^image_size: 16 px is below this backbone's minimum of "
+                                                          r"32 px$"),
+    (dict(strategy="linear", epochs=None, backbone="resnet18"), r"asked for 4; pass --features head "),
+    (dict(strategy="distill", teacher="SCRATCH"), r"is a 'scratch' run; a teacher must be a linear, mlp, finetune "
+                                                  r"run$"),
+])
+def test_what_an_option_needs_of_a_backbone_or_a_teacher_is_checked_before_the_run_folder_is_made(
+        options, message, cat_ship, scratch_run, tmp_path):
+    options = {k: (str(scratch_run) if v == "SCRATCH" else v) for k, v in options.items()}
+    with pytest.raises(OptionError, match=message):
+        run(**one_epoch_run(cat_ship, tmp_path / "run", **options))
+    assert not (tmp_path / "run").exists()

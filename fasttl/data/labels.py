@@ -125,7 +125,12 @@ def _unseen(char: str) -> bool:
     """A character that renders as nothing of its own: a format character (zero-width joiners,
     direction marks) or a variation selector (U+FE0F asks for an emoji form)."""
     code = ord(char)
-    return unicodedata.category(char) == "Cf" or 0xFE00 <= code <= 0xFE0F or 0xE0100 <= code <= 0xE01EF
+    return (unicodedata.category(char) == "Cf" or 0xFE00 <= code <= 0xFE0F or 0xE0100 <= code <= 0xE01EF
+            or code in _BLANK_LETTERS)
+
+
+# Letters that render blank: the Hangul fillers, the halfwidth one, the blank Braille pattern.
+_BLANK_LETTERS = {0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800}
 
 
 def refuse_lookalikes(names: Sequence[str], where: str) -> None:

@@ -144,17 +144,71 @@ def _restore(state: dict, path: str, epochs: int, model: nn.Module, optimizer, s
     for key, target in parts:
         if target is None or (key in ("scheduler", "extra") and state.get(key) is None):
             continue
+        fresh = _settings(key, target)
         try:
             target.load_state_dict(state[key])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             first = " ".join(str(exc).split())[:200]
             raise damaged(f"its {key} state does not load ({type(exc).__name__}: {first})") from None
+        changed = _changed_setting(key, fresh, _settings(key, target), target)
+        if changed:
+            raise damaged(f"its {key} state holds {changed}, not this run's")
         if key == "model":
             bad = nonfinite_weight(model)  # a damaged checkpoint must not end as NaN weights
             if bad is not None:
                 raise DivergedError(f"{path}: '{bad}' holds NaN or infinite weights (a damaged checkpoint); delete "
                                     "it, or run again with --overwrite")
     return [dict(record) for record in history], epoch
+
+
+# What an optimizer or a schedule changes as it runs: a checkpoint may hold any value of these, and
+# only these; every other setting must be the one this run made (a schedule of another length, an
+# edited annealing function or weight decay would train another run silently).
+_PROGRESS = {"optimizer": ("lr", "betas", "params"),
+             "scheduler": ("last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial")}
+# An optimizer group's settings compared (torch's implementation flags, foreach, fused, capturable
+# or differentiable, are the loading optimizer's own, whatever a checkpoint says).
+_GROUP_SETTINGS = ("weight_decay", "eps", "amsgrad", "maximize", "decoupled_weight_decay", "initial_lr", "max_lr",
+                   "min_lr", "max_momentum", "base_momentum")
+
+
+def _settings(key: str, target) -> Optional[dict]:
+    """The settings of an optimizer (per group) or a schedule, progress left out; None for others."""
+    import copy
+
+    if key not in _PROGRESS:
+        return None
+    state = target.state_dict()
+    if key == "optimizer":
+        return {"groups": [{k: copy.deepcopy(v) for k, v in group.items() if k in _GROUP_SETTINGS}
+                           for group in state["param_groups"]]}
+    return {k: copy.deepcopy(v) for k, v in state.items() if k not in _PROGRESS[key]}
+
+
+def _changed_setting(key: str, fresh: Optional[dict], loaded: Optional[dict], target) -> Optional[str]:
+    """What the loaded state changed of the run's own settings, or None; the progress too where it
+    is bounded (a schedule's step within its length, a learning rate within the schedule's peak)."""
+    if fresh is None:
+        return None
+    if loaded != fresh:
+        name = next((k for k in sorted(set(fresh) | set(loaded)) if fresh.get(k) != loaded.get(k)), "?")
+        if name == "groups":
+            group = next(i for i, (a, b) in enumerate(zip(fresh["groups"], loaded["groups"])) if a != b)
+            name = next(k for k in sorted(set(fresh["groups"][group]) | set(loaded["groups"][group]))
+                        if fresh["groups"][group].get(k) != loaded["groups"][group].get(k))
+        return f"another {name}"
+    if key == "scheduler":
+        state = target.state_dict()
+        total = state.get("total_steps")
+        if not isinstance(state.get("last_epoch"), int) or state["last_epoch"] < -1 or \
+                (total is not None and state["last_epoch"] > total):
+            return f"a step {state.get('last_epoch')!r} outside its schedule"
+    if key == "optimizer":
+        for group in target.param_groups:
+            peak = max(float(group.get(k) or 0.0) for k in ("initial_lr", "max_lr")) or None
+            if not math.isfinite(float(group["lr"])) or (peak is not None and group["lr"] > peak * (1 + 1e-6)):
+                return f"a learning rate {group['lr']!r} above the schedule's peak"
+    return None
 
 
 def _epochs_since_best(history: List[Record]) -> int:

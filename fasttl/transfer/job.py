@@ -20,6 +20,7 @@ from fasttl.transfer import report
 from fasttl.util.errors import OptionError
 from fasttl.transfer.caching import mirror_mode, refuse_writes_among_images
 from fasttl.util import distributed
+from fasttl.transfer.common import weights_sha256
 from fasttl.transfer.config import RunConfig, scoped
 from fasttl.transfer.datasets import EMBEDDED, NAMED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
@@ -155,6 +156,8 @@ def preflight(cfg: RunConfig) -> None:
                 raise OptionError(f"out: --out {cfg.out} is the --{name.replace('_', '-')} folder itself; the run "
                                   f"would replace what it learns from (give another --out)")
     _refuse_writes_among_images(cfg)
+    for name in [cfg.strategy] + ([cfg.compare] if cfg.compare in registry.names() else []):
+        registry.get(name).preflight(cfg)
     if cfg.tensorboard is not None:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
@@ -203,6 +206,7 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
                   classes_file_path=_data_path(cfg.classes_file), dataset=dataset.name, classes=dataset.classes,
                   train_samples=len(dataset.train), test_samples=len(dataset.test), native_size=dataset.native_size,
                   skipped=len(dataset.skipped), run_dir=run_dir, identity=identity,
+                  weights_sha256=weights_sha256(cfg.weights) if cfg.weights else None,
                   run_key=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
                   command=" ".join(sys.argv) if sys.argv and "fasttl" in sys.argv[0] else None)
     with contextlib.ExitStack() as held:
@@ -249,11 +253,12 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
                             f"{len(dataset.test)} test images, {len(dataset.classes)} classes){backbone} -> {run_dir}"
                              + (f"; {len(dataset.skipped)} images left out (skipped.csv says why)"
                                 if dataset.skipped else "")), flush=True)
-        if dataset.ignored:
-            shown = ", ".join(f"{os.path.basename(p)} ({why})" for p, why in dataset.ignored[:3])
-            more = f" and {len(dataset.ignored) - 3} more" if len(dataset.ignored) > 3 else ""
-            print(terminal_text(f"passed over {len(dataset.ignored)} entries of the data folder: {shown}{more} "
-                                "(listed in metrics.json under \"ignored\")"), flush=True)
+    if dataset.ignored and rank == 0:  # said even without progress output (then on stderr): data went unread
+        shown = ", ".join(f"{os.path.basename(p)} ({why})" for p, why in dataset.ignored[:3])
+        more = f" and {len(dataset.ignored) - 3} more" if len(dataset.ignored) > 3 else ""
+        print(terminal_text(f"passed over {len(dataset.ignored)} entries of the data folder: {shown}{more} "
+                            "(listed in metrics.json under \"ignored\")"), flush=True,
+              file=sys.stdout if cfg.progress else sys.stderr)
     device = torch.device(cfg.device)
     board = tensorboard_dir(cfg, run_dir) if rank == 0 else None
     outcomes: List[Outcome] = registry.get(cfg.strategy).train(cfg, dataset, run_dir, device)

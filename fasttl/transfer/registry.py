@@ -58,6 +58,10 @@ class Strategy:
     outputs: Tuple[str, ...] = ()   # the names of the models it saves: NAME.safetensors, NAME.checkpoint.pt
     training_options: Tuple[str, ...] = ("epochs", "lr", "batch_size")  # the generic ones it reads
 
+    def preflight(self, cfg) -> None:
+        """Checks what the options need beyond each one's own check (a backbone's stage count, a
+        teacher's strategy), before any data is read or the run folder is made."""
+
     def reads_option(self, name: str) -> bool:
         return name in self.options or name in self.reads or name in self.requires
 

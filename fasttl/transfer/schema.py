@@ -87,6 +87,7 @@ def run_config_fields() -> Dict[str, Field]:
         "target_data": Field(_optional(_text), "a path (text) or null"),
         "compare": Field(_text, "a strategy name or none"),
         "run_key": Field(_optional(lambda v: isinstance(v, str) and len(v) == 64), "a 64-character hash"),
+        "weights_sha256": Field(_optional(lambda v: isinstance(v, str) and len(v) == 64), "a 64-character hash"),
         "identity": Field(lambda v: isinstance(v, dict), "an object"),
     }
     return dict(fields, **_choice_fields(fields))

@@ -191,8 +191,12 @@ class FolderLock:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        except OSError as exc:  # a full disk: the error names the lock file, not standard output
+            os.close(fd)
+            raise OSError(exc.errno, exc.strerror, self.path) from None
         self.fd = fd
         return self
 

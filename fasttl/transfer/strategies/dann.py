@@ -24,7 +24,7 @@ from fasttl.transfer.options import a_path, option
 from fasttl.transfer.registry import Outcome, Strategy, register
 from fasttl.transfer.trained import TrainedModel
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
-from fasttl.transfer.common import BACKBONE_OPTIONS, param_dtype
+from fasttl.transfer.common import BACKBONE_OPTIONS, check_backbone_options, run_backbone, param_dtype
 from fasttl.transfer.feature_models import FeatureModel, feature_caches
 
 
@@ -112,6 +112,9 @@ class Dann(Strategy):
     }
     requires = ("target_data",)
     reads = BACKBONE_OPTIONS
+
+    def preflight(self, cfg) -> None:
+        check_backbone_options(cfg)
     epochs, lr, batch_size = 15, 1e-3, 256
     outputs = ("dann", "source_only")
 
@@ -135,7 +138,7 @@ class Dann(Strategy):
 
     def load(self, run_dir, device) -> TrainedModel:
         config = read_config(run_dir)
-        backbone = backbones.create(config["backbone"], weights=config.get("weights"))
+        backbone = run_backbone(config)
         dim = backbone.tapped_dim(Extraction.of(config).taps)
         head = load_weights(run_dir, "dann", DANN(dim, len(config["classes"])))
         return FeatureModel(backbone, head, dict(config, mirror_views="none"), device)

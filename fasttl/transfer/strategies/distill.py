@@ -42,8 +42,9 @@ def _first_names(classes, shown: int = 6) -> str:
     return ", ".join(repr(c[:40]) for c in list(classes)[:shown]) + more
 
 
-def teacher_model(teacher_dir: str, classes: List[str], device: torch.device) -> TrainedModel:
-    """The teacher run's model, rebuilt by its own strategy."""
+def teacher_config(teacher_dir: str):
+    """(config.json, strategy) of a teacher run, checked: a finished fasttl run of a strategy that
+    can teach; an OptionError naming --teacher otherwise."""
     try:
         config = read_config(teacher_dir)
     except RunError as exc:  # the teacher's folder is the culprit, not the run being started
@@ -58,6 +59,12 @@ def teacher_model(teacher_dir: str, classes: List[str], device: torch.device) ->
     if not strategy.can_teach:
         teachers = ", ".join(n for n in registry.names() if registry.get(n).can_teach)
         raise OptionError(f"teacher: {teacher_dir} is a {config['strategy']!r} run; a teacher must be a {teachers} run")
+    return config, strategy
+
+
+def teacher_model(teacher_dir: str, classes: List[str], device: torch.device) -> TrainedModel:
+    """The teacher run's model, rebuilt by its own strategy."""
+    config, _ = teacher_config(teacher_dir)
     taught = list(config.get("classes", []))
     if taught != list(classes):
         if sorted(taught) == sorted(classes):  # a file list's classes sort as their labels, unless a file says
@@ -370,6 +377,10 @@ class Distill(Strategy):
     # teacher's help grows as the twin overfits.
     epochs, lr, batch_size = 50, 3e-3, 64
     outputs = ("distill",)
+
+    def preflight(self, cfg) -> None:
+        for teacher in teacher_dirs(cfg.teacher):
+            teacher_config(teacher)
 
     def train(self, cfg, ds, run_dir, device) -> List[Outcome]:
         started = time.perf_counter()

@@ -21,7 +21,7 @@ from fasttl.transfer.registry import Outcome, Strategy, register
 from fasttl.transfer.trained import TrainedModel
 from fasttl.util.errors import OptionError
 from fasttl.transfer.rundir import Checkpoint, RunError, load_weights, read_config, save_weights
-from fasttl.transfer.common import BACKBONE_OPTIONS, eval_timings, param_dtype, throughput
+from fasttl.transfer.common import BACKBONE_OPTIONS, check_backbone_options, run_backbone, eval_timings, param_dtype, throughput
 
 
 class FeatureTransfer(Strategy):
@@ -39,6 +39,9 @@ class FeatureTransfer(Strategy):
                                convert=mirror_mode),  # True/False: the flag it was before it had modes
     }
     reads = BACKBONE_OPTIONS
+
+    def preflight(self, cfg) -> None:
+        check_backbone_options(cfg)
     can_teach = True
 
     def fit(self, cfg, views, run_dir, device, mirrored_validation=None):
@@ -75,7 +78,7 @@ class FeatureTransfer(Strategy):
             views_of(config, "test")
         except OptionError as exc:  # a hand-edited or damaged run: name its file, not an option
             raise RunError(f"{os.path.join(run_dir, 'config.json')}: {exc} (rerun it, or fix the value there)") from None
-        backbone = backbones.create(config["backbone"], weights=config.get("weights"))
+        backbone = run_backbone(config)
         taps = Extraction.of(config).taps
         head = make_head(self.name, backbone.tapped_dim(taps), len(config["classes"]))
         return FeatureModel(backbone, load_weights(run_dir, "head", head), config, device,

@@ -38,7 +38,7 @@ from fasttl.transfer.options import an_optional_positive_int, option
 from fasttl.transfer.registry import Outcome, Strategy, register
 from fasttl.transfer.trained import TrainedModel
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
-from fasttl.transfer.common import BACKBONE_OPTIONS, eval_timings, param_dtype
+from fasttl.transfer.common import BACKBONE_OPTIONS, check_backbone_options, eval_timings, param_dtype
 from fasttl.util.seeds import torch_seed
 
 WEIGHT_DECAY = 0.05
@@ -369,6 +369,11 @@ class Finetune(Strategy):
                              "its pretrained weights (l2sp)", choices=("none", "l2sp")),
     }
     reads = BACKBONE_OPTIONS
+
+    def preflight(self, cfg) -> None:
+        stages = len(check_backbone_options(cfg).stages())
+        if cfg.finetune_stages is not None and cfg.finetune_stages > stages:
+            raise OptionError(f"finetune_stages: expected 1..{stages} for {cfg.backbone}, got {cfg.finetune_stages}")
     distributed = True
     can_teach = True
 
