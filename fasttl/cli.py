@@ -219,7 +219,13 @@ def _in_feature_cache(filename) -> str:
 
     if filename is None:
         return ""
-    root, path = os.path.abspath(cache_root()), os.path.abspath(os.fsdecode(filename))
+    from fasttl.util.errors import UserError
+
+    try:
+        root = os.path.abspath(cache_root())
+    except UserError:  # FASTTL_CACHE_DIR itself is refused: not where this path is
+        return ""
+    path = os.path.abspath(os.fsdecode(filename))
     if path != root and not path.startswith(root.rstrip(os.sep) + os.sep):
         return ""
     chosen = settings.CACHE_DIR.is_set()

@@ -12,10 +12,9 @@ from fasttl.cache.kernels import CACHE_DTYPE
 from fasttl.data import class_folder_splits
 from fasttl.data.formats import open_data
 from fasttl.data.formats.filelist import is_file_list
-from fasttl.transfer.rundir import MARKER
 from fasttl.util.checks import positive_int, torch_device
 from fasttl.util.errors import OptionError
-from fasttl.util.files import is_inside
+from fasttl.util.files import enclosing_run_folder, is_inside
 from fasttl.util import distributed
 
 
@@ -39,9 +38,9 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     _check_options(features, image_size, batch_size, shard_rows, device)
     if os.path.exists(out) and not os.path.isdir(out):
         raise OptionError(f"out: {out} is a file; give a folder for the cache (it is created when missing)")
-    if os.path.lexists(os.path.join(out, MARKER)):
-        raise OptionError(f"out: {out} is a fasttl run folder, which only its run writes into; give a folder of its "
-                          "own for the cache")
+    if enclosing_run_folder(out) is not None:
+        raise OptionError(f"out: {out} is in the fasttl run folder {enclosing_run_folder(out)}, which only its run "
+                          "writes into; give a folder of its own for the cache")
     refuse_writes_among_images([("data", data)])
     # The cache never goes among the images of a data folder: its files would mix with them, and a
     # later scan would read its folders as classes.

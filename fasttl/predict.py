@@ -102,7 +102,17 @@ def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]
 
 def _as_uint8_images(images) -> np.ndarray:
     """uint8 (N, H, W, 3) from a uint8 tensor or array (H, W, 3), (N, H, W, 3), (3, H, W) or (N, 3, H, W)."""
-    array = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+    if isinstance(images, Tensor) and images.device.type == "meta":
+        raise OptionError("images: a meta tensor holds no pixels; give image files, folders or a uint8 image tensor")
+    if isinstance(images, (list, tuple)) and any(isinstance(p, (str, os.PathLike)) for p in images):
+        raise OptionError("images: a list mixing paths and other things; give image files and folders, or one "
+                          "uint8 image tensor")
+    try:
+        array = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise OptionError(f"images: cannot be read as uint8 pixels ({type(exc).__name__}); give image files, folders "
+                          "or a uint8 image tensor") from None
+    given = tuple(array.shape)
     if array.dtype != np.uint8:
         raise OptionError(f"images: expected uint8 pixels (0..255), got {array.dtype}; for float images in [0, 1] "
                           "call .model on them")
@@ -111,7 +121,7 @@ def _as_uint8_images(images) -> np.ndarray:
     if array.ndim == 4 and array.shape[0] == 0:
         raise OptionError("images: no images given (a tensor of 0 images)")
     if array.ndim != 4 or 3 not in (array.shape[3], array.shape[1]) or 0 in array.shape:
-        raise OptionError(f"images: expected shape (N, H, W, 3) or (N, 3, H, W), got {tuple(array.shape)}")
+        raise OptionError(f"images: expected shape (H, W, 3), (3, H, W), (N, H, W, 3) or (N, 3, H, W), got {given}")
     if array.shape[1] == 3 and array.shape[3] == 3:  # either reading is a valid image: guessing is a silent risk
         raise OptionError(f"images: shape {tuple(array.shape)} reads as (N, H, W, 3) with H=3 or as (N, 3, H, W) "
                           "with W=3; give images wider and taller than 3 pixels")

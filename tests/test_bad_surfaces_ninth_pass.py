@@ -139,7 +139,7 @@ def test_extract_never_writes_into_a_run_folder(cat_ship, finished, capsys):
     before = sorted(os.listdir(finished))
     code, _, err = cli(capsys, "extract", "--data", cat_ship, "--out", finished, "--image-size", "32",
                        "--no-progress")
-    assert code == 2 and "is a fasttl run folder, which only its run writes into" in one_line_error(err)
+    assert code == 2 and "is in the fasttl run folder" in one_line_error(err)
     assert sorted(os.listdir(finished)) == before
 
 

@@ -186,3 +186,81 @@ def test_what_an_option_needs_of_a_backbone_or_a_teacher_is_checked_before_the_r
     with pytest.raises(OptionError, match=message):
         run(**one_epoch_run(cat_ship, tmp_path / "run", **options))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_runs_weights_that_are_a_pipe_or_a_link_are_named_as_such(scratch_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(scratch_run, run_dir)
+    os.remove(run_dir / "scratch.safetensors")
+    os.symlink("/dev/zero", run_dir / "scratch.safetensors")
+    code, _, err = cli(capsys, "eval", run_dir, "--no-progress")
+    assert code == 2 and "scratch.safetensors: not a plain file (a link, a pipe or a device?)" in one_line_error(err)
+
+
+@pytest.mark.parametrize("images, message", [
+    ("meta", "a meta tensor holds no pixels"),
+    ("mixed", "a list mixing paths and other things"),
+    ("2d", r"got \(2, 32, 32\)"),
+])
+def test_predict_from_python_names_what_it_was_given(images, message, scratch_run, cat_ship):
+    import numpy as np
+    import torch
+
+    import fasttl
+
+    given = {"meta": torch.empty(1, 32, 32, 3, dtype=torch.uint8, device="meta"),
+             "mixed": [str(next((cat_ship / "test" / "cat").glob("*.jpg"))), np.zeros((32, 32, 3), np.uint8)],
+             "2d": np.zeros((2, 32, 32), np.uint8)}[images]
+    with pytest.raises(OptionError, match=message):
+        fasttl.load_run(str(scratch_run)).predict(given)
+
+
+def test_a_setting_naming_no_users_home_is_refused(cat_ship, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FASTTL_CACHE_DIR", "~no-such-user-here/cache")
+    with pytest.raises(OptionError, match=r"^FASTTL_CACHE_DIR=~no-such-user-here/cache: ~no-such-user-here names no "
+                                          r"user's home folder; give an absolute path$"):
+        run(**one_epoch_run(cat_ship, tmp_path / "run", strategy="linear", epochs=None))
+    assert not (tmp_path / "~no-such-user-here").exists()
+
+
+def test_outputs_never_go_into_another_run_folder(cat_ship, scratch_run, tmp_path, capsys, monkeypatch):
+    with pytest.raises(OptionError, match=r"^tensorboard: .* is in the fasttl run folder .*, which only its run "
+                                          r"writes into"):
+        run(**one_epoch_run(cat_ship, tmp_path / "run", tensorboard=str(scratch_run)))
+    code, _, err = cli(capsys, "extract", "--data", cat_ship, "--out", scratch_run / "sub", "--image-size", "32",
+                       "--no-progress")
+    assert code == 2 and "is in the fasttl run folder" in one_line_error(err)
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(scratch_run / "cache"))
+    with pytest.raises(OptionError, match=r"^FASTTL_CACHE_DIR=.* is in the fasttl run folder"):
+        run(**one_epoch_run(cat_ship, tmp_path / "run2", strategy="linear", epochs=None))
+    assert not (scratch_run / "sub").exists() and not (scratch_run / "cache").exists()
+
+
+def test_a_dann_target_is_screened_with_the_runs_policy(cat_ship, tmp_path):
+    target = tmp_path / "target"
+    shutil.copytree(cat_ship / "test", target)
+    (target / "cat" / "0bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    metrics = run(**one_epoch_run(cat_ship, tmp_path / "run", strategy="dann", target_data=str(target),
+                                  on_error="skip"))
+    assert metrics["accuracy"] >= 0.0 and (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_fingerprint_too_large_or_too_deep_is_refused_before_anything_is_written(tmp_path):
+    import numpy as np
+
+    import fasttl
+
+    deep = {}
+    for _ in range(5000):
+        deep = {"x": deep}
+    for fingerprint, message in ((deep, "nested too deeply"), ({"blob": "x" * (2 << 20)}, "bytes as JSON, more than")):
+        with pytest.raises(ValueError, match=f"^fingerprint: .*{message}"):
+            fasttl.FeatureCache.write(str(tmp_path / "fc"), [np.ones((2, 2), np.float32)], [0, 1], classes=["a", "b"],
+                                      fingerprint=fingerprint)
+        assert not (tmp_path / "fc").exists()
+
+
+def test_a_dann_target_that_is_the_sources_training_images_is_refused(cat_ship, tmp_path):
+    with pytest.raises(DataError, match=r"^target_data: 12 of its images are the source's training images"):
+        run(**one_epoch_run(cat_ship, tmp_path / "run", strategy="dann", target_data=str(cat_ship / "train")))

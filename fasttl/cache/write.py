@@ -21,6 +21,8 @@ from fasttl.util.checks import positive_int
 from fasttl.data.labels import refuse_lookalikes
 from fasttl.util.errors import DataError
 
+MAX_FINGERPRINT_BYTES = 1 << 20  # what describes a data set: names and hashes, not the data
+
 
 def _write_fingerprint(fingerprint: Optional[dict], classes, dtype: str, feature_dim: int, count: int,
                        shard_rows: int, identity: str) -> dict:
@@ -150,9 +152,14 @@ def _checked_arguments(dtype, shard_rows, classes, fingerprint, labels, sample_i
         if not isinstance(fingerprint, dict):
             raise ValueError(f"fingerprint: expected a dict (JSON object), got {type(fingerprint).__name__}")
         try:
-            files.json_bytes(fingerprint)
+            size = len(files.json_bytes(fingerprint))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"fingerprint: not JSON-serializable ({exc})") from None
+        except RecursionError:
+            raise ValueError("fingerprint: nested too deeply to write as JSON") from None
+        if size > MAX_FINGERPRINT_BYTES:  # the manifest holding it must stay readable (files.MAX_JSON_BYTES)
+            raise ValueError(f"fingerprint: {size:,} bytes as JSON, more than the {MAX_FINGERPRINT_BYTES:,} a cache "
+                             "manifest keeps; fingerprint the data with a hash, not with its content")
     labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
     if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
         raise ValueError(f"labels: expected one integer per row, got {labels.dtype} of shape {labels.shape}")

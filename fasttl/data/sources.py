@@ -270,6 +270,22 @@ def ensure_headers(source: FileSource, begin: int = 0, end: Optional[int] = None
     checked.add((begin, end))
 
 
+def disk_keys(source) -> list:
+    """What each sample is on disk, whatever path or pattern named it: its file's (device, inode)
+    and its member key in that file (None for a plain image file); None when it can't be found,
+    and nothing for decoded arrays."""
+    keys = []
+    for i in range(len(source) if source.encoded else 0):
+        path, member = source.where(i)
+        try:
+            info = os.stat(path)
+        except OSError:
+            keys.append(None)
+            continue
+        keys.append((info.st_dev, info.st_ino, member))
+    return keys
+
+
 def refuse_one_file_twice(paths: Sequence[str], why: str) -> None:
     """A DataError when two paths reach one file (a linked class folder or image, a hard link), as
     a file list naming one image twice is refused: one file under two labels, or in train and test,

@@ -11,6 +11,7 @@ from fasttl.util.checks import torch_device
 from fasttl.util.errors import UserError
 from fasttl.util.files import write_json_atomic
 from fasttl.data import DataError, screen
+from fasttl.data.sources import disk_keys
 from fasttl.data.formats.filelist import is_file_list
 from fasttl.data.formats.webdataset import is_webdataset
 from fasttl.transfer.caching import refuse_writes_among_images
@@ -101,31 +102,15 @@ def own_dataset(cfg: dict):
     return dataset
 
 
-def _sample_keys(source) -> list:
-    """What each sample is on disk, whatever path or pattern named it: its file's (device, inode)
-    and its member key in that file (None for a plain image file); None when it can't be found,
-    and nothing for decoded arrays."""
-    keys = []
-    for i in range(len(source) if source.encoded else 0):
-        path, member = source.where(i)
-        try:
-            info = os.stat(path)
-        except OSError:
-            keys.append(None)
-            continue
-        keys.append((info.st_dev, info.st_ino, member))
-    return keys
-
-
 def _refuse_training_images(data: str, test, cfg: dict) -> None:
     """A test split fasttl cut from --data never holds an image the run trained on (its own data
     named another way: a hard link, another brace pattern of the same shards). Checked when the
     run's own data can still be read as the run read it."""
     try:
-        trained = {key for key in _sample_keys(own_dataset(cfg).train) if key is not None}
+        trained = {key for key in disk_keys(own_dataset(cfg).train) if key is not None}
     except (UserError, OSError):
         return
-    shared = [test.name_of(i) for i, key in enumerate(_sample_keys(test)) if key in trained]
+    shared = [test.name_of(i) for i, key in enumerate(disk_keys(test)) if key in trained]
     if shared:
         raise DataError(f"{data}: the test split fasttl cuts from it holds {len(shared)} of the run's training images "
                         f"({shared[0]}{', ...' if len(shared) > 1 else ''}); it is the run's own data named another "

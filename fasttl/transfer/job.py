@@ -18,14 +18,14 @@ import torch.distributed as dist
 
 from fasttl.transfer import report
 from fasttl.util.errors import OptionError
-from fasttl.transfer.caching import mirror_mode, refuse_writes_among_images
-from fasttl.util import distributed
+from fasttl.transfer.caching import cache_root, mirror_mode, refuse_writes_among_images
+from fasttl.util import distributed, settings
 from fasttl.transfer.common import weights_sha256
 from fasttl.transfer.config import RunConfig, scoped
 from fasttl.transfer.datasets import EMBEDDED, NAMED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.util import files
-from fasttl.util.files import write_atomic
+from fasttl.util.files import enclosing_run_folder, write_atomic
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
                                     run_files, write_config, write_metrics, write_predictions)
@@ -156,6 +156,10 @@ def preflight(cfg: RunConfig) -> None:
                 raise OptionError(f"out: --out {cfg.out} is the --{name.replace('_', '-')} folder itself; the run "
                                   f"would replace what it learns from (give another --out)")
     _refuse_writes_among_images(cfg)
+    if enclosing_run_folder(cache_root()) is not None:
+        raise OptionError(f"{settings.CACHE_DIR.name}={cache_root()} is in the fasttl run folder "
+                          f"{enclosing_run_folder(cache_root())}, which only its run writes into; set it to a folder "
+                          "of its own")
     for name in [cfg.strategy] + ([cfg.compare] if cfg.compare in registry.names() else []):
         registry.get(name).preflight(cfg)
     if cfg.tensorboard is not None:
@@ -301,6 +305,10 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
                               "only into folders it can see (remove it, or give another --tensorboard)")
     if cfg.tensorboard is True:
         return board
+    other = enclosing_run_folder(board)
+    if other is not None and other != os.path.realpath(run_dir):
+        raise OptionError(f"tensorboard: {board} is in the fasttl run folder {other}, which only its run writes into; "
+                          "give another --tensorboard folder")
     # Curves already there are another run's (one of the same folder name, or this one's before
     # --overwrite): never deleted, never mixed with this run's.
     held = [os.path.join(model, name) for model in models for name in event_files(os.path.join(board, model))]

@@ -51,6 +51,9 @@ def write_predictions(run_dir: str, logits: torch.Tensor, labels: torch.Tensor, 
     return path
 
 
+MAX_WEIGHTS_BYTES = 1 << 34  # far above any backbone fasttl trains (Lite2 fine-tuned: about 40 MB)
+
+
 def weights_file(name: str) -> str:
     return f"{name}.safetensors"
 
@@ -65,13 +68,21 @@ def save_weights(run_dir: str, name: str, module: nn.Module) -> str:
 
 
 def load_weights(run_dir: str, name: str, module: nn.Module) -> nn.Module:
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = os.path.join(run_dir, weights_file(name))
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise RunError(f"{path}: no trained weights in this run directory (an unfinished or failed run?)")
+    if os.path.islink(path) or not os.path.isfile(path):
+        raise RunError(f"{path}: not a plain file (a link, a pipe or a device?), so not the weights fasttl wrote; "
+                       "train the run again with --overwrite")
     try:
-        state = load_file(path)
+        data = files.read_plain(path, MAX_WEIGHTS_BYTES)
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{path}: cannot be read as the run's weights ({getattr(exc, 'strerror', None) or exc})") \
+            from None
+    try:
+        state = load(data)
         module.load_state_dict(state)
     except Exception as exc:  # safetensors raises its own types for a damaged file
         raise RunError(f"{path}: not weights for this run's model ({_first_line(exc)}); train the run again "

@@ -207,6 +207,19 @@ class FolderLock:
             self.fd = None
 
 
+def enclosing_run_folder(path: str) -> Optional[str]:
+    """The fasttl run folder (marked with RUN_MARKER) that `path` is or lies in, links resolved;
+    None when there is none: only a run writes into its folder."""
+    folder = os.path.realpath(os.path.expanduser(path))
+    while True:
+        if os.path.isfile(os.path.join(folder, RUN_MARKER)):
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
 def is_inside(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or lies under it, links resolved (where fasttl writes never goes
     among a data folder's images or a run's files)."""

@@ -25,8 +25,15 @@ class Setting:
         return self.raw() or self.default
 
     def path(self) -> str:
-        """The value as a folder path (~ expanded)."""
-        return os.path.expanduser(self.value())
+        """The value as a folder path (~ expanded; a ~user that names no user is refused, never
+        taken as a folder named "~user" in the current one)."""
+        path = os.path.expanduser(self.value())
+        if path.startswith("~"):
+            from fasttl.util.errors import OptionError
+
+            raise OptionError(f"{self.name}={self.value()}: {path.split(os.sep, 1)[0]} names no user's home folder; "
+                              "give an absolute path")
+        return path
 
     def is_set(self) -> bool:
         return self.raw() is not None

@@ -15,7 +15,8 @@ from fasttl import backbones
 from fasttl.cache import FeatureCache
 from fasttl.heads import predict_cache
 from fasttl.heads.train import evaluate_head, feature_statistics, on_device
-from fasttl.data import DataError, class_folder_splits
+from fasttl.data import DataError, class_folder_splits, screen
+from fasttl.data.sources import disk_keys
 from fasttl.optim import AdamW
 from fasttl.heads.fit import EpochStats, fit, one_cycle, step
 from fasttl.transfer.caching import Extraction, cached_features
@@ -28,12 +29,24 @@ from fasttl.transfer.common import BACKBONE_OPTIONS, check_backbone_options, run
 from fasttl.transfer.feature_models import FeatureModel, feature_caches
 
 
-def target_source(path: str, classes: List[str]):
+def target_source(path: str, classes: List[str], on_error: str = "fail"):
+    """The target domain's images (its test/ split when it has one), screened with the run's
+    --on-error as the source is."""
     train, test = class_folder_splits(path)
     target = test if test is not None else train
     if list(target.classes) != list(classes):
         raise DataError(f"target_data: {path} has classes {target.classes}, the source has {list(classes)}")
-    return target
+    return screen(target, on_error) if on_error == "skip" else target
+
+
+def refuse_source_images(target, source_train) -> None:
+    """The target domain is not the source's training images (its accuracy would be scored on
+    images the model trained on)."""
+    trained = {key for key in disk_keys(source_train) if key is not None}
+    shared = [target.name_of(i) for i, key in enumerate(disk_keys(target)) if key in trained]
+    if shared:
+        raise DataError(f"target_data: {len(shared)} of its images are the source's training images ({shared[0]}"
+                        f"{', ...' if len(shared) > 1 else ''}); give the target domain's own images")
 
 
 def _endless(loader, epoch: int):
@@ -121,7 +134,8 @@ class Dann(Strategy):
     def train(self, cfg, ds, run_dir, device) -> List[Outcome]:
         backbone = backbones.create(cfg.backbone, weights=cfg.weights)
         caches = feature_caches(cfg, backbone, ds)
-        target = target_source(cfg.target_data, ds.classes)
+        target = target_source(cfg.target_data, ds.classes, cfg.on_error)
+        refuse_source_images(target, ds.train)
         started = time.perf_counter()
         target_cache = cached_features(backbone, target, "target", Extraction.of(cfg), device=cfg.device,
                                        progress=cfg.progress, rebuild_broken=cfg.overwrite)
