@@ -264,3 +264,18 @@ def test_a_fingerprint_too_large_or_too_deep_is_refused_before_anything_is_writt
 def test_a_dann_target_that_is_the_sources_training_images_is_refused(cat_ship, tmp_path):
     with pytest.raises(DataError, match=r"^target_data: 12 of its images are the source's training images"):
         run(**one_epoch_run(cat_ship, tmp_path / "run", strategy="dann", target_data=str(cat_ship / "train")))
+
+
+def test_a_list_path_with_dotdot_after_a_linked_folder_reads_the_file_the_system_names(cat_ship, tmp_path):
+    from fasttl.data.formats.filelist import read_file_list
+
+    cats = sorted((cat_ship / "train" / "cat").glob("*.jpg"))
+    ships = sorted((cat_ship / "train" / "ship").glob("*.jpg"))
+    (tmp_path / "deep" / "sub").mkdir(parents=True)
+    shutil.copy(cats[0], tmp_path / "deep" / "x.jpg")  # what link/../x.jpg names: the link target's parent
+    shutil.copy(ships[0], tmp_path / "x.jpg")  # what a textual normpath would read instead
+    os.symlink(tmp_path / "deep" / "sub", tmp_path / "link")
+    shutil.copy(ships[1], tmp_path / "y.jpg")
+    (tmp_path / "list.csv").write_text("path,label\nlink/../x.jpg,cat\ny.jpg,ship\n")
+    source = read_file_list(str(tmp_path / "list.csv"))
+    assert os.path.samefile(source.files[0], tmp_path / "deep" / "x.jpg")
