@@ -38,9 +38,10 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     _check_options(features, image_size, batch_size, shard_rows, device)
     if os.path.exists(out) and not os.path.isdir(out):
         raise OptionError(f"out: {out} is a file; give a folder for the cache (it is created when missing)")
-    if enclosing_run_folder(out) is not None:
-        raise OptionError(f"out: {out} is in the fasttl run folder {enclosing_run_folder(out)}, which only its run "
-                          "writes into; give a folder of its own for the cache")
+    holder = enclosing_run_folder(out)
+    if holder is not None:
+        raise OptionError(f"out: {out} is in the fasttl run folder {holder}, which only its run writes into; give a "
+                          "folder of its own for the cache")
     refuse_writes_among_images([("data", data)])
     # The cache never goes among the images of a data folder: its files would mix with them, and a
     # later scan would read its folders as classes.

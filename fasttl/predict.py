@@ -147,7 +147,7 @@ class RunModel:
 
         self.run_dir = os.path.abspath(os.path.expanduser(os.fspath(run_dir)))
         self.config = read_config(self.run_dir)
-        self.device = _device(device)
+        self.device = torch_device(device)
         self.trained = load_trained(self.run_dir, self.device)
         self.classes: List[str] = list(self.trained.classes)
         self.spec: TransformSpec = self.trained.spec
@@ -198,10 +198,6 @@ class RunModel:
         error naming it."""
         probabilities = torch.softmax(self.logits(images, batch_size, progress), dim=1)
         return [self.classes[i] for i in probabilities.argmax(1).tolist()], probabilities
-
-
-def _device(device) -> torch.device:
-    return torch_device(device)
 
 
 def load_run(run_dir: str, device: Union[str, torch.device] = "cpu") -> RunModel:

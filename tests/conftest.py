@@ -205,3 +205,18 @@ def run_with_config_edit(run_dir, dest, field, value):
     config[field] = value
     (dest / "config.json").write_text(json.dumps(config))
     return dest
+
+
+def image_list(data, folder, split: str = "train"):
+    """`folder`/list.csv naming copies of the class-folder images of data/`split` (path,label
+    rows, names CLASS-FILE); returns the rows written, header first."""
+    import shutil
+
+    folder.mkdir()
+    rows = ["path,label"]
+    for label in sorted(os.listdir(data / split)):
+        for name in sorted(os.listdir(data / split / label)):
+            shutil.copy(data / split / label / name, folder / f"{label}-{name}")
+            rows.append(f"{label}-{name},{label}")
+    (folder / "list.csv").write_text("\n".join(rows) + "\n")
+    return rows

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fasttl
-from conftest import cli, finished_run, one_epoch_run, one_line_error
+from conftest import cli, image_list, finished_run, one_epoch_run, one_line_error
 from fasttl.data import DataError
 from fasttl.util.errors import OptionError
 from fasttl.transfer.job import run
@@ -82,12 +82,7 @@ def test_eval_with_data_naming_the_runs_own_changed_folder_is_refused(cat_ship, 
 
 def test_eval_with_data_naming_the_runs_own_list_splits_it_as_the_run_did(cat_ship, tmp_path, capsys):
     folder = tmp_path / "list"
-    folder.mkdir()
-    rows = ["path,label"]
-    for label in ("cat", "ship"):
-        for name in sorted(os.listdir(cat_ship / "train" / label)):
-            shutil.copy(cat_ship / "train" / label / name, folder / f"{label}-{name}")
-            rows.append(f"{label}-{name},{label}")
+    rows = image_list(cat_ship, folder)
     (folder / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     rows.append("bad.jpg,cat")
     (folder / "list.csv").write_text("\n".join(rows) + "\n")

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import cli, one_epoch_run, one_line_error
+from conftest import cli, image_list, one_epoch_run, one_line_error
 from fasttl.data import DataError
 from fasttl.util.errors import OptionError
 from fasttl.transfer.job import run
@@ -64,13 +64,7 @@ def test_eval_of_a_skip_run_on_its_own_flat_folder_reads_it_as_the_run_did(cat_s
 
 def test_eval_of_the_runs_own_list_named_through_a_hard_link_is_refused(cat_ship, tmp_path, capsys):
     folder = tmp_path / "list"
-    folder.mkdir()
-    rows = ["path,label"]
-    for label in ("cat", "ship"):
-        for name in sorted(os.listdir(cat_ship / "train" / label)):
-            shutil.copy(cat_ship / "train" / label / name, folder / f"{label}-{name}")
-            rows.append(f"{label}-{name},{label}")
-    (folder / "list.csv").write_text("\n".join(rows) + "\n")
+    rows = image_list(cat_ship, folder)
     out = tmp_path / "run"
     run(**one_epoch_run(folder / "list.csv", out, seed=1))
     (folder / "other.csv").write_text("\n".join(rows[:1] + rows[:0:-1]) + "\n")  # the same images, another order

@@ -156,10 +156,10 @@ def preflight(cfg: RunConfig) -> None:
                 raise OptionError(f"out: --out {cfg.out} is the --{name.replace('_', '-')} folder itself; the run "
                                   f"would replace what it learns from (give another --out)")
     _refuse_writes_among_images(cfg)
-    if enclosing_run_folder(cache_root()) is not None:
-        raise OptionError(f"{settings.CACHE_DIR.name}={cache_root()} is in the fasttl run folder "
-                          f"{enclosing_run_folder(cache_root())}, which only its run writes into; set it to a folder "
-                          "of its own")
+    holder = enclosing_run_folder(cache_root())
+    if holder is not None:
+        raise OptionError(f"{settings.CACHE_DIR.name}={cache_root()} is in the fasttl run folder {holder}, which only "
+                          "its run writes into; set it to a folder of its own")
     for name in [cfg.strategy] + ([cfg.compare] if cfg.compare in registry.names() else []):
         registry.get(name).preflight(cfg)
     if cfg.tensorboard is not None:
