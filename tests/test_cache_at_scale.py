@@ -209,7 +209,9 @@ def test_written_cache_trains_a_head(tmp_path):
     x = centers[labels] + torch.randn(600, 16, generator=generator)
     cache = fasttl.FeatureCache.write(str(tmp_path / "c"), x.split(97), labels, classes=["a", "b", "c"],
                                       shard_rows=128)
-    head, history = fasttl.heads.train_head(cache, epochs=5, batch_size=32, lr=1e-2, progress=False)
+    fit = fasttl.heads.train_head(cache, epochs=5, batch_size=32, lr=1e-2, progress=False)
+    history = fit.history
+    assert isinstance(fit.head, torch.nn.Sequential) and fit.head[-1].out_features == 3
     assert history[-1]["train_accuracy"] > 0.9
 
 

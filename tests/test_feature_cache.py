@@ -204,7 +204,7 @@ def test_extract_cli_summary_and_head_training(medium_dataset, tmp_path):
     assert "train: 120 images in" in result.stdout and "images/s" in result.stdout and "MiB written" in result.stdout
     train = fasttl.FeatureCache.open(str(out / "train"))
     test = fasttl.FeatureCache.open(str(out / "test"))
-    head, history = train_head(train, epochs=15, batch_size=16, lr=3e-3, eval_cache=test, progress=False)
+    history = train_head(train, epochs=15, batch_size=16, lr=3e-3, eval_cache=test, progress=False).history
     assert len(history) == 15 and history[-1]["train_accuracy"] > 0.9
     assert history[-1]["eval_accuracy"] > 0.4  # 4 classes: chance is 0.25
 

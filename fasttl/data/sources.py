@@ -5,7 +5,8 @@ leaves out or names the unreadable ones. The formats that make sources are in fo
 
 What a loader asks of any source: `encoded` (its samples are image bytes to decode, or decoded
 pixels already), `name_of(i)` (how errors and skip lists name sample i) and, for encoded ones,
-`read(i)` (the image's bytes) and `where(i)` (the file on disk and the member in it)."""
+`read(i)` (the image's bytes) and `where(i)` (the file on disk and the member in it), for decoded
+ones `images` (uint8, N x H x W x 3); for all, `labels` and `classes`."""
 from __future__ import annotations
 
 import hashlib

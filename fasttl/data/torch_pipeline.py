@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from fasttl.data.images import bytes_problem, header_problem, skip_hint
-from fasttl.data.sources import ArraySource, FileSource, TarSource
 from fasttl.util.errors import DataError
 from fasttl.data.spec import TransformSpec
 
@@ -217,17 +216,12 @@ class TorchImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, self.spec.seed)
-        if isinstance(self.source, FileSource):
-            image = decode(self.source.files[index])
-            label = self.source.labels[index]
-        elif isinstance(self.source, TarSource):
-            image = decode(f"{self.source._shard_name(self.source.members[index][0])}/{self.source.keys[index]}",
-                           self.source.read(index))
-            label = self.source.labels[index]
-        elif isinstance(self.source, ArraySource):
-            image = torch.from_numpy(np.ascontiguousarray(self.source.images[index]))
-            label = int(self.source.labels[index])
+        if self.source.encoded:
+            path, member = self.source.where(index)
+            # an image file is decoded from its path (its header checked before it is read in full)
+            image = decode(path) if member is None else decode(self.source.name_of(index), self.source.read(index))
         else:
-            raise TypeError(f"source: expected FileSource, TarSource or ArraySource, got {type(self.source).__name__}")
+            image = torch.from_numpy(np.ascontiguousarray(self.source.images[index]))
+        label = int(self.source.labels[index])
         rng = np.random.default_rng([seed, index]) if self.spec.train else None
         return crop_resize(image, self.spec, rng), label

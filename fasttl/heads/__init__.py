@@ -2,8 +2,8 @@
 closed-form L2 solver for linear heads (solver), their strength and epochs chosen on validation
 (tuning), and the epoch loop every trained model shares (fit).
 
-    head, history = fasttl.heads.train_head(cache, kind="linear", epochs=10)
+    fit = fasttl.heads.train_head(cache, kind="linear", epochs=10)   # fit.head, fit.history
 """
-from fasttl.heads.train import evaluate_head, make_head, predict_cache, train_head
+from fasttl.heads.train import HeadFit, evaluate_head, make_head, predict_cache, train_head
 
-__all__ = ["evaluate_head", "make_head", "predict_cache", "train_head"]
+__all__ = ["HeadFit", "evaluate_head", "make_head", "predict_cache", "train_head"]

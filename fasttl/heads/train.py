@@ -1,6 +1,7 @@
 """Training a linear or MLP head on cached features: the feature-transfer step."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -11,6 +12,14 @@ from fasttl.cache.cache import FeatureCache
 from fasttl.optim import AdamW
 
 HEADS = ("linear", "mlp")
+
+
+@dataclass
+class HeadFit:
+    """What `train_head` returns: the trained `head` and its `history`, one record per epoch."""
+
+    head: nn.Module
+    history: List[Dict[str, float]]
 
 
 class Standardize(nn.Module):
@@ -124,10 +133,10 @@ def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, b
                lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0, device="cpu",
                eval_cache=None, progress: bool = True, checkpoint=None, resume: bool = False,
                dtype: torch.dtype = torch.float32, patience: Optional[int] = None
-               ) -> Tuple[nn.Module, List[Dict[str, float]]]:
+               ) -> HeadFit:
     """Trains a ``"linear"`` or ``"mlp"`` head on a feature cache with fasttl's AdamW and a
     one-cycle schedule on ``device`` (params in ``dtype``: bf16 gets fp32 master weights); returns
-    the head and one record per epoch (train loss/accuracy, eval loss/accuracy when ``eval_cache``
+    a HeadFit: the head and one record per epoch (train loss/accuracy, eval loss/accuracy when ``eval_cache``
     is given, a cache or a list of views of one split whose logits are averaged, seconds). With
     ``checkpoint`` and ``resume`` an interrupted training continues where it stopped; with
     ``patience`` it stops that many epochs after the best eval accuracy."""
@@ -150,4 +159,4 @@ def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, b
     evaluate = (lambda: eval_record(*predict_views(head, views, device))) if views else None
     history = fit(head, optimizer, scheduler, epochs, train_epoch, evaluate, seed=seed, checkpoint=checkpoint,
                   resume=resume, progress=progress, description=f"{kind} head", patience=patience)
-    return head, history
+    return HeadFit(head, history)

@@ -136,17 +136,17 @@ def tune_mlp(views: Sequence[FeatureCache], *, epochs: int, batch_size: int, lr:
     train_views, val_views, info = split_views(views, seed, mirrored_validation)
     if not val_views:  # one image per class: the first weight decay for the given epochs
         everything = FeatureCache.concat(list(views)) if len(views) > 1 else views[0]
-        head, history = train_head(everything, kind="mlp", epochs=epochs, batch_size=batch_size, lr=lr,
-                                   weight_decay=MLP_WEIGHT_DECAYS[0], seed=seed, device=device, progress=progress,
-                                   dtype=dtype, checkpoint=checkpoint, resume=resume)
-        return TunedHead(head, history, dict(validation=info, weight_decay=MLP_WEIGHT_DECAYS[0], epochs=epochs,
+        fit = train_head(everything, kind="mlp", epochs=epochs, batch_size=batch_size, lr=lr,
+                         weight_decay=MLP_WEIGHT_DECAYS[0], seed=seed, device=device, progress=progress,
+                         dtype=dtype, checkpoint=checkpoint, resume=resume)
+        return TunedHead(fit.head, fit.history, dict(validation=info, weight_decay=MLP_WEIGHT_DECAYS[0], epochs=epochs,
                                              refit_on="train (no validation split)"))
     train = FeatureCache.concat(train_views) if len(train_views) > 1 else train_views[0]
     curves, best = [], None
     for weight_decay in MLP_WEIGHT_DECAYS:
-        _, history = train_head(train, kind="mlp", epochs=epochs, batch_size=batch_size, lr=lr,
-                                weight_decay=weight_decay, seed=seed, device=device, eval_cache=val_views,
-                                progress=progress, dtype=dtype, patience=MLP_PATIENCE)
+        history = train_head(train, kind="mlp", epochs=epochs, batch_size=batch_size, lr=lr,
+                             weight_decay=weight_decay, seed=seed, device=device, eval_cache=val_views,
+                             progress=progress, dtype=dtype, patience=MLP_PATIENCE).history
         for record in history:
             record = {("val_" + k[5:] if k.startswith("eval_") else k): v for k, v in record.items()}
             curves.append(dict(record, weight_decay=weight_decay))
@@ -155,9 +155,9 @@ def tune_mlp(views: Sequence[FeatureCache], *, epochs: int, batch_size: int, lr:
                 best = (score, weight_decay, record["epoch"])
     _, weight_decay, best_epochs = best
     everything = FeatureCache.concat(list(views)) if len(views) > 1 else views[0]
-    head, refit = train_head(everything, kind="mlp", epochs=best_epochs, batch_size=batch_size, lr=lr,
-                             weight_decay=weight_decay, seed=seed, device=device, progress=progress, dtype=dtype,
-                             checkpoint=checkpoint, resume=resume)
+    head = train_head(everything, kind="mlp", epochs=best_epochs, batch_size=batch_size, lr=lr,
+                      weight_decay=weight_decay, seed=seed, device=device, progress=progress, dtype=dtype,
+                      checkpoint=checkpoint, resume=resume).head
     choice = dict(validation=info, weight_decay=weight_decay, epochs=best_epochs, val_accuracy=best[0][0],
                   val_loss=-best[0][1], refit_on="train + validation")
     return TunedHead(head, curves, choice)

@@ -96,28 +96,20 @@ def _cifar10(download: bool = False) -> Dataset:
 
 
 def _native_size(source: Source) -> int:
-    if isinstance(source, ArraySource):
+    """The smaller side of the first image that opens (a corrupt one is reported later, named)."""
+    if not source.encoded:
         return int(source.images.shape[1])
+    import io
+
     from PIL import Image
 
-    if isinstance(source, TarSource):
-        import io
-
-        for index in range(min(64, len(source))):
-            try:
-                with Image.open(io.BytesIO(source.read(index))) as img:
-                    return int(min(img.size))
-            except Exception:
-                continue
-        raise DataError(f"data: none of the first images of {source.root} opens as an image")
-
-    for path in source.files[:64]:  # the first file that opens (a corrupt one is reported later, named)
+    for index in range(min(64, len(source))):
         try:
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(source.read(index))) as img:
                 return int(min(img.size))
         except Exception:
             continue
-    raise DataError(f"data: none of the first images under {source.root} opens as an image")
+    raise DataError(f"data: none of the first images of {source.root or 'the source'} opens as an image")
 
 
 def per_class_subset(source: Source, per_class: int, seed: int) -> Source:

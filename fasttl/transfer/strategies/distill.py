@@ -200,7 +200,8 @@ class FeatureHint:
         torch.manual_seed(torch_seed(seed + 1))  # the projection's own seeded start, not the student's
         self.projection = torch.nn.Linear(student_dim, teacher_features.shape[-1]).to(device, dtype)
         torch.random.set_rng_state(generator_state)
-        rms = torch.linalg.vector_norm(teacher_features, dtype=torch.float32) / math.sqrt(max(teacher_features.numel(), 1))
+        rms = (torch.linalg.vector_norm(teacher_features, dtype=torch.float32)
+               / math.sqrt(max(teacher_features.numel(), 1)))
         self.targets = teacher_features.to(device, torch.float16) / rms.clamp_min(1e-6).to(device, torch.float16)
         self.hidden, self.handle = None, None
 

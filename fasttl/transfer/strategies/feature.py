@@ -21,7 +21,8 @@ from fasttl.transfer.registry import Outcome, Strategy, register
 from fasttl.transfer.trained import TrainedModel
 from fasttl.util.errors import OptionError
 from fasttl.transfer.rundir import Checkpoint, RunError, load_weights, read_config, save_weights
-from fasttl.transfer.common import BACKBONE_OPTIONS, check_backbone_options, run_backbone, eval_timings, param_dtype, throughput
+from fasttl.transfer.common import (BACKBONE_OPTIONS, check_backbone_options, eval_timings, param_dtype, run_backbone,
+                                    throughput)
 
 
 class FeatureTransfer(Strategy):
@@ -77,7 +78,8 @@ class FeatureTransfer(Strategy):
         try:
             views_of(config, "test")
         except OptionError as exc:  # a hand-edited or damaged run: name its file, not an option
-            raise RunError(f"{os.path.join(run_dir, 'config.json')}: {exc} (rerun it, or fix the value there)") from None
+            raise RunError(f"{os.path.join(run_dir, 'config.json')}: {exc} (rerun it, or fix the value there)"
+                           ) from None
         backbone = run_backbone(config)
         taps = Extraction.of(config).taps
         head = make_head(self.name, backbone.tapped_dim(taps), len(config["classes"]))
@@ -139,4 +141,4 @@ class Mlp(FeatureTransfer):
 
     def refit_head(self, settings, views, seed, device):
         everything = FeatureCache.concat(list(views)) if len(views) > 1 else views[0]
-        return train_head(everything, kind="mlp", **settings, seed=seed, device=device, progress=False)[0]
+        return train_head(everything, kind="mlp", **settings, seed=seed, device=device, progress=False).head

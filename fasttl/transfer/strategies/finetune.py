@@ -21,7 +21,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fasttl import backbones
@@ -31,7 +30,7 @@ from fasttl.data import ImageLoader, TransformSpec
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split
 from fasttl.util.errors import OptionError
 from fasttl.optim import AdamW
-from fasttl.heads.fit import EpochStats, eval_record, fit, step, warmup_cosine
+from fasttl.heads.fit import eval_record, fit
 from fasttl.transfer.caching import Extraction, cached_features
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.options import an_optional_positive_int, option
@@ -39,6 +38,7 @@ from fasttl.transfer.registry import Outcome, Strategy, register
 from fasttl.transfer.trained import TrainedModel
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
 from fasttl.transfer.common import BACKBONE_OPTIONS, check_backbone_options, eval_timings, param_dtype
+from fasttl.transfer.image_training import distributed, image_epoch, steps_per_epoch, warmup_cosine_schedule
 from fasttl.util.seeds import torch_seed
 
 WEIGHT_DECAY = 0.05
@@ -230,9 +230,8 @@ class _LpftLoop:
         self.spec = TransformSpec.for_backbone(self.model.backbone.preprocessing, size=cfg.image_size)
         self.l2sp = (L2SP([p for p in self.model.backbone.parameters()], L2SP_ALPHA) if cfg.regularize == "l2sp"
                      else None)
-        self.steps_per_epoch = math.ceil(len(train_source) // world / cfg.batch_size) or 1
-        self.trained = self.model if world == 1 else nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.steps_per_epoch = steps_per_epoch(len(train_source), cfg, world)
+        self.trained = distributed(self.model, device, world)
         self.optimizer = self.scheduler = self.scale = None
         self.epoch = 0
 
@@ -243,26 +242,16 @@ class _LpftLoop:
                                   stage_weight_decay=0.0 if self.l2sp is not None else None)
         # bf16 params: fasttl AdamW keeps fp32 master weights and moments, so small updates survive.
         self.optimizer = AdamW(groups, lr=cfg.lr * scale, weight_decay=WEIGHT_DECAY)
-        self.scheduler = warmup_cosine(self.optimizer, cfg.epochs * self.steps_per_epoch,
-                                       warmup_steps=max(1, self.steps_per_epoch // 2))
+        self.scheduler = warmup_cosine_schedule(self.optimizer, cfg, self.steps_per_epoch)
         self.scale = scale
         return self.optimizer, self.scheduler
 
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         self.epoch = epoch
-        cfg = self.cfg
-        train_spec = TransformSpec.for_backbone(self.model.backbone.preprocessing, size=cfg.image_size, train=True,
-                                                seed=cfg.seed * 1000 + epoch)
-        stats = EpochStats()
-        for images, y in ImageLoader(self.train_source, train_spec, cfg.batch_size, shard_id=self.rank,
-                                     num_shards=self.world, device=self.device, dtype=self.dtype):
-            logits = self.trained(images.contiguous(memory_format=torch.channels_last)).float()
-            loss = F.cross_entropy(logits, y)
-            stats.add(loss, logits, y)
-            if self.l2sp is not None:
-                loss = loss + self.l2sp.penalty().to(loss.device)
-            step(loss, self.optimizer, self.scheduler)
-        return dict(stats.record(), lr_scale=self.scale)
+        record = image_epoch(self.trained, self.model.backbone, self.train_source, self.cfg, epoch, self.optimizer,
+                              self.scheduler, rank=self.rank, world=self.world, device=self.device, dtype=self.dtype,
+                              penalty=None if self.l2sp is None else self.l2sp.penalty)
+        return dict(record, lr_scale=self.scale)
 
     def evaluate(self) -> Dict[str, float]:
         return eval_record(*_logits(self.model, self.val_source, self.spec, self.device, self.dtype))
@@ -449,22 +438,12 @@ class Finetune(Strategy):
         # bf16 params: fasttl AdamW keeps fp32 master weights and moments, so small updates survive.
         optimizer = AdamW(parameter_groups(model, stages, trainable, cfg.lr), lr=cfg.lr, weight_decay=0.05)
         spec = TransformSpec.for_backbone(model.backbone.preprocessing, size=cfg.image_size)
-        steps_per_epoch = math.ceil(len(ds.train) // world / cfg.batch_size) or 1
-        scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, warmup_steps=max(1, steps_per_epoch // 2))
-        trained = model if world == 1 else nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        scheduler = warmup_cosine_schedule(optimizer, cfg, steps_per_epoch(len(ds.train), cfg, world))
+        trained = distributed(model, device, world)
 
         def train_epoch(epoch):
-            train_spec = TransformSpec.for_backbone(model.backbone.preprocessing, size=cfg.image_size, train=True,
-                                                    seed=cfg.seed * 1000 + epoch)
-            stats = EpochStats()
-            for images, labels in ImageLoader(ds.train, train_spec, cfg.batch_size, shard_id=rank, num_shards=world,
-                                              device=device, dtype=dtype):
-                logits = trained(images.contiguous(memory_format=torch.channels_last)).float()
-                loss = F.cross_entropy(logits, labels)
-                step(loss, optimizer, scheduler)
-                stats.add(loss, logits, labels)
-            return stats.record()
+            return image_epoch(trained, model.backbone, ds.train, cfg, epoch, optimizer, scheduler, rank=rank,
+                                world=world, device=device, dtype=dtype)
 
         started = time.perf_counter()
         history = fit(model, optimizer, scheduler, cfg.epochs, train_epoch,
