@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import json
 import os
 import sys
 
 from fasttl.util import settings
+from fasttl.cli_errors import (OS_ERRORS, escape_unshowable_text, one_line, os_error_line, quiet_stdout,
+                               user_error_types)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -107,7 +107,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         result = export_onnx(args.run_dir, args.out, image_size=args.image_size, opset=args.opset,
                              overwrite=args.overwrite)
     except VerificationError as exc:
-        print(f"fasttl: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"fasttl: error: {one_line(exc)}", file=sys.stderr)
         return 1
     _say(f"wrote {result['out']} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, {len(result['classes'])} "
           f"classes, input {result['image_size']} x {result['image_size']})")
@@ -171,90 +171,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user_error_types() -> tuple:
-    """Errors that come from what the user asked for or handed fasttl, not from a bug: fasttl's
-    own derive from UserError; a missing or unreadable path is the OS's."""
-    from fasttl.util.errors import UserError
-
-    return (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
-# What the machine said, and what to do about it: at the CLI these are the user's to fix.
-_OS_ERRORS = {
-    errno.ENOSPC: "no space left on the device (free some, or write elsewhere); nothing half-written was kept",
-    errno.EDQUOT: "disk quota exceeded (free some space, or write elsewhere); nothing half-written was kept",
-    errno.EACCES: "permission denied (make it accessible to you, or use another path)",
-    errno.EPERM: "operation not permitted (use another path)",
-    errno.EROFS: "read-only file system (write elsewhere)",
-    errno.EMFILE: "too many open files (raise the limit, e.g. ulimit -n 4096, or use fewer workers)",
-    errno.ENFILE: "too many open files on the system (close some programs, or use fewer workers)",
-    errno.ENOENT: "no such file or folder (check the path)",
-    errno.ENOTDIR: "a part of the path is a file, not a folder (check the path)",
-    errno.EISDIR: "is a folder where fasttl writes or reads a file (move it away, or use another path)",
-    errno.ENAMETOOLONG: "a name in the path is too long for the file system (use a shorter path)",
-    errno.ELOOP: "too many levels of symbolic links (a link loop? check the path)",
-    errno.EFBIG: "file too large (a file size limit, ulimit -f, or the file system's; write elsewhere or raise it)",
-    errno.EXDEV: "the path crosses file systems where fasttl moves a file into place (use a path on one file system)",
-    errno.ENXIO: "no such device (a FIFO with no reader, or a device file? use a regular path)",
-}
-
-
-def _os_error_line(exc: OSError) -> str:
-    from fasttl.util.files import user_path
-    from fasttl.util.outputs import terminal_text
-
-    filename = exc.filename if isinstance(exc.filename, (str, bytes, os.PathLike)) else None  # not a descriptor number
-    where = terminal_text(user_path(os.fsdecode(filename))) if filename is not None else \
-        "standard output" if exc.filename is None else "a file fasttl had open"
-    if exc.filename is None and exc.errno in (errno.EMFILE, errno.ENFILE):
-        where = "files"
-    return f"{where}: {_OS_ERRORS[exc.errno]}{_in_feature_cache(filename)}"
-
-
-def _in_feature_cache(filename) -> str:
-    """Where a failing path is in the feature cache folder, how to move that folder: the path alone
-    does not say that FASTTL_CACHE_DIR (or its default) put it there."""
-    from fasttl.util.outputs import terminal_text
-    from fasttl.transfer.caching import cache_root
-
-    if filename is None:
-        return ""
-    from fasttl.util.errors import UserError
-
-    try:
-        root = os.path.abspath(cache_root())
-    except UserError:  # FASTTL_CACHE_DIR itself is refused: not where this path is
-        return ""
-    path = os.path.abspath(os.fsdecode(filename))
-    if path != root and not path.startswith(root.rstrip(os.sep) + os.sep):
-        return ""
-    chosen = settings.CACHE_DIR.is_set()
-    return (f"; it is in the feature cache folder {'FASTTL_CACHE_DIR=' if chosen else ''}{terminal_text(root)}"
-            f"{'' if chosen else ' (the default)'}: set FASTTL_CACHE_DIR to a folder you can write")
-
-
-def _quiet_stdout() -> None:
-    """After a failed write to stdout, nothing more may go there: the interpreter's own flush at
-    exit would print a second error."""
-    with contextlib.suppress(OSError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
 def _say(text: str, file=None) -> None:
     """print() for lines that carry names fasttl did not make (paths, class names, URLs): escape
     sequences in them are shown escaped, never run by the terminal."""
     from fasttl.util.outputs import terminal_lines
 
     print(terminal_lines(text), file=file)
-
-
-def _one_line(exc: BaseException) -> str:
-    """The error as one printable line: what a file name or a server put in it can't drive the
-    terminal (escape sequences are shown escaped)."""
-    from fasttl.util.outputs import terminal_text
-
-    text = terminal_text(" ".join(str(exc).split()))
-    return text if text else type(exc).__name__
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -266,7 +188,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     where = (f"written to {shown(metrics['written'])}" if metrics["written"] else
              f"not saved ({shown(metrics['not_written'])}): these numbers are the result")
-    _say(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
+    _say(f"accuracy {metrics['accuracy']:.4f}  balanced {metrics['balanced_accuracy']:.4f}  "
+         f"macro F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
          f"({metrics['samples']} images of {shown(metrics['data'])}"
          f"{': its seeded 20% test split' if metrics['test_split'] == 'carved' else ''}); {where}")
     return 0
@@ -471,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    escape_unshowable_text()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -488,11 +412,11 @@ def main(argv=None) -> int:
         # A user's mistake is one line naming the culprit and the fix; a bug keeps its traceback.
         if settings.DEBUG.value() == "1":
             raise
-        if isinstance(exc, OSError) and exc.errno in _OS_ERRORS:
-            print(f"fasttl: error: {_os_error_line(exc)}", file=sys.stderr)
-            _quiet_stdout()
+        if isinstance(exc, OSError) and exc.errno in OS_ERRORS:
+            print(f"fasttl: error: {os_error_line(exc)}", file=sys.stderr)
+            quiet_stdout()
             return 2
-        if not isinstance(exc, _user_error_types()):
+        if not isinstance(exc, user_error_types()):
             raise
-        print(f"fasttl: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"fasttl: error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -71,12 +71,13 @@ def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, ops
     {"out", "max_abs_diff", "images", "image_size", "classes", "opset", "bytes"}."""
     from fasttl._version import __version__
     from fasttl.util.files import write_atomic
-    from fasttl.predict import ImagesToLogits, check_output_path, load_run
+    from fasttl.predict import ImagesToLogits, load_run
+    from fasttl.util.checks import check_output_path
 
     tolerance = TOLERANCE if tolerance is None else tolerance
     out = check_output_path(out, overwrite)
     if not str(out).lower().endswith(".onnx"):
-        raise OptionError(f"out: {out} does not end in .onnx (name the file model.onnx, say)")
+        raise OptionError(f"out: {out!r} does not end in .onnx (name the file model.onnx, say)")
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
                                    or not 8 <= image_size <= 1024):
         raise OptionError(f"image_size: expected an integer in 8..1024, got {image_size!r}")

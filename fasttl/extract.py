@@ -48,6 +48,7 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     if os.path.isdir(data) and is_inside(out, data):
         raise OptionError(f"out: {os.path.abspath(out)} is inside the data folder {os.path.realpath(data)}; give a "
                           "cache folder outside the data")
+    _refuse_foreign_files(out)
     torch_device, _ = distributed.join(device)
     model = backbones.create(backbone_name, weights=weights)
     listed = open_data(data, classes, labels)
@@ -69,17 +70,34 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     return summaries
 
 
+# The folders extract writes under --out: the two splits of class folders, or the one of a list.
+SPLIT_FOLDERS = ("train", "test", "all")
+
+
+def _refuse_foreign_files(out: str) -> None:
+    """--out holds only what extract writes (its split folders, engine graphs, its lock and
+    temporaries), so a folder of the user's files never becomes a cache's root."""
+    from fasttl.cache import store
+
+    if not os.path.isdir(out):
+        return
+    foreign = [name for name in sorted(os.listdir(out)) if name not in SPLIT_FOLDERS and not store.is_own_file(name)]
+    if foreign:
+        raise OptionError(f"out: {out} holds files that are not fasttl's ({', '.join(foreign[:3])}); give an empty or "
+                          "new folder for the cache")
+
+
 def _check_options(features: str, image_size, batch_size, shard_rows, device) -> None:
     """The options' values, before any work (as `fasttl run` checks its own)."""
     from fasttl.transfer.caching import FEATURE_TAPS
-    from fasttl.transfer.config import MAX_IMAGE_SIZE
+    from fasttl.data.spec import check_image_size
 
     if features not in FEATURE_TAPS:
         raise OptionError(f"features: unknown {features!r}; choose from {', '.join(FEATURE_TAPS)}")
     positive_int("shard_rows", shard_rows, OptionError)
     positive_int("batch_size", batch_size, OptionError, optional=True)
-    if positive_int("image_size", image_size, OptionError, optional=True) and image_size > MAX_IMAGE_SIZE:
-        raise OptionError(f"image_size: {image_size} px is more than fasttl handles ({MAX_IMAGE_SIZE})")
+    if image_size is not None:
+        check_image_size("image_size", image_size, OptionError)
     torch_device(device)
 
 

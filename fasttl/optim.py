@@ -118,6 +118,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
             if p.grad.dtype not in (p.dtype, torch.float32):
                 raise TypeError(f"grad of a {p.dtype} param: expected {p.dtype} or float32, got {p.grad.dtype}")
             state = self._init_state(group, p)
+            # A param re-laid since (model.to(memory_format=...)): its state follows, as in torch.optim.
+            self._restore_layout(state, p)
             params.append(p)
             grads.append(_like_param(p.grad, p))
             masters.append(state.get("master_param"))

@@ -30,7 +30,7 @@ from fasttl.util.errors import OptionError
 from fasttl.util.files import RUN_MARKER, is_inside
 from fasttl.util.outputs import csv_cell
 from fasttl.util.checks import positive_int
-from fasttl.util.checks import torch_device
+from fasttl.util.checks import check_output_path, torch_device
 
 
 class ImagesToLogits(nn.Module):
@@ -205,27 +205,6 @@ def load_run(run_dir: str, device: Union[str, torch.device] = "cpu") -> RunModel
     return RunModel(run_dir, device)
 
 
-def check_output_path(path: str, overwrite: bool, flag: str = "--out") -> str:
-    """An output file fasttl may write: a new file in an existing folder, or with `overwrite` a
-    plain file it replaces. A link, a folder or anything else there is refused, whatever the flag.
-    Checked before any work, so a mistake costs nothing."""
-    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    name = flag.lstrip("-").replace("-", "_")
-    if os.path.islink(path):
-        raise OptionError(f"{name}: {path} is a symbolic link; fasttl does not write through links (give another "
-                          f"{flag})")
-    if os.path.lexists(path):
-        if not os.path.isfile(path):
-            raise OptionError(f"{name}: {path} exists and is not a plain file (give another {flag})")
-        if not overwrite:
-            raise OptionError(f"{name}: {path} exists; pass --overwrite to replace it, or another {flag}")
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        what = "is a file, not a folder" if os.path.lexists(parent) else "does not exist"
-        raise OptionError(f"{name}: {parent} {what} (give another {flag} in an existing folder)")
-    return path
-
-
 def predictions_csv(paths: Sequence[str], probabilities: Tensor, classes: Sequence[str], top_k: int = 1) -> str:
     """path,predicted,confidence[,top2,top2_confidence,...]: one row per image."""
     buffer = io.StringIO()
@@ -261,7 +240,7 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
             raise OptionError(f"out: {out} is inside the run folder {run_folder}, whose files are the run's (its "
                               "config, weights, predictions.csv); write the predictions elsewhere")
         if not out.lower().endswith(".csv"):  # a shell glob can put an input image last, as the --out
-            raise OptionError(f"out: {out} does not end in .csv (name the predictions file predictions.csv, say)")
+            raise OptionError(f"out: {out!r} does not end in .csv (name the predictions file predictions.csv, say)")
     files, ignored = image_files(paths)
     model = load_run(run_dir, device)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= len(model.classes):

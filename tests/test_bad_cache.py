@@ -433,15 +433,16 @@ def test_a_lock_left_by_a_finished_writer_is_reused(rng, tmp_path, outside):
 
 
 def test_user_files_in_the_cache_folder_survive_builds_and_overwrite(rng, tmp_path, outside):
+    # Files put beside a cache fasttl built survive its rebuilds (a folder of only the user's files is
+    # refused from the start: test_bad_surfaces_eleventh_pass.py).
     folder = tmp_path / "c"
-    folder.mkdir()
+    build(array_source(rng), folder)
     user = {"notes.tmp.txt": b"notes", "features-notes.txt": b"mine", "scales-old.csv": b"1,2",
             "labels.npy.tmp.77": b"keep", "features-00000.npy.bak": b"backup"}
     for name, data in user.items():
         (folder / name).write_bytes(data)
     (folder / "features-old").mkdir()
     (folder / "features-old" / "inside.txt").write_bytes(b"inside")
-    build(array_source(rng), folder)
     build(array_source(rng), folder, image_size=24, overwrite=True)
     for name, data in user.items():
         assert (folder / name).read_bytes() == data, name

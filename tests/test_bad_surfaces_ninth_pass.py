@@ -352,7 +352,8 @@ def test_bench_outputs_go_through_fasttls_own_temporary_and_are_checked_first(tm
     monkeypatch.setattr(runner, "machine", lambda: ran.append(1) or {})
     with pytest.raises(OptionError, match=r"^plot: .*out.txt is not a .png, .svg, .pdf file"):
         runner.run(["distill"], quick=True, plot_path=str(tmp_path / "out.txt"))
-    with pytest.raises(OptionError, match=r"^json: .*nonexist is not a folder"):
+    with pytest.raises(OptionError, match=r"^json: .*nonexist does not exist \(give another --json in an existing "
+                                          r"folder\)"):
         runner.run(["distill"], quick=True, json_path=str(tmp_path / "nonexist" / "x.json"))
     assert not ran  # refused before any benchmark ran
 

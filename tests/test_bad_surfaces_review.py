@@ -464,7 +464,7 @@ def test_predict_never_writes_into_the_run_it_predicts_with(finished, cat_ship, 
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     code, stdout, err = cli(capsys, "predict", "--run", run_dir, os.path.join(cat_ship, "test"), "--out",
                             run_dir / name, "--overwrite", "--no-progress")
-    assert code == 2 and stdout == "" and "is inside the run folder" in one_line_error(err)
+    assert code == 2 and stdout == "" and "is in the fasttl run folder" in one_line_error(err)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
@@ -602,7 +602,7 @@ def test_predict_out_must_be_a_csv_file(finished, cat_ship, tmp_path, capsys):
     before = image.read_bytes()
     code, _, err = cli(capsys, "predict", "--run", finished, os.path.join(cat_ship, "test"), "--out", image,
                        "--overwrite", "--no-progress")
-    assert code == 2 and "0000.jpg does not end in .csv" in one_line_error(err) and image.read_bytes() == before
+    assert code == 2 and "0000.jpg' does not end in .csv" in one_line_error(err) and image.read_bytes() == before
 
 
 def test_extract_never_writes_its_cache_among_the_images(cat_ship, tmp_path, capsys):

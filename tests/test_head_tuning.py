@@ -183,10 +183,11 @@ def test_mlp_early_stopping_keeps_the_best_validation_epoch():
             assert len(run) - 1 - accuracies.index(max(accuracies)) == tuning.MLP_PATIENCE
 
 
-def test_a_run_records_its_choices_and_never_a_test_curve(tmp_path, cifar10_root, private_cache):
+def test_a_run_records_its_choices_and_never_a_test_curve(tmp_path, cifar10_root, private_cache, monkeypatch):
     from tests.conftest import cifar_subset
     from fasttl.transfer import run
 
+    monkeypatch.setattr(tuning, "CROSS_VALIDATION_BELOW", 0)  # the one-split choice (cross-validation: its own file)
     data = cifar_subset(cifar10_root, tmp_path / "data", ["cat", "ship", "frog"], train=20, test=5)
     out = tmp_path / "run"
     run(data=str(data), strategy="linear", image_size=32, out=str(out), compare="none", progress=False,

@@ -21,7 +21,8 @@ LAYERS = (
     ("features", ("fasttl.cache",)),
     ("heads", ("fasttl.heads",)),
     ("transfer", ("fasttl.transfer",)),
-    ("app", ("fasttl.cli", "fasttl.__main__", "fasttl.predict", "fasttl.export", "fasttl.extract", "fasttl.info",
+    ("app", ("fasttl.cli", "fasttl.cli_errors", "fasttl.__main__", "fasttl.predict", "fasttl.export", "fasttl.extract",
+             "fasttl.info",
              "fasttl.bench")),
     ("api", ("fasttl",)),  # the package's front: it may name anything, nothing may import it
 )

@@ -40,6 +40,9 @@ def check_run_dir(run_dir, weights):
     cm = metrics["confusion_matrix"]
     assert sum(map(sum, cm)) == metrics["samples"]
     assert abs(metrics["accuracy"] - sum(cm[i][i] for i in range(len(cm))) / metrics["samples"]) < 1e-9
+    recalls = [cm[i][i] / sum(cm[i]) for i in range(len(cm)) if sum(cm[i])]
+    assert abs(metrics["balanced_accuracy"] - sum(recalls) / len(recalls)) < 1e-9
+    assert "| balanced accuracy |" in (run_dir / "report.md").read_text()
     assert (run_dir / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     check_predictions(run_dir, metrics)
     return metrics

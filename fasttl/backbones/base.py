@@ -184,12 +184,25 @@ class CustomBackbone(Backbone):
 
 
 def load_state_dict_strict(module: nn.Module, state_dict: dict, source: str) -> None:
+    """Loads `state_dict` only when it fits `module` tensor for tensor: the same keys, shapes and
+    kinds of number (a float weight stored as integers would be cast to a model that answers
+    nothing); else one WeightsError naming the first tensor that does not fit."""
+    from fasttl.backbones.weights import WeightsError
+
+    own = module.state_dict()
+    for key, tensor in state_dict.items():
+        if key in own and isinstance(tensor, torch.Tensor):
+            wanted = own[key]
+            if tensor.shape != wanted.shape:
+                raise WeightsError(f"weights: {source} does not fit {type(module).__name__}: {key} is "
+                                   f"{tuple(tensor.shape)}, the model's {tuple(wanted.shape)}")
+            if wanted.is_floating_point() and not tensor.is_floating_point():
+                raise WeightsError(f"weights: {source} does not fit {type(module).__name__}: {key} holds "
+                                   f"{tensor.dtype} values where the model has {wanted.dtype} weights")
     missing, unexpected = module.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        from fasttl.backbones.weights import WeightsError
-
         raise WeightsError(f"weights: {source} does not fit {type(module).__name__}: "
-                         f"missing keys {list(missing)[:5]}, unexpected keys {list(unexpected)[:5]}")
+                           f"missing keys {list(missing)[:5]}, unexpected keys {list(unexpected)[:5]}")
 
 
 def imagenet_mean_std() -> Tuple[Sequence[float], Sequence[float]]:

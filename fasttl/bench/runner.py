@@ -58,16 +58,15 @@ PLOT_FORMATS = (".png", ".svg", ".pdf")
 
 
 def _check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:
+    """Both outputs checked before the benchmarks, not after minutes of them: a file in an existing
+    folder, replaced when it is a plain file; a link, a device or a FIFO there is refused, never
+    replaced by a file (as root, `--json /dev/null` would replace the machine's /dev/null)."""
+    from fasttl.util.checks import check_output_path
     from fasttl.util.errors import OptionError
 
     for option, path in (("json", json_path), ("plot", plot_path)):
-        if not path:
-            continue
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise OptionError(f"{option}: {folder} is not a folder; give --{option} a file in a folder that exists")
-        if os.path.isdir(path):
-            raise OptionError(f"{option}: {path} is a folder; give --{option} a file name")
+        if path:
+            check_output_path(path, overwrite=True, flag=f"--{option}")
     if plot_path and os.path.splitext(plot_path)[1].lower() not in PLOT_FORMATS:
         raise OptionError(f"plot: {plot_path} is not a {', '.join(PLOT_FORMATS)} file; name the plot with one of "
                           "those endings")

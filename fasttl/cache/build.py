@@ -26,7 +26,8 @@ from fasttl.data.sources import ON_ERROR, ArraySource, FileSource
 from fasttl.cache.extraction import (compute_settings, default_batch_size, extract_features, extraction_engine,
                                      verification_images)
 from fasttl.cache.folder import file_entry, finish, refuse_foreign
-from fasttl.util.checks import positive_int
+from fasttl.util.checks import positive_int, torch_device
+from fasttl.data.spec import check_image_size
 
 
 SHARD_ROWS = 4096  # rows per shard file of a built cache: ~1-8 MB shards at typical widths
@@ -225,7 +226,8 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     calls it and opens the result.
     """
     _check_options(dtype, shard_rows, on_error)
-    device = torch.device(device)
+    _check_inputs(backbone, data, image_size, batch_size)
+    device = torch_device(device)
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     rank, world = rank_and_world()
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
@@ -235,7 +237,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     backbone.check_taps(taps)
     wanted = fingerprint(backbone, source, spec, dtype, resolved_backend, shard_rows, device, taps, engine, precision)
     labels = _check_labels(source)
-    refuse_foreign(out_dir, beside_other_files=True)  # read-only: before a manifest there is read or anything written
+    refuse_foreign(out_dir)  # read-only: before a manifest there is read or anything written
     finished = _finished(out_dir, wanted, overwrite, world)  # read-only, without the lock
     if finished is not None:
         return _reused(out_dir, finished)
@@ -274,6 +276,21 @@ def _check_options(dtype: str, shard_rows: int, on_error: str) -> None:
     positive_int("shard_rows", shard_rows)
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error: expected one of {ON_ERROR}, got {on_error!r}")
+
+
+def _check_inputs(backbone, data, image_size, batch_size) -> None:
+    """What a Python caller hands `build` (the CLI checks its options before), named when wrong."""
+    from fasttl.backbones.base import Backbone
+
+    if not isinstance(backbone, Backbone):
+        raise TypeError(f"backbone: expected a fasttl backbone (fasttl.backbones.create(name), or wrap your own "
+                        f"nn.Module with fasttl.backbones.CustomBackbone), got {type(backbone).__name__}")
+    if not all(hasattr(data, attr) for attr in ("identity", "labels", "classes", "encoded")):
+        raise TypeError(f"data: expected a fasttl source (fasttl.data.class_folder_splits, file_list, "
+                        f"load_cifar_pickles, ...), got {type(data).__name__}")
+    if image_size is not None:
+        check_image_size("image_size", image_size)
+    positive_int("batch_size", batch_size, optional=True)
 
 
 def _screened(data, out_dir: str, on_error: str):

@@ -61,15 +61,12 @@ def _is_fasttl_record(path: str) -> bool:
     return isinstance(record, dict) and isinstance(record.get("fingerprint"), dict)
 
 
-def refuse_foreign(directory: str, beside_other_files: bool) -> None:
-    """Never makes a folder of someone else's files a cache, with or without overwrite. A file of
-    the user's under a name the cache writes (labels.npy, manifest.json, ...) is always refused;
-    `beside_other_files`: files under other names may stay beside the cache (the build keeps
-    them), else only beside a cache fasttl already wrote there (FeatureCache.write)."""
+def refuse_foreign(directory: str) -> None:
+    """Never makes a folder of someone else's files a cache, with or without overwrite: files of
+    the user's may stay only beside a cache fasttl already wrote there."""
     foreign = foreign_entries(directory)
     holds_cache = os.path.isfile(os.path.join(directory, store.MANIFEST)) and store.MANIFEST not in foreign
     clobbered = [name for name in foreign if name in (store.MANIFEST, store.BUILD, store.LABELS, store.SAMPLES)]
-    if clobbered or (foreign and not beside_other_files and not holds_cache):
-        shown = ", ".join(foreign[:3] if not beside_other_files else clobbered[:3])
-        raise CacheError(f"{directory}: holds files that are not a fasttl cache's ({shown}); write to an empty or new "
-                         "folder")
+    if clobbered or (foreign and not holds_cache):
+        raise CacheError(f"{directory}: holds files that are not a fasttl cache's ({', '.join(foreign[:3])}); write "
+                         "to an empty or new folder")

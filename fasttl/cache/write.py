@@ -108,7 +108,7 @@ def write_cache(directory: str, chunks, labels, *, classes, dtype: str = CACHE_D
     if os.path.lexists(directory) and not os.path.isdir(directory):
         raise CacheError(f"{directory}: is a file, not a folder; write the cache to a folder")
     os.makedirs(directory, exist_ok=True)
-    refuse_foreign(directory, beside_other_files=False)
+    refuse_foreign(directory)
     with store.WriterLock(directory):
         if store.regular_file(os.path.join(directory, store.MANIFEST)) is not None and not overwrite:
             raise CacheError(f"{directory}: already holds a cache; write to another directory, or pass "

@@ -3,6 +3,8 @@ CPU operators (device_id=None) where there is not; then the resize, crop, flip a
 fasttl.data.spec, in the backbone's layout (NCHW)."""
 from __future__ import annotations
 
+import errno
+
 import importlib.util
 from typing import List, Optional
 
@@ -77,8 +79,8 @@ class SampleBatches:
         try:
             data = self.source.read(i)
         except OSError as exc:
-            raise DataError(f"{name}: cannot be read ({exc.strerror or type(exc).__name__}; it was there when the "
-                            f"loader started); {skip_hint()}") from None
+            why = "it does not exist" if exc.errno == errno.ENOENT else exc.strerror or type(exc).__name__
+            raise DataError(f"{name}: cannot be read ({why}); {skip_hint()}") from None
         problem = bytes_problem(data)
         if problem is not None:
             raise DataError(f"{name}: cannot be read as an image ({problem}); {skip_hint()}")

@@ -38,6 +38,12 @@ def max_image_pixels() -> int:
 
 
 MAX_IMAGE_BYTES = 1 << 30  # no photo's file is larger: a bigger one (a sparse file, a device) is not read
+# Longer side over shorter side: panoramas stay far below. Every image is resized by its shorter
+# side, so a 1 x 100,000 strip at 224 px would be 224 x 22 million pixels (120 GB as floats).
+MAX_ASPECT_RATIO = 50
+# Scans of a JPEG: progressive photos have about 10; each costs a pass over every block, so a
+# file of thousands of tiny scans takes minutes to decode (a "scan bomb").
+MAX_JPEG_SCANS = 100
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -113,15 +119,46 @@ def _jpeg_problem(f, size: int) -> Optional[str]:
         return f"JPEG with {components} color components (expected 1, 3 or 4)"
     if height == 0 or width == 0:
         return f"JPEG declares a {width}x{height} image"
-    if width * height > max_image_pixels():
-        return f"JPEG declares {width}x{height} pixels, more than the limit of {max_image_pixels():,} (downscale it)"
+    problem = _size_problem("JPEG", width, height)
+    if problem is not None:
+        return problem
     # Huffman coding spends at least a bit on each 8x8 block's DC term: fewer bytes than that
     # cannot hold the image the header declares (a cut file, or a decompression bomb). Arithmetic
     # coding (SOF9 and up, rare) can go below, so it is not held to it.
     if huffman and scan_bytes < width * height // 1024:
         return (f"JPEG declares {width}x{height} pixels but holds {scan_bytes:,} bytes of image data, too few to fill "
                 "them (truncated, or made to look larger than it is)")
+    scans = _count_scans(f, pos - 2, size)  # from the first scan's marker
+    if scans > MAX_JPEG_SCANS:
+        return (f"JPEG has more than {MAX_JPEG_SCANS} scans (photos have about 10; decoding them all would take "
+                "minutes): re-encode it")
     return None
+
+
+def _size_problem(kind: str, width: int, height: int) -> Optional[str]:
+    if width * height > max_image_pixels():
+        return f"{kind} declares {width}x{height} pixels, more than the limit of {max_image_pixels():,} (downscale it)"
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return (f"{kind} declares {width}x{height} pixels, a side more than {MAX_ASPECT_RATIO} times the other: too "
+                "thin to resize by its shorter side (crop it)")
+    return None
+
+
+def _count_scans(f, start: int, size: int) -> int:
+    """Start-of-scan markers from `start` (the first scan's header) on, counted up to one past
+    the limit. Inside entropy-coded data a 0xFF byte is followed by 0x00 or a restart marker, so
+    FF DA is always a marker."""
+    f.seek(start)
+    scans, tail, read = 0, b"", start
+    while read < size and scans <= MAX_JPEG_SCANS:
+        block = f.read(1 << 20)
+        if not block:
+            break
+        read += len(block)
+        joined = tail + block
+        scans += joined.count(b"\xff\xda")
+        tail = joined[-1:]
+    return scans
 
 
 def _png_problem(f, size: int) -> Optional[str]:
@@ -136,8 +173,9 @@ def _png_problem(f, size: int) -> Optional[str]:
         return f"PNG with bit depth {depth} and color type {color} is not a valid combination"
     if width == 0 or height == 0 or width > 2**31 - 1 or height > 2**31 - 1:
         return f"PNG declares a {width}x{height} image"
-    if width * height > max_image_pixels():
-        return f"PNG declares {width}x{height} pixels, more than the limit of {max_image_pixels():,} (downscale it)"
+    problem = _size_problem("PNG", width, height)
+    if problem is not None:
+        return problem
     pos, has_data, has_palette, compressed = 8, False, False, 0
     while True:
         if pos + 8 > len(data):

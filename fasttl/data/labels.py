@@ -123,14 +123,17 @@ def label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where
 
 def _unseen(char: str) -> bool:
     """A character that renders as nothing of its own: a format character (zero-width joiners,
-    direction marks) or a variation selector (U+FE0F asks for an emoji form)."""
+    direction marks), or one Unicode marks Default_Ignorable (variation selectors, the combining
+    grapheme joiner, the Hangul and Khmer fillers), or the blank Braille pattern."""
     code = ord(char)
-    return (unicodedata.category(char) == "Cf" or 0xFE00 <= code <= 0xFE0F or 0xE0100 <= code <= 0xE01EF
-            or code in _BLANK_LETTERS)
+    return unicodedata.category(char) == "Cf" or code == 0x2800 or any(low <= code <= high for low, high in _IGNORABLE)
 
 
-# Letters that render blank: the Hangul fillers, the halfwidth one, the blank Braille pattern.
-_BLANK_LETTERS = {0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800}
+# Unicode's Default_Ignorable_Code_Point ranges (DerivedCoreProperties.txt, Unicode 15).
+_IGNORABLE = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+              (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
+              (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+              (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
 
 
 def refuse_lookalikes(names: Sequence[str], where: str) -> None:

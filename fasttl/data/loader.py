@@ -231,5 +231,7 @@ def make_loader(source: Source, preprocessing, batch_size: int = 64, *, train: b
     seeds the order and the augmentation."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed: expected an integer, got {seed!r}")
+    if not isinstance(train, bool):  # "no" would be taken as True: augmentation on
+        raise TypeError(f"train: expected True or False, got {train!r}")
     spec = TransformSpec.for_backbone(preprocessing, train=train, seed=seed, size=image_size)
     return ImageLoader(source, spec, batch_size, **kwargs)

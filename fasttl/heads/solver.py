@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fasttl.heads import imbalance
+
 # Strongest first, in 1-2-5 steps: the path spans what CIFAR-10 subsets of 100 to 5,000 images per
 # class chose. On full CIFAR-10 (4-stage features) half-decade steps left 0.26 points of validation
 # accuracy between two of them (0.8518 at 0.01 and 0.003, 0.8544 at 0.005).
@@ -92,11 +94,15 @@ def view_logits(weight: Tensor, bias: Tensor, views: Sequence[Tensor]) -> Tensor
 
 def fit_path(train_x: Tensor, train_y: Tensor, val_views: List[Tensor], val_y: Tensor, num_classes: int,
              weight_decays: Sequence[float] = WEIGHT_DECAYS, patience: int = PATIENCE,
-             progress: bool = False) -> Tuple[float, List[Dict[str, float]], Tuple[Tensor, Tensor]]:
+             progress: bool = False, prior: Optional[Tensor] = None, val_logits: Optional[Dict[float, Tensor]] = None
+             ) -> Tuple[float, List[Dict[str, float]], Tuple[Tensor, Tensor]]:
     """Solves each strength (strongest first, warm-started) on scaled training rows and
     scores it on the validation views; returns (chosen strength, one record per strength
     solved, the chosen solution). The choice is the best validation accuracy, ties to the lower
-    validation loss; the path stops `patience` strengths after the best."""
+    validation loss; the path stops `patience` strengths after the best. With `prior` (the
+    training classes' log prior, for long-tailed data) each strength is scored with its best
+    logit adjustment by balanced accuracy instead (fasttl.heads.imbalance), recorded in its record.
+    `val_logits`, a dict, receives each strength's validation logits (cross-validation pools them)."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -110,13 +116,18 @@ def fit_path(train_x: Tensor, train_y: Tensor, val_views: List[Tensor], val_y: T
                                          max_iter=PATH_MAX_ITER)
             solution = (weight, bias)
             logits = view_logits(weight, bias, val_views)
+            if val_logits is not None:
+                val_logits[weight_decay] = logits
             record.update(val_loss=float(F.cross_entropy(logits, val_y)),
                           val_accuracy=float((logits.argmax(1) == val_y).float().mean()))
+            score = (record["val_accuracy"], -record["val_loss"])
+            if prior is not None:
+                record.update(imbalance.best_adjustment(logits, val_y, prior, num_classes))
+                score = (record["val_balanced_accuracy"], -record["val_balanced_loss"])
             path.append(record)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(val_accuracy=f"{record['val_accuracy']:.4f}")
-            score = (record["val_accuracy"], -record["val_loss"])
             if best is None or score > best[0]:
                 best, since_best = (score, weight_decay, solution), 0
             else:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from fasttl.cache.cache import FeatureCache
 from fasttl.optim import AdamW
+from fasttl.util.seeds import torch_seed
 
 HEADS = ("linear", "mlp")
 
@@ -140,10 +141,10 @@ def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, b
     is given, a cache or a list of views of one split whose logits are averaged, seconds). With
     ``checkpoint`` and ``resume`` an interrupted training continues where it stopped; with
     ``patience`` it stops that many epochs after the best eval accuracy."""
-    from fasttl.heads.fit import eval_record, fit, one_cycle
+    from fasttl.heads.fit import DivergedError, eval_record, fit, one_cycle
 
-    torch.manual_seed(seed)
-    device = torch.device(device)
+    device = _check_arguments(train, eval_cache, kind, epochs, batch_size, lr, weight_decay, seed, device)
+    torch.manual_seed(torch_seed(seed))
     mean, std = feature_statistics(train)
     head = make_head(kind, train.feature_dim, len(train.classes), mean, std).to(device, dtype)
     optimizer = AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
@@ -159,4 +160,36 @@ def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, b
     evaluate = (lambda: eval_record(*predict_views(head, views, device))) if views else None
     history = fit(head, optimizer, scheduler, epochs, train_epoch, evaluate, seed=seed, checkpoint=checkpoint,
                   resume=resume, progress=progress, description=f"{kind} head", patience=patience)
+    if not all(bool(torch.isfinite(p).all()) for p in head.parameters()):
+        raise DivergedError(f"{kind} head: its weights are not finite after training (lr {lr} too high?); lower lr")
     return HeadFit(head, history)
+
+
+def _check_arguments(train, eval_cache, kind, epochs, batch_size, lr, weight_decay, seed, device) -> torch.device:
+    """train_head's arguments, each named when wrong (as `fasttl run` checks its options): an
+    evaluation cache must hold the training cache's classes, in order, and its feature width."""
+    import math
+
+    from fasttl.util.checks import positive_int, torch_device
+    from fasttl.util.errors import OptionError
+
+    if kind not in HEADS:
+        raise OptionError(f"kind: expected one of {', '.join(HEADS)}, got {kind!r}")
+    positive_int("epochs", epochs, OptionError)
+    positive_int("batch_size", batch_size, OptionError)
+    for name, value, zero_allowed in (("lr", lr, False), ("weight_decay", weight_decay, True)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                value < 0 or (value == 0 and not zero_allowed):
+            raise OptionError(f"{name}: expected a finite number {'>= 0' if zero_allowed else '> 0'}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise OptionError(f"seed: expected an integer >= 0, got {seed!r}")
+    views = [] if eval_cache is None else list(eval_cache) if isinstance(eval_cache, (list, tuple)) else [eval_cache]
+    for view in views:
+        if not isinstance(view, FeatureCache):
+            raise OptionError(f"eval_cache: expected a FeatureCache (or a list of views of one), got "
+                              f"{type(view).__name__}")
+        if list(view.classes) != list(train.classes) or view.feature_dim != train.feature_dim:
+            raise OptionError(f"eval_cache: its classes {list(view.classes)[:5]} and width {view.feature_dim} are "
+                              f"not the training cache's ({list(train.classes)[:5]}, {train.feature_dim}); evaluate on "
+                              "features of the same classes, in the same order, from the same backbone")
+    return torch_device(device)

@@ -7,18 +7,24 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fasttl.heads import solver
+from fasttl.heads import imbalance, solver
 from fasttl.cache.cache import FeatureCache
 from fasttl.heads.train import make_head, on_device, predict_views, train_head
-from fasttl.data.splits import VALIDATION_FRACTION, validation_split
+from fasttl.data.splits import VALIDATION_FRACTION, stratified_folds, validation_split
 
 # Weight decays the MLP head tries (AdamW, decoupled); each run stops early on validation.
 MLP_WEIGHT_DECAYS = (1e-4, 1e-2, 1e-1)
 MLP_PATIENCE = 3
 # L-BFGS iterations of a linear head solved from zero (fit_linear); it stops sooner at tolerance.
 COLD_START_ITERATIONS = 1000
+# Below this many training images in the smallest class, the linear head's L2 strength (and logit
+# adjustment) is chosen by stratified K-fold cross-validation on every training image instead of
+# on one 10% split, whose few images make the choice noise (benchmarks/RESULTS.md, "Few images").
+CROSS_VALIDATION_BELOW = 30
+CROSS_VALIDATION_FOLDS = 5
 
 
 @dataclass
@@ -74,18 +80,25 @@ def tune_linear(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu", p
     widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
     if not val_views:
         return _untuned_linear(views, info, device)
+    if _smallest_class(views[0].labels) < CROSS_VALIDATION_BELOW:
+        return _cross_validated_linear(views, train_views, val_views, info, seed, device)
     x, y = _rows(train_views, device)
     mean, std = solver.block_scaling(x, widths)
     x = (x - mean) / std
     val = [(v.all_features().to(device) - mean) / std for v in val_views]
     num_classes = len(views[0].classes)
+    long_tailed = imbalance.imbalance_ratio(views[0].labels, num_classes) >= imbalance.IMBALANCE_RATIO
     weight_decay, path, solution = solver.fit_path(x, y, val, val_views[0].labels.to(device), num_classes,
-                                                   progress=progress)
-    del x, val
+                                                   progress=progress,
+                                                   prior=imbalance.log_prior(y, num_classes) if long_tailed else None)
+    chosen = next(p for p in path if p["weight_decay"] == weight_decay)
+    tau = chosen.get("logit_adjustment", 0.0)
     train_part = make_head("linear", solution[0].shape[1], num_classes, mean.cpu(), std.cpu())
     with torch.no_grad():
         train_part[-1].weight.copy_(solution[0])
         train_part[-1].bias.copy_(solution[1])
+    imbalance.adjust_bias(train_part, tau, imbalance.log_prior(y, num_classes))
+    del x, val
     x, y = _rows(views, device)
     mean, std = solver.block_scaling(x, widths)
     weight, bias, refit = solver.solve((x - mean) / std, y, num_classes, weight_decay, init=solution)
@@ -93,11 +106,88 @@ def tune_linear(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu", p
     with torch.no_grad():
         head[-1].weight.copy_(weight)
         head[-1].bias.copy_(bias)
-    chosen = next(p for p in path if p["weight_decay"] == weight_decay)
+    imbalance.adjust_bias(head, tau, imbalance.log_prior(y, num_classes))
     choice = dict(validation=info, weight_decay=weight_decay, val_accuracy=chosen["val_accuracy"],
                   val_loss=chosen["val_loss"], solver="L-BFGS, full batch", refit_seconds=refit["seconds"],
                   refit_on="train + validation")
+    if long_tailed:  # the adjusted train part's own scores: what LP-FT's first evaluation sees
+        choice.update(class_imbalance=imbalance.imbalance_ratio(views[0].labels, num_classes), logit_adjustment=tau,
+                      val_balanced_accuracy=chosen["val_balanced_accuracy"],
+                      **_scores_on(train_part.to(device), val_views, device))
     return TunedHead(head.to(device), path, choice, train_part=train_part.to(device))
+
+
+def _scores_on(head: nn.Module, val_views: Sequence[FeatureCache], device) -> Dict[str, float]:
+    """The validation accuracy and loss of `head` as LP-FT's first evaluation measures them."""
+    logits, labels = predict_views(head.eval(), list(val_views), device)
+    return {"val_accuracy": float((logits.argmax(1) == labels).float().mean()),
+            "val_loss": float(F.cross_entropy(logits.float(), labels))}
+
+
+def _smallest_class(labels: torch.Tensor) -> int:
+    counts = torch.bincount(labels.long().cpu())
+    return int(counts[counts > 0].min())
+
+
+def _out_of_fold_logits(views: Sequence[FeatureCache], widths, seed: int, device) -> Dict[float, torch.Tensor]:
+    """Each L2 strength's logits of every training image from the fold model that did not see it
+    (the whole path in every fold, so that every strength has every image)."""
+    labels = views[0].labels
+    num_classes, rows = len(views[0].classes), len(labels)
+    pooled: Dict[float, torch.Tensor] = {}
+    for held in stratified_folds(labels, CROSS_VALIDATION_FOLDS, seed):
+        if not held:
+            continue
+        kept = sorted(set(range(rows)) - set(held))
+        x, y = _rows([v.subset(kept) for v in views], device)
+        mean, std = solver.block_scaling(x, widths)
+        val = [(v.subset(held).all_features().to(device) - mean) / std for v in views]
+        fold_logits: Dict[float, torch.Tensor] = {}
+        solver.fit_path((x - mean) / std, y, val, labels[held].to(device), num_classes,
+                        patience=len(solver.WEIGHT_DECAYS), val_logits=fold_logits)
+        for strength, logits in fold_logits.items():
+            pooled.setdefault(strength, torch.empty(rows, num_classes, device=device))[held] = logits
+    return pooled
+
+
+def _cross_validated_linear(views: Sequence[FeatureCache], train_views, val_views, info: dict, seed: int,
+                            device) -> TunedHead:
+    """The linear head with its strength chosen on out-of-fold logits of every training image
+    (scored on the training views; a --mirror-views test run's mirrored validation images cover
+    one split only and are not used here); `train_part` is the chosen strength fit on the train
+    part of the run's validation split, which LP-FT still holds out for early stopping; the
+    choice's val_accuracy and val_loss are that head's on the split (cv_accuracy, cv_loss: the
+    pooled out-of-fold scores the strength was chosen by)."""
+    labels = views[0].labels.to(device)
+    num_classes = len(views[0].classes)
+    widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
+    long_tailed = imbalance.imbalance_ratio(labels, num_classes) >= imbalance.IMBALANCE_RATIO
+    prior = imbalance.log_prior(labels, num_classes)
+    records, best = [], None
+    for strength, logits in _out_of_fold_logits(views, widths, seed, device).items():
+        record = {"weight_decay": strength, "val_accuracy": float((logits.argmax(1) == labels).float().mean()),
+                  "val_loss": float(F.cross_entropy(logits, labels)), "folds": CROSS_VALIDATION_FOLDS}
+        score = (record["val_accuracy"], -record["val_loss"])
+        if long_tailed:
+            record.update(imbalance.best_adjustment(logits, labels, prior, num_classes))
+            score = (record["val_balanced_accuracy"], -record["val_balanced_loss"])
+        records.append(record)
+        if best is None or score > best[0]:
+            best = (score, record)
+    chosen = best[1]
+    tau = chosen.get("logit_adjustment", 0.0)
+    head = fit_linear(views, chosen["weight_decay"], device).head
+    train_part = fit_linear(train_views, chosen["weight_decay"], device).head
+    imbalance.adjust_bias(head, tau, prior)
+    imbalance.adjust_bias(train_part, tau, imbalance.log_prior(train_views[0].labels, num_classes))
+    choice = dict(validation=dict(info, folds=CROSS_VALIDATION_FOLDS, cross_validated_images=len(labels)),
+                  weight_decay=chosen["weight_decay"], **_scores_on(train_part, val_views, device),
+                  cv_accuracy=chosen["val_accuracy"], cv_loss=chosen["val_loss"], solver="L-BFGS, full batch",
+                  refit_on="train + validation", cross_validation=f"{CROSS_VALIDATION_FOLDS}-fold, stratified")
+    if long_tailed:
+        choice.update(class_imbalance=imbalance.imbalance_ratio(labels, num_classes), logit_adjustment=tau,
+                      val_balanced_accuracy=chosen["val_balanced_accuracy"])
+    return TunedHead(head, records, choice, train_part=train_part)
 
 
 def fit_linear(views: Sequence[FeatureCache], weight_decay: float, device="cpu") -> TunedHead:

@@ -24,7 +24,7 @@ from fasttl.transfer.datasets import BUILTIN
 from fasttl.transfer.options import (a_path, a_positive_int, a_positive_number, an_optional_positive_int, choices_of,
                                      option)
 
-MAX_IMAGE_SIZE = 1024
+from fasttl.data.spec import MAX_IMAGE_SIZE, check_image_size  # noqa: E402, F401 (MAX_IMAGE_SIZE: re-exported)
 
 
 def _strategies():
@@ -46,9 +46,7 @@ def _a_seed(name: str, value) -> None:
 
 
 def _an_image_size(name: str, value) -> None:
-    a_positive_int(name, value)
-    if value > MAX_IMAGE_SIZE:
-        raise OptionError(f"{name}: {value} px is more than fasttl handles ({MAX_IMAGE_SIZE})")
+    check_image_size(name, value, OptionError)
 
 
 def _a_device(name: str, value) -> None:
@@ -198,8 +196,8 @@ RunConfig = run_config()
 
 def _check_unused(cfg: RunOptions, trained) -> None:
     """An option that only another strategy reads is a mistake to point out, not to ignore."""
-    for name in ("epochs", "lr", "batch_size"):
-        if getattr(cfg, name) is not None and not any(name in s.training_options for s in trained):
+    for name in ("epochs", "lr", "batch_size", "precision"):
+        if getattr(cfg, name) not in (None, "auto") and not any(name in s.training_options for s in trained):
             raise OptionError(f"{name}: --{name.replace('_', '-')} is not read by --strategy {cfg.strategy} "
                               f"({registry.get(cfg.strategy).help}); drop it, or --compare a strategy that trains "
                               "in epochs")

@@ -103,13 +103,15 @@ def _native_size(source: Source) -> int:
 
     from PIL import Image
 
+    first = None
     for index in range(min(64, len(source))):
         try:
             with Image.open(io.BytesIO(source.read(index))) as img:
                 return int(min(img.size))
-        except Exception:
-            continue
-    raise DataError(f"data: none of the first images of {source.root or 'the source'} opens as an image")
+        except Exception as exc:
+            first = first or f"{source.name_of(index)}: {' '.join(str(exc).split())[:160]}"
+    raise DataError(f"data: none of the first {min(64, len(source))} images of {source.root or 'the source'} opens "
+                    f"as an image (first: {first})")
 
 
 def per_class_subset(source: Source, per_class: int, seed: int) -> Source:

@@ -17,7 +17,7 @@ from fasttl.data.formats.webdataset import is_webdataset
 from fasttl.transfer.caching import refuse_writes_among_images
 from fasttl.transfer.datasets import NAMED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
-from fasttl.transfer.rundir import finite_logits, load_trained, read_config, strict_json
+from fasttl.transfer.rundir import RunError, finite_logits, load_trained, read_config, strict_json
 
 
 # Why eval_metrics.json may not be writable while the run is readable (a shared or read-only run).
@@ -31,6 +31,7 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     written to RUN_DIR/eval_metrics.json. The model is rebuilt by its strategy's `load`. With
     on_error="skip", images that do not decode are left out and listed under "skipped"."""
     device = torch_device(device)
+    state = _run_state(run_dir)
     cfg = read_config(run_dir)
     if data is not None and _is_own_data(data, cfg):
         data = None  # the run's own data, split as the run split it (never re-carved, never changed)
@@ -45,9 +46,11 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     if data is not None and dataset.carved:
         _refuse_training_images(data, dataset.test, cfg)
     test = screen(dataset.test, on_error) if on_error == "skip" else dataset.test  # the train split goes unread
-    if dataset.classes != cfg["classes"]:
+    if dataset.classes != cfg["classes"] and sorted(dataset.classes) == sorted(cfg["classes"]):
+        test = _in_run_order(test, cfg["classes"])  # the same names in another order (class folders are sorted)
+    elif dataset.classes != cfg["classes"]:
         raise DataError(f"{data if data is not None else own}: {_class_difference(dataset.classes, cfg['classes'])}; "
-                        "evaluate on data with the run's classes (same names, same order), or train a run on this "
+                        "evaluate on data with the run's classes (the same names), or train a run on this "
                         "data")
     model = load_trained(run_dir, device)
     logits, labels = model.logits(test, progress=progress)
@@ -57,6 +60,9 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     metrics["test_split"] = "carved" if dataset.carved else "given"  # carved: the seeded 20% fasttl split off
     metrics["skipped"] = [{"file": f, "reason": r} for f, r in getattr(test, "skipped", [])]
     path = os.path.join(run_dir, "eval_metrics.json")
+    if _run_state(run_dir) != state:
+        raise RunError(f"{run_dir}: replaced while it was evaluated (a run with --overwrite, or a copy over it); "
+                       "nothing written: evaluate it again")
     try:
         write_json_atomic(path, strict_json(metrics))
         written = path
@@ -67,6 +73,18 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
         metrics["not_written"] = f"{path}: {os.strerror(exc.errno).lower()}"
     metrics["written"] = written
     return metrics
+
+
+def _run_state(run_dir: str) -> tuple:
+    """Which run the folder holds now: its config and metrics files (each run writes both anew)."""
+    state = []
+    for name in ("config.json", "metrics.json"):
+        try:
+            info = os.stat(os.path.join(run_dir, name))
+            state.append((info.st_ino, info.st_mtime_ns, info.st_size))
+        except OSError:
+            state.append(None)
+    return tuple(state)
 
 
 def own_data(cfg: dict) -> str:
@@ -85,13 +103,7 @@ def own_dataset(cfg: dict):
     per-class subsets, its classes file. A carved split whose data changed since is refused: it
     can't be rebuilt and would score training images."""
     own = own_data(cfg)
-    listed = is_file_list(own) or is_webdataset(own)
-    # The run's --on-error, as the run read it: a list is screened before it is cut, and the
-    # identity of a carved folder is that of its screened images.
-    dataset = load_dataset(own, cfg["seed"], train_per_class=cfg.get("train_per_class"),
-                           test_per_class=cfg.get("test_per_class"), on_error=cfg.get("on_error", "fail"),
-                           classes_file=classes_file_of(cfg) if listed else None,
-                           labels=cfg.get("labels", "names") if listed else "names")
+    dataset = _load_own(cfg)
     recorded = (cfg.get("identity") or {}).get("data_identity")
     if dataset.carved and recorded is not None and dataset.identity() != recorded:
         what = f"an image added, removed or rewritten, or {classes_file_of(cfg)} changed" if classes_file_of(cfg) \
@@ -102,15 +114,38 @@ def own_dataset(cfg: dict):
     return dataset
 
 
+def _load_own(cfg: dict):
+    """The run's own data loaded as the run loaded it, whether or not it changed since."""
+    own = own_data(cfg)
+    listed = is_file_list(own) or is_webdataset(own)
+    # The run's --on-error, as the run read it: a list is screened before it is cut, and the
+    # identity of a carved folder is that of its screened images.
+    dataset = load_dataset(own, cfg["seed"], train_per_class=cfg.get("train_per_class"),
+                           test_per_class=cfg.get("test_per_class"), on_error=cfg.get("on_error", "fail"),
+                           classes_file=classes_file_of(cfg) if listed else None,
+                           labels=cfg.get("labels", "names") if listed else "names")
+    return dataset
+
+
 def _refuse_training_images(data: str, test, cfg: dict) -> None:
     """A test split fasttl cut from --data never holds an image the run trained on (its own data
     named another way: a hard link, another brace pattern of the same shards). Checked when the
     run's own data can still be read as the run read it."""
+    changed = False
     try:
         trained = {key for key in disk_keys(own_dataset(cfg).train) if key is not None}
     except (UserError, OSError):
-        return
+        try:  # changed since the run: which images it trained on can't be told, so none of them is scored
+            own = _load_own(cfg)
+        except (UserError, OSError):
+            return  # gone or unreadable: nothing of it can be in --data
+        trained = {key for split in (own.train, own.test) for key in disk_keys(split) if key is not None}
+        changed = True
     shared = [test.name_of(i) for i, key in enumerate(disk_keys(test)) if key in trained]
+    if shared and changed:
+        raise DataError(f"{data}: the test split fasttl cuts from it holds {len(shared)} images of the run's own data "
+                        f"({shared[0]}{', ...' if len(shared) > 1 else ''}), which changed since the run, so which of "
+                        "them it trained on can't be told; evaluate on images the run never read")
     if shared:
         raise DataError(f"{data}: the test split fasttl cuts from it holds {len(shared)} of the run's training images "
                         f"({shared[0]}{', ...' if len(shared) > 1 else ''}); it is the run's own data named another "
@@ -123,6 +158,19 @@ def _is_own_data(data: str, cfg: dict) -> bool:
     if data in NAMED or own in NAMED:
         return data == own
     return os.path.realpath(os.path.expanduser(data)) == os.path.realpath(os.path.expanduser(own))
+
+
+def _in_run_order(source, classes):
+    """`source` with its labels renumbered to index `classes` (the same names, the run's order)."""
+    import dataclasses
+
+    import numpy as np
+
+    index = [classes.index(name) for name in source.classes]
+    labels = [index[int(label)] for label in source.labels]
+    if isinstance(source.labels, np.ndarray):
+        labels = np.asarray(labels, dtype=np.int64)
+    return dataclasses.replace(source, labels=labels, classes=list(classes))
 
 
 def _class_difference(found, trained) -> str:

@@ -88,7 +88,11 @@ def _default_run_dir(base: str, reuse: bool) -> str:
 
 def choose_run_dir(cfg: RunConfig, dataset_name: str) -> str:
     if cfg.out:
-        return os.path.abspath(os.path.expanduser(cfg.out))
+        out = os.path.abspath(os.path.expanduser(cfg.out))
+        holder = enclosing_run_folder(os.path.dirname(out))
+        if holder is not None:  # a run folder holds its own run's files, never another run
+            raise RunError(f"out: {out} is inside the fasttl run folder {holder}; give a folder outside it")
+        return out
     return _default_run_dir(os.path.abspath(os.path.join("runs", f"{dataset_name}-{cfg.strategy}")),
                             cfg.resume or cfg.overwrite)
 
@@ -195,6 +199,8 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
     Returns the metrics written to RUN_DIR/metrics.json. Prints a closing summary when
     `print_summary` (default: when progress bars are on)."""
     started = time.perf_counter()
+    if isinstance(options.get("device"), torch.device):  # recorded in config.json as its text
+        options["device"] = str(options["device"])
     cfg = RunConfig(**options)
     owns_process_group = _init_distributed(cfg)
     rank, _ = distributed.rank_and_world()
@@ -349,6 +355,7 @@ def write_tensorboard(log_dir: str, outcomes: List[Outcome], classes) -> None:
             metrics = classification_metrics(outcome.logits, outcome.labels, classes)
             writer.add_scalar("test/accuracy", float(metrics["accuracy"]), epoch)
             writer.add_scalar("test/macro_f1", float(metrics["macro_f1"]), epoch)
+            writer.add_scalar("test/balanced_accuracy", float(metrics["balanced_accuracy"]), epoch)
 
 
 def history_csv(outcomes: List[Outcome]) -> bytes:
@@ -386,7 +393,8 @@ def _write_results(run_dir: str, cfg: RunConfig, config: dict, dataset, outcomes
                    results: Dict[str, dict], total_s: float) -> Dict[str, object]:
     """metrics.json (written last: its presence marks the run finished), predictions, plots, report."""
     main = outcomes[0].name
-    compared = ("accuracy", "macro_f1", "loss", "per_class_recall", "per_class_precision", "confusion_matrix")
+    compared = ("accuracy", "balanced_accuracy", "macro_f1", "loss", "per_class_recall", "per_class_precision",
+                "confusion_matrix")
     per_model = ("timings", "history", "notes", "device", "precision")
     payload = dict(results[main]["metrics"], timings=dict(results[main]["timings"], total_s=total_s),
                    strategy=cfg.strategy, history=results[main]["history"], notes=results[main]["notes"],
@@ -411,10 +419,10 @@ def _write_results(run_dir: str, cfg: RunConfig, config: dict, dataset, outcomes
 
 def summary(run_dir: str, results: Dict[str, dict], main: str, data) -> str:
     dataset, run_dir = data.name, terminal_text(run_dir)  # one line each: a name's line break is shown escaped
-    lines = ["", f"{'model':<34} {'accuracy':>9} {'macro F1':>9} {'train s':>8}"]
+    lines = ["", f"{'model':<34} {'accuracy':>9} {'balanced':>9} {'macro F1':>9} {'train s':>8}"]
     for name, r in results.items():
-        lines.append(f"{r['display']:<34} {r['metrics']['accuracy']:>9.4f} {r['metrics']['macro_f1']:>9.4f} "
-                     f"{r['timings'].get('train_s', 0):>8.1f}")
+        lines.append(f"{r['display']:<34} {r['metrics']['accuracy']:>9.4f} {r['metrics']['balanced_accuracy']:>9.4f} "
+                     f"{r['metrics']['macro_f1']:>9.4f} {r['timings'].get('train_s', 0):>8.1f}")
     lines += ["", f"run directory: {run_dir}  (report.md, metrics.json, confusion_matrix.png, curves.png, "
                       "predictions.csv, weights)"]
     if data.skipped:

@@ -1,4 +1,6 @@
-"""Classification metrics: accuracy, per-class recall and precision, macro F1, confusion matrix."""
+"""Classification metrics: accuracy, balanced accuracy (the mean recall of the classes present: what
+a long-tailed training set costs the rare classes shows here, not in accuracy), per-class recall
+and precision, macro F1, confusion matrix."""
 from __future__ import annotations
 
 from typing import Dict, List
@@ -27,9 +29,11 @@ def classification_metrics(logits: Tensor, labels: Tensor, classes: List[str]) -
     present = true_counts > 0
     return {
         "accuracy": float(hits.sum() / max(1, len(labels))),
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "loss": float(F.cross_entropy(logits, labels)) if len(labels) else 0.0,
-        "per_class_recall": {c: float(r) for c, r in zip(classes, recall)},
+        # null for a class without test images: 0/0 is no score, and 0.0 would read as always wrong
+        "per_class_recall": {c: float(r) if n > 0 else None for c, r, n in zip(classes, recall, true_counts)},
         "per_class_precision": {c: float(p) for c, p in zip(classes, precision)},
         "confusion_matrix": cm.long().tolist(),
         "classes": list(classes),

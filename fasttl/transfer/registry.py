@@ -56,7 +56,7 @@ class Strategy:
     requires: Tuple[str, ...] = ()  # options it can't run without
     baseline: bool = False      # the from-scratch model every transfer is judged beside
     outputs: Tuple[str, ...] = ()   # the names of the models it saves: NAME.safetensors, NAME.checkpoint.pt
-    training_options: Tuple[str, ...] = ("epochs", "lr", "batch_size")  # the generic ones it reads
+    training_options: Tuple[str, ...] = ("epochs", "lr", "batch_size", "precision")  # the generic ones it reads
 
     def preflight(self, cfg) -> None:
         """Checks what the options need beyond each one's own check (a backbone's stage count, a

@@ -39,7 +39,8 @@ def plot_confusion_matrix(metrics: Dict[str, object], path: str, title: str) -> 
         ax.set_yticks(range(len(classes)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{title}: accuracy {metrics['accuracy']:.3f}")
+    balanced = f", balanced {metrics['balanced_accuracy']:.3f}" if "balanced_accuracy" in metrics else ""
+    ax.set_title(f"{title}: accuracy {metrics['accuracy']:.3f}{balanced}")
     if len(classes) <= 20:
         for i in range(len(classes)):
             for j in range(len(classes)):
@@ -108,6 +109,10 @@ def _save(fig, path: str) -> None:
     write_atomic(path, buffer.getvalue())
 
 
+def _recall_cell(recall) -> str:
+    return "n/a (no test image)" if recall is None else f"{recall:.3f}"
+
+
 def _choices(results: Dict[str, Dict[str, object]]) -> List[str]:
     """What each model chose on its validation split (never on test)."""
     lines = []
@@ -118,15 +123,21 @@ def _choices(results: Dict[str, Dict[str, object]]) -> List[str]:
         validation = choice.get("validation", {})
         settings = ", ".join(f"{key.replace('_', ' ')} {value:g}" if isinstance(value, float) else
                              f"{key.replace('_', ' ')} {value}" for key, value in choice.items()
-                             if key in ("weight_decay", "epochs", "lr_scale", "epoch_kept", "regularize",
-                                                                     "temperature", "alpha", "distill_features"))
+                             if key in ("weight_decay", "logit_adjustment", "epochs", "lr_scale", "epoch_kept",
+                                        "regularize", "temperature", "alpha", "distill_features"))
         if not validation.get("validation_images"):  # one image per class: nothing could be held out
             lines += [f"- **{name}**: {settings}, the defaults: no class had two training images, so no "
                       f"validation split could be carved and nothing was tuned. The test split was evaluated once."]
             continue
-        lines += [f"- **{name}**: {settings}, chosen on {validation['validation_images']} validation "
-                  f"images ({validation.get('fraction', 0):.0%} of each class, seed {validation.get('seed', '?')})"
+        on = (f"by {choice['cross_validation']} cross-validation on all {validation['cross_validated_images']} "
+              f"training images (seed {validation.get('seed', '?')})" if validation.get("cross_validated_images") else
+              f"on {validation['validation_images']} validation images ({validation.get('fraction', 0):.0%} of each "
+              f"class, seed {validation.get('seed', '?')})")
+        lines += [f"- **{name}**: {settings}, chosen {on}"
                   + (f": validation accuracy {choice['val_accuracy']:.4f}" if "val_accuracy" in choice else "")
+                  + (f", balanced {choice['val_balanced_accuracy']:.4f} (training classes imbalanced "
+                     f"{choice['class_imbalance']:.0f}:1: the logit adjustment was chosen on balanced accuracy)"
+                     if "val_balanced_accuracy" in choice else "")
                   + f"; then refit on {choice.get('refit_on', 'train')}. The test split was evaluated once, at the end."
                   + (f" Result: {choice['outcome']}." if choice.get("outcome") else "")]
     return ["", "## Choices made on validation", ""] + lines if lines else []
@@ -181,7 +192,8 @@ def write_report(run_dir: str, config: Dict[str, object], results: Dict[str, Dic
              f"{config.get('device')}" + _views_note(config) + ".",
              "",
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for key, label in (("accuracy", "top-1 accuracy"), ("macro_f1", "macro F1"), ("loss", "test loss")):
+    for key, label in (("accuracy", "top-1 accuracy"), ("balanced_accuracy", "balanced accuracy"),
+                       ("macro_f1", "macro F1"), ("loss", "test loss")):
         lines.append(f"| {label} | " + " | ".join(f"{results[n]['metrics'][key]:.4f}" for n in names) + " |")
     for key, label in (("train_s", "train time (s)"), ("extract_s", "feature extraction (s)"),
                        ("eval_s", "evaluation (s)"), ("train_images_per_s", "train images/s")):
@@ -195,7 +207,7 @@ def write_report(run_dir: str, config: Dict[str, object], results: Dict[str, Dic
     lines += ["", "## Per-class recall", "", "| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for c in classes:
         lines.append(f"| {markdown_cell(c)} | "
-                     + " | ".join(f"{results[n]['metrics']['per_class_recall'][c]:.3f}" for n in names) + " |")
+                     + " | ".join(_recall_cell(results[n]['metrics']['per_class_recall'][c]) for n in names) + " |")
     lines += _choices(results)
     lines += ["", "![confusion matrix](confusion_matrix.png)", "", "![curves](curves.png)", ""]
     write_atomic(os.path.join(run_dir, "report.md"), "\n".join(lines).encode())

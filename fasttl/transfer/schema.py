@@ -63,7 +63,7 @@ def _teachers(v) -> bool:
 
 
 def run_config_fields() -> Dict[str, Field]:
-    from fasttl.transfer.config import MAX_IMAGE_SIZE
+    from fasttl.data.spec import MAX_IMAGE_SIZE
 
     fields = {
         "strategy": Field(_one_of(_strategies), f"one of {', '.join(_strategies())}", required=True),

@@ -9,9 +9,31 @@ import torch
 import torch.distributed as dist
 
 
+# What torchrun sets for every process it starts; a WORLD_SIZE > 1 without the rest is a shell's leftover.
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launched_by_torchrun() -> bool:
-    """Whether this process is one of several torchrun started (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether this process is one of several torchrun started (WORLD_SIZE > 1, with the other
+    variables torchrun sets); a leftover or malformed one is an OptionError naming it."""
+    from fasttl.util.errors import OptionError
+
+    given = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(given)
+    except ValueError:
+        raise OptionError(f"WORLD_SIZE: expected a number of processes, got {given!r} (unset it, or start fasttl "
+                          "with torchrun)") from None
+    if world <= 1:
+        return False
+    missing = [name for name in TORCHRUN_VARIABLES if not os.environ.get(name)]
+    if missing:
+        raise OptionError(f"WORLD_SIZE={given} but {', '.join(missing)} not set: start fasttl with torchrun, or unset "
+                          "WORLD_SIZE (a leftover from another job)")
+    for name in ("RANK", "LOCAL_RANK"):
+        if not os.environ[name].isdigit():
+            raise OptionError(f"{name}: expected a number, got {os.environ[name]!r} (start fasttl with torchrun)")
+    return True
 
 
 def join(device: str) -> Tuple[torch.device, bool]:

@@ -117,8 +117,13 @@ def load_cifar_pickles(root: str, train: bool) -> ArraySource:
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             raise DataError(f"{path}: not a CIFAR python batch ('data' must be a uint8 array of shape (N, 3072), "
                             f"got {getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')})")
+        # A flat list of ints (or an int array) of the data's length, checked before numpy sees it:
+        # a few KB of pickle can describe a nested list of billions (shared references).
+        flat = (isinstance(batch_labels, np.ndarray) and batch_labels.ndim == 1) or \
+            (isinstance(batch_labels, list) and len(batch_labels) == len(data)
+             and all(isinstance(v, int) and not isinstance(v, bool) for v in batch_labels))
         try:
-            batch_labels = np.asarray(batch_labels)
+            batch_labels = np.asarray(batch_labels) if flat else np.asarray([])
         except Exception:
             batch_labels = np.asarray([])
         if batch_labels.shape != (len(data),) or batch_labels.dtype.kind not in "iu":

@@ -62,7 +62,11 @@ def _list_rows(path: str) -> List[Tuple[str, str]]:
                 for p, l in zip(table.column("path").to_pylist(), table.column("label").to_pylist())]
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
-            reader = csv.DictReader(_bounded_lines(f, path), delimiter="\t" if path.lower().endswith(".tsv") else ",")
+            # TSV has no quoting (a " in a name is the name's); a CSV field quoted only in part
+            # ("a".jpg) is refused (strict), not read as another file's name (a.jpg).
+            dialect = (dict(delimiter="\t", quoting=csv.QUOTE_NONE) if path.lower().endswith(".tsv")
+                       else dict(delimiter=",", strict=True))
+            reader = csv.DictReader(_bounded_lines(f, path), **dialect)
             fields = [name.strip() for name in reader.fieldnames or []]
             reader.fieldnames = fields
             missing = [c for c in ("path", "label") if c not in fields]
@@ -132,7 +136,7 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_ki
     labels, names = label_indices([label for _, label in rows], classes, path, labels_kind)
     if len(names) < 2:
         raise DataError(f"data: {path} names only 1 class ({names[0]}); a classifier needs at least 2")
-    files = [_resolved(os.path.join(root, os.path.expanduser(image))) for image, _ in rows]
+    files = [_resolved(os.path.join(root, image)) for image, _ in rows]
     first = {}
     for row, file in enumerate(files, start=1):
         if file in first:  # twice in one list: a label conflict, or a test image that could also train

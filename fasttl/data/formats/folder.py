@@ -68,6 +68,8 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
             ignored.append((path, "not in a class folder"))
     if not found:
         raise DataError(f"data: {root} has no class folders (expected {root}/<class>/<image>.jpg)")
+    for name in found:
+        _refuse_undecodable(os.path.join(root, name), "a class folder")
     bad = next((name for name in found if not name.isprintable()), None)
     if bad is not None:  # a name printed raw would drive the terminal (an escape sequence) or split a line
         raise DataError(f"data: {root} has a class folder named {bad!r}, with a control character; rename it")
@@ -97,6 +99,7 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
             elif not os.path.isfile(path):
                 ignored.append((path, "not a regular file"))
             else:
+                _refuse_undecodable(path, "an image")
                 images.append(path)
         if not images:
             raise DataError(f"data: class folder {folder} holds no .jpg/.jpeg/.png images (add images or remove it)")
@@ -104,6 +107,16 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
         labels.extend([label] * len(images))
     refuse_one_file_twice(files, "an image belongs to one class")
     return FileSource(files, labels, found, root, ignored=ignored)
+
+
+def _refuse_undecodable(path: str, what: str) -> None:
+    """A name the file system holds in another encoding than UTF-8 (a zip made on Windows, an
+    old Latin-1 disk) can't be hashed, written to a CSV or matched across systems: named, refused."""
+    try:
+        os.path.basename(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"data: {ascii(path)} is {what} whose name is not valid UTF-8 (bytes of another encoding, "
+                        "such as Latin-1); rename it") from None
 
 
 def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
@@ -131,7 +144,9 @@ def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
 
 def file_list(pairs: Iterable[Tuple[str, int]], classes: Optional[Sequence[str]] = None) -> FileSource:
     """An explicit list of (path, label). Each path must be a JPEG or PNG file (checked by its
-    header) and each label an integer in [0, len(classes)); else a DataError naming it."""
+    header), named once (by name, link or hard link), and each label an integer in
+    [0, len(classes)); else a DataError naming it. Without `classes`, the labels found must be
+    0..K-1 with no gap (each becomes a class named by its number)."""
     files, labels = [], []
     for path, label in pairs:
         path = os.path.abspath(os.path.expanduser(os.fspath(path)))
@@ -152,5 +167,14 @@ def file_list(pairs: Iterable[Tuple[str, int]], classes: Optional[Sequence[str]]
         labels.append(int(label))
     if not files:
         raise DataError("data: the file list is empty (give at least one (path, label) pair)")
-    n_classes = max(labels) + 1
-    return FileSource(files, labels, list(classes) if classes is not None else [str(i) for i in range(n_classes)])
+    refuse_one_file_twice(files, "one image under two labels, or twice under one, is a conflict or a weight")
+    if classes is not None:  # the caller's classes: one may have no image here (images to predict)
+        names = list(classes)
+        refuse_lookalikes(names, "classes: the classes given name")
+    else:  # one class per label found, never one without images (labels 1, 2 would make an empty "0")
+        names = [str(i) for i in range(max(labels) + 1)]
+        empty = sorted(set(range(len(names))) - set(labels))
+        if empty:
+            raise DataError(f"data: the file list has no image with label {empty[0]}, so class {empty[0]} would have "
+                            "none; number the labels 0, 1, 2, ... without gaps, or pass classes=[...]")
+    return FileSource(files, labels, names)

@@ -126,6 +126,9 @@ def _index_shard(shard: str, shard_index: int):
                 part = "image" if ext in _WDS_IMAGE else "cls" if ext == ".cls" else "other"
                 if part != "other" and part in entry:  # a second image (or class) for one key
                     duplicates.add(key)
+                if member.issparse() and part != "other":  # stored compacted: its bytes at offset_data are not the file
+                    raise DataError(f"data: {shard}: {member.name} is a sparse tar member (tar -S/--sparse); write the "
+                                    "shard without -S")
                 if part == "image":
                     entry["image"] = (shard_index, member.offset_data, member.size)
                 elif part == "cls":

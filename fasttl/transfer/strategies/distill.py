@@ -321,6 +321,25 @@ def saved_choice(run_dir: str, cfg) -> Optional[dict]:
     return choice
 
 
+def refuse_teachers_of_test_images(teachers: List[str], test) -> None:
+    """A teacher trained on the student's test images would carry them into the student, whose test
+    score would no longer be held out: refused, naming one image (by file, links and hard links)."""
+    from fasttl.data.sources import disk_keys
+    from fasttl.transfer.evaluate import own_dataset
+    from fasttl.util.errors import DataError, UserError
+
+    tested = {key: i for i, key in enumerate(disk_keys(test)) if key is not None}
+    for teacher in teachers:
+        try:
+            trained = own_dataset(read_config(teacher)).train
+        except (UserError, OSError):
+            continue  # its data gone or changed since: nothing left to compare
+        shared = [test.name_of(tested[key]) for key in disk_keys(trained) if key in tested]
+        if shared:
+            raise DataError(f"teacher: {teacher} trained on {len(shared)} of this run's test images ({shared[0]}"
+                            f"{', ...' if len(shared) > 1 else ''}); distill from a teacher trained on other images")
+
+
 def _teacher_accuracy(teacher: str) -> Optional[float]:
     try:
         return float(read_json(os.path.join(teacher, "metrics.json"))["accuracy"])
@@ -384,6 +403,7 @@ class Distill(Strategy):
             teacher_config(teacher)
 
     def train(self, cfg, ds, run_dir, device) -> List[Outcome]:
+        refuse_teachers_of_test_images(teacher_dirs(cfg.teacher), ds.test)
         started = time.perf_counter()
         logits, kinds = teacher_logits_for(cfg.teacher, ds, cfg, run_dir, device)
         teacher_s = time.perf_counter() - started

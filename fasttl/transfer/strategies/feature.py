@@ -71,7 +71,7 @@ class FeatureTransfer(Strategy):
                  "extraction": caches.compute, "choice": choice}
         return [Outcome(self.name, self.display, logits, labels, history, timings,
                         save_weights(run_dir, "head", head.float()), notes, device=str(device),
-                        precision=cfg.precision)]
+                        precision=cfg.precision if "precision" in self.training_options else "fp32")]
 
     def load(self, run_dir, device) -> TrainedModel:
         config = read_config(run_dir)

@@ -1,0 +1,96 @@
+"""How the CLI reports what went wrong: a user's mistake or the machine's refusal (a full disk,
+a permission) is one line naming the path and what to do; a bug keeps its traceback."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+
+from fasttl.util import settings
+
+
+def escape_unshowable_text() -> None:
+    """A console that can't show a name (an ASCII or Windows code page) gets it escaped, not a
+    traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def user_error_types() -> tuple:
+    """Errors that come from what the user asked for or handed fasttl, not from a bug: fasttl's
+    own derive from UserError; a missing or unreadable path is the OS's."""
+    from fasttl.util.errors import UserError
+
+    return (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+# What the machine said, and what to do about it: at the CLI these are the user's to fix.
+OS_ERRORS = {
+    errno.ENOSPC: "no space left on the device (free some, or write elsewhere); nothing half-written was kept",
+    errno.EDQUOT: "disk quota exceeded (free some space, or write elsewhere); nothing half-written was kept",
+    errno.EACCES: "permission denied (make it accessible to you, or use another path)",
+    errno.EPERM: "operation not permitted (use another path)",
+    errno.EROFS: "read-only file system (write elsewhere)",
+    errno.EMFILE: "too many open files (raise the limit, e.g. ulimit -n 4096, or use fewer workers)",
+    errno.ENFILE: "too many open files on the system (close some programs, or use fewer workers)",
+    errno.ENOENT: "no such file or folder (check the path)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder (check the path)",
+    errno.EISDIR: "is a folder where fasttl writes or reads a file (move it away, or use another path)",
+    errno.ENAMETOOLONG: "a name in the path is too long for the file system (use a shorter path)",
+    errno.ELOOP: "too many levels of symbolic links (a link loop? check the path)",
+    errno.EFBIG: "file too large (a file size limit, ulimit -f, or the file system's; write elsewhere or raise it)",
+    errno.EXDEV: "the path crosses file systems where fasttl moves a file into place (use a path on one file system)",
+    errno.ENXIO: "no such device (a FIFO with no reader, or a device file? use a regular path)",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    from fasttl.util.files import user_path
+    from fasttl.util.outputs import terminal_text
+
+    filename = exc.filename if isinstance(exc.filename, (str, bytes, os.PathLike)) else None  # not a descriptor number
+    where = terminal_text(user_path(os.fsdecode(filename))) if filename is not None else \
+        "standard output" if exc.filename is None else "a file fasttl had open"
+    if exc.filename is None and exc.errno in (errno.EMFILE, errno.ENFILE):
+        where = "files"
+    return f"{where}: {OS_ERRORS[exc.errno]}{_in_feature_cache(filename)}"
+
+
+def _in_feature_cache(filename) -> str:
+    """Where a failing path is in the feature cache folder, how to move that folder: the path alone
+    does not say that FASTTL_CACHE_DIR (or its default) put it there."""
+    from fasttl.util.outputs import terminal_text
+    from fasttl.transfer.caching import cache_root
+
+    if filename is None:
+        return ""
+    from fasttl.util.errors import UserError
+
+    try:
+        root = os.path.abspath(cache_root())
+    except UserError:  # FASTTL_CACHE_DIR itself is refused: not where this path is
+        return ""
+    path = os.path.abspath(os.fsdecode(filename))
+    if path != root and not path.startswith(root.rstrip(os.sep) + os.sep):
+        return ""
+    chosen = settings.CACHE_DIR.is_set()
+    return (f"; it is in the feature cache folder {'FASTTL_CACHE_DIR=' if chosen else ''}{terminal_text(root)}"
+            f"{'' if chosen else ' (the default)'}: set FASTTL_CACHE_DIR to a folder you can write")
+
+
+def quiet_stdout() -> None:
+    """After a failed write to stdout, nothing more may go there: the interpreter's own flush at
+    exit would print a second error."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def one_line(exc: BaseException) -> str:
+    """The error as one printable line: what a file name or a server put in it can't drive the
+    terminal (escape sequences are shown escaped)."""
+    from fasttl.util.outputs import terminal_text
+
+    text = terminal_text(" ".join(str(exc).split()))
+    return text if text else type(exc).__name__

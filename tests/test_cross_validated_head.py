@@ -1,0 +1,94 @@
+"""Few training images: the linear head's L2 strength chosen by stratified K-fold cross-validation
+on every training image (out-of-fold logits), against a refit of each fold by hand; the switch
+at tuning.CROSS_VALIDATION_BELOW; a run that says how it chose."""
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasttl.cache.cache import FeatureCache
+from fasttl.data.splits import stratified_folds
+from fasttl.heads import solver, tuning
+
+
+def _seed(request) -> int:
+    return zlib.crc32(request.node.nodeid.encode()) % 100_000
+
+
+def _cache(path, counts, seed, dim=19, noise=1.8):
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(len(counts), dim, generator=generator)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    labels = labels[torch.randperm(len(labels), generator=generator)]
+    x = centers[labels] + noise * torch.randn(len(labels), dim, generator=generator)
+    return FeatureCache.write(str(path), [x], labels, classes=[f"c{i}" for i in range(len(counts))])
+
+
+def test_out_of_fold_logits_are_each_folds_own_model(tmp_path, request):
+    seed = _seed(request)
+    cache = _cache(tmp_path / "c", [13, 9, 21], seed)
+    pooled = tuning._out_of_fold_logits([cache], [cache.feature_dim], seed, "cpu")
+    assert set(pooled) == set(solver.WEIGHT_DECAYS)  # the whole path in every fold
+    labels = cache.labels
+    for held in stratified_folds(labels, tuning.CROSS_VALIDATION_FOLDS, seed):
+        kept = sorted(set(range(len(labels))) - set(held))
+        x = cache.subset(kept).all_features()
+        mean, std = solver.block_scaling(x, [cache.feature_dim])
+        logits = {}
+        solver.fit_path((x - mean) / std, labels[kept], [(cache.subset(held).all_features() - mean) / std],
+                        labels[held], 3, patience=len(solver.WEIGHT_DECAYS), val_logits=logits)
+        for strength in (solver.WEIGHT_DECAYS[0], solver.WEIGHT_DECAYS[-1]):
+            assert torch.allclose(pooled[strength][held], logits[strength], atol=1e-5)
+
+
+def test_few_images_choose_by_cross_validation_and_refit_on_everything(tmp_path, request):
+    seed = _seed(request)
+    cache = _cache(tmp_path / "c", [12, 15, 11, 14], seed)
+    assert tuning._smallest_class(cache.labels) < tuning.CROSS_VALIDATION_BELOW
+    tuned = tuning.tune_linear([cache], seed=seed, progress=False)
+    choice = tuned.choice
+    assert choice["cross_validation"] == f"{tuning.CROSS_VALIDATION_FOLDS}-fold, stratified"
+    assert choice["validation"]["cross_validated_images"] == len(cache)
+    pooled = tuning._out_of_fold_logits([cache], [cache.feature_dim], seed, "cpu")
+    scores = {s: (float((l.argmax(1) == cache.labels).float().mean()), -float(F.cross_entropy(l, cache.labels)))
+              for s, l in pooled.items()}
+    best = max(scores, key=scores.get)
+    assert choice["weight_decay"] == best
+    assert choice["cv_accuracy"] == pytest.approx(scores[best][0])
+    assert [r["weight_decay"] for r in tuned.records] == list(solver.WEIGHT_DECAYS)
+    # the refit on every row is the fixed-strength fit, and the train part is fit without the split's validation rows
+    again = tuning.fit_linear([cache], best)
+    x = cache.all_features()
+    for head in (tuned.head, again.head, tuned.train_part):
+        head.eval()  # dropout off
+    assert torch.allclose(tuned.head(x), again.head(x), atol=1e-4)
+    assert tuned.train_part is not None and not torch.allclose(tuned.train_part(x), tuned.head(x), atol=1e-4)
+    assert tuning.tune_linear([cache], seed=seed, progress=False).choice == choice  # seeded
+
+
+def test_enough_images_keep_the_single_validation_split(tmp_path, request):
+    most = tuning.CROSS_VALIDATION_BELOW
+    cache = _cache(tmp_path / "c", [most, most + 3], _seed(request))
+    tuned = tuning.tune_linear([cache], seed=0, progress=False)
+    assert "cross_validation" not in tuned.choice and "cross_validated_images" not in tuned.choice["validation"]
+
+
+def test_a_long_tailed_few_image_head_is_adjusted_by_cross_validation(tmp_path, request):
+    cache = _cache(tmp_path / "c", [45, 20, 9, 4], _seed(request), noise=2.5)
+    tuned = tuning.tune_linear([cache], seed=0, progress=False)
+    assert tuned.choice["cross_validation"] and tuned.choice["class_imbalance"] == pytest.approx(45 / 4)
+    assert all("logit_adjustment" in r and "val_balanced_accuracy" in r for r in tuned.records)
+    assert tuned.choice["logit_adjustment"] == next(r["logit_adjustment"] for r in tuned.records
+                                                     if r["weight_decay"] == tuned.choice["weight_decay"])
+
+
+def test_a_run_on_few_images_says_it_cross_validated(cat_ship, tmp_path, private_cache):
+    from fasttl.transfer import run
+
+    metrics = run(data=str(cat_ship), strategy="linear", image_size=32, out=str(tmp_path / "run"), compare="none",
+                  progress=False)
+    choice = metrics["notes"]["choice"]
+    assert choice["cross_validation"] == "5-fold, stratified" and choice["validation"]["cross_validated_images"] == 12
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "chosen by 5-fold, stratified cross-validation on all 12 training images (seed 0)" in report
