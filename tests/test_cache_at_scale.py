@@ -287,7 +287,7 @@ def test_list_webdataset_and_class_folder_caches_are_equal(small_image_folder, t
     shards = read_webdataset(pattern, D.labels.read_classes_file(str(tmp_path / "classes.txt")))
     assert len(shards) == 18 and shards.labels == folders.labels and shards.classes == folders.classes
     assert shards.sample_ids()[:2] == ["train-000000.tar/00000", "train-000000.tar/00001"]
-    caches = {name: build(source, tmp_path / name, backend=backend)
+    caches = {name: build(source, tmp_path / "caches" / name, backend=backend)
               for name, source in (("folders", folders), ("list", listed), ("wds", shards))}
     for name in ("list", "wds"):
         assert torch.equal(caches[name].features, caches["folders"].features), name
@@ -453,7 +453,7 @@ def test_skip_and_report_keeps_rows_and_labels_aligned(small_image_folder, tmp_p
     for name, source, expect in (("list", listed, {"cat/broken.jpg", "ship/gone.jpg"}),
                                  ("folders", broken, {"cat/broken.jpg"}),
                                  ("wds", shards, {"train-000002.tar/zz", "train-000002.tar/nolabel"})):
-        cache = build(source, tmp_path / name, on_error="skip")
+        cache = build(source, tmp_path / "caches" / name, on_error="skip")
         skipped = cache.manifest["skipped"]
         assert {s["path"] for s in skipped} == expect, name
         assert all(s["reason"] for s in skipped)
@@ -465,7 +465,7 @@ def test_skip_and_report_keeps_rows_and_labels_aligned(small_image_folder, tmp_p
         assert torch.equal(cache.features, clean.features), name
         if name != "wds":
             assert cache.samples == clean.samples
-        again = build(source, tmp_path / name, on_error="skip")  # found finished: nothing decoded again
+        again = build(source, tmp_path / "caches" / name, on_error="skip")  # found finished: nothing decoded again
         assert again.last_build["images"] == 0 and again.last_build["skipped"] == len(expect)
     with pytest.raises(DataError, match="broken.jpg"):
         build(listed, tmp_path / "fail")
