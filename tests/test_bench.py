@@ -40,6 +40,12 @@ def test_bench_all_quick_writes_tables_json_and_plot(tmp_path, cifar10_root):
     assert paired["difference"] == pytest.approx(ours["accuracy"] - recipe["accuracy"], abs=1e-6)  # fp32 metrics
     assert paired["only_fasttl_right"] + paired["only_recipe_right"] <= test_images
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    extract = results["extract"]  # each engine beside the machine's measured ceiling
+    assert extract["peaks"]["fp32_gflops"] > 0
+    for row in extract["rows"]:
+        assert row["gflops"] == pytest.approx(2 * row["gmacs_per_image"] * row["images_per_s"])
+        assert row["fraction_of_fp32_peak"] == pytest.approx(row["gflops"] / extract["peaks"]["fp32_gflops"])
+    assert "GFLOP/s (of fp32 peak)" in extract["table"]
 
 
 def test_paired_difference_counts_disagreements():
@@ -59,3 +65,38 @@ def test_bench_e2e_subset_option_rejects_bad_values(value):
     result = subprocess.run([sys.executable, "-m", "fasttl", "bench", "e2e", "--e2e-subset", value],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--e2e-subset" in result.stderr
+
+
+def test_macs_per_image_counts_convolutions_and_linear_layers_as_written_by_hand():
+    from torch import nn
+
+    from fasttl.bench.ceiling import macs_per_image
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1),             # 8 x 9 x 9 outputs, 27 MACs each
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),  # depthwise: 9 MACs each
+                          nn.Conv2d(8, 16, 1),                                  # pointwise: 8 MACs each
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    expected = 8 * 81 * 27 + 8 * 81 * 9 + 16 * 81 * 8 + 5 * 16
+    assert macs_per_image(model, 17) == expected
+    assert macs_per_image(model, 17) == expected  # the hooks are gone: counted once, not twice
+
+
+def test_the_default_backbones_cost_is_what_its_architecture_says():
+    from fasttl import backbones
+    from fasttl.bench.ceiling import macs_per_image
+
+    # EfficientNet-Lite0 is about 0.39 GMACs at 224 px (its paper and timm's count); the cost grows
+    # with the image area (224 and 448 px divide by every stride: 4 times the area, 4 times the work,
+    # but for the classifier's 1.28 M).
+    model = backbones.create("efficientnet_lite0", pretrained=False).eval()
+    at_224 = macs_per_image(model, 224)
+    assert 0.35e9 < at_224 < 0.43e9
+    assert macs_per_image(model, 448) - 1280 * 1000 == pytest.approx(4 * (at_224 - 1280 * 1000), rel=1e-6)
+
+
+def test_machine_peaks_are_measured_rates():
+    from fasttl.bench.ceiling import machine_peaks
+
+    peaks = machine_peaks("cpu", size=256)
+    assert peaks["fp32_gflops"] > 0.1 and math.isfinite(peaks["fp32_gflops"])
+    assert peaks["int8_gops"] is None or peaks["int8_gops"] > 0.1
