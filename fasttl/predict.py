@@ -72,7 +72,14 @@ def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]
     for given in paths:
         path = os.path.expanduser(os.fspath(given))
         if os.path.isdir(path):
-            for folder, subfolders, names in os.walk(path):  # links to folders are not followed: no cycles
+            seen = set()  # links to folders are followed (as a run's class folders are), each folder once
+            for folder, subfolders, names in os.walk(path, followlinks=True):
+                info = os.stat(folder)
+                if (info.st_dev, info.st_ino) in seen:
+                    ignored.append((folder, "a folder reached a second time (a link to it, or a link loop)"))
+                    subfolders[:] = []
+                    continue
+                seen.add((info.st_dev, info.st_ino))
                 if os.path.isfile(os.path.join(folder, RUN_MARKER)):
                     ignored.append((folder, "a fasttl run folder: its figures are not photos"))
                     subfolders[:] = []

@@ -1,6 +1,7 @@
 """FeatureCache: features of a frozen backbone, computed once, served at memory speed."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -102,10 +103,23 @@ class FeatureCache:
         for other in caches[1:]:
             if (other.feature_dim, other.dtype, other.classes) != (first.feature_dim, first.dtype, first.classes):
                 raise CacheError("concat: caches differ in feature dim, dtype or classes")
+            if other.made_by() != first.made_by():  # rows of two backbones of one width are not one feature space
+                raise CacheError(f"concat: caches made by different backbones or layouts ({first.made_by()} and "
+                                 f"{other.made_by()})")
         manifest = dict(first.manifest, count=sum(len(c) for c in caches))
         scales = None if first._shard_scales is None else torch.cat([s for c in caches for s in c._shard_scales])
         return cls(first.directory, manifest, torch.cat([s for c in caches for s in c._shards]), scales,
                    torch.cat([c.labels for c in caches]), [s for c in caches for s in c.samples])
+
+    def made_by(self) -> tuple:
+        """What made the rows, as the fingerprint records it: the backbone (name and weights'
+        SHA-256) and the layout of its tapped stages; for features written by hand, the "backbone"
+        or "model" their writer put in its fingerprint (other keys, such as a split's name, may
+        differ between caches of one feature space)."""
+        fingerprint = self.fingerprint if isinstance(self.fingerprint, dict) else {}
+        user = fingerprint.get("user") if isinstance(fingerprint.get("user"), dict) else {}
+        return tuple(json.dumps(value, sort_keys=True, default=str) for value in (
+            fingerprint.get("backbone"), fingerprint.get("layout"), user.get("backbone"), user.get("model")))
 
     def subset(self, rows) -> "FeatureCache":
         """The rows `rows` (indices into this cache, in that order, or a boolean mask of one entry per

@@ -75,7 +75,7 @@ def _jpeg_problem(f, size: int) -> Optional[str]:
     """Walks the JPEG markers from SOI to SOS as DALI's parser does: every segment complete, a
     frame header (SOF) with a size and 1, 3 or 4 components before the scan."""
     data = _Bytes(f, size)
-    pos, frame = 2, None
+    pos, frame, exif_segments = 2, None, 0
     truncated = "JPEG ends before its image data (truncated header)"
     while True:
         head = data.get(pos, 2)
@@ -109,9 +109,18 @@ def _jpeg_problem(f, size: int) -> Optional[str]:
             huffman = marker <= 0xC7
         elif marker == 0xE1 and body[:6] == b"Exif\0\0" and length < 8:
             return "JPEG EXIF segment is too short (garbled header)"  # DALI's parser underflows on it
+        elif marker == 0xE1 and body[:6] == b"Exif\0\0":
+            exif_segments += 1
+            if exif_segments > 1:  # PIL reads the first one's orientation, DALI the last's: no one answer
+                return "JPEG has two EXIF segments (which orientation holds is ambiguous); re-save it with one"
         pos += length
     if frame is None:
         return "JPEG has no frame header (SOF) before its image data (garbled header)"
+    return _frame_problem(frame, huffman, scan_bytes) or _scans_problem(f, pos - 2, size)
+
+
+def _frame_problem(frame, huffman: bool, scan_bytes: int) -> Optional[str]:
+    """What the frame header declares, against what fasttl decodes and what the file can hold."""
     precision, height, width, components = frame
     if precision != 8:
         return f"{precision}-bit JPEG (only 8-bit JPEGs are supported)"
@@ -128,8 +137,11 @@ def _jpeg_problem(f, size: int) -> Optional[str]:
     if huffman and scan_bytes < width * height // 1024:
         return (f"JPEG declares {width}x{height} pixels but holds {scan_bytes:,} bytes of image data, too few to fill "
                 "them (truncated, or made to look larger than it is)")
-    scans = _count_scans(f, pos - 2, size)  # from the first scan's marker
-    if scans > MAX_JPEG_SCANS:
+    return None
+
+
+def _scans_problem(f, start: int, size: int) -> Optional[str]:
+    if _count_scans(f, start, size) > MAX_JPEG_SCANS:
         return (f"JPEG has more than {MAX_JPEG_SCANS} scans (photos have about 10; decoding them all would take "
                 "minutes): re-encode it")
     return None

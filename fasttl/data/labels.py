@@ -112,6 +112,12 @@ def label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where
         raise DataError(f"data: {where}: label {negative!r} is negative (-1 often means unlabeled); drop those rows, "
                         f"or name {negative!r} in a --classes-file to make it a class")
     if labels and all(is_index(label) for label in labels):
+        spelled = {}
+        for label in set(labels):
+            other = spelled.setdefault(int(label), label)
+            if other != label:  # "1" and "01": one index, or two classes? Not guessed
+                raise DataError(f"data: {where}: labels {min(other, label)!r} and {max(other, label)!r} are the same "
+                                "index written two ways; write them one way, or name both in a --classes-file")
         values = [int(label) for label in labels]
         index_class_names(values, where)  # bounded, as before
         return numbered_classes(values)

@@ -114,9 +114,20 @@ def head_epoch(head: nn.Module, loader, optimizer, scheduler=None) -> Dict[str, 
 
 
 def evaluate_head(head: nn.Module, cache: FeatureCache, device="cpu") -> Dict[str, float]:
-    from fasttl.heads.fit import eval_record
+    from fasttl.heads.fit import DivergedError, eval_record
+    from fasttl.util.errors import OptionError
 
-    return eval_record(*predict_cache(head, cache, device))
+    try:
+        logits, labels = predict_cache(head, cache, device)
+    except RuntimeError as exc:  # a matmul of the wrong width
+        raise OptionError(f"cache: its {cache.feature_dim} features do not fit the head ({str(exc).splitlines()[0]}); "
+                          "evaluate on features of the backbone and layout the head was trained on") from None
+    if logits.ndim != 2 or logits.shape[1] != len(cache.classes):
+        raise OptionError(f"cache: {len(cache.classes)} classes, the head answers {tuple(logits.shape[1:])}; evaluate "
+                          "on features of the classes the head was trained on")
+    if not bool(torch.isfinite(logits).all()):
+        raise DivergedError("head: its logits are not finite (its weights or standardization hold NaN or inf)")
+    return eval_record(logits, labels)
 
 
 def on_device(cache: FeatureCache, device: torch.device) -> FeatureCache:
@@ -144,6 +155,7 @@ def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, b
     from fasttl.heads.fit import DivergedError, eval_record, fit, one_cycle
 
     device = _check_arguments(train, eval_cache, kind, epochs, batch_size, lr, weight_decay, seed, device)
+    _check_training(train, dtype, patience)
     torch.manual_seed(torch_seed(seed))
     mean, std = feature_statistics(train)
     head = make_head(kind, train.feature_dim, len(train.classes), mean, std).to(device, dtype)
@@ -160,7 +172,7 @@ def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, b
     evaluate = (lambda: eval_record(*predict_views(head, views, device))) if views else None
     history = fit(head, optimizer, scheduler, epochs, train_epoch, evaluate, seed=seed, checkpoint=checkpoint,
                   resume=resume, progress=progress, description=f"{kind} head", patience=patience)
-    if not all(bool(torch.isfinite(p).all()) for p in head.parameters()):
+    if not all(bool(torch.isfinite(t).all()) for t in head.state_dict().values() if t.is_floating_point()):
         raise DivergedError(f"{kind} head: its weights are not finite after training (lr {lr} too high?); lower lr")
     return HeadFit(head, history)
 
@@ -183,13 +195,31 @@ def _check_arguments(train, eval_cache, kind, epochs, batch_size, lr, weight_dec
             raise OptionError(f"{name}: expected a finite number {'>= 0' if zero_allowed else '> 0'}, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise OptionError(f"seed: expected an integer >= 0, got {seed!r}")
+    if not isinstance(train, FeatureCache):
+        raise TypeError(f"train: expected a FeatureCache (FeatureCache.open(path)), got {type(train).__name__}")
+    if len(train) == 0:
+        raise OptionError("train: the cache holds no rows; train on a cache with images of every class")
     views = [] if eval_cache is None else list(eval_cache) if isinstance(eval_cache, (list, tuple)) else [eval_cache]
     for view in views:
         if not isinstance(view, FeatureCache):
             raise OptionError(f"eval_cache: expected a FeatureCache (or a list of views of one), got "
                               f"{type(view).__name__}")
-        if list(view.classes) != list(train.classes) or view.feature_dim != train.feature_dim:
-            raise OptionError(f"eval_cache: its classes {list(view.classes)[:5]} and width {view.feature_dim} are "
-                              f"not the training cache's ({list(train.classes)[:5]}, {train.feature_dim}); evaluate on "
-                              "features of the same classes, in the same order, from the same backbone")
+        if list(view.classes) != list(train.classes) or view.feature_dim != train.feature_dim or \
+                view.made_by() != train.made_by():
+            raise OptionError(f"eval_cache: its classes {list(view.classes)[:5]}, width {view.feature_dim} or backbone "
+                              f"are not the training cache's ({list(train.classes)[:5]}, {train.feature_dim}); "
+                              "evaluate on features of the same classes, in the same order, from the same backbone")
+    if any(len(view) != len(views[0]) or not torch.equal(view.labels, views[0].labels) for view in views[1:]):
+        raise OptionError("eval_cache: its views hold other rows or labels than its first; pass views of one split "
+                          "(the plain and the mirrored features of the same images, in the same order)")
     return torch_device(device)
+
+
+def _check_training(train: FeatureCache, dtype, patience) -> None:
+    from fasttl.util.checks import positive_int
+    from fasttl.util.errors import OptionError
+
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise OptionError(f"dtype: expected torch.float32 or torch.bfloat16 (params; bf16 gets fp32 master weights), "
+                          f"got {dtype!r}")
+    positive_int("patience", patience, OptionError, optional=True)

@@ -43,7 +43,7 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
         listed = is_file_list(data) or is_webdataset(data)
         dataset = load_dataset(data, cfg["seed"], classes_file=classes_file_of(cfg) if listed else None,
                                labels=cfg["labels"] if listed else "names")
-    if data is not None and dataset.carved:
+    if data is not None:  # a carved split, or a test/ folder that links to or hard-links them
         _refuse_training_images(data, dataset.test, cfg)
     test = screen(dataset.test, on_error) if on_error == "skip" else dataset.test  # the train split goes unread
     if dataset.classes != cfg["classes"] and sorted(dataset.classes) == sorted(cfg["classes"]):
@@ -143,11 +143,11 @@ def _refuse_training_images(data: str, test, cfg: dict) -> None:
         changed = True
     shared = [test.name_of(i) for i, key in enumerate(disk_keys(test)) if key in trained]
     if shared and changed:
-        raise DataError(f"{data}: the test split fasttl cuts from it holds {len(shared)} images of the run's own data "
+        raise DataError(f"{data}: its test split holds {len(shared)} images of the run's own data "
                         f"({shared[0]}{', ...' if len(shared) > 1 else ''}), which changed since the run, so which of "
                         "them it trained on can't be told; evaluate on images the run never read")
     if shared:
-        raise DataError(f"{data}: the test split fasttl cuts from it holds {len(shared)} of the run's training images "
+        raise DataError(f"{data}: its test split holds {len(shared)} of the run's training images "
                         f"({shared[0]}{', ...' if len(shared) > 1 else ''}); it is the run's own data named another "
                         "way: evaluate without --data, or on images the run never trained on")
 

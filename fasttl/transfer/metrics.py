@@ -34,7 +34,9 @@ def classification_metrics(logits: Tensor, labels: Tensor, classes: List[str]) -
         "loss": float(F.cross_entropy(logits, labels)) if len(labels) else 0.0,
         # null for a class without test images: 0/0 is no score, and 0.0 would read as always wrong
         "per_class_recall": {c: float(r) if n > 0 else None for c, r, n in zip(classes, recall, true_counts)},
-        "per_class_precision": {c: float(p) for c, p in zip(classes, precision)},
+        # null for a class never predicted: 0/0 again (its recall, 0.0, says the model missed it)
+        "per_class_precision": {c: float(p) if n > 0 else None for c, p, n in zip(classes, precision,
+                                                                                  predicted_counts)},
         "confusion_matrix": cm.long().tolist(),
         "classes": list(classes),
         "samples": int(len(labels)),

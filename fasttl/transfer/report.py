@@ -134,7 +134,8 @@ def _choices(results: Dict[str, Dict[str, object]]) -> List[str]:
               f"on {validation['validation_images']} validation images ({validation.get('fraction', 0):.0%} of each "
               f"class, seed {validation.get('seed', '?')})")
         lines += [f"- **{name}**: {settings}, chosen {on}"
-                  + (f": validation accuracy {choice['val_accuracy']:.4f}" if "val_accuracy" in choice else "")
+                  + (f": cross-validated accuracy {choice['cv_accuracy']:.4f}" if "cv_accuracy" in choice else
+                     f": validation accuracy {choice['val_accuracy']:.4f}" if "val_accuracy" in choice else "")
                   + (f", balanced {choice['val_balanced_accuracy']:.4f} (training classes imbalanced "
                      f"{choice['class_imbalance']:.0f}:1: the logit adjustment was chosen on balanced accuracy)"
                      if "val_balanced_accuracy" in choice else "")

@@ -63,7 +63,10 @@ def save_weights(run_dir: str, name: str, module: nn.Module) -> str:
 
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     path = os.path.join(run_dir, weights_file(name))
-    write_atomic(path, save(state))
+    if os.path.isfile(os.path.join(run_dir, MARKER)):  # a run's: its SHA-256 recorded, checked when loaded
+        write_recorded(run_dir, weights_file(name), save(state))
+    else:
+        write_atomic(path, save(state))
     return path
 
 
@@ -81,6 +84,10 @@ def load_weights(run_dir: str, name: str, module: nn.Module) -> nn.Module:
     except (OSError, ValueError) as exc:
         raise RunError(f"{path}: cannot be read as the run's weights ({getattr(exc, 'strerror', None) or exc})") \
             from None
+    recorded = (_marker(run_dir).get("files") or {}).get(weights_file(name))
+    if isinstance(recorded, str) and hashlib.sha256(data).hexdigest() != recorded:
+        raise RunError(f"{path}: not the weights this run wrote (its SHA-256 changed since: copied from another "
+                       "run?); restore them, or train the run again with --overwrite")
     try:
         state = load(data)
         module.load_state_dict(state)

@@ -19,9 +19,10 @@ def csv_cell(text: object) -> str:
     """`text` as a CSV cell no spreadsheet runs: one that starts like a formula gets a leading
     apostrophe (OWASP's advice; the csv module quotes what else needs it); characters that are
     not printable are escaped (terminal_text), as the CSV is often printed, and a backslash is
-    doubled so that a name holding a backslash and an `n` never reads as one holding a line break."""
+    doubled so that a name holding a backslash and an `n` never reads as one holding a line break.
+    A cell that starts with the apostrophe itself gets one more, so `'=cat` and `=cat` stay two."""
     text = terminal_text(str(text).replace("\\", "\\\\"))
-    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+    return "'" + text if text.startswith(_FORMULA_STARTS + ("'",)) else text
 
 
 _MARKDOWN_SPECIAL = "\\`*_{}[]()#+!|~$"  # $: GitHub renders $...$ as math

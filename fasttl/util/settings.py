@@ -16,9 +16,10 @@ class Setting:
     help: str
 
     def raw(self) -> Optional[str]:
-        """The value as set, or None when unset. Empty counts as unset: `export FASTTL_X=$UNSET` in
-        a job script must not make a path of the current folder."""
-        return os.environ.get(self.name) or None
+        """The value as set, or None when unset. Empty or blank counts as unset: `export
+        FASTTL_X=$UNSET` (or `" $UNSET"`) in a job script must not make a path of the current folder."""
+        value = os.environ.get(self.name)
+        return value if value and value.strip() else None
 
     def value(self) -> Optional[str]:
         """The value as set, else the default."""

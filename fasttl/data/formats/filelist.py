@@ -84,7 +84,7 @@ def _list_rows(path: str) -> List[Tuple[str, str]]:
                 if any(extra.strip() for extra in row.get(None) or ()):  # a comma in a path cuts it in two
                     raise DataError(f"data: {path} line {line} has more fields than its header (a path or label "
                                     "holding a comma or tab must be quoted)")
-                rows.append((row["path"].strip(), row["label"].strip()))
+                rows.append((row["path"], row["label"]))  # padding is stripped (and checked) by the caller
             return rows
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"data: cannot read {path} as a file list ({getattr(exc, 'strerror', None) or exc})") from None
@@ -106,6 +106,25 @@ def _bounded_lines(f, path: str):
         yield line
 
 
+def _stripped(rows, path: str, root: str):
+    """Rows with the padding around their fields dropped ("a.jpg, cat"), where that changes no
+    meaning: two labels that differ only in it ('cat', 'cat ') are refused, as they are in a
+    Parquet list, and so is a path whose padded name is a file of its own (" a.jpg" beside a.jpg)."""
+    spellings = {}
+    for _, label in rows:
+        spellings.setdefault(label.strip(), set()).add(label)
+    for name, seen in spellings.items():
+        if len(seen) > 1:
+            first, other = sorted(seen)[:2]
+            raise DataError(f"data: {path}: labels {first!r} and {other!r} differ only in white space, so they look "
+                            "the same in every report; write them one way")
+    for line, (image, _) in enumerate(rows, start=2):
+        if image != image.strip() and image.strip() and os.path.lexists(os.path.join(root, image)):
+            raise DataError(f"data: {path} row {line - 1} names {image!r}, a file whose name has leading or trailing "
+                            "spaces (fasttl strips them from list fields); rename the file")
+    return [(image.strip(), label.strip()) for image, label in rows]
+
+
 def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_kind: str = "names") -> FileSource:
     """A CSV (.csv), TSV (.tsv) or Parquet (.parquet, needs pyarrow) list with columns path and
     label: image paths relative to the list's folder (absolute ones are kept), labels class
@@ -116,10 +135,10 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_ki
     if not os.path.isfile(path):
         raise missing_data(path, "a CSV, TSV or Parquet file list with path and label columns") \
             if not os.path.isdir(path) else DataError(f"data: {path} is a folder, not a file list")
-    rows = _list_rows(path)
+    root = os.path.dirname(path)
+    rows = _stripped(_list_rows(path), path, root)
     if not rows:
         raise DataError(f"data: {path} lists no images (expected a header line and one path,label row per image)")
-    root = os.path.dirname(path)
     for line, (image, label) in enumerate(rows, start=2):
         if not image:
             raise DataError(f"data: {path} row {line - 1} has an empty path")

@@ -11,7 +11,7 @@ import numpy as np
 from fasttl.util.errors import DataError
 from fasttl.util.files import RUN_MARKER
 from fasttl.data.images import IMAGE_EXTENSIONS, header_problem
-from fasttl.data.labels import refuse_lookalikes
+from fasttl.data.labels import MAX_INDEX_CLASSES, refuse_lookalikes
 from fasttl.data.sources import FileSource, refuse_one_file_twice
 
 
@@ -147,8 +147,20 @@ def file_list(pairs: Iterable[Tuple[str, int]], classes: Optional[Sequence[str]]
     header), named once (by name, link or hard link), and each label an integer in
     [0, len(classes)); else a DataError naming it. Without `classes`, the labels found must be
     0..K-1 with no gap (each becomes a class named by its number)."""
+    if classes is not None:  # the rules of a classes file, before any image is looked at
+        if isinstance(classes, str) or not all(isinstance(name, str) for name in classes):
+            raise TypeError(f"classes: expected a list of class names (strings), got {classes!r:.80}")
+        bad = next((name for name in classes if not name or not name.isprintable()), None)
+        if bad is not None:
+            raise DataError(f"classes: {bad!r} is empty or holds a control character; use plain text names")
+        twice = next((name for name in classes if list(classes).count(name) > 1), None)
+        if twice is not None:
+            raise DataError(f"classes: {twice!r} is named twice; name each class once")
     files, labels = [], []
-    for path, label in pairs:
+    for index, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], (str, os.PathLike)):
+            raise TypeError(f"pairs[{index}]: expected a (path, integer label) pair, got {pair!r:.80}")
+        path, label = pair
         path = os.path.abspath(os.path.expanduser(os.fspath(path)))
         if not os.path.exists(path):
             raise DataError(f"{path}: no such file (fix the path in the file list)")
@@ -163,6 +175,9 @@ def file_list(pairs: Iterable[Tuple[str, int]], classes: Optional[Sequence[str]]
             raise DataError(f"{path}: label {label!r} is not a non-negative integer (labels index the classes)")
         if classes is not None and label >= len(classes):
             raise DataError(f"{path}: label {label} is out of range for {len(classes)} classes {list(classes)}")
+        if label >= MAX_INDEX_CLASSES:  # as integer labels of a list are bounded: a class per number below it
+            raise DataError(f"{path}: label {label} is not below {MAX_INDEX_CLASSES}; pass classes=[...] and labels "
+                            "that index them")
         files.append(path)
         labels.append(int(label))
     if not files:

@@ -105,16 +105,28 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
     return TarSource(shards, members, keys, labels, names, root, skipped)
 
 
+def _refuse_undecodable(shard: str, name: str, what: str) -> None:
+    """A name in another encoding than UTF-8 (a tar made on Windows) can't be hashed or written:
+    named and refused, as in class folders."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"data: {ascii(shard)}: the {what} {ascii(name)} has a name that is not valid UTF-8 (bytes of "
+                        "another encoding, such as Latin-1); rename it") from None
+
+
 def _index_shard(shard: str, shard_index: int):
     """({key: {"image": (shard, offset, size), "cls": text, "other": [names]}}, keys with two images
     or two classes) of one shard: tar headers and the .cls members read, no image."""
     if not os.path.isfile(shard):
         raise missing_data(shard, "WebDataset .tar shards (a brace pattern: shards/train-{000000..000127}.tar)") \
             if not os.path.isdir(shard) else DataError(f"data: {shard} is a folder, not a .tar shard")
+    _refuse_undecodable(shard, shard, "shard")
     samples, duplicates = {}, set()
     try:
         with tarfile.open(shard, "r:") as tar:
             for member in tar:
+                _refuse_undecodable(shard, member.name, "member")
                 base = os.path.basename(member.name)
                 if not member.isfile() or base.startswith("."):
                     continue
