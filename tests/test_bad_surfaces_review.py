@@ -582,14 +582,17 @@ def test_small_refusals_name_what_is_wrong(finished, tmp_path):
 
 # ---- sixth pass ------------------------------------------------------------------------------------
 def test_finite_weights_that_make_nan_logits_are_refused_naming_the_run(finished, cat_ship, tmp_path, capsys):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
+
+    from fasttl.transfer.rundir import write_recorded
 
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     weights = load_file(str(run_dir / "scratch.safetensors"))
     name = next(k for k in weights if k.endswith("running_var"))
     weights[name] = -torch.ones_like(weights[name])  # finite, but sqrt(var + eps) is NaN
-    save_file(weights, str(run_dir / "scratch.safetensors"))
+    # recorded as the run's own (a training that ended there), so the logits check is what refuses them
+    write_recorded(str(run_dir), "scratch.safetensors", save(weights))
     for words in (["predict", "--run", run_dir, os.path.join(cat_ship, "test")], ["eval", run_dir]):
         code, stdout, err = cli(capsys, *words, "--no-progress")
         line = one_line_error(err)

@@ -233,3 +233,24 @@ def test_a_runs_weights_replaced_by_another_runs_are_refused(cat_ship, tmp_path)
     shutil.copy(second / "scratch.safetensors", first / "scratch.safetensors")
     with pytest.raises(fasttl.transfer.rundir.RunError, match="not the weights this run wrote"):
         fasttl.load_run(str(first))
+
+
+def test_a_hard_linked_webdataset_image_is_named_as_one(cat_ship, tmp_path):
+    from fasttl.data.formats.webdataset import read_webdataset
+
+    shard = tmp_path / "hl.tar"
+    with tarfile.open(shard, "w") as tar:
+        for index, image in enumerate(_images(cat_ship)):
+            tar.add(str(image), arcname=f"s{index:02d}.jpg")
+            label = str(int(image.parent.name == "ship")).encode()
+            info = tarfile.TarInfo(f"s{index:02d}.cls")
+            info.size = len(label)
+            tar.addfile(info, io.BytesIO(label))
+        link = tarfile.TarInfo("zz.jpg")
+        link.type, link.linkname = tarfile.LNKTYPE, "s00.jpg"
+        tar.addfile(link)
+        info = tarfile.TarInfo("zz.cls")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"1"))
+    with pytest.raises(DataError, match="zz.jpg is a hard link to s00.jpg"):
+        read_webdataset(str(shard))

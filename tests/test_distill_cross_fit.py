@@ -227,10 +227,13 @@ def test_a_teacher_rerun_in_place_gets_its_logits_made_again(tiny_cifar, linear_
     shutil.copytree(linear_teacher, teacher)
     out = tmp_path / "student"
     _student(tiny_cifar, teacher, out, teacher_logits="in-sample")
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
+
+    from fasttl.transfer.rundir import write_recorded
 
     head = load_file(str(teacher / "head.safetensors"))
-    save_file({k: v * 2 for k, v in head.items()}, str(teacher / "head.safetensors"))  # as a re-run would
+    # as a re-run would: new weights, their SHA-256 recorded in the marker
+    write_recorded(str(teacher), "head.safetensors", save({k: v * 2 for k, v in head.items()}))
     ds = load_dataset(str(tiny_cifar))
     cfg = RunConfig(**dict(FIXED, data=str(tiny_cifar), strategy="distill", teacher=str(teacher),
                            teacher_logits="in-sample")).resolved(32)

@@ -84,17 +84,17 @@ def load_weights(run_dir: str, name: str, module: nn.Module) -> nn.Module:
     except (OSError, ValueError) as exc:
         raise RunError(f"{path}: cannot be read as the run's weights ({getattr(exc, 'strerror', None) or exc})") \
             from None
-    recorded = (_marker(run_dir).get("files") or {}).get(weights_file(name))
-    if isinstance(recorded, str) and hashlib.sha256(data).hexdigest() != recorded:
-        raise RunError(f"{path}: not the weights this run wrote (its SHA-256 changed since: copied from another "
-                       "run?); restore them, or train the run again with --overwrite")
     try:
         state = load(data)
         module.load_state_dict(state)
     except Exception as exc:  # safetensors raises its own types for a damaged file
         raise RunError(f"{path}: not weights for this run's model ({_first_line(exc)}); train the run again "
                        "with --overwrite") from exc
-    check_finite(module, path)
+    check_finite(module, path)  # the most telling refusals first; then: sound weights, but another run's?
+    recorded = (_marker(run_dir).get("files") or {}).get(weights_file(name))
+    if isinstance(recorded, str) and hashlib.sha256(data).hexdigest() != recorded:
+        raise RunError(f"{path}: not the weights this run wrote (its SHA-256 changed since: copied from another "
+                       "run?); restore them, or train the run again with --overwrite")
     return module
 
 

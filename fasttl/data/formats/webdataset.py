@@ -128,6 +128,9 @@ def _index_shard(shard: str, shard_index: int):
             for member in tar:
                 _refuse_undecodable(shard, member.name, "member")
                 base = os.path.basename(member.name)
+                if member.islnk() and os.path.splitext(base)[1].lower() in _WDS_IMAGE:  # tar's second hard link
+                    raise DataError(f"data: {shard}: {member.name} is a hard link to {member.linkname} (one image "
+                                    "under two keys); write the shard with tar --hard-dereference")
                 if not member.isfile() or base.startswith("."):
                     continue
                 key, _, ext = base.partition(".")  # as WebDataset reads it: the key ends at the first dot
