@@ -225,10 +225,12 @@ def distill_student_section(path: pathlib.Path) -> list:
                      f"{choice.get('temperature')}, {choice.get('alpha')} | {feature} | {r['student_accuracy']:.4f} | "
                      f"{r['twin_accuracy']:.4f} | {100 * paired['difference']:+.2f} +- "
                      f"{100 * paired['standard_error']:.2f} |")
-    parts.append("")
-    for r in rows:
-        parts += [f"- {r['name']}: `{r['command']}`; {r['machine']}, {r['date']}."]
-    return parts + [""]
+    return parts + _provenance(rows, lambda r: f"{r['name']}:")
+
+
+def _provenance(rows: list, describe) -> list:
+    """A table's closing lines: what each row is and the command, machine and date that made it."""
+    return [""] + [f"- {describe(r)} `{r['command']}`; {r['machine']}, {r['date']}." for r in rows] + [""]
 
 
 def mirror_views_section(path: pathlib.Path) -> list:
@@ -252,11 +254,8 @@ def mirror_views_section(path: pathlib.Path) -> list:
             parts.append(f"| {r['name']} | {s['train_images'] + s['validation_images']} | {s['seed']} | "
                          f"{s['validation_images']} | {float(best['plain']):g}, {plain:.4f} | "
                          f"{float(best['averaged']):g}, {averaged:.4f} | {100 * (averaged - plain):+.2f} |")
-    parts.append("")
-    for r in rows:
-        parts += [f"- {r['name']}: {r['backbone']} at {r['image_size']} px, {r['features']} features; "
-                  f"`{r['command']}`; {r['machine']}, {r['date']}."]
-    return parts + [""]
+    return parts + _provenance(rows, lambda r: f"{r['name']}: {r['backbone']} at {r['image_size']} px, "
+                                              f"{r['features']} features;")
 
 
 def few_shot_section(path: pathlib.Path) -> list:
@@ -287,11 +286,8 @@ def few_shot_section(path: pathlib.Path) -> list:
                          f"{mean('folds', 'design'):.4f} | {100 * sum(gaps) / len(gaps):+.2f} +- "
                          f"{100 * spread / len(gaps) ** 0.5:.2f} | {mean('split', 'test'):.4f} | "
                          f"{mean('folds', 'test'):.4f} |")
-    parts.append("")
-    for r in rows:
-        parts += [f"- {r['name']} ({' '.join(r['classes'])}): {r['backbone']} at {r['image_size']} px, "
-                  f"{r['features']} features, plain view; `{r['command']}`; {r['machine']}, {r['date']}."]
-    return parts + [""]
+    return parts + _provenance(rows, lambda r: f"{r['name']} ({' '.join(r['classes'])}): {r['backbone']} at "
+                                              f"{r['image_size']} px, {r['features']} features, plain view;")
 
 
 def long_tail_section(path: pathlib.Path) -> list:
@@ -315,11 +311,8 @@ def long_tail_section(path: pathlib.Path) -> list:
         gains = [s["with"]["balanced_accuracy"] - s["without"]["balanced_accuracy"] for s in r["seeds"]]
         parts.append(f"| {r['name']} | mean | | | | | balanced accuracy {100 * sum(gains) / len(gains):+.1f} points "
                      f"(from {100 * min(gains):+.1f} to {100 * max(gains):+.1f}) |")
-    parts.append("")
-    for r in rows:
-        parts += [f"- {r['name']}: {r['backbone']} at {r['image_size']} px, {r['features']} features, "
-                  f"{r['test_per_class']} test images per class; `{r['command']}`; {r['machine']}, {r['date']}."]
-    return parts + [""]
+    return parts + _provenance(rows, lambda r: f"{r['name']}: {r['backbone']} at {r['image_size']} px, "
+                                              f"{r['features']} features, {r['test_per_class']} test images per class;")
 
 
 def main() -> None:
