@@ -25,7 +25,9 @@ class Conv2dSame(nn.Conv2d):
     bottom/right, which matters for the stride-2 convs the weights were trained with."""
 
     def forward(self, x: Tensor) -> Tensor:
-        ih, iw = x.shape[-2:]
+        # Plain ints, also when traced for ONNX: the pads become constants there, which ONNX
+        # Runtime folds into the convolution (a computed Pad was a separate copy, 20% of its time).
+        ih, iw = (int(side) for side in x.shape[-2:])
         kh, kw = self.weight.shape[-2:]
         sh, sw = self.stride
         pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)

@@ -26,7 +26,7 @@ def _rate(step, batch: int, repeats: int) -> float:
 def _candidates(device: torch.device) -> List[Tuple[str, str]]:
     rows = [("torch", "fp32"), ("torch", "bf16")]
     if device.type == "cpu" and engines.onnxruntime_available():
-        rows.insert(1, ("onnxruntime", "fp32"))
+        rows[1:1] = [("onnxruntime", "fp32"), ("onnxruntime", "int8")]
     return rows
 
 
@@ -56,7 +56,8 @@ def run(device: str = "cpu", quick: bool = False) -> Dict[str, object]:
                 for engine_name, precision in _candidates(device):
                     if precision == "bf16" and not with_bf16:
                         continue
-                    engine = extraction_engine(backbone, device, engine_name, precision, taps, size)
+                    engine = extraction_engine(backbone, device, engine_name, precision, taps, size,
+                                               calibration=("bench", x))  # int8: ranges from the timed batch
                     cache = torch.empty((batch, backbone.tapped_dim(taps)), dtype=torch.float32, device=device)
                     rows_index = torch.arange(batch, device=device)
                     rate = _rate(lambda: store_maps(engine(x), cache, rows_index, None), batch,
@@ -72,7 +73,9 @@ def run(device: str = "cpu", quick: bool = False) -> Dict[str, object]:
                 "features as extraction does (pool_store). eager: model.eval() forward_pooled in fp32, NCHW, batch "
                 "norms unfolded, the head's features only: what a user writes. multi: the last four stages' "
                 "pooled outputs beside the head's (the `fasttl run` default).",
-                "relative error: max |engine - PyTorch fp32| / max |PyTorch fp32| over the batch.",
+                "relative error: max |engine - PyTorch fp32| / max |PyTorch fp32| over the batch. int8: ONNX "
+                "Runtime's static quantization calibrated on the timed batch itself (its accuracy on real images: "
+                "\"int8 extraction\").",
                 "GFLOP/s: 2 x the multiply-accumulates of the backbone's convolutions and linear layers per image "
                 f"(counted by forward hooks) x images/s; of peak: against this machine's dense fp32 GEMM rate measured "
                 f"in the same run ({_peak_line(peaks)}).",

@@ -23,8 +23,8 @@ from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES
 from fasttl.data import ImageLoader, TransformSpec
 from fasttl.data import screen as screen_source
 from fasttl.data.sources import ON_ERROR, ArraySource, FileSource
-from fasttl.cache.extraction import (compute_settings, default_batch_size, extract_features, extraction_engine,
-                                     verification_images)
+from fasttl.cache.extraction import (calibration_sample, compute_settings, default_batch_size, extract_features,
+                                     extraction_engine, verification_images)
 from fasttl.cache.folder import file_entry, finish, refuse_foreign
 from fasttl.util.checks import positive_int, torch_device
 from fasttl.data.spec import check_image_size
@@ -340,7 +340,8 @@ def _extract_missing(backbone, source, spec, out_dir: str, key: str, dtype: str,
     images = sum(rows[s] for s in todo)
     bar = _progress_bar(images, rank, world) if progress and images else None
     verify = verification_images(source, spec) if todo and run["engine"] == "onnxruntime" else None
-    engine = extraction_engine(backbone, device, **run, verify_images=verify) if todo else None
+    calibration = calibration_sample(source, spec) if todo and run["precision"] == "int8" else None
+    engine = extraction_engine(backbone, device, **run, verify_images=verify, calibration=calibration) if todo else None
     started, written_bytes = time.perf_counter(), 0
     try:
         for s in todo:

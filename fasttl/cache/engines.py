@@ -19,12 +19,19 @@ from fasttl.util.errors import OptionError
 from fasttl.onnx_graph import to_onnx
 
 ENGINES = ("auto", "torch", "onnxruntime")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 # Features an engine makes must equal the fp32 PyTorch ones within this relative error (max
 # absolute difference over the largest magnitude of a verification batch). ONNX Runtime measured
 # 1e-6 to 1e-5 on EfficientNet-Lite features; bf16 is about 3% off by nature and is not held to it.
 FP32_TOLERANCE = 1e-3
+# The int8 graph is held to the norm of its error over the norm of the fp32 features: measured
+# 0.05 to 0.2 on CIFAR-10 images at 32 to 224 px (a few rows of a max-based error swing more); a
+# graph that answers zeros, noise or another image's features is at 1 or above.
+INT8_TOLERANCE = 0.35
 ONNX_OPSET = 17
+# What the exported graph is beyond torch's export; in the engine file's key, so a graph stored by
+# an older fasttl (its asymmetric pads as separate Pad nodes, about 1.45x slower) is exported anew.
+GRAPH_REVISION = "pads-folded"
 _EXPORTED = {}  # engine file name -> graph bytes exported (and verified) by this process
 
 
@@ -56,21 +63,29 @@ def resolve(engine: str, precision: str, device: torch.device) -> tuple:
       features are about 3% off, and it pays only where the CPU has native bf16.
     * engine auto: torch on CUDA; on the CPU ONNX Runtime when installed and fp32 (1.1x to 2x the
       folded channels_last PyTorch forward at 128 to 224 px, benchmarks/RESULTS.md), else torch.
-      Either way the first batch of each build is checked against PyTorch fp32."""
+      Either way the first batch of each build is checked against PyTorch fp32.
+    * int8 (opt-in): ONNX Runtime on the statically quantized graph (fasttl.cache.quantize), CPU only."""
     if engine not in ENGINES:
         raise OptionError(f"engine: unknown {engine!r}; choose from {', '.join(ENGINES)}")
     if precision not in PRECISIONS:
         raise OptionError(f"extract_precision: unknown {precision!r}; choose from {', '.join(PRECISIONS)}")
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "int8" and device.type != "cpu":
+        raise OptionError(f"extract_precision: int8 extraction runs on the CPU (ONNX Runtime), not on {device}; pass "
+                          "--extract-precision bf16 or fp32")
+    if precision == "int8" and engine == "torch":
+        raise OptionError("extract_precision: int8 runs on the onnxruntime engine only; pass --engine onnxruntime "
+                          "(or auto)")
     if engine == "auto":
-        engine = "onnxruntime" if device.type == "cpu" and precision == "fp32" and onnxruntime_available() else "torch"
+        engine = "onnxruntime" if device.type == "cpu" and (precision == "int8" or precision == "fp32"
+                                                            and onnxruntime_available()) else "torch"
     if engine == "onnxruntime":
         if device.type != "cpu":
             raise OptionError(f"engine: onnxruntime extracts on the CPU only, not on {device}; use --engine torch")
-        if precision != "fp32":
-            raise OptionError("extract_precision: the onnxruntime engine runs fp32; pass --extract-precision fp32 or "
-                              "--engine torch for bf16")
+        if precision not in ("fp32", "int8"):
+            raise OptionError("extract_precision: the onnxruntime engine runs fp32 or int8; pass --extract-precision "
+                              "fp32 or --engine torch for bf16")
         if not onnxruntime_available():
             raise OptionError("engine: onnxruntime is not installed; pip install onnx onnxruntime (or the "
                               "'export' extra), or pass --engine torch")
@@ -95,16 +110,20 @@ class TorchEngine:
 
 
 class OnnxEngine:
-    """ONNX Runtime on the exported folded backbone and its pooling: returns the pooled vector
-    (N, D) as one "map" (pool_store stores 2-D input as it is). The graph comes from this
-    process's earlier export or from `engine_dir/name` when a build left it there, else it is
-    exported (and kept there); either way it must match
-    PyTorch fp32 on a verification batch within FP32_TOLERANCE, or it is exported again, and a
-    fresh export that still does not match is an error."""
+    """ONNX Runtime on the exported folded backbone and its pooling (fp32, or int8 quantized on
+    `calibration_images`): returns the pooled vector (N, D) as one "map" (pool_store stores 2-D
+    input as it is). The graph comes from this process's earlier export or from
+    `engine_dir/name` when a build left it there, else it is exported (and kept there); either
+    way it must match PyTorch fp32 on a verification batch within the precision's tolerance, or
+    it is exported again, and a fresh export that still does not match is an error."""
 
     def __init__(self, model, taps: int, image_size: int, name: Optional[str], engine_dir: Optional[str],
-                 verify_images: Optional[Tensor] = None):
-        self.verify_images = verify_images
+                 verify_images: Optional[Tensor] = None, precision: str = "fp32",
+                 calibration_images: Optional[Tensor] = None):
+        if precision == "int8" and calibration_images is None:
+            raise OptionError("extract_precision: int8 needs calibration images of the data (it is for building a "
+                              "cache: fasttl extract, FeatureCache.build)")
+        self.verify_images, self.precision = verify_images, precision
         self.name, self.graph_sha256, self.graph_bytes = name, None, 0
         self.model, self.taps, self.checked_sizes = model, taps, set()
         onnx_path = os.path.join(engine_dir, name) if name and engine_dir else None
@@ -113,7 +132,7 @@ class OnnxEngine:
         for data in ([known] if known else []) + [None]:
             fresh = data is None
             try:
-                data = export_onnx(model, taps, image_size) if fresh else data
+                data = self._export(image_size, calibration_images) if fresh else data
                 self.session = _session(data)
                 error = self.verify(model, taps, image_size)
             except Exception as exc:  # a damaged stored file: onnxruntime raises its own types
@@ -128,8 +147,25 @@ class OnnxEngine:
                     _write_engine_file(onnx_path, data)  # a rename: a link there is replaced, never followed
                 return
             if fresh:
-                raise CacheError(f"engine: onnxruntime's features differ from PyTorch's ({error}); pass --engine "
-                                 "torch")
+                raise CacheError(f"engine: onnxruntime's {precision} features differ from PyTorch's ({error}); pass "
+                                 "--engine torch")
+
+    def _export(self, image_size: int, calibration_images: Optional[Tensor]) -> bytes:
+        data = export_onnx(self.model, self.taps, image_size)
+        if self.precision == "int8":
+            from fasttl.cache.quantize import quantize
+
+            data = quantize(data, calibration_images)
+        return data
+
+    def difference(self, features: Tensor, images: Tensor) -> Optional[str]:
+        """Why `features` (this graph's, of `images`) are too far from PyTorch fp32's, or None."""
+        want = pooled_reference(self.model, self.taps, images)
+        if self.precision == "int8":
+            error, tolerance = norm_error(features, want), INT8_TOLERANCE
+        else:
+            error, tolerance = relative_error(features, want), FP32_TOLERANCE
+        return f"relative error {error:.1e} > {tolerance:.0e}" if not error <= tolerance else None
 
     def verify(self, model, taps: int, image_size: int) -> Optional[str]:
         """Why the graph's features differ from PyTorch fp32's, or None. On real images of the data
@@ -138,11 +174,10 @@ class OnnxEngine:
         images = self.verify_images
         if images is None:
             images = torch.randn(4, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-        error = relative_error(self._run(images), pooled_reference(model, taps, images))
-        if error > FP32_TOLERANCE:
-            return f"relative error {error:.1e} > {FP32_TOLERANCE:.0e}"
-        self.checked_sizes = {len(images)}
-        return None
+        error = self.difference(self._run(images), images)
+        if error is None:
+            self.checked_sizes = {len(images)}
+        return error
 
     def _run(self, images: Tensor) -> Tensor:
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -154,25 +189,27 @@ class OnnxEngine:
         the verification batch's size is caught before any of its rows is stored."""
         features = self._run(images)
         if len(images) not in self.checked_sizes:
-            error = relative_error(features, pooled_reference(self.model, self.taps, images))
-            if error > FP32_TOLERANCE:
+            error = self.difference(features, images)
+            if error is not None:
                 _EXPORTED.pop(self.name, None)
                 if self.onnx_path:
                     with contextlib.suppress(OSError):
                         os.remove(self.onnx_path)  # fasttl's own file: the next build exports it anew
                 raise CacheError(f"engine: onnxruntime's features differ from PyTorch's on a batch of {len(images)} "
-                                 f"images (relative error {error:.1e}); its graph was removed, nothing of this batch "
+                                 f"images ({error}); its graph was removed, nothing of this batch "
                                  "was stored: run again (the graph is exported anew), or pass --engine torch")
             self.checked_sizes.add(len(images))
         return [features]
 
 
-def onnx_file_name(backbone, taps: int, image_size: int) -> str:
+def onnx_file_name(backbone, taps: int, image_size: int, calibration: Optional[str] = None) -> str:
     """engine-<key>.onnx, keyed by what the graph depends on: weights, input size, taps, opset and
-    the exporter (the cache folder's store recognizes the name as one of its own files)."""
+    the exporter; an int8 graph engine-<key>-int8.onnx, also keyed by `calibration` (what names
+    its calibration sample). The cache folder's store recognizes the name as one of its own files."""
     key = hashlib.sha256(repr((backbone.name, backbone.weights_hash(), image_size, taps, ONNX_OPSET,
-                               torch.__version__)).encode()).hexdigest()[:16]
-    return f"engine-{key}.onnx"
+                               torch.__version__, GRAPH_REVISION) + ((calibration,) if calibration else ())
+                              ).encode()).hexdigest()[:16]
+    return f"engine-{key}-int8.onnx" if calibration else f"engine-{key}.onnx"
 
 
 def export_onnx(model, taps: int, image_size: int) -> bytes:
@@ -218,19 +255,29 @@ def pooled_reference(model, taps: int, images: Tensor) -> Tensor:
         return PooledFeatures(model, taps)(images.float().contiguous(memory_format=torch.channels_last)).float()
 
 
+def norm_error(got: Tensor, want: Tensor) -> float:
+    """||got - want|| / ||want|| over the whole batch (0 for an empty one)."""
+    if not want.numel():
+        return 0.0
+    return float(torch.linalg.vector_norm(got.double() - want.double()) / torch.linalg.vector_norm(want.double())
+                 .clamp_min(1e-12))
+
+
 def relative_error(got: Tensor, want: Tensor) -> float:
     scale = float(want.abs().max()) if want.numel() else 0.0
     return float((got.float() - want).abs().max()) / max(scale, 1e-12) if want.numel() else 0.0
 
 
 def create(engine: str, precision: str, model, taps: int, device: torch.device, image_size: int,
-           onnx_name: Optional[str] = None, engine_dir: Optional[str] = None, verify_images: Optional[Tensor] = None):
+           onnx_name: Optional[str] = None, engine_dir: Optional[str] = None, verify_images: Optional[Tensor] = None,
+           calibration_images: Optional[Tensor] = None):
     """An engine that has been resolved (see :func:`resolve`). For onnxruntime, `onnx_name`
     (onnx_file_name) keys the exported graph in this process and in `engine_dir` when given, and
     the graph is checked against PyTorch on `verify_images` (real images of the data), else on a
-    seeded random batch."""
+    seeded random batch; an int8 graph is quantized on `calibration_images`."""
     if engine == "onnxruntime":
-        return OnnxEngine(model, taps, image_size, onnx_name, engine_dir, verify_images)
+        return OnnxEngine(model, taps, image_size, onnx_name, engine_dir, verify_images, precision,
+                          calibration_images)
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         print("fasttl: warning: --extract-precision bf16 on a CPU without AVX512-BF16 or AMX runs emulated, "
               "usually slower than fp32", file=sys.stderr)

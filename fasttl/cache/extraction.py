@@ -16,8 +16,13 @@ def compute_settings(device: torch.device, engine: str = "auto", precision: str 
     """How the backbone runs during extraction (engine and precision resolved); part of the
     fingerprint, since it changes the bits."""
     engine, precision = engines.resolve(engine, precision, device)
-    return {"device": device.type, "engine": engine, "precision": precision, "memory_format": "channels_last",
-            "batchnorm": "folded"}
+    settings = {"device": device.type, "engine": engine, "precision": precision, "memory_format": "channels_last",
+                "batchnorm": "folded"}
+    if precision == "int8":
+        from fasttl.cache import quantize
+
+        settings["calibration"] = quantize.settings()  # the sample is the source's own: its identity is there too
+    return settings
 
 
 def extraction_model(backbone, device: torch.device):
@@ -28,12 +33,16 @@ def extraction_model(backbone, device: torch.device):
 
 
 def extraction_engine(backbone, device: torch.device, engine: str, precision: str, taps: int, image_size: int,
-                      engine_dir: Optional[str] = None, verify_images: Optional[torch.Tensor] = None):
+                      engine_dir: Optional[str] = None, verify_images: Optional[torch.Tensor] = None,
+                      calibration: Optional[tuple] = None):
     """The engine (resolved: see engines.resolve) over the extraction copy of `backbone`; an
-    exported ONNX graph is kept in `engine_dir` when given, and checked on `verify_images`."""
-    name = engines.onnx_file_name(backbone, taps, image_size) if engine == "onnxruntime" else None
+    exported ONNX graph is kept in `engine_dir` when given, and checked on `verify_images`.
+    `calibration` (int8): (what names the sample, its images), from calibration_sample."""
+    key, images = calibration if precision == "int8" and calibration else (None, None)
+    name = engines.onnx_file_name(backbone, taps, image_size, key) if engine == "onnxruntime" else None
     model = extraction_model(backbone, device)
-    return engines.create(engine, precision, model, taps, device, image_size, name, engine_dir, verify_images)
+    return engines.create(engine, precision, model, taps, device, image_size, name, engine_dir, verify_images,
+                          images)
 
 
 VERIFY_IMAGES = 4  # real images of the data an ONNX graph is checked on before it extracts
@@ -41,8 +50,27 @@ VERIFY_IMAGES = 4  # real images of the data an ONNX graph is checked on before 
 
 def verification_images(source, spec) -> torch.Tensor:
     """The first few images of `source`, preprocessed as extraction will preprocess them."""
-    count = min(VERIFY_IMAGES, len(source))
-    return torch.cat([x for x, _ in ImageLoader(source.subset(range(count)), spec, count, backend="torch")])
+    return _images(source, range(min(VERIFY_IMAGES, len(source))), spec)
+
+
+def calibration_sample(source, spec) -> tuple:
+    """(key, images): the seeded sample of `source` an int8 graph's activation ranges come from,
+    preprocessed as extraction preprocesses them, and a key naming it (the source's content, the
+    rows drawn, the preprocessing and the quantizer's settings)."""
+    import hashlib
+    import json
+
+    from fasttl.cache import quantize
+
+    rows = quantize.calibration_rows(len(source))
+    key = hashlib.sha256(json.dumps([source.identity(), rows, spec.as_dict(), quantize.settings()],
+                                    sort_keys=True).encode()).hexdigest()
+    return key, _images(source, rows, spec)
+
+
+def _images(source, rows, spec) -> torch.Tensor:
+    rows = list(rows)
+    return torch.cat([x for x, _ in ImageLoader(source.subset(rows), spec, max(len(rows), 1), backend="torch")])
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -100,7 +100,8 @@ class RunOptions:
     engine: str = option("auto", "what runs the frozen backbone during extraction (auto: onnxruntime on the CPU "
                          "when installed, else torch)", choices=engines.ENGINES, scoped=True)
     extract_precision: str = option("auto", "extraction precision (auto: bf16 autocast on cuda, fp32 on the CPU; "
-                                    "bf16 features are about 3%% off fp32)", choices=engines.PRECISIONS, scoped=True)
+                                    "bf16 features are about 3%% off fp32; int8: ONNX Runtime quantized on a sample "
+                                    "of the images, fasttl extract only)", choices=engines.PRECISIONS, scoped=True)
     resume: bool = option(False, "continue an interrupted run from its last finished epoch")
     overwrite: bool = option(False, "replace the run in --out (and rebuild a feature cache that fails its checks)")
     on_error: str = option("fail", "an unreadable image: fail (names it) or skip (left out, listed in skipped.csv)",
@@ -167,6 +168,10 @@ class RunOptions:
         if self.resume and self.overwrite:
             raise OptionError("resume: --resume continues a run and --overwrite replaces it; pass one of them")
         engines.resolve(self.engine, self.extract_precision, torch.device(str(self.device).split(":")[0]))
+        if self.extract_precision == "int8":
+            raise OptionError("extract_precision: int8 is for building caches (fasttl extract, FeatureCache.build); "
+                              "a run's test split would calibrate its own graph and predict could not repeat it: pass "
+                              "fp32 or auto")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
