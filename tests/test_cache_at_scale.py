@@ -529,6 +529,14 @@ def test_bench_cache_scale_quick_reports_every_measure(tmp_path, cifar10_root):
     for probe in bench["probes"]:
         assert probe["open_s"] > 0 and probe["epoch_gbps"] > 0 and probe["copy_gbps"] > 0
         assert 0 <= probe["rss_anon_after_open_mb"] <= probe["rss_anon_epoch_peak_mb"]
+        for epochs in (probe["epochs"], probe["competing"]):  # each shuffle mode, idle and beside a copying process
+            assert set(epochs) == {"rows", "blocks"} and all(e["epoch_gbps"] > 0 for e in epochs.values())
+        assert probe["epoch_s"] == probe["epochs"]["rows"]["epoch_s"]
+    cases = [r["case"] for r in bench["rows"]]
+    assert sum("epoch throughput, shuffle=" in c for c in cases) == 8  # 2 sizes x 2 modes x idle/competing
+    from fasttl.bench import cache as bench_cache
+
+    assert len(bench_cache.speedups(bench)) == 4
     assert bench["extraction_formats"]["equal"] is True
     assert not [n for n in set(os.listdir("/tmp")) - before if n.startswith(("fasttl-scale-", "fasttl-wds-"))]
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from fasttl import backbones
 from fasttl.bench.common import bench_splits, cache_bytes, copy_bandwidth, every_nth, format_table, median_seconds
 from fasttl.cache import FeatureCache, gather
+from fasttl.cache.order import BLOCK_ROWS
 from fasttl.heads import make_head
 from fasttl.data import make_loader
 from fasttl.optim import AdamW
@@ -103,8 +104,8 @@ def speedups(result: Dict[str, object]) -> List[Tuple[str, float]]:
     """(label, ratio) for the bar chart: the cached epoch's speedup, gather over copy bandwidth."""
     bars = []
     if result.get("mode") == "scale":
-        return [(f"{r['case'].split(':')[0]}\nepoch / memory copy", r["of_copy"]) for r in result["rows"]
-                if r["case"].endswith("epoch throughput")]
+        return [(f"{r['case'].split(':')[0]}\n{r['case'].split(', ')[-1]} epoch / memory copy", r["of_copy"])
+                for r in result["rows"] if "epoch throughput, shuffle=" in r["case"] and "another" not in r["case"]]
     for r in result["rows"]:
         if r["unit"] == "x":
             bars.append((r["case"], r["value"]))
@@ -123,6 +124,7 @@ def table(result: Dict[str, object]) -> str:
 
 SCALE_ROWS = (2_000_000, 200_000)
 SCALE_DIM, SCALE_BATCH = 512, 8192
+SHUFFLES = ("rows", "blocks")  # fasttl.cache.order's modes, each timed for one epoch
 
 
 def rss_anon_bytes() -> int:
@@ -141,8 +143,10 @@ def _synthetic_chunks(rows: int, dim: int, chunk: int = 65536):
         yield torch.randn((min(chunk, rows - start), dim), generator=generator)
 
 
-def scale_probe(directory: str, batch_size: int) -> Dict[str, float]:
-    """Run in a fresh process: open the cache, one shuffled epoch of its loader; time and RssAnon."""
+def scale_probe(directory: str, batch_size: int, shuffles=("rows",)) -> Dict[str, float]:
+    """Run in a fresh process: open the cache, one shuffled epoch of its loader per mode in
+    `shuffles` (fasttl.cache.order; the first gives epoch_s and the memory figures); time and
+    RssAnon."""
     import gc
 
     import fasttl.cache.cache  # noqa: F401  (imports done before the baseline)
@@ -153,37 +157,54 @@ def scale_probe(directory: str, batch_size: int) -> Dict[str, float]:
     cache = FeatureCache.open(directory)
     open_s = time.perf_counter() - started
     after_open = rss_anon_bytes()
-    peak, rows = after_open, 0
-    loader = cache.loader(batch_size, shuffle=True, seed=0)
-    started = time.perf_counter()
-    for features, labels in loader:
-        rows += features.shape[0]
-        peak = max(peak, rss_anon_bytes())
-    epoch_s = time.perf_counter() - started
-    assert rows == len(cache)
+    peak, epochs = after_open, {}
+    moved = len(cache) * cache.feature_dim * (cache.shards[0].element_size() + 4)  # rows read + fp32 written
+    for shuffle in shuffles:
+        rows, started = 0, time.perf_counter()
+        for features, labels in cache.loader(batch_size, shuffle=shuffle, seed=0):
+            rows += features.shape[0]
+            peak = max(peak, rss_anon_bytes())
+        seconds = time.perf_counter() - started
+        assert rows == len(cache)
+        epochs[shuffle] = {"epoch_s": seconds, "epoch_gbps": moved / seconds / 1e9}
+    epoch_s = epochs[shuffles[0]]["epoch_s"]
     # The measurement that chose the per-shard pointer table over grouping each batch by shard.
     table = cache._shard_table()
     indices = torch.randperm(len(cache), generator=torch.Generator().manual_seed(1))[:batch_size]
     out = torch.empty((len(indices), cache.feature_dim))
     methods = {m: median_seconds(lambda m=m: table.gather(indices, out=out, method=m), repeats=5, warmup=1)
                for m in ("table", "grouped")}
-    moved = len(cache) * cache.feature_dim * (cache.shards[0].element_size() + 4)  # rows read + fp32 written
-    return {"rows": len(cache), "shards": len(cache.shards), "open_s": open_s,
+    return {"rows": len(cache), "shards": len(cache.shards), "open_s": open_s, "epochs": epochs,
             "rss_anon_baseline_mb": baseline / 2**20, "rss_anon_after_open_mb": (after_open - baseline) / 2**20,
             "rss_anon_epoch_peak_mb": (peak - baseline) / 2**20, "epoch_s": epoch_s,
             "epoch_gbps": moved / epoch_s / 1e9, "copy_gbps": copy_bandwidth("cpu"),
             "batch_table_ms": methods["table"] * 1e3, "batch_grouped_ms": methods["grouped"] * 1e3}
 
 
-def _probe_in_fresh_process(directory: str, batch_size: int) -> Dict[str, float]:
+# Another job on the machine while an epoch runs: one thread copying 256 MiB buffers in a loop,
+# the kind of load that competes with a gather for memory bandwidth.
+COMPETITOR = ("import torch; torch.set_num_threads(1); a = torch.ones(1 << 26); b = torch.empty_like(a)\n"
+              "while True: b.copy_(a)")
+
+
+def _probe_in_fresh_process(directory: str, batch_size: int, shuffles=("rows",),
+                            competing: bool = False) -> Dict[str, float]:
     import json
     import subprocess
     import sys
 
     code = ("import json, sys; from fasttl.bench.cache import scale_probe; "
-            "print(json.dumps(scale_probe(sys.argv[1], int(sys.argv[2]))))")
-    result = subprocess.run([sys.executable, "-c", code, directory, str(batch_size)], capture_output=True, text=True,
-                            timeout=3600)
+            "print(json.dumps(scale_probe(sys.argv[1], int(sys.argv[2]), tuple(sys.argv[3].split(',')))))")
+    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if competing else None
+    try:
+        if competitor is not None:
+            time.sleep(2)  # its buffers allocated, its loop running
+        result = subprocess.run([sys.executable, "-c", code, directory, str(batch_size), ",".join(shuffles)],
+                                capture_output=True, text=True, timeout=3600)
+    finally:
+        if competitor is not None:
+            competitor.kill()
+            competitor.wait()
     if result.returncode != 0:
         raise RuntimeError(f"scale probe failed: {result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -250,8 +271,9 @@ def run_scale(quick: bool = False, data: str = None, root: str = None) -> Dict[s
             FeatureCache.write(directory, _synthetic_chunks(rows, SCALE_DIM), torch.arange(rows) % 10,
                                classes=[str(i) for i in range(10)], dtype="fp16")
             write_s = time.perf_counter() - started
-            probe = dict(_probe_in_fresh_process(directory, SCALE_BATCH), write_s=write_s,
+            probe = dict(_probe_in_fresh_process(directory, SCALE_BATCH, SHUFFLES), write_s=write_s,
                          gb=rows * SCALE_DIM * 2 / 1e9)
+            probe["competing"] = _probe_in_fresh_process(directory, SCALE_BATCH, SHUFFLES, competing=True)["epochs"]
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         probes.append(probe)
@@ -262,8 +284,10 @@ def run_scale(quick: bool = False, data: str = None, root: str = None) -> Dict[s
             {"case": f"{tag}: RssAnon after open", "value": probe["rss_anon_after_open_mb"], "unit": "MB"},
             {"case": f"{tag}: RssAnon epoch peak", "value": probe["rss_anon_epoch_peak_mb"], "unit": "MB"},
             {"case": f"{tag}: epoch", "value": probe["epoch_s"], "unit": "s"},
-            {"case": f"{tag}: epoch throughput", "value": probe["epoch_gbps"], "unit": "GB/s",
-             "of_copy": probe["epoch_gbps"] / probe["copy_gbps"]},
+            *[{"case": f"{tag}: epoch throughput, shuffle={shuffle}{', another process copying' if busy else ''}",
+               "value": epochs[shuffle]["epoch_gbps"], "unit": "GB/s",
+               "of_copy": epochs[shuffle]["epoch_gbps"] / probe["copy_gbps"]}
+              for busy, epochs in ((False, probe["epochs"]), (True, probe["competing"])) for shuffle in SHUFFLES],
             {"case": f"{tag}: memory copy (same process)", "value": probe["copy_gbps"], "unit": "GB/s",
              "of_copy": 1.0},
             {"case": f"{tag}: batch gather, shard pointer table", "value": probe["batch_table_ms"], "unit": "ms"},
@@ -284,7 +308,11 @@ def run_scale(quick: bool = False, data: str = None, root: str = None) -> Dict[s
                 f"shuffled epoch of cache.loader(batch {SCALE_BATCH}) into fp32 batches on the CPU. RssAnon from "
                 "/proc/self/status above the interpreter's baseline after importing fasttl; the shard pages "
                 "(page cache, just written, so warm) count as RssFile, not RssAnon.",
-                "epoch GB/s counts fp16 rows read + fp32 batch written; copy: torch copy_ of 256 MiB in the same "
+                "epoch GB/s counts fp16 rows read + fp32 batch written, of copy: against the idle copy rate; shuffle "
+                "rows: an exact per-row shuffle, each batch read in ascending order; blocks: blocks of "
+                f"{BLOCK_ROWS} neighbouring rows shuffled (fasttl.cache.order). \"another process copying\": the "
+                "same epochs in a fresh process while a second process copies 256 MiB buffers on one thread. "
+                "copy: torch copy_ of 256 MiB in the same "
                 "process, bytes read + written.",
                 "batch gather rows: 8192 random rows per call, after the epoch in the same process; \"shard pointer "
                 "table\" (the native gather reads each row in its shard through a table of shard addresses: what the "

@@ -13,9 +13,9 @@ from fasttl import _ops
 from fasttl.cache import build, format, write
 from fasttl.cache.format import mismatch_message  # noqa: F401  (part of this module's API)
 from fasttl.cache.kernels import CACHE_DTYPE, ShardTable, gather
+from fasttl.cache.order import epoch_order, shuffle_mode
 from fasttl.cache.store import CacheError
 from fasttl.util.checks import positive_int
-from fasttl.util.seeds import torch_seed
 
 
 class FeatureCache:
@@ -268,14 +268,18 @@ class FeatureCache:
         """Every row dequantized, as one tensor in memory (as large as the cache in out_dtype)."""
         return self.gather(torch.arange(len(self), device=self.device), out_dtype)
 
-    def loader(self, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
+    def loader(self, batch_size: int = 256, shuffle: Union[bool, str] = True, seed: int = 0,
                device: Optional[Union[str, torch.device]] = None, out_dtype: torch.dtype = torch.float32,
                drop_last: bool = False) -> "CacheLoader":
+        """Batches of (features, labels). `shuffle`: True or "rows" (an exact per-row shuffle each
+        epoch), "blocks" (blocks of neighbouring rows shuffled: faster on a cache much larger than
+        memory caches, less random), False (stored order); see fasttl.cache.order."""
         return CacheLoader(self, batch_size, shuffle, seed, device, out_dtype, drop_last)
 
 
 class CacheLoader:
-    """(features, labels) batches gathered from a cache; a new seeded order each epoch when shuffling.
+    """(features, labels) batches gathered from a cache; a new seeded order each epoch when
+    shuffling (fasttl.cache.order: each batch's rows are read in ascending order).
 
     A cache in host memory (its maps) feeding a CUDA device is gathered into pinned staging
     buffers and copied per batch without blocking; a buffer is refilled only once the copy that
@@ -288,7 +292,7 @@ class CacheLoader:
         if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):
             raise TypeError(f"seed: expected an integer, got {seed!r}")
         seed = int(seed)
-        self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle, seed
+        self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle_mode(shuffle), seed
         self.device = torch.device(device) if device is not None else cache.device
         self.out_dtype, self.drop_last, self.epoch = out_dtype, drop_last, 0
 
@@ -300,11 +304,7 @@ class CacheLoader:
         self.epoch = epoch
 
     def _order(self) -> Tensor:
-        n = len(self.cache)
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(torch_seed(self.seed * 1_000_003 + self.epoch))
-            return torch.randperm(n, generator=generator)
-        return torch.arange(n)
+        return epoch_order(len(self.cache), self.batch_size, self.shuffle, self.seed, self.epoch)
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
         order = self._order().to(self.cache.device)
