@@ -1,4 +1,4 @@
-"""Long-tailed training data: the `linear` strategy with and without its logit adjustment, on
+"""Long-tailed training data: the `linear` (or `--strategy mlp`) head with and without its logit adjustment, on
 CIFAR-10 subsets whose classes have 200 down to 2 training images (imbalance 100, an exponential
 profile), scored on a balanced test set. Each seed shuffles which classes are rare and which
 images are drawn. The adjustment is switched off by raising fasttl.heads.imbalance.IMBALANCE_RATIO
@@ -44,7 +44,7 @@ def long_tailed_copy(data: str, out: str, seed: int, most: int, imbalance: float
     return counts
 
 
-def run_once(data: str, out: str, adjust: bool) -> dict:
+def run_once(data: str, out: str, adjust: bool, strategy: str = "linear") -> dict:
     from fasttl.heads import imbalance
     from fasttl.transfer.job import run
 
@@ -52,7 +52,7 @@ def run_once(data: str, out: str, adjust: bool) -> dict:
     imbalance.IMBALANCE_RATIO = saved if adjust else float("inf")
     try:
         started = time.perf_counter()
-        metrics = run(data=data, strategy="linear", compare="none", out=out, progress=False, print_summary=False)
+        metrics = run(data=data, strategy=strategy, compare="none", out=out, progress=False, print_summary=False)
     finally:
         imbalance.IMBALANCE_RATIO = saved
     choice = metrics["notes"]["choice"]
@@ -68,8 +68,11 @@ def main() -> None:
     parser.add_argument("--most", type=int, default=200)
     parser.add_argument("--imbalance", type=float, default=100.0)
     parser.add_argument("--test-per-class", type=int, default=200)
-    parser.add_argument("--name", default="cifar10-long-tail-100")
+    parser.add_argument("--name", default=None, help="the row's name (default cifar10-long-tail-100, with the "
+                        "strategy's name after it when not linear)")
+    parser.add_argument("--strategy", default="linear", choices=("linear", "mlp"))
     args = parser.parse_args()
+    args.name = args.name or "cifar10-long-tail-100" + ("" if args.strategy == "linear" else f"-{args.strategy}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("FASTTL_CACHE_DIR", os.path.join(tmp, "cache"))
@@ -78,7 +81,7 @@ def main() -> None:
             counts = long_tailed_copy(args.data, data, seed, args.most, args.imbalance, args.test_per_class)
             row = {"seed": seed, "train_counts": counts}
             for name, adjust in (("without", False), ("with", True)):
-                row[name] = run_once(data, os.path.join(tmp, f"run-{seed}-{name}"), adjust)
+                row[name] = run_once(data, os.path.join(tmp, f"run-{seed}-{name}"), adjust, args.strategy)
             print(f"seed {seed}: balanced accuracy {row['without']['balanced_accuracy']:.4f} without, "
                   f"{row['with']['balanced_accuracy']:.4f} with (tau {row['with']['logit_adjustment']})", flush=True)
             rows.append(row)

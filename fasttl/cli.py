@@ -57,7 +57,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from fasttl.util.errors import OptionError
-    from fasttl.predict import format_predictions, predict, predict_run
+    from fasttl.predict import format_predictions, image_files, predict, predict_run
 
     if args.run is None:  # the backbone's ImageNet classes
         from fasttl.data.sources import ON_ERROR
@@ -74,8 +74,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         if args.top_k is not None and not 1 <= args.top_k <= 1000:
             raise OptionError(f"top_k: expected 1..1000 ImageNet classes, got {args.top_k}")
-        _say(format_predictions(args.images, predict(args.images, args.backbone or DEFAULT, args.weights,
-                                                      args.top_k or 5)))
+        images, _ = image_files(args.images)  # folders walked for their images, as with --run
+        _say(format_predictions(images, predict(images, args.backbone or DEFAULT, args.weights, args.top_k or 5)))
         return 0
     if args.weights is not None or args.backbone is not None:
         raise OptionError("run: --run predicts with the run's own model; drop --backbone and --weights")
@@ -327,7 +327,9 @@ def _add_export_command(sub) -> None:
                                       "ONNX Runtime")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
-    p.add_argument("--image-size", type=int, metavar="N", help="input height and width (default: the run's)")
+    p.add_argument("--image-size", type=int, metavar="N",
+                   help="input height and width: the run's own (the default; another size is refused, as the run's "
+                   "model was made at its size)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="K",
                    help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

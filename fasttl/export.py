@@ -63,6 +63,13 @@ def _verification_images(model, config: dict, size: int, count: int = VERIFY_IMA
     return torch.cat([x for x, _ in ImageLoader(source, spec, count, backend="torch")])
 
 
+def _printable_name(run_dir: str) -> str:
+    """The run folder's name as UTF-8 text for the graph's metadata (protobuf strings are UTF-8): a
+    name in another encoding keeps its bytes as escapes."""
+    return os.path.basename(os.path.normpath(run_dir)).encode("utf-8", "surrogateescape").decode("utf-8",
+                                                                                                "backslashreplace")
+
+
 def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, opset: int = DEFAULT_OPSET,
                 overwrite: bool = False, tolerance: Optional[float] = None) -> dict:
     """Exports the run's model to `out` (see the module docstring) after checking it with ONNX
@@ -75,6 +82,9 @@ def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, ops
     from fasttl.util.checks import check_output_path
 
     tolerance = TOLERANCE if tolerance is None else tolerance
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < float("inf"):
+        raise OptionError(f"tolerance: expected a finite number >= 0 (the largest logit difference allowed), got "
+                          f"{tolerance!r}")
     out = check_output_path(out, overwrite)
     if not str(out).lower().endswith(".onnx"):
         raise OptionError(f"out: {out!r} does not end in .onnx (name the file model.onnx, say)")
@@ -85,7 +95,11 @@ def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, ops
         raise OptionError(f"opset: expected an ONNX opset in 13..21, got {opset!r}")
     onnx, onnxruntime = _onnx_modules()
     run = load_run(run_dir, "cpu")
-    size = image_size or run.spec.size
+    if image_size is not None and image_size != run.spec.size:
+        raise OptionError(f"image_size: the run's model was made at {run.spec.size} px (its head fit on features of "
+                          f"that size); a graph at {image_size} px would answer otherwise than the run and predict: "
+                          "leave --image-size out")
+    size = run.spec.size
     module = ImagesToLogits(run.trained.module, run.spec.mean, run.spec.std, size).float().eval()
     images = _verification_images(run, run.config, size)
     data = to_onnx(module, images[:2], output_name="logits", opset=opset)
@@ -97,12 +111,12 @@ def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, ops
                      f"{max(size, int(round(size / run.spec.crop_fraction)))} px, center-crop {size} x {size}",
             "image_size": str(size), "crop_fraction": str(run.spec.crop_fraction),
             "normalization": json.dumps({"mean": list(run.spec.mean), "std": list(run.spec.std)}),
-            "run": os.path.basename(run.run_dir)}
+            "run": _printable_name(run.run_dir)}
     del graph.metadata_props[:]
     for key, value in meta.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value
-    graph.doc_string = f"fasttl {run.config['strategy']} run {os.path.basename(run.run_dir)}: images -> logits"
+    graph.doc_string = f"fasttl {run.config['strategy']} run {_printable_name(run.run_dir)}: images -> logits"
     onnx.checker.check_model(graph)
     data = graph.SerializeToString()
 

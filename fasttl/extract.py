@@ -33,9 +33,11 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     and counted in the summary); ``"fail"`` (default) stops at the first, naming it.
     ``features``: "head" or "multi" (see `fasttl run --features`); ``engine`` and ``precision``:
     see fasttl.cache.engines.resolve (an exported ONNX graph is kept in OUT for later builds)."""
-    from fasttl.transfer.caching import FEATURE_TAPS, refuse_writes_among_images
+    from fasttl.transfer.caching import FEATURE_TAPS, refuse_settings_in_run_folders, refuse_writes_among_images
 
     _check_options(features, image_size, batch_size, shard_rows, device)
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).strip():
+        raise OptionError(f"out: {out!r} names no folder; give the cache folder (`--out .` for this one)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise OptionError(f"out: {out} is a file; give a folder for the cache (it is created when missing)")
     holder = enclosing_run_folder(out)
@@ -43,6 +45,7 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
         raise OptionError(f"out: {out} is in the fasttl run folder {holder}, which only its run writes into; give a "
                           "folder of its own for the cache")
     refuse_writes_among_images([("data", data)])
+    refuse_settings_in_run_folders()
     # The cache never goes among the images of a data folder: its files would mix with them, and a
     # later scan would read its folders as classes.
     if os.path.isdir(data) and is_inside(out, data):

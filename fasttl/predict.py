@@ -54,7 +54,23 @@ class ImagesToLogits(nn.Module):
         if not images.is_floating_point():
             raise TypeError(f"images: dtype {images.dtype}, expected float RGB in [0, 1] (uint8 pixels go to "
                             ".predict)")
+        if images.numel() and not _tracing():  # a traced graph (export) takes the check as written by the caller
+            low, high = (float(v) for v in images.detach().aminmax())
+            if not (UNIT_RANGE_SLACK[0] <= low and high <= UNIT_RANGE_SLACK[1]):
+                raise ValueError(f"images: values from {low:.4g} to {high:.4g}, expected RGB in [0, 1] (pixels of "
+                                 "0..255 divided by 255; no NaN)")
+        images = images.to(self.mean.dtype)  # float64 or float16 input, as the model's own dtype
         return self.module((images - self.mean) / self.std)
+
+
+# What a caller's own resize may overshoot [0, 1] by (bicubic rings a few percent); 0..255 pixels
+# or NaN are far outside it.
+UNIT_RANGE_SLACK = (-0.5, 1.5)
+
+
+def _tracing() -> bool:
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+    return torch.jit.is_tracing() or compiling()
 
 
 def unit_range_spec(spec: TransformSpec, size: Optional[int] = None) -> TransformSpec:
@@ -134,6 +150,11 @@ def _as_uint8_images(images) -> np.ndarray:
                           "with W=3; give images wider and taller than 3 pixels")
     if array.shape[3] != 3:
         array = array.transpose(0, 2, 3, 1)
+    from fasttl.data.images import size_problem
+
+    problem = size_problem("an array image", array.shape[2], array.shape[1])  # the budgets image files get
+    if problem is not None:
+        raise OptionError(f"images: {problem}")
     return np.ascontiguousarray(array)
 
 
@@ -267,14 +288,18 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
     return {"csv": text, "rows": len(source), "skipped": list(source.skipped), "ignored": ignored, "out": out}
 
 
+BACKBONE_BATCH = 32
+
+
 @torch.no_grad()
 def predict(paths: Sequence[str], backbone_name: str = backbones.DEFAULT, weights: Optional[str] = None,
             top: int = 5) -> List[List[Tuple[str, float]]]:
     """A backbone's top `top` ImageNet classes per image (`fasttl predict --backbone`)."""
     model = backbones.create(backbone_name, weights=weights).eval()
     spec = TransformSpec.for_backbone(model.preprocessing)
-    batch = torch.stack([transform(decode(p), spec) for p in paths])
-    probabilities = model(batch).softmax(-1)
+    # a batch at a time: every image of a command line in one batch took about 17 MB each
+    probabilities = torch.cat([model(torch.stack([transform(decode(p), spec) for p in paths[i:i + BACKBONE_BATCH]]))
+                               .softmax(-1) for i in range(0, len(paths), BACKBONE_BATCH)])
     names = backbones.imagenet_classes()
     values, indices = probabilities.topk(top, dim=-1)
     return [[(names[i], float(v)) for v, i in zip(vs.tolist(), ids.tolist())] for vs, ids in zip(values, indices)]

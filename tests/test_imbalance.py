@@ -87,3 +87,41 @@ def test_balanced_training_data_is_not_adjusted(tmp_path, request):
     tuned = tuning.tune_linear([train], seed=0, progress=False)
     assert "logit_adjustment" not in tuned.choice and "class_imbalance" not in tuned.choice
     assert not any("logit_adjustment" in record for record in tuned.records)
+
+
+MLP = dict(epochs=12, batch_size=64, lr=3e-3, seed=0, progress=False)
+
+
+def test_a_long_tailed_mlp_head_is_adjusted_after_training_and_scores_higher_balanced(tmp_path, request):
+    """The MLP's post-hoc adjustment: tau chosen on the validation logits of the chosen settings
+    trained on the train part, folded into the refit head's last bias with every row's prior."""
+    seed = _seed(request) % 1000
+    counts = [400, 200, 90, 40, 18, 8]
+    train = _cache(tmp_path / "train", counts, seed)
+    tuned = tuning.tune_mlp([train], **MLP)
+    choice = tuned.choice
+    assert choice["class_imbalance"] == pytest.approx(50.0)
+    assert choice["logit_adjustment"] in imbalance.LOGIT_ADJUSTMENTS and choice["logit_adjustment"] > 0
+    assert 0 < choice["val_balanced_accuracy"] <= 1 and choice["val_balanced_loss"] > 0
+
+    x, y = _features([300] * len(counts), seed)
+    test = FeatureCache.write(str(tmp_path / "test"), [x], y, classes=train.classes)
+    prior = imbalance.log_prior(train.labels, len(counts))
+    with torch.no_grad():
+        logits = tuned.head.eval()(test.all_features())
+        plain = logits + choice["logit_adjustment"] * prior
+    adjusted_score = imbalance.balanced_scores(logits, test.labels, len(counts))["val_balanced_accuracy"]
+    plain_score = imbalance.balanced_scores(plain, test.labels, len(counts))["val_balanced_accuracy"]
+    assert adjusted_score > plain_score + 0.03, (adjusted_score, plain_score)
+
+
+def test_balanced_training_data_leaves_the_mlp_alone(tmp_path, request, monkeypatch):
+    train = _cache(tmp_path / "train", [60, 55, 62, 58], _seed(request) % 1000)
+    tuned = tuning.tune_mlp([train], **MLP)
+    assert "logit_adjustment" not in tuned.choice and "class_imbalance" not in tuned.choice
+    monkeypatch.setattr(imbalance, "IMBALANCE_RATIO", 1.0)  # every set counts as long-tailed: the bias moves
+    adjusted = tuning.tune_mlp([train], **MLP)
+    tau = adjusted.choice["logit_adjustment"]
+    shift = tau * imbalance.log_prior(train.labels, 4)
+    torch.testing.assert_close(adjusted.head[-1].bias, tuned.head[-1].bias - shift)
+    torch.testing.assert_close(adjusted.head[-1].weight, tuned.head[-1].weight)

@@ -255,6 +255,26 @@ def _extraction_formats(train, count: int, size: int = 128) -> Dict[str, float]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _scale_rows(probe: Dict[str, object]) -> List[Dict[str, object]]:
+    """The table rows of one scale probe."""
+    tag = f"{probe['rows']:,} x {SCALE_DIM} fp16 ({probe['gb']:.2f} GB, {probe['shards']} shards)"
+    return [
+        {"case": f"{tag}: write", "value": probe["gb"] / probe["write_s"], "unit": "GB/s"},
+        {"case": f"{tag}: open", "value": probe["open_s"] * 1e3, "unit": "ms"},
+        {"case": f"{tag}: RssAnon after open", "value": probe["rss_anon_after_open_mb"], "unit": "MB"},
+        {"case": f"{tag}: RssAnon epoch peak", "value": probe["rss_anon_epoch_peak_mb"], "unit": "MB"},
+        {"case": f"{tag}: epoch", "value": probe["epoch_s"], "unit": "s"},
+        *[{"case": f"{tag}: epoch throughput, shuffle={shuffle}{', another process copying' if busy else ''}",
+           "value": epochs[shuffle]["epoch_gbps"], "unit": "GB/s",
+           "of_copy": epochs[shuffle]["epoch_gbps"] / probe["copy_gbps"]}
+          for busy, epochs in ((False, probe["epochs"]), (True, probe["competing"])) for shuffle in SHUFFLES],
+        {"case": f"{tag}: memory copy (same process)", "value": probe["copy_gbps"], "unit": "GB/s",
+         "of_copy": 1.0},
+        {"case": f"{tag}: batch gather, shard pointer table", "value": probe["batch_table_ms"], "unit": "ms"},
+        {"case": f"{tag}: batch gather, grouped by shard", "value": probe["batch_grouped_ms"], "unit": "ms"},
+    ]
+
+
 def run_scale(quick: bool = False, data: str = None, root: str = None) -> Dict[str, object]:
     """`fasttl bench cache --scale`: 2,000,000 x 512 fp16 rows (2 GB) written through
     FeatureCache.write under /tmp, then opened and read for one shuffled epoch (batch 8192) in a
@@ -277,22 +297,7 @@ def run_scale(quick: bool = False, data: str = None, root: str = None) -> Dict[s
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         probes.append(probe)
-        tag = f"{rows:,} x {SCALE_DIM} fp16 ({probe['gb']:.2f} GB, {probe['shards']} shards)"
-        rows_out += [
-            {"case": f"{tag}: write", "value": probe["gb"] / write_s, "unit": "GB/s"},
-            {"case": f"{tag}: open", "value": probe["open_s"] * 1e3, "unit": "ms"},
-            {"case": f"{tag}: RssAnon after open", "value": probe["rss_anon_after_open_mb"], "unit": "MB"},
-            {"case": f"{tag}: RssAnon epoch peak", "value": probe["rss_anon_epoch_peak_mb"], "unit": "MB"},
-            {"case": f"{tag}: epoch", "value": probe["epoch_s"], "unit": "s"},
-            *[{"case": f"{tag}: epoch throughput, shuffle={shuffle}{', another process copying' if busy else ''}",
-               "value": epochs[shuffle]["epoch_gbps"], "unit": "GB/s",
-               "of_copy": epochs[shuffle]["epoch_gbps"] / probe["copy_gbps"]}
-              for busy, epochs in ((False, probe["epochs"]), (True, probe["competing"])) for shuffle in SHUFFLES],
-            {"case": f"{tag}: memory copy (same process)", "value": probe["copy_gbps"], "unit": "GB/s",
-             "of_copy": 1.0},
-            {"case": f"{tag}: batch gather, shard pointer table", "value": probe["batch_table_ms"], "unit": "ms"},
-            {"case": f"{tag}: batch gather, grouped by shard", "value": probe["batch_grouped_ms"], "unit": "ms"},
-        ]
+        rows_out += _scale_rows(probe)
     formats = _extraction_formats(bench_splits(data)[1], 60 if quick else 2000)
     rows_out += [
         {"case": f"extraction, {formats['images']} CIFAR-10 JPEGs as class folders", "value": formats["folders_ips"],

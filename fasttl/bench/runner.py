@@ -57,6 +57,31 @@ def run(names: List[str], device: str = "cpu", quick: bool = False, json_path: O
 PLOT_FORMATS = (".png", ".svg", ".pdf")
 
 
+# How an earlier bench plot starts, by format: what bench may replace.
+_PLOT_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"%PDF-", b"<?xml", b"<svg")
+
+
+def _earlier_output(path: str, option: str) -> bool:
+    """Whether the file at `path` is one bench wrote: a JSON object with its machine and results,
+    or a plot file of one of its formats (a user's notes under that name are never replaced)."""
+    import json
+
+    from fasttl.util import files
+
+    try:
+        if option == "plot":  # a plain file (check_output_path saw to it): its first bytes say its format
+            with open(path, "rb") as f:
+                return f.read(16).startswith(_PLOT_SIGNATURES)
+        data = files.read_plain(path, files.MAX_JSON_BYTES)
+    except (OSError, ValueError):
+        return False
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and {"machine", "results"} <= set(payload)
+
+
 def _check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:
     """Both outputs checked before the benchmarks, not after minutes of them: a file in an existing
     folder, replaced when it is a plain file; a link, a device or a FIFO there is refused, never
@@ -66,7 +91,10 @@ def _check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:
 
     for option, path in (("json", json_path), ("plot", plot_path)):
         if path:
-            check_output_path(path, overwrite=True, flag=f"--{option}")
+            path = check_output_path(path, overwrite=True, flag=f"--{option}")
+            if os.path.lexists(path) and not _earlier_output(path, option):
+                raise OptionError(f"{option}: {path} exists and is not an earlier fasttl bench {option} output; bench "
+                                  f"replaces only its own results: give another --{option}")
     if plot_path and os.path.splitext(plot_path)[1].lower() not in PLOT_FORMATS:
         raise OptionError(f"plot: {plot_path} is not a {', '.join(PLOT_FORMATS)} file; name the plot with one of "
                           "those endings")

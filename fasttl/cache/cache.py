@@ -113,13 +113,21 @@ class FeatureCache:
 
     def made_by(self) -> tuple:
         """What made the rows, as the fingerprint records it: the backbone (name and weights'
-        SHA-256) and the layout of its tapped stages; for features written by hand, the "backbone"
+        SHA-256), the layout of its tapped stages, the images' preprocessing and the extraction
+        precision; for features written by hand, the "backbone"
         or "model" their writer put in its fingerprint (other keys, such as a split's name, may
         differ between caches of one feature space)."""
         fingerprint = self.fingerprint if isinstance(self.fingerprint, dict) else {}
         user = fingerprint.get("user") if isinstance(fingerprint.get("user"), dict) else {}
+        preprocessing = fingerprint.get("preprocessing") if isinstance(fingerprint.get("preprocessing"), dict) else {}
+        compute = fingerprint.get("compute") if isinstance(fingerprint.get("compute"), dict) else {}
+        # the image size, normalization and crop (32 px and 64 px features of one backbone are two
+        # feature spaces), and the precision; not the mirror flag (a split's two views go together)
+        # nor the decoder or engine (the same features within fp32 rounding)
+        images = {k: v for k, v in preprocessing.items() if k not in ("mirror", "backend")}
         return tuple(json.dumps(value, sort_keys=True, default=str) for value in (
-            fingerprint.get("backbone"), fingerprint.get("layout"), user.get("backbone"), user.get("model")))
+            fingerprint.get("backbone"), fingerprint.get("layout"), images or None, compute.get("precision"),
+            user.get("backbone"), user.get("model")))
 
     def subset(self, rows) -> "FeatureCache":
         """The rows `rows` (indices into this cache, in that order, or a boolean mask of one entry per

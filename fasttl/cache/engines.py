@@ -8,7 +8,9 @@ import functools
 import hashlib
 import os
 import sys
-from typing import List, Optional
+import threading
+import time
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,6 +30,10 @@ FP32_TOLERANCE = 1e-3
 # 0.05 to 0.2 on CIFAR-10 images at 32 to 224 px (a few rows of a max-based error swing more); a
 # graph that answers zeros, noise or another image's features is at 1 or above.
 INT8_TOLERANCE = 0.35
+# A checked run of a graph may take this long plus this many times the PyTorch reference's time on
+# the same images before it is stopped and the graph counts as wrong (ONNX Runtime runs these
+# graphs 1.1x to 4x faster than PyTorch; a first run pays its set-up once).
+VERIFY_SECONDS, VERIFY_SLOWDOWN = 30.0, 50.0
 ONNX_OPSET = 17
 # What the exported graph is beyond torch's export; in the engine file's key, so a graph stored by
 # an older fasttl (its asymmetric pads as separate Pad nodes, about 1.45x slower) is exported anew.
@@ -158,14 +164,30 @@ class OnnxEngine:
             data = quantize(data, calibration_images)
         return data
 
-    def difference(self, features: Tensor, images: Tensor) -> Optional[str]:
-        """Why `features` (this graph's, of `images`) are too far from PyTorch fp32's, or None."""
-        want = pooled_reference(self.model, self.taps, images)
+    def difference(self, features: Tensor, images: Tensor, want: Optional[Tensor] = None) -> Optional[str]:
+        """Why `features` (this graph's, of `images`) are too far from PyTorch fp32's (`want`,
+        computed when not given), or None. NaN is too far."""
+        want = pooled_reference(self.model, self.taps, images) if want is None else want
         if self.precision == "int8":
             error, tolerance = norm_error(features, want), INT8_TOLERANCE
         else:
             error, tolerance = relative_error(features, want), FP32_TOLERANCE
         return f"relative error {error:.1e} > {tolerance:.0e}" if not error <= tolerance else None
+
+    def checked_run(self, images: Tensor) -> Tuple[Tensor, Optional[str]]:
+        """(features, why they are wrong or None): the graph run beside the PyTorch reference,
+        and stopped when it takes far longer than the reference did (a graph made to loop would
+        otherwise hang the build, out of reach of Ctrl-C while ONNX Runtime runs)."""
+        started = time.perf_counter()
+        want = pooled_reference(self.model, self.taps, images)
+        limit = VERIFY_SECONDS + VERIFY_SLOWDOWN * (time.perf_counter() - started)
+        try:
+            features = self._run(images, limit)
+        except Exception as exc:  # onnxruntime's own error types: terminated, or a graph that fails
+            if "terminate" not in str(exc).lower():
+                raise
+            return want, f"it ran longer than {limit:.0f} s on {len(images)} images, where PyTorch took a fraction"
+        return features, self.difference(features, images, want)
 
     def verify(self, model, taps: int, image_size: int) -> Optional[str]:
         """Why the graph's features differ from PyTorch fp32's, or None. On real images of the data
@@ -174,31 +196,42 @@ class OnnxEngine:
         images = self.verify_images
         if images is None:
             images = torch.randn(4, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-        error = self.difference(self._run(images), images)
+        _, error = self.checked_run(images)
         if error is None:
             self.checked_sizes = {len(images)}
         return error
 
-    def _run(self, images: Tensor) -> Tensor:
+    def _run(self, images: Tensor, limit: Optional[float] = None) -> Tensor:
+        import onnxruntime
+
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {"images": array})[0])
+        options = onnxruntime.RunOptions()
+        watchdog = threading.Timer(limit, setattr, (options, "terminate", True)) if limit else None
+        if watchdog is not None:
+            watchdog.daemon = True
+            watchdog.start()
+        try:
+            return torch.from_numpy(self.session.run(None, {"images": array}, options)[0])
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
 
     def __call__(self, images: Tensor) -> List[Tensor]:
         """The pooled features of `images`. The first batch of each size is also checked against
         PyTorch fp32 before it is used (one reference forward per size): a graph right only at
         the verification batch's size is caught before any of its rows is stored."""
-        features = self._run(images)
-        if len(images) not in self.checked_sizes:
-            error = self.difference(features, images)
-            if error is not None:
-                _EXPORTED.pop(self.name, None)
-                if self.onnx_path:
-                    with contextlib.suppress(OSError):
-                        os.remove(self.onnx_path)  # fasttl's own file: the next build exports it anew
-                raise CacheError(f"engine: onnxruntime's features differ from PyTorch's on a batch of {len(images)} "
-                                 f"images ({error}); its graph was removed, nothing of this batch "
-                                 "was stored: run again (the graph is exported anew), or pass --engine torch")
-            self.checked_sizes.add(len(images))
+        if len(images) in self.checked_sizes:
+            return [self._run(images)]
+        features, error = self.checked_run(images)
+        if error is not None:
+            _EXPORTED.pop(self.name, None)
+            if self.onnx_path:
+                with contextlib.suppress(OSError):
+                    os.remove(self.onnx_path)  # fasttl's own file: the next build exports it anew
+            raise CacheError(f"engine: onnxruntime's features differ from PyTorch's on a batch of {len(images)} "
+                             f"images ({error}); its graph was removed, nothing of this batch "
+                             "was stored: run again (the graph is exported anew), or pass --engine torch")
+        self.checked_sizes.add(len(images))
         return [features]
 
 
@@ -220,6 +253,11 @@ def export_onnx(model, taps: int, image_size: int) -> bytes:
     return to_onnx(pooled, torch.zeros(1, 3, image_size, image_size), output_name="features", opset=ONNX_OPSET)
 
 
+# An exported graph of these backbones is 4 to 30 MB; a kept file larger than this is no graph
+# fasttl wrote (a sparse file of gigabytes would otherwise be read whole): exported anew.
+MAX_ENGINE_BYTES = 1 << 30
+
+
 def _read_engine_file(path: str) -> Optional[bytes]:
     from fasttl.cache import store
 
@@ -227,7 +265,9 @@ def _read_engine_file(path: str) -> Optional[bytes]:
         if store.regular_file(path) is None:
             return None
         with store.open_regular(path) as f:
-            return f.read()
+            if os.fstat(f.fileno()).st_size > MAX_ENGINE_BYTES:
+                return None
+            return f.read(MAX_ENGINE_BYTES + 1)
     except (OSError, store.CacheError):
         return None
 

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from fasttl.cache import engines
+from fasttl.cache.store import CacheError
 from fasttl.cache.kernels import pool_store
 from fasttl.data import ImageLoader
 
@@ -96,6 +97,17 @@ def store_maps(maps, cache: torch.Tensor, rows: torch.Tensor, scales: Optional[t
     pool_store(pooled, cache, rows, scales)
 
 
+def _refuse_non_finite(maps, source, first: int) -> None:
+    """A backbone's NaN or infinity is never stored: fp32 and bf16 would keep it and int8 would
+    quantize the row to zeros, and training would later blame its learning rate."""
+    for feature_map in maps:
+        finite = torch.isfinite(feature_map.reshape(len(feature_map), -1)).all(dim=1)
+        if not bool(finite.all()):
+            row = first + int((~finite).nonzero()[0])
+            raise CacheError(f"features: the backbone's features of {source.name_of(row)} are not finite (NaN or "
+                             "infinite): a damaged backbone or weights file; nothing of its batch was stored")
+
+
 @torch.no_grad()
 def extract_features(engine, source, spec, dtype: torch.dtype, feature_dim: int, batch_size: int,
                      device: torch.device, backend: str = "auto", progress=None):
@@ -108,7 +120,9 @@ def extract_features(engine, source, spec, dtype: torch.dtype, feature_dim: int,
     written = 0
     for images, _ in ImageLoader(source, spec, batch_size, backend=backend, device=device):
         n = images.shape[0]
-        store_maps(engine(images), features, torch.arange(written, written + n, device=device), scales)
+        maps = engine(images)
+        _refuse_non_finite(maps, source, written)
+        store_maps(maps, features, torch.arange(written, written + n, device=device), scales)
         written += n
         if progress is not None:
             progress.update(n)

@@ -61,9 +61,20 @@ def _is_fasttl_record(path: str) -> bool:
     return isinstance(record, dict) and isinstance(record.get("fingerprint"), dict)
 
 
+def refuse_run_folder(directory: str) -> None:
+    """A cache never goes inside a fasttl run folder (only its run writes there): checked before
+    the cache's folder is made."""
+    holder = files.enclosing_run_folder(directory)
+    if holder is not None:
+        raise CacheError(f"{directory}: is in the fasttl run folder {holder}, which only its run writes into; write "
+                         "the cache to a folder of its own")
+
+
 def refuse_foreign(directory: str) -> None:
     """Never makes a folder of someone else's files a cache, with or without overwrite: files of
-    the user's may stay only beside a cache fasttl already wrote there."""
+    the user's may stay only beside a cache fasttl already wrote there; never inside a fasttl run
+    folder (only its run writes there)."""
+    refuse_run_folder(directory)
     foreign = foreign_entries(directory)
     holds_cache = os.path.isfile(os.path.join(directory, store.MANIFEST)) and store.MANIFEST not in foreign
     clobbered = [name for name in foreign if name in (store.MANIFEST, store.BUILD, store.LABELS, store.SAMPLES)]

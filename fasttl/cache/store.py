@@ -32,6 +32,9 @@ SAMPLES = "samples.json"
 FORMAT_VERSION = 2          # 2: labels and samples listed with their checksums, shard names carry the fingerprint
 # Shard files: features-<fingerprint key>-<shard>.npy (format 2) or features-<shard>.npy (format 1).
 SHARD_FILE = re.compile(r"(features|scales)-(?:[0-9a-f]{16}-)?[0-9]{5}\.npy")
+# engines.onnx_file_name's names: a 16-hex key (and -int8 for a quantized graph); anything else named
+# engine-* (a user's "engine-v8.pdf") is the user's.
+ENGINE_FILE = re.compile(r"engine-[0-9a-f]{16}(?:-int8)?\.onnx")
 _LOCK_RECORD = re.compile(rb"(pid [0-9]+)?\s*")
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -166,7 +169,7 @@ def is_own_file(name: str) -> bool:
     """Whether `name` is one a cache folder holds: its records, labels, sample ids, shards, lock,
     fasttl's temporaries and kept engine graphs and state."""
     return (name in (MANIFEST, BUILD, LABELS, SAMPLES, LOCK) or bool(SHARD_FILE.fullmatch(name))
-            or name.startswith((TEMP_PREFIX, "engine-")))
+            or bool(ENGINE_FILE.fullmatch(name)) or name.startswith(TEMP_PREFIX))
 
 
 def remove_cache_files(directory: str) -> None:

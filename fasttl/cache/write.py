@@ -16,7 +16,7 @@ from fasttl.cache import store
 from fasttl.cache.format import to_numpy_storage
 from fasttl.cache.store import CacheError
 from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES, pool_store
-from fasttl.cache.folder import file_entry, finish, refuse_foreign
+from fasttl.cache.folder import file_entry, finish, refuse_foreign, refuse_run_folder
 from fasttl.util.checks import positive_int
 from fasttl.data.labels import refuse_lookalikes
 from fasttl.util.errors import DataError
@@ -107,6 +107,7 @@ def write_cache(directory: str, chunks, labels, *, classes, dtype: str = CACHE_D
     directory = os.path.abspath(os.path.expanduser(directory))
     if os.path.lexists(directory) and not os.path.isdir(directory):
         raise CacheError(f"{directory}: is a file, not a folder; write the cache to a folder")
+    refuse_run_folder(directory)
     os.makedirs(directory, exist_ok=True)
     refuse_foreign(directory)
     with store.WriterLock(directory):

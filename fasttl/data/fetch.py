@@ -108,6 +108,11 @@ def _check_url(url: str) -> str:
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
             or any(c in url for c in " \r\n\t\0"):
         raise OptionError(f"url: expected an http:// or https:// address, got {url!r}")
+    if parts.username is not None or parts.password is not None:  # urllib would take them for the host name
+        shown = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+        raise OptionError(f"url: a user name or password in the address ({shown} with credentials) is not "
+                          "supported; download the file yourself and point --url at a server without them, or put it "
+                          "where `fasttl data fetch` puts it")
     return url
 
 
@@ -394,9 +399,18 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
     expected = _check_sha256(sha256) if sha256 is not None else remote.sha256
     if url != remote.url and sha256 is None:
         raise OptionError("sha256: --url gives another file than the official archive; pass its --sha256 too")
+    if dest is not None and not str(dest).strip():
+        raise OptionError(f"dest: {dest!r} names no folder; give a folder (`--dest .` for this one), or leave it out "
+                          "for $FASTTL_DATA")
     dest = os.path.abspath(os.path.expanduser(dest if dest is not None else default_dest()))
     if os.path.lexists(dest) and not os.path.isdir(dest):
         raise OptionError(f"dest: {dest} is not a folder (give a folder, or set FASTTL_DATA)")
+    from fasttl.util.files import enclosing_run_folder
+
+    holder = enclosing_run_folder(dest)
+    if holder is not None:
+        raise OptionError(f"dest: {dest} is in the fasttl run folder {holder}, which only its run writes into; give "
+                          "another --dest")
     target = os.path.join(dest, remote.folder)
     if is_complete(target, remote):
         say(f"{name}: already in {target}; nothing to download")

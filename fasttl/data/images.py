@@ -128,7 +128,7 @@ def _frame_problem(frame, huffman: bool, scan_bytes: int) -> Optional[str]:
         return f"JPEG with {components} color components (expected 1, 3 or 4)"
     if height == 0 or width == 0:
         return f"JPEG declares a {width}x{height} image"
-    problem = _size_problem("JPEG", width, height)
+    problem = size_problem("JPEG", width, height)
     if problem is not None:
         return problem
     # Huffman coding spends at least a bit on each 8x8 block's DC term: fewer bytes than that
@@ -147,7 +147,7 @@ def _scans_problem(f, start: int, size: int) -> Optional[str]:
     return None
 
 
-def _size_problem(kind: str, width: int, height: int) -> Optional[str]:
+def size_problem(kind: str, width: int, height: int) -> Optional[str]:
     if width * height > max_image_pixels():
         return f"{kind} declares {width}x{height} pixels, more than the limit of {max_image_pixels():,} (downscale it)"
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
@@ -185,7 +185,7 @@ def _png_problem(f, size: int) -> Optional[str]:
         return f"PNG with bit depth {depth} and color type {color} is not a valid combination"
     if width == 0 or height == 0 or width > 2**31 - 1 or height > 2**31 - 1:
         return f"PNG declares a {width}x{height} image"
-    problem = _size_problem("PNG", width, height)
+    problem = size_problem("PNG", width, height)
     if problem is not None:
         return problem
     pos, has_data, has_palette, compressed = 8, False, False, 0

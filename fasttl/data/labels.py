@@ -14,6 +14,11 @@ from fasttl.util.files import read_plain
 MAX_INDEX_CLASSES = 100_000
 
 
+def _shown(label: str) -> str:
+    """A label in a message: its first 40 characters (a line of a list may hold a megabyte)."""
+    return repr(label[:40]) + (f"... ({len(label):,} characters)" if len(label) > 40 else "")
+
+
 def is_index(label: str) -> bool:
     """An ASCII decimal class index ("²" and "٢" are digits to str.isdigit, not to a file list)."""
     return label.isascii() and label.isdigit()
@@ -88,16 +93,16 @@ def label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where
         names = {name: i for i, name in enumerate(classes)}
         out = []
         for label in labels:
-            if kind == "indices" and is_index(label) and int(label) < len(classes):
+            if kind == "indices" and is_index(label) and len(label) <= 15 and int(label) < len(classes):
                 out.append(int(label))
             elif kind == "names" and label in names:
                 out.append(names[label])
             elif kind == "indices":
-                raise DataError(f"data: {where}: label {label!r} is not an index into the {len(classes)} classes of "
-                                "the classes file (--labels indices)")
+                raise DataError(f"data: {where}: label {_shown(label)} is not an index into the {len(classes)} "
+                                "classes of the classes file (--labels indices)")
             else:
                 hint = " (to give labels as indices into it, pass --labels indices)" if is_index(label) else ""
-                raise DataError(f"data: {where}: label {label!r} is not one of the {len(classes)} classes of the "
+                raise DataError(f"data: {where}: label {_shown(label)} is not one of the {len(classes)} classes of the "
                                 f"classes file{hint}")
         empty = sorted(set(range(len(classes))) - set(out))
         if out and empty:  # as an empty class folder: a class no image teaches or tests
@@ -112,6 +117,10 @@ def label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where
         raise DataError(f"data: {where}: label {negative!r} is negative (-1 often means unlabeled); drop those rows, "
                         f"or name {negative!r} in a --classes-file to make it a class")
     if labels and all(is_index(label) for label in labels):
+        huge = next((label for label in labels if len(label) > 15), None)
+        if huge is not None:  # int() of thousands of digits is slow, or refused by Python itself
+            raise DataError(f"data: {where}: label {huge[:20]!r}... ({len(huge):,} digits) is no class index; write "
+                            "the labels as class names or small indices")
         spelled = {}
         for label in set(labels):
             other = spelled.setdefault(int(label), label)

@@ -250,7 +250,25 @@ def tune_mlp(views: Sequence[FeatureCache], *, epochs: int, batch_size: int, lr:
                       checkpoint=checkpoint, resume=resume).head
     choice = dict(validation=info, weight_decay=weight_decay, epochs=best_epochs, val_accuracy=best[0][0],
                   val_loss=-best[0][1], refit_on="train + validation")
+    num_classes = len(views[0].classes)
+    if imbalance.imbalance_ratio(views[0].labels, num_classes) >= imbalance.IMBALANCE_RATIO:
+        part = train_head(train, kind="mlp", epochs=best_epochs, batch_size=batch_size, lr=lr,
+                          weight_decay=weight_decay, seed=seed, device=device, progress=False, dtype=dtype).head
+        choice.update(_post_hoc_adjustment(head, part, train, val_views, views, device))
     return TunedHead(head, curves, choice)
+
+
+def _post_hoc_adjustment(head: nn.Module, part: nn.Module, train: FeatureCache, val_views, views, device) -> Dict:
+    """Logit adjustment after training (Menon et al.'s post-hoc form) for a head the L2 path does
+    not solve: tau chosen on the validation logits of `part` (the chosen settings trained on the
+    train part, with its prior), then folded into `head` with the prior of every training row."""
+    num_classes = len(train.classes)
+    logits, labels = predict_views(part, [on_device(v, torch.device(device)) for v in val_views], device)
+    chosen = imbalance.best_adjustment(logits, labels.to(logits.device),
+                                       imbalance.log_prior(train.labels, num_classes), num_classes)
+    everything = torch.cat([v.labels for v in views])
+    imbalance.adjust_bias(head, chosen["logit_adjustment"], imbalance.log_prior(everything, num_classes))
+    return dict(chosen, class_imbalance=imbalance.imbalance_ratio(views[0].labels, num_classes))
 
 
 def predict_split(head: nn.Module, views: Sequence[FeatureCache], device="cpu"):

@@ -183,3 +183,20 @@ def refuse_writes_among_images(data_folders, also_written=()) -> None:
                 raise OptionError(f"{name}: {what}={os.path.realpath(place)} is inside the data folder "
                                   f"{os.path.realpath(os.path.expanduser(path))}, where it would be written among "
                                   f"the images; {fix} to a folder outside the data")
+
+
+def refuse_settings_in_run_folders(out=None) -> None:
+    """The feature cache and verification records' folders are never in a fasttl run folder (only
+    its run writes there), nor in `out`, the run folder a job is about to make (a later run into it
+    would find them among its files)."""
+    from fasttl.cache.format import state_dir
+    from fasttl.util.files import enclosing_run_folder, is_inside
+
+    for setting, path in ((settings.CACHE_DIR, cache_root()), (settings.STATE_DIR, state_dir())):
+        holder = enclosing_run_folder(path)
+        if holder is None and out is not None and str(out).strip() and is_inside(path, out):
+            holder = os.path.abspath(os.path.expanduser(out))
+        if holder is not None:
+            raise OptionError(f"{setting.name}={path} is in the fasttl run folder {holder}, which only its run writes "
+                              "into; set it to a folder of its own")
+

@@ -73,11 +73,16 @@ def cifar10_location() -> str:
     return settings.DATA.path()
 
 
+def _cifar10_at(folder: str) -> bool:
+    """Whether `folder` holds CIFAR-10 in a form _cifar10 reads (pickles, or both class folder splits)."""
+    return os.path.isfile(os.path.join(folder, "batches.meta")) or all(
+        os.path.isdir(os.path.join(folder, split)) for split in ("train", "test"))
+
+
 def _cifar10(download: bool = False) -> Dataset:
     base = cifar10_location()
     candidates = (os.path.join(base, "cifar10"), os.path.join(base, "cifar-10-batches-py"), base)
-    if download and not any(os.path.isfile(os.path.join(c, "batches.meta")) or os.path.isdir(os.path.join(c, "train"))
-                            for c in candidates):
+    if download and not any(_cifar10_at(c) for c in candidates):
         from fasttl.data.fetch import fetch
 
         fetch("cifar10", dest=base)
@@ -87,6 +92,12 @@ def _cifar10(download: bool = False) -> Dataset:
             return Dataset("cifar10", train, test, native_size=32)
         if os.path.isfile(os.path.join(candidate, "batches.meta")):
             return Dataset("cifar10", load_cifar_pickles(candidate, True), load_cifar_pickles(candidate, False), 32)
+    half = next((c for c in candidates if os.path.isdir(os.path.join(c, "train")) != os.path.isdir(os.path.join(
+        c, "test"))), None)
+    if half is not None:  # a copy begun and left: neither used nor downloaded over
+        present, absent = ("train", "test") if os.path.isdir(os.path.join(half, "train")) else ("test", "train")
+        raise DataError(f"data: {half} has a {present}/ folder but no {absent}/ (a copy left unfinished?); complete "
+                        f"it, or move it away{' and run again with --download' if download else ''}")
     raise DataError(
         f"data: CIFAR-10 not found under {base}; fetch it with `fasttl data fetch cifar10` (170 MB, checksum "
         f"verified) or add --download, or put it there yourself as class folders ({base}/cifar10/train/<class>/*.jpg "
@@ -110,8 +121,12 @@ def _native_size(source: Source) -> int:
                 return int(min(img.size))
         except Exception as exc:
             first = first or f"{source.name_of(index)}: {' '.join(str(exc).split())[:160]}"
+    hint = ""
+    if "\\" in source.name_of(0) and not os.path.exists(source.name_of(0)):
+        hint = ("; its paths hold a backslash (\\), which is part of a file name here, not a folder separator: "
+                "write the list's paths with /")
     raise DataError(f"data: none of the first {min(64, len(source))} images of {source.root or 'the source'} opens "
-                    f"as an image (first: {first})")
+                    f"as an image (first: {first}){hint}")
 
 
 def per_class_subset(source: Source, per_class: int, seed: int) -> Source:

@@ -3,19 +3,21 @@ from __future__ import annotations
 
 import errno
 import os
+import unicodedata
 from typing import Dict
 
 import torch
 
 from fasttl.util.checks import torch_device
-from fasttl.util.errors import UserError
+from fasttl.util.errors import OptionError, UserError
 from fasttl.util.files import write_json_atomic
 from fasttl.data import DataError, screen
-from fasttl.data.sources import disk_keys
+from fasttl.data.sources import ON_ERROR, disk_keys
 from fasttl.data.formats.filelist import is_file_list
 from fasttl.data.formats.webdataset import is_webdataset
 from fasttl.transfer.caching import refuse_writes_among_images
 from fasttl.transfer.datasets import NAMED, load_dataset
+from fasttl.transfer import trained_images
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.transfer.rundir import RunError, finite_logits, load_trained, read_config, strict_json
 
@@ -31,6 +33,8 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     written to RUN_DIR/eval_metrics.json. The model is rebuilt by its strategy's `load`. With
     on_error="skip", images that do not decode are left out and listed under "skipped"."""
     device = torch_device(device)
+    if not isinstance(on_error, str) or on_error not in ON_ERROR:
+        raise OptionError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")
     state = _run_state(run_dir)
     cfg = read_config(run_dir)
     if data is not None and _is_own_data(data, cfg):
@@ -39,11 +43,17 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     refuse_writes_among_images([("data", data if data is not None else own)])
     if data is None:
         dataset = own_dataset(cfg)
+        _refuse_recorded(run_dir, dataset.test, f"{own}: its test split", "moved there since the run? evaluate on "
+                         "images the run never trained on (with --data)")
     else:  # another data set: its classes are compared with the run's below
         listed = is_file_list(data) or is_webdataset(data)
-        dataset = load_dataset(data, cfg["seed"], classes_file=classes_file_of(cfg) if listed else None,
+        # the run's own recorded classes, not its classes file as it is now (edited, re-sorted or gone since)
+        dataset = load_dataset(data, cfg["seed"], classes_file=cfg["classes"] if listed and classes_file_of(cfg)
+                               else None,
                                labels=cfg["labels"] if listed else "names")
     if data is not None:  # a carved split, or a test/ folder that links to or hard-links them
+        _refuse_recorded(run_dir, dataset.test, f"{data}: its test split", "the run's own data named another way, or "
+                         "its images moved: evaluate without --data, or on images the run never trained on")
         _refuse_training_images(data, dataset.test, cfg)
     test = screen(dataset.test, on_error) if on_error == "skip" else dataset.test  # the train split goes unread
     if dataset.classes != cfg["classes"] and sorted(dataset.classes) == sorted(cfg["classes"]):
@@ -127,6 +137,16 @@ def _load_own(cfg: dict):
     return dataset
 
 
+def _refuse_recorded(run_dir: str, test, what: str, fix: str) -> None:
+    """The run's record of the files it trained on (trained_images), checked whatever became of
+    its data since (moved, renamed, re-split)."""
+    recorded = trained_images.recorded(run_dir)
+    shared = trained_images.shared_images(test, recorded) if recorded else []
+    if shared:
+        raise DataError(f"{what} holds {len(shared)} of the run's training images ({shared[0]}"
+                        f"{', ...' if len(shared) > 1 else ''}); {fix}")
+
+
 def _refuse_training_images(data: str, test, cfg: dict) -> None:
     """A test split fasttl cut from --data never holds an image the run trained on (its own data
     named another way: a hard link, another brace pattern of the same shards). Checked when the
@@ -178,4 +198,7 @@ def _class_difference(found, trained) -> str:
     if len(found) != len(trained):
         return f"has {len(found)} classes, the run was trained for {len(trained)}"
     i = next(i for i, (a, b) in enumerate(zip(found, trained)) if a != b)
+    if unicodedata.normalize("NFC", found[i]) == unicodedata.normalize("NFC", trained[i]):
+        return (f"class {i} is {ascii(found[i][:60])}, the run was trained with {ascii(trained[i][:60])} there: the "
+                "same name in another Unicode form (NFD, as macOS writes names, against NFC); rename the folder")
     return f"class {i} is {found[i][:60]!r}, the run was trained with {trained[i][:60]!r} there"

@@ -18,14 +18,16 @@ import torch.distributed as dist
 
 from fasttl.transfer import report
 from fasttl.util.errors import OptionError
-from fasttl.transfer.caching import cache_root, mirror_mode, refuse_writes_among_images
-from fasttl.util import distributed, settings
+from fasttl.transfer.caching import (mirror_mode, refuse_settings_in_run_folders,
+                                     refuse_writes_among_images)
+from fasttl.util import distributed
 from fasttl.transfer.common import weights_sha256
 from fasttl.transfer.config import RunConfig, scoped
 from fasttl.transfer.datasets import EMBEDDED, NAMED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.util import files
 from fasttl.util.files import enclosing_run_folder, write_atomic
+from fasttl.transfer import trained_images
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
                                     run_files, write_config, write_metrics, write_predictions)
@@ -150,7 +152,9 @@ def preflight(cfg: RunConfig) -> None:
     for name in ("weights",):
         path = getattr(cfg, name)
         if path is not None and not os.path.isfile(os.path.expanduser(path)):
-            raise OptionError(f"{name}: no file at {os.path.abspath(os.path.expanduser(path))}")
+            where = os.path.abspath(os.path.expanduser(path))
+            raise OptionError(f"{name}: {where} is not a regular file (a folder, a pipe or a device?)"
+                              if os.path.exists(where) else f"{name}: no file at {where}")
     for name in ("teacher", "target_data"):
         paths = getattr(cfg, name)
         for path in [paths] if isinstance(paths, str) else paths or []:
@@ -160,10 +164,7 @@ def preflight(cfg: RunConfig) -> None:
                 raise OptionError(f"out: --out {cfg.out} is the --{name.replace('_', '-')} folder itself; the run "
                                   f"would replace what it learns from (give another --out)")
     _refuse_writes_among_images(cfg)
-    holder = enclosing_run_folder(cache_root())
-    if holder is not None:
-        raise OptionError(f"{settings.CACHE_DIR.name}={cache_root()} is in the fasttl run folder {holder}, which only "
-                          "its run writes into; set it to a folder of its own")
+    refuse_settings_in_run_folders(cfg.out)
     for name in [cfg.strategy] + ([cfg.compare] if cfg.compare in registry.names() else []):
         registry.get(name).preflight(cfg)
     if cfg.tensorboard is not None:
@@ -229,6 +230,7 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
                                                     "of that name"))
             prepare_run_dir(run_dir, cfg, identity)
             write_config(run_dir, config)
+            trained_images.record(run_dir, dataset.train)
             if dataset.skipped:
                 write_skipped(run_dir, dataset.skipped)
         return _train_and_write(cfg, dataset, run_dir, config, rank, owns_process_group, started, print_summary)

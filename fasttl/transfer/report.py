@@ -47,7 +47,7 @@ def plot_confusion_matrix(metrics: Dict[str, object], path: str, title: str) -> 
                 ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if normalized[i, j] > 0.5 else "black")
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of true class")
-    fig.tight_layout()
+    _tight_layout(fig)
     _save(fig, path)
 
 
@@ -96,7 +96,7 @@ def plot_curves(histories: Dict[str, List[Dict[str, float]]], path: str) -> None
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
+    _tight_layout(fig)
     _save(fig, path)
 
 
@@ -212,3 +212,13 @@ def write_report(run_dir: str, config: Dict[str, object], results: Dict[str, Dic
     lines += _choices(results)
     lines += ["", "![confusion matrix](confusion_matrix.png)", "", "![curves](curves.png)", ""]
     write_atomic(os.path.join(run_dir, "report.md"), "\n".join(lines).encode())
+
+
+def _tight_layout(fig) -> None:
+    """tight_layout where the labels allow it; matplotlib's warning that long ones do not is no
+    message for the user (the figure is written either way)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()

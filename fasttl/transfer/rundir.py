@@ -27,7 +27,7 @@ CHECKPOINT = "checkpoint.pt"
 TENSORBOARD = "tensorboard"  # RUN_DIR/tensorboard/<model>/: --tensorboard without a folder
 EVENT_FILES = "events.out.tfevents."  # what TensorBoard's SummaryWriter names its files
 RESULT_FILES = (METRICS, PREDICTIONS, HISTORY, "report.md", "confusion_matrix.png", "curves.png", "eval_metrics.json",
-                "skipped.csv", "teacher_logits.safetensors", "distill_choice.json")
+                "skipped.csv", "teacher_logits.safetensors", "distill_choice.json", "trained-images.bin")
 
 
 class RunError(UserError, ValueError):
@@ -52,6 +52,7 @@ def write_predictions(run_dir: str, logits: torch.Tensor, labels: torch.Tensor, 
 
 
 MAX_WEIGHTS_BYTES = 1 << 34  # far above any backbone fasttl trains (Lite2 fine-tuned: about 40 MB)
+WEIGHTS_HEADER_BYTES = 100 << 20  # safetensors refuses a JSON header above 100 MB
 
 
 def weights_file(name: str) -> str:
@@ -79,8 +80,11 @@ def load_weights(run_dir: str, name: str, module: nn.Module) -> nn.Module:
     if os.path.islink(path) or not os.path.isfile(path):
         raise RunError(f"{path}: not a plain file (a link, a pipe or a device?), so not the weights fasttl wrote; "
                        "train the run again with --overwrite")
+    # What the model's tensors take in any dtype up to 8 bytes, plus safetensors' header: a larger
+    # file (a sparse one of gigabytes, say) is no weights of this model, refused unread.
+    limit = min(MAX_WEIGHTS_BYTES, 8 * sum(t.numel() for t in module.state_dict().values()) + WEIGHTS_HEADER_BYTES)
     try:
-        data = files.read_plain(path, MAX_WEIGHTS_BYTES)
+        data = files.read_plain(path, limit)
     except (OSError, ValueError) as exc:
         raise RunError(f"{path}: cannot be read as the run's weights ({getattr(exc, 'strerror', None) or exc})") \
             from None

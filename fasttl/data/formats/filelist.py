@@ -27,39 +27,48 @@ def _resolved(path: str) -> str:
     return os.path.normpath(path)
 
 
+def _parquet_rows(path: str) -> List[Tuple[str, str]]:
+    """(path, label) text of each row of a Parquet list, its row count checked before any is decoded."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"data: reading {path} (Parquet) needs pyarrow, which is not installed: pip install "
+                        "pyarrow, or give the list as CSV or TSV") from None
+    try:
+        columns = pq.read_schema(path).names
+        twice = [c for c in ("path", "label") if columns.count(c) > 1]
+        if twice:  # which one is meant is a guess: refused as in a CSV list
+            raise DataError(f"data: {path} has {columns.count(twice[0])} '{twice[0]}' columns (expected one path "
+                            "and one label column; rename or drop the others)")
+        rows = pq.ParquetFile(path).metadata.num_rows  # from the footer: nothing decoded yet
+        if rows > MAX_LIST_ROWS:  # a few KB of dictionary-encoded rows can decode to gigabytes
+            raise DataError(f"data: {path} lists {rows:,} rows, more than the {MAX_LIST_ROWS:,} a list may hold; "
+                            "split it into lists of fewer images")
+        table = pq.read_table(path, columns=[c for c in ("path", "label") if c in columns])
+    except DataError:
+        raise
+    except Exception as exc:  # pyarrow raises its own types for a bad file
+        raise DataError(f"data: {path} is not a readable Parquet file ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:200]})") from None
+    missing = [c for c in ("path", "label") if c not in table.column_names]
+    if missing:
+        raise DataError(f"data: {path} has no {' or '.join(missing)} column (expected columns path and label; "
+                        f"found {table.column_names[:10]})")
+    for column, allowed in (("path", "string"), ("label", "string or integer")):
+        kind = table.schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                or (column == "label" and pa.types.is_integer(kind))):
+            raise DataError(f"data: {path} column {column} holds {kind} values; expected {allowed} (write the "
+                            "column as text)")
+    return [("" if p is None else str(p), "" if l is None else str(l))  # a null cell is an empty one
+            for p, l in zip(table.column("path").to_pylist(), table.column("label").to_pylist())]
+
+
 def _list_rows(path: str) -> List[Tuple[str, str]]:
     """(path, label) text of each row of a CSV, TSV or Parquet list with path and label columns."""
     if path.lower().endswith(".parquet"):
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"data: reading {path} (Parquet) needs pyarrow, which is not installed: pip install "
-                            "pyarrow, or give the list as CSV or TSV") from None
-        try:
-            columns = pq.read_schema(path).names
-            twice = [c for c in ("path", "label") if columns.count(c) > 1]
-            if twice:  # which one is meant is a guess: refused as in a CSV list
-                raise DataError(f"data: {path} has {columns.count(twice[0])} '{twice[0]}' columns (expected one path "
-                                "and one label column; rename or drop the others)")
-            table = pq.read_table(path)
-        except DataError:
-            raise
-        except Exception as exc:  # pyarrow raises its own types for a bad file
-            raise DataError(f"data: {path} is not a readable Parquet file ({type(exc).__name__}: "
-                            f"{' '.join(str(exc).split())[:200]})") from None
-        missing = [c for c in ("path", "label") if c not in table.column_names]
-        if missing:
-            raise DataError(f"data: {path} has no {' or '.join(missing)} column (expected columns path and label; "
-                            f"found {table.column_names[:10]})")
-        for column, allowed in (("path", "string"), ("label", "string or integer")):
-            kind = table.schema.field(column).type
-            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-                    or (column == "label" and pa.types.is_integer(kind))):
-                raise DataError(f"data: {path} column {column} holds {kind} values; expected {allowed} (write the "
-                                "column as text)")
-        return [("" if p is None else str(p), "" if l is None else str(l))  # a null cell is an empty one
-                for p, l in zip(table.column("path").to_pylist(), table.column("label").to_pylist())]
+        return _parquet_rows(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
             # TSV has no quoting (a " in a name is the name's); a CSV field quoted only in part
@@ -79,6 +88,9 @@ def _list_rows(path: str) -> List[Tuple[str, str]]:
                                 "(expected one path and one label column; rename or drop the others)")
             rows = []
             for line, row in enumerate(reader, start=2):
+                if line - 1 > MAX_LIST_ROWS:
+                    raise DataError(f"data: {path} lists more than {MAX_LIST_ROWS:,} rows, more than a list may hold; "
+                                    "split it into lists of fewer images")
                 if row.get("path") is None or row.get("label") is None:
                     raise DataError(f"data: {path} line {line} has fewer fields than its header")
                 if any(extra.strip() for extra in row.get(None) or ()):  # a comma in a path cuts it in two
@@ -91,6 +103,9 @@ def _list_rows(path: str) -> List[Tuple[str, str]]:
 
 
 MAX_LIST_LINE = 1 << 20  # characters: a path and a label, with room to spare
+# Rows a list may hold: ImageNet-21k's 14.2 million images fit; beyond it a list's rows (as Python
+# text, about 250 bytes a row) would take more memory than a list is worth.
+MAX_LIST_ROWS = 16_000_000
 
 
 def _bounded_lines(f, path: str):
