@@ -63,10 +63,12 @@ def run(device: str = "cpu", quick: bool = False) -> Dict[str, object]:
                     rate = _rate(lambda: store_maps(engine(x), cache, rows_index, None), batch,
                                  1 if precision == "bf16" else repeats)
                     gflops = 2 * macs * rate / 1e9
+                    int8_peak = peaks.get("int8_gops") if precision == "int8" else None
                     rows.append({"backbone": backbone_name, "size": size, "taps": taps, "engine": engine_name,
                                  "precision": precision, "images_per_s": rate, "eager_fp32_images_per_s": eager,
                                  "relative_error": engines.relative_error(cache, reference), "gmacs_per_image":
-                                 macs / 1e9, "gflops": gflops, "fraction_of_fp32_peak": gflops / peaks["fp32_gflops"]})
+                                 macs / 1e9, "gflops": gflops, "fraction_of_fp32_peak": gflops / peaks["fp32_gflops"],
+                                 "fraction_of_int8_peak": gflops / int8_peak if int8_peak else None})
     return {"name": "extract", "device": str(device), "batch": batch, "rows": rows, "peaks": peaks,
             "native_bf16": engines.cpu_has_native_bf16(), "threads": torch.get_num_threads(), "notes": [
                 f"Batch {batch}, {torch.get_num_threads()} threads, random images; each engine pools and stores the "
@@ -99,10 +101,12 @@ def table(result: Dict[str, object]) -> str:
              f"{r['images_per_s'] / r['eager_fp32_images_per_s']:.2f}x", f"{r['relative_error']:.1e}",
              _ceiling_cells(r)] for r in result["rows"]]
     return format_table(["backbone", "size", "features", "engine", "precision", "images/s", "eager fp32 images/s",
-                         "vs eager", "relative error", "GFLOP/s (of fp32 peak)"], rows)
+                         "vs eager", "relative error", "GFLOP/s (of fp32 peak; int8 rows: of int8 peak)"], rows)
 
 
 def _ceiling_cells(row: Dict[str, object]) -> str:
     if "gflops" not in row:  # recorded before the ceiling was measured
         return "-"
+    if row.get("fraction_of_int8_peak"):  # int8 arithmetic, against the machine's int8 GEMM rate
+        return f"{row['gflops']:.0f} ({row['fraction_of_int8_peak']:.0%} of int8)"
     return f"{row['gflops']:.0f} ({row['fraction_of_fp32_peak']:.0%})"

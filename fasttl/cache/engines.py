@@ -67,7 +67,7 @@ def resolve(engine: str, precision: str, device: torch.device) -> tuple:
 
     * precision auto: bf16 on CUDA (autocast), fp32 on the CPU. bf16 on the CPU is opt-in: its
       features are about 3% off, and it pays only where the CPU has native bf16.
-    * engine auto: torch on CUDA; on the CPU ONNX Runtime when installed and fp32 (1.1x to 2x the
+    * engine auto: torch on CUDA; on the CPU ONNX Runtime when installed and fp32 (1.8x to 2.5x the
       folded channels_last PyTorch forward at 128 to 224 px, benchmarks/RESULTS.md), else torch.
       Either way the first batch of each build is checked against PyTorch fp32.
     * int8 (opt-in): ONNX Runtime on the statically quantized graph (fasttl.cache.quantize), CPU only."""

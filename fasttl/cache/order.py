@@ -4,10 +4,12 @@
   chance, as ``torch.randperm`` gives; each batch's rows are then read in ascending order. A
   batch is a set to the loss (a sum over its rows), so this changes nothing but where each row
   sits in the batch, and it turns the gather's jumps over the whole cache into one forward
-  sweep: on a 2,000,000 x 512 fp16 memory-mapped cache, 50% -> 74% of the machine's copy
-  bandwidth (benchmarks/RESULTS.md, "cache at scale").
+  sweep: an epoch over a 2,000,000 x 512 fp16 memory-mapped cache (batch 8192) went from 37% to
+  42-45% of the machine's copy bandwidth on the 2-core Xeon (the same epochs alternated in one
+  process, idle machine).
 * ``"blocks"``: blocks of BLOCK_ROWS neighbouring rows in a random order (then ascending within
-  each batch): the gather streams whole blocks, about 90% of copy bandwidth there. The trade-off:
+  each batch): the gather streams whole blocks, 65-69% of copy bandwidth there (fasttl bench
+  cache --scale). Beside another process copying memory every mode fell to 7-17%. The trade-off:
   a row always shares its batch with its block's other rows, every epoch, and neighbours in a
   cache are usually alike (a class folder's images are stored together), so small batches hold
   fewer classes. Worth it only when the gather, not the model, bounds an epoch.
