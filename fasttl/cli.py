@@ -55,6 +55,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_passed_over(ignored) -> None:
+    """What a walk of the folders given did not read, on stderr (as `fasttl run` says it of a data
+    folder); hidden entries go unsaid."""
+    from fasttl.util.outputs import terminal_text
+
+    passed = [(path, why) for path, why in ignored if why != "hidden"]
+    if passed:
+        shown = terminal_text("; ".join(f"{path} ({why})" for path, why in passed[:5]))
+        more = f" and {len(passed) - 5} more" if len(passed) > 5 else ""
+        print(f"passed over {len(passed)} entries of the folders given: {shown}{more}", file=sys.stderr)
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from fasttl.util.errors import OptionError
     from fasttl.predict import format_predictions, image_files, predict, predict_run
@@ -74,8 +86,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         if args.top_k is not None and not 1 <= args.top_k <= 1000:
             raise OptionError(f"top_k: expected 1..1000 ImageNet classes, got {args.top_k}")
-        images, _ = image_files(args.images)  # folders walked for their images, as with --run
+        images, ignored = image_files(args.images)  # folders walked for their images, as with --run
         _say(format_predictions(images, predict(images, args.backbone or DEFAULT, args.weights, args.top_k or 5)))
+        _say_passed_over(ignored)
         return 0
     if args.weights is not None or args.backbone is not None:
         raise OptionError("run: --run predicts with the run's own model; drop --backbone and --weights")
@@ -88,11 +101,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         sys.stdout.write(result["csv"])
     else:
         _say(f"{result['rows']} predictions written to {terminal_text(result['out'])}", file=sys.stderr)
-    passed = [(path, why) for path, why in result["ignored"] if why != "hidden"]
-    if passed:  # what the walk did not read, as `fasttl run` says it of a data folder
-        shown = terminal_text("; ".join(f"{path} ({why})" for path, why in passed[:5]))
-        more = f" and {len(passed) - 5} more" if len(passed) > 5 else ""
-        print(f"passed over {len(passed)} entries of the folders given: {shown}{more}", file=sys.stderr)
+    _say_passed_over(result["ignored"])
     if result["skipped"]:
         shown = terminal_text("; ".join(f"{path} ({why})" for path, why in result["skipped"][:5]))
         more = f" and {len(result['skipped']) - 5} more" if len(result["skipped"]) > 5 else ""
@@ -395,10 +404,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reader_gone() -> int:
+    """The reader of stdout has gone: nothing more to say, and nothing at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
+
+
 def main(argv=None) -> int:
     escape_unshowable_text()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except BrokenPipeError:  # `fasttl bench --help | head`: help printed into a pipe that closed
+        return _reader_gone()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -406,10 +424,8 @@ def main(argv=None) -> int:
         code = args.func(args)
         sys.stdout.flush()  # a full disk or a closed pipe behind stdout shows here, not at exit
         return code
-    except BrokenPipeError:
-        # `fasttl predict ... | head`: the reader has gone; nothing more to say, and nothing at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    except BrokenPipeError:  # `fasttl predict ... | head`
+        return _reader_gone()
     except Exception as exc:
         # A user's mistake is one line naming the culprit and the fix; a bug keeps its traceback.
         if settings.DEBUG.value() == "1":

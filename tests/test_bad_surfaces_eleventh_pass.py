@@ -113,7 +113,10 @@ def test_eval_of_the_runs_own_images_listed_is_refused_even_after_the_data_chang
     os.utime(next(flat.glob("ship/*.jpg")), (978307200, 978307200))  # touched: the run's split can't be rebuilt
     with pytest.raises(DataError, match="of the run's training images"):  # its record of them still tells
         evaluate_run(str(out), str(tmp_path / "list.csv"), progress=False)
-    (out / "trained-images.bin").unlink()  # a run without the record (an older fasttl's)
+    (out / "trained-images.bin").unlink()  # a run without the record (an older fasttl's): nor in its marker
+    marker = json.loads((out / ".fasttl-run").read_text())
+    del marker["files"]["trained-images.bin"]
+    (out / ".fasttl-run").write_text(json.dumps(marker))
     with pytest.raises(DataError, match="changed since the run, so which of them it trained on can't be told"):
         evaluate_run(str(out), str(tmp_path / "list.csv"), progress=False)
     assert not (out / "eval_metrics.json").exists()

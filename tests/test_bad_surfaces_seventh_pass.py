@@ -394,8 +394,11 @@ def test_eval_of_a_classes_file_run_on_class_folders_compares_the_classes(cat_sh
     code, out, err = cli(capsys, "eval", tmp_path / "other", "--data", cat_ship, "--no-progress")
     assert code == 0 and "accuracy" in out, err  # the same names in another order: matched by name
     (tmp_path / "classes.txt").write_text("ship\ncat\nfrog\n")
-    shutil.copy(os.path.join(cat_ship, "test", "cat", "0.jpg"), tmp_path / "frog.jpg")
-    rows.append(f"{tmp_path / 'frog.jpg'},frog")  # one image labelled frog (a copy: no test image trains)
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "frog.jpg")  # an image of its own: a copy of a test image would train on it
+    rows.append(f"{tmp_path / 'frog.jpg'},frog")  # one image labelled frog
     (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
     run(**one_epoch_run(tmp_path / "list.csv", tmp_path / "three", classes_file=str(tmp_path / "classes.txt")))
     code, _, err = cli(capsys, "eval", tmp_path / "three", "--data", cat_ship, "--no-progress")

@@ -221,8 +221,16 @@ def test_bench_replaces_only_its_own_earlier_outputs(tmp_path):
         _check_outputs(None, str(tmp_path / "notes.png")) if (tmp_path / "notes.png").write_text("x") else None
     earlier = tmp_path / "bench.json"
     earlier.write_text(json.dumps({"machine": {}, "device": "cpu", "results": []}))
-    (tmp_path / "plot.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 100)
+    from fasttl.bench.runner import PLOT_TITLE
+
+    (tmp_path / "plot.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"tEXtTitle\0" + PLOT_TITLE.encode())
     _check_outputs(str(earlier), str(tmp_path / "plot.png"))  # bench's own: replaced
+    for yours in ("holiday.png", "thesis.pdf"):  # a picture or a document of yours, whatever its format
+        (tmp_path / yours).write_bytes(b"\x89PNG\r\n\x1a\n" if yours.endswith("png") else b"%PDF-1.4\n% thesis")
+        with pytest.raises(OptionError, match=f"plot: .*{yours} exists and is not an earlier fasttl bench plot"):
+            _check_outputs(None, str(tmp_path / yours))
+    with pytest.raises(OptionError, match="plot: --json and --plot name the same file"):
+        _check_outputs(str(tmp_path / "same.png"), str(tmp_path / "same.png"))
     assert notes.read_text() == "my precious notes"
 
 
@@ -324,7 +332,7 @@ def test_plot_labels_are_cut(tmp_path):
 
     assert plot_label("a" * 10) == "a" * 10 and plot_label("$x$") == r"\$x\$"
     cut = plot_label("b" * 100_000)
-    assert len(cut) == PLOT_LABEL_CHARACTERS and cut.endswith("\u2026")
+    assert len(cut) == PLOT_LABEL_CHARACTERS and cut[(PLOT_LABEL_CHARACTERS - 1) // 2] == "\u2026"
     plot_confusion_matrix({"confusion_matrix": [[2, 2], [1, 3]], "classes": ["a" * 100_000, "b" * 100_000],
                            "accuracy": 0.6, "balanced_accuracy": 0.6}, str(tmp_path / "cm.png"), "x")
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"

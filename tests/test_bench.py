@@ -40,6 +40,7 @@ def test_bench_all_quick_writes_tables_json_and_plot(tmp_path, cifar10_root):
     assert paired["difference"] == pytest.approx(ours["accuracy"] - recipe["accuracy"], abs=1e-6)  # fp32 metrics
     assert paired["only_fasttl_right"] + paired["only_recipe_right"] <= test_images
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert runner._earlier_output(str(out_png), "plot") and runner._earlier_output(str(out_json), "json")
     extract = results["extract"]  # each engine beside the machine's measured ceiling
     assert extract["peaks"]["fp32_gflops"] > 0
     for row in extract["rows"]:

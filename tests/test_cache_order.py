@@ -31,19 +31,33 @@ def test_rows_are_the_exact_shuffle_with_each_batch_ascending(request, rows, bat
 
 
 @pytest.mark.parametrize("rows,batch_size", [(0, 16), (1, 16), (15, 32), (17, 16), (1000, 64), (4099, 512)])
-def test_blocks_keep_neighbours_together_and_cover_every_row(request, rows, batch_size):
+def test_blocks_keep_neighbours_together_and_cover_every_row(request, rows, batch_size, monkeypatch):
     seed = seed_of(request) % 1000
     got = order.epoch_order(rows, batch_size, "blocks", seed, epoch=0)
     assert sorted(got.tolist()) == list(range(rows))
     for batch in batches(got, batch_size):
         assert batch.tolist() == sorted(batch.tolist())
-        if batch_size % order.BLOCK_ROWS == 0:
-            for block in set((batch // order.BLOCK_ROWS).tolist()):  # each block it touches, whole (or the short last)
-                whole = set(range(block * order.BLOCK_ROWS, min(rows, (block + 1) * order.BLOCK_ROWS)))
-                assert whole <= set(batch.tolist())
+    if rows >= 2 * order.BLOCK_ROWS:  # each block's rows stay together: at most one batch boundary cuts a block
+        with monkeypatch.context() as patch:  # the block order itself, before each batch is sorted
+            patch.setattr(order, "ascending_within_batches", lambda indices, size: indices)
+            unsorted = order.epoch_order(rows, batch_size, "blocks", seed, epoch=0)
+        blocks = (unsorted // order.BLOCK_ROWS).tolist()
+        runs = [b for i, b in enumerate(blocks) if i == 0 or b != blocks[i - 1]]
+        assert len(runs) == len(set(runs)) == -(-rows // order.BLOCK_ROWS)
     if rows > 4 * order.BLOCK_ROWS:
         assert not torch.equal(got, order.epoch_order(rows, batch_size, "blocks", seed, epoch=1))
         assert torch.equal(got, order.epoch_order(rows, batch_size, "blocks", seed, epoch=0))
+
+
+def test_blocks_shuffle_small_caches_and_the_last_block_too():
+    """Fewer than two blocks: rows are shuffled (not the stored order every epoch); the short last
+    block takes a random place, so drop_last loses other rows each epoch."""
+    firsts = {tuple(order.epoch_order(15, 4, "blocks", 0, epoch).tolist()) for epoch in range(5)}
+    assert len(firsts) > 1 and all(sorted(o) == list(range(15)) for o in firsts)
+    seen = set()
+    for epoch in range(40):
+        seen |= set(order.epoch_order(100, 32, "blocks", 0, epoch)[:96].tolist())  # drop_last: the first 3 batches
+    assert seen == set(range(100))
 
 
 def test_no_shuffle_is_the_stored_order():

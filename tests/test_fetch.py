@@ -371,6 +371,15 @@ def test_a_redirect_off_http_is_refused(server, tmp_path, capsys, monkeypatch):
     assert not any(name.endswith(".tar.gz") for name in _tree(tmp_path / "data"))
 
 
+def test_a_redirect_to_an_address_with_credentials_is_refused_without_them(server, tmp_path, capsys, monkeypatch):
+    port = server.httpd.server_address[1]
+    server.redirects["/cred.tar.gz"] = f"http://bob:hunter2@127.0.0.1:{port}/cifar-10-python.tar.gz"
+    monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "data"))
+    code, out, err = _fetch(capsys, "--url", server.url("/cred.tar.gz"), "--sha256", "0" * 64)
+    assert code == 2 and "redirects to an address with a user name or password" in err
+    assert "hunter2" not in out + err and "bob" not in out + err
+
+
 @pytest.mark.parametrize("words, message", [(("--deadline", "0"), "deadline: expected a number from 1 to 2.592e+06"),
                                             (("--min-rate", "-5"), "min_rate: expected a finite number >= 0"),
                                             (("--deadline", "inf"), "deadline")])

@@ -57,8 +57,8 @@ def run(names: List[str], device: str = "cpu", quick: bool = False, json_path: O
 PLOT_FORMATS = (".png", ".svg", ".pdf")
 
 
-# How an earlier bench plot starts, by format: what bench may replace.
-_PLOT_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"%PDF-", b"<?xml", b"<svg")
+PLOT_TITLE = "fasttl bench speedups"  # written into each plot's metadata (PNG tEXt, PDF info, SVG title)
+_PLOT_BYTES = 64 << 20  # a bench plot is well under a megabyte
 
 
 def _earlier_output(path: str, option: str) -> bool:
@@ -69,12 +69,11 @@ def _earlier_output(path: str, option: str) -> bool:
     from fasttl.util import files
 
     try:
-        if option == "plot":  # a plain file (check_output_path saw to it): its first bytes say its format
-            with open(path, "rb") as f:
-                return f.read(16).startswith(_PLOT_SIGNATURES)
-        data = files.read_plain(path, files.MAX_JSON_BYTES)
+        data = files.read_plain(path, _PLOT_BYTES if option == "plot" else files.MAX_JSON_BYTES)
     except (OSError, ValueError):
         return False
+    if option == "plot":  # bench's title in the file's metadata; any other picture or document is yours
+        return PLOT_TITLE.encode() in data
     try:
         payload = json.loads(data)
     except ValueError:
@@ -89,6 +88,9 @@ def _check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:
     from fasttl.util.checks import check_output_path
     from fasttl.util.errors import OptionError
 
+    if json_path and plot_path and os.path.realpath(os.path.expanduser(json_path)) == os.path.realpath(
+            os.path.expanduser(plot_path)):
+        raise OptionError(f"plot: --json and --plot name the same file ({plot_path}); give each its own")
     for option, path in (("json", json_path), ("plot", plot_path)):
         if path:
             path = check_output_path(path, overwrite=True, flag=f"--{option}")
@@ -125,6 +127,7 @@ def plot(payload: Dict[str, object], path: str) -> None:
                      + (f", {subset['train_per_class']} training images per class" if subset else ""))
     fig.tight_layout()
     buffer = io.BytesIO()  # written through fasttl's own temporary: never through a link or into a pipe
-    fig.savefig(buffer, dpi=120, format=os.path.splitext(path)[1][1:].lower())
+    # the title in the file's own metadata marks it as bench's: a later --plot may replace it, no other file
+    fig.savefig(buffer, dpi=120, format=os.path.splitext(path)[1][1:].lower(), metadata={"Title": PLOT_TITLE})
     write_atomic(path, buffer.getvalue())
     plt.close(fig)

@@ -54,6 +54,18 @@ def fingerprint(backbone, source: Union[FileSource, ArraySource], spec: Transfor
     }
 
 
+def _check_engine_dir(engine_dir: Optional[str], source) -> None:
+    """Where the exported graph is kept: never inside a fasttl run folder nor among the images."""
+    if engine_dir is None:
+        return
+    holder = files.enclosing_run_folder(engine_dir)
+    root = getattr(source, "root", "") or ""
+    if holder is not None or (root and files.is_inside(engine_dir, root)):
+        where = f"the fasttl run folder {holder}" if holder is not None else f"the data folder {root}"
+        raise CacheError(f"engine_dir: {os.path.abspath(engine_dir)} is inside {where}; keep the engine graph in a "
+                         "folder of its own (beside the cache)")
+
+
 def _all_ranks_agree(ok: bool, message: str, world: int, error=CacheError) -> None:
     """Raises `error` on every rank if any rank failed, so no rank waits forever at a barrier."""
     if world == 1:
@@ -238,6 +250,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     wanted = fingerprint(backbone, source, spec, dtype, resolved_backend, shard_rows, device, taps, engine, precision)
     labels = _check_labels(source)
     refuse_foreign(out_dir)  # read-only: before a manifest there is read or anything written
+    _check_engine_dir(engine_dir, source)
     finished = _finished(out_dir, wanted, overwrite, world)  # read-only, without the lock
     if finished is not None:
         return _reused(out_dir, finished)

@@ -15,7 +15,7 @@ from fasttl.cache.format import mismatch_message  # noqa: F401  (part of this mo
 from fasttl.cache.kernels import CACHE_DTYPE, ShardTable, gather
 from fasttl.cache.order import epoch_order, shuffle_mode
 from fasttl.cache.store import CacheError
-from fasttl.util.checks import positive_int
+from fasttl.util.checks import positive_int, torch_device
 
 
 class FeatureCache:
@@ -300,8 +300,12 @@ class CacheLoader:
         if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):
             raise TypeError(f"seed: expected an integer, got {seed!r}")
         seed = int(seed)
+        if out_dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"out_dtype: expected torch.float32 or torch.bfloat16, got {out_dtype!r}")
+        if not isinstance(drop_last, bool):
+            raise TypeError(f"drop_last: expected True or False, got {drop_last!r}")
         self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle_mode(shuffle), seed
-        self.device = torch.device(device) if device is not None else cache.device
+        self.device = torch_device(device) if device is not None else cache.device
         self.out_dtype, self.drop_last, self.epoch = out_dtype, drop_last, 0
 
     def __len__(self) -> int:

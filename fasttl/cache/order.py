@@ -42,13 +42,13 @@ def epoch_order(rows: int, batch_size: int, shuffle: Union[bool, str], seed: int
     if shuffle is False:
         return torch.arange(rows)
     generator = torch.Generator().manual_seed(torch_seed(seed * 1_000_003 + epoch))
-    if shuffle == "rows":
+    if shuffle == "rows" or rows < 2 * BLOCK_ROWS:  # too few blocks to shuffle: rows, not the stored order
         order = torch.randperm(rows, generator=generator)
     else:
-        blocks = torch.randperm(rows // BLOCK_ROWS, generator=generator)
-        # a short last block goes last, so whole blocks stay within batches of a multiple of BLOCK_ROWS
-        order = torch.cat([(blocks[:, None] * BLOCK_ROWS + torch.arange(BLOCK_ROWS)).reshape(-1),
-                           torch.arange(rows // BLOCK_ROWS * BLOCK_ROWS, rows)])
+        # every block, the short last one too, takes a random place (with drop_last the dropped
+        # rows differ each epoch); each block's rows stay together
+        starts = torch.randperm(-(-rows // BLOCK_ROWS), generator=generator) * BLOCK_ROWS
+        order = torch.cat([torch.arange(start, min(start + BLOCK_ROWS, rows)) for start in starts.tolist()])
     return ascending_within_batches(order, batch_size)
 
 

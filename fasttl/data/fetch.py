@@ -156,10 +156,14 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     """Follows a redirect only to another http(s) address (urllib's default also follows ftp://)."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        scheme = urllib.parse.urlsplit(newurl).scheme
-        if scheme not in ("http", "https"):
+        parts = urllib.parse.urlsplit(newurl)
+        if parts.scheme not in ("http", "https"):
             raise DownloadError(f"fetch: {req.full_url} redirects to {newurl!r}, not an http(s) address; refused "
                                 "(check the address, --url)")
+        if "@" in parts.netloc:  # urllib would take the credentials for the host name
+            raise DownloadError(f"fetch: {req.full_url} redirects to an address with a user name or password "
+                                f"({parts.scheme}://{parts.netloc.rsplit('@', 1)[1]}{parts.path}), which fetch does "
+                                "not support; download the file yourself, or use an address without them")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 

@@ -53,14 +53,18 @@ def read_classes_file(path: str) -> List[str]:
         raise DataError(f"classes: {path} line {lines.index('') + 1} is blank between class names; remove it (an "
                         "index counts the lines, so a blank one would shift them)")
     names = lines
+    if len(names) > MAX_INDEX_CLASSES:  # before the checks below walk them
+        raise DataError(f"classes: {path} names {len(names):,} classes, more than the {MAX_INDEX_CLASSES:,} fasttl "
+                        "takes; name fewer")
     bad = next((name for name in names if not name.isprintable()), None)
     if bad is not None:
         raise DataError(f"classes: {path} names a class with a control character ({bad!r}); use plain text names")
     refuse_lookalikes(names, f"classes: {path} names")
-    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
-    if twice is not None:
-        raise DataError(f"classes: {path} names {twice!r} twice (line {names.index(twice) + 1} and line "
-                        f"{names.index(twice, names.index(twice) + 1) + 1}); each class once")
+    first = {}
+    for line, name in enumerate(names, start=1):
+        if first.setdefault(name, line) != line:  # a dict of first lines: one pass, not one per name
+            raise DataError(f"classes: {path} names {_shown(name)} twice (line {first[name]} and line {line}); each "
+                            "class once")
     if len(names) < 2:
         raise DataError(f"classes: {path} must name at least 2 classes, one a line (found {len(names)})")
     return names

@@ -43,17 +43,15 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     refuse_writes_among_images([("data", data if data is not None else own)])
     if data is None:
         dataset = own_dataset(cfg)
-        _refuse_recorded(run_dir, dataset.test, f"{own}: its test split", "moved there since the run? evaluate on "
-                         "images the run never trained on (with --data)")
+        # changed since the run (training images moved into test/?): its record says which it trained on
+        if dataset.identity() != (cfg.get("identity") or {}).get("data_identity"):
+            _refuse_recorded(run_dir, cfg, dataset.test, f"{own}: its test split", "moved there since the run? "
+                             "evaluate on images the run never trained on (with --data)")
     else:  # another data set: its classes are compared with the run's below
-        listed = is_file_list(data) or is_webdataset(data)
-        # the run's own recorded classes, not its classes file as it is now (edited, re-sorted or gone since)
-        dataset = load_dataset(data, cfg["seed"], classes_file=cfg["classes"] if listed and classes_file_of(cfg)
-                               else None,
-                               labels=cfg["labels"] if listed else "names")
+        dataset = _load_other(data, cfg, run_dir)
     if data is not None:  # a carved split, or a test/ folder that links to or hard-links them
-        _refuse_recorded(run_dir, dataset.test, f"{data}: its test split", "the run's own data named another way, or "
-                         "its images moved: evaluate without --data, or on images the run never trained on")
+        _refuse_recorded(run_dir, cfg, dataset.test, f"{data}: its test split", "the run's own data named another "
+                         "way, copied or moved: evaluate without --data, or on images the run never trained on")
         _refuse_training_images(data, dataset.test, cfg)
     test = screen(dataset.test, on_error) if on_error == "skip" else dataset.test  # the train split goes unread
     if dataset.classes != cfg["classes"] and sorted(dataset.classes) == sorted(cfg["classes"]):
@@ -137,10 +135,26 @@ def _load_own(cfg: dict):
     return dataset
 
 
-def _refuse_recorded(run_dir: str, test, what: str, fix: str) -> None:
-    """The run's record of the files it trained on (trained_images), checked whatever became of
-    its data since (moved, renamed, re-split)."""
-    recorded = trained_images.recorded(run_dir)
+def _load_other(data: str, cfg: dict, run_dir: str):
+    """Data other than the run's own, its labels read as the run read its own: a list against the
+    run's recorded classes (not its classes file as it is now: edited, re-sorted or gone since)."""
+    listed = is_file_list(data) or is_webdataset(data)
+    try:
+        return load_dataset(data, cfg["seed"], classes_file=cfg["classes"] if listed and classes_file_of(cfg)
+                            else None, labels=cfg["labels"] if listed else "names")
+    except DataError as exc:
+        if listed and cfg["labels"] == "indices" and "is not an index" in str(exc):
+            names = ", ".join(f"{i} {name}" for i, name in enumerate(cfg["classes"][:3]))
+            raise DataError(f"{exc}; {run_dir} was trained with --labels indices, so eval reads the list's labels "
+                            f"as indices into its classes too: label it 0..{len(cfg['classes']) - 1} ({names}"
+                            f"{', ...' if len(cfg['classes']) > 3 else ''})") from None
+        raise
+
+
+def _refuse_recorded(run_dir: str, cfg: dict, test, what: str, fix: str) -> None:
+    """The run's record of the images it trained on (trained_images), checked whatever became of
+    its data since (moved, renamed, re-split, copied)."""
+    recorded = trained_images.recorded(run_dir, cfg["train_samples"])
     shared = trained_images.shared_images(test, recorded) if recorded else []
     if shared:
         raise DataError(f"{what} holds {len(shared)} of the run's training images ({shared[0]}"

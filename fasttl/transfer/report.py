@@ -5,7 +5,7 @@ import os
 from typing import Dict, List
 
 from fasttl.util.files import write_atomic
-from fasttl.util.outputs import markdown_cell, plot_label
+from fasttl.util.outputs import markdown_cell, plot_labels
 
 
 def _plt():
@@ -34,7 +34,7 @@ def plot_confusion_matrix(metrics: Dict[str, object], path: str, title: str) -> 
     fig, ax = plt.subplots(figsize=(size, size))
     image = ax.imshow(normalized, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     if len(classes) <= MAX_NAMED_CLASSES:
-        labels = [plot_label(c) for c in classes]
+        labels = plot_labels(classes)
         ax.set_xticks(range(len(classes)), labels, rotation=45, ha="right")
         ax.set_yticks(range(len(classes)), labels)
     ax.set_xlabel("predicted")

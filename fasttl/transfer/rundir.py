@@ -281,6 +281,12 @@ def write_recorded(run_dir: str, name: str, data: bytes) -> None:
     write_json_atomic(os.path.join(run_dir, MARKER), marker)
 
 
+def recorded_hash(run_dir: str, name: str) -> Optional[str]:
+    """The SHA-256 the marker recorded for a file write_recorded made, or None."""
+    value = (_marker(run_dir).get("files") or {}).get(name)
+    return value if isinstance(value, str) else None
+
+
 def read_recorded(run_dir: str, name: str, limit: int) -> Optional[bytes]:
     """The bytes of a file write_recorded made, or None when it is missing, not a plain file, over
     `limit` bytes or not what fasttl wrote (edited or damaged since): the caller makes it anew."""

@@ -1,45 +1,57 @@
-"""Which files a run trained on, recorded in its folder: one 64-bit hash per training image of
-where it is on disk (device, inode and tar member, sources.disk_keys). A test split checked
-against the record finds the run's training images under any name, a hard link, a moved or
-renamed data folder, or moved from train/ into test/ after the run, where the run's data as it
-is now no longer shows them."""
+"""Which images a run trained on, recorded in its folder: one 64-bit hash of each training
+image's bytes (its file's, or its tar member's). A test split checked against the record finds
+the run's training images under any name or copy: a hard link, a data folder moved or renamed
+(also onto another drive), or images moved from train/ into test/ after the run, where the run's
+data as it is now no longer shows them. Content, not a place on disk: a place (device, inode) is
+reused by other files once the images are deleted, and changes when a drive is mounted again."""
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Optional, Set
 
 import numpy as np
 
-from fasttl.data.sources import disk_keys
-from fasttl.transfer.rundir import read_recorded, write_recorded
+from fasttl.transfer.rundir import RunError, read_recorded, recorded_hash, write_recorded
 
 TRAINED_IMAGES = "trained-images.bin"
-_MAX_BYTES = 8 * 100_000_000  # 100 million images
 
 
-def key_hash(key) -> int:
-    return int.from_bytes(hashlib.sha256(json.dumps(list(key)).encode()).digest()[:8], "little", signed=True)
+def content_hash(data: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little", signed=True)
 
 
-def hashes(source) -> Set[int]:
-    """The hashes of the disk keys of `source`'s images (none for decoded arrays or missing files)."""
-    return {key_hash(key) for key in disk_keys(source) if key is not None}
+def _hashes_by_row(source) -> list:
+    """Each image's hash, or None where it can't be read now (decoded arrays have none)."""
+    hashes = []
+    for i in range(len(source) if source.encoded else 0):
+        try:
+            hashes.append(content_hash(source.read(i)))
+        except (OSError, ValueError):
+            hashes.append(None)
+    return hashes
 
 
 def record(run_dir: str, train) -> None:
     """Writes the record of `train`'s images into the run folder (its SHA-256 in the marker)."""
-    write_recorded(run_dir, TRAINED_IMAGES, np.array(sorted(hashes(train)), dtype="<i8").tobytes())
+    hashes = {h for h in _hashes_by_row(train) if h is not None}
+    write_recorded(run_dir, TRAINED_IMAGES, np.array(sorted(hashes), dtype="<i8").tobytes())
 
 
-def recorded(run_dir: str) -> Optional[Set[int]]:
-    """The run's record, or None when it has none (an older run, an edited file)."""
-    data = read_recorded(run_dir, TRAINED_IMAGES, _MAX_BYTES)
-    if data is None or len(data) % 8:
+def recorded(run_dir: str, train_samples: int) -> Optional[Set[int]]:
+    """The run's record; None for a run made before records were kept. A record the marker lists
+    but whose bytes are not what fasttl wrote (edited, truncated, a sparse file of another size)
+    is an error: a damaged record would silently let training images be scored."""
+    listed = recorded_hash(run_dir, TRAINED_IMAGES)
+    if listed is None:
         return None
+    data = read_recorded(run_dir, TRAINED_IMAGES, 8 * max(int(train_samples), 0))
+    if data is None or len(data) % 8:
+        raise RunError(f"{run_dir}/{TRAINED_IMAGES}: damaged or changed since the run wrote it (the record of its "
+                       "training images, checked against the SHA-256 in its marker); train the run again with "
+                       "--overwrite")
     return set(np.frombuffer(data, dtype="<i8").tolist())
 
 
 def shared_images(test, trained: Set[int]) -> list:
-    """The names of `test`'s images whose disk key is in `trained`."""
-    return [test.name_of(i) for i, key in enumerate(disk_keys(test)) if key is not None and key_hash(key) in trained]
+    """The names of `test`'s images whose bytes are one of `trained`'s."""
+    return [test.name_of(i) for i, h in enumerate(_hashes_by_row(test)) if h is not None and h in trained]

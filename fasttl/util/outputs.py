@@ -54,6 +54,16 @@ def plot_label(text: object) -> str:
     """`text` as a matplotlib label shown as it is: `$` (mathtext) escaped, and cut to
     PLOT_LABEL_CHARACTERS with an ellipsis (laying out a 100,000-character tick took 25 s)."""
     text = str(text)
-    if len(text) > PLOT_LABEL_CHARACTERS:
-        text = text[:PLOT_LABEL_CHARACTERS - 1] + "\u2026"
+    if len(text) > PLOT_LABEL_CHARACTERS:  # cut in the middle: hierarchical names differ at their ends
+        half = (PLOT_LABEL_CHARACTERS - 1) // 2
+        text = text[:half] + "\u2026" + text[-(PLOT_LABEL_CHARACTERS - 1 - half):]
     return text.replace("$", r"\$")
+
+
+def plot_labels(names) -> list:
+    """plot_label of each name, told apart by their index where two cut names come out alike."""
+    labels = [plot_label(name) for name in names]
+    counts = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return [f"{label} [{i}]" if counts[label] > 1 else label for i, label in enumerate(labels)]

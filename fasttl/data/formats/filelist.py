@@ -27,6 +27,47 @@ def _resolved(path: str) -> str:
     return os.path.normpath(path)
 
 
+def _short(text: str, keep: int = 200) -> str:
+    """A list's path in a message: at most `keep` characters (a cell may hold a megabyte)."""
+    return text if len(text) <= keep else f"{text[:keep // 2]}...{text[-keep // 2:]} ({len(text):,} characters)"
+
+
+def _refuse_parquet_bomb(path: str, meta, columns) -> None:
+    """The row count and the decompressed size of the list's columns, from the file's footer."""
+    if meta.num_rows > MAX_LIST_ROWS:
+        raise DataError(f"data: {path} lists {meta.num_rows:,} rows, more than the {MAX_LIST_ROWS:,} a list may hold; "
+                        "split it into lists of fewer images")
+    index = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
+    size = sum(meta.row_group(g).column(index[c]).total_uncompressed_size
+               for g in range(meta.num_row_groups) for c in columns if c in index)
+    if size > MAX_LIST_TEXT:
+        raise DataError(f"data: {path} holds {size:,} bytes of list once decompressed, more than the {MAX_LIST_TEXT:,} "
+                        "a list may hold; split it into smaller lists")
+
+
+def _refuse_decoded_text(path: str, table, columns) -> None:
+    """Dictionary-encoded text as it would decode (a 2.5 KB file can repeat a 5,000-character path
+    400,000 times): each cell at most a CSV line's bound, all of it at most MAX_LIST_TEXT."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = 0
+    for name in columns:
+        for chunk in table.column(name).chunks:
+            if not pa.types.is_dictionary(chunk.type):
+                lengths = pc.binary_length(chunk)
+            else:
+                lengths = pc.take(pc.binary_length(chunk.dictionary), chunk.indices)
+            longest = pc.max(lengths).as_py() or 0
+            if longest > MAX_LIST_LINE:
+                raise DataError(f"data: {path} has a {name} of {longest:,} characters; not a file list of path,label "
+                                "rows")
+            total += pc.sum(lengths).as_py() or 0
+    if total > MAX_LIST_TEXT:
+        raise DataError(f"data: {path} holds {total:,} characters of paths and labels once decoded, more than the "
+                        f"{MAX_LIST_TEXT:,} a list may hold; split it into smaller lists")
+
+
 def _parquet_rows(path: str) -> List[Tuple[str, str]]:
     """(path, label) text of each row of a Parquet list, its row count checked before any is decoded."""
     try:
@@ -36,16 +77,17 @@ def _parquet_rows(path: str) -> List[Tuple[str, str]]:
         raise DataError(f"data: reading {path} (Parquet) needs pyarrow, which is not installed: pip install "
                         "pyarrow, or give the list as CSV or TSV") from None
     try:
-        columns = pq.read_schema(path).names
+        schema = pq.read_schema(path)
+        columns = schema.names
         twice = [c for c in ("path", "label") if columns.count(c) > 1]
         if twice:  # which one is meant is a guess: refused as in a CSV list
             raise DataError(f"data: {path} has {columns.count(twice[0])} '{twice[0]}' columns (expected one path "
                             "and one label column; rename or drop the others)")
-        rows = pq.ParquetFile(path).metadata.num_rows  # from the footer: nothing decoded yet
-        if rows > MAX_LIST_ROWS:  # a few KB of dictionary-encoded rows can decode to gigabytes
-            raise DataError(f"data: {path} lists {rows:,} rows, more than the {MAX_LIST_ROWS:,} a list may hold; "
-                            "split it into lists of fewer images")
-        table = pq.read_table(path, columns=[c for c in ("path", "label") if c in columns])
+        wanted = [c for c in ("path", "label") if c in columns]
+        _refuse_parquet_bomb(path, pq.ParquetFile(path).metadata, wanted)  # from the footer: nothing decoded yet
+        text = [c for c in wanted if pa.types.is_string(schema.field(c).type)]
+        table = pq.read_table(path, columns=wanted, read_dictionary=text)  # repeated text stays one copy
+        _refuse_decoded_text(path, table, text)
     except DataError:
         raise
     except Exception as exc:  # pyarrow raises its own types for a bad file
@@ -57,6 +99,7 @@ def _parquet_rows(path: str) -> List[Tuple[str, str]]:
                         f"found {table.column_names[:10]})")
     for column, allowed in (("path", "string"), ("label", "string or integer")):
         kind = table.schema.field(column).type
+        kind = kind.value_type if pa.types.is_dictionary(kind) else kind  # text read as a dictionary
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
                 or (column == "label" and pa.types.is_integer(kind))):
             raise DataError(f"data: {path} column {column} holds {kind} values; expected {allowed} (write the "
@@ -106,6 +149,7 @@ MAX_LIST_LINE = 1 << 20  # characters: a path and a label, with room to spare
 # Rows a list may hold: ImageNet-21k's 14.2 million images fit; beyond it a list's rows (as Python
 # text, about 250 bytes a row) would take more memory than a list is worth.
 MAX_LIST_ROWS = 16_000_000
+MAX_LIST_TEXT = 1 << 30  # characters of paths and labels a Parquet list may decode to
 
 
 def _bounded_lines(f, path: str):
@@ -174,7 +218,7 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_ki
     first = {}
     for row, file in enumerate(files, start=1):
         if file in first:  # twice in one list: a label conflict, or a test image that could also train
-            raise DataError(f"data: {path} lists {rows[row - 1][0]} twice (rows {first[file]} and {row}); "
+            raise DataError(f"data: {path} lists {_short(rows[row - 1][0])} twice (rows {first[file]} and {row}); "
                             "give each image once")
         first[file] = row
     refuse_one_file_twice(files, "a list names each image once (through a linked folder or a hard link too)")

@@ -153,9 +153,12 @@ def file_list(pairs: Iterable[Tuple[str, int]], classes: Optional[Sequence[str]]
         bad = next((name for name in classes if not name or not name.isprintable()), None)
         if bad is not None:
             raise DataError(f"classes: {bad!r} is empty or holds a control character; use plain text names")
-        twice = next((name for name in classes if list(classes).count(name) > 1), None)
+        if len(classes) > MAX_INDEX_CLASSES:
+            raise DataError(f"classes: {len(classes):,} classes, more than the {MAX_INDEX_CLASSES:,} fasttl takes")
+        seen = set()
+        twice = next((name for name in classes if name in seen or seen.add(name)), None)  # one pass
         if twice is not None:
-            raise DataError(f"classes: {twice!r} is named twice; name each class once")
+            raise DataError(f"classes: {twice[:60]!r} is named twice; name each class once")
     files, labels = [], []
     for index, pair in enumerate(pairs):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], (str, os.PathLike)):

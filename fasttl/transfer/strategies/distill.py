@@ -332,7 +332,8 @@ def refuse_teachers_of_test_images(teachers: List[str], test) -> None:
 
     tested = {key: i for i, key in enumerate(disk_keys(test)) if key is not None}
     for teacher in teachers:
-        shared = trained_images.shared_images(test, trained_images.recorded(teacher) or set())
+        shared = trained_images.shared_images(test, trained_images.recorded(teacher, read_config(teacher)[
+            "train_samples"]) or set())
         if shared:  # its record: what it trained on, whatever became of its data since
             raise DataError(f"teacher: {teacher} trained on {len(shared)} of this run's test images ({shared[0]}"
                             f"{', ...' if len(shared) > 1 else ''}); distill from a teacher trained on other images")
