@@ -146,3 +146,18 @@ def test_a_run_refuses_int8_in_one_line(tmp_path):
 
     with pytest.raises(OptionError, match="^extract_precision: int8 is for building caches .*: pass fp32 or auto$"):
         run_config()(data=str(tmp_path), extract_precision="int8").resolved(32)
+
+
+def test_int8_graphs_of_earlier_calibrations_do_not_pile_up(lite0, small_source, tmp_path, monkeypatch):
+    """Each change of the data calibrates a new graph: the ones no cache beside them records go."""
+    engine_dir = tmp_path / "out"
+    build(lite0, small_source, engine_dir / "train", engine_dir=str(engine_dir), taps=0)
+    (first,) = [n for n in os.listdir(engine_dir) if n.endswith("-int8.onnx")]
+    (engine_dir / "engine-0123456789abcdef.onnx").write_bytes(b"an fp32 graph: kept")
+    (engine_dir / "engine-notes-int8.onnx").write_bytes(b"not fasttl's name: kept")
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    build(lite0, small_source.subset(range(len(small_source) - 1)), engine_dir / "train", engine_dir=str(engine_dir),
+          taps=0, overwrite=True)
+    graphs = sorted(n for n in os.listdir(engine_dir) if n.endswith(".onnx"))
+    assert first not in graphs and len([n for n in graphs if n.endswith("-int8.onnx")]) == 2  # the new one, the notes
+    assert "engine-0123456789abcdef.onnx" in graphs and "engine-notes-int8.onnx" in graphs

@@ -25,6 +25,7 @@ from fasttl.data import screen as screen_source
 from fasttl.data.sources import ON_ERROR, ArraySource, FileSource
 from fasttl.cache.extraction import (calibration_sample, compute_settings, default_batch_size, extract_features,
                                      extraction_engine, verification_images)
+from fasttl.cache import engines
 from fasttl.cache.folder import file_entry, finish, refuse_foreign
 from fasttl.util.checks import positive_int, torch_device
 from fasttl.data.spec import check_image_size
@@ -276,8 +277,11 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
             screened = on_error == "skip" and data.encoded
             screening = {"on_error": on_error, "source": data.identity()} if screened else None
             shards = math.ceil(len(source) / shard_rows)
+            graph = result.pop("engine_graph", None)
             result["bytes_written"] += _write_manifest(out_dir, source, labels, wanted, key, shards, skipped,
-                                                       screening, result.pop("engine_graph", None))
+                                                       screening, graph)
+            if graph is not None and engine_dir is not None and graph["file"].endswith("-int8.onnx"):
+                engines.remove_unrecorded_int8_graphs(engine_dir)
         if world > 1:
             dist.barrier()
         return dict(result, directory=out_dir, reused=False, skipped=len(skipped))

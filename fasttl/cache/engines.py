@@ -272,6 +272,34 @@ def _read_engine_file(path: str) -> Optional[bytes]:
         return None
 
 
+def remove_unrecorded_int8_graphs(engine_dir: str) -> list:
+    """Removes the int8 graphs in `engine_dir` that no cache beside them records (each is keyed by
+    its calibration sample, so every change of the data leaves the last one behind: a few MB per
+    split and change). fp32 graphs are keyed by the backbone alone and kept. Returns the names."""
+    import json
+    import re
+
+    from fasttl.cache import store
+
+    try:
+        names = os.listdir(engine_dir)
+    except OSError:
+        return []
+    recorded = set()
+    for name in names:
+        try:
+            with open(os.path.join(engine_dir, name, store.MANIFEST), "rb") as f:
+                graph = json.loads(f.read(1 << 24)).get("engine_graph") or {}
+            recorded.add(graph.get("file"))
+        except (OSError, ValueError, AttributeError):
+            continue  # not a cache, or one without a graph
+    stale = [name for name in names if re.fullmatch(r"engine-[0-9a-f]{16}-int8\.onnx", name) and name not in recorded]
+    for name in stale:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(engine_dir, name))  # fasttl's own name; a link is removed, never followed
+    return stale
+
+
 def _write_engine_file(path: str, data: bytes) -> None:
     with contextlib.suppress(OSError):  # a read-only cache folder: export again next time
         files.write_atomic(path, data)
