@@ -281,7 +281,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
             result["bytes_written"] += _write_manifest(out_dir, source, labels, wanted, key, shards, skipped,
                                                        screening, graph)
             if graph is not None and engine_dir is not None and graph["file"].endswith("-int8.onnx"):
-                engines.remove_unrecorded_int8_graphs(engine_dir)
+                engines.remove_unrecorded_int8_graphs(engine_dir, keep=graph["file"])
         if world > 1:
             dist.barrier()
         return dict(result, directory=out_dir, reused=False, skipped=len(skipped))

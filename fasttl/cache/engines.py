@@ -272,10 +272,12 @@ def _read_engine_file(path: str) -> Optional[bytes]:
         return None
 
 
-def remove_unrecorded_int8_graphs(engine_dir: str) -> list:
-    """Removes the int8 graphs in `engine_dir` that no cache beside them records (each is keyed by
-    its calibration sample, so every change of the data leaves the last one behind: a few MB per
-    split and change). fp32 graphs are keyed by the backbone alone and kept. Returns the names."""
+def remove_unrecorded_int8_graphs(engine_dir: str, keep: str) -> list:
+    """Removes the int8 graphs in `engine_dir` that no cache in its subfolders records, `keep` (the
+    graph a build just used) aside: each is keyed by its calibration sample, so every change of the
+    data leaves the last one behind (a few MB per split and change). A cache kept elsewhere that
+    used a removed graph quantizes it again when it needs it. fp32 graphs are keyed by the backbone
+    alone and kept. Returns the names removed."""
     import json
     import re
 
@@ -285,7 +287,7 @@ def remove_unrecorded_int8_graphs(engine_dir: str) -> list:
         names = os.listdir(engine_dir)
     except OSError:
         return []
-    recorded = set()
+    recorded = {keep}
     for name in names:
         try:
             with open(os.path.join(engine_dir, name, store.MANIFEST), "rb") as f:
