@@ -172,3 +172,32 @@ def test_empty_and_one_line_errors_hold_for_the_cli(cat_ship, tmp_path, capsys):
     code, _, err = cli(capsys, "bench", "distill", "--quick", "--json", tmp_path / "same.png", "--plot",
                        tmp_path / "same.png")
     assert code == 2 and "--json and --plot name the same file" in one_line_error(err)
+
+
+def test_an_image_hashes_alike_as_a_file_and_as_a_tar_member(cat_ship, tmp_path):
+    """The record's hash (size, first and last 4 KiB) is the same for one image's bytes wherever they
+    are read from, and differs between images."""
+    import io
+    import tarfile
+
+    from fasttl.transfer import trained_images
+
+    images = sorted((cat_ship / "train").glob("*/*.jpg"))[:2]
+    big = tmp_path / "big.jpg"
+    big.write_bytes(images[0].read_bytes() + bytes(range(256)) * 64)  # beyond two edges: head and tail read apart
+    files = [images[0], images[1], big]
+    by_file = [trained_images.content_hash(*trained_images._edges(p.read_bytes())) for p in files]
+    assert len(set(by_file)) == 3
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for i, path in enumerate(files):
+            data = path.read_bytes()
+            for suffix, payload in (("jpg", data), ("cls", str(i % 2).encode())):
+                info = tarfile.TarInfo(f"k{i}.{suffix}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    from fasttl.data.formats.webdataset import read_webdataset
+
+    shards = read_webdataset(str(tmp_path / "s.tar"), ["a", "b"])
+    assert sorted(trained_images._hashes_by_row(shards)) == sorted(by_file)
+    plain = fasttl.data.FileSource([str(p) for p in files], [0, 1, 0], ["a", "b"])
+    assert trained_images._hashes_by_row(plain) == by_file
