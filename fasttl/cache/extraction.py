@@ -100,12 +100,11 @@ def store_maps(maps, cache: torch.Tensor, rows: torch.Tensor, scales: Optional[t
 def _refuse_non_finite(maps, source, first: int) -> None:
     """A backbone's NaN or infinity is never stored: fp32 and bf16 would keep it and int8 would
     quantize the row to zeros, and training would later blame its learning rate."""
-    for feature_map in maps:
-        finite = torch.isfinite(feature_map.reshape(len(feature_map), -1)).all(dim=1)
-        if not bool(finite.all()):
-            row = first + int((~finite).nonzero()[0])
-            raise CacheError(f"features: the backbone's features of {source.name_of(row)} are not finite (NaN or "
-                             "infinite): a damaged backbone or weights file; nothing of its batch was stored")
+    finite = torch.stack([torch.isfinite(m.reshape(len(m), -1)).all(dim=1) for m in maps]).all(dim=0)
+    if not bool(finite.all()):  # one host sync a batch, whatever the number of maps
+        row = first + int((~finite).nonzero()[0])
+        raise CacheError(f"features: the backbone's features of {source.name_of(row)} are not finite (NaN or "
+                         "infinite): a damaged backbone or weights file; nothing of its batch was stored")
 
 
 @torch.no_grad()
