@@ -315,6 +315,30 @@ def long_tail_section(path: pathlib.Path) -> list:
                                               f"{r['features']} features, {r['test_per_class']} test images per class;")
 
 
+def budget_section(path: pathlib.Path) -> list:
+    """`fasttl run --budget` over data shapes x budgets beside the defaults (benchmarks/budget_table.py)."""
+    if not path.exists():
+        return []
+    record = json.loads(path.read_text())
+    parts = ["## Budget planner (`fasttl run --budget`)", "",
+             f"Machine: {record['machine']}; date {record['date']}. Command: `{record['command']}`. Each run in a "
+             "fresh process from an empty feature cache (graphs exported, every image extracted; the per-machine "
+             "speed record kept). \"default\": `fasttl run` with no budget. Every choice was made on the training "
+             "images (cross-validated probe); the test split was scored once per run.", "",
+             "| data | budget | accuracy | balanced accuracy | wall s | planned s | chosen (backbone, size, mirror "
+             "views, head) |", "|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        if "error" in r:
+            parts.append(f"| {r['shape']} | {r['budget']} | - | - | {r['wall_s']:.0f} | - | {r['error']} |")
+            continue
+        c = r["chosen"]
+        planned = f"{r['planned_s']:.0f}" if "planned_s" in r else "-"
+        parts.append(f"| {r['shape']} | {r['budget'] or 'default'} | {r['accuracy']:.4f} | "
+                     f"{r['balanced_accuracy']:.4f} | {r['wall_s']:.0f} | {planned} | {c['backbone']}, "
+                     f"{c['image_size']} px, {c['mirror_views']}, {c['strategy']} |")
+    return parts + [""]
+
+
 def int8_section(path: pathlib.Path) -> list:
     """int8 extraction against fp32 (benchmarks/int8_accuracy.py): the tuned linear probe's
     accuracy on images held out of CIFAR-10's training split, and each engine's extraction rate."""
@@ -352,7 +376,7 @@ def main() -> None:
     # rendered by their own functions below
     sections = ("robustness.json", "feature-transfer.json", "lpft.json", "distill-student.json",
                 "mirror-views.json", "parity.json", "adam-resync-cpu.json", "long-tail.json",
-                "few-shot.json", "int8-accuracy.json")
+                "few-shot.json", "int8-accuracy.json", "budget-table.json")
     for path in sorted(p for p in (HERE / "results").glob("*.json") if p.name not in sections):
         payload = json.loads(path.read_text())
         payloads.append(payload)
@@ -408,6 +432,7 @@ def main() -> None:
     parts += mirror_views_section(HERE / "results" / "mirror-views.json")
     parts += long_tail_section(HERE / "results" / "long-tail.json")
     parts += few_shot_section(HERE / "results" / "few-shot.json")
+    parts += budget_section(HERE / "results" / "budget-table.json")
     parts += int8_section(HERE / "results" / "int8-accuracy.json")
     parts += lpft_section(HERE / "results" / "lpft.json")
     parts += distill_student_section(HERE / "results" / "distill-student.json")

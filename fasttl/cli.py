@@ -174,8 +174,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         run(print_summary=True, **options)
     except KeyboardInterrupt:
-        print("\ninterrupted: the finished epochs are saved; run the same command with --resume to continue",
-              file=sys.stderr)
+        print("\ninterrupted: where epochs finished, the same command with --resume continues from the last one; "
+              "else run it again with --overwrite", file=sys.stderr)
         return 130
     return 0
 
@@ -238,6 +238,11 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"fasttl: error: {message} (see `{self.prog} --help`)\n")
+
+    def _print_message(self, message, file=None):
+        """argparse's, without its silence on OSError: help into a full disk is said (main())."""
+        if message:
+            (file or sys.stderr).write(message)
 
 
 def _add_info_command(sub) -> None:
@@ -414,11 +419,22 @@ def main(argv=None) -> int:
     escape_unshowable_text()
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:  # --help (or an argument error) printed: a full disk behind stdout shows here
+            sys.stdout.flush()
+            raise
+        if not getattr(args, "func", None):
+            parser.print_help()
+            sys.stdout.flush()
+            return 2
     except BrokenPipeError:  # `fasttl bench --help | head`: help printed into a pipe that closed
         return _reader_gone()
-    if not getattr(args, "func", None):
-        parser.print_help()
+    except OSError as exc:
+        if exc.errno not in OS_ERRORS:
+            raise
+        print(f"fasttl: error: {os_error_line(exc)}", file=sys.stderr)
+        quiet_stdout()
         return 2
     try:
         code = args.func(args)

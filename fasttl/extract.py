@@ -33,7 +33,8 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     and counted in the summary); ``"fail"`` (default) stops at the first, naming it.
     ``features``: "head" or "multi" (see `fasttl run --features`); ``engine`` and ``precision``:
     see fasttl.cache.engines.resolve (an exported ONNX graph is kept in OUT for later builds)."""
-    from fasttl.transfer.caching import FEATURE_TAPS, refuse_settings_in_run_folders, refuse_writes_among_images
+    from fasttl.transfer.caching import (FEATURE_TAPS, refuse_settings_in_run_folders, refuse_writes_among_images,
+                                         refuse_writes_among_sources)
 
     _check_options(features, image_size, batch_size, shard_rows, device)
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).strip():
@@ -62,6 +63,8 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
         raise OptionError(f"labels: --labels {labels} reads a file list's labels; {data} is labelled by its own "
                           "classes (drop it)")
     train, test = (listed, None) if listed is not None else class_folder_splits(data)
+    # a list's images may lie far from the list: the cache never goes among them either
+    refuse_writes_among_sources([train, test], [("the cache folder --out", out, "give --out")])
     splits = {"train": train, "test": test} if test is not None else {"all": train}
     summaries = {}
     for name, source in splits.items():

@@ -397,8 +397,9 @@ def test_eval_of_a_classes_file_run_on_class_folders_compares_the_classes(cat_sh
     from PIL import Image
 
     noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(tmp_path / "frog.jpg")  # an image of its own: a copy of a test image would train on it
-    rows.append(f"{tmp_path / 'frog.jpg'},frog")  # one image labelled frog
+    (tmp_path / "own").mkdir()  # its folder holds images: the test's feature cache stays out of it
+    Image.fromarray(noise).save(tmp_path / "own" / "frog.jpg")  # its own: a copy of a test image would train on it
+    rows.append(f"{tmp_path / 'own' / 'frog.jpg'},frog")  # one image labelled frog
     (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
     run(**one_epoch_run(tmp_path / "list.csv", tmp_path / "three", classes_file=str(tmp_path / "classes.txt")))
     code, _, err = cli(capsys, "eval", tmp_path / "three", "--data", cat_ship, "--no-progress")

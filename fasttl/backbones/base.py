@@ -88,10 +88,15 @@ class Backbone(nn.Module, abc.ABC):
         self.check_taps(taps)
         return [self.forward_features(x)]
 
+    def tapped_channels(self, taps: int) -> List[int]:
+        """The widths of the pooled maps `forward_taps(x, taps)` gives, in its order (a feature
+        cache's "layout")."""
+        self.check_taps(taps)
+        return self.tap_channels()[-(taps + 1):]
+
     def tapped_dim(self, taps: int) -> int:
         """Width of the pooled multi-stage vector: the tapped stages' channels plus the final map's."""
-        self.check_taps(taps)
-        return sum(self.tap_channels()[-(taps + 1):])
+        return sum(self.tapped_channels(taps))
 
     def classify(self, pooled: Tensor) -> Tensor:
         return self.classifier()(pooled)

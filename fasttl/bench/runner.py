@@ -72,13 +72,28 @@ def _earlier_output(path: str, option: str) -> bool:
         data = files.read_plain(path, _PLOT_BYTES if option == "plot" else files.MAX_JSON_BYTES)
     except (OSError, ValueError):
         return False
-    if option == "plot":  # bench's title in the file's metadata; any other picture or document is yours
-        return PLOT_TITLE.encode() in data
+    if option == "plot":  # bench's title in the field bench writes; any other picture or document is yours
+        return _plot_of_bench(path, data)
     try:
         payload = json.loads(data)
     except ValueError:
         return False
     return isinstance(payload, dict) and {"machine", "results"} <= set(payload)
+
+
+def _plot_of_bench(path: str, data: bytes) -> bool:
+    """Whether `data` is a plot matplotlib wrote for bench: its title in the metadata field of the
+    format (PNG tEXt "Title", the PDF's Info /Title, the SVG's first <title> with matplotlib as the
+    creator), not the words anywhere (a slide quoting them is its author's)."""
+    title = PLOT_TITLE.encode()
+    kind = os.path.splitext(path)[1].lower()
+    if kind == ".png":
+        return data.startswith(b"\x89PNG\r\n\x1a\n") and b"tEXtTitle\x00" + title in data
+    if kind == ".pdf":
+        return data.startswith(b"%PDF") and b"/Title (" + title + b")" in data
+    head = data[:4096]
+    return kind == ".svg" and b"<title>" + title + b"</title>" in head and \
+        head.find(b"<title>") == head.find(b"<title>" + title) and b"Matplotlib v" in head
 
 
 def _check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:

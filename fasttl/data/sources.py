@@ -176,11 +176,21 @@ class TarSource:
         return digest.hexdigest()
 
     def read(self, index: int) -> bytes:
+        return self.read_range(index, 0, self.members[index][2])
+
+    def read_range(self, index: int, start: int, count: int) -> bytes:
+        """`count` bytes of sample `index`'s image from byte `start` (within it); a member larger
+        than an image file may be (its tar header's size: a sparse shard, a video named .jpg) is
+        refused before anything is read."""
         shard, offset, size = self.members[index]
+        if size > MAX_IMAGE_BYTES:
+            raise DataError(f"{self.name_of(index)}: {size:,} bytes, more than the {MAX_IMAGE_BYTES:,} an image file "
+                            "may have")
+        count = max(0, min(count, size - start))
         with open(self.shards[shard], "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-        if len(data) != size:
+            f.seek(offset + start)
+            data = f.read(count)
+        if len(data) != count:
             raise DataError(f"{self.name_of(index)}: the tar ends inside this sample (truncated shard)")
         return data
 
@@ -190,6 +200,29 @@ class TarSource:
 
 
 Source = Union[FileSource, ArraySource, TarSource]
+
+SPLIT_FOLDER_NAMES = ("train", "test", "val", "valid", "validation")
+
+
+def image_folders(source, with_root: bool = True) -> List[str]:
+    """Every folder that holds images of `source`, as absolute paths: each image's (or shard's)
+    own folder, the root of class folders (root/<class>/: a folder written there would be read as a
+    class; a list's own folder is not one), and the data set's folder above a split folder (data/
+    of data/train: data/test holds its images too). What fasttl never writes into (a run folder,
+    which scans pass over, excepted); arrays have none. `with_root=False`: the images' own folders
+    only (where the data option's own folder is checked apart)."""
+    if isinstance(source, FileSource):
+        folders = {os.path.dirname(os.path.abspath(f)) for f in source.files}
+    elif isinstance(source, TarSource):
+        folders = {os.path.dirname(os.path.abspath(s)) for s in source.shards}
+    else:
+        return []
+    root = os.path.abspath(source.root) if source.root else ""
+    if with_root and root and all(os.path.isdir(os.path.join(root, name)) for name in source.classes):
+        folders.add(root)
+        if os.path.basename(os.path.normpath(root)).lower() in SPLIT_FOLDER_NAMES:
+            folders.add(os.path.dirname(root))
+    return sorted(folders)
 
 
 def _screen_tar(source: TarSource, on_error: str, num_threads: Optional[int]) -> TarSource:

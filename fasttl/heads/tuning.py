@@ -69,18 +69,22 @@ def _rows(views: Sequence[FeatureCache], device) -> Tuple[torch.Tensor, torch.Te
 
 
 def tune_linear(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu", progress: bool = True,
-                mirrored_validation: Optional[FeatureCache] = None) -> TunedHead:
+                mirrored_validation: Optional[FeatureCache] = None,
+                cross_validate_below: Optional[int] = None) -> TunedHead:
     """The linear head: L2 strength chosen on validation along the regularization path (the
     records: its points), then solved again on all training rows from the chosen solution; its
     `train_part`, the chosen solution on the train part alone (its own scaling; its validation
     accuracy is choice["val_accuracy"]), is what LP-FT fine-tunes from, with the validation part
-    held out for early stopping. `mirrored_validation`: see split_views."""
+    held out for early stopping. `mirrored_validation`: see split_views. Data whose smallest class
+    has fewer than `cross_validate_below` images (default CROSS_VALIDATION_BELOW) is cross-validated
+    instead of split."""
     device = torch.device(device)
     train_views, val_views, info = split_views(views, seed, mirrored_validation)
     widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
     if not val_views:
         return _untuned_linear(views, info, device)
-    if _smallest_class(views[0].labels) < CROSS_VALIDATION_BELOW:
+    below = CROSS_VALIDATION_BELOW if cross_validate_below is None else cross_validate_below
+    if _smallest_class(views[0].labels) < below:
         return _cross_validated_linear(views, train_views, val_views, info, seed, device)
     x, y = _rows(train_views, device)
     mean, std = solver.block_scaling(x, widths)

@@ -185,6 +185,16 @@ def refuse_writes_among_images(data_folders, also_written=()) -> None:
                                   f"the images; {fix} to a folder outside the data")
 
 
+def refuse_writes_among_sources(sources, also_written=()) -> None:
+    """refuse_writes_among_images for loaded data: every folder holding one of `sources`' images
+    (fasttl.data.sources.image_folders: a list's images may lie far from the list)."""
+    from fasttl.data.sources import image_folders
+
+    folders = sorted({folder for source in sources if source is not None  # the data option's folder: checked apart
+                      for folder in image_folders(source, with_root=False)})
+    refuse_writes_among_images([("data", folder) for folder in folders], also_written)
+
+
 def refuse_settings_in_run_folders(out=None) -> None:
     """The feature cache and verification records' folders are never in a fasttl run folder (only
     its run writes there), nor in `out`, the run folder a job is about to make (a later run into it
@@ -195,7 +205,9 @@ def refuse_settings_in_run_folders(out=None) -> None:
     for setting, path in ((settings.CACHE_DIR, cache_root()), (settings.STATE_DIR, state_dir())):
         holder = enclosing_run_folder(path)
         if holder is None and out is not None and str(out).strip() and is_inside(path, out):
-            holder = os.path.abspath(os.path.expanduser(out))
+            raise OptionError(f"out: {os.path.abspath(os.path.expanduser(out))} holds {setting.name}={path}, where "
+                              f"fasttl keeps its own files, not a run's; give the run another --out, or set "
+                              f"{setting.name} to a folder of its own")
         if holder is not None:
             raise OptionError(f"{setting.name}={path} is in the fasttl run folder {holder}, which only its run writes "
                               "into; set it to a folder of its own")

@@ -18,6 +18,7 @@ from fasttl.data.sources import ON_ERROR
 from fasttl.cache import engines
 from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES
 from fasttl.transfer import registry
+from fasttl.transfer.budget import a_budget
 from fasttl.transfer.caching import FEATURE_TAPS
 from fasttl.data.labels import LABEL_KINDS
 from fasttl.transfer.datasets import BUILTIN
@@ -49,6 +50,10 @@ def _an_image_size(name: str, value) -> None:
     check_image_size(name, value, OptionError)
 
 
+def _a_backbone(name: str, value) -> None:
+    backbones.check_name(value)
+
+
 def _a_device(name: str, value) -> None:
     torch_device(value, name)
 
@@ -67,7 +72,9 @@ class RunOptions:
                                          metavar="FILE", check=a_path)
     labels: str = option("names", "a file list's labels: class names (with --classes-file, each must be one of its "
                          "names) or indices into --classes-file", choices=LABEL_KINDS)
-    backbone: str = option(backbones.DEFAULT, "backbone name", choices=backbones.available, scoped=True)
+    backbone: str = option(backbones.DEFAULT, "backbone name: " + ", ".join(backbones.available()) + ", or 2 to 3 of "
+                           "them joined by '+' (their features side by side; linear, mlp)", metavar="NAME",
+                           check=_a_backbone, scoped=True)
     weights: Optional[str] = option(None, "backbone state dict file", kind=str, metavar="FILE", check=a_path,
                                      scoped=True)
     strategy: str = option("linear", "how to transfer (see the table in the README)", choices=_strategies)
@@ -102,6 +109,10 @@ class RunOptions:
     extract_precision: str = option("auto", "extraction precision (auto: bf16 autocast on cuda, fp32 on the CPU; "
                                     "bf16 features are about 3%% off fp32; int8: ONNX Runtime quantized on a sample "
                                     "of the images, fasttl extract only)", choices=engines.PRECISIONS, scoped=True)
+    budget: Optional[str] = option(None, "plan within this time (90s, 10m, 1.5h): backbone(s), image size, mirror "
+                                   "views and head (linear or mlp) chosen on validation among what fits on this "
+                                   "machine; options given beside it are kept", kind=str, metavar="TIME",
+                                   check=a_budget)
     resume: bool = option(False, "continue an interrupted run from its last finished epoch")
     overwrite: bool = option(False, "replace the run in --out (and rebuild a feature cache that fails its checks)")
     on_error: str = option("fail", "an unreadable image: fail (names it) or skip (left out, listed in skipped.csv)",
@@ -133,6 +144,14 @@ class RunOptions:
                     raise OptionError(f"{name}: --{'strategy' if each is strategy else 'compare'} {each.name} needs "
                                       f"--{name.replace('_', '-')} {option_metadata(name)['metavar']} "
                                       f"({option_metadata(name)['help']})")
+        for each in trained:
+            joined = backbones.SEPARATOR in self.backbone
+            if joined and self.weights is not None:
+                raise OptionError(f"weights: one file cannot hold the weights of {self.backbone}, a concatenation; "
+                                  "drop --weights, or pass one backbone")
+            if joined and each.reads_option("backbone") and not each.joins_backbones:
+                raise OptionError(f"backbone: {self.backbone} joins backbones, which --strategy/--compare {each.name} "
+                                  "cannot train (it needs one network); use linear or mlp, or one backbone")
         if self.compare == self.strategy:
             raise OptionError(f"compare: --compare {self.compare} is the --strategy itself; compare with another "
                               "strategy, or pass --compare none")
@@ -157,6 +176,7 @@ class RunOptions:
             choices = choices_of(f.metadata)
             if choices and getattr(self, f.name) not in choices:
                 raise OptionError(f"{f.name}: unknown {getattr(self, f.name)!r}; choose from {', '.join(choices)}")
+        _a_backbone("backbone", self.backbone)
 
     def _check_values(self) -> None:
         """Each option's own check, then the rules between options."""

@@ -17,6 +17,7 @@ from fasttl.data.sources import TarSource
 from fasttl.data.splits import stratified_split
 from fasttl.util.errors import OptionError
 from fasttl.util import settings
+from fasttl.util.outputs import shortened
 
 Source = Union[FileSource, ArraySource, TarSource]
 EMBEDDED = "cifar10-mini"
@@ -120,7 +121,7 @@ def _native_size(source: Source) -> int:
             with Image.open(io.BytesIO(source.read(index))) as img:
                 return int(min(img.size))
         except Exception as exc:
-            first = first or f"{source.name_of(index)}: {' '.join(str(exc).split())[:160]}"
+            first = first or f"{shortened(source.name_of(index))}: {' '.join(str(exc).split())[:160]}"
     hint = ""
     if "\\" in source.name_of(0) and not os.path.exists(source.name_of(0)):
         hint = ("; its paths hold a backslash (\\), which is part of a file name here, not a folder separator: "

@@ -15,7 +15,7 @@ from fasttl.data import DataError, screen
 from fasttl.data.sources import ON_ERROR, disk_keys
 from fasttl.data.formats.filelist import is_file_list
 from fasttl.data.formats.webdataset import is_webdataset
-from fasttl.transfer.caching import refuse_writes_among_images
+from fasttl.transfer.caching import refuse_writes_among_images, refuse_writes_among_sources
 from fasttl.transfer.datasets import NAMED, load_dataset
 from fasttl.transfer import trained_images
 from fasttl.transfer.metrics import classification_metrics
@@ -53,6 +53,7 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
         _refuse_recorded(run_dir, cfg, dataset.test, f"{data}: its test split", "the run's own data named another "
                          "way, copied or moved: evaluate without --data, or on images the run never trained on")
         _refuse_training_images(data, dataset.test, cfg)
+    refuse_writes_among_sources([dataset.test])  # a list's images may lie far from the list
     test = screen(dataset.test, on_error) if on_error == "skip" else dataset.test  # the train split goes unread
     if dataset.classes != cfg["classes"] and sorted(dataset.classes) == sorted(cfg["classes"]):
         test = _in_run_order(test, cfg["classes"])  # the same names in another order (class folders are sorted)

@@ -16,6 +16,7 @@ from fasttl.cache.cache import FeatureCache
 from fasttl.data import TransformSpec
 from fasttl.data.splits import validation_split
 from fasttl.heads.train import predict_views
+from fasttl.transfer import budget
 from fasttl.transfer.caching import Extraction, FeaturesInMemory, cached_features, views_of
 from fasttl.transfer.cross_fit import cross_fitted_logits
 from fasttl.transfer.models import BackboneWithHead
@@ -58,13 +59,17 @@ def feature_caches(cfg, backbone, ds, with_mirror_views: bool = False) -> RunCac
               for split, source in (("train", ds.train), ("test", ds.test))}
     mirrored_validation = None
     if with_mirror_views and len(caches["test"]) > len(caches["train"]):
-        mirrored_validation = _mirrored_validation(cfg, backbone, ds.train, caches["train"][0], extraction)
-    built = sum(c.last_build.get("images", 0)
-                for c in [*caches["train"], *caches["test"], mirrored_validation] if c is not None)
+        mirrored_validation = mirrored_validation_cache(cfg, backbone, ds.train, caches["train"][0], extraction)
+    builds = [c.last_build for c in [*caches["train"], *caches["test"], mirrored_validation] if c is not None]
+    built = sum(b.get("images", 0) for b in builds)
+    engine, precision = extraction.resolved(cfg.device)  # what --budget plans with (fasttl.transfer.budget)
+    budget.record_speed(budget.speed_key(backbone.name, extraction.image_size, extraction.features, engine, precision,
+                                         str(cfg.device)),
+                        built, sum(b.get("seconds", 0.0) for b in builds if b.get("images")))
     return RunCaches(caches["train"], caches["test"], mirrored_validation, time.perf_counter() - started, built)
 
 
-def _mirrored_validation(cfg, backbone, train_source, train_cache, extraction):
+def mirrored_validation_cache(cfg, backbone, train_source, train_cache, extraction):
     """--mirror-views test: the validation images (data.splits.validation_split of the run's seed)
     mirrored, so the head is chosen on the same two-view average the test split gets; None when
     one image per class leaves no validation split."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -11,15 +12,15 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from fasttl.transfer import report
 from fasttl.util.errors import OptionError
-from fasttl.transfer.caching import (mirror_mode, refuse_settings_in_run_folders,
-                                     refuse_writes_among_images)
+from fasttl.transfer.caching import (mirror_mode, refuse_settings_in_run_folders, refuse_writes_among_images,
+                                     refuse_writes_among_sources)
 from fasttl.util import distributed
 from fasttl.transfer.common import weights_sha256
 from fasttl.transfer.config import RunConfig, scoped
@@ -27,7 +28,7 @@ from fasttl.transfer.datasets import EMBEDDED, NAMED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.util import files
 from fasttl.util.files import enclosing_run_folder, write_atomic
-from fasttl.transfer import trained_images
+from fasttl.transfer import planner, trained_images
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
                                     run_files, write_config, write_metrics, write_predictions)
@@ -139,6 +140,22 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
     mark_run(run_dir)
 
 
+def _refuse_taken_out(cfg: RunConfig) -> None:
+    """What prepare_run_dir would refuse of a given --out, said before any work."""
+    if cfg.out is None:
+        return
+    run_dir = choose_run_dir(cfg, "")  # --out itself, refused inside another run folder
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunError(f"out: {run_dir} is a file, not a folder; pass another --out")
+    if not holds_run(run_dir):
+        _refuse_foreign(run_dir)
+    elif not cfg.overwrite and is_finished(run_dir):
+        raise RunError(f"out: {run_dir} holds a finished run; pass --overwrite to replace it, or another --out")
+    elif not cfg.overwrite and has_checkpoints(run_dir):
+        raise RunError(f"out: {run_dir} holds an unfinished run; pass --overwrite to start over (a planned run "
+                       "does not resume)")
+
+
 def _refuse_foreign(run_dir: str) -> None:
     """A folder of someone else's files is never written into (not even a lock file)."""
     if os.path.isdir(run_dir) and not holds_run(run_dir) and set(os.listdir(run_dir)) - set(own_entries()):
@@ -178,10 +195,14 @@ def preflight(cfg: RunConfig) -> None:
             raise OptionError(f"tensorboard: {os.path.abspath(os.path.expanduser(cfg.tensorboard))} is not a folder")
 
 
-def _refuse_writes_among_images(cfg: RunConfig) -> None:
-    """The run's caches, records and --tensorboard DIR never go among its data's images."""
+def _refuse_writes_among_images(cfg: RunConfig, sources=None) -> None:
+    """The run's caches, records and --tensorboard DIR never go among its data's images: the data
+    options' folders first, then (`sources`) every folder holding one of the images read."""
     also = [("--tensorboard", os.path.expanduser(cfg.tensorboard), "give --tensorboard")] \
         if isinstance(cfg.tensorboard, str) else []
+    if sources is not None:  # a run folder may lie among them (scans pass over it): not refused
+        refuse_writes_among_sources(sources, also)
+        return
     targets = [cfg.target_data] if isinstance(cfg.target_data, str) else list(cfg.target_data or [])
     refuse_writes_among_images([("data", cfg.data), *(("target_data", p) for p in targets)], also)
 
@@ -202,15 +223,25 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
     started = time.perf_counter()
     if isinstance(options.get("device"), torch.device):  # recorded in config.json as its text
         options["device"] = str(options["device"])
+    if options.get("budget") is not None:  # a plan trains one model: no baseline beside unless asked
+        options.setdefault("compare", "none")
     cfg = RunConfig(**options)
     owns_process_group = _init_distributed(cfg)
     rank, _ = distributed.rank_and_world()
     preflight(cfg.resolved(0))  # option errors first, before any data is read or any folder made
+    if cfg.budget is not None:
+        planner.check_budget_options(cfg, options)
+        _refuse_taken_out(cfg)  # before the plan's minutes, not after them
     dataset = load_dataset(cfg.data, cfg.seed, cfg.train_per_class, cfg.test_per_class, on_error=cfg.on_error,
                            download=cfg.download, classes_file=cfg.classes_file, labels=cfg.labels)
+    plan = None
+    if cfg.budget is not None:
+        choice, plan = planner.plan_run(cfg.resolved(dataset.native_size), options, dataset, started)
+        cfg = dataclasses.replace(cfg, **choice)
     cfg = cfg.resolved(dataset.native_size)
     torch.manual_seed(cfg.seed)
     run_dir = choose_run_dir(cfg, dataset.name)
+    _refuse_writes_among_images(cfg, [dataset.train, dataset.test])  # the folders of the images read
     tensorboard_dir(cfg, run_dir)  # a link where its events would go is refused before the folder is made
     identity = run_identity(cfg, dataset)
     config = dict(cfg.as_dict(), data=cfg.data or EMBEDDED, data_path=_data_path(cfg.data),
@@ -233,7 +264,8 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
             trained_images.record(run_dir, dataset.train)
             if dataset.skipped:
                 write_skipped(run_dir, dataset.skipped)
-        return _train_and_write(cfg, dataset, run_dir, config, rank, owns_process_group, started, print_summary)
+        return _train_and_write(cfg, dataset, run_dir, config, rank, owns_process_group, started, print_summary,
+                                plan)
 
 
 def _data_path(path):
@@ -256,7 +288,7 @@ def _locked_run_dir(run_dir: str):
 
 
 def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_process_group: bool, started: float,
-                     print_summary) -> Dict[str, object]:
+                     print_summary, plan: Optional[dict] = None) -> Dict[str, object]:
     if world_size() > 1:
         dist.barrier()
     if cfg.progress and rank == 0:
@@ -274,6 +306,8 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
     device = torch.device(cfg.device)
     board = tensorboard_dir(cfg, run_dir) if rank == 0 else None
     outcomes: List[Outcome] = registry.get(cfg.strategy).train(cfg, dataset, run_dir, device)
+    if plan is not None:  # metrics.json and report.md say why this model (fasttl.transfer.planner)
+        outcomes[0].notes["plan"] = plan
     if board:
         write_tensorboard(board, outcomes, dataset.classes)  # each model's curves as soon as it has trained
     if cfg.compare != "none" and cfg.compare != cfg.strategy:
@@ -287,6 +321,8 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
     if rank != 0:
         return {}
     results = {outcome.name: _result(outcome, dataset.classes) for outcome in outcomes}
+    if plan is not None:
+        plan.update(wall_s=round(time.perf_counter() - started, 1))  # the report's figure; metrics' total_s is final
     payload = _write_results(run_dir, cfg, config, dataset, outcomes, results, time.perf_counter() - started)
     if cfg.progress if print_summary is None else print_summary:
         print(terminal_lines(summary(run_dir, results, outcomes[0].name, dataset)))

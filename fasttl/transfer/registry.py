@@ -53,6 +53,7 @@ class Strategy:
     # flags and the refusal of an option no trained strategy reads are made from them.
     options: Dict[str, object] = {}
     reads: Tuple[str, ...] = ()     # options declared elsewhere (another strategy's, or scoped) it reads too
+    joins_backbones = False         # trains on pooled features alone: takes a concatenation "a+b" as --backbone
     requires: Tuple[str, ...] = ()  # options it can't run without
     baseline: bool = False      # the from-scratch model every transfer is judged beside
     outputs: Tuple[str, ...] = ()   # the names of the models it saves: NAME.safetensors, NAME.checkpoint.pt

@@ -144,6 +144,46 @@ def _choices(results: Dict[str, Dict[str, object]]) -> List[str]:
     return ["", "## Choices made on validation", ""] + lines if lines else []
 
 
+def _plan(results: Dict[str, Dict[str, object]]) -> List[str]:
+    """--budget: why this model (fasttl.transfer.planner): every candidate screened, its
+    validation score and planned cost, and what was passed over."""
+    plan = next(((r.get("notes") or {}).get("plan") for r in results.values() if (r.get("notes") or {}).get("plan")),
+                None)
+    if not isinstance(plan, dict):
+        return []
+    probe = plan.get("probe", {})
+    lines = ["", "## Why this model", "",
+             f"Budget {markdown_cell(str(plan.get('budget')))} ({plan.get('budget_s', 0):.0f} s); the run took "
+             f"{plan.get('wall_s', 0):.0f} s, planned {plan.get('planned_s', 0):.0f} s. Candidates were screened on "
+             + ("all" if probe.get("all_training_images") else "a seeded probe of")
+             + f" {probe.get('images')} training images (at most {probe.get('per_class_at_most')} a class), each "
+             "scored on validation data carved from them (never the test split); the best whose full run fit what "
+             "was left of the budget was trained." + _pins(plan.get("pinned"))
+             + (" No candidate could be scored (no class has two training images): the choice is the defaults', "
+                "not a validated one." if all(str(c.get("scored_by", "")).startswith("none")
+                                               for c in plan.get("candidates", [])) else ""),
+             "", "| backbone | size | head | mirror views | validation score | planned full run (s) | |",
+             "|---|---|---|---|---|---|---|"]
+    chosen = plan.get("chosen") or {}
+    for c in plan.get("candidates", []):
+        mark = "**chosen**" if all(c.get(k) == chosen.get(k) for k in ("backbone", "image_size", "head",
+                                                                         "mirror_views")) else ""
+        lines.append(f"| {markdown_cell(str(c.get('backbone')))} | {c.get('image_size')} | {c.get('head')} | "
+                     f"{c.get('mirror_views')} | {c.get('score', 0):.4f} ({c.get('scored_by')}) | "
+                     f"{c.get('planned_s', 0):.0f} | {mark} |")
+    lines += [f"- not screened: {markdown_cell(str(s.get('what')))}: {markdown_cell(str(s.get('why')))}"
+              for s in plan.get("skipped", [])]
+    return lines
+
+
+def _pins(pinned) -> str:
+    """The options given beside --budget, as the report says them."""
+    if not isinstance(pinned, dict) or not pinned:
+        return ""
+    shown = ", ".join(f"{str(k).replace('_', ' ')} {markdown_cell(str(v))}" for k, v in pinned.items())
+    return f" Kept as given: {shown}."
+
+
 def _views_note(config: Dict[str, object]) -> str:
     """The views a feature-transfer run trained on and averaged at test (--mirror-views)."""
     from fasttl.transfer import registry
@@ -210,6 +250,7 @@ def write_report(run_dir: str, config: Dict[str, object], results: Dict[str, Dic
         lines.append(f"| {markdown_cell(c)} | "
                      + " | ".join(_recall_cell(results[n]['metrics']['per_class_recall'][c]) for n in names) + " |")
     lines += _choices(results)
+    lines += _plan(results)
     lines += ["", "![confusion matrix](confusion_matrix.png)", "", "![curves](curves.png)", ""]
     write_atomic(os.path.join(run_dir, "report.md"), "\n".join(lines).encode())
 

@@ -58,6 +58,23 @@ def _backbones() -> tuple:
     return tuple(backbones.available())
 
 
+def _a_backbone(v) -> bool:
+    from fasttl import backbones
+
+    return backbones.known(v)
+
+
+def _a_time(v) -> bool:
+    from fasttl.transfer.budget import parse_budget
+    from fasttl.util.errors import OptionError
+
+    try:
+        parse_budget(v)
+    except OptionError:
+        return False
+    return True
+
+
 def _teachers(v) -> bool:
     return v is None or _text(v) or (isinstance(v, list) and bool(v) and all(_text(t) for t in v))
 
@@ -68,7 +85,8 @@ def run_config_fields() -> Dict[str, Field]:
     fields = {
         "strategy": Field(_one_of(_strategies), f"one of {', '.join(_strategies())}", required=True),
         "classes": Field(_class_names, "a list of at least 2 distinct, printable class names", required=True),
-        "backbone": Field(_one_of(_backbones), f"one of {', '.join(_backbones())}", required=True),
+        "backbone": Field(_a_backbone, f"one of {', '.join(_backbones())}, or 2 to 3 of them joined by '+'",
+                          required=True),
         "image_size": Field(_int_in(1, MAX_IMAGE_SIZE), f"an integer from 1 to {MAX_IMAGE_SIZE}", required=True),
         "seed": Field(_int_in(0, 2**63 - 1), "an integer >= 0", required=True),
         "data": Field(_optional(_text), "a path or data set name (text)"),
@@ -86,6 +104,7 @@ def run_config_fields() -> Dict[str, Field]:
         "teacher": Field(_teachers, "a run folder or a list of them"),
         "target_data": Field(_optional(_text), "a path (text) or null"),
         "compare": Field(_text, "a strategy name or none"),
+        "budget": Field(_optional(_a_time), "a time such as 10m, or null"),
         "run_key": Field(_optional(lambda v: isinstance(v, str) and len(v) == 64), "a 64-character hash"),
         "weights_sha256": Field(_optional(lambda v: isinstance(v, str) and len(v) == 64), "a 64-character hash"),
         "identity": Field(lambda v: isinstance(v, dict), "an object"),
@@ -118,7 +137,8 @@ def added_later() -> Dict[str, Any]:
             "engine": "auto", "extract_precision": "auto",
             "mirror_views": "none",             # plain views only, before --mirror-views
             "finetune_from": "random",          # plain fine-tuning, before LP-FT
-            "teacher_logits": cross_fit.IN_SAMPLE}
+            "teacher_logits": cross_fit.IN_SAMPLE,
+            "budget": None}                     # chosen by hand, before --budget
 
 
 def upgraded(config: Dict[str, Any]) -> Dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from typing import Optional, Set
 
 import numpy as np
@@ -28,19 +29,22 @@ def content_hash(size: int, head: bytes, tail: bytes) -> int:
     return int.from_bytes(digest[:8], "little", signed=True)
 
 
-def _edges(data: bytes) -> tuple:
-    return len(data), data[:EDGE], data[max(EDGE, len(data) - EDGE):]
-
-
 def _image_hash(source, index: int) -> Optional[int]:
+    """The hash of image `index`: two small reads of a file (None for anything but a regular file:
+    a pipe is never waited on), or of a tar member, seeking to its edges."""
     path, member = source.where(index)
-    if member is None:  # a file of its own: two small reads
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(EDGE)
-            f.seek(max(EDGE, size - EDGE))
-            return content_hash(size, head, f.read(EDGE))
-    return content_hash(*_edges(source.read(index)))  # a tar member: read through the source
+    if member is not None:
+        size = source.members[index][2]
+        return content_hash(size, source.read_range(index, 0, EDGE), source.read_range(index, max(EDGE, size - EDGE),
+                                                                                       EDGE))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        head = f.read(EDGE)
+        f.seek(max(EDGE, info.st_size - EDGE))
+        return content_hash(info.st_size, head, f.read(EDGE))
 
 
 def _hashes_by_row(source) -> list:

@@ -67,3 +67,10 @@ def plot_labels(names) -> list:
     for label in labels:
         counts[label] = counts.get(label, 0) + 1
     return [f"{label} [{i}]" if counts[label] > 1 else label for i, label in enumerate(labels)]
+
+
+def shortened(text: object, keep: int = 200) -> str:
+    """`text` in a message: at most `keep` characters, its middle cut out (a list's cell may hold
+    a megabyte; its start and end tell which it is)."""
+    text = str(text)
+    return text if len(text) <= keep else f"{text[:keep // 2]}...{text[-keep // 2:]} ({len(text):,} characters)"

@@ -6,6 +6,7 @@ import os
 from typing import List, Optional, Sequence, Tuple
 
 from fasttl.util.errors import DataError
+from fasttl.util.outputs import shortened
 from fasttl.data.formats.folder import missing_data
 from fasttl.data.labels import has_control, label_indices
 from fasttl.data.sources import FileSource, refuse_one_file_twice
@@ -28,8 +29,8 @@ def _resolved(path: str) -> str:
 
 
 def _short(text: str, keep: int = 200) -> str:
-    """A list's path in a message: at most `keep` characters (a cell may hold a megabyte)."""
-    return text if len(text) <= keep else f"{text[:keep // 2]}...{text[-keep // 2:]} ({len(text):,} characters)"
+    """A list's path in a message (a cell may hold a megabyte)."""
+    return shortened(text, keep)
 
 
 def _refuse_parquet_bomb(path: str, meta, columns) -> None:
@@ -68,10 +69,23 @@ def _refuse_decoded_text(path: str, table, columns) -> None:
                         f"{MAX_LIST_TEXT:,} a list may hold; split it into smaller lists")
 
 
+def _column_kind(path: str, column: str, kind) -> str:
+    """"text" (string, large_string, or a dictionary of either) or "integer" (a label only), read
+    from the schema before any value is decoded; else one DataError naming the column."""
+    import pyarrow as pa
+
+    kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return "text"
+    if column == "label" and pa.types.is_integer(kind):
+        return "integer"
+    allowed = "string" if column == "path" else "string or integer"
+    raise DataError(f"data: {path} column {column} holds {kind} values; expected {allowed} (write the column as text)")
+
+
 def _parquet_rows(path: str) -> List[Tuple[str, str]]:
     """(path, label) text of each row of a Parquet list, its row count checked before any is decoded."""
     try:
-        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"data: reading {path} (Parquet) needs pyarrow, which is not installed: pip install "
@@ -85,7 +99,7 @@ def _parquet_rows(path: str) -> List[Tuple[str, str]]:
                             "and one label column; rename or drop the others)")
         wanted = [c for c in ("path", "label") if c in columns]
         _refuse_parquet_bomb(path, pq.ParquetFile(path).metadata, wanted)  # from the footer: nothing decoded yet
-        text = [c for c in wanted if pa.types.is_string(schema.field(c).type)]
+        text = [c for c in wanted if _column_kind(path, c, schema.field(c).type) == "text"]  # types before reading
         table = pq.read_table(path, columns=wanted, read_dictionary=text)  # repeated text stays one copy
         _refuse_decoded_text(path, table, text)
     except DataError:
@@ -97,13 +111,8 @@ def _parquet_rows(path: str) -> List[Tuple[str, str]]:
     if missing:
         raise DataError(f"data: {path} has no {' or '.join(missing)} column (expected columns path and label; "
                         f"found {table.column_names[:10]})")
-    for column, allowed in (("path", "string"), ("label", "string or integer")):
-        kind = table.schema.field(column).type
-        kind = kind.value_type if pa.types.is_dictionary(kind) else kind  # text read as a dictionary
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-                or (column == "label" and pa.types.is_integer(kind))):
-            raise DataError(f"data: {path} column {column} holds {kind} values; expected {allowed} (write the "
-                            "column as text)")
+    for column in ("path", "label"):
+        _column_kind(path, column, table.schema.field(column).type)
     return [("" if p is None else str(p), "" if l is None else str(l))  # a null cell is an empty one
             for p, l in zip(table.column("path").to_pylist(), table.column("label").to_pylist())]
 
@@ -175,12 +184,12 @@ def _stripped(rows, path: str, root: str):
     for name, seen in spellings.items():
         if len(seen) > 1:
             first, other = sorted(seen)[:2]
-            raise DataError(f"data: {path}: labels {first!r} and {other!r} differ only in white space, so they look "
-                            "the same in every report; write them one way")
+            raise DataError(f"data: {path}: labels {_short(repr(first))} and {_short(repr(other))} differ only in "
+                            "white space, so they look the same in every report; write them one way")
     for line, (image, _) in enumerate(rows, start=2):
         if image != image.strip() and image.strip() and os.path.lexists(os.path.join(root, image)):
-            raise DataError(f"data: {path} row {line - 1} names {image!r}, a file whose name has leading or trailing "
-                            "spaces (fasttl strips them from list fields); rename the file")
+            raise DataError(f"data: {path} row {line - 1} names {_short(repr(image))}, a file whose name has leading "
+                            "or trailing spaces (fasttl strips them from list fields); rename the file")
     return [(image.strip(), label.strip()) for image, label in rows]
 
 
@@ -203,14 +212,14 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_ki
             raise DataError(f"data: {path} row {line - 1} has an empty path")
         if has_control(image):
             raise DataError(f"data: {path} row {line - 1} has a control character (such as NUL) in its path "
-                            f"{image!r}; fix the path")
+                            f"{_short(repr(image))}; fix the path")
         if not label:
-            raise DataError(f"data: {path} row {line - 1} ({image}) has an empty label")
+            raise DataError(f"data: {path} row {line - 1} ({_short(image)}) has an empty label")
         if not label.isprintable():  # the rule for class folders and classes files: names that look alike differ
             bad = next(c for c in label if not c.isprintable())
-            raise DataError(f"data: {path} row {line - 1} ({image}) has a character that is not printable "
+            raise DataError(f"data: {path} row {line - 1} ({_short(image)}) has a character that is not printable "
                             f"(U+{ord(bad):04X}, a control character or an invisible one) in its label "
-                            f"{ascii(label)}; fix the label")
+                            f"{_short(ascii(label))}; fix the label")
     labels, names = label_indices([label for _, label in rows], classes, path, labels_kind)
     if len(names) < 2:
         raise DataError(f"data: {path} names only 1 class ({names[0]}); a classifier needs at least 2")

@@ -40,6 +40,7 @@ class FeatureTransfer(Strategy):
                                convert=mirror_mode),  # True/False: the flag it was before it had modes
     }
     reads = BACKBONE_OPTIONS
+    joins_backbones = True
 
     def preflight(self, cfg) -> None:
         check_backbone_options(cfg)

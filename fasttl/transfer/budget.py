@@ -1,0 +1,127 @@
+"""A run's time budget (`fasttl run --budget 10m`) and this machine's measured extraction speed
+(images/s per backbone, image size, features and engine), kept per machine so that the planner
+(fasttl.transfer.planner) can cost a plan before it runs anything.
+
+The speed record is a cache: $FASTTL_STATE_DIR/extraction-speed.json. An entry that is
+unreadable, out of range or measured on another machine (CPU model, cores, torch, ONNX Runtime
+or fasttl version) is ignored and measured again; a record that cannot be written costs the next
+run a new measurement, never the run itself."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import time
+from typing import Dict, Optional
+
+from fasttl.util import files, settings
+from fasttl.util.errors import OptionError
+
+UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_BUDGET_S = 7 * 24 * 3600.0
+SPEED_FILE = "extraction-speed.json"
+MAX_IMAGES_PER_S = 1e6
+MIN_MEASURED_IMAGES = 200  # fewer images time the pipeline's start more than its speed
+
+
+def parse_budget(value) -> float:
+    """'90s', '10m', '1.5h' -> seconds; else one OptionError naming the value and the form."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?)([smh])", value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise OptionError(f"budget: expected a time with its unit, such as 90s, 10m or 1.5h, got {value!r}")
+    seconds = float(match[1]) * UNITS[match[2]]
+    if not 0 < seconds <= MAX_BUDGET_S:
+        raise OptionError(f"budget: {value} is outside (0s, 168h]; pass a time such as 10m")
+    return seconds
+
+
+def a_budget(name: str, value) -> None:
+    """The check of the --budget option: None, or a time parse_budget reads."""
+    if value is not None:
+        parse_budget(value)
+
+
+def shown(seconds: float) -> str:
+    """A duration as a budget would be written: 95 s -> '1.6m'."""
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}m" if seconds < 7200 else \
+        f"{seconds / 3600:.1f}h"
+
+
+def machine() -> Dict[str, object]:
+    """What the measured speeds hold for: the CPU, the cores this process may use, the versions."""
+    import torch
+
+    from fasttl._version import __version__
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        import onnxruntime
+        ort = onnxruntime.__version__
+    except ImportError:
+        ort = None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "onnxruntime": ort, "fasttl": __version__}
+
+
+def _machine_key() -> str:
+    return hashlib.sha256(json.dumps(machine(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def speed_key(backbone: str, image_size: int, features: str, engine: str, precision: str, device: str) -> str:
+    return f"{backbone}|{image_size}px|{features}|{engine}|{precision}|{device}"
+
+
+def _path() -> str:
+    return os.path.join(settings.STATE_DIR.path(), SPEED_FILE)
+
+
+def _read_all() -> dict:
+    try:
+        record = files.read_json(_path())
+    except (OSError, ValueError):  # too large, a link, not a plain file, not JSON: measured anew
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def measured_speed(key: str) -> Optional[float]:
+    """Images/s this machine measured for `key` (speed_key), or None."""
+    entry = (_read_all().get(_machine_key()) or {})
+    entry = entry.get(key) if isinstance(entry, dict) else None
+    value = entry.get("images_per_s") if isinstance(entry, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            not 0 < value <= MAX_IMAGES_PER_S:
+        return None
+    return float(value)
+
+
+def speeds_from() -> str:
+    """Where a refusal's speeds came from, and how to measure them again."""
+    return f" (speeds measured on this machine, kept in {_path()}: delete it to measure them again)"
+
+
+def record_speed(key: str, images: int, seconds: float) -> None:
+    """Keeps the speed of an extraction of `images` images in `seconds` (at least
+    MIN_MEASURED_IMAGES): the latest measurement replaces any earlier one (a machine's load and
+    fasttl change; a stale or edited record does not stick)."""
+    if images < MIN_MEASURED_IMAGES or not seconds > 0:
+        return
+    record = _read_all()
+    mine = record.get(_machine_key())
+    mine = mine if isinstance(mine, dict) else {}
+    mine[key] = {"images_per_s": images / seconds, "images": int(images), "measured": time.strftime("%Y-%m-%d")}
+    record = {k: v for k, v in record.items() if isinstance(v, dict)}
+    record[_machine_key()] = mine
+    try:
+        os.makedirs(os.path.dirname(_path()), exist_ok=True)
+        files.write_json_atomic(_path(), record)
+    except OSError:  # a read-only or full state folder: the next plan measures again (nothing else is lost)
+        pass
