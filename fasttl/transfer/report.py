@@ -161,7 +161,11 @@ def _plan(results: Dict[str, Dict[str, object]]) -> List[str]:
              "was left of the budget was trained." + _pins(plan.get("pinned"))
              + (" No candidate could be scored (no class has two training images): the choice is the defaults', "
                 "not a validated one." if all(str(c.get("scored_by", "")).startswith("none")
-                                               for c in plan.get("candidates", [])) else ""),
+                                               for c in plan.get("candidates", [])) else "")
+             + (" Cross-validation scores the training views, so mirror views test and none score alike: the "
+                "plan kept the defaults' test (not a validated choice)."
+                if (plan.get("chosen") or {}).get("mirror_views") == "test"
+                and str((plan.get("chosen") or {}).get("scored_by", "")).startswith("cross") else ""),
              "", "| backbone | size | head | mirror views | validation score | planned full run (s) | |",
              "|---|---|---|---|---|---|---|"]
     chosen = plan.get("chosen") or {}
