@@ -228,8 +228,25 @@ def test_a_pinned_pair_and_a_pinned_mlp_head_are_kept(five_classes, tmp_path, pr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["backbone"], config["strategy"]) == (pair, "mlp")
     assert {c["head"] for c in metrics["notes"]["plan"]["candidates"]} == {"mlp"}
+    assert {c["image_size"] for c in metrics["notes"]["plan"]["candidates"]} == {32}
     report = (tmp_path / "run" / "report.md").read_text()
     assert "Kept as given: backbone efficientnet\\_lite0\\+efficientnet\\_lite1, image size 32" in report
+
+
+def test_a_pinned_pair_screens_its_parts_at_its_own_size_only(five_classes, tmp_path, private_cache, monkeypatch):
+    """No time goes to sizes the pin rules out: the parts at the pair's run size, then the pair."""
+    from fasttl import backbones
+    from fasttl.transfer.job import run
+
+    screened = []
+    real = planner.Planner._extract
+    monkeypatch.setattr(planner.Planner, "_extract",
+                        lambda self, backbone, size: screened.append((backbone.name, size)) or real(self, backbone,
+                                                                                                    size))
+    monkeypatch.setattr(backbones, "RUN_IMAGE_SIZES", {"efficientnet_lite0": 32, "efficientnet_lite1": 32})
+    run(data=str(five_classes), budget="10m", backbone="efficientnet_lite0+efficientnet_lite1", mirror_views="none",
+        out=str(tmp_path / "run"), progress=False)
+    assert screened == [("efficientnet_lite0", 32), ("efficientnet_lite1", 32)]
 
 
 def test_a_stale_speed_record_gives_way_to_the_measurement(five_classes, tmp_path, private_cache, monkeypatch):

@@ -186,7 +186,8 @@ class Planner:
         concatenation; a pinned size for each backbone)."""
         pinned = self.pinned.get("backbone")
         names = backbones.concatenated.split_name(pinned) if pinned else list(dict.fromkeys(b for b, _ in SINGLES))
-        if "image_size" in self.pinned or self.dataset.native_size <= 16:  # tiny images (8x8 digits): the run's size
+        joined = pinned is not None and backbones.concatenated.SEPARATOR in pinned  # its parts at its size only
+        if "image_size" in self.pinned or self.dataset.native_size <= 16 or joined:  # (8x8 digits: the run's size)
             return [(b, self.cfg.image_size) for b in names]
         singles = [(b, s) for b, s in SINGLES if b in names]
         return singles + [(b, backbones.run_image_size(b)) for b in names if b not in {x for x, _ in singles}]
