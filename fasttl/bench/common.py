@@ -11,6 +11,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from fasttl.util.machine import cpu_model
+
 
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
@@ -65,17 +67,6 @@ def inplace_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, repeats: int
     return 2 * nbytes / seconds / 1e9
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_caches() -> Dict[str, str]:
     """{"L1d": "48K", "L2": "2048K", "L3": "32768K", ...} of cpu0, read from sysfs ({} where it
     can't be read): what a benchmark's text says about caches comes from here, never from prose."""
@@ -120,7 +111,7 @@ def load_average() -> Optional[float]:
 def machine() -> Dict[str, object]:
     info = {
         "date": datetime.date.today().isoformat(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "caches": cpu_caches(),

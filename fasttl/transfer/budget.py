@@ -12,12 +12,12 @@ import hashlib
 import json
 import math
 import os
-import platform
 import re
 import time
 from typing import Dict, Optional
 
 from fasttl.util import files, settings
+from fasttl.util.machine import cpu_model
 from fasttl.util.errors import OptionError
 
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -56,19 +56,13 @@ def machine() -> Dict[str, object]:
 
     from fasttl._version import __version__
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     try:
         import onnxruntime
         ort = onnxruntime.__version__
     except ImportError:
         ort = None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {"cpu": cpu_model(), "cores": cores, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "onnxruntime": ort, "fasttl": __version__}
 
 

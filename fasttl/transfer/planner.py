@@ -123,10 +123,8 @@ class Planner:
         self.budget_s = budget.parse_budget(cfg.budget)
         self.pinned = {name: getattr(cfg, name) for name in PLANNED if name in given}
         self.probe, self.probe_is_train = self._probe()
-        counts = np.bincount(np.asarray(dataset.train.labels))
-        self.smallest_class = int(counts[counts > 0].min())
-        counts = np.bincount(np.asarray(self.probe.labels))
-        self.smallest_probe_class = int(counts[counts > 0].min())
+        self.smallest_class = _smallest_class(dataset.train.labels)
+        self.smallest_probe_class = _smallest_class(self.probe.labels)
         self.screened: List[Screened] = []
         self.candidates: List[Candidate] = []
         self.skipped: List[Dict[str, str]] = []
@@ -204,9 +202,11 @@ class Planner:
     def _probe_images(self) -> int:
         return len(self.probe) * (2 if "both" in self._modes() else 1)
 
+    def _extraction(self, size: int) -> Extraction:
+        return dataclasses.replace(Extraction.of(self.cfg), image_size=size)
+
     def _speed_key(self, backbone: str, size: int) -> str:
-        engine, precision = Extraction(size, self.cfg.cache_dtype, self.cfg.features, self.cfg.engine,
-                                       self.cfg.extract_precision).resolved(self.cfg.device)
+        engine, precision = self._extraction(size).resolved(self.cfg.device)
         return budget.speed_key(backbone, size, self.cfg.features, engine, precision, str(self.cfg.device))
 
     def _screen_singles(self) -> None:
@@ -227,8 +227,7 @@ class Planner:
         """The probe's features (and its mirrored view where --mirror-views both is a candidate), with
         the extraction's speed measured and kept for this machine."""
         started = time.perf_counter()
-        extraction = Extraction(size, self.cfg.cache_dtype, self.cfg.features, self.cfg.engine,
-                                self.cfg.extract_precision)
+        extraction = self._extraction(size)
         build = dict(device=self.cfg.device, progress=self.cfg.progress, rebuild_broken=self.cfg.overwrite)
         views = [cached_features(backbone, self.probe, "train", extraction, **build)]
         if "both" in self._modes():
@@ -355,14 +354,13 @@ class Planner:
         its probe time by rows, and OVERHEAD_S."""
         train, test = len(self.dataset.train), len(self.dataset.test)
         mode = candidate.mirror_views
-        images = (train * (2 if mode == "both" else 1) + test * (1 if mode == "none" else 2)
-                  + (math.ceil(train / 10) if mode == "test" else 0))
+        train_views = 2 if mode == "both" else 1
+        images = train * train_views + test * (1 if mode == "none" else 2) + (math.ceil(train / 10) if mode == "test"
+                                                                              else 0)
         if self.probe_is_train and backbones.concatenated.SEPARATOR not in candidate.backbone:
-            images -= train * (2 if mode == "both" else 1)  # the probe's caches are the run's
+            images -= train * train_views  # the probe's caches are the run's
         extract_s = sum(images / speed for speed in screened.speeds)
-        rows = train * (2 if mode == "both" else 1)
-        probe_rows = len(self.probe) * (2 if mode == "both" else 1)
-        head_s = candidate.head_s * max(1.0, rows / max(probe_rows, 1))
+        head_s = candidate.head_s * max(1.0, train / max(len(self.probe), 1))  # rows scale alike in both views
         if candidate.head == "linear" and self.smallest_class >= CROSS_VALIDATION_BELOW:
             head_s *= SPLIT_PER_CROSS_VALIDATION  # the run tunes on one split, the probe was cross-validated
         return extract_s + head_s + OVERHEAD_S
@@ -404,6 +402,11 @@ class Planner:
                 "candidates": [c.as_dict() for c in self.candidates], "skipped": self.skipped,
                 "chosen": chosen.as_dict(), "planned_s": round(self.elapsed() + chosen.planned_s, 1),
                 "machine": budget.machine()}
+
+
+def _smallest_class(labels) -> int:
+    counts = np.bincount(np.asarray(labels))
+    return int(counts[counts > 0].min())
 
 
 def _score_of(choice: dict):

@@ -28,11 +28,6 @@ def _resolved(path: str) -> str:
     return os.path.normpath(path)
 
 
-def _short(text: str, keep: int = 200) -> str:
-    """A list's path in a message (a cell may hold a megabyte)."""
-    return shortened(text, keep)
-
-
 def _refuse_parquet_bomb(path: str, meta, columns) -> None:
     """The row count and the decompressed size of the list's columns, from the file's footer."""
     if meta.num_rows > MAX_LIST_ROWS:
@@ -184,12 +179,12 @@ def _stripped(rows, path: str, root: str):
     for name, seen in spellings.items():
         if len(seen) > 1:
             first, other = sorted(seen)[:2]
-            raise DataError(f"data: {path}: labels {_short(repr(first))} and {_short(repr(other))} differ only in "
-                            "white space, so they look the same in every report; write them one way")
+            raise DataError(f"data: {path}: labels {shortened(repr(first))} and {shortened(repr(other))} differ only "
+                            "in white space, so they look the same in every report; write them one way")
     for line, (image, _) in enumerate(rows, start=2):
         if image != image.strip() and image.strip() and os.path.lexists(os.path.join(root, image)):
-            raise DataError(f"data: {path} row {line - 1} names {_short(repr(image))}, a file whose name has leading "
-                            "or trailing spaces (fasttl strips them from list fields); rename the file")
+            raise DataError(f"data: {path} row {line - 1} names {shortened(repr(image))}, a file whose name has "
+                            "leading or trailing spaces (fasttl strips them from list fields); rename the file")
     return [(image.strip(), label.strip()) for image, label in rows]
 
 
@@ -212,14 +207,14 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_ki
             raise DataError(f"data: {path} row {line - 1} has an empty path")
         if has_control(image):
             raise DataError(f"data: {path} row {line - 1} has a control character (such as NUL) in its path "
-                            f"{_short(repr(image))}; fix the path")
+                            f"{shortened(repr(image))}; fix the path")
         if not label:
-            raise DataError(f"data: {path} row {line - 1} ({_short(image)}) has an empty label")
+            raise DataError(f"data: {path} row {line - 1} ({shortened(image)}) has an empty label")
         if not label.isprintable():  # the rule for class folders and classes files: names that look alike differ
             bad = next(c for c in label if not c.isprintable())
-            raise DataError(f"data: {path} row {line - 1} ({_short(image)}) has a character that is not printable "
+            raise DataError(f"data: {path} row {line - 1} ({shortened(image)}) has a character that is not printable "
                             f"(U+{ord(bad):04X}, a control character or an invisible one) in its label "
-                            f"{_short(ascii(label))}; fix the label")
+                            f"{shortened(ascii(label))}; fix the label")
     labels, names = label_indices([label for _, label in rows], classes, path, labels_kind)
     if len(names) < 2:
         raise DataError(f"data: {path} names only 1 class ({names[0]}); a classifier needs at least 2")
@@ -227,7 +222,7 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_ki
     first = {}
     for row, file in enumerate(files, start=1):
         if file in first:  # twice in one list: a label conflict, or a test image that could also train
-            raise DataError(f"data: {path} lists {_short(rows[row - 1][0])} twice (rows {first[file]} and {row}); "
+            raise DataError(f"data: {path} lists {shortened(rows[row - 1][0])} twice (rows {first[file]} and {row}); "
                             "give each image once")
         first[file] = row
     refuse_one_file_twice(files, "a list names each image once (through a linked folder or a hard link too)")
