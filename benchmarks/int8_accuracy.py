@@ -3,8 +3,9 @@ held-out split carved from CIFAR-10's *training* images (never the test split), 
 engine's extraction rate in the same run. Per seed: `--fit` images a class to fit the probe on
 (its L2 strength chosen on its own validation split, as `fasttl run` does), `--score` other
 images a class to score it on. Both precisions run ONNX Runtime on the default run's backbone,
-size and features (Lite0, 160 px, multi); int8 calibrates each cache on a seeded sample of that
-cache's own images, as `fasttl extract --extract-precision int8` does.
+size and features (Lite0, 160 px, multi); int8 extracts both splits through one graph calibrated
+on a seeded sample of the fit images, as `fasttl run --extract-precision int8` does with its
+training images.
 
     python benchmarks/int8_accuracy.py --data ../shared/data/cifar10 [--seeds 0 1 2] [--fit 200] [--score 100]
 
@@ -45,12 +46,17 @@ def one_precision(backbone, fit_source, score_source, precision: str, out: str, 
     from fasttl import FeatureCache
     from fasttl.heads.tuning import predict_split, tune_linear
 
+    from fasttl.cache.extraction import calibration_sample
+    from fasttl.data import TransformSpec
+
+    spec = TransformSpec.for_backbone(backbone.preprocessing, size=size)
+    calibration = calibration_sample(fit_source, spec) if precision == "int8" else None
     caches, seconds, extracting = {}, 0.0, 0.0
     for name, source in (("fit", fit_source), ("score", score_source)):
         started = time.perf_counter()
         caches[name] = FeatureCache.build(backbone, source, os.path.join(out, f"{precision}-{name}"), image_size=size,
                                           taps=4, engine="onnxruntime", precision=precision, dtype="fp32",
-                                          progress=False, engine_dir=out)
+                                          progress=False, engine_dir=out, calibration=calibration)
         seconds += time.perf_counter() - started
         extracting += caches[name].last_build["seconds"]  # the images' loop, without exporting the graph
     tuned = tune_linear([caches["fit"]], seed=seed, progress=False)

@@ -346,7 +346,8 @@ def int8_section(path: pathlib.Path) -> list:
         return []
     parts = ["## int8 extraction", "",
              "ONNX Runtime fp32 and int8 (static QDQ quantization, per-channel int8 weights, uint8 activations "
-             "calibrated on a seeded sample of 64 of each cache's own images) on the same images. The linear probe "
+             "calibrated on a seeded sample of 64 of the fit images; both splits go through that one graph, as a run's "
+             "splits go through the graph its training images calibrated) on the same images. The linear probe "
              "is fit on the \"fit\" images (its L2 strength chosen on their validation split) and scored on the "
              "\"score\" images: both drawn from the training split, never the test split. images/s: the extraction "
              "loop (decode, backbone, pooling, store), without exporting or quantizing the graph.", "",

@@ -97,7 +97,8 @@ def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]
                     continue
                 seen.add((info.st_dev, info.st_ino))
                 if os.path.isfile(os.path.join(folder, RUN_MARKER)):
-                    ignored.append((folder, "a fasttl run folder: its figures are not photos"))
+                    ignored.append((folder, "a fasttl run folder: its figures are not photos (to predict with "
+                                            "its model, pass --run " + folder + ")"))
                     subfolders[:] = []
                     continue
                 subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))

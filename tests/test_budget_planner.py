@@ -261,7 +261,9 @@ def test_a_stale_speed_record_gives_way_to_the_measurement(five_classes, tmp_pat
     metrics = run(data=str(five_classes), budget="3m", image_size=32, backbone="efficientnet_lite0",
                   mirror_views="none", out=str(tmp_path / "run"), progress=False)
     measured = metrics["notes"]["plan"]["speeds"]["efficientnet_lite0@32px"][0]
-    assert measured > 5.0 and budget.measured_speed(key) == pytest.approx(measured, rel=0.5)
+    # the plan measured its own speed, and the record holds a measurement now (the plan's, or that
+    # of the run's test split after it: two measurements of a few images, apart by load)
+    assert measured > 5.0 and budget.measured_speed(key) > 4 * 5.0
 
 
 def test_a_budget_below_any_plan_is_refused_at_once(five_classes, tmp_path, private_cache, capsys):

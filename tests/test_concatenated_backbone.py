@@ -47,14 +47,21 @@ def test_extraction_copy_folds_every_part(pair):
 @pytest.mark.parametrize("name,culprit", [
     ("efficientnet_lite0+nope", "'nope'"),
     ("efficientnet_lite0+efficientnet_lite0", "names efficientnet_lite0 twice"),
-    ("efficientnet_lite0+efficientnet_lite1+efficientnet_lite2+resnet18", "joins 4"),
-    ("efficientnet_lite0+resnet18", "prepare images differently"),
+    ("efficientnet_lite0+efficientnet_lite1+efficientnet_lite2+efficientnet_lite0", "joins 4"),
+    ("efficientnet_lite0+resnet18", "resnet18 can't be joined"),
     ("+efficientnet_lite0", "''"),
 ])
 def test_bad_concatenations_are_named(name, culprit):
     with pytest.raises(OptionError, match=culprit) as error:
         backbones.create(name, pretrained=False)
     assert "\n" not in str(error.value)
+
+
+def test_backbones_that_prepare_images_differently_do_not_join():
+    """Built by hand (names can't join a ResNet): one image can't be normalized for both."""
+    parts = [backbones.create("efficientnet_lite0", pretrained=False), backbones.create("resnet18", pretrained=False)]
+    with pytest.raises(OptionError, match="prepare images differently"):
+        backbones.ConcatenatedBackbone(parts)
 
 
 def test_no_single_map_nor_classifier(pair):
@@ -102,11 +109,13 @@ def test_run_predict_export_with_two_backbones(tmp_path, three_classes, private_
     assert os.path.getsize(tmp_path / "model.onnx") > 1e6 and "verified with ONNX Runtime" in text
 
 
-def _cache(features, labels, name="a"):
+def _cache(features, labels, name="a", size=32, precision="fp32"):
     from fasttl.cache.cache import FeatureCache
 
     fingerprint = {"backbone": {"name": name}, "layout": {"taps": 0, "channels": [features.shape[1]]},
-                   "dataset": {"classes": ["x", "y"]}, "dtype": "fp16"}
+                   "dataset": {"classes": ["x", "y"]}, "dtype": "fp16",
+                   "preprocessing": {"size": size, "mean": [0.5] * 3, "mirror": False, "backend": "torch"},
+                   "compute": {"precision": precision, "engine": "onnxruntime"}}
     return FeatureCache("/nowhere", {"fingerprint": fingerprint, "count": len(labels)}, features, None, labels,
                         [f"s{i}" for i in range(len(labels))])
 
@@ -123,17 +132,27 @@ def test_side_by_side_is_the_column_concatenation():
     assert torch.equal(joined.labels, labels) and len(joined) == 5
 
 
-@pytest.mark.parametrize("other", ["labels", "rows", "one"])
-def test_side_by_side_refuses_other_images(other):
+@pytest.mark.parametrize("other,culprit", [("labels", "other images"), ("rows", "other images"),
+                                           ("one", "at least two"), ("size", "image size"),
+                                           ("precision", "extraction precision")])
+def test_side_by_side_refuses_other_images_and_other_extractions(other, culprit):
+    """Two caches of one feature space only: the same images, seen at the same size and
+    normalization, extracted at the same precision (a 32 px and a 96 px cache side by side would
+    pass for a 32 px join)."""
     from fasttl.cache.cache import FeatureCache
     from fasttl.cache.store import CacheError
 
     labels = torch.tensor([0, 1, 1])
     first = _cache(torch.randn(3, 2).half(), labels)
-    second = {"labels": _cache(torch.randn(3, 2).half(), torch.tensor([1, 1, 0])),
-              "rows": _cache(torch.randn(2, 2).half(), labels[:2]), "one": None}[other]
-    with pytest.raises((CacheError, ValueError)):
+    second = {"labels": _cache(torch.randn(3, 2).half(), torch.tensor([1, 1, 0]), "b"),
+              "rows": _cache(torch.randn(2, 2).half(), labels[:2], "b"), "one": None,
+              "size": _cache(torch.randn(3, 2).half(), labels, "b", size=96),
+              "precision": _cache(torch.randn(3, 2).half(), labels, "b", precision="bf16")}[other]
+    with pytest.raises((CacheError, ValueError), match=culprit):
         FeatureCache.side_by_side([first] if second is None else [first, second])
+    engine_only = _cache(torch.randn(3, 2).half(), labels, "b")
+    engine_only.fingerprint["compute"]["engine"], engine_only.fingerprint["preprocessing"]["backend"] = "torch", "dali"
+    assert FeatureCache.side_by_side([first, engine_only]).feature_dim == 4  # the same features within rounding
 
 
 def test_tiny_backbones_cannot_join_by_name():

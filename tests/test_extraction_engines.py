@@ -110,11 +110,12 @@ def test_engine_and_precision_resolve_by_device(monkeypatch):
         engines.resolve("tensorrt", "fp32", cpu)
 
 
-def test_native_bf16_is_read_from_the_cpu_flags():
+def test_native_bf16_and_int8_dot_are_read_from_the_cpu_flags():
     with open("/proc/cpuinfo") as f:
         flags = next(line for line in f if line.startswith("flags")).split()
-    engines.cpu_has_native_bf16.cache_clear()
+    engines.cpu_flags.cache_clear()
     assert engines.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert engines.cpu_has_int8_dot() == bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
 def test_engine_and_layout_are_part_of_the_fingerprint(lite0, small_source, tmp_path):

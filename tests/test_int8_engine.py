@@ -80,7 +80,7 @@ def test_the_calibration_sample_is_a_fixed_draw_of_the_source(lite0, small_sourc
     assert other != key
 
 
-def _zeros_graph(lite0, taps):
+def _zeros_graph(lite0, taps, size=SIZE):
     from fasttl.backbones.base import PooledFeatures
     from fasttl.onnx_graph import to_onnx
 
@@ -92,7 +92,7 @@ def _zeros_graph(lite0, taps):
         def forward(self, x):
             return self.pooled(x) * 0
 
-    return to_onnx(Zeros().eval(), torch.zeros(1, 3, SIZE, SIZE), output_name="features", opset=engines.ONNX_OPSET)
+    return to_onnx(Zeros().eval(), torch.zeros(1, 3, size, size), output_name="features", opset=engines.ONNX_OPSET)
 
 
 def test_a_tampered_int8_graph_is_quantized_again(lite0, small_source, tmp_path, monkeypatch):
@@ -139,13 +139,6 @@ def test_int8_is_refused_where_it_cannot_run(lite0):
     assert engines.resolve("auto", "auto", torch.device("cpu")) == ("onnxruntime", "fp32")  # never int8 by default
     with pytest.raises(OptionError, match="int8 needs calibration images"):
         engines.create("onnxruntime", "int8", lite0.for_extraction(), 0, torch.device("cpu"), SIZE)
-
-
-def test_a_run_refuses_int8_in_one_line(tmp_path):
-    from fasttl.transfer.config import run_config
-
-    with pytest.raises(OptionError, match="^extract_precision: int8 is for building caches .*: pass fp32 or auto$"):
-        run_config()(data=str(tmp_path), extract_precision="int8").resolved(32)
 
 
 def test_int8_graphs_of_earlier_calibrations_do_not_pile_up(lite0, small_source, tmp_path, monkeypatch):

@@ -26,6 +26,9 @@ _LOADERS = {
     "resnet34": load_resnet,
     "resnet50": load_resnet,
 }
+# The backbones a concatenation ("a+b") may join: those whose ImageNet weights come from installed
+# packages, since one --weights file can't hold several networks' weights (a ResNet needs one).
+JOINABLE = tuple(name for name, loader in _LOADERS.items() if loader is not load_resnet)
 DEFAULT = "efficientnet_lite0"
 # The input size `fasttl run` uses for a backbone when --image-size is not given (CIFAR-10's 32 px
 # photographs upscaled): chosen by accuracy per minute of the whole job on the 2-core CPU
@@ -49,7 +52,7 @@ def check_name(name) -> None:
     if not isinstance(name, str):
         raise OptionError(f"backbone: expected a backbone name, got {name!r}")
     if name not in _LOADERS:
-        check_parts(name, available())
+        check_parts(name, available(), JOINABLE)
 
 
 def known(name) -> bool:

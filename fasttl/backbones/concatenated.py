@@ -25,18 +25,24 @@ def split_name(name: str) -> List[str]:
     return name.split(SEPARATOR)
 
 
-def check_parts(name: str, known: Sequence[str]) -> List[str]:
-    """The parts of `name`, each a known backbone, distinct, at most MAX_PARTS; else one OptionError."""
+def check_parts(name: str, known: Sequence[str], joinable: Sequence[str]) -> List[str]:
+    """The parts of `name`, each a `joinable` backbone, distinct, at most MAX_PARTS; else one
+    OptionError (a `known` one that can't join named as such)."""
     parts = split_name(name)
     unknown = [p for p in parts if p not in known]
     if unknown:
-        raise OptionError(f"backbone: unknown {unknown[0]!r}; choose from {list(known)}, or join {MAX_PARTS} at most "
-                          f"with {SEPARATOR!r} (efficientnet_lite0{SEPARATOR}efficientnet_lite1)")
+        raise OptionError(f"backbone: unknown {unknown[0]!r}; choose from {list(known)}, or join {MAX_PARTS} of "
+                          f"{', '.join(joinable)} at most with {SEPARATOR!r} (efficientnet_lite0{SEPARATOR}"
+                          "efficientnet_lite1)")
+    apart = next((p for p in parts if p not in joinable), None)
+    if apart is not None:
+        raise OptionError(f"backbone: {apart} can't be joined with {SEPARATOR!r}: its weights come from a --weights "
+                          f"file, one per backbone; join {', '.join(joinable)}, or pass {apart} alone")
+    if len(parts) > MAX_PARTS:
+        raise OptionError(f"backbone: {name!r} joins {len(parts)} backbones; join 2 to {MAX_PARTS}")
     twice = next((p for p in parts if parts.count(p) > 1), None)
     if twice is not None:
         raise OptionError(f"backbone: {name!r} names {twice} twice; join 2 to {MAX_PARTS} different backbones")
-    if len(parts) > MAX_PARTS:
-        raise OptionError(f"backbone: {name!r} joins {len(parts)} backbones; join 2 to {MAX_PARTS}")
     return parts
 
 
@@ -51,7 +57,7 @@ class ConcatenatedBackbone(Backbone):
             theirs = part.preprocessing
             if (theirs.mean, theirs.std, theirs.crop_fraction) != (first.mean, first.std, first.crop_fraction):
                 raise OptionError(f"backbone: {parts[0].name} and {part.name} prepare images differently (mean, std "
-                                  "or crop); join backbones of one family (the EfficientNet-Lites, or the ResNets)")
+                                  "or crop); join backbones that prepare images alike")
         self.parts = nn.ModuleList(parts)
         self.name = SEPARATOR.join(p.name for p in parts)
         self.feature_dim = sum(p.feature_dim for p in parts)
@@ -59,8 +65,9 @@ class ConcatenatedBackbone(Backbone):
                                                  min_input_size=max(p.preprocessing.min_input_size for p in parts))
 
     def _no_single(self, what: str):
-        return OptionError(f"backbone: {self.name} joins backbones and has pooled features only, no {what}; use "
-                           "--strategy linear or mlp, or one backbone")
+        return OptionError(f"backbone: {self.name} joins backbones and has pooled features only, no {what}; train a "
+                           f"head on its features (fasttl run --backbone {self.name}: linear or mlp) and use that "
+                           "run, or pass one backbone")
 
     def forward_features(self, x: Tensor) -> Tensor:
         raise self._no_single("single feature map")

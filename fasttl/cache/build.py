@@ -36,13 +36,13 @@ SHARD_ROWS = 4096  # rows per shard file of a built cache: ~1-8 MB shards at typ
 
 def fingerprint(backbone, source: Union[FileSource, ArraySource], spec: TransformSpec, dtype: str, backend: str,
                 shard_rows: int, device: torch.device = torch.device("cpu"), taps: int = 0, engine: str = "auto",
-                precision: str = "auto") -> dict:
+                precision: str = "auto", calibration: Optional[str] = None) -> dict:
     """Everything the cache's content depends on; a cache only serves a request with an equal one.
     "layout" names the pooled maps each row concatenates, in order (the last `taps` stages, then
     the backbone's final map) and their widths."""
     channels = backbone.tapped_channels(taps)
     return {
-        "compute": compute_settings(device, engine, precision),
+        "compute": compute_settings(device, engine, precision, calibration),
         "backbone": {"name": backbone.name, "weights_sha256": backbone.weights_hash()},
         "layout": {"taps": int(taps), "channels": [int(c) for c in channels]},
         "preprocessing": dict(spec.as_dict(), backend=backend),
@@ -198,7 +198,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
                 image_size: Optional[int] = None, shard_rows: int = SHARD_ROWS, overwrite: bool = False,
                 backend: str = "auto", progress: bool = True, mirror: bool = False, on_error: str = "fail",
                 taps: int = 0, engine: str = "auto", precision: str = "auto",
-                engine_dir: Optional[str] = None) -> dict:
+                engine_dir: Optional[str] = None, calibration: Optional[tuple] = None) -> dict:
     """Runs the frozen ``backbone`` (eval, no grad, batch norms folded) over ``data`` and stores
     its pooled features, labels and sample ids in ``out_dir``.
 
@@ -211,6 +211,10 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
       :func:`fasttl.cache.engines.resolve`. Both are in the fingerprint. ``engine_dir``: a folder
       where the exported ONNX graph is kept for later builds (the run job's cache family folder,
       `fasttl extract`'s --out); without one it is exported once per process (under a second).
+    * ``calibration`` (int8): ``(key, images)`` of calibration_sample over another source, whose
+      graph extracts this one (a run's test split goes through the graph its training images
+      calibrated); images may be None where that graph is kept already (in ``engine_dir``, or
+      adopted from a run folder: engines.adopt). Without it the graph calibrates on ``data``.
 
     * ``dtype``: cache dtype, ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"int8"`` (per-row fp32 scale).
     * ``batch_size``: images per backbone call; default 32 on CPU (larger batches ran slower
@@ -248,7 +252,8 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     source, skipped = _screened(data, out_dir, on_error)
     resolved_backend = ImageLoader(source, spec, batch_size, backend=backend).backend
     backbone.check_taps(taps)
-    wanted = fingerprint(backbone, source, spec, dtype, resolved_backend, shard_rows, device, taps, engine, precision)
+    wanted = fingerprint(backbone, source, spec, dtype, resolved_backend, shard_rows, device, taps, engine, precision,
+                         calibration[0] if calibration else None)
     labels = _check_labels(source)
     refuse_foreign(out_dir)  # read-only: before a manifest there is read or anything written
     _check_engine_dir(engine_dir, source)
@@ -270,7 +275,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
             dist.barrier()
         key = store.fingerprint_key(wanted)
         run = dict(engine=wanted["compute"]["engine"], precision=wanted["compute"]["precision"], taps=taps,
-                   image_size=spec.size, engine_dir=engine_dir)
+                   image_size=spec.size, engine_dir=engine_dir, calibration=calibration)
         result = _extract_missing(backbone, source, spec, out_dir, key, dtype, shard_rows, batch_size, device,
                                   resolved_backend, progress, rank, world, run, wanted["feature_dim"])
         if rank == 0:
@@ -357,7 +362,9 @@ def _extract_missing(backbone, source, spec, out_dir: str, key: str, dtype: str,
     images = sum(rows[s] for s in todo)
     bar = _progress_bar(images, rank, world) if progress and images else None
     verify = verification_images(source, spec) if todo and run["engine"] == "onnxruntime" else None
-    calibration = calibration_sample(source, spec) if todo and run["precision"] == "int8" else None
+    calibration = run.pop("calibration", None)
+    if calibration is None and todo and run["precision"] == "int8":
+        calibration = calibration_sample(source, spec)
     engine = extraction_engine(backbone, device, **run, verify_images=verify, calibration=calibration) if todo else None
     started, written_bytes = time.perf_counter(), 0
     try:

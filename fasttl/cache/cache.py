@@ -129,6 +129,11 @@ class FeatureCache:
         views = {bool((c.fingerprint.get("preprocessing") or {}).get("mirror")) for c in caches}
         if len(views) > 1:
             raise CacheError("side_by_side: a plain and a mirrored view of the images; pass caches of one view")
+        for what, index in (("image size, normalization or crop", 2), ("extraction precision", 3)):
+            found = [c.made_by()[index] for c in caches]
+            if len(set(found)) > 1:  # one feature space: the images as one network would see them
+                raise CacheError(f"side_by_side: the caches differ in {what} ({' / '.join(found)}); pass caches "
+                                 "extracted alike, as backbone 'a+b' would")
         parts = [p for c in caches for p in ((c.fingerprint.get("backbone") or {}).get("parts")
                                              or [c.fingerprint.get("backbone")])]
         names = [json.dumps(p, sort_keys=True, default=str) for p in parts]

@@ -42,15 +42,27 @@ _EXPORTED = {}  # engine file name -> graph bytes exported (and verified) by thi
 
 
 @functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset:
+    """The kernel's flags of this CPU (x86 "flags", Arm "Features"); empty where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f
+                                   if line.split(":", 1)[0].strip() in ("flags", "Features")), []))
+    except (OSError, UnicodeDecodeError):
+        return frozenset()
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX): read from the
     kernel's CPU flags, never assumed."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8), on
+    which ONNX Runtime's int8 kernels were measured 1.96x its fp32 ones (benchmarks/RESULTS.md,
+    "extract"); elsewhere int8 is not measured, and a run's auto precision stays fp32."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def onnxruntime_available() -> bool:
@@ -126,17 +138,18 @@ class OnnxEngine:
     def __init__(self, model, taps: int, image_size: int, name: Optional[str], engine_dir: Optional[str],
                  verify_images: Optional[Tensor] = None, precision: str = "fp32",
                  calibration_images: Optional[Tensor] = None):
-        if precision == "int8" and calibration_images is None:
-            raise OptionError("extract_precision: int8 needs calibration images of the data (it is for building a "
-                              "cache: fasttl extract, FeatureCache.build)")
         self.verify_images, self.precision = verify_images, precision
+        self.quantizable = calibration_images is not None  # else a graph looked up that can't be made again
         self.name, self.graph_sha256, self.graph_bytes = name, None, 0
         self.model, self.taps, self.checked_sizes = model, taps, set()
         onnx_path = os.path.join(engine_dir, name) if name and engine_dir else None
         self.onnx_path = onnx_path
         known = _EXPORTED.get(name) or (_read_engine_file(onnx_path) if onnx_path else None)
+        error = None
         for data in ([known] if known else []) + [None]:
             fresh = data is None
+            if fresh and precision == "int8" and calibration_images is None:
+                raise _no_calibration(name, known is not None, error)
             try:
                 data = self._export(image_size, calibration_images) if fresh else data
                 self.session = _session(data)
@@ -194,6 +207,8 @@ class OnnxEngine:
         being extracted when the build gave them: a graph doctored to answer right on noise and
         wrong on photographs is caught there (a seeded random batch alone would pass it)."""
         images = self.verify_images
+        if images is None and self.precision == "int8":
+            return None  # its ranges fit real images, not noise: the first batch of each size is checked (__call__)
         if images is None:
             images = torch.randn(4, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         _, error = self.checked_run(images)
@@ -223,6 +238,8 @@ class OnnxEngine:
         if len(images) in self.checked_sizes:
             return [self._run(images)]
         features, error = self.checked_run(images)
+        if error is not None and self.precision == "int8" and not self.quantizable:
+            raise _no_calibration(self.name, True, f"on a batch of {len(images)} images: {error}")
         if error is not None:
             _EXPORTED.pop(self.name, None)
             if self.onnx_path:
@@ -233,6 +250,28 @@ class OnnxEngine:
                              "was stored: run again (the graph is exported anew), or pass --engine torch")
         self.checked_sizes.add(len(images))
         return [features]
+
+
+def _no_calibration(name: Optional[str], found: bool, error: Optional[str]) -> Exception:
+    """Why an int8 graph that must be looked up (its calibration images are not at hand: a run's
+    graph, read back for eval or predict) can't be used."""
+    if found:
+        return CacheError(f"engine: the int8 graph {name} does not match the backbone ({error}); it can't be "
+                          "quantized again without the images it was calibrated on: train the run again")
+    return OptionError("extract_precision: int8 needs calibration images of the data (it is for building a cache: "
+                       "fasttl extract, FeatureCache.build, or a run's training images)")
+
+
+def adopt(name: str, data: bytes) -> None:
+    """Makes `data` the graph named `name` in this process (a run folder's int8 graph, read back
+    by predict or eval): like any graph found, it is checked against PyTorch on real images
+    before it extracts anything."""
+    _EXPORTED[name] = data
+
+
+def graph_bytes(name: str, engine_dir: Optional[str] = None) -> Optional[bytes]:
+    """The verified graph named `name` this process used, else the file kept in `engine_dir`."""
+    return _EXPORTED.get(name) or (_read_engine_file(os.path.join(engine_dir, name)) if engine_dir else None)
 
 
 def onnx_file_name(backbone, taps: int, image_size: int, calibration: Optional[str] = None) -> str:

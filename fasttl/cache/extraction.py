@@ -13,16 +13,21 @@ from fasttl.cache.kernels import pool_store
 from fasttl.data import ImageLoader
 
 
-def compute_settings(device: torch.device, engine: str = "auto", precision: str = "auto") -> dict:
+def compute_settings(device: torch.device, engine: str = "auto", precision: str = "auto",
+                     calibration: Optional[str] = None) -> dict:
     """How the backbone runs during extraction (engine and precision resolved); part of the
-    fingerprint, since it changes the bits."""
+    fingerprint, since it changes the bits. `calibration` (int8): the key of a sample of another
+    source the graph was calibrated on (calibration_sample's); without it the sample is the
+    source's own, whose identity the fingerprint holds already."""
     engine, precision = engines.resolve(engine, precision, device)
     settings = {"device": device.type, "engine": engine, "precision": precision, "memory_format": "channels_last",
                 "batchnorm": "folded"}
     if precision == "int8":
         from fasttl.cache import quantize
 
-        settings["calibration"] = quantize.settings()  # the sample is the source's own: its identity is there too
+        settings["calibration"] = quantize.settings()
+        if calibration is not None:
+            settings["calibration"]["sample"] = calibration
     return settings
 
 
@@ -54,19 +59,31 @@ def verification_images(source, spec) -> torch.Tensor:
     return _images(source, range(min(VERIFY_IMAGES, len(source))), spec)
 
 
-def calibration_sample(source, spec) -> tuple:
-    """(key, images): the seeded sample of `source` an int8 graph's activation ranges come from,
-    preprocessed as extraction preprocesses them, and a key naming it (the source's content, the
-    rows drawn, the preprocessing and the quantizer's settings)."""
+def calibration_key(source, spec) -> str:
+    """What names the seeded sample of `source` an int8 graph's activation ranges come from: the
+    source's content, the rows drawn, the preprocessing and the quantizer's settings (no image is
+    read)."""
     import hashlib
     import json
 
     from fasttl.cache import quantize
 
     rows = quantize.calibration_rows(len(source))
-    key = hashlib.sha256(json.dumps([source.identity(), rows, spec.as_dict(), quantize.settings()],
-                                    sort_keys=True).encode()).hexdigest()
-    return key, _images(source, rows, spec)
+    return hashlib.sha256(json.dumps([source.identity(), rows, spec.as_dict(), quantize.settings()],
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def calibration_sample(source, spec) -> tuple:
+    """(key, images): calibration_key's sample of `source`, preprocessed as extraction preprocesses
+    them."""
+    return calibration_key(source, spec), calibration_images(source, spec)
+
+
+def calibration_images(source, spec) -> torch.Tensor:
+    """The seeded sample of `source` an int8 graph calibrates on, preprocessed by `spec`."""
+    from fasttl.cache import quantize
+
+    return _images(source, quantize.calibration_rows(len(source)), spec)
 
 
 def _images(source, rows, spec) -> torch.Tensor:

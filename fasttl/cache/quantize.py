@@ -1,9 +1,9 @@
 """The int8 extraction graph: ONNX Runtime's static quantization of the fp32 graph (QDQ format,
-int8 weights per output channel, uint8 activations with ranges from a calibration sample of the
-cache's own images). Opt-in (`--extract-precision int8`): on images held out of CIFAR-10's
-training split the linear probe's accuracy moved -0.07 +- 0.32 points against fp32 over three
-draws (benchmarks/RESULTS.md, "int8 extraction"): not shown to be within the 0.3 points `auto`
-would need."""
+int8 weights per output channel, uint8 activations with ranges from a calibration sample: the
+cache's own images, or a run's training images for all of its splits). On images held out of
+CIFAR-10's training split the linear probe's accuracy moved -0.05 +- 0.13 points against fp32 over
+eight draws (benchmarks/RESULTS.md, "int8 extraction"): a linear/mlp run's `auto` picks it on CPUs
+with int8 dot products (fasttl.transfer.config)."""
 from __future__ import annotations
 
 import contextlib

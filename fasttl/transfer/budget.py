@@ -14,7 +14,7 @@ import math
 import os
 import re
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 from fasttl.util import files, settings
 from fasttl.util.machine import cpu_model
@@ -74,13 +74,13 @@ def speed_key(backbone: str, image_size: int, features: str, engine: str, precis
     return f"{backbone}|{image_size}px|{features}|{engine}|{precision}|{device}"
 
 
-def _path() -> str:
+def record_path() -> str:
     return os.path.join(settings.STATE_DIR.path(), SPEED_FILE)
 
 
 def _read_all() -> dict:
     try:
-        record = files.read_json(_path())
+        record = files.read_json(record_path())
     except (OSError, ValueError):  # too large, a link, not a plain file, not JSON: measured anew
         return {}
     return record if isinstance(record, dict) else {}
@@ -99,7 +99,7 @@ def measured_speed(key: str) -> Optional[float]:
 
 def speeds_from() -> str:
     """Where a refusal's speeds came from, and how to measure them again."""
-    return f" (speeds measured on this machine, kept in {_path()}: delete it to measure them again)"
+    return f" (speeds measured on this machine, kept in {record_path()}: delete it to measure them again)"
 
 
 def record_speed(key: str, images: int, seconds: float) -> None:
@@ -115,7 +115,39 @@ def record_speed(key: str, images: int, seconds: float) -> None:
     record = {k: v for k, v in record.items() if isinstance(v, dict)}
     record[_machine_key()] = mine
     try:
-        os.makedirs(os.path.dirname(_path()), exist_ok=True)
-        files.write_json_atomic(_path(), record)
+        os.makedirs(os.path.dirname(record_path()), exist_ok=True)
+        files.write_json_atomic(record_path(), record)
     except OSError:  # a read-only or full state folder: the next plan measures again (nothing else is lost)
         pass
+
+
+def check_budget_options(cfg, given: Sequence[str]) -> None:
+    """What --budget cannot be combined with, before any data is read."""
+    if cfg.strategy not in ("linear", "mlp"):
+        raise OptionError(f"budget: --budget plans a feature-transfer model (linear or mlp); --strategy {cfg.strategy} "
+                          "has no plan: drop one of them")
+    if "compare" in given and cfg.compare != "none":
+        raise OptionError("budget: --budget plans one model in its time; run --compare separately, or pass --compare "
+                          "none")
+    if cfg.resume:
+        raise OptionError("budget: --resume continues a planned run with its recorded choices; drop --budget")
+    from fasttl.util import distributed
+
+    if distributed.rank_and_world()[1] > 1:
+        raise OptionError("budget: --budget plans on one process; run it without torchrun")
+    if cfg.weights is not None:
+        raise OptionError("budget: --weights is one backbone's file; the plan compares backbones: drop --weights, or "
+                          "--budget")
+    if cfg.extract_precision == "int8":  # the probe would calibrate graphs of its own, not the run's
+        raise OptionError("budget: --budget plans with fp32 extraction; drop --extract-precision int8, or --budget")
+
+
+def _round_up(seconds: float) -> str:
+    return f"{math.ceil(seconds)}s" if seconds < 120 else f"{math.ceil(seconds / 60)}m"
+
+
+def suggested(seconds: float) -> str:
+    """The budget a refusal suggests, or that none --budget takes would do."""
+    if seconds > MAX_BUDGET_S:
+        return f"no --budget up to {shown(MAX_BUDGET_S)} fits it"
+    return f"pass --budget {_round_up(seconds)} or more"

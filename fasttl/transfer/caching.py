@@ -1,7 +1,7 @@
 """Where feature caches of the transfer job live, so later runs with the same fingerprint reuse them."""
 from __future__ import annotations
 
-import functools
+import dataclasses
 import hashlib
 import json
 import os
@@ -64,12 +64,19 @@ class Extraction:
     features: str = "head"
     engine: str = "auto"
     precision: str = "auto"
+    # int8: what names the sample of the run's training images its graph was calibrated on
+    # (run_calibration); every split of the run goes through that one graph.
+    calibration: Optional[str] = None
 
     @classmethod
-    def of(cls, config) -> "Extraction":
-        """From a RunConfig or a run's config.json (read_config's: an older run's filled in)."""
-        get = config.__getitem__ if isinstance(config, dict) else functools.partial(getattr, config)
-        return cls(get("image_size"), get("cache_dtype"), get("features"), get("engine"), get("extract_precision"))
+    def of(cls, config, train_source=None) -> "Extraction":
+        """From a run's config.json (read_config's: an older run's filled in), or from a RunConfig
+        and the run's training images (`train_source`, which calibrate an int8 graph)."""
+        if isinstance(config, dict):
+            return cls(config["image_size"], config["cache_dtype"], config["features"], config["engine"],
+                       config["extract_precision"], config["extract_calibration"])
+        plain = cls(config.image_size, config.cache_dtype, config.features, config.engine, config.extract_precision)
+        return dataclasses.replace(plain, calibration=run_calibration(config, train_source))
 
     @property
     def taps(self) -> int:
@@ -81,6 +88,25 @@ class Extraction:
         """(engine, precision) as they run on `device`."""
         return engines.resolve(self.engine, self.precision, torch.device(device))
 
+    def graph_name(self, backbone) -> str:
+        """The file name of the int8 graph all of a run's splits go through."""
+        return engines.onnx_file_name(backbone, self.taps, self.image_size, self.calibration)
+
+
+def run_calibration(cfg, train_source) -> Optional[str]:
+    """What names the calibration sample of a run whose extraction is int8 (else None): its
+    training images' content, the rows drawn, the backbone, size and taps (which fix the
+    preprocessing), the quantizer's settings. Known before any image is read, so config.json
+    holds it from the start."""
+    device = torch.device(str(cfg.device).split(":")[0])
+    if train_source is None or engines.resolve(cfg.engine, cfg.extract_precision, device)[1] != "int8":
+        return None
+    from fasttl.cache import quantize
+
+    rows = quantize.calibration_rows(len(train_source))
+    return hashlib.sha256(json.dumps([train_source.identity(), rows, cfg.backbone, cfg.image_size, cfg.features,
+                                      quantize.settings()], sort_keys=True).encode()).hexdigest()
+
 
 def cache_dir(backbone, source, split: str, extraction: Extraction, device="cpu") -> str:
     """ROOT/<backbone>-<size>px-<dtype>-<features>-<device>-<weights>-<compute>/<split>-<dataset
@@ -90,7 +116,7 @@ def cache_dir(backbone, source, split: str, extraction: Extraction, device="cpu"
     clashing. The fingerprint in each manifest still decides whether a cache found there may be
     used."""
     device = torch.device(device)
-    settings = compute_settings(device, extraction.engine, extraction.precision)
+    settings = compute_settings(device, extraction.engine, extraction.precision, extraction.calibration)
     compute = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
     family = (f"{backbone.name}-{extraction.image_size}px-{extraction.dtype}-{extraction.features}-{device.type}-"
               f"{backbone.weights_hash()[:12]}-{compute}")
@@ -99,9 +125,11 @@ def cache_dir(backbone, source, split: str, extraction: Extraction, device="cpu"
 
 def cached_features(backbone, source, split: str, extraction: Extraction, *, batch_size: Optional[int] = None,
                     device="cpu", progress: bool = True, mirror: bool = False,
-                    rebuild_broken: bool = False) -> FeatureCache:
+                    rebuild_broken: bool = False, calibration_images: Optional[torch.Tensor] = None) -> FeatureCache:
     """The cache of one split, built on first use (resuming an interrupted build) and reused after.
     `mirror`: the cache of the horizontally mirrored view, kept beside the plain one.
+    `calibration_images` (int8, extraction.calibration set): the run's calibration sample; where
+    it is not given, the graph is looked up (left beside the caches, or adopted from a run folder).
     `rebuild_broken` (`fasttl run --overwrite`): a cache found corrupt or built for something else
     is rebuilt instead of refused."""
     split = f"{split}-mirror" if mirror else split
@@ -109,7 +137,8 @@ def cached_features(backbone, source, split: str, extraction: Extraction, *, bat
     options = dict(dtype=extraction.dtype, batch_size=batch_size, device=torch.device(device),
                    image_size=extraction.image_size, progress=progress, mirror=mirror, taps=extraction.taps,
                    engine=extraction.engine, precision=extraction.precision,
-                   engine_dir=os.path.dirname(directory))
+                   engine_dir=os.path.dirname(directory),
+                   calibration=(extraction.calibration, calibration_images) if extraction.calibration else None)
     try:
         cache = FeatureCache.build(backbone, source, directory, **options)
     except CacheError:
@@ -147,7 +176,7 @@ class FeaturesInMemory:
         self.backbone, self.extraction = backbone, extraction
         engine, precision = extraction.resolved(self.device)
         self.engine = extraction_engine(backbone, self.device, engine, precision, extraction.taps,
-                                        extraction.image_size)
+                                        extraction.image_size, calibration=(extraction.calibration, None))
         self.feature_dim = backbone.tapped_dim(extraction.taps)
 
     def __call__(self, source, mirror: bool = False, batch_size: Optional[int] = None, progress=None) -> torch.Tensor:

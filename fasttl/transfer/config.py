@@ -73,7 +73,8 @@ class RunOptions:
     labels: str = option("names", "a file list's labels: class names (with --classes-file, each must be one of its "
                          "names) or indices into --classes-file", choices=LABEL_KINDS)
     backbone: str = option(backbones.DEFAULT, "backbone name: " + ", ".join(backbones.available()) + ", or 2 to 3 of "
-                           "them joined by '+' (their features side by side; linear, mlp)", metavar="NAME",
+                           + ", ".join(backbones.JOINABLE) + " joined by '+' (their features side by side; linear, "
+                           "mlp)", metavar="NAME",
                            check=_a_backbone, scoped=True)
     weights: Optional[str] = option(None, "backbone state dict file", kind=str, metavar="FILE", check=a_path,
                                      scoped=True)
@@ -106,9 +107,11 @@ class RunOptions:
                            choices=lambda: tuple(FEATURE_TAPS), scoped=True)
     engine: str = option("auto", "what runs the frozen backbone during extraction (auto: onnxruntime on the CPU "
                          "when installed, else torch)", choices=engines.ENGINES, scoped=True)
-    extract_precision: str = option("auto", "extraction precision (auto: bf16 autocast on cuda, fp32 on the CPU; "
-                                    "bf16 features are about 3%% off fp32; int8: ONNX Runtime quantized on a sample "
-                                    "of the images, fasttl extract only)", choices=engines.PRECISIONS, scoped=True)
+    extract_precision: str = option("auto", "extraction precision (auto: bf16 autocast on cuda; on the CPU int8 for "
+                                    "a linear/mlp run where the CPU has int8 dot products (VNNI), else fp32; bf16 "
+                                    "features are about 3%% off fp32; int8: ONNX Runtime on the CPU, quantized on a "
+                                    "sample of the images: a run's training images, for linear and mlp)",
+                                    choices=engines.PRECISIONS, scoped=True)
     budget: Optional[str] = option(None, "plan within this time (90s, 10m, 1.5h): backbone(s), image size, mirror "
                                    "views and head (linear or mlp) chosen on validation among what fits on this "
                                    "machine; options given beside it are kept", kind=str, metavar="TIME",
@@ -130,8 +133,9 @@ class RunOptions:
             if f.metadata["convert"] is not None:
                 setattr(self, f.name, f.metadata["convert"](getattr(self, f.name)))
 
-    def resolved(self, native_size: int) -> "RunOptions":
-        """Fills the per-strategy defaults and checks every option."""
+    def resolved(self, native_size: int, images: int = 0) -> "RunOptions":
+        """Fills the per-strategy defaults and checks every option; `images`: the data's training
+        and test images (what a run's automatic extraction precision depends on)."""
         self._check_choices()
         strategy = registry.get(self.strategy)
         compare = self.compare
@@ -152,6 +156,9 @@ class RunOptions:
             if joined and each.reads_option("backbone") and not each.joins_backbones:
                 raise OptionError(f"backbone: {self.backbone} joins backbones, which --strategy/--compare {each.name} "
                                   "cannot train (it needs one network); use linear or mlp, or one backbone")
+            if self.extract_precision == "int8" and each.reads_option("extract_precision") and not each.joins_backbones:
+                raise OptionError(f"extract_precision: int8 extracts for the heads on pooled features (linear, mlp), "
+                                  f"not for --strategy/--compare {each.name}; pass fp32 or auto")
         if self.compare == self.strategy:
             raise OptionError(f"compare: --compare {self.compare} is the --strategy itself; compare with another "
                               "strategy, or pass --compare none")
@@ -165,6 +172,7 @@ class RunOptions:
         out.compare = compare
         if out.precision == "auto":
             out.precision = "bf16" if str(out.device).startswith("cuda") else "fp32"
+        out.extract_precision = _run_extract_precision(self, trained, images)
         out._check_values()
         return out
 
@@ -188,13 +196,31 @@ class RunOptions:
         if self.resume and self.overwrite:
             raise OptionError("resume: --resume continues a run and --overwrite replaces it; pass one of them")
         engines.resolve(self.engine, self.extract_precision, torch.device(str(self.device).split(":")[0]))
-        if self.extract_precision == "int8":
-            raise OptionError("extract_precision: int8 is for building caches (fasttl extract, FeatureCache.build); "
-                              "a run's test split would calibrate its own graph and predict could not repeat it: pass "
-                              "fp32 or auto")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# A run's auto precision is int8 from this many training and test images: quantizing the graph on
+# a new training set costs 3 to 5 s, and int8 saves about 1.5 ms an image (the 1,500-image embedded
+# default took 21.4 s in int8 against 18.0 s in fp32; full CIFAR-10 265 s against 372 s).
+INT8_AUTO_MIN_IMAGES = 10_000
+
+
+def _run_extract_precision(cfg, trained, images: int) -> str:
+    """--extract-precision auto in a run: int8 where every strategy trained reads pooled features
+    (linear, mlp), the CPU has int8 dot products (engines.cpu_has_int8_dot) and the data is large
+    enough to pay for quantizing (INT8_AUTO_MIN_IMAGES): ONNX Runtime's int8 graph then runs about
+    1.6x as fast as fp32 with the held-out accuracy within measuring noise (benchmarks/RESULTS.md,
+    "int8 extraction"); else as resolve() has it. --budget plans with fp32 speeds: it keeps auto."""
+    if cfg.extract_precision != "auto" or cfg.budget is not None or cfg.engine == "torch" or \
+            images < INT8_AUTO_MIN_IMAGES:
+        return cfg.extract_precision
+    if (str(cfg.device).split(":")[0] != "cpu" or not engines.cpu_has_int8_dot()
+            or not engines.onnxruntime_available()):
+        return cfg.extract_precision
+    readers = [each for each in trained if each.reads_option("extract_precision")]
+    return "int8" if readers and all(each.joins_backbones for each in readers) else cfg.extract_precision
 
 
 def run_config() -> type:

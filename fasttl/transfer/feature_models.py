@@ -5,6 +5,7 @@ cache; a FeatureModel is a head on those features, predicting through the cache 
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -33,6 +34,7 @@ class RunCaches:
     mirrored_validation: Optional[FeatureCache]
     extract_s: float
     extracted_images: int  # images run through the backbone now (0: every cache was there)
+    int8_graph: Optional[bytes] = None  # the graph every split went through, where extraction is int8
 
     @property
     def train(self) -> FeatureCache:
@@ -52,24 +54,55 @@ def feature_caches(cfg, backbone, ds, with_mirror_views: bool = False) -> RunCac
     """The train and test caches of a dataset; `with_mirror_views`: each split also with its
     mirrored view where --mirror-views asks for it (fasttl.transfer.caching.views_of)."""
     started = time.perf_counter()
-    extraction = Extraction.of(cfg)
+    extraction = Extraction.of(cfg, ds.train)
+    calibration = calibration_sample(cfg, backbone, ds.train, extraction)
     caches = {split: [cached_features(backbone, source, split, extraction, device=cfg.device, progress=cfg.progress,
-                                      rebuild_broken=cfg.overwrite, mirror=view)
+                                      rebuild_broken=cfg.overwrite, mirror=view, calibration_images=calibration)
                       for view in (views_of(cfg, split) if with_mirror_views else [False])]
               for split, source in (("train", ds.train), ("test", ds.test))}
     mirrored_validation = None
     if with_mirror_views and len(caches["test"]) > len(caches["train"]):
-        mirrored_validation = mirrored_validation_cache(cfg, backbone, ds.train, caches["train"][0], extraction)
+        mirrored_validation = mirrored_validation_cache(cfg, backbone, ds.train, caches["train"][0], extraction,
+                                                        calibration)
     builds = [c.last_build for c in [*caches["train"], *caches["test"], mirrored_validation] if c is not None]
     built = sum(b.get("images", 0) for b in builds)
     engine, precision = extraction.resolved(cfg.device)  # what --budget plans with (fasttl.transfer.budget)
     budget.record_speed(budget.speed_key(backbone.name, extraction.image_size, extraction.features, engine, precision,
                                          str(cfg.device)),
                         built, sum(b.get("seconds", 0.0) for b in builds if b.get("images")))
-    return RunCaches(caches["train"], caches["test"], mirrored_validation, time.perf_counter() - started, built)
+    graph = int8_graph(cfg, backbone, extraction, caches["train"][0], calibration) if calibration is not None else None
+    return RunCaches(caches["train"], caches["test"], mirrored_validation, time.perf_counter() - started, built,
+                     graph)
 
 
-def mirrored_validation_cache(cfg, backbone, train_source, train_cache, extraction):
+def calibration_sample(cfg, backbone, train_source, extraction: Extraction) -> Optional[Tensor]:
+    """The training images an int8 run's graph calibrates on (plain view, the run's size), else None."""
+    if extraction.calibration is None:
+        return None
+    from fasttl.cache.extraction import calibration_images
+
+    spec = TransformSpec.for_backbone(backbone.preprocessing, size=extraction.image_size)
+    return calibration_images(train_source, spec)
+
+
+def int8_graph(cfg, backbone, extraction: Extraction, train_cache, calibration: Tensor) -> bytes:
+    """The int8 graph the run's caches were extracted through, kept for its folder: the one this
+    process verified, or the one left beside the caches, else quantized again on the same sample
+    (the same graph: the quantizer is deterministic)."""
+    from fasttl.cache import engines
+    from fasttl.cache.extraction import extraction_engine
+
+    engine_dir, name = os.path.dirname(train_cache.directory), extraction.graph_name(backbone)
+    data = engines.graph_bytes(name, engine_dir)
+    if data is None:
+        engine, precision = extraction.resolved(cfg.device)
+        extraction_engine(backbone, torch.device(cfg.device), engine, precision, extraction.taps,
+                          extraction.image_size, engine_dir, calibration=(extraction.calibration, calibration))
+        data = engines.graph_bytes(name, engine_dir)
+    return data
+
+
+def mirrored_validation_cache(cfg, backbone, train_source, train_cache, extraction, calibration=None):
     """--mirror-views test: the validation images (data.splits.validation_split of the run's seed)
     mirrored, so the head is chosen on the same two-view average the test split gets; None when
     one image per class leaves no validation split."""
@@ -77,7 +110,8 @@ def mirrored_validation_cache(cfg, backbone, train_source, train_cache, extracti
     if not rows:
         return None
     return cached_features(backbone, train_source.subset(rows), "validation", extraction, device=cfg.device,
-                           progress=cfg.progress, rebuild_broken=cfg.overwrite, mirror=True)
+                           progress=cfg.progress, rebuild_broken=cfg.overwrite, mirror=True,
+                           calibration_images=calibration)
 
 
 class FeatureModel(TrainedModel):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from fasttl.transfer import report
 from fasttl.util.errors import OptionError
 from fasttl.transfer.caching import (mirror_mode, refuse_settings_in_run_folders, refuse_writes_among_images,
-                                     refuse_writes_among_sources)
+                                     refuse_writes_among_sources, run_calibration)
 from fasttl.util import distributed
 from fasttl.transfer.common import weights_sha256
 from fasttl.transfer.config import RunConfig, scoped
@@ -28,7 +28,7 @@ from fasttl.transfer.datasets import EMBEDDED, NAMED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.util import files
 from fasttl.util.files import enclosing_run_folder, write_atomic
-from fasttl.transfer import planner, trained_images
+from fasttl.transfer import budget, planner, trained_images
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
                                     run_files, write_config, write_metrics, write_predictions)
@@ -230,7 +230,7 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
     rank, _ = distributed.rank_and_world()
     preflight(cfg.resolved(0))  # option errors first, before any data is read or any folder made
     if cfg.budget is not None:
-        planner.check_budget_options(cfg, options)
+        budget.check_budget_options(cfg, options)
         _refuse_taken_out(cfg)  # before the plan's minutes, not after them
     dataset = load_dataset(cfg.data, cfg.seed, cfg.train_per_class, cfg.test_per_class, on_error=cfg.on_error,
                            download=cfg.download, classes_file=cfg.classes_file, labels=cfg.labels)
@@ -238,7 +238,7 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
     if cfg.budget is not None:
         choice, plan = planner.plan_run(cfg.resolved(dataset.native_size), options, dataset, started)
         cfg = dataclasses.replace(cfg, **choice)
-    cfg = cfg.resolved(dataset.native_size)
+    cfg = cfg.resolved(dataset.native_size, len(dataset.train) + len(dataset.test))
     torch.manual_seed(cfg.seed)
     run_dir = choose_run_dir(cfg, dataset.name)
     _refuse_writes_among_images(cfg, [dataset.train, dataset.test])  # the folders of the images read
@@ -249,6 +249,7 @@ def run(print_summary: bool = None, **options) -> Dict[str, object]:
                   train_samples=len(dataset.train), test_samples=len(dataset.test), native_size=dataset.native_size,
                   skipped=len(dataset.skipped), run_dir=run_dir, identity=identity,
                   weights_sha256=weights_sha256(cfg.weights) if cfg.weights else None,
+                  extract_calibration=run_calibration(cfg, dataset.train),
                   run_key=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
                   command=" ".join(sys.argv) if sys.argv and "fasttl" in sys.argv[0] else None)
     with contextlib.ExitStack() as held:

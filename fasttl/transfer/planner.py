@@ -61,6 +61,19 @@ MIRROR_PREFERENCE = {"test": 2, "none": 1, "both": 0}
 NO_TIME = "no time left in the screening's share of the budget (or for the best candidate's run after it)"
 MARGIN = 1.25           # a suggested budget's room over the estimate (a head's time varies from run to run)
 MIN_BUDGET_S = 30.0     # below it no plan can screen one backbone and write a run: refused before any work
+# The first head's estimate (_refuse_unaffordable_head): the path's solves (each fold's 4/5 of the
+# rows, so folds - 1 probes' worth), the refits, and the share of a cold solve at the strongest
+# strength that the path takes per solve on average (0.24 s against 6.3 s for the 60 solves of the
+# cross-validated path on the 1,347 digits images: 0.44).
+HEAD_REFITS = 4
+HEAD_ESTIMATE_SHARE = 0.5
+# Fewer scored images a class than this (a pinned MLP head's one validation split of a small probe)
+# can't rank candidates: the report says so.
+SCORED_PER_CLASS = 10
+# A recorded speed for a backbone not screened yet is taken for stale when it is this many times
+# slower per pixel than one this plan measured: the Lites differ by 4x at most (Lite2 at 224 px
+# against Lite0 at 128 px, benchmarks/RESULTS.md "extract").
+IMPLAUSIBLY_SLOWER = 8.0
 
 
 @dataclasses.dataclass
@@ -86,6 +99,7 @@ class Candidate:
     planned_s: float
     head_s: float
     held_out: Optional[float] = None  # the score on the probe's one validation split: linear and MLP heads compared
+    scored_images: int = 0  # the images its score is over (every probe image where cross-validated)
 
     def options(self) -> Dict[str, object]:
         return {"backbone": self.backbone, "image_size": self.image_size, "mirror_views": self.mirror_views,
@@ -96,32 +110,15 @@ class Candidate:
                     head_s=round(self.head_s, 2))
 
 
-def check_budget_options(cfg, given: Sequence[str]) -> None:
-    """What --budget cannot be combined with, before any data is read."""
-    if cfg.strategy not in ("linear", "mlp"):
-        raise OptionError(f"budget: --budget plans a feature-transfer model (linear or mlp); --strategy {cfg.strategy} "
-                          "has no plan: drop one of them")
-    if "compare" in given and cfg.compare != "none":
-        raise OptionError("budget: --budget plans one model in its time; run --compare separately, or pass --compare "
-                          "none")
-    if cfg.resume:
-        raise OptionError("budget: --resume continues a planned run with its recorded choices; drop --budget")
-    from fasttl.util import distributed
-
-    if distributed.rank_and_world()[1] > 1:
-        raise OptionError("budget: --budget plans on one process; run it without torchrun")
-    if cfg.weights is not None:
-        raise OptionError("budget: --weights is one backbone's file; the plan compares backbones: drop --weights, or "
-                          "--budget")
-
-
 class Planner:
     """Screens, costs and chooses (see the module's doc); `plan()` -> (options, record)."""
 
     def __init__(self, cfg, given: Dict[str, object], dataset, started: float):
         self.cfg, self.given, self.dataset, self.started = cfg, dict(given), dataset, started
         self.budget_s = budget.parse_budget(cfg.budget)
-        self.pinned = {name: getattr(cfg, name) for name in PLANNED if name in given}
+        # given as None (a script passing each default through) is not a pin
+        self.pinned = {name: getattr(cfg, name) for name in PLANNED if given.get(name) is not None}
+        self.record_used = False  # whether a cost came from the speed record (a refusal then names it)
         self.probe, self.probe_is_train = self._probe()
         self.smallest_class = _smallest_class(dataset.train.labels)
         self.smallest_probe_class = _smallest_class(self.probe.labels)
@@ -175,8 +172,8 @@ class Planner:
             raise OptionError(f"budget: {self.cfg.budget} is too small for a model on this data here: even the "
                               f"fastest backbone measured on this machine needs at least "
                               f"{budget.shown(needed / SAFETY)} to extract its "
-                              f"{len(self.dataset.train) + len(self.dataset.test)} images; pass --budget "
-                              f"{_round_up(needed / SAFETY)} or more{budget.speeds_from()}")
+                              f"{len(self.dataset.train) + len(self.dataset.test)} images; "
+                              f"{budget.suggested(needed / SAFETY)}{budget.speeds_from()}")
 
     # -- screening ------------------------------------------------------------------------------
     def _singles(self):
@@ -194,10 +191,25 @@ class Planner:
         """Whether screening one more single (its probe extraction, then its head) has the time."""
         if not self.screened:
             return True
-        speed = budget.measured_speed(self._speed_key(backbone, size)) or min(s for x in self.screened
-                                                                              for s in x.speeds) / 2
+        speed, recorded = self._expected_speed(backbone, size)
         head_s = float(np.median([c.head_s for c in self.candidates])) if self.candidates else 0.0
-        return self._leaves_time(self._probe_images() / speed + head_s)
+        fits = self._leaves_time(self._probe_images() / speed + head_s)
+        if not fits and recorded:
+            self.record_used = True
+        return fits
+
+    def _expected_speed(self, backbone: str, size: int):
+        """(images/s expected of a backbone not screened yet, whether the speed record says it):
+        the record's, unless it claims more than IMPLAUSIBLY_SLOWER times slower per pixel than what
+        this plan just measured (a record taken on a loaded machine, or edited: the backbone is
+        screened, and its measurement replaces it); else half the slowest measured now."""
+        measured = [(s, x.image_size) for x in self.screened for s in x.speeds]
+        fallback = min(s for s, _ in measured) / 2
+        recorded = budget.measured_speed(self._speed_key(backbone, size))
+        floor = min(s * (x / size) ** 2 for s, x in measured) / IMPLAUSIBLY_SLOWER
+        if recorded is None or recorded < floor:
+            return fallback, False
+        return recorded, True
 
     def _probe_images(self) -> int:
         return len(self.probe) * (2 if "both" in self._modes() else 1)
@@ -212,7 +224,9 @@ class Planner:
     def _screen_singles(self) -> None:
         for name, size in self._singles():
             if not self._may_screen(name, size):
-                self.skipped.append({"what": f"{name} at {size} px", "why": NO_TIME})
+                speed, recorded = self._expected_speed(name, size)
+                why = NO_TIME + (f" (at {speed:.3g} images/s, as {budget.record_path()} records)" if recorded else "")
+                self.skipped.append({"what": f"{name} at {size} px", "why": why})
                 continue
             try:
                 backbone = backbones.create(name)
@@ -237,6 +251,7 @@ class Planner:
         key = self._speed_key(backbone.name, size)
         budget.record_speed(key, images, seconds)
         speed = images / seconds if images and seconds > 0 else budget.measured_speed(key)  # this machine, now
+        self.record_used |= not (images and seconds > 0) and speed is not None
         if speed is None:  # every probe cache was there and nothing was ever measured: time a small build
             speed = self._time_extraction(backbone, extraction)
         return Screened(backbone.name, size, views, [speed], time.perf_counter() - started)
@@ -266,6 +281,8 @@ class Planner:
             for mode in self._modes():
                 views = screened.views if mode == "both" else screened.views[:1]
                 if len(views) not in fits:
+                    if not self.candidates and head == "linear":
+                        self._refuse_unaffordable_head(views)
                     if not self._may_tune(len(screened.speeds)):
                         self.skipped.append({"what": f"{screened.backbone} at {screened.image_size} px, {head}, "
                                                      f"mirror views {mode}", "why": NO_TIME})
@@ -273,13 +290,40 @@ class Planner:
                     started = time.perf_counter()
                     fits[len(views)] = (self._tune(head, views), time.perf_counter() - started)
                 tuned, head_s = fits[len(views)]
-                score, scored_by = _score_of(tuned.choice)
+                score, scored_by, scored_images = _score_of(tuned.choice)
                 candidate = Candidate(screened.backbone, screened.image_size, mode, head, score, scored_by,
-                                      0.0, head_s, _held_out(tuned.choice))
+                                      0.0, head_s, _held_out(tuned.choice), scored_images)
                 candidate.planned_s = self._full_cost(candidate, screened)
                 self.candidates.append(candidate)
                 self.say(f"{candidate.backbone} at {candidate.image_size} px, {head}, mirror views {mode}: "
                          f"validation {scored_by} {score:.4f}; full run about {budget.shown(candidate.planned_s)}")
+
+    def _refuse_unaffordable_head(self, views) -> None:
+        """The first head fit is the one nothing measured bounds (a cross-validated path took
+        minutes on a loaded machine): timed first as one cold solve at the strongest strength (as
+        each fold's path starts; the warm-started ones after it take fewer iterations) times the
+        solves the path makes, after a small solve that pays the solver's first-call set-up, and
+        refused at once when that leaves no time for the run."""
+        import torch
+
+        from fasttl.heads import solver
+        from fasttl.heads.tuning import CROSS_VALIDATION_FOLDS
+
+        x = torch.cat([v.all_features() for v in views]).float()
+        y = torch.cat([v.labels for v in views]).long()
+        widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
+        mean, std = solver.block_scaling(x, widths)
+        x = (x - mean) / std
+        solver.solve(x[:64], y[:64], len(views[0].classes), solver.WEIGHT_DECAYS[0], max_iter=2)  # the set-up
+        started = time.perf_counter()
+        solver.solve(x, y, len(views[0].classes), solver.WEIGHT_DECAYS[0], max_iter=solver.PATH_MAX_ITER)
+        solves = len(solver.WEIGHT_DECAYS) * (CROSS_VALIDATION_FOLDS - 1) + HEAD_REFITS
+        needed = (self.elapsed() + (time.perf_counter() - started) * solves * HEAD_ESTIMATE_SHARE + OVERHEAD_S) \
+            / SAFETY * MARGIN
+        if needed > self.budget_s:
+            raise OptionError(f"budget: {self.cfg.budget} is too small for a model on this data here: validating "
+                              f"the first head on its {len(x)} probe rows needs about {budget.shown(needed)} with "
+                              f"the screening; {budget.suggested(needed)}")
 
     def _may_tune(self, parts: int) -> bool:
         """Whether one more head fit on the probe leaves the best candidate's full run its time."""
@@ -385,10 +429,12 @@ class Planner:
             raise OptionError(f"budget: {self.cfg.budget} is too small for a model on this data here: the cheapest "
                               f"screened ({cheapest.backbone} at {cheapest.image_size} px, {cheapest.head}, mirror "
                               f"views {cheapest.mirror_views}) needs about {budget.shown(needed)} with the "
-                              f"screening; pass --budget {_round_up(needed)} or more{budget.speeds_from()}")
+                              f"screening; {budget.suggested(needed)}"
+                              + (budget.speeds_from() if self.record_used else ""))
         linear = [c for c in fitting if c.head == "linear"]
+        defaults = {name: getattr(self.cfg, name) for name in PLANNED}  # what the run would be without --budget
         best = max(linear or fitting, key=lambda c: (round(c.score, 6), MIRROR_PREFERENCE[c.mirror_views],
-                                                     -c.planned_s))
+                                                     c.options() == defaults, -c.planned_s))
         mlp = [c for c in fitting if c.head == "mlp" and None not in (c.held_out, best.held_out) and
                c.held_out > best.held_out]
         return max(mlp, key=lambda c: c.held_out) if mlp and best.head == "linear" else best
@@ -401,6 +447,7 @@ class Planner:
                                                                for s in self.screened},
                 "candidates": [c.as_dict() for c in self.candidates], "skipped": self.skipped,
                 "chosen": chosen.as_dict(), "planned_s": round(self.elapsed() + chosen.planned_s, 1),
+                "scored_too_few": 0 < chosen.scored_images < SCORED_PER_CLASS * len(self.dataset.classes),
                 "machine": budget.machine()}
 
 
@@ -410,13 +457,18 @@ def _smallest_class(labels) -> int:
 
 
 def _score_of(choice: dict):
-    """The number a tuned head was chosen by: balanced accuracy where the classes are imbalanced,
-    the cross-validated accuracy where the data was cross-validated, else validation accuracy."""
-    for key, name in (("val_balanced_accuracy", "balanced accuracy"), ("cv_accuracy", "cross-validated accuracy"),
+    """(score, what it is, over how many images): what a tuned head was chosen by: balanced
+    accuracy where the classes are imbalanced, else accuracy; out of fold over every probe image
+    where it was cross-validated, else on its one validation split."""
+    validation = choice.get("validation") if isinstance(choice.get("validation"), dict) else {}
+    crossed = "cross_validation" in choice
+    images = int(validation.get("cross_validated_images" if crossed else "validation_images") or 0)
+    prefix = "cross-validated " if crossed else ""
+    for key, name in (("val_balanced_accuracy", "balanced accuracy"), ("cv_accuracy", "accuracy"),
                       ("val_accuracy", "accuracy")):
         if key in choice:
-            return float(choice[key]), name
-    return 0.0, "none (no validation split)"
+            return float(choice[key]), prefix + name, images
+    return 0.0, "none (no validation split)", 0
 
 
 def _held_out(choice: dict) -> Optional[float]:
@@ -433,10 +485,6 @@ def _best_per_set(candidates: Sequence[Candidate]) -> Dict[tuple, float]:
     return best
 
 
-def _round_up(seconds: float) -> str:
-    return f"{math.ceil(seconds)}s" if seconds < 120 else f"{math.ceil(seconds / 60)}m"
-
-
 def plan_run(cfg, given: Dict[str, object], dataset, started: float):
     """(the options the plan chose, its record) for a run with --budget (see the module's doc)."""
     if len(dataset.train) == 0:
@@ -444,4 +492,4 @@ def plan_run(cfg, given: Dict[str, object], dataset, started: float):
     return Planner(cfg, given, dataset, started).plan()
 
 
-__all__ = ["plan_run", "check_budget_options", "Planner", "PLANNED", "SINGLES"]
+__all__ = ["plan_run", "Planner", "PLANNED", "SINGLES"]

@@ -162,6 +162,9 @@ def _plan(results: Dict[str, Dict[str, object]]) -> List[str]:
              + (" No candidate could be scored (no class has two training images): the choice is the defaults', "
                 "not a validated one." if all(str(c.get("scored_by", "")).startswith("none")
                                                for c in plan.get("candidates", [])) else "")
+             + (f" The chosen candidate's score is over {(plan.get('chosen') or {}).get('scored_images')} held-out "
+                "images only: too few to tell the candidates apart (equal scores go to the defaults)."
+                if plan.get("scored_too_few") else "")
              + (" Cross-validation scores the training views, so mirror views test and none score alike: the "
                 "plan kept the defaults' test (not a validated choice)."
                 if (plan.get("chosen") or {}).get("mirror_views") == "test"

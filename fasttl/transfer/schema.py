@@ -58,6 +58,10 @@ def _backbones() -> tuple:
     return tuple(backbones.available())
 
 
+def _hex64(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
 def _a_backbone(v) -> bool:
     from fasttl import backbones
 
@@ -85,7 +89,7 @@ def run_config_fields() -> Dict[str, Field]:
     fields = {
         "strategy": Field(_one_of(_strategies), f"one of {', '.join(_strategies())}", required=True),
         "classes": Field(_class_names, "a list of at least 2 distinct, printable class names", required=True),
-        "backbone": Field(_a_backbone, f"one of {', '.join(_backbones())}, or 2 to 3 of them joined by '+'",
+        "backbone": Field(_a_backbone, f"one of {', '.join(_backbones())}, or 2 to 3 EfficientNet-Lites joined by '+'",
                           required=True),
         "image_size": Field(_int_in(1, MAX_IMAGE_SIZE), f"an integer from 1 to {MAX_IMAGE_SIZE}", required=True),
         "seed": Field(_int_in(0, 2**63 - 1), "an integer >= 0", required=True),
@@ -107,6 +111,7 @@ def run_config_fields() -> Dict[str, Field]:
         "budget": Field(_optional(_a_time), "a time such as 10m, or null"),
         "run_key": Field(_optional(lambda v: isinstance(v, str) and len(v) == 64), "a 64-character hash"),
         "weights_sha256": Field(_optional(lambda v: isinstance(v, str) and len(v) == 64), "a 64-character hash"),
+        "extract_calibration": Field(_optional(_hex64), "a 64-character hash or null"),
         "identity": Field(lambda v: isinstance(v, dict), "an object"),
     }
     return dict(fields, **_choice_fields(fields))
@@ -147,6 +152,7 @@ def upgraded(config: Dict[str, Any]) -> Dict[str, Any]:
     from fasttl.transfer.caching import mirror_mode
 
     out = dict(added_later(), **config)
+    out.setdefault("extract_calibration", None)  # not an option: what names a run's int8 calibration sample
     out["mirror_views"] = mirror_mode(out["mirror_views"])
     return out
 

@@ -20,9 +20,22 @@ from fasttl.transfer.feature_models import FeatureModel, feature_caches
 from fasttl.transfer.registry import Outcome, Strategy, register
 from fasttl.transfer.trained import TrainedModel
 from fasttl.util.errors import OptionError
-from fasttl.transfer.rundir import Checkpoint, RunError, load_weights, read_config, save_weights
+from fasttl.transfer.rundir import (INT8_GRAPH, Checkpoint, RunError, load_weights, read_config, read_recorded,
+                                   save_weights, write_recorded)
 from fasttl.transfer.common import (BACKBONE_OPTIONS, check_backbone_options, eval_timings, param_dtype, run_backbone,
                                     throughput)
+
+
+def adopt_int8_graph(run_dir: str, backbone, extraction: Extraction) -> None:
+    """A run extracted through an int8 graph: predict and eval go through the same one, kept in its
+    folder as the run wrote it (checked against PyTorch on real images before use)."""
+    from fasttl.cache import engines
+
+    data = read_recorded(run_dir, INT8_GRAPH, engines.MAX_ENGINE_BYTES)
+    if data is None:
+        raise RunError(f"{os.path.join(run_dir, INT8_GRAPH)}: missing, or changed since the run wrote it; its "
+                       "int8 features can't be made again without the training images: train the run again")
+    engines.adopt(extraction.graph_name(backbone), data)
 
 
 class FeatureTransfer(Strategy):
@@ -54,6 +67,8 @@ class FeatureTransfer(Strategy):
     def train(self, cfg, ds, run_dir, device) -> List[Outcome]:
         backbone = backbones.create(cfg.backbone, weights=cfg.weights)
         caches = feature_caches(cfg, backbone, ds, with_mirror_views=True)
+        if caches.int8_graph is not None:  # predict and eval go through it (read back by load)
+            write_recorded(run_dir, INT8_GRAPH, caches.int8_graph)
         started = time.perf_counter()
         tuned = self.fit(cfg, caches.train_views, run_dir, device, caches.mirrored_validation)
         head, history, choice = tuned.head, tuned.records, tuned.choice
@@ -82,8 +97,10 @@ class FeatureTransfer(Strategy):
             raise RunError(f"{os.path.join(run_dir, 'config.json')}: {exc} (rerun it, or fix the value there)"
                            ) from None
         backbone = run_backbone(config)
-        taps = Extraction.of(config).taps
-        head = make_head(self.name, backbone.tapped_dim(taps), len(config["classes"]))
+        extraction = Extraction.of(config)
+        if extraction.calibration is not None:
+            adopt_int8_graph(run_dir, backbone, extraction)
+        head = make_head(self.name, backbone.tapped_dim(extraction.taps), len(config["classes"]))
         return FeatureModel(backbone, load_weights(run_dir, "head", head), config, device,
                             fit_settings=functools.partial(self.fit_settings, run_dir), refit=self.refit_head)
 

@@ -1,0 +1,150 @@
+"""int8 extraction in a run (`fasttl run --extract-precision int8`): one graph, calibrated on a
+seeded sample of the run's training images, extracts every split (train, test, the mirrored
+views, validation); it is kept in the run folder (its SHA-256 in the marker), so predict and eval
+go through the same graph and repeat the run's predictions exactly; a missing, edited or doctored
+graph is a one-line error naming it; the strategies that don't train on pooled features refuse it."""
+import hashlib
+import json
+import os
+
+import pytest
+
+from conftest import cli, one_line_error
+
+from fasttl.cache import engines
+
+pytestmark = pytest.mark.skipif(not engines.onnxruntime_available(),
+                                reason="onnxruntime is not installed (pip install onnx onnxruntime)")
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def int8_run(tmp_path_factory, three_classes):
+    """A finished linear run on int8 features (its own feature cache folder)."""
+    import fasttl.util.settings as settings_module
+    from fasttl.transfer.job import run
+
+    root = tmp_path_factory.mktemp("int8-run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(settings_module.CACHE_DIR.name, str(root / "feature-cache"))
+        patch.setattr(engines, "_EXPORTED", {})
+        metrics = run(data=str(three_classes), image_size=SIZE, extract_precision="int8", features="multi",
+                      compare="none", out=str(root / "run"), progress=False)
+    return root, metrics
+
+
+def _caches(root):
+    """{split folder name: manifest} of the run's caches."""
+    found = {}
+    for family in os.listdir(root / "feature-cache"):
+        for name in os.listdir(root / "feature-cache" / family):
+            manifest = root / "feature-cache" / family / name / "manifest.json"
+            if manifest.is_file():
+                found[name.split("-")[0] + ("-mirror" if "-mirror-" in name else "")] = json.loads(manifest.read_text())
+    return found
+
+
+def test_every_split_goes_through_the_graph_the_training_images_calibrated(int8_run):
+    root, metrics = int8_run
+    config = json.loads((root / "run" / "config.json").read_text())
+    key = config["extract_calibration"]
+    assert len(key) == 64 and config["extract_precision"] == "int8"
+    assert metrics["notes"]["extraction"]["precision"] == "int8"
+    assert metrics["notes"]["extraction"]["calibration"]["sample"] == key
+    graph = (root / "run" / "extract-int8.onnx").read_bytes()
+    assert b"QuantizeLinear" in graph
+    marker = json.loads((root / "run" / ".fasttl-run").read_text())
+    assert marker["files"]["extract-int8.onnx"] == hashlib.sha256(graph).hexdigest()
+    caches = _caches(root)
+    assert {"train", "test", "test-mirror", "validation-mirror"} <= set(caches), sorted(caches)
+    for name, manifest in caches.items():  # one graph for all: not each split's own calibration
+        assert manifest["fingerprint"]["compute"]["calibration"]["sample"] == key, name
+        assert manifest["engine_graph"]["sha256"] == hashlib.sha256(graph).hexdigest(), name
+
+
+def test_predict_and_eval_repeat_the_run_through_its_graph(int8_run, three_classes, capsys, monkeypatch):
+    """In a fresh process (no graph in memory), predict on the test images gives the run's own
+    predictions.csv, confidences included, and eval scores what the run scored."""
+    import fasttl
+    from fasttl import data
+
+    root, metrics = int8_run
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(root / "feature-cache"))
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    model = fasttl.load_run(str(root / "run"))
+    names, probabilities = model.predict(data.scan_class_folder(str(three_classes / "test")))
+    confidences = probabilities.max(1).values.tolist()
+    rows = [line.split(",") for line in (root / "run" / "predictions.csv").read_text().splitlines()[1:]]
+    assert names == [row[2] for row in rows]
+    assert [round(c, 4) for c in confidences] == [float(row[3]) for row in rows]
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    code, text, err = cli(capsys, "eval", root / "run", "--no-progress")
+    assert code == 0, err
+    evaluated = json.loads((root / "run" / "eval_metrics.json").read_text())
+    assert evaluated["accuracy"] == metrics["accuracy"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "edited", "zeros, marker updated"])
+def test_a_missing_or_doctored_run_graph_is_named(int8_run, three_classes, tmp_path, capsys, monkeypatch, damage,
+                                                  lite0):
+    import shutil
+
+    root, _ = int8_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(root / "run", run_dir)
+    graph = run_dir / "extract-int8.onnx"
+    if damage == "missing":
+        graph.unlink()
+    elif damage == "edited":
+        graph.write_bytes(graph.read_bytes()[:-10] + b"0123456789")
+    else:
+        from test_int8_engine import _zeros_graph
+
+        planted = _zeros_graph(lite0, 4, SIZE)
+        graph.write_bytes(planted)
+        marker = json.loads((run_dir / ".fasttl-run").read_text())
+        marker["files"]["extract-int8.onnx"] = hashlib.sha256(planted).hexdigest()
+        (run_dir / ".fasttl-run").write_text(json.dumps(marker))
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "fresh-cache"))  # nothing to reuse: the graph must run
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    image = sorted((three_classes / "test" / "cat").iterdir())[0]
+    code, _, err = cli(capsys, "predict", "--run", run_dir, image)
+    line = one_line_error(err)
+    assert code != 0
+    if damage == "zeros, marker updated":
+        assert "int8 graph" in line and "does not match the backbone" in line and "train the run again" in line
+    else:
+        assert str(graph) in line and "train the run again" in line
+
+
+@pytest.mark.parametrize("words", [["--strategy", "finetune"], ["--strategy", "dann", "--target-data", "x"],
+                                   ["--compare", "finetune"], ["--budget", "5m"]])
+def test_int8_is_refused_where_a_run_cannot_use_it(capsys, tmp_path, words):
+    code, _, err = cli(capsys, "run", "--extract-precision", "int8", *words, "--out", tmp_path / "run",
+                       "--no-progress")
+    line = one_line_error(err)
+    assert code == 2 and "int8" in line and ("fp32 or auto" in line or "drop --extract-precision int8" in line)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("options,vnni,expected", [
+    ({}, True, "int8"),
+    ({}, False, "auto"),
+    ({"images": 9_999}, True, "auto"),       # too few images to pay for quantizing
+    ({"strategy": "mlp"}, True, "int8"),
+    ({"compare": "scratch"}, True, "int8"),  # scratch reads no features
+    ({"compare": "finetune"}, True, "auto"),
+    ({"strategy": "finetune"}, True, "auto"),
+    ({"budget": "5m"}, True, "auto"),        # the planner costs fp32 extraction
+    ({"engine": "torch"}, True, "auto"),
+    ({"extract_precision": "fp32"}, True, "fp32"),
+    ({"extract_precision": "int8"}, False, "int8"),
+])
+def test_a_runs_auto_precision_is_int8_only_where_it_was_measured_to_pay(tmp_path, monkeypatch, options, vnni,
+                                                                         expected):
+    from fasttl.transfer.config import run_config
+
+    monkeypatch.setattr(engines, "cpu_has_int8_dot", lambda: vnni)
+    images = options.pop("images", 60_000)
+    resolved = run_config()(**dict(dict(data=str(tmp_path)), **options)).resolved(32, images)
+    assert resolved.extract_precision == expected
