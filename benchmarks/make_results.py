@@ -82,12 +82,14 @@ def robustness_section(path: pathlib.Path) -> list:
              "each asserts the exit code or exception, that the message names the culprit, and that no file "
              "outside the intended output changed).", "",
              "| area | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    totals_before = [0] * len(columns)
+    totals_before, totals_after = [0] * len(columns), [0] * len(columns)
     for area in r["areas"]:
         cells = [f"{b} -> {a}" if i else str(b) for i, (b, a) in enumerate(zip(area["before"], area["after"]))]
         totals_before = [t + b for t, b in zip(totals_before, area["before"])]
+        totals_after = [t + a for t, a in zip(totals_after, area["after"])]
         parts.append(f"| {area['area']} | " + " | ".join(cells) + " |")
-    parts.append("| **all** | " + " | ".join([str(totals_before[0])] + [f"{b} -> 0" for b in totals_before[1:]])
+    parts.append("| **all** | " + " | ".join([str(totals_before[0])] + [f"{b} -> {a}" for b, a in
+                                                                        zip(totals_before[1:], totals_after[1:])])
                  + " |")
     parts += ["", "Each cell: before the hardening -> now. How the before column was found:"]
     parts += [f"- {area['area']} ({area['tests']}): {area['how']}." for area in r["areas"]]

@@ -122,6 +122,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
           f"classes, input {result['image_size']} x {result['image_size']})")
     print(f"verified with ONNX Runtime on {result['images']} real images: max abs logit difference from torch "
           f"{result['max_abs_diff']:.2e}")
+    from fasttl.transfer.rundir import read_config
+
+    if read_config(args.run_dir).get("extract_precision") == "int8":  # said, never silent
+        print("fasttl: note: the run extracted its features through its int8 graph (extract-int8.onnx); this "
+              "export runs the fp32 backbone, so a few predictions can differ from the run's (fasttl predict --run "
+              "repeats the run's own)", file=sys.stderr)
     _say("\n".join(run_instructions(result)))
     return 0
 

@@ -148,3 +148,64 @@ def test_a_runs_auto_precision_is_int8_only_where_it_was_measured_to_pay(tmp_pat
     images = options.pop("images", 60_000)
     resolved = run_config()(**dict(dict(data=str(tmp_path)), **options)).resolved(32, images)
     assert resolved.extract_precision == expected
+
+
+def test_export_of_an_int8_run_says_it_runs_the_fp32_backbone(int8_run, tmp_path, capsys, monkeypatch):
+    root, _ = int8_run
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(root / "feature-cache"))
+    code, _, err = cli(capsys, "export", root / "run", "--out", tmp_path / "model.onnx")
+    assert code == 0, err
+    assert "int8 graph (extract-int8.onnx); this export runs the fp32 backbone" in err
+
+
+def test_a_run_keeps_the_graph_its_caches_record_not_a_damaged_copy(int8_run, three_classes, tmp_path, monkeypatch):
+    """The caches are there (a second run on the same data) but the graph beside them was truncated:
+    the run quantizes it again (the quantizer is deterministic) and keeps the graph whose SHA-256 the
+    training cache's manifest records, never the damaged file."""
+    from fasttl.transfer.job import run
+
+    root, _ = int8_run
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(root / "feature-cache"))
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    train = next(m for name, m in _caches(root).items() if name == "train")
+    graph = next((root / "feature-cache").glob(f"*/{train['engine_graph']['file']}"))
+    graph.write_bytes(graph.read_bytes()[: len(graph.read_bytes()) // 2])
+    run(data=str(three_classes), image_size=SIZE, extract_precision="int8", features="multi", compare="none",
+        out=str(tmp_path / "again"), progress=False)
+    kept = (tmp_path / "again" / "extract-int8.onnx").read_bytes()
+    assert hashlib.sha256(kept).hexdigest() == train["engine_graph"]["sha256"]
+
+
+@pytest.mark.parametrize("calibration,culprit", [
+    ("abc", "expected \\(key, images\\)"),
+    ((None, "images"), "64 hex digits"),
+    ((123, None), "64 hex digits"),
+    (("a" * 64, "images"), "float tensor"),
+    (("a" * 64, "uint8"), "float tensor"),
+    (("a" * 64, "size"), "float tensor"),
+    (("a" * 64, "pixels"), "normalized range"),
+    (("a" * 64, "nan"), "normalized range"),
+])
+def test_a_hostile_calibration_argument_is_named(lite0, small_source, tmp_path, calibration, culprit):
+    import torch
+
+    import fasttl
+
+    images = {"uint8": torch.zeros(2, 3, SIZE, SIZE, dtype=torch.uint8), "size": torch.zeros(2, 3, 8, 8),
+              "pixels": torch.full((2, 3, SIZE, SIZE), 200.0), "nan": torch.full((2, 3, SIZE, SIZE), float("nan"))}
+    if isinstance(calibration, tuple) and calibration[1] in images:
+        calibration = (calibration[0], images[calibration[1]])
+    with pytest.raises(ValueError, match=f"^calibration: .*{culprit}"):
+        fasttl.FeatureCache.build(lite0, small_source, str(tmp_path / "c"), image_size=SIZE, precision="int8",
+                                  calibration=calibration, progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_messages_of_int8_never_advise_the_torch_engine(monkeypatch):
+    import torch
+
+    from fasttl.util.errors import OptionError
+
+    monkeypatch.setattr(engines, "onnxruntime_available", lambda: False)
+    with pytest.raises(OptionError, match=r"or pass --extract-precision fp32 \(a run's: train it again\)$"):
+        engines.resolve("auto", "int8", torch.device("cpu"))

@@ -249,6 +249,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     rank, world = rank_and_world()
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     spec = TransformSpec.for_backbone(backbone.preprocessing, size=image_size, mirror=mirror)
+    _check_calibration(calibration, spec)
     source, skipped = _screened(data, out_dir, on_error)
     resolved_backend = ImageLoader(source, spec, batch_size, backend=backend).backend
     backbone.check_taps(taps)
@@ -313,6 +314,30 @@ def _check_inputs(backbone, data, image_size, batch_size) -> None:
     if image_size is not None:
         check_image_size("image_size", image_size)
     positive_int("batch_size", batch_size, optional=True)
+
+
+def _check_calibration(calibration, spec) -> None:
+    """`calibration` (int8, another source's sample): (key, images) as calibration_sample makes them,
+    named when not: a key of 64 hex digits, images None or float (N, 3, size, size) preprocessed
+    for the backbone (within its normalized range: 0..255 pixels would calibrate a wrong graph)."""
+    if calibration is None:
+        return
+    if not isinstance(calibration, (tuple, list)) or len(calibration) != 2:
+        raise ValueError("calibration: expected (key, images) from fasttl.cache.extraction.calibration_sample")
+    key, images = calibration
+    if not (isinstance(key, str) and len(key) == 64 and all(c in "0123456789abcdef" for c in key)):
+        raise ValueError(f"calibration: the key must be 64 hex digits (calibration_sample's), got {key!r:.80}")
+    if images is None:
+        return
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != 4 or \
+            tuple(images.shape[1:]) != (3, spec.size, spec.size) or not len(images):
+        raise ValueError(f"calibration: images must be a float tensor (N, 3, {spec.size}, {spec.size}) preprocessed "
+                         f"as extraction preprocesses them, got {getattr(images, 'shape', type(images).__name__)}")
+    low = min((0 - m) / s for m, s in zip(spec.mean, spec.std)) - 0.01
+    high = max((1 - m) / s for m, s in zip(spec.mean, spec.std)) + 0.01
+    if not bool(torch.isfinite(images).all()) or float(images.min()) < low or float(images.max()) > high:
+        raise ValueError(f"calibration: images outside the backbone's normalized range [{low:.2f}, {high:.2f}] (or "
+                         "not finite): pass images preprocessed as calibration_sample makes them, not raw pixels")
 
 
 def _screened(data, out_dir: str, on_error: str):

@@ -105,8 +105,9 @@ def resolve(engine: str, precision: str, device: torch.device) -> tuple:
             raise OptionError("extract_precision: the onnxruntime engine runs fp32 or int8; pass --extract-precision "
                               "fp32 or --engine torch for bf16")
         if not onnxruntime_available():
+            other = "--extract-precision fp32 (a run's: train it again)" if precision == "int8" else "--engine torch"
             raise OptionError("engine: onnxruntime is not installed; pip install onnx onnxruntime (or the "
-                              "'export' extra), or pass --engine torch")
+                              f"'export' extra), or pass {other}")
     return engine, precision
 
 
@@ -166,8 +167,9 @@ class OnnxEngine:
                     _write_engine_file(onnx_path, data)  # a rename: a link there is replaced, never followed
                 return
             if fresh:
-                raise CacheError(f"engine: onnxruntime's {precision} features differ from PyTorch's ({error}); pass "
-                                 "--engine torch")
+                fix = "its calibration images may not be the data's: pass --extract-precision fp32" \
+                    if precision == "int8" else "pass --engine torch"
+                raise CacheError(f"engine: onnxruntime's {precision} features differ from PyTorch's ({error}); {fix}")
 
     def _export(self, image_size: int, calibration_images: Optional[Tensor]) -> bytes:
         data = export_onnx(self.model, self.taps, image_size)
@@ -267,6 +269,11 @@ def adopt(name: str, data: bytes) -> None:
     by predict or eval): like any graph found, it is checked against PyTorch on real images
     before it extracts anything."""
     _EXPORTED[name] = data
+
+
+def forget(name: str) -> None:
+    """This process's copy of graph `name` is no longer trusted: the next use reads or makes it anew."""
+    _EXPORTED.pop(name, None)
 
 
 def graph_bytes(name: str, engine_dir: Optional[str] = None) -> Optional[bytes]:

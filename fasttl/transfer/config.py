@@ -162,6 +162,10 @@ class RunOptions:
         if self.compare == self.strategy:
             raise OptionError(f"compare: --compare {self.compare} is the --strategy itself; compare with another "
                               "strategy, or pass --compare none")
+        shared = set(strategy.outputs) & set(trained[-1].outputs) if len(trained) > 1 else set()
+        if shared:  # one would overwrite the other's weights in the run folder
+            raise OptionError(f"compare: --strategy {strategy.name} and --compare {trained[-1].name} both save "
+                              f"{sorted(shared)[0]}.safetensors in one run folder; run them into two --out folders")
         _check_unused(self, trained)
         out = dataclasses.replace(self)
         out.epochs = strategy.epochs if self.epochs is None else self.epochs

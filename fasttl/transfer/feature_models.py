@@ -92,13 +92,23 @@ def int8_graph(cfg, backbone, extraction: Extraction, train_cache, calibration: 
     from fasttl.cache import engines
     from fasttl.cache.extraction import extraction_engine
 
+    import hashlib
+
+    from fasttl.cache.store import CacheError
+
     engine_dir, name = os.path.dirname(train_cache.directory), extraction.graph_name(backbone)
+    recorded = (train_cache.manifest.get("engine_graph") or {}).get("sha256")  # what extracted the cache
     data = engines.graph_bytes(name, engine_dir)
-    if data is None:
+    if data is None or hashlib.sha256(data).hexdigest() != recorded:
+        engines.forget(name)
         engine, precision = extraction.resolved(cfg.device)
         extraction_engine(backbone, torch.device(cfg.device), engine, precision, extraction.taps,
                           extraction.image_size, engine_dir, calibration=(extraction.calibration, calibration))
         data = engines.graph_bytes(name, engine_dir)
+    if data is None or hashlib.sha256(data).hexdigest() != recorded:
+        raise CacheError(f"engine: the int8 graph {os.path.join(engine_dir, name)} is not the one that extracted "
+                         f"{train_cache.directory} (its SHA-256 differs from the manifest's); run again with "
+                         "--overwrite to extract anew")
     return data
 
 
