@@ -5,6 +5,7 @@ cache; a FeatureModel is a head on those features, predicting through the cache 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -87,13 +88,11 @@ def calibration_sample(cfg, backbone, train_source, extraction: Extraction) -> O
 
 def int8_graph(cfg, backbone, extraction: Extraction, train_cache, calibration: Tensor) -> bytes:
     """The int8 graph the run's caches were extracted through, kept for its folder: the one this
-    process verified, or the one left beside the caches, else quantized again on the same sample
-    (the same graph: the quantizer is deterministic)."""
+    process verified, or the one left beside the caches, when its SHA-256 is the one the training
+    cache's manifest records; else quantized again on the same sample (the same graph: the
+    quantizer is deterministic), and refused when that is still not the one."""
     from fasttl.cache import engines
     from fasttl.cache.extraction import extraction_engine
-
-    import hashlib
-
     from fasttl.cache.store import CacheError
 
     engine_dir, name = os.path.dirname(train_cache.directory), extraction.graph_name(backbone)
