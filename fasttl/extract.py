@@ -66,14 +66,33 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     # a list's images may lie far from the list: the cache never goes among them either
     refuse_writes_among_sources([train, test], [("the cache folder --out", out, "give --out")])
     splits = {"train": train, "test": test} if test is not None else {"all": train}
-    summaries = {}
-    for name, source in splits.items():
+    summaries, calibration = {}, None
+    for name, source in splits.items():  # train first: its graph extracts the test split too
         cache = FeatureCache.build(model, source, os.path.join(out, name), dtype=dtype, batch_size=batch_size,
                             device=torch_device, image_size=image_size, shard_rows=shard_rows, overwrite=overwrite,
                             backend=backend, progress=progress, on_error=on_error, taps=FEATURE_TAPS[features],
-                            engine=engine, precision=precision, engine_dir=out)
+                            engine=engine, precision=precision, engine_dir=out, calibration=calibration)
         summaries[name] = dict(cache.last_build, rows=len(cache), directory=cache.directory)
+        if calibration is None:
+            calibration = _training_calibration(model, source, cache, image_size, on_error)
     return summaries
+
+
+def _training_calibration(model, train, cache: FeatureCache, image_size, on_error: str) -> Optional[tuple]:
+    """An int8 training cache's calibration sample (None for other precisions), which the test
+    split's graph uses too: a test split calibrated on itself would be another feature space than
+    the one its head trained on. The images are the training split's as its build screened them."""
+    from fasttl.cache.build import screened_source
+    from fasttl.cache.extraction import calibration_sample
+    from fasttl.data.spec import TransformSpec
+
+    if ((cache.fingerprint.get("compute") or {}).get("precision")) != "int8":
+        return None
+    source = screened_source(train, cache.directory, on_error)
+    key, images = calibration_sample(source, TransformSpec.for_backbone(model.preprocessing, size=image_size))
+    if key != cache.fingerprint["compute"]["calibration"].get("sample"):  # one rule for both: a bug, not a user error
+        raise RuntimeError(f"extract: the training cache {cache.directory} names another calibration sample")
+    return key, images
 
 
 # The folders extract writes under --out: the two splits of class folders, or the one of a list.

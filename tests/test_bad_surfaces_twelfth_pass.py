@@ -218,9 +218,9 @@ def test_caches_of_two_backbones_are_not_one_feature_space(tmp_path):
     first, second = (fasttl.FeatureCache.write(str(tmp_path / name), rows, [0, 1, 0, 1], classes=["a", "b"],
                                                fingerprint={"backbone": {"name": name}})
                      for name in ("lite0", "lite1"))
-    with pytest.raises(fasttl.cache.store.CacheError, match="concat: caches made by different backbones"):
+    with pytest.raises(fasttl.cache.store.CacheError, match="concat: caches made with another backbone"):
         fasttl.FeatureCache.concat([first, second])
-    with pytest.raises(OptionError, match="eval_cache: .* or backbone are not the training cache's"):
+    with pytest.raises(OptionError, match="eval_cache: made with another backbone"):
         fasttl.heads.train_head(first, epochs=1, eval_cache=second, progress=False)
     assert len(fasttl.FeatureCache.concat([first, first])) == 8
 

@@ -50,9 +50,9 @@ def test_int8_features_are_near_the_float64_reference_and_named_by_their_calibra
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     compute = manifest["fingerprint"]["compute"]
     assert compute["engine"] == "onnxruntime" and compute["precision"] == "int8"
-    assert compute["calibration"] == quantize.settings()
     (name,) = os.listdir(engine_dir)
     key, _ = calibration_sample(small_source, cache_spec(lite0))
+    assert compute["calibration"] == dict(quantize.settings(), sample=key)  # the sample is named, its own too
     assert name == engines.onnx_file_name(lite0, taps, SIZE, key) and name.endswith("-int8.onnx")
     graph = (engine_dir / name).read_bytes()
     assert manifest["engine_graph"] == {"file": name, "bytes": len(graph), "sha256": hashlib.sha256(graph).hexdigest()}
@@ -154,3 +154,40 @@ def test_int8_graphs_of_earlier_calibrations_do_not_pile_up(lite0, small_source,
     graphs = sorted(n for n in os.listdir(engine_dir) if n.endswith(".onnx"))
     assert first not in graphs and len([n for n in graphs if n.endswith("-int8.onnx")]) == 2  # the new one, the notes
     assert "engine-0123456789abcdef.onnx" in graphs and "engine-notes-int8.onnx" in graphs
+
+
+def test_extract_calibrates_every_split_on_the_training_images_and_mixed_calibrations_are_refused(
+        lite0, three_classes, tmp_path, capsys, monkeypatch):
+    """`fasttl extract --extract-precision int8`: the test split goes through the graph the training
+    images calibrated (one feature space: a head trains on one and scores the other); a cache of
+    another calibration is never mixed with them (concat, eval_cache), naming the calibration."""
+    from conftest import cli
+
+    from fasttl.cache.cache import FeatureCache
+    from fasttl.cache.store import CacheError
+    from fasttl.heads import train_head
+
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    out = tmp_path / "cache"
+    code, _, err = cli(capsys, "extract", "--backbone", "efficientnet_lite0", "--data", str(three_classes), "--out",
+                       str(out), "--image-size", "48", "--extract-precision", "int8", "--backend", "torch",
+                       "--no-progress")
+    assert code == 0, err
+    train, test = (FeatureCache.open(str(out / split)) for split in ("train", "test"))
+    source = D.class_folder_splits(str(three_classes))[0]
+    key, _ = calibration_sample(source, D.TransformSpec.for_backbone(lite0.preprocessing, size=48))
+    for cache in (train, test):
+        assert cache.fingerprint["compute"]["calibration"]["sample"] == key
+        assert cache.manifest["engine_graph"] == train.manifest["engine_graph"]
+    assert train.made_by() == test.made_by()
+    fit = train_head(train, eval_cache=test, epochs=1, seed=0, progress=False)
+    assert 0.5 < fit.history[-1]["eval_accuracy"]  # three classes: one feature space scores well above chance
+    # the test split calibrated on itself (FeatureCache.build without calibration=): another graph
+    alone = build(lite0, D.class_folder_splits(str(three_classes))[1], tmp_path / "alone", image_size=48, taps=0,
+                  dtype=train.fingerprint["dtype"])
+    assert alone.fingerprint["compute"]["calibration"]["sample"] != key
+    with pytest.raises(CacheError, match="int8 calibration sample"):
+        FeatureCache.concat([test, alone])
+    with pytest.raises(OptionError, match="int8 calibration sample") as caught:
+        train_head(train, eval_cache=alone, epochs=1, seed=0, progress=False)
+    assert "\n" not in str(caught.value)

@@ -23,8 +23,8 @@ from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES
 from fasttl.data import ImageLoader, TransformSpec
 from fasttl.data import screen as screen_source
 from fasttl.data.sources import ON_ERROR, ArraySource, FileSource, image_folders
-from fasttl.cache.extraction import (calibration_sample, compute_settings, default_batch_size, extract_features,
-                                     extraction_engine, verification_images)
+from fasttl.cache.extraction import (calibration_key, calibration_sample, compute_settings, default_batch_size,
+                                     extract_features, extraction_engine, verification_images)
 from fasttl.cache import engines
 from fasttl.cache.folder import file_entry, finish, refuse_foreign
 from fasttl.util.checks import positive_int, torch_device
@@ -254,7 +254,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     resolved_backend = ImageLoader(source, spec, batch_size, backend=backend).backend
     backbone.check_taps(taps)
     wanted = fingerprint(backbone, source, spec, dtype, resolved_backend, shard_rows, device, taps, engine, precision,
-                         calibration[0] if calibration else None)
+                         _calibration_key(calibration, source, spec, engine, precision, device))
     labels = _check_labels(source)
     refuse_foreign(out_dir)  # read-only: before a manifest there is read or anything written
     _check_engine_dir(engine_dir, source)
@@ -316,6 +316,16 @@ def _check_inputs(backbone, data, image_size, batch_size) -> None:
     positive_int("batch_size", batch_size, optional=True)
 
 
+def _calibration_key(calibration, source, spec, engine: str, precision: str, device) -> Optional[str]:
+    """What names the sample an int8 build's graph calibrates on, for its fingerprint: the given
+    one, else this source's own (so caches of two calibrations never pass for one feature space)."""
+    if calibration is not None:
+        return calibration[0]
+    if engines.resolve(engine, precision, device)[1] != "int8":
+        return None
+    return calibration_key(source, spec)
+
+
 def _check_calibration(calibration, spec) -> None:
     """`calibration` (int8, another source's sample): (key, images) as calibration_sample makes them,
     named when not: a key of 64 hex digits, images None or float (N, 3, size, size) preprocessed
@@ -338,6 +348,11 @@ def _check_calibration(calibration, spec) -> None:
     if not bool(torch.isfinite(images).all()) or float(images.min()) < low or float(images.max()) > high:
         raise ValueError(f"calibration: images outside the backbone's normalized range [{low:.2f}, {high:.2f}] (or "
                          "not finite): pass images preprocessed as calibration_sample makes them, not raw pixels")
+
+
+def screened_source(data, out_dir: str, on_error: str):
+    """The images of `data` a build into `out_dir` extracts (without those "skip" leaves out)."""
+    return _screened(data, out_dir, on_error)[0]
 
 
 def _screened(data, out_dir: str, on_error: str):

@@ -18,6 +18,13 @@ from fasttl.cache.store import CacheError
 from fasttl.util.checks import positive_int, torch_device
 
 
+# made_by's parts, in its order, as messages name them
+MADE_BY_PARTS = ("backbone", "layout of tapped stages", "image size, normalization or crop", "extraction precision",
+                 "backbone (user's fingerprint)", "model (user's fingerprint)",
+                 "int8 calibration sample (build every split with calibration= the training split's "
+                 "calibration_sample, as fasttl extract and run do)")
+
+
 class FeatureCache:
     """Features of one split of a dataset under one backbone and preprocessing.
 
@@ -104,8 +111,8 @@ class FeatureCache:
             if (other.feature_dim, other.dtype, other.classes) != (first.feature_dim, first.dtype, first.classes):
                 raise CacheError("concat: caches differ in feature dim, dtype or classes")
             if other.made_by() != first.made_by():  # rows of two backbones of one width are not one feature space
-                raise CacheError(f"concat: caches made by different backbones or layouts ({first.made_by()} and "
-                                 f"{other.made_by()})")
+                raise CacheError(f"concat: caches made with another {first.made_differently(other)} ("
+                                 f"{first.directory} and {other.directory}); concatenate caches of one feature space")
         manifest = dict(first.manifest, count=sum(len(c) for c in caches))
         scales = None if first._shard_scales is None else torch.cat([s for c in caches for s in c._shard_scales])
         return cls(first.directory, manifest, torch.cat([s for c in caches for s in c._shards]), scales,
@@ -155,7 +162,7 @@ class FeatureCache:
     def made_by(self) -> tuple:
         """What made the rows, as the fingerprint records it: the backbone (name and weights'
         SHA-256), the layout of its tapped stages, the images' preprocessing and the extraction
-        precision; for features written by hand, the "backbone"
+        precision (with an int8 graph's calibration sample); for features written by hand, the "backbone"
         or "model" their writer put in its fingerprint (other keys, such as a split's name, may
         differ between caches of one feature space)."""
         fingerprint = self.fingerprint if isinstance(self.fingerprint, dict) else {}
@@ -165,10 +172,20 @@ class FeatureCache:
         # the image size, normalization and crop (32 px and 64 px features of one backbone are two
         # feature spaces), and the precision; not the mirror flag (a split's two views go together)
         # nor the decoder or engine (the same features within fp32 rounding)
+        # An int8 graph's activation ranges come from its calibration sample: two samples, two
+        # graphs (compute.calibration names the sample; a run's splits all name its training one).
         images = {k: v for k, v in preprocessing.items() if k not in ("mirror", "backend")}
         return tuple(json.dumps(value, sort_keys=True, default=str) for value in (
             fingerprint.get("backbone"), fingerprint.get("layout"), images or None, compute.get("precision"),
-            user.get("backbone"), user.get("model")))
+            user.get("backbone"), user.get("model"), compute.get("calibration")))
+
+    def made_differently(self, other: "FeatureCache") -> Optional[str]:
+        """The first part of made_by that differs between this cache and `other`, in words (None
+        when they are one feature space)."""
+        for what, mine, theirs in zip(MADE_BY_PARTS, self.made_by(), other.made_by()):
+            if mine != theirs:
+                return what
+        return None
 
     def subset(self, rows) -> "FeatureCache":
         """The rows `rows` (indices into this cache, in that order, or a boolean mask of one entry per

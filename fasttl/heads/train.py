@@ -204,11 +204,13 @@ def _check_arguments(train, eval_cache, kind, epochs, batch_size, lr, weight_dec
         if not isinstance(view, FeatureCache):
             raise OptionError(f"eval_cache: expected a FeatureCache (or a list of views of one), got "
                               f"{type(view).__name__}")
-        if list(view.classes) != list(train.classes) or view.feature_dim != train.feature_dim or \
-                view.made_by() != train.made_by():
-            raise OptionError(f"eval_cache: its classes {list(view.classes)[:5]}, width {view.feature_dim} or backbone "
+        if list(view.classes) != list(train.classes) or view.feature_dim != train.feature_dim:
+            raise OptionError(f"eval_cache: its classes {list(view.classes)[:5]} or width {view.feature_dim} "
                               f"are not the training cache's ({list(train.classes)[:5]}, {train.feature_dim}); "
                               "evaluate on features of the same classes, in the same order, from the same backbone")
+        if view.made_by() != train.made_by():
+            raise OptionError(f"eval_cache: made with another {train.made_differently(view)} than the training "
+                              "cache; evaluate on features extracted as the training features were")
     if any(len(view) != len(views[0]) or not torch.equal(view.labels, views[0].labels) for view in views[1:]):
         raise OptionError("eval_cache: its views hold other rows or labels than its first; pass views of one split "
                           "(the plain and the mirrored features of the same images, in the same order)")
