@@ -225,3 +225,28 @@ def test_messages_of_int8_never_advise_the_torch_engine(monkeypatch):
     monkeypatch.setattr(engines, "onnxruntime_available", lambda: False)
     with pytest.raises(OptionError, match=r"or pass --extract-precision fp32 \(a run's: train it again\)$"):
         engines.resolve("auto", "int8", torch.device("cpu"))
+
+
+def test_an_int8_run_on_one_image_a_class_trains_and_predicts(tmp_path, cifar10_root, capsys, monkeypatch):
+    """The calibration sample is every training image where there are fewer than its size (here
+    two), and no validation split is carved: the run still goes through one graph and predict
+    repeats its predictions."""
+    from conftest import cifar_subset
+
+    data = cifar_subset(cifar10_root, tmp_path / "one", ["cat", "ship"], 1, 3)
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "feature-cache"))
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    code, _, err = cli(capsys, "run", "--data", data, "--image-size", SIZE, "--extract-precision", "int8",
+                       "--compare", "none", "--out", tmp_path / "run", "--no-progress")
+    assert code == 0, err
+    caches = _caches(tmp_path)
+    assert {m["fingerprint"]["compute"]["precision"] for m in caches.values()} == {"int8"}
+    assert len({m["engine_graph"]["sha256"] for m in caches.values()}) == 1
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    code, out, err = cli(capsys, "predict", "--run", tmp_path / "run", data / "test")
+    assert code == 0, err
+    predicted = {os.path.relpath(path, data / "test"): (name, confidence)
+                 for path, name, confidence in (line.split(",") for line in out.strip().splitlines()[1:])}
+    recorded = {sample: (name, confidence) for sample, _, name, confidence in
+                (line.split(",") for line in (tmp_path / "run" / "predictions.csv").read_text().splitlines()[1:])}
+    assert predicted == recorded and len(recorded) == 6
