@@ -261,6 +261,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     finished = _finished(out_dir, wanted, overwrite, world)  # read-only, without the lock
     if finished is not None:
         return _reused(out_dir, finished)
+    _check_graph_kept(backbone, calibration, wanted["compute"], taps, spec.size, engine_dir)
     os.makedirs(out_dir, exist_ok=True)
     with contextlib.ExitStack() as stack:
         _take_lock(stack, out_dir, rank, world)
@@ -324,6 +325,16 @@ def _calibration_key(calibration, source, spec, engine: str, precision: str, dev
     if engines.resolve(engine, precision, device)[1] != "int8":
         return None
     return calibration_key(source, spec)
+
+
+def _check_graph_kept(backbone, calibration, compute: dict, taps: int, size: int, engine_dir) -> None:
+    """Another source's calibration given without its images: its int8 graph must be kept (in
+    engine_dir, or made or adopted in this process), checked before anything is written."""
+    if calibration is None or calibration[1] is not None or compute["precision"] != "int8" or \
+            compute["engine"] != "onnxruntime":
+        return
+    if engines.graph_bytes(engines.onnx_file_name(backbone, taps, size, calibration[0]), engine_dir) is None:
+        raise engines.no_graph_kept(engine_dir)
 
 
 def _check_calibration(calibration, spec) -> None:
@@ -405,7 +416,11 @@ def _extract_missing(backbone, source, spec, out_dir: str, key: str, dtype: str,
     calibration = run.pop("calibration", None)
     if calibration is None and todo and run["precision"] == "int8":
         calibration = calibration_sample(source, spec)
-    engine = extraction_engine(backbone, device, **run, verify_images=verify, calibration=calibration) if todo else None
+    try:
+        engine = extraction_engine(backbone, device, **run, verify_images=verify, calibration=calibration) \
+            if todo else None
+    except engines.BatchError as exc:  # the verification batch: the source's first images
+        raise exc.naming(source.name_of(0)) from None
     started, written_bytes = time.perf_counter(), 0
     try:
         for s in todo:

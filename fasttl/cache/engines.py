@@ -39,6 +39,9 @@ ONNX_OPSET = 17
 # an older fasttl (its asymmetric pads as separate Pad nodes, about 1.45x slower) is exported anew.
 GRAPH_REVISION = "pads-folded"
 _EXPORTED = {}  # engine file name -> graph bytes exported (and verified) by this process
+# engine file name -> (the file a message names, the fix it gives) of a graph adopted from a run
+# folder (adopt): it can't be quantized again, and the user knows it by the run's file
+_ADOPTED = {}
 
 
 @functools.lru_cache(maxsize=1)
@@ -144,13 +147,13 @@ class OnnxEngine:
         self.name, self.graph_sha256, self.graph_bytes = name, None, 0
         self.model, self.taps, self.checked_sizes = model, taps, set()
         onnx_path = os.path.join(engine_dir, name) if name and engine_dir else None
-        self.onnx_path = onnx_path
+        self.onnx_path, self.engine_dir = onnx_path, engine_dir
         known = _EXPORTED.get(name) or (_read_engine_file(onnx_path) if onnx_path else None)
         error = None
         for data in ([known] if known else []) + [None]:
             fresh = data is None
             if fresh and precision == "int8" and calibration_images is None:
-                raise _no_calibration(name, known is not None, error)
+                raise self._unusable(error)
             try:
                 data = self._export(image_size, calibration_images) if fresh else data
                 self.session = _session(data)
@@ -166,10 +169,10 @@ class OnnxEngine:
                 if onnx_path and (fresh or not os.path.isfile(onnx_path)):
                     _write_engine_file(onnx_path, data)  # a rename: a link there is replaced, never followed
                 return
+            if fresh and precision == "int8":
+                raise self._out_of_range(len(self.verify_images), error)
             if fresh:
-                fix = "its calibration images may not be the data's: pass --extract-precision fp32" \
-                    if precision == "int8" else "pass --engine torch"
-                raise CacheError(f"engine: onnxruntime's {precision} features differ from PyTorch's ({error}); {fix}")
+                raise CacheError(f"engine: onnxruntime's features differ from PyTorch's ({error}); pass --engine torch")
 
     def _export(self, image_size: int, calibration_images: Optional[Tensor]) -> bytes:
         data = export_onnx(self.model, self.taps, image_size)
@@ -187,7 +190,7 @@ class OnnxEngine:
             error, tolerance = norm_error(features, want), INT8_TOLERANCE
         else:
             error, tolerance = relative_error(features, want), FP32_TOLERANCE
-        return f"relative error {error:.1e} > {tolerance:.0e}" if not error <= tolerance else None
+        return f"relative error {error:.2g} > {tolerance:.2g}" if not error <= tolerance else None
 
     def checked_run(self, images: Tensor) -> Tuple[Tensor, Optional[str]]:
         """(features, why they are wrong or None): the graph run beside the PyTorch reference,
@@ -240,8 +243,8 @@ class OnnxEngine:
         if len(images) in self.checked_sizes:
             return [self._run(images)]
         features, error = self.checked_run(images)
-        if error is not None and self.precision == "int8" and not self.quantizable:
-            raise _no_calibration(self.name, True, f"on a batch of {len(images)} images: {error}")
+        if error is not None and self.precision == "int8":  # deterministic: made again, it would be the same
+            raise self._out_of_range(len(images), error)
         if error is not None:
             _EXPORTED.pop(self.name, None)
             if self.onnx_path:
@@ -253,27 +256,71 @@ class OnnxEngine:
         self.checked_sizes.add(len(images))
         return [features]
 
+    def _out_of_range(self, count: int, error: str) -> "BatchError":
+        """An int8 graph too far from PyTorch fp32 on real images: a graph quantized just now on
+        the calibration sample, or one kept (a run's), met images outside the ranges the sample
+        gave its activations; quantizing it again gives the same graph, so the fix is fp32 (or,
+        for a kept graph, its owner's fix)."""
+        shown, fix = _ADOPTED.get(self.name, (self.onnx_path or self.name, None))
+        if self.quantizable:
+            why = ("int8, with the ranges its calibration sample gave it, can't follow these images closely enough; "
+                   "nothing of them was stored: pass --extract-precision fp32")
+        else:
+            why = "images unlike those it was calibrated on (or a graph changed along with its record): " + \
+                (fix or "pass their calibration images (calibration=(key, images)), or --extract-precision fp32")
+        return BatchError(f"engine: the int8 graph {shown} is off PyTorch fp32 on a batch of {count} images",
+                          f" ({error}): {why}")
 
-def _no_calibration(name: Optional[str], found: bool, error: Optional[str]) -> Exception:
-    """Why an int8 graph that must be looked up (its calibration images are not at hand: a run's
-    graph, read back for eval or predict) can't be used."""
-    if found:
-        return CacheError(f"engine: the int8 graph {name} does not match the backbone ({error}); it can't be "
-                          "quantized again without the images it was calibrated on: train the run again")
-    return OptionError("extract_precision: int8 needs calibration images of the data (it is for building a cache: "
-                       "fasttl extract, FeatureCache.build, or a run's training images)")
+    def _unusable(self, error: Optional[str]) -> Exception:
+        """Why an int8 graph that must be looked up (its calibration images are not at hand) can't
+        be used: none is kept, the one kept does not load, or it is too far from PyTorch on the
+        data's first images."""
+        if error is None and self.name is None:
+            return OptionError("extract_precision: int8 needs calibration images of the data (it is for building a "
+                               "cache: fasttl extract, FeatureCache.build, or a run's training images)")
+        if error is None:
+            return no_graph_kept(self.engine_dir)
+        if self.verify_images is not None and error.startswith(("relative error", "it ran longer")):
+            return self._out_of_range(len(self.verify_images), error)
+        shown, fix = _ADOPTED.get(self.name, (self.onnx_path or self.name, None))
+        return CacheError(f"engine: the int8 graph {shown} does not load ({error}), and it can't be quantized again "
+                          "without its calibration images: "
+                          + (fix or "pass calibration=(key, images), or --extract-precision fp32"))
 
 
-def adopt(name: str, data: bytes) -> None:
+class BatchError(CacheError):
+    """An engine's check failed on a batch of images, which the caller names (extract_features
+    knows the source): `naming(first image)` is the error with it."""
+
+    def __init__(self, before: str, after: str):
+        super().__init__(before + after)
+        self.before, self.after = before, after
+
+    def naming(self, first: str) -> CacheError:
+        return CacheError(f"{self.before} (the first {first}){self.after}")
+
+
+def no_graph_kept(engine_dir: Optional[str]) -> OptionError:
+    """Another source's calibration given without its images, and its int8 graph kept nowhere."""
+    where = f"in {engine_dir} or this process" if engine_dir else "in this process (no engine_dir given)"
+    return OptionError(f"calibration: no int8 graph of that calibration sample is kept ({where}), and it can't be "
+                       "made without the sample's images: pass calibration=(key, images) as calibration_sample "
+                       "makes them, or extract in fp32")
+
+
+def adopt(name: str, data: bytes, shown: Optional[str] = None, fix: Optional[str] = None) -> None:
     """Makes `data` the graph named `name` in this process (a run folder's int8 graph, read back
     by predict or eval): like any graph found, it is checked against PyTorch on real images
-    before it extracts anything."""
+    before it extracts anything. Messages about it name `shown` (the run's file) and give `fix`."""
     _EXPORTED[name] = data
+    if shown is not None:
+        _ADOPTED[name] = (shown, fix)
 
 
 def forget(name: str) -> None:
     """This process's copy of graph `name` is no longer trusted: the next use reads or makes it anew."""
     _EXPORTED.pop(name, None)
+    _ADOPTED.pop(name, None)
 
 
 def graph_bytes(name: str, engine_dir: Optional[str] = None) -> Optional[bytes]:

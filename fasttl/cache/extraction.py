@@ -136,7 +136,10 @@ def extract_features(engine, source, spec, dtype: torch.dtype, feature_dim: int,
     written = 0
     for images, _ in ImageLoader(source, spec, batch_size, backend=backend, device=device):
         n = images.shape[0]
-        maps = engine(images)
+        try:
+            maps = engine(images)
+        except engines.BatchError as exc:
+            raise exc.naming(source.name_of(written)) from None
         _refuse_non_finite(maps, source, written)
         store_maps(maps, features, torch.arange(written, written + n, device=device), scales)
         written += n

@@ -110,6 +110,7 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
     --resume (with the same options and data) or --overwrite; a folder of other files is left alone."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunError(f"out: {run_dir} is a file, not a folder; pass another --out")
+    cleared = None
     for name in (*run_files(), *own_entries()):  # found now, not when the results are written after training
         path = os.path.join(run_dir, name)
         if os.path.lexists(path) and not os.path.isfile(path) and not os.path.islink(path):
@@ -126,18 +127,18 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
                 raise RunError(f"resume: {run_dir} was run with other options or data ({details[:500]}); run with "
                                "the same options, or pass --overwrite to start over")
         elif cfg.overwrite:
-            clear_results(run_dir)
+            cleared = clear_results(run_dir)
         elif is_finished(run_dir):
             raise RunError(f"out: {run_dir} holds a finished run; pass --overwrite to replace it, or another --out")
         elif has_checkpoints(run_dir):
             raise RunError(f"out: {run_dir} holds an unfinished run; pass --resume to continue it, or --overwrite "
                            "to start over")
         else:
-            clear_results(run_dir)  # a run that stopped before its first epoch: nothing to resume or lose
+            cleared = clear_results(run_dir)  # a run that stopped before its first epoch: nothing to resume or lose
     else:
         _refuse_foreign(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    mark_run(run_dir)
+    mark_run(run_dir, keep_records=cleared is None)  # cleared: the records of its files go with them
 
 
 def _refuse_taken_out(cfg: RunConfig) -> None:

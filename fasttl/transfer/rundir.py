@@ -254,16 +254,17 @@ def holds_run(run_dir: str) -> bool:
     return config.get("run_key") == key
 
 
-def mark_run(run_dir: str, config_sha256: Optional[str] = None) -> None:
+def mark_run(run_dir: str, config_sha256: Optional[str] = None, keep_records: bool = True) -> None:
     """Writes the marker that makes `run_dir` a fasttl run folder (with the SHA-256 of the
-    config.json fasttl wrote, once there is one)."""
+    config.json fasttl wrote, once there is one). `keep_records=False`: the records of the files
+    an earlier run made are dropped (its files were cleared: the marker vouches for none of them)."""
     from fasttl._version import __version__
 
     marker = {"fasttl": __version__, "what": "a fasttl run folder"}
     if config_sha256 is not None:
         marker["config_sha256"] = config_sha256
     recorded = _marker(run_dir).get("files")
-    if isinstance(recorded, dict):  # a resumed run keeps the records of the files it made before
+    if keep_records and isinstance(recorded, dict):  # a resumed run keeps the records of the files it made before
         marker["files"] = recorded
     write_json_atomic(os.path.join(run_dir, MARKER), marker)
 
@@ -295,7 +296,7 @@ def read_recorded(run_dir: str, name: str, limit: int) -> Optional[bytes]:
     """The bytes of a file write_recorded made, or None when it is missing, not a plain file, over
     `limit` bytes or not what fasttl wrote (edited or damaged since): the caller makes it anew."""
     recorded = (_marker(run_dir).get("files") or {}).get(name)
-    if not isinstance(recorded, str):
+    if not isinstance(recorded, str) or os.path.islink(os.path.join(run_dir, name)):  # a link: not what fasttl wrote
         return None
     try:
         data = files.read_plain(os.path.join(run_dir, name), limit)

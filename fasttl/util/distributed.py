@@ -33,7 +33,29 @@ def launched_by_torchrun() -> bool:
     for name in ("RANK", "LOCAL_RANK"):
         if not os.environ[name].isdigit():
             raise OptionError(f"{name}: expected a number, got {os.environ[name]!r} (start fasttl with torchrun)")
+    if int(os.environ["RANK"]) >= world:  # it could never join: the others would wait for it forever
+        raise OptionError(f"RANK={os.environ['RANK']} is not below WORLD_SIZE={world}: ranks are 0 to {world - 1} "
+                          "(start fasttl with torchrun, which sets them)")
     return True
+
+
+JOIN_NOTICE_S = 30.0  # a rank still waiting for the others this long says so (torchrun's own wait is silent)
+
+
+def _init_group(backend: str) -> None:
+    import sys
+    import threading
+
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    notice = threading.Timer(JOIN_NOTICE_S, lambda: print(
+        f"fasttl: rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: still waiting for the other ranks "
+        f"at {where} (each is one process torchrun starts; Ctrl-C stops)", file=sys.stderr, flush=True))
+    notice.daemon = True
+    notice.start()
+    try:
+        dist.init_process_group(backend)
+    finally:
+        notice.cancel()
 
 
 def join(device: str) -> Tuple[torch.device, bool]:
@@ -42,7 +64,7 @@ def join(device: str) -> Tuple[torch.device, bool]:
     device as given."""
     created = False
     if launched_by_torchrun() and not dist.is_initialized():
-        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+        _init_group("nccl" if str(device).startswith("cuda") else "gloo")
         created = True
     if str(device).startswith("cuda") and launched_by_torchrun():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))

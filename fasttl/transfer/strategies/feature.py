@@ -33,9 +33,10 @@ def adopt_int8_graph(run_dir: str, backbone, extraction: Extraction) -> None:
 
     data = read_recorded(run_dir, INT8_GRAPH, engines.MAX_ENGINE_BYTES)
     if data is None:
-        raise RunError(f"{os.path.join(run_dir, INT8_GRAPH)}: missing, or changed since the run wrote it; its "
+        raise RunError(f"{os.path.join(run_dir, INT8_GRAPH)}: missing, a link, or changed since the run wrote it; its "
                        "int8 features can't be made again without the training images: train the run again")
-    engines.adopt(extraction.graph_name(backbone), data)
+    engines.adopt(extraction.graph_name(backbone), data, shown=os.path.join(run_dir, INT8_GRAPH),
+                  fix="train the run with --extract-precision fp32 to use it on images like these")
 
 
 class FeatureTransfer(Strategy):
