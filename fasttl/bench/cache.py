@@ -161,15 +161,12 @@ def scale_probe(directory: str, batch_size: int, shuffles=("rows",)) -> Dict[str
     moved = len(cache) * cache.feature_dim * (cache.shards[0].element_size() + 4)  # rows read + fp32 written
     for shuffle in shuffles:
         rows, started = 0, time.perf_counter()
-        loader = cache.loader(batch_size, shuffle=shuffle, seed=0)
-        for features, labels in loader:
+        for features, labels in cache.loader(batch_size, shuffle=shuffle, seed=0):
             rows += features.shape[0]
             peak = max(peak, rss_anon_bytes())
         seconds = time.perf_counter() - started
         assert rows == len(cache)
-        timed = loader.threads.per_row
-        epochs[shuffle] = {"epoch_s": seconds, "epoch_gbps": moved / seconds / 1e9,
-                           "threads": min(timed, key=timed.get) if timed else loader.threads.candidates[0]}
+        epochs[shuffle] = {"epoch_s": seconds, "epoch_gbps": moved / seconds / 1e9}
     epoch_s = epochs[shuffles[0]]["epoch_s"]
     # The measurement that chose the per-shard pointer table over grouping each batch by shard.
     table = cache._shard_table()
@@ -267,17 +264,12 @@ def _scale_rows(probe: Dict[str, object]) -> List[Dict[str, object]]:
         {"case": f"{tag}: RssAnon after open", "value": probe["rss_anon_after_open_mb"], "unit": "MB"},
         {"case": f"{tag}: RssAnon epoch peak", "value": probe["rss_anon_epoch_peak_mb"], "unit": "MB"},
         {"case": f"{tag}: epoch", "value": probe["epoch_s"], "unit": "s"},
-        *[{"case": f"{tag}: epoch throughput, shuffle={shuffle}{', another process copying' if busy else ''}"
-                   + (f" ({epochs[shuffle]['threads']} gather thread{'s' * (epochs[shuffle]['threads'] > 1)} "
-                      "chosen)" if "threads" in epochs[shuffle] else ""),
+        *[{"case": f"{tag}: epoch throughput, shuffle={shuffle}{', another process copying' if busy else ''}",
            "value": epochs[shuffle]["epoch_gbps"], "unit": "GB/s",
            "of_copy": epochs[shuffle]["epoch_gbps"] / probe["copy_gbps"]}
           for busy, epochs in ((False, probe["epochs"]), (True, probe["competing"])) for shuffle in SHUFFLES],
         {"case": f"{tag}: memory copy (same process)", "value": probe["copy_gbps"], "unit": "GB/s",
          "of_copy": 1.0},
-        *([{"case": f"{tag}: memory copy (same process), another process copying",
-            "value": probe["copy_competing_gbps"], "unit": "GB/s",
-            "of_copy": probe["copy_competing_gbps"] / probe["copy_gbps"]}] if "copy_competing_gbps" in probe else []),
         {"case": f"{tag}: batch gather, shard pointer table", "value": probe["batch_table_ms"], "unit": "ms"},
         {"case": f"{tag}: batch gather, grouped by shard", "value": probe["batch_grouped_ms"], "unit": "ms"},
     ]
@@ -301,8 +293,7 @@ def run_scale(quick: bool = False, data: str = None, root: str = None) -> Dict[s
             write_s = time.perf_counter() - started
             probe = dict(_probe_in_fresh_process(directory, SCALE_BATCH, SHUFFLES), write_s=write_s,
                          gb=rows * SCALE_DIM * 2 / 1e9)
-            competing = _probe_in_fresh_process(directory, SCALE_BATCH, SHUFFLES, competing=True)
-            probe["competing"], probe["copy_competing_gbps"] = competing["epochs"], competing["copy_gbps"]
+            probe["competing"] = _probe_in_fresh_process(directory, SCALE_BATCH, SHUFFLES, competing=True)["epochs"]
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         probes.append(probe)
@@ -322,9 +313,7 @@ def run_scale(quick: bool = False, data: str = None, root: str = None) -> Dict[s
                 f"shuffled epoch of cache.loader(batch {SCALE_BATCH}) into fp32 batches on the CPU. RssAnon from "
                 "/proc/self/status above the interpreter's baseline after importing fasttl; the shard pages "
                 "(page cache, just written, so warm) count as RssFile, not RssAnon.",
-                "epoch GB/s counts fp16 rows read + fp32 batch written, of copy: against the idle copy rate (the "
-                "copy beside the other process is shown too); the loader times its batches and gathers on the "
-                "thread count that runs faster (fasttl.cache.gather_threads: the count shown); shuffle "
+                "epoch GB/s counts fp16 rows read + fp32 batch written, of copy: against the idle copy rate; shuffle "
                 "rows: an exact per-row shuffle, each batch read in ascending order; blocks: blocks of "
                 f"{BLOCK_ROWS} neighbouring rows shuffled (fasttl.cache.order). \"another process copying\": the "
                 "same epochs in a fresh process while a second process copies 256 MiB buffers on one thread. "

@@ -12,7 +12,6 @@ from torch import Tensor
 from fasttl import _ops
 from fasttl.cache import build, format, write
 from fasttl.cache.format import mismatch_message  # noqa: F401  (part of this module's API)
-from fasttl.cache.gather_threads import GatherThreads
 from fasttl.cache.kernels import CACHE_DTYPE, ShardTable, gather
 from fasttl.cache.order import epoch_order, shuffle_mode
 from fasttl.cache.store import CacheError
@@ -324,13 +323,12 @@ class FeatureCache:
             return gather(self._shards[0], indices.to(self.device), self.scales, out_dtype)
         return self._shard_table().gather(indices.cpu(), out_dtype)
 
-    def _gather_in_range(self, indices: Tensor, out_dtype: torch.dtype, out: Optional[Tensor] = None,
-                         threads: int = 0) -> Tensor:
+    def _gather_in_range(self, indices: Tensor, out_dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
         # The loader's indices come from a permutation of range(len(self)): skipping the bounds
         # check saves two host syncs per batch on the GPU.
-        if self.device.type != "cpu":
+        if len(self._shards) == 1 and out is None:
             return _ops.gather(self._shards[0], self.scales, indices, out_dtype)
-        return self._shard_table().gather(indices, out_dtype, out=out, checked=False, threads=threads)
+        return self._shard_table().gather(indices, out_dtype, out=out, checked=False)
 
     def all_features(self, out_dtype: torch.dtype = torch.float32) -> Tensor:
         """Every row dequantized, as one tensor in memory (as large as the cache in out_dtype)."""
@@ -367,7 +365,6 @@ class CacheLoader:
         self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle_mode(shuffle), seed
         self.device = torch_device(device) if device is not None else cache.device
         self.out_dtype, self.drop_last, self.epoch = out_dtype, drop_last, 0
-        self.threads = GatherThreads()  # on the CPU: chosen by timing the batches (fasttl.cache.gather_threads)
 
     def __len__(self) -> int:
         n = len(self.cache)
@@ -388,15 +385,9 @@ class CacheLoader:
             return
         for start in starts:
             indices = order[start:start + self.batch_size]
-            features = self._gather(indices)
+            features = self.cache._gather_in_range(indices, self.out_dtype)
             labels = self.cache.labels[indices]
             yield features.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-
-    def _gather(self, indices: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        if self.cache.device.type != "cpu":
-            return self.cache._gather_in_range(indices, self.out_dtype, out=out)
-        return self.threads.timed(lambda threads: self.cache._gather_in_range(indices, self.out_dtype, out=out,
-                                                                              threads=threads), len(indices))
 
     def _staged(self, order: Tensor, starts) -> Iterator[Tuple[Tensor, Tensor]]:
         """Host rows to the GPU through pinned buffers: the gather of batch k + 1 runs while the
@@ -413,7 +404,7 @@ class CacheLoader:
                 copied.synchronize()  # the copy that read this buffer is done
             indices = order[start:start + self.batch_size]
             n = len(indices)
-            self._gather(indices, out=features[:n])
+            self.cache._gather_in_range(indices, self.out_dtype, out=features[:n])
             torch.index_select(self.cache.labels, 0, indices, out=labels[:n])
             on_device = (features[:n].to(self.device, non_blocking=True),
                          labels[:n].to(self.device, non_blocking=True))

@@ -97,7 +97,6 @@ struct GatherArgs {
   const void* const* shard_caches = nullptr;
   const float* const* shard_scales = nullptr;  // int8 only
   int64_t shard_rows = 0;
-  int threads = 0;  // CPU: OpenMP threads of the gather (0: the runtime's default)
 };
 
 void pool_store_cpu(const PoolStoreArgs& args);
