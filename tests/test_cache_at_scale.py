@@ -531,7 +531,10 @@ def test_bench_cache_scale_quick_reports_every_measure(tmp_path, cifar10_root):
         assert 0 <= probe["rss_anon_after_open_mb"] <= probe["rss_anon_epoch_peak_mb"]
         for epochs in (probe["epochs"], probe["competing"]):  # each shuffle mode, idle and beside a copying process
             assert set(epochs) == {"rows", "blocks"} and all(e["epoch_gbps"] > 0 for e in epochs.values())
-        assert probe["epoch_s"] == probe["epochs"]["rows"]["epoch_s"]
+        assert probe["epoch_s"] > 0 and probe["copy_competing_gbps"] > 0  # the first epoch; the copy beside the load
+        for epoch in probe["epochs"].values():  # the median of the epochs after the first, within their range
+            low, high = epoch["epoch_gbps_range"]
+            assert low <= epoch["epoch_gbps"] <= high
     cases = [r["case"] for r in bench["rows"]]
     assert sum("epoch throughput, shuffle=" in c for c in cases) == 8  # 2 sizes x 2 modes x idle/competing
     from fasttl.bench import cache as bench_cache
