@@ -149,13 +149,17 @@ class FeatureCache:
         plain = all(c.scales is None and c.dtype == first.dtype for c in caches)
         features = torch.cat([c.features if plain else c.all_features() for c in caches], 1)
         layouts = [c.fingerprint.get("layout") or {"taps": 0, "channels": [c.feature_dim]} for c in caches]
+        compute = dict(first.fingerprint.get("compute") or {})
+        calibrations = [(c.fingerprint.get("compute") or {}).get("calibration") for c in caches]
+        if any(calibrations):  # every part's int8 graph (made_by compares them), not the first's alone
+            compute["calibration"] = {"parts": calibrations}
         fingerprint = dict(first.fingerprint, feature_dim=features.shape[1],
                            backbone={"name": "+".join(str((c.fingerprint.get("backbone") or {}).get("name"))
                                                       for c in caches),
                                      "parts": [c.fingerprint.get("backbone") for c in caches]},
                            layout={"taps": layouts[0].get("taps"),
                                    "channels": [w for layout in layouts for w in layout.get("channels", [])]},
-                           dtype=first.fingerprint.get("dtype") if plain else "fp32")
+                           dtype=first.fingerprint.get("dtype") if plain else "fp32", compute=compute)
         manifest = dict(first.manifest, fingerprint=fingerprint, feature_dim=features.shape[1])
         return cls(first.directory, manifest, features, None, first.labels, first.samples)
 

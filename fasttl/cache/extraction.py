@@ -139,7 +139,7 @@ def extract_features(engine, source, spec, dtype: torch.dtype, feature_dim: int,
         try:
             maps = engine(images)
         except engines.BatchError as exc:
-            raise exc.naming(source.name_of(written)) from None
+            raise exc.naming(source.name_of(written + exc.row)) from None
         _refuse_non_finite(maps, source, written)
         store_maps(maps, features, torch.arange(written, written + n, device=device), scales)
         written += n

@@ -64,6 +64,26 @@ def quantize(fp32_graph: bytes, images: torch.Tensor) -> bytes:
             return f.read()
 
 
+def input_range(graph: bytes):
+    """(low, high): the values of the graph's input its first QuantizeLinear represents (the
+    calibration sample's range of preprocessed pixels, widened to hold 0, as the quantizer does),
+    or None when the graph quantizes its input otherwise."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(graph)
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input and node.input[0] == "images" and len(node.input) >= 3:
+            scale, zero = constants.get(node.input[1]), constants.get(node.input[2])
+            if scale is None or zero is None or scale.size != 1 or zero.dtype != np.uint8:
+                return None
+            scale, zero = float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0])
+            return (0 - zero) * scale, (255 - zero) * scale
+    return None
+
+
 @contextlib.contextmanager
 def _quiet():
     """The quantizer's advice on the root logger ("consider pre-processing"), not the user's to act

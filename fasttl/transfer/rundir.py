@@ -310,6 +310,9 @@ def _check_unchanged(run_dir: str, path: str) -> None:
     that is missing, damaged or without the hash (a folder made by an older fasttl) can't vouch for
     it: a config.json with other classes would otherwise name every prediction wrong."""
     marker = os.path.join(run_dir, MARKER)
+    if os.path.islink(marker):
+        raise RunError(f"{marker}: a link, not the file fasttl wrote (it reads a run's files only as plain files); put "
+                       "the file itself there, or train the run again with --overwrite")
     try:
         recorded = read_json(marker)
     except ValueError:

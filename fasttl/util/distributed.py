@@ -24,7 +24,10 @@ def launched_by_torchrun() -> bool:
     except ValueError:
         raise OptionError(f"WORLD_SIZE: expected a number of processes, got {given!r} (unset it, or start fasttl "
                           "with torchrun)") from None
-    if world <= 1:
+    if world < 1:
+        raise OptionError(f"WORLD_SIZE: expected 1 or more processes, got {given!r} (unset it, or start fasttl with "
+                          "torchrun)")
+    if world == 1:
         return False
     missing = [name for name in TORCHRUN_VARIABLES if not os.environ.get(name)]
     if missing:
@@ -36,7 +39,26 @@ def launched_by_torchrun() -> bool:
     if int(os.environ["RANK"]) >= world:  # it could never join: the others would wait for it forever
         raise OptionError(f"RANK={os.environ['RANK']} is not below WORLD_SIZE={world}: ranks are 0 to {world - 1} "
                           "(start fasttl with torchrun, which sets them)")
+    _check_master()
     return True
+
+
+def _check_master() -> None:
+    """MASTER_PORT a port number and MASTER_ADDR a host this machine resolves: else torch raises
+    a traceback, or every rank waits for a store that can't be reached."""
+    import socket
+
+    from fasttl.util.errors import OptionError
+
+    port, host = os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"]
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise OptionError(f"MASTER_PORT: expected a port number 1 to 65535, got {port!r} (start fasttl with torchrun, "
+                          "or set it to a free port)")
+    try:
+        socket.getaddrinfo(host, int(port))
+    except (OSError, UnicodeError):
+        raise OptionError(f"MASTER_ADDR: {host!r} does not resolve to an address here; set it to the host of rank 0 "
+                          "(127.0.0.1 on one machine)") from None
 
 
 JOIN_NOTICE_S = 30.0  # a rank still waiting for the others this long says so (torchrun's own wait is silent)

@@ -75,8 +75,10 @@ def _load_pickle(path: str):
         with open(path, "rb") as f:
             return _CifarUnpickler(f, encoding="bytes").load()
     except Exception as exc:  # UnpicklingError, EOFError, MemoryError, ...: all a bad file
+        # fetch finds the folder complete while its files are there: it goes first
         raise DataError(f"{path}: not a CIFAR python batch ({type(exc).__name__}: {' '.join(str(exc).split())}); "
-                        "download the batches again (https://www.cs.toronto.edu/~kriz/cifar.html)") from None
+                        f"remove {os.path.dirname(path)} and download the batches again (`fasttl data fetch cifar10`, "
+                        "or https://www.cs.toronto.edu/~kriz/cifar.html)") from None
 
 
 def _as_str_keys(obj, path: str) -> dict:
