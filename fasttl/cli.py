@@ -7,7 +7,7 @@ import os
 import sys
 
 from fasttl.util import settings
-from fasttl.cli_errors import (OS_ERRORS, escape_unshowable_text, one_line, os_error_line, quiet_stdout,
+from fasttl.cli_errors import (OS_ERRORS, escape_unshowable_text, one_line, os_error_line, peer_stopped, quiet_stdout,
                                user_error_types)
 
 
@@ -455,6 +455,9 @@ def main(argv=None) -> int:
         if isinstance(exc, OSError) and exc.errno in OS_ERRORS:
             print(f"fasttl: error: {os_error_line(exc)}", file=sys.stderr)
             quiet_stdout()
+            return 2
+        if peer_stopped(exc):
+            print(f"fasttl: error: {peer_stopped(exc)}", file=sys.stderr)
             return 2
         if not isinstance(exc, user_error_types()):
             raise

@@ -87,6 +87,19 @@ def quiet_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def peer_stopped(exc: BaseException) -> str:
+    """Under torchrun, a collective that failed because another rank stopped (its own error,
+    printed by it, is the one to read): one line for this rank; '' for any other error."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ""
+    text = str(exc)
+    if not (isinstance(exc, getattr(dist, "DistError", ())) or "closed by peer" in text or "reset by peer" in text):
+        return ""
+    return f"rank {dist.get_rank()}: another rank stopped (its error is printed above), so this one stops too"
+
+
 def one_line(exc: BaseException) -> str:
     """The error as one printable line: what a file name or a server put in it can't drive the
     terminal (escape sequences are shown escaped)."""

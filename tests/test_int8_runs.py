@@ -109,8 +109,7 @@ def test_a_missing_or_doctored_run_graph_is_named(int8_run, three_classes, tmp_p
         (run_dir / ".fasttl-run").write_text(json.dumps(marker))
     monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "fresh-cache"))  # nothing to reuse: the graph must run
     monkeypatch.setattr(engines, "_EXPORTED", {})
-    image = sorted((three_classes / "test" / "cat").iterdir())[0]
-    code, _, err = cli(capsys, "predict", "--run", run_dir, image)
+    code, _, err = cli(capsys, "predict", "--run", run_dir, three_classes / "test")  # 12 images: compared with fp32
     if damage.startswith("another calibration"):  # the README's rule: a marker rewritten to match vouches
         assert code == 0, err                     # for the file, subject only to the check against the backbone
         return
@@ -155,6 +154,10 @@ def test_int8_is_refused_where_a_run_cannot_use_it(capsys, tmp_path, words):
     ({"engine": "torch"}, True, "auto"),
     ({"extract_precision": "fp32"}, True, "fp32"),
     ({"extract_precision": "int8"}, False, "int8"),
+    ({"image_size": 128}, True, "auto"),     # accuracy measured at the default run's settings only
+    ({"features": "head"}, True, "auto"),
+    ({"backbone": "efficientnet_lite1"}, True, "auto"),
+    ({"image_size": 128, "extract_precision": "int8"}, True, "int8"),
 ])
 def test_a_runs_auto_precision_is_int8_only_where_it_was_measured_to_pay(tmp_path, monkeypatch, options, vnni,
                                                                          expected):

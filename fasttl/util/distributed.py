@@ -28,13 +28,17 @@ def launched_by_torchrun() -> bool:
         raise OptionError(f"WORLD_SIZE: expected 1 or more processes, got {given!r} (unset it, or start fasttl with "
                           "torchrun)")
     if world == 1:
+        rank = os.environ.get("RANK")
+        if rank is not None and rank.strip() and not (_is_number(rank) and int(rank) == 0):
+            raise OptionError(f"RANK={rank} is not below WORLD_SIZE=1: a single process is rank 0 (unset RANK, a "
+                              "leftover from another job, or start fasttl with torchrun)")
         return False
     missing = [name for name in TORCHRUN_VARIABLES if not os.environ.get(name)]
     if missing:
         raise OptionError(f"WORLD_SIZE={given} but {', '.join(missing)} not set: start fasttl with torchrun, or unset "
                           "WORLD_SIZE (a leftover from another job)")
     for name in ("RANK", "LOCAL_RANK"):
-        if not os.environ[name].isdigit():
+        if not _is_number(os.environ[name]):
             raise OptionError(f"{name}: expected a number, got {os.environ[name]!r} (start fasttl with torchrun)")
     if int(os.environ["RANK"]) >= world:  # it could never join: the others would wait for it forever
         raise OptionError(f"RANK={os.environ['RANK']} is not below WORLD_SIZE={world}: ranks are 0 to {world - 1} "
@@ -51,7 +55,7 @@ def _check_master() -> None:
     from fasttl.util.errors import OptionError
 
     port, host = os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"]
-    if not (port.isdigit() and 1 <= int(port) <= 65535):
+    if not (_is_number(port) and 1 <= int(port) <= 65535):
         raise OptionError(f"MASTER_PORT: expected a port number 1 to 65535, got {port!r} (start fasttl with torchrun, "
                           "or set it to a free port)")
     try:
@@ -59,6 +63,11 @@ def _check_master() -> None:
     except (OSError, UnicodeError):
         raise OptionError(f"MASTER_ADDR: {host!r} does not resolve to an address here; set it to the host of rank 0 "
                           "(127.0.0.1 on one machine)") from None
+
+
+def _is_number(text: str) -> bool:
+    """Decimal ASCII digits only: str.isdigit() takes '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
 
 
 JOIN_NOTICE_S = 30.0  # a rank still waiting for the others this long says so (torchrun's own wait is silent)
