@@ -392,7 +392,7 @@ def extraction_split_section(path: pathlib.Path) -> list:
             parts.append(f"| {precision} | {x['backend']} | {x['decode_threads']} | {x['engine_threads']} | "
                          f"{x['batch']} | {x['median']:.0f} | {' / '.join(f'{v:.0f}' for v in x['images_per_s'])} | "
                          f"{x['median'] / base:.2f}x |")
-    return parts + [""]
+    return parts + ([""] + [r["note"]] if r.get("note") else []) + [""]
 
 
 def main() -> None:
