@@ -220,3 +220,29 @@ def image_list(data, folder, split: str = "train"):
             rows.append(f"{label}-{name},{label}")
     (folder / "list.csv").write_text("\n".join(rows) + "\n")
     return rows
+
+
+def darken(plain, root, keep_normal=()):
+    """`plain`'s images (root/{train,test}/<class>/*.jpg) as PNGs under `root`, pixels x 0.05
+    (under-exposed scans), except the classes of the test split named in keep_normal."""
+    import numpy as np
+    from PIL import Image
+
+    for path in sorted(plain.rglob("*.jpg")):
+        relative = path.relative_to(plain)
+        factor = 1.0 if relative.parts[0] == "test" and relative.parts[1] in keep_normal else 0.05
+        out = root / relative.with_suffix(".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.asarray(Image.open(path).convert("RGB")).astype(np.float32) * factor
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(out)
+    return root
+
+
+@pytest.fixture
+def fresh_engines(tmp_path, monkeypatch):
+    """This test's own feature caches, and no graph exported or adopted in this process."""
+    from fasttl.cache import engines
+
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "feature-cache"))
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    monkeypatch.setattr(engines, "_ADOPTED", {})

@@ -7,10 +7,9 @@ before anything is written."""
 import json
 import os
 
-import numpy as np
 import pytest
 
-from conftest import cli, cifar_subset, one_line_error
+from conftest import cli, cifar_subset, darken, one_line_error
 
 from fasttl.cache import engines
 
@@ -21,27 +20,12 @@ pytestmark = pytest.mark.skipif(not engines.onnxruntime_available(),
 @pytest.fixture(scope="module")
 def dark(tmp_path_factory, cifar10_root):
     """cat, ship, truck as under-exposed scans (pixels x 0.05, PNG): 10 training, 4 test images a class."""
-    from PIL import Image
-
     plain = cifar_subset(cifar10_root, tmp_path_factory.mktemp("plain") / "d", ["cat", "ship", "truck"], 10, 4)
-    root = tmp_path_factory.mktemp("dark") / "dark"
-    for path in sorted(plain.rglob("*.jpg")):
-        out = root / path.relative_to(plain).with_suffix(".png")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        pixels = np.asarray(Image.open(path).convert("RGB")).astype(np.float32) * 0.05
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(out)
-    return root
-
-
-@pytest.fixture
-def fresh(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "feature-cache"))
-    monkeypatch.setattr(engines, "_EXPORTED", {})
-    monkeypatch.setattr(engines, "_ADOPTED", {})
+    return darken(plain, tmp_path_factory.mktemp("dark") / "dark")
 
 
 def test_an_int8_run_shown_images_unlike_its_training_images_names_them_and_the_fix(dark, cifar10_root, tmp_path,
-                                                                                  capsys, fresh, monkeypatch):
+                                                                                  capsys, fresh_engines, monkeypatch):
     """Trained on dark images, predict of a normal photo: the run's graph is intact (retraining made
     the same one), so the message names the run's file and the photo, and the fix is fp32."""
     run = tmp_path / "run"
@@ -60,7 +44,8 @@ def test_an_int8_run_shown_images_unlike_its_training_images_names_them_and_the_
 
 
 @pytest.mark.parametrize("command", ["run", "extract"])
-def test_int8_extraction_that_cant_follow_the_images_gives_the_fix_that_works(dark, tmp_path, capsys, fresh, command):
+def test_int8_extraction_that_cant_follow_the_images_gives_the_fix_that_works(dark, tmp_path, capsys, fresh_engines,
+                                                                              command):
     """At 48 px the graph quantized on these dark images can't follow them within tolerance: rerunning
     would make the same graph and --engine torch is refused with int8, so the one fix is fp32."""
     words = ["--backbone", "efficientnet_lite0"] if command == "extract" else ["--compare", "none"]
@@ -99,7 +84,7 @@ def test_a_rank_still_waiting_for_the_others_says_so(monkeypatch, capsys):
     assert "rank 1 of 2: still waiting for the other ranks at 127.0.0.1:29542" in err
 
 
-def test_an_overwritten_run_s_marker_vouches_only_for_its_own_files(three_classes, tmp_path, capsys, fresh):
+def test_an_overwritten_run_s_marker_vouches_only_for_its_own_files(three_classes, tmp_path, capsys, fresh_engines):
     run = tmp_path / "run"
     words = ["run", "--data", three_classes, "--image-size", "32", "--compare", "none", "--out", run, "--no-progress"]
     assert cli(capsys, *words, "--extract-precision", "int8")[0] == 0
@@ -116,7 +101,7 @@ def test_an_overwritten_run_s_marker_vouches_only_for_its_own_files(three_classe
         {name for name in os.listdir(run) if (run / name).is_file()}
 
 
-def test_a_link_in_place_of_a_runs_graph_is_refused(three_classes, tmp_path, capsys, fresh):
+def test_a_link_in_place_of_a_runs_graph_is_refused(three_classes, tmp_path, capsys, fresh_engines):
     """Like a link in place of its weights: fasttl reads its own files only as plain files."""
     run = tmp_path / "run"
     assert cli(capsys, "run", "--data", three_classes, "--image-size", "32", "--compare", "none", "--out", run,
@@ -131,7 +116,7 @@ def test_a_link_in_place_of_a_runs_graph_is_refused(three_classes, tmp_path, cap
 
 
 def test_a_calibration_without_its_images_or_graph_is_named_before_anything_is_written(lite0, small_source,
-                                                                                        tmp_path, fresh):
+                                                                                        tmp_path, fresh_engines):
     import fasttl
     from fasttl.util.errors import OptionError
 

@@ -6,11 +6,10 @@ folder to remove (fetch finds it complete while its files are there)."""
 import os
 import pickle
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import cifar_subset, cli, one_line_error, tiny_backbone
+from conftest import cifar_subset, cli, darken, one_line_error, tiny_backbone
 
 import fasttl
 from fasttl.cache import engines
@@ -19,33 +18,12 @@ pytestmark = pytest.mark.skipif(not engines.onnxruntime_available(),
                                 reason="onnxruntime is not installed (pip install onnx onnxruntime)")
 
 
-def _darken(plain, root, keep_normal=()):
-    """`plain`'s images as PNGs under `root`, pixels x 0.05 (under-exposed scans) except the
-    classes of the test split named in keep_normal."""
-    from PIL import Image
-
-    for path in sorted(plain.rglob("*.jpg")):
-        relative = path.relative_to(plain)
-        factor = 1.0 if relative.parts[0] == "test" and relative.parts[1] in keep_normal else 0.05
-        out = root / relative.with_suffix(".png")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        pixels = np.asarray(Image.open(path).convert("RGB")).astype(np.float32) * factor
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(out)
-    return root
-
-
-@pytest.fixture
-def fresh(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "feature-cache"))
-    monkeypatch.setattr(engines, "_EXPORTED", {})
-    monkeypatch.setattr(engines, "_ADOPTED", {})
-
-
-def test_a_normal_photo_after_a_dark_one_is_refused_as_alone(tmp_path, cifar10_root, capsys, fresh, monkeypatch):
+def test_a_normal_photo_after_a_dark_one_is_refused_as_alone(tmp_path, cifar10_root, capsys, fresh_engines,
+                                                             monkeypatch):
     """One image a batch: the first batch of size 1 was checked against fp32, the next never was,
     and the photo refused alone was predicted after a dark image."""
     plain = cifar_subset(cifar10_root, tmp_path / "plain", ["cat", "ship", "truck"], 10, 2)
-    dark = _darken(plain, tmp_path / "dark")
+    dark = darken(plain, tmp_path / "dark")
     run = tmp_path / "run"
     assert cli(capsys, "run", "--data", dark, "--image-size", "32", "--extract-precision", "int8", "--compare",
                "none", "--out", run, "--no-progress")[0] == 0
@@ -58,7 +36,7 @@ def test_a_normal_photo_after_a_dark_one_is_refused_as_alone(tmp_path, cifar10_r
     assert "--extract-precision fp32" in line
 
 
-def test_a_test_split_whose_later_batch_the_graph_cant_follow_is_refused(tmp_path, cifar10_root, capsys, fresh):
+def test_a_test_split_whose_later_batch_the_graph_cant_follow_is_refused(tmp_path, cifar10_root, capsys, fresh_engines):
     """Trained on dark images; the test split is 32 dark cats, then 32 normal ships and trucks (two
     batches of 32): the second batch was never checked and the run scored it."""
     plain = cifar_subset(cifar10_root, tmp_path / "plain", ["cat", "ship", "truck"], 10, 0)
@@ -66,7 +44,7 @@ def test_a_test_split_whose_later_batch_the_graph_cant_follow_is_refused(tmp_pat
         (plain / "test" / name).mkdir(parents=True, exist_ok=True)
         for i in range(count):
             os.link(os.path.join(cifar10_root, "test", name, f"{i:04d}.jpg"), plain / "test" / name / f"{i}.jpg")
-    data = _darken(plain, tmp_path / "late", keep_normal=("ship", "truck"))
+    data = darken(plain, tmp_path / "late", keep_normal=("ship", "truck"))
     code, _, err = cli(capsys, "run", "--data", data, "--image-size", "32", "--extract-precision", "int8",
                        "--mirror-views", "none", "--compare", "none", "--out", tmp_path / "run", "--no-progress")
     line = one_line_error(err)
@@ -97,7 +75,7 @@ def test_the_input_range_is_the_calibrations_and_a_share_outside_it_is_refused(l
     assert caught.value.row == 2
 
 
-def test_caches_joined_side_by_side_keep_every_parts_calibration(lite0, small_source, tmp_path, fresh):
+def test_caches_joined_side_by_side_keep_every_parts_calibration(lite0, small_source, tmp_path, fresh_engines):
     from fasttl.cache.extraction import calibration_sample
     from fasttl.cache.store import CacheError
     from fasttl.data import TransformSpec
@@ -134,7 +112,13 @@ def test_caches_joined_side_by_side_keep_every_parts_calibration(lite0, small_so
     ({"MASTER_PORT": "99999"}, "MASTER_PORT: expected a port number 1 to 65535, got '99999'"),
     ({"MASTER_ADDR": "no-such-host.invalid"}, "MASTER_ADDR: 'no-such-host.invalid' does not resolve"),
     ({"WORLD_SIZE": "0"}, "WORLD_SIZE: expected 1 or more processes, got '0'"),
-    ({"WORLD_SIZE": "-2"}, "WORLD_SIZE: expected 1 or more processes, got '-2'")])
+    ({"WORLD_SIZE": "-2"}, "WORLD_SIZE: expected 1 or more processes, got '-2'"),
+    # the twentieth pass: str.isdigit takes '\u00b2', which int() refuses; RANK against a WORLD_SIZE of 1
+    ({"MASTER_PORT": "\u00b2"}, "MASTER_PORT: expected a port number 1 to 65535, got '\u00b2'"),
+    ({"RANK": "\u00b2"}, "RANK: expected a number, got '\u00b2'"),
+    ({"LOCAL_RANK": "\u00b2"}, "LOCAL_RANK: expected a number, got '\u00b2'"),
+    ({"WORLD_SIZE": "1", "RANK": "1"}, "RANK=1 is not below WORLD_SIZE=1"),
+    ({"WORLD_SIZE": "1", "RANK": "x"}, "RANK=x is not below WORLD_SIZE=1")])
 def test_torchrun_variables_torch_would_trace_back_on_are_one_line(variables, message, cat_ship, tmp_path,
                                                                    monkeypatch, capsys):
     for name, value in dict({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
@@ -146,7 +130,7 @@ def test_torchrun_variables_torch_would_trace_back_on_are_one_line(variables, me
     assert not (tmp_path / "x").exists()
 
 
-def test_a_link_in_place_of_a_runs_marker_is_named_a_link(three_classes, tmp_path, capsys, fresh):
+def test_a_link_in_place_of_a_runs_marker_is_named_a_link(three_classes, tmp_path, capsys, fresh_engines):
     run = tmp_path / "run"
     assert cli(capsys, "run", "--data", three_classes, "--image-size", "32", "--compare", "none", "--out", run,
                "--no-progress")[0] == 0

@@ -1,8 +1,9 @@
 """The twentieth hostile pass (on the nineteenth's fixes): one image's int8 features can be off
 fp32 by more than the tolerance a batch is held to, so small batches are compared with fp32
 together (the first INT8_CHECK_ROWS images), never one photo alone; a run's auto precision is int8
-only at the settings whose accuracy was measured; torchrun numbers are ASCII digits, RANK is
-checked against a WORLD_SIZE of 1 too, and a rank whose peer stopped says so in one line."""
+only at the settings whose accuracy was measured; a single process is rank 0 of 1 (the other
+torchrun cases are in the nineteenth pass's file), and a rank whose peer stopped says so in one
+line."""
 import zlib
 
 import pytest
@@ -17,14 +18,8 @@ pytestmark = pytest.mark.skipif(not engines.onnxruntime_available(),
                                 reason="onnxruntime is not installed (pip install onnx onnxruntime)")
 
 
-@pytest.fixture
-def fresh(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "feature-cache"))
-    monkeypatch.setattr(engines, "_EXPORTED", {})
-    monkeypatch.setattr(engines, "_ADOPTED", {})
 
-
-def test_a_photo_int8_is_far_off_on_alone_is_predicted_as_in_a_batch(three_classes, tmp_path, capsys, fresh,
+def test_a_photo_int8_is_far_off_on_alone_is_predicted_as_in_a_batch(three_classes, tmp_path, capsys, fresh_engines,
                                                                      monkeypatch, lite0):
     """At 32 px with head features a few photos' int8 features are off fp32 by more than 0.35 alone
     (the batch's norm is within it): alone, such a photo was refused; in a batch, accepted."""
@@ -69,22 +64,6 @@ def test_small_batches_are_compared_with_fp32_together(lite0, monkeypatch):
     with pytest.raises(engines.CacheError, match=rf"run/extract-int8.onnx is off PyTorch fp32 on the first "
                                                  rf"{engines.INT8_CHECK_ROWS} images it extracted"):
         engine(images[-1:])
-
-
-@pytest.mark.parametrize("variables, message", [
-    ({"MASTER_PORT": "\u00b2"}, "MASTER_PORT: expected a port number 1 to 65535, got '\u00b2'"),
-    ({"RANK": "\u00b2"}, "RANK: expected a number, got '\u00b2'"),
-    ({"LOCAL_RANK": "\u00b2"}, "LOCAL_RANK: expected a number, got '\u00b2'"),
-    ({"WORLD_SIZE": "1", "RANK": "1"}, "RANK=1 is not below WORLD_SIZE=1"),
-    ({"WORLD_SIZE": "1", "RANK": "x"}, "RANK=x is not below WORLD_SIZE=1")])
-def test_torchrun_numbers_are_ascii_digits_and_rank_fits_any_world(variables, message, cat_ship, tmp_path,
-                                                                   monkeypatch, capsys):
-    for name, value in dict({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                             "MASTER_PORT": "29571"}, **variables).items():
-        monkeypatch.setenv(name, value)
-    code, _, err = cli(capsys, "extract", "--data", cat_ship, "--out", tmp_path / "x", "--image-size", "32",
-                       "--no-progress")
-    assert code == 2 and message in one_line_error(err)
 
 
 def test_one_process_as_rank_0_of_1_runs(cat_ship, tmp_path, monkeypatch, capsys):
