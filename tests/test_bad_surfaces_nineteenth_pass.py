@@ -117,8 +117,8 @@ def test_caches_joined_side_by_side_keep_every_parts_calibration(lite0, small_so
     ({"MASTER_PORT": "\u00b2"}, "MASTER_PORT: expected a port number 1 to 65535, got '\u00b2'"),
     ({"RANK": "\u00b2"}, "RANK: expected a number, got '\u00b2'"),
     ({"LOCAL_RANK": "\u00b2"}, "LOCAL_RANK: expected a number, got '\u00b2'"),
-    ({"WORLD_SIZE": "1", "RANK": "1"}, "RANK=1 is not below WORLD_SIZE=1"),
-    ({"WORLD_SIZE": "1", "RANK": "x"}, "RANK=x is not below WORLD_SIZE=1")])
+    ({"WORLD_SIZE": "1", "RANK": "1"}, "RANK='1' with WORLD_SIZE=1: a single process is rank 0"),
+    ({"WORLD_SIZE": "1", "RANK": "x"}, "RANK='x' with WORLD_SIZE=1: a single process is rank 0")])
 def test_torchrun_variables_torch_would_trace_back_on_are_one_line(variables, message, cat_ship, tmp_path,
                                                                    monkeypatch, capsys):
     for name, value in dict({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",

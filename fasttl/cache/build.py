@@ -23,8 +23,8 @@ from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES
 from fasttl.data import ImageLoader, TransformSpec
 from fasttl.data import screen as screen_source
 from fasttl.data.sources import ON_ERROR, ArraySource, FileSource, image_folders
-from fasttl.cache.extraction import (calibration_key, calibration_sample, compute_settings, default_batch_size,
-                                     extract_features, extraction_engine, verification_images)
+from fasttl.cache.extraction import (VERIFY_IMAGES, calibration_key, calibration_sample, compute_settings,
+                                     default_batch_size, extract_features, extraction_engine, verification_images)
 from fasttl.cache import engines
 from fasttl.cache.folder import file_entry, finish, refuse_foreign
 from fasttl.util.checks import positive_int, torch_device
@@ -412,7 +412,8 @@ def _extract_missing(backbone, source, spec, out_dir: str, key: str, dtype: str,
     todo = [s for s in mine if not _shard_ready(out_dir, s, key, rows[s], dtype, feature_dim)]
     images = sum(rows[s] for s in todo)
     bar = _progress_bar(images, rank, world) if progress and images else None
-    verify = verification_images(source, spec) if todo and run["engine"] == "onnxruntime" else None
+    verify = verification_images(source, spec, engines.INT8_CHECK_ROWS if run["precision"] == "int8" else
+                                 VERIFY_IMAGES) if todo and run["engine"] == "onnxruntime" else None
     calibration = run.pop("calibration", None)
     if calibration is None and todo and run["precision"] == "int8":
         calibration = calibration_sample(source, spec)

@@ -17,6 +17,8 @@ from torch import Tensor
 
 from fasttl.util import files
 from fasttl.cache.store import CacheError
+from fasttl.cache.int8_checks import (INT8_CHECK_ROWS, INT8_OUTSIDE_SHARE, BatchError, Int8Checks,  # noqa: F401
+                                      no_graph_kept)
 from fasttl.util.errors import OptionError
 from fasttl.onnx_graph import to_onnx
 
@@ -30,16 +32,6 @@ FP32_TOLERANCE = 1e-3
 # 0.05 to 0.2 on CIFAR-10 images at 32 to 224 px (a few rows of a max-based error swing more); a
 # graph that answers zeros, noise or another image's features is at 1 or above.
 INT8_TOLERANCE = 0.35
-# Only the first batch of each size is held to that (an fp32 reference of every batch would cost
-# more than int8 saves); every batch is checked against the input range the calibration gave the
-# graph's first quantizer: an image with more than this share of its values outside it (under-
-# exposed scans calibrate [-1, 0], a normal photo spills half its pixels over) is clipped before the
-# first layer, and its features are refused (0 on images like the calibration sample's).
-INT8_OUTSIDE_SHARE = 0.01
-# INT8_TOLERANCE holds over a batch: one image's error is wider (at 160 px, multi: median 0.17, max
-# 0.32 over 250 CIFAR-10 test photos; at 32 px, head: 4% above 0.35, up to 1.9), so a batch of fewer
-# images than this is compared with fp32 together with the next ones, up to this many, once.
-INT8_CHECK_ROWS = 8
 # A checked run of a graph may take this long plus this many times the PyTorch reference's time on
 # the same images before it is stopped and the graph counts as wrong (ONNX Runtime runs these
 # graphs 1.1x to 4x faster than PyTorch; a first run pays its set-up once).
@@ -141,7 +133,7 @@ class TorchEngine:
             return self.model.forward_taps(images.contiguous(memory_format=torch.channels_last), self.taps)
 
 
-class OnnxEngine:
+class OnnxEngine(Int8Checks):
     """ONNX Runtime on the exported folded backbone and its pooling (fp32, or int8 quantized on
     `calibration_images`): returns the pooled vector (N, D) as one "map" (pool_store stores 2-D
     input as it is). The graph comes from this process's earlier export or from
@@ -186,6 +178,13 @@ class OnnxEngine:
                 raise self._out_of_range(len(self.verify_images), error)
             if fresh:
                 raise CacheError(f"engine: onnxruntime's features differ from PyTorch's ({error}); pass --engine torch")
+
+    def shown(self) -> Tuple[str, Optional[str]]:
+        """(what messages call this graph, the fix a kept graph's owner gave: adopt)."""
+        return _ADOPTED.get(self.name, (self.onnx_path or self.name, None))
+
+    def reference(self, images: Tensor) -> Tensor:
+        return pooled_reference(self.model, self.taps, images)
 
     def _export(self, image_size: int, calibration_images: Optional[Tensor]) -> bytes:
         data = export_onnx(self.model, self.taps, image_size)
@@ -272,101 +271,10 @@ class OnnxEngine:
         self.checked_sizes.add(len(images))
         return [features]
 
-    def _small_batch(self, images: Tensor) -> Tensor:
-        """int8, a batch of fewer than INT8_CHECK_ROWS images (predict of a few photos): compared
-        with fp32 together with the next small batches, over the first INT8_CHECK_ROWS images this
-        engine extracts (fewer in all: those only by their input range)."""
-        if self._small is None:
-            return self._run(images)
-        features, want = self._run(images), pooled_reference(self.model, self.taps, images)
-        self._small.append((features, want))
-        if sum(len(f) for f, _ in self._small) >= INT8_CHECK_ROWS:
-            got, wanted = (torch.cat(parts) for parts in zip(*self._small))
-            self._small, error = None, self.difference(got, images, wanted)
-            if error is not None:
-                raise CacheError(str(self._out_of_range(len(got), error)).replace(
-                    f"on a batch of {len(got)} images", f"on the first {len(got)} images it extracted"))
-        return features
-
-    def _refuse_outside_range(self, images: Tensor) -> None:
-        """int8: the first image of the batch with more than INT8_OUTSIDE_SHARE of its values outside
-        the range the graph's input quantizer holds is refused (one min/max pass over the batch
-        when none is outside)."""
-        if self.input_range is None or not len(images):
-            return
-        low, high = self.input_range
-        step = (high - low) / 255
-        smallest, largest = torch.aminmax(images.detach())  # ~1 ms a batch of 32 at 160 px: under 2% of int8's
-        if float(smallest) >= low - step and float(largest) <= high + step:
-            return
-        flat = images.detach().reshape(len(images), -1)
-        suspects = ((flat.amin(1) < low - step) | (flat.amax(1) > high + step)).nonzero().flatten().tolist()
-        for row in suspects:
-            share = float(((flat[row] < low - step) | (flat[row] > high + step)).float().mean())
-            if share > INT8_OUTSIDE_SHARE:
-                raise self._out_of_range(len(images), f"{share:.0%} of its values outside the range "
-                                         f"[{low:.2f}, {high:.2f}] its calibration images gave", row=row, one=True)
-
-    def _out_of_range(self, count: int, error: str, row: int = 0, one: bool = False) -> "BatchError":
-        """An int8 graph too far from PyTorch fp32 on real images: a graph quantized just now on
-        the calibration sample, or one kept (a run's), met images outside the ranges the sample
-        gave its activations; quantizing it again gives the same graph, so the fix is fp32 (or,
-        for a kept graph, its owner's fix)."""
-        shown, fix = _ADOPTED.get(self.name, (self.onnx_path or self.name, None))
-        if self.quantizable:
-            why = ("int8, with the ranges its calibration sample gave it, can't follow these images closely enough; "
-                   "nothing of them was stored: pass --extract-precision fp32 (precision='fp32' from Python)")
-        else:
-            why = "images unlike those it was calibrated on (or a graph changed along with its record): " + \
-                (fix or "pass their calibration images (calibration=(key, images)), or --extract-precision fp32")
-        if one:
-            return BatchError(f"engine: the int8 graph {shown} can't represent an image", f" ({error}): {why}", row)
-        return BatchError(f"engine: the int8 graph {shown} is off PyTorch fp32 on a batch of {count} images",
-                          f" ({error}): {why}")
-
-    def _unusable(self, error: Optional[str]) -> Exception:
-        """Why an int8 graph that must be looked up (its calibration images are not at hand) can't
-        be used: none is kept, the one kept does not load, or it is too far from PyTorch on the
-        data's first images."""
-        if error is None and self.name is None:
-            return OptionError("extract_precision: int8 needs calibration images of the data (it is for building a "
-                               "cache: fasttl extract, FeatureCache.build, or a run's training images)")
-        if error is None:
-            return no_graph_kept(self.engine_dir)
-        if self.verify_images is not None and error.startswith(("relative error", "it ran longer")):
-            return self._out_of_range(len(self.verify_images), error)
-        shown, fix = _ADOPTED.get(self.name, (self.onnx_path or self.name, None))
-        return CacheError(f"engine: the int8 graph {shown} does not load ({error}), and it can't be quantized again "
-                          "without its calibration images: "
-                          + (fix or "pass calibration=(key, images), or --extract-precision fp32"))
-
-
-class BatchError(CacheError):
-    """An engine's check failed on a batch of images, which the caller names (extract_features
-    knows the source): `naming(first image)` is the error with it."""
-
-    def __init__(self, before: str, after: str, row: int = 0):
-        super().__init__(before + after)
-        self.before, self.after, self.row = before, after, row  # row: the batch's image it is about
-
-    def naming(self, image: str) -> CacheError:
-        """The error with the image of batch row `row` named."""
-        return CacheError(f"{self.before} ({'the first ' if self.before.endswith('images') else ''}{image})"
-                          f"{self.after}")
-
-
 def _input_range(data: bytes):
     from fasttl.cache.quantize import input_range
 
     return input_range(data)
-
-
-def no_graph_kept(engine_dir: Optional[str]) -> OptionError:
-    """Another source's calibration given without its images, and its int8 graph kept nowhere."""
-    where = f"in {engine_dir} or this process" if engine_dir else "in this process (no engine_dir given)"
-    return OptionError(f"calibration: no int8 graph of that calibration sample is kept ({where}), and it can't be "
-                       "made without the sample's images: pass calibration=(key, images) as calibration_sample "
-                       "makes them, or extract in fp32")
 
 
 def adopt(name: str, data: bytes, shown: Optional[str] = None, fix: Optional[str] = None) -> None:

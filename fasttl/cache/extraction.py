@@ -54,9 +54,10 @@ def extraction_engine(backbone, device: torch.device, engine: str, precision: st
 VERIFY_IMAGES = 4  # real images of the data an ONNX graph is checked on before it extracts
 
 
-def verification_images(source, spec) -> torch.Tensor:
-    """The first few images of `source`, preprocessed as extraction will preprocess them."""
-    return _images(source, range(min(VERIFY_IMAGES, len(source))), spec)
+def verification_images(source, spec, count: int = VERIFY_IMAGES) -> torch.Tensor:
+    """The first `count` images of `source`, preprocessed as extraction will preprocess them (an
+    int8 graph's check takes engines.INT8_CHECK_ROWS: its tolerance holds over that many)."""
+    return _images(source, range(min(count, len(source))), spec)
 
 
 def calibration_key(source, spec) -> str:
@@ -139,7 +140,7 @@ def extract_features(engine, source, spec, dtype: torch.dtype, feature_dim: int,
         try:
             maps = engine(images)
         except engines.BatchError as exc:
-            raise exc.naming(source.name_of(written + exc.row)) from None
+            raise exc.naming(source.name_of(max(0, written + exc.row))) from None
         _refuse_non_finite(maps, source, written)
         store_maps(maps, features, torch.arange(written, written + n, device=device), scales)
         written += n

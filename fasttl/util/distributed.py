@@ -29,9 +29,10 @@ def launched_by_torchrun() -> bool:
                           "torchrun)")
     if world == 1:
         rank = os.environ.get("RANK")
-        if rank is not None and rank.strip() and not (_is_number(rank) and int(rank) == 0):
-            raise OptionError(f"RANK={rank} is not below WORLD_SIZE=1: a single process is rank 0 (unset RANK, a "
-                              "leftover from another job, or start fasttl with torchrun)")
+        if rank is not None and rank.strip() and not (_is_number(rank.strip()) and int(rank) == 0):
+            world_said = f"WORLD_SIZE={given}" if "WORLD_SIZE" in os.environ else "no WORLD_SIZE (one process)"
+            raise OptionError(f"RANK={rank!r} with {world_said}: a single process is rank 0 (unset RANK, a leftover "
+                              "from another job, or start fasttl with torchrun)")
         return False
     missing = [name for name in TORCHRUN_VARIABLES if not os.environ.get(name)]
     if missing:
