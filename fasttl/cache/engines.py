@@ -271,6 +271,7 @@ class OnnxEngine(Int8Checks):
         self.checked_sizes.add(len(images))
         return [features]
 
+
 def _input_range(data: bytes):
     from fasttl.cache.quantize import input_range
 

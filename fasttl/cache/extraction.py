@@ -140,7 +140,9 @@ def extract_features(engine, source, spec, dtype: torch.dtype, feature_dim: int,
         try:
             maps = engine(images)
         except engines.BatchError as exc:
-            raise exc.naming(source.name_of(max(0, written + exc.row))) from None
+            first = written + exc.row  # negative: the compared group began in an earlier call
+            raise (exc.naming(source.name_of(first)) if first >= 0 else
+                   exc.naming(source.name_of(written + n - 1), last=True)) from None
         _refuse_non_finite(maps, source, written)
         store_maps(maps, features, torch.arange(written, written + n, device=device), scales)
         written += n
