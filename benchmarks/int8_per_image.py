@@ -1,8 +1,8 @@
 """One image's int8 error against a batch's: the norm error of ONNX Runtime's int8 features
 against PyTorch fp32 (fasttl.cache.engines.norm_error), per image and per batch of 32, over CIFAR-10
 test photos, with the graph calibrated on a seeded sample of training images as a run's is. What
-fasttl's checks rest on: INT8_TOLERANCE holds over batches, one image is off by more
-(engines.INT8_CHECK_ROWS).
+fasttl's checks rest on (fasttl/cache/int8_checks.py): INT8_TOLERANCE holds over a batch of the
+graph's check images, one image is off by more, so no image is compared with fp32 alone.
 
     python benchmarks/int8_per_image.py --data ../shared/data/cifar10 [--images 250]
 

@@ -456,8 +456,9 @@ def main(argv=None) -> int:
             print(f"fasttl: error: {os_error_line(exc)}", file=sys.stderr)
             quiet_stdout()
             return 2
-        if peer_stopped(exc):
-            print(f"fasttl: error: {peer_stopped(exc)}", file=sys.stderr)
+        stopped = peer_stopped(exc)
+        if stopped:
+            print(f"fasttl: error: {stopped}", file=sys.stderr)
             return 2
         if not isinstance(exc, user_error_types()):
             raise

@@ -1,10 +1,9 @@
 """The twentieth hostile pass (on the nineteenth's fixes): one image's int8 features can be off
-fp32 by more than the tolerance a batch is held to, so small batches are compared with fp32
-together (the first INT8_CHECK_ROWS images), never one photo alone; a run's auto precision is int8
+fp32 by more than the tolerance a batch is held to, so no photo is compared with fp32 alone
+(test_int8_check_rule.py: the graph is checked on its own check images); a run's auto precision is int8
 only at the settings whose accuracy was measured; a single process is rank 0 of 1 (the other
 torchrun cases are in the nineteenth pass's file), and a rank whose peer stopped says so in one
 line."""
-import zlib
 
 import pytest
 import torch
@@ -47,23 +46,6 @@ def test_a_photo_int8_is_far_off_on_alone_is_predicted_as_in_a_batch(three_class
     code, together, err = cli(capsys, "predict", "--run", run, *photos)
     assert code == 0, err
     assert alone.splitlines()[1].split(",")[1:] == together.splitlines()[1 + worst].split(",")[1:]
-
-
-def test_small_batches_are_compared_with_fp32_together(lite0, monkeypatch):
-    """A graph answering zeros passes one image at a time only until the first INT8_CHECK_ROWS."""
-    from test_int8_engine import _zeros_graph
-
-    monkeypatch.setattr(engines, "_EXPORTED", {})
-    name = engines.onnx_file_name(lite0, 0, 32, "ab" * 32)
-    engines.adopt(name, _zeros_graph(lite0, 0, 32), shown="run/extract-int8.onnx", fix="train it with fp32")
-    engine = engines.create("onnxruntime", "int8", lite0.for_extraction(), 0, torch.device("cpu"), 32, name)
-    generator = torch.Generator().manual_seed(zlib.crc32(b"small batches"))
-    images = torch.rand(engines.INT8_CHECK_ROWS, 3, 32, 32, generator=generator) * 2 - 1
-    for row in range(engines.INT8_CHECK_ROWS - 1):
-        engine(images[row:row + 1])
-    with pytest.raises(engines.CacheError, match=rf"run/extract-int8.onnx is off PyTorch fp32 on the first "
-                                                 rf"{engines.INT8_CHECK_ROWS} images it extracted"):
-        engine(images[-1:])
 
 
 def test_one_process_as_rank_0_of_1_runs(cat_ship, tmp_path, monkeypatch, capsys):

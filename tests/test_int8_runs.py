@@ -84,20 +84,58 @@ def test_predict_and_eval_repeat_the_run_through_its_graph(int8_run, three_class
     assert evaluated["accuracy"] == metrics["accuracy"]
 
 
+def _check_images_damaged(run_dir, damage: str) -> None:
+    """The run's check images replaced by `damage`'s, the marker rewritten to match (or not)."""
+    import io
+
+    import numpy as np
+
+    check = run_dir / "extract-int8-check.npy"
+    images = np.load(check, allow_pickle=False)
+    planted = {"check images missing": None,
+               "check images edited": check.read_bytes()[:-4] + b"\0\0\0\0",
+               "check images of NaN": np.full_like(images, np.nan),
+               "check images of another size": images[:, :, :-1, :-1],
+               "check images as objects": np.array([{"a": 1}], dtype=object),
+               "check images of noise, marker updated": np.random.default_rng(0).standard_normal(images.shape
+                                                                                              ).astype(np.float16)}
+    value = planted[damage]
+    check.unlink()
+    if value is None:
+        return
+    if isinstance(value, np.ndarray):
+        buffer = io.BytesIO()
+        np.save(buffer, value, allow_pickle=value.dtype == object)
+        value = buffer.getvalue()
+    check.write_bytes(value)
+    if damage != "check images edited":
+        marker = json.loads((run_dir / ".fasttl-run").read_text())
+        marker["files"]["extract-int8-check.npy"] = hashlib.sha256(value).hexdigest()
+        (run_dir / ".fasttl-run").write_text(json.dumps(marker))
+
+
 @pytest.mark.parametrize("damage", ["missing", "edited", "zeros, marker updated",
-                                    "another calibration, marker updated"])
+                                    "another calibration, marker updated", "check images missing",
+                                    "check images edited", "check images of NaN", "check images of another size",
+                                    "check images as objects", "check images of noise, marker updated"])
 def test_a_missing_or_doctored_run_graph_is_named(int8_run, three_classes, tmp_path, capsys, monkeypatch, damage,
                                                   lite0):
+    """The graph and its check images (the first of the calibration sample) as the run wrote them
+    are used; a file missing, edited, or not what the run writes is named with the fix that works
+    (train again: without the training images neither can be made again); a graph answering
+    zeros fails on its own check images, whichever images predict is shown."""
     import shutil
 
     root, _ = int8_run
     run_dir = tmp_path / "run"
     shutil.copytree(root / "run", run_dir)
-    graph = run_dir / "extract-int8.onnx"
+    graph, check = run_dir / "extract-int8.onnx", run_dir / "extract-int8-check.npy"
     if damage == "missing":
         graph.unlink()
     elif damage == "edited":
         graph.write_bytes(graph.read_bytes()[:-10] + b"0123456789")
+    elif damage.startswith("check images"):
+        _check_images_damaged(run_dir, damage)
     else:
         from test_int8_engine import _zeros_graph
 
@@ -109,16 +147,17 @@ def test_a_missing_or_doctored_run_graph_is_named(int8_run, three_classes, tmp_p
         (run_dir / ".fasttl-run").write_text(json.dumps(marker))
     monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "fresh-cache"))  # nothing to reuse: the graph must run
     monkeypatch.setattr(engines, "_EXPORTED", {})
-    code, _, err = cli(capsys, "predict", "--run", run_dir, three_classes / "test")  # 12 images: compared with fp32
-    if damage.startswith("another calibration"):  # the README's rule: a marker rewritten to match vouches
-        assert code == 0, err                     # for the file, subject only to the check against the backbone
+    code, _, err = cli(capsys, "predict", "--run", run_dir, three_classes / "test" / "cat")
+    if damage.startswith(("another calibration", "check images of noise")):  # the README's rule: a marker
+        assert code == 0, err  # rewritten to match vouches for the file, subject only to the check against the backbone
         return
     line = one_line_error(err)
     assert code != 0
-    if damage == "zeros, marker updated":  # images or graph: the run's file is named, and the fix that works
-        assert f"int8 graph {graph} is off PyTorch fp32" in line and "--extract-precision fp32" in line
+    if damage.endswith("marker updated"):  # off on its own check images: the graph or they are not the run's
+        assert f"int8 graph {graph} is off PyTorch fp32 on the run's check images {check}" in line
     else:
-        assert str(graph) in line and "train the run again" in line
+        assert str(check if damage.startswith("check") else graph) in line
+    assert "train the run again" in line and "--engine torch" not in line
 
 
 def _another_calibration(backbone, data) -> bytes:

@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 import time
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -149,24 +149,26 @@ class OnnxEngine(Int8Checks):
         self.input_range = None  # int8: what its input quantizer holds (quantize.input_range)
         self.name, self.graph_sha256, self.graph_bytes = name, None, 0
         self.model, self.taps, self.checked_sizes = model, taps, set()
-        self._small = []  # int8: (features, fp32 reference) of small batches, until INT8_CHECK_ROWS rows; then None
         onnx_path = os.path.join(engine_dir, name) if name and engine_dir else None
         self.onnx_path, self.engine_dir = onnx_path, engine_dir
+        if precision == "int8":
+            self.check_images, self.check_origin = self._int8_check_images(calibration_images)
         known = _EXPORTED.get(name) or (_read_engine_file(onnx_path) if onnx_path else None)
-        error = None
+        mismatch = failure = None
         for data in ([known] if known else []) + [None]:
             fresh = data is None
             if fresh and precision == "int8" and calibration_images is None:
-                raise self._unusable(error)
+                raise self.unusable(mismatch, failure)
+            mismatch = failure = None
             try:
                 data = self._export(image_size, calibration_images) if fresh else data
                 self.session = _session(data)
-                error = self.verify(model, taps, image_size)
+                mismatch = self.verify(model, taps, image_size)
             except Exception as exc:  # a damaged stored file: onnxruntime raises its own types
                 if fresh:
                     raise
-                error = type(exc).__name__
-            if error is None:
+                failure = type(exc).__name__
+            if mismatch is None and failure is None:
                 self.graph_sha256, self.graph_bytes = hashlib.sha256(data).hexdigest(), len(data)
                 self.input_range = _input_range(data) if precision == "int8" else None
                 if name:
@@ -175,13 +177,29 @@ class OnnxEngine(Int8Checks):
                     _write_engine_file(onnx_path, data)  # a rename: a link there is replaced, never followed
                 return
             if fresh and precision == "int8":
-                raise self._out_of_range(len(self.verify_images), error)
+                raise self.graph_off(mismatch)
             if fresh:
-                raise CacheError(f"engine: onnxruntime's features differ from PyTorch's ({error}); pass --engine torch")
+                raise CacheError(f"engine: onnxruntime's features differ from PyTorch's ({mismatch}); pass --engine "
+                                 "torch")
+
+    def _int8_check_images(self, calibration_images: Optional[Tensor]) -> Tuple[Optional[Tensor], str]:
+        """(the images an int8 graph is checked on, what messages call them): a run's kept ones
+        (adopt), else the first of the calibration sample, else the data's first images."""
+        adopted = self._adopted()
+        if adopted.check_images is not None:
+            return adopted.check_images, f"the run's check images {adopted.check_shown}"
+        if calibration_images is not None:
+            return calibration_images[:INT8_CHECK_ROWS], f"the first {INT8_CHECK_ROWS} images of its calibration sample"
+        images = self.verify_images
+        return images, f"the first {0 if images is None else len(images)} images of the data"
 
     def shown(self) -> Tuple[str, Optional[str]]:
         """(what messages call this graph, the fix a kept graph's owner gave: adopt)."""
-        return _ADOPTED.get(self.name, (self.onnx_path or self.name, None))
+        return self._adopted()[:2]
+
+    def _adopted(self) -> "Adopted":
+        """What adopt said of this graph; a graph not adopted is called by its path, with no fix."""
+        return _ADOPTED.get(self.name) or Adopted(self.onnx_path or self.name, None, None)
 
     def reference(self, images: Tensor) -> Tensor:
         return pooled_reference(self.model, self.taps, images)
@@ -204,15 +222,18 @@ class OnnxEngine(Int8Checks):
             error, tolerance = relative_error(features, want), FP32_TOLERANCE
         return f"relative error {error:.2g} > {tolerance:.2g}" if not error <= tolerance else None
 
-    def checked_run(self, images: Tensor) -> Tuple[Tensor, Optional[str]]:
-        """(features, why they are wrong or None): the graph run beside the PyTorch reference,
-        and stopped when it takes far longer than the reference did (a graph made to loop would
-        otherwise hang the build, out of reach of Ctrl-C while ONNX Runtime runs)."""
+    def checked_run(self, images: Tensor, batch: Optional[int] = None) -> Tuple[Tensor, Optional[str]]:
+        """(features, why they are wrong or None): the graph run (in batches of `batch` when given)
+        beside the PyTorch reference, and stopped when it takes far longer than the reference did (a
+        graph made to loop would otherwise hang the build, out of reach of Ctrl-C while ONNX Runtime
+        runs)."""
         started = time.perf_counter()
         want = pooled_reference(self.model, self.taps, images)
         limit = VERIFY_SECONDS + VERIFY_SLOWDOWN * (time.perf_counter() - started)
+        batch = batch or max(len(images), 1)
         try:
-            features = self._run(images, limit)
+            features = torch.cat([self._run(images[i:i + batch], limit) for i in range(0, len(images), batch)]) \
+                if len(images) else want
         except Exception as exc:  # onnxruntime's own error types: terminated, or a graph that fails
             if "terminate" not in str(exc).lower():
                 raise
@@ -220,12 +241,13 @@ class OnnxEngine(Int8Checks):
         return features, self.difference(features, images, want)
 
     def verify(self, model, taps: int, image_size: int) -> Optional[str]:
-        """Why the graph's features differ from PyTorch fp32's, or None. On real images of the data
-        being extracted when the build gave them: a graph doctored to answer right on noise and
-        wrong on photographs is caught there (a seeded random batch alone would pass it)."""
-        images = self.verify_images
+        """Why the graph's features differ from PyTorch fp32's, or None. On real images when the
+        build gave them (an int8 graph: its check images): a graph doctored to answer right on
+        noise and wrong on photographs is caught there (a seeded random batch alone would pass it)."""
+        images = self.check_images if self.precision == "int8" else self.verify_images
         if images is None and self.precision == "int8":
-            return None  # its ranges fit real images, not noise: the first batch of each size is checked (__call__)
+            raise OptionError("extract_precision: an int8 graph is checked on real images before it is used, and none "
+                              "were given: pass calibration=(key, images), or verify_images")
         if images is None:
             images = torch.randn(4, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         _, error = self.checked_run(images)
@@ -249,17 +271,19 @@ class OnnxEngine(Int8Checks):
                 watchdog.cancel()
 
     def __call__(self, images: Tensor) -> List[Tensor]:
-        """The pooled features of `images`. The first batch of each size is also checked against
-        PyTorch fp32 before it is used (one reference forward per size): a graph right only at
-        the verification batch's size is caught before any of its rows is stored."""
-        self._refuse_outside_range(images)
-        if self.precision == "int8" and len(images) < INT8_CHECK_ROWS:
-            return [self._small_batch(images)]
+        """The pooled features of `images`. The graph is checked at each new batch size before it
+        is used (one reference forward per size): a graph right only at the verification batch's
+        size is caught before any of its rows is stored. fp32 is checked on the batch itself; int8
+        on its check images (int8_checks), and each image against its calibrated input range."""
+        if self.precision == "int8":
+            self.refuse_outside_range(images)
+            if len(images) not in self.checked_sizes:
+                self.check_batch_size(len(images))
+                self.checked_sizes.add(len(images))
+            return [self._run(images)]
         if len(images) in self.checked_sizes:
             return [self._run(images)]
         features, error = self.checked_run(images)
-        if error is not None and self.precision == "int8":  # deterministic: made again, it would be the same
-            raise self._out_of_range(len(images), error)
         if error is not None:
             _EXPORTED.pop(self.name, None)
             if self.onnx_path:
@@ -278,13 +302,21 @@ def _input_range(data: bytes):
     return input_range(data)
 
 
-def adopt(name: str, data: bytes, shown: Optional[str] = None, fix: Optional[str] = None) -> None:
+class Adopted(NamedTuple):
+    shown: str  # the run's file, as messages name the graph
+    fix: Optional[str]  # what to do about images unlike the run's training images
+    check_images: Optional[Tensor]  # the images the graph is checked on (int8_checks)
+    check_shown: Optional[str] = None  # the run's file that keeps them
+
+
+def adopt(name: str, data: bytes, shown: str, fix: Optional[str] = None, check_images: Optional[Tensor] = None,
+          check_shown: Optional[str] = None) -> None:
     """Makes `data` the graph named `name` in this process (a run folder's int8 graph, read back
-    by predict or eval): like any graph found, it is checked against PyTorch on real images
-    before it extracts anything. Messages about it name `shown` (the run's file) and give `fix`."""
+    by predict or eval): like any graph found, it is checked against PyTorch before it extracts
+    anything, on `check_images` (the run's, kept in `check_shown`). Messages about it name `shown`
+    (the run's file) and give `fix`."""
     _EXPORTED[name] = data
-    if shown is not None:
-        _ADOPTED[name] = (shown, fix)
+    _ADOPTED[name] = Adopted(shown, fix, check_images, check_shown)
 
 
 def forget(name: str) -> None:

@@ -56,7 +56,7 @@ VERIFY_IMAGES = 4  # real images of the data an ONNX graph is checked on before 
 
 def verification_images(source, spec, count: int = VERIFY_IMAGES) -> torch.Tensor:
     """The first `count` images of `source`, preprocessed as extraction will preprocess them (an
-    int8 graph's check takes engines.INT8_CHECK_ROWS: its tolerance holds over that many)."""
+    int8 graph without its calibration images at hand is checked on engines.INT8_CHECK_ROWS)."""
     return _images(source, range(min(count, len(source))), spec)
 
 
@@ -140,9 +140,7 @@ def extract_features(engine, source, spec, dtype: torch.dtype, feature_dim: int,
         try:
             maps = engine(images)
         except engines.BatchError as exc:
-            first = written + exc.row  # negative: the compared group began in an earlier call
-            raise (exc.naming(source.name_of(first)) if first >= 0 else
-                   exc.naming(source.name_of(written + n - 1), last=True)) from None
+            raise exc.naming(source.name_of(written + exc.row)) from None
         _refuse_non_finite(maps, source, written)
         store_maps(maps, features, torch.arange(written, written + n, device=device), scales)
         written += n

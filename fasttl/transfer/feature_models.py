@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fasttl.cache.cache import FeatureCache
+from fasttl.cache.engines import INT8_CHECK_ROWS
 from fasttl.data import TransformSpec
 from fasttl.data.splits import validation_split
 from fasttl.heads.train import predict_views
@@ -36,6 +37,7 @@ class RunCaches:
     extract_s: float
     extracted_images: int  # images run through the backbone now (0: every cache was there)
     int8_graph: Optional[bytes] = None  # the graph every split went through, where extraction is int8
+    int8_check_images: Optional[Tensor] = None  # ... and the images it is checked on (its calibration sample's first)
 
     @property
     def train(self) -> FeatureCache:
@@ -72,8 +74,9 @@ def feature_caches(cfg, backbone, ds, with_mirror_views: bool = False) -> RunCac
                                          str(cfg.device)),
                         built, sum(b.get("seconds", 0.0) for b in builds if b.get("images")))
     graph = int8_graph(cfg, backbone, extraction, caches["train"][0], calibration) if calibration is not None else None
+    check = None if calibration is None else calibration[:INT8_CHECK_ROWS]
     return RunCaches(caches["train"], caches["test"], mirrored_validation, time.perf_counter() - started, built,
-                     graph)
+                     graph, check)
 
 
 def calibration_sample(cfg, backbone, train_source, extraction: Extraction) -> Optional[Tensor]:

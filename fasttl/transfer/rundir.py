@@ -22,16 +22,15 @@ LOCK = ".fasttl-run.lock"   # held for a run's whole duration (files.FolderLock)
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.csv"
 HISTORY = "history.csv"   # one row per epoch per model
-# A run's int8 extraction graph (write_recorded): predict and eval go through it; without the
-# training images it could not be quantized again.
-INT8_GRAPH = "extract-int8.onnx"
+# An int8 run's extraction graph and the images it is checked on (fasttl.transfer.int8_files).
+INT8_GRAPH, INT8_CHECK = "extract-int8.onnx", "extract-int8-check.npy"
 CHECKPOINT = "checkpoint.pt"
 # What a run writes besides its config: the files an --overwrite removes, and nothing else.
 TENSORBOARD = "tensorboard"  # RUN_DIR/tensorboard/<model>/: --tensorboard without a folder
 EVENT_FILES = "events.out.tfevents."  # what TensorBoard's SummaryWriter names its files
 RESULT_FILES = (METRICS, PREDICTIONS, HISTORY, "report.md", "confusion_matrix.png", "curves.png", "eval_metrics.json",
                 "skipped.csv", "teacher_logits.safetensors", "distill_choice.json", "trained-images.bin",
-                INT8_GRAPH)
+                INT8_GRAPH, INT8_CHECK)
 
 
 class RunError(UserError, ValueError):

@@ -20,23 +20,10 @@ from fasttl.transfer.feature_models import FeatureModel, feature_caches
 from fasttl.transfer.registry import Outcome, Strategy, register
 from fasttl.transfer.trained import TrainedModel
 from fasttl.util.errors import OptionError
-from fasttl.transfer.rundir import (INT8_GRAPH, Checkpoint, RunError, load_weights, read_config, read_recorded,
-                                   save_weights, write_recorded)
+from fasttl.transfer.int8_files import adopt_int8_graph, write_int8_files
+from fasttl.transfer.rundir import Checkpoint, RunError, load_weights, read_config, save_weights
 from fasttl.transfer.common import (BACKBONE_OPTIONS, check_backbone_options, eval_timings, param_dtype, run_backbone,
                                     throughput)
-
-
-def adopt_int8_graph(run_dir: str, backbone, extraction: Extraction) -> None:
-    """A run extracted through an int8 graph: predict and eval go through the same one, kept in its
-    folder as the run wrote it (checked against PyTorch on real images before use)."""
-    from fasttl.cache import engines
-
-    data = read_recorded(run_dir, INT8_GRAPH, engines.MAX_ENGINE_BYTES)
-    if data is None:
-        raise RunError(f"{os.path.join(run_dir, INT8_GRAPH)}: missing, a link, or changed since the run wrote it; its "
-                       "int8 features can't be made again without the training images: train the run again")
-    engines.adopt(extraction.graph_name(backbone), data, shown=os.path.join(run_dir, INT8_GRAPH),
-                  fix="train the run with --extract-precision fp32 to use it on images like these")
 
 
 class FeatureTransfer(Strategy):
@@ -69,7 +56,7 @@ class FeatureTransfer(Strategy):
         backbone = backbones.create(cfg.backbone, weights=cfg.weights)
         caches = feature_caches(cfg, backbone, ds, with_mirror_views=True)
         if caches.int8_graph is not None:  # predict and eval go through it (read back by load)
-            write_recorded(run_dir, INT8_GRAPH, caches.int8_graph)
+            write_int8_files(run_dir, caches.int8_graph, caches.int8_check_images)
         started = time.perf_counter()
         tuned = self.fit(cfg, caches.train_views, run_dir, device, caches.mirrored_validation)
         head, history, choice = tuned.head, tuned.records, tuned.choice

@@ -1,0 +1,64 @@
+"""The files an int8 run keeps so that predict and eval repeat its extraction: the graph every
+split went through, and the images it is checked on (the first of its calibration sample: it
+can't be quantized again, nor checked, without training images)."""
+from __future__ import annotations
+
+import io
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fasttl.transfer.rundir import INT8_CHECK, INT8_GRAPH, RunError, read_recorded, write_recorded
+
+_AGAIN = "its int8 features can't be made again without the training images: train the run again"
+
+
+def write_int8_files(run_dir: str, graph: bytes, check_images: Tensor) -> None:
+    """The graph, and its check images as float16 (N, 3, S, S), N <= engines.INT8_CHECK_ROWS."""
+    from fasttl.cache.store import npy_bytes
+
+    write_recorded(run_dir, INT8_GRAPH, graph)
+    write_recorded(run_dir, INT8_CHECK, npy_bytes(check_images.to(torch.float16).numpy()))
+
+
+def adopt_int8_graph(run_dir: str, backbone, extraction) -> None:
+    """A run extracted through an int8 graph: predict and eval go through the same one, kept in its
+    folder as the run wrote it, checked against PyTorch on the run's check images before use."""
+    from fasttl.cache import engines
+
+    data = read_recorded(run_dir, INT8_GRAPH, engines.MAX_ENGINE_BYTES)
+    if data is None:
+        raise RunError(f"{os.path.join(run_dir, INT8_GRAPH)}: missing, a link, or changed since the run wrote it; "
+                       + _AGAIN)
+    engines.adopt(extraction.graph_name(backbone), data, shown=os.path.join(run_dir, INT8_GRAPH),
+                  fix="train the run with --extract-precision fp32 to use it on images like these",
+                  check_images=read_check_images(run_dir, extraction.image_size),
+                  check_shown=os.path.join(run_dir, INT8_CHECK))
+
+
+def read_check_images(run_dir: str, image_size: int) -> Tensor:
+    """The run's check images, float32: refused, naming the file, unless they are what write_int8_files
+    writes (a run made before they were kept has none: train it again)."""
+    from fasttl.cache.engines import INT8_CHECK_ROWS
+
+    path = os.path.join(run_dir, INT8_CHECK)
+    data = read_recorded(run_dir, INT8_CHECK, INT8_CHECK_ROWS * 3 * image_size * image_size * 2 + 4096)
+    if data is None:
+        raise RunError(f"{path}: missing, a link, or changed since the run wrote it (a run made by an older fasttl "
+                       f"has none); {_AGAIN}")
+    array = _plain_array(data)
+    if array is None or array.dtype != np.float16 or array.ndim != 4 or array.shape[1:] != (3, image_size, image_size) \
+            or not 1 <= len(array) <= INT8_CHECK_ROWS or not np.isfinite(array).all():
+        raise RunError(f"{path}: not {INT8_CHECK_ROWS} or fewer finite float16 images of 3x{image_size}x{image_size} "
+                       f"as the run wrote them; {_AGAIN}")
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def _plain_array(data: bytes) -> Optional[np.ndarray]:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        return None
