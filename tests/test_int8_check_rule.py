@@ -41,7 +41,7 @@ def test_a_run_graph_answering_zeros_is_refused_on_its_check_images_before_any_i
     with pytest.raises(CacheError, match=r"^engine: the int8 graph run/extract-int8.onnx is off PyTorch fp32 on the "
                                          r"run's check images run/extract-int8-check.npy \(relative error 1 > 0.35\): "
                                          r"the graph or its check images are not what the run made .*train the run "
-                                         r"again$"):
+                                         r"again \(with --extract-precision fp32 if int8 is refused there too\)$"):
         engines.create("onnxruntime", "int8", lite0.for_extraction(), 0, torch.device("cpu"), SIZE, name)
 
 

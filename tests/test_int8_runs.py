@@ -97,6 +97,7 @@ def _check_images_damaged(run_dir, damage: str) -> None:
                "check images of NaN": np.full_like(images, np.nan),
                "check images of another size": images[:, :, :-1, :-1],
                "check images as objects": np.array([{"a": 1}], dtype=object),
+               "check images as an npz archive": images,
                "check images of noise, marker updated": np.random.default_rng(0).standard_normal(images.shape
                                                                                               ).astype(np.float16)}
     value = planted[damage]
@@ -105,7 +106,10 @@ def _check_images_damaged(run_dir, damage: str) -> None:
         return
     if isinstance(value, np.ndarray):
         buffer = io.BytesIO()
-        np.save(buffer, value, allow_pickle=value.dtype == object)
+        if damage.endswith("npz archive"):  # np.load gives an NpzFile, not an array
+            np.savez(buffer, images=value)
+        else:
+            np.save(buffer, value, allow_pickle=value.dtype == object)
         value = buffer.getvalue()
     check.write_bytes(value)
     if damage != "check images edited":
@@ -117,7 +121,8 @@ def _check_images_damaged(run_dir, damage: str) -> None:
 @pytest.mark.parametrize("damage", ["missing", "edited", "zeros, marker updated",
                                     "another calibration, marker updated", "check images missing",
                                     "check images edited", "check images of NaN", "check images of another size",
-                                    "check images as objects", "check images of noise, marker updated"])
+                                    "check images as objects", "check images as an npz archive",
+                                    "check images of noise, marker updated"])
 def test_a_missing_or_doctored_run_graph_is_named(int8_run, three_classes, tmp_path, capsys, monkeypatch, damage,
                                                   lite0):
     """The graph and its check images (the first of the calibration sample) as the run wrote them
@@ -292,3 +297,56 @@ def test_an_int8_run_on_one_image_a_class_trains_and_predicts(tmp_path, cifar10_
     recorded = {sample: (name, confidence) for sample, _, name, confidence in
                 (line.split(",") for line in (tmp_path / "run" / "predictions.csv").read_text().splitlines()[1:])}
     assert predicted == recorded and len(recorded) == 6
+
+
+def test_two_runs_loaded_in_one_process_each_go_through_their_own_graph(int8_run, three_classes, tmp_path,
+                                                                        monkeypatch, lite0):
+    """The twenty-third pass: a graph adopted by name (backbone, size, taps, calibration) made the
+    last run loaded speak for every earlier one of the same data; each run's model now makes its
+    own graph and check images the ones extraction finds, as it extracts."""
+    import shutil
+
+    import fasttl
+    from fasttl import data
+
+    root, _ = int8_run
+    other, broken = tmp_path / "other", tmp_path / "broken"
+    shutil.copytree(root / "run", other)
+    shutil.copytree(root / "run", broken)
+    planted = _another_calibration(lite0, three_classes)  # another graph of the same name, its marker rewritten
+    (other / "extract-int8.onnx").write_bytes(planted)
+    marker = json.loads((other / ".fasttl-run").read_text())
+    marker["files"]["extract-int8.onnx"] = hashlib.sha256(planted).hexdigest()
+    (other / ".fasttl-run").write_text(json.dumps(marker))
+    _check_images_damaged(broken, "check images of NaN")
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    monkeypatch.setattr(engines, "_ADOPTED", {})
+    photos = data.scan_class_folder(str(three_classes / "test"))
+    alone = fasttl.load_run(str(root / "run")).predict(photos)[1]
+    own, theirs, damaged = (fasttl.load_run(str(path)) for path in (root / "run", other, broken))
+    with pytest.raises(Exception, match="extract-int8-check.npy"):
+        damaged.predict(photos)
+    other_probabilities = theirs.predict(photos)[1]
+    assert bool((own.predict(photos)[1] == alone).all())  # loaded before the others, used after them
+    assert not bool((other_probabilities == alone).all())  # the other folder's graph is its own
+
+
+def test_export_and_model_of_an_int8_run_need_no_int8_files(int8_run, tmp_path, capsys, monkeypatch):
+    """The twenty-third pass: they run the fp32 backbone, so a run whose int8 files are gone (one
+    made before check images were kept) still exports; predict names the missing file."""
+    import shutil
+
+    import fasttl
+
+    root, _ = int8_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(root / "run", run_dir)
+    (run_dir / "extract-int8-check.npy").unlink()
+    (run_dir / "extract-int8.onnx").unlink()
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    code, _, err = cli(capsys, "export", run_dir, "--out", tmp_path / "model.onnx")
+    assert code == 0 and (tmp_path / "model.onnx").stat().st_size > 1000, err
+    assert fasttl.load_run(str(run_dir)).model is not None
+    code, _, err = cli(capsys, "predict", "--run", run_dir, tmp_path / "model.onnx")
+    assert code == 2 and "extract-int8.onnx: missing" in one_line_error(err)

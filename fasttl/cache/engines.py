@@ -152,8 +152,11 @@ class OnnxEngine(Int8Checks):
         onnx_path = os.path.join(engine_dir, name) if name and engine_dir else None
         self.onnx_path, self.engine_dir = onnx_path, engine_dir
         if precision == "int8":
-            self.check_images, self.check_origin = self._int8_check_images(calibration_images)
+            self.check_images, self.check_origin = self._int8_check_images(calibration_images, image_size)
         known = _EXPORTED.get(name) or (_read_engine_file(onnx_path) if onnx_path else None)
+        if precision == "int8" and self.check_images is None and known:
+            raise OptionError("extract_precision: an int8 graph is checked on real images before it is used, and none "
+                              "were given: pass calibration=(key, images), or verify_images")
         mismatch = failure = None
         for data in ([known] if known else []) + [None]:
             fresh = data is None
@@ -182,24 +185,35 @@ class OnnxEngine(Int8Checks):
                 raise CacheError(f"engine: onnxruntime's features differ from PyTorch's ({mismatch}); pass --engine "
                                  "torch")
 
-    def _int8_check_images(self, calibration_images: Optional[Tensor]) -> Tuple[Optional[Tensor], str]:
+    def _int8_check_images(self, calibration_images: Optional[Tensor], image_size: int) -> tuple:
         """(the images an int8 graph is checked on, what messages call them): a run's kept ones
-        (adopt), else the first of the calibration sample, else the data's first images."""
+        (adopt), else the first of the calibration sample, else the data's first images; rounded
+        to float16 as a run keeps them, so a run checks its graph on the same values when it is
+        made and when it is loaded."""
         adopted = self._adopted()
+        self.checks_on_data = False
         if adopted.check_images is not None:
-            return adopted.check_images, f"the run's check images {adopted.check_shown}"
-        if calibration_images is not None:
-            return calibration_images[:INT8_CHECK_ROWS], f"the first {INT8_CHECK_ROWS} images of its calibration sample"
-        images = self.verify_images
-        return images, f"the first {0 if images is None else len(images)} images of the data"
+            images, origin = adopted.check_images, f"the run's check images {adopted.check_shown}"
+        elif calibration_images is not None:
+            images = calibration_images[:INT8_CHECK_ROWS]
+            origin = f"the first {len(images)} images of its calibration sample"
+        elif self.verify_images is not None:
+            images, self.checks_on_data = self.verify_images, True
+            origin = f"the first {len(images)} images of the data"
+        else:
+            return None, "no images"  # refused in __init__: unusable's reasons first
+        return check_images(images, image_size, "check_images" if adopted.check_images is not None else
+                            "calibration images" if calibration_images is not None else "verify_images"), origin
 
     def shown(self) -> Tuple[str, Optional[str]]:
         """(what messages call this graph, the fix a kept graph's owner gave: adopt)."""
         return self._adopted()[:2]
 
     def _adopted(self) -> "Adopted":
-        """What adopt said of this graph; a graph not adopted is called by its path, with no fix."""
-        return _ADOPTED.get(self.name) or Adopted(self.onnx_path or self.name, None, None)
+        """What adopt said of this graph; a graph not adopted, or quantized here on calibration
+        images (a new run's, which a run loaded before it must not speak for), is called by its path."""
+        adopted = None if self.quantizable else _ADOPTED.get(self.name)
+        return adopted or Adopted(self.onnx_path or self.name, None, None)
 
     def reference(self, images: Tensor) -> Tensor:
         return pooled_reference(self.model, self.taps, images)
@@ -222,11 +236,12 @@ class OnnxEngine(Int8Checks):
             error, tolerance = relative_error(features, want), FP32_TOLERANCE
         return f"relative error {error:.2g} > {tolerance:.2g}" if not error <= tolerance else None
 
-    def checked_run(self, images: Tensor, batch: Optional[int] = None) -> Tuple[Tensor, Optional[str]]:
+    def checked_run(self, images: Tensor, batch: Optional[int] = None, compare: bool = True) -> tuple:
         """(features, why they are wrong or None): the graph run (in batches of `batch` when given)
         beside the PyTorch reference, and stopped when it takes far longer than the reference did (a
         graph made to loop would otherwise hang the build, out of reach of Ctrl-C while ONNX Runtime
-        runs)."""
+        runs). `compare=False`: (features or why it was stopped, the reference), for the caller to
+        compare."""
         started = time.perf_counter()
         want = pooled_reference(self.model, self.taps, images)
         limit = VERIFY_SECONDS + VERIFY_SLOWDOWN * (time.perf_counter() - started)
@@ -237,17 +252,15 @@ class OnnxEngine(Int8Checks):
         except Exception as exc:  # onnxruntime's own error types: terminated, or a graph that fails
             if "terminate" not in str(exc).lower():
                 raise
-            return want, f"it ran longer than {limit:.0f} s on {len(images)} images, where PyTorch took a fraction"
-        return features, self.difference(features, images, want)
+            stopped = f"it ran longer than {limit:.0f} s on {len(images)} images, where PyTorch took a fraction"
+            return (stopped, want) if not compare else (want, stopped)
+        return (features, want) if not compare else (features, self.difference(features, images, want))
 
     def verify(self, model, taps: int, image_size: int) -> Optional[str]:
         """Why the graph's features differ from PyTorch fp32's, or None. On real images when the
         build gave them (an int8 graph: its check images): a graph doctored to answer right on
         noise and wrong on photographs is caught there (a seeded random batch alone would pass it)."""
         images = self.check_images if self.precision == "int8" else self.verify_images
-        if images is None and self.precision == "int8":
-            raise OptionError("extract_precision: an int8 graph is checked on real images before it is used, and none "
-                              "were given: pass calibration=(key, images), or verify_images")
         if images is None:
             images = torch.randn(4, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         _, error = self.checked_run(images)
@@ -294,6 +307,20 @@ class OnnxEngine(Int8Checks):
                              "was stored: run again (the graph is exported anew), or pass --engine torch")
         self.checked_sizes.add(len(images))
         return [features]
+
+
+def check_images(images, image_size: int, name: str) -> Tensor:
+    """`images` as the float32 CPU tensor (N, 3, S, S), 1 <= N, finite, an int8 graph is checked
+    on; else a one-line error naming `name`."""
+    shape = tuple(images.shape) if isinstance(images, Tensor) else None
+    if shape is None or len(shape) != 4 or shape[1:] != (3, image_size, image_size) or not shape[0] \
+            or not images.is_floating_point() or images.device.type != "cpu" \
+            or not bool(torch.isfinite(images).all()):
+        got = f"a tensor {list(shape)} of {images.dtype} on {images.device}" if shape is not None else \
+            type(images).__name__
+        raise OptionError(f"{name}: an int8 graph is checked on a finite float CPU tensor (N, 3, {image_size}, "
+                          f"{image_size}) of one image or more; got {got}")
+    return images.detach().to(torch.float16).float()
 
 
 def _input_range(data: bytes):

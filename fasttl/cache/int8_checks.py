@@ -34,16 +34,20 @@ INT8_CHECK_ROWS = 8
 
 
 class Int8Checks:
-    """Mixed into OnnxEngine: uses its checked_run, shown, input_range, quantizable, name,
-    engine_dir, check_images and check_origin."""
+    """Mixed into OnnxEngine: uses its checked_run, difference, shown, input_range, quantizable,
+    name, engine_dir, check_images, check_origin and checks_on_data (the check images are the
+    data's first: a refusal names the first)."""
 
     def check_batch_size(self, size: int) -> None:
-        """The graph on its check images in batches of `size` (tiled to cover each of them): a graph
-        right only at the size it was verified at fails here, before it extracts anything."""
+        """The graph on its check images in batches of `size` (tiled to whole batches), its error
+        over each check image once, as at the size it was verified at: a graph right only at that
+        size fails here, before it extracts anything, and a sound one gets the same answer at
+        every size (a tile counted twice would move the error with the size)."""
         check = self.check_images
         rows = size * -(-len(check) // size)  # whole batches of `size` covering every check image
         tiled = check.repeat(-(-rows // len(check)), 1, 1, 1)[:rows]
-        error = self.checked_run(tiled, batch=size)[1]
+        got, want = self.checked_run(tiled, batch=size, compare=False)
+        error = got if isinstance(got, str) else self.difference(got[:len(check)], check, want[:len(check)])
         if error is not None:
             raise self.graph_off(f"{error}, at batch size {size}")
 
@@ -71,7 +75,7 @@ class Int8Checks:
         """The graph too far from PyTorch fp32 on its check images; a BatchError (the caller names
         the first image) when they are the data's."""
         before = f"engine: the int8 graph {self.shown()[0]} is off PyTorch fp32 on {self.check_origin}"
-        if self.check_origin.startswith("the first"):
+        if self.checks_on_data:
             return BatchError(before, f" ({error}): {self._why()}")
         return CacheError(f"{before} ({error}): {self._why()}")
 
@@ -87,8 +91,9 @@ class Int8Checks:
         if fix is not None and image:
             return "images unlike those it was calibrated on: " + fix
         if fix is not None:
-            return ("the graph or its check images are not what the run made (changed along with its record?): "
-                    "train the run again")
+            return ("the graph or its check images are not what the run made (changed along with its record?), or "
+                    "this CPU's int8 kernels follow it less closely than the training machine's: train the run again "
+                    "(with --extract-precision fp32 if int8 is refused there too)")
         return ("images unlike those it was calibrated on (or a graph changed along with its record): pass their "
                 "calibration images (calibration=(key, images)), or --extract-precision fp32")
 

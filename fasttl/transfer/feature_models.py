@@ -131,7 +131,7 @@ class FeatureModel(TrainedModel):
     `logits` goes through the feature cache, as training did."""
 
     def __init__(self, backbone, head, config: dict, device: torch.device, fit_settings: Optional[Callable] = None,
-                 refit: Optional[Callable] = None):
+                 refit: Optional[Callable] = None, int8_graph: Optional[Callable] = None):
         spec = TransformSpec.for_backbone(backbone.preprocessing, size=config["image_size"])
         self.extraction = Extraction.of(config)
         mirrored = views_of(config, "test") == [False, True]
@@ -140,6 +140,8 @@ class FeatureModel(TrainedModel):
         self.backbone, self.head, self.config = backbone, head.to(device).eval(), config
         # fit_settings() -> the settings this run chose (checked); refit(settings, views, seed, device) -> a head
         self.fit_settings, self.refit = fit_settings, refit
+        # an int8 run's: makes its graph the one extraction finds (fasttl.transfer.int8_files.run_graph)
+        self.int8_graph = int8_graph or (lambda: None)
         self._in_memory = None  # FeaturesInMemory, made on the first prediction
 
     @property
@@ -151,7 +153,8 @@ class FeatureModel(TrainedModel):
         """As the run predicted its test split from the feature cache: the same features, computed
         in memory (FeaturesInMemory, no cache written), through the head, averaged over the views
         the run cached."""
-        if self._in_memory is None:
+        if self._in_memory is None:  # its engine keeps the graph it was made with
+            self.int8_graph()
             self._in_memory = FeaturesInMemory(self.backbone, self.extraction, self.device)
         dtype = next(self.head.parameters()).dtype
         outputs = []
@@ -161,19 +164,22 @@ class FeatureModel(TrainedModel):
                                       for i in range(0, len(features), 4096)]))
         return torch.stack(outputs).mean(0)
 
+    def _cache(self, source, split: str, progress: bool, mirror) -> FeatureCache:
+        """The cache of `source` (one view), extracted as the run extracted (its int8 graph, if any)."""
+        self.int8_graph()
+        return cached_features(self.backbone, source, split, self.extraction, device=self.device, progress=progress,
+                               mirror=bool(mirror))
+
     @torch.no_grad()
     def logits(self, source, progress: bool = False, split: str = "eval", batch_size: int = 4096):
-        caches = [cached_features(self.backbone, source, split, self.extraction, device=self.device, progress=progress,
-                                  mirror=view) for view in views_of(self.config, "test")]
+        caches = [self._cache(source, split, progress, view) for view in views_of(self.config, "test")]
         return predict_views(self.head, caches, self.device)
 
     @torch.no_grad()
     def view_logits(self, source, mirror: bool, progress: bool = False, split: str = "eval", batch_size: int = 4096):
         """One view's logits through its feature cache ("train-mirror" for the mirrored training
         images), not the average of both views that `logits` gives when --mirror-views mirrors the test split."""
-        cache = cached_features(self.backbone, source, split, self.extraction, device=self.device, progress=progress,
-                                mirror=bool(mirror))
-        return predict_views(self.head, [cache], self.device)[0]
+        return predict_views(self.head, [self._cache(source, split, progress, mirror)], self.device)[0]
 
     def cross_fitter(self):
         if self.fit_settings is None:
@@ -181,8 +187,7 @@ class FeatureModel(TrainedModel):
         settings = self.fit_settings()  # checked now, before any teacher runs
 
         def fit(source, seed: int, progress: bool = False, split: str = "eval"):
-            caches = {view: cached_features(self.backbone, source, split, self.extraction, device=self.device,
-                                            progress=progress, mirror=view) for view in (False, True)}
+            caches = {view: self._cache(source, split, progress, view) for view in (False, True)}
             return cross_fitted_logits(caches, views_of(self.config, "train"),
                                        functools.partial(self.refit, settings), seed, len(self.classes), self.device,
                                        progress)
@@ -191,8 +196,7 @@ class FeatureModel(TrainedModel):
     @torch.no_grad()
     def view_features(self, source, mirror: bool, progress: bool = False, split: str = "eval"):
         """One view's cached features as the head sees them (its block scaling applied), fp16."""
-        cache = cached_features(self.backbone, source, split, self.extraction, device=self.device, progress=progress,
-                                mirror=bool(mirror))
+        cache = self._cache(source, split, progress, mirror)
         scale = self.head[0]
         return torch.cat([scale(cache.gather(torch.arange(start, min(start + 8192, len(cache)))).to(self.device))
                           .to(torch.float16).cpu() for start in range(0, len(cache), 8192)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -24,19 +24,33 @@ def write_int8_files(run_dir: str, graph: bytes, check_images: Tensor) -> None:
     write_recorded(run_dir, INT8_CHECK, npy_bytes(check_images.to(torch.float16).numpy()))
 
 
-def adopt_int8_graph(run_dir: str, backbone, extraction) -> None:
-    """A run extracted through an int8 graph: predict and eval go through the same one, kept in its
-    folder as the run wrote it, checked against PyTorch on the run's check images before use."""
+def run_graph(run_dir: str, backbone, extraction) -> Callable[[], None]:
+    """What a loaded int8 run calls before it extracts (predict, eval, as a teacher): its graph and
+    check images, read and checked on the first call, made the graph the engines find under its
+    name, so that two runs loaded in one process each go through their own (export and `.model`,
+    which run the fp32 backbone, never read them)."""
+    kept = []
+
+    def use() -> None:
+        from fasttl.cache import engines
+
+        if not kept:
+            kept.append(_read_int8_files(run_dir, extraction.image_size))
+        graph, check = kept[0]
+        engines.adopt(extraction.graph_name(backbone), graph, shown=os.path.join(run_dir, INT8_GRAPH),
+                      fix="train the run with --extract-precision fp32 to use it on images like these",
+                      check_images=check, check_shown=os.path.join(run_dir, INT8_CHECK))
+    return use
+
+
+def _read_int8_files(run_dir: str, image_size: int) -> tuple:
     from fasttl.cache import engines
 
-    data = read_recorded(run_dir, INT8_GRAPH, engines.MAX_ENGINE_BYTES)
-    if data is None:
+    graph = read_recorded(run_dir, INT8_GRAPH, engines.MAX_ENGINE_BYTES)
+    if graph is None:
         raise RunError(f"{os.path.join(run_dir, INT8_GRAPH)}: missing, a link, or changed since the run wrote it; "
                        + _AGAIN)
-    engines.adopt(extraction.graph_name(backbone), data, shown=os.path.join(run_dir, INT8_GRAPH),
-                  fix="train the run with --extract-precision fp32 to use it on images like these",
-                  check_images=read_check_images(run_dir, extraction.image_size),
-                  check_shown=os.path.join(run_dir, INT8_CHECK))
+    return graph, read_check_images(run_dir, image_size)
 
 
 def read_check_images(run_dir: str, image_size: int) -> Tensor:
@@ -58,7 +72,9 @@ def read_check_images(run_dir: str, image_size: int) -> Tensor:
 
 
 def _plain_array(data: bytes) -> Optional[np.ndarray]:
+    """The one array of a .npy file's bytes, else None (a .npz archive, a pickle, not an array)."""
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError):
         return None
+    return array if isinstance(array, np.ndarray) else None

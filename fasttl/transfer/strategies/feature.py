@@ -20,7 +20,7 @@ from fasttl.transfer.feature_models import FeatureModel, feature_caches
 from fasttl.transfer.registry import Outcome, Strategy, register
 from fasttl.transfer.trained import TrainedModel
 from fasttl.util.errors import OptionError
-from fasttl.transfer.int8_files import adopt_int8_graph, write_int8_files
+from fasttl.transfer.int8_files import run_graph, write_int8_files
 from fasttl.transfer.rundir import Checkpoint, RunError, load_weights, read_config, save_weights
 from fasttl.transfer.common import (BACKBONE_OPTIONS, check_backbone_options, eval_timings, param_dtype, run_backbone,
                                     throughput)
@@ -86,11 +86,10 @@ class FeatureTransfer(Strategy):
                            ) from None
         backbone = run_backbone(config)
         extraction = Extraction.of(config)
-        if extraction.calibration is not None:
-            adopt_int8_graph(run_dir, backbone, extraction)
         head = make_head(self.name, backbone.tapped_dim(extraction.taps), len(config["classes"]))
         return FeatureModel(backbone, load_weights(run_dir, "head", head), config, device,
-                            fit_settings=functools.partial(self.fit_settings, run_dir), refit=self.refit_head)
+                            fit_settings=functools.partial(self.fit_settings, run_dir), refit=self.refit_head,
+                            int8_graph=run_graph(run_dir, backbone, extraction) if extraction.calibration else None)
 
     def fit_settings(self, run_dir: str) -> Dict[str, object]:
         """The settings a finished run's head was fit with (what its tuning chose included), each
