@@ -67,7 +67,8 @@ BAD_CHECK_IMAGES = {
     "a list": (lambda images: images.tolist(), "got list"),
     "integers": (lambda images: images.to(torch.int64), "of torch.int64"),
     "on the meta device": (lambda images: images.to("meta"), "on meta"),
-    "NaN": (lambda images: images.masked_fill(images > 0, float("nan")), "finite float CPU tensor"),
+    "NaN": (lambda images: images.masked_fill(images > 0, float("nan")), "got a tensor [8, 3, 32, 32] of torch.float"),
+    "beyond float16": (lambda images: images * 1e5, "finite in float16; got a tensor"),  # the twenty-fourth pass
 }
 
 
@@ -80,8 +81,9 @@ def test_odd_check_images_given_to_adopt_are_named(lite0, small_source, fresh_en
     make, culprit = BAD_CHECK_IMAGES[case]
     engines.adopt(name, _zeros_graph(lite0, 0, SIZE), shown="run/extract-int8.onnx", fix="train it with fp32",
                   check_images=make(good.check_images.clone()), check_shown="run/extract-int8-check.npy")
-    with pytest.raises(OptionError, match=r"^check_images: an int8 graph is checked on a finite float CPU tensor "
-                                          rf"\(N, 3, {SIZE}, {SIZE}\) of one image or more; got ") as refused:
+    with pytest.raises(OptionError, match=rf"^check_images: an int8 graph is checked on a tensor \(N, 3, {SIZE}, "
+                                          rf"{SIZE}\) of one image or more, on the CPU, finite in float16; got ") \
+            as refused:
         engines.create("onnxruntime", "int8", lite0.for_extraction(), 0, torch.device("cpu"), SIZE, name)
     assert culprit in str(refused.value)
 

@@ -99,7 +99,8 @@ def _check_images_damaged(run_dir, damage: str) -> None:
                "check images as objects": np.array([{"a": 1}], dtype=object),
                "check images as an npz archive": images,
                "check images of noise, marker updated": np.random.default_rng(0).standard_normal(images.shape
-                                                                                              ).astype(np.float16)}
+                                                                                              ).astype(np.float16),
+               "check images far outside, marker updated": images * 20}
     value = planted[damage]
     check.unlink()
     if value is None:
@@ -163,6 +164,14 @@ def test_a_missing_or_doctored_run_graph_is_named(int8_run, three_classes, tmp_p
     else:
         assert str(check if damage.startswith("check") else graph) in line
     assert "train the run again" in line and "--engine torch" not in line
+
+
+def _plant(run_dir, name: str, data: bytes) -> None:
+    """`data` in place of the run's file `name`, the marker rewritten to match (as its writer can)."""
+    (run_dir / name).write_bytes(data)
+    marker = json.loads((run_dir / ".fasttl-run").read_text())
+    marker["files"][name] = hashlib.sha256(data).hexdigest()
+    (run_dir / ".fasttl-run").write_text(json.dumps(marker))
 
 
 def _another_calibration(backbone, data) -> bytes:
@@ -313,11 +322,7 @@ def test_two_runs_loaded_in_one_process_each_go_through_their_own_graph(int8_run
     other, broken = tmp_path / "other", tmp_path / "broken"
     shutil.copytree(root / "run", other)
     shutil.copytree(root / "run", broken)
-    planted = _another_calibration(lite0, three_classes)  # another graph of the same name, its marker rewritten
-    (other / "extract-int8.onnx").write_bytes(planted)
-    marker = json.loads((other / ".fasttl-run").read_text())
-    marker["files"]["extract-int8.onnx"] = hashlib.sha256(planted).hexdigest()
-    (other / ".fasttl-run").write_text(json.dumps(marker))
+    _plant(other, "extract-int8.onnx", _another_calibration(lite0, three_classes))  # same name, other graph
     _check_images_damaged(broken, "check images of NaN")
     monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "fresh-cache"))
     monkeypatch.setattr(engines, "_EXPORTED", {})
@@ -350,3 +355,102 @@ def test_export_and_model_of_an_int8_run_need_no_int8_files(int8_run, tmp_path, 
     assert fasttl.load_run(str(run_dir)).model is not None
     code, _, err = cli(capsys, "predict", "--run", run_dir, tmp_path / "model.onnx")
     assert code == 2 and "extract-int8.onnx: missing" in one_line_error(err)
+
+
+def _eval_loss(capsys, run_dir) -> float:
+    code, _, err = cli(capsys, "eval", run_dir, "--no-progress")
+    assert code == 0, err
+    return json.loads((run_dir / "eval_metrics.json").read_text())["loss"]
+
+
+def test_eval_goes_through_the_runs_own_graph_whatever_caches_exist(int8_run, three_classes, tmp_path, capsys,
+                                                                    monkeypatch, lite0):
+    """The twenty-fourth pass: eval reused any cache of the same data, whichever run's graph made it
+    (an untouched run scored with another folder's graph), and a run whose check images fail was
+    accepted once such a cache existed. A loaded run's caches are named by its graph's SHA-256, and
+    its graph is checked on its check images at its first use."""
+    import shutil
+
+    root, _ = int8_run
+    own, other, broken = tmp_path / "own", tmp_path / "other", tmp_path / "broken"
+    for path in (own, other, broken):
+        shutil.copytree(root / "run", path)
+    _plant(other, "extract-int8.onnx", _another_calibration(lite0, three_classes))
+    _check_images_damaged(broken, "check images far outside, marker updated")  # the graph is own's
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
+    alone = _eval_loss(capsys, own)
+    assert _eval_loss(capsys, other) != alone and _eval_loss(capsys, own) == alone
+    code, _, err = cli(capsys, "eval", broken, "--no-progress")  # own's caches exist: still checked, refused
+    assert code == 2 and "is off PyTorch fp32 on the run's check images" in one_line_error(err)
+
+
+def test_a_new_run_after_loading_another_makes_its_own_graph(int8_run, three_classes, tmp_path, monkeypatch, lite0):
+    """The twenty-fourth pass: a loaded run's graph, adopted under the name a new run of the same data
+    looks up, became the new run's graph (and was written into the cache folder for later runs)."""
+    import shutil
+
+    import fasttl
+    from fasttl import data
+    from fasttl.transfer.job import run
+
+    root, _ = int8_run
+    other = tmp_path / "other"
+    shutil.copytree(root / "run", other)
+    _plant(other, "extract-int8.onnx", _another_calibration(lite0, three_classes))
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
+    fasttl.load_run(str(other)).predict(data.scan_class_folder(str(three_classes / "test")))
+    run(data=str(three_classes), image_size=SIZE, extract_precision="int8", features="multi", compare="none",
+        out=str(tmp_path / "new"), progress=False)
+    assert (tmp_path / "new" / "extract-int8.onnx").read_bytes() == (root / "run" / "extract-int8.onnx").read_bytes()
+
+
+def test_a_model_loaded_before_its_folder_changes_keeps_its_graph(int8_run, three_classes, tmp_path, monkeypatch,
+                                                                 lite0):
+    """The twenty-fourth pass: the graph was read at the first predict, so a folder retrained after
+    load_run (here: its graph replaced, the marker rewritten) gave the old head the new graph."""
+    import shutil
+
+    import fasttl
+    from fasttl import data
+
+    root, _ = int8_run
+    copy = tmp_path / "run"
+    shutil.copytree(root / "run", copy)
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
+    photos = data.scan_class_folder(str(three_classes / "test"))
+    before = fasttl.load_run(str(root / "run")).predict(photos)[1]
+    model = fasttl.load_run(str(copy))
+    _plant(copy, "extract-int8.onnx", _another_calibration(lite0, three_classes))
+    assert bool((model.predict(photos)[1] == before).all())
+
+
+def test_a_run_graph_that_does_not_load_is_told_to_train_again(int8_run, tmp_path, capsys, monkeypatch):
+    """The twenty-fourth pass: it was told to train with fp32 "to use it on images like these"."""
+    import shutil
+
+    root, _ = int8_run
+    copy = tmp_path / "run"
+    shutil.copytree(root / "run", copy)
+    _plant(copy, "extract-int8.onnx", b"not a graph")
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
+    code, _, err = cli(capsys, "predict", "--run", copy, copy / "config.json")
+    line = one_line_error(err)
+    assert code == 2 and f"{copy / 'extract-int8.onnx'} does not load" in line and line.endswith("train the run again")
+
+
+def test_a_swapped_engine_file_in_the_cache_folder_is_quantized_anew_on_overwrite(int8_run, three_classes, tmp_path,
+                                                                               capsys, monkeypatch, lite0):
+    """The twenty-fourth pass: the graph left beside the caches replaced, a run said "run again with
+    --overwrite", and --overwrite failed the same way (it reused the file): the file is fasttl's own,
+    removed and quantized anew."""
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
+    words = ["run", "--data", three_classes, "--image-size", str(SIZE), "--extract-precision", "int8", "--features",
+             "multi", "--compare", "none", "--no-progress", "--out", tmp_path / "run"]
+    assert cli(capsys, *words)[0] == 0
+    (graph,) = (tmp_path / "cache").glob("*/engine-*-int8.onnx")
+    graph.write_bytes(_another_calibration(lite0, three_classes))
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    code, _, err = cli(capsys, *words, "--overwrite")
+    assert code == 0, err
+    assert (tmp_path / "run" / "extract-int8.onnx").read_bytes() == (root_graph := graph.read_bytes())
+    assert root_graph == (int8_run[0] / "run" / "extract-int8.onnx").read_bytes()

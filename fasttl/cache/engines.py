@@ -236,12 +236,11 @@ class OnnxEngine(Int8Checks):
             error, tolerance = relative_error(features, want), FP32_TOLERANCE
         return f"relative error {error:.2g} > {tolerance:.2g}" if not error <= tolerance else None
 
-    def checked_run(self, images: Tensor, batch: Optional[int] = None, compare: bool = True) -> tuple:
-        """(features, why they are wrong or None): the graph run (in batches of `batch` when given)
-        beside the PyTorch reference, and stopped when it takes far longer than the reference did (a
-        graph made to loop would otherwise hang the build, out of reach of Ctrl-C while ONNX Runtime
-        runs). `compare=False`: (features or why it was stopped, the reference), for the caller to
-        compare."""
+    def beside_reference(self, images: Tensor, batch: Optional[int] = None) -> tuple:
+        """(the graph's features or None, PyTorch fp32's, why the graph was stopped or None): the
+        graph run (in batches of `batch` when given) beside the reference, and stopped when it takes
+        far longer than the reference did (a graph made to loop would otherwise hang the build, out
+        of reach of Ctrl-C while ONNX Runtime runs)."""
         started = time.perf_counter()
         want = pooled_reference(self.model, self.taps, images)
         limit = VERIFY_SECONDS + VERIFY_SLOWDOWN * (time.perf_counter() - started)
@@ -252,9 +251,14 @@ class OnnxEngine(Int8Checks):
         except Exception as exc:  # onnxruntime's own error types: terminated, or a graph that fails
             if "terminate" not in str(exc).lower():
                 raise
-            stopped = f"it ran longer than {limit:.0f} s on {len(images)} images, where PyTorch took a fraction"
-            return (stopped, want) if not compare else (want, stopped)
-        return (features, want) if not compare else (features, self.difference(features, images, want))
+            why = f"it ran longer than {limit:.0f} s on {len(images)} images, where PyTorch took a fraction"
+            return None, want, why
+        return features, want, None
+
+    def checked_run(self, images: Tensor) -> Tuple[Tensor, Optional[str]]:
+        """(features, why they are wrong or None): the graph beside the reference (beside_reference)."""
+        features, want, stopped = self.beside_reference(images)
+        return (want, stopped) if stopped else (features, self.difference(features, images, want))
 
     def verify(self, model, taps: int, image_size: int) -> Optional[str]:
         """Why the graph's features differ from PyTorch fp32's, or None. On real images when the
@@ -313,14 +317,15 @@ def check_images(images, image_size: int, name: str) -> Tensor:
     """`images` as the float32 CPU tensor (N, 3, S, S), 1 <= N, finite, an int8 graph is checked
     on; else a one-line error naming `name`."""
     shape = tuple(images.shape) if isinstance(images, Tensor) else None
-    if shape is None or len(shape) != 4 or shape[1:] != (3, image_size, image_size) or not shape[0] \
-            or not images.is_floating_point() or images.device.type != "cpu" \
-            or not bool(torch.isfinite(images).all()):
+    usable = shape is not None and len(shape) == 4 and shape[1:] == (3, image_size, image_size) and shape[0] > 0 \
+        and images.is_floating_point() and images.device.type == "cpu"
+    rounded = images.detach().to(torch.float16).float() if usable else None
+    if not usable or not bool(torch.isfinite(rounded).all()):  # finite as float16: what a run keeps
         got = f"a tensor {list(shape)} of {images.dtype} on {images.device}" if shape is not None else \
             type(images).__name__
-        raise OptionError(f"{name}: an int8 graph is checked on a finite float CPU tensor (N, 3, {image_size}, "
-                          f"{image_size}) of one image or more; got {got}")
-    return images.detach().to(torch.float16).float()
+        raise OptionError(f"{name}: an int8 graph is checked on a tensor (N, 3, {image_size}, {image_size}) of one "
+                          f"image or more, on the CPU, finite in float16; got {got}")
+    return rounded
 
 
 def _input_range(data: bytes):

@@ -25,16 +25,19 @@ from fasttl.util.errors import OptionError
 # graph's first quantizer (under-exposed scans calibrate [-1, 0], a normal photo spills half its
 # pixels over) is clipped before the first layer, and its features are refused.
 INT8_OUTSIDE_SHARE = 0.01
-# ... counting only values beyond the range by more than this share of its width: a sample without
-# pure black or white pixels (video levels, 10 to 245) calibrates [-0.91, 0.92], and full-range
-# photos, a little beyond it, come out within 0.11 of fp32 (the under-exposed case is beyond by half).
-INT8_OUTSIDE_MARGIN = 0.1
+# ... counting only values beyond the range by more than this share of its width: gross clipping
+# only. A sample without pure black or white pixels (video levels, 10 to 245) calibrates
+# [-0.91, 0.92], and full-range photos, a little beyond it, come out within 0.11 of fp32; at levels
+# 30 to 225 photos are beyond by up to 15%, within 0.06 to 0.22 at multi-stage features and up to
+# 0.81 at head features, as far as photos inside the range get at those settings (up to 1.9);
+# the under-exposed case, the one this check is for, is beyond by half or more.
+INT8_OUTSIDE_MARGIN = 0.25
 # The graph's check images: engines.INT8_TOLERANCE holds over a batch of this many.
 INT8_CHECK_ROWS = 8
 
 
 class Int8Checks:
-    """Mixed into OnnxEngine: uses its checked_run, difference, shown, input_range, quantizable,
+    """Mixed into OnnxEngine: uses its beside_reference, difference, shown, input_range, quantizable,
     name, engine_dir, check_images, check_origin and checks_on_data (the check images are the
     data's first: a refusal names the first)."""
 
@@ -46,8 +49,8 @@ class Int8Checks:
         check = self.check_images
         rows = size * -(-len(check) // size)  # whole batches of `size` covering every check image
         tiled = check.repeat(-(-rows // len(check)), 1, 1, 1)[:rows]
-        got, want = self.checked_run(tiled, batch=size, compare=False)
-        error = got if isinstance(got, str) else self.difference(got[:len(check)], check, want[:len(check)])
+        got, want, stopped = self.beside_reference(tiled, batch=size)
+        error = stopped or self.difference(got[:len(check)], check, want[:len(check)])
         if error is not None:
             raise self.graph_off(f"{error}, at batch size {size}")
 
@@ -110,8 +113,9 @@ class Int8Checks:
             return no_graph_kept(self.engine_dir)
         shown, fix = self.shown()
         return CacheError(f"engine: the int8 graph {shown} does not load ({failure}), and it can't be quantized again "
-                          "without its calibration images: "
-                          + (fix or "pass calibration=(key, images), or --extract-precision fp32"))
+                          "without its calibration images: " + ("train the run again" if fix else
+                                                                 "pass calibration=(key, images), or "
+                                                                 "--extract-precision fp32"))
 
 
 class BatchError(CacheError):

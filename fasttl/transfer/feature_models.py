@@ -4,6 +4,7 @@ cache; a FeatureModel is a head on those features, predicting through the cache 
 (or in memory for new images)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -103,6 +104,8 @@ def int8_graph(cfg, backbone, extraction: Extraction, train_cache, calibration: 
     data = engines.graph_bytes(name, engine_dir)
     if data is None or hashlib.sha256(data).hexdigest() != recorded:
         engines.forget(name)
+        with contextlib.suppress(OSError):  # fasttl's own file, not the one the cache records: quantized anew
+            os.remove(os.path.join(engine_dir, name))
         engine, precision = extraction.resolved(cfg.device)
         extraction_engine(backbone, torch.device(cfg.device), engine, precision, extraction.taps,
                           extraction.image_size, engine_dir, calibration=(extraction.calibration, calibration))
@@ -131,9 +134,10 @@ class FeatureModel(TrainedModel):
     `logits` goes through the feature cache, as training did."""
 
     def __init__(self, backbone, head, config: dict, device: torch.device, fit_settings: Optional[Callable] = None,
-                 refit: Optional[Callable] = None, int8_graph: Optional[Callable] = None):
+                 refit: Optional[Callable] = None, extraction: Optional[Extraction] = None,
+                 int8_graph: Optional[Callable] = None):
         spec = TransformSpec.for_backbone(backbone.preprocessing, size=config["image_size"])
-        self.extraction = Extraction.of(config)
+        self.extraction = extraction or Extraction.of(config)  # an int8 run's: its graph named (int8_files)
         mirrored = views_of(config, "test") == [False, True]
         super().__init__(BackboneWithHead(backbone, head, self.extraction.taps, mirror_average=mirrored).to(device),
                          spec, config["classes"], device)

@@ -3,9 +3,11 @@ split went through, and the images it is checked on (the first of its calibratio
 can't be quantized again, nor checked, without training images)."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,23 +26,38 @@ def write_int8_files(run_dir: str, graph: bytes, check_images: Tensor) -> None:
     write_recorded(run_dir, INT8_CHECK, npy_bytes(check_images.to(torch.float16).numpy()))
 
 
-def run_graph(run_dir: str, backbone, extraction) -> Callable[[], None]:
-    """What a loaded int8 run calls before it extracts (predict, eval, as a teacher): its graph and
-    check images, read and checked on the first call, made the graph the engines find under its
-    name, so that two runs loaded in one process each go through their own (export and `.model`,
-    which run the fp32 backbone, never read them)."""
-    kept = []
+def run_graph(run_dir: str, backbone, extraction, device) -> Tuple[object, Callable[[], None]]:
+    """(the run's extraction as a loaded model keeps it, what the model calls before it extracts:
+    predict, eval, as a teacher). The graph and check images are read now (a later change of the
+    folder does not reach a model loaded before it); the extraction names the graph by its SHA-256
+    beside its calibration sample, so the caches, engine files and graph the model uses are this
+    graph's alone, never another run's of the same data. The first call checks the graph on its
+    check images (whatever caches exist); every call makes it the graph extraction finds. Files
+    missing or damaged are refused only then: export and `.model` run the fp32 backbone."""
+    from fasttl.cache import engines
+
+    try:
+        graph, check = _read_int8_files(run_dir, extraction.image_size)
+    except RunError as exc:
+        def refuse(message=str(exc)) -> None:
+            raise RunError(message)
+        return extraction, refuse
+    graph_sha256 = hashlib.sha256(graph).hexdigest()
+    own = dataclasses.replace(extraction, calibration=hashlib.sha256(  # a key as calibration_sample's: 64 hex digits
+        f"{extraction.calibration} {graph_sha256}".encode()).hexdigest())
+    checked = []
 
     def use() -> None:
-        from fasttl.cache import engines
-
-        if not kept:
-            kept.append(_read_int8_files(run_dir, extraction.image_size))
-        graph, check = kept[0]
-        engines.adopt(extraction.graph_name(backbone), graph, shown=os.path.join(run_dir, INT8_GRAPH),
+        engines.adopt(own.graph_name(backbone), graph, shown=os.path.join(run_dir, INT8_GRAPH),
                       fix="train the run with --extract-precision fp32 to use it on images like these",
                       check_images=check, check_shown=os.path.join(run_dir, INT8_CHECK))
-    return use
+        if not checked:
+            from fasttl.cache.extraction import extraction_engine
+
+            extraction_engine(backbone, torch.device(device), *own.resolved(device), own.taps, own.image_size,
+                              calibration=(own.calibration, None))
+            checked.append(True)
+    return own, use
 
 
 def _read_int8_files(run_dir: str, image_size: int) -> tuple:

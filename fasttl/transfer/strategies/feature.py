@@ -85,11 +85,13 @@ class FeatureTransfer(Strategy):
             raise RunError(f"{os.path.join(run_dir, 'config.json')}: {exc} (rerun it, or fix the value there)"
                            ) from None
         backbone = run_backbone(config)
-        extraction = Extraction.of(config)
+        extraction, int8_graph = Extraction.of(config), None
+        if extraction.calibration is not None:
+            extraction, int8_graph = run_graph(run_dir, backbone, extraction, device)
         head = make_head(self.name, backbone.tapped_dim(extraction.taps), len(config["classes"]))
         return FeatureModel(backbone, load_weights(run_dir, "head", head), config, device,
                             fit_settings=functools.partial(self.fit_settings, run_dir), refit=self.refit_head,
-                            int8_graph=run_graph(run_dir, backbone, extraction) if extraction.calibration else None)
+                            extraction=extraction, int8_graph=int8_graph)
 
     def fit_settings(self, run_dir: str) -> Dict[str, object]:
         """The settings a finished run's head was fit with (what its tuning chose included), each
