@@ -32,7 +32,7 @@ def test_a_normal_photo_after_a_dark_one_is_refused_as_alone(tmp_path, cifar10_r
     code, out, err = cli(capsys, "predict", "--run", run, "--batch-size", "1", "--no-progress",
                          dark / "test" / "cat" / "0.png", photo)
     line = one_line_error(err)
-    assert code == 2 and out == "" and str(photo) in line and "outside the range" in line
+    assert code == 2 and out == "" and str(photo) in line and "beyond the range" in line
     assert "--extract-precision fp32" in line
 
 
@@ -48,7 +48,7 @@ def test_a_test_split_whose_later_batch_the_graph_cant_follow_is_refused(tmp_pat
     code, _, err = cli(capsys, "run", "--data", data, "--image-size", "32", "--extract-precision", "int8",
                        "--mirror-views", "none", "--compare", "none", "--out", tmp_path / "run", "--no-progress")
     line = one_line_error(err)
-    assert code == 2 and str(data / "test" / "ship" / "0.png") in line and "outside the range" in line
+    assert code == 2 and str(data / "test" / "ship" / "0.png") in line and "beyond the range" in line
 
 
 def test_the_input_range_is_the_calibrations_and_a_share_outside_it_is_refused(lite0):
@@ -70,7 +70,7 @@ def test_the_input_range_is_the_calibrations_and_a_share_outside_it_is_refused(l
     flat[: int(0.005 * flat.numel())] = 0.8  # 0.5% outside: kept
     engine(images)
     flat[: int(0.05 * flat.numel())] = 0.8  # 5% outside: refused, naming that image's row
-    with pytest.raises(engines.BatchError, match=r"can't represent an image \(5% of its values outside") as caught:
+    with pytest.raises(engines.BatchError, match=r"can't represent an image \(5% of its values beyond") as caught:
         engine(images)
     assert caught.value.row == 2
 

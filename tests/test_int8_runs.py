@@ -119,7 +119,7 @@ def _check_images_damaged(run_dir, damage: str) -> None:
         (run_dir / ".fasttl-run").write_text(json.dumps(marker))
 
 
-@pytest.mark.parametrize("damage", ["missing", "edited", "zeros, marker updated",
+@pytest.mark.parametrize("damage", ["missing", "a link to a copy", "edited", "zeros, marker updated",
                                     "another calibration, marker updated", "check images missing",
                                     "check images edited", "check images of NaN", "check images of another size",
                                     "check images as objects", "check images as an npz archive",
@@ -138,6 +138,10 @@ def test_a_missing_or_doctored_run_graph_is_named(int8_run, three_classes, tmp_p
     graph, check = run_dir / "extract-int8.onnx", run_dir / "extract-int8-check.npy"
     if damage == "missing":
         graph.unlink()
+    elif damage == "a link to a copy":  # the twenty-fifth pass: the fix is the file itself in its place
+        (tmp_path / "copy.onnx").write_bytes(graph.read_bytes())
+        graph.unlink()
+        graph.symlink_to(tmp_path / "copy.onnx")
     elif damage == "edited":
         graph.write_bytes(graph.read_bytes()[:-10] + b"0123456789")
     elif damage.startswith("check images"):
@@ -163,6 +167,8 @@ def test_a_missing_or_doctored_run_graph_is_named(int8_run, three_classes, tmp_p
         assert f"int8 graph {graph} is off PyTorch fp32 on the run's check images {check}" in line
     else:
         assert str(check if damage.startswith("check") else graph) in line
+    if damage == "a link to a copy":
+        assert "a link, not the file the run wrote" in line and "put the file itself there" in line
     assert "train the run again" in line and "--engine torch" not in line
 
 
@@ -454,3 +460,28 @@ def test_a_swapped_engine_file_in_the_cache_folder_is_quantized_anew_on_overwrit
     assert code == 0, err
     assert (tmp_path / "run" / "extract-int8.onnx").read_bytes() == (root_graph := graph.read_bytes())
     assert root_graph == (int8_run[0] / "run" / "extract-int8.onnx").read_bytes()
+
+
+def test_splits_extracted_through_a_swapped_engine_file_are_extracted_again(int8_run, three_classes, tmp_path,
+                                                                           capsys, monkeypatch, lite0):
+    """The twenty-fifth pass: with another graph in place of the engine file and the test caches
+    gone, a run extracted its test split through that graph, then kept the training cache's graph
+    and scored the test caches the other had made. Every split's cache is now checked against the
+    training cache's graph and made again through it where another made it."""
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
+    words = ["run", "--data", three_classes, "--image-size", str(SIZE), "--extract-precision", "int8", "--features",
+             "multi", "--compare", "none", "--no-progress"]
+    assert cli(capsys, *words, "--out", tmp_path / "first")[0] == 0
+    (graph,) = (tmp_path / "cache").glob("*/engine-*-int8.onnx")
+    graph.write_bytes(_another_calibration(lite0, three_classes))
+    import shutil
+
+    for test_cache in (tmp_path / "cache").glob("*/test-*"):
+        shutil.rmtree(test_cache)
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    code, _, err = cli(capsys, *words, "--out", tmp_path / "second")
+    assert code == 0, err
+    sha = hashlib.sha256((tmp_path / "second" / "extract-int8.onnx").read_bytes()).hexdigest()
+    assert sha == hashlib.sha256((int8_run[0] / "run" / "extract-int8.onnx").read_bytes()).hexdigest()
+    manifests = [json.loads(m.read_text()) for m in (tmp_path / "cache").glob("*/*/manifest.json")]
+    assert len(manifests) >= 3 and {m["engine_graph"]["sha256"] for m in manifests} == {sha}

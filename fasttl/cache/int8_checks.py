@@ -71,8 +71,9 @@ class Int8Checks:
             share = float(outside[row].float().mean())
             if share > INT8_OUTSIDE_SHARE:
                 raise BatchError(f"engine: the int8 graph {self.shown()[0]} can't represent an image",
-                                 f" ({share:.0%} of its values outside the range [{low:.2f}, {high:.2f}] its "
-                                 f"calibration images gave): {self._why(image=True)}", row)
+                                 f" ({share:.0%} of its values beyond the range [{low:.2f}, {high:.2f}] its "
+                                 f"calibration images gave by over {INT8_OUTSIDE_MARGIN:.0%} of its width): "
+                                 f"{self._why(image=True)}", row)
 
     def graph_off(self, error: str) -> CacheError:
         """The graph too far from PyTorch fp32 on its check images; a BatchError (the caller names

@@ -125,13 +125,14 @@ def cache_dir(backbone, source, split: str, extraction: Extraction, device="cpu"
 
 def cached_features(backbone, source, split: str, extraction: Extraction, *, batch_size: Optional[int] = None,
                     device="cpu", progress: bool = True, mirror: bool = False,
-                    rebuild_broken: bool = False, calibration_images: Optional[torch.Tensor] = None) -> FeatureCache:
+                    rebuild_broken: bool = False, calibration_images: Optional[torch.Tensor] = None,
+                    rebuild: bool = False) -> FeatureCache:
     """The cache of one split, built on first use (resuming an interrupted build) and reused after.
     `mirror`: the cache of the horizontally mirrored view, kept beside the plain one.
     `calibration_images` (int8, extraction.calibration set): the run's calibration sample; where
     it is not given, the graph is looked up (left beside the caches, or adopted from a run folder).
     `rebuild_broken` (`fasttl run --overwrite`): a cache found corrupt or built for something else
-    is rebuilt instead of refused."""
+    is rebuilt instead of refused; `rebuild`: rebuilt whatever is found."""
     split = f"{split}-mirror" if mirror else split
     directory = cache_dir(backbone, source, split, extraction, device)
     options = dict(dtype=extraction.dtype, batch_size=batch_size, device=torch.device(device),
@@ -140,7 +141,7 @@ def cached_features(backbone, source, split: str, extraction: Extraction, *, bat
                    engine_dir=os.path.dirname(directory),
                    calibration=(extraction.calibration, calibration_images) if extraction.calibration else None)
     try:
-        cache = FeatureCache.build(backbone, source, directory, **options)
+        cache = FeatureCache.build(backbone, source, directory, overwrite=rebuild, **options)
     except CacheError:
         if not rebuild_broken:
             raise

@@ -60,21 +60,34 @@ def feature_caches(cfg, backbone, ds, with_mirror_views: bool = False) -> RunCac
     started = time.perf_counter()
     extraction = Extraction.of(cfg, ds.train)
     calibration = calibration_sample(cfg, backbone, ds.train, extraction)
-    caches = {split: [cached_features(backbone, source, split, extraction, device=cfg.device, progress=cfg.progress,
-                                      rebuild_broken=cfg.overwrite, mirror=view, calibration_images=calibration)
-                      for view in (views_of(cfg, split) if with_mirror_views else [False])]
-              for split, source in (("train", ds.train), ("test", ds.test))}
+
+    def build(split, source, view, rebuild=False):
+        return cached_features(backbone, source, split, extraction, device=cfg.device, progress=cfg.progress,
+                               rebuild_broken=cfg.overwrite, mirror=view, calibration_images=calibration,
+                               rebuild=rebuild)
+    splits = {"train": ds.train, "test": ds.test}
+    views = {split: views_of(cfg, split) if with_mirror_views else [False] for split in splits}
+    caches = {split: [build(split, splits[split], view) for view in views[split]] for split in splits}
+    graph = int8_graph(cfg, backbone, extraction, caches["train"][0], calibration) if calibration is not None else None
+    if graph is not None:  # every split through the training cache's graph: one made by another is made again
+        sha = hashlib.sha256(graph).hexdigest()
+        caches = {split: [cache if (cache.manifest.get("engine_graph") or {}).get("sha256") == sha else
+                          build(split, splits[split], view, rebuild=True)
+                          for cache, view in zip(caches[split], views[split])] for split in splits}
     mirrored_validation = None
     if with_mirror_views and len(caches["test"]) > len(caches["train"]):
         mirrored_validation = mirrored_validation_cache(cfg, backbone, ds.train, caches["train"][0], extraction,
                                                         calibration)
+        if graph is not None and mirrored_validation is not None and \
+                (mirrored_validation.manifest.get("engine_graph") or {}).get("sha256") != sha:
+            mirrored_validation = mirrored_validation_cache(cfg, backbone, ds.train, caches["train"][0], extraction,
+                                                            calibration, rebuild=True)
     builds = [c.last_build for c in [*caches["train"], *caches["test"], mirrored_validation] if c is not None]
     built = sum(b.get("images", 0) for b in builds)
     engine, precision = extraction.resolved(cfg.device)  # what --budget plans with (fasttl.transfer.budget)
     budget.record_speed(budget.speed_key(backbone.name, extraction.image_size, extraction.features, engine, precision,
                                          str(cfg.device)),
                         built, sum(b.get("seconds", 0.0) for b in builds if b.get("images")))
-    graph = int8_graph(cfg, backbone, extraction, caches["train"][0], calibration) if calibration is not None else None
     check = None if calibration is None else calibration[:INT8_CHECK_ROWS]
     return RunCaches(caches["train"], caches["test"], mirrored_validation, time.perf_counter() - started, built,
                      graph, check)
@@ -117,7 +130,8 @@ def int8_graph(cfg, backbone, extraction: Extraction, train_cache, calibration: 
     return data
 
 
-def mirrored_validation_cache(cfg, backbone, train_source, train_cache, extraction, calibration=None):
+def mirrored_validation_cache(cfg, backbone, train_source, train_cache, extraction, calibration=None,
+                              rebuild: bool = False):
     """--mirror-views test: the validation images (data.splits.validation_split of the run's seed)
     mirrored, so the head is chosen on the same two-view average the test split gets; None when
     one image per class leaves no validation split."""
@@ -126,7 +140,7 @@ def mirrored_validation_cache(cfg, backbone, train_source, train_cache, extracti
         return None
     return cached_features(backbone, train_source.subset(rows), "validation", extraction, device=cfg.device,
                            progress=cfg.progress, rebuild_broken=cfg.overwrite, mirror=True,
-                           calibration_images=calibration)
+                           calibration_images=calibration, rebuild=rebuild)
 
 
 class FeatureModel(TrainedModel):

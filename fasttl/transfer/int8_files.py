@@ -65,8 +65,7 @@ def _read_int8_files(run_dir: str, image_size: int) -> tuple:
 
     graph = read_recorded(run_dir, INT8_GRAPH, engines.MAX_ENGINE_BYTES)
     if graph is None:
-        raise RunError(f"{os.path.join(run_dir, INT8_GRAPH)}: missing, a link, or changed since the run wrote it; "
-                       + _AGAIN)
+        raise RunError(_unreadable(run_dir, INT8_GRAPH, "missing, a link, or changed since the run wrote it"))
     return graph, read_check_images(run_dir, image_size)
 
 
@@ -78,14 +77,24 @@ def read_check_images(run_dir: str, image_size: int) -> Tensor:
     path = os.path.join(run_dir, INT8_CHECK)
     data = read_recorded(run_dir, INT8_CHECK, INT8_CHECK_ROWS * 3 * image_size * image_size * 2 + 4096)
     if data is None:
-        raise RunError(f"{path}: missing, a link, or changed since the run wrote it (a run made by an older fasttl "
-                       f"has none); {_AGAIN}")
+        raise RunError(_unreadable(run_dir, INT8_CHECK, "missing, a link, or changed since the run wrote it (a run "
+                                   "made by an older fasttl has none)"))
     array = _plain_array(data)
     if array is None or array.dtype != np.float16 or array.ndim != 4 or array.shape[1:] != (3, image_size, image_size) \
             or not 1 <= len(array) <= INT8_CHECK_ROWS or not np.isfinite(array).all():
         raise RunError(f"{path}: not {INT8_CHECK_ROWS} or fewer finite float16 images of 3x{image_size}x{image_size} "
                        f"as the run wrote them; {_AGAIN}")
     return torch.from_numpy(array.astype(np.float32))
+
+
+def _unreadable(run_dir: str, name: str, why: str) -> str:
+    """Why a run's int8 file can't be used, and the fix that works: a link is replaced by the file
+    it points to (fasttl reads a run's files only as plain files); else the run is trained again."""
+    path = os.path.join(run_dir, name)
+    if os.path.islink(path):
+        return (f"{path}: a link, not the file the run wrote (a run's files are read only as plain files); put the "
+                "file itself there (cp --remove-destination), or train the run again")
+    return f"{path}: {why}; {_AGAIN}"
 
 
 def _plain_array(data: bytes) -> Optional[np.ndarray]:
