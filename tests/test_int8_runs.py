@@ -485,3 +485,43 @@ def test_splits_extracted_through_a_swapped_engine_file_are_extracted_again(int8
     assert sha == hashlib.sha256((int8_run[0] / "run" / "extract-int8.onnx").read_bytes()).hexdigest()
     manifests = [json.loads(m.read_text()) for m in (tmp_path / "cache").glob("*/*/manifest.json")]
     assert len(manifests) >= 3 and {m["engine_graph"]["sha256"] for m in manifests} == {sha}
+
+
+def test_a_training_cache_whose_build_was_cut_after_its_last_shard_is_extracted_again(int8_run, three_classes,
+                                                                                     tmp_path, capsys, monkeypatch):
+    """The twenty-sixth pass: its manifest, written by a resumed build that had nothing left to
+    extract, recorded no graph, and every later int8 run of the data was refused (--overwrite too)."""
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
+    words = ["run", "--data", three_classes, "--image-size", str(SIZE), "--extract-precision", "int8", "--features",
+             "multi", "--compare", "none", "--no-progress"]
+    assert cli(capsys, *words, "--out", tmp_path / "first")[0] == 0
+    (manifest,) = (tmp_path / "cache").glob("*/train-*[0-9a-f]/manifest.json")
+    manifest.unlink()  # as a build stopped after its last shard leaves it
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    code, _, err = cli(capsys, *words, "--out", tmp_path / "second")
+    assert code == 0, err
+    assert json.loads(manifest.read_text())["engine_graph"]["sha256"] == \
+        hashlib.sha256((tmp_path / "second" / "extract-int8.onnx").read_bytes()).hexdigest()
+
+
+def test_a_process_loading_run_after_run_keeps_a_few_graphs(int8_run, three_classes, tmp_path, monkeypatch, lite0):
+    """The twenty-sixth pass: every graph adopted stayed in memory (72 MB after 20 runs); a loaded
+    run adopts its own again before each use, so the oldest can go."""
+    import fasttl
+    from fasttl import data
+
+    from test_int8_engine import _zeros_graph
+
+    root, _ = int8_run
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    monkeypatch.setattr(engines, "_ADOPTED", {})
+    photos = data.scan_class_folder(str(three_classes / "test"))
+    model = fasttl.load_run(str(root / "run"))
+    first = model.predict(photos)[1]
+    zeros = _zeros_graph(lite0, 4, SIZE)
+    for i in range(engines.MAX_ADOPTED + 3):
+        engines.adopt(f"engine-{i:016x}-int8.onnx", zeros, shown=f"run{i}/extract-int8.onnx")
+    assert len(engines._ADOPTED) == engines.MAX_ADOPTED and len(engines._EXPORTED) == engines.MAX_ADOPTED
+    again = fasttl.load_run(str(root / "run"))  # a new model: its engine is made anew from the graph it adopts
+    assert bool((again.predict(photos)[1] == first).all())

@@ -44,6 +44,9 @@ _EXPORTED = {}  # engine file name -> graph bytes exported (and verified) by thi
 # engine file name -> (the file a message names, the fix it gives) of a graph adopted from a run
 # folder (adopt): it can't be quantized again, and the user knows it by the run's file
 _ADOPTED = {}
+# Graphs adopted and kept at once (3 to 30 MB each): a process loading run after run (a service)
+# would otherwise hold every one it ever loaded.
+MAX_ADOPTED = 4
 
 
 @functools.lru_cache(maxsize=1)
@@ -347,8 +350,10 @@ def adopt(name: str, data: bytes, shown: str, fix: Optional[str] = None, check_i
     by predict or eval): like any graph found, it is checked against PyTorch before it extracts
     anything, on `check_images` (the run's, kept in `check_shown`). Messages about it name `shown`
     (the run's file) and give `fix`."""
-    _EXPORTED[name] = data
-    _ADOPTED[name] = Adopted(shown, fix, check_images, check_shown)
+    _ADOPTED.pop(name, None)  # the newest last: the oldest is forgotten first
+    _EXPORTED[name], _ADOPTED[name] = data, Adopted(shown, fix, check_images, check_shown)
+    while len(_ADOPTED) > MAX_ADOPTED:  # a loaded run adopts its graph again before each use: none is lost
+        forget(next(iter(_ADOPTED)))
 
 
 def forget(name: str) -> None:

@@ -68,7 +68,10 @@ def feature_caches(cfg, backbone, ds, with_mirror_views: bool = False) -> RunCac
     splits = {"train": ds.train, "test": ds.test}
     views = {split: views_of(cfg, split) if with_mirror_views else [False] for split in splits}
     caches = {split: [build(split, splits[split], view) for view in views[split]] for split in splits}
-    graph = int8_graph(cfg, backbone, extraction, caches["train"][0], calibration) if calibration is not None else None
+    graph = None
+    if calibration is not None:
+        caches["train"][0], graph = training_graph(cfg, backbone, extraction, caches["train"][0], calibration,
+                                                   lambda: build("train", ds.train, False, rebuild=True))
     if graph is not None:  # every split through the training cache's graph: one made by another is made again
         sha = hashlib.sha256(graph).hexdigest()
         caches = {split: [cache if (cache.manifest.get("engine_graph") or {}).get("sha256") == sha else
@@ -91,6 +94,24 @@ def feature_caches(cfg, backbone, ds, with_mirror_views: bool = False) -> RunCac
     check = None if calibration is None else calibration[:INT8_CHECK_ROWS]
     return RunCaches(caches["train"], caches["test"], mirrored_validation, time.perf_counter() - started, built,
                      graph, check)
+
+
+def training_graph(cfg, backbone, extraction: Extraction, train_cache, calibration: Tensor, rebuild: Callable):
+    """(the training cache, the int8 graph that extracted it: int8_graph). A cache whose manifest
+    records no graph (its build interrupted after the last shard, the manifest written later by a
+    build that extracted nothing) is extracted again (`rebuild()`), and so is one whose graph can't
+    be had again when the run was given --overwrite."""
+    from fasttl.cache.store import CacheError
+
+    if not (train_cache.manifest.get("engine_graph") or {}).get("sha256"):
+        train_cache = rebuild()
+    try:
+        return train_cache, int8_graph(cfg, backbone, extraction, train_cache, calibration)
+    except CacheError:
+        if not cfg.overwrite:
+            raise
+        train_cache = rebuild()
+        return train_cache, int8_graph(cfg, backbone, extraction, train_cache, calibration)
 
 
 def calibration_sample(cfg, backbone, train_source, extraction: Extraction) -> Optional[Tensor]:
