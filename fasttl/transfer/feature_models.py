@@ -180,7 +180,7 @@ class FeatureModel(TrainedModel):
         # fit_settings() -> the settings this run chose (checked); refit(settings, views, seed, device) -> a head
         self.fit_settings, self.refit = fit_settings, refit
         # an int8 run's: makes its graph the one extraction finds (fasttl.transfer.int8_files.run_graph)
-        self.int8_graph = int8_graph or (lambda: None)
+        self.int8_graph = int8_graph or (lambda verify=True: None)
         self._in_memory = None  # FeaturesInMemory, made on the first prediction
 
     @property
@@ -192,8 +192,8 @@ class FeatureModel(TrainedModel):
         """As the run predicted its test split from the feature cache: the same features, computed
         in memory (FeaturesInMemory, no cache written), through the head, averaged over the views
         the run cached."""
-        if self._in_memory is None:  # its engine keeps the graph it was made with
-            self.int8_graph()
+        if self._in_memory is None:  # its engine keeps the graph it was made with, checked as it is made
+            self.int8_graph(verify=False)
             self._in_memory = FeaturesInMemory(self.backbone, self.extraction, self.device)
         dtype = next(self.head.parameters()).dtype
         outputs = []

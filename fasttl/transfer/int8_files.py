@@ -39,7 +39,7 @@ def run_graph(run_dir: str, backbone, extraction, device) -> Tuple[object, Calla
     try:
         graph, check = _read_int8_files(run_dir, extraction.image_size)
     except RunError as exc:
-        def refuse(message=str(exc)) -> None:
+        def refuse(verify: bool = True, message=str(exc)) -> None:
             raise RunError(message)
         return extraction, refuse
     graph_sha256 = hashlib.sha256(graph).hexdigest()
@@ -47,11 +47,11 @@ def run_graph(run_dir: str, backbone, extraction, device) -> Tuple[object, Calla
         f"{extraction.calibration} {graph_sha256}".encode()).hexdigest())
     checked = []
 
-    def use() -> None:
+    def use(verify: bool = True) -> None:
         engines.adopt(own.graph_name(backbone), graph, shown=os.path.join(run_dir, INT8_GRAPH),
                       fix="train the run with --extract-precision fp32 to use it on images like these",
                       check_images=check, check_shown=os.path.join(run_dir, INT8_CHECK))
-        if not checked:
+        if verify and not checked:  # verify=False: the caller makes an engine now, which checks it
             from fasttl.cache.extraction import extraction_engine
 
             extraction_engine(backbone, torch.device(device), *own.resolved(device), own.taps, own.image_size,
