@@ -127,12 +127,14 @@ void gather(bool cuda, std::uintptr_t cache, int cache_dtype, std::uintptr_t sca
 }
 
 void gather_shards(std::uintptr_t shard_caches, std::uintptr_t shard_scales, int64_t shard_rows, int cache_dtype,
-                   std::uintptr_t indices, int64_t n, int64_t channels, std::uintptr_t out, int out_dtype) {
+                   std::uintptr_t indices, int64_t n, int64_t channels, std::uintptr_t out, int out_dtype,
+                   int threads) {
   GatherArgs args{nullptr, cache_dtype, nullptr, as_ptr<const int64_t>(indices), n, channels, as_ptr<void>(out),
                   out_dtype};
   args.shard_caches = as_ptr<const void* const>(shard_caches);
   args.shard_scales = as_ptr<const float* const>(shard_scales);
   args.shard_rows = shard_rows;
+  args.threads = threads;
   gather_cpu(args);
 }
 
@@ -231,7 +233,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("gather_shards", &gather_shards,
         "Feature cache read from a cache stored as shards (CPU): out[i] = dequantized row indices[i], found in "
         "shard indices[i] / shard_rows: shard_caches (address of a table of shard addresses), shard_scales (int8: "
-        "a table of scale addresses, else 0), shard_rows, cache_dtype, indices, n, channels, out, out_dtype.",
+        "a table of scale addresses, else 0), shard_rows, cache_dtype, indices, n, channels, out, out_dtype, "
+        "threads (0: OpenMP's default).",
         py::call_guard<py::gil_scoped_release>());
   m.def("adam_step", &adam_step,
         "One fused Adam/AdamW step over a list of tensors of one device and dtype group: "

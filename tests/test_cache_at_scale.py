@@ -135,7 +135,7 @@ def test_nothing_writes_into_the_maps(tmp_path):
 
 def test_opening_costs_no_anonymous_memory(tmp_path):
     """The rows stay in the page cache (file-backed), not in the process's own memory."""
-    from fasttl.bench.cache import rss_anon_bytes
+    from fasttl.bench.cache_scale import rss_anon_bytes
 
     rows = 200_000
     fasttl.FeatureCache.write(str(tmp_path / "c"), (torch.randn(50_000, 64) for _ in range(4)),
@@ -529,17 +529,22 @@ def test_bench_cache_scale_quick_reports_every_measure(tmp_path, cifar10_root):
     for probe in bench["probes"]:
         assert probe["open_s"] > 0 and probe["epoch_gbps"] > 0 and probe["copy_gbps"] > 0
         assert 0 <= probe["rss_anon_after_open_mb"] <= probe["rss_anon_epoch_peak_mb"]
-        for epochs in (probe["epochs"], probe["competing"]):  # each shuffle mode, idle and beside a copying process
-            assert set(epochs) == {"rows", "blocks"} and all(e["epoch_gbps"] > 0 for e in epochs.values())
-        assert probe["epoch_s"] > 0 and probe["copy_competing_gbps"] > 0  # the first epoch; the copy beside the load
+        from fasttl.bench.cache_scale import COMPETITORS, LOADERS
+
+        assert set(probe["beside"]) == set(COMPETITORS)
+        for epochs in (probe["epochs"], *(b["epochs"] for b in probe["beside"].values())):  # idle and beside each
+            assert set(epochs) == set(LOADERS) and all(e["epoch_gbps"] > 0 for e in epochs.values())
+            assert len(epochs["rows, every thread"]["gather_threads"]) == 1  # pinned: one count timed
+        assert probe["epoch_s"] > 0 and all(b["copy_gbps"] > 0 for b in probe["beside"].values())
         for epoch in probe["epochs"].values():  # the median of the epochs after the first, within their range
             low, high = epoch["epoch_gbps_range"]
             assert low <= epoch["epoch_gbps"] <= high
     cases = [r["case"] for r in bench["rows"]]
-    assert sum("epoch throughput, shuffle=" in c for c in cases) == 8  # 2 sizes x 2 modes x idle/competing
+    # 2 sizes x 2 loaders x idle and beside each competitor
+    assert sum("epoch throughput, shuffle=" in c for c in cases) == 2 * len(LOADERS) * (1 + len(COMPETITORS))
     from fasttl.bench import cache as bench_cache
 
-    assert len(bench_cache.speedups(bench)) == 4
+    assert len(bench_cache.speedups(bench)) == 2 * len(LOADERS)
     assert bench["extraction_formats"]["equal"] is True
     assert not [n for n in set(os.listdir("/tmp")) - before if n.startswith(("fasttl-scale-", "fasttl-wds-"))]
 

@@ -8,10 +8,12 @@ import json
 import os
 
 import pytest
+import torch
 
 from conftest import cli, one_line_error
 
 from fasttl.cache import engines
+from fasttl.cache.store import CacheError
 
 pytestmark = pytest.mark.skipif(not engines.onnxruntime_available(),
                                 reason="onnxruntime is not installed (pip install onnx onnxruntime)")
@@ -525,3 +527,69 @@ def test_a_process_loading_run_after_run_keeps_a_few_graphs(int8_run, three_clas
     assert len(engines._ADOPTED) == engines.MAX_ADOPTED and len(engines._EXPORTED) == engines.MAX_ADOPTED
     again = fasttl.load_run(str(root / "run"))  # a new model: its engine is made anew from the graph it adopts
     assert bool((again.predict(photos)[1] == first).all())
+
+
+def _adopt_others(lite0, count: int) -> None:
+    """What other threads' loaded runs do meanwhile: adopt graphs of their own."""
+    from test_int8_engine import _zeros_graph
+
+    zeros = _zeros_graph(lite0, 4, SIZE)
+    for i in range(count):
+        engines.adopt(f"engine-{i:016x}-int8.onnx", zeros, shown=f"other{i}/extract-int8.onnx")
+
+
+def test_other_threads_adopting_runs_do_not_push_out_a_graph_an_engine_is_being_made_from(
+        int8_run, three_classes, tmp_path, monkeypatch, lite0):
+    """The twenty-seventh pass: with 5 or more loaded int8 runs predicting in threads, a first
+    predict was refused ("no int8 graph of that calibration sample is kept ... pass
+    calibration=(key, images)"): others adopted their graphs between this run's adopt and its
+    engine. The graph is now kept until its engine has it (engines.adopted)."""
+    import fasttl
+    from fasttl import data
+    from fasttl.cache import extraction
+
+    root, _ = int8_run
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    monkeypatch.setattr(engines, "_ADOPTED", {})
+    photos = data.scan_class_folder(str(three_classes / "test"))
+    alone = fasttl.load_run(str(root / "run"))
+    want, want_logits = alone.predict(photos)[1], alone.logits(photos)
+    made = extraction.extraction_engine
+
+    def others_first(*args, **kwargs):  # the race, made certain: others adopt just before the engine is made
+        _adopt_others(lite0, engines.MAX_ADOPTED + 2)
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(extraction, "extraction_engine", others_first)
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    monkeypatch.setattr(engines, "_ADOPTED", {})
+    assert bool((fasttl.load_run(str(root / "run")).predict(photos)[1] == want).all())
+    assert len(engines._ADOPTED) == engines.MAX_ADOPTED  # none kept beyond the bound once the engine has it
+    # eval's path (the feature caches; the graph checked at its first use) too
+    assert torch.equal(fasttl.load_run(str(root / "run")).logits(photos), want_logits)
+
+
+def test_a_loaded_runs_messages_name_its_file_after_its_graph_is_pushed_out(int8_run, three_classes, tmp_path,
+                                                                            monkeypatch, lite0):
+    """The twenty-seventh pass: once other runs pushed a loaded run's graph out, its refusals named
+    an engine file that does not exist and gave the Python-only fix; the engine keeps what adopt
+    said of the graph when it is made."""
+    import fasttl
+    from fasttl import data
+
+    root, _ = int8_run
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    monkeypatch.setattr(engines, "_ADOPTED", {})
+    photos = data.scan_class_folder(str(three_classes / "test"))
+    model = fasttl.load_run(str(root / "run"))
+    model.predict(photos, batch_size=2)
+    _adopt_others(lite0, engines.MAX_ADOPTED + 1)
+    assert not [a for a in engines._ADOPTED.values() if str(root) in a.shown]  # pushed out
+    monkeypatch.setattr(engines, "INT8_TOLERANCE", 0.0)  # the check at the next new batch size fails
+    with pytest.raises(CacheError) as refused:
+        model.predict(photos, batch_size=3)
+    message = str(refused.value)
+    assert str(root / "run" / "extract-int8.onnx") in message and "engine-" not in message
+    assert "train the run again" in message and "calibration=" not in message  # the run's fix, not Python's

@@ -5,6 +5,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <omp.h>
+
 #include "fasttl/dispatch.h"
 #include "fasttl/feature_cache.h"
 #include "fasttl/kernels.h"
@@ -85,7 +87,8 @@ FASTTL_CPU_CLONES void gather_rows(const GatherArgs& a) {
   const int64_t c = a.channels;
   const int64_t row_bytes = c * static_cast<int64_t>(sizeof(storage_t<D>));
   storage_t<O>* out = static_cast<storage_t<O>*>(a.out);
-#pragma omp parallel for schedule(static)
+  const int threads = a.threads > 0 ? a.threads : omp_get_max_threads();
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t i = 0; i < a.n; ++i) {
     if (i + kPrefetchAhead < a.n) {
       int64_t ahead = a.indices[i + kPrefetchAhead];

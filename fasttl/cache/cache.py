@@ -12,6 +12,7 @@ from torch import Tensor
 from fasttl import _ops
 from fasttl.cache import build, format, write
 from fasttl.cache.format import mismatch_message  # noqa: F401  (part of this module's API)
+from fasttl.cache.gather_threads import GatherThreads
 from fasttl.cache.kernels import CACHE_DTYPE, ShardTable, gather
 from fasttl.cache.order import epoch_order, shuffle_mode
 from fasttl.cache.store import CacheError
@@ -340,11 +341,13 @@ class FeatureCache:
 
     def loader(self, batch_size: int = 256, shuffle: Union[bool, str] = True, seed: int = 0,
                device: Optional[Union[str, torch.device]] = None, out_dtype: torch.dtype = torch.float32,
-               drop_last: bool = False) -> "CacheLoader":
+               drop_last: bool = False, threads: Optional[int] = None) -> "CacheLoader":
         """Batches of (features, labels). `shuffle`: True or "rows" (an exact per-row shuffle each
         epoch), "blocks" (blocks of neighbouring rows shuffled: faster on a cache much larger than
-        memory caches, less random), False (stored order); see fasttl.cache.order."""
-        return CacheLoader(self, batch_size, shuffle, seed, device, out_dtype, drop_last)
+        memory caches, less random), False (stored order); see fasttl.cache.order. `threads`: how
+        many threads gather a batch of a cache in host memory; None: torch's thread count, or one
+        while that is faster (another job on the cores: fasttl.cache.gather_threads)."""
+        return CacheLoader(self, batch_size, shuffle, seed, device, out_dtype, drop_last, threads)
 
 
 class CacheLoader:
@@ -357,8 +360,11 @@ class CacheLoader:
 
     STAGING_BUFFERS = 3
 
-    def __init__(self, cache: FeatureCache, batch_size: int, shuffle: bool, seed: int, device, out_dtype, drop_last):
+    def __init__(self, cache: FeatureCache, batch_size: int, shuffle: bool, seed: int, device, out_dtype, drop_last,
+                 threads: Optional[int] = None):
         positive_int("batch_size", batch_size)
+        if threads is not None:
+            positive_int("threads", threads)
         if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):
             raise TypeError(f"seed: expected an integer, got {seed!r}")
         seed = int(seed)
@@ -369,6 +375,7 @@ class CacheLoader:
         self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle_mode(shuffle), seed
         self.device = torch_device(device) if device is not None else cache.device
         self.out_dtype, self.drop_last, self.epoch = out_dtype, drop_last, 0
+        self.threads = GatherThreads(threads)
 
     def __len__(self) -> int:
         n = len(self.cache)
@@ -389,9 +396,16 @@ class CacheLoader:
             return
         for start in starts:
             indices = order[start:start + self.batch_size]
-            features = self.cache._gather_in_range(indices, self.out_dtype)
+            features = self._gather(indices)
             labels = self.cache.labels[indices]
             yield features.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def _gather(self, indices: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        if self.cache.device.type != "cpu":
+            return self.cache._gather_in_range(indices, self.out_dtype, out)
+        table = self.cache._shard_table()
+        return self.threads.run(lambda threads: table.gather(indices, self.out_dtype, out=out, checked=False,
+                                                             threads=threads), len(indices))
 
     def _staged(self, order: Tensor, starts) -> Iterator[Tuple[Tensor, Tensor]]:
         """Host rows to the GPU through pinned buffers: the gather of batch k + 1 runs while the
@@ -408,7 +422,7 @@ class CacheLoader:
                 copied.synchronize()  # the copy that read this buffer is done
             indices = order[start:start + self.batch_size]
             n = len(indices)
-            self.cache._gather_in_range(indices, self.out_dtype, out=features[:n])
+            self._gather(indices, out=features[:n])
             torch.index_select(self.cache.labels, 0, indices, out=labels[:n])
             on_device = (features[:n].to(self.device, non_blocking=True),
                          labels[:n].to(self.device, non_blocking=True))

@@ -3,6 +3,7 @@ Runtime on an exported copy. DALI (or the PyTorch fallback) still decodes; an en
 batch of images to the feature maps (or pooled vectors) that pool_store writes into the cache."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -15,11 +16,12 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fasttl.util import files
 from fasttl.cache.store import CacheError
 from fasttl.cache.int8_checks import (INT8_CHECK_ROWS, INT8_OUTSIDE_SHARE, BatchError, Int8Checks,  # noqa: F401
                                       no_graph_kept)
 from fasttl.util.errors import OptionError
+from fasttl.cache.engine_files import (MAX_ENGINE_BYTES, read_engine_file,  # noqa: F401  (engines.*)
+                                       remove_unrecorded_int8_graphs, write_engine_file)
 from fasttl.onnx_graph import to_onnx
 
 ENGINES = ("auto", "torch", "onnxruntime")
@@ -45,8 +47,11 @@ _EXPORTED = {}  # engine file name -> graph bytes exported (and verified) by thi
 # folder (adopt): it can't be quantized again, and the user knows it by the run's file
 _ADOPTED = {}
 # Graphs adopted and kept at once (3 to 30 MB each): a process loading run after run (a service)
-# would otherwise hold every one it ever loaded.
+# would otherwise hold every one it ever loaded. One an engine is being made from (adopted) is
+# never forgotten for room until that engine has it.
 MAX_ADOPTED = 4
+_PINNED = collections.Counter()
+_ADOPTING = threading.RLock()
 
 
 @functools.lru_cache(maxsize=1)
@@ -149,6 +154,8 @@ class OnnxEngine(Int8Checks):
                  calibration_images: Optional[Tensor] = None):
         self.verify_images, self.precision = verify_images, precision
         self.quantizable = calibration_images is not None  # else a graph looked up that can't be made again
+        # what adopt said of it, kept: messages name the run's file even after the graph is forgotten
+        self.adopted = None if self.quantizable else _ADOPTED.get(name)
         self.input_range = None  # int8: what its input quantizer holds (quantize.input_range)
         self.name, self.graph_sha256, self.graph_bytes = name, None, 0
         self.model, self.taps, self.checked_sizes = model, taps, set()
@@ -156,7 +163,7 @@ class OnnxEngine(Int8Checks):
         self.onnx_path, self.engine_dir = onnx_path, engine_dir
         if precision == "int8":
             self.check_images, self.check_origin = self._int8_check_images(calibration_images, image_size)
-        known = _EXPORTED.get(name) or (_read_engine_file(onnx_path) if onnx_path else None)
+        known = _EXPORTED.get(name) or (read_engine_file(onnx_path) if onnx_path else None)
         if precision == "int8" and self.check_images is None and known:
             raise OptionError("extract_precision: an int8 graph is checked on real images before it is used, and none "
                               "were given: pass calibration=(key, images), or verify_images")
@@ -180,7 +187,7 @@ class OnnxEngine(Int8Checks):
                 if name:
                     _EXPORTED[name] = data
                 if onnx_path and (fresh or not os.path.isfile(onnx_path)):
-                    _write_engine_file(onnx_path, data)  # a rename: a link there is replaced, never followed
+                    write_engine_file(onnx_path, data)  # a rename: a link there is replaced, never followed
                 return
             if fresh and precision == "int8":
                 raise self.graph_off(mismatch)
@@ -215,8 +222,7 @@ class OnnxEngine(Int8Checks):
     def _adopted(self) -> "Adopted":
         """What adopt said of this graph; a graph not adopted, or quantized here on calibration
         images (a new run's, which a run loaded before it must not speak for), is called by its path."""
-        adopted = None if self.quantizable else _ADOPTED.get(self.name)
-        return adopted or Adopted(self.onnx_path or self.name, None, None)
+        return self.adopted or Adopted(self.onnx_path or self.name, None, None)
 
     def reference(self, images: Tensor) -> Tensor:
         return pooled_reference(self.model, self.taps, images)
@@ -350,21 +356,49 @@ def adopt(name: str, data: bytes, shown: str, fix: Optional[str] = None, check_i
     by predict or eval): like any graph found, it is checked against PyTorch before it extracts
     anything, on `check_images` (the run's, kept in `check_shown`). Messages about it name `shown`
     (the run's file) and give `fix`."""
-    _ADOPTED.pop(name, None)  # the newest last: the oldest is forgotten first
-    _EXPORTED[name], _ADOPTED[name] = data, Adopted(shown, fix, check_images, check_shown)
-    while len(_ADOPTED) > MAX_ADOPTED:  # a loaded run adopts its graph again before each use: none is lost
-        forget(next(iter(_ADOPTED)))
+    with _ADOPTING:
+        _ADOPTED.pop(name, None)  # the newest last: the oldest is forgotten first
+        _EXPORTED[name], _ADOPTED[name] = data, Adopted(shown, fix, check_images, check_shown)
+        _make_room()
+
+
+@contextlib.contextmanager
+def adopted(name: str, data: bytes, shown: str, fix: Optional[str] = None, check_images: Optional[Tensor] = None,
+            check_shown: Optional[str] = None):
+    """adopt, the graph kept until the block ends: an engine made in it finds the graph and what
+    adopt said of it, whatever other threads adopt meanwhile."""
+    with _ADOPTING:
+        _PINNED[name] += 1
+        adopt(name, data, shown, fix, check_images, check_shown)
+    try:
+        yield
+    finally:
+        with _ADOPTING:
+            _PINNED[name] -= 1
+            if not _PINNED[name]:
+                del _PINNED[name]
+            _make_room()
+
+
+def _make_room() -> None:
+    """Forgets the oldest adopted graphs beyond MAX_ADOPTED that no engine is being made from (a
+    loaded run adopts its graph again before each use: none is lost)."""
+    with _ADOPTING:
+        spare = [name for name in _ADOPTED if not _PINNED[name]]
+        for name in spare[:max(0, len(_ADOPTED) - MAX_ADOPTED)]:
+            forget(name)
 
 
 def forget(name: str) -> None:
     """This process's copy of graph `name` is no longer trusted: the next use reads or makes it anew."""
-    _EXPORTED.pop(name, None)
-    _ADOPTED.pop(name, None)
+    with _ADOPTING:
+        _EXPORTED.pop(name, None)
+        _ADOPTED.pop(name, None)
 
 
 def graph_bytes(name: str, engine_dir: Optional[str] = None) -> Optional[bytes]:
     """The verified graph named `name` this process used, else the file kept in `engine_dir`."""
-    return _EXPORTED.get(name) or (_read_engine_file(os.path.join(engine_dir, name)) if engine_dir else None)
+    return _EXPORTED.get(name) or (read_engine_file(os.path.join(engine_dir, name)) if engine_dir else None)
 
 
 def onnx_file_name(backbone, taps: int, image_size: int, calibration: Optional[str] = None) -> str:
@@ -383,60 +417,6 @@ def export_onnx(model, taps: int, image_size: int) -> bytes:
 
     pooled = PooledFeatures(model, taps).eval()
     return to_onnx(pooled, torch.zeros(1, 3, image_size, image_size), output_name="features", opset=ONNX_OPSET)
-
-
-# An exported graph of these backbones is 4 to 30 MB; a kept file larger than this is no graph
-# fasttl wrote (a sparse file of gigabytes would otherwise be read whole): exported anew.
-MAX_ENGINE_BYTES = 1 << 30
-
-
-def _read_engine_file(path: str) -> Optional[bytes]:
-    from fasttl.cache import store
-
-    try:
-        if store.regular_file(path) is None:
-            return None
-        with store.open_regular(path) as f:
-            if os.fstat(f.fileno()).st_size > MAX_ENGINE_BYTES:
-                return None
-            return f.read(MAX_ENGINE_BYTES + 1)
-    except (OSError, store.CacheError):
-        return None
-
-
-def remove_unrecorded_int8_graphs(engine_dir: str, keep: str) -> list:
-    """Removes the int8 graphs in `engine_dir` that no cache in its subfolders records, `keep` (the
-    graph a build just used) aside: each is keyed by its calibration sample, so every change of the
-    data leaves the last one behind (a few MB per split and change). A cache kept elsewhere that
-    used a removed graph quantizes it again when it needs it. fp32 graphs are keyed by the backbone
-    alone and kept. Returns the names removed."""
-    import json
-    import re
-
-    from fasttl.cache import store
-
-    try:
-        names = os.listdir(engine_dir)
-    except OSError:
-        return []
-    recorded = {keep}
-    for name in names:
-        try:
-            with open(os.path.join(engine_dir, name, store.MANIFEST), "rb") as f:
-                graph = json.loads(f.read(1 << 24)).get("engine_graph") or {}
-            recorded.add(graph.get("file"))
-        except (OSError, ValueError, AttributeError):
-            continue  # not a cache, or one without a graph
-    stale = [name for name in names if re.fullmatch(r"engine-[0-9a-f]{16}-int8\.onnx", name) and name not in recorded]
-    for name in stale:
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(engine_dir, name))  # fasttl's own name; a link is removed, never followed
-    return stale
-
-
-def _write_engine_file(path: str, data: bytes) -> None:
-    with contextlib.suppress(OSError):  # a read-only cache folder: export again next time
-        files.write_atomic(path, data)
 
 
 def _session(data: bytes):

@@ -78,6 +78,12 @@ def validate_manifest(manifest, path: str) -> dict:
     if not isinstance(skipped, list) or not all(isinstance(s, dict) and isinstance(s.get("path"), str)
                                                 and isinstance(s.get("reason"), str) for s in skipped):
         fail("skipped is not a list of {path, reason} objects")
+    graph = manifest.get("engine_graph")  # build: the ONNX graph that extracted the rows, if one did
+    if graph is not None and not (isinstance(graph, dict) and isinstance(graph.get("file"), str)
+                                  and _is_int(graph.get("bytes")) and graph["bytes"] >= 0
+                                  and isinstance(graph.get("sha256"), str)
+                                  and re.fullmatch(r"[0-9a-f]{64}", graph["sha256"])):
+        fail("engine_graph is neither null nor an object of the graph's file, bytes and sha256 (64 hex digits)")
     return manifest
 
 

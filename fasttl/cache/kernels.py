@@ -123,10 +123,11 @@ class ShardTable:
         return self.rows
 
     def gather(self, indices: Tensor, out_dtype: torch.dtype = torch.float32, out: Optional[Tensor] = None,
-               checked: bool = True, method: str = "table") -> Tensor:
+               checked: bool = True, method: str = "table", threads: int = 0) -> Tensor:
         """Rows `indices` dequantized to out_dtype, into `out` when given (a contiguous
         (len(indices), C) CPU tensor of out_dtype: a pinned staging buffer, say). `checked=False`
-        skips the range check for indices known to be in range (a permutation of the rows)."""
+        skips the range check for indices known to be in range (a permutation of the rows).
+        `threads`: how many OpenMP threads read them (0: torch's thread count)."""
         if out_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"out_dtype: {out_dtype} is not supported (expected torch.float32 or torch.bfloat16)")
         if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32) or indices.dim() != 1 \
@@ -149,7 +150,7 @@ class ShardTable:
             _ops.native.gather_shards(self._table.data_ptr(), 0 if self._scale_table is None else
                                       self._scale_table.data_ptr(), self.shard_rows, _ops.dtype_code(self.shards[0]),
                                       indices.data_ptr(), indices.numel(), self.channels, out.data_ptr(),
-                                      _ops.dtype_code(out))
+                                      _ops.dtype_code(out), threads)
         return out
 
     def _gather_grouped(self, indices: Tensor, out: Tensor) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,14 +48,22 @@ def epoch_order(rows: int, batch_size: int, shuffle: Union[bool, str], seed: int
     else:
         # every block, the short last one too, takes a random place (with drop_last the dropped
         # rows differ each epoch); each block's rows stay together
-        starts = torch.randperm(-(-rows // BLOCK_ROWS), generator=generator) * BLOCK_ROWS
-        order = (starts[:, None] + torch.arange(BLOCK_ROWS)).reshape(-1)  # one tensor op: 2M rows in ~0.05 s
-        order = order[order < rows]  # the short last block's missing rows, wherever it landed
+        blocks = -(-rows // BLOCK_ROWS)
+        starts = torch.randperm(blocks, generator=generator) * BLOCK_ROWS
+        order = (starts[:, None] + torch.arange(BLOCK_ROWS)).reshape(-1)  # one tensor op: 2M rows in ~0.01 s
+        short = blocks * BLOCK_ROWS - rows
+        if short:  # the short last block's missing rows, wherever it landed (a mask over all rows took 0.03 s)
+            end = (int((starts == (blocks - 1) * BLOCK_ROWS).nonzero()) + 1) * BLOCK_ROWS
+            order = torch.cat([order[:end - short], order[end:]])
     return ascending_within_batches(order, batch_size)
 
 
 def ascending_within_batches(order: Tensor, batch_size: int) -> Tensor:
-    """`order` with each run of `batch_size` indices (the last may be shorter) sorted."""
-    full = len(order) // batch_size * batch_size
-    head = order[:full].view(-1, batch_size).sort(dim=1).values.reshape(-1) if full else order[:0]
-    return torch.cat([head, order[full:].sort().values])
+    """`order` with each run of `batch_size` indices (the last may be shorter) sorted.
+
+    NumPy sorts: its SIMD integer sort took 16 ms for a 2,000,000-row epoch where torch.sort took
+    172 ms on the 2-core Xeon, a quarter of the epoch's time at batch 8192."""
+    values = order.numpy()
+    full = len(values) // batch_size * batch_size
+    head = np.sort(values[:full].reshape(-1, batch_size), axis=1).reshape(-1)
+    return torch.from_numpy(np.concatenate([head, np.sort(values[full:])]))

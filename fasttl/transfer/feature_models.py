@@ -179,8 +179,8 @@ class FeatureModel(TrainedModel):
         self.backbone, self.head, self.config = backbone, head.to(device).eval(), config
         # fit_settings() -> the settings this run chose (checked); refit(settings, views, seed, device) -> a head
         self.fit_settings, self.refit = fit_settings, refit
-        # an int8 run's: makes its graph the one extraction finds (fasttl.transfer.int8_files.run_graph)
-        self.int8_graph = int8_graph or (lambda verify=True: None)
+        # an int8 run's: the block it extracts in, its graph the one extraction finds (int8_files.run_graph)
+        self.int8_graph = int8_graph or (lambda verify=True: contextlib.nullcontext())
         self._in_memory = None  # FeaturesInMemory, made on the first prediction
 
     @property
@@ -193,8 +193,8 @@ class FeatureModel(TrainedModel):
         in memory (FeaturesInMemory, no cache written), through the head, averaged over the views
         the run cached."""
         if self._in_memory is None:  # its engine keeps the graph it was made with, checked as it is made
-            self.int8_graph(verify=False)
-            self._in_memory = FeaturesInMemory(self.backbone, self.extraction, self.device)
+            with self.int8_graph(verify=False):
+                self._in_memory = FeaturesInMemory(self.backbone, self.extraction, self.device)
         dtype = next(self.head.parameters()).dtype
         outputs = []
         for mirror in views_of(self.config, "test"):
@@ -205,9 +205,9 @@ class FeatureModel(TrainedModel):
 
     def _cache(self, source, split: str, progress: bool, mirror) -> FeatureCache:
         """The cache of `source` (one view), extracted as the run extracted (its int8 graph, if any)."""
-        self.int8_graph()
-        return cached_features(self.backbone, source, split, self.extraction, device=self.device, progress=progress,
-                               mirror=bool(mirror))
+        with self.int8_graph():
+            return cached_features(self.backbone, source, split, self.extraction, device=self.device,
+                                   progress=progress, mirror=bool(mirror))
 
     @torch.no_grad()
     def logits(self, source, progress: bool = False, split: str = "eval", batch_size: int = 4096):

@@ -3,11 +3,12 @@ split went through, and the images it is checked on (the first of its calibratio
 can't be quantized again, nor checked, without training images)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import os
-from typing import Callable, Optional, Tuple
+from typing import Callable, ContextManager, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,20 +27,21 @@ def write_int8_files(run_dir: str, graph: bytes, check_images: Tensor) -> None:
     write_recorded(run_dir, INT8_CHECK, npy_bytes(check_images.to(torch.float16).numpy()))
 
 
-def run_graph(run_dir: str, backbone, extraction, device) -> Tuple[object, Callable[[], None]]:
-    """(the run's extraction as a loaded model keeps it, what the model calls before it extracts:
-    predict, eval, as a teacher). The graph and check images are read now (a later change of the
+def run_graph(run_dir: str, backbone, extraction, device) -> Tuple[object, Callable[..., ContextManager]]:
+    """(the run's extraction as a loaded model keeps it, the block a model extracts in: predict,
+    eval, as a teacher; its engine is made in it). The graph and check images are read now (a later change of the
     folder does not reach a model loaded before it); the extraction names the graph by its SHA-256
     beside its calibration sample, so the caches, engine files and graph the model uses are this
-    graph's alone, never another run's of the same data. The first call checks the graph on its
-    check images (whatever caches exist); every call makes it the graph extraction finds. Files
+    graph's alone, never another run's of the same data. The first block checks the graph on its
+    check images (whatever caches exist); every block makes it the graph extraction finds, kept
+    until the block ends (engines.adopted: other threads' runs can't push it out meanwhile). Files
     missing or damaged are refused only then: export and `.model` run the fp32 backbone."""
     from fasttl.cache import engines
 
     try:
         graph, check = _read_int8_files(run_dir, extraction.image_size)
     except RunError as exc:
-        def refuse(verify: bool = True, message=str(exc)) -> None:
+        def refuse(verify: bool = True, message=str(exc)):
             raise RunError(message)
         return extraction, refuse
     graph_sha256 = hashlib.sha256(graph).hexdigest()
@@ -47,16 +49,18 @@ def run_graph(run_dir: str, backbone, extraction, device) -> Tuple[object, Calla
         f"{extraction.calibration} {graph_sha256}".encode()).hexdigest())
     checked = []
 
-    def use(verify: bool = True) -> None:
-        engines.adopt(own.graph_name(backbone), graph, shown=os.path.join(run_dir, INT8_GRAPH),
-                      fix="train the run with --extract-precision fp32 to use it on images like these",
-                      check_images=check, check_shown=os.path.join(run_dir, INT8_CHECK))
-        if verify and not checked:  # verify=False: the caller makes an engine now, which checks it
-            from fasttl.cache.extraction import extraction_engine
+    @contextlib.contextmanager
+    def use(verify: bool = True):
+        with engines.adopted(own.graph_name(backbone), graph, shown=os.path.join(run_dir, INT8_GRAPH),
+                             fix="train the run with --extract-precision fp32 to use it on images like these",
+                             check_images=check, check_shown=os.path.join(run_dir, INT8_CHECK)):
+            if verify and not checked:  # verify=False: the caller makes an engine in the block, which checks it
+                from fasttl.cache.extraction import extraction_engine
 
-            extraction_engine(backbone, torch.device(device), *own.resolved(device), own.taps, own.image_size,
-                              calibration=(own.calibration, None))
-            checked.append(True)
+                extraction_engine(backbone, torch.device(device), *own.resolved(device), own.taps, own.image_size,
+                                  calibration=(own.calibration, None))
+                checked.append(True)
+            yield
     return own, use
 
 

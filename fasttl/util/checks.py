@@ -47,6 +47,13 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out") -> str:
     if given.endswith(("/", os.sep)):
         raise OptionError(f"{name}: {given!r} names a folder (it ends in /); give {flag} a file name")
     path = os.path.abspath(os.path.expanduser(given))
+    parent = os.path.dirname(path)
+    from fasttl.util.files import enclosing_run_folder
+
+    holder = enclosing_run_folder(parent)
+    if holder is not None:  # a run's folder holds only what its run wrote: eval, predict and export never mix in
+        raise OptionError(f"{name}: {path} is in the fasttl run folder {holder}, which only its run writes into; "
+                          f"give another {flag}")  # first: no flag would make the other refusals go away
     if os.path.islink(path):
         raise OptionError(f"{name}: {path} is a symbolic link; fasttl does not write through links (give another "
                           f"{flag})")
@@ -55,14 +62,7 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out") -> str:
             raise OptionError(f"{name}: {path} exists and is not a plain file (give another {flag})")
         if not overwrite:
             raise OptionError(f"{name}: {path} exists; pass --overwrite to replace it, or another {flag}")
-    parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         what = "is a file, not a folder" if os.path.lexists(parent) else "does not exist"
         raise OptionError(f"{name}: {parent} {what} (give another {flag} in an existing folder)")
-    from fasttl.util.files import enclosing_run_folder
-
-    holder = enclosing_run_folder(parent)
-    if holder is not None:  # a run's folder holds only what its run wrote: eval, predict and export never mix in
-        raise OptionError(f"{name}: {path} is in the fasttl run folder {holder}, which only its run writes into; "
-                          f"give another {flag}")
     return path
