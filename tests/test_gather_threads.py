@@ -81,7 +81,7 @@ def test_the_batches_do_not_depend_on_the_thread_count(request, tmp_path, shuffl
             assert torch.equal(x, want_x) and torch.equal(y, want_y)
 
 
-@pytest.mark.parametrize("threads", [0, -1, 1.5, "2", True])
+@pytest.mark.parametrize("threads", [0, -1, 1.5, "2", True, gather_threads.MOST_THREADS + 1, 2**31, 10**30])
 def test_bad_thread_counts_are_one_line_errors(tmp_path, threads):
     cache = FeatureCache.write(str(tmp_path / "c"), [torch.zeros(4, 3)], torch.zeros(4, dtype=torch.long),
                                classes=["a"], dtype="fp32")

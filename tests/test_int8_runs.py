@@ -510,15 +510,11 @@ def test_a_process_loading_run_after_run_keeps_a_few_graphs(int8_run, three_clas
     """The twenty-sixth pass: every graph adopted stayed in memory (72 MB after 20 runs); a loaded
     run adopts its own again before each use, so the oldest can go."""
     import fasttl
-    from fasttl import data
 
     from test_int8_engine import _zeros_graph
 
     root, _ = int8_run
-    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(engines, "_EXPORTED", {})
-    monkeypatch.setattr(engines, "_ADOPTED", {})
-    photos = data.scan_class_folder(str(three_classes / "test"))
+    photos = _a_fresh_process(monkeypatch, tmp_path, three_classes)
     model = fasttl.load_run(str(root / "run"))
     first = model.predict(photos)[1]
     zeros = _zeros_graph(lite0, 4, SIZE)
@@ -545,14 +541,10 @@ def test_other_threads_adopting_runs_do_not_push_out_a_graph_an_engine_is_being_
     calibration=(key, images)"): others adopted their graphs between this run's adopt and its
     engine. The graph is now kept until its engine has it (engines.adopted)."""
     import fasttl
-    from fasttl import data
     from fasttl.cache import extraction
 
     root, _ = int8_run
-    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(engines, "_EXPORTED", {})
-    monkeypatch.setattr(engines, "_ADOPTED", {})
-    photos = data.scan_class_folder(str(three_classes / "test"))
+    photos = _a_fresh_process(monkeypatch, tmp_path, three_classes)
     alone = fasttl.load_run(str(root / "run"))
     want, want_logits = alone.predict(photos)[1], alone.logits(photos)
     made = extraction.extraction_engine
@@ -576,13 +568,9 @@ def test_a_loaded_runs_messages_name_its_file_after_its_graph_is_pushed_out(int8
     an engine file that does not exist and gave the Python-only fix; the engine keeps what adopt
     said of the graph when it is made."""
     import fasttl
-    from fasttl import data
 
     root, _ = int8_run
-    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(engines, "_EXPORTED", {})
-    monkeypatch.setattr(engines, "_ADOPTED", {})
-    photos = data.scan_class_folder(str(three_classes / "test"))
+    photos = _a_fresh_process(monkeypatch, tmp_path, three_classes)
     model = fasttl.load_run(str(root / "run"))
     model.predict(photos, batch_size=2)
     _adopt_others(lite0, engines.MAX_ADOPTED + 1)
@@ -593,3 +581,13 @@ def test_a_loaded_runs_messages_name_its_file_after_its_graph_is_pushed_out(int8
     message = str(refused.value)
     assert str(root / "run" / "extract-int8.onnx") in message and "engine-" not in message
     assert "train the run again" in message and "calibration=" not in message  # the run's fix, not Python's
+
+
+def _a_fresh_process(monkeypatch, tmp_path, three_classes):
+    """No graph exported or adopted yet, caches of this test's own; the test photos."""
+    from fasttl import data
+
+    monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(engines, "_EXPORTED", {})
+    monkeypatch.setattr(engines, "_ADOPTED", {})
+    return data.scan_class_folder(str(three_classes / "test"))

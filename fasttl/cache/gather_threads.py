@@ -10,6 +10,7 @@ other again after EXPLORE_EVERY batches, then less and less often while the choi
 EXPLORE_MOST), since other jobs come and go."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Dict, Optional
 
@@ -17,6 +18,8 @@ import torch
 
 EXPLORE_EVERY, EXPLORE_MOST = 16, 128  # batches between timings of the count not chosen
 MARGIN = 1.25  # one thread is chosen only when it gathers this much faster than every thread
+# The most a loader may pin: OpenMP starts every thread asked for (a hundred thousand hung it).
+MOST_THREADS = max(256, os.cpu_count() or 1)
 
 
 class GatherThreads:
@@ -24,6 +27,8 @@ class GatherThreads:
     or 1 by seconds per row (a running average, halfway towards each new batch's)."""
 
     def __init__(self, pinned: Optional[int] = None):
+        if pinned is not None and pinned > MOST_THREADS:
+            raise ValueError(f"threads: {pinned} is more than a gather can use here (1 to {MOST_THREADS})")
         self.pinned = pinned
         self.seconds_per_row: Dict[int, float] = {}
         self.chosen: Optional[int] = None
