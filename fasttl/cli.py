@@ -105,7 +105,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if result["skipped"]:
         shown = terminal_text("; ".join(f"{path} ({why})" for path, why in result["skipped"][:5]))
         more = f" and {len(result['skipped']) - 5} more" if len(result["skipped"]) > 5 else ""
-        print(f"skipped {len(result['skipped'])} unreadable images: {shown}{more}", file=sys.stderr)
+        count = len(result["skipped"])
+        print(f"skipped {count} image{'s' if count != 1 else ''}: {shown}{more}", file=sys.stderr)
     return 0
 
 

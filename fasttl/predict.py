@@ -204,7 +204,9 @@ class RunModel:
     def logits(self, images, batch_size: Optional[int] = None, progress: bool = False) -> Tensor:
         """float32 logits (N, classes) on the CPU of image files, folders (recursively, sorted) or a
         uint8 image tensor, computed as the run computed its test predictions."""
-        source = self._source(images)
+        return self._logits(self._source(images), batch_size, progress)
+
+    def _logits(self, source, batch_size: Optional[int], progress: bool, refused: Optional[dict] = None) -> Tensor:
         positive_int("batch_size", batch_size, OptionError, optional=True)
         bar = None
         if progress:
@@ -215,7 +217,7 @@ class RunModel:
         from fasttl.transfer.rundir import finite_logits
 
         try:
-            return finite_logits(self.run_dir, self.trained.predict_logits(source, batch_size, bar))
+            return finite_logits(self.run_dir, self.trained.predict_logits(source, batch_size, bar, refused))
         finally:
             if bar is not None:
                 bar.close()
@@ -256,7 +258,8 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
                 overwrite: bool = False, progress: bool = True) -> dict:
     """`fasttl predict --run`: predicts image files and folders, returns {"csv", "rows", "skipped",
     "ignored", "out"}; the CSV is written to `out` when given. With on_error="skip", images that
-    do not decode are left out and returned (path, reason) in "skipped"."""
+    do not decode, and images an int8 run's graph can't represent, are left out and returned
+    (path, reason) in "skipped"."""
     from fasttl.data import screen
     from fasttl.util.files import write_atomic
 
@@ -282,11 +285,20 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
             source = screen(source, on_error)
         except DataError as exc:
             raise DataError(f"{exc}; nothing to predict") from None
-    probabilities = torch.softmax(model.logits(source, batch_size, progress and len(source) > 64), dim=1)
+    refused = {} if on_error == "skip" else None  # images an int8 graph can't represent: skipped too
+    logits = model._logits(source, batch_size, progress and len(source) > 64, refused)
+    skipped = list(source.skipped)
+    if refused:
+        kept = [i for i in range(len(source)) if i not in refused]
+        if not kept:
+            raise DataError(f"every image was refused ({next(iter(refused.values()))}); nothing to predict")
+        skipped += [(source.files[i], message) for i, message in sorted(refused.items())]
+        source, logits = source.subset(kept), logits[kept]
+    probabilities = torch.softmax(logits, dim=1)
     text = predictions_csv([shown[f] for f in source.files], probabilities, model.classes, top_k)
     if out is not None:
         write_atomic(out, text.encode())
-    return {"csv": text, "rows": len(source), "skipped": list(source.skipped), "ignored": ignored, "out": out}
+    return {"csv": text, "rows": len(source), "skipped": skipped, "ignored": ignored, "out": out}
 
 
 BACKBONE_BATCH = 32

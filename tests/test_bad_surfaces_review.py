@@ -359,7 +359,7 @@ def test_file_names_with_escape_sequences_are_shown_escaped(finished, cat_ship, 
     (images / f"bad{evil}.jpg").write_bytes(b"not a jpeg")
     code, stdout, err = cli(capsys, "predict", "--run", finished, images, "--on-error", "skip", "--no-progress")
     assert code == 0 and stdout.count("\n") == 2 and "a\\x1b[2J\\x07\\nb.jpg" in stdout
-    assert "skipped 1 unreadable images: " in err and "bad" + "a\\x1b[2J\\x07\\nb.jpg" in err
+    assert "skipped 1 image: " in err and "bad" + "a\\x1b[2J\\x07\\nb.jpg" in err
     for text in (stdout, err):
         assert "\x1b" not in text and "\x07" not in text
     code, stdout, err = cli(capsys, "predict", "--run", finished, str(tmp_path / f"gone{evil}.jpg"))

@@ -208,7 +208,7 @@ def test_predict_on_error_skip_lists_the_unreadable_image(trained, three_classes
     assert code == 0
     paths = [row["path"] for row in csv.DictReader(io.StringIO(out))]
     assert [os.path.basename(p) for p in paths] == ["0.jpg", "1.jpg", "3.jpg"]
-    assert "skipped 1 unreadable images" in err and "2.jpg" in err
+    assert "skipped 1 image" in err and "2.jpg" in err
 
 
 # -- export --------------------------------------------------------------------------------------

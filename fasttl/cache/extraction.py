@@ -115,34 +115,52 @@ def store_maps(maps, cache: torch.Tensor, rows: torch.Tensor, scales: Optional[t
     pool_store(pooled, cache, rows, scales)
 
 
-def _refuse_non_finite(maps, source, first: int) -> None:
+def _refuse_non_finite(maps, source, rows: torch.Tensor) -> None:
     """A backbone's NaN or infinity is never stored: fp32 and bf16 would keep it and int8 would
     quantize the row to zeros, and training would later blame its learning rate."""
     finite = torch.stack([torch.isfinite(m.reshape(len(m), -1)).all(dim=1) for m in maps]).all(dim=0)
     if not bool(finite.all()):  # one host sync a batch, whatever the number of maps
-        row = first + int((~finite).nonzero()[0])
+        row = int(rows[int((~finite).nonzero()[0])])
         raise CacheError(f"features: the backbone's features of {source.name_of(row)} are not finite (NaN or "
                          "infinite): a damaged backbone or weights file; nothing of its batch was stored")
 
 
+def _through_engine(engine, images, source, first: int, refused: Optional[dict]):
+    """(engine(images), the source rows they are): with `refused` (a dict), an image the engine
+    refuses for itself (an int8 graph can't represent it) is left out of the batch and listed
+    (its row -> the refusal naming it), the rest run; else the refusal names the image."""
+    rows = torch.arange(first, first + len(images))
+    while True:
+        try:
+            return engine(images if len(rows) == len(images) else images[rows - first]), rows
+        except engines.BatchError as exc:
+            row = int(rows[exc.row])
+            if refused is None or not exc.per_image:
+                raise exc.naming(source.name_of(row)) from None
+            refused[row] = exc.before + exc.after  # the reason; the caller names the image
+            rows = rows[rows != row]
+            if not len(rows):
+                return None, rows
+
+
 @torch.no_grad()
 def extract_features(engine, source, spec, dtype: torch.dtype, feature_dim: int, batch_size: int,
-                     device: torch.device, backend: str = "auto", progress=None):
+                     device: torch.device, backend: str = "auto", progress=None, refused: Optional[dict] = None):
     """(features (len(source), feature_dim) in the cache dtype, per-row scales for int8 or None),
     on `device`: every image of `source` through `engine`, pooled and stored in order.
-    `progress`: a tqdm bar to advance."""
+    `progress`: a tqdm bar to advance. `refused` (a dict): images the engine refuses for
+    themselves are listed there (row -> message) and their rows left zero, instead of an error."""
     rows = len(source)
-    features = torch.empty((rows, feature_dim), dtype=dtype, device=device)
-    scales = torch.empty(rows, dtype=torch.float32, device=device) if dtype == torch.int8 else None
+    features = (torch.empty if refused is None else torch.zeros)((rows, feature_dim), dtype=dtype, device=device)
+    scales = torch.ones(rows, dtype=torch.float32, device=device) if dtype == torch.int8 else None
     written = 0
     for images, _ in ImageLoader(source, spec, batch_size, backend=backend, device=device):
         n = images.shape[0]
-        try:
-            maps = engine(images)
-        except engines.BatchError as exc:
-            raise exc.naming(source.name_of(written + exc.row)) from None
-        _refuse_non_finite(maps, source, written)
-        store_maps(maps, features, torch.arange(written, written + n, device=device), scales)
+        maps, kept = _through_engine(engine, images, source, written, refused)
+        if maps is not None:
+            kept = kept.to(device)
+            _refuse_non_finite(maps, source, kept)
+            store_maps(maps, features, kept, scales)
         written += n
         if progress is not None:
             progress.update(n)

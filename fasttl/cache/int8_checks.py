@@ -73,7 +73,7 @@ class Int8Checks:
                 raise BatchError(f"engine: the int8 graph {self.shown()[0]} can't represent an image",
                                  f" ({share:.0%} of its values beyond the range [{low:.2f}, {high:.2f}] its "
                                  f"calibration images gave by over {INT8_OUTSIDE_MARGIN:.0%} of its width): "
-                                 f"{self._why(image=True)}", row)
+                                 f"{self._why(image=True)}", row, per_image=True)
 
     def graph_off(self, error: str) -> CacheError:
         """The graph too far from PyTorch fp32 on its check images; a BatchError (the caller names
@@ -123,9 +123,10 @@ class BatchError(CacheError):
     """An engine's check failed on an image of a batch, which the caller names (extract_features
     knows the source): `naming(image of batch row `row`)` is the error with it."""
 
-    def __init__(self, before: str, after: str, row: int = 0):
+    def __init__(self, before: str, after: str, row: int = 0, per_image: bool = False):
         super().__init__(before + after)
-        self.before, self.after, self.row = before, after, row
+        # per_image: the image itself is refused (its values beyond the graph's range), not the graph
+        self.before, self.after, self.row, self.per_image = before, after, row, per_image
 
     def naming(self, image: str) -> CacheError:
         first = "the first: " if self.before.endswith("data") else ""

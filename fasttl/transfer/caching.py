@@ -180,8 +180,10 @@ class FeaturesInMemory:
                                         extraction.image_size, calibration=(extraction.calibration, None))
         self.feature_dim = backbone.tapped_dim(extraction.taps)
 
-    def __call__(self, source, mirror: bool = False, batch_size: Optional[int] = None, progress=None) -> torch.Tensor:
-        """float32 (len(source), feature_dim) on the device; `progress`: a tqdm bar to advance."""
+    def __call__(self, source, mirror: bool = False, batch_size: Optional[int] = None, progress=None,
+                 refused: Optional[dict] = None) -> torch.Tensor:
+        """float32 (len(source), feature_dim) on the device; `progress`: a tqdm bar to advance;
+        `refused`: see extract_features."""
         from fasttl.cache.extraction import default_batch_size, extract_features
         from fasttl.cache.kernels import CACHE_DTYPES, gather
         from fasttl.data import TransformSpec
@@ -189,7 +191,7 @@ class FeaturesInMemory:
         spec = TransformSpec.for_backbone(self.backbone.preprocessing, size=self.extraction.image_size, mirror=mirror)
         stored, scales = extract_features(self.engine, source, spec, CACHE_DTYPES[self.extraction.dtype],
                                           self.feature_dim, batch_size or default_batch_size(self.device),
-                                          self.device, progress=progress)
+                                          self.device, progress=progress, refused=refused)
         return gather(stored, torch.arange(len(source), device=self.device), scales, torch.float32)
 
 

@@ -188,17 +188,19 @@ class FeatureModel(TrainedModel):
         return len(views_of(self.config, "test"))
 
     @torch.no_grad()
-    def predict_logits(self, source, batch_size: Optional[int] = None, bar=None) -> Tensor:
+    def predict_logits(self, source, batch_size: Optional[int] = None, bar=None,
+                       refused: Optional[dict] = None) -> Tensor:
         """As the run predicted its test split from the feature cache: the same features, computed
         in memory (FeaturesInMemory, no cache written), through the head, averaged over the views
-        the run cached."""
+        the run cached. `refused` (a dict): images the int8 graph can't represent are listed there
+        (row -> message) instead of an error; their rows are meaningless."""
         if self._in_memory is None:  # its engine keeps the graph it was made with, checked as it is made
             with self.int8_graph(verify=False):
                 self._in_memory = FeaturesInMemory(self.backbone, self.extraction, self.device)
         dtype = next(self.head.parameters()).dtype
         outputs = []
         for mirror in views_of(self.config, "test"):
-            features = self._in_memory(source, mirror=mirror, batch_size=batch_size, progress=bar)
+            features = self._in_memory(source, mirror=mirror, batch_size=batch_size, progress=bar, refused=refused)
             outputs.append(torch.cat([self.head(features[i:i + 4096].to(dtype)).float().cpu()
                                       for i in range(0, len(features), 4096)]))
         return torch.stack(outputs).mean(0)

@@ -34,10 +34,12 @@ class TrainedModel:
     prediction_views = 1  # passes over the images `predict_logits` makes (a progress bar's total)
 
     @torch.no_grad()
-    def predict_logits(self, source, batch_size: Optional[int] = None, bar=None) -> Tensor:
+    def predict_logits(self, source, batch_size: Optional[int] = None, bar=None,
+                       refused: Optional[dict] = None) -> Tensor:
         """float32 logits (N, classes) on the CPU of new images, as the run computed its test
         predictions, writing nothing (no feature cache): what `fasttl predict` shows. `bar`: a tqdm
-        bar advanced per image."""
+        bar advanced per image. `refused`: images the model refuses for themselves go there
+        (row -> message) instead of an error (an int8 feature model's; none here)."""
         from fasttl.data import ImageLoader
 
         dtype = next(self.module.parameters()).dtype
