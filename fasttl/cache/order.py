@@ -8,8 +8,8 @@
   42-45% of the machine's copy bandwidth on the 2-core Xeon (the same epochs alternated in one
   process, idle machine).
 * ``"blocks"``: blocks of BLOCK_ROWS neighbouring rows in a random order (then ascending within
-  each batch): the gather streams whole blocks, 65-69% of copy bandwidth there (fasttl bench
-  cache --scale). Beside another process copying memory every mode fell to 7-17%. The trade-off:
+  each batch): the gather streams whole blocks, 79-92% of copy bandwidth there where rows read at
+  63-71% (fasttl bench cache --scale, 2026-12-05; README "Shuffled epochs"). The trade-off:
   a row always shares its batch with its block's other rows, every epoch, and neighbours in a
   cache are usually alike (a class folder's images are stored together), so small batches hold
   fewer classes. Worth it only when the gather, not the model, bounds an epoch.
