@@ -8,36 +8,21 @@ from the shards equals the cache built from the folders row for row.
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import tarfile
 from typing import List, Optional
 
 from fasttl.data import scan_class_folder
+from fasttl.data.formats.webdataset import write_webdataset
 
 
 def write_shards(folder: str, out: str, per_shard: int = 10000, prefix: str = "train",
                  limit: Optional[int] = None) -> List[str]:
-    """The shard paths written (out/<prefix>-000000.tar, ...) and out/classes.txt."""
+    """The shard paths written (out/<prefix>-000000.tar, ...) and out/classes.txt
+    (fasttl.data.formats.webdataset.write_webdataset)."""
     source = scan_class_folder(folder)
     if limit is not None:
         source = source.subset(range(min(limit, len(source))))
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "classes.txt"), "w") as f:
-        f.write("\n".join(source.classes) + "\n")
-    paths = []
-    for shard, start in enumerate(range(0, len(source), per_shard)):
-        path = os.path.join(out, f"{prefix}-{shard:06d}.tar")
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(start, min(len(source), start + per_shard)):
-                key = f"{i:08d}"
-                for name, data in ((f"{key}.jpg", open(source.files[i], "rb").read()),
-                                   (f"{key}.cls", str(source.labels[i]).encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mtime = len(data), 0
-                    tar.addfile(info, io.BytesIO(data))
-        paths.append(path)
-    return paths
+    return write_webdataset(source, out, per_shard, prefix)
 
 
 def main() -> None:

@@ -3,13 +3,16 @@ fresh process: open time, resident memory, shuffled epochs in GB/s against the m
 bandwidth, idle and beside other jobs; then extraction from WebDataset shards vs class folders."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -32,10 +35,12 @@ SCALE_EPOCHS = 5
 # Other jobs on the machine while the epochs run, each in its own process: one thread copying
 # 256 MiB buffers (competing for memory bandwidth), and a PyTorch job on every core (another
 # training run: competing for the cores, which the gather's OpenMP threads then wait on).
+# Each loops while its parent lives: a bench killed outright (SIGKILL) leaves no process behind.
 COMPETITORS = {
     "another process copying": "import torch; torch.set_num_threads(1); a = torch.ones(1 << 26); "
-                               "b = torch.empty_like(a)\nwhile True: b.copy_(a)",
-    "another process computing on every core": "import torch; a = torch.randn(1024, 1024)\nwhile True: a @ a",
+                               "b = torch.empty_like(a)\nwhile os.getppid() == parent: b.copy_(a)",
+    "another process computing on every core": "import torch; a = torch.randn(1024, 1024)\n"
+                                               "while os.getppid() == parent: a @ a",
 }
 
 
@@ -114,7 +119,8 @@ def _epoch(cache, loader, after_batch) -> float:
 def _probe_in_fresh_process(directory: str, batch_size: int, competitor: str = None) -> Dict[str, object]:
     code = ("import json, sys; from fasttl.bench.cache_scale import scale_probe; "
             "print(json.dumps(scale_probe(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]))))")
-    other = subprocess.Popen([sys.executable, "-c", COMPETITORS[competitor]]) if competitor else None
+    other = subprocess.Popen([sys.executable, "-c", f"import os; parent = {os.getpid()}; {COMPETITORS[competitor]}"]) \
+        if competitor else None
     try:
         if other is not None:
             time.sleep(2)  # its buffers allocated, its loop running
@@ -131,18 +137,16 @@ def _probe_in_fresh_process(directory: str, batch_size: int, competitor: str = N
 
 def _extraction_formats(train, count: int, size: int = 128) -> Dict[str, float]:
     """Extraction images/s from the same CIFAR-10 JPEGs as class folders and as WebDataset shards
-    (benchmarks/make_webdataset.py's layout), same backbone, backend and batch; caches compared."""
-    import importlib.util
+    (write_webdataset's layout), same backbone, backend and batch; caches compared."""
     import shutil
 
-    from fasttl.data.formats.webdataset import read_webdataset
+    from fasttl.data import scan_class_folder
+    from fasttl.data.formats.webdataset import read_webdataset, write_webdataset
 
     per_class = max(1, count // len(train.classes))
     keep = [i for c in range(len(train.classes)) for i in
             [j for j, label in enumerate(train.labels) if label == c][:per_class]]
     source = train.subset(keep)
-    spec = importlib.util.spec_from_file_location(
-        "make_webdataset", os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "make_webdataset.py"))
     model = backbones.create("efficientnet_lite0").freeze()
     tmp = tempfile.mkdtemp(prefix="fasttl-wds-")
     try:
@@ -150,15 +154,8 @@ def _extraction_formats(train, count: int, size: int = 128) -> Dict[str, float]:
         for path, label in zip(source.files, source.labels):
             os.makedirs(os.path.join(folder, source.classes[label]), exist_ok=True)
             shutil.copy(path, os.path.join(folder, source.classes[label], os.path.basename(path)))
-        if spec is not None and os.path.isfile(spec.origin):
-            maker = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(maker)
-            shards = maker.write_shards(folder, os.path.join(tmp, "wds"), per_shard=max(1, len(source) // 4))
-        else:
-            raise RuntimeError("benchmarks/make_webdataset.py not found (run from a source checkout)")
-        from fasttl.data import scan_class_folder
-
         folders = scan_class_folder(folder)
+        shards = write_webdataset(folders, os.path.join(tmp, "wds"), per_shard=max(1, len(source) // 4))
         pattern = os.path.join(tmp, "wds", f"train-{{000000..{len(shards) - 1:06d}}}.tar")
         results = {}
         for name, make in (("class folders", lambda: folders),
@@ -206,33 +203,57 @@ def _spread(epoch: Dict[str, object]) -> str:
     return f" (median of {SCALE_EPOCHS}: {low:.3g}-{high:.3g})" if low is not None else ""
 
 
+def _probe_size(rows: int, root: Optional[str]) -> Dict[str, object]:
+    """A cache of `rows` synthetic rows written under `root` (or /tmp), probed idle and beside each
+    competitor, then deleted."""
+    import shutil
+
+    directory = tempfile.mkdtemp(prefix="fasttl-scale-", dir=root or "/tmp")
+    try:
+        started = time.perf_counter()
+        FeatureCache.write(directory, _synthetic_chunks(rows, SCALE_DIM), torch.arange(rows) % 10,
+                           classes=[str(i) for i in range(10)], dtype="fp16")
+        write_s = time.perf_counter() - started
+        probe = dict(_probe_in_fresh_process(directory, SCALE_BATCH), write_s=write_s,
+                     gb=rows * SCALE_DIM * 2 / 1e9)
+        probe["beside"] = {}
+        for competitor in COMPETITORS:
+            busy = _probe_in_fresh_process(directory, SCALE_BATCH, competitor)
+            probe["beside"][competitor] = {"epochs": busy["epochs"], "copy_gbps": busy["copy_gbps"]}
+        return probe
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _terminated_as_exit():
+    """SIGTERM (kill, timeout, a cancelled CI job) ends the bench as Ctrl-C does: through the
+    `finally` blocks that stop the competitor and delete the 2 GB cache (by default it would end
+    the process where it stands)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def run_scale(quick: bool = False, data: str = None, root: str = None) -> Dict[str, object]:
     """`fasttl bench cache --scale`: 2,000,000 x 512 fp16 rows (2 GB) written through
     FeatureCache.write under /tmp, then opened and read for one shuffled epoch (batch 8192) in a
     fresh process; the same at 200,000 rows; then extraction from WebDataset vs class folders.
     The caches are deleted afterwards."""
-    import shutil
-
+    train = bench_splits(data)[1]  # before the probes: missing data is said at once, not after them
     rows_out, probes = [], []
     sizes = (20_000, 2_000) if quick else SCALE_ROWS
-    for rows in sizes:
-        directory = tempfile.mkdtemp(prefix="fasttl-scale-", dir=root or "/tmp")
-        try:
-            started = time.perf_counter()
-            FeatureCache.write(directory, _synthetic_chunks(rows, SCALE_DIM), torch.arange(rows) % 10,
-                               classes=[str(i) for i in range(10)], dtype="fp16")
-            write_s = time.perf_counter() - started
-            probe = dict(_probe_in_fresh_process(directory, SCALE_BATCH), write_s=write_s,
-                         gb=rows * SCALE_DIM * 2 / 1e9)
-            probe["beside"] = {}
-            for competitor in COMPETITORS:
-                busy = _probe_in_fresh_process(directory, SCALE_BATCH, competitor)
-                probe["beside"][competitor] = {"epochs": busy["epochs"], "copy_gbps": busy["copy_gbps"]}
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-        probes.append(probe)
-        rows_out += _scale_rows(probe)
-    formats = _extraction_formats(bench_splits(data)[1], 60 if quick else 2000)
+    with _terminated_as_exit():
+        for rows in sizes:
+            probe = _probe_size(rows, root)
+            probes.append(probe)
+            rows_out += _scale_rows(probe)
+        formats = _extraction_formats(train, 60 if quick else 2000)
     rows_out += [
         {"case": f"extraction, {formats['images']} CIFAR-10 JPEGs as class folders", "value": formats["folders_ips"],
          "unit": "images/s"},

@@ -171,8 +171,13 @@ def bench_splits(data: Optional[str] = None):
 
     where = "--data" if data else f"{settings.BENCH_DATA.name}" if settings.BENCH_DATA.is_set() else \
         f"the default ({os.path.normpath(DEFAULT_DATA)}; set {settings.BENCH_DATA.name})"
+    from fasttl.util.errors import DataError
+
     root = os.path.abspath(data or settings.BENCH_DATA.value() or DEFAULT_DATA)
-    train, test = class_folder_splits(root)
+    try:
+        train, test = class_folder_splits(root)
+    except DataError as exc:  # say where the path came from: the fix is there
+        raise OptionError(f"{exc} ({where})") from None
     if test is None:
         raise OptionError(f"data: {root} ({where}) has no train/ and test/ class folders, which the benchmarks read")
     for name, split in (("train", train), ("test", test)):

@@ -107,6 +107,8 @@ def _check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:
             os.path.expanduser(plot_path)):
         raise OptionError(f"plot: --json and --plot name the same file ({plot_path}); give each its own")
     for option, path in (("json", json_path), ("plot", plot_path)):
+        if path is not None and not str(path).strip():
+            raise OptionError(f"{option}: an empty path; give --{option} a file name, or leave --{option} out")
         if path:
             path = check_output_path(path, overwrite=True, flag=f"--{option}")
             if os.path.lexists(path) and not _earlier_output(path, option):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -16,7 +17,7 @@ from fasttl.cache.gather_threads import GatherThreads
 from fasttl.cache.kernels import CACHE_DTYPE, ShardTable, gather
 from fasttl.cache.order import epoch_order, shuffle_mode
 from fasttl.cache.store import CacheError
-from fasttl.util.checks import positive_int, torch_device
+from fasttl.util.checks import plain_int, positive_int, torch_device
 
 
 # made_by's parts, in its order, as messages name them
@@ -362,6 +363,7 @@ class CacheLoader:
 
     def __init__(self, cache: FeatureCache, batch_size: int, shuffle: bool, seed: int, device, out_dtype, drop_last,
                  threads: Optional[int] = None):
+        batch_size, threads = plain_int(batch_size), plain_int(threads)
         positive_int("batch_size", batch_size)
         if threads is not None:
             positive_int("threads", threads)
@@ -375,7 +377,7 @@ class CacheLoader:
         self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle_mode(shuffle), seed
         self.device = torch_device(device) if device is not None else cache.device
         self.out_dtype, self.drop_last, self.epoch = out_dtype, drop_last, 0
-        self.threads = GatherThreads(threads)
+        self.threads, self._epochs = GatherThreads(threads), threading.Lock()
 
     def __len__(self) -> int:
         n = len(self.cache)
@@ -384,12 +386,10 @@ class CacheLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _order(self) -> Tensor:
-        return epoch_order(len(self.cache), self.batch_size, self.shuffle, self.seed, self.epoch)
-
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
-        order = self._order().to(self.cache.device)
-        self.epoch += 1
+        with self._epochs:  # two threads iterating one loader get an epoch each
+            epoch, self.epoch = self.epoch, self.epoch + 1
+        order = epoch_order(len(self.cache), self.batch_size, self.shuffle, self.seed, epoch).to(self.cache.device)
         starts = range(0, len(self) * self.batch_size, self.batch_size)
         if self.cache.device.type == "cpu" and self.device.type == "cuda":
             yield from self._staged(order, starts)

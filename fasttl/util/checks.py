@@ -13,6 +13,13 @@ def positive_int(name: str, value, error=ValueError, optional: bool = False):
     return value
 
 
+def plain_int(value):
+    """NumPy's integers as Python's (what positive_int takes), anything else as it is: for the
+    Python API, where a count often comes out of an array."""
+    return int(value) if type(value).__module__ == "numpy" and hasattr(type(value), "__index__") and \
+        type(value).__name__ != "bool_" else value
+
+
 def torch_device(value, name: str = "device"):
     """`value` (cpu, cuda or cuda:N) as a torch.device this machine has; else an OptionError
     naming `name` (a GPU asked for where torch sees none says so)."""

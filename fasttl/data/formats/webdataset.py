@@ -174,3 +174,29 @@ def _left_out(entry: dict, twice: bool) -> Optional[str]:
         return f"sample has {'no .jpg/.jpeg/.png image' if 'image' not in entry else 'no .cls class'}"
     return (f"no .jpg/.jpeg/.png image or .cls among its members {', '.join(entry['other'][:3])} (a key ends at the "
             "first dot of a member's name)")
+
+
+def write_webdataset(source, out: str, per_shard: int = 10000, prefix: str = "train") -> List[str]:
+    """Writes an image-file source as WebDataset shards: each sample KEY.jpg (the file's bytes,
+    unchanged) beside KEY.cls (the class index as text), in the source's order, so a cache built
+    from the shards equals the cache built from the files row for row; and out/classes.txt. The
+    shard paths written (out/<prefix>-000000.tar, ...)."""
+    import io
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "classes.txt"), "w") as f:
+        f.write("\n".join(source.classes) + "\n")
+    paths = []
+    for shard, start in enumerate(range(0, len(source), per_shard)):
+        path = os.path.join(out, f"{prefix}-{shard:06d}.tar")
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(start, min(len(source), start + per_shard)):
+                key = f"{i:08d}"
+                with open(source.files[i], "rb") as image:
+                    jpeg = image.read()
+                for name, data in ((f"{key}.jpg", jpeg), (f"{key}.cls", str(source.labels[i]).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime = len(data), 0
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
