@@ -449,6 +449,9 @@ def main(argv=None) -> int:
         return code
     except BrokenPipeError:  # `fasttl predict ... | head`
         return _reader_gone()
+    except KeyboardInterrupt:  # Ctrl-C: what it stopped is the user's choice, not a bug's traceback
+        print("\nfasttl: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         # A user's mistake is one line naming the culprit and the fix; a bug keeps its traceback.
         if settings.DEBUG.value() == "1":

@@ -136,3 +136,16 @@ def test_numpy_integers_are_a_loaders_batch_size_and_thread_count(tmp_path):
     for bad in (np.int64(0), np.float64(8.0), np.bool_(True)):
         with pytest.raises((TypeError, ValueError), match=r"^batch_size: "):
             cache.loader(bad)
+
+
+def test_ctrl_c_outside_a_run_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    """Noted by the pass: Ctrl-C in predict, eval or bench printed a KeyboardInterrupt traceback
+    (a run says how to resume)."""
+    from fasttl.bench import runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run", interrupted)
+    code, _, err = cli(capsys, "bench", "adam", "--quick")
+    assert code == 130 and err.strip() == "fasttl: interrupted"
