@@ -7,6 +7,7 @@ import os
 import sys
 
 from fasttl.util import settings
+from fasttl.util.signals import ending_signals_raised, exit_code
 from fasttl.cli_errors import (OS_ERRORS, escape_unshowable_text, one_line, os_error_line, peer_stopped, quiet_stdout,
                                user_error_types)
 
@@ -180,10 +181,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options["progress"] = not args.no_progress
     try:
         run(print_summary=True, **options)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (util.signals)
         print("\ninterrupted: where epochs finished, the same command with --resume continues from the last one; "
               "else run it again with --overwrite", file=sys.stderr)
-        return 130
+        return exit_code(exc)
     return 0
 
 
@@ -444,14 +445,15 @@ def main(argv=None) -> int:
         quiet_stdout()
         return 2
     try:
-        code = args.func(args)
+        with ending_signals_raised():  # kill, timeout, a closed terminal: out as Ctrl-C, through the cleanup
+            code = args.func(args)
         sys.stdout.flush()  # a full disk or a closed pipe behind stdout shows here, not at exit
         return code
     except BrokenPipeError:  # `fasttl predict ... | head`
         return _reader_gone()
-    except KeyboardInterrupt:  # Ctrl-C: what it stopped is the user's choice, not a bug's traceback
-        print("\nfasttl: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: the user's choice, not a bug's traceback
+        print(f"\nfasttl: interrupted ({exc})" if str(exc) else "\nfasttl: interrupted", file=sys.stderr)
+        return exit_code(exc)
     except Exception as exc:
         # A user's mistake is one line naming the culprit and the fix; a bug keeps its traceback.
         if settings.DEBUG.value() == "1":

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import os
@@ -279,7 +280,9 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
         raise OptionError(f"top_k: expected 1..{len(model.classes)} (the run has {len(model.classes)} classes), "
                           f"got {top_k!r}")
     source = FileSource([os.path.abspath(f) for f in files], [0] * len(files), list(model.classes))
-    shown = dict(zip(source.files, files))  # the CSV names each image as the user's path led to it
+    spellings = collections.defaultdict(collections.deque)  # the CSV names each image as the user's path led
+    for path, given in zip(source.files, files):  # to it; one file given twice, twice as given, in order
+        spellings[path].append(given)
     if on_error == "skip":
         try:
             source = screen(source, on_error)
@@ -295,10 +298,20 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
         skipped += [(source.files[i], message) for i, message in sorted(refused.items())]
         source, logits = source.subset(kept), logits[kept]
     probabilities = torch.softmax(logits, dim=1)
-    text = predictions_csv([shown[f] for f in source.files], probabilities, model.classes, top_k)
+    text = predictions_csv(_as_given(source, spellings), probabilities, model.classes, top_k)
     if out is not None:
         write_atomic(out, text.encode())
     return {"csv": text, "rows": len(source), "skipped": skipped, "ignored": ignored, "out": out}
+
+
+def _as_given(source, spellings) -> List[str]:
+    """Each image of `source` (in order, some left out) as the user gave it: a file given twice is
+    left out or kept twice (its two entries are the same file), so its spellings go in order."""
+    shown = []
+    for path in source.files:
+        shown.append(spellings[path][0])
+        spellings[path].rotate(-1)
+    return shown
 
 
 BACKBONE_BATCH = 32

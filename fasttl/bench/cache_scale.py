@@ -3,14 +3,11 @@ fresh process: open time, resident memory, shuffled epochs in GB/s against the m
 bandwidth, idle and beside other jobs; then extraction from WebDataset shards vs class folders."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Dict, List, Optional
 
@@ -21,6 +18,7 @@ from fasttl import backbones
 from fasttl.bench.common import bench_splits, copy_bandwidth, median_seconds
 from fasttl.cache import FeatureCache
 from fasttl.cache.order import BLOCK_ROWS
+from fasttl.util.signals import ending_signals_raised
 
 SCALE_ROWS = (2_000_000, 200_000)
 SCALE_DIM, SCALE_BATCH = 512, 8192
@@ -225,21 +223,6 @@ def _probe_size(rows: int, root: Optional[str]) -> Dict[str, object]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _terminated_as_exit():
-    """SIGTERM (kill, timeout, a cancelled CI job) ends the bench as Ctrl-C does: through the
-    `finally` blocks that stop the competitor and delete the 2 GB cache (by default it would end
-    the process where it stands)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
 def run_scale(quick: bool = False, data: str = None, root: str = None) -> Dict[str, object]:
     """`fasttl bench cache --scale`: 2,000,000 x 512 fp16 rows (2 GB) written through
     FeatureCache.write under /tmp, then opened and read for one shuffled epoch (batch 8192) in a
@@ -248,7 +231,7 @@ def run_scale(quick: bool = False, data: str = None, root: str = None) -> Dict[s
     train = bench_splits(data)[1]  # before the probes: missing data is said at once, not after them
     rows_out, probes = [], []
     sizes = (20_000, 2_000) if quick else SCALE_ROWS
-    with _terminated_as_exit():
+    with ending_signals_raised():  # SIGTERM, SIGHUP: out through the cleanup, as Ctrl-C
         for rows in sizes:
             probe = _probe_size(rows, root)
             probes.append(probe)

@@ -1,0 +1,43 @@
+"""The signals that end a command from outside (SIGTERM: kill, timeout, a cancelled job; SIGHUP:
+a closed terminal or ssh session) handled as Ctrl-C is: raised as an exception, so every `finally`
+and `with` on the way out runs (temporary folders removed, child processes stopped, a run's
+resume hint printed). By default they end the process where it stands."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+ENDING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM or SIGHUP, raised where the process stood; `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def exit_code(interrupt: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process its signal ended (Ctrl-C: 130)."""
+    return 128 + getattr(interrupt, "signum", signal.SIGINT)
+
+
+@contextlib.contextmanager
+def ending_signals_raised():
+    """While the block runs, SIGTERM and SIGHUP raise Terminated (only the main thread can set
+    handlers: elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated(signum)
+
+    before = {number: signal.signal(number, terminated) for number in ENDING}
+    try:
+        yield
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
