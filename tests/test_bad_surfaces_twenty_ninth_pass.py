@@ -77,3 +77,20 @@ def test_an_image_given_twice_is_named_as_given_each_time(scratch_run, cat_ship,
     rows = [line.split(",") for line in out.splitlines()[1:]]
     assert [row[0] for row in rows] == [name, f"./{name}", str(folder / name)]
     assert len({tuple(row[1:]) for row in rows}) == 1  # the same image, the same prediction
+
+
+def test_a_second_ending_signal_does_not_cut_the_cleanup_short():
+    """The thirtieth pass: two SIGTERMs a millisecond apart left an int8 quantization's temporary
+    folders (the second interrupted the `finally` removing them)."""
+    cleaned = []
+    with pytest.raises(signals.Terminated):
+        with signals.ending_signals_raised():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGHUP)
+                time.sleep(0.1)
+                cleaned.append(True)
+    assert cleaned and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the handlers came back after

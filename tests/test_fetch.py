@@ -540,6 +540,33 @@ def test_a_full_disk_while_extracting_keeps_the_verified_download(server, cifar_
     assert sorted(os.listdir(dest)) == ["cifar-10-batches-py"]
 
 
+def test_an_interrupted_extraction_keeps_the_verified_download(server, cifar_tarball, tmp_path, capsys,
+                                                              monkeypatch):
+    """The thirtieth hostile pass: SIGTERM while `data fetch` unpacked removed the complete, verified
+    archive (170 MB fetched again); a full disk kept it. Now only a bad archive is removed."""
+    import signal
+
+    from fasttl.util import signals
+
+    server.files["/c.tar.gz"] = cifar_tarball
+    dest = tmp_path / "data"
+
+    def interrupted(*args, **kwargs):
+        raise signals.Terminated(signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tarfile.TarFile, "makefile", interrupted)
+        code, _, err = _fetch(capsys, "--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest",
+                              dest)
+    assert code == 128 + signal.SIGTERM and err.strip().endswith("fasttl: interrupted (SIGTERM)")
+    assert os.listdir(dest) == [".fasttl-tmp-download-cifar-10-python.tar.gz"]  # verified, kept
+    requests = len(server.ranges)
+    code, _, err = _fetch(capsys, "--url", "http://127.0.0.1:9/offline.tar.gz", "--sha256", _sha(cifar_tarball),
+                          "--dest", dest)
+    assert code == 0, err
+    assert server.ranges[requests:] == [] and sorted(os.listdir(dest)) == ["cifar-10-batches-py"]
+
+
 def test_a_server_reply_with_escape_sequences_is_shown_escaped(tmp_path, capsys):
     _, code, line = _fetch_from_raw_server(b"HTTP/1.1 500 \x1b[31mevil\x1b[0m\x07\r\nContent-Length: 0\r\n\r\n",
                                            tmp_path, capsys)

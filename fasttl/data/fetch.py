@@ -489,7 +489,9 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
                                 "the same command again: the verified download is kept and is not fetched again)") \
                 from None
         raise
-    except BaseException:
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: the verified download stays, extracted next time
+        raise
+    except BaseException:  # the archive itself: fetched anew next time
         with contextlib.suppress(OSError):
             os.remove(partial)
         raise

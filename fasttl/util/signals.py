@@ -26,13 +26,15 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
 
 @contextlib.contextmanager
 def ending_signals_raised():
-    """While the block runs, SIGTERM and SIGHUP raise Terminated (only the main thread can set
-    handlers: elsewhere nothing changes)."""
+    """While the block runs, SIGTERM and SIGHUP raise Terminated, once: later ones are ignored
+    while the cleanup runs (only the main thread can set handlers: elsewhere nothing changes)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def terminated(signum, frame):
+        for number in ENDING:  # a second one must not cut the cleanup short (SIGKILL still ends it)
+            signal.signal(number, signal.SIG_IGN)
         raise Terminated(signum)
 
     before = {number: signal.signal(number, terminated) for number in ENDING}
