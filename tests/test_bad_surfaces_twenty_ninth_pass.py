@@ -94,3 +94,35 @@ def test_a_second_ending_signal_does_not_cut_the_cleanup_short():
                 time.sleep(0.1)
                 cleaned.append(True)
     assert cleaned and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the handlers came back after
+
+
+@pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_after_ctrl_c_or_sigterm_no_signal_cuts_the_cleanup_short(first):
+    """The thirty-first pass: Ctrl-C then SIGTERM (a cancelled CI job) left onnxruntime's
+    temporary folder; every stopping signal is ignored after the first while the cleanup runs."""
+    cleaned = []
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with signals.ending_signals_raised():
+            try:
+                os.kill(os.getpid(), first)
+                time.sleep(5)
+            finally:
+                for number in signals.STOPPING:
+                    os.kill(os.getpid(), number)
+                time.sleep(0.1)
+                cleaned.append(True)
+    assert cleaned and (type(stopped.value) is KeyboardInterrupt) == (first == signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_already_ignored_stays_ignored():
+    """`nohup fasttl run ...` ignores SIGHUP: the run must outlive its terminal."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with signals.ending_signals_raised():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -567,6 +567,24 @@ def test_an_interrupted_extraction_keeps_the_verified_download(server, cifar_tar
     assert server.ranges[requests:] == [] and sorted(os.listdir(dest)) == ["cifar-10-batches-py"]
 
 
+def test_a_staging_folder_left_by_an_earlier_extraction_is_removed(server, cifar_tarball, tmp_path, capsys):
+    """The thirty-first pass: a `.fasttl-tmp-extract-*` folder left by a fetch killed outright (or
+    stopped twice while cleaning up) stayed in the data folder for good; the next fetch removes
+    it. A link of that name is left alone, and so is what it points to."""
+    server.files["/c.tar.gz"] = cifar_tarball
+    dest = tmp_path / "data"
+    (dest / ".fasttl-tmp-extract-ab12cd" / "cifar-10-batches-py").mkdir(parents=True)
+    (dest / ".fasttl-tmp-extract-ab12cd" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"half")
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("mine")
+    os.symlink(keep, dest / ".fasttl-tmp-extract-link99")
+    code, _, err = _fetch(capsys, "--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest", dest)
+    assert code == 0, err
+    assert sorted(os.listdir(dest)) == [".fasttl-tmp-extract-link99", "cifar-10-batches-py"]
+    assert (keep / "mine.txt").read_text() == "mine"
+
+
 def test_a_server_reply_with_escape_sequences_is_shown_escaped(tmp_path, capsys):
     _, code, line = _fetch_from_raw_server(b"HTTP/1.1 500 \x1b[31mevil\x1b[0m\x07\r\nContent-Length: 0\r\n\r\n",
                                            tmp_path, capsys)

@@ -49,6 +49,21 @@ def check_members(archive: tarfile.TarFile, folder: str, source: str) -> None:
                         "archive? --url)")
 
 
+def _remove_stale_staging(dest: str) -> None:
+    """Staging folders an earlier extraction into `dest` left (killed outright, or stopped twice
+    during its cleanup): fasttl's own names, real folders only (a link is left alone, never followed);
+    the caller holds the fetch lock, so none is in use."""
+    import re
+    import shutil
+    import stat
+
+    for name in os.listdir(dest):
+        path = os.path.join(dest, name)
+        if re.fullmatch(re.escape(f"{TEMP_PREFIX}extract-") + r"[A-Za-z0-9_]+", name) and \
+                stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[str, ...] = (),
             source: Optional[str] = None) -> str:
     """Extracts the archive's one folder into DEST/<folder> through a temporary folder beside it
@@ -56,6 +71,7 @@ def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[st
     from) for the archive; a disk error (no space, read-only) is an OSError naming DEST."""
     source = source or archive_path
     target = os.path.join(dest, remote_folder)
+    _remove_stale_staging(dest)
     staging = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}extract-", dir=dest)
     try:
         try:

@@ -9,6 +9,7 @@ import signal
 import threading
 
 ENDING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+STOPPING = (signal.SIGINT, *ENDING)  # Ctrl-C too: after any of them, the others must not cut the cleanup short
 
 
 class Terminated(KeyboardInterrupt):
@@ -26,18 +27,21 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
 
 @contextlib.contextmanager
 def ending_signals_raised():
-    """While the block runs, SIGTERM and SIGHUP raise Terminated, once: later ones are ignored
-    while the cleanup runs (only the main thread can set handlers: elsewhere nothing changes)."""
+    """While the block runs, SIGTERM and SIGHUP raise Terminated and Ctrl-C KeyboardInterrupt,
+    once: after the first, all three are ignored while the cleanup runs (a cancelled CI job sends
+    SIGINT, then SIGTERM). Only the main thread can set handlers: elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def terminated(signum, frame):
-        for number in ENDING:  # a second one must not cut the cleanup short (SIGKILL still ends it)
+        for number in STOPPING:  # a second one must not cut the cleanup short (SIGKILL still ends it)
             signal.signal(number, signal.SIG_IGN)
-        raise Terminated(signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
 
-    before = {number: signal.signal(number, terminated) for number in ENDING}
+    # a signal already ignored stays ignored: `nohup fasttl run ...` must outlive its terminal
+    before = {number: signal.signal(number, terminated) for number in STOPPING
+              if signal.getsignal(number) is not signal.SIG_IGN}
     try:
         yield
     finally:
