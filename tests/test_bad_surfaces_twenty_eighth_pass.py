@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import cli, one_line_error
+from test_bad_surfaces_twenty_ninth_pass import default_signals_in_child
 from fasttl import FeatureCache
 from fasttl.cache.order import epoch_order
 
@@ -46,7 +47,7 @@ def test_the_scale_bench_stopped_leaves_no_process_running(cifar10_root, how):
     before = _scale_dirs()
     bench = subprocess.Popen([sys.executable, "-m", "fasttl", "bench", "cache", "--scale", "--quick"],
                              env=dict(os.environ, FASTTL_BENCH_DATA=cifar10_root), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
+                             stderr=subprocess.PIPE, preexec_fn=default_signals_in_child)  # not nohup's SIGHUP
     try:
         deadline = time.monotonic() + 300
         while not _competitors_of(bench.pid) and bench.poll() is None and time.monotonic() < deadline:

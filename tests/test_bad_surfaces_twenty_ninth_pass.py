@@ -23,8 +23,26 @@ def scratch_run(cat_ship, tmp_path_factory):
     return finished_run(cat_ship, tmp_path_factory, "scratch29")
 
 
+@pytest.fixture
+def default_signals():
+    """Ctrl-C, SIGTERM and SIGHUP as a terminal leaves them, whatever this test process inherited
+    (under nohup SIGHUP is ignored, and fasttl then leaves it ignored); put back afterwards."""
+    before = {number: signal.getsignal(number) for number in signals.STOPPING}
+    for number in signals.STOPPING:
+        signal.signal(number, signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL)
+    yield
+    for number, handler in before.items():
+        signal.signal(number, handler)
+
+
+def default_signals_in_child():
+    """preexec_fn: the same for a child process."""
+    for number in signals.STOPPING:
+        signal.signal(number, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("number", signals.ENDING, ids=[signal.Signals(n).name for n in signals.ENDING])
-def test_ending_signals_raise_where_the_process_stands_and_the_handlers_come_back(number):
+def test_ending_signals_raise_where_the_process_stands_and_the_handlers_come_back(number, default_signals):
     before = signal.getsignal(number)
     with pytest.raises(signals.Terminated) as ended:
         with signals.ending_signals_raised():
@@ -34,7 +52,7 @@ def test_ending_signals_raise_where_the_process_stands_and_the_handlers_come_bac
     assert signal.getsignal(number) is before
 
 
-def test_a_command_ended_by_sigterm_says_so_in_one_line(monkeypatch, capsys):
+def test_a_command_ended_by_sigterm_says_so_in_one_line(monkeypatch, capsys, default_signals):
     from fasttl.bench import runner
 
     monkeypatch.setattr(runner, "run", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5))
@@ -50,7 +68,7 @@ def test_sigterm_during_int8_quantization_leaves_no_temporary_folder(cat_ship, t
     job = subprocess.Popen([sys.executable, "-m", "fasttl", "run", "--data", str(cat_ship), "--image-size", "32",
                             "--features", "head", "--extract-precision", "int8", "--compare", "none", "--out",
                             str(tmp_path / "run"), "--no-progress"], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True, preexec_fn=default_signals_in_child)
     try:
         deadline = time.monotonic() + 300
         while not any(n.startswith("fasttl-int8-") for n in os.listdir(scratch)) and job.poll() is None and \
@@ -79,7 +97,7 @@ def test_an_image_given_twice_is_named_as_given_each_time(scratch_run, cat_ship,
     assert len({tuple(row[1:]) for row in rows}) == 1  # the same image, the same prediction
 
 
-def test_a_second_ending_signal_does_not_cut_the_cleanup_short():
+def test_a_second_ending_signal_does_not_cut_the_cleanup_short(default_signals):
     """The thirtieth pass: two SIGTERMs a millisecond apart left an int8 quantization's temporary
     folders (the second interrupted the `finally` removing them)."""
     cleaned = []
@@ -97,7 +115,7 @@ def test_a_second_ending_signal_does_not_cut_the_cleanup_short():
 
 
 @pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_after_ctrl_c_or_sigterm_no_signal_cuts_the_cleanup_short(first):
+def test_after_ctrl_c_or_sigterm_no_signal_cuts_the_cleanup_short(first, default_signals):
     """The thirty-first pass: Ctrl-C then SIGTERM (a cancelled CI job) left onnxruntime's
     temporary folder; every stopping signal is ignored after the first while the cleanup runs."""
     cleaned = []
@@ -115,7 +133,7 @@ def test_after_ctrl_c_or_sigterm_no_signal_cuts_the_cleanup_short(first):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_signal_already_ignored_stays_ignored():
+def test_a_signal_already_ignored_stays_ignored(default_signals):
     """`nohup fasttl run ...` ignores SIGHUP: the run must outlive its terminal."""
     before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
