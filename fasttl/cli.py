@@ -241,11 +241,26 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                             help=meta["help"] + shown, **optional)
 
 
+# Arguments that name a file or folder (by their metavar): an empty one is refused, not read as
+# the current folder or as "not given" (`--out "$DIR"` with DIR unset).
+PATH_METAVARS = ("DATA", "DIR", "FILE", "FILE.csv", "FILE.onnx", "FILE.png", "PATH", "RUN", "RUN_DIR")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with git's one-line errors: `fasttl: error: ...`, exit 2."""
 
     def error(self, message):
         self.exit(2, f"fasttl: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None) if action.metavar in PATH_METAVARS else None
+            if any(isinstance(v, str) and not v for v in (value if isinstance(value, list) else [value])):
+                name = action.option_strings[-1] if action.option_strings else action.metavar
+                self.error(f"{action.dest}: an empty path given as {name} (an unset variable?); give it a path"
+                           + (", or leave it out" if action.option_strings and not action.required else ""))
+        return namespace, extras
 
     def _print_message(self, message, file=None):
         """argparse's, without its silence on OSError: help into a full disk is said (main())."""
@@ -276,7 +291,7 @@ def _add_run_command(sub) -> None:
 def _add_eval_command(sub) -> None:
     p = sub.add_parser("eval", help="re-evaluate a saved run on data")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--data", help="data to evaluate on (default: the run's own)")
+    p.add_argument("--data", metavar="DATA", help="data to evaluate on (default: the run's own)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     _add_on_error(p, "listed in eval_metrics.json")
     p.add_argument("--no-progress", action="store_true")

@@ -63,13 +63,22 @@ def _check_arguments(student_logits, teacher_logits, target, temperature, alpha,
         _check_weight(weight, student_logits, target, label_smoothing)
 
 
+def _counted(target: Tensor, ignore_index: int) -> Tensor:
+    """The rows whose target is not ignore_index, compared as int64 (as the kernel does): an index
+    an int32 target can't hold never matches (torch would wrap 2**32 to 0 and leave out class 0)."""
+    info = torch.iinfo(target.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return torch.ones_like(target, dtype=torch.bool)
+    return target != ignore_index
+
+
 def _mean_divisor(rows: int, target: Optional[Tensor], ignore_index: int, weights: Optional[Tensor]):
     """What "mean" divides by: the counted rows, or with class weights their weights' sum (as
     cross_entropy: a sum of 0 over counted rows gives +-inf). An all-ignored batch divides by 1:
     its loss is 0 with gradient 0, where torch's losses give NaN. No host sync either way."""
     if target is None:
         return max(rows, 1)
-    present = target != ignore_index
+    present = _counted(target, ignore_index)
     total = weights.sum() if weights is not None else present.sum()
     return torch.where(present.any(), total, torch.ones_like(total))
 
@@ -128,7 +137,7 @@ def _known_scale(student_logits: Tensor, target: Optional[Tensor], reduction: st
         host_readable = target.device.type not in _device_checks.SYNC_FREE_DEVICE_TYPES + ("meta",) and \
             student_logits.device.type not in _device_checks.SYNC_FREE_DEVICE_TYPES
         if host_readable and not torch.compiler.is_compiling():
-            return 1.0 / max(int((target != ignore_index).sum()), 1)
+            return 1.0 / max(int(_counted(target, ignore_index).sum()), 1)
     return None
 
 
@@ -215,11 +224,11 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
         return loss.to(out_dtype)
     loss_rows, _ = _ops.distill_rows(student, teacher, target, *options, float(label_smoothing))
     if weight is not None:
-        counted = weight[target.clamp(0, classes - 1)].float() * (target != ignore_index)
+        counted = weight[target.clamp(0, classes - 1)].float() * _counted(target, int(ignore_index))
         loss_rows = loss_rows * counted
     if reduction == "none":
         return loss_rows.reshape(leading).to(out_dtype)
     total = loss_rows.sum()
     if reduction == "mean":
-        total = total / _mean_divisor(student.size(0), target, ignore_index, None if weight is None else counted)
+        total = total / _mean_divisor(student.size(0), target, int(ignore_index), None if weight is None else counted)
     return total.to(out_dtype)

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import cifar_subset, cli, one_line_error
 
-from fasttl.transfer import budget, planner
+from fasttl.transfer import budget, plan_candidates, planner
 from fasttl.util.errors import OptionError
 
 
@@ -45,14 +45,14 @@ def test_a_recorded_speed_far_below_the_plans_own_measurement_is_not_trusted(mon
     speed) instead of passed over for "no time" forever."""
     import types
 
-    measured = planner.Screened("efficientnet_lite0", 32, [], [100.0], 1.0)
+    measured = plan_candidates.Screened("efficientnet_lite0", 32, [], [100.0], 1.0)
     plan = _planner(cfg=types.SimpleNamespace(), screened=[measured], _speed_key=lambda name, size: f"{name}@{size}")
     monkeypatch.setattr(budget, "measured_speed", lambda key: recorded)
     assert plan._expected_speed("efficientnet_lite1", 32) == expected
 
 
 def _candidate(backbone, size=32, mode="test", head="linear", score=0.0, planned=10.0, scored_by="accuracy"):
-    return planner.Candidate(backbone, size, mode, head, score, scored_by, planned, 1.0)
+    return plan_candidates.Candidate(backbone, size, mode, head, score, scored_by, planned, 1.0)
 
 
 def test_equal_scores_go_to_the_defaults_not_to_timing_noise():
@@ -175,7 +175,7 @@ def test_the_report_says_when_the_chosen_score_is_over_too_few_images(scored_ima
     chosen = {"backbone": "efficientnet_lite0", "image_size": 32, "head": "mlp", "mirror_views": "test",
               "score": 0.0, "scored_by": "accuracy", "planned_s": 5, "scored_images": scored_images}
     plan = {"budget": "1m", "budget_s": 60, "chosen": chosen, "candidates": [chosen], "probe": {},
-            "scored_too_few": 0 < scored_images < planner.SCORED_PER_CLASS * classes}
+            "scored_too_few": 0 < scored_images < plan_candidates.SCORED_PER_CLASS * classes}
     text = "\n".join(_plan({"mlp": {"notes": {"plan": plan}}}))
     assert ("too few to tell the candidates apart" in text) == caveat
 
@@ -183,8 +183,9 @@ def test_the_report_says_when_the_chosen_score_is_over_too_few_images(scored_ima
 def test_cross_validated_balanced_accuracy_is_said_as_cross_validated():
     """Imbalanced data cross-validated: the score is out of fold too, and the report's caveat on
     test and none (alike under cross-validation) applies as on balanced data."""
-    score, scored_by, images = planner._score_of({"cross_validation": "5-fold, stratified", "cv_accuracy": 0.5,
-                                                  "val_balanced_accuracy": 0.4,
-                                                  "validation": {"cross_validated_images": 21}})
+    score, scored_by, images = plan_candidates.score_of({"cross_validation": "5-fold, stratified", "cv_accuracy": 0.5,
+                                                         "val_balanced_accuracy": 0.4,
+                                                         "validation": {"cross_validated_images": 21}})
     assert (score, scored_by, images) == (0.4, "cross-validated balanced accuracy", 21)
-    assert planner._score_of({"val_accuracy": 0.7, "validation": {"validation_images": 3}}) == (0.7, "accuracy", 3)
+    one_split = {"val_accuracy": 0.7, "validation": {"validation_images": 3}}
+    assert plan_candidates.score_of(one_split) == (0.7, "accuracy", 3)

@@ -384,7 +384,13 @@ class CacheLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """The epoch whose order the next iteration gives (as DistributedSampler.set_epoch)."""
+        if isinstance(epoch, bool) or not hasattr(type(epoch), "__index__"):
+            raise TypeError(f"epoch: expected an integer, got {epoch!r}")
+        if not 0 <= int(epoch) < 2**63:  # 2**64 would give epoch 0's order again
+            raise ValueError(f"epoch: expected an integer in [0, 2**63), got {epoch!r}")
+        with self._epochs:
+            self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
         with self._epochs:  # two threads iterating one loader get an epoch each

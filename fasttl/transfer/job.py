@@ -90,7 +90,7 @@ def _default_run_dir(base: str, reuse: bool) -> str:
 
 
 def choose_run_dir(cfg: RunConfig, dataset_name: str) -> str:
-    if cfg.out:
+    if cfg.out is not None:
         out = os.path.abspath(os.path.expanduser(cfg.out))
         holder = enclosing_run_folder(os.path.dirname(out))
         if holder is not None:  # a run folder holds its own run's files, never another run
@@ -178,7 +178,8 @@ def preflight(cfg: RunConfig) -> None:
         for path in [paths] if isinstance(paths, str) else paths or []:
             if not os.path.isdir(os.path.expanduser(path)):
                 raise OptionError(f"{name}: {os.path.abspath(os.path.expanduser(path))} is not a folder")
-            if cfg.out and os.path.realpath(os.path.expanduser(path)) == os.path.realpath(os.path.expanduser(cfg.out)):
+            if cfg.out is not None and \
+                    os.path.realpath(os.path.expanduser(path)) == os.path.realpath(os.path.expanduser(cfg.out)):
                 raise OptionError(f"out: --out {cfg.out} is the --{name.replace('_', '-')} folder itself; the run "
                                   f"would replace what it learns from (give another --out)")
     _refuse_writes_among_images(cfg)

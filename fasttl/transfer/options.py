@@ -38,9 +38,13 @@ def choices_of(metadata: dict) -> Optional[tuple]:
 
 # ---- value checks (the `check` of an option) -----------------------------------------------------
 def a_path(name: str, value) -> None:
-    """None or a path (a string)."""
+    """None or a path (a string); an empty one is refused (`--out "$DIR"` with DIR unset), not
+    taken for the current folder or for "not given"."""
     if value is not None and not isinstance(value, str):
         raise OptionError(f"{name}: expected a path (a string), got {value!r}")
+    if value == "":
+        raise OptionError(f"{name}: an empty path (an unset variable?); give --{name.replace('_', '-')} a path, or "
+                          "leave it out")
 
 
 def a_positive_int(name: str, value) -> None:

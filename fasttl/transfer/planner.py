@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List
 
 import numpy as np
 
@@ -34,6 +34,8 @@ from fasttl.cache.cache import FeatureCache
 from fasttl.heads.tuning import CROSS_VALIDATION_BELOW, tune_linear, tune_mlp
 from fasttl.transfer import budget
 from fasttl.transfer.caching import Extraction, cached_features
+from fasttl.transfer.plan_candidates import (SCORED_PER_CLASS, Candidate, Screened, best_per_set, held_out, score_of,
+                                              smallest_class)
 from fasttl.util.errors import OptionError
 
 PLANNED = ("backbone", "image_size", "mirror_views", "strategy")
@@ -67,47 +69,10 @@ MIN_BUDGET_S = 30.0     # below it no plan can screen one backbone and write a r
 # cross-validated path on the 1,347 digits images: 0.44).
 HEAD_REFITS = 4
 HEAD_ESTIMATE_SHARE = 0.5
-# Fewer scored images a class than this (a pinned MLP head's one validation split of a small probe)
-# can't rank candidates: the report says so.
-SCORED_PER_CLASS = 10
 # A recorded speed for a backbone not screened yet is taken for stale when it is this many times
 # slower per pixel than one this plan measured: the Lites differ by 4x at most (Lite2 at 224 px
 # against Lite0 at 128 px, benchmarks/RESULTS.md "extract").
 IMPLAUSIBLY_SLOWER = 8.0
-
-
-@dataclasses.dataclass
-class Screened:
-    """One feature set on the probe: its training views, the speed of each of its backbones
-    (images/s) and the time its screen took."""
-
-    backbone: str
-    image_size: int
-    views: List[FeatureCache]
-    speeds: List[float]
-    seconds: float
-
-
-@dataclasses.dataclass
-class Candidate:
-    backbone: str
-    image_size: int
-    mirror_views: str
-    head: str
-    score: float
-    scored_by: str
-    planned_s: float
-    head_s: float
-    held_out: Optional[float] = None  # the score on the probe's one validation split: linear and MLP heads compared
-    scored_images: int = 0  # the images its score is over (every probe image where cross-validated)
-
-    def options(self) -> Dict[str, object]:
-        return {"backbone": self.backbone, "image_size": self.image_size, "mirror_views": self.mirror_views,
-                "strategy": self.head}
-
-    def as_dict(self) -> Dict[str, object]:
-        return dict(dataclasses.asdict(self), score=round(self.score, 6), planned_s=round(self.planned_s, 1),
-                    head_s=round(self.head_s, 2))
 
 
 class Planner:
@@ -120,8 +85,8 @@ class Planner:
         self.pinned = {name: getattr(cfg, name) for name in PLANNED if given.get(name) is not None}
         self.record_used = False  # whether a cost came from the speed record (a refusal then names it)
         self.probe, self.probe_is_train = self._probe()
-        self.smallest_class = _smallest_class(dataset.train.labels)
-        self.smallest_probe_class = _smallest_class(self.probe.labels)
+        self.smallest_class = smallest_class(dataset.train.labels)
+        self.smallest_probe_class = smallest_class(self.probe.labels)
         self.screened: List[Screened] = []
         self.candidates: List[Candidate] = []
         self.skipped: List[Dict[str, str]] = []
@@ -290,9 +255,9 @@ class Planner:
                     started = time.perf_counter()
                     fits[len(views)] = (self._tune(head, views), time.perf_counter() - started)
                 tuned, head_s = fits[len(views)]
-                score, scored_by, scored_images = _score_of(tuned.choice)
+                score, scored_by, scored_images = score_of(tuned.choice)
                 candidate = Candidate(screened.backbone, screened.image_size, mode, head, score, scored_by,
-                                      0.0, head_s, _held_out(tuned.choice), scored_images)
+                                      0.0, head_s, held_out(tuned.choice), scored_images)
                 candidate.planned_s = self._full_cost(candidate, screened)
                 self.candidates.append(candidate)
                 self.say(f"{candidate.backbone} at {candidate.image_size} px, {head}, mirror views {mode}: "
@@ -357,7 +322,7 @@ class Planner:
         pinned = self.pinned.get("backbone")
         if pinned is not None and backbones.concatenated.SEPARATOR not in pinned:
             return
-        best = _best_per_set(self.candidates)
+        best = best_per_set(self.candidates)
         for size in sorted({s.image_size for s in self.screened}):
             at_size = sorted((s for s in self.screened if s.image_size == size and (s.backbone, size) in best
                               and backbones.concatenated.SEPARATOR not in s.backbone),
@@ -449,40 +414,6 @@ class Planner:
                 "chosen": chosen.as_dict(), "planned_s": round(self.elapsed() + chosen.planned_s, 1),
                 "scored_too_few": 0 < chosen.scored_images < SCORED_PER_CLASS * len(self.dataset.classes),
                 "machine": budget.machine()}
-
-
-def _smallest_class(labels) -> int:
-    counts = np.bincount(np.asarray(labels))
-    return int(counts[counts > 0].min())
-
-
-def _score_of(choice: dict):
-    """(score, what it is, over how many images): what a tuned head was chosen by: balanced
-    accuracy where the classes are imbalanced, else accuracy; out of fold over every probe image
-    where it was cross-validated, else on its one validation split."""
-    validation = choice.get("validation") if isinstance(choice.get("validation"), dict) else {}
-    crossed = "cross_validation" in choice
-    images = int(validation.get("cross_validated_images" if crossed else "validation_images") or 0)
-    prefix = "cross-validated " if crossed else ""
-    for key, name in (("val_balanced_accuracy", "balanced accuracy"), ("cv_accuracy", "accuracy"),
-                      ("val_accuracy", "accuracy")):
-        if key in choice:
-            return float(choice[key]), prefix + name, images
-    return 0.0, "none (no validation split)", 0
-
-
-def _held_out(choice: dict) -> Optional[float]:
-    """The tuned head's accuracy on the run's one validation split, where the classes are balanced
-    enough to compare heads by it (imbalanced data keeps the linear head, its logit adjustment
-    chosen on balanced accuracy)."""
-    return float(choice["val_accuracy"]) if "val_accuracy" in choice and "class_imbalance" not in choice else None
-
-
-def _best_per_set(candidates: Sequence[Candidate]) -> Dict[tuple, float]:
-    best: Dict[tuple, float] = {}
-    for c in candidates:
-        best[(c.backbone, c.image_size)] = max(best.get((c.backbone, c.image_size), -1.0), c.score)
-    return best
 
 
 def plan_run(cfg, given: Dict[str, object], dataset, started: float):

@@ -1,0 +1,83 @@
+"""What the budget planner (fasttl.transfer.planner) screens and chooses among: a feature set on
+the probe (Screened), one candidate model with its validation score and planned cost (Candidate),
+and how a tuned head's choice record gives its score."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from fasttl.cache.cache import FeatureCache
+
+# Fewer scored images a class than this (a pinned MLP head's one validation split of a small probe)
+# can't rank candidates: the report says so.
+SCORED_PER_CLASS = 10
+
+
+@dataclasses.dataclass
+class Screened:
+    """One feature set on the probe: its training views, the speed of each of its backbones
+    (images/s) and the time its screen took."""
+
+    backbone: str
+    image_size: int
+    views: List[FeatureCache]
+    speeds: List[float]
+    seconds: float
+
+
+@dataclasses.dataclass
+class Candidate:
+    backbone: str
+    image_size: int
+    mirror_views: str
+    head: str
+    score: float
+    scored_by: str
+    planned_s: float
+    head_s: float
+    held_out: Optional[float] = None  # the score on the probe's one validation split: linear and MLP heads compared
+    scored_images: int = 0  # the images its score is over (every probe image where cross-validated)
+
+    def options(self) -> Dict[str, object]:
+        return {"backbone": self.backbone, "image_size": self.image_size, "mirror_views": self.mirror_views,
+                "strategy": self.head}
+
+    def as_dict(self) -> Dict[str, object]:
+        return dict(dataclasses.asdict(self), score=round(self.score, 6), planned_s=round(self.planned_s, 1),
+                    head_s=round(self.head_s, 2))
+
+
+def smallest_class(labels) -> int:
+    counts = np.bincount(np.asarray(labels))
+    return int(counts[counts > 0].min())
+
+
+def score_of(choice: dict):
+    """(score, what it is, over how many images): what a tuned head was chosen by: balanced
+    accuracy where the classes are imbalanced, else accuracy; out of fold over every probe image
+    where it was cross-validated, else on its one validation split."""
+    validation = choice.get("validation") if isinstance(choice.get("validation"), dict) else {}
+    crossed = "cross_validation" in choice
+    images = int(validation.get("cross_validated_images" if crossed else "validation_images") or 0)
+    prefix = "cross-validated " if crossed else ""
+    for key, name in (("val_balanced_accuracy", "balanced accuracy"), ("cv_accuracy", "accuracy"),
+                      ("val_accuracy", "accuracy")):
+        if key in choice:
+            return float(choice[key]), prefix + name, images
+    return 0.0, "none (no validation split)", 0
+
+
+def held_out(choice: dict) -> Optional[float]:
+    """The tuned head's accuracy on the run's one validation split, where the classes are balanced
+    enough to compare heads by it (imbalanced data keeps the linear head, its logit adjustment
+    chosen on balanced accuracy)."""
+    return float(choice["val_accuracy"]) if "val_accuracy" in choice and "class_imbalance" not in choice else None
+
+
+def best_per_set(candidates: Sequence[Candidate]) -> Dict[tuple, float]:
+    best: Dict[tuple, float] = {}
+    for c in candidates:
+        best[(c.backbone, c.image_size)] = max(best.get((c.backbone, c.image_size), -1.0), c.score)
+    return best
