@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "budget-table.json")
 sys.path.insert(0, HERE)
 from long_tail import long_tailed_copy  # noqa: E402
-from record_run import machine_name  # noqa: E402
+from record_run import machine_name, write_results  # noqa: E402
 
 HARD = ["bird", "cat", "deer", "dog", "frog"]
 
@@ -78,12 +78,12 @@ def run_one(data: str, budget, tmp: str) -> dict:
     plan = metrics["notes"].get("plan")
     row = {"budget": budget, "accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
            "wall_s": round(wall, 1), "chosen": {k: config[k] for k in ("backbone", "image_size", "mirror_views",
-                                                                         "strategy")}}
+                                                                         "strategy", "extract_precision")}}
     if plan:
         row.update(planned_s=plan["planned_s"], screen_s=plan["screen_s"], candidates=len(plan["candidates"]),
                    chosen_score=plan["chosen"]["score"], scored_by=plan["chosen"]["scored_by"],
                    screened=[{k: c[k] for k in ("backbone", "image_size", "mirror_views", "head", "score",
-                                                "planned_s")} for c in plan["candidates"]])
+                                                "planned_s", "precision")} for c in plan["candidates"]])
     shutil.rmtree(out, ignore_errors=True)
     return row
 
@@ -109,10 +109,7 @@ def main() -> None:
     record = {"rows": [r for r in previous if (r["shape"], r["budget"]) not in done] + rows,
               "machine": machine_name(), "date": datetime.date.today().isoformat(),
               "command": "python benchmarks/budget_table.py " + " ".join(sys.argv[1:])}
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, record)
 
 
 if __name__ == "__main__":

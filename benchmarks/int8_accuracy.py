@@ -3,11 +3,12 @@ held-out split carved from CIFAR-10's *training* images (never the test split), 
 engine's extraction rate in the same run. Per seed: `--fit` images a class to fit the probe on
 (its L2 strength chosen on its own validation split, as `fasttl run` does), `--score` other
 images a class to score it on. Both precisions run ONNX Runtime on the default run's backbone,
-size and features (Lite0, 160 px, multi); int8 extracts both splits through one graph calibrated
+size and features (Lite0, 160 px, multi; --backbone for another); int8 extracts both splits through one graph calibrated
 on a seeded sample of the fit images, as `fasttl run --extract-precision int8` does with its
 training images.
 
     python benchmarks/int8_accuracy.py --data ../shared/data/cifar10 [--seeds 0 1 2] [--fit 200] [--score 100]
+        [--backbone efficientnet_lite2]
 
 Rows are merged into benchmarks/results/int8-accuracy.json, which make_results.py renders."""
 import argparse
@@ -75,10 +76,11 @@ def main() -> None:
     parser.add_argument("--fit", type=int, default=200)
     parser.add_argument("--score", type=int, default=100)
     parser.add_argument("--size", type=int, default=160)
+    parser.add_argument("--backbone", default="efficientnet_lite0")
     args = parser.parse_args()
     from fasttl import backbones
 
-    backbone = backbones.create("efficientnet_lite0")
+    backbone = backbones.create(args.backbone)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
@@ -91,7 +93,8 @@ def main() -> None:
             row["speedup"] = row["int8"]["images_per_s"] / row["fp32"]["images_per_s"]
             print(json.dumps(row), flush=True)
             rows.append(row)
-    result = {"name": f"cifar10-{args.fit}-fit-{args.score}-score", "backbone": "efficientnet_lite0",
+    prefix = "" if args.backbone == "efficientnet_lite0" else f"{args.backbone.replace('efficientnet_', '')}-"
+    result = {"name": f"{prefix}cifar10-{args.fit}-fit-{args.score}-score", "backbone": args.backbone,
               "image_size": args.size, "features": "multi", "fit_per_class": args.fit, "score_per_class": args.score,
               "seeds": rows, "machine": machine_name(), "date": datetime.date.today().isoformat(),
               "command": "python benchmarks/int8_accuracy.py " + " ".join(sys.argv[1:])}

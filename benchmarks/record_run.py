@@ -23,6 +23,14 @@ def machine_name() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
+def write_results(path: str, record: dict) -> None:
+    """A benchmark's JSON record at `path` (benchmarks/results/, which make_results.py renders)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")

@@ -182,8 +182,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         run(print_summary=True, **options)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (util.signals)
-        print("\ninterrupted: where epochs finished, the same command with --resume continues from the last one; "
-              "else run it again with --overwrite", file=sys.stderr)
+        if options.get("budget") is not None:  # a plan is made again from the start (transfer.budget)
+            print("\ninterrupted: a planned run (--budget) does not resume; run the same command again with "
+                  "--overwrite", file=sys.stderr)
+        else:
+            print("\ninterrupted: where epochs finished, the same command with --resume continues from the last "
+                  "one; else run it again with --overwrite", file=sys.stderr)
         return exit_code(exc)
     return 0
 
@@ -256,9 +260,9 @@ class _Parser(argparse.ArgumentParser):
         namespace, extras = super().parse_known_args(args, namespace)
         for action in self._actions:
             value = getattr(namespace, action.dest, None) if action.metavar in PATH_METAVARS else None
-            if any(isinstance(v, str) and not v for v in (value if isinstance(value, list) else [value])):
+            if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list) else [value])):
                 name = action.option_strings[-1] if action.option_strings else action.metavar
-                self.error(f"{action.dest}: an empty path given as {name} (an unset variable?); give it a path"
+                self.error(f"{action.dest}: an empty or blank path given as {name} (an unset variable?); give it a path"
                            + (", or leave it out" if action.option_strings and not action.required else ""))
         return namespace, extras
 

@@ -24,14 +24,17 @@ def _number(value):
     return None
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"lr: a tensor lr must hold one value (0-dim), got shape {tuple(lr.shape)}")
     lr_value = _number(lr)
     if lr_value is None:
         raise TypeError(f"lr: expected a float or a 0-dim tensor, got {type(lr).__name__}")
-    if not lr_value >= 0.0:
-        raise ValueError(f"lr: expected >= 0, got {lr_value}")
+    if not 0.0 <= lr_value <= _FLOAT32_MAX:  # an infinite lr (or one float32 rounds to inf) gives NaN params
+        raise ValueError(f"lr: expected a finite number >= 0 (within float32's range), got {lr_value}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
@@ -267,9 +270,11 @@ def _check_param_state(where: str, state, p: Tensor) -> None:
                              f"(expected the param's shape {tuple(p.shape)})")
         if value.device.type == "meta":
             raise ValueError(f"{where}['{key}']: is on the meta device (expected a tensor with data)")
-        # One pass over the state at load time: a NaN here would turn every param NaN at the next step.
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{where}['{key}']: holds NaN or infinite values (expected finite optimizer state)")
+        # One pass over the state at load time: a NaN here would turn every param NaN at the next step;
+        # checked as the fp32 state holds it (a float64 1e300 loads as inf).
+        if not bool(torch.isfinite(value.to(torch.float32)).all()):
+            raise ValueError(f"{where}['{key}']: holds NaN or infinite values, or values beyond float32's range "
+                             "(expected finite optimizer state)")
         if key in ("exp_avg_sq", "max_exp_avg_sq") and bool((value < 0).any()):
             raise ValueError(f"{where}['{key}']: holds negative values (a second moment is >= 0)")
 

@@ -249,9 +249,9 @@ def test_files_named_engine_something_are_the_users(tmp_path):
 def test_empty_folder_names_are_refused(cat_ship, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for words, said in ((["extract", "--data", cat_ship, "--out", "", "--image-size", "32", "--no-progress"],
-                         "out: an empty path given as --out"),
+                         "out: an empty or blank path given as --out"),
                         (["data", "fetch", "cifar10", "--dest", "", "--no-progress"],
-                         "dest: an empty path given as --dest")):
+                         "dest: an empty or blank path given as --dest")):
         with pytest.raises(SystemExit) as stopped:  # refused as argparse refuses a bad value
             cli(capsys, *words)
         assert stopped.value.code == 2 and said in one_line_error(capsys.readouterr().err)

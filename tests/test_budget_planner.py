@@ -2,6 +2,7 @@
 per-machine speed record as a hostile file, the plan's refusals, and planned runs on real
 images: every choice traceable in the run folder, made on validation, within the budget's plan,
 and the run loadable as any other."""
+import hashlib
 import json
 import os
 
@@ -9,6 +10,7 @@ import pytest
 
 from conftest import cli, cifar_subset, one_line_error
 
+from fasttl.cache import engines
 from fasttl.transfer import budget, planner
 from fasttl.util.errors import OptionError
 
@@ -36,7 +38,7 @@ def test_budget_on_the_command_line(capsys, tmp_path):
 @pytest.mark.parametrize("words,culprit", [
     (["--strategy", "finetune"], "plans a feature-transfer model"),
     (["--compare", "scratch"], "run --compare separately"),
-    (["--resume"], "drop --budget"),
+    (["--resume"], "a planned run does not resume"),
     (["--weights", "{tmp}/w.pt"], "drop --weights"),
 ])
 def test_what_a_budget_cannot_be_given_with(capsys, tmp_path, words, culprit):
@@ -300,3 +302,36 @@ def test_side_by_side_refuses_other_views_the_same_backbone_and_no_list():
     pair = FeatureCache.side_by_side([cache("a"), cache("b")])
     with pytest.raises(CacheError, match="one backbone's features twice"):
         FeatureCache.side_by_side([pair, cache("b")])
+
+
+@pytest.mark.skipif(not engines.onnxruntime_available(), reason="int8 extraction runs in ONNX Runtime (pip install "
+                    "'fasttl[export]')")
+def test_a_plan_probes_in_int8_where_its_run_extracts_in_int8(five_classes, tmp_path, private_cache, monkeypatch):
+    """Where the full run would extract in int8 (config.auto_int8; here made to apply to 40 images
+    at 32 px), the probe is extracted in int8 too, its speed kept under int8's key, and the run
+    goes on in int8 with the probe's training cache and graph (the probe is every training image:
+    one calibration sample, one graph). A backbone whose int8 accuracy was not measured stays fp32."""
+    from fasttl.transfer import config
+    from fasttl.transfer.job import run
+
+    monkeypatch.setattr(engines, "cpu_has_int8_dot", lambda: True)
+    monkeypatch.setattr(config, "INT8_AUTO_MIN_IMAGES", 10)
+    monkeypatch.setattr(config, "INT8_AUTO_MEASURED", {("efficientnet_lite0", 32, "multi")})
+    monkeypatch.setenv("FASTTL_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(budget, "MIN_MEASURED_IMAGES", 10)
+    metrics = run(data=str(five_classes), budget="10m", image_size=32, backbone="efficientnet_lite0",
+                  mirror_views="none", strategy="linear", out=str(tmp_path / "run"), progress=False)
+    plan, config_json = metrics["notes"]["plan"], json.loads((tmp_path / "run" / "config.json").read_text())
+    assert [c["precision"] for c in plan["candidates"]] == ["int8"] and config_json["extract_precision"] == "int8"
+    int8_key = budget.speed_key("efficientnet_lite0", 32, "multi", "onnxruntime", "int8", "cpu")
+    assert budget.measured_speed(int8_key) is not None
+    trains = list((tmp_path / "feature-cache").glob("efficientnet_lite0-*/train-*"))
+    assert len(trains) == 1  # the probe's, reused by the run
+    train = json.loads((trains[0] / "manifest.json").read_text())
+    graph = (tmp_path / "run" / "extract-int8.onnx").read_bytes()
+    assert hashlib.sha256(graph).hexdigest() == train["engine_graph"]["sha256"]
+
+    metrics = run(data=str(five_classes), budget="10m", image_size=32, backbone="efficientnet_lite1",
+                  mirror_views="none", strategy="linear", out=str(tmp_path / "fp32"), progress=False)
+    assert [c["precision"] for c in metrics["notes"]["plan"]["candidates"]] == ["fp32"]
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["extract_precision"] == "auto"

@@ -211,13 +211,17 @@ def test_int8_is_refused_where_a_run_cannot_use_it(capsys, tmp_path, words):
     ({"compare": "scratch"}, True, "int8"),  # scratch reads no features
     ({"compare": "finetune"}, True, "auto"),
     ({"strategy": "finetune"}, True, "auto"),
-    ({"budget": "5m"}, True, "auto"),        # the planner costs fp32 extraction
+    ({"budget": "5m"}, True, "int8"),        # the plan's candidates are probed in int8 where their runs are
     ({"engine": "torch"}, True, "auto"),
     ({"extract_precision": "fp32"}, True, "fp32"),
     ({"extract_precision": "int8"}, False, "int8"),
     ({"image_size": 128}, True, "auto"),     # accuracy measured at the default run's settings only
     ({"features": "head"}, True, "auto"),
-    ({"backbone": "efficientnet_lite1"}, True, "auto"),
+    ({"backbone": "efficientnet_lite1"}, True, "int8"),
+    ({"backbone": "efficientnet_lite2"}, True, "int8"),
+    ({"backbone": "efficientnet_lite0+efficientnet_lite2"}, True, "int8"),  # each part measured
+    ({"backbone": "resnet18"}, True, "auto"),
+    ({"backbone": "efficientnet_lite1", "image_size": 128}, True, "auto"),
     ({"image_size": 128, "extract_precision": "int8"}, True, "int8"),
 ])
 def test_a_runs_auto_precision_is_int8_only_where_it_was_measured_to_pay(tmp_path, monkeypatch, options, vnni,

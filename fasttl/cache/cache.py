@@ -17,7 +17,7 @@ from fasttl.cache.gather_threads import GatherThreads
 from fasttl.cache.kernels import CACHE_DTYPE, ShardTable, gather
 from fasttl.cache.order import epoch_order, shuffle_mode
 from fasttl.cache.store import CacheError
-from fasttl.util.checks import plain_int, positive_int, torch_device
+from fasttl.util.checks import folder_path, plain_int, positive_int, torch_device
 
 
 # made_by's parts, in its order, as messages name them
@@ -62,7 +62,7 @@ class FeatureCache:
         """Runs the frozen backbone over `data` into `out_dir` (or finds that it already did) and
         opens the result; ``cache.last_build`` holds what the build did. See
         :func:`fasttl.cache.build.build_cache` for the arguments."""
-        result = build.build_cache(backbone, data, out_dir, **kwargs)
+        result = build.build_cache(backbone, data, folder_path("out_dir", out_dir), **kwargs)
         # A cache this call wrote was hashed as it was written, and recorded as verified.
         cache = cls.open(result["directory"], verify=True)
         cache.last_build = result
@@ -74,8 +74,9 @@ class FeatureCache:
               shard_rows: int = 65536, overwrite: bool = False) -> "FeatureCache":
         """Stores features computed elsewhere (your own model, another job) as a cache that opens
         and trains like a built one. See :func:`fasttl.cache.write.write_cache`."""
-        result = write.write_cache(directory, chunks, labels, classes=classes, dtype=dtype, sample_ids=sample_ids,
-                                   fingerprint=fingerprint, shard_rows=shard_rows, overwrite=overwrite)
+        result = write.write_cache(folder_path("directory", directory), chunks, labels, classes=classes, dtype=dtype,
+                                   sample_ids=sample_ids, fingerprint=fingerprint, shard_rows=shard_rows,
+                                   overwrite=overwrite)
         cache = cls.open(result["directory"], verify=True)
         cache.last_build = dict(result, reused=False)
         return cache
@@ -99,7 +100,7 @@ class FeatureCache:
 
         The sample ids are read, and checked against their SHA-256, when ``samples`` is first
         used. Any problem is a CacheError naming the file."""
-        directory = os.path.abspath(os.path.expanduser(directory))
+        directory = os.path.abspath(os.path.expanduser(folder_path("directory", directory)))
         return cls(directory, *format.read_cache(directory, verify, expect_fingerprint))
 
     @classmethod

@@ -117,8 +117,8 @@ def record_speed(key: str, images: int, seconds: float) -> None:
     try:
         os.makedirs(os.path.dirname(record_path()), exist_ok=True)
         files.write_json_atomic(record_path(), record)
-    except OSError:  # a read-only or full state folder: the next plan measures again (nothing else is lost)
-        pass
+    except (OSError, ValueError):  # a read-only or full state folder: the next plan measures again (nothing else
+        pass                           # is lost); ValueError: what can't be strict JSON (read_json refuses it)
 
 
 def check_budget_options(cfg, given: Sequence[str]) -> None:
@@ -130,7 +130,8 @@ def check_budget_options(cfg, given: Sequence[str]) -> None:
         raise OptionError("budget: --budget plans one model in its time; run --compare separately, or pass --compare "
                           "none")
     if cfg.resume:
-        raise OptionError("budget: --resume continues a planned run with its recorded choices; drop --budget")
+        raise OptionError("budget: a planned run does not resume (its plan is made from the start); run the same "
+                          "command again with --overwrite instead of --resume")
     from fasttl.util import distributed
 
     if distributed.rank_and_world()[1] > 1:
@@ -138,8 +139,9 @@ def check_budget_options(cfg, given: Sequence[str]) -> None:
     if cfg.weights is not None:
         raise OptionError("budget: --weights is one backbone's file; the plan compares backbones: drop --weights, or "
                           "--budget")
-    if cfg.extract_precision == "int8":  # the probe would calibrate graphs of its own, not the run's
-        raise OptionError("budget: --budget plans with fp32 extraction; drop --extract-precision int8, or --budget")
+    if cfg.extract_precision == "int8":  # int8 where its accuracy was measured is the plan's (config.auto_int8)
+        raise OptionError("budget: --budget extracts in int8 where int8's accuracy was measured, else in fp32; drop "
+                          "--extract-precision int8, or --budget")
 
 
 def _round_up(seconds: float) -> str:

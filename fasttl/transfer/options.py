@@ -42,9 +42,9 @@ def a_path(name: str, value) -> None:
     taken for the current folder or for "not given"."""
     if value is not None and not isinstance(value, str):
         raise OptionError(f"{name}: expected a path (a string), got {value!r}")
-    if value == "":
-        raise OptionError(f"{name}: an empty path (an unset variable?); give --{name.replace('_', '-')} a path, or "
-                          "leave it out")
+    if value is not None and not value.strip():
+        raise OptionError(f"{name}: an empty or blank path (an unset variable?); give --{name.replace('_', '-')} a "
+                          "path, or leave it out")
 
 
 def a_positive_int(name: str, value) -> None:

@@ -39,6 +39,7 @@ class Candidate:
     head_s: float
     held_out: Optional[float] = None  # the score on the probe's one validation split: linear and MLP heads compared
     scored_images: int = 0  # the images its score is over (every probe image where cross-validated)
+    precision: str = "fp32"  # its extraction's (config.auto_int8), the probe's as the full run's
 
     def options(self) -> Dict[str, object]:
         return {"backbone": self.backbone, "image_size": self.image_size, "mirror_views": self.mirror_views,

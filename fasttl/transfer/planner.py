@@ -9,8 +9,12 @@ split).
    the classes are imbalanced) ranks the candidate. Concatenations of the best backbones
    (backbone "a+b") are scored on the probe features side by side, with no extraction; the MLP
    head on the best features, compared with the linear head on one held-out split.
+   Each probe is extracted as its full run would be: in int8 where the run would be
+   (fasttl.transfer.config.auto_int8: enough images, settings whose int8 accuracy was measured),
+   its graph calibrated on probe images, so the speed and the score are int8's.
 2. Cost. Each candidate's full run is costed from those measurements: every image of both splits
-   at its views through each backbone, the head scaled from its probe time by rows.
+   at its views through each backbone, the head scaled from its probe time by rows, an int8 run's
+   own graph quantized.
 3. Choose. The best score among the candidates whose full run fits what is left of the budget
    (SAFETY of it); the mirrored test view (--mirror-views test) where scores tie, as they do
    between test and none (cross-validation scores training views). The run then goes on as
@@ -33,7 +37,9 @@ from fasttl import backbones
 from fasttl.cache.cache import FeatureCache
 from fasttl.heads.tuning import CROSS_VALIDATION_BELOW, tune_linear, tune_mlp
 from fasttl.transfer import budget
+from fasttl.data import TransformSpec
 from fasttl.transfer.caching import Extraction, cached_features
+from fasttl.transfer.config import auto_int8
 from fasttl.transfer.plan_candidates import (SCORED_PER_CLASS, Candidate, Screened, best_per_set, held_out, score_of,
                                               smallest_class)
 from fasttl.util.errors import OptionError
@@ -57,6 +63,11 @@ MLP_SCREEN_PER_CLASS = 100
 SCREEN_SHARE = 0.4
 SAFETY = 0.9            # a full run is planned into this share of what is left (the estimates are measured, not exact)
 OVERHEAD_S = 10.0       # the run's own start, report, plots and predictions
+# Backbones side by side decode and prepare each image once for all of them: a concatenation's
+# extraction took 0.82 to 0.89 of its parts' summed seconds an image (int8, 160 px; benchmarks/
+# RESULTS.md, "Extraction: backbones side by side"); rounded up.
+CONCATENATED_SHARE = 0.9
+INT8_GRAPH_S = 10.0     # an int8 run's graph quantized, a part (3 to 5 s for Lite0 on the 2-core Xeon; Lite2 ~2x)
 # Equal scores: the run's default view (cross-validation scores training views, so test and none
 # always tie: the choice between them is the defaults', not a validated one), then none.
 MIRROR_PREFERENCE = {"test": 2, "none": 1, "both": 0}
@@ -179,11 +190,27 @@ class Planner:
     def _probe_images(self) -> int:
         return len(self.probe) * (2 if "both" in self._modes() else 1)
 
-    def _extraction(self, size: int) -> Extraction:
-        return dataclasses.replace(Extraction.of(self.cfg), image_size=size)
+    def _precision(self, backbone: str, size: int) -> str:
+        """The extraction precision of `backbone`'s full run at `size` (config.auto_int8: int8 on
+        enough images where its accuracy was measured), in which its probe is extracted too: its
+        speed and its score are then the run's."""
+        images = len(self.dataset.train) + len(self.dataset.test)
+        return "int8" if auto_int8(self.cfg, backbone, size, images) else self.cfg.extract_precision
+
+    def _extraction(self, backbone: str, size: int) -> Extraction:
+        """The probe's extraction for `backbone` at `size`: as its full run's (an int8 graph
+        calibrated on probe images, as the run's is on its training images)."""
+        cfg = dataclasses.replace(self.cfg, backbone=backbone, image_size=size,
+                                  extract_precision=self._precision(backbone, size))
+        return Extraction.of(cfg, self.probe)
+
+    def _compute(self, backbone: str, size: int) -> tuple:
+        """(engine, precision) that extract `backbone` at `size`, as they run on the device."""
+        plain = dataclasses.replace(Extraction.of(self.cfg), image_size=size, precision=self._precision(backbone, size))
+        return plain.resolved(self.cfg.device)
 
     def _speed_key(self, backbone: str, size: int) -> str:
-        engine, precision = self._extraction(size).resolved(self.cfg.device)
+        engine, precision = self._compute(backbone, size)
         return budget.speed_key(backbone, size, self.cfg.features, engine, precision, str(self.cfg.device))
 
     def _screen_singles(self) -> None:
@@ -206,8 +233,14 @@ class Planner:
         """The probe's features (and its mirrored view where --mirror-views both is a candidate), with
         the extraction's speed measured and kept for this machine."""
         started = time.perf_counter()
-        extraction = self._extraction(size)
-        build = dict(device=self.cfg.device, progress=self.cfg.progress, rebuild_broken=self.cfg.overwrite)
+        extraction = self._extraction(backbone.name, size)
+        calibration = None
+        if extraction.calibration is not None:  # int8: the graph's sample, probe images in the run's view
+            from fasttl.cache.extraction import calibration_images
+
+            calibration = calibration_images(self.probe, TransformSpec.for_backbone(backbone.preprocessing, size=size))
+        build = dict(device=self.cfg.device, progress=self.cfg.progress, rebuild_broken=self.cfg.overwrite,
+                     calibration_images=calibration)
         views = [cached_features(backbone, self.probe, "train", extraction, **build)]
         if "both" in self._modes():
             views.append(cached_features(backbone, self.probe, "train", extraction, mirror=True, **build))
@@ -218,7 +251,8 @@ class Planner:
         speed = images / seconds if images and seconds > 0 else budget.measured_speed(key)  # this machine, now
         self.record_used |= not (images and seconds > 0) and speed is not None
         if speed is None:  # every probe cache was there and nothing was ever measured: time a small build
-            speed = self._time_extraction(backbone, extraction)
+            speed = self._time_extraction(backbone, dataclasses.replace(  # (in fp32: int8's graph is the cache's)
+                extraction, precision=self.cfg.extract_precision, calibration=None))
         return Screened(backbone.name, size, views, [speed], time.perf_counter() - started)
 
     def _time_extraction(self, backbone, extraction) -> float:
@@ -257,7 +291,8 @@ class Planner:
                 tuned, head_s = fits[len(views)]
                 score, scored_by, scored_images = score_of(tuned.choice)
                 candidate = Candidate(screened.backbone, screened.image_size, mode, head, score, scored_by,
-                                      0.0, head_s, held_out(tuned.choice), scored_images)
+                                      0.0, head_s, held_out(tuned.choice), scored_images,
+                                      self._compute(screened.backbone, screened.image_size)[1])
                 candidate.planned_s = self._full_cost(candidate, screened)
                 self.candidates.append(candidate)
                 self.say(f"{candidate.backbone} at {candidate.image_size} px, {head}, mirror views {mode}: "
@@ -368,7 +403,10 @@ class Planner:
                                                                               else 0)
         if self.probe_is_train and backbones.concatenated.SEPARATOR not in candidate.backbone:
             images -= train * train_views  # the probe's caches are the run's
-        extract_s = sum(images / speed for speed in screened.speeds)
+        extract_s = sum(images / speed for speed in screened.speeds) * \
+            (CONCATENATED_SHARE if len(screened.speeds) > 1 else 1.0)
+        if candidate.precision == "int8":  # the run quantizes a graph of its own, on its training images
+            extract_s += INT8_GRAPH_S * len(screened.speeds)
         head_s = candidate.head_s * max(1.0, train / max(len(self.probe), 1))  # rows scale alike in both views
         if candidate.head == "linear" and self.smallest_class >= CROSS_VALIDATION_BELOW:
             head_s *= SPLIT_PER_CROSS_VALIDATION  # the run tunes on one split, the probe was cross-validated

@@ -169,13 +169,14 @@ def _plan(results: Dict[str, Dict[str, object]]) -> List[str]:
                 "plan kept the defaults' test (not a validated choice)."
                 if (plan.get("chosen") or {}).get("mirror_views") == "test"
                 and str((plan.get("chosen") or {}).get("scored_by", "")).startswith("cross") else ""),
-             "", "| backbone | size | head | mirror views | validation score | planned full run (s) | |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| backbone | size | extraction | head | mirror views | validation score | planned full run (s) | |",
+             "|---|---|---|---|---|---|---|---|"]
     chosen = plan.get("chosen") or {}
     for c in plan.get("candidates", []):
         mark = "**chosen**" if all(c.get(k) == chosen.get(k) for k in ("backbone", "image_size", "head",
                                                                          "mirror_views")) else ""
-        lines.append(f"| {markdown_cell(str(c.get('backbone')))} | {c.get('image_size')} | {c.get('head')} | "
+        lines.append(f"| {markdown_cell(str(c.get('backbone')))} | {c.get('image_size')} | "
+                     f"{markdown_cell(str(c.get('precision', 'fp32')))} | {c.get('head')} | "
                      f"{c.get('mirror_views')} | {c.get('score', 0):.4f} ({c.get('scored_by')}) | "
                      f"{c.get('planned_s', 0):.0f} | {mark} |")
     lines += [f"- not screened: {markdown_cell(str(s.get('what')))}: {markdown_cell(str(s.get('why')))}"

@@ -206,8 +206,9 @@ def load_trained(run_dir: str, device):
     if not is_finished(run_dir):
         found = files.is_plain_file(os.path.join(run_dir, METRICS))
         what = f"no {METRICS}" if found is None else f"{METRICS} there is not a plain file"
-        raise RunError(f"{run_dir}: the run did not finish ({what}); finish it with `fasttl run ... --resume`, or "
-                       "train it again")
+        again = "run its command again with --overwrite (a planned run, --budget, does not resume)" \
+            if config.get("budget") is not None else "finish it with `fasttl run ... --resume`, or train it again"
+        raise RunError(f"{run_dir}: the run did not finish ({what}); {again}")
     try:
         return registry.get(config["strategy"]).load(run_dir, device)
     except OptionError as exc:

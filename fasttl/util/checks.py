@@ -20,6 +20,19 @@ def plain_int(value):
         type(value).__name__ != "bool_" else value
 
 
+def folder_path(name: str, value) -> str:
+    """A folder argument of the Python API as text: a str or os.PathLike; a blank one is refused
+    (it would mean the current folder: an unset variable, most likely)."""
+    import os
+
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise TypeError(f"{name}: expected a folder path (str or os.PathLike), got {value!r}")
+    if not text.strip():
+        raise ValueError(f"{name}: an empty or blank path {text!r}; give a folder ('.' for the current one)")
+    return text
+
+
 def torch_device(value, name: str = "device"):
     """`value` (cpu, cuda or cuda:N) as a torch.device this machine has; else an OptionError
     naming `name` (a GPU asked for where torch sees none says so)."""

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import secrets
@@ -80,8 +81,20 @@ def plain_reader(fd: int, refuse: Callable[[os.stat_result], Optional[Exception]
     return os.fdopen(fd, "rb")
 
 
+def _no_infinity(text: str):
+    raise ValueError(f"{text} is not a number strict JSON holds")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: beyond any double
+        raise ValueError(f"{text} is beyond a double's range")
+    return value
+
+
 def read_json(path: str):
-    """The JSON value in `path`, None when there is no file; ValueError when it is not valid JSON,
+    """The JSON value in `path`, None when there is no file; ValueError when it is not valid JSON
+    (strictly: NaN, Infinity and numbers beyond a double, which fasttl never writes, are damage),
     or not a plain file (a link or a FIFO is never followed or read)."""
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK)
@@ -92,7 +105,7 @@ def read_json(path: str):
     with plain_reader(fd, lambda info: _json_problem(path, info)) as f:
         data = _read_sized(f, MAX_JSON_BYTES)
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8"), parse_constant=_no_infinity, parse_float=_finite)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ValueError(f"{path}: not valid JSON ({type(exc).__name__})") from None
 

@@ -30,7 +30,14 @@ def _shard_count(pattern: str) -> int:
 
 
 def expand_braces(pattern: str) -> List[str]:
-    """WebDataset's shard patterns: {000000..000127} (zero-padded numeric ranges) and {a,b,c}."""
+    """WebDataset's shard patterns: {000000..000127} (zero-padded numeric ranges) and {a,b,c}, side
+    by side (not nested)."""
+    depth = 0
+    for character in pattern:  # nested groups re-expand per outer item: counting them would cost the expansion
+        depth = depth + 1 if character == "{" else max(depth - 1, 0) if character == "}" else depth
+        if depth > 1:
+            raise DataError(f"data: {pattern} nests brace groups; write each group apart ({{a,b}}{{0..9}}, not "
+                            "{a,{0..9}})")
     count = _shard_count(pattern)
     if count > MAX_SHARDS:
         raise DataError(f"data: {pattern} names {count:,} shards (at most {MAX_SHARDS:,}); check its brace ranges")
