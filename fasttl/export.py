@@ -85,10 +85,9 @@ def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, ops
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < float("inf"):
         raise OptionError(f"tolerance: expected a finite number >= 0 (the largest logit difference allowed), got "
                           f"{tolerance!r}")
-    given = os.fspath(out) if isinstance(out, (str, os.PathLike)) else out
-    if not isinstance(given, str) or not given.lower().endswith(".onnx"):  # first: --overwrite can't mend a name
-        raise OptionError(f"out: {given!r} does not end in .onnx (name the file model.onnx, say)")
-    out = check_output_path(out, overwrite)
+    if not isinstance(out, (str, os.PathLike)):
+        raise OptionError(f"out: {out!r} does not end in .onnx (name the file model.onnx, say)")
+    out = check_output_path(out, overwrite, ending=".onnx")
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
                                    or not 8 <= image_size <= 1024):
         raise OptionError(f"image_size: expected an integer in 8..1024, got {image_size!r}")

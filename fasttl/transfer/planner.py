@@ -35,9 +35,9 @@ import numpy as np
 
 from fasttl import backbones
 from fasttl.cache.cache import FeatureCache
+from fasttl.data import TransformSpec
 from fasttl.heads.tuning import CROSS_VALIDATION_BELOW, tune_linear, tune_mlp
 from fasttl.transfer import budget
-from fasttl.data import TransformSpec
 from fasttl.transfer.caching import Extraction, cached_features
 from fasttl.transfer.config import auto_int8
 from fasttl.transfer.plan_candidates import (SCORED_PER_CLASS, Candidate, Screened, best_per_set, held_out, score_of,

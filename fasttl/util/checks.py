@@ -54,10 +54,11 @@ def torch_device(value, name: str = "device"):
     return device
 
 
-def check_output_path(path: str, overwrite: bool, flag: str = "--out") -> str:
+def check_output_path(path: str, overwrite: bool, flag: str = "--out", ending: str = "") -> str:
     """An output file fasttl may write: a new file in an existing folder, or with `overwrite` a
-    plain file it replaces. A link, a folder or anything else there is refused, whatever the flag.
-    Checked before any work, so a mistake costs nothing."""
+    plain file it replaces. A link, a folder or anything else there is refused, whatever the flag;
+    so is a name without `ending` (".onnx"). Checked before any work, so a mistake costs nothing,
+    and in the order no flag can mend: the run folder, the name, then what is there."""
     import os
 
     from fasttl.util.errors import OptionError
@@ -74,6 +75,8 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out") -> str:
     if holder is not None:  # a run's folder holds only what its run wrote: eval, predict and export never mix in
         raise OptionError(f"{name}: {path} is in the fasttl run folder {holder}, which only its run writes into; "
                           f"give another {flag}")  # first: no flag would make the other refusals go away
+    if not path.lower().endswith(ending):  # before "exists; pass --overwrite", which can't mend a name
+        raise OptionError(f"{name}: {given!r} does not end in {ending} (name the file model{ending}, say)")
     if os.path.islink(path):
         raise OptionError(f"{name}: {path} is a symbolic link; fasttl does not write through links (give another "
                           f"{flag})")
