@@ -28,19 +28,21 @@ def test_a_speed_record_holding_nan_or_infinity_is_measured_again(content, tmp_p
     assert budget.measured_speed(key) is None
     budget.record_speed(key, 500, 2.0)  # no traceback: the damaged record is replaced by a strict one
     assert budget.measured_speed(key) == pytest.approx(250.0)
-    files.read_json(str(tmp_path / budget.SPEED_FILE))  # strict JSON again
+    files.read_json(str(tmp_path / budget.SPEED_FILE), strict=True)  # strict JSON again
 
 
 @pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e999", "[1, -1e400]"])
-def test_fasttl_reads_back_strict_json_only(text, tmp_path):
-    """fasttl writes JSON without NaN or infinities (files.json_bytes): one read back holding them
-    was changed by something else, and is refused as not valid JSON, naming the file."""
-    path = tmp_path / "metrics.json"
+def test_a_strict_read_refuses_what_fasttl_never_writes(text, tmp_path):
+    """fasttl writes JSON without NaN or infinities (files.json_bytes): a strict read (the speed
+    record's, which is written back whole) refuses them as not valid JSON, naming the file; other
+    readers name the field that holds one (the run schema, a teacher's settings)."""
+    path = tmp_path / "extraction-speed.json"
     path.write_text('{"accuracy": %s}' % text)
-    with pytest.raises(ValueError, match=r"metrics\.json: not valid JSON"):
-        files.read_json(str(path))
+    with pytest.raises(ValueError, match=r"extraction-speed\.json: not valid JSON"):
+        files.read_json(str(path), strict=True)
+    files.read_json(str(path))  # the plain read leaves the value to the reader's own checks
     path.write_text('{"accuracy": 0.5, "big": 1.7e308, "small": -1e-320}')
-    assert files.read_json(str(path)) == {"accuracy": 0.5, "big": 1.7e308, "small": -1e-320}
+    assert files.read_json(str(path), strict=True) == {"accuracy": 0.5, "big": 1.7e308, "small": -1e-320}
 
 
 def test_a_run_goes_on_past_a_damaged_speed_record(cat_ship, tmp_path, monkeypatch):
@@ -53,7 +55,7 @@ def test_a_run_goes_on_past_a_damaged_speed_record(cat_ship, tmp_path, monkeypat
     metrics = run(data=str(cat_ship), out=str(tmp_path / "run"), image_size=32, features="head", compare="none",
                   progress=False)
     assert metrics["samples"] == 6
-    record = files.read_json(str(tmp_path / "state" / budget.SPEED_FILE))
+    record = files.read_json(str(tmp_path / "state" / budget.SPEED_FILE), strict=True)
     assert all(math.isfinite(entry["images_per_s"]) for entry in record[budget._machine_key()].values())
 
 

@@ -91,7 +91,8 @@ class Int8Checks:
         fix = self._adopted().fix
         if self.quantizable:
             return ("int8, with the ranges its calibration sample gave it, can't follow these images closely enough; "
-                    "nothing of them was stored: pass --extract-precision fp32 (precision='fp32' from Python)")
+                    "nothing of them was stored: pass --extract-precision fp32 (precision='fp32' from Python; "
+                    "`fasttl extract` into a folder holding this graph's other splits: with --overwrite too)")
         if fix is not None and image:
             return "images unlike those it was calibrated on: " + fix
         if fix is not None:

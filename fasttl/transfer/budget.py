@@ -24,6 +24,7 @@ UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_BUDGET_S = 7 * 24 * 3600.0
 SPEED_FILE = "extraction-speed.json"
 MAX_IMAGES_PER_S = 1e6
+MIN_IMAGES_PER_S = 0.01  # 100 s an image: no backbone fasttl has, on any machine it runs on (a damaged record)
 MIN_MEASURED_IMAGES = 200  # fewer images time the pipeline's start more than its speed
 
 
@@ -45,7 +46,9 @@ def a_budget(name: str, value) -> None:
 
 
 def shown(seconds: float) -> str:
-    """A duration as a budget would be written: 95 s -> '1.6m'."""
+    """A duration as a budget would be written: 95 s -> '1.6m'; past the largest budget, said so."""
+    if not seconds <= MAX_BUDGET_S:
+        return f"more than {MAX_BUDGET_S / 3600:.0f}h"
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}m" if seconds < 7200 else \
         f"{seconds / 3600:.1f}h"
 
@@ -80,7 +83,7 @@ def record_path() -> str:
 
 def _read_all() -> dict:
     try:
-        record = files.read_json(record_path())
+        record = files.read_json(record_path(), strict=True)  # a NaN kept would fail the strict rewrite
     except (OSError, ValueError):  # too large, a link, not a plain file, not JSON: measured anew
         return {}
     return record if isinstance(record, dict) else {}
@@ -92,7 +95,7 @@ def measured_speed(key: str) -> Optional[float]:
     entry = entry.get(key) if isinstance(entry, dict) else None
     value = entry.get("images_per_s") if isinstance(entry, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-            not 0 < value <= MAX_IMAGES_PER_S:
+            not MIN_IMAGES_PER_S <= value <= MAX_IMAGES_PER_S:
         return None
     return float(value)
 

@@ -92,10 +92,11 @@ def _finite(text: str) -> float:
     return value
 
 
-def read_json(path: str):
-    """The JSON value in `path`, None when there is no file; ValueError when it is not valid JSON
-    (strictly: NaN, Infinity and numbers beyond a double, which fasttl never writes, are damage),
-    or not a plain file (a link or a FIFO is never followed or read)."""
+def read_json(path: str, strict: bool = False):
+    """The JSON value in `path`, None when there is no file; ValueError when it is not valid JSON,
+    or not a plain file (a link or a FIFO is never followed or read). `strict`: NaN, Infinity and
+    numbers beyond a double (which fasttl never writes) are damage too; else the reader's own
+    checks name the field that holds one."""
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK)
     except FileNotFoundError:
@@ -105,7 +106,9 @@ def read_json(path: str):
     with plain_reader(fd, lambda info: _json_problem(path, info)) as f:
         data = _read_sized(f, MAX_JSON_BYTES)
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=_no_infinity, parse_float=_finite)
+        if strict:
+            return json.loads(data.decode("utf-8"), parse_constant=_no_infinity, parse_float=_finite)
+        return json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ValueError(f"{path}: not valid JSON ({type(exc).__name__})") from None
 
