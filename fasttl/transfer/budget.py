@@ -24,7 +24,6 @@ UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_BUDGET_S = 7 * 24 * 3600.0
 SPEED_FILE = "extraction-speed.json"
 MAX_IMAGES_PER_S = 1e6
-MIN_IMAGES_PER_S = 0.01  # 100 s an image: no backbone fasttl has, on any machine it runs on (a damaged record)
 MIN_MEASURED_IMAGES = 200  # fewer images time the pipeline's start more than its speed
 
 
@@ -95,7 +94,7 @@ def measured_speed(key: str) -> Optional[float]:
     entry = entry.get(key) if isinstance(entry, dict) else None
     value = entry.get("images_per_s") if isinstance(entry, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-            not MIN_IMAGES_PER_S <= value <= MAX_IMAGES_PER_S:
+            not 0 < value <= MAX_IMAGES_PER_S:
         return None
     return float(value)
 
