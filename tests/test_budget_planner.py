@@ -191,6 +191,28 @@ def test_a_budget_too_small_names_the_smallest_that_works(five_classes, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def test_the_first_refusal_counts_the_screening_and_the_head(five_classes, tmp_path, private_cache, capsys,
+                                                              monkeypatch):
+    """With a head rate recorded too, the refusal before any screening costs the least a plan does:
+    the first single's probe in both views (80 images at 0.5 images/s: 160 s) and its cross-validated
+    head (40 rows x 5 classes at 2 a second: 100 s), then its run without mirror views (the 20 test
+    images: 40 s, the head again: 100 s, and the overhead), so the budget it suggests is one that
+    holds that plan (a refusal after screening would ask for more again)."""
+    monkeypatch.setenv("FASTTL_STATE_DIR", str(tmp_path / "state"))
+    key = budget.speed_key("efficientnet_lite0", 32, "multi", "onnxruntime", "fp32", "cpu")
+    budget.record_speed(key, 1000, 2000.0)
+    budget.record_head_rate(key, 200, 1, 100.0)
+    assert budget.measured_head_rate(key) == pytest.approx(2.0)
+    code, _, err = cli(capsys, "run", "--data", five_classes, "--budget", "5m", "--image-size", "32",
+                       "--backbone", "efficientnet_lite0", "--out", tmp_path / "run", "--no-progress")
+    line = one_line_error(err)
+    assert code == 2 and "screening efficientnet_lite0 at 32 px and its plainest run need about" in line
+    least = 160 + 100 + 40 + 100 + planner.OVERHEAD_S
+    suggested = budget.parse_budget(line.split("pass --budget ")[1].split(" ")[0])
+    assert least * planner.MARGIN / planner.SAFETY <= suggested < least * planner.MARGIN / planner.SAFETY + 60
+    assert budget.SPEED_FILE in line and not (tmp_path / "run").exists()
+
+
 def test_a_taken_out_is_refused_before_the_plan(planned, five_classes, tmp_path, monkeypatch, capsys):
     """A finished run in --out: refused at once, before any screening (no feature cache made)."""
     out, _ = planned
@@ -270,6 +292,9 @@ def test_a_stale_speed_record_gives_way_to_the_measurement(five_classes, tmp_pat
     # blend with the stale one (a billion images' weight would have kept it at 5.0)
     record = json.loads((tmp_path / "state" / budget.SPEED_FILE).read_text())[budget._machine_key()][key]
     assert measured > 5.0 and record["images"] < 10 ** 9 and budget.measured_speed(key) == record["images_per_s"] > 5.0
+    assert budget.measured_head_rate(key) > 0  # the first linear head's tuning rate, for the next plan's first cost
+    budget.record_head_rate(key + "x", budget.MIN_MEASURED_IMAGES - 1, 10, 1.0)  # too few rows to time the solver
+    assert budget.measured_head_rate(key + "x") is None
 
 
 def test_a_budget_below_any_plan_is_refused_at_once(five_classes, tmp_path, private_cache, capsys):

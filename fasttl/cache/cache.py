@@ -144,9 +144,8 @@ class FeatureCache:
             if len(set(found)) > 1:  # one feature space: the images as one network would see them
                 raise CacheError(f"side_by_side: the caches differ in {what} ({' / '.join(found)}); pass caches "
                                  "extracted alike, as backbone 'a+b' would")
-        parts = [p for c in caches for p in ((c.fingerprint.get("backbone") or {}).get("parts")
-                                             or [c.fingerprint.get("backbone")])]
-        names = [json.dumps(p, sort_keys=True, default=str) for p in parts]
+        models = [_models(c, i) for i, c in enumerate(caches)]
+        names = [json.dumps(p, sort_keys=True, default=str) for parts in models for p in parts]
         if len(set(names)) != len(names):
             raise CacheError("side_by_side: one backbone's features twice; pass caches of different backbones")
         plain = all(c.scales is None and c.dtype == first.dtype for c in caches)
@@ -157,9 +156,8 @@ class FeatureCache:
         if any(calibrations):  # every part's int8 graph (made_by compares them), not the first's alone
             compute["calibration"] = {"parts": calibrations}
         fingerprint = dict(first.fingerprint, feature_dim=features.shape[1],
-                           backbone={"name": "+".join(str((c.fingerprint.get("backbone") or {}).get("name"))
-                                                      for c in caches),
-                                     "parts": [c.fingerprint.get("backbone") for c in caches]},
+                           backbone={"name": "+".join(str(q.get("name")) for p in models for q in p),
+                                     "parts": [c.fingerprint.get("backbone") or p[0] for c, p in zip(caches, models)]},
                            layout={"taps": layouts[0].get("taps"),
                                    "channels": [w for layout in layouts for w in layout.get("channels", [])]},
                            dtype=first.fingerprint.get("dtype") if plain else "fp32", compute=compute)
@@ -352,6 +350,32 @@ class FeatureCache:
         return CacheLoader(self, batch_size, shuffle, seed, device, out_dtype, drop_last, threads)
 
 
+def _models(cache: FeatureCache, index: int) -> list:
+    """What made a cache's features, part by part, for side_by_side to refuse one model twice: the
+    backbone a build recorded (a concatenation's parts), or the model a written cache's
+    fingerprint names (FeatureCache.write(..., fingerprint={"model": ...}))."""
+    backbone = cache.fingerprint.get("backbone")
+    if isinstance(backbone, dict) and backbone:
+        return list(backbone.get("parts") or [backbone])
+    user = cache.fingerprint.get("user") if isinstance(cache.fingerprint.get("user"), dict) else {}
+    named = {k: user[k] for k in ("backbone", "model") if k in user}
+    if not named:
+        raise CacheError(f"side_by_side: caches[{index}] does not say which model made its features (a cache "
+                         "FeatureCache.write made without fingerprint={'model': ...}); write it with one")
+    return [dict(named, name=user.get("model", user.get("backbone")))]
+
+
+def _order_number(name: str, value, bits: int) -> int:
+    """A loader's seed (any in [0, 2**64): each has its own order) or epoch (an integer in
+    [0, 2**63)); the order's generator reads them modulo 2**64, so 2**64 would give 0's order
+    again, -1 that of 2**64 - 1: refused, not folded."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name}: expected an integer, got {value!r}")
+    if not 0 <= int(value) < 2**bits:
+        raise ValueError(f"{name}: expected an integer in [0, 2**{bits}), got {value!r}")
+    return int(value)
+
+
 class CacheLoader:
     """(features, labels) batches gathered from a cache; a new seeded order each epoch when
     shuffling (fasttl.cache.order: each batch's rows are read in ascending order).
@@ -368,9 +392,7 @@ class CacheLoader:
         positive_int("batch_size", batch_size)
         if threads is not None:
             positive_int("threads", threads)
-        if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):
-            raise TypeError(f"seed: expected an integer, got {seed!r}")
-        seed = int(seed)
+        seed = _order_number("seed", seed, 64)
         if out_dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"out_dtype: expected torch.float32 or torch.bfloat16, got {out_dtype!r}")
         if not isinstance(drop_last, bool):
@@ -386,12 +408,9 @@ class CacheLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose order the next iteration gives (as DistributedSampler.set_epoch)."""
-        if isinstance(epoch, bool) or not hasattr(type(epoch), "__index__"):
-            raise TypeError(f"epoch: expected an integer, got {epoch!r}")
-        if not 0 <= int(epoch) < 2**63:  # 2**64 would give epoch 0's order again
-            raise ValueError(f"epoch: expected an integer in [0, 2**63), got {epoch!r}")
+        epoch = _order_number("epoch", epoch, 63)
         with self._epochs:
-            self.epoch = int(epoch)
+            self.epoch = epoch
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
         with self._epochs:  # two threads iterating one loader get an epoch each

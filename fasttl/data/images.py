@@ -113,10 +113,30 @@ def _jpeg_problem(f, size: int) -> Optional[str]:
             exif_segments += 1
             if exif_segments > 1:  # PIL reads the first one's orientation, DALI the last's: no one answer
                 return "JPEG has two EXIF segments (which orientation holds is ambiguous); re-save it with one"
+            problem = _exif_directory_problem(data.get(pos + 8, length - 8))
+            if problem is not None:
+                return f"JPEG {problem}"
         pos += length
     if frame is None:
         return "JPEG has no frame header (SOF) before its image data (garbled header)"
     return _frame_problem(frame, huffman, scan_bytes) or _scans_problem(f, pos - 2, size)
+
+
+def _exif_directory_problem(tiff: bytes) -> Optional[str]:
+    """An EXIF block (TIFF header, then IFD0) whose first directory declares more entries than the
+    block holds: PIL reads the entries that are there (an orientation among them turns the image),
+    DALI's parser drops the block (no turn), so the backends would decode other pixels."""
+    if len(tiff) < 8 or tiff[:4] not in (b"II*\0", b"MM\0*"):
+        return None  # no directory to read: both backends ignore the block alike
+    order = "<" if tiff[:2] == b"II" else ">"
+    offset = struct.unpack(order + "I", tiff[4:8])[0]
+    if offset + 2 > len(tiff):
+        return None
+    entries = struct.unpack(order + "H", tiff[offset:offset + 2])[0]
+    if offset + 2 + 12 * entries > len(tiff):
+        return (f"EXIF directory declares {entries} entries, more than its block holds (garbled metadata: which "
+                "orientation holds is ambiguous); re-save the image")
+    return None
 
 
 def _frame_problem(frame, huffman: bool, scan_bytes: int) -> Optional[str]:
@@ -188,7 +208,7 @@ def _png_problem(f, size: int) -> Optional[str]:
     problem = size_problem("PNG", width, height)
     if problem is not None:
         return problem
-    pos, has_data, has_palette, compressed = 8, False, False, 0
+    pos, has_data, has_palette, compressed, exif_chunks = 8, False, False, 0, 0
     while True:
         if pos + 8 > len(data):
             return "PNG ends before its IEND chunk (truncated file)"
@@ -201,6 +221,11 @@ def _png_problem(f, size: int) -> Optional[str]:
             return f"PNG chunk {name!r} has a bad CRC (corrupt file)"
         if kind == b"IDAT" and color == 3 and not has_palette:
             return "PNG palette image without a PLTE chunk before its data (corrupt file)"
+        if kind == b"eXIf":
+            exif_chunks += 1
+            problem = _png_exif_problem(data[pos + 8:end], exif_chunks)
+            if problem is not None:
+                return problem
         has_palette = has_palette or kind == b"PLTE"
         has_data = has_data or kind == b"IDAT"
         compressed += length if kind == b"IDAT" else 0
@@ -214,6 +239,18 @@ def _png_problem(f, size: int) -> Optional[str]:
                         "to fill them (made to look larger than it is)")
             return None
         pos += 12 + length
+
+
+def _png_exif_problem(block: bytes, count: int) -> Optional[str]:
+    """PNG allows one eXIf chunk, holding a TIFF header: libpng (DALI) warns and drops a second
+    one or one of another form (an "Exif" prefix, as in a JPEG), which PIL reads, so the
+    backends would turn the image differently (a second chunk also corrupted DALI's heap)."""
+    if count > 1:
+        return "PNG has two eXIf chunks (which orientation holds is ambiguous); re-save it with one"
+    if block[:4] not in (b"II*\0", b"MM\0*"):
+        return "PNG eXIf chunk does not start with a TIFF header (II* or MM*): garbled metadata; re-save the image"
+    problem = _exif_directory_problem(block)
+    return None if problem is None else f"PNG {problem}"
 
 
 def header_problem(path: str) -> Optional[str]:

@@ -160,7 +160,8 @@ def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, b
     mean, std = feature_statistics(train)
     head = make_head(kind, train.feature_dim, len(train.classes), mean, std).to(device, dtype)
     optimizer = AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    loader = on_device(train, device).loader(batch_size, shuffle=True, seed=seed, device=device, out_dtype=dtype)
+    loader = on_device(train, device).loader(batch_size, shuffle=True, seed=torch_seed(seed), device=device,
+                                             out_dtype=dtype)
     scheduler = one_cycle(optimizer, lr, epochs * len(loader), pct_start=0.1)
     views = [] if eval_cache is None else list(eval_cache) if isinstance(eval_cache, (list, tuple)) else [eval_cache]
     views = [on_device(view, device) for view in views]

@@ -1,6 +1,7 @@
 """A run's time budget (`fasttl run --budget 10m`) and this machine's measured extraction speed
-(images/s per backbone, image size, features and engine), kept per machine so that the planner
-(fasttl.transfer.planner) can cost a plan before it runs anything.
+(images/s per backbone, image size, features and engine) and its linear head's tuning rate on
+those features, kept per machine so that the planner (fasttl.transfer.planner) can cost a plan
+before it runs anything.
 
 The speed record is a cache: $FASTTL_STATE_DIR/extraction-speed.json. An entry that is
 unreadable, out of range or measured on another machine (CPU model, cores, torch, ONNX Runtime
@@ -24,7 +25,9 @@ UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_BUDGET_S = 7 * 24 * 3600.0
 SPEED_FILE = "extraction-speed.json"
 MAX_IMAGES_PER_S = 1e6
-MIN_MEASURED_IMAGES = 200  # fewer images time the pipeline's start more than its speed
+MAX_RATE = {"images_per_s": MAX_IMAGES_PER_S, "row_classes_per_s": 1e12}
+HEAD_SUFFIX = "|linear head"
+MIN_MEASURED_IMAGES = 200  # fewer images (or head rows) time the pipeline's start more than its speed
 
 
 def parse_budget(value) -> float:
@@ -88,15 +91,24 @@ def _read_all() -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def measured_speed(key: str) -> Optional[float]:
-    """Images/s this machine measured for `key` (speed_key), or None."""
+def _measured(key: str, field: str) -> Optional[float]:
     entry = (_read_all().get(_machine_key()) or {})
     entry = entry.get(key) if isinstance(entry, dict) else None
-    value = entry.get("images_per_s") if isinstance(entry, dict) else None
+    value = entry.get(field) if isinstance(entry, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-            not 0 < value <= MAX_IMAGES_PER_S:
+            not 0 < value <= MAX_RATE[field]:
         return None
     return float(value)
+
+
+def measured_speed(key: str) -> Optional[float]:
+    """Images/s this machine measured for `key` (speed_key), or None."""
+    return _measured(key, "images_per_s")
+
+
+def measured_head_rate(key: str) -> Optional[float]:
+    """The linear head's cross-validated tuning rate on `key`'s features (record_head_rate), or None."""
+    return _measured(key + HEAD_SUFFIX, "row_classes_per_s")
 
 
 def speeds_from() -> str:
@@ -108,12 +120,23 @@ def record_speed(key: str, images: int, seconds: float) -> None:
     """Keeps the speed of an extraction of `images` images in `seconds` (at least
     MIN_MEASURED_IMAGES): the latest measurement replaces any earlier one (a machine's load and
     fasttl change; a stale or edited record does not stick)."""
-    if images < MIN_MEASURED_IMAGES or not seconds > 0:
-        return
+    if images >= MIN_MEASURED_IMAGES and seconds > 0:
+        _record(key, {"images_per_s": images / seconds, "images": int(images)})
+
+
+def record_head_rate(key: str, rows: int, classes: int, seconds: float) -> None:
+    """Keeps how fast the linear head was tuned by cross-validation on `rows` rows of `key`'s
+    features in `classes` classes, as rows x classes a second (a solve's work grows with both), so
+    that a budget can be costed, head included, before anything is screened."""
+    if rows >= MIN_MEASURED_IMAGES and classes > 0 and seconds > 0:  # (fewer rows time the solver's set-up)
+        _record(key + HEAD_SUFFIX, {"row_classes_per_s": rows * classes / seconds, "rows": int(rows)})
+
+
+def _record(key: str, entry: dict) -> None:
     record = _read_all()
     mine = record.get(_machine_key())
     mine = mine if isinstance(mine, dict) else {}
-    mine[key] = {"images_per_s": images / seconds, "images": int(images), "measured": time.strftime("%Y-%m-%d")}
+    mine[key] = dict(entry, measured=time.strftime("%Y-%m-%d"))
     record = {k: v for k, v in record.items() if isinstance(v, dict)}
     record[_machine_key()] = mine
     try:

@@ -134,22 +134,41 @@ class Planner:
         return chosen.options(), record
 
     def _refuse_if_impossible(self) -> None:
-        """Before any screening, where this machine's speeds are known: a budget too small for even
-        the cheapest single backbone's plain run is one error, at once."""
+        """Before any screening, where this machine's speeds are known: a budget too small for the
+        least any plan does (the first single screened, then its plain run; or, before a head was
+        ever timed here, the fastest backbone's extraction alone) is one error, at once."""
         if self.budget_s < MIN_BUDGET_S:
             raise OptionError(f"budget: {self.cfg.budget} is below the {MIN_BUDGET_S:.0f}s any plan needs (one "
                               "backbone screened, the run written); pass --budget 1m or more")
         speeds = [budget.measured_speed(self._speed_key(b, s)) for b, s in self._singles()]
         if not speeds or None in speeds:
             return
-        needed = (self.elapsed() + (len(self.dataset.train) + len(self.dataset.test)) / max(speeds) + OVERHEAD_S) \
-            * MARGIN
+        least = self._least_plan_s(*self._singles()[0], speeds[0])
+        if least is None:
+            least = (len(self.dataset.train) + len(self.dataset.test)) / max(speeds) + OVERHEAD_S
+            what = "even the fastest backbone measured on this machine needs at least {} to extract its " \
+                f"{len(self.dataset.train) + len(self.dataset.test)} images"
+        else:
+            what = f"screening {self._singles()[0][0]} at {self._singles()[0][1]} px and its plainest run need " \
+                "about {}"
+        needed = (self.elapsed() + least) * MARGIN
         if needed > SAFETY * self.budget_s:
-            raise OptionError(f"budget: {self.cfg.budget} is too small for a model on this data here: even the "
-                              f"fastest backbone measured on this machine needs at least "
-                              f"{budget.shown(needed / SAFETY)} to extract its "
-                              f"{len(self.dataset.train) + len(self.dataset.test)} images; "
-                              f"{budget.suggested(needed / SAFETY)}{budget.speeds_from()}")
+            self.record_used = True
+            raise OptionError(f"budget: {self.cfg.budget} is too small for a model on this data here: "
+                              f"{what.format(budget.shown(needed / SAFETY))}; {budget.suggested(needed / SAFETY)}"
+                              f"{budget.speeds_from()}")
+
+    def _least_plan_s(self, backbone: str, size: int, speed: float):
+        """Seconds of the least a plan does, from this machine's record (None where it holds no
+        head rate): the first single's probe extracted (an int8 graph quantized for it) and its
+        head cross-validated, then its run without mirror views."""
+        rate = budget.measured_head_rate(self._speed_key(backbone, size))
+        if rate is None:
+            return None
+        precision = self._precision(backbone, size)
+        probe_head_s = len(self.probe) * len(self.dataset.classes) / rate
+        screen_s = self._probe_images() / speed + probe_head_s + (INT8_GRAPH_S if precision == "int8" else 0.0)
+        return screen_s + self._run_cost("none", "linear", probe_head_s, [speed], precision)
 
     # -- screening ------------------------------------------------------------------------------
     def _singles(self):
@@ -288,6 +307,9 @@ class Planner:
                         continue
                     started = time.perf_counter()
                     fits[len(views)] = (self._tune(head, views), time.perf_counter() - started)
+                    if head == "linear" and len(views) == 1 and len(screened.speeds) == 1:
+                        budget.record_head_rate(self._speed_key(screened.backbone, screened.image_size),
+                                                len(views[0]), len(self.dataset.classes), fits[1][1])
                 tuned, head_s = fits[len(views)]
                 score, scored_by, scored_images = score_of(tuned.choice)
                 candidate = Candidate(screened.backbone, screened.image_size, mode, head, score, scored_by,
@@ -396,19 +418,21 @@ class Planner:
         """Seconds the full run of `candidate` would take here: its images through each backbone at
         the measured speed (images already in the probe's caches excepted), the head scaled from
         its probe time by rows, and OVERHEAD_S."""
+        return self._run_cost(candidate.mirror_views, candidate.head, candidate.head_s, screened.speeds,
+                              candidate.precision)
+
+    def _run_cost(self, mode: str, head: str, probe_head_s: float, speeds: List[float], precision: str) -> float:
         train, test = len(self.dataset.train), len(self.dataset.test)
-        mode = candidate.mirror_views
         train_views = 2 if mode == "both" else 1
         images = train * train_views + test * (1 if mode == "none" else 2) + (math.ceil(train / 10) if mode == "test"
                                                                               else 0)
-        if self.probe_is_train and backbones.concatenated.SEPARATOR not in candidate.backbone:
+        if self.probe_is_train and len(speeds) == 1:
             images -= train * train_views  # the probe's caches are the run's
-        extract_s = sum(images / speed for speed in screened.speeds) * \
-            (CONCATENATED_SHARE if len(screened.speeds) > 1 else 1.0)
-        if candidate.precision == "int8":  # the run quantizes a graph of its own, on its training images
-            extract_s += INT8_GRAPH_S * len(screened.speeds)
-        head_s = candidate.head_s * max(1.0, train / max(len(self.probe), 1))  # rows scale alike in both views
-        if candidate.head == "linear" and self.smallest_class >= CROSS_VALIDATION_BELOW:
+        extract_s = sum(images / speed for speed in speeds) * (CONCATENATED_SHARE if len(speeds) > 1 else 1.0)
+        if precision == "int8":  # the run quantizes a graph of its own, on its training images
+            extract_s += INT8_GRAPH_S * len(speeds)
+        head_s = probe_head_s * max(1.0, train / max(len(self.probe), 1))  # rows scale alike in both views
+        if head == "linear" and self.smallest_class >= CROSS_VALIDATION_BELOW:
             head_s *= SPLIT_PER_CROSS_VALIDATION  # the run tunes on one split, the probe was cross-validated
         return extract_s + head_s + OVERHEAD_S
 
