@@ -343,6 +343,31 @@ def budget_section(path: pathlib.Path) -> list:
     return parts + [""]
 
 
+def few_shot_budget_section(path: pathlib.Path) -> list:
+    """Few-shot 5x40 over draws of its training images: a budget beside the defaults (benchmarks/few_shot_budget.py)."""
+    if not path.exists():
+        return []
+    record = json.loads(path.read_text())
+    summary = record["summary"]
+    parts = ["## Few-shot 5x40 over draws: `--budget` beside the defaults", "",
+             f"Machine: {record['machine']}; date {record['date']}. Command: `{record['command']}`. bird, cat, deer, "
+             f"dog and frog: {record['train_per_class']} training images a class drawn per seed, scored on "
+             f"{record['test_per_class']} test images a class; each run in a fresh process from an empty feature "
+             "cache, every choice made on the training images.", "",
+             "| draw | default accuracy | budget accuracy | gain (points) | budget's wall s | chosen (backbone, size, "
+             "mirror views, head) |", "|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        d, b = r["default"], r["budget"]
+        c = b.get("chosen") or {}
+        parts.append(f"| {r['draw']} | {d['accuracy']:.4f} | {b['accuracy']:.4f} | "
+                     f"{100 * (b['accuracy'] - d['accuracy']):+.2f} | {b['wall_s']:.0f} | {c.get('backbone')}, "
+                     f"{c.get('image_size')} px, {c.get('mirror_views')}, {c.get('strategy')} |")
+    parts += ["", f"- Mean gain of `--budget {record['budget']}` over the defaults: "
+              f"{summary['mean_gain_points']:+.2f} +- {summary['standard_error']:.2f} points (standard error over "
+              f"{summary['draws']} draws).", ""]
+    return parts
+
+
 def int8_section(path: pathlib.Path) -> list:
     """int8 extraction against fp32 (benchmarks/int8_accuracy.py): the tuned linear probe's
     accuracy on images held out of CIFAR-10's training split, and each engine's extraction rate."""
@@ -429,7 +454,7 @@ def main() -> None:
     sections = ("robustness.json", "feature-transfer.json", "lpft.json", "distill-student.json",
                 "mirror-views.json", "parity.json", "adam-resync-cpu.json", "long-tail.json",
                 "few-shot.json", "int8-accuracy.json", "budget-table.json", "extraction-split.json",
-                "concatenated-speed.json")
+                "concatenated-speed.json", "few-shot-budget.json")
     for path in sorted(p for p in (HERE / "results").glob("*.json") if p.name not in sections):
         payload = json.loads(path.read_text())
         payloads.append(payload)
@@ -486,6 +511,7 @@ def main() -> None:
     parts += long_tail_section(HERE / "results" / "long-tail.json")
     parts += few_shot_section(HERE / "results" / "few-shot.json")
     parts += budget_section(HERE / "results" / "budget-table.json")
+    parts += few_shot_budget_section(HERE / "results" / "few-shot-budget.json")
     parts += int8_section(HERE / "results" / "int8-accuracy.json")
     parts += extraction_split_section(HERE / "results" / "extraction-split.json")
     parts += concatenated_speed_section(HERE / "results" / "concatenated-speed.json")

@@ -201,12 +201,15 @@ def test_the_first_refusal_counts_the_screening_and_the_head(five_classes, tmp_p
     monkeypatch.setenv("FASTTL_STATE_DIR", str(tmp_path / "state"))
     key = budget.speed_key("efficientnet_lite0", 32, "multi", "onnxruntime", "fp32", "cpu")
     budget.record_speed(key, 1000, 2000.0)
-    budget.record_head_rate(key, 200, 1, 100.0)
-    assert budget.measured_head_rate(key) == pytest.approx(2.0)
+    head = budget.head_key("efficientnet_lite0", "multi", "cpu")  # measured at any size or precision
+    budget.record_head_rate(head, 1000, 1, 500.0)
+    assert budget.measured_head_rate(head) == pytest.approx(2.0)
+    budget.record_head_rate(head + "x", budget.MIN_HEAD_ROWS - 1, 10, 1.0)  # too few rows: the solver's set-up
+    assert budget.measured_head_rate(head + "x") is None
     code, _, err = cli(capsys, "run", "--data", five_classes, "--budget", "5m", "--image-size", "32",
                        "--backbone", "efficientnet_lite0", "--out", tmp_path / "run", "--no-progress")
     line = one_line_error(err)
-    assert code == 2 and "screening efficientnet_lite0 at 32 px and its plainest run need about" in line
+    assert code == 2 and "screening efficientnet_lite0 at 32 px, then the cheapest run, needs at least" in line
     least = 160 + 100 + 40 + 100 + planner.OVERHEAD_S
     suggested = budget.parse_budget(line.split("pass --budget ")[1].split(" ")[0])
     assert least * planner.MARGIN / planner.SAFETY <= suggested < least * planner.MARGIN / planner.SAFETY + 60
@@ -280,11 +283,12 @@ def test_a_stale_speed_record_gives_way_to_the_measurement(five_classes, tmp_pat
 
     monkeypatch.setenv("FASTTL_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setattr(budget, "MIN_MEASURED_IMAGES", 10)
+    monkeypatch.setattr(budget, "MIN_HEAD_ROWS", 10)
     key = budget.speed_key("efficientnet_lite0", 32, "multi", "onnxruntime", "fp32", "cpu")
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / budget.SPEED_FILE).write_text(json.dumps(
         {budget._machine_key(): {key: {"images_per_s": 5.0, "images": 10 ** 9}}}))
-    metrics = run(data=str(five_classes), budget="3m", image_size=32, backbone="efficientnet_lite0",
+    metrics = run(data=str(five_classes), budget="10m", image_size=32, backbone="efficientnet_lite0",
                   mirror_views="none", out=str(tmp_path / "run"), progress=False)
     measured = metrics["notes"]["plan"]["speeds"]["efficientnet_lite0@32px"][0]
     # the plan measured its own speed, and the record holds a measurement now (the plan's, or that
@@ -292,9 +296,8 @@ def test_a_stale_speed_record_gives_way_to_the_measurement(five_classes, tmp_pat
     # blend with the stale one (a billion images' weight would have kept it at 5.0)
     record = json.loads((tmp_path / "state" / budget.SPEED_FILE).read_text())[budget._machine_key()][key]
     assert measured > 5.0 and record["images"] < 10 ** 9 and budget.measured_speed(key) == record["images_per_s"] > 5.0
-    assert budget.measured_head_rate(key) > 0  # the first linear head's tuning rate, for the next plan's first cost
-    budget.record_head_rate(key + "x", budget.MIN_MEASURED_IMAGES - 1, 10, 1.0)  # too few rows to time the solver
-    assert budget.measured_head_rate(key + "x") is None
+    head = budget.head_key("efficientnet_lite0", "multi", "cpu")
+    assert budget.measured_head_rate(head) > 0  # the first linear head's tuning rate, for the next plan's first cost
 
 
 def test_a_budget_below_any_plan_is_refused_at_once(five_classes, tmp_path, private_cache, capsys):

@@ -26,8 +26,10 @@ MAX_BUDGET_S = 7 * 24 * 3600.0
 SPEED_FILE = "extraction-speed.json"
 MAX_IMAGES_PER_S = 1e6
 MAX_RATE = {"images_per_s": MAX_IMAGES_PER_S, "row_classes_per_s": 1e12}
-HEAD_SUFFIX = "|linear head"
-MIN_MEASURED_IMAGES = 200  # fewer images (or head rows) time the pipeline's start more than its speed
+MIN_MEASURED_IMAGES = 200  # fewer images time the pipeline's start more than its speed
+# Fewer rows time the solver's set-up: a cross-validated Lite0 head ran 350 row-classes/s on 200
+# rows, 2,700-3,100 on 1,000 to 5,000 (2-core Xeon); a rate from 200 rows refused 5m budgets that hold.
+MIN_HEAD_ROWS = 1000
 
 
 def parse_budget(value) -> float:
@@ -106,9 +108,15 @@ def measured_speed(key: str) -> Optional[float]:
     return _measured(key, "images_per_s")
 
 
+def head_key(backbone: str, features: str, device: str) -> str:
+    """What a head's tuning rate holds for: the features' width (a backbone's, whatever the image
+    size or the precision they were extracted in) and where the head is solved."""
+    return f"{backbone}|{features}|{device}|linear head"
+
+
 def measured_head_rate(key: str) -> Optional[float]:
-    """The linear head's cross-validated tuning rate on `key`'s features (record_head_rate), or None."""
-    return _measured(key + HEAD_SUFFIX, "row_classes_per_s")
+    """The linear head's cross-validated tuning rate for `key` (head_key), or None."""
+    return _measured(key, "row_classes_per_s")
 
 
 def speeds_from() -> str:
@@ -125,11 +133,11 @@ def record_speed(key: str, images: int, seconds: float) -> None:
 
 
 def record_head_rate(key: str, rows: int, classes: int, seconds: float) -> None:
-    """Keeps how fast the linear head was tuned by cross-validation on `rows` rows of `key`'s
-    features in `classes` classes, as rows x classes a second (a solve's work grows with both), so
+    """Keeps how fast the linear head was tuned by cross-validation on `rows` rows of features
+    (`key`: head_key) in `classes` classes, as rows x classes a second (a solve's work grows with both), so
     that a budget can be costed, head included, before anything is screened."""
-    if rows >= MIN_MEASURED_IMAGES and classes > 0 and seconds > 0:  # (fewer rows time the solver's set-up)
-        _record(key + HEAD_SUFFIX, {"row_classes_per_s": rows * classes / seconds, "rows": int(rows)})
+    if rows >= MIN_HEAD_ROWS and classes > 0 and seconds > 0:
+        _record(key, {"row_classes_per_s": rows * classes / seconds, "rows": int(rows)})
 
 
 def _record(key: str, entry: dict) -> None:

@@ -134,41 +134,46 @@ class Planner:
         return chosen.options(), record
 
     def _refuse_if_impossible(self) -> None:
-        """Before any screening, where this machine's speeds are known: a budget too small for the
-        least any plan does (the first single screened, then its plain run; or, before a head was
-        ever timed here, the fastest backbone's extraction alone) is one error, at once."""
+        """Before any screening, where this machine's speeds are known: a budget below the least
+        any plan does is one error, at once. That least is the first single's screening, then the
+        cheapest single's run without mirror views (or, before a head was ever timed here on enough
+        rows, the fastest single's extraction alone); its suggestion adds the margin every refusal
+        suggests (a budget that passes here may still be refused after the screening measures)."""
         if self.budget_s < MIN_BUDGET_S:
             raise OptionError(f"budget: {self.cfg.budget} is below the {MIN_BUDGET_S:.0f}s any plan needs (one "
                               "backbone screened, the run written); pass --budget 1m or more")
-        speeds = [budget.measured_speed(self._speed_key(b, s)) for b, s in self._singles()]
+        singles = self._singles()
+        speeds = [budget.measured_speed(self._speed_key(b, s)) for b, s in singles]
         if not speeds or None in speeds:
             return
-        least = self._least_plan_s(*self._singles()[0], speeds[0])
+        least = self._least_plan_s(singles, speeds)
         if least is None:
-            least = (len(self.dataset.train) + len(self.dataset.test)) / max(speeds) + OVERHEAD_S
-            what = "even the fastest backbone measured on this machine needs at least {} to extract its " \
-                f"{len(self.dataset.train) + len(self.dataset.test)} images"
+            images = len(self.dataset.train) + len(self.dataset.test)
+            least = images / max(speeds) + OVERHEAD_S
+            what = f"even the fastest backbone measured on this machine needs at least {{}} to extract its {images} " \
+                "images"
         else:
-            what = f"screening {self._singles()[0][0]} at {self._singles()[0][1]} px and its plainest run need " \
-                "about {}"
-        needed = (self.elapsed() + least) * MARGIN
-        if needed > SAFETY * self.budget_s:
+            what = f"screening {singles[0][0]} at {singles[0][1]} px, then the cheapest run, needs at least {{}}"
+        least += self.elapsed()
+        if least > SAFETY * self.budget_s:
             self.record_used = True
             raise OptionError(f"budget: {self.cfg.budget} is too small for a model on this data here: "
-                              f"{what.format(budget.shown(needed / SAFETY))}; {budget.suggested(needed / SAFETY)}"
-                              f"{budget.speeds_from()}")
+                              f"{what.format(budget.shown(least / SAFETY))}; "
+                              f"{budget.suggested(least * MARGIN / SAFETY)}{budget.speeds_from()}")
 
-    def _least_plan_s(self, backbone: str, size: int, speed: float):
+    def _least_plan_s(self, singles, speeds):
         """Seconds of the least a plan does, from this machine's record (None where it holds no
-        head rate): the first single's probe extracted (an int8 graph quantized for it) and its
-        head cross-validated, then its run without mirror views."""
-        rate = budget.measured_head_rate(self._speed_key(backbone, size))
-        if rate is None:
+        head rate for the first single): the first single's probe extracted (an int8 graph
+        quantized for it) and its head cross-validated, then the cheapest single's run without
+        mirror views (a head not timed yet costed at the first's rate)."""
+        rates = [budget.measured_head_rate(self._head_key(b)) for b, _ in singles]
+        if rates[0] is None:
             return None
-        precision = self._precision(backbone, size)
-        probe_head_s = len(self.probe) * len(self.dataset.classes) / rate
-        screen_s = self._probe_images() / speed + probe_head_s + (INT8_GRAPH_S if precision == "int8" else 0.0)
-        return screen_s + self._run_cost("none", "linear", probe_head_s, [speed], precision)
+        heads = [len(self.probe) * len(self.dataset.classes) / (rate or rates[0]) for rate in rates]
+        precisions = [self._precision(b, s) for b, s in singles]
+        screen_s = self._probe_images() / speeds[0] + heads[0] + (INT8_GRAPH_S if precisions[0] == "int8" else 0.0)
+        return screen_s + min(self._run_cost("none", "linear", head, [speed], precision)
+                              for head, speed, precision in zip(heads, speeds, precisions))
 
     # -- screening ------------------------------------------------------------------------------
     def _singles(self):
@@ -231,6 +236,9 @@ class Planner:
     def _speed_key(self, backbone: str, size: int) -> str:
         engine, precision = self._compute(backbone, size)
         return budget.speed_key(backbone, size, self.cfg.features, engine, precision, str(self.cfg.device))
+
+    def _head_key(self, backbone: str) -> str:
+        return budget.head_key(backbone, self.cfg.features, str(self.cfg.device))
 
     def _screen_singles(self) -> None:
         for name, size in self._singles():
@@ -308,8 +316,8 @@ class Planner:
                     started = time.perf_counter()
                     fits[len(views)] = (self._tune(head, views), time.perf_counter() - started)
                     if head == "linear" and len(views) == 1 and len(screened.speeds) == 1:
-                        budget.record_head_rate(self._speed_key(screened.backbone, screened.image_size),
-                                                len(views[0]), len(self.dataset.classes), fits[1][1])
+                        budget.record_head_rate(self._head_key(screened.backbone), len(views[0]),
+                                                len(self.dataset.classes), fits[1][1])
                 tuned, head_s = fits[len(views)]
                 score, scored_by, scored_images = score_of(tuned.choice)
                 candidate = Candidate(screened.backbone, screened.image_size, mode, head, score, scored_by,
