@@ -105,7 +105,8 @@ def test_a_refusal_names_the_speed_record_only_where_it_was_used(three_small, tm
     assert budget.SPEED_FILE not in line and not (tmp_path / "state" / budget.SPEED_FILE).exists()
 
 
-@pytest.mark.parametrize("seconds,suggestion", [(90, "pass --budget 90s or more"), (1e5, "pass --budget 1667m or more"),
+@pytest.mark.parametrize("seconds,suggestion", [(90, "pass --budget 90s or more"), (7000, "pass --budget 117m or more"),
+                                                (1e5, "pass --budget 28h or more"),
                                                 (1e9, "no --budget up to 168.0h fits it")])
 def test_a_suggested_budget_is_one_budget_takes(seconds, suggestion):
     assert budget.suggested(seconds) == suggestion

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import operator
 import os
 import threading
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -358,22 +359,26 @@ def _models(cache: FeatureCache, index: int) -> list:
     if isinstance(backbone, dict) and backbone:
         return list(backbone.get("parts") or [backbone])
     user = cache.fingerprint.get("user") if isinstance(cache.fingerprint.get("user"), dict) else {}
-    named = {k: user[k] for k in ("backbone", "model") if k in user}
+    named = {k: user[k] for k in ("backbone", "model") if isinstance(user.get(k), str) and user[k].strip()}
     if not named:
         raise CacheError(f"side_by_side: caches[{index}] does not say which model made its features (a cache "
-                         "FeatureCache.write made without fingerprint={'model': ...}); write it with one")
-    return [dict(named, name=user.get("model", user.get("backbone")))]
+                         "FeatureCache.write made without fingerprint={'model': NAME}); write it with one")
+    return [dict(named, name=named.get("model", named.get("backbone")))]
 
 
 def _order_number(name: str, value, bits: int) -> int:
     """A loader's seed (any in [0, 2**64): each has its own order) or epoch (an integer in
     [0, 2**63)); the order's generator reads them modulo 2**64, so 2**64 would give 0's order
     again, -1 that of 2**64 - 1: refused, not folded."""
-    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+    try:  # operator.index, not int(): a float tensor or array (1.9) is no integer, not 1
+        number = None if isinstance(value, bool) else operator.index(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # (a uint64 tensor past int64: RuntimeError)
+        number = None
+    if number is None:
         raise TypeError(f"{name}: expected an integer, got {value!r}")
-    if not 0 <= int(value) < 2**bits:
+    if not 0 <= number < 2**bits:
         raise ValueError(f"{name}: expected an integer in [0, 2**{bits}), got {value!r}")
-    return int(value)
+    return number
 
 
 class CacheLoader:

@@ -17,6 +17,28 @@ MAX_EXTRACTED_BYTES = 4 << 30  # an archive that unpacks to more than this is re
 # ... or holds more members (the data sets fetch knows ship a few files: CIFAR-10's archive holds 8);
 # each member read costs a record in memory and a file on disk (200,000 empty ones: 33 s, 324 MB).
 MAX_MEMBERS = 10_000
+# A member's extended header (a GNU long name or link, a PAX record) is read whole into memory: a
+# 100 KB archive declaring a 100 MB name took 1.7 GB. Real ones hold a path and a few attributes.
+MAX_HEADER_BYTES = 1 << 20
+MAX_NAME_BYTES = 4096         # PATH_MAX; a longer name can't be created anyway
+SHOWN_NAME = 120              # characters of a member's name a message shows
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header that refuses an extended header past MAX_HEADER_BYTES before reading it."""
+
+    EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                tarfile.SOLARIS_XHDTYPE)
+
+    def _proc_member(self, tarfile_):
+        if self.type in self.EXTENDED and self.size > MAX_HEADER_BYTES:
+            raise DataError(f"holds an extended header of {self.size:,} bytes (a name or attributes), more than "
+                            f"{MAX_HEADER_BYTES:,}")
+        return super()._proc_member(tarfile_)
+
+
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= SHOWN_NAME else name[:SHOWN_NAME] + "...")
 # The destination's faults, not the archive's: named as DEST's (a full disk keeps the download to retry).
 _DISK = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
 
@@ -35,12 +57,14 @@ def check_members(archive: tarfile.TarFile, folder: str, source: str) -> None:
             parts = parts[1:]
         if parts in (["."], [""]) and member.isdir():  # the archive's own top folder, "./"
             continue
-        if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        if len(os.fsencode(name)) > MAX_NAME_BYTES or any(len(os.fsencode(part)) > 255 for part in parts):
+            why = "a name too long for a file system"
+        elif name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
             why = "an absolute path"
         elif ".." in parts:
             why = "a '..' path"
         elif member.issym() or member.islnk():
-            why = f"a link (to {member.linkname!r})"
+            why = f"a link (to {_shown(member.linkname)})"
         elif not (member.isfile() or member.isdir()):
             why = "not a plain file or folder"
         elif parts[0] != folder:
@@ -51,7 +75,7 @@ def check_members(archive: tarfile.TarFile, folder: str, source: str) -> None:
                 raise DataError(f"{source}: unpacks to more than {MAX_EXTRACTED_BYTES:,} bytes; refused, nothing "
                                 "extracted")
             continue
-        raise DataError(f"{source}: member {name!r} is {why}; refused, nothing extracted (is this the right "
+        raise DataError(f"{source}: member {_shown(name)} is {why}; refused, nothing extracted (is this the right "
                         "archive? --url)")
 
 
@@ -81,7 +105,7 @@ def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[st
     staging = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}extract-", dir=dest)
     try:
         try:
-            with tarfile.open(archive_path, "r:*") as archive:
+            with tarfile.open(archive_path, "r:*", tarinfo=_BoundedTarInfo) as archive:
                 check_members(archive, remote_folder, source)
                 if hasattr(tarfile, "data_filter"):
                     archive.extractall(staging, filter="data")
@@ -89,12 +113,15 @@ def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[st
                     archive.extractall(staging)
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             if isinstance(exc, DataError):
+                if not str(exc).startswith(source):  # (_BoundedTarInfo's, raised inside tarfile)
+                    raise DataError(f"{source}: {exc}; refused, nothing extracted (is this the right archive? "
+                                    "--url)") from None
                 raise
             if isinstance(exc, OSError) and exc.errno in _DISK:  # the disk, not the archive
                 raise OSError(exc.errno, exc.strerror, dest) from None
             if isinstance(exc, OSError) and exc.errno is not None:  # members that clash (a file where a folder goes)
-                member = os.path.relpath(os.fsdecode(exc.filename), staging) if isinstance(exc.filename, (str, bytes)) \
-                    else "a member"
+                member = _shown(os.path.relpath(os.fsdecode(exc.filename), staging)) \
+                    if isinstance(exc.filename, (str, bytes)) else "a member"
                 raise DataError(f"{source}: cannot be extracted ({exc.strerror.lower()} at {member}: its members "
                                 "clash); nothing extracted") from None
             raise DataError(f"{source}: not a readable archive ({type(exc).__name__}: "

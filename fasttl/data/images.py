@@ -113,7 +113,11 @@ def _jpeg_problem(f, size: int) -> Optional[str]:
             exif_segments += 1
             if exif_segments > 1:  # PIL reads the first one's orientation, DALI the last's: no one answer
                 return "JPEG has two EXIF segments (which orientation holds is ambiguous); re-save it with one"
-            problem = _exif_directory_problem(data.get(pos + 8, length - 8))
+            tiff = data.get(pos + 8, length - 8)
+            if tiff[:4] not in (b"II*\0", b"MM\0*") and tiff[:6] == b"Exif\0\0":  # PIL strips a doubled prefix
+                return "JPEG EXIF segment has its Exif prefix twice (garbled metadata: DALI drops it, PIL reads it); " \
+                    "re-save the image"
+            problem = _exif_directory_problem(tiff)
             if problem is not None:
                 return f"JPEG {problem}"
         pos += length
@@ -122,10 +126,17 @@ def _jpeg_problem(f, size: int) -> Optional[str]:
     return _frame_problem(frame, huffman, scan_bytes) or _scans_problem(f, pos - 2, size)
 
 
+# Bytes a value of each TIFF type takes (EXIF's IFD0 uses these; 0 and 13+ are not among them).
+_TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8}
+_ORIENTATION_TAG = 0x0112
+
+
 def _exif_directory_problem(tiff: bytes) -> Optional[str]:
-    """An EXIF block (TIFF header, then IFD0) whose first directory declares more entries than the
-    block holds: PIL reads the entries that are there (an orientation among them turns the image),
-    DALI's parser drops the block (no turn), so the backends would decode other pixels."""
+    """An EXIF block (TIFF header, then IFD0) that PIL and DALI's parser read apart, so that the
+    backends would turn the image differently: a first directory declaring more entries than the
+    block holds (PIL reads those there, DALI drops the block), an entry of an unknown type or with
+    data outside the block (DALI drops the block, PIL skips the entry), an orientation that is not
+    one SHORT (DALI reads its first two bytes as one whatever its type, PIL honours the type)."""
     if len(tiff) < 8 or tiff[:4] not in (b"II*\0", b"MM\0*"):
         return None  # no directory to read: both backends ignore the block alike
     order = "<" if tiff[:2] == b"II" else ">"
@@ -133,9 +144,18 @@ def _exif_directory_problem(tiff: bytes) -> Optional[str]:
     if offset + 2 > len(tiff):
         return None
     entries = struct.unpack(order + "H", tiff[offset:offset + 2])[0]
+    garbled = " (garbled metadata: which orientation holds is ambiguous); re-save the image"
     if offset + 2 + 12 * entries > len(tiff):
-        return (f"EXIF directory declares {entries} entries, more than its block holds (garbled metadata: which "
-                "orientation holds is ambiguous); re-save the image")
+        return f"EXIF directory declares {entries} entries, more than its block holds" + garbled
+    for at in range(offset + 2, offset + 2 + 12 * entries, 12):
+        tag, kind, count, value = struct.unpack(order + "HHII", tiff[at:at + 12])
+        if kind not in _TIFF_TYPE_BYTES:
+            return f"EXIF entry 0x{tag:04X} has the unknown type {kind}" + garbled
+        size = _TIFF_TYPE_BYTES[kind] * count
+        if size > 4 and value + size > len(tiff):
+            return f"EXIF entry 0x{tag:04X} points past its block" + garbled
+        if tag == _ORIENTATION_TAG and (kind != 3 or count != 1):
+            return f"EXIF orientation is not one SHORT value (type {kind}, count {count})" + garbled
     return None
 
 

@@ -97,10 +97,13 @@ def _measured(key: str, field: str) -> Optional[float]:
     entry = (_read_all().get(_machine_key()) or {})
     entry = entry.get(key) if isinstance(entry, dict) else None
     value = entry.get(field) if isinstance(entry, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-            not 0 < value <= MAX_RATE[field]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        value = float(value)  # an integer of 400 digits is no float (OverflowError): damage, measured again
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) and 0 < value <= MAX_RATE[field] else None
 
 
 def measured_speed(key: str) -> Optional[float]:
@@ -178,11 +181,15 @@ def check_budget_options(cfg, given: Sequence[str]) -> None:
 
 
 def _round_up(seconds: float) -> str:
-    return f"{math.ceil(seconds)}s" if seconds < 120 else f"{math.ceil(seconds / 60)}m"
+    return f"{math.ceil(seconds)}s" if seconds < 120 else f"{math.ceil(seconds / 60)}m" if seconds < 7200 else \
+        f"{math.ceil(seconds / 3600)}h"
 
 
-def suggested(seconds: float) -> str:
-    """The budget a refusal suggests, or that none --budget takes would do."""
-    if seconds > MAX_BUDGET_S:
-        return f"no --budget up to {shown(MAX_BUDGET_S)} fits it"
-    return f"pass --budget {_round_up(seconds)} or more"
+def suggested(seconds: float, least: Optional[float] = None) -> str:
+    """The budget a refusal suggests (`seconds`: the estimate with its margin), or that none --budget
+    takes would do; the largest where only the margin passes it (`least`: the estimate without it)."""
+    if seconds <= MAX_BUDGET_S:
+        return f"pass --budget {_round_up(seconds)} or more"
+    if least is not None and least <= MAX_BUDGET_S:
+        return f"pass --budget {MAX_BUDGET_S / 3600:.0f}h, the largest (with room for error: {shown(seconds)})"
+    return f"no --budget up to {shown(MAX_BUDGET_S)} fits it"

@@ -159,7 +159,7 @@ class Planner:
             self.record_used = True
             raise OptionError(f"budget: {self.cfg.budget} is too small for a model on this data here: "
                               f"{what.format(budget.shown(least / SAFETY))}; "
-                              f"{budget.suggested(least * MARGIN / SAFETY)}{budget.speeds_from()}")
+                              f"{budget.suggested(least * MARGIN / SAFETY, least / SAFETY)}{budget.speeds_from()}")
 
     def _least_plan_s(self, singles, speeds):
         """Seconds of the least a plan does, from this machine's record (None where it holds no
@@ -353,7 +353,7 @@ class Planner:
         if needed > self.budget_s:
             raise OptionError(f"budget: {self.cfg.budget} is too small for a model on this data here: validating "
                               f"the first head on its {len(x)} probe rows needs about {budget.shown(needed)} with "
-                              f"the screening; {budget.suggested(needed)}")
+                              f"the screening; {budget.suggested(needed, needed / MARGIN)}")
 
     def _may_tune(self, parts: int) -> bool:
         """Whether one more head fit on the probe leaves the best candidate's full run its time."""
@@ -464,7 +464,7 @@ class Planner:
             raise OptionError(f"budget: {self.cfg.budget} is too small for a model on this data here: the cheapest "
                               f"screened ({cheapest.backbone} at {cheapest.image_size} px, {cheapest.head}, mirror "
                               f"views {cheapest.mirror_views}) needs about {budget.shown(needed)} with the "
-                              f"screening; {budget.suggested(needed)}"
+                              f"screening; {budget.suggested(needed, needed / MARGIN)}"
                               + (budget.speeds_from() if self.record_used else ""))
         linear = [c for c in fitting if c.head == "linear"]
         defaults = {name: getattr(self.cfg, name) for name in PLANNED}  # what the run would be without --budget
