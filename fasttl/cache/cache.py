@@ -359,11 +359,11 @@ def _models(cache: FeatureCache, index: int) -> list:
     if isinstance(backbone, dict) and backbone:
         return list(backbone.get("parts") or [backbone])
     user = cache.fingerprint.get("user") if isinstance(cache.fingerprint.get("user"), dict) else {}
-    named = {k: user[k] for k in ("backbone", "model") if isinstance(user.get(k), str) and user[k].strip()}
+    named = [user[k].strip() for k in ("model", "backbone") if isinstance(user.get(k), str) and user[k].strip()]
     if not named:
         raise CacheError(f"side_by_side: caches[{index}] does not say which model made its features (a cache "
                          "FeatureCache.write made without fingerprint={'model': NAME}); write it with one")
-    return [dict(named, name=named.get("model", named.get("backbone")))]
+    return [{"name": named[0]}]  # by name alone: {"model": "m1"} and {"backbone": "m1 "} are one model
 
 
 def _order_number(name: str, value, bits: int) -> int:

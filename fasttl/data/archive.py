@@ -24,17 +24,37 @@ MAX_NAME_BYTES = 4096         # PATH_MAX; a longer name can't be created anyway
 SHOWN_NAME = 120              # characters of a member's name a message shows
 
 
+MAX_CHAINED_HEADERS = 8       # extended headers before one member (tarfile recurses once for each)
+
+
 class _BoundedTarInfo(tarfile.TarInfo):
-    """A tar header that refuses an extended header past MAX_HEADER_BYTES before reading it."""
+    """A tar header that refuses, before reading them, an extended header past MAX_HEADER_BYTES,
+    more than MAX_CHAINED_HEADERS of them in a row (400 chained ones overflowed Python's stack), and
+    sparse members (their maps are read block by block, unbounded; data sets ship none)."""
 
     EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
                 tarfile.SOLARIS_XHDTYPE)
 
     def _proc_member(self, tarfile_):
+        chained = getattr(tarfile_, "_fasttl_chained", 0) + 1 if self.type in self.EXTENDED else 0
+        tarfile_._fasttl_chained = chained
+        if chained > MAX_CHAINED_HEADERS:
+            raise DataError(f"holds more than {MAX_CHAINED_HEADERS} extended headers in a row before one member")
         if self.type in self.EXTENDED and self.size > MAX_HEADER_BYTES:
             raise DataError(f"holds an extended header of {self.size:,} bytes (a name or attributes), more than "
                             f"{MAX_HEADER_BYTES:,}")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            _refuse_sparse()
         return super()._proc_member(tarfile_)
+
+    def _proc_gnusparse_00(self, *args):  # sparse files in PAX form (CPython's names, 3.8 to 3.13)
+        _refuse_sparse()
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
+
+
+def _refuse_sparse():
+    raise DataError("holds a sparse file member (data sets hold plain files)")
 
 
 def _shown(name: str) -> str:
@@ -65,7 +85,7 @@ def check_members(archive: tarfile.TarFile, folder: str, source: str) -> None:
             why = "a '..' path"
         elif member.issym() or member.islnk():
             why = f"a link (to {_shown(member.linkname)})"
-        elif not (member.isfile() or member.isdir()):
+        elif member.issparse() or not (member.isfile() or member.isdir()):
             why = "not a plain file or folder"
         elif parts[0] != folder:
             why = f"outside {folder}/"
@@ -111,6 +131,9 @@ def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[st
                     archive.extractall(staging, filter="data")
                 else:  # Python without extraction filters: the members were checked above
                     archive.extractall(staging)
+        except RecursionError:  # headers tarfile reads recursively (MAX_CHAINED_HEADERS stops the known chains)
+            raise DataError(f"{source}: not a readable archive (its headers nest too deep); nothing "
+                            "extracted") from None
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             if isinstance(exc, DataError):
                 if not str(exc).startswith(source):  # (_BoundedTarInfo's, raised inside tarfile)

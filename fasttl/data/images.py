@@ -127,7 +127,7 @@ def _jpeg_problem(f, size: int) -> Optional[str]:
 
 
 # Bytes a value of each TIFF type takes (EXIF's IFD0 uses these; 0 and 13+ are not among them).
-_TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8}
+_TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}  # 13: IFD
 _ORIENTATION_TAG = 0x0112
 
 
@@ -137,6 +137,9 @@ def _exif_directory_problem(tiff: bytes) -> Optional[str]:
     block holds (PIL reads those there, DALI drops the block), an entry of an unknown type or with
     data outside the block (DALI drops the block, PIL skips the entry), an orientation that is not
     one SHORT (DALI reads its first two bytes as one whatever its type, PIL honours the type)."""
+    if tiff[:2] in (b"II", b"MM") and tiff[:4] not in (b"II*\0", b"MM\0*"):  # PIL takes MM*\0, II\0*: DALI not
+        return "EXIF block has a malformed TIFF header (garbled metadata: DALI drops it, PIL reads it); re-save " \
+            "the image"
     if len(tiff) < 8 or tiff[:4] not in (b"II*\0", b"MM\0*"):
         return None  # no directory to read: both backends ignore the block alike
     order = "<" if tiff[:2] == b"II" else ">"
