@@ -22,9 +22,9 @@ MAX_MEMBERS = 10_000
 MAX_HEADER_BYTES = 1 << 20
 MAX_NAME_BYTES = 4096         # PATH_MAX; a longer name can't be created anyway
 SHOWN_NAME = 120              # characters of a member's name a message shows
-
-
 MAX_CHAINED_HEADERS = 8       # extended headers before one member (tarfile recurses once for each)
+# The destination's faults, not the archive's: named as DEST's (a full disk keeps the download to retry).
+_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
@@ -59,8 +59,6 @@ def _refuse_sparse():
 
 def _shown(name: str) -> str:
     return repr(name if len(name) <= SHOWN_NAME else name[:SHOWN_NAME] + "...")
-# The destination's faults, not the archive's: named as DEST's (a full disk keeps the download to retry).
-_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
 
 
 def check_members(archive: tarfile.TarFile, folder: str, source: str) -> None:

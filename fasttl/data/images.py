@@ -126,8 +126,9 @@ def _jpeg_problem(f, size: int) -> Optional[str]:
     return _frame_problem(frame, huffman, scan_bytes) or _scans_problem(f, pos - 2, size)
 
 
-# Bytes a value of each TIFF type takes (EXIF's IFD0 uses these; 0 and 13+ are not among them).
-_TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}  # 13: IFD
+# Bytes a value of each TIFF type takes: TIFF 6's twelve and 13, a sub-directory's offset (Adobe's
+# TIFF Technical Note 1); others (0, BigTIFF's 16-18) are unknown to DALI's parser.
+_TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
 _ORIENTATION_TAG = 0x0112
 
 
