@@ -250,6 +250,9 @@ def _png_problem(f, size: int) -> Optional[str]:
             problem = _png_exif_problem(data[pos + 8:end], exif_chunks)
             if problem is not None:
                 return problem
+        if kind in (b"tEXt", b"zTXt", b"iTXt") and data[pos + 8:end].split(b"\0", 1)[0] == b"exif":
+            return (f"PNG {name} chunk keyed 'exif' (PIL reads it as the image's EXIF, DALI does not: the two "
+                    "would turn the image differently); re-save the image")
         has_palette = has_palette or kind == b"PLTE"
         has_data = has_data or kind == b"IDAT"
         compressed += length if kind == b"IDAT" else 0
