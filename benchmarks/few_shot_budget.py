@@ -47,7 +47,8 @@ def main() -> None:
         for draw in args.draws:
             data = class_subset(os.path.abspath(args.data), os.path.join(tmp, f"draw{draw}"), HARD,
                                 args.train_per_class, args.test_per_class, seed=draw)
-            row = {"draw": draw, "default": run_one(data, None, tmp), "budget": run_one(data, args.budget, tmp)}
+            row = {"draw": draw, "default": run_one(data, None, tmp), "budget": run_one(data, args.budget, tmp),
+                   "command": "python benchmarks/few_shot_budget.py " + " ".join(sys.argv[1:])}
             print(json.dumps(row), flush=True)
             rows.append(row)
     previous = json.load(open(RESULTS))["rows"] if os.path.exists(RESULTS) else []

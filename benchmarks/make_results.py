@@ -364,7 +364,7 @@ def few_shot_budget_section(path: pathlib.Path) -> list:
                      f"{c.get('image_size')} px, {c.get('mirror_views')}, {c.get('strategy')} |")
     parts += ["", f"- Mean gain of `--budget {record['budget']}` over the defaults: "
               f"{summary['mean_gain_points']:+.2f} +- {summary['standard_error']:.2f} points (standard error over "
-              f"{summary['draws']} draws).", ""]
+              f"{summary['draws']} draws)."] + ([f"- {record['note']}"] if record.get("note") else []) + [""]
     return parts
 
 
