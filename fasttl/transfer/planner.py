@@ -353,7 +353,7 @@ class Planner:
         if needed > self.budget_s:
             raise OptionError(f"budget: {self.cfg.budget} is too small for a model on this data here: validating "
                               f"the first head on its {len(x)} probe rows needs about {budget.shown(needed)} with "
-                              f"the screening; {budget.suggested(needed, needed / MARGIN)}")
+                              f"the screening; {budget.suggested(needed)}")  # (refused with its margin)
 
     def _may_tune(self, parts: int) -> bool:
         """Whether one more head fit on the probe leaves the best candidate's full run its time."""
