@@ -114,7 +114,7 @@ def _jpeg_problem(f, size: int) -> Optional[str]:
             if exif_segments > 1:  # PIL reads the first one's orientation, DALI the last's: no one answer
                 return "JPEG has two EXIF segments (which orientation holds is ambiguous); re-save it with one"
             tiff = data.get(pos + 8, length - 8)
-            if tiff[:4] not in (b"II*\0", b"MM\0*") and tiff[:6] == b"Exif\0\0":  # PIL strips a doubled prefix
+            if tiff[:4] not in _TIFF_MAGICS and tiff[:6] == b"Exif\0\0":  # PIL strips a doubled prefix
                 return "JPEG EXIF segment has its Exif prefix twice (garbled metadata: DALI drops it, PIL reads it); " \
                     "re-save the image"
             problem = _exif_directory_problem(tiff)
@@ -130,6 +130,7 @@ def _jpeg_problem(f, size: int) -> Optional[str]:
 # TIFF Technical Note 1); others (0, BigTIFF's 16-18) are unknown to DALI's parser.
 _TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
 _ORIENTATION_TAG = 0x0112
+_TIFF_MAGICS = (b"II*\0", b"MM\0*")  # little- and big-endian TIFF, as an EXIF block starts
 
 
 def _exif_directory_problem(tiff: bytes) -> Optional[str]:
@@ -138,10 +139,10 @@ def _exif_directory_problem(tiff: bytes) -> Optional[str]:
     block holds (PIL reads those there, DALI drops the block), an entry of an unknown type or with
     data outside the block (DALI drops the block, PIL skips the entry), an orientation that is not
     one SHORT (DALI reads its first two bytes as one whatever its type, PIL honours the type)."""
-    if tiff[:2] in (b"II", b"MM") and tiff[:4] not in (b"II*\0", b"MM\0*"):  # PIL takes MM*\0, II\0*: DALI not
+    if tiff[:2] in (b"II", b"MM") and tiff[:4] not in _TIFF_MAGICS:  # PIL takes MM*\0, II\0*: DALI not
         return "EXIF block has a malformed TIFF header (garbled metadata: DALI drops it, PIL reads it); re-save " \
             "the image"
-    if len(tiff) < 8 or tiff[:4] not in (b"II*\0", b"MM\0*"):
+    if len(tiff) < 8 or tiff[:4] not in _TIFF_MAGICS:
         return None  # no directory to read: both backends ignore the block alike
     order = "<" if tiff[:2] == b"II" else ">"
     offset = struct.unpack(order + "I", tiff[4:8])[0]
@@ -274,7 +275,7 @@ def _png_exif_problem(block: bytes, count: int) -> Optional[str]:
     backends would turn the image differently (a second chunk also corrupted DALI's heap)."""
     if count > 1:
         return "PNG has two eXIf chunks (which orientation holds is ambiguous); re-save it with one"
-    if block[:4] not in (b"II*\0", b"MM\0*"):
+    if block[:4] not in _TIFF_MAGICS:
         return "PNG eXIf chunk does not start with a TIFF header (II* or MM*): garbled metadata; re-save the image"
     problem = _exif_directory_problem(block)
     return None if problem is None else f"PNG {problem}"
