@@ -436,7 +436,9 @@ class CacheLoader:
         for start in starts:
             indices = order[start:start + self.batch_size]
             features = self._gather(indices)
-            labels = self.cache.labels[indices]
+            # index_select, not labels[indices]: advanced indexing took 4-7 ms a batch of 8192 beside
+            # another job on the cores (its parallel loop waits on a parked thread), index_select 0.08 ms
+            labels = torch.index_select(self.cache.labels, 0, indices)
             yield features.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def _gather(self, indices: Tensor, out: Optional[Tensor] = None) -> Tensor:

@@ -47,9 +47,11 @@ def remove_unrecorded_int8_graphs(engine_dir: str, keep: str) -> list:
         try:
             with open(os.path.join(engine_dir, name, store.MANIFEST), "rb") as f:
                 graph = json.loads(f.read(1 << 24)).get("engine_graph") or {}
-            recorded.add(graph.get("file"))
-        except (OSError, ValueError, AttributeError):
+            graph_file = graph.get("file")
+        except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested 100,000 deep
             continue  # not a cache, or one without a graph
+        if isinstance(graph_file, str):  # a damaged manifest (a list, an object there) records nothing
+            recorded.add(graph_file)
     stale = [name for name in names if re.fullmatch(r"engine-[0-9a-f]{16}-int8\.onnx", name) and name not in recorded]
     for name in stale:
         with contextlib.suppress(OSError):

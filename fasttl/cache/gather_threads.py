@@ -1,13 +1,15 @@
 """How many threads a cache loader's gather uses, chosen by timing as the epoch runs.
 
 A gather on every core is the fastest on an idle machine (1.8x one thread's rate on the 2-core
-Xeon). Beside a job computing on every core, though, it switches unpredictably between that and a
-sixth of one thread's rate for epochs at a time (1.55 against 5.3-8 GB/s over 2,000,000 x 512
-fp16 rows): OpenMP's static split makes each batch wait for whichever thread the scheduler has
-parked, while one thread never waits on another. So the loader times its batches with every
-thread and with one, gathers with every thread unless one is faster by MARGIN, and times the
-other again after EXPLORE_EVERY batches, then less and less often while the choice holds (up to
-EXPLORE_MOST), since other jobs come and go."""
+Xeon). It used to be an OpenMP loop, and beside a job computing on every core it switched
+unpredictably between that and a sixth of one thread's rate for epochs at a time (1.55 against
+5.3-8 GB/s over 2,000,000 x 512 fp16 rows): its static split made each batch wait for whichever
+thread the scheduler had parked. The gather's threads now claim chunks of rows, and the caller
+waits only for chunks a helper has begun (csrc/cpu/claim_pool.h), so a parked helper costs
+nothing. The timing stays as a guard: the loader times its batches with every thread and with
+one, gathers with every thread unless one is faster by MARGIN, and times the other again after
+EXPLORE_EVERY batches, then less and less often while the choice holds (up to EXPLORE_MOST),
+since other jobs come and go."""
 from __future__ import annotations
 
 import os

@@ -127,7 +127,8 @@ class ShardTable:
         """Rows `indices` dequantized to out_dtype, into `out` when given (a contiguous
         (len(indices), C) CPU tensor of out_dtype: a pinned staging buffer, say). `checked=False`
         skips the range check for indices known to be in range (a permutation of the rows).
-        `threads`: how many OpenMP threads read them (0: torch's thread count)."""
+        `threads`: how many threads read them: the caller and up to threads - 1 helpers claiming
+        chunks of rows (csrc/cpu/claim_pool.h); 0: torch's thread count."""
         if out_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"out_dtype: {out_dtype} is not supported (expected torch.float32 or torch.bfloat16)")
         if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32) or indices.dim() != 1 \

@@ -20,17 +20,26 @@ MAX_MEMBERS = 10_000
 # A member's extended header (a GNU long name or link, a PAX record) is read whole into memory: a
 # 100 KB archive declaring a 100 MB name took 1.7 GB. Real ones hold a path and a few attributes.
 MAX_HEADER_BYTES = 1 << 20
+# ... and all of them together: each member keeps its own decoded copy, so 10,000 members of 1 MB
+# each took 10 GB from an 11 MB download. 10,000 members with a path and three times each (GNU tar's
+# pax form, ~400 bytes) hold 4 MB.
+MAX_TOTAL_HEADER_BYTES = 8 << 20
 MAX_NAME_BYTES = 4096         # PATH_MAX; a longer name can't be created anyway
 SHOWN_NAME = 120              # characters of a member's name a message shows
 MAX_CHAINED_HEADERS = 8       # extended headers before one member (tarfile recurses once for each)
+# The times a member may carry: the years 1 to 9999 (a file system's time_t holds them). Past them
+# setting the file's time raised OverflowError (1e400, 10**20) after the files were written.
+MEMBER_TIMES = (-62135596800, 253402300799)
 # The destination's faults, not the archive's: named as DEST's (a full disk keeps the download to retry).
 _DISK = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
-    """A tar header that refuses, before reading them, an extended header past MAX_HEADER_BYTES,
-    more than MAX_CHAINED_HEADERS of them in a row (400 chained ones overflowed Python's stack), and
-    sparse members (their maps are read block by block, unbounded; data sets ship none)."""
+    """A tar header that refuses, before reading them, an extended header past MAX_HEADER_BYTES
+    (or past MAX_TOTAL_HEADER_BYTES with the earlier ones), more than MAX_CHAINED_HEADERS of them in
+    a row (400 chained ones overflowed Python's stack), sparse members (their maps are read block by
+    block, unbounded; data sets ship none), and a negative size (a Python without the fix of
+    CVE-2025-8194 steps back by it: the same headers are read again and again, each a new member)."""
 
     EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
                 tarfile.SOLARIS_XHDTYPE)
@@ -40,17 +49,36 @@ class _BoundedTarInfo(tarfile.TarInfo):
         tarfile_._fasttl_chained = chained
         if chained > MAX_CHAINED_HEADERS:
             raise DataError(f"holds more than {MAX_CHAINED_HEADERS} extended headers in a row before one member")
-        if self.type in self.EXTENDED and self.size > MAX_HEADER_BYTES:
-            raise DataError(f"holds an extended header of {self.size:,} bytes (a name or attributes), more than "
-                            f"{MAX_HEADER_BYTES:,}")
+        _refuse_negative_size(self)
+        if self.type in self.EXTENDED:
+            _count_header_bytes(tarfile_, self.size)
         if self.type == tarfile.GNUTYPE_SPARSE:
             _refuse_sparse()
         return super()._proc_member(tarfile_)
+
+    def _apply_pax_info(self, pax_headers, encoding, errors):
+        super()._apply_pax_info(pax_headers, encoding, errors)
+        _refuse_negative_size(self)  # a pax size, before tarfile moves to the next header by it
 
     def _proc_gnusparse_00(self, *args):  # sparse files in PAX form (CPython's names, 3.8 to 3.13)
         _refuse_sparse()
 
     _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
+
+
+def _refuse_negative_size(member: tarfile.TarInfo) -> None:
+    if member.size < 0:
+        raise DataError(f"member {_shown(member.name)} has a negative size")
+
+
+def _count_header_bytes(tarfile_: tarfile.TarFile, size: int) -> None:
+    if size > MAX_HEADER_BYTES:
+        raise DataError(f"holds an extended header of {size:,} bytes (a name or attributes), more than "
+                        f"{MAX_HEADER_BYTES:,}")
+    tarfile_._fasttl_header_bytes = getattr(tarfile_, "_fasttl_header_bytes", 0) + size
+    if tarfile_._fasttl_header_bytes > MAX_TOTAL_HEADER_BYTES:
+        raise DataError(f"holds more than {MAX_TOTAL_HEADER_BYTES:,} bytes of extended headers (names or "
+                        "attributes) in all")
 
 
 def _refuse_sparse():
@@ -73,7 +101,8 @@ def check_members(archive: tarfile.TarFile, folder: str, source: str) -> None:
         parts = name.replace("\\", "/").split("/")
         while len(parts) > 1 and parts[0] == ".":  # tar czf x.tgz ./folder: the same place as folder/
             parts = parts[1:]
-        if parts in (["."], [""]) and member.isdir():  # the archive's own top folder, "./"
+        dated = MEMBER_TIMES[0] <= member.mtime <= MEMBER_TIMES[1]  # compared only: 10**400 is no float
+        if parts in (["."], [""]) and member.isdir() and dated:  # the archive's own top folder, "./"
             continue
         if len(os.fsencode(name)) > MAX_NAME_BYTES or any(len(os.fsencode(part)) > 255 for part in parts):
             why = "a name too long for a file system"
@@ -85,6 +114,8 @@ def check_members(archive: tarfile.TarFile, folder: str, source: str) -> None:
             why = f"a link (to {_shown(member.linkname)})"
         elif member.issparse() or not (member.isfile() or member.isdir()):
             why = "not a plain file or folder"
+        elif not dated:  # (extractall sets the top folder's time too)
+            why = f"dated {str(member.mtime)[:40]} (its time is out of range)"
         elif parts[0] != folder:
             why = f"outside {folder}/"
         else:
@@ -132,7 +163,7 @@ def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[st
         except RecursionError:  # headers tarfile reads recursively (MAX_CHAINED_HEADERS stops the known chains)
             raise DataError(f"{source}: not a readable archive (its headers nest too deep); nothing "
                             "extracted") from None
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        except (tarfile.TarError, EOFError, OSError, ValueError, OverflowError) as exc:  # Overflow: a time
             if isinstance(exc, DataError):
                 if not str(exc).startswith(source):  # (_BoundedTarInfo's, raised inside tarfile)
                     raise DataError(f"{source}: {exc}; refused, nothing extracted (is this the right archive? "

@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from fasttl.util.checks import finite
 from fasttl.util.errors import UserError
 from fasttl.util.seeds import torch_seed
 
@@ -138,7 +139,7 @@ def _restore(state: dict, path: str, epochs: int, model: nn.Module, optimizer, s
         raise damaged(f"its history is not one record for each of its {epoch} epochs")
     for number, record in enumerate(history, 1):
         if not isinstance(record, dict) or record.get("epoch") != number or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in record.values()):
+                isinstance(v, (int, float)) and not isinstance(v, bool) and finite(v) for v in record.values()):
             raise damaged(f"its history record {number} is not that epoch's numbers")
     parts = [("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("extra", extra_state)]
     for key, target in parts:
@@ -206,7 +207,8 @@ def _changed_setting(key: str, fresh: Optional[dict], loaded: Optional[dict], ta
     if key == "optimizer":
         for group in target.param_groups:
             peak = max(float(group.get(k) or 0.0) for k in ("initial_lr", "max_lr")) or None
-            if not math.isfinite(float(group["lr"])) or (peak is not None and group["lr"] > peak * (1 + 1e-6)):
+            lr = group["lr"]  # a checkpoint's int of 400 digits is no float: not finite
+            if not finite(lr if isinstance(lr, int) else float(lr)) or (peak is not None and lr > peak * (1 + 1e-6)):
                 return f"a learning rate {group['lr']!r} above the schedule's peak"
     return None
 

@@ -181,9 +181,7 @@ def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, b
 def _check_arguments(train, eval_cache, kind, epochs, batch_size, lr, weight_decay, seed, device) -> torch.device:
     """train_head's arguments, each named when wrong (as `fasttl run` checks its options): an
     evaluation cache must hold the training cache's classes, in order, and its feature width."""
-    import math
-
-    from fasttl.util.checks import positive_int, torch_device
+    from fasttl.util.checks import finite, positive_int, torch_device
     from fasttl.util.errors import OptionError
 
     if kind not in HEADS:
@@ -191,7 +189,7 @@ def _check_arguments(train, eval_cache, kind, epochs, batch_size, lr, weight_dec
     positive_int("epochs", epochs, OptionError)
     positive_int("batch_size", batch_size, OptionError)
     for name, value, zero_allowed in (("lr", lr, False), ("weight_decay", weight_decay, True)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not finite(value) or \
                 value < 0 or (value == 0 and not zero_allowed):
             raise OptionError(f"{name}: expected a finite number {'>= 0' if zero_allowed else '> 0'}, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

@@ -5,11 +5,10 @@ strategy declares the options only it reads in its own class (Strategy.options),
 missing, an option no trained strategy reads) are generated from these fields."""
 from __future__ import annotations
 
-import math
 from dataclasses import field
 from typing import Callable, Optional
 
-from fasttl.util.checks import positive_int
+from fasttl.util.checks import finite, positive_int
 from fasttl.util.errors import OptionError
 
 Check = Callable[[str, object], None]  # (option name, value): raises OptionError naming the option
@@ -56,7 +55,7 @@ def an_optional_positive_int(name: str, value) -> None:
 
 
 def a_positive_number(name: str, value) -> None:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and finite(value) and value > 0):
         raise OptionError(f"{name}: expected a finite number > 0, got {value!r}")
 
 

@@ -4,9 +4,10 @@ damaged file is then a one-line error naming the file and the field, never a tra
 strategy or an option error that blames the command line."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict
+
+from fasttl.util.checks import finite
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ def _int_in(low: int, high: int) -> Callable[[Any], bool]:
 
 
 def _positive_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and finite(v) and v > 0  # 10**400: not finite
 
 
 def _text(v) -> bool:

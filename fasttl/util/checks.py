@@ -2,6 +2,8 @@
 message naming the argument."""
 from __future__ import annotations
 
+import math
+
 
 def positive_int(name: str, value, error=ValueError, optional: bool = False):
     """`value` when it is an int >= 1 (True is not 1 here), or None when `optional`; else `error`
@@ -11,6 +13,15 @@ def positive_int(name: str, value, error=ValueError, optional: bool = False):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise error(f"{name}: expected a positive integer, got {value!r}")
     return value
+
+
+def finite(value) -> bool:
+    """math.isfinite for a number read back from a file: an integer too large for a double (an int
+    of 400 digits in JSON or a checkpoint) is not finite here, where math.isfinite raises OverflowError."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def plain_int(value):

@@ -97,7 +97,7 @@ struct GatherArgs {
   const void* const* shard_caches = nullptr;
   const float* const* shard_scales = nullptr;  // int8 only
   int64_t shard_rows = 0;
-  int threads = 0;  // CPU: OpenMP threads for this call; 0: OpenMP's current default
+  int threads = 0;  // CPU: threads for this call (claim_parallel); 0: OpenMP's current default
 };
 
 void pool_store_cpu(const PoolStoreArgs& args);

@@ -348,10 +348,16 @@ def refuse_teachers_of_test_images(teachers: List[str], test) -> None:
 
 
 def _teacher_accuracy(teacher: str) -> Optional[float]:
+    """The teacher's test accuracy as its metrics.json records it, for the student's notes only; None
+    when the file is missing or damaged, a value that is no accuracy (true, 10**400, NaN, 7.5) too:
+    metrics.json is not hash-recorded, and this runs after the student trained, so it never fails."""
     try:
-        return float(read_json(os.path.join(teacher, "metrics.json"))["accuracy"])
+        value = read_json(os.path.join(teacher, "metrics.json"))["accuracy"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # NaN too
+        return None
+    return float(value)  # compared only above: an int of 400 digits is no float
 
 
 def _a_temperature(name: str, value) -> None:
