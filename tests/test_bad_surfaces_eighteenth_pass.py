@@ -45,9 +45,13 @@ def test_an_int8_run_shown_images_unlike_its_training_images_names_them_and_the_
 
 @pytest.mark.parametrize("command", ["run", "extract"])
 def test_int8_extraction_that_cant_follow_the_images_gives_the_fix_that_works(dark, tmp_path, capsys, fresh_engines,
-                                                                              command):
-    """At 48 px the graph quantized on these dark images can't follow them within tolerance: rerunning
-    would make the same graph and --engine torch is refused with int8, so the one fix is fp32."""
+                                                                              command, monkeypatch):
+    """A graph quantized on these dark images that can't follow them within tolerance: rerunning
+    would make the same graph and --engine torch is refused with int8, so the one fix is fp32. (At
+    48 px the int8 x uint8 graph was off by more than INT8_TOLERANCE on the Xeon; the uint8 x uint8
+    graph of a CPU without int8 dot products follows them, so the tolerance is set below any int8
+    graph's error here.)"""
+    monkeypatch.setattr(engines, "INT8_TOLERANCE", 1e-4)
     words = ["--backbone", "efficientnet_lite0"] if command == "extract" else ["--compare", "none"]
     code, _, err = cli(capsys, command, *words, "--data", dark, "--image-size", "48", "--extract-precision", "int8",
                        "--out", tmp_path / "out", "--no-progress")

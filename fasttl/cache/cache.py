@@ -42,7 +42,9 @@ class FeatureCache:
     An opened cache stays on disk: each shard file is memory-mapped and the loader reads the rows
     of each batch where they lie (the page cache holds what was read; it is not the process's
     own memory). Copies of the whole cache are explicit: ``cache.to("cuda")`` (the GPU reads it
-    at its memory speed), ``cache.to("cpu")``, ``all_features()``, ``features``."""
+    at its memory speed), ``cache.to("cpu")``, ``all_features()``, ``features``; a copy made by
+    ``copy.deepcopy`` or pickle (a spawned DataLoader worker gets one) holds its rows in memory:
+    in spawned workers, ``FeatureCache.open(directory)`` maps the files instead."""
 
     def __init__(self, directory: str, manifest: dict, features: Union[Tensor, Sequence[Tensor]],
                  scales: Union[None, Tensor, Sequence[Tensor]], labels: Tensor,

@@ -4,6 +4,7 @@ and reading every listed file against its recorded size and SHA-256. Shared by t
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -404,4 +405,4 @@ def read_cache(directory: str, verify, expect_fingerprint=None):
             _parse_samples(path, samples_file.read(), count)
     checker.record()
     return (manifest, parts, scale_parts or None, torch.from_numpy(labels),
-            lambda: load_samples(directory, entry, count))
+            functools.partial(load_samples, directory, entry, count))  # (a lambda can't be pickled)

@@ -39,7 +39,9 @@ class GatherThreads:
     def candidates(self) -> tuple:
         if self.pinned is not None:
             return (self.pinned,)
-        every = torch.get_num_threads()  # read each batch: the user may change it
+        # read each batch (the user may change it); capped as `threads` is: each thread beyond the
+        # first is a helper that lives as long as the process (torch.set_num_threads(3000): 2999)
+        every = min(torch.get_num_threads(), MOST_THREADS)
         return (every, 1) if every > 1 else (1,)
 
     def choose(self) -> int:

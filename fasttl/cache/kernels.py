@@ -122,6 +122,11 @@ class ShardTable:
     def __len__(self) -> int:
         return self.rows
 
+    def __reduce__(self):
+        # Its tables hold the shards' addresses: a copy (copy.deepcopy, pickle to a spawned worker)
+        # is made again from its own copies of the shards, never with the original's addresses.
+        return ShardTable, (self.shards, self.scales)
+
     def gather(self, indices: Tensor, out_dtype: torch.dtype = torch.float32, out: Optional[Tensor] = None,
                checked: bool = True, method: str = "table", threads: int = 0) -> Tensor:
         """Rows `indices` dequantized to out_dtype, into `out` when given (a contiguous

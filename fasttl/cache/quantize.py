@@ -1,9 +1,10 @@
 """The int8 extraction graph: ONNX Runtime's static quantization of the fp32 graph (QDQ format,
-int8 weights per output channel, uint8 activations with ranges from a calibration sample: the
-cache's own images, or a run's training images for all of its splits). On images held out of
-CIFAR-10's training split the linear probe's accuracy moved -0.05 +- 0.13 points against fp32 over
-eight draws (benchmarks/RESULTS.md, "int8 extraction"): a linear/mlp run's `auto` picks it on CPUs
-with int8 dot products (fasttl.transfer.config)."""
+int8 weights per output channel (uint8 on CPUs without int8 dot products: unsigned_weights), uint8
+activations with ranges from a calibration sample: the cache's own images, or a run's training
+images for all of its splits). On images held out of CIFAR-10's training split the linear probe's
+accuracy moved -0.05 +- 0.13 points against fp32 over eight draws (benchmarks/RESULTS.md, "int8
+extraction"): a linear/mlp run's `auto` picks it on CPUs with int8 dot products
+(fasttl.transfer.config)."""
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,20 @@ def settings() -> dict:
     """What the int8 graph depends on beside the fp32 graph and the images: part of the fingerprint."""
     import onnxruntime
 
+    weights = "uint8 per channel" if unsigned_weights() else "int8 per channel"
     return {"images": CALIBRATION_IMAGES, "seed": CALIBRATION_SEED, "method": "minmax", "format": "qdq",
-            "weights": "int8 per channel", "activations": "uint8", "onnxruntime": onnxruntime.__version__}
+            "weights": weights, "activations": "uint8", "onnxruntime": onnxruntime.__version__}
+
+
+def unsigned_weights() -> bool:
+    """uint8 weights (ONNX Runtime's U8U8 kernels) on a CPU without int8 dot products: there its
+    uint8 x int8 kernels (AVX2's VPMADDUBSW) saturate the sum of two 8-bit products, and the int8
+    graph was off fp32 by 0.53 (the check allows 0.35) on dark photos on a 2-core EPYC without VNNI:
+    every such extraction refused. 7-bit weights (reduce_range), which the quantization docs also
+    suggest, were still 0.39 off; U8U8, which can't saturate, passed."""
+    from fasttl.cache import engines
+
+    return not engines.cpu_has_int8_dot()
 
 
 def calibration_rows(count: int) -> list:
@@ -58,7 +71,8 @@ def quantize(fp32_graph: bytes, images: torch.Tensor) -> bytes:
     with tempfile.TemporaryDirectory(prefix="fasttl-int8-") as scratch, _quiet():  # the quantizer writes files only
         out = os.path.join(scratch, "int8.onnx")
         quantize_static(onnx.load_from_string(fp32_graph), out, Batches(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QUInt8 if unsigned_weights() else QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
         with open(out, "rb") as f:
             return f.read()

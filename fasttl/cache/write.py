@@ -34,21 +34,27 @@ def _write_fingerprint(fingerprint: Optional[dict], classes, dtype: str, feature
 
 # What a value one of the narrow cache dtypes can't hold is stored as instead.
 _WIDER = {torch.float16: ("fp16", "bf16 or fp32 (dtype='bf16', or --cache-dtype/--dtype bf16)"),
-          torch.bfloat16: ("bf16", "fp32 (dtype='fp32', or --cache-dtype/--dtype fp32)")}
+          torch.bfloat16: ("bf16", "fp32 (dtype='fp32', or --cache-dtype/--dtype fp32)"),
+          torch.int8: ("int8", "fp32 (dtype='fp32', or --cache-dtype/--dtype fp32)")}
+# int8 rows are read back as q * (max|v| / 127): near float32's largest value that product rounds
+# up to inf (a row of 3.4e38 came back as inf), so int8 holds up to half of it.
+_LARGEST = {torch.int8: torch.finfo(torch.float32).max / 2}
 
 
 def check_fits(rows: torch.Tensor, cache_dtype: torch.dtype, what: str) -> None:
     """A cache dtype must hold every value it is given: fp16 turns a feature above 65504 into inf
-    (bf16 one above 3.39e38), which training would only report later as a diverged run blamed on
-    its learning rate; fp16 also turns a row of values below its smallest normal into zeros."""
-    if cache_dtype not in (torch.float16, torch.bfloat16) or not rows.numel():
+    (bf16 one above 3.39e38, int8 one above 1.7e38 as read back), which training would only report
+    later as a diverged run blamed on its learning rate; fp16 also turns a row of values below its
+    smallest normal into zeros."""
+    if cache_dtype not in _WIDER or not rows.numel():
         return
-    limits = torch.finfo(cache_dtype)
+    limits = torch.finfo(torch.float32 if cache_dtype == torch.int8 else cache_dtype)
+    most = _LARGEST.get(cache_dtype, limits.max)
     name, instead = _WIDER[cache_dtype]
     magnitudes = rows.reshape(len(rows), -1).abs().amax(dim=1)
     largest = float(magnitudes.max())
-    if largest > limits.max:
-        raise CacheError(f"{what}: a value of magnitude {largest:.4g} overflows {name} (largest {limits.max:.4g}); "
+    if largest > most:
+        raise CacheError(f"{what}: a value of magnitude {largest:.4g} overflows {name} (largest {most:.4g}); "
                          f"store it as {instead}, or scale the features")
     if cache_dtype != torch.float16:
         return
