@@ -108,3 +108,18 @@ def test_a_process_exits_with_its_helpers_asleep():
             "assert float(t.gather(torch.arange(4096), threads=4).sum()) == 4096 * 512; print('done')")
     finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0 and finished.stdout.strip() == "done", finished.stderr[-2000:]
+
+
+
+def test_helpers_are_capped_however_many_threads_torch_is_given():
+    """torch.set_num_threads(600) and no count given: the gather starts at most MOST_THREADS - 1
+    helpers (255 on a machine of fewer cores), not 599 for the rest of the process."""
+    code = ("import os, torch; from fasttl.cache import kernels; from fasttl.cache.gather_threads import MOST_THREADS; "
+            "torch.set_num_threads(600); float(torch.randn(10 ** 6).sum()); "  # torch's own team started first
+            "before = len(os.listdir('/proc/self/task')); "
+            "out = kernels.gather(torch.ones(40000, 64, dtype=torch.float16), torch.arange(40000)); "
+            "print(len(os.listdir('/proc/self/task')) - before, MOST_THREADS, float(out.sum()))")
+    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    started, most, total = finished.stdout.split()
+    assert int(started) == min(int(most), 600) - 1 and float(total) == 40000 * 64

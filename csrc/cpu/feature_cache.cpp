@@ -3,6 +3,7 @@
 // gather: rows in chunks claimed by the caller and the pool's helpers (claim_pool.h).
 #include <algorithm>
 #include <cmath>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -133,7 +134,10 @@ FASTTL_CPU_CLONES void gather_range(const GatherArgs& a, int64_t begin, int64_t 
 template <typename D, typename O>
 void gather_rows(const GatherArgs& a) {
   const int64_t row_bytes = std::max<int64_t>(a.channels * static_cast<int64_t>(sizeof(storage_t<D>)), 1);
-  const int threads = a.threads > 0 ? a.threads : omp_get_max_threads();
+  // OpenMP's default follows torch.set_num_threads (3000 is allowed): each thread past the first is
+  // a helper for the process's life, so at most as many as fasttl.cache.gather_threads.MOST_THREADS.
+  const int most = std::max(256, static_cast<int>(std::thread::hardware_concurrency()));
+  const int threads = std::min(a.threads > 0 ? a.threads : omp_get_max_threads(), most);
   claim_parallel(a.n, std::max<int64_t>(kChunkBytes / row_bytes, 16), threads,
                  [&a](int64_t begin, int64_t end) { gather_range<D, O>(a, begin, end); });
 }

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import hashlib
 import os
 import sys
@@ -16,6 +15,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from fasttl.cache.cpu_features import cpu_flags, cpu_has_int8_dot, cpu_has_native_bf16  # noqa: F401
 from fasttl.cache.store import CacheError
 from fasttl.cache.int8_checks import (INT8_CHECK_ROWS, INT8_OUTSIDE_SHARE, BatchError, Int8Checks,  # noqa: F401
                                       no_graph_kept)
@@ -52,30 +52,6 @@ _ADOPTED = {}
 MAX_ADOPTED = 4
 _PINNED = collections.Counter()
 _ADOPTING = threading.RLock()
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset:
-    """The kernel's flags of this CPU (x86 "flags", Arm "Features"); empty where unreadable."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return frozenset(next((line.split(":", 1)[1].split() for line in f
-                                   if line.split(":", 1)[0].strip() in ("flags", "Features")), []))
-    except (OSError, UnicodeDecodeError):
-        return frozenset()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX): read from the
-    kernel's CPU flags, never assumed."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def cpu_has_int8_dot() -> bool:
-    """Whether this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8), on
-    which ONNX Runtime's int8 kernels were measured 1.96x its fp32 ones (benchmarks/RESULTS.md,
-    "extract"); elsewhere int8 is not measured, and a run's auto precision stays fp32."""
-    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def onnxruntime_available() -> bool:

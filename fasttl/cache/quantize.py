@@ -38,9 +38,9 @@ def unsigned_weights() -> bool:
     graph was off fp32 by 0.53 (the check allows 0.35) on dark photos on a 2-core EPYC without VNNI:
     every such extraction refused. 7-bit weights (reduce_range), which the quantization docs also
     suggest, were still 0.39 off; U8U8, which can't saturate, passed."""
-    from fasttl.cache import engines
+    from fasttl.cache.cpu_features import cpu_has_int8_dot
 
-    return not engines.cpu_has_int8_dot()
+    return not cpu_has_int8_dot()
 
 
 def calibration_rows(count: int) -> list:
