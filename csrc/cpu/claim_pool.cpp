@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -47,7 +48,12 @@ class Pool {
       {
         std::lock_guard<std::mutex> lock(mutex_);
         while (static_cast<int>(helpers_) < job->helpers) {
-          std::thread(&Pool::serve, this, static_cast<int>(helpers_++)).detach();
+          try {
+            std::thread(&Pool::serve, this, static_cast<int>(helpers_)).detach();
+          } catch (const std::system_error&) {
+            break;  // no more threads to be had: the caller and the helpers there are do the work
+          }
+          ++helpers_;
         }
         current_ = job;
         ++posted_;
