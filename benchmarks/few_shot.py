@@ -1,5 +1,6 @@
-"""Few training images: how the linear head's L2 strength is chosen, on one 10% validation split
-or by 5-fold cross-validation on every training image, at 10 to 200 training images per class.
+"""Few training images: how the linear head is chosen, its L2 strength on one 10% validation split,
+or by 5-fold cross-validation on every training image among the L2 strengths and shrinkage LDA
+(fasttl.heads.shrinkage), at 10 to 200 training images per class.
 
 Features (the run's defaults: Lite0, 160 px, multi-stage, plain view) are extracted once for a
 pool of training images per class and for the test images. Each seed draws K training images per
@@ -62,8 +63,8 @@ def one_draw(pool, design, test, classes, channels, size, seed, folder):
         for name, below in (("split", 0), ("folds", 1 << 30)):
             tuning.CROSS_VALIDATION_BELOW = below
             tuned = tuning.tune_linear([cache], seed=seed, progress=False)
-            row[name] = {"weight_decay": tuned.choice["weight_decay"], "design": accuracy(tuned.head, *design),
-                         "test": accuracy(tuned.head, *test)}
+            setting = {key: tuned.choice[key] for key in tuning.SETTINGS if key in tuned.choice}
+            row[name] = {**setting, "design": accuracy(tuned.head, *design), "test": accuracy(tuned.head, *test)}
     finally:
         tuning.CROSS_VALIDATION_BELOW = saved
     return row
@@ -102,7 +103,10 @@ def main() -> None:
             print(f"{size}/class: design {mean['split']['design']:.4f} split, {mean['folds']['design']:.4f} folds; "
                   f"test {mean['split']['test']:.4f} split, {mean['folds']['test']:.4f} folds", flush=True)
             sizes.append({"per_class": size, "draws": draws})
-    record = {"name": args.name or f"{len(classes)}-classes", "classes": classes, "backbone": config.backbone,
+    from fasttl.heads import tuning
+
+    record = {"name": args.name or f"{len(classes)}-classes", "classes": classes,
+              "offered": list(tuning.SETTINGS),  # what cross-validation chose among "backbone": config.backbone,
               "image_size": config.image_size, "features": config.features, "pool": args.pool,
               "design": args.design, "test_per_class": args.test_per_class, "sizes": sizes,
               "machine": machine_name(), "date": datetime.date.today().isoformat(),

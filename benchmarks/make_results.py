@@ -268,12 +268,13 @@ def few_shot_section(path: pathlib.Path) -> list:
         return []
     parts = ["## Few images: one validation split or cross-validation", "",
              "K training images per class drawn per seed; the linear head's L2 strength chosen on one 10% "
-             "validation split (\"split\") or by stratified 5-fold cross-validation on all K (\"folds\"). "
+             "validation split (\"split\"), or by stratified 5-fold cross-validation on all K (\"folds\") among "
+             "the L2 strengths and, in rows that record it, shrinkage LDA (\"LDA\": the draws where folds chose it). "
              "\"design\": accuracy on training images never drawn, where the size below which fasttl "
              "cross-validates was chosen; \"test\": the test split, reported only. Mean over the draws, with the "
              "standard error of the paired difference.", "",
-             "| run | K per class | draws | design: split | folds | difference | test: split | folds |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| run | K per class | draws | design: split | folds | difference | test: split | folds | LDA |",
+             "|---|---|---|---|---|---|---|---|---|"]
     rows = json.loads(path.read_text())["rows"]
     for r in rows:
         for size in r["sizes"]:
@@ -287,9 +288,16 @@ def few_shot_section(path: pathlib.Path) -> list:
             parts.append(f"| {r['name']} | {size['per_class']} | {len(draws)} | {mean('split', 'design'):.4f} | "
                          f"{mean('folds', 'design'):.4f} | {100 * sum(gaps) / len(gaps):+.2f} +- "
                          f"{100 * spread / len(gaps) ** 0.5:.2f} | {mean('split', 'test'):.4f} | "
-                         f"{mean('folds', 'test'):.4f} |")
+                         f"{mean('folds', 'test'):.4f} | {_lda_draws(r, draws)} |")
     return parts + _provenance(rows, lambda r: f"{r['name']} ({' '.join(r['classes'])}): {r['backbone']} at "
                                               f"{r['image_size']} px, {r['features']} features, plain view;")
+
+
+def _lda_draws(row, draws) -> str:
+    """How many draws' cross-validation chose shrinkage LDA; '-' for rows from before it was offered."""
+    if "shrinkage" not in row.get("offered", ()):
+        return "-"
+    return f"{sum('shrinkage' in d['folds'] for d in draws)} of {len(draws)}"
 
 
 def long_tail_section(path: pathlib.Path) -> list:
@@ -343,6 +351,14 @@ def budget_section(path: pathlib.Path) -> list:
     return parts + [""]
 
 
+def _head_setting(run: dict) -> str:
+    """' (shrinkage LDA 0.9)' or ' (L2 1)': the linear head's chosen setting, where the row records it."""
+    setting = run.get("head_setting") or {}
+    if "shrinkage" in setting:
+        return f" (shrinkage LDA {setting['shrinkage']:g})"
+    return f" (L2 {setting['weight_decay']:g})" if "weight_decay" in setting else ""
+
+
 def few_shot_budget_section(path: pathlib.Path) -> list:
     """Few-shot 5x40 over draws of its training images: a budget beside the defaults (benchmarks/few_shot_budget.py)."""
     if not path.exists():
@@ -361,7 +377,7 @@ def few_shot_budget_section(path: pathlib.Path) -> list:
         c = b.get("chosen") or {}
         parts.append(f"| {r['draw']} | {d['accuracy']:.4f} | {b['accuracy']:.4f} | "
                      f"{100 * (b['accuracy'] - d['accuracy']):+.2f} | {b['wall_s']:.0f} | {c.get('backbone')}, "
-                     f"{c.get('image_size')} px, {c.get('mirror_views')}, {c.get('strategy')} |")
+                     f"{c.get('image_size')} px, {c.get('mirror_views')}, {c.get('strategy')}{_head_setting(b)} |")
     parts += ["", f"- Mean gain of `--budget {record['budget']}` over the defaults: "
               f"{summary['mean_gain_points']:+.2f} +- {summary['standard_error']:.2f} points (standard error over "
               f"{summary['draws']} draws)."] + ([f"- {record['note']}"] if record.get("note") else []) + [""]

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from fasttl.cache.cache import FeatureCache
 from fasttl.data.splits import stratified_folds
-from fasttl.heads import solver, tuning
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+from fasttl.heads import shrinkage, solver, tuning
 
 
 def _seed(request) -> int:
@@ -29,7 +31,9 @@ def test_out_of_fold_logits_are_each_folds_own_model(tmp_path, request):
     seed = _seed(request)
     cache = _cache(tmp_path / "c", [13, 9, 21], seed)
     pooled = tuning._out_of_fold_logits([cache], [cache.feature_dim], seed, "cpu")
-    assert set(pooled) == set(solver.WEIGHT_DECAYS)  # the whole path in every fold
+    # the whole L2 path and every shrinkage in every fold
+    assert set(pooled) == {("weight_decay", w) for w in solver.WEIGHT_DECAYS} | \
+        {("shrinkage", s) for s in shrinkage.SHRINKAGES}
     labels = cache.labels
     for held in stratified_folds(labels, tuning.CROSS_VALIDATION_FOLDS, seed):
         kept = sorted(set(range(len(labels))) - set(held))
@@ -39,7 +43,13 @@ def test_out_of_fold_logits_are_each_folds_own_model(tmp_path, request):
         solver.fit_path((x - mean) / std, labels[kept], [(cache.subset(held).all_features() - mean) / std],
                         labels[held], 3, patience=len(solver.WEIGHT_DECAYS), val_logits=logits)
         for strength in (solver.WEIGHT_DECAYS[0], solver.WEIGHT_DECAYS[-1]):
-            assert torch.allclose(pooled[strength][held], logits[strength], atol=1e-5)
+            assert torch.allclose(pooled[("weight_decay", strength)][held], logits[strength], atol=1e-5)
+        # shrinkage LDA as scikit-learn fits it on the fold's scaled rows
+        reference = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=shrinkage.SHRINKAGES[2])
+        reference.fit(((x - mean) / std).double().numpy(), labels[kept].numpy())
+        expected = reference.decision_function(((cache.subset(held).all_features() - mean) / std).double().numpy())
+        assert torch.allclose(pooled[("shrinkage", shrinkage.SHRINKAGES[2])][held].double(),
+                              torch.from_numpy(expected), atol=1e-4, rtol=1e-4)
 
 
 def test_few_images_choose_by_cross_validation_and_refit_on_everything(tmp_path, request):
@@ -54,11 +64,12 @@ def test_few_images_choose_by_cross_validation_and_refit_on_everything(tmp_path,
     scores = {s: (float((l.argmax(1) == cache.labels).float().mean()), -float(F.cross_entropy(l, cache.labels)))
               for s, l in pooled.items()}
     best = max(scores, key=scores.get)
-    assert choice["weight_decay"] == best
+    assert {key: choice[key] for key in tuning.SETTINGS if key in choice} == {best[0]: best[1]}
+    assert choice["solver"] == (shrinkage.SOLVER if best[0] == "shrinkage" else "L-BFGS, full batch")
     assert choice["cv_accuracy"] == pytest.approx(scores[best][0])
-    assert [r["weight_decay"] for r in tuned.records] == list(solver.WEIGHT_DECAYS)
-    # the refit on every row is the fixed-strength fit, and the train part is fit without the split's validation rows
-    again = tuning.fit_linear([cache], best)
+    assert [next(iter(r.items())) for r in tuned.records] == list(pooled)
+    # the refit on every row is the fixed-setting fit, and the train part is fit without the split's validation rows
+    again = tuning.fit_setting([cache], {best[0]: best[1]})
     x = cache.all_features()
     for head in (tuned.head, again.head, tuned.train_part):
         head.eval()  # dropout off
@@ -79,8 +90,10 @@ def test_a_long_tailed_few_image_head_is_adjusted_by_cross_validation(tmp_path, 
     tuned = tuning.tune_linear([cache], seed=0, progress=False)
     assert tuned.choice["cross_validation"] and tuned.choice["class_imbalance"] == pytest.approx(45 / 4)
     assert all("logit_adjustment" in r and "val_balanced_accuracy" in r for r in tuned.records)
+    setting = {key: tuned.choice[key] for key in tuning.SETTINGS if key in tuned.choice}
+    assert len(setting) == 1
     assert tuned.choice["logit_adjustment"] == next(r["logit_adjustment"] for r in tuned.records
-                                                     if r["weight_decay"] == tuned.choice["weight_decay"])
+                                                     if setting.items() <= r.items())
 
 
 def test_a_run_on_few_images_says_it_cross_validated(cat_ship, tmp_path, private_cache):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fasttl.data.splits import stratified_folds
+from fasttl.heads import shrinkage
 from fasttl.util.errors import OptionError
 from fasttl.transfer import cross_fit, registry
 from fasttl.transfer.config import RunConfig
@@ -279,6 +280,11 @@ def _edit_choice(folder, file, name, value, by_fasttl=False):
     """A hand edit, or (by_fasttl) a run fasttl itself wrote with that value, hash recorded."""
     values = json.loads((folder / file).read_text())
     (values["notes"]["choice"] if file == "metrics.json" else values)[name] = value
+    if file == "metrics.json" and name in ("weight_decay", "shrinkage") and "solver" in values["notes"]["choice"]:
+        # the linear head's setting is read by its solver: the edited one is the one a refit would use
+        choice = values["notes"]["choice"]
+        choice.pop("shrinkage" if name == "weight_decay" else "weight_decay", None)
+        choice["solver"] = shrinkage.SOLVER if name == "shrinkage" else "L-BFGS, full batch"
     if by_fasttl:
         write_config(str(folder), values)
     else:
@@ -290,7 +296,9 @@ def _edit_choice(folder, file, name, value, by_fasttl=False):
     ("linear", "metrics.json", "weight_decay", 10 ** 400), ("linear", "metrics.json", "weight_decay", 1e300),
     ("linear", "metrics.json", "weight_decay", 0.07), ("linear", "metrics.json", "weight_decay", float("nan")),
     ("linear", "metrics.json", "weight_decay", True), ("linear", "metrics.json", "weight_decay", None),
-    ("mlp", "metrics.json", "epochs", 10 ** 7), ("mlp", "metrics.json", "epochs", 2.5),
+    ("linear", "metrics.json", "shrinkage", 0.33), ("linear", "metrics.json", "shrinkage", "two"),
+    ("linear", "metrics.json", "shrinkage", float("nan")), ("mlp", "metrics.json", "epochs", 10 ** 7),
+    ("mlp", "metrics.json", "epochs", 2.5),
     ("mlp", "metrics.json", "weight_decay", 0.5), ("mlp", "config.json", "lr", -1.0),
     ("mlp", "config.json", "batch_size", 0), ("mlp", "config.json", "epochs", "ten"),
 ])

@@ -116,7 +116,8 @@ def fake_cache(x, y, classes, widths=None):
     return FeatureCache("/nonexistent", manifest, x.to(torch.float16), None, y, [f"s{i}" for i in range(len(x))])
 
 
-def test_tuned_linear_head_is_the_refit_solution_and_predicts_the_views_average():
+def test_tuned_linear_head_is_the_refit_solution_and_predicts_the_views_average(monkeypatch):
+    monkeypatch.setattr(tuning, "CROSS_VALIDATION_BELOW", 0)  # the one-split choice (cross-validation: its own file)
     x, y = separable_problem(300, 24, 3, 11, noise=3.0)
     mirrored = x + 0.1 * torch.randn_like(x)
     views = [fake_cache(x, y, ["a", "b", "c"], [8, 16]), fake_cache(mirrored, y, ["a", "b", "c"], [8, 16])]
@@ -142,9 +143,10 @@ def test_tuned_linear_head_is_the_refit_solution_and_predicts_the_views_average(
     assert torch.equal(got_labels, y)
 
 
-def test_a_mirrored_validation_view_is_averaged_into_every_validation_score():
+def test_a_mirrored_validation_view_is_averaged_into_every_validation_score(monkeypatch):
     # --mirror-views test: the head trains on the plain view alone, and each L2 strength is scored
     # on the average of the validation images' plain and mirrored logits (as test will be).
+    monkeypatch.setattr(tuning, "CROSS_VALIDATION_BELOW", 0)  # the one-split choice (cross-validation: its own file)
     x, y = separable_problem(300, 24, 3, 13, noise=4.0)
     mirrored = x + 0.5 * torch.randn_like(x)
     plain = fake_cache(x, y, ["a", "b", "c"], [8, 16])

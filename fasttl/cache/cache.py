@@ -327,6 +327,8 @@ class FeatureCache:
         """Rows `indices` dequantized to out_dtype (indices checked against the cache's size)."""
         if not isinstance(indices, Tensor):  # a list or an array, as subset takes them
             indices = self._row_indices(indices, "indices")
+        elif indices.device.type == "meta":  # no values to move or check: refused as the kernels refuse it
+            raise ValueError(f"indices: is on meta (expected row indices on the cache's device, {self.device})")
         if len(self._shards) == 1:
             return gather(self._shards[0], indices.to(self.device), self.scales, out_dtype)
         return self._shard_table().gather(indices.cpu(), out_dtype)

@@ -22,18 +22,26 @@ def _check_cache(cache) -> None:
         raise ValueError("cache: is not contiguous (expected a contiguous tensor)")
 
 
+def _check_index_tensor(name: str, rows: Tensor, device: torch.device) -> None:
+    """A 1-D int64 or int32 tensor on `device`: TypeError for anything else than such a tensor's
+    dtype, ValueError for its shape or device (one message however the cache is stored)."""
+    if not isinstance(rows, Tensor) or rows.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: got {getattr(rows, 'dtype', type(rows).__name__)} (expected an int64 or int32 "
+                        "tensor of row indices)")
+    if rows.dim() != 1:
+        raise ValueError(f"{name}: has shape {tuple(rows.shape)} (expected a 1-D tensor of row indices; flatten it)")
+    if rows.device != device:
+        raise ValueError(f"{name}: is on {rows.device} (expected the cache's device, {device})")
+
+
 def _check_rows(name: str, rows: Tensor, count: int, limit: int, device: torch.device) -> None:
     """Friendlier messages than the op's. The range is checked here on the host for CPU tensors;
     on CUDA the op checks it without a host sync (extraction and the loader call these once per
     batch) and reports a bad index as a ValueError under the same name, at the next fasttl call
     after the GPU ran this one, or at fasttl.raise_device_errors()."""
-    if not isinstance(rows, Tensor) or rows.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name}: got {getattr(rows, 'dtype', type(rows).__name__)} (expected an int64 or int32 "
-                        "tensor of row indices)")
-    if rows.dim() != 1 or rows.numel() != count:
+    _check_index_tensor(name, rows, device)
+    if rows.numel() != count:
         raise ValueError(f"{name}: has shape {tuple(rows.shape)} (expected ({count},))")
-    if rows.device != device:
-        raise ValueError(f"{name}: is on {rows.device} (expected the cache's device, {device})")
     # meta tensors hold no values to check
     if count and rows.device.type != "meta" and not _device_checks.checks_on_device(rows):
         low, high = (int(v) for v in torch.stack(torch.aminmax(rows)).tolist())
@@ -136,9 +144,7 @@ class ShardTable:
         chunks of rows (csrc/cpu/claim_pool.h); 0: torch's thread count."""
         if out_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"out_dtype: {out_dtype} is not supported (expected torch.float32 or torch.bfloat16)")
-        if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32) or indices.dim() != 1 \
-                or indices.device.type != "cpu":
-            raise TypeError("indices: expected a 1-D int64 or int32 CPU tensor of row indices")
+        _check_index_tensor("indices", indices, torch.device("cpu"))
         indices = indices.to(torch.int64).contiguous()
         if checked and indices.numel():
             low, high = int(indices.min()), int(indices.max())

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from fasttl.data.archive import extract
-from fasttl.util.errors import DataError
-from fasttl.util.errors import OptionError, UserError
+from fasttl.util.errors import DataError, OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX
 from fasttl.util.outputs import terminal_text
 from fasttl.util import settings
+from fasttl.util.checks import decimal
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CHUNK = 1 << 20             # hashing
@@ -301,7 +301,8 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                 os.ftruncate(fd, 0)  # the server sends the whole file: start over
                 have = 0
             length = response.headers.get("Content-Length")
-            total = have + int(length) if length and length.isdigit() else None
+            announced = decimal(length.strip()) if length else None
+            total = have + announced if announced is not None else None
             if total is not None and total > MAX_DOWNLOAD_BYTES:
                 raise DownloadError(f"fetch: {url} announces {total:,} bytes, more than {MAX_DOWNLOAD_BYTES:,}; "
                                     "refused (check the address, --url)")

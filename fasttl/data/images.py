@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from fasttl.util.errors import DataError
 from fasttl.util import settings
+from fasttl.util.checks import decimal, shown
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -30,11 +31,11 @@ def max_image_pixels() -> int:
     given = settings.MAX_IMAGE_PIXELS.raw()
     if given is None:
         return MAX_IMAGE_PIXELS
-    value = given.strip().replace("_", "")
-    if not (value.isascii() and value.isdigit()) or int(value) < 1:
-        raise DataError(f"FASTTL_MAX_IMAGE_PIXELS: expected a positive number of pixels, got {given!r} (unset it "
-                        f"for the default {MAX_IMAGE_PIXELS:,})")
-    return int(value)
+    value = decimal(given.strip().replace("_", ""))
+    if value is None or value < 1:
+        raise DataError(f"FASTTL_MAX_IMAGE_PIXELS: expected a positive number of pixels, got {shown(given)} (at "
+                        f"most 18 digits; unset it for the default {MAX_IMAGE_PIXELS:,})")
+    return value
 
 
 MAX_IMAGE_BYTES = 1 << 30  # no photo's file is larger: a bigger one (a sparse file, a device) is not read

@@ -7,16 +7,12 @@ import unicodedata
 from typing import List, Optional, Sequence, Tuple
 
 from fasttl.util.errors import DataError
+from fasttl.util.checks import shown
 from fasttl.util.files import read_plain
 
 
 # Integer labels without --classes make classes "0".."K-1"; a label above this is a mistake, not a class.
 MAX_INDEX_CLASSES = 100_000
-
-
-def _shown(label: str) -> str:
-    """A label in a message: its first 40 characters (a line of a list may hold a megabyte)."""
-    return repr(label[:40]) + (f"... ({len(label):,} characters)" if len(label) > 40 else "")
 
 
 def is_index(label: str) -> bool:
@@ -63,7 +59,7 @@ def read_classes_file(path: str) -> List[str]:
     first = {}
     for line, name in enumerate(names, start=1):
         if first.setdefault(name, line) != line:  # a dict of first lines: one pass, not one per name
-            raise DataError(f"classes: {path} names {_shown(name)} twice (line {first[name]} and line {line}); each "
+            raise DataError(f"classes: {path} names {shown(name)} twice (line {first[name]} and line {line}); each "
                             "class once")
     if len(names) < 2:
         raise DataError(f"classes: {path} must name at least 2 classes, one a line (found {len(names)})")
@@ -102,11 +98,11 @@ def label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where
             elif kind == "names" and label in names:
                 out.append(names[label])
             elif kind == "indices":
-                raise DataError(f"data: {where}: label {_shown(label)} is not an index into the {len(classes)} "
+                raise DataError(f"data: {where}: label {shown(label)} is not an index into the {len(classes)} "
                                 "classes of the classes file (--labels indices)")
             else:
                 hint = " (to give labels as indices into it, pass --labels indices)" if is_index(label) else ""
-                raise DataError(f"data: {where}: label {_shown(label)} is not one of the {len(classes)} classes of the "
+                raise DataError(f"data: {where}: label {shown(label)} is not one of the {len(classes)} classes of the "
                                 f"classes file{hint}")
         empty = sorted(set(range(len(classes))) - set(out))
         if out and empty:  # as an empty class folder: a class no image teaches or tests

@@ -1,8 +1,10 @@
 """Heads tuned on a validation split carved from the training features, then refit on train +
-validation: the exact L2 path for `linear` (fasttl.heads.solver), the weight decay and epoch
-count by early stopping for `mlp`. The test split is never seen here."""
+validation: the exact L2 path for `linear` (fasttl.heads.solver; with few images, cross-validated
+beside shrinkage LDA, fasttl.heads.shrinkage), the weight decay and epoch count by early stopping
+for `mlp`. The test split is never seen here."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttl.heads import imbalance, solver
+from fasttl.heads import imbalance, shrinkage, solver
 from fasttl.cache.cache import FeatureCache
 from fasttl.heads.train import make_head, on_device, predict_views, train_head
 from fasttl.data.splits import VALIDATION_FRACTION, stratified_folds, validation_split
@@ -20,10 +22,12 @@ MLP_WEIGHT_DECAYS = (1e-4, 1e-2, 1e-1)
 MLP_PATIENCE = 3
 # L-BFGS iterations of a linear head solved from zero (fit_linear); it stops sooner at tolerance.
 COLD_START_ITERATIONS = 1000
-# Below this many training images in the smallest class, the linear head's L2 strength (and logit
-# adjustment) is chosen by stratified K-fold cross-validation on every training image instead of
-# on one 10% split, whose few images make the choice noise (benchmarks/RESULTS.md, "Few images").
-CROSS_VALIDATION_BELOW = 30
+# Below this many training images in the smallest class, the linear head's setting (and logit
+# adjustment) is chosen by stratified K-fold cross-validation on every training image, among the L2
+# strengths and shrinkage LDA, instead of on one 10% split, whose few images make the choice noise:
+# on images never drawn it chose as well or better at every size measured, 10 to 200 a class
+# (benchmarks/RESULTS.md, "Few images"; with the L2 strengths alone, only below 30).
+CROSS_VALIDATION_BELOW = 201
 CROSS_VALIDATION_FOLDS = 5
 
 
@@ -133,30 +137,37 @@ def _smallest_class(labels: torch.Tensor) -> int:
     return int(counts[counts > 0].min())
 
 
-def _out_of_fold_logits(views: Sequence[FeatureCache], widths, seed: int, device) -> Dict[float, torch.Tensor]:
-    """Each L2 strength's logits of every training image from the fold model that did not see it
-    (the whole path in every fold, so that every strength has every image)."""
+def _out_of_fold_logits(views: Sequence[FeatureCache], widths, seed: int,
+                        device) -> Dict[Tuple[str, float], torch.Tensor]:
+    """Each setting's logits of every training image from the fold model that did not see it
+    (every setting in every fold, so that each has every image): the settings are
+    ("weight_decay", strength) along the whole L2 path and ("shrinkage", s) of shrinkage LDA."""
     labels = views[0].labels
     num_classes, rows = len(views[0].classes), len(labels)
-    pooled: Dict[float, torch.Tensor] = {}
+    pooled: Dict[Tuple[str, float], torch.Tensor] = {}
     for held in stratified_folds(labels, CROSS_VALIDATION_FOLDS, seed):
         if not held:
             continue
         kept = sorted(set(range(rows)) - set(held))
         x, y = _rows([v.subset(kept) for v in views], device)
         mean, std = solver.block_scaling(x, widths)
+        x = (x - mean) / std
         val = [(v.subset(held).all_features().to(device) - mean) / std for v in views]
         fold_logits: Dict[float, torch.Tensor] = {}
-        solver.fit_path((x - mean) / std, y, val, labels[held].to(device), num_classes,
+        solver.fit_path(x, y, val, labels[held].to(device), num_classes,
                         patience=len(solver.WEIGHT_DECAYS), val_logits=fold_logits)
-        for strength, logits in fold_logits.items():
-            pooled.setdefault(strength, torch.empty(rows, num_classes, device=device))[held] = logits
+        settings = {("weight_decay", strength): logits for strength, logits in fold_logits.items()}
+        for strength in shrinkage.SHRINKAGES:
+            settings[("shrinkage", strength)] = solver.view_logits(*shrinkage.fit(x, y, num_classes, strength), val)
+        for setting, logits in settings.items():
+            pooled.setdefault(setting, torch.empty(rows, num_classes, device=device))[held] = logits
     return pooled
 
 
 def _cross_validated_linear(views: Sequence[FeatureCache], train_views, val_views, info: dict, seed: int,
                             device) -> TunedHead:
-    """The linear head with its strength chosen on out-of-fold logits of every training image
+    """The linear head with its setting (an L2 strength, or shrinkage LDA at a shrinkage: whichever
+    scores best) chosen on out-of-fold logits of every training image
     (scored on the training views; a --mirror-views test run's mirrored validation images cover
     one split only and are not used here); `train_part` is the chosen strength fit on the train
     part of the run's validation split, which LP-FT still holds out for early stopping; the
@@ -168,8 +179,8 @@ def _cross_validated_linear(views: Sequence[FeatureCache], train_views, val_view
     long_tailed = imbalance.imbalance_ratio(labels, num_classes) >= imbalance.IMBALANCE_RATIO
     prior = imbalance.log_prior(labels, num_classes)
     records, best = [], None
-    for strength, logits in _out_of_fold_logits(views, widths, seed, device).items():
-        record = {"weight_decay": strength, "val_accuracy": float((logits.argmax(1) == labels).float().mean()),
+    for (setting, strength), logits in _out_of_fold_logits(views, widths, seed, device).items():
+        record = {setting: strength, "val_accuracy": float((logits.argmax(1) == labels).float().mean()),
                   "val_loss": float(F.cross_entropy(logits, labels)), "folds": CROSS_VALIDATION_FOLDS}
         score = (record["val_accuracy"], -record["val_loss"])
         if long_tailed:
@@ -180,13 +191,15 @@ def _cross_validated_linear(views: Sequence[FeatureCache], train_views, val_view
             best = (score, record)
     chosen = best[1]
     tau = chosen.get("logit_adjustment", 0.0)
-    head = fit_linear(views, chosen["weight_decay"], device).head
-    train_part = fit_linear(train_views, chosen["weight_decay"], device).head
+    setting = {key: chosen[key] for key in SETTINGS if key in chosen}
+    head = fit_setting(views, setting, device).head
+    train_part = fit_setting(train_views, setting, device).head
     imbalance.adjust_bias(head, tau, prior)
     imbalance.adjust_bias(train_part, tau, imbalance.log_prior(train_views[0].labels, num_classes))
     choice = dict(validation=dict(info, folds=CROSS_VALIDATION_FOLDS, cross_validated_images=len(labels)),
-                  weight_decay=chosen["weight_decay"], **_scores_on(train_part, val_views, device),
-                  cv_accuracy=chosen["val_accuracy"], cv_loss=chosen["val_loss"], solver="L-BFGS, full batch",
+                  **setting, **_scores_on(train_part, val_views, device),
+                  cv_accuracy=chosen["val_accuracy"], cv_loss=chosen["val_loss"],
+                  solver=shrinkage.SOLVER if "shrinkage" in setting else "L-BFGS, full batch",
                   refit_on="train + validation", cross_validation=f"{CROSS_VALIDATION_FOLDS}-fold, stratified")
     if long_tailed:
         choice.update(class_imbalance=imbalance.imbalance_ratio(labels, num_classes), logit_adjustment=tau,
@@ -210,6 +223,33 @@ def fit_linear(views: Sequence[FeatureCache], weight_decay: float, device="cpu")
         head[-1].weight.copy_(weight)
         head[-1].bias.copy_(bias)
     return TunedHead(head.to(device), [record], dict(weight_decay=weight_decay, solver="L-BFGS, full batch"))
+
+
+def fit_shrinkage(views: Sequence[FeatureCache], strength: float, device="cpu") -> TunedHead:
+    """The linear head as shrinkage LDA (fasttl.heads.shrinkage) at `strength` on every row of
+    `views`, nothing tuned; its one record says what was fit."""
+    device = torch.device(device)
+    widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
+    x, y = _rows(views, device)
+    mean, std = solver.block_scaling(x, widths)
+    started = time.perf_counter()
+    weight, bias = shrinkage.fit((x - mean) / std, y, len(views[0].classes), strength)
+    head = make_head("linear", x.shape[1], len(views[0].classes), mean.cpu(), std.cpu())
+    with torch.no_grad():
+        head[-1].weight.copy_(weight)
+        head[-1].bias.copy_(bias)
+    record = {"shrinkage": strength, "seconds": time.perf_counter() - started}
+    return TunedHead(head.to(device), [record], dict(shrinkage=strength, solver=shrinkage.SOLVER))
+
+
+# What a linear head's fit is set by, and the function that fits it at that setting.
+SETTINGS = {"weight_decay": fit_linear, "shrinkage": fit_shrinkage}
+
+
+def fit_setting(views: Sequence[FeatureCache], setting: Dict[str, float], device="cpu") -> TunedHead:
+    """The linear head at `setting`, {"weight_decay": w} or {"shrinkage": s}, on every row of `views`."""
+    (key, value), = setting.items()
+    return SETTINGS[key](views, value, device)
 
 
 def _untuned_linear(views, info, device) -> TunedHead:

@@ -87,11 +87,20 @@ def plot_curves(histories: Dict[str, List[Dict[str, float]]], path: str) -> None
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy per epoch", ylim=(0, 1))
     if paths:
         path_ax = axes[2]
+        shrinkages = {name: [h for h in history if "shrinkage" in h] for name, history in paths.items()}
         for name, history in paths.items():
-            path_ax.plot([h["weight_decay"] for h in history], [h["val_accuracy"] for h in history], "o-",
+            strengths = [h for h in history if "weight_decay" in h]
+            path_ax.plot([h["weight_decay"] for h in strengths], [h["val_accuracy"] for h in strengths], "o-",
                          label=f"{name} validation")
         path_ax.set(xscale="log", xlabel="L2 strength (weight decay)", ylabel="validation accuracy",
                     title="linear head: regularization path")
+        if any(shrinkages.values()):  # cross-validated few-shot heads also tried shrinkage LDA: its own scale
+            lda_ax = path_ax.twiny()
+            for name, records in shrinkages.items():
+                lda_ax.plot([h["shrinkage"] for h in records], [h["val_accuracy"] for h in records], "s--",
+                            color="tab:red", label=f"{name} shrinkage LDA")
+            lda_ax.set(xlabel="LDA shrinkage (top axis)", xlim=(0, 1))
+            lda_ax.legend(fontsize=7, loc="lower right")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -123,8 +132,10 @@ def _choices(results: Dict[str, Dict[str, object]]) -> List[str]:
         validation = choice.get("validation", {})
         settings = ", ".join(f"{key.replace('_', ' ')} {value:g}" if isinstance(value, float) else
                              f"{key.replace('_', ' ')} {value}" for key, value in choice.items()
-                             if key in ("weight_decay", "logit_adjustment", "epochs", "lr_scale", "epoch_kept",
-                                        "regularize", "temperature", "alpha", "distill_features"))
+                             if key in ("weight_decay", "shrinkage", "logit_adjustment", "epochs", "lr_scale",
+                                        "epoch_kept", "regularize", "temperature", "alpha", "distill_features"))
+        if "shrinkage" in choice:
+            settings = f"the linear head as shrinkage LDA, {settings}"
         if not validation.get("validation_images"):  # one image per class: nothing could be held out
             lines += [f"- **{name}**: {settings}, the defaults: no class had two training images, so no "
                       f"validation split could be carved and nothing was tuned. The test split was evaluated once."]

@@ -24,6 +24,25 @@ def finite(value) -> bool:
         return False
 
 
+# More digits than any count, rank, port or size fasttl reads from text needs; int() of a longer
+# string is slow, and past 4,300 digits refused by Python itself with a traceback.
+MOST_DECIMAL_DIGITS = 18
+
+
+def decimal(text: str):
+    """The int that `text` spells in ASCII decimal digits (at most MOST_DECIMAL_DIGITS of them),
+    else None: str.isdigit() takes '²' and '٣', which int() refuses or reads differently."""
+    if not (isinstance(text, str) and text.isascii() and text.isdigit() and len(text) <= MOST_DECIMAL_DIGITS):
+        return None
+    return int(text)
+
+
+def shown(text: str, most: int = 40) -> str:
+    """A value read from outside in a message: its first `most` characters (a line of a list, or
+    an environment variable, may hold a megabyte)."""
+    return repr(text[:most]) + (f"... ({len(text):,} characters)" if len(text) > most else "")
+
+
 def plain_int(value):
     """NumPy's integers as Python's (what positive_int takes), anything else as it is: for the
     Python API, where a count often comes out of an array."""

@@ -8,6 +8,9 @@ from typing import Tuple
 import torch
 import torch.distributed as dist
 
+from fasttl.util import signals
+from fasttl.util.checks import decimal, shown
+
 
 # What torchrun sets for every process it starts; a WORLD_SIZE > 1 without the rest is a shell's leftover.
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -19,29 +22,28 @@ def launched_by_torchrun() -> bool:
     from fasttl.util.errors import OptionError
 
     given = os.environ.get("WORLD_SIZE", "1")
-    try:
-        world = int(given)
-    except ValueError:
-        raise OptionError(f"WORLD_SIZE: expected a number of processes, got {given!r} (unset it, or start fasttl "
-                          "with torchrun)") from None
+    world = decimal(given.strip())
+    if world is None:
+        raise OptionError(f"WORLD_SIZE: expected a number of processes, got {shown(given)} (unset it, or start fasttl "
+                          "with torchrun)")
     if world < 1:
         raise OptionError(f"WORLD_SIZE: expected 1 or more processes, got {given!r} (unset it, or start fasttl with "
                           "torchrun)")
     if world == 1:
         rank = os.environ.get("RANK")
-        if rank is not None and rank.strip() and not (_is_number(rank.strip()) and int(rank) == 0):
+        if rank is not None and rank.strip() and decimal(rank.strip()) != 0:
             world_said = f"WORLD_SIZE={given}" if "WORLD_SIZE" in os.environ else "no WORLD_SIZE (one process)"
-            raise OptionError(f"RANK={rank!r} with {world_said}: a single process is rank 0 (unset RANK, a leftover "
-                              "from another job, or start fasttl with torchrun)")
+            raise OptionError(f"RANK={shown(rank)} with {world_said}: a single process is rank 0 (unset RANK, a "
+                              "leftover from another job, or start fasttl with torchrun)")
         return False
     missing = [name for name in TORCHRUN_VARIABLES if not os.environ.get(name)]
     if missing:
         raise OptionError(f"WORLD_SIZE={given} but {', '.join(missing)} not set: start fasttl with torchrun, or unset "
                           "WORLD_SIZE (a leftover from another job)")
     for name in ("RANK", "LOCAL_RANK"):
-        if not _is_number(os.environ[name]):
-            raise OptionError(f"{name}: expected a number, got {os.environ[name]!r} (start fasttl with torchrun)")
-    if int(os.environ["RANK"]) >= world:  # it could never join: the others would wait for it forever
+        if decimal(os.environ[name]) is None:
+            raise OptionError(f"{name}: expected a number, got {shown(os.environ[name])} (start fasttl with torchrun)")
+    if decimal(os.environ["RANK"]) >= world:  # it could never join: the others would wait for it forever
         raise OptionError(f"RANK={os.environ['RANK']} is not below WORLD_SIZE={world}: ranks are 0 to {world - 1} "
                           "(start fasttl with torchrun, which sets them)")
     _check_master()
@@ -56,19 +58,14 @@ def _check_master() -> None:
     from fasttl.util.errors import OptionError
 
     port, host = os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"]
-    if not (_is_number(port) and 1 <= int(port) <= 65535):
-        raise OptionError(f"MASTER_PORT: expected a port number 1 to 65535, got {port!r} (start fasttl with torchrun, "
-                          "or set it to a free port)")
+    if not 1 <= (decimal(port) or 0) <= 65535:
+        raise OptionError(f"MASTER_PORT: expected a port number 1 to 65535, got {shown(port)} (start fasttl with "
+                          "torchrun, or set it to a free port)")
     try:
         socket.getaddrinfo(host, int(port))
     except (OSError, UnicodeError):
         raise OptionError(f"MASTER_ADDR: {host!r} does not resolve to an address here; set it to the host of rank 0 "
                           "(127.0.0.1 on one machine)") from None
-
-
-def _is_number(text: str) -> bool:
-    """Decimal ASCII digits only: str.isdigit() takes '²', which int() refuses."""
-    return text.isascii() and text.isdigit()
 
 
 JOIN_NOTICE_S = 30.0  # a rank still waiting for the others this long says so (torchrun's own wait is silent)
@@ -85,7 +82,10 @@ def _init_group(backend: str) -> None:
     notice.daemon = True
     notice.start()
     try:
-        dist.init_process_group(backend)
+        # Nothing is held yet that a signal would leave behind; torch's store retries in native
+        # code, where Python's handlers (fasttl.util.signals) would wait for its 30-minute timeout.
+        with signals.default_actions():
+            dist.init_process_group(backend)
     finally:
         notice.cancel()
 

@@ -39,11 +39,31 @@ def ending_signals_raised():
             signal.signal(number, signal.SIG_IGN)
         raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
 
-    # a signal already ignored stays ignored: `nohup fasttl run ...` must outlive its terminal
-    before = {number: signal.signal(number, terminated) for number in STOPPING
+    with _handled_by(terminated):
+        yield
+
+
+@contextlib.contextmanager
+def _handled_by(handler):
+    """The STOPPING signals handled by `handler` while the block runs, then as before; a signal
+    already ignored stays ignored: `nohup fasttl run ...` must outlive its terminal."""
+    before = {number: signal.signal(number, handler) for number in STOPPING
               if signal.getsignal(number) is not signal.SIG_IGN}
     try:
         yield
     finally:
-        for number, handler in before.items():
-            signal.signal(number, handler)
+        for number, previous in before.items():
+            signal.signal(number, previous)
+
+
+@contextlib.contextmanager
+def default_actions():
+    """While the block runs, SIGTERM, SIGHUP and Ctrl-C end the process where it stands, as
+    they do by default: for a block that waits in native code which never returns to Python (a
+    rank joining torchrun's store retries for 30 minutes), where a Python handler would run only
+    after it. The block must hold nothing that needs cleaning up. Main thread only, as above."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with _handled_by(signal.SIG_DFL):
+        yield

@@ -9,10 +9,10 @@ from typing import Dict, List
 
 
 from fasttl import backbones
-from fasttl.heads import make_head, solver
+from fasttl.heads import make_head, shrinkage, solver
 from fasttl.cache.cache import FeatureCache
 from fasttl.heads.train import train_head
-from fasttl.heads.tuning import MLP_WEIGHT_DECAYS, fit_linear, predict_split, tune_linear, tune_mlp
+from fasttl.heads.tuning import MLP_WEIGHT_DECAYS, fit_setting, predict_split, tune_linear, tune_mlp
 from fasttl.transfer.caching import MIRROR_VIEWS, Extraction, mirror_mode, views_of
 from fasttl.transfer.cross_fit import positive, teacher_setting
 from fasttl.transfer.options import option
@@ -117,12 +117,17 @@ class Linear(FeatureTransfer):
                            mirrored_validation=mirrored_validation)
 
     def fit_settings(self, run_dir):
+        """The teacher head's setting: its L2 strength, or its shrinkage where it chose shrinkage LDA."""
+        choice = teacher_setting(run_dir, "solver", lambda v: v is None or isinstance(v, str), "a solver's name")
+        if choice == shrinkage.SOLVER:
+            return {"shrinkage": teacher_setting(run_dir, "shrinkage", lambda v: v in shrinkage.SHRINKAGES,
+                                                 "one of the shrinkages its tuning tries")}
         strengths = {*solver.WEIGHT_DECAYS, solver.DEFAULT_WEIGHT_DECAY}
         return {"weight_decay": teacher_setting(run_dir, "weight_decay", lambda v: v in strengths,
                                                 "one of the L2 strengths its tuning tries")}
 
     def refit_head(self, settings, views, seed, device):
-        return fit_linear(views, settings["weight_decay"], device).head
+        return fit_setting(views, settings, device).head
 
 
 @register
