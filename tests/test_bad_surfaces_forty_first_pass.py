@@ -77,14 +77,9 @@ def test_predict_with_a_huge_pixel_budget_says_so_in_one_line(cat_ship, tmp_path
     assert "FASTTL_MAX_IMAGE_PIXELS: expected a positive number of pixels" in one_line_error(result.stderr)
 
 
-@pytest.mark.parametrize("length", ["\u00b2", HUGE])
-def test_a_content_length_int_refuses_is_an_unknown_size(tmp_path, length):
-    # http.client itself treats a Content-Length it can't read as absent: so does the download, which reads to the end.
+def _serve_once(length: str, body: bytes) -> socket.socket:
     import threading
 
-    from fasttl.data.fetch import download
-
-    body = b"payload bytes " * 10
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(2)
@@ -97,12 +92,35 @@ def test_a_content_length_int_refuses_is_an_unknown_size(tmp_path, length):
                          + body)
 
     threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+def test_a_content_length_that_is_no_number_is_an_unknown_size(tmp_path):
+    # http.client itself treats a Content-Length it can't read as absent: so does the download, which reads to the end.
+    from fasttl.data.fetch import download
+
+    body = b"payload bytes " * 10
+    listener = _serve_once("\u00b2", body)
     try:
         size = download(f"http://127.0.0.1:{listener.getsockname()[1]}/x.bin", str(tmp_path / "x.bin"),
                         progress=False)
     finally:
         listener.close()
     assert size == len(body) and (tmp_path / "x.bin").read_bytes() == body
+
+
+@pytest.mark.parametrize("length", ["9" * 19, HUGE])
+def test_a_content_length_of_more_digits_than_any_limit_is_refused(tmp_path, length):
+    from fasttl.data.fetch import DownloadError, download
+
+    listener = _serve_once(length, b"short")
+    try:
+        with pytest.raises(DownloadError, match=r"announces '9+'(\.\.\. \([\d,]+ characters\))? bytes, more than") \
+                as error:
+            download(f"http://127.0.0.1:{listener.getsockname()[1]}/x.bin", str(tmp_path / "x.bin"), progress=False)
+    finally:
+        listener.close()
+    assert "\n" not in str(error.value)
 
 
 def _free_port() -> int:

@@ -27,6 +27,13 @@ def _cache(path, counts, seed, dim=19, noise=1.8):
     return FeatureCache.write(str(path), [x], labels, classes=[f"c{i}" for i in range(len(counts))])
 
 
+def scored(setting, logits, labels):
+    """(accuracy, -loss) as the choice ranks a setting: LDA's logits at their fitted temperature."""
+    if setting[0] == "shrinkage":
+        logits = logits / shrinkage.temperature(logits, labels)
+    return float((logits.argmax(1) == labels).float().mean()), -float(F.cross_entropy(logits, labels))
+
+
 def test_out_of_fold_logits_are_each_folds_own_model(tmp_path, request):
     seed = _seed(request)
     cache = _cache(tmp_path / "c", [13, 9, 21], seed)
@@ -61,15 +68,15 @@ def test_few_images_choose_by_cross_validation_and_refit_on_everything(tmp_path,
     assert choice["cross_validation"] == f"{tuning.CROSS_VALIDATION_FOLDS}-fold, stratified"
     assert choice["validation"]["cross_validated_images"] == len(cache)
     pooled = tuning._out_of_fold_logits([cache], [cache.feature_dim], seed, "cpu")
-    scores = {s: (float((l.argmax(1) == cache.labels).float().mean()), -float(F.cross_entropy(l, cache.labels)))
-              for s, l in pooled.items()}
+    scores = {s: scored(s, l, cache.labels) for s, l in pooled.items()}
     best = max(scores, key=scores.get)
     assert {key: choice[key] for key in tuning.SETTINGS if key in choice} == {best[0]: best[1]}
     assert choice["solver"] == (shrinkage.SOLVER if best[0] == "shrinkage" else "L-BFGS, full batch")
     assert choice["cv_accuracy"] == pytest.approx(scores[best][0])
     assert [next(iter(r.items())) for r in tuned.records] == list(pooled)
     # the refit on every row is the fixed-setting fit, and the train part is fit without the split's validation rows
-    again = tuning.fit_setting([cache], {best[0]: best[1]})
+    setting = {key: choice[key] for key in (*tuning.SETTINGS, "temperature") if key in choice}
+    again = tuning.fit_setting([cache], setting)
     x = cache.all_features()
     for head in (tuned.head, again.head, tuned.train_part):
         head.eval()  # dropout off

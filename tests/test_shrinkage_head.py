@@ -85,15 +85,67 @@ def test_few_images_in_many_dimensions_choose_shrinkage_and_refit_it(tmp_path, r
     x, y = _data(_generator(request), [8, 7, 9, 8], 300, torch.float32)
     cache = FeatureCache.write(str(tmp_path / "c"), [x], y, classes=["a", "b", "c", "d"])
     pooled = tuning._out_of_fold_logits([cache], [cache.feature_dim], 0, "cpu")
-    scores = {k: (float((v.argmax(1) == y).float().mean()), -float(torch.nn.functional.cross_entropy(v, y)))
+    temperatures = {k: shrinkage.temperature(v, y) for k, v in pooled.items() if k[0] == "shrinkage"}
+    scores = {k: (float((v.argmax(1) == y).float().mean()),
+                  -float(torch.nn.functional.cross_entropy(v / temperatures.get(k, 1.0), y)))
               for k, v in pooled.items()}
     tuned = tuning.tune_linear([cache], seed=0, progress=False)
     best = max(scores, key=scores.get)
     assert best[0] == "shrinkage"  # Gaussian classes of one shape, 8 images in 300 dimensions: LDA's own case
     assert tuned.choice["shrinkage"] == best[1] and "weight_decay" not in tuned.choice
-    assert tuned.choice["solver"] == shrinkage.SOLVER
-    again = tuning.fit_shrinkage([cache], best[1]).head.eval()
-    assert torch.allclose(tuned.head.eval()(x), again(x), atol=1e-5)
+    assert tuned.choice["solver"] == shrinkage.SOLVER and tuned.choice["temperature"] == temperatures[best]
+    # the shipped head is the refit at that shrinkage, its logits divided by the temperature
+    raw = tuning.fit_shrinkage([cache], best[1]).head.eval()
+    assert torch.allclose(tuned.head.eval()(x), raw(x) / temperatures[best], atol=1e-5)
+    assert tuned.choice["cv_loss"] == pytest.approx(-scores[best][1], rel=1e-5)
+
+
+def test_lda_is_offered_only_where_every_fold_has_every_class(tmp_path, request):
+    # a class of one image is missing from the training part of the fold that holds it out
+    from fasttl.cache.cache import FeatureCache
+
+    x, y = _data(_generator(request), [9, 1, 8], 40, torch.float32)
+    cache = FeatureCache.write(str(tmp_path / "c"), [x], y, classes=["a", "b", "c"])
+    pooled = tuning._out_of_fold_logits([cache], [cache.feature_dim], 0, "cpu")
+    assert pooled and all(setting == "weight_decay" for setting, _ in pooled)
+    x, y = _data(_generator(request), [9, 2, 8], 40, torch.float32)
+    cache = FeatureCache.write(str(tmp_path / "d"), [x], y, classes=["a", "b", "c"])
+    assert any(setting == "shrinkage" for setting, _ in tuning._out_of_fold_logits([cache], [40], 0, "cpu"))
+
+
+def test_one_factorization_gives_every_shrinkage(request):
+    for counts, dim in (([4, 6, 5], 30), ([30, 25], 6)):  # fewer images than features, and more
+        x, y = _data(_generator(request), counts, dim)
+        path = shrinkage.fit_path(x, y, len(counts), shrinkage.SHRINKAGES)
+        for strength, (weight, bias) in zip(shrinkage.SHRINKAGES, path):
+            alone = shrinkage.fit(x, y, len(counts), strength)
+            assert torch.allclose(weight, alone[0], rtol=1e-10, atol=1e-10)
+            assert torch.allclose(bias, alone[1], rtol=1e-10, atol=1e-10)
+
+
+def test_non_finite_rows_are_refused_and_half_precision_rows_give_float32(request):
+    x, y = _data(_generator(request), [5, 6], 8, torch.float32)
+    for poison in (float("nan"), float("inf")):
+        bad = x.clone()
+        bad[3, 2] = poison
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            shrinkage.fit(bad, y, 2, 0.5)
+    weight, bias = shrinkage.fit(x.half(), y, 2, 0.5)
+    assert weight.dtype == bias.dtype == torch.float32 and torch.isfinite(weight).all()
+    reference = shrinkage.fit(x.half().double(), y, 2, 0.5)
+    assert torch.allclose(weight.double(), reference[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_temperature_minimizes_the_cross_entropy(request):
+    generator = _generator(request)
+    true = torch.randn(400, 5, generator=generator, dtype=torch.float64)
+    labels = torch.multinomial(true.softmax(1), 1, generator=generator).squeeze(1)
+    logits = 37.0 * true  # as overconfident as LDA in a high dimension
+    found = shrinkage.temperature(logits, labels)
+    grid = torch.logspace(-1, 3, 4001, dtype=torch.float64)
+    losses = torch.stack([torch.nn.functional.cross_entropy(logits / t, labels) for t in grid])
+    best = float(grid[losses.argmin()])
+    assert found == pytest.approx(best, rel=5e-3) and 20 < found < 70
 
 
 def _teacher(tmp_path, choice):
@@ -108,23 +160,40 @@ def test_a_teacher_that_chose_shrinkage_is_refit_with_it(tmp_path, request):
     from fasttl.transfer import registry
 
     linear = registry.get("linear")
-    settings = linear.fit_settings(_teacher(tmp_path, {"solver": shrinkage.SOLVER, "shrinkage": 0.9}))
-    assert settings == {"shrinkage": 0.9}
+    settings = linear.fit_settings(_teacher(tmp_path, {"solver": shrinkage.SOLVER, "shrinkage": 0.9,
+                                                       "temperature": 12.5}))
+    assert settings == {"shrinkage": 0.9, "temperature": 12.5}
     x, y = _data(_generator(request), [5, 6], 9, torch.float32)
     cache = FeatureCache.write(str(tmp_path / "c"), [x], y, classes=["a", "b"])
     head = linear.refit_head(settings, [cache], 0, "cpu").eval()
-    assert torch.allclose(head(x), tuning.fit_shrinkage([cache], 0.9).head.eval()(x))
+    assert torch.allclose(head(x), tuning.fit_shrinkage([cache], 0.9).head.eval()(x) / 12.5, atol=1e-6)
 
 
-@pytest.mark.parametrize("choice", [{"solver": shrinkage.SOLVER, "shrinkage": 0.33},
-                                    {"solver": shrinkage.SOLVER}, {"solver": 7, "weight_decay": 0.5}])
-def test_a_teacher_with_a_shrinkage_it_could_not_have_chosen_is_named(tmp_path, choice):
+@pytest.mark.parametrize("choice,culprit", [
+    ({"solver": shrinkage.SOLVER, "shrinkage": 0.33, "temperature": 2.0}, "shrinkage 0.33"),
+    ({"solver": shrinkage.SOLVER, "temperature": 2.0}, "shrinkage None"),
+    ({"solver": shrinkage.SOLVER, "shrinkage": 0.9, "temperature": -1.0}, "temperature -1.0"),
+    ({"solver": shrinkage.SOLVER, "shrinkage": 0.9}, "temperature None"),
+    ({"solver": 7, "weight_decay": 0.5}, "solver 7"),
+    ({"solver": "shrinkage LDA", "shrinkage": 0.9}, "solver 'shrink")])
+def test_a_teacher_with_a_setting_it_could_not_have_chosen_is_named(tmp_path, choice, culprit):
     from fasttl.transfer import registry
 
     run_dir = _teacher(tmp_path, choice)
     with pytest.raises(OptionError, match="metrics.json") as error:
         registry.get("linear").fit_settings(run_dir)
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(error.value) and f"has {culprit}" in str(error.value)
+
+
+@pytest.mark.parametrize("notes", [[1, 2], "text", None])
+def test_a_teacher_whose_notes_are_no_object_is_named(tmp_path, notes):
+    from fasttl.transfer import registry
+
+    run_dir = tmp_path / "teacher"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"notes": notes}))
+    with pytest.raises(OptionError, match="metrics.json"):
+        registry.get("linear").fit_settings(str(run_dir))
 
 
 def test_a_teacher_that_predates_the_solver_key_is_read_as_an_l2_head(tmp_path):
@@ -137,9 +206,10 @@ def test_the_report_names_the_shrinkage_and_plots_both_settings(tmp_path):
     from fasttl.transfer import report
 
     choice = {"validation": {"validation_images": 3, "cross_validated_images": 40, "seed": 0}, "shrinkage": 0.9,
-              "solver": shrinkage.SOLVER, "cv_accuracy": 0.75, "cross_validation": "5-fold, stratified"}
+              "temperature": 12.0, "solver": shrinkage.SOLVER, "cv_accuracy": 0.75,
+              "cross_validation": "5-fold, stratified"}
     lines = "\n".join(report._choices({"linear": {"notes": {"choice": choice}}}))
-    assert "the linear head as shrinkage LDA, shrinkage 0.9, chosen by 5-fold" in lines
+    assert "the linear head as shrinkage LDA, shrinkage 0.9, temperature 12, chosen by 5-fold" in lines
     records = [{"weight_decay": w, "val_accuracy": a} for w, a in ((5.0, 0.6), (1.0, 0.7))] + \
         [{"shrinkage": s, "val_accuracy": a} for s, a in ((0.5, 0.65), (0.9, 0.75))]
     report.plot_curves({"linear": records}, str(tmp_path / "curves.png"))

@@ -36,7 +36,7 @@ from fasttl.util.errors import DataError, OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX
 from fasttl.util.outputs import terminal_text
 from fasttl.util import settings
-from fasttl.util.checks import decimal
+from fasttl.util.checks import decimal, shown
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CHUNK = 1 << 20             # hashing
@@ -300,11 +300,11 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                          or _content_range_start(response.headers.get("Content-Range")) != have):
                 os.ftruncate(fd, 0)  # the server sends the whole file: start over
                 have = 0
-            length = response.headers.get("Content-Length")
-            announced = decimal(length.strip()) if length else None
-            total = have + announced if announced is not None else None
-            if total is not None and total > MAX_DOWNLOAD_BYTES:
-                raise DownloadError(f"fetch: {url} announces {total:,} bytes, more than {MAX_DOWNLOAD_BYTES:,}; "
+            length = (response.headers.get("Content-Length") or "").strip()
+            total = have + decimal(length) if decimal(length) is not None else None  # more digits: more than any limit
+            if (total or 0) > MAX_DOWNLOAD_BYTES or total is None and length.isascii() and length.isdigit():
+                said = f"{total:,}" if total is not None else shown(length)
+                raise DownloadError(f"fetch: {url} announces {said} bytes, more than {MAX_DOWNLOAD_BYTES:,}; "
                                     "refused (check the address, --url)")
             bar = _progress_bar(url, total, have) if progress else None
             size = have

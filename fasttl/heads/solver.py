@@ -32,6 +32,7 @@ DEFAULT_WEIGHT_DECAY = 0.3
 # L-BFGS iterations per strength on the path: enough to rank strengths (each starts from the last
 # one's solution); the refit of the chosen one runs to solve()'s default.
 PATH_MAX_ITER = 60
+SOLVER = "L-BFGS, full batch"  # as a head's choice names it (metrics.json)
 
 
 def block_scaling(features: Tensor, widths: Sequence[int]) -> Tuple[Tensor, Tensor]:

@@ -116,7 +116,7 @@ def tune_linear(views: Sequence[FeatureCache], *, seed: int = 0, device="cpu", p
         head[-1].bias.copy_(bias)
     imbalance.adjust_bias(head, tau, imbalance.log_prior(y, num_classes))
     choice = dict(validation=info, weight_decay=weight_decay, val_accuracy=chosen["val_accuracy"],
-                  val_loss=chosen["val_loss"], solver="L-BFGS, full batch", refit_seconds=refit["seconds"],
+                  val_loss=chosen["val_loss"], solver=solver.SOLVER, refit_seconds=refit["seconds"],
                   refit_on="train + validation")
     if long_tailed:  # the adjusted train part's own scores: what LP-FT's first evaluation sees
         choice.update(class_imbalance=imbalance.imbalance_ratio(views[0].labels, num_classes), logit_adjustment=tau,
@@ -144,6 +144,10 @@ def _out_of_fold_logits(views: Sequence[FeatureCache], widths, seed: int,
     ("weight_decay", strength) along the whole L2 path and ("shrinkage", s) of shrinkage LDA."""
     labels = views[0].labels
     num_classes, rows = len(views[0].classes), len(labels)
+    # With a class of one image, the fold holding it out fits LDA without that class: its logit
+    # there is a constant, not a score to compare with the L2 path's (round-robin folds give every
+    # other fold's training part each class of two images or more).
+    offers_lda = _smallest_class(labels) >= 2
     pooled: Dict[Tuple[str, float], torch.Tensor] = {}
     for held in stratified_folds(labels, CROSS_VALIDATION_FOLDS, seed):
         if not held:
@@ -157,8 +161,10 @@ def _out_of_fold_logits(views: Sequence[FeatureCache], widths, seed: int,
         solver.fit_path(x, y, val, labels[held].to(device), num_classes,
                         patience=len(solver.WEIGHT_DECAYS), val_logits=fold_logits)
         settings = {("weight_decay", strength): logits for strength, logits in fold_logits.items()}
-        for strength in shrinkage.SHRINKAGES:
-            settings[("shrinkage", strength)] = solver.view_logits(*shrinkage.fit(x, y, num_classes, strength), val)
+        if offers_lda:
+            for strength, (weight, bias) in zip(shrinkage.SHRINKAGES,
+                                                shrinkage.fit_path(x, y, num_classes, shrinkage.SHRINKAGES)):
+                settings[("shrinkage", strength)] = solver.view_logits(weight, bias, val)
         for setting, logits in settings.items():
             pooled.setdefault(setting, torch.empty(rows, num_classes, device=device))[held] = logits
     return pooled
@@ -180,7 +186,12 @@ def _cross_validated_linear(views: Sequence[FeatureCache], train_views, val_view
     prior = imbalance.log_prior(labels, num_classes)
     records, best = [], None
     for (setting, strength), logits in _out_of_fold_logits(views, widths, seed, device).items():
-        record = {setting: strength, "val_accuracy": float((logits.argmax(1) == labels).float().mean()),
+        calibration = {}
+        if setting == "shrinkage":  # LDA's logits grow with the width: scored (and shipped) at their temperature
+            calibration["temperature"] = shrinkage.temperature(logits, labels)
+            logits = logits / calibration["temperature"]
+        record = {setting: strength, **calibration,
+                  "val_accuracy": float((logits.argmax(1) == labels).float().mean()),
                   "val_loss": float(F.cross_entropy(logits, labels)), "folds": CROSS_VALIDATION_FOLDS}
         score = (record["val_accuracy"], -record["val_loss"])
         if long_tailed:
@@ -191,7 +202,7 @@ def _cross_validated_linear(views: Sequence[FeatureCache], train_views, val_view
             best = (score, record)
     chosen = best[1]
     tau = chosen.get("logit_adjustment", 0.0)
-    setting = {key: chosen[key] for key in SETTINGS if key in chosen}
+    setting = {key: chosen[key] for key in (*SETTINGS, "temperature") if key in chosen}
     head = fit_setting(views, setting, device).head
     train_part = fit_setting(train_views, setting, device).head
     imbalance.adjust_bias(head, tau, prior)
@@ -199,7 +210,7 @@ def _cross_validated_linear(views: Sequence[FeatureCache], train_views, val_view
     choice = dict(validation=dict(info, folds=CROSS_VALIDATION_FOLDS, cross_validated_images=len(labels)),
                   **setting, **_scores_on(train_part, val_views, device),
                   cv_accuracy=chosen["val_accuracy"], cv_loss=chosen["val_loss"],
-                  solver=shrinkage.SOLVER if "shrinkage" in setting else "L-BFGS, full batch",
+                  solver=shrinkage.SOLVER if "shrinkage" in setting else solver.SOLVER,
                   refit_on="train + validation", cross_validation=f"{CROSS_VALIDATION_FOLDS}-fold, stratified")
     if long_tailed:
         choice.update(class_imbalance=imbalance.imbalance_ratio(labels, num_classes), logit_adjustment=tau,
@@ -222,12 +233,12 @@ def fit_linear(views: Sequence[FeatureCache], weight_decay: float, device="cpu")
     with torch.no_grad():
         head[-1].weight.copy_(weight)
         head[-1].bias.copy_(bias)
-    return TunedHead(head.to(device), [record], dict(weight_decay=weight_decay, solver="L-BFGS, full batch"))
+    return TunedHead(head.to(device), [record], dict(weight_decay=weight_decay, solver=solver.SOLVER))
 
 
-def fit_shrinkage(views: Sequence[FeatureCache], strength: float, device="cpu") -> TunedHead:
+def fit_shrinkage(views: Sequence[FeatureCache], strength: float, device="cpu", temperature: float = 1.0) -> TunedHead:
     """The linear head as shrinkage LDA (fasttl.heads.shrinkage) at `strength` on every row of
-    `views`, nothing tuned; its one record says what was fit."""
+    `views`, its logits divided by `temperature`, nothing tuned; its one record says what was fit."""
     device = torch.device(device)
     widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
     x, y = _rows(views, device)
@@ -236,10 +247,11 @@ def fit_shrinkage(views: Sequence[FeatureCache], strength: float, device="cpu") 
     weight, bias = shrinkage.fit((x - mean) / std, y, len(views[0].classes), strength)
     head = make_head("linear", x.shape[1], len(views[0].classes), mean.cpu(), std.cpu())
     with torch.no_grad():
-        head[-1].weight.copy_(weight)
-        head[-1].bias.copy_(bias)
-    record = {"shrinkage": strength, "seconds": time.perf_counter() - started}
-    return TunedHead(head.to(device), [record], dict(shrinkage=strength, solver=shrinkage.SOLVER))
+        head[-1].weight.copy_(weight / temperature)
+        head[-1].bias.copy_(bias / temperature)
+    record = {"shrinkage": strength, "temperature": temperature, "seconds": time.perf_counter() - started}
+    return TunedHead(head.to(device), [record], dict(shrinkage=strength, temperature=temperature,
+                                                     solver=shrinkage.SOLVER))
 
 
 # What a linear head's fit is set by, and the function that fits it at that setting.
@@ -247,15 +259,17 @@ SETTINGS = {"weight_decay": fit_linear, "shrinkage": fit_shrinkage}
 
 
 def fit_setting(views: Sequence[FeatureCache], setting: Dict[str, float], device="cpu") -> TunedHead:
-    """The linear head at `setting`, {"weight_decay": w} or {"shrinkage": s}, on every row of `views`."""
-    (key, value), = setting.items()
-    return SETTINGS[key](views, value, device)
+    """The linear head at `setting`, {"weight_decay": w} or {"shrinkage": s, "temperature": t}
+    (the temperature optional), on every row of `views`."""
+    extra = {key: value for key, value in setting.items() if key not in SETTINGS}
+    (key, value), = ((k, v) for k, v in setting.items() if k in SETTINGS)
+    return SETTINGS[key](views, value, device, **extra)
 
 
 def _untuned_linear(views, info, device) -> TunedHead:
     """One image per class: the default strength on all rows (nothing to validate on)."""
     fitted = fit_linear(views, solver.DEFAULT_WEIGHT_DECAY, device)
-    choice = dict(validation=info, weight_decay=solver.DEFAULT_WEIGHT_DECAY, solver="L-BFGS, full batch",
+    choice = dict(validation=info, weight_decay=solver.DEFAULT_WEIGHT_DECAY, solver=solver.SOLVER,
                   refit_on="train (no validation split)")
     return TunedHead(fitted.head, fitted.records, choice, train_part=fitted.head)
 

@@ -39,7 +39,8 @@ def teacher_setting(run_dir: str, name: str, valid: Callable[[object], bool], ex
     if values is None:
         raise OptionError(f"teacher: {path} is missing; rerun the teacher, or pass --teacher-logits in-sample")
     if choice:
-        values = (values.get("notes") or {}).get("choice") if isinstance(values, dict) else None
+        notes = values.get("notes") if isinstance(values, dict) else None
+        values = notes.get("choice") if isinstance(notes, dict) else None
     value = values.get(name) if isinstance(values, dict) else None
     try:
         ok = not isinstance(value, bool) and valid(value)

@@ -100,7 +100,8 @@ def plot_curves(histories: Dict[str, List[Dict[str, float]]], path: str) -> None
                 lda_ax.plot([h["shrinkage"] for h in records], [h["val_accuracy"] for h in records], "s--",
                             color="tab:red", label=f"{name} shrinkage LDA")
             lda_ax.set(xlabel="LDA shrinkage (top axis)", xlim=(0, 1))
-            lda_ax.legend(fontsize=7, loc="lower right")
+            lda_ax.legend(fontsize=7, loc="lower left")
+            path_ax.set_ylabel("cross-validated accuracy")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -117,11 +117,14 @@ class Linear(FeatureTransfer):
                            mirrored_validation=mirrored_validation)
 
     def fit_settings(self, run_dir):
-        """The teacher head's setting: its L2 strength, or its shrinkage where it chose shrinkage LDA."""
-        choice = teacher_setting(run_dir, "solver", lambda v: v is None or isinstance(v, str), "a solver's name")
-        if choice == shrinkage.SOLVER:
+        """The teacher head's setting: its L2 strength, or its shrinkage and temperature where it
+        chose shrinkage LDA (a teacher from before the solver was recorded is an L2 head)."""
+        chosen = teacher_setting(run_dir, "solver", lambda v: v is None or v in (shrinkage.SOLVER, solver.SOLVER),
+                                 f"{solver.SOLVER!r} or {shrinkage.SOLVER!r}")
+        if chosen == shrinkage.SOLVER:
             return {"shrinkage": teacher_setting(run_dir, "shrinkage", lambda v: v in shrinkage.SHRINKAGES,
-                                                 "one of the shrinkages its tuning tries")}
+                                                 "one of the shrinkages its tuning tries"),
+                    "temperature": teacher_setting(run_dir, "temperature", positive(float), "a finite number > 0")}
         strengths = {*solver.WEIGHT_DECAYS, solver.DEFAULT_WEIGHT_DECAY}
         return {"weight_decay": teacher_setting(run_dir, "weight_decay", lambda v: v in strengths,
                                                 "one of the L2 strengths its tuning tries")}
