@@ -83,12 +83,14 @@ def fit_path(x: Tensor, y: Tensor, num_classes: int, shrinkages: Sequence[float]
 
 
 # The temperatures temperature() searches, as natural logarithms: LDA's logits on a few dozen images
-# a class in 2,000 dimensions run to hundreds (temperatures of 10 to 100).
-LOG_TEMPERATURES = (-4.0, 12.0)
+# a class in 2,000 dimensions run to hundreds (temperatures of 10 to 100). Never below 1: a
+# temperature only softens LDA's own confidences (classes that every fold separates would
+# otherwise be sharpened without bound).
+LOG_TEMPERATURES = (0.0, 12.0)
 
 
 def temperature(logits: Tensor, labels: Tensor, steps: int = 60) -> float:
-    """The T > 0 minimizing the cross-entropy of logits / T (golden-section search over log T):
+    """The T >= 1 minimizing the cross-entropy of logits / T (golden-section search over log T):
     what the chosen LDA head's logits are divided by, fit on its out-of-fold logits."""
     logits, labels = logits.double(), labels.long()
 

@@ -22,7 +22,8 @@ def launched_by_torchrun() -> bool:
     from fasttl.util.errors import OptionError
 
     given = os.environ.get("WORLD_SIZE", "1")
-    world = decimal(given.strip())
+    digits = given.strip()
+    world = -decimal(digits[1:]) if digits[:1] == "-" and decimal(digits[1:]) is not None else decimal(digits)
     if world is None:
         raise OptionError(f"WORLD_SIZE: expected a number of processes, got {shown(given)} (unset it, or start fasttl "
                           "with torchrun)")
