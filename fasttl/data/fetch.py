@@ -21,9 +21,7 @@ import fcntl
 import hashlib
 import http.client
 import os
-import socket
 import stat
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -32,11 +30,12 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from fasttl.data.archive import extract
+from fasttl.data.http_reply import DownloadError, open_reply
 from fasttl.util.errors import DataError, OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX
 from fasttl.util.outputs import terminal_text
 from fasttl.util import settings
-from fasttl.util.checks import decimal, shown
+from fasttl.util.checks import ascii_digits, decimal, shown
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CHUNK = 1 << 20             # hashing
@@ -47,10 +46,6 @@ MIN_RATE = 10_000            # bytes/s over each RATE_WINDOW_S, below which it s
 RATE_WINDOW_S = 30.0
 SOCKET_TIMEOUT_S = 30.0      # no byte at all for this long: the connection is taken for dead
 MAX_DOWNLOAD_BYTES = 4 << 30   # a server that sends more than this is cut off
-
-
-class DownloadError(UserError, OSError):
-    """The download failed: network, server, or an interrupted transfer (run again to resume)."""
 
 
 class ChecksumError(UserError, ValueError):
@@ -152,60 +147,6 @@ def _content_range_start(header: Optional[str]) -> Optional[int]:
         return None
 
 
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows a redirect only to another http(s) address (urllib's default also follows ftp://)."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        parts = urllib.parse.urlsplit(newurl)
-        if parts.scheme not in ("http", "https"):
-            raise DownloadError(f"fetch: {req.full_url} redirects to {newurl!r}, not an http(s) address; refused "
-                                "(check the address, --url)")
-        if "@" in parts.netloc:  # urllib would take the credentials for the host name
-            raise DownloadError(f"fetch: {req.full_url} redirects to an address with a user name or password "
-                                f"({parts.scheme}://{parts.netloc.rsplit('@', 1)[1]}{parts.path}), which fetch does "
-                                "not support; download the file yourself, or use an address without them")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-class _TrackSockets:
-    """A handler mixin that keeps each socket it connects, so that the deadline can end a wait for
-    response headers (a server may trickle them a byte at a time, under any socket timeout)."""
-
-    def __init__(self, sockets: list, **kw):
-        super().__init__(**kw)
-        self.sockets = sockets
-
-    def do_open(self, http_class, req, **kw):
-        sockets = self.sockets
-
-        def tracked(host, **connection_kw):
-            connection = http_class(host, **connection_kw)
-            connect = connection.connect
-
-            def connect_and_keep():
-                connect()
-                sockets.append(connection.sock)
-
-            connection.connect = connect_and_keep
-            return connection
-
-        return super().do_open(tracked, req, **kw)
-
-
-class _TrackedHTTP(_TrackSockets, urllib.request.HTTPHandler):
-    pass
-
-
-class _TrackedHTTPS(_TrackSockets, urllib.request.HTTPSHandler):
-    pass
-
-
-def _close_all(sockets: list) -> None:
-    for sock in list(sockets):
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-
-
 class _Budget:
     """The time a download may take: a total deadline, and a minimum rate over each window (a
     server that trickles a byte every few seconds never trips a socket timeout)."""
@@ -237,50 +178,6 @@ class _Budget:
             self.window_start, self.window_bytes = now, 0
 
 
-def _reply_error(exc: Exception, url: str, have: int) -> None:
-    """Raises the DownloadError for a failed request; returns only for HTTP 416 on a partial file
-    (nothing left to send: the file is complete)."""
-    if isinstance(exc, urllib.error.HTTPError):
-        if exc.code == 416 and have:
-            return
-        raise DownloadError(f"fetch: {url} answered HTTP {exc.code} ({terminal_text(exc.reason)[:120]}); check "
-                            "the address (--url)") from None
-    reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-    reason = terminal_text(reason)[:120]  # a server's bytes, shown escaped and short
-    raise DownloadError(f"fetch: cannot reach {url} ({reason}); check the network or the address "
-                        "(--url)") from None
-
-
-def _open_reply(url: str, have: int, timeout: float, budget: _Budget):
-    """The response to a GET of `url` from byte `have` on, with the deadline ending a wait for its
-    headers (a watchdog closes the connection); None for HTTP 416 on a complete partial file."""
-    from fasttl._version import __version__
-
-    headers = {"User-Agent": f"fasttl/{__version__}"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    sockets: list = []
-    opener = urllib.request.build_opener(_HttpOnlyRedirects(), _TrackedHTTP(sockets), _TrackedHTTPS(sockets))
-    watchdog = threading.Timer(max(0.0, budget.remaining()), _close_all, (sockets,))
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        response = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except DownloadError:
-        raise
-    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
-        if budget.remaining() <= 0 and not isinstance(exc, urllib.error.HTTPError):
-            raise budget.past_deadline(have) from None
-        _reply_error(exc, url, have)
-        return None
-    finally:
-        watchdog.cancel()
-    if budget.remaining() <= 0:  # the deadline cut the reply short: what arrived is not the file
-        response.close()
-        raise budget.past_deadline(have)
-    return response
-
-
 def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET_TIMEOUT_S,
              deadline_s: float = DEADLINE_S, min_rate: float = MIN_RATE) -> int:
     """Downloads `url` into `path`, continuing what is already there (HTTP Range); returns the
@@ -289,7 +186,7 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
     `min_rate` bytes/s over a 30 s window. Redirects are followed only to http(s) addresses."""
     have = _partial_size(path)
     budget = _Budget(deadline_s, min_rate, url)  # the wait for the reply counts too
-    response = _open_reply(url, have, timeout, budget)
+    response = open_reply(url, have, timeout, budget)
     if response is None:  # 416 on a complete file
         return have
     fd = _open_partial(path)
@@ -301,8 +198,9 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                 os.ftruncate(fd, 0)  # the server sends the whole file: start over
                 have = 0
             length = (response.headers.get("Content-Length") or "").strip()
-            total = have + decimal(length) if decimal(length) is not None else None  # more digits: more than any limit
-            if (total or 0) > MAX_DOWNLOAD_BYTES or total is None and length.isascii() and length.isdigit():
+            announced = decimal(length)
+            total = have + announced if announced is not None else None
+            if (total or 0) > MAX_DOWNLOAD_BYTES or total is None and ascii_digits(length):  # (more digits: more)
                 said = f"{total:,}" if total is not None else shown(length)
                 raise DownloadError(f"fetch: {url} announces {said} bytes, more than {MAX_DOWNLOAD_BYTES:,}; "
                                     "refused (check the address, --url)")

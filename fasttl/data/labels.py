@@ -7,17 +7,12 @@ import unicodedata
 from typing import List, Optional, Sequence, Tuple
 
 from fasttl.util.errors import DataError
-from fasttl.util.checks import shown
+from fasttl.util.checks import ascii_digits, decimal, shown
 from fasttl.util.files import read_plain
 
 
 # Integer labels without --classes make classes "0".."K-1"; a label above this is a mistake, not a class.
 MAX_INDEX_CLASSES = 100_000
-
-
-def is_index(label: str) -> bool:
-    """An ASCII decimal class index ("²" and "٢" are digits to str.isdigit, not to a file list)."""
-    return label.isascii() and label.isdigit()
 
 
 def index_class_names(values: Sequence[int], where: str) -> List[str]:
@@ -93,15 +88,16 @@ def label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where
         names = {name: i for i, name in enumerate(classes)}
         out = []
         for label in labels:
-            if kind == "indices" and is_index(label) and len(label) <= 15 and int(label) < len(classes):
-                out.append(int(label))
+            index = decimal(label) if kind == "indices" else None
+            if index is not None and index < len(classes):
+                out.append(index)
             elif kind == "names" and label in names:
                 out.append(names[label])
             elif kind == "indices":
                 raise DataError(f"data: {where}: label {shown(label)} is not an index into the {len(classes)} "
                                 "classes of the classes file (--labels indices)")
             else:
-                hint = " (to give labels as indices into it, pass --labels indices)" if is_index(label) else ""
+                hint = " (to give labels as indices into it, pass --labels indices)" if ascii_digits(label) else ""
                 raise DataError(f"data: {where}: label {shown(label)} is not one of the {len(classes)} classes of the "
                                 f"classes file{hint}")
         empty = sorted(set(range(len(classes))) - set(out))
@@ -112,12 +108,12 @@ def label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where
         return out, list(classes)
     if kind == "indices":
         raise DataError("labels: --labels indices needs --classes-file to say which class each index is")
-    negative = next((label for label in labels if label[:1] == "-" and is_index(label[1:])), None)
+    negative = next((label for label in labels if label[:1] == "-" and ascii_digits(label[1:])), None)
     if negative is not None:  # -1 is "unlabeled" in many data sets: never a class of its own
         raise DataError(f"data: {where}: label {negative!r} is negative (-1 often means unlabeled); drop those rows, "
                         f"or name {negative!r} in a --classes-file to make it a class")
-    if labels and all(is_index(label) for label in labels):
-        huge = next((label for label in labels if len(label) > 15), None)
+    if labels and all(ascii_digits(label) for label in labels):
+        huge = next((label for label in labels if decimal(label) is None), None)
         if huge is not None:  # int() of thousands of digits is slow, or refused by Python itself
             raise DataError(f"data: {where}: label {huge[:20]!r}... ({len(huge):,} digits) is no class index; write "
                             "the labels as class names or small indices")

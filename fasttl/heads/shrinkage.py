@@ -12,6 +12,7 @@ images, one-hot distillation targets). Solved in float64 from one eigendecomposi
 smaller Gram matrix (images x images, or features x features) shared by every shrinkage."""
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Tuple
 
 import torch
@@ -87,6 +88,15 @@ def fit_path(x: Tensor, y: Tensor, num_classes: int, shrinkages: Sequence[float]
 # temperature only softens LDA's own confidences (classes that every fold separates would
 # otherwise be sharpened without bound).
 LOG_TEMPERATURES = (0.0, 12.0)
+TEMPERATURE_RANGE = tuple(math.exp(t) for t in LOG_TEMPERATURES)
+
+
+def is_fitted_temperature(value) -> bool:
+    """Whether `value` is a temperature that temperature() returns (in TEMPERATURE_RANGE, its
+    float32 rounding allowed): what a teacher's recorded choice is checked against."""
+    low, high = TEMPERATURE_RANGE
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        low * (1 - 1e-6) <= value <= high * (1 + 1e-6)
 
 
 def temperature(logits: Tensor, labels: Tensor, steps: int = 60) -> float:

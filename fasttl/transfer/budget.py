@@ -26,6 +26,9 @@ MAX_BUDGET_S = 7 * 24 * 3600.0
 SPEED_FILE = "extraction-speed.json"
 MAX_IMAGES_PER_S = 1e6
 MAX_RATE = {"images_per_s": MAX_IMAGES_PER_S, "row_classes_per_s": 1e12}
+# Far below anything measured (nearly 3 hours an image; the slowest head measured ran 350
+# row-classes/s): a rate under them is damage, measured again, not a reason to refuse every budget.
+MIN_RATE = {"images_per_s": 1e-4, "row_classes_per_s": 1.0}
 MIN_MEASURED_IMAGES = 200  # fewer images time the pipeline's start more than its speed
 # Fewer rows time the solver's set-up: a cross-validated Lite0 head ran 350 row-classes/s on 200
 # rows, 2,700-3,100 on 1,000 to 5,000 (2-core Xeon); a rate from 200 rows refused 5m budgets that hold.
@@ -55,6 +58,11 @@ def shown(seconds: float) -> str:
         return f"more than {MAX_BUDGET_S / 3600:.0f}h"
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}m" if seconds < 7200 else \
         f"{seconds / 3600:.1f}h"
+
+
+def about(seconds: float) -> str:
+    """An estimate in a message: 'about 1.6m', or 'more than 168h' (no 'about' before that)."""
+    return f"about {shown(seconds)}" if seconds <= MAX_BUDGET_S else shown(seconds)
 
 
 def machine() -> Dict[str, object]:
@@ -103,7 +111,7 @@ def _measured(key: str, field: str) -> Optional[float]:
         value = float(value)  # an integer of 400 digits is no float (OverflowError): damage, measured again
     except OverflowError:
         return None
-    return value if math.isfinite(value) and 0 < value <= MAX_RATE[field] else None
+    return value if math.isfinite(value) and MIN_RATE[field] <= value <= MAX_RATE[field] else None
 
 
 def measured_speed(key: str) -> Optional[float]:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from fasttl.data.splits import stratified_folds
+from fasttl.util.checks import shown
 from fasttl.util.errors import OptionError, UserError
 
 FOLDS = 5
@@ -48,7 +49,7 @@ def teacher_setting(run_dir: str, name: str, valid: Callable[[object], bool], ex
         ok = False
     if not ok:
         where = f"{path} (notes.choice)" if choice else path
-        raise OptionError(f"teacher: {where} has {name} {value!r}, not {expected}; rerun the teacher, or pass "
+        raise OptionError(f"teacher: {where} has {name} {shown(value)}, not {expected}; rerun the teacher, or pass "
                           "--teacher-logits in-sample")
     return value
 

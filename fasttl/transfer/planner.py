@@ -326,7 +326,7 @@ class Planner:
                 candidate.planned_s = self._full_cost(candidate, screened)
                 self.candidates.append(candidate)
                 self.say(f"{candidate.backbone} at {candidate.image_size} px, {head}, mirror views {mode}: "
-                         f"validation {scored_by} {score:.4f}; full run about {budget.shown(candidate.planned_s)}")
+                         f"validation {scored_by} {score:.4f}; full run {budget.about(candidate.planned_s)}")
 
     def _refuse_unaffordable_head(self, views) -> None:
         """The first head fit is the one nothing measured bounds (a cross-validated path took
@@ -352,7 +352,7 @@ class Planner:
             / SAFETY * MARGIN
         if needed > self.budget_s:
             raise OptionError(f"budget: {self.cfg.budget} is too small for a model on this data here: validating "
-                              f"the first head on its {len(x)} probe rows needs about {budget.shown(needed)} with "
+                              f"the first head on its {len(x)} probe rows needs {budget.about(needed)} with "
                               f"the screening; {budget.suggested(needed)}")  # (refused with its margin)
 
     def _may_tune(self, parts: int) -> bool:
@@ -463,7 +463,7 @@ class Planner:
             needed = (self.elapsed() + cheapest.planned_s) / SAFETY * MARGIN
             raise OptionError(f"budget: {self.cfg.budget} is too small for a model on this data here: the cheapest "
                               f"screened ({cheapest.backbone} at {cheapest.image_size} px, {cheapest.head}, mirror "
-                              f"views {cheapest.mirror_views}) needs about {budget.shown(needed)} with the "
+                              f"views {cheapest.mirror_views}) needs {budget.about(needed)} with the "
                               f"screening; {budget.suggested(needed, needed / MARGIN)}"
                               + (budget.speeds_from() if self.record_used else ""))
         linear = [c for c in fitting if c.head == "linear"]

@@ -29,18 +29,34 @@ def finite(value) -> bool:
 MOST_DECIMAL_DIGITS = 18
 
 
-def decimal(text: str):
-    """The int that `text` spells in ASCII decimal digits (at most MOST_DECIMAL_DIGITS of them),
-    else None: str.isdigit() takes '²' and '٣', which int() refuses or reads differently."""
-    if not (isinstance(text, str) and text.isascii() and text.isdigit() and len(text) <= MOST_DECIMAL_DIGITS):
+def ascii_digits(text) -> bool:
+    """Whether `text` is spelled in ASCII decimal digits alone, however many: str.isdigit() takes
+    '²' and '٣', which int() refuses or reads differently."""
+    return isinstance(text, str) and text.isascii() and text.isdigit()
+
+
+def decimal(text, signed: bool = False):
+    """The int that `text` spells in ASCII decimal digits (at most MOST_DECIMAL_DIGITS of them; a
+    leading '-' too where `signed`), else None (int() of thousands of digits is slow, or refused
+    by Python itself)."""
+    negative = signed and isinstance(text, str) and text[:1] == "-"
+    digits = text[1:] if negative else text
+    if not ascii_digits(digits) or len(digits) > MOST_DECIMAL_DIGITS:
         return None
-    return int(text)
+    return -int(digits) if negative else int(digits)
 
 
-def shown(text: str, most: int = 40) -> str:
-    """A value read from outside in a message: its first `most` characters (a line of a list, or
-    an environment variable, may hold a megabyte)."""
-    return repr(text[:most]) + (f"... ({len(text):,} characters)" if len(text) > most else "")
+def shown(value, most: int = 40) -> str:
+    """A value read from outside in a message: its first `most` characters (a line of a list, an
+    environment variable or a field of a hand-edited file may hold a megabyte); text as its repr,
+    anything else by its repr cut alike."""
+    try:
+        text = value if isinstance(value, str) else repr(value)
+    except ValueError:  # an int past Python's 4,300-digit limit for text
+        text = f"an integer of {value.bit_length():,} bits"
+    cut = text[:most]
+    return (repr(cut) if isinstance(value, str) else cut) + (f"... ({len(text):,} characters)" if len(text) > most
+                                                               else "")
 
 
 def plain_int(value):

@@ -22,14 +22,13 @@ def launched_by_torchrun() -> bool:
     from fasttl.util.errors import OptionError
 
     given = os.environ.get("WORLD_SIZE", "1")
-    digits = given.strip()
-    world = -decimal(digits[1:]) if digits[:1] == "-" and decimal(digits[1:]) is not None else decimal(digits)
+    world = decimal(given.strip(), signed=True)  # a negative one keeps its own message
     if world is None:
         raise OptionError(f"WORLD_SIZE: expected a number of processes, got {shown(given)} (unset it, or start fasttl "
                           "with torchrun)")
     if world < 1:
-        raise OptionError(f"WORLD_SIZE: expected 1 or more processes, got {given!r} (unset it, or start fasttl with "
-                          "torchrun)")
+        raise OptionError(f"WORLD_SIZE: expected 1 or more processes, got {shown(given)} (unset it, or start fasttl "
+                          "with torchrun)")
     if world == 1:
         rank = os.environ.get("RANK")
         if rank is not None and rank.strip() and decimal(rank.strip()) != 0:
@@ -65,8 +64,8 @@ def _check_master() -> None:
     try:
         socket.getaddrinfo(host, int(port))
     except (OSError, UnicodeError):
-        raise OptionError(f"MASTER_ADDR: {host!r} does not resolve to an address here; set it to the host of rank 0 "
-                          "(127.0.0.1 on one machine)") from None
+        raise OptionError(f"MASTER_ADDR: {shown(host)} does not resolve to an address here; set it to the host of "
+                          "rank 0 (127.0.0.1 on one machine)") from None
 
 
 JOIN_NOTICE_S = 30.0  # a rank still waiting for the others this long says so (torchrun's own wait is silent)

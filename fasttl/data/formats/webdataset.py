@@ -8,7 +8,8 @@ from typing import List, Optional, Sequence
 
 from fasttl.util.errors import DataError
 from fasttl.data.formats.folder import missing_data
-from fasttl.data.labels import index_class_names, is_index, numbered_classes
+from fasttl.data.labels import index_class_names, numbered_classes
+from fasttl.util.checks import ascii_digits
 from fasttl.data.sources import TarSource, refuse_one_file_twice
 
 
@@ -87,7 +88,7 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
                 continue
             label = entry["cls"]
             # A class that is no index is a label error, as a file list's: never an image left out.
-            if label is None or not is_index(label) or (classes is not None and int(label) >= len(classes)):
+            if label is None or not ascii_digits(label) or (classes is not None and int(label) >= len(classes)):
                 into = f"the {len(classes)} classes of the classes file" if classes else "the classes"
                 shown = "of more than 64 bytes" if label is None else repr(label)
                 raise DataError(f"data: {name}/{key}.cls: class {shown} is not an index into {into} (a "

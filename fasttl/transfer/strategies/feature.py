@@ -124,7 +124,9 @@ class Linear(FeatureTransfer):
         if chosen == shrinkage.SOLVER:
             return {"shrinkage": teacher_setting(run_dir, "shrinkage", lambda v: v in shrinkage.SHRINKAGES,
                                                  "one of the shrinkages its tuning tries"),
-                    "temperature": teacher_setting(run_dir, "temperature", positive(float), "a finite number > 0")}
+                    "temperature": teacher_setting(run_dir, "temperature", shrinkage.is_fitted_temperature,
+                                                   "a temperature its tuning fits (%g to %g)"
+                                                   % shrinkage.TEMPERATURE_RANGE)}
         strengths = {*solver.WEIGHT_DECAYS, solver.DEFAULT_WEIGHT_DECAY}
         return {"weight_decay": teacher_setting(run_dir, "weight_decay", lambda v: v in strengths,
                                                 "one of the L2 strengths its tuning tries")}

@@ -1,0 +1,126 @@
+"""The HTTP request of `fasttl data fetch` (fasttl.data.fetch): redirects followed only to http(s)
+addresses, every socket kept so that the download's deadline can end a wait for headers that a
+server trickles a byte at a time, and a failure named by the address that failed."""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import socket
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Optional
+
+from fasttl.util.errors import UserError
+from fasttl.util.outputs import terminal_text
+
+
+class DownloadError(UserError, OSError):
+    """The download failed: network, server, or an interrupted transfer (run again to resume)."""
+
+
+class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to another http(s) address (urllib's default also follows ftp://);
+    `last`: the address it was last sent to (what a failure names)."""
+
+    last = None
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        parts = urllib.parse.urlsplit(newurl)
+        if parts.scheme not in ("http", "https"):
+            raise DownloadError(f"fetch: {req.full_url} redirects to {newurl!r}, not an http(s) address; refused "
+                                "(check the address, --url)")
+        if "@" in parts.netloc:  # urllib would take the credentials for the host name
+            raise DownloadError(f"fetch: {req.full_url} redirects to an address with a user name or password "
+                                f"({parts.scheme}://{parts.netloc.rsplit('@', 1)[1]}{parts.path}), which fetch does "
+                                "not support; download the file yourself, or use an address without them")
+        self.last = newurl
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _TrackSockets:
+    """A handler mixin that keeps each socket it connects, so that the deadline can end a wait for
+    response headers (a server may trickle them a byte at a time, under any socket timeout)."""
+
+    def __init__(self, sockets: list, **kw):
+        super().__init__(**kw)
+        self.sockets = sockets
+
+    def do_open(self, http_class, req, **kw):
+        sockets = self.sockets
+
+        def tracked(host, **connection_kw):
+            connection = http_class(host, **connection_kw)
+            connect = connection.connect
+
+            def connect_and_keep():
+                connect()
+                sockets.append(connection.sock)
+
+            connection.connect = connect_and_keep
+            return connection
+
+        return super().do_open(tracked, req, **kw)
+
+
+class _TrackedHTTP(_TrackSockets, urllib.request.HTTPHandler):
+    pass
+
+
+class _TrackedHTTPS(_TrackSockets, urllib.request.HTTPSHandler):
+    pass
+
+
+def _close_all(sockets: list) -> None:
+    for sock in list(sockets):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def reply_error(exc: Exception, url: str, have: int, redirected: Optional[str] = None) -> None:
+    """Raises the DownloadError for a failed request, naming the address that failed (`redirected`:
+    where `url` sent it); returns only for HTTP 416 on a partial file (nothing left to send: the
+    file is complete)."""
+    if redirected is not None and redirected != url:
+        url = f"{terminal_text(redirected)[:200]} (where {url} redirects)"
+    if isinstance(exc, urllib.error.HTTPError):
+        if exc.code == 416 and have:
+            return
+        raise DownloadError(f"fetch: {url} answered HTTP {exc.code} ({terminal_text(exc.reason)[:120]}); check "
+                            "the address (--url)") from None
+    reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    reason = terminal_text(reason)[:120]  # a server's bytes, shown escaped and short
+    raise DownloadError(f"fetch: cannot reach {url} ({reason}); check the network or the address "
+                        "(--url)") from None
+
+
+def open_reply(url: str, have: int, timeout: float, budget):
+    """The response to a GET of `url` from byte `have` on, with the deadline ending a wait for its
+    headers (a watchdog closes the connection); None for HTTP 416 on a complete partial file."""
+    from fasttl._version import __version__
+
+    headers = {"User-Agent": f"fasttl/{__version__}"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    sockets: list = []
+    redirects = HttpOnlyRedirects()
+    opener = urllib.request.build_opener(redirects, _TrackedHTTP(sockets), _TrackedHTTPS(sockets))
+    watchdog = threading.Timer(max(0.0, budget.remaining()), _close_all, (sockets,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        response = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except DownloadError:
+        raise
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        if budget.remaining() <= 0 and not isinstance(exc, urllib.error.HTTPError):
+            raise budget.past_deadline(have) from None
+        reply_error(exc, url, have, redirects.last)
+        return None
+    finally:
+        watchdog.cancel()
+    if budget.remaining() <= 0:  # the deadline cut the reply short: what arrived is not the file
+        response.close()
+        raise budget.past_deadline(have)
+    return response
