@@ -141,6 +141,9 @@ def test_the_plan_is_in_the_run_folder(planned):
                for c in plan["candidates"] if c["head"] == "mlp")
     assert len({c["backbone"] for c in linear}) >= 4  # three Lites, then the best two and all three joined
     fitting = [c for c in linear if c["planned_s"] <= planner.SAFETY * plan["budget_s"]]
+    assert plan["more_backbones_first"]  # few images: the most backbones side by side first, then the score
+    most = max(len(c["backbone"].split("+")) for c in fitting)
+    fitting = [c for c in fitting if len(c["backbone"].split("+")) == most]
     best = max(c["score"] for c in fitting)
     if chosen["head"] == "linear":
         assert chosen["score"] == best

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttl.heads import imbalance, shrinkage, solver
+from fasttl.heads import imbalance, parts, shrinkage, solver
 from fasttl.cache.cache import FeatureCache
 from fasttl.heads.train import make_head, on_device, predict_views, train_head
 from fasttl.data.splits import VALIDATION_FRACTION, stratified_folds, validation_split
@@ -42,6 +42,8 @@ class TunedHead:
     records: List[Dict]
     choice: Dict
     train_part: Optional[nn.Module] = None
+    # cross-validated heads: the chosen setting's out-of-fold logits of every training image, as scored
+    out_of_fold: Optional[torch.Tensor] = None
 
 
 def split_views(views: Sequence[FeatureCache], seed: int, mirrored_validation: Optional[FeatureCache] = None
@@ -178,13 +180,16 @@ def _cross_validated_linear(views: Sequence[FeatureCache], train_views, val_view
     one split only and are not used here); `train_part` is the chosen strength fit on the train
     part of the run's validation split, which LP-FT still holds out for early stopping; the
     choice's val_accuracy and val_loss are that head's on the split (cv_accuracy, cv_loss: the
-    pooled out-of-fold scores the strength was chosen by)."""
+    pooled out-of-fold scores the strength was chosen by). Features of several backbones side by
+    side get one such head per backbone, averaged (_averaged_parts)."""
+    if len(parts.part_layouts(views[0])) > 1:
+        return _averaged_parts(views, train_views, val_views, info, seed, device)
     labels = views[0].labels.to(device)
     num_classes = len(views[0].classes)
     widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
     long_tailed = imbalance.imbalance_ratio(labels, num_classes) >= imbalance.IMBALANCE_RATIO
     prior = imbalance.log_prior(labels, num_classes)
-    records, best = [], None
+    records, best, best_logits = [], None, None
     for (setting, strength), logits in _out_of_fold_logits(views, widths, seed, device).items():
         calibration = {}
         if setting == "shrinkage":  # LDA's logits grow with the width: scored (and shipped) at their temperature
@@ -199,7 +204,7 @@ def _cross_validated_linear(views: Sequence[FeatureCache], train_views, val_view
             score = (record["val_balanced_accuracy"], -record["val_balanced_loss"])
         records.append(record)
         if best is None or score > best[0]:
-            best = (score, record)
+            best, best_logits = (score, record), logits
     chosen = best[1]
     tau = chosen.get("logit_adjustment", 0.0)
     setting = {key: chosen[key] for key in (*SETTINGS, "temperature") if key in chosen}
@@ -215,7 +220,36 @@ def _cross_validated_linear(views: Sequence[FeatureCache], train_views, val_view
     if long_tailed:
         choice.update(class_imbalance=imbalance.imbalance_ratio(labels, num_classes), logit_adjustment=tau,
                       val_balanced_accuracy=chosen["val_balanced_accuracy"])
-    return TunedHead(head, records, choice, train_part=train_part)
+    return TunedHead(head, records, choice, train_part=train_part,
+                     out_of_fold=best_logits - tau * prior.to(best_logits.device))
+
+
+def _averaged_parts(views, train_views, val_views, info: dict, seed: int, device) -> TunedHead:
+    """One cross-validated linear head per backbone of features side by side (each its own setting
+    chosen on its own out-of-fold logits), averaged into one head (fasttl.heads.parts); the
+    choice's cv_accuracy and cv_loss are the average's, from the parts' out-of-fold logits."""
+    names = [name for name, _ in parts.part_layouts(views[0])]
+    tuned = [_cross_validated_linear(*part, info, seed, device) for part in
+             zip(parts.split_views(views), parts.split_views(train_views), parts.split_views(val_views))]
+    labels = views[0].labels.to(device)
+    logits = torch.stack([F.log_softmax(t.out_of_fold, 1) for t in tuned]).mean(0)
+    train_part = parts.average([t.train_part for t in tuned])
+    kept = (*SETTINGS, "temperature", "logit_adjustment", "cv_accuracy", "cv_loss", "val_balanced_accuracy")
+    choice = dict(validation=tuned[0].choice["validation"], solver=parts.AVERAGED_SOLVER,
+                  parts=[dict(backbone=name, solver=t.choice["solver"], **{k: t.choice[k] for k in kept
+                                                                            if k in t.choice})
+                         for name, t in zip(names, tuned)],
+                  **_scores_on(train_part, val_views, device),
+                  cv_accuracy=float((logits.argmax(1) == labels).float().mean()),
+                  cv_loss=float(F.nll_loss(logits, labels)), refit_on="train + validation",
+                  cross_validation=tuned[0].choice["cross_validation"])
+    if "class_imbalance" in tuned[0].choice:
+        choice.update(class_imbalance=tuned[0].choice["class_imbalance"],
+                      val_balanced_accuracy=imbalance.balanced_scores(logits, labels, len(views[0].classes))[
+                          "val_balanced_accuracy"])
+    records = [dict(record, part=name) for name, t in zip(names, tuned) for record in t.records]
+    return TunedHead(parts.average([t.head for t in tuned]), records, choice, train_part=train_part,
+                     out_of_fold=logits)
 
 
 def fit_linear(views: Sequence[FeatureCache], weight_decay: float, device="cpu") -> TunedHead:
@@ -260,7 +294,15 @@ SETTINGS = {"weight_decay": fit_linear, "shrinkage": fit_shrinkage}
 
 def fit_setting(views: Sequence[FeatureCache], setting: Dict[str, float], device="cpu") -> TunedHead:
     """The linear head at `setting`, {"weight_decay": w} or {"shrinkage": s, "temperature": t}
-    (the temperature optional), on every row of `views`."""
+    (the temperature optional), on every row of `views`; {"parts": [setting, ...]}: one head per
+    backbone of features side by side, each at its setting, averaged."""
+    if "parts" in setting:
+        split = parts.split_views(views)
+        if len(split) != len(setting["parts"]):
+            raise ValueError(f"setting: {len(setting['parts'])} backbones' settings for features of {len(split)}")
+        fitted = [fit_setting(part, one, device) for part, one in zip(split, setting["parts"])]
+        return TunedHead(parts.average([f.head for f in fitted]), [r for f in fitted for r in f.records],
+                         dict(solver=parts.AVERAGED_SOLVER, parts=[f.choice for f in fitted]))
     extra = {key: value for key, value in setting.items() if key not in SETTINGS}
     (key, value), = ((k, v) for k, v in setting.items() if k in SETTINGS)
     return SETTINGS[key](views, value, device, **extra)

@@ -43,12 +43,17 @@ def teacher_setting(run_dir: str, name: str, valid: Callable[[object], bool], ex
         notes = values.get("notes") if isinstance(values, dict) else None
         values = notes.get("choice") if isinstance(notes, dict) else None
     value = values.get(name) if isinstance(values, dict) else None
+    return teacher_value(value, f"{path} (notes.choice)" if choice else path, name, valid, expected)
+
+
+def teacher_value(value, where: str, name: str, valid: Callable[[object], bool], expected: str):
+    """`value`, the setting `name` read from `where`, where `valid` takes it; else the error
+    naming the file and the way out."""
     try:
         ok = not isinstance(value, bool) and valid(value)
     except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
-        where = f"{path} (notes.choice)" if choice else path
         raise OptionError(f"teacher: {where} has {name} {shown(value)}, not {expected}; rerun the teacher, or pass "
                           "--teacher-logits in-sample")
     return value

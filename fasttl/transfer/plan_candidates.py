@@ -1,6 +1,6 @@
 """What the budget planner (fasttl.transfer.planner) screens and chooses among: a feature set on
 the probe (Screened), one candidate model with its validation score and planned cost (Candidate),
-and how a tuned head's choice record gives its score."""
+how a tuned head's choice record gives its score, and the margins every plan's costs take."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +13,10 @@ from fasttl.cache.cache import FeatureCache
 # Fewer scored images a class than this (a pinned MLP head's one validation split of a small probe)
 # can't rank candidates: the report says so.
 SCORED_PER_CLASS = 10
+SAFETY = 0.9            # a full run is planned into this share of what is left (the estimates are measured, not exact)
+OVERHEAD_S = 10.0       # the run's own start, report, plots and predictions
+INT8_GRAPH_S = 10.0     # an int8 run's graph quantized, a part (3 to 5 s for Lite0 on the 2-core Xeon; Lite2 ~2x)
+MARGIN = 1.25           # a suggested budget's room over the estimate (a head's time varies from run to run)
 
 
 @dataclasses.dataclass

@@ -16,7 +16,8 @@ split).
    at its views through each backbone, the head scaled from its probe time by rows, an int8 run's
    own graph quantized.
 3. Choose. The best score among the candidates whose full run fits what is left of the budget
-   (SAFETY of it); the mirrored test view (--mirror-views test) where scores tie, as they do
+   (SAFETY of it), with few images those of the most backbones side by side first
+   (_backbones_first); the mirrored test view (--mirror-views test) where scores tie, as they do
    between test and none (cross-validation scores training views). The run then goes on as
    `fasttl run` with those options, and the plan (candidates, scores, costs, the choice) goes
    into metrics.json and report.md.
@@ -40,8 +41,9 @@ from fasttl.heads.tuning import CROSS_VALIDATION_BELOW, tune_linear, tune_mlp
 from fasttl.transfer import budget
 from fasttl.transfer.caching import Extraction, cached_features
 from fasttl.transfer.config import auto_int8
-from fasttl.transfer.plan_candidates import (SCORED_PER_CLASS, Candidate, Screened, best_per_set, held_out, score_of,
-                                              smallest_class)
+from fasttl.transfer.plan_candidates import (INT8_GRAPH_S, MARGIN, OVERHEAD_S, SAFETY, SCORED_PER_CLASS, Candidate,
+                                              Screened, best_per_set, held_out, score_of, smallest_class)
+from fasttl.transfer.plan_refusals import Refusals
 from fasttl.util.errors import OptionError
 
 PLANNED = ("backbone", "image_size", "mirror_views", "strategy")
@@ -61,32 +63,21 @@ SPLIT_PER_CROSS_VALIDATION = 0.3
 # a class: on 4 images a class, the MLP "won" on few-shot data by a noise margin.
 MLP_SCREEN_PER_CLASS = 100
 SCREEN_SHARE = 0.4
-SAFETY = 0.9            # a full run is planned into this share of what is left (the estimates are measured, not exact)
-OVERHEAD_S = 10.0       # the run's own start, report, plots and predictions
 # Backbones side by side decode and prepare each image once for all of them: a concatenation's
 # extraction took 0.82 to 0.89 of its parts' summed seconds an image (int8, 160 px; benchmarks/
 # RESULTS.md, "Extraction: backbones side by side"); rounded up.
 CONCATENATED_SHARE = 0.9
-INT8_GRAPH_S = 10.0     # an int8 run's graph quantized, a part (3 to 5 s for Lite0 on the 2-core Xeon; Lite2 ~2x)
 # Equal scores: the run's default view (cross-validation scores training views, so test and none
 # always tie: the choice between them is the defaults', not a validated one), then none.
 MIRROR_PREFERENCE = {"test": 2, "none": 1, "both": 0}
 NO_TIME = "no time left in the screening's share of the budget (or for the best candidate's run after it)"
-MARGIN = 1.25           # a suggested budget's room over the estimate (a head's time varies from run to run)
-MIN_BUDGET_S = 30.0     # below it no plan can screen one backbone and write a run: refused before any work
-# The first head's estimate (_refuse_unaffordable_head): the path's solves (each fold's 4/5 of the
-# rows, so folds - 1 probes' worth), the refits, and the share of a cold solve at the strongest
-# strength that the path takes per solve on average (0.24 s against 6.3 s for the 60 solves of the
-# cross-validated path on the 1,347 digits images: 0.44).
-HEAD_REFITS = 4
-HEAD_ESTIMATE_SHARE = 0.5
 # A recorded speed for a backbone not screened yet is taken for stale when it is this many times
 # slower per pixel than one this plan measured: the Lites differ by 4x at most (Lite2 at 224 px
 # against Lite0 at 128 px, benchmarks/RESULTS.md "extract").
 IMPLAUSIBLY_SLOWER = 8.0
 
 
-class Planner:
+class Planner(Refusals):
     """Screens, costs and chooses (see the module's doc); `plan()` -> (options, record)."""
 
     def __init__(self, cfg, given: Dict[str, object], dataset, started: float):
@@ -132,48 +123,6 @@ class Planner:
                  f"{chosen.mirror_views}: validation {chosen.scored_by} {chosen.score:.4f}, planned "
                  f"{budget.shown(self.elapsed() + chosen.planned_s)} of {budget.shown(self.budget_s)}")
         return chosen.options(), record
-
-    def _refuse_if_impossible(self) -> None:
-        """Before any screening, where this machine's speeds are known: a budget below the least
-        any plan does is one error, at once. That least is the first single's screening, then the
-        cheapest single's run without mirror views (or, before a head was ever timed here on enough
-        rows, the fastest single's extraction alone); its suggestion adds the margin every refusal
-        suggests (a budget that passes here may still be refused after the screening measures)."""
-        if self.budget_s < MIN_BUDGET_S:
-            raise OptionError(f"budget: {self.cfg.budget} is below the {MIN_BUDGET_S:.0f}s any plan needs (one "
-                              "backbone screened, the run written); pass --budget 1m or more")
-        singles = self._singles()
-        speeds = [budget.measured_speed(self._speed_key(b, s)) for b, s in singles]
-        if not speeds or None in speeds:
-            return
-        least = self._least_plan_s(singles, speeds)
-        if least is None:
-            images = len(self.dataset.train) + len(self.dataset.test)
-            least = images / max(speeds) + OVERHEAD_S
-            what = f"even the fastest backbone measured on this machine needs at least {{}} to extract its {images} " \
-                "images"
-        else:
-            what = f"screening {singles[0][0]} at {singles[0][1]} px, then the cheapest run, needs at least {{}}"
-        least += self.elapsed()
-        if least > SAFETY * self.budget_s:
-            self.record_used = True
-            raise OptionError(f"budget: {self.cfg.budget} is too small for a model on this data here: "
-                              f"{what.format(budget.shown(least / SAFETY))}; "
-                              f"{budget.suggested(least * MARGIN / SAFETY, least / SAFETY)}{budget.speeds_from()}")
-
-    def _least_plan_s(self, singles, speeds):
-        """Seconds of the least a plan does, from this machine's record (None where it holds no
-        head rate for the first single): the first single's probe extracted (an int8 graph
-        quantized for it) and its head cross-validated, then the cheapest single's run without
-        mirror views (a head not timed yet costed at the first's rate)."""
-        rates = [budget.measured_head_rate(self._head_key(b)) for b, _ in singles]
-        if rates[0] is None:
-            return None
-        heads = [len(self.probe) * len(self.dataset.classes) / (rate or rates[0]) for rate in rates]
-        precisions = [self._precision(b, s) for b, s in singles]
-        screen_s = self._probe_images() / speeds[0] + heads[0] + (INT8_GRAPH_S if precisions[0] == "int8" else 0.0)
-        return screen_s + min(self._run_cost("none", "linear", head, [speed], precision)
-                              for head, speed, precision in zip(heads, speeds, precisions))
 
     # -- screening ------------------------------------------------------------------------------
     def _singles(self):
@@ -328,33 +277,6 @@ class Planner:
                 self.say(f"{candidate.backbone} at {candidate.image_size} px, {head}, mirror views {mode}: "
                          f"validation {scored_by} {score:.4f}; full run {budget.about(candidate.planned_s)}")
 
-    def _refuse_unaffordable_head(self, views) -> None:
-        """The first head fit is the one nothing measured bounds (a cross-validated path took
-        minutes on a loaded machine): timed first as one cold solve at the strongest strength (as
-        each fold's path starts; the warm-started ones after it take fewer iterations) times the
-        solves the path makes, after a small solve that pays the solver's first-call set-up, and
-        refused at once when that leaves no time for the run."""
-        import torch
-
-        from fasttl.heads import solver
-        from fasttl.heads.tuning import CROSS_VALIDATION_FOLDS
-
-        x = torch.cat([v.all_features() for v in views]).float()
-        y = torch.cat([v.labels for v in views]).long()
-        widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
-        mean, std = solver.block_scaling(x, widths)
-        x = (x - mean) / std
-        solver.solve(x[:64], y[:64], len(views[0].classes), solver.WEIGHT_DECAYS[0], max_iter=2)  # the set-up
-        started = time.perf_counter()
-        solver.solve(x, y, len(views[0].classes), solver.WEIGHT_DECAYS[0], max_iter=solver.PATH_MAX_ITER)
-        solves = len(solver.WEIGHT_DECAYS) * (CROSS_VALIDATION_FOLDS - 1) + HEAD_REFITS
-        needed = (self.elapsed() + (time.perf_counter() - started) * solves * HEAD_ESTIMATE_SHARE + OVERHEAD_S) \
-            / SAFETY * MARGIN
-        if needed > self.budget_s:
-            raise OptionError(f"budget: {self.cfg.budget} is too small for a model on this data here: validating "
-                              f"the first head on its {len(x)} probe rows needs {budget.about(needed)} with "
-                              f"the screening; {budget.suggested(needed)}")  # (refused with its margin)
-
     def _may_tune(self, parts: int) -> bool:
         """Whether one more head fit on the probe leaves the best candidate's full run its time."""
         if not self.candidates:
@@ -468,11 +390,25 @@ class Planner:
                               + (budget.speeds_from() if self.record_used else ""))
         linear = [c for c in fitting if c.head == "linear"]
         defaults = {name: getattr(self.cfg, name) for name in PLANNED}  # what the run would be without --budget
-        best = max(linear or fitting, key=lambda c: (round(c.score, 6), MIRROR_PREFERENCE[c.mirror_views],
-                                                     c.options() == defaults, -c.planned_s))
+        best = max(linear or fitting, key=lambda c: (self._backbones_first(c), round(c.score, 6),
+                                                     MIRROR_PREFERENCE[c.mirror_views], c.options() == defaults,
+                                                     -c.planned_s))
         mlp = [c for c in fitting if c.head == "mlp" and None not in (c.held_out, best.held_out) and
                c.held_out > best.held_out]
         return max(mlp, key=lambda c: c.held_out) if mlp and best.head == "linear" else best
+
+    def few_images(self) -> bool:
+        """Whether the run's linear head is cross-validated (fasttl.heads.tuning): with backbones
+        side by side, one head per backbone, averaged (fasttl.heads.parts)."""
+        return self.smallest_class < CROSS_VALIDATION_BELOW
+
+    def _backbones_first(self, candidate: Candidate) -> int:
+        """With few images, candidates of more backbones come first, then the score: one head per
+        backbone, averaged, scored above the single backbone that cross-validation ranked best on
+        6 of 7 draws of training images no benchmark uses (+0.97 points at 40 a class, +1.25 at
+        120), where cross-validation on those images ranked the single first (benchmarks/RESULTS.md,
+        "Few images: one head per backbone, averaged")."""
+        return len(backbones.concatenated.split_name(candidate.backbone)) if self.few_images() else 0
 
     def record(self, chosen: Candidate) -> Dict[str, object]:
         return {"budget": self.cfg.budget, "budget_s": self.budget_s, "pinned": self.pinned,
@@ -483,6 +419,7 @@ class Planner:
                 "candidates": [c.as_dict() for c in self.candidates], "skipped": self.skipped,
                 "chosen": chosen.as_dict(), "planned_s": round(self.elapsed() + chosen.planned_s, 1),
                 "scored_too_few": 0 < chosen.scored_images < SCORED_PER_CLASS * len(self.dataset.classes),
+                "more_backbones_first": self.few_images(),
                 "machine": budget.machine()}
 
 

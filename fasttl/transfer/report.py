@@ -137,6 +137,12 @@ def _choices(results: Dict[str, Dict[str, object]]) -> List[str]:
                                         "epoch_kept", "regularize", "temperature", "alpha", "distill_features"))
         if "shrinkage" in choice:
             settings = f"the linear head as shrinkage LDA, {settings}"
+        if isinstance(choice.get("parts"), list):
+            settings = "one linear head per backbone, averaged (" + "; ".join(
+                f"{markdown_cell(str(part.get('backbone')))}: " + (
+                    f"shrinkage LDA {part.get('shrinkage'):g}, temperature {part.get('temperature', 1):.3g}"
+                    if "shrinkage" in part else f"L2 strength {part.get('weight_decay'):g}")
+                for part in choice["parts"]) + ")"
         if not validation.get("validation_images"):  # one image per class: nothing could be held out
             lines += [f"- **{name}**: {settings}, the defaults: no class had two training images, so no "
                       f"validation split could be carved and nothing was tuned. The test split was evaluated once."]

@@ -9,12 +9,13 @@ from typing import Dict, List
 
 
 from fasttl import backbones
-from fasttl.heads import make_head, shrinkage, solver
+from fasttl.backbones.concatenated import split_name
+from fasttl.heads import make_head, parts, shrinkage, solver
 from fasttl.cache.cache import FeatureCache
 from fasttl.heads.train import train_head
 from fasttl.heads.tuning import MLP_WEIGHT_DECAYS, fit_setting, predict_split, tune_linear, tune_mlp
 from fasttl.transfer.caching import MIRROR_VIEWS, Extraction, mirror_mode, views_of
-from fasttl.transfer.cross_fit import positive, teacher_setting
+from fasttl.transfer.cross_fit import positive, teacher_setting, teacher_value
 from fasttl.transfer.options import option
 from fasttl.transfer.feature_models import FeatureModel, feature_caches
 from fasttl.transfer.registry import Outcome, Strategy, register
@@ -104,6 +105,22 @@ class FeatureTransfer(Strategy):
         raise NotImplementedError
 
 
+SINGLE_SOLVERS = (solver.SOLVER, shrinkage.SOLVER)
+
+
+def _linear_setting(chosen, read) -> Dict[str, object]:
+    """One linear head's setting for `chosen` (its solver; None before it was recorded: L2), each
+    value through `read(name, valid, expected)`, which names the file where one is damaged."""
+    if chosen == shrinkage.SOLVER:
+        low, high = shrinkage.TEMPERATURE_RANGE
+        return {"shrinkage": read("shrinkage", lambda v: v in shrinkage.SHRINKAGES,
+                                  "one of the shrinkages its tuning tries"),
+                "temperature": read("temperature", shrinkage.is_fitted_temperature,
+                                    f"a temperature its tuning fits ({low:g} to {high:g})")}
+    strengths = {*solver.WEIGHT_DECAYS, solver.DEFAULT_WEIGHT_DECAY}
+    return {"weight_decay": read("weight_decay", lambda v: v in strengths, "one of the L2 strengths its tuning tries")}
+
+
 @register
 class Linear(FeatureTransfer):
     name = "linear"
@@ -118,18 +135,23 @@ class Linear(FeatureTransfer):
 
     def fit_settings(self, run_dir):
         """The teacher head's setting: its L2 strength, or its shrinkage and temperature where it
-        chose shrinkage LDA (a teacher from before the solver was recorded is an L2 head)."""
-        chosen = teacher_setting(run_dir, "solver", lambda v: v is None or v in (shrinkage.SOLVER, solver.SOLVER),
-                                 f"{solver.SOLVER!r} or {shrinkage.SOLVER!r}")
-        if chosen == shrinkage.SOLVER:
-            return {"shrinkage": teacher_setting(run_dir, "shrinkage", lambda v: v in shrinkage.SHRINKAGES,
-                                                 "one of the shrinkages its tuning tries"),
-                    "temperature": teacher_setting(run_dir, "temperature", shrinkage.is_fitted_temperature,
-                                                   "a temperature its tuning fits (%g to %g)"
-                                                   % shrinkage.TEMPERATURE_RANGE)}
-        strengths = {*solver.WEIGHT_DECAYS, solver.DEFAULT_WEIGHT_DECAY}
-        return {"weight_decay": teacher_setting(run_dir, "weight_decay", lambda v: v in strengths,
-                                                "one of the L2 strengths its tuning tries")}
+        chose shrinkage LDA (a teacher from before the solver was recorded is an L2 head), or one
+        of those for each backbone where it averaged one head per backbone."""
+        solvers = (*SINGLE_SOLVERS, parts.AVERAGED_SOLVER)
+        chosen = teacher_setting(run_dir, "solver", lambda v: v is None or v in solvers,
+                                 " or ".join(repr(s) for s in solvers))
+        if chosen != parts.AVERAGED_SOLVER:
+            return _linear_setting(chosen, functools.partial(teacher_setting, run_dir))
+        count = len(split_name(teacher_setting(run_dir, "backbone", lambda v: isinstance(v, str), "a backbone name",
+                                               choice=False)))
+        listed = teacher_setting(run_dir, "parts", lambda v: isinstance(v, list) and len(v) == count and
+                                 all(isinstance(p, dict) for p in v), f"a list of its {count} backbones' choices")
+        where = os.path.join(run_dir, "metrics.json") + " (notes.choice.parts[{}])"
+        return {"parts": [_linear_setting(teacher_value(part.get("solver"), where.format(i), "solver",
+                                                        lambda v: v in SINGLE_SOLVERS, "a single head's solver"),
+                                          lambda name, valid, expected, part=part, i=i:
+                                          teacher_value(part.get(name), where.format(i), name, valid, expected))
+                          for i, part in enumerate(listed)]}
 
     def refit_head(self, settings, views, seed, device):
         return fit_setting(views, settings, device).head
