@@ -80,7 +80,7 @@ def run_one(data: str, budget, tmp: str) -> dict:
            "wall_s": round(wall, 1), "chosen": {k: config[k] for k in ("backbone", "image_size", "mirror_views",
                                                                          "strategy", "extract_precision")}}
     choice = metrics["notes"].get("choice") or {}
-    row["head_setting"] = {k: choice[k] for k in ("weight_decay", "shrinkage", "solver") if k in choice}
+    row["head_setting"] = {k: choice[k] for k in ("weight_decay", "shrinkage", "solver", "parts") if k in choice}
     if plan:
         row.update(planned_s=plan["planned_s"], screen_s=plan["screen_s"], candidates=len(plan["candidates"]),
                    chosen_score=plan["chosen"]["score"], scored_by=plan["chosen"]["scored_by"],

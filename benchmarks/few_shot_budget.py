@@ -8,8 +8,8 @@ rather than one draw's on 200 test images a class (about 1.4 points of error eac
 
 Each run as in budget_table.py: a fresh process, an empty feature cache. Every choice is made on the
 training images (the plan's cross-validated probe; the defaults' own validation); the test split is
-scored once per run. Rows go to benchmarks/results/few-shot-budget.json, replacing those of the same
-draws (a draw measured again, e.g. one disturbed by another job, keeps the others)."""
+scored once per run. Rows go to benchmarks/results/few-shot-budget-<budget>.json, replacing those of
+the same draws (a draw measured again, e.g. one disturbed by another job, keeps the others)."""
 import argparse
 import datetime
 import json
@@ -20,7 +20,7 @@ import tempfile
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results", "few-shot-budget.json")
+RESULTS = os.path.join(HERE, "results", "few-shot-budget-{budget}.json")  # one record a budget
 sys.path.insert(0, HERE)
 from budget_table import HARD, class_subset, run_one  # noqa: E402
 from record_run import machine_name, write_results  # noqa: E402
@@ -51,9 +51,10 @@ def main() -> None:
                    "command": "python benchmarks/few_shot_budget.py " + " ".join(sys.argv[1:])}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    previous = json.load(open(RESULTS))["rows"] if os.path.exists(RESULTS) else []
+    results = RESULTS.format(budget=args.budget)
+    previous = json.load(open(results))["rows"] if os.path.exists(results) else []
     rows = sorted([r for r in previous if r["draw"] not in args.draws] + rows, key=lambda r: r["draw"])
-    write_results(RESULTS, {"rows": rows, "summary": paired(rows), "budget": args.budget,
+    write_results(results, {"rows": rows, "summary": paired(rows), "budget": args.budget,
                             "train_per_class": args.train_per_class, "test_per_class": args.test_per_class,
                             "machine": machine_name(), "date": datetime.date.today().isoformat(),
                             "command": "python benchmarks/few_shot_budget.py " + " ".join(sys.argv[1:])})

@@ -352,8 +352,13 @@ def budget_section(path: pathlib.Path) -> list:
 
 
 def _head_setting(run: dict) -> str:
-    """' (shrinkage LDA 0.9)' or ' (L2 1)': the linear head's chosen setting, where the row records it."""
+    """' (shrinkage LDA 0.9)' or ' (L2 1)': the linear head's chosen setting, where the row records it;
+    ' (one head per backbone: LDA 0.9, L2 1)' where it averaged one head per backbone."""
     setting = run.get("head_setting") or {}
+    if setting.get("parts"):
+        return " (one head per backbone, averaged: " + ", ".join(
+            f"LDA {p['shrinkage']:g}" if "shrinkage" in p else f"L2 {p.get('weight_decay', 0):g}"
+            for p in setting["parts"]) + ")"
     if "shrinkage" in setting:
         return f" (shrinkage LDA {setting['shrinkage']:g})"
     return f" (L2 {setting['weight_decay']:g})" if "weight_decay" in setting else ""
@@ -365,7 +370,7 @@ def few_shot_budget_section(path: pathlib.Path) -> list:
         return []
     record = json.loads(path.read_text())
     summary = record["summary"]
-    parts = ["## Few-shot 5x40 over draws: `--budget` beside the defaults", "",
+    parts = [f"## Few-shot 5x40 over draws: `--budget {record['budget']}` beside the defaults", "",
              f"Machine: {record['machine']}; date {record['date']}. Command: `{record['command']}`. bird, cat, deer, "
              f"dog and frog: {record['train_per_class']} training images a class drawn per seed, scored on "
              f"{record['test_per_class']} test images a class; each run in a fresh process from an empty feature "
@@ -382,6 +387,44 @@ def few_shot_budget_section(path: pathlib.Path) -> list:
               f"{summary['mean_gain_points']:+.2f} +- {summary['standard_error']:.2f} points (standard error over "
               f"{summary['draws']} draws)."] + ([f"- {record['note']}"] if record.get("note") else []) + [""]
     return parts
+
+
+def _budget_seconds(path: pathlib.Path) -> float:
+    """few-shot-budget-3m.json -> 180.0: the records in the order of their budgets."""
+    budget = path.stem.rsplit("-", 1)[1]
+    return float(budget[:-1]) * {"s": 1, "m": 60, "h": 3600}[budget[-1]]
+
+
+def per_backbone_heads_section(path: pathlib.Path) -> list:
+    """One head per backbone, averaged, against the best single by cross-validation, on the design
+    split (benchmarks/per_backbone_heads.py)."""
+    if not path.exists():
+        return []
+    record = json.loads(path.read_text())
+    parts = ["## Few images: one head per backbone, averaged", "",
+             f"Machine: {record['machine']}; date {record['date']}. Command: `{record['command']}`. Design split: "
+             "draws of CIFAR-10 training images of bird, cat, deer, dog and frog that no few-shot benchmark draw "
+             f"uses, scored on {record['scored_per_class']} other training images a class (never the test split). "
+             "Every head is the cross-validated linear head of `fasttl run` (Lite0/1/2 at 160 px, multi-stage, "
+             "mirrored scored images averaged); 'best single by CV' is the backbone whose cross-validated accuracy "
+             "on the draw's images was highest, what the budget planner chose before.", "",
+             "| images a class | draw | Lite0 | Lite1 | Lite2 | best single by CV | Lite1+Lite2 averaged | all three "
+             "averaged | all three - best single (points) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        s = r["singles"]
+        parts.append(f"| {r['per_class']} | {r['draw']} | {s['efficientnet_lite0']:.4f} | "
+                     f"{s['efficientnet_lite1']:.4f} | {s['efficientnet_lite2']:.4f} | {r['best_single']:.4f} "
+                     f"({r['best_single_by_cv'].replace('efficientnet_', '')}) | {r['lite1+lite2']:.4f} | "
+                     f"{r['all three']:.4f} | {100 * (r['all three'] - r['best_single']):+.2f} |")
+    for size in sorted({r["per_class"] for r in record["rows"]}):
+        rows = [r for r in record["rows"] if r["per_class"] == size]
+        gains = [100 * (r["all three"] - r["best_single"]) for r in rows]
+        pair = [100 * (r["lite1+lite2"] - r["best_single"]) for r in rows]
+        error = statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else float("nan")
+        parts.append(f"- {size} a class: all three averaged {statistics.mean(gains):+.2f} +- {error:.2f} points over "
+                     f"the best single by CV (higher on {sum(g > 0 for g in gains)} of {len(gains)} draws); "
+                     f"Lite1+Lite2 averaged {statistics.mean(pair):+.2f}.")
+    return parts + ([f"- {record['note']}"] if record.get("note") else []) + [""]
 
 
 def int8_section(path: pathlib.Path) -> list:
@@ -470,8 +513,9 @@ def main() -> None:
     sections = ("robustness.json", "feature-transfer.json", "lpft.json", "distill-student.json",
                 "mirror-views.json", "parity.json", "adam-resync-cpu.json", "long-tail.json",
                 "few-shot.json", "int8-accuracy.json", "budget-table.json", "extraction-split.json",
-                "concatenated-speed.json", "few-shot-budget.json")
-    for path in sorted(p for p in (HERE / "results").glob("*.json") if p.name not in sections):
+                "concatenated-speed.json", "per-backbone-heads.json")
+    for path in sorted(p for p in (HERE / "results").glob("*.json")
+                       if p.name not in sections and not p.name.startswith("few-shot-budget-")):
         payload = json.loads(path.read_text())
         payloads.append(payload)
         m = payload["machine"]
@@ -527,7 +571,9 @@ def main() -> None:
     parts += long_tail_section(HERE / "results" / "long-tail.json")
     parts += few_shot_section(HERE / "results" / "few-shot.json")
     parts += budget_section(HERE / "results" / "budget-table.json")
-    parts += few_shot_budget_section(HERE / "results" / "few-shot-budget.json")
+    for path in sorted((HERE / "results").glob("few-shot-budget-*.json"), key=_budget_seconds):
+        parts += few_shot_budget_section(path)
+    parts += per_backbone_heads_section(HERE / "results" / "per-backbone-heads.json")
     parts += int8_section(HERE / "results" / "int8-accuracy.json")
     parts += extraction_split_section(HERE / "results" / "extraction-split.json")
     parts += concatenated_speed_section(HERE / "results" / "concatenated-speed.json")

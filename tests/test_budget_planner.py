@@ -153,6 +153,7 @@ def test_the_plan_is_in_the_run_folder(planned):
     assert plan["probe"] == {"images": 40, "per_class_at_most": planner.PROBE_PER_CLASS, "all_training_images": True}
     report = (out / "report.md").read_text()
     assert "## Why this model" in report and "**chosen**" in report
+    assert "With few images, the linear candidates of more backbones side by side come first" in report
     assert report.count("| efficientnet") == len(plan["candidates"])
 
 

@@ -1,9 +1,10 @@
 """The parts of features side by side (backbone "a+b": each backbone's pooled stages, first part
 first) and the linear head that averages one head per part. With few images a class, the
-average of each backbone's own cross-validated head scored above the single backbone that
-cross-validation ranked best, on training images no benchmark draws (benchmarks/RESULTS.md, "Few
-images: one head per backbone, averaged"): 200 images, where a cross-validated score is noise
-at a point apart, can't tell that averaging pays, but it paid on every design draw but one.
+average of each backbone's own cross-validated head, against the single backbone that
+cross-validation ranked best, fell at most 1.05 points below it and gained 2 to 3.4 where that
+ranking put a weaker backbone first, on training images no benchmark draws (benchmarks/
+RESULTS.md, "Few images: one head per backbone, averaged"): 200 images can't rank backbones a
+point apart, and the average does not depend on that ranking.
 
 The average of linear heads is one linear head on the concatenation (each part's weights over
 the number of parts, their biases' mean): saved, exported and predicted as any linear head."""

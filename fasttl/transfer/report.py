@@ -69,7 +69,9 @@ def plot_curves(histories: Dict[str, List[Dict[str, float]]], path: str) -> None
     """Loss and accuracy per epoch; records without epochs (the linear head's regularization
     path) in a third panel, validation accuracy against the L2 strength."""
     plt = _plt()
-    paths = {name: h for name, h in histories.items() if h and "epoch" not in h[0] and "val_accuracy" in h[0]}
+    paths = {f"{name} {part}" if part else name: [r for r in h if r.get("part") == part]  # a line per backbone
+             for name, h in histories.items() if h and "epoch" not in h[0] and "val_accuracy" in h[0]
+             for part in dict.fromkeys(r.get("part") for r in h)}
     fig, axes = plt.subplots(1, 3 if paths else 2, figsize=(15 if paths else 10, 4))
     loss_ax, acc_ax = axes[0], axes[1]
     for name, history in histories.items():
@@ -183,6 +185,11 @@ def _plan(results: Dict[str, Dict[str, object]]) -> List[str]:
              + (f" The chosen candidate's score is over {(plan.get('chosen') or {}).get('scored_images')} held-out "
                 "images only: too few to tell the candidates apart (equal scores go to the defaults)."
                 if plan.get("scored_too_few") else "")
+             + (" With few images, the linear candidates of more backbones side by side come first, then the "
+                "score: one cross-validated head per backbone, averaged, scored above the single backbone that "
+                "cross-validation ranked best, on training images no benchmark draws (cross-validation on so few "
+                "images can't see it; benchmarks/RESULTS.md, \"Few images: one head per backbone, averaged\")."
+                if plan.get("more_backbones_first") else "")
              + (" Cross-validation scores the training views, so mirror views test and none score alike: the "
                 "plan kept the defaults' test (not a validated choice)."
                 if (plan.get("chosen") or {}).get("mirror_views") == "test"

@@ -144,6 +144,8 @@ class Linear(FeatureTransfer):
             return _linear_setting(chosen, functools.partial(teacher_setting, run_dir))
         count = len(split_name(teacher_setting(run_dir, "backbone", lambda v: isinstance(v, str), "a backbone name",
                                                choice=False)))
+        if count < 2:  # (only features side by side are averaged)
+            teacher_setting(run_dir, "solver", lambda v: False, "a single head's solver (its backbone is one)")
         listed = teacher_setting(run_dir, "parts", lambda v: isinstance(v, list) and len(v) == count and
                                  all(isinstance(p, dict) for p in v), f"a list of its {count} backbones' choices")
         where = os.path.join(run_dir, "metrics.json") + " (notes.choice.parts[{}])"
