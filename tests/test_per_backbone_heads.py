@@ -139,7 +139,12 @@ def test_a_teacher_that_averaged_is_refit_part_by_part(tmp_path):
     (lambda p: [dict(p[0], shrinkage=0.33), p[1]], "(notes.choice.parts[0]) has shrinkage 0.33"),
     (lambda p: [dict(p[0], temperature=1e300), p[1]], "(notes.choice.parts[0]) has temperature 1e+300"),
     (lambda p: [p[0], dict(p[1], solver=parts.AVERAGED_SOLVER)], "(notes.choice.parts[1]) has solver 'one head"),
-    (lambda p: [p[0], {"solver": solver.SOLVER}], "(notes.choice.parts[1]) has weight_decay None")])
+    (lambda p: [p[0], {"backbone": "efficientnet_lite2", "solver": solver.SOLVER}],
+     "(notes.choice.parts[1]) has weight_decay None"),
+    (lambda p: [p[1], p[0]], "(notes.choice.parts[0]) has backbone 'efficientnet_lite2', not 'efficientnet_lite1', "
+                             "the teacher's backbone 1 of 2"),
+    (lambda p: [p[0], {k: v for k, v in p[1].items() if k != "backbone"}],
+     "(notes.choice.parts[1]) has backbone None")])
 def test_a_teacher_with_damaged_parts_is_named(tmp_path, edit, culprit):
     from fasttl.transfer import registry
 
@@ -162,11 +167,13 @@ def test_a_single_backbone_teacher_that_claims_to_average_is_named(tmp_path):
 def test_the_report_names_each_backbones_head():
     from fasttl.transfer.report import _choices
 
-    choice = {"solver": parts.AVERAGED_SOLVER, "parts": GOOD_PARTS, "cv_accuracy": 0.75, "cross_validation":
+    choice = {"solver": parts.AVERAGED_SOLVER, "parts": [GOOD_PARTS[0], dict(GOOD_PARTS[1], cv_accuracy=0.7612)],
+              "cv_accuracy": 0.75, "cross_validation":
               "5-fold, stratified", "validation": {"validation_images": 20, "cross_validated_images": 200, "seed": 0}}
     text = "\n".join(_choices({"linear": {"notes": {"choice": choice}}}))
     assert "one linear head per backbone, averaged (efficientnet\\_lite1: shrinkage LDA 0.9, temperature 20.5; " \
-           "efficientnet\\_lite2: L2 strength 1)" in text and "cross-validated accuracy 0.7500" in text
+           "efficientnet\\_lite2: L2 strength 1, alone 0.7612 cross-validated)" in text
+    assert "cross-validated accuracy 0.7500" in text
 
 
 @pytest.mark.parametrize("smallest,expected", [(40, [1, 2, 3]), (200, [1, 2, 3]), (201, [0, 0, 0])])
@@ -202,3 +209,27 @@ def test_the_curves_draw_each_backbones_path(tmp_path, monkeypatch):
                                                                         "linear m1 shrinkage LDA"]
     assert all(len(line.get_xdata()) == 2 for line in path_ax.get_lines())
     plt.close(saved[0])
+
+
+def test_models_named_with_a_plus_are_still_their_own_parts(tmp_path, request):
+    g = _generator(request)
+    labels = torch.arange(3).repeat_interleave(6)
+    caches = [FeatureCache.write(str(tmp_path / name.replace("+", "_")), [torch.randn(18, width, generator=g)],
+                                 labels.tolist(), classes=["a", "b", "c"], fingerprint={"model": name})
+              for name, width in (("res+net", 5), ("b", 4))]
+    joined = FeatureCache.side_by_side(caches)
+    assert parts.part_layouts(joined) == [("res+net", [5]), ("b", [4])]
+    assert tuning.tune_linear([joined], seed=0, progress=False).choice["solver"] == parts.AVERAGED_SOLVER
+
+
+def test_features_near_float32s_limit_are_scaled_not_zeroed(tmp_path, request):
+    """Squares of 1e30 overflow float32: the block's scale was inf and its weights all zero."""
+    _, joined = _joined(tmp_path, request)
+    x = joined.all_features()
+    mean, scale = solver.block_scaling(x * 1e30, [7, 12])
+    torch.testing.assert_close(scale / 1e30, solver.block_scaling(x, [7, 12])[1], rtol=1e-5, atol=0)
+    huge = FeatureCache(joined.directory, joined.manifest, x * torch.cat([torch.full((7,), 1e30), torch.ones(12)]),
+                        None, joined.labels, joined.samples)
+    tuned, plain = (tuning.tune_linear([c], seed=0, progress=False) for c in (huge, joined))
+    assert torch.isfinite(tuned.head[-1].weight).all() and tuned.head[-1].weight[:, :7].abs().sum() > 0
+    assert torch.equal(tuned.head.eval()(huge.all_features()).argmax(1), plain.head.eval()(x).argmax(1))

@@ -361,7 +361,7 @@ def _models(cache: FeatureCache, index: int) -> list:
     fingerprint names (FeatureCache.write(..., fingerprint={"model": ...}))."""
     backbone = cache.fingerprint.get("backbone")
     if isinstance(backbone, dict) and backbone:
-        return _flat_parts(backbone)
+        return flat_parts(backbone)
     user = cache.fingerprint.get("user") if isinstance(cache.fingerprint.get("user"), dict) else {}
     named = [user[k].strip() for k in ("model", "backbone") if isinstance(user.get(k), str) and user[k].strip()]
     if not named:
@@ -370,12 +370,12 @@ def _models(cache: FeatureCache, index: int) -> list:
     return [{"name": named[0]}]  # by name alone: {"model": "m1"} and {"backbone": "m1 "} are one model
 
 
-def _flat_parts(record: dict) -> list:
+def flat_parts(record: dict) -> list:
     """A backbone record's models, a join of joins flattened ((m1+m2)+m3 is m1, m2, m3)."""
     parts = record.get("parts")
     if not isinstance(parts, list) or not parts:
         return [record]
-    return [model for part in parts for model in (_flat_parts(part) if isinstance(part, dict) else [part])]
+    return [model for part in parts for model in (flat_parts(part) if isinstance(part, dict) else [part])]
 
 
 def _order_number(name: str, value, bits: int) -> int:

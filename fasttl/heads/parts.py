@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fasttl.backbones.concatenated import split_name
-from fasttl.cache.cache import FeatureCache
+from fasttl.cache.cache import FeatureCache, flat_parts
 from fasttl.heads.train import make_head
 
 AVERAGED_SOLVER = "one head per backbone, averaged"
@@ -31,7 +31,11 @@ def part_layouts(cache: FeatureCache) -> List[Tuple[Optional[str], List[int]]]:
     layout = fingerprint.get("layout") if isinstance(fingerprint.get("layout"), dict) else {}
     name = backbone.get("name") if isinstance(backbone.get("name"), str) else None
     channels, taps = layout.get("channels") or [cache.feature_dim], layout.get("taps")
-    names = split_name(name) if name else [name]
+    # a join's own record of its models (FeatureCache.side_by_side: "res+net" joined with "b" is two
+    # models), else the joined name's ("a+b", as a run's concatenated backbone records it)
+    joined = flat_parts(backbone) if isinstance(backbone.get("parts"), list) else []
+    names = [p.get("name") if isinstance(p, dict) else None for p in joined] if len(joined) > 1 else \
+        split_name(name) if name else [name]
     per = taps + 1 if isinstance(taps, int) and not isinstance(taps, bool) and taps >= 0 else 0
     if len(names) < 2 or not per or len(channels) != per * len(names) or sum(channels) != cache.feature_dim:
         return [(name, list(channels))]

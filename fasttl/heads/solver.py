@@ -49,7 +49,10 @@ def block_scaling(features: Tensor, widths: Sequence[int]) -> Tuple[Tensor, Tens
     start = 0
     for width in widths:
         block = features[:, start:start + width] - mean[start:start + width]
-        rms = float(block.pow(2).mean().sqrt()) if block.numel() else 1.0
+        top = float(block.abs().max()) if block.numel() else 0.0
+        # the RMS as top * RMS(block / top): squares of features near 1e20 overflow float32 (inf, and a
+        # block of zero weights), their ratios to the largest do not
+        rms = top * float((block / top).pow(2).mean().sqrt()) if 0 < top < float("inf") else top
         scale[start:start + width] = max(rms, 1e-12) * (width / widths[-1]) ** 0.5
         start += width
     return mean, scale

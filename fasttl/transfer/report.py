@@ -144,6 +144,7 @@ def _choices(results: Dict[str, Dict[str, object]]) -> List[str]:
                 f"{markdown_cell(str(part.get('backbone')))}: " + (
                     f"shrinkage LDA {part.get('shrinkage'):g}, temperature {part.get('temperature', 1):.3g}"
                     if "shrinkage" in part else f"L2 strength {part.get('weight_decay'):g}")
+                + (f", alone {part['cv_accuracy']:.4f} cross-validated" if "cv_accuracy" in part else "")
                 for part in choice["parts"]) + ")"
         if not validation.get("validation_images"):  # one image per class: nothing could be held out
             lines += [f"- **{name}**: {settings}, the defaults: no class had two training images, so no "

@@ -142,13 +142,17 @@ class Linear(FeatureTransfer):
                                  " or ".join(repr(s) for s in solvers))
         if chosen != parts.AVERAGED_SOLVER:
             return _linear_setting(chosen, functools.partial(teacher_setting, run_dir))
-        count = len(split_name(teacher_setting(run_dir, "backbone", lambda v: isinstance(v, str), "a backbone name",
-                                               choice=False)))
+        names = split_name(teacher_setting(run_dir, "backbone", lambda v: isinstance(v, str), "a backbone name",
+                                           choice=False))
+        count = len(names)
         if count < 2:  # (only features side by side are averaged)
             teacher_setting(run_dir, "solver", lambda v: False, "a single head's solver (its backbone is one)")
         listed = teacher_setting(run_dir, "parts", lambda v: isinstance(v, list) and len(v) == count and
                                  all(isinstance(p, dict) for p in v), f"a list of its {count} backbones' choices")
         where = os.path.join(run_dir, "metrics.json") + " (notes.choice.parts[{}])"
+        for i, part in enumerate(listed):  # each backbone's own choice, in the order its features are joined
+            teacher_value(part.get("backbone"), where.format(i), "backbone", lambda v: v == names[i],
+                          f"{names[i]!r}, the teacher's backbone {i + 1} of {count}")
         return {"parts": [_linear_setting(teacher_value(part.get("solver"), where.format(i), "solver",
                                                         lambda v: v in SINGLE_SOLVERS, "a single head's solver"),
                                           lambda name, valid, expected, part=part, i=i:
