@@ -3,6 +3,7 @@ implementations, so torch.compile refuses what eager refuses: dtypes, devices, d
 strides, numbers in range. (Index values, which depend on data, are checked in _device_checks.)"""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Sequence
 
@@ -60,6 +61,15 @@ def shares_memory(a: Tensor, b: Optional[Tensor]) -> bool:
 # loss fits in fp32 (csrc/include/fasttl/distill.h); outside, even float64 cannot tell the KL
 # from its rounding (T = 1e20: every softmax is uniform to the last bit).
 TEMPERATURE_RANGE = (1e-2, 1e3)
+
+
+def finite(value) -> bool:
+    """math.isfinite for a number read back from a file: an integer too large for a double (an int
+    of 400 digits in JSON or a checkpoint) is not finite here, where math.isfinite raises OverflowError."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def check_number(name: str, value, low: float, high: float, why: str = "") -> None:

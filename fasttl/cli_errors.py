@@ -55,7 +55,23 @@ def os_error_line(exc: OSError) -> str:
         "standard output" if exc.filename is None else "a file fasttl had open"
     if exc.filename is None and exc.errno in (errno.EMFILE, errno.ENFILE):
         where = "files"
+    in_the_way = _file_in_the_way(os.fsdecode(filename)) if filename is not None and exc.errno == errno.ENOTDIR \
+        else None
+    if in_the_way is not None:  # the file to move, never a name fasttl made inside the folder it wanted
+        return f"{terminal_text(in_the_way)}: {NOT_A_FOLDER}{_in_feature_cache(filename)}"
     return f"{where}: {OS_ERRORS[exc.errno]}{_in_feature_cache(filename)}"
+
+
+NOT_A_FOLDER = "a file, where the path needs a folder (move it away, or use another path)"
+
+
+def _file_in_the_way(path: str):
+    """The first part of `path` that exists and is not a folder (what ENOTDIR is about), or None."""
+    ancestors, current = [], os.path.abspath(path)
+    while os.path.dirname(current) != current:
+        current = os.path.dirname(current)
+        ancestors.append(current)
+    return next((a for a in reversed(ancestors) if os.path.lexists(a) and not os.path.isdir(a)), None)
 
 
 def _in_feature_cache(filename) -> str:

@@ -282,20 +282,13 @@ def _check_param_state(where: str, state, p: Tensor) -> None:
             raise ValueError(f"{where}['{key}']: holds negative values (a second moment is >= 0)")
 
 
-def _finite(value) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # a checkpoint's int of 400 digits: beyond a double (fasttl.util.checks.finite, a layer up)
-        return False
-
-
 def _check_step(where: str, step) -> None:
     if isinstance(step, Tensor):
         if step.numel() != 1 or step.dtype == torch.bool or step.is_complex() or step.device.type == "meta":
             raise ValueError(f"{where}: got a {step.dtype} tensor of shape {tuple(step.shape)} on {step.device} "
                              "(expected one real step count)")
         step = step.item()
-    if isinstance(step, bool) or not isinstance(step, numbers.Real) or not (_finite(step) and step >= 0):
+    if isinstance(step, bool) or not isinstance(step, numbers.Real) or not (_op_checks.finite(step) and step >= 0):
         raise ValueError(f"{where}: is {step!r} (expected a finite step count >= 0)")
 
 

@@ -264,6 +264,9 @@ def test_a_pinned_pair_and_a_pinned_mlp_head_are_kept(five_classes, tmp_path, pr
     assert {c["image_size"] for c in metrics["notes"]["plan"]["candidates"]} == {32}
     report = (tmp_path / "run" / "report.md").read_text()
     assert "Kept as given: backbone efficientnet\\_lite0\\+efficientnet\\_lite1, image size 32" in report
+    # an MLP on the pair is one head: the few-images rule for linear candidates said nothing here
+    assert metrics["notes"]["plan"]["more_backbones_first"] is False
+    assert "more backbones side by side come first" not in report
 
 
 def test_a_pinned_pair_screens_its_parts_at_its_own_size_only(five_classes, tmp_path, private_cache, monkeypatch):

@@ -148,6 +148,20 @@ def test_the_temperature_minimizes_the_cross_entropy(request):
     assert found == pytest.approx(best, rel=5e-3) and 20 < found < 70
 
 
+
+def test_the_search_ends_inside_its_range_in_float64():
+    import numpy as np
+
+    labels = torch.tensor([0, 1, 0, 1])
+    softest = shrinkage.temperature(torch.tensor([[9e3, -9e3], [-9e3, 9e3], [-9e3, 9e3], [9e3, -9e3]]), labels)
+    sharpest = shrinkage.temperature(torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0], [0.0, 5.0]]), labels)
+    low, high = shrinkage.TEMPERATURE_RANGE
+    assert high * 0.999 < softest <= high and low <= sharpest < low * 1.001
+    # a run written when the search returned exp in float32 still holds a fitted temperature
+    assert float(np.float32(high)) > high and shrinkage.is_fitted_temperature(float(np.float32(high)))
+    assert not shrinkage.is_fitted_temperature(high * (1 + 1e-6))
+    assert not shrinkage.is_fitted_temperature(low * (1 - 1e-6))
+
 def _teacher(tmp_path, choice):
     run_dir = tmp_path / "teacher"
     run_dir.mkdir()

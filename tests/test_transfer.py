@@ -241,8 +241,9 @@ def test_mirror_views_extract_and_average_the_views_asked_for(tiny_cifar, tmp_pa
     mirrored_validation = validation["validation_images"] if (train_views, test_views) == (1, 2) else 0
     assert validation["views"] == test_views and validation["validation_images"] == 8  # 2 of 16 per class
     assert metrics["timings"]["extracted_images"] == train_views * 64 + test_views * 24 + mirrored_validation
-    named = {1: "plain", 2: "plain and mirrored (logits averaged)"}
-    assert f"; views: train {named[train_views]}, test {named[test_views]}." in (out / "report.md").read_text()
+    trained = {1: "plain", 2: "plain and mirrored (each a row the head trains on)"}
+    averaged = {1: "plain", 2: "plain and mirrored (logits averaged)"}
+    assert f"; views: train {trained[train_views]}, test {averaged[test_views]}." in (out / "report.md").read_text()
     from fasttl.transfer.evaluate import evaluate_run
 
     assert evaluate_run(str(out), str(tiny_cifar), progress=False)["accuracy"] == pytest.approx(metrics["accuracy"])

@@ -89,14 +89,16 @@ def fit_path(x: Tensor, y: Tensor, num_classes: int, shrinkages: Sequence[float]
 # otherwise be sharpened without bound).
 LOG_TEMPERATURES = (0.0, 12.0)
 TEMPERATURE_RANGE = tuple(math.exp(t) for t in LOG_TEMPERATURES)
+FLOAT32_ROUNDING = 2.0 ** -24
 
 
 def is_fitted_temperature(value) -> bool:
-    """Whether `value` is a temperature that temperature() returns (in TEMPERATURE_RANGE, its
-    float32 rounding allowed): what a teacher's recorded choice is checked against."""
+    """Whether `value` is a temperature that temperature() returns (in TEMPERATURE_RANGE): what a
+    teacher's recorded choice is checked against. Earlier versions returned exp in float32, so a
+    float32 rounding past the range's ends is allowed."""
     low, high = TEMPERATURE_RANGE
     return isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        low * (1 - 1e-6) <= value <= high * (1 + 1e-6)
+        low * (1 - FLOAT32_ROUNDING) <= value <= high * (1 + FLOAT32_ROUNDING)
 
 
 def temperature(logits: Tensor, labels: Tensor, steps: int = 60) -> float:
@@ -105,7 +107,7 @@ def temperature(logits: Tensor, labels: Tensor, steps: int = 60) -> float:
     logits, labels = logits.double(), labels.long()
 
     def loss(log_t: float) -> float:
-        return float(torch.nn.functional.cross_entropy(logits / float(torch.tensor(log_t).exp()), labels))
+        return float(torch.nn.functional.cross_entropy(logits / math.exp(log_t), labels))
 
     low, high = LOG_TEMPERATURES
     ratio = (5 ** 0.5 - 1) / 2
@@ -120,4 +122,4 @@ def temperature(logits: Tensor, labels: Tensor, steps: int = 60) -> float:
             low, a, loss_a = a, b, loss_b
             b = low + ratio * (high - low)
             loss_b = loss(b)
-    return float(torch.tensor((low + high) / 2).exp())
+    return math.exp((low + high) / 2)

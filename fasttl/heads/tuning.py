@@ -182,8 +182,9 @@ def _cross_validated_linear(views: Sequence[FeatureCache], train_views, val_view
     choice's val_accuracy and val_loss are that head's on the split (cv_accuracy, cv_loss: the
     pooled out-of-fold scores the strength was chosen by). Features of several backbones side by
     side get one such head per backbone, averaged (_averaged_parts)."""
-    if len(parts.part_layouts(views[0])) > 1:
-        return _averaged_parts(views, train_views, val_views, info, seed, device)
+    layouts = parts.part_layouts(views[0])
+    if len(layouts) > 1:
+        return _averaged_parts(views, train_views, val_views, info, seed, device, [name for name, _ in layouts])
     labels = views[0].labels.to(device)
     num_classes = len(views[0].classes)
     widths = (views[0].fingerprint.get("layout") or {}).get("channels") or [views[0].feature_dim]
@@ -224,11 +225,10 @@ def _cross_validated_linear(views: Sequence[FeatureCache], train_views, val_view
                      out_of_fold=best_logits - tau * prior.to(best_logits.device))
 
 
-def _averaged_parts(views, train_views, val_views, info: dict, seed: int, device) -> TunedHead:
+def _averaged_parts(views, train_views, val_views, info: dict, seed: int, device, names: List[str]) -> TunedHead:
     """One cross-validated linear head per backbone of features side by side (each its own setting
     chosen on its own out-of-fold logits), averaged into one head (fasttl.heads.parts); the
     choice's cv_accuracy and cv_loss are the average's, from the parts' out-of-fold logits."""
-    names = [name for name, _ in parts.part_layouts(views[0])]
     tuned = [_cross_validated_linear(*part, info, seed, device) for part in
              zip(parts.split_views(views), parts.split_views(train_views), parts.split_views(val_views))]
     labels = views[0].labels.to(device)

@@ -315,7 +315,10 @@ class Planner(Refusals):
                               and backbones.concatenated.SEPARATOR not in s.backbone),
                              key=lambda s: -best[(s.backbone, size)])  # those scored (time may have run out)
             for count in range(2, min(len(at_size), backbones.concatenated.MAX_PARTS) + 1):
-                parts = sorted(at_size[:count], key=lambda s: s.backbone)
+                # a pinned join in its order (its features' order is the user's), else by name
+                order = backbones.concatenated.split_name(pinned) if pinned is not None else \
+                    sorted(s.backbone for s in at_size[:count])
+                parts = sorted(at_size[:count], key=lambda s: order.index(s.backbone) if s.backbone in order else -1)
                 name = backbones.concatenated.SEPARATOR.join(p.backbone for p in parts)
                 if pinned is not None and name != pinned:
                     continue
@@ -422,7 +425,7 @@ class Planner(Refusals):
                 "candidates": [c.as_dict() for c in self.candidates], "skipped": self.skipped,
                 "chosen": chosen.as_dict(), "planned_s": round(self.elapsed() + chosen.planned_s, 1),
                 "scored_too_few": 0 < chosen.scored_images < SCORED_PER_CLASS * len(self.dataset.classes),
-                "more_backbones_first": self.few_images(),
+                "more_backbones_first": any(self._backbones_first(c) > 1 for c in self.candidates),
                 "machine": budget.machine()}
 
 

@@ -227,10 +227,11 @@ def _views_note(config: Dict[str, object]) -> str:
     if strategy not in registry.names() or not registry.get(strategy).reads_option("mirror_views"):
         return ""
 
-    def named(views):
-        return "plain and mirrored (logits averaged)" if len(views) == 2 else "plain"
+    def named(views, both: str):
+        return f"plain and mirrored ({both})" if len(views) == 2 else "plain"
 
-    return f"; views: train {named(views_of(config, 'train'))}, test {named(views_of(config, 'test'))}"
+    return (f"; views: train {named(views_of(config, 'train'), 'each a row the head trains on')}, "
+            f"test {named(views_of(config, 'test'), 'logits averaged')}")
 
 
 def _training_note(config: Dict[str, object]) -> str:

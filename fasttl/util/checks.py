@@ -2,7 +2,7 @@
 message naming the argument."""
 from __future__ import annotations
 
-import math
+from fasttl._op_checks import finite  # noqa: F401  (a kernel-layer check every layer names here)
 
 
 def positive_int(name: str, value, error=ValueError, optional: bool = False):
@@ -13,15 +13,6 @@ def positive_int(name: str, value, error=ValueError, optional: bool = False):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise error(f"{name}: expected a positive integer, got {value!r}")
     return value
-
-
-def finite(value) -> bool:
-    """math.isfinite for a number read back from a file: an integer too large for a double (an int
-    of 400 digits in JSON or a checkpoint) is not finite here, where math.isfinite raises OverflowError."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 # More digits than any count, rank, port or size fasttl reads from text needs; int() of a longer
