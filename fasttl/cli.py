@@ -9,7 +9,7 @@ import sys
 from fasttl.util import settings
 from fasttl.util.signals import ending_signals_raised, exit_code
 from fasttl.cli_errors import (OS_ERRORS, escape_unshowable_text, one_line, os_error_line, peer_stopped, quiet_stdout,
-                               user_error_types)
+                               summary_not_printed, user_error_types)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -209,10 +209,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     where = (f"written to {shown(metrics['written'])}" if metrics["written"] else
              f"not saved ({shown(metrics['not_written'])}): these numbers are the result")
-    _say(f"accuracy {metrics['accuracy']:.4f}  balanced {metrics['balanced_accuracy']:.4f}  "
-         f"macro F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
-         f"({metrics['samples']} images of {shown(metrics['data'])}"
-         f"{': its seeded 20% test split' if metrics['test_split'] == 'carved' else ''}); {where}")
+    try:
+        _say(f"accuracy {metrics['accuracy']:.4f}  balanced {metrics['balanced_accuracy']:.4f}  "
+             f"macro F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
+             f"({metrics['samples']} images of {shown(metrics['data'])}"
+             f"{': its seeded 20% test split' if metrics['test_split'] == 'carved' else ''}); {where}")
+        sys.stdout.flush()
+    except OSError as exc:  # the metrics file is written by now: say so, not "nothing was kept"
+        raise summary_not_printed(exc, metrics["written"]) from None
     return 0
 
 

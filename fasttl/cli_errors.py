@@ -55,11 +55,13 @@ def os_error_line(exc: OSError) -> str:
         "standard output" if exc.filename is None else "a file fasttl had open"
     if exc.filename is None and exc.errno in (errno.EMFILE, errno.ENFILE):
         where = "files"
+    # a per-process limit (ulimit -f, -n) is no fault of the folder: moving the cache folder won't help
+    where_to = "" if exc.errno in (errno.EFBIG, errno.EMFILE, errno.ENFILE) else _in_feature_cache(filename)
     in_the_way = _file_in_the_way(os.fsdecode(filename)) if filename is not None and exc.errno == errno.ENOTDIR \
         else None
     if in_the_way is not None:  # the file to move, never a name fasttl made inside the folder it wanted
-        return f"{terminal_text(in_the_way)}: {NOT_A_FOLDER}{_in_feature_cache(filename)}"
-    return f"{where}: {OS_ERRORS[exc.errno]}{_in_feature_cache(filename)}"
+        return f"{terminal_text(in_the_way)}: {NOT_A_FOLDER}{where_to}"
+    return f"{where}: {OS_ERRORS[exc.errno]}{where_to}"
 
 
 NOT_A_FOLDER = "a file, where the path needs a folder (move it away, or use another path)"
@@ -94,6 +96,19 @@ def _in_feature_cache(filename) -> str:
     chosen = settings.CACHE_DIR.is_set()
     return (f"; it is in the feature cache folder {'FASTTL_CACHE_DIR=' if chosen else ''}{terminal_text(root)}"
             f"{'' if chosen else ' (the default)'}: set FASTTL_CACHE_DIR to a folder you can write")
+
+
+def summary_not_printed(exc: OSError, written) -> BaseException:
+    """What to raise when standard output failed after the file `written` was saved (eval's
+    metrics): a full disk there is one line saying the file was written; any other error as it is."""
+    from fasttl.util.errors import UserError
+    from fasttl.util.outputs import terminal_text
+
+    if exc.errno not in OS_ERRORS or not written or isinstance(exc, BrokenPipeError):
+        return exc
+    quiet_stdout()
+    return UserError(f"standard output: {OS_ERRORS[exc.errno].split(';')[0]}; the metrics were written to "
+                     f"{terminal_text(written)}, only this summary was not printed")
 
 
 def quiet_stdout() -> None:

@@ -14,7 +14,7 @@ from fasttl.data.formats import open_data
 from fasttl.data.formats.filelist import is_file_list
 from fasttl.util.checks import positive_int, torch_device
 from fasttl.util.errors import OptionError
-from fasttl.util.files import enclosing_run_folder, is_inside
+from fasttl.util.files import enclosing_run_folder, is_inside, not_a_folder
 from fasttl.util import distributed
 
 
@@ -39,8 +39,8 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     _check_options(features, image_size, batch_size, shard_rows, device)
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).strip():
         raise OptionError(f"out: {out!r} names no folder; give the cache folder (`--out .` for this one)")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise OptionError(f"out: {out} is a file; give a folder for the cache (it is created when missing)")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise OptionError(f"out: {out} {not_a_folder(out)}; give a folder for the cache (it is created when missing)")
     holder = enclosing_run_folder(out)
     if holder is not None:
         raise OptionError(f"out: {out} is in the fasttl run folder {holder}, which only its run writes into; give a "

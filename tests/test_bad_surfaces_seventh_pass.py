@@ -428,7 +428,7 @@ def test_fetch_never_writes_through_a_hard_link_at_its_partial_download(tmp_path
     mine = tmp_path / "mine.txt"
     mine.write_bytes(b"my notes")
     (tmp_path / "dest").mkdir()
-    os.link(mine, tmp_path / "dest" / ".fasttl-tmp-download-cifar-10-python.tar.gz")
+    os.link(mine, tmp_path / "dest" / fetch_module.partial_name(fetch_module.REMOTES["cifar10"], "0" * 64))
     with pytest.raises(fetch_module.DownloadError, match=r"has another name \(a hard link\)"):
         fetch_module.fetch("cifar10", url="http://127.0.0.1:9/none.tar.gz", sha256="0" * 64,
                            dest=str(tmp_path / "dest"), progress=False)

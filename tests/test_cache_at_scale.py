@@ -575,5 +575,5 @@ def test_run_refuses_a_classes_file_for_class_folders_and_extract_a_file_as_out(
     victim.write_text("keep me\n")
     code, _, err = cli(capsys, "extract", "--data", small_image_folder, "--out", victim, "--image-size", "32",
                        "--no-progress")
-    assert code == 2 and "out: " in one_line_error(err) and "is a file; give a folder" in err
+    assert code == 2 and "out: " in one_line_error(err) and "is a file, not a folder; give a folder" in err
     assert victim.read_text() == "keep me\n"

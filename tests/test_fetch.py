@@ -71,6 +71,7 @@ class _Server:
         self.files, self.ranges, self.cut_after = {}, [], None
         self.trickle = None      # (bytes, seconds): send the body that many bytes at a time, pausing between
         self.redirects = {}      # path -> Location of a 302
+        self.extra_headers = {}  # sent with every file
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -101,6 +102,8 @@ class _Server:
                 else:
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(body) - start))
+                for name, value in server.extra_headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 if server.cut_after is not None and start == 0:
                     self.wfile.write(body[:server.cut_after])
@@ -137,6 +140,11 @@ def server():
     s = _Server()
     yield s
     s.close()
+
+
+def _partial(archive: bytes) -> str:
+    """The partial download of `archive` (fetched as cifar10 with its own SHA-256)."""
+    return fetch_module.partial_name(fetch_module.REMOTES["cifar10"], _sha(archive))
 
 
 def _sha(data: bytes) -> str:
@@ -183,7 +191,7 @@ def test_fetch_resumes_after_a_cut_connection(server, cifar_tarball, tmp_path, c
     words = ["--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest", dest]
     code, _, err = _fetch(capsys, *words)
     assert code == 2 and "stopped at 3,000 of" in one_line_error(err) and "again to resume" in err
-    partial = dest / ".fasttl-tmp-download-cifar-10-python.tar.gz"
+    partial = dest / _partial(cifar_tarball)
     assert partial.read_bytes() == cifar_tarball[:3000]
     code, out, err = _fetch(capsys, *words)
     assert code == 0, err
@@ -195,7 +203,7 @@ def test_fetch_restarts_when_the_server_ignores_range(server, cifar_tarball, tmp
     server.files["/c.tar.gz"] = cifar_tarball
     dest = tmp_path / "data"
     dest.mkdir()
-    (dest / ".fasttl-tmp-download-cifar-10-python.tar.gz").write_bytes(b"junk from elsewhere")
+    (dest / _partial(cifar_tarball)).write_bytes(b"junk from elsewhere")
     handler = server.httpd.RequestHandlerClass
     original = handler.do_GET
 
@@ -530,7 +538,7 @@ def test_a_full_disk_while_extracting_keeps_the_verified_download(server, cifar_
     assert code == 2 and one_line_error(err) == f"fasttl: error: fetch: {dest}: no space left on device while " \
         "extracting (free some space, then run the same command again: the verified download is kept and is not " \
         "fetched again)"
-    assert os.listdir(dest) == [".fasttl-tmp-download-cifar-10-python.tar.gz"]  # verified, kept; no staging left
+    assert os.listdir(dest) == [_partial(cifar_tarball)]  # verified, kept; no staging left
     requests = len(server.ranges)
     # the server is not asked again (one without Range support would send it all; an offline one would fail)
     code, _, err = _fetch(capsys, "--url", "http://127.0.0.1:9/offline.tar.gz", "--sha256", _sha(cifar_tarball),
@@ -559,7 +567,7 @@ def test_an_interrupted_extraction_keeps_the_verified_download(server, cifar_tar
         code, _, err = _fetch(capsys, "--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest",
                               dest)
     assert code == 128 + signal.SIGTERM and err.strip().endswith("fasttl: interrupted (SIGTERM)")
-    assert os.listdir(dest) == [".fasttl-tmp-download-cifar-10-python.tar.gz"]  # verified, kept
+    assert os.listdir(dest) == [_partial(cifar_tarball)]  # verified, kept
     requests = len(server.ranges)
     code, _, err = _fetch(capsys, "--url", "http://127.0.0.1:9/offline.tar.gz", "--sha256", _sha(cifar_tarball),
                           "--dest", dest)
@@ -639,7 +647,7 @@ def test_two_fetches_into_one_folder_are_one_at_a_time(server, cifar_tarball, tm
     first = subprocess.Popen([sys.executable, "-m", "fasttl", "data", "fetch", "cifar10", "--no-progress", *words],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        partial = dest / ".fasttl-tmp-download-cifar-10-python.tar.gz"
+        partial = dest / _partial(cifar_tarball)
         deadline = time.monotonic() + 60
         while not (partial.exists() and partial.stat().st_size > 0):
             assert first.poll() is None, first.stderr.read().decode()

@@ -22,6 +22,20 @@ def dali_available() -> bool:
         return False
 
 
+def dali_module(name: str):
+    """The DALI module `name` (nvidia.dali, nvidia.dali.plugin.pytorch). DALI loads its plugin
+    libraries as it is imported: a process out of file descriptors (ulimit -n) gets an ImportError
+    from it, raised here as the OS's EMFILE, which the CLI says in one line."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if "Too many open files" in str(exc):
+            raise OSError(errno.EMFILE, "Too many open files") from None
+        raise
+
+
 def _augment(fn, types, images, spec: TransformSpec, on_gpu: bool):
     """The shared tail of both pipelines: HWC uint8 images in, normalized CHW float out."""
     if spec.train:
@@ -91,7 +105,8 @@ def sample_pipeline(batches: SampleBatches, spec: TransformSpec, batch_size: int
                     num_threads: int, seed: int):
     """Outputs (images, sample indices) from SampleBatches: decoded by DALI ("mixed": on the GPU
     where there is one), or pixels as they are (an ArraySource), then the spec's transform."""
-    from nvidia.dali import fn, pipeline_def, types
+    dali = dali_module("nvidia.dali")
+    fn, pipeline_def, types = dali.fn, dali.pipeline_def, dali.types
 
     encoded = batches.source.encoded
 

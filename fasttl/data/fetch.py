@@ -1,7 +1,7 @@
 """`fasttl data fetch cifar10`: downloads a data set's official archive, resumably (HTTP Range),
 checks its SHA-256, and extracts it safely into $FASTTL_DATA (or --dest).
 
-* The download goes to DEST/.fasttl-tmp-download-<archive>, opened without following links, each
+* The download goes to DEST/.fasttl-tmp-download-<SHA-256 prefix>-<archive>, opened without following links, each
   block written as it arrives; an interrupted one is continued by the next fetch (Range:
   bytes=N-). It stops (resumable) past a total deadline or below a minimum rate (--deadline,
   --min-rate), and follows redirects only to http(s) addresses.
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from fasttl.data.archive import extract
-from fasttl.data.http_reply import DownloadError, open_reply
+from fasttl.data.http_reply import DownloadError, PartialRefused, named_address, open_reply
 from fasttl.util.errors import DataError, OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX
 from fasttl.util.outputs import terminal_text
@@ -159,9 +159,11 @@ class _Budget:
     def remaining(self) -> float:
         return self.deadline_s - (time.monotonic() - self.started)
 
-    def past_deadline(self, size: int) -> DownloadError:
-        return DownloadError(f"fetch: the download of {self.url} took longer than {self.deadline_s:g} s "
-                             f"(--deadline) and stopped at {size:,} bytes; run the same command again to resume")
+    def past_deadline(self, size: int, redirected: Optional[str] = None) -> DownloadError:
+        again = "run the same command again to resume" if size else \
+            "nothing arrived: check that the address answers (--url), or give a longer --deadline"
+        return DownloadError(f"fetch: the download of {named_address(self.url, redirected)} took longer than "
+                             f"{self.deadline_s:g} s (--deadline) and stopped at {size:,} bytes; {again}")
 
     def add(self, count: int, size: int) -> None:
         now = time.monotonic()
@@ -186,7 +188,7 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
     `min_rate` bytes/s over a 30 s window. Redirects are followed only to http(s) addresses."""
     have = _partial_size(path)
     budget = _Budget(deadline_s, min_rate, url)  # the wait for the reply counts too
-    response = open_reply(url, have, timeout, budget)
+    response = _reply(url, path, have, timeout, budget)
     if response is None:  # 416 on a complete file
         return have
     fd = _open_partial(path)
@@ -240,6 +242,20 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
         os.close(fd)
         if bar is not None:
             bar.close()
+
+
+def _reply(url: str, path: str, have: int, timeout: float, budget: _Budget):
+    """open_reply's response; the partial download emptied where the server says it is another
+    file's (an empty partial is then removed: the next fetch starts afresh)."""
+    try:
+        return open_reply(url, have, timeout, budget)
+    except PartialRefused:
+        fd = _open_partial(path)
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+        raise
 
 
 def _progress_bar(url: str, total: Optional[int], have: int):
@@ -351,12 +367,31 @@ def _fetch_lock(dest: str):
         os.close(fd)  # releases the lock
 
 
+def partial_name(remote: "Remote", expected: str) -> str:
+    """The partial download of the file whose SHA-256 is `expected`: another --url or --sha256
+    never resumes it (its bytes would head the wrong file)."""
+    return f"{TEMP_PREFIX}download-{expected[:16]}-{remote.archive}"
+
+
+def _remove_other_partials(dest: str, remote: "Remote", partial: str) -> None:
+    """One partial download of an archive in DEST at a time: another file's (a --sha256 given
+    before, or a partial named as before SHA-256s named them) is dropped when this one starts,
+    under the fetch lock."""
+    mine = os.path.basename(partial)
+    for name in os.listdir(dest) if os.path.isdir(dest) else ():
+        if name != mine and name.startswith(f"{TEMP_PREFIX}download-") and name.endswith(remote.archive):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(dest, name))  # fasttl's own name; a link is removed, never followed
+
+
 def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, dest: str, created: bool, say,
                           progress: bool, deadline_s: float, min_rate: float) -> None:
     """Downloads (or resumes) the archive into DEST's partial file, verifies it and extracts it;
     called under the fetch lock."""
-    partial = os.path.join(dest, f"{TEMP_PREFIX}download-{remote.archive}")
+    partial = os.path.join(dest, partial_name(remote, expected))
+    _remove_other_partials(dest, remote, partial)
     resumed = os.path.isfile(partial) and not os.path.islink(partial)
+    kept = os.path.getsize(partial) if resumed else 0
     # A download verified before (an extraction stopped by a full disk) is extracted, not fetched again.
     verified = resumed and sha256_of(partial) == expected
     if verified:
@@ -378,8 +413,10 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
     if found != expected:
         with contextlib.suppress(OSError):
             os.remove(partial)
-        raise ChecksumError(f"fetch: {url} gave a file with SHA-256 {found}, expected {expected}; the download was "
-                            "removed and nothing else touched (fetch again, or check --url / --sha256)")
+        earlier = f" (resumed from the {kept:,} bytes an earlier fetch kept: the file may have changed on the " \
+            "server since)" if kept and not verified else ""
+        raise ChecksumError(f"fetch: {url} gave a file with SHA-256 {found}, expected {expected}{earlier}; the "
+                            "download was removed and nothing else touched (fetch again, or check --url / --sha256)")
     try:
         extract(partial, remote.folder, dest, remote.required, source=url)
     except OSError as exc:  # the disk: the verified download stays, and the next fetch extracts it without downloading

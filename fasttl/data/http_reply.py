@@ -20,6 +20,18 @@ class DownloadError(UserError, OSError):
     """The download failed: network, server, or an interrupted transfer (run again to resume)."""
 
 
+class PartialRefused(DownloadError):
+    """HTTP 416 to a resume, from a server whose file is not the size of the partial download: the
+    partial belongs to another file (it changed on the server), so it is dropped."""
+
+
+def named_address(url: str, redirected: Optional[str]) -> str:
+    """`url` as a failure names it: where it redirected to, when it did."""
+    if redirected is not None and redirected != url:
+        return f"{terminal_text(redirected)[:200]} (where {url} redirects)"
+    return url
+
+
 class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     """Follows a redirect only to another http(s) address (urllib's default also follows ftp://);
     `last`: the address it was last sent to (what a failure names)."""
@@ -82,17 +94,30 @@ def reply_error(exc: Exception, url: str, have: int, redirected: Optional[str] =
     """Raises the DownloadError for a failed request, naming the address that failed (`redirected`:
     where `url` sent it); returns only for HTTP 416 on a partial file (nothing left to send: the
     file is complete)."""
-    if redirected is not None and redirected != url:
-        url = f"{terminal_text(redirected)[:200]} (where {url} redirects)"
+    url = named_address(url, redirected)
     if isinstance(exc, urllib.error.HTTPError):
         if exc.code == 416 and have:
-            return
-        raise DownloadError(f"fetch: {url} answered HTTP {exc.code} ({terminal_text(exc.reason)[:120]}); check "
+            total = _range_total(exc.headers.get("Content-Range") if exc.headers is not None else None)
+            if total is None or total == have:
+                return
+            raise PartialRefused(f"fetch: {url} refused to resume from {have:,} bytes (HTTP 416) and says the file "
+                                 f"is {total:,} bytes: the partial download is not of this file (it changed on the "
+                                 "server?); it was removed: run the same command again to download it whole")
+        reason = " ".join(str(exc.reason).split())  # urllib's own reasons span lines
+        raise DownloadError(f"fetch: {url} answered HTTP {exc.code} ({terminal_text(reason)[:120]}); check "
                             "the address (--url)") from None
     reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {' '.join(str(exc).split())}"
     reason = terminal_text(reason)[:120]  # a server's bytes, shown escaped and short
     raise DownloadError(f"fetch: cannot reach {url} ({reason}); check the network or the address "
                         "(--url)") from None
+
+
+def _range_total(header: Optional[str]) -> Optional[int]:
+    """N of a 416's "Content-Range: bytes */N", or None."""
+    from fasttl.util.checks import decimal
+
+    text = (header or "").strip()
+    return decimal(text[len("bytes */"):]) if text.startswith("bytes */") else None
 
 
 def open_reply(url: str, have: int, timeout: float, budget):
@@ -115,12 +140,18 @@ def open_reply(url: str, have: int, timeout: float, budget):
         raise
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         if budget.remaining() <= 0 and not isinstance(exc, urllib.error.HTTPError):
-            raise budget.past_deadline(have) from None
+            raise budget.past_deadline(have, redirects.last) from None
         reply_error(exc, url, have, redirects.last)
         return None
     finally:
         watchdog.cancel()
     if budget.remaining() <= 0:  # the deadline cut the reply short: what arrived is not the file
         response.close()
-        raise budget.past_deadline(have)
+        raise budget.past_deadline(have, redirects.last)
+    encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
+    if encoding != "identity":  # fasttl asks for none: these bytes are not the file its checksum is of
+        response.close()
+        raise DownloadError(f"fetch: {named_address(url, redirects.last)} sent the file compressed (Content-Encoding: "
+                            f"{terminal_text(encoding)[:40]}), not as it is; its SHA-256 can't be checked: use "
+                            "another address (--url), or a server that sends files as they are")
     return response

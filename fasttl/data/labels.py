@@ -50,7 +50,7 @@ def read_classes_file(path: str) -> List[str]:
     bad = next((name for name in names if not name.isprintable()), None)
     if bad is not None:
         raise DataError(f"classes: {path} names a class with a control character ({bad!r}); use plain text names")
-    refuse_lookalikes(names, f"classes: {path} names")
+    refuse_lookalikes(names, f"classes: {path} names", lines=True)
     first = {}
     for line, name in enumerate(names, start=1):
         if first.setdefault(name, line) != line:  # a dict of first lines: one pass, not one per name
@@ -147,20 +147,27 @@ _IGNORABLE = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1
               (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
 
 
-def refuse_lookalikes(names: Sequence[str], where: str) -> None:
+def _form_shown(name: str, index: int, lines: bool) -> str:
+    """A name escaped (on a terminal its two forms look alike), its Unicode form and its line."""
+    form = "NFC" if name == unicodedata.normalize("NFC", name) else \
+        "NFD" if name == unicodedata.normalize("NFD", name) else "mixed forms"
+    return f"{ascii(name)} ({form}{f', line {index + 1}' if lines else ''})"
+
+
+def refuse_lookalikes(names: Sequence[str], where: str, lines: bool = False) -> None:
     """A DataError when two names look the same in every report: one name in two Unicode forms
     (NFC and NFD, as macOS and other systems store them), or two that differ only in white space
     ('cat' and 'cat ', 'big cat' and 'big  cat') or in characters that show nothing ('cat' and
-    'cat' + U+FE0F)."""
+    'cat' + U+FE0F). `lines`: the names are a file's lines, named by number."""
     seen = {}
-    for name in names:
+    for index, name in enumerate(names):
         nfc = unicodedata.normalize("NFC", name)
-        other = seen.setdefault(" ".join("".join(c for c in nfc if not _unseen(c)).split()), name)
-        if other == name:
+        other, first = seen.setdefault(" ".join("".join(c for c in nfc if not _unseen(c)).split()), (name, index))
+        if other == name:  # the same name twice: the caller's duplicate check names it
             continue
         if unicodedata.normalize("NFC", other) == nfc:
-            raise DataError(f"{where} {other!r} and {name!r} are one name written in two Unicode forms (NFC vs "
-                            "NFD); write it one way")
+            raise DataError(f"{where} {_form_shown(other, first, lines)} and {_form_shown(name, index, lines)}: one "
+                            "name written in two Unicode forms; write it one way")
         if " ".join(unicodedata.normalize("NFC", other).split()) == " ".join(nfc.split()):
             raise DataError(f"{where} {other!r} and {name!r} differ only in white space, so they look the same in "
                             "every report; rename one")

@@ -146,7 +146,8 @@ class ImageLoader:
 
     # -- DALI ------------------------------------------------------------------------------
     def _iter_dali(self, indices, spec: TransformSpec):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        plugin = dali_pipeline.dali_module("nvidia.dali.plugin.pytorch")
+        DALIGenericIterator, LastBatchPolicy = plugin.DALIGenericIterator, plugin.LastBatchPolicy  # noqa: N806
 
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         # A batch is never larger than the epoch (a --batch-size of 2**31 would not fit DALI's int).

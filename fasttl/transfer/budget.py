@@ -93,12 +93,22 @@ def record_path() -> str:
     return os.path.join(settings.STATE_DIR.path(), SPEED_FILE)
 
 
+# A machine's record holds a few hundred bytes a backbone and size: a larger file is damage, not
+# read on every lookup (nor kept by the next rewrite).
+MAX_RECORD_BYTES = 1 << 20
+_MACHINE_KEY = re.compile(r"[0-9a-f]{16}")
+
+
 def _read_all() -> dict:
+    """Each machine's record (machine key -> {speed key -> its numbers}); what is not is left out."""
     try:
-        record = files.read_json(record_path(), strict=True)  # a NaN kept would fail the strict rewrite
+        record = files.read_json(record_path(), strict=True, limit=MAX_RECORD_BYTES)  # NaN: fails the rewrite
     except (OSError, ValueError):  # too large, a link, not a plain file, not JSON: measured anew
         return {}
-    return record if isinstance(record, dict) else {}
+    if not isinstance(record, dict):
+        return {}
+    return {machine_key: {key: entry for key, entry in mine.items() if isinstance(entry, dict)}
+            for machine_key, mine in record.items() if _MACHINE_KEY.fullmatch(machine_key) and isinstance(mine, dict)}
 
 
 def _measured(key: str, field: str) -> Optional[float]:
@@ -156,7 +166,6 @@ def _record(key: str, entry: dict) -> None:
     mine = record.get(_machine_key())
     mine = mine if isinstance(mine, dict) else {}
     mine[key] = dict(entry, measured=time.strftime("%Y-%m-%d"))
-    record = {k: v for k, v in record.items() if isinstance(v, dict)}
     record[_machine_key()] = mine
     try:
         os.makedirs(os.path.dirname(record_path()), exist_ok=True)

@@ -108,8 +108,8 @@ _DATA_CHANGED = ("the data changed since the run started (an image added, remove
 def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -> None:
     """Refuses to mix two runs in one folder: a finished run needs --overwrite, an unfinished one
     --resume (with the same options and data) or --overwrite; a folder of other files is left alone."""
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise RunError(f"out: {run_dir} is a file, not a folder; pass another --out")
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise RunError(f"out: {run_dir} {files.not_a_folder(run_dir)}; pass another --out")
     cleared = None
     for name in (*run_files(), *own_entries()):  # found now, not when the results are written after training
         path = os.path.join(run_dir, name)
@@ -146,8 +146,8 @@ def _refuse_taken_out(cfg: RunConfig) -> None:
     if cfg.out is None:
         return
     run_dir = choose_run_dir(cfg, "")  # --out itself, refused inside another run folder
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise RunError(f"out: {run_dir} is a file, not a folder; pass another --out")
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise RunError(f"out: {run_dir} {files.not_a_folder(run_dir)}; pass another --out")
     if not holds_run(run_dir):
         _refuse_foreign(run_dir)
     elif not cfg.overwrite and is_finished(run_dir):
@@ -285,7 +285,7 @@ def _locked_run_dir(run_dir: str):
     if not os.path.lexists(run_dir):
         os.makedirs(run_dir, exist_ok=True)
     elif not os.path.isdir(run_dir):
-        raise RunError(f"out: {run_dir} is a file, not a folder; pass another --out")
+        raise RunError(f"out: {run_dir} {files.not_a_folder(run_dir)}; pass another --out")
     _refuse_foreign(run_dir)
     return RunLock(run_dir)
 

@@ -49,14 +49,22 @@ class Candidate:
         return {"backbone": self.backbone, "image_size": self.image_size, "mirror_views": self.mirror_views,
                 "strategy": self.head}
 
+    @property
+    def scored(self) -> bool:
+        """Whether anything scored it (one image a class leaves nothing to validate on)."""
+        return self.scored_by != UNSCORED
+
     def as_dict(self) -> Dict[str, object]:
-        return dict(dataclasses.asdict(self), score=round(self.score, 6), planned_s=round(self.planned_s, 1),
-                    head_s=round(self.head_s, 2))
+        return dict(dataclasses.asdict(self), score=round(self.score, 6) if self.scored else None,
+                    planned_s=round(self.planned_s, 1), head_s=round(self.head_s, 2))
 
 
 def smallest_class(labels) -> int:
     counts = np.bincount(np.asarray(labels))
     return int(counts[counts > 0].min())
+
+
+UNSCORED = "none (no validation split)"
 
 
 def score_of(choice: dict):
@@ -71,7 +79,7 @@ def score_of(choice: dict):
                       ("val_accuracy", "accuracy")):
         if key in choice:
             return float(choice[key]), prefix + name, images
-    return 0.0, "none (no validation split)", 0
+    return 0.0, UNSCORED, 0
 
 
 def held_out(choice: dict) -> Optional[float]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -120,7 +120,8 @@ class Planner(Refusals):
         chosen = self._choose()
         record = self.record(chosen)
         self.say(f"chose {chosen.backbone} at {chosen.image_size} px, {chosen.head} head, mirror views "
-                 f"{chosen.mirror_views}: validation {chosen.scored_by} {chosen.score:.4f}, planned "
+                 f"{chosen.mirror_views}: validation {chosen.scored_by}"
+                 f"{f' {chosen.score:.4f}' if chosen.scored else ''}, planned "
                  f"{budget.shown(self.elapsed() + chosen.planned_s)} of {budget.shown(self.budget_s)}")
         return chosen.options(), record
 
@@ -136,16 +137,21 @@ class Planner(Refusals):
         singles = [(b, s) for b, s in SINGLES if b in names]
         return singles + [(b, backbones.run_image_size(b)) for b in names if b not in {x for x, _ in singles}]
 
-    def _may_screen(self, backbone: str, size: int) -> bool:
-        """Whether screening one more single (its probe extraction, then its head) has the time."""
+    def _may_screen(self, backbone: str, size: int) -> Tuple[bool, bool]:
+        """(whether screening one more single (its probe extraction, then its head) has the time,
+        whether the speed record is why not: at the speed assumed without it, it would have)."""
         if not self.screened:
-            return True
+            return True, False
         speed, recorded = self._expected_speed(backbone, size)
         head_s = float(np.median([c.head_s for c in self.candidates])) if self.candidates else 0.0
         fits = self._leaves_time(self._probe_images() / speed + head_s)
-        if not fits and recorded:
-            self.record_used = True
-        return fits
+        blamed = not fits and recorded and self._leaves_time(self._probe_images() / self._unrecorded_speed() + head_s)
+        self.record_used |= blamed
+        return fits, blamed
+
+    def _unrecorded_speed(self) -> float:
+        """Images/s expected of a backbone the record says nothing of: half the slowest measured now."""
+        return min(s for x in self.screened for s in x.speeds) / 2
 
     def _expected_speed(self, backbone: str, size: int):
         """(images/s expected of a backbone not screened yet, whether the speed record says it):
@@ -153,11 +159,10 @@ class Planner(Refusals):
         this plan just measured (a record taken on a loaded machine, or edited: the backbone is
         screened, and its measurement replaces it); else half the slowest measured now."""
         measured = [(s, x.image_size) for x in self.screened for s in x.speeds]
-        fallback = min(s for s, _ in measured) / 2
         recorded = budget.measured_speed(self._speed_key(backbone, size))
         floor = min(s * (x / size) ** 2 for s, x in measured) / IMPLAUSIBLY_SLOWER
         if recorded is None or recorded < floor:
-            return fallback, False
+            return self._unrecorded_speed(), False
         return recorded, True
 
     def _probe_images(self) -> int:
@@ -191,9 +196,10 @@ class Planner(Refusals):
 
     def _screen_singles(self) -> None:
         for name, size in self._singles():
-            if not self._may_screen(name, size):
-                speed, recorded = self._expected_speed(name, size)
-                why = NO_TIME + (f" (at {speed:.3g} images/s, as {budget.record_path()} records)" if recorded else "")
+            fits, blamed = self._may_screen(name, size)
+            if not fits:
+                speed, _ = self._expected_speed(name, size)
+                why = NO_TIME + (f" (at {speed:.3g} images/s, as {budget.record_path()} records)" if blamed else "")
                 self.skipped.append({"what": f"{name} at {size} px", "why": why})
                 continue
             try:
@@ -412,7 +418,8 @@ class Planner(Refusals):
         where cross-validation ranked a weaker backbone first (+0.83 on average over 12 draws of 40
         a class, +2.62 over 2 of 120; benchmarks/RESULTS.md, "Few images: one head per backbone,
         averaged"): cross-validation on so few images can't rank backbones a point apart."""
-        if not self.few_images() or candidate.head != "linear":  # (an MLP on them is one head, not an average)
+        # an MLP on them is one head, not an average; with nothing scored, no head is tuned either
+        if not self.few_images() or candidate.head != "linear" or not getattr(candidate, "scored", True):
             return 0
         return len(backbones.concatenated.split_name(candidate.backbone))
 

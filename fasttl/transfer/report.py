@@ -203,11 +203,17 @@ def _plan(results: Dict[str, Dict[str, object]]) -> List[str]:
                                                                          "mirror_views")) else ""
         lines.append(f"| {markdown_cell(str(c.get('backbone')))} | {c.get('image_size')} | "
                      f"{markdown_cell(str(c.get('precision', 'fp32')))} | {c.get('head')} | "
-                     f"{c.get('mirror_views')} | {c.get('score', 0):.4f} ({c.get('scored_by')}) | "
+                     f"{c.get('mirror_views')} | {_score_cell(c)} | "
                      f"{c.get('planned_s', 0):.0f} | {mark} |")
     lines += [f"- not screened: {markdown_cell(str(s.get('what')))}: {markdown_cell(str(s.get('why')))}"
               for s in plan.get("skipped", [])]
     return lines
+
+
+def _score_cell(candidate: dict) -> str:
+    score = candidate.get("score")
+    shown = f"{score:.4f}" if isinstance(score, (int, float)) and not isinstance(score, bool) else "n/a"
+    return f"{shown} ({candidate.get('scored_by')})"
 
 
 def _pins(pinned) -> str:

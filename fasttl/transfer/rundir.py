@@ -204,6 +204,9 @@ def load_trained(run_dir: str, device):
 
     config = read_config(run_dir)
     if not is_finished(run_dir):
+        holder = files.lock_holder(os.path.join(run_dir, LOCK))
+        if holder is not None:
+            raise RunError(f"{run_dir}: a fasttl run ({holder}) is writing it now; wait for it to finish")
         found = files.is_plain_file(os.path.join(run_dir, METRICS))
         what = f"no {METRICS}" if found is None else f"{METRICS} there is not a plain file"
         again = "run its command again with --overwrite (a planned run, --budget, does not resume)" \

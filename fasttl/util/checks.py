@@ -106,7 +106,7 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out", ending: s
         raise OptionError(f"{name}: {given!r} names a folder (it ends in /); give {flag} a file name")
     path = os.path.abspath(os.path.expanduser(given))
     parent = os.path.dirname(path)
-    from fasttl.util.files import enclosing_run_folder
+    from fasttl.util.files import enclosing_run_folder, not_a_folder
 
     holder = enclosing_run_folder(parent)
     if holder is not None:  # a run's folder holds only what its run wrote: eval, predict and export never mix in
@@ -123,6 +123,6 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out", ending: s
         if not overwrite:
             raise OptionError(f"{name}: {path} exists; pass --overwrite to replace it, or another {flag}")
     if not os.path.isdir(parent):
-        what = "is a file, not a folder" if os.path.lexists(parent) else "does not exist"
+        what = not_a_folder(parent)
         raise OptionError(f"{name}: {parent} {what} (give another {flag} in an existing folder)")
     return path

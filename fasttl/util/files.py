@@ -92,19 +92,20 @@ def _finite(text: str) -> float:
     return value
 
 
-def read_json(path: str, strict: bool = False):
+def read_json(path: str, strict: bool = False, limit: int = MAX_JSON_BYTES):
     """The JSON value in `path`, None when there is no file; ValueError when it is not valid JSON,
     or not a plain file (a link or a FIFO is never followed or read). `strict`: NaN, Infinity and
     numbers beyond a double (which fasttl never writes) are damage too; else the reader's own
-    checks name the field that holds one."""
+    checks name the field that holds one. `limit`: the most bytes read (a file of one kind fasttl
+    keeps small may have a smaller one)."""
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ValueError(f"{path}: cannot be read as a plain file ({exc.strerror})") from None
-    with plain_reader(fd, lambda info: _json_problem(path, info)) as f:
-        data = _read_sized(f, MAX_JSON_BYTES)
+    with plain_reader(fd, lambda info: _json_problem(path, info, limit)) as f:
+        data = _read_sized(f, limit)
     try:
         if strict:
             return json.loads(data.decode("utf-8"), parse_constant=_no_infinity, parse_float=_finite)
@@ -113,10 +114,10 @@ def read_json(path: str, strict: bool = False):
         raise ValueError(f"{path}: not valid JSON ({type(exc).__name__})") from None
 
 
-def _json_problem(path: str, info: os.stat_result) -> Optional[Exception]:
+def _json_problem(path: str, info: os.stat_result, limit: int) -> Optional[Exception]:
     if not stat.S_ISREG(info.st_mode):
         return ValueError(f"{path}: not a plain file ({'a folder' if stat.S_ISDIR(info.st_mode) else 'a pipe or a device'})")
-    if info.st_size > MAX_JSON_BYTES:
+    if info.st_size > limit:
         return ValueError(f"{path}: {info.st_size:,} bytes, more than fasttl ever writes to a JSON file")
     return None
 
@@ -221,6 +222,41 @@ class FolderLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def not_a_folder(path: str) -> str:
+    """What stands at `path` where a folder is wanted, as an error says it: a link to nothing or a
+    link loop is no file, whatever os.path.isdir says of both."""
+    if not os.path.lexists(path):
+        return "does not exist"
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as exc:
+            return "is a symbolic link loop" if exc.errno == errno.ELOOP else "is a symbolic link to nothing (dangling)"
+        return "is a symbolic link to a file, not a folder"
+    return "is a file, not a folder"
+
+
+def lock_holder(path: str) -> Optional[str]:
+    """Who holds FolderLock's file `path` now ("pid N"), or None when nobody does (or it can't be
+    read: a link, no file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return None
+        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
 
 
 def enclosing_run_folder(path: str) -> Optional[str]:
