@@ -120,10 +120,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except VerificationError as exc:
         print(f"fasttl: error: {one_line(exc)}", file=sys.stderr)
         return 1
-    _say(f"wrote {result['out']} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, {len(result['classes'])} "
-          f"classes, input {result['image_size']} x {result['image_size']})")
-    print(f"verified with ONNX Runtime on {result['images']} real images: max abs logit difference from torch "
-          f"{result['max_abs_diff']:.2e}")
+    try:
+        _say(f"wrote {result['out']} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, "
+             f"{len(result['classes'])} classes, input {result['image_size']} x {result['image_size']})")
+        print(f"verified with ONNX Runtime on {result['images']} real images: max abs logit difference from torch "
+              f"{result['max_abs_diff']:.2e}")
+        sys.stdout.flush()
+    except OSError as exc:  # the model file is written by now
+        raise summary_not_printed(exc, result["out"], "the model was") from None
     from fasttl.transfer.rundir import read_config
 
     if read_config(args.run_dir).get("extract_precision") == "int8":  # said, never silent

@@ -47,6 +47,7 @@ OS_ERRORS = {
 
 
 def os_error_line(exc: OSError) -> str:
+    from fasttl.util import files
     from fasttl.util.files import user_path
     from fasttl.util.outputs import terminal_text
 
@@ -57,23 +58,14 @@ def os_error_line(exc: OSError) -> str:
         where = "files"
     # a per-process limit (ulimit -f, -n) is no fault of the folder: moving the cache folder won't help
     where_to = "" if exc.errno in (errno.EFBIG, errno.EMFILE, errno.ENFILE) else _in_feature_cache(filename)
-    in_the_way = _file_in_the_way(os.fsdecode(filename)) if filename is not None and exc.errno == errno.ENOTDIR \
-        else None
-    if in_the_way is not None:  # the file to move, never a name fasttl made inside the folder it wanted
-        return f"{terminal_text(in_the_way)}: {NOT_A_FOLDER}{where_to}"
+    in_the_way = files.blocking_part(os.fsdecode(filename)) \
+        if filename is not None and exc.errno in (errno.ENOTDIR, errno.ENOENT, errno.ELOOP) else None
+    if in_the_way is not None:  # what to move, never a name fasttl made inside the folder it wanted
+        return f"{terminal_text(in_the_way)}: {files.standing(in_the_way)}, {NOT_A_FOLDER}{where_to}"
     return f"{where}: {OS_ERRORS[exc.errno]}{where_to}"
 
 
-NOT_A_FOLDER = "a file, where the path needs a folder (move it away, or use another path)"
-
-
-def _file_in_the_way(path: str):
-    """The first part of `path` that exists and is not a folder (what ENOTDIR is about), or None."""
-    ancestors, current = [], os.path.abspath(path)
-    while os.path.dirname(current) != current:
-        current = os.path.dirname(current)
-        ancestors.append(current)
-    return next((a for a in reversed(ancestors) if os.path.lexists(a) and not os.path.isdir(a)), None)
+NOT_A_FOLDER = "where the path needs a folder (move it away, or use another path)"
 
 
 def _in_feature_cache(filename) -> str:
@@ -98,16 +90,17 @@ def _in_feature_cache(filename) -> str:
             f"{'' if chosen else ' (the default)'}: set FASTTL_CACHE_DIR to a folder you can write")
 
 
-def summary_not_printed(exc: OSError, written) -> BaseException:
+def summary_not_printed(exc: OSError, written, what: str = "the metrics were") -> BaseException:
     """What to raise when standard output failed after the file `written` was saved (eval's
-    metrics): a full disk there is one line saying the file was written; any other error as it is."""
+    metrics, export's model): a full disk there is one line saying the file was written; any other
+    error as it is."""
     from fasttl.util.errors import UserError
     from fasttl.util.outputs import terminal_text
 
     if exc.errno not in OS_ERRORS or not written or isinstance(exc, BrokenPipeError):
         return exc
     quiet_stdout()
-    return UserError(f"standard output: {OS_ERRORS[exc.errno].split(';')[0]}; the metrics were written to "
+    return UserError(f"standard output: {OS_ERRORS[exc.errno].split(';')[0]}; {what} written to "
                      f"{terminal_text(written)}, only this summary was not printed")
 
 

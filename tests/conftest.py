@@ -246,3 +246,17 @@ def fresh_engines(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTTL_CACHE_DIR", str(tmp_path / "feature-cache"))
     monkeypatch.setattr(engines, "_EXPORTED", {})
     monkeypatch.setattr(engines, "_ADOPTED", {})
+
+
+def link_in_the_way(path, kind: str):
+    """At `path`: a link to nothing ("dangling"), a link loop ("loop") or a plain file ("file")."""
+    import os
+
+    if kind == "dangling":
+        os.symlink(path.parent / "nowhere", path)
+    elif kind == "loop":
+        os.symlink(path.parent / "other", path)
+        os.symlink(path, path.parent / "other")
+    else:
+        path.write_bytes(b"mine")
+    return path

@@ -18,8 +18,8 @@ def test_an_out_under_a_plain_file_names_that_file(cat_ship, tmp_path, capsys, p
     code, _, err = cli(capsys, "run", "--data", cat_ship, "--strategy", "linear", "--image-size", "32", *budget,
                        "--compare", "none", "--out", tmp_path / "file" / "run", "--no-progress")
     line = one_line_error(err)
-    assert code == 2 and line == (f"fasttl: error: {tmp_path / 'file'}: a file, where the path needs a folder "
-                                  "(move it away, or use another path)"), err
+    assert code == 2 and line == (f"fasttl: error: out: {tmp_path / 'file'} is a file, not a folder, where "
+                                  f"{tmp_path / 'file' / 'run'} needs a folder; pass another --out"), err
     assert (tmp_path / "file").read_bytes() == b"mine" and ".fasttl" not in line
 
 
@@ -49,9 +49,9 @@ def test_a_pinned_pair_out_of_name_order_is_planned_in_its_order(three_classes, 
     assert plan["candidates"][-1]["backbone"] == pair
     # each backbone's head in the pair's order (few images: one head per backbone, averaged)
     assert [p["backbone"] for p in metrics["notes"]["choice"]["parts"]] == pair.split("+")
-    assert plan["more_backbones_first"]
-    assert "the linear candidates of more backbones side by side come first" in \
-        (tmp_path / "run" / "report.md").read_text()
+    # the pair pinned, nothing else was eligible: the few-images rule ranked nothing, and is not said
+    assert not plan["more_backbones_first"]
+    assert "come first" not in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_the_views_note_says_what_training_does_with_both():

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from fasttl.data.archive import extract
-from fasttl.data.http_reply import DownloadError, PartialRefused, named_address, open_reply
+from fasttl.data.http_reply import DownloadError, PartialRefused, content_encoding, named_address, open_reply
 from fasttl.util.errors import DataError, OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX
 from fasttl.util.outputs import terminal_text
@@ -153,6 +153,7 @@ class _Budget:
 
     def __init__(self, deadline_s: float, min_rate: float, url: str):
         self.deadline_s, self.min_rate, self.url = deadline_s, min_rate, url
+        self.redirected: Optional[str] = None  # where the reply came from, once it came
         self.started = self.window_start = time.monotonic()
         self.window_bytes = 0
 
@@ -162,7 +163,8 @@ class _Budget:
     def past_deadline(self, size: int, redirected: Optional[str] = None) -> DownloadError:
         again = "run the same command again to resume" if size else \
             "nothing arrived: check that the address answers (--url), or give a longer --deadline"
-        return DownloadError(f"fetch: the download of {named_address(self.url, redirected)} took longer than "
+        return DownloadError(f"fetch: the download of {named_address(self.url, redirected or self.redirected)} "
+                             "took longer than "
                              f"{self.deadline_s:g} s (--deadline) and stopped at {size:,} bytes; {again}")
 
     def add(self, count: int, size: int) -> None:
@@ -181,16 +183,18 @@ class _Budget:
 
 
 def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET_TIMEOUT_S,
-             deadline_s: float = DEADLINE_S, min_rate: float = MIN_RATE) -> int:
+             deadline_s: float = DEADLINE_S, min_rate: float = MIN_RATE, reply: Optional[dict] = None) -> int:
     """Downloads `url` into `path`, continuing what is already there (HTTP Range); returns the
     file's size. Every block that arrives is written at once, so an interrupted transfer keeps
     what arrived and raises DownloadError; so does one past `deadline_s` in all, or slower than
-    `min_rate` bytes/s over a 30 s window. Redirects are followed only to http(s) addresses."""
+    `min_rate` bytes/s over a 30 s window. Redirects are followed only to http(s) addresses.
+    `reply`, a dict, gets the reply's content codings ("encoding")."""
     have = _partial_size(path)
     budget = _Budget(deadline_s, min_rate, url)  # the wait for the reply counts too
-    response = _reply(url, path, have, timeout, budget)
+    response = _reply(url, path, have, timeout, budget, reply if reply is not None else {})
     if response is None:  # 416 on a complete file
         return have
+    where = named_address(url, budget.redirected)
     fd = _open_partial(path)
     bar = None
     try:
@@ -218,7 +222,7 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                     if budget.remaining() <= 0:
                         raise budget.past_deadline(size) from None
                     of = f"{total:,}" if total is not None else "?"
-                    raise DownloadError(f"fetch: the download of {url} stopped at {size:,} of {of} bytes "
+                    raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {of} bytes "
                                         f"({type(exc).__name__}); run the same command again to resume") from None
                 if not block:
                     break
@@ -231,7 +235,7 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                     raise DownloadError(f"fetch: {url} sent more than {MAX_DOWNLOAD_BYTES:,} bytes; stopped "
                                         "(check the address, --url)")
             if total is not None and size < total:
-                raise DownloadError(f"fetch: the download of {url} stopped at {size:,} of {total:,} bytes; run the "
+                raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {total:,} bytes; run the "
                                     "same command again to resume")
             try:
                 os.fsync(fd)
@@ -244,11 +248,16 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
             bar.close()
 
 
-def _reply(url: str, path: str, have: int, timeout: float, budget: _Budget):
-    """open_reply's response; the partial download emptied where the server says it is another
-    file's (an empty partial is then removed: the next fetch starts afresh)."""
+def _reply(url: str, path: str, have: int, timeout: float, budget: _Budget, reply: dict):
+    """open_reply's response (`budget` told where it came from, `reply` its content codings); the
+    partial download emptied where the server says it is another file's (an empty partial is then
+    removed: the next fetch starts afresh)."""
     try:
-        return open_reply(url, have, timeout, budget)
+        response = open_reply(url, have, timeout, budget)
+        if response is not None:
+            budget.redirected = getattr(response, "url", None)
+            reply["encoding"] = content_encoding(response)
+        return response
     except PartialRefused:
         fd = _open_partial(path)
         try:
@@ -323,7 +332,9 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
                           "for $FASTTL_DATA")
     dest = os.path.abspath(os.path.expanduser(dest if dest is not None else default_dest()))
     if os.path.lexists(dest) and not os.path.isdir(dest):
-        raise OptionError(f"dest: {dest} is not a folder (give a folder, or set FASTTL_DATA)")
+        from fasttl.util.files import not_a_folder
+
+        raise OptionError(f"dest: {dest} {not_a_folder(dest)} (give a folder, or set FASTTL_DATA)")
     from fasttl.util.files import enclosing_run_folder
 
     holder = enclosing_run_folder(dest)
@@ -392,6 +403,7 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
     _remove_other_partials(dest, remote, partial)
     resumed = os.path.isfile(partial) and not os.path.islink(partial)
     kept = os.path.getsize(partial) if resumed else 0
+    reply: dict = {}
     # A download verified before (an extraction stopped by a full disk) is extracted, not fetched again.
     verified = resumed and sha256_of(partial) == expected
     if verified:
@@ -401,7 +413,7 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
             + (f" ({remote.size / 1e6:.0f} MB)" if url == remote.url else "") + f" into {dest}")
     try:
         if not verified:
-            download(url, partial, progress=progress, deadline_s=deadline_s, min_rate=min_rate)
+            download(url, partial, progress=progress, deadline_s=deadline_s, min_rate=min_rate, reply=reply)
     except (DownloadError, OSError) as exc:
         _leave_only_progress(partial, dest if created else None)
         if isinstance(exc, OSError) and exc.errno in _FULL:
@@ -415,6 +427,9 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
             os.remove(partial)
         earlier = f" (resumed from the {kept:,} bytes an earlier fetch kept: the file may have changed on the " \
             "server since)" if kept and not verified else ""
+        if reply.get("encoding"):  # what the server said it did to the bytes: the likelier cause
+            earlier += f" (the server sent it with Content-Encoding: {reply['encoding']}, compressed again: use " \
+                "another address, or a server that sends the file as it is)"
         raise ChecksumError(f"fetch: {url} gave a file with SHA-256 {found}, expected {expected}{earlier}; the "
                             "download was removed and nothing else touched (fetch again, or check --url / --sha256)")
     try:

@@ -134,8 +134,9 @@ def open_reply(url: str, have: int, timeout: float, budget):
     watchdog = threading.Timer(max(0.0, budget.remaining()), _close_all, (sockets,))
     watchdog.daemon = True
     watchdog.start()
-    try:
-        response = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
+    try:  # (the deadline bounds a TLS handshake too, which no read or watchdog ends)
+        response = opener.open(urllib.request.Request(url, headers=headers),
+                               timeout=max(0.05, min(timeout, budget.remaining())))
     except DownloadError:
         raise
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
@@ -148,10 +149,13 @@ def open_reply(url: str, have: int, timeout: float, budget):
     if budget.remaining() <= 0:  # the deadline cut the reply short: what arrived is not the file
         response.close()
         raise budget.past_deadline(have, redirects.last)
-    encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
-    if encoding != "identity":  # fasttl asks for none: these bytes are not the file its checksum is of
-        response.close()
-        raise DownloadError(f"fetch: {named_address(url, redirects.last)} sent the file compressed (Content-Encoding: "
-                            f"{terminal_text(encoding)[:40]}), not as it is; its SHA-256 can't be checked: use "
-                            "another address (--url), or a server that sends files as they are")
     return response
+
+
+def content_encoding(response) -> str:
+    """The codings a reply says its body is in (every Content-Encoding line, as one list, identity
+    left out), '' for none. A server labelling a .tgz gzip may still send the file's own bytes
+    (Apache's AddEncoding): the checksum decides, and a mismatch names this."""
+    lines = response.headers.get_all("Content-Encoding") or []
+    codings = [c.strip().lower() for line in lines for c in line.split(",")]
+    return terminal_text(", ".join(c for c in codings if c not in ("", "identity")))[:60]

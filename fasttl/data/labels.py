@@ -97,7 +97,8 @@ def label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where
                 raise DataError(f"data: {where}: label {shown(label)} is not an index into the {len(classes)} "
                                 "classes of the classes file (--labels indices)")
             else:
-                hint = " (to give labels as indices into it, pass --labels indices)" if ascii_digits(label) else ""
+                hint = " (to give labels as indices into it, pass --labels indices)" if ascii_digits(label) else \
+                    _twin_hint(label, names)
                 raise DataError(f"data: {where}: label {shown(label)} is not one of the {len(classes)} classes of the "
                                 f"classes file{hint}")
         empty = sorted(set(range(len(classes))) - set(out))
@@ -145,6 +146,14 @@ _IGNORABLE = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1
               (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
               (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
               (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
+
+
+def _twin_hint(label: str, names) -> str:
+    """Where `label` is a class of the classes file written in another Unicode form: says so."""
+    nfc = unicodedata.normalize("NFC", label)
+    twin = next((name for name in names if unicodedata.normalize("NFC", name) == nfc), None)
+    return "" if twin is None else (f": the label is {_form_shown(label, 0, False)} and the classes file has "
+                                    f"{_form_shown(twin, 0, False)}, one name in two Unicode forms; write it one way")
 
 
 def _form_shown(name: str, index: int, lines: bool) -> str:

@@ -141,13 +141,23 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
     mark_run(run_dir, keep_records=cleared is None)  # cleared: the records of its files go with them
 
 
+def _refuse_blocked(run_dir: str) -> None:
+    """A RunError where --out, or a folder on its way, is there but no folder (a file, a link to
+    nothing, a link loop), naming that part."""
+    blocked = files.blocking_part(run_dir)
+    if blocked is not None:
+        raise RunError(f"out: {blocked} {files.not_a_folder(blocked)}, where {run_dir} needs a folder; pass another "
+                       "--out")
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise RunError(f"out: {run_dir} {files.not_a_folder(run_dir)}; pass another --out")
+
+
 def _refuse_taken_out(cfg: RunConfig) -> None:
     """What prepare_run_dir would refuse of a given --out, said before any work."""
     if cfg.out is None:
         return
     run_dir = choose_run_dir(cfg, "")  # --out itself, refused inside another run folder
-    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
-        raise RunError(f"out: {run_dir} {files.not_a_folder(run_dir)}; pass another --out")
+    _refuse_blocked(run_dir)  # (a --budget run screens for minutes before it makes --out)
     if not holds_run(run_dir):
         _refuse_foreign(run_dir)
     elif not cfg.overwrite and is_finished(run_dir):
@@ -282,10 +292,9 @@ def _data_path(path):
 def _locked_run_dir(run_dir: str):
     """The run folder's lock, held for the run: the folder is made first only when it is new (an
     existing one is checked by prepare_run_dir, under the lock)."""
+    _refuse_blocked(run_dir)
     if not os.path.lexists(run_dir):
         os.makedirs(run_dir, exist_ok=True)
-    elif not os.path.isdir(run_dir):
-        raise RunError(f"out: {run_dir} {files.not_a_folder(run_dir)}; pass another --out")
     _refuse_foreign(run_dir)
     return RunLock(run_dir)
 

@@ -388,8 +388,11 @@ class Planner(Refusals):
         if not fitting:
             cheapest = min(eligible, key=lambda c: c.planned_s, default=None)
             if cheapest is None:
-                why = "; ".join(s["why"] for s in self.skipped[:2]) or "nothing could be scored"
-                raise OptionError(f"budget: no candidate could be screened within {self.cfg.budget} ({why}); pass a "
+                why = "; ".join(list(dict.fromkeys(s["why"] for s in self.skipped))[:2]) or "nothing could be scored"
+                pinned = self.pinned.get("backbone") or ""
+                what = f"the pinned {pinned} could not" if backbones.concatenated.SEPARATOR in pinned and \
+                    self.candidates else "no candidate could"
+                raise OptionError(f"budget: {what} be screened within {self.cfg.budget} ({why}); pass a "
                                   "larger --budget, or fewer pinned options")
             needed = (self.elapsed() + cheapest.planned_s) / SAFETY * MARGIN
             raise OptionError(f"budget: {self.cfg.budget} is too small for a model on this data here: the cheapest "
@@ -423,6 +426,11 @@ class Planner(Refusals):
             return 0
         return len(backbones.concatenated.split_name(candidate.backbone))
 
+    def ranked_by_backbones(self) -> bool:
+        """Whether _backbones_first ranked anything: only where the eligible candidates differ in it
+        (not with a pinned backbone, an MLP head or nothing scored)."""
+        return len({self._backbones_first(c) for c in self.eligible()}) > 1
+
     def record(self, chosen: Candidate) -> Dict[str, object]:
         return {"budget": self.cfg.budget, "budget_s": self.budget_s, "pinned": self.pinned,
                 "probe": {"images": len(self.probe), "per_class_at_most": PROBE_PER_CLASS,
@@ -432,7 +440,7 @@ class Planner(Refusals):
                 "candidates": [c.as_dict() for c in self.candidates], "skipped": self.skipped,
                 "chosen": chosen.as_dict(), "planned_s": round(self.elapsed() + chosen.planned_s, 1),
                 "scored_too_few": 0 < chosen.scored_images < SCORED_PER_CLASS * len(self.dataset.classes),
-                "more_backbones_first": any(self._backbones_first(c) > 1 for c in self.candidates),
+                "more_backbones_first": self.ranked_by_backbones(),
                 "machine": budget.machine()}
 
 

@@ -79,6 +79,7 @@ def load_weights(run_dir: str, name: str, module: nn.Module) -> nn.Module:
 
     path = os.path.join(run_dir, weights_file(name))
     if not os.path.lexists(path):
+        _refuse_while_written(run_dir)
         raise RunError(f"{path}: no trained weights in this run directory (an unfinished or failed run?)")
     if os.path.islink(path) or not os.path.isfile(path):
         raise RunError(f"{path}: not a plain file (a link, a pipe or a device?), so not the weights fasttl wrote; "
@@ -195,6 +196,13 @@ def read_config(run_dir: str) -> Dict[str, object]:
     return upgraded(config)
 
 
+def _refuse_while_written(run_dir: str) -> None:
+    """A RunError naming the fasttl run that holds `run_dir`'s lock now (its files come and go)."""
+    holder = files.lock_holder(os.path.join(run_dir, LOCK))
+    if holder is not None:
+        raise RunError(f"{run_dir}: a fasttl run ({holder}) is writing it now; wait for it to finish")
+
+
 def load_trained(run_dir: str, device):
     """A finished run's model, rebuilt by its strategy's `load`: the one rule for predict, export,
     eval and a distillation teacher. Its options come from config.json, so an option error raised
@@ -204,9 +212,7 @@ def load_trained(run_dir: str, device):
 
     config = read_config(run_dir)
     if not is_finished(run_dir):
-        holder = files.lock_holder(os.path.join(run_dir, LOCK))
-        if holder is not None:
-            raise RunError(f"{run_dir}: a fasttl run ({holder}) is writing it now; wait for it to finish")
+        _refuse_while_written(run_dir)
         found = files.is_plain_file(os.path.join(run_dir, METRICS))
         what = f"no {METRICS}" if found is None else f"{METRICS} there is not a plain file"
         again = "run its command again with --overwrite (a planned run, --budget, does not resume)" \

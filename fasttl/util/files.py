@@ -224,18 +224,35 @@ class FolderLock:
             self.fd = None
 
 
-def not_a_folder(path: str) -> str:
-    """What stands at `path` where a folder is wanted, as an error says it: a link to nothing or a
-    link loop is no file, whatever os.path.isdir says of both."""
+def standing(path: str) -> str:
+    """What stands at `path` where a folder is wanted: a link to nothing or a link loop is no file,
+    whatever os.path.isdir says of both."""
     if not os.path.lexists(path):
-        return "does not exist"
+        return "nothing"
     if os.path.islink(path):
         try:
             os.stat(path)
         except OSError as exc:
-            return "is a symbolic link loop" if exc.errno == errno.ELOOP else "is a symbolic link to nothing (dangling)"
-        return "is a symbolic link to a file, not a folder"
-    return "is a file, not a folder"
+            return "a symbolic link loop" if exc.errno == errno.ELOOP else "a symbolic link to nothing (dangling)"
+        return "a symbolic link to a file"
+    return "a file"
+
+
+def not_a_folder(path: str) -> str:
+    """What stands at `path` where a folder is wanted, as an error says it after the path."""
+    what = standing(path)
+    return "does not exist" if what == "nothing" else f"is {what}, not a folder" if what.endswith("file") else \
+        f"is {what}"
+
+
+def blocking_part(path: str) -> Optional[str]:
+    """The first folder of `path` (from the root) that is there but is no folder (a file, a link to
+    nothing, a link loop), or None."""
+    parts, current = [], os.path.abspath(path)
+    while os.path.dirname(current) != current:
+        current = os.path.dirname(current)
+        parts.append(current)
+    return next((p for p in reversed(parts) if os.path.lexists(p) and not os.path.isdir(p)), None)
 
 
 def lock_holder(path: str) -> Optional[str]:
