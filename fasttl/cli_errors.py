@@ -48,11 +48,10 @@ OS_ERRORS = {
 
 def os_error_line(exc: OSError) -> str:
     from fasttl.util import files
-    from fasttl.util.files import user_path
     from fasttl.util.outputs import terminal_text
 
     filename = exc.filename if isinstance(exc.filename, (str, bytes, os.PathLike)) else None  # not a descriptor number
-    where = terminal_text(user_path(os.fsdecode(filename))) if filename is not None else \
+    where = terminal_text(files.user_path(os.fsdecode(filename))) if filename is not None else \
         "standard output" if exc.filename is None else "a file fasttl had open"
     if exc.filename is None and exc.errno in (errno.EMFILE, errno.ENFILE):
         where = "files"

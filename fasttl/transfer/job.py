@@ -108,8 +108,7 @@ _DATA_CHANGED = ("the data changed since the run started (an image added, remove
 def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -> None:
     """Refuses to mix two runs in one folder: a finished run needs --overwrite, an unfinished one
     --resume (with the same options and data) or --overwrite; a folder of other files is left alone."""
-    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
-        raise RunError(f"out: {run_dir} {files.not_a_folder(run_dir)}; pass another --out")
+    _refuse_blocked(run_dir)
     cleared = None
     for name in (*run_files(), *own_entries()):  # found now, not when the results are written after training
         path = os.path.join(run_dir, name)

@@ -200,7 +200,7 @@ class FolderLock:
                 raise self.refused("holds something other than a lock record")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            holder = _holder(fd)
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise self.locked(holder) from None
@@ -255,6 +255,11 @@ def blocking_part(path: str) -> Optional[str]:
     return next((p for p in reversed(parts) if os.path.lexists(p) and not os.path.isdir(p)), None)
 
 
+def _holder(fd: int) -> str:
+    """The lock record ("pid N") of a lock file another process holds."""
+    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+
+
 def lock_holder(path: str) -> Optional[str]:
     """Who holds FolderLock's file `path` now ("pid N"), or None when nobody does (or it can't be
     read: a link, no file)."""
@@ -271,7 +276,7 @@ def lock_holder(path: str) -> Optional[str]:
     except OSError as exc:
         if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             return None
-        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        return _holder(fd)
     finally:
         os.close(fd)
 
