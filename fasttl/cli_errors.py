@@ -61,7 +61,23 @@ def os_error_line(exc: OSError) -> str:
         if filename is not None and exc.errno in (errno.ENOTDIR, errno.ENOENT, errno.ELOOP) else None
     if in_the_way is not None:  # what to move, never a name fasttl made inside the folder it wanted
         return f"{terminal_text(in_the_way)}: {files.standing(in_the_way)}, {NOT_A_FOLDER}{where_to}"
+    folder = _folder_refusing_new_files(filename, exc.errno)
+    if folder is not None:  # the folder to make writable, not a name fasttl was making in it (a lock, a temporary)
+        return f"{terminal_text(folder)}: {CANT_WRITE_IN}{where_to}"
     return f"{where}: {OS_ERRORS[exc.errno]}{where_to}"
+
+
+CANT_WRITE_IN = "permission denied, fasttl can't make files in this folder (make it writable to you, or use another path)"
+
+
+def _folder_refusing_new_files(filename, code: int):
+    """The folder a permission error came from when fasttl was making a file or folder that is not
+    there yet (a run's lock, a temporary, --out itself), or None."""
+    if filename is None or code not in (errno.EACCES, errno.EPERM):
+        return None
+    path = os.path.abspath(os.fsdecode(filename))
+    folder = os.path.dirname(path)
+    return folder if not os.path.lexists(path) and os.path.isdir(folder) else None
 
 
 NOT_A_FOLDER = "where the path needs a folder (move it away, or use another path)"

@@ -516,8 +516,8 @@ def test_a_dest_fasttl_cannot_write_into_is_named_not_its_temporary(server, cifa
     dest = tmp_path / "data"
     dest.mkdir()
     code, _, err = _fetch(capsys, "--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest", dest)
-    assert code == 2 and one_line_error(err) == f"fasttl: error: {dest}: permission denied (make it accessible to " \
-        "you, or use another path)", err
+    assert code == 2 and one_line_error(err) == f"fasttl: error: {dest}: permission denied, fasttl can't make " \
+        "files in this folder (make it writable to you, or use another path)", err
     assert "fasttl-tmp" not in err and os.listdir(dest) == []
 
 

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from fasttl.data.images import bytes_problem, skip_hint
+from fasttl.data.images import bytes_problem, skip_hint, unreadable
 from fasttl.util.errors import DataError
 from fasttl.data.spec import TransformSpec
 
@@ -97,7 +97,7 @@ class SampleBatches:
             raise DataError(f"{name}: cannot be read ({why}); {skip_hint()}") from None
         problem = bytes_problem(data)
         if problem is not None:
-            raise DataError(f"{name}: cannot be read as an image ({problem}); {skip_hint()}")
+            raise DataError(f"{unreadable(name, problem)}; {skip_hint()}")
         return np.frombuffer(data, dtype=np.uint8)
 
 

@@ -282,6 +282,9 @@ def _png_exif_problem(block: bytes, count: int) -> Optional[str]:
     return None if problem is None else f"PNG {problem}"
 
 
+_NOT_READ = "cannot be read"  # how a file that would not open starts its problem
+
+
 def header_problem(path: str) -> Optional[str]:
     """None when `path` is a regular JPEG or PNG file whose structure DALI's parser accepts, else
     why not. Cheap: reads JPEG headers up to the image data and walks the PNG chunks (with their
@@ -303,8 +306,17 @@ def header_problem(path: str) -> Optional[str]:
             if magic == _PNG_SIGNATURE:
                 return _png_problem(f, info.st_size)
     except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})"
+        return f"{_NOT_READ} ({exc.strerror or exc})"
     return "not a JPEG or PNG file (bad or missing header)"
+
+
+def unreadable(name, problem) -> str:
+    """`name` and why it can't be used: a file that would not open (a permission, a missing file) is
+    not said to be a bad image."""
+    problem = str(problem)
+    return f"{name}: {problem}" if problem.startswith(f"{_NOT_READ} (") else \
+        f"{name}: {_NOT_READ} as an image ({problem})"
+
 
 
 def bytes_problem(data: bytes) -> Optional[str]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from fasttl.util.errors import DataError
 from fasttl.data.images import (MAX_IMAGE_BYTES, check_all, check_image, check_image_bytes, header_problem,
-                                skip_hint)
+                                skip_hint, unreadable)
 from fasttl.util.files import read_plain
 
 
@@ -76,7 +76,7 @@ class FileSource:
         try:
             return read_plain(self.files[index], MAX_IMAGE_BYTES)
         except ValueError as exc:
-            raise DataError(f"{self.files[index]}: cannot be read as an image ({exc}); {skip_hint()}") from None
+            raise DataError(f"{unreadable(self.files[index], exc)}; {skip_hint()}") from None
 
     def subset(self, indices: Sequence[int]) -> "FileSource":
         return FileSource([self.files[i] for i in indices], [self.labels[i] for i in indices], list(self.classes),
@@ -242,7 +242,7 @@ def _apply_policy(source, found: List[Tuple[int, str]], ids: Sequence[str], on_e
     some class, is left."""
     first = f"{ids[found[0][0]]}: {found[0][1]}"
     if on_error == "fail":
-        raise DataError(f"{ids[found[0][0]]}: cannot be read as an image ({found[0][1]}); {skip_hint()}")
+        raise DataError(f"{unreadable(ids[found[0][0]], found[0][1])}; {skip_hint()}")
     bad = {index for index, _ in found}
     kept = source.subset([i for i in range(len(source)) if i not in bad])
     kept.skipped = list(source.skipped) + [(ids[i], problem) for i, problem in found]
@@ -300,7 +300,7 @@ def ensure_headers(source: FileSource, begin: int = 0, end: Optional[int] = None
     found = check_all(source.files[begin:end], header_problem, 1, stop_at_first=True)
     if found:
         index, problem = found[0]
-        raise DataError(f"{source.files[begin + index]}: cannot be read as an image ({problem}); {skip_hint()}")
+        raise DataError(f"{unreadable(source.files[begin + index], problem)}; {skip_hint()}")
     checked.add((begin, end))
 
 

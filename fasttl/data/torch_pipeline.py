@@ -9,7 +9,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from fasttl.data.images import bytes_problem, header_problem, skip_hint
+from fasttl.data.images import bytes_problem, header_problem, skip_hint, unreadable
 from fasttl.util.errors import DataError
 from fasttl.data.spec import TransformSpec
 
@@ -60,7 +60,7 @@ def decode(path: str, data: bytes = None) -> torch.Tensor:
 
     problem = header_problem(path) if data is None else bytes_problem(data)  # the same refusals as before DALI
     if problem is not None:
-        raise DataError(f"{path}: cannot be read as an image ({problem}); {skip_hint()}")
+        raise DataError(f"{unreadable(path, problem)}; {skip_hint()}")
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as img:
             img.load()

@@ -475,7 +475,8 @@ def summary(run_dir: str, results: Dict[str, dict], main: str, data) -> str:
     lines += ["", f"run directory: {run_dir}  (report.md, metrics.json, confusion_matrix.png, curves.png, "
                       "predictions.csv, weights)"]
     if data.skipped:
-        lines.append(f"left out {len(data.skipped)} images: listed with the reason in {run_dir}/skipped.csv")
+        count = len(data.skipped)
+        lines.append(f"left out {count} image{'s' * (count != 1)}: listed with the reason in {run_dir}/skipped.csv")
     if dataset == EMBEDDED:
         lines += ["", "That was the embedded default: an ImageNet EfficientNet-Lite0 carried to CIFAR-10 mini (100 "
                       "training images per class) beside the same budget from scratch.",

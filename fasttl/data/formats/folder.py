@@ -10,7 +10,7 @@ import numpy as np
 
 from fasttl.util.errors import DataError
 from fasttl.util.files import RUN_MARKER
-from fasttl.data.images import IMAGE_EXTENSIONS, header_problem
+from fasttl.data.images import IMAGE_EXTENSIONS, header_problem, unreadable
 from fasttl.data.labels import MAX_INDEX_CLASSES, refuse_lookalikes
 from fasttl.data.sources import FileSource, refuse_one_file_twice
 
@@ -173,7 +173,7 @@ def file_list(pairs: Iterable[Tuple[str, int]], classes: Optional[Sequence[str]]
             raise DataError(f"{path}: not a .jpg/.jpeg/.png file (remove it from the file list)")
         problem = header_problem(path)
         if problem is not None:
-            raise DataError(f"{path}: cannot be read as an image ({problem}); remove it from the file list")
+            raise DataError(f"{unreadable(path, problem)}; remove it from the file list")
         if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)) or label < 0:
             raise DataError(f"{path}: label {label!r} is not a non-negative integer (labels index the classes)")
         if classes is not None and label >= len(classes):
