@@ -67,7 +67,8 @@ def os_error_line(exc: OSError) -> str:
     return f"{where}: {OS_ERRORS[exc.errno]}{where_to}"
 
 
-CANT_WRITE_IN = "permission denied, fasttl can't make files in this folder (make it writable to you, or use another path)"
+CANT_WRITE_IN = ("permission denied, fasttl can't make files in this folder (make it writable to you, or use another "
+                 "path)")
 
 
 def _folder_refusing_new_files(filename, code: int):
