@@ -73,10 +73,12 @@ CANT_WRITE_IN = ("permission denied, fasttl can't make files in this folder (mak
 
 def _folder_refusing_new_files(filename, code: int):
     """The folder a permission error came from when fasttl was making a file or folder that is not
-    there yet (a run's lock, a temporary, --out itself), or None."""
+    there yet (a run's lock, a temporary, --out itself), or writing in a folder it may only read; or None."""
     if filename is None or code not in (errno.EACCES, errno.EPERM):
         return None
     path = os.path.abspath(os.fsdecode(filename))
+    if os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK) and not os.access(path, os.W_OK):
+        return path
     folder = os.path.dirname(path)
     return folder if not os.path.lexists(path) and os.path.isdir(folder) else None
 

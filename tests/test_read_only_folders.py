@@ -153,3 +153,21 @@ def test_an_empty_read_only_feature_cache_folder_is_named_with_the_setting(cat_s
         f"you, or use another path); it is in the feature cache folder FASTTL_CACHE_DIR={cache}: set "
         "FASTTL_CACHE_DIR to a folder you can write")
     assert stat.S_IMODE(os.stat(cache).st_mode) == 0o755 and os.listdir(cache) == []
+
+
+@pytest.mark.parametrize("how", ["--overwrite", "--resume"])
+def test_a_read_only_run_folder_written_again_is_named_not_its_lock(scratch_run, cat_ship, tmp_path, how):  # noqa: F811
+    run = tmp_path / "run"
+    shutil.copytree(scratch_run, run)
+    assert (run / ".fasttl-run.lock").is_file()  # a lock file fasttl left (flock: released, the file stays)
+    before = {name: (run / name).read_bytes() for name in os.listdir(run)}
+    read_only(run)
+    try:
+        code, _, err = fasttl(tmp_path, "run", "--data", cat_ship, "--out", run, how, "--strategy", "scratch",
+                              "--epochs", "1", "--image-size", "32", "--compare", "none", "--no-progress")
+    finally:
+        writable(run)
+    # before: the lock file was named (fasttl's name; what to make writable is the folder)
+    assert code == 2 and one_line_error(err) == (f"fasttl: error: {run}: permission denied, fasttl can't make files "
+                                                 "in this folder (make it writable to you, or use another path)")
+    assert {name: (run / name).read_bytes() for name in os.listdir(run)} == before

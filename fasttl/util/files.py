@@ -189,6 +189,9 @@ class FolderLock:
                 raise self.refused("is a symbolic link") from None
             if exc.errno == errno.EISDIR:
                 raise self.refused("is a folder") from None
+            folder = os.path.dirname(self.path) or "."
+            if exc.errno in (errno.EACCES, errno.EPERM) and not os.access(folder, os.W_OK):
+                raise PermissionError(exc.errno, exc.strerror, folder) from None  # the folder's fault, not the lock's
             raise
         try:
             info = os.fstat(fd)
