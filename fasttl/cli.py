@@ -158,7 +158,11 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                         on_error=args.on_error, features=args.features, engine=args.engine,
                         precision=args.extract_precision, classes=args.classes, labels=args.labels)
     if distributed.rank_and_world()[0] == 0:
-        _say("\n".join(format_summary(summaries)))
+        try:
+            _say("\n".join(format_summary(summaries)))
+            sys.stdout.flush()
+        except OSError as exc:  # the cache is written by now
+            raise summary_not_printed(exc, os.path.abspath(args.out), "the features were") from None
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

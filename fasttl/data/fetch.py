@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from fasttl.data.archive import extract
-from fasttl.data.http_reply import DownloadError, PartialRefused, content_encoding, named_address, open_reply
+from fasttl.data.http_reply import (DownloadError, PartialRefused, content_encoding, named_address, open_reply,
+                                   what_the_encoding_did)
 from fasttl.util.errors import DataError, OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX
 from fasttl.util.outputs import terminal_text
@@ -395,6 +396,18 @@ def _remove_other_partials(dest: str, remote: "Remote", partial: str) -> None:
                 os.remove(os.path.join(dest, name))  # fasttl's own name; a link is removed, never followed
 
 
+def _why_it_differs(partial: str, kept: int, encoding: Optional[str], expected: str) -> str:
+    """What a checksum mismatch may come from, in parentheses ('' where nothing is known); removes
+    the download it looks at."""
+    reasons = [f"resumed from the {kept:,} bytes an earlier fetch kept: the file may have changed on the server "
+               "since"] if kept else []
+    if encoding:  # what the server said it did to the bytes
+        reasons.append(what_the_encoding_did(partial, encoding, expected))
+    with contextlib.suppress(OSError):
+        os.remove(partial)
+    return f" ({'; '.join(reasons)})" if reasons else ""
+
+
 def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, dest: str, created: bool, say,
                           progress: bool, deadline_s: float, min_rate: float) -> None:
     """Downloads (or resumes) the archive into DEST's partial file, verifies it and extracts it;
@@ -423,15 +436,10 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
         raise
     found = expected if verified else sha256_of(partial)
     if found != expected:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        earlier = f" (resumed from the {kept:,} bytes an earlier fetch kept: the file may have changed on the " \
-            "server since)" if kept and not verified else ""
-        if reply.get("encoding"):  # what the server said it did to the bytes: the likelier cause
-            earlier += f" (the server sent it with Content-Encoding: {reply['encoding']}, compressed again: use " \
-                "another address, or a server that sends the file as it is)"
-        raise ChecksumError(f"fetch: {url} gave a file with SHA-256 {found}, expected {expected}{earlier}; the "
-                            "download was removed and nothing else touched (fetch again, or check --url / --sha256)")
+        raise ChecksumError(f"fetch: {url} gave a file with SHA-256 {found}, expected {expected}"
+                            f"{_why_it_differs(partial, kept if not verified else 0, reply.get('encoding'), expected)}"
+                            "; the download was removed and nothing else touched (fetch again, or check --url / "
+                            "--sha256)")
     try:
         extract(partial, remote.folder, dest, remote.required, source=url)
     except OSError as exc:  # the disk: the verified download stays, and the next fetch extracts it without downloading

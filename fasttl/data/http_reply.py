@@ -53,16 +53,21 @@ class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
 class _TrackSockets:
     """A handler mixin that keeps each socket it connects, so that the deadline can end a wait for
-    response headers (a server may trickle them a byte at a time, under any socket timeout)."""
+    response headers (a server may trickle them a byte at a time, under any socket timeout), and
+    connects each hop of a redirect within the time left then: no watchdog ends a TLS handshake,
+    and urllib gives every hop the first request's timeout."""
 
-    def __init__(self, sockets: list, **kw):
+    def __init__(self, sockets: list, remaining, **kw):
         super().__init__(**kw)
-        self.sockets = sockets
+        self.sockets, self.remaining = sockets, remaining
 
     def do_open(self, http_class, req, **kw):
-        sockets = self.sockets
+        sockets, remaining = self.sockets, self.remaining
 
         def tracked(host, **connection_kw):
+            timeout = connection_kw.get("timeout")
+            left = max(0.05, remaining())
+            connection_kw["timeout"] = min(timeout, left) if isinstance(timeout, (int, float)) else left
             connection = http_class(host, **connection_kw)
             connect = connection.connect
 
@@ -130,13 +135,13 @@ def open_reply(url: str, have: int, timeout: float, budget):
         headers["Range"] = f"bytes={have}-"
     sockets: list = []
     redirects = HttpOnlyRedirects()
-    opener = urllib.request.build_opener(redirects, _TrackedHTTP(sockets), _TrackedHTTPS(sockets))
+    opener = urllib.request.build_opener(redirects, _TrackedHTTP(sockets, budget.remaining),
+                                         _TrackedHTTPS(sockets, budget.remaining))
     watchdog = threading.Timer(max(0.0, budget.remaining()), _close_all, (sockets,))
     watchdog.daemon = True
     watchdog.start()
-    try:  # (the deadline bounds a TLS handshake too, which no read or watchdog ends)
-        response = opener.open(urllib.request.Request(url, headers=headers),
-                               timeout=max(0.05, min(timeout, budget.remaining())))
+    try:  # (each hop's connection timeout is cut to the time left then: see _TrackSockets)
+        response = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except DownloadError:
         raise
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
@@ -159,3 +164,34 @@ def content_encoding(response) -> str:
     lines = response.headers.get_all("Content-Encoding") or []
     codings = [c.strip().lower() for line in lines for c in line.split(",")]
     return terminal_text(", ".join(c for c in codings if c not in ("", "identity")))[:60]
+
+
+def what_the_encoding_did(path: str, encoding: str, expected: str) -> str:
+    """Why a download labelled Content-Encoding `encoding` missed the SHA-256 `expected`, as far as
+    its bytes at `path` show: compressed again only where undoing one gzip layer gives the file
+    (else the label proves nothing: --sha256 may be the one that is wrong)."""
+    if encoding in ("gzip", "x-gzip") and _one_gzip_layer_sha256(path) == expected:
+        return f"the server sent it with Content-Encoding: {encoding}, compressed again: use another address, or a " \
+            "server that sends the file as it is"
+    return f"the server labelled it Content-Encoding: {encoding}, which may be the cause"
+
+
+def _one_gzip_layer_sha256(path: str) -> Optional[str]:
+    """The SHA-256 of `path` with one gzip layer undone, or None where it is no gzip stream (or
+    undone grows past what a file compressed again could be: a bomb is not unpacked)."""
+    import gzip
+    import hashlib
+    import os
+    import zlib
+
+    digest, limit = hashlib.sha256(), 4 * os.path.getsize(path) + (1 << 20)
+    try:
+        with gzip.open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+                limit -= len(block)
+                if limit < 0:
+                    return None
+    except (OSError, EOFError, zlib.error):  # gzip.BadGzipFile is an OSError
+        return None
+    return digest.hexdigest()

@@ -33,7 +33,7 @@ from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunL
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
                                     run_files, write_config, write_metrics, write_predictions)
 from fasttl.transfer import registry
-from fasttl.util.outputs import csv_cell, markdown_cell, terminal_lines, terminal_text
+from fasttl.util.outputs import counted, csv_cell, markdown_cell, terminal_lines, terminal_text, within
 from fasttl.transfer.registry import Outcome
 from fasttl.transfer.schema import added_later
 
@@ -117,6 +117,9 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
                            "there")
     if holds_run(run_dir):
         if cfg.resume:
+            if is_finished(run_dir):  # --resume is for an interrupted run; a finished one is replaced on purpose
+                raise RunError(f"resume: {run_dir} holds a finished run: nothing to resume (pass --overwrite instead "
+                               "of --resume to train it again, or another --out)")
             earlier = read_config(run_dir)
             before = _identity_as_today(earlier.get("identity", {}), cfg, identity)
             differing = sorted(k for k in set(identity) | set(before) if identity.get(k) != before.get(k))
@@ -306,10 +309,10 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
         backbone = f", backbone {cfg.backbone} at {cfg.image_size} px" if _reads(cfg, "backbone") else ""
         print(terminal_text(f"fasttl run: {cfg.strategy} on {dataset.name} ({len(dataset.train)} train / "
                             f"{len(dataset.test)} test images, {len(dataset.classes)} classes){backbone} -> {run_dir}"
-                             + (f"; {len(dataset.skipped)} images left out (skipped.csv says why)"
+                             + (f"; {counted(len(dataset.skipped), 'image')} left out (skipped.csv says why)"
                                 if dataset.skipped else "")), flush=True)
     if dataset.ignored and rank == 0:  # said even without progress output (then on stderr): data went unread
-        shown = ", ".join(f"{os.path.basename(p)} ({why})" for p, why in dataset.ignored[:3])
+        shown = ", ".join(f"{within(p, cfg.data)} ({why})" for p, why in dataset.ignored[:3])
         more = f" and {len(dataset.ignored) - 3} more" if len(dataset.ignored) > 3 else ""
         print(terminal_text(f"passed over {len(dataset.ignored)} entries of the data folder: {shown}{more} "
                             "(listed in metrics.json under \"ignored\")"), flush=True,
@@ -475,8 +478,7 @@ def summary(run_dir: str, results: Dict[str, dict], main: str, data) -> str:
     lines += ["", f"run directory: {run_dir}  (report.md, metrics.json, confusion_matrix.png, curves.png, "
                       "predictions.csv, weights)"]
     if data.skipped:
-        count = len(data.skipped)
-        lines.append(f"left out {count} image{'s' * (count != 1)}: listed with the reason in {run_dir}/skipped.csv")
+        lines.append(f"left out {counted(len(data.skipped), 'image')}: listed with the reason in {run_dir}/skipped.csv")
     if dataset == EMBEDDED:
         lines += ["", "That was the embedded default: an ImageNet EfficientNet-Lite0 carried to CIFAR-10 mini (100 "
                       "training images per class) beside the same budget from scratch.",

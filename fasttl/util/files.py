@@ -190,8 +190,9 @@ class FolderLock:
             if exc.errno == errno.EISDIR:
                 raise self.refused("is a folder") from None
             folder = os.path.dirname(self.path) or "."
-            if exc.errno in (errno.EACCES, errno.EPERM) and not os.access(folder, os.W_OK):
-                raise PermissionError(exc.errno, exc.strerror, folder) from None  # the folder's fault, not the lock's
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or \
+                    (exc.errno in (errno.EACCES, errno.EPERM) and not os.access(folder, os.W_OK)):
+                raise OSError(exc.errno, exc.strerror, folder) from None  # the folder's fault (or its disk)
             raise
         try:
             info = os.fstat(fd)
@@ -282,6 +283,26 @@ def lock_holder(path: str) -> Optional[str]:
         return _holder(fd)
     finally:
         os.close(fd)
+
+
+def run_marker_in(folder: str) -> Optional[bool]:
+    """Whether `folder` holds fasttl's run marker: None when nothing of that name is there, True for
+    the record a run writes, False for anything else so named (an empty file, a link, junk: not a
+    run's, nor a data folder's; a scan refuses it rather than guess)."""
+    path = os.path.join(folder, RUN_MARKER)
+    if not os.path.lexists(path) or (os.path.isdir(path) and not os.path.islink(path)):  # a folder: a hidden one
+        return None
+    try:
+        record = read_json(path, limit=1 << 20)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("what") == "a fasttl run folder"
+
+
+def foreign_marker(folder: str) -> str:
+    """The error's words for a RUN_MARKER in `folder` that is not a run's."""
+    return (f"{os.path.join(folder, RUN_MARKER)} is not fasttl's run marker (no run's record), so fasttl can't tell a "
+            "run folder from a folder of images; remove it (or move the folder away)")
 
 
 def enclosing_run_folder(path: str) -> Optional[str]:

@@ -74,3 +74,20 @@ def shortened(text: object, keep: int = 200) -> str:
     a megabyte; its start and end tell which it is)."""
     text = str(text)
     return text if len(text) <= keep else f"{text[:keep // 2]}...{text[-keep // 2:]} ({len(text):,} characters)"
+
+
+def counted(count: int, noun: str) -> str:
+    """'1 image', '2 images'."""
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def within(path: str, folder) -> str:
+    """`path` as a line about `folder` says it: from that folder on (train/b and test/b are two
+    entries), else its name."""
+    import os
+
+    if isinstance(folder, str):
+        relative = os.path.relpath(path, os.path.abspath(os.path.expanduser(folder)))
+        if not relative.startswith(os.pardir):
+            return relative
+    return os.path.basename(path)
