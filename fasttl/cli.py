@@ -9,7 +9,7 @@ import sys
 from fasttl.util import settings
 from fasttl.util.signals import ending_signals_raised, exit_code
 from fasttl.cli_errors import (OS_ERRORS, escape_unshowable_text, one_line, os_error_line, peer_stopped, quiet_stdout,
-                               summary_not_printed, user_error_types)
+                               summary_of, user_error_types)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -120,14 +120,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except VerificationError as exc:
         print(f"fasttl: error: {one_line(exc)}", file=sys.stderr)
         return 1
-    try:
+    with summary_of(result["out"], "the model was"):  # the model file is written by now
         _say(f"wrote {result['out']} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, "
              f"{len(result['classes'])} classes, input {result['image_size']} x {result['image_size']})")
         print(f"verified with ONNX Runtime on {result['images']} real images: max abs logit difference from torch "
               f"{result['max_abs_diff']:.2e}")
-        sys.stdout.flush()
-    except OSError as exc:  # the model file is written by now
-        raise summary_not_printed(exc, result["out"], "the model was") from None
     from fasttl.transfer.rundir import read_config
 
     if read_config(args.run_dir).get("extract_precision") == "int8":  # said, never silent
@@ -158,11 +155,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                         on_error=args.on_error, features=args.features, engine=args.engine,
                         precision=args.extract_precision, classes=args.classes, labels=args.labels)
     if distributed.rank_and_world()[0] == 0:
-        try:
+        with summary_of(os.path.abspath(args.out), "the features were"):  # the cache is written by now
             _say("\n".join(format_summary(summaries)))
-            sys.stdout.flush()
-        except OSError as exc:  # the cache is written by now
-            raise summary_not_printed(exc, os.path.abspath(args.out), "the features were") from None
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
@@ -217,14 +211,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     where = (f"written to {shown(metrics['written'])}" if metrics["written"] else
              f"not saved ({shown(metrics['not_written'])}): these numbers are the result")
-    try:
+    with summary_of(metrics["written"], "the metrics were"):  # the metrics file is written by now
         _say(f"accuracy {metrics['accuracy']:.4f}  balanced {metrics['balanced_accuracy']:.4f}  "
              f"macro F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
              f"({metrics['samples']} images of {shown(metrics['data'])}"
              f"{': its seeded 20% test split' if metrics['test_split'] == 'carved' else ''}); {where}")
-        sys.stdout.flush()
-    except OSError as exc:  # the metrics file is written by now: say so, not "nothing was kept"
-        raise summary_not_printed(exc, metrics["written"]) from None
     return 0
 
 

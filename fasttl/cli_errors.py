@@ -108,6 +108,17 @@ def _in_feature_cache(filename) -> str:
             f"{'' if chosen else ' (the default)'}: set FASTTL_CACHE_DIR to a folder you can write")
 
 
+@contextlib.contextmanager
+def summary_of(written, what: str):
+    """Around the printing of a summary after the file `written` was saved: a failed standard output
+    (a full disk) says the file was written (summary_not_printed)."""
+    try:
+        yield
+        sys.stdout.flush()
+    except OSError as exc:
+        raise summary_not_printed(exc, written, what) from None
+
+
 def summary_not_printed(exc: OSError, written, what: str = "the metrics were") -> BaseException:
     """What to raise when standard output failed after the file `written` was saved (eval's
     metrics, export's model): a full disk there is one line saying the file was written; any other

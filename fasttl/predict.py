@@ -28,7 +28,7 @@ from fasttl.util.errors import DataError
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import decode, transform
 from fasttl.util.errors import OptionError
-from fasttl.util.files import foreign_marker, is_inside, run_marker_in
+from fasttl.util.files import is_inside, run_folder_in_data
 from fasttl.util.outputs import csv_cell
 from fasttl.util.checks import positive_int
 from fasttl.util.checks import check_output_path, torch_device
@@ -97,10 +97,7 @@ def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]
                     subfolders[:] = []
                     continue
                 seen.add((info.st_dev, info.st_ino))
-                marked = run_marker_in(folder)
-                if marked is False:
-                    raise DataError(foreign_marker(folder))
-                if marked:
+                if run_folder_in_data(folder):
                     ignored.append((folder, "a fasttl run folder: its figures are not photos (to predict with "
                                             "its model, pass --run " + folder + ")"))
                     subfolders[:] = []

@@ -299,10 +299,17 @@ def run_marker_in(folder: str) -> Optional[bool]:
     return isinstance(record, dict) and record.get("what") == "a fasttl run folder"
 
 
-def foreign_marker(folder: str) -> str:
-    """The error's words for a RUN_MARKER in `folder` that is not a run's."""
-    return (f"{os.path.join(folder, RUN_MARKER)} is not fasttl's run marker (no run's record), so fasttl can't tell a "
-            "run folder from a folder of images; remove it (or move the folder away)")
+def run_folder_in_data(folder: str) -> bool:
+    """Whether a folder met among images is a fasttl run (passed over: its figures are no photos);
+    a file named like the marker that is not fasttl's is refused (a DataError naming it): neither a
+    run nor, with it, a folder of images to guess at."""
+    from fasttl.util.errors import DataError
+
+    marked = run_marker_in(folder)
+    if marked is False:
+        raise DataError(f"data: {os.path.join(folder, RUN_MARKER)} is not fasttl's run marker (no run's record), so "
+                        "fasttl can't tell a run folder from a folder of images; remove it (or move the folder away)")
+    return bool(marked)
 
 
 def enclosing_run_folder(path: str) -> Optional[str]:

@@ -9,7 +9,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from fasttl.util.errors import DataError
-from fasttl.util.files import foreign_marker, run_marker_in
+from fasttl.util.files import run_folder_in_data
 from fasttl.data.images import IMAGE_EXTENSIONS, header_problem, unreadable
 from fasttl.data.labels import MAX_INDEX_CLASSES, refuse_lookalikes
 from fasttl.data.sources import FileSource, refuse_one_file_twice
@@ -58,9 +58,7 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
         path = os.path.join(root, name)
         if name.startswith("."):
             ignored.append((path, "hidden"))
-        elif os.path.isdir(path) and run_marker_in(path) is not None:  # a run's figures are not images of a class
-            if not run_marker_in(path):
-                raise DataError(f"data: {foreign_marker(path)}")
+        elif os.path.isdir(path) and run_folder_in_data(path):  # a run's figures are not images of a class
             ignored.append((path, "a fasttl run folder"))
         elif os.path.isdir(path):
             found.append(name)
