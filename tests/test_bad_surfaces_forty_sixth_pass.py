@@ -178,10 +178,11 @@ def test_resume_of_a_finished_run_is_refused_and_touches_nothing(scratch_run, ca
 
 
 # ---- F7: a full disk at the run's lock names the run folder ----------------------------------------------
-@pytest.mark.parametrize("code, said", [(errno.ENOSPC, "no space left on the device"),
-                                        (errno.EROFS, "read-only file system")])
+@pytest.mark.parametrize("code, said, at", [(errno.ENOSPC, "no space left on the device", "open"),
+                                            (errno.ENOSPC, "no space left on the device", "record"),
+                                            (errno.EROFS, "read-only file system", "open")])
 def test_a_full_disk_at_the_lock_names_the_folder(cat_ship, tmp_path, capsys, monkeypatch, private_cache,  # noqa: F811
-                                                  code, said):
+                                                  code, said, at):
     real_open = os.open
 
     def full(path, flags, *args, **kwargs):
@@ -189,7 +190,13 @@ def test_a_full_disk_at_the_lock_names_the_folder(cat_ship, tmp_path, capsys, mo
             raise OSError(code, os.strerror(code), os.fspath(path))
         return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(os, "open", full)
+    def full_record(fd, data, offset):  # (the lock's record is fasttl's only pwrite)
+        raise OSError(code, os.strerror(code))
+
+    if at == "open":
+        monkeypatch.setattr(os, "open", full)
+    else:
+        monkeypatch.setattr(os, "pwrite", full_record)
     out = tmp_path / "run"
     status, _, err = cli(capsys, "run", "--data", cat_ship, "--out", out, "--strategy", "scratch", "--epochs", "1",
                          "--image-size", "32", "--compare", "none", "--no-progress")

@@ -140,10 +140,10 @@ def test_what_a_scan_passed_over_is_said_without_progress_output_too(cat_ship, t
     (data / "train" / "cat" / "nested").mkdir()
     shutil.copy(next((data / "train" / "cat").glob("*.jpg")), data / "train" / "cat" / "nested" / "x.jpg")
     run(**one_epoch_run(data, tmp_path / "run"))
-    assert "passed over 1 entries of the data folder: nested" in capsys.readouterr().err
+    assert "passed over 1 entries of the data folder: train/cat/nested" in capsys.readouterr().err
 
 
-def test_a_full_disk_while_taking_a_lock_names_the_lock_file(tmp_path, monkeypatch):
+def test_a_full_disk_while_taking_a_lock_names_its_folder(tmp_path, monkeypatch):
     import errno
 
     from fasttl.util.files import FolderLock
@@ -155,7 +155,8 @@ def test_a_full_disk_while_taking_a_lock_names_the_lock_file(tmp_path, monkeypat
     with pytest.raises(OSError) as caught:
         with FolderLock(str(tmp_path), ".fasttl-run.lock", "a test"):
             pass
-    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / ".fasttl-run.lock")
+    # (first the lock file, not standard output; since the forty-sixth pass the folder to free space in)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -189,11 +189,7 @@ class FolderLock:
                 raise self.refused("is a symbolic link") from None
             if exc.errno == errno.EISDIR:
                 raise self.refused("is a folder") from None
-            folder = os.path.dirname(self.path) or "."
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or \
-                    (exc.errno in (errno.EACCES, errno.EPERM) and not os.access(folder, os.W_OK)):
-                raise OSError(exc.errno, exc.strerror, folder) from None  # the folder's fault (or its disk)
-            raise
+            raise self._blamed(exc) from None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
@@ -215,11 +211,21 @@ class FolderLock:
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        except OSError as exc:  # a full disk: the error names the lock file, not standard output
+        except OSError as exc:  # a full disk: the error names the folder, not standard output
             os.close(fd)
-            raise OSError(exc.errno, exc.strerror, self.path) from None
+            raise self._blamed(exc) from None
         self.fd = fd
         return self
+
+    def _blamed(self, exc: OSError) -> OSError:
+        """What a failure to make or write the lock file is said as: a full disk, a read-only file
+        system or a folder one may not write names the folder (what to free or make writable), not
+        the lock file fasttl makes in it."""
+        folder = os.path.dirname(self.path) or "."
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or \
+                (exc.errno in (errno.EACCES, errno.EPERM) and not os.access(folder, os.W_OK)):
+            return OSError(exc.errno, exc.strerror, folder)
+        return OSError(exc.errno, exc.strerror, self.path)
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
