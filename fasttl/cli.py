@@ -174,6 +174,11 @@ def _add_extraction_options(parser: argparse.ArgumentParser) -> None:
                             help=f"{metadata['help']} (default {default})")
 
 
+def _run_summary(text: str, run_dir: str) -> None:
+    with summary_of(os.path.abspath(run_dir), "the run was"):  # a full stdout: the run is written by now
+        print(text)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fasttl.transfer.job import run
 
@@ -182,7 +187,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "no_progress") and v is not None}
     options["progress"] = not args.no_progress
     try:
-        run(print_summary=True, **options)
+        run(print_summary=_run_summary, **options)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (util.signals)
         if options.get("budget") is not None:  # a plan is made again from the start (transfer.budget)
             print("\ninterrupted: a planned run (--budget) does not resume; run the same command again with "

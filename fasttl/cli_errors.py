@@ -61,9 +61,10 @@ def os_error_line(exc: OSError) -> str:
         if filename is not None and exc.errno in (errno.ENOTDIR, errno.ENOENT, errno.ELOOP) else None
     if in_the_way is not None:  # what to move, never a name fasttl made inside the folder it wanted
         return f"{terminal_text(in_the_way)}: {files.standing(in_the_way)}, {NOT_A_FOLDER}{where_to}"
-    folder = _folder_refusing_new_files(filename, exc.errno)
+    folder = _folder_to_blame(filename, exc.errno)
     if folder is not None:  # the folder to make writable, not a name fasttl was making in it (a lock, a temporary)
-        return f"{terminal_text(folder)}: {CANT_WRITE_IN}{where_to}"
+        said = CANT_WRITE_IN if exc.errno in (errno.EACCES, errno.EPERM) else OS_ERRORS[exc.errno]
+        return f"{terminal_text(folder)}: {said}{where_to}"
     return f"{where}: {OS_ERRORS[exc.errno]}{where_to}"
 
 
@@ -71,15 +72,25 @@ CANT_WRITE_IN = ("permission denied, fasttl can't make files in this folder (mak
                  "path)")
 
 
-def _folder_refusing_new_files(filename, code: int):
+def _folder_to_blame(filename, code: int):
     """The folder a permission error came from when fasttl was making a file or folder that is not
-    there yet (a run's lock, a temporary, --out itself), or writing in a folder it may only read; or None."""
-    if filename is None or code not in (errno.EACCES, errno.EPERM):
+    there yet (a run's lock, a temporary, --out itself), or writing in a folder it may only read; the
+    folder of one of fasttl's hidden files a full disk stopped; or None."""
+    if filename is None:
         return None
     path = os.path.abspath(os.fsdecode(filename))
+    folder = os.path.dirname(path)
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # the disk's: a hidden name is fasttl's (a lock, a marker)
+        from fasttl.util.files import user_path
+
+        hidden = os.path.basename(user_path(path)).startswith(".")  # (a temporary says the file it stands for)
+        return folder if hidden and os.path.isdir(folder) else None
+    if code not in (errno.EACCES, errno.EPERM):
+        return None
     if os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK) and not os.access(path, os.W_OK):
         return path
-    folder = os.path.dirname(path)
+    if os.path.isfile(path) and os.access(path, os.R_OK | os.W_OK) and not os.access(folder, os.W_OK):
+        return folder  # a file fasttl may write, in a folder it may not: replacing or removing it needs the folder
     return folder if not os.path.lexists(path) and os.path.isdir(folder) else None
 
 

@@ -81,6 +81,11 @@ def unit_range_spec(spec: TransformSpec, size: Optional[int] = None) -> Transfor
     return TransformSpec(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), spec.crop_fraction)
 
 
+def _unlisted(exc: OSError) -> None:
+    """A folder predict's walk cannot list is an error naming it: never its images silently left out."""
+    raise DataError(f"{exc.filename}: cannot list this folder ({exc.strerror}); check its permissions") from None
+
+
 def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
     """(image files, [(path, why) passed over]): files as given, folders walked recursively in
     sorted order for .jpg/.jpeg/.png files (hidden entries passed over). A path that does not
@@ -90,7 +95,7 @@ def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]
         path = os.path.expanduser(os.fspath(given))
         if os.path.isdir(path):
             seen = set()  # links to folders are followed (as a run's class folders are), each folder once
-            for folder, subfolders, names in os.walk(path, followlinks=True):
+            for folder, subfolders, names in os.walk(path, followlinks=True, onerror=_unlisted):
                 info = os.stat(folder)
                 if (info.st_dev, info.st_ino) in seen:
                     ignored.append((folder, "a folder reached a second time (a link to it, or a link loop)"))
@@ -121,7 +126,9 @@ def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]
             raise DataError(f"{path}: no such file or folder (give image files or folders)")
     if not files:
         given = ", ".join(map(str, paths))[:300]
-        raise DataError(f"no .jpg/.jpeg/.png images in {given} (give image files or folders)")
+        passed = next(((path, why) for path, why in ignored if why != "hidden"), None)  # a run folder, say
+        said = f"; passed over {passed[0]}: {passed[1]}" if passed else " (give image files or folders)"
+        raise DataError(f"no .jpg/.jpeg/.png images in {given}{said}")
     return files, ignored
 
 

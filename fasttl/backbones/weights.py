@@ -23,6 +23,8 @@ def read_state_dict(path: str) -> dict:
             "file there (a torch.save'd .pth/.pt or a .safetensors file), or pass weights=PATH / --weights PATH "
             "pointing to where it is."
         )
+    with open(path, "rb"):  # an unreadable file: the OS's own error (safetensors says "No such file")
+        pass
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

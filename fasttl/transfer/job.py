@@ -230,10 +230,11 @@ def write_skipped(run_dir: str, skipped) -> None:
     write_atomic(os.path.join(run_dir, "skipped.csv"), buffer.getvalue().encode())
 
 
-def run(print_summary: bool = None, **options) -> Dict[str, object]:
+def run(print_summary=None, **options) -> Dict[str, object]:
     """Runs a transfer job; the same options as the `fasttl run` command (see RunConfig).
     Returns the metrics written to RUN_DIR/metrics.json. Prints a closing summary when
-    `print_summary` (default: when progress bars are on)."""
+    `print_summary` (default: when progress bars are on); a callable prints it, given the summary's
+    text and the run folder, written by then."""
     started = time.perf_counter()
     if isinstance(options.get("device"), torch.device):  # recorded in config.json as its text
         options["device"] = str(options["device"])
@@ -338,8 +339,13 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
     if plan is not None:
         plan.update(wall_s=round(time.perf_counter() - started, 1))  # the report's figure; metrics' total_s is final
     payload = _write_results(run_dir, cfg, config, dataset, outcomes, results, time.perf_counter() - started)
-    if cfg.progress if print_summary is None else print_summary:
-        print(terminal_lines(summary(run_dir, results, outcomes[0].name, dataset)))
+    show = cfg.progress if print_summary is None else print_summary
+    if show:
+        text = terminal_lines(summary(run_dir, results, outcomes[0].name, dataset))
+        if callable(show):
+            show(text, run_dir)
+        else:
+            print(text)
     return payload
 
 

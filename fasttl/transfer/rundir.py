@@ -13,10 +13,10 @@ from torch import nn
 
 from fasttl.util.errors import UserError
 from fasttl.util import files
-from fasttl.util.files import RUN_MARKER, read_json, write_atomic, write_json_atomic
+from fasttl.util.files import RUN_CONFIG, RUN_MARKER, read_json, write_atomic, write_json_atomic
 from fasttl.util.outputs import csv_cell
 
-CONFIG = "config.json"
+CONFIG = RUN_CONFIG
 MARKER = RUN_MARKER
 LOCK = ".fasttl-run.lock"   # held for a run's whole duration (files.FolderLock)
 METRICS = "metrics.json"
@@ -309,6 +309,8 @@ def read_recorded(run_dir: str, name: str, limit: int) -> Optional[bytes]:
         return None
     try:
         data = files.read_plain(os.path.join(run_dir, name), limit)
+    except PermissionError:  # the user's to fix, not damage (which would send them to --overwrite)
+        raise
     except (OSError, ValueError):
         return None
     return data if hashlib.sha256(data).hexdigest() == recorded else None

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 TEMP_PREFIX = ".fasttl-tmp-"
 RUN_MARKER = ".fasttl-run"  # in every run folder fasttl makes: the proof that it is one
+RUN_CONFIG = "config.json"  # a run's options, written when it starts
 MAX_JSON_BYTES = 256 << 20  # fasttl's own JSON files are far smaller; a larger one is not read
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -102,6 +103,8 @@ def read_json(path: str, strict: bool = False, limit: int = MAX_JSON_BYTES):
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK)
     except FileNotFoundError:
         return None
+    except PermissionError:  # the user's to fix (make it readable), not damage to refuse the file for
+        raise
     except OSError as exc:
         raise ValueError(f"{path}: cannot be read as a plain file ({exc.strerror})") from None
     with plain_reader(fd, lambda info: _json_problem(path, info, limit)) as f:
@@ -291,31 +294,42 @@ def lock_holder(path: str) -> Optional[str]:
         os.close(fd)
 
 
-def run_marker_in(folder: str) -> Optional[bool]:
-    """Whether `folder` holds fasttl's run marker: None when nothing of that name is there, True for
-    the record a run writes, False for anything else so named (an empty file, a link, junk: not a
-    run's, nor a data folder's; a scan refuses it rather than guess)."""
+def _has_marker(folder: str) -> bool:
     path = os.path.join(folder, RUN_MARKER)
-    if not os.path.lexists(path) or (os.path.isdir(path) and not os.path.islink(path)):  # a folder: a hidden one
-        return None
+    return os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path))
+
+
+def _marker_problem(folder: str) -> str:
+    """Why the RUN_MARKER in `folder` is not a run's record ('' when it is one)."""
+    path = os.path.join(folder, RUN_MARKER)
+    if os.path.islink(path):
+        return "is a symbolic link, not the file a run writes"
     try:
         record = read_json(path, limit=1 << 20)
+    except PermissionError as exc:
+        return f"cannot be read ({exc.strerror})"
     except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("what") == "a fasttl run folder"
+        return "is not fasttl's run marker (no run's record)"
+    if not (isinstance(record, dict) and record.get("what") == "a fasttl run folder"):
+        return "is not fasttl's run marker (no run's record)"
+    return ""
 
 
 def run_folder_in_data(folder: str) -> bool:
-    """Whether a folder met among images is a fasttl run (passed over: its figures are no photos);
-    a file named like the marker that is not fasttl's is refused (a DataError naming it): neither a
-    run nor, with it, a folder of images to guess at."""
+    """Whether a folder met among images is a fasttl run (passed over: its figures are no photos):
+    its marker is a run's record, beside the config.json a run writes. Anything else named like the
+    marker is refused (a DataError naming it and why): neither a run nor, with it, a folder of
+    images to guess at (a class silently dropped)."""
     from fasttl.util.errors import DataError
 
-    marked = run_marker_in(folder)
-    if marked is False:
-        raise DataError(f"data: {os.path.join(folder, RUN_MARKER)} is not fasttl's run marker (no run's record), so "
-                        "fasttl can't tell a run folder from a folder of images; remove it (or move the folder away)")
-    return bool(marked)
+    if not _has_marker(folder):
+        return False
+    why = _marker_problem(folder) or ("" if is_plain_file(os.path.join(folder, RUN_CONFIG)) else
+                                      "is a run's marker, but no run's config.json is beside it (copied in?)")
+    if why:
+        raise DataError(f"data: {os.path.join(folder, RUN_MARKER)} {why}, so fasttl can't tell a run folder from a "
+                        "folder of images; remove it (or move the folder away)")
+    return True
 
 
 def enclosing_run_folder(path: str) -> Optional[str]:
