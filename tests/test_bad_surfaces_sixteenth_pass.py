@@ -173,6 +173,7 @@ def test_predict_on_a_run_folder_without_run_suggests_it(capsys, tmp_path):
 
     (tmp_path / "run").mkdir()
     mark_run(str(tmp_path / "run"))
+    (tmp_path / "run" / "config.json").write_text("{}")  # (a marker without its run's config.json is refused)
     (tmp_path / "a.jpg").write_bytes(b"x")
     _, ignored = image_files([str(tmp_path)])
     assert any(f"pass --run {tmp_path / 'run'}" in why for _, why in ignored)
