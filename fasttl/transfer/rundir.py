@@ -269,7 +269,7 @@ def mark_run(run_dir: str, config_sha256: Optional[str] = None, keep_records: bo
     an earlier run made are dropped (its files were cleared: the marker vouches for none of them)."""
     from fasttl._version import __version__
 
-    marker = {"fasttl": __version__, "what": "a fasttl run folder"}
+    marker = {"fasttl": __version__, "what": files.RUN_MARKER_WHAT}
     if config_sha256 is not None:
         marker["config_sha256"] = config_sha256
     recorded = _marker(run_dir).get("files")

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 TEMP_PREFIX = ".fasttl-tmp-"
 RUN_MARKER = ".fasttl-run"  # in every run folder fasttl makes: the proof that it is one
 RUN_CONFIG = "config.json"  # a run's options, written when it starts
+RUN_MARKER_WHAT = "a fasttl run folder"  # the marker record's "what": what a scan checks
 MAX_JSON_BYTES = 256 << 20  # fasttl's own JSON files are far smaller; a larger one is not read
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -309,10 +310,9 @@ def _marker_problem(folder: str) -> str:
     except PermissionError as exc:
         return f"cannot be read ({exc.strerror})"
     except (OSError, ValueError):
-        return "is not fasttl's run marker (no run's record)"
-    if not (isinstance(record, dict) and record.get("what") == "a fasttl run folder"):
-        return "is not fasttl's run marker (no run's record)"
-    return ""
+        record = None
+    return "" if isinstance(record, dict) and record.get("what") == RUN_MARKER_WHAT else \
+        "is not fasttl's run marker (no run's record)"
 
 
 def run_folder_in_data(folder: str) -> bool:
