@@ -59,13 +59,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _say_passed_over(ignored) -> None:
     """What a walk of the folders given did not read, on stderr (as `fasttl run` says it of a data
     folder); hidden entries go unsaid."""
-    from fasttl.util.outputs import terminal_text
+    from fasttl.util.outputs import counted, terminal_text
 
     passed = [(path, why) for path, why in ignored if why != "hidden"]
     if passed:
         shown = terminal_text("; ".join(f"{path} ({why})" for path, why in passed[:5]))
         more = f" and {len(passed) - 5} more" if len(passed) > 5 else ""
-        print(f"passed over {len(passed)} entries of the folders given: {shown}{more}", file=sys.stderr)
+        print(f"passed over {counted(len(passed), 'entry', 'entries')} of the folders given: {shown}{more}", file=sys.stderr)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -140,7 +140,7 @@ def test_a_run_folder_inside_the_data_is_passed_over_and_named_from_the_data_fol
     assert json.loads((data / "train" / "zz" / ".fasttl-run").read_text())["what"] == "a fasttl run folder"
     code, _, err = cli(capsys, "run", "--data", data, "--out", tmp_path / "second", *common)
     assert code == 0, err
-    assert "passed over 1 entries of the data folder: train/zz (a fasttl run folder)" in err  # the split is said
+    assert "passed over 1 entry of the data folder: train/zz (a fasttl run folder)" in err  # the split is said
     assert json.loads((tmp_path / "second" / "metrics.json").read_text())["classes"] == ["cat", "ship"]
 
 

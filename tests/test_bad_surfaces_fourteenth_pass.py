@@ -141,7 +141,7 @@ def test_predict_without_a_run_says_what_it_passed_over(cat_ship, tmp_path, caps
     (folder / "readme.txt").write_text("notes")
     code, out, err = cli(capsys, "predict", folder)
     assert code == 0 and out.count(".jpg") == 3
-    assert "passed over 1 entries of the folders given" in err and "readme.txt" in err
+    assert "passed over 1 entry of the folders given" in err and "readme.txt" in err
 
 
 def test_cut_plot_labels_stay_apart():

@@ -140,7 +140,7 @@ def test_what_a_scan_passed_over_is_said_without_progress_output_too(cat_ship, t
     (data / "train" / "cat" / "nested").mkdir()
     shutil.copy(next((data / "train" / "cat").glob("*.jpg")), data / "train" / "cat" / "nested" / "x.jpg")
     run(**one_epoch_run(data, tmp_path / "run"))
-    assert "passed over 1 entries of the data folder: train/cat/nested" in capsys.readouterr().err
+    assert "passed over 1 entry of the data folder: train/cat/nested" in capsys.readouterr().err
 
 
 def test_a_full_disk_while_taking_a_lock_names_its_folder(tmp_path, monkeypatch):

@@ -76,9 +76,9 @@ def shortened(text: object, keep: int = 200) -> str:
     return text if len(text) <= keep else f"{text[:keep // 2]}...{text[-keep // 2:]} ({len(text):,} characters)"
 
 
-def counted(count: int, noun: str) -> str:
-    """'1 image', '2 images'."""
-    return f"{count} {noun}{'s' * (count != 1)}"
+def counted(count: int, noun: str, plural: str = "") -> str:
+    """'1 image', '2 images'; '1 entry', '2 entries' with `plural` given."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 def within(path: str, folder) -> str:
