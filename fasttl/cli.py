@@ -65,7 +65,8 @@ def _say_passed_over(ignored) -> None:
     if passed:
         shown = terminal_text("; ".join(f"{path} ({why})" for path, why in passed[:5]))
         more = f" and {len(passed) - 5} more" if len(passed) > 5 else ""
-        print(f"passed over {counted(len(passed), 'entry', 'entries')} of the folders given: {shown}{more}", file=sys.stderr)
+        print(f"passed over {counted(len(passed), 'entry', 'entries')} of the folders given: {shown}{more}",
+              file=sys.stderr)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

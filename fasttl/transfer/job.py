@@ -315,7 +315,8 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
     if dataset.ignored and rank == 0:  # said even without progress output (then on stderr): data went unread
         shown = ", ".join(f"{within(p, cfg.data)} ({why})" for p, why in dataset.ignored[:3])
         more = f" and {len(dataset.ignored) - 3} more" if len(dataset.ignored) > 3 else ""
-        print(terminal_text(f"passed over {counted(len(dataset.ignored), 'entry', 'entries')} of the data folder: {shown}{more} "
+        entries = counted(len(dataset.ignored), "entry", "entries")
+        print(terminal_text(f"passed over {entries} of the data folder: {shown}{more} "
                             "(listed in metrics.json under \"ignored\")"), flush=True,
               file=sys.stdout if cfg.progress else sys.stderr)
     device = torch.device(cfg.device)
