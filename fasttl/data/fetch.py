@@ -397,14 +397,11 @@ def _remove_other_partials(dest: str, remote: "Remote", partial: str) -> None:
 
 
 def _why_it_differs(partial: str, kept: int, encoding: Optional[str], expected: str) -> str:
-    """What a checksum mismatch may come from, in parentheses ('' where nothing is known); removes
-    the download it looks at."""
+    """What a checksum mismatch may come from, in parentheses ('' where nothing is known)."""
     reasons = [f"resumed from the {kept:,} bytes an earlier fetch kept: the file may have changed on the server "
                "since"] if kept else []
     if encoding:  # what the server said it did to the bytes
         reasons.append(what_the_encoding_did(partial, encoding, expected))
-    with contextlib.suppress(OSError):
-        os.remove(partial)
     return f" ({'; '.join(reasons)})" if reasons else ""
 
 
@@ -436,8 +433,10 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
         raise
     found = expected if verified else sha256_of(partial)
     if found != expected:
-        raise ChecksumError(f"fetch: {url} gave a file with SHA-256 {found}, expected {expected}"
-                            f"{_why_it_differs(partial, kept if not verified else 0, reply.get('encoding'), expected)}"
+        why = _why_it_differs(partial, kept if not verified else 0, reply.get("encoding"), expected)
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise ChecksumError(f"fetch: {url} gave a file with SHA-256 {found}, expected {expected}{why}"
                             "; the download was removed and nothing else touched (fetch again, or check --url / "
                             "--sha256)")
     try:
