@@ -75,16 +75,17 @@ CANT_WRITE_IN = ("permission denied, fasttl can't make files in this folder (mak
 def _folder_to_blame(filename, code: int):
     """The folder a permission error came from when fasttl was making a file or folder that is not
     there yet (a run's lock, a temporary, --out itself), or writing in a folder it may only read; the
-    folder of one of fasttl's hidden files a full disk stopped; or None."""
+    folder of one of fasttl's hidden or cache files a full disk stopped; or None."""
     if filename is None:
         return None
     path = os.path.abspath(os.fsdecode(filename))
     folder = os.path.dirname(path)
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # the disk's: a hidden name is fasttl's (a lock, a marker)
+        from fasttl.cache.store import is_own_file
         from fasttl.util.files import user_path
 
-        hidden = os.path.basename(user_path(path)).startswith(".")  # (a temporary says the file it stands for)
-        return folder if hidden and os.path.isdir(folder) else None
+        name = os.path.basename(user_path(path))  # (a temporary says the file it stands for)
+        return folder if (name.startswith(".") or is_own_file(name)) and os.path.isdir(folder) else None
     if code not in (errno.EACCES, errno.EPERM):
         return None
     if os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK) and not os.access(path, os.W_OK):

@@ -16,6 +16,7 @@ from fasttl.util.checks import positive_int, torch_device
 from fasttl.util.errors import OptionError
 from fasttl.util.files import enclosing_run_folder, is_inside, not_a_folder
 from fasttl.util import distributed
+from fasttl.util.outputs import passed_over, within
 
 
 def extract(backbone_name: str, data: str, out: str, *, weights: str = None, image_size: int = None,
@@ -28,7 +29,9 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     to the list's folder) or WebDataset shards (a .tar brace pattern; samples KEY.jpg + KEY.cls);
     ``classes``: a file naming their classes, one a line; ``labels``: a file list's labels are
     those names ("names") or indices into them ("indices"). Either is one split, OUT/all, its rows
-    in the list's (or the shards') order, each row's source in the cache's samples.json.
+    in the list's (or the shards') order, each row's source in the cache's samples.json. What a scan
+    of class folders passed over (hidden entries, stray files, a run folder) is in each summary's
+    ``ignored`` as (path, why), and said by format_summary.
     ``on_error="skip"`` leaves out images that do not decode (listed in each manifest's "skipped"
     and counted in the summary); ``"fail"`` (default) stops at the first, naming it.
     ``features``: "head" or "multi" (see `fasttl run --features`); ``engine`` and ``precision``:
@@ -72,7 +75,8 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
                             device=torch_device, image_size=image_size, shard_rows=shard_rows, overwrite=overwrite,
                             backend=backend, progress=progress, on_error=on_error, taps=FEATURE_TAPS[features],
                             engine=engine, precision=precision, engine_dir=out, calibration=calibration)
-        summaries[name] = dict(cache.last_build, rows=len(cache), directory=cache.directory)
+        ignored = [(within(path, data), why) for path, why in getattr(source, "ignored", None) or []]
+        summaries[name] = dict(cache.last_build, rows=len(cache), directory=cache.directory, ignored=ignored)
         if calibration is None:
             calibration = _training_calibration(model, source, cache, image_size, on_error)
     return summaries
@@ -137,4 +141,7 @@ def format_summary(summaries: Dict[str, dict]) -> List[str]:
         lines.append(f"{name}: {s['images']} images in {s['seconds']:.1f} s ({s['images_per_second']:.0f} images/s), "
                      f"{s['bytes_written'] / 2**20:.1f} MiB written, {s['shards_built']} shards built, "
                      f"{s['shards_reused']} reused{note} -> {s['directory']}")
+    ignored = [entry for s in summaries.values() for entry in s.get("ignored", [])]
+    if ignored:  # as `fasttl run` says it: data went unread
+        lines.append(passed_over(ignored))
     return lines

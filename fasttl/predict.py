@@ -28,7 +28,7 @@ from fasttl.util.errors import DataError
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import decode, transform
 from fasttl.util.errors import OptionError
-from fasttl.util.files import is_inside, run_folder_in_data
+from fasttl.util.files import is_inside, run_folder_in_data, unreachable
 from fasttl.util.outputs import csv_cell
 from fasttl.util.checks import positive_int
 from fasttl.util.checks import check_output_path, torch_device
@@ -83,6 +83,9 @@ def unit_range_spec(spec: TransformSpec, size: Optional[int] = None) -> Transfor
 
 def _unlisted(exc: OSError) -> None:
     """A folder predict's walk cannot list is an error naming it: never its images silently left out."""
+    if isinstance(exc, FileNotFoundError):
+        raise DataError(f"{exc.filename}: removed while fasttl read the folders given (run again once they hold "
+                        "still)") from None
     raise DataError(f"{exc.filename}: cannot list this folder ({exc.strerror}); check its permissions") from None
 
 
@@ -112,14 +115,20 @@ def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]
                     full = os.path.join(folder, name)
                     if name.startswith("."):
                         ignored.append((full, "hidden"))
+                    elif name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(full):
+                        files.append(full)
+                    elif unreachable(full):  # an image is named as it is read; a folder, maybe: never passed over
+                        if not name.lower().endswith(IMAGE_EXTENSIONS):
+                            raise DataError(f"{full} {unreachable(full)}")
+                        files.append(full)
                     elif not name.lower().endswith(IMAGE_EXTENSIONS):
                         ignored.append((full, "not a .jpg/.jpeg/.png file"))
-                    elif not os.path.isfile(full):
-                        ignored.append((full, "not a regular file, or a broken link"))
                     else:
-                        files.append(full)
+                        ignored.append((full, "not a regular file, or a broken link"))
         elif os.path.isfile(path):
             files.append(path)  # named explicitly: its content decides (a bad one is named when read)
+        elif unreachable(path):
+            raise DataError(f"{path} {unreachable(path)}")
         elif os.path.lexists(path):
             raise DataError(f"{path}: a broken link or not a regular file (give image files or folders)")
         else:

@@ -33,7 +33,7 @@ from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunL
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
                                     run_files, write_config, write_metrics, write_predictions)
 from fasttl.transfer import registry
-from fasttl.util.outputs import counted, csv_cell, markdown_cell, terminal_lines, terminal_text, within
+from fasttl.util.outputs import counted, csv_cell, markdown_cell, passed_over, terminal_lines, terminal_text
 from fasttl.transfer.registry import Outcome
 from fasttl.transfer.schema import added_later
 
@@ -183,13 +183,15 @@ def preflight(cfg: RunConfig) -> None:
         path = getattr(cfg, name)
         if path is not None and not os.path.isfile(os.path.expanduser(path)):
             where = os.path.abspath(os.path.expanduser(path))
-            raise OptionError(f"{name}: {where} is not a regular file (a folder, a pipe or a device?)"
+            raise OptionError(f"{name}: {where} {files.unreachable(where)}" if files.unreachable(where) else
+                              f"{name}: {where} is not a regular file (a folder, a pipe or a device?)"
                               if os.path.exists(where) else f"{name}: no file at {where}")
     for name in ("teacher", "target_data"):
         paths = getattr(cfg, name)
         for path in [paths] if isinstance(paths, str) else paths or []:
             if not os.path.isdir(os.path.expanduser(path)):
-                raise OptionError(f"{name}: {os.path.abspath(os.path.expanduser(path))} is not a folder")
+                where = os.path.abspath(os.path.expanduser(path))
+                raise OptionError(f"{name}: {where} {files.unreachable(where) or 'is not a folder'}")
             if cfg.out is not None and \
                     os.path.realpath(os.path.expanduser(path)) == os.path.realpath(os.path.expanduser(cfg.out)):
                 raise OptionError(f"out: --out {cfg.out} is the --{name.replace('_', '-')} folder itself; the run "
@@ -313,11 +315,7 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
                              + (f"; {counted(len(dataset.skipped), 'image')} left out (skipped.csv says why)"
                                 if dataset.skipped else "")), flush=True)
     if dataset.ignored and rank == 0:  # said even without progress output (then on stderr): data went unread
-        shown = ", ".join(f"{within(p, cfg.data)} ({why})" for p, why in dataset.ignored[:3])
-        more = f" and {len(dataset.ignored) - 3} more" if len(dataset.ignored) > 3 else ""
-        entries = counted(len(dataset.ignored), "entry", "entries")
-        print(terminal_text(f"passed over {entries} of the data folder: {shown}{more} "
-                            "(listed in metrics.json under \"ignored\")"), flush=True,
+        print(passed_over(dataset.ignored, cfg.data) + " (listed in metrics.json under \"ignored\")", flush=True,
               file=sys.stdout if cfg.progress else sys.stderr)
     device = torch.device(cfg.device)
     board = tensorboard_dir(cfg, run_dir) if rank == 0 else None

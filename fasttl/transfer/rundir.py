@@ -178,7 +178,8 @@ def write_config(run_dir: str, config: Dict[str, object]) -> None:
 
 def read_config(run_dir: str) -> Dict[str, object]:
     if not os.path.isdir(run_dir):
-        raise RunError(f"{run_dir}: not a folder, so not a fasttl run folder")
+        raise RunError(f"{run_dir} {files.unreachable(run_dir)}" if files.unreachable(run_dir) else
+                       f"{run_dir}: not a folder, so not a fasttl run folder")
     path = os.path.join(run_dir, CONFIG)
     try:
         config = read_json(path)
@@ -248,11 +249,12 @@ def is_finished(run_dir: str) -> bool:
 
 def holds_run(run_dir: str) -> bool:
     """Whether `run_dir` is a fasttl run folder, by proof: the marker fasttl writes there (a plain
-    file, not a link), or, for folders made before the marker, a config.json whose run_key is the
-    hash of its own identity (which no config.json of a user's own carries by chance). Any other
-    config.json is a user's file, never taken for a run."""
-    if files.is_plain_file(os.path.join(run_dir, MARKER)):
-        return True
+    file holding fasttl's record, not a link), or, for folders made before the marker, a config.json
+    whose run_key is the hash of its own identity (which no config.json of a user's own carries by
+    chance). Any other config.json, or file of the marker's name, is a user's, never taken for a run."""
+    marker = os.path.join(run_dir, MARKER)
+    if files.is_plain_file(marker):
+        return files.run_record(marker) is not None
     try:
         config = read_json(os.path.join(run_dir, CONFIG))
     except ValueError:

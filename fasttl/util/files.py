@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -137,7 +138,8 @@ def is_plain_file(path: str) -> Optional[bool]:
 def load_tensors(path: str):
     """torch.load restricted to tensors and plain containers (weights_only=True): a file holding
     any other Python object, which could run code as it loads, is refused, never executed.
-    Raises ValueError with a one-line reason (never torch's advice to load it unsafely)."""
+    Raises ValueError with a one-line reason (never torch's advice to load it unsafely); a file
+    one may not read raises its PermissionError (a permission, never damage to delete it for)."""
     import pickle
     import warnings
 
@@ -147,6 +149,8 @@ def load_tensors(path: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. the pickle protocol note of a foreign file
             return torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower() or "weights_only" in str(exc):
             raise ValueError("it holds Python objects other than tensors, refused: loading them could run code") \
@@ -193,6 +197,9 @@ class FolderLock:
                 raise self.refused("is a symbolic link") from None
             if exc.errno == errno.EISDIR:
                 raise self.refused("is a folder") from None
+            if exc.errno in (errno.EACCES, errno.EPERM) and os.path.lexists(self.path) and \
+                    os.access(os.path.dirname(self.path) or ".", os.W_OK):
+                raise self._not_yours() from None
             raise self._blamed(exc) from None
         try:
             info = os.fstat(fd)
@@ -220,6 +227,15 @@ class FolderLock:
             raise self._blamed(exc) from None
         self.fd = fd
         return self
+
+    def _not_yours(self) -> Exception:
+        """The lock file is there, in a folder one may write, but not open to this user (its mode
+        changed, another user's): what to do about fasttl's own file, not advice to chmod a name."""
+        from fasttl.util.errors import UserError
+
+        return UserError(f"{self.path}: permission denied: fasttl's lock file of this folder is not readable and "
+                         "writable to you; remove it when no fasttl command is using the folder (fasttl makes it "
+                         "again)")
 
     def _blamed(self, exc: OSError) -> OSError:
         """What a failure to make or write the lock file is said as: a full disk, a read-only file
@@ -257,6 +273,33 @@ def not_a_folder(path: str) -> str:
     what = standing(path)
     return "does not exist" if what == "nothing" else f"is {what}, not a folder" if what.endswith("file") else \
         f"is {what}"
+
+
+def unreachable(path: str) -> str:
+    """Why `path` can't be looked at for a folder's permissions on the way ('' when it can, or is
+    simply missing): os.path.exists, isdir and isfile say False for both, so a class folder linked
+    through a folder one may not enter would pass for a broken link, a weights file for a missing one."""
+    try:
+        os.stat(path)
+        return ""
+    except PermissionError:
+        pass
+    except (OSError, ValueError):
+        return ""
+    resolved = os.path.realpath(os.path.expanduser(path))  # links resolved as far as they can be read
+    parts, current = [], resolved
+    while os.path.dirname(current) != current:
+        parts.append(current)
+        current = os.path.dirname(current)
+    for part in reversed(parts):  # from the root: the first that can't be looked at, in the folder before it
+        try:
+            os.stat(part)
+        except PermissionError:
+            return (f"can't be reached: {os.path.dirname(part)} can't be entered (permission denied; make it "
+                    "accessible to you)")
+        except OSError:
+            break
+    return "can't be reached (permission denied on the way; make its folders accessible to you)"
 
 
 def blocking_part(path: str) -> Optional[str]:
@@ -300,19 +343,42 @@ def _has_marker(folder: str) -> bool:
     return os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path))
 
 
+def run_record(path: str) -> Optional[dict]:
+    """The run marker at `path` when it is fasttl's record (a plain JSON file saying what it is),
+    else None; a permission error is raised, never taken for damage."""
+    try:
+        record = read_json(path, limit=1 << 20)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and record.get("what") == RUN_MARKER_WHAT else None
+
+
 def _marker_problem(folder: str) -> str:
-    """Why the RUN_MARKER in `folder` is not a run's record ('' when it is one)."""
+    """Why the RUN_MARKER in `folder` does not make it a run folder ('' when it does): fasttl's
+    record, beside the very config.json whose SHA-256 it holds (a marker copied beside another
+    config.json vouches for nothing there)."""
     path = os.path.join(folder, RUN_MARKER)
     if os.path.islink(path):
         return "is a symbolic link, not the file a run writes"
     try:
-        record = read_json(path, limit=1 << 20)
+        record = run_record(path)
     except PermissionError as exc:
         return f"cannot be read ({exc.strerror})"
-    except (OSError, ValueError):
+    except OSError:
         record = None
-    return "" if isinstance(record, dict) and record.get("what") == RUN_MARKER_WHAT else \
-        "is not fasttl's run marker (no run's record)"
+    if record is None:
+        return "is not fasttl's run marker (no run's record)"
+    config_path = os.path.join(folder, RUN_CONFIG)
+    try:
+        config = read_plain(config_path, MAX_JSON_BYTES) if is_plain_file(config_path) else None
+    except PermissionError as exc:
+        return f"is a run's marker, but the config.json beside it cannot be read ({exc.strerror})"
+    except (OSError, ValueError):
+        config = None
+    if config is None:
+        return "is a run's marker, but no run's config.json is beside it (copied in?)"
+    return "" if hashlib.sha256(config).hexdigest() == record.get("config_sha256") else \
+        "is a run's marker, but not of the config.json beside it (copied in?)"
 
 
 def run_folder_in_data(folder: str) -> bool:
@@ -324,8 +390,7 @@ def run_folder_in_data(folder: str) -> bool:
 
     if not _has_marker(folder):
         return False
-    why = _marker_problem(folder) or ("" if is_plain_file(os.path.join(folder, RUN_CONFIG)) else
-                                      "is a run's marker, but no run's config.json is beside it (copied in?)")
+    why = _marker_problem(folder)
     if why:
         raise DataError(f"data: {os.path.join(folder, RUN_MARKER)} {why}, so fasttl can't tell a run folder from a "
                         "folder of images; remove it (or move the folder away)")

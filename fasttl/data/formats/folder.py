@@ -9,13 +9,15 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from fasttl.util.errors import DataError
-from fasttl.util.files import run_folder_in_data
+from fasttl.util.files import run_folder_in_data, unreachable
 from fasttl.data.images import IMAGE_EXTENSIONS, header_problem, unreadable
 from fasttl.data.labels import MAX_INDEX_CLASSES, refuse_lookalikes
 from fasttl.data.sources import FileSource, refuse_one_file_twice
 
 
 def missing_data(root: str, what: str) -> DataError:
+    if unreachable(root):
+        return DataError(f"data: {root} {unreachable(root)}")
     if os.path.lexists(root) and not os.path.exists(root):
         return DataError(f"data: {root} is a broken symbolic link (fix the link or give the folder itself)")
     if os.path.exists(root):
@@ -62,6 +64,8 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
             ignored.append((path, "a fasttl run folder"))
         elif os.path.isdir(path):
             found.append(name)
+        elif unreachable(path):  # a class folder, maybe: never passed over as a broken link
+            raise DataError(f"data: {path} {unreachable(path)}")
         elif not os.path.exists(path):
             ignored.append((path, "broken symbolic link"))
         else:
@@ -94,13 +98,13 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
                 ignored.append((path, "a folder inside a class folder (not scanned)"))
             elif not entry.lower().endswith(IMAGE_EXTENSIONS):
                 ignored.append((path, "not a .jpg/.jpeg/.png file"))
-            elif not os.path.exists(path):
-                ignored.append((path, "broken symbolic link"))
-            elif not os.path.isfile(path):
-                ignored.append((path, "not a regular file"))
-            else:
+            elif os.path.isfile(path) or unreachable(path):  # one that can't be reached is named (or skipped) as read
                 _refuse_undecodable(path, "an image")
                 images.append(path)
+            elif not os.path.exists(path):
+                ignored.append((path, "broken symbolic link"))
+            else:
+                ignored.append((path, "not a regular file"))
         if not images:
             raise DataError(f"data: class folder {folder} holds no .jpg/.jpeg/.png images (add images or remove it)")
         files.extend(images)
@@ -127,6 +131,9 @@ def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
     if not os.path.isdir(root):
         raise missing_data(root, f"class folders {root}/<class>/*.jpg, or {root}/train/<class> and {root}/test/<class>")
     train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
+    split = next((path for path in (train_dir, test_dir) if unreachable(path)), None)
+    if split is not None:  # never taken for a half split, or for a class called "test"
+        raise DataError(f"data: {split} {unreachable(split)}")
     if os.path.isdir(train_dir) and os.path.isdir(test_dir):
         train = scan_class_folder(train_dir)
         test = scan_class_folder(test_dir, classes=train.classes)
