@@ -169,11 +169,10 @@ def test_predict_with_a_pair_and_no_run_names_what_predict_can_do(capsys, three_
 def test_predict_on_a_run_folder_without_run_suggests_it(capsys, tmp_path):
     """A run folder among the images is passed over, and the note says how to predict with it."""
     from fasttl.predict import image_files
-    from fasttl.transfer.rundir import mark_run
+    from fasttl.transfer.rundir import write_config
 
     (tmp_path / "run").mkdir()
-    mark_run(str(tmp_path / "run"))
-    (tmp_path / "run" / "config.json").write_text("{}")  # (a marker without its run's config.json is refused)
+    write_config(str(tmp_path / "run"), {})  # the marker records its config.json (another one beside it is refused)
     (tmp_path / "a.jpg").write_bytes(b"x")
     _, ignored = image_files([str(tmp_path)])
     assert any(f"pass --run {tmp_path / 'run'}" in why for _, why in ignored)
