@@ -88,29 +88,34 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
                         f"(add {root}/<other class>/)")
     files, labels = [], []
     for label, name in enumerate(found):
-        folder = os.path.join(root, name)
-        images = []
-        for entry in list_folder(folder):
-            path = os.path.join(folder, entry)
-            if entry.startswith("."):
-                ignored.append((path, "hidden"))
-            elif os.path.isdir(path):
-                ignored.append((path, "a folder inside a class folder (not scanned)"))
-            elif not entry.lower().endswith(IMAGE_EXTENSIONS):
-                ignored.append((path, "not a .jpg/.jpeg/.png file"))
-            elif os.path.isfile(path) or unreachable(path):  # one that can't be reached is named (or skipped) as read
-                _refuse_undecodable(path, "an image")
-                images.append(path)
-            elif not os.path.exists(path):
-                ignored.append((path, "broken symbolic link"))
-            else:
-                ignored.append((path, "not a regular file"))
-        if not images:
-            raise DataError(f"data: class folder {folder} holds no .jpg/.jpeg/.png images (add images or remove it)")
+        images = _class_images(os.path.join(root, name), ignored)
         files.extend(images)
         labels.extend([label] * len(images))
     refuse_one_file_twice(files, "an image belongs to one class")
     return FileSource(files, labels, found, root, ignored=ignored)
+
+
+def _class_images(folder: str, ignored: list) -> List[str]:
+    """The images of one class folder; what else it holds goes to `ignored` as (path, why)."""
+    images = []
+    for entry in list_folder(folder):
+        path = os.path.join(folder, entry)
+        if entry.startswith("."):
+            ignored.append((path, "hidden"))
+        elif os.path.isdir(path):
+            ignored.append((path, "a folder inside a class folder (not scanned)"))
+        elif not entry.lower().endswith(IMAGE_EXTENSIONS):
+            ignored.append((path, "not a .jpg/.jpeg/.png file"))
+        elif os.path.isfile(path) or unreachable(path):  # one that can't be reached is named (or skipped) as read
+            _refuse_undecodable(path, "an image")
+            images.append(path)
+        elif not os.path.exists(path):
+            ignored.append((path, "broken symbolic link"))
+        else:
+            ignored.append((path, "not a regular file"))
+    if not images:
+        raise DataError(f"data: class folder {folder} holds no .jpg/.jpeg/.png images (add images or remove it)")
+    return images
 
 
 def _refuse_undecodable(path: str, what: str) -> None:
