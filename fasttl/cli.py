@@ -59,14 +59,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _say_passed_over(ignored) -> None:
     """What a walk of the folders given did not read, on stderr (as `fasttl run` says it of a data
     folder); hidden entries go unsaid."""
-    from fasttl.util.outputs import counted, terminal_text
+    from fasttl.util.outputs import passed_over
 
     passed = [(path, why) for path, why in ignored if why != "hidden"]
     if passed:
-        shown = terminal_text("; ".join(f"{path} ({why})" for path, why in passed[:5]))
-        more = f" and {len(passed) - 5} more" if len(passed) > 5 else ""
-        print(f"passed over {counted(len(passed), 'entry', 'entries')} of the folders given: {shown}{more}",
-              file=sys.stderr)
+        print(passed_over(passed, where="the folders given", most=5), file=sys.stderr)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -147,7 +144,7 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from fasttl.extract import extract, format_summary
+    from fasttl.extract import extract, format_summary, say_passed_over
     from fasttl.util import distributed
 
     summaries = extract(args.backbone, args.data, args.out, weights=args.weights, image_size=args.image_size,
@@ -156,6 +153,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                         on_error=args.on_error, features=args.features, engine=args.engine,
                         precision=args.extract_precision, classes=args.classes, labels=args.labels)
     if distributed.rank_and_world()[0] == 0:
+        say_passed_over(summaries)
         with summary_of(os.path.abspath(args.out), "the features were"):  # the cache is written by now
             _say("\n".join(format_summary(summaries)))
     if dist.is_initialized():
@@ -213,8 +211,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run_dir, args.data, progress=not args.no_progress, device=args.device,
                            on_error=args.on_error)
-    from fasttl.util.outputs import terminal_text as shown  # a name's line break never starts a line
+    from fasttl.util.outputs import passed_over, terminal_text as shown  # a name's line break never starts a line
 
+    if metrics["ignored"]:  # data went unread, as `fasttl run` says
+        print(passed_over([(e["path"], e["reason"]) for e in metrics["ignored"]]), file=sys.stderr)
     where = (f"written to {shown(metrics['written'])}" if metrics["written"] else
              f"not saved ({shown(metrics['not_written'])}): these numbers are the result")
     with summary_of(metrics["written"], "the metrics were"):  # the metrics file is written by now

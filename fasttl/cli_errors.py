@@ -61,6 +61,10 @@ def os_error_line(exc: OSError) -> str:
         if filename is not None and exc.errno in (errno.ENOTDIR, errno.ENOENT, errno.ELOOP) else None
     if in_the_way is not None:  # what to move, never a name fasttl made inside the folder it wanted
         return f"{terminal_text(in_the_way)}: {files.standing(in_the_way)}, {NOT_A_FOLDER}{where_to}"
+    closed = files.closed_folder(os.fsdecode(filename)) \
+        if filename is not None and exc.errno in (errno.EACCES, errno.EPERM) else None
+    if closed is not None:  # a folder on the way that can't be entered: making it writable would not do
+        return f"{terminal_text(closed)}: {files.CANT_ENTER}{where_to}"
     folder = _folder_to_blame(filename, exc.errno)
     if folder is not None:  # the folder to make writable, not a name fasttl was making in it (a lock, a temporary)
         said = CANT_WRITE_IN if exc.errno in (errno.EACCES, errno.EPERM) else OS_ERRORS[exc.errno]

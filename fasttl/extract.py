@@ -31,7 +31,7 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     those names ("names") or indices into them ("indices"). Either is one split, OUT/all, its rows
     in the list's (or the shards') order, each row's source in the cache's samples.json. What a scan
     of class folders passed over (hidden entries, stray files, a run folder) is in each summary's
-    ``ignored`` as (path, why), and said by format_summary.
+    ``ignored`` as (path, why), and said by say_passed_over.
     ``on_error="skip"`` leaves out images that do not decode (listed in each manifest's "skipped"
     and counted in the summary); ``"fail"`` (default) stops at the first, naming it.
     ``features``: "head" or "multi" (see `fasttl run --features`); ``engine`` and ``precision``:
@@ -141,7 +141,14 @@ def format_summary(summaries: Dict[str, dict]) -> List[str]:
         lines.append(f"{name}: {s['images']} images in {s['seconds']:.1f} s ({s['images_per_second']:.0f} images/s), "
                      f"{s['bytes_written'] / 2**20:.1f} MiB written, {s['shards_built']} shards built, "
                      f"{s['shards_reused']} reused{note} -> {s['directory']}")
-    ignored = [entry for s in summaries.values() for entry in s.get("ignored", [])]
-    if ignored:  # as `fasttl run` says it: data went unread
-        lines.append(passed_over(ignored))
     return lines
+
+
+def say_passed_over(summaries: Dict[str, dict]) -> None:
+    """What the scan of the data folder passed over, on stderr (as `fasttl run` and `predict` say
+    it): data went unread, and a summary on a full standard output must not take that with it."""
+    import sys
+
+    ignored = [entry for s in summaries.values() for entry in s.get("ignored", [])]
+    if ignored:
+        print(passed_over(ignored), file=sys.stderr, flush=True)

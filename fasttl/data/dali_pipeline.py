@@ -94,10 +94,10 @@ class SampleBatches:
             data = self.source.read(i)
         except OSError as exc:
             why = "it does not exist" if exc.errno == errno.ENOENT else exc.strerror or type(exc).__name__
-            raise DataError(f"{name}: cannot be read ({why}); {skip_hint()}") from None
+            raise DataError(f"{name}: cannot be read ({why}); {skip_hint(why)}") from None
         problem = bytes_problem(data)
         if problem is not None:
-            raise DataError(f"{unreadable(name, problem)}; {skip_hint()}")
+            raise DataError(f"{unreadable(name, problem)}; {skip_hint(problem)}")
         return np.frombuffer(data, dtype=np.uint8)
 
 

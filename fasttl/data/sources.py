@@ -242,7 +242,7 @@ def _apply_policy(source, found: List[Tuple[int, str]], ids: Sequence[str], on_e
     some class, is left."""
     first = f"{ids[found[0][0]]}: {found[0][1]}"
     if on_error == "fail":
-        raise DataError(f"{unreadable(ids[found[0][0]], found[0][1])}; {skip_hint()}")
+        raise DataError(f"{unreadable(ids[found[0][0]], found[0][1])}; {skip_hint(found[0][1])}")
     bad = {index for index, _ in found}
     kept = source.subset([i for i in range(len(source)) if i not in bad])
     kept.skipped = list(source.skipped) + [(ids[i], problem) for i, problem in found]
@@ -300,7 +300,7 @@ def ensure_headers(source: FileSource, begin: int = 0, end: Optional[int] = None
     found = check_all(source.files[begin:end], header_problem, 1, stop_at_first=True)
     if found:
         index, problem = found[0]
-        raise DataError(f"{unreadable(source.files[begin + index], problem)}; {skip_hint()}")
+        raise DataError(f"{unreadable(source.files[begin + index], problem)}; {skip_hint(problem)}")
     checked.add((begin, end))
 
 

@@ -60,7 +60,7 @@ def decode(path: str, data: bytes = None) -> torch.Tensor:
 
     problem = header_problem(path) if data is None else bytes_problem(data)  # the same refusals as before DALI
     if problem is not None:
-        raise DataError(f"{unreadable(path, problem)}; {skip_hint()}")
+        raise DataError(f"{unreadable(path, problem)}; {skip_hint(problem)}")
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as img:
             img.load()

@@ -11,6 +11,7 @@ import torch
 from fasttl.util.checks import torch_device
 from fasttl.util.errors import OptionError, UserError
 from fasttl.util.files import write_json_atomic
+from fasttl.util.outputs import within
 from fasttl.data import DataError, screen
 from fasttl.data.sources import ON_ERROR, disk_keys
 from fasttl.data.formats.filelist import is_file_list
@@ -31,7 +32,8 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
                  on_error: str = "fail") -> Dict[str, object]:
     """Metrics of the run's main model on the test split of `data` (default: the run's own data);
     written to RUN_DIR/eval_metrics.json. The model is rebuilt by its strategy's `load`. With
-    on_error="skip", images that do not decode are left out and listed under "skipped"."""
+    on_error="skip", images that do not decode are left out and listed under "skipped"; what the
+    scan of the data folder passed over is listed under "ignored"."""
     device = torch_device(device)
     if not isinstance(on_error, str) or on_error not in ON_ERROR:
         raise OptionError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")
@@ -68,6 +70,7 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     metrics["data"] = data if data is not None else cfg["data"]
     metrics["test_split"] = "carved" if dataset.carved else "given"  # carved: the seeded 20% fasttl split off
     metrics["skipped"] = [{"file": f, "reason": r} for f, r in getattr(test, "skipped", [])]
+    metrics["ignored"] = [{"path": within(p, metrics["data"]), "reason": r} for p, r in dataset.ignored]  # as run's
     path = os.path.join(run_dir, "eval_metrics.json")
     if _run_state(run_dir) != state:
         raise RunError(f"{run_dir}: replaced while it was evaluated (a run with --overwrite, or a copy over it); "

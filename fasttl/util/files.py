@@ -286,8 +286,18 @@ def unreachable(path: str) -> str:
         pass
     except (OSError, ValueError):
         return ""
-    resolved = os.path.realpath(os.path.expanduser(path))  # links resolved as far as they can be read
-    parts, current = [], resolved
+    closed = closed_folder(path)
+    return f"can't be reached: {closed} {CANT_ENTER}" if closed else \
+        "can't be reached (permission denied on the way; make its folders accessible to you)"
+
+
+CANT_ENTER = "can't be entered (permission denied; make it accessible to you)"
+
+
+def closed_folder(path: str) -> Optional[str]:
+    """The first folder on the way to `path` (links resolved as far as they can be read) that one
+    may not enter, or None."""
+    parts, current = [], os.path.realpath(os.path.expanduser(path))
     while os.path.dirname(current) != current:
         parts.append(current)
         current = os.path.dirname(current)
@@ -295,11 +305,10 @@ def unreachable(path: str) -> str:
         try:
             os.stat(part)
         except PermissionError:
-            return (f"can't be reached: {os.path.dirname(part)} can't be entered (permission denied; make it "
-                    "accessible to you)")
+            return os.path.dirname(part)
         except OSError:
-            break
-    return "can't be reached (permission denied on the way; make its folders accessible to you)"
+            return None
+    return None
 
 
 def blocking_part(path: str) -> Optional[str]:

@@ -93,9 +93,9 @@ def within(path: str, folder) -> str:
     return os.path.basename(path)
 
 
-def passed_over(ignored, folder=None) -> str:
-    """The line that says what a scan of the data folder `folder` did not read: (path, why) pairs,
-    each path said from `folder` on (as it is without one)."""
-    shown = ", ".join(f"{within(path, folder) if folder is not None else path} ({why})" for path, why in ignored[:3])
-    more = f" and {len(ignored) - 3} more" if len(ignored) > 3 else ""
-    return terminal_text(f"passed over {counted(len(ignored), 'entry', 'entries')} of the data folder: {shown}{more}")
+def passed_over(ignored, folder=None, where: str = "the data folder", most: int = 3) -> str:
+    """The line that says what a scan of `where` did not read: (path, why) pairs, each path said
+    from the folder `folder` on (as it is without one); the first `most` shown."""
+    shown = "; ".join(f"{within(path, folder) if folder is not None else path} ({why})" for path, why in ignored[:most])
+    more = f" and {len(ignored) - most} more" if len(ignored) > most else ""
+    return terminal_text(f"passed over {counted(len(ignored), 'entry', 'entries')} of {where}: {shown}{more}")
