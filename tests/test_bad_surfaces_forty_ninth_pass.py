@@ -91,9 +91,10 @@ def test_extracts_passed_over_line_survives_a_full_stdout(cat_ship, tmp_path):  
 
 # ---- N4: an image removed while it was being read ----------------------------------------------------------
 @pytest.mark.parametrize("problem, advice", [
-    ("cannot be read (it does not exist)", "it was removed after fasttl listed its folder: run again once the "
-                                           "folders hold still, or leave unreadable files out"),
-    ("cannot be read ([Errno 2] No such file or directory: 'x.jpg')", "it was removed after fasttl listed its folder"),
+    ("cannot be read (it does not exist)", "no file is there now (a wrong path or link, or removed since fasttl "
+                                           "listed it): fix the path, or run again once the folders hold still, or "
+                                           "leave unreadable files out"),
+    ("cannot be read ([Errno 2] No such file or directory: 'x.jpg')", "no file is there now"),
     ("cannot be read (Permission denied)", "remove it, or leave unreadable files out"),
 ])
 def test_the_advice_for_an_unreadable_image_fits_why(problem, advice):
@@ -110,5 +111,43 @@ def test_an_image_removed_before_it_is_read_is_not_to_be_removed(tmp_path):
     with pytest.raises(DataError) as caught:
         screen(FileSource([gone], [0], ["a"], str(tmp_path)), "fail")
     # before: "...; remove it, or leave unreadable files out"
-    assert str(caught.value).startswith(f"{gone}: cannot be read (") and "it was removed after fasttl listed its " \
-        "folder: run again once the folders hold still" in str(caught.value)
+    assert str(caught.value).startswith(f"{gone}: cannot be read (") and "no file is there now (a wrong path or " \
+        "link, or removed since fasttl listed it)" in str(caught.value)
+
+
+# ---- pass 50 -------------------------------------------------------------------------------------------------
+# R1: a folder one may write and enter but not list (mode 311) takes a file: the write succeeded
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_an_output_into_a_folder_one_may_not_list_is_written_and_says_so(linear_run, cat_ship, tmp_path,  # noqa: F811
+                                                                         command):
+    folder = tmp_path / "blind"
+    folder.mkdir()
+    out = folder / ("p.csv" if command == "predict" else "m.onnx")
+    os.chmod(folder, 0o311)
+    words = ["predict", "--run", linear_run, cat_ship / "test", "--out", out] if command == "predict" else \
+        ["export", linear_run, "--out", out]
+    try:
+        code, _, err = fasttl(tmp_path, *words)
+    finally:
+        os.chmod(folder, 0o755)
+    # before: the file written, then exit 2 "permission denied" (syncing the folder it could not list)
+    assert code == 0, err
+    assert out.stat().st_size > 0 and [p for p in os.listdir(folder) if p.startswith(".fasttl")] == []
+
+
+# R2: an output two folders below a closed one names it, never "does not exist"
+@pytest.mark.parametrize("through_link", [False, True])
+def test_an_output_deep_below_a_closed_folder_names_it(linear_run, cat_ship, tmp_path, through_link):  # noqa: F811
+    closed = tmp_path / "closed"
+    (closed / "a" / "b").mkdir(parents=True)
+    parent = closed / "a" / "b"
+    if through_link:
+        (tmp_path / "link").symlink_to(closed / "a")
+        parent = tmp_path / "link" / "b"
+    os.chmod(closed, 0)
+    try:
+        code, _, err = fasttl(tmp_path, "predict", "--run", linear_run, cat_ship / "test", "--out", parent / "p.csv")
+    finally:
+        os.chmod(closed, 0o755)
+    # before: "out: .../closed/a/b does not exist", or "is a symbolic link to nothing (dangling)"
+    assert code == 2 and one_line_error(err) == f"fasttl: error: out: {parent} can't be reached: {closed} {ENTER}"

@@ -389,9 +389,10 @@ def check_all(paths: Sequence[str], check, num_threads: Optional[int], stop_at_f
 
 
 def skip_hint(problem: object = "") -> str:
-    """What to do about a file that can't be used; one gone since its folder was listed (`problem`
-    says so) is not one to remove."""
+    """What to do about a file that can't be used; one not there (`problem` says so: a wrong path or
+    link, or one removed since its folder was listed) is not one to remove."""
     gone = any(words in str(problem) for words in ("does not exist", "No such file"))
-    return (("it was removed after fasttl listed its folder: run again once the folders hold still" if gone else
-             "remove it") + ", or leave unreadable files out: --on-error skip (fasttl run, extract, eval, predict), "
+    return (("no file is there now (a wrong path or link, or removed since fasttl listed it): fix the path, or run "
+             "again once the folders hold still" if gone else "remove it")
+            + ", or leave unreadable files out: --on-error skip (fasttl run, extract, eval, predict), "
             "fasttl.data.screen(source, on_error='skip') in Python")

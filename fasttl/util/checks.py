@@ -106,7 +106,7 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out", ending: s
         raise OptionError(f"{name}: {given!r} names a folder (it ends in /); give {flag} a file name")
     path = os.path.abspath(os.path.expanduser(given))
     parent = os.path.dirname(path)
-    from fasttl.util.files import blocking_part, enclosing_run_folder, not_a_folder
+    from fasttl.util.files import blocking_part, enclosing_run_folder, not_a_folder, unreachable
 
     holder = enclosing_run_folder(parent)
     if holder is not None:  # a run's folder holds only what its run wrote: eval, predict and export never mix in
@@ -123,6 +123,8 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out", ending: s
         if not overwrite:
             raise OptionError(f"{name}: {path} exists; pass --overwrite to replace it, or another {flag}")
     if not os.path.isdir(parent):
+        if unreachable(parent):  # behind a folder one may not enter: never "does not exist" or a dangling link
+            raise OptionError(f"{name}: {parent} {unreachable(parent)}")
         blocked = blocking_part(path)  # what is in the way, where it is further up than the file's folder
         if blocked is not None and blocked != parent:
             raise OptionError(f"{name}: {blocked} {not_a_folder(blocked)}, where {parent} needs a folder (give "

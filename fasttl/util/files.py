@@ -27,7 +27,10 @@ _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:  # a folder one may write but not list (mode 311): the file is in place all the same
+        return
     try:
         os.fsync(fd)
     finally:
@@ -262,6 +265,8 @@ def standing(path: str) -> str:
     if os.path.islink(path):
         try:
             os.stat(path)
+        except PermissionError:
+            return f"a symbolic link into {closed_folder(path)}, which can't be entered (permission denied)"
         except OSError as exc:
             return "a symbolic link loop" if exc.errno == errno.ELOOP else "a symbolic link to nothing (dangling)"
         return "a symbolic link to a file"
