@@ -117,9 +117,9 @@ def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]
                         ignored.append((full, "hidden"))
                     elif name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(full):
                         files.append(full)
-                    elif unreachable(full):  # an image is named as it is read; a folder, maybe: never passed over
+                    elif why := unreachable(full):  # an image is named as read; a folder, maybe: never passed over
                         if not name.lower().endswith(IMAGE_EXTENSIONS):
-                            raise DataError(f"{full} {unreachable(full)}")
+                            raise DataError(f"{full} {why}")
                         files.append(full)
                     elif not name.lower().endswith(IMAGE_EXTENSIONS):
                         ignored.append((full, "not a .jpg/.jpeg/.png file"))
@@ -127,8 +127,8 @@ def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]
                         ignored.append((full, "not a regular file, or a broken link"))
         elif os.path.isfile(path):
             files.append(path)  # named explicitly: its content decides (a bad one is named when read)
-        elif unreachable(path):
-            raise DataError(f"{path} {unreachable(path)}")
+        elif why := unreachable(path):
+            raise DataError(f"{path} {why}")
         elif os.path.lexists(path):
             raise DataError(f"{path}: a broken link or not a regular file (give image files or folders)")
         else:

@@ -18,8 +18,8 @@ def read_state_dict(path: str) -> dict:
     if os.path.exists(path) and not os.path.isfile(path):
         raise WeightsError(f"weights: {os.path.abspath(path)} is not a regular file (a folder, a pipe or a device?); "
                            "pass a torch.save'd .pth/.pt or a .safetensors file")
-    if not os.path.isfile(path) and unreachable(path):
-        raise WeightsError(f"weights: {os.path.abspath(path)} {unreachable(path)}")
+    if not os.path.isfile(path) and (why := unreachable(path)):
+        raise WeightsError(f"weights: {os.path.abspath(path)} {why}")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"weights: no file at {os.path.abspath(path)}. fasttl never downloads weights: put the state dict "

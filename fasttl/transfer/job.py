@@ -183,7 +183,8 @@ def preflight(cfg: RunConfig) -> None:
         path = getattr(cfg, name)
         if path is not None and not os.path.isfile(os.path.expanduser(path)):
             where = os.path.abspath(os.path.expanduser(path))
-            raise OptionError(f"{name}: {where} {files.unreachable(where)}" if files.unreachable(where) else
+            why = files.unreachable(where)
+            raise OptionError(f"{name}: {where} {why}" if why else
                               f"{name}: {where} is not a regular file (a folder, a pipe or a device?)"
                               if os.path.exists(where) else f"{name}: no file at {where}")
     for name in ("teacher", "target_data"):

@@ -178,8 +178,8 @@ def write_config(run_dir: str, config: Dict[str, object]) -> None:
 
 def read_config(run_dir: str) -> Dict[str, object]:
     if not os.path.isdir(run_dir):
-        raise RunError(f"{run_dir} {files.unreachable(run_dir)}" if files.unreachable(run_dir) else
-                       f"{run_dir}: not a folder, so not a fasttl run folder")
+        why = files.unreachable(run_dir)
+        raise RunError(f"{run_dir} {why}" if why else f"{run_dir}: not a folder, so not a fasttl run folder")
     path = os.path.join(run_dir, CONFIG)
     try:
         config = read_json(path)

@@ -123,8 +123,8 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out", ending: s
         if not overwrite:
             raise OptionError(f"{name}: {path} exists; pass --overwrite to replace it, or another {flag}")
     if not os.path.isdir(parent):
-        if unreachable(parent):  # behind a folder one may not enter: never "does not exist" or a dangling link
-            raise OptionError(f"{name}: {parent} {unreachable(parent)}")
+        if why := unreachable(parent):  # behind a folder one may not enter: never "does not exist" or a dangling link
+            raise OptionError(f"{name}: {parent} {why}")
         blocked = blocking_part(path)  # what is in the way, where it is further up than the file's folder
         if blocked is not None and blocked != parent:
             raise OptionError(f"{name}: {blocked} {not_a_folder(blocked)}, where {parent} needs a folder (give "

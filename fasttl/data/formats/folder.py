@@ -16,8 +16,8 @@ from fasttl.data.sources import FileSource, refuse_one_file_twice
 
 
 def missing_data(root: str, what: str) -> DataError:
-    if unreachable(root):
-        return DataError(f"data: {root} {unreachable(root)}")
+    if why := unreachable(root):
+        return DataError(f"data: {root} {why}")
     if os.path.lexists(root) and not os.path.exists(root):
         return DataError(f"data: {root} is a broken symbolic link (fix the link or give the folder itself)")
     if os.path.exists(root):
@@ -64,8 +64,8 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
             ignored.append((path, "a fasttl run folder"))
         elif os.path.isdir(path):
             found.append(name)
-        elif unreachable(path):  # a class folder, maybe: never passed over as a broken link
-            raise DataError(f"data: {path} {unreachable(path)}")
+        elif why := unreachable(path):  # a class folder, maybe: never passed over as a broken link
+            raise DataError(f"data: {path} {why}")
         elif not os.path.exists(path):
             ignored.append((path, "broken symbolic link"))
         else:
@@ -136,9 +136,9 @@ def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
     if not os.path.isdir(root):
         raise missing_data(root, f"class folders {root}/<class>/*.jpg, or {root}/train/<class> and {root}/test/<class>")
     train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
-    split = next((path for path in (train_dir, test_dir) if unreachable(path)), None)
-    if split is not None:  # never taken for a half split, or for a class called "test"
-        raise DataError(f"data: {split} {unreachable(split)}")
+    for split in (train_dir, test_dir):  # never taken for a half split, or for a class called "test"
+        if why := unreachable(split):
+            raise DataError(f"data: {split} {why}")
     if os.path.isdir(train_dir) and os.path.isdir(test_dir):
         train = scan_class_folder(train_dir)
         test = scan_class_folder(test_dir, classes=train.classes)
