@@ -67,13 +67,9 @@ def os_error_line(exc: OSError) -> str:
         return f"{terminal_text(closed)}: {files.CANT_ENTER}{where_to}"
     folder = _folder_to_blame(filename, exc.errno)
     if folder is not None:  # the folder to make writable, not a name fasttl was making in it (a lock, a temporary)
-        said = CANT_WRITE_IN if exc.errno in (errno.EACCES, errno.EPERM) else OS_ERRORS[exc.errno]
+        said = files.CANT_WRITE_IN if exc.errno in (errno.EACCES, errno.EPERM) else OS_ERRORS[exc.errno]
         return f"{terminal_text(folder)}: {said}{where_to}"
     return f"{where}: {OS_ERRORS[exc.errno]}{where_to}"
-
-
-CANT_WRITE_IN = ("permission denied, fasttl can't make files in this folder (make it writable to you, or use another "
-                 "path)")
 
 
 def _folder_to_blame(filename, code: int):

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from fasttl.data.images import bytes_problem, skip_hint, unreadable
+from fasttl.data.images import bytes_problem, read_problem, skip_hint, unreadable
 from fasttl.util.errors import DataError
 from fasttl.data.spec import TransformSpec
 
@@ -93,8 +93,8 @@ class SampleBatches:
         try:
             data = self.source.read(i)
         except OSError as exc:
-            why = "it does not exist" if exc.errno == errno.ENOENT else exc.strerror or type(exc).__name__
-            raise DataError(f"{name}: cannot be read ({why}); {skip_hint(why)}") from None
+            problem = read_problem(self.source.where(i)[0], exc)
+            raise DataError(f"{name}: {problem}; {skip_hint(problem)}") from None
         problem = bytes_problem(data)
         if problem is not None:
             raise DataError(f"{unreadable(name, problem)}; {skip_hint(problem)}")

@@ -4,6 +4,7 @@ sees it, because DALI 2.x crashes the process (SIGSEGV in its decoder's worker t
 parser rejects one sample of a batch."""
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -306,8 +307,21 @@ def header_problem(path: str) -> Optional[str]:
             if magic == _PNG_SIGNATURE:
                 return _png_problem(f, info.st_size)
     except OSError as exc:
-        return f"{_NOT_READ} ({exc.strerror or exc})"
+        return read_problem(path, exc)
     return "not a JPEG or PNG file (bad or missing header)"
+
+
+def read_problem(path: str, exc: OSError) -> str:
+    """Why the file `path` would not open, as a problem: a folder on the way one may not enter, or a
+    file on the way where a folder should be, is named; the image itself may be fine (and could not
+    be removed either)."""
+    from fasttl.util.files import blocking_part, closed_folder, not_a_folder
+
+    if exc.errno in (errno.EACCES, errno.EPERM) and (closed := closed_folder(path)):
+        return f"{_NOT_READ} (the folder {closed} can't be entered: permission denied)"
+    if exc.errno == errno.ENOTDIR and (blocked := blocking_part(path)):
+        return f"{_NOT_READ} ({blocked} {not_a_folder(blocked)})"
+    return f"{_NOT_READ} ({'it does not exist' if exc.errno == errno.ENOENT else exc.strerror or exc})"
 
 
 def unreadable(name, problem) -> str:
@@ -388,11 +402,18 @@ def check_all(paths: Sequence[str], check, num_threads: Optional[int], stop_at_f
     return found
 
 
+# What to do about a file that can't be used, by the words of its problem (the first that match):
+# a file not there, or one behind a folder one may not enter, is not one to remove.
+_ADVICE = (
+    (("does not exist", "No such file"), "no file is there now (a wrong path or link, or removed since fasttl "
+                                         "listed it): fix the path, or run again once the folders hold still"),
+    ((", not a folder)",), "fix the path"),
+    (("can't be entered",), "make that folder accessible to you"),
+)
+
+
 def skip_hint(problem: object = "") -> str:
-    """What to do about a file that can't be used; one not there (`problem` says so: a wrong path or
-    link, or one removed since its folder was listed) is not one to remove."""
-    gone = any(words in str(problem) for words in ("does not exist", "No such file"))
-    return (("no file is there now (a wrong path or link, or removed since fasttl listed it): fix the path, or run "
-             "again once the folders hold still" if gone else "remove it")
-            + ", or leave unreadable files out: --on-error skip (fasttl run, extract, eval, predict), "
+    """What to do about a file that can't be used (`problem`: why), then how to leave such files out."""
+    advice = next((advice for words, advice in _ADVICE if any(w in str(problem) for w in words)), "remove it")
+    return (advice + ", or leave unreadable files out: --on-error skip (fasttl run, extract, eval, predict), "
             "fasttl.data.screen(source, on_error='skip') in Python")

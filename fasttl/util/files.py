@@ -297,6 +297,8 @@ def unreachable(path: str) -> str:
 
 
 CANT_ENTER = "can't be entered (permission denied; make it accessible to you)"
+CANT_WRITE_IN = ("permission denied, fasttl can't make files in this folder (make it writable to you, or use another "
+                 "path)")
 
 
 def closed_folder(path: str) -> Optional[str]:
