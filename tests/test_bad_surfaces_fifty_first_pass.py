@@ -135,3 +135,43 @@ def test_export_and_bench_into_a_folder_they_cannot_write_are_refused_first(line
     assert os.listdir(folder) == []
 
 # (a folder one may write in and enter but not list, mode 311, still takes the file: pass 50's tests)
+
+
+# ---- beside F3: a file system that can't sync a folder ---------------------------------------------------
+@pytest.mark.parametrize("code", ["EINVAL", "ENOTSUP"])
+def test_a_folder_sync_the_file_system_does_not_offer_is_no_failed_write(tmp_path, monkeypatch, code):
+    import errno
+    import stat
+
+    from fasttl.util import files
+
+    real = os.fsync
+
+    def no_folder_sync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", no_folder_sync)
+    # before: the file renamed into place, then the write reported failed
+    files.write_atomic(str(tmp_path / "p.csv"), b"a,b\n")
+    assert (tmp_path / "p.csv").read_bytes() == b"a,b\n" and os.listdir(tmp_path) == ["p.csv"]
+
+
+def test_a_folder_sync_that_fails_for_the_disk_is_still_said(tmp_path, monkeypatch):
+    import errno
+    import stat
+
+    from fasttl.util import files
+
+    real = os.fsync
+
+    def broken_disk(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", broken_disk)
+    with pytest.raises(OSError) as caught:
+        files.write_atomic(str(tmp_path / "p.csv"), b"a,b\n")
+    assert caught.value.errno == errno.EIO

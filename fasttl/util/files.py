@@ -33,6 +33,9 @@ def _fsync_dir(path: str) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError as exc:  # a file system that can't sync a folder (some network and FUSE ones): the file is in place
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 
@@ -124,7 +127,8 @@ def read_json(path: str, strict: bool = False, limit: int = MAX_JSON_BYTES):
 
 def _json_problem(path: str, info: os.stat_result, limit: int) -> Optional[Exception]:
     if not stat.S_ISREG(info.st_mode):
-        return ValueError(f"{path}: not a plain file ({'a folder' if stat.S_ISDIR(info.st_mode) else 'a pipe or a device'})")
+        what = "a folder" if stat.S_ISDIR(info.st_mode) else "a pipe or a device"
+        return ValueError(f"{path}: not a plain file ({what})")
     if info.st_size > limit:
         return ValueError(f"{path}: {info.st_size:,} bytes, more than fasttl ever writes to a JSON file")
     return None
