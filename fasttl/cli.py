@@ -56,19 +56,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say_passed_over(ignored) -> None:
-    """What a walk of the folders given did not read, on stderr (as `fasttl run` says it of a data
-    folder); hidden entries go unsaid."""
-    from fasttl.util.outputs import passed_over
-
-    passed = [(path, why) for path, why in ignored if why != "hidden"]
-    if passed:
-        print(passed_over(passed, where="the folders given", most=5), file=sys.stderr)
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
     from fasttl.util.errors import OptionError
-    from fasttl.predict import format_predictions, image_files, predict, predict_run
+    from fasttl.predict import (format_predictions, image_files, predict, predict_run, say_passed_over,
+                                show_run_predictions)
 
     if args.run is None:  # the backbone's ImageNet classes
         from fasttl.data.sources import ON_ERROR
@@ -87,26 +78,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             raise OptionError(f"top_k: expected 1..1000 ImageNet classes, got {args.top_k}")
         images, ignored = image_files(args.images)  # folders walked for their images, as with --run
         _say(format_predictions(images, predict(images, args.backbone or DEFAULT, args.weights, args.top_k or 5)))
-        _say_passed_over(ignored)
+        say_passed_over(ignored)
         return 0
     if args.weights is not None or args.backbone is not None:
         raise OptionError("run: --run predicts with the run's own model; drop --backbone and --weights")
     result = predict_run(args.run, args.images, out=args.out, top_k=1 if args.top_k is None else args.top_k,
                          device=args.device, batch_size=args.batch_size, on_error=args.on_error,
                          overwrite=args.overwrite, progress=not args.no_progress)
-    from fasttl.util.outputs import terminal_text
-
-    if result["out"] is None:
-        sys.stdout.write(result["csv"])
-    else:
-        _say(f"{result['rows']} predictions written to {terminal_text(result['out'])}", file=sys.stderr)
-    _say_passed_over(result["ignored"])
-    if result["skipped"]:
-        shown = terminal_text("; ".join(f"{path} ({why})" for path, why in result["skipped"][:5]))
-        more = f" and {len(result['skipped']) - 5} more" if len(result["skipped"]) > 5 else ""
-        count = len(result["skipped"])
-        print(f"skipped {count} image{'s' if count != 1 else ''}: {shown}{more}", file=sys.stderr)
-    return 0
+    return show_run_predictions(result)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

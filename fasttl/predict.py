@@ -15,6 +15,7 @@ import collections
 import csv
 import io
 import os
+import sys
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -28,7 +29,7 @@ from fasttl.util.errors import DataError
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import decode, transform
 from fasttl.util.errors import OptionError
-from fasttl.util.files import is_inside, run_folder_in_data, unreachable
+from fasttl.util.files import absolute, is_inside, run_folder_in_data, unreachable
 from fasttl.util.outputs import csv_cell
 from fasttl.util.checks import positive_int
 from fasttl.util.checks import check_output_path, torch_device
@@ -86,6 +87,8 @@ def _unlisted(exc: OSError) -> None:
     if isinstance(exc, FileNotFoundError):
         raise DataError(f"{exc.filename}: removed while fasttl read the folders given (run again once they hold "
                         "still)") from None
+    if isinstance(exc, PermissionError) and (why := unreachable(exc.filename)):  # a folder above it is closed
+        raise DataError(f"{exc.filename} {why}") from None
     raise DataError(f"{exc.filename}: cannot list this folder ({exc.strerror}); check its permissions") from None
 
 
@@ -191,7 +194,7 @@ class RunModel:
     def __init__(self, run_dir: str, device: Union[str, torch.device] = "cpu"):
         from fasttl.transfer.rundir import load_trained, read_config
 
-        self.run_dir = os.path.abspath(os.path.expanduser(os.fspath(run_dir)))
+        self.run_dir = absolute(os.fspath(run_dir))
         self.config = read_config(self.run_dir)
         self.device = torch_device(device)
         self.trained = load_trained(self.run_dir, self.device)
@@ -213,7 +216,7 @@ class RunModel:
             raise OptionError("images: no images given (give image files, folders or a uint8 image tensor)")
         if isinstance(images, (list, tuple)) and images and all(isinstance(p, (str, os.PathLike)) for p in images):
             files, _ = image_files(images)
-            return FileSource([os.path.abspath(f) for f in files], [0] * len(files), list(self.classes))
+            return FileSource([absolute(f) for f in files], [0] * len(files), list(self.classes))
         array = _as_uint8_images(images)
         return ArraySource(array, np.zeros(len(array), dtype=np.int64), list(self.classes), name="images")
 
@@ -274,11 +277,11 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
                 device: str = "cpu", batch_size: Optional[int] = None, on_error: str = "fail",
                 overwrite: bool = False, progress: bool = True) -> dict:
     """`fasttl predict --run`: predicts image files and folders, returns {"csv", "rows", "skipped",
-    "ignored", "out"}; the CSV is written to `out` when given. With on_error="skip", images that
+    "ignored", "out", "not_written"}; the CSV is written to `out` when given (when that fails for the
+    disk or a permission once the work is done, "out" is None and "not_written" says why). With on_error="skip", images that
     do not decode, and images an int8 run's graph can't represent, are left out and returned
     (path, reason) in "skipped"."""
     from fasttl.data import screen
-    from fasttl.util.files import write_atomic
 
     if on_error not in ON_ERROR:
         raise OptionError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")
@@ -295,7 +298,7 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= len(model.classes):
         raise OptionError(f"top_k: expected 1..{len(model.classes)} (the run has {len(model.classes)} classes), "
                           f"got {top_k!r}")
-    source = FileSource([os.path.abspath(f) for f in files], [0] * len(files), list(model.classes))
+    source = FileSource([absolute(f) for f in files], [0] * len(files), list(model.classes))
     spellings = collections.defaultdict(collections.deque)  # the CSV names each image as the user's path led
     for path, given in zip(source.files, files):  # to it; one file given twice, twice as given, in order
         spellings[path].append(given)
@@ -315,9 +318,57 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
         source, logits = source.subset(kept), logits[kept]
     probabilities = torch.softmax(logits, dim=1)
     text = predictions_csv(_as_given(source, spellings), probabilities, model.classes, top_k)
-    if out is not None:
+    not_written = None if out is None else _written(out, text)
+    return {"csv": text, "rows": len(source), "skipped": skipped, "ignored": ignored,
+            "out": None if not_written else out, "not_written": not_written}
+
+
+def _written(out: str, text: str) -> Optional[str]:
+    """None once the CSV is at `out`, else why not (a folder made read-only, a disk filled during
+    the work): the predictions are the caller's to show then, never lost with the file."""
+    from fasttl.cli_errors import os_error_line
+    from fasttl.transfer.evaluate import CANNOT_WRITE
+    from fasttl.util.files import write_atomic
+
+    try:
         write_atomic(out, text.encode())
-    return {"csv": text, "rows": len(source), "skipped": skipped, "ignored": ignored, "out": out}
+    except OSError as exc:
+        if exc.errno not in CANNOT_WRITE:
+            raise
+        return os_error_line(exc)
+    return None
+
+
+def say_passed_over(ignored) -> None:
+    """What a walk of the folders given did not read, on stderr (as `fasttl run` says it of a data
+    folder); hidden entries go unsaid."""
+    from fasttl.util.outputs import passed_over
+
+    passed = [(path, why) for path, why in ignored if why != "hidden"]
+    if passed:
+        print(passed_over(passed, where="the folders given", most=5), file=sys.stderr)
+
+
+def show_run_predictions(result: dict) -> int:
+    """predict_run's result as `fasttl predict --run` says it: the CSV on standard output unless it
+    went to --out (and when --out could not be written, exit 2 after it), the rest on stderr."""
+    from fasttl.util.outputs import counted, terminal_lines, terminal_text
+
+    if result["out"] is None:
+        sys.stdout.write(result["csv"])
+    else:
+        print(terminal_lines(f"{result['rows']} predictions written to {terminal_text(result['out'])}"),
+              file=sys.stderr)
+    say_passed_over(result["ignored"])
+    if result["skipped"]:
+        shown = terminal_text("; ".join(f"{path} ({why})" for path, why in result["skipped"][:5]))
+        more = f" and {len(result['skipped']) - 5} more" if len(result["skipped"]) > 5 else ""
+        print(f"skipped {counted(len(result['skipped']), 'image')}: {shown}{more}", file=sys.stderr)
+    if result.get("not_written"):
+        print(f"fasttl: error: {result['not_written']}; the predictions are on standard output above, not saved",
+              file=sys.stderr)
+        return 2
+    return 0
 
 
 def _as_given(source, spellings) -> List[str]:

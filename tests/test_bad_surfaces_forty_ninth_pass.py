@@ -95,7 +95,7 @@ def test_extracts_passed_over_line_survives_a_full_stdout(cat_ship, tmp_path):  
                                            "listed it): fix the path, or run again once the folders hold still, or "
                                            "leave unreadable files out"),
     ("cannot be read ([Errno 2] No such file or directory: 'x.jpg')", "no file is there now"),
-    ("cannot be read (Permission denied)", "remove it, or leave unreadable files out"),
+    ("cannot be read (Permission denied)", "make it readable to you, or leave unreadable files out"),  # (pass 52)
 ])
 def test_the_advice_for_an_unreadable_image_fits_why(problem, advice):
     from fasttl.data.images import skip_hint

@@ -247,7 +247,7 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     device = torch_device(device)
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     rank, world = rank_and_world()
-    out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    out_dir = files.absolute(out_dir)
     spec = TransformSpec.for_backbone(backbone.preprocessing, size=image_size, mirror=mirror)
     _check_calibration(calibration, spec)
     source, skipped = _screened(data, out_dir, on_error)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import operator
-import os
 import threading
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -19,6 +18,7 @@ from fasttl.cache.kernels import CACHE_DTYPE, ShardTable, gather
 from fasttl.cache.order import epoch_order, shuffle_mode
 from fasttl.cache.store import CacheError
 from fasttl.util.checks import folder_path, plain_int, positive_int, torch_device
+from fasttl.util.files import absolute
 
 
 # made_by's parts, in its order, as messages name them
@@ -103,7 +103,7 @@ class FeatureCache:
 
         The sample ids are read, and checked against their SHA-256, when ``samples`` is first
         used. Any problem is a CacheError naming the file."""
-        directory = os.path.abspath(os.path.expanduser(folder_path("directory", directory)))
+        directory = absolute(folder_path("directory", directory))
         return cls(directory, *format.read_cache(directory, verify, expect_fingerprint))
 
     @classmethod

@@ -110,7 +110,7 @@ def write_cache(directory: str, chunks, labels, *, classes, dtype: str = CACHE_D
     Returns what it did (``directory``, ``rows``, ``shards``, ``bytes_written``, ``seconds``)."""
     started = time.perf_counter()
     classes, labels, sample_ids = _checked_arguments(dtype, shard_rows, classes, fingerprint, labels, sample_ids)
-    directory = os.path.abspath(os.path.expanduser(directory))
+    directory = files.absolute(directory)
     if os.path.lexists(directory) and not os.path.isdir(directory):
         raise CacheError(f"{directory}: is a file, not a folder; write the cache to a folder")
     refuse_run_folder(directory)

@@ -33,7 +33,7 @@ from fasttl.data.archive import extract
 from fasttl.data.http_reply import (DownloadError, PartialRefused, content_encoding, named_address, open_reply,
                                    what_the_encoding_did)
 from fasttl.util.errors import DataError, OptionError, UserError
-from fasttl.util.files import TEMP_PREFIX
+from fasttl.util.files import TEMP_PREFIX, absolute, unwritable
 from fasttl.util.outputs import terminal_text
 from fasttl.util import settings
 from fasttl.util.checks import ascii_digits, decimal, shown
@@ -331,7 +331,7 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
     if dest is not None and not str(dest).strip():
         raise OptionError(f"dest: {dest!r} names no folder; give a folder (`--dest .` for this one), or leave it out "
                           "for $FASTTL_DATA")
-    dest = os.path.abspath(os.path.expanduser(dest if dest is not None else default_dest()))
+    dest = absolute(dest if dest is not None else default_dest())
     if os.path.lexists(dest) and not os.path.isdir(dest):
         from fasttl.util.files import not_a_folder
 
@@ -350,6 +350,8 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
         raise DataError(f"fetch: {target} exists but is not a complete {name} (it lacks some of "
                         f"{', '.join(remote.required)}); move it away and fetch again")
     created = not os.path.isdir(dest)
+    if not created and (why := unwritable(dest)):  # refused before the download, not after it
+        raise OptionError(f"{dest}: {why}")
     os.makedirs(dest, exist_ok=True)
     with _fetch_lock(dest):
         if is_complete(target, remote):  # another fetch finished it while this one started

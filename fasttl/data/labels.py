@@ -2,13 +2,12 @@
 label is what the user meant (a typo is an error, never another class)."""
 from __future__ import annotations
 
-import os
 import unicodedata
 from typing import List, Optional, Sequence, Tuple
 
 from fasttl.util.errors import DataError
 from fasttl.util.checks import ascii_digits, decimal, shown
-from fasttl.util.files import read_plain
+from fasttl.util.files import absolute, read_plain
 
 
 # Integer labels without --classes make classes "0".."K-1"; a label above this is a mistake, not a class.
@@ -31,7 +30,7 @@ def has_control(text: str) -> bool:
 def read_classes_file(path: str) -> List[str]:
     """Class names, one a line (blank lines at the end ignored), for --classes FILE. A blank line
     between names is refused: with --labels indices it would be a guess whether it counts."""
-    path = os.path.abspath(os.path.expanduser(path))
+    path = absolute(path)
     try:
         text = read_plain(path, 64 << 20).decode("utf-8-sig")  # -sig: a leading byte-order mark is not a name
     except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError

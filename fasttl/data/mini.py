@@ -13,6 +13,7 @@ import numpy as np
 
 from fasttl.data.sources import ArraySource
 from fasttl.util.errors import DataError
+from fasttl.util.files import absolute
 
 TAR = os.path.join(os.path.dirname(__file__), "cifar10_mini.tar")
 SHA256 = "5e06c84d3ae7001bd77eda2af738aaa018828d91f4a09d7ef1f69c69557dbfa9"
@@ -56,7 +57,7 @@ def extract_cifar10_mini(destination: str) -> str:
     """Writes the mini set as class folders, DESTINATION/{train,test}/<class>/NNNN.jpg (the layout
     of ../shared/data/cifar10), and returns DESTINATION. Files already there with the same bytes
     are kept; nothing outside DESTINATION is written."""
-    destination = os.path.abspath(os.path.expanduser(destination))
+    destination = absolute(destination)
     for split, members in _members().items():
         for name, file_name, jpeg in members:
             folder = os.path.join(destination, split, name)

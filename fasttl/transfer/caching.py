@@ -17,6 +17,7 @@ from fasttl.cache.kernels import CACHE_DTYPE
 from fasttl.cache.extraction import compute_settings
 from fasttl.util.errors import OptionError
 from fasttl.util import settings
+from fasttl.util.files import absolute
 
 
 def cache_root() -> str:
@@ -237,7 +238,7 @@ def refuse_settings_in_run_folders(out=None) -> None:
     for setting, path in ((settings.CACHE_DIR, cache_root()), (settings.STATE_DIR, state_dir())):
         holder = enclosing_run_folder(path)
         if holder is None and out is not None and str(out).strip() and is_inside(path, out):
-            raise OptionError(f"out: {os.path.abspath(os.path.expanduser(out))} holds {setting.name}={path}, where "
+            raise OptionError(f"out: {absolute(out)} holds {setting.name}={path}, where "
                               f"fasttl keeps its own files, not a run's; give the run another --out, or set "
                               f"{setting.name} to a folder of its own")
         if holder is not None:

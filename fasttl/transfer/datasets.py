@@ -17,6 +17,7 @@ from fasttl.data.sources import TarSource
 from fasttl.data.splits import stratified_split
 from fasttl.util.errors import OptionError
 from fasttl.util import settings
+from fasttl.util.files import absolute
 from fasttl.util.outputs import shortened
 
 Source = Union[FileSource, ArraySource, TarSource]
@@ -184,7 +185,7 @@ def load_dataset(data: Optional[str], seed: int = 0, train_per_class: Optional[i
         dataset.train.skipped = list(source.skipped)  # samples the indexing left out, reported once
         dataset.test.skipped = []
     else:
-        root = os.path.abspath(os.path.expanduser(data))
+        root = absolute(data)
         train, test = class_folder_splits(root)
         carved = test is None
         if carved:

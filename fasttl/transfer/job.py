@@ -91,7 +91,7 @@ def _default_run_dir(base: str, reuse: bool) -> str:
 
 def choose_run_dir(cfg: RunConfig, dataset_name: str) -> str:
     if cfg.out is not None:
-        out = os.path.abspath(os.path.expanduser(cfg.out))
+        out = files.absolute(cfg.out)
         holder = enclosing_run_folder(os.path.dirname(out))
         if holder is not None:  # a run folder holds its own run's files, never another run
             raise RunError(f"out: {out} is inside the fasttl run folder {holder}; give a folder outside it")
@@ -182,7 +182,7 @@ def preflight(cfg: RunConfig) -> None:
     for name in ("weights",):
         path = getattr(cfg, name)
         if path is not None and not os.path.isfile(os.path.expanduser(path)):
-            where = os.path.abspath(os.path.expanduser(path))
+            where = files.absolute(path)
             why = files.unreachable(where)
             raise OptionError(f"{name}: {where} {why}" if why else
                               f"{name}: {where} is not a regular file (a folder, a pipe or a device?)"
@@ -191,7 +191,7 @@ def preflight(cfg: RunConfig) -> None:
         paths = getattr(cfg, name)
         for path in [paths] if isinstance(paths, str) else paths or []:
             if not os.path.isdir(os.path.expanduser(path)):
-                where = os.path.abspath(os.path.expanduser(path))
+                where = files.absolute(path)
                 raise OptionError(f"{name}: {where} {files.unreachable(where) or 'is not a folder'}")
             if cfg.out is not None and \
                     os.path.realpath(os.path.expanduser(path)) == os.path.realpath(os.path.expanduser(cfg.out)):
@@ -209,7 +209,7 @@ def preflight(cfg: RunConfig) -> None:
                               "'fasttl[tensorboard]', or drop --tensorboard") from None
         if isinstance(cfg.tensorboard, str) and os.path.lexists(os.path.expanduser(cfg.tensorboard)) \
                 and not os.path.isdir(os.path.expanduser(cfg.tensorboard)):
-            raise OptionError(f"tensorboard: {os.path.abspath(os.path.expanduser(cfg.tensorboard))} is not a folder")
+            raise OptionError(f"tensorboard: {files.absolute(cfg.tensorboard)} is not a folder")
 
 
 def _refuse_writes_among_images(cfg: RunConfig, sources=None) -> None:
@@ -292,7 +292,7 @@ def _data_path(path):
     the run read (a data set name such as cifar10, or no option, stays None)."""
     if path is None or path in NAMED:
         return None
-    return os.path.abspath(os.path.expanduser(path))
+    return files.absolute(path)
 
 
 def _locked_run_dir(run_dir: str):
@@ -359,7 +359,7 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
     if cfg.tensorboard is True:
         board = os.path.join(run_dir, TENSORBOARD)  # the run's own: --overwrite clears it with the run
     else:
-        board = os.path.join(os.path.abspath(os.path.expanduser(cfg.tensorboard)), os.path.basename(run_dir))
+        board = os.path.join(files.absolute(cfg.tensorboard), os.path.basename(run_dir))
     # A link anywhere events go (the folder or a model's sub-folder) is refused now, not after training.
     models = [name for name in sorted(os.listdir(board)) if name != TENSORBOARD_LOCK] \
         if os.path.isdir(board) and not os.path.islink(board) else []

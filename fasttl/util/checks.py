@@ -104,10 +104,10 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out", ending: s
     given = os.fspath(path)
     if given.endswith(("/", os.sep)):
         raise OptionError(f"{name}: {given!r} names a folder (it ends in /); give {flag} a file name")
-    path = os.path.abspath(os.path.expanduser(given))
+    from fasttl.util.files import absolute, blocking_part, enclosing_run_folder, not_a_folder, unreachable, unwritable
+
+    path = absolute(given)
     parent = os.path.dirname(path)
-    from fasttl.util.files import (CANT_ENTER, CANT_WRITE_IN, blocking_part, enclosing_run_folder, not_a_folder,
-                                   unreachable)
 
     holder = enclosing_run_folder(parent)
     if holder is not None:  # a run's folder holds only what its run wrote: eval, predict and export never mix in
@@ -131,7 +131,6 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out", ending: s
             raise OptionError(f"{name}: {blocked} {not_a_folder(blocked)}, where {parent} needs a folder (give "
                               f"another {flag} in an existing folder)")
         raise OptionError(f"{name}: {parent} {not_a_folder(parent)} (give another {flag} in an existing folder)")
-    if not os.access(parent, os.W_OK | os.X_OK):  # the file is written last: refused before the work, not after it
-        raise OptionError(f"{parent}: " + (CANT_ENTER if not os.access(parent, os.X_OK) else "read-only file system "
-                          "(write elsewhere)" if os.statvfs(parent).f_flag & os.ST_RDONLY else CANT_WRITE_IN))
+    if why := unwritable(parent):  # the file is written last: refused before the work, not after it
+        raise OptionError(f"{parent}: {why}")
     return path

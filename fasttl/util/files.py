@@ -43,13 +43,13 @@ def _fsync_dir(path: str) -> None:
 def write_atomic(path: str, data: bytes) -> None:
     """Writes `data` to a fasttl temporary beside `path`, fsyncs it and renames it over `path`. A
     symbolic link at `path` is replaced, its target left alone. On failure the temporary is removed."""
-    directory, name = os.path.split(os.path.abspath(path))
+    directory, name = os.path.split(absolute(path))
     short = name.encode()[:150].decode(errors="ignore")  # the temporary's name stays within NAME_MAX
     tmp = os.path.join(directory, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{short}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666)
     except OSError as exc:  # the error names the user's file, never the temporary
-        raise OSError(exc.errno, exc.strerror, os.path.abspath(path)) from None
+        raise OSError(exc.errno, exc.strerror, absolute(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -61,7 +61,7 @@ def write_atomic(path: str, data: bytes) -> None:
             os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, tmp):
             # A full disk or quota fails the write itself, naming no file: the error names the user's.
-            raise OSError(exc.errno, exc.strerror, os.path.abspath(path)) from None
+            raise OSError(exc.errno, exc.strerror, absolute(path)) from None
         raise
     _fsync_dir(directory)
 
@@ -261,6 +261,18 @@ class FolderLock:
             self.fd = None
 
 
+def absolute(path) -> str:
+    """os.path.abspath(os.path.expanduser(path)), but as the kernel reads the path: a '..' after a
+    symbolic link goes up from the link's target, where abspath drops the link and the '..' as text
+    (another image, data set or output would be used). The last part is kept as given: a link there
+    stays a link, for the checks that refuse one."""
+    path = os.path.expanduser(os.fspath(path))
+    if ".." not in path.split(os.sep):
+        return os.path.abspath(path)
+    head, tail = os.path.split(path.rstrip(os.sep))
+    return os.path.realpath(path) if tail == ".." else os.path.join(os.path.realpath(head or os.curdir), tail)
+
+
 def standing(path: str) -> str:
     """What stands at `path` where a folder is wanted: a link to nothing or a link loop is no file,
     whatever os.path.isdir says of both."""
@@ -303,6 +315,15 @@ def unreachable(path: str) -> str:
 CANT_ENTER = "can't be entered (permission denied; make it accessible to you)"
 CANT_WRITE_IN = ("permission denied, fasttl can't make files in this folder (make it writable to you, or use another "
                  "path)")
+
+
+def unwritable(folder: str) -> str:
+    """Why fasttl can't make a file in the existing `folder` ('' when it can), as an error says it
+    after the folder: asked before the work, so an output written last is never refused after it."""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return ""
+    return CANT_ENTER if not os.access(folder, os.X_OK) else "read-only file system (write elsewhere)" \
+        if os.statvfs(folder).f_flag & os.ST_RDONLY else CANT_WRITE_IN
 
 
 def closed_folder(path: str) -> Optional[str]:

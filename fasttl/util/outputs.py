@@ -86,8 +86,10 @@ def within(path: str, folder) -> str:
     entries), else its name."""
     import os
 
+    from fasttl.util.files import absolute
+
     if isinstance(folder, str):
-        relative = os.path.relpath(path, os.path.abspath(os.path.expanduser(folder)))
+        relative = os.path.relpath(path, absolute(folder))
         if not relative.startswith(os.pardir):
             return relative
     return os.path.basename(path)

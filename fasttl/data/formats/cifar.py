@@ -10,6 +10,7 @@ import numpy as np
 from fasttl.util.errors import DataError
 from fasttl.data.labels import refuse_lookalikes
 from fasttl.data.sources import ArraySource
+from fasttl.util.files import absolute
 
 
 def _latin1_encode(text, encoding="latin1", errors="strict"):
@@ -91,7 +92,7 @@ def load_cifar_pickles(root: str, train: bool) -> ArraySource:
     """CIFAR-10 (`cifar-10-batches-py`) or CIFAR-100 (`cifar-100-python`) python pickle batches.
     Read with a restricted unpickler (numpy arrays and plain containers only, never code) and
     checked: uint8 (N, 3072) images, N labels within the class list."""
-    root = os.path.abspath(os.path.expanduser(root))
+    root = absolute(root)
     if os.path.isfile(os.path.join(root, "batches.meta")):
         names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
         meta, label_key, class_key = "batches.meta", "labels", "label_names"

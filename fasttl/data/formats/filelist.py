@@ -10,6 +10,7 @@ from fasttl.util.outputs import shortened
 from fasttl.data.formats.folder import missing_data
 from fasttl.data.labels import has_control, label_indices
 from fasttl.data.sources import FileSource, refuse_one_file_twice
+from fasttl.util.files import absolute
 
 
 LIST_EXTENSIONS = (".csv", ".tsv", ".parquet")
@@ -194,7 +195,7 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_ki
     names or indices (see `label_indices`). Rows stay in the list's order. Files are not opened
     here: `screen` and the loaders check them (a missing one is named, or skipped with
     --on-error skip)."""
-    path = os.path.abspath(os.path.expanduser(path))
+    path = absolute(path)
     if not os.path.isfile(path):
         raise missing_data(path, "a CSV, TSV or Parquet file list with path and label columns") \
             if not os.path.isdir(path) else DataError(f"data: {path} is a folder, not a file list")

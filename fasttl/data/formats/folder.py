@@ -9,7 +9,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from fasttl.util.errors import DataError
-from fasttl.util.files import run_folder_in_data, unreachable
+from fasttl.util.files import absolute, run_folder_in_data, unreachable
 from fasttl.data.images import IMAGE_EXTENSIONS, header_problem, unreadable
 from fasttl.data.labels import MAX_INDEX_CLASSES, refuse_lookalikes
 from fasttl.data.sources import FileSource, refuse_one_file_twice
@@ -51,7 +51,7 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
     result's ``ignored`` as (path, reason): hidden (dot) folders and files, files without an image
     extension (.txt, Thumbs.db, ...), files directly in root, broken links and special files.
     File contents are not read here: `screen` and the loaders check them."""
-    root = os.path.abspath(os.path.expanduser(root))
+    root = absolute(root)
     expected = f"a folder with one sub-folder of images per class, {root}/<class>/<image>.jpg"
     if not os.path.isdir(root):
         raise missing_data(root, expected)
@@ -132,7 +132,7 @@ def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
     """(train, test) from root/train and root/test when both exist, else (root, None). With
     splits, what root holds besides train/ and test/ is listed in train.ignored. Only one of
     train/ and test/ is a DataError (it would otherwise be read as a class)."""
-    root = os.path.abspath(os.path.expanduser(root))
+    root = absolute(root)
     if not os.path.isdir(root):
         raise missing_data(root, f"class folders {root}/<class>/*.jpg, or {root}/train/<class> and {root}/test/<class>")
     train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
@@ -176,7 +176,7 @@ def file_list(pairs: Iterable[Tuple[str, int]], classes: Optional[Sequence[str]]
         if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], (str, os.PathLike)):
             raise TypeError(f"pairs[{index}]: expected a (path, integer label) pair, got {pair!r:.80}")
         path, label = pair
-        path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        path = absolute(os.fspath(path))
         if not os.path.exists(path):
             raise DataError(f"{path}: no such file (fix the path in the file list)")
         if not os.path.isfile(path):

@@ -10,6 +10,7 @@ from fasttl.util.errors import DataError
 from fasttl.data.formats.folder import missing_data
 from fasttl.data.labels import index_class_names, numbered_classes
 from fasttl.util.checks import ascii_digits
+from fasttl.util.files import absolute
 from fasttl.data.sources import TarSource, refuse_one_file_twice
 
 
@@ -74,9 +75,9 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
     dropped; a class that is not an index into the classes, or a tar that cannot be read, is a
     DataError."""
     pattern = os.path.expanduser(pattern)
-    shards = [os.path.abspath(p) for p in expand_braces(pattern)]
+    shards = [absolute(p) for p in expand_braces(pattern)]
     refuse_one_file_twice(shards, "its samples would be read twice, some in training and in the test split")
-    root = os.path.dirname(os.path.abspath(pattern.split("{", 1)[0] + "x"))
+    root = os.path.dirname(absolute(pattern.split("{", 1)[0] + "x"))
     members, keys, labels, skipped = [], [], [], []
     for shard_index, shard in enumerate(shards):
         name = os.path.relpath(shard, root)

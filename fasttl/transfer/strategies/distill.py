@@ -165,7 +165,7 @@ def teacher_logits_for(teacher, ds, cfg, run_dir: str, device: torch.device) -> 
     load) and reused by --resume while the teachers' weights and these options are the same."""
     from safetensors.torch import save
 
-    teachers = [os.path.abspath(os.path.expanduser(t)) for t in teacher_dirs(teacher)]
+    teachers = [files.absolute(t) for t in teacher_dirs(teacher)]
     models = [teacher_model(t, ds.classes, device) for t in teachers]  # every teacher checked before any runs
     request = json.dumps({"teachers": teachers, "weights": [_weights_digest(t) for t in teachers],
                           "teacher_logits": cfg.teacher_logits, "folds": cross_fit.FOLDS, "seed": cfg.seed})
@@ -223,7 +223,7 @@ class FeatureHint:
 
 def teacher_features_for(teacher, ds, cfg) -> Tensor:
     """(2, N, D) fp16: the first teacher's cached features of each training image, per view."""
-    first = os.path.abspath(os.path.expanduser(teacher_dirs(teacher)[0]))
+    first = files.absolute(teacher_dirs(teacher)[0])
     model = teacher_model(first, ds.classes, torch.device("cpu"))
     views = [model.view_features(ds.train, mirror=view, progress=cfg.progress, split="train") for view in (False, True)]
     if views[0] is None:
@@ -434,7 +434,7 @@ class Distill(Strategy):
                             temperature=choice["temperature"], alpha=choice["alpha"], train_x=train_x, hint=hint)
         outcome.timings.update(teacher_logits_s=teacher_s, sweep_s=sweep_s)
         labels = labels_of(ds.train, logits.device)
-        teachers = [os.path.abspath(os.path.expanduser(t)) for t in teacher_dirs(cfg.teacher)]
+        teachers = [files.absolute(t) for t in teacher_dirs(cfg.teacher)]
         outcome.notes.update(
             teacher=teachers[0] if len(teachers) == 1 else teachers,
             teacher_test_accuracy={t: _teacher_accuracy(t) for t in teachers},
