@@ -115,8 +115,10 @@ def test_an_image_it_cannot_read_is_not_called_a_bad_image(cat_ship, tmp_path): 
     common = ["--strategy", "scratch", "--epochs", "1", "--image-size", "32", "--compare", "none", "--no-progress"]
     code, _, err = fasttl(tmp_path, "run", "--data", data, "--out", tmp_path / "run", *common)
     # before: "cannot be read as an image (cannot be read (Permission denied))"
+    # (pass 52: "make it readable to you", not "remove it", which one may not do in a folder of mode 555)
     assert code == 2 and one_line_error(err).startswith(f"fasttl: error: {hidden}: cannot be read (Permission "
-                                                        "denied); remove it, or leave unreadable files out")
+                                                        "denied); make it readable to you, or leave unreadable files "
+                                                        "out")
     code, out, err = fasttl(tmp_path, "run", "--data", data, "--out", tmp_path / "skipping", "--on-error", "skip",
                             *common)
     assert code == 0, err
