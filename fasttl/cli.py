@@ -125,6 +125,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     from fasttl.extract import extract, format_summary, say_passed_over
     from fasttl.util import distributed
+    from fasttl.util.files import absolute
 
     summaries = extract(args.backbone, args.data, args.out, weights=args.weights, image_size=args.image_size,
                         dtype=args.dtype, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
@@ -133,7 +134,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                         precision=args.extract_precision, classes=args.classes, labels=args.labels)
     if distributed.rank_and_world()[0] == 0:
         say_passed_over(summaries)
-        with summary_of(os.path.abspath(args.out), "the features were"):  # the cache is written by now
+        with summary_of(absolute(args.out), "the features were"):  # the cache is written by now
             _say("\n".join(format_summary(summaries)))
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -153,7 +154,9 @@ def _add_extraction_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_summary(text: str, run_dir: str) -> None:
-    with summary_of(os.path.abspath(run_dir), "the run was"):  # a full stdout: the run is written by now
+    from fasttl.util.files import absolute
+
+    with summary_of(absolute(run_dir), "the run was"):  # a full stdout: the run is written by now
         print(text)
 
 

@@ -277,8 +277,8 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
                 device: str = "cpu", batch_size: Optional[int] = None, on_error: str = "fail",
                 overwrite: bool = False, progress: bool = True) -> dict:
     """`fasttl predict --run`: predicts image files and folders, returns {"csv", "rows", "skipped",
-    "ignored", "out", "not_written"}; the CSV is written to `out` when given (when that fails for the
-    disk or a permission once the work is done, "out" is None and "not_written" says why). With on_error="skip", images that
+    "ignored", "out", "not_written"}; the CSV is written to `out` when given (when that fails once
+    the work is done, "out" is None and "not_written" says why). With on_error="skip", images that
     do not decode, and images an int8 run's graph can't represent, are left out and returned
     (path, reason) in "skipped"."""
     from fasttl.data import screen
@@ -326,16 +326,13 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
 def _written(out: str, text: str) -> Optional[str]:
     """None once the CSV is at `out`, else why not (a folder made read-only, a disk filled during
     the work): the predictions are the caller's to show then, never lost with the file."""
-    from fasttl.cli_errors import os_error_line
-    from fasttl.transfer.evaluate import CANNOT_WRITE
+    from fasttl.cli_errors import OS_ERRORS, os_error_line
     from fasttl.util.files import write_atomic
 
     try:
         write_atomic(out, text.encode())
-    except OSError as exc:
-        if exc.errno not in CANNOT_WRITE:
-            raise
-        return os_error_line(exc)
+    except OSError as exc:  # whatever stopped the file (its folder removed, a folder put there): the work is done
+        return os_error_line(exc) if exc.errno in OS_ERRORS else f"{out}: {exc.strerror or exc}"
     return None
 
 
@@ -351,9 +348,13 @@ def say_passed_over(ignored) -> None:
 
 def show_run_predictions(result: dict) -> int:
     """predict_run's result as `fasttl predict --run` says it: the CSV on standard output unless it
-    went to --out (and when --out could not be written, exit 2 after it), the rest on stderr."""
+    went to --out (when --out could not be written, said first, then the CSV, exit 2), the rest on
+    stderr."""
     from fasttl.util.outputs import counted, terminal_lines, terminal_text
 
+    if result.get("not_written"):  # first: a full standard output must not take this line with it
+        print(f"fasttl: error: {result['not_written']}; the predictions go to standard output instead, not saved",
+              file=sys.stderr, flush=True)
     if result["out"] is None:
         sys.stdout.write(result["csv"])
     else:
@@ -364,11 +365,7 @@ def show_run_predictions(result: dict) -> int:
         shown = terminal_text("; ".join(f"{path} ({why})" for path, why in result["skipped"][:5]))
         more = f" and {len(result['skipped']) - 5} more" if len(result["skipped"]) > 5 else ""
         print(f"skipped {counted(len(result['skipped']), 'image')}: {shown}{more}", file=sys.stderr)
-    if result.get("not_written"):
-        print(f"fasttl: error: {result['not_written']}; the predictions are on standard output above, not saved",
-              file=sys.stderr)
-        return 2
-    return 0
+    return 2 if result.get("not_written") else 0
 
 
 def _as_given(source, spellings) -> List[str]:

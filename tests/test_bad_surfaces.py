@@ -237,8 +237,8 @@ def test_cli_os_errors_are_one_line_naming_the_path(cat_ship, finished, tmp_path
     # the folder refusing the new file is named (its temporary is never; nor is out.csv, which is not there);
     # the predictions are shown all the same (pass 52: they were lost with the file)
     assert code == 2 and line == f"fasttl: error: {tmp_path}: permission denied, fasttl can't make files in this " \
-                                 "folder (make it writable to you, or use another path); the predictions are on " \
-                                 "standard output above, not saved"
+                                 "folder (make it writable to you, or use another path); the predictions go to " \
+                                 "standard output instead, not saved"
     images = sum(len(os.listdir(os.path.join(cat_ship, "test", name))) for name in ("cat", "ship"))
     assert out.startswith("path,") and len(out.splitlines()) == 1 + images
     monkeypatch.setattr(files, "write_atomic", real)

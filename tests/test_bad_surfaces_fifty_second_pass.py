@@ -94,13 +94,14 @@ def test_a_link_loop_or_a_name_too_long_on_the_way_is_a_path_to_fix(tmp_path):
     from fasttl.data.images import header_problem, skip_hint
 
     (tmp_path / "loop.jpg").symlink_to("loop.jpg")
-    for path, problem in [(tmp_path / "loop.jpg" / "x.jpg", f"cannot be read ({tmp_path / 'loop.jpg'} is a "
-                                                            "symbolic link loop)"),
-                          (tmp_path / ("a" * 300 + ".jpg"), "cannot be read (a name in its path is too long for the "
-                                                            "file system: no such file can be there)")]:
+    for path, problem, advice in [
+            (tmp_path / "loop.jpg" / "x.jpg", f"cannot be read ({tmp_path / 'loop.jpg'} is a symbolic link loop)",
+             "fix the path"),
+            (tmp_path / ("a" * 300 + ".jpg"), "cannot be read (its path, or a name in it, is too long for the file "
+                                              "system)", "give a shorter path (move the file up, or rename folders)")]:
         # before: "Too many levels of symbolic links" and "File name too long", each with "remove it"
         assert header_problem(str(path)) == problem
-        assert skip_hint(problem).startswith("fix the path, or leave unreadable files out")
+        assert skip_hint(problem).startswith(f"{advice}, or leave unreadable files out")
 
 
 # ---- N4: a write that fails after the work keeps the predictions -------------------------------------------
@@ -118,8 +119,8 @@ def test_predictions_are_shown_when_out_fails_at_the_end(linear_run, cat_ship, t
     # before: exit 2 with nothing on standard output (every prediction dropped)
     assert code == 2 and len(out.splitlines()) == 1 + 6 and out.startswith("path,")
     assert one_line_error(err) == (f"fasttl: error: {tmp_path / 'p.csv'}: no space left on the device (free some, "
-                                   "or write elsewhere); nothing half-written was kept; the predictions are on "
-                                   "standard output above, not saved")
+                                   "or write elsewhere); nothing half-written was kept; the predictions go to "
+                                   "standard output instead, not saved")
     from fasttl.predict import predict_run
 
     result = predict_run(linear_run, [str(cat_ship / "test")], out=str(tmp_path / "p.csv"), progress=False)

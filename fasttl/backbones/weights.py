@@ -5,7 +5,7 @@ import os
 
 
 from fasttl.util.errors import UserError
-from fasttl.util.files import unreachable
+from fasttl.util.files import absolute, unreachable
 
 
 class WeightsError(UserError, ValueError):
@@ -16,13 +16,13 @@ def read_state_dict(path: str) -> dict:
     """A state dict from a .pth/.pt (torch.save) or .safetensors file; nothing is downloaded."""
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isfile(path):
-        raise WeightsError(f"weights: {os.path.abspath(path)} is not a regular file (a folder, a pipe or a device?); "
+        raise WeightsError(f"weights: {absolute(path)} is not a regular file (a folder, a pipe or a device?); "
                            "pass a torch.save'd .pth/.pt or a .safetensors file")
     if not os.path.isfile(path) and (why := unreachable(path)):
-        raise WeightsError(f"weights: {os.path.abspath(path)} {why}")
+        raise WeightsError(f"weights: {absolute(path)} {why}")
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"weights: no file at {os.path.abspath(path)}. fasttl never downloads weights: put the state dict "
+            f"weights: no file at {absolute(path)}. fasttl never downloads weights: put the state dict "
             "file there (a torch.save'd .pth/.pt or a .safetensors file), or pass weights=PATH / --weights PATH "
             "pointing to where it is."
         )

@@ -173,7 +173,9 @@ def bench_splits(data: Optional[str] = None):
         f"the default ({os.path.normpath(DEFAULT_DATA)}; set {settings.BENCH_DATA.name})"
     from fasttl.util.errors import DataError
 
-    root = os.path.abspath(data or settings.BENCH_DATA.value() or DEFAULT_DATA)
+    from fasttl.util.files import absolute
+
+    root = absolute(data or settings.BENCH_DATA.value() or DEFAULT_DATA)
     try:
         train, test = class_folder_splits(root)
     except DataError as exc:  # say where the path came from: the fix is there

@@ -322,7 +322,7 @@ def read_problem(path: str, exc: OSError) -> str:
     if exc.errno in (errno.ENOTDIR, errno.ELOOP) and (blocked := blocking_part(path)):  # a file or a loop on the way
         return f"{_NOT_READ} ({blocked} {not_a_folder(blocked)})"
     if exc.errno == errno.ENAMETOOLONG:
-        return f"{_NOT_READ} (a name in its path is too long for the file system: no such file can be there)"
+        return f"{_NOT_READ} (its path, or a name in it, is too long for the file system)"
     return f"{_NOT_READ} ({'it does not exist' if exc.errno == errno.ENOENT else exc.strerror or exc})"
 
 
@@ -409,7 +409,8 @@ def check_all(paths: Sequence[str], check, num_threads: Optional[int], stop_at_f
 _ADVICE = (
     (("does not exist", "No such file"), "no file is there now (a wrong path or link, or removed since fasttl "
                                          "listed it): fix the path, or run again once the folders hold still"),
-    ((", not a folder)", "is a symbolic link loop)", "no such file can be there"), "fix the path"),
+    ((", not a folder)", "is a symbolic link loop)"), "fix the path"),
+    (("is too long for the file system)",), "give a shorter path (move the file up, or rename folders)"),
     (("can't be entered",), "make that folder accessible to you"),
     (("(Permission denied)",), "make it readable to you"),
 )

@@ -270,6 +270,9 @@ def absolute(path) -> str:
     if ".." not in path.split(os.sep):
         return os.path.abspath(path)
     head, tail = os.path.split(path.rstrip(os.sep))
+    if not os.path.isdir(head or os.curdir) or (tail == ".." and not os.path.isdir(path)):
+        return os.path.join(os.getcwd(), path)  # the kernel can't go that way (a missing folder, a file): nor may
+        # the text, so the path stays as given and fails where it is used (abspath would drop 'missing/..')
     return os.path.realpath(path) if tail == ".." else os.path.join(os.path.realpath(head or os.curdir), tail)
 
 
