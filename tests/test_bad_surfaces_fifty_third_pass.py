@@ -11,6 +11,7 @@ import shutil
 import pytest
 
 from conftest import cat_ship, cli, finished_run  # noqa: F401 (cat_ship: a fixture)
+from test_bad_surfaces_fifty_second_pass import linked  # noqa: F401 (a fixture: tmp/a/lk -> ../b/in)
 
 
 @pytest.fixture(scope="module")
@@ -18,23 +19,14 @@ def linear_run(cat_ship, tmp_path_factory):  # noqa: F811
     return finished_run(cat_ship, tmp_path_factory, "linear53", strategy="linear", epochs=None)
 
 
-@pytest.fixture
-def linked(tmp_path):
-    """tmp/a/lk -> ../b/in, tmp/a/x.jpg a file: for the kernel a/lk/.. is b."""
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b" / "in").mkdir(parents=True)
-    (tmp_path / "a" / "lk").symlink_to(os.path.join("..", "b", "in"))
-    (tmp_path / "a" / "x.jpg").write_bytes(b"x")
-    return tmp_path
-
-
 # ---- F2: a '..' the kernel can't take stays in the path -----------------------------------------------
 @pytest.mark.parametrize("way", ["nope", "x.jpg"])
-def test_a_dotdot_after_a_missing_folder_or_a_file_is_never_dropped(linked, way):
+def test_a_dotdot_after_a_missing_folder_or_a_file_is_never_dropped(linked, way):  # noqa: F811
     from fasttl.util.checks import check_output_path
     from fasttl.util.errors import OptionError
     from fasttl.util.files import absolute
 
+    (linked / "a" / "x.jpg").write_bytes(b"x")  # a file: no folder to go up from
     (linked / "a" / "k.csv").write_text("keep")
     given = linked / "a" / way / ".." / "k.csv"
     assert absolute(given) == str(given)  # before: .../a/k.csv, a file the kernel never reaches that way
@@ -56,7 +48,7 @@ def test_the_bench_data_folder_after_a_link_is_the_kernels(cat_ship, linked):  #
                                         "images")
 
 
-def test_weights_not_there_are_named_where_the_kernel_looked(linked):
+def test_weights_not_there_are_named_where_the_kernel_looked(linked):  # noqa: F811
     from fasttl.backbones.weights import read_state_dict
 
     (linked / "a" / "w.pt").write_bytes(b"there, but not where the path leads")

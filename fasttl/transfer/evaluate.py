@@ -24,7 +24,7 @@ from fasttl.transfer.rundir import RunError, finite_logits, load_trained, read_c
 
 
 # Why eval_metrics.json may not be writable while the run is readable (a shared or read-only run).
-CANNOT_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+_CANNOT_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
 
 
 @torch.no_grad()
@@ -79,7 +79,7 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
         write_json_atomic(path, strict_json(metrics))
         written = path
     except OSError as exc:
-        if exc.errno not in CANNOT_WRITE:
+        if exc.errno not in _CANNOT_WRITE:
             raise
         written = None  # a run on read-only storage still evaluates: the caller shows the metrics
         metrics["not_written"] = f"{path}: {os.strerror(exc.errno).lower()}"
