@@ -61,6 +61,9 @@ def os_error_line(exc: OSError) -> str:
         if filename is not None and exc.errno in (errno.ENOTDIR, errno.ENOENT, errno.ELOOP) else None
     if in_the_way is not None:  # what to move, never a name fasttl made inside the folder it wanted
         return f"{terminal_text(in_the_way)}: {files.standing(in_the_way)}, {NOT_A_FOLDER}{where_to}"
+    gone = files.missing_folder(os.fsdecode(filename)) if filename is not None and exc.errno == errno.ENOENT else None
+    if gone is not None:  # the folder that went (or never was), not the file fasttl was making in it
+        return f"{terminal_text(gone)}: no such folder (check the path){where_to}"
     closed = files.closed_folder(os.fsdecode(filename)) \
         if filename is not None and exc.errno in (errno.EACCES, errno.EPERM) else None
     if closed is not None:  # a folder on the way that can't be entered: making it writable would not do

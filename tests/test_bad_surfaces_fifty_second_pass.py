@@ -139,4 +139,4 @@ def test_fetch_into_a_folder_it_cannot_write_is_refused_before_downloading(tmp_p
     finally:
         os.chmod(folder, 0o755)
     # before: "downloading ...", then the refusal after the whole archive (here: a connection error)
-    assert code == 2 and one_line_error(err) == f"fasttl: error: {folder}: {WRITE}"
+    assert code == 2 and one_line_error(err) == f"fasttl: error: dest: {folder}: {WRITE}"

@@ -351,7 +351,7 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
                         f"{', '.join(remote.required)}); move it away and fetch again")
     created = not os.path.isdir(dest)
     if not created and (why := unwritable(dest)):  # refused before the download, not after it
-        raise OptionError(f"{dest}: {why}")
+        raise OptionError(f"dest: {dest}: {why}")
     os.makedirs(dest, exist_ok=True)
     with _fetch_lock(dest):
         if is_complete(target, remote):  # another fetch finished it while this one started

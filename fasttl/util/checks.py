@@ -132,5 +132,5 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out", ending: s
                               f"another {flag} in an existing folder)")
         raise OptionError(f"{name}: {parent} {not_a_folder(parent)} (give another {flag} in an existing folder)")
     if why := unwritable(parent):  # the file is written last: refused before the work, not after it
-        raise OptionError(f"{parent}: {why}")
+        raise OptionError(f"{name}: {parent}: {why}")  # which output, where --json and --plot share a folder
     return path

@@ -346,14 +346,25 @@ def closed_folder(path: str) -> Optional[str]:
     return None
 
 
-def blocking_part(path: str) -> Optional[str]:
-    """The first folder of `path` (from the root) that is there but is no folder (a file, a link to
-    nothing, a link loop), or None."""
+def _folders_above(path: str) -> list:
+    """The folders on the way to `path`, from the root (the path itself left out)."""
     parts, current = [], os.path.abspath(path)
     while os.path.dirname(current) != current:
         current = os.path.dirname(current)
         parts.append(current)
-    return next((p for p in reversed(parts) if os.path.lexists(p) and not os.path.isdir(p)), None)
+    return parts[::-1]
+
+
+def blocking_part(path: str) -> Optional[str]:
+    """The first folder of `path` (from the root) that is there but is no folder (a file, a link to
+    nothing, a link loop), or None."""
+    return next((p for p in _folders_above(path) if os.path.lexists(p) and not os.path.isdir(p)), None)
+
+
+def missing_folder(path: str) -> Optional[str]:
+    """The first folder on the way to `path` (from the root) that is not there (removed during the
+    work, or a wrong path), or None."""
+    return next((p for p in _folders_above(path) if not os.path.lexists(p)), None)
 
 
 def _holder(fd: int) -> str:
