@@ -43,11 +43,14 @@ OS_ERRORS = {
     errno.EFBIG: "file too large (a file size limit, ulimit -f, or the file system's; write elsewhere or raise it)",
     errno.EXDEV: "the path crosses file systems where fasttl moves a file into place (use a path on one file system)",
     errno.ENXIO: "no such device (a FIFO with no reader, or a device file? use a regular path)",
+    errno.EEXIST: "a file appeared there while fasttl worked and was left as it is (move it away, or use another path)",
 }
 
 
 def os_error_line(exc: OSError) -> str:
     from fasttl.util import files
+    from fasttl.util.path_problems import (CANT_ENTER, CANT_WRITE_IN, blocking_part, closed_folder, missing_folder,
+                                           standing)
     from fasttl.util.outputs import terminal_text
 
     filename = exc.filename if isinstance(exc.filename, (str, bytes, os.PathLike)) else None  # not a descriptor number
@@ -57,20 +60,20 @@ def os_error_line(exc: OSError) -> str:
         where = "files"
     # a per-process limit (ulimit -f, -n) is no fault of the folder: moving the cache folder won't help
     where_to = "" if exc.errno in (errno.EFBIG, errno.EMFILE, errno.ENFILE) else _in_feature_cache(filename)
-    in_the_way = files.blocking_part(os.fsdecode(filename)) \
+    in_the_way = blocking_part(os.fsdecode(filename)) \
         if filename is not None and exc.errno in (errno.ENOTDIR, errno.ENOENT, errno.ELOOP) else None
     if in_the_way is not None:  # what to move, never a name fasttl made inside the folder it wanted
-        return f"{terminal_text(in_the_way)}: {files.standing(in_the_way)}, {NOT_A_FOLDER}{where_to}"
-    gone = files.missing_folder(os.fsdecode(filename)) if filename is not None and exc.errno == errno.ENOENT else None
+        return f"{terminal_text(in_the_way)}: {standing(in_the_way)}, {NOT_A_FOLDER}{where_to}"
+    gone = missing_folder(os.fsdecode(filename)) if filename is not None and exc.errno == errno.ENOENT else None
     if gone is not None:  # the folder that went (or never was), not the file fasttl was making in it
         return f"{terminal_text(gone)}: no such folder (check the path){where_to}"
-    closed = files.closed_folder(os.fsdecode(filename)) \
+    closed = closed_folder(os.fsdecode(filename)) \
         if filename is not None and exc.errno in (errno.EACCES, errno.EPERM) else None
     if closed is not None:  # a folder on the way that can't be entered: making it writable would not do
-        return f"{terminal_text(closed)}: {files.CANT_ENTER}{where_to}"
+        return f"{terminal_text(closed)}: {CANT_ENTER}{where_to}"
     folder = _folder_to_blame(filename, exc.errno)
     if folder is not None:  # the folder to make writable, not a name fasttl was making in it (a lock, a temporary)
-        said = files.CANT_WRITE_IN if exc.errno in (errno.EACCES, errno.EPERM) else OS_ERRORS[exc.errno]
+        said = CANT_WRITE_IN if exc.errno in (errno.EACCES, errno.EPERM) else OS_ERRORS[exc.errno]
         return f"{terminal_text(folder)}: {said}{where_to}"
     return f"{where}: {OS_ERRORS[exc.errno]}{where_to}"
 

@@ -128,7 +128,7 @@ def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, ops
     if not np.isfinite(max_diff) or got.shape != expected.shape or max_diff > tolerance:
         raise VerificationError(f"export: ONNX Runtime's logits differ from torch's by {max_diff:.3g} on "
                                 f"{len(images)} images (more than {tolerance:g}); {out} was not written")
-    write_atomic(out, data)
+    write_atomic(out, data, replace=overwrite)  # without --overwrite, a file made there meanwhile is kept
     return {"out": out, "max_abs_diff": max_diff, "images": len(images), "image_size": size,
             "classes": run.classes, "opset": opset, "bytes": len(data)}
 

@@ -14,7 +14,8 @@ from fasttl.data.formats import open_data
 from fasttl.data.formats.filelist import is_file_list
 from fasttl.util.checks import positive_int, torch_device
 from fasttl.util.errors import OptionError
-from fasttl.util.files import enclosing_run_folder, is_inside, not_a_folder
+from fasttl.util.files import enclosing_run_folder, is_inside
+from fasttl.util.path_problems import not_a_folder
 from fasttl.util import distributed
 from fasttl.util.outputs import passed_over, within
 

@@ -29,7 +29,8 @@ from fasttl.util.errors import DataError
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import decode, transform
 from fasttl.util.errors import OptionError
-from fasttl.util.files import absolute, is_inside, run_folder_in_data, unreachable
+from fasttl.util.files import absolute, is_inside, run_folder_in_data
+from fasttl.util.path_problems import unreachable
 from fasttl.util.outputs import csv_cell
 from fasttl.util.checks import positive_int
 from fasttl.util.checks import check_output_path, torch_device
@@ -318,19 +319,19 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
         source, logits = source.subset(kept), logits[kept]
     probabilities = torch.softmax(logits, dim=1)
     text = predictions_csv(_as_given(source, spellings), probabilities, model.classes, top_k)
-    not_written = None if out is None else _written(out, text)
+    not_written = None if out is None else _written(out, text, overwrite)
     return {"csv": text, "rows": len(source), "skipped": skipped, "ignored": ignored,
             "out": None if not_written else out, "not_written": not_written}
 
 
-def _written(out: str, text: str) -> Optional[str]:
+def _written(out: str, text: str, overwrite: bool) -> Optional[str]:
     """None once the CSV is at `out`, else why not (a folder made read-only, a disk filled during
     the work): the predictions are the caller's to show then, never lost with the file."""
     from fasttl.cli_errors import OS_ERRORS, os_error_line
     from fasttl.util.files import write_atomic
 
     try:
-        write_atomic(out, text.encode())
+        write_atomic(out, text.encode(), replace=overwrite)  # a file made at --out meanwhile is kept
     except OSError as exc:  # whatever stopped the file (its folder removed, a folder put there): the work is done
         return os_error_line(exc) if exc.errno in OS_ERRORS else f"{out}: {exc.strerror or exc}"
     return None

@@ -226,7 +226,7 @@ def test_cli_os_errors_are_one_line_naming_the_path(cat_ship, finished, tmp_path
 
     real = files.write_atomic
 
-    def denied(path, data):
+    def denied(path, data, replace=True):
         raise PermissionError(errno.EACCES, "Permission denied", os.path.join(os.path.dirname(path),
                                                                                ".fasttl-tmp-1-ab12cd-" + os.path.basename(path)))
 

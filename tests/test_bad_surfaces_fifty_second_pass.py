@@ -111,7 +111,7 @@ def test_predictions_are_shown_when_out_fails_at_the_end(linear_run, cat_ship, t
 
     from fasttl.util import files
 
-    def disk_full(path, data):
+    def disk_full(path, data, replace=True):
         raise OSError(errno.ENOSPC, "No space left on device", path)
 
     monkeypatch.setattr(files, "write_atomic", disk_full)

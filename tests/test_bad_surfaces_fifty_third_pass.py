@@ -64,7 +64,7 @@ def test_predictions_are_shown_whatever_stops_the_out_file(linear_run, cat_ship,
                                                            monkeypatch, code):
     from fasttl.util import files
 
-    def stopped(path, data):
+    def stopped(path, data, replace=True):
         raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), path)
 
     monkeypatch.setattr(files, "write_atomic", stopped)
@@ -82,7 +82,7 @@ def test_a_failed_out_is_said_before_standard_output_is_written(linear_run, cat_
     from fasttl.predict import predict_run, show_run_predictions
     from fasttl.util import files
 
-    monkeypatch.setattr(files, "write_atomic", lambda path, data: (_ for _ in ()).throw(
+    monkeypatch.setattr(files, "write_atomic", lambda path, data, replace=True: (_ for _ in ()).throw(
         OSError(errno.ENOSPC, "No space left on device", path)))
     result = predict_run(linear_run, [str(cat_ship / "test")], out=str(tmp_path / "p.csv"), progress=False)
     said = []

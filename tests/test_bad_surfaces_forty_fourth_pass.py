@@ -187,7 +187,7 @@ def test_an_out_link_is_named_for_what_it_is(cat_ship, tmp_path, capsys, private
 
 
 def test_not_a_folder_says_what_stands_there(tmp_path):
-    from fasttl.util.files import not_a_folder
+    from fasttl.util.path_problems import not_a_folder
 
     (tmp_path / "file").write_bytes(b"")
     os.symlink(tmp_path / "file", tmp_path / "to-file")

@@ -84,7 +84,8 @@ def test_predictions_into_a_folder_it_cannot_write_name_that_folder(scratch_run,
                                                                     locked_folder):
     code, out, err = fasttl(tmp_path, "predict", "--run", scratch_run, cat_ship / "test", "--out",
                             locked_folder / "predictions.csv")
-    assert code == 2 and one_line_error(err).startswith(f"fasttl: error: {locked_folder}: permission denied, fasttl")
+    assert code == 2 and one_line_error(err).startswith(f"fasttl: error: out: {locked_folder}: permission denied, "
+                                                        "fasttl")
     assert os.listdir(locked_folder) == [] and out == ""
 
 

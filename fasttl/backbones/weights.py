@@ -5,7 +5,8 @@ import os
 
 
 from fasttl.util.errors import UserError
-from fasttl.util.files import absolute, unreachable
+from fasttl.util.files import absolute
+from fasttl.util.path_problems import unreachable
 
 
 class WeightsError(UserError, ValueError):

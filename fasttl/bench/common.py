@@ -147,14 +147,14 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def save_json(path: Optional[str], payload: Dict[str, object]) -> None:
+def save_json(path: Optional[str], payload: Dict[str, object], replace: bool = True) -> None:
     """Written atomically through fasttl's own temporary (never a user's PATH.tmp, never through a
-    link); an error names PATH."""
+    link); an error names PATH. With `replace` False, a file at PATH is kept (FileExistsError)."""
     if not path:
         return
     from fasttl.util.files import write_atomic
 
-    write_atomic(path, json.dumps(payload, indent=2).encode())
+    write_atomic(path, json.dumps(payload, indent=2).encode(), replace=replace)
 
 
 # The images the data, cache and e2e benchmarks read: FASTTL_BENCH_DATA, else the shared CIFAR-10.

@@ -48,9 +48,10 @@ def run(names: List[str], device: str = "cpu", quick: bool = False, json_path: O
         print(f"\n## {name}\n\n{result['table']}", flush=True)
         results.append(result)
     payload = {"machine": info, "device": device, "quick": quick, "results": results}
-    save_json(json_path, payload)
+    # an earlier bench output is replaced, as checked before the benchmarks; a file made there since is kept
+    save_json(json_path, payload, replace=bool(json_path) and _earlier_output(json_path, "json"))
     if plot_path:
-        plot(payload, plot_path)
+        plot(payload, plot_path, replace=_earlier_output(plot_path, "plot"))
     return payload
 
 
@@ -119,7 +120,7 @@ def _check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:
                           "those endings")
 
 
-def plot(payload: Dict[str, object], path: str) -> None:
+def plot(payload: Dict[str, object], path: str, replace: bool = True) -> None:
     """Bar chart of each benchmark's ratios (each module's speedups()), one panel a benchmark."""
     import matplotlib
 
@@ -146,5 +147,5 @@ def plot(payload: Dict[str, object], path: str) -> None:
     buffer = io.BytesIO()  # written through fasttl's own temporary: never through a link or into a pipe
     # the title in the file's own metadata marks it as bench's: a later --plot may replace it, no other file
     fig.savefig(buffer, dpi=120, format=os.path.splitext(path)[1][1:].lower(), metadata={"Title": PLOT_TITLE})
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue(), replace=replace)
     plt.close(fig)

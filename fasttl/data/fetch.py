@@ -33,7 +33,8 @@ from fasttl.data.archive import extract
 from fasttl.data.http_reply import (DownloadError, PartialRefused, content_encoding, named_address, open_reply,
                                    what_the_encoding_did)
 from fasttl.util.errors import DataError, OptionError, UserError
-from fasttl.util.files import TEMP_PREFIX, absolute, unwritable
+from fasttl.util.files import TEMP_PREFIX, absolute
+from fasttl.util.path_problems import unwritable
 from fasttl.util.outputs import terminal_text
 from fasttl.util import settings
 from fasttl.util.checks import ascii_digits, decimal, shown
@@ -333,7 +334,7 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
                           "for $FASTTL_DATA")
     dest = absolute(dest if dest is not None else default_dest())
     if os.path.lexists(dest) and not os.path.isdir(dest):
-        from fasttl.util.files import not_a_folder
+        from fasttl.util.path_problems import not_a_folder
 
         raise OptionError(f"dest: {dest} {not_a_folder(dest)} (give a folder, or set FASTTL_DATA)")
     from fasttl.util.files import enclosing_run_folder

@@ -315,7 +315,7 @@ def read_problem(path: str, exc: OSError) -> str:
     """Why the file `path` would not open, as a problem: a folder on the way one may not enter, or a
     file on the way where a folder should be, is named; the image itself may be fine (and could not
     be removed either)."""
-    from fasttl.util.files import blocking_part, closed_folder, not_a_folder
+    from fasttl.util.path_problems import blocking_part, closed_folder, not_a_folder
 
     if exc.errno in (errno.EACCES, errno.EPERM) and (closed := closed_folder(path)):
         return f"{_NOT_READ} (the folder {closed} can't be entered: permission denied)"

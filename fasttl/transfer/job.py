@@ -27,6 +27,7 @@ from fasttl.transfer.config import RunConfig, scoped
 from fasttl.transfer.datasets import EMBEDDED, NAMED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.util import files
+from fasttl.util.path_problems import blocking_part, not_a_folder, unreachable
 from fasttl.util.files import enclosing_run_folder, write_atomic
 from fasttl.transfer import budget, planner, trained_images
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
@@ -146,12 +147,12 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
 def _refuse_blocked(run_dir: str) -> None:
     """A RunError where --out, or a folder on its way, is there but no folder (a file, a link to
     nothing, a link loop), naming that part."""
-    blocked = files.blocking_part(run_dir)
+    blocked = blocking_part(run_dir)
     if blocked is not None:
-        raise RunError(f"out: {blocked} {files.not_a_folder(blocked)}, where {run_dir} needs a folder; pass another "
+        raise RunError(f"out: {blocked} {not_a_folder(blocked)}, where {run_dir} needs a folder; pass another "
                        "--out")
     if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
-        raise RunError(f"out: {run_dir} {files.not_a_folder(run_dir)}; pass another --out")
+        raise RunError(f"out: {run_dir} {not_a_folder(run_dir)}; pass another --out")
 
 
 def _refuse_taken_out(cfg: RunConfig) -> None:
@@ -183,7 +184,7 @@ def preflight(cfg: RunConfig) -> None:
         path = getattr(cfg, name)
         if path is not None and not os.path.isfile(os.path.expanduser(path)):
             where = files.absolute(path)
-            why = files.unreachable(where)
+            why = unreachable(where)
             raise OptionError(f"{name}: {where} {why}" if why else
                               f"{name}: {where} is not a regular file (a folder, a pipe or a device?)"
                               if os.path.exists(where) else f"{name}: no file at {where}")
@@ -192,7 +193,7 @@ def preflight(cfg: RunConfig) -> None:
         for path in [paths] if isinstance(paths, str) else paths or []:
             if not os.path.isdir(os.path.expanduser(path)):
                 where = files.absolute(path)
-                raise OptionError(f"{name}: {where} {files.unreachable(where) or 'is not a folder'}")
+                raise OptionError(f"{name}: {where} {unreachable(where) or 'is not a folder'}")
             if cfg.out is not None and \
                     os.path.realpath(os.path.expanduser(path)) == os.path.realpath(os.path.expanduser(cfg.out)):
                 raise OptionError(f"out: --out {cfg.out} is the --{name.replace('_', '-')} folder itself; the run "

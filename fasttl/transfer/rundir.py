@@ -13,6 +13,7 @@ from torch import nn
 
 from fasttl.util.errors import UserError
 from fasttl.util import files
+from fasttl.util.path_problems import unreachable
 from fasttl.util.files import RUN_CONFIG, RUN_MARKER, read_json, write_atomic, write_json_atomic
 from fasttl.util.outputs import csv_cell
 
@@ -178,7 +179,7 @@ def write_config(run_dir: str, config: Dict[str, object]) -> None:
 
 def read_config(run_dir: str) -> Dict[str, object]:
     if not os.path.isdir(run_dir):
-        why = files.unreachable(run_dir)
+        why = unreachable(run_dir)
         raise RunError(f"{run_dir} {why}" if why else f"{run_dir}: not a folder, so not a fasttl run folder")
     path = os.path.join(run_dir, CONFIG)
     try:

@@ -102,9 +102,11 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out", ending: s
 
     name = flag.lstrip("-").replace("-", "_")
     given = os.fspath(path)
-    if given.endswith(("/", os.sep)):
-        raise OptionError(f"{name}: {given!r} names a folder (it ends in /); give {flag} a file name")
-    from fasttl.util.files import absolute, blocking_part, enclosing_run_folder, not_a_folder, unreachable, unwritable
+    last = os.path.basename(given)
+    if given and last in ("", os.curdir, os.pardir):  # 'p.csv/.' names a folder to the kernel (abspath: p.csv)
+        raise OptionError(f"{name}: {given!r} names a folder (it ends in /{last}); give {flag} a file name")
+    from fasttl.util.files import absolute, enclosing_run_folder
+    from fasttl.util.path_problems import blocking_part, not_a_folder, unreachable, unwritable
 
     path = absolute(given)
     parent = os.path.dirname(path)
@@ -133,4 +135,7 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out", ending: s
         raise OptionError(f"{name}: {parent} {not_a_folder(parent)} (give another {flag} in an existing folder)")
     if why := unwritable(parent):  # the file is written last: refused before the work, not after it
         raise OptionError(f"{name}: {parent}: {why}")  # which output, where --json and --plot share a folder
+    if len(os.fsencode(os.path.basename(path))) > os.pathconf(parent, "PC_NAME_MAX"):
+        raise OptionError(f"{name}: {os.path.basename(path)[:40]}... is a name too long for the file system of "
+                          f"{parent}; give {flag} a shorter name")
     return path

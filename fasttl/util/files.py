@@ -40,30 +40,54 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes, replace: bool = True) -> None:
     """Writes `data` to a fasttl temporary beside `path`, fsyncs it and renames it over `path`. A
-    symbolic link at `path` is replaced, its target left alone. On failure the temporary is removed."""
-    directory, name = os.path.split(absolute(path))
+    symbolic link at `path` is replaced, its target left alone. With `replace` False nothing at
+    `path` is replaced (a file that appeared there during the work: FileExistsError). On failure the
+    temporary is removed."""
+    target = absolute(path)
+    directory, name = os.path.split(target)
     short = name.encode()[:150].decode(errors="ignore")  # the temporary's name stays within NAME_MAX
     tmp = os.path.join(directory, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{short}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666)
     except OSError as exc:  # the error names the user's file, never the temporary
-        raise OSError(exc.errno, exc.strerror, absolute(path)) from None
+        raise OSError(exc.errno, exc.strerror, target) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, target)
+        else:
+            _put_new(tmp, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, tmp):
             # A full disk or quota fails the write itself, naming no file: the error names the user's.
-            raise OSError(exc.errno, exc.strerror, absolute(path)) from None
+            raise OSError(exc.errno, exc.strerror, target) from None
         raise
     _fsync_dir(directory)
+
+
+def _put_new(tmp: str, target: str) -> None:
+    """`tmp` moved to `target` only where nothing is there: a hard link fails when a file appeared
+    (no check-then-rename race); a file system without hard links gets the check, then the rename."""
+    try:
+        os.link(tmp, target, follow_symlinks=False)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target) from None
+        os.replace(tmp, target)
+        return
+    with contextlib.suppress(OSError):  # the file is in place; a temporary left is fasttl's hidden name
+        os.unlink(tmp)
 
 
 def json_bytes(payload) -> bytes:
@@ -264,107 +288,19 @@ class FolderLock:
 def absolute(path) -> str:
     """os.path.abspath(os.path.expanduser(path)), but as the kernel reads the path: a '..' after a
     symbolic link goes up from the link's target, where abspath drops the link and the '..' as text
-    (another image, data set or output would be used). The last part is kept as given: a link there
-    stays a link, for the checks that refuse one."""
+    (another image, data set or output would be used); a '/', '/.' or '/..' after a file stays. The
+    last part is kept as given: a link there stays a link, for the checks that refuse one."""
     path = os.path.expanduser(os.fspath(path))
-    if ".." not in path.split(os.sep):
+    last = path.split(os.sep)[-1]
+    if path not in ("", os.sep) and last in ("", os.curdir, os.pardir) and not os.path.isdir(path):
+        return os.path.join(os.getcwd(), path)  # 'x.jpg/', 'x.jpg/.': the kernel wants a folder (abspath drops it)
+    if os.pardir not in path.split(os.sep):
         return os.path.abspath(path)
     head, tail = os.path.split(path.rstrip(os.sep))
-    if not os.path.isdir(head or os.curdir) or (tail == ".." and not os.path.isdir(path)):
+    if not os.path.isdir(head or os.curdir):
         return os.path.join(os.getcwd(), path)  # the kernel can't go that way (a missing folder, a file): nor may
         # the text, so the path stays as given and fails where it is used (abspath would drop 'missing/..')
     return os.path.realpath(path) if tail == ".." else os.path.join(os.path.realpath(head or os.curdir), tail)
-
-
-def standing(path: str) -> str:
-    """What stands at `path` where a folder is wanted: a link to nothing or a link loop is no file,
-    whatever os.path.isdir says of both."""
-    if not os.path.lexists(path):
-        return "nothing"
-    if os.path.islink(path):
-        try:
-            os.stat(path)
-        except PermissionError:
-            return f"a symbolic link into {closed_folder(path)}, which can't be entered (permission denied)"
-        except OSError as exc:
-            return "a symbolic link loop" if exc.errno == errno.ELOOP else "a symbolic link to nothing (dangling)"
-        return "a symbolic link to a file"
-    return "a file"
-
-
-def not_a_folder(path: str) -> str:
-    """What stands at `path` where a folder is wanted, as an error says it after the path."""
-    what = standing(path)
-    return "does not exist" if what == "nothing" else f"is {what}, not a folder" if what.endswith("file") else \
-        f"is {what}"
-
-
-def unreachable(path: str) -> str:
-    """Why `path` can't be looked at for a folder's permissions on the way ('' when it can, or is
-    simply missing): os.path.exists, isdir and isfile say False for both, so a class folder linked
-    through a folder one may not enter would pass for a broken link, a weights file for a missing one."""
-    try:
-        os.stat(path)
-        return ""
-    except PermissionError:
-        pass
-    except (OSError, ValueError):
-        return ""
-    closed = closed_folder(path)
-    return f"can't be reached: {closed} {CANT_ENTER}" if closed else \
-        "can't be reached (permission denied on the way; make its folders accessible to you)"
-
-
-CANT_ENTER = "can't be entered (permission denied; make it accessible to you)"
-CANT_WRITE_IN = ("permission denied, fasttl can't make files in this folder (make it writable to you, or use another "
-                 "path)")
-
-
-def unwritable(folder: str) -> str:
-    """Why fasttl can't make a file in the existing `folder` ('' when it can), as an error says it
-    after the folder: asked before the work, so an output written last is never refused after it."""
-    if os.access(folder, os.W_OK | os.X_OK):
-        return ""
-    return CANT_ENTER if not os.access(folder, os.X_OK) else "read-only file system (write elsewhere)" \
-        if os.statvfs(folder).f_flag & os.ST_RDONLY else CANT_WRITE_IN
-
-
-def closed_folder(path: str) -> Optional[str]:
-    """The first folder on the way to `path` (links resolved as far as they can be read) that one
-    may not enter, or None."""
-    parts, current = [], os.path.realpath(os.path.expanduser(path))
-    while os.path.dirname(current) != current:
-        parts.append(current)
-        current = os.path.dirname(current)
-    for part in reversed(parts):  # from the root: the first that can't be looked at, in the folder before it
-        try:
-            os.stat(part)
-        except PermissionError:
-            return os.path.dirname(part)
-        except OSError:
-            return None
-    return None
-
-
-def _folders_above(path: str) -> list:
-    """The folders on the way to `path`, from the root (the path itself left out)."""
-    parts, current = [], os.path.abspath(path)
-    while os.path.dirname(current) != current:
-        current = os.path.dirname(current)
-        parts.append(current)
-    return parts[::-1]
-
-
-def blocking_part(path: str) -> Optional[str]:
-    """The first folder of `path` (from the root) that is there but is no folder (a file, a link to
-    nothing, a link loop), or None."""
-    return next((p for p in _folders_above(path) if os.path.lexists(p) and not os.path.isdir(p)), None)
-
-
-def missing_folder(path: str) -> Optional[str]:
-    """The first folder on the way to `path` (from the root) that is not there (removed during the
-    work, or a wrong path), or None."""
-    return next((p for p in _folders_above(path) if not os.path.lexists(p)), None)
 
 
 def _holder(fd: int) -> str:

@@ -20,15 +20,6 @@ def is_file_list(data: str) -> bool:
     return isinstance(data, str) and data.lower().endswith(LIST_EXTENSIONS)
 
 
-def _resolved(path: str) -> str:
-    """The file a row names, as the file system finds it: `..` after a linked folder is the link
-    target's parent (realpath), which a textual normpath would get wrong; without `..`, normpath
-    only tidies the name."""
-    if ".." in path.split(os.sep):
-        return os.path.realpath(path)
-    return os.path.normpath(path)
-
-
 def _refuse_parquet_bomb(path: str, meta, columns) -> None:
     """The row count and the decompressed size of the list's columns, from the file's footer."""
     if meta.num_rows > MAX_LIST_ROWS:
@@ -219,7 +210,7 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_ki
     labels, names = label_indices([label for _, label in rows], classes, path, labels_kind)
     if len(names) < 2:
         raise DataError(f"data: {path} names only 1 class ({names[0]}); a classifier needs at least 2")
-    files = [_resolved(os.path.join(root, image)) for image, _ in rows]
+    files = [absolute(os.path.join(root, image)) for image, _ in rows]  # as the kernel finds them ('lk/..', 'x.jpg/')
     first = {}
     for row, file in enumerate(files, start=1):
         if file in first:  # twice in one list: a label conflict, or a test image that could also train

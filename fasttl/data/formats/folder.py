@@ -9,7 +9,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from fasttl.util.errors import DataError
-from fasttl.util.files import absolute, run_folder_in_data, unreachable
+from fasttl.util.files import absolute, run_folder_in_data
+from fasttl.util.path_problems import unreachable
 from fasttl.data.images import IMAGE_EXTENSIONS, header_problem, unreadable
 from fasttl.data.labels import MAX_INDEX_CLASSES, refuse_lookalikes
 from fasttl.data.sources import FileSource, refuse_one_file_twice
