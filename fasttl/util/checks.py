@@ -91,6 +91,18 @@ def torch_device(value, name: str = "device"):
     return device
 
 
+def _longest_name(folder: str) -> int:
+    """The longest file name `folder`'s file system takes, in bytes (255 where it can't say; no
+    bound where it has none)."""
+    import os
+
+    try:
+        longest = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+    return longest if longest > 0 else 1 << 30
+
+
 def check_output_path(path: str, overwrite: bool, flag: str = "--out", ending: str = "") -> str:
     """An output file fasttl may write: a new file in an existing folder, or with `overwrite` a
     plain file it replaces. A link, a folder or anything else there is refused, whatever the flag;
@@ -135,7 +147,7 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out", ending: s
         raise OptionError(f"{name}: {parent} {not_a_folder(parent)} (give another {flag} in an existing folder)")
     if why := unwritable(parent):  # the file is written last: refused before the work, not after it
         raise OptionError(f"{name}: {parent}: {why}")  # which output, where --json and --plot share a folder
-    if len(os.fsencode(os.path.basename(path))) > os.pathconf(parent, "PC_NAME_MAX"):
+    if len(os.fsencode(os.path.basename(path))) > _longest_name(parent):
         raise OptionError(f"{name}: {os.path.basename(path)[:40]}... is a name too long for the file system of "
                           f"{parent}; give {flag} a shorter name")
     return path

@@ -292,8 +292,14 @@ def absolute(path) -> str:
     last part is kept as given: a link there stays a link, for the checks that refuse one."""
     path = os.path.expanduser(os.fspath(path))
     last = path.split(os.sep)[-1]
-    if path not in ("", os.sep) and last in ("", os.curdir, os.pardir) and not os.path.isdir(path):
-        return os.path.join(os.getcwd(), path)  # 'x.jpg/', 'x.jpg/.': the kernel wants a folder (abspath drops it)
+    if path not in ("", os.sep) and last in ("", os.curdir, os.pardir):
+        try:
+            os.stat(path)  # a folder: read below as the kernel reads it
+        except OSError as exc:  # 'x.jpg/', 'x.jpg/.', 'missing/..': the kernel stops where abspath would go on
+            if exc.errno != errno.ENOENT or last == os.pardir:
+                return os.path.join(os.getcwd(), path)
+        except ValueError:  # a NUL in the path: refused where it is used
+            pass
     if os.pardir not in path.split(os.sep):
         return os.path.abspath(path)
     head, tail = os.path.split(path.rstrip(os.sep))

@@ -31,21 +31,33 @@ def not_a_folder(path: str) -> str:
 
 
 def unreachable(path: str) -> str:
-    """Why `path` can't be looked at for a folder's permissions on the way ('' when it can, or is
-    simply missing): os.path.exists, isdir and isfile say False for both, so a class folder linked
-    through a folder one may not enter would pass for a broken link, a weights file for a missing one."""
+    """Why `path` can't be looked at ('' when it can, or is simply missing): a folder on the way one
+    may not enter, a file or a link loop on the way, a path too long. os.path.exists, isdir and
+    isfile say False for all of them, so a class folder linked through a folder one may not enter
+    would pass for a broken link, `--data afile/d` or a weights file for a missing one."""
     try:
         os.stat(path)
         return ""
     except PermissionError:
         pass
-    except (OSError, ValueError):
+    except OSError as exc:
+        return _not_on_the_way(path, exc.errno)
+    except ValueError:
         return ""
     closed = closed_folder(path)
     return f"can't be reached: {closed} {CANT_ENTER}" if closed else \
         "can't be reached (permission denied on the way; make its folders accessible to you)"
 
 
+def _not_on_the_way(path: str, code: int) -> str:
+    """What the kernel met on the way to `path` where it is not simply missing, or ''."""
+    if code == errno.ENAMETOOLONG:
+        return f"can't be reached: {TOO_LONG}"
+    blocked = blocking_part(path) if code in (errno.ENOTDIR, errno.ELOOP) else None
+    return f"can't be reached: {blocked} {not_a_folder(blocked)} (fix the path)" if blocked else ""
+
+
+TOO_LONG = "its path, or a name in it, is too long for the file system (give a shorter path)"
 CANT_ENTER = "can't be entered (permission denied; make it accessible to you)"
 CANT_WRITE_IN = ("permission denied, fasttl can't make files in this folder (make it writable to you, or use another "
                  "path)")
@@ -61,10 +73,11 @@ def unwritable(folder: str) -> str:
 
 
 def _folders_above(path: str) -> list:
-    """The folders on the way to `path`, from the root (the path itself left out), as written: the
-    kernel meets a 'file/..' or 'missing/..' at the file or the missing folder, so these are named."""
-    parts = [part for part in os.path.join(os.getcwd(), path).split(os.sep) if part]
-    return [os.sep + os.sep.join(parts[:i]) for i in range(len(parts))]
+    """The folders on the way to `path`, from the root (the path itself left out unless it ends in
+    '/'), as written: the kernel meets 'file/..' or 'missing/..' at the file or the missing folder."""
+    full = os.path.join(os.getcwd(), path)
+    parts = [part for part in full.split(os.sep) if part]
+    return [os.sep + os.sep.join(parts[:i]) for i in range(len(parts) + full.endswith(os.sep))]  # 'x/': x is one
 
 
 def closed_folder(path: str) -> Optional[str]:

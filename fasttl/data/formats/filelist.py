@@ -213,9 +213,10 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_ki
     files = [absolute(os.path.join(root, image)) for image, _ in rows]  # as the kernel finds them ('lk/..', 'x.jpg/')
     first = {}
     for row, file in enumerate(files, start=1):
-        if file in first:  # twice in one list: a label conflict, or a test image that could also train
-            raise DataError(f"data: {path} lists {shortened(rows[row - 1][0])} twice (rows {first[file]} and {row}); "
+        sample = os.path.relpath(file, root)  # its sample id: 'x.jpg' and 'x.jpg/.' (unreadable) share one
+        if sample in first:  # twice in one list: a label conflict, or a test image that could also train
+            raise DataError(f"data: {path} lists {shortened(rows[row - 1][0])} twice (rows {first[sample]} and {row}); "
                             "give each image once")
-        first[file] = row
+        first[sample] = row
     refuse_one_file_twice(files, "a list names each image once (through a linked folder or a hard link too)")
     return FileSource(files, labels, names, root)

@@ -177,7 +177,7 @@ def file_list(pairs: Iterable[Tuple[str, int]], classes: Optional[Sequence[str]]
         if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], (str, os.PathLike)):
             raise TypeError(f"pairs[{index}]: expected a (path, integer label) pair, got {pair!r:.80}")
         path, label = pair
-        path = absolute(os.fspath(path))
+        path = absolute(os.path.join(os.getcwd(), os.fspath(path)))  # as open() reads it: '~' is a folder's name
         if not os.path.exists(path):
             raise DataError(f"{path}: no such file (fix the path in the file list)")
         if not os.path.isfile(path):
