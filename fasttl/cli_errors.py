@@ -43,7 +43,8 @@ OS_ERRORS = {
     errno.EFBIG: "file too large (a file size limit, ulimit -f, or the file system's; write elsewhere or raise it)",
     errno.EXDEV: "the path crosses file systems where fasttl moves a file into place (use a path on one file system)",
     errno.ENXIO: "no such device (a FIFO with no reader, or a device file? use a regular path)",
-    errno.EEXIST: "a file appeared there while fasttl worked and was left as it is (move it away, or use another path)",
+    errno.EEXIST: "something is there already (made while fasttl worked?), left as it is (move it away, or use "
+                  "another path)",
 }
 
 

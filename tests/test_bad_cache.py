@@ -657,7 +657,7 @@ def test_write_atomic_leaves_nothing_behind_when_it_fails(tmp_path, outside, mon
         files.write_atomic(str(folder / "file.bin"), b"data")
     monkeypatch.undo()
     assert os.listdir(folder) == []
-    assert files.write_atomic.__annotations__ == {"path": "str", "data": "bytes", "return": "None"}
+    assert files.write_atomic.__annotations__ == {"path": "str", "data": "bytes", "replace": "bool", "return": "None"}
 
 
 def test_a_cache_reused_for_the_same_files_in_another_order_is_read_in_the_sources_order(

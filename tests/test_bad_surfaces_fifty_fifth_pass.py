@@ -3,7 +3,9 @@
 folder whose full path is over PATH_MAX was "does not exist"; an input through a plain file or a
 link loop (--data afile/d, a predict path, --weights) was "does not exist" or "no file at", the
 file never named; a list naming an image and its unreadable twin ('x.jpg', 'x.jpg/.') gave both
-one sample id (extract recorded the good image as skipped, and an unchanged rerun was refused)."""
+one sample id (extract recorded the good image as skipped, and an unchanged rerun was refused).
+The fifty-sixth pass (about 420 attempts) found 1: fetch --dest naming a file with a trailing '/'
+said "a file appeared there while fasttl worked"."""
 import os
 import shutil
 
@@ -107,3 +109,18 @@ def test_file_list_reads_a_tilde_as_a_folders_name(cat_ship, tmp_path, monkeypat
     source = file_list([("~/0.jpg", 0), ("~/1.jpg", 1)])
     # before: $HOME/0.jpg (expanduser), not the file open("~/0.jpg") reads
     assert source.files == [str(tmp_path / "~" / "0.jpg"), str(tmp_path / "~" / "1.jpg")]
+
+
+# ---- pass 56, F1: fetch's --dest through a file, a link to one or a loop, with a trailing '/' ------------------
+@pytest.mark.parametrize("dest, what", [("afile", "is a file, not a folder"),
+                                        ("flink", "is a symbolic link to a file, not a folder"),
+                                        ("loop", "is a symbolic link loop")])
+def test_fetch_into_a_file_given_with_a_slash_names_it_before_downloading(in_the_way, capsys, dest, what):
+    (in_the_way / "flink").symlink_to("afile")
+    given = f"{in_the_way / dest}/"
+    code, _, err = cli(capsys, "data", "fetch", "cifar10", "--url", "http://127.0.0.1:9/c.tgz", "--sha256", "0" * 64,
+                       "--dest", given, "--no-progress")
+    # before: "<dest>/: a file appeared there while fasttl worked and was left as it is" (os.makedirs' EEXIST)
+    assert code == 2 and one_line_error(err) == (f"fasttl: error: dest: {given} can't be reached: {in_the_way / dest} "
+                                                 f"{what} (fix the path)")
+    assert (in_the_way / "afile").read_text() == "not a folder"

@@ -108,8 +108,8 @@ def test_predict_keeps_a_file_made_at_out_during_the_work(linear_run, cat_ship, 
         return
     # before: replaced, exit 0
     assert out.read_text() == "MY PRECIOUS" and status == 2 and len(printed.splitlines()) == 1 + 6
-    assert one_line_error(err) == (f"fasttl: error: {out}: a file appeared there while fasttl worked and was left "
-                                   "as it is (move it away, or use another path); the predictions go to standard "
+    assert one_line_error(err) == (f"fasttl: error: {out}: something is there already (made while fasttl worked?), "
+                                   "left as it is (move it away, or use another path); the predictions go to standard "
                                    "output instead, not saved")
     assert [name for name in os.listdir(tmp_path) if name.startswith(".fasttl-tmp")] == []
 
@@ -195,4 +195,5 @@ def test_a_dotdot_after_a_file_on_the_way_names_the_file(tmp_path):
     with pytest.raises(OptionError) as caught:
         check_output_path(str(tmp_path / "afile" / ".." / "sub" / "p.csv"), False)
     # before: ".../afile/../sub does not exist", the '..' path and not the file the kernel stops at
-    assert str(caught.value).startswith(f"out: {tmp_path / 'afile'} is a file, not a folder, where ")
+    assert str(caught.value) == (f"out: {tmp_path / 'afile' / '..' / 'sub'} can't be reached: {tmp_path / 'afile'} "
+                                 "is a file, not a folder (fix the path)")

@@ -34,7 +34,7 @@ from fasttl.data.http_reply import (DownloadError, PartialRefused, content_encod
                                    what_the_encoding_did)
 from fasttl.util.errors import DataError, OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX, absolute
-from fasttl.util.path_problems import unwritable
+from fasttl.util.path_problems import unreachable, unwritable
 from fasttl.util.outputs import terminal_text
 from fasttl.util import settings
 from fasttl.util.checks import ascii_digits, decimal, shown
@@ -333,6 +333,8 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
         raise OptionError(f"dest: {dest!r} names no folder; give a folder (`--dest .` for this one), or leave it out "
                           "for $FASTTL_DATA")
     dest = absolute(dest if dest is not None else default_dest())
+    if not os.path.isdir(dest) and (why := unreachable(dest)):  # a file or a loop on the way ('afile/'), a closed one
+        raise OptionError(f"dest: {dest} {why}")
     if os.path.lexists(dest) and not os.path.isdir(dest):
         from fasttl.util.path_problems import not_a_folder
 
