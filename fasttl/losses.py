@@ -83,6 +83,15 @@ def _mean_divisor(rows: int, target: Optional[Tensor], ignore_index: int, weight
     return torch.where(present.any(), total, torch.ones_like(total))
 
 
+def _scaled_to_one(counted: Tensor):
+    """The rows' class weights divided by the largest in size, and that factor: "mean" is the same
+    for weights scaled by one factor, and weights of at most 1 neither overflow float32 in a sum
+    (1e38 each) nor lose digits as denormals (1e-45). No host sync."""
+    largest = counted.abs().amax() if counted.numel() else counted.new_zeros(())
+    factor = torch.where(largest > 0, largest, torch.ones_like(largest))
+    return counted / factor, factor
+
+
 def _check_weight(weight, student_logits: Tensor, target, label_smoothing) -> None:
     classes = student_logits.size(-1)
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
@@ -223,12 +232,15 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
         loss, _ = _ops.distill_loss(student, teacher, target, *options, scale, float(label_smoothing))
         return loss.to(out_dtype)
     loss_rows, _ = _ops.distill_rows(student, teacher, target, *options, float(label_smoothing))
+    factor = None
     if weight is not None:
         counted = weight[target.clamp(0, classes - 1)].float() * _counted(target, int(ignore_index))
+        if reduction != "none":
+            counted, factor = _scaled_to_one(counted)
         loss_rows = loss_rows * counted
     if reduction == "none":
         return loss_rows.reshape(leading).to(out_dtype)
-    total = loss_rows.sum()
+    total = loss_rows.sum() if factor is None or reduction == "mean" else loss_rows.sum() * factor
     if reduction == "mean":
         total = total / _mean_divisor(student.size(0), target, int(ignore_index), None if weight is None else counted)
     return total.to(out_dtype)

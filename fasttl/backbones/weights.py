@@ -46,8 +46,27 @@ def read_state_dict(path: str) -> dict:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise WeightsError(f"weights: {path} does not hold a state dict (got {type(state).__name__})")
+    _check_entries(path, state)
     _check_finite(path, state)
     return state
+
+
+def _check_entries(path: str, state: dict) -> None:
+    """Every key a name and every value a dense tensor (what torch.load's weights_only also lets
+    through: a number, a list, a sparse or nested tensor, a key None), named before a model sees it."""
+    import torch
+
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise WeightsError(f"weights: {path} holds a key {key!r:.60} that is not a name (a state dict maps "
+                               "parameter names to tensors): pass a torch.save'd state dict")
+        if not isinstance(value, torch.Tensor):
+            raise WeightsError(f"weights: {path}: '{key}' holds {type(value).__name__} {value!r:.40}, not a tensor: "
+                               "pass a torch.save'd state dict")
+        if value.is_nested or value.layout != torch.strided or value.device.type == "meta":
+            kind = "a nested" if value.is_nested else "a meta" if value.device.type == "meta" else f"a {value.layout}"
+            raise WeightsError(f"weights: {path}: '{key}' holds {kind} tensor, not a dense one of values: save it with "
+                               "its values (tensor.to_dense() before torch.save)")
 
 
 def _check_finite(path: str, state: dict) -> None:

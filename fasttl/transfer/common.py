@@ -35,6 +35,25 @@ def weights_sha256(path: str) -> str:
     return hashlib.sha256(read_plain(os.path.expanduser(path), 1 << 34)).hexdigest()
 
 
+def check_weights(cfg) -> None:
+    """A run's --weights file, read, checked and fitted to its backbone (0.1 s) before any folder is
+    made: the file's own error, never a traceback or a half-made run folder."""
+    from fasttl import backbones
+    from fasttl.util import files
+    from fasttl.util.errors import OptionError
+    from fasttl.util.path_problems import unreachable
+
+    if cfg.weights is None:
+        return
+    if not os.path.isfile(os.path.expanduser(cfg.weights)):
+        where = files.absolute(cfg.weights)
+        why = unreachable(where)
+        raise OptionError(f"weights: {where} {why}" if why else f"weights: {where} is not a regular file (a folder, "
+                          "a pipe or a device?)" if os.path.exists(where) else f"weights: no file at {where}")
+    if cfg.budget is None:  # --budget refuses --weights (its plan compares backbones)
+        backbones.create(cfg.backbone, weights=cfg.weights)
+
+
 def run_backbone(config: dict, **kwargs):
     """The backbone a run trained on, rebuilt from its config.json: with --weights, only while
     that file is the one the run read (a file changed since would give other features to the

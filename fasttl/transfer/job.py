@@ -22,7 +22,7 @@ from fasttl.util.errors import OptionError
 from fasttl.transfer.caching import (mirror_mode, refuse_settings_in_run_folders, refuse_writes_among_images,
                                      refuse_writes_among_sources, run_calibration)
 from fasttl.util import distributed
-from fasttl.transfer.common import weights_sha256
+from fasttl.transfer.common import check_weights, weights_sha256
 from fasttl.transfer.config import RunConfig, scoped
 from fasttl.transfer.datasets import EMBEDDED, NAMED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
@@ -180,14 +180,7 @@ def _refuse_foreign(run_dir: str) -> None:
 def preflight(cfg: RunConfig) -> None:
     """What can be checked before any work beyond each option's own check (the device's among
     them, in the config): the files named exist."""
-    for name in ("weights",):
-        path = getattr(cfg, name)
-        if path is not None and not os.path.isfile(os.path.expanduser(path)):
-            where = files.absolute(path)
-            why = unreachable(where)
-            raise OptionError(f"{name}: {where} {why}" if why else
-                              f"{name}: {where} is not a regular file (a folder, a pipe or a device?)"
-                              if os.path.exists(where) else f"{name}: no file at {where}")
+    check_weights(cfg)
     for name in ("teacher", "target_data"):
         paths = getattr(cfg, name)
         for path in [paths] if isinstance(paths, str) else paths or []:

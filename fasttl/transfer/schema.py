@@ -84,6 +84,9 @@ def _teachers(v) -> bool:
     return v is None or _text(v) or (isinstance(v, list) and bool(v) and all(_text(t) for t in v))
 
 
+MAX_SAMPLES = 1 << 40  # images in one run: far beyond any data set, small enough to bound a read by
+
+
 def run_config_fields() -> Dict[str, Field]:
     from fasttl.data.spec import MAX_IMAGE_SIZE
 
@@ -94,6 +97,8 @@ def run_config_fields() -> Dict[str, Field]:
                           required=True),
         "image_size": Field(_int_in(1, MAX_IMAGE_SIZE), f"an integer from 1 to {MAX_IMAGE_SIZE}", required=True),
         "seed": Field(_int_in(0, 2**63 - 1), "an integer >= 0", required=True),
+        # how many images the run trained on: bounds the read of its record (trained_images)
+        "train_samples": Field(_int_in(0, MAX_SAMPLES), f"an integer from 0 to {MAX_SAMPLES}", required=True),
         "data": Field(_optional(_text), "a path or data set name (text)"),
         "weights": Field(_optional(_text), "a path (text) or null"),
         "data_path": Field(_optional(_text), "a path (text) or null"),

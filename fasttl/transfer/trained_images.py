@@ -64,6 +64,24 @@ def record(run_dir: str, train) -> None:
     write_recorded(run_dir, TRAINED_IMAGES, np.array(sorted(hashes), dtype="<i8").tobytes())
 
 
+def _intact_beyond(run_dir: str, limit: int) -> bool:
+    """Whether the record is over `limit` bytes yet the one fasttl wrote (its SHA-256 the marker's):
+    then config.json's train_samples, not the record, was changed. Hashed in chunks, up to 1 GiB."""
+    path = os.path.join(run_dir, TRAINED_IMAGES)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:  # a link or a pipe: never what fasttl wrote
+            info = os.fstat(f.fileno())
+            if not (stat.S_ISREG(info.st_mode) and limit < info.st_size <= 1 << 30):
+                return False
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return False
+    return digest.hexdigest() == recorded_hash(run_dir, TRAINED_IMAGES)
+
+
 def recorded(run_dir: str, train_samples: int) -> Optional[Set[int]]:
     """The run's record; None for a run made before records were kept. A record the marker lists
     but whose bytes are not what fasttl wrote (edited, truncated, a sparse file of another size)
@@ -71,7 +89,10 @@ def recorded(run_dir: str, train_samples: int) -> Optional[Set[int]]:
     listed = recorded_hash(run_dir, TRAINED_IMAGES)
     if listed is None:
         return None
-    data = read_recorded(run_dir, TRAINED_IMAGES, 8 * max(int(train_samples), 0))
+    data = read_recorded(run_dir, TRAINED_IMAGES, 8 * train_samples)
+    if data is None and _intact_beyond(run_dir, 8 * train_samples):
+        raise RunError(f"{run_dir}/config.json: field 'train_samples' is {train_samples}, fewer than the images "
+                       f"{TRAINED_IMAGES} records; rerun the run, or fix the value there")
     if data is None or len(data) % 8:
         raise RunError(f"{run_dir}/{TRAINED_IMAGES}: damaged or changed since the run wrote it (the record of its "
                        "training images, checked against the SHA-256 in its marker); train the run again with "
