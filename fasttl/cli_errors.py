@@ -8,6 +8,7 @@ import os
 import sys
 
 from fasttl.util import settings
+from fasttl.util.path_problems import TOO_LONG
 
 
 def escape_unshowable_text() -> None:
@@ -38,7 +39,7 @@ OS_ERRORS = {
     errno.ENOENT: "no such file or folder (check the path)",
     errno.ENOTDIR: "a part of the path is a file, not a folder (check the path)",
     errno.EISDIR: "is a folder where fasttl writes or reads a file (move it away, or use another path)",
-    errno.ENAMETOOLONG: "a name in the path is too long for the file system (use a shorter path)",
+    errno.ENAMETOOLONG: TOO_LONG,
     errno.ELOOP: "too many levels of symbolic links (a link loop? check the path)",
     errno.EFBIG: "file too large (a file size limit, ulimit -f, or the file system's; write elsewhere or raise it)",
     errno.EXDEV: "the path crosses file systems where fasttl moves a file into place (use a path on one file system)",

@@ -15,7 +15,7 @@ from fasttl.data.formats.filelist import is_file_list
 from fasttl.util.checks import positive_int, torch_device
 from fasttl.util.errors import OptionError
 from fasttl.util.files import enclosing_run_folder, is_inside
-from fasttl.util.path_problems import not_a_folder
+from fasttl.util.path_problems import output_folder_problem
 from fasttl.util import distributed
 from fasttl.util.outputs import passed_over, within
 
@@ -43,8 +43,9 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     _check_options(features, image_size, batch_size, shard_rows, device)
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).strip():
         raise OptionError(f"out: {out!r} names no folder; give the cache folder (`--out .` for this one)")
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise OptionError(f"out: {out} {not_a_folder(out)}; give a folder for the cache (it is created when missing)")
+    problem = output_folder_problem(os.fspath(out), "give a folder for the cache (it is created when missing)")
+    if problem:
+        raise OptionError(f"out: {problem}")
     holder = enclosing_run_folder(out)
     if holder is not None:
         raise OptionError(f"out: {out} is in the fasttl run folder {holder}, which only its run writes into; give a "

@@ -189,3 +189,40 @@ def test_weights_of_mixed_sizes_and_signs_keep_the_formula(request):
     zero = fasttl.distillation_loss(student, teacher, target, weight=torch.zeros(4), alpha=0.3)
     assert torch.isnan(zero)  # 0/0, as cross_entropy(weight=zeros)
     assert torch.isnan(torch.nn.functional.cross_entropy(student, target, weight=torch.zeros(4)))
+
+
+# ---- the last read's leftovers: one check of an output folder (run --out, extract --out, fetch --dest) -------
+def _beyond_path_max(tmp_path):
+    """A folder name that makes a path over PATH_MAX (4096) of 21 new folders under tmp_path."""
+    import os
+
+    return os.path.join(str(tmp_path), *["d" * 200] * 21)
+
+
+def test_run_and_extract_refuse_an_output_over_path_max_before_making_a_folder(cat_ship, tmp_path, capsys):
+    deep = _beyond_path_max(tmp_path / "o")
+    for words in (("run", "--strategy", "linear", "--compare", "none"), ("extract",)):
+        code, _, err = cli(capsys, *words, "--data", cat_ship, "--out", deep, "--image-size", "32", "--no-progress")
+        # before: the first folders of the path made, then "a name in the path is too long"
+        assert code == 2 and one_line_error(err).endswith("can't be reached: its path, or a name in it, is too long "
+                                                          "for the file system (give a shorter path)")
+        assert not (tmp_path / "o").exists()
+
+
+def test_extract_names_a_file_on_the_way_to_its_out(cat_ship, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    out = tmp_path / "afile" / "cache"
+    code, _, err = cli(capsys, "extract", "--data", cat_ship, "--out", out, "--image-size", "32", "--no-progress")
+    assert code == 2 and one_line_error(err) == (f"fasttl: error: out: {tmp_path / 'afile'} is a file, not a folder, "
+                                                 f"where {out} needs a folder; give a folder for the cache (it is "
+                                                 "created when missing)")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_fetch_names_fasttl_data_when_the_folder_came_from_it(tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("mine")
+    monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "afile"))
+    code, _, err = cli(capsys, "data", "fetch", "cifar10", "--no-progress")
+    # before: "dest: ..." of an option the user never gave
+    assert code == 2 and one_line_error(err) == (f"fasttl: error: FASTTL_DATA: {tmp_path / 'afile'} is a file, not a "
+                                                 "folder; give another FASTTL_DATA")

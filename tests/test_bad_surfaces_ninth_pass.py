@@ -40,8 +40,8 @@ def test_a_name_too_long_and_a_link_loop_are_one_line_naming_the_path(cat_ship, 
     long = "a" * 300
     code, _, err = cli(capsys, "run", "--data", cat_ship, "--strategy", "scratch", "--epochs", "1", "--image-size",
                        "32", "--compare", "none", "--no-progress", "--out", long)
-    assert code == 2 and one_line_error(err).endswith("a name in the path is too long for the file system (use a "
-                                                      "shorter path)")
+    assert code == 2 and one_line_error(err).endswith("its path, or a name in it, is too long for the file system "
+                                                      "(give a shorter path)")
     os.symlink("loop1", "loop2")
     os.symlink("loop2", "loop1")
     code, _, err = cli(capsys, "predict", "--run", finished, str(cat_ship / "test" / "cat"), "--out",

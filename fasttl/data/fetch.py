@@ -34,7 +34,7 @@ from fasttl.data.http_reply import (DownloadError, PartialRefused, content_encod
                                    what_the_encoding_did)
 from fasttl.util.errors import DataError, OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX, absolute
-from fasttl.util.path_problems import unreachable, unwritable
+from fasttl.util.path_problems import output_folder_problem, unwritable
 from fasttl.util.outputs import terminal_text
 from fasttl.util import settings
 from fasttl.util.checks import ascii_digits, decimal, shown
@@ -332,13 +332,11 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
     if dest is not None and not str(dest).strip():
         raise OptionError(f"dest: {dest!r} names no folder; give a folder (`--dest .` for this one), or leave it out "
                           "for $FASTTL_DATA")
+    option = "dest" if dest is not None or not settings.DATA.is_set() else settings.DATA.name  # what the user set
     dest = absolute(dest if dest is not None else default_dest())
-    if not os.path.isdir(dest) and (why := unreachable(dest)):  # a file or a loop on the way ('afile/'), a closed one
-        raise OptionError(f"dest: {dest} {why}")
-    if os.path.lexists(dest) and not os.path.isdir(dest):
-        from fasttl.util.path_problems import not_a_folder
-
-        raise OptionError(f"dest: {dest} {not_a_folder(dest)} (give a folder, or set FASTTL_DATA)")
+    problem = output_folder_problem(dest, f"give another {'--dest' if option == 'dest' else option}")
+    if problem:
+        raise OptionError(f"{option}: {problem}")
     from fasttl.util.files import enclosing_run_folder
 
     holder = enclosing_run_folder(dest)
@@ -354,7 +352,7 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
                         f"{', '.join(remote.required)}); move it away and fetch again")
     created = not os.path.isdir(dest)
     if not created and (why := unwritable(dest)):  # refused before the download, not after it
-        raise OptionError(f"dest: {dest}: {why}")
+        raise OptionError(f"{option}: {dest}: {why}")
     os.makedirs(dest, exist_ok=True)
     with _fetch_lock(dest):
         if is_complete(target, remote):  # another fetch finished it while this one started

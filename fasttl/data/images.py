@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from fasttl.util.errors import DataError
 from fasttl.util import settings
 from fasttl.util.checks import decimal, shown
+from fasttl.util.path_problems import TOO_LONG_WHY
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -322,7 +323,7 @@ def read_problem(path: str, exc: OSError) -> str:
     if exc.errno in (errno.ENOTDIR, errno.ELOOP) and (blocked := blocking_part(path)):  # a file or a loop on the way
         return f"{_NOT_READ} ({blocked} {not_a_folder(blocked)})"
     if exc.errno == errno.ENAMETOOLONG:
-        return f"{_NOT_READ} (its path, or a name in it, is too long for the file system)"
+        return f"{_NOT_READ} ({TOO_LONG_WHY})"
     return f"{_NOT_READ} ({'it does not exist' if exc.errno == errno.ENOENT else exc.strerror or exc})"
 
 
@@ -410,7 +411,7 @@ _ADVICE = (
     (("does not exist", "No such file"), "no file is there now (a wrong path or link, or removed since fasttl "
                                          "listed it): fix the path, or run again once the folders hold still"),
     ((", not a folder)", "is a symbolic link loop)"), "fix the path"),
-    (("is too long for the file system)",), "give a shorter path (move the file up, or rename folders)"),
+    ((f"{TOO_LONG_WHY})",), "give a shorter path (move the file up, or rename folders)"),
     (("can't be entered",), "make that folder accessible to you"),
     (("(Permission denied)",), "make it readable to you"),
 )

@@ -27,7 +27,7 @@ from fasttl.transfer.config import RunConfig, scoped
 from fasttl.transfer.datasets import EMBEDDED, NAMED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.util import files
-from fasttl.util.path_problems import blocking_part, not_a_folder, unreachable
+from fasttl.util.path_problems import output_folder_problem, unreachable
 from fasttl.util.files import enclosing_run_folder, write_atomic
 from fasttl.transfer import budget, planner, trained_images
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
@@ -147,12 +147,9 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
 def _refuse_blocked(run_dir: str) -> None:
     """A RunError where --out, or a folder on its way, is there but no folder (a file, a link to
     nothing, a link loop), naming that part."""
-    blocked = blocking_part(run_dir)
-    if blocked is not None:
-        raise RunError(f"out: {blocked} {not_a_folder(blocked)}, where {run_dir} needs a folder; pass another "
-                       "--out")
-    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
-        raise RunError(f"out: {run_dir} {not_a_folder(run_dir)}; pass another --out")
+    problem = output_folder_problem(run_dir, "pass another --out")
+    if problem:
+        raise RunError(f"out: {problem}")
 
 
 def _refuse_taken_out(cfg: RunConfig) -> None:

@@ -57,7 +57,8 @@ def _not_on_the_way(path: str, code: int) -> str:
     return f"can't be reached: {blocked} {not_a_folder(blocked)} (fix the path)" if blocked else ""
 
 
-TOO_LONG = "its path, or a name in it, is too long for the file system (give a shorter path)"
+TOO_LONG_WHY = "its path, or a name in it, is too long for the file system"  # ENAMETOOLONG, said one way
+TOO_LONG = f"{TOO_LONG_WHY} (give a shorter path)"
 CANT_ENTER = "can't be entered (permission denied; make it accessible to you)"
 CANT_WRITE_IN = ("permission denied, fasttl can't make files in this folder (make it writable to you, or use another "
                  "path)")
@@ -104,3 +105,17 @@ def missing_folder(path: str) -> Optional[str]:
     """The first folder on the way to `path` (from the root) that is not there (removed during the
     work, or a wrong path), or None."""
     return next((p for p in _folders_above(path) if not os.path.lexists(p)), None)
+
+
+def output_folder_problem(path: str, advice: str) -> str:
+    """Why `path` can't be the output folder fasttl makes when missing ('' when it can), said from
+    the culprit on (a file, a link to nothing or a loop at it or on the way, a folder on the way
+    one may not enter, a path too long), `advice` after what a user can move away. Asked before
+    any folder is made: makedirs would make the folders before the one it is refused at."""
+    blocked = blocking_part(path)
+    if blocked is not None and os.path.normpath(blocked) != os.path.normpath(path):
+        return f"{blocked} {not_a_folder(blocked)}, where {path} needs a folder; {advice}"
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return f"{path} {not_a_folder(path)}; {advice}"
+    why = "" if os.path.isdir(path) else unreachable(path)
+    return f"{path} {why}" if why else ""
