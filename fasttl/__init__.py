@@ -1,12 +1,27 @@
 """fasttl: fast transfer learning with fused native kernels (CPU always, CUDA when built)."""
 import importlib
+import sys
 
-from fasttl import nn, optim
-from fasttl._native import build_info
-from fasttl._device_checks import raise_device_errors  # a CUDA op's bad index, raised named at a sync you choose
-from fasttl._version import __version__
-from fasttl.cache import FeatureCache
-from fasttl.losses import distillation_loss
+
+def _interrupted_while_loading(kind, value, traceback, previous=sys.excepthook):
+    """Ctrl-C in the seconds torch takes to load ends as a command of a loaded fasttl ends (the
+    CLI's handler is not in place yet): one line, not Python's traceback."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("\nfasttl: interrupted", file=sys.stderr)
+    else:
+        previous(kind, value, traceback)
+
+
+sys.excepthook = _interrupted_while_loading  # put back below once loaded; left only when the load was interrupted
+from fasttl import nn, optim  # noqa: E402
+from fasttl._native import build_info  # noqa: E402
+# a CUDA op's bad index, raised named at a sync you choose:
+from fasttl._device_checks import raise_device_errors  # noqa: E402
+from fasttl._version import __version__  # noqa: E402
+from fasttl.cache import FeatureCache  # noqa: E402
+from fasttl.losses import distillation_loss  # noqa: E402
+if sys.excepthook is _interrupted_while_loading:
+    sys.excepthook = _interrupted_while_loading.__defaults__[0]
 
 
 _SUBPACKAGES = ("backbones", "cache", "data", "heads", "transfer", "util")  # imported on first use (DALI, matplotlib stay unloaded)

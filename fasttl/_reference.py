@@ -31,7 +31,8 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
         mixed = (alpha * soft if alpha else torch.zeros_like(soft)) + ((1.0 - alpha) * hard if alpha != 1 else 0.0)
         rows = torch.where(counted > 0, mixed, torch.zeros_like(soft))
         if weight is not None:
-            counted = counted * weight[target.clamp(0, classes - 1)].to(soft.dtype)
+            picked = weight[target.clamp(0, classes - 1)].to(soft.dtype)  # chosen, not times 0: inf * 0 is NaN
+            counted = torch.where(counted > 0, picked, torch.zeros_like(picked))
             rows = rows * counted
     if reduction == "none":
         return rows

@@ -434,6 +434,15 @@ def _reader_gone() -> int:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: the user's choice, not a bug's traceback (also
+        # while the parser is built: it loads every strategy, seconds after fasttl itself loaded)
+        print(f"\nfasttl: interrupted ({exc})" if str(exc) else "\nfasttl: interrupted", file=sys.stderr)
+        return exit_code(exc)
+
+
+def _main(argv) -> int:
     escape_unshowable_text()
     parser = build_parser()
     try:
@@ -461,9 +470,6 @@ def main(argv=None) -> int:
         return code
     except BrokenPipeError:  # `fasttl predict ... | head`
         return _reader_gone()
-    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: the user's choice, not a bug's traceback
-        print(f"\nfasttl: interrupted ({exc})" if str(exc) else "\nfasttl: interrupted", file=sys.stderr)
-        return exit_code(exc)
     except Exception as exc:
         # A user's mistake is one line naming the culprit and the fix; a bug keeps its traceback.
         if settings.DEBUG.value() == "1":

@@ -234,7 +234,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     loss_rows, _ = _ops.distill_rows(student, teacher, target, *options, float(label_smoothing))
     factor = None
     if weight is not None:
-        counted = weight[target.clamp(0, classes - 1)].float() * _counted(target, int(ignore_index))
+        picked = weight[target.clamp(0, classes - 1)].float()  # an ignored row's weight chosen away, not times 0:
+        counted = torch.where(_counted(target, int(ignore_index)), picked, torch.zeros_like(picked))  # inf * 0 = NaN
         if reduction != "none":
             counted, factor = _scaled_to_one(counted)
         loss_rows = loss_rows * counted

@@ -6,35 +6,18 @@ untouched trained-images.bin; a --weights state dict holding a number, a list, a
 tensor or a key None crashed predict, extract and run (which left a half-made run folder);
 distillation_loss's weighted "mean" was NaN for class weights of 1e38 and 4.6% off for denormal
 ones, where the float64 formula is an ordinary number."""
-import hashlib
-import json
-import shutil
 import zlib
 
 import pytest
 import torch
 
 import fasttl
-from conftest import cli, finished_run, one_line_error
+from conftest import cli, finished_run, one_line_error, vouched_config_edit
 
 
 @pytest.fixture(scope="module")
 def linear_run(cat_ship, tmp_path_factory):
     return finished_run(cat_ship, tmp_path_factory, "linear57", strategy="linear", epochs=None)
-
-
-def _vouched_edit(run_dir, dest, edit):
-    """A copy of `run_dir` at `dest` whose config.json is `edit`ed, the marker's hash rewritten to
-    match: a file fasttl did not write but whose marker vouches for it."""
-    shutil.copytree(run_dir, dest)
-    config = json.loads((dest / "config.json").read_text())
-    edit(config)
-    data = json.dumps(config, indent=2).encode()
-    (dest / "config.json").write_bytes(data)
-    marker = json.loads((dest / ".fasttl-run").read_text())
-    marker["config_sha256"] = hashlib.sha256(data).hexdigest()
-    (dest / ".fasttl-run").write_text(json.dumps(marker))
-    return dest
 
 
 def _set(field, value):
@@ -45,7 +28,7 @@ def _set(field, value):
 @pytest.mark.parametrize("value", ["abc", [1], None, float("inf"), -5, 2**41, True],
                          ids=["text", "list", "null", "inf", "negative", "huge", "bool"])
 def test_a_hand_edited_train_samples_is_named_by_eval_data(cat_ship, linear_run, tmp_path, capsys, value):
-    run_dir = _vouched_edit(linear_run, tmp_path / "edited", _set("train_samples", value))
+    run_dir = vouched_config_edit(linear_run, tmp_path / "edited", _set("train_samples", value))
     code, _, err = cli(capsys, "eval", run_dir, "--data", cat_ship / "test", "--no-progress")
     # before: ValueError/TypeError/OverflowError tracebacks; -5 blamed trained-images.bin
     assert code == 2 and one_line_error(err).startswith(f"fasttl: error: {run_dir}/config.json: field 'train_samples' "
@@ -53,7 +36,7 @@ def test_a_hand_edited_train_samples_is_named_by_eval_data(cat_ship, linear_run,
 
 
 def test_a_deleted_train_samples_is_named(cat_ship, linear_run, tmp_path, capsys):
-    run_dir = _vouched_edit(linear_run, tmp_path / "edited", lambda config: config.pop("train_samples"))
+    run_dir = vouched_config_edit(linear_run, tmp_path / "edited", lambda config: config.pop("train_samples"))
     code, _, err = cli(capsys, "eval", run_dir, "--data", cat_ship / "test", "--no-progress")
     assert code == 2 and one_line_error(err) == (f"fasttl: error: {run_dir}/config.json: no 'train_samples' field "
                                                  "(not a fasttl run configuration; rerun the run, or restore the file)")
@@ -61,7 +44,7 @@ def test_a_deleted_train_samples_is_named(cat_ship, linear_run, tmp_path, capsys
 
 def test_train_samples_below_the_recorded_images_blames_config_json_not_the_record(cat_ship, linear_run, tmp_path,
                                                                                    capsys):
-    run_dir = _vouched_edit(linear_run, tmp_path / "edited", _set("train_samples", 1))
+    run_dir = vouched_config_edit(linear_run, tmp_path / "edited", _set("train_samples", 1))
     record = (run_dir / "trained-images.bin").read_bytes()
     assert len(record) > 8  # more than one image recorded: 1 is too few
     code, _, err = cli(capsys, "eval", run_dir, "--data", cat_ship / "test", "--no-progress")
@@ -76,7 +59,7 @@ def test_train_samples_below_the_recorded_images_blames_config_json_not_the_reco
 
 def test_a_teacher_with_a_bad_train_samples_is_named_before_the_students_folder(cat_ship, linear_run, tmp_path,
                                                                                 capsys):
-    teacher = _vouched_edit(linear_run, tmp_path / "teacher", _set("train_samples", "abc"))
+    teacher = vouched_config_edit(linear_run, tmp_path / "teacher", _set("train_samples", "abc"))
     student = tmp_path / "student"
     code, _, err = cli(capsys, "run", "--data", cat_ship, "--strategy", "distill", "--teacher", teacher, "--out",
                        student, "--epochs", "1", "--image-size", "32", "--compare", "none", "--no-progress")

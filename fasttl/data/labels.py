@@ -36,7 +36,9 @@ def read_classes_file(path: str) -> List[str]:
     except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise DataError(f"classes: cannot read {path} ({getattr(exc, 'strerror', None) or exc}); give a text file "
                         "with one class name a line") from None
-    lines = [line.strip() for line in text.splitlines()]
+    # Lines end at \n, \r\n or \r (as open() reads text), not at what str.splitlines also takes (U+2028,
+    # \x1c, \f ...): a name holding one is refused as unprintable, not split into two that shift the indices.
+    lines = [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
     while lines and not lines[-1]:
         lines.pop()
     if "" in lines:
@@ -48,7 +50,8 @@ def read_classes_file(path: str) -> List[str]:
                         "takes; name fewer")
     bad = next((name for name in names if not name.isprintable()), None)
     if bad is not None:
-        raise DataError(f"classes: {path} names a class with a control character ({bad!r}); use plain text names")
+        raise DataError(f"classes: {path} names a class with a character that is not printable (a control "
+                        f"character or a line separator: {bad!r}); use plain text names")
     refuse_lookalikes(names, f"classes: {path} names", lines=True)
     first = {}
     for line, name in enumerate(names, start=1):

@@ -177,3 +177,9 @@ def check_run_config(path: str, config: Dict[str, Any], error: Callable[[str], E
             shown = shown if len(shown) <= 80 else shown[:77] + "..."
             raise error(f"{path}: field '{name}' is {shown} (expected {field.expected}); rerun the run, or fix the "
                         "value there")
+    int8 = config.get("extract_precision") == "int8"
+    if int8 != _hex64(config.get("extract_calibration")):  # one names the sample the other's graph is calibrated on
+        raise error(f"{path}: field 'extract_calibration' is {config.get('extract_calibration')!r:.80} where "
+                    f"'extract_precision' is {config.get('extract_precision', 'auto')!r} (expected "
+                    f"{'a 64-character hash' if int8 else 'null'}: an int8 run names its calibration sample, no "
+                    "other run has one); rerun the run, or fix the value there")

@@ -1,0 +1,145 @@
+"""The fifty-eighth hostile pass (about 560 attempts on e8c1182; pass 57's fixes held) found 4: a
+non-finite class weight of a class no counted row has made distillation_loss NaN once any row was
+ignored (the ignored row's weight was multiplied by 0: inf * 0); extract_precision "int8" written
+into config.json (marker rewritten) without its calibration sample was refused by predict naming a
+Python argument, and eval --data ran through an uncalibrated graph; a classes file was split with
+str.splitlines, so U+2028, \\x1e or \\f inside a name made two classes and shifted every index after
+it; Ctrl-C while fasttl loaded (torch, then the strategies the parser names) printed a traceback."""
+import os
+import signal
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fasttl
+from conftest import cli, finished_run, one_line_error, vouched_config_edit
+
+
+# ---- F1: an ignored row's class weight is chosen away, never multiplied by 0 ------------------------------------
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -float("inf")], ids=["inf", "nan", "-inf"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_non_finite_weight_no_counted_row_has_leaves_the_loss_as_cross_entropys(request, bad, reduction):
+    from fasttl import _reference
+
+    generator = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    student, teacher = torch.randn(4, 5, generator=generator), torch.randn(4, 5, generator=generator)
+    target = torch.tensor([1, 2, -100, 3])  # the ignored row clamps to class 0, whose weight is `bad`
+    weight = torch.tensor([bad, 1.0, 2.0, 3.0, 4.0])
+    ours = fasttl.distillation_loss(student, teacher, target, weight=weight, alpha=0.0, reduction=reduction)
+    theirs = F.cross_entropy(student, target, weight=weight, reduction=reduction)
+    reference = _reference.distillation_loss(student.double(), teacher.double(), target, weight=weight.double(),
+                                             alpha=0.0, reduction=reduction)
+    # before: NaN (mean, sum; the ignored row of none), where cross_entropy is finite
+    assert torch.isfinite(theirs).all() and torch.isfinite(reference).all()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-6)
+    module = fasttl.nn.DistillationLoss(alpha=0.5, weight=weight, reduction=reduction)
+    assert torch.isfinite(module(student, teacher, target)).all()
+
+
+@pytest.mark.parametrize("ignore_index", [0, 7], ids=["class-0", "beyond-the-classes"])
+def test_an_ignore_index_of_a_class_or_beyond_them_keeps_a_finite_mean(request, ignore_index):
+    generator = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    student, teacher = torch.randn(5, 4, generator=generator), torch.randn(5, 4, generator=generator)
+    target = torch.tensor([ignore_index, 1, 2, 1, ignore_index])  # 7 is clamped to class 3 to pick its weight
+    weight = torch.tensor([float("nan") if ignore_index == 0 else 1.0, 2.0, 3.0,
+                           float("inf") if ignore_index == 7 else 4.0])  # the ignored rows' class: not finite
+    ours = fasttl.distillation_loss(student, teacher, target, weight=weight, alpha=0.0, ignore_index=ignore_index)
+    theirs = F.cross_entropy(student, target, weight=weight, ignore_index=ignore_index)
+    assert torch.isfinite(ours) and ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+# ---- F2: extract_precision int8 goes with its calibration sample in config.json ------------------------------
+@pytest.fixture(scope="module")
+def linear_run(cat_ship, tmp_path_factory):
+    return finished_run(cat_ship, tmp_path_factory, "linear58", strategy="linear", epochs=None)
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "eval-data"])
+def test_int8_without_its_calibration_names_the_config_fields(cat_ship, linear_run, tmp_path, capsys, command):
+    run_dir = vouched_config_edit(linear_run, tmp_path / "edited",
+                                  lambda config: config.__setitem__("extract_precision", "int8"))
+    words = {"predict": ("predict", "--run", run_dir, cat_ship / "test"), "eval": ("eval", run_dir, "--no-progress"),
+             "eval-data": ("eval", run_dir, "--data", cat_ship / "test", "--no-progress")}[command]
+    code, _, err = cli(capsys, *words)
+    # before: predict named calibration=(key, images), a Python argument; eval --data ran an uncalibrated graph
+    assert code == 2 and one_line_error(err).endswith(
+        "config.json: field 'extract_calibration' is None where 'extract_precision' is 'int8' (expected a 64-character "
+        "hash: an int8 run names its calibration sample, no other run has one); rerun the run, or fix the value there")
+
+
+def test_a_calibration_without_int8_is_named_too(linear_run, tmp_path):
+    from fasttl.transfer.rundir import RunError
+
+    run_dir = vouched_config_edit(linear_run, tmp_path / "edited",
+                                  lambda config: config.__setitem__("extract_calibration", "ab" * 32))
+    with pytest.raises(RunError, match=r"field 'extract_calibration' is 'abab.*' where 'extract_precision' is "
+                                       r"'.*' \(expected null: "):
+        fasttl.load_run(str(run_dir))
+
+
+# ---- F3: a classes file's lines end where open() ends them ------------------------------------------------------
+@pytest.mark.parametrize("inside", ["\u2028", "\u2029", "\x85", "\x1c", "\x1d", "\x1e", "\x0b", "\x0c"],
+                         ids=["ls", "ps", "nel", "fs", "gs", "rs", "vt", "ff"])
+def test_a_line_break_python_alone_splits_at_is_refused_as_unprintable(tmp_path, inside):
+    from fasttl.data.labels import read_classes_file
+    from fasttl.util.errors import DataError
+
+    path = tmp_path / "classes.txt"
+    path.write_text(f"cat{inside}kitten\ndog\nship\n", encoding="utf-8")  # 3 lines, as wc -l counts them
+    # before: 4 names ('cat', 'kitten', 'dog', 'ship'), every index after the first shifted by one
+    with pytest.raises(DataError, match=rf"^classes: {path} names a class with a character that is not printable "
+                                        rf"\(a control character or a line separator: 'cat.*kitten'\)"):
+        read_classes_file(str(path))
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"], ids=["lf", "crlf", "cr"])
+def test_lines_ending_as_open_ends_them_are_names(tmp_path, ending):
+    from fasttl.data.labels import read_classes_file
+
+    path = tmp_path / "classes.txt"
+    path.write_bytes(ending.join(["cat", "dog", "ship", ""]).encode())
+    assert read_classes_file(str(path)) == ["cat", "dog", "ship"]
+
+
+# ---- F4: Ctrl-C while fasttl loads is one line --------------------------------------------------------------
+INTERRUPTED_IMPORT = """
+import builtins
+real = builtins.__import__
+def interrupted(name, *args, **kwargs):
+    if name == "fasttl.losses":  # the last of fasttl's own imports: torch is loaded by then
+        raise KeyboardInterrupt
+    return real(name, *args, **kwargs)
+builtins.__import__ = interrupted
+import fasttl
+"""
+
+
+def test_ctrl_c_while_the_package_loads_is_one_line_and_a_sigint_exit():
+    done = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    # before: Python's traceback ending in KeyboardInterrupt
+    assert done.stderr == "\nfasttl: interrupted\n"
+    assert done.returncode == -signal.SIGINT  # as an interrupted process ends (a shell says 130)
+
+
+def test_the_excepthook_is_put_back_once_fasttl_loaded():
+    done = subprocess.run([sys.executable, "-c", "import sys, fasttl; print(sys.excepthook is sys.__excepthook__)"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "True", done.stderr
+
+
+def test_ctrl_c_while_the_parser_is_built_is_one_line(monkeypatch, capsys):
+    from fasttl import cli as cli_module
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "build_parser", interrupted)  # it loads every strategy: seconds
+    code = cli_module.main(["info"])
+    # before: a traceback (the handler was around the command only)
+    assert code == 130 and capsys.readouterr().err == "\nfasttl: interrupted\n"
