@@ -13,6 +13,9 @@ def _interrupted_while_loading(kind, value, traceback, previous=sys.excepthook):
 
 
 sys.excepthook = _interrupted_while_loading  # put back below once loaded; left only when the load was interrupted
+# numpy first: imported from inside torch's C module, a Ctrl-C during its import is swallowed there (the command
+# then runs on, or fails later in numpy); imported here, the interrupt reaches the hook above
+import numpy  # noqa: E402, F401
 from fasttl import nn, optim  # noqa: E402
 from fasttl._native import build_info  # noqa: E402
 # a CUDA op's bad index, raised named at a sync you choose:

@@ -12,6 +12,7 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
     cross_entropy; same semantics as :func:`fasttl.distillation_loss`, in the input dtype, any
     leading dims ((..., C) logits, (...) target)."""
     T = float(temperature)
+    factor = 1.0  # what the rows' class weights were divided by (scaled_to_one)
     log_q = F.log_softmax(student_logits / T, dim=-1)
     log_p = F.log_softmax(teacher_logits.detach() / T, dim=-1)
     p = log_p.exp()
@@ -33,16 +34,27 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
         if weight is not None:
             picked = weight[target.clamp(0, classes - 1)].to(soft.dtype)  # chosen, not times 0: inf * 0 is NaN
             counted = torch.where(counted > 0, picked, torch.zeros_like(picked))
+            if reduction != "none":
+                counted, factor = scaled_to_one(counted)
             rows = rows * counted
     if reduction == "none":
         return rows
     if reduction == "sum":
-        return rows.sum()
+        return rows.sum() * factor
     total = counted.sum()
     if weight is not None and target is not None:  # by the weights' sum, as cross_entropy (0 over rows: +-inf)
         present = (target != ignore_index).any()
         return rows.sum() / torch.where(present, total, torch.ones_like(total))
     return rows.sum() / torch.where(total != 0, total, torch.ones_like(total))
+
+
+def scaled_to_one(weights):
+    """The rows' class weights divided by the largest in size, and that factor: a weighted mean is
+    the same for weights scaled by one factor, and weights of at most 1 neither overflow a float32
+    sum (1e38 each) nor lose digits as denormals (1e-45). No host sync."""
+    largest = weights.abs().amax() if weights.numel() else weights.new_zeros(())
+    factor = torch.where(largest > 0, largest, torch.ones_like(largest))
+    return weights / factor, factor
 
 
 def distillation_loss_kl_div(student_logits, teacher_logits, target, *, temperature=1.0, alpha=0.5):

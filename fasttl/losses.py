@@ -83,15 +83,6 @@ def _mean_divisor(rows: int, target: Optional[Tensor], ignore_index: int, weight
     return torch.where(present.any(), total, torch.ones_like(total))
 
 
-def _scaled_to_one(counted: Tensor):
-    """The rows' class weights divided by the largest in size, and that factor: "mean" is the same
-    for weights scaled by one factor, and weights of at most 1 neither overflow float32 in a sum
-    (1e38 each) nor lose digits as denormals (1e-45). No host sync."""
-    largest = counted.abs().amax() if counted.numel() else counted.new_zeros(())
-    factor = torch.where(largest > 0, largest, torch.ones_like(largest))
-    return counted / factor, factor
-
-
 def _check_weight(weight, student_logits: Tensor, target, label_smoothing) -> None:
     classes = student_logits.size(-1)
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
@@ -237,7 +228,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
         picked = weight[target.clamp(0, classes - 1)].float()  # an ignored row's weight chosen away, not times 0:
         counted = torch.where(_counted(target, int(ignore_index)), picked, torch.zeros_like(picked))  # inf * 0 = NaN
         if reduction != "none":
-            counted, factor = _scaled_to_one(counted)
+            counted, factor = _reference.scaled_to_one(counted)
         loss_rows = loss_rows * counted
     if reduction == "none":
         return loss_rows.reshape(leading).to(out_dtype)

@@ -4,7 +4,12 @@ ignored (the ignored row's weight was multiplied by 0: inf * 0); extract_precisi
 into config.json (marker rewritten) without its calibration sample was refused by predict naming a
 Python argument, and eval --data ran through an uncalibrated graph; a classes file was split with
 str.splitlines, so U+2028, \\x1e or \\f inside a name made two classes and shifted every index after
-it; Ctrl-C while fasttl loaded (torch, then the strategies the parser names) printed a traceback."""
+it; Ctrl-C while fasttl loaded (torch, then the strategies the parser names) printed a traceback.
+The fifty-ninth pass (about 300 attempts on 2dd0038) found 4: a Ctrl-C while torch's C module
+imported numpy was swallowed there (the command ran on, or failed later in numpy); torch.func,
+vmap and forward-mode AD take the plain formula, which did not scale the class weights (1e38: a
+zero gradient, NaN); FASTTL_DATA inside a run folder was blamed on --dest; a classes file behind a
+file, a loop or a dangling link got the kernel's reason without the culprit."""
 import os
 import signal
 import subprocess
@@ -143,3 +148,87 @@ def test_ctrl_c_while_the_parser_is_built_is_one_line(monkeypatch, capsys):
     code = cli_module.main(["info"])
     # before: a traceback (the handler was around the command only)
     assert code == 130 and capsys.readouterr().err == "\nfasttl: interrupted\n"
+
+
+# ---- pass 59, F1: numpy is imported before torch, so a Ctrl-C during its import is not swallowed -------------
+INTERRUPTED_NUMPY = """
+import builtins, sys
+real = builtins.__import__
+def interrupted(name, *args, **kwargs):
+    if name == "numpy" and "numpy" not in sys.modules and "torch" not in sys.modules:
+        raise KeyboardInterrupt  # imported by fasttl itself: the interrupt reaches Python
+    return real(name, *args, **kwargs)
+builtins.__import__ = interrupted
+import fasttl
+print("ran on")
+"""
+
+
+def test_ctrl_c_while_numpy_loads_is_not_swallowed_by_torch():
+    done = subprocess.run([sys.executable, "-c", INTERRUPTED_NUMPY], capture_output=True, text=True, timeout=300)
+    # before: numpy came in from torch's C module, which swallowed the interrupt: "ran on", exit 0
+    assert done.stdout == "" and done.stderr == "\nfasttl: interrupted\n" and done.returncode == -signal.SIGINT
+
+
+# ---- pass 59, F2: the plain formula (torch.func, forward AD, float64) scales class weights as the kernel does ---
+@pytest.mark.parametrize("size", [3e38, 1e38, 1e-40, 1e-45])
+def test_torch_func_and_forward_ad_meet_the_formula_at_weights_near_float32s_ends(request, size):
+    from torch.autograd import forward_ad
+    from torch.func import grad, vmap
+
+    generator = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    student, teacher = torch.randn(6, 5, generator=generator), torch.randn(6, 5, generator=generator)
+    target, weight = torch.tensor([0, 1, 2, 3, 4, 1]), torch.full((5,), size)
+    options = dict(weight=weight, alpha=0.3, temperature=2.0)
+
+    def loss(x):
+        return fasttl.distillation_loss(x, teacher, target, **options)
+
+    s64 = student.double().requires_grad_()
+    expected = fasttl.distillation_loss(s64, teacher.double(), target, weight=weight.double(), alpha=0.3,
+                                        temperature=2.0)
+    expected.backward()
+    with forward_ad.dual_level():
+        dual = forward_ad.unpack_dual(loss(forward_ad.make_dual(student, torch.ones_like(student))))
+    batched = vmap(lambda a, b, c: fasttl.distillation_loss(a, b, c, **options))(student[None], teacher[None],
+                                                                                  target[None])
+    # before: 1e38 gave NaN (vmap, forward AD) and a zero gradient (func.grad); 1e-45 was 4.5% off
+    for got in (dual.primal, batched[0]):
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(grad(loss)(student).double(), s64.grad, rtol=1e-5, atol=1e-7)
+    sum64 = fasttl.distillation_loss(student.double(), teacher.double(), target, weight=weight.double(), alpha=0.3,
+                                     temperature=2.0, reduction="sum")
+    assert sum64.item() == pytest.approx(expected.item() * 6 * weight[0].item(), rel=1e-9)  # sum = mean x N x w
+
+
+# ---- pass 59, F3: FASTTL_DATA inside a run folder is named as such ---------------------------------------------
+def test_fasttl_data_inside_a_run_folder_names_the_variable(linear_run, monkeypatch, capsys):
+    monkeypatch.setenv("FASTTL_DATA", str(linear_run / "data"))
+    code, _, err = cli(capsys, "data", "fetch", "cifar10", "--no-progress")
+    # before: "dest: ... give another --dest" of an option the user never gave
+    assert code == 2 and one_line_error(err) == (f"fasttl: error: FASTTL_DATA: {linear_run / 'data'} is in the fasttl "
+                                                 f"run folder {linear_run}, which only its run writes into; give "
+                                                 "another FASTTL_DATA")
+    assert not (linear_run / "data").exists()
+
+
+# ---- pass 59, F4: a classes file that can't be reached names the culprit ---------------------------------------
+@pytest.mark.parametrize("obstacle", ["file", "loop", "dangling"])
+def test_a_classes_file_out_of_reach_names_what_is_in_the_way(tmp_path, obstacle):
+    from fasttl.data.labels import read_classes_file
+    from fasttl.util.errors import DataError
+
+    (tmp_path / "afile").write_text("cat\ndog\n")
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "dangling").symlink_to("nowhere")
+    path, expected = {
+        "file": (tmp_path / "afile" / "classes.txt", f"can't be reached: {tmp_path / 'afile'} is a file, not a folder "
+                                                     "(fix the path)"),
+        "loop": (tmp_path / "loop" / "classes.txt", f"can't be reached: {tmp_path / 'loop'} is a symbolic link loop "
+                                                    "(fix the path)"),
+        "dangling": (tmp_path / "dangling", "is a symbolic link to nothing (dangling); fix the link, or give the file "
+                                            "itself")}[obstacle]
+    # before: "classes: cannot read ... (Not a directory); give a text file with one class name a line"
+    with pytest.raises(DataError) as caught:
+        read_classes_file(str(path))
+    assert str(caught.value) == f"classes: {path} {expected}"

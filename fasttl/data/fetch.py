@@ -333,16 +333,17 @@ def fetch(name: str, url: Optional[str] = None, sha256: Optional[str] = None, de
         raise OptionError(f"dest: {dest!r} names no folder; give a folder (`--dest .` for this one), or leave it out "
                           "for $FASTTL_DATA")
     option = "dest" if dest is not None or not settings.DATA.is_set() else settings.DATA.name  # what the user set
+    again = f"give another {'--dest' if option == 'dest' else option}"
     dest = absolute(dest if dest is not None else default_dest())
-    problem = output_folder_problem(dest, f"give another {'--dest' if option == 'dest' else option}")
+    problem = output_folder_problem(dest, again)
     if problem:
         raise OptionError(f"{option}: {problem}")
     from fasttl.util.files import enclosing_run_folder
 
     holder = enclosing_run_folder(dest)
     if holder is not None:
-        raise OptionError(f"dest: {dest} is in the fasttl run folder {holder}, which only its run writes into; give "
-                          "another --dest")
+        raise OptionError(f"{option}: {dest} is in the fasttl run folder {holder}, which only its run writes into; "
+                          f"{again}")
     target = os.path.join(dest, remote.folder)
     if is_complete(target, remote):
         say(f"{name}: already in {target}; nothing to download")

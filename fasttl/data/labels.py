@@ -2,12 +2,14 @@
 label is what the user meant (a typo is an error, never another class)."""
 from __future__ import annotations
 
+import os
 import unicodedata
 from typing import List, Optional, Sequence, Tuple
 
 from fasttl.util.errors import DataError
 from fasttl.util.checks import ascii_digits, decimal, shown
 from fasttl.util.files import absolute, read_plain
+from fasttl.util.path_problems import unreachable
 
 
 # Integer labels without --classes make classes "0".."K-1"; a label above this is a mistake, not a class.
@@ -27,6 +29,19 @@ def has_control(text: str) -> bool:
     return any(ord(c) < 32 or ord(c) == 127 for c in text)
 
 
+def _unread(path: str, exc: Exception) -> str:
+    """Why the classes file `path` would not read, from the culprit on: a folder on the way one may
+    not enter, a file or a loop on the way, a link to nothing, the file's own permission."""
+    why = unreachable(path) if isinstance(exc, OSError) else ""
+    if why:
+        return f"{path} {why}"
+    if isinstance(exc, FileNotFoundError) and os.path.islink(path):
+        return f"{path} is a symbolic link to nothing (dangling); fix the link, or give the file itself"
+    if isinstance(exc, PermissionError):
+        return f"cannot read {path} (permission denied); make it readable to you"
+    return f"cannot read {path} ({getattr(exc, 'strerror', None) or exc}); give a text file with one class name a line"
+
+
 def read_classes_file(path: str) -> List[str]:
     """Class names, one a line (blank lines at the end ignored), for --classes FILE. A blank line
     between names is refused: with --labels indices it would be a guess whether it counts."""
@@ -34,8 +49,7 @@ def read_classes_file(path: str) -> List[str]:
     try:
         text = read_plain(path, 64 << 20).decode("utf-8-sig")  # -sig: a leading byte-order mark is not a name
     except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
-        raise DataError(f"classes: cannot read {path} ({getattr(exc, 'strerror', None) or exc}); give a text file "
-                        "with one class name a line") from None
+        raise DataError(f"classes: {_unread(path, exc)}") from None
     # Lines end at \n, \r\n or \r (as open() reads text), not at what str.splitlines also takes (U+2028,
     # \x1c, \f ...): a name holding one is refused as unprintable, not split into two that shift the indices.
     lines = [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
