@@ -136,6 +136,8 @@ def finished(cat_ship, tmp_path_factory):
     ("backbone", ["x"], "one of efficientnet_lite0"),
     ("data", ["x"], "a path or data set name"),
     ("seed", -1, "an integer >= 0"),
+    ("tensorboard", 5, "a folder \\(text\\), true or null"),
+    ("train_samples", "abc", "an integer from 0 to"),
     ("strategy", "bogus", "one of linear"),
 ])
 def test_a_hand_edited_config_json_is_named_with_its_field(cat_ship, finished, tmp_path, capsys, field, value,

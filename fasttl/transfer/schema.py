@@ -113,6 +113,7 @@ def run_config_fields() -> Dict[str, Field]:
         "finetune_stages": Field(_optional(_int_in(1, 1 << 16)), "a positive integer or null"),
         "teacher": Field(_teachers, "a run folder or a list of them"),
         "target_data": Field(_optional(_text), "a path (text) or null"),
+        "tensorboard": Field(lambda v: v is None or v is True or _text(v), "a folder (text), true or null"),
         "compare": Field(_text, "a strategy name or none"),
         "budget": Field(_optional(_a_time), "a time such as 10m, or null"),
         "run_key": Field(_optional(lambda v: isinstance(v, str) and len(v) == 64), "a 64-character hash"),
