@@ -9,8 +9,13 @@ The fifty-ninth pass (about 300 attempts on 2dd0038) found 4: a Ctrl-C while tor
 imported numpy was swallowed there (the command ran on, or failed later in numpy); torch.func,
 vmap and forward-mode AD take the plain formula, which did not scale the class weights (1e38: a
 zero gradient, NaN); FASTTL_DATA inside a run folder was blamed on --dest; a classes file behind a
-file, a loop or a dangling link got the kernel's reason without the culprit."""
+file, a loop or a dangling link got the kernel's reason without the culprit. The sixtieth pass
+(about 200 attempts on d1b6cbc) found 4: --resume took a teacher trained again in place, or a
+--target-data folder changed, as the same run (epochs on the old inputs mixed into the result); a
+feature-cache folder whose path is not UTF-8 crashed; --target-data's folder problems said "data:";
+run --download still blamed --dest for FASTTL_DATA."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import fasttl
-from conftest import cli, finished_run, one_line_error, vouched_config_edit
+from conftest import cli, finished_run, one_epoch_run, one_line_error, vouched_config_edit
 
 
 # ---- F1: an ignored row's class weight is chosen away, never multiplied by 0 ------------------------------------
@@ -232,3 +237,71 @@ def test_a_classes_file_out_of_reach_names_what_is_in_the_way(tmp_path, obstacle
     with pytest.raises(DataError) as caught:
         read_classes_file(str(path))
     assert str(caught.value) == f"classes: {path} {expected}"
+
+
+# ---- pass 60, F1: --resume refuses a teacher trained again, or target images changed, since the run started ----
+def _interrupted(out):
+    os.remove(out / "metrics.json")  # as a run stopped after its checkpoint: resumable
+
+
+def test_resume_refuses_a_teacher_trained_again_in_place(cat_ship, linear_run, tmp_path):
+    from fasttl.transfer.job import run
+    from fasttl.transfer.rundir import RunError
+
+    teacher, out = tmp_path / "teacher", tmp_path / "student"
+    shutil.copytree(linear_run, teacher)
+    options = one_epoch_run(cat_ship, out, strategy="distill", teacher=str(teacher))
+    run(**options)
+    _interrupted(out)
+    run(**one_epoch_run(cat_ship, teacher, strategy="mlp", epochs=2, overwrite=True))  # other weights, same folder
+    # before: resumed, its finished epochs taught by the old teacher, metrics naming the new one
+    with pytest.raises(RunError, match=r"resume: .* \(a teacher's weights changed since the run started \(trained "
+                                       r"again in place\?\)\); run with the same options"):
+        run(**dict(options, resume=True))
+
+
+def test_resume_refuses_changed_target_images(cat_ship, tmp_path):
+    from fasttl.transfer.job import run
+    from fasttl.transfer.rundir import RunError
+
+    target, out = tmp_path / "target", tmp_path / "dann"
+    shutil.copytree(cat_ship, target)
+    options = one_epoch_run(cat_ship, out, strategy="dann", target_data=str(target))
+    run(**options)
+    _interrupted(out)
+    os.remove(sorted((target / "test" / "cat").iterdir())[0])
+    # before: resumed, 16 of 20 predictions unlike a fresh run on the images there now
+    with pytest.raises(RunError, match=r"the --target-data images changed since the run started"):
+        run(**dict(options, resume=True))
+    run(**dict(options, overwrite=True))  # and an unchanged resume still goes on
+    _interrupted(out)
+    run(**dict(options, resume=True))
+    assert (out / "metrics.json").is_file()
+
+
+# ---- pass 60, F2: a feature-cache folder whose path is not UTF-8 --------------------------------------------
+def test_a_cache_folder_whose_path_is_not_utf8_is_built_and_opened(cat_ship, tmp_path, capsys):
+    out = os.path.join(str(tmp_path), os.fsdecode(b"ex\xff"))  # a Latin-1 name, as Python holds it
+    code, _, err = cli(capsys, "extract", "--data", cat_ship, "--out", out, "--image-size", "32", "--no-progress")
+    # before: UnicodeEncodeError (surrogates not allowed) once the cache was written
+    assert code == 0, err
+    assert len(fasttl.FeatureCache.open(os.path.join(out, "train"))) > 0
+
+
+# ---- pass 60, F3 and F4: the option at fault is named ------------------------------------------------------------
+def test_a_target_data_folder_without_class_folders_names_target_data(cat_ship, tmp_path, capsys):
+    (tmp_path / "loose").mkdir()
+    shutil.copy(sorted((cat_ship / "train" / "cat").iterdir())[0], tmp_path / "loose" / "a.jpg")
+    code, _, err = cli(capsys, "run", "--data", cat_ship, "--strategy", "dann", "--target-data", tmp_path / "loose",
+                       "--out", tmp_path / "r", "--image-size", "32", "--compare", "none", "--no-progress")
+    # before: "data: ... has no class folders", of the --data that was fine
+    assert code == 2 and one_line_error(err).startswith(f"fasttl: error: target_data: {tmp_path / 'loose'} has no "
+                                                        "class folders")
+
+
+def test_run_download_names_fasttl_data_not_dest(linear_run, monkeypatch, capsys):
+    monkeypatch.setenv("FASTTL_DATA", str(linear_run / "data"))
+    code, _, err = cli(capsys, "run", "--data", "cifar10", "--download", "--out", linear_run.parent / "r",
+                       "--no-progress")
+    # before: "dest: ... give another --dest", an option run does not have
+    assert code == 2 and one_line_error(err).endswith("which only its run writes into; give another FASTTL_DATA")

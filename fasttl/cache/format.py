@@ -219,7 +219,8 @@ def _identity(info: os.stat_result) -> list:
 
 
 def _record_path(directory: str, manifest_sha256: str) -> str:
-    key = store.sha256_bytes(f"{os.path.realpath(directory)}\0{manifest_sha256}".encode())[:32]
+    # fsencode: a path that is not UTF-8 (bytes held as surrogates) is hashed as the bytes it is
+    key = store.sha256_bytes(os.fsencode(os.path.realpath(directory)) + f"\0{manifest_sha256}".encode())[:32]
     return os.path.join(state_dir(), "verified", f"{key}.json")
 
 

@@ -87,7 +87,7 @@ def _cifar10(download: bool = False) -> Dataset:
     if download and not any(_cifar10_at(c) for c in candidates):
         from fasttl.data.fetch import fetch
 
-        fetch("cifar10", dest=base)
+        fetch("cifar10")  # into $FASTTL_DATA, base: a problem with the folder then names the variable, not --dest
     for candidate in candidates:
         if os.path.isdir(os.path.join(candidate, "train")) and os.path.isdir(os.path.join(candidate, "test")):
             train, test = class_folder_splits(candidate)

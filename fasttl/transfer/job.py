@@ -66,6 +66,8 @@ def _identity_as_today(before: dict, cfg: RunConfig, identity: dict) -> dict:
     for name, behaved_as in added_later().items():
         if name not in before:
             before[name] = behaved_as if not scoped(name) or _reads(cfg, name) else identity.get(name)
+    for name in set(identity) - set(before) - set(cfg.as_dict()) - {"data_identity"}:  # an input recorded since
+        before[name] = identity[name]  # (a strategy's inputs_identity): not compared, as nothing was recorded
     return before
 
 
@@ -77,7 +79,7 @@ def _reads(cfg: RunConfig, name: str) -> bool:
 def run_identity(cfg: RunConfig, dataset) -> Dict[str, object]:
     """What a run's checkpoints depend on: its options and the content of its data."""
     options = {k: v for k, v in cfg.as_dict().items() if k not in _NOT_COMPARED}
-    return dict(options, data_identity=dataset.identity())
+    return dict(options, data_identity=dataset.identity(), **registry.get(cfg.strategy).inputs_identity(cfg))
 
 
 def _default_run_dir(base: str, reuse: bool) -> str:
@@ -104,6 +106,10 @@ def choose_run_dir(cfg: RunConfig, dataset_name: str) -> str:
 # The data's identity hashes each file's path, size and modification time, so it names no file.
 _DATA_CHANGED = ("the data changed since the run started (an image added, removed or rewritten, or its "
                  "modification time changed: a copy keeps it only with cp -p or rsync -a)")
+_CHANGED = {"data_identity": _DATA_CHANGED,  # inputs recorded as digests: said in words
+            "teachers_weights": "a teacher's weights changed since the run started (trained again in place?)",
+            "target_identity": "the --target-data images changed since the run started (one added, removed or "
+                               "rewritten)"}
 
 
 def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -> None:
@@ -125,7 +131,7 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
             before = _identity_as_today(earlier.get("identity", {}), cfg, identity)
             differing = sorted(k for k in set(identity) | set(before) if identity.get(k) != before.get(k))
             if differing:
-                details = "; ".join(_DATA_CHANGED if k == "data_identity" else
+                details = "; ".join(_CHANGED[k] if k in _CHANGED else
                                     f"{k}: was {before.get(k)!r}, now {identity.get(k)!r}" for k in differing)
                 raise RunError(f"resume: {run_dir} was run with other options or data ({details[:500]}); run with "
                                "the same options, or pass --overwrite to start over")

@@ -63,6 +63,11 @@ class Strategy:
         """Checks what the options need beyond each one's own check (a backbone's stage count, a
         teacher's strategy), before any data is read or the run folder is made."""
 
+    def inputs_identity(self, cfg) -> Dict[str, object]:
+        """What its checkpoints depend on beyond the options and --data (a teacher's weights, the
+        target domain's images), as run_identity records it: --resume refuses when it changed."""
+        return {}
+
     def reads_option(self, name: str) -> bool:
         return name in self.options or name in self.reads or name in self.requires
 

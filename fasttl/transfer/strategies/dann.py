@@ -29,11 +29,20 @@ from fasttl.transfer.common import BACKBONE_OPTIONS, check_backbone_options, run
 from fasttl.transfer.feature_models import FeatureModel, feature_caches
 
 
+def _target_split(path: str):
+    """The target domain's images as listed: its test/ split when it has one, else the folder."""
+    try:
+        train, test = class_folder_splits(path)
+    except DataError as exc:  # its lines name data:, the option it reads elsewhere
+        said = str(exc)
+        raise DataError(f"target_data: {said[len('data: '):]}" if said.startswith("data: ") else said) from None
+    return test if test is not None else train
+
+
 def target_source(path: str, classes: List[str], on_error: str = "fail"):
     """The target domain's images (its test/ split when it has one), screened with the run's
     --on-error as the source is."""
-    train, test = class_folder_splits(path)
-    target = test if test is not None else train
+    target = _target_split(path)
     if list(target.classes) != list(classes):
         raise DataError(f"target_data: {path} has classes {target.classes}, the source has {list(classes)}")
     return screen(target, on_error) if on_error == "skip" else target
@@ -125,6 +134,9 @@ class Dann(Strategy):
     }
     requires = ("target_data",)
     reads = BACKBONE_OPTIONS
+
+    def inputs_identity(self, cfg) -> dict:
+        return {"target_identity": _target_split(cfg.target_data).identity()}
 
     def preflight(self, cfg) -> None:
         check_backbone_options(cfg)

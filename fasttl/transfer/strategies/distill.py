@@ -411,6 +411,9 @@ class Distill(Strategy):
     epochs, lr, batch_size = 50, 3e-3, 64
     outputs = ("distill",)
 
+    def inputs_identity(self, cfg) -> dict:
+        return {"teachers_weights": [_weights_digest(t) for t in teacher_dirs(cfg.teacher)]}
+
     def preflight(self, cfg) -> None:
         for teacher in teacher_dirs(cfg.teacher):
             teacher_config(teacher)
