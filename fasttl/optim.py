@@ -78,9 +78,20 @@ class _FusedAdamBase(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        try:
+            self._check_group(self.param_groups[-1])
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # a refused group is not kept half-added
+            raise
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
         _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        first = {}
         for index, p in enumerate(group["params"]):
+            if first.setdefault(id(p), index) != index:  # torch.optim steps it twice in turn; one fused step can't
+                raise ValueError(f"params[{index}]: the same tensor as params[{first[id(p)]}]; list each parameter "
+                                 "once")
             if p.is_complex():
                 raise TypeError(f"params[{index}]: complex parameters are not supported (dtype {p.dtype})")
             if p.dtype not in _op_checks.PARAM_DTYPES:

@@ -14,6 +14,7 @@ file, a loop or a dangling link got the kernel's reason without the culprit. The
 --target-data folder changed, as the same run (epochs on the old inputs mixed into the result); a
 feature-cache folder whose path is not UTF-8 crashed; --target-data's folder problems said "data:";
 run --download still blamed --dest for FASTTL_DATA."""
+import json
 import os
 import shutil
 import signal
@@ -305,3 +306,48 @@ def test_run_download_names_fasttl_data_not_dest(linear_run, monkeypatch, capsys
                        "--no-progress")
     # before: "dest: ... give another --dest", an option run does not have
     assert code == 2 and one_line_error(err).endswith("which only its run writes into; give another FASTTL_DATA")
+
+
+# ---- pass 61: a --compare baseline's inputs; one tensor twice in an optimizer; target entries passed over ------
+def test_resume_refuses_a_changed_teacher_of_the_compare_baseline(cat_ship, linear_run, tmp_path):
+    from fasttl.transfer.job import run
+    from fasttl.transfer.rundir import RunError
+
+    teacher, out = tmp_path / "teacher", tmp_path / "run"
+    shutil.copytree(linear_run, teacher)
+    options = one_epoch_run(cat_ship, out, strategy="linear", epochs=None, compare="distill", teacher=str(teacher))
+    run(**options)
+    _interrupted(out)
+    run(**one_epoch_run(cat_ship, teacher, strategy="mlp", epochs=2, overwrite=True))
+    # before: resumed, the distill baseline's finished epochs taught by the old teacher
+    with pytest.raises(RunError, match=r"a teacher's weights changed since the run started"):
+        run(**dict(options, resume=True))
+
+
+@pytest.mark.parametrize("kind", ["Adam", "AdamW"])
+def test_one_tensor_twice_in_a_group_is_refused_and_the_group_not_kept(kind):
+    weight, other = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    with pytest.warns(UserWarning, match="duplicate parameters"):  # torch's own word, then fasttl's refusal
+        with pytest.raises(ValueError, match=r"^params\[1\]: the same tensor as params\[0\]; list each parameter "
+                                             r"once$"):
+            getattr(fasttl.optim, kind)([weight, weight])
+    optimizer = getattr(fasttl.optim, kind)([other])
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"^params\[2\]: the same tensor as params\[0\]"):
+        optimizer.add_param_group({"params": [weight, torch.nn.Parameter(torch.randn(2)), weight]})
+    assert len(optimizer.param_groups) == 1  # before: two groups, a step going twice over one tensor at once
+
+
+def test_dann_says_and_records_what_the_target_folder_passed_over(cat_ship, tmp_path, capsys):
+    from fasttl.transfer.job import run
+
+    target = tmp_path / "target"
+    shutil.copytree(cat_ship, target)
+    (target / "test" / "cat" / "nowhere.jpg").symlink_to(tmp_path / "missing.jpg")
+    (target / "test" / "cat" / "sub.jpg").mkdir()
+    metrics = run(**one_epoch_run(cat_ship, tmp_path / "dann", strategy="dann", target_data=str(target)))
+    said = capsys.readouterr().err
+    # before: nothing said or recorded, the target scored on fewer images than its folder holds
+    assert "passed over 2 entries of the --target-data folder: " in said
+    recorded = json.loads((tmp_path / "dann" / "metrics.json").read_text())
+    passed = sorted(p["path"] for p in recorded["notes"]["target_ignored"])
+    assert passed == ["test/cat/nowhere.jpg", "test/cat/sub.jpg"], metrics

@@ -71,15 +71,22 @@ def _identity_as_today(before: dict, cfg: RunConfig, identity: dict) -> dict:
     return before
 
 
+def _trained(cfg: RunConfig) -> List[str]:
+    """The strategies a run trains: --strategy, and --compare's baseline when it names one."""
+    return [cfg.strategy] + ([cfg.compare] if cfg.compare in registry.names() else [])
+
+
 def _reads(cfg: RunConfig, name: str) -> bool:
-    trained = [cfg.strategy] + ([cfg.compare] if cfg.compare in registry.names() else [])
-    return any(registry.get(s).reads_option(name) for s in trained)
+    return any(registry.get(s).reads_option(name) for s in _trained(cfg))
 
 
 def run_identity(cfg: RunConfig, dataset) -> Dict[str, object]:
     """What a run's checkpoints depend on: its options and the content of its data."""
     options = {k: v for k, v in cfg.as_dict().items() if k not in _NOT_COMPARED}
-    return dict(options, data_identity=dataset.identity(), **registry.get(cfg.strategy).inputs_identity(cfg))
+    inputs = {}
+    for name in _trained(cfg):  # the --compare baseline's inputs too (a distill baseline's teacher)
+        inputs.update(registry.get(name).inputs_identity(cfg))
+    return dict(options, data_identity=dataset.identity(), **inputs)
 
 
 def _default_run_dir(base: str, reuse: bool) -> str:
@@ -104,9 +111,8 @@ def choose_run_dir(cfg: RunConfig, dataset_name: str) -> str:
 
 
 # The data's identity hashes each file's path, size and modification time, so it names no file.
-_DATA_CHANGED = ("the data changed since the run started (an image added, removed or rewritten, or its "
-                 "modification time changed: a copy keeps it only with cp -p or rsync -a)")
-_CHANGED = {"data_identity": _DATA_CHANGED,  # inputs recorded as digests: said in words
+_CHANGED = {"data_identity": "the data changed since the run started (an image added, removed or rewritten, or its "
+                             "modification time changed: a copy keeps it only with cp -p or rsync -a)",
             "teachers_weights": "a teacher's weights changed since the run started (trained again in place?)",
             "target_identity": "the --target-data images changed since the run started (one added, removed or "
                                "rewritten)"}
@@ -196,7 +202,7 @@ def preflight(cfg: RunConfig) -> None:
                                   f"would replace what it learns from (give another --out)")
     _refuse_writes_among_images(cfg)
     refuse_settings_in_run_folders(cfg.out)
-    for name in [cfg.strategy] + ([cfg.compare] if cfg.compare in registry.names() else []):
+    for name in _trained(cfg):
         registry.get(name).preflight(cfg)
     if cfg.tensorboard is not None:
         try:

@@ -5,6 +5,7 @@ target's labels, beside the same network trained without adaptation (source only
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import List
 
@@ -27,6 +28,8 @@ from fasttl.transfer.trained import TrainedModel
 from fasttl.transfer.rundir import Checkpoint, load_weights, read_config, save_weights
 from fasttl.transfer.common import BACKBONE_OPTIONS, check_backbone_options, run_backbone, param_dtype
 from fasttl.transfer.feature_models import FeatureModel, feature_caches
+from fasttl.util.distributed import rank_and_world
+from fasttl.util.outputs import passed_over, within
 
 
 def _target_split(path: str):
@@ -148,6 +151,10 @@ class Dann(Strategy):
         caches = feature_caches(cfg, backbone, ds)
         target = target_source(cfg.target_data, ds.classes, cfg.on_error)
         refuse_source_images(target, ds.train)
+        passed = [{"path": within(p, cfg.target_data), "reason": why} for p, why in target.ignored]
+        if passed and rank_and_world()[0] == 0:  # said as --data's are: its score is on fewer images than it holds
+            print(passed_over(target.ignored, cfg.target_data, "the --target-data folder") + " (listed in metrics.json "
+                  "under \"notes\")", file=sys.stderr, flush=True)
         started = time.perf_counter()
         target_cache = cached_features(backbone, target, "target", Extraction.of(cfg), device=cfg.device,
                                        progress=cfg.progress, rebuild_broken=cfg.overwrite)
@@ -159,6 +166,8 @@ class Dann(Strategy):
                                  adversarial, device)
             outcome.timings["extract_s"] = extract_s
             outcome.samples = target.sample_ids()
+            if passed:
+                outcome.notes["target_ignored"] = passed
             outcomes.append(outcome)
         return outcomes
 
