@@ -175,7 +175,7 @@ def _config(**fields) -> dict:
     from fasttl.transfer import registry
 
     return dict({"strategy": registry.names()[0], "classes": ["a", "b"], "backbone": backbones.available()[0],
-                 "image_size": 32, "seed": 0}, **fields)
+                 "image_size": 32, "seed": 0, "train_samples": 40}, **fields)
 
 
 @pytest.mark.parametrize("lr", [10 ** 400, -10 ** 400], ids=["huge", "huge-negative"])
