@@ -97,7 +97,7 @@ def test_eval_with_data_naming_the_runs_own_list_splits_it_as_the_run_did(cat_sh
 
 def test_a_cifar10_run_is_evaluated_on_fasttl_data_not_a_folder_of_that_name(tmp_path, monkeypatch):
     from fasttl.transfer.evaluate import own_data
-    from fasttl.transfer.job import _data_path
+    from fasttl.transfer.identity import absolute_path as _data_path
 
     monkeypatch.chdir(tmp_path)
     assert _data_path("cifar10") is None  # config.json records no path for a named data set

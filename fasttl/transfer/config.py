@@ -66,10 +66,10 @@ class RunOptions:
                                  "'digits' (scikit-learn's 8x8 digits), 'cifar10' ($FASTTL_DATA), a "
                                  "class-folder DIR, a file list LIST.csv/.tsv/.parquet (path,label columns) or "
                                  "WebDataset shards 'train-{000000..000127}.tar'", kind=str, metavar="DATA",
-                                 check=a_path)
+                                 check=a_path, path=True)
     classes_file: Optional[str] = option(None, "class names, one a line, for a file list or WebDataset --data "
                                          "(default: the labels' own names, or the class indices)", kind=str,
-                                         metavar="FILE", check=a_path)
+                                         metavar="FILE", check=a_path, path=True)
     labels: str = option("names", "a file list's labels: class names (with --classes-file, each must be one of its "
                          "names) or indices into --classes-file", choices=LABEL_KINDS)
     backbone: str = option(backbones.DEFAULT, "backbone name: " + ", ".join(backbones.available()) + ", or 2 to 3 of "
@@ -77,7 +77,7 @@ class RunOptions:
                            "mlp)", metavar="NAME",
                            check=_a_backbone, scoped=True)
     weights: Optional[str] = option(None, "backbone state dict file", kind=str, metavar="FILE", check=a_path,
-                                     scoped=True)
+                                     scoped=True, path=True)
     strategy: str = option("linear", "how to transfer (see the table in the README)", choices=_strategies)
     image_size: Optional[int] = option(None, "backbone input size (default: 64 for 8x8 digits, else the backbone's "
                                        "run size, 160 for the EfficientNet-Lites)", kind=int,
@@ -92,7 +92,7 @@ class RunOptions:
                          check=_a_device)
     seed: int = option(0, "seed of every random choice", metavar="N", check=_a_seed)
     out: Optional[str] = option(None, "run directory (default runs/<data>-<strategy>, -2, -3, ... when taken)",
-                                kind=str, metavar="RUN_DIR", check=a_path)
+                                kind=str, metavar="RUN_DIR", check=a_path, path=True)
     compare: str = option("auto", "train another strategy beside, on the same data (auto: the from-scratch "
                           "baseline for the data sets fasttl ships, none otherwise)", choices=_comparisons)
     train_per_class: Optional[int] = option(None, "use N training images per class (seeded)", kind=int, metavar="N",

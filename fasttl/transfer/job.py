@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import io
 import itertools
-import json
 import os
 import sys
 import time
@@ -19,12 +17,12 @@ import torch.distributed as dist
 
 from fasttl.transfer import report
 from fasttl.util.errors import OptionError
-from fasttl.transfer.caching import (mirror_mode, refuse_settings_in_run_folders, refuse_writes_among_images,
+from fasttl.transfer.caching import (refuse_settings_in_run_folders, refuse_writes_among_images,
                                      refuse_writes_among_sources, run_calibration)
 from fasttl.util import distributed
-from fasttl.transfer.common import check_weights, weights_sha256
-from fasttl.transfer.config import RunConfig, scoped
-from fasttl.transfer.datasets import EMBEDDED, NAMED, load_dataset
+from fasttl.transfer.common import check_weights
+from fasttl.transfer.config import RunConfig
+from fasttl.transfer.datasets import EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.util import files
 from fasttl.util.path_problems import output_folder_problem, unreachable
@@ -36,7 +34,8 @@ from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunL
 from fasttl.transfer import registry
 from fasttl.util.outputs import counted, csv_cell, markdown_cell, passed_over, terminal_lines, terminal_text
 from fasttl.transfer.registry import Outcome
-from fasttl.transfer.schema import added_later
+from fasttl.transfer.identity import absolute_path, key as identity_key, reads, resumed_identity, run_identity, \
+    trained
 
 
 def _init_distributed(cfg: RunConfig) -> bool:
@@ -50,43 +49,6 @@ def _init_distributed(cfg: RunConfig) -> bool:
     if device.type == "cuda":
         cfg.device = str(device)
     return created
-
-
-# Options that don't change what a run computes: a resumed run may differ in these.
-_NOT_COMPARED = ("resume", "overwrite", "progress", "out", "device", "on_error", "download", "tensorboard")
-
-
-def _identity_as_today(before: dict, cfg: RunConfig, identity: dict) -> dict:
-    """An earlier run's identity in today's terms, to compare with this one's: an option added
-    since compares as the value that run behaved as where the strategies read it, and not at
-    all where they don't (schema.added_later)."""
-    before = dict(before)
-    if "mirror_views" in before:  # a bool before --mirror-views had modes
-        before["mirror_views"] = mirror_mode(before["mirror_views"])
-    for name, behaved_as in added_later().items():
-        if name not in before:
-            before[name] = behaved_as if not scoped(name) or _reads(cfg, name) else identity.get(name)
-    for name in set(identity) - set(before) - set(cfg.as_dict()) - {"data_identity"}:  # an input recorded since
-        before[name] = identity[name]  # (a strategy's inputs_identity): not compared, as nothing was recorded
-    return before
-
-
-def _trained(cfg: RunConfig) -> List[str]:
-    """The strategies a run trains: --strategy, and --compare's baseline when it names one."""
-    return [cfg.strategy] + ([cfg.compare] if cfg.compare in registry.names() else [])
-
-
-def _reads(cfg: RunConfig, name: str) -> bool:
-    return any(registry.get(s).reads_option(name) for s in _trained(cfg))
-
-
-def run_identity(cfg: RunConfig, dataset) -> Dict[str, object]:
-    """What a run's checkpoints depend on: its options and the content of its data."""
-    options = {k: v for k, v in cfg.as_dict().items() if k not in _NOT_COMPARED}
-    inputs = {}
-    for name in _trained(cfg):  # the --compare baseline's inputs too (a distill baseline's teacher)
-        inputs.update(registry.get(name).inputs_identity(cfg))
-    return dict(options, data_identity=dataset.identity(), **inputs)
 
 
 def _default_run_dir(base: str, reuse: bool) -> str:
@@ -110,17 +72,12 @@ def choose_run_dir(cfg: RunConfig, dataset_name: str) -> str:
                             cfg.resume or cfg.overwrite)
 
 
-# The data's identity hashes each file's path, size and modification time, so it names no file.
-_CHANGED = {"data_identity": "the data changed since the run started (an image added, removed or rewritten, or its "
-                             "modification time changed: a copy keeps it only with cp -p or rsync -a)",
-            "teachers_weights": "a teacher's weights changed since the run started (trained again in place?)",
-            "target_identity": "the --target-data images changed since the run started (one added, removed or "
-                               "rewritten)"}
-
-
-def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -> None:
+def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -> Dict[str, object]:
     """Refuses to mix two runs in one folder: a finished run needs --overwrite, an unfinished one
-    --resume (with the same options and data) or --overwrite; a folder of other files is left alone."""
+    --resume (with the same options and data) or --overwrite; a folder of other files is left alone.
+    Returns config.json's identity and run_key: a resumed run keeps its interrupted run's (the key
+    its checkpoints carry)."""
+    recorded = {"identity": identity, "run_key": identity_key(identity)}
     _refuse_blocked(run_dir)
     cleared = None
     for name in (*run_files(), *own_entries()):  # found now, not when the results are written after training
@@ -134,13 +91,8 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
                 raise RunError(f"resume: {run_dir} holds a finished run: nothing to resume (pass --overwrite instead "
                                "of --resume to train it again, or another --out)")
             earlier = read_config(run_dir)
-            before = _identity_as_today(earlier.get("identity", {}), cfg, identity)
-            differing = sorted(k for k in set(identity) | set(before) if identity.get(k) != before.get(k))
-            if differing:
-                details = "; ".join(_CHANGED[k] if k in _CHANGED else
-                                    f"{k}: was {before.get(k)!r}, now {identity.get(k)!r}" for k in differing)
-                raise RunError(f"resume: {run_dir} was run with other options or data ({details[:500]}); run with "
-                               "the same options, or pass --overwrite to start over")
+            recorded = {"identity": resumed_identity(run_dir, cfg, identity, earlier.get("identity", {})),
+                        "run_key": earlier.get("run_key")}
         elif cfg.overwrite:
             cleared = clear_results(run_dir)
         elif is_finished(run_dir):
@@ -154,6 +106,7 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
         _refuse_foreign(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     mark_run(run_dir, keep_records=cleared is None)  # cleared: the records of its files go with them
+    return recorded
 
 
 def _refuse_blocked(run_dir: str) -> None:
@@ -202,7 +155,7 @@ def preflight(cfg: RunConfig) -> None:
                                   f"would replace what it learns from (give another --out)")
     _refuse_writes_among_images(cfg)
     refuse_settings_in_run_folders(cfg.out)
-    for name in _trained(cfg):
+    for name in trained(cfg):
         registry.get(name).preflight(cfg)
     if cfg.tensorboard is not None:
         try:
@@ -265,13 +218,11 @@ def run(print_summary=None, **options) -> Dict[str, object]:
     _refuse_writes_among_images(cfg, [dataset.train, dataset.test])  # the folders of the images read
     tensorboard_dir(cfg, run_dir)  # a link where its events would go is refused before the folder is made
     identity = run_identity(cfg, dataset)
-    config = dict(cfg.as_dict(), data=cfg.data or EMBEDDED, data_path=_data_path(cfg.data),
-                  classes_file_path=_data_path(cfg.classes_file), dataset=dataset.name, classes=dataset.classes,
+    config = dict(cfg.as_dict(), data=cfg.data or EMBEDDED, data_path=absolute_path(cfg.data),
+                  classes_file_path=absolute_path(cfg.classes_file), dataset=dataset.name, classes=dataset.classes,
                   train_samples=len(dataset.train), test_samples=len(dataset.test), native_size=dataset.native_size,
-                  skipped=len(dataset.skipped), run_dir=run_dir, identity=identity,
-                  weights_sha256=weights_sha256(cfg.weights) if cfg.weights else None,
+                  skipped=len(dataset.skipped), run_dir=run_dir, weights_sha256=identity.get("weights_sha256"),
                   extract_calibration=run_calibration(cfg, dataset.train),
-                  run_key=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
                   command=" ".join(sys.argv) if sys.argv and "fasttl" in sys.argv[0] else None)
     with contextlib.ExitStack() as held:
         if rank == 0:
@@ -281,21 +232,13 @@ def run(print_summary=None, **options) -> Dict[str, object]:
                 os.makedirs(board, exist_ok=True)
                 held.enter_context(files.FolderLock(board, TENSORBOARD_LOCK, "it writes TensorBoard curves of a run "
                                                     "of that name"))
-            prepare_run_dir(run_dir, cfg, identity)
+            config.update(prepare_run_dir(run_dir, cfg, identity))
             write_config(run_dir, config)
             trained_images.record(run_dir, dataset.train)
             if dataset.skipped:
                 write_skipped(run_dir, dataset.skipped)
         return _train_and_write(cfg, dataset, run_dir, config, rank, owns_process_group, started, print_summary,
                                 plan)
-
-
-def _data_path(path):
-    """An absolute form of a path option, so that `fasttl eval RUN` from another folder reads what
-    the run read (a data set name such as cifar10, or no option, stays None)."""
-    if path is None or path in NAMED:
-        return None
-    return files.absolute(path)
 
 
 def _locked_run_dir(run_dir: str):
@@ -313,7 +256,7 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
     if world_size() > 1:
         dist.barrier()
     if cfg.progress and rank == 0:
-        backbone = f", backbone {cfg.backbone} at {cfg.image_size} px" if _reads(cfg, "backbone") else ""
+        backbone = f", backbone {cfg.backbone} at {cfg.image_size} px" if reads(cfg, "backbone") else ""
         print(terminal_text(f"fasttl run: {cfg.strategy} on {dataset.name} ({len(dataset.train)} train / "
                             f"{len(dataset.test)} test images, {len(dataset.classes)} classes){backbone} -> {run_dir}"
                              + (f"; {counted(len(dataset.skipped), 'image')} left out (skipped.csv says why)"

@@ -16,18 +16,20 @@ Check = Callable[[str, object], None]  # (option name, value): raises OptionErro
 
 def option(default, help: str, *, kind=None, choices=None, metavar: Optional[str] = None, cli: bool = True,
            const=None, repeat: bool = False, check: Optional[Check] = None, scoped: bool = False,
-           convert: Optional[Callable[[object], object]] = None):
+           convert: Optional[Callable[[object], object]] = None, path: bool = False):
     """A RunConfig field. `kind`: the value's type on the command line (str, int, float; bool for
     a flag); `choices`: a tuple, or a callable returning one (looked up when asked); `const`: the
     value of the flag given without one (its value is then optional on the command line);
     `repeat`: the flag may be given several times, the value is then the list of them; `check`:
     the value's test once the strategy's defaults are in; `scoped`: an option of the common set
     that only the strategies listing it in `reads` take (a strategy's own options always are);
-    `convert`: maps a value given in an older form to today's (when the config is made)."""
+    `convert`: maps a value given in an older form to today's (when the config is made); `path`:
+    the value names a file or folder (a list of them with `repeat`), which a run records and
+    compares in its absolute form (`./data/` and `data` are one folder)."""
     kind = kind or type(default)
     return field(default=default, metadata=dict(help=help, kind=kind, choices=choices, metavar=metavar, cli=cli,
                                                  const=const, repeat=repeat, check=check, scoped=scoped,
-                                                 convert=convert))
+                                                 convert=convert, path=path))
 
 
 def choices_of(metadata: dict) -> Optional[tuple]:

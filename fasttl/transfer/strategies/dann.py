@@ -133,7 +133,7 @@ class Dann(Strategy):
     help = "domain-adversarial adaptation on cached features to an unlabeled target domain (--target-data DIR)"
     options = {
         "target_data": option(None, "dann: the unlabeled target domain (class folders; labels only for evaluation)",
-                              kind=str, metavar="DIR", check=a_path),
+                              kind=str, metavar="DIR", check=a_path, path=True),
     }
     requires = ("target_data",)
     reads = BACKBONE_OPTIONS

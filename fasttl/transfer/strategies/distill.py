@@ -390,7 +390,8 @@ class Distill(Strategy):
     requires = ("teacher",)
     options = {
         "teacher": option(None, "distill: the teacher run (linear, mlp or finetune); repeat it for an ensemble whose "
-                          "logits are averaged", kind=str, metavar="RUN_DIR", repeat=True, check=_teacher_runs),
+                          "logits are averaged", kind=str, metavar="RUN_DIR", repeat=True, check=_teacher_runs,
+                          path=True),
         "temperature": option(None, "distill: softening temperature (default: chosen with alpha on the validation "
                               "split)", kind=float, metavar="T", check=_a_temperature),
         "alpha": option(None, "distill: weight of the soft term (default: chosen with T on the validation split)",
