@@ -11,7 +11,7 @@
 """
 from __future__ import annotations
 
-import collections
+import collections.abc
 import csv
 import io
 import os
@@ -195,6 +195,9 @@ class RunModel:
     def __init__(self, run_dir: str, device: Union[str, torch.device] = "cpu"):
         from fasttl.transfer.rundir import load_trained, read_config
 
+        if not isinstance(run_dir, (str, os.PathLike)) or not isinstance(os.fspath(run_dir), str):
+            raise OptionError(f"run_dir: expected a run folder's path (a str or a pathlib.Path), got "
+                              f"{type(run_dir).__name__}")
         self.run_dir = absolute(os.fspath(run_dir))
         self.config = read_config(self.run_dir)
         self.device = torch_device(device)
@@ -211,6 +214,12 @@ class RunModel:
     def _source(self, images) -> Union[FileSource, ArraySource]:
         if isinstance(images, (FileSource, ArraySource)):
             return images
+        if isinstance(images, collections.abc.Iterator):  # a generator of paths or arrays: read once, as a list
+            images = list(images)
+        if isinstance(images, (bytes, bytearray)) or \
+                isinstance(images, (list, tuple)) and any(isinstance(p, (bytes, bytearray)) for p in images):
+            raise OptionError("images: bytes (a path as bytes, or a file's encoded content?); give paths as str or "
+                              "pathlib.Path, or decoded uint8 pixels")
         if isinstance(images, (str, os.PathLike)):
             images = [images]
         if isinstance(images, (list, tuple)) and not images:

@@ -106,3 +106,160 @@ def test_resume_refuses_weights_rewritten_in_place(cat_ship, tmp_path):
     # before: resumed, the head's finished epochs on features of the old weights, the rest on the new
     with pytest.raises(RunError, match=r"the --weights file changed since the run started \(rewritten in place\?\)"):
         run(**dict(options, resume=True))
+
+
+def test_a_target_image_only_touched_is_said_as_a_data_image_is(cat_ship, tmp_path):
+    from fasttl.transfer.job import run
+    from fasttl.transfer.rundir import RunError
+
+    target, out = tmp_path / "target", tmp_path / "dann"
+    shutil.copytree(cat_ship, target)
+    options = one_epoch_run(cat_ship, out, strategy="dann", target_data=str(target))
+    run(**options)
+    _interrupted(out)
+    os.utime(sorted((target / "test" / "cat").iterdir())[0], (1, 1))  # the same bytes, another time
+    # before: "(one added, removed or rewritten)", no word of the time a plain cp changes
+    with pytest.raises(RunError, match=r"the --target-data images changed since the run started \(an image added, "
+                                       r"removed or rewritten, or its modification time changed: a copy keeps it "
+                                       r"only with cp -p or rsync -a\)"):
+        run(**dict(options, resume=True))
+
+
+# ---- the sixty-first pass's observations ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def scratch_run(cat_ship, tmp_path_factory):
+    from conftest import finished_run
+
+    return finished_run(cat_ship, tmp_path_factory, "scratch62", epochs=3)
+
+
+@pytest.mark.parametrize("given", [None, b"run", 3], ids=["none", "bytes", "int"])
+def test_load_run_of_something_not_a_path_is_one_option_error(given):
+    import fasttl
+    from fasttl.util.errors import OptionError
+
+    # before: TypeError (expected str, bytes or os.PathLike object / a bytes-like object is required)
+    with pytest.raises(OptionError, match=r"^run_dir: expected a run folder's path \(a str or a pathlib.Path\), got "):
+        fasttl.load_run(given)
+
+
+def test_predict_takes_a_generator_and_names_bytes(scratch_run, cat_ship):
+    import torch
+
+    import fasttl
+    from fasttl.util.errors import OptionError
+
+    model = fasttl.load_run(scratch_run)
+    images = sorted((cat_ship / "test").rglob("*.jpg"))
+    names, probabilities = model.predict(images)
+    # before: "expected uint8 pixels (0..255), got object" for the generator
+    again, same = model.predict(p for p in images)
+    assert again == names and torch.equal(same, probabilities)
+    for given in (bytes(images[0]), [bytes(p) for p in images], images[0].read_bytes()):
+        with pytest.raises(OptionError, match=r"^images: bytes \(a path as bytes, or a file's encoded content\?\)"):
+            model.predict(given)  # before: "expected uint8 pixels (0..255), got |S.."
+
+
+def test_run_takes_paths_and_numpy_numbers_as_the_cli_gives_them(cat_ship, tmp_path):
+    import pathlib
+
+    import numpy as np
+
+    from fasttl.transfer.config import RunConfig
+    from fasttl.transfer.job import run
+
+    config = RunConfig(data=pathlib.Path(cat_ship), teacher=(pathlib.Path("t"),), epochs=np.int64(2),
+                       lr=np.float32(0.5), tensorboard=False)
+    assert (config.data, config.teacher, config.epochs, config.lr, config.tensorboard) == \
+        (str(cat_ship), ["t"], 2, 0.5, None)
+    assert type(config.epochs) is int and type(config.lr) is float
+    # before: "data: expected a path (a string), got PosixPath(...)", "epochs: ... got np.int64(1)"
+    run(**dict(one_epoch_run(cat_ship, tmp_path), data=pathlib.Path(cat_ship), out=tmp_path / "r",
+               epochs=np.int64(1), seed=np.int32(3), tensorboard=False))
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (config["data"], config["out"], config["epochs"], config["seed"], config["tensorboard"]) == \
+        (str(cat_ship), str(tmp_path / "r"), 1, 3, None)
+    assert (tmp_path / "r" / "metrics.json").is_file()
+
+
+def test_a_csv_list_repeating_its_header_names_that_line(cat_ship, tmp_path):
+    from conftest import image_list
+    from fasttl.data.formats.filelist import read_file_list
+    from fasttl.util.errors import DataError
+
+    rows = image_list(cat_ship, tmp_path / "l")
+    (tmp_path / "l" / "list.csv").write_text("\n".join(rows + [" path , label"] + rows[1:]) + "\n")
+    # before: read as an image `path` of class `label` ("l/path cannot be read (it does not exist)")
+    with pytest.raises(DataError, match=rf"list.csv line {len(rows) + 1} repeats the header line \(two lists "
+                                        r"joined\?\); delete that line$"):
+        read_file_list(str(tmp_path / "l" / "list.csv"))
+
+
+def test_a_chain_of_links_longer_than_the_system_follows_is_no_loop(tmp_path):
+    from fasttl.util.path_problems import LINKS_FOLLOWED, output_folder_problem
+
+    (tmp_path / "l0").mkdir()
+    for i in range(1, LINKS_FOLLOWED + 7):
+        (tmp_path / f"l{i}").symlink_to(f"l{i - 1}")
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    chain, loop = tmp_path / f"l{LINKS_FOLLOWED + 6}", tmp_path / "a"
+    # before: "is a symbolic link loop" for both
+    assert output_folder_problem(str(chain / "x"), "advice") == \
+        f"{chain} is a chain of more than 40 symbolic links (more than the system follows), where {chain / 'x'} " \
+        "needs a folder; advice"
+    assert output_folder_problem(str(loop / "x"), "advice").startswith(f"{loop} is a symbolic link loop, where")
+    assert output_folder_problem(str(tmp_path / "l30" / "x"), "advice") == ""  # 30 links: followed
+
+
+def test_the_last_epochs_lr_is_the_one_its_last_step_used(request):
+    """OneCycleLR read after the last step is the cosine past its end, turning back up."""
+    import zlib
+
+    import torch
+
+    from fasttl.heads.fit import fit, one_cycle, step
+
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    model = torch.nn.Linear(3, 2)
+    steps_per_epoch, epochs = 5, 4
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = one_cycle(optimizer, 0.1, steps_per_epoch * epochs, 0.25)
+    reference = torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    expected_schedule = one_cycle(reference, 0.1, steps_per_epoch * epochs, 0.25)
+    used = []
+    for _ in range(steps_per_epoch * epochs):
+        used.append(reference.param_groups[0]["lr"])
+        reference.step()
+        expected_schedule.step()
+
+    def train_epoch(epoch):
+        for _ in range(steps_per_epoch):
+            step(model(torch.randn(4, 3)).square().mean(), optimizer, scheduler)
+        return {"train_loss": 0.0}
+
+    history = fit(model, optimizer, scheduler, epochs, train_epoch, progress=False)
+    # before: the last epoch's lr was the schedule one step past its end (4e-7 here, above the 4e-8 used last)
+    assert [r["lr"] for r in history] == [used[(e + 1) * steps_per_epoch - 1] for e in range(epochs)]
+    assert history[-1]["lr"] == min(used)
+
+
+@pytest.mark.parametrize("twin", ["\u0441at", "c\u0430t", "\u0441\u0430t"], ids=["cyrillic-es", "cyrillic-a", "both"])
+def test_class_folders_differing_in_a_cyrillic_letter_are_refused(cat_ship, tmp_path, capsys, twin):
+    from conftest import cli, one_line_error
+
+    data = tmp_path / "data"
+    shutil.copytree(cat_ship, data)
+    for split in ("train", "test"):
+        shutil.copytree(data / split / "cat", data / split / twin)
+    code, _, err = cli(capsys, "run", "--data", data, "--out", tmp_path / "r", "--strategy", "scratch", "--epochs", 1,
+                       "--image-size", 32, "--no-progress")
+    # before: three classes, two of them shown as "cat" in every report
+    assert code == 2 and "differ only in letters of other scripts drawn alike" in one_line_error(err)
+    assert ascii(twin) in err and not (tmp_path / "r").exists()
+
+
+def test_names_in_other_scripts_alone_are_names(tmp_path):
+    from fasttl.data.labels import refuse_lookalikes
+
+    refuse_lookalikes(["кот", "cat", "собака", "dog", "γάτα", "ship", "ship"], "classes:")  # nothing looks alike

@@ -410,7 +410,7 @@ def check_all(paths: Sequence[str], check, num_threads: Optional[int], stop_at_f
 _ADVICE = (
     (("does not exist", "No such file"), "no file is there now (a wrong path or link, or removed since fasttl "
                                          "listed it): fix the path, or run again once the folders hold still"),
-    ((", not a folder)", "is a symbolic link loop)"), "fix the path"),
+    ((", not a folder)", "is a symbolic link loop)", "more than the system follows)"), "fix the path"),
     ((f"{TOO_LONG_WHY})",), "give a shorter path (move the file up, or rename folders)"),
     (("can't be entered",), "make that folder accessible to you"),
     (("(Permission denied)",), "make it readable to you"),

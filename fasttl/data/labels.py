@@ -179,16 +179,29 @@ def _form_shown(name: str, index: int, lines: bool) -> str:
     return f"{ascii(name)} ({form}{f', line {index + 1}' if lines else ''})"
 
 
+# Cyrillic and Greek letters drawn as a Latin one in common fonts (from Unicode's confusables.txt).
+_OTHER_SCRIPTS = "аеорсухіјѕԁԛԝһӏАВЕКМНОРСТХІЈЅΑΒΕΖΗΙΚΜΝΟΡΤΥΧοϲν"
+_LATIN_LOOK = "aeopcyxijsdqwhlABEKMHOPCTXIJSABEZHIKMNOPTYXocv"
+_AS_LATIN = str.maketrans(_OTHER_SCRIPTS, _LATIN_LOOK)
+
+
 def refuse_lookalikes(names: Sequence[str], where: str, lines: bool = False) -> None:
     """A DataError when two names look the same in every report: one name in two Unicode forms
     (NFC and NFD, as macOS and other systems store them), or two that differ only in white space
-    ('cat' and 'cat ', 'big cat' and 'big  cat') or in characters that show nothing ('cat' and
-    'cat' + U+FE0F). `lines`: the names are a file's lines, named by number."""
-    seen = {}
+    ('cat' and 'cat '), in characters that show nothing ('cat' and 'cat' + U+FE0F), or in a
+    Cyrillic or Greek letter drawn as a Latin one ('cat' with a Cyrillic 'с'). `lines`: the names
+    are a file's lines, named by number."""
+    seen, drawn = {}, {}
     for index, name in enumerate(names):
         nfc = unicodedata.normalize("NFC", name)
-        other, first = seen.setdefault(" ".join("".join(c for c in nfc if not _unseen(c)).split()), (name, index))
-        if other == name:  # the same name twice: the caller's duplicate check names it
+        shown = " ".join("".join(c for c in nfc if not _unseen(c)).split())
+        other, first = seen.setdefault(shown, (name, index))
+        if other == name:  # new, or the same name twice (the caller's duplicate check names it)
+            look = drawn.setdefault(shown.translate(_AS_LATIN), name)
+            if look != name:
+                raise DataError(f"{where} {ascii(look)} and {ascii(name)} differ only in letters of other scripts "
+                                "drawn alike (a Cyrillic or Greek letter for a Latin one), so they look the same "
+                                "in every report; rename one")
             continue
         if unicodedata.normalize("NFC", other) == nfc:
             raise DataError(f"{where} {_form_shown(other, first, lines)} and {_form_shown(name, index, lines)}: one "

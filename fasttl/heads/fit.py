@@ -54,6 +54,15 @@ def step(loss: torch.Tensor, optimizer, scheduler=None) -> None:
         scheduler.step()
 
 
+def last_step_lr(optimizer) -> Callable[[], float]:
+    """A function giving the learning rate the optimizer's last step used (its first group's), what
+    an epoch's record shows: read after the epoch, the lr is the schedule one step on, which after
+    the last epoch is past the schedule's end (OneCycleLR's cosine turns back up there)."""
+    used = {}
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: used.__setitem__("lr", opt.param_groups[0]["lr"]))
+    return lambda: float(used.get("lr", optimizer.param_groups[0]["lr"]))
+
+
 def nonfinite_weight(module: nn.Module) -> Optional[str]:
     """The name of the first float weight of `module` (as loaded, in its own dtype) that holds NaN
     or inf, else None."""
@@ -87,6 +96,7 @@ def fit(model: nn.Module, optimizer, scheduler, epochs: int, train_epoch: Callab
         from tqdm import tqdm
 
         bar = tqdm(total=epochs, initial=first, unit="epoch", desc=description, dynamic_ncols=True)
+    used = last_step_lr(optimizer)
     for epoch in range(first, epochs):
         torch.manual_seed(torch_seed(seed * 1_000_003 + epoch))
         model.train()
@@ -94,7 +104,7 @@ def fit(model: nn.Module, optimizer, scheduler, epochs: int, train_epoch: Callab
         record: Record = {"epoch": epoch + 1}
         record.update(train_epoch(epoch))
         record["seconds"] = time.perf_counter() - started
-        record["lr"] = float(optimizer.param_groups[0]["lr"])  # where the schedule ended the epoch (first group)
+        record["lr"] = used()
         if "images" in record:
             record["images_per_s"] = record["images"] / max(record["seconds"], 1e-9)
         _check_finite(record, "train_loss", epoch, description, optimizer)

@@ -6,7 +6,9 @@ strategy registry."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
+import numpy as np
 import torch
 from dataclasses import dataclass
 from typing import Optional
@@ -39,6 +41,20 @@ def _comparisons():
 def _a_tensorboard_folder(name: str, value) -> None:
     if not (value is None or value is True or isinstance(value, str) and value):
         raise OptionError(f"{name}: expected a folder (a string) or True (the run folder), got {value!r}")
+
+
+def _plain(value, metadata: dict):
+    """A value from a script as the command line gives it: a pathlib.Path as its text, a numpy
+    number as Python's (what a PyTorch user passes); anything else is left to the option's check."""
+    if metadata["path"] and isinstance(value, (list, tuple)):
+        return [_plain(each, metadata) for each in value]
+    if metadata["path"] and isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):
+        return os.fspath(value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _no_board_as_none(value):
+    return None if value is False else value  # tensorboard=False from a script: off, as left out
 
 
 def _a_seed(name: str, value) -> None:
@@ -124,14 +140,16 @@ class RunOptions:
                             "fetch cifar10`)")
     tensorboard: Optional[object] = option(None, "also write TensorBoard scalars, into DIR/<run folder name> (no DIR: "
                                            "the run folder's tensorboard/); needs pip install 'fasttl[tensorboard]'",
-                                           kind=str, metavar="DIR", const=True,
-                                           check=_a_tensorboard_folder)
+                                           kind=str, metavar="DIR", const=True, path=True,
+                                           check=_a_tensorboard_folder, convert=_no_board_as_none)
     progress: bool = option(True, "progress bars", cli=False)
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):  # a value in an older form (a run's config.json) as today's
-            if f.metadata["convert"] is not None:
-                setattr(self, f.name, f.metadata["convert"](getattr(self, f.name)))
+        for f in dataclasses.fields(self):
+            value = _plain(getattr(self, f.name), f.metadata)
+            if f.metadata["convert"] is not None:  # a value in an older form (a run's config.json) as today's
+                value = f.metadata["convert"](value)
+            setattr(self, f.name, value)
 
     def resolved(self, native_size: int, images: int = 0) -> "RunOptions":
         """Fills the per-strategy defaults and checks every option; `images`: the data's training

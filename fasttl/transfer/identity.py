@@ -21,11 +21,11 @@ from fasttl.util import files
 _NOT_COMPARED = ("resume", "overwrite", "progress", "out", "device", "on_error", "download", "tensorboard")
 
 # What changed, in words, where the identity holds a hash that names no file.
-_CHANGED = {"data_identity": "the data changed since the run started (an image added, removed or rewritten, or its "
-                             "modification time changed: a copy keeps it only with cp -p or rsync -a)",
+_TOUCHED = "an image added, removed or rewritten, or its modification time changed: a copy keeps it only with cp -p " \
+    "or rsync -a"
+_CHANGED = {"data_identity": f"the data changed since the run started ({_TOUCHED})",
             "teachers_weights": "a teacher's weights changed since the run started (trained again in place?)",
-            "target_identity": "the --target-data images changed since the run started (one added, removed or "
-                               "rewritten)",
+            "target_identity": f"the --target-data images changed since the run started ({_TOUCHED})",
             "weights_sha256": "the --weights file changed since the run started (rewritten in place?)"}
 
 

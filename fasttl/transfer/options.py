@@ -24,8 +24,8 @@ def option(default, help: str, *, kind=None, choices=None, metavar: Optional[str
     the value's test once the strategy's defaults are in; `scoped`: an option of the common set
     that only the strategies listing it in `reads` take (a strategy's own options always are);
     `convert`: maps a value given in an older form to today's (when the config is made); `path`:
-    the value names a file or folder (a list of them with `repeat`), which a run records and
-    compares in its absolute form (`./data/` and `data` are one folder)."""
+    the value names a file or folder (a list of them with `repeat`): a pathlib.Path is taken as its
+    text, and a run compares it on --resume as the path it names (`./data/` and `data` are one)."""
     kind = kind or type(default)
     return field(default=default, metadata=dict(help=help, kind=kind, choices=choices, metavar=metavar, cli=cli,
                                                  const=const, repeat=repeat, check=check, scoped=scoped,

@@ -18,9 +18,23 @@ def standing(path: str) -> str:
         except PermissionError:
             return f"a symbolic link into {closed_folder(path)}, which can't be entered (permission denied)"
         except OSError as exc:
-            return "a symbolic link loop" if exc.errno == errno.ELOOP else "a symbolic link to nothing (dangling)"
+            return _too_many_links(path) if exc.errno == errno.ELOOP else "a symbolic link to nothing (dangling)"
         return "a symbolic link to a file"
     return "a file"
+
+
+LINKS_FOLLOWED = 40  # the most symbolic links Linux follows in one path (then ELOOP)
+
+
+def _too_many_links(path: str) -> str:
+    """ELOOP at a link: a loop, or a chain of links longer than the system follows."""
+    seen, here = set(), path
+    while os.path.islink(here) and here not in seen and len(seen) <= LINKS_FOLLOWED:
+        seen.add(here)
+        here = os.path.normpath(os.path.join(os.path.dirname(here), os.readlink(here)))
+    if len(seen) > LINKS_FOLLOWED and here not in seen:
+        return f"a chain of more than {LINKS_FOLLOWED} symbolic links (more than the system follows)"
+    return "a symbolic link loop"
 
 
 def not_a_folder(path: str) -> str:

@@ -135,6 +135,9 @@ def _list_rows(path: str) -> List[Tuple[str, str]]:
                 if any(extra.strip() for extra in row.get(None) or ()):  # a comma in a path cuts it in two
                     raise DataError(f"data: {path} line {line} has more fields than its header (a path or label "
                                     "holding a comma or tab must be quoted)")
+                if (row["path"].strip(), row["label"].strip()) == ("path", "label"):  # never an image named "path"
+                    raise DataError(f"data: {path} line {line} repeats the header line (two lists joined?); "
+                                    "delete that line")
                 rows.append((row["path"], row["label"]))  # padding is stripped (and checked) by the caller
             return rows
     except (OSError, UnicodeDecodeError, csv.Error) as exc:

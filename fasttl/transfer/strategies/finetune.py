@@ -30,7 +30,7 @@ from fasttl.data import ImageLoader, TransformSpec
 from fasttl.data.splits import VALIDATION_FRACTION, validation_split
 from fasttl.util.errors import OptionError
 from fasttl.optim import AdamW
-from fasttl.heads.fit import eval_record, fit
+from fasttl.heads.fit import eval_record, fit, last_step_lr
 from fasttl.transfer.caching import Extraction, cached_features
 from fasttl.transfer.models import BackboneWithHead
 from fasttl.transfer.options import an_optional_positive_int, option
@@ -273,12 +273,13 @@ def _sweep_lr_scales(loop: _LpftLoop, seed: int, best: BestState) -> Tuple[List[
     for scale in LR_SCALES:
         loop.model.load_state_dict(initial)
         optimizer, scheduler = loop.use_scale(scale)
+        used = last_step_lr(optimizer)
         torch.manual_seed(torch_seed(seed * 1_000_003))  # as fit seeds epoch 0
         loop.model.train()
         epoch_started = time.perf_counter()
         record = {"epoch": 1, **loop.train_epoch(0)}
         record["seconds"] = time.perf_counter() - epoch_started
-        record["lr"] = float(optimizer.param_groups[0]["lr"])
+        record["lr"] = used()
         record["images_per_s"] = record["images"] / max(record["seconds"], 1e-9)
         finite = math.isfinite(record["train_loss"])
         if finite:
