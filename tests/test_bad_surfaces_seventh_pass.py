@@ -206,8 +206,8 @@ def test_feature_cache_rows_are_indices_or_a_mask_never_a_truncated_number(tmp_p
         assert torch.equal(picked.all_features(), torch.from_numpy(rows[[0, 2]])) and picked.labels.tolist() == [0, 0]
     assert torch.equal(cache.subset([3, 1]).all_features(), torch.from_numpy(rows[[3, 1]]))
     assert torch.equal(cache.gather(np.array([2, 0])), torch.from_numpy(rows[[2, 0]]))
-    for bad, error, message in (([0.5], TypeError, r"rows: expected integer row indices or a boolean mask, got "
-                                                    r"torch.float64"),
+    for bad, error, message in (([0.5], TypeError, r"rows: expected integer row indices, a slice or a boolean mask, "
+                                                    r"got torch.float64"),
                                 ([True, False], ValueError, r"rows: a boolean mask needs one entry per row \(4\)"),
                                 (np.array([[0, 1]]), ValueError, r"rows: expected a 1-D list")):
         with pytest.raises(error, match=message):

@@ -43,17 +43,41 @@ def test_resume_takes_the_same_folder_however_it_is_spelled(cat_ship, tmp_path, 
     assert before[0]["data"] == str(data)  # recorded as the folder it names
 
 
-def test_resume_still_refuses_another_folder_by_its_path(cat_ship, tmp_path, monkeypatch):
+def test_resume_takes_the_data_moved_and_refuses_other_data(cat_ship, tmp_path):
+    """Pass 62: a path whose content the identity holds (data_identity) is compared by that content."""
     from fasttl.transfer.job import run
     from fasttl.transfer.rundir import RunError
 
-    for name in ("one", "two"):
-        shutil.copytree(cat_ship, tmp_path / name, copy_function=shutil.copy2)  # the same content, times kept
+    shutil.copytree(cat_ship, tmp_path / "one")
     out = tmp_path / "run"
-    run(**one_epoch_run(tmp_path / "one", out))
+    run(**one_epoch_run(tmp_path / "one", out, epochs=2))
     _interrupted(out)
-    with pytest.raises(RunError, match=rf"data: was '{tmp_path / 'one'}', now '{tmp_path / 'two'}'"):
-        run(**one_epoch_run(tmp_path / "two", out, resume=True))
+    os.rename(tmp_path / "one", tmp_path / "moved")  # mv keeps every file's time
+    # before: "data: was '.../one', now '.../moved'"
+    run(**one_epoch_run(tmp_path / "moved", out, epochs=2, resume=True))
+    assert (out / "metrics.json").is_file()
+    _interrupted(out)
+    shutil.copytree(cat_ship, tmp_path / "two", copy_function=shutil.copy)  # new times: other data, as far as known
+    with pytest.raises(RunError, match=r"\(the data changed since the run started \(an image added, removed or "
+                                       r"rewritten, or its modification time changed"):
+        run(**one_epoch_run(tmp_path / "two", out, epochs=2, resume=True))
+
+
+def test_an_older_runs_data_typed_in_another_folder_resumes_from_here(cat_ship, tmp_path, monkeypatch):
+    """Pass 62: an older run recorded `data` as typed in the folder it ran from."""
+    from fasttl.transfer.job import run
+
+    shutil.copytree(cat_ship, tmp_path / "data")
+    (tmp_path / "below").mkdir()
+    monkeypatch.chdir(tmp_path)
+    first = tmp_path / "first"
+    run(**one_epoch_run("data", first, epochs=2))
+    _interrupted(first)
+    out = vouched_config_edit(first, tmp_path / "older", lambda config: config["identity"].update(data="data"))
+    monkeypatch.chdir(tmp_path / "below")
+    # before: "data: was '<below>/data', now '<tmp>/data'", a folder the run never read
+    run(**one_epoch_run("../data", out, epochs=2, resume=True))
+    assert (out / "metrics.json").is_file()
 
 
 def test_an_older_runs_identity_as_typed_resumes_with_its_checkpoints(cat_ship, tmp_path, monkeypatch):
@@ -263,3 +287,66 @@ def test_names_in_other_scripts_alone_are_names(tmp_path):
     from fasttl.data.labels import refuse_lookalikes
 
     refuse_lookalikes(["кот", "cat", "собака", "dog", "γάτα", "ship", "ship"], "classes:")  # nothing looks alike
+
+
+# ---- pass 62, F2: --tensorboard DIR whose DIR/<run name> is a run folder; F3: FeatureCache.to's device -----------
+def test_tensorboard_into_the_run_folder_itself_or_another_run_names_that(cat_ship, scratch_run, tmp_path):
+    pytest.importorskip("tensorboard", reason="needs the tensorboard package (fasttl[tensorboard])")
+    from fasttl.transfer.job import run
+    from fasttl.util.errors import OptionError
+
+    out = tmp_path / "boards" / "run"
+    # before: "boards/run/.fasttl-run.lock is a symbolic link or not a folder ... (remove it, ...)", fasttl's own
+    # lock, and boards/run left holding only that lock
+    with pytest.raises(OptionError, match=rf"^tensorboard: {out} is this run's --out folder itself; drop DIR "
+                                          rf"\(--tensorboard alone writes into {out / 'tensorboard'}\), or give "
+                                          r"another folder$"):
+        run(**one_epoch_run(cat_ship, out, tensorboard=str(tmp_path / "boards")))
+    assert not out.exists()
+    other = tmp_path / "others" / "run"
+    shutil.copytree(scratch_run, other)
+    # before: "others/run/.fasttl-run is a symbolic link or not a folder ... (remove it ...)": another run's marker
+    with pytest.raises(OptionError, match=rf"^tensorboard: {other} is in the fasttl run folder {other}, which only its "
+                                          r"run writes into; give another --tensorboard folder$"):
+        run(**one_epoch_run(cat_ship, tmp_path / "mine" / "run", tensorboard=str(tmp_path / "others")))
+    assert not (tmp_path / "mine").exists() and (other / ".fasttl-run").is_file()
+
+
+def test_a_users_file_beside_the_model_folders_is_left_alone(cat_ship, tmp_path):
+    pytest.importorskip("tensorboard", reason="needs the tensorboard package (fasttl[tensorboard])")
+    from fasttl.transfer.job import run
+    from fasttl.util.errors import OptionError
+
+    (tmp_path / "boards" / "run").mkdir(parents=True)
+    (tmp_path / "boards" / "run" / "notes.txt").write_text("mine")
+    # before: "notes.txt is a symbolic link or not a folder ... (remove it, ...)"
+    run(**one_epoch_run(cat_ship, tmp_path / "run", tensorboard=str(tmp_path / "boards")))
+    assert (tmp_path / "boards" / "run" / "notes.txt").read_text() == "mine"
+    assert any((tmp_path / "boards" / "run" / "scratch").iterdir())
+    (tmp_path / "b2" / "run").mkdir(parents=True)
+    (tmp_path / "b2" / "run" / "scratch").write_text("a file where a model's events go")
+    with pytest.raises(OptionError, match=r"b2/run/scratch is a symbolic link or not a folder, where fasttl writes "
+                                          r"event files into a folder of its own; move it away, or give another"):
+        run(**one_epoch_run(cat_ship, tmp_path / "r2" / "run", tensorboard=str(tmp_path / "b2")))
+
+
+@pytest.mark.parametrize("device, said", [("cuda", "device: cuda asked for, but torch sees no CUDA GPU"),
+                                          ("gpu", "device: expected cpu, cuda or cuda:N, got 'gpu'"),
+                                          (5, "device: expected cpu, cuda or cuda:N, got 5"),
+                                          ("mps", "device: expected cpu, cuda or cuda:N, got 'mps'")])
+def test_feature_cache_to_names_a_device_it_cannot_use(tmp_path, device, said):
+    import numpy as np
+    import torch
+
+    import fasttl
+    from fasttl.util.errors import OptionError
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible: cuda is a device this machine has")
+    rows = np.arange(12, dtype=np.float32).reshape(3, 4)
+    cache = fasttl.FeatureCache.write(str(tmp_path / "c"), [rows], [0, 1, 0], classes=["a", "b"], dtype="fp32")
+    # before: a bare AssertionError (cuda), RuntimeError (gpu, 5) or NotImplementedError (mps)
+    with pytest.raises(OptionError, match=rf"^{said}"):
+        cache.to(device)
+    assert torch.equal(cache.to("cpu").all_features(), torch.from_numpy(rows))
+    assert torch.equal(cache.subset(slice(1, None)).all_features(), torch.from_numpy(rows[1:]))  # a slice: its rows

@@ -209,12 +209,14 @@ class FeatureCache:
 
     def _row_indices(self, rows, what: str) -> Tensor:
         """`rows` (a tensor, array or sequence) as int64 indices on the CPU: a boolean mask selects
-        where it is True; a float or other kind is refused, never truncated to an index."""
+        where it is True; a slice takes its rows; a float or other kind is refused, never truncated."""
+        if isinstance(rows, slice):
+            rows = range(len(self))[rows]
         try:
             rows = torch.as_tensor(np.asarray(rows.cpu() if isinstance(rows, Tensor) else rows))
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"{what}: expected integer row indices or a boolean mask, got {type(rows).__name__} "
-                            f"({str(exc)[:80]})") from None
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{what}: expected integer row indices, a slice or a boolean mask, got "
+                            f"{type(rows).__name__}") from None
         if rows.dim() != 1 and rows.numel():
             raise ValueError(f"{what}: expected a 1-D list of row indices, got shape {tuple(rows.shape)}")
         if rows.dtype == torch.bool:
@@ -222,7 +224,7 @@ class FeatureCache:
                 raise ValueError(f"{what}: a boolean mask needs one entry per row ({len(self)}), got {len(rows)}")
             return rows.nonzero().flatten()
         if rows.numel() and (rows.is_floating_point() or rows.is_complex()):
-            raise TypeError(f"{what}: expected integer row indices or a boolean mask, got {rows.dtype}")
+            raise TypeError(f"{what}: expected integer row indices, a slice or a boolean mask, got {rows.dtype}")
         return rows.reshape(-1).to(torch.int64)
 
     def _stored_rows(self, rows: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
@@ -300,7 +302,7 @@ class FeatureCache:
         """The whole cache, as one tensor, in the memory of `device`: "cuda" (training then reads
         it at GPU memory speed; copied shard by shard, no host copy of the whole cache) or "cpu"
         (a copy in RAM, off the maps)."""
-        device = torch.device(device)
+        device = torch_device(device)
         if device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
             if self.nbytes() > free:

@@ -75,11 +75,19 @@ def key(identity: Dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+# A path option whose content an identity key holds is compared by that content: a folder moved
+# or renamed with its files' times kept, or an older run's path typed from another folder, is the
+# same input; an input changed at the same path is still refused.
+_CONTENT_OF = {"data": "data_identity", "classes_file": "data_identity", "teacher": "teachers_weights",
+               "target_data": "target_identity", "weights": "weights_sha256"}
+
+
 def resumed_identity(run_dir: str, cfg: RunConfig, identity: dict, recorded: dict) -> dict:
     """The identity a resumed run keeps: the one its interrupted run recorded (its checkpoints
     carry that key), once it is this run's in today's terms; a RunError naming what differs else."""
     before = _identity_as_today(recorded, cfg, identity)
-    differing = sorted(k for k in set(identity) | set(before) if identity.get(k) != before.get(k))
+    by_content = {name for name, content in _CONTENT_OF.items() if content in recorded and content in identity}
+    differing = sorted(k for k in (set(identity) | set(before)) - by_content if identity.get(k) != before.get(k))
     if differing:
         details = "; ".join(_CHANGED[k] if k in _CHANGED else
                             f"{k}: was {before.get(k)!r}, now {identity.get(k)!r}" for k in differing)

@@ -306,19 +306,23 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
         board = os.path.join(run_dir, TENSORBOARD)  # the run's own: --overwrite clears it with the run
     else:
         board = os.path.join(files.absolute(cfg.tensorboard), os.path.basename(run_dir))
-    # A link anywhere events go (the folder or a model's sub-folder) is refused now, not after training.
-    models = [name for name in sorted(os.listdir(board)) if name != TENSORBOARD_LOCK] \
-        if os.path.isdir(board) and not os.path.islink(board) else []
+        if os.path.realpath(board) == os.path.realpath(run_dir):
+            raise OptionError(f"tensorboard: {board} is this run's --out folder itself; drop DIR (--tensorboard "
+                              f"alone writes into {os.path.join(run_dir, TENSORBOARD)}), or give another folder")
+        other = enclosing_run_folder(board)
+        if other is not None and other != os.path.realpath(run_dir):
+            raise OptionError(f"tensorboard: {board} is in the fasttl run folder {other}, which only its run writes "
+                              "into; give another --tensorboard folder")
+    # A link where events go (the folder, or a model's folder in it) is refused now, not after training.
+    models = sorted({name for s in trained(cfg) for name in (s, *registry.get(s).outputs)})
     for folder in [board] + [os.path.join(board, name) for name in models]:
         if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
-            raise OptionError(f"tensorboard: {folder} is a symbolic link or not a folder; fasttl writes event files "
-                              "only into folders it can see (remove it, or give another --tensorboard)")
+            raise OptionError(f"tensorboard: {folder} is a symbolic link or not a folder, where fasttl writes event "
+                              "files into a folder of its own; move it away, or give another --tensorboard")
     if cfg.tensorboard is True:
         return board
-    other = enclosing_run_folder(board)
-    if other is not None and other != os.path.realpath(run_dir):
-        raise OptionError(f"tensorboard: {board} is in the fasttl run folder {other}, which only its run writes into; "
-                          "give another --tensorboard folder")
+    models = [name for name in sorted(os.listdir(board)) if os.path.isdir(os.path.join(board, name))] \
+        if os.path.isdir(board) else []
     # Curves already there are another run's (one of the same folder name, or this one's before
     # --overwrite): never deleted, never mixed with this run's.
     held = [os.path.join(model, name) for model in models for name in event_files(os.path.join(board, model))]
