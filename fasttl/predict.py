@@ -296,13 +296,11 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
     if on_error not in ON_ERROR:
         raise OptionError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")
     if out is not None:
-        out = check_output_path(out, overwrite)
+        out = check_output_path(out, overwrite, ending=".csv")  # a shell glob can put an input image last
         run_folder = os.path.realpath(os.path.expanduser(os.fspath(run_dir)))
         if is_inside(out, run_folder):
             raise OptionError(f"out: {out} is inside the run folder {run_folder}, whose files are the run's (its "
                               "config, weights, predictions.csv); write the predictions elsewhere")
-        if not out.lower().endswith(".csv"):  # a shell glob can put an input image last, as the --out
-            raise OptionError(f"out: {out!r} does not end in .csv (name the predictions file predictions.csv, say)")
     files, ignored = image_files(paths)
     model = load_run(run_dir, device)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= len(model.classes):

@@ -350,3 +350,16 @@ def test_feature_cache_to_names_a_device_it_cannot_use(tmp_path, device, said):
         cache.to(device)
     assert torch.equal(cache.to("cpu").all_features(), torch.from_numpy(rows))
     assert torch.equal(cache.subset(slice(1, None)).all_features(), torch.from_numpy(rows[1:]))  # a slice: its rows
+
+
+def test_predict_out_naming_an_image_says_the_name_first(scratch_run, cat_ship, tmp_path, capsys):
+    from conftest import cli, one_line_error
+
+    image = tmp_path / "0000.jpg"
+    shutil.copy(sorted((cat_ship / "test" / "cat").iterdir())[0], image)
+    for more in ([], ["--overwrite"]):
+        code, _, err = cli(capsys, "predict", "--run", scratch_run, cat_ship / "test", "--out", image, *more,
+                           "--no-progress")
+        # before: without --overwrite "exists; pass --overwrite to replace it", a fix the name then refused
+        assert code == 2 and one_line_error(err) == f"fasttl: error: out: {str(image)!r} does not end in .csv (name " \
+                                                    "the file predictions.csv, say)"

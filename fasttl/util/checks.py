@@ -128,7 +128,8 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out", ending: s
         raise OptionError(f"{name}: {path} is in the fasttl run folder {holder}, which only its run writes into; "
                           f"give another {flag}")  # first: no flag would make the other refusals go away
     if not path.lower().endswith(ending):  # before "exists; pass --overwrite", which can't mend a name
-        raise OptionError(f"{name}: {given!r} does not end in {ending} (name the file model{ending}, say)")
+        example = {".csv": "predictions"}.get(ending, "model")
+        raise OptionError(f"{name}: {given!r} does not end in {ending} (name the file {example}{ending}, say)")
     if os.path.islink(path):
         raise OptionError(f"{name}: {path} is a symbolic link; fasttl does not write through links (give another "
                           f"{flag})")
