@@ -101,10 +101,6 @@ def _training_calibration(model, train, cache: FeatureCache, image_size, on_erro
     return key, images
 
 
-# The folders extract writes under --out: the two splits of class folders, or the one of a list.
-SPLIT_FOLDERS = ("train", "test", "all")
-
-
 def _refuse_foreign_files(out: str) -> None:
     """--out holds only what extract writes (its split folders, engine graphs, its lock and
     temporaries), so a folder of the user's files never becomes a cache's root."""
@@ -112,7 +108,8 @@ def _refuse_foreign_files(out: str) -> None:
 
     if not os.path.isdir(out):
         return
-    foreign = [name for name in sorted(os.listdir(out)) if name not in SPLIT_FOLDERS and not store.is_own_file(name)]
+    foreign = [name for name in sorted(os.listdir(out))
+               if name not in store.EXTRACT_SPLITS and not store.is_own_file(name)]
     if foreign:
         raise OptionError(f"out: {out} holds files that are not fasttl's ({', '.join(foreign[:3])}); give an empty or "
                           "new folder for the cache")

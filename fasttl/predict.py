@@ -32,7 +32,7 @@ from fasttl.util.errors import OptionError
 from fasttl.util.files import absolute, is_inside, run_folder_in_data
 from fasttl.util.path_problems import unreachable
 from fasttl.util.outputs import csv_cell
-from fasttl.util.checks import positive_int
+from fasttl.util.checks import plain_int, positive_int
 from fasttl.util.checks import check_output_path, torch_device
 
 
@@ -195,10 +195,7 @@ class RunModel:
     def __init__(self, run_dir: str, device: Union[str, torch.device] = "cpu"):
         from fasttl.transfer.rundir import load_trained, read_config
 
-        if not isinstance(run_dir, (str, os.PathLike)) or not isinstance(os.fspath(run_dir), str):
-            raise OptionError(f"run_dir: expected a run folder's path (a str or a pathlib.Path), got "
-                              f"{type(run_dir).__name__}")
-        self.run_dir = absolute(os.fspath(run_dir))
+        self.run_dir = absolute(_run_path(run_dir))
         self.config = read_config(self.run_dir)
         self.device = torch_device(device)
         self.trained = load_trained(self.run_dir, self.device)
@@ -216,10 +213,7 @@ class RunModel:
             return images
         if isinstance(images, collections.abc.Iterator):  # a generator of paths or arrays: read once, as a list
             images = list(images)
-        if isinstance(images, (bytes, bytearray)) or \
-                isinstance(images, (list, tuple)) and any(isinstance(p, (bytes, bytearray)) for p in images):
-            raise OptionError("images: bytes (a path as bytes, or a file's encoded content?); give paths as str or "
-                              "pathlib.Path, or decoded uint8 pixels")
+        _refuse_bytes(images, "images")
         if isinstance(images, (str, os.PathLike)):
             images = [images]
         if isinstance(images, (list, tuple)) and not images:
@@ -237,7 +231,7 @@ class RunModel:
         return self._logits(self._source(images), batch_size, progress)
 
     def _logits(self, source, batch_size: Optional[int], progress: bool, refused: Optional[dict] = None) -> Tensor:
-        positive_int("batch_size", batch_size, OptionError, optional=True)
+        batch_size = positive_int("batch_size", plain_int(batch_size), OptionError, optional=True)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -259,6 +253,25 @@ class RunModel:
         error naming it."""
         probabilities = torch.softmax(self.logits(images, batch_size, progress), dim=1)
         return [self.classes[i] for i in probabilities.argmax(1).tolist()], probabilities
+
+
+def _run_path(run_dir) -> str:
+    """A run folder argument as text: a str or a pathlib.Path, not blank (an unset variable's
+    empty path would name the current folder)."""
+    if not isinstance(run_dir, (str, os.PathLike)) or not isinstance(os.fspath(run_dir), str):
+        raise OptionError(f"run_dir: expected a run folder's path (a str or a pathlib.Path), got "
+                          f"{type(run_dir).__name__}")
+    if not os.fspath(run_dir).strip():
+        raise OptionError("run_dir: an empty or blank path (an unset variable?); give the run folder")
+    return os.fspath(run_dir)
+
+
+def _refuse_bytes(images, name: str) -> None:
+    """bytes are no path fasttl takes (nor encoded images): said, not read as pixels or text."""
+    if isinstance(images, (bytes, bytearray)) or \
+            isinstance(images, (list, tuple)) and any(isinstance(p, (bytes, bytearray)) for p in images):
+        raise OptionError(f"{name}: bytes (a path as bytes, or a file's encoded content?); give paths as str or "
+                          "pathlib.Path, or decoded uint8 pixels")
 
 
 def load_run(run_dir: str, device: Union[str, torch.device] = "cpu") -> RunModel:
@@ -293,8 +306,13 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
     (path, reason) in "skipped"."""
     from fasttl.data import screen
 
+    run_dir, top_k = _run_path(run_dir), plain_int(top_k)
     if on_error not in ON_ERROR:
         raise OptionError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    if not isinstance(overwrite, bool):  # overwrite="no" from a script is a mistake, never True
+        raise OptionError(f"overwrite: expected True or False, got {overwrite!r}")
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths  # one path, not its characters
+    _refuse_bytes(paths, "paths")
     if out is not None:
         out = check_output_path(out, overwrite, ending=".csv")  # a shell glob can put an input image last
         run_folder = os.path.realpath(os.path.expanduser(os.fspath(run_dir)))

@@ -64,9 +64,9 @@ def test_resume_takes_the_data_moved_and_refuses_other_data(cat_ship, tmp_path):
     assert (out / "metrics.json").is_file()
     _interrupted(out)
     shutil.copytree(cat_ship, tmp_path / "two", copy_function=shutil.copy)  # new times: other data, as far as known
-    with pytest.raises(RunError, match=r"\(the data changed since the run started \(an image added, removed or "
-                                       r"rewritten, or its modification time changed"):
-        run(**one_epoch_run(tmp_path / "two", out, epochs=2, resume=True))
+    # the run's own record kept: it started on one
+    with pytest.raises(RunError, match=rf"\(data: was '{tmp_path / 'one'}', now '{tmp_path / 'two'}'\); run"):
+        run(**one_epoch_run(tmp_path / "two", out, epochs=2, resume=True))  # (pass 63: the paths named)
 
 
 def test_an_older_runs_data_typed_in_another_folder_resumes_from_here(cat_ship, tmp_path, monkeypatch):
@@ -288,8 +288,8 @@ def test_tensorboard_into_the_run_folder_itself_or_another_run_names_that(cat_sh
     # before: "boards/run/.fasttl-run.lock is a symbolic link or not a folder ... (remove it, ...)", fasttl's own
     # lock, and boards/run left holding only that lock
     with pytest.raises(OptionError, match=rf"^tensorboard: {out} is this run's --out folder itself; drop DIR "
-                                          rf"\(--tensorboard alone writes into {out / 'tensorboard'}\), or give "
-                                          r"another folder$"):
+                                          rf"\(--tensorboard alone writes into {out / 'tensorboard'}\), or give a "
+                                          r"folder outside it$"):
         run(**one_epoch_run(cat_ship, out, tensorboard=str(tmp_path / "boards")))
     assert not out.exists()
     other = tmp_path / "others" / "run"

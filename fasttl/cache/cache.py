@@ -211,7 +211,10 @@ class FeatureCache:
         """`rows` (a tensor, array or sequence) as int64 indices on the CPU: a boolean mask selects
         where it is True; a slice takes its rows; a float or other kind is refused, never truncated."""
         if isinstance(rows, slice):
-            rows = range(len(self))[rows]
+            try:
+                rows = range(len(self))[rows]
+            except (TypeError, ValueError) as exc:  # a float bound, a step of 0
+                raise type(exc)(f"{what}: a slice of integer bounds and a step other than 0, got {rows!r}") from None
         try:
             rows = torch.as_tensor(np.asarray(rows.cpu() if isinstance(rows, Tensor) else rows))
         except (TypeError, ValueError, RuntimeError):

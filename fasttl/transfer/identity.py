@@ -86,12 +86,17 @@ def resumed_identity(run_dir: str, cfg: RunConfig, identity: dict, recorded: dic
     """The identity a resumed run keeps: the one its interrupted run recorded (its checkpoints
     carry that key), once it is this run's in today's terms; a RunError naming what differs else."""
     before = _identity_as_today(recorded, cfg, identity)
-    by_content = {name for name, content in _CONTENT_OF.items() if content in recorded and content in identity}
-    differing = sorted(k for k in (set(identity) | set(before)) - by_content if identity.get(k) != before.get(k))
-    if differing:
-        details = "; ".join(_CHANGED[k] if k in _CHANGED else
-                            f"{k}: was {before.get(k)!r}, now {identity.get(k)!r}" for k in differing)
-        raise RunError(f"resume: {run_dir} was run with other options or data ({details[:500]}); run with "
+    differing = {k for k in set(identity) | set(before) if identity.get(k) != before.get(k)}
+    said = []
+    for k in sorted(differing):
+        content = _CONTENT_OF.get(k)
+        if content in recorded and content in identity and content not in differing:
+            continue  # another path to the same content: moved, linked or spelled otherwise
+        if any(c == k and name in differing for name, c in _CONTENT_OF.items()):
+            continue  # its path changed too (another file, or none): said by the path
+        said.append(_CHANGED[k] if k in _CHANGED else f"{k}: was {before.get(k)!r}, now {identity.get(k)!r}")
+    if said:
+        raise RunError(f"resume: {run_dir} was run with other options or data ({'; '.join(said)[:500]}); run with "
                        "the same options, or pass --overwrite to start over")
     return recorded
 

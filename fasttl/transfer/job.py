@@ -26,7 +26,8 @@ from fasttl.transfer.datasets import EMBEDDED, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.util import files
 from fasttl.util.path_problems import output_folder_problem, unreachable
-from fasttl.util.files import enclosing_run_folder, write_atomic
+from fasttl.util.files import enclosing_run_folder, is_inside, write_atomic
+from fasttl.cache.store import enclosing_cache_folder
 from fasttl.transfer import budget, planner, trained_images
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
@@ -67,6 +68,7 @@ def choose_run_dir(cfg: RunConfig, dataset_name: str) -> str:
         holder = enclosing_run_folder(os.path.dirname(out))
         if holder is not None:  # a run folder holds its own run's files, never another run
             raise RunError(f"out: {out} is inside the fasttl run folder {holder}; give a folder outside it")
+        _refuse_in_a_cache("out", out)
         return out
     return _default_run_dir(os.path.abspath(os.path.join("runs", f"{dataset_name}-{cfg.strategy}")),
                             cfg.resume or cfg.overwrite)
@@ -107,6 +109,13 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
     os.makedirs(run_dir, exist_ok=True)
     mark_run(run_dir, keep_records=cleared is None)  # cleared: the records of its files go with them
     return recorded
+
+
+def _refuse_in_a_cache(option: str, path: str) -> None:
+    cache = enclosing_cache_folder(path)
+    if cache is not None:  # fasttl extract would then refuse its own cache, holding files not its own
+        raise OptionError(f"{option}: {path} is in the feature cache folder {cache}, which only fasttl extract "
+                          f"writes into; give --{option} a folder outside it")
 
 
 def _refuse_blocked(run_dir: str) -> None:
@@ -306,13 +315,16 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
         board = os.path.join(run_dir, TENSORBOARD)  # the run's own: --overwrite clears it with the run
     else:
         board = os.path.join(files.absolute(cfg.tensorboard), os.path.basename(run_dir))
-        if os.path.realpath(board) == os.path.realpath(run_dir):
-            raise OptionError(f"tensorboard: {board} is this run's --out folder itself; drop DIR (--tensorboard "
-                              f"alone writes into {os.path.join(run_dir, TENSORBOARD)}), or give another folder")
+        if is_inside(board, run_dir):  # fasttl's own files in --out would make it no run's folder
+            where = "this run's --out folder itself" if os.path.realpath(board) == os.path.realpath(run_dir) else \
+                f"inside this run's --out folder {run_dir}"
+            raise OptionError(f"tensorboard: {board} is {where}; drop DIR (--tensorboard alone writes into "
+                              f"{os.path.join(run_dir, TENSORBOARD)}), or give a folder outside it")
         other = enclosing_run_folder(board)
-        if other is not None and other != os.path.realpath(run_dir):
+        if other is not None:
             raise OptionError(f"tensorboard: {board} is in the fasttl run folder {other}, which only its run writes "
                               "into; give another --tensorboard folder")
+        _refuse_in_a_cache("tensorboard", board)
     # A link where events go (the folder, or a model's folder in it) is refused now, not after training.
     models = sorted({name for s in trained(cfg) for name in (s, *registry.get(s).outputs)})
     for folder in [board] + [os.path.join(board, name) for name in models]:

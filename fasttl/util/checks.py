@@ -113,7 +113,9 @@ def check_output_path(path: str, overwrite: bool, flag: str = "--out", ending: s
     from fasttl.util.errors import OptionError
 
     name = flag.lstrip("-").replace("-", "_")
-    given = os.fspath(path)
+    given = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(given, str):
+        raise OptionError(f"{name}: expected a file path (a str or a pathlib.Path), got {type(path).__name__}")
     last = os.path.basename(given)
     if given and last in ("", os.curdir, os.pardir):  # 'p.csv/.' names a folder to the kernel (abspath: p.csv)
         raise OptionError(f"{name}: {given!r} names a folder (it ends in /{last}); give {flag} a file name")

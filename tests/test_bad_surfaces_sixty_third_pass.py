@@ -1,0 +1,162 @@
+"""The sixty-third hostile pass (about 300 attempts on fb774af; pass 62's three fixes held) found 6:
+load_run("") and predict_run("", ...) took the current folder for the run; `run --out X
+--tensorboard X` made its board inside --out before the folder check, which then refused X as not
+fasttl's, for good; run wrote into a feature cache folder (--out or --tensorboard there), which
+extract then refused as holding files not its own; --resume with another --data or --weights
+path named neither path (and said "rewritten in place?", or two contradictory things when
+--weights was dropped); FeatureCache.subset of a slice with a step of 0 or a float bound raised
+bare errors; numpy integers were refused for predict's batch_size and predict_run's top_k."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import fasttl
+from conftest import cli, finished_run, one_epoch_run, one_line_error
+from fasttl.util.errors import OptionError
+
+
+@pytest.fixture(scope="module")
+def scratch_run(cat_ship, tmp_path_factory):
+    return finished_run(cat_ship, tmp_path_factory, "scratch63")
+
+
+def _interrupted(out):
+    os.remove(out / "metrics.json")  # as a run stopped after its checkpoint: resumable
+
+
+# ---- F1: an empty run folder argument is refused, never the current folder --------------------------------------
+@pytest.mark.parametrize("given", ["", "  "], ids=["empty", "blank"])
+def test_an_empty_run_folder_is_refused_not_the_current_one(scratch_run, cat_ship, monkeypatch, given):
+    from fasttl.predict import predict_run
+
+    monkeypatch.chdir(scratch_run)  # standing in a run folder: the one an empty path would name
+    image = str(sorted((cat_ship / "test" / "cat").iterdir())[0])
+    said = r"^run_dir: an empty or blank path \(an unset variable\?\); give the run folder$"
+    # before: load_run("") loaded the run standing there, and predict_run predicted with it
+    with pytest.raises(OptionError, match=said):
+        fasttl.load_run(given)
+    with pytest.raises(OptionError, match=said):
+        predict_run(given, [image], progress=False)
+
+
+# ---- F2 and F3: --tensorboard inside --out, and run outputs inside a feature cache folder --------------------------
+def test_tensorboard_inside_out_is_refused_before_out_is_made(cat_ship, tmp_path, capsys):
+    pytest.importorskip("tensorboard", reason="needs the tensorboard package (fasttl[tensorboard])")
+    out = tmp_path / "x"
+    words = ["run", "--data", cat_ship, "--out", out, "--strategy", "scratch", "--epochs", 1, "--image-size", 32,
+             "--compare", "none", "--no-progress"]
+    code, _, err = cli(capsys, *words, "--tensorboard", out)
+    # before: "out: ... is not empty and holds no fasttl run", X left holding fasttl's board and lock, for good
+    assert code == 2 and one_line_error(err) == f"fasttl: error: tensorboard: {out / 'x'} is inside this run's --out " \
+        f"folder {out}; drop DIR (--tensorboard alone writes into {out / 'tensorboard'}), or give a folder outside it"
+    assert not out.exists()
+    code, _, err = cli(capsys, *words)  # and the folder stays usable
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("how", ["out", "tensorboard"])
+def test_run_writes_nothing_into_a_feature_cache_folder(cat_ship, tmp_path, capsys, how):
+    pytest.importorskip("tensorboard", reason="needs the tensorboard package (fasttl[tensorboard])")
+    cache = tmp_path / "cache"
+    code, _, err = cli(capsys, "extract", "--data", cat_ship, "--out", cache, "--image-size", 32, "--no-progress")
+    assert code == 0, err
+    before = sorted(os.listdir(cache))
+    where = ["--out", cache / "run"] if how == "out" else ["--out", tmp_path / "run", "--tensorboard", cache]
+    code, _, err = cli(capsys, "run", "--data", cat_ship, *where, "--strategy", "scratch", "--epochs", 1,
+                       "--image-size", 32, "--compare", "none", "--no-progress")
+    # before: the run (or its event files) went into the cache, which extract then refused as "not fasttl's"
+    board = cache / "run"  # --out itself, or the board DIR/<run folder name>
+    assert code == 2 and one_line_error(err) == f"fasttl: error: {how}: {board} is in the feature cache folder " \
+        f"{cache}, which only fasttl extract writes into; give --{how} a folder outside it"
+    assert sorted(os.listdir(cache)) == before
+    code, _, err = cli(capsys, "extract", "--data", cat_ship, "--out", cache, "--image-size", 32, "--no-progress")
+    assert code == 0, err  # the cache is still extract's
+
+
+def test_a_cache_split_folder_and_a_build_in_progress_are_cache_folders(tmp_path):
+    from fasttl.cache.store import enclosing_cache_folder
+
+    rows = np.arange(8, dtype=np.float32).reshape(2, 4)
+    fasttl.FeatureCache.write(str(tmp_path / "c"), [rows], [0, 1], classes=["a", "b"], dtype="fp32")
+    assert enclosing_cache_folder(str(tmp_path / "c" / "deep" / "er")) == str(tmp_path / "c")
+    (tmp_path / "building").mkdir()
+    (tmp_path / "building" / "build.json").write_text("{}")
+    assert enclosing_cache_folder(str(tmp_path / "building" / "x")) == str(tmp_path / "building")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "manifest.json").write_text("{}")  # a user's manifest alone: no cache
+    assert enclosing_cache_folder(str(tmp_path / "mine" / "x")) is None
+
+
+# ---- F4: --resume naming the paths that changed -------------------------------------------------------------------
+def test_resume_names_the_data_path_when_the_data_is_another_folder(cat_ship, tmp_path):
+    from fasttl.transfer.job import run
+    from fasttl.transfer.rundir import RunError
+
+    out = tmp_path / "run"
+    run(**one_epoch_run(cat_ship, out, epochs=2))
+    _interrupted(out)
+    other = tmp_path / "other"
+    shutil.copytree(cat_ship, other, copy_function=shutil.copy)
+    # before: "(the data changed since the run started (...))", naming neither folder
+    with pytest.raises(RunError, match=rf"\(data: was '{cat_ship}', now '{other}'\); run with the same options"):
+        run(**one_epoch_run(other, out, epochs=2, resume=True))
+
+
+def test_resume_names_the_weights_path_and_a_dropped_option_once(cat_ship, tmp_path):
+    from fasttl import backbones
+    from fasttl.transfer.job import run
+    from fasttl.transfer.rundir import RunError
+
+    state = backbones.create("resnet18", pretrained=False).state_dict()
+    torch.save(state, tmp_path / "a.pt")
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "b.pt")
+    shutil.copy2(tmp_path / "a.pt", tmp_path / "a-copy.pt")
+    out = tmp_path / "run"
+    options = one_epoch_run(cat_ship, out, strategy="mlp", backbone="resnet18", weights=str(tmp_path / "a.pt"),
+                            epochs=2, features="head")
+    run(**options)
+    _interrupted(out)
+    # before: "(the --weights file changed since the run started (rewritten in place?))" for another file
+    with pytest.raises(RunError, match=rf"\(weights: was '{tmp_path / 'a.pt'}', now '{tmp_path / 'b.pt'}'\); run"):
+        run(**dict(options, weights=str(tmp_path / "b.pt"), resume=True))
+    # before: "weights: was '.../a.pt', now None; the --weights file changed since ..." (two contradictory things)
+    with pytest.raises(RunError, match=rf"\(weights: was '{tmp_path / 'a.pt'}', now None\); run"):
+        run(**dict(options, weights=None, resume=True))
+    run(**dict(options, weights=str(tmp_path / "a-copy.pt"), resume=True))  # the same weights elsewhere resume
+    assert (out / "metrics.json").is_file()
+
+
+# ---- F5 and F6: a bad slice names `rows`; numpy integers where the API takes an int ------------------------------
+@pytest.mark.parametrize("rows, error", [(slice(0, 2, 0), ValueError), (slice(0.0, 2), TypeError)],
+                         ids=["step-0", "float-bound"])
+def test_a_bad_slice_names_rows(tmp_path, rows, error):
+    cache = fasttl.FeatureCache.write(str(tmp_path / "c"), [np.zeros((3, 4), np.float32)], [0, 1, 0],
+                                      classes=["a", "b"], dtype="fp32")
+    # before: "slice step cannot be zero" / "slice indices must be integers ...", naming no argument
+    with pytest.raises(error, match=r"^rows: a slice of integer bounds and a step other than 0, got slice\("):
+        cache.subset(rows)
+    assert torch.equal(cache.subset(slice(None, None, -1)).labels, torch.tensor([0, 1, 0]))
+
+
+def test_predict_takes_numpy_integers_and_one_path(scratch_run, cat_ship, tmp_path):
+    from fasttl.predict import predict_run
+
+    model = fasttl.load_run(scratch_run)
+    images = sorted(str(p) for p in (cat_ship / "test").rglob("*.jpg"))
+    names, probabilities = model.predict(images)
+    # before: "batch_size: expected a positive integer, got np.int64(2)"
+    again, same = model.predict(images, batch_size=np.int64(2))
+    assert again == names and torch.allclose(same, probabilities, atol=1e-6)
+    # before: "top_k: expected 1..2 (...), got np.int64(2)"; a str of paths read one character at a time
+    result = predict_run(str(scratch_run), str(cat_ship / "test"), top_k=np.int64(2), progress=False)
+    assert result["rows"] == len(images) and "top2" in result["csv"].splitlines()[0]
+    for bad, said in (({"overwrite": "no"}, r"^overwrite: expected True or False, got 'no'$"),
+                      ({"paths": [b"x.jpg"]}, r"^paths: bytes \(a path as bytes"),
+                      ({"out": b"p.csv"}, r"^out: expected a file path \(a str or a pathlib.Path\), got bytes$")):
+        kwargs = dict({"paths": images, "out": str(tmp_path / "p.csv"), "progress": False}, **bad)
+        with pytest.raises(OptionError, match=said):
+            predict_run(str(scratch_run), **kwargs)
+    assert not (tmp_path / "p.csv").exists()
