@@ -77,13 +77,13 @@ def test_run_writes_nothing_into_a_feature_cache_folder(cat_ship, tmp_path, caps
 
 
 def test_a_cache_split_folder_and_a_build_in_progress_are_cache_folders(tmp_path):
-    from fasttl.cache.store import enclosing_cache_folder
+    from fasttl.cache.folder import enclosing_cache_folder
 
     rows = np.arange(8, dtype=np.float32).reshape(2, 4)
     fasttl.FeatureCache.write(str(tmp_path / "c"), [rows], [0, 1], classes=["a", "b"], dtype="fp32")
     assert enclosing_cache_folder(str(tmp_path / "c" / "deep" / "er")) == str(tmp_path / "c")
     (tmp_path / "building").mkdir()
-    (tmp_path / "building" / "build.json").write_text("{}")
+    (tmp_path / "building" / "build.json").write_text('{"fingerprint": {"format": 2}}')  # as build.py writes
     assert enclosing_cache_folder(str(tmp_path / "building" / "x")) == str(tmp_path / "building")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "manifest.json").write_text("{}")  # a user's manifest alone: no cache
@@ -160,3 +160,53 @@ def test_predict_takes_numpy_integers_and_one_path(scratch_run, cat_ship, tmp_pa
         with pytest.raises(OptionError, match=said):
             predict_run(str(scratch_run), **kwargs)
     assert not (tmp_path / "p.csv").exists()
+
+
+# ---- pass 64: a user's folder is no cache folder by its names alone; the default run folder; cache API messages ----
+def test_a_users_files_named_as_a_caches_are_no_cache_folder(cat_ship, tmp_path, capsys, monkeypatch):
+    from fasttl.cache.folder import enclosing_cache_folder
+
+    project = tmp_path / "project"
+    (project / "train").mkdir(parents=True)
+    for folder in (project, project / "train"):
+        (folder / "manifest.json").write_text('{"name": "my project"}')
+        (folder / "labels.npy").write_bytes(b"mine")
+        (folder / "build.json").write_text("{}")
+    # before: "out: .../project/run is in the feature cache folder .../project" (by the file names alone)
+    assert enclosing_cache_folder(str(project / "run")) is None
+    code, _, err = cli(capsys, "run", "--data", cat_ship, "--out", project / "run", "--strategy", "scratch", "--epochs",
+                       1, "--image-size", 32, "--compare", "none", "--no-progress")
+    assert code == 0, err
+    (tmp_path / "closed").mkdir()
+    (tmp_path / "closed" / "manifest.json").symlink_to(tmp_path / "closed")  # no plain file: never read
+    assert enclosing_cache_folder(str(tmp_path / "closed" / "x")) is None
+
+
+def test_a_run_without_out_standing_in_a_cache_folder_is_refused(cat_ship, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    code, _, err = cli(capsys, "extract", "--data", cat_ship, "--out", cache, "--image-size", 32, "--no-progress")
+    assert code == 0, err
+    monkeypatch.chdir(cache)
+    code, _, err = cli(capsys, "run", "--data", cat_ship, "--strategy", "scratch", "--epochs", 1, "--image-size", 32,
+                       "--compare", "none", "--no-progress")
+    # before: runs/<data>-scratch made in the cache, which extract then refused for good
+    assert code == 2 and one_line_error(err).startswith(f"fasttl: error: out: {cache / 'runs'}")
+    assert f"is in the feature cache folder {cache}, which only fasttl extract writes into" in err
+    assert not (cache / "runs").exists()
+
+
+def test_cache_api_refusals_name_their_argument_and_value(tmp_path):
+    cache = fasttl.FeatureCache.write(str(tmp_path / "c"), [np.zeros((3, 4), np.float32)], [0, 1, 0],
+                                      classes=["a", "b"], dtype="fp32")
+    for bad in (cache, None, 3):  # before: "'FeatureCache' object is not iterable" and the like
+        with pytest.raises(ValueError, match=r"^caches: expected a non-empty list of FeatureCache objects$"):
+            fasttl.FeatureCache.concat(bad)
+    for bad, shown in ((np.array([2**63], np.uint64), 2**63), ([0, 2**70], 2**70)):
+        # before: "got -9223372036854775808" (wrapped), and "got list"
+        with pytest.raises(ValueError, match=rf"^rows: expected indices in \[0, 3\), got {shown}$"):
+            cache.subset(bad)
+        with pytest.raises(ValueError, match=rf"^indices: expected indices in \[0, 3\), got {shown}$"):
+            cache.gather(bad)
+    with pytest.raises(TypeError, match=r"^rows: expected integer row indices, a slice or a boolean mask, got list$"):
+        cache.subset([[0], [1, 2]])
+    assert cache.subset(np.array([2, 0], np.uint64)).labels.tolist() == [0, 0]

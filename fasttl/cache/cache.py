@@ -109,7 +109,10 @@ class FeatureCache:
     @classmethod
     def concat(cls, caches: List["FeatureCache"]) -> "FeatureCache":
         """The rows of several caches (e.g. two views of one split) as one in-memory cache."""
-        caches = list(caches)
+        try:
+            caches = list(caches)
+        except TypeError:
+            caches = None  # one cache, None, a number: no list of caches
         if not caches or not all(isinstance(c, FeatureCache) for c in caches):
             raise ValueError("caches: expected a non-empty list of FeatureCache objects")
         first = caches[0]
@@ -215,11 +218,18 @@ class FeatureCache:
                 rows = range(len(self))[rows]
             except (TypeError, ValueError) as exc:  # a float bound, a step of 0
                 raise type(exc)(f"{what}: a slice of integer bounds and a step other than 0, got {rows!r}") from None
+        wrong = TypeError(f"{what}: expected integer row indices, a slice or a boolean mask, got {type(rows).__name__}")
         try:
-            rows = torch.as_tensor(np.asarray(rows.cpu() if isinstance(rows, Tensor) else rows))
+            array = np.asarray(rows.cpu() if isinstance(rows, Tensor) else rows)
         except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"{what}: expected integer row indices, a slice or a boolean mask, got "
-                            f"{type(rows).__name__}") from None
+            raise wrong from None
+        beyond = array.dtype.kind == "u" and array.size and int(array.max()) >= len(self)  # 2**63 would wrap below 0
+        if beyond or array.dtype == object and array.size and all(type(r) is int for r in array.ravel()):
+            raise ValueError(f"{what}: expected indices in [0, {len(self)}), got {int(array.max())}")
+        try:
+            rows = torch.as_tensor(array)
+        except (TypeError, RuntimeError):
+            raise wrong from None
         if rows.dim() != 1 and rows.numel():
             raise ValueError(f"{what}: expected a 1-D list of row indices, got shape {tuple(rows.shape)}")
         if rows.dtype == torch.bool:

@@ -53,6 +53,39 @@ def foreign_entries(directory: str) -> list:
     return foreign
 
 
+def _is_cache_folder(folder: str) -> bool:
+    """A feature cache's folder by proof (shards named as fasttl names them, a record with a
+    fingerprint, an engine graph), or the root `fasttl extract` writes: one holding such a split."""
+    try:
+        names = set(os.listdir(folder))
+    except OSError:
+        return False
+    if any(store.SHARD_FILE.fullmatch(n) or store.ENGINE_FILE.fullmatch(n) for n in names) or \
+            any(_readable_record(os.path.join(folder, n)) for n in (store.MANIFEST, store.BUILD) if n in names):
+        return True
+    return any(split in names and _is_cache_folder(os.path.join(folder, split)) for split in store.EXTRACT_SPLITS)
+
+
+def enclosing_cache_folder(path: str) -> Optional[str]:
+    """The feature cache folder `path` is or lies in, links resolved; None when there is none: only
+    fasttl extract writes into one (a run's or a user's files there would make it refuse the cache)."""
+    folder = os.path.realpath(os.path.expanduser(path))
+    while True:
+        if _is_cache_folder(folder):
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
+def _readable_record(path: str) -> bool:
+    try:
+        return _is_fasttl_record(path)
+    except OSError:  # one a user keeps closed, above the output: not a cache's for all one can tell
+        return False
+
+
 def _is_fasttl_record(path: str) -> bool:
     try:
         record = files.read_json(path)

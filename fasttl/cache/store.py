@@ -176,31 +176,6 @@ def is_own_file(name: str) -> bool:
 EXTRACT_SPLITS = ("train", "test", "all")
 
 
-def _is_cache_folder(folder: str) -> bool:
-    """A feature cache's folder (its manifest beside its labels, or a build in progress) or the
-    root `fasttl extract` writes (its engine graphs, or a split folder that is a cache)."""
-    try:
-        names = set(os.listdir(folder))
-    except OSError:
-        return False
-    if {MANIFEST, LABELS} <= names or BUILD in names or any(ENGINE_FILE.fullmatch(n) for n in names):
-        return True
-    return any(split in names and _is_cache_folder(os.path.join(folder, split)) for split in EXTRACT_SPLITS)
-
-
-def enclosing_cache_folder(path: str) -> Optional[str]:
-    """The feature cache folder `path` is or lies in, links resolved; None when there is none: only
-    fasttl extract writes into one (a run's or a user's files there would make it refuse the cache)."""
-    folder = os.path.realpath(os.path.expanduser(path))
-    while True:
-        if _is_cache_folder(folder):
-            return folder
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            return None
-        folder = parent
-
-
 def remove_cache_files(directory: str) -> None:
     """Removes a cache's own files from `directory`: its records, labels and sample ids, the files
     named as fasttl names shards, and fasttl's temporaries. Links are removed, never followed;

@@ -27,7 +27,7 @@ from fasttl.transfer.metrics import classification_metrics
 from fasttl.util import files
 from fasttl.util.path_problems import output_folder_problem, unreachable
 from fasttl.util.files import enclosing_run_folder, is_inside, write_atomic
-from fasttl.cache.store import enclosing_cache_folder
+from fasttl.cache.folder import enclosing_cache_folder
 from fasttl.transfer import budget, planner, trained_images
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
@@ -70,8 +70,10 @@ def choose_run_dir(cfg: RunConfig, dataset_name: str) -> str:
             raise RunError(f"out: {out} is inside the fasttl run folder {holder}; give a folder outside it")
         _refuse_in_a_cache("out", out)
         return out
-    return _default_run_dir(os.path.abspath(os.path.join("runs", f"{dataset_name}-{cfg.strategy}")),
-                            cfg.resume or cfg.overwrite)
+    run_dir = _default_run_dir(os.path.abspath(os.path.join("runs", f"{dataset_name}-{cfg.strategy}")),
+                               cfg.resume or cfg.overwrite)
+    _refuse_in_a_cache("out", run_dir)  # runs/ made where one stands: not in a cache folder either
+    return run_dir
 
 
 def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -> Dict[str, object]:
