@@ -210,3 +210,21 @@ def test_cache_api_refusals_name_their_argument_and_value(tmp_path):
     with pytest.raises(TypeError, match=r"^rows: expected integer row indices, a slice or a boolean mask, got list$"):
         cache.subset([[0], [1, 2]])
     assert cache.subset(np.array([2, 0], np.uint64)).labels.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("recorded", [5, [5], ["a\x00b"], {"x": 1}, "a\x00b", ""], ids=repr)
+def test_a_hand_edited_recorded_path_is_a_difference_not_a_crash(cat_ship, tmp_path, recorded):
+    """Found in the last read: the paths of a recorded identity are made absolute for the comparison;
+    a value no path (its marker rewritten to vouch for it) is compared as it is."""
+    from conftest import vouched_config_edit
+    from fasttl.transfer.job import run
+    from fasttl.transfer.rundir import RunError
+
+    first = tmp_path / "first"
+    run(**one_epoch_run(cat_ship, first, epochs=2))
+    _interrupted(first)
+    out = vouched_config_edit(first, tmp_path / "edited",
+                              lambda config: config["identity"].update(data=recorded, data_identity="0" * 64))
+    # before the fix: TypeError (expected str, bytes or os.PathLike) or ValueError (embedded null byte)
+    with pytest.raises(RunError, match=r"^resume: .* was run with other options or data \(data: was "):
+        run(**one_epoch_run(cat_ship, out, epochs=2, resume=True))

@@ -49,11 +49,14 @@ def absolute_path(path):
 def _as_compared(name: str, value, path_options) -> object:
     """A path option as the one path the kernel reaches (`./data/`, `data` and a link to it are one
     folder); a data set name stays."""
-    if name not in path_options or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, list) and name in path_options:
         return [_as_compared(name, each, path_options) for each in value]
-    return os.path.realpath(absolute_path(value)) if value not in NAMED else value
+    if name not in path_options or not isinstance(value, str) or value in NAMED:
+        return value  # (a hand-edited record's number or list is compared as it is: it differs)
+    try:
+        return os.path.realpath(absolute_path(value))
+    except ValueError:  # a NUL in a hand-edited record: no path, compared as it is
+        return value
 
 
 def _path_options() -> set:
