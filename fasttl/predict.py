@@ -211,8 +211,13 @@ class RunModel:
     def _source(self, images) -> Union[FileSource, ArraySource]:
         if isinstance(images, (FileSource, ArraySource)):
             return images
-        if isinstance(images, collections.abc.Iterator):  # a generator of paths or arrays: read once, as a list
-            images = list(images)
+        if isinstance(images, (set, frozenset)):
+            raise OptionError("images: a set has no order to give the predictions in; give a list")
+        if isinstance(images, np.ndarray) and images.dtype.kind in "US":  # df["path"].values
+            images = images.tolist()
+        elif isinstance(images, collections.abc.Iterable) and \
+                not isinstance(images, (str, bytes, bytearray, os.PathLike, list, tuple, np.ndarray, Tensor)):
+            images = list(images)  # a generator, a deque, a pandas Series: read once, as a list
         _refuse_bytes(images, "images")
         if isinstance(images, (str, os.PathLike)):
             images = [images]

@@ -424,7 +424,7 @@ def test_two_runs_of_one_name_writing_tensorboard_curves_into_one_folder_are_one
     """The check for another run's event files and the writing of this run's are made atomic by
     a lock on DIR/<run name> held for the run (TensorBoard ignores the lock file)."""
     pytest.importorskip("tensorboard", reason="needs the tensorboard package (fasttl[tensorboard])")
-    from fasttl.transfer.job import TENSORBOARD_LOCK
+    from fasttl.transfer.job import TENSORBOARD_LOCK, TENSORBOARD_OWNER
     from fasttl.util.errors import UserError
     from fasttl.util.files import FolderLock
 
@@ -434,7 +434,7 @@ def test_two_runs_of_one_name_writing_tensorboard_curves_into_one_folder_are_one
         with pytest.raises(UserError, match=r"logs/run is in use by pid \d+; wait for it to finish"):
             run(**one_epoch_run(cat_ship, tmp_path / "b" / "run", tensorboard=str(logs)))
     run(**one_epoch_run(cat_ship, tmp_path / "a" / "run", tensorboard=str(logs)))  # once it has finished
-    assert sorted(os.listdir(logs / "run")) == [TENSORBOARD_LOCK, "scratch"]
+    assert sorted(os.listdir(logs / "run")) == sorted([TENSORBOARD_OWNER, TENSORBOARD_LOCK, "scratch"])
 
 
 def test_export_of_a_run_that_skipped_an_image_verifies_on_the_runs_readable_test_images(cat_ship, tmp_path,

@@ -5,7 +5,14 @@ fasttl's, for good; run wrote into a feature cache folder (--out or --tensorboar
 extract then refused as holding files not its own; --resume with another --data or --weights
 path named neither path (and said "rewritten in place?", or two contradictory things when
 --weights was dropped); FeatureCache.subset of a slice with a step of 0 or a float bound raised
-bare errors; numpy integers were refused for predict's batch_size and predict_run's top_k."""
+bare errors; numpy integers were refused for predict's batch_size and predict_run's top_k. The
+sixty-fourth (about 160 attempts on 4a792f2) found 3 at the new guard's edges: a user's own
+manifest.json/labels.npy/build.json made a "feature cache folder"; a run without --out standing in a
+cache still wrote there; concat and huge indices were not named. The sixty-fifth (about 85 on
+09472fc) found 4: a user's unkeyed features-00000.npy still counted as proof; --resume skipped the
+check for another run's curves in --tensorboard DIR/<run name>; the index shown was another one;
+predict refused paths in a numpy array or a deque. Also the last read's: a hand-edited recorded path
+that is no path crashed --resume."""
 import os
 import shutil
 
@@ -69,8 +76,10 @@ def test_run_writes_nothing_into_a_feature_cache_folder(cat_ship, tmp_path, caps
                        "--image-size", 32, "--compare", "none", "--no-progress")
     # before: the run (or its event files) went into the cache, which extract then refused as "not fasttl's"
     board = cache / "run"  # --out itself, or the board DIR/<run folder name>
-    assert code == 2 and one_line_error(err) == f"fasttl: error: {how}: {board} is in the feature cache folder " \
-        f"{cache}, which only fasttl extract writes into; give --{how} a folder outside it"
+    line = one_line_error(err)
+    assert code == 2 and line.startswith(f"fasttl: error: {how}: {board} is in the feature cache folder {cache} (it "
+                                         "holds ") and line.endswith(f"), which only fasttl extract writes into; give "
+                                                                     f"--{how} a folder outside it")
     assert sorted(os.listdir(cache)) == before
     code, _, err = cli(capsys, "extract", "--data", cat_ship, "--out", cache, "--image-size", 32, "--no-progress")
     assert code == 0, err  # the cache is still extract's
@@ -81,10 +90,11 @@ def test_a_cache_split_folder_and_a_build_in_progress_are_cache_folders(tmp_path
 
     rows = np.arange(8, dtype=np.float32).reshape(2, 4)
     fasttl.FeatureCache.write(str(tmp_path / "c"), [rows], [0, 1], classes=["a", "b"], dtype="fp32")
-    assert enclosing_cache_folder(str(tmp_path / "c" / "deep" / "er")) == str(tmp_path / "c")
+    folder, proof = enclosing_cache_folder(str(tmp_path / "c" / "deep" / "er"))
+    assert folder == str(tmp_path / "c") and proof in os.listdir(tmp_path / "c")
     (tmp_path / "building").mkdir()
     (tmp_path / "building" / "build.json").write_text('{"fingerprint": {"format": 2}}')  # as build.py writes
-    assert enclosing_cache_folder(str(tmp_path / "building" / "x")) == str(tmp_path / "building")
+    assert enclosing_cache_folder(str(tmp_path / "building" / "x")) == (str(tmp_path / "building"), "build.json")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "manifest.json").write_text("{}")  # a user's manifest alone: no cache
     assert enclosing_cache_folder(str(tmp_path / "mine" / "x")) is None
@@ -191,7 +201,7 @@ def test_a_run_without_out_standing_in_a_cache_folder_is_refused(cat_ship, tmp_p
                        "--compare", "none", "--no-progress")
     # before: runs/<data>-scratch made in the cache, which extract then refused for good
     assert code == 2 and one_line_error(err).startswith(f"fasttl: error: out: {cache / 'runs'}")
-    assert f"is in the feature cache folder {cache}, which only fasttl extract writes into" in err
+    assert f"is in the feature cache folder {cache} (it holds " in err and "which only fasttl extract writes" in err
     assert not (cache / "runs").exists()
 
 
@@ -228,3 +238,69 @@ def test_a_hand_edited_recorded_path_is_a_difference_not_a_crash(cat_ship, tmp_p
     # before the fix: TypeError (expected str, bytes or os.PathLike) or ValueError (embedded null byte)
     with pytest.raises(RunError, match=r"^resume: .* was run with other options or data \(data: was "):
         run(**one_epoch_run(cat_ship, out, epochs=2, resume=True))
+
+
+# ---- pass 65: shard names without a key, --resume into another run's curves, index values, iterables of paths -----
+def test_a_users_unkeyed_shard_names_are_no_proof_and_the_proof_is_named(cat_ship, tmp_path, capsys):
+    from fasttl.cache.folder import enclosing_cache_folder
+
+    project = tmp_path / "project"
+    project.mkdir()
+    np.save(project / "features-00000.npy", np.zeros(3))  # a user's own, named as format 1 named shards
+    np.save(project / "scales-00001.npy", np.zeros(3))
+    # before: every run below it refused as "in the feature cache folder"
+    assert enclosing_cache_folder(str(project / "run")) is None
+    cache = tmp_path / "cache"
+    code, _, err = cli(capsys, "extract", "--data", cat_ship, "--out", cache, "--image-size", 32, "--no-progress")
+    assert code == 0, err
+    folder, proof = enclosing_cache_folder(str(cache / "x" / "y"))
+    assert folder == str(cache) and (proof.startswith("engine-") or proof.startswith(("train/", "test/")))
+    code, _, err = cli(capsys, "run", "--data", cat_ship, "--out", cache / "run", "--strategy", "scratch", "--epochs",
+                       1, "--image-size", 32, "--compare", "none", "--no-progress")
+    assert code == 2 and f"is in the feature cache folder {cache} (it holds {proof}), which only" in err
+
+
+def test_resume_never_adds_curves_to_another_runs_board(cat_ship, tmp_path):
+    pytest.importorskip("tensorboard", reason="needs the tensorboard package (fasttl[tensorboard])")
+    from fasttl.transfer.job import run
+
+    boards = tmp_path / "boards"
+    first = tmp_path / "a" / "run"
+    run(**one_epoch_run(cat_ship, first, tensorboard=str(boards)))
+    second = tmp_path / "b" / "run"  # another run of the same folder name
+    options = one_epoch_run(cat_ship, second, epochs=2)
+    run(**options)
+    _interrupted(second)
+    before = sorted(p.name for p in (boards / "run" / "scratch").iterdir())
+    # before: --resume skipped the check, and its curves went beside the first run's under one name
+    with pytest.raises(OptionError, match=rf"^tensorboard: {boards / 'run'} already holds event files"):
+        run(**dict(options, tensorboard=str(boards), resume=True))
+    assert sorted(p.name for p in (boards / "run" / "scratch").iterdir()) == before
+    _interrupted(first)  # and the run whose curves they are resumes into them
+    run(**one_epoch_run(cat_ship, first, tensorboard=str(boards), resume=True))
+
+
+@pytest.mark.parametrize("rows, shown", [([-2**70, 1], -2**70), ([5, -2**64], -2**64), ([2**63, -1], 2**63)],
+                         ids=["below-first", "below-later", "above-and-negative"])
+def test_an_index_beyond_int64_is_the_one_shown(tmp_path, rows, shown):
+    cache = fasttl.FeatureCache.write(str(tmp_path / "c"), [np.zeros((3, 4), np.float32)], [0, 1, 0],
+                                      classes=["a", "b"], dtype="fp32")
+    # before: "got 1", "got 5" (another index of the list), "got torch.float64" (a list of integers)
+    with pytest.raises(ValueError, match=rf"^rows: expected indices in \[0, 3\), got {shown}$"):
+        cache.subset(rows)
+    with pytest.raises(ValueError, match=rf"^indices: expected indices in \[0, 3\), got {shown}$"):
+        cache.gather(rows)
+
+
+def test_predict_takes_paths_in_any_ordered_iterable(scratch_run, cat_ship):
+    import collections
+
+    model = fasttl.load_run(scratch_run)
+    images = sorted(str(p) for p in (cat_ship / "test").rglob("*.jpg"))
+    names, probabilities = model.predict(images)
+    # before: "images: expected uint8 pixels (0..255), got <U..; ... call .model on them"
+    for given in (np.array(images), collections.deque(images)):
+        again, same = model.predict(given)
+        assert again == names and torch.equal(same, probabilities)
+    with pytest.raises(OptionError, match=r"^images: a set has no order to give the predictions in; give a list$"):
+        model.predict(set(images))

@@ -219,12 +219,15 @@ class FeatureCache:
             except (TypeError, ValueError) as exc:  # a float bound, a step of 0
                 raise type(exc)(f"{what}: a slice of integer bounds and a step other than 0, got {rows!r}") from None
         wrong = TypeError(f"{what}: expected integer row indices, a slice or a boolean mask, got {type(rows).__name__}")
+        if isinstance(rows, (list, tuple)) and all(type(r) is int for r in rows):  # numpy would make them floats
+            beyond = next((r for r in rows if not -2**63 <= r < 2**63), None)
+            if beyond is not None:
+                raise ValueError(f"{what}: expected indices in [0, {len(self)}), got {beyond}")
         try:
             array = np.asarray(rows.cpu() if isinstance(rows, Tensor) else rows)
         except (TypeError, ValueError, RuntimeError):
             raise wrong from None
-        beyond = array.dtype.kind == "u" and array.size and int(array.max()) >= len(self)  # 2**63 would wrap below 0
-        if beyond or array.dtype == object and array.size and all(type(r) is int for r in array.ravel()):
+        if array.dtype.kind == "u" and array.size and int(array.max()) >= len(self):  # 2**63 would wrap below 0
             raise ValueError(f"{what}: expected indices in [0, {len(self)}), got {int(array.max())}")
         try:
             rows = torch.as_tensor(array)

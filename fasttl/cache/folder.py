@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 from fasttl.util import files
 from fasttl.cache import store
@@ -53,26 +53,31 @@ def foreign_entries(directory: str) -> list:
     return foreign
 
 
-def _is_cache_folder(folder: str) -> bool:
-    """A feature cache's folder by proof (shards named as fasttl names them, a record with a
-    fingerprint, an engine graph), or the root `fasttl extract` writes: one holding such a split."""
+def _cache_proof(folder: str) -> Optional[str]:
+    """What makes `folder` a feature cache's (None when nothing does): a shard named with its
+    fingerprint key, a record holding a fingerprint, an engine graph, or, for the root `fasttl
+    extract` writes, such a split folder (a user's features-00000.npy or manifest.json is no proof)."""
     try:
-        names = set(os.listdir(folder))
+        names = sorted(os.listdir(folder))
     except OSError:
-        return False
-    if any(store.SHARD_FILE.fullmatch(n) or store.ENGINE_FILE.fullmatch(n) for n in names) or \
-            any(_readable_record(os.path.join(folder, n)) for n in (store.MANIFEST, store.BUILD) if n in names):
-        return True
-    return any(split in names and _is_cache_folder(os.path.join(folder, split)) for split in store.EXTRACT_SPLITS)
+        return None
+    proof = next((n for n in names if store.KEYED_SHARD_FILE.fullmatch(n) or store.ENGINE_FILE.fullmatch(n) or
+                  n in (store.MANIFEST, store.BUILD) and _readable_record(os.path.join(folder, n))), None)
+    if proof is not None:
+        return proof
+    return next((os.path.join(split, inner) for split in store.EXTRACT_SPLITS if split in names
+                 for inner in [_cache_proof(os.path.join(folder, split))] if inner is not None), None)
 
 
-def enclosing_cache_folder(path: str) -> Optional[str]:
-    """The feature cache folder `path` is or lies in, links resolved; None when there is none: only
-    fasttl extract writes into one (a run's or a user's files there would make it refuse the cache)."""
+def enclosing_cache_folder(path: str) -> Optional[Tuple[str, str]]:
+    """The feature cache folder `path` is or lies in, links resolved, and the file that proves it
+    one; None when there is none: only fasttl extract writes into one (a run's or a user's files
+    there would make it refuse the cache)."""
     folder = os.path.realpath(os.path.expanduser(path))
     while True:
-        if _is_cache_folder(folder):
-            return folder
+        proof = _cache_proof(folder)
+        if proof is not None:
+            return folder, proof
         parent = os.path.dirname(folder)
         if parent == folder:
             return None

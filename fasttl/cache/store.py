@@ -32,6 +32,7 @@ SAMPLES = "samples.json"
 FORMAT_VERSION = 2          # 2: labels and samples listed with their checksums, shard names carry the fingerprint
 # Shard files: features-<fingerprint key>-<shard>.npy (format 2) or features-<shard>.npy (format 1).
 SHARD_FILE = re.compile(r"(features|scales)-(?:[0-9a-f]{16}-)?[0-9]{5}\.npy")
+KEYED_SHARD_FILE = re.compile(r"(features|scales)-[0-9a-f]{16}-[0-9]{5}\.npy")  # a format-2 name: fasttl's by its key
 # engines.onnx_file_name's names: a 16-hex key (and -int8 for a quantized graph); anything else named
 # engine-* (a user's "engine-v8.pdf") is the user's.
 ENGINE_FILE = re.compile(r"engine-[0-9a-f]{16}(?:-int8)?\.onnx")

@@ -114,10 +114,10 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
 
 
 def _refuse_in_a_cache(option: str, path: str) -> None:
-    cache = enclosing_cache_folder(path)
-    if cache is not None:  # fasttl extract would then refuse its own cache, holding files not its own
-        raise OptionError(f"{option}: {path} is in the feature cache folder {cache}, which only fasttl extract "
-                          f"writes into; give --{option} a folder outside it")
+    found = enclosing_cache_folder(path)
+    if found is not None:  # fasttl extract would then refuse its own cache, holding files not its own
+        raise OptionError(f"{option}: {path} is in the feature cache folder {found[0]} (it holds {found[1]}), which "
+                          f"only fasttl extract writes into; give --{option} a folder outside it")
 
 
 def _refuse_blocked(run_dir: str) -> None:
@@ -245,6 +245,8 @@ def run(print_summary=None, **options) -> Dict[str, object]:
                                                     "of that name"))
             config.update(prepare_run_dir(run_dir, cfg, identity))
             write_config(run_dir, config)
+            if isinstance(cfg.tensorboard, str):  # whose curves DIR/<run name> holds: a --resume adds to its own only
+                write_atomic(os.path.join(tensorboard_dir(cfg, run_dir), TENSORBOARD_OWNER), config["run_key"].encode())
             trained_images.record(run_dir, dataset.train)
             if dataset.skipped:
                 write_skipped(run_dir, dataset.skipped)
@@ -307,6 +309,7 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
 
 
 TENSORBOARD_LOCK = ".fasttl-tensorboard.lock"  # in DIR/<run name> while a run writes there (TensorBoard ignores it)
+TENSORBOARD_OWNER = ".fasttl-tensorboard-run"  # in DIR/<run name>: the run_key of the run whose curves it holds
 
 
 def tensorboard_dir(cfg: RunConfig, run_dir: str):
@@ -340,11 +343,28 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
     # Curves already there are another run's (one of the same folder name, or this one's before
     # --overwrite): never deleted, never mixed with this run's.
     held = [os.path.join(model, name) for model in models for name in event_files(os.path.join(board, model))]
-    if held and not cfg.resume:
+    own = _run_key(run_dir) if held and cfg.resume else None  # a --resume adds to its own curves only
+    if held and not (own is not None and _board_owner(board) == own):
         raise OptionError(f"tensorboard: {board} already holds event files ({held[0]}{', ...' if len(held) > 1 else ''}"
                           f") of a run named {os.path.basename(run_dir)}; give another --tensorboard folder, or move "
                           "them away")
     return board
+
+
+def _run_key(run_dir: str):
+    """The run_key of the run in `run_dir` (None where there is none to read)."""
+    try:
+        return read_config(run_dir).get("run_key")
+    except RunError:  # no run there (yet): prepare_run_dir says what is wrong with it
+        return None
+
+
+def _board_owner(board: str):
+    """The run_key recorded in a --tensorboard DIR/<run name> (None: none, or not fasttl's)."""
+    try:
+        return files.read_plain(os.path.join(board, TENSORBOARD_OWNER), 64).decode("ascii")
+    except (OSError, ValueError):
+        return None
 
 
 def _scalar_tag(key: str) -> str:
