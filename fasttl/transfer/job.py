@@ -246,7 +246,7 @@ def run(print_summary=None, **options) -> Dict[str, object]:
             config.update(prepare_run_dir(run_dir, cfg, identity))
             write_config(run_dir, config)
             if isinstance(cfg.tensorboard, str):  # whose curves DIR/<run name> holds: a --resume adds to its own only
-                write_atomic(os.path.join(tensorboard_dir(cfg, run_dir), TENSORBOARD_OWNER), config["run_key"].encode())
+                write_atomic(os.path.join(board, TENSORBOARD_OWNER), str(config["run_key"]).encode())
             trained_images.record(run_dir, dataset.train)
             if dataset.skipped:
                 write_skipped(run_dir, dataset.skipped)
