@@ -237,6 +237,7 @@ class RunModel:
 
     def _logits(self, source, batch_size: Optional[int], progress: bool, refused: Optional[dict] = None) -> Tensor:
         batch_size = positive_int("batch_size", plain_int(batch_size), OptionError, optional=True)
+        _a_flag("progress", progress)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -269,6 +270,11 @@ def _run_path(run_dir) -> str:
     if not os.fspath(run_dir).strip():
         raise OptionError("run_dir: an empty or blank path (an unset variable?); give the run folder")
     return os.fspath(run_dir)
+
+
+def _a_flag(name: str, value) -> None:
+    if not isinstance(value, bool):  # overwrite="no" from a script is a mistake, never True
+        raise OptionError(f"{name}: expected True or False, got {value!r}")
 
 
 def _refuse_bytes(images, name: str) -> None:
@@ -314,8 +320,8 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
     run_dir, top_k = _run_path(run_dir), plain_int(top_k)
     if on_error not in ON_ERROR:
         raise OptionError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")
-    if not isinstance(overwrite, bool):  # overwrite="no" from a script is a mistake, never True
-        raise OptionError(f"overwrite: expected True or False, got {overwrite!r}")
+    _a_flag("overwrite", overwrite)
+    _a_flag("progress", progress)
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths  # one path, not its characters
     _refuse_bytes(paths, "paths")
     if out is not None:

@@ -304,3 +304,17 @@ def test_predict_takes_paths_in_any_ordered_iterable(scratch_run, cat_ship):
         assert again == names and torch.equal(same, probabilities)
     with pytest.raises(OptionError, match=r"^images: a set has no order to give the predictions in; give a list$"):
         model.predict(set(images))
+
+
+@pytest.mark.parametrize("flag", ["progress", "overwrite"])
+def test_predicts_flags_are_true_or_false(scratch_run, cat_ship, tmp_path, capsys, flag):
+    from fasttl.predict import predict_run
+
+    image = str(sorted((cat_ship / "test" / "cat").iterdir())[0])
+    # before: progress="no" drew a progress bar (any truthy value was taken)
+    with pytest.raises(OptionError, match=rf"^{flag}: expected True or False, got 'no'$"):
+        predict_run(str(scratch_run), [image], out=str(tmp_path / "p.csv"), **dict({"progress": False}, **{flag: "no"}))
+    if flag == "progress":
+        with pytest.raises(OptionError, match=r"^progress: expected True or False, got 'no'$"):
+            fasttl.load_run(scratch_run).predict([image], progress="no")
+    assert capsys.readouterr().err == "" and not (tmp_path / "p.csv").exists()
