@@ -140,14 +140,18 @@ def test_resume_refuses_other_options_and_names_them(two_classes, tmp_path):
 
 
 def test_resume_refuses_other_data(two_classes, tmp_path):
-    out = tmp_path / "run"
-    run(**quick(two_classes, out))
+    mine, out = tmp_path / "mine", tmp_path / "run"
+    shutil.copytree(two_classes, mine)
+    run(**quick(mine, out))
     os.remove(out / "metrics.json")
     other = tmp_path / "other"
-    shutil.copytree(two_classes, other)
+    shutil.copytree(mine, other)
     shutil.copy(other / "train" / "cat" / "1.jpg", other / "train" / "cat" / "0.jpg")  # one image replaced
-    with pytest.raises(RunError, match="the data changed since the run started"):
+    with pytest.raises(RunError, match=rf"\(data: was '{mine}', now '{other}'\)"):  # other data, by another path
         run(**quick(other, out, resume=True))
+    shutil.copy(mine / "train" / "cat" / "1.jpg", mine / "train" / "cat" / "0.jpg")
+    with pytest.raises(RunError, match="the data changed since the run started"):  # the same path, changed
+        run(**quick(mine, out, resume=True))
 
 
 @pytest.mark.parametrize("old, mode", [(False, "none"), (True, "both")])
