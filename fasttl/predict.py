@@ -32,8 +32,7 @@ from fasttl.util.errors import OptionError
 from fasttl.util.files import absolute, is_inside, run_folder_in_data
 from fasttl.util.path_problems import unreachable
 from fasttl.util.outputs import csv_cell
-from fasttl.util.checks import plain_int, positive_int
-from fasttl.util.checks import check_output_path, torch_device
+from fasttl.util.checks import a_flag, check_output_path, folder_path, plain_number, positive_int, torch_device
 
 
 class ImagesToLogits(nn.Module):
@@ -195,7 +194,7 @@ class RunModel:
     def __init__(self, run_dir: str, device: Union[str, torch.device] = "cpu"):
         from fasttl.transfer.rundir import load_trained, read_config
 
-        self.run_dir = absolute(_run_path(run_dir))
+        self.run_dir = absolute(folder_path("run_dir", run_dir, OptionError, "the run folder"))
         self.config = read_config(self.run_dir)
         self.device = torch_device(device)
         self.trained = load_trained(self.run_dir, self.device)
@@ -236,8 +235,8 @@ class RunModel:
         return self._logits(self._source(images), batch_size, progress)
 
     def _logits(self, source, batch_size: Optional[int], progress: bool, refused: Optional[dict] = None) -> Tensor:
-        batch_size = positive_int("batch_size", plain_int(batch_size), OptionError, optional=True)
-        _a_flag("progress", progress)
+        batch_size = positive_int("batch_size", plain_number(batch_size), OptionError, optional=True)
+        a_flag("progress", progress, OptionError)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -259,22 +258,6 @@ class RunModel:
         error naming it."""
         probabilities = torch.softmax(self.logits(images, batch_size, progress), dim=1)
         return [self.classes[i] for i in probabilities.argmax(1).tolist()], probabilities
-
-
-def _run_path(run_dir) -> str:
-    """A run folder argument as text: a str or a pathlib.Path, not blank (an unset variable's
-    empty path would name the current folder)."""
-    if not isinstance(run_dir, (str, os.PathLike)) or not isinstance(os.fspath(run_dir), str):
-        raise OptionError(f"run_dir: expected a run folder's path (a str or a pathlib.Path), got "
-                          f"{type(run_dir).__name__}")
-    if not os.fspath(run_dir).strip():
-        raise OptionError("run_dir: an empty or blank path (an unset variable?); give the run folder")
-    return os.fspath(run_dir)
-
-
-def _a_flag(name: str, value) -> None:
-    if not isinstance(value, bool):  # overwrite="no" from a script is a mistake, never True
-        raise OptionError(f"{name}: expected True or False, got {value!r}")
 
 
 def _refuse_bytes(images, name: str) -> None:
@@ -317,11 +300,11 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
     (path, reason) in "skipped"."""
     from fasttl.data import screen
 
-    run_dir, top_k = _run_path(run_dir), plain_int(top_k)
+    run_dir, top_k = folder_path("run_dir", run_dir, OptionError, "the run folder"), plain_number(top_k)
     if on_error not in ON_ERROR:
         raise OptionError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")
-    _a_flag("overwrite", overwrite)
-    _a_flag("progress", progress)
+    a_flag("overwrite", overwrite, OptionError)
+    a_flag("progress", progress, OptionError)
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths  # one path, not its characters
     _refuse_bytes(paths, "paths")
     if out is not None:

@@ -152,7 +152,7 @@ def test_load_run_of_something_not_a_path_is_one_option_error(given):
     from fasttl.util.errors import OptionError
 
     # before: TypeError (expected str, bytes or os.PathLike object / a bytes-like object is required)
-    with pytest.raises(OptionError, match=r"^run_dir: expected a run folder's path \(a str or a pathlib.Path\), got "):
+    with pytest.raises(OptionError, match=r"^run_dir: expected the run folder's path \(a str or a pathlib.Path\), got "):
         fasttl.load_run(given)
 
 

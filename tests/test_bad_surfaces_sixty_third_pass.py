@@ -41,7 +41,7 @@ def test_an_empty_run_folder_is_refused_not_the_current_one(scratch_run, cat_shi
 
     monkeypatch.chdir(scratch_run)  # standing in a run folder: the one an empty path would name
     image = str(sorted((cat_ship / "test" / "cat").iterdir())[0])
-    said = r"^run_dir: an empty or blank path \(an unset variable\?\); give the run folder$"
+    said = r"^run_dir: an empty or blank path \(an unset variable\?\); give the run folder \('.' for the current one\)$"
     # before: load_run("") loaded the run standing there, and predict_run predicted with it
     with pytest.raises(OptionError, match=said):
         fasttl.load_run(given)

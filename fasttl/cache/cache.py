@@ -17,7 +17,7 @@ from fasttl.cache.gather_threads import GatherThreads
 from fasttl.cache.kernels import CACHE_DTYPE, ShardTable, gather
 from fasttl.cache.order import epoch_order, shuffle_mode
 from fasttl.cache.store import CacheError
-from fasttl.util.checks import folder_path, plain_int, positive_int, torch_device
+from fasttl.util.checks import a_flag, folder_path, plain_number, positive_int, torch_device
 from fasttl.util.files import absolute
 
 
@@ -423,15 +423,14 @@ class CacheLoader:
 
     def __init__(self, cache: FeatureCache, batch_size: int, shuffle: bool, seed: int, device, out_dtype, drop_last,
                  threads: Optional[int] = None):
-        batch_size, threads = plain_int(batch_size), plain_int(threads)
+        batch_size, threads = plain_number(batch_size), plain_number(threads)
         positive_int("batch_size", batch_size)
         if threads is not None:
             positive_int("threads", threads)
         seed = _order_number("seed", seed, 64)
         if out_dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"out_dtype: expected torch.float32 or torch.bfloat16, got {out_dtype!r}")
-        if not isinstance(drop_last, bool):
-            raise TypeError(f"drop_last: expected True or False, got {drop_last!r}")
+        a_flag("drop_last", drop_last)
         self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle_mode(shuffle), seed
         self.device = torch_device(device) if device is not None else cache.device
         self.out_dtype, self.drop_last, self.epoch = out_dtype, drop_last, 0

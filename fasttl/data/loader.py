@@ -17,7 +17,7 @@ from fasttl.util.errors import DataError
 from fasttl.data.order import epoch_order, shard_length
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import Collate, TorchImageDataset
-from fasttl.util.checks import positive_int
+from fasttl.util.checks import a_flag, positive_int
 
 Source = Union[FileSource, ArraySource, TarSource]
 BACKENDS = ("auto", "dali", "torch")
@@ -66,8 +66,8 @@ class ImageLoader:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
             raise ValueError(f"num_workers: expected an integer >= 0, got {workers!r}")
         for name, value in (("shuffle", shuffle), ("drop_last", drop_last), ("pin_memory", pin_memory)):
-            if value is not None and not isinstance(value, bool):
-                raise TypeError(f"{name}: expected True or False, got {value!r}")
+            if value is not None:
+                a_flag(name, value)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"seed: expected an integer, got {seed!r}")
         if len(source) == 0:
@@ -232,7 +232,6 @@ def make_loader(source: Source, preprocessing, batch_size: int = 64, *, train: b
     seeds the order and the augmentation."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed: expected an integer, got {seed!r}")
-    if not isinstance(train, bool):  # "no" would be taken as True: augmentation on
-        raise TypeError(f"train: expected True or False, got {train!r}")
+    a_flag("train", train)  # "no" would be taken as True: augmentation on
     spec = TransformSpec.for_backbone(preprocessing, train=train, seed=seed, size=image_size)
     return ImageLoader(source, spec, batch_size, **kwargs)

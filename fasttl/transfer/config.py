@@ -8,13 +8,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import numpy as np
 import torch
 from dataclasses import dataclass
 from typing import Optional
 
 from fasttl import backbones
-from fasttl.util.checks import torch_device
+from fasttl.util.checks import a_flag, plain_number, torch_device
 from fasttl.util.errors import OptionError
 from fasttl.data.sources import ON_ERROR
 from fasttl.cache import engines
@@ -50,7 +49,7 @@ def _plain(value, metadata: dict):
         return [_plain(each, metadata) for each in value]
     if metadata["path"] and isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):
         return os.fspath(value)
-    return value.item() if isinstance(value, np.generic) else value
+    return plain_number(value)
 
 
 def _no_board_as_none(value):
@@ -201,8 +200,8 @@ class RunOptions:
     def _check_choices(self) -> None:
         """Choices and flags, first: `overwrite="no"` from a script is a mistake, never True."""
         for f in dataclasses.fields(self):
-            if f.metadata["kind"] is bool and not isinstance(getattr(self, f.name), bool):
-                raise OptionError(f"{f.name}: expected True or False, got {getattr(self, f.name)!r}")
+            if f.metadata["kind"] is bool:
+                a_flag(f.name, getattr(self, f.name), OptionError)
             choices = choices_of(f.metadata)
             if choices and getattr(self, f.name) not in choices:
                 raise OptionError(f"{f.name}: unknown {getattr(self, f.name)!r}; choose from {', '.join(choices)}")

@@ -50,23 +50,32 @@ def shown(value, most: int = 40) -> str:
                                                                else "")
 
 
-def plain_int(value):
-    """NumPy's integers as Python's (what positive_int takes), anything else as it is: for the
-    Python API, where a count often comes out of an array."""
-    return int(value) if type(value).__module__ == "numpy" and hasattr(type(value), "__index__") and \
-        type(value).__name__ != "bool_" else value
+def plain_number(value):
+    """NumPy's numbers (scalars and 0-d arrays) as Python's, anything else as it is: for the Python
+    API, where a count often comes out of an array. The option's own check then judges the value
+    (a bool or a float where an integer belongs is refused there, not truncated here)."""
+    return value.item() if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 else value
 
 
-def folder_path(name: str, value) -> str:
+def a_flag(name: str, value, error=TypeError) -> None:
+    """True or False, nothing else: `overwrite="no"` from a script is a mistake, never True."""
+    if not isinstance(value, bool):
+        raise error(f"{name}: expected True or False, got {value!r}")
+
+
+def folder_path(name: str, value, error=None, what: str = "a folder") -> str:
     """A folder argument of the Python API as text: a str or os.PathLike; a blank one is refused
-    (it would mean the current folder: an unset variable, most likely)."""
+    (it would mean the current folder: an unset variable, most likely). `error`: the class raised
+    (TypeError / ValueError when left out)."""
     import os
 
     text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
     if not isinstance(text, str):
-        raise TypeError(f"{name}: expected a folder path (str or os.PathLike), got {value!r}")
+        raise (error or TypeError)(f"{name}: expected {what}'s path (a str or a pathlib.Path), got "
+                                   f"{type(value).__name__}")
     if not text.strip():
-        raise ValueError(f"{name}: an empty or blank path {text!r}; give a folder ('.' for the current one)")
+        raise (error or ValueError)(f"{name}: an empty or blank path (an unset variable?); give {what} "
+                                    "('.' for the current one)")
     return text
 
 
