@@ -14,6 +14,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from fasttl.cache.folder import refuse_inside
 from fasttl.util.errors import OptionError, UserError
 from fasttl.onnx_graph import to_onnx
 
@@ -88,6 +89,7 @@ def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, ops
     if not isinstance(out, (str, os.PathLike)):
         raise OptionError(f"out: {out!r} does not end in .onnx (name the file model.onnx, say)")
     out = check_output_path(out, overwrite, ending=".onnx")
+    refuse_inside("out", out, "file")
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
                                    or not 8 <= image_size <= 1024):
         raise OptionError(f"image_size: expected an integer in 8..1024, got {image_size!r}")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fasttl import backbones
+from fasttl.cache.folder import refuse_inside
 from fasttl.data.images import IMAGE_EXTENSIONS
 from fasttl.data.sources import ON_ERROR, ArraySource, FileSource
 from fasttl.util.errors import DataError
@@ -309,6 +310,7 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
     _refuse_bytes(paths, "paths")
     if out is not None:
         out = check_output_path(out, overwrite, ending=".csv")  # a shell glob can put an input image last
+        refuse_inside("out", out, "file")
         run_folder = os.path.realpath(os.path.expanduser(os.fspath(run_dir)))
         if is_inside(out, run_folder):
             raise OptionError(f"out: {out} is inside the run folder {run_folder}, whose files are the run's (its "

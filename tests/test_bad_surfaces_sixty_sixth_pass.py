@@ -1,6 +1,7 @@
 """The sixty-sixth hostile pass and the last read of session 32: a count given as a numpy 0-d
 float array was cut to an integer (FeatureCache.loader(batch_size=np.array(3.7)) gave batches of
-3), where a numpy scalar float was refused."""
+3), where a numpy scalar float was refused; predict --out, export --out and bench --json wrote
+into a feature cache folder, which fasttl extract then refused as holding files not its own."""
 import numpy as np
 import pytest
 
@@ -26,3 +27,34 @@ def test_a_count_that_is_no_integer_is_refused_not_cut(small_cache, given):
 def test_a_numpy_integer_count_is_taken(small_cache, given):
     sizes = [len(labels) for _, labels in small_cache.loader(batch_size=given, shuffle=False)]
     assert sizes == [2, 2, 1]
+
+
+# ---- last read: predict, export and bench write no file into a feature cache folder -------------------------------
+@pytest.fixture(scope="module")
+def scratch_run(cat_ship, tmp_path_factory):
+    from conftest import finished_run
+
+    return finished_run(cat_ship, tmp_path_factory, "scratch66")
+
+
+@pytest.mark.parametrize("command", ["predict", "export", "bench"])
+def test_no_output_file_goes_into_a_feature_cache_folder(small_cache, scratch_run, cat_ship, capsys, command):
+    import os
+
+    from conftest import cli, one_line_error
+
+    folder = small_cache.directory
+    before = sorted(os.listdir(folder))
+    target, words = {
+        "predict": ("p.csv", ["predict", "--run", scratch_run, cat_ship / "test", "--no-progress", "--out"]),
+        "export": ("m.onnx", ["export", scratch_run, "--out"]),
+        "bench": ("b.json", ["bench", "adam", "--quick", "--json"]),
+    }[command]
+    option = "json" if command == "bench" else "out"
+    code, _, err = cli(capsys, *words, os.path.join(folder, target))
+    # before: the file was written there, and fasttl extract then refused its own cache as holding files not its own
+    proof = next(name for name in before if name.startswith("features-"))
+    assert code == 2 and one_line_error(err) == (
+        f"fasttl: error: {option}: {os.path.join(folder, target)} is in the feature cache folder {folder} (it holds "
+        f"{proof}), which only fasttl extract writes into; give --{option} a file outside it")
+    assert sorted(os.listdir(folder)) == before

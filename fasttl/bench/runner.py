@@ -101,6 +101,7 @@ def _check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:
     """Both outputs checked before the benchmarks, not after minutes of them: a file in an existing
     folder, replaced when it is a plain file; a link, a device or a FIFO there is refused, never
     replaced by a file (as root, `--json /dev/null` would replace the machine's /dev/null)."""
+    from fasttl.cache.folder import refuse_inside
     from fasttl.util.checks import check_output_path
     from fasttl.util.errors import OptionError
 
@@ -112,6 +113,7 @@ def _check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:
             raise OptionError(f"{option}: an empty path; give --{option} a file name, or leave --{option} out")
         if path:
             path = check_output_path(path, overwrite=True, flag=f"--{option}")
+            refuse_inside(option, path, "file")
             if os.path.lexists(path) and not _earlier_output(path, option):
                 raise OptionError(f"{option}: {path} exists and is not an earlier fasttl bench {option} output; bench "
                                   f"replaces only its own results: give another --{option}")

@@ -10,6 +10,7 @@ from fasttl.util import files
 from fasttl.cache import store
 from fasttl.cache.format import identities, manifest_sha256, record_verified
 from fasttl.cache.store import CacheError
+from fasttl.util.errors import OptionError
 
 
 def file_entry(out_dir: str, name: str, data: Optional[bytes] = None) -> dict:
@@ -82,6 +83,15 @@ def enclosing_cache_folder(path: str) -> Optional[Tuple[str, str]]:
         if parent == folder:
             return None
         folder = parent
+
+
+def refuse_inside(option: str, path: str, what: str = "folder") -> None:
+    """An OptionError where `path` (what --`option` names) lies in a feature cache folder: fasttl
+    extract would then refuse its own cache, holding files not its own."""
+    found = enclosing_cache_folder(path)
+    if found is not None:
+        raise OptionError(f"{option}: {path} is in the feature cache folder {found[0]} (it holds {found[1]}), which "
+                          f"only fasttl extract writes into; give --{option} a {what} outside it")
 
 
 def _readable_record(path: str) -> bool:

@@ -27,7 +27,7 @@ from fasttl.transfer.metrics import classification_metrics
 from fasttl.util import files
 from fasttl.util.path_problems import output_folder_problem, unreachable
 from fasttl.util.files import enclosing_run_folder, is_inside, write_atomic
-from fasttl.cache.folder import enclosing_cache_folder
+from fasttl.cache.folder import refuse_inside
 from fasttl.transfer import budget, planner, trained_images
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
@@ -68,11 +68,11 @@ def choose_run_dir(cfg: RunConfig, dataset_name: str) -> str:
         holder = enclosing_run_folder(os.path.dirname(out))
         if holder is not None:  # a run folder holds its own run's files, never another run
             raise RunError(f"out: {out} is inside the fasttl run folder {holder}; give a folder outside it")
-        _refuse_in_a_cache("out", out)
+        refuse_inside("out", out)
         return out
     run_dir = _default_run_dir(os.path.abspath(os.path.join("runs", f"{dataset_name}-{cfg.strategy}")),
                                cfg.resume or cfg.overwrite)
-    _refuse_in_a_cache("out", run_dir)  # runs/ made where one stands: not in a cache folder either
+    refuse_inside("out", run_dir)  # runs/ made where one stands: not in a cache folder either
     return run_dir
 
 
@@ -111,13 +111,6 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
     os.makedirs(run_dir, exist_ok=True)
     mark_run(run_dir, keep_records=cleared is None)  # cleared: the records of its files go with them
     return recorded
-
-
-def _refuse_in_a_cache(option: str, path: str) -> None:
-    found = enclosing_cache_folder(path)
-    if found is not None:  # fasttl extract would then refuse its own cache, holding files not its own
-        raise OptionError(f"{option}: {path} is in the feature cache folder {found[0]} (it holds {found[1]}), which "
-                          f"only fasttl extract writes into; give --{option} a folder outside it")
 
 
 def _refuse_blocked(run_dir: str) -> None:
@@ -329,7 +322,7 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
         if other is not None:
             raise OptionError(f"tensorboard: {board} is in the fasttl run folder {other}, which only its run writes "
                               "into; give another --tensorboard folder")
-        _refuse_in_a_cache("tensorboard", board)
+        refuse_inside("tensorboard", board)
     # A link where events go (the folder, or a model's folder in it) is refused now, not after training.
     models = sorted({name for s in trained(cfg) for name in (s, *registry.get(s).outputs)})
     for folder in [board] + [os.path.join(board, name) for name in models]:
