@@ -58,3 +58,16 @@ def test_no_output_file_goes_into_a_feature_cache_folder(small_cache, scratch_ru
         f"fasttl: error: {option}: {os.path.join(folder, target)} is in the feature cache folder {folder} (it holds "
         f"{proof}), which only fasttl extract writes into; give --{option} a file outside it")
     assert sorted(os.listdir(folder)) == before
+
+
+# ---- last read: a full-width twin of a class name is refused as a Cyrillic one is ---------------------------------
+@pytest.mark.parametrize("twin", ["\uff43\uff41\uff54", "c\uff41t"], ids=["all-full-width", "one-full-width"])
+def test_a_full_width_twin_of_a_name_is_refused(tmp_path, twin):
+    from fasttl.data.labels import refuse_lookalikes
+    from fasttl.util.errors import DataError
+
+    # before: "cat" and "ｃａｔ" were two classes, told apart in no report
+    with pytest.raises(DataError, match=r"^classes: 'cat' and .* differ only in letters drawn alike \(a Cyrillic, "
+                                        r"Greek or full-width letter for a Latin one\)"):
+        refuse_lookalikes(["cat", "dog", twin], "classes:")
+    refuse_lookalikes(["dog", twin], "classes:")  # a name wholly its own is a name

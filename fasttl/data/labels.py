@@ -182,14 +182,15 @@ def _form_shown(name: str, index: int, lines: bool) -> str:
 # Cyrillic and Greek letters drawn as a Latin one in common fonts (from Unicode's confusables.txt).
 _OTHER_SCRIPTS = "аеорсухіјѕԁԛԝһӏАВЕКМНОРСТХІЈЅΑΒΕΖΗΙΚΜΝΟΡΤΥΧοϲν"
 _LATIN_LOOK = "aeopcyxijsdqwhlABEKMHOPCTXIJSABEZHIKMNOPTYXocv"
-_AS_LATIN = str.maketrans(_OTHER_SCRIPTS, _LATIN_LOOK)
+_FULL_WIDTH = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)}  # East Asian fonts' wide ASCII
+_AS_LATIN = {**str.maketrans(_OTHER_SCRIPTS, _LATIN_LOOK), **_FULL_WIDTH}
 
 
 def refuse_lookalikes(names: Sequence[str], where: str, lines: bool = False) -> None:
     """A DataError when two names look the same in every report: one name in two Unicode forms
     (NFC and NFD, as macOS and other systems store them), or two that differ only in white space
     ('cat' and 'cat '), in characters that show nothing ('cat' and 'cat' + U+FE0F), or in a
-    Cyrillic or Greek letter drawn as a Latin one ('cat' with a Cyrillic 'с'). `lines`: the names
+    Cyrillic, Greek or full-width letter drawn as a Latin one ('cat' with a Cyrillic 'с'). `lines`: the names
     are a file's lines, named by number."""
     seen, drawn = {}, {}
     for index, name in enumerate(names):
@@ -199,9 +200,9 @@ def refuse_lookalikes(names: Sequence[str], where: str, lines: bool = False) -> 
         if other == name:  # new, or the same name twice (the caller's duplicate check names it)
             look = drawn.setdefault(shown.translate(_AS_LATIN), name)
             if look != name:
-                raise DataError(f"{where} {ascii(look)} and {ascii(name)} differ only in letters of other scripts "
-                                "drawn alike (a Cyrillic or Greek letter for a Latin one), so they look the same "
-                                "in every report; rename one")
+                raise DataError(f"{where} {ascii(look)} and {ascii(name)} differ only in letters drawn alike (a "
+                                "Cyrillic, Greek or full-width letter for a Latin one), so they look the same in every "
+                                "report; rename one")
             continue
         if unicodedata.normalize("NFC", other) == nfc:
             raise DataError(f"{where} {_form_shown(other, first, lines)} and {_form_shown(name, index, lines)}: one "
