@@ -213,7 +213,8 @@ class RunModel:
             return images
         if isinstance(images, (set, frozenset)):
             raise OptionError("images: a set has no order to give the predictions in; give a list")
-        if isinstance(images, np.ndarray) and images.dtype.kind in "US":  # df["path"].values
+        if isinstance(images, np.ndarray) and (images.dtype.kind in "US" or images.dtype.kind == "O" and
+                                               images.ndim == 1):  # df["path"].values: objects, str or Path
             images = images.tolist()
         elif isinstance(images, collections.abc.Iterable) and \
                 not isinstance(images, (str, bytes, bytearray, os.PathLike, list, tuple, np.ndarray, Tensor)):

@@ -2,6 +2,8 @@
 float array was cut to an integer (FeatureCache.loader(batch_size=np.array(3.7)) gave batches of
 3), where a numpy scalar float was refused; predict --out, export --out and bench --json wrote
 into a feature cache folder, which fasttl extract then refused as holding files not its own."""
+import os
+
 import numpy as np
 import pytest
 
@@ -71,3 +73,126 @@ def test_a_full_width_twin_of_a_name_is_refused(tmp_path, twin):
                                         r"Greek or full-width letter for a Latin one\)"):
         refuse_lookalikes(["cat", "dog", twin], "classes:")
     refuse_lookalikes(["dog", twin], "classes:")  # a name wholly its own is a name
+
+
+# ---- F4: paths in a numpy object array (pandas' df["path"].values) are paths ------------------------------------
+def test_predict_takes_paths_in_an_object_array(scratch_run, cat_ship):
+    import pathlib
+
+    import torch
+
+    model = fasttl.load_run(scratch_run)
+    images = sorted(str(p) for p in (cat_ship / "test").rglob("*.jpg"))
+    names, probabilities = model.predict(images)
+    # before: "images: expected uint8 pixels (0..255), got object; for float images in [0, 1] call .model on them"
+    for given in (np.array(images, dtype=object), np.array([pathlib.Path(p) for p in images], dtype=object)):
+        again, same = model.predict(given)
+        assert again == names and torch.equal(same, probabilities)
+
+
+# ---- F1 and F2: data fetch from a server that never stops, and an address with characters outside ASCII ---------
+class _Endless:
+    """A loopback server answering 200 with no Content-Length: endless zeros at /endless, `body` at any
+    other path. Records each request's path as sent."""
+
+    def __init__(self, body: bytes):
+        import http.server
+        import threading
+
+        self.paths = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # the body ends when the connection does
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.paths.append(self.path)
+                self.send_response(200)
+                self.end_headers()
+                try:
+                    if self.path != "/endless":
+                        self.wfile.write(body)
+                        return
+                    while True:
+                        self.wfile.write(bytes(1 << 16))
+                except OSError:  # the client stopped reading
+                    pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def endless():
+    server = _Endless(b"a small stand-in, not an archive")
+    yield server
+    server.close()
+
+
+def _fetch(capsys, url, sha256="0" * 64):
+    from fasttl.cli import main
+
+    code = main(["data", "fetch", "cifar10", "--no-progress", "--url", url, "--sha256", sha256])
+    return code, capsys.readouterr().err
+
+
+def test_a_server_sending_past_the_cap_leaves_no_partial_download(endless, tmp_path, capsys, monkeypatch):
+    from fasttl.data import fetch
+
+    from conftest import one_line_error
+
+    monkeypatch.setattr(fetch, "MAX_DOWNLOAD_BYTES", 1 << 20)
+    monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "data"))
+    (tmp_path / "data").mkdir()
+    code, err = _fetch(capsys, endless.url("/endless"))
+    # before: a hidden .fasttl-tmp-download-* of the cap's size (4 GiB) stayed, never to become a file fetch takes
+    assert code == 2 and one_line_error(err) == f"fasttl: error: fetch: {endless.url('/endless')} sent more than " \
+        "1,048,576 bytes; stopped, and what it sent removed (check the address, --url)"
+    assert os.listdir(tmp_path / "data") == []
+
+
+def test_an_address_outside_ascii_is_sent_percent_encoded(endless, tmp_path, capsys, monkeypatch):
+    import hashlib
+
+    monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "data"))
+    body = b"a small stand-in, not an archive"
+    url = endless.url("/donn\u00e9es/cifar.tar.gz?v=\u00e9&x=%41")
+    code, err = _fetch(capsys, url, hashlib.sha256(body).hexdigest())
+    # before: "cannot reach ... (ordinal not in range(128)); check the network or the address (--url)"
+    assert endless.paths == ["/donn%C3%A9es/cifar.tar.gz?v=%C3%A9&x=%41"]
+    assert code == 2 and f"error: {url}: not a readable archive" in err, err  # fetched and verified: the body is none
+
+
+# ---- F3: a --resume adds curves only to its own run's board, not to a run's with the same settings -----------------
+def test_resume_tells_its_board_from_a_run_with_the_same_settings(cat_ship, tmp_path):
+    pytest.importorskip("tensorboard", reason="needs the tensorboard package (fasttl[tensorboard])")
+    from conftest import one_epoch_run
+    from fasttl.transfer.job import run
+    from fasttl.transfer.rundir import read_config
+    from fasttl.util.errors import OptionError
+
+    boards = tmp_path / "boards"
+    first, second = tmp_path / "a" / "run", tmp_path / "b" / "run"  # one folder name, one command
+    run(**one_epoch_run(cat_ship, first, tensorboard=str(boards)))
+    run(**one_epoch_run(cat_ship, second))
+    os.remove(second / "metrics.json")  # as a run stopped after its checkpoint: resumable
+    assert read_config(str(first))["run_key"] == read_config(str(second))["run_key"]
+    before = sorted(p.name for p in (boards / "run" / "scratch").iterdir())
+    # before: the board recorded the run_key (a hash of the settings), the second run's too: its curves went in
+    with pytest.raises(OptionError, match=rf"^tensorboard: {boards / 'run'} already holds event files"):
+        run(**one_epoch_run(cat_ship, second, tensorboard=str(boards), resume=True))
+    assert sorted(p.name for p in (boards / "run" / "scratch").iterdir()) == before
+    token = read_config(str(first))["run_token"]
+    os.remove(first / "metrics.json")
+    run(**one_epoch_run(cat_ship, first, tensorboard=str(boards), resume=True))  # its own run resumes into it
+    assert read_config(str(first))["run_token"] == token  # kept on --resume

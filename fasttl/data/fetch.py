@@ -233,9 +233,10 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                 if bar is not None:
                     bar.update(len(block))
                 budget.add(len(block), size)
-                if size > MAX_DOWNLOAD_BYTES:
-                    raise DownloadError(f"fetch: {url} sent more than {MAX_DOWNLOAD_BYTES:,} bytes; stopped "
-                                        "(check the address, --url)")
+                if size > MAX_DOWNLOAD_BYTES:  # no file fetch takes grows out of it: not kept to resume
+                    os.ftruncate(fd, 0)  # (emptied, then removed with the empty partial)
+                    raise DownloadError(f"fetch: {url} sent more than {MAX_DOWNLOAD_BYTES:,} bytes; stopped, and what "
+                                        "it sent removed (check the address, --url)")
             if total is not None and size < total:
                 raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {total:,} bytes; run the "
                                     "same command again to resume")

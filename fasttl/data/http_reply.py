@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import socket
+import string
 import threading
 import urllib.error
 import urllib.parse
@@ -25,9 +26,19 @@ class PartialRefused(DownloadError):
     partial belongs to another file (it changed on the server), so it is dropped."""
 
 
+def sendable(url: str) -> str:
+    """`url` as a request line carries it: characters outside ASCII in its path, query and fragment
+    percent-encoded as UTF-8 (what a browser sends for an address pasted from its bar; urllib's
+    request line is ASCII only), escapes already there kept. The host is left to IDNA."""
+    parts = urllib.parse.urlsplit(url)
+    path, query, fragment = (urllib.parse.quote(part, safe=string.punctuation)
+                             for part in (parts.path, parts.query, parts.fragment))
+    return urllib.parse.urlunsplit(parts._replace(path=path, query=query, fragment=fragment))
+
+
 def named_address(url: str, redirected: Optional[str]) -> str:
     """`url` as a failure names it: where it redirected to, when it did."""
-    if redirected is not None and redirected != url:
+    if redirected is not None and redirected not in (url, sendable(url)):
         return f"{terminal_text(redirected)[:200]} (where {url} redirects)"
     return url
 
@@ -141,7 +152,7 @@ def open_reply(url: str, have: int, timeout: float, budget):
     watchdog.daemon = True
     watchdog.start()
     try:  # (each hop's connection timeout is cut to the time left then: see _TrackSockets)
-        response = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
+        response = opener.open(urllib.request.Request(sendable(url), headers=headers), timeout=timeout)
     except DownloadError:
         raise
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:

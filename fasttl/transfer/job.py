@@ -8,6 +8,7 @@ import dataclasses
 import io
 import itertools
 import os
+import secrets
 import sys
 import time
 from typing import Dict, List, Optional
@@ -79,9 +80,10 @@ def choose_run_dir(cfg: RunConfig, dataset_name: str) -> str:
 def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -> Dict[str, object]:
     """Refuses to mix two runs in one folder: a finished run needs --overwrite, an unfinished one
     --resume (with the same options and data) or --overwrite; a folder of other files is left alone.
-    Returns config.json's identity and run_key: a resumed run keeps its interrupted run's (the key
-    its checkpoints carry)."""
-    recorded = {"identity": identity, "run_key": identity_key(identity)}
+    Returns config.json's identity, run_key and run_token: a resumed run keeps its interrupted
+    run's (the key its checkpoints carry; the token, drawn once per run, that tells its TensorBoard
+    curves from those of a run with the same settings in another folder)."""
+    recorded = {"identity": identity, "run_key": identity_key(identity), "run_token": secrets.token_hex(16)}
     _refuse_blocked(run_dir)
     cleared = None
     for name in (*run_files(), *own_entries()):  # found now, not when the results are written after training
@@ -96,7 +98,7 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
                                "of --resume to train it again, or another --out)")
             earlier = read_config(run_dir)
             recorded = {"identity": resumed_identity(run_dir, cfg, identity, earlier.get("identity", {})),
-                        "run_key": earlier.get("run_key")}
+                        "run_key": earlier.get("run_key"), "run_token": earlier.get("run_token")}
         elif cfg.overwrite:
             cleared = clear_results(run_dir)
         elif is_finished(run_dir):
@@ -239,7 +241,7 @@ def run(print_summary=None, **options) -> Dict[str, object]:
             config.update(prepare_run_dir(run_dir, cfg, identity))
             write_config(run_dir, config)
             if isinstance(cfg.tensorboard, str):  # whose curves DIR/<run name> holds: a --resume adds to its own only
-                write_atomic(os.path.join(board, TENSORBOARD_OWNER), str(config["run_key"]).encode())
+                write_atomic(os.path.join(board, TENSORBOARD_OWNER), _board_owner_of(config).encode())
             trained_images.record(run_dir, dataset.train)
             if dataset.skipped:
                 write_skipped(run_dir, dataset.skipped)
@@ -302,7 +304,7 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
 
 
 TENSORBOARD_LOCK = ".fasttl-tensorboard.lock"  # in DIR/<run name> while a run writes there (TensorBoard ignores it)
-TENSORBOARD_OWNER = ".fasttl-tensorboard-run"  # in DIR/<run name>: the run_key of the run whose curves it holds
+TENSORBOARD_OWNER = ".fasttl-tensorboard-run"  # in DIR/<run name>: the run_token of the run whose curves it holds
 
 
 def tensorboard_dir(cfg: RunConfig, run_dir: str):
@@ -336,7 +338,7 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
     # Curves already there are another run's (one of the same folder name, or this one's before
     # --overwrite): never deleted, never mixed with this run's.
     held = [os.path.join(model, name) for model in models for name in event_files(os.path.join(board, model))]
-    own = _run_key(run_dir) if held and cfg.resume else None  # a --resume adds to its own curves only
+    own = _run_owner(run_dir) if held and cfg.resume else None  # a --resume adds to its own curves only
     if held and not (own is not None and _board_owner(board) == own):
         raise OptionError(f"tensorboard: {board} already holds event files ({held[0]}{', ...' if len(held) > 1 else ''}"
                           f") of a run named {os.path.basename(run_dir)}; give another --tensorboard folder, or move "
@@ -344,16 +346,22 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
     return board
 
 
-def _run_key(run_dir: str):
-    """The run_key of the run in `run_dir` (None where there is none to read)."""
+def _board_owner_of(config: dict) -> str:
+    """What a run writes into DIR/<run name> as its own: its run_token (a run of an older fasttl,
+    resumed, has none: its run_key, the hash of its settings, as then)."""
+    return str(config.get("run_token") or config.get("run_key"))
+
+
+def _run_owner(run_dir: str):
+    """_board_owner_of the run in `run_dir` (None where there is none to read)."""
     try:
-        return read_config(run_dir).get("run_key")
+        return _board_owner_of(read_config(run_dir))
     except RunError:  # no run there (yet): prepare_run_dir says what is wrong with it
         return None
 
 
 def _board_owner(board: str):
-    """The run_key recorded in a --tensorboard DIR/<run name> (None: none, or not fasttl's)."""
+    """The run recorded in a --tensorboard DIR/<run name> (None: none, or not fasttl's)."""
     try:
         return files.read_plain(os.path.join(board, TENSORBOARD_OWNER), 64).decode("ascii")
     except (OSError, ValueError):
