@@ -27,7 +27,7 @@ def _number(value):
     return None
 
 
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
@@ -36,7 +36,7 @@ def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
     lr_value = _number(lr)
     if lr_value is None:
         raise TypeError(f"lr: expected a float or a 0-dim tensor, got {type(lr).__name__}")
-    if not 0.0 <= lr_value <= _FLOAT32_MAX:  # an infinite lr (or one float32 rounds to inf) gives NaN params
+    if not 0.0 <= lr_value <= FLOAT32_MAX:  # an infinite lr (or one float32 rounds to inf) gives NaN params
         raise ValueError(f"lr: expected a finite number >= 0 (within float32's range), got {lr_value}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")

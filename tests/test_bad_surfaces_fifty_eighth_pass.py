@@ -104,7 +104,8 @@ def test_a_line_break_python_alone_splits_at_is_refused_as_unprintable(tmp_path,
     path.write_text(f"cat{inside}kitten\ndog\nship\n", encoding="utf-8")  # 3 lines, as wc -l counts them
     # before: 4 names ('cat', 'kitten', 'dog', 'ship'), every index after the first shifted by one
     with pytest.raises(DataError, match=rf"^classes: {path} names a class with a character that is not printable "
-                                        rf"\(a control character or a line separator: 'cat.*kitten'\)"):
+                                        rf"\(U\+[0-9A-F]{{4}}.*, a (control character|line separator|paragraph "
+                                        rf"separator): 'cat.*kitten'\)"):
         read_classes_file(str(path))
 
 

@@ -98,7 +98,8 @@ def test_a_class_folder_named_with_a_control_character_is_refused(tmp_path, cifa
         (tmp_path / name).mkdir()
         for i in range(3):
             shutil.copy(os.path.join(cifar10_root, "test", "cat", f"{i:04d}.jpg"), tmp_path / name / f"{i}.jpg")
-    with pytest.raises(DataError, match=r"has a class folder named 'ship\\x1b\[31m', with a control character"):
+    with pytest.raises(DataError, match=r"has a class folder named 'ship\\x1b\[31m', with a character that is not "
+                                        r"printable \(U\+001B, a control character\)"):
         fasttl.data.formats.folder.class_folder_splits(str(tmp_path))
 
 

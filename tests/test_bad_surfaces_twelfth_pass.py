@@ -161,9 +161,10 @@ def test_file_list_checks_its_pairs_and_classes_up_front(cat_ship):
     cats = [str(p) for p in sorted((cat_ship / "train" / "cat").glob("*.jpg"))]
     ships = [str(p) for p in sorted((cat_ship / "train" / "ship").glob("*.jpg"))]
     pairs = [(p, 1) for p in cats] + [(p, 0) for p in ships]
+    unprintable = "is empty or holds a character that is not printable "
     for classes, error, message in ((["a", "a"], DataError, "'a' is named twice"),
-                                    (["", "b"], DataError, "is empty or holds a control character"),
-                                    (["a\nb", "c"], DataError, "is empty or holds a control character"),
+                                    (["", "b"], DataError, unprintable + r"\(empty\)"),
+                                    (["a\nb", "c"], DataError, unprintable + r"\(U\+000A, a control character\)"),
                                     ([0, 1], TypeError, "classes: expected a list of class names")):
         with pytest.raises(error, match=message):
             fasttl.data.file_list(pairs, classes=classes)

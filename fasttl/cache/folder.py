@@ -57,7 +57,8 @@ def foreign_entries(directory: str) -> list:
 def _cache_proof(folder: str) -> Optional[str]:
     """What makes `folder` a feature cache's (None when nothing does): a shard named with its
     fingerprint key, a record holding a fingerprint, an engine graph, or, for the root `fasttl
-    extract` writes, such a split folder (a user's features-00000.npy or manifest.json is no proof)."""
+    extract` writes, such a split folder of a cache built from images (a user's features-00000.npy or
+    manifest.json is no proof)."""
     try:
         names = sorted(os.listdir(folder))
     except OSError:
@@ -67,7 +68,23 @@ def _cache_proof(folder: str) -> Optional[str]:
     if proof is not None:
         return proof
     return next((os.path.join(split, inner) for split in store.EXTRACT_SPLITS if split in names
+                 and _built_from_images(os.path.join(folder, split))
                  for inner in [_cache_proof(os.path.join(folder, split))] if inner is not None), None)
+
+
+def _built_from_images(folder: str) -> bool:
+    """Whether the cache in `folder` was built from images (as extract builds its splits): one
+    FeatureCache.write made from a script's arrays in a project's train/ makes no extract root of
+    the project."""
+    for name in (store.MANIFEST, store.BUILD):
+        try:
+            record = files.read_json(os.path.join(folder, name))
+        except (OSError, ValueError):
+            continue
+        fingerprint = record.get("fingerprint") if isinstance(record, dict) else None
+        if isinstance(fingerprint, dict):
+            return "backbone" in fingerprint
+    return False
 
 
 def enclosing_cache_folder(path: str) -> Optional[Tuple[str, str]]:

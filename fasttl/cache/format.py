@@ -19,6 +19,7 @@ from fasttl.cache import store
 from fasttl.cache.kernels import CACHE_DTYPES
 from fasttl.cache.store import REBUILD_HINT, CacheError
 from fasttl.util import settings
+from fasttl.data.labels import unprintable
 
 
 def to_numpy_storage(tensor: Tensor) -> np.ndarray:
@@ -106,7 +107,7 @@ def _checked_fingerprint(manifest: dict, fail) -> dict:
             not all(isinstance(c, str) for c in dataset["classes"]) or not dataset["classes"]:
         fail("fingerprint dataset classes is not a non-empty list of names")
     classes = dataset["classes"]
-    if len(set(classes)) != len(classes) or not all(c and c.isprintable() for c in classes):
+    if len(set(classes)) != len(classes) or not all(c and not unprintable(c) for c in classes):
         fail("fingerprint dataset classes are not distinct, printable names (as FeatureCache.write takes them)")
     count = manifest.get("count")
     if not _is_int(count) or count < 0 or dataset.get("count") != count:

@@ -18,7 +18,7 @@ from fasttl.cache.store import CacheError
 from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES, pool_store
 from fasttl.cache.folder import file_entry, finish, refuse_foreign, refuse_run_folder
 from fasttl.util.checks import positive_int
-from fasttl.data.labels import refuse_lookalikes
+from fasttl.data.labels import refuse_lookalikes, unprintable
 from fasttl.util.errors import DataError
 
 MAX_FINGERPRINT_BYTES = 1 << 20  # what describes a data set: names and hashes, not the data
@@ -148,7 +148,7 @@ def _checked_arguments(dtype, shard_rows, classes, fingerprint, labels, sample_i
         raise ValueError(f"dtype: expected one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
     positive_int("shard_rows", shard_rows)
     classes = list(classes) if not isinstance(classes, str) else None
-    if not classes or not all(isinstance(c, str) and c and c.isprintable() for c in classes) \
+    if not classes or not all(isinstance(c, str) and c and not unprintable(c) for c in classes) \
             or len(set(classes)) != len(classes):
         raise ValueError("classes: expected a list of distinct, printable class names (strings)")
     try:

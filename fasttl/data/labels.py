@@ -62,10 +62,10 @@ def read_classes_file(path: str) -> List[str]:
     if len(names) > MAX_INDEX_CLASSES:  # before the checks below walk them
         raise DataError(f"classes: {path} names {len(names):,} classes, more than the {MAX_INDEX_CLASSES:,} fasttl "
                         "takes; name fewer")
-    bad = next((name for name in names if not name.isprintable()), None)
+    bad = next((name for name in names if unprintable(name)), None)
     if bad is not None:
-        raise DataError(f"classes: {path} names a class with a character that is not printable (a control "
-                        f"character or a line separator: {bad!r}); use plain text names")
+        raise DataError(f"classes: {path} names a class with a character that is not printable ({unprintable(bad)}: "
+                        f"{bad!r}); use plain text names")
     refuse_lookalikes(names, f"classes: {path} names", lines=True)
     first = {}
     for line, name in enumerate(names, start=1):
@@ -147,6 +147,26 @@ def label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where
     refuse_lookalikes(found, f"data: {where}: labels")
     index = {name: i for i, name in enumerate(found)}
     return [index[label] for label in labels], found
+
+
+# No-break spaces and the zero-width (non-)joiners: part of real spellings (a Persian word, an emoji
+# sequence, French typography), not printable to Python; a twin that differs only in one is still
+# refused (refuse_lookalikes).
+_SPELLING = "\u00a0\u200c\u200d\u202f"
+_KINDS = {"Cc": "a control character", "Zl": "a line separator", "Zp": "a paragraph separator",
+          "Zs": "a space that is not ' '", "Cf": "an invisible format character", "Co": "a private-use character",
+          "Cn": "an unassigned code point", "Cs": "a lone surrogate"}
+
+
+def unprintable(name: str) -> Optional[str]:
+    """The first character no class name may hold, described ('U+001B ESCAPE, a control
+    character'): one a terminal would act on, or that shows nothing or splits a line; None when
+    every character may stand in a name."""
+    bad = next((c for c in name if not c.isprintable() and c not in _SPELLING), None)
+    if bad is None:
+        return None
+    title = unicodedata.name(bad, "")
+    return f"U+{ord(bad):04X}{' ' + title if title else ''}, {_KINDS.get(unicodedata.category(bad), 'not printable')}"
 
 
 def _unseen(char: str) -> bool:

@@ -23,7 +23,7 @@ from fasttl.transfer.budget import a_budget
 from fasttl.transfer.caching import FEATURE_TAPS
 from fasttl.data.labels import LABEL_KINDS
 from fasttl.transfer.datasets import BUILTIN
-from fasttl.transfer.options import (a_path, a_positive_int, a_positive_number, an_optional_positive_int, choices_of,
+from fasttl.transfer.options import (a_learning_rate, a_path, a_positive_int, an_optional_positive_int, choices_of,
                                      option)
 
 from fasttl.data.spec import MAX_IMAGE_SIZE, check_image_size  # noqa: E402, F401 (MAX_IMAGE_SIZE: re-exported)
@@ -102,7 +102,7 @@ class RunOptions:
     batch_size: Optional[int] = option(None, "batch size (default: the strategy's)", kind=int,
                                        metavar="N", check=a_positive_int)
     lr: Optional[float] = option(None, "peak learning rate (default: the strategy's)", kind=float, metavar="X",
-                                check=a_positive_number)
+                                check=a_learning_rate)
     device: str = option("cpu", "where models, features and images live: cpu, cuda or cuda:N", metavar="DEVICE",
                          check=_a_device)
     seed: int = option(0, "seed of every random choice", metavar="N", check=_a_seed)

@@ -61,6 +61,17 @@ def a_positive_number(name: str, value) -> None:
         raise OptionError(f"{name}: expected a finite number > 0, got {value!r}")
 
 
+def a_learning_rate(name: str, value) -> None:
+    """A finite number > 0 that float32 holds: the optimizers step in float32 (a larger one fails
+    there, after the data was read and the features extracted)."""
+    from fasttl.optim import FLOAT32_MAX
+
+    a_positive_number(name, value)
+    if value > FLOAT32_MAX:
+        raise OptionError(f"{name}: expected a finite number > 0 and at most {FLOAT32_MAX:.7g} (float32's largest; "
+                          f"the optimizers step in float32), got {value!r}")
+
+
 def an_optional_positive_number(name: str, value) -> None:
     """None (chosen on validation) or a finite number > 0."""
     if value is not None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict
 
 from fasttl.util.checks import finite
+from fasttl.optim import FLOAT32_MAX
+from fasttl.data.labels import unprintable
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
 
 
 def _class_names(v) -> bool:
-    return (isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) and c and c.isprintable() for c in v)
+    return (isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) and c and not unprintable(c) for c in v)
             and len(set(v)) == len(v))
 
 
@@ -109,7 +111,7 @@ def run_config_fields() -> Dict[str, Field]:
         "batch_size": Field(_optional(_int_in(1, 1 << 31)), "a positive integer"),
         "train_per_class": Field(_optional(_int_in(1, 1 << 31)), "a positive integer or null"),
         "test_per_class": Field(_optional(_int_in(1, 1 << 31)), "a positive integer or null"),
-        "lr": Field(_optional(_positive_number), "a finite number > 0"),
+        "lr": Field(_optional(lambda v: _positive_number(v) and v <= FLOAT32_MAX), "a number > 0 that float32 holds"),
         "finetune_stages": Field(_optional(_int_in(1, 1 << 16)), "a positive integer or null"),
         "teacher": Field(_teachers, "a run folder or a list of them"),
         "target_data": Field(_optional(_text), "a path (text) or null"),

@@ -8,9 +8,10 @@ import pickle
 import numpy as np
 
 from fasttl.util.errors import DataError
-from fasttl.data.labels import refuse_lookalikes
+from fasttl.data.labels import refuse_lookalikes, unprintable
 from fasttl.data.sources import ArraySource
 from fasttl.util.files import absolute
+from fasttl.util.checks import shown
 
 
 def _latin1_encode(text, encoding="latin1", errors="strict"):
@@ -88,6 +89,18 @@ def _as_str_keys(obj, path: str) -> dict:
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
+def _name_text(name, meta_path: str, class_key: str) -> str:
+    """A class name as text: bytes are UTF-8 (Python 3 writes them so; the official ASCII names read
+    alike in any encoding), never guessed as Latin-1 ('café' would be 'cafÃ©' in every report)."""
+    if not isinstance(name, bytes):
+        return name
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{meta_path}: its '{class_key}' holds {shown(name)}, bytes that are not UTF-8 text; "
+                        "write the class names as UTF-8 (or as str)") from None
+
+
 def load_cifar_pickles(root: str, train: bool) -> ArraySource:
     """CIFAR-10 (`cifar-10-batches-py`) or CIFAR-100 (`cifar-100-python`) python pickle batches.
     Read with a restricted unpickler (numpy arrays and plain containers only, never code) and
@@ -106,8 +119,8 @@ def load_cifar_pickles(root: str, train: bool) -> ArraySource:
     if not isinstance(names_found, list) or not names_found or not all(isinstance(c, (bytes, str))
                                                                        for c in names_found):
         raise DataError(f"{meta_path}: not a CIFAR meta file (no '{class_key}' list of names)")
-    classes = [c.decode("latin1") if isinstance(c, bytes) else c for c in names_found]
-    if len(set(classes)) != len(classes) or not all(c and c.isprintable() for c in classes):
+    classes = [_name_text(c, meta_path, class_key) for c in names_found]
+    if len(set(classes)) != len(classes) or not all(c and not unprintable(c) for c in classes):
         raise DataError(f"{meta_path}: its '{class_key}' must be distinct, printable names (found {classes[:12]})")
     refuse_lookalikes(classes, f"{meta_path}: its '{class_key}'")
     images, labels = [], []

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 from fasttl.util.errors import DataError
 from fasttl.util.outputs import shortened
 from fasttl.data.formats.folder import missing_data
-from fasttl.data.labels import has_control, label_indices
+from fasttl.data.labels import has_control, label_indices, unprintable
 from fasttl.data.sources import FileSource, refuse_one_file_twice
 from fasttl.util.files import absolute
 
@@ -205,11 +205,9 @@ def read_file_list(path: str, classes: Optional[Sequence[str]] = None, labels_ki
                             f"{shortened(repr(image))}; fix the path")
         if not label:
             raise DataError(f"data: {path} row {line - 1} ({shortened(image)}) has an empty label")
-        if not label.isprintable():  # the rule for class folders and classes files: names that look alike differ
-            bad = next(c for c in label if not c.isprintable())
+        if unprintable(label):  # the rule for class folders and classes files: names that look alike differ
             raise DataError(f"data: {path} row {line - 1} ({shortened(image)}) has a character that is not printable "
-                            f"(U+{ord(bad):04X}, a control character or an invisible one) in its label "
-                            f"{shortened(ascii(label))}; fix the label")
+                            f"({unprintable(label)}) in its label {shortened(ascii(label))}; fix the label")
     labels, names = label_indices([label for _, label in rows], classes, path, labels_kind)
     if len(names) < 2:
         raise DataError(f"data: {path} names only 1 class ({names[0]}); a classifier needs at least 2")

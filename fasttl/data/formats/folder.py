@@ -12,7 +12,7 @@ from fasttl.util.errors import DataError
 from fasttl.util.files import absolute, run_folder_in_data
 from fasttl.util.path_problems import unreachable
 from fasttl.data.images import IMAGE_EXTENSIONS, header_problem, unreadable
-from fasttl.data.labels import MAX_INDEX_CLASSES, refuse_lookalikes
+from fasttl.data.labels import MAX_INDEX_CLASSES, refuse_lookalikes, unprintable
 from fasttl.data.sources import FileSource, refuse_one_file_twice
 
 
@@ -75,9 +75,10 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
         raise DataError(f"data: {root} has no class folders (expected {root}/<class>/<image>.jpg)")
     for name in found:
         _refuse_undecodable(os.path.join(root, name), "a class folder")
-    bad = next((name for name in found if not name.isprintable()), None)
+    bad = next((name for name in found if unprintable(name)), None)
     if bad is not None:  # a name printed raw would drive the terminal (an escape sequence) or split a line
-        raise DataError(f"data: {root} has a class folder named {bad!r}, with a control character; rename it")
+        raise DataError(f"data: {root} has a class folder named {bad!r}, with a character that is not printable "
+                        f"({unprintable(bad)}); rename it")
     refuse_lookalikes(found, f"data: {root} has class folders")
     if classes is not None and list(classes) != found:
         same = [unicodedata.normalize("NFC", c) for c in found] == [unicodedata.normalize("NFC", c) for c in classes]
@@ -163,9 +164,10 @@ def file_list(pairs: Iterable[Tuple[str, int]], classes: Optional[Sequence[str]]
     if classes is not None:  # the rules of a classes file, before any image is looked at
         if isinstance(classes, str) or not all(isinstance(name, str) for name in classes):
             raise TypeError(f"classes: expected a list of class names (strings), got {classes!r:.80}")
-        bad = next((name for name in classes if not name or not name.isprintable()), None)
+        bad = next((name for name in classes if not name or unprintable(name)), None)
         if bad is not None:
-            raise DataError(f"classes: {bad!r} is empty or holds a control character; use plain text names")
+            raise DataError(f"classes: {bad!r} is empty or holds a character that is not printable "
+                            f"({unprintable(bad) or 'empty'}); use plain text names")
         if len(classes) > MAX_INDEX_CLASSES:
             raise DataError(f"classes: {len(classes):,} classes, more than the {MAX_INDEX_CLASSES:,} fasttl takes")
         seen = set()
