@@ -97,7 +97,9 @@ def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]
     """(image files, [(path, why) passed over]): files as given, folders walked recursively in
     sorted order for .jpg/.jpeg/.png files (hidden entries passed over). A path that does not
     exist, or no image at all, is a DataError."""
-    files, ignored = [], []
+    files, ignored, paths = [], [], list(paths)  # a generator, read once (the message below names them)
+    if not paths:
+        raise DataError("no images given (give image files or folders)")
     for given in paths:
         path = os.path.expanduser(os.fspath(given))
         if os.path.isdir(path):
@@ -305,9 +307,11 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
     run_dir, top_k = folder_path("run_dir", run_dir, OptionError, "the run folder"), plain_number(top_k)
     if on_error not in ON_ERROR:
         raise OptionError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")
-    a_flag("overwrite", overwrite, OptionError)
-    a_flag("progress", progress, OptionError)
+    overwrite, progress = a_flag("overwrite", overwrite, OptionError), a_flag("progress", progress, OptionError)
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths  # one path, not its characters
+    if not isinstance(paths, collections.abc.Iterable):
+        raise OptionError(f"paths: expected image files or folders (a path, or a list of them), got "
+                          f"{type(paths).__name__}")
     _refuse_bytes(paths, "paths")
     if out is not None:
         out = check_output_path(out, overwrite, ending=".csv")  # a shell glob can put an input image last

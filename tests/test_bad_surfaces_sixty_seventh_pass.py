@@ -122,3 +122,119 @@ def test_an_unprintable_character_is_named_as_what_it_is(tmp_path):
             (twin / split / label).mkdir(parents=True)
     with pytest.raises(DataError, match=r"differ only in characters that show nothing"):
         class_folder_splits(str(twin))
+
+
+# ---- F5: a test split whose class differs from the training split's only by a look-alike letter ---------------------
+def test_a_look_alike_class_in_the_test_split_is_named_escaped(tmp_path):
+    from PIL import Image
+
+    from fasttl.data.formats.folder import class_folder_splits
+    from fasttl.util.errors import DataError
+
+    for split, names in (("train", ["cat", "dog"]), ("test", ["\u0441at", "dog"])):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "0.jpg")
+    # before: "has classes ['dog', 'сat'], expected ['cat', 'dog'] (as in the training split)", alike on a terminal
+    with pytest.raises(DataError) as refused:
+        class_folder_splits(str(tmp_path))
+    assert str(refused.value) == f"data: {tmp_path / 'test'} has class folders the training split has not " \
+        "('\\u0441at') and lacks some it has ('cat'); 'cat' and '\\u0441at' differ only in letters drawn alike (a " \
+        "Cyrillic, Greek or full-width letter for a Latin one)"
+
+
+# ---- F6: ImageLoader checks its counts, flags and seeds as the rest of the API does ----------------------------------
+@pytest.fixture
+def array_source():
+    from fasttl.data.sources import ArraySource
+
+    rng = np.random.default_rng(6)
+    return ArraySource(rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8), np.arange(10) % 2, ["a", "b"])
+
+
+def _loader(source, **kw):
+    from fasttl.data.loader import ImageLoader
+    from fasttl.data.spec import TransformSpec
+
+    spec = TransformSpec(8, (0.5,) * 3, (0.5,) * 3, 1.0, False, 0, False)
+    return ImageLoader(source, spec, **dict({"batch_size": 4, "backend": "torch", "num_workers": 0}, **kw))
+
+
+def _order(loader):
+    return [labels.tolist() for _, labels in loader]
+
+
+def test_image_loader_takes_numpy_counts_and_flags(array_source):
+    plain = _loader(array_source, shuffle=True, seed=3, num_shards=2, shard_id=1, drop_last=True)
+    # before: "batch_size: expected a positive integer, got np.int64(4)", "shard_id: ... got 0" for num_shards
+    numpy = _loader(array_source, batch_size=np.int64(4), shuffle=np.True_, seed=np.uint64(3), num_shards=np.int64(2),
+                    shard_id=np.array(1), drop_last=np.bool_(True), num_workers=np.int64(0))
+    assert _order(numpy) == _order(plain) and len(numpy) == len(plain) == 1
+
+
+@pytest.mark.parametrize("kw, error, said", [
+    ({"seed": -1}, ValueError, r"^seed: expected an integer in \[0, 2\*\*64\), got -1$"),
+    ({"seed": 2**64}, ValueError, r"^seed: expected an integer in \[0, 2\*\*64\), got 18446744073709551616$"),
+    ({"seed": 1.0}, TypeError, r"^seed: expected an integer, got 1.0$"),
+    ({"num_shards": True}, ValueError, r"^num_shards: expected a positive integer, got True$"),
+    ({"num_shards": 2, "shard_id": True}, ValueError, r"^shard_id: expected an integer in \[0, num_shards=2\), got "
+                                                      r"True$"),
+    ({"num_shards": 10**30, "shard_id": 5}, ValueError, r"^num_shards: expected at most 1,048,576 \(one per process"),
+    ({"num_shards": 2, "shard_id": 2}, ValueError, r"^shard_id: expected an integer in \[0, num_shards=2\), got 2$"),
+], ids=["seed-negative", "seed-2**64", "seed-float", "shards-bool", "shard-bool", "shards-huge", "shard-past"])
+def test_image_loader_refuses_what_is_no_count_naming_it(array_source, kw, error, said):
+    # before: seeds folded modulo 2**64 (-1 gave 2**64 - 1's order), bools taken as counts, a torch overflow
+    with pytest.raises(error, match=said):
+        _loader(array_source, **kw)
+
+
+# ---- F7 and F8: evaluate_run checks its arguments; numpy bools are flags --------------------------------------------
+@pytest.fixture(scope="module")
+def scratch_run(cat_ship, tmp_path_factory):
+    from conftest import finished_run
+
+    return finished_run(cat_ship, tmp_path_factory, "scratch67")
+
+
+@pytest.mark.parametrize("given, said", [
+    ("", r"^run_dir: an empty or blank path \(an unset variable\?\); give the run folder"),
+    (b"runs/r1", r"^run_dir: expected the run folder's path \(a str or a pathlib.Path\), got bytes$"),
+    (5, r"^run_dir: expected the run folder's path \(a str or a pathlib.Path\), got int$"),
+    (None, r"^run_dir: expected the run folder's path \(a str or a pathlib.Path\), got NoneType$"),
+], ids=["empty", "bytes", "int", "none"])
+def test_evaluate_run_names_a_run_folder_that_is_none(given, said):
+    from fasttl.transfer.evaluate import evaluate_run
+    from fasttl.util.errors import OptionError
+
+    # before: ": not a folder, so not a fasttl run folder", or bare TypeErrors from os.path
+    with pytest.raises(OptionError, match=said):
+        evaluate_run(given)
+
+
+def test_evaluate_and_predict_take_numpy_bools_and_refuse_other_flags(scratch_run, cat_ship, tmp_path):
+    from fasttl.predict import predict_run
+    from fasttl.transfer.evaluate import evaluate_run
+    from fasttl.util.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"^progress: expected True or False, got 'no'$"):
+        evaluate_run(str(scratch_run), progress="no")  # before: taken, as truthy
+    evaluate_run(str(scratch_run), progress=np.False_)
+    image = str(sorted((cat_ship / "test" / "cat").iterdir())[0])
+    # before: "overwrite: expected True or False, got np.True_"
+    done = predict_run(str(scratch_run), [image], out=str(tmp_path / "p.csv"), overwrite=np.True_, progress=np.False_)
+    assert done["out"] == str(tmp_path / "p.csv") and done["rows"] == 1
+    with pytest.raises(OptionError, match=r"^paths: expected image files or folders \(a path, or a list of them\), "
+                                          r"got NoneType$"):
+        predict_run(str(scratch_run), None, progress=False)  # before: TypeError: 'NoneType' object is not iterable
+    from fasttl.util.errors import DataError
+    with pytest.raises(DataError, match=r"^no images given \(give image files or folders\)$"):
+        predict_run(str(scratch_run), iter([]), progress=False)
+
+
+def test_a_cache_loader_takes_a_numpy_bool_for_drop_last(tmp_path):
+    import fasttl
+
+    cache = fasttl.FeatureCache.write(str(tmp_path / "c"), [np.zeros((5, 4), np.float32)], [0, 1, 0, 1, 0],
+                                      classes=["a", "b"], dtype="fp32")
+    # before: "drop_last: expected True or False, got np.False_" (shuffle=np.False_ in the same call was taken)
+    assert len(cache.loader(batch_size=2, shuffle=np.False_, drop_last=np.True_)) == 2

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import operator
 import threading
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -17,7 +16,7 @@ from fasttl.cache.gather_threads import GatherThreads
 from fasttl.cache.kernels import CACHE_DTYPE, ShardTable, gather
 from fasttl.cache.order import epoch_order, shuffle_mode
 from fasttl.cache.store import CacheError
-from fasttl.util.checks import a_flag, folder_path, plain_number, positive_int, torch_device
+from fasttl.util.checks import a_flag, folder_path, order_number, plain_number, positive_int, torch_device
 from fasttl.util.files import absolute
 
 
@@ -396,21 +395,6 @@ def flat_parts(record: dict) -> list:
     return [model for part in parts for model in (flat_parts(part) if isinstance(part, dict) else [part])]
 
 
-def _order_number(name: str, value, bits: int) -> int:
-    """A loader's seed (any in [0, 2**64): each has its own order) or epoch (an integer in
-    [0, 2**63)); the order's generator reads them modulo 2**64, so 2**64 would give 0's order
-    again, -1 that of 2**64 - 1: refused, not folded."""
-    try:  # operator.index, not int(): a float tensor or array (1.9) is no integer, not 1
-        number = None if isinstance(value, bool) else operator.index(value)
-    except (TypeError, ValueError, RuntimeError, OverflowError):  # (a uint64 tensor past int64: RuntimeError)
-        number = None
-    if number is None:
-        raise TypeError(f"{name}: expected an integer, got {value!r}")
-    if not 0 <= number < 2**bits:
-        raise ValueError(f"{name}: expected an integer in [0, 2**{bits}), got {value!r}")
-    return number
-
-
 class CacheLoader:
     """(features, labels) batches gathered from a cache; a new seeded order each epoch when
     shuffling (fasttl.cache.order: each batch's rows are read in ascending order).
@@ -427,7 +411,7 @@ class CacheLoader:
         positive_int("batch_size", batch_size)
         if threads is not None:
             positive_int("threads", threads)
-        seed = _order_number("seed", seed, 64)
+        seed = order_number("seed", seed, 64)
         if out_dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"out_dtype: expected torch.float32 or torch.bfloat16, got {out_dtype!r}")
         a_flag("drop_last", drop_last)
@@ -442,7 +426,7 @@ class CacheLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose order the next iteration gives (as DistributedSampler.set_epoch)."""
-        epoch = _order_number("epoch", epoch, 63)
+        epoch = order_number("epoch", epoch, 63)
         with self._epochs:
             self.epoch = epoch
 

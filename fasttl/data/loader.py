@@ -17,7 +17,9 @@ from fasttl.util.errors import DataError
 from fasttl.data.order import epoch_order, shard_length
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import Collate, TorchImageDataset
-from fasttl.util.checks import a_flag, positive_int
+from fasttl.util.checks import a_flag, order_number, plain_number, positive_int
+
+MAX_SHARDS = 1 << 20  # processes of one job: far past any cluster, within the order's int64 arithmetic
 
 Source = Union[FileSource, ArraySource, TarSource]
 BACKENDS = ("auto", "dali", "torch")
@@ -53,23 +55,25 @@ class ImageLoader:
                  pin_memory: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        positive_int("batch_size", batch_size)
-        if not isinstance(num_shards, int) or num_shards < 1 or not isinstance(shard_id, int) or \
-                not 0 <= shard_id < num_shards:
-            raise ValueError(f"shard_id: expected 0 <= shard_id < num_shards={num_shards}, got {shard_id}")
+        batch_size = positive_int("batch_size", plain_number(batch_size))
+        num_shards, shard_id = positive_int("num_shards", plain_number(num_shards)), plain_number(shard_id)
+        if num_shards > MAX_SHARDS:
+            raise ValueError(f"num_shards: expected at most {MAX_SHARDS:,} (one per process of a job), got "
+                             f"{num_shards}")
+        if isinstance(shard_id, bool) or not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id: expected an integer in [0, num_shards={num_shards}), got {shard_id!r}")
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
         if num_threads is not None and num_workers is not None and num_threads != num_workers:
             raise ValueError(f"num_workers: {num_workers} differs from num_threads={num_threads} (the same "
                              "setting under two names; pass one)")
+        num_workers, num_threads = plain_number(num_workers), plain_number(num_threads)
         workers = num_workers if num_workers is not None else num_threads if num_threads is not None else 2
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
             raise ValueError(f"num_workers: expected an integer >= 0, got {workers!r}")
-        for name, value in (("shuffle", shuffle), ("drop_last", drop_last), ("pin_memory", pin_memory)):
-            if value is not None:
-                a_flag(name, value)
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise TypeError(f"seed: expected an integer, got {seed!r}")
+        shuffle, drop_last, pin_memory = (None if value is None else a_flag(name, value) for name, value in
+                                          (("shuffle", shuffle), ("drop_last", drop_last), ("pin_memory", pin_memory)))
+        seed = None if seed is None else order_number("seed", seed, 64)  # the order's generator reads it mod 2**64
         if len(source) == 0:
             raise DataError("data: the source holds no samples")
         self.source, self.spec, self.batch_size = source, spec, batch_size
@@ -230,8 +234,7 @@ def make_loader(source: Source, preprocessing, batch_size: int = 64, *, train: b
     """An ImageLoader with a backbone's preprocessing (fasttl.backbones.Preprocessing); the
     keywords are ImageLoader's (shuffle, drop_last, shard_id, num_shards, num_workers, ...); `seed`
     seeds the order and the augmentation."""
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed: expected an integer, got {seed!r}")
-    a_flag("train", train)  # "no" would be taken as True: augmentation on
+    seed = order_number("seed", seed, 64)
+    train = a_flag("train", train)  # "no" would be taken as True: augmentation on
     spec = TransformSpec.for_backbone(preprocessing, train=train, seed=seed, size=image_size)
     return ImageLoader(source, spec, batch_size, **kwargs)

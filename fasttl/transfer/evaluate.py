@@ -8,7 +8,7 @@ from typing import Dict
 
 import torch
 
-from fasttl.util.checks import torch_device
+from fasttl.util.checks import a_flag, folder_path, torch_device
 from fasttl.util.errors import OptionError, UserError
 from fasttl.util.files import write_json_atomic
 from fasttl.util.outputs import within
@@ -34,6 +34,10 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     written to RUN_DIR/eval_metrics.json. The model is rebuilt by its strategy's `load`. With
     on_error="skip", images that do not decode are left out and listed under "skipped"; what the
     scan of the data folder passed over is listed under "ignored"."""
+    run_dir = folder_path("run_dir", run_dir, OptionError, "the run folder")
+    a_flag("progress", progress, OptionError)
+    if data is not None:
+        data = folder_path("data", data, OptionError, "the data")
     device = torch_device(device)
     if not isinstance(on_error, str) or on_error not in ON_ERROR:
         raise OptionError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")

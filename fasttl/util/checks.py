@@ -57,10 +57,30 @@ def plain_number(value):
     return value.item() if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 else value
 
 
-def a_flag(name: str, value, error=TypeError) -> None:
-    """True or False, nothing else: `overwrite="no"` from a script is a mistake, never True."""
+def order_number(name: str, value, bits: int) -> int:
+    """A loader's seed (any in [0, 2**64): each has its own order) or epoch (an integer in
+    [0, 2**63)); the order's generator reads them modulo 2**64, so 2**64 would give 0's order
+    again, -1 that of 2**64 - 1: refused, not folded."""
+    import operator
+
+    try:  # operator.index, not int(): a float tensor or array (1.9) is no integer, not 1
+        number = None if isinstance(value, bool) else operator.index(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # (a uint64 tensor past int64: RuntimeError)
+        number = None
+    if number is None:
+        raise TypeError(f"{name}: expected an integer, got {value!r}")
+    if not 0 <= number < 2**bits:
+        raise ValueError(f"{name}: expected an integer in [0, 2**{bits}), got {value!r}")
+    return number
+
+
+def a_flag(name: str, value, error=TypeError) -> bool:
+    """`value` as True or False (numpy's bools as Python's), nothing else: `overwrite="no"` from
+    a script is a mistake, never True."""
+    value = plain_number(value)
     if not isinstance(value, bool):
         raise error(f"{name}: expected True or False, got {value!r}")
+    return value
 
 
 def folder_path(name: str, value, error=None, what: str = "a folder") -> str:

@@ -81,10 +81,7 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
                         f"({unprintable(bad)}); rename it")
     refuse_lookalikes(found, f"data: {root} has class folders")
     if classes is not None and list(classes) != found:
-        same = [unicodedata.normalize("NFC", c) for c in found] == [unicodedata.normalize("NFC", c) for c in classes]
-        hint = ("; the names are the same but written in another Unicode form (NFC vs NFD, as macOS and other "
-                "systems store them): rename the folders in one form") if same else " (as in the training split)"
-        raise DataError(f"data: {root} has classes {found!r}, expected {list(classes)!r}{hint}")
+        _refuse_other_classes(root, found, list(classes))
     if len(found) < 2:
         raise DataError(f"data: {root} has only 1 class folder ({found[0]}); a classifier needs at least 2 "
                         f"(add {root}/<other class>/)")
@@ -128,6 +125,24 @@ def _refuse_undecodable(path: str, what: str) -> None:
     except UnicodeEncodeError:
         raise DataError(f"data: {ascii(path)} is {what} whose name is not valid UTF-8 (bytes of another encoding, "
                         "such as Latin-1); rename it") from None
+
+
+def _refuse_other_classes(root: str, found: List[str], classes: List[str]) -> None:
+    """The DataError for a split whose class folders are not the training split's: the names in
+    one and not the other, escaped (two spellings can look alike), and why they may look alike."""
+    here = ", ".join(ascii(c) for c in found if c not in classes) or "none"
+    there = ", ".join(ascii(c) for c in classes if c not in found) or "none"
+    why = ""
+    if [unicodedata.normalize("NFC", c) for c in found] == [unicodedata.normalize("NFC", c) for c in classes]:
+        why = ("; the names are the same but written in another Unicode form (NFC vs NFD, as macOS and other systems "
+               "store them): rename the folders in one form")
+    else:
+        try:
+            refuse_lookalikes(classes + [c for c in found if c not in classes], "")
+        except DataError as exc:  # 'сat' here, 'cat' there
+            why = ";" + str(exc).split(", so they look the same")[0]
+    raise DataError(f"data: {root} has class folders the training split has not ({here}) and lacks some it has "
+                    f"({there}){why}")
 
 
 def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
