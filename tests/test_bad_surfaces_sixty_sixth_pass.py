@@ -1,7 +1,12 @@
-"""The sixty-sixth hostile pass and the last read of session 32: a count given as a numpy 0-d
+"""The sixty-sixth hostile pass (about 120 attempts on 226c4cd) found 4: a server sending past the
+4 GiB cap left a partial download no file could grow out of; an address with characters outside
+ASCII failed as "cannot reach ... check the network"; a run of the same command in another folder
+resumed into the first run's TensorBoard curves (the board recorded a hash of the settings);
+predict refused paths in a numpy object array. And session 32's last read: a count given as a numpy 0-d
 float array was cut to an integer (FeatureCache.loader(batch_size=np.array(3.7)) gave batches of
 3), where a numpy scalar float was refused; predict --out, export --out and bench --json wrote
-into a feature cache folder, which fasttl extract then refused as holding files not its own."""
+into a feature cache folder, which fasttl extract then refused as holding files not its own; a
+full-width twin of a class name was taken."""
 import os
 
 import numpy as np
