@@ -71,6 +71,7 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     # a list's images may lie far from the list: the cache never goes among them either
     refuse_writes_among_sources([train, test], [("the cache folder --out", out, "give --out")])
     splits = {"train": train, "test": test} if test is not None else {"all": train}
+    _mark_root(out)
     summaries, calibration = {}, None
     for name, source in splits.items():  # train first: its graph extracts the test split too
         cache = FeatureCache.build(model, source, os.path.join(out, name), dtype=dtype, batch_size=batch_size,
@@ -99,6 +100,17 @@ def _training_calibration(model, train, cache: FeatureCache, image_size, on_erro
     if key != cache.fingerprint["compute"]["calibration"].get("sample"):  # one rule for both: a bug, not a user error
         raise RuntimeError(f"extract: the training cache {cache.directory} names another calibration sample")
     return key, images
+
+
+def _mark_root(out: str) -> None:
+    """Marks --out as an extract root (store.EXTRACT_MARKER), before its caches are built: no run,
+    prediction or export then writes into it (cache.folder.refuse_inside)."""
+    from fasttl.cache import store
+    from fasttl.util.files import is_plain_file, write_atomic
+
+    os.makedirs(out, exist_ok=True)
+    if not is_plain_file(os.path.join(out, store.EXTRACT_MARKER)):
+        write_atomic(os.path.join(out, store.EXTRACT_MARKER), b'{"fasttl": "the root of a fasttl extract"}\n')
 
 
 def _refuse_foreign_files(out: str) -> None:

@@ -28,6 +28,7 @@ def _number(value):
 
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:

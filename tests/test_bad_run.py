@@ -352,13 +352,14 @@ def test_skip_policy_leaves_bad_images_out_and_lists_them(two_classes, tmp_path)
     assert result.returncode == 0, result.stderr
     evaluated = json.loads((tmp_path / "run-skip" / "eval_metrics.json").read_text())
     assert evaluated["samples"] == 5 and [s["file"] for s in evaluated["skipped"]] == [str(bad_test)]
-    # data with other classes is named with its first difference and what to do
+    # data with other classes is named with the names that differ and what to do
     other = tmp_path / "other"
     shutil.copytree(two_classes, other)
     for split in ("train", "test"):
         (other / split / "cat").rename(other / split / "bird")
     assert_one_line_error(cli("eval", str(tmp_path / "run-skip"), "--data", str(other), "--no-progress"),
-                          f"{other}: class 0 is 'bird', the run was trained with 'cat' there", "the run's classes")
+                          f"{other}: has classes the run has not ('bird') and lacks some it has ('cat')",
+                          "the run's classes")
 
 
 def test_what_a_folder_scan_passes_over_is_reported(two_classes, tmp_path, capsys):

@@ -356,10 +356,10 @@ def test_evaluate_run_checks_on_error(scratch_run):
 def test_class_names_in_two_unicode_forms_are_named_so():
     import unicodedata
 
-    from fasttl.transfer.evaluate import _class_difference
+    from fasttl.data.labels import class_difference
 
     nfc, nfd = (unicodedata.normalize(form, "caf\u00e9") for form in ("NFC", "NFD"))
-    message = _class_difference([nfd, "cat"], [nfc, "cat"])
+    message = class_difference([nfd, "cat"], [nfc, "cat"], "the run")
     assert "another Unicode form" in message and ascii(nfd) in message
 
 

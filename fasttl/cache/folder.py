@@ -56,35 +56,16 @@ def foreign_entries(directory: str) -> list:
 
 def _cache_proof(folder: str) -> Optional[str]:
     """What makes `folder` a feature cache's (None when nothing does): a shard named with its
-    fingerprint key, a record holding a fingerprint, an engine graph, or, for the root `fasttl
-    extract` writes, such a split folder of a cache built from images (a user's features-00000.npy or
-    manifest.json is no proof)."""
+    fingerprint key, a record holding a fingerprint, an engine graph, or the mark `fasttl extract`
+    leaves on its root (a user's features-00000.npy or manifest.json is no proof, nor a cache a
+    script built into the folder's train/)."""
     try:
         names = sorted(os.listdir(folder))
     except OSError:
         return None
-    proof = next((n for n in names if store.KEYED_SHARD_FILE.fullmatch(n) or store.ENGINE_FILE.fullmatch(n) or
-                  n in (store.MANIFEST, store.BUILD) and _readable_record(os.path.join(folder, n))), None)
-    if proof is not None:
-        return proof
-    return next((os.path.join(split, inner) for split in store.EXTRACT_SPLITS if split in names
-                 and _built_from_images(os.path.join(folder, split))
-                 for inner in [_cache_proof(os.path.join(folder, split))] if inner is not None), None)
-
-
-def _built_from_images(folder: str) -> bool:
-    """Whether the cache in `folder` was built from images (as extract builds its splits): one
-    FeatureCache.write made from a script's arrays in a project's train/ makes no extract root of
-    the project."""
-    for name in (store.MANIFEST, store.BUILD):
-        try:
-            record = files.read_json(os.path.join(folder, name))
-        except (OSError, ValueError):
-            continue
-        fingerprint = record.get("fingerprint") if isinstance(record, dict) else None
-        if isinstance(fingerprint, dict):
-            return "backbone" in fingerprint
-    return False
+    return next((n for n in names if store.KEYED_SHARD_FILE.fullmatch(n) or store.ENGINE_FILE.fullmatch(n) or
+                 n == store.EXTRACT_MARKER and files.is_plain_file(os.path.join(folder, n)) or
+                 n in (store.MANIFEST, store.BUILD) and _readable_record(os.path.join(folder, n))), None)
 
 
 def enclosing_cache_folder(path: str) -> Optional[Tuple[str, str]]:

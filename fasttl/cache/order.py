@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fasttl.util.seeds import torch_seed
+from fasttl.util.checks import plain_number
 
 SHUFFLES = ("rows", "blocks")
 BLOCK_ROWS = 16  # 16 rows of 512 fp16 features are 16 KiB: streamed whole, yet 512 blocks to a batch of 8192
@@ -30,10 +31,11 @@ BLOCK_ROWS = 16  # 16 rows of 512 fp16 features are 16 KiB: streamed whole, yet 
 
 def shuffle_mode(shuffle: Union[bool, str]) -> Union[bool, str]:
     """False, "rows" or "blocks" from a loader's `shuffle` argument (True means "rows")."""
+    shuffle = plain_number(shuffle)  # NumPy's bools (a 0-d array too) as Python's, as every flag takes them
     if isinstance(shuffle, str):
         if shuffle in SHUFFLES:
             return shuffle
-    elif type(shuffle).__name__ in ("bool", "bool_"):  # Python's or NumPy's
+    elif isinstance(shuffle, bool):
         return "rows" if shuffle else False
     raise ValueError(f"shuffle: expected True, False, 'rows' or 'blocks', got {shuffle!r}")
 

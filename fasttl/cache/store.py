@@ -168,13 +168,16 @@ def remove_stale_temporaries(directory: str) -> None:
 
 def is_own_file(name: str) -> bool:
     """Whether `name` is one a cache folder holds: its records, labels, sample ids, shards, lock,
-    fasttl's temporaries and kept engine graphs and state."""
-    return (name in (MANIFEST, BUILD, LABELS, SAMPLES, LOCK) or bool(SHARD_FILE.fullmatch(name))
+    fasttl's temporaries and kept engine graphs and state, and extract's mark on its root."""
+    return (name in (MANIFEST, BUILD, LABELS, SAMPLES, LOCK, EXTRACT_MARKER) or bool(SHARD_FILE.fullmatch(name))
             or bool(ENGINE_FILE.fullmatch(name)) or name.startswith(TEMP_PREFIX))
 
 
 # The folders `fasttl extract` writes under its --out: the two splits of class folders, or the one of a list.
 EXTRACT_SPLITS = ("train", "test", "all")
+# What `fasttl extract` writes into its --out first: the proof that the folder is an extract root (a
+# project holding a cache a script built in its train/ is not one).
+EXTRACT_MARKER = ".fasttl-extract"
 
 
 def remove_cache_files(directory: str) -> None:

@@ -31,7 +31,7 @@ from typing import Dict, Optional, Tuple
 
 from fasttl.data.archive import extract
 from fasttl.data.http_reply import (DownloadError, PartialRefused, content_encoding, named_address, open_reply,
-                                   what_the_encoding_did)
+                                   sendable, what_the_encoding_did)
 from fasttl.util.errors import DataError, OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX, absolute
 from fasttl.util.path_problems import output_folder_problem, unwritable
@@ -105,6 +105,16 @@ def _check_url(url: str) -> str:
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
             or any(c in url for c in " \r\n\t\0"):
         raise OptionError(f"url: expected an http:// or https:// address, got {url!r}")
+    try:
+        url.encode("utf-8")  # bytes of another encoding, through the command line, are surrogates here
+    except UnicodeEncodeError:
+        raise OptionError(f"url: {ascii(url)} holds bytes that are not UTF-8 text; give the address as UTF-8, or "
+                          "percent-encode those bytes (%E9 for the Latin-1 \u00e9)") from None
+    try:
+        sendable(url)
+    except UnicodeError:
+        raise OptionError(f"url: the host name {parts.hostname!r} is no international domain name IDNA can write; "
+                          "check the address") from None
     if parts.username is not None or parts.password is not None:  # urllib would take them for the host name
         shown = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
         raise OptionError(f"url: a user name or password in the address ({shown} with credentials) is not "

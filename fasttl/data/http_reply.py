@@ -27,13 +27,19 @@ class PartialRefused(DownloadError):
 
 
 def sendable(url: str) -> str:
-    """`url` as a request line carries it: characters outside ASCII in its path, query and fragment
-    percent-encoded as UTF-8 (what a browser sends for an address pasted from its bar; urllib's
-    request line is ASCII only), escapes already there kept. The host is left to IDNA."""
+    """`url` as a request line carries it, in ASCII (urllib's request line and Host header are):
+    characters outside ASCII in its path, query and fragment percent-encoded as UTF-8, escapes
+    already there kept, and an international host name in IDNA (b\u00fccher.example ->
+    xn--bcher-kva.example), as a browser sends an address pasted from its bar. Raises UnicodeError
+    for a host IDNA can't write (fasttl.data.fetch checks --url so first)."""
     parts = urllib.parse.urlsplit(url)
     path, query, fragment = (urllib.parse.quote(part, safe=string.punctuation)
                              for part in (parts.path, parts.query, parts.fragment))
-    return urllib.parse.urlunsplit(parts._replace(path=path, query=query, fragment=fragment))
+    netloc = parts.netloc
+    if not netloc.isascii():  # (no user name or password: refused before)
+        host = parts.hostname.encode("idna").decode("ascii")
+        netloc = host + (f":{parts.port}" if parts.port is not None else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, path=path, query=query, fragment=fragment))
 
 
 def named_address(url: str, redirected: Optional[str]) -> str:

@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from fasttl.util.errors import DataError
 from fasttl.util.checks import ascii_digits, decimal, shown
+from fasttl.util.outputs import NAME_MARKS
 from fasttl.util.files import absolute, read_plain
 from fasttl.util.path_problems import unreachable
 
@@ -149,10 +150,6 @@ def label_indices(labels: Sequence[str], classes: Optional[Sequence[str]], where
     return [index[label] for label in labels], found
 
 
-# No-break spaces and the zero-width (non-)joiners: part of real spellings (a Persian word, an emoji
-# sequence, French typography), not printable to Python; a twin that differs only in one is still
-# refused (refuse_lookalikes).
-_SPELLING = "\u00a0\u200c\u200d\u202f"
 _KINDS = {"Cc": "a control character", "Zl": "a line separator", "Zp": "a paragraph separator",
           "Zs": "a space that is not ' '", "Cf": "an invisible format character", "Co": "a private-use character",
           "Cn": "an unassigned code point", "Cs": "a lone surrogate"}
@@ -162,7 +159,7 @@ def unprintable(name: str) -> Optional[str]:
     """The first character no class name may hold, described ('U+001B ESCAPE, a control
     character'): one a terminal would act on, or that shows nothing or splits a line; None when
     every character may stand in a name."""
-    bad = next((c for c in name if not c.isprintable() and c not in _SPELLING), None)
+    bad = next((c for c in name if not c.isprintable() and c not in NAME_MARKS), None)
     if bad is None:
         return None
     title = unicodedata.name(bad, "")
@@ -182,6 +179,26 @@ _IGNORABLE = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1
               (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
               (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
               (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
+
+
+def class_difference(found: Sequence[str], expected: Sequence[str], other: str) -> str:
+    """How a data set's classes differ from `other`'s ('the training split', 'the run'), for a
+    message: the names in one and not the other, escaped (two spellings can look alike) and cut,
+    and why they may look alike (another Unicode form, a letter of another script)."""
+    here, there = [c for c in found if c not in expected], [c for c in expected if c not in found]
+    if not here and not there:
+        return f"has the classes of {other} in another order ({shown(list(found), 120)}); give them in its order"
+    listed = [", ".join(ascii(c[:60]) + ("..." if len(c) > 60 else "") for c in names[:5])
+              + (f" and {len(names) - 5:,} more" if len(names) > 5 else "") or "none" for names in (here, there)]
+    said = f"has classes {other} has not ({listed[0]}) and lacks some it has ({listed[1]})"
+    if [unicodedata.normalize("NFC", c) for c in found] == [unicodedata.normalize("NFC", c) for c in expected]:
+        return said + ("; the names are the same but written in another Unicode form (NFC vs NFD, as macOS and "
+                       "other systems store them): write them in one form")
+    try:
+        refuse_lookalikes(list(expected) + here, "")
+    except DataError as exc:  # 'сat' here, 'cat' there
+        return said + ";" + str(exc).split(", so they look the same")[0]
+    return said
 
 
 def _twin_hint(label: str, names) -> str:
@@ -216,6 +233,9 @@ def refuse_lookalikes(names: Sequence[str], where: str, lines: bool = False) -> 
     for index, name in enumerate(names):
         nfc = unicodedata.normalize("NFC", name)
         shown = " ".join("".join(c for c in nfc if not _unseen(c)).split())
+        if not shown:  # a class every report shows as blank
+            raise DataError(f"{where} {ascii(name)}, a name that shows nothing (only white space or invisible "
+                            "characters); rename it")
         other, first = seen.setdefault(shown, (name, index))
         if other == name:  # new, or the same name twice (the caller's duplicate check names it)
             look = drawn.setdefault(shown.translate(_AS_LATIN), name)

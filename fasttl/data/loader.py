@@ -98,9 +98,7 @@ class ImageLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next ``for`` over the loader runs: its order and its augmentation."""
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"epoch: expected an integer >= 0, got {epoch!r}")
-        self.epoch = epoch
+        self.epoch = order_number("epoch", epoch, 63)  # as FeatureCache.loader's: refused, never folded
 
     def epoch_indices(self, epoch: Optional[int] = None) -> torch.Tensor:
         """The source indices this shard yields in `epoch` (default: the next one), in order."""

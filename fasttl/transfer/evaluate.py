@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import errno
 import os
-import unicodedata
 from typing import Dict
 
 import torch
@@ -13,6 +12,7 @@ from fasttl.util.errors import OptionError, UserError
 from fasttl.util.files import write_json_atomic
 from fasttl.util.outputs import within
 from fasttl.data import DataError, screen
+from fasttl.data.labels import class_difference
 from fasttl.data.sources import ON_ERROR, disk_keys
 from fasttl.data.formats.filelist import is_file_list
 from fasttl.data.formats.webdataset import is_webdataset
@@ -64,9 +64,9 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     if dataset.classes != cfg["classes"] and sorted(dataset.classes) == sorted(cfg["classes"]):
         test = _in_run_order(test, cfg["classes"])  # the same names in another order (class folders are sorted)
     elif dataset.classes != cfg["classes"]:
-        raise DataError(f"{data if data is not None else own}: {_class_difference(dataset.classes, cfg['classes'])}; "
-                        "evaluate on data with the run's classes (the same names), or train a run on this "
-                        "data")
+        differ = class_difference(dataset.classes, cfg["classes"], "the run")
+        raise DataError(f"{data if data is not None else own}: {differ}; evaluate on data with the run's classes (the "
+                        "same names), or train a run on this data")
     model = load_trained(run_dir, device)
     logits, labels = model.logits(test, progress=progress)
     finite_logits(run_dir, logits)
@@ -213,14 +213,3 @@ def _in_run_order(source, classes):
     if isinstance(source.labels, np.ndarray):
         labels = np.asarray(labels, dtype=np.int64)
     return dataclasses.replace(source, labels=labels, classes=list(classes))
-
-
-def _class_difference(found, trained) -> str:
-    """The first difference between two class lists, short enough for one line."""
-    if len(found) != len(trained):
-        return f"has {len(found)} classes, the run was trained for {len(trained)}"
-    i = next(i for i, (a, b) in enumerate(zip(found, trained)) if a != b)
-    if unicodedata.normalize("NFC", found[i]) == unicodedata.normalize("NFC", trained[i]):
-        return (f"class {i} is {ascii(found[i][:60])}, the run was trained with {ascii(trained[i][:60])} there: the "
-                "same name in another Unicode form (NFD, as macOS writes names, against NFC); rename the folder")
-    return f"class {i} is {found[i][:60]!r}, the run was trained with {trained[i][:60]!r} there"

@@ -98,7 +98,8 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
                                "of --resume to train it again, or another --out)")
             earlier = read_config(run_dir)
             recorded = {"identity": resumed_identity(run_dir, cfg, identity, earlier.get("identity", {})),
-                        "run_key": earlier.get("run_key"), "run_token": earlier.get("run_token")}
+                        "run_key": earlier.get("run_key"),  # a run from before run tokens gets one now
+                        "run_token": earlier.get("run_token") or recorded["run_token"]}
         elif cfg.overwrite:
             cleared = clear_results(run_dir)
         elif is_finished(run_dir):
@@ -241,7 +242,7 @@ def run(print_summary=None, **options) -> Dict[str, object]:
             config.update(prepare_run_dir(run_dir, cfg, identity))
             write_config(run_dir, config)
             if isinstance(cfg.tensorboard, str):  # whose curves DIR/<run name> holds: a --resume adds to its own only
-                write_atomic(os.path.join(board, TENSORBOARD_OWNER), _board_owner_of(config).encode())
+                write_atomic(os.path.join(board, TENSORBOARD_OWNER), config["run_token"].encode())
             trained_images.record(run_dir, dataset.train)
             if dataset.skipped:
                 write_skipped(run_dir, dataset.skipped)
@@ -338,24 +339,22 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
     # Curves already there are another run's (one of the same folder name, or this one's before
     # --overwrite): never deleted, never mixed with this run's.
     held = [os.path.join(model, name) for model in models for name in event_files(os.path.join(board, model))]
-    own = _run_owner(run_dir) if held and cfg.resume else None  # a --resume adds to its own curves only
+    own = _run_token(run_dir) if held and cfg.resume else None  # a --resume adds to its own curves only
     if held and not (own is not None and _board_owner(board) == own):
+        older = " (this run, made before fasttl recorded which curves are a run's own, can't prove them its own)" \
+            if cfg.resume and own is None and _run_token(run_dir, "run_key") else ""
         raise OptionError(f"tensorboard: {board} already holds event files ({held[0]}{', ...' if len(held) > 1 else ''}"
-                          f") of a run named {os.path.basename(run_dir)}; give another --tensorboard folder, or move "
-                          "them away")
+                          f") of a run named {os.path.basename(run_dir)}{older}; give another --tensorboard folder, or "
+                          "move them away")
     return board
 
 
-def _board_owner_of(config: dict) -> str:
-    """What a run writes into DIR/<run name> as its own: its run_token (a run of an older fasttl,
-    resumed, has none: its run_key, the hash of its settings, as then)."""
-    return str(config.get("run_token") or config.get("run_key"))
-
-
-def _run_owner(run_dir: str):
-    """_board_owner_of the run in `run_dir` (None where there is none to read)."""
+def _run_token(run_dir: str, key: str = "run_token"):
+    """The run_token of the run in `run_dir`, which DIR/<run name> records as its owner's (None
+    where there is none to read, or the run is from before run tokens: its run_key, a hash of its
+    settings, is shared by every run of one command, so it proves no curves its own)."""
     try:
-        return _board_owner_of(read_config(run_dir))
+        return read_config(run_dir).get(key)
     except RunError:  # no run there (yet): prepare_run_dir says what is wrong with it
         return None
 

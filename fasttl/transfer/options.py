@@ -64,12 +64,12 @@ def a_positive_number(name: str, value) -> None:
 def a_learning_rate(name: str, value) -> None:
     """A finite number > 0 that float32 holds: the optimizers step in float32 (a larger one fails
     there, after the data was read and the features extracted)."""
-    from fasttl.optim import FLOAT32_MAX
+    from fasttl.optim import FLOAT32_MAX, FLOAT32_TINY
 
     a_positive_number(name, value)
-    if value > FLOAT32_MAX:
-        raise OptionError(f"{name}: expected a finite number > 0 and at most {FLOAT32_MAX:.7g} (float32's largest; "
-                          f"the optimizers step in float32), got {value!r}")
+    if not FLOAT32_TINY <= value <= FLOAT32_MAX:  # below: float32 holds it as 0 or a denormal, no training
+        raise OptionError(f"{name}: expected a number from {FLOAT32_TINY:.7g} to {FLOAT32_MAX:.7g} (float32's "
+                          f"normal range; the optimizers step in float32), got {value!r}")
 
 
 def an_optional_positive_number(name: str, value) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict
 
 from fasttl.util.checks import finite
-from fasttl.optim import FLOAT32_MAX
+from fasttl.optim import FLOAT32_MAX, FLOAT32_TINY
 from fasttl.data.labels import unprintable
 
 
@@ -111,7 +111,8 @@ def run_config_fields() -> Dict[str, Field]:
         "batch_size": Field(_optional(_int_in(1, 1 << 31)), "a positive integer"),
         "train_per_class": Field(_optional(_int_in(1, 1 << 31)), "a positive integer or null"),
         "test_per_class": Field(_optional(_int_in(1, 1 << 31)), "a positive integer or null"),
-        "lr": Field(_optional(lambda v: _positive_number(v) and v <= FLOAT32_MAX), "a number > 0 that float32 holds"),
+        "lr": Field(_optional(lambda v: _positive_number(v) and FLOAT32_TINY <= v <= FLOAT32_MAX),
+                    "a number in float32's normal range"),
         "finetune_stages": Field(_optional(_int_in(1, 1 << 16)), "a positive integer or null"),
         "teacher": Field(_teachers, "a run folder or a list of them"),
         "target_data": Field(_optional(_text), "a path (text) or null"),

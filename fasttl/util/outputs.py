@@ -4,6 +4,13 @@ split or HTML would reach into, a plot label matplotlib would read as math."""
 from __future__ import annotations
 
 import html
+import re
+
+# Characters Python calls unprintable that real names hold, kept as they are in names and in every
+# output: no-break spaces and the ideographic space, zero-width (non-)joiners (a Persian word, an
+# emoji sequence), the left-to-right and right-to-left marks, and the tags of a flag emoji (🏴 of
+# Scotland). None of them moves a terminal's cursor or splits a line.
+NAME_MARKS = frozenset("\u00a0\u202f\u3000\u200c\u200d\u200e\u200f" + "".join(map(chr, range(0xE0020, 0xE0080))))
 
 # A spreadsheet takes a cell starting with one of these as a formula (OWASP, "CSV Injection").
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")
@@ -12,7 +19,8 @@ _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")
 def terminal_text(text: object) -> str:
     """`text` with every character that is not printable (an escape sequence's ESC, BEL, a line
     break) written as its Python escape: it can't drive a terminal or split a line."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+    return "".join(c if c.isprintable() or c in NAME_MARKS else c.encode("unicode_escape").decode("ascii")
+                   for c in str(text))
 
 
 def csv_cell(text: object) -> str:
@@ -25,7 +33,8 @@ def csv_cell(text: object) -> str:
     return "'" + text if text.startswith(_FORMULA_STARTS + ("'",)) else text
 
 
-_MARKDOWN_SPECIAL = "\\`*_{}[]()#+!|~$"  # $: GitHub renders $...$ as math
+_MARKDOWN_SPECIAL = "\\`*_{}[]()#+!|~$"
+_BREAKS = re.compile(r"[^\S\u00a0\u202f\u3000]+")  # white space, but the no-break spaces names hold
 
 
 # GitHub's Markdown makes links of bare addresses (www.x.y, https://..., a@b.c) in text: as
@@ -38,7 +47,7 @@ def markdown_cell(text: object) -> str:
     gives a meaning (links, images, emphasis, `|`) backslash-escaped, what would make a bare
     address a link written as a character reference, line breaks as spaces, characters that are
     not printable escaped (terminal_text)."""
-    text = html.escape(terminal_text(" ".join(str(text).split())), quote=False)
+    text = html.escape(terminal_text(_BREAKS.sub(" ", str(text)).strip(" ")), quote=False)
     return "".join("\\" + c if c in _MARKDOWN_SPECIAL else _AUTOLINK_PARTS.get(c, c) for c in text)
 
 

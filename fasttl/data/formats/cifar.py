@@ -120,8 +120,14 @@ def load_cifar_pickles(root: str, train: bool) -> ArraySource:
                                                                        for c in names_found):
         raise DataError(f"{meta_path}: not a CIFAR meta file (no '{class_key}' list of names)")
     classes = [_name_text(c, meta_path, class_key) for c in names_found]
-    if len(set(classes)) != len(classes) or not all(c and not unprintable(c) for c in classes):
-        raise DataError(f"{meta_path}: its '{class_key}' must be distinct, printable names (found {classes[:12]})")
+    bad = next((c for c in classes if not c or unprintable(c)), None)
+    if bad is not None:
+        raise DataError(f"{meta_path}: its '{class_key}' holds {shown(bad)}, "
+                        f"{'an empty name' if not bad else 'with ' + unprintable(bad)}; class names must be printable")
+    seen: set = set()
+    twice = next((c for c in classes if c in seen or seen.add(c)), None)
+    if twice is not None:
+        raise DataError(f"{meta_path}: its '{class_key}' names {shown(twice)} twice; each class once")
     refuse_lookalikes(classes, f"{meta_path}: its '{class_key}'")
     images, labels = [], []
     for name in names:

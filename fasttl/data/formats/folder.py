@@ -3,7 +3,6 @@ and an explicit (path, label) list in Python."""
 from __future__ import annotations
 
 import os
-import unicodedata
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -12,7 +11,7 @@ from fasttl.util.errors import DataError
 from fasttl.util.files import absolute, run_folder_in_data
 from fasttl.util.path_problems import unreachable
 from fasttl.data.images import IMAGE_EXTENSIONS, header_problem, unreadable
-from fasttl.data.labels import MAX_INDEX_CLASSES, refuse_lookalikes, unprintable
+from fasttl.data.labels import MAX_INDEX_CLASSES, class_difference, refuse_lookalikes, unprintable
 from fasttl.data.sources import FileSource, refuse_one_file_twice
 
 
@@ -81,7 +80,7 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
                         f"({unprintable(bad)}); rename it")
     refuse_lookalikes(found, f"data: {root} has class folders")
     if classes is not None and list(classes) != found:
-        _refuse_other_classes(root, found, list(classes))
+        raise DataError(f"data: {root} {class_difference(found, list(classes), 'the training split')}")
     if len(found) < 2:
         raise DataError(f"data: {root} has only 1 class folder ({found[0]}); a classifier needs at least 2 "
                         f"(add {root}/<other class>/)")
@@ -125,24 +124,6 @@ def _refuse_undecodable(path: str, what: str) -> None:
     except UnicodeEncodeError:
         raise DataError(f"data: {ascii(path)} is {what} whose name is not valid UTF-8 (bytes of another encoding, "
                         "such as Latin-1); rename it") from None
-
-
-def _refuse_other_classes(root: str, found: List[str], classes: List[str]) -> None:
-    """The DataError for a split whose class folders are not the training split's: the names in
-    one and not the other, escaped (two spellings can look alike), and why they may look alike."""
-    here = ", ".join(ascii(c) for c in found if c not in classes) or "none"
-    there = ", ".join(ascii(c) for c in classes if c not in found) or "none"
-    why = ""
-    if [unicodedata.normalize("NFC", c) for c in found] == [unicodedata.normalize("NFC", c) for c in classes]:
-        why = ("; the names are the same but written in another Unicode form (NFC vs NFD, as macOS and other systems "
-               "store them): rename the folders in one form")
-    else:
-        try:
-            refuse_lookalikes(classes + [c for c in found if c not in classes], "")
-        except DataError as exc:  # 'сat' here, 'cat' there
-            why = ";" + str(exc).split(", so they look the same")[0]
-    raise DataError(f"data: {root} has class folders the training split has not ({here}) and lacks some it has "
-                    f"({there}){why}")
 
 
 def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
