@@ -279,3 +279,23 @@ def link_in_the_way(path, kind: str):
     else:
         path.write_bytes(b"mine")
     return path
+
+
+class LoopbackServer:
+    """An HTTP server on 127.0.0.1 (a free port) answering with `handler` (a
+    BaseHTTPRequestHandler class) on a thread of its own: download code is tested against it."""
+
+    def __init__(self, handler):
+        import http.server
+        import threading
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

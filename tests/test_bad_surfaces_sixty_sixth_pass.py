@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import fasttl
+from conftest import LoopbackServer
 
 
 @pytest.fixture
@@ -96,13 +97,12 @@ def test_predict_takes_paths_in_an_object_array(scratch_run, cat_ship):
 
 
 # ---- F1 and F2: data fetch from a server that never stops, and an address with characters outside ASCII ---------
-class _Endless:
+class _Endless(LoopbackServer):
     """A loopback server answering 200 with no Content-Length: endless zeros at /endless, `body` at any
     other path. Records each request's path as sent."""
 
     def __init__(self, body: bytes):
         import http.server
-        import threading
 
         self.paths = []
         outer = self
@@ -126,15 +126,7 @@ class _Endless:
                 except OSError:  # the client stopped reading
                     pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from fasttl.cli import main
 from fasttl.data import fetch as fetch_module
 from fasttl.data.archive import check_members
 
-from conftest import one_line_error
+from conftest import LoopbackServer, one_line_error
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -63,7 +63,7 @@ def cifar_tarball():
     return _tar(members)
 
 
-class _Server:
+class _Server(LoopbackServer):
     """Serves files from a dict on 127.0.0.1 with HTTP Range support; `cut_after` bytes into the
     next full response it drops the connection (once). Records each request's Range header."""
 
@@ -123,16 +123,7 @@ class _Server:
                     return
                 self.wfile.write(body[start:])
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture
