@@ -112,9 +112,8 @@ def _check_url(url: str) -> str:
                           "percent-encode those bytes (%E9 for the Latin-1 \u00e9)") from None
     try:
         sendable(url)
-    except UnicodeError:
-        raise OptionError(f"url: the host name {parts.hostname!r} is no international domain name IDNA can write; "
-                          "check the address") from None
+    except UnicodeError as exc:
+        raise OptionError(f"url: the host name {exc}") from None
     if parts.username is not None or parts.password is not None:  # urllib would take them for the host name
         shown = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
         raise OptionError(f"url: a user name or password in the address ({shown} with credentials) is not "

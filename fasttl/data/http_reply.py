@@ -8,6 +8,7 @@ import http.client
 import socket
 import string
 import threading
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -37,9 +38,22 @@ def sendable(url: str) -> str:
                              for part in (parts.path, parts.query, parts.fragment))
     netloc = parts.netloc
     if not netloc.isascii():  # (no user name or password: refused before)
-        host = parts.hostname.encode("idna").decode("ascii")
-        netloc = host + (f":{parts.port}" if parts.port is not None else "")
+        netloc = _idna_host(parts.hostname) + (f":{parts.port}" if parts.port is not None else "")
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, path=path, query=query, fragment=fragment))
+
+
+def _idna_host(host: str) -> str:
+    """`host` in IDNA, where it is a plain international name (bücher.example); a UnicodeError
+    where IDNA 2003 (Python's codec) would map it to another host than browsers ask (faß.example to
+    fass.example, full-width digits, a joiner dropped): said, never fetched from another host."""
+    try:
+        written = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise UnicodeError(f"{host!r} is no international domain name IDNA can write") from None
+    if written.encode("ascii").decode("idna") != unicodedata.normalize("NFC", host).lower():
+        raise UnicodeError(f"{host!r} is written by IDNA as {written!r}, another name than browsers ask for; give the "
+                           "host as its ASCII (xn--) form") from None
+    return written
 
 
 def named_address(url: str, redirected: Optional[str]) -> str:
@@ -64,6 +78,11 @@ class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
             raise DownloadError(f"fetch: {req.full_url} redirects to an address with a user name or password "
                                 f"({parts.scheme}://{parts.netloc.rsplit('@', 1)[1]}{parts.path}), which fetch does "
                                 "not support; download the file yourself, or use an address without them")
+        try:  # a Location naming a host outside ASCII (urllib has percent-encoded its UTF-8), as --url is sent
+            newurl = sendable(parts._replace(netloc=urllib.parse.unquote(parts.netloc, errors="strict")).geturl())
+        except UnicodeError as exc:
+            raise DownloadError(f"fetch: {req.full_url} redirects to {newurl!r}, whose host name {exc}; refused (check "
+                                "the address, --url)") from None
         self.last = newurl
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 

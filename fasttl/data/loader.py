@@ -102,7 +102,8 @@ class ImageLoader:
 
     def epoch_indices(self, epoch: Optional[int] = None) -> torch.Tensor:
         """The source indices this shard yields in `epoch` (default: the next one), in order."""
-        order = epoch_order(len(self.source), epoch=self.epoch if epoch is None else epoch, seed=self.seed,
+        epoch = self.epoch if epoch is None else order_number("epoch", epoch, 63)  # as set_epoch: never folded
+        order = epoch_order(len(self.source), epoch=epoch, seed=self.seed,
                             shuffle=self.shuffle, shard_id=self.shard_id, num_shards=self.num_shards,
                             drop_last=self.drop_last)
         return order[:len(self) * self.batch_size] if self.drop_last else order

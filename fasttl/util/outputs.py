@@ -30,7 +30,8 @@ def csv_cell(text: object) -> str:
     doubled so that a name holding a backslash and an `n` never reads as one holding a line break.
     A cell that starts with the apostrophe itself gets one more, so `'=cat` and `=cat` stay two."""
     text = terminal_text(str(text).replace("\\", "\\\\"))
-    return "'" + text if text.startswith(_FORMULA_STARTS + ("'",)) else text
+    starts = text.lstrip("".join(NAME_MARKS))  # an invisible mark before `=` hides the start from this check only
+    return "'" + text if starts.startswith(_FORMULA_STARTS + ("'",)) else text
 
 
 _MARKDOWN_SPECIAL = "\\`*_{}[]()#+!|~$"
