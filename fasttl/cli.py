@@ -115,11 +115,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
     from fasttl.cache.folder import refuse_inside
     from fasttl.data.fetch import default_dest, fetch
+    from fasttl.util import settings
     from fasttl.util.files import absolute
 
     if args.dest is not None and str(args.dest).strip() or args.dest is None:  # (an empty --dest: fetch says so)
-        refuse_inside("dest" if args.dest is not None else "FASTTL_DATA",  # extract would then refuse its cache
-                      absolute(args.dest if args.dest is not None else default_dest()))
+        option = "dest" if args.dest is not None else settings.DATA.name  # extract would refuse its cache
+        refuse_inside(option, absolute(args.dest if args.dest is not None else default_dest()), flag=(
+            "" if args.dest is not None else option))
     fetch(args.name, url=args.url, sha256=args.sha256, dest=args.dest, progress=not args.no_progress,
           deadline_s=args.deadline, min_rate=args.min_rate)
     return 0

@@ -276,7 +276,8 @@ def test_fetch_writes_no_data_set_into_a_feature_cache_folder(tmp_path, capsys, 
     monkeypatch.setenv("FASTTL_DATA", cache)
     code = main(["data", "fetch", "cifar10", "--no-progress", "--url", "http://127.0.0.1:9/x.tar.gz", "--sha256",
                  "0" * 64])
-    assert code == 2 and "error: FASTTL_DATA: " in one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
+    assert code == 2 and "error: FASTTL_DATA: " in line and line.endswith("give FASTTL_DATA a folder outside it")
 
 
 def test_epoch_indices_refuse_what_set_epoch_refuses():

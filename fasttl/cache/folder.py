@@ -83,13 +83,13 @@ def enclosing_cache_folder(path: str) -> Optional[Tuple[str, str]]:
         folder = parent
 
 
-def refuse_inside(option: str, path: str, what: str = "folder") -> None:
+def refuse_inside(option: str, path: str, what: str = "folder", flag: str = "") -> None:
     """An OptionError where `path` (what --`option` names) lies in a feature cache folder: fasttl
     extract would then refuse its own cache, holding files not its own."""
     found = enclosing_cache_folder(path)
     if found is not None:
         raise OptionError(f"{option}: {path} is in the feature cache folder {found[0]} (it holds {found[1]}), which "
-                          f"only fasttl extract writes into; give --{option} a {what} outside it")
+                          f"only fasttl extract writes into; give {flag or '--' + option} a {what} outside it")
 
 
 def _readable_record(path: str) -> bool:
