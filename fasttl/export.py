@@ -137,10 +137,13 @@ def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, ops
 
 def run_instructions(result: dict) -> List[str]:
     """How to run the exported file, printed by `fasttl export`."""
+    import shlex
+
     size = result["image_size"]
-    return [
-        "run it with ONNX Runtime (images: float32 (N, 3, H, W) RGB in [0, 1]):",
-        f"  python -c \"import json, numpy as np, onnxruntime as ort; s = ort.InferenceSession('{result['out']}'); "
-        f"print(json.loads(s.get_modelmeta().custom_metadata_map['classes'])); "
-        f"print(s.run(None, {{'images': np.random.rand(1, 3, {size}, {size}).astype(np.float32)}})[0])\"",
-    ]
+    # The path as a Python literal, the code as one shell word: a file name holding $(...), ` or '
+    # is pasted as a name, never run.
+    code = (f"import json, numpy as np, onnxruntime as ort; s = ort.InferenceSession({result['out']!r}); "
+            "print(json.loads(s.get_modelmeta().custom_metadata_map['classes'])); "
+            f"print(s.run(None, {{'images': np.random.rand(1, 3, {size}, {size}).astype(np.float32)}})[0])")
+    return ["run it with ONNX Runtime (images: float32 (N, 3, H, W) RGB in [0, 1]):",
+            f"  python -c {shlex.quote(code)}"]

@@ -9,7 +9,8 @@ invisible characters was taken; ImageLoader.set_epoch folded epochs; CIFAR meta 
 character and printed 200 KB; the ideographic space, RLM/LRM and flag tags were refused. The seventieth
 (on 2543cec) found 5 at those fixes' edges: redirects to hosts outside ASCII, IDNA 2003 mapping a host to
 another name, data fetch --dest into a cache folder, epoch_indices folding epochs, an old extract root
-without the mark (documented)."""
+without the mark (documented). The seventy-first (on 3cd07c8) found 2: a %-escaped host got around the
+IDNA check; export printed a paste-ready command that ran $(...) in the --out name."""
 import re
 
 import numpy as np
@@ -299,3 +300,49 @@ def test_an_invisible_mark_before_a_formula_start_still_gets_the_apostrophe(mark
     from fasttl.util.outputs import csv_cell
 
     assert csv_cell(mark + "=1+2") == "'" + mark + "=1+2"  # before: no apostrophe, the check saw the mark first
+
+
+# ---- pass 71: a %-escaped host, and export's printed command with a hostile file name -----------------------------
+@pytest.mark.parametrize("host, said", [
+    ("127.0.0.%C2%B9", "'127.0.0.\u00b9' is written by IDNA as '127.0.0.1', another name than browsers ask for"),
+    ("fa%C3%9F.example", "'fa\u00df.example' is written by IDNA as 'fass.example', another name than browsers"),
+    ("caf%E9.example", "'caf%E9.example' holds %-escapes that are not UTF-8 text"),
+], ids=["superscript-one", "eszett", "latin1-escape"])
+def test_a_percent_escaped_host_is_checked_as_the_name_it_spells(tmp_path, capsys, monkeypatch, host, said):
+    from fasttl.cli import main
+    from fasttl.data.http_reply import sendable
+
+    assert sendable("http://b%C3%BCcher.example/x") == "http://xn--bcher-kva.example/x"
+    monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "data"))
+    code = main(["data", "fetch", "cifar10", "--no-progress", "--url", f"http://{host}:9/x", "--sha256", "0" * 64])
+    # before: 127.0.0.%C2%B9 fetched from 127.0.0.1 with a raw Latin-1 Host header; others "check the network"
+    assert code == 2 and said in one_line_error(capsys.readouterr().err)
+
+
+def test_exports_printed_command_pastes_a_hostile_file_name_as_a_name(tmp_path):
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from fasttl.export import run_instructions
+
+    out = str(tmp_path / "m$(touch PWNED)`touch TICK`'q\"\nx.onnx")
+    line = run_instructions({"out": out, "image_size": 8})[1].strip()
+    words = shlex.split(line)
+    assert "\n" not in line and words[:2] == ["python", "-c"] and len(words) == 3
+    fake = tmp_path / "bin"  # a `python` that keeps the code bash hands it
+    fake.mkdir()
+    (fake / "python").write_text('#!/bin/sh\nprintf %s "$2" > "$KEPT"\n')
+    (fake / "python").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", KEPT=str(tmp_path / "kept"))
+    subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, check=True, timeout=60)
+    # before: the line was python -c "...InferenceSession('<out>')...": bash ran $(touch PWNED) and `touch TICK`
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "TICK").exists()
+    assert (tmp_path / "kept").read_text() == words[2]
+    stub = tmp_path / "stub"  # an onnxruntime whose session says which file it was given
+    stub.mkdir()
+    (stub / "onnxruntime.py").write_text("import sys\ndef InferenceSession(path):\n    sys.exit(path)\n")
+    done = subprocess.run([sys.executable, "-c", words[2]], env=dict(os.environ, PYTHONPATH=str(stub)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.stderr.rstrip("\n") == out  # the file, by its own name

@@ -36,9 +36,13 @@ def sendable(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     path, query, fragment = (urllib.parse.quote(part, safe=string.punctuation)
                              for part in (parts.path, parts.query, parts.fragment))
-    netloc = parts.netloc
-    if not netloc.isascii():  # (no user name or password: refused before)
-        netloc = _idna_host(parts.hostname) + (f":{parts.port}" if parts.port is not None else "")
+    try:  # a %-escaped host is the UTF-8 name it spells
+        netloc = urllib.parse.unquote(parts.netloc, errors="strict")
+    except UnicodeDecodeError:
+        raise UnicodeError(f"{parts.hostname!r} holds %-escapes that are not UTF-8 text") from None
+    if not netloc.isascii() or netloc != parts.netloc:  # (no user name or password: refused before)
+        host = urllib.parse.urlsplit(f"//{netloc}").hostname
+        netloc = _idna_host(host) + (f":{parts.port}" if parts.port is not None else "")
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, path=path, query=query, fragment=fragment))
 
 
@@ -79,7 +83,7 @@ class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
                                 f"({parts.scheme}://{parts.netloc.rsplit('@', 1)[1]}{parts.path}), which fetch does "
                                 "not support; download the file yourself, or use an address without them")
         try:  # a Location naming a host outside ASCII (urllib has percent-encoded its UTF-8), as --url is sent
-            newurl = sendable(parts._replace(netloc=urllib.parse.unquote(parts.netloc, errors="strict")).geturl())
+            newurl = sendable(newurl)
         except UnicodeError as exc:
             raise DownloadError(f"fetch: {req.full_url} redirects to {newurl!r}, whose host name {exc}; refused (check "
                                 "the address, --url)") from None
