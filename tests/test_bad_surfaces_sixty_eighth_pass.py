@@ -10,7 +10,9 @@ character and printed 200 KB; the ideographic space, RLM/LRM and flag tags were 
 (on 2543cec) found 5 at those fixes' edges: redirects to hosts outside ASCII, IDNA 2003 mapping a host to
 another name, data fetch --dest into a cache folder, epoch_indices folding epochs, an old extract root
 without the mark (documented). The seventy-first (on 3cd07c8) found 2: a %-escaped host got around the
-IDNA check; export printed a paste-ready command that ran $(...) in the --out name."""
+IDNA check; export printed a paste-ready command that ran $(...) in the --out name. The seventy-second
+(on 8684d36) found 2: an escaped @ in a host made another address; an --out name that is not UTF-8
+crashed write_atomic."""
 import re
 
 import numpy as np
@@ -346,3 +348,33 @@ def test_exports_printed_command_pastes_a_hostile_file_name_as_a_name(tmp_path):
     done = subprocess.run([sys.executable, "-c", words[2]], env=dict(os.environ, PYTHONPATH=str(stub)),
                           capture_output=True, text=True, timeout=120)
     assert done.stderr.rstrip("\n") == out  # the file, by its own name
+
+
+# ---- pass 72: an escaped delimiter in a host, and an --out name of bytes that are not UTF-8 ------------------------
+@pytest.mark.parametrize("host", ["evil.invalid%40127.0.0.1", "a%2Fb.example", "127.0.0.1%3A80", "x%3Fy", "x%23y"])
+def test_an_escaped_delimiter_in_a_host_is_refused_not_unquoted_into_another_address(tmp_path, capsys, monkeypatch,
+                                                                                    host):
+    import urllib.parse
+
+    from fasttl.cli import main
+
+    monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "data"))
+    code = main(["data", "fetch", "cifar10", "--no-progress", "--url", f"http://{host}:9/x", "--sha256", "0" * 64])
+    # before: evil.invalid%40127.0.0.1 was unquoted to evil.invalid@127.0.0.1 and fetched from 127.0.0.1 (exit 0)
+    named = urllib.parse.urlsplit("http://" + host).hostname
+    assert code == 2 and one_line_error(capsys.readouterr().err) == (
+        f"fasttl: error: url: the host name {named!r} holds a %-escaped @, /, ?, #, \\, [, ], : or space, which "
+        "would make another address of it")
+
+
+def test_an_out_name_of_bytes_that_are_not_utf8_is_written(tmp_path):
+    import os
+
+    from fasttl.util.files import write_atomic
+
+    name = os.fsdecode(b"caf\xe9.csv")  # as argv gives a Latin-1 name
+    write_atomic(str(tmp_path / name), b"x\n")  # before: UnicodeEncodeError after the work was done
+    assert os.listdir(os.fsencode(tmp_path)) == [b"caf\xe9.csv"] and (tmp_path / name).read_bytes() == b"x\n"
+    long = os.fsdecode("\u00e9".encode() * 100 + b"\xe9.csv")  # a temporary's name cut inside a character
+    write_atomic(str(tmp_path / long), b"y\n")
+    assert (tmp_path / long).read_bytes() == b"y\n" and len(os.listdir(tmp_path)) == 2

@@ -40,6 +40,10 @@ def sendable(url: str) -> str:
         netloc = urllib.parse.unquote(parts.netloc, errors="strict")
     except UnicodeDecodeError:
         raise UnicodeError(f"{parts.hostname!r} holds %-escapes that are not UTF-8 text") from None
+    if netloc != parts.netloc and (any(c in netloc for c in "@/?#\\[] ") or netloc.count(":") > 1):
+        # unquoted, an escaped @ or / would make another address of it (evil%40127.0.0.1 is 127.0.0.1)
+        raise UnicodeError(f"{parts.hostname!r} holds a %-escaped @, /, ?, #, \\, [, ], : or space, which would "
+                           "make another address of it")
     if not netloc.isascii() or netloc != parts.netloc:  # (no user name or password: refused before)
         host = urllib.parse.urlsplit(f"//{netloc}").hostname
         netloc = _idna_host(host) + (f":{parts.port}" if parts.port is not None else "")

@@ -47,7 +47,7 @@ def write_atomic(path: str, data: bytes, replace: bool = True) -> None:
     temporary is removed."""
     target = absolute(path)
     directory, name = os.path.split(target)
-    short = name.encode()[:150].decode(errors="ignore")  # the temporary's name stays within NAME_MAX
+    short = os.fsdecode(os.fsencode(name)[:150])  # within NAME_MAX; a name of bytes that are not UTF-8 as it is
     tmp = os.path.join(directory, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{short}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666)
