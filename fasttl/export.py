@@ -142,7 +142,12 @@ def run_instructions(result: dict) -> List[str]:
     size = result["image_size"]
     # The path as a Python literal, the code as one shell word: a file name holding $(...), ` or '
     # is pasted as a name, never run.
-    code = (f"import json, numpy as np, onnxruntime as ort; s = ort.InferenceSession({result['out']!r}); "
+    out = result["out"]
+    try:
+        model = repr(out.encode("utf-8") and out)  # ONNX Runtime takes a path as UTF-8 text
+    except UnicodeEncodeError:  # a name of bytes that are not UTF-8: the file's content, read by its bytes
+        model = f"open({os.fsencode(out)!r}, 'rb').read()"
+    code = (f"import json, numpy as np, onnxruntime as ort; s = ort.InferenceSession({model}); "
             "print(json.loads(s.get_modelmeta().custom_metadata_map['classes'])); "
             f"print(s.run(None, {{'images': np.random.rand(1, 3, {size}, {size}).astype(np.float32)}})[0])")
     return ["run it with ONNX Runtime (images: float32 (N, 3, H, W) RGB in [0, 1]):",

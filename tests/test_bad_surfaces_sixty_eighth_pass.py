@@ -12,7 +12,9 @@ another name, data fetch --dest into a cache folder, epoch_indices folding epoch
 without the mark (documented). The seventy-first (on 3cd07c8) found 2: a %-escaped host got around the
 IDNA check; export printed a paste-ready command that ran $(...) in the --out name. The seventy-second
 (on 8684d36) found 2: an escaped @ in a host made another address; an --out name that is not UTF-8
-crashed write_atomic."""
+crashed write_atomic. The seventy-third (on bdb23d2) found 4: escaped control characters and colons in
+a host, a full-width @ or a port-only host (a traceback), export's hint for a name that is not UTF-8,
+--tensorboard into a path that is not UTF-8 (a traceback after training)."""
 import re
 
 import numpy as np
@@ -351,7 +353,8 @@ def test_exports_printed_command_pastes_a_hostile_file_name_as_a_name(tmp_path):
 
 
 # ---- pass 72: an escaped delimiter in a host, and an --out name of bytes that are not UTF-8 ------------------------
-@pytest.mark.parametrize("host", ["evil.invalid%40127.0.0.1", "a%2Fb.example", "127.0.0.1%3A80", "x%3Fy", "x%23y"])
+@pytest.mark.parametrize("host", ["evil.invalid%40127.0.0.1", "a%2Fb.example", "127.0.0.1%3A80", "x%3Fy", "x%23y",
+                                  "127.0.0%0A.1", "localho%0Dst", "a%09b", "a%EF%BC%A0127.0.0.1", "%3A8781"])
 def test_an_escaped_delimiter_in_a_host_is_refused_not_unquoted_into_another_address(tmp_path, capsys, monkeypatch,
                                                                                     host):
     import urllib.parse
@@ -360,11 +363,13 @@ def test_an_escaped_delimiter_in_a_host_is_refused_not_unquoted_into_another_add
 
     monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "data"))
     code = main(["data", "fetch", "cifar10", "--no-progress", "--url", f"http://{host}:9/x", "--sha256", "0" * 64])
-    # before: evil.invalid%40127.0.0.1 was unquoted to evil.invalid@127.0.0.1 and fetched from 127.0.0.1 (exit 0)
+    # before: evil.invalid%40127.0.0.1 was unquoted to evil.invalid@127.0.0.1 and fetched from 127.0.0.1 (exit 0);
+    # pass 73: 127.0.0%0A.1 fetched from 127.0.0.1 (urllib drops the line break), a full-width @ or a host of
+    # only a port a traceback
     named = urllib.parse.urlsplit("http://" + host).hostname
     assert code == 2 and one_line_error(capsys.readouterr().err) == (
-        f"fasttl: error: url: the host name {named!r} holds a %-escaped @, /, ?, #, \\, [, ], : or space, which "
-        "would make another address of it")
+        f"fasttl: error: url: the host name {named!r} holds a %-escaped @, /, ?, #, \\, [, ], :, space or control "
+        "character, which would make another address of it")
 
 
 def test_an_out_name_of_bytes_that_are_not_utf8_is_written(tmp_path):
@@ -378,3 +383,39 @@ def test_an_out_name_of_bytes_that_are_not_utf8_is_written(tmp_path):
     long = os.fsdecode("\u00e9".encode() * 100 + b"\xe9.csv")  # a temporary's name cut inside a character
     write_atomic(str(tmp_path / long), b"y\n")
     assert (tmp_path / long).read_bytes() == b"y\n" and len(os.listdir(tmp_path)) == 2
+
+
+# ---- pass 73: export's hint for a name that is not UTF-8, --tensorboard into such a path ----------------------------
+def test_exports_hint_for_a_name_that_is_not_utf8_opens_the_file(tmp_path):
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from fasttl.export import run_instructions
+
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/mod\xe8le.onnx")
+    with open(os.fsencode(out), "wb") as f:
+        f.write(b"the model's bytes")
+    code = shlex.split(run_instructions({"out": out, "image_size": 8})[1].strip())[2]
+    stub = tmp_path / "stub"  # an onnxruntime that says what it was given
+    stub.mkdir()
+    (stub / "onnxruntime.py").write_text("import sys\ndef InferenceSession(model):\n    sys.exit(repr(model))\n")
+    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(stub)),
+                          capture_output=True, text=True, timeout=120)
+    # before: InferenceSession('...\udce8le.onnx'), which ONNX Runtime refuses (a TypeError): the hint did not work
+    assert done.stderr.strip() == repr(b"the model's bytes")
+
+
+def test_tensorboard_into_a_path_that_is_not_utf8_is_refused_before_training(cat_ship, tmp_path):
+    import os
+
+    from conftest import one_epoch_run
+    from fasttl.transfer.job import run
+    from fasttl.util.errors import OptionError
+
+    board = os.fsdecode(os.fsencode(str(tmp_path)) + b"/tb\xe9")
+    # before: a UnicodeEncodeError traceback from TensorBoard's writer after training, the run left unfinished
+    with pytest.raises(OptionError, match=r"^tensorboard: .* is not UTF-8 text, which TensorBoard's writer needs"):
+        run(**one_epoch_run(cat_ship, tmp_path / "run", tensorboard=board))
+    assert not (tmp_path / "run").exists()

@@ -40,14 +40,28 @@ def sendable(url: str) -> str:
         netloc = urllib.parse.unquote(parts.netloc, errors="strict")
     except UnicodeDecodeError:
         raise UnicodeError(f"{parts.hostname!r} holds %-escapes that are not UTF-8 text") from None
-    if netloc != parts.netloc and (any(c in netloc for c in "@/?#\\[] ") or netloc.count(":") > 1):
+    if netloc != parts.netloc and _makes_another_address(netloc, parts.netloc):
         # unquoted, an escaped @ or / would make another address of it (evil%40127.0.0.1 is 127.0.0.1)
-        raise UnicodeError(f"{parts.hostname!r} holds a %-escaped @, /, ?, #, \\, [, ], : or space, which would "
-                           "make another address of it")
+        raise UnicodeError(f"{parts.hostname!r} holds a %-escaped @, /, ?, #, \\, [, ], :, space or control "
+                           "character, which would make another address of it")
     if not netloc.isascii() or netloc != parts.netloc:  # (no user name or password: refused before)
-        host = urllib.parse.urlsplit(f"//{netloc}").hostname
+        try:
+            host = urllib.parse.urlsplit(f"//{netloc}").hostname
+        except ValueError:  # a character NFKC makes a delimiter (a full-width @)
+            host = None
+        if not host:
+            raise UnicodeError(f"{parts.netloc!r} names no host name that can be sent")
         netloc = _idna_host(host) + (f":{parts.port}" if parts.port is not None else "")
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, path=path, query=query, fragment=fragment))
+
+
+def _makes_another_address(unquoted: str, written: str) -> bool:
+    """Whether a host's %-escapes, unquoted, spell what would split it into another address: a
+    delimiter (also one NFKC makes of a full-width form), white space or a control character
+    (urllib drops a tab or line break: 127.0.0%0A.1 would be 127.0.0.1), or another colon (a port)."""
+    shown = unicodedata.normalize("NFKC", unquoted)
+    return (any(c in "@/?#\\[]" or unicodedata.category(c)[0] in "CZ" for c in shown)
+            or shown.count(":") != written.count(":"))
 
 
 def _idna_host(host: str) -> str:

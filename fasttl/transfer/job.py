@@ -312,6 +312,15 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
     """Where --tensorboard writes: DIR/<run folder name>, or RUN_DIR/tensorboard; None without it."""
     if cfg.tensorboard is None:
         return None
+    where = run_dir if cfg.tensorboard is True else os.path.join(files.absolute(cfg.tensorboard),
+                                                                 os.path.basename(run_dir))
+    try:
+        where.encode("utf-8")
+    except UnicodeEncodeError:  # TensorBoard's writer takes UTF-8 paths only: it would fail after training
+        fix = "give the run an --out whose name is" if cfg.tensorboard is True else \
+            "give --tensorboard a folder, and the run an --out, whose names are"
+        raise OptionError(f"tensorboard: {ascii(where)} is not UTF-8 text, which TensorBoard's writer needs; {fix} "
+                          "UTF-8") from None
     if cfg.tensorboard is True:
         board = os.path.join(run_dir, TENSORBOARD)  # the run's own: --overwrite clears it with the run
     else:
