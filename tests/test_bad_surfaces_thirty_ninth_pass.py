@@ -182,8 +182,8 @@ def _config(**fields) -> dict:
 def test_a_config_lr_of_400_digits_is_the_schema_error(lr):
     with pytest.raises(RunError) as caught:
         check_run_config("run/config.json", _config(lr=lr), RunError)
-    assert str(caught.value) == (f"run/config.json: field 'lr' is {repr(lr)[:77]}... (expected a finite number > 0); "
-                                 "rerun the run, or fix the value there")
+    assert str(caught.value) == (f"run/config.json: field 'lr' is {repr(lr)[:77]}... (expected a number in float32's "
+                                 "normal range); rerun the run, or fix the value there")
     check_run_config("run/config.json", _config(lr=3), RunError)
 
 
