@@ -205,7 +205,8 @@ def test_train_and_test_classes_must_match(tiny_cifar, tmp_path):
     other = tmp_path / "mismatch"
     shutil.copytree(tiny_cifar, other)
     shutil.rmtree(other / "test" / "frog")
-    with pytest.raises(fasttl.data.DataError, match="expected"):
+    with pytest.raises(fasttl.data.DataError, match=r"test has classes the training split has not \(none\) and lacks "
+                                                    r"some it has \('frog'\)$"):
         run(data=str(other), out=str(tmp_path / "bad"), **common())
 
 
