@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fasttl.cache.folder import refuse_inside
+from fasttl.util.checks import is_utf8
 from fasttl.util.errors import OptionError, UserError
 from fasttl.onnx_graph import to_onnx
 
@@ -143,10 +144,8 @@ def run_instructions(result: dict) -> List[str]:
     # The path as a Python literal, the code as one shell word: a file name holding $(...), ` or '
     # is pasted as a name, never run.
     out = result["out"]
-    try:
-        model = repr(out.encode("utf-8") and out)  # ONNX Runtime takes a path as UTF-8 text
-    except UnicodeEncodeError:  # a name of bytes that are not UTF-8: the file's content, read by its bytes
-        model = f"open({os.fsencode(out)!r}, 'rb').read()"
+    # ONNX Runtime takes a path as UTF-8 text; a name of bytes that are not: the file's content, by its bytes
+    model = repr(out) if is_utf8(out) else f"open({os.fsencode(out)!r}, 'rb').read()"
     code = (f"import json, numpy as np, onnxruntime as ort; s = ort.InferenceSession({model}); "
             "print(json.loads(s.get_modelmeta().custom_metadata_map['classes'])); "
             f"print(s.run(None, {{'images': np.random.rand(1, 3, {size}, {size}).astype(np.float32)}})[0])")

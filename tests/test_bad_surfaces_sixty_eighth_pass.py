@@ -353,12 +353,17 @@ def test_exports_printed_command_pastes_a_hostile_file_name_as_a_name(tmp_path):
 
 
 # ---- pass 72: an escaped delimiter in a host, and an --out name of bytes that are not UTF-8 ------------------------
-@pytest.mark.parametrize("host", ["evil.invalid%40127.0.0.1", "a%2Fb.example", "127.0.0.1%3A80", "x%3Fy", "x%23y",
-                                  "127.0.0%0A.1", "localho%0Dst", "a%09b", "a%EF%BC%A0127.0.0.1", "%3A8781"])
+@pytest.mark.parametrize("host, said", [
+    ("evil.invalid%40127.0.0.1", "'evil.invalid%40127.0.0.1:9' holds '%40', a % that escapes no byte of a character "
+                                 "outside ASCII"),
+    ("a%2Fb.example", "holds '%2F', a %"), ("127.0.0.1%3A80", "holds '%3A', a %"), ("x%3Fy", "holds '%3F', a %"),
+    ("x%23y", "holds '%23', a %"), ("127.0.0%0A.1", "holds '%0A', a %"), ("localho%0Dst", "holds '%0D', a %"),
+    ("a%09b", "holds '%09', a %"), ("%3A8781", "holds '%3A', a %"),
+    ("a%EF%BC%A0127.0.0.1", "'a\uff20127.0.0.1:9' holds a character that NFKC makes a delimiter (a full-width @ "
+                            "or :), which would make another address of it"),
+])
 def test_an_escaped_delimiter_in_a_host_is_refused_not_unquoted_into_another_address(tmp_path, capsys, monkeypatch,
-                                                                                    host):
-    import urllib.parse
-
+                                                                                    host, said):
     from fasttl.cli import main
 
     monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "data"))
@@ -366,10 +371,8 @@ def test_an_escaped_delimiter_in_a_host_is_refused_not_unquoted_into_another_add
     # before: evil.invalid%40127.0.0.1 was unquoted to evil.invalid@127.0.0.1 and fetched from 127.0.0.1 (exit 0);
     # pass 73: 127.0.0%0A.1 fetched from 127.0.0.1 (urllib drops the line break), a full-width @ or a host of
     # only a port a traceback
-    named = urllib.parse.urlsplit("http://" + host).hostname
-    assert code == 2 and one_line_error(capsys.readouterr().err) == (
-        f"fasttl: error: url: the host name {named!r} holds a %-escaped @, /, ?, #, \\, [, ], :, space or control "
-        "character, which would make another address of it")
+    error = one_line_error(capsys.readouterr().err)
+    assert code == 2 and error.startswith("fasttl: error: url: the host name '") and said in error
 
 
 def test_an_out_name_of_bytes_that_are_not_utf8_is_written(tmp_path):

@@ -414,7 +414,7 @@ class CacheLoader:
         seed = order_number("seed", seed, 64)
         if out_dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"out_dtype: expected torch.float32 or torch.bfloat16, got {out_dtype!r}")
-        a_flag("drop_last", drop_last)
+        drop_last = a_flag("drop_last", drop_last)  # a numpy bool as the plain bool
         self.cache, self.batch_size, self.shuffle, self.seed = cache, batch_size, shuffle_mode(shuffle), seed
         self.device = torch_device(device) if device is not None else cache.device
         self.out_dtype, self.drop_last, self.epoch = out_dtype, drop_last, 0

@@ -32,6 +32,7 @@ from typing import Dict, Optional, Tuple
 from fasttl.data.archive import extract
 from fasttl.data.http_reply import (DownloadError, PartialRefused, content_encoding, named_address, open_reply,
                                    sendable, what_the_encoding_did)
+from fasttl.util.checks import is_utf8
 from fasttl.util.errors import DataError, OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX, absolute
 from fasttl.util.path_problems import output_folder_problem, unwritable
@@ -105,11 +106,9 @@ def _check_url(url: str) -> str:
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
             or any(c in url for c in " \r\n\t\0"):
         raise OptionError(f"url: expected an http:// or https:// address, got {url!r}")
-    try:
-        url.encode("utf-8")  # bytes of another encoding, through the command line, are surrogates here
-    except UnicodeEncodeError:
+    if not is_utf8(url):  # bytes of another encoding, through the command line
         raise OptionError(f"url: {ascii(url)} holds bytes that are not UTF-8 text; give the address as UTF-8, or "
-                          "percent-encode those bytes (%E9 for the Latin-1 \u00e9)") from None
+                          "percent-encode those bytes (%E9 for the Latin-1 \u00e9)")
     try:
         sendable(url)
     except UnicodeError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import re
 import socket
 import string
 import threading
@@ -32,36 +33,33 @@ def sendable(url: str) -> str:
     characters outside ASCII in its path, query and fragment percent-encoded as UTF-8, escapes
     already there kept, and an international host name in IDNA (b\u00fccher.example ->
     xn--bcher-kva.example), as a browser sends an address pasted from its bar. Raises UnicodeError
-    for a host IDNA can't write (fasttl.data.fetch checks --url so first)."""
+    for a host IDNA can't write, or one holding a % that escapes anything but a byte of a character
+    outside ASCII (fasttl.data.fetch checks --url so first)."""
     parts = urllib.parse.urlsplit(url)
     path, query, fragment = (urllib.parse.quote(part, safe=string.punctuation)
                              for part in (parts.path, parts.query, parts.fragment))
-    try:  # a %-escaped host is the UTF-8 name it spells
+    stray = _NOT_A_HIGH_ESCAPE.search(parts.netloc)
+    if stray:  # %40 unquoted is @ (evil%40127.0.0.1 is 127.0.0.1), %0A a line break urllib drops
+        raise UnicodeError(f"{parts.netloc!r} holds {stray.group()!r}, a % that escapes no byte of a character "
+                           "outside ASCII; write the host name's characters as themselves")
+    try:  # what is escaped spells a character outside ASCII (urllib so writes a redirect's bücher.example)
         netloc = urllib.parse.unquote(parts.netloc, errors="strict")
     except UnicodeDecodeError:
         raise UnicodeError(f"{parts.hostname!r} holds %-escapes that are not UTF-8 text") from None
-    if netloc != parts.netloc and _makes_another_address(netloc, parts.netloc):
-        # unquoted, an escaped @ or / would make another address of it (evil%40127.0.0.1 is 127.0.0.1)
-        raise UnicodeError(f"{parts.hostname!r} holds a %-escaped @, /, ?, #, \\, [, ], :, space or control "
-                           "character, which would make another address of it")
-    if not netloc.isascii() or netloc != parts.netloc:  # (no user name or password: refused before)
+    if not netloc.isascii():  # (no user name or password: refused before)
         try:
             host = urllib.parse.urlsplit(f"//{netloc}").hostname
         except ValueError:  # a character NFKC makes a delimiter (a full-width @)
-            host = None
+            raise UnicodeError(f"{terminal_text(netloc)!r} holds a character that NFKC makes a delimiter "
+                               "(a full-width @ or :), which would make another address of it") from None
         if not host:
             raise UnicodeError(f"{parts.netloc!r} names no host name that can be sent")
         netloc = _idna_host(host) + (f":{parts.port}" if parts.port is not None else "")
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, path=path, query=query, fragment=fragment))
 
 
-def _makes_another_address(unquoted: str, written: str) -> bool:
-    """Whether a host's %-escapes, unquoted, spell what would split it into another address: a
-    delimiter (also one NFKC makes of a full-width form), white space or a control character
-    (urllib drops a tab or line break: 127.0.0%0A.1 would be 127.0.0.1), or another colon (a port)."""
-    shown = unicodedata.normalize("NFKC", unquoted)
-    return (any(c in "@/?#\\[]" or unicodedata.category(c)[0] in "CZ" for c in shown)
-            or shown.count(":") != written.count(":"))
+# a % in a host: only the escape of a byte (0x80 and up) of a character outside ASCII
+_NOT_A_HIGH_ESCAPE = re.compile(r"%(?![89a-fA-F][0-9a-fA-F]).{0,2}", re.DOTALL)
 
 
 def _idna_host(host: str) -> str:

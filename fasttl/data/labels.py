@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from fasttl.util.errors import DataError
 from fasttl.util.checks import ascii_digits, decimal, shown
-from fasttl.util.outputs import NAME_MARKS
+from fasttl.util.outputs import prints_as_is
 from fasttl.util.files import absolute, read_plain
 from fasttl.util.path_problems import unreachable
 
@@ -159,7 +159,7 @@ def unprintable(name: str) -> Optional[str]:
     """The first character no class name may hold, described ('U+001B ESCAPE, a control
     character'): one a terminal would act on, or that shows nothing or splits a line; None when
     every character may stand in a name."""
-    bad = next((c for c in name if not c.isprintable() and c not in NAME_MARKS), None)
+    bad = next((c for c in name if not prints_as_is(c)), None)
     if bad is None:
         return None
     title = unicodedata.name(bad, "")

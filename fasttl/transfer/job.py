@@ -21,6 +21,7 @@ from fasttl.util.errors import OptionError
 from fasttl.transfer.caching import (refuse_settings_in_run_folders, refuse_writes_among_images,
                                      refuse_writes_among_sources, run_calibration)
 from fasttl.util import distributed
+from fasttl.util.checks import is_utf8
 from fasttl.transfer.common import check_weights
 from fasttl.transfer.config import RunConfig
 from fasttl.transfer.datasets import EMBEDDED, load_dataset
@@ -312,19 +313,15 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
     """Where --tensorboard writes: DIR/<run folder name>, or RUN_DIR/tensorboard; None without it."""
     if cfg.tensorboard is None:
         return None
-    where = run_dir if cfg.tensorboard is True else os.path.join(files.absolute(cfg.tensorboard),
-                                                                 os.path.basename(run_dir))
-    try:
-        where.encode("utf-8")
-    except UnicodeEncodeError:  # TensorBoard's writer takes UTF-8 paths only: it would fail after training
-        fix = "give the run an --out whose name is" if cfg.tensorboard is True else \
+    own = cfg.tensorboard is True  # the run's own board: --overwrite clears it with the run
+    board = os.path.join(run_dir, TENSORBOARD) if own else \
+        os.path.join(files.absolute(cfg.tensorboard), os.path.basename(run_dir))
+    if not is_utf8(board):  # TensorBoard's writer takes UTF-8 paths only: it would fail after training
+        fix = "give the run an --out whose name is" if own else \
             "give --tensorboard a folder, and the run an --out, whose names are"
-        raise OptionError(f"tensorboard: {ascii(where)} is not UTF-8 text, which TensorBoard's writer needs; {fix} "
-                          "UTF-8") from None
-    if cfg.tensorboard is True:
-        board = os.path.join(run_dir, TENSORBOARD)  # the run's own: --overwrite clears it with the run
-    else:
-        board = os.path.join(files.absolute(cfg.tensorboard), os.path.basename(run_dir))
+        raise OptionError(f"tensorboard: {ascii(board)} is not UTF-8 text, which TensorBoard's writer needs; {fix} "
+                          "UTF-8")
+    if not own:
         if is_inside(board, run_dir):  # fasttl's own files in --out would make it no run's folder
             where = "this run's --out folder itself" if os.path.realpath(board) == os.path.realpath(run_dir) else \
                 f"inside this run's --out folder {run_dir}"
@@ -341,7 +338,7 @@ def tensorboard_dir(cfg: RunConfig, run_dir: str):
         if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
             raise OptionError(f"tensorboard: {folder} is a symbolic link or not a folder, where fasttl writes event "
                               "files into a folder of its own; move it away, or give another --tensorboard")
-    if cfg.tensorboard is True:
+    if own:
         return board
     models = [name for name in sorted(os.listdir(board)) if os.path.isdir(os.path.join(board, name))] \
         if os.path.isdir(board) else []

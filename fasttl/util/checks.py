@@ -26,6 +26,16 @@ def ascii_digits(text) -> bool:
     return isinstance(text, str) and text.isascii() and text.isdigit()
 
 
+def is_utf8(text: str) -> bool:
+    """Whether `text` is UTF-8 text: a name or argument of bytes in another encoding (Latin-1) comes
+    from the OS as lone surrogates, which UTF-8 outputs (TensorBoard, a URL, a CSV) can't hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def decimal(text, signed: bool = False):
     """The int that `text` spells in ASCII decimal digits (at most MOST_DECIMAL_DIGITS of them; a
     leading '-' too where `signed`), else None (int() of thousands of digits is slow, or refused

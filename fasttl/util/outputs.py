@@ -16,11 +16,16 @@ NAME_MARKS = frozenset("\u00a0\u202f\u3000\u200c\u200d\u200e\u200f" + "".join(ma
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")
 
 
+def prints_as_is(char: str) -> bool:
+    """Whether outputs write `char` as itself: a printable one, or a mark real names hold (NAME_MARKS);
+    any other (an escape sequence's ESC, BEL, a line break) is escaped, and no class name holds it."""
+    return char.isprintable() or char in NAME_MARKS
+
+
 def terminal_text(text: object) -> str:
-    """`text` with every character that is not printable (an escape sequence's ESC, BEL, a line
-    break) written as its Python escape: it can't drive a terminal or split a line."""
-    return "".join(c if c.isprintable() or c in NAME_MARKS else c.encode("unicode_escape").decode("ascii")
-                   for c in str(text))
+    """`text` with every character that does not print as itself written as its Python escape: it
+    can't drive a terminal or split a line."""
+    return "".join(c if prints_as_is(c) else c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
 def csv_cell(text: object) -> str:

@@ -7,6 +7,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from fasttl.util.checks import is_utf8
 from fasttl.util.errors import DataError
 from fasttl.util.files import absolute, run_folder_in_data
 from fasttl.util.path_problems import unreachable
@@ -119,11 +120,9 @@ def _class_images(folder: str, ignored: list) -> List[str]:
 def _refuse_undecodable(path: str, what: str) -> None:
     """A name the file system holds in another encoding than UTF-8 (a zip made on Windows, an
     old Latin-1 disk) can't be hashed, written to a CSV or matched across systems: named, refused."""
-    try:
-        os.path.basename(path).encode("utf-8")
-    except UnicodeEncodeError:
+    if not is_utf8(os.path.basename(path)):
         raise DataError(f"data: {ascii(path)} is {what} whose name is not valid UTF-8 (bytes of another encoding, "
-                        "such as Latin-1); rename it") from None
+                        "such as Latin-1); rename it")
 
 
 def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:

@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence
 from fasttl.util.errors import DataError
 from fasttl.data.formats.folder import missing_data
 from fasttl.data.labels import index_class_names, numbered_classes
-from fasttl.util.checks import ascii_digits
+from fasttl.util.checks import ascii_digits, is_utf8
 from fasttl.util.files import absolute
 from fasttl.data.sources import TarSource, refuse_one_file_twice
 
@@ -117,11 +117,9 @@ def read_webdataset(pattern: str, classes: Optional[Sequence[str]] = None) -> Ta
 def _refuse_undecodable(shard: str, name: str, what: str) -> None:
     """A name in another encoding than UTF-8 (a tar made on Windows) can't be hashed or written:
     named and refused, as in class folders."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
+    if not is_utf8(name):
         raise DataError(f"data: {ascii(shard)}: the {what} {ascii(name)} has a name that is not valid UTF-8 (bytes of "
-                        "another encoding, such as Latin-1); rename it") from None
+                        "another encoding, such as Latin-1); rename it")
 
 
 def _index_shard(shard: str, shard_index: int):
