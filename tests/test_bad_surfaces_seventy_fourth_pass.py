@@ -142,3 +142,23 @@ def test_a_users_file_named_as_extracts_mark_keeps_runs_out_and_extract_from_its
     assert code == 2 and "notes.txt" in one_line_error(err), err  # the user's other file: nothing written beside it
     assert sorted(p.name for p in folder.iterdir()) == [".fasttl-extract", "notes.txt"]
     assert (folder / ".fasttl-extract").read_text() == "my notes on extraction\n"
+
+
+# ---- pass 73's observation: a list or classes file saved as Latin-1 is named, with the fix ------------------------
+@pytest.mark.parametrize("kind", ["csv", "tsv", "classes"])
+def test_a_text_file_that_is_not_utf8_names_the_byte_and_the_fix(tmp_path, kind):
+    from fasttl.data.formats.filelist import read_file_list
+    from fasttl.data.labels import read_classes_file
+    from fasttl.util.errors import DataError
+
+    path = tmp_path / f"mine.{'txt' if kind == 'classes' else kind}"
+    separator = "\t" if kind == "tsv" else ","
+    body = b"caf\xe9\nship\n" if kind == "classes" else \
+        f"path{separator}label\na.jpg{separator}ship\n".encode() + b"caf\xe9.jpg" + separator.encode() + b"cat\n"
+    path.write_bytes(body)
+    with pytest.raises(DataError) as caught:
+        read_classes_file(str(path)) if kind == "classes" else read_file_list(str(path))
+    # before: "(... 'utf-8' codec can't decode byte 0xe9 in position 59: invalid continuation byte)"
+    prefix = "classes" if kind == "classes" else "data"
+    assert str(caught.value) == (f"{prefix}: {path} is not UTF-8 text (byte 0xE9, as Latin-1 or another code page "
+                                 "writes \u00e9 and its like); save it as UTF-8")

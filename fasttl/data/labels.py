@@ -7,7 +7,7 @@ import unicodedata
 from typing import List, Optional, Sequence, Tuple
 
 from fasttl.util.errors import DataError
-from fasttl.util.checks import ascii_digits, decimal, shown
+from fasttl.util.checks import ascii_digits, decimal, not_utf8, shown
 from fasttl.util.outputs import prints_as_is
 from fasttl.util.files import absolute, read_plain
 from fasttl.util.path_problems import unreachable
@@ -33,6 +33,8 @@ def has_control(text: str) -> bool:
 def _unread(path: str, exc: Exception) -> str:
     """Why the classes file `path` would not read, from the culprit on: a folder on the way one may
     not enter, a file or a loop on the way, a link to nothing, the file's own permission."""
+    if isinstance(exc, UnicodeDecodeError):
+        return not_utf8(path, exc)
     why = unreachable(path) if isinstance(exc, OSError) else ""
     if why:
         return f"{path} {why}"

@@ -36,6 +36,14 @@ def is_utf8(text: str) -> bool:
     return True
 
 
+def not_utf8(path: str, exc: UnicodeDecodeError) -> str:
+    """Why the text file `path` would not read as UTF-8, for a message: the first byte that is no
+    UTF-8 (Python's codec text names no file and no fix)."""
+    byte = exc.object[exc.start:exc.start + 1].hex().upper()
+    return (f"{path} is not UTF-8 text (byte 0x{byte}, as Latin-1 or another code page writes \u00e9 and its like); "
+            "save it as UTF-8")
+
+
 def decimal(text, signed: bool = False):
     """The int that `text` spells in ASCII decimal digits (at most MOST_DECIMAL_DIGITS of them; a
     leading '-' too where `signed`), else None (int() of thousands of digits is slow, or refused

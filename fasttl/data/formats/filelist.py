@@ -5,6 +5,7 @@ import csv
 import os
 from typing import List, Optional, Sequence, Tuple
 
+from fasttl.util.checks import not_utf8
 from fasttl.util.errors import DataError
 from fasttl.util.outputs import shortened
 from fasttl.data.formats.folder import missing_data
@@ -140,7 +141,9 @@ def _list_rows(path: str) -> List[Tuple[str, str]]:
                                     "delete that line")
                 rows.append((row["path"], row["label"]))  # padding is stripped (and checked) by the caller
             return rows
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError as exc:
+        raise DataError(f"data: {not_utf8(path, exc)}") from None
+    except (OSError, csv.Error) as exc:
         raise DataError(f"data: cannot read {path} as a file list ({getattr(exc, 'strerror', None) or exc})") from None
 
 
