@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fasttl.cache.folder import refuse_inside
-from fasttl.util.checks import is_utf8
+from fasttl.util.checks import a_flag, is_utf8, plain_number
 from fasttl.util.errors import OptionError, UserError
 from fasttl.onnx_graph import to_onnx
 
@@ -89,6 +89,8 @@ def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, ops
                           f"{tolerance!r}")
     if not isinstance(out, (str, os.PathLike)):
         raise OptionError(f"out: {out!r} does not end in .onnx (name the file model.onnx, say)")
+    overwrite, image_size, opset = a_flag("overwrite", overwrite, OptionError), plain_number(image_size), \
+        plain_number(opset)
     out = check_output_path(out, overwrite, ending=".onnx")
     refuse_inside("out", out, "file")
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)

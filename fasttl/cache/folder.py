@@ -64,7 +64,7 @@ def _cache_proof(folder: str) -> Optional[str]:
     except OSError:
         return None
     return next((n for n in names if store.KEYED_SHARD_FILE.fullmatch(n) or store.ENGINE_FILE.fullmatch(n) or
-                 n == store.EXTRACT_MARKER and files.is_plain_file(os.path.join(folder, n)) or
+                 n == store.EXTRACT_MARKER and store.is_extract_mark(os.path.join(folder, n)) or
                  n in (store.MANIFEST, store.BUILD) and _readable_record(os.path.join(folder, n))), None)
 
 

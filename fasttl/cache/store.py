@@ -178,6 +178,18 @@ EXTRACT_SPLITS = ("train", "test", "all")
 # What `fasttl extract` writes into its --out first: the proof that the folder is an extract root (a
 # project holding a cache a script built in its train/ is not one).
 EXTRACT_MARKER = ".fasttl-extract"
+EXTRACT_MARK = {"fasttl": "the root of a fasttl extract"}  # what the mark holds: a user's file of its name is no mark
+
+
+def is_extract_mark(path: str) -> bool:
+    """Whether `path` is the mark extract writes: a plain file holding EXTRACT_MARK (a link, or a
+    file of the user's that bears the name, is not; one fasttl may not read may be, so it counts)."""
+    try:
+        return files.read_json(path, limit=4096) == EXTRACT_MARK
+    except PermissionError:
+        return True
+    except ValueError:
+        return False
 
 
 def remove_cache_files(directory: str) -> None:

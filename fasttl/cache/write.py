@@ -17,7 +17,7 @@ from fasttl.cache.format import to_numpy_storage
 from fasttl.cache.store import CacheError
 from fasttl.cache.kernels import CACHE_DTYPE, CACHE_DTYPES, pool_store
 from fasttl.cache.folder import file_entry, finish, refuse_foreign, refuse_run_folder
-from fasttl.util.checks import positive_int
+from fasttl.util.checks import a_flag, plain_number, positive_int
 from fasttl.data.labels import refuse_lookalikes, unprintable
 from fasttl.util.errors import DataError
 
@@ -109,6 +109,8 @@ def write_cache(directory: str, chunks, labels, *, classes, dtype: str = CACHE_D
 
     Returns what it did (``directory``, ``rows``, ``shards``, ``bytes_written``, ``seconds``)."""
     started = time.perf_counter()
+    overwrite = a_flag("overwrite", overwrite)  # "no" would be taken as True: a cache replaced
+    shard_rows = plain_number(shard_rows)
     classes, labels, sample_ids = _checked_arguments(dtype, shard_rows, classes, fingerprint, labels, sample_ids)
     directory = files.absolute(directory)
     if os.path.lexists(directory) and not os.path.isdir(directory):

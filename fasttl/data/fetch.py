@@ -142,6 +142,17 @@ def _partial_size(path: str) -> int:
     return info.st_size
 
 
+def _refuse_unusable_partial(partial: str, dest: str) -> None:
+    """A partial download this user may not read or write (another user's, a `sudo fasttl data
+    fetch`'s) named as such: an error naming --dest would send the user to fix a folder that is fine."""
+    try:
+        os.close(os.open(partial, os.O_RDWR | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)))
+    except PermissionError:
+        raise DownloadError(f"fetch: the partial download {os.path.basename(partial)} in {dest} can't be read or "
+                            "written by you (permission denied: left by another user, or by sudo?); remove it and "
+                            "fetch again") from None
+
+
 def _open_partial(path: str) -> int:
     """An fd appending to `path`: a plain file of fasttl's, never opened through a link (an error
     naming it names --dest at the CLI: files.user_path)."""
@@ -425,6 +436,8 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
     partial = os.path.join(dest, partial_name(remote, expected))
     _remove_other_partials(dest, remote, partial)
     resumed = os.path.isfile(partial) and not os.path.islink(partial)
+    if resumed:
+        _refuse_unusable_partial(partial, dest)
     kept = os.path.getsize(partial) if resumed else 0
     reply: dict = {}
     # A download verified before (an extraction stopped by a full disk) is extracted, not fetched again.

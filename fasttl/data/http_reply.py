@@ -42,6 +42,11 @@ def sendable(url: str) -> str:
     if stray:  # %40 unquoted is @ (evil%40127.0.0.1 is 127.0.0.1), %0A a line break urllib drops
         raise UnicodeError(f"{parts.netloc!r} holds {stray.group()!r}, a % that escapes no byte of a character "
                            "outside ASCII; write the host name's characters as themselves")
+    hostport = parts.netloc.rpartition("@")[2]
+    if ("[" in hostport or "]" in hostport) and not _BRACKETED.fullmatch(hostport):
+        # urlsplit drops what stands beside the brackets ([::1:8792]x would be ::1 port 8792, unbracketed)
+        raise UnicodeError(f"{terminal_text(hostport)!r} holds something beside its IPv6 address's brackets, or a "
+                           "bracket with no IPv6 address in it; write [address]:port alone")
     try:  # what is escaped spells a character outside ASCII (urllib so writes a redirect's bücher.example)
         netloc = urllib.parse.unquote(parts.netloc, errors="strict")
     except UnicodeDecodeError:
@@ -58,6 +63,7 @@ def sendable(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, path=path, query=query, fragment=fragment))
 
 
+_BRACKETED = re.compile(r"\[[0-9A-Fa-f:.]+\](:[0-9]*)?")  # an IPv6 (or IPv4-in-IPv6) literal, and a port
 # a % in a host: only the escape of a byte (0x80 and up) of a character outside ASCII
 _NOT_A_HIGH_ESCAPE = re.compile(r"%(?![89a-fA-F][0-9a-fA-F]).{0,2}", re.DOTALL)
 

@@ -13,7 +13,7 @@ def check_image_size(name: str, value, error=ValueError) -> int:
     """`value` when it is an image side fasttl handles (1 to MAX_IMAGE_SIZE pixels); else `error`."""
     from fasttl.util.checks import positive_int
 
-    positive_int(name, value, error)
+    value = positive_int(name, value, error)
     if value > MAX_IMAGE_SIZE:
         raise error(f"{name}: {value} px is more than fasttl handles ({MAX_IMAGE_SIZE})")
     return value

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from fasttl.cache.cache import FeatureCache
 from fasttl.optim import AdamW
+from fasttl.util.checks import a_flag, plain_number
 from fasttl.util.seeds import torch_seed
 
 HEADS = ("linear", "mlp")
@@ -154,6 +155,8 @@ def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, b
     ``patience`` it stops that many epochs after the best eval accuracy."""
     from fasttl.heads.fit import DivergedError, eval_record, fit, one_cycle
 
+    progress, resume = a_flag("progress", progress), a_flag("resume", resume)
+    epochs, batch_size, patience = (plain_number(v) for v in (epochs, batch_size, patience))
     device = _check_arguments(train, eval_cache, kind, epochs, batch_size, lr, weight_decay, seed, device)
     _check_training(train, dtype, patience)
     torch.manual_seed(torch_seed(seed))

@@ -9,7 +9,9 @@ from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
-from fasttl.data import ArraySource, DataError, FileSource, class_folder_splits, load_cifar_pickles, screen
+from fasttl.data import (ArraySource, DataError, FileSource, class_folder_splits, load_cifar_pickles, scan_class_folder,
+                         screen)
+from fasttl.data.formats.folder import list_folder
 from fasttl.data.formats import open_data
 from fasttl.data.formats.filelist import is_file_list
 from fasttl.data.formats.webdataset import is_webdataset
@@ -149,6 +151,32 @@ def _check_usable(dataset: Dataset, data: str) -> None:
         if len(getattr(dataset, split)) == 0:
             raise DataError(f"data: {data} leaves no {split} images; add images, or give DIR/train and DIR/test "
                             "class folders")
+
+
+def load_held_out(data: str, classes_file: Optional[str] = None, labels: str = "names") -> Dataset:
+    """`data` as a held-out set to evaluate a run on (`fasttl eval --data`, data the run never
+    trained on): a folder's test/ (beside train/, or alone), else every image the folder holds, a
+    list's or shards' every row; never a carved 20% (its other 80% would go unscored). Its train
+    split is its test split (eval reads only the classes from it). Built-in data sets: their own
+    test split (load_dataset)."""
+    if data in NAMED + (EMBEDDED,):
+        return load_dataset(data)
+    if is_file_list(data) or is_webdataset(data):
+        test, ignored = open_data(data, classes_file, labels), []
+    else:
+        root = absolute(data)
+        test_dir = os.path.join(root, "test")
+        if os.path.isdir(test_dir) and not os.path.lexists(os.path.join(root, "train")):
+            test = scan_class_folder(test_dir)
+            ignored = [(os.path.join(root, name), "hidden" if name.startswith(".") else "not test/")
+                       for name in list_folder(root) if name != "test"]
+        else:
+            train, test = class_folder_splits(root)
+            test, ignored = (train if test is None else test), []
+    dataset = Dataset(os.path.basename(os.path.normpath(data)) or "data", test, test, native_size=_native_size(test))
+    dataset.ignored = ignored + list(getattr(test, "ignored", []))
+    _check_usable(dataset, data)
+    return dataset
 
 
 def load_dataset(data: Optional[str], seed: int = 0, train_per_class: Optional[int] = None,

@@ -17,7 +17,7 @@ from fasttl.data.sources import ON_ERROR, disk_keys
 from fasttl.data.formats.filelist import is_file_list
 from fasttl.data.formats.webdataset import is_webdataset
 from fasttl.transfer.caching import refuse_writes_among_images, refuse_writes_among_sources
-from fasttl.transfer.datasets import NAMED, load_dataset
+from fasttl.transfer.datasets import NAMED, load_dataset, load_held_out
 from fasttl.transfer import trained_images
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.transfer.rundir import RunError, finite_logits, load_trained, read_config, strict_json
@@ -30,7 +30,8 @@ _CANNOT_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQ
 @torch.no_grad()
 def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: str = "cpu",
                  on_error: str = "fail") -> Dict[str, object]:
-    """Metrics of the run's main model on the test split of `data` (default: the run's own data);
+    """Metrics of the run's main model on the test split of `data` (default: the run's own data, split
+    as the run split it; other data: its test/, or all its images: datasets.load_held_out);
     written to RUN_DIR/eval_metrics.json. The model is rebuilt by its strategy's `load`. With
     on_error="skip", images that do not decode are left out and listed under "skipped"; what the
     scan of the data folder passed over is listed under "ignored"."""
@@ -148,8 +149,8 @@ def _load_other(data: str, cfg: dict, run_dir: str):
     run's recorded classes (not its classes file as it is now: edited, re-sorted or gone since)."""
     listed = is_file_list(data) or is_webdataset(data)
     try:
-        return load_dataset(data, cfg["seed"], classes_file=cfg["classes"] if listed and classes_file_of(cfg)
-                            else None, labels=cfg["labels"] if listed else "names")
+        return load_held_out(data, classes_file=cfg["classes"] if listed and classes_file_of(cfg) else None,
+                             labels=cfg["labels"] if listed else "names")
     except DataError as exc:
         if listed and cfg["labels"] == "indices" and "is not an index" in str(exc):
             names = ", ".join(f"{i} {name}" for i, name in enumerate(cfg["classes"][:3]))

@@ -112,6 +112,10 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
             cleared = clear_results(run_dir)  # a run that stopped before its first epoch: nothing to resume or lose
     else:
         _refuse_foreign(run_dir)
+        if cfg.resume:  # an auto-resuming job's first start; or a typo of the interrupted run's folder: said
+            print(terminal_text(f"fasttl run: --resume: {run_dir} holds no run to resume (a new or empty folder); a "
+                                "new run starts there (an interrupted run is resumed by its own --out)"),
+                  file=sys.stderr, flush=True)
     os.makedirs(run_dir, exist_ok=True)
     mark_run(run_dir, keep_records=cleared is None)  # cleared: the records of its files go with them
     return recorded

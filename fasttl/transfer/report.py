@@ -40,7 +40,8 @@ def plot_confusion_matrix(metrics: Dict[str, object], path: str, title: str) -> 
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     balanced = f", balanced {metrics['balanced_accuracy']:.3f}" if "balanced_accuracy" in metrics else ""
-    ax.set_title(f"{title}: accuracy {metrics['accuracy']:.3f}{balanced}")
+    # two lines: one would be wider than a few classes' figure, and cut at both edges
+    ax.set_title(f"{title}\naccuracy {metrics['accuracy']:.3f}{balanced}", fontsize=10)
     if len(classes) <= 20:
         for i in range(len(classes)):
             for j in range(len(classes)):
@@ -116,7 +117,7 @@ def _save(fig, path: str) -> None:
     import io
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")  # what a layout left past an edge is kept
     _plt().close(fig)
     write_atomic(path, buffer.getvalue())
 

@@ -7,7 +7,8 @@ from fasttl._op_checks import finite  # noqa: F401  (a kernel-layer check every 
 
 def positive_int(name: str, value, error=ValueError, optional: bool = False):
     """`value` when it is an int >= 1 (True is not 1 here), or None when `optional`; else `error`
-    naming `name`."""
+    naming `name` (a numpy integer too: the Python API's entry points make it Python's first, with
+    plain_number, so that what they keep and record is plain)."""
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -114,7 +115,7 @@ def folder_path(name: str, value, error=None, what: str = "a folder") -> str:
     if not text.strip():
         raise (error or ValueError)(f"{name}: an empty or blank path (an unset variable?); give {what} "
                                     "('.' for the current one)")
-    return text
+    return str(text)  # numpy's text (np.str_) as plain str: os.listdir of it lists bytes
 
 
 def torch_device(value, name: str = "device"):

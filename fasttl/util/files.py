@@ -285,12 +285,19 @@ class FolderLock:
             self.fd = None
 
 
+def plain_path(path):
+    """os.fspath(path), numpy's text (np.str_, a pandas column's .values) as a plain str: os.listdir
+    and os.walk read np.str_ as bytes and list bytes names, which no str joins."""
+    path = os.fspath(path)
+    return str(path) if isinstance(path, str) else path
+
+
 def absolute(path) -> str:
     """os.path.abspath(os.path.expanduser(path)), but as the kernel reads the path: a '..' after a
     symbolic link goes up from the link's target, where abspath drops the link and the '..' as text
     (another image, data set or output would be used); a '/', '/.' or '/..' after a file stays. The
     last part is kept as given: a link there stays a link, for the checks that refuse one."""
-    path = os.path.expanduser(os.fspath(path))
+    path = os.path.expanduser(plain_path(path))
     last = path.split(os.sep)[-1]
     if path not in ("", os.sep) and last in ("", os.curdir, os.pardir):
         try:
@@ -350,6 +357,15 @@ def run_record(path: str) -> Optional[dict]:
     return record if isinstance(record, dict) and record.get("what") == RUN_MARKER_WHAT else None
 
 
+def _holds_run_record(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    try:  # a link of the marker's name is never fasttl's, but no output goes through it either
+        return os.path.islink(path) or run_record(path) is not None
+    except OSError:
+        return True
+
+
 def _marker_problem(folder: str) -> str:
     """Why the RUN_MARKER in `folder` does not make it a run folder ('' when it does): fasttl's
     record, beside the very config.json whose SHA-256 it holds (a marker copied beside another
@@ -396,10 +412,11 @@ def run_folder_in_data(folder: str) -> bool:
 
 def enclosing_run_folder(path: str) -> Optional[str]:
     """The fasttl run folder (marked with RUN_MARKER) that `path` is or lies in, links resolved;
-    None when there is none: only a run writes into its folder."""
+    None when there is none: only a run writes into its folder. A file of the marker's name that
+    holds no run's record is a user's (a marker fasttl may not read counts: it can't tell)."""
     folder = os.path.realpath(os.path.expanduser(path))
     while True:
-        if os.path.isfile(os.path.join(folder, RUN_MARKER)):
+        if _holds_run_record(os.path.join(folder, RUN_MARKER)):
             return folder
         parent = os.path.dirname(folder)
         if parent == folder:
