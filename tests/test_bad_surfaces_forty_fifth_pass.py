@@ -164,9 +164,9 @@ def test_a_fetch_dest_link_is_named_as_one(tmp_path):
 
 # ---- F9: a stall after a redirect, once bytes came ------------------------------------------------------------
 def test_a_deadline_after_bytes_names_where_the_redirect_went():
-    from fasttl.data import fetch as fetch_module
+    from fasttl.data.fetch_budget import Budget
 
-    budget = fetch_module._Budget(5, 0, "http://a.example/x")
+    budget = Budget(5, 0, "http://a.example/x")
     budget.redirected = "http://b.example/y"
     assert str(budget.past_deadline(100)) == (
         "fetch: the download of http://b.example/y (where http://a.example/x redirects) took longer than 5 s "

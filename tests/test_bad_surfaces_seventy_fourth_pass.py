@@ -335,3 +335,122 @@ def test_a_partial_download_this_user_cant_write_is_named_not_dest(tmp_path):
         f"fasttl: error: fetch: the partial download {partial.name} in {dest} can't be read or written by you "
         "(permission denied: left by another user, or by sudo?); remove it and fetch again"), err
     assert partial.read_bytes() == b"x" * 1000 and os.listdir(dest) == [partial.name]
+
+
+# ---- pass 77 (on 311b2a6: about 205 attempts on data fetch and full disks): 3 found ----------------------------------
+def _chunked_server(mode: str, hops: int = 0):
+    """A LoopbackServer whose replies misbehave by `mode`: "trailer" (the body in one chunk, then
+    trailer lines without end), "trickle" (a chunk-size line a byte at a time), "cut" (chunked with a
+    Content-Length too, and no last chunk), "hops" (`hops` redirects before /ok)."""
+    import http.server
+    import time
+
+    from conftest import LoopbackServer
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if mode == "hops":
+                step = int(self.path.strip("/") or 0) if self.path != "/ok" else None
+                if step is not None:
+                    self.send_response(302)
+                    self.send_header("Location", "/ok" if step + 1 >= hops else f"/{step + 1}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            if mode == "cut":
+                self.send_header("Content-Length", "5")
+            self.end_headers()
+            try:
+                self.wfile.write(b"a\r\n0123456789\r\n")
+                self.wfile.flush()
+                if mode == "trailer":
+                    self.wfile.write(b"0\r\n")
+                    until = time.monotonic() + 60
+                    while time.monotonic() < until:  # at full speed: the rate is fine, the body never ends
+                        self.wfile.write(b"X-Pad: " + b"a" * 100 + b"\r\n")
+                elif mode == "trickle":
+                    for _ in range(400):
+                        self.wfile.write(b"0")
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                elif mode == "hops":
+                    self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except OSError:  # the client hung up: what the test wanted
+                pass
+            self.close_connection = True
+
+    return LoopbackServer(Handler)
+
+
+@pytest.mark.parametrize("mode", ["trailer", "trickle"])
+def test_a_chunked_body_that_never_ends_stops_at_the_deadline(tmp_path, mode):
+    import time
+
+    from fasttl.data.fetch import download
+    from fasttl.data.http_reply import DownloadError
+
+    server = _chunked_server(mode)
+    started = time.monotonic()
+    try:
+        with pytest.raises(DownloadError) as caught:
+            download(server.url("/x"), str(tmp_path / "partial"), progress=False, deadline_s=1.5)
+    finally:
+        server.close()
+    # before (N1): a read waiting on endless trailer lines or a trickled chunk-size line ran past any deadline
+    assert time.monotonic() - started < 30
+    assert str(caught.value) == (f"fetch: the download of {server.url('/x')} took longer than 1.5 s (--deadline) and "
+                                 "stopped at 10 bytes; run the same command again to resume")
+    assert (tmp_path / "partial").read_bytes() == b"0123456789"  # kept for a resume
+
+
+def test_a_read_waiting_on_a_trickled_chunk_size_trips_the_minimum_rate(tmp_path, monkeypatch):
+    from fasttl.data import fetch_budget
+    from fasttl.data.fetch import download
+    from fasttl.data.http_reply import DownloadError
+
+    monkeypatch.setattr(fetch_budget, "RATE_WINDOW_S", 1.0)
+    server = _chunked_server("trickle")
+    try:
+        with pytest.raises(DownloadError, match=r"^fetch: http://127\.0\.0\.1:\d+/x sent \d+ bytes/s over the last 1 "
+                                                r"s, below 1,000 \(--min-rate\); stopped at 10 bytes: run the same"):
+            download(server.url("/x"), str(tmp_path / "partial"), progress=False, deadline_s=60, min_rate=1000)
+    finally:
+        server.close()
+
+
+def test_too_many_redirects_name_the_hop_that_answered_not_the_target(tmp_path, capsys, monkeypatch):
+    from fasttl.cli import main
+
+    monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "data"))
+    server = _chunked_server("hops", hops=11)
+    try:
+        code = main(["data", "fetch", "cifar10", "--no-progress", "--url", server.url("/0"), "--sha256", "0" * 64])
+    finally:
+        server.close()
+    # before (N2): "http://.../ok (where ... redirects) answered HTTP 302 (... infinite loop ...)": /ok never asked
+    assert code == 2 and one_line_error(capsys.readouterr().err) == (
+        f"fasttl: error: fetch: {server.url('/0')} redirects more than 10 times, or in a loop (the last address asked, "
+        f"{server.url('/10')}, answered HTTP 302 too); check the address (--url)")
+
+
+def test_a_chunked_reply_is_not_measured_by_a_content_length_beside_it(tmp_path):
+    from fasttl.data.fetch import download
+    from fasttl.data.http_reply import DownloadError
+
+    server = _chunked_server("cut")
+    try:
+        with pytest.raises(DownloadError) as caught:
+            download(server.url("/x"), str(tmp_path / "partial"), progress=False)
+    finally:
+        server.close()
+    # before (N3): "stopped at 10 of 5 bytes": a Content-Length http.client itself ignores beside chunks
+    assert str(caught.value) == (f"fetch: the download of {server.url('/x')} stopped at 10 of ? bytes "
+                                 "(IncompleteRead); run the same command again to resume")

@@ -324,8 +324,9 @@ def test_run_download_fetches_cifar10_first(server, cifar_tarball, tmp_path, cap
 def test_a_trickling_server_is_dropped_below_the_minimum_rate_keeping_what_arrived(server, cifar_tarball, tmp_path,
                                                                                     monkeypatch):
     from fasttl.data import fetch as fetch_module
+    from fasttl.data import fetch_budget
 
-    monkeypatch.setattr(fetch_module, "RATE_WINDOW_S", 0.5)
+    monkeypatch.setattr(fetch_budget, "RATE_WINDOW_S", 0.5)
     server.files["/slow.tar.gz"] = cifar_tarball
     server.trickle = (7, 0.05)  # 140 bytes/s, a byte more every few ms: no socket timeout ever trips
     partial = tmp_path / "partial"

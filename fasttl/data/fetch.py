@@ -22,7 +22,6 @@ import hashlib
 import http.client
 import os
 import stat
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from fasttl.data.archive import extract
+from fasttl.data.fetch_budget import BodyWatch, Budget
 from fasttl.data.http_reply import (DownloadError, PartialRefused, content_encoding, named_address, open_reply,
                                    sendable, what_the_encoding_did)
 from fasttl.util.checks import is_utf8
@@ -45,8 +45,7 @@ _CHUNK = 1 << 20             # hashing
 _READ = 64 << 10             # a network read returns what has arrived, up to this: all of it is kept for a resume
 DEADLINE_S = 3600.0          # a download that takes longer stops (resumable); --deadline
 MAX_DEADLINE_S = 30 * 86400  # the longest --deadline: a timer beyond it overflows time_t on some systems
-MIN_RATE = 10_000            # bytes/s over each RATE_WINDOW_S, below which it stops (resumable); --min-rate
-RATE_WINDOW_S = 30.0
+MIN_RATE = 10_000            # bytes/s over each window (fetch_budget), below which it stops (resumable); --min-rate
 SOCKET_TIMEOUT_S = 30.0      # no byte at all for this long: the connection is taken for dead
 MAX_DOWNLOAD_BYTES = 4 << 30   # a server that sends more than this is cut off
 
@@ -168,41 +167,6 @@ def _content_range_start(header: Optional[str]) -> Optional[int]:
         return None
 
 
-class _Budget:
-    """The time a download may take: a total deadline, and a minimum rate over each window (a
-    server that trickles a byte every few seconds never trips a socket timeout)."""
-
-    def __init__(self, deadline_s: float, min_rate: float, url: str):
-        self.deadline_s, self.min_rate, self.url = deadline_s, min_rate, url
-        self.redirected: Optional[str] = None  # where the reply came from, once it came
-        self.started = self.window_start = time.monotonic()
-        self.window_bytes = 0
-
-    def remaining(self) -> float:
-        return self.deadline_s - (time.monotonic() - self.started)
-
-    def past_deadline(self, size: int, redirected: Optional[str] = None) -> DownloadError:
-        again = "run the same command again to resume" if size else \
-            "nothing arrived: check that the address answers (--url), or give a longer --deadline"
-        return DownloadError(f"fetch: the download of {named_address(self.url, redirected or self.redirected)} "
-                             "took longer than "
-                             f"{self.deadline_s:g} s (--deadline) and stopped at {size:,} bytes; {again}")
-
-    def add(self, count: int, size: int) -> None:
-        now = time.monotonic()
-        self.window_bytes += count
-        if now - self.started > self.deadline_s:
-            raise self.past_deadline(size)
-        if now - self.window_start >= RATE_WINDOW_S:
-            rate = self.window_bytes / (now - self.window_start)
-            if rate < self.min_rate:
-                window = now - self.window_start
-                raise DownloadError(f"fetch: {self.url} sent {rate:,.0f} bytes/s over the last {window:.0f} "
-                                    f"s, below {self.min_rate:,.0f} (--min-rate); stopped at {size:,} bytes: run the "
-                                    "same command again to resume")
-            self.window_start, self.window_bytes = now, 0
-
-
 def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET_TIMEOUT_S,
              deadline_s: float = DEADLINE_S, min_rate: float = MIN_RATE, reply: Optional[dict] = None) -> int:
     """Downloads `url` into `path`, continuing what is already there (HTTP Range); returns the
@@ -211,7 +175,7 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
     `min_rate` bytes/s over a 30 s window. Redirects are followed only to http(s) addresses.
     `reply`, a dict, gets the reply's content codings ("encoding")."""
     have = _partial_size(path)
-    budget = _Budget(deadline_s, min_rate, url)  # the wait for the reply counts too
+    budget = Budget(deadline_s, min_rate, url)  # the wait for the reply counts too
     response = _reply(url, path, have, timeout, budget, reply if reply is not None else {})
     if response is None:  # 416 on a complete file
         return have
@@ -224,7 +188,9 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                          or _content_range_start(response.headers.get("Content-Range")) != have):
                 os.ftruncate(fd, 0)  # the server sends the whole file: start over
                 have = 0
-            length = (response.headers.get("Content-Length") or "").strip()
+            # (a chunked body is framed by its chunks: http.client reads no Content-Length beside them)
+            length = "" if getattr(response, "chunked", False) else \
+                (response.headers.get("Content-Length") or "").strip()
             announced = decimal(length)
             total = have + announced if announced is not None else None
             if (total or 0) > MAX_DOWNLOAD_BYTES or total is None and ascii_digits(length):  # (more digits: more)
@@ -232,30 +198,33 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                 raise DownloadError(f"fetch: {url} announces {said} bytes, more than {MAX_DOWNLOAD_BYTES:,}; "
                                     "refused (check the address, --url)")
             bar = _progress_bar(url, total, have) if progress else None
-            size = have
+            size = budget.size = have
             sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # to bound each wait by the deadline
-            while True:
-                try:
-                    if sock is not None:
-                        sock.settimeout(max(0.05, min(timeout, budget.remaining())))
-                    block = response.read1(_READ)
-                except (OSError, ValueError, EOFError, http.client.HTTPException) as exc:  # IncompleteRead, reset
-                    if budget.remaining() <= 0:
-                        raise budget.past_deadline(size) from None
-                    of = f"{total:,}" if total is not None else "?"
-                    raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {of} bytes "
-                                        f"({type(exc).__name__}); run the same command again to resume") from None
-                if not block:
-                    break
-                _write_all(fd, block, path)
-                size += len(block)
-                if bar is not None:
-                    bar.update(len(block))
-                budget.add(len(block), size)
-                if size > MAX_DOWNLOAD_BYTES:  # no file fetch takes grows out of it: not kept to resume
-                    os.ftruncate(fd, 0)  # (emptied, then removed with the empty partial)
-                    raise DownloadError(f"fetch: {url} sent more than {MAX_DOWNLOAD_BYTES:,} bytes; stopped, and what "
-                                        "it sent removed (check the address, --url)")
+            with BodyWatch(budget, sock) as watch:  # (one read may wait on a server for as long as it likes)
+                while True:
+                    try:
+                        if sock is not None:
+                            sock.settimeout(max(0.05, min(timeout, budget.remaining())))
+                        block = response.read1(_READ)
+                    except (OSError, ValueError, EOFError, http.client.HTTPException) as exc:  # IncompleteRead, reset
+                        if watch.tripped is not None or budget.remaining() <= 0:
+                            raise watch.tripped or budget.past_deadline(size) from None
+                        of = f"{total:,}" if total is not None else "?"
+                        raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {of} bytes "
+                                            f"({type(exc).__name__}); run the same command again to resume") from None
+                    if not block:
+                        if watch.tripped is not None:  # the connection ended by the watch: what came is not all
+                            raise watch.tripped
+                        break
+                    _write_all(fd, block, path)
+                    size += len(block)
+                    if bar is not None:
+                        bar.update(len(block))
+                    budget.add(len(block), size)
+                    if size > MAX_DOWNLOAD_BYTES:  # no file fetch takes grows out of it: not kept to resume
+                        os.ftruncate(fd, 0)  # (emptied, then removed with the empty partial)
+                        raise DownloadError(f"fetch: {url} sent more than {MAX_DOWNLOAD_BYTES:,} bytes; stopped, and "
+                                            "what it sent removed (check the address, --url)")
             if total is not None and size < total:
                 raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {total:,} bytes; run the "
                                     "same command again to resume")
@@ -270,7 +239,7 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
             bar.close()
 
 
-def _reply(url: str, path: str, have: int, timeout: float, budget: _Budget, reply: dict):
+def _reply(url: str, path: str, have: int, timeout: float, budget: Budget, reply: dict):
     """open_reply's response (`budget` told where it came from, `reply` its content codings); the
     partial download emptied where the server says it is another file's (an empty partial is then
     removed: the next fetch starts afresh)."""

@@ -209,6 +209,11 @@ def open_reply(url: str, have: int, timeout: float, budget):
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         if budget.remaining() <= 0 and not isinstance(exc, urllib.error.HTTPError):
             raise budget.past_deadline(have, redirects.last) from None
+        if isinstance(exc, urllib.error.HTTPError) and HttpOnlyRedirects.inf_msg in str(exc.msg):
+            # urllib's limit, checked after the hop's target was taken down: the hop that answered is exc.url
+            raise DownloadError(f"fetch: {url} redirects more than {HttpOnlyRedirects.max_redirections} times, or "
+                                f"in a loop (the last address asked, {terminal_text(exc.url)[:200]}, answered HTTP "
+                                f"{exc.code} too); check the address (--url)") from None
         reply_error(exc, url, have, redirects.last)
         return None
     finally:
