@@ -83,12 +83,12 @@ def export_onnx(run_dir: str, out: str, *, image_size: Optional[int] = None, ops
     from fasttl.predict import ImagesToLogits, load_run
     from fasttl.util.checks import check_output_path
 
-    tolerance = TOLERANCE if tolerance is None else tolerance
+    tolerance = TOLERANCE if tolerance is None else plain_number(tolerance)
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < float("inf"):
         raise OptionError(f"tolerance: expected a finite number >= 0 (the largest logit difference allowed), got "
                           f"{tolerance!r}")
-    if not isinstance(out, (str, os.PathLike)):
-        raise OptionError(f"out: {out!r} does not end in .onnx (name the file model.onnx, say)")
+    if not isinstance(out, (str, os.PathLike)) or not isinstance(os.fspath(out), str):
+        raise OptionError(f"out: expected the .onnx file's path (a str or a pathlib.Path), got {type(out).__name__}")
     overwrite, image_size, opset = a_flag("overwrite", overwrite, OptionError), plain_number(image_size), \
         plain_number(opset)
     out = check_output_path(out, overwrite, ending=".onnx")

@@ -13,9 +13,9 @@ from fasttl.cache.kernels import CACHE_DTYPE
 from fasttl.data import class_folder_splits
 from fasttl.data.formats import open_data
 from fasttl.data.formats.filelist import is_file_list
-from fasttl.util.checks import a_flag, plain_number, positive_int, torch_device
+from fasttl.util.checks import a_flag, folder_path, plain_number, positive_int, torch_device
 from fasttl.util.errors import OptionError
-from fasttl.util.files import enclosing_run_folder, is_inside, plain_path
+from fasttl.util.files import enclosing_run_folder, is_inside
 from fasttl.util.path_problems import output_folder_problem
 from fasttl.util import distributed
 from fasttl.util.outputs import passed_over, within
@@ -44,10 +44,10 @@ def extract(backbone_name: str, data: str, out: str, *, weights: str = None, ima
     image_size, batch_size, shard_rows = (plain_number(v) for v in (image_size, batch_size, shard_rows))
     overwrite, progress = a_flag("overwrite", overwrite, OptionError), a_flag("progress", progress, OptionError)
     _check_options(features, image_size, batch_size, shard_rows, device)
-    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).strip():
-        raise OptionError(f"out: {out!r} names no folder; give the cache folder (`--out .` for this one)")
-    out = plain_path(out)  # (numpy's text: os.listdir would list bytes)
-    data = plain_path(data) if isinstance(data, (str, os.PathLike)) else data
+    out = folder_path("out", out, OptionError, "the cache folder")  # (numpy's text too: os.listdir lists bytes)
+    data = folder_path("data", data, OptionError, "the data")
+    weights, classes = (None if v is None else folder_path(name, v, OptionError, "a file") for name, v in
+                        (("weights", weights), ("classes", classes)))
     problem = output_folder_problem(out, "give a folder for the cache (it is created when missing)")
     if problem:
         raise OptionError(f"out: {problem}")

@@ -454,3 +454,102 @@ def test_a_chunked_reply_is_not_measured_by_a_content_length_beside_it(tmp_path)
     # before (N3): "stopped at 10 of 5 bytes": a Content-Length http.client itself ignores beside chunks
     assert str(caught.value) == (f"fetch: the download of {server.url('/x')} stopped at 10 of ? bytes "
                                  "(IncompleteRead); run the same command again to resume")
+
+
+# ---- pass 76 (on 311b2a6: about 150 attempts on runs, eval and the API): 5 found ------------------------------------
+def test_a_users_own_run_marker_file_is_never_replaced_by_a_run(cat_ship, tmp_path, capsys):
+    folder = tmp_path / "A"
+    folder.mkdir()
+    (folder / ".fasttl-run").write_text("todo: my fasttl-run notes, do not lose\n")
+    for resume in ([], ["--resume"]):
+        code, _, err = cli(capsys, "run", "--data", cat_ship, "--out", folder, "--strategy", "scratch", "--epochs", 1,
+                           "--image-size", 32, "--compare", "none", "--no-progress", *resume)
+        # before (N1): the folder counted as empty, and the user's file was replaced by fasttl's marker (exit 0)
+        assert code == 2 and one_line_error(err) == (
+            f"fasttl: error: out: {folder} is not empty and holds no fasttl run (fasttl marks its run folders with "
+            ".fasttl-run; its .fasttl-run is not fasttl's record: a file of yours?); pass an empty or new folder as "
+            "--out"), err
+    assert [p.name for p in folder.iterdir()] == [".fasttl-run"]
+    assert (folder / ".fasttl-run").read_text() == "todo: my fasttl-run notes, do not lose\n"
+
+
+def test_a_linked_marker_is_no_run_and_an_unreadable_one_is_named(a_run, cat_ship, tmp_path):
+    import os
+
+    from test_read_only_folders import fasttl
+
+    image = str(next((cat_ship / "test").rglob("*.jpg")))
+    linked = tmp_path / "P"
+    linked.mkdir()
+    (tmp_path / "precious.txt").write_text("mine\n")
+    os.symlink("../precious.txt", linked / ".fasttl-run")
+    (linked / "sub").mkdir()
+    code, _, err = fasttl(tmp_path, "predict", "--run", a_run, image, "--out", linked / "sub" / "p.csv")
+    # before (N2): "is in the fasttl run folder .../P, which only its run writes into"
+    assert code == 0 and (linked / "sub" / "p.csv").is_file(), err
+    assert (tmp_path / "precious.txt").read_text() == "mine\n"
+    unreadable = tmp_path / "Q"
+    unreadable.mkdir()
+    (unreadable / ".fasttl-run").write_text("mine\n")
+    (unreadable / ".fasttl-run").chmod(0)
+    try:
+        code, _, err = fasttl(tmp_path, "predict", "--run", a_run, image, "--out", unreadable / "p.csv")
+    finally:
+        (unreadable / ".fasttl-run").chmod(0o644)
+    assert code == 2 and one_line_error(err) == (
+        f"fasttl: error: {unreadable / '.fasttl-run'} cannot be read (Permission denied), so fasttl can't tell "
+        "whether its folder is a run folder, which only its run writes into; make it readable, or remove it if it is "
+        "yours"), err
+    assert sorted(p.name for p in unreadable.iterdir()) == [".fasttl-run"]
+
+
+def test_numpy_floats_and_seeds_are_plain_values_in_train_head_and_export(a_run, tmp_path):
+    import fasttl
+
+    cache = fasttl.FeatureCache.write(str(tmp_path / "c"), [np.arange(24, dtype=np.float32).reshape(6, 4)],
+                                      [0, 1, 0, 1, 0, 1], classes=["a", "b"], dtype="fp32")
+    # before (N3): "lr: expected a finite number > 0, got np.float32(0.01)"; "seed: expected an integer >= 0"
+    plain = fasttl.heads.train_head(cache, epochs=2, lr=0.01, weight_decay=0.0, seed=3, progress=False)
+    numpy = fasttl.heads.train_head(cache, epochs=2, lr=np.float64(0.01), weight_decay=np.float32(0.0),
+                                    seed=np.int64(3), progress=False)
+    assert [r["train_loss"] for r in plain.history] == [r["train_loss"] for r in numpy.history]
+    pytest.importorskip("onnxruntime", reason="export checks its file with ONNX Runtime (fasttl[export])")
+    from fasttl.export import export_onnx
+
+    result = export_onnx(str(a_run), str(tmp_path / "m.onnx"), tolerance=np.float32(1e-3))
+    assert result["max_abs_diff"] <= 1e-3
+
+
+def test_bytes_and_blank_paths_are_refused_by_name_before_any_work(cat_ship, tmp_path):
+    import fasttl
+    from fasttl.export import export_onnx
+    from fasttl.extract import extract
+    from fasttl.util.errors import OptionError
+
+    data, out = str(cat_ship), str(tmp_path / "cache")
+    for call, said in [
+        (lambda: extract("efficientnet_lite0", data.encode(), out), "data: expected the data's path (a str or a "
+                                                                    "pathlib.Path), got bytes"),
+        (lambda: extract("efficientnet_lite0", data, out.encode()), "out: expected the cache folder's path (a str or "
+                                                                   "a pathlib.Path), got bytes"),
+        (lambda: extract("efficientnet_lite0", data, out, weights=b"w.pth"), "weights: expected a file's path (a "
+                                                                             "str or a pathlib.Path), got bytes"),
+        (lambda: extract("efficientnet_lite0", data, out, classes=b"c.txt"), "classes: expected a file's path"),
+        (lambda: fasttl.backbones.create("efficientnet_lite0", weights=b"w.pth"), "weights: expected a file's path"),
+        (lambda: fasttl.backbones.create("efficientnet_lite0", weights=" "), "weights: an empty or blank path (an "
+                                                                             "unset variable?); give a file"),
+        (lambda: export_onnx(str(tmp_path), b"m.onnx"), "out: expected the .onnx file's path (a str or a "
+                                                        "pathlib.Path), got bytes"),
+    ]:
+        with pytest.raises((OptionError, TypeError)) as caught:
+            call()
+        # before (N4): raw TypeErrors (can't mix strings and bytes), "names no folder", "does not end in .onnx"
+        assert str(caught.value).startswith(said), str(caught.value)
+        assert not (tmp_path / "cache").exists()
+    cache = fasttl.FeatureCache.write(str(tmp_path / "c"), [np.ones((4, 3), np.float32)], [0, 1, 0, 1],
+                                      classes=["a", "b"], dtype="fp32")
+    with pytest.raises(TypeError, match=r"^checkpoint: expected an object with save\(state\) and load\(\)"):
+        fasttl.heads.train_head(cache, epochs=1, checkpoint=b"ck.pt", progress=False)  # before: after an epoch
+    # before (N5): "holds a cache built for something else (: cache has {...})" and advice to rebuild it
+    with pytest.raises(TypeError, match=r"^expect_fingerprint: expected a dict \(a cache's fingerprint\), got str$"):
+        fasttl.FeatureCache.open(str(tmp_path / "c"), expect_fingerprint="x")

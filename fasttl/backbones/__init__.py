@@ -12,7 +12,7 @@ import functools
 import os
 from typing import List, Optional
 
-from fasttl.util.checks import a_flag
+from fasttl.util.checks import a_flag, folder_path
 from fasttl.util.errors import OptionError
 from fasttl.backbones.base import Backbone, CustomBackbone, Preprocessing
 from fasttl.backbones.concatenated import SEPARATOR, ConcatenatedBackbone, check_parts
@@ -78,7 +78,7 @@ def create(name: str = DEFAULT, pretrained: bool = True, weights: Optional[str] 
                               "or pass one backbone")
         return ConcatenatedBackbone([create(part, pretrained) for part in name.split(SEPARATOR)])
     if weights is not None:
-        weights = os.path.expanduser(os.fspath(weights))
+        weights = os.path.expanduser(folder_path("weights", weights, OptionError, "a file"))
     return _LOADERS[name](name, pretrained=pretrained, weights=weights)
 
 

@@ -103,6 +103,9 @@ class FeatureCache:
         The sample ids are read, and checked against their SHA-256, when ``samples`` is first
         used. Any problem is a CacheError naming the file."""
         directory = absolute(folder_path("directory", directory))
+        if expect_fingerprint is not None and not isinstance(expect_fingerprint, dict):
+            raise TypeError(f"expect_fingerprint: expected a dict (a cache's fingerprint), got "
+                            f"{type(expect_fingerprint).__name__}")
         return cls(directory, *format.read_cache(directory, verify, expect_fingerprint))
 
     @classmethod

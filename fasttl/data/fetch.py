@@ -198,33 +198,8 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                 raise DownloadError(f"fetch: {url} announces {said} bytes, more than {MAX_DOWNLOAD_BYTES:,}; "
                                     "refused (check the address, --url)")
             bar = _progress_bar(url, total, have) if progress else None
-            size = budget.size = have
-            sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # to bound each wait by the deadline
-            with BodyWatch(budget, sock) as watch:  # (one read may wait on a server for as long as it likes)
-                while True:
-                    try:
-                        if sock is not None:
-                            sock.settimeout(max(0.05, min(timeout, budget.remaining())))
-                        block = response.read1(_READ)
-                    except (OSError, ValueError, EOFError, http.client.HTTPException) as exc:  # IncompleteRead, reset
-                        if watch.tripped is not None or budget.remaining() <= 0:
-                            raise watch.tripped or budget.past_deadline(size) from None
-                        of = f"{total:,}" if total is not None else "?"
-                        raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {of} bytes "
-                                            f"({type(exc).__name__}); run the same command again to resume") from None
-                    if not block:
-                        if watch.tripped is not None:  # the connection ended by the watch: what came is not all
-                            raise watch.tripped
-                        break
-                    _write_all(fd, block, path)
-                    size += len(block)
-                    if bar is not None:
-                        bar.update(len(block))
-                    budget.add(len(block), size)
-                    if size > MAX_DOWNLOAD_BYTES:  # no file fetch takes grows out of it: not kept to resume
-                        os.ftruncate(fd, 0)  # (emptied, then removed with the empty partial)
-                        raise DownloadError(f"fetch: {url} sent more than {MAX_DOWNLOAD_BYTES:,} bytes; stopped, and "
-                                            "what it sent removed (check the address, --url)")
+            budget.size = have
+            size = _receive(response, fd, path, budget, bar, total, timeout, where, url)
             if total is not None and size < total:
                 raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {total:,} bytes; run the "
                                     "same command again to resume")
@@ -237,6 +212,40 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
         os.close(fd)
         if bar is not None:
             bar.close()
+
+
+def _receive(response, fd: int, path: str, budget: Budget, bar, total: Optional[int], timeout: float, where: str,
+             url: str) -> int:
+    """Writes the reply's body to `fd` as it arrives (from budget.size on) and returns the size
+    reached; the budget watched while each read waits."""
+    size = budget.size
+    sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # to bound each wait by the deadline
+    with BodyWatch(budget, sock) as watch:  # (one read may wait on a server for as long as it likes)
+        while True:
+            try:
+                if sock is not None:
+                    sock.settimeout(max(0.05, min(timeout, budget.remaining())))
+                block = response.read1(_READ)
+            except (OSError, ValueError, EOFError, http.client.HTTPException) as exc:  # IncompleteRead, reset
+                if watch.tripped is not None or budget.remaining() <= 0:
+                    raise watch.tripped or budget.past_deadline(size) from None
+                of = f"{total:,}" if total is not None else "?"
+                raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {of} bytes "
+                                    f"({type(exc).__name__}); run the same command again to resume") from None
+            if not block:
+                if watch.tripped is not None:  # the connection ended by the watch: what came is not all
+                    raise watch.tripped
+                break
+            _write_all(fd, block, path)
+            size += len(block)
+            if bar is not None:
+                bar.update(len(block))
+            budget.add(len(block), size)
+            if size > MAX_DOWNLOAD_BYTES:  # no file fetch takes grows out of it: not kept to resume
+                os.ftruncate(fd, 0)  # (emptied, then removed with the empty partial)
+                raise DownloadError(f"fetch: {url} sent more than {MAX_DOWNLOAD_BYTES:,} bytes; stopped, and "
+                                    "what it sent removed (check the address, --url)")
+    return size
 
 
 def _reply(url: str, path: str, have: int, timeout: float, budget: Budget, reply: dict):

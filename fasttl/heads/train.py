@@ -156,7 +156,11 @@ def train_head(train: FeatureCache, *, kind: str = "linear", epochs: int = 10, b
     from fasttl.heads.fit import DivergedError, eval_record, fit, one_cycle
 
     progress, resume = a_flag("progress", progress), a_flag("resume", resume)
-    epochs, batch_size, patience = (plain_number(v) for v in (epochs, batch_size, patience))
+    epochs, batch_size, patience, lr, weight_decay, seed = (plain_number(v) for v in (epochs, batch_size, patience, lr,
+                                                                                      weight_decay, seed))
+    if checkpoint is not None and not all(callable(getattr(checkpoint, m, None)) for m in ("save", "load")):
+        raise TypeError(f"checkpoint: expected an object with save(state) and load() (fasttl.transfer.rundir."
+                        f"Checkpoint), got {type(checkpoint).__name__}")
     device = _check_arguments(train, eval_cache, kind, epochs, batch_size, lr, weight_decay, seed, device)
     _check_training(train, dtype, patience)
     torch.manual_seed(torch_seed(seed))

@@ -146,9 +146,13 @@ def _refuse_taken_out(cfg: RunConfig) -> None:
 
 def _refuse_foreign(run_dir: str) -> None:
     """A folder of someone else's files is never written into (not even a lock file)."""
-    if os.path.isdir(run_dir) and not holds_run(run_dir) and set(os.listdir(run_dir)) - set(own_entries()):
+    if not os.path.isdir(run_dir) or holds_run(run_dir):
+        return
+    names = set(os.listdir(run_dir))  # a marker that is no run's record (holds_run) is a file of the user's
+    if names - set(own_entries()) or MARKER in names:
+        yours = f"; its {MARKER} is not fasttl's record: a file of yours?" if MARKER in names else ""
         raise RunError(f"out: {run_dir} is not empty and holds no fasttl run (fasttl marks its run folders with "
-                       f"{MARKER}); pass an empty or new folder as --out")
+                       f"{MARKER}{yours}); pass an empty or new folder as --out")
 
 
 def preflight(cfg: RunConfig) -> None:

@@ -113,8 +113,8 @@ def folder_path(name: str, value, error=None, what: str = "a folder") -> str:
         raise (error or TypeError)(f"{name}: expected {what}'s path (a str or a pathlib.Path), got "
                                    f"{type(value).__name__}")
     if not text.strip():
-        raise (error or ValueError)(f"{name}: an empty or blank path (an unset variable?); give {what} "
-                                    "('.' for the current one)")
+        here = "" if "file" in what else " ('.' for the current one)"
+        raise (error or ValueError)(f"{name}: an empty or blank path (an unset variable?); give {what}{here}")
     return str(text)  # numpy's text (np.str_) as plain str: os.listdir of it lists bytes
 
 

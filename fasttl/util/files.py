@@ -358,12 +358,18 @@ def run_record(path: str) -> Optional[dict]:
 
 
 def _holds_run_record(path: str) -> bool:
-    if not os.path.isfile(path):
+    """Whether `path` is a run's marker: a plain file (never a link) holding fasttl's record. One
+    that can't be read can't be told from a run's: a UserError naming it."""
+    if os.path.islink(path) or not os.path.isfile(path):
         return False
-    try:  # a link of the marker's name is never fasttl's, but no output goes through it either
-        return os.path.islink(path) or run_record(path) is not None
-    except OSError:
-        return True
+    try:
+        return run_record(path) is not None
+    except OSError as exc:
+        from fasttl.util.errors import UserError
+
+        raise UserError(f"{path} cannot be read ({exc.strerror}), so fasttl can't tell whether its folder is a run "
+                        "folder, which only its run writes into; make it readable, or remove it if it is yours") \
+            from None
 
 
 def _marker_problem(folder: str) -> str:
