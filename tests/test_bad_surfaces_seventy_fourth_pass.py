@@ -553,3 +553,177 @@ def test_bytes_and_blank_paths_are_refused_by_name_before_any_work(cat_ship, tmp
     # before (N5): "holds a cache built for something else (: cache has {...})" and advice to rebuild it
     with pytest.raises(TypeError, match=r"^expect_fingerprint: expected a dict \(a cache's fingerprint\), got str$"):
         fasttl.FeatureCache.open(str(tmp_path / "c"), expect_fingerprint="x")
+
+
+# ---- pass 79 (on 4212938: about 105 attempts on data fetch and full disks): 4 found ----------------------------------
+def _raw_server(reply):
+    """A LoopbackServer that writes `reply(wfile)`'s bytes as they are: status lines, headers and
+    framing of the test's own making."""
+    import http.server
+
+    from conftest import LoopbackServer
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            try:
+                reply(self.wfile)
+                self.wfile.flush()
+            except OSError:  # the client hung up
+                pass
+            self.close_connection = True
+
+    return LoopbackServer(Handler)
+
+
+def test_a_server_slow_to_answer_but_fast_enough_to_send_is_not_cut(tmp_path, monkeypatch):
+    import time
+
+    from fasttl.data import fetch_budget
+    from fasttl.data.fetch import download
+
+    def reply(out):
+        time.sleep(2.0)  # the wait for headers: counts against --deadline only
+        out.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8000\r\n\r\n")
+        for piece in range(8):  # 5,000 bytes/s, above --min-rate
+            out.write(bytes([piece]) * 1000)
+            out.flush()
+            time.sleep(0.2)
+
+    monkeypatch.setattr(fetch_budget, "RATE_WINDOW_S", 1.0)
+    server = _raw_server(reply)
+    try:  # before (N1): "sent 500 bytes/s over the last 2 s, below 3,000 (--min-rate)", at every rerun
+        size = download(server.url("/x"), str(tmp_path / "partial"), progress=False, min_rate=3000)
+    finally:
+        server.close()
+    assert size == 8000 and (tmp_path / "partial").read_bytes() == b"".join(bytes([p]) * 1000 for p in range(8))
+
+
+def test_a_broken_chunk_framing_keeps_nothing_to_resume_from(tmp_path):
+    from fasttl.data.fetch import download
+    from fasttl.data.http_reply import DownloadError
+
+    def reply(out):  # a chunk of 1,000 bytes whose size line says 1,100: the next size line is read as data
+        out.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        out.write(b"44c\r\n" + b"a" * 1000 + b"\r\n" + b"".join(b"3e8\r\n" + b"b" * 1000 + b"\r\n" for _ in range(3)))
+
+    server = _raw_server(reply)
+    try:
+        with pytest.raises(DownloadError) as caught:
+            download(server.url("/x"), str(tmp_path / "partial"), progress=False)
+    finally:
+        server.close()
+    # before (N2): "stopped at 1,100 of ? bytes; run again to resume", the framing bytes kept in the partial
+    assert str(caught.value) == (f"fetch: {server.url('/x')} sent a chunked reply whose framing is broken (a chunk "
+                                 "of another length than its size line says); what it sent was dropped, so a resume "
+                                 "never starts from it (check the address, --url)")
+    assert (tmp_path / "partial").read_bytes() == b""
+
+
+@pytest.mark.parametrize("size", [b"0x3e8", b"3_e8", b"-5", b"1" * 17, b"zz"])
+def test_a_chunk_size_that_is_no_hexadecimal_number_is_said(tmp_path, size):
+    from fasttl.data.fetch import download
+    from fasttl.data.http_reply import DownloadError
+
+    def reply(out):
+        out.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\n" + b"c" * 1000
+                  + b"\r\n0\r\n\r\n")
+
+    server = _raw_server(reply)
+    try:
+        with pytest.raises(DownloadError, match=r"sent a chunked reply whose framing is broken \(a chunk size that is "
+                                                r"no hexadecimal number \('"):
+            download(server.url("/x"), str(tmp_path / "partial"), progress=False)
+    finally:
+        server.close()
+    assert (tmp_path / "partial").read_bytes() == b""  # (int(line, 16) took 0x3e8 and 3_e8 as 1,000)
+
+
+def test_a_reply_of_no_content_is_said_not_resumed(tmp_path):
+    from fasttl.data.fetch import download
+    from fasttl.data.http_reply import DownloadError
+
+    server = _raw_server(lambda out: out.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 450352\r\n\r\n"))
+    try:
+        with pytest.raises(DownloadError) as caught:
+            download(server.url("/x"), str(tmp_path / "partial"), progress=False)
+    finally:
+        server.close()
+    # before (N3): "stopped at 0 of 450,352 bytes; run the same command again to resume", at every rerun
+    assert str(caught.value) == (f"fetch: {server.url('/x')} answered HTTP 204 (No Content): no file there; check the "
+                                 "address (--url)")
+
+
+def test_interim_replies_before_the_answer_are_read_past(tmp_path):
+    from fasttl.data.fetch import download
+
+    def reply(out):
+        out.write(b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                  b"HTTP/1.1 199 Misc\r\nX: y\r\n\r\n")
+        out.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+
+    server = _raw_server(reply)
+    try:  # before (N4): "answered HTTP 102 (...); check the address (--url)"
+        size = download(server.url("/x"), str(tmp_path / "partial"), progress=False)
+    finally:
+        server.close()
+    assert size == 5 and (tmp_path / "partial").read_bytes() == b"hello"
+
+
+# ---- pass 78 (on 4212938: about 200 attempts on the API, outputs, optimizers and losses): 3 found --------------------
+@pytest.mark.parametrize("change, said", [
+    (dict(size=-5), r"^size: expected a positive integer, got -5$"),
+    (dict(size=0), r"^size: expected a positive integer, got 0$"),
+    (dict(size=3.5), r"^size: expected a positive integer, got 3\.5$"),
+    (dict(size=True), r"^size: expected a positive integer, got True$"),
+    (dict(size=4096), r"^size: 4096 px is more than fasttl handles \(1024\)$"),
+    (dict(std=(0.0, 0.0, 0.0)), r"^std: expected 3 finite numbers > 0 \(one a channel"),
+    (dict(std=(float("nan"), 0.2, 0.2)), r"^std: expected 3 finite numbers > 0"),
+    (dict(mean=(0.5, 0.5)), r"^mean: expected 3 finite numbers \(one a channel"),
+    (dict(mean="abc"), r"^mean: expected 3 finite numbers"),
+    (dict(crop_fraction=0), r"^crop_fraction: expected a number in \(0, 1\]"),
+    (dict(crop_fraction=2), r"^crop_fraction: expected a number in \(0, 1\]"),
+    (dict(train="no"), r"^train: expected True or False, got 'no'$"),
+])
+def test_a_transform_spec_refuses_values_that_would_give_wrong_images(change, said):
+    from fasttl.data import TransformSpec
+
+    good = dict(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_fraction=0.875)
+    # before (N1): DALI resized to 5x5 for -5, kept 32x32 for 0; std 0 gave inf pixels; torch raised deep inside
+    with pytest.raises((ValueError, TypeError), match=said):
+        TransformSpec(**dict(good, **change))
+    spec = TransformSpec(**dict(good, size=np.int64(32), mean=np.array([0.5, 0.5, 0.5]), crop_fraction=np.float32(1)))
+    assert (type(spec.size), spec.mean, spec.crop_fraction) == (int, (0.5, 0.5, 0.5), 1.0)
+
+
+def test_an_image_loader_names_a_spec_that_is_not_one(cat_ship):
+    from fasttl.data import ImageLoader, scan_class_folder
+
+    with pytest.raises(TypeError, match=r"^spec: expected a fasttl\.data\.TransformSpec .*got dict$"):
+        ImageLoader(scan_class_folder(str(cat_ship / "train")), {"size": 32}, backend="torch")
+
+
+def test_class_folder_paths_and_classes_of_the_data_api_are_checked_by_name(cat_ship, tmp_path, monkeypatch):
+    from fasttl.data import class_folder_splits, scan_class_folder
+    from fasttl.util.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    train = str(cat_ship / "train")
+    for call, error, said in [
+        (lambda: class_folder_splits(str(cat_ship).encode()), TypeError, r"^root: expected the data's path \(a str"),
+        (lambda: scan_class_folder(None), TypeError, r"^root: expected the class folders's path|^root: expected"),
+        (lambda: scan_class_folder(""), ValueError, r"^root: an empty or blank path \(an unset variable\?\)"),
+        (lambda: scan_class_folder(train, classes="cat"), TypeError, r"^classes: expected a list of class names "
+                                                                     r"\(strings\), got 'cat'$"),
+        (lambda: scan_class_folder(train, classes=[1, 2]), TypeError, r"^classes: expected a list of class names"),
+        (lambda: scan_class_folder(train, classes=["cat", "cat", "ship"]), DataError, r"^classes: 'cat' is named "
+                                                                                      r"twice"),
+        (lambda: scan_class_folder(train, classes=["cat"]), DataError, r"the classes given"),
+    ]:
+        # before (N2, N3): raw TypeErrors; '' read the working folder; "cat" split into letters; a name given twice
+        # said as "another order"; every difference blamed "the training split"
+        with pytest.raises(error, match=said):
+            call()
+    assert scan_class_folder(train, classes=np.array(["cat", "ship"])).classes == ["cat", "ship"]

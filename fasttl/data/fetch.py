@@ -30,8 +30,8 @@ from typing import Dict, Optional, Tuple
 
 from fasttl.data.archive import extract
 from fasttl.data.fetch_budget import BodyWatch, Budget
-from fasttl.data.http_reply import (DownloadError, PartialRefused, content_encoding, named_address, open_reply,
-                                   sendable, what_the_encoding_did)
+from fasttl.data.http_reply import (BrokenChunks, DownloadError, PartialRefused, content_encoding, named_address,
+                                   open_reply, sendable, what_the_encoding_did)
 from fasttl.util.checks import is_utf8
 from fasttl.util.errors import DataError, OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX, absolute
@@ -184,6 +184,10 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
     bar = None
     try:
         with response:
+            if response.status in (204, 205):  # a body that is none by definition: no file to resume, ever
+                reason = terminal_text(response.reason)[:60]
+                raise DownloadError(f"fetch: {where} answered HTTP {response.status} ({reason}): no file there; check "
+                                    "the address (--url)")
             if have and (response.status != 206
                          or _content_range_start(response.headers.get("Content-Range")) != have):
                 os.ftruncate(fd, 0)  # the server sends the whole file: start over
@@ -199,6 +203,7 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                                     "refused (check the address, --url)")
             bar = _progress_bar(url, total, have) if progress else None
             budget.size = have
+            budget.body_starts()  # (the wait for headers counts against the deadline, not the body's rate)
             size = _receive(response, fd, path, budget, bar, total, timeout, where, url)
             if total is not None and size < total:
                 raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {total:,} bytes; run the "
@@ -218,7 +223,7 @@ def _receive(response, fd: int, path: str, budget: Budget, bar, total: Optional[
              url: str) -> int:
     """Writes the reply's body to `fd` as it arrives (from budget.size on) and returns the size
     reached; the budget watched while each read waits."""
-    size = budget.size
+    size = start = budget.size
     sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # to bound each wait by the deadline
     with BodyWatch(budget, sock) as watch:  # (one read may wait on a server for as long as it likes)
         while True:
@@ -229,6 +234,11 @@ def _receive(response, fd: int, path: str, budget: Budget, bar, total: Optional[
             except (OSError, ValueError, EOFError, http.client.HTTPException) as exc:  # IncompleteRead, reset
                 if watch.tripped is not None or budget.remaining() <= 0:
                     raise watch.tripped or budget.past_deadline(size) from None
+                if isinstance(exc, BrokenChunks):
+                    os.ftruncate(fd, start)  # framing bytes went in as data: nothing of this reply is a prefix
+                    raise DownloadError(f"fetch: {where} sent a chunked reply whose framing is broken ({exc}); what "
+                                        "it sent was dropped, so a resume never starts from it (check the address, "
+                                        "--url)") from None
                 of = f"{total:,}" if total is not None else "?"
                 raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {of} bytes "
                                     f"({type(exc).__name__}); run the same command again to resume") from None
@@ -401,7 +411,7 @@ def _remove_other_partials(dest: str, remote: "Remote", partial: str) -> None:
 def _why_it_differs(partial: str, kept: int, encoding: Optional[str], expected: str) -> str:
     """What a checksum mismatch may come from, in parentheses ('' where nothing is known)."""
     reasons = [f"resumed from the {kept:,} bytes an earlier fetch kept: the file may have changed on the server "
-               "since"] if kept else []
+               "since, or an earlier reply was broken"] if kept else []
     if encoding:  # what the server said it did to the bytes
         reasons.append(what_the_encoding_did(partial, encoding, expected))
     return f" ({'; '.join(reasons)})" if reasons else ""

@@ -27,6 +27,12 @@ class Budget:
         self.window_bytes = self.size = 0
         self._lock = threading.Lock()  # the watcher reads the window while the download rolls it
 
+    def body_starts(self) -> None:
+        """The rate is the body's: its first window starts when it does (a server slow to answer
+        but fast to send is no slow server; the deadline counts the wait)."""
+        with self._lock:
+            self.window_start, self.window_bytes = time.monotonic(), 0
+
     def remaining(self) -> float:
         return self.deadline_s - (time.monotonic() - self.started)
 
@@ -48,7 +54,8 @@ class Budget:
             if window >= RATE_WINDOW_S and self.window_bytes / window < self.min_rate:
                 return DownloadError(f"fetch: {self.url} sent {self.window_bytes / window:,.0f} bytes/s over the last "
                                      f"{window:.0f} s, below {self.min_rate:,.0f} (--min-rate); stopped at "
-                                     f"{self.size:,} bytes: run the same command again to resume")
+                                     f"{self.size:,} bytes: run the same command again to resume (or give a lower "
+                                     "--min-rate for a server this slow)")
             return None
 
     def add(self, count: int, size: int) -> None:

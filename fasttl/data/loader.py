@@ -55,6 +55,9 @@ class ImageLoader:
                  pin_memory: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if not isinstance(spec, TransformSpec):
+            raise TypeError(f"spec: expected a fasttl.data.TransformSpec (TransformSpec.for_backbone(backbone."
+                            f"preprocessing)), got {type(spec).__name__}")
         batch_size = positive_int("batch_size", plain_number(batch_size))
         num_shards, shard_id = positive_int("num_shards", plain_number(num_shards)), plain_number(shard_id)
         if num_shards > MAX_SHARDS:

@@ -10,7 +10,8 @@ MAX_IMAGE_SIZE = 1024
 
 
 def check_image_size(name: str, value, error=ValueError) -> int:
-    """`value` when it is an image side fasttl handles (1 to MAX_IMAGE_SIZE pixels); else `error`."""
+    """`value` when it is an image side fasttl handles (1 to MAX_IMAGE_SIZE pixels); else `error`
+    (a numpy integer: refused here; TransformSpec makes it plain first)."""
     from fasttl.util.checks import positive_int
 
     value = positive_int(name, value, error)
@@ -28,6 +29,35 @@ class TransformSpec:
     train: bool = False                # random resized crop + horizontal flip instead
     seed: int = 0
     mirror: bool = False               # eval: the horizontally mirrored view (a second view for feature caches)
+
+    def __post_init__(self):
+        """Each value checked and made plain (a numpy number as Python's): a size of -5 or 0, a std
+        of 0 or NaN, would otherwise give wrong images silently on one backend and a traceback on
+        the other."""
+        import math
+
+        from fasttl.util.checks import a_flag, order_number, plain_number
+
+        set_plain = object.__setattr__  # (a frozen dataclass)
+        set_plain(self, "size", check_image_size("size", plain_number(self.size)))
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            values = None if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__") else \
+                [plain_number(v) for v in values]
+            if values is None or len(values) != 3 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values) \
+                    or name == "std" and min(values) <= 0:
+                raise ValueError(f"{name}: expected 3 finite numbers{' > 0' if name == 'std' else ''} (one a channel, "
+                                 f"on the 0..1 scale), got {getattr(self, name)!r:.80}")
+            set_plain(self, name, tuple(float(v) for v in values))
+        crop = plain_number(self.crop_fraction)
+        if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
+            raise ValueError(f"crop_fraction: expected a number in (0, 1] (the center crop's share of the resized "
+                             f"image), got {self.crop_fraction!r}")
+        set_plain(self, "crop_fraction", float(crop))
+        set_plain(self, "train", a_flag("train", self.train))
+        set_plain(self, "mirror", a_flag("mirror", self.mirror))
+        set_plain(self, "seed", order_number("seed", self.seed, 63))
 
     @property
     def resize_shorter(self) -> int:

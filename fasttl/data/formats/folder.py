@@ -7,7 +7,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fasttl.util.checks import is_utf8
+from fasttl.util.checks import folder_path, is_utf8
 from fasttl.util.errors import DataError
 from fasttl.util.files import absolute, run_folder_in_data
 from fasttl.util.path_problems import unreachable
@@ -43,7 +43,8 @@ def list_folder(folder: str) -> List[str]:
         raise DataError(f"data: cannot list {folder} ({exc.strerror or exc}); check its permissions") from None
 
 
-def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> FileSource:
+def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None, *,
+                      classes_are: str = "the classes given") -> FileSource:
     """root/<class>/*.jpg|jpeg|png (Keras' flow_from_directory layout). Labels index the sorted
     class names. Symbolic links to files and folders are followed.
 
@@ -51,8 +52,11 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
     other classes than `classes`, a class folder without images. Passed over and listed in the
     result's ``ignored`` as (path, reason): hidden (dot) folders and files, files without an image
     extension (.txt, Thumbs.db, ...), files directly in root, broken links and special files.
-    File contents are not read here: `screen` and the loaders check them."""
-    root = absolute(root)
+    File contents are not read here: `screen` and the loaders check them. `classes_are`: what
+    `classes` are, for a message (class_folder_splits: "the training split")."""
+    root = absolute(folder_path("root", root, what="the class folders"))
+    if classes is not None:
+        classes = checked_classes(classes)
     expected = f"a folder with one sub-folder of images per class, {root}/<class>/<image>.jpg"
     if not os.path.isdir(root):
         raise missing_data(root, expected)
@@ -81,7 +85,7 @@ def scan_class_folder(root: str, classes: Optional[Sequence[str]] = None) -> Fil
                         f"({unprintable(bad)}); rename it")
     refuse_lookalikes(found, f"data: {root} has class folders")
     if classes is not None and list(classes) != found:
-        raise DataError(f"data: {root} {class_difference(found, list(classes), 'the training split')}")
+        raise DataError(f"data: {root} {class_difference(found, classes, classes_are)}")
     if len(found) < 2:
         raise DataError(f"data: {root} has only 1 class folder ({found[0]}); a classifier needs at least 2 "
                         f"(add {root}/<other class>/)")
@@ -129,7 +133,7 @@ def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
     """(train, test) from root/train and root/test when both exist, else (root, None). With
     splits, what root holds besides train/ and test/ is listed in train.ignored. Only one of
     train/ and test/ is a DataError (it would otherwise be read as a class)."""
-    root = absolute(root)
+    root = absolute(folder_path("root", root, what="the data"))
     if not os.path.isdir(root):
         raise missing_data(root, f"class folders {root}/<class>/*.jpg, or {root}/train/<class> and {root}/test/<class>")
     train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
@@ -138,7 +142,7 @@ def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
             raise DataError(f"data: {split} {why}")
     if os.path.isdir(train_dir) and os.path.isdir(test_dir):
         train = scan_class_folder(train_dir)
-        test = scan_class_folder(test_dir, classes=train.classes)
+        test = scan_class_folder(test_dir, classes=train.classes, classes_are="the training split")
         refuse_one_file_twice(train.files + test.files, "an image used for training is never a test image")
         # What else root holds (a val/ split, notes, hidden folders) is not used: say so.
         train.ignored[:0] = [(os.path.join(root, name), "hidden" if name.startswith(".") else "not train/ or test/")
@@ -151,24 +155,34 @@ def class_folder_splits(root: str) -> Tuple[FileSource, Optional[FileSource]]:
     return scan_class_folder(root), None
 
 
+def checked_classes(classes) -> List[str]:
+    """`classes` of the Python API (file_list, scan_class_folder) as a list, by the rules of a
+    classes file: distinct printable names, not a str (whose letters would be the names)."""
+    given = classes
+    classes = None if isinstance(classes, (str, bytes, dict)) or not hasattr(classes, "__iter__") else list(classes)
+    if classes is None or not all(isinstance(name, str) for name in classes):
+        raise TypeError(f"classes: expected a list of class names (strings), got {given!r:.80}")
+    classes = [str(name) for name in classes]  # (numpy's text as plain str)
+    bad = next((name for name in classes if not name or unprintable(name)), None)
+    if bad is not None:
+        raise DataError(f"classes: {bad!r} is empty or holds a character that is not printable "
+                        f"({unprintable(bad) or 'empty'}); use plain text names")
+    if len(classes) > MAX_INDEX_CLASSES:
+        raise DataError(f"classes: {len(classes):,} classes, more than the {MAX_INDEX_CLASSES:,} fasttl takes")
+    seen = set()
+    twice = next((name for name in classes if name in seen or seen.add(name)), None)  # one pass
+    if twice is not None:
+        raise DataError(f"classes: {twice[:60]!r} is named twice; name each class once")
+    return classes
+
+
 def file_list(pairs: Iterable[Tuple[str, int]], classes: Optional[Sequence[str]] = None) -> FileSource:
     """An explicit list of (path, label). Each path must be a JPEG or PNG file (checked by its
     header), named once (by name, link or hard link), and each label an integer in
     [0, len(classes)); else a DataError naming it. Without `classes`, the labels found must be
     0..K-1 with no gap (each becomes a class named by its number)."""
     if classes is not None:  # the rules of a classes file, before any image is looked at
-        if isinstance(classes, str) or not all(isinstance(name, str) for name in classes):
-            raise TypeError(f"classes: expected a list of class names (strings), got {classes!r:.80}")
-        bad = next((name for name in classes if not name or unprintable(name)), None)
-        if bad is not None:
-            raise DataError(f"classes: {bad!r} is empty or holds a character that is not printable "
-                            f"({unprintable(bad) or 'empty'}); use plain text names")
-        if len(classes) > MAX_INDEX_CLASSES:
-            raise DataError(f"classes: {len(classes):,} classes, more than the {MAX_INDEX_CLASSES:,} fasttl takes")
-        seen = set()
-        twice = next((name for name in classes if name in seen or seen.add(name)), None)  # one pass
-        if twice is not None:
-            raise DataError(f"classes: {twice[:60]!r} is named twice; name each class once")
+        classes = checked_classes(classes)
     files, labels = [], []
     for index, pair in enumerate(pairs):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], (str, os.PathLike)):
