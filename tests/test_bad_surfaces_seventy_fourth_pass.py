@@ -617,9 +617,77 @@ def test_a_broken_chunk_framing_keeps_nothing_to_resume_from(tmp_path):
         server.close()
     # before (N2): "stopped at 1,100 of ? bytes; run again to resume", the framing bytes kept in the partial
     assert str(caught.value) == (f"fetch: {server.url('/x')} sent a chunked reply whose framing is broken (a chunk "
-                                 "of another length than its size line says); what it sent was dropped, so a resume "
-                                 "never starts from it (check the address, --url)")
+                                 "of another length than its size line says); what it sent past its last whole chunk "
+                                 "was dropped, so a resume never starts from it (check the address, --url)")
     assert (tmp_path / "partial").read_bytes() == b""
+
+
+@pytest.mark.parametrize("ending", ["eof", "deadline"])
+def test_a_reply_cut_off_keeps_only_its_checked_chunks(tmp_path, ending):
+    import time
+
+    from fasttl.data.fetch import download
+    from fasttl.data.http_reply import DownloadError
+
+    def reply(out):  # two whole chunks, then one shorter than its size line says, then the server stops or stalls
+        out.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n004\r\nefgh\r\n")
+        out.write(b"44c\r\n" + b"i" * 1000 + b"\r\n3e8\r\n" + b"j" * 93)
+        out.flush()
+        if ending == "deadline":
+            time.sleep(5)
+
+    server = _raw_server(reply)
+    try:
+        with pytest.raises(DownloadError):
+            download(server.url("/x"), str(tmp_path / "partial"), progress=False, deadline_s=1.5)
+    finally:
+        server.close()
+    # before (pass 81 N2): the partial kept 1,108 bytes, framing ("\r\n3e8\r\n") inside, to resume from
+    assert (tmp_path / "partial").read_bytes() == b"abcdefgh"
+
+
+def test_chunk_sizes_with_leading_zeros_and_sixteen_interim_replies_are_read(tmp_path):
+    from fasttl.data.fetch import download
+
+    def reply(out):
+        out.write(b"".join(b"HTTP/1.1 103 Early Hints\r\n\r\n" for _ in range(16)))
+        out.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"0" * 30 + b"5\r\nhello\r\n"
+                  + b"0" * 19 + b"\r\n\r\n")
+
+    server = _raw_server(reply)
+    try:  # before (pass 81 N1, N3): 19 zeros "no hexadecimal number"; 16 interim replies "more than 16"
+        size = download(server.url("/x"), str(tmp_path / "partial"), progress=False)
+    finally:
+        server.close()
+    assert size == 5 and (tmp_path / "partial").read_bytes() == b"hello"
+
+
+def test_a_reply_that_is_not_http_is_not_blamed_on_the_network(tmp_path, capsys, monkeypatch):
+    from fasttl.cli import main
+
+    server = _raw_server(lambda out: out.write(b"".join(b"HTTP/1.1 103 Early Hints\r\n\r\n" for _ in range(17))))
+    monkeypatch.setenv("FASTTL_DATA", str(tmp_path / "data"))
+    try:
+        code = main(["data", "fetch", "cifar10", "--no-progress", "--url", server.url("/x"), "--sha256", "0" * 64])
+    finally:
+        server.close()
+    # before (pass 81 N3): "cannot reach ... check the network or the address"
+    assert code == 2 and one_line_error(capsys.readouterr().err) == (
+        f"fasttl: error: fetch: {server.url('/x')} answered with a reply that is not valid HTTP (HTTPException: more "
+        "than 16 interim (1xx) replies before an answer); check the address (--url)")
+
+
+def test_a_chunk_size_line_past_the_line_limit_is_broken_framing(tmp_path):
+    from fasttl.data.fetch import download
+    from fasttl.data.http_reply import DownloadError
+
+    server = _raw_server(lambda out: out.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;"
+                                               + b"x" * 70000 + b"\r\nhello\r\n0\r\n\r\n"))
+    try:  # before (pass 81 N4): "stopped at 0 of ? bytes (LineTooLong); run the same command again", forever
+        with pytest.raises(DownloadError, match=r"framing is broken \(a chunk size line longer than 65,536 bytes\)"):
+            download(server.url("/x"), str(tmp_path / "partial"), progress=False)
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize("size", [b"0x3e8", b"3_e8", b"-5", b"1" * 17, b"zz"])

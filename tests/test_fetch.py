@@ -458,7 +458,7 @@ def _fetch_from_raw_server(reply: bytes, tmp_path, capsys):
                          ids=["not-http", "huge-header"])
 def test_a_server_that_does_not_speak_http_is_one_line(reply, tmp_path, capsys):
     url, code, line = _fetch_from_raw_server(reply, tmp_path, capsys)
-    assert code == 2 and f"cannot reach {url}" in line and "--url" in line
+    assert code == 2 and f"{url} answered with a reply that is not valid HTTP (" in line and "--url" in line
     assert not (tmp_path / "data").exists()
 
 

@@ -30,8 +30,9 @@ from typing import Dict, Optional, Tuple
 
 from fasttl.data.archive import extract
 from fasttl.data.fetch_budget import BodyWatch, Budget
-from fasttl.data.http_reply import (BrokenChunks, DownloadError, PartialRefused, content_encoding, named_address,
-                                   open_reply, sendable, what_the_encoding_did)
+from fasttl.data.checked_response import BrokenChunks
+from fasttl.data.http_reply import (DownloadError, PartialRefused, content_encoding, named_address, open_reply,
+                                   sendable, what_the_encoding_did)
 from fasttl.util.checks import is_utf8
 from fasttl.util.errors import DataError, OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX, absolute
@@ -222,8 +223,21 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
 def _receive(response, fd: int, path: str, budget: Budget, bar, total: Optional[int], timeout: float, where: str,
              url: str) -> int:
     """Writes the reply's body to `fd` as it arrives (from budget.size on) and returns the size
-    reached; the budget watched while each read waits."""
-    size = start = budget.size
+    reached; the budget watched while each read waits. A chunked reply that fails keeps only its
+    checked chunks (CheckedResponse.body_checked): a resume never starts from framing bytes."""
+    start = budget.size
+    try:
+        return _receive_blocks(response, fd, path, budget, bar, total, timeout, where, url)
+    except DownloadError:
+        keep = start + getattr(response, "body_checked", 0)
+        if getattr(response, "chunked", False) and os.fstat(fd).st_size > keep:  # (never grown: an emptied one stays)
+            os.ftruncate(fd, keep)
+        raise
+
+
+def _receive_blocks(response, fd: int, path: str, budget: Budget, bar, total: Optional[int], timeout: float,
+                    where: str, url: str) -> int:
+    size = budget.size
     sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # to bound each wait by the deadline
     with BodyWatch(budget, sock) as watch:  # (one read may wait on a server for as long as it likes)
         while True:
@@ -234,11 +248,10 @@ def _receive(response, fd: int, path: str, budget: Budget, bar, total: Optional[
             except (OSError, ValueError, EOFError, http.client.HTTPException) as exc:  # IncompleteRead, reset
                 if watch.tripped is not None or budget.remaining() <= 0:
                     raise watch.tripped or budget.past_deadline(size) from None
-                if isinstance(exc, BrokenChunks):
-                    os.ftruncate(fd, start)  # framing bytes went in as data: nothing of this reply is a prefix
+                if isinstance(exc, BrokenChunks):  # framing bytes went in as data: only checked chunks are kept
                     raise DownloadError(f"fetch: {where} sent a chunked reply whose framing is broken ({exc}); what "
-                                        "it sent was dropped, so a resume never starts from it (check the address, "
-                                        "--url)") from None
+                                        "it sent past its last whole chunk was dropped, so a resume never starts from "
+                                        "it (check the address, --url)") from None
                 of = f"{total:,}" if total is not None else "?"
                 raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {of} bytes "
                                     f"({type(exc).__name__}); run the same command again to resume") from None

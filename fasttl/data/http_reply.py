@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 from typing import Optional
 
+from fasttl.data.checked_response import CheckedResponse
 from fasttl.util.errors import UserError
 from fasttl.util.outputs import terminal_text
 
@@ -64,7 +65,6 @@ def sendable(url: str) -> str:
 
 
 _BRACKETED = re.compile(r"\[[0-9A-Fa-f:.]+\](:[0-9]*)?")  # an IPv6 (or IPv4-in-IPv6) literal, and a port
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 # a % in a host: only the escape of a byte (0x80 and up) of a character outside ASCII
 _NOT_A_HIGH_ESCAPE = re.compile(r"%(?![89a-fA-F][0-9a-fA-F]).{0,2}", re.DOTALL)
 
@@ -132,7 +132,7 @@ class _TrackSockets:
             left = max(0.05, remaining())
             connection_kw["timeout"] = min(timeout, left) if isinstance(timeout, (int, float)) else left
             connection = http_class(host, **connection_kw)
-            connection.response_class = _CheckedResponse
+            connection.response_class = CheckedResponse
             connect = connection.connect
 
             def connect_and_keep():
@@ -143,57 +143,6 @@ class _TrackSockets:
             return connection
 
         return super().do_open(tracked, req, **kw)
-
-
-class BrokenChunks(http.client.HTTPException):
-    """A chunked body whose framing is broken: what it sent holds framing bytes as data."""
-
-
-class _CheckedResponse(http.client.HTTPResponse):
-    """http.client's response, read as HTTP requires of a client: past interim 1xx replies (103
-    Early Hints, 102 Processing; http.client skips only 100 Continue, and would take a 103 for the
-    answer; 101, a protocol switch, is final) to the final one (RFC 9110 15.2), and a chunked body's
-    framing checked (http.client tosses the two bytes after a chunk unread, and takes int(line, 16)
-    of any line for a size: a chunk shorter than its size line says goes on as data, and a file's
-    own bytes are read as sizes)."""
-
-    MOST_INTERIM = 16  # more than any server sends before its answer (each one's headers are bounded too)
-
-    def _read_status(self):
-        for _ in range(self.MOST_INTERIM):
-            version, status, reason = super()._read_status()
-            if not 102 <= status < 200:  # (100: begin skips it itself)
-                return version, status, reason
-            for _ in range(http.client._MAXHEADERS + 1):  # the interim reply's headers, dropped
-                line = self.fp.readline(http.client._MAXLINE + 1)
-                if len(line) > http.client._MAXLINE:
-                    raise http.client.LineTooLong("header line")
-                if line in (b"\r\n", b"\n", b""):
-                    break
-            else:
-                raise http.client.HTTPException(f"got more than {http.client._MAXHEADERS} headers")
-        raise http.client.HTTPException(f"more than {self.MOST_INTERIM} interim (1xx) replies before an answer")
-
-    def _get_chunk_left(self):
-        if self.chunk_left == 0:  # at a chunk's end: its CRLF, checked
-            if self._safe_read(2) != b"\r\n":
-                self._close_conn()
-                raise BrokenChunks("a chunk of another length than its size line says")
-            self.chunk_left = None
-        return super()._get_chunk_left()
-
-    def _read_next_chunk_size(self):
-        line = self.fp.readline(http.client._MAXLINE + 1)
-        if len(line) > http.client._MAXLINE:
-            raise http.client.LineTooLong("chunk size")
-        if not line.endswith(b"\n"):  # the connection ended: an interrupted transfer, not a broken one
-            raise http.client.IncompleteRead(b"")
-        size = line.split(b";", 1)[0].strip()  # (a chunk extension dropped)
-        if not _CHUNK_SIZE.fullmatch(size):  # int(line, 16) also takes '0x', '_' and 40 digits
-            self._close_conn()
-            shown = terminal_text(size[:20].decode("latin-1"))
-            raise BrokenChunks(f"a chunk size that is no hexadecimal number ({shown!r})")
-        return int(size, 16)
 
 
 class _TrackedHTTP(_TrackSockets, urllib.request.HTTPHandler):
@@ -228,6 +177,9 @@ def reply_error(exc: Exception, url: str, have: int, redirected: Optional[str] =
                             "the address (--url)") from None
     reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {' '.join(str(exc).split())}"
     reason = terminal_text(reason)[:120]  # a server's bytes, shown escaped and short
+    if isinstance(exc, http.client.HTTPException) and not isinstance(exc, ConnectionError):  # it answered, badly
+        raise DownloadError(f"fetch: {url} answered with a reply that is not valid HTTP ({reason}); check the "
+                            "address (--url)") from None
     raise DownloadError(f"fetch: cannot reach {url} ({reason}); check the network or the address "
                         "(--url)") from None
 
