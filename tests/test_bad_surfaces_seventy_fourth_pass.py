@@ -795,3 +795,49 @@ def test_class_folder_paths_and_classes_of_the_data_api_are_checked_by_name(cat_
         with pytest.raises(error, match=said):
             call()
     assert scan_class_folder(train, classes=np.array(["cat", "ship"])).classes == ["cat", "ship"]
+
+
+# ---- pass 80 (on 7b1da4c: about 85 attempts on --budget, distill, dann, finetune and the data API): 3 found ----------
+def test_a_preprocessings_size_is_checked_as_an_image_size():
+    import fasttl
+    from fasttl.util.errors import OptionError
+
+    preprocessing = fasttl.backbones.create("efficientnet_lite0", pretrained=False).preprocessing
+    for size, said in (("32", "expected a positive integer, got '32'"), (None, "expected a positive integer, got None"),
+                       (True, "expected a positive integer, got True"), (32.9, "expected a positive integer, got 32.9"),
+                       (1025, "1025 px is more than fasttl handles (1024)")):
+        with pytest.raises(OptionError) as caught:  # before (N1): raw TypeErrors, 32.9 cut to 32, 1025 taken
+            preprocessing.with_size(size)
+        assert str(caught.value) == f"image_size: {said}"
+    assert preprocessing.with_size(np.int64(64)).input_size == 64
+
+
+def test_a_zero_dimensional_array_of_classes_is_named(cat_ship):
+    from fasttl.data import file_list, scan_class_folder
+
+    for call in (lambda: scan_class_folder(str(cat_ship / "train"), classes=np.array("cat")),
+                 lambda: file_list([], classes=np.array("cat"))):
+        with pytest.raises(TypeError, match=r"^classes: expected a list of class names \(strings\), got "):
+            call()  # before (N2): "iteration over a 0-d array"
+
+
+def test_a_teacher_of_the_students_test_images_is_refused_before_the_run_folder_is_made(cat_ship, tmp_path, capsys):
+    import shutil
+
+    from conftest import one_epoch_run
+    from fasttl.transfer.job import run
+
+    copies = tmp_path / "copies"
+    shutil.copytree(cat_ship / "test", copies / "train")  # the student's test images, copied byte for byte
+    shutil.copytree(cat_ship / "train", copies / "test")
+    teacher = tmp_path / "teacher"
+    options = one_epoch_run(copies, teacher, strategy="linear")
+    del options["epochs"]  # (a linear head is solved, not trained in epochs)
+    run(**options)
+    student = tmp_path / "student"
+    code, _, err = cli(capsys, "run", "--data", cat_ship, "--strategy", "distill", "--teacher", teacher, "--epochs", 1,
+                       "--image-size", 32, "--compare", "none", "--no-progress", "--out", student)
+    # before (N3): refused inside training, after the folder and config.json were made ("finish it with --resume")
+    assert code == 2 and one_line_error(err).startswith(f"fasttl: error: teacher: {teacher} trained on 6 of this "
+                                                        "run's test images"), err
+    assert not student.exists()

@@ -27,6 +27,9 @@ class Preprocessing:
     min_input_size: int = 32
 
     def with_size(self, size: int) -> "Preprocessing":
+        from fasttl.util.checks import check_image_size, plain_number
+
+        size = check_image_size("image_size", plain_number(size), OptionError)  # (never int() of 32.9, or '32')
         if size < self.min_input_size:
             raise OptionError(f"image_size: {size} px is below this backbone's minimum of {self.min_input_size} px")
         return dataclasses.replace(self, input_size=int(size))

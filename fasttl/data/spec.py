@@ -4,20 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-
-# The largest image side fasttl resizes to: a bigger one is a typo (its activations outgrow memory).
-MAX_IMAGE_SIZE = 1024
-
-
-def check_image_size(name: str, value, error=ValueError) -> int:
-    """`value` when it is an image side fasttl handles (1 to MAX_IMAGE_SIZE pixels); else `error`
-    (a numpy integer: refused here; TransformSpec makes it plain first)."""
-    from fasttl.util.checks import positive_int
-
-    value = positive_int(name, value, error)
-    if value > MAX_IMAGE_SIZE:
-        raise error(f"{name}: {value} px is more than fasttl handles ({MAX_IMAGE_SIZE})")
-    return value
+from fasttl.util.checks import MAX_IMAGE_SIZE, check_image_size  # noqa: F401 (where the data layer names them)
 
 
 @dataclass(frozen=True)

@@ -232,6 +232,8 @@ def run(print_summary=None, **options) -> Dict[str, object]:
     torch.manual_seed(cfg.seed)
     run_dir = choose_run_dir(cfg, dataset.name)
     _refuse_writes_among_images(cfg, [dataset.train, dataset.test])  # the folders of the images read
+    for name in trained(cfg):  # what the data tells a strategy to refuse, before its folder is made
+        registry.get(name).check_data(cfg, dataset)
     tensorboard_dir(cfg, run_dir)  # a link where its events would go is refused before the folder is made
     identity = run_identity(cfg, dataset)
     config = dict(cfg.as_dict(), data=cfg.data or EMBEDDED, data_path=absolute_path(cfg.data),

@@ -63,6 +63,10 @@ class Strategy:
         """Checks what the options need beyond each one's own check (a backbone's stage count, a
         teacher's strategy), before any data is read or the run folder is made."""
 
+    def check_data(self, cfg, dataset) -> None:
+        """Checks what the options need of the data read (a teacher never trained on its test
+        images), before the run folder is made: a refusal leaves nothing behind to --resume."""
+
     def inputs_identity(self, cfg) -> Dict[str, object]:
         """What its checkpoints depend on beyond the options and --data (a teacher's weights, the
         target domain's images), as run_identity records it: --resume refuses when it changed."""

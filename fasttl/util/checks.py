@@ -16,6 +16,19 @@ def positive_int(name: str, value, error=ValueError, optional: bool = False):
     return value
 
 
+# The largest image side fasttl resizes to: a bigger one is a typo (its activations outgrow memory).
+MAX_IMAGE_SIZE = 1024
+
+
+def check_image_size(name: str, value, error=ValueError) -> int:
+    """`value` when it is an image side fasttl handles (1 to MAX_IMAGE_SIZE pixels); else `error`
+    (a numpy integer: refused here; TransformSpec makes it plain first)."""
+    value = positive_int(name, value, error)
+    if value > MAX_IMAGE_SIZE:
+        raise error(f"{name}: {value} px is more than fasttl handles ({MAX_IMAGE_SIZE})")
+    return value
+
+
 # More digits than any count, rank, port or size fasttl reads from text needs; int() of a longer
 # string is slow, and past 4,300 digits refused by Python itself with a traceback.
 MOST_DECIMAL_DIGITS = 18

@@ -419,8 +419,10 @@ class Distill(Strategy):
         for teacher in teacher_dirs(cfg.teacher):
             teacher_config(teacher)
 
-    def train(self, cfg, ds, run_dir, device) -> List[Outcome]:
+    def check_data(self, cfg, ds) -> None:
         refuse_teachers_of_test_images(teacher_dirs(cfg.teacher), ds.test)
+
+    def train(self, cfg, ds, run_dir, device) -> List[Outcome]:
         started = time.perf_counter()
         logits, kinds = teacher_logits_for(cfg.teacher, ds, cfg, run_dir, device)
         teacher_s = time.perf_counter() - started
