@@ -838,3 +838,15 @@ def test_a_teacher_of_the_students_test_images_is_refused_before_the_run_folder_
     assert code == 2 and one_line_error(err).startswith(f"fasttl: error: teacher: {teacher} trained on 6 of this "
                                                         "run's test images"), err
     assert not student.exists()
+
+
+def test_a_training_spec_with_a_large_seed_still_draws_each_epochs_own(cat_ship):
+    import torch
+
+    from fasttl.data import ImageLoader, TransformSpec, scan_class_folder
+
+    spec = TransformSpec(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=True, seed=2**62)
+    loader = ImageLoader(scan_class_folder(str(cat_ship / "train")), spec, batch_size=4, backend="torch")
+    loader.set_epoch(5)  # its spec's seed is 2**62 * 1,000,003 + 5: past 2**63, and taken (a seed of any size)
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 32, 32) and bool(torch.isfinite(images).all())

@@ -23,7 +23,7 @@ class TransformSpec:
         the other."""
         import math
 
-        from fasttl.util.checks import a_flag, order_number, plain_number
+        from fasttl.util.checks import a_flag, plain_number
 
         set_plain = object.__setattr__  # (a frozen dataclass)
         set_plain(self, "size", check_image_size("size", plain_number(self.size)))
@@ -44,7 +44,10 @@ class TransformSpec:
         set_plain(self, "crop_fraction", float(crop))
         set_plain(self, "train", a_flag("train", self.train))
         set_plain(self, "mirror", a_flag("mirror", self.mirror))
-        set_plain(self, "seed", order_number("seed", self.seed, 63))
+        seed = plain_number(self.seed)  # (any size: the loader derives each epoch's as seed * 1,000,003 + epoch)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}")
+        set_plain(self, "seed", seed)
 
     @property
     def resize_shorter(self) -> int:
