@@ -166,7 +166,7 @@ def test_overwrite_never_takes_a_users_file_named_like_the_marker_for_a_run(cat_
     # before: exit 0, the user's report.md, predictions.csv and config.json replaced by the run's
     assert code == 2 and one_line_error(err) == (
         f"fasttl: error: out: {out} is not empty and holds no fasttl run (fasttl marks its run folders with "
-        ".fasttl-run); pass an empty or new folder as --out")
+        ".fasttl-run; its .fasttl-run is not fasttl's record: a file of yours?); pass an empty or new folder as --out")
     assert {name: (out / name).read_text() for name in mine} == mine and (out / ".fasttl-run").read_bytes() == marker
 
 

@@ -82,7 +82,8 @@ def test_a_resumed_labelled_reply_gives_its_reasons_in_one_parenthesis(server, c
     code, _, err = _fetch(capsys, "--url", url, "--sha256", sha, "--dest", dest)
     line = one_line_error(err)
     assert code == 2 and "(resumed from the 100 bytes an earlier fetch kept: the file may have changed on the " \
-        "server since; the server labelled it Content-Encoding: gzip, which may be the cause); " in line, line
+        "server since, or an earlier reply was broken; the server labelled it Content-Encoding: gzip, which may be " \
+        "the cause); " in line, line
 
 
 # ---- F3: predict and export --out name what is in their way ----------------------------------------------
