@@ -93,7 +93,7 @@ def _folder_to_blame(filename, code: int):
         from fasttl.util.files import user_path
 
         name = os.path.basename(user_path(path))  # (a temporary says the file it stands for)
-        return folder if (name.startswith(".") or is_own_file(name)) and os.path.isdir(folder) else None
+        return folder if (name.startswith(".") or is_own_file(folder, name)) and os.path.isdir(folder) else None
     if code not in (errno.EACCES, errno.EPERM):
         return None
     if os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK) and not os.access(path, os.W_OK):

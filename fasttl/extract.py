@@ -126,8 +126,7 @@ def _refuse_foreign_files(out: str) -> None:
     if not os.path.isdir(out):
         return
     foreign = [name for name in sorted(os.listdir(out))
-               if name not in store.EXTRACT_SPLITS and not store.is_own_file(name)
-               or name == store.EXTRACT_MARKER and not store.is_extract_mark(os.path.join(out, name))]
+               if name not in store.EXTRACT_SPLITS and not store.is_own_file(out, name)]
     if foreign:
         raise OptionError(f"out: {out} holds files that are not fasttl's ({', '.join(foreign[:3])}); give an empty or "
                           "new folder for the cache")

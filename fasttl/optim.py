@@ -53,6 +53,16 @@ def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"weight_decay: expected a finite number >= 0, got {weight_decay!r}")
 
 
+def _set_number(name: str, value) -> float:
+    """A param group's value as the step reads it: a number, as torch.optim's arithmetic takes
+    (a scheduler or script sets it after construction, unchecked); text such as "0.1", which
+    float() would quietly read, raises as torch.optim does, naming the field."""
+    if isinstance(value, numbers.Real) or isinstance(value, Tensor) and value.numel() == 1:
+        return float(value)
+    raise TypeError(f"{name}: a param group's {name} must be a number, got {type(value).__name__} {value!r} (set "
+                    "after the optimizer was made?)")
+
+
 class _FusedAdamBase(torch.optim.Optimizer):
     """Shared machinery of :class:`Adam` and :class:`AdamW`; see AdamW for the details."""
 
@@ -181,8 +191,13 @@ class _FusedAdamBase(torch.optim.Optimizer):
         # means "skip". The kernel reads the flag itself and the step count goes back by exactly
         # one with a tensor op: no host read on any device, and nothing for torch.compile to break on.
         inf = None if found_inf is None else (found_inf.to(device=device) != 0).to(torch.float32).reshape(())
-        torch._foreach_add_(steps, 1)
         lr = group["lr"]
+        numbers_set = [_set_number(name, value) for name, value in  # before any state moves (a step counted)
+                       (("betas[0]", group["betas"][0]), ("betas[1]", group["betas"][1]), ("eps", group["eps"]),
+                        ("weight_decay", group["weight_decay"]))]
+        # (compiling: a float lr is a symbolic input, read as a tensor below; float() would specialize it)
+        lr_value = 0.0 if isinstance(lr, Tensor) or torch.compiler.is_compiling() else _set_number("lr", lr)
+        torch._foreach_add_(steps, 1)
         if isinstance(lr, Tensor):
             lr_tensor = lr.detach().to(device=device, dtype=torch.float32).reshape(())
         elif torch.compiler.is_compiling():
@@ -191,10 +206,10 @@ class _FusedAdamBase(torch.optim.Optimizer):
             lr_tensor = torch.ones((), dtype=torch.float32, device=device) * lr
         else:
             lr_tensor = None
-        beta1, beta2 = group["betas"]
+        beta1, beta2, eps, weight_decay = numbers_set
         _ops.adam_step(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                       0.0 if lr_tensor is not None else float(lr), lr_tensor, float(beta1), float(beta2),
-                       float(group["eps"]), float(group["weight_decay"]), self._decoupled_weight_decay,
+                       0.0 if lr_tensor is not None else lr_value, lr_tensor, beta1, beta2, eps, weight_decay,
+                       self._decoupled_weight_decay,
                        bool(group["amsgrad"]), bool(group["maximize"]), scale, inf)
         if inf is not None:
             torch._foreach_sub_(steps, [inf] * len(steps))

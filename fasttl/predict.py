@@ -272,6 +272,26 @@ def _refuse_bytes(images, name: str) -> None:
                           "pathlib.Path, or decoded uint8 pixels")
 
 
+def _checked_paths(paths) -> list:
+    """predict_run's `paths` as a list of paths: one path (not its characters), a list, a 1-d
+    array or a generator of them; never a set (the CSV's rows follow the order given)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths
+    if isinstance(paths, np.ndarray) and paths.ndim == 1:  # df["path"].values
+        paths = paths.tolist()
+    if isinstance(paths, (set, frozenset)):
+        raise OptionError("paths: a set has no order to give the predictions in; give a list")
+    if not isinstance(paths, collections.abc.Iterable) or isinstance(paths, (np.ndarray, Tensor)):
+        shape = f" of shape {tuple(paths.shape)}" if isinstance(paths, (np.ndarray, Tensor)) else ""
+        raise OptionError(f"paths: expected image files or folders (a path, or a list of them), got "
+                          f"{type(paths).__name__}{shape}")
+    paths = list(paths)  # (a generator, read once)
+    _refuse_bytes(paths, "paths")
+    bad = next((index for index, path in enumerate(paths) if not isinstance(path, (str, os.PathLike))), None)
+    if bad is not None:
+        raise OptionError(f"paths[{bad}]: expected a path (a str or pathlib.Path), got {type(paths[bad]).__name__}")
+    return paths
+
+
 def load_run(run_dir: str, device: Union[str, torch.device] = "cpu") -> RunModel:
     """A finished run's model, ready to predict (see RunModel)."""
     return RunModel(run_dir, device)
@@ -308,11 +328,7 @@ def predict_run(run_dir: str, paths: Sequence[str], *, out: Optional[str] = None
     if on_error not in ON_ERROR:
         raise OptionError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {on_error!r}")
     overwrite, progress = a_flag("overwrite", overwrite, OptionError), a_flag("progress", progress, OptionError)
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths  # one path, not its characters
-    if not isinstance(paths, collections.abc.Iterable):
-        raise OptionError(f"paths: expected image files or folders (a path, or a list of them), got "
-                          f"{type(paths).__name__}")
-    _refuse_bytes(paths, "paths")
+    paths = _checked_paths(paths)
     if out is not None:
         out = check_output_path(out, overwrite, ending=".csv")  # a shell glob can put an input image last
         refuse_inside("out", out, "file")

@@ -506,7 +506,7 @@ def test_a_run_folder_inside_the_data_is_passed_over(cat_ship, tmp_path):
     run(**one_epoch_run(data, data / "runA"))
     metrics = run(**one_epoch_run(data, tmp_path / "runB"))
     assert json.loads((tmp_path / "runB" / "config.json").read_text())["classes"] == ["cat", "ship"]
-    assert {"path": str(data / "runA"), "reason": "a fasttl run folder"} in metrics["ignored"]
+    assert {"path": "runA", "reason": "a fasttl run folder"} in metrics["ignored"]  # (from the data folder on)
 
 
 def test_a_bad_pixel_budget_variable_is_one_line_naming_it(cat_ship, tmp_path):

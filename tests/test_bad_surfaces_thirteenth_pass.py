@@ -237,8 +237,11 @@ def test_bench_replaces_only_its_own_earlier_outputs(tmp_path):
 def test_files_named_engine_something_are_the_users(tmp_path):
     from fasttl.cache import store
 
-    assert store.is_own_file("engine-0123456789abcdef.onnx") and store.is_own_file("engine-0123456789abcdef-int8.onnx")
-    assert not store.is_own_file("engine-v8.pdf") and not store.is_own_file("engine-0123456789abcdef.onnx.bak")
+    folder = str(tmp_path)
+    assert store.is_own_file(folder, "engine-0123456789abcdef.onnx")
+    assert store.is_own_file(folder, "engine-0123456789abcdef-int8.onnx")
+    assert not store.is_own_file(folder, "engine-v8.pdf")
+    assert not store.is_own_file(folder, "engine-0123456789abcdef.onnx.bak")
     folder = tmp_path / "manuals"
     folder.mkdir()
     (folder / "engine-v6.pdf").write_text("manual")

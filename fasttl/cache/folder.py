@@ -48,7 +48,7 @@ def foreign_entries(directory: str) -> list:
         if name in (store.MANIFEST, store.BUILD, store.LABELS, store.SAMPLES):
             own = vouched
         else:
-            own = store.is_own_file(name)
+            own = store.is_own_file(directory, name)
         if not own:
             foreign.append(name)
     return foreign

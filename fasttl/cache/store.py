@@ -166,10 +166,13 @@ def remove_stale_temporaries(directory: str) -> None:
                 os.unlink(path)
 
 
-def is_own_file(name: str) -> bool:
-    """Whether `name` is one a cache folder holds: its records, labels, sample ids, shards, lock,
-    fasttl's temporaries and kept engine graphs and state, and extract's mark on its root."""
-    return (name in (MANIFEST, BUILD, LABELS, SAMPLES, LOCK, EXTRACT_MARKER) or bool(SHARD_FILE.fullmatch(name))
+def is_own_file(folder: str, name: str) -> bool:
+    """Whether the entry `name` of `folder` is one a cache folder holds: its records, labels, sample
+    ids, shards, lock, fasttl's temporaries and kept engine graphs and state, and extract's mark on
+    its root (by what it holds: a user's file of the mark's name is the user's)."""
+    if name == EXTRACT_MARKER:
+        return is_extract_mark(os.path.join(folder, name))
+    return (name in (MANIFEST, BUILD, LABELS, SAMPLES, LOCK) or bool(SHARD_FILE.fullmatch(name))
             or bool(ENGINE_FILE.fullmatch(name)) or name.startswith(TEMP_PREFIX))
 
 

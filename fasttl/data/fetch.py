@@ -32,7 +32,7 @@ from fasttl.data.archive import extract
 from fasttl.data.fetch_budget import BodyWatch, Budget
 from fasttl.data.checked_response import BrokenChunks
 from fasttl.data.http_reply import (DownloadError, PartialRefused, content_encoding, named_address, open_reply,
-                                   sendable, what_the_encoding_did)
+                                   resume_point, sendable, what_the_encoding_did)
 from fasttl.util.checks import is_utf8
 from fasttl.util.errors import DataError, OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX, absolute
@@ -159,15 +159,6 @@ def _open_partial(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
 
 
-def _content_range_start(header: Optional[str]) -> Optional[int]:
-    """N of 'bytes N-M/T', else None."""
-    try:
-        unit, span = header.split(" ", 1)
-        return int(span.split("-", 1)[0]) if unit == "bytes" else None
-    except (AttributeError, ValueError):
-        return None
-
-
 def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET_TIMEOUT_S,
              deadline_s: float = DEADLINE_S, min_rate: float = MIN_RATE, reply: Optional[dict] = None) -> int:
     """Downloads `url` into `path`, continuing what is already there (HTTP Range); returns the
@@ -189,10 +180,7 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                 reason = terminal_text(response.reason)[:60]
                 raise DownloadError(f"fetch: {where} answered HTTP {response.status} ({reason}): no file there; check "
                                     "the address (--url)")
-            if have and (response.status != 206
-                         or _content_range_start(response.headers.get("Content-Range")) != have):
-                os.ftruncate(fd, 0)  # the server sends the whole file: start over
-                have = 0
+            have = resume_point(response, fd, have, where)
             # (a chunked body is framed by its chunks: http.client reads no Content-Length beside them)
             length = "" if getattr(response, "chunked", False) else \
                 (response.headers.get("Content-Length") or "").strip()
@@ -229,15 +217,22 @@ def _receive(response, fd: int, path: str, budget: Budget, bar, total: Optional[
     try:
         return _receive_blocks(response, fd, path, budget, bar, total, timeout, where, url)
     except DownloadError:
-        keep = start + getattr(response, "body_checked", 0)
-        if getattr(response, "chunked", False) and os.fstat(fd).st_size > keep:  # (never grown: an emptied one stays)
-            os.ftruncate(fd, keep)
+        written = os.fstat(fd).st_size
+        if _kept(response, start, written) < written:  # (never grown: an emptied one stays)
+            os.ftruncate(fd, _kept(response, start, written))
         raise
+
+
+def _kept(response, start: int, size: int) -> int:
+    """How much of the partial download a failure keeps: of a chunked reply's body, only its
+    checked chunks (CheckedResponse.body_checked; _receive cuts the rest)."""
+    checked = getattr(response, "body_checked", None)
+    return size if checked is None or not getattr(response, "chunked", False) else start + checked
 
 
 def _receive_blocks(response, fd: int, path: str, budget: Budget, bar, total: Optional[int], timeout: float,
                     where: str, url: str) -> int:
-    size = budget.size
+    size = start = budget.size
     sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # to bound each wait by the deadline
     with BodyWatch(budget, sock) as watch:  # (one read may wait on a server for as long as it likes)
         while True:
@@ -246,15 +241,17 @@ def _receive_blocks(response, fd: int, path: str, budget: Budget, bar, total: Op
                     sock.settimeout(max(0.05, min(timeout, budget.remaining())))
                 block = response.read1(_READ)
             except (OSError, ValueError, EOFError, http.client.HTTPException) as exc:  # IncompleteRead, reset
+                kept = _kept(response, start, size)
                 if watch.tripped is not None or budget.remaining() <= 0:
-                    raise watch.tripped or budget.past_deadline(size) from None
+                    raise watch.tripped or budget.past_deadline(kept) from None
                 if isinstance(exc, BrokenChunks):  # framing bytes went in as data: only checked chunks are kept
                     raise DownloadError(f"fetch: {where} sent a chunked reply whose framing is broken ({exc}); what "
                                         "it sent past its last whole chunk was dropped, so a resume never starts from "
                                         "it (check the address, --url)") from None
                 of = f"{total:,}" if total is not None else "?"
-                raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {of} bytes "
-                                    f"({type(exc).__name__}); run the same command again to resume") from None
+                again = "to resume" if kept else "(nothing was kept: no whole chunk of it arrived)"
+                raise DownloadError(f"fetch: the download of {where} stopped at {kept:,} of {of} bytes "
+                                    f"({type(exc).__name__}); run the same command again {again}") from None
             if not block:
                 if watch.tripped is not None:  # the connection ended by the watch: what came is not all
                     raise watch.tripped
@@ -263,7 +260,7 @@ def _receive_blocks(response, fd: int, path: str, budget: Budget, bar, total: Op
             size += len(block)
             if bar is not None:
                 bar.update(len(block))
-            budget.add(len(block), size)
+            budget.add(len(block), _kept(response, start, size))
             if size > MAX_DOWNLOAD_BYTES:  # no file fetch takes grows out of it: not kept to resume
                 os.ftruncate(fd, 0)  # (emptied, then removed with the empty partial)
                 raise DownloadError(f"fetch: {url} sent more than {MAX_DOWNLOAD_BYTES:,} bytes; stopped, and "

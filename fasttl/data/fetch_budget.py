@@ -24,7 +24,7 @@ class Budget:
         self.deadline_s, self.min_rate, self.url = deadline_s, min_rate, url
         self.redirected: Optional[str] = None  # where the reply came from, once it came
         self.started = self.window_start = time.monotonic()
-        self.window_bytes = self.size = 0
+        self.window_bytes = self.size = self.arrived = 0  # size: what the partial keeps; arrived: the body's bytes
         self._lock = threading.Lock()  # the watcher reads the window while the download rolls it
 
     def body_starts(self) -> None:
@@ -37,8 +37,13 @@ class Budget:
         return self.deadline_s - (time.monotonic() - self.started)
 
     def past_deadline(self, size: int, redirected: Optional[str] = None) -> DownloadError:
-        again = "run the same command again to resume" if size else \
-            "nothing arrived: check that the address answers (--url), or give a longer --deadline"
+        """`size`: the bytes the partial download keeps (a chunked reply's unchecked tail is cut)."""
+        if size:
+            again = "run the same command again to resume"
+        elif self.arrived:
+            again = "nothing was kept (no whole chunk of it arrived): give a longer --deadline"
+        else:
+            again = "nothing arrived: check that the address answers (--url), or give a longer --deadline"
         return DownloadError(f"fetch: the download of {named_address(self.url, redirected or self.redirected)} "
                              "took longer than "
                              f"{self.deadline_s:g} s (--deadline) and stopped at {size:,} bytes; {again}")
@@ -54,13 +59,15 @@ class Budget:
             if window >= RATE_WINDOW_S and self.window_bytes / window < self.min_rate:
                 return DownloadError(f"fetch: {self.url} sent {self.window_bytes / window:,.0f} bytes/s over the last "
                                      f"{window:.0f} s, below {self.min_rate:,.0f} (--min-rate); stopped at "
-                                     f"{self.size:,} bytes: run the same command again to resume (or give a lower "
-                                     "--min-rate for a server this slow)")
+                                     f"{self.size:,} bytes: run the same command again"
+                                     f"{' to resume' if self.size else ''} (or give a lower --min-rate for a server "
+                                     "this slow)")
             return None
 
     def add(self, count: int, size: int) -> None:
         with self._lock:
             self.window_bytes += count
+            self.arrived += count
             self.size = size
         problem = self.problem()
         if problem is not None:

@@ -4,6 +4,7 @@ server trickles a byte at a time, and a failure named by the address that failed
 from __future__ import annotations
 
 import contextlib
+import os
 import http.client
 import re
 import socket
@@ -96,6 +97,17 @@ class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
     last = None
 
+    def http_error_302(self, req, fp, code, msg, headers):
+        location = headers.get("location") or headers.get("uri")
+        try:  # (urllib's own parse of it raises a bare ValueError, which names no address)
+            urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, location or ""))
+        except ValueError as exc:
+            raise DownloadError(f"fetch: {req.full_url} redirects to {terminal_text(location)[:200]!r}, which is no "
+                                f"valid address ({exc}); refused (check the address, --url)") from None
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         parts = urllib.parse.urlsplit(newurl)
         if parts.scheme not in ("http", "https"):
@@ -182,6 +194,42 @@ def reply_error(exc: Exception, url: str, have: int, redirected: Optional[str] =
                             "address (--url)") from None
     raise DownloadError(f"fetch: cannot reach {url} ({reason}); check the network or the address "
                         "(--url)") from None
+
+
+def _content_range_start(header: Optional[str]) -> Optional[int]:
+    """N of 'bytes N-M/T' (ASCII digits: int() also reads ' 5', '+5' and other scripts' digits), else None."""
+    from fasttl.util.checks import decimal
+
+    unit, _, span = (header or "").partition(" ")
+    return decimal(span.split("-", 1)[0]) if unit == "bytes" else None
+
+
+def resume_point(response, fd: int, have: int, where: str) -> int:
+    """Where the reply's body goes in the partial download (of `have` bytes), which is cut there: a
+    200 is the whole file (start over); a 206 goes at the byte it starts from, at or before the
+    partial's end (a server may round a range down to its blocks). A 206 that starts past it, or
+    says not where, can't continue it: the partial is emptied (so removed) and that said."""
+    if response.status != 206:
+        if have:
+            os.ftruncate(fd, 0)
+        return 0
+    header = response.headers.get("Content-Range")
+    start = _content_range_start(header)
+    if start is None and not have:  # (no range asked for: the whole file, from a server that says 206)
+        return 0
+    if start is not None and start <= have:
+        if start < have:
+            os.ftruncate(fd, start)
+        return start
+    part = f"from byte {start:,}" if start is not None else \
+        f"that says not where it starts (Content-Range: {terminal_text(header or '(none)')[:60]})"
+    if not have:
+        raise DownloadError(f"fetch: {where} answered with a part of a file (HTTP 206) {part} where the whole file "
+                            "was asked for; check the address (--url)")
+    os.ftruncate(fd, 0)
+    raise DownloadError(f"fetch: {where} answered a resume from byte {have:,} with a part (HTTP 206) {part}, which "
+                        "can't continue the partial download; it was removed: run the same command again to download "
+                        "the file whole")
 
 
 def _range_total(header: Optional[str]) -> Optional[int]:

@@ -6,6 +6,8 @@ from typing import Tuple
 
 from fasttl.util.checks import MAX_IMAGE_SIZE, check_image_size  # noqa: F401 (where the data layer names them)
 
+MAX_RESIZE = 2 * MAX_IMAGE_SIZE  # the most pixels an eval image's shorter side is resized to before its center crop
+
 
 @dataclass(frozen=True)
 class TransformSpec:
@@ -37,10 +39,15 @@ class TransformSpec:
                 raise ValueError(f"{name}: expected 3 finite numbers{' > 0' if name == 'std' else ''} (one a channel, "
                                  f"on the 0..1 scale), got {getattr(self, name)!r:.80}")
             set_plain(self, name, tuple(float(v) for v in values))
+        self._check_float32_pixels()
         crop = plain_number(self.crop_fraction)
         if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
             raise ValueError(f"crop_fraction: expected a number in (0, 1] (the center crop's share of the resized "
                              f"image), got {self.crop_fraction!r}")
+        if self.size / crop > MAX_RESIZE:  # (the image is resized to this before its crop: 1e-9 asks 119 GiB)
+            raise ValueError(f"crop_fraction: {crop!r} resizes each image to {self.size / crop:,.0f} px before its "
+                             f"{self.size} px center crop, more than fasttl handles ({MAX_RESIZE}); expected at least "
+                             f"{self.size / MAX_RESIZE:.4g}")
         set_plain(self, "crop_fraction", float(crop))
         set_plain(self, "train", a_flag("train", self.train))
         set_plain(self, "mirror", a_flag("mirror", self.mirror))
@@ -48,6 +55,18 @@ class TransformSpec:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}")
         set_plain(self, "seed", seed)
+
+    def _check_float32_pixels(self) -> None:
+        """mean and std as the pipelines use them, in float32 on the 0..255 scale: a std of 1e-300
+        is 0 there, and a mean of 1e300 inf, which make every pixel inf."""
+        import numpy as np
+
+        with np.errstate(all="ignore"):
+            ends = (np.float32([[0.0], [255.0]]) - np.float32(self.mean_255)) / np.float32(self.std_255)
+        if not np.isfinite(ends).all():
+            raise ValueError(f"std, mean: {self.std} and {self.mean} normalize pixels to values float32 can't hold "
+                             "(inf); give them on the 0..1 scale, as ImageNet's std (0.229, 0.224, 0.225) and mean "
+                             "(0.485, 0.456, 0.406)")
 
     @property
     def resize_shorter(self) -> int:

@@ -162,21 +162,38 @@ def load_held_out(data: str, classes_file: Optional[str] = None, labels: str = "
     if data in NAMED + (EMBEDDED,):
         return load_dataset(data)
     if is_file_list(data) or is_webdataset(data):
-        test, ignored = open_data(data, classes_file, labels), []
+        test = open_data(data, classes_file, labels)
+        dataset = Dataset(os.path.basename(os.path.normpath(data)) or "data", test, test,
+                          native_size=_native_size(test), ignored=list(getattr(test, "ignored", [])))
     else:
-        root = absolute(data)
-        test_dir = os.path.join(root, "test")
-        if os.path.isdir(test_dir) and not os.path.lexists(os.path.join(root, "train")):
-            test = scan_class_folder(test_dir)
-            ignored = [(os.path.join(root, name), "hidden" if name.startswith(".") else "not test/")
-                       for name in list_folder(root) if name != "test"]
-        else:
-            train, test = class_folder_splits(root)
-            test, ignored = (train if test is None else test), []
-    dataset = Dataset(os.path.basename(os.path.normpath(data)) or "data", test, test, native_size=_native_size(test))
-    dataset.ignored = ignored + list(getattr(test, "ignored", []))
+        dataset = _class_folders(data, seed=None)
     _check_usable(dataset, data)
     return dataset
+
+
+def _class_folders(data: str, seed: Optional[int]) -> Dataset:
+    """A folder of class folders as a Dataset: its train/ and test/; without them, a seeded 20% of
+    each class carved as the test split (`seed`), or, held out (`seed` None: data a run never
+    trained on), every image as the test split, as is a test/ alone. Held out, train is test."""
+    root = absolute(data)
+    name = os.path.basename(root.rstrip("/")) or "data"
+    test_dir = os.path.join(root, "test")
+    if seed is None and os.path.isdir(test_dir) and not os.path.lexists(os.path.join(root, "train")):
+        test = scan_class_folder(test_dir)
+        passed = [(os.path.join(root, entry), "hidden" if entry.startswith(".") else "not test/")
+                  for entry in list_folder(root) if entry != "test"]
+        return Dataset(name, test, test, native_size=_native_size(test),
+                       ignored=passed + list(getattr(test, "ignored", [])))
+    train, test = class_folder_splits(root)
+    carved = test is None and seed is not None
+    if carved:
+        train_idx, test_idx = stratified_split(train.labels, test_fraction=0.2, seed=seed)
+        train, test = train.subset(train_idx), train.subset(test_idx)
+    elif seed is None:
+        train = test = train if test is None else test
+    splits = [train] if train is test else [train, test]
+    return Dataset(name, train, test, native_size=_native_size(train), carved=carved,
+                   ignored=[entry for split in splits for entry in getattr(split, "ignored", [])])
 
 
 def load_dataset(data: Optional[str], seed: int = 0, train_per_class: Optional[int] = None,
@@ -213,14 +230,7 @@ def load_dataset(data: Optional[str], seed: int = 0, train_per_class: Optional[i
         dataset.train.skipped = list(source.skipped)  # samples the indexing left out, reported once
         dataset.test.skipped = []
     else:
-        root = absolute(data)
-        train, test = class_folder_splits(root)
-        carved = test is None
-        if carved:
-            train_idx, test_idx = stratified_split(train.labels, test_fraction=0.2, seed=seed)
-            train, test = train.subset(train_idx), train.subset(test_idx)
-        dataset = Dataset(os.path.basename(root.rstrip("/")), train, test, native_size=_native_size(train),
-                          carved=carved)
+        dataset = _class_folders(data, seed)
     if train_per_class:
         dataset.train = per_class_subset(dataset.train, train_per_class, seed)
     if test_per_class:

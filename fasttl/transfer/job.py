@@ -33,9 +33,9 @@ from fasttl.cache.folder import refuse_inside
 from fasttl.transfer import budget, planner, trained_images
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
-                                    run_files, write_config, write_metrics, write_predictions)
+                                    run_files, unfinished_leftovers, write_config, write_metrics, write_predictions)
 from fasttl.transfer import registry
-from fasttl.util.outputs import counted, csv_cell, markdown_cell, passed_over, terminal_lines, terminal_text
+from fasttl.util.outputs import counted, csv_cell, markdown_cell, passed_over, terminal_lines, terminal_text, within
 from fasttl.transfer.registry import Outcome
 from fasttl.transfer.identity import absolute_path, key as identity_key, reads, resumed_identity, run_identity, \
     trained
@@ -108,6 +108,9 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
         elif has_checkpoints(run_dir):
             raise RunError(f"out: {run_dir} holds an unfinished run; pass --resume to continue it, or --overwrite "
                            "to start over")
+        elif leftovers := unfinished_leftovers(run_dir):
+            raise RunError(f"out: {run_dir} holds an unfinished run's files ({', '.join(leftovers[:3])}) and no "
+                           "checkpoint to continue from; pass --overwrite to replace them, or another --out")
         else:
             cleared = clear_results(run_dir)  # a run that stopped before its first epoch: nothing to resume or lose
     else:
@@ -139,7 +142,7 @@ def _refuse_taken_out(cfg: RunConfig) -> None:
         _refuse_foreign(run_dir)
     elif not cfg.overwrite and is_finished(run_dir):
         raise RunError(f"out: {run_dir} holds a finished run; pass --overwrite to replace it, or another --out")
-    elif not cfg.overwrite and has_checkpoints(run_dir):
+    elif not cfg.overwrite and (has_checkpoints(run_dir) or unfinished_leftovers(run_dir)):
         raise RunError(f"out: {run_dir} holds an unfinished run; pass --overwrite to start over (a planned run "
                        "does not resume)")
 
@@ -148,9 +151,9 @@ def _refuse_foreign(run_dir: str) -> None:
     """A folder of someone else's files is never written into (not even a lock file)."""
     if not os.path.isdir(run_dir) or holds_run(run_dir):
         return
-    names = set(os.listdir(run_dir))  # a marker that is no run's record (holds_run) is a file of the user's
-    if names - set(own_entries()) or MARKER in names:
-        yours = f"; its {MARKER} is not fasttl's record: a file of yours?" if MARKER in names else ""
+    marked = files.run_marker_state(run_dir)[0] != "absent"  # but no run's record (holds_run): the user's
+    if set(os.listdir(run_dir)) - set(own_entries()) or marked:
+        yours = f"; its {MARKER} is not fasttl's record: a file of yours?" if marked else ""
         raise RunError(f"out: {run_dir} is not empty and holds no fasttl run (fasttl marks its run folders with "
                        f"{MARKER}{yours}); pass an empty or new folder as --out")
 
@@ -458,7 +461,7 @@ def _write_results(run_dir: str, cfg: RunConfig, config: dict, dataset, outcomes
                    strategy=cfg.strategy, history=results[main]["history"], notes=results[main]["notes"],
                    device=results[main]["device"], precision=results[main]["precision"],
                    skipped=[{"file": f, "reason": r} for f, r in dataset.skipped],
-                   ignored=[{"path": p, "reason": r} for p, r in dataset.ignored],
+                   ignored=[{"path": within(p, cfg.data), "reason": r} for p, r in dataset.ignored],  # as eval's
                    compare={name: dict({k: r["metrics"][k] for k in compared}, **{k: r[k] for k in per_model})
                             for name, r in results.items() if name != main})
     write_predictions(run_dir, outcomes[0].logits, outcomes[0].labels, dataset.classes,

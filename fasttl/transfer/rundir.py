@@ -29,9 +29,10 @@ CHECKPOINT = "checkpoint.pt"
 # What a run writes besides its config: the files an --overwrite removes, and nothing else.
 TENSORBOARD = "tensorboard"  # RUN_DIR/tensorboard/<model>/: --tensorboard without a folder
 EVENT_FILES = "events.out.tfevents."  # what TensorBoard's SummaryWriter names its files
+# What a run records (write_recorded) before its first epoch: its training images, a teacher's logits and choice.
+RECORDED_FIRST = ("teacher_logits.safetensors", "distill_choice.json", "trained-images.bin")
 RESULT_FILES = (METRICS, PREDICTIONS, HISTORY, "report.md", "confusion_matrix.png", "curves.png", "eval_metrics.json",
-                "skipped.csv", "teacher_logits.safetensors", "distill_choice.json", "trained-images.bin",
-                INT8_GRAPH, INT8_CHECK)
+                "skipped.csv", *RECORDED_FIRST, INT8_GRAPH, INT8_CHECK)
 
 
 class RunError(UserError, ValueError):
@@ -253,9 +254,9 @@ def holds_run(run_dir: str) -> bool:
     file holding fasttl's record, not a link), or, for folders made before the marker, a config.json
     whose run_key is the hash of its own identity (which no config.json of a user's own carries by
     chance). Any other config.json, or file of the marker's name, is a user's, never taken for a run."""
-    marker = os.path.join(run_dir, MARKER)
-    if files.is_plain_file(marker):
-        return files.run_record(marker) is not None
+    state, _ = files.run_marker_state(run_dir)
+    if state in ("record", "other", "unreadable"):
+        return files.holds_run_record(run_dir)
     try:
         config = read_json(os.path.join(run_dir, CONFIG))
     except ValueError:
@@ -264,6 +265,26 @@ def holds_run(run_dir: str) -> bool:
         return False
     key = hashlib.sha256(json.dumps(config["identity"], sort_keys=True).encode()).hexdigest()
     return config.get("run_key") == key
+
+
+def unfinished_leftovers(run_dir: str) -> List[str]:
+    """What a run folder with no metrics.json and no checkpoint holds that a new run would lose: a
+    model of a run whose metrics.json went, a report, any run file but its config.json and what a
+    run records before its first epoch (write_recorded: its training images, a teacher's logits);
+    and a config.json other than the one its marker vouches for (a user's, beside a copied marker).
+    None: a run that stopped before its first epoch, cleared without asking."""
+    kept = sorted((name for name in run_files() if name != CONFIG and files.is_plain_file(os.path.join(run_dir, name))
+                   and (name not in RECORDED_FIRST or read_recorded(run_dir, name, files.MAX_JSON_BYTES) is None)),
+                  key=lambda name: not name.endswith(".safetensors"))  # (trained weights named first)
+    try:
+        config = files.read_plain(os.path.join(run_dir, CONFIG), files.MAX_JSON_BYTES)
+    except FileNotFoundError:
+        return kept
+    except (OSError, ValueError):
+        config = None
+    if config is None or hashlib.sha256(config).hexdigest() != _marker(run_dir).get("config_sha256"):
+        kept.insert(0, f"a {CONFIG} this run did not write")
+    return kept
 
 
 def mark_run(run_dir: str, config_sha256: Optional[str] = None, keep_records: bool = True) -> None:

@@ -121,7 +121,7 @@ def run_config_fields() -> Dict[str, Field]:
         "budget": Field(_optional(_a_time), "a time such as 10m, or null"),
         "run_key": Field(_optional(lambda v: isinstance(v, str) and len(v) == 64), "a 64-character hash"),
         "run_token": Field(_optional(lambda v: isinstance(v, str) and len(v) == 32 and all(
-            c in "0123456789abcdef" for c in v)), "32 hexadecimal digits"),
+            c in "0123456789abcdef" for c in v)), "32 lower-case hexadecimal digits"),
         "weights_sha256": Field(_optional(lambda v: isinstance(v, str) and len(v) == 64), "a 64-character hash"),
         "extract_calibration": Field(_optional(_hex64), "a 64-character hash or null"),
         "identity": Field(lambda v: isinstance(v, dict), "an object"),

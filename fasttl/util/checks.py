@@ -121,14 +121,16 @@ def folder_path(name: str, value, error=None, what: str = "a folder") -> str:
     (TypeError / ValueError when left out)."""
     import os
 
-    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    from fasttl.util.files import plain_path
+
+    text = plain_path(value) if isinstance(value, (str, os.PathLike)) else None
     if not isinstance(text, str):
         raise (error or TypeError)(f"{name}: expected {what}'s path (a str or a pathlib.Path), got "
                                    f"{type(value).__name__}")
     if not text.strip():
         here = "" if "file" in what else " ('.' for the current one)"
         raise (error or ValueError)(f"{name}: an empty or blank path (an unset variable?); give {what}{here}")
-    return str(text)  # numpy's text (np.str_) as plain str: os.listdir of it lists bytes
+    return text
 
 
 def torch_device(value, name: str = "device"):
@@ -139,6 +141,8 @@ def torch_device(value, name: str = "device"):
     from fasttl.util.errors import OptionError
 
     try:
+        if isinstance(value, (bytes, bytearray, bool)):  # (torch takes b"cpu", and True as the index cuda:1)
+            raise TypeError
         device = torch.device(value)
     except (RuntimeError, TypeError, ValueError):
         raise OptionError(f"{name}: expected cpu, cuda or cuda:N, got {value!r}") from None

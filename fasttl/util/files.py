@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import stat
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 TEMP_PREFIX = ".fasttl-tmp-"
 RUN_MARKER = ".fasttl-run"  # in every run folder fasttl makes: the proof that it is one
@@ -177,6 +177,9 @@ def load_tensors(path: str):
     import torch
 
     try:
+        start = _first_bytes(path)
+        if not start.startswith((b"PK\x03\x04", b"\x80")):  # a zip (torch.save's) or a pickle (its old format)
+            raise ValueError(f"not a torch.save file ({_looks_like(start)})")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. the pickle protocol note of a foreign file
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -188,8 +191,33 @@ def load_tensors(path: str):
                 from None
         raise ValueError(f"not a torch.save file ({' '.join(str(exc).split())[:120]})") from None
     except (RuntimeError, EOFError, ValueError, AttributeError, ImportError, OSError) as exc:
+        if str(exc).startswith("not a torch.save file"):
+            raise
         raise ValueError(f"not a torch.save file ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") \
             from None
+
+
+def _first_bytes(path: str, count: int = 8) -> bytes:
+    """The first bytes of `path` (a pipe is never waited on)."""
+    fd = os.open(path, os.O_RDONLY | _CLOEXEC | _NONBLOCK)
+    try:
+        return os.read(fd, count)
+    finally:
+        os.close(fd)
+
+
+# What a file that is no torch.save file most often is, by its first bytes (said instead of a pickle error).
+_SIGNATURES = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"\x1f\x8b", "gzip data"),
+               (b"PK", "a zip archive without torch's records"), (b"{", "text (JSON?)"))
+
+
+def _looks_like(start: bytes) -> str:
+    if not start:
+        return "an empty file"
+    kind = next((kind for magic, kind in _SIGNATURES if start.startswith(magic)), None)
+    if kind is None and all(32 <= byte < 127 or byte in b"\t\r\n" for byte in start):
+        kind = "text"
+    return f"it starts like {kind}" if kind else f"its first bytes are {start.hex(' ')}, not a zip's or a pickle's"
 
 
 _LOCK_RECORD = re.compile(rb"(pid [0-9]+)?\s*")
@@ -342,11 +370,6 @@ def lock_holder(path: str) -> Optional[str]:
         os.close(fd)
 
 
-def _has_marker(folder: str) -> bool:
-    path = os.path.join(folder, RUN_MARKER)
-    return os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path))
-
-
 def run_record(path: str) -> Optional[dict]:
     """The run marker at `path` when it is fasttl's record (a plain JSON file saying what it is),
     else None; a permission error is raised, never taken for damage."""
@@ -357,35 +380,50 @@ def run_record(path: str) -> Optional[dict]:
     return record if isinstance(record, dict) and record.get("what") == RUN_MARKER_WHAT else None
 
 
-def _holds_run_record(path: str) -> bool:
-    """Whether `path` is a run's marker: a plain file (never a link) holding fasttl's record. One
-    that can't be read can't be told from a run's: a UserError naming it."""
-    if os.path.islink(path) or not os.path.isfile(path):
-        return False
+def run_marker_state(folder: str) -> Tuple[str, object]:
+    """What the RUN_MARKER entry in `folder` is, one rule for every reader: 'absent' (nothing),
+    'folder' (a folder of that name: no run's), 'link' (never followed: no run writes one),
+    'record' (a plain file holding fasttl's record, returned beside it), 'unreadable' (a plain
+    file fasttl may not read, the reason beside it: it can't tell), 'other' (a file of the user's)."""
+    path = os.path.join(folder, RUN_MARKER)
     try:
-        return run_record(path) is not None
+        mode = os.lstat(path).st_mode
+    except OSError:  # nothing there, or a path the kernel can't follow (a link loop): no marker, as os.path says
+        return "absent", None
+    if stat.S_ISLNK(mode) or stat.S_ISDIR(mode):
+        return ("link" if stat.S_ISLNK(mode) else "folder"), None
+    if not stat.S_ISREG(mode):
+        return "other", None
+    try:
+        record = run_record(path)
     except OSError as exc:
+        return "unreadable", exc.strerror
+    return ("record", record) if record is not None else ("other", None)
+
+
+def holds_run_record(folder: str) -> bool:
+    """Whether `folder` holds a run's marker: a plain file (never a link) holding fasttl's record.
+    One that can't be read can't be told from a run's: a UserError naming it."""
+    state, why = run_marker_state(folder)
+    if state == "unreadable":
         from fasttl.util.errors import UserError
 
-        raise UserError(f"{path} cannot be read ({exc.strerror}), so fasttl can't tell whether its folder is a run "
-                        "folder, which only its run writes into; make it readable, or remove it if it is yours") \
-            from None
+        raise UserError(f"{os.path.join(folder, RUN_MARKER)} cannot be read ({why}), so fasttl can't tell whether "
+                        "its folder is a run folder, which only its run writes into; make it readable, or remove it "
+                        "if it is yours")
+    return state == "record"
 
 
 def _marker_problem(folder: str) -> str:
     """Why the RUN_MARKER in `folder` does not make it a run folder ('' when it does): fasttl's
     record, beside the very config.json whose SHA-256 it holds (a marker copied beside another
     config.json vouches for nothing there)."""
-    path = os.path.join(folder, RUN_MARKER)
-    if os.path.islink(path):
+    state, record = run_marker_state(folder)
+    if state == "link":
         return "is a symbolic link, not the file a run writes"
-    try:
-        record = run_record(path)
-    except PermissionError as exc:
-        return f"cannot be read ({exc.strerror})"
-    except OSError:
-        record = None
-    if record is None:
+    if state == "unreadable":
+        return f"cannot be read ({record})"
+    if state != "record":
         return "is not fasttl's run marker (no run's record)"
     config_path = os.path.join(folder, RUN_CONFIG)
     try:
@@ -407,7 +445,7 @@ def run_folder_in_data(folder: str) -> bool:
     images to guess at (a class silently dropped)."""
     from fasttl.util.errors import DataError
 
-    if not _has_marker(folder):
+    if run_marker_state(folder)[0] in ("absent", "folder"):
         return False
     why = _marker_problem(folder)
     if why:
@@ -422,7 +460,7 @@ def enclosing_run_folder(path: str) -> Optional[str]:
     holds no run's record is a user's (a marker fasttl may not read counts: it can't tell)."""
     folder = os.path.realpath(os.path.expanduser(path))
     while True:
-        if _holds_run_record(os.path.join(folder, RUN_MARKER)):
+        if holds_run_record(folder):
             return folder
         parent = os.path.dirname(folder)
         if parent == folder:

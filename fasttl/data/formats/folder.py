@@ -159,6 +159,8 @@ def checked_classes(classes) -> List[str]:
     """`classes` of the Python API (file_list, scan_class_folder) as a list, by the rules of a
     classes file: distinct printable names, not a str (whose letters would be the names)."""
     given = classes
+    if isinstance(classes, (set, frozenset)):  # (its order changes from one process to the next: PYTHONHASHSEED)
+        raise TypeError("classes: a set has no order, and the order numbers the labels; give a list")
     classes = None if isinstance(classes, (str, bytes, dict)) or not hasattr(classes, "__iter__") \
         or getattr(classes, "ndim", 1) == 0 else list(classes)  # (a 0-d array has __iter__, and raises in it)
     if classes is None or not all(isinstance(name, str) for name in classes):

@@ -1,0 +1,342 @@
+"""Session 35: session 34's final-read leftovers (one reading of a run folder's marker for every
+reader, a cache's own files judged by what they hold, one held-out loader for class folders) and
+the eighty-second and later hostile passes."""
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import cli, one_line_error
+
+
+@pytest.fixture(scope="module")
+def a_run(cat_ship, tmp_path_factory):
+    from conftest import finished_run
+
+    return finished_run(cat_ship, tmp_path_factory, "eighty-second")
+
+
+# ---- session 34's leftovers --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind, state", [("none", "absent"), ("record", "record"), ("user", "other"),
+                                         ("link", "link"), ("folder", "folder"), ("fifo", "other")])
+def test_every_reader_of_a_run_marker_reads_it_one_way(tmp_path, kind, state):
+    from fasttl.transfer.rundir import holds_run, mark_run
+    from fasttl.util import files
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    marker = folder / files.RUN_MARKER
+    if kind == "record":
+        mark_run(str(folder))
+    elif kind == "user":
+        marker.write_text("mine\n")
+    elif kind == "link":
+        os.symlink(tmp_path / "elsewhere", marker)
+    elif kind == "folder":
+        marker.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(marker)  # (never waited on)
+    assert files.run_marker_state(str(folder))[0] == state
+    assert holds_run(str(folder)) is files.holds_run_record(str(folder)) is (kind == "record")
+    assert files.enclosing_run_folder(str(folder / "x")) == (os.path.realpath(folder) if kind == "record" else None)
+
+
+def test_an_unreadable_marker_is_named_by_the_run_folder_check_and_the_search_up(tmp_path):
+    import subprocess
+    import sys
+
+    from test_read_only_folders import _bound_by_permissions
+
+    from fasttl.util import files
+
+    marker = tmp_path / "f" / files.RUN_MARKER
+    marker.parent.mkdir()
+    marker.write_text(json.dumps({"what": files.RUN_MARKER_WHAT}))
+    marker.chmod(0)
+    probe = ("import sys\nfrom fasttl.transfer.rundir import holds_run\nfrom fasttl.util import files\n"
+             "from fasttl.util.errors import UserError\nfolder = sys.argv[1]\n"
+             "print(files.run_marker_state(folder)[0])\n"
+             "for reader in (lambda: holds_run(folder), lambda: files.enclosing_run_folder(folder + '/x')):\n"
+             "    try:\n        reader()\n    except UserError as exc:\n        print(exc)\n")
+    try:
+        result = subprocess.run(_bound_by_permissions() + [sys.executable, "-c", probe, str(marker.parent)],
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        marker.chmod(0o644)
+    said = (f"{marker} cannot be read (Permission denied), so fasttl can't tell whether its folder is a run folder, "
+            "which only its run writes into; make it readable, or remove it if it is yours")
+    assert result.stdout.splitlines() == ["unreadable", said, said], result.stderr  # (holds_run: a raw error before)
+
+
+def test_a_users_file_named_as_extracts_mark_is_foreign_to_every_cache_check(tmp_path):
+    from fasttl.cache import folder as cache_folder
+    from fasttl.cache import store
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / store.EXTRACT_MARKER).write_text("a note of mine\n")
+    assert not store.is_own_file(str(mine), store.EXTRACT_MARKER)
+    assert cache_folder.foreign_entries(str(mine)) == [store.EXTRACT_MARKER]  # before: counted as the cache's
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / store.EXTRACT_MARKER).write_text(json.dumps(store.EXTRACT_MARK) + "\n")
+    assert store.is_own_file(str(theirs), store.EXTRACT_MARKER) and cache_folder.foreign_entries(str(theirs)) == []
+
+
+@pytest.mark.parametrize("layout", ["one class", "no images"])
+def test_eval_of_a_held_out_test_folder_with_one_class_or_no_images_names_it(a_run, cat_ship, tmp_path, capsys,
+                                                                             layout):
+    held = tmp_path / "held"
+    if layout == "one class":
+        shutil.copytree(cat_ship / "test" / "cat", held / "test" / "cat")
+    else:
+        for name in ("cat", "ship"):
+            (held / "test" / name).mkdir(parents=True)
+    code, _, err = cli(capsys, "eval", a_run, "--no-progress", "--data", held)
+    test = held / "test"
+    assert code == 2 and one_line_error(err) == (
+        f"fasttl: error: data: {test} has only 1 class folder (cat); a classifier needs at least 2 (add "
+        f"{test}/<other class>/)" if layout == "one class" else
+        f"fasttl: error: data: class folder {test / 'cat'} holds no .jpg/.jpeg/.png images (add images or remove it)")
+    assert not (a_run / "eval_metrics.json").exists() or "held" not in (a_run / "eval_metrics.json").read_text()
+
+
+def test_a_held_out_folder_of_class_folders_is_named_as_a_run_names_its_data(tmp_path, cat_ship, monkeypatch):
+    from fasttl.transfer.datasets import load_dataset, load_held_out
+
+    flat = tmp_path / "flat"
+    shutil.copytree(cat_ship / "test", flat)
+    monkeypatch.chdir(flat)
+    held, own = load_held_out("."), load_dataset(".")
+    assert held.name == own.name == "flat"  # before: "." as the held-out set's name
+    assert held.train is held.test and len(held.test) == sum(1 for _ in flat.rglob("*.jpg"))
+    assert own.carved and len(own.train) + len(own.test) == len(held.test)
+
+
+@pytest.mark.parametrize("field, value", [("lr", "0.1"), ("eps", None), ("weight_decay", "0"),
+                                          ("betas", ("0.9", 0.99))])
+def test_a_param_group_value_set_later_as_text_raises_as_torch_optim_does(request, field, value):
+    import zlib
+
+    import torch
+
+    import fasttl.optim
+
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    start = torch.randn(5, 3)
+    for make in (torch.optim.AdamW, fasttl.optim.AdamW):
+        param = torch.nn.Parameter(start.clone())
+        optimizer = make([param], lr=0.1)
+        param.grad = torch.randn_like(param)
+        optimizer.step()
+        optimizer.param_groups[0][field] = value
+        with pytest.raises(TypeError) as caught:  # before: fasttl's float() read "0.1" as 0.1 and stepped
+            optimizer.step()
+        if make is fasttl.optim.AdamW:
+            name = "betas[0]" if field == "betas" else field
+            assert str(caught.value).startswith(f"{name}: a param group's {name} must be a number, got ")
+            assert int(optimizer.state[param]["step"]) == 1  # the refused step moved nothing
+        assert not torch.equal(param.detach(), start)  # (the first step did move it)
+
+
+# ---- pass 83 (on c4da6af: about 156 attempts on data fetch): 3 found ---------------------------------------------
+_PAYLOAD = bytes(range(256)) * 4  # 1,024 bytes, each position telling its offset's byte
+
+
+def _part_reply(first_line: bytes, content_range, body: bytes):
+    def reply(out):
+        out.write(first_line + (b"Content-Range: " + content_range + b"\r\n" if content_range is not None else b"")
+                  + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return reply
+
+
+def test_a_resume_answered_from_an_earlier_byte_continues_the_partial(tmp_path):
+    from test_bad_surfaces_seventy_fourth_pass import _fetched, _raw_server
+
+    (tmp_path / "partial").write_bytes(_PAYLOAD[:100])  # asks for bytes=100-; the server rounds down to its blocks
+    reply = _part_reply(b"HTTP/1.1 206 Partial Content\r\n", b"bytes 64-1023/1024", _PAYLOAD[64:])
+    # before (N1): written from byte 0 as the whole file; the checksum then blamed the 100 bytes kept before
+    assert _fetched(_raw_server(reply), tmp_path) == _PAYLOAD
+
+
+@pytest.mark.parametrize("have, content_range, said", [
+    (100, b"bytes 500-1023/1024", "answered a resume from byte 100 with a part (HTTP 206) from byte 500, which can't "
+                                  "continue the partial download; it was removed: run the same command again to "
+                                  "download the file whole"),
+    (100, None, "answered a resume from byte 100 with a part (HTTP 206) that says not where it starts (Content-Range: "
+                "(none)), which can't"),
+    (100, b"bytes +64-1023/1024", "with a part (HTTP 206) that says not where it starts (Content-Range: bytes "
+                                  "+64-1023/1024)"),  # (int() reads '+64'; HTTP's grammar holds digits only)
+    (0, b"bytes 500-1023/1024", "answered with a part of a file (HTTP 206) from byte 500 where the whole file was "
+                                "asked for; check the address (--url)")], ids=["past", "no range", "plus", "unasked"])
+def test_a_part_that_cant_continue_the_partial_is_said_and_dropped(tmp_path, have, content_range, said):
+    from test_bad_surfaces_seventy_fourth_pass import _raw_server, _refusal
+
+    if have:
+        (tmp_path / "partial").write_bytes(_PAYLOAD[:have])
+    server = _raw_server(_part_reply(b"HTTP/1.1 206 Partial Content\r\n", content_range, _PAYLOAD[500:]))
+    # before (N1): written from byte 0 as the whole file, and the checksum blamed the bytes an earlier fetch kept
+    refused = _refusal(server, tmp_path)
+    assert refused.startswith(f"fetch: {server.url('/x')} ") and said in refused, refused
+    assert (tmp_path / "partial").read_bytes() == b""  # (emptied: fetch removes an empty partial)
+
+
+@pytest.mark.parametrize("ending", ["eof", "deadline"])
+def test_a_chunked_reply_cut_before_a_whole_chunk_says_nothing_was_kept(tmp_path, ending):
+    import time
+
+    from test_bad_surfaces_seventy_fourth_pass import _raw_server, _refusal
+
+    def reply(out):
+        out.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n44c\r\n" + b"i" * 1000)
+        out.flush()
+        if ending == "deadline":
+            time.sleep(5)
+
+    server = _raw_server(reply)
+    said = _refusal(server, tmp_path, deadline_s=1.5)
+    # before (N2): "stopped at 1,000 of ? bytes; run the same command again to resume", nothing kept to resume from
+    assert said == (f"fetch: the download of {server.url('/x')} stopped at 0 of ? bytes (IncompleteRead); run the same "
+                    "command again (nothing was kept: no whole chunk of it arrived)" if ending == "eof" else
+                    f"fetch: the download of {server.url('/x')} took longer than 1.5 s (--deadline) and stopped at 0 "
+                    "bytes; nothing was kept (no whole chunk of it arrived): give a longer --deadline")
+    assert (tmp_path / "partial").read_bytes() == b""
+
+
+def test_a_reply_cut_inside_its_second_chunk_says_what_it_kept(tmp_path):
+    from test_bad_surfaces_seventy_fourth_pass import _raw_server, _refusal
+
+    server = _raw_server(lambda out: out.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                               b"4\r\nabcd\r\n44c\r\n" + b"i" * 1000))
+    assert _refusal(server, tmp_path) == (f"fetch: the download of {server.url('/x')} stopped at 4 of ? bytes "
+                                          "(IncompleteRead); run the same command again to resume")  # before: 1,004
+    assert (tmp_path / "partial").read_bytes() == b"abcd"
+
+
+def test_a_redirect_to_an_address_that_is_no_url_names_it(tmp_path):
+    from test_bad_surfaces_seventy_fourth_pass import _raw_server, _refusal
+
+    server = _raw_server(lambda out: out.write(b"HTTP/1.1 302 Found\r\nLocation: http://[::1/x\r\nContent-Length: 0"
+                                               b"\r\n\r\n"))
+    # before (N3): "cannot reach <--url> (ValueError: Invalid IPv6 URL); check the network or the address"
+    assert _refusal(server, tmp_path) == (f"fetch: {server.url('/x')} redirects to 'http://[::1/x', which is no valid "
+                                          "address (Invalid IPv6 URL); refused (check the address, --url)")
+
+
+# ---- pass 82 (on c4da6af: about 190 attempts on runs, eval, markers and the API): 6 found --------------------------
+@pytest.mark.parametrize("kind", [set, frozenset])
+def test_classes_given_as_a_set_are_refused_for_their_missing_order(cat_ship, kind):
+    from fasttl.data import file_list, scan_class_folder
+
+    pairs = [(str(p), 0 if p.parent.name == "cat" else 1) for p in sorted((cat_ship / "test").rglob("*.jpg"))]
+    said = "classes: a set has no order, and the order numbers the labels; give a list"
+    with pytest.raises(TypeError, match=f"^{said}$"):  # before (N1): its order changed with PYTHONHASHSEED
+        file_list(pairs, classes=kind({"cat", "ship", "dog"}))
+    with pytest.raises(TypeError, match=f"^{said}$"):
+        scan_class_folder(str(cat_ship / "test"), classes=kind({"cat", "ship"}))
+
+
+def test_predict_run_names_paths_that_are_no_paths(a_run, cat_ship):
+    import numpy as np
+
+    from fasttl.predict import predict_run
+    from fasttl.util.errors import OptionError
+
+    image = str(next((cat_ship / "test").rglob("*.jpg")))
+    for paths, said in [(np.array(image), "paths: expected image files or folders (a path, or a list of them), got "
+                                          "ndarray of shape ()"),
+                        ([None], "paths[0]: expected a path (a str or pathlib.Path), got NoneType"),
+                        ([image, 3], "paths[1]: expected a path (a str or pathlib.Path), got int"),
+                        ({image}, "paths: a set has no order to give the predictions in; give a list")]:
+        with pytest.raises(OptionError) as caught:  # before (N2): "iteration over a 0-d array", "expected str, ..."
+            predict_run(str(a_run), paths, progress=False)
+        assert str(caught.value) == said
+    predicted = predict_run(str(a_run), np.array([image, image]), progress=False)  # df["path"].values
+    assert predicted["rows"] == 2 and [line.split(",")[0] for line in predicted["csv"].splitlines()[1:]] == [image] * 2
+
+
+@pytest.mark.parametrize("content, said", [
+    (b"\xff\xd8\xff\xe0" + bytes(200), "it starts like a JPEG image"),
+    (bytes([7, 0x6b, 0xb3, 0x10, 0xf5, 0xed, 0x11, 0x11]) + bytes(100),
+     "its first bytes are 07 6b b3 10 f5 ed 11 11, not a zip's or a pickle's"),
+    (b"hello\n", "it starts like text"),
+    (b"", "an empty file")], ids=["jpeg", "random", "text", "empty"])
+def test_a_weights_file_of_another_kind_is_said_to_be_one(tmp_path, content, said):
+    import fasttl
+    from fasttl.util.errors import UserError
+
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(content)
+    with pytest.raises(UserError) as caught:  # before (N3): "it holds Python objects other than tensors ... could
+        fasttl.backbones.create("resnet18", weights=str(weights))  # run code", or "(101)"
+    assert f"is not a state dict file fasttl can load (not a torch.save file ({said}))" in str(caught.value)
+    assert "could run code" not in str(caught.value)
+
+
+@pytest.mark.parametrize("left", ["weights", "a users config"])
+def test_a_marked_folder_with_results_but_no_metrics_is_not_cleared_without_overwrite(a_run, cat_ship, tmp_path,
+                                                                                     left):
+    import hashlib
+
+    from conftest import one_epoch_run
+    from fasttl.transfer.job import run
+    from fasttl.transfer.rundir import RunError
+
+    out = tmp_path / "out"
+    if left == "weights":  # a finished run whose metrics.json was moved away (a strategy that keeps no checkpoint)
+        shutil.copytree(a_run, out)
+        for name in ["metrics.json"] + [p.name for p in out.glob("*.checkpoint.pt")]:
+            (out / name).unlink()
+    else:  # a copy of a run's marker beside a user's own files
+        out.mkdir()
+        shutil.copy(a_run / ".fasttl-run", out / ".fasttl-run")
+        (out / "config.json").write_text('{"a": 1}\n')
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir() if p.name != ".fasttl-run.lock"}
+    with pytest.raises(RunError) as caught:  # before (N4): cleared, the trained weights or the user's files lost
+        run(**dict(one_epoch_run(cat_ship, out, strategy="linear"), epochs=None))
+    what = "a config.json this run did not write" if left != "weights" else "scratch.safetensors"
+    assert str(caught.value).startswith(f"out: {out} holds an unfinished run's files (") and what in str(caught.value)
+    assert str(caught.value).endswith("and no checkpoint to continue from; pass --overwrite to replace them, or "
+                                      "another --out")
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir() if p.name != ".fasttl-run.lock"}
+    assert after == before  # (the lock: fasttl's own, as in any run folder)
+
+
+def test_a_run_stopped_before_its_first_epoch_is_still_started_over_without_asking(a_run, cat_ship, tmp_path):
+    from conftest import one_epoch_run
+    from fasttl.transfer.job import run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (".fasttl-run", "config.json"):  # what a run holds before its first epoch ends
+        shutil.copy(a_run / name, out / name)
+    run(**one_epoch_run(cat_ship, out))
+    assert (out / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("change, said", [
+    (dict(std=(1e-300, 1.0, 1.0)), "std, mean: (1e-300, 1.0, 1.0) and (0.5, 0.5, 0.5) normalize pixels to values "
+                                   "float32 can't hold (inf)"),
+    (dict(std=(1e-45, 1.0, 1.0)), "normalize pixels to values float32 can't hold"),
+    (dict(mean=(1e300, 0.0, 0.0)), "and (1e+300, 0.0, 0.0) normalize pixels to values float32 can't hold"),
+    (dict(crop_fraction=1e-9), "crop_fraction: 1e-09 resizes each image to 32,000,000,000 px before its 32 px center "
+                               "crop, more than fasttl handles (2048); expected at least 0.01562"),
+    (dict(crop_fraction=0.01), "crop_fraction: 0.01 resizes each image to 3,200 px")],
+    ids=["tiny std", "subnormal std", "huge mean", "tiny crop", "small crop"])
+def test_a_transform_spec_refuses_values_float32_or_memory_cant_hold(change, said):
+    from fasttl.data.spec import TransformSpec
+
+    with pytest.raises(ValueError) as caught:  # before (N5, N6): inf pixels; a 119 GiB resize on the first image
+        TransformSpec(**dict(dict(size=32, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2)), **change))
+    assert str(caught.value).startswith(said) if said.startswith(("std", "crop")) else said in str(caught.value)
+    assert TransformSpec(32, (0.5,) * 3, (1e-6,) * 3, crop_fraction=32 / 2048).resize_shorter == 2048
+
+
+@pytest.mark.parametrize("device", [b"cpu", bytearray(b"cpu"), True, False])
+def test_a_device_given_as_bytes_or_a_bool_is_refused_by_name(a_run, device):
+    from fasttl.predict import load_run
+    from fasttl.util.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"^device: expected cpu, cuda or cuda:N, got "):  # before: b"cpu" loaded
+        load_run(str(a_run), device=device)
