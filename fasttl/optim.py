@@ -54,13 +54,28 @@ def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
 
 
 def _set_number(name: str, value) -> float:
-    """A param group's value as the step reads it: a number, as torch.optim's arithmetic takes
-    (a scheduler or script sets it after construction, unchecked); text such as "0.1", which
-    float() would quietly read, raises as torch.optim does, naming the field."""
+    """A param group's value as the step reads it: a number, as torch.optim's arithmetic takes;
+    text such as "0.1", which float() would quietly read, raises as torch.optim does."""
     if isinstance(value, numbers.Real) or isinstance(value, Tensor) and value.numel() == 1:
         return float(value)
     raise TypeError(f"{name}: a param group's {name} must be a number, got {type(value).__name__} {value!r} (set "
                     "after the optimizer was made?)")
+
+
+def _group_values(group: dict, read_lr: bool) -> tuple:
+    """(lr, beta1, beta2, eps, weight_decay) of a param group, checked at each step as the
+    constructor checks them, before any state moves: a script or scheduler may set them after
+    construction (an lr of 1e39 or a beta of 1 make every parameter NaN; torch.optim raises on
+    them, and on a third beta). `read_lr` False: lr is a tensor (read on the device), 0.0 here."""
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r:.80} (set after the optimizer was "
+                         "made?)")
+    values = [_set_number(name, value) for name, value in (
+        ("lr", group["lr"] if read_lr else 0.0), ("betas[0]", betas[0]), ("betas[1]", betas[1]), ("eps", group["eps"]),
+        ("weight_decay", group["weight_decay"]))]
+    _check_hyperparameters(values[0], values[1:3], values[3], values[4])
+    return tuple(values)
 
 
 class _FusedAdamBase(torch.optim.Optimizer):
@@ -192,11 +207,9 @@ class _FusedAdamBase(torch.optim.Optimizer):
         # one with a tensor op: no host read on any device, and nothing for torch.compile to break on.
         inf = None if found_inf is None else (found_inf.to(device=device) != 0).to(torch.float32).reshape(())
         lr = group["lr"]
-        numbers_set = [_set_number(name, value) for name, value in  # before any state moves (a step counted)
-                       (("betas[0]", group["betas"][0]), ("betas[1]", group["betas"][1]), ("eps", group["eps"]),
-                        ("weight_decay", group["weight_decay"]))]
         # (compiling: a float lr is a symbolic input, read as a tensor below; float() would specialize it)
-        lr_value = 0.0 if isinstance(lr, Tensor) or torch.compiler.is_compiling() else _set_number("lr", lr)
+        lr_value, beta1, beta2, eps, weight_decay = _group_values(
+            group, read_lr=not isinstance(lr, Tensor) and not torch.compiler.is_compiling())
         torch._foreach_add_(steps, 1)
         if isinstance(lr, Tensor):
             lr_tensor = lr.detach().to(device=device, dtype=torch.float32).reshape(())
@@ -206,7 +219,6 @@ class _FusedAdamBase(torch.optim.Optimizer):
             lr_tensor = torch.ones((), dtype=torch.float32, device=device) * lr
         else:
             lr_tensor = None
-        beta1, beta2, eps, weight_decay = numbers_set
         _ops.adam_step(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                        0.0 if lr_tensor is not None else lr_value, lr_tensor, beta1, beta2, eps, weight_decay,
                        self._decoupled_weight_decay,

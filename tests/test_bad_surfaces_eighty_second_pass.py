@@ -296,8 +296,9 @@ def test_a_marked_folder_with_results_but_no_metrics_is_not_cleared_without_over
     with pytest.raises(RunError) as caught:  # before (N4): cleared, the trained weights or the user's files lost
         run(**dict(one_epoch_run(cat_ship, out, strategy="linear"), epochs=None))
     what = "a config.json this run did not write" if left != "weights" else "scratch.safetensors"
-    assert str(caught.value).startswith(f"out: {out} holds an unfinished run's files (") and what in str(caught.value)
-    assert str(caught.value).endswith("and no checkpoint to continue from; pass --overwrite to replace them, or "
+    assert str(caught.value).startswith(f"out: {out} holds an unfinished run's files ({what}")
+    resume = "--resume to continue it, " if left == "weights" else ""  # (a user's config.json: no run to resume)
+    assert str(caught.value).endswith(f") and no checkpoint of an epoch; pass {resume}--overwrite to replace them, or "
                                       "another --out")
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir() if p.name != ".fasttl-run.lock"}
     assert after == before  # (the lock: fasttl's own, as in any run folder)
@@ -317,7 +318,7 @@ def test_a_run_stopped_before_its_first_epoch_is_still_started_over_without_aski
 
 @pytest.mark.parametrize("change, said", [
     (dict(std=(1e-300, 1.0, 1.0)), "std, mean: (1e-300, 1.0, 1.0) and (0.5, 0.5, 0.5) normalize pixels to values "
-                                   "float32 can't hold (inf)"),
+                                   "float32 can't hold (inf"),
     (dict(std=(1e-45, 1.0, 1.0)), "normalize pixels to values float32 can't hold"),
     (dict(mean=(1e300, 0.0, 0.0)), "and (1e+300, 0.0, 0.0) normalize pixels to values float32 can't hold"),
     (dict(crop_fraction=1e-9), "crop_fraction: 1e-09 resizes each image to 32,000,000,000 px before its 32 px center "
@@ -340,3 +341,176 @@ def test_a_device_given_as_bytes_or_a_bool_is_refused_by_name(a_run, device):
 
     with pytest.raises(OptionError, match=r"^device: expected cpu, cuda or cuda:N, got "):  # before: b"cpu" loaded
         load_run(str(a_run), device=device)
+
+
+# ---- pass 85 (on b50a6c6: about 101 attempts on data fetch): 4 found -----------------------------------------------
+@pytest.mark.parametrize("answer, resumed", [("200", None), ("206 from 64", 64), ("206 from 100", 100)])
+def test_a_checksum_mismatch_says_only_the_bytes_the_file_was_resumed_from(tmp_path, capsys, answer, resumed):
+    import hashlib
+
+    from test_bad_surfaces_seventy_fourth_pass import _raw_server
+
+    from fasttl.cli import main
+    from fasttl.data.fetch import REMOTES, partial_name
+
+    expected = hashlib.sha256(_PAYLOAD).hexdigest()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / partial_name(REMOTES["cifar10"], expected)).write_bytes(_PAYLOAD[:100])
+    other = bytes(reversed(_PAYLOAD))  # another file than the partial's
+    if answer == "200":
+        reply = _part_reply(b"HTTP/1.1 200 OK\r\n", None, other)
+    else:
+        start = 64 if answer.endswith("64") else 100
+        reply = _part_reply(b"HTTP/1.1 206 Partial Content\r\n", b"bytes %d-1023/1024" % start, other[start:])
+    server = _raw_server(reply)
+    try:
+        code = main(["data", "fetch", "cifar10", "--no-progress", "--url", server.url("/x"), "--sha256", expected,
+                     "--dest", str(dest)])
+    finally:
+        server.close()
+    said = one_line_error(capsys.readouterr().err)
+    # before (N1): "(resumed from the 100 bytes an earlier fetch kept ...)" of a reply that started the file over
+    assert code == 2 and f"expected {expected}" in said
+    if resumed is None:
+        assert "resumed" not in said, said
+    else:
+        assert f"(resumed from the {resumed:,} bytes an earlier fetch kept: the file may have changed" in said, said
+
+
+@pytest.mark.parametrize("layout", ["capped range", "cut without length"])
+def test_a_part_that_ends_before_the_file_is_an_interrupted_download_kept_to_resume(tmp_path, layout):
+    from test_bad_surfaces_seventy_fourth_pass import _raw_server, _refusal
+
+    (tmp_path / "partial").write_bytes(_PAYLOAD[:100])
+    if layout == "capped range":  # a server that sends at most 100 bytes a request
+        reply = _part_reply(b"HTTP/1.1 206 Partial Content\r\n", b"bytes 100-199/1024", _PAYLOAD[100:200])
+    else:  # no Content-Length, and the connection closes early
+        def reply(out):
+            out.write(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 100-1023/1024\r\n\r\n" + _PAYLOAD[100:300])
+    server = _raw_server(reply)
+    said = _refusal(server, tmp_path)
+    # before (N2): taken as the whole file; the checksum then failed and removed the correct partial
+    part = " (its reply held bytes 100 to 199 only)" if layout == "capped range" else ""
+    kept = 200 if layout == "capped range" else 300
+    assert said == (f"fetch: the download of {server.url('/x')} stopped at {kept:,} of 1,024 bytes{part}; run the same "
+                    "command again to resume")
+    assert (tmp_path / "partial").read_bytes() == _PAYLOAD[:kept]
+
+
+@pytest.mark.parametrize("way_out", ["ctrl-c", "full disk"])
+def test_every_way_out_of_a_chunked_body_keeps_only_its_checked_chunks(tmp_path, monkeypatch, way_out):
+    from test_bad_surfaces_seventy_fourth_pass import _raw_server
+
+    from fasttl.data import fetch
+    from fasttl.data.fetch import download
+
+    def reply(out):  # a whole chunk, then one whose size line says more than it holds (framing follows as data)
+        out.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n")
+        out.write(b"44c\r\n" + b"i" * 1000 + b"\r\n3e8\r\n" + b"j" * 20)
+        out.flush()
+
+    written = []
+    real_write = fetch._write_all
+
+    def write_then_stop(fd, block, path):
+        real_write(fd, block, path)
+        written.append(len(block))
+        if sum(written) > 4:  # past the checked chunk: the signal or the disk comes now
+            raise KeyboardInterrupt if way_out == "ctrl-c" else OSError(27, "File too large", path)
+
+    monkeypatch.setattr(fetch, "_write_all", write_then_stop)
+    server = _raw_server(reply)
+    try:
+        with pytest.raises(KeyboardInterrupt if way_out == "ctrl-c" else OSError):
+            download(server.url("/x"), str(tmp_path / "partial"), progress=False)
+    finally:
+        server.close()
+    # before (N3): the bytes after "abcd" (framing among them, on the next read) stayed as the point to resume from
+    assert (tmp_path / "partial").read_bytes() == b"abcd"
+
+
+def test_a_rate_stop_after_a_redirect_names_where_it_was_sent(tmp_path, monkeypatch):
+    import time
+
+    from test_bad_surfaces_seventy_fourth_pass import _raw_server, _refusal
+
+    from fasttl.data import fetch_budget
+
+    def reply(out):
+        out.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8000\r\n\r\n")
+        for _ in range(8):
+            out.write(b"x" * 100)
+            out.flush()
+            time.sleep(0.4)
+
+    slow = _raw_server(reply)
+    hop = _raw_server(lambda out: out.write(b"HTTP/1.1 302 Found\r\nLocation: " + slow.url("/file").encode()
+                                            + b"\r\nContent-Length: 0\r\n\r\n"))
+    monkeypatch.setattr(fetch_budget, "RATE_WINDOW_S", 1.0)
+    try:
+        said = _refusal(hop, tmp_path, min_rate=5000)
+    finally:
+        slow.close()
+    # before (N4): "fetch: <--url> sent 250 bytes/s ...", the address that redirected, not the one that was slow
+    assert said.startswith(f"fetch: {slow.url('/file')} (where {hop.url('/x')} redirects) sent "), said
+
+
+def test_a_content_range_unit_is_read_in_any_case(tmp_path):
+    from test_bad_surfaces_seventy_fourth_pass import _fetched, _raw_server
+
+    (tmp_path / "partial").write_bytes(_PAYLOAD[:100])
+    reply = _part_reply(b"HTTP/1.1 206 Partial Content\r\n", b"Bytes 100-1023/1024", _PAYLOAD[100:])
+    assert _fetched(_raw_server(reply), tmp_path) == _PAYLOAD  # (HTTP's range units are case-insensitive)
+
+
+# ---- pass 84 (on b50a6c6: about 230 attempts on run folders, markers, the optimizers and the API): 3 found ---------
+@pytest.mark.parametrize("field, value, said", [
+    ("lr", 1e39, "lr: expected a finite number >= 0 (within float32's range), got 1e+39"),
+    ("betas", (1.0, 0.999), "betas[0]: expected a number in [0, 1), got 1.0"),
+    ("betas", (0.9, 1.5), "betas[1]: expected a number in [0, 1), got 1.5"),
+    ("betas", (0.9, 0.99, 0.5), "betas: expected a pair (beta1, beta2), got (0.9, 0.99, 0.5) (set after the optimizer "
+                                "was made?)")], ids=["huge lr", "beta1 of 1", "beta2 past 1", "three betas"])
+def test_a_param_group_value_set_later_is_checked_as_the_constructor_checks_it(request, field, value, said):
+    import zlib
+
+    import torch
+
+    import fasttl.optim
+
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    for make in (torch.optim.AdamW, fasttl.optim.AdamW):
+        param = torch.nn.Parameter(torch.randn(4, 3))
+        optimizer = make([param], lr=0.1)
+        param.grad = torch.randn_like(param)
+        optimizer.step()
+        optimizer.param_groups[0][field] = value
+        moved = param.detach().clone()
+        with pytest.raises((ValueError, RuntimeError, ZeroDivisionError)) as caught:  # torch.optim raises too
+            optimizer.step()  # before (N1): fasttl stepped, every parameter NaN (a third beta dropped)
+        if make is fasttl.optim.AdamW:
+            assert str(caught.value) == said and int(optimizer.state[param]["step"]) == 1
+            assert torch.equal(param.detach(), moved)
+
+
+def test_a_compare_run_stopped_between_strategies_is_continued_by_the_resume_it_is_told(a_run, cat_ship, tmp_path):
+    from conftest import one_epoch_run
+    from fasttl.transfer.job import run
+    from fasttl.transfer.rundir import RunError
+
+    out = tmp_path / "out"
+    shutil.copytree(a_run, out)  # a first model finished, the next not begun: its weights, no metrics or checkpoint
+    for name in ["metrics.json"] + [p.name for p in out.glob("*.checkpoint.pt")]:
+        (out / name).unlink()
+    with pytest.raises(RunError, match=r"pass --resume to continue it, --overwrite to replace them"):
+        run(**one_epoch_run(cat_ship, out))  # before (N2): only --overwrite offered, which drops the finished model
+    assert run(**one_epoch_run(cat_ship, out, resume=True))["accuracy"] is not None  # the advice works
+    assert (out / "metrics.json").is_file()
+
+
+def test_a_std_float32_holds_as_inf_is_refused_not_made_zero_pixels():
+    from fasttl.data.spec import TransformSpec
+
+    with pytest.raises(ValueError, match=r"^std, mean: \(1e\+39, 1\.0, 1\.0\) .* \(inf; or 0, with a std float32 "
+                                         r"holds as inf\)"):  # before (N3): that channel of every image 0
+        TransformSpec(32, (0.5, 0.5, 0.5), (1e39, 1.0, 1.0))

@@ -35,7 +35,7 @@ def read_state_dict(path: str) -> dict:
 
             state = load_file(path)
         else:
-            from fasttl.util.files import load_tensors
+            from fasttl.util.torch_files import load_tensors
 
             state = load_tensors(path)
     except Exception as exc:  # safetensors and torch raise many types for a damaged file

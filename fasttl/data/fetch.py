@@ -32,7 +32,7 @@ from fasttl.data.archive import extract
 from fasttl.data.fetch_budget import BodyWatch, Budget
 from fasttl.data.checked_response import BrokenChunks
 from fasttl.data.http_reply import (DownloadError, PartialRefused, content_encoding, named_address, open_reply,
-                                   resume_point, sendable, what_the_encoding_did)
+                                   content_range, resume_point, sendable, what_the_encoding_did)
 from fasttl.util.checks import is_utf8
 from fasttl.util.errors import DataError, OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX, absolute
@@ -167,8 +167,10 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
     `min_rate` bytes/s over a 30 s window. Redirects are followed only to http(s) addresses.
     `reply`, a dict, gets the reply's content codings ("encoding")."""
     have = _partial_size(path)
+    reply = reply if reply is not None else {}
+    reply["resumed_from"] = have  # (what of the partial the file is made of: a reply may start it over)
     budget = Budget(deadline_s, min_rate, url)  # the wait for the reply counts too
-    response = _reply(url, path, have, timeout, budget, reply if reply is not None else {})
+    response = _reply(url, path, have, timeout, budget, reply)
     if response is None:  # 416 on a complete file
         return have
     where = named_address(url, budget.redirected)
@@ -180,12 +182,15 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                 reason = terminal_text(response.reason)[:60]
                 raise DownloadError(f"fetch: {where} answered HTTP {response.status} ({reason}): no file there; check "
                                     "the address (--url)")
-            have = resume_point(response, fd, have, where)
+            have = reply["resumed_from"] = resume_point(response, fd, have, where)
             # (a chunked body is framed by its chunks: http.client reads no Content-Length beside them)
             length = "" if getattr(response, "chunked", False) else \
                 (response.headers.get("Content-Length") or "").strip()
             announced = decimal(length)
             total = have + announced if announced is not None else None
+            _, last, whole = content_range(response.headers.get("Content-Range")) if response.status == 206 else \
+                (None, None, None)
+            total = whole if whole is not None else total  # (a part may end before the file: a server's cap)
             if (total or 0) > MAX_DOWNLOAD_BYTES or total is None and ascii_digits(length):  # (more digits: more)
                 said = f"{total:,}" if total is not None else shown(length)
                 raise DownloadError(f"fetch: {url} announces {said} bytes, more than {MAX_DOWNLOAD_BYTES:,}; "
@@ -195,8 +200,10 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
             budget.body_starts()  # (the wait for headers counts against the deadline, not the body's rate)
             size = _receive(response, fd, path, budget, bar, total, timeout, where, url)
             if total is not None and size < total:
-                raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {total:,} bytes; run the "
-                                    "same command again to resume")
+                part = f" (its reply held bytes {have:,} to {last:,} only)" if last is not None and last + 1 < total \
+                    else ""
+                raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {total:,} bytes{part}; run "
+                                    "the same command again to resume")
             try:
                 os.fsync(fd)
             except OSError as exc:
@@ -216,7 +223,7 @@ def _receive(response, fd: int, path: str, budget: Budget, bar, total: Optional[
     start = budget.size
     try:
         return _receive_blocks(response, fd, path, budget, bar, total, timeout, where, url)
-    except DownloadError:
+    except BaseException:  # a refusal, a full disk, Ctrl-C or a signal's exit alike
         written = os.fstat(fd).st_size
         if _kept(response, start, written) < written:  # (never grown: an emptied one stays)
             os.ftruncate(fd, _kept(response, start, written))
@@ -242,8 +249,8 @@ def _receive_blocks(response, fd: int, path: str, budget: Budget, bar, total: Op
                 block = response.read1(_READ)
             except (OSError, ValueError, EOFError, http.client.HTTPException) as exc:  # IncompleteRead, reset
                 kept = _kept(response, start, size)
-                if watch.tripped is not None or budget.remaining() <= 0:
-                    raise watch.tripped or budget.past_deadline(kept) from None
+                if watch.tripped is not None or budget.remaining() <= 0:  # (said with what is kept now)
+                    raise budget.problem(kept) or watch.tripped or budget.past_deadline(kept) from None
                 if isinstance(exc, BrokenChunks):  # framing bytes went in as data: only checked chunks are kept
                     raise DownloadError(f"fetch: {where} sent a chunked reply whose framing is broken ({exc}); what "
                                         "it sent past its last whole chunk was dropped, so a resume never starts from "
@@ -254,7 +261,7 @@ def _receive_blocks(response, fd: int, path: str, budget: Budget, bar, total: Op
                                     f"({type(exc).__name__}); run the same command again {again}") from None
             if not block:
                 if watch.tripped is not None:  # the connection ended by the watch: what came is not all
-                    raise watch.tripped
+                    raise budget.problem(_kept(response, start, size)) or watch.tripped
                 break
             _write_all(fd, block, path)
             size += len(block)
@@ -436,7 +443,6 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
     resumed = os.path.isfile(partial) and not os.path.islink(partial)
     if resumed:
         _refuse_unusable_partial(partial, dest)
-    kept = os.path.getsize(partial) if resumed else 0
     reply: dict = {}
     # A download verified before (an extraction stopped by a full disk) is extracted, not fetched again.
     verified = resumed and sha256_of(partial) == expected
@@ -457,7 +463,7 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
         raise
     found = expected if verified else sha256_of(partial)
     if found != expected:
-        why = _why_it_differs(partial, kept if not verified else 0, reply.get("encoding"), expected)
+        why = _why_it_differs(partial, reply.get("resumed_from", 0), reply.get("encoding"), expected)
         with contextlib.suppress(OSError):
             os.remove(partial)
         raise ChecksumError(f"fetch: {url} gave a file with SHA-256 {found}, expected {expected}{why}"

@@ -48,16 +48,20 @@ class Budget:
                              "took longer than "
                              f"{self.deadline_s:g} s (--deadline) and stopped at {size:,} bytes; {again}")
 
-    def problem(self) -> Optional[DownloadError]:
+    def problem(self, kept: Optional[int] = None) -> Optional[DownloadError]:
         """Why the download must stop now (past the deadline, or below the rate over a window that
-        has run its length), None while it may go on."""
+        has run its length), None while it may go on. `kept`: what the partial keeps now, where the
+        reader knows better than its last add (a chunk's end checked since)."""
         with self._lock:
             now = time.monotonic()
+            if kept is not None:
+                self.size = kept
             if now - self.started > self.deadline_s:
                 return self.past_deadline(self.size)
             window = now - self.window_start
             if window >= RATE_WINDOW_S and self.window_bytes / window < self.min_rate:
-                return DownloadError(f"fetch: {self.url} sent {self.window_bytes / window:,.0f} bytes/s over the last "
+                return DownloadError(f"fetch: {named_address(self.url, self.redirected)} sent "
+                                     f"{self.window_bytes / window:,.0f} bytes/s over the last "
                                      f"{window:.0f} s, below {self.min_rate:,.0f} (--min-rate); stopped at "
                                      f"{self.size:,} bytes: run the same command again"
                                      f"{' to resume' if self.size else ''} (or give a lower --min-rate for a server "

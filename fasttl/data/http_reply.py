@@ -14,7 +14,7 @@ import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Optional
+from typing import Optional, Tuple
 
 from fasttl.data.checked_response import CheckedResponse
 from fasttl.util.errors import UserError
@@ -196,12 +196,17 @@ def reply_error(exc: Exception, url: str, have: int, redirected: Optional[str] =
                         "(--url)") from None
 
 
-def _content_range_start(header: Optional[str]) -> Optional[int]:
-    """N of 'bytes N-M/T' (ASCII digits: int() also reads ' 5', '+5' and other scripts' digits), else None."""
+def content_range(header: Optional[str]) -> Tuple[Optional[int], Optional[int], Optional[int]]:
+    """(N, M, T) of 'bytes N-M/T' (the unit in any case, as HTTP allows; ASCII digits: int() also
+    reads ' 5', '+5' and other scripts' digits), each None where it is not there or not a number."""
     from fasttl.util.checks import decimal
 
     unit, _, span = (header or "").partition(" ")
-    return decimal(span.split("-", 1)[0]) if unit == "bytes" else None
+    if unit.lower() != "bytes":
+        return None, None, None
+    first_last, _, total = span.partition("/")
+    first, _, last = first_last.partition("-")
+    return decimal(first), decimal(last), decimal(total)
 
 
 def resume_point(response, fd: int, have: int, where: str) -> int:
@@ -214,7 +219,7 @@ def resume_point(response, fd: int, have: int, where: str) -> int:
             os.ftruncate(fd, 0)
         return 0
     header = response.headers.get("Content-Range")
-    start = _content_range_start(header)
+    start = content_range(header)[0]
     if start is None and not have:  # (no range asked for: the whole file, from a server that says 206)
         return 0
     if start is not None and start <= have:

@@ -58,15 +58,17 @@ class TransformSpec:
 
     def _check_float32_pixels(self) -> None:
         """mean and std as the pipelines use them, in float32 on the 0..255 scale: a std of 1e-300
-        is 0 there, and a mean of 1e300 inf, which make every pixel inf."""
+        is 0 there, and a mean of 1e300 inf, which make every pixel inf; a std of 1e39, inf, makes
+        every pixel 0."""
         import numpy as np
 
         with np.errstate(all="ignore"):
-            ends = (np.float32([[0.0], [255.0]]) - np.float32(self.mean_255)) / np.float32(self.std_255)
-        if not np.isfinite(ends).all():
+            mean, std = np.float32(self.mean_255), np.float32(self.std_255)
+            ends = (np.float32([[0.0], [255.0]]) - mean) / std
+        if not (np.isfinite(ends).all() and np.isfinite(mean).all() and np.isfinite(std).all()):  # (std inf: all 0)
             raise ValueError(f"std, mean: {self.std} and {self.mean} normalize pixels to values float32 can't hold "
-                             "(inf); give them on the 0..1 scale, as ImageNet's std (0.229, 0.224, 0.225) and mean "
-                             "(0.485, 0.456, 0.406)")
+                             "(inf; or 0, with a std float32 holds as inf); give them on the 0..1 scale, as "
+                             "ImageNet's std (0.229, 0.224, 0.225) and mean (0.485, 0.456, 0.406)")
 
     @property
     def resize_shorter(self) -> int:

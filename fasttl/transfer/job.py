@@ -33,7 +33,8 @@ from fasttl.cache.folder import refuse_inside
 from fasttl.transfer import budget, planner, trained_images
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
-                                    run_files, unfinished_leftovers, write_config, write_metrics, write_predictions)
+                                    refuse_leftovers, run_files, unfinished_leftovers, write_config, write_metrics,
+                                    write_predictions)
 from fasttl.transfer import registry
 from fasttl.util.outputs import counted, csv_cell, markdown_cell, passed_over, terminal_lines, terminal_text, within
 from fasttl.transfer.registry import Outcome
@@ -108,10 +109,8 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
         elif has_checkpoints(run_dir):
             raise RunError(f"out: {run_dir} holds an unfinished run; pass --resume to continue it, or --overwrite "
                            "to start over")
-        elif leftovers := unfinished_leftovers(run_dir):
-            raise RunError(f"out: {run_dir} holds an unfinished run's files ({', '.join(leftovers[:3])}) and no "
-                           "checkpoint to continue from; pass --overwrite to replace them, or another --out")
         else:
+            refuse_leftovers(run_dir)  # trained weights, a report, a config.json not its own: never cleared unasked
             cleared = clear_results(run_dir)  # a run that stopped before its first epoch: nothing to resume or lose
     else:
         _refuse_foreign(run_dir)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fasttl.util.errors import UserError
-from fasttl.util import files
+from fasttl.util import files, torch_files
 from fasttl.util.path_problems import unreachable
 from fasttl.util.files import RUN_CONFIG, RUN_MARKER, read_json, write_atomic, write_json_atomic
 from fasttl.util.outputs import csv_cell
@@ -128,9 +128,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_tensors(path: str) -> Dict[str, object]:
-    """A checkpoint: tensors and plain containers only (fasttl.util.files.load_tensors)."""
+    """A checkpoint: tensors and plain containers only (fasttl.util.torch_files.load_tensors)."""
     try:
-        return files.load_tensors(path)
+        return torch_files.load_tensors(path)
     except ValueError as exc:
         raise RunError(f"{path}: not a fasttl checkpoint: {exc}; delete it, or run again with --overwrite") from None
 
@@ -283,8 +283,21 @@ def unfinished_leftovers(run_dir: str) -> List[str]:
     except (OSError, ValueError):
         config = None
     if config is None or hashlib.sha256(config).hexdigest() != _marker(run_dir).get("config_sha256"):
-        kept.insert(0, f"a {CONFIG} this run did not write")
+        kept.insert(0, FOREIGN_CONFIG)
     return kept
+
+
+FOREIGN_CONFIG = f"a {CONFIG} this run did not write"  # (what unfinished_leftovers says of one: no run to resume)
+
+
+def refuse_leftovers(run_dir: str) -> None:
+    """A RunError where a marked folder with no metrics.json and no checkpoint holds what a new run
+    would lose (unfinished_leftovers); --resume continues a --compare run stopped between strategies."""
+    leftovers = unfinished_leftovers(run_dir)
+    if leftovers:
+        resume = "" if FOREIGN_CONFIG in leftovers else "--resume to continue it, "
+        raise RunError(f"out: {run_dir} holds an unfinished run's files ({', '.join(leftovers[:3])}) and no "
+                       f"checkpoint of an epoch; pass {resume}--overwrite to replace them, or another --out")
 
 
 def mark_run(run_dir: str, config_sha256: Optional[str] = None, keep_records: bool = True) -> None:

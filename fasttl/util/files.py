@@ -166,60 +166,6 @@ def is_plain_file(path: str) -> Optional[bool]:
         return None
 
 
-def load_tensors(path: str):
-    """torch.load restricted to tensors and plain containers (weights_only=True): a file holding
-    any other Python object, which could run code as it loads, is refused, never executed.
-    Raises ValueError with a one-line reason (never torch's advice to load it unsafely); a file
-    one may not read raises its PermissionError (a permission, never damage to delete it for)."""
-    import pickle
-    import warnings
-
-    import torch
-
-    try:
-        start = _first_bytes(path)
-        if not start.startswith((b"PK\x03\x04", b"\x80")):  # a zip (torch.save's) or a pickle (its old format)
-            raise ValueError(f"not a torch.save file ({_looks_like(start)})")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. the pickle protocol note of a foreign file
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError:
-        raise
-    except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
-            raise ValueError("it holds Python objects other than tensors, refused: loading them could run code") \
-                from None
-        raise ValueError(f"not a torch.save file ({' '.join(str(exc).split())[:120]})") from None
-    except (RuntimeError, EOFError, ValueError, AttributeError, ImportError, OSError) as exc:
-        if str(exc).startswith("not a torch.save file"):
-            raise
-        raise ValueError(f"not a torch.save file ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") \
-            from None
-
-
-def _first_bytes(path: str, count: int = 8) -> bytes:
-    """The first bytes of `path` (a pipe is never waited on)."""
-    fd = os.open(path, os.O_RDONLY | _CLOEXEC | _NONBLOCK)
-    try:
-        return os.read(fd, count)
-    finally:
-        os.close(fd)
-
-
-# What a file that is no torch.save file most often is, by its first bytes (said instead of a pickle error).
-_SIGNATURES = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"\x1f\x8b", "gzip data"),
-               (b"PK", "a zip archive without torch's records"), (b"{", "text (JSON?)"))
-
-
-def _looks_like(start: bytes) -> str:
-    if not start:
-        return "an empty file"
-    kind = next((kind for magic, kind in _SIGNATURES if start.startswith(magic)), None)
-    if kind is None and all(32 <= byte < 127 or byte in b"\t\r\n" for byte in start):
-        kind = "text"
-    return f"it starts like {kind}" if kind else f"its first bytes are {start.hex(' ')}, not a zip's or a pickle's"
-
-
 _LOCK_RECORD = re.compile(rb"(pid [0-9]+)?\s*")
 
 
