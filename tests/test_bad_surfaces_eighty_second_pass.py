@@ -514,3 +514,95 @@ def test_a_std_float32_holds_as_inf_is_refused_not_made_zero_pixels():
     with pytest.raises(ValueError, match=r"^std, mean: \(1e\+39, 1\.0, 1\.0\) .* \(inf; or 0, with a std float32 "
                                          r"holds as inf\)"):  # before (N3): that channel of every image 0
         TransformSpec(32, (0.5, 0.5, 0.5), (1e39, 1.0, 1.0))
+
+
+# ---- pass 86 (on 887b5ab: about 260 attempts on the API beside torch, run folders, labels and outputs): 2 found ----
+@pytest.mark.parametrize("field", ["mean", "std", "crop_fraction"])
+def test_a_spec_value_too_large_for_a_float_is_named_not_a_traceback(field):
+    from fasttl.data.spec import TransformSpec
+
+    values = dict(size=32, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), crop_fraction=1.0)
+    values[field] = 10 ** 400 if field == "crop_fraction" else (10 ** 400, 1, 1)
+    with pytest.raises(ValueError, match=f"^{field}: expected "):  # before (N1): OverflowError, naming no field
+        TransformSpec(**values)  # (crop_fraction: refused before too, kept)
+
+
+def test_a_resume_refused_for_changed_data_advises_restoring_it(a_run, cat_ship, tmp_path):
+    import time
+
+    from conftest import one_epoch_run
+    from fasttl.transfer.job import run
+    from fasttl.transfer.rundir import RunError
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(cat_ship, data)
+    run(**one_epoch_run(data, out))
+    (out / "metrics.json").unlink()  # interrupted before its results
+    image = next((data / "train").rglob("*.jpg"))
+    later = time.time() + 100
+    os.utime(image, (later, later))  # touched, or copied back without -p: the same bytes, another time
+    with pytest.raises(RunError) as caught:
+        run(**one_epoch_run(data, out, resume=True))
+    # before (N2): "; run with the same options, or pass --overwrite", which the user had just done
+    assert ("(the data changed since the run started (an image added, removed or rewritten, or its modification time "
+            "changed: a copy keeps it only with cp -p or rsync -a)); restore it as the run read it, or pass "
+            "--overwrite to start over") in str(caught.value)
+
+
+# ---- pass 87 (on 887b5ab: about 115 attempts on data fetch): 2 found ------------------------------------------------
+def _fetch_cli(server, dest, expected):
+    from fasttl.cli import main
+
+    try:
+        return main(["data", "fetch", "cifar10", "--no-progress", "--url", server.url("/x"), "--sha256", expected,
+                     "--dest", str(dest)])
+    finally:
+        server.close()
+
+
+def test_a_part_of_a_file_of_unknown_size_is_kept_to_resume_not_removed(tmp_path, capsys):
+    import hashlib
+
+    from test_bad_surfaces_seventy_fourth_pass import _raw_server
+
+    from fasttl.data.fetch import REMOTES, partial_name
+
+    expected = hashlib.sha256(_PAYLOAD).hexdigest()
+    partial = tmp_path / partial_name(REMOTES["cifar10"], expected)
+    partial.write_bytes(_PAYLOAD[:100])
+    server = _raw_server(_part_reply(b"HTTP/1.1 206 Partial Content\r\n", b"bytes 100-499/*", _PAYLOAD[100:500]))
+    code = _fetch_cli(server, tmp_path, expected)
+    # before (N1): the checksum failed, the 500 correct bytes were removed and the 100 kept before were blamed
+    assert code == 2 and one_line_error(capsys.readouterr().err) == (
+        f"fasttl: error: fetch: the download of {server.url('/x')} stopped at 500 bytes (its reply held bytes 100 to "
+        "499 of a file of unknown size, and they are not all of it); run the same command again to resume")
+    assert partial.read_bytes() == _PAYLOAD[:500]
+
+
+def test_a_part_that_ends_before_the_partial_is_said_and_leaves_it_whole(tmp_path):
+    from test_bad_surfaces_seventy_fourth_pass import _raw_server, _refusal
+
+    (tmp_path / "partial").write_bytes(_PAYLOAD[:600])
+    server = _raw_server(_part_reply(b"HTTP/1.1 206 Partial Content\r\n", b"bytes 0-511/1024", _PAYLOAD[:512]))
+    # before (N2): cut to 512 bytes, "run the same command again to resume", and the same at every rerun
+    assert _refusal(server, tmp_path) == (
+        f"fetch: {server.url('/x')} answered a resume from byte 600 with bytes 0 to 511 (HTTP 206), none of those "
+        "asked for: it does not send the rest of the file; the partial download is kept (check the address, --url, "
+        "or download the file another way)")
+    assert (tmp_path / "partial").read_bytes() == _PAYLOAD[:600]
+
+
+def test_ctrl_c_before_any_byte_leaves_no_empty_partial_to_resume(tmp_path, monkeypatch):
+    from fasttl.data import fetch
+
+    def interrupted(url, path, **options):  # the reply's headers came, its partial was opened, no byte yet
+        open(path, "ab").close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fetch, "download", interrupted)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        fetch._download_and_extract("cifar10", fetch.REMOTES["cifar10"], "http://127.0.0.1:9/x", "0" * 64, str(dest),
+                                    False, lambda line: None, False, 60.0, 1.0)
+    assert os.listdir(dest) == []  # before: an empty partial, and the next fetch said "resuming"

@@ -258,7 +258,7 @@ def test_resume_refuses_a_teacher_trained_again_in_place(cat_ship, linear_run, t
     run(**one_epoch_run(cat_ship, teacher, strategy="mlp", epochs=2, overwrite=True))  # other weights, same folder
     # before: resumed, its finished epochs taught by the old teacher, metrics naming the new one
     with pytest.raises(RunError, match=r"resume: .* \(a teacher's weights changed since the run started \(trained "
-                                       r"again in place\?\)\); run with the same options"):
+                                       r"again in place\?\)\); restore it as the run read it, or pass --overwrite"):
         run(**dict(options, resume=True))
 
 

@@ -191,6 +191,8 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
             _, last, whole = content_range(response.headers.get("Content-Range")) if response.status == 206 else \
                 (None, None, None)
             total = whole if whole is not None else total  # (a part may end before the file: a server's cap)
+            if last is not None and whole is None:  # a part of a file of unknown size: maybe not its end
+                reply["part"] = (have, last)
             if (total or 0) > MAX_DOWNLOAD_BYTES or total is None and ascii_digits(length):  # (more digits: more)
                 said = f"{total:,}" if total is not None else shown(length)
                 raise DownloadError(f"fetch: {url} announces {said} bytes, more than {MAX_DOWNLOAD_BYTES:,}; "
@@ -454,7 +456,7 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
     try:
         if not verified:
             download(url, partial, progress=progress, deadline_s=deadline_s, min_rate=min_rate, reply=reply)
-    except (DownloadError, OSError) as exc:
+    except BaseException as exc:  # (Ctrl-C before any byte too: no empty partial to 'resume' next time)
         _leave_only_progress(partial, dest if created else None)
         if isinstance(exc, OSError) and exc.errno in _FULL:
             kept = os.path.getsize(partial) if os.path.isfile(partial) else 0
@@ -462,6 +464,11 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
                                 f"again: the {kept:,} bytes that arrived are kept to resume from)") from None
         raise
     found = expected if verified else sha256_of(partial)
+    part = reply.get("part")
+    if found != expected and part is not None and os.path.getsize(partial) == part[1] + 1:
+        raise DownloadError(f"fetch: the download of {url} stopped at {part[1] + 1:,} bytes (its reply held bytes "
+                            f"{part[0]:,} to {part[1]:,} of a file of unknown size, and they are not all of it); run "
+                            "the same command again to resume")
     if found != expected:
         why = _why_it_differs(partial, reply.get("resumed_from", 0), reply.get("encoding"), expected)
         with contextlib.suppress(OSError):

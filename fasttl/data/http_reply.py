@@ -219,9 +219,13 @@ def resume_point(response, fd: int, have: int, where: str) -> int:
             os.ftruncate(fd, 0)
         return 0
     header = response.headers.get("Content-Range")
-    start = content_range(header)[0]
+    start, last, _ = content_range(header)
     if start is None and not have:  # (no range asked for: the whole file, from a server that says 206)
         return 0
+    if start is not None and last is not None and start < have and last < have:  # (its cut would only go back)
+        raise DownloadError(f"fetch: {where} answered a resume from byte {have:,} with bytes {start:,} to {last:,} "
+                            "(HTTP 206), none of those asked for: it does not send the rest of the file; the partial "
+                            "download is kept (check the address, --url, or download the file another way)")
     if start is not None and start <= have:
         if start < have:
             os.ftruncate(fd, start)

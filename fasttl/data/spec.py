@@ -9,6 +9,16 @@ from fasttl.util.checks import MAX_IMAGE_SIZE, check_image_size  # noqa: F401 (w
 MAX_RESIZE = 2 * MAX_IMAGE_SIZE  # the most pixels an eval image's shorter side is resized to before its center crop
 
 
+def _finite(value) -> bool:
+    """math.isfinite, for an int of any size too (10**400 raises OverflowError there)."""
+    import math
+
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 @dataclass(frozen=True)
 class TransformSpec:
     size: int                          # output side, pixels
@@ -23,8 +33,6 @@ class TransformSpec:
         """Each value checked and made plain (a numpy number as Python's): a size of -5 or 0, a std
         of 0 or NaN, would otherwise give wrong images silently on one backend and a traceback on
         the other."""
-        import math
-
         from fasttl.util.checks import a_flag, plain_number
 
         set_plain = object.__setattr__  # (a frozen dataclass)
@@ -34,7 +42,7 @@ class TransformSpec:
             values = None if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__") else \
                 [plain_number(v) for v in values]
             if values is None or len(values) != 3 or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values) \
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in values) \
                     or name == "std" and min(values) <= 0:
                 raise ValueError(f"{name}: expected 3 finite numbers{' > 0' if name == 'std' else ''} (one a channel, "
                                  f"on the 0..1 scale), got {getattr(self, name)!r:.80}")
@@ -43,7 +51,7 @@ class TransformSpec:
         crop = plain_number(self.crop_fraction)
         if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
             raise ValueError(f"crop_fraction: expected a number in (0, 1] (the center crop's share of the resized "
-                             f"image), got {self.crop_fraction!r}")
+                             f"image), got {self.crop_fraction!r:.80}")
         if self.size / crop > MAX_RESIZE:  # (the image is resized to this before its crop: 1e-9 asks 119 GiB)
             raise ValueError(f"crop_fraction: {crop!r} resizes each image to {self.size / crop:,.0f} px before its "
                              f"{self.size} px center crop, more than fasttl handles ({MAX_RESIZE}); expected at least "

@@ -90,7 +90,7 @@ def resumed_identity(run_dir: str, cfg: RunConfig, identity: dict, recorded: dic
     carry that key), once it is this run's in today's terms; a RunError naming what differs else."""
     before = _identity_as_today(recorded, cfg, identity)
     differing = {k for k in set(identity) | set(before) if identity.get(k) != before.get(k)}
-    said = []
+    said, options = [], False
     for k in sorted(differing):
         content = _CONTENT_OF.get(k)
         if content in recorded and content in identity and content not in differing:
@@ -98,9 +98,11 @@ def resumed_identity(run_dir: str, cfg: RunConfig, identity: dict, recorded: dic
         if any(c == k and name in differing for name, c in _CONTENT_OF.items()):
             continue  # its path changed too (another file, or none): said by the path
         said.append(_CHANGED[k] if k in _CHANGED else f"{k}: was {before.get(k)!r}, now {identity.get(k)!r}")
-    if said:
-        raise RunError(f"resume: {run_dir} was run with other options or data ({'; '.join(said)[:500]}); run with "
-                       "the same options, or pass --overwrite to start over")
+        options = options or k not in _CHANGED
+    if said:  # (the same options again can't help where only an input changed: restoring it can)
+        again = "run with the same options" if options else "restore it as the run read it"
+        raise RunError(f"resume: {run_dir} was run with other options or data ({'; '.join(said)[:500]}); {again}, "
+                       "or pass --overwrite to start over")
     return recorded
 
 
