@@ -200,10 +200,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run_dir, args.data, progress=not args.no_progress, device=args.device,
                            on_error=args.on_error)
-    from fasttl.util.outputs import passed_over, terminal_text as shown  # a name's line break never starts a line
+    from fasttl.util.outputs import passed_over, skipped_line, terminal_text as shown  # (a line break never starts one)
 
     if metrics["ignored"]:  # data went unread, as `fasttl run` says
         print(passed_over([(e["path"], e["reason"]) for e in metrics["ignored"]]), file=sys.stderr)
+    if metrics["skipped"]:  # (the run's --on-error skip, or this one's: the images scored are fewer than given)
+        print(skipped_line([(e["file"], e["reason"]) for e in metrics["skipped"]]), file=sys.stderr)
     where = (f"written to {shown(metrics['written'])}" if metrics["written"] else
              f"not saved ({shown(metrics['not_written'])}): these numbers are the result")
     with summary_of(metrics["written"], "the metrics were"):  # the metrics file is written by now

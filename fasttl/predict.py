@@ -393,7 +393,7 @@ def show_run_predictions(result: dict) -> int:
     """predict_run's result as `fasttl predict --run` says it: the CSV on standard output unless it
     went to --out (when --out could not be written, said first, then the CSV, exit 2), the rest on
     stderr."""
-    from fasttl.util.outputs import counted, terminal_lines, terminal_text
+    from fasttl.util.outputs import skipped_line, terminal_lines, terminal_text
 
     if result.get("not_written"):  # first: a full standard output must not take this line with it
         print(f"fasttl: error: {result['not_written']}; the predictions go to standard output instead, not saved",
@@ -405,9 +405,7 @@ def show_run_predictions(result: dict) -> int:
               file=sys.stderr)
     say_passed_over(result["ignored"])
     if result["skipped"]:
-        shown = terminal_text("; ".join(f"{path} ({why})" for path, why in result["skipped"][:5]))
-        more = f" and {len(result['skipped']) - 5} more" if len(result["skipped"]) > 5 else ""
-        print(f"skipped {counted(len(result['skipped']), 'image')}: {shown}{more}", file=sys.stderr)
+        print(skipped_line(result["skipped"]), file=sys.stderr)
     return 2 if result.get("not_written") else 0
 
 

@@ -202,18 +202,33 @@ class _ShardWriter:
             self.width = chunk.shape[1]
             if self.width < 1:
                 raise ValueError(f"chunks: chunk {index} has no columns (expected D >= 1 features per row)")
-            self.buffer = torch.empty((self.shard_rows, self.width), dtype=CACHE_DTYPES[self.dtype])
-            self.scales = torch.empty(self.shard_rows, dtype=torch.float32) if self.dtype == "int8" else None
+            self.buffer = torch.empty((0, self.width), dtype=CACHE_DTYPES[self.dtype])
+            self.scales = torch.empty(0, dtype=torch.float32) if self.dtype == "int8" else None
         elif chunk.shape[1] != self.width:
             raise ValueError(f"chunks: chunk {index} has {chunk.shape[1]} columns, the first had {self.width}")
         check_fits(chunk, CACHE_DTYPES[self.dtype], f"chunks: chunk {index}")
         done = 0
         while done < chunk.shape[0]:
             take = min(self.shard_rows - self.filled, chunk.shape[0] - done)
+            self._reserve(self.filled + take)
             pool_store(chunk[done:done + take], self.buffer, torch.arange(self.filled, self.filled + take), self.scales)
             self.filled, done, self.count = self.filled + take, done + take, self.count + take
             if self.filled == self.shard_rows:
                 self._flush()
+
+    def _reserve(self, rows: int) -> None:
+        """Room for `rows` rows, grown as rows come (doubling, at most shard_rows): a shard_rows far
+        above the rows written (1e8 rows of 1280 features: 256 GB) never reserves what it won't use."""
+        if rows <= self.buffer.shape[0]:
+            return
+        grown = min(self.shard_rows, max(rows, 2 * self.buffer.shape[0]))
+        buffer = torch.empty((grown, self.width), dtype=self.buffer.dtype)
+        buffer[:self.filled] = self.buffer[:self.filled]
+        self.buffer = buffer
+        if self.scales is not None:
+            scales = torch.empty(grown, dtype=torch.float32)
+            scales[:self.filled] = self.scales[:self.filled]
+            self.scales = scales
 
     def close(self) -> None:
         if self.filled:

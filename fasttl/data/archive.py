@@ -31,7 +31,8 @@ MAX_CHAINED_HEADERS = 8       # extended headers before one member (tarfile recu
 # setting the file's time raised OverflowError (1e400, 10**20) after the files were written.
 MEMBER_TIMES = (-62135596800, 253402300799)
 # The destination's faults, not the archive's: named as DEST's (a full disk keeps the download to retry).
-_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
+# The disk's or the user's (a full disk, a permission, a file size limit, ulimit -f), never the archive's.
+_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.EFBIG)
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
@@ -143,6 +144,14 @@ def _remove_stale_staging(dest: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _long_member_name(filename, staging: str) -> bool:
+    """Whether the path an extraction failed at holds a name longer than file systems take (255
+    bytes): the archive's; else a path too long is --dest's, too deep for what it holds."""
+    if not isinstance(filename, (str, bytes)):
+        return True
+    return any(len(os.fsencode(part)) > 255 for part in os.path.relpath(os.fsdecode(filename), staging).split(os.sep))
+
+
 def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[str, ...] = (),
             source: Optional[str] = None) -> str:
     """Extracts the archive's one folder into DEST/<folder> through a temporary folder beside it
@@ -169,7 +178,8 @@ def extract(archive_path: str, remote_folder: str, dest: str, required: Tuple[st
                     raise DataError(f"{source}: {exc}; refused, nothing extracted (is this the right archive? "
                                     "--url)") from None
                 raise
-            if isinstance(exc, OSError) and exc.errno in _DISK:  # the disk, not the archive
+            if isinstance(exc, OSError) and (exc.errno in _DISK or exc.errno == errno.ENAMETOOLONG
+                                             and not _long_member_name(exc.filename, staging)):  # (a deep --dest)
                 raise OSError(exc.errno, exc.strerror, dest) from None
             if isinstance(exc, OSError) and exc.errno is not None:  # members that clash (a file where a folder goes)
                 member = _shown(os.path.relpath(os.fsdecode(exc.filename), staging)) \

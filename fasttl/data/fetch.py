@@ -193,19 +193,21 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
             total = whole if whole is not None else total  # (a part may end before the file: a server's cap)
             if last is not None and whole is None:  # a part of a file of unknown size: maybe not its end
                 reply["part"] = (have, last)
+            shown_total = None if "part" in reply else total  # (have + its length is no size of the file)
             if (total or 0) > MAX_DOWNLOAD_BYTES or total is None and ascii_digits(length):  # (more digits: more)
                 said = f"{total:,}" if total is not None else shown(length)
                 raise DownloadError(f"fetch: {url} announces {said} bytes, more than {MAX_DOWNLOAD_BYTES:,}; "
                                     "refused (check the address, --url)")
-            bar = _progress_bar(url, total, have) if progress else None
+            bar = _progress_bar(url, shown_total, have) if progress else None
             budget.size = have
             budget.body_starts()  # (the wait for headers counts against the deadline, not the body's rate)
-            size = _receive(response, fd, path, budget, bar, total, timeout, where, url)
+            size = _receive(response, fd, path, budget, bar, shown_total, timeout, where, url)
             if total is not None and size < total:
                 part = f" (its reply held bytes {have:,} to {last:,} only)" if last is not None and last + 1 < total \
-                    else ""
-                raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of {total:,} bytes{part}; run "
-                                    "the same command again to resume")
+                    and shown_total is not None else ""
+                raise DownloadError(f"fetch: the download of {where} stopped at {size:,} of "
+                                    f"{'?' if shown_total is None else f'{total:,}'} bytes{part}; run the same command "
+                                    "again to resume")
             try:
                 os.fsync(fd)
             except OSError as exc:
@@ -465,8 +467,10 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
         raise
     found = expected if verified else sha256_of(partial)
     part = reply.get("part")
-    if found != expected and part is not None and os.path.getsize(partial) == part[1] + 1:
-        raise DownloadError(f"fetch: the download of {url} stopped at {part[1] + 1:,} bytes (its reply held bytes "
+    if found != expected and part is not None:  # an interrupted download, not a wrong one: kept to its range's end
+        kept = min(os.path.getsize(partial), part[1] + 1)
+        os.truncate(partial, kept)
+        raise DownloadError(f"fetch: the download of {url} stopped at {kept:,} bytes (its reply held bytes "
                             f"{part[0]:,} to {part[1]:,} of a file of unknown size, and they are not all of it); run "
                             "the same command again to resume")
     if found != expected:

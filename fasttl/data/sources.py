@@ -212,7 +212,11 @@ def image_folders(source, with_root: bool = True) -> List[str]:
     which scans pass over, excepted); arrays have none. `with_root=False`: the images' own folders
     only (where the data option's own folder is checked apart)."""
     if isinstance(source, FileSource):
-        folders = {os.path.dirname(os.path.abspath(f)) for f in source.files}
+        listed = {}
+        for f in source.files:
+            listed.setdefault(os.path.dirname(os.path.abspath(f)), []).append(f)
+        # (a folder whose listed images are all missing holds none: their read names them, not this check)
+        folders = {folder for folder, names in listed.items() if any(os.path.lexists(f) for f in names)}
     elif isinstance(source, TarSource):
         folders = {os.path.dirname(os.path.abspath(s)) for s in source.shards}
     else:

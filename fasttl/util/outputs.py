@@ -110,6 +110,14 @@ def within(path: str, folder) -> str:
     return os.path.basename(path)
 
 
+def skipped_line(skipped, most: int = 5) -> str:
+    """The line that says which images --on-error skip left out: (path, why) pairs, the first
+    `most` shown (the rest counted)."""
+    shown = terminal_text("; ".join(f"{path} ({why})" for path, why in skipped[:most]))
+    more = f" and {len(skipped) - most} more" if len(skipped) > most else ""
+    return f"skipped {counted(len(skipped), 'image')}: {shown}{more}"
+
+
 def passed_over(ignored, folder=None, where: str = "the data folder", most: int = 3) -> str:
     """The line that says what a scan of `where` did not read: (path, why) pairs, each path said
     from the folder `folder` on (as it is without one); the first `most` shown."""
