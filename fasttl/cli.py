@@ -8,8 +8,8 @@ import sys
 
 from fasttl.util import settings
 from fasttl.util.signals import ending_signals_raised, exit_code
-from fasttl.cli_errors import (OS_ERRORS, escape_unshowable_text, one_line, os_error_line, peer_stopped, quiet_stdout,
-                               summary_of, user_error_types)
+from fasttl.cli_errors import (OS_ERRORS, escape_unshowable_text, flush_stdout, one_line, os_error_line, peer_stopped,
+                               quiet_stdout, summary_of, user_error_types)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -458,11 +458,11 @@ def _main(argv) -> int:
         try:
             args = parser.parse_args(argv)
         except SystemExit:  # --help (or an argument error) printed: a full disk behind stdout shows here
-            sys.stdout.flush()
+            flush_stdout()
             raise
         if not getattr(args, "func", None):
             parser.print_help()
-            sys.stdout.flush()
+            flush_stdout()
             return 2
     except BrokenPipeError:  # `fasttl bench --help | head`: help printed into a pipe that closed
         return _reader_gone()
@@ -475,7 +475,7 @@ def _main(argv) -> int:
     try:
         with ending_signals_raised():  # kill, timeout, a closed terminal: out as Ctrl-C, through the cleanup
             code = args.func(args)
-        sys.stdout.flush()  # a full disk or a closed pipe behind stdout shows here, not at exit
+        flush_stdout()  # a full disk or a closed pipe behind stdout shows here, not at exit
         return code
     except BrokenPipeError:  # `fasttl predict ... | head`
         return _reader_gone()

@@ -134,7 +134,7 @@ def summary_of(written, what: str):
     (a full disk) says the file was written (summary_not_printed)."""
     try:
         yield
-        sys.stdout.flush()
+        flush_stdout()
     except OSError as exc:
         raise summary_not_printed(exc, written, what) from None
 
@@ -153,10 +153,17 @@ def summary_not_printed(exc: OSError, written, what: str = "the metrics were") -
                      f"{terminal_text(written)}, only this summary was not printed")
 
 
+def flush_stdout() -> None:
+    """sys.stdout.flush(), where there is one: a command run with standard output closed (`>&-`)
+    has none (Python sets it to None, and print writes nowhere)."""
+    if sys.stdout is not None:
+        sys.stdout.flush()
+
+
 def quiet_stdout() -> None:
     """After a failed write to stdout, nothing more may go there: the interpreter's own flush at
     exit would print a second error."""
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, AttributeError):  # (AttributeError: no stdout at all)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 

@@ -173,7 +173,7 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
     response = _reply(url, path, have, timeout, budget, reply)
     if response is None:  # 416 on a complete file
         return have
-    where = named_address(url, budget.redirected)
+    where = reply["where"] = named_address(url, budget.redirected)  # (what a later mismatch names too)
     fd = _open_partial(path)
     bar = None
     try:
@@ -470,16 +470,16 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
     if found != expected and part is not None:  # an interrupted download, not a wrong one: kept to its range's end
         kept = min(os.path.getsize(partial), part[1] + 1)
         os.truncate(partial, kept)
-        raise DownloadError(f"fetch: the download of {url} stopped at {kept:,} bytes (its reply held bytes "
+        raise DownloadError(f"fetch: the download of {reply['where']} stopped at {kept:,} bytes (its reply held bytes "
                             f"{part[0]:,} to {part[1]:,} of a file of unknown size, and they are not all of it); run "
                             "the same command again to resume")
     if found != expected:
         why = _why_it_differs(partial, reply.get("resumed_from", 0), reply.get("encoding"), expected)
         with contextlib.suppress(OSError):
             os.remove(partial)
-        raise ChecksumError(f"fetch: {url} gave a file with SHA-256 {found}, expected {expected}{why}"
-                            "; the download was removed and nothing else touched (fetch again, or check --url / "
-                            "--sha256)")
+        raise ChecksumError(f"fetch: {reply.get('where', url)} gave a file with SHA-256 {found}, expected "
+                            f"{expected}{why}; the download was removed and nothing else touched (fetch again, or "
+                            "check --url / --sha256)")
     try:
         extract(partial, remote.folder, dest, remote.required, source=url)
     except OSError as exc:  # the disk: the verified download stays, and the next fetch extracts it without downloading
