@@ -32,7 +32,7 @@ from fasttl.data.archive import extract
 from fasttl.data.fetch_budget import BodyWatch, Budget
 from fasttl.data.checked_response import BrokenChunks
 from fasttl.data.http_reply import (DownloadError, PartialRefused, content_encoding, named_address, open_reply,
-                                   content_range, resume_point, sendable, what_the_encoding_did)
+                                   ReplyFacts, content_range, resume_point, sendable, what_the_encoding_did)
 from fasttl.util.checks import is_utf8
 from fasttl.util.errors import DataError, OptionError, UserError
 from fasttl.util.files import TEMP_PREFIX, absolute
@@ -160,20 +160,20 @@ def _open_partial(path: str) -> int:
 
 
 def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET_TIMEOUT_S,
-             deadline_s: float = DEADLINE_S, min_rate: float = MIN_RATE, reply: Optional[dict] = None) -> int:
+             deadline_s: float = DEADLINE_S, min_rate: float = MIN_RATE, reply: Optional[ReplyFacts] = None) -> int:
     """Downloads `url` into `path`, continuing what is already there (HTTP Range); returns the
     file's size. Every block that arrives is written at once, so an interrupted transfer keeps
     what arrived and raises DownloadError; so does one past `deadline_s` in all, or slower than
     `min_rate` bytes/s over a 30 s window. Redirects are followed only to http(s) addresses.
-    `reply`, a dict, gets the reply's content codings ("encoding")."""
+    `reply` gets what was learned of the reply (ReplyFacts)."""
     have = _partial_size(path)
-    reply = reply if reply is not None else {}
-    reply["resumed_from"] = have  # (what of the partial the file is made of: a reply may start it over)
+    reply = reply if reply is not None else ReplyFacts()
+    reply.resumed_from = have
     budget = Budget(deadline_s, min_rate, url)  # the wait for the reply counts too
     response = _reply(url, path, have, timeout, budget, reply)
     if response is None:  # 416 on a complete file
         return have
-    where = reply["where"] = named_address(url, budget.redirected)  # (what a later mismatch names too)
+    where = reply.where = named_address(url, budget.redirected)  # (what a later mismatch names too)
     fd = _open_partial(path)
     bar = None
     try:
@@ -182,7 +182,7 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                 reason = terminal_text(response.reason)[:60]
                 raise DownloadError(f"fetch: {where} answered HTTP {response.status} ({reason}): no file there; check "
                                     "the address (--url)")
-            have = reply["resumed_from"] = resume_point(response, fd, have, where)
+            have = reply.resumed_from = resume_point(response, fd, have, where)
             # (a chunked body is framed by its chunks: http.client reads no Content-Length beside them)
             length = "" if getattr(response, "chunked", False) else \
                 (response.headers.get("Content-Length") or "").strip()
@@ -192,8 +192,8 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
                 (None, None, None)
             total = whole if whole is not None else total  # (a part may end before the file: a server's cap)
             if last is not None and whole is None:  # a part of a file of unknown size: maybe not its end
-                reply["part"] = (have, last)
-            shown_total = None if "part" in reply else total  # (have + its length is no size of the file)
+                reply.part = (have, last)
+            shown_total = None if reply.part is not None else total  # (have + its length is no size of the file)
             if (total or 0) > MAX_DOWNLOAD_BYTES or total is None and ascii_digits(length):  # (more digits: more)
                 said = f"{total:,}" if total is not None else shown(length)
                 raise DownloadError(f"fetch: {url} announces {said} bytes, more than {MAX_DOWNLOAD_BYTES:,}; "
@@ -279,7 +279,7 @@ def _receive_blocks(response, fd: int, path: str, budget: Budget, bar, total: Op
     return size
 
 
-def _reply(url: str, path: str, have: int, timeout: float, budget: Budget, reply: dict):
+def _reply(url: str, path: str, have: int, timeout: float, budget: Budget, reply: ReplyFacts):
     """open_reply's response (`budget` told where it came from, `reply` its content codings); the
     partial download emptied where the server says it is another file's (an empty partial is then
     removed: the next fetch starts afresh)."""
@@ -287,7 +287,7 @@ def _reply(url: str, path: str, have: int, timeout: float, budget: Budget, reply
         response = open_reply(url, have, timeout, budget)
         if response is not None:
             budget.redirected = getattr(response, "url", None)
-            reply["encoding"] = content_encoding(response)
+            reply.encoding = content_encoding(response)
         return response
     except PartialRefused:
         fd = _open_partial(path)
@@ -447,7 +447,7 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
     resumed = os.path.isfile(partial) and not os.path.islink(partial)
     if resumed:
         _refuse_unusable_partial(partial, dest)
-    reply: dict = {}
+    reply = ReplyFacts()
     # A download verified before (an extraction stopped by a full disk) is extracted, not fetched again.
     verified = resumed and sha256_of(partial) == expected
     if verified:
@@ -466,18 +466,18 @@ def _download_and_extract(name: str, remote: "Remote", url: str, expected: str, 
                                 f"again: the {kept:,} bytes that arrived are kept to resume from)") from None
         raise
     found = expected if verified else sha256_of(partial)
-    part = reply.get("part")
+    part = reply.part
     if found != expected and part is not None:  # an interrupted download, not a wrong one: kept to its range's end
         kept = min(os.path.getsize(partial), part[1] + 1)
         os.truncate(partial, kept)
-        raise DownloadError(f"fetch: the download of {reply['where']} stopped at {kept:,} bytes (its reply held bytes "
+        raise DownloadError(f"fetch: the download of {reply.where} stopped at {kept:,} bytes (its reply held bytes "
                             f"{part[0]:,} to {part[1]:,} of a file of unknown size, and they are not all of it); run "
                             "the same command again to resume")
     if found != expected:
-        why = _why_it_differs(partial, reply.get("resumed_from", 0), reply.get("encoding"), expected)
+        why = _why_it_differs(partial, reply.resumed_from, reply.encoding, expected)
         with contextlib.suppress(OSError):
             os.remove(partial)
-        raise ChecksumError(f"fetch: {reply.get('where', url)} gave a file with SHA-256 {found}, expected "
+        raise ChecksumError(f"fetch: {reply.where or url} gave a file with SHA-256 {found}, expected "
                             f"{expected}{why}; the download was removed and nothing else touched (fetch again, or "
                             "check --url / --sha256)")
     try:

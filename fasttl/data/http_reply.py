@@ -14,6 +14,7 @@ import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from fasttl.data.checked_response import CheckedResponse
@@ -23,6 +24,16 @@ from fasttl.util.outputs import terminal_text
 
 class DownloadError(UserError, OSError):
     """The download failed: network, server, or an interrupted transfer (run again to resume)."""
+
+
+@dataclass
+class ReplyFacts:
+    """What a download learned of its reply, for what is said after it ends (a checksum mismatch,
+    a part that is not all of the file)."""
+    resumed_from: int = 0                   # what of the partial the file is made of (a reply may start it over)
+    where: Optional[str] = None             # the address that answered, after redirects
+    part: Optional[Tuple[int, int]] = None  # (first, last) byte of a part of a file of unknown size
+    encoding: Optional[str] = None          # the reply's content codings
 
 
 class PartialRefused(DownloadError):
@@ -178,7 +189,8 @@ def reply_error(exc: Exception, url: str, have: int, redirected: Optional[str] =
     url = named_address(url, redirected)
     if isinstance(exc, urllib.error.HTTPError):
         if exc.code == 416 and have:
-            total = _range_total(exc.headers.get("Content-Range") if exc.headers is not None else None)
+            said = exc.headers.get("Content-Range") if exc.headers is not None else None
+            total = content_range((said or "").strip())[2]  # (a 416's "bytes */N")
             if total is None or total == have:
                 return
             raise PartialRefused(f"fetch: {url} refused to resume from {have:,} bytes (HTTP 416) and says the file "
@@ -239,14 +251,6 @@ def resume_point(response, fd: int, have: int, where: str) -> int:
     raise DownloadError(f"fetch: {where} answered a resume from byte {have:,} with a part (HTTP 206) {part}, which "
                         "can't continue the partial download; it was removed: run the same command again to download "
                         "the file whole")
-
-
-def _range_total(header: Optional[str]) -> Optional[int]:
-    """N of a 416's "Content-Range: bytes */N", or None."""
-    from fasttl.util.checks import decimal
-
-    text = (header or "").strip()
-    return decimal(text[len("bytes */"):]) if text.startswith("bytes */") else None
 
 
 def open_reply(url: str, have: int, timeout: float, budget):

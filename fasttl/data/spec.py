@@ -4,19 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-from fasttl.util.checks import MAX_IMAGE_SIZE, check_image_size  # noqa: F401 (where the data layer names them)
+from fasttl.util.checks import MAX_IMAGE_SIZE, check_image_size, finite  # noqa: F401 (where the data layer names them)
 
 MAX_RESIZE = 2 * MAX_IMAGE_SIZE  # the most pixels an eval image's shorter side is resized to before its center crop
-
-
-def _finite(value) -> bool:
-    """math.isfinite, for an int of any size too (10**400 raises OverflowError there)."""
-    import math
-
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -42,7 +32,7 @@ class TransformSpec:
             values = None if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__") else \
                 [plain_number(v) for v in values]
             if values is None or len(values) != 3 or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in values) \
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and finite(v) for v in values) \
                     or name == "std" and min(values) <= 0:
                 raise ValueError(f"{name}: expected 3 finite numbers{' > 0' if name == 'std' else ''} (one a channel, "
                                  f"on the 0..1 scale), got {getattr(self, name)!r:.80}")

@@ -254,9 +254,9 @@ def holds_run(run_dir: str) -> bool:
     file holding fasttl's record, not a link), or, for folders made before the marker, a config.json
     whose run_key is the hash of its own identity (which no config.json of a user's own carries by
     chance). Any other config.json, or file of the marker's name, is a user's, never taken for a run."""
-    state, _ = files.run_marker_state(run_dir)
+    state, detail = files.run_marker_state(run_dir)
     if state in ("record", "other", "unreadable"):
-        return files.holds_run_record(run_dir)
+        return files.marker_holds_run(run_dir, state, detail)
     try:
         config = read_json(os.path.join(run_dir, CONFIG))
     except ValueError:

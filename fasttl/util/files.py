@@ -350,7 +350,11 @@ def run_marker_state(folder: str) -> Tuple[str, object]:
 def holds_run_record(folder: str) -> bool:
     """Whether `folder` holds a run's marker: a plain file (never a link) holding fasttl's record.
     One that can't be read can't be told from a run's: a UserError naming it."""
-    state, why = run_marker_state(folder)
+    return marker_holds_run(folder, *run_marker_state(folder))
+
+
+def marker_holds_run(folder: str, state: str, why) -> bool:
+    """holds_run_record for a marker already read (run_marker_state's state and detail)."""
     if state == "unreadable":
         from fasttl.util.errors import UserError
 
@@ -444,6 +448,15 @@ def read_plain(path: str, limit: int) -> bytes:
 
     with plain_reader(os.open(path, os.O_RDONLY | _CLOEXEC | _NONBLOCK), problem) as f:
         return _read_sized(f, limit)
+
+
+def first_bytes(path: str, count: int = 8) -> bytes:
+    """The first `count` bytes of `path`, to say what kind of file it is (a pipe is never waited on)."""
+    fd = os.open(path, os.O_RDONLY | _CLOEXEC | _NONBLOCK)
+    try:
+        return os.read(fd, count)
+    finally:
+        os.close(fd)
 
 
 def _read_sized(f, limit: int) -> bytes:

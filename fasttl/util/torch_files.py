@@ -2,10 +2,7 @@
 only, never code; a file of another kind said for what it looks like."""
 from __future__ import annotations
 
-import os
-
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+from fasttl.util.files import first_bytes
 
 
 def load_tensors(path: str):
@@ -19,7 +16,7 @@ def load_tensors(path: str):
     import torch
 
     try:
-        start = _first_bytes(path)
+        start = first_bytes(path)
         if not start.startswith((b"PK\x03\x04", b"\x80")):  # a zip (torch.save's) or a pickle (its old format)
             raise ValueError(f"not a torch.save file ({_looks_like(start)})")
         with warnings.catch_warnings():
@@ -37,15 +34,6 @@ def load_tensors(path: str):
             raise
         raise ValueError(f"not a torch.save file ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") \
             from None
-
-
-def _first_bytes(path: str, count: int = 8) -> bytes:
-    """The first bytes of `path` (a pipe is never waited on)."""
-    fd = os.open(path, os.O_RDONLY | _CLOEXEC | _NONBLOCK)
-    try:
-        return os.read(fd, count)
-    finally:
-        os.close(fd)
 
 
 # What a file that is no torch.save file most often is, by its first bytes (said instead of a pickle error).
