@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from fasttl.util import settings
@@ -438,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _reader_gone() -> int:
     """The reader of stdout has gone: nothing more to say, and nothing at exit."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    quiet_stdout()
     return 1
 
 

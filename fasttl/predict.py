@@ -399,7 +399,7 @@ def show_run_predictions(result: dict) -> int:
         print(f"fasttl: error: {result['not_written']}; the predictions go to standard output instead, not saved",
               file=sys.stderr, flush=True)
     if result["out"] is None:
-        sys.stdout.write(result["csv"])
+        print(result["csv"], end="")  # (print, not sys.stdout.write: with standard output closed there is none)
     else:
         print(terminal_lines(f"{result['rows']} predictions written to {terminal_text(result['out'])}"),
               file=sys.stderr)

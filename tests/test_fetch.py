@@ -570,18 +570,23 @@ def test_an_interrupted_extraction_keeps_the_verified_download(server, cifar_tar
 def test_a_staging_folder_left_by_an_earlier_extraction_is_removed(server, cifar_tarball, tmp_path, capsys):
     """The thirty-first pass: a `.fasttl-tmp-extract-*` folder left by a fetch killed outright (or
     stopped twice while cleaning up) stayed in the data folder for good; the next fetch removes
-    it. A link of that name is left alone, and so is what it points to."""
+    it. A link of that name is left alone, and so is what it points to; so is a user's folder of
+    another name under that prefix (fasttl's are mkdtemp's: 8 of its characters)."""
     server.files["/c.tar.gz"] = cifar_tarball
     dest = tmp_path / "data"
-    (dest / ".fasttl-tmp-extract-ab12cd" / "cifar-10-batches-py").mkdir(parents=True)
-    (dest / ".fasttl-tmp-extract-ab12cd" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"half")
+    (dest / ".fasttl-tmp-extract-ab12cd_x" / "cifar-10-batches-py").mkdir(parents=True)
+    (dest / ".fasttl-tmp-extract-ab12cd_x" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"half")
     keep = tmp_path / "keep"
     keep.mkdir()
     (keep / "mine.txt").write_text("mine")
-    os.symlink(keep, dest / ".fasttl-tmp-extract-link99")
+    os.symlink(keep, dest / ".fasttl-tmp-extract-link99xy")
+    (dest / ".fasttl-tmp-extract-mine").mkdir()
+    (dest / ".fasttl-tmp-extract-mine" / "notes.txt").write_text("mine")  # (before pass 93's fix: removed)
     code, _, err = _fetch(capsys, "--url", server.url("/c.tar.gz"), "--sha256", _sha(cifar_tarball), "--dest", dest)
     assert code == 0, err
-    assert sorted(os.listdir(dest)) == [".fasttl-tmp-extract-link99", "cifar-10-batches-py"]
+    assert sorted(os.listdir(dest)) == [".fasttl-tmp-extract-link99xy", ".fasttl-tmp-extract-mine",
+                                        "cifar-10-batches-py"]
+    assert (dest / ".fasttl-tmp-extract-mine" / "notes.txt").read_text() == "mine"
     assert (keep / "mine.txt").read_text() == "mine"
 
 

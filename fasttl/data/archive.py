@@ -131,7 +131,8 @@ def check_members(archive: tarfile.TarFile, folder: str, source: str) -> None:
 
 def _remove_stale_staging(dest: str) -> None:
     """Staging folders an earlier extraction into `dest` left (killed outright, or stopped twice
-    during its cleanup): fasttl's own names, real folders only (a link is left alone, never followed);
+    during its cleanup): fasttl's own names as mkdtemp draws them (8 of its characters: a user's
+    `.fasttl-tmp-extract-mine` is left), real folders only (a link is left alone, never followed);
     the caller holds the fetch lock, so none is in use."""
     import re
     import shutil
@@ -139,7 +140,7 @@ def _remove_stale_staging(dest: str) -> None:
 
     for name in os.listdir(dest):
         path = os.path.join(dest, name)
-        if re.fullmatch(re.escape(f"{TEMP_PREFIX}extract-") + r"[A-Za-z0-9_]+", name) and \
+        if re.fullmatch(re.escape(f"{TEMP_PREFIX}extract-") + r"[a-z0-9_]{8}", name) and \
                 stat.S_ISDIR(os.lstat(path).st_mode):
             shutil.rmtree(path, ignore_errors=True)
 

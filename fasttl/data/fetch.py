@@ -171,9 +171,9 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
     reply.resumed_from = have
     budget = Budget(deadline_s, min_rate, url)  # the wait for the reply counts too
     response = _reply(url, path, have, timeout, budget, reply)
+    where = reply.where = named_address(url, budget.redirected)  # (what a later mismatch names too)
     if response is None:  # 416 on a complete file
         return have
-    where = reply.where = named_address(url, budget.redirected)  # (what a later mismatch names too)
     fd = _open_partial(path)
     bar = None
     try:
@@ -196,12 +196,12 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
             shown_total = None if reply.part is not None else total  # (have + its length is no size of the file)
             if (total or 0) > MAX_DOWNLOAD_BYTES or total is None and ascii_digits(length):  # (more digits: more)
                 said = f"{total:,}" if total is not None else shown(length)
-                raise DownloadError(f"fetch: {url} announces {said} bytes, more than {MAX_DOWNLOAD_BYTES:,}; "
+                raise DownloadError(f"fetch: {where} announces {said} bytes, more than {MAX_DOWNLOAD_BYTES:,}; "
                                     "refused (check the address, --url)")
             bar = _progress_bar(url, shown_total, have) if progress else None
             budget.size = have
             budget.body_starts()  # (the wait for headers counts against the deadline, not the body's rate)
-            size = _receive(response, fd, path, budget, bar, shown_total, timeout, where, url)
+            size = _receive(response, fd, path, budget, bar, shown_total, timeout, where)
             if total is not None and size < total:
                 part = f" (its reply held bytes {have:,} to {last:,} only)" if last is not None and last + 1 < total \
                     and shown_total is not None else ""
@@ -219,14 +219,14 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
             bar.close()
 
 
-def _receive(response, fd: int, path: str, budget: Budget, bar, total: Optional[int], timeout: float, where: str,
-             url: str) -> int:
+def _receive(response, fd: int, path: str, budget: Budget, bar, total: Optional[int], timeout: float,
+             where: str) -> int:
     """Writes the reply's body to `fd` as it arrives (from budget.size on) and returns the size
     reached; the budget watched while each read waits. A chunked reply that fails keeps only its
     checked chunks (CheckedResponse.body_checked): a resume never starts from framing bytes."""
     start = budget.size
     try:
-        return _receive_blocks(response, fd, path, budget, bar, total, timeout, where, url)
+        return _receive_blocks(response, fd, path, budget, bar, total, timeout, where)
     except BaseException:  # a refusal, a full disk, Ctrl-C or a signal's exit alike
         written = os.fstat(fd).st_size
         if _kept(response, start, written) < written:  # (never grown: an emptied one stays)
@@ -242,7 +242,7 @@ def _kept(response, start: int, size: int) -> int:
 
 
 def _receive_blocks(response, fd: int, path: str, budget: Budget, bar, total: Optional[int], timeout: float,
-                    where: str, url: str) -> int:
+                    where: str) -> int:
     size = start = budget.size
     sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # to bound each wait by the deadline
     with BodyWatch(budget, sock) as watch:  # (one read may wait on a server for as long as it likes)
@@ -274,7 +274,7 @@ def _receive_blocks(response, fd: int, path: str, budget: Budget, bar, total: Op
             budget.add(len(block), _kept(response, start, size))
             if size > MAX_DOWNLOAD_BYTES:  # no file fetch takes grows out of it: not kept to resume
                 os.ftruncate(fd, 0)  # (emptied, then removed with the empty partial)
-                raise DownloadError(f"fetch: {url} sent more than {MAX_DOWNLOAD_BYTES:,} bytes; stopped, and "
+                raise DownloadError(f"fetch: {where} sent more than {MAX_DOWNLOAD_BYTES:,} bytes; stopped, and "
                                     "what it sent removed (check the address, --url)")
     return size
 

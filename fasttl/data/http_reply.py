@@ -234,6 +234,10 @@ def resume_point(response, fd: int, have: int, where: str) -> int:
     start, last, _ = content_range(header)
     if start is None and not have:  # (no range asked for: the whole file, from a server that says 206)
         return 0
+    if start is not None and last is not None and last < start:  # (no range at all: RFC 9110 14.4)
+        asked, kept = (f"a resume from byte {have:,}", "; the partial download is kept") if have else ("a download", "")
+        raise DownloadError(f"fetch: {where} answered {asked} with bytes {start:,} to {last:,} (HTTP 206), a range "
+                            f"that ends before it starts: not a valid reply{kept} (check the address, --url)")
     if start is not None and last is not None and start < have and last < have:  # (its cut would only go back)
         raise DownloadError(f"fetch: {where} answered a resume from byte {have:,} with bytes {start:,} to {last:,} "
                             "(HTTP 206), none of those asked for: it does not send the rest of the file; the partial "
@@ -281,6 +285,7 @@ def open_reply(url: str, have: int, timeout: float, budget):
                                 f"in a loop (the last address asked, {terminal_text(exc.url)[:200]}, answered HTTP "
                                 f"{exc.code} too); check the address (--url)") from None
         reply_error(exc, url, have, redirects.last)
+        budget.redirected = redirects.last  # (the 416's address: what a later mismatch names)
         return None
     finally:
         watchdog.cancel()

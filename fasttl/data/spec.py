@@ -1,6 +1,7 @@
 """The preprocessing both pipelines apply, in one place."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Set as AbstractSet
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -29,7 +30,10 @@ class TransformSpec:
         set_plain(self, "size", check_image_size("size", plain_number(self.size)))
         for name in ("mean", "std"):
             values = getattr(self, name)
-            values = None if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__") else \
+            if isinstance(values, AbstractSet):  # (its order, so which channel is which, follows the values' hashes)
+                raise ValueError(f"{name}: expected 3 numbers in channel order (R, G, B), got a "
+                                 f"{type(values).__name__}, which has no order; pass a tuple or a list")
+            values = None if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__iter__") else \
                 [plain_number(v) for v in values]
             if values is None or len(values) != 3 or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) and finite(v) for v in values) \

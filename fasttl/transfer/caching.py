@@ -228,10 +228,11 @@ def refuse_writes_among_sources(sources, also_written=()) -> None:
     refuse_writes_among_images([("data", folder) for folder in folders], also_written)
 
 
-def refuse_settings_in_run_folders(out=None) -> None:
+def refuse_settings_in_run_folders(out=None, tensorboard=None) -> None:
     """The feature cache and verification records' folders are never in a fasttl run folder (only
     its run writes there), nor in `out`, the run folder a job is about to make (a later run into it
-    would find them among its files)."""
+    would find them among its files); nor does a --tensorboard DIR go into them (its event folders
+    would lie among fasttl's own)."""
     from fasttl.cache.format import state_dir
     from fasttl.util.files import enclosing_run_folder, is_inside
 
@@ -244,4 +245,7 @@ def refuse_settings_in_run_folders(out=None) -> None:
         if holder is not None:
             raise OptionError(f"{setting.name}={path} is in the fasttl run folder {holder}, which only its run writes "
                               "into; set it to a folder of its own")
+        if isinstance(tensorboard, str) and tensorboard.strip() and is_inside(tensorboard, path):
+            raise OptionError(f"tensorboard: {absolute(tensorboard)} is in {setting.name}={path}, where fasttl keeps "
+                              "its own files; give --tensorboard a folder of its own")
 

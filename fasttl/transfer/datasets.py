@@ -20,7 +20,7 @@ from fasttl.data.splits import stratified_split
 from fasttl.util.errors import OptionError
 from fasttl.util import settings
 from fasttl.util.files import absolute
-from fasttl.util.outputs import shortened
+from fasttl.util.outputs import shortened, terminal_text
 
 Source = Union[FileSource, ArraySource, TarSource]
 EMBEDDED = "cifar10-mini"
@@ -141,6 +141,20 @@ def per_class_subset(source: Source, per_class: int, seed: int) -> Source:
     for c in np.unique(labels):
         keep += rng.permutation(np.flatnonzero(labels == c))[:per_class].tolist()
     return source.subset(sorted(keep))
+
+
+def fewer_than_asked(dataset: Dataset, train_per_class: Optional[int], test_per_class: Optional[int]) -> str:
+    """The line that says which classes hold fewer images than --train-per-class/--test-per-class
+    asked for (each is used whole; the subset is not what was asked), '' when none does."""
+    said = []
+    for split, asked in (("train", train_per_class), ("test", test_per_class)):
+        counts = np.bincount(np.asarray(getattr(dataset, split).labels, dtype=np.int64),
+                             minlength=len(dataset.classes)) if asked else []
+        short = [f"{dataset.classes[label]} {count}" for label, count in enumerate(counts) if count < asked]
+        if short:
+            said.append(f"--{split}-per-class {asked}: {len(short)} of {len(counts)} classes have fewer {split} images "
+                        f"(used whole: {', '.join(short[:4])}{' ...' if len(short) > 4 else ''})")
+    return terminal_text("; ".join(said))
 
 
 def _check_usable(dataset: Dataset, data: str) -> None:

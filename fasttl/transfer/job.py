@@ -24,17 +24,17 @@ from fasttl.util import distributed
 from fasttl.util.checks import is_utf8
 from fasttl.transfer.common import check_weights
 from fasttl.transfer.config import RunConfig
-from fasttl.transfer.datasets import EMBEDDED, load_dataset
+from fasttl.transfer.datasets import EMBEDDED, fewer_than_asked, load_dataset
 from fasttl.transfer.metrics import classification_metrics
 from fasttl.util import files
-from fasttl.util.path_problems import output_folder_problem, unreachable
+from fasttl.util.path_problems import unreachable
 from fasttl.util.files import enclosing_run_folder, is_inside, write_atomic
 from fasttl.cache.folder import refuse_inside
 from fasttl.transfer import budget, planner, trained_images
 from fasttl.transfer.rundir import (HISTORY, MARKER, TENSORBOARD, RunError, RunLock, clear_results, event_files,
                                     has_checkpoints, holds_run, is_finished, mark_run, own_entries, read_config,
-                                    refuse_leftovers, run_files, unfinished_leftovers, write_config, write_metrics,
-                                    write_predictions)
+                                    refuse_blocked, refuse_leftovers, run_files, unfinished_leftovers, write_config,
+                                    write_metrics, write_predictions)
 from fasttl.transfer import registry
 from fasttl.util.outputs import counted, csv_cell, markdown_cell, passed_over, terminal_lines, terminal_text, within
 from fasttl.transfer.registry import Outcome
@@ -86,7 +86,7 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
     run's (the key its checkpoints carry; the token, drawn once per run, that tells its TensorBoard
     curves from those of a run with the same settings in another folder)."""
     recorded = {"identity": identity, "run_key": identity_key(identity), "run_token": secrets.token_hex(16)}
-    _refuse_blocked(run_dir)
+    refuse_blocked(run_dir)
     cleared = None
     for name in (*run_files(), *own_entries()):  # found now, not when the results are written after training
         path = os.path.join(run_dir, name)
@@ -123,20 +123,12 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
     return recorded
 
 
-def _refuse_blocked(run_dir: str) -> None:
-    """A RunError where --out, or a folder on its way, is there but no folder (a file, a link to
-    nothing, a link loop), naming that part."""
-    problem = output_folder_problem(run_dir, "pass another --out")
-    if problem:
-        raise RunError(f"out: {problem}")
-
-
 def _refuse_taken_out(cfg: RunConfig) -> None:
     """What prepare_run_dir would refuse of a given --out, said before any work."""
     if cfg.out is None:
         return
     run_dir = choose_run_dir(cfg, "")  # --out itself, refused inside another run folder
-    _refuse_blocked(run_dir)  # (a --budget run screens for minutes before it makes --out)
+    refuse_blocked(run_dir)  # (a --budget run screens for minutes before it makes --out)
     if not holds_run(run_dir):
         _refuse_foreign(run_dir)
     elif not cfg.overwrite and is_finished(run_dir):
@@ -172,7 +164,7 @@ def preflight(cfg: RunConfig) -> None:
                 raise OptionError(f"out: --out {cfg.out} is the --{name.replace('_', '-')} folder itself; the run "
                                   f"would replace what it learns from (give another --out)")
     _refuse_writes_among_images(cfg)
-    refuse_settings_in_run_folders(cfg.out)
+    refuse_settings_in_run_folders(cfg.out, cfg.tensorboard)
     for name in trained(cfg):
         registry.get(name).preflight(cfg)
     if cfg.tensorboard is not None:
@@ -266,7 +258,7 @@ def run(print_summary=None, **options) -> Dict[str, object]:
 def _locked_run_dir(run_dir: str):
     """The run folder's lock, held for the run: the folder is made first only when it is new (an
     existing one is checked by prepare_run_dir, under the lock)."""
-    _refuse_blocked(run_dir)
+    refuse_blocked(run_dir)
     if not os.path.lexists(run_dir):
         os.makedirs(run_dir, exist_ok=True)
     _refuse_foreign(run_dir)
@@ -286,6 +278,9 @@ def _train_and_write(cfg, dataset, run_dir: str, config: dict, rank: int, owns_p
     if dataset.ignored and rank == 0:  # said even without progress output (then on stderr): data went unread
         print(passed_over(dataset.ignored, cfg.data) + " (listed in metrics.json under \"ignored\")", flush=True,
               file=sys.stdout if cfg.progress else sys.stderr)
+    short = fewer_than_asked(dataset, cfg.train_per_class, cfg.test_per_class) if rank == 0 else ""
+    if short:  # (said even without progress output: the subset is not the one asked for)
+        print(f"fasttl run: {short}", flush=True, file=sys.stdout if cfg.progress else sys.stderr)
     device = torch.device(cfg.device)
     board = tensorboard_dir(cfg, run_dir) if rank == 0 else None
     outcomes: List[Outcome] = registry.get(cfg.strategy).train(cfg, dataset, run_dir, device)

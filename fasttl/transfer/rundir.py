@@ -13,7 +13,7 @@ from torch import nn
 
 from fasttl.util.errors import UserError
 from fasttl.util import files, torch_files
-from fasttl.util.path_problems import unreachable
+from fasttl.util.path_problems import output_folder_problem, unreachable
 from fasttl.util.files import RUN_CONFIG, RUN_MARKER, read_json, write_atomic, write_json_atomic
 from fasttl.util.outputs import csv_cell
 
@@ -183,6 +183,12 @@ def read_config(run_dir: str) -> Dict[str, object]:
         why = unreachable(run_dir)
         raise RunError(f"{run_dir} {why}" if why else f"{run_dir}: not a folder, so not a fasttl run folder")
     path = os.path.join(run_dir, CONFIG)
+    if not os.path.lexists(path):
+        raise RunError(f"{run_dir}: no {CONFIG}; not a fasttl run folder")
+    unreadable = files.run_marker_state(run_dir)[0] == "unreadable"  # (named by the read below, as any run file)
+    if not unreadable and not holds_run(run_dir):  # (a config.json of a user's own is no run's, whatever it holds)
+        raise RunError(f"{run_dir}: not a fasttl run folder ({_no_run_marker(run_dir)}; fasttl marks each run folder "
+                       f"it writes with a {MARKER} record); give a fasttl run's --out folder")
     try:
         config = read_json(path)
     except ValueError as exc:
@@ -197,6 +203,13 @@ def read_config(run_dir: str) -> Dict[str, object]:
     check_run_config(path, config, RunError)  # first: a bad field is named as such
     _check_unchanged(run_dir, path)
     return upgraded(config)
+
+
+def _no_run_marker(run_dir: str) -> str:
+    """Why `run_dir`'s marker makes it no run folder (holds_run said it does not)."""
+    state = files.run_marker_state(run_dir)[0]
+    return {"absent": f"it holds no {MARKER}", "link": f"its {MARKER} is a symbolic link",
+            "folder": f"its {MARKER} is a folder"}.get(state, f"its {MARKER} is not fasttl's record")
 
 
 def _refuse_while_written(run_dir: str) -> None:
@@ -288,6 +301,14 @@ def unfinished_leftovers(run_dir: str) -> List[str]:
 
 
 FOREIGN_CONFIG = f"a {CONFIG} this run did not write"  # (what unfinished_leftovers says of one: no run to resume)
+
+
+def refuse_blocked(run_dir: str) -> None:
+    """A RunError where --out, or a folder on its way, is there but no folder (a file, a link to
+    nothing, a link loop), naming that part."""
+    problem = output_folder_problem(run_dir, "pass another --out")
+    if problem:
+        raise RunError(f"out: {problem}")
 
 
 def refuse_leftovers(run_dir: str) -> None:

@@ -153,6 +153,9 @@ def torch_device(value, name: str = "device"):
             raise OptionError(f"{name}: {device} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
     elif device.type != "cpu":
         raise OptionError(f"{name}: expected cpu, cuda or cuda:N, got {str(device)!r}")
+    elif device.index:  # (torch takes cpu:7 and means the one CPU device: a typo of cuda:7?)
+        raise OptionError(f"{name}: {device} asked for, but there is one CPU device; pass cpu (or cuda:{device.index} "
+                          "for a GPU)")
     return device
 
 

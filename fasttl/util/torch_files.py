@@ -2,7 +2,12 @@
 only, never code; a file of another kind said for what it looks like."""
 from __future__ import annotations
 
+import os
+import re
+import stat
+
 from fasttl.util.files import first_bytes
+from fasttl.util.outputs import terminal_text
 
 
 def load_tensors(path: str):
@@ -16,21 +21,25 @@ def load_tensors(path: str):
     import torch
 
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # (a pipe reads as empty, a device as its first bytes)
+            raise ValueError("not a torch.save file (not a regular file: a folder, a pipe or a device?)")
         start = first_bytes(path)
         if not start.startswith((b"PK\x03\x04", b"\x80")):  # a zip (torch.save's) or a pickle (its old format)
             raise ValueError(f"not a torch.save file ({_looks_like(start)})")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. the pickle protocol note of a foreign file
             return torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError:
+    except (PermissionError, MemoryError):
         raise
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower() or "weights_only" in str(exc):
-            raise ValueError("it holds Python objects other than tensors, refused: loading them could run code") \
-                from None
+            named = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))  # (a cut file's, too: said)
+            what = f" ({terminal_text(named.group(1))[:80]})" if named else ""
+            raise ValueError(f"it holds Python objects other than tensors{what}, refused: loading them could run "
+                             "code") from None
         raise ValueError(f"not a torch.save file ({' '.join(str(exc).split())[:120]})") from None
-    except (RuntimeError, EOFError, ValueError, AttributeError, ImportError, OSError) as exc:
-        if str(exc).startswith("not a torch.save file"):
+    except Exception as exc:  # damage raises what torch's readers meet: IndexError, KeyError, struct.error, ...
+        if isinstance(exc, ValueError) and str(exc).startswith("not a torch.save file"):
             raise
         raise ValueError(f"not a torch.save file ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") \
             from None
