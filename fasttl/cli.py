@@ -8,7 +8,7 @@ import sys
 from fasttl.util import settings
 from fasttl.util.signals import ending_signals_raised, exit_code
 from fasttl.cli_errors import (OS_ERRORS, escape_unshowable_text, flush_stdout, one_line, os_error_line, peer_stopped,
-                               quiet_stdout, summary_of, user_error_types)
+                               quiet_stdout, say_error, summary_of, user_error_types)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -446,7 +446,7 @@ def main(argv=None) -> int:
         return _main(argv)
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: the user's choice, not a bug's traceback (also
         # while the parser is built: it loads every strategy, seconds after fasttl itself loaded)
-        print(f"\nfasttl: interrupted ({exc})" if str(exc) else "\nfasttl: interrupted", file=sys.stderr)
+        say_error(f"\nfasttl: interrupted ({exc})" if str(exc) else "\nfasttl: interrupted")
         return exit_code(exc)
 
 
@@ -468,7 +468,7 @@ def _main(argv) -> int:
     except OSError as exc:
         if exc.errno not in OS_ERRORS:
             raise
-        print(f"fasttl: error: {os_error_line(exc)}", file=sys.stderr)
+        say_error(f"fasttl: error: {os_error_line(exc)}")
         quiet_stdout()
         return 2
     try:
@@ -483,14 +483,14 @@ def _main(argv) -> int:
         if settings.DEBUG.value() == "1":
             raise
         if isinstance(exc, OSError) and exc.errno in OS_ERRORS:
-            print(f"fasttl: error: {os_error_line(exc)}", file=sys.stderr)
+            say_error(f"fasttl: error: {os_error_line(exc)}")
             quiet_stdout()
             return 2
         stopped = peer_stopped(exc)
         if stopped:
-            print(f"fasttl: error: {stopped}", file=sys.stderr)
+            say_error(f"fasttl: error: {stopped}")
             return 2
         if not isinstance(exc, user_error_types()):
             raise
-        print(f"fasttl: error: {one_line(exc)}", file=sys.stderr)
+        say_error(f"fasttl: error: {one_line(exc)}")
         return 2

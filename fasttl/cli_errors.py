@@ -160,6 +160,14 @@ def flush_stdout() -> None:
         sys.stdout.flush()
 
 
+def say_error(line: str) -> None:
+    """`line` on stderr, where there is one: with standard error closed (`2>&-`) nothing can be
+    said, and the exit code still tells (print would raise, or write to stdout when it is None)."""
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            print(line, file=sys.stderr, flush=True)
+
+
 def quiet_stdout() -> None:
     """After a failed write to stdout, nothing more may go there: the interpreter's own flush at
     exit would print a second error."""

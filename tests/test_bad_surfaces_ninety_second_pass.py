@@ -238,3 +238,80 @@ def test_a_users_folder_with_a_config_json_is_said_to_be_no_run_folder(a_run, ca
         f"fasttl: error: {folder}: not a fasttl run folder ({said}; fasttl marks each run folder it writes with a "
         ".fasttl-run record); give a fasttl run's --out folder")
     assert sorted(os.listdir(folder)) == [".fasttl-run", "config.json"][marker is None:]
+
+
+def test_a_missing_record_of_training_images_is_said_missing(a_run, cat_ship, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(a_run, run_dir)
+    (run_dir / "trained-images.bin").unlink()
+    code, _, err = cli(capsys, "eval", run_dir, "--data", cat_ship / "test", "--no-progress")
+    assert code == 2 and one_line_error(err) == (  # before: "damaged or changed since the run wrote it"
+        f"fasttl: error: {run_dir}/trained-images.bin: missing (the record of the run's training images, which its "
+        "marker lists); put it back, or train the run again with --overwrite")
+
+
+def test_an_error_with_standard_error_closed_still_exits_with_its_code(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fasttl", "eval", str(tmp_path / "none"), "--data", "nope"],
+                            stdout=subprocess.PIPE, stderr=None, text=True, timeout=300,
+                            preexec_fn=lambda: os.close(2))  # `fasttl eval ... 2>&-`
+    assert (result.returncode, result.stdout) == (2, "")  # before: exit 1 (the error's print raised)
+
+
+# ---- pass 94 (on cb7c601: about 250 attempts on runs, markers, outputs and the API): 2 found -----------------------
+@pytest.mark.parametrize("kind", [set, frozenset])
+def test_a_feature_cache_refuses_class_names_given_in_no_order(tmp_path, kind):
+    import numpy as np
+
+    from fasttl.cache import FeatureCache
+
+    with pytest.raises(TypeError, match=r"^classes: a set has no order, and the order numbers the labels; give a "
+                                        r"list$"):  # before: stored in hash order, another each process
+        FeatureCache.write(str(tmp_path / "c"), [np.ones((3, 4), np.float32)], [0, 1, 2],
+                           classes=kind({"cat", "dog", "ship"}))
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("setting", ["FASTTL_CACHE_DIR", "FASTTL_STATE_DIR"])
+def test_a_run_folder_never_goes_among_fasttls_own_files(cat_ship, tmp_path, capsys, monkeypatch, setting):
+    import os
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    monkeypatch.setenv(setting, str(kept))
+    code, _, err = cli(capsys, "run", "--data", cat_ship, "--out", kept / "myrun", "--strategy", "scratch",
+                       "--epochs", 1, "--image-size", 32, "--compare", "none", "--no-progress")
+    assert code == 2 and one_line_error(err) == (  # before: the run folder made among the caches
+        f"fasttl: error: out: {kept / 'myrun'} is in {setting}={kept}, where fasttl keeps its own files; give "
+        "--out a folder of its own")
+    assert os.listdir(kept) == []
+
+
+# ---- pass 95 (on cb7c601: about 106 attempts on data fetch): 1 found -----------------------------------------------
+def test_a_redirects_body_is_never_read_however_large(tmp_path):
+    from test_bad_surfaces_seventy_fourth_pass import _fetched, _raw_server
+
+    source = _raw_server(lambda out: out.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(_PAYLOAD)
+                                               + _PAYLOAD))
+    sent = []
+
+    def endless_redirect(out):  # a body of 256 MiB, written until the client hangs up
+        out.write(b"HTTP/1.1 302 Found\r\nLocation: " + source.url("/file").encode() + b"\r\n"
+                  b"Content-Length: %d\r\n\r\n" % (256 << 20))
+        block = bytes(1 << 20)
+        for _ in range(256):
+            out.write(block)
+            sent.append(len(block))
+
+    hop = _raw_server(endless_redirect)
+    try:
+        # before: urllib read the redirect's whole body into memory (2.3 times its size) before following it
+        assert _fetched(hop, tmp_path, deadline_s=60) == _PAYLOAD
+    finally:
+        source.close()
+    assert sum(sent) < 64 << 20, sum(sent)  # (what socket buffers took before the client closed it)

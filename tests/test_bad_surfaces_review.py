@@ -202,7 +202,7 @@ def test_a_folder_where_a_run_file_goes_is_found_before_training(cat_ship, tmp_p
     out = tmp_path / "run"
     (out / "report.md").mkdir(parents=True)
     (out / ".fasttl-run").write_text(json.dumps({"what": "a fasttl run folder"}))  # fasttl's record, no run yet
-    with pytest.raises(RunError, match=r"^out: .*report.md is not a plain file \(a folder\?\); move it away"):
+    with pytest.raises(RunError, match=r"^out: .*report.md is not a plain file \(a folder, a pipe\?\); move it away"):
         run(**one_epoch_run(cat_ship, out))
     assert sorted(os.listdir(out)) == [".fasttl-run", ".fasttl-run.lock", "report.md"]  # only the lock added
 

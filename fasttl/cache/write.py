@@ -149,6 +149,8 @@ def _checked_arguments(dtype, shard_rows, classes, fingerprint, labels, sample_i
     if dtype not in CACHE_DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
     positive_int("shard_rows", shard_rows)
+    if isinstance(classes, (set, frozenset)):  # (its order changes from one process to the next: PYTHONHASHSEED)
+        raise TypeError("classes: a set has no order, and the order numbers the labels; give a list")
     classes = list(classes) if not isinstance(classes, str) else None
     if not classes or not all(isinstance(c, str) and c and not unprintable(c) for c in classes) \
             or len(set(classes)) != len(classes):

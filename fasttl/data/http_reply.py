@@ -4,6 +4,7 @@ server trickles a byte at a time, and a failure named by the address that failed
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import http.client
 import re
@@ -115,7 +116,8 @@ class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
         except ValueError as exc:
             raise DownloadError(f"fetch: {req.full_url} redirects to {terminal_text(location)[:200]!r}, which is no "
                                 f"valid address ({exc}); refused (check the address, --url)") from None
-        return super().http_error_302(req, fp, code, msg, headers)
+        fp.close()  # (urllib would read the redirect's whole body into memory first, whatever its size: never read)
+        return super().http_error_302(req, io.BytesIO(), code, msg, headers)
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 

@@ -1,7 +1,7 @@
 """The preprocessing both pipelines apply, in one place."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Set as AbstractSet
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -30,7 +30,7 @@ class TransformSpec:
         set_plain(self, "size", check_image_size("size", plain_number(self.size)))
         for name in ("mean", "std"):
             values = getattr(self, name)
-            if isinstance(values, AbstractSet):  # (its order, so which channel is which, follows the values' hashes)
+            if isinstance(values, (set, frozenset)):  # (its order, so which channel is which, follows their hashes)
                 raise ValueError(f"{name}: expected 3 numbers in channel order (R, G, B), got a "
                                  f"{type(values).__name__}, which has no order; pass a tuple or a list")
             values = None if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__iter__") else \

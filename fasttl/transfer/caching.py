@@ -231,7 +231,7 @@ def refuse_writes_among_sources(sources, also_written=()) -> None:
 def refuse_settings_in_run_folders(out=None, tensorboard=None) -> None:
     """The feature cache and verification records' folders are never in a fasttl run folder (only
     its run writes there), nor in `out`, the run folder a job is about to make (a later run into it
-    would find them among its files); nor does a --tensorboard DIR go into them (its event folders
+    would find them among its files); nor do `out` or a --tensorboard DIR go into them (their files
     would lie among fasttl's own)."""
     from fasttl.cache.format import state_dir
     from fasttl.util.files import enclosing_run_folder, is_inside
@@ -245,7 +245,8 @@ def refuse_settings_in_run_folders(out=None, tensorboard=None) -> None:
         if holder is not None:
             raise OptionError(f"{setting.name}={path} is in the fasttl run folder {holder}, which only its run writes "
                               "into; set it to a folder of its own")
-        if isinstance(tensorboard, str) and tensorboard.strip() and is_inside(tensorboard, path):
-            raise OptionError(f"tensorboard: {absolute(tensorboard)} is in {setting.name}={path}, where fasttl keeps "
-                              "its own files; give --tensorboard a folder of its own")
+        for option, given in (("out", out), ("tensorboard", tensorboard)):
+            if isinstance(given, (str, os.PathLike)) and str(given).strip() and is_inside(given, path):
+                raise OptionError(f"{option}: {absolute(given)} is in {setting.name}={path}, where fasttl keeps its "
+                                  f"own files; give --{option} a folder of its own")
 

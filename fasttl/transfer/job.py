@@ -91,8 +91,8 @@ def prepare_run_dir(run_dir: str, cfg: RunConfig, identity: Dict[str, object]) -
     for name in (*run_files(), *own_entries()):  # found now, not when the results are written after training
         path = os.path.join(run_dir, name)
         if os.path.lexists(path) and not os.path.isfile(path) and not os.path.islink(path):
-            raise RunError(f"out: {path} is not a plain file (a folder?); move it away: fasttl writes its own {name} "
-                           "there")
+            raise RunError(f"out: {path} is not a plain file (a folder, a pipe?); move it away: fasttl writes its own "
+                           f"{name} there")
     if holds_run(run_dir):
         if cfg.resume:
             if is_finished(run_dir):  # --resume is for an interrupted run; a finished one is replaced on purpose

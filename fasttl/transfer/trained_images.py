@@ -94,6 +94,9 @@ def recorded(run_dir: str, train_samples: int) -> Optional[Set[int]]:
         raise RunError(f"{run_dir}/config.json: field 'train_samples' is {train_samples}, fewer than the images "
                        f"{TRAINED_IMAGES} records; rerun the run, or fix the value there")
     if data is None or len(data) % 8:
+        if not os.path.lexists(os.path.join(run_dir, TRAINED_IMAGES)):
+            raise RunError(f"{run_dir}/{TRAINED_IMAGES}: missing (the record of the run's training images, which its "
+                           "marker lists); put it back, or train the run again with --overwrite")
         raise RunError(f"{run_dir}/{TRAINED_IMAGES}: damaged or changed since the run wrote it (the record of its "
                        "training images, checked against the SHA-256 in its marker); train the run again with "
                        "--overwrite")
