@@ -315,3 +315,50 @@ def test_a_redirects_body_is_never_read_however_large(tmp_path):
     finally:
         source.close()
     assert sum(sent) < 64 << 20, sum(sent)  # (what socket buffers took before the client closed it)
+
+
+# ---- pass 97 (on 6f69125: about 115 attempts on data fetch): 3 found -----------------------------------------------
+@pytest.mark.parametrize("port, why", [("99999999999999999999", "Port out of range 0-65535"),
+                                       ("\u0668\u0669\u0665\u0666", "Port could not be cast to integer value as")])
+def test_a_redirect_to_a_port_that_is_no_port_is_named(tmp_path, port, why):
+    from test_bad_surfaces_seventy_fourth_pass import _raw_server, _refusal
+
+    location = f"http://127.0.0.1:{port}/file"
+    hop = _raw_server(lambda out: out.write(b"HTTP/1.1 302 Found\r\nLocation: " + location.encode() +
+                                            b"\r\nContent-Length: 0\r\n\r\n"))
+    said = _refusal(hop, tmp_path)
+    # before: a raw OverflowError traceback (20 digits), "cannot reach <--url> (ValueError: ...)" (other digits)
+    assert said.startswith(f"fetch: {hop.url('/x')} redirects to ") and f"which is no valid address ({why}" in said \
+        and said.endswith("; refused (check the address, --url)"), said
+
+
+@pytest.mark.parametrize("status", [b"200 OK", b"206 Partial Content"])
+def test_a_reply_refused_for_its_size_leaves_the_partial_as_it_was(tmp_path, status):
+    from test_bad_surfaces_seventy_fourth_pass import _raw_server, _refusal
+
+    (tmp_path / "partial").write_bytes(_PAYLOAD[:100])
+    server = _raw_server(lambda out: out.write(b"HTTP/1.1 " + status + b"\r\nContent-Range: bytes 64-99999999999/*\r\n"
+                                               b"Content-Length: 99999999999\r\n\r\nxyz"))
+    said = _refusal(server, tmp_path)
+    assert said.startswith(f"fetch: {server.url('/x')} announces ") and ", more than 4,294,967,296; refused" in said
+    assert (tmp_path / "partial").read_bytes() == _PAYLOAD[:100]  # before: a 200 emptied it first (then removed)
+
+
+# ---- pass 96 (on 6f69125: about 200 attempts on runs, eval, settings and the API): 1 found -------------------------
+@pytest.mark.parametrize("setting", ["FASTTL_CACHE_DIR", "FASTTL_STATE_DIR"])
+def test_eval_on_other_data_never_writes_among_the_runs_own_images(a_run, cat_ship, tmp_path, capsys, monkeypatch,
+                                                                   setting):
+    import os
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(cat_ship / "test", other / "test")  # images the run never trained on
+    inside = cat_ship / "train" / "cat" / "kept-here"  # the run's own data, read against --data
+    monkeypatch.setenv(setting, str(inside))
+    code, _, err = cli(capsys, "eval", a_run, "--data", other, "--no-progress")
+    # before: exit 0, the cache (or verified/) folder written among the run's training images, where the next scan
+    # of that data refused it as a class folder without images
+    assert code == 2 and one_line_error(err).startswith("fasttl: error: data: the ") and \
+        f"{setting}={inside} is inside the data folder {os.path.realpath(cat_ship)}, where it would be written " \
+        "among the images" in err, err
+    assert not inside.exists()

@@ -178,11 +178,8 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
     bar = None
     try:
         with response:
-            if response.status in (204, 205):  # a body that is none by definition: no file to resume, ever
-                reason = terminal_text(response.reason)[:60]
-                raise DownloadError(f"fetch: {where} answered HTTP {response.status} ({reason}): no file there; check "
-                                    "the address (--url)")
-            have = reply.resumed_from = resume_point(response, fd, have, where)
+            had, have = have, resume_point(response, fd, have, where)
+            reply.resumed_from = have
             # (a chunked body is framed by its chunks: http.client reads no Content-Length beside them)
             length = "" if getattr(response, "chunked", False) else \
                 (response.headers.get("Content-Length") or "").strip()
@@ -197,7 +194,9 @@ def download(url: str, path: str, progress: bool = True, timeout: float = SOCKET
             if (total or 0) > MAX_DOWNLOAD_BYTES or total is None and ascii_digits(length):  # (more digits: more)
                 said = f"{total:,}" if total is not None else shown(length)
                 raise DownloadError(f"fetch: {where} announces {said} bytes, more than {MAX_DOWNLOAD_BYTES:,}; "
-                                    "refused (check the address, --url)")
+                                    "refused (check the address, --url)")  # (the partial kept as it was)
+            if have < had:  # a reply accepted: the partial is cut where its body goes
+                os.ftruncate(fd, have)
             bar = _progress_bar(url, shown_total, have) if progress else None
             budget.size = have
             budget.body_starts()  # (the wait for headers counts against the deadline, not the body's rate)

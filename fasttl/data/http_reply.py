@@ -112,7 +112,7 @@ class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     def http_error_302(self, req, fp, code, msg, headers):
         location = headers.get("location") or headers.get("uri")
         try:  # (urllib's own parse of it raises a bare ValueError, which names no address)
-            urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, location or ""))
+            urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, location or "")).port  # (a port of 20 digits too)
         except ValueError as exc:
             raise DownloadError(f"fetch: {req.full_url} redirects to {terminal_text(location)[:200]!r}, which is no "
                                 f"valid address ({exc}); refused (check the address, --url)") from None
@@ -224,13 +224,16 @@ def content_range(header: Optional[str]) -> Tuple[Optional[int], Optional[int], 
 
 
 def resume_point(response, fd: int, have: int, where: str) -> int:
-    """Where the reply's body goes in the partial download (of `have` bytes), which is cut there: a
-    200 is the whole file (start over); a 206 goes at the byte it starts from, at or before the
-    partial's end (a server may round a range down to its blocks). A 206 that starts past it, or
-    says not where, can't continue it: the partial is emptied (so removed) and that said."""
+    """Where the reply's body goes in the partial download (of `have` bytes; the caller cuts it
+    there once the reply is accepted): a 200 is the whole file (start over); a 206 goes at the byte
+    it starts from, at or before the partial's end (a server may round a range down to its blocks).
+    A 206 that starts past it, or says not where, can't continue it: the partial is emptied (so
+    removed) and that said; a 204 or 205 is a body that is none by definition (no file, ever)."""
+    if response.status in (204, 205):
+        reason = terminal_text(response.reason)[:60]
+        raise DownloadError(f"fetch: {where} answered HTTP {response.status} ({reason}): no file there; check the "
+                            "address (--url)")
     if response.status != 206:
-        if have:
-            os.ftruncate(fd, 0)
         return 0
     header = response.headers.get("Content-Range")
     start, last, _ = content_range(header)
@@ -245,8 +248,6 @@ def resume_point(response, fd: int, have: int, where: str) -> int:
                             "(HTTP 206), none of those asked for: it does not send the rest of the file; the partial "
                             "download is kept (check the address, --url, or download the file another way)")
     if start is not None and start <= have:
-        if start < have:
-            os.ftruncate(fd, start)
         return start
     part = f"from byte {start:,}" if start is not None else \
         f"that says not where it starts (Content-Range: {terminal_text(header or '(none)')[:60]})"
@@ -278,7 +279,7 @@ def open_reply(url: str, have: int, timeout: float, budget):
         response = opener.open(urllib.request.Request(sendable(url), headers=headers), timeout=timeout)
     except DownloadError:
         raise
-    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+    except (urllib.error.URLError, OSError, ValueError, OverflowError, http.client.HTTPException) as exc:
         if budget.remaining() <= 0 and not isinstance(exc, urllib.error.HTTPError):
             raise budget.past_deadline(have, redirects.last) from None
         if isinstance(exc, urllib.error.HTTPError) and HttpOnlyRedirects.inf_msg in str(exc.msg):

@@ -47,7 +47,8 @@ def evaluate_run(run_dir: str, data: str = None, progress: bool = True, device: 
     if data is not None and _is_own_data(data, cfg):
         data = None  # the run's own data, split as the run split it (never re-carved, never changed)
     own = own_data(cfg)
-    refuse_writes_among_images([("data", data if data is not None else own)])
+    # (the run's own data is read too, against --data: its training images are never scored)
+    refuse_writes_among_images([("data", folder) for folder in (data, own) if folder is not None])
     if data is None:
         dataset = own_dataset(cfg)
         # changed since the run (training images moved into test/?): its record says which it trained on
